@@ -1,0 +1,26 @@
+"""prefixkv.paged: framework-free (numpy) specs, validation, the reference of every op and the
+host-side prefix-cache machinery. Public names are loaded lazily from their modules."""
+
+from __future__ import annotations
+
+import importlib
+
+# public name -> module that defines it
+_EXPORTS = {
+    "hash_blocks": ".hashing",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'prefixkv.paged' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,97 @@
+"""The KV-cache layout and ragged-batch conventions every prefixkv op shares.
+
+Framework-free: works on numpy arrays, JAX arrays/tracers and torch tensors alike, reading only
+``.shape`` and ``.dtype``.
+
+Layout (per layer, vLLM flash layout, "NHD")::
+
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+    slot = block_id * block_size + offset          # negative slot = padding, skipped
+
+Ragged batch::
+
+    q:            [num_tokens, num_q_heads, head_dim]
+    cu_q_lens:    i32[num_seqs + 1]   (None = decode: one query token per sequence)
+    kv_lens:      i32[num_seqs]       cached prefix + this step's tokens
+    block_tables: i32[num_seqs, max_blocks_per_seq]
+
+Query token ``j`` of sequence ``s`` (``q_len = cu_q_lens[s+1] - cu_q_lens[s]``) sits at absolute
+position ``p = kv_lens[s] - q_len + j`` and, when causal, sees key positions ``t <= p``; with a
+sliding window also only ``t > p - sliding_window``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:  # ml_dtypes gives numpy a bfloat16; it is a declared dependency.
+    import ml_dtypes
+
+    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - ml_dtypes is a hard dependency
+    BFLOAT16 = None
+
+#: Floating dtypes every attention/copy op accepts, by canonical name.
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+#: Index dtype of every index argument.
+INDEX_DTYPE = "int32"
+#: head_dim values the contract promises on every backend.
+HEAD_DIMS = (64, 80, 96, 128, 256)
+#: block_size values the contract promises on every backend (others where a backend allows).
+BLOCK_SIZES = (8, 16, 32, 64)
+
+#: Tolerances for attention outputs against the float64 reference, per dtype (atol, rtol).
+#: Copies, writes and hashes are exact: no tolerance applies to them.
+ATTENTION_TOLERANCE = {
+    "float32": (2e-5, 2e-5),
+    "float16": (2e-3, 2e-3),
+    "bfloat16": (1.5e-2, 1e-2),
+}
+
+
+def dtype_name(x) -> str:
+    """Canonical dtype name of a numpy/JAX/torch array or dtype: 'float32', 'bfloat16', 'int32'."""
+    dt = getattr(x, "dtype", x)
+    name = str(dt)
+    if name.startswith("torch."):
+        name = name[len("torch."):]
+    if name.startswith("<class 'numpy."):  # a numpy scalar type such as np.float32
+        name = name[len("<class 'numpy."):-2]
+    return name
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """numpy dtype for a canonical name (bfloat16 through ml_dtypes)."""
+    if name == "bfloat16":
+        if BFLOAT16 is None:  # pragma: no cover
+            raise TypeError("bfloat16 needs the ml_dtypes package")
+        return BFLOAT16
+    return np.dtype(name)
+
+
+def default_scale(head_dim: int) -> float:
+    """Softmax scale used when ``scale=None``: ``head_dim ** -0.5``."""
+    return float(head_dim) ** -0.5
+
+
+def decode_cu_q_lens(num_seqs: int) -> np.ndarray:
+    """cu_q_lens meaning one query token per sequence: ``[0, 1, ..., num_seqs]``."""
+    return np.arange(num_seqs + 1, dtype=np.int32)
+
+
+def slots_for_positions(block_table: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
+    """Slot of each absolute position of one sequence: ``block_table[p // B] * B + p % B``."""
+    positions = np.asarray(positions, dtype=np.int64)
+    return (np.asarray(block_table, dtype=np.int64)[positions // block_size] * block_size
+            + positions % block_size).astype(np.int32)
+
+
+def query_positions(kv_lens: np.ndarray, cu_q_lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per query token: (sequence index, absolute position). Host-side numpy helper."""
+    kv_lens = np.asarray(kv_lens, dtype=np.int64)
+    cu = np.asarray(cu_q_lens, dtype=np.int64)
+    q_lens = np.diff(cu)
+    seq = np.repeat(np.arange(len(q_lens)), q_lens)
+    j = np.arange(cu[-1]) - cu[seq]
+    pos = kv_lens[seq] - q_lens[seq] + j
+    return seq.astype(np.int32), pos.astype(np.int32)

@@ -1,0 +1,447 @@
+"""Every input check of every prefixkv op, shared by the numpy reference and both frontends.
+
+Two kinds of check:
+
+* static checks (``check_<op>``) read only shapes, dtypes and Python scalars, so they run on
+  numpy arrays, torch tensors and JAX tracers alike, inside ``jax.jit`` and ``torch.compile``;
+* value checks (``check_<op>_values``) read index arrays on the host (ids in range, lengths
+  consistent, no duplicate destinations). The reference always runs them. Frontends run them
+  when :func:`value_checks_enabled` says so: always for host-resident concrete inputs, and for
+  device/traced inputs only in checked mode (``PREFIXKV_VALUE_CHECKS=1`` or
+  ``with value_checks():``), because they need a host sync, as JAX's ``dynamic_validate_inputs``.
+
+Every error is a ``TypeError`` (wrong dtype or type) or ``ValueError`` (wrong shape or value) whose
+message names the argument, what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .spec import FLOAT_DTYPES, INDEX_DTYPE, dtype_name
+
+ENV_VALUE_CHECKS = "PREFIXKV_VALUE_CHECKS"
+_value_checks_override: list[bool] = []
+
+
+def value_checks_enabled(host_inputs: bool = False) -> bool:
+    """Whether a frontend should run the host-side value checks.
+
+    ``host_inputs``: the index arrays are concrete and already on the host (numpy, CPU torch),
+    so checking costs no device sync; then checks run unless explicitly disabled.
+    """
+    if _value_checks_override:
+        return _value_checks_override[-1]
+    env = os.environ.get(ENV_VALUE_CHECKS, "").strip().lower()
+    if env in ("1", "true", "yes", "on"):
+        return True
+    if env in ("0", "false", "no", "off"):
+        return False
+    return host_inputs
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool = True) -> Iterator[None]:
+    """Turn the host-side value checks on (or off) inside the block (checked mode)."""
+    _value_checks_override.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _value_checks_override.pop()
+
+
+def to_host(x) -> np.ndarray:
+    """A numpy view/copy of an index array from numpy, JAX or torch (CPU or device)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch, without importing it
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+# ---------------------------------------------------------------------------------- primitives
+
+
+def _shape(x) -> tuple[int, ...]:
+    return tuple(int(d) for d in x.shape)
+
+
+def check_array(name: str, x, *, ndim: int | None = None, dtypes: Sequence[str] | None = None):
+    """x has ``.shape``/``.dtype``, the given rank and one of the given dtypes."""
+    if x is None or not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
+    if dtypes is not None and dtype_name(x) not in dtypes:
+        want = dtypes[0] if len(dtypes) == 1 else " or ".join(dtypes)
+        raise TypeError(f"{name}: expected {want}, got {dtype_name(x)}")
+    if ndim is not None and len(x.shape) != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {_shape(x)}")
+    return _shape(x)
+
+
+def check_index(name: str, x, ndim: int = 1) -> tuple[int, ...]:
+    return check_array(name, x, ndim=ndim, dtypes=(INDEX_DTYPE,))
+
+
+def check_same_shape(name: str, x, ref_name: str, ref) -> None:
+    if _shape(x) != _shape(ref):
+        raise ValueError(f"{name}: expected the shape of {ref_name} {_shape(ref)}, got {_shape(x)}")
+
+
+def check_same_dtype(name: str, x, ref_name: str, ref) -> None:
+    if dtype_name(x) != dtype_name(ref):
+        raise TypeError(f"{name}: expected the dtype of {ref_name} ({dtype_name(ref)}), "
+                        f"got {dtype_name(x)}")
+
+
+def check_optional_positive(name: str, value, *, integer: bool = False):
+    """None, or a finite number > 0 (an int >= 1 when ``integer``)."""
+    if value is None:
+        return None
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name}: expected an int or None, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name}: expected >= 1, got {value}")
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name}: expected a float or None, got {type(value).__name__}")
+    if not math.isfinite(float(value)) or float(value) <= 0:
+        raise ValueError(f"{name}: expected a finite value > 0, got {value}")
+    return float(value)
+
+
+def _check_ids_in_range(name: str, ids: np.ndarray, upper: int, *, lower: int = 0) -> None:
+    if ids.size == 0:
+        return
+    bad = (ids < lower) | (ids >= upper)
+    if bad.any():
+        i = np.argwhere(bad)[0]
+        where = tuple(int(v) for v in i) if ids.ndim > 1 else int(i[0])
+        raise ValueError(f"{name}: expected values in [{lower}, {upper}), "
+                         f"got {int(ids[tuple(i)])} at index {where}")
+
+
+def _check_no_duplicates(name: str, ids: np.ndarray) -> None:
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"{name}: expected distinct destinations, got {int(uniq[counts > 1][0])} "
+                         f"{int(counts[counts > 1][0])} times")
+
+
+# ---------------------------------------------------------------------------- attention checks
+
+
+@dataclass(frozen=True)
+class AttentionDims:
+    """Sizes read off a paged-attention call's arguments."""
+
+    num_tokens: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_blocks: int
+    block_size: int
+    num_seqs: int
+    max_blocks_per_seq: int
+    dtype: str
+    scale: float
+    decode: bool  # cu_q_lens is None: one query token per sequence
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1 = MHA, num_q_heads = MQA)."""
+        return self.num_q_heads // self.num_kv_heads
+
+
+def check_kv_caches(k_cache, v_cache) -> tuple[int, int, int, int]:
+    """k_cache/v_cache: [num_blocks, block_size, num_kv_heads, head_dim], same shape and dtype."""
+    shape = check_array("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
+    check_array("v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES)
+    check_same_shape("v_cache", v_cache, "k_cache", k_cache)
+    check_same_dtype("v_cache", v_cache, "k_cache", k_cache)
+    num_blocks, block_size, num_kv_heads, head_dim = shape
+    if num_blocks < 1 or block_size < 1 or num_kv_heads < 1 or head_dim < 1:
+        raise ValueError(f"k_cache: expected non-empty [num_blocks, block_size, num_kv_heads, "
+                         f"head_dim], got shape {shape}")
+    return shape
+
+
+def check_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *,
+                          scale=None, causal=True, sliding_window=None, logits_soft_cap=None,
+                          return_lse=False) -> AttentionDims:
+    """Static checks of a paged_attention call; returns its sizes."""
+    num_blocks, block_size, num_kv_heads, head_dim = check_kv_caches(k_cache, v_cache)
+    num_tokens, num_q_heads, q_head_dim = check_array("q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    check_same_dtype("k_cache", k_cache, "q", q)
+    if q_head_dim != head_dim:
+        raise ValueError(f"q: expected head_dim {head_dim} (from k_cache), got {q_head_dim}")
+    if num_q_heads < 1 or num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads=} must be divisible by {num_kv_heads=}")
+    num_seqs, max_blocks_per_seq = check_index("block_tables", block_tables, ndim=2)
+    (n_kv,) = check_index("kv_lens", kv_lens)
+    if n_kv != num_seqs:
+        raise ValueError(f"kv_lens: expected shape ({num_seqs},) (num_seqs from block_tables), "
+                         f"got ({n_kv},)")
+    if cu_q_lens is None:
+        if num_tokens != num_seqs:
+            raise ValueError(f"q: with cu_q_lens=None (decode) expected one token per sequence, "
+                             f"num_tokens={num_tokens} but num_seqs={num_seqs}")
+    else:
+        (n_cu,) = check_index("cu_q_lens", cu_q_lens)
+        if n_cu != num_seqs + 1:
+            raise ValueError(f"cu_q_lens: expected shape ({num_seqs + 1},) (num_seqs + 1), "
+                             f"got ({n_cu},)")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+    if sliding_window is not None and not causal:
+        raise ValueError("sliding_window: only defined for causal=True, got causal=False")
+    scale_value = check_optional_positive("scale", scale)
+    check_optional_positive("sliding_window", sliding_window, integer=True)
+    check_optional_positive("logits_soft_cap", logits_soft_cap)
+    return AttentionDims(
+        num_tokens=num_tokens, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+        head_dim=head_dim, num_blocks=num_blocks, block_size=block_size, num_seqs=num_seqs,
+        max_blocks_per_seq=max_blocks_per_seq, dtype=dtype_name(q),
+        scale=scale_value if scale_value is not None else float(head_dim) ** -0.5,
+        decode=cu_q_lens is None)
+
+
+def check_ragged_values(dims: AttentionDims, block_tables, kv_lens, cu_q_lens=None,
+                        *, kv_name: str = "kv_lens") -> tuple[np.ndarray, np.ndarray]:
+    """Host value checks of a ragged batch; returns (kv_lens, cu_q_lens) as int64 numpy."""
+    kv = to_host(kv_lens).astype(np.int64)
+    if cu_q_lens is None:
+        cu = np.arange(dims.num_seqs + 1, dtype=np.int64)
+    else:
+        cu = to_host(cu_q_lens).astype(np.int64)
+        if cu[0] != 0:
+            raise ValueError(f"cu_q_lens: expected cu_q_lens[0] == 0, got {int(cu[0])}")
+        steps = np.diff(cu)
+        if (steps < 0).any():
+            s = int(np.argmax(steps < 0))
+            raise ValueError(f"cu_q_lens: expected non-decreasing values, got {int(cu[s])} then "
+                             f"{int(cu[s + 1])} at index {s}")
+        if cu[-1] != dims.num_tokens:
+            raise ValueError(f"cu_q_lens: expected cu_q_lens[-1] == num_tokens "
+                             f"({dims.num_tokens}), got {int(cu[-1])}")
+    if (kv < 0).any():
+        s = int(np.argmax(kv < 0))
+        raise ValueError(f"{kv_name}: expected values >= 0, got {int(kv[s])} at index {s}")
+    q_lens = np.diff(cu)
+    short = kv < q_lens
+    if short.any():
+        s = int(np.argmax(short))
+        raise ValueError(f"{kv_name}: expected {kv_name}[s] >= q_len (this step's tokens are in "
+                         f"the cache), got {int(kv[s])} < {int(q_lens[s])} for sequence {s}")
+    capacity = dims.max_blocks_per_seq * dims.block_size
+    over = kv > capacity
+    if over.any():
+        s = int(np.argmax(over))
+        raise ValueError(f"{kv_name}: expected values <= max_blocks_per_seq * block_size "
+                         f"({capacity}), got {int(kv[s])} for sequence {s}")
+    _check_used_blocks("block_tables", to_host(block_tables), kv, dims.block_size,
+                       dims.num_blocks)
+    return kv, cu
+
+
+def _check_used_blocks(name: str, table: np.ndarray, lens: np.ndarray, block_size: int,
+                       num_blocks: int) -> None:
+    """Entries of ``table`` that hold tokens (the first ceil(len / block_size)) are valid ids."""
+    if table.size == 0:
+        return
+    used = np.arange(table.shape[1])[None, :] < ((lens + block_size - 1) // block_size)[:, None]
+    bad = used & ((table < 0) | (table >= num_blocks))
+    if bad.any():
+        s, b = (int(v) for v in np.argwhere(bad)[0])
+        raise ValueError(f"{name}: expected block ids in [0, {num_blocks}) for the blocks in use, "
+                         f"got {int(table[s, b])} at [{s}, {b}]")
+
+
+def check_paged_attention_values(dims: AttentionDims, block_tables, kv_lens, cu_q_lens=None):
+    """Host value checks of a paged_attention call."""
+    return check_ragged_values(dims, block_tables, kv_lens, cu_q_lens)
+
+
+@dataclass(frozen=True)
+class SharedPrefixDims:
+    attention: AttentionDims
+    num_prefixes: int
+    max_prefix_blocks: int
+
+
+def check_shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens,
+                                  prefix_ids, block_tables, kv_lens, cu_q_lens=None, *,
+                                  scale=None, logits_soft_cap=None,
+                                  return_lse=False) -> SharedPrefixDims:
+    """Static checks of a shared_prefix_attention call."""
+    dims = check_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
+                                 scale=scale, logits_soft_cap=logits_soft_cap,
+                                 return_lse=return_lse)
+    num_prefixes, max_prefix_blocks = check_index("prefix_block_tables", prefix_block_tables,
+                                                  ndim=2)
+    (n_lens,) = check_index("prefix_lens", prefix_lens)
+    if n_lens != num_prefixes:
+        raise ValueError(f"prefix_lens: expected shape ({num_prefixes},) (num_prefixes from "
+                         f"prefix_block_tables), got ({n_lens},)")
+    (n_ids,) = check_index("prefix_ids", prefix_ids)
+    if n_ids != dims.num_seqs:
+        raise ValueError(f"prefix_ids: expected shape ({dims.num_seqs},) (num_seqs), "
+                         f"got ({n_ids},)")
+    return SharedPrefixDims(dims, num_prefixes, max_prefix_blocks)
+
+
+def check_shared_prefix_attention_values(sdims: SharedPrefixDims, prefix_block_tables,
+                                         prefix_lens, prefix_ids, block_tables, kv_lens,
+                                         cu_q_lens=None):
+    """Host value checks; returns (prefix_lens, prefix_ids, kv_lens, cu_q_lens) as numpy."""
+    dims = sdims.attention
+    kv, cu = check_ragged_values(dims, block_tables, kv_lens, cu_q_lens)
+    plens = to_host(prefix_lens).astype(np.int64)
+    pids = to_host(prefix_ids).astype(np.int64)
+    bs = dims.block_size
+    if (plens < 0).any() or (plens % bs).any():
+        s = int(np.argmax((plens < 0) | (plens % bs != 0)))
+        raise ValueError(f"prefix_lens: expected non-negative multiples of block_size ({bs}), "
+                         f"got {int(plens[s])} at index {s}")
+    capacity = sdims.max_prefix_blocks * bs
+    if (plens > capacity).any():
+        s = int(np.argmax(plens > capacity))
+        raise ValueError(f"prefix_lens: expected values <= max_prefix_blocks * block_size "
+                         f"({capacity}), got {int(plens[s])} at index {s}")
+    _check_ids_in_range("prefix_ids", pids, sdims.num_prefixes, lower=-1)
+    _check_used_blocks("prefix_block_tables", to_host(prefix_block_tables), plens, bs,
+                       dims.num_blocks)
+    return plens, pids, kv, cu
+
+
+def check_merge_attention_states(out_a, lse_a, out_b, lse_b) -> tuple[int, int, int]:
+    """out_*: [num_tokens, num_heads, head_dim] float; lse_*: f32[num_tokens, num_heads]."""
+    shape = check_array("out_a", out_a, ndim=3, dtypes=FLOAT_DTYPES)
+    check_array("out_b", out_b, ndim=3, dtypes=FLOAT_DTYPES)
+    check_same_shape("out_b", out_b, "out_a", out_a)
+    check_same_dtype("out_b", out_b, "out_a", out_a)
+    for name, lse in (("lse_a", lse_a), ("lse_b", lse_b)):
+        lse_shape = check_array(name, lse, ndim=2, dtypes=("float32",))
+        if lse_shape != shape[:2]:
+            raise ValueError(f"{name}: expected shape {shape[:2]} (num_tokens, num_heads of "
+                             f"out_a), got {lse_shape}")
+    return shape
+
+
+# --------------------------------------------------------------------------------- cache checks
+
+
+def check_write_kv(key, value, k_cache, v_cache, slot_mapping) -> int:
+    """Static checks of write_kv; returns the number of tokens written (len(slot_mapping)).
+
+    key/value may hold more rows than slot_mapping (CUDA-graph padding); the extra rows are
+    ignored, as in vLLM's reshape_and_cache_flash.
+    """
+    _, _, num_kv_heads, head_dim = check_kv_caches(k_cache, v_cache)
+    shape = check_array("key", key, ndim=3, dtypes=FLOAT_DTYPES)
+    check_array("value", value, ndim=3, dtypes=FLOAT_DTYPES)
+    check_same_shape("value", value, "key", key)
+    check_same_dtype("key", key, "k_cache", k_cache)
+    check_same_dtype("value", value, "v_cache", v_cache)
+    if shape[1:] != (num_kv_heads, head_dim):
+        raise ValueError(f"key: expected [num_tokens, {num_kv_heads}, {head_dim}] "
+                         f"(num_kv_heads, head_dim of k_cache), got {shape}")
+    (n,) = check_index("slot_mapping", slot_mapping)
+    if n > shape[0]:
+        raise ValueError(f"slot_mapping: expected at most num_tokens ({shape[0]}) entries, "
+                         f"got {n}")
+    return n
+
+
+def check_write_kv_values(k_cache, slot_mapping) -> np.ndarray:
+    slots = to_host(slot_mapping).astype(np.int64)
+    num_slots = int(k_cache.shape[0]) * int(k_cache.shape[1])
+    live = slots[slots >= 0]
+    if live.size and live.max() >= num_slots:
+        i = int(np.argmax(slots >= num_slots))
+        raise ValueError(f"slot_mapping: expected slots < num_blocks * block_size ({num_slots}) "
+                         f"or negative (skip), got {int(slots[i])} at index {i}")
+    _check_no_duplicates("slot_mapping", live)
+    return slots
+
+
+def check_caches(caches, name: str = "caches") -> list:
+    """A non-empty sequence of arrays sharing the block axis (axis 0)."""
+    if isinstance(caches, (str, bytes)) or not isinstance(caches, Sequence):
+        raise TypeError(f"{name}: expected a list or tuple of arrays, got {type(caches).__name__}")
+    if len(caches) == 0:
+        raise ValueError(f"{name}: expected at least one cache, got an empty sequence")
+    num_blocks = None
+    for i, c in enumerate(caches):
+        shape = check_array(f"{name}[{i}]", c)
+        if len(shape) < 1:
+            raise ValueError(f"{name}[{i}]: expected the block axis first, got a scalar")
+        if num_blocks is None:
+            num_blocks = shape[0]
+        elif shape[0] != num_blocks:
+            raise ValueError(f"{name}[{i}]: expected {num_blocks} blocks (from {name}[0]), "
+                             f"got {shape[0]}")
+    return list(caches)
+
+
+def check_copy_blocks(caches, src, dst) -> int:
+    caches = check_caches(caches)
+    (n,) = check_index("src", src)
+    (n_dst,) = check_index("dst", dst)
+    if n_dst != n:
+        raise ValueError(f"dst: expected shape ({n},) (the shape of src), got ({n_dst},)")
+    return int(caches[0].shape[0])
+
+
+def check_copy_blocks_values(num_blocks: int, src, dst) -> tuple[np.ndarray, np.ndarray]:
+    s, d = to_host(src).astype(np.int64), to_host(dst).astype(np.int64)
+    _check_ids_in_range("src", s, num_blocks)
+    _check_ids_in_range("dst", d, num_blocks)
+    _check_no_duplicates("dst", d)
+    return s, d
+
+
+def _check_uniform_caches(caches) -> tuple[tuple[int, ...], str]:
+    caches = check_caches(caches)
+    block_shape = _shape(caches[0])[1:]
+    for i, c in enumerate(caches[1:], 1):
+        if _shape(c)[1:] != block_shape:
+            raise ValueError(f"caches[{i}]: expected block shape {block_shape} (from caches[0]) "
+                             f"to stack into one buffer, got {_shape(c)[1:]}")
+        check_same_dtype(f"caches[{i}]", c, "caches[0]", caches[0])
+    return block_shape, dtype_name(caches[0])
+
+
+def check_gather_blocks(caches, block_ids) -> tuple[int, ...]:
+    """Returns the buffer shape [n, len(caches), *block_shape]."""
+    block_shape, _ = _check_uniform_caches(caches)
+    (n,) = check_index("block_ids", block_ids)
+    return (n, len(caches), *block_shape)
+
+
+def check_scatter_blocks(caches, buffer, block_ids) -> tuple[int, ...]:
+    block_shape, _ = _check_uniform_caches(caches)
+    (n,) = check_index("block_ids", block_ids)
+    want = (n, len(caches), *block_shape)
+    check_array("buffer", buffer)
+    if _shape(buffer) != want:
+        raise ValueError(f"buffer: expected shape {want} ([len(block_ids), len(caches), "
+                         f"*block_shape]), got {_shape(buffer)}")
+    check_same_dtype("buffer", buffer, "caches[0]", caches[0])
+    return want
+
+
+def check_block_ids_values(num_blocks: int, block_ids, *, distinct: bool) -> np.ndarray:
+    ids = to_host(block_ids).astype(np.int64)
+    _check_ids_in_range("block_ids", ids, num_blocks)
+    if distinct:
+        _check_no_duplicates("block_ids", ids)
+    return ids
