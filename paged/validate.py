@@ -445,3 +445,126 @@ def check_block_ids_values(num_blocks: int, block_ids, *, distinct: bool) -> np.
     if distinct:
         _check_no_duplicates("block_ids", ids)
     return ids
+
+
+# ---- hashing checks
+# (owned by the hashing helper; prefixkv-v1 and compatibility block hashes, docs/hashing.md)
+
+
+@dataclass(frozen=True)
+class HashBlocksDims:
+    """Sizes read off a hash_blocks call's arguments (static: shapes, dtypes, Python scalars).
+
+    parent_kind: "none" (32 zero bytes), "shared" (one parent for every sequence: 32 bytes or
+    u32[8]) or "per_seq" (u32[num_seqs, 8] or a list of num_seqs entries, 32 bytes or None).
+    num_full_blocks is None when it depends on cu_lens values (ragged); the value check
+    returns it.
+    """
+
+    num_tokens: int
+    num_seqs: int
+    block_size: int
+    salt: bytes
+    has_extra: bool
+    parent_kind: str
+    num_full_blocks: int | None
+
+
+def _check_digest_bytes(name: str, value) -> None:
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{name}: expected 32 bytes, got {type(value).__name__}")
+    if len(bytes(value)) != 32:
+        raise ValueError(f"{name}: expected 32 bytes, got {len(bytes(value))}")
+
+
+def check_hash_blocks(tokens, block_size, *, cu_lens=None, salt=None, extra=None,
+                      parent=None) -> HashBlocksDims:
+    """Static checks of a hash_blocks call.
+
+    tokens: i32[num_tokens]. block_size: int >= 1. cu_lens: i32[num_seqs + 1] or None (one
+    sequence). salt: str | bytes | None. extra: u32[num_full_blocks, 4] or None.
+    parent: None | 32 bytes | u32[8] | u32[num_seqs, 8] | list of num_seqs (32 bytes or None).
+    """
+    (num_tokens,) = check_array("tokens", tokens, ndim=1, dtypes=(INDEX_DTYPE,))
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+        raise TypeError(f"block_size: expected an int, got {type(block_size).__name__}")
+    if block_size < 1:
+        raise ValueError(f"block_size: expected >= 1, got {block_size}")
+    block_size = int(block_size)
+    if cu_lens is None:
+        num_seqs = 1
+    else:
+        (n_cu,) = check_index("cu_lens", cu_lens)
+        if n_cu < 1:
+            raise ValueError("cu_lens: expected shape (num_seqs + 1,) with at least one entry, "
+                             "got (0,)")
+        num_seqs = n_cu - 1
+    if salt is None:
+        salt_b = b""
+    elif isinstance(salt, str):
+        salt_b = salt.encode("utf-8")
+    elif isinstance(salt, (bytes, bytearray, memoryview)):
+        salt_b = bytes(salt)
+    else:
+        raise TypeError(f"salt: expected str, bytes or None, got {type(salt).__name__}")
+    num_full_blocks = num_tokens // block_size if cu_lens is None else None
+    if extra is not None:
+        rows, width = check_array("extra", extra, ndim=2, dtypes=("uint32",))
+        if width != 4:
+            raise ValueError(f"extra: expected shape (num_full_blocks, 4), got {(rows, width)}")
+        if num_full_blocks is not None and rows != num_full_blocks:
+            raise ValueError(f"extra: expected {num_full_blocks} rows (num_tokens // "
+                             f"block_size = {num_tokens} // {block_size}), got {rows}")
+    if parent is None:
+        parent_kind = "none"
+    elif isinstance(parent, (bytes, bytearray, memoryview)):
+        _check_digest_bytes("parent", parent)
+        parent_kind = "shared"
+    elif isinstance(parent, (list, tuple)):
+        if len(parent) != num_seqs:
+            raise ValueError(f"parent: expected a list of num_seqs ({num_seqs}) entries, "
+                             f"got {len(parent)}")
+        for s, p in enumerate(parent):
+            if p is not None:
+                _check_digest_bytes(f"parent[{s}]", p)
+        parent_kind = "per_seq"
+    else:
+        shape = check_array("parent", parent, dtypes=("uint32",))
+        if shape == (8,):
+            parent_kind = "shared"
+        elif shape == (num_seqs, 8):
+            parent_kind = "per_seq"
+        else:
+            raise ValueError(f"parent: expected 32 bytes, u32[8] or u32[num_seqs, 8] "
+                             f"(num_seqs={num_seqs}), got shape {shape}")
+    return HashBlocksDims(num_tokens=num_tokens, num_seqs=num_seqs, block_size=block_size,
+                          salt=salt_b, has_extra=extra is not None, parent_kind=parent_kind,
+                          num_full_blocks=num_full_blocks)
+
+
+def check_hash_blocks_values(dims: HashBlocksDims, tokens, *, cu_lens=None,
+                             extra=None) -> tuple[np.ndarray, int]:
+    """Host value checks of a hash_blocks call; returns (cu_lens as int64, num_full_blocks)."""
+    if cu_lens is None:
+        cu = np.array([0, dims.num_tokens], dtype=np.int64)
+    else:
+        cu = to_host(cu_lens).astype(np.int64)
+        if cu[0] != 0:
+            raise ValueError(f"cu_lens: expected cu_lens[0] == 0, got {int(cu[0])}")
+        steps = np.diff(cu)
+        if (steps < 0).any():
+            s = int(np.argmax(steps < 0))
+            raise ValueError(f"cu_lens: expected non-decreasing values, got {int(cu[s])} then "
+                             f"{int(cu[s + 1])} at index {s}")
+        if cu[-1] != dims.num_tokens:
+            raise ValueError(f"cu_lens: expected cu_lens[-1] == num_tokens "
+                             f"({dims.num_tokens}), got {int(cu[-1])}")
+    tok = to_host(tokens)
+    if tok.size and int(tok.min()) < 0:
+        i = int(np.argmax(tok < 0))
+        raise ValueError(f"tokens: expected token ids >= 0, got {int(tok[i])} at index {i}")
+    num_full_blocks = int((np.diff(cu) // dims.block_size).sum())
+    if extra is not None and int(extra.shape[0]) != num_full_blocks:
+        raise ValueError(f"extra: expected {num_full_blocks} rows (the full blocks of all "
+                         f"sequences), got {int(extra.shape[0])}")
+    return cu, num_full_blocks
