@@ -1,0 +1,70 @@
+"""pytest-benchmark set-up shared by every benchmark: one thread, and the machine's measured
+limits (copy and read bandwidth, matmul rate) for the roofline fractions in extra_info."""
+
+import os
+
+# One thread for every framework, set before any of them is imported: on the 2-core CI
+# machines figures swing by 100x otherwise.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def _best(fn, repeat: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_machine_limits(nbytes: int = 128 << 20) -> dict:
+    """Copy GB/s (read + write bytes), read GB/s and float32 matmul GFLOP/s, one thread."""
+    src = np.ones(nbytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    copy_s = _best(lambda: np.copyto(dst, src))
+    read_s = _best(lambda: src.sum())
+    n = 1024
+    a = np.ones((n, n), dtype=np.float32)
+    mm_s = _best(lambda: a @ a, repeat=3)
+    return {
+        "copy_gbps": 2 * nbytes / copy_s / 1e9,  # bytes read + bytes written
+        "memcpy_gbps": nbytes / copy_s / 1e9,    # bytes copied
+        "read_gbps": nbytes / read_s / 1e9,
+        "matmul_gflops": 2 * n**3 / mm_s / 1e9,
+    }
+
+
+@pytest.fixture(scope="session")
+def machine_limits():
+    """Measured once per run, so every fraction compares against the same machine state."""
+    return measure_machine_limits()
+
+
+def record(benchmark, limits: dict, *, nbytes: float = 0.0, flops: float = 0.0, **extra):
+    """Put bytes, GB/s, GFLOP/s and the roofline fraction of the benchmark's mean in extra_info.
+
+    Call after ``benchmark(...)`` ran. Roofline time = max(bytes / read bandwidth,
+    flops / matmul rate); fraction = roofline time / measured time.
+    """
+    t = benchmark.stats.stats.mean
+    info = benchmark.extra_info
+    info.update(extra)
+    info.update({k: round(v, 3) for k, v in limits.items()})
+    if nbytes:
+        info["bytes"] = nbytes
+        info["gbps"] = round(nbytes / t / 1e9, 3)
+    if flops:
+        info["gflops"] = round(flops / t / 1e9, 3)
+    roof = max(nbytes / (limits["read_gbps"] * 1e9), flops / (limits["matmul_gflops"] * 1e9))
+    if roof:
+        info["roofline_fraction"] = round(roof / t, 4)

@@ -1,0 +1,112 @@
+"""One registry of backends per op, shared by both frontends (no framework imports here).
+
+A backend has a name, the platforms it runs on ("cpu", "cuda", "rocm", "tpu"), the Python
+packages it needs, a priority, its implementation (a callable, or "module:attr" loaded on first
+use) and an optional ``supports(**context) -> (ok, reason)`` for shape/dtype limits.
+
+Selection order: an explicit ``backend=`` argument, then the op's environment variable
+``PREFIXKV_<OP>_BACKEND``, then ``PREFIXKV_BACKEND``, then the highest priority backend that runs
+here. A requested backend that cannot run, or no backend at all, raises :class:`BackendError`
+listing every backend and why it was refused. Nothing here queries a device: the caller passes
+the platform it is tracing/running for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+class BackendError(ValueError):
+    """No backend can run the request; the message lists each backend and why."""
+
+
+@dataclass
+class Backend:
+    name: str
+    platforms: tuple[str, ...]
+    impl: Callable | str
+    priority: int = 0
+    requires: tuple[str, ...] = ()
+    supports: Callable[..., tuple[bool, str]] | None = None
+    doc: str = ""
+    _loaded: Callable | None = field(default=None, repr=False)
+
+    def load(self) -> Callable:
+        if self._loaded is None:
+            if callable(self.impl):
+                self._loaded = self.impl
+            else:
+                module, _, attr = self.impl.partition(":")
+                self._loaded = getattr(importlib.import_module(module), attr)
+        return self._loaded
+
+    def refusal(self, platform: str, context: dict) -> str | None:
+        """Why this backend cannot run the request on ``platform``, or None if it can."""
+        if platform not in self.platforms:
+            return f"runs on {'/'.join(self.platforms)}, not {platform}"
+        missing = [p for p in self.requires if importlib.util.find_spec(p) is None]
+        if missing:
+            return f"needs the package(s) {', '.join(missing)}"
+        if self.supports is not None:
+            ok, reason = self.supports(**context)
+            if not ok:
+                return reason
+        return None
+
+
+class Registry:
+    """The backends of one op."""
+
+    def __init__(self, op: str):
+        self.op = op
+        self.env_var = f"PREFIXKV_{op.upper()}_BACKEND"
+        self._backends: dict[str, Backend] = {}
+
+    def register(self, backend: Backend) -> Backend:
+        if backend.name in self._backends:
+            raise ValueError(f"{self.op}: backend {backend.name!r} registered twice")
+        self._backends[backend.name] = backend
+        return backend
+
+    def __iter__(self):
+        return iter(sorted(self._backends.values(), key=lambda b: -b.priority))
+
+    def names(self) -> list[str]:
+        return [b.name for b in self]
+
+    def requested(self, backend: str | None = None) -> str | None:
+        """The backend asked for by argument or environment variable, if any."""
+        if backend:
+            return backend
+        return os.environ.get(self.env_var) or os.environ.get("PREFIXKV_BACKEND") or None
+
+    def _error(self, platform: str, reasons: dict[str, str], head: str) -> BackendError:
+        lines = [f"{self.op}: {head} on platform {platform!r}; backends:"]
+        lines += [f"  - {name}: {why}" for name, why in reasons.items()]
+        return BackendError("\n".join(lines))
+
+    def select(self, platform: str, backend: str | None = None, **context) -> Backend:
+        """The backend to run on ``platform`` for a request described by ``context``."""
+        want = self.requested(backend)
+        reasons = {b.name: b.refusal(platform, context) for b in self}
+        if want is not None:
+            if want not in self._backends:
+                reasons = {k: (v or "could run") for k, v in reasons.items()}
+                raise self._error(platform, reasons, f"unknown backend {want!r}")
+            if reasons[want] is not None:
+                reasons = {k: (v or "could run") for k, v in reasons.items()}
+                raise self._error(platform, reasons, f"backend {want!r} cannot run")
+            return self._backends[want]
+        for b in self:
+            if reasons[b.name] is None:
+                return b
+        raise self._error(platform, {k: v for k, v in reasons.items() if v},
+                          "no backend can run this request")
+
+    def explain(self, platform: str, **context) -> dict[str, str]:
+        """name -> "ok" or the reason it is refused, highest priority first."""
+        return {b.name: (b.refusal(platform, context) or "ok") for b in self}
