@@ -9,9 +9,4 @@ from .cache import copy_blocks_reference as copy_blocks_reference
 from .cache import gather_blocks_reference as gather_blocks_reference
 from .cache import scatter_blocks_reference as scatter_blocks_reference
 from .cache import write_kv_reference as write_kv_reference
-
-try:  # written alongside the block-hashing spec
-    from .hashing import hash_blocks_reference as hash_blocks_reference
-except ModuleNotFoundError as _e:  # pragma: no cover - only while hashing.py does not exist
-    if _e.name != f"{__name__}.hashing":
-        raise
+from .hashing import hash_blocks_reference as hash_blocks_reference
