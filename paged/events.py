@@ -1,0 +1,144 @@
+"""KV cache events: what every cache tier publishes when a block hash enters or leaves it.
+
+A tier (the device :class:`~prefixkv.paged.pool.BlockPool`, a host/disk/remote tier) owns an
+:class:`EventBus`; subscribers (a :class:`~prefixkv.paged.router.Router`, an
+:class:`EventLog`, a tier that offloads evicted blocks) get every :class:`KVEvent`
+synchronously, in order, before the call that caused it returns.
+
+Kinds:
+
+- ``"stored"``: ``block_hashes`` (a chain, ``parent_hash`` being the hash of the block before
+  the first one, ``None`` at the start of a sequence) are now cached in the tier.
+- ``"removed"``: the hashes were dropped on purpose (a registered block about to be
+  overwritten in place, an explicit removal).
+- ``"evicted"``: the hashes were dropped to make room. Published before the blocks are handed
+  to their new owner, so a subscriber may still read their KV (``block_ids``) to offload it.
+- ``"cleared"``: every hash of the tier is gone (all namespaces); ``block_hashes`` is empty.
+
+Events are batched (one event per call and namespace, like vLLM's ``BlockStored`` /
+``BlockRemoved``); ``num_tokens = len(block_hashes) * block_size``. The salt namespace travels
+with every event, so a consumer can never mix two tenants' hashes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+STORED = "stored"
+REMOVED = "removed"
+EVICTED = "evicted"
+CLEARED = "cleared"
+KINDS = (STORED, REMOVED, EVICTED, CLEARED)
+
+
+@dataclass(frozen=True, slots=True)
+class KVEvent:
+    """One change of a tier's hash index.
+
+    kind: one of ``KINDS``.
+    block_hashes: tuple of block hashes (32-byte digests for prefixkv-v1).
+    parent_hash: for ``"stored"``, the hash of the block before ``block_hashes[0]`` (None at the
+        start of a sequence); None for the other kinds.
+    tier: the tier's name ("device" for the GPU/TPU pool, "host", "disk", ...).
+    namespace: the salt namespace bytes (b"" = the shared namespace).
+    num_tokens: tokens covered, ``len(block_hashes) * block_size``.
+    block_ids: the tier-local block ids, parallel to ``block_hashes`` (debugging, offload).
+    """
+
+    kind: str
+    block_hashes: tuple
+    parent_hash: bytes | None
+    tier: str
+    namespace: bytes
+    num_tokens: int
+    block_ids: tuple = ()
+
+
+Subscriber = Callable[[KVEvent], None]
+
+
+class EventBus:
+    """Synchronous publish/subscribe of :class:`KVEvent`.
+
+    ``bus.subscribe(fn)`` returns a function that unsubscribes. ``bool(bus)`` is False while
+    nobody listens, so publishers skip building events (the fast path of the pool).
+    """
+
+    __slots__ = ("_subscribers",)
+
+    def __init__(self) -> None:
+        self._subscribers: list[Subscriber] = []
+
+    def subscribe(self, fn: Subscriber) -> Callable[[], None]:
+        if not callable(fn):
+            raise TypeError(f"fn: expected a callable taking a KVEvent, got {type(fn).__name__}")
+        self._subscribers.append(fn)
+
+        def unsubscribe() -> None:
+            if fn in self._subscribers:
+                self._subscribers.remove(fn)
+
+        return unsubscribe
+
+    def publish(self, event: KVEvent) -> None:
+        for fn in tuple(self._subscribers):
+            fn(event)
+
+    def __bool__(self) -> bool:
+        return bool(self._subscribers)
+
+    def __len__(self) -> int:
+        return len(self._subscribers)
+
+
+class EventLog:
+    """A subscriber that keeps every event; :meth:`replay` rebuilds the tier's index from it.
+
+    ``log = EventLog(); pool.events.subscribe(log)``; then ``log.replay()`` equals
+    ``pool.cached_hashes()`` at any time (tested by the state-machine tests).
+    """
+
+    def __init__(self) -> None:
+        self.events: list[KVEvent] = []
+
+    def __call__(self, event: KVEvent) -> None:
+        self.events.append(event)
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def clear(self) -> None:
+        self.events.clear()
+
+    def replay(self, tier: str | None = None) -> dict[bytes, dict[bytes, int]]:
+        """``{namespace: {block_hash: block_id}}`` after applying every event (of ``tier``)."""
+        return replay(self.events, tier=tier)
+
+
+def replay(events: Iterable[KVEvent], tier: str | None = None) -> dict[bytes, dict[bytes, int]]:
+    """Apply events in order to an empty index: ``{namespace: {block_hash: block_id}}``.
+
+    Namespaces left empty are dropped, so the result compares equal to
+    :meth:`BlockPool.cached_hashes`.
+    """
+    index: dict[bytes, dict[bytes, int]] = {}
+    for ev in events:
+        if tier is not None and ev.tier != tier:
+            continue
+        if ev.kind == CLEARED:
+            index.clear()
+            continue
+        d = index.setdefault(ev.namespace, {})
+        if ev.kind == STORED:
+            ids = ev.block_ids or (-1,) * len(ev.block_hashes)
+            for h, b in zip(ev.block_hashes, ids):
+                d[h] = b
+        elif ev.kind in (REMOVED, EVICTED):
+            for h in ev.block_hashes:
+                d.pop(h, None)
+        else:
+            raise ValueError(f"event.kind: expected one of {KINDS}, got {ev.kind!r}")
+        if not d:
+            del index[ev.namespace]
+    return index

@@ -1,0 +1,336 @@
+"""BlockPool: the device tier's blocks, ref counts, LRU free queue and hash -> block index.
+
+Block 0 is the null block (as in vLLM): never allocated, never freed, never cached; tables are
+padded with it. Blocks ``1 .. num_blocks-1`` are in exactly one of three states:
+
+- *in use*: ``ref_count > 0`` (held by one or more requests);
+- *free, cached*: ``ref_count == 0`` and registered under a block hash; sits in the LRU free
+  queue and can still be hit (:meth:`touch` takes it back) until it is evicted;
+- *free, empty*: ``ref_count == 0`` and no hash; reused before any cached block is evicted.
+
+The LRU free queue is a ``collections.OrderedDict`` (a C doubly-linked list plus hash map):
+O(1) append, O(1) removal from the middle (a hit on a free cached block), O(1) pop of the
+least recently used. :meth:`free` appends a sequence's blocks tail first, so a sequence's tail
+is evicted before its head (the head is the part other requests share). Measured faster than
+a numpy prev/next array list driven from Python, see ``bench/bench_pool.py``.
+
+The index is ``{namespace: {block_hash: block_id}}``: the salt namespace is part of the key,
+so a hit can never cross namespaces even if two namespaces produced the same hash (a
+compatibility hash that ignores the salt). One block per (namespace, hash): registering a hash
+that is already cached leaves the new block uncached (it is freed as empty).
+
+Every change of the index is published on :attr:`events` (see :mod:`prefixkv.paged.events`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from functools import partial
+from itertools import takewhile
+from operator import is_not
+
+from .events import CLEARED, EVICTED, REMOVED, STORED, EventBus, KVEvent
+
+NULL_BLOCK = 0
+
+_not_none = partial(is_not, None)
+
+
+class NoFreeBlocksError(RuntimeError):
+    """Raised when an allocation asks for more blocks than are free (nothing is changed)."""
+
+
+def namespace_of(salt) -> bytes:
+    """The namespace bytes of a salt: UTF-8 of a str, the bytes themselves, b"" for None."""
+    if salt is None:
+        return b""
+    if isinstance(salt, str):
+        return salt.encode("utf-8")
+    if isinstance(salt, (bytes, bytearray, memoryview)):
+        return bytes(salt)
+    raise TypeError(f"salt: expected str, bytes or None, got {type(salt).__name__}")
+
+
+class BlockPool:
+    """Preallocated blocks with ref counts, an LRU free queue and a namespaced hash index.
+
+    num_blocks: total blocks including the null block 0 (>= 2).
+    block_size: tokens per block (reported in events' num_tokens).
+    tier: name put in events ("device").
+    events: the :class:`EventBus` to publish on (a new one by default).
+
+    Block ids are Python ints. Methods taking blocks accept any iterable of ints; they do not
+    validate ids on the hot path (the manager only passes ids it got from the pool);
+    :meth:`check_blocks` is the checked entry for external callers.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, *, tier: str = "device",
+                 events: EventBus | None = None) -> None:
+        if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 2:
+            raise ValueError(f"num_blocks: expected an int >= 2 (block 0 is the null block), "
+                             f"got {num_blocks!r}")
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+            raise ValueError(f"block_size: expected an int >= 1, got {block_size!r}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.tier = tier
+        self.events = events if events is not None else EventBus()
+        self.ref_counts: list[int] = [0] * num_blocks
+        self.block_hashes: list[bytes | None] = [None] * num_blocks
+        self.block_namespaces: list[bytes | None] = [None] * num_blocks
+        self._index: dict[bytes, dict[bytes, int]] = {}
+        # free cached blocks, LRU first; values unused
+        self._lru: OrderedDict[int, None] = OrderedDict()
+        # free empty blocks; pop() from the end gives the lowest id first
+        self._empty: list[int] = list(range(num_blocks - 1, 0, -1))
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def num_free(self) -> int:
+        """Blocks that :meth:`allocate` can hand out (empty + cached free)."""
+        return len(self._empty) + len(self._lru)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks registered under a hash (in use or free)."""
+        return sum(len(d) for d in self._index.values())
+
+    @property
+    def usage(self) -> float:
+        """Fraction of the usable blocks (all but the null block) in use."""
+        return 1.0 - self.num_free / (self.num_blocks - 1)
+
+    def free_queue(self) -> list[int]:
+        """The free blocks in eviction order: empty blocks first, then cached LRU first."""
+        return self._empty[::-1] + list(self._lru)
+
+    def lookup(self, block_hashes: Sequence[bytes], namespace: bytes = b"") -> list[int]:
+        """Blocks of the longest run of leading hashes cached in ``namespace`` (no refs taken)."""
+        d = self._index.get(namespace)
+        if not d:
+            return []
+        return list(takewhile(_not_none, map(d.get, block_hashes)))
+
+    def get(self, block_hash: bytes, namespace: bytes = b"") -> int | None:
+        """The block cached under (namespace, block_hash), or None."""
+        d = self._index.get(namespace)
+        return None if d is None else d.get(block_hash)
+
+    def cached_hashes(self) -> dict[bytes, dict[bytes, int]]:
+        """A copy of the index, ``{namespace: {block_hash: block_id}}`` (empty ones dropped)."""
+        return {ns: dict(d) for ns, d in self._index.items() if d}
+
+    def check_blocks(self, blocks: Iterable[int], name: str = "blocks") -> list[int]:
+        """Validate ids from outside the pool: ints in [1, num_blocks), no duplicates."""
+        out = []
+        for i, b in enumerate(blocks):
+            if not isinstance(b, int) or isinstance(b, bool):
+                try:
+                    b = int(b.__index__())
+                except (AttributeError, TypeError):
+                    raise TypeError(f"{name}[{i}]: expected an int block id, got {b!r}") from None
+            if not 1 <= b < self.num_blocks:
+                raise ValueError(f"{name}[{i}]: expected a block id in [1, {self.num_blocks}) "
+                                 f"(0 is the null block), got {b}")
+            out.append(b)
+        if len(set(out)) != len(out):
+            raise ValueError(f"{name}: expected distinct block ids, got duplicates in {out}")
+        return out
+
+    # ------------------------------------------------------------------ state changes
+    def allocate(self, n: int) -> list[int]:
+        """Take ``n`` free blocks (ref_count 1): empty ones first, then evict LRU cached ones.
+
+        Evicted hashes are published as ``"evicted"`` events (one per namespace) before this
+        returns; the blocks' KV is still intact then. Raises NoFreeBlocksError, changing
+        nothing, when fewer than ``n`` blocks are free.
+        """
+        empty = self._empty
+        if n <= len(empty):
+            if n <= 0:
+                if n < 0:
+                    raise ValueError(f"n: expected >= 0 blocks, got {n}")
+                return []
+            out = empty[:-n - 1:-1]  # lowest ids first
+            del empty[-n:]
+        else:
+            if n > len(empty) + len(self._lru):
+                raise NoFreeBlocksError(
+                    f"n: asked for {n} blocks, only {len(empty) + len(self._lru)} free "
+                    f"({len(empty)} empty, {len(self._lru)} cached)")
+            out = empty[::-1]
+            empty.clear()
+            out.extend(self._evict(n - len(out)))
+        ref = self.ref_counts
+        for b in out:
+            ref[b] = 1
+        return out
+
+    def _evict(self, n: int) -> list[int]:
+        popitem = self._lru.popitem
+        hashes = self.block_hashes
+        spaces = self.block_namespaces
+        index = self._index
+        publish = bool(self.events)
+        groups: dict[bytes, tuple[list, list]] = {}
+        out = []
+        for _ in range(n):
+            b = popitem(False)[0]
+            h = hashes[b]
+            ns = spaces[b]
+            del index[ns][h]
+            hashes[b] = None
+            spaces[b] = None
+            out.append(b)
+            if publish:
+                g = groups.get(ns)
+                if g is None:
+                    g = groups[ns] = ([], [])
+                g[0].append(h)
+                g[1].append(b)
+        if publish:
+            bs = self.block_size
+            for ns, (hs, bl) in groups.items():
+                self.events.publish(KVEvent(EVICTED, tuple(hs), None, self.tier, ns,
+                                            len(hs) * bs, tuple(bl)))
+        return out
+
+    def touch(self, blocks: Iterable[int]) -> None:
+        """Take one more reference on each block (a hit): a free cached block leaves the queue."""
+        ref = self.ref_counts
+        lru = self._lru
+        for b in blocks:
+            r = ref[b]
+            if r == 0:
+                del lru[b]
+            ref[b] = r + 1
+
+    def free(self, blocks: Sequence[int]) -> None:
+        """Drop one reference on each block. Blocks reaching 0 become free, appended to the
+        LRU queue in reverse order (a sequence's tail is evicted first); uncached ones go to
+        the empty list. Give a request's blocks in sequence order."""
+        ref = self.ref_counts
+        hashes = self.block_hashes
+        lru = self._lru
+        empty = self._empty
+        for b in reversed(blocks):
+            r = ref[b] - 1
+            ref[b] = r
+            if r == 0:
+                if hashes[b] is None:
+                    empty.append(b)
+                else:
+                    lru[b] = None
+            elif r < 0:
+                ref[b] = 0
+                raise ValueError(f"blocks: block {b} freed more often than referenced")
+
+    def register(self, blocks: Sequence[int], block_hashes: Sequence[bytes],
+                 namespace: bytes = b"", parent_hash: bytes | None = None) -> int:
+        """Cache full blocks under their hashes (``blocks[i]`` holds the block whose hash is
+        ``block_hashes[i]``; ``parent_hash`` is the hash before ``block_hashes[0]``).
+
+        Blocks that already have a hash and hashes already cached in ``namespace`` (another
+        block holds the same tokens) are skipped. Publishes one ``"stored"`` event per run of
+        newly registered blocks. Returns how many were registered.
+        """
+        d = self._index.get(namespace)
+        if d is None:
+            d = self._index[namespace] = {}
+        hashes = self.block_hashes
+        spaces = self.block_namespaces
+        publish = bool(self.events)
+        runs: list[tuple[bytes | None, list, list]] = []
+        run = None
+        prev = parent_hash
+        count = 0
+        for b, h in zip(blocks, block_hashes):
+            if hashes[b] is None and h not in d:
+                d[h] = b
+                hashes[b] = h
+                spaces[b] = namespace
+                count += 1
+                if publish:
+                    if run is None:
+                        run = (prev, [], [])
+                        runs.append(run)
+                    run[1].append(h)
+                    run[2].append(b)
+            else:
+                run = None
+            prev = h
+        if publish:
+            bs = self.block_size
+            for parent, hs, bl in runs:
+                self.events.publish(KVEvent(STORED, tuple(hs), parent, self.tier, namespace,
+                                            len(hs) * bs, tuple(bl)))
+        return count
+
+    def unregister(self, blocks: Iterable[int]) -> int:
+        """Drop the hash of each cached block (``"removed"`` events); free ones become empty.
+
+        Used before a registered block is overwritten in place. Returns how many were cached.
+        """
+        hashes = self.block_hashes
+        spaces = self.block_namespaces
+        groups: dict[bytes, tuple[list, list]] = {}
+        for b in blocks:
+            h = hashes[b]
+            if h is None:
+                continue
+            ns = spaces[b]
+            del self._index[ns][h]
+            hashes[b] = None
+            spaces[b] = None
+            if self.ref_counts[b] == 0:
+                del self._lru[b]
+                self._empty.append(b)
+            g = groups.get(ns)
+            if g is None:
+                g = groups[ns] = ([], [])
+            g[0].append(h)
+            g[1].append(b)
+        if self.events:
+            for ns, (hs, bl) in groups.items():
+                self.events.publish(KVEvent(REMOVED, tuple(hs), None, self.tier, ns,
+                                            len(hs) * self.block_size, tuple(bl)))
+        return sum(len(g[0]) for g in groups.values())
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every hash (blocks in use keep their data and refs); publishes ``"cleared"``."""
+        for b in self._lru:
+            self._empty.append(b)
+        self._lru.clear()
+        self._index.clear()
+        self.block_hashes[:] = [None] * self.num_blocks
+        self.block_namespaces[:] = [None] * self.num_blocks
+        if self.events:
+            self.events.publish(KVEvent(CLEARED, (), None, self.tier, b"", 0, ()))
+
+    # ------------------------------------------------------------------ consistency
+    def check_consistency(self) -> None:
+        """Raise AssertionError if the internal structures disagree (used by tests)."""
+        ref = self.ref_counts
+        if ref[NULL_BLOCK] != 0 or self.block_hashes[NULL_BLOCK] is not None:
+            raise AssertionError("null block referenced or cached")
+        empty = set(self._empty)
+        lru = set(self._lru)
+        if len(empty) != len(self._empty) or empty & lru or NULL_BLOCK in empty | lru:
+            raise AssertionError("free lists overlap or hold the null block")
+        for b in range(1, self.num_blocks):
+            free = b in empty or b in lru
+            if free == (ref[b] > 0):
+                raise AssertionError(f"block {b}: ref {ref[b]} but free={free}")
+            if b in lru and self.block_hashes[b] is None:
+                raise AssertionError(f"block {b}: in the LRU queue without a hash")
+            if b in empty and self.block_hashes[b] is not None:
+                raise AssertionError(f"block {b}: empty but cached")
+        seen = 0
+        for ns, d in self._index.items():
+            for h, b in d.items():
+                seen += 1
+                if self.block_hashes[b] != h or self.block_namespaces[b] != ns:
+                    raise AssertionError(f"index ({ns!r}, {h.hex()[:8]}) -> {b} disagrees")
+        if seen != sum(h is not None for h in self.block_hashes):
+            raise AssertionError("hashed blocks missing from the index")

@@ -1,0 +1,204 @@
+"""BlockPool: allocation order, ref counts, LRU eviction (tail first), namespaced hash index,
+events and their replay, input checks."""
+
+import pytest
+
+from prefixkv.paged.events import EventBus, EventLog, KVEvent, replay
+from prefixkv.paged.pool import NULL_BLOCK, BlockPool, NoFreeBlocksError, namespace_of
+
+
+def h(i: int) -> bytes:
+    return i.to_bytes(32, "little")
+
+
+def test_null_block_never_allocated():
+    pool = BlockPool(5, 4)
+    got = pool.allocate(4)
+    assert got == [1, 2, 3, 4]  # lowest ids first, never 0
+    assert NULL_BLOCK not in got and pool.num_free == 0 and pool.usage == 1.0
+    with pytest.raises(NoFreeBlocksError, match="asked for 1 blocks, only 0 free"):
+        pool.allocate(1)
+    pool.check_consistency()
+
+
+def test_allocate_short_changes_nothing():
+    pool = BlockPool(6, 4)
+    a = pool.allocate(2)
+    pool.register(a, [h(1), h(2)])
+    pool.free(a)
+    before = (pool.free_queue(), pool.cached_hashes(), list(pool.ref_counts))
+    with pytest.raises(NoFreeBlocksError, match="asked for 6 blocks, only 5 free"):
+        pool.allocate(6)
+    assert (pool.free_queue(), pool.cached_hashes(), list(pool.ref_counts)) == before
+
+
+def test_allocate_negative():
+    with pytest.raises(ValueError, match="n: expected >= 0"):
+        BlockPool(4, 4).allocate(-1)
+
+
+def test_ref_counts_touch_free():
+    pool = BlockPool(8, 4)
+    blocks = pool.allocate(3)
+    pool.register(blocks, [h(1), h(2), h(3)])
+    pool.touch(blocks[:2])
+    assert [pool.ref_counts[b] for b in blocks] == [2, 2, 1]
+    pool.free(blocks)
+    assert [pool.ref_counts[b] for b in blocks] == [1, 1, 0]
+    assert pool.free_queue()[-1] == blocks[2]
+    pool.touch([blocks[2]])  # a hit on a free cached block takes it out of the queue
+    assert blocks[2] not in pool.free_queue() and pool.ref_counts[blocks[2]] == 1
+    pool.check_consistency()
+
+
+def test_free_more_than_referenced():
+    pool = BlockPool(4, 4)
+    b = pool.allocate(1)
+    pool.free(b)
+    with pytest.raises(ValueError, match="freed more often than referenced"):
+        pool.free(b)
+
+
+def test_tail_evicted_first_and_empty_before_cached():
+    pool = BlockPool(9, 4)
+    seq = pool.allocate(4)          # [1, 2, 3, 4]
+    pool.register(seq, [h(10), h(11), h(12), h(13)])
+    other = pool.allocate(2)        # [5, 6], never cached
+    pool.free(seq)
+    pool.free(other)
+    # empty blocks (5, 6, then 7, 8) before any cached one; cached ones tail first
+    assert pool.free_queue()[-4:] == [4, 3, 2, 1]
+    got = pool.allocate(5)
+    assert sorted(got[:4]) == [5, 6, 7, 8] and got[4] == 4
+    assert pool.lookup([h(10), h(11), h(12), h(13)]) == [1, 2, 3]
+    pool.check_consistency()
+
+
+def test_lru_order_across_sequences():
+    pool = BlockPool(7, 4)
+    a = pool.allocate(3)
+    pool.register(a, [h(1), h(2), h(3)])
+    b = pool.allocate(3)
+    pool.register(b, [h(4), h(5), h(6)])
+    pool.free(b)        # b freed first: least recently used
+    pool.free(a)
+    assert pool.allocate(3) == [b[2], b[1], b[0]]
+    assert pool.lookup([h(1), h(2), h(3)]) == a
+
+
+def test_lookup_leading_hits_only():
+    pool = BlockPool(8, 4)
+    a = pool.allocate(3)
+    pool.register([a[0], a[2]], [h(1), h(3)])
+    assert pool.lookup([h(1), h(2), h(3)]) == [a[0]]
+    assert pool.lookup([h(2), h(3)]) == []
+    assert pool.lookup([]) == []
+    assert pool.get(h(3)) == a[2] and pool.get(h(2)) is None
+
+
+def test_namespace_isolation_same_hash():
+    pool = BlockPool(8, 4)
+    a, b = pool.allocate(2)
+    pool.register([a], [h(7)], namespace_of("tenant-a"))
+    pool.register([b], [h(7)], namespace_of("tenant-b"))
+    assert pool.lookup([h(7)], b"tenant-a") == [a]
+    assert pool.lookup([h(7)], b"tenant-b") == [b]
+    assert pool.lookup([h(7)]) == [] and pool.lookup([h(7)], b"tenant-c") == []
+    assert pool.cached_hashes() == {b"tenant-a": {h(7): a}, b"tenant-b": {h(7): b}}
+
+
+def test_namespace_of():
+    assert namespace_of(None) == b"" and namespace_of("é") == "é".encode()
+    assert namespace_of(b"x") == b"x"
+    with pytest.raises(TypeError, match="salt: expected str, bytes or None, got int"):
+        namespace_of(3)
+
+
+def test_register_duplicate_hash_leaves_block_uncached():
+    pool = BlockPool(8, 4)
+    a, b = pool.allocate(2)
+    assert pool.register([a], [h(1)]) == 1
+    assert pool.register([b], [h(1)]) == 0
+    assert pool.block_hashes[b] is None and pool.lookup([h(1)]) == [a]
+    assert pool.register([a], [h(2)]) == 0  # a block keeps its first hash
+    pool.free([a, b])
+    assert pool.free_queue()[-1] == a and b not in pool.free_queue()[-1:]
+    pool.check_consistency()
+
+
+def test_unregister_and_reset():
+    pool = BlockPool(8, 4)
+    a = pool.allocate(3)
+    pool.register(a, [h(1), h(2), h(3)])
+    pool.free([a[2]])
+    assert pool.unregister([a[1], a[2]]) == 2
+    assert pool.lookup([h(1), h(2)]) == [a[0]] and pool.ref_counts[a[1]] == 1
+    assert a[2] in pool.free_queue() and pool.block_hashes[a[2]] is None
+    pool.check_consistency()
+    pool.reset_prefix_cache()
+    assert pool.cached_hashes() == {} and pool.num_cached == 0
+    pool.check_consistency()
+
+
+def test_events_stored_evicted_removed_cleared_replay():
+    bus = EventBus()
+    pool = BlockPool(6, 4, events=bus, tier="device")
+    log = EventLog()
+    unsubscribe = bus.subscribe(log)
+    a = pool.allocate(4)
+    pool.register(a[:2], [h(1), h(2)], b"s", parent_hash=None)
+    pool.register([a[2], a[3]], [h(1), h(4)], b"s", parent_hash=h(2))  # h(1) dup -> skipped
+    assert log.events[0] == KVEvent("stored", (h(1), h(2)), None, "device", b"s", 8,
+                                    (a[0], a[1]))
+    assert log.events[1] == KVEvent("stored", (h(4),), h(1), "device", b"s", 4, (a[3],))
+    pool.free(a)
+    pool.allocate(5)  # 2 empty (block 5 and the uncached a[2]), then 3 evicted, tail first
+    ev = log.events[2]
+    assert ev.kind == "evicted" and ev.namespace == b"s" and ev.num_tokens == 12
+    assert ev.block_ids == (a[3], a[1], a[0]) and ev.block_hashes == (h(4), h(2), h(1))
+    assert log.replay() == pool.cached_hashes() == {}
+    pool.free(a)
+    b = pool.allocate(1)
+    pool.register(b, [h(9)], b"")
+    pool.unregister(b)
+    assert log.events[-1].kind == "removed" and log.events[-1].block_hashes == (h(9),)
+    pool.register(b, [h(9)], b"")
+    pool.reset_prefix_cache()
+    assert log.events[-1].kind == "cleared" and log.replay() == {}
+    unsubscribe()
+    pool.register(b, [h(8)])
+    assert log.events[-1].kind == "cleared" and not bus
+    assert replay(log.events, tier="host") == {}
+
+
+def test_event_bus_rejects_non_callable():
+    with pytest.raises(TypeError, match="fn: expected a callable"):
+        EventBus().subscribe(3)
+
+
+def test_replay_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="event.kind: expected one of"):
+        replay([KVEvent("moved", (h(1),), None, "device", b"", 4)])
+
+
+@pytest.mark.parametrize("num_blocks, block_size, match", [
+    (1, 4, "num_blocks: expected an int >= 2"),
+    (4.0, 4, "num_blocks: expected an int >= 2"),
+    (4, 0, "block_size: expected an int >= 1"),
+], ids=["one-block", "float", "block-size-0"])
+def test_constructor_checks(num_blocks, block_size, match):
+    with pytest.raises(ValueError, match=match):
+        BlockPool(num_blocks, block_size)
+
+
+def test_check_blocks():
+    pool = BlockPool(4, 4)
+    assert pool.check_blocks([1, 3]) == [1, 3]
+    with pytest.raises(ValueError, match=r"ids\[0\]: expected a block id in \[1, 4\)"):
+        pool.check_blocks([0], "ids")
+    with pytest.raises(ValueError, match=r"blocks\[1\]: expected a block id in \[1, 4\)"):
+        pool.check_blocks([1, 4])
+    with pytest.raises(TypeError, match=r"blocks\[0\]: expected an int block id"):
+        pool.check_blocks(["1"])
+    with pytest.raises(ValueError, match="blocks: expected distinct block ids"):
+        pool.check_blocks([2, 2])
