@@ -132,7 +132,7 @@ def replay(events: Iterable[KVEvent], tier: str | None = None) -> dict[bytes, di
         d = index.setdefault(ev.namespace, {})
         if ev.kind == STORED:
             ids = ev.block_ids or (-1,) * len(ev.block_hashes)
-            for h, b in zip(ev.block_hashes, ids):
+            for h, b in zip(ev.block_hashes, ids, strict=True):
                 d[h] = b
         elif ev.kind in (REMOVED, EVICTED):
             for h in ev.block_hashes:

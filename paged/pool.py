@@ -235,6 +235,9 @@ class BlockPool:
         block holds the same tokens) are skipped. Publishes one ``"stored"`` event per run of
         newly registered blocks. Returns how many were registered.
         """
+        if len(blocks) != len(block_hashes):
+            raise ValueError(f"block_hashes: expected {len(blocks)} hashes (one per block), "
+                             f"got {len(block_hashes)}")
         d = self._index.get(namespace)
         if d is None:
             d = self._index[namespace] = {}
@@ -245,7 +248,7 @@ class BlockPool:
         run = None
         prev = parent_hash
         count = 0
-        for b, h in zip(blocks, block_hashes):
+        for b, h in zip(blocks, block_hashes, strict=True):
             if hashes[b] is None and h not in d:
                 d[h] = b
                 hashes[b] = h

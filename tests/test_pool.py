@@ -2,7 +2,6 @@
 events and their replay, input checks."""
 
 import pytest
-
 from prefixkv.paged.events import EventBus, EventLog, KVEvent, replay
 from prefixkv.paged.pool import NULL_BLOCK, BlockPool, NoFreeBlocksError, namespace_of
 

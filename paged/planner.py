@@ -1,0 +1,213 @@
+"""Batch metadata for one engine step, in the form the kernels take (op contract, docs/ops.md).
+
+:func:`plan_batch` turns each scheduled sequence's block list, cached context length and this
+step's query length into ``block_tables``, ``kv_lens``, ``cu_q_lens``, ``slot_mapping`` (int32
+numpy), and finds groups of sequences whose leading *cached* blocks are the same physical
+blocks, giving the arguments of ``shared_prefix_attention``::
+
+    prefix_block_tables i32[num_prefixes, max_prefix_blocks], prefix_lens i32[num_prefixes],
+    prefix_ids i32[num_seqs] (-1 = no prefix), block_tables i32[num_seqs, max_blocks_per_seq],
+    kv_lens i32[num_seqs]  (own tokens after the prefix; cu_q_lens unchanged)
+
+Choosing the groups: a prefix of ``d`` blocks shared by ``m`` sequences saves ``(m - 1) * d``
+block reads. Sequences are sorted by their cached block ids; the longest-common-prefix
+intervals of that order form a tree (a trie of block ids), and a small dynamic program picks,
+per node, either one group at that depth (children whose own best saving is lower join it) or
+the children's own groups. Each sequence gets at most one prefix (one cascade level). A prefix
+only covers blocks before the first query token of every member (``prefix_len <= context``),
+so ``kv_lens >= q_len`` holds for the remainder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+I32 = np.int32
+
+
+@dataclass
+class SharedPrefixPlan:
+    """Arguments of ``shared_prefix_attention`` (with the batch's ``cu_q_lens``)."""
+
+    prefix_block_tables: np.ndarray
+    prefix_lens: np.ndarray
+    prefix_ids: np.ndarray
+    block_tables: np.ndarray
+    kv_lens: np.ndarray
+    saved_block_reads: int
+
+    @property
+    def num_prefixes(self) -> int:
+        return int(self.prefix_lens.shape[0])
+
+
+@dataclass
+class BatchPlan:
+    """Metadata of one step (every array int32 numpy).
+
+    block_tables: i32[num_seqs, max_blocks_per_seq], padded with the null block 0.
+    kv_lens: i32[num_seqs], cached context + this step's tokens.
+    cu_q_lens: i32[num_seqs + 1].
+    slot_mapping: i32[num_tokens], where this step's KV is written (write_kv).
+    positions: i32[num_tokens], absolute position of each query token (rotary embeddings).
+    shared: the shared_prefix_attention arguments, or None when no group was found.
+    copy_src / copy_dst: i32[n], copy-on-write pairs: run ``copy_blocks(caches, copy_src,
+        copy_dst)`` before this step's writes (filled by the PrefixCache; empty here).
+    request_ids: the requests in batch order (filled by the PrefixCache).
+    """
+
+    block_tables: np.ndarray
+    kv_lens: np.ndarray
+    cu_q_lens: np.ndarray
+    slot_mapping: np.ndarray
+    positions: np.ndarray
+    shared: SharedPrefixPlan | None = None
+    copy_src: np.ndarray = field(default_factory=lambda: np.zeros(0, I32))
+    copy_dst: np.ndarray = field(default_factory=lambda: np.zeros(0, I32))
+    request_ids: list = field(default_factory=list)
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.kv_lens.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.cu_q_lens[-1])
+
+
+def _table(rows: Sequence[Sequence[int]], width: int | None = None) -> np.ndarray:
+    lens = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    w = max(int(lens.max(initial=0)), 1) if width is None else width
+    out = np.zeros((len(rows), w), dtype=I32)
+    if lens.sum():
+        flat = np.fromiter((b for r in rows for b in r), dtype=I32, count=int(lens.sum()))
+        out[np.arange(w)[None, :] < lens[:, None]] = flat
+    return out
+
+
+def plan_batch(block_lists: Sequence[Sequence[int]], context_lens: Sequence[int],
+               q_lens: Sequence[int], block_size: int, *, shared_prefix: bool = True,
+               min_prefix_blocks: int = 1, min_group_size: int = 2) -> BatchPlan:
+    """Metadata of a step.
+
+    block_lists: per sequence, its block ids in order (at least ceil(kv_len / block_size)).
+    context_lens: per sequence, tokens already in the cache before this step.
+    q_lens: per sequence, tokens computed (and written) this step.
+    shared_prefix: look for shared-prefix groups (``BatchPlan.shared``).
+    min_prefix_blocks / min_group_size: the smallest prefix (blocks) and group worth a group.
+    """
+    n = len(block_lists)
+    if len(context_lens) != n or len(q_lens) != n:
+        raise ValueError(f"context_lens/q_lens: expected {n} entries (one per sequence), got "
+                         f"{len(context_lens)} and {len(q_lens)}")
+    if block_size < 1:
+        raise ValueError(f"block_size: expected >= 1, got {block_size}")
+    ctx = np.asarray(context_lens, dtype=np.int64).reshape(n)
+    ql = np.asarray(q_lens, dtype=np.int64).reshape(n)
+    if (ctx < 0).any() or (ql < 0).any():
+        raise ValueError("context_lens/q_lens: expected values >= 0")
+    kv = ctx + ql
+    nblk = np.fromiter((len(b) for b in block_lists), dtype=np.int64, count=n)
+    need = (kv + block_size - 1) // block_size
+    if (nblk < need).any():
+        s = int(np.argmax(nblk < need))
+        raise ValueError(f"block_lists: sequence {s} has {int(nblk[s])} blocks, needs "
+                         f"{int(need[s])} for kv_len {int(kv[s])}")
+    tables = _table(block_lists)
+    cu = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(ql, out=cu[1:])
+    total = int(cu[-1])
+    seq = np.repeat(np.arange(n), ql)
+    pos = ctx[seq] + (np.arange(total) - cu[seq])
+    slots = tables[seq, pos // block_size].astype(np.int64) * block_size + pos % block_size
+    plan = BatchPlan(block_tables=tables, kv_lens=kv.astype(I32), cu_q_lens=cu.astype(I32),
+                     slot_mapping=slots.astype(I32), positions=pos.astype(I32))
+    if shared_prefix and n >= min_group_size:
+        plan.shared = find_shared_prefixes(block_lists, ctx, kv, block_size,
+                                           min_prefix_blocks=min_prefix_blocks,
+                                           min_group_size=min_group_size)
+    return plan
+
+
+def _lcp(a: np.ndarray, b: np.ndarray) -> int:
+    m = min(a.shape[0], b.shape[0])
+    diff = np.flatnonzero(a[:m] != b[:m])
+    return int(diff[0]) if diff.size else m
+
+
+def _choose(order: list[int], lcp: list[int], lo: int, hi: int, min_blocks: int,
+            min_group: int) -> tuple[int, list[tuple[int, list[int]]]]:
+    """Best saving and groups [(depth, members)] for the sorted range order[lo:hi]."""
+    if hi - lo < 2:
+        return 0, []
+    d = min(lcp[lo + 1:hi])
+    # children: maximal subranges whose adjacent lcp exceeds d
+    children = []
+    start = lo
+    for k in range(lo + 1, hi):
+        if lcp[k] == d:
+            children.append((start, k))
+            start = k
+    children.append((start, hi))
+    solved = [(_choose(order, lcp, a, b, min_blocks, min_group), a, b) for a, b in children]
+    own_total = sum(s[0][0] for s in solved)
+    own_groups = [g for s in solved for g in s[0][1]]
+    if d < min_blocks:
+        return own_total, own_groups
+    join_members: list[int] = []
+    rest_total = 0
+    rest_groups: list = []
+    for (f, groups), a, b in solved:
+        if (b - a) * d >= f:
+            join_members.extend(order[a:b])
+        else:
+            rest_total += f
+            rest_groups.extend(groups)
+    m = len(join_members)
+    if m >= min_group:
+        total = (m - 1) * d + rest_total
+        if total > own_total:
+            return total, rest_groups + [(d, join_members)]
+    return own_total, own_groups
+
+
+def find_shared_prefixes(block_lists: Sequence[Sequence[int]], context_lens, kv_lens,
+                         block_size: int, *, min_prefix_blocks: int = 1,
+                         min_group_size: int = 2) -> SharedPrefixPlan | None:
+    """Shared-prefix groups of a batch (see the module docstring); None when there are none."""
+    n = len(block_lists)
+    ctx = np.asarray(context_lens, dtype=np.int64)
+    kv = np.asarray(kv_lens, dtype=np.int64)
+    eligible = np.minimum(ctx // block_size,
+                          np.fromiter((len(b) for b in block_lists), np.int64, count=n))
+    cand = [s for s in range(n) if eligible[s] >= max(min_prefix_blocks, 1)]
+    if len(cand) < max(min_group_size, 2):
+        return None
+    keys = {s: tuple(block_lists[s][:int(eligible[s])]) for s in cand}
+    order = sorted(cand, key=keys.__getitem__)
+    arrs = [np.asarray(keys[s], dtype=np.int64) for s in order]
+    lcp = [0] + [_lcp(arrs[k - 1], arrs[k]) for k in range(1, len(order))]
+    saved, groups = _choose(order, lcp, 0, len(order), max(min_prefix_blocks, 1),
+                            max(min_group_size, 2))
+    if not groups:
+        return None
+    groups.sort(key=lambda g: min(g[1]))
+    prefix_ids = np.full(n, -1, dtype=I32)
+    depth = np.zeros(n, dtype=np.int64)
+    rows = []
+    for gi, (d, members) in enumerate(groups):
+        rows.append(list(block_lists[members[0]][:d]))
+        for s in members:
+            prefix_ids[s] = gi
+            depth[s] = d
+    rest = [list(block_lists[s][int(depth[s]):]) for s in range(n)]
+    return SharedPrefixPlan(
+        prefix_block_tables=_table(rows),
+        prefix_lens=np.asarray([d * block_size for d, _ in groups], dtype=I32),
+        prefix_ids=prefix_ids,
+        block_tables=_table(rest),
+        kv_lens=(kv - depth * block_size).astype(I32),
+        saved_block_reads=int(saved))

@@ -1,0 +1,400 @@
+"""PrefixCache: the per-step manager an engine drives over a :class:`BlockPool`.
+
+Life of a request (``pc = PrefixCache(num_blocks, block_size)``)::
+
+    cached = pc.add_request(rid, prompt_tokens, salt=tenant)  # longest cached prefix, refs taken
+    plan = pc.step([(rid, num_new_tokens), ...])     # allocate, CoW, metadata, register
+    #   engine: copy_blocks(caches, plan.copy_src, plan.copy_dst); write_kv(..., plan.slot_mapping)
+    #           paged_attention(q, k, v, plan.block_tables, plan.kv_lens, plan.cu_q_lens)
+    #           or shared_prefix_attention(q, k, v, **plan.shared arrays, plan.cu_q_lens)
+    pc.append_tokens(rid, [sampled_token])           # decode: the next step computes it
+    pc.free(rid)                                     # finished: blocks go back to the LRU queue
+
+``step`` is ``allocate`` + ``plan`` + ``commit`` for every request; the three are public for an
+engine that wants them apart (``commit`` after the forward pass, say).
+
+Hits are full blocks only and never include the last known token (the hit is capped at
+``(len(tokens) - 1) // block_size`` blocks), so the last token is always computed and gives
+logits. Block hashes are ``hash_blocks(tokens, block_size, salt=salt, parent=...)`` of
+:mod:`prefixkv.paged.hashing` (prefixkv-v1 by default), computed incrementally: each request
+keeps its chain, so only newly-full blocks are hashed. The pool's index is keyed by the salt
+namespace as well, so hits never cross salts whatever the hash function.
+
+Copy-on-write: before this step's tokens are written into an existing block, a block held by
+another request too (ref_count > 1, after :meth:`fork`) is replaced by a fresh copy (the
+``(src, dst)`` pair is returned / put in the plan), and a registered block held only by this
+request (after :meth:`truncate`) is unregistered (a ``"removed"`` event), so a cached block's
+KV never changes under its hash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Sequence
+
+import numpy as np
+
+from .planner import BatchPlan, plan_batch
+from .pool import BlockPool, NoFreeBlocksError, namespace_of
+
+HashFn = Callable[..., list]
+
+
+def default_hash_fn(tokens: np.ndarray, block_size: int, *, salt=None,
+                    parent: bytes | None = None) -> list[bytes]:
+    """prefixkv-v1 hashes of the full blocks of ``tokens`` (i32), continuing from ``parent``."""
+    from .hashing import hash_blocks
+
+    return list(hash_blocks(tokens, block_size, salt=salt, parent=parent))
+
+
+class _Request:
+    __slots__ = ("tokens", "salt", "namespace", "blocks", "num_computed", "hashes",
+                 "num_registered")
+
+    def __init__(self, tokens: list[int], salt, namespace: bytes) -> None:
+        self.tokens = tokens
+        self.salt = salt
+        self.namespace = namespace
+        self.blocks: list[int] = []
+        self.num_computed = 0          # tokens whose KV is in blocks
+        self.hashes: list[bytes] = []  # hash chain of the first len(hashes) full blocks
+        self.num_registered = 0        # leading blocks registered (or found) in the index
+
+    def copy(self) -> _Request:
+        r = _Request(list(self.tokens), self.salt, self.namespace)
+        r.blocks = list(self.blocks)
+        r.num_computed = self.num_computed
+        r.hashes = list(self.hashes)
+        r.num_registered = self.num_registered
+        return r
+
+
+def _token_list(tokens, name: str = "tokens") -> list[int]:
+    if isinstance(tokens, np.ndarray):
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            raise ValueError(f"{name}: expected a 1-D integer array, got "
+                             f"{tokens.dtype}{list(tokens.shape)}")
+        out = tokens.tolist()
+    else:
+        out = list(tokens)
+        if not set(map(type, out)) <= {int}:
+            for i, t in enumerate(out):
+                if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
+                    raise TypeError(f"{name}[{i}]: expected an int token id, got {t!r}")
+            out = [int(t) for t in out]
+    if out and (min(out) < 0 or max(out) > 0x7FFFFFFF):
+        raise ValueError(f"{name}: expected token ids in [0, 2**31), got min {min(out)} "
+                         f"max {max(out)}")
+    return out
+
+
+class PrefixCache:
+    """Prefix-caching block manager over one :class:`BlockPool` (one KV cache, one tier).
+
+    num_blocks / block_size: the pool's size (block 0 is the null block).
+    pool: an existing pool instead (its num_blocks/block_size win).
+    hash_fn: ``hash_fn(tokens_i32, block_size, salt=..., parent=...) -> list[bytes]``;
+        prefixkv-v1 ``hash_blocks`` by default. Any function works (compat hashes): the index
+        is namespaced by salt anyway.
+    enable_caching: False turns hits and registration off (a plain paged allocator).
+    shared_prefix / min_prefix_blocks / min_group_size: passed to :func:`plan_batch`.
+    """
+
+    def __init__(self, num_blocks: int | None = None, block_size: int | None = None, *,
+                 pool: BlockPool | None = None, hash_fn: HashFn | None = None,
+                 enable_caching: bool = True, tier: str = "device", shared_prefix: bool = True,
+                 min_prefix_blocks: int = 1, min_group_size: int = 2) -> None:
+        if pool is None:
+            if num_blocks is None or block_size is None:
+                raise ValueError("num_blocks/block_size: expected both, or pool=")
+            pool = BlockPool(num_blocks, block_size, tier=tier)
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.hash_fn = hash_fn if hash_fn is not None else default_hash_fn
+        self.enable_caching = enable_caching
+        self.shared_prefix = shared_prefix
+        self.min_prefix_blocks = min_prefix_blocks
+        self.min_group_size = min_group_size
+        self._requests: dict[Hashable, _Request] = {}
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def events(self):
+        """The pool's :class:`~prefixkv.paged.events.EventBus`."""
+        return self.pool.events
+
+    def _hash(self, tokens: Sequence[int], salt, parent: bytes | None) -> list[bytes]:
+        if len(tokens) < self.block_size:
+            return []
+        return self.hash_fn(np.asarray(tokens, dtype=np.int32), self.block_size, salt=salt,
+                            parent=parent)
+
+    def _extend_hashes(self, req: _Request, num_blocks: int) -> None:
+        """Hash req's full blocks up to ``num_blocks`` (only the ones not hashed yet)."""
+        have = len(req.hashes)
+        if num_blocks <= have:
+            return
+        bs = self.block_size
+        parent = req.hashes[-1] if have else None
+        req.hashes.extend(self._hash(req.tokens[have * bs:num_blocks * bs], req.salt, parent))
+
+    def _get(self, request_id) -> _Request:
+        try:
+            return self._requests[request_id]
+        except KeyError:
+            raise KeyError(f"request_id: no request {request_id!r}") from None
+
+    def block_hashes(self, tokens, salt=None) -> list[bytes]:
+        """The hash chain of every full block of ``tokens`` under ``salt``."""
+        return self._hash(_token_list(tokens), salt, None)
+
+    # ------------------------------------------------------------------ queries
+    def match(self, tokens, salt=None) -> tuple[list[int], int]:
+        """Longest cached prefix of ``tokens`` in full blocks, never the last token.
+
+        Returns (blocks, num_cached_tokens); takes no references (see :meth:`add_request`).
+        """
+        toks = _token_list(tokens)
+        ns = namespace_of(salt)
+        if not self.enable_caching or len(toks) <= self.block_size:
+            return [], 0
+        cap = (len(toks) - 1) // self.block_size
+        blocks = self.pool.lookup(self._hash(toks[:cap * self.block_size], salt, None), ns)
+        return blocks, len(blocks) * self.block_size
+
+    def __contains__(self, request_id) -> bool:
+        return request_id in self._requests
+
+    @property
+    def request_ids(self) -> list:
+        return list(self._requests)
+
+    def blocks(self, request_id) -> list[int]:
+        """The request's blocks in order (a copy)."""
+        return list(self._get(request_id).blocks)
+
+    def num_computed(self, request_id) -> int:
+        """Tokens of the request whose KV is in its blocks."""
+        return self._get(request_id).num_computed
+
+    def tokens(self, request_id) -> list[int]:
+        return list(self._get(request_id).tokens)
+
+    def request_hashes(self, request_id, num_blocks: int | None = None) -> list[bytes]:
+        """Hash chain of the request's first ``num_blocks`` full blocks (all full by default)."""
+        req = self._get(request_id)
+        n = len(req.tokens) // self.block_size if num_blocks is None else num_blocks
+        if n > len(req.tokens) // self.block_size:
+            raise ValueError(f"num_blocks: the request has {len(req.tokens) // self.block_size} "
+                             f"full blocks, got {n}")
+        self._extend_hashes(req, n)
+        return req.hashes[:n]
+
+    def namespace(self, request_id) -> bytes:
+        return self._get(request_id).namespace
+
+    # ------------------------------------------------------------------ request life
+    def add_request(self, request_id: Hashable, tokens, salt=None) -> int:
+        """Start a request: take the longest cached prefix (refs +1). Returns cached tokens."""
+        if request_id in self._requests:
+            raise ValueError(f"request_id: {request_id!r} is already running")
+        toks = _token_list(tokens)
+        req = _Request(toks, salt, namespace_of(salt))
+        if self.enable_caching and len(toks) > self.block_size:
+            cap = (len(toks) - 1) // self.block_size
+            self._extend_hashes(req, len(toks) // self.block_size)
+            hits = self.pool.lookup(req.hashes[:cap], req.namespace)
+            self.pool.touch(hits)
+            req.blocks = hits
+            req.num_computed = req.num_registered = len(hits)
+            req.num_computed *= self.block_size
+        self._requests[request_id] = req
+        return req.num_computed
+
+    def append_tokens(self, request_id, token_ids) -> None:
+        """Append known tokens (e.g. the sampled one); a later step computes their KV."""
+        self._get(request_id).tokens.extend(_token_list(token_ids, "token_ids"))
+
+    def onboard(self, request_id, num_blocks: int) -> list[int]:
+        """Allocate ``num_blocks`` blocks for the request's next full blocks, whose KV a lower
+        tier holds, register them and count them as computed. The caller must fill them
+        (``scatter_blocks``) before the next step reads them. Returns the new block ids."""
+        req = self._get(request_id)
+        bs = self.block_size
+        if req.num_computed % bs or len(req.blocks) * bs != req.num_computed:
+            raise ValueError("request_id: onboard needs a request whose computed tokens end at "
+                             "a block boundary with no block allocated beyond them")
+        first = req.num_computed // bs
+        last = first + num_blocks
+        if num_blocks < 0 or last * bs > len(req.tokens) - 1:
+            raise ValueError(f"num_blocks: expected 0 <= num_blocks <= "
+                             f"{max((len(req.tokens) - 1) // bs - first, 0)} (full blocks, not "
+                             f"the last token), got {num_blocks}")
+        new = self.pool.allocate(num_blocks)
+        req.blocks.extend(new)
+        req.num_computed = last * bs
+        if self.enable_caching:
+            self._register(req)
+        return new
+
+    def allocate(self, request_id, num_new_tokens: int) -> list[tuple[int, int]]:
+        """Make room for the next ``num_new_tokens`` tokens (which must be known tokens).
+
+        Returns copy-on-write pairs ``[(src, dst)]`` for ``copy_blocks``. Raises
+        NoFreeBlocksError, changing nothing, when the pool is short.
+        """
+        req = self._get(request_id)
+        bs = self.block_size
+        start = req.num_computed
+        end = start + num_new_tokens
+        self._check_new(req, num_new_tokens)
+        if num_new_tokens == 0:
+            return []
+        pool = self.pool
+        first = start // bs
+        touched_existing = range(first, min(-(-end // bs), len(req.blocks)))
+        cow = self._shared_blocks(req, touched_existing)
+        need = max(-(-end // bs) - len(req.blocks), 0) + len(cow)
+        if need > pool.num_free:
+            raise NoFreeBlocksError(f"num_new_tokens: {num_new_tokens} tokens need {need} blocks, "
+                                    f"{pool.num_free} free")
+        pairs = []
+        if cow:
+            fresh = pool.allocate(len(cow))
+            for i, dst in zip(cow, fresh, strict=True):
+                src = req.blocks[i]
+                req.blocks[i] = dst
+                pairs.append((src, dst))
+            pool.free([s for s, _ in pairs])
+        hashed = pool.block_hashes
+        stale = [req.blocks[i] for i in touched_existing if hashed[req.blocks[i]] is not None]
+        if stale:
+            pool.unregister(stale)
+        if first < req.num_registered:
+            req.num_registered = first
+        grow = -(-end // bs) - len(req.blocks)
+        if grow > 0:
+            req.blocks.extend(pool.allocate(grow))
+        return pairs
+
+    @staticmethod
+    def _check_new(req: _Request, num_new_tokens: int) -> None:
+        if not isinstance(num_new_tokens, (int, np.integer)) or num_new_tokens < 0 or (
+                req.num_computed + num_new_tokens > len(req.tokens)):
+            raise ValueError(f"num_new_tokens: expected 0 <= num_new_tokens <= "
+                             f"{len(req.tokens) - req.num_computed} (known tokens not computed "
+                             f"yet), got {num_new_tokens!r}")
+
+    def _shared_blocks(self, req: _Request, indices: range) -> list[int]:
+        ref = self.pool.ref_counts
+        return [i for i in indices if ref[req.blocks[i]] > 1]
+
+    def blocks_needed(self, request_id, num_new_tokens: int) -> int:
+        """Free blocks :meth:`allocate` would take for ``num_new_tokens`` (CoW copies included)."""
+        req = self._get(request_id)
+        bs = self.block_size
+        end = req.num_computed + num_new_tokens
+        self._check_new(req, num_new_tokens)
+        if num_new_tokens == 0:
+            return 0
+        existing = range(req.num_computed // bs, min(-(-end // bs), len(req.blocks)))
+        return max(-(-end // bs) - len(req.blocks), 0) + len(self._shared_blocks(req, existing))
+
+    def commit(self, request_id, num_new_tokens: int) -> None:
+        """The KV of the next ``num_new_tokens`` tokens is (or will be, this step) written:
+        count them computed and register the blocks they filled."""
+        req = self._get(request_id)
+        end = req.num_computed + num_new_tokens
+        limit = min(len(req.blocks) * self.block_size, len(req.tokens))
+        if num_new_tokens < 0 or end > limit:
+            raise ValueError(f"num_new_tokens: expected 0 <= num_new_tokens <= "
+                             f"{limit - req.num_computed} (allocated, known tokens), "
+                             f"got {num_new_tokens}")
+        req.num_computed = end
+        if self.enable_caching:
+            self._register(req)
+
+    def _register(self, req: _Request) -> None:
+        full = req.num_computed // self.block_size
+        if full <= req.num_registered:
+            return
+        self._extend_hashes(req, full)
+        lo = req.num_registered
+        parent = req.hashes[lo - 1] if lo else None
+        self.pool.register(req.blocks[lo:full], req.hashes[lo:full], req.namespace, parent)
+        req.num_registered = full
+
+    def plan(self, batch: Iterable[tuple[Hashable, int]]) -> BatchPlan:
+        """Metadata for ``batch`` = [(request_id, num_new_tokens)] after :meth:`allocate`
+        (before :meth:`commit`)."""
+        batch = list(batch)
+        reqs = [self._get(rid) for rid, _ in batch]
+        plan = plan_batch([r.blocks for r in reqs], [r.num_computed for r in reqs],
+                          [n for _, n in batch], self.block_size,
+                          shared_prefix=self.shared_prefix,
+                          min_prefix_blocks=self.min_prefix_blocks,
+                          min_group_size=self.min_group_size)
+        plan.request_ids = [rid for rid, _ in batch]
+        return plan
+
+    def step(self, batch: Iterable[tuple[Hashable, int]]) -> BatchPlan:
+        """One engine step: allocate every request's new tokens, build the plan (with the
+        copy-on-write pairs) and commit. Raises NoFreeBlocksError, changing nothing, when the
+        batch needs more blocks than are free (the scheduler then preempts or waits)."""
+        batch = list(batch)
+        if len({rid for rid, _ in batch}) != len(batch):
+            raise ValueError("batch: expected each request_id at most once")
+        need = sum(self.blocks_needed(rid, n) for rid, n in batch)
+        if need > self.pool.num_free:
+            raise NoFreeBlocksError(f"batch: needs {need} blocks, {self.pool.num_free} free")
+        pairs: list[tuple[int, int]] = []
+        for rid, n in batch:
+            pairs.extend(self.allocate(rid, n))
+        plan = self.plan(batch)
+        if pairs:
+            plan.copy_src = np.asarray([s for s, _ in pairs], dtype=np.int32)
+            plan.copy_dst = np.asarray([d for _, d in pairs], dtype=np.int32)
+        for rid, n in batch:
+            self.commit(rid, n)
+        return plan
+
+    def fork(self, parent_id, child_id) -> None:
+        """A child request sharing all the parent's blocks and tokens (parallel sampling).
+        The first write into a shared block copies it (copy-on-write)."""
+        if child_id in self._requests:
+            raise ValueError(f"child_id: {child_id!r} is already running")
+        req = self._get(parent_id).copy()
+        self.pool.touch(req.blocks)
+        self._requests[child_id] = req
+
+    def truncate(self, request_id, num_tokens: int) -> None:
+        """Roll back to the first ``num_tokens`` tokens (rejected speculative tokens); blocks
+        past them are freed. A registered block that is written again later is unregistered
+        or copied first, never changed under its hash."""
+        req = self._get(request_id)
+        if not 0 <= num_tokens <= len(req.tokens):
+            raise ValueError(f"num_tokens: expected 0 <= num_tokens <= {len(req.tokens)}, "
+                             f"got {num_tokens}")
+        bs = self.block_size
+        del req.tokens[num_tokens:]
+        req.num_computed = min(req.num_computed, num_tokens)
+        keep = -(-req.num_computed // bs)
+        if keep < len(req.blocks):
+            self.pool.free(req.blocks[keep:])
+            del req.blocks[keep:]
+        del req.hashes[num_tokens // bs:]
+        req.num_registered = min(req.num_registered, req.num_computed // bs)
+
+    def free(self, request_id) -> None:
+        """The request finished (or was preempted): its blocks go back to the pool, cached
+        ones stay hittable until evicted (tail blocks are evicted first)."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            raise KeyError(f"request_id: no request {request_id!r}")
+        self.pool.free(req.blocks)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached hash (running requests keep their blocks)."""
+        self.pool.reset_prefix_cache()
+        for req in self._requests.values():
+            req.num_registered = 0  # their KV is still valid: the next commit registers again

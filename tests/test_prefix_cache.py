@@ -1,0 +1,393 @@
+"""PrefixCache: hits (full blocks, never the last token, salt-aware), incremental hashing,
+allocation, registration, copy-on-write, truncation, onboarding, freeing, and the KV an
+engine would read through the plans being the right KV (a simulated engine writes KV that
+depends on the whole prefix, through the reference write_kv / copy_blocks)."""
+
+import hashlib
+
+import numpy as np
+import pytest
+from prefixkv.paged import spec
+from prefixkv.paged.events import EventLog
+from prefixkv.paged.pool import BlockPool, NoFreeBlocksError
+from prefixkv.paged.prefix_cache import PrefixCache
+from prefixkv.paged.reference import copy_blocks_reference, write_kv_reference
+
+
+def standin_hash(tokens, block_size, *, salt=None, parent=None):
+    """Test-only chained SHA-256 keyed by the salt, same signature as hash_blocks."""
+    salt = b"" if salt is None else salt.encode() if isinstance(salt, str) else bytes(salt)
+    prev = bytes(32) if parent is None else parent
+    toks = np.asarray(tokens).astype("<u4")
+    out = []
+    for i in range(len(toks) // block_size):
+        prev = hashlib.sha256(len(salt).to_bytes(4, "little") + salt + prev
+                              + toks[i * block_size:(i + 1) * block_size].tobytes()).digest()
+        out.append(prev)
+    return out
+
+
+def hash_fn():
+    """prefixkv-v1 hash_blocks once paged/hashing.py is in the tree, else the stand-in."""
+    try:
+        from prefixkv.paged.hashing import hash_blocks  # noqa: F401
+    except ImportError:
+        return standin_hash
+    return None  # PrefixCache's default: prefixkv.paged.hashing.hash_blocks
+
+
+def kv_values(tokens) -> np.ndarray:
+    """The 'KV' of each position: a function of the whole prefix tokens[:p+1], exact in f32."""
+    out = np.empty(len(tokens), dtype=np.float32)
+    v = 0
+    for p, t in enumerate(tokens):
+        v = (v * 31 + int(t) + 1) % 1_000_003
+        out[p] = v
+    return out
+
+
+class SimEngine:
+    """Drives a PrefixCache like an engine, writing prefix-dependent KV into a numpy cache."""
+
+    def __init__(self, pc: PrefixCache):
+        self.pc = pc
+        shape = (pc.pool.num_blocks, pc.block_size, 1, 1)
+        self.k = np.full(shape, np.nan, dtype=np.float32)
+        self.v = np.full(shape, np.nan, dtype=np.float32)
+
+    def run(self, batch):
+        """One step; returns the plan. Checks every scheduled request reads its own KV."""
+        plan = self.pc.step(batch)
+        if plan.copy_src.size:
+            self.k, self.v = copy_blocks_reference([self.k, self.v], plan.copy_src,
+                                                   plan.copy_dst)
+        vals = []
+        for rid, n in batch:
+            toks = self.pc.tokens(rid)
+            end = self.pc.num_computed(rid)
+            vals.append(kv_values(toks[:end])[end - n:end])
+        new = np.concatenate(vals).reshape(-1, 1, 1) if vals else np.zeros((0, 1, 1), np.float32)
+        self.k, self.v = write_kv_reference(new, -new, self.k, self.v, plan.slot_mapping)
+        self.check(plan)
+        return plan
+
+    def read(self, block_table, kv_len) -> np.ndarray:
+        pos = np.arange(kv_len)
+        slots = spec.slots_for_positions(np.asarray(block_table), pos, self.pc.block_size)
+        bs = self.pc.block_size
+        return self.k[slots // bs, slots % bs, 0, 0]
+
+    def check(self, plan):
+        for s, rid in enumerate(plan.request_ids):
+            kv_len = int(plan.kv_lens[s])
+            want = kv_values(self.pc.tokens(rid)[:kv_len])
+            np.testing.assert_array_equal(self.read(plan.block_tables[s], kv_len), want)
+
+
+def make(num_blocks=64, block_size=4, **kw) -> PrefixCache:
+    return PrefixCache(num_blocks, block_size, hash_fn=hash_fn(), **kw)
+
+
+def test_hit_is_full_blocks_and_never_the_last_token():
+    pc = make()
+    eng = SimEngine(pc)
+    toks = list(range(100, 112))                 # 12 tokens = 3 full blocks of 4
+    assert pc.add_request("a", toks) == 0
+    eng.run([("a", 12)])
+    pc.free("a")
+    assert pc.match(toks) == (pc.match(toks)[0], 8)   # capped at (12 - 1) // 4 = 2 blocks
+    assert pc.match(toks[:11])[1] == 8 and pc.match(toks[:9])[1] == 8
+    assert pc.match(toks[:8])[1] == 4 and pc.match(toks[:5])[1] == 4
+    assert pc.match(toks[:4]) == ([], 0) and pc.match([]) == ([], 0)
+    assert pc.match(toks[:6] + [1, 2, 3, 4, 5, 6])[1] == 4  # diverges inside block 1
+    assert pc.add_request("b", toks + [7]) == 12
+    eng.run([("b", 1)])
+
+
+def test_match_takes_no_refs_add_request_does():
+    pc = make()
+    eng = SimEngine(pc)
+    toks = list(range(20))
+    pc.add_request("a", toks)
+    eng.run([("a", 20)])
+    pc.free("a")
+    blocks, n = pc.match(toks)
+    assert n == 16 and all(pc.pool.ref_counts[b] == 0 for b in blocks)
+    assert pc.add_request("b", toks) == 16
+    assert pc.blocks("b") == blocks and all(pc.pool.ref_counts[b] == 1 for b in blocks)
+    pc.add_request("c", toks[:13])
+    assert pc.blocks("c") == blocks[:3] and pc.pool.ref_counts[blocks[0]] == 2
+    eng.run([("b", 4), ("c", 1)])
+    pc.pool.check_consistency()
+
+
+def test_salts_never_share_hits():
+    pc = make()
+    eng = SimEngine(pc)
+    toks = list(range(40))
+    pc.add_request("a", toks, salt="tenant-a")
+    eng.run([("a", 40)])
+    assert pc.match(toks, salt="tenant-a")[1] == 36
+    assert pc.match(toks)[1] == 0 and pc.match(toks, salt="tenant-b")[1] == 0
+    assert pc.match(toks, salt=b"tenant-a")[1] == 36  # str and its UTF-8 bytes: one namespace
+    assert pc.add_request("b", toks, salt="tenant-b") == 0
+    eng.run([("b", 40)])
+    assert set(pc.pool.cached_hashes()) == {b"tenant-a", b"tenant-b"}
+    assert not set(pc.blocks("a")) & set(pc.blocks("b"))
+
+
+def test_salt_isolated_even_when_the_hash_ignores_it():
+    def saltless(tokens, block_size, *, salt=None, parent=None):
+        return standin_hash(tokens, block_size, parent=parent)
+
+    pc = PrefixCache(32, 4, hash_fn=saltless)
+    pc.add_request("a", list(range(9)), salt="x")
+    pc.step([("a", 9)])
+    assert pc.match(list(range(9)), salt="x")[1] == 8
+    assert pc.match(list(range(9)), salt="y")[1] == 0 and pc.match(list(range(9)))[1] == 0
+
+
+def test_incremental_hashing_hashes_each_block_once():
+    calls = []
+
+    def counting(tokens, block_size, *, salt=None, parent=None):
+        calls.append(len(tokens))
+        return standin_hash(tokens, block_size, salt=salt, parent=parent)
+
+    pc = PrefixCache(64, 4, hash_fn=counting)
+    eng = SimEngine(pc)
+    pc.add_request("a", list(range(10)))
+    eng.run([("a", 10)])
+    for t in range(30):  # decode 30 tokens one at a time
+        pc.append_tokens("a", [t])
+        eng.run([("a", 1)])
+    assert sum(calls) == 40  # 10 full blocks, each hashed exactly once
+    assert pc.request_hashes("a") == standin_hash(pc.tokens("a"), 4)
+
+
+def test_registration_and_kv_through_chunked_prefill():
+    pc = make(block_size=4)
+    eng = SimEngine(pc)
+    log = EventLog()
+    pc.events.subscribe(log)
+    toks = list(range(50, 73))                        # 23 tokens
+    pc.add_request("a", toks)
+    for chunk in (5, 7, 11):                          # chunked prefill
+        eng.run([("a", chunk)])
+    stored = [h for e in log.events if e.kind == "stored" for h in e.block_hashes]
+    assert stored == pc.request_hashes("a") and len(stored) == 5
+    assert log.events[0].parent_hash is None
+    assert all(e.parent_hash == stored[sum(len(x.block_hashes) for x in log.events[:i]) - 1]
+               for i, e in enumerate(log.events) if i)
+    assert log.replay() == pc.pool.cached_hashes()
+
+
+def test_batch_plan_metadata():
+    pc = make(block_size=4)
+    eng = SimEngine(pc)
+    pc.add_request("a", list(range(10)))
+    pc.add_request("b", list(range(200, 203)))
+    plan = eng.run([("a", 6), ("b", 3)])
+    assert plan.block_tables.dtype == plan.kv_lens.dtype == np.int32
+    assert plan.cu_q_lens.tolist() == [0, 6, 9] and plan.kv_lens.tolist() == [6, 3]
+    assert plan.positions.tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2]
+    want = np.concatenate([spec.slots_for_positions(plan.block_tables[0], np.arange(6), 4),
+                           spec.slots_for_positions(plan.block_tables[1], np.arange(3), 4)])
+    np.testing.assert_array_equal(plan.slot_mapping, want)
+    plan = eng.run([("a", 4)])
+    assert plan.positions.tolist() == [6, 7, 8, 9] and plan.kv_lens.tolist() == [10]
+
+
+def test_fork_copy_on_write():
+    pc = make(block_size=4)
+    eng = SimEngine(pc)
+    pc.add_request("p", list(range(10)))
+    eng.run([("p", 10)])                      # blocks: 2 full (registered) + 1 partial (2 tok)
+    pc.fork("p", "c")
+    assert pc.blocks("c") == pc.blocks("p")
+    assert all(pc.pool.ref_counts[b] == 2 for b in pc.blocks("p"))
+    partial = pc.blocks("p")[2]
+    pc.append_tokens("p", [7])
+    pc.append_tokens("c", [8])
+    plan = eng.run([("p", 1), ("c", 1)])      # both write into the shared partial block
+    assert plan.copy_src.tolist() == [partial] and len(plan.copy_dst) == 1
+    assert pc.blocks("p")[2] == int(plan.copy_dst[0]) and pc.blocks("c")[2] == partial
+    assert pc.blocks("p")[:2] == pc.blocks("c")[:2]          # full blocks stay shared
+    for _ in range(3):
+        pc.append_tokens("p", [1])
+        pc.append_tokens("c", [2])
+        eng.run([("p", 1), ("c", 1)])
+    assert pc.match(pc.tokens("p") + [0])[1] == 12 and pc.match(pc.tokens("c") + [0])[1] == 12
+    pc.free("p")
+    pc.free("c")
+    pc.pool.check_consistency()
+
+
+def test_truncate_then_rewrite_never_changes_a_cached_block():
+    pc = make(block_size=4)
+    eng = SimEngine(pc)
+    log = EventLog()
+    pc.events.subscribe(log)
+    toks = list(range(12))
+    pc.add_request("a", toks)
+    eng.run([("a", 12)])                              # 3 full blocks registered
+    third = pc.blocks("a")[2]
+    pc.truncate("a", 10)                              # reject 2 speculative tokens
+    assert pc.num_computed("a") == 10 and len(pc.blocks("a")) == 3
+    pc.append_tokens("a", [90, 91])
+    eng.run([("a", 2)])                               # rewrites positions 10, 11 of block 2
+    assert log.events[-2].kind == "removed" and log.events[-2].block_ids == (third,)
+    assert pc.match(toks + [0])[1] == 8               # the old third block is gone
+    assert pc.match(pc.tokens("a") + [0])[1] == 12    # the new one is cached
+    pc.add_request("b", toks + [0])
+    eng.run([("b", 5)])
+
+
+def test_truncate_shared_block_copies():
+    pc = make(block_size=4)
+    eng = SimEngine(pc)
+    toks = list(range(12))
+    pc.add_request("a", toks)
+    eng.run([("a", 12)])
+    pc.add_request("b", toks + [5])                   # hits all 3 blocks
+    assert pc.num_computed("b") == 12
+    pc.truncate("b", 10)
+    pc.append_tokens("b", [70, 71, 72])
+    plan = eng.run([("b", 3)])
+    assert plan.copy_src.tolist() == [pc.blocks("a")[2]]
+    assert pc.match(toks + [0])[1] == 12              # a's cached block is untouched
+    eng.check(pc.plan([("a", 0)]))
+
+
+def test_free_returns_blocks_and_cached_blocks_are_hit_later():
+    pc = make(num_blocks=16, block_size=4)
+    eng = SimEngine(pc)
+    pc.add_request("a", list(range(30)))
+    eng.run([("a", 30)])
+    pc.free("a")
+    assert pc.pool.num_free == 15 and "a" not in pc
+    assert pc.add_request("b", list(range(30))) == 28
+    eng.run([("b", 2)])
+
+
+def test_eviction_under_pressure_keeps_kv_right():
+    pc = make(num_blocks=12, block_size=4)
+    eng = SimEngine(pc)
+    rng = np.random.default_rng(0)
+    prefixes = [rng.integers(0, 50, 12).tolist() for _ in range(3)]
+    for i in range(40):
+        toks = prefixes[i % 3] + rng.integers(0, 50, int(rng.integers(1, 20))).tolist()
+        cached = pc.add_request(i, toks)
+        eng.run([(i, len(toks) - cached)])
+        pc.free(i)
+        pc.pool.check_consistency()
+
+
+def test_onboard_registers_and_counts_computed():
+    pc = make(block_size=4)
+    eng = SimEngine(pc)
+    toks = list(range(18))
+    pc.add_request("a", toks)
+    new = pc.onboard("a", 3)
+    assert pc.num_computed("a") == 12 and pc.blocks("a") == new
+    assert pc.pool.lookup(pc.request_hashes("a", 3)) == new
+    # fill them as a tier would (scatter), then continue
+    for i, b in enumerate(new):
+        eng.k[b, :, 0, 0] = kv_values(toks)[4 * i:4 * i + 4]
+    eng.run([("a", 6)])
+    with pytest.raises(ValueError, match="request_id: onboard needs a request whose computed"):
+        pc.onboard("a", 1)
+    pc.add_request("b", list(range(500, 509)))
+    with pytest.raises(ValueError, match="num_blocks: expected 0 <= num_blocks <= 2"):
+        pc.onboard("b", 3)
+
+
+def test_reset_prefix_cache_then_reregister():
+    pc = make(block_size=4)
+    eng = SimEngine(pc)
+    pc.add_request("a", list(range(9)))
+    eng.run([("a", 9)])
+    pc.reset_prefix_cache()
+    assert pc.match(list(range(9)))[1] == 0
+    pc.append_tokens("a", [1, 2, 3])
+    eng.run([("a", 3)])
+    assert pc.match(pc.tokens("a") + [0])[1] == 12  # re-registered on the next commit
+
+
+def test_step_all_or_nothing_when_short():
+    pc = make(num_blocks=6, block_size=4)   # 5 usable blocks
+    pc.add_request("a", list(range(12)))
+    pc.add_request("b", list(range(100, 112)))
+    before = pc.pool.free_queue()
+    with pytest.raises(NoFreeBlocksError, match="batch: needs 6 blocks, 5 free"):
+        pc.step([("a", 12), ("b", 12)])
+    assert pc.pool.free_queue() == before and pc.blocks("a") == []
+    with pytest.raises(NoFreeBlocksError, match="num_new_tokens: 24 tokens need 6 blocks"):
+        pc.append_tokens("a", list(range(12))) or pc.allocate("a", 24)
+
+
+def test_disabled_caching():
+    pc = make(enable_caching=False)
+    pc.add_request("a", list(range(9)))
+    pc.step([("a", 9)])
+    assert pc.pool.cached_hashes() == {} and pc.match(list(range(9))) == ([], 0)
+
+
+def test_shared_prefix_groups_in_plan():
+    pc = make(block_size=4)
+    eng = SimEngine(pc)
+    system = list(range(16))
+    pc.add_request("w", system + [99])
+    eng.run([("w", 17)])
+    for i in range(3):
+        assert pc.add_request(i, system + [i, i + 1]) == 16
+    plan = eng.run([(0, 2), (1, 2), (2, 2)])
+    s = plan.shared
+    assert s is not None and s.prefix_lens.tolist() == [16] and s.prefix_ids.tolist() == [0] * 3
+    assert s.prefix_block_tables[0].tolist() == pc.blocks("w")[:4]
+    assert s.kv_lens.tolist() == [2, 2, 2] and s.saved_block_reads == 8
+
+
+def test_default_hash_is_prefixkv_v1():
+    hashing = pytest.importorskip("prefixkv.paged.hashing",
+                                  reason="paged/hashing.py (block-hashing issue) not in tree")
+    pc = PrefixCache(32, 4)
+    toks = list(range(13))
+    pc.add_request("a", toks, salt="t")
+    pc.step([("a", 13)])
+    want = list(hashing.hash_blocks(np.asarray(toks, np.int32), 4, salt="t"))
+    assert pc.request_hashes("a") == want
+    assert pc.pool.lookup(want, b"t") == pc.blocks("a")[:3]
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda pc: pc.add_request("a", [1]), r"request_id: 'a' is already running"),
+    (lambda pc: pc.allocate("zz", 1), r"request_id: no request 'zz'"),
+    (lambda pc: pc.allocate("a", 6), r"num_new_tokens: expected 0 <= num_new_tokens <= 5"),
+    (lambda pc: pc.allocate("a", -1), r"num_new_tokens: expected 0 <= num_new_tokens <= 5"),
+    (lambda pc: pc.commit("a", 1), r"num_new_tokens: expected 0 <= num_new_tokens <= 0"),
+    (lambda pc: pc.add_request("b", [1, -2]), r"tokens: expected token ids in \[0, 2\*\*31\)"),
+    (lambda pc: pc.add_request("b", [1, 2.0]), r"tokens\[1\]: expected an int token id"),
+    (lambda pc: pc.add_request("b", np.zeros((2, 2), np.int32)),
+     r"tokens: expected a 1-D integer array"),
+    (lambda pc: pc.add_request("b", [1], salt=5), r"salt: expected str, bytes or None"),
+    (lambda pc: pc.step([("a", 1), ("a", 1)]), r"batch: expected each request_id at most once"),
+    (lambda pc: pc.truncate("a", 9), r"num_tokens: expected 0 <= num_tokens <= 5"),
+    (lambda pc: pc.fork("a", "a"), r"child_id: 'a' is already running"),
+    (lambda pc: pc.free("zz"), r"request_id: no request 'zz'"),
+    (lambda pc: pc.request_hashes("a", 2), r"num_blocks: the request has 1 full blocks"),
+], ids=["dup-request", "unknown", "too-many", "negative", "commit-unallocated",
+        "negative-token", "float-token", "2d-tokens", "salt-type", "dup-in-batch", "truncate",
+        "fork-dup", "free-unknown", "hashes-too-many"])
+def test_input_checks(call, match):
+    pc = make()
+    pc.add_request("a", [1, 2, 3, 4, 5])
+    with pytest.raises((ValueError, TypeError, KeyError), match=match):
+        call(pc)
+
+
+def test_constructor_needs_sizes_or_pool():
+    with pytest.raises(ValueError, match="num_blocks/block_size: expected both, or pool="):
+        PrefixCache(16)
+    pool = BlockPool(16, 8)
+    assert PrefixCache(pool=pool, hash_fn=standin_hash).block_size == 8
