@@ -1,0 +1,159 @@
+"""Batch planner: block_tables / kv_lens / cu_q_lens / slot_mapping, and shared-prefix groups
+that give shared_prefix_attention arguments equal (through the reference) to paged_attention
+over the full tables."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from prefixkv.paged import spec, validate
+from prefixkv.paged.planner import find_shared_prefixes, plan_batch
+from prefixkv.paged.reference import paged_attention_reference, shared_prefix_attention_reference
+from prefixkv.paged.reference.attention import shared_prefix_block_tables
+
+
+def test_metadata_hand_worked():
+    # seq 0: blocks [5, 2], 3 cached tokens, 2 new -> positions 3, 4
+    #   slots 5*4+3 = 23, 2*4+0 = 8
+    # seq 1: blocks [7], decode at position 0 -> slot 28
+    plan = plan_batch([[5, 2], [7]], [3, 0], [2, 1], 4)
+    assert plan.block_tables.tolist() == [[5, 2], [7, 0]]   # padded with the null block
+    assert plan.kv_lens.tolist() == [5, 1] and plan.cu_q_lens.tolist() == [0, 2, 3]
+    assert plan.slot_mapping.tolist() == [23, 8, 28] and plan.positions.tolist() == [3, 4, 0]
+    for a in (plan.block_tables, plan.kv_lens, plan.cu_q_lens, plan.slot_mapping, plan.positions):
+        assert a.dtype == np.int32
+    assert plan.shared is None and plan.num_seqs == 2 and plan.num_tokens == 3
+
+
+def test_empty_batch_and_zero_q():
+    plan = plan_batch([], [], [], 4)
+    assert plan.block_tables.shape == (0, 1) and plan.cu_q_lens.tolist() == [0]
+    plan = plan_batch([[3]], [2], [0], 4)
+    assert plan.slot_mapping.size == 0 and plan.kv_lens.tolist() == [2]
+
+
+@pytest.mark.parametrize("args, match", [
+    (([[1]], [0, 1], [1]), "context_lens/q_lens: expected 1 entries"),
+    (([[1]], [-1], [1]), "context_lens/q_lens: expected values >= 0"),
+    (([[1]], [3], [2]), "block_lists: sequence 0 has 1 blocks, needs 2 for kv_len 5"),
+], ids=["count", "negative", "short"])
+def test_plan_checks(args, match):
+    with pytest.raises(ValueError, match=match):
+        plan_batch(*args, 4)
+
+
+def test_one_group():
+    blocks = [[1, 2, 3, 10 + i] for i in range(4)]
+    s = find_shared_prefixes(blocks, [12, 13, 14, 15], [13, 14, 15, 16], 4)
+    assert s.prefix_block_tables.tolist() == [[1, 2, 3]] and s.prefix_lens.tolist() == [12]
+    assert s.prefix_ids.tolist() == [0, 0, 0, 0] and s.saved_block_reads == 9
+    assert s.block_tables.tolist() == [[10], [11], [12], [13]]
+    assert s.kv_lens.tolist() == [1, 2, 3, 4]
+
+
+def test_nested_prefixes_pick_the_larger_saving():
+    # 8 sequences share blocks [1, 2]; seqs 0-3 also share [3..10] (10 blocks in all).
+    # one group of 8 at depth 2 saves 7*2 = 14; groups {0-3} at 10 and {4-7} at 2 save
+    # 3*10 + 3*2 = 36: the planner takes the latter.
+    long_ = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    blocks = [long_ + [20 + i] for i in range(4)] + [[1, 2, 30 + i] for i in range(4)]
+    ctx = [40] * 4 + [8] * 4
+    s = find_shared_prefixes(blocks, ctx, [c + 1 for c in ctx], 4)
+    assert s.saved_block_reads == 36
+    assert sorted(s.prefix_lens.tolist()) == [8, 40]
+    assert len(set(s.prefix_ids[:4].tolist())) == 1 and len(set(s.prefix_ids[4:].tolist())) == 1
+    assert s.prefix_ids[0] != s.prefix_ids[4]
+
+
+def test_nested_prefixes_small_inner_group_joins_outer():
+    # 6 share [1..5]; 2 of them share one more block: 5*5 = 25 > 1*6 + 3*5 = 21.
+    blocks = [[1, 2, 3, 4, 5, 6, 40 + i] for i in range(2)] + [[1, 2, 3, 4, 5, 50 + i]
+                                                                for i in range(4)]
+    ctx = [24] * 2 + [20] * 4
+    s = find_shared_prefixes(blocks, ctx, [c + 1 for c in ctx], 4)
+    assert s.saved_block_reads == 25 and s.prefix_ids.tolist() == [0] * 6
+    assert s.prefix_lens.tolist() == [20]
+
+
+def test_prefix_only_over_cached_blocks():
+    # same physical blocks, but seq 1 computes its tokens this step: it has no cached block
+    assert find_shared_prefixes([[1, 2], [1, 2]], [8, 0], [9, 8], 4) is None
+    # a prefix is cut at the shortest member's cached blocks
+    s = find_shared_prefixes([[1, 2, 3], [1, 2, 3]], [12, 5], [13, 9], 4)
+    assert s.prefix_lens.tolist() == [4] and s.kv_lens.tolist() == [9, 5]
+
+
+def test_same_tokens_other_blocks_no_group_and_thresholds():
+    assert find_shared_prefixes([[1, 2], [3, 4]], [8, 8], [9, 9], 4) is None
+    assert find_shared_prefixes([[1, 2], [1, 4]], [8, 8], [9, 9], 4,
+                                min_prefix_blocks=2) is None
+    assert find_shared_prefixes([[1, 2], [1, 4]], [8, 8], [9, 9], 4,
+                                min_group_size=3) is None
+
+
+@st.composite
+def batches(draw):
+    block_size = draw(st.sampled_from([1, 4, 16]))
+    num_prefix_blocks = draw(st.integers(0, 6))
+    pool = list(range(1, 200))
+    prefix = pool[:num_prefix_blocks]
+    nxt = num_prefix_blocks + 1
+    n = draw(st.integers(1, 6))
+    lists, ctx, q = [], [], []
+    for _ in range(n):
+        share = draw(st.integers(0, num_prefix_blocks))
+        own = draw(st.integers(1, 4))
+        blocks = prefix[:share] + list(range(nxt, nxt + own))
+        nxt += own
+        cap = len(blocks) * block_size
+        qlen = draw(st.integers(1, cap))
+        c = draw(st.integers(0, cap - qlen))
+        lists.append(blocks)
+        ctx.append(c)
+        q.append(qlen)
+    return lists, ctx, q, block_size
+
+
+@given(batches(), st.integers(0, 2**31 - 1))
+def test_shared_prefix_plan_matches_paged_attention(batch, seed):
+    lists, ctx, q, bs = batch
+    plan = plan_batch(lists, ctx, q, bs)
+    rng = np.random.default_rng(seed)
+    nb, hq, hk, d = 200, 2, 1, 8
+    k = rng.standard_normal((nb, bs, hk, d)).astype(np.float32)
+    v = rng.standard_normal((nb, bs, hk, d)).astype(np.float32)
+    qt = rng.standard_normal((plan.num_tokens, hq, d)).astype(np.float32)
+    # the metadata itself: slots of positions ctx .. ctx + q - 1
+    for s in range(len(lists)):
+        lo, hi = plan.cu_q_lens[s], plan.cu_q_lens[s + 1]
+        want = spec.slots_for_positions(plan.block_tables[s], np.arange(ctx[s], ctx[s] + q[s]),
+                                        bs)
+        np.testing.assert_array_equal(plan.slot_mapping[lo:hi], want)
+    want = paged_attention_reference(qt, k, v, plan.block_tables, plan.kv_lens, plan.cu_q_lens)
+    if plan.shared is None:
+        return
+    sh = plan.shared
+    sdims = validate.check_shared_prefix_attention(
+        qt, k, v, sh.prefix_block_tables, sh.prefix_lens, sh.prefix_ids, sh.block_tables,
+        sh.kv_lens, plan.cu_q_lens)
+    validate.check_shared_prefix_attention_values(sdims, sh.prefix_block_tables, sh.prefix_lens,
+                                                  sh.prefix_ids, sh.block_tables, sh.kv_lens,
+                                                  plan.cu_q_lens)
+    tables, lens = shared_prefix_block_tables(sh.prefix_block_tables, sh.prefix_lens,
+                                              sh.prefix_ids, sh.block_tables, sh.kv_lens, bs)
+    np.testing.assert_array_equal(lens, plan.kv_lens)
+    for s, kv in enumerate(plan.kv_lens):
+        used = -(-int(kv) // bs)
+        np.testing.assert_array_equal(tables[s, :used], plan.block_tables[s, :used])
+    groups = {}
+    for s, p in enumerate(sh.prefix_ids.tolist()):
+        if p >= 0:
+            groups.setdefault(p, []).append(s)
+    assert all(len(m) >= 2 for m in groups.values())
+    assert sh.saved_block_reads == sum((len(m) - 1) * int(sh.prefix_lens[p]) // bs
+                                       for p, m in groups.items())
+    got = shared_prefix_attention_reference(qt, k, v, sh.prefix_block_tables, sh.prefix_lens,
+                                            sh.prefix_ids, sh.block_tables, sh.kv_lens,
+                                            plan.cu_q_lens)
+    atol, rtol = spec.ATTENTION_TOLERANCE["float32"]
+    np.testing.assert_allclose(got, want, atol=atol, rtol=rtol)
