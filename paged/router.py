@@ -1,0 +1,258 @@
+"""Cache-aware routing across workers (llm-d / Dynamo KV-router style).
+
+The :class:`Router` keeps a global index ``{namespace: {block_hash: bitmask of (worker, tier)}}``
+built only from the KV events the workers publish (:mod:`prefixkv.paged.events`); it never
+looks inside a pool. For a request it hashes the tokens the way the workers do (same
+``hash_fn``, ``block_size`` and salt), walks the chain and returns, per worker, the number of
+leading blocks cached there (in any of the counted tiers), then picks a worker.
+
+Scoring (Dynamo KV router's cost, documented here so it can be tuned):
+
+    num_blocks  = ceil(len(tokens) / block_size)          # blocks the request will occupy
+    overlap_w   = leading blocks cached on worker w       # capped at (len(tokens)-1)//bs
+    prefill_w   = num_blocks - overlap_w                  # blocks worker w has to compute
+    cost_w      = overlap_weight * prefill_w + load_w     # load_w: worker's active blocks
+    pick        = argmin cost_w; ties: larger overlap, then lower load, then first added
+
+``overlap_weight`` > 1 favours cache hits (prefill-heavy traffic), < 1 favours balance
+(decode-heavy). ``load_w`` is whatever the engine reports through :meth:`set_load` /
+:meth:`add_load` (active KV blocks, like Dynamo; queued tokens also work, in the same unit
+as blocks x overlap_weight).
+
+Isolation: the namespace (salt) is part of every index key and of every event, so a request
+under one salt never counts blocks stored under another, even with a hash that ignores salts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .events import CLEARED, EVICTED, REMOVED, STORED, EventBus, KVEvent
+from .pool import namespace_of
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """worker: the pick; overlaps: {worker: leading cached blocks}; costs: {worker: cost};
+    num_blocks: blocks the request occupies."""
+
+    worker: Hashable
+    overlaps: dict
+    costs: dict
+    num_blocks: int
+
+
+class Router:
+    """Global prefix index over several workers' KV events and a hit-vs-load scorer.
+
+    block_size: the workers' block size.
+    hash_fn: the workers' hash function (prefixkv-v1 ``hash_blocks`` by default), called as
+        ``hash_fn(tokens_i32, block_size, salt=salt, parent=None) -> list[bytes]``.
+    overlap_weight: weight of the blocks to prefill against the load (see module docstring).
+    tiers: tier names whose events count ("device" only by default; add "host" etc. when a
+        worker can onboard from them cheaply).
+    """
+
+    def __init__(self, block_size: int, *, hash_fn: Callable | None = None,
+                 overlap_weight: float = 1.0, tiers: Sequence[str] = ("device",)) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size: expected >= 1, got {block_size}")
+        if overlap_weight < 0:
+            raise ValueError(f"overlap_weight: expected >= 0, got {overlap_weight}")
+        if not tiers:
+            raise ValueError("tiers: expected at least one tier name")
+        if hash_fn is None:
+            from .prefix_cache import default_hash_fn as hash_fn
+        self.block_size = block_size
+        self.hash_fn = hash_fn
+        self.overlap_weight = float(overlap_weight)
+        self.tiers = tuple(tiers)
+        self._tier_slot = {t: i for i, t in enumerate(self.tiers)}
+        self._index: dict[bytes, dict[bytes, int]] = {}
+        self._workers: dict[Hashable, int] = {}  # worker -> slot
+        self._unsubscribe: dict[Hashable, Callable[[], None]] = {}
+        self._loads: dict[Hashable, float] = {}
+        self._free_slots: list[int] = []
+        self._next_slot = 0
+
+    # ------------------------------------------------------------------ workers
+    @property
+    def workers(self) -> list:
+        return list(self._workers)
+
+    def add_worker(self, worker_id: Hashable, events: EventBus | None = None
+                   ) -> Callable[[KVEvent], None]:
+        """Register a worker; subscribe to its ``events`` bus when given. Returns the callable
+        that applies one of its events (to feed events that arrive by other means)."""
+        if worker_id in self._workers:
+            raise ValueError(f"worker_id: {worker_id!r} is already added")
+        slot = self._free_slots.pop() if self._free_slots else self._next_slot
+        if slot == self._next_slot:
+            self._next_slot += 1
+        self._workers[worker_id] = slot
+        self._loads[worker_id] = 0.0
+
+        def apply(event: KVEvent) -> None:
+            self.apply(worker_id, event)
+
+        if events is not None:
+            self._unsubscribe[worker_id] = events.subscribe(apply)
+        return apply
+
+    def remove_worker(self, worker_id: Hashable) -> None:
+        """Forget a worker and every block it reported."""
+        slot = self._workers.pop(worker_id)
+        self._loads.pop(worker_id, None)
+        unsub = self._unsubscribe.pop(worker_id, None)
+        if unsub is not None:
+            unsub()
+        self._clear_bits(self._worker_mask(slot))
+        self._free_slots.append(slot)
+
+    def set_load(self, worker_id: Hashable, load: float) -> None:
+        self._check_worker(worker_id)
+        self._loads[worker_id] = float(load)
+
+    def add_load(self, worker_id: Hashable, delta: float) -> None:
+        self._check_worker(worker_id)
+        self._loads[worker_id] += float(delta)
+
+    def load(self, worker_id: Hashable) -> float:
+        self._check_worker(worker_id)
+        return self._loads[worker_id]
+
+    def _check_worker(self, worker_id) -> None:
+        if worker_id not in self._workers:
+            raise KeyError(f"worker_id: unknown worker {worker_id!r}; known: {self.workers}")
+
+    def _worker_mask(self, slot: int) -> int:
+        t = len(self.tiers)
+        return ((1 << t) - 1) << (slot * t)
+
+    def _clear_bits(self, mask: int) -> None:
+        keep = ~mask
+        for ns in list(self._index):
+            d = self._index[ns]
+            for h in [h for h, m in d.items() if m & mask]:
+                m = d[h] & keep
+                if m:
+                    d[h] = m
+                else:
+                    del d[h]
+            if not d:
+                del self._index[ns]
+
+    # ------------------------------------------------------------------ events
+    def apply(self, worker_id: Hashable, event: KVEvent) -> None:
+        """Apply one KV event of ``worker_id`` to the global index."""
+        slot = self._workers.get(worker_id)
+        if slot is None:
+            raise KeyError(f"worker_id: unknown worker {worker_id!r}; known: {self.workers}")
+        t = self._tier_slot.get(event.tier)
+        if t is None:
+            return
+        bit = 1 << (slot * len(self.tiers) + t)
+        kind = event.kind
+        if kind == STORED:
+            d = self._index.get(event.namespace)
+            if d is None:
+                d = self._index[event.namespace] = {}
+            get = d.get
+            for h in event.block_hashes:
+                d[h] = get(h, 0) | bit
+        elif kind in (REMOVED, EVICTED):
+            d = self._index.get(event.namespace)
+            if d is None:
+                return
+            keep = ~bit
+            for h in event.block_hashes:
+                m = d.get(h)
+                if m is not None:
+                    m &= keep
+                    if m:
+                        d[h] = m
+                    else:
+                        del d[h]
+            if not d:
+                del self._index[event.namespace]
+        elif kind == CLEARED:
+            self._clear_bits(bit)
+        else:
+            raise ValueError(f"event.kind: expected stored/removed/evicted/cleared, got {kind!r}")
+
+    # ------------------------------------------------------------------ queries
+    def request_hashes(self, tokens, salt=None) -> list[bytes]:
+        """Hashes of the blocks a worker could hit: full blocks, never the last token."""
+        toks = np.asarray(tokens, dtype=np.int32).reshape(-1)
+        cap = max(len(toks) - 1, 0) // self.block_size
+        if cap == 0:
+            return []
+        return list(self.hash_fn(toks[:cap * self.block_size], self.block_size, salt=salt,
+                                 parent=None))
+
+    def overlaps_for_hashes(self, block_hashes: Sequence[bytes], namespace: bytes = b""
+                            ) -> dict:
+        """{worker: number of leading ``block_hashes`` cached on it} in ``namespace``."""
+        out = dict.fromkeys(self._workers, 0)
+        d = self._index.get(namespace)
+        if not d or not block_hashes:
+            return out
+        t = len(self.tiers)
+        rep = 0
+        for slot in self._workers.values():
+            rep |= 1 << (slot * t)
+        alive = rep
+        stop = {}
+        for i, h in enumerate(block_hashes):
+            m = d.get(h, 0)
+            if t > 1:
+                pres = 0
+                for k in range(t):
+                    pres |= (m >> k) & rep
+                m = pres
+            lost = alive & ~m
+            if lost:
+                stop[lost] = i
+                alive &= m
+                if not alive:
+                    break
+        if alive:
+            stop[alive] = len(block_hashes)
+        for w, slot in self._workers.items():
+            b = 1 << (slot * t)
+            for mask, n in stop.items():
+                if mask & b:
+                    out[w] = n
+                    break
+        return out
+
+    def overlaps(self, tokens, salt=None) -> dict:
+        """{worker: leading blocks of ``tokens`` cached on it under ``salt``}."""
+        return self.overlaps_for_hashes(self.request_hashes(tokens, salt), namespace_of(salt))
+
+    def pick(self, tokens, salt=None) -> RouteDecision:
+        """Choose a worker for a request (see the module docstring for the cost)."""
+        if not self._workers:
+            raise ValueError("Router: no workers added")
+        n_tokens = int(np.asarray(tokens).reshape(-1).shape[0])
+        num_blocks = -(-n_tokens // self.block_size)
+        overlaps = self.overlaps(tokens, salt)
+        costs = {w: self.overlap_weight * (num_blocks - o) + self._loads[w]
+                 for w, o in overlaps.items()}
+        order = {w: i for i, w in enumerate(self._workers)}
+        best = min(costs, key=lambda w: (costs[w], -overlaps[w], self._loads[w], order[w]))
+        return RouteDecision(best, overlaps, costs, num_blocks)
+
+    def cached_hashes(self, worker_id: Hashable, tier: str = "device") -> dict:
+        """{namespace: set of hashes} the router believes ``worker_id`` holds in ``tier``."""
+        self._check_worker(worker_id)
+        bit = 1 << (self._workers[worker_id] * len(self.tiers) + self._tier_slot[tier])
+        out = {}
+        for ns, d in self._index.items():
+            s = {h for h, m in d.items() if m & bit}
+            if s:
+                out[ns] = s
+        return out

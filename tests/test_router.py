@@ -1,0 +1,173 @@
+"""Router: a global index built from several workers' KV events (pools in one process),
+per-worker leading hits, the hit-vs-load pick, salt isolation, tiers, worker removal."""
+
+import numpy as np
+import pytest
+from prefixkv.paged.events import EventBus, KVEvent
+from prefixkv.paged.prefix_cache import PrefixCache
+from prefixkv.paged.router import Router
+from test_prefix_cache import hash_fn, standin_hash
+
+BS = 4
+
+
+def cluster(n=3, num_blocks=64, **kw):
+    hf = hash_fn()
+    workers = {f"w{i}": PrefixCache(num_blocks, BS, hash_fn=hf) for i in range(n)}
+    router = Router(BS, hash_fn=hf or None, **kw)
+    for wid, pc in workers.items():
+        router.add_worker(wid, pc.events)
+    return workers, router
+
+
+def serve(pc, rid, tokens, salt=None, free=True):
+    cached = pc.add_request(rid, tokens, salt=salt)
+    pc.step([(rid, len(tokens) - cached)])
+    if free:
+        pc.free(rid)
+
+
+def test_overlaps_per_worker():
+    workers, router = cluster()
+    base = list(range(100, 140))                       # 10 blocks
+    serve(workers["w0"], "a", base)                    # w0 holds 10 blocks (9 hittable + 1)
+    serve(workers["w1"], "b", base[:17])               # w1 holds the first 4 blocks
+    ov = router.overlaps(base + [1, 2, 3])
+    assert ov == {"w0": 10, "w1": 4, "w2": 0}
+    assert router.overlaps(base) == {"w0": 9, "w1": 4, "w2": 0}  # never the last token
+    # what the router says equals what the worker would hit
+    for wid, pc in workers.items():
+        assert pc.match(base + [1, 2, 3])[1] == ov[wid] * BS
+
+
+def test_pick_balances_hits_and_load():
+    workers, router = cluster(overlap_weight=1.0)
+    router2 = Router(BS, hash_fn=hash_fn(), overlap_weight=3.0)
+    for wid, pc in workers.items():
+        router2.add_worker(wid, pc.events)
+    base = list(range(200, 240))
+    serve(workers["w1"], "a", base)
+    req = base + [5]                                   # 11 blocks, 10 cached on w1
+    d = router.pick(req)
+    assert d.worker == "w1" and d.num_blocks == 11
+    assert d.costs == {"w0": 11.0, "w1": 1.0, "w2": 11.0}
+    router.set_load("w1", 10.5)                        # busy: 1 + 10.5 > 11
+    assert router.pick(req).worker == "w0"
+    router.add_load("w0", 1)                           # w0 11+1, w2 11: w2
+    assert router.pick(req).worker == "w2"
+    router2.set_load("w1", 10.5)                       # 3*1 + 10.5 < 3*11: hits win
+    assert router2.pick(req).worker == "w1"
+
+
+def test_pick_ties_prefer_overlap_then_load_then_order():
+    workers, router = cluster()
+    assert router.pick(list(range(10))).worker == "w0"
+    router.set_load("w0", 1)
+    router.set_load("w1", 0)
+    router.set_load("w2", 0)
+    assert router.pick(list(range(10))).worker == "w1"
+
+
+def test_salts_isolated_in_router():
+    workers, router = cluster()
+    base = list(range(300, 340))
+    serve(workers["w0"], "a", base, salt="tenant-a")
+    serve(workers["w1"], "b", base, salt="tenant-b")
+    assert router.overlaps(base + [0], salt="tenant-a") == {"w0": 10, "w1": 0, "w2": 0}
+    assert router.overlaps(base + [0], salt="tenant-b") == {"w0": 0, "w1": 10, "w2": 0}
+    assert router.overlaps(base + [0]) == {"w0": 0, "w1": 0, "w2": 0}
+
+
+def test_salts_isolated_even_with_a_saltless_hash():
+    def saltless(tokens, block_size, *, salt=None, parent=None):
+        return standin_hash(tokens, block_size, parent=parent)
+
+    pc = PrefixCache(32, BS, hash_fn=saltless)
+    router = Router(BS, hash_fn=saltless)
+    router.add_worker("w", pc.events)
+    serve(pc, "a", list(range(9)), salt="x")
+    assert router.overlaps(list(range(9)), salt="x") == {"w": 2}
+    assert router.overlaps(list(range(9)), salt="y") == {"w": 0}
+
+
+def test_eviction_events_reach_router():
+    workers, router = cluster(n=1, num_blocks=12)     # 11 usable blocks
+    pc = workers["w0"]
+    a = list(range(40))
+    serve(pc, "a", a)                                   # 10 blocks, all cached then freed
+    assert router.overlaps(a + [0]) == {"w0": 10}
+    serve(pc, "b", list(range(1000, 1024)))             # 6 blocks: evicts a's tail first
+    ov = router.overlaps(a + [0])["w0"]
+    assert ov == pc.match(a + [0])[1] // BS == 5
+    pc.pool.reset_prefix_cache()
+    assert router.overlaps(a + [0]) == {"w0": 0}
+
+
+def test_tiers_union_of_leading_blocks():
+    bus = EventBus()
+    router = Router(BS, hash_fn=standin_hash, tiers=("device", "host"))
+    router.add_worker("w", bus)
+    router.add_worker("v")
+    toks = list(range(17))
+    hs = standin_hash(toks[:16], BS)
+    bus.publish(KVEvent("stored", (hs[0], hs[2]), None, "device", b"", 8))
+    bus.publish(KVEvent("stored", (hs[1],), hs[0], "host", b"", 4))
+    bus.publish(KVEvent("stored", (hs[3],), hs[2], "disk", b"", 4))   # not a counted tier
+    assert router.overlaps(toks) == {"w": 3, "v": 0}
+    bus.publish(KVEvent("evicted", (hs[1],), None, "host", b"", 4))
+    assert router.overlaps(toks) == {"w": 1, "v": 0}
+    assert router.cached_hashes("w", "device") == {b"": {hs[0], hs[2]}}
+
+
+def test_remove_worker_forgets_its_blocks():
+    workers, router = cluster(n=2)
+    base = list(range(50))
+    serve(workers["w0"], "a", base)
+    serve(workers["w1"], "a", base)
+    router.remove_worker("w0")
+    assert router.workers == ["w1"] and router.overlaps(base) == {"w1": 12}
+    serve(workers["w0"], "b", list(range(500, 520)))   # unsubscribed: no error, ignored
+    router.add_worker("w9")
+    assert router.overlaps(base) == {"w1": 12, "w9": 0}
+
+
+def test_router_matches_workers_under_random_traffic():
+    workers, router = cluster(n=3, num_blocks=24)
+    rng = np.random.default_rng(1)
+    prefixes = [rng.integers(0, 1000, int(rng.integers(8, 40))).tolist() for _ in range(4)]
+    for i in range(60):
+        toks = prefixes[i % 4] + rng.integers(0, 1000, int(rng.integers(1, 20))).tolist()
+        salt = ["a", "b"][i % 2]
+        d = router.pick(toks, salt=salt)
+        for wid, pc in workers.items():
+            assert pc.match(toks, salt=salt)[1] == d.overlaps[wid] * BS
+        serve(workers[d.worker], i, toks, salt=salt)
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda r: r.add_worker("w0"), ValueError, "worker_id: 'w0' is already added"),
+    (lambda r: r.set_load("zz", 1), KeyError, "worker_id: unknown worker 'zz'"),
+    (lambda r: r.apply("zz", KVEvent("stored", (), None, "device", b"", 0)), KeyError,
+     "worker_id: unknown worker 'zz'"),
+    (lambda r: r.apply("w0", KVEvent("moved", (), None, "device", b"", 0)), ValueError,
+     "event.kind: expected stored/removed/evicted/cleared"),
+], ids=["dup", "unknown-load", "unknown-apply", "bad-kind"])
+def test_router_checks(call, exc, match):
+    _, router = cluster(n=1)
+    with pytest.raises(exc, match=match):
+        call(router)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"block_size": 0}, "block_size: expected >= 1"),
+    ({"block_size": 4, "overlap_weight": -1}, "overlap_weight: expected >= 0"),
+    ({"block_size": 4, "tiers": ()}, "tiers: expected at least one tier name"),
+], ids=["block-size", "weight", "tiers"])
+def test_router_constructor_checks(kw, match):
+    with pytest.raises(ValueError, match=match):
+        Router(**kw)
+
+
+def test_pick_without_workers():
+    with pytest.raises(ValueError, match="Router: no workers added"):
+        Router(BS, hash_fn=standin_hash).pick([1, 2, 3])
