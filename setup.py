@@ -4,7 +4,7 @@ kernels/ -> prefixkv.kernels, paged/ -> prefixkv.paged, jax_frontend/ -> prefixk
 torch_frontend/ -> prefixkv.torch_frontend (metadata lives in pyproject.toml).
 """
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 ROOTS = {
     "prefixkv": "prefixkv",
@@ -20,4 +20,12 @@ for name, folder in ROOTS.items():
     package_dir[name] = folder
     packages += [f"{name}.{sub}" for sub in find_packages(folder)]
 
-setup(packages=packages, package_dir=package_dir)
+# Host fast path of the prefixkv-v1 block hash (kernels/cpu, docs/hashing.md). optional: without
+# a C compiler the install still succeeds and prefixkv falls back to the `blake3` package.
+ext_modules = [
+    Extension("prefixkv.kernels.cpu._blake3", ["kernels/cpu/blake3_chain.c"],
+              depends=["kernels/cpu/blake3_lanes.h"], extra_compile_args=["-O3"],
+              optional=True),
+]
+
+setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules)

@@ -568,3 +568,76 @@ def check_hash_blocks_values(dims: HashBlocksDims, tokens, *, cu_lens=None,
         raise ValueError(f"extra: expected {num_full_blocks} rows (the full blocks of all "
                          f"sequences), got {int(extra.shape[0])}")
     return cu, num_full_blocks
+
+
+#: Block-hash algorithms of prefixkv.paged.hashing.hash_blocks (docs/hashing.md).
+HASH_ALGOS = ("prefixkv-v1", "vllm-sha256-cbor", "sglang-sha256", "dynamo-xxh3", "dynamo-kvbm")
+
+
+def _check_u64(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int in [0, 2**64), got {type(value).__name__}")
+    if not 0 <= int(value) < 2**64:
+        raise ValueError(f"{name}: expected an int in [0, 2**64), got {value}")
+    return int(value)
+
+
+def check_hash_algo(algo, *, num_seqs: int, salt=None, extra=None, parent=None, seed=None,
+                    lora=None) -> None:
+    """The arguments each algorithm accepts (static). prefixkv-v1: salt, extra, parent (as in
+    check_hash_blocks), no seed/lora. vllm-sha256-cbor: seed str|bytes|int, salt str (its
+    cache_salt), lora (name, path), parent 32 bytes or a list of num_seqs (32 bytes or None).
+    sglang-sha256: parent as for vllm. dynamo-xxh3: seed u64 only. dynamo-kvbm: seed u64 (its
+    salt_hash) or salt str|bytes (not both), parent u64 or a list of num_seqs (u64 or None).
+    """
+    if not isinstance(algo, str) or algo not in HASH_ALGOS:
+        raise ValueError(f"algo: expected one of {HASH_ALGOS}, got {algo!r}")
+    if algo == "prefixkv-v1":
+        if seed is not None:
+            raise ValueError("seed: prefixkv-v1 takes no seed (use salt for a namespace)")
+        if lora is not None:
+            raise ValueError("lora: prefixkv-v1 takes no lora (pass the adapter identity in "
+                             "extra)")
+        return
+    if extra is not None:
+        raise ValueError(f"extra: only prefixkv-v1 takes extra, got it with algo={algo!r}")
+    if lora is not None and algo != "vllm-sha256-cbor":
+        raise ValueError(f"lora: only vllm-sha256-cbor takes lora, got it with algo={algo!r}")
+    if salt is not None and algo in ("sglang-sha256", "dynamo-xxh3"):
+        raise ValueError(f"salt: {algo} has no salt, got {salt!r}")
+    if parent is not None and algo == "dynamo-xxh3":
+        raise ValueError("parent: dynamo-xxh3 hashes each block alone (no chain), got a parent")
+    if algo == "vllm-sha256-cbor":
+        if seed is not None and (isinstance(seed, bool)
+                                 or not isinstance(seed, (str, bytes, int))):
+            raise TypeError(f"seed: expected str, bytes, int or None, got {type(seed).__name__}")
+        if salt is not None and not isinstance(salt, str):
+            raise TypeError(f"salt: vllm-sha256-cbor takes a str cache_salt, got "
+                            f"{type(salt).__name__}")
+        if lora is not None and (not isinstance(lora, (tuple, list)) or len(lora) != 2
+                                 or not all(isinstance(x, str) for x in lora)):
+            raise TypeError(f"lora: expected a (name, path) pair of str, got {lora!r}")
+    elif algo == "dynamo-xxh3" or algo == "dynamo-kvbm":
+        if seed is not None:
+            _check_u64("seed", seed)
+        if algo == "dynamo-kvbm" and salt is not None:
+            if seed is not None:
+                raise ValueError("salt: dynamo-kvbm takes salt or seed (its salt_hash), not both")
+            if not isinstance(salt, (str, bytes, bytearray)):
+                raise TypeError(f"salt: expected str, bytes or None, got {type(salt).__name__}")
+    if seed is not None and algo == "sglang-sha256":
+        raise ValueError("seed: sglang-sha256 has no seed")
+    if parent is None or algo == "prefixkv-v1":
+        return
+    items = list(parent) if isinstance(parent, (list, tuple)) else None
+    if items is not None and len(items) != num_seqs:
+        raise ValueError(f"parent: expected a list of num_seqs ({num_seqs}) entries, "
+                         f"got {len(items)}")
+    for i, p in enumerate(items if items is not None else [parent]):
+        name = f"parent[{i}]" if items is not None else "parent"
+        if p is None and items is not None:
+            continue
+        if algo == "dynamo-kvbm":
+            _check_u64(name, p)
+        else:
+            _check_digest_bytes(name, p)

@@ -1,0 +1,316 @@
+"""Block hashing on the host: ``prefixkv-v1`` (BLAKE3 chain, docs/hashing.md) and bit-exact
+compatibility modes for vLLM, SGLang and Dynamo.
+
+A prefix cache names each full block of tokens by a hash of the whole prefix up to and including
+that block. :func:`hash_blocks` computes those names for one sequence or a ragged batch.
+
+Only numpy is imported here; the compiled kernel (``prefixkv.kernels.cpu._blake3``), ``blake3``,
+``cbor2`` and ``xxhash`` are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from .reference.hashing import (
+    PREFIXKV_V1_CONTEXT,
+    block_key,
+    digests_to_words,
+    hash_blocks_reference,
+    parent_words,
+    words_to_digests,
+)
+from .validate import (
+    HASH_ALGOS,
+    check_hash_algo,
+    check_hash_blocks,
+    check_hash_blocks_values,
+)
+
+__all__ = ["HASH_ALGOS", "VLLM_DEFAULT_SEED", "DYNAMO_ROUTER_SEED", "hash_blocks",
+           "hash_blocks_words", "digests_to_words", "words_to_digests", "block_key",
+           "vllm_none_hash", "host_backend"]
+
+#: vLLM's NONE_HASH seed for the SHA-256 hash functions when PYTHONHASHSEED is unset.
+VLLM_DEFAULT_SEED = "vllm-none-hash"
+#: Dynamo KV router's xxh3 seed for local block hashes.
+DYNAMO_ROUTER_SEED = 1337
+
+_EXTRA_HINT = "pip install prefixkv[hash]"
+
+
+def _require(module: str, algo: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"hash_blocks(algo={algo!r}) needs the '{module}' package: "
+                          f"{_EXTRA_HINT}") from e
+
+
+def _as_index_array(name: str, x):
+    """Python sequences of ints become int32 arrays (values checked to fit); arrays pass."""
+    if x is None or hasattr(x, "dtype"):
+        return x
+    if isinstance(x, (list, tuple, range)):
+        a = np.asarray(x, dtype=np.int64).reshape(-1)
+        if a.size and (a.min() < -2**31 or a.max() >= 2**31):
+            raise ValueError(f"{name}: expected values that fit int32, got "
+                             f"{int(a.min())}..{int(a.max())}")
+        return a.astype(np.int32)
+    raise TypeError(f"{name}: expected an int32 array or a sequence of ints, "
+                    f"got {type(x).__name__}")
+
+
+# ------------------------------------------------------------------------------ prefixkv-v1
+
+
+def host_backend() -> str:
+    """Which prefixkv-v1 host path :func:`hash_blocks` takes here: "c" (the compiled kernel,
+    ``prefixkv.kernels.cpu._blake3``), "blake3" (the ``blake3`` package, one call per block) or
+    "reference" (pure Python)."""
+    from prefixkv.kernels.cpu.hashing import load_extension
+
+    if load_extension() is not None:
+        return "c"
+    try:
+        import blake3  # noqa: F401
+    except ImportError:
+        return "reference"
+    return "blake3"
+
+
+@functools.lru_cache(maxsize=256)
+def _v1_key(salt: bytes) -> bytes:
+    from prefixkv.kernels.cpu.hashing import derive_key, load_extension
+
+    if load_extension() is not None:
+        return derive_key(PREFIXKV_V1_CONTEXT, salt)
+    return block_key(salt)
+
+
+def _v1_digests(tokens, block_size: int, cu: np.ndarray, salt: bytes, extra, parents,
+                num_full_blocks: int, backend: str) -> np.ndarray:
+    """u8[num_full_blocks, 32] prefixkv-v1 digests by the chosen host backend."""
+    if num_full_blocks == 0:
+        return np.zeros((0, 32), dtype=np.uint8)
+    key = _v1_key(salt)
+    if backend == "c":
+        from prefixkv.kernels.cpu.hashing import chain_digests
+
+        return chain_digests(tokens, block_size, cu, key, extra, parents, num_full_blocks)
+    if backend == "blake3":
+        import blake3
+
+        tok = np.asarray(tokens).astype("<u4").tobytes()
+        ext = None if extra is None else np.asarray(extra).astype("<u4").tobytes()
+        starts = words_to_digests(parents)
+        out, row, b = bytearray(32 * num_full_blocks), 0, 4 * block_size
+        for s in range(len(cu) - 1):
+            prev = starts[s]
+            for lo in range(int(cu[s]), int(cu[s + 1]) - block_size + 1, block_size):
+                msg = prev + tok[4 * lo:4 * lo + b]
+                if ext is not None:
+                    msg += ext[16 * row:16 * row + 16]
+                prev = blake3.blake3(msg, key=key).digest()
+                out[32 * row:32 * row + 32] = prev
+                row += 1
+        return np.frombuffer(bytes(out), dtype=np.uint8).reshape(-1, 32)
+    words = hash_blocks_reference(tokens, block_size, cu_lens=cu.astype(np.int32), salt=salt,
+                                  extra=extra, parent=parents)
+    return np.ascontiguousarray(words.astype("<u4")).view(np.uint8).reshape(-1, 32)
+
+
+def _prepare_v1(tokens, block_size, cu_lens, salt, extra, parent):
+    dims = check_hash_blocks(tokens, block_size, cu_lens=cu_lens, salt=salt, extra=extra,
+                             parent=parent)
+    cu, nfb = check_hash_blocks_values(dims, tokens, cu_lens=cu_lens, extra=extra)
+    return dims, cu, nfb, parent_words(parent, dims.num_seqs)
+
+
+def hash_blocks_words(tokens, block_size: int, *, cu_lens=None, salt=None, extra=None,
+                      parent=None, backend: str | None = None) -> np.ndarray:
+    """prefixkv-v1 digests as ``u32[num_full_blocks, 8]`` (word k = digest bytes 4k..4k+3
+    little-endian), the form the JAX/torch frontends return. Arguments as :func:`hash_blocks`;
+    ``backend`` ("c", "blake3", "reference") forces a host path (tests, benchmarks)."""
+    tokens = _as_index_array("tokens", tokens)
+    cu_lens = _as_index_array("cu_lens", cu_lens)
+    dims, cu, nfb, parents = _prepare_v1(tokens, block_size, cu_lens, salt, extra, parent)
+    digests = _v1_digests(tokens, dims.block_size, cu, dims.salt, extra, parents, nfb,
+                          backend or host_backend())
+    return digests.view("<u4").astype(np.uint32).reshape(nfb, 8)
+
+
+# ------------------------------------------------------------------------- compatibility modes
+
+
+def vllm_none_hash(seed: str | bytes | int = VLLM_DEFAULT_SEED) -> bytes:
+    """vLLM's NONE_HASH for sha256_cbor: SHA-256 of the canonical CBOR of the seed (the value
+    of PYTHONHASHSEED there, else "vllm-none-hash")."""
+    import hashlib
+
+    cbor2 = _require("cbor2", "vllm-sha256-cbor")
+    return hashlib.sha256(cbor2.dumps(seed, canonical=True)).digest()
+
+
+def _sequences(tokens: np.ndarray, cu: np.ndarray, block_size: int):
+    """(sequence index, [token list of each full block]) for every sequence."""
+    tok = np.asarray(tokens).tolist()
+    for s in range(len(cu) - 1):
+        lo, hi = int(cu[s]), int(cu[s + 1])
+        yield s, [tok[i:i + block_size] for i in range(lo, hi - block_size + 1, block_size)]
+
+
+def _per_seq(parent, num_seqs: int) -> list:
+    if isinstance(parent, (list, tuple)):
+        return list(parent)
+    return [parent] * num_seqs
+
+
+def _vllm_sha256_cbor(tokens, cu, block_size, salt, parent, seed, lora) -> list[bytes]:
+    import hashlib
+
+    cbor2 = _require("cbor2", "vllm-sha256-cbor")
+    none_hash = vllm_none_hash(VLLM_DEFAULT_SEED if seed is None else seed)
+    lora_key = None if lora is None else ("lora", lora[0], lora[1])
+    parents = _per_seq(parent, len(cu) - 1)
+    out: list[bytes] = []
+    for s, blocks in _sequences(tokens, cu, block_size):
+        prev = none_hash if parents[s] is None else bytes(parents[s])
+        first = parents[s] is None  # the request's block 0: where vLLM puts cache_salt
+        for block in blocks:
+            keys = [] if lora_key is None else [lora_key]
+            if first and salt:
+                keys.append(("cache_salt", salt))
+            extra_keys = tuple(keys) if keys else None
+            prev = hashlib.sha256(cbor2.dumps((prev, tuple(block), extra_keys),
+                                              canonical=True)).digest()
+            out.append(prev)
+            first = False
+    return out
+
+
+def _sglang_sha256(tokens, cu, block_size, parent) -> list[bytes]:
+    import hashlib
+
+    parents = _per_seq(parent, len(cu) - 1)
+    tok = np.asarray(tokens).astype("<u4")
+    out: list[bytes] = []
+    for s in range(len(cu) - 1):
+        prev = None if parents[s] is None else bytes(parents[s])
+        for lo in range(int(cu[s]), int(cu[s + 1]) - block_size + 1, block_size):
+            h = hashlib.sha256()
+            if prev is not None:
+                h.update(prev)
+            h.update(tok[lo:lo + block_size].tobytes())
+            prev = h.digest()
+            out.append(prev)
+    return out
+
+
+def _dynamo_xxh3(tokens, cu, block_size, seed) -> list[bytes]:
+    xxhash = _require("xxhash", "dynamo-xxh3")
+    seed = DYNAMO_ROUTER_SEED if seed is None else int(seed)
+    tok = np.asarray(tokens).astype("<u4")
+    out: list[bytes] = []
+    for s in range(len(cu) - 1):
+        for lo in range(int(cu[s]), int(cu[s + 1]) - block_size + 1, block_size):
+            h = xxhash.xxh3_64_intdigest(tok[lo:lo + block_size].tobytes(), seed=seed)
+            out.append(h.to_bytes(8, "little"))
+    return out
+
+
+def dynamo_salt_hash(salt: str | bytes | None = None) -> int:
+    """Dynamo's SaltHash of a salt: xxh3_64(salt bytes, seed=0); 0 for no salt (the default
+    of its TokenBlockSequence)."""
+    if salt is None:
+        return 0
+    xxhash = _require("xxhash", "dynamo-kvbm")
+    data = salt.encode("utf-8") if isinstance(salt, str) else bytes(salt)
+    return xxhash.xxh3_64_intdigest(data, seed=0)
+
+
+def _dynamo_kvbm(tokens, cu, block_size, salt, parent, seed) -> list[bytes]:
+    xxhash = _require("xxhash", "dynamo-kvbm")
+    salt_hash = int(seed) if seed is not None else dynamo_salt_hash(salt)
+    parents = _per_seq(parent, len(cu) - 1)
+    tok = np.asarray(tokens).astype("<u4")
+    out: list[bytes] = []
+    for s in range(len(cu) - 1):
+        prev = parents[s]
+        for lo in range(int(cu[s]), int(cu[s + 1]) - block_size + 1, block_size):
+            block_hash = xxhash.xxh3_64_intdigest(tok[lo:lo + block_size].tobytes(),
+                                                  seed=salt_hash)
+            if prev is None:  # first block of a sequence: its sequence hash is its block hash
+                prev = block_hash
+            else:
+                pair = np.array([prev, block_hash], dtype="<u8").tobytes()
+                prev = xxhash.xxh3_64_intdigest(pair, seed=salt_hash)
+            out.append(int(prev).to_bytes(8, "little"))
+    return out
+
+
+# ------------------------------------------------------------------------------------ the API
+
+
+def hash_blocks(tokens, block_size: int, *, cu_lens=None, salt=None, extra=None, parent=None,
+                algo: str = "prefixkv-v1", seed=None, lora=None) -> list[bytes]:
+    """Hash every full block of one sequence or of a ragged batch, sequence by sequence.
+
+    tokens: i32[num_tokens] (or a sequence of ints), token ids >= 0.
+    block_size: int >= 1. A partial tail block of a sequence is not hashed.
+    cu_lens: i32[num_seqs + 1] (or a sequence of ints): sequence s is
+        tokens[cu_lens[s]:cu_lens[s+1]]; None = one sequence.
+    algo: one of :data:`HASH_ALGOS`:
+
+    * ``"prefixkv-v1"`` (default; docs/hashing.md): 32-byte BLAKE3 keyed chain. salt: str |
+      bytes | None, the namespace (key = derive_key("prefixkv v1 block hash", salt)); extra:
+      u32[num_full_blocks, 4] appended to each block's message; parent: None (32 zero bytes),
+      32 bytes or u32[8] (every sequence), u32[num_seqs, 8] or a list of num_seqs (32 bytes or
+      None): the digest of the block before each sequence's first token (chain continuation).
+      Runs the compiled C kernel (8 sequences per SIMD loop); falls back to the ``blake3``
+      package (one call per block, ~5x slower) when the extension is not built, and to the
+      pure-Python reference when neither is there.
+    * ``"vllm-sha256-cbor"``: vLLM's sha256_cbor block hash, 32-byte digests. seed: NONE_HASH
+      seed (default "vllm-none-hash", vLLM's value without PYTHONHASHSEED); salt: its
+      cache_salt (block 0 of a sequence that starts at NONE_HASH); lora: (name, path).
+    * ``"sglang-sha256"``: SGLang HiCache page hash chain, 32-byte digests; parent = prior
+      page digest.
+    * ``"dynamo-xxh3"``: Dynamo router local block hash, xxh3_64 with seed (default 1337),
+      each block alone; 8-byte little-endian digests (``int.from_bytes(d, "little")`` is
+      Dynamo's u64).
+    * ``"dynamo-kvbm"``: Dynamo KVBM sequence hash chain; seed = its salt_hash (u64) or salt
+      (salt_hash = xxh3_64(salt, seed=0)), default salt_hash 0; parent: u64 sequence hash or a
+      list of num_seqs (u64 or None); 8-byte little-endian digests.
+
+    Returns a list of num_full_blocks digests (bytes).
+    """
+    tokens = _as_index_array("tokens", tokens)
+    cu_lens = _as_index_array("cu_lens", cu_lens)
+    # shapes/dtypes/values of tokens, block_size, cu_lens first, then the algorithm's own args
+    v1 = algo == "prefixkv-v1"
+    dims = check_hash_blocks(tokens, block_size, cu_lens=cu_lens,
+                             salt=salt if v1 or isinstance(salt, (str, bytes)) else None,
+                             extra=extra if v1 else None, parent=parent if v1 else None)
+    check_hash_algo(algo, num_seqs=dims.num_seqs, salt=salt, extra=extra, parent=parent,
+                    seed=seed, lora=lora)
+    cu, nfb = check_hash_blocks_values(dims, tokens, cu_lens=cu_lens,
+                                       extra=extra if v1 else None)
+    if v1:
+        from prefixkv.kernels.cpu.hashing import split_digests
+
+        parents = parent_words(parent, dims.num_seqs)
+        digests = _v1_digests(tokens, dims.block_size, cu, dims.salt, extra, parents, nfb,
+                              host_backend())
+        return split_digests(digests)
+    bs = dims.block_size
+    if algo == "vllm-sha256-cbor":
+        return _vllm_sha256_cbor(tokens, cu, bs, salt, parent, seed, lora)
+    if algo == "sglang-sha256":
+        return _sglang_sha256(tokens, cu, bs, parent)
+    if algo == "dynamo-xxh3":
+        return _dynamo_xxh3(tokens, cu, bs, seed)
+    return _dynamo_kvbm(tokens, cu, bs, salt, parent, seed)
