@@ -8,6 +8,20 @@ import importlib
 # public name -> module that defines it
 _EXPORTS = {
     "hash_blocks": ".hashing",
+    "BlockPool": ".pool",
+    "NoFreeBlocksError": ".pool",
+    "NULL_BLOCK": ".pool",
+    "namespace_of": ".pool",
+    "PrefixCache": ".prefix_cache",
+    "KVEvent": ".events",
+    "EventBus": ".events",
+    "EventLog": ".events",
+    "Router": ".router",
+    "RouteDecision": ".router",
+    "BatchPlan": ".planner",
+    "SharedPrefixPlan": ".planner",
+    "plan_batch": ".planner",
+    "find_shared_prefixes": ".planner",
 }
 
 __all__ = sorted(_EXPORTS)
