@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from prefixkv.kernels.cpu import hashing as cpu
 from prefixkv.paged import hash_blocks
 from prefixkv.paged.hashing import (

@@ -3,7 +3,6 @@ BLAKE3 vectors and the prefixkv-v1 vectors of docs/hashing.md."""
 
 import numpy as np
 import pytest
-
 from prefixkv.paged.reference import hash_blocks_reference
 from prefixkv.paged.reference import hashing as R
 
