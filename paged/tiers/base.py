@@ -1,0 +1,346 @@
+"""Keys, stored-block records and the tier interface shared by every KV-cache tier.
+
+A tier stores one block's KV for every layer: one row of the ``gather_blocks`` buffer,
+``value: [len(caches), *block_shape]`` (e.g. ``[2 * num_layers, block_size, num_kv_heads,
+head_dim]``), under a :class:`BlockKey` = block hash + :class:`Namespace` (model id, layout,
+dtype, tensor-parallel rank, salt). The interface follows SGLang's HiCacheStorage shape:
+
+    batch_exists(keys) -> int                    number of leading keys present
+    batch_get(keys, shape=, dtype=) -> list      per key: the block (np.ndarray) or None
+    batch_put(keys, values) -> list[bool]        per key: stored or not
+
+Safety contract, every tier: a tier never raises to the caller for a storage fault (server
+down, timeout, corrupt or truncated data, full budget) - it answers a miss / ``False``; and it
+never returns a block stored under another key, namespace, shape or dtype. Byte-serialising
+tiers (disk, Redis, NIXL) store a :func:`encode_record` record whose header carries the format
+version, the full key encoding, dtype, shape and a checksum of the payload;
+:func:`decode_record` re-checks all of them and answers ``None`` on any mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..spec import dtype_name, numpy_dtype
+
+#: Version of the record layout written by :func:`encode_record`.
+FORMAT_VERSION = 1
+RECORD_MAGIC = b"PKVB"
+
+_NS_TAG = b"prefixkv-ns-v1"
+
+
+def _salt_bytes(salt) -> bytes:
+    # Same rule as the pool's namespace_of: None -> b"", str -> UTF-8, bytes -> bytes.
+    if salt is None:
+        return b""
+    if isinstance(salt, str):
+        return salt.encode("utf-8")
+    if isinstance(salt, (bytes, bytearray, memoryview)):
+        return bytes(salt)
+    raise TypeError(f"salt: expected None, str or bytes, got {type(salt).__name__}")
+
+
+def _field(b: bytes) -> bytes:
+    return struct.pack("<I", len(b)) + b
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Everything besides the block hash that decides whether stored KV may be reused.
+
+    model_id: model (and revision) name; layout: cache layout name ("NHD", or a frontend's own
+    tag covering block_size and head layout); dtype: canonical KV dtype name; tp_rank /
+    tp_size: tensor-parallel shard; salt: the request's cache salt (None, str or bytes; kept as
+    bytes). Two namespaces that differ in any field never share a storage key.
+    """
+
+    model_id: str
+    layout: str = "NHD"
+    dtype: str = "float32"
+    tp_rank: int = 0
+    tp_size: int = 1
+    salt: bytes = b""
+    _encoded: bytes = field(init=False, repr=False, compare=False)
+    _digest: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if not isinstance(self.model_id, str):
+            raise TypeError(f"model_id: expected str, got {type(self.model_id).__name__}")
+        if not isinstance(self.layout, str):
+            raise TypeError(f"layout: expected str, got {type(self.layout).__name__}")
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))
+        object.__setattr__(self, "salt", _salt_bytes(self.salt))
+        if int(self.tp_size) < 1 or not 0 <= int(self.tp_rank) < int(self.tp_size):
+            raise ValueError(f"tp_rank: expected 0 <= tp_rank < tp_size, got "
+                             f"tp_rank={self.tp_rank}, tp_size={self.tp_size}")
+        object.__setattr__(self, "tp_rank", int(self.tp_rank))
+        object.__setattr__(self, "tp_size", int(self.tp_size))
+        enc = b"".join([_NS_TAG, _field(self.model_id.encode()), _field(self.layout.encode()),
+                        _field(self.dtype.encode()), struct.pack("<qq", self.tp_rank, self.tp_size),
+                        _field(self.salt)])
+        object.__setattr__(self, "_encoded", enc)
+        object.__setattr__(self, "_digest", hashlib.blake2b(enc, digest_size=16).hexdigest())
+
+    def encode(self) -> bytes:
+        """Stable byte encoding (length-prefixed fields; salt included)."""
+        return self._encoded
+
+    def digest(self) -> str:
+        """32 hex chars naming the namespace in storage paths and key prefixes."""
+        return self._digest
+
+    def with_salt(self, salt) -> Namespace:
+        return Namespace(self.model_id, self.layout, self.dtype, self.tp_rank, self.tp_size, salt)
+
+
+def hash_bytes(block_hash) -> bytes:
+    """A block hash as bytes: bytes-like as is; a non-negative int as 8 big-endian bytes
+    (64-bit hashes such as xxh3_64) or the fewest multiple of 8 bytes that holds it."""
+    if isinstance(block_hash, (bytes, bytearray, memoryview)):
+        b = bytes(block_hash)
+    elif isinstance(block_hash, (int, np.integer)) and not isinstance(block_hash, bool):
+        v = int(block_hash)
+        if v < 0:
+            raise ValueError(f"block_hash: expected a non-negative int, got {v}")
+        nbytes = max(8, -(-v.bit_length() // 64) * 8)
+        b = v.to_bytes(nbytes, "big")
+    else:
+        raise TypeError(f"block_hash: expected bytes or int, got {type(block_hash).__name__}")
+    if not b:
+        raise ValueError("block_hash: expected a non-empty hash")
+    return b
+
+
+@dataclass(frozen=True)
+class BlockKey:
+    """One stored block: its hash (bytes) under a namespace."""
+
+    block_hash: bytes
+    namespace: Namespace
+
+    def __post_init__(self):
+        object.__setattr__(self, "block_hash", hash_bytes(self.block_hash))
+        if not isinstance(self.namespace, Namespace):
+            raise TypeError(f"namespace: expected Namespace, got {type(self.namespace).__name__}")
+
+    def encode(self) -> bytes:
+        """Stable byte encoding: namespace encoding + length-prefixed hash."""
+        return self.namespace.encode() + _field(self.block_hash)
+
+    def storage_key(self) -> str:
+        """``<namespace digest>/<hash hex>``: the name every tier files the block under."""
+        return f"{self.namespace.digest()}/{self.block_hash.hex()}"
+
+
+def make_keys(block_hashes: Sequence, namespace: Namespace) -> list[BlockKey]:
+    return [BlockKey(h, namespace) for h in block_hashes]
+
+
+# --------------------------------------------------------------------------------------------
+# Records: header + payload, the byte form of one stored block.
+
+CHECKSUM_CRC32 = 1
+CHECKSUM_XXH3_128 = 2
+_CHECKSUM_NAMES = {"crc32": CHECKSUM_CRC32, "xxh3_128": CHECKSUM_XXH3_128}
+
+# magic, version, checksum algorithm, ndim, key length, dtype-name length, payload length
+_FIXED = struct.Struct("<4sHBBIHQ")
+_DIGEST_LEN = 16
+
+
+def _xxhash():
+    try:
+        import xxhash
+    except ImportError:
+        return None
+    return xxhash
+
+
+def default_checksum() -> str:
+    """"xxh3_128" where the xxhash package is installed (many GB/s), else "crc32" (zlib)."""
+    return "xxh3_128" if _xxhash() is not None else "crc32"
+
+
+def checksum(payload, algorithm: str | int) -> bytes | None:
+    """16-byte checksum of ``payload`` (bytes-like); None when the algorithm is unavailable."""
+    alg = _CHECKSUM_NAMES.get(algorithm, algorithm)
+    if alg == CHECKSUM_CRC32:
+        return struct.pack("<I", zlib.crc32(payload)).ljust(_DIGEST_LEN, b"\0")
+    if alg == CHECKSUM_XXH3_128:
+        xx = _xxhash()
+        return None if xx is None else xx.xxh3_128_digest(payload)
+    return None
+
+
+def _payload_view(value: np.ndarray) -> memoryview:
+    arr = np.ascontiguousarray(value)
+    return memoryview(arr.reshape(-1).view(np.uint8))
+
+
+def encode_record(key: BlockKey, value: np.ndarray, *, checksum_alg: str | None = None
+                  ) -> tuple[bytes, memoryview]:
+    """(header, payload) of one stored block; the record is ``header + payload``.
+
+    value: [len(caches), *block_shape] of any dtype (bfloat16 through ml_dtypes). The payload
+    is a zero-copy view of ``value`` when it is C-contiguous.
+    """
+    value = np.asarray(value)
+    payload = _payload_view(value)
+    alg_name = checksum_alg or default_checksum()
+    alg = _CHECKSUM_NAMES[alg_name]
+    digest = checksum(payload, alg)
+    if digest is None:
+        raise RuntimeError(f"checksum {alg_name!r} unavailable")
+    kb = key.encode()
+    db = dtype_name(value).encode()
+    header = b"".join([
+        _FIXED.pack(RECORD_MAGIC, FORMAT_VERSION, alg, value.ndim, len(kb), len(db),
+                    payload.nbytes),
+        struct.pack(f"<{value.ndim}Q", *value.shape), kb, db, digest])
+    return header, payload
+
+
+def record_bytes(key: BlockKey, value: np.ndarray, *, checksum_alg: str | None = None) -> bytes:
+    header, payload = encode_record(key, value, checksum_alg=checksum_alg)
+    return header + payload
+
+
+def header_size(key: BlockKey, ndim: int, dtype: str) -> int:
+    return (_FIXED.size + 8 * ndim + len(key.encode()) + len(dtype_name(dtype).encode())
+            + _DIGEST_LEN)
+
+
+class RecordError(ValueError):
+    """A stored record that must not be served (the tiers turn it into a miss)."""
+
+
+class UnexpectedLayout(RecordError):
+    """A valid record of the key whose shape/dtype differs from what the caller expects."""
+
+
+def decode_record(key: BlockKey, data, *, shape: Sequence[int] | None = None,
+                  dtype: str | None = None) -> np.ndarray:
+    """The block stored in ``data`` (bytes-like), verified against ``key`` and, when given,
+    the expected ``shape`` / ``dtype``. Raises :class:`RecordError` naming the mismatch.
+
+    The returned array is a read-only view into ``data`` (no copy).
+    """
+    mv = memoryview(data).cast("B")
+    if len(mv) < _FIXED.size:
+        raise RecordError(f"truncated header: {len(mv)} bytes")
+    magic, version, alg, ndim, klen, dlen, plen = _FIXED.unpack_from(mv, 0)
+    if magic != RECORD_MAGIC:
+        raise RecordError("bad magic")
+    if version != FORMAT_VERSION:
+        raise RecordError(f"format version {version}, expected {FORMAT_VERSION}")
+    off = _FIXED.size
+    need = off + 8 * ndim + klen + dlen + _DIGEST_LEN + plen
+    if len(mv) != need:
+        raise RecordError(f"record length {len(mv)}, header says {need}")
+    stored_shape = struct.unpack_from(f"<{ndim}Q", mv, off)
+    off += 8 * ndim
+    if bytes(mv[off:off + klen]) != key.encode():
+        raise RecordError("key/namespace mismatch")
+    off += klen
+    stored_dtype = bytes(mv[off:off + dlen]).decode("utf-8", "replace")
+    off += dlen
+    digest = bytes(mv[off:off + _DIGEST_LEN])
+    off += _DIGEST_LEN
+    if dtype is not None and stored_dtype != dtype_name(dtype):
+        raise UnexpectedLayout(f"dtype {stored_dtype}, expected {dtype_name(dtype)}")
+    if stored_dtype != key.namespace.dtype:
+        raise RecordError(f"dtype {stored_dtype}, namespace says {key.namespace.dtype}")
+    if shape is not None and tuple(stored_shape) != tuple(int(s) for s in shape):
+        raise UnexpectedLayout(f"shape {tuple(stored_shape)}, expected {tuple(shape)}")
+    try:
+        np_dtype = numpy_dtype(stored_dtype)
+    except TypeError as e:
+        raise RecordError(f"unknown dtype {stored_dtype!r}") from e
+    if int(np.prod(stored_shape, dtype=np.int64)) * np_dtype.itemsize != plen:
+        raise RecordError("payload length does not match shape and dtype")
+    payload = mv[off:off + plen]
+    got = checksum(payload, alg)
+    if got is None:
+        raise RecordError(f"checksum algorithm {alg} unavailable here")
+    if got != digest:
+        raise RecordError("checksum mismatch")
+    arr = np.frombuffer(payload, dtype=np_dtype).reshape(stored_shape)
+    if arr.flags.writeable:
+        arr.flags.writeable = False
+    return arr
+
+
+# --------------------------------------------------------------------------------------------
+# The interface.
+
+@dataclass
+class TierStats:
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    rejected: int = 0      # puts refused (too big, budget, server down)
+    corrupt: int = 0       # records that failed verification (served as misses)
+    errors: int = 0        # storage faults caught (I/O, connection, timeout)
+    evictions: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+def check_values(keys: Sequence[BlockKey], values: Sequence) -> None:
+    if len(values) != len(keys):
+        raise ValueError(f"values: expected {len(keys)} values (one per key), got {len(values)}")
+    for i, k in enumerate(keys):
+        if not isinstance(k, BlockKey):
+            raise TypeError(f"keys[{i}]: expected BlockKey, got {type(k).__name__}")
+
+
+class Tier(ABC):
+    """A KV block store. Never raises on storage faults: a fault is a miss / ``False``."""
+
+    name: str = "tier"
+
+    def __init__(self):
+        self.stats = TierStats()
+
+    @abstractmethod
+    def batch_exists(self, keys: Sequence[BlockKey]) -> int:
+        """Number of leading ``keys`` present (stops at the first absent one)."""
+
+    @abstractmethod
+    def batch_get(self, keys: Sequence[BlockKey], *, shape: Sequence[int] | None = None,
+                  dtype: str | None = None) -> list[np.ndarray | None]:
+        """Per key: the stored block ([len(caches), *block_shape], read-only) or None.
+
+        None also for a record that fails verification (wrong key, shape, dtype, checksum).
+        """
+
+    @abstractmethod
+    def batch_put(self, keys: Sequence[BlockKey], values: Sequence[np.ndarray]) -> list[bool]:
+        """Store ``values[i]`` under ``keys[i]``; per key whether it is now stored."""
+
+    def batch_remove(self, keys: Sequence[BlockKey]) -> int:
+        """Remove keys where present; returns how many were removed."""
+        return 0
+
+    def clear(self) -> None:  # noqa: B027 - optional hook
+        """Drop everything this tier object stores."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections / handles."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"{type(self).__name__}(name={self.name!r})"

@@ -1,0 +1,223 @@
+"""Local-disk tier ("G3"): one file per block, written atomically, verified on read.
+
+Layout: ``<root>/<namespace digest>/<hash hex>.kvb``; each file is one :func:`encode_record`
+record (header with format version, key, dtype, shape, checksum; then the payload). A write
+goes to a temporary file in the same directory and is renamed over the final name
+(``os.replace``), optionally after ``fsync``, so a reader sees a whole record or none. A file
+that fails verification on read (corrupt, truncated, other key) is a miss and is deleted.
+
+The blocks survive the process: a new ``DiskTier`` on the same root finds them (persistence
+across model reloads). ``budget_bytes`` (optional) bounds the files this tier object knows,
+evicting least-recently-used ones (mtime, refreshed on every hit) when a put needs room.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+
+from .base import (
+    BlockKey,
+    RecordError,
+    Tier,
+    UnexpectedLayout,
+    check_values,
+    decode_record,
+    encode_record,
+)
+
+SUFFIX = ".kvb"
+
+
+class DiskTier(Tier):
+    """Block files under ``root``.
+
+    root: directory (created if missing). budget_bytes: optional bound on the bytes of block
+    files (LRU by mtime); None = unbounded. fsync: fsync each file (and its directory) before
+    it becomes visible: durable across power loss, slower. checksum: "crc32" or "xxh3_128"
+    (default: xxh3_128 when xxhash is installed).
+    """
+
+    name = "disk"
+
+    def __init__(self, root: str | os.PathLike, *, budget_bytes: int | None = None,
+                 fsync: bool = False, checksum: str | None = None):
+        super().__init__()
+        if budget_bytes is not None and int(budget_bytes) <= 0:
+            raise ValueError(f"budget_bytes: expected a positive byte count or None, "
+                             f"got {budget_bytes}")
+        self.root = os.fspath(root)
+        self.budget_bytes = None if budget_bytes is None else int(budget_bytes)
+        self.fsync = bool(fsync)
+        self.checksum = checksum
+        os.makedirs(self.root, exist_ok=True)
+        self._sizes: OrderedDict[str, int] = OrderedDict()  # path -> bytes, LRU first
+        self.used_bytes = 0
+        self._scan()
+
+    def _scan(self) -> None:
+        """Index the block files already under root, oldest mtime first."""
+        found = []
+        try:
+            with os.scandir(self.root) as dirs:
+                for d in dirs:
+                    if not d.is_dir(follow_symlinks=False):
+                        continue
+                    with os.scandir(d.path) as files:
+                        for f in files:
+                            if f.name.endswith(SUFFIX) and f.is_file(follow_symlinks=False):
+                                st = f.stat()
+                                found.append((st.st_mtime_ns, f.path, st.st_size))
+        except OSError:
+            self.stats.errors += 1
+        for _, path, size in sorted(found):
+            self._sizes[path] = size
+            self.used_bytes += size
+
+    def path(self, key: BlockKey) -> str:
+        return os.path.join(self.root, key.namespace.digest(), key.block_hash.hex() + SUFFIX)
+
+    def _forget(self, path: str) -> None:
+        size = self._sizes.pop(path, None)
+        if size is not None:
+            self.used_bytes -= size
+
+    def _drop(self, path: str) -> None:
+        self._forget(path)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+    def batch_exists(self, keys: Sequence[BlockKey]) -> int:
+        n = 0
+        for k in keys:
+            if not os.path.isfile(self.path(k)):
+                break
+            n += 1
+        return n
+
+    def _read(self, path: str) -> bytes | None:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            self.stats.errors += 1
+            return None
+
+    def batch_get(self, keys, *, shape=None, dtype=None):
+        out: list[np.ndarray | None] = []
+        for k in keys:
+            p = self.path(k)
+            data = self._read(p)
+            if data is None:
+                self.stats.misses += 1
+                self._forget(p)
+                out.append(None)
+                continue
+            try:
+                arr = decode_record(k, data, shape=shape, dtype=dtype)
+            except RecordError as e:
+                self.stats.corrupt += 1
+                self.stats.misses += 1
+                # A corrupt/truncated file is deleted; a shape/dtype the caller did not expect
+                # is a valid record of this key and stays.
+                if not isinstance(e, UnexpectedLayout):
+                    self._drop(p)
+                out.append(None)
+                continue
+            self.stats.hits += 1
+            self.stats.bytes_read += len(data)
+            try:
+                os.utime(p)
+                if p in self._sizes:
+                    self._sizes.move_to_end(p)
+                else:
+                    self._sizes[p] = len(data)
+                    self.used_bytes += len(data)
+            except OSError:
+                pass
+            out.append(arr)
+        return out
+
+    def _make_room(self, nbytes: int) -> bool:
+        if self.budget_bytes is None:
+            return True
+        if nbytes > self.budget_bytes:
+            return False
+        while self.used_bytes + nbytes > self.budget_bytes and self._sizes:
+            oldest = next(iter(self._sizes))
+            self._drop(oldest)
+            self.stats.evictions += 1
+        return self.used_bytes + nbytes <= self.budget_bytes
+
+    def _write(self, path: str, header: bytes, payload: memoryview) -> bool:
+        d = os.path.dirname(path)
+        tmp = None
+        try:
+            os.makedirs(d, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=d)
+            with os.fdopen(fd, "wb") as f:
+                f.write(header)
+                f.write(payload)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+            tmp = None
+            if self.fsync:
+                dfd = os.open(d, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            return True
+        except OSError:
+            self.stats.errors += 1
+            return False
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+
+    def batch_put(self, keys, values):
+        check_values(keys, values)
+        results = []
+        for k, v in zip(keys, values, strict=False):
+            v = np.asarray(v)
+            header, payload = encode_record(k, v, checksum_alg=self.checksum)
+            p = self.path(k)
+            nbytes = len(header) + payload.nbytes
+            self._forget(p)
+            if not self._make_room(nbytes):
+                self.stats.rejected += 1
+                results.append(False)
+                continue
+            ok = self._write(p, header, payload)
+            if ok:
+                self._sizes[p] = nbytes
+                self.used_bytes += nbytes
+                self.stats.puts += 1
+                self.stats.bytes_written += nbytes
+            else:
+                self.stats.rejected += 1
+            results.append(ok)
+        return results
+
+    def batch_remove(self, keys):
+        n = 0
+        for k in keys:
+            p = self.path(k)
+            if os.path.exists(p):
+                self._drop(p)
+                n += 1
+        return n
+
+    def clear(self):
+        for p in list(self._sizes):
+            self._drop(p)

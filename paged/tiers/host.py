@@ -1,0 +1,265 @@
+"""Host-memory tier ("G2"): blocks as numpy arrays, LRU with a byte budget.
+
+Values are copied into memory from ``allocator(shape, dtype) -> np.ndarray`` (default
+``np.empty``). A frontend running on a GPU passes an allocator that returns pinned memory
+(e.g. ``lambda s, d: torch.empty(s, dtype=..., pin_memory=True).numpy()``) so host <-> device
+copies can run asynchronously. The arrays of evicted blocks that nothing else references are
+kept as spares (counted against the budget) and reused for new blocks of the same shape and
+dtype, so a full tier allocates (and page-faults) nothing in steady state.
+
+No checksum here: the tier holds the arrays themselves (no serialisation), and each entry keeps
+its full key, shape and dtype, re-checked on every get.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from ..spec import dtype_name, numpy_dtype
+from .base import BlockKey, Tier, check_values
+
+Allocator = Callable[[tuple, np.dtype], np.ndarray]
+
+
+def _default_allocator(shape: tuple, dtype: np.dtype) -> np.ndarray:
+    return np.empty(shape, dtype=dtype)
+
+
+class _Entry:
+    __slots__ = ("key", "array", "nbytes")
+
+    def __init__(self, key: BlockKey, array: np.ndarray):
+        self.key = key
+        self.array = array
+        self.nbytes = int(array.nbytes)
+
+
+class HostTier(Tier):
+    """In-process LRU block store bounded by ``budget_bytes``.
+
+    budget_bytes: total bytes of stored blocks; a put evicts least-recently-used blocks until
+    the new one fits; a block larger than the whole budget is refused (``False``).
+    allocator: ``(shape, numpy dtype) -> C-contiguous np.ndarray`` for new block storage.
+
+    Arrays returned by :meth:`batch_get` are read-only views of the stored blocks; an evicted
+    block's memory is only reused when nothing outside the tier still references it.
+    """
+
+    name = "host"
+
+    def __init__(self, budget_bytes: int, *, allocator: Allocator | None = None):
+        super().__init__()
+        if int(budget_bytes) <= 0:
+            raise ValueError(f"budget_bytes: expected a positive byte count, got {budget_bytes}")
+        self.budget_bytes = int(budget_bytes)
+        self.allocator = allocator or _default_allocator
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._spares: dict[tuple, list[np.ndarray]] = {}
+        self.used_bytes = 0
+        self.spare_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: BlockKey) -> bool:
+        e = self._entries.get(key.storage_key())
+        return e is not None and e.key == key
+
+    def _lookup(self, key: BlockKey) -> _Entry | None:
+        e = self._entries.get(key.storage_key())
+        if e is None or e.key != key:  # key equality covers hash + full namespace
+            return None
+        return e
+
+    def batch_exists(self, keys: Sequence[BlockKey]) -> int:
+        n = 0
+        for k in keys:
+            if self._lookup(k) is None:
+                break
+            n += 1
+        return n
+
+    def batch_get(self, keys, *, shape=None, dtype=None):
+        want_shape = None if shape is None else tuple(int(s) for s in shape)
+        want_dtype = None if dtype is None else dtype_name(dtype)
+        out: list[np.ndarray | None] = []
+        for k in keys:
+            e = self._lookup(k)
+            if e is None:
+                self.stats.misses += 1
+                out.append(None)
+                continue
+            arr = e.array
+            if ((want_shape is not None and arr.shape != want_shape)
+                    or (want_dtype is not None and dtype_name(arr) != want_dtype)
+                    or dtype_name(arr) != k.namespace.dtype):
+                self.stats.corrupt += 1
+                out.append(None)
+                continue
+            self._entries.move_to_end(k.storage_key())
+            self.stats.hits += 1
+            self.stats.bytes_read += e.nbytes
+            view = arr.view()
+            view.flags.writeable = False
+            out.append(view)
+        return out
+
+    # -- memory ------------------------------------------------------------------------------
+    def _release(self, arr: np.ndarray) -> None:
+        """Keep an evicted block's memory as a spare when nobody else holds it and the budget
+        has room (spares count against the budget and are dropped first when space is needed).
+        """
+        # refs: the caller's name, this frame's `arr`, getrefcount's argument
+        if sys.getrefcount(arr) <= 3 and self.used_bytes + self.spare_bytes + arr.nbytes \
+                <= self.budget_bytes:
+            self._spares.setdefault((arr.shape, arr.dtype.str), []).append(arr)
+            self.spare_bytes += int(arr.nbytes)
+
+    def _make_room(self, nbytes: int, protect: set[str]) -> bool:
+        """Drop spares, then evict LRU entries (not in ``protect``), until ``nbytes`` fit."""
+        while self.used_bytes + self.spare_bytes + nbytes > self.budget_bytes and self._spares:
+            sig = next(iter(self._spares))
+            lst = self._spares[sig]
+            self.spare_bytes -= int(lst.pop().nbytes)
+            if not lst:
+                del self._spares[sig]
+        if self.used_bytes + nbytes > self.budget_bytes:
+            for sk in list(self._entries.keys()):
+                if self.used_bytes + nbytes <= self.budget_bytes:
+                    break
+                if sk in protect:
+                    continue
+                e = self._entries.pop(sk)
+                self.used_bytes -= e.nbytes
+                self.stats.evictions += 1
+                arr, e.array = e.array, None
+                if self.used_bytes + nbytes + self.spare_bytes + arr.nbytes <= self.budget_bytes:
+                    self._release(arr)
+                del arr
+        return self.used_bytes + self.spare_bytes + nbytes <= self.budget_bytes
+
+    def reserve(self, n: int, shape, dtype, *, protect: frozenset | set = frozenset()
+                ) -> list[np.ndarray]:
+        """Writable C-contiguous storage for up to ``n`` blocks of ``shape``/``dtype``, room made
+        for them in the budget (evicting LRU blocks, whose unreferenced arrays are reused: no
+        allocation or page faults when the tier is full). Fewer than ``n`` when the budget
+        holds fewer. Fill them and hand them over with ``batch_put(..., copy=False)`` before
+        any other call on this tier."""
+        shape = tuple(int(s) for s in shape)
+        dt = numpy_dtype(dtype_name(dtype))
+        nb = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        n = min(int(n), self.budget_bytes // max(nb, 1))
+        out: list[np.ndarray] = []
+        sig = (shape, dt.str)
+        lst = self._spares.get(sig)
+        while lst and len(out) < n:
+            out.append(lst.pop())
+            self.spare_bytes -= nb
+        if sig in self._spares and not self._spares[sig]:
+            del self._spares[sig]
+        need = lambda: (n - len(out)) * nb  # noqa: E731
+        while self.used_bytes + self.spare_bytes + need() > self.budget_bytes and self._spares:
+            other = next(iter(self._spares))
+            self.spare_bytes -= int(self._spares[other].pop().nbytes)
+            if not self._spares[other]:
+                del self._spares[other]
+        for sk in list(self._entries.keys()):
+            if self.used_bytes + self.spare_bytes + need() <= self.budget_bytes:
+                break
+            if sk in protect:
+                continue
+            e = self._entries.pop(sk)
+            self.used_bytes -= e.nbytes
+            self.stats.evictions += 1
+            arr, e.array = e.array, None
+            # refs: `arr` and getrefcount's argument only -> nobody outside holds it
+            if (len(out) < n and arr.shape == shape and arr.dtype == dt
+                    and sys.getrefcount(arr) <= 2):
+                out.append(arr)
+            del arr
+        room = (self.budget_bytes - self.used_bytes - self.spare_bytes) // max(nb, 1)
+        n = max(0, min(n, room + len(out)))
+        del out[n:]
+        while len(out) < n:
+            arr = self.allocator(shape, dt)
+            if arr.shape != shape or arr.dtype != dt or not arr.flags.c_contiguous:
+                raise ValueError(f"allocator: expected a C-contiguous {dt} array of shape "
+                                 f"{shape}, got {arr.dtype} {arr.shape}")
+            out.append(arr)
+        for arr in out:
+            arr.flags.writeable = True
+        return out
+
+    def allocate(self, shape, dtype) -> np.ndarray:
+        """Storage for one block (see :meth:`reserve`)."""
+        got = self.reserve(1, shape, dtype)
+        if not got:
+            raise ValueError(f"shape: a block of {shape} {dtype_name(dtype)} exceeds "
+                             f"budget_bytes={self.budget_bytes}")
+        return got[0]
+
+    def batch_put(self, keys, values, *, copy: bool = True):
+        """copy=False: adopt ``values`` as the stored arrays (C-contiguous, e.g. from
+        :meth:`allocate`); the caller must not write them afterwards."""
+        check_values(keys, values)
+        results = []
+        protect: set[str] = set()
+        for k, v in zip(keys, values, strict=False):
+            v = np.asarray(v)
+            sk = k.storage_key()
+            if dtype_name(v) != k.namespace.dtype:
+                raise ValueError(f"values: dtype {dtype_name(v)} does not match the key's "
+                                 f"namespace dtype {k.namespace.dtype}")
+            old = self._lookup(k)
+            if old is not None and old.array.shape == v.shape:
+                # Already stored: same key means same content (content-addressed); refresh LRU.
+                self._entries.move_to_end(sk)
+                protect.add(sk)
+                results.append(True)
+                continue
+            if sk in self._entries:  # stale entry under the same name: replace
+                e = self._entries.pop(sk)
+                self.used_bytes -= e.nbytes
+            nbytes = int(v.nbytes)
+            if copy or not v.flags.c_contiguous:
+                # room made by reserve, which reuses an evicted array of this shape
+                got = self.reserve(1, v.shape, v.dtype, protect=protect)
+                if not got:
+                    self.stats.rejected += 1
+                    results.append(False)
+                    continue
+                dst = got[0]
+                np.copyto(dst, v, casting="no")
+            else:
+                if nbytes > self.budget_bytes or not self._make_room(nbytes, protect):
+                    self.stats.rejected += 1
+                    results.append(False)
+                    continue
+                dst = v
+            dst.flags.writeable = False
+            self._entries[sk] = _Entry(k, dst)
+            self.used_bytes += nbytes
+            protect.add(sk)
+            self.stats.puts += 1
+            self.stats.bytes_written += nbytes
+            results.append(True)
+        return results
+
+    def batch_remove(self, keys):
+        n = 0
+        for k in keys:
+            if self._lookup(k) is not None:
+                e = self._entries.pop(k.storage_key())
+                self.used_bytes -= e.nbytes
+                n += 1
+        return n
+
+    def clear(self):
+        self._entries.clear()
+        self._spares.clear()
+        self.used_bytes = 0
+        self.spare_bytes = 0

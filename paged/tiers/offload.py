@@ -1,0 +1,272 @@
+"""Tier chain and the device <-> tier glue.
+
+:class:`TieredStore` chains tiers fastest first (host -> disk -> remote):
+
+- put is **write-through**: a block goes to every tier at once (so a crash, an eviction from
+  a faster tier or a process restart loses nothing the slower tiers hold); per key the result
+  is True when at least one tier stored it.
+- get looks tiers up in order; a block found in a slower tier is **promoted** (written) into
+  the faster tiers that missed it.
+- ``batch_exists`` counts leading keys present in *some* tier.
+- A tier that raises is counted (``errors``) and treated as a miss / False: a failing tier
+  degrades the chain, never breaks it.
+
+:class:`BlockOffloader` moves whole blocks between KV caches (``caches``: the list of
+per-layer arrays ``[num_blocks, *block_shape]`` that ``gather_blocks`` takes) and a store:
+``offload`` gathers blocks into rows ``[len(caches), *block_shape]`` and puts them under
+``BlockKey(hash, namespace)``; ``onboard`` gets the leading hits, checks each against the
+expected shape and dtype (the tiers check hash, namespace and checksum) and scatters them
+into the destination blocks. The gather/scatter functions are the frontends' ops (e.g.
+``gather_blocks`` on GPU into pinned memory); by default numpy caches are copied in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from .. import validate
+from ..spec import dtype_name
+from .base import BlockKey, Namespace, Tier, TierStats, check_values
+from .host import HostTier
+
+
+class TieredStore(Tier):
+    """Tiers in lookup order (fastest first); write-through puts, promoting gets."""
+
+    name = "tiered"
+
+    def __init__(self, tiers: Sequence[Tier], *, promote: bool = True):
+        super().__init__()
+        tiers = list(tiers)
+        if not tiers:
+            raise ValueError("tiers: expected at least one tier, got an empty sequence")
+        for i, t in enumerate(tiers):
+            if not isinstance(t, Tier):
+                raise TypeError(f"tiers[{i}]: expected a Tier, got {type(t).__name__}")
+        self.tiers = tiers
+        self.promote = bool(promote)
+        self.tier_errors = {t.name: 0 for t in tiers}
+
+    def _guard(self, tier: Tier, fn, default):
+        try:
+            return fn()
+        except (TypeError, ValueError):
+            raise  # bad input from the caller, not a storage fault
+        except Exception:  # noqa: BLE001 - a broken tier is a miss
+            self.stats.errors += 1
+            self.tier_errors[tier.name] = self.tier_errors.get(tier.name, 0) + 1
+            return default
+
+    def batch_exists(self, keys):
+        keys = list(keys)
+        pos = 0
+        while pos < len(keys):
+            best = 0
+            for t in self.tiers:
+                rest = keys[pos:]
+                best = max(best, self._guard(t, lambda t=t, rest=rest: t.batch_exists(rest), 0))
+                if pos + best >= len(keys):
+                    break
+            if best == 0:
+                break
+            pos += best
+        return pos
+
+    def batch_get(self, keys, *, shape=None, dtype=None):
+        keys = list(keys)
+        out: list[np.ndarray | None] = [None] * len(keys)
+        missing = list(range(len(keys)))
+        for level, t in enumerate(self.tiers):
+            if not missing:
+                break
+            want = [keys[i] for i in missing]
+            got = self._guard(t, lambda t=t, want=want: t.batch_get(want, shape=shape,
+                                                                       dtype=dtype),
+                              [None] * len(want))
+            if len(got) != len(want):  # a misbehaving tier: ignore its answer
+                got = [None] * len(want)
+            found = [(i, a) for i, a in zip(missing, got, strict=False) if a is not None]
+            for i, a in found:
+                out[i] = a
+            if found and level > 0 and self.promote:
+                fk, fv = [keys[i] for i, _ in found], [a for _, a in found]
+                for up in self.tiers[:level]:
+                    self._guard(up, lambda up=up, fk=fk, fv=fv: up.batch_put(fk, fv), None)
+            missing = [i for i, a in zip(missing, got, strict=False) if a is None]
+        hits = len(keys) - len(missing)
+        self.stats.hits += hits
+        self.stats.misses += len(missing)
+        return out
+
+    def batch_put(self, keys, values, *, copy: bool = True):
+        """copy=False: values are fresh C-contiguous arrays the first tier may adopt when it is
+        a :class:`HostTier` (see :meth:`HostTier.batch_put`)."""
+        check_values(keys, values)
+        keys, values = list(keys), list(values)
+        stored = [False] * len(keys)
+        for level, t in enumerate(self.tiers):
+            if level == 0 and isinstance(t, HostTier):
+                def call(t=t):
+                    return (t.batch_put(keys, values, copy=copy))
+            else:
+                def call(t=t):
+                    return (t.batch_put(keys, values))
+            res = self._guard(t, call, [False] * len(keys))
+            stored = [a or bool(b) for a, b in zip(stored, res, strict=False)]
+        self.stats.puts += sum(stored)
+        self.stats.rejected += len(keys) - sum(stored)
+        return stored
+
+    def batch_remove(self, keys):
+        return max([self._guard(t, lambda t=t: t.batch_remove(keys), 0) for t in self.tiers])
+
+    def clear(self):
+        for t in self.tiers:
+            self._guard(t, t.clear, None)
+
+    def close(self):
+        for t in self.tiers:
+            self._guard(t, t.close, None)
+
+    def tier_stats(self) -> dict[str, TierStats]:
+        return {t.name: t.stats for t in self.tiers}
+
+
+Gather = Callable[[list, np.ndarray], np.ndarray]
+Scatter = Callable[[list, np.ndarray, np.ndarray], object]
+
+
+def _first_host(store: Tier) -> HostTier | None:
+    if isinstance(store, HostTier):
+        return store
+    if isinstance(store, TieredStore) and isinstance(store.tiers[0], HostTier):
+        return store.tiers[0]
+    return None
+
+
+class BlockOffloader:
+    """Offload device blocks to a store and onboard them back, checked.
+
+    namespace: the :class:`Namespace` every key of this model/rank/salt carries (its dtype
+    must be the caches' dtype). gather(caches, block_ids) -> buffer [n, len(caches),
+    *block_shape]; scatter(caches, buffer, block_ids) -> the updated caches (a functional op
+    such as ``scatter_blocks_reference``) or None (an in-place op). Both default to in-place
+    numpy copies for numpy caches (offload then copies each block once, straight into the
+    host tier's memory).
+    """
+
+    def __init__(self, store: Tier, namespace: Namespace, *, gather: Gather | None = None,
+                 scatter: Scatter | None = None):
+        if not isinstance(namespace, Namespace):
+            raise TypeError(f"namespace: expected Namespace, got {type(namespace).__name__}")
+        self.store = store
+        self.namespace = namespace
+        self.gather = gather
+        self.scatter = scatter
+
+    def keys(self, block_hashes: Sequence, namespace: Namespace | None = None) -> list[BlockKey]:
+        ns = namespace or self.namespace
+        return [BlockKey(h, ns) for h in block_hashes]
+
+    def _check(self, caches, block_ids, block_hashes, ns: Namespace):
+        if isinstance(block_ids, (list, tuple)):  # host-side convenience: plain int lists
+            block_ids = np.asarray(block_ids, dtype=np.int32)
+        validate.check_gather_blocks(caches, block_ids)
+        ids = validate.check_block_ids_values(int(caches[0].shape[0]), block_ids,
+                                              distinct=False)
+        if len(block_hashes) != len(ids):
+            raise ValueError(f"block_hashes: expected {len(ids)} hashes (one per block id), "
+                             f"got {len(block_hashes)}")
+        if dtype_name(caches[0]) != ns.dtype:
+            raise ValueError(f"caches: dtype {dtype_name(caches[0])} does not match the "
+                             f"namespace dtype {ns.dtype}")
+        return ids
+
+    def offload(self, caches, block_ids, block_hashes, *, namespace: Namespace | None = None
+                ) -> list[bool]:
+        """Store blocks ``block_ids`` of ``caches`` under ``block_hashes``; per block whether
+        some tier holds it now."""
+        ns = namespace or self.namespace
+        ids = self._check(caches, block_ids, block_hashes, ns)
+        keys = self.keys(block_hashes, ns)
+        if len(ids) == 0:
+            return []
+        host = _first_host(self.store)
+        if self.gather is None and host is not None and all(isinstance(c, np.ndarray)
+                                                           for c in caches):
+            # One copy per block, straight into host-tier memory (no staging buffer).
+            row_shape = (len(caches), *caches[0].shape[1:])
+            rows = []
+            for b in ids:
+                dst = host.allocate(row_shape, caches[0].dtype)
+                for layer, c in enumerate(caches):
+                    dst[layer] = c[b]
+                rows.append(dst)
+            return self.store.batch_put(keys, rows, copy=False)
+        if self.gather is None:
+            row_shape = (len(ids), len(caches), *caches[0].shape[1:])
+            buf = np.empty(row_shape, dtype=caches[0].dtype)
+            for layer, c in enumerate(caches):
+                np.take(np.asarray(c), ids, axis=0, out=buf[:, layer], mode="clip")
+        else:
+            buf = np.asarray(self.gather(caches, np.asarray(block_ids, dtype=np.int32)))
+        return self.store.batch_put(keys, list(buf))
+
+    def lookup(self, block_hashes: Sequence, *, namespace: Namespace | None = None) -> int:
+        """Number of leading blocks some tier holds."""
+        return self.store.batch_exists(self.keys(block_hashes, namespace))
+
+    def onboard(self, caches, block_ids, block_hashes, *, namespace: Namespace | None = None):
+        """Load the leading stored blocks of ``block_hashes`` into ``block_ids`` (distinct).
+
+        Returns ``(caches, n)``: n = number of leading blocks loaded (blocks ``block_ids[:n]``
+        now hold them; the rest are untouched); caches = the scatter's result (the same list,
+        written in place, by default).
+        """
+        ns = namespace or self.namespace
+        ids = self._check(caches, block_ids, block_hashes, ns)
+        validate.check_block_ids_values(int(caches[0].shape[0]), ids, distinct=True)
+        if len(ids) == 0:
+            return caches, 0
+        row_shape = (len(caches), *caches[0].shape[1:])
+        got = self.store.batch_get(self.keys(block_hashes, ns), shape=row_shape,
+                                   dtype=dtype_name(caches[0]))
+        rows = []
+        for a in got:
+            # Belt and braces: the tiers verified key, namespace and checksum; re-check layout.
+            if a is None or a.shape != row_shape or dtype_name(a) != dtype_name(caches[0]):
+                break
+            rows.append(a)
+        n = len(rows)
+        if n == 0:
+            return caches, 0
+        if self.scatter is None:
+            for b, row in zip(ids[:n], rows, strict=False):
+                for layer, c in enumerate(caches):
+                    c[b] = row[layer]
+            return caches, n
+        buf = np.stack(rows)
+        res = self.scatter(caches, buf, np.asarray(ids[:n], dtype=np.int32))
+        return (caches if res is None else res), n
+
+    # -- wiring to the device pool (paged/pool.py events) --------------------------------------
+    def offload_on_evict(self, events, caches: Callable[[], list] | list,
+                         namespace_for: Callable[[bytes], Namespace] | None = None):
+        """Subscribe to a pool's EventBus: blocks the pool evicts are offloaded before their
+        memory is reused (the pool publishes "evicted" with the KV still intact).
+
+        caches: the cache list, or a callable returning the current one (functional caches).
+        namespace_for: maps an event's salt namespace (bytes) to a tier Namespace; default:
+        this offloader's namespace with that salt. Returns the unsubscribe function.
+        """
+        def on_event(ev):
+            if ev.kind != "evicted" or not ev.block_ids:
+                return
+            ns = (namespace_for or self.namespace.with_salt)(ev.namespace)
+            cs = caches() if callable(caches) else caches
+            self.offload(cs, np.asarray(ev.block_ids, dtype=np.int32), list(ev.block_hashes),
+                         namespace=ns)
+
+        return events.subscribe(on_event)

@@ -1,0 +1,260 @@
+"""Remote tier ("G4") on a Redis server: one value per block, pipelined.
+
+Needs the ``redis`` client (extra ``prefixkv[remote]``; ``hiredis`` makes replies faster),
+imported when a ``RedisTier`` is made. Keys are ``<prefix><namespace digest>/<hash hex>``;
+values are :func:`encode_record` records (format version, full key, dtype, shape, checksum),
+verified on every get.
+
+Faults: every call has connect and read timeouts and no client-side retries. A connection
+error or timeout turns the whole batch into misses / ``False`` and marks the server down for
+``retry_interval`` seconds, during which calls answer at once without touching the network;
+the next call after that reconnects (redis-py reconnects its pool lazily). The caller never
+sees an exception from the server and never gets a block that fails verification.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from .base import BlockKey, RecordError, Tier, check_values, decode_record, encode_record
+
+
+def _import_redis():
+    try:
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+    except ImportError as e:  # pragma: no cover - the test env has redis
+        raise ImportError("RedisTier needs the 'redis' package: pip install 'prefixkv[remote]' "
+                          "(redis, hiredis)") from e
+    return redis, Retry, NoBackoff
+
+
+class RedisTier(Tier):
+    """Blocks in Redis at ``host:port`` (db ``db``).
+
+    socket_timeout / connect_timeout: seconds per command / connect. retry_interval: seconds a
+    failed server is left alone. ttl_s: optional expiry of stored blocks. max_batch: keys per
+    pipeline round trip. checksum: "crc32" or "xxh3_128" (default: xxh3_128 when available).
+    """
+
+    name = "redis"
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 6379, *, db: int = 0,
+                 prefix: str = "prefixkv:", socket_timeout: float = 1.0,
+                 connect_timeout: float = 0.5, retry_interval: float = 1.0,
+                 ttl_s: float | None = None, max_batch: int = 64, checksum: str | None = None,
+                 client=None):
+        super().__init__()
+        redis, Retry, NoBackoff = _import_redis()
+        self._errors = (redis.exceptions.RedisError, OSError)
+        self.host, self.port, self.prefix = host, int(port), prefix
+        self.retry_interval = float(retry_interval)
+        self.ttl_ms = None if ttl_s is None else max(1, int(ttl_s * 1000))
+        self.max_batch = int(max_batch)
+        self.checksum = checksum
+        self._down_until = 0.0
+        self.client = client if client is not None else redis.Redis(
+            host=host, port=self.port, db=db, socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout, retry=Retry(NoBackoff(), 0),
+            health_check_interval=0)
+
+    # -- fault handling ------------------------------------------------------------------------
+    @property
+    def available(self) -> bool:
+        """False while the server is marked down after a failure."""
+        return time.monotonic() >= self._down_until
+
+    def _fail(self) -> None:
+        self.stats.errors += 1
+        self._down_until = time.monotonic() + self.retry_interval
+        with contextlib.suppress(Exception):  # best effort cleanup
+            self.client.connection_pool.disconnect()
+
+    def _rkey(self, key: BlockKey) -> str:
+        return self.prefix + key.storage_key()
+
+    def _chunks(self, seq: Sequence):
+        for i in range(0, len(seq), self.max_batch):
+            yield seq[i:i + self.max_batch]
+
+    # -- interface -----------------------------------------------------------------------------
+    def ping(self) -> bool:
+        if not self.available:
+            return False
+        try:
+            return bool(self.client.ping())
+        except self._errors:
+            self._fail()
+            return False
+
+    def batch_exists(self, keys):
+        if not keys or not self.available:
+            return 0
+        n = 0
+        try:
+            for chunk in self._chunks(list(keys)):
+                pipe = self.client.pipeline(transaction=False)
+                for k in chunk:
+                    pipe.exists(self._rkey(k))
+                for r in pipe.execute():
+                    if not r:
+                        return n
+                    n += 1
+        except self._errors:
+            self._fail()
+        return n
+
+    def batch_get(self, keys, *, shape=None, dtype=None):
+        keys = list(keys)
+        out: list[np.ndarray | None] = [None] * len(keys)
+        if not keys:
+            return out
+        if not self.available:
+            self.stats.misses += len(keys)
+            return out
+        pos = 0
+        try:
+            for chunk in self._chunks(keys):
+                raw = self.client.mget([self._rkey(k) for k in chunk])
+                for k, data in zip(chunk, raw, strict=False):
+                    if data is not None:
+                        try:
+                            out[pos] = decode_record(k, data, shape=shape, dtype=dtype)
+                            self.stats.bytes_read += len(data)
+                        except RecordError:
+                            self.stats.corrupt += 1
+                    pos += 1
+        except self._errors:
+            self._fail()
+        hits = sum(a is not None for a in out)
+        self.stats.hits += hits
+        self.stats.misses += len(keys) - hits
+        return out
+
+    def batch_put(self, keys, values):
+        check_values(keys, values)
+        keys = list(keys)
+        results = [False] * len(keys)
+        if not keys:
+            return results
+        if not self.available:
+            self.stats.rejected += len(keys)
+            return results
+        pos = 0
+        try:
+            for i in range(0, len(keys), self.max_batch):
+                chunk = keys[i:i + self.max_batch]
+                pipe = self.client.pipeline(transaction=False)
+                sizes = []
+                for k, v in zip(chunk, values[i:i + self.max_batch], strict=False):
+                    header, payload = encode_record(k, np.asarray(v), checksum_alg=self.checksum)
+                    data = header + payload
+                    sizes.append(len(data))
+                    pipe.set(self._rkey(k), data, px=self.ttl_ms)
+                for ok, size in zip(pipe.execute(), sizes, strict=False):
+                    results[pos] = bool(ok)
+                    if ok:
+                        self.stats.puts += 1
+                        self.stats.bytes_written += size
+                    pos += 1
+        except self._errors:
+            self._fail()
+        self.stats.rejected += len(keys) - sum(results)
+        return results
+
+    def batch_remove(self, keys):
+        if not keys or not self.available:
+            return 0
+        try:
+            return int(self.client.delete(*[self._rkey(k) for k in keys]))
+        except self._errors:
+            self._fail()
+            return 0
+
+    def clear(self):
+        """Delete every key under this tier's prefix."""
+        if not self.available:
+            return
+        try:
+            batch = []
+            for k in self.client.scan_iter(match=self.prefix + "*", count=1000):
+                batch.append(k)
+                if len(batch) >= 1000:
+                    self.client.delete(*batch)
+                    batch = []
+            if batch:
+                self.client.delete(*batch)
+        except self._errors:
+            self._fail()
+
+    def close(self):
+        with contextlib.suppress(Exception):  # best effort cleanup
+            self.client.close()
+
+
+class LocalRedisServer:
+    """A private ``redis-server`` on 127.0.0.1 (free port, no persistence) for tests and
+    benchmarks: ``with LocalRedisServer() as srv: RedisTier(port=srv.port)``.
+
+    ``stop()`` kills it (SIGKILL: a crash, as the fault tests want); ``start()`` again brings
+    it back on the same port. Raises FileNotFoundError when ``redis-server`` is not on PATH
+    (``bash scripts/services.sh install`` installs it).
+    """
+
+    def __init__(self, port: int | None = None, *, executable: str = "redis-server"):
+        import shutil
+        import socket
+
+        exe = shutil.which(executable)
+        if exe is None:
+            raise FileNotFoundError(f"{executable} not found on PATH "
+                                    "(install: bash scripts/services.sh install)")
+        self.executable = exe
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        self.port = int(port)
+        self.proc = None
+
+    def start(self, timeout: float = 10.0) -> LocalRedisServer:
+        import socket
+        import subprocess
+
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        self.proc = subprocess.Popen(
+            [self.executable, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "no", "--protected-mode", "yes", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode} "
+                                   f"(port {self.port} taken?)")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server did not answer on 127.0.0.1:{self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
