@@ -1,0 +1,222 @@
+"""Remote tiers against real servers on 127.0.0.1: Redis (a private redis-server started here)
+and NIXL (two UCX agents in this process, DRAM to DRAM); salt isolation in every tier."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prefixkv.paged.spec import numpy_dtype
+from prefixkv.paged.tiers import BlockKey, DiskTier, HostTier, Namespace, TieredStore
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = ["float32", "float16", "bfloat16"]
+ROW = (4, 3, 2, 5)
+
+
+def _same(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def _ns(dtype="float32", salt=None):
+    return Namespace("tiny-model", dtype=dtype, salt=salt)
+
+
+def _keys(n, ns=None, start=0):
+    ns = ns or _ns()
+    return [BlockKey(i.to_bytes(4, "big"), ns) for i in range(start, start + n)]
+
+
+def _rows(n, dtype="float32", seed=0, shape=ROW):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape).astype(numpy_dtype(dtype)) for _ in range(n)]
+
+
+def redis_server_or_skip():
+    """A started LocalRedisServer; installs redis-server via scripts/services.sh if missing."""
+    from prefixkv.paged.tiers import LocalRedisServer
+
+    if shutil.which("redis-server") is None:
+        r = subprocess.run(["bash", str(ROOT / "scripts" / "services.sh"), "install"],
+                           capture_output=True, text=True, timeout=300)
+        if shutil.which("redis-server") is None:
+            pytest.skip(f"redis-server not installed and could not be installed: "
+                        f"{r.stderr.strip()[-300:]}")
+    return LocalRedisServer().start()
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    srv = redis_server_or_skip()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def redis_tier(redis_server, request):
+    from prefixkv.paged.tiers import RedisTier
+
+    t = RedisTier(port=redis_server.port, prefix=f"t-{request.node.name}:", max_batch=3)
+    t.clear()
+    yield t
+    t.clear()
+    t.close()
+
+
+@pytest.fixture(scope="module")
+def nixl_peer():
+    pytest.importorskip("nixl", reason="nixl not installed (pip install --no-deps nixl nixl-cu12)")
+    from prefixkv.paged.tiers import NixlPeer
+
+    peer = NixlPeer(num_slots=16, slot_bytes=4096)
+    yield peer
+    peer.close()
+
+
+@pytest.fixture()
+def nixl_tier(nixl_peer):
+    from prefixkv.paged.tiers import NixlTier
+
+    t = NixlTier(nixl_peer, staging_slots=4)
+    yield t
+    t.close()
+
+
+# -- Redis -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_redis_round_trip_pipelined(redis_tier, dtype):
+    ns = _ns(dtype)
+    ks, vals = _keys(7, ns), _rows(7, dtype)  # 7 keys over max_batch=3: three round trips
+    assert redis_tier.batch_exists(ks) == 0
+    assert redis_tier.batch_put(ks, vals) == [True] * 7
+    assert redis_tier.batch_exists(ks) == 7
+    assert redis_tier.batch_exists([ks[0], _keys(1, ns, 99)[0], ks[1]]) == 1
+    got = redis_tier.batch_get(ks, shape=ROW, dtype=dtype)
+    assert all(_same(g, v) for g, v in zip(got, vals, strict=True))
+    assert redis_tier.batch_get(ks[:1], shape=(1,)) == [None]
+    assert redis_tier.batch_remove(ks[:2]) == 2 and redis_tier.batch_exists(ks) == 0
+
+
+def test_redis_rejects_a_foreign_or_tampered_value(redis_tier):
+    ks, vals = _keys(2), _rows(2)
+    redis_tier.batch_put(ks, vals)
+    c = redis_tier.client
+    # A value copied under another key name is refused: the record names its key.
+    c.set(redis_tier._rkey(ks[1]), c.get(redis_tier._rkey(ks[0])))
+    raw = bytearray(c.get(redis_tier._rkey(ks[0])))
+    raw[-1] ^= 1
+    c.set(redis_tier._rkey(ks[0]), bytes(raw))
+    assert redis_tier.batch_get(ks) == [None, None]
+    assert redis_tier.stats.corrupt == 2
+
+
+def test_redis_ttl(redis_server):
+    from prefixkv.paged.tiers import RedisTier
+
+    t = RedisTier(port=redis_server.port, prefix="ttl:", ttl_s=30)
+    t.batch_put(_keys(1), _rows(1))
+    assert 0 < t.client.pttl(t._rkey(_keys(1)[0])) <= 30_000
+    t.clear()
+
+
+def test_redis_import_error_names_the_extra(monkeypatch):
+    import builtins
+
+    from prefixkv.paged.tiers import redis as redis_tier_mod
+
+    real = builtins.__import__
+
+    def fake(name, *a, **kw):
+        if name == "redis" or name.startswith("redis."):
+            raise ImportError("no redis")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(ImportError, match=r"prefixkv\[remote\]"):
+        redis_tier_mod.RedisTier(port=1)
+
+
+# -- NIXL ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nixl_round_trip(nixl_tier, dtype):
+    ns = _ns(dtype)
+    ks, vals = _keys(6, ns), _rows(6, dtype, seed=1)  # 6 over 4 staging slots: 2 transfers
+    assert nixl_tier.batch_put(ks, vals) == [True] * 6
+    assert nixl_tier.batch_exists(ks) == 6
+    got = nixl_tier.batch_get(ks, shape=ROW, dtype=dtype)
+    assert all(_same(g, v) for g, v in zip(got, vals, strict=True))
+    assert nixl_tier.stats.bytes_read > 0 and nixl_tier.stats.errors == 0
+
+
+def test_nixl_slot_lru_and_oversize(nixl_tier):
+    vals = _rows(20, seed=2)
+    ks = _keys(20)
+    assert nixl_tier.batch_put(ks[:16], vals[:16]) == [True] * 16
+    nixl_tier.batch_get([ks[0]])  # touch
+    assert nixl_tier.batch_put(ks[16:18], vals[16:18]) == [True, True]  # evicts 1, 2
+    assert [nixl_tier.batch_exists([k]) for k in ks[:3]] == [1, 0, 0]
+    got = nixl_tier.batch_get([ks[0], ks[17]])
+    assert _same(got[0], vals[0]) and _same(got[1], vals[17])
+    big = np.zeros((64, 64), np.float32)  # 16 KiB > 4 KiB slot
+    assert nixl_tier.batch_put(_keys(1, start=50), [big]) == [False]
+
+
+def test_nixl_corrupt_remote_slot_is_a_miss(nixl_peer, nixl_tier):
+    ks, vals = _keys(2, start=200), _rows(2, seed=3)
+    assert nixl_tier.batch_put(ks, vals) == [True, True]
+    slot = nixl_tier._index[ks[0].storage_key()][1]
+    nixl_peer.slot(slot)[200] ^= 0xFF  # bit rot / overwrite on the peer
+    got = nixl_tier.batch_get(ks)
+    assert got[0] is None and _same(got[1], vals[1])
+    assert nixl_tier.stats.corrupt == 1
+
+
+def test_nixl_peer_gone_is_a_miss(nixl_peer):
+    from prefixkv.paged.tiers import NixlTier
+
+    t = NixlTier(nixl_peer, staging_slots=2, timeout_s=1.0)
+    ks, vals = _keys(1, start=300), _rows(1, seed=4)
+    assert t.batch_put(ks, vals) == [True]
+    t.agent.remove_remote_agent(t._remote)  # connection to the peer dropped
+    assert t.batch_get(ks) == [None]
+    assert t.batch_put(_keys(1, start=301), vals) == [False]
+    assert t.stats.errors >= 2
+
+
+# -- isolation across salts, every tier ------------------------------------------------------
+
+@pytest.fixture(params=["host", "disk", "redis", "nixl", "chain"])
+def any_tier(request, tmp_path):
+    kind = request.param
+    if kind == "host":
+        return HostTier(1 << 20)
+    if kind == "disk":
+        return DiskTier(tmp_path)
+    if kind == "redis":
+        return request.getfixturevalue("redis_tier")
+    if kind == "nixl":
+        return request.getfixturevalue("nixl_tier")
+    return TieredStore([HostTier(1 << 20), DiskTier(tmp_path)])
+
+
+def test_equal_hashes_under_different_salts_never_collide(any_tier):
+    salts = [None, "a", "b", b"a\0", "tenant-1"]
+    hashes = [bytes([i]) * 32 for i in range(3)]
+    for j, salt in enumerate(salts):
+        ks = [BlockKey(h, _ns(salt=salt)) for h in hashes]
+        vals = [np.full(ROW, 10 * j + i, np.float32) for i in range(3)]
+        assert all(any_tier.batch_put(ks, vals))
+    for j, salt in enumerate(salts):
+        ks = [BlockKey(h, _ns(salt=salt)) for h in hashes]
+        got = any_tier.batch_get(ks)
+        assert all(_same(g, np.full(ROW, 10 * j + i, np.float32)) for i, g in enumerate(got))
+    other = [BlockKey(h, _ns(salt="never-stored")) for h in hashes]
+    assert any_tier.batch_exists(other) == 0 and any_tier.batch_get(other) == [None] * 3
+    # same hash and salt, other model / rank: no hit either
+    assert any_tier.batch_exists([BlockKey(hashes[0], Namespace("other", dtype="float32"))]) == 0
