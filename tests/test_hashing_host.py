@@ -227,3 +227,17 @@ def test_reference_bad_input(kwargs, exc, match):
     tokens, block_size = args.pop("tokens"), args.pop("block_size")
     with pytest.raises(exc, match=match):
         hash_blocks_reference(tokens, block_size, **args)
+
+
+def test_fallbacks_without_the_extension(monkeypatch):
+    """Without the compiled kernel: the blake3 package; without that too: the reference."""
+    tokens = np.arange(16 * 5 + 3, dtype=np.int32)
+    cu = np.array([0, 40, len(tokens)], np.int32)
+    want = hash_blocks(tokens, 16, cu_lens=cu, salt="f")
+    monkeypatch.setattr(cpu, "load_extension", lambda: None)
+    assert host_backend() == "blake3"
+    assert cpu.simd() == "missing"
+    assert hash_blocks(tokens, 16, cu_lens=cu, salt="f") == want
+    monkeypatch.setitem(__import__("sys").modules, "blake3", None)
+    assert host_backend() == "reference"
+    assert hash_blocks(tokens, 16, cu_lens=cu, salt="f") == want
