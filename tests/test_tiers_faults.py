@@ -1,0 +1,226 @@
+"""Faults: Redis killed / hung mid-run, disk files corrupted, truncated, swapped or unwritable,
+host budget full. Nothing raises to the caller, nothing wrong is served, service resumes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prefixkv.paged.spec import numpy_dtype
+from prefixkv.paged.tiers import (
+    BlockKey,
+    BlockOffloader,
+    DiskTier,
+    HostTier,
+    Namespace,
+    TieredStore,
+)
+from test_tiers_remote import redis_server_or_skip
+
+ROW = (4, 3, 2, 5)
+
+
+def _same(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def _ns(salt=None):
+    return Namespace("tiny-model", dtype="float32", salt=salt)
+
+
+def _keys(n, start=0):
+    return [BlockKey(i.to_bytes(4, "big"), _ns()) for i in range(start, start + n)]
+
+
+def _rows(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(ROW).astype(numpy_dtype("float32")) for _ in range(n)]
+
+
+@pytest.fixture()
+def redis_server():
+    srv = redis_server_or_skip()  # private per test: these tests kill it
+    yield srv
+    srv.stop()
+
+
+def _redis(srv, **kw):
+    from prefixkv.paged.tiers import RedisTier
+
+    kw.setdefault("socket_timeout", 0.3)
+    kw.setdefault("connect_timeout", 0.3)
+    kw.setdefault("retry_interval", 0.2)
+    return RedisTier(port=srv.port, **kw)
+
+
+# -- Redis -----------------------------------------------------------------------------------
+
+def test_redis_killed_mid_run_degrades_then_reconnects(redis_server, tmp_path):
+    redis = _redis(redis_server)
+    disk = DiskTier(tmp_path)
+    store = TieredStore([HostTier(2 * np.zeros(ROW, np.float32).nbytes), disk, redis])
+    ks, vals = _keys(6), _rows(6)
+    assert store.batch_put(ks[:3], vals[:3]) == [True] * 3
+    assert redis.batch_exists(ks[:3]) == 3
+
+    redis_server.stop()  # SIGKILL mid-run
+    t0 = time.monotonic()
+    assert redis.batch_exists(ks) == 0
+    assert redis.batch_get(ks[:3]) == [None] * 3
+    assert redis.batch_put(ks[3:], vals[3:]) == [False] * 3
+    assert not redis.available and redis.stats.errors >= 1
+    # the chain still serves from disk and still stores (write-through to the live tiers)
+    assert store.batch_put(ks[3:], vals[3:]) == [True] * 3
+    got = store.batch_get(ks)
+    assert all(_same(g, v) for g, v in zip(got, vals, strict=True))
+    assert time.monotonic() - t0 < 5  # down server costs timeouts, not hangs
+
+    redis_server.start()  # back (empty: no persistence)
+    time.sleep(0.25)  # retry_interval
+    assert redis.batch_exists(ks) == 0  # old blocks lost: a miss, never stale data
+    assert redis.batch_put(ks[:2], vals[:2]) == [True, True]  # reconnected
+    assert all(_same(g, v) for g, v in zip(redis.batch_get(ks[:2]), vals[:2], strict=True))
+
+
+def test_redis_hung_server_times_out_to_a_miss(redis_server):
+    redis = _redis(redis_server, socket_timeout=0.2)
+    ks, vals = _keys(2), _rows(2)
+    assert redis.batch_put(ks, vals) == [True, True]
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)  # hung / very slow server
+    try:
+        t0 = time.monotonic()
+        assert redis.batch_get(ks) == [None, None]
+        assert time.monotonic() - t0 < 2
+        assert redis.batch_put(_keys(1, start=9), vals[:1]) == [False]  # marked down: at once
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    time.sleep(0.25)
+    got = redis.batch_get(ks)
+    assert all(_same(g, v) for g, v in zip(got, vals, strict=True))
+
+
+def test_redis_never_up_is_a_miss():
+    from prefixkv.paged.tiers import RedisTier
+
+    with socket.socket() as s:  # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = RedisTier(port=port, connect_timeout=0.2, socket_timeout=0.2)
+    assert t.batch_put(_keys(1), _rows(1)) == [False]
+    assert t.batch_exists(_keys(1)) == 0 and t.batch_get(_keys(1)) == [None]
+    assert not t.ping()
+
+
+# -- disk ------------------------------------------------------------------------------------
+
+def _file(d: DiskTier, k: BlockKey) -> str:
+    return d.path(k)
+
+
+@pytest.mark.parametrize("fault", ["flip-payload", "flip-header", "truncate", "empty",
+                                   "garbage", "swapped"])
+def test_disk_damaged_file_is_a_miss_and_removed(tmp_path, fault):
+    d = DiskTier(tmp_path)
+    ks, vals = _keys(2), _rows(2)
+    d.batch_put(ks, vals)
+    p = _file(d, ks[0])
+    data = bytearray(Path(p).read_bytes())
+    if fault == "flip-payload":
+        data[-5] ^= 0x40
+    elif fault == "flip-header":
+        data[40] ^= 0x01
+    elif fault == "truncate":
+        data = data[: len(data) // 2]
+    elif fault == "empty":
+        data = bytearray()
+    elif fault == "garbage":
+        data = bytearray(os.urandom(len(data)))
+    else:  # block 1's valid record under block 0's name
+        data = bytearray(Path(_file(d, ks[1])).read_bytes())
+    with open(p, "wb") as f:
+        f.write(data)
+    got = d.batch_get(ks)
+    assert got[0] is None and _same(got[1], vals[1])
+    assert d.stats.corrupt == 1 and not os.path.exists(p)
+    assert d.batch_exists(ks) == 0  # the bad file is gone: a clean miss from now on
+    assert d.batch_put(ks[:1], vals[:1]) == [True]  # and it can be stored again
+    assert _same(d.batch_get(ks[:1])[0], vals[0])
+
+
+def test_chain_serves_the_next_tier_when_disk_is_corrupt(tmp_path, redis_server):
+    disk, redis = DiskTier(tmp_path), _redis(redis_server)
+    store = TieredStore([disk, redis])
+    ks, vals = _keys(3), _rows(3)
+    store.batch_put(ks, vals)
+    with open(disk.path(ks[1]), "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        f.write(b"\xff" if f.read(1) != b"\xff" else b"\x00")
+    got = store.batch_get(ks)
+    assert all(_same(g, v) for g, v in zip(got, vals, strict=True))
+    assert disk.stats.corrupt == 1 and disk.batch_exists(ks) == 3  # promoted back to disk
+
+
+def test_disk_leftover_temp_files_are_ignored(tmp_path):
+    d = DiskTier(tmp_path)
+    d.batch_put(_keys(1), _rows(1))
+    nsdir = os.path.dirname(d.path(_keys(1)[0]))
+    with open(os.path.join(nsdir, ".tmp-crashed.part"), "wb") as f:
+        f.write(b"half a record")
+    d2 = DiskTier(tmp_path)
+    assert len(d2._sizes) == 1 and d2.batch_exists(_keys(1)) == 1
+
+
+def test_disk_unwritable_is_put_false(tmp_path):
+    d = DiskTier(tmp_path)
+    k = _keys(1)[0]
+    with open(os.path.join(tmp_path, k.namespace.digest()), "wb") as f:
+        f.write(b"a file where the namespace directory should be")
+    assert d.batch_put([k], _rows(1)) == [False]
+    assert d.stats.errors == 1 and d.batch_get([k]) == [None]
+
+
+# -- host ------------------------------------------------------------------------------------
+
+def test_host_budget_full_under_a_long_stream():
+    rng = np.random.default_rng(7)
+    row_bytes = np.zeros(ROW, np.float32).nbytes
+    h = HostTier(5 * row_bytes + row_bytes // 2)
+    stored = {}
+    for step in range(60):
+        n = int(rng.integers(1, 9))
+        ks = _keys(n, start=int(rng.integers(0, 40)))
+        vals = [np.full(ROW, int.from_bytes(k.block_hash, "big"), np.float32) for k in ks]
+        res = h.batch_put(ks, vals)
+        assert res[:5] == [True] * min(n, 5) and not any(res[5:])
+        stored.update({k: v for k, v, ok in zip(ks, vals, res, strict=True) if ok})
+        assert h.used_bytes + h.spare_bytes <= h.budget_bytes and len(h) <= 5
+        probe = list(stored)[-8:]
+        for k, g in zip(probe, h.batch_get(probe), strict=True):
+            assert g is None or _same(g, stored[k])  # a miss or the right block
+        if step % 10 == 0:
+            held = h.batch_get(probe[-1:])  # views held across later evictions
+            keep = (held[0], stored[probe[-1]].copy()) if held[0] is not None else None
+        if keep is not None:
+            assert _same(*keep)
+    assert h.stats.evictions > 0
+
+
+def test_offload_with_a_full_host_tier_keeps_lower_tiers(tmp_path):
+    rng = np.random.default_rng(8)
+    caches = [rng.standard_normal((16, 3, 2, 5)).astype(np.float32) for _ in range(4)]
+    host = HostTier(2 * np.zeros(ROW, np.float32).nbytes)
+    store = TieredStore([host, DiskTier(tmp_path)])
+    off = BlockOffloader(store, _ns())
+    hashes = [bytes([i]) * 32 for i in range(6)]
+    assert off.offload(caches, np.arange(6, dtype=np.int32), hashes) == [True] * 6
+    fresh = [np.zeros_like(c) for c in caches]
+    fresh, n = off.onboard(fresh, np.arange(10, 16, dtype=np.int32), hashes)
+    assert n == 6
+    for c, f in zip(caches, fresh, strict=True):
+        assert _same(f[10:16], c[0:6])
