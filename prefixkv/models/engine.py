@@ -1,0 +1,468 @@
+"""A framework-agnostic serving loop over :class:`~prefixkv.paged.prefix_cache.PrefixCache`.
+
+The engine schedules, the ``paged/`` manager allocates, matches prefixes (salt-aware), evicts
+and plans, and a *model adapter* runs the forward pass in its framework. An adapter has::
+
+    adapter.name                       # "jax", "torch", "numpy"
+    adapter.forward(batch: StepBatch) -> np.ndarray   # f32[num_seqs, vocab] last-token logits
+    adapter.gather_blocks(block_ids) -> np.ndarray    # [n, 2 * num_layers, *block_shape]
+    adapter.scatter_blocks(block_ids, buffer)         # onboard a gathered buffer
+    adapter.reset()                                   # fresh (zeroed) caches
+
+Each step (continuous batching, chunked prefill, as vLLM's scheduler): running sequences in
+decode get one token each, then sequences still in prefill get chunks of their uncached prompt
+tokens up to ``max_num_batched_tokens``; a chunk shrinks when the pool is short, and when a
+decode token cannot get a block the most recently admitted other sequence is preempted (freed
+and re-queued from scratch). New requests are admitted when a sequence slot is free (a closed
+loop: a request arrives when the previous one leaves), and their time to first token (TTFT) is
+measured from that moment to the end of the step that sampled their first token.
+
+Offload: when the pool evicts a cached block (an ``"evicted"`` event, published before the
+block is reused), its KV is gathered into a host tier keyed by (salt namespace, block hash);
+a later request whose prefix continues past the device hit into the host tier gets those
+blocks onboarded (``PrefixCache.onboard`` + ``scatter_blocks``) instead of recomputed.
+
+Shapes are bucketed (tokens to powers of two, sequences to ``max_num_seqs + 1``, block tables
+to ``max_model_len / block_size``) so compiled forwards are reused; :meth:`Engine.warmup`
+compiles every bucket before anything is timed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..paged.events import EVICTED, KVEvent
+from ..paged.pool import namespace_of
+from ..paged.prefix_cache import PrefixCache
+from .batch import StepBatch
+from .workload import Request
+
+I32 = np.int32
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int = 192            # device pool, null block 0 included
+    max_num_seqs: int = 4
+    max_num_batched_tokens: int = 256
+    max_model_len: int = 1024
+    enable_caching: bool = True
+    shared_prefix: bool = True       # shared_prefix_attention for groups the planner finds
+    host_blocks: int = 512           # host tier capacity in blocks (0: no offload)
+    min_token_bucket: int = 8
+
+    def replace(self, **changes) -> EngineConfig:
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-self.max_model_len // self.block_size)
+
+    def token_buckets(self) -> list[int]:
+        out, b = [], self.min_token_bucket
+        while b < self.max_num_batched_tokens:
+            out.append(b)
+            b *= 2
+        out.append(self.max_num_batched_tokens)
+        return out
+
+
+class HostTier:
+    """LRU host-memory tier: ``{(namespace, block_hash): block buffer}`` with a block capacity."""
+
+    def __init__(self, capacity_blocks: int) -> None:
+        self.capacity = capacity_blocks
+        self._store: OrderedDict[tuple[bytes, bytes], np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def put(self, namespace: bytes, block_hashes: Sequence[bytes], buffer: np.ndarray) -> None:
+        for i, h in enumerate(block_hashes):
+            key = (namespace, h)
+            self._store[key] = np.array(buffer[i], copy=True)
+            self._store.move_to_end(key)
+        while len(self._store) > self.capacity:
+            self._store.popitem(last=False)
+
+    def leading_hits(self, namespace: bytes, block_hashes: Sequence[bytes]) -> int:
+        n = 0
+        for h in block_hashes:
+            if (namespace, h) not in self._store:
+                break
+            n += 1
+        return n
+
+    def get(self, namespace: bytes, block_hashes: Sequence[bytes]) -> np.ndarray:
+        out = []
+        for h in block_hashes:
+            key = (namespace, h)
+            self._store.move_to_end(key)
+            out.append(self._store[key])
+        return np.stack(out)
+
+
+@dataclass
+class _Seq:
+    req: Request
+    rid: int
+    tokens: list[int]
+    num_computed: int = 0
+    generated: list[int] = field(default_factory=list)
+    arrival: float = 0.0
+    first_token: float | None = None
+    finish: float | None = None
+    cached_tokens: int = 0       # device hits
+    onboarded_tokens: int = 0    # host-tier hits
+    final_logits: np.ndarray | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.req.prompt)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < self.prompt_len
+
+
+@dataclass
+class RequestResult:
+    request_id: int
+    tenant: str
+    prompt_len: int
+    cached_tokens: int
+    onboarded_tokens: int
+    output_tokens: list[int]
+    ttft_s: float
+    latency_s: float
+    final_logits: np.ndarray
+
+
+@dataclass
+class RunResult:
+    framework: str
+    enable_caching: bool
+    requests: list[RequestResult]
+    wall_s: float
+    steps: int
+    shared_prefix_steps: int
+    decode_tokens: int
+    decode_step_s: float
+    blocks_evicted: int
+    blocks_offloaded: int
+    blocks_onboarded: int
+    preemptions: int
+    warmup_s: float = 0.0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(r.prompt_len for r in self.requests)
+
+    @property
+    def hit_tokens(self) -> int:
+        return sum(r.cached_tokens + r.onboarded_tokens for r in self.requests)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / max(self.prompt_tokens, 1)
+
+    def ttft(self, q: float) -> float:
+        return float(np.percentile([r.ttft_s for r in self.requests], q))
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_step_s if self.decode_step_s else 0.0
+
+    def outputs(self) -> dict[int, list[int]]:
+        return {r.request_id: r.output_tokens for r in self.requests}
+
+
+def _sha256_hash_fn(tokens: np.ndarray, block_size: int, *, salt=None,
+                    parent: bytes | None = None) -> list[bytes]:
+    """Chained SHA-256 block hashes (used only while prefixkv.paged.hashing is absent)."""
+    out, prev = [], parent if parent is not None else hashlib.sha256(
+        b"prefixkv-engine" + namespace_of(salt)).digest()
+    toks = np.asarray(tokens, "<u4")
+    for i in range(len(toks) // block_size):
+        prev = hashlib.sha256(prev + toks[i * block_size:(i + 1) * block_size].tobytes()).digest()
+        out.append(prev)
+    return out
+
+
+def _hash_fn():
+    try:
+        from ..paged import hashing  # noqa: F401
+    except ImportError:
+        return _sha256_hash_fn
+    return None  # the PrefixCache default: prefixkv-v1 hash_blocks
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"num_tokens: {n} exceeds the largest bucket {buckets[-1]}")
+
+
+class Engine:
+    """Serves a request stream with one model adapter over one PrefixCache."""
+
+    def __init__(self, adapter, config: EngineConfig | None = None) -> None:
+        self.adapter = adapter
+        self.config = config = config or EngineConfig()
+        if getattr(adapter, "num_blocks", config.num_blocks) != config.num_blocks or getattr(
+                adapter, "block_size", config.block_size) != config.block_size:
+            raise ValueError(f"adapter: its cache has {adapter.num_blocks} blocks of "
+                             f"{adapter.block_size}, the engine expects {config.num_blocks} of "
+                             f"{config.block_size}")
+        self.buckets = config.token_buckets()
+        self.num_seqs_padded = config.max_num_seqs + 1
+        self.max_prefixes = max(config.max_num_seqs // 2, 1)
+
+    # ------------------------------------------------------------------ batches
+    def _pad(self, plan, token_ids: np.ndarray, logits_rows: np.ndarray) -> StepBatch:
+        c = self.config
+        t_real, s_real = plan.num_tokens, plan.num_seqs
+        t = _bucket(max(t_real, 1), self.buckets)
+        s = self.num_seqs_padded
+        w = c.max_blocks_per_seq
+        pad = t - t_real
+
+        def tokens(x, fill):
+            out = np.full(t, fill, I32)
+            out[:t_real] = x
+            return out
+
+        def table(x):
+            out = np.zeros((s, w), I32)  # the null block 0
+            out[:x.shape[0], :x.shape[1]] = x
+            return out
+
+        def lens(x, last):
+            out = np.zeros(s, I32)
+            out[:s_real] = x
+            out[-1] = last
+            return out
+
+        cu = np.full(s + 1, t_real, I32)
+        cu[:s_real + 1] = plan.cu_q_lens
+        cu[-1] = t
+        logits = np.zeros(s, I32)
+        logits[:s_real] = logits_rows
+        batch = StepBatch(
+            token_ids=tokens(token_ids, 0), positions=tokens(plan.positions, 0),
+            slot_mapping=tokens(plan.slot_mapping, -1), cu_q_lens=cu,
+            kv_lens=lens(plan.kv_lens, pad), block_tables=table(plan.block_tables),
+            logits_indices=logits, num_real_tokens=t_real, num_real_seqs=s_real)
+        sp = plan.shared
+        if sp is not None:
+            p = sp.prefix_block_tables
+            ptab = np.zeros((self.max_prefixes, w), I32)
+            ptab[:p.shape[0], :p.shape[1]] = p
+            plens = np.zeros(self.max_prefixes, I32)
+            plens[:p.shape[0]] = sp.prefix_lens
+            pids = np.full(s, -1, I32)
+            pids[:s_real] = sp.prefix_ids
+            batch.prefix_block_tables, batch.prefix_lens, batch.prefix_ids = ptab, plens, pids
+            batch.suffix_block_tables = table(sp.block_tables)
+            batch.suffix_kv_lens = lens(sp.kv_lens, pad)
+        return batch
+
+    def dummy_batch(self, num_tokens: int, shared: bool) -> StepBatch:
+        """An all-padding batch of a bucket's shape (compiles the forward for that shape)."""
+        c = self.config
+        s, w = self.num_seqs_padded, c.max_blocks_per_seq
+        kv = np.zeros(s, I32)
+        kv[-1] = num_tokens
+        cu = np.zeros(s + 1, I32)
+        cu[-1] = num_tokens
+        z = np.zeros(num_tokens, I32)
+        batch = StepBatch(token_ids=z, positions=z, slot_mapping=np.full(num_tokens, -1, I32),
+                          cu_q_lens=cu, kv_lens=kv, block_tables=np.zeros((s, w), I32),
+                          logits_indices=np.zeros(s, I32), num_real_tokens=0, num_real_seqs=0)
+        if shared:
+            batch.prefix_block_tables = np.zeros((self.max_prefixes, w), I32)
+            batch.prefix_lens = np.zeros(self.max_prefixes, I32)
+            batch.prefix_ids = np.full(s, -1, I32)
+            batch.suffix_block_tables = batch.block_tables.copy()
+            batch.suffix_kv_lens = kv.copy()
+        return batch
+
+    def warmup(self) -> float:
+        """Run (compile) the forward once for every shape a run can produce; returns seconds."""
+        t0 = time.perf_counter()
+        variants = [False, True] if (self.config.enable_caching and
+                                     self.config.shared_prefix) else [False]
+        for shared in variants:
+            for b in self.buckets:
+                self.adapter.forward(self.dummy_batch(b, shared))
+        self.adapter.reset()
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, requests: Sequence[Request], *,
+            progress: Callable[[int], None] | None = None) -> RunResult:
+        """Serve ``requests`` in order and return per-request results and counters."""
+        c = self.config
+        self.adapter.reset()
+        pc = PrefixCache(c.num_blocks, c.block_size, enable_caching=c.enable_caching,
+                         shared_prefix=c.shared_prefix, hash_fn=_hash_fn())
+        host = HostTier(c.host_blocks) if (c.enable_caching and c.host_blocks) else None
+        counters = {"evicted": 0, "offloaded": 0, "onboarded": 0}
+
+        def on_event(ev: KVEvent) -> None:
+            if ev.kind != EVICTED:
+                return
+            counters["evicted"] += len(ev.block_hashes)
+            if host is not None:
+                buf = self.adapter.gather_blocks(np.asarray(ev.block_ids, I32))
+                host.put(ev.namespace, ev.block_hashes, buf)
+                counters["offloaded"] += len(ev.block_hashes)
+
+        pc.events.subscribe(on_event)
+        for r in requests:
+            if len(r.prompt) + r.max_new_tokens > c.max_model_len:
+                raise ValueError(f"requests: request {r.request_id} needs "
+                                 f"{len(r.prompt) + r.max_new_tokens} tokens, max_model_len is "
+                                 f"{c.max_model_len}")
+            if r.max_new_tokens < 1:
+                raise ValueError(f"requests: request {r.request_id} has max_new_tokens "
+                                 f"{r.max_new_tokens}, expected >= 1")
+        pending: deque[Request] = deque(requests)
+        running: list[_Seq] = []
+        done: list[_Seq] = []
+        steps = shared_steps = decode_tokens = preemptions = 0
+        decode_s = 0.0
+        t_start = time.perf_counter()
+
+        def admit(req: Request, now: float) -> _Seq:
+            seq = _Seq(req=req, rid=req.request_id, tokens=list(req.prompt), arrival=now)
+            seq.cached_tokens = pc.add_request(seq.rid, seq.tokens, salt=req.salt)
+            seq.num_computed = seq.cached_tokens
+            if host is not None:
+                cap = (len(seq.tokens) - 1) // c.block_size
+                first = seq.num_computed // c.block_size
+                if cap > first:
+                    ns = namespace_of(req.salt)
+                    hashes = pc.request_hashes(seq.rid, cap)[first:]
+                    n = min(host.leading_hits(ns, hashes), pc.pool.num_free)
+                    if n:
+                        blocks = pc.onboard(seq.rid, n)
+                        self.adapter.scatter_blocks(np.asarray(blocks, I32),
+                                                    host.get(ns, hashes[:n]))
+                        counters["onboarded"] += n
+                        seq.onboarded_tokens = n * c.block_size
+                        seq.num_computed = pc.num_computed(seq.rid)
+            return seq
+
+        hold_admission = False  # no admission right after a preemption: let the others progress
+
+        def preempt(victim: _Seq) -> None:
+            nonlocal preemptions, hold_admission
+            preemptions += 1
+            hold_admission = True
+            pc.free(victim.rid)
+            running.remove(victim)
+            pending.appendleft(victim.req)
+
+        while pending or running:
+            now = time.perf_counter()
+            while pending and len(running) < c.max_num_seqs and not hold_admission:
+                running.append(admit(pending.popleft(), now))
+            hold_admission = False
+            # ---- schedule: decodes first, then prefill chunks within the token budget
+            budget = c.max_num_batched_tokens
+            claimed = 0  # blocks this step's items will take
+            items: list[tuple[_Seq, int]] = []
+            for seq in list(running):
+                if seq.in_prefill or seq not in running:
+                    continue
+                need = pc.blocks_needed(seq.rid, 1)
+                while need > pc.pool.num_free - claimed:
+                    scheduled = [it[0] for it in items]
+                    victims = [s for s in running if s is not seq and s not in scheduled]
+                    if not victims:
+                        raise RuntimeError("num_blocks: the pool cannot hold the running "
+                                           "sequences' next tokens")
+                    preempt(victims[-1])
+                items.append((seq, 1))
+                claimed += need
+                budget -= 1
+            free = pc.pool.num_free - claimed
+            for seq in running:
+                if not seq.in_prefill or budget <= 0:
+                    continue
+                n = min(seq.prompt_len - seq.num_computed, budget)
+                while n > 0 and pc.blocks_needed(seq.rid, n) > free:
+                    room = len(pc.blocks(seq.rid)) * c.block_size - seq.num_computed
+                    n = min(n - 1, room + free * c.block_size)
+                if n <= 0:
+                    continue
+                free -= pc.blocks_needed(seq.rid, n)
+                items.append((seq, n))
+                budget -= n
+            if not items:
+                if len(running) > 1:
+                    preempt(running[-1])
+                    continue
+                raise RuntimeError("num_blocks: the pool cannot hold one sequence")
+            # ---- plan (allocate, register, metadata) and run the model
+            plan = pc.step([(s.rid, n) for s, n in items])
+            token_ids = np.concatenate(
+                [np.asarray(s.tokens[s.num_computed:s.num_computed + n], I32) for s, n in items])
+            rows = plan.cu_q_lens[1:] - 1
+            batch = self._pad(plan, token_ids, rows)
+            t0 = time.perf_counter()
+            logits = self.adapter.forward(batch)
+            steps += 1
+            shared_steps += batch.shared
+            # ---- sample (greedy) and retire
+            now = time.perf_counter()
+            n_decode = 0
+            for i, (seq, n) in enumerate(items):
+                decoding = not seq.in_prefill
+                seq.num_computed += n
+                if seq.in_prefill:
+                    continue  # a chunk in the middle of the prompt: no token yet
+                n_decode += decoding
+                tok = int(np.argmax(logits[i]))
+                seq.generated.append(tok)
+                if seq.first_token is None:
+                    seq.first_token = now
+                if len(seq.generated) >= seq.req.max_new_tokens:
+                    seq.final_logits = np.array(logits[i], copy=True)
+                    seq.finish = now
+                    pc.free(seq.rid)
+                    running.remove(seq)
+                    done.append(seq)
+                else:
+                    seq.tokens.append(tok)
+                    pc.append_tokens(seq.rid, [tok])
+            if n_decode:
+                decode_tokens += n_decode
+                decode_s += now - t0
+            if progress is not None and len(done):
+                progress(len(done))
+        wall = time.perf_counter() - t_start
+        done.sort(key=lambda s: s.rid)
+        results = [RequestResult(
+            request_id=s.rid, tenant=s.req.tenant, prompt_len=s.prompt_len,
+            cached_tokens=s.cached_tokens, onboarded_tokens=s.onboarded_tokens,
+            output_tokens=list(s.generated), ttft_s=s.first_token - s.arrival,
+            latency_s=s.finish - s.arrival, final_logits=s.final_logits) for s in done]
+        return RunResult(
+            framework=getattr(self.adapter, "name", type(self.adapter).__name__),
+            enable_caching=c.enable_caching, requests=results, wall_s=wall, steps=steps,
+            shared_prefix_steps=shared_steps, decode_tokens=decode_tokens,
+            decode_step_s=decode_s, blocks_evicted=counters["evicted"],
+            blocks_offloaded=counters["offloaded"], blocks_onboarded=counters["onboarded"],
+            preemptions=preemptions)

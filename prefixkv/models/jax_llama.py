@@ -1,0 +1,117 @@
+"""The tiny Llama decoder in JAX, its attention through :mod:`prefixkv.jax_frontend`.
+
+One jitted forward per (bucketed) batch shape and attention variant: embed, then per layer
+RMSNorm, q/k/v projections, RoPE at each token's absolute position, ``write_kv`` of this step's
+keys and values into the paged cache, ``paged_attention`` over it (``shared_prefix_attention``
+when the step has shared-prefix groups), the output projection and a SwiGLU MLP; finally the
+logits of each sequence's last token. The caches are donated, so XLA updates them in place.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .batch import StepBatch
+from .config import LlamaConfig
+
+
+def _rms_norm(x, w, eps):
+    xf = x.astype(jnp.float32)
+    var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+    return (xf * jax.lax.rsqrt(var + eps)).astype(x.dtype) * w
+
+
+def _rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def forward(ops, cfg: LlamaConfig, shared: bool, w: dict, caches: list, a: dict):
+    """Pure forward: (logits f32[num_seqs, vocab], updated caches). ``a``: the batch arrays."""
+    t = a["token_ids"].shape[0]
+    x = w["embed"][a["token_ids"]]
+    cos, sin = w["rope_cos"][a["positions"]], w["rope_sin"][a["positions"]]
+    new_caches = []
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        h = _rms_norm(x, w[p + "attn_norm"], cfg.rms_norm_eps)
+        q = (h @ w[p + "wq"]).reshape(t, cfg.num_q_heads, cfg.head_dim)
+        k = (h @ w[p + "wk"]).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        v = (h @ w[p + "wv"]).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        kc, vc = ops.write_kv(k, v, caches[2 * i], caches[2 * i + 1], a["slot_mapping"])
+        new_caches += [kc, vc]
+        if shared:
+            attn = ops.shared_prefix_attention(
+                q, kc, vc, a["prefix_block_tables"], a["prefix_lens"], a["prefix_ids"],
+                a["suffix_block_tables"], a["suffix_kv_lens"], a["cu_q_lens"])
+        else:
+            attn = ops.paged_attention(q, kc, vc, a["block_tables"], a["kv_lens"],
+                                       a["cu_q_lens"])
+        x = x + attn.reshape(t, -1) @ w[p + "wo"]
+        h = _rms_norm(x, w[p + "mlp_norm"], cfg.rms_norm_eps)
+        x = x + (jax.nn.silu(h @ w[p + "w_gate"]) * (h @ w[p + "w_up"])) @ w[p + "w_down"]
+    last = _rms_norm(x[a["logits_indices"]], w["final_norm"], cfg.rms_norm_eps)
+    return (last @ w["lm_head"]).astype(jnp.float32), new_caches
+
+
+_BATCH_FIELDS = ("token_ids", "positions", "slot_mapping", "cu_q_lens", "kv_lens",
+                 "block_tables", "logits_indices")
+_SHARED_FIELDS = ("prefix_block_tables", "prefix_lens", "prefix_ids", "suffix_block_tables",
+                  "suffix_kv_lens")
+
+
+class JaxLlama:
+    """Model adapter (see :mod:`prefixkv.models.engine`) holding JAX weights and caches.
+
+    device: a JAX platform or device string ("cpu", "gpu", "tpu"; default: JAX's default).
+    ops: the module providing the ops (default :mod:`prefixkv.jax_frontend`).
+    """
+
+    name = "jax"
+
+    def __init__(self, config: LlamaConfig, weights: dict[str, np.ndarray], *, num_blocks: int,
+                 block_size: int, device: str | None = None, ops=None):
+        if ops is None:
+            from .. import jax_frontend as ops
+        self.ops, self.config = ops, config
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.device = jax.devices(device)[0] if device else jax.devices()[0]
+        self.w = {k: jax.device_put(jnp.asarray(v), self.device) for k, v in weights.items()}
+        self._fwd = {}
+        self.reset()
+
+    def reset(self) -> None:
+        c = self.config
+        shape = (self.num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        dt = self.w["embed"].dtype
+        self.caches = [jax.device_put(jnp.zeros(shape, dt), self.device)
+                       for _ in range(2 * c.num_layers)]
+
+    def _compiled(self, shared: bool):
+        fn = self._fwd.get(shared)
+        if fn is None:
+            fn = jax.jit(partial(forward, self.ops, self.config, shared), donate_argnums=(1,))
+            self._fwd[shared] = fn
+        return fn
+
+    def forward(self, batch: StepBatch) -> np.ndarray:
+        names = _BATCH_FIELDS + (_SHARED_FIELDS if batch.shared else ())
+        arrays = {n: jax.device_put(getattr(batch, n), self.device) for n in names}
+        logits, self.caches = self._compiled(batch.shared)(self.w, self.caches, arrays)
+        return np.asarray(logits)
+
+    def gather_blocks(self, block_ids: np.ndarray) -> np.ndarray:
+        ids = jax.device_put(np.asarray(block_ids, np.int32), self.device)
+        return np.asarray(self.ops.gather_blocks(self.caches, ids))
+
+    def scatter_blocks(self, block_ids: np.ndarray, buffer: np.ndarray) -> None:
+        ids = jax.device_put(np.asarray(block_ids, np.int32), self.device)
+        buf = jax.device_put(jnp.asarray(buffer), self.device)
+        self.caches = list(self.ops.scatter_blocks(self.caches, buf, ids))

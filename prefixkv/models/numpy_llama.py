@@ -1,0 +1,87 @@
+"""The tiny Llama decoder in numpy over the reference ops: the meaning of one model step.
+
+Slow (every cache write copies the cache, as the functional reference does) and meant for small
+tests: the JAX and torch models are checked against it, and the engine can run on it when no
+framework is installed. Same adapter interface as :class:`~prefixkv.models.jax_llama.JaxLlama`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..paged import reference as ref
+from .batch import StepBatch
+from .config import LlamaConfig
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    var = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)
+    return (x / np.sqrt(var + eps)) * w
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x: [T, H, D]; cos, sin: [T, D // 2]. Rotate-half RoPE."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+class NumpyLlama:
+    """Model adapter: holds the weights and every layer's paged K/V cache (numpy)."""
+
+    name = "numpy"
+
+    def __init__(self, config: LlamaConfig, weights: dict[str, np.ndarray], *, num_blocks: int,
+                 block_size: int):
+        self.config, self.w = config, weights
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.reset()
+
+    def reset(self) -> None:
+        c = self.config
+        shape = (self.num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        dt = self.w["embed"].dtype
+        self.caches = [np.zeros(shape, dt) for _ in range(2 * c.num_layers)]
+
+    def forward(self, batch: StepBatch) -> np.ndarray:
+        """Logits f32[num_seqs, vocab_size] at each sequence's last query token."""
+        c, w = self.config, self.w
+        t = batch.num_tokens
+        x = w["embed"][batch.token_ids]
+        cos, sin = w["rope_cos"][batch.positions], w["rope_sin"][batch.positions]
+        for i in range(c.num_layers):
+            p = f"layers.{i}."
+            h = rms_norm(x, w[p + "attn_norm"], c.rms_norm_eps)
+            q = (h @ w[p + "wq"]).reshape(t, c.num_q_heads, c.head_dim)
+            k = (h @ w[p + "wk"]).reshape(t, c.num_kv_heads, c.head_dim)
+            v = (h @ w[p + "wv"]).reshape(t, c.num_kv_heads, c.head_dim)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            kc, vc = ref.write_kv_reference(k, v, self.caches[2 * i], self.caches[2 * i + 1],
+                                            batch.slot_mapping)
+            self.caches[2 * i], self.caches[2 * i + 1] = kc, vc
+            if batch.shared:
+                attn = ref.shared_prefix_attention_reference(
+                    q, kc, vc, batch.prefix_block_tables, batch.prefix_lens, batch.prefix_ids,
+                    batch.suffix_block_tables, batch.suffix_kv_lens, batch.cu_q_lens)
+            else:
+                attn = ref.paged_attention_reference(q, kc, vc, batch.block_tables,
+                                                     batch.kv_lens, batch.cu_q_lens)
+            x = x + attn.reshape(t, -1) @ w[p + "wo"]
+            h = rms_norm(x, w[p + "mlp_norm"], c.rms_norm_eps)
+            x = x + (silu(h @ w[p + "w_gate"]) * (h @ w[p + "w_up"])) @ w[p + "w_down"]
+        last = rms_norm(x[batch.logits_indices], w["final_norm"], c.rms_norm_eps)
+        return (last @ w["lm_head"]).astype(np.float32)
+
+    def gather_blocks(self, block_ids: np.ndarray) -> np.ndarray:
+        """[n, 2 * num_layers, block_size, num_kv_heads, head_dim] host copy (for offload)."""
+        return ref.gather_blocks_reference(self.caches, np.asarray(block_ids, np.int32))
+
+    def scatter_blocks(self, block_ids: np.ndarray, buffer: np.ndarray) -> None:
+        """Write a gathered buffer back into blocks ``block_ids`` (onboard)."""
+        self.caches = ref.scatter_blocks_reference(self.caches, buffer,
+                                                   np.asarray(block_ids, np.int32))
