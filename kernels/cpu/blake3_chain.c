@@ -65,7 +65,7 @@ typedef uint32_t lane_t;
 #undef HOT_TARGET
 
 #define LANES 8
-#if defined(__GNUC__) || defined(__clang__)
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(PREFIXKV_SCALAR_ONLY)
 #define HAVE_LANES 1
 /* 8-lane instance on GCC/Clang vector extensions (lowered to the target's SIMD, e.g. NEON on
  * arm64). On x86-64 it is compiled for AVX2 (one 8 x u32 register per state word) and used
@@ -136,11 +136,11 @@ static void chain_scalar(const chain_args *a, Py_ssize_t s, int64_t b0, uint32_t
 /* The whole batch. Returns 0, or -1 when out of memory. */
 static int chain(chain_args *a)
 {
-    const Py_ssize_t B = a->block_size;
     uint32_t *mw1 = (uint32_t *)calloc(a->msg_words, sizeof(uint32_t));
     if (!mw1) return -1;
     Py_ssize_t next = 0;
 #if HAVE_LANES
+    const Py_ssize_t B = a->block_size;
     if (!a->use_lanes || !LANES_USABLE()) goto scalar;
     /* Lane-interleaved message words, 32-byte aligned for the vector loads. */
     void *raw = calloc(a->msg_words * sizeof(lane8_t) + 32, 1);
