@@ -272,7 +272,7 @@ def hash_blocks(tokens, block_size: int, *, cu_lens=None, salt=None, extra=None,
       32 bytes or u32[8] (every sequence), u32[num_seqs, 8] or a list of num_seqs (32 bytes or
       None): the digest of the block before each sequence's first token (chain continuation).
       Runs the compiled C kernel (8 sequences per SIMD loop); falls back to the ``blake3``
-      package (one call per block, ~5x slower) when the extension is not built, and to the
+      package (one call per block, 4-20x slower) when the extension is not built, and to the
       pure-Python reference when neither is there.
     * ``"vllm-sha256-cbor"``: vLLM's sha256_cbor block hash, 32-byte digests. seed: NONE_HASH
       seed (default "vllm-none-hash", vLLM's value without PYTHONHASHSEED); salt: its
