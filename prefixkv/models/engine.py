@@ -29,17 +29,17 @@ compiles every bucket before anything is timed.
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..paged.events import EVICTED, KVEvent
-from ..paged.pool import namespace_of
 from ..paged.prefix_cache import PrefixCache
+from ..paged.spec import dtype_name, numpy_dtype
+from ..paged.tiers import BlockOffloader, HostTier, Namespace
 from .batch import StepBatch
 from .workload import Request
 
@@ -74,41 +74,6 @@ class EngineConfig:
             b *= 2
         out.append(self.max_num_batched_tokens)
         return out
-
-
-class HostTier:
-    """LRU host-memory tier: ``{(namespace, block_hash): block buffer}`` with a block capacity."""
-
-    def __init__(self, capacity_blocks: int) -> None:
-        self.capacity = capacity_blocks
-        self._store: OrderedDict[tuple[bytes, bytes], np.ndarray] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._store)
-
-    def put(self, namespace: bytes, block_hashes: Sequence[bytes], buffer: np.ndarray) -> None:
-        for i, h in enumerate(block_hashes):
-            key = (namespace, h)
-            self._store[key] = np.array(buffer[i], copy=True)
-            self._store.move_to_end(key)
-        while len(self._store) > self.capacity:
-            self._store.popitem(last=False)
-
-    def leading_hits(self, namespace: bytes, block_hashes: Sequence[bytes]) -> int:
-        n = 0
-        for h in block_hashes:
-            if (namespace, h) not in self._store:
-                break
-            n += 1
-        return n
-
-    def get(self, namespace: bytes, block_hashes: Sequence[bytes]) -> np.ndarray:
-        out = []
-        for h in block_hashes:
-            key = (namespace, h)
-            self._store.move_to_end(key)
-            out.append(self._store[key])
-        return np.stack(out)
 
 
 @dataclass
@@ -186,26 +151,6 @@ class RunResult:
         return {r.request_id: r.output_tokens for r in self.requests}
 
 
-def _sha256_hash_fn(tokens: np.ndarray, block_size: int, *, salt=None,
-                    parent: bytes | None = None) -> list[bytes]:
-    """Chained SHA-256 block hashes (used only while prefixkv.paged.hashing is absent)."""
-    out, prev = [], parent if parent is not None else hashlib.sha256(
-        b"prefixkv-engine" + namespace_of(salt)).digest()
-    toks = np.asarray(tokens, "<u4")
-    for i in range(len(toks) // block_size):
-        prev = hashlib.sha256(prev + toks[i * block_size:(i + 1) * block_size].tobytes()).digest()
-        out.append(prev)
-    return out
-
-
-def _hash_fn():
-    try:
-        from ..paged import hashing  # noqa: F401
-    except ImportError:
-        return _sha256_hash_fn
-    return None  # the PrefixCache default: prefixkv-v1 hash_blocks
-
-
 def _bucket(n: int, buckets: Sequence[int]) -> int:
     for b in buckets:
         if n <= b:
@@ -216,8 +161,10 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
 class Engine:
     """Serves a request stream with one model adapter over one PrefixCache."""
 
-    def __init__(self, adapter, config: EngineConfig | None = None) -> None:
+    def __init__(self, adapter, config: EngineConfig | None = None, *,
+                 model_id: str = "prefixkv-tiny-llama") -> None:
         self.adapter = adapter
+        self.model_id = model_id
         self.config = config = config or EngineConfig()
         if getattr(adapter, "num_blocks", config.num_blocks) != config.num_blocks or getattr(
                 adapter, "block_size", config.block_size) != config.block_size:
@@ -315,18 +262,30 @@ class Engine:
         c = self.config
         self.adapter.reset()
         pc = PrefixCache(c.num_blocks, c.block_size, enable_caching=c.enable_caching,
-                         shared_prefix=c.shared_prefix, hash_fn=_hash_fn())
-        host = HostTier(c.host_blocks) if (c.enable_caching and c.host_blocks) else None
+                         shared_prefix=c.shared_prefix)
+        adapter = self.adapter
+        offloader = None
+        if c.enable_caching and c.host_blocks:
+            kv_dtype = dtype_name(adapter.caches[0])
+            block_bytes = (int(np.prod(adapter.caches[0].shape[1:])) * len(adapter.caches)
+                           * numpy_dtype(kv_dtype).itemsize)
+            offloader = BlockOffloader(
+                HostTier(c.host_blocks * block_bytes), Namespace(
+                    self.model_id, layout=f"NHD-block{c.block_size}",
+                    dtype=kv_dtype),
+                gather=lambda caches, ids: adapter.gather_blocks(ids),
+                scatter=lambda caches, buf, ids: adapter.scatter_blocks(ids, buf))
         counters = {"evicted": 0, "offloaded": 0, "onboarded": 0}
 
         def on_event(ev: KVEvent) -> None:
-            if ev.kind != EVICTED:
+            if ev.kind != EVICTED or ev.tier != "device":
                 return
             counters["evicted"] += len(ev.block_hashes)
-            if host is not None:
-                buf = self.adapter.gather_blocks(np.asarray(ev.block_ids, I32))
-                host.put(ev.namespace, ev.block_hashes, buf)
-                counters["offloaded"] += len(ev.block_hashes)
+            if offloader is not None:
+                stored = offloader.offload(adapter.caches, np.asarray(ev.block_ids, I32),
+                                           ev.block_hashes,
+                                           namespace=offloader.namespace.with_salt(ev.namespace))
+                counters["offloaded"] += sum(stored)
 
         pc.events.subscribe(on_event)
         for r in requests:
@@ -348,17 +307,19 @@ class Engine:
             seq = _Seq(req=req, rid=req.request_id, tokens=list(req.prompt), arrival=now)
             seq.cached_tokens = pc.add_request(seq.rid, seq.tokens, salt=req.salt)
             seq.num_computed = seq.cached_tokens
-            if host is not None:
+            if offloader is not None:
                 cap = (len(seq.tokens) - 1) // c.block_size
                 first = seq.num_computed // c.block_size
                 if cap > first:
-                    ns = namespace_of(req.salt)
+                    ns = offloader.namespace.with_salt(req.salt)
                     hashes = pc.request_hashes(seq.rid, cap)[first:]
-                    n = min(host.leading_hits(ns, hashes), pc.pool.num_free)
+                    n = min(offloader.lookup(hashes, namespace=ns), pc.pool.num_free)
                     if n:
                         blocks = pc.onboard(seq.rid, n)
-                        self.adapter.scatter_blocks(np.asarray(blocks, I32),
-                                                    host.get(ns, hashes[:n]))
+                        _, got = offloader.onboard(adapter.caches, np.asarray(blocks, I32),
+                                                   hashes[:n], namespace=ns)
+                        if got != n:  # a tier lost blocks between lookup and get
+                            raise RuntimeError(f"onboard: {n} blocks found, {got} loaded")
                         counters["onboarded"] += n
                         seq.onboarded_tokens = n * c.block_size
                         seq.num_computed = pc.num_computed(seq.rid)
