@@ -8,6 +8,10 @@ import importlib
 # public name -> module that defines it
 _EXPORTS = {
     "hash_blocks": ".hashing",
+    "hash_blocks_words": ".hashing",
+    "digests_to_words": ".hashing",
+    "words_to_digests": ".hashing",
+    "HASH_ALGOS": ".hashing",
     "BlockPool": ".pool",
     "NoFreeBlocksError": ".pool",
     "NULL_BLOCK": ".pool",
