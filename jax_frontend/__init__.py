@@ -1,0 +1,26 @@
+"""prefixkv.jax_frontend: the prefixkv ops for JAX, callable eagerly and inside ``jax.jit``.
+
+Each op validates its inputs (shapes/dtypes at trace time, index values on the host when the
+inputs are concrete host arrays or in checked mode) and runs the backend chosen for the
+platform: Pallas Mosaic kernels on TPU, Pallas GPU kernels on CUDA where registered, and a
+compiled XLA composite elsewhere (the CPU path). ``backend=`` or ``PREFIXKV_<OP>_BACKEND`` /
+``PREFIXKV_BACKEND`` override; an impossible request raises :class:`BackendError` listing every
+backend and why it was refused. Cache-updating ops return new caches: donate them under
+``jax.jit`` to update in place.
+"""
+
+from ..paged.registry import BackendError as BackendError
+from ._ops import copy_blocks as copy_blocks
+from ._ops import explain_backends as explain_backends
+from ._ops import gather_blocks as gather_blocks
+from ._ops import merge_attention_states as merge_attention_states
+from ._ops import paged_attention as paged_attention
+from ._ops import scatter_blocks as scatter_blocks
+from ._ops import shared_prefix_attention as shared_prefix_attention
+from ._ops import write_kv as write_kv
+
+try:  # written by the device-hashing helper
+    from ._hashing import hash_blocks as hash_blocks
+except ModuleNotFoundError as _e:  # pragma: no cover - only while _hashing.py does not exist
+    if _e.name != f"{__name__}._hashing":
+        raise

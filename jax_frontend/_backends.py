@@ -1,0 +1,78 @@
+"""The JAX backends of every op, registered in one :class:`~prefixkv.paged.registry.Registry`
+per op.
+
+- ``xla``: the XLA composite of :mod:`._xla`; every platform, lowest priority; the CPU backend.
+- ``pallas_tpu``: Pallas Mosaic TPU kernels (scalar prefetch, DMAs); TPU only.
+- ``pallas_gpu``: Pallas kernels lowered through Triton; CUDA only.
+- ``pallas_interpret``: the Pallas kernels run by the Pallas interpreter on CPU (slow; for
+  testing the kernels' logic anywhere; never chosen unless asked for).
+
+Only kernels that are implemented and tested are registered.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from ..paged.registry import Backend, Registry
+from ..paged.spec import dtype_name
+from . import _xla
+
+OPS = ("paged_attention", "shared_prefix_attention", "merge_attention_states", "write_kv",
+       "copy_blocks", "gather_blocks", "scatter_blocks")
+REGISTRIES: dict[str, Registry] = {op: Registry(op) for op in OPS}
+ALL_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+def attention_context(dims) -> dict:
+    return dict(dtype=dims.dtype, head_dim=dims.head_dim, block_size=dims.block_size,
+                num_q_heads=dims.num_q_heads, num_kv_heads=dims.num_kv_heads)
+
+
+def cache_context(caches) -> dict:
+    return dict(dtype=dtype_name(caches[0]),
+                block_shapes=tuple(tuple(int(d) for d in c.shape[1:]) for c in caches))
+
+
+# ------------------------------------------------------------------ XLA composite backend
+
+_ATTN_STATIC = ("scale", "causal", "sliding_window", "logits_soft_cap")
+
+
+@functools.partial(jax.jit, static_argnames=_ATTN_STATIC)
+def paged_attention_xla(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale,
+                        causal=True, sliding_window=None, logits_soft_cap=None):
+    return _xla.ragged_paged_attention(
+        q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
+        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "logits_soft_cap"))
+def shared_prefix_attention_xla(q, k_cache, v_cache, prefix_block_tables, prefix_lens,
+                                prefix_ids, block_tables, kv_lens, cu_q_lens=None, *, scale,
+                                logits_soft_cap=None):
+    return _xla.shared_prefix_attention(
+        q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
+        kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap)
+
+
+merge_attention_states_xla = jax.jit(_xla.merge_attention_states)
+write_kv_xla = jax.jit(_xla.write_kv)
+copy_blocks_xla = jax.jit(_xla.copy_blocks)
+gather_blocks_xla = jax.jit(_xla.gather_blocks)
+scatter_blocks_xla = jax.jit(_xla.scatter_blocks)
+
+_XLA_DOC = "XLA composite (jnp), compiled by XLA for any platform"
+for _op, _impl in {
+    "paged_attention": paged_attention_xla,
+    "shared_prefix_attention": shared_prefix_attention_xla,
+    "merge_attention_states": merge_attention_states_xla,
+    "write_kv": write_kv_xla,
+    "copy_blocks": copy_blocks_xla,
+    "gather_blocks": gather_blocks_xla,
+    "scatter_blocks": scatter_blocks_xla,
+}.items():
+    REGISTRIES[_op].register(Backend("xla", ALL_PLATFORMS, _impl, priority=0, requires=("jax",),
+                                     doc=_XLA_DOC))

@@ -1,0 +1,245 @@
+"""The public JAX ops: validate, pick a backend per platform, call.
+
+Every op works eagerly and inside ``jax.jit`` (shapes, dtypes and the static config are checked
+at trace time; index values are checked on the host when the inputs are concrete host arrays,
+or in checked mode, never with a host sync inside a traced function).
+
+Backend choice: ``backend=`` argument, then ``PREFIXKV_<OP>_BACKEND`` / ``PREFIXKV_BACKEND``,
+then, with neither, a per-platform choice made inside the traced function with
+``jax.lax.platform_dependent`` (TPU: Pallas Mosaic kernels, CUDA: Pallas GPU kernels where
+registered, everything else: the XLA composite), so one jitted model runs anywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import numpy as np
+
+from ..paged import validate
+from ..paged.registry import BackendError
+from . import _backends
+
+__all__ = ["paged_attention", "shared_prefix_attention", "merge_attention_states", "write_kv",
+           "copy_blocks", "gather_blocks", "scatter_blocks", "BackendError"]
+
+_ACCELERATORS = ("tpu", "cuda")
+
+
+def _is_traced(*xs) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(xs))
+
+
+def _on_host(*xs) -> bool:
+    """All index inputs concrete and host-resident (numpy, or JAX arrays on CPU devices)."""
+    for x in jax.tree_util.tree_leaves(xs):
+        if isinstance(x, jax.core.Tracer):
+            return False
+        if isinstance(x, jax.Array):
+            try:
+                if any(d.platform != "cpu" for d in x.devices()):
+                    return False
+            except Exception:  # pragma: no cover - deleted or odd arrays
+                return False
+    return True
+
+
+def _run_value_checks(*index_arrays) -> bool:
+    """Whether to run the host value checks now (never on tracers: that would need a sync)."""
+    if _is_traced(*index_arrays):
+        return False
+    return validate.value_checks_enabled(host_inputs=_on_host(*index_arrays))
+
+
+def _current_platform() -> str:
+    return jax.default_backend()
+
+
+def _dispatch(op: str, backend: str | None, context: dict, call):
+    """Run ``call(impl)`` with the backend chosen for ``op``.
+
+    ``call(impl)`` traces the op with one implementation. Without an explicit request, TPU and
+    CUDA get their best registered backend through ``platform_dependent``; others get "xla".
+    """
+    reg = _backends.REGISTRIES[op]
+    if reg.requested(backend) is not None:
+        chosen = reg.select(_current_platform(), backend, **context)
+        return call(chosen.load())
+    default = reg.select("cpu", **context).load()
+    branches = {}
+    for plat in _ACCELERATORS:
+        try:
+            impl = reg.select(plat, **context).load()
+        except BackendError:
+            continue
+        if impl is not default:
+            branches[plat] = impl
+    if not branches:
+        return call(default)
+    # platform_dependent needs one function per platform taking the same operands; the ops
+    # close over their operands, so the branches take none.
+    per_platform = {plat: (lambda impl=impl: call(impl)) for plat, impl in branches.items()}
+    return jax.lax.platform_dependent(default=lambda: call(default), **per_platform)
+
+
+# ------------------------------------------------------------------------------- attention
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale=None,
+                    causal=True, sliding_window=None, logits_soft_cap=None, return_lse=False,
+                    backend=None):
+    """Ragged paged attention over cached prefixes: decode, prefill, chunked prefill, mixed.
+
+    q: [num_tokens, num_q_heads, head_dim] float32|float16|bfloat16.
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], q's dtype.
+    block_tables: i32[num_seqs, max_blocks_per_seq]; entries in [0, num_blocks) for the blocks
+    holding tokens (others are never read as keys).
+    kv_lens: i32[num_seqs], cached prefix + this step's tokens.
+    cu_q_lens: i32[num_seqs + 1], or None for decode (one query token per sequence).
+    scale: logits scale, default head_dim ** -0.5. causal: mask keys after the query position.
+    sliding_window: int or None, keys t > p - sliding_window only. logits_soft_cap: float or
+    None, logits become cap * tanh(x / cap). num_q_heads must be a multiple of num_kv_heads
+    (MHA, GQA, MQA). Static config is Python values (trace-time constants under jit).
+    backend: None (per platform), "xla", "pallas_tpu", "pallas_gpu", "pallas_interpret".
+
+    Query token j of sequence s sits at p = kv_lens[s] - q_len + j. Returns out
+    [num_tokens, num_q_heads, head_dim] in q's dtype and, with return_lse, lse
+    f32[num_tokens, num_q_heads] (natural log); a row that sees no key gives 0 and -inf.
+    """
+    dims = validate.check_paged_attention(
+        q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
+        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, return_lse=return_lse)
+    if _run_value_checks(block_tables, kv_lens, cu_q_lens):
+        validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
+    config = dict(scale=dims.scale, causal=bool(causal),
+                  sliding_window=None if sliding_window is None else int(sliding_window),
+                  logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))
+    context = _backends.attention_context(dims)
+
+    def call(impl):
+        return impl(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, **config)
+
+    out, lse = _dispatch("paged_attention", backend, context, call)
+    return (out, lse) if return_lse else out
+
+
+def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
+                            block_tables, kv_lens, cu_q_lens=None, *, scale=None,
+                            logits_soft_cap=None, return_lse=False, backend=None):
+    """Causal attention of sequences that share cached prefixes (cascade attention).
+
+    q, k_cache, v_cache, cu_q_lens: as :func:`paged_attention`.
+    prefix_block_tables: i32[num_prefixes, max_prefix_blocks]; prefix_lens: i32[num_prefixes],
+    multiples of block_size; prefix_ids: i32[num_seqs], the prefix row of each sequence or -1.
+    block_tables, kv_lens: each sequence's own blocks and tokens after its prefix.
+
+    Equals paged_attention over "prefix blocks then own blocks", but each prefix's KV is read
+    once for all the sequences sharing it (one big attention per prefix, merged with the
+    per-sequence suffix attention by log-sum-exp). Returns out (and lse) as paged_attention.
+    """
+    sdims = validate.check_shared_prefix_attention(
+        q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
+        kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse)
+    if _run_value_checks(prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
+                         cu_q_lens):
+        validate.check_shared_prefix_attention_values(
+            sdims, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
+            cu_q_lens)
+    dims = sdims.attention
+    config = dict(scale=dims.scale,
+                  logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))
+    context = _backends.attention_context(dims)
+
+    def call(impl):
+        return impl(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
+                    block_tables, kv_lens, cu_q_lens, **config)
+
+    out, lse = _dispatch("shared_prefix_attention", backend, context, call)
+    return (out, lse) if return_lse else out
+
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b, *, backend=None):
+    """Log-sum-exp merge of two partial attentions over disjoint key sets.
+
+    out_a, out_b: [num_tokens, num_heads, head_dim] float32|float16|bfloat16, same dtype;
+    lse_a, lse_b: f32[num_tokens, num_heads] (natural log).
+    Returns (out in out_a's dtype, lse f32): out = (out_a e^lse_a + out_b e^lse_b) /
+    (e^lse_a + e^lse_b); two empty states (lse -inf) give out 0 and lse -inf, never NaN.
+    """
+    validate.check_merge_attention_states(out_a, lse_a, out_b, lse_b)
+    return _dispatch("merge_attention_states", backend, {},
+                     lambda impl: impl(out_a, lse_a, out_b, lse_b))
+
+
+# ------------------------------------------------------------------------------- cache ops
+
+
+def write_kv(key, value, k_cache, v_cache, slot_mapping, *, backend=None):
+    """Write this step's keys and values into the paged caches; returns (k_cache, v_cache).
+
+    key, value: [num_tokens, num_kv_heads, head_dim], the caches' dtype.
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim].
+    slot_mapping: i32[n], n <= num_tokens; slot = block * block_size + offset; negative slots
+    are skipped; rows of key/value past n are ignored (padding). Slots must be distinct.
+    Returns new caches; donate the caches (``jax.jit(..., donate_argnums=...)``) to update in
+    place with no copy.
+    """
+    validate.check_write_kv(key, value, k_cache, v_cache, slot_mapping)
+    if _run_value_checks(slot_mapping):
+        validate.check_write_kv_values(k_cache, slot_mapping)
+    return _dispatch("write_kv", backend, _backends.cache_context([k_cache]),
+                     lambda impl: tuple(impl(key, value, k_cache, v_cache, slot_mapping)))
+
+
+def copy_blocks(caches, src, dst, *, backend=None):
+    """Copy block src[i] to dst[i] in every cache (all reads before any write).
+
+    caches: list/tuple of arrays with the block axis first (e.g. every layer's K and V),
+    same num_blocks. src, dst: i32[n] block ids in [0, num_blocks); dst distinct.
+    Returns a list of new caches (donate the inputs for an in-place update).
+    """
+    num_blocks = validate.check_copy_blocks(caches, src, dst)
+    if _run_value_checks(src, dst):
+        validate.check_copy_blocks_values(num_blocks, src, dst)
+    caches = list(caches)
+    return _dispatch("copy_blocks", backend, _backends.cache_context(caches),
+                     lambda impl: list(impl(caches, src, dst)))
+
+
+def gather_blocks(caches, block_ids, *, backend=None):
+    """Gather blocks into one contiguous buffer.
+
+    caches: list/tuple of arrays [num_blocks, *block_shape], same block shape and dtype.
+    block_ids: i32[n] in [0, num_blocks). Returns buffer [n, len(caches), *block_shape] with
+    buffer[i, c] = caches[c][block_ids[i]].
+    """
+    validate.check_gather_blocks(caches, block_ids)
+    if _run_value_checks(block_ids):
+        validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=False)
+    caches = list(caches)
+    return _dispatch("gather_blocks", backend, _backends.cache_context(caches),
+                     lambda impl: impl(caches, block_ids))
+
+
+def scatter_blocks(caches, buffer, block_ids, *, backend=None):
+    """Inverse of gather_blocks: caches[c][block_ids[i]] = buffer[i, c].
+
+    buffer: [n, len(caches), *block_shape], the caches' dtype; block_ids: i32[n], distinct.
+    Returns a list of new caches; blocks not named are unchanged (donate to update in place).
+    """
+    validate.check_scatter_blocks(caches, buffer, block_ids)
+    if _run_value_checks(block_ids):
+        validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=True)
+    caches = list(caches)
+    return _dispatch("scatter_blocks", backend, _backends.cache_context(caches),
+                     lambda impl: list(impl(caches, buffer, block_ids)))
+
+
+def explain_backends(op: str, platform: str | None = None, **context) -> dict[str, str]:
+    """name -> "ok" or why each backend of ``op`` is refused on ``platform``."""
+    return _backends.REGISTRIES[op].explain(platform or _current_platform(), **context)
+
+
+_ = (functools, os, np)

@@ -1,0 +1,347 @@
+"""The XLA composite (jnp) backend of every op: the CPU path, and the fallback everywhere.
+
+Written for speed on a CPU, where XLA cannot fuse a gather into a dot: paged attention never
+materializes a sequence's whole KV. The queries are cut into tiles (one sequence, up to
+``q_tile`` consecutive query tokens, all q heads), and one ``lax.while_loop`` walks the KV of
+every tile in chunks of ``chunk_blocks`` blocks at once: each step gathers one chunk per tile
+(small enough to stay in cache; the gather, the dtype upcast, the masking of padding and the
+(kv head, token) transpose fuse into one pass), runs two batched dots per kv head with all the
+q heads of the group stacked as rows (GQA: each K/V block is read once per tile), and updates an
+online softmax in float32. The loop runs as many steps as the longest tile needs, so there is
+no host sync and every shape is static.
+
+Functions here take validated arguments and static Python config; the public ops in
+:mod:`prefixkv.jax_frontend` validate and dispatch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+#: Default number of KV tokens per loop step (rounded to whole blocks).
+DECODE_CHUNK_TOKENS = 128
+PREFILL_CHUNK_TOKENS = 256
+#: Largest query tile (tokens of one sequence handled together).
+MAX_Q_TILE = 128
+
+
+def choose_tiling(num_tokens: int, num_seqs: int, decode: bool, block_size: int,
+                  q_tile: int | None = None, chunk_tokens: int | None = None
+                  ) -> tuple[int, int, int]:
+    """Static (q_tile, num_tiles, chunk_blocks) for a call's shapes.
+
+    The tile count is an upper bound that holds for every value of cu_q_lens:
+    sum_s ceil(q_len_s / T) <= (num_tokens + n_nonempty * (T - 1)) / T.
+    """
+    if decode:
+        q_tile = 1
+    elif q_tile is None:
+        avg = max(1, -(-num_tokens // max(num_seqs, 1)))
+        q_tile = min(MAX_Q_TILE, 1 << (avg - 1).bit_length())
+    nonempty = min(num_seqs, num_tokens)
+    num_tiles = max(1, (num_tokens + nonempty * (q_tile - 1)) // q_tile)
+    if chunk_tokens is None:
+        chunk_tokens = DECODE_CHUNK_TOKENS if q_tile == 1 else PREFILL_CHUNK_TOKENS
+    chunk_blocks = max(1, chunk_tokens // block_size)
+    return q_tile, num_tiles, chunk_blocks
+
+
+def _as_bits(x):
+    """A 16-bit float array reinterpreted as uint16 (free); other dtypes unchanged."""
+    if x.dtype.itemsize == 2:
+        return lax.bitcast_convert_type(x, jnp.uint16)
+    return x
+
+
+def _bits_to_f32(x, dtype):
+    """float32 values of ``_as_bits`` output (bfloat16 upcast is a 16-bit shift)."""
+    if x.dtype != jnp.uint16:
+        return x.astype(jnp.float32)
+    if dtype == jnp.bfloat16:
+        return lax.bitcast_convert_type(x.astype(jnp.uint32) << 16, jnp.float32)
+    return lax.bitcast_convert_type(x, dtype).astype(jnp.float32)
+
+
+def _build_tiles(kv_lens, cu_q_lens, num_tiles: int, q_tile: int):
+    """Per tile: sequence, first query token, number of query tokens (0 = inactive tile)."""
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    per_seq = (q_lens + (q_tile - 1)) // q_tile
+    ends = jnp.cumsum(per_seq)
+    tile = jnp.arange(num_tiles, dtype=jnp.int32)
+    seq = jnp.searchsorted(ends, tile, side="right").astype(jnp.int32)
+    active = tile < ends[-1]
+    seq = jnp.where(active, seq, 0)
+    local = tile - (ends[seq] - per_seq[seq])
+    q_start = cu_q_lens[seq] + local * q_tile
+    q_len = jnp.where(active, jnp.clip(q_lens[seq] - local * q_tile, 0, q_tile), 0)
+    # absolute position of the tile's first query token
+    first_pos = kv_lens[seq] - q_lens[seq] + local * q_tile
+    return seq, q_start, q_len, first_pos
+
+
+def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *,
+                           scale: float, causal: bool = True, sliding_window: int | None = None,
+                           logits_soft_cap: float | None = None, q_tile: int | None = None,
+                           chunk_tokens: int | None = None):
+    """Paged attention of a ragged batch; returns (out in q's dtype, lse f32).
+
+    q: [num_tokens, num_q_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads,
+    head_dim]; block_tables i32[num_seqs, max_blocks_per_seq]; kv_lens i32[num_seqs];
+    cu_q_lens i32[num_seqs + 1] or None (decode).
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    num_seqs, max_blocks = block_tables.shape
+    group = num_q_heads // num_kv_heads
+    decode = cu_q_lens is None
+    if decode:
+        cu_q_lens = jnp.arange(num_seqs + 1, dtype=jnp.int32)
+    if num_tokens == 0 or num_seqs == 0:
+        return (jnp.zeros(q.shape, q.dtype),
+                jnp.full((num_tokens, num_q_heads), -jnp.inf, jnp.float32))
+    tq, nt, cb = choose_tiling(num_tokens, num_seqs, decode, block_size, q_tile, chunk_tokens)
+    ct = cb * block_size
+    rows = tq * group
+    t_major = rows < 32
+    kv_lens = kv_lens.astype(jnp.int32)
+    cu_q_lens = cu_q_lens.astype(jnp.int32)
+
+    seq, q_start, q_len, first_pos = _build_tiles(kv_lens, cu_q_lens, nt, tq)
+    r = jnp.arange(tq, dtype=jnp.int32)
+    row_ok = r[None, :] < q_len[:, None]                                   # [nt, tq]
+    tok = jnp.where(row_ok, q_start[:, None] + r[None, :], num_tokens)     # num_tokens = none
+    pos = first_pos[:, None] + r[None, :]                                  # [nt, tq]
+    tile_kv = kv_lens[seq]                                                 # [nt]
+    last_pos = first_pos + jnp.maximum(q_len, 1) - 1
+    hi = jnp.minimum(last_pos + 1, tile_kv) if causal else tile_kv         # keys < hi
+    hi = jnp.where(q_len > 0, hi, 0)
+    if sliding_window is not None:
+        lo_blk = jnp.maximum(first_pos - sliding_window + 1, 0) // block_size
+    else:
+        lo_blk = jnp.zeros_like(hi)
+    n_chunks = jnp.maximum(hi - lo_blk * block_size, 0)
+    n_chunks = (n_chunks + ct - 1) // ct
+    steps = jnp.max(n_chunks)
+
+    qf = jnp.take(q, jnp.minimum(tok, num_tokens - 1), axis=0).astype(jnp.float32) * scale
+    # [nt, tq, Hkv, G, D] -> [nt, Hkv, tq * G, D]
+    qf = qf.reshape(nt, tq, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
+    qf = qf.reshape(nt, num_kv_heads, rows, head_dim)
+    row_pos = jnp.repeat(pos, group, axis=1)                               # [nt, rows]
+    tables = block_tables[seq]                                             # [nt, max_blocks]
+    offs = jnp.arange(cb, dtype=jnp.int32)
+    in_block = jnp.arange(block_size, dtype=jnp.int32)
+
+    # 16-bit caches are gathered as uint16: XLA:CPU turns a bf16 gather into a whole-cache
+    # convert to f32 hoisted out of the loop (2x the cache in memory traffic per call).
+    dtype = k_cache.dtype
+
+    def body(state):
+        j, m, l, acc = state
+        # (the barrier ties the caches to the step so XLA cannot hoist the bitcast out of the
+        # loop as a whole-cache copy)
+        k_bits, v_bits, j = lax.optimization_barrier((k_cache, v_cache, j))
+        k_bits, v_bits = _as_bits(k_bits), _as_bits(v_bits)
+        blk = lo_blk[:, None] + j * cb + offs[None, :]                     # [nt, cb]
+        ids = jnp.take_along_axis(tables, jnp.minimum(blk, max_blocks - 1), axis=1)
+        ids = jnp.clip(ids, 0, num_blocks - 1)
+        t = (blk[:, :, None] * block_size + in_block).reshape(nt, ct)      # key positions
+        tv = t < hi[:, None]                                               # [nt, ct]
+
+        def load(cache):
+            x = jnp.take(cache, ids.reshape(-1), axis=0)   # [nt*cb, B, Hkv, D]
+            x = _bits_to_f32(x.reshape(nt, ct, num_kv_heads, head_dim), dtype)
+            x = jnp.where(tv[:, :, None, None], x, 0.0)    # padding slots may hold NaN
+            return x.transpose(0, 2, 1, 3)                 # [nt, Hkv, ct, D]
+
+        k, v = load(k_bits), load(v_bits)
+        # XLA:CPU runs the QK dot 10-25x faster with the operand of many rows on the left;
+        # keep the softmax axis ("t") next to where that dot puts it.
+        if t_major:  # few query rows (decode): s [nt, Hkv, ct, rows]
+            s = jnp.einsum("nhtd,nhrd->nhtr", k, qf, preferred_element_type=jnp.float32)
+            tt, rp, ax = t[:, None, :, None], row_pos[:, None, None, :], 2
+            mask = tv[:, None, :, None]
+        else:        # many query rows (prefill): s [nt, Hkv, rows, ct]
+            s = jnp.einsum("nhrd,nhtd->nhrt", qf, k, preferred_element_type=jnp.float32)
+            tt, rp, ax = t[:, None, None, :], row_pos[:, None, :, None], 3
+            mask = tv[:, None, None, :]
+        if logits_soft_cap is not None:
+            s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
+        if causal:
+            mask = mask & (tt <= rp)
+            if sliding_window is not None:
+                mask = mask & (tt > rp - sliding_window)
+        s = jnp.where(mask, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=ax))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.exp(s - jnp.expand_dims(m_safe, ax))
+        alpha = jnp.exp(m - m_safe)
+        l = l * alpha + jnp.sum(p, axis=ax)
+        pv = jnp.einsum("nhtr,nhtd->nhrd" if t_major else "nhrt,nhtd->nhrd", p, v,
+                        preferred_element_type=jnp.float32)
+        acc = acc * alpha[..., None] + pv
+        return j + 1, m_new, l, acc
+
+    m0 = jnp.full((nt, num_kv_heads, rows), -jnp.inf, jnp.float32)
+    l0 = jnp.zeros((nt, num_kv_heads, rows), jnp.float32)
+    a0 = jnp.zeros((nt, num_kv_heads, rows, head_dim), jnp.float32)
+    _, m, l, acc = lax.while_loop(lambda st: st[0] < steps, body,
+                                  (jnp.int32(0), m0, l0, a0))
+    seen = l > 0
+    out = acc / jnp.where(seen, l, 1.0)[..., None]
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+    # [nt, Hkv, tq*G, ...] -> [nt, tq, Hq, ...]
+    out = out.reshape(nt, num_kv_heads, tq, group, head_dim).transpose(0, 2, 1, 3, 4)
+    out = out.reshape(nt * tq, num_q_heads, head_dim)
+    lse = lse.reshape(nt, num_kv_heads, tq, group).transpose(0, 2, 1, 3)
+    lse = lse.reshape(nt * tq, num_q_heads)
+    flat_tok = tok.reshape(-1)
+    if decode:  # tile i is token i: no scatter needed
+        return out[:num_tokens].astype(q.dtype), lse[:num_tokens]
+    out_full = jnp.zeros((num_tokens, num_q_heads, head_dim), jnp.float32)
+    out_full = out_full.at[flat_tok].set(out, mode="drop", unique_indices=True)
+    lse_full = jnp.full((num_tokens, num_q_heads), -jnp.inf, jnp.float32)
+    lse_full = lse_full.at[flat_tok].set(lse, mode="drop", unique_indices=True)
+    return out_full.astype(q.dtype), lse_full
+
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b):
+    """LSE merge of two partial attentions; two empty states give out 0, lse -inf."""
+    m = jnp.maximum(lse_a, lse_b)
+    seen = m > -jnp.inf
+    m0 = jnp.where(seen, m, 0.0)
+    wa, wb = jnp.exp(lse_a - m0), jnp.exp(lse_b - m0)
+    denom = jnp.where(seen, wa + wb, 1.0)
+    out = (wa[..., None] * out_a.astype(jnp.float32)
+           + wb[..., None] * out_b.astype(jnp.float32)) / denom[..., None]
+    out = jnp.where(seen[..., None], out, 0.0)
+    lse = jnp.where(seen, m0 + jnp.log(denom), -jnp.inf)
+    return out.astype(out_a.dtype), lse.astype(jnp.float32)
+
+
+def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
+                            block_tables, kv_lens, cu_q_lens, *, scale: float,
+                            logits_soft_cap: float | None = None):
+    """Cascade attention: each prefix's KV is read once for all the tokens that share it.
+
+    The tokens are sorted by prefix id so the tokens of one prefix form one ragged "sequence"
+    of a non-causal paged attention over the prefix blocks (big dots: all tokens x prefix KV),
+    then the per-sequence causal attention over the own blocks is merged in by LSE.
+    """
+    num_tokens = q.shape[0]
+    num_seqs = block_tables.shape[0]
+    num_prefixes = prefix_block_tables.shape[0]
+    decode = cu_q_lens is None
+    cu = jnp.arange(num_seqs + 1, dtype=jnp.int32) if decode else cu_q_lens.astype(jnp.int32)
+    own_out, own_lse = ragged_paged_attention(
+        q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=True,
+        logits_soft_cap=logits_soft_cap)
+    if num_tokens == 0 or num_prefixes == 0:
+        return own_out, own_lse
+    # prefix id of every query token (num_prefixes for "none"), tokens sorted by it
+    q_lens = cu[1:] - cu[:-1]
+    tok_seq = jnp.searchsorted(cu[1:], jnp.arange(num_tokens, dtype=jnp.int32), side="right")
+    pid = prefix_ids.astype(jnp.int32)
+    pid = jnp.where(pid < 0, num_prefixes, pid)
+    tok_pid = pid[jnp.minimum(tok_seq, num_seqs - 1)]
+    order = jnp.argsort(tok_pid, stable=True).astype(jnp.int32)
+    counts = jnp.zeros((num_prefixes + 1,), jnp.int32).at[tok_pid].add(1)
+    pre_cu = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts[:num_prefixes])])
+    pre_cu = pre_cu.astype(jnp.int32)
+    del q_lens
+    q_sorted = jnp.take(q, order, axis=0)
+    # tokens with no prefix sit past pre_cu[-1]: the ragged kernel leaves them out (lse -inf)
+    qs_tile = None
+    avg = -(-num_tokens // num_prefixes)
+    qs_tile = min(MAX_Q_TILE * 2, 1 << (max(avg, 1) - 1).bit_length())
+    pre_out, pre_lse = _prefix_attention(
+        q_sorted, k_cache, v_cache, prefix_block_tables, prefix_lens.astype(jnp.int32), pre_cu,
+        scale=scale, logits_soft_cap=logits_soft_cap, q_tile=qs_tile)
+    inv = jnp.zeros((num_tokens,), jnp.int32).at[order].set(
+        jnp.arange(num_tokens, dtype=jnp.int32))
+    pre_out = jnp.take(pre_out, inv, axis=0)
+    pre_lse = jnp.take(pre_lse, inv, axis=0)
+    return merge_attention_states(pre_out, pre_lse, own_out, own_lse)
+
+
+def _prefix_attention(q_sorted, k_cache, v_cache, prefix_block_tables, prefix_lens, pre_cu, *,
+                      scale, logits_soft_cap, q_tile):
+    """Non-causal attention of the prefix-sorted tokens over their prefix (tokens of no prefix
+    get out 0 and lse -inf)."""
+    num_tokens = q_sorted.shape[0]
+    # The ragged kernel wants cu[-1] == num_tokens: add one padding "sequence" holding the
+    # tokens of no prefix, with kv_len 0 so they see nothing.
+    tables = jnp.concatenate([prefix_block_tables,
+                              jnp.zeros((1, prefix_block_tables.shape[1]), jnp.int32)])
+    lens = jnp.concatenate([prefix_lens, jnp.zeros((1,), jnp.int32)])
+    cu = jnp.concatenate([pre_cu, jnp.full((1,), num_tokens, jnp.int32)])
+    return ragged_paged_attention(q_sorted, k_cache, v_cache, tables, lens, cu, scale=scale,
+                                  causal=False, logits_soft_cap=logits_soft_cap, q_tile=q_tile)
+
+
+# ------------------------------------------------------------------------------- cache ops
+
+
+def write_kv(key, value, k_cache, v_cache, slot_mapping):
+    """Scatter rows into the caches at slot_mapping (negative slots dropped). Donation-friendly:
+    one scatter per cache into the caller's (donated) buffer."""
+    n = slot_mapping.shape[0]
+    num_blocks, block_size = k_cache.shape[:2]
+    num_slots = num_blocks * block_size
+    slots = slot_mapping.astype(jnp.int32)
+    slots = jnp.where(slots < 0, num_slots, slots)  # out of range: dropped
+    blk, off = slots // block_size, slots % block_size
+
+    def put(cache, rows):
+        return cache.at[blk, off].set(rows[:n], mode="drop", unique_indices=True)
+
+    return put(k_cache, key), put(v_cache, value)
+
+
+def copy_blocks(caches, src, dst):
+    """cache[dst[i]] = cache[src[i]] for every cache; reads happen before writes."""
+    out = []
+    for c in caches:
+        rows = jnp.take(c, src, axis=0, mode="clip")
+        out.append(c.at[dst].set(rows, mode="drop", unique_indices=True))
+    return out
+
+
+def gather_blocks(caches, block_ids):
+    """buffer[i, c] = caches[c][block_ids[i]]."""
+    return jnp.stack([jnp.take(c, block_ids, axis=0, mode="clip") for c in caches], axis=1)
+
+
+def scatter_blocks(caches, buffer, block_ids):
+    """caches[c][block_ids[i]] = buffer[i, c]."""
+    return [c.at[block_ids].set(buffer[:, i], mode="drop", unique_indices=True)
+            for i, c in enumerate(caches)]
+
+
+def dense_gather_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, *, scale):
+    """The obvious jnp decode baseline (benchmarks only): gather every sequence's blocks by
+    block table with jnp.take, then dense attention. q [num_seqs, Hq, D]."""
+    num_seqs, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    k = jnp.take(k_cache, block_tables, axis=0)  # [S, MB, B, Hkv, D]
+    v = jnp.take(v_cache, block_tables, axis=0)
+    k = k.reshape(num_seqs, -1, num_kv_heads, head_dim)
+    v = v.reshape(num_seqs, -1, num_kv_heads, head_dim)
+    qg = q.reshape(num_seqs, num_kv_heads, group, head_dim).astype(jnp.float32) * scale
+    s = jnp.einsum("shgd,sthd->shgt", qg, k.astype(jnp.float32))
+    t = jnp.arange(k.shape[1])
+    s = jnp.where(t[None, None, None, :] < kv_lens[:, None, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    out = jnp.einsum("shgt,sthd->shgd", p, v.astype(jnp.float32))
+    return out.reshape(num_seqs, num_q_heads, head_dim).astype(q.dtype)
+
+
+__all__ = ["ragged_paged_attention", "merge_attention_states", "shared_prefix_attention",
+           "write_kv", "copy_blocks", "gather_blocks", "scatter_blocks", "choose_tiling",
+           "dense_gather_paged_attention"]
+
+_ = np  # numpy kept for static helpers

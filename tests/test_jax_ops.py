@@ -1,0 +1,306 @@
+"""prefixkv.jax_frontend on the XLA backend (the CPU path) against the numpy reference.
+
+Shapes are kept small and shared so the compiled functions are reused across cases.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+from prefixkv import jax_frontend as jf  # noqa: E402
+from prefixkv.paged import reference as ref  # noqa: E402
+from prefixkv.paged import testing, validate  # noqa: E402
+from prefixkv.paged.spec import ATTENTION_TOLERANCE  # noqa: E402
+
+
+def _close(got, want, dtype):
+    atol, rtol = ATTENTION_TOLERANCE[dtype]
+    got = np.asarray(jnp.asarray(got, jnp.float32))
+    want = np.asarray(want).astype(np.float32)
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, want, atol=atol, rtol=rtol)
+
+
+def _close_lse(got, want):
+    got, want = np.asarray(got), np.asarray(want)
+    assert (np.isneginf(got) == np.isneginf(want)).all()
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(got[fin], want[fin], atol=1e-4, rtol=1e-5)
+
+
+def _check_attention(batch, backend="xla", **kw):
+    dtype = str(batch.q.dtype)
+    want, want_lse = ref.paged_attention_reference(*batch.args(), return_lse=True, **kw)
+    out, lse = jf.paged_attention(*batch.args(), return_lse=True, backend=backend, **kw)
+    assert out.dtype == batch.q.dtype and out.shape == batch.q.shape
+    assert lse.dtype == jnp.float32
+    _close(out, want, dtype)
+    _close_lse(lse, want_lse)
+
+
+# --------------------------------------------------------------------------- paged attention
+
+
+@pytest.mark.parametrize("grid", testing.GRID_NAMES)
+def test_paged_attention_grids(grid):
+    rng = np.random.default_rng(1)
+    batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, 16), num_q_heads=8,
+                                      num_kv_heads=2, head_dim=64, block_size=16)
+    _check_attention(batch)
+
+
+@pytest.mark.parametrize("kw", [dict(sliding_window=7), dict(logits_soft_cap=2.5),
+                                dict(causal=False), dict(scale=0.3, sliding_window=20)],
+                         ids=["window", "softcap", "noncausal", "scale_window"])
+def test_paged_attention_options(kw):
+    rng = np.random.default_rng(2)
+    batch = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16), num_q_heads=8,
+                                      num_kv_heads=2, head_dim=64, block_size=16, q_scale=3.0)
+    _check_attention(batch, **kw)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_paged_attention_dtypes(dtype):
+    rng = np.random.default_rng(3)
+    batch = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16), num_q_heads=8,
+                                      num_kv_heads=2, head_dim=64, block_size=16, dtype=dtype)
+    _check_attention(batch)
+
+
+@pytest.mark.parametrize("head_dim,block_size,dtype", [
+    (80, 8, "float32"), (96, 32, "bfloat16"), (128, 64, "float16"), (256, 8, "float32"),
+    (64, 7, "float32"), (64, 1, "float32")])
+def test_paged_attention_sizes(head_dim, block_size, dtype):
+    rng = np.random.default_rng(4)
+    batch = testing.make_ragged_batch(rng, testing.seq_grid("prefill_with_prefix", block_size),
+                                      num_q_heads=4, num_kv_heads=2, head_dim=head_dim,
+                                      block_size=block_size, dtype=dtype)
+    _check_attention(batch)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (8, 1), (16, 2)], ids=["mha", "mqa", "gqa8"])
+def test_paged_attention_head_ratios(heads):
+    rng = np.random.default_rng(5)
+    batch = testing.make_ragged_batch(rng, testing.seq_grid("decode", 16), num_q_heads=heads[0],
+                                      num_kv_heads=heads[1], head_dim=64, block_size=16)
+    _check_attention(batch)
+
+
+def test_paged_attention_under_jit_and_platform_dispatch():
+    rng = np.random.default_rng(6)
+    batch = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16), num_q_heads=8,
+                                      num_kv_heads=2)
+    f = jax.jit(lambda *a: jf.paged_attention(*a, sliding_window=9))
+    got = f(*[None if a is None else jnp.asarray(a) for a in batch.args()])
+    _close(got, ref.paged_attention_reference(*batch.args(), sliding_window=9), "float32")
+
+
+def test_paged_attention_non_contiguous_block_table():
+    rng = np.random.default_rng(7)
+    batch = testing.make_ragged_batch(rng, testing.seq_grid("prefill_with_prefix", 16))
+    wide = np.full((batch.block_tables.shape[0], 2 * batch.block_tables.shape[1]), -5, np.int32)
+    wide[:, ::2] = batch.block_tables
+    batch.block_tables = wide[:, ::2]  # a strided numpy view
+    assert not batch.block_tables.flags.c_contiguous
+    _check_attention(batch)
+
+
+def test_paged_attention_large_block_ids():
+    """Block ids past 2**15 (index arithmetic in int32 must not overflow)."""
+    rng = np.random.default_rng(8)
+    num_blocks, bs, hkv, d = 40000, 2, 1, 8
+    k = rng.standard_normal((num_blocks, bs, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((num_blocks, bs, hkv, d)).astype(np.float32)
+    tables = np.array([[39999, 0, 33333], [20000, 39998, 1]], np.int32)
+    kv_lens = np.array([5, 6], np.int32)
+    q = rng.standard_normal((2, 2, d)).astype(np.float32)
+    want = ref.paged_attention_reference(q, k, v, tables, kv_lens)
+    _close(jf.paged_attention(q, k, v, tables, kv_lens), want, "float32")
+
+
+# --------------------------------------------------------------------- shared prefix, merge
+
+
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "ragged"])
+def test_shared_prefix_attention(decode):
+    rng = np.random.default_rng(9)
+    if decode:
+        seqs = [(0, 1, 5), (1, 1, 17), (-1, 1, 3), (0, 1, 1), (1, 1, 16)]
+    else:
+        seqs = [(0, 3, 5), (1, 0, 0), (-1, 2, 3), (0, 9, 9), (1, 4, 20), (0, 1, 16)]
+    batch = testing.make_shared_prefix_batch(rng, [2, 3], seqs, num_q_heads=8, num_kv_heads=2,
+                                             block_size=8)
+    want, want_lse = ref.shared_prefix_attention_reference(*batch.args(), return_lse=True,
+                                                           logits_soft_cap=4.0)
+    out, lse = jf.shared_prefix_attention(*batch.args(), return_lse=True, logits_soft_cap=4.0)
+    _close(out, want, "float32")
+    _close_lse(lse, want_lse)
+
+
+def test_shared_prefix_empty_prefix_bf16():
+    rng = np.random.default_rng(10)
+    batch = testing.make_shared_prefix_batch(rng, [0, 1], [(0, 1, 3), (1, 1, 2), (0, 1, 9)],
+                                             dtype="bfloat16", block_size=8)
+    _close(jf.shared_prefix_attention(*batch.args()),
+           ref.shared_prefix_attention_reference(*batch.args()), "bfloat16")
+
+
+def test_merge_attention_states():
+    rng = np.random.default_rng(11)
+    oa, ob = (rng.standard_normal((5, 3, 16)).astype(np.float32) for _ in range(2))
+    la, lb = (rng.standard_normal((5, 3)).astype(np.float32) for _ in range(2))
+    la[0, :] = -np.inf
+    lb[0, :2] = -np.inf  # row 0 heads 0, 1: both empty -> out 0, lse -inf
+    lb[1] = -np.inf
+    want_o, want_l = ref.merge_attention_states_reference(oa, la, ob, lb)
+    got_o, got_l = jf.merge_attention_states(oa, la, ob, lb)
+    np.testing.assert_allclose(np.asarray(got_o), want_o, atol=1e-6, rtol=1e-6)
+    _close_lse(got_l, want_l)
+    assert (np.asarray(got_o)[0, :2] == 0).all()
+
+
+# ------------------------------------------------------------------------------ cache ops
+
+
+def _caches(rng, num_blocks=12, bs=4, h=2, d=8, dtype="float32", n=2):
+    return [testing.random_values(rng, (num_blocks, bs, h, d), dtype) for _ in range(n)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_write_kv_exact(dtype):
+    rng = np.random.default_rng(12)
+    kc, vc = _caches(rng, dtype=dtype)
+    key = testing.random_values(rng, (7, 2, 8), dtype)
+    value = testing.random_values(rng, (7, 2, 8), dtype)
+    slots = np.array([5, -1, 47, 0, 13, -3], np.int32)  # 6 of 7 rows: the last is padding
+    wk, wv = ref.write_kv_reference(key, value, kc, vc, slots)
+    gk, gv = jf.write_kv(key, value, kc, vc, slots)
+    np.testing.assert_array_equal(np.asarray(gk).view(np.uint8), wk.view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(gv).view(np.uint8), wv.view(np.uint8))
+
+
+def test_copy_blocks_exact_reads_before_writes():
+    rng = np.random.default_rng(13)
+    caches = _caches(rng, n=3)
+    src, dst = np.array([1, 2, 7], np.int32), np.array([2, 9, 1], np.int32)  # a chain
+    want = ref.copy_blocks_reference(caches, src, dst)
+    got = jf.copy_blocks(caches, src, dst)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), w)
+
+
+def test_gather_scatter_roundtrip_exact():
+    rng = np.random.default_rng(14)
+    caches = _caches(rng, dtype="bfloat16")
+    ids = np.array([3, 0, 11, 3], np.int32)
+    buf = jf.gather_blocks(caches, ids)
+    want = ref.gather_blocks_reference(caches, ids)
+    np.testing.assert_array_equal(np.asarray(buf).view(np.uint16), want.view(np.uint16))
+    dst = np.array([5, 6, 1, 10], np.int32)
+    got = jf.scatter_blocks(caches, buf, dst)
+    want_s = ref.scatter_blocks_reference(caches, want, dst)
+    for g, w in zip(got, want_s):
+        np.testing.assert_array_equal(np.asarray(g).view(np.uint16), w.view(np.uint16))
+
+
+def test_cache_ops_under_jit_with_donation_reuse_buffers():
+    """Donated caches are updated in place: same buffer out, the input is consumed."""
+    rng = np.random.default_rng(15)
+    kc, vc = (jnp.asarray(c) for c in _caches(rng, num_blocks=64, bs=16, h=4, d=32))
+    key = jnp.asarray(testing.random_values(rng, (3, 4, 32), "float32"))
+    slots = jnp.asarray(np.array([17, -1, 100], np.int32))
+    want_k, want_v = ref.write_kv_reference(np.asarray(key), np.asarray(key), np.asarray(kc),
+                                            np.asarray(vc), np.asarray(slots))
+    ptr_k, ptr_v = kc.unsafe_buffer_pointer(), vc.unsafe_buffer_pointer()
+    step = jax.jit(lambda kc, vc, key, slots: jf.write_kv(key, key, kc, vc, slots),
+                   donate_argnums=(0, 1))
+    nk, nv = step(kc, vc, key, slots)
+    assert kc.is_deleted() and vc.is_deleted()
+    assert nk.unsafe_buffer_pointer() == ptr_k and nv.unsafe_buffer_pointer() == ptr_v
+    np.testing.assert_array_equal(np.asarray(nk), want_k)
+    np.testing.assert_array_equal(np.asarray(nv), want_v)
+    # copy and scatter too; compiled memory: no temporary as large as a cache
+    caches = [nk, nv]
+    ptrs = [c.unsafe_buffer_pointer() for c in caches]
+    copy = jax.jit(lambda cs, s, d: jf.copy_blocks(cs, s, d), donate_argnums=(0,))
+    src, dst = jnp.asarray(np.array([1, 3], np.int32)), jnp.asarray(np.array([2, 60], np.int32))
+    mem = copy.lower(caches, src, dst).compile().memory_analysis()
+    if mem is not None:
+        assert mem.temp_size_in_bytes < nk.nbytes
+    out = copy(caches, src, dst)
+    assert [c.unsafe_buffer_pointer() for c in out] == ptrs
+    buf = jnp.zeros((2, 2, 16, 4, 32), jnp.float32)
+    scat = jax.jit(lambda cs, b, i: jf.scatter_blocks(cs, b, i), donate_argnums=(0,))
+    out2 = scat(out, buf, dst)
+    assert [c.unsafe_buffer_pointer() for c in out2] == ptrs
+    assert (np.asarray(out2[0])[[2, 60]] == 0).all()
+
+
+# ------------------------------------------------------------------------- errors, dispatch
+
+
+def _small_batch():
+    return testing.make_ragged_batch(np.random.default_rng(16), [(1, 5), (2, 9)], block_size=4)
+
+
+def test_error_static_check_inside_jit():
+    b = _small_batch()
+    with pytest.raises(TypeError, match="block_tables: expected int32, got float32"):
+        jax.jit(jf.paged_attention)(b.q, b.k_cache, b.v_cache, b.block_tables.astype(np.float32),
+                                    b.kv_lens, b.cu_q_lens)
+
+
+def test_error_value_check_on_host_inputs():
+    b = _small_batch()
+    bad = b.kv_lens.copy()
+    bad[1] = 1  # fewer cached tokens than this step's query tokens
+    with pytest.raises(ValueError, match=r"kv_lens: expected kv_lens\[s\] >= q_len"):
+        jf.paged_attention(b.q, b.k_cache, b.v_cache, b.block_tables, bad, b.cu_q_lens)
+
+
+def test_error_value_check_in_checked_mode_only_outside_jit():
+    b = _small_batch()
+    tables = b.block_tables.copy()
+    tables[0, 0] = 10_000
+    with validate.value_checks(), pytest.raises(ValueError, match="block_tables: expected block"):
+        jf.paged_attention(b.q, b.k_cache, b.v_cache, jnp.asarray(tables), b.kv_lens,
+                           b.cu_q_lens)
+    with validate.value_checks():  # traced: no host sync, no check
+        jax.jit(jf.paged_attention)(b.q, b.k_cache, b.v_cache, tables, b.kv_lens, b.cu_q_lens)
+
+
+def test_error_write_kv_duplicate_slots():
+    rng = np.random.default_rng(17)
+    kc, vc = _caches(rng)
+    key = testing.random_values(rng, (2, 2, 8), "float32")
+    with pytest.raises(ValueError, match="slot_mapping: expected distinct destinations"):
+        jf.write_kv(key, key, kc, vc, np.array([3, 3], np.int32))
+
+
+def test_error_unknown_backend_lists_backends():
+    b = _small_batch()
+    with pytest.raises(jf.BackendError, match=r"unknown backend 'cuda_magic'(.|\n)*- xla: could run"):
+        jf.paged_attention(*b.args(), backend="cuda_magic")
+
+
+def test_error_backend_for_other_platform(monkeypatch):
+    b = _small_batch()
+    names = jf.explain_backends("paged_attention")
+    if "pallas_tpu" not in names:
+        pytest.skip("no TPU backend registered")
+    with pytest.raises(jf.BackendError, match=r"backend 'pallas_tpu' cannot run(.|\n)*"
+                                              r"pallas_tpu: runs on tpu, not cpu"):
+        jf.paged_attention(*b.args(), backend="pallas_tpu")
+    monkeypatch.setenv("PREFIXKV_PAGED_ATTENTION_BACKEND", "pallas_tpu")
+    with pytest.raises(jf.BackendError, match="backend 'pallas_tpu' cannot run"):
+        jf.paged_attention(*b.args())
+
+
+def test_env_var_selects_backend(monkeypatch):
+    b = _small_batch()
+    monkeypatch.setenv("PREFIXKV_BACKEND", "xla")
+    _close(jf.paged_attention(*b.args()), ref.paged_attention_reference(*b.args()), "float32")
