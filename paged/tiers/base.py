@@ -37,6 +37,25 @@ RECORD_MAGIC = b"PKVB"
 _NS_TAG = b"prefixkv-ns-v1"
 
 
+_DTYPE_NAMES: dict = {}
+
+
+def dtype_str(x) -> str:
+    """``spec.dtype_name`` memoised for numpy arrays and dtypes (it sits on per-block paths)."""
+    if isinstance(x, np.ndarray):
+        dt = x.dtype
+    elif isinstance(x, np.dtype):
+        dt = x
+    elif isinstance(x, type) and issubclass(x, np.generic):  # np.float16 and friends
+        dt = np.dtype(x)
+    else:
+        return dtype_name(x)
+    name = _DTYPE_NAMES.get(dt)
+    if name is None:
+        name = _DTYPE_NAMES[dt] = dtype_name(dt)
+    return name
+
+
 def _salt_bytes(salt) -> bytes:
     # Same rule as the pool's namespace_of: None -> b"", str -> UTF-8, bytes -> bytes.
     if salt is None:
@@ -200,7 +219,7 @@ def encode_record(key: BlockKey, value: np.ndarray, *, checksum_alg: str | None 
     if digest is None:
         raise RuntimeError(f"checksum {alg_name!r} unavailable")
     kb = key.encode()
-    db = dtype_name(value).encode()
+    db = dtype_str(value).encode()
     header = b"".join([
         _FIXED.pack(RECORD_MAGIC, FORMAT_VERSION, alg, value.ndim, len(kb), len(db),
                     payload.nbytes),
@@ -254,8 +273,8 @@ def decode_record(key: BlockKey, data, *, shape: Sequence[int] | None = None,
     off += dlen
     digest = bytes(mv[off:off + _DIGEST_LEN])
     off += _DIGEST_LEN
-    if dtype is not None and stored_dtype != dtype_name(dtype):
-        raise UnexpectedLayout(f"dtype {stored_dtype}, expected {dtype_name(dtype)}")
+    if dtype is not None and stored_dtype != dtype_str(dtype):
+        raise UnexpectedLayout(f"dtype {stored_dtype}, expected {dtype_str(dtype)}")
     if stored_dtype != key.namespace.dtype:
         raise RecordError(f"dtype {stored_dtype}, namespace says {key.namespace.dtype}")
     if shape is not None and tuple(stored_shape) != tuple(int(s) for s in shape):

@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ..spec import dtype_name, numpy_dtype
-from .base import BlockKey, Tier, check_values
+from ..spec import numpy_dtype
+from .base import BlockKey, Tier, check_values, dtype_str
 
 Allocator = Callable[[tuple, np.dtype], np.ndarray]
 
@@ -85,7 +85,7 @@ class HostTier(Tier):
 
     def batch_get(self, keys, *, shape=None, dtype=None):
         want_shape = None if shape is None else tuple(int(s) for s in shape)
-        want_dtype = None if dtype is None else dtype_name(dtype)
+        want_dtype = None if dtype is None else dtype_str(dtype)
         out: list[np.ndarray | None] = []
         for k in keys:
             e = self._lookup(k)
@@ -95,8 +95,8 @@ class HostTier(Tier):
                 continue
             arr = e.array
             if ((want_shape is not None and arr.shape != want_shape)
-                    or (want_dtype is not None and dtype_name(arr) != want_dtype)
-                    or dtype_name(arr) != k.namespace.dtype):
+                    or (want_dtype is not None and dtype_str(arr) != want_dtype)
+                    or dtype_str(arr) != k.namespace.dtype):
                 self.stats.corrupt += 1
                 out.append(None)
                 continue
@@ -150,7 +150,7 @@ class HostTier(Tier):
         holds fewer. Fill them and hand them over with ``batch_put(..., copy=False)`` before
         any other call on this tier."""
         shape = tuple(int(s) for s in shape)
-        dt = numpy_dtype(dtype_name(dtype))
+        dt = numpy_dtype(dtype_str(dtype))
         nb = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
         n = min(int(n), self.budget_bytes // max(nb, 1))
         out: list[np.ndarray] = []
@@ -161,14 +161,14 @@ class HostTier(Tier):
             self.spare_bytes -= nb
         if sig in self._spares and not self._spares[sig]:
             del self._spares[sig]
-        need = lambda: (n - len(out)) * nb  # noqa: E731
-        while self.used_bytes + self.spare_bytes + need() > self.budget_bytes and self._spares:
+        need = n * nb  # reused and new arrays alike: the budget must hold all n once put
+        while self.used_bytes + self.spare_bytes + need > self.budget_bytes and self._spares:
             other = next(iter(self._spares))
             self.spare_bytes -= int(self._spares[other].pop().nbytes)
             if not self._spares[other]:
                 del self._spares[other]
         for sk in list(self._entries.keys()):
-            if self.used_bytes + self.spare_bytes + need() <= self.budget_bytes:
+            if self.used_bytes + self.spare_bytes + need <= self.budget_bytes:
                 break
             if sk in protect:
                 continue
@@ -182,7 +182,7 @@ class HostTier(Tier):
                 out.append(arr)
             del arr
         room = (self.budget_bytes - self.used_bytes - self.spare_bytes) // max(nb, 1)
-        n = max(0, min(n, room + len(out)))
+        n = max(0, min(n, room))
         del out[n:]
         while len(out) < n:
             arr = self.allocator(shape, dt)
@@ -198,7 +198,7 @@ class HostTier(Tier):
         """Storage for one block (see :meth:`reserve`)."""
         got = self.reserve(1, shape, dtype)
         if not got:
-            raise ValueError(f"shape: a block of {shape} {dtype_name(dtype)} exceeds "
+            raise ValueError(f"shape: a block of {shape} {dtype_str(dtype)} exceeds "
                              f"budget_bytes={self.budget_bytes}")
         return got[0]
 
@@ -211,8 +211,8 @@ class HostTier(Tier):
         for k, v in zip(keys, values, strict=False):
             v = np.asarray(v)
             sk = k.storage_key()
-            if dtype_name(v) != k.namespace.dtype:
-                raise ValueError(f"values: dtype {dtype_name(v)} does not match the key's "
+            if dtype_str(v) != k.namespace.dtype:
+                raise ValueError(f"values: dtype {dtype_str(v)} does not match the key's "
                                  f"namespace dtype {k.namespace.dtype}")
             old = self._lookup(k)
             if old is not None and old.array.shape == v.shape:

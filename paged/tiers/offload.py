@@ -27,8 +27,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .. import validate
-from ..spec import dtype_name
-from .base import BlockKey, Namespace, Tier, TierStats, check_values
+from .base import BlockKey, Namespace, Tier, TierStats, check_values, dtype_str
 from .host import HostTier
 
 
@@ -179,8 +178,8 @@ class BlockOffloader:
         if len(block_hashes) != len(ids):
             raise ValueError(f"block_hashes: expected {len(ids)} hashes (one per block id), "
                              f"got {len(block_hashes)}")
-        if dtype_name(caches[0]) != ns.dtype:
-            raise ValueError(f"caches: dtype {dtype_name(caches[0])} does not match the "
+        if dtype_str(caches[0]) != ns.dtype:
+            raise ValueError(f"caches: dtype {dtype_str(caches[0])} does not match the "
                              f"namespace dtype {ns.dtype}")
         return ids
 
@@ -196,15 +195,16 @@ class BlockOffloader:
         host = _first_host(self.store)
         if self.gather is None and host is not None and all(isinstance(c, np.ndarray)
                                                            for c in caches):
-            # One copy per block, straight into host-tier memory (no staging buffer).
+            # One copy per block, straight into host-tier memory (no staging buffer); the
+            # memory of evicted blocks is reused, so nothing is allocated in steady state.
             row_shape = (len(caches), *caches[0].shape[1:])
-            rows = []
-            for b in ids:
-                dst = host.allocate(row_shape, caches[0].dtype)
-                for layer, c in enumerate(caches):
-                    dst[layer] = c[b]
-                rows.append(dst)
-            return self.store.batch_put(keys, rows, copy=False)
+            rows = host.reserve(len(ids), row_shape, caches[0].dtype)
+            if len(rows) == len(ids):
+                for dst, b in zip(rows, ids.tolist(), strict=True):
+                    for layer, c in enumerate(caches):
+                        dst[layer] = c[b]
+                return self.store.batch_put(keys, rows, copy=False)
+            del rows  # the batch exceeds the host budget: the generic path keeps its lead
         if self.gather is None:
             row_shape = (len(ids), len(caches), *caches[0].shape[1:])
             buf = np.empty(row_shape, dtype=caches[0].dtype)
@@ -232,18 +232,18 @@ class BlockOffloader:
             return caches, 0
         row_shape = (len(caches), *caches[0].shape[1:])
         got = self.store.batch_get(self.keys(block_hashes, ns), shape=row_shape,
-                                   dtype=dtype_name(caches[0]))
+                                   dtype=dtype_str(caches[0]))
         rows = []
         for a in got:
             # Belt and braces: the tiers verified key, namespace and checksum; re-check layout.
-            if a is None or a.shape != row_shape or dtype_name(a) != dtype_name(caches[0]):
+            if a is None or a.shape != row_shape or dtype_str(a) != dtype_str(caches[0]):
                 break
             rows.append(a)
         n = len(rows)
         if n == 0:
             return caches, 0
         if self.scatter is None:
-            for b, row in zip(ids[:n], rows, strict=False):
+            for b, row in zip(ids[:n].tolist(), rows, strict=True):
                 for layer, c in enumerate(caches):
                     c[b] = row[layer]
             return caches, n

@@ -1,0 +1,256 @@
+"""Tier bandwidth: host-tier offload/onboard against a plain memory copy of the same bytes,
+disk / Redis / NIXL put and get.
+
+Run: .venv/bin/pytest bench/bench_tiers.py --benchmark-only
+Model-shaped block: 4 layers x (K, V) = 8 caches of [num_blocks, 16, 8, 128] float16, i.e.
+one stored block = 8 x 32 KiB = 256 KiB; a batch = 128 blocks = 32 MiB (host) or 32 blocks
+= 8 MiB (disk, Redis, NIXL). GB/s counts the block bytes moved once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import time
+
+import numpy as np
+import pytest
+from prefixkv.paged.reference import gather_blocks_reference
+from prefixkv.paged.tiers import BlockKey, BlockOffloader, DiskTier, HostTier, Namespace
+
+from bench.conftest import record
+
+NUM_CACHES, NUM_BLOCKS, BLOCK_SHAPE, DTYPE = 8, 384, (16, 8, 128), np.float16
+HOST_BATCH, REMOTE_BATCH = 128, 32
+NS = Namespace("bench-model", dtype="float16")
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def caches():
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal((NUM_BLOCKS, *BLOCK_SHAPE)).astype(DTYPE)
+            for _ in range(NUM_CACHES)]
+
+
+def _row_bytes():
+    return NUM_CACHES * int(np.prod(BLOCK_SHAPE)) * np.dtype(DTYPE).itemsize
+
+
+def _fresh_hashes(n):
+    """New hashes per call so every put really stores (the tiers skip known keys)."""
+    base = next(_counter) * n
+    return [(base + i).to_bytes(8, "big") for i in range(n)]
+
+
+def _ids(n, seed=1):
+    return np.random.default_rng(seed).permutation(NUM_BLOCKS)[:n].astype(np.int32)
+
+
+# -- host tier vs memcpy ---------------------------------------------------------------------
+
+@pytest.mark.benchmark(group="host-tier")
+def test_memcpy_baseline(benchmark, machine_limits):
+    nbytes = HOST_BATCH * _row_bytes()
+    src = np.ones(nbytes // 2, DTYPE)
+    dst = np.empty_like(src)
+    benchmark(np.copyto, dst, src)
+    record(benchmark, machine_limits, nbytes=nbytes, op="np.copyto (same bytes)")
+
+
+def _host_fraction(benchmark, machine_limits, nbytes, fn):
+    """Fraction of memcpy: against the session's measured memcpy GB/s, and paired (the op and
+    a np.copyto of the same bytes alternated 11 times, ratio of the best and of the medians:
+    robust to other load on a shared machine)."""
+    gbps = nbytes / benchmark.stats.stats.mean / 1e9
+    info = benchmark.extra_info
+    info["fraction_of_memcpy"] = round(gbps / machine_limits["memcpy_gbps"], 3)
+    src = np.ones(nbytes // 2, DTYPE)
+    dst = np.empty_like(src)
+    t_op, t_cp = [], []
+    for _ in range(11):
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        np.copyto(dst, src)
+        t2 = time.perf_counter()
+        t_op.append(t1 - t0)
+        t_cp.append(t2 - t1)
+    info["paired_memcpy_gbps_best"] = round(nbytes / min(t_cp) / 1e9, 3)
+    info["paired_gbps_best"] = round(nbytes / min(t_op) / 1e9, 3)
+    info["paired_fraction_best"] = round(min(t_cp) / min(t_op), 3)
+    info["paired_fraction_median"] = round(float(np.median(t_cp) / np.median(t_op)), 3)
+
+
+@pytest.mark.benchmark(group="host-tier")
+def test_host_offload(benchmark, machine_limits, caches):
+    """Offload 128 blocks into a full host tier (steady state: evicted memory reused)."""
+    host = HostTier(2 * HOST_BATCH * _row_bytes())
+    off = BlockOffloader(host, NS)
+    ids = _ids(HOST_BATCH)
+    for _ in range(3):  # fill the tier: later rounds evict and reuse
+        off.offload(caches, ids, _fresh_hashes(HOST_BATCH))
+
+    def run():
+        assert all(off.offload(caches, ids, _fresh_hashes(HOST_BATCH)))
+
+    benchmark(run)
+    nbytes = HOST_BATCH * _row_bytes()
+    record(benchmark, machine_limits, nbytes=nbytes, op="offload (numpy gather into host tier)")
+    _host_fraction(benchmark, machine_limits, nbytes, run)
+
+
+@pytest.mark.benchmark(group="host-tier")
+def test_host_offload_gather_reference(benchmark, machine_limits, caches):
+    """The same through gather_blocks_reference (a staging buffer, then a copy into the tier)."""
+    host = HostTier(2 * HOST_BATCH * _row_bytes())
+    off = BlockOffloader(host, NS, gather=gather_blocks_reference)
+    ids = _ids(HOST_BATCH)
+
+    def run():
+        assert all(off.offload(caches, ids, _fresh_hashes(HOST_BATCH)))
+
+    benchmark(run)
+    nbytes = HOST_BATCH * _row_bytes()
+    record(benchmark, machine_limits, nbytes=nbytes, op="offload via gather_blocks_reference")
+    _host_fraction(benchmark, machine_limits, nbytes, run)
+
+
+@pytest.mark.benchmark(group="host-tier")
+def test_host_onboard(benchmark, machine_limits, caches):
+    """Onboard 128 blocks from the host tier into other blocks of the caches (in place)."""
+    host = HostTier(2 * HOST_BATCH * _row_bytes())
+    off = BlockOffloader(host, NS)
+    src = _ids(HOST_BATCH, seed=1)
+    hashes = _fresh_hashes(HOST_BATCH)
+    off.offload(caches, src, hashes)
+    dst_caches = [np.empty_like(c) for c in caches]
+    dst = _ids(HOST_BATCH, seed=2)
+
+    def run():
+        assert off.onboard(dst_caches, dst, hashes)[1] == HOST_BATCH
+
+    benchmark(run)
+    for c, d in zip(caches, dst_caches, strict=True):
+        assert np.array_equal(c[src].view(np.uint16), d[dst].view(np.uint16))
+    nbytes = HOST_BATCH * _row_bytes()
+    record(benchmark, machine_limits, nbytes=nbytes, op="onboard (numpy scatter from host tier)")
+    _host_fraction(benchmark, machine_limits, nbytes, run)
+
+
+# -- disk ------------------------------------------------------------------------------------
+
+def _rows(caches, n):
+    ids = _ids(n, seed=3)
+    return list(gather_blocks_reference(caches, ids))
+
+
+@pytest.mark.benchmark(group="disk")
+@pytest.mark.parametrize("fsync", [False, True], ids=["page-cache", "fsync"])
+def test_disk_put(benchmark, machine_limits, caches, tmp_path, fsync):
+    disk = DiskTier(tmp_path, budget_bytes=4 * REMOTE_BATCH * (_row_bytes() + 4096), fsync=fsync)
+    rows = _rows(caches, REMOTE_BATCH)
+
+    def run():
+        keys = [BlockKey(h, NS) for h in _fresh_hashes(REMOTE_BATCH)]
+        assert all(disk.batch_put(keys, rows))
+
+    benchmark.pedantic(run, rounds=5 if fsync else 10, warmup_rounds=1)
+    record(benchmark, machine_limits, nbytes=REMOTE_BATCH * _row_bytes(),
+           op=f"disk put ({'fsync' if fsync else 'no fsync'}, xxh3 checksum)")
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.benchmark(group="disk")
+def test_disk_get(benchmark, machine_limits, caches, tmp_path):
+    disk = DiskTier(tmp_path)
+    keys = [BlockKey(h, NS) for h in _fresh_hashes(REMOTE_BATCH)]
+    disk.batch_put(keys, _rows(caches, REMOTE_BATCH))
+
+    def run():
+        assert all(g is not None for g in disk.batch_get(keys))
+
+    benchmark.pedantic(run, rounds=10, warmup_rounds=1)
+    record(benchmark, machine_limits, nbytes=REMOTE_BATCH * _row_bytes(),
+           op="disk get (page cache, verified)")
+
+
+# -- Redis -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def redis_tier():
+    from prefixkv.paged.tiers import LocalRedisServer, RedisTier
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed (bash scripts/services.sh install)")
+    with LocalRedisServer() as srv:
+        t = RedisTier(port=srv.port, socket_timeout=10, max_batch=REMOTE_BATCH)
+        yield t
+        t.close()
+
+
+@pytest.mark.benchmark(group="redis")
+def test_redis_put(benchmark, machine_limits, caches, redis_tier):
+    rows = _rows(caches, REMOTE_BATCH)
+
+    def run():
+        keys = [BlockKey(h, NS) for h in _fresh_hashes(REMOTE_BATCH)]
+        assert all(redis_tier.batch_put(keys, rows))
+        redis_tier.batch_remove(keys)  # keep the server's memory flat
+
+    benchmark.pedantic(run, rounds=10, warmup_rounds=1)
+    record(benchmark, machine_limits, nbytes=REMOTE_BATCH * _row_bytes(),
+           op="redis pipelined SET (+DEL)")
+
+
+@pytest.mark.benchmark(group="redis")
+def test_redis_get(benchmark, machine_limits, caches, redis_tier):
+    keys = [BlockKey(h, NS) for h in _fresh_hashes(REMOTE_BATCH)]
+    assert all(redis_tier.batch_put(keys, _rows(caches, REMOTE_BATCH)))
+
+    def run():
+        assert all(g is not None for g in redis_tier.batch_get(keys))
+
+    benchmark.pedantic(run, rounds=10, warmup_rounds=1)
+    record(benchmark, machine_limits, nbytes=REMOTE_BATCH * _row_bytes(),
+           op="redis MGET, verified")
+
+
+# -- NIXL ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def nixl_tier():
+    pytest.importorskip("nixl", reason="nixl not installed (pip install --no-deps nixl nixl-cu12)")
+    from prefixkv.paged.tiers import NixlPeer, NixlTier
+
+    peer = NixlPeer(num_slots=4 * REMOTE_BATCH, slot_bytes=_row_bytes() + 4096)
+    t = NixlTier(peer, staging_slots=REMOTE_BATCH, timeout_s=30)
+    yield t
+    t.close()
+    peer.close()
+
+
+@pytest.mark.benchmark(group="nixl")
+def test_nixl_put(benchmark, machine_limits, caches, nixl_tier):
+    rows = _rows(caches, REMOTE_BATCH)
+
+    def run():
+        keys = [BlockKey(h, NS) for h in _fresh_hashes(REMOTE_BATCH)]
+        assert all(nixl_tier.batch_put(keys, rows))
+
+    benchmark.pedantic(run, rounds=10, warmup_rounds=1)
+    record(benchmark, machine_limits, nbytes=REMOTE_BATCH * _row_bytes(),
+           op="NIXL UCX WRITE (encode into staging + transfer)")
+
+
+@pytest.mark.benchmark(group="nixl")
+def test_nixl_get(benchmark, machine_limits, caches, nixl_tier):
+    keys = [BlockKey(h, NS) for h in _fresh_hashes(REMOTE_BATCH)]
+    assert all(nixl_tier.batch_put(keys, _rows(caches, REMOTE_BATCH)))
+
+    def run():
+        assert all(g is not None for g in nixl_tier.batch_get(keys))
+
+    benchmark.pedantic(run, rounds=10, warmup_rounds=1)
+    record(benchmark, machine_limits, nbytes=REMOTE_BATCH * _row_bytes(),
+           op="NIXL UCX READ + verify + copy out")
