@@ -1,0 +1,297 @@
+"""JAX ``hash_blocks``: prefixkv-v1 block hashes (BLAKE3 keyed chain) on the device.
+
+Spec (docs/hashing.md, reference ``prefixkv.paged.reference.hashing``)::
+
+    key  = BLAKE3.derive_key("prefixkv v1 block hash", salt)      # on the host, 8 u32 words
+    h_-1 = parent (32 zero bytes by default)
+    h_i  = BLAKE3.keyed_hash(key, h_{i-1} || le_u32(tokens[i*B:(i+1)*B]) || extra_i)
+
+Backends (registry ``HASH_BLOCKS_BACKENDS``):
+
+* ``xla`` (cpu, cuda, rocm, tpu; lowest priority): jnp uint32 ops. The chains of all sequences
+  run side by side as one vector lane each, in a ``lax.fori_loop`` over the block index within
+  a sequence. Any block size (messages over 1024 bytes use BLAKE3's chunk tree, whose shape is
+  static for a given block size).
+* ``pallas_tpu`` (tpu): the Pallas kernel of ``prefixkv.kernels.pallas.hashing``; messages of
+  one BLAKE3 chunk (block_size <= 248 tokens, 244 with ``extra``).
+
+Works under ``jax.jit`` with ``block_size`` (and ``salt``, ``parent`` given as bytes) static;
+no x64 needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ..paged.reference.hashing import (
+    BLOCK_LEN,
+    CHUNK_END,
+    CHUNK_LEN,
+    CHUNK_START,
+    IV,
+    KEYED_HASH,
+    MSG_PERMUTATION,
+    PARENT,
+    ROOT,
+    block_key,
+    parent_words,
+)
+from ..paged.registry import Backend, Registry
+from ..paged.validate import check_hash_blocks, check_hash_blocks_values, value_checks_enabled
+
+#: Largest message the one-chunk kernels hash: one BLAKE3 chunk.
+MAX_KERNEL_MESSAGE_BYTES = CHUNK_LEN
+
+
+def message_words(block_size: int, has_extra: bool) -> int:
+    """u32 words of one block's message: 8 (parent) + block_size (tokens) + 4 (extra)."""
+    return 8 + block_size + (4 if has_extra else 0)
+
+
+def kernel_supports(block_size: int, has_extra: bool = False, **_) -> tuple[bool, str]:
+    """Whether a one-chunk kernel hashes this block size (message <= 1024 bytes)."""
+    nbytes = 4 * message_words(block_size, has_extra)
+    if nbytes > MAX_KERNEL_MESSAGE_BYTES:
+        limit = (MAX_KERNEL_MESSAGE_BYTES // 4) - 8 - (4 if has_extra else 0)
+        return False, (f"block_size={block_size} gives a {nbytes}-byte message, over one "
+                       f"BLAKE3 chunk (1024 bytes): block_size <= {limit} "
+                       f"{'with' if has_extra else 'without'} extra")
+    return True, ""
+
+
+# ------------------------------------------------------------- lane-parallel BLAKE3 in jnp
+#
+# The state is kept as four rows of four words (a = v0..3, b = v4..7, c = v8..11, d = v12..15),
+# each u32[4, lanes], so the four column G's of a round are one vector G, and the diagonal step
+# is the same G after rotating rows b, c, d by 1, 2, 3 words. This keeps the traced program
+# small (XLA compile time grows fast with unrolled scalar G's).
+
+_PERM = np.array(MSG_PERMUTATION, dtype=np.int32)
+
+
+def _u32(c: int):
+    return jnp.asarray(c, dtype=jnp.uint32)
+
+
+def _rotr(x, n: int):
+    return (x >> _u32(n)) | (x << _u32(32 - n))
+
+
+def _g4(a, b, c, d, mx, my):
+    a = a + b + mx
+    d = _rotr(d ^ a, 16)
+    c = c + d
+    b = _rotr(b ^ c, 12)
+    a = a + b + my
+    d = _rotr(d ^ a, 8)
+    c = c + d
+    b = _rotr(b ^ c, 7)
+    return a, b, c, d
+
+
+def _round(a, b, c, d, m):
+    a, b, c, d = _g4(a, b, c, d, m[0:8:2], m[1:8:2])
+    b, c, d = jnp.roll(b, -1, axis=0), jnp.roll(c, -2, axis=0), jnp.roll(d, -3, axis=0)
+    a, b, c, d = _g4(a, b, c, d, m[8:16:2], m[9:16:2])
+    b, c, d = jnp.roll(b, 1, axis=0), jnp.roll(c, 2, axis=0), jnp.roll(d, 3, axis=0)
+    return a, b, c, d
+
+
+def compress_rows(cv, m, counter: int, block_len, flags):
+    """BLAKE3 compression, lane by lane: cv u32[8, lanes], m u32[16, lanes]; block_len and
+    flags ints or u32 scalars -> the new chaining value u32[8, lanes]."""
+    lanes = cv.shape[1]
+    a, b = cv[0:4], cv[4:8]
+    c = jnp.broadcast_to(jnp.asarray(np.array(IV[:4], np.uint32))[:, None], (4, lanes))
+    d = jnp.stack([_u32(counter & 0xFFFFFFFF), _u32(counter >> 32),
+                   jnp.asarray(block_len, jnp.uint32), jnp.asarray(flags, jnp.uint32)])
+    d = jnp.broadcast_to(d[:, None], (4, lanes))
+
+    def body(_, carry):
+        a, b, c, d, m = carry
+        a, b, c, d = _round(a, b, c, d, m)
+        return a, b, c, d, m[_PERM]
+
+    a, b, c, d, _ = lax.fori_loop(0, 7, body, (a, b, c, d, m))
+    return jnp.concatenate([a ^ c, b ^ d])
+
+
+def _chunk_last(key, words, chunk_index: int, flags: int):
+    """Compress all blocks of one chunk (words u32[n, lanes], n <= 256) but the last; return
+    the last one's compression inputs."""
+    n, lanes = words.shape
+    nblocks = max(1, -(-n // 16))
+    last_len = 4 * (n - 16 * (nblocks - 1))
+    words = jnp.concatenate([words, jnp.zeros((16 * nblocks - n, lanes), jnp.uint32)])
+    blocks = words.reshape(nblocks, 16, lanes)
+    cv = jnp.broadcast_to(key[:, None], (8, lanes))
+    if nblocks == 1:
+        return cv, blocks[0], chunk_index, last_len, flags | CHUNK_START | CHUNK_END
+    cv = compress_rows(cv, blocks[0], chunk_index, BLOCK_LEN, flags | CHUNK_START)
+    if nblocks > 2:
+        cv = lax.fori_loop(1, nblocks - 1, lambda j, cv: compress_rows(
+            cv, blocks[j], chunk_index, BLOCK_LEN, flags), cv)
+    return cv, blocks[nblocks - 1], chunk_index, last_len, flags | CHUNK_END
+
+
+def _subtree_last(key, words, first_chunk: int, flags: int):
+    chunk_words = CHUNK_LEN // 4
+    n, lanes = words.shape
+    if n <= chunk_words:
+        return _chunk_last(key, words, first_chunk, flags)
+    num_chunks = -(-n // chunk_words)
+    left_chunks = 1 << ((num_chunks - 1).bit_length() - 1)
+    split = left_chunks * chunk_words
+    left = compress_rows(*_subtree_last(key, words[:split], first_chunk, flags))
+    right = compress_rows(*_subtree_last(key, words[split:], first_chunk + left_chunks, flags))
+    cv = jnp.broadcast_to(key[:, None], (8, lanes))
+    return cv, jnp.concatenate([left, right]), 0, BLOCK_LEN, flags | PARENT
+
+
+def keyed_hash_rows(key, words):
+    """BLAKE3 keyed_hash (32-byte output), lane by lane: key u32[8], words u32[n, lanes]
+    (the message as n little-endian words) -> u32[8, lanes]. Any n (chunk tree)."""
+    cv, blk, counter, blen, f = _subtree_last(key, words, 0, KEYED_HASH)
+    return compress_rows(cv, blk, counter, blen, f | ROOT)
+
+
+# ------------------------------------------------------------------------- XLA chain
+
+
+def _chain_geometry(cu, block_size: int):
+    start = cu[:-1]
+    nb = (cu[1:] - start) // block_size
+    boff = jnp.cumsum(nb) - nb
+    return start, nb, boff
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "num_out"))
+def hash_chain_xla(tok, cu, key, parents, extra, *, block_size: int, num_out: int):
+    """tok u32[num_tokens], cu i32[num_seqs+1], key u32[8], parents u32[num_seqs, 8],
+    extra u32[num_out, 4] | None -> u32[num_out, 8] (rows without a block stay 0)."""
+    num_seqs = cu.shape[0] - 1
+    out = jnp.zeros((num_out, 8), jnp.uint32)
+    if num_out == 0 or num_seqs == 0:
+        return out
+    start, nb, boff = _chain_geometry(cu, block_size)
+    offs = jnp.arange(block_size, dtype=jnp.int32)
+
+    def body(i, carry):
+        h, out = carry
+        active = i < nb
+        idx = jnp.where(active[None, :], start[None, :] + i * block_size + offs[:, None], 0)
+        words = tok[idx]  # [block_size, num_seqs]
+        row = jnp.where(active, boff + i, num_out)
+        parts = [h, words]
+        if extra is not None:
+            parts.append(extra[jnp.minimum(row, num_out - 1)].T)  # [4, num_seqs]
+        new = keyed_hash_rows(key, jnp.concatenate(parts))  # [8, num_seqs]
+        h = jnp.where(active[None, :], new, h)
+        out = out.at[row].set(new.T, mode="drop")
+        return h, out
+
+    _, out = lax.fori_loop(0, jnp.max(nb), body, (parents.T, out))
+    return out
+
+
+# --------------------------------------------------------------------------- frontend
+
+HASH_BLOCKS_BACKENDS = Registry("hash_blocks")
+HASH_BLOCKS_BACKENDS.register(Backend(
+    name="xla", platforms=("cpu", "cuda", "rocm", "tpu"), priority=0,
+    impl="prefixkv.jax_frontend._hashing:_run_xla",
+    doc="jnp uint32 ops, all sequences' chains as vector lanes; any block size"))
+HASH_BLOCKS_BACKENDS.register(Backend(
+    name="pallas_tpu", platforms=("tpu",), priority=10, supports=kernel_supports,
+    impl="prefixkv.jax_frontend._hashing:_run_pallas",
+    doc="Pallas TPU kernel, one BLAKE3 chunk per message (block_size <= 248)"))
+
+
+def _is_tracer(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _platform(tokens) -> str:
+    if isinstance(tokens, jax.Array) and not _is_tracer(tokens):
+        platform = next(iter(tokens.devices())).platform
+    else:
+        platform = jax.default_backend()
+    return "cuda" if platform == "gpu" else platform
+
+
+def _run_xla(tok, cu, key, parents, extra, *, block_size, num_out, num_steps):
+    del num_steps
+    return hash_chain_xla(tok, cu, key, parents, extra, block_size=block_size, num_out=num_out)
+
+
+def _run_pallas(tok, cu, key, parents, extra, *, block_size, num_out, num_steps):
+    from ..kernels.pallas.hashing import hash_blocks_pallas
+
+    return hash_blocks_pallas(tok, cu, key, parents, extra, block_size=block_size,
+                              num_out=num_out, num_steps=num_steps)
+
+
+def hash_blocks(tokens, block_size: int, *, cu_lens=None, salt=None, extra=None, parent=None,
+                backend: str | None = None):
+    """prefixkv-v1 hashes of the full blocks of each sequence.
+
+    tokens: i32[num_tokens], ids >= 0.
+    block_size: int >= 1 (static under jit).
+    cu_lens: i32[num_seqs + 1] or None (one sequence): 0, non-decreasing, num_tokens.
+    salt: str | bytes | None, the namespace (static).
+    extra: u32[num_full_blocks, 4] or None; row j joins the message of output block j.
+    parent: None (32 zero bytes) | 32 bytes | u32[8] | u32[num_seqs, 8] | list of num_seqs
+        entries (32 bytes or None): the chain value before each sequence's first block.
+    backend: "xla" | "pallas_tpu" | None (env ``PREFIXKV_HASH_BLOCKS_BACKEND``, then priority).
+
+    Returns u32[num_full_blocks, 8], sequence by sequence; word k = digest bytes 4k..4k+3
+    little-endian (``prefixkv.paged.reference.hashing.words_to_digests`` gives bytes).
+    When ``cu_lens`` is traced (under jit) and ``extra`` is None the number of full blocks is
+    not static: the result then has ``num_tokens // block_size`` rows (an upper bound) and the
+    rows past the real count are zero.
+    """
+    dims = check_hash_blocks(tokens, block_size, cu_lens=cu_lens, salt=salt, extra=extra,
+                             parent=parent)
+    block_size = dims.block_size
+    concrete = not any(_is_tracer(x) for x in (tokens, cu_lens, extra))
+    cu_host = None
+    if cu_lens is not None and not _is_tracer(cu_lens):
+        cu_host = np.asarray(cu_lens).astype(np.int64)
+    platform = _platform(tokens)
+    if concrete and value_checks_enabled(host_inputs=platform == "cpu"):
+        check_hash_blocks_values(dims, tokens, cu_lens=cu_lens, extra=extra)
+
+    if cu_lens is None:
+        cu_host = np.array([0, dims.num_tokens], dtype=np.int64)
+    if extra is not None:
+        num_out = int(extra.shape[0])
+    elif cu_host is not None:
+        num_out = int((np.diff(cu_host) // block_size).sum())
+    else:
+        num_out = dims.num_tokens // block_size
+    if cu_host is not None:
+        nb = np.diff(cu_host) // block_size
+        num_steps = int(nb.max()) if nb.size else 0
+    else:
+        num_steps = dims.num_tokens // block_size
+
+    chosen = HASH_BLOCKS_BACKENDS.select(platform, backend, block_size=block_size,
+                                         has_extra=extra is not None)
+    key = jnp.asarray(np.array(struct.unpack("<8I", block_key(dims.salt)), dtype=np.uint32))
+    if parent is None or isinstance(parent, (bytes, bytearray, memoryview, list, tuple)):
+        parents = jnp.asarray(parent_words(parent, dims.num_seqs))
+    else:
+        parents = jnp.asarray(parent, dtype=jnp.uint32)
+        parents = jnp.broadcast_to(parents.reshape(-1, 8), (dims.num_seqs, 8))
+    tok = lax.bitcast_convert_type(jnp.asarray(tokens), jnp.uint32)
+    cu = (jnp.asarray(cu_host, dtype=jnp.int32) if cu_lens is None
+          else jnp.asarray(cu_lens, dtype=jnp.int32))
+    ext = None if extra is None else jnp.asarray(extra, dtype=jnp.uint32)
+    return chosen.load()(tok, cu, key, parents, ext, block_size=block_size, num_out=num_out,
+                         num_steps=num_steps)

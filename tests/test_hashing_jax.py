@@ -1,0 +1,165 @@
+"""prefixkv.jax_frontend.hash_blocks (xla backend) against the BLAKE3 package and the numpy
+reference: exact words on ragged batches (empty and short sequences, partial tails, extra,
+parent, salts), under jax.jit, salt isolation, and one pytest.raises per input check."""
+
+from __future__ import annotations
+
+import zlib
+
+import blake3
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from prefixkv.jax_frontend._hashing import hash_blocks
+from prefixkv.paged.reference.hashing import block_key, hash_blocks_reference
+from prefixkv.paged.registry import BackendError
+from prefixkv.paged.validate import value_checks
+
+
+def oracle(tokens, block_size, cu_lens=None, salt=None, extra=None, parent=None):
+    """prefixkv-v1 with the ``blake3`` package (C/Rust), message by message."""
+    key = block_key(salt)
+    tokens = np.asarray(tokens)
+    cu = [0, len(tokens)] if cu_lens is None else [int(c) for c in cu_lens]
+    out = []
+    for s in range(len(cu) - 1):
+        if parent is None:
+            prev = bytes(32)
+        elif isinstance(parent, bytes):
+            prev = parent
+        else:
+            prev = np.asarray(parent, dtype="<u4").reshape(-1, 8)[s].tobytes()
+        for b in range((cu[s + 1] - cu[s]) // block_size):
+            lo = cu[s] + b * block_size
+            msg = prev + tokens[lo:lo + block_size].astype("<u4").tobytes()
+            if extra is not None:
+                msg += np.asarray(extra[len(out)], dtype="<u4").tobytes()
+            prev = blake3.blake3(msg, key=key).digest()
+            out.append(prev)
+    if not out:
+        return np.zeros((0, 8), np.uint32)
+    return np.frombuffer(b"".join(out), dtype="<u4").astype(np.uint32).reshape(-1, 8)
+
+
+def make_case(rng, block_size, lens, *, salt=None, with_extra=False, parent="none"):
+    lens = np.asarray(lens, dtype=np.int64)
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    tokens = rng.integers(0, 2**31 - 1, size=int(cu[-1]), dtype=np.int32)
+    nfb = int((lens // block_size).sum())
+    extra = (rng.integers(0, 2**32, size=(nfb, 4), dtype=np.uint64).astype(np.uint32)
+             if with_extra else None)
+    if parent == "per_seq":
+        par = rng.integers(0, 2**32, size=(len(lens), 8), dtype=np.uint64).astype(np.uint32)
+    elif parent == "shared":
+        par = rng.bytes(32)
+    else:
+        par = None
+    return dict(tokens=tokens, block_size=block_size, cu_lens=cu, salt=salt, extra=extra,
+                parent=par)
+
+
+# (block_size, sequence lengths, salt, extra, parent): empty sequences, shorter than a block,
+# exact multiples, partial tails; block sizes 1, 7, 16, 248 (one chunk), 300 (chunk tree).
+CASES = {
+    "b16_ragged": (16, [0, 15, 16, 17, 100, 0, 48], None, False, "none"),
+    "b7_extra_parent": (7, [7, 13, 0, 30, 6], "tenant-a", True, "per_seq"),
+    "b1_salt_bytes": (1, [3, 0, 5], b"\x00\xffsalt", False, "shared"),
+    "b248_one_chunk": (248, [248, 500, 10], "s", True, "none"),
+    "b300_tree": (300, [301, 900], None, False, "per_seq"),
+    "empty": (16, [0, 0], None, False, "none"),
+    "tails_only": (16, [3, 15, 1], "x", False, "none"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_blake3(name):
+    block_size, lens, salt, with_extra, parent = CASES[name]
+    case = make_case(np.random.default_rng(zlib.crc32(name.encode())), block_size, lens, salt=salt,
+                     with_extra=with_extra, parent=parent)
+    extra = None if case["extra"] is None else jnp.asarray(case["extra"])
+    got = hash_blocks(jnp.asarray(case["tokens"]), block_size,
+                      cu_lens=jnp.asarray(case["cu_lens"]), salt=salt, extra=extra,
+                      parent=case["parent"])
+    assert got.dtype == jnp.uint32
+    np.testing.assert_array_equal(np.asarray(got), oracle(**case))
+
+
+def test_single_sequence_matches_reference():
+    # 2 full blocks of 16 and a tail of 5 that is not hashed: the pure-Python reference
+    tokens = np.arange(37, dtype=np.int32)
+    got = hash_blocks(tokens, 16, salt="ns")
+    assert got.shape == (2, 8)
+    np.testing.assert_array_equal(np.asarray(got), hash_blocks_reference(tokens, 16, salt="ns"))
+
+
+def test_parent_continues_the_chain():
+    tokens = np.random.default_rng(1).integers(0, 1000, 64, dtype=np.int32)
+    whole = np.asarray(hash_blocks(tokens, 16))
+    tail = np.asarray(hash_blocks(tokens[32:], 16, parent=jnp.asarray(whole[1])))
+    np.testing.assert_array_equal(tail, whole[2:])
+
+
+def test_salts_isolate():
+    tokens = np.arange(64, dtype=np.int32)
+    rows = {s: {r.tobytes() for r in np.asarray(hash_blocks(tokens, 16, salt=s))}
+            for s in (None, "a", "b")}
+    assert not rows[None] & rows["a"] and not rows["a"] & rows["b"] and not rows[None] & rows["b"]
+
+
+def test_under_jit_traced_cu_lens():
+    case = make_case(np.random.default_rng(2), 16, [40, 0, 33, 16], salt="j")
+    f = jax.jit(lambda t, cu: hash_blocks(t, 16, cu_lens=cu, salt="j"))
+    got = np.asarray(f(jnp.asarray(case["tokens"]), jnp.asarray(case["cu_lens"])))
+    exp = oracle(**case)
+    # traced cu_lens: num_tokens // block_size rows, the real ones first, then zeros
+    assert got.shape == (89 // 16, 8)
+    np.testing.assert_array_equal(got[:len(exp)], exp)
+    assert not got[len(exp):].any()
+
+
+def test_under_jit_with_extra_is_exact():
+    case = make_case(np.random.default_rng(3), 8, [17, 9], with_extra=True)
+    f = jax.jit(lambda t, cu, e: hash_blocks(t, 8, cu_lens=cu, extra=e))
+    got = f(jnp.asarray(case["tokens"]), jnp.asarray(case["cu_lens"]), jnp.asarray(case["extra"]))
+    np.testing.assert_array_equal(np.asarray(got), oracle(**case))
+
+
+# ---------------------------------------------------------------------------- bad input
+
+GOOD = dict(tokens=np.arange(32, dtype=np.int32), block_size=16)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(tokens=np.arange(32, dtype=np.int64)), TypeError, "tokens: expected int32"),
+    (dict(tokens=np.zeros((2, 16), np.int32)), ValueError, "tokens: expected 1 dimensions"),
+    (dict(block_size=0), ValueError, "block_size: expected >= 1"),
+    (dict(block_size=16.0), TypeError, "block_size: expected an int"),
+    (dict(cu_lens=np.array([0, 32], np.int64)), TypeError, "cu_lens: expected int32"),
+    (dict(cu_lens=np.zeros(0, np.int32)), ValueError, "cu_lens: expected shape"),
+    (dict(salt=3), TypeError, "salt: expected str, bytes or None"),
+    (dict(extra=np.zeros((2, 3), np.uint32)), ValueError, r"extra: expected shape"),
+    (dict(extra=np.zeros((3, 4), np.uint32)), ValueError, "extra: expected 2 rows"),
+    (dict(extra=np.zeros((2, 4), np.int32)), TypeError, "extra: expected uint32"),
+    (dict(parent=b"short"), ValueError, "parent"),
+    (dict(parent=np.zeros((3, 8), np.uint32)), ValueError, "parent: expected 32 bytes"),
+    (dict(tokens=np.array([1, -2] + [0] * 30, np.int32)), ValueError,
+     "tokens: expected token ids >= 0"),
+    (dict(cu_lens=np.array([0, 20, 10, 32], np.int32)), ValueError,
+     "cu_lens: expected non-decreasing"),
+    (dict(cu_lens=np.array([1, 32], np.int32)), ValueError, r"cu_lens: expected cu_lens\[0\]"),
+    (dict(cu_lens=np.array([0, 30], np.int32)), ValueError, r"cu_lens: expected cu_lens\[-1\]"),
+    (dict(cu_lens=np.array([0, 16, 32], np.int32), extra=np.zeros((1, 4), np.uint32)),
+     ValueError, "extra: expected 2 rows"),
+])
+def test_bad_input(kwargs, exc, match):
+    args = {**GOOD, **kwargs}
+    with value_checks(), pytest.raises(exc, match=match):
+        hash_blocks(args.pop("tokens"), args.pop("block_size"), **args)
+
+
+def test_unknown_and_impossible_backend():
+    with pytest.raises(BackendError, match="unknown backend 'nope'"):
+        hash_blocks(GOOD["tokens"], 16, backend="nope")
+    with pytest.raises(BackendError, match="pallas_tpu.*runs on tpu"):
+        hash_blocks(GOOD["tokens"], 16, backend="pallas_tpu")
