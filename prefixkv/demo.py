@@ -83,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="host tier capacity in blocks (0: no offload)")
     g.add_argument("--max-num-seqs", type=int, default=d_engine.max_num_seqs)
     g.add_argument("--max-batched-tokens", type=int, default=d_engine.max_num_batched_tokens)
+    g.add_argument("--min-token-bucket", type=int, default=d_engine.min_token_bucket,
+                   help="smallest padded step size (fewer sizes = fewer compiles)")
     g.add_argument("--no-shared-prefix", action="store_true",
                    help="never use shared_prefix_attention (paged_attention only)")
     g = p.add_argument_group("workload")
@@ -161,6 +163,7 @@ def main(argv=None) -> dict:
                               max_num_seqs=args.max_num_seqs,
                               max_num_batched_tokens=args.max_batched_tokens,
                               max_model_len=model.max_model_len, host_blocks=args.host_blocks,
+                              min_token_bucket=args.min_token_bucket,
                               shared_prefix=not args.no_shared_prefix)
     requests = make_workload(work, model.vocab_size, args.requests)
     weights = init_weights(model, args.seed)

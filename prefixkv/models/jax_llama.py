@@ -107,11 +107,26 @@ class JaxLlama:
         logits, self.caches = self._compiled(batch.shared)(self.w, self.caches, arrays)
         return np.asarray(logits)
 
+    # Offload/onboard move a varying number of blocks; the ops run on power-of-two pieces so
+    # that a handful of compiled shapes serve every count.
     def gather_blocks(self, block_ids: np.ndarray) -> np.ndarray:
-        ids = jax.device_put(np.asarray(block_ids, np.int32), self.device)
-        return np.asarray(self.ops.gather_blocks(self.caches, ids))
+        ids = np.asarray(block_ids, np.int32)
+        n = len(ids)
+        size = 1 << max(n - 1, 0).bit_length()
+        padded = np.zeros(size, np.int32)  # pad with the null block 0 (read only)
+        padded[:n] = ids
+        out = self.ops.gather_blocks(self.caches, jax.device_put(padded, self.device))
+        return np.asarray(out)[:n]
 
     def scatter_blocks(self, block_ids: np.ndarray, buffer: np.ndarray) -> None:
-        ids = jax.device_put(np.asarray(block_ids, np.int32), self.device)
-        buf = jax.device_put(jnp.asarray(buffer), self.device)
-        self.caches = list(self.ops.scatter_blocks(self.caches, buf, ids))
+        ids = np.asarray(block_ids, np.int32)
+        start = 0
+        for bit in reversed(range(max(len(ids), 1).bit_length())):
+            size = 1 << bit
+            if len(ids) - start < size:
+                continue
+            part = slice(start, start + size)
+            self.caches = list(self.ops.scatter_blocks(
+                self.caches, jax.device_put(jnp.asarray(buffer[part]), self.device),
+                jax.device_put(ids[part], self.device)))
+            start += size

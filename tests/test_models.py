@@ -1,0 +1,195 @@
+"""The models issue: a JAX and a PyTorch decoder serving a request stream through prefixkv.
+
+- generations and final logits with prefix caching on equal those with caching off, in each
+  framework (offload/onboard and shared_prefix_attention exercised on the way);
+- the JAX, torch and numpy-reference models with the same weights agree;
+- preemption under a tight pool, salt isolation, the workload's shape, the demo's main().
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+from prefixkv.models import (
+    Engine,
+    EngineConfig,
+    LlamaConfig,
+    WorkloadConfig,
+    init_weights,
+    make_adapter,
+    make_workload,
+)
+from prefixkv.models.workload import Request, shared_prefix_fraction
+
+CFG = LlamaConfig(vocab_size=128, hidden_size=64, num_layers=2, num_q_heads=4, num_kv_heads=2,
+                  head_dim=32, intermediate_size=96, max_model_len=256)
+WORK = WorkloadConfig(system_prompt_len=48, chats_per_tenant=3, turns=3, user_len=8,
+                      assistant_len=8, num_unique=3, unique_len=20, max_new_tokens=3)
+# one token bucket (32) keeps the JAX compiles to two (paged and shared-prefix variants)
+ENGINE = EngineConfig(block_size=8, num_blocks=30, max_num_seqs=3, max_num_batched_tokens=32,
+                      max_model_len=256, host_blocks=64, min_token_bucket=32)
+# float32 model, f32 attention tolerance of the op contract, widened for 2 layers + lm_head
+LOGIT_TOL = 1e-4
+
+
+def _frontend_ready(framework: str) -> bool:
+    if framework == "numpy":
+        return True
+    try:
+        mod = importlib.import_module(f"prefixkv.{framework}_frontend")
+    except ImportError:
+        return False
+    return all(hasattr(mod, op) for op in ("paged_attention", "shared_prefix_attention",
+                                            "write_kv", "gather_blocks", "scatter_blocks"))
+
+
+FRAMEWORKS = [
+    pytest.param("numpy", id="numpy"),
+    pytest.param("jax", id="jax", marks=pytest.mark.skipif(
+        importlib.util.find_spec("jax") is None or not _frontend_ready("jax"),
+        reason="jax or prefixkv.jax_frontend not available")),
+    pytest.param("torch", id="torch", marks=pytest.mark.skipif(
+        importlib.util.find_spec("torch") is None or not _frontend_ready("torch"),
+        reason="torch or prefixkv.torch_frontend not available")),
+]
+
+_RUNS: dict = {}
+
+
+def serve(framework: str, caching: bool, engine: EngineConfig = ENGINE, requests=None):
+    """Run (memoized per argument set) the tiny workload; returns the RunResult."""
+    key = (framework, caching, engine, None if requests is None else id(requests))
+    if key not in _RUNS:
+        weights = init_weights(CFG, seed=0)
+        adapter = make_adapter(framework, CFG, weights, num_blocks=engine.num_blocks,
+                               block_size=engine.block_size)
+        eng = Engine(adapter, engine.replace(enable_caching=caching))
+        eng.warmup()
+        reqs = requests if requests is not None else make_workload(WORK, CFG.vocab_size)
+        _RUNS[key] = eng.run(reqs)
+    return _RUNS[key]
+
+
+def _max_logit_diff(a, b) -> float:
+    return max(float(np.max(np.abs(x.final_logits - y.final_logits)))
+               for x, y in zip(a.requests, b.requests, strict=True))
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_caching_on_equals_caching_off(framework):
+    off, on = serve(framework, False), serve(framework, True)
+    assert [r.request_id for r in off.requests] == list(range(len(off.requests)))
+    assert on.outputs() == off.outputs()
+    assert _max_logit_diff(off, on) <= LOGIT_TOL
+    for r in off.requests + on.requests:
+        assert np.isfinite(r.final_logits).all()
+        assert len(r.output_tokens) == WORK.max_new_tokens
+    # caching did something: hits, shared-prefix steps, evictions offloaded and onboarded
+    assert off.hit_rate == 0 and off.blocks_offloaded == off.blocks_onboarded == 0
+    assert on.hit_rate > 0.5
+    assert on.shared_prefix_steps > 0
+    assert on.blocks_evicted > 0 and on.blocks_offloaded > 0 and on.blocks_onboarded > 0
+    assert on.steps < off.steps
+
+
+@pytest.mark.parametrize("framework", [p for p in FRAMEWORKS if p.id != "numpy"])
+def test_framework_matches_numpy_reference_model(framework):
+    ref, got = serve("numpy", False), serve(framework, False)
+    assert got.outputs() == ref.outputs()
+    assert _max_logit_diff(ref, got) <= LOGIT_TOL
+
+
+def test_jax_and_torch_agree():
+    for fw in ("jax", "torch"):
+        if importlib.util.find_spec(fw) is None or not _frontend_ready(fw):
+            pytest.skip(f"{fw} frontend not available")
+    for caching in (False, True):
+        j, t = serve("jax", caching), serve("torch", caching)
+        assert j.outputs() == t.outputs()
+        assert _max_logit_diff(j, t) <= LOGIT_TOL
+        assert (j.hit_rate, j.steps, j.blocks_onboarded) == (t.hit_rate, t.steps,
+                                                             t.blocks_onboarded)
+
+
+def test_preemption_under_a_tight_pool_keeps_generations():
+    tight = ENGINE.replace(num_blocks=14)
+    base = serve("numpy", False)
+    for caching in (False, True):
+        res = serve("numpy", caching, tight)
+        assert res.preemptions > 0
+        assert res.outputs() == base.outputs()
+        assert _max_logit_diff(base, res) <= LOGIT_TOL
+
+
+def test_salts_isolate_tenants():
+    rng = np.random.default_rng(1)
+    prompt = tuple(rng.integers(1, CFG.vocab_size, 40).tolist())
+    reqs = [Request(0, prompt, 2, "a", b"tenant-a", "chat"),
+            Request(1, prompt, 2, "b", b"tenant-b", "chat"),
+            Request(2, prompt, 2, "a", b"tenant-a", "chat")]
+    res = serve("numpy", True, ENGINE.replace(max_num_seqs=1), requests=reqs)
+    cached = [r.cached_tokens + r.onboarded_tokens for r in res.requests]
+    assert cached == [0, 0, 32]  # (40 - 1) // 8 = 4 full blocks hit, only within tenant a
+    assert len({tuple(r.output_tokens) for r in res.requests}) == 1
+
+
+def test_workload_is_deterministic_and_mostly_shared():
+    a = make_workload(WorkloadConfig(), 512)
+    assert a == make_workload(WorkloadConfig(), 512)
+    assert a != make_workload(WorkloadConfig(seed=1), 512)
+    assert 0.88 <= shared_prefix_fraction(a) <= 0.95
+    assert {r.salt for r in a} == {b"tenant-acme", b"tenant-globex"}
+    assert {r.kind for r in a} == {"chat", "unique"}
+    # turn k of a chat extends turn k - 1
+    by_chat = {}
+    for r in a:
+        if r.kind == "chat":
+            by_chat.setdefault(r.chat, []).append(r.prompt)
+    for turns in by_chat.values():
+        for prev, nxt in zip(turns, turns[1:], strict=False):
+            assert nxt[:len(prev)] == prev and len(nxt) > len(prev)
+    assert len(make_workload(WorkloadConfig(), 512, num_requests=5)) == 5
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="num_q_heads=6 must be divisible by num_kv_heads=4"):
+        LlamaConfig(num_q_heads=6, num_kv_heads=4)
+    with pytest.raises(ValueError, match="head_dim: expected an even value"):
+        LlamaConfig(head_dim=33)
+    with pytest.raises(ValueError, match="dtype: expected"):
+        LlamaConfig(dtype="float64")
+    w1, w2 = init_weights(CFG, 3), init_weights(CFG, 3)
+    assert all(np.array_equal(w1[k], w2[k]) for k in w1)
+    assert not np.array_equal(w1["embed"], init_weights(CFG, 4)["embed"])
+
+
+def test_engine_rejects_too_long_requests():
+    adapter = make_adapter("numpy", CFG, init_weights(CFG, 0), num_blocks=ENGINE.num_blocks,
+                           block_size=ENGINE.block_size)
+    req = Request(0, tuple(range(1, 255)), 8, "a", None, "unique")
+    with pytest.raises(ValueError, match="requests: request 0 needs 262 tokens"):
+        Engine(adapter, ENGINE).run([req])
+
+
+def test_demo_main_tiny_run(tmp_path, capsys):
+    from prefixkv import demo
+
+    frameworks = [fw for fw in ("jax", "torch")
+                  if importlib.util.find_spec(fw) is not None and _frontend_ready(fw)]
+    frontend = "both" if len(frameworks) == 2 else (frameworks or ["numpy"])[0]
+    plot = tmp_path / "ttft.png"
+    results = demo.main([
+        "--frontend", frontend, "--layers", "1", "--hidden", "64", "--intermediate", "64",
+        "--q-heads", "2", "--kv-heads", "1", "--head-dim", "32", "--vocab", "128",
+        "--system-prompt-len", "32", "--chats", "1", "--turns", "2", "--unique", "1",
+        "--max-new-tokens", "2", "--block-size", "8", "--num-blocks", "64",
+        "--max-batched-tokens", "32", "--min-token-bucket", "32", "--plot", str(plot)])
+    out = capsys.readouterr().out
+    assert "prefix-hit rate" in out and "TTFT p50 (ms)" in out and "caching speedup" in out
+    assert "generations identical with caching on and off: yes" in out
+    for off, on in results.values():
+        assert off.outputs() == on.outputs() and len(off.requests) == 5
+    assert plot.stat().st_size > 1000
