@@ -369,3 +369,78 @@ def test_offloader_input_checks():
         off.onboard(caches, [1, 1], [b"a", b"b"])
     with pytest.raises(TypeError, match="namespace"):
         BlockOffloader(HostTier(1 << 20), "ns")
+
+
+# -- events ----------------------------------------------------------------------------------
+
+def _log(tier):
+    from prefixkv.paged.events import EventLog
+
+    log = EventLog()
+    tier.events.subscribe(log)
+    tier.block_size = 16
+    return log
+
+
+def test_host_events_carry_tier_salt_and_kind():
+    v = np.ones(ROW, np.float32)
+    h = HostTier(2 * v.nbytes)
+    log = _log(h)
+    a = [BlockKey(b"a", _ns(salt="s1")), BlockKey(b"b", _ns(salt="s2"))]
+    h.batch_put(a, [v, v])
+    h.batch_put(a, [v, v])  # already there: no new event
+    h.batch_put(_keys(1), [v])  # evicts a[0]
+    h.batch_remove([a[1]])
+    h.clear()
+    got = [(e.kind, e.tier, e.namespace, e.block_hashes, e.num_tokens) for e in log.events]
+    assert got == [
+        ("stored", "host", b"s1", (b"a",), 16), ("stored", "host", b"s2", (b"b",), 16),
+        ("evicted", "host", b"s1", (b"a",), 16),
+        ("stored", "host", b"", (_keys(1)[0].block_hash,), 16),
+        ("removed", "host", b"s2", (b"b",), 16), ("cleared", "host", b"", (), 0)]
+
+
+def test_disk_events_stored_evicted_and_corrupt_removed(tmp_path):
+    v = np.ones(ROW, np.float32)
+    size = len(record_bytes(_keys(1)[0], v))
+    d = DiskTier(tmp_path, budget_bytes=2 * size)
+    log = _log(d)
+    ks = _keys(3)
+    d.batch_put(ks, [v, v, v])  # the third evicts the first
+    with open(d.path(ks[1]), "r+b") as f:
+        f.truncate(10)
+    d.batch_get([ks[1]])
+    got = [(e.kind, e.block_hashes) for e in log.events]
+    assert got == [("stored", (ks[0].block_hash, ks[1].block_hash)),
+                   ("evicted", (ks[0].block_hash,)), ("stored", (ks[2].block_hash,)),
+                   ("removed", (ks[1].block_hash,))]
+    from prefixkv.paged.events import replay
+
+    assert replay(log.events) == {b"": {ks[2].block_hash: -1}}
+    assert all(e.tier == "disk" for e in log.events)
+
+
+def test_host_events_replay_to_its_contents_under_a_random_stream():
+    from prefixkv.paged.events import replay
+
+    rng = np.random.default_rng(9)
+    v = np.ones(ROW, np.float32)
+    h = HostTier(6 * v.nbytes)
+    log = _log(h)
+    salts = [None, "x", "y"]
+    for _ in range(200):
+        ks = [BlockKey(int(rng.integers(0, 12)), _ns(salt=salts[int(rng.integers(0, 3))]))
+              for _ in range(int(rng.integers(1, 5)))]
+        ks = list(dict.fromkeys(ks))
+        if rng.random() < 0.2:
+            h.batch_remove(ks)
+        elif rng.random() < 0.3:
+            for r in h.reserve(len(ks), ROW, "float32"):
+                r[...] = 1
+            h.batch_put(ks, [v] * len(ks))
+        else:
+            h.batch_put(ks, [v] * len(ks))
+        want: dict[bytes, dict[bytes, int]] = {}
+        for e in h._entries.values():
+            want.setdefault(e.key.namespace.salt, {})[e.key.block_hash] = -1
+        assert replay(log.events) == want

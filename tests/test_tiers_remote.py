@@ -220,3 +220,22 @@ def test_equal_hashes_under_different_salts_never_collide(any_tier):
     assert any_tier.batch_exists(other) == 0 and any_tier.batch_get(other) == [None] * 3
     # same hash and salt, other model / rank: no hit either
     assert any_tier.batch_exists([BlockKey(hashes[0], Namespace("other", dtype="float32"))]) == 0
+
+
+def test_remote_tiers_publish_events(redis_tier, nixl_peer):
+    from prefixkv.paged.events import EventLog
+    from prefixkv.paged.tiers import NixlTier
+
+    nixl = NixlTier(nixl_peer, staging_slots=4)
+    try:
+        for tier in (redis_tier, nixl):
+            log = EventLog()
+            tier.events.subscribe(log)
+            ks = [BlockKey(b"h1", _ns(salt="s")), BlockKey(b"h2", _ns(salt="s"))]
+            tier.batch_put(ks, _rows(2))
+            tier.batch_remove(ks[:1])
+            assert [(e.kind, e.tier, e.namespace, e.block_hashes) for e in log.events] == [
+                ("stored", tier.name, b"s", (b"h1", b"h2")),
+                ("removed", tier.name, b"s", (b"h1",))]
+    finally:
+        nixl.close()

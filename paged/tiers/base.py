@@ -322,12 +322,42 @@ def check_values(keys: Sequence[BlockKey], values: Sequence) -> None:
 
 
 class Tier(ABC):
-    """A KV block store. Never raises on storage faults: a fault is a miss / ``False``."""
+    """A KV block store. Never raises on storage faults: a fault is a miss / ``False``.
+
+    ``events``: the tier's :class:`~prefixkv.paged.events.EventBus`; it publishes KVEvents with
+    ``tier=self.name`` and the key's salt as namespace: "stored" (new blocks of a put),
+    "evicted" (dropped for room), "removed" (removed, or dropped as corrupt), "cleared".
+    ``block_size`` (tokens per block, 0 = unknown) only feeds ``KVEvent.num_tokens``.
+    Tier objects are not thread-safe: one per thread, or a lock around calls.
+    """
 
     name: str = "tier"
 
     def __init__(self):
+        from ..events import EventBus
+
         self.stats = TierStats()
+        self.events = EventBus()
+        self.block_size = 0
+
+    def _publish(self, kind: str, keys: Sequence[BlockKey]) -> None:
+        """One event per salt namespace, hashes in call order (no-op with no subscriber)."""
+        if not keys or not self.events:
+            return
+        from ..events import KVEvent
+
+        groups: dict[bytes, list[bytes]] = {}
+        for k in keys:
+            groups.setdefault(k.namespace.salt, []).append(k.block_hash)
+        for salt, hashes in groups.items():
+            self.events.publish(KVEvent(kind, tuple(hashes), None, self.name, salt,
+                                        len(hashes) * int(self.block_size)))
+
+    def _publish_cleared(self) -> None:
+        if self.events:
+            from ..events import KVEvent
+
+            self.events.publish(KVEvent("cleared", (), None, self.name, b"", 0))
 
     @abstractmethod
     def batch_exists(self, keys: Sequence[BlockKey]) -> int:

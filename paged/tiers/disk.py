@@ -57,6 +57,8 @@ class DiskTier(Tier):
         self.checksum = checksum
         os.makedirs(self.root, exist_ok=True)
         self._sizes: OrderedDict[str, int] = OrderedDict()  # path -> bytes, LRU first
+        self._known: dict[str, BlockKey] = {}  # path -> key, for events (files seen this run)
+        self._stored: list[BlockKey] = []  # stores of the current put not yet published
         self.used_bytes = 0
         self._scan()
 
@@ -83,6 +85,7 @@ class DiskTier(Tier):
         return os.path.join(self.root, key.namespace.digest(), key.block_hash.hex() + SUFFIX)
 
     def _forget(self, path: str) -> None:
+        self._known.pop(path, None)
         size = self._sizes.pop(path, None)
         if size is not None:
             self.used_bytes -= size
@@ -129,10 +132,12 @@ class DiskTier(Tier):
                 # is a valid record of this key and stays.
                 if not isinstance(e, UnexpectedLayout):
                     self._drop(p)
+                    self._publish("removed", [k])
                 out.append(None)
                 continue
             self.stats.hits += 1
             self.stats.bytes_read += len(data)
+            self._known[p] = k
             try:
                 os.utime(p)
                 if p in self._sizes:
@@ -150,10 +155,19 @@ class DiskTier(Tier):
             return True
         if nbytes > self.budget_bytes:
             return False
+        evicted = []
+        if self.used_bytes + nbytes > self.budget_bytes and self._stored:
+            # events stay in order: this call's earlier stores come before these evictions
+            stored, self._stored = self._stored, []
+            self._publish("stored", stored)
         while self.used_bytes + nbytes > self.budget_bytes and self._sizes:
             oldest = next(iter(self._sizes))
+            key = self._known.get(oldest)
             self._drop(oldest)
             self.stats.evictions += 1
+            if key is not None:  # files from an earlier run: key unknown, no event
+                evicted.append(key)
+        self._publish("evicted", evicted)
         return self.used_bytes + nbytes <= self.budget_bytes
 
     def _write(self, path: str, header: bytes, payload: memoryview) -> bool:
@@ -188,6 +202,7 @@ class DiskTier(Tier):
     def batch_put(self, keys, values):
         check_values(keys, values)
         results = []
+        self._stored = []
         for k, v in zip(keys, values, strict=False):
             v = np.asarray(v)
             header, payload = encode_record(k, v, checksum_alg=self.checksum)
@@ -201,23 +216,30 @@ class DiskTier(Tier):
             ok = self._write(p, header, payload)
             if ok:
                 self._sizes[p] = nbytes
+                self._known[p] = k
+                self._stored.append(k)
                 self.used_bytes += nbytes
                 self.stats.puts += 1
                 self.stats.bytes_written += nbytes
             else:
                 self.stats.rejected += 1
             results.append(ok)
+        stored, self._stored = self._stored, []
+        self._publish("stored", stored)
         return results
 
     def batch_remove(self, keys):
-        n = 0
+        removed = []
         for k in keys:
             p = self.path(k)
             if os.path.exists(p):
                 self._drop(p)
-                n += 1
-        return n
+                removed.append(k)
+        self._publish("removed", removed)
+        return len(removed)
 
     def clear(self):
+        """Delete the block files this tier indexes (those found at start and written since)."""
+        self._publish_cleared()
         for p in list(self._sizes):
             self._drop(p)

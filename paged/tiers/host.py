@@ -61,6 +61,12 @@ class HostTier(Tier):
         self._spares: dict[tuple, list[np.ndarray]] = {}
         self.used_bytes = 0
         self.spare_bytes = 0
+        self._evicted: list[BlockKey] = []
+
+    def _flush_evicted(self) -> None:
+        if self._evicted:
+            evicted, self._evicted = self._evicted, []
+            self._publish("evicted", evicted)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -136,6 +142,7 @@ class HostTier(Tier):
                 e = self._entries.pop(sk)
                 self.used_bytes -= e.nbytes
                 self.stats.evictions += 1
+                self._evicted.append(e.key)
                 arr, e.array = e.array, None
                 if self.used_bytes + nbytes + self.spare_bytes + arr.nbytes <= self.budget_bytes:
                     self._release(arr)
@@ -175,6 +182,7 @@ class HostTier(Tier):
             e = self._entries.pop(sk)
             self.used_bytes -= e.nbytes
             self.stats.evictions += 1
+            self._evicted.append(e.key)
             arr, e.array = e.array, None
             # refs: `arr` and getrefcount's argument only -> nobody outside holds it
             if (len(out) < n and arr.shape == shape and arr.dtype == dt
@@ -192,6 +200,7 @@ class HostTier(Tier):
             out.append(arr)
         for arr in out:
             arr.flags.writeable = True
+        self._flush_evicted()
         return out
 
     def allocate(self, shape, dtype) -> np.ndarray:
@@ -207,6 +216,7 @@ class HostTier(Tier):
         :meth:`allocate`); the caller must not write them afterwards."""
         check_values(keys, values)
         results = []
+        stored: list[BlockKey] = []
         protect: set[str] = set()
         for k, v in zip(keys, values, strict=False):
             v = np.asarray(v)
@@ -246,19 +256,24 @@ class HostTier(Tier):
             protect.add(sk)
             self.stats.puts += 1
             self.stats.bytes_written += nbytes
+            stored.append(k)
             results.append(True)
+        self._flush_evicted()
+        self._publish("stored", stored)
         return results
 
     def batch_remove(self, keys):
-        n = 0
+        removed = []
         for k in keys:
             if self._lookup(k) is not None:
                 e = self._entries.pop(k.storage_key())
                 self.used_bytes -= e.nbytes
-                n += 1
-        return n
+                removed.append(k)
+        self._publish("removed", removed)
+        return len(removed)
 
     def clear(self):
+        self._publish_cleared()
         self._entries.clear()
         self._spares.clear()
         self.used_bytes = 0

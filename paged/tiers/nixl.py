@@ -185,10 +185,11 @@ class NixlTier(Tier):
     def _take_slot(self, protect: set[str]) -> int | None:
         if self._free:
             return self._free.pop()
-        for sk, (_, slot, _) in self._index.items():
+        for sk, (key, slot, _) in self._index.items():
             if sk not in protect:
                 del self._index[sk]
                 self.stats.evictions += 1
+                self._publish("evicted", [key])
                 return slot
         return None
 
@@ -231,6 +232,7 @@ class NixlTier(Tier):
             if not chunk:
                 continue
             if self._transfer("WRITE", slots):
+                self._publish("stored", [keys[i] for i in chunk])
                 for i, slot, n in zip(chunk, slots, lens, strict=False):
                     self._index[keys[i].storage_key()] = (keys[i], slot, n)
                     results[i] = True
@@ -242,14 +244,16 @@ class NixlTier(Tier):
         return results
 
     def batch_remove(self, keys):
-        n = 0
+        removed = []
         for k in keys:
             if self._lookup(k) is not None:
                 self._free.append(self._index.pop(k.storage_key())[1])
-                n += 1
-        return n
+                removed.append(k)
+        self._publish("removed", removed)
+        return len(removed)
 
     def clear(self):
+        self._publish_cleared()
         self._index.clear()
         self._free = list(range(self.num_slots - 1, -1, -1))
 

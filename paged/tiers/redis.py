@@ -10,6 +10,9 @@ error or timeout turns the whole batch into misses / ``False`` and marks the ser
 ``retry_interval`` seconds, during which calls answer at once without touching the network;
 the next call after that reconnects (redis-py reconnects its pool lazily). The caller never
 sees an exception from the server and never gets a block that fails verification.
+
+Events: "stored" / "removed" / "cleared" for this client's own calls; the server's own
+evictions (maxmemory policy) and TTL expiries are not observed (they show up as misses).
 """
 
 from __future__ import annotations
@@ -156,7 +159,9 @@ class RedisTier(Tier):
                     data = header + payload
                     sizes.append(len(data))
                     pipe.set(self._rkey(k), data, px=self.ttl_ms)
-                for ok, size in zip(pipe.execute(), sizes, strict=False):
+                done = pipe.execute()
+                self._publish("stored", [k for k, ok in zip(chunk, done, strict=True) if ok])
+                for ok, size in zip(done, sizes, strict=False):
                     results[pos] = bool(ok)
                     if ok:
                         self.stats.puts += 1
@@ -171,15 +176,21 @@ class RedisTier(Tier):
         if not keys or not self.available:
             return 0
         try:
-            return int(self.client.delete(*[self._rkey(k) for k in keys]))
+            pipe = self.client.pipeline(transaction=False)
+            for k in keys:
+                pipe.delete(self._rkey(k))
+            gone = [k for k, n in zip(keys, pipe.execute(), strict=True) if n]
         except self._errors:
             self._fail()
             return 0
+        self._publish("removed", gone)
+        return len(gone)
 
     def clear(self):
         """Delete every key under this tier's prefix."""
         if not self.available:
             return
+        self._publish_cleared()
         try:
             batch = []
             for k in self.client.scan_iter(match=self.prefix + "*", count=1000):
