@@ -1,0 +1,322 @@
+"""prefixkv.torch_frontend on CPU (the vectorized torch backend) against the numpy reference on
+the shared ragged grids, plus the custom-op contract: opcheck, torch.compile(fullgraph=True),
+non-contiguous caches, out= buffers, backend selection errors and input checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from prefixkv import torch_frontend as tf  # noqa: E402
+from prefixkv.paged import reference as ref  # noqa: E402
+from prefixkv.paged import testing  # noqa: E402
+from prefixkv.paged.registry import BackendError  # noqa: E402
+from prefixkv.paged.spec import ATTENTION_TOLERANCE, numpy_dtype  # noqa: E402
+
+DTYPES = ("float32", "float16", "bfloat16")
+TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def T(x):
+    """numpy (incl. ml_dtypes bfloat16) -> torch CPU tensor."""
+    if x is None:
+        return None
+    x = np.asarray(x)
+    if x.dtype == numpy_dtype("bfloat16"):
+        return torch.from_numpy(x.view(np.uint16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(x.copy())
+
+
+def N(t):
+    """torch -> float64 numpy."""
+    return t.detach().to(torch.float64).numpy()
+
+
+def close(got, want, dtype):
+    atol, rtol = ATTENTION_TOLERANCE[dtype]
+    np.testing.assert_allclose(N(got), np.asarray(want).astype(np.float64), atol=atol, rtol=rtol)
+
+
+# (grid, block_size, num_q_heads, num_kv_heads, head_dim, dtype): a sampled grid
+ATTN_CASES = [
+    ("decode", 16, 8, 2, 64, "float32"),
+    ("decode", 8, 8, 8, 128, "bfloat16"),
+    ("prefill", 16, 4, 1, 80, "float16"),
+    ("prefill_with_prefix", 16, 8, 1, 64, "float32"),
+    ("mixed", 8, 8, 2, 64, "float32"),
+    ("mixed", 16, 4, 4, 96, "bfloat16"),
+    ("contexts", 1, 4, 2, 64, "float32"),
+    ("contexts", 7, 4, 1, 64, "float16"),
+    ("mixed", 32, 16, 2, 256, "float32"),
+]
+OPTIONS = [
+    {},
+    {"sliding_window": 5},
+    {"logits_soft_cap": 3.0},
+    {"causal": False},
+    {"scale": 0.3, "sliding_window": 1},
+]
+
+
+def _case_id(c):
+    return "-".join(str(v) for v in c)
+
+
+@pytest.mark.parametrize("case", ATTN_CASES, ids=_case_id)
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
+                         or "default")
+def test_paged_attention_matches_reference(case, opts):
+    grid, bs, hq, hkv, d, dtype = case
+    rng = np.random.default_rng(hash(_case_id(case)) % 2**32)
+    b = testing.make_ragged_batch(rng, testing.seq_grid(grid, bs), num_q_heads=hq,
+                                  num_kv_heads=hkv, head_dim=d, block_size=bs, dtype=dtype)
+    want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **opts)
+    out = torch.full(b.q.shape, float("nan"), dtype=TORCH_DTYPE[dtype])
+    lse = torch.full(b.q.shape[:2], float("nan"))
+    got, got_lse = tf.paged_attention(*(T(a) for a in b.args()), return_lse=True, out=out,
+                                      lse=lse, **opts)
+    assert got is out and got_lse is lse
+    close(got, want, dtype)
+    np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_paged_attention_functional_decode_no_lse():
+    rng = np.random.default_rng(1)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("decode", 16), num_q_heads=8,
+                                  num_kv_heads=2)
+    got = tf.paged_attention(*(T(a) for a in b.args()))
+    close(got, ref.paged_attention_reference(*b.args()), "float32")
+
+
+def test_long_context_many_chunks():
+    """Contexts spanning many online-softmax chunks, GQA 8, with a window and soft cap."""
+    rng = np.random.default_rng(2)
+    b = testing.make_ragged_batch(rng, [(1, 1500), (3, 777), (1, 16)], num_q_heads=16,
+                                  num_kv_heads=2, block_size=16, head_dim=64)
+    for opts in ({}, {"sliding_window": 600, "logits_soft_cap": 5.0}):
+        want = ref.paged_attention_reference(*b.args(), **opts)
+        close(tf.paged_attention(*(T(a) for a in b.args()), **opts), want, "float32")
+
+
+def test_noncontiguous_stacked_cache_and_garbage_table_entries():
+    rng = np.random.default_rng(3)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 8), block_size=8,
+                                  num_q_heads=4, num_kv_heads=2, dtype="float32")
+    stacked = torch.stack([T(b.k_cache), T(b.v_cache)], dim=1)  # [num_blocks, 2, ...]
+    k, v = stacked[:, 0], stacked[:, 1]
+    assert not k.is_contiguous()
+    tables = b.block_tables.copy()
+    need = -(-b.kv_lens // 8)
+    for s in range(tables.shape[0]):  # unused entries may hold anything, even out of range
+        tables[s, need[s]:] = 10**6
+    got = tf.paged_attention(T(b.q), k, v, T(tables), T(b.kv_lens), T(b.cu_q_lens))
+    close(got, ref.paged_attention_reference(*b.args()), "float32")
+
+
+SP_CASES = [
+    # (prefix_blocks, seqs (prefix_id, q_len, own_kv_len), block_size, hq, hkv, dtype)
+    ([2, 3], [(0, 1, 5), (1, 1, 1), (0, 1, 17), (-1, 1, 9), (1, 1, 16)], 8, 8, 2, "float32"),
+    ([1, 0, 4], [(2, 3, 10), (0, 1, 3), (1, 2, 2), (-1, 4, 4), (2, 0, 0)], 16, 4, 1, "bfloat16"),
+    ([3], [(0, 1, 1), (0, 1, 2), (0, 1, 3)], 16, 4, 4, "float16"),
+]
+
+
+@pytest.mark.parametrize("case", SP_CASES, ids=lambda c: f"bs{c[2]}-{c[5]}")
+@pytest.mark.parametrize("cap", [None, 4.0])
+def test_shared_prefix_attention_matches_reference(case, cap):
+    pblocks, seqs, bs, hq, hkv, dtype = case
+    rng = np.random.default_rng(len(seqs) * bs)
+    b = testing.make_shared_prefix_batch(rng, pblocks, seqs, num_q_heads=hq, num_kv_heads=hkv,
+                                         block_size=bs, dtype=dtype)
+    want, want_lse = ref.shared_prefix_attention_reference(*b.args(), logits_soft_cap=cap,
+                                                           return_lse=True)
+    got, got_lse = tf.shared_prefix_attention(*(T(a) for a in b.args()), logits_soft_cap=cap,
+                                              return_lse=True)
+    close(got, want, dtype)
+    np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_merge_attention_states_matches_reference_and_empty_states():
+    rng = np.random.default_rng(4)
+    oa, ob = rng.standard_normal((2, 5, 3, 8)).astype(np.float32)
+    la, lb = rng.standard_normal((2, 5, 3)).astype(np.float32)
+    la[0], lb[0] = -np.inf, -np.inf  # both empty -> out 0, lse -inf
+    la[1] = -np.inf  # one side empty -> the other
+    want, want_lse = ref.merge_attention_states_reference(oa, la, ob, lb)
+    got, got_lse = tf.merge_attention_states(T(oa), T(la), T(ob), T(lb))
+    np.testing.assert_allclose(N(got), want, atol=1e-6, rtol=1e-6)
+    np.testing.assert_array_equal(N(got_lse)[0], -np.inf)
+    np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------- cache ops
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_exact(dtype):
+    rng = np.random.default_rng(5)
+    kc = testing.random_values(rng, (6, 8, 2, 16), dtype)
+    vc = testing.random_values(rng, (6, 8, 2, 16), dtype)
+    key = testing.random_values(rng, (7, 2, 16), dtype)
+    val = testing.random_values(rng, (7, 2, 16), dtype)
+    slots = np.array([3, -1, 47, 0, 20, -5], dtype=np.int32)  # 6 of 7 rows (CUDA-graph pad)
+    want_k, want_v = ref.write_kv_reference(key, val, kc, vc, slots)
+    stacked = torch.stack([T(kc), T(vc)], dim=1)
+    tk, tv = stacked[:, 0], stacked[:, 1]
+    tf.write_kv(T(key), T(val), tk, tv, T(slots))
+    np.testing.assert_array_equal(N(tk), want_k.astype(np.float64))
+    np.testing.assert_array_equal(N(tv), want_v.astype(np.float64))
+
+
+def _caches(rng, dtype="float32", n=3, num_blocks=9):
+    return [testing.random_values(rng, (num_blocks, 4, 2, 8), dtype) for _ in range(n)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_copy_gather_scatter_exact(dtype):
+    rng = np.random.default_rng(6)
+    caches = _caches(rng, dtype)
+    src, dst = np.array([1, 2, 5, 2], np.int32), np.array([2, 7, 1, 0], np.int32)  # chain 1->2->7
+    want = ref.copy_blocks_reference(caches, src, dst)
+    tc = [T(c) for c in caches]
+    tf.copy_blocks(tc, T(src), T(dst))
+    for g, w in zip(tc, want):
+        np.testing.assert_array_equal(N(g), w.astype(np.float64))
+    ids = np.array([4, 0, 4, 8], np.int32)
+    buf = tf.gather_blocks(tc, T(ids))
+    assert buf.is_contiguous() and tuple(buf.shape) == (4, 3, 4, 2, 8)
+    np.testing.assert_array_equal(N(buf), ref.gather_blocks_reference(want, ids).astype(np.float64))
+    new = testing.random_values(rng, (2, 3, 4, 2, 8), dtype)
+    sids = np.array([6, 3], np.int32)
+    want2 = ref.scatter_blocks_reference(want, new, sids)
+    tf.scatter_blocks(tc, T(new), T(sids))
+    for g, w in zip(tc, want2):
+        np.testing.assert_array_equal(N(g), w.astype(np.float64))
+
+
+def test_swap_blocks_cpu_exact():
+    rng = np.random.default_rng(7)
+    src = [T(c) for c in _caches(rng, num_blocks=5)]
+    dst = [T(c) for c in _caches(rng, num_blocks=11)]
+    before = [d.clone() for d in dst]
+    si, di = np.array([4, 0, 2], np.int32), np.array([10, 3, 0], np.int32)
+    tf.swap_blocks(src, dst, T(si), T(di))
+    for s, d, b in zip(src, dst, before):
+        want = b.clone()
+        want[torch.from_numpy(di).long()] = s[torch.from_numpy(si).long()]
+        assert torch.equal(d, want)
+
+
+# ------------------------------------------------------------------------- checks and errors
+
+
+def test_input_checks_name_the_argument():
+    rng = np.random.default_rng(8)
+    b = testing.make_ragged_batch(rng, [(1, 5), (1, 9)], block_size=8)
+    args = [T(a) for a in b.args()]
+    with pytest.raises(TypeError, match="block_tables: expected int32"):
+        tf.paged_attention(args[0], args[1], args[2], args[3].long(), args[4])
+    with pytest.raises(ValueError, match="kv_lens: expected values <= max_blocks_per_seq"):
+        tf.paged_attention(args[0], args[1], args[2], args[3], args[4] * 100)
+    with pytest.raises(ValueError, match="out: expected shape"):
+        tf.paged_attention(*args, out=torch.empty(3, 3, 3))
+    with pytest.raises(TypeError, match="lse: expected float32"):
+        tf.paged_attention(*args, lse=torch.empty(2, 4, dtype=torch.float16))
+    caches = [T(c) for c in _caches(rng)]
+    with pytest.raises(ValueError, match="dst: expected distinct destinations"):
+        tf.copy_blocks(caches, T(np.array([0, 1], np.int32)), T(np.array([2, 2], np.int32)))
+    with pytest.raises(ValueError, match="slot_mapping: expected slots < num_blocks"):
+        tf.write_kv(torch.zeros(1, 2, 8), torch.zeros(1, 2, 8), caches[0], caches[1],
+                    torch.tensor([10**4], dtype=torch.int32))
+    with pytest.raises(ValueError, match="dst_caches: expected 3 caches"):
+        tf.swap_blocks(caches, caches[:2], torch.zeros(1, dtype=torch.int32),
+                       torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="dst_ids: expected distinct"):
+        tf.swap_blocks(caches, caches, torch.zeros(2, dtype=torch.int32),
+                       torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="src_ids: expected values in"):
+        tf.swap_blocks(caches, caches, torch.tensor([99], dtype=torch.int32),
+                       torch.zeros(1, dtype=torch.int32))
+
+
+def test_backend_errors_list_every_backend(monkeypatch):
+    rng = np.random.default_rng(9)
+    b = testing.make_ragged_batch(rng, [(1, 5)], block_size=8)
+    args = [T(a) for a in b.args()]
+    with pytest.raises(BackendError, match=r"unknown backend 'nope'(.|\n)*- torch: could run"):
+        tf.paged_attention(*args, backend="nope")
+    names = tf.REGISTRIES["paged_attention"].names()
+    if "triton" in names:
+        with pytest.raises(BackendError, match=r"backend 'triton' cannot run(.|\n)*- triton: "
+                                               r"runs on cuda, not cpu"):
+            tf.paged_attention(*args, backend="triton")
+    monkeypatch.setenv("PREFIXKV_PAGED_ATTENTION_BACKEND", "nope")
+    with pytest.raises(BackendError, match="unknown backend 'nope'"):
+        tf.paged_attention(*args)
+    monkeypatch.setenv("PREFIXKV_PAGED_ATTENTION_BACKEND", "torch")
+    close(tf.paged_attention(*args), ref.paged_attention_reference(*b.args()), "float32")
+
+
+# ----------------------------------------------------------------- custom-op contract checks
+
+
+def _opcheck_inputs():
+    rng = np.random.default_rng(10)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 4), block_size=4,
+                                  num_q_heads=4, num_kv_heads=2, head_dim=8, nan_fill=False)
+    return b
+
+
+def test_opcheck_every_op():
+    b = _opcheck_inputs()
+    q, k, v, bt, kv, cu = (T(a) for a in b.args())
+    ops = torch.ops.prefixkv
+    cases = [
+        (ops.paged_attention, (q, k, v, bt, kv, cu, 0.3, True, 3, 2.0, None)),
+        (ops.paged_attention_out, (q, k, v, bt, kv, cu, 0.3, True, None, None, None,
+                                   torch.empty_like(q), torch.empty(q.shape[:2]))),
+        (ops.merge_attention_states, (q, torch.randn(q.shape[:2]), q * 2,
+                                      torch.randn(q.shape[:2]), None)),
+        (ops.write_kv, (torch.randn(3, 2, 8), torch.randn(3, 2, 8), k.clone(), v.clone(),
+                        torch.tensor([0, -1, 5], dtype=torch.int32), None)),
+        (ops.copy_blocks, ([k.clone(), v.clone()], torch.tensor([0, 1], dtype=torch.int32),
+                           torch.tensor([2, 3], dtype=torch.int32), None)),
+        (ops.gather_blocks, ([k, v], torch.tensor([3, 0], dtype=torch.int32), None)),
+        (ops.scatter_blocks, ([k.clone(), v.clone()], torch.randn(2, 2, *k.shape[1:]),
+                              torch.tensor([3, 0], dtype=torch.int32), None)),
+        (ops.swap_blocks, ([k, v], [k.clone(), v.clone()], torch.tensor([1], dtype=torch.int32),
+                           torch.tensor([0], dtype=torch.int32), None)),
+    ]
+    rng = np.random.default_rng(11)
+    sp = testing.make_shared_prefix_batch(rng, [2], [(0, 1, 3), (-1, 2, 2)], block_size=4,
+                                          num_q_heads=4, num_kv_heads=2, head_dim=8)
+    spa = tuple(T(a) for a in sp.args())
+    cases.append((ops.shared_prefix_attention, (*spa, 0.5, None, None)))
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph_model_step():
+    """A model-like step: write this step's KV, attend, copy a block, gather for offload."""
+    rng = np.random.default_rng(12)
+    b = testing.make_ragged_batch(rng, [(1, 9), (1, 4)], block_size=4, num_q_heads=4,
+                                  num_kv_heads=2, head_dim=8, nan_fill=False, decode=True)
+    q, k, v, bt, kv, _ = (T(a) for a in b.args())
+    key, val = torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    slots = torch.tensor([int(b.block_tables[0, 2]) * 4, int(b.block_tables[1, 0]) * 4 + 3],
+                         dtype=torch.int32)
+
+    def step(q, k, v, key, val):
+        tf.write_kv(key, val, k, v, slots)
+        o = tf.paged_attention(q * 1.0, k, v, bt, kv, logits_soft_cap=5.0)
+        tf.copy_blocks([k, v], bt[:1, 0], bt[:1, 0] * 0 + int(b.block_tables[0, 1]))
+        return o.sum(-1), tf.gather_blocks([k, v], bt[:, 0])
+
+    k1, v1, k2, v2 = k.clone(), v.clone(), k.clone(), v.clone()
+    want = step(q, k1, v1, key, val)
+    with torch._dynamo.config.patch(error_on_recompile=False):
+        got = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k2, v2, key, val)
+    torch.testing.assert_close(got[0], want[0])
+    assert torch.equal(got[1], want[1]) and torch.equal(k1, k2) and torch.equal(v1, v2)

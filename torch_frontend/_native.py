@@ -1,0 +1,275 @@
+"""The torch-native backend of every op: vectorized torch, any device (the CPU path).
+
+No Python loop per token or per block: attention runs over the batch padded to
+``[num_kv_heads, num_seqs, group * max_q_len, head_dim]`` with an online softmax over chunks of
+blocks (a few hundred keys per chunk), so each chunk of K/V is gathered once into a small
+float32 buffer that stays in cache and every q head of a kv head reads it with one batched
+matmul. Nothing of size ``num_seqs * max_kv_len`` is materialized.
+
+Every function writes into the output buffers it is given (the custom ops allocate them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Keys per chunk of the online softmax (rounded to whole blocks).
+CHUNK_KEYS = 256
+#: Bound on score elements per chunk ([Hkv, S, rows, keys]) so long prefills stay in memory.
+CHUNK_SCORES = 1 << 22
+
+
+def _on_host(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" for t in tensors)
+
+
+def _attend_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   tables: torch.Tensor, kv_lens: torch.Tensor, q_lens: torch.Tensor, *,
+                   scale: float, causal: bool, sliding_window: int | None,
+                   logits_soft_cap: float | None,
+                   max_kv: int | None, min_end: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of a padded batch. q: [S, Qm, Hq, D] (row j of sequence s valid for j < q_lens[s]).
+
+    Returns out f32 [S, Qm, Hq, D] and lse f32 [S, Qm, Hq]. ``max_kv`` bounds the keys read
+    (None: the table width); ``min_end``: every live row sees all keys below it (masking
+    is skipped for chunks that end there; None: always mask).
+    """
+    num_seqs, q_max, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    rows = group * q_max
+    dev = q.device
+    # [Hkv, S, G * Qm, D]: row r = g * Qm + j
+    qh = (q.reshape(num_seqs, q_max, num_kv_heads, group, head_dim).permute(2, 0, 3, 1, 4)
+          .reshape(num_kv_heads, num_seqs, rows, head_dim).to(torch.float32) * scale)
+    kv64 = kv_lens.to(torch.int64)
+    j = torch.arange(q_max, device=dev)
+    q_pos = (kv64 - q_lens.to(torch.int64))[:, None] + j[None, :]  # [S, Qm]
+    q_pos = q_pos.repeat(1, group)[:, :, None]  # [S, rows, 1]
+    width = tables.shape[1]
+    nblk = width if max_kv is None else min(width, -(-max_kv // block_size))
+    m = torch.full((num_kv_heads, num_seqs, rows, 1), float("-inf"), device=dev)
+    den = torch.zeros((num_kv_heads, num_seqs, rows, 1), device=dev)
+    acc = torch.zeros((num_kv_heads, num_seqs, rows, head_dim), device=dev)
+    if nblk == 0:
+        out = acc
+    else:
+        used = (torch.arange(nblk, device=dev)[None, :] * block_size) < kv64[:, None]
+        tab = torch.where(used, tables[:, :nblk].to(torch.int64), 0)  # unused entries: any value
+        keys = max(1, CHUNK_KEYS // block_size) * block_size
+        keys = max(block_size, min(keys, (CHUNK_SCORES // max(1, num_kv_heads * num_seqs * rows))
+                                   // block_size * block_size))
+        cblk = keys // block_size
+        for c0 in range(0, nblk, cblk):
+            idx = tab[:, c0:c0 + cblk]
+            c = idx.shape[1]
+            n_keys = c * block_size
+            flat = idx.reshape(-1)
+            k = (k_cache.index_select(0, flat).view(num_seqs, n_keys, num_kv_heads, head_dim)
+                 .permute(2, 0, 1, 3).to(torch.float32, memory_format=torch.contiguous_format))
+            v = (v_cache.index_select(0, flat).view(num_seqs, n_keys, num_kv_heads, head_dim)
+                 .permute(2, 0, 1, 3).to(torch.float32, memory_format=torch.contiguous_format))
+            s = torch.matmul(qh, k.transpose(-1, -2))  # [Hkv, S, rows, keys]
+            if logits_soft_cap is not None:
+                s = torch.tanh(s / logits_soft_cap) * logits_soft_cap
+            end = (c0 + c) * block_size
+            if min_end is None or end > min_end or sliding_window is not None:
+                t = c0 * block_size + torch.arange(n_keys, device=dev)
+                live = t[None, :] < kv64[:, None]  # [S, keys]
+                vis = live[:, None, :]
+                if causal:
+                    vis = vis & (t[None, None, :] <= q_pos)
+                    if sliding_window is not None:
+                        vis = vis & (t[None, None, :] > q_pos - sliding_window)
+                s = s.masked_fill(~vis[None], float("-inf"))
+                v = v.masked_fill(~live[None, :, :, None], 0.0)  # padding slots may hold NaN
+            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+            m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)
+            p = torch.exp(s - m_safe)
+            alpha = torch.exp(m - m_safe)
+            den = den * alpha + p.sum(-1, keepdim=True)
+            acc = torch.baddbmm(
+                (acc * alpha).view(-1, rows, head_dim), p.view(-1, rows, n_keys),
+                v.view(-1, n_keys, head_dim)).view(acc.shape)
+            m = m_new
+        seen = den > 0
+        out = acc / torch.where(seen, den, 1.0)
+        m = torch.where(seen, m + torch.log(torch.where(seen, den, 1.0)), float("-inf"))
+    lse = m[..., 0]
+    out = (out.view(num_kv_heads, num_seqs, group, q_max, head_dim).permute(1, 3, 0, 2, 4)
+           .reshape(num_seqs, q_max, num_q_heads, head_dim))
+    lse = (lse.view(num_kv_heads, num_seqs, group, q_max).permute(1, 3, 0, 2)
+           .reshape(num_seqs, q_max, num_q_heads))
+    return out, lse
+
+
+def _ragged_rows(cu: torch.Tensor, num_tokens: int, host: bool):
+    """Per token: padded row index seq * q_max + j, and q_max, q_lens."""
+    q_lens = cu[1:].to(torch.int64) - cu[:-1].to(torch.int64)
+    num_seqs = q_lens.shape[0]
+    if host:
+        q_max = int(q_lens.max()) if num_seqs else 0
+    else:  # no host sync: the bound every batch satisfies
+        q_max = num_tokens
+    seq = torch.repeat_interleave(torch.arange(num_seqs, device=cu.device), q_lens,
+                                  output_size=num_tokens)
+    j = torch.arange(num_tokens, device=cu.device) - cu.to(torch.int64)[seq]
+    return seq * max(q_max, 1) + j, max(q_max, 1), q_lens
+
+
+def _bounds(kv_lens: torch.Tensor, q_lens: torch.Tensor, causal: bool, host: bool):
+    if not host or kv_lens.numel() == 0:
+        return None, None
+    kv = kv_lens.to(torch.int64)
+    max_kv = int(kv.max())
+    live = q_lens > 0
+    if not bool(live.any()):
+        return max_kv, None
+    end = (kv - q_lens + 1) if causal else kv
+    return max_kv, int(end[live].min())
+
+
+def paged_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_cache,
+                    block_tables, kv_lens, cu_q_lens, *, scale: float, causal: bool,
+                    sliding_window: int | None, logits_soft_cap: float | None) -> None:
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_seqs = block_tables.shape[0]
+    host = _on_host(kv_lens, block_tables) and (cu_q_lens is None or _on_host(cu_q_lens))
+    if cu_q_lens is None:
+        q_lens = torch.ones(num_seqs, dtype=torch.int64, device=q.device)
+        qp, rows = q.view(num_seqs, 1, num_q_heads, head_dim), None
+    else:
+        rows, q_max, q_lens = _ragged_rows(cu_q_lens, num_tokens, host)
+        qp = q.new_zeros((num_seqs * q_max, num_q_heads, head_dim))
+        qp.index_copy_(0, rows, q)
+        qp = qp.view(num_seqs, q_max, num_q_heads, head_dim)
+    max_kv, min_end = _bounds(kv_lens, q_lens, causal, host)
+    o, l_ = _attend_padded(qp, k_cache, v_cache, block_tables, kv_lens, q_lens, scale=scale,
+                           causal=causal, sliding_window=sliding_window,
+                           logits_soft_cap=logits_soft_cap, max_kv=max_kv, min_end=min_end)
+    o = o.reshape(-1, num_q_heads, head_dim)
+    l_ = l_.reshape(-1, num_q_heads)
+    if rows is not None:
+        o, l_ = o.index_select(0, rows), l_.index_select(0, rows)
+    out.copy_(o)
+    if lse is not None:
+        lse.copy_(l_)
+
+
+def merge_attention_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, out_b,
+                           lse_b) -> None:
+    m = torch.maximum(lse_a, lse_b)
+    seen = m > float("-inf")
+    m0 = torch.where(seen, m, 0.0)
+    wa, wb = torch.exp(lse_a - m0), torch.exp(lse_b - m0)
+    den = torch.where(seen, wa + wb, 1.0)
+    o = (wa[..., None] * out_a.to(torch.float32) + wb[..., None] * out_b.to(torch.float32))
+    o = torch.where(seen[..., None], o / den[..., None], 0.0)
+    out.copy_(o)
+    lse.copy_(torch.where(seen, m0 + torch.log(den), float("-inf")))
+
+
+def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_cache,
+                            prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
+                            cu_q_lens, *, scale: float, logits_soft_cap: float | None) -> None:
+    """Each prefix's KV read once for all its queries (one batched matmul per chunk), the own
+    tokens by paged attention, then the log-sum-exp merge."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_seqs = block_tables.shape[0]
+    num_prefixes = prefix_block_tables.shape[0]
+    dev = q.device
+    host = _on_host(kv_lens, block_tables, prefix_ids, prefix_lens, prefix_block_tables) and (
+        cu_q_lens is None or _on_host(cu_q_lens))
+    # suffix: the sequences' own tokens (causal; positions shift uniformly by the prefix)
+    own_out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=torch.float32, device=dev)
+    own_lse = torch.empty((num_tokens, num_q_heads), dtype=torch.float32, device=dev)
+    paged_attention(own_out, own_lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
+                    scale=scale, causal=True, sliding_window=None,
+                    logits_soft_cap=logits_soft_cap)
+    # prefix part: prefixes as "sequences" whose queries are all tokens of their sequences
+    if cu_q_lens is None:
+        tok_seq = torch.arange(num_seqs, device=dev)
+    else:
+        ql = cu_q_lens[1:].to(torch.int64) - cu_q_lens[:-1].to(torch.int64)
+        tok_seq = torch.repeat_interleave(torch.arange(num_seqs, device=dev), ql,
+                                          output_size=num_tokens)
+    pid = prefix_ids.to(torch.int64)[tok_seq]  # [T], -1 = none
+    has = pid >= 0
+    key = torch.where(has, pid, num_prefixes)  # tokens without a prefix sort last
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(key, minlength=num_prefixes + 1)[:num_prefixes]
+    starts = torch.cumsum(counts, 0) - counts
+    sorted_key = key[order]
+    rank = torch.arange(num_tokens, device=dev) - torch.cat(
+        [starts, starts.new_zeros(1)])[sorted_key]
+    q_max = int(counts.max()) if (host and num_prefixes) else num_tokens
+    q_max = max(q_max, 1)
+    live = sorted_key < num_prefixes
+    rows_sorted = sorted_key.clamp(max=max(num_prefixes - 1, 0)) * q_max + rank
+    if host:
+        tok_idx, row_idx = order[live], rows_sorted[live]
+    else:  # tokens without a prefix land in a spare padding row per prefix (never read)
+        tok_idx, row_idx = order, torch.where(live, rows_sorted, num_prefixes * q_max)
+    qp = q.new_zeros((num_prefixes * q_max + 1, num_q_heads, head_dim))
+    qp.index_copy_(0, row_idx, q.index_select(0, tok_idx))
+    qp = qp[:num_prefixes * q_max].view(num_prefixes, q_max, num_q_heads, head_dim)
+    plens = prefix_lens.to(torch.int64)
+    max_kv = int(plens.max()) if (host and num_prefixes) else None
+    p_out, p_lse = _attend_padded(
+        qp, k_cache, v_cache, prefix_block_tables, plens, counts, scale=scale, causal=False,
+        sliding_window=None, logits_soft_cap=logits_soft_cap, max_kv=max_kv,
+        min_end=int(plens.min()) if (host and num_prefixes) else None)
+    pre_out = torch.zeros((num_tokens, num_q_heads, head_dim), dtype=torch.float32, device=dev)
+    pre_lse = torch.full((num_tokens, num_q_heads), float("-inf"), dtype=torch.float32,
+                         device=dev)
+    src = torch.where(live, rows_sorted, 0) if not host else row_idx
+    got_out = p_out.reshape(-1, num_q_heads, head_dim).index_select(0, src)
+    got_lse = p_lse.reshape(-1, num_q_heads).index_select(0, src)
+    if not host:
+        got_out = torch.where(live[:, None, None], got_out, 0.0)
+        got_lse = torch.where(live[:, None], got_lse, float("-inf"))
+    pre_out.index_copy_(0, tok_idx, got_out)
+    pre_lse.index_copy_(0, tok_idx, got_lse)
+    merged_lse = torch.empty_like(own_lse)
+    merge_attention_states(out, merged_lse, pre_out, pre_lse, own_out, own_lse)
+    if lse is not None:
+        lse.copy_(merged_lse)
+
+
+# ------------------------------------------------------------------------------- cache ops
+
+
+def write_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+    n = slot_mapping.shape[0]
+    slots = slot_mapping.to(torch.int64)
+    block_size = k_cache.shape[1]
+    live = torch.nonzero(slots >= 0).flatten()  # a host sync on a device: not graph-safe
+    sl = slots.index_select(0, live)
+    blocks, offsets = sl // block_size, sl % block_size
+    k_cache.index_put_((blocks, offsets), key[:n].index_select(0, live))
+    v_cache.index_put_((blocks, offsets), value[:n].index_select(0, live))
+
+
+def copy_blocks(caches, src, dst) -> None:
+    s, d = src.to(torch.int64), dst.to(torch.int64)
+    for c in caches:
+        c.index_copy_(0, d.to(c.device), c.index_select(0, s.to(c.device)))
+
+
+def gather_blocks(buffer: torch.Tensor, caches, block_ids) -> None:
+    ids = block_ids.to(torch.int64)
+    for i, c in enumerate(caches):
+        buffer[:, i].copy_(c.index_select(0, ids.to(c.device)))
+
+
+def scatter_blocks(caches, buffer, block_ids) -> None:
+    ids = block_ids.to(torch.int64)
+    for i, c in enumerate(caches):
+        c.index_copy_(0, ids.to(c.device), buffer[:, i].to(c.device))
+
+
+def swap_blocks(src_caches, dst_caches, src_ids, dst_ids) -> None:
+    s, d = src_ids.to(torch.int64), dst_ids.to(torch.int64)
+    for a, b in zip(src_caches, dst_caches, strict=True):
+        blocks = a.index_select(0, s.to(a.device)).to(b.device, non_blocking=True)
+        b.index_copy_(0, d.to(b.device), blocks)

@@ -1,0 +1,358 @@
+"""Every op of the contract as a ``torch.library.custom_op`` (``torch.ops.prefixkv.<op>``) and
+its Python wrapper of the same name.
+
+The custom ops pick the backend at run time by device (:mod:`._registry`); the wrappers run the
+static input checks of :mod:`prefixkv.paged.validate` always, the host value checks when
+:func:`~prefixkv.paged.validate.value_checks_enabled` says so (index tensors on the CPU, or
+checked mode), never while ``torch.compile`` traces. Cache ops mutate their caches in place and
+declare it in ``mutates_args``; no op returns an input or a view of one.
+
+Attention ops come twice: ``prefixkv::paged_attention`` returns fresh ``(out, lse)``;
+``prefixkv::paged_attention_out`` writes caller buffers and allocates nothing the caller can
+see (for CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..paged import validate
+from ..paged.spec import dtype_name
+from ._registry import platform_of, select
+
+Tensor = torch.Tensor
+_LIB = "prefixkv"
+
+
+def _want_values(*tensors) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    live = [t for t in tensors if t is not None]
+    return validate.value_checks_enabled(host_inputs=all(t.device.type == "cpu" for t in live))
+
+
+def _check_out(name: str, buf, shape, dtype) -> None:
+    if buf is None:
+        return
+    if not isinstance(buf, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(buf).__name__}")
+    if tuple(buf.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(buf.shape)}")
+    if buf.dtype != dtype:
+        raise TypeError(f"{name}: expected {dtype_name(dtype)}, got {dtype_name(buf)}")
+
+
+# ------------------------------------------------------------------------------ attention ops
+
+
+def _attn_buffers(q: Tensor) -> tuple[Tensor, Tensor]:
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    return out, lse
+
+
+@torch.library.custom_op(f"{_LIB}::paged_attention_out", mutates_args=("out", "lse"))
+def _paged_attention_out(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                         kv_lens: Tensor, cu_q_lens: Tensor | None, scale: float, causal: bool,
+                         sliding_window: int | None, logits_soft_cap: float | None,
+                         backend: str | None, out: Tensor, lse: Tensor) -> None:
+    fn = select("paged_attention", platform_of(q), backend)
+    fn(out, lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale,
+       causal=causal, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+
+
+@torch.library.custom_op(f"{_LIB}::paged_attention", mutates_args=())
+def _paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                     kv_lens: Tensor, cu_q_lens: Tensor | None, scale: float, causal: bool,
+                     sliding_window: int | None, logits_soft_cap: float | None,
+                     backend: str | None) -> tuple[Tensor, Tensor]:
+    out, lse = _attn_buffers(q)
+    _paged_attention_out(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale, causal,
+                         sliding_window, logits_soft_cap, backend, out, lse)
+    return out, lse
+
+
+@_paged_attention.register_fake
+def _(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale, causal, sliding_window,
+      logits_soft_cap, backend):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@_paged_attention_out.register_fake
+def _(*args):
+    return None
+
+
+@torch.library.custom_op(f"{_LIB}::shared_prefix_attention_out", mutates_args=("out", "lse"))
+def _shared_prefix_attention_out(q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                                 prefix_block_tables: Tensor, prefix_lens: Tensor,
+                                 prefix_ids: Tensor, block_tables: Tensor, kv_lens: Tensor,
+                                 cu_q_lens: Tensor | None, scale: float,
+                                 logits_soft_cap: float | None, backend: str | None,
+                                 out: Tensor, lse: Tensor) -> None:
+    fn = select("shared_prefix_attention", platform_of(q), backend)
+    fn(out, lse, q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
+       block_tables, kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap)
+
+
+@torch.library.custom_op(f"{_LIB}::shared_prefix_attention", mutates_args=())
+def _shared_prefix_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                             prefix_block_tables: Tensor, prefix_lens: Tensor, prefix_ids: Tensor,
+                             block_tables: Tensor, kv_lens: Tensor, cu_q_lens: Tensor | None,
+                             scale: float, logits_soft_cap: float | None,
+                             backend: str | None) -> tuple[Tensor, Tensor]:
+    out, lse = _attn_buffers(q)
+    _shared_prefix_attention_out(q, k_cache, v_cache, prefix_block_tables, prefix_lens,
+                                 prefix_ids, block_tables, kv_lens, cu_q_lens, scale,
+                                 logits_soft_cap, backend, out, lse)
+    return out, lse
+
+
+@_shared_prefix_attention.register_fake
+def _(q, *args):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@_shared_prefix_attention_out.register_fake
+def _(*args):
+    return None
+
+
+@torch.library.custom_op(f"{_LIB}::merge_attention_states", mutates_args=())
+def _merge_attention_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor,
+                            backend: str | None) -> tuple[Tensor, Tensor]:
+    out, lse = _attn_buffers(out_a)
+    fn = select("merge_attention_states", platform_of(out_a), backend)
+    fn(out, lse, out_a, lse_a, out_b, lse_b)
+    return out, lse
+
+
+@_merge_attention_states.register_fake
+def _(out_a, lse_a, out_b, lse_b, backend):
+    return out_a.new_empty(out_a.shape), out_a.new_empty(out_a.shape[:2], dtype=torch.float32)
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale=None,
+                    causal=True, sliding_window=None, logits_soft_cap=None, return_lse=False,
+                    out=None, lse=None, backend=None):
+    """Ragged paged attention over cached prefixes (decode, prefill and mixed batches).
+
+    q: [num_tokens, num_q_heads, head_dim] float32|float16|bfloat16.
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], q's dtype (views of a
+    stacked cache are fine). block_tables: i32[num_seqs, max_blocks_per_seq].
+    kv_lens: i32[num_seqs], cached prefix + this step's tokens. cu_q_lens: i32[num_seqs + 1] or
+    None (decode). out: optional [num_tokens, num_q_heads, head_dim] buffer written in place;
+    lse: optional f32[num_tokens, num_q_heads] buffer. backend: "triton", "torch" or None.
+
+    Returns out (q's dtype), and lse f32[num_tokens, num_q_heads] with ``return_lse``.
+    Semantics: docs/ops.md and :func:`prefixkv.paged.reference.paged_attention_reference`.
+    """
+    dims = validate.check_paged_attention(
+        q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
+        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, return_lse=return_lse)
+    if _want_values(block_tables, kv_lens, cu_q_lens):
+        validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
+    args = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, dims.scale, bool(causal),
+            None if sliding_window is None else int(sliding_window),
+            None if logits_soft_cap is None else float(logits_soft_cap), backend)
+    return _run_attention(torch.ops.prefixkv.paged_attention,
+                          torch.ops.prefixkv.paged_attention_out, args, q, out, lse, return_lse)
+
+
+def _run_attention(functional, inplace, args, q, out, lse, return_lse):
+    if out is None and lse is None:
+        o, l_ = functional(*args)
+    else:
+        _check_out("out", out, q.shape, q.dtype)
+        _check_out("lse", lse, q.shape[:2], torch.float32)
+        o = out if out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        l_ = lse if lse is not None else torch.empty(q.shape[:2], dtype=torch.float32,
+                                                     device=q.device)
+        inplace(*args, o, l_)
+    return (o, l_) if return_lse else o
+
+
+def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
+                            block_tables, kv_lens, cu_q_lens=None, *, scale=None,
+                            logits_soft_cap=None, return_lse=False, out=None, lse=None,
+                            backend=None):
+    """Causal attention of sequences sharing cached prefixes, each prefix's KV read once.
+
+    prefix_block_tables: i32[num_prefixes, max_prefix_blocks]; prefix_lens: i32[num_prefixes]
+    (multiples of block_size); prefix_ids: i32[num_seqs], a prefix row or -1. block_tables,
+    kv_lens, cu_q_lens: each sequence's own tokens after its prefix (as in paged_attention).
+    Equals paged_attention over the concatenation (prefix blocks, then own blocks).
+    """
+    sdims = validate.check_shared_prefix_attention(
+        q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
+        kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse)
+    if _want_values(prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
+                    cu_q_lens):
+        validate.check_shared_prefix_attention_values(
+            sdims, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens)
+    args = (q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
+            kv_lens, cu_q_lens, sdims.attention.scale,
+            None if logits_soft_cap is None else float(logits_soft_cap), backend)
+    return _run_attention(torch.ops.prefixkv.shared_prefix_attention,
+                          torch.ops.prefixkv.shared_prefix_attention_out, args, q, out, lse,
+                          return_lse)
+
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b, *, backend=None):
+    """Log-sum-exp merge of two partial attentions over disjoint key sets.
+
+    out_a, out_b: [num_tokens, num_heads, head_dim] float; lse_a, lse_b: f32[num_tokens,
+    num_heads] (natural log). Returns (out in out_a's dtype, lse f32). Two empty states (lse
+    -inf) merge to out 0, lse -inf.
+    """
+    validate.check_merge_attention_states(out_a, lse_a, out_b, lse_b)
+    return torch.ops.prefixkv.merge_attention_states(out_a, lse_a, out_b, lse_b, backend)
+
+
+# ---------------------------------------------------------------------------------- cache ops
+
+
+@torch.library.custom_op(f"{_LIB}::write_kv", mutates_args=("k_cache", "v_cache"))
+def _write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
+              slot_mapping: Tensor, backend: str | None) -> None:
+    select("write_kv", platform_of(k_cache), backend)(key, value, k_cache, v_cache, slot_mapping)
+
+
+@_write_kv.register_fake
+def _(*args):
+    return None
+
+
+@torch.library.custom_op(f"{_LIB}::copy_blocks", mutates_args=("caches",))
+def _copy_blocks(caches: list[Tensor], src: Tensor, dst: Tensor, backend: str | None) -> None:
+    select("copy_blocks", platform_of(*caches), backend)(caches, src, dst)
+
+
+@_copy_blocks.register_fake
+def _(*args):
+    return None
+
+
+@torch.library.custom_op(f"{_LIB}::gather_blocks", mutates_args=())
+def _gather_blocks(caches: list[Tensor], block_ids: Tensor, backend: str | None) -> Tensor:
+    c0 = caches[0]
+    buffer = torch.empty((block_ids.shape[0], len(caches), *c0.shape[1:]), dtype=c0.dtype,
+                         device=c0.device)
+    select("gather_blocks", platform_of(*caches), backend)(buffer, caches, block_ids)
+    return buffer
+
+
+@_gather_blocks.register_fake
+def _(caches, block_ids, backend):
+    c0 = caches[0]
+    return c0.new_empty((block_ids.shape[0], len(caches), *c0.shape[1:]))
+
+
+@torch.library.custom_op(f"{_LIB}::scatter_blocks", mutates_args=("caches",))
+def _scatter_blocks(caches: list[Tensor], buffer: Tensor, block_ids: Tensor,
+                    backend: str | None) -> None:
+    select("scatter_blocks", platform_of(*caches), backend)(caches, buffer, block_ids)
+
+
+@_scatter_blocks.register_fake
+def _(*args):
+    return None
+
+
+@torch.library.custom_op(f"{_LIB}::swap_blocks", mutates_args=("dst_caches",))
+def _swap_blocks(src_caches: list[Tensor], dst_caches: list[Tensor], src_ids: Tensor,
+                 dst_ids: Tensor, backend: str | None) -> None:
+    host = [c for c in (*src_caches, *dst_caches) if c.device.type == "cpu"]
+    pinned = all(c.is_pinned() for c in host) if platform_of(*src_caches, *dst_caches) == \
+        "cuda" else True
+    fn = select("swap_blocks", platform_of(*src_caches, *dst_caches), backend,
+                pinned_host=pinned)
+    fn(src_caches, dst_caches, src_ids, dst_ids)
+
+
+@_swap_blocks.register_fake
+def _(*args):
+    return None
+
+
+def write_kv(key, value, k_cache, v_cache, slot_mapping, *, backend=None) -> None:
+    """Write this step's keys/values into the cache in place.
+
+    key, value: [num_tokens, num_kv_heads, head_dim], the cache's dtype (rows past
+    len(slot_mapping) are ignored). k_cache, v_cache: [num_blocks, block_size, num_kv_heads,
+    head_dim]. slot_mapping: i32[n], slot = block * block_size + offset, negative = skip.
+    """
+    validate.check_write_kv(key, value, k_cache, v_cache, slot_mapping)
+    if _want_values(slot_mapping):
+        validate.check_write_kv_values(k_cache, slot_mapping)
+    torch.ops.prefixkv.write_kv(key, value, k_cache, v_cache, slot_mapping, backend)
+
+
+def copy_blocks(caches, src, dst, *, backend=None) -> None:
+    """Copy block src[i] to dst[i] in every cache, in place (all reads before any write).
+
+    caches: sequence of tensors with the block axis first. src, dst: i32[n]; dst distinct.
+    """
+    num_blocks = validate.check_copy_blocks(caches, src, dst)
+    if _want_values(src, dst):
+        validate.check_copy_blocks_values(num_blocks, src, dst)
+    torch.ops.prefixkv.copy_blocks(list(caches), src, dst, backend)
+
+
+def gather_blocks(caches, block_ids, *, backend=None):
+    """Blocks into one new contiguous buffer [n, len(caches), *block_shape]."""
+    validate.check_gather_blocks(caches, block_ids)
+    if _want_values(block_ids):
+        validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=False)
+    return torch.ops.prefixkv.gather_blocks(list(caches), block_ids, backend)
+
+
+def scatter_blocks(caches, buffer, block_ids, *, backend=None) -> None:
+    """caches[c][block_ids[i]] = buffer[i, c] in place (block_ids distinct)."""
+    validate.check_scatter_blocks(caches, buffer, block_ids)
+    if _want_values(block_ids):
+        validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=True)
+    torch.ops.prefixkv.scatter_blocks(list(caches), buffer, block_ids, backend)
+
+
+def _check_swap_blocks(src_caches, dst_caches, src_ids, dst_ids) -> None:
+    src = validate.check_caches(src_caches, "src_caches")
+    dst = validate.check_caches(dst_caches, "dst_caches")
+    if len(src) != len(dst):
+        raise ValueError(f"dst_caches: expected {len(src)} caches (as src_caches), got {len(dst)}")
+    for i, (a, b) in enumerate(zip(src, dst)):
+        if tuple(a.shape[1:]) != tuple(b.shape[1:]):
+            raise ValueError(f"dst_caches[{i}]: expected block shape {tuple(a.shape[1:])} "
+                             f"(from src_caches[{i}]), got {tuple(b.shape[1:])}")
+        validate.check_same_dtype(f"dst_caches[{i}]", b, f"src_caches[{i}]", a)
+    (n,) = validate.check_index("src_ids", src_ids)
+    (n_dst,) = validate.check_index("dst_ids", dst_ids)
+    if n_dst != n:
+        raise ValueError(f"dst_ids: expected shape ({n},) (the shape of src_ids), got ({n_dst},)")
+
+
+def _check_swap_blocks_values(src_caches, dst_caches, src_ids, dst_ids) -> None:
+    s = validate.to_host(src_ids).astype(np.int64)
+    d = validate.to_host(dst_ids).astype(np.int64)
+    validate._check_ids_in_range("src_ids", s, int(src_caches[0].shape[0]))
+    validate._check_ids_in_range("dst_ids", d, int(dst_caches[0].shape[0]))
+    validate._check_no_duplicates("dst_ids", d)
+
+
+def swap_blocks(src_caches, dst_caches, src_ids, dst_ids, *, backend=None) -> None:
+    """Copy block src_ids[i] of every src cache to block dst_ids[i] of the matching dst cache.
+
+    The device <-> host transfer path (offload/onload): src_caches and dst_caches are
+    sequences of tensors with the block axis first, pairwise of the same block shape and dtype,
+    typically every layer's K and V on the GPU and their pinned-host twins. Runs on the current
+    CUDA stream (``with torch.cuda.stream(s):``). src_ids, dst_ids: i32[n]; dst_ids distinct.
+    """
+    _check_swap_blocks(src_caches, dst_caches, src_ids, dst_ids)
+    if _want_values(src_ids, dst_ids):
+        _check_swap_blocks_values(src_caches, dst_caches, src_ids, dst_ids)
+    torch.ops.prefixkv.swap_blocks(list(src_caches), list(dst_caches), src_ids, dst_ids, backend)
+
+
+__all__ = ["copy_blocks", "gather_blocks", "merge_attention_states", "paged_attention",
+           "scatter_blocks", "shared_prefix_attention", "swap_blocks", "write_kv"]

@@ -1,0 +1,62 @@
+"""The backends of every torch op, from :mod:`prefixkv.paged.registry`.
+
+Selection: ``backend=`` argument, then ``PREFIXKV_<OP>_BACKEND``, then ``PREFIXKV_BACKEND``,
+then priority among the backends that run on the tensors' device. Nothing here touches a device.
+
+- ``triton`` (cuda): the Triton kernels of :mod:`prefixkv.kernels.triton`.
+- ``cuda-c`` (cuda, ``swap_blocks`` only): CUDA C block copies loaded with CuPy.
+- ``torch`` (cpu, cuda): the vectorized torch path, lowest priority on cuda.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..paged.registry import Backend, Registry
+
+_NATIVE = "prefixkv.torch_frontend._native"
+_TRITON_ATTN = "prefixkv.kernels.triton.attention"
+_TRITON_CACHE = "prefixkv.kernels.triton.cache"
+
+OPS = ("paged_attention", "shared_prefix_attention", "merge_attention_states", "write_kv",
+       "copy_blocks", "gather_blocks", "scatter_blocks", "swap_blocks")
+
+REGISTRIES: dict[str, Registry] = {op: Registry(op) for op in OPS}
+
+_TRITON_IMPL: dict[str, str] = {}  # filled as the kernels land
+
+_CUDA_C_SWAP = False
+
+
+def _register_all() -> None:
+    for op, reg in REGISTRIES.items():
+        reg.register(Backend("torch", ("cpu", "cuda"), f"{_NATIVE}:{op}", priority=0,
+                             requires=("torch",), doc="vectorized torch ops"))
+        if op in _TRITON_IMPL:
+            reg.register(Backend("triton", ("cuda",), _TRITON_IMPL[op], priority=10,
+                                 requires=("triton",), doc="Triton kernels"))
+    if _CUDA_C_SWAP:
+        REGISTRIES["swap_blocks"].register(Backend(
+            "cuda-c", ("cuda",), "prefixkv.kernels.cuda.swap:swap_blocks", priority=20,
+            requires=("cupy",), supports=_cuda_c_swap_supports,
+            doc="CUDA C batched block copies (CuPy RawModule), all caches in one launch"))
+
+
+def _cuda_c_swap_supports(**ctx) -> tuple[bool, str]:
+    if not ctx.get("pinned_host", True):
+        return False, "needs the host side in pinned memory (tensor.pin_memory())"
+    return True, ""
+
+
+_register_all()
+
+
+def platform_of(*tensors: torch.Tensor) -> str:
+    """'cuda' when any tensor lives on a CUDA device, else that device's type."""
+    types = {t.device.type for t in tensors}
+    return "cuda" if "cuda" in types else next(iter(types), "cpu")
+
+
+def select(op: str, platform: str, backend: str | None = None, **context):
+    """The implementation to call (raises BackendError listing every backend and why)."""
+    return REGISTRIES[op].select(platform, backend, **context).load()
