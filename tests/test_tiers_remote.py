@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +240,48 @@ def test_remote_tiers_publish_events(redis_tier, nixl_peer):
                 ("removed", tier.name, b"s", (b"h1",))]
     finally:
         nixl.close()
+
+
+_PEER_PROCESS = r"""
+import pickle, sys
+from prefixkv.paged.tiers import NixlPeer
+peer = NixlPeer(num_slots=8, slot_bytes=4096)
+sys.stdout.write("DESC:" + pickle.dumps(peer.descriptor()).hex() + "\n")
+sys.stdout.flush()
+sys.stdin.read()  # serve (passively: one-sided transfers) until stdin closes
+peer.close()
+"""
+
+
+def test_nixl_peer_in_another_process_then_killed():
+    pytest.importorskip("nixl", reason="nixl not installed (pip install --no-deps nixl nixl-cu12)")
+    import pickle
+    import sys
+
+    from prefixkv.paged.tiers import NixlTier
+
+    proc = subprocess.Popen([sys.executable, "-c", _PEER_PROCESS], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        desc = None
+        for line in proc.stdout:  # NIXL logs on stdout too: find our line
+            if line.startswith("DESC:"):
+                desc = pickle.loads(bytes.fromhex(line[5:].strip()))
+                break
+        assert desc is not None, "peer process did not start"
+        tier = NixlTier(desc, staging_slots=4, timeout_s=5)
+        ks, vals = _keys(3, start=400), _rows(3, seed=5)
+        assert tier.batch_put(ks, vals) == [True] * 3
+        got = tier.batch_get(ks)
+        assert all(_same(g, v) for g, v in zip(got, vals, strict=True))
+        proc.kill()
+        proc.wait(timeout=10)
+        t0 = time.monotonic()
+        assert tier.batch_get(ks) == [None] * 3  # peer gone: a miss, no exception
+        assert time.monotonic() - t0 < 5
+        assert tier.batch_put(_keys(1, start=410), vals[:1]) == [False]
+        tier.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
