@@ -224,3 +224,61 @@ def test_offload_with_a_full_host_tier_keeps_lower_tiers(tmp_path):
     assert n == 6
     for c, f in zip(caches, fresh, strict=True):
         assert _same(f[10:16], c[0:6])
+
+
+def test_random_faults_never_serve_a_wrong_block(tmp_path, redis_server):
+    """A random stream of puts/gets/removes over host -> disk -> Redis while disk files are
+    corrupted, truncated or swapped and Redis is killed and restarted: every get is either
+    a miss or exactly the block of that key."""
+    rng = np.random.default_rng(11)
+    row_bytes = np.zeros(ROW, np.float32).nbytes
+    host, disk = HostTier(4 * row_bytes), DiskTier(tmp_path, budget_bytes=20 * row_bytes)
+    redis = _redis(redis_server, retry_interval=0.05)
+    store = TieredStore([host, disk, redis])
+    salts = [None, "x"]
+
+    def key(i, s):
+        return BlockKey(i.to_bytes(2, "big"), _ns(salt=salts[s]))
+
+    def value(k):  # the one right content of each key
+        seed = int.from_bytes(k.block_hash, "big") * 7 + len(k.namespace.salt)
+        return np.random.default_rng(seed).standard_normal(ROW).astype(np.float32)
+
+    served = 0
+    for step in range(150):
+        ks = list(dict.fromkeys(key(int(rng.integers(0, 30)), int(rng.integers(0, 2)))
+                                for _ in range(int(rng.integers(1, 6)))))
+        op = rng.random()
+        if op < 0.4:
+            store.batch_put(ks, [value(k) for k in ks])
+        elif op < 0.8:
+            got = store.batch_get(ks, shape=ROW, dtype="float32")
+            for k, g in zip(ks, got, strict=True):
+                if g is not None:
+                    assert _same(g, value(k)), (step, k)
+                    served += 1
+            n = store.batch_exists(ks)
+            assert 0 <= n <= len(ks)
+        elif op < 0.85:
+            store.batch_remove(ks)
+        else:
+            files = [p for p in disk._sizes if os.path.exists(p)]
+            if files:
+                p = files[int(rng.integers(0, len(files)))]
+                fault = int(rng.integers(0, 3))
+                if fault == 0:
+                    with open(p, "r+b") as f:
+                        f.truncate(max(1, os.path.getsize(p) // 3))
+                elif fault == 1:
+                    with open(p, "r+b") as f:
+                        f.seek(int(rng.integers(0, os.path.getsize(p))))
+                        f.write(os.urandom(3))
+                else:
+                    other = files[int(rng.integers(0, len(files)))]
+                    Path(p).write_bytes(Path(other).read_bytes())
+            host.clear()  # force lookups down to disk / Redis
+        if step == 60:
+            redis_server.stop()
+        if step == 100:
+            redis_server.start()
+    assert served > 20
