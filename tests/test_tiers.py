@@ -444,3 +444,30 @@ def test_host_events_replay_to_its_contents_under_a_random_stream():
         for e in h._entries.values():
             want.setdefault(e.key.namespace.salt, {})[e.key.block_hash] = -1
         assert replay(log.events) == want
+
+
+def test_tiers_import_is_numpy_only():
+    import subprocess
+    import sys
+
+    code = ("import sys, prefixkv.paged.tiers as t; t.HostTier; t.DiskTier; t.TieredStore; "
+            "bad = [m for m in ('redis', 'nixl', 'torch', 'jax') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_nixl_import_error_names_the_install(monkeypatch):
+    import builtins
+
+    from prefixkv.paged.tiers import nixl as nixl_mod
+
+    real = builtins.__import__
+
+    def fake(name, *a, **kw):
+        if name == "nixl" or name.startswith("nixl."):
+            raise ImportError("no nixl")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(ImportError, match="pip install --no-deps nixl"):
+        nixl_mod.NixlPeer(1, 64)
