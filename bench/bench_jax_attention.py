@@ -1,0 +1,136 @@
+"""JAX paged attention on this CPU (XLA backend), Llama-3-8B-like shapes: 32 q heads, 8 kv heads,
+head_dim 128, block_size 16. Each group runs prefixkv next to the baseline a user would write.
+
+    .venv/bin/pytest bench/bench_jax_attention.py --benchmark-only
+
+extra_info: bytes of KV read, GB/s, GFLOP/s and the roofline fraction (bench.conftest.record:
+max(bytes / measured read bandwidth, flops / measured matmul rate) / time).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench.conftest import record
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+from prefixkv import jax_frontend as jf  # noqa: E402
+from prefixkv.jax_frontend import _xla  # noqa: E402
+
+HQ, HKV, D, BS = 32, 8, 128, 16
+
+
+def _cache(rng, num_blocks, dtype):
+    shape = (num_blocks, BS, HKV, D)
+    return (jnp.asarray(rng.standard_normal(shape, dtype=np.float32)).astype(dtype),
+            jnp.asarray(rng.standard_normal(shape, dtype=np.float32)).astype(dtype))
+
+
+def _run(benchmark, fn, args, rounds):
+    jax.block_until_ready(fn(*args))  # compile in warm-up
+    return benchmark.pedantic(lambda: jax.block_until_ready(fn(*args)), rounds=rounds,
+                              iterations=1, warmup_rounds=1)
+
+
+# ------------------------------------------------------------------ decode, batch 8 x 4096
+
+NUM_SEQS, CONTEXT = 8, 4096
+
+
+def _decode_inputs(dtype):
+    rng = np.random.default_rng(0)
+    blocks = NUM_SEQS * CONTEXT // BS
+    k, v = _cache(rng, blocks + 1, dtype)
+    tables = jnp.asarray(rng.permutation(blocks + 1)[:blocks].reshape(NUM_SEQS, -1)
+                         .astype(np.int32))
+    kv_lens = jnp.full((NUM_SEQS,), CONTEXT, jnp.int32)
+    q = jnp.asarray(rng.standard_normal((NUM_SEQS, HQ, D), dtype=np.float32)).astype(dtype)
+    return q, k, v, tables, kv_lens
+
+
+def _decode_cost(dtype):
+    item = jnp.dtype(dtype).itemsize
+    nbytes = 2 * NUM_SEQS * CONTEXT * HKV * D * item
+    flops = 4 * NUM_SEQS * HQ * CONTEXT * D
+    return nbytes, flops
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("impl", ["prefixkv_xla", "jnp_gather_baseline"])
+def test_decode_8x4096(benchmark, machine_limits, impl, dtype):
+    benchmark.group = f"jax decode 8x4096 {dtype}"
+    args = _decode_inputs(dtype)
+    if impl == "prefixkv_xla":
+        fn = jax.jit(lambda q, k, v, t, n: jf.paged_attention(q, k, v, t, n))
+    else:
+        fn = jax.jit(lambda q, k, v, t, n: _xla.dense_gather_paged_attention(
+            q, k, v, t, n, scale=D ** -0.5))
+    _run(benchmark, fn, args, rounds=5 if impl == "prefixkv_xla" else 3)
+    nbytes, flops = _decode_cost(dtype)
+    record(benchmark, machine_limits, nbytes=nbytes, flops=flops, impl=impl)
+
+
+# ------------------------------------------- shared prefix: 32 x (2048 prefix + 128 own)
+
+SP_SEQS, SP_PREFIX, SP_OWN = 32, 2048, 128
+
+
+def _shared_inputs(dtype="float32"):
+    rng = np.random.default_rng(1)
+    pb, ob = SP_PREFIX // BS, SP_OWN // BS
+    k, v = _cache(rng, pb + SP_SEQS * ob, dtype)
+    ids = rng.permutation(pb + SP_SEQS * ob).astype(np.int32)
+    prefix_tables = ids[:pb][None, :]
+    own = ids[pb:].reshape(SP_SEQS, ob)
+    q = jnp.asarray(rng.standard_normal((SP_SEQS, HQ, D), dtype=np.float32)).astype(dtype)
+    shared = (q, k, v, jnp.asarray(prefix_tables), jnp.asarray([SP_PREFIX], jnp.int32),
+              jnp.zeros((SP_SEQS,), jnp.int32), jnp.asarray(own),
+              jnp.full((SP_SEQS,), SP_OWN, jnp.int32))
+    full_tables = np.concatenate([np.repeat(prefix_tables, SP_SEQS, 0), own], axis=1)
+    paged = (q, k, v, jnp.asarray(full_tables), jnp.full((SP_SEQS,), SP_PREFIX + SP_OWN,
+                                                         jnp.int32))
+    return shared, paged
+
+
+@pytest.mark.parametrize("impl", ["shared_prefix_attention", "paged_attention"])
+def test_shared_prefix_32x2048(benchmark, machine_limits, impl):
+    benchmark.group = "jax shared prefix 32 x (2048 + 128) decode f32"
+    shared, paged = _shared_inputs()
+    if impl == "shared_prefix_attention":
+        fn, args = jax.jit(jf.shared_prefix_attention), shared
+        nbytes = 2 * (SP_PREFIX + SP_SEQS * SP_OWN) * HKV * D * 4
+    else:
+        fn, args = jax.jit(jf.paged_attention), paged
+        nbytes = 2 * SP_SEQS * (SP_PREFIX + SP_OWN) * HKV * D * 4
+    _run(benchmark, fn, args, rounds=5)
+    flops = 4 * SP_SEQS * HQ * (SP_PREFIX + SP_OWN) * D
+    record(benchmark, machine_limits, nbytes=nbytes, flops=flops, impl=impl)
+
+
+# ----------------------------------- prefill: 512 new tokens over 4096 cached, vs recompute
+
+PF_CACHED, PF_NEW = 4096, 512
+
+
+@pytest.mark.parametrize("impl", ["prefill_512_over_cached_4096", "recompute_4608"])
+def test_prefill_over_cached_prefix(benchmark, machine_limits, impl):
+    benchmark.group = "jax prefill 512 over 4096 cached vs recompute 4608, f32"
+    rng = np.random.default_rng(2)
+    total = PF_CACHED + PF_NEW
+    blocks = total // BS
+    k, v = _cache(rng, blocks + 1, "float32")
+    tables = jnp.asarray(rng.permutation(blocks + 1)[:blocks][None, :].astype(np.int32))
+    kv_lens = jnp.asarray([total], jnp.int32)
+    q_len = PF_NEW if impl.startswith("prefill") else total
+    q = jnp.asarray(rng.standard_normal((q_len, HQ, D), dtype=np.float32))
+    cu = jnp.asarray([0, q_len], jnp.int32)
+    fn = jax.jit(jf.paged_attention)
+    _run(benchmark, fn, (q, k, v, tables, kv_lens, cu), rounds=2)
+    # causal flops: each query row sees its position + 1 keys
+    keys = np.arange(total - q_len, total, dtype=np.float64) + 1
+    flops = 4 * HQ * D * float(keys.sum())
+    record(benchmark, machine_limits, nbytes=2 * total * HKV * D * 4, flops=flops, impl=impl,
+           query_tokens=q_len)
