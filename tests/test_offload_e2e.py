@@ -57,16 +57,9 @@ class Engine:
         cached = pc.add_request(rid, tokens, salt=salt)
         n_onboard = 0
         if offloader is not None:
-            first, cap = cached // BS, (len(tokens) - 1) // BS
-            hashes = pc.request_hashes(rid)[first:cap]
-            ns = offloader.namespace.with_salt(pc.namespace(rid))
-            n = offloader.lookup(hashes, namespace=ns)
-            if n:
-                new = pc.onboard(rid, n)
-                caches, n_onboard = offloader.onboard(self.caches, np.asarray(new, np.int32),
-                                                      hashes[:n], namespace=ns)
-                assert n_onboard == n
-                self.k, self.v = caches
+            caches, n_onboard = offloader.onboard_request(pc, rid, self.caches)
+            self.k, self.v = caches
+            assert pc.num_computed(rid) == cached + n_onboard * BS
         done = pc.num_computed(rid)
         plan = pc.step([(rid, len(tokens) - done)])
         self.k, self.v = write_kv_reference(keys[done:], values[done:], self.k, self.v,
@@ -199,3 +192,57 @@ def test_offload_through_nixl_bit_exact():
     finally:
         tier.close()
         peer.close()
+
+
+class _Vanishing(HostTier):
+    """batch_exists says every block is there; batch_get loses all but the first two (a block
+    evicted / corrupted / its server gone between the lookup and the read)."""
+
+    def batch_exists(self, keys):
+        return len(keys)
+
+    def batch_get(self, keys, **kw):
+        got = super().batch_get(keys, **kw)
+        return got[:2] + [None] * (len(got) - 2)
+
+
+def test_a_block_vanishing_midway_is_never_registered_without_its_kv(tmp_path):
+    dt = np.dtype("float32")
+    rng = np.random.default_rng(3)
+    tokens = list(range(7, 30))  # 5 full blocks
+    keys, values = _kv(rng, len(tokens), dt)
+    q = rng.standard_normal((1, HQ, D)).astype(dt)
+    src = Engine(dt)
+    src.prefill("r", tokens, keys, values)
+    want = src.decode_attention("r", q)
+    store = _Vanishing(1 << 20)
+    off = BlockOffloader(store, Namespace("e2e-model", dtype="float32"))
+    full = len(tokens) // BS
+    off.offload(src.caches, np.asarray(src.pc.blocks("r")[:full], np.int32),
+                src.pc.request_hashes("r")[:full])
+    dst = Engine(dt)
+    assert dst.prefill("r", tokens, keys, values, offloader=off) == 2
+    assert _same(dst.decode_attention("r", q), want)
+    # every block the pool registered (2 onboarded + the recomputed rest) holds the right KV
+    hit_blocks, hit_tokens = dst.pc.match(tokens)
+    assert hit_tokens == ((len(tokens) - 1) // BS) * BS
+    ids = np.asarray(hit_blocks, np.int32)
+    flat = gather_blocks_reference([dst.k], ids).reshape(-1, HKV, D)
+    assert _same(flat, keys[:hit_tokens])
+
+
+def test_onboard_request_pool_full_is_a_miss():
+    dt = np.dtype("float32")
+    rng = np.random.default_rng(4)
+    tokens = list(range(3, 20))  # 4 full blocks
+    keys, values = _kv(rng, len(tokens), dt)
+    src = Engine(dt)
+    src.prefill("r", tokens, keys, values)
+    off = BlockOffloader(HostTier(1 << 20), Namespace("e2e-model", dtype="float32"))
+    full = len(tokens) // BS
+    off.offload(src.caches, np.asarray(src.pc.blocks("r")[:full], np.int32),
+                src.pc.request_hashes("r")[:full])
+    small = Engine(dt, num_blocks=3)  # 2 usable blocks: the 4 onboard blocks do not fit
+    small.pc.add_request("r", tokens)
+    caches, n = off.onboard_request(small.pc, "r", small.caches)
+    assert n == 0 and small.pc.num_computed("r") == 0

@@ -212,8 +212,10 @@ class HostTier(Tier):
         return got[0]
 
     def batch_put(self, keys, values, *, copy: bool = True):
-        """copy=False: adopt ``values`` as the stored arrays (C-contiguous, e.g. from
-        :meth:`allocate`); the caller must not write them afterwards."""
+        """copy=False: adopt ``values`` as the stored arrays (C-contiguous arrays owning their
+        memory, e.g. from :meth:`reserve`: the budget counts ``value.nbytes``, so a row view of
+        a bigger buffer would keep the whole buffer alive uncounted); the caller must not
+        write them afterwards."""
         check_values(keys, values)
         results = []
         stored: list[BlockKey] = []
@@ -234,6 +236,7 @@ class HostTier(Tier):
             if sk in self._entries:  # stale entry under the same name: replace
                 e = self._entries.pop(sk)
                 self.used_bytes -= e.nbytes
+                self._publish("removed", [e.key])
             nbytes = int(v.nbytes)
             if copy or not v.flags.c_contiguous:
                 # room made by reserve, which reuses an evicted array of this shape

@@ -218,6 +218,37 @@ class BlockOffloader:
         """Number of leading blocks some tier holds."""
         return self.store.batch_exists(self.keys(block_hashes, namespace))
 
+    def fetch(self, block_hashes: Sequence, row_shape, dtype, *,
+              namespace: Namespace | None = None) -> list[np.ndarray]:
+        """The leading stored blocks of ``block_hashes``, verified (key, namespace, checksum by
+        the tiers; shape ``row_shape`` = [len(caches), *block_shape] and ``dtype`` here),
+        read-only. Stops at the first miss."""
+        ns = namespace or self.namespace
+        row_shape = tuple(int(d) for d in row_shape)
+        want = dtype_str(dtype)
+        got = self.store.batch_get(self.keys(block_hashes, ns), shape=row_shape, dtype=want)
+        rows = []
+        for a in got:
+            # Belt and braces: the tiers verified key, namespace and checksum; re-check layout.
+            if a is None or a.shape != row_shape or dtype_str(a) != want:
+                break
+            rows.append(a)
+        return rows
+
+    def scatter_rows(self, caches, block_ids, rows: Sequence[np.ndarray]):
+        """Write ``rows[i]`` into block ``block_ids[i]`` of every cache; returns the caches
+        (the scatter's result for a functional scatter)."""
+        if not rows:
+            return caches
+        ids = np.asarray(block_ids, dtype=np.int32)[:len(rows)]
+        if self.scatter is None:
+            for b, row in zip(ids.tolist(), rows, strict=True):
+                for layer, c in enumerate(caches):
+                    c[b] = row[layer]
+            return caches
+        res = self.scatter(caches, np.stack(rows), ids)
+        return caches if res is None else res
+
     def onboard(self, caches, block_ids, block_hashes, *, namespace: Namespace | None = None):
         """Load the leading stored blocks of ``block_hashes`` into ``block_ids`` (distinct).
 
@@ -230,26 +261,39 @@ class BlockOffloader:
         validate.check_block_ids_values(int(caches[0].shape[0]), ids, distinct=True)
         if len(ids) == 0:
             return caches, 0
-        row_shape = (len(caches), *caches[0].shape[1:])
-        got = self.store.batch_get(self.keys(block_hashes, ns), shape=row_shape,
-                                   dtype=dtype_str(caches[0]))
-        rows = []
-        for a in got:
-            # Belt and braces: the tiers verified key, namespace and checksum; re-check layout.
-            if a is None or a.shape != row_shape or dtype_str(a) != dtype_str(caches[0]):
-                break
-            rows.append(a)
-        n = len(rows)
-        if n == 0:
+        rows = self.fetch(block_hashes, (len(caches), *caches[0].shape[1:]), caches[0].dtype,
+                          namespace=ns)
+        return self.scatter_rows(caches, ids, rows), len(rows)
+
+    def onboard_request(self, prefix_cache, request_id, caches):
+        """Engine glue, after ``prefix_cache.add_request`` and before the request's first step:
+        load the request's next full blocks (past the device hit, never the last token) that
+        the tiers hold. Returns ``(caches, n)``.
+
+        Order matters: the blocks are fetched and verified first, then allocated and
+        registered in the pool (``PrefixCache.onboard``) and scattered. A tier failing midway
+        therefore shortens the hit; it can never leave a registered block without its KV.
+        A pool too full to take them is a miss (n = 0).
+        """
+        from ..pool import NoFreeBlocksError
+
+        pc = prefix_cache
+        bs = pc.block_size
+        first = pc.num_computed(request_id) // bs
+        cap = (len(pc.tokens(request_id)) - 1) // bs
+        if cap <= first:
             return caches, 0
-        if self.scatter is None:
-            for b, row in zip(ids[:n].tolist(), rows, strict=True):
-                for layer, c in enumerate(caches):
-                    c[b] = row[layer]
-            return caches, n
-        buf = np.stack(rows)
-        res = self.scatter(caches, buf, np.asarray(ids[:n], dtype=np.int32))
-        return (caches if res is None else res), n
+        ns = self.namespace.with_salt(pc.namespace(request_id))
+        hashes = pc.request_hashes(request_id)[first:cap]
+        rows = self.fetch(hashes, (len(caches), *caches[0].shape[1:]), caches[0].dtype,
+                          namespace=ns)
+        if not rows:
+            return caches, 0
+        try:
+            new = pc.onboard(request_id, len(rows))
+        except NoFreeBlocksError:
+            return caches, 0
+        return self.scatter_rows(caches, np.asarray(new, dtype=np.int32), rows), len(rows)
 
     # -- wiring to the device pool (paged/pool.py events) --------------------------------------
     def offload_on_evict(self, events, caches: Callable[[], list] | list,
