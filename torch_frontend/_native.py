@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-#: Keys per chunk of the online softmax (rounded to whole blocks).
-CHUNK_KEYS = 256
+#: Bytes of float32 K per chunk of the online softmax (rounded to whole blocks).
+CHUNK_BYTES = 2 << 20
 #: Bound on score elements per chunk ([Hkv, S, rows, keys]) so long prefills stay in memory.
 CHUNK_SCORES = 1 << 22
 
@@ -56,19 +56,27 @@ def _attend_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     else:
         used = (torch.arange(nblk, device=dev)[None, :] * block_size) < kv64[:, None]
         tab = torch.where(used, tables[:, :nblk].to(torch.int64), 0)  # unused entries: any value
-        keys = max(1, CHUNK_KEYS // block_size) * block_size
-        keys = max(block_size, min(keys, (CHUNK_SCORES // max(1, num_kv_heads * num_seqs * rows))
-                                   // block_size * block_size))
-        cblk = keys // block_size
+        # keys per chunk: the chunk's float32 K (num_seqs * keys rows) near CHUNK_BYTES
+        keys = CHUNK_BYTES // max(1, num_seqs * num_kv_heads * head_dim * 4)
+        keys = min(keys, CHUNK_SCORES // max(1, num_kv_heads * num_seqs * rows))
+        cblk = max(1, min(nblk, keys // block_size))
+        n_keys = cblk * block_size
+        pad = -nblk % cblk  # pad the table to whole chunks with block 0 (masked as t >= kv_len)
+        if pad:
+            tab = torch.cat([tab, tab.new_zeros((num_seqs, pad))], dim=1)
+        # buffers reused by every chunk: no large allocation (page faults) per chunk
+        gk = k_cache.new_empty((num_seqs * cblk, block_size, num_kv_heads, head_dim))
+        gv = k_cache.new_empty((num_seqs * cblk, block_size, num_kv_heads, head_dim))
+        k = torch.empty((num_kv_heads, num_seqs, n_keys, head_dim), device=dev)
+        v = torch.empty((num_kv_heads, num_seqs, n_keys, head_dim), device=dev)
         for c0 in range(0, nblk, cblk):
-            idx = tab[:, c0:c0 + cblk]
-            c = idx.shape[1]
-            n_keys = c * block_size
-            flat = idx.reshape(-1)
-            k = (k_cache.index_select(0, flat).view(num_seqs, n_keys, num_kv_heads, head_dim)
-                 .permute(2, 0, 1, 3).to(torch.float32, memory_format=torch.contiguous_format))
-            v = (v_cache.index_select(0, flat).view(num_seqs, n_keys, num_kv_heads, head_dim)
-                 .permute(2, 0, 1, 3).to(torch.float32, memory_format=torch.contiguous_format))
+            c = cblk
+            flat = tab[:, c0:c0 + cblk].reshape(-1)
+            # [Hkv, S, keys, D] float32, contiguous: small buffers that stay in cache
+            torch.index_select(k_cache, 0, flat, out=gk)
+            torch.index_select(v_cache, 0, flat, out=gv)
+            k.copy_(gk.view(num_seqs, n_keys, num_kv_heads, head_dim).permute(2, 0, 1, 3))
+            v.copy_(gv.view(num_seqs, n_keys, num_kv_heads, head_dim).permute(2, 0, 1, 3))
             s = torch.matmul(qh, k.transpose(-1, -2))  # [Hkv, S, rows, keys]
             if logits_soft_cap is not None:
                 s = torch.tanh(s / logits_soft_cap) * logits_soft_cap
@@ -82,7 +90,7 @@ def _attend_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                     if sliding_window is not None:
                         vis = vis & (t[None, None, :] > q_pos - sliding_window)
                 s = s.masked_fill(~vis[None], float("-inf"))
-                v = v.masked_fill(~live[None, :, :, None], 0.0)  # padding slots may hold NaN
+                v.masked_fill_(~live[None, :, :, None], 0.0)  # padding slots may hold NaN
             m_new = torch.maximum(m, s.amax(-1, keepdim=True))
             m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)
             p = torch.exp(s - m_safe)

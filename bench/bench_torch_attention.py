@@ -1,0 +1,170 @@
+"""Paged attention through prefixkv.torch_frontend vs the torch baseline a user would write.
+
+CPU (one thread): decode over 8 sequences x 4096 cached tokens (32 q heads, 8 kv heads,
+head_dim 128, block 16), float32 and bfloat16: prefixkv's vectorized torch path vs the obvious
+baseline (index_select the blocks, then scaled_dot_product_attention). Shared prefix: 32
+sequences sharing a 2048-token prefix plus 128 own tokens each: shared_prefix_attention vs
+paged_attention over the same batch. GPU (skipped without CUDA): decode at a fraction of HBM
+bandwidth, Triton vs torch baseline.
+
+Run: OMP_NUM_THREADS=1 .venv/bin/pytest bench/bench_torch_attention.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+
+from bench.conftest import record  # noqa: E402
+from prefixkv import torch_frontend as tf  # noqa: E402
+
+torch.set_num_threads(1)
+
+NUM_SEQS, CONTEXT, HQ, HKV, HEAD_DIM, BLOCK = 8, 4096, 32, 8, 128, 16
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+HBM_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2000.0}
+
+
+def decode_batch(device="cpu", dtype=torch.float32, num_seqs=NUM_SEQS, context=CONTEXT,
+                 seed=0):
+    g = torch.Generator().manual_seed(seed)
+    per_seq = context // BLOCK
+    num_blocks = num_seqs * per_seq + 1
+    k = torch.randn(num_blocks, BLOCK, HKV, HEAD_DIM, generator=g).to(dtype)
+    v = torch.randn(num_blocks, BLOCK, HKV, HEAD_DIM, generator=g).to(dtype)
+    tables = torch.randperm(num_blocks - 1, generator=g)[:num_seqs * per_seq]
+    tables = tables.view(num_seqs, per_seq).to(torch.int32)
+    kv_lens = torch.full((num_seqs,), context, dtype=torch.int32)
+    q = torch.randn(num_seqs, HQ, HEAD_DIM, generator=g).to(dtype)
+    return [t.to(device) for t in (q, k, v, tables, kv_lens)]
+
+
+def baseline_paged_attention(q, k_cache, v_cache, block_tables, kv_lens):
+    """What a user writes without a paged kernel: gather the blocks, then SDPA (decode)."""
+    num_seqs, width = block_tables.shape
+    _, bs, hkv, d = k_cache.shape
+    flat = block_tables.reshape(-1).long()
+    k = k_cache.index_select(0, flat).view(num_seqs, width * bs, hkv, d).transpose(1, 2)
+    v = v_cache.index_select(0, flat).view(num_seqs, width * bs, hkv, d).transpose(1, 2)
+    pos = torch.arange(width * bs, device=q.device)
+    mask = (pos[None, :] < kv_lens[:, None].long())[:, None, None, :]
+    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)
+    return out[:, :, 0]
+
+
+def _kv_bytes(k_cache, num_seqs, context):
+    _, _, hkv, d = k_cache.shape
+    return 2 * num_seqs * context * hkv * d * k_cache.element_size()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("impl", ["prefixkv", "baseline_sdpa"])
+def test_cpu_decode(benchmark, machine_limits, impl, dtype):
+    benchmark.group = f"cpu-decode-{dtype}"
+    q, k, v, tables, kv_lens = decode_batch(dtype=DTYPES[dtype])
+    if impl == "prefixkv":
+        def fn():
+            return tf.paged_attention(q, k, v, tables, kv_lens)
+    else:
+        def fn():
+            return baseline_paged_attention(q, k, v, tables, kv_lens)
+    torch.testing.assert_close(tf.paged_attention(q, k, v, tables, kv_lens).float(),
+                               baseline_paged_attention(q, k, v, tables, kv_lens).float(),
+                               atol=2e-2, rtol=2e-2)
+    benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    flops = 4 * NUM_SEQS * HQ * CONTEXT * HEAD_DIM
+    record(benchmark, machine_limits, nbytes=_kv_bytes(k, NUM_SEQS, CONTEXT), flops=flops,
+           impl=impl, dtype=dtype)
+
+
+SP_SEQS, SP_PREFIX, SP_OWN = 32, 2048, 128
+
+
+def shared_prefix_batch(device="cpu", dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    pb, ob = SP_PREFIX // BLOCK, SP_OWN // BLOCK
+    num_blocks = pb + SP_SEQS * ob + 1
+    k = torch.randn(num_blocks, BLOCK, HKV, HEAD_DIM, generator=g).to(dtype)
+    v = torch.randn(num_blocks, BLOCK, HKV, HEAD_DIM, generator=g).to(dtype)
+    ids = torch.randperm(num_blocks - 1, generator=g).to(torch.int32)
+    prefix_tables = ids[:pb].view(1, pb).contiguous()
+    own = ids[pb:pb + SP_SEQS * ob].view(SP_SEQS, ob).contiguous()
+    q = torch.randn(SP_SEQS, HQ, HEAD_DIM, generator=g).to(dtype)
+    i32 = torch.int32
+    sp_args = (q, k, v, prefix_tables, torch.tensor([SP_PREFIX], dtype=i32),
+               torch.zeros(SP_SEQS, dtype=i32), own, torch.full((SP_SEQS,), SP_OWN, dtype=i32))
+    full_tables = torch.cat([prefix_tables.expand(SP_SEQS, pb), own], dim=1).contiguous()
+    pa_args = (q, k, v, full_tables, torch.full((SP_SEQS,), SP_PREFIX + SP_OWN, dtype=i32))
+    return [t.to(device) for t in sp_args], [t.to(device) for t in pa_args]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("impl", ["shared_prefix_attention", "paged_attention",
+                                  "baseline_sdpa"])
+def test_cpu_shared_prefix(benchmark, machine_limits, impl, dtype):
+    benchmark.group = f"cpu-shared-prefix-{dtype}"
+    sp_args, pa_args = shared_prefix_batch(dtype=DTYPES[dtype])
+    fns = {"shared_prefix_attention": lambda: tf.shared_prefix_attention(*sp_args),
+           "paged_attention": lambda: tf.paged_attention(*pa_args),
+           "baseline_sdpa": lambda: baseline_paged_attention(*pa_args)}
+    torch.testing.assert_close(fns[impl]().float(), fns["paged_attention"]().float(),
+                               atol=2e-2, rtol=2e-2)
+    benchmark.pedantic(fns[impl], rounds=3, warmup_rounds=1)
+    unique = (SP_PREFIX + SP_SEQS * SP_OWN) * HKV * HEAD_DIM * 2 * sp_args[1].element_size()
+    record(benchmark, machine_limits, nbytes=unique, impl=impl, dtype=dtype,
+           note="bytes = unique KV (prefix once + own tokens)")
+
+
+# ----------------------------------------------------------------------------------- GPU
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _hbm_gbps():
+    name = torch.cuda.get_device_name()
+    for key, gbps in HBM_GBPS.items():
+        if key in name:
+            return key, gbps
+    return name, HBM_GBPS["H100"]
+
+
+def _cuda_time(fn, iters=20):
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters / 1e3
+
+
+@cuda
+@pytest.mark.parametrize("shape", [(8, 4096), (64, 4096), (1, 32768), (256, 1024)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("impl", ["triton", "torch", "baseline_sdpa"])
+def test_gpu_decode(benchmark, impl, dtype, shape):
+    num_seqs, context = shape
+    benchmark.group = f"gpu-decode-{dtype}-{num_seqs}x{context}"
+    q, k, v, tables, kv_lens = decode_batch("cuda", DTYPES[dtype], num_seqs, context)
+    out = torch.empty_like(q)
+    if impl == "baseline_sdpa":
+        def fn():
+            return baseline_paged_attention(q, k, v, tables, kv_lens)
+    else:
+        def fn():
+            return tf.paged_attention(q, k, v, tables, kv_lens, out=out, backend=impl)
+    fn()
+    torch.cuda.synchronize()
+    benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=10, warmup_rounds=2)
+    t = _cuda_time(fn)
+    gpu, peak = _hbm_gbps()
+    nbytes = _kv_bytes(k, num_seqs, context)
+    benchmark.extra_info.update(
+        impl=impl, dtype=dtype, gpu=gpu, kernel_s=t, bytes=nbytes,
+        gbps=round(nbytes / t / 1e9, 1), hbm_fraction=round(nbytes / t / 1e9 / peak, 3))
