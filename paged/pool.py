@@ -8,7 +8,7 @@ padded with it. Blocks ``1 .. num_blocks-1`` are in exactly one of three states:
   queue and can still be hit (:meth:`touch` takes it back) until it is evicted;
 - *free, empty*: ``ref_count == 0`` and no hash; reused before any cached block is evicted.
 
-The LRU free queue is a ``collections.OrderedDict`` (a C doubly-linked list plus hash map):
+The LRU free queue is a circular doubly-linked list threaded through two Python int lists
 O(1) append, O(1) removal from the middle (a hit on a free cached block), O(1) pop of the
 least recently used. :meth:`free` appends a sequence's blocks tail first, so a sequence's tail
 is evicted before its head (the head is the part other requests share). Measured faster than
@@ -24,7 +24,6 @@ Every change of the index is published on :attr:`events` (see :mod:`prefixkv.pag
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from functools import partial
 from itertools import takewhile
@@ -76,12 +75,17 @@ class BlockPool:
         self.block_size = block_size
         self.tier = tier
         self.events = events if events is not None else EventBus()
+        #: references held on each block (read-only for callers).
         self.ref_counts: list[int] = [0] * num_blocks
-        self.block_hashes: list[bytes | None] = [None] * num_blocks
-        self.block_namespaces: list[bytes | None] = [None] * num_blocks
+        self._hash: list[bytes | None] = [None] * num_blocks   # block -> hash
+        self._ns: list[bytes | None] = [None] * num_blocks     # block -> namespace
         self._index: dict[bytes, dict[bytes, int]] = {}
-        # free cached blocks, LRU first; values unused
-        self._lru: OrderedDict[int, None] = OrderedDict()
+        # LRU queue of free cached blocks: a circular doubly-linked list through prev/next
+        # index lists, sentinel = num_blocks; next[sentinel] is the LRU end.
+        self._sentinel = num_blocks
+        self._prev: list[int] = [num_blocks] * (num_blocks + 1)
+        self._next: list[int] = [num_blocks] * (num_blocks + 1)
+        self._num_lru = 0
         # free empty blocks; pop() from the end gives the lowest id first
         self._empty: list[int] = list(range(num_blocks - 1, 0, -1))
 
@@ -89,7 +93,7 @@ class BlockPool:
     @property
     def num_free(self) -> int:
         """Blocks that :meth:`allocate` can hand out (empty + cached free)."""
-        return len(self._empty) + len(self._lru)
+        return len(self._empty) + self._num_lru
 
     @property
     def num_cached(self) -> int:
@@ -101,9 +105,18 @@ class BlockPool:
         """Fraction of the usable blocks (all but the null block) in use."""
         return 1.0 - self.num_free / (self.num_blocks - 1)
 
+    def _lru_list(self) -> list[int]:
+        out = []
+        nxt = self._next
+        b = nxt[self._sentinel]
+        while b != self._sentinel:
+            out.append(b)
+            b = nxt[b]
+        return out
+
     def free_queue(self) -> list[int]:
         """The free blocks in eviction order: empty blocks first, then cached LRU first."""
-        return self._empty[::-1] + list(self._lru)
+        return self._empty[::-1] + self._lru_list()
 
     def lookup(self, block_hashes: Sequence[bytes], namespace: bytes = b"") -> list[int]:
         """Blocks of the longest run of leading hashes cached in ``namespace`` (no refs taken)."""
@@ -111,6 +124,14 @@ class BlockPool:
         if not d:
             return []
         return list(takewhile(_not_none, map(d.get, block_hashes)))
+
+    def block_hash(self, block: int) -> bytes | None:
+        """The hash block ``block`` is cached under, or None."""
+        return self._hash[block]
+
+    def block_namespace(self, block: int) -> bytes | None:
+        """The namespace block ``block`` is cached under, or None."""
+        return self._ns[block]
 
     def get(self, block_hash: bytes, namespace: bytes = b"") -> int | None:
         """The block cached under (namespace, block_hash), or None."""
@@ -155,10 +176,10 @@ class BlockPool:
             out = empty[:-n - 1:-1]  # lowest ids first
             del empty[-n:]
         else:
-            if n > len(empty) + len(self._lru):
+            if n > len(empty) + self._num_lru:
                 raise NoFreeBlocksError(
-                    f"n: asked for {n} blocks, only {len(empty) + len(self._lru)} free "
-                    f"({len(empty)} empty, {len(self._lru)} cached)")
+                    f"n: asked for {n} blocks, only {len(empty) + self._num_lru} free "
+                    f"({len(empty)} empty, {self._num_lru} cached)")
             out = empty[::-1]
             empty.clear()
             out.extend(self._evict(n - len(out)))
@@ -168,63 +189,92 @@ class BlockPool:
         return out
 
     def _evict(self, n: int) -> list[int]:
-        popitem = self._lru.popitem
-        hashes = self.block_hashes
-        spaces = self.block_namespaces
+        """Unlink the ``n`` least recently used cached free blocks and drop their hashes."""
+        nxt = self._next
+        hashes = self._hash
+        spaces = self._ns
         index = self._index
-        publish = bool(self.events)
-        groups: dict[bytes, tuple[list, list]] = {}
+        sentinel = self._sentinel
         out = []
+        append = out.append
+        b = nxt[sentinel]
         for _ in range(n):
-            b = popitem(False)[0]
-            h = hashes[b]
-            ns = spaces[b]
-            del index[ns][h]
-            hashes[b] = None
-            spaces[b] = None
-            out.append(b)
-            if publish:
+            append(b)
+            del index[spaces[b]][hashes[b]]
+            b = nxt[b]
+        nxt[sentinel] = b
+        self._prev[b] = sentinel
+        self._num_lru -= n
+        if self.events:
+            groups: dict[bytes, tuple[list, list]] = {}
+            for b in out:
+                ns = spaces[b]
                 g = groups.get(ns)
                 if g is None:
                     g = groups[ns] = ([], [])
-                g[0].append(h)
+                g[0].append(hashes[b])
                 g[1].append(b)
-        if publish:
             bs = self.block_size
-            for ns, (hs, bl) in groups.items():
-                self.events.publish(KVEvent(EVICTED, tuple(hs), None, self.tier, ns,
-                                            len(hs) * bs, tuple(bl)))
+            for ns, (hl, bl) in groups.items():
+                self.events.publish(KVEvent(EVICTED, tuple(hl), None, self.tier, ns,
+                                            len(hl) * bs, tuple(bl)))
+        for b in out:
+            hashes[b] = None
+            spaces[b] = None
         return out
 
     def touch(self, blocks: Iterable[int]) -> None:
-        """Take one more reference on each block (a hit): a free cached block leaves the queue."""
+        """Take one more reference on each block (a hit): a free cached block leaves the queue.
+        """
         ref = self.ref_counts
-        lru = self._lru
+        prev = self._prev
+        nxt = self._next
+        unlinked = 0
         for b in blocks:
             r = ref[b]
             if r == 0:
-                del lru[b]
+                p = prev[b]
+                q = nxt[b]
+                nxt[p] = q
+                prev[q] = p
+                unlinked += 1
             ref[b] = r + 1
+        self._num_lru -= unlinked
 
     def free(self, blocks: Sequence[int]) -> None:
         """Drop one reference on each block. Blocks reaching 0 become free, appended to the
         LRU queue in reverse order (a sequence's tail is evicted first); uncached ones go to
         the empty list. Give a request's blocks in sequence order."""
         ref = self.ref_counts
-        hashes = self.block_hashes
-        lru = self._lru
+        hashes = self._hash
         empty = self._empty
+        nxt = self._next
+        prev = self._prev
+        sentinel = self._sentinel
+        last = prev[sentinel]
+        linked = 0
+        bad = None
         for b in reversed(blocks):
             r = ref[b] - 1
-            ref[b] = r
             if r == 0:
+                ref[b] = 0
                 if hashes[b] is None:
                     empty.append(b)
                 else:
-                    lru[b] = None
-            elif r < 0:
-                ref[b] = 0
-                raise ValueError(f"blocks: block {b} freed more often than referenced")
+                    nxt[last] = b
+                    prev[b] = last
+                    last = b
+                    linked += 1
+            elif r > 0:
+                ref[b] = r
+            else:
+                bad = b
+                break
+        nxt[last] = sentinel
+        prev[sentinel] = last
+        self._num_lru += linked
+        if bad is not None:
+            raise ValueError(f"blocks: block {bad} freed more often than referenced")
 
     def register(self, blocks: Sequence[int], block_hashes: Sequence[bytes],
                  namespace: bytes = b"", parent_hash: bytes | None = None) -> int:
@@ -241,8 +291,8 @@ class BlockPool:
         d = self._index.get(namespace)
         if d is None:
             d = self._index[namespace] = {}
-        hashes = self.block_hashes
-        spaces = self.block_namespaces
+        hashes = self._hash
+        spaces = self._ns
         publish = bool(self.events)
         runs: list[tuple[bytes | None, list, list]] = []
         run = None
@@ -270,24 +320,29 @@ class BlockPool:
                                             len(hs) * bs, tuple(bl)))
         return count
 
+    def _unlink(self, b: int) -> None:
+        p = self._prev[b]
+        q = self._next[b]
+        self._next[p] = q
+        self._prev[q] = p
+        self._num_lru -= 1
+
     def unregister(self, blocks: Iterable[int]) -> int:
         """Drop the hash of each cached block (``"removed"`` events); free ones become empty.
 
         Used before a registered block is overwritten in place. Returns how many were cached.
         """
-        hashes = self.block_hashes
-        spaces = self.block_namespaces
         groups: dict[bytes, tuple[list, list]] = {}
         for b in blocks:
-            h = hashes[b]
+            h = self._hash[b]
             if h is None:
                 continue
-            ns = spaces[b]
+            ns = self._ns[b]
             del self._index[ns][h]
-            hashes[b] = None
-            spaces[b] = None
+            self._hash[b] = None
+            self._ns[b] = None
             if self.ref_counts[b] == 0:
-                del self._lru[b]
+                self._unlink(b)
                 self._empty.append(b)
             g = groups.get(ns)
             if g is None:
@@ -302,12 +357,13 @@ class BlockPool:
 
     def reset_prefix_cache(self) -> None:
         """Forget every hash (blocks in use keep their data and refs); publishes ``"cleared"``."""
-        for b in self._lru:
-            self._empty.append(b)
-        self._lru.clear()
+        self._empty.extend(self._lru_list())
+        s = self._sentinel
+        self._next[s] = self._prev[s] = s
+        self._num_lru = 0
         self._index.clear()
-        self.block_hashes[:] = [None] * self.num_blocks
-        self.block_namespaces[:] = [None] * self.num_blocks
+        self._hash[:] = [None] * self.num_blocks
+        self._ns[:] = [None] * self.num_blocks
         if self.events:
             self.events.publish(KVEvent(CLEARED, (), None, self.tier, b"", 0, ()))
 
@@ -315,25 +371,37 @@ class BlockPool:
     def check_consistency(self) -> None:
         """Raise AssertionError if the internal structures disagree (used by tests)."""
         ref = self.ref_counts
-        if ref[NULL_BLOCK] != 0 or self.block_hashes[NULL_BLOCK] is not None:
+        if ref[NULL_BLOCK] != 0 or self._hash[NULL_BLOCK] is not None:
             raise AssertionError("null block referenced or cached")
+        if min(ref) < 0:
+            raise AssertionError("negative ref count")
+        lru_list = self._lru_list()
+        back, b = [], self._prev[self._sentinel]
+        while b != self._sentinel:
+            back.append(b)
+            b = self._prev[b]
+        if back[::-1] != lru_list or len(lru_list) != self._num_lru:
+            raise AssertionError("LRU links broken")
         empty = set(self._empty)
-        lru = set(self._lru)
-        if len(empty) != len(self._empty) or empty & lru or NULL_BLOCK in empty | lru:
-            raise AssertionError("free lists overlap or hold the null block")
+        lru = set(lru_list)
+        if len(empty) != len(self._empty) or len(lru) != len(lru_list) or empty & lru or (
+                NULL_BLOCK in empty | lru):
+            raise AssertionError("free lists overlap, repeat or hold the null block")
         for b in range(1, self.num_blocks):
             free = b in empty or b in lru
             if free == (ref[b] > 0):
                 raise AssertionError(f"block {b}: ref {ref[b]} but free={free}")
-            if b in lru and self.block_hashes[b] is None:
+            if (self._hash[b] is None) != (self._ns[b] is None):
+                raise AssertionError(f"block {b}: hash and namespace disagree")
+            if b in lru and self._hash[b] is None:
                 raise AssertionError(f"block {b}: in the LRU queue without a hash")
-            if b in empty and self.block_hashes[b] is not None:
+            if b in empty and self._hash[b] is not None:
                 raise AssertionError(f"block {b}: empty but cached")
         seen = 0
         for ns, d in self._index.items():
             for h, b in d.items():
                 seen += 1
-                if self.block_hashes[b] != h or self.block_namespaces[b] != ns:
+                if self._hash[b] != h or self._ns[b] != ns:
                     raise AssertionError(f"index ({ns!r}, {h.hex()[:8]}) -> {b} disagrees")
-        if seen != sum(h is not None for h in self.block_hashes):
+        if seen != sum(h is not None for h in self._hash):
             raise AssertionError("hashed blocks missing from the index")

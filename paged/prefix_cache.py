@@ -266,8 +266,8 @@ class PrefixCache:
                 req.blocks[i] = dst
                 pairs.append((src, dst))
             pool.free([s for s, _ in pairs])
-        hashed = pool.block_hashes
-        stale = [req.blocks[i] for i in touched_existing if hashed[req.blocks[i]] is not None]
+        stale = [req.blocks[i] for i in touched_existing
+                 if pool.block_hash(req.blocks[i]) is not None]
         if stale:
             pool.unregister(stale)
         if first < req.num_registered:

@@ -118,7 +118,7 @@ def test_register_duplicate_hash_leaves_block_uncached():
     a, b = pool.allocate(2)
     assert pool.register([a], [h(1)]) == 1
     assert pool.register([b], [h(1)]) == 0
-    assert pool.block_hashes[b] is None and pool.lookup([h(1)]) == [a]
+    assert pool.block_hash(b) is None and pool.lookup([h(1)]) == [a]
     assert pool.register([a], [h(2)]) == 0  # a block keeps its first hash
     pool.free([a, b])
     assert pool.free_queue()[-1] == a and b not in pool.free_queue()[-1:]
@@ -132,7 +132,7 @@ def test_unregister_and_reset():
     pool.free([a[2]])
     assert pool.unregister([a[1], a[2]]) == 2
     assert pool.lookup([h(1), h(2)]) == [a[0]] and pool.ref_counts[a[1]] == 1
-    assert a[2] in pool.free_queue() and pool.block_hashes[a[2]] is None
+    assert a[2] in pool.free_queue() and pool.block_hash(a[2]) is None
     pool.check_consistency()
     pool.reset_prefix_cache()
     assert pool.cached_hashes() == {} and pool.num_cached == 0

@@ -71,7 +71,7 @@ class PoolMachine(RuleBasedStateMachine):
         # a hit never crosses salts and always holds this request's tokens
         pool = self.pc.pool
         for i, b in enumerate(self.pc.blocks(rid)):
-            ns, h = pool.block_namespaces[b], pool.block_hashes[b]
+            ns, h = pool.block_namespace(b), pool.block_hash(b)
             assert ns == namespace_of(salt)
             assert self.shadow[(ns, h)] == tuple(toks[:(i + 1) * bs])
         return rid
@@ -172,7 +172,7 @@ class PoolMachine(RuleBasedStateMachine):
             blocks = self.pc.blocks(r)
             assert len(set(blocks)) == len(blocks) and 0 not in blocks
             want[blocks] += 1
-        assert want.tolist() == self.pc.pool.ref_counts
+        assert want.tolist() == list(self.pc.pool.ref_counts)
 
     @invariant()
     def index_matches_block_contents(self):
