@@ -26,6 +26,16 @@ _EXPORTS = {
     "SharedPrefixPlan": ".planner",
     "plan_batch": ".planner",
     "find_shared_prefixes": ".planner",
+    "Namespace": ".tiers",
+    "BlockKey": ".tiers",
+    "Tier": ".tiers",
+    "HostTier": ".tiers",
+    "DiskTier": ".tiers",
+    "RedisTier": ".tiers",
+    "NixlTier": ".tiers",
+    "NixlPeer": ".tiers",
+    "TieredStore": ".tiers",
+    "BlockOffloader": ".tiers",
 }
 
 __all__ = sorted(_EXPORTS)

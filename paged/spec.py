@@ -51,13 +51,10 @@ ATTENTION_TOLERANCE = {
 
 def dtype_name(x) -> str:
     """Canonical dtype name of a numpy/JAX/torch array or dtype: 'float32', 'bfloat16', 'int32'."""
-    dt = getattr(x, "dtype", x)
-    name = str(dt)
-    if name.startswith("torch."):
-        name = name[len("torch."):]
-    if name.startswith("<class 'numpy."):  # a numpy scalar type such as np.float32
-        name = name[len("<class 'numpy."):-2]
-    return name
+    if isinstance(x, type):  # a numpy scalar type such as np.float16 (its .dtype is a descriptor)
+        return np.dtype(x).name
+    name = str(getattr(x, "dtype", x))
+    return name[len("torch."):] if name.startswith("torch.") else name
 
 
 def numpy_dtype(name: str) -> np.dtype:

@@ -14,6 +14,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # elsewhere set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu for the CPU build.
 .venv/bin/python -m pip install -q -c scripts/constraints.txt torch
 .venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[all]"
+# NIXL (UCX agent-to-agent transfers, works DRAM-to-DRAM on a CPU machine) for the NIXL tier:
+# --no-deps, since its meta package would pull a CUDA build of torch.
+.venv/bin/python -m pip install -q --no-deps -c scripts/constraints.txt nixl nixl-cu12
 if [ -f scripts/services.sh ]; then
   bash scripts/services.sh install
 fi
