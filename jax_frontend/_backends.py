@@ -76,3 +76,37 @@ for _op, _impl in {
 }.items():
     REGISTRIES[_op].register(Backend("xla", ALL_PLATFORMS, _impl, priority=0, requires=("jax",),
                                      doc=_XLA_DOC))
+
+
+# ------------------------------------------------------------------ Pallas kernels
+
+
+def tpu_interpret_params():
+    """TPU interpret mode settings of the ``pallas_interpret`` backend: races detected,
+    out-of-bounds reads raise, uninitialized memory reads NaN."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.InterpretParams(detect_races=True, out_of_bounds_reads="raise",
+                                 uninitialized_memory="nan")
+
+
+def _pallas_cache_op(name: str, interpret: bool):
+    def impl(*args):
+        from ..kernels.pallas import cache_ops
+
+        fn = getattr(cache_ops, f"{name}_tpu")
+        return fn(*args, interpret=tpu_interpret_params() if interpret else False)
+
+    impl.__name__ = f"{name}_{'pallas_interpret' if interpret else 'pallas_tpu'}"
+    return impl
+
+
+_PALLAS_REQ = ("jax", "jax.experimental.pallas")
+for _op in ("write_kv", "copy_blocks", "gather_blocks", "scatter_blocks"):
+    REGISTRIES[_op].register(Backend(
+        "pallas_tpu", ("tpu",), _pallas_cache_op(_op, False), priority=10, requires=_PALLAS_REQ,
+        doc="Pallas Mosaic TPU kernel: scalar-prefetched ids, HBM-to-HBM DMAs, aliased caches"))
+    REGISTRIES[_op].register(Backend(
+        "pallas_interpret", ("cpu",), _pallas_cache_op(_op, True), priority=-10,
+        requires=_PALLAS_REQ,
+        doc="the pallas_tpu kernel run by Pallas's TPU interpret mode (tests; slow)"))

@@ -288,16 +288,15 @@ def test_error_unknown_backend_lists_backends():
 
 
 def test_error_backend_for_other_platform(monkeypatch):
-    b = _small_batch()
-    names = jf.explain_backends("paged_attention")
-    if "pallas_tpu" not in names:
-        pytest.skip("no TPU backend registered")
+    rng = np.random.default_rng(18)
+    caches = _caches(rng)
+    src, dst = np.array([1], np.int32), np.array([2], np.int32)
     with pytest.raises(jf.BackendError, match=r"backend 'pallas_tpu' cannot run(.|\n)*"
                                               r"pallas_tpu: runs on tpu, not cpu"):
-        jf.paged_attention(*b.args(), backend="pallas_tpu")
-    monkeypatch.setenv("PREFIXKV_PAGED_ATTENTION_BACKEND", "pallas_tpu")
+        jf.copy_blocks(caches, src, dst, backend="pallas_tpu")
+    monkeypatch.setenv("PREFIXKV_COPY_BLOCKS_BACKEND", "pallas_tpu")
     with pytest.raises(jf.BackendError, match="backend 'pallas_tpu' cannot run"):
-        jf.paged_attention(*b.args())
+        jf.copy_blocks(caches, src, dst)
 
 
 def test_env_var_selects_backend(monkeypatch):
