@@ -19,8 +19,8 @@ from hypothesis.stateful import (
 )
 from prefixkv.paged.events import EventLog
 from prefixkv.paged.pool import namespace_of
-from prefixkv.paged.prefix_cache import PrefixCache
-from test_prefix_cache import SimEngine, hash_fn, kv_values, standin_hash
+from prefixkv.paged.prefix_cache import PrefixCache, default_hash_fn
+from test_prefix_cache import SimEngine, kv_values, sglang_hash
 
 SALTS = [None, "tenant-a", "tenant-b"]
 TOKENS = st.lists(st.integers(0, 3), min_size=0, max_size=14)
@@ -32,12 +32,9 @@ class PoolMachine(RuleBasedStateMachine):
     @initialize(block_size=st.sampled_from([1, 2, 4]), num_blocks=st.integers(4, 24),
                 saltless=st.booleans())
     def setup(self, block_size, num_blocks, saltless):
-        base = hash_fn() or standin_hash
-        if saltless:  # a compatibility hash that ignores the salt: the index must still
-            inner = base  # keep namespaces apart
-
-            def base(tokens, bs, *, salt=None, parent=None):
-                return inner(tokens, bs, parent=parent)
+        # prefixkv-v1, or a compatibility hash with no salt (the index must still keep
+        # namespaces apart)
+        base = sglang_hash if saltless else default_hash_fn
         self.shadow: dict[tuple[bytes, bytes], tuple[int, ...]] = {}
 
         def recording(tokens, bs, *, salt=None, parent=None):

@@ -3,37 +3,26 @@ allocation, registration, copy-on-write, truncation, onboarding, freeing, and th
 engine would read through the plans being the right KV (a simulated engine writes KV that
 depends on the whole prefix, through the reference write_kv / copy_blocks)."""
 
-import hashlib
-
 import numpy as np
 import pytest
 from prefixkv.paged import spec
 from prefixkv.paged.events import EventLog
+from prefixkv.paged.hashing import hash_blocks
 from prefixkv.paged.pool import BlockPool, NoFreeBlocksError
 from prefixkv.paged.prefix_cache import PrefixCache
 from prefixkv.paged.reference import copy_blocks_reference, write_kv_reference
 
 
-def standin_hash(tokens, block_size, *, salt=None, parent=None):
-    """Test-only chained SHA-256 keyed by the salt, same signature as hash_blocks."""
-    salt = b"" if salt is None else salt.encode() if isinstance(salt, str) else bytes(salt)
-    prev = bytes(32) if parent is None else parent
-    toks = np.asarray(tokens).astype("<u4")
-    out = []
-    for i in range(len(toks) // block_size):
-        prev = hashlib.sha256(len(salt).to_bytes(4, "little") + salt + prev
-                              + toks[i * block_size:(i + 1) * block_size].tobytes()).digest()
-        out.append(prev)
-    return out
+def sglang_hash(tokens, block_size, *, salt=None, parent=None):
+    """A compatibility hash that has no salt at all (SGLang's page chain): the pool and the
+    router must keep namespaces apart by themselves."""
+    return hash_blocks(np.asarray(tokens, np.int32), block_size, parent=parent,
+                       algo="sglang-sha256")
 
 
 def hash_fn():
-    """prefixkv-v1 hash_blocks once paged/hashing.py is in the tree, else the stand-in."""
-    try:
-        from prefixkv.paged.hashing import hash_blocks  # noqa: F401
-    except ImportError:
-        return standin_hash
-    return None  # PrefixCache's default: prefixkv.paged.hashing.hash_blocks
+    """The hash the tests run with: PrefixCache's default, prefixkv-v1 ``hash_blocks``."""
+    return None
 
 
 def kv_values(tokens) -> np.ndarray:
@@ -137,10 +126,7 @@ def test_salts_never_share_hits():
 
 
 def test_salt_isolated_even_when_the_hash_ignores_it():
-    def saltless(tokens, block_size, *, salt=None, parent=None):
-        return standin_hash(tokens, block_size, parent=parent)
-
-    pc = PrefixCache(32, 4, hash_fn=saltless)
+    pc = PrefixCache(32, 4, hash_fn=sglang_hash)
     pc.add_request("a", list(range(9)), salt="x")
     pc.step([("a", 9)])
     assert pc.match(list(range(9)), salt="x")[1] == 8
@@ -152,7 +138,7 @@ def test_incremental_hashing_hashes_each_block_once():
 
     def counting(tokens, block_size, *, salt=None, parent=None):
         calls.append(len(tokens))
-        return standin_hash(tokens, block_size, salt=salt, parent=parent)
+        return list(hash_blocks(tokens, block_size, salt=salt, parent=parent))
 
     pc = PrefixCache(64, 4, hash_fn=counting)
     eng = SimEngine(pc)
@@ -162,7 +148,7 @@ def test_incremental_hashing_hashes_each_block_once():
         pc.append_tokens("a", [t])
         eng.run([("a", 1)])
     assert sum(calls) == 40  # 10 full blocks, each hashed exactly once
-    assert pc.request_hashes("a") == standin_hash(pc.tokens("a"), 4)
+    assert pc.request_hashes("a") == hash_blocks(np.asarray(pc.tokens("a"), np.int32), 4)
 
 
 def test_registration_and_kv_through_chunked_prefill():
@@ -349,13 +335,11 @@ def test_shared_prefix_groups_in_plan():
 
 
 def test_default_hash_is_prefixkv_v1():
-    hashing = pytest.importorskip("prefixkv.paged.hashing",
-                                  reason="paged/hashing.py (block-hashing issue) not in tree")
     pc = PrefixCache(32, 4)
     toks = list(range(13))
     pc.add_request("a", toks, salt="t")
     pc.step([("a", 13)])
-    want = list(hashing.hash_blocks(np.asarray(toks, np.int32), 4, salt="t"))
+    want = list(hash_blocks(np.asarray(toks, np.int32), 4, salt="t"))
     assert pc.request_hashes("a") == want
     assert pc.pool.lookup(want, b"t") == pc.blocks("a")[:3]
 
@@ -390,4 +374,4 @@ def test_constructor_needs_sizes_or_pool():
     with pytest.raises(ValueError, match="num_blocks/block_size: expected both, or pool="):
         PrefixCache(16)
     pool = BlockPool(16, 8)
-    assert PrefixCache(pool=pool, hash_fn=standin_hash).block_size == 8
+    assert PrefixCache(pool=pool).block_size == 8

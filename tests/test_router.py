@@ -4,9 +4,10 @@ per-worker leading hits, the hit-vs-load pick, salt isolation, tiers, worker rem
 import numpy as np
 import pytest
 from prefixkv.paged.events import EventBus, KVEvent
+from prefixkv.paged.hashing import hash_blocks
 from prefixkv.paged.prefix_cache import PrefixCache
 from prefixkv.paged.router import Router
-from test_prefix_cache import hash_fn, standin_hash
+from test_prefix_cache import hash_fn, sglang_hash
 
 BS = 4
 
@@ -79,11 +80,8 @@ def test_salts_isolated_in_router():
 
 
 def test_salts_isolated_even_with_a_saltless_hash():
-    def saltless(tokens, block_size, *, salt=None, parent=None):
-        return standin_hash(tokens, block_size, parent=parent)
-
-    pc = PrefixCache(32, BS, hash_fn=saltless)
-    router = Router(BS, hash_fn=saltless)
+    pc = PrefixCache(32, BS, hash_fn=sglang_hash)
+    router = Router(BS, hash_fn=sglang_hash)
     router.add_worker("w", pc.events)
     serve(pc, "a", list(range(9)), salt="x")
     assert router.overlaps(list(range(9)), salt="x") == {"w": 2}
@@ -105,11 +103,11 @@ def test_eviction_events_reach_router():
 
 def test_tiers_union_of_leading_blocks():
     bus = EventBus()
-    router = Router(BS, hash_fn=standin_hash, tiers=("device", "host"))
+    router = Router(BS, tiers=("device", "host"))
     router.add_worker("w", bus)
     router.add_worker("v")
     toks = list(range(17))
-    hs = standin_hash(toks[:16], BS)
+    hs = hash_blocks(np.asarray(toks[:16], np.int32), BS)
     bus.publish(KVEvent("stored", (hs[0], hs[2]), None, "device", b"", 8))
     bus.publish(KVEvent("stored", (hs[1],), hs[0], "host", b"", 4))
     bus.publish(KVEvent("stored", (hs[3],), hs[2], "disk", b"", 4))   # not a counted tier
@@ -170,4 +168,4 @@ def test_router_constructor_checks(kw, match):
 
 def test_pick_without_workers():
     with pytest.raises(ValueError, match="Router: no workers added"):
-        Router(BS, hash_fn=standin_hash).pick([1, 2, 3])
+        Router(BS).pick([1, 2, 3])
