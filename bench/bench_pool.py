@@ -30,6 +30,7 @@ from collections import deque
 import numpy as np
 import pytest
 from prefixkv.paged.pool import BlockPool
+from prefixkv.paged.prefix_cache import PrefixCache
 
 NUM_REQUESTS = 2000
 NUM_PREFIXES = 16
@@ -85,6 +86,37 @@ def run_trace(pool, trace) -> dict:
         pool.free(done)
         ops += len(done)
     return {"block_ops": ops, "hit_blocks": hits_total, "blocks": blocks_total}
+
+
+def make_token_trace(seed: int = 0):
+    """The same shape of trace with real tokens: [np.int32 tokens] per request."""
+    rng = np.random.default_rng(seed)
+    prefix_lens = rng.integers(512, 2049, NUM_PREFIXES)
+    prefixes = [rng.integers(0, 32000, int(n)).astype(np.int32) for n in prefix_lens]
+    out = []
+    for _ in range(NUM_REQUESTS):
+        p = prefixes[int(rng.integers(NUM_PREFIXES))]
+        out.append(np.concatenate([p, rng.integers(0, 32000, int(rng.integers(64, 1025)))
+                                   .astype(np.int32)]))
+    return out
+
+
+def run_manager_trace(pc: PrefixCache, requests) -> dict:
+    """An engine's calls per request: add_request (hash + hit), one prefill step (allocate,
+    register, plan), free when it finishes (32 running)."""
+    running: deque = deque()
+    hits = tokens = 0
+    for rid, toks in enumerate(requests):
+        if len(running) == MAX_RUNNING:
+            pc.free(running.popleft())
+        cached = pc.add_request(rid, toks)
+        pc.step([(rid, len(toks) - cached)])
+        running.append(rid)
+        hits += cached
+        tokens += len(toks)
+    while running:
+        pc.free(running.popleft())
+    return {"hit_tokens": hits, "tokens": tokens}
 
 
 # ---------------------------------------------------------------------- comparison pools
@@ -256,4 +288,20 @@ def test_pool_trace(benchmark, trace, name):
     info["block_ops_per_s"] = counts["block_ops"] / t
     info["blocks_per_s"] = counts["blocks"] / t
     info["hit_rate"] = counts["hit_blocks"] / counts["blocks"]
+    info["x_vllm_7.4k_req_s"] = NUM_REQUESTS / t / VLLM_REQ_PER_S
+
+
+@pytest.mark.benchmark(group="manager-trace")
+def test_prefix_cache_trace(benchmark):
+    """PrefixCache end to end on the token trace: prefixkv-v1 hashing (incremental), hits,
+    allocation, registration and the step's batch metadata, per request."""
+    requests = make_token_trace()
+    counts = benchmark.pedantic(
+        run_manager_trace, setup=lambda: ((PrefixCache(NUM_BLOCKS, BLOCK_SIZE), requests), {}),
+        rounds=3, warmup_rounds=1)
+    t = benchmark.stats.stats.min
+    info = benchmark.extra_info
+    info["requests_per_s"] = NUM_REQUESTS / t
+    info["tokens_per_s"] = counts["tokens"] / t
+    info["hit_rate"] = counts["hit_tokens"] / counts["tokens"]
     info["x_vllm_7.4k_req_s"] = NUM_REQUESTS / t / VLLM_REQ_PER_S

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 
@@ -79,12 +80,15 @@ class BatchPlan:
 
 
 def _table(rows: Sequence[Sequence[int]], width: int | None = None) -> np.ndarray:
-    lens = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-    w = max(int(lens.max(initial=0)), 1) if width is None else width
+    lens = list(map(len, rows))
+    w = max(max(lens, default=0), 1) if width is None else width
     out = np.zeros((len(rows), w), dtype=I32)
-    if lens.sum():
-        flat = np.fromiter((b for r in rows for b in r), dtype=I32, count=int(lens.sum()))
-        out[np.arange(w)[None, :] < lens[:, None]] = flat
+    total = sum(lens)
+    if len(rows) == 1:
+        out[0, :total] = rows[0]
+    elif total:
+        flat = np.fromiter(chain.from_iterable(rows), dtype=I32, count=total)
+        out[np.arange(w)[None, :] < np.asarray(lens)[:, None]] = flat
     return out
 
 

@@ -29,7 +29,7 @@ KV never changes under its hash.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable
 
 import numpy as np
 
@@ -48,11 +48,12 @@ def default_hash_fn(tokens: np.ndarray, block_size: int, *, salt=None,
 
 
 class _Request:
-    __slots__ = ("tokens", "salt", "namespace", "blocks", "num_computed", "hashes",
+    __slots__ = ("tokens", "array", "salt", "namespace", "blocks", "num_computed", "hashes",
                  "num_registered")
 
-    def __init__(self, tokens: list[int], salt, namespace: bytes) -> None:
-        self.tokens = tokens
+    def __init__(self, tokens: np.ndarray, salt, namespace: bytes) -> None:
+        self.array = tokens             # int32; a prefix of self.tokens (hashing reads it)
+        self.tokens = tokens.tolist()
         self.salt = salt
         self.namespace = namespace
         self.blocks: list[int] = []
@@ -61,7 +62,8 @@ class _Request:
         self.num_registered = 0        # leading blocks registered (or found) in the index
 
     def copy(self) -> _Request:
-        r = _Request(list(self.tokens), self.salt, self.namespace)
+        r = _Request(self.array, self.salt, self.namespace)
+        r.tokens = list(self.tokens)
         r.blocks = list(self.blocks)
         r.num_computed = self.num_computed
         r.hashes = list(self.hashes)
@@ -69,23 +71,24 @@ class _Request:
         return r
 
 
-def _token_list(tokens, name: str = "tokens") -> list[int]:
+def _token_array(tokens, name: str = "tokens") -> np.ndarray:
+    """tokens (1-D int array or sequence of ints, values in [0, 2**31)) as an int32 array."""
     if isinstance(tokens, np.ndarray):
         if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
             raise ValueError(f"{name}: expected a 1-D integer array, got "
                              f"{tokens.dtype}{list(tokens.shape)}")
-        out = tokens.tolist()
+        arr = tokens
     else:
         out = list(tokens)
         if not set(map(type, out)) <= {int}:
             for i, t in enumerate(out):
                 if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
                     raise TypeError(f"{name}[{i}]: expected an int token id, got {t!r}")
-            out = [int(t) for t in out]
-    if out and (min(out) < 0 or max(out) > 0x7FFFFFFF):
-        raise ValueError(f"{name}: expected token ids in [0, 2**31), got min {min(out)} "
-                         f"max {max(out)}")
-    return out
+        arr = np.array(out, dtype=np.int64) if out else np.zeros(0, np.int64)
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 0x7FFFFFFF):
+        raise ValueError(f"{name}: expected token ids in [0, 2**31), got min {int(arr.min())} "
+                         f"max {int(arr.max())}")
+    return arr.astype(np.int32, copy=False)
 
 
 class PrefixCache:
@@ -123,11 +126,10 @@ class PrefixCache:
         """The pool's :class:`~prefixkv.paged.events.EventBus`."""
         return self.pool.events
 
-    def _hash(self, tokens: Sequence[int], salt, parent: bytes | None) -> list[bytes]:
+    def _hash(self, tokens: np.ndarray, salt, parent: bytes | None) -> list[bytes]:
         if len(tokens) < self.block_size:
             return []
-        return self.hash_fn(np.asarray(tokens, dtype=np.int32), self.block_size, salt=salt,
-                            parent=parent)
+        return self.hash_fn(tokens, self.block_size, salt=salt, parent=parent)
 
     def _extend_hashes(self, req: _Request, num_blocks: int) -> None:
         """Hash req's full blocks up to ``num_blocks`` (only the ones not hashed yet)."""
@@ -136,7 +138,12 @@ class PrefixCache:
             return
         bs = self.block_size
         parent = req.hashes[-1] if have else None
-        req.hashes.extend(self._hash(req.tokens[have * bs:num_blocks * bs], req.salt, parent))
+        lo, hi = have * bs, num_blocks * bs
+        if hi <= len(req.array):
+            chunk = req.array[lo:hi]
+        else:
+            chunk = np.asarray(req.tokens[lo:hi], dtype=np.int32)
+        req.hashes.extend(self._hash(chunk, req.salt, parent))
 
     def _get(self, request_id) -> _Request:
         try:
@@ -146,7 +153,7 @@ class PrefixCache:
 
     def block_hashes(self, tokens, salt=None) -> list[bytes]:
         """The hash chain of every full block of ``tokens`` under ``salt``."""
-        return self._hash(_token_list(tokens), salt, None)
+        return self._hash(_token_array(tokens), salt, None)
 
     # ------------------------------------------------------------------ queries
     def match(self, tokens, salt=None) -> tuple[list[int], int]:
@@ -154,7 +161,7 @@ class PrefixCache:
 
         Returns (blocks, num_cached_tokens); takes no references (see :meth:`add_request`).
         """
-        toks = _token_list(tokens)
+        toks = _token_array(tokens)
         ns = namespace_of(salt)
         if not self.enable_caching or len(toks) <= self.block_size:
             return [], 0
@@ -198,7 +205,7 @@ class PrefixCache:
         """Start a request: take the longest cached prefix (refs +1). Returns cached tokens."""
         if request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is already running")
-        toks = _token_list(tokens)
+        toks = _token_array(tokens)
         req = _Request(toks, salt, namespace_of(salt))
         if self.enable_caching and len(toks) > self.block_size:
             cap = (len(toks) - 1) // self.block_size
@@ -213,7 +220,7 @@ class PrefixCache:
 
     def append_tokens(self, request_id, token_ids) -> None:
         """Append known tokens (e.g. the sampled one); a later step computes their KV."""
-        self._get(request_id).tokens.extend(_token_list(token_ids, "token_ids"))
+        self._get(request_id).tokens.extend(_token_array(token_ids, "token_ids").tolist())
 
     def onboard(self, request_id, num_blocks: int) -> list[int]:
         """Allocate ``num_blocks`` blocks for the request's next full blocks, whose KV a lower
@@ -377,6 +384,7 @@ class PrefixCache:
                              f"got {num_tokens}")
         bs = self.block_size
         del req.tokens[num_tokens:]
+        req.array = req.array[:num_tokens]
         req.num_computed = min(req.num_computed, num_tokens)
         keep = -(-req.num_computed // bs)
         if keep < len(req.blocks):
