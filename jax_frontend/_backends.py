@@ -110,3 +110,35 @@ for _op in ("write_kv", "copy_blocks", "gather_blocks", "scatter_blocks"):
         "pallas_interpret", ("cpu",), _pallas_cache_op(_op, True), priority=-10,
         requires=_PALLAS_REQ,
         doc="the pallas_tpu kernel run by Pallas's TPU interpret mode (tests; slow)"))
+
+
+def _pallas_attention(op: str, interpret: bool):
+    def impl(*args, **config):
+        from ..kernels.pallas import paged_attention as pa
+
+        kernel = functools.partial(pa.paged_attention_tpu,
+                                   interpret=tpu_interpret_params() if interpret else False)
+        if op == "paged_attention":
+            return kernel(*args, **config)
+        return _xla.shared_prefix_attention(*args, **config, attention_fn=kernel)
+
+    impl.__name__ = f"{op}_{'pallas_interpret' if interpret else 'pallas_tpu'}"
+    return impl
+
+
+def _tpu_attention_supports(**context):
+    from ..kernels.pallas import paged_attention as pa
+
+    return pa.tpu_supports(**context)
+
+
+for _op in ("paged_attention", "shared_prefix_attention"):
+    REGISTRIES[_op].register(Backend(
+        "pallas_tpu", ("tpu",), _pallas_attention(_op, False), priority=10, requires=_PALLAS_REQ,
+        supports=_tpu_attention_supports,
+        doc="Pallas Mosaic TPU ragged paged attention: scalar-prefetched tables, pipelined "
+            "KV block DMAs, online softmax in VMEM"))
+    REGISTRIES[_op].register(Backend(
+        "pallas_interpret", ("cpu",), _pallas_attention(_op, True), priority=-10,
+        requires=_PALLAS_REQ, supports=_tpu_attention_supports,
+        doc="the pallas_tpu kernel run by Pallas's TPU interpret mode (tests; slow)"))

@@ -235,19 +235,22 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
 
 def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
                             block_tables, kv_lens, cu_q_lens, *, scale: float,
-                            logits_soft_cap: float | None = None):
+                            logits_soft_cap: float | None = None, attention_fn=None):
     """Cascade attention: each prefix's KV is read once for all the tokens that share it.
 
     The tokens are sorted by prefix id so the tokens of one prefix form one ragged "sequence"
     of a non-causal paged attention over the prefix blocks (big dots: all tokens x prefix KV),
     then the per-sequence causal attention over the own blocks is merged in by LSE.
+    ``attention_fn``: the ragged paged attention to use for both parts (default: this
+    module's; the Pallas backends pass their kernel).
     """
+    attn = ragged_paged_attention if attention_fn is None else attention_fn
     num_tokens = q.shape[0]
     num_seqs = block_tables.shape[0]
     num_prefixes = prefix_block_tables.shape[0]
     decode = cu_q_lens is None
     cu = jnp.arange(num_seqs + 1, dtype=jnp.int32) if decode else cu_q_lens.astype(jnp.int32)
-    own_out, own_lse = ragged_paged_attention(
+    own_out, own_lse = attn(
         q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=True,
         logits_soft_cap=logits_soft_cap)
     if num_tokens == 0 or num_prefixes == 0:
@@ -266,23 +269,16 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     q_sorted = jnp.take(q, order, axis=0)
     avg = -(-num_tokens // num_prefixes)
     qs_tile = min(MAX_Q_TILE * 2, 1 << (max(avg, 1) - 1).bit_length())
-    pre_out, pre_lse = _prefix_attention(
+    # Non-causal attention of the prefix-sorted tokens over their prefix; the tokens of no
+    # prefix sit past pre_cu[-1], in no tile, and get out 0, lse -inf.
+    pre_out, pre_lse = attn(
         q_sorted, k_cache, v_cache, prefix_block_tables, prefix_lens.astype(jnp.int32), pre_cu,
-        scale=scale, logits_soft_cap=logits_soft_cap, q_tile=qs_tile)
+        scale=scale, causal=False, logits_soft_cap=logits_soft_cap, q_tile=qs_tile)
     inv = jnp.zeros((num_tokens,), jnp.int32).at[order].set(
         jnp.arange(num_tokens, dtype=jnp.int32))
     pre_out = jnp.take(pre_out, inv, axis=0)
     pre_lse = jnp.take(pre_lse, inv, axis=0)
     return merge_attention_states(pre_out, pre_lse, own_out, own_lse)
-
-
-def _prefix_attention(q_sorted, k_cache, v_cache, prefix_block_tables, prefix_lens, pre_cu, *,
-                      scale, logits_soft_cap, q_tile):
-    """Non-causal attention of the prefix-sorted tokens over their prefix. The tokens of no
-    prefix sit past pre_cu[-1], in no tile: they get out 0 and lse -inf."""
-    return ragged_paged_attention(q_sorted, k_cache, v_cache, prefix_block_tables, prefix_lens,
-                                  pre_cu, scale=scale, causal=False,
-                                  logits_soft_cap=logits_soft_cap, q_tile=q_tile)
 
 
 # ------------------------------------------------------------------------------- cache ops

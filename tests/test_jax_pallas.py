@@ -114,3 +114,74 @@ def test_pallas_cache_kernels_alias_the_caches():
     buf = np.zeros((2, 2, 4, 2, 8), np.float32)
     jaxpr = jax.make_jaxpr(lambda *a: cache_ops.scatter_blocks_tpu(*a))([kc, vc], buf, slots)
     assert _pallas_aliases(jaxpr.jaxpr) == [((2, 0), (3, 1))]  # ids, buffer, caches
+
+
+# ------------------------------------------------------------------ ragged paged attention
+
+from prefixkv.kernels.pallas import paged_attention as pa  # noqa: E402
+from prefixkv.paged.spec import ATTENTION_TOLERANCE  # noqa: E402
+
+
+def _close(got, want, dtype):
+    atol, rtol = ATTENTION_TOLERANCE[dtype]
+    got = np.asarray(jnp.asarray(got, jnp.float32))
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, np.asarray(want, np.float32), atol=atol, rtol=rtol)
+
+
+# (grid, dtype, options): small shapes, TPU interpret mode costs seconds per call
+ATTENTION_CASES = [
+    ("mixed", "float32", {}),
+    ("decode", "bfloat16", dict(sliding_window=5, logits_soft_cap=3.0)),
+    ("prefill_with_prefix", "float32", dict(causal=False)),
+]
+
+
+@pytest.mark.parametrize("grid,dtype,kw", ATTENTION_CASES,
+                         ids=[f"{g}-{d}-{'-'.join(k) or 'plain'}" for g, d, k in ATTENTION_CASES])
+def test_paged_attention_pallas_tpu_interpret(grid, dtype, kw):
+    rng = np.random.default_rng(5)
+    batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, 8), num_q_heads=4,
+                                      num_kv_heads=2, head_dim=128, block_size=8, dtype=dtype)
+    want, want_lse = ref.paged_attention_reference(*batch.args(), return_lse=True, **kw)
+    out, lse = jf.paged_attention(*batch.args(), return_lse=True, backend=BACKEND, **kw)
+    _close(out, want, dtype)
+    fin = np.isfinite(want_lse)
+    assert (np.isneginf(np.asarray(lse)) == ~fin).all()
+    np.testing.assert_allclose(np.asarray(lse)[fin], want_lse[fin], atol=1e-3, rtol=1e-4)
+
+
+def test_shared_prefix_attention_pallas_tpu_interpret():
+    rng = np.random.default_rng(6)
+    batch = testing.make_shared_prefix_batch(rng, [2], [(0, 1, 3), (-1, 1, 9), (0, 1, 8)],
+                                             num_q_heads=4, num_kv_heads=2, head_dim=128,
+                                             block_size=8)
+    _close(jf.shared_prefix_attention(*batch.args(), backend=BACKEND),
+           ref.shared_prefix_attention_reference(*batch.args()), "float32")
+
+
+@pytest.mark.parametrize("dtype,head_dim,block_size,decode", [
+    ("bfloat16", 128, 16, True), ("float32", 256, 64, False), ("float16", 128, 32, False)])
+def test_paged_attention_kernel_lowers_for_tpu(dtype, head_dim, block_size, decode):
+    S = jax.ShapeDtypeStruct
+    num_seqs, hq, hkv = 4, 16, 4
+    args = [S((num_seqs if decode else 24, hq, head_dim), dtype),
+            S((32, block_size, hkv, head_dim), dtype), S((32, block_size, hkv, head_dim), dtype),
+            S((num_seqs, 8), jnp.int32), S((num_seqs,), jnp.int32),
+            None if decode else S((num_seqs + 1,), jnp.int32)]
+    fn = jax.jit(lambda *a: jf.paged_attention(*a, sliding_window=64, logits_soft_cap=30.0))
+    exp = jax.export.export(fn, platforms=["tpu"])(*args)
+    assert "tpu_custom_call" in exp.mlir_module()
+
+
+def test_tpu_backend_refuses_untileable_shapes():
+    why = jf.explain_backends("paged_attention", "tpu", dtype="float32", head_dim=80,
+                              block_size=16, num_q_heads=8, num_kv_heads=2)
+    assert why["pallas_tpu"] == "head_dim 80 is not a multiple of 128 (Mosaic tiling)"
+    assert why["xla"] == "ok"
+    rng = np.random.default_rng(7)
+    batch = testing.make_ragged_batch(rng, [(1, 4)], head_dim=64, block_size=4)
+    with pytest.raises(jf.BackendError, match="pallas_interpret: head_dim 64 is not a multiple"):
+        jf.paged_attention(*batch.args(), backend=BACKEND)
+    assert pa.tpu_supports(head_dim=128, block_size=12) == (
+        False, "block_size 12 is not a multiple of 8 (Mosaic tiling)")
