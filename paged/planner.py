@@ -86,6 +86,9 @@ def _table(rows: Sequence[Sequence[int]], width: int | None = None) -> np.ndarra
     total = sum(lens)
     if len(rows) == 1:
         out[0, :total] = rows[0]
+    elif total and isinstance(rows[0], np.ndarray):
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = r
     elif total:
         flat = np.fromiter(chain.from_iterable(rows), dtype=I32, count=total)
         out[np.arange(w)[None, :] < np.asarray(lens)[:, None]] = flat
@@ -132,14 +135,8 @@ def plan_batch(block_lists: Sequence[Sequence[int]], context_lens: Sequence[int]
     if shared_prefix and n >= min_group_size:
         plan.shared = find_shared_prefixes(block_lists, ctx, kv, block_size,
                                            min_prefix_blocks=min_prefix_blocks,
-                                           min_group_size=min_group_size)
+                                           min_group_size=min_group_size, table=tables)
     return plan
-
-
-def _lcp(a: np.ndarray, b: np.ndarray) -> int:
-    m = min(a.shape[0], b.shape[0])
-    diff = np.flatnonzero(a[:m] != b[:m])
-    return int(diff[0]) if diff.size else m
 
 
 def _choose(order: list[int], lcp: list[int], lo: int, hi: int, min_blocks: int,
@@ -156,7 +153,9 @@ def _choose(order: list[int], lcp: list[int], lo: int, hi: int, min_blocks: int,
             children.append((start, k))
             start = k
     children.append((start, hi))
-    solved = [(_choose(order, lcp, a, b, min_blocks, min_group), a, b) for a, b in children]
+    leaf = (0, [])
+    solved = [(leaf if b - a == 1 else _choose(order, lcp, a, b, min_blocks, min_group), a, b)
+              for a, b in children]
     own_total = sum(s[0][0] for s in solved)
     own_groups = [g for s in solved for g in s[0][1]]
     if d < min_blocks:
@@ -180,38 +179,60 @@ def _choose(order: list[int], lcp: list[int], lo: int, hi: int, min_blocks: int,
 
 def find_shared_prefixes(block_lists: Sequence[Sequence[int]], context_lens, kv_lens,
                          block_size: int, *, min_prefix_blocks: int = 1,
-                         min_group_size: int = 2) -> SharedPrefixPlan | None:
-    """Shared-prefix groups of a batch (see the module docstring); None when there are none."""
+                         min_group_size: int = 2, table: np.ndarray | None = None
+                         ) -> SharedPrefixPlan | None:
+    """Shared-prefix groups of a batch (see the module docstring); None when there are none.
+
+    table: the batch's block_tables (``_table(block_lists)``) when the caller has it.
+    """
     n = len(block_lists)
-    ctx = np.asarray(context_lens, dtype=np.int64)
-    kv = np.asarray(kv_lens, dtype=np.int64)
-    eligible = np.minimum(ctx // block_size,
-                          np.fromiter((len(b) for b in block_lists), np.int64, count=n))
-    cand = [s for s in range(n) if eligible[s] >= max(min_prefix_blocks, 1)]
-    if len(cand) < max(min_group_size, 2):
+    ctx = np.asarray(context_lens, dtype=np.int64).reshape(n)
+    kv = np.asarray(kv_lens, dtype=np.int64).reshape(n)
+    nblk = np.fromiter(map(len, block_lists), np.int64, count=n)
+    eligible = np.minimum(ctx // block_size, nblk)
+    min_blocks = max(min_prefix_blocks, 1)
+    min_group = max(min_group_size, 2)
+    cand = np.flatnonzero(eligible >= min_blocks)
+    if cand.size < min_group:
         return None
-    keys = {s: tuple(block_lists[s][:int(eligible[s])]) for s in cand}
-    order = sorted(cand, key=keys.__getitem__)
-    arrs = [np.asarray(keys[s], dtype=np.int64) for s in order]
-    lcp = [0] + [_lcp(arrs[k - 1], arrs[k]) for k in range(1, len(order))]
-    saved, groups = _choose(order, lcp, 0, len(order), max(min_prefix_blocks, 1),
-                            max(min_group_size, 2))
+    if table is None:
+        table = _table(block_lists)
+    width = int(eligible[cand].max())
+    # each candidate's cached blocks, padded with a value unique to the row (never matches)
+    rows = table[cand, :width].astype(np.int64)
+    pad = np.arange(width)[None, :] >= eligible[cand][:, None]
+    rows[pad] = -1 - np.broadcast_to(cand[:, None], rows.shape)[pad]
+    order_idx = np.lexsort(rows.T[::-1])
+    srt = rows[order_idx]
+    if srt.shape[0] > 1:
+        diff = srt[1:] != srt[:-1]
+        first = np.where(diff.any(axis=1), diff.argmax(axis=1), width)
+    else:
+        first = np.zeros(0, np.int64)
+    order = cand[order_idx].tolist()
+    lcp = [0] + first.tolist()
+    saved, groups = _choose(order, lcp, 0, len(order), min_blocks, min_group)
     if not groups:
         return None
     groups.sort(key=lambda g: min(g[1]))
     prefix_ids = np.full(n, -1, dtype=I32)
     depth = np.zeros(n, dtype=np.int64)
-    rows = []
     for gi, (d, members) in enumerate(groups):
-        rows.append(list(block_lists[members[0]][:d]))
-        for s in members:
-            prefix_ids[s] = gi
-            depth[s] = d
-    rest = [list(block_lists[s][int(depth[s]):]) for s in range(n)]
+        prefix_ids[members] = gi
+        depth[members] = d
+    ptab = np.zeros((len(groups), max(d for d, _ in groups)), dtype=I32)
+    for gi, (d, members) in enumerate(groups):
+        ptab[gi, :d] = table[members[0], :d]
+    # own blocks after the prefix: each row shifted left by its depth, padded with block 0
+    own = nblk - depth
+    w = max(int(own.max()), 1)
+    cols = depth[:, None] + np.arange(w)[None, :]
+    rest = np.take_along_axis(table, np.minimum(cols, table.shape[1] - 1), axis=1)
+    rest[np.arange(w)[None, :] >= own[:, None]] = 0
     return SharedPrefixPlan(
-        prefix_block_tables=_table(rows),
+        prefix_block_tables=ptab,
         prefix_lens=np.asarray([d * block_size for d, _ in groups], dtype=I32),
         prefix_ids=prefix_ids,
-        block_tables=_table(rest),
+        block_tables=rest.astype(I32, copy=False),
         kv_lens=(kv - depth * block_size).astype(I32),
         saved_block_reads=int(saved))

@@ -49,7 +49,7 @@ def default_hash_fn(tokens: np.ndarray, block_size: int, *, salt=None,
 
 class _Request:
     __slots__ = ("tokens", "array", "salt", "namespace", "blocks", "num_computed", "hashes",
-                 "num_registered")
+                 "num_registered", "_row")
 
     def __init__(self, tokens: np.ndarray, salt, namespace: bytes) -> None:
         self.array = tokens             # int32; a prefix of self.tokens (hashing reads it)
@@ -60,6 +60,13 @@ class _Request:
         self.num_computed = 0          # tokens whose KV is in blocks
         self.hashes: list[bytes] = []  # hash chain of the first len(hashes) full blocks
         self.num_registered = 0        # leading blocks registered (or found) in the index
+        self._row = None               # int32 copy of blocks for plans; None = stale
+
+    def row(self) -> np.ndarray:
+        """The blocks as int32 (cached between steps: decode steps rarely change them)."""
+        if self._row is None:
+            self._row = np.array(self.blocks, dtype=np.int32)
+        return self._row
 
     def copy(self) -> _Request:
         r = _Request(self.array, self.salt, self.namespace)
@@ -239,6 +246,7 @@ class PrefixCache:
                              f"the last token), got {num_blocks}")
         new = self.pool.allocate(num_blocks)
         req.blocks.extend(new)
+        req._row = None
         req.num_computed = last * bs
         if self.enable_caching:
             self._register(req)
@@ -271,6 +279,7 @@ class PrefixCache:
             for i, dst in zip(cow, fresh, strict=True):
                 src = req.blocks[i]
                 req.blocks[i] = dst
+                req._row = None
                 pairs.append((src, dst))
             pool.free([s for s, _ in pairs])
         stale = [req.blocks[i] for i in touched_existing
@@ -282,6 +291,7 @@ class PrefixCache:
         grow = -(-end // bs) - len(req.blocks)
         if grow > 0:
             req.blocks.extend(pool.allocate(grow))
+            req._row = None
         return pairs
 
     @staticmethod
@@ -336,7 +346,7 @@ class PrefixCache:
         (before :meth:`commit`)."""
         batch = list(batch)
         reqs = [self._get(rid) for rid, _ in batch]
-        plan = plan_batch([r.blocks for r in reqs], [r.num_computed for r in reqs],
+        plan = plan_batch([r.row() for r in reqs], [r.num_computed for r in reqs],
                           [n for _, n in batch], self.block_size,
                           shared_prefix=self.shared_prefix,
                           min_prefix_blocks=self.min_prefix_blocks,
@@ -390,6 +400,7 @@ class PrefixCache:
         if keep < len(req.blocks):
             self.pool.free(req.blocks[keep:])
             del req.blocks[keep:]
+            req._row = None
         del req.hashes[num_tokens // bs:]
         req.num_registered = min(req.num_registered, req.num_computed // bs)
 
