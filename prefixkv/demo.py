@@ -66,6 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="serve only the first N requests of the stream")
     p.add_argument("--seed", type=int, default=0, help="weights and workload seed")
     p.add_argument("--plot", default=None, help="write TTFT with vs without caching to this PNG")
+    p.add_argument("--threads", type=int, default=1 if (os.cpu_count() or 1) <= 4 else None,
+                   help="CPU threads per framework (default: 1 on small machines, where "
+                        "oversubscribed threads make every figure swing; else the framework's)")
+    p.add_argument("--compile-cache", default=os.path.join(
+        os.path.expanduser("~"), ".cache", "prefixkv", "jax"),
+                   help="JAX persistent compilation cache directory ('' to disable)")
     g = p.add_argument_group("model")
     g.add_argument("--layers", type=int, default=d_model.num_layers)
     g.add_argument("--hidden", type=int, default=d_model.hidden_size)
@@ -148,9 +154,35 @@ def plot_ttft(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _set_threads(n: int | None, compile_cache: str) -> None:
+    """One thread per framework when asked (set before the frameworks start their pools)."""
+    if n is not None:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ.setdefault(var, str(n))
+        if n == 1 and "jax" not in sys.modules:
+            os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
+                                               "intra_op_parallelism_threads=1")
+        if "torch" in sys.modules or _has("torch"):
+            import torch
+
+            torch.set_num_threads(n)
+    if compile_cache and _has("jax"):
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def main(argv=None) -> dict:
     """Run the demo; returns ``{framework: (result caching off, result caching on)}``."""
     args = parse_args(argv)
+    _set_threads(args.threads, args.compile_cache if args.frontend in ("jax", "both") else "")
     model = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
                         num_layers=args.layers, num_q_heads=args.q_heads,
                         num_kv_heads=args.kv_heads, head_dim=args.head_dim,
@@ -176,7 +208,7 @@ def main(argv=None) -> dict:
           f"{model.num_q_heads}/{model.num_kv_heads} q/kv heads x {model.head_dim}, "
           f"{model.dtype}; pool {engine_cfg.num_blocks} blocks x {engine_cfg.block_size} "
           f"tokens, host tier {engine_cfg.host_blocks} blocks; "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+          f"threads {args.threads or 'framework default'}")
     results = {}
     for fw in frameworks:
         adapter = make_adapter(fw, model, weights, num_blocks=engine_cfg.num_blocks,

@@ -22,9 +22,10 @@ block is reused), its KV is gathered into a host tier keyed by (salt namespace, 
 a later request whose prefix continues past the device hit into the host tier gets those
 blocks onboarded (``PrefixCache.onboard`` + ``scatter_blocks``) instead of recomputed.
 
-Shapes are bucketed (tokens to powers of two, sequences to ``max_num_seqs + 1``, block tables
-to ``max_model_len / block_size``) so compiled forwards are reused; :meth:`Engine.warmup`
-compiles every bucket before anything is timed.
+For adapters with ``static_shapes`` (JAX), shapes are bucketed (tokens to 16, 64, 256, ...,
+sequences to ``max_num_seqs + 1``, block tables to ``max_model_len / block_size``) so compiled
+forwards are reused; :meth:`Engine.warmup` compiles every bucket before anything is timed.
+Eager adapters (torch, numpy) get the exact batch.
 """
 
 from __future__ import annotations
@@ -49,14 +50,15 @@ I32 = np.int32
 @dataclass(frozen=True)
 class EngineConfig:
     block_size: int = 16
-    num_blocks: int = 192            # device pool, null block 0 included
-    max_num_seqs: int = 4
+    num_blocks: int = 128            # device pool, null block 0 included
+    max_num_seqs: int = 3
     max_num_batched_tokens: int = 256
     max_model_len: int = 1024
     enable_caching: bool = True
     shared_prefix: bool = True       # shared_prefix_attention for groups the planner finds
     host_blocks: int = 512           # host tier capacity in blocks (0: no offload)
-    min_token_bucket: int = 8
+    min_token_bucket: int = 16
+    bucket_growth: int = 4           # token buckets 16, 64, 256, ...: few compiled shapes
 
     def replace(self, **changes) -> EngineConfig:
         from dataclasses import replace
@@ -71,7 +73,7 @@ class EngineConfig:
         out, b = [], self.min_token_bucket
         while b < self.max_num_batched_tokens:
             out.append(b)
-            b *= 2
+            b *= self.bucket_growth
         out.append(self.max_num_batched_tokens)
         return out
 
@@ -172,11 +174,28 @@ class Engine:
                              f"{adapter.block_size}, the engine expects {config.num_blocks} of "
                              f"{config.block_size}")
         self.buckets = config.token_buckets()
+        # compiled frameworks (JAX) get bucketed shapes; eager ones the exact batch
+        self.static_shapes = bool(getattr(adapter, "static_shapes", True))
         self.num_seqs_padded = config.max_num_seqs + 1
         self.max_prefixes = max(config.max_num_seqs // 2, 1)
 
     # ------------------------------------------------------------------ batches
+    def _unpadded(self, plan, token_ids: np.ndarray, logits_rows: np.ndarray) -> StepBatch:
+        batch = StepBatch(
+            token_ids=token_ids, positions=plan.positions, slot_mapping=plan.slot_mapping,
+            cu_q_lens=plan.cu_q_lens, kv_lens=plan.kv_lens, block_tables=plan.block_tables,
+            logits_indices=logits_rows.astype(I32), num_real_tokens=plan.num_tokens,
+            num_real_seqs=plan.num_seqs)
+        sp = plan.shared
+        if sp is not None:
+            batch.prefix_block_tables, batch.prefix_lens = sp.prefix_block_tables, sp.prefix_lens
+            batch.prefix_ids, batch.suffix_block_tables = sp.prefix_ids, sp.block_tables
+            batch.suffix_kv_lens = sp.kv_lens
+        return batch
+
     def _pad(self, plan, token_ids: np.ndarray, logits_rows: np.ndarray) -> StepBatch:
+        if not self.static_shapes:
+            return self._unpadded(plan, token_ids, logits_rows)
         c = self.config
         t_real, s_real = plan.num_tokens, plan.num_seqs
         t = _bucket(max(t_real, 1), self.buckets)
@@ -247,11 +266,18 @@ class Engine:
     def warmup(self) -> float:
         """Run (compile) the forward once for every shape a run can produce; returns seconds."""
         t0 = time.perf_counter()
+        if not self.static_shapes:  # eager: one small call warms the kernels up
+            self.adapter.forward(self.dummy_batch(self.buckets[0], False))
+            self.adapter.reset()
+            return time.perf_counter() - t0
         variants = [False, True] if (self.config.enable_caching and
                                      self.config.shared_prefix) else [False]
         for shared in variants:
             for b in self.buckets:
                 self.adapter.forward(self.dummy_batch(b, shared))
+        if self.config.enable_caching and self.config.host_blocks:  # offload/onboard ops
+            ids = np.arange(1, min(3, self.config.num_blocks), dtype=I32)
+            self.adapter.scatter_blocks(ids, self.adapter.gather_blocks(ids))
         self.adapter.reset()
         return time.perf_counter() - t0
 

@@ -74,6 +74,7 @@ class JaxLlama:
     ops: the module providing the ops (default :mod:`prefixkv.jax_frontend`).
     """
 
+    static_shapes = True  # the engine pads batches to a few bucketed shapes (jit)
     name = "jax"
 
     def __init__(self, config: LlamaConfig, weights: dict[str, np.ndarray], *, num_blocks: int,
@@ -107,26 +108,35 @@ class JaxLlama:
         logits, self.caches = self._compiled(batch.shared)(self.w, self.caches, arrays)
         return np.asarray(logits)
 
-    # Offload/onboard move a varying number of blocks; the ops run on power-of-two pieces so
-    # that a handful of compiled shapes serve every count.
+    # Offload/onboard move a varying number of blocks; the ops run on fixed pieces of
+    # BLOCK_PIECE blocks so that one compiled shape per op serves every count.
+    BLOCK_PIECE = 16
+
     def gather_blocks(self, block_ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(block_ids, np.int32)
-        n = len(ids)
-        size = 1 << max(n - 1, 0).bit_length()
-        padded = np.zeros(size, np.int32)  # pad with the null block 0 (read only)
-        padded[:n] = ids
-        out = self.ops.gather_blocks(self.caches, jax.device_put(padded, self.device))
-        return np.asarray(out)[:n]
+        p, out = self.BLOCK_PIECE, []
+        for start in range(0, max(len(ids), 1), p):
+            part = ids[start:start + p]
+            padded = np.zeros(p, np.int32)  # pad with the null block 0 (read only)
+            padded[:len(part)] = part
+            got = self.ops.gather_blocks(self.caches, jax.device_put(padded, self.device))
+            out.append(np.asarray(got)[:len(part)])
+        return np.concatenate(out)
 
     def scatter_blocks(self, block_ids: np.ndarray, buffer: np.ndarray) -> None:
         ids = np.asarray(block_ids, np.int32)
-        start = 0
-        for bit in reversed(range(max(len(ids), 1).bit_length())):
-            size = 1 << bit
-            if len(ids) - start < size:
-                continue
-            part = slice(start, start + size)
+        buffer = np.asarray(buffer)
+        p = self.BLOCK_PIECE
+        for start in range(0, len(ids), p):
+            part, buf = ids[start:start + p], buffer[start:start + p]
+            if len(part) < p:
+                # fill the piece with other blocks written back with their own contents
+                # (distinct ids, no change), so the scatter keeps its one compiled shape
+                taken = set(part.tolist())
+                fill = np.asarray([b for b in range(self.num_blocks) if b not in taken]
+                                  [:p - len(part)], np.int32)
+                part = np.concatenate([part, fill])
+                buf = np.concatenate([buf, self.gather_blocks(fill)])
             self.caches = list(self.ops.scatter_blocks(
-                self.caches, jax.device_put(jnp.asarray(buffer[part]), self.device),
-                jax.device_put(ids[part], self.device)))
-            start += size
+                self.caches, jax.device_put(jnp.asarray(buf), self.device),
+                jax.device_put(part, self.device)))

@@ -34,6 +34,7 @@ def silu(x: np.ndarray) -> np.ndarray:
 class NumpyLlama:
     """Model adapter: holds the weights and every layer's paged K/V cache (numpy)."""
 
+    static_shapes = False  # eager: the engine passes exact batch shapes
     name = "numpy"
 
     def __init__(self, config: LlamaConfig, weights: dict[str, np.ndarray], *, num_blocks: int,

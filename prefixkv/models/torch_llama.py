@@ -36,6 +36,7 @@ class TorchLlama:
     ops: the module providing the ops (default :mod:`prefixkv.torch_frontend`).
     """
 
+    static_shapes = False  # eager: the engine passes exact batch shapes
     name = "torch"
 
     def __init__(self, config: LlamaConfig, weights: dict[str, np.ndarray], *, num_blocks: int,
