@@ -9,10 +9,13 @@ padded with it. Blocks ``1 .. num_blocks-1`` are in exactly one of three states:
 - *free, empty*: ``ref_count == 0`` and no hash; reused before any cached block is evicted.
 
 The LRU free queue is a circular doubly-linked list threaded through two Python int lists
-O(1) append, O(1) removal from the middle (a hit on a free cached block), O(1) pop of the
-least recently used. :meth:`free` appends a sequence's blocks tail first, so a sequence's tail
-is evicted before its head (the head is the part other requests share). Measured faster than
-a numpy prev/next array list driven from Python, see ``bench/bench_pool.py``.
+(``prev``/``next`` indexed by block id, one sentinel): O(1) append, O(1) removal from the
+middle (a hit on a free cached block), O(1) pop of the least recently used. :meth:`free`
+appends a sequence's blocks tail first, so a sequence's tail is evicted before its head (the
+head is the part other requests share). Ref counts, hashes and namespaces are plain lists too.
+On the trace of ``bench/bench_pool.py`` this measured faster than the same pool over a
+``collections.OrderedDict`` (~1.4x), over numpy ref counts (~2.7x: per-call overhead on
+~100-block batches) and than one Python object per block with an intrusive list (~1.6x).
 
 The index is ``{namespace: {block_hash: block_id}}``: the salt namespace is part of the key,
 so a hit can never cross namespaces even if two namespaces produced the same hash (a
@@ -256,7 +259,9 @@ class BlockPool:
         bad = None
         for b in reversed(blocks):
             r = ref[b] - 1
-            if r == 0:
+            if r > 0:
+                ref[b] = r
+            elif r == 0:
                 ref[b] = 0
                 if hashes[b] is None:
                     empty.append(b)
@@ -265,8 +270,6 @@ class BlockPool:
                     prev[b] = last
                     last = b
                     linked += 1
-            elif r > 0:
-                ref[b] = r
             else:
                 bad = b
                 break
