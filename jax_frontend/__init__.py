@@ -18,6 +18,9 @@ from ._ops import paged_attention as paged_attention
 from ._ops import scatter_blocks as scatter_blocks
 from ._ops import shared_prefix_attention as shared_prefix_attention
 from ._ops import write_kv as write_kv
+from ._sharding import kv_head_specs as kv_head_specs
+from ._sharding import tensor_parallel_paged_attention as tensor_parallel_paged_attention
+from ._sharding import tensor_parallel_write_kv as tensor_parallel_write_kv
 
 try:  # written by the device-hashing helper
     from ._hashing import hash_blocks as hash_blocks

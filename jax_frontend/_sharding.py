@@ -1,0 +1,91 @@
+"""Tensor parallelism: the ops inside ``jax.shard_map`` with the KV heads sharded over a mesh axis.
+
+Attention and KV writes are independent per kv head (the q heads of a GQA group sit on the
+device holding their kv head), so each device runs the op on its local heads with no
+communication; block tables, lengths and slot mappings are replicated.
+
+Example (4 devices, 8 kv heads: 2 per device)::
+
+    mesh = jax.make_mesh((4,), ("tp",))
+    attn = tensor_parallel_paged_attention(mesh, "tp", sliding_window=4096)
+    out = jax.jit(attn)(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens)
+    # q: P(None, "tp", None); k_cache, v_cache: P(None, None, "tp", None); the rest replicated
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from . import _ops
+
+
+def kv_head_specs(axis: str) -> dict[str, P]:
+    """PartitionSpecs of the tensor-parallel layout: heads sharded over ``axis``."""
+    return {"q": P(None, axis, None), "cache": P(None, None, axis, None), "lse": P(None, axis),
+            "replicated": P()}
+
+
+def _check_heads(mesh, axis: str, num_kv_heads: int) -> None:
+    if axis not in mesh.shape:
+        raise ValueError(f"axis: expected one of the mesh axes {tuple(mesh.shape)}, got {axis!r}")
+    n = mesh.shape[axis]
+    if num_kv_heads % n:
+        raise ValueError(f"num_kv_heads={num_kv_heads} must be divisible by the size of mesh "
+                         f"axis {axis!r} ({n}); replicate the kv heads first")
+
+
+def tensor_parallel_paged_attention(mesh, axis: str = "tp", **config):
+    """``paged_attention`` with q heads and kv heads sharded over mesh axis ``axis``.
+
+    Returns ``f(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None)`` with the
+    shapes of :func:`prefixkv.jax_frontend.paged_attention`; ``config`` holds its keyword
+    arguments (scale, causal, sliding_window, logits_soft_cap, return_lse, backend).
+    num_kv_heads must be divisible by the axis size. Outputs are sharded like q (lse
+    P(None, axis)). Works under jax.jit; pass inputs already sharded to avoid re-layouts.
+    """
+    spec = kv_head_specs(axis)
+    return_lse = bool(config.get("return_lse", False))
+    if "scale" not in config or config["scale"] is None:
+        config = dict(config)
+        config["_default_scale"] = True
+
+    def run(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None):
+        _check_heads(mesh, axis, int(k_cache.shape[2]))
+        kw = {k: v for k, v in config.items() if k != "_default_scale"}
+        if config.get("_default_scale"):
+            kw["scale"] = float(q.shape[-1]) ** -0.5
+
+        def local(q, k, v, bt, kl, cu):
+            return _ops.paged_attention(q, k, v, bt, kl, cu, **kw)
+
+        out_specs = (spec["q"], spec["lse"]) if return_lse else spec["q"]
+        cu_spec = None if cu_q_lens is None else spec["replicated"]
+        # check_vma=False: the ops' loop carries start as constants (not device-varying)
+        return jax.shard_map(
+            local, mesh=mesh, out_specs=out_specs, check_vma=False,
+            in_specs=(spec["q"], spec["cache"], spec["cache"], spec["replicated"],
+                      spec["replicated"], cu_spec),
+        )(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens)
+
+    return run
+
+
+def tensor_parallel_write_kv(mesh, axis: str = "tp", **config):
+    """``write_kv`` with the kv heads of key/value and the caches sharded over ``axis``;
+    returns ``f(key, value, k_cache, v_cache, slot_mapping) -> (k_cache, v_cache)``.
+    Donate the caches to the jitted caller for in-place updates on every device."""
+    spec = kv_head_specs(axis)
+
+    def run(key, value, k_cache, v_cache, slot_mapping):
+        _check_heads(mesh, axis, int(k_cache.shape[2]))
+
+        def local(key, value, k, v, slots):
+            return _ops.write_kv(key, value, k, v, slots, **config)
+
+        return jax.shard_map(
+            local, mesh=mesh, out_specs=(spec["cache"], spec["cache"]), check_vma=False,
+            in_specs=(spec["q"], spec["q"], spec["cache"], spec["cache"], spec["replicated"]),
+        )(key, value, k_cache, v_cache, slot_mapping)
+
+    return run

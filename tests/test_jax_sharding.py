@@ -1,0 +1,34 @@
+"""Tensor parallelism (kv heads sharded over a 4-device mesh) on CPU: the worker script sets
+XLA_FLAGS=--xla_force_host_platform_device_count=4 before importing jax, so it runs in a
+subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("jax")
+
+WORKER = Path(__file__).with_name("jax_sharding_worker.py")
+
+
+def _run(*args: str) -> str:
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, str(WORKER), *args], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_tensor_parallel_xla():
+    out = _run()
+    assert "OK attention None" in out and "OK write_kv" in out and "OK error" in out
+
+
+def test_tensor_parallel_pallas_kernel_interpret():
+    assert "OK attention pallas_interpret" in _run("pallas_interpret")
