@@ -134,3 +134,43 @@ def test_prefill_over_cached_prefix(benchmark, machine_limits, impl):
     flops = 4 * HQ * D * float(keys.sum())
     record(benchmark, machine_limits, nbytes=2 * total * HKV * D * 4, flops=flops, impl=impl,
            query_tokens=q_len)
+
+
+# ------------------------------------------------ on an accelerator (skipped on CPU machines)
+
+HBM_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "v5e": 819.0, "v5p": 2765.0,
+            "v6e": 1638.0}
+
+
+def _hbm_peak() -> tuple[str, float]:
+    kind = jax.devices()[0].device_kind
+    for name, gbps in HBM_GBPS.items():
+        if name.lower() in kind.lower().replace(" ", ""):
+            return kind, gbps
+    return kind, 0.0
+
+
+@pytest.mark.skipif(jax.default_backend() == "cpu", reason="needs a GPU or TPU")
+@pytest.mark.parametrize("impl", ["prefixkv", "jnp_gather_baseline"])
+def test_decode_device_32x8192_bf16(benchmark, impl):
+    """Decode 32 x 8192 bf16 on the device: fraction of the HBM bandwidth (published peak)."""
+    global NUM_SEQS, CONTEXT
+    saved = NUM_SEQS, CONTEXT
+    NUM_SEQS, CONTEXT = 32, 8192
+    try:
+        args = _decode_inputs("bfloat16")
+        nbytes, flops = _decode_cost("bfloat16")
+    finally:
+        NUM_SEQS, CONTEXT = saved
+    benchmark.group = "jax decode 32x8192 bf16 on device"
+    if impl == "prefixkv":
+        fn = jax.jit(lambda q, k, v, t, n: jf.paged_attention(q, k, v, t, n))
+    else:
+        fn = jax.jit(lambda q, k, v, t, n: _xla.dense_gather_paged_attention(
+            q, k, v, t, n, scale=D ** -0.5))
+    _run(benchmark, fn, args, rounds=20)
+    kind, peak = _hbm_peak()
+    t = benchmark.stats.stats.mean
+    benchmark.extra_info.update(device=kind, bytes=nbytes, gbps=round(nbytes / t / 1e9, 1))
+    if peak:
+        benchmark.extra_info["hbm_fraction"] = round(nbytes / t / 1e9 / peak, 4)
