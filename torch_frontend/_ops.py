@@ -213,6 +213,10 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, backend=None):
 # ---------------------------------------------------------------------------------- cache ops
 
 
+def _block_contiguous(caches) -> bool:
+    return all(c.shape[0] == 0 or c[0].is_contiguous() for c in caches)
+
+
 @torch.library.custom_op(f"{_LIB}::write_kv", mutates_args=("k_cache", "v_cache"))
 def _write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
               slot_mapping: Tensor, backend: str | None) -> None:
@@ -226,7 +230,8 @@ def _(*args):
 
 @torch.library.custom_op(f"{_LIB}::copy_blocks", mutates_args=("caches",))
 def _copy_blocks(caches: list[Tensor], src: Tensor, dst: Tensor, backend: str | None) -> None:
-    select("copy_blocks", platform_of(*caches), backend)(caches, src, dst)
+    select("copy_blocks", platform_of(*caches), backend,
+           block_contiguous=_block_contiguous(caches))(caches, src, dst)
 
 
 @_copy_blocks.register_fake
@@ -239,7 +244,8 @@ def _gather_blocks(caches: list[Tensor], block_ids: Tensor, backend: str | None)
     c0 = caches[0]
     buffer = torch.empty((block_ids.shape[0], len(caches), *c0.shape[1:]), dtype=c0.dtype,
                          device=c0.device)
-    select("gather_blocks", platform_of(*caches), backend)(buffer, caches, block_ids)
+    select("gather_blocks", platform_of(*caches), backend,
+           block_contiguous=_block_contiguous(caches))(buffer, caches, block_ids)
     return buffer
 
 
@@ -252,7 +258,8 @@ def _(caches, block_ids, backend):
 @torch.library.custom_op(f"{_LIB}::scatter_blocks", mutates_args=("caches",))
 def _scatter_blocks(caches: list[Tensor], buffer: Tensor, block_ids: Tensor,
                     backend: str | None) -> None:
-    select("scatter_blocks", platform_of(*caches), backend)(caches, buffer, block_ids)
+    select("scatter_blocks", platform_of(*caches), backend,
+           block_contiguous=_block_contiguous(caches))(caches, buffer, block_ids)
 
 
 @_scatter_blocks.register_fake

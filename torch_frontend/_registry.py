@@ -23,7 +23,22 @@ OPS = ("paged_attention", "shared_prefix_attention", "merge_attention_states", "
 
 REGISTRIES: dict[str, Registry] = {op: Registry(op) for op in OPS}
 
-_TRITON_IMPL: dict[str, str] = {}  # filled as the kernels land
+_TRITON_IMPL = {
+    "paged_attention": f"{_TRITON_ATTN}:paged_attention",
+    "shared_prefix_attention": f"{_TRITON_ATTN}:shared_prefix_attention",
+    "merge_attention_states": f"{_TRITON_ATTN}:merge_attention_states",
+    "write_kv": f"{_TRITON_CACHE}:write_kv",
+    "copy_blocks": f"{_TRITON_CACHE}:copy_blocks",
+    "gather_blocks": f"{_TRITON_CACHE}:gather_blocks",
+    "scatter_blocks": f"{_TRITON_CACHE}:scatter_blocks",
+}
+_BLOCK_OPS = ("copy_blocks", "gather_blocks", "scatter_blocks")
+
+
+def _blocks_supported(**ctx) -> tuple[bool, str]:
+    if not ctx.get("block_contiguous", True):
+        return False, "needs each cache block contiguous (cache[b].is_contiguous())"
+    return True, ""
 
 _CUDA_C_SWAP = False
 
@@ -34,7 +49,8 @@ def _register_all() -> None:
                              requires=("torch",), doc="vectorized torch ops"))
         if op in _TRITON_IMPL:
             reg.register(Backend("triton", ("cuda",), _TRITON_IMPL[op], priority=10,
-                                 requires=("triton",), doc="Triton kernels"))
+                                 requires=("triton",), doc="Triton kernels",
+                                 supports=_blocks_supported if op in _BLOCK_OPS else None))
     if _CUDA_C_SWAP:
         REGISTRIES["swap_blocks"].register(Backend(
             "cuda-c", ("cuda",), "prefixkv.kernels.cuda.swap:swap_blocks", priority=20,

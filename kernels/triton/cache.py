@@ -1,0 +1,145 @@
+"""Triton kernels of the cache ops: write_kv (one program per token, negative slots skipped)
+and block gather/scatter (one program per block x chunk); copy_blocks is gather then scatter so
+every read happens before any write, whatever the src/dst overlap.
+
+Copies move raw bits: float caches are viewed as same-width integers (exact, and the
+interpreter's bf16 handling never matters). Caches may be views with any strides, as long as
+each block's ``[block_size, ...]`` data is contiguous for gather/scatter.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._interp import patch_interpreter
+
+patch_interpreter()
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    return t.view(_BITS[t.element_size()])
+
+
+@triton.jit
+def _write_kv_kernel(key_ptr, value_ptr, k_ptr, v_ptr, slots_ptr,
+                     stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+                     stride_cb, stride_ct, stride_ch, stride_cd,
+                     stride_db, stride_dt, stride_dh, stride_dd,
+                     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    tok = tl.program_id(0)
+    slot = tl.load(slots_ptr + tok).to(tl.int64)
+    if slot >= 0:
+        blk = slot // BLOCK_SIZE
+        off = slot % BLOCK_SIZE
+        h = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        mask = (h[:, None] < NUM_HEADS) & (d[None, :] < HEAD_DIM)
+        kx = tl.load(key_ptr + tok * stride_kt + h[:, None] * stride_kh + d[None, :] * stride_kd,
+                     mask=mask)
+        vx = tl.load(value_ptr + tok * stride_vt + h[:, None] * stride_vh
+                     + d[None, :] * stride_vd, mask=mask)
+        tl.store(k_ptr + blk * stride_cb + off * stride_ct + h[:, None] * stride_ch
+                 + d[None, :] * stride_cd, kx, mask=mask)
+        tl.store(v_ptr + blk * stride_db + off * stride_dt + h[:, None] * stride_dh
+                 + d[None, :] * stride_dd, vx, mask=mask)
+
+
+@triton.jit
+def _gather_blocks_kernel(src_ptr, ids_ptr, dst_ptr, stride_src, stride_dst,
+                          BLOCK_NUMEL: tl.constexpr, BLOCK: tl.constexpr):
+    """dst[i] = src[ids[i]] (flat block data); program (i, chunk)."""
+    i = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = tl.load(ids_ptr + i).to(tl.int64)
+    e = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = e < BLOCK_NUMEL
+    x = tl.load(src_ptr + b * stride_src + e, mask=mask)
+    tl.store(dst_ptr + i.to(tl.int64) * stride_dst + e, x, mask=mask)
+
+
+@triton.jit
+def _scatter_blocks_kernel(src_ptr, ids_ptr, dst_ptr, stride_src, stride_dst,
+                           BLOCK_NUMEL: tl.constexpr, BLOCK: tl.constexpr):
+    """dst[ids[i]] = src[i] (flat block data); program (i, chunk)."""
+    i = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = tl.load(ids_ptr + i).to(tl.int64)
+    e = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = e < BLOCK_NUMEL
+    x = tl.load(src_ptr + i.to(tl.int64) * stride_src + e, mask=mask)
+    tl.store(dst_ptr + b * stride_dst + e, x, mask=mask)
+
+
+def _p2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def block_contiguous(t: torch.Tensor) -> bool:
+    """Each block t[i] is one contiguous run of memory."""
+    return t[0].is_contiguous() if t.shape[0] else True
+
+
+def write_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+    n = slot_mapping.shape[0]
+    if n == 0:
+        return
+    _, block_size, num_heads, head_dim = k_cache.shape
+    key, value, kc, vc = _raw(key), _raw(value), _raw(k_cache), _raw(v_cache)
+    _write_kv_kernel[(n,)](
+        key, value, kc, vc, slot_mapping, *key.stride(), *value.stride(), *kc.stride(),
+        *vc.stride(), NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_H=_p2(num_heads),
+        BLOCK_D=_p2(head_dim), BLOCK_SIZE=block_size)
+
+
+def _block_launch(kernel, src, ids, dst, numel, stride_src, stride_dst):
+    n = ids.shape[0]
+    if n == 0 or numel == 0:
+        return
+    block = min(4096, _p2(numel))
+    kernel[(n, triton.cdiv(numel, block))](src, ids, dst, stride_src, stride_dst,
+                                           BLOCK_NUMEL=numel, BLOCK=block)
+
+
+def gather_blocks(buffer, caches, block_ids) -> None:
+    numel = buffer[0, 0].numel()
+    raw = _raw(buffer)
+    for i, c in enumerate(caches):
+        if not block_contiguous(c):
+            raise ValueError(f"caches[{i}]: the triton backend needs each block contiguous")
+        # buffer[:, i] rows: stride buffer.stride(0)
+        _block_launch(_gather_blocks_kernel, _raw(c), block_ids, raw[:, i], numel,
+                      c.stride(0), buffer.stride(0))
+
+
+def scatter_blocks(caches, buffer, block_ids) -> None:
+    numel = buffer[0, 0].numel() if buffer.shape[0] else 0
+    raw = _raw(buffer.contiguous())
+    for i, c in enumerate(caches):
+        if not block_contiguous(c):
+            raise ValueError(f"caches[{i}]: the triton backend needs each block contiguous")
+        _block_launch(_scatter_blocks_kernel, raw[:, i], block_ids, _raw(c), numel,
+                      raw.stride(0), c.stride(0))
+
+
+def copy_blocks(caches, src, dst) -> None:
+    for i, c in enumerate(caches):
+        if not block_contiguous(c):
+            raise ValueError(f"caches[{i}]: the triton backend needs each block contiguous")
+        n = src.shape[0]
+        if n == 0:
+            continue
+        numel = c[0].numel()
+        tmp = torch.empty((n, numel), dtype=_BITS[c.element_size()], device=c.device)
+        _block_launch(_gather_blocks_kernel, _raw(c), src, tmp, numel, c.stride(0), numel)
+        _block_launch(_scatter_blocks_kernel, tmp, dst, _raw(c), numel, numel, c.stride(0))
+
+
+def supports_blocks(**ctx) -> tuple[bool, str]:
+    if not ctx.get("block_contiguous", True):
+        return False, "needs each cache block contiguous (caches[i][b].is_contiguous())"
+    return True, ""

@@ -1,0 +1,119 @@
+"""Every Triton kernel variant compiled for sm_80 and sm_90 with no GPU present
+(``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``): catches GPU-only
+errors the interpreter misses, and records shared memory and register use (printed; run with
+-s to see the table)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+pytest.importorskip("torch")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from prefixkv.kernels.triton import attention as tattn  # noqa: E402
+from prefixkv.kernels.triton import cache as tcache  # noqa: E402
+
+PTR = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "int32": "*i32",
+       "int16": "*i16"}
+FLOATS = {"scale", "soft_cap"}
+
+
+def _signature(fn, constexprs: dict, ptr_types: dict, default_ptr: str) -> dict:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = ptr_types.get(name, default_ptr)
+        elif name in FLOATS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _cuobjdump() -> str | None:
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.exists() else shutil.which("cuobjdump")
+
+
+def _registers(cubin: bytes) -> str:
+    tool = _cuobjdump()
+    if tool is None:
+        return "?"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        res = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True)
+    for tok in res.stdout.replace(",", " ").split():
+        if tok.startswith("REG:"):
+            return tok[4:]
+    return "?"
+
+
+def _attention_variant(dtype, head_dim, num_q_heads, num_kv_heads, decode, causal, window,
+                       soft_cap, splits):
+    cfg = tattn.attention_config(num_q_heads, num_kv_heads, head_dim, decode)
+    upcast = dtype == "float32"
+    cx = dict(cfg, BLOCK_SIZE=16, DECODE=decode, CAUSAL=causal, WINDOW=window,
+              SOFT_CAP=soft_cap, NUM_SPLITS=splits, UPCAST=upcast,
+              DOT_PREC="ieee" if upcast else "tf32")
+    out_t = "*fp32" if splits > 1 else PTR[dtype]
+    ptrs = {"tables_ptr": "*i32", "kv_lens_ptr": "*i32", "cu_ptr": "*i32", "out_ptr": out_t,
+            "lse_ptr": "*fp32"}
+    return (tattn._paged_attention_kernel, cx, ptrs, PTR[dtype],
+            tattn.attention_warps(head_dim, decode))
+
+
+VARIANTS = {
+    "attn-decode-bf16-d128-g4": _attention_variant("bfloat16", 128, 32, 8, True, True, False,
+                                                   False, 1),
+    "attn-decode-split4-f16-d256-g8-window-cap": _attention_variant(
+        "float16", 256, 64, 8, True, True, True, True, 4),
+    "attn-prefill-bf16-d128-g1": _attention_variant("bfloat16", 128, 8, 8, False, True, False,
+                                                    False, 1),
+    "attn-prefill-f32-d80-g4-window": _attention_variant("float32", 80, 8, 2, False, True, True,
+                                                         False, 1),
+    "attn-prefill-f16-d64-g8-noncausal-cap": _attention_variant("float16", 64, 8, 1, False,
+                                                                False, False, True, 1),
+    "merge-2-states-d128": (tattn._merge_states_kernel,
+                            {"HEAD_DIM": 128, "BLOCK_D": 128, "NUM_STATES": 2, "STATES_P2": 2},
+                            {"out_ptr": "*bf16", "o_ptr": "*fp32"}, "*fp32"),
+    "merge-16-splits-d80": (tattn._merge_states_kernel,
+                            {"HEAD_DIM": 80, "BLOCK_D": 128, "NUM_STATES": 16, "STATES_P2": 16},
+                            {"out_ptr": "*fp16", "o_ptr": "*fp32"}, "*fp32"),
+    "write-kv-h8-d128": (tcache._write_kv_kernel,
+                         {"NUM_HEADS": 8, "HEAD_DIM": 128, "BLOCK_H": 8, "BLOCK_D": 128,
+                          "BLOCK_SIZE": 16}, {"slots_ptr": "*i32"}, "*i16"),
+    "gather-blocks": (tcache._gather_blocks_kernel, {"BLOCK_NUMEL": 16384, "BLOCK": 4096},
+                      {"ids_ptr": "*i32"}, "*i16"),
+    "scatter-blocks": (tcache._scatter_blocks_kernel, {"BLOCK_NUMEL": 16384, "BLOCK": 4096},
+                       {"ids_ptr": "*i32"}, "*i16"),
+}
+
+
+@pytest.mark.parametrize("cc", [80, 90])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_compiles_for_gpu(name, cc, record_property):
+    fn, cx, ptrs, default_ptr, *warps = VARIANTS[name]
+    sig = _signature(fn, cx, ptrs, default_ptr)
+    kernel = triton.compile(ASTSource(fn, sig, cx), target=GPUTarget("cuda", cc, 32),
+                            options={"num_warps": warps[0] if warps else 4})
+    assert kernel.asm["cubin"], "no cubin produced"
+    shared = kernel.metadata.shared
+    regs = _registers(kernel.asm["cubin"])
+    limit = 227 * 1024 if cc == 90 else 163 * 1024
+    assert shared <= limit, f"{name}: {shared} bytes of shared memory > {limit} on sm_{cc}"
+    record_property("shared_bytes", shared)
+    record_property("registers", regs)
+    print(f"\n{name} sm_{cc}: shared {shared} B, registers {regs}, "
+          f"warps {kernel.metadata.num_warps}")

@@ -1,0 +1,31 @@
+"""Runs tests/_triton_interp_cases.py (every Triton kernel vs the numpy reference) under
+TRITON_INTERPRET=1 in a subprocess: the variable must be set before triton is imported, and an
+out-of-bounds access in the interpreter kills its process; here it is reported as a failure."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+pytest.importorskip("torch")
+
+HERE = Path(__file__).parent
+
+
+def test_triton_kernels_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+         str(HERE / "_triton_interp_cases.py")],
+        cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=900)
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    if proc.returncode < 0:
+        pytest.fail(f"interpreter process killed by signal {-proc.returncode} (out-of-bounds "
+                    f"access?):\n{tail}")
+    assert proc.returncode == 0, tail
+    assert " passed" in proc.stdout, tail
