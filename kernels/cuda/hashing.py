@@ -1,0 +1,53 @@
+"""Launcher of the CUDA C prefixkv-v1 chain kernel (``blake3_hash.cu``), compiled at first use
+by CuPy (``RawModule``, NVRTC); one thread per sequence. Nothing touches a GPU at import."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("blake3_hash.cu")
+KERNEL_NAME = "prefixkv_hash_blocks_v1"
+MAX_MESSAGE_WORDS = 256  # one 1024-byte BLAKE3 chunk
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel():
+    import cupy
+
+    module = cupy.RawModule(code=SOURCE.read_text(), options=("--std=c++17",))
+    return module.get_function(KERNEL_NAME)
+
+
+def check_block_size(block_size: int, has_extra: bool) -> None:
+    words = 8 + block_size + (4 if has_extra else 0)
+    if words > MAX_MESSAGE_WORDS:
+        raise ValueError(f"block_size: {block_size} gives a {4 * words}-byte message, over one "
+                         f"BLAKE3 chunk (1024 bytes); the CUDA kernel supports block_size <= "
+                         f"{MAX_MESSAGE_WORDS - 8 - (4 if has_extra else 0)}")
+
+
+def hash_blocks_cuda(tok, cu, boff, parents, extra, key, out, *, block_size: int,
+                     stream: int | None = None, threads: int = 64):
+    """Run the chain kernel on CUDA arrays (torch tensors or CuPy arrays, anything with
+    ``__cuda_array_interface__``), all contiguous 4-byte integers on one device.
+
+    tok: [num_tokens]; cu: int32[num_seqs + 1]; boff: int32[num_seqs] (first output row of each
+    sequence); parents: [num_seqs, 8]; extra: [num_out, 4] or None; key: [8];
+    out: [num_out, 8], written in place. uint32 data may be passed as int32 bit patterns.
+    stream: a raw cudaStream_t (e.g. ``torch.cuda.current_stream().cuda_stream``).
+    """
+    import cupy
+
+    check_block_size(block_size, extra is not None)
+    num_seqs = int(cu.shape[0]) - 1
+    if num_seqs <= 0 or int(out.shape[0]) == 0:
+        return out
+    args = [cupy.asarray(x) for x in (tok, cu, boff, parents)]
+    ext = args[0] if extra is None else cupy.asarray(extra)
+    args += [ext, cupy.asarray(key), cupy.asarray(out)]
+    blocks = (num_seqs + threads - 1) // threads
+    with cupy.cuda.ExternalStream(stream) if stream is not None else cupy.cuda.Stream.null:
+        _kernel()((blocks,), (threads,), (*args, cupy.int32(num_seqs), cupy.int32(block_size),
+                                          cupy.int32(extra is not None)))
+    return out

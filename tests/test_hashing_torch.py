@@ -1,0 +1,186 @@
+"""prefixkv.torch_frontend.hash_blocks against the BLAKE3 package: the vectorized torch path
+and the host path on CPU (triton/cuda when a GPU is present), exact words on ragged batches,
+the custom op (opcheck, torch.compile), and one pytest.raises per input check."""
+
+from __future__ import annotations
+
+import zlib
+
+import blake3
+import numpy as np
+import pytest
+import torch
+from prefixkv.paged.reference.hashing import block_key
+from prefixkv.paged.registry import BackendError
+from prefixkv.paged.validate import value_checks
+from prefixkv.torch_frontend._hashing import HASH_BLOCKS_BACKENDS, hash_blocks
+
+# the same oracle and cases as tests/test_hashing_jax.py (kept here so this file needs no jax)
+
+def oracle(tokens, block_size, cu_lens=None, salt=None, extra=None, parent=None):
+    """prefixkv-v1 with the ``blake3`` package (C/Rust), message by message."""
+    key = block_key(salt)
+    tokens = np.asarray(tokens)
+    cu = [0, len(tokens)] if cu_lens is None else [int(c) for c in cu_lens]
+    out = []
+    for s in range(len(cu) - 1):
+        if parent is None:
+            prev = bytes(32)
+        elif isinstance(parent, bytes):
+            prev = parent
+        else:
+            prev = np.asarray(parent, dtype="<u4").reshape(-1, 8)[s].tobytes()
+        for b in range((cu[s + 1] - cu[s]) // block_size):
+            lo = cu[s] + b * block_size
+            msg = prev + tokens[lo:lo + block_size].astype("<u4").tobytes()
+            if extra is not None:
+                msg += np.asarray(extra[len(out)], dtype="<u4").tobytes()
+            prev = blake3.blake3(msg, key=key).digest()
+            out.append(prev)
+    if not out:
+        return np.zeros((0, 8), np.uint32)
+    return np.frombuffer(b"".join(out), dtype="<u4").astype(np.uint32).reshape(-1, 8)
+
+
+def make_case(rng, block_size, lens, *, salt=None, with_extra=False, parent="none"):
+    lens = np.asarray(lens, dtype=np.int64)
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    tokens = rng.integers(0, 2**31 - 1, size=int(cu[-1]), dtype=np.int32)
+    nfb = int((lens // block_size).sum())
+    extra = (rng.integers(0, 2**32, size=(nfb, 4), dtype=np.uint64).astype(np.uint32)
+             if with_extra else None)
+    if parent == "per_seq":
+        par = rng.integers(0, 2**32, size=(len(lens), 8), dtype=np.uint64).astype(np.uint32)
+    elif parent == "shared":
+        par = rng.bytes(32)
+    else:
+        par = None
+    return dict(tokens=tokens, block_size=block_size, cu_lens=cu, salt=salt, extra=extra,
+                parent=par)
+
+
+# (block_size, sequence lengths, salt, extra, parent): empty sequences, shorter than a block,
+# exact multiples, partial tails; block sizes 1, 7, 16, 248 (one chunk), 300 (chunk tree).
+CASES = {
+    "b16_ragged": (16, [0, 15, 16, 17, 100, 0, 48], None, False, "none"),
+    "b7_extra_parent": (7, [7, 13, 0, 30, 6], "tenant-a", True, "per_seq"),
+    "b1_salt_bytes": (1, [3, 0, 5], b"\x00\xffsalt", False, "shared"),
+    "b248_one_chunk": (248, [248, 500, 10], "s", True, "none"),
+    "b300_tree": (300, [301, 900], None, False, "per_seq"),
+    "empty": (16, [0, 0], None, False, "none"),
+    "tails_only": (16, [3, 15, 1], "x", False, "none"),
+}
+
+
+CPU_BACKENDS = [name for name, why in HASH_BLOCKS_BACKENDS.explain("cpu").items()
+                if why == "ok"]
+GPU_BACKENDS = (["triton", "cuda", "torch"] if torch.cuda.is_available() else [])
+
+
+def _torch_case(case, device):
+    def t(x):
+        return None if x is None else torch.from_numpy(x).to(device)
+
+    parent = case["parent"]
+    return dict(tokens=t(case["tokens"]), cu_lens=t(case["cu_lens"]), extra=t(case["extra"]),
+                parent=t(parent) if isinstance(parent, np.ndarray) else parent)
+
+
+def _words(x: torch.Tensor) -> np.ndarray:
+    assert x.dtype == torch.uint32
+    return x.view(torch.int32).cpu().numpy().view(np.uint32)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cpu_matches_blake3(name, backend):
+    block_size, lens, salt, with_extra, parent = CASES[name]
+    case = make_case(np.random.default_rng(zlib.crc32(name.encode())), block_size, lens,
+                     salt=salt, with_extra=with_extra, parent=parent)
+    args = _torch_case(case, "cpu")
+    got = hash_blocks(args.pop("tokens"), block_size, salt=salt, backend=backend, **args)
+    np.testing.assert_array_equal(_words(got), oracle(**case))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", [n for n in CASES if n != "b300_tree"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_matches_blake3(name, backend):
+    block_size, lens, salt, with_extra, parent = CASES[name]
+    if backend == "cuda":
+        pytest.importorskip("cupy")
+    case = make_case(np.random.default_rng(zlib.crc32(name.encode())), block_size, lens,
+                     salt=salt, with_extra=with_extra, parent=parent)
+    args = _torch_case(case, "cuda")
+    got = hash_blocks(args.pop("tokens"), block_size, salt=salt, backend=backend, **args)
+    assert got.device.type == "cuda"
+    np.testing.assert_array_equal(_words(got), oracle(**case))
+
+
+def test_default_backend_on_cpu_and_parent_continues():
+    tokens = torch.randint(0, 1000, (80,), dtype=torch.int32)
+    whole = hash_blocks(tokens, 16, salt="p")
+    np.testing.assert_array_equal(_words(whole), oracle(tokens.numpy(), 16, salt="p"))
+    tail = hash_blocks(tokens[32:], 16, salt="p", parent=whole[1])
+    np.testing.assert_array_equal(_words(tail), _words(whole)[2:])
+
+
+def test_salts_isolate():
+    tokens = torch.arange(64, dtype=torch.int32)
+    rows = {s: {r.tobytes() for r in _words(hash_blocks(tokens, 16, salt=s))}
+            for s in (None, "a", "b")}
+    assert not rows[None] & rows["a"] and not rows["a"] & rows["b"] and not rows[None] & rows["b"]
+
+
+def test_custom_op_opcheck_and_compile():
+    from prefixkv.torch_frontend._hashing import _key_tensor
+
+    tokens = torch.randint(0, 1000, (40,), dtype=torch.int32)
+    cu = torch.tensor([0, 17, 40], dtype=torch.int32)
+    parents = torch.zeros((2, 8), dtype=torch.int32)
+    extra = torch.randint(0, 2**31 - 1, (4, 4), dtype=torch.int32)  # 2 + 2 blocks of 8
+    torch.library.opcheck(torch.ops.prefixkv.hash_blocks_v1,
+                          (tokens, 8, cu, _key_tensor(b"k"), parents, extra, "torch"))
+
+    @torch.compile(fullgraph=True)
+    def f(tokens, cu, extra):
+        return torch.ops.prefixkv.hash_blocks_v1(tokens, 8, cu, _key, parents, extra, None)
+
+    _key = _key_tensor(b"k")
+    got = f(tokens, cu, extra).numpy().view(np.uint32)
+    exp = oracle(tokens.numpy(), 8, cu.numpy(), salt=b"k", extra=extra.numpy().view(np.uint32))
+    np.testing.assert_array_equal(got, exp)
+
+
+GOOD = dict(tokens=torch.arange(32, dtype=torch.int32), block_size=16)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(tokens=torch.arange(32)), TypeError, "tokens: expected int32"),
+    (dict(block_size=0), ValueError, "block_size: expected >= 1"),
+    (dict(block_size=True), TypeError, "block_size: expected an int"),
+    (dict(cu_lens=torch.tensor([0, 32])), TypeError, "cu_lens: expected int32"),
+    (dict(salt=1.5), TypeError, "salt: expected str, bytes or None"),
+    (dict(extra=torch.zeros((2, 4), dtype=torch.int32)), TypeError, "extra: expected uint32"),
+    (dict(extra=torch.zeros((1, 4), dtype=torch.uint32)), ValueError, "extra: expected 2 rows"),
+    (dict(parent=[None, None]), ValueError, "parent: expected a list of num_seqs"),
+    (dict(tokens=torch.tensor([0, -1] + [0] * 30, dtype=torch.int32)), ValueError,
+     "tokens: expected token ids >= 0"),
+    (dict(cu_lens=torch.tensor([0, 20, 10, 32], dtype=torch.int32)), ValueError,
+     "cu_lens: expected non-decreasing"),
+    (dict(cu_lens=torch.tensor([0, 31], dtype=torch.int32)), ValueError,
+     r"cu_lens: expected cu_lens\[-1\]"),
+])
+def test_bad_input(kwargs, exc, match):
+    args = {**GOOD, **kwargs}
+    with value_checks(), pytest.raises(exc, match=match):
+        hash_blocks(args.pop("tokens"), args.pop("block_size"), **args)
+
+
+def test_backend_errors():
+    with pytest.raises(BackendError, match="unknown backend 'nope'"):
+        hash_blocks(GOOD["tokens"], 16, backend="nope")
+    with pytest.raises(BackendError, match="triton.*runs on cuda"):
+        hash_blocks(GOOD["tokens"], 16, backend="triton")
+    ok, why = HASH_BLOCKS_BACKENDS._backends["triton"].supports(block_size=249)
+    assert not ok and "block_size <= 248" in why
