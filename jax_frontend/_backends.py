@@ -142,3 +142,35 @@ for _op in ("paged_attention", "shared_prefix_attention"):
         "pallas_interpret", ("cpu",), _pallas_attention(_op, True), priority=-10,
         requires=_PALLAS_REQ, supports=_tpu_attention_supports,
         doc="the pallas_tpu kernel run by Pallas's TPU interpret mode (tests; slow)"))
+
+
+def _pallas_gpu_attention(op: str, interpret: bool):
+    def impl(*args, **config):
+        from ..kernels.pallas import paged_attention_gpu as pg
+
+        kernel = functools.partial(pg.paged_attention_gpu, interpret=interpret)
+        if op == "paged_attention":
+            return kernel(*args, **config)
+        return _xla.shared_prefix_attention(*args, **config, attention_fn=kernel)
+
+    impl.__name__ = f"{op}_{'pallas_gpu_interpret' if interpret else 'pallas_gpu'}"
+    return impl
+
+
+def _gpu_attention_supports(**context):
+    from ..kernels.pallas import paged_attention_gpu as pg
+
+    return pg.gpu_supports(**context)
+
+
+for _op in ("paged_attention", "shared_prefix_attention"):
+    REGISTRIES[_op].register(Backend(
+        "pallas_gpu", ("cuda",), _pallas_gpu_attention(_op, False), priority=10,
+        requires=(*_PALLAS_REQ, "jax.experimental.pallas.triton"),
+        supports=_gpu_attention_supports,
+        doc="Pallas kernel lowered through Triton: tables read as inputs, per-(tile, kv head) "
+            "programs looping over KV blocks"))
+    REGISTRIES[_op].register(Backend(
+        "pallas_gpu_interpret", ("cpu",), _pallas_gpu_attention(_op, True), priority=-20,
+        requires=_PALLAS_REQ, supports=_gpu_attention_supports,
+        doc="the pallas_gpu kernel run by Pallas's generic interpreter (tests; slow)"))

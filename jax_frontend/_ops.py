@@ -54,7 +54,12 @@ def _run_value_checks(*index_arrays) -> bool:
 
 
 def _current_platform() -> str:
-    return jax.default_backend()
+    """The default backend as the registry names platforms ("cpu", "cuda", "rocm", "tpu")."""
+    plat = jax.default_backend()
+    if plat == "gpu":
+        version = str(getattr(jax.devices()[0].client, "platform_version", "")).lower()
+        return "rocm" if "rocm" in version or "hip" in version else "cuda"
+    return plat
 
 
 def _dispatch(op: str, backend: str | None, context: dict, call):
@@ -102,7 +107,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     sliding_window: int or None, keys t > p - sliding_window only. logits_soft_cap: float or
     None, logits become cap * tanh(x / cap). num_q_heads must be a multiple of num_kv_heads
     (MHA, GQA, MQA). Static config is Python values (trace-time constants under jit).
-    backend: None (per platform), "xla", "pallas_tpu", "pallas_gpu", "pallas_interpret".
+    backend: None (per platform), "xla", "pallas_tpu", "pallas_gpu", "pallas_interpret" or
+    "pallas_gpu_interpret" (the TPU / GPU kernel run by the Pallas interpreter on CPU).
 
     Query token j of sequence s sits at p = kv_lens[s] - q_len + j. Returns out
     [num_tokens, num_q_heads, head_dim] in q's dtype and, with return_lse, lse

@@ -185,3 +185,64 @@ def test_tpu_backend_refuses_untileable_shapes():
         jf.paged_attention(*batch.args(), backend=BACKEND)
     assert pa.tpu_supports(head_dim=128, block_size=12) == (
         False, "block_size 12 is not a multiple of 8 (Mosaic tiling)")
+
+
+# ------------------------------------------------------- GPU (Triton-lowered) paged attention
+
+from prefixkv.kernels.pallas import paged_attention_gpu as pg  # noqa: E402
+
+GPU_CASES = [
+    ("mixed", "float32", 64, 16, {}),
+    ("decode", "bfloat16", 128, 16, dict(sliding_window=9, logits_soft_cap=3.0)),
+    ("prefill_with_prefix", "float16", 64, 32, dict(causal=False)),
+]
+
+
+@pytest.mark.parametrize("grid,dtype,head_dim,block_size,kw", GPU_CASES,
+                         ids=[f"{c[0]}-{c[1]}-d{c[2]}-b{c[3]}" for c in GPU_CASES])
+def test_paged_attention_pallas_gpu_interpret(grid, dtype, head_dim, block_size, kw):
+    rng = np.random.default_rng(8)
+    batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, block_size), num_q_heads=8,
+                                      num_kv_heads=2, head_dim=head_dim, block_size=block_size,
+                                      dtype=dtype)
+    want, want_lse = ref.paged_attention_reference(*batch.args(), return_lse=True, **kw)
+    out, lse = jf.paged_attention(*batch.args(), return_lse=True,
+                                  backend="pallas_gpu_interpret", **kw)
+    _close(out, want, dtype)
+    fin = np.isfinite(want_lse)
+    assert (np.isneginf(np.asarray(lse)) == ~fin).all()
+    np.testing.assert_allclose(np.asarray(lse)[fin], want_lse[fin], atol=2e-3, rtol=1e-4)
+
+
+def test_shared_prefix_attention_pallas_gpu_interpret():
+    rng = np.random.default_rng(9)
+    batch = testing.make_shared_prefix_batch(rng, [2, 1], [(0, 3, 5), (-1, 2, 9), (1, 1, 16)],
+                                             num_q_heads=8, num_kv_heads=2, head_dim=64,
+                                             block_size=16)
+    _close(jf.shared_prefix_attention(*batch.args(), backend="pallas_gpu_interpret"),
+           ref.shared_prefix_attention_reference(*batch.args()), "float32")
+
+
+@pytest.mark.parametrize("dtype,head_dim,block_size,decode", [
+    ("bfloat16", 128, 16, True), ("float16", 64, 32, False), ("float32", 256, 64, False)])
+def test_paged_attention_gpu_kernel_lowers_for_cuda(dtype, head_dim, block_size, decode):
+    S = jax.ShapeDtypeStruct
+    num_seqs = 4
+    args = [S((num_seqs if decode else 24, 16, head_dim), dtype),
+            S((32, block_size, 4, head_dim), dtype), S((32, block_size, 4, head_dim), dtype),
+            S((num_seqs, 8), jnp.int32), S((num_seqs,), jnp.int32),
+            None if decode else S((num_seqs + 1,), jnp.int32)]
+    fn = jax.jit(lambda *a: jf.paged_attention(*a, sliding_window=40, logits_soft_cap=30.0))
+    exp = jax.export.export(fn, platforms=["cuda"], disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    assert "xla.gpu.triton" in exp.mlir_module()  # the frontend chose the Pallas kernel
+
+
+def test_gpu_backend_refuses_untileable_shapes():
+    assert pg.gpu_supports(head_dim=80, block_size=16) == (
+        False, "head_dim 80 is not a power of two in [16, 256] (Triton tiles)")
+    assert pg.gpu_supports(head_dim=128, block_size=8) == (
+        False, "block_size 8 is not a power of two >= 16 (Triton dots)")
+    why = jf.explain_backends("paged_attention", "cuda", dtype="bfloat16", head_dim=96,
+                              block_size=16, num_q_heads=8, num_kv_heads=2)
+    assert why["pallas_gpu"].startswith("head_dim 96") and why["xla"] == "ok"

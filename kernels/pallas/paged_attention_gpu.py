@@ -1,0 +1,164 @@
+"""Ragged paged attention as a Pallas kernel lowered through Triton (NVIDIA GPUs).
+
+Same work split as the TPU kernel (query tiles of one sequence, the q heads of a kv head
+stacked as rows), grid ``(tile, kv_head)``. Scalar prefetch does not lower on GPU, so the tile
+metadata and the block tables are ordinary inputs read as scalars; each program walks its KV
+blocks with a loop of dynamic trip count, loading one (block_size, head_dim) tile of K and V
+per step from the caches viewed as [num_blocks * block_size, num_kv_heads * head_dim], with an
+online softmax in float32 registers.
+
+Triton wants power-of-two tiles and dots of at least 16 x 16: head_dim a power of two >= 16,
+block_size a power of two >= 16; the rows (q_tile x group) are padded to >= 16.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from ...jax_frontend import _xla
+
+
+def gpu_supports(*, head_dim: int, block_size: int, **_) -> tuple[bool, str]:
+    def pow2(n):
+        return n >= 16 and n & (n - 1) == 0
+
+    if not pow2(head_dim) or head_dim > 256:
+        return False, f"head_dim {head_dim} is not a power of two in [16, 256] (Triton tiles)"
+    if not pow2(block_size):
+        return False, f"block_size {block_size} is not a power of two >= 16 (Triton dots)"
+    return True, ""
+
+
+def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
+                                scale: float, block_size: int, head_dim: int, group: int,
+                                max_blocks: int, causal: bool, sliding_window: int | None,
+                                logits_soft_cap: float | None):
+    i, h = pl.program_id(0), pl.program_id(1)
+    seq, lo, nblk = meta_ref[i, 0], meta_ref[i, 1], meta_ref[i, 2]
+    hi, first_pos = meta_ref[i, 3], meta_ref[i, 4]
+    rows = q_ref.shape[0]
+    q = q_ref[...].astype(jnp.float32) * scale                           # [rows, D]
+    row_pos = first_pos + lax.div(lax.broadcasted_iota(jnp.int32, (rows, block_size), 0),
+                                  jnp.int32(group))
+    col = lax.broadcasted_iota(jnp.int32, (rows, block_size), 1)
+    key_col = lax.broadcasted_iota(jnp.int32, (block_size, head_dim), 0)
+
+    def body(j, carry):
+        m, l, acc = carry
+        blk = tables_ref[seq * max_blocks + lo + j]
+        start = blk * block_size
+        k = k_ref[pl.ds(start, block_size), pl.ds(h * head_dim, head_dim)].astype(jnp.float32)
+        v = v_ref[pl.ds(start, block_size), pl.ds(h * head_dim, head_dim)].astype(jnp.float32)
+        t0 = (lo + j) * block_size
+        v = jnp.where(t0 + key_col < hi, v, 0.0)                        # padding may be NaN
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)          # [rows, B]
+        if logits_soft_cap is not None:
+            s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
+        t = t0 + col
+        mask = t < hi
+        if causal:
+            mask = mask & (t <= row_pos)
+            if sliding_window is not None:
+                mask = mask & (t > row_pos - sliding_window)
+        s = jnp.where(mask, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.exp(s - m_safe[:, None])
+        alpha = jnp.exp(m - m_safe)
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + lax.dot_general(
+            p, v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+    m0 = jnp.full((rows,), -jnp.inf, jnp.float32)
+    l0 = jnp.zeros((rows,), jnp.float32)
+    a0 = jnp.zeros((rows, head_dim), jnp.float32)
+    m, l, acc = lax.fori_loop(0, nblk, body, (m0, l0, a0))
+    seen = l > 0
+    o_ref[...] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "causal", "sliding_window",
+                                             "logits_soft_cap", "q_tile", "interpret"))
+def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale,
+                        causal=True, sliding_window=None, logits_soft_cap=None, q_tile=None,
+                        interpret=False):
+    """Same contract as prefixkv.jax_frontend.paged_attention (validated inputs, static
+    config); returns (out [num_tokens, num_q_heads, head_dim] in q's dtype, lse f32).
+    ``interpret=True`` runs the kernel in Pallas's generic interpreter (any platform)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    num_seqs, max_blocks = block_tables.shape
+    group = num_q_heads // num_kv_heads
+    decode = cu_q_lens is None
+    if num_tokens == 0 or num_seqs == 0:
+        return (jnp.zeros(q.shape, q.dtype),
+                jnp.full((num_tokens, num_q_heads), -jnp.inf, jnp.float32))
+    if decode:
+        cu_q_lens = jnp.arange(num_seqs + 1, dtype=jnp.int32)
+    tq, nt, _ = _xla.choose_tiling(num_tokens, num_seqs, decode, block_size, q_tile=q_tile)
+    rows = tq * group
+    rows_pad = max(16, 1 << (rows - 1).bit_length())
+    kv_lens = kv_lens.astype(jnp.int32)
+    seq, q_start, q_len, first_pos = _xla._build_tiles(kv_lens, cu_q_lens.astype(jnp.int32),
+                                                       nt, tq)
+    r = jnp.arange(tq, dtype=jnp.int32)
+    tok = jnp.where(r[None, :] < q_len[:, None], q_start[:, None] + r[None, :], num_tokens)
+    tile_kv = kv_lens[seq]
+    last_pos = first_pos + jnp.maximum(q_len, 1) - 1
+    hi = jnp.minimum(last_pos + 1, tile_kv) if causal else tile_kv
+    hi = jnp.where(q_len > 0, hi, 0)
+    if sliding_window is not None:
+        lo = jnp.maximum(first_pos - sliding_window + 1, 0) // block_size
+    else:
+        lo = jnp.zeros_like(hi)
+    nblk = jnp.maximum((hi + block_size - 1) // block_size - lo, 0)
+    meta = jnp.stack([seq, lo, nblk, hi, first_pos], axis=1).astype(jnp.int32)  # [nt, 5]
+    tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_blocks - 1).reshape(-1)
+
+    qt = jnp.take(q, jnp.minimum(tok, num_tokens - 1), axis=0)           # [nt, tq, Hq, D]
+    qt = qt.reshape(nt, tq, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
+    qt = qt.reshape(nt, num_kv_heads, rows, head_dim)
+    qt = jnp.pad(qt, ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0)))
+    k_flat = k_cache.reshape(num_blocks * block_size, num_kv_heads * head_dim)
+    v_flat = v_cache.reshape(num_blocks * block_size, num_kv_heads * head_dim)
+
+    kernel = functools.partial(
+        _paged_attention_gpu_kernel, scale=scale, block_size=block_size, head_dim=head_dim,
+        group=group, max_blocks=max_blocks, causal=causal, sliding_window=sliding_window,
+        logits_soft_cap=logits_soft_cap)
+    whole = lambda x: pl.BlockSpec(x.shape, lambda i, h: (0,) * x.ndim)  # noqa: E731
+    tile = pl.BlockSpec((None, None, rows_pad, head_dim), lambda i, h: (i, h, 0, 0))
+    out, lse = pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct((nt, num_kv_heads, rows_pad, head_dim), q.dtype),
+                   jax.ShapeDtypeStruct((nt, num_kv_heads, rows_pad), jnp.float32)],
+        grid=(nt, num_kv_heads),
+        in_specs=[whole(meta), whole(tables), tile, whole(k_flat), whole(v_flat)],
+        out_specs=[tile, pl.BlockSpec((None, None, rows_pad), lambda i, h: (i, h, 0))],
+        compiler_params=_triton_params(),
+        interpret=interpret,
+    )(meta, tables, qt, k_flat, v_flat)
+    out = out[:, :, :rows].reshape(nt, num_kv_heads, tq, group, head_dim)
+    out = out.transpose(0, 2, 1, 3, 4).reshape(nt * tq, num_q_heads, head_dim)
+    lse = lse[:, :, :rows].reshape(nt, num_kv_heads, tq, group).transpose(0, 2, 1, 3)
+    lse = lse.reshape(nt * tq, num_q_heads)
+    flat = tok.reshape(-1)
+    out_full = jnp.zeros((num_tokens, num_q_heads, head_dim), q.dtype)
+    out_full = out_full.at[flat].set(out, mode="drop", unique_indices=True)
+    lse_full = jnp.full((num_tokens, num_q_heads), -jnp.inf, jnp.float32)
+    lse_full = lse_full.at[flat].set(lse, mode="drop", unique_indices=True)
+    return out_full, lse_full
+
+
+def _triton_params():
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=4, num_stages=2)
