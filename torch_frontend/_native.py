@@ -11,6 +11,8 @@ Every function writes into the output buffers it is given (the custom ops alloca
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 #: Bytes of float32 K per chunk of the online softmax (rounded to whole blocks).
@@ -65,18 +67,34 @@ def _attend_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         if pad:
             tab = torch.cat([tab, tab.new_zeros((num_seqs, pad))], dim=1)
         # buffers reused by every chunk: no large allocation (page faults) per chunk
-        gk = k_cache.new_empty((num_seqs * cblk, block_size, num_kv_heads, head_dim))
-        gv = k_cache.new_empty((num_seqs * cblk, block_size, num_kv_heads, head_dim))
         k = torch.empty((num_kv_heads, num_seqs, n_keys, head_dim), device=dev)
         v = torch.empty((num_kv_heads, num_seqs, n_keys, head_dim), device=dev)
-        for c0 in range(0, nblk, cblk):
+        k_rows, v_rows = _head_rows(k_cache), _head_rows(v_cache)
+        if k_rows is not None and v_rows is not None:
+            # one gather of head_dim rows straight into the [Hkv, S, keys, D] layout
+            k_idx = _row_index(k_rows[1], tab, cblk, block_size, num_kv_heads)
+            v_idx = k_idx if v_rows[1] == k_rows[1] else _row_index(
+                v_rows[1], tab, cblk, block_size, num_kv_heads)
+            same = k_cache.dtype == torch.float32
+            gk = k if same else k_cache.new_empty(k.shape)
+            gv = v if same else v_cache.new_empty(v.shape)
+        else:
+            gk = k_cache.new_empty((num_seqs * cblk, block_size, num_kv_heads, head_dim))
+            gv = v_cache.new_empty((num_seqs * cblk, block_size, num_kv_heads, head_dim))
+        for i, c0 in enumerate(range(0, nblk, cblk)):
             c = cblk
-            flat = tab[:, c0:c0 + cblk].reshape(-1)
-            # [Hkv, S, keys, D] float32, contiguous: small buffers that stay in cache
-            torch.index_select(k_cache, 0, flat, out=gk)
-            torch.index_select(v_cache, 0, flat, out=gv)
-            k.copy_(gk.view(num_seqs, n_keys, num_kv_heads, head_dim).permute(2, 0, 1, 3))
-            v.copy_(gv.view(num_seqs, n_keys, num_kv_heads, head_dim).permute(2, 0, 1, 3))
+            if k_rows is not None and v_rows is not None:
+                torch.index_select(k_rows[0], 0, k_idx[i], out=gk.view(-1, head_dim))
+                torch.index_select(v_rows[0], 0, v_idx[i], out=gv.view(-1, head_dim))
+                if not same:
+                    k.copy_(gk)
+                    v.copy_(gv)
+            else:
+                flat = tab[:, c0:c0 + cblk].reshape(-1)
+                torch.index_select(k_cache, 0, flat, out=gk)
+                torch.index_select(v_cache, 0, flat, out=gv)
+                k.copy_(gk.view(num_seqs, n_keys, num_kv_heads, head_dim).permute(2, 0, 1, 3))
+                v.copy_(gv.view(num_seqs, n_keys, num_kv_heads, head_dim).permute(2, 0, 1, 3))
             s = torch.matmul(qh, k.transpose(-1, -2))  # [Hkv, S, rows, keys]
             if logits_soft_cap is not None:
                 s = torch.tanh(s / logits_soft_cap) * logits_soft_cap
@@ -109,6 +127,30 @@ def _attend_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     lse = (lse.view(num_kv_heads, num_seqs, group, q_max).permute(1, 3, 0, 2)
            .reshape(num_seqs, q_max, num_q_heads))
     return out, lse
+
+
+def _head_rows(cache: torch.Tensor):
+    """cache [num_blocks, block_size, H, D] with contiguous head_dim as a [rows, D] strided view
+    and the (block, offset, head) strides in rows; None when head_dim is not contiguous."""
+    num_blocks, block_size, num_heads, head_dim = cache.shape
+    sb, st, sh, sd = cache.stride()
+    if sd != 1 or min(sb, st, sh) <= 0:
+        return None
+    g = math.gcd(math.gcd(sb, st), sh)
+    n_rows = ((num_blocks - 1) * sb + (block_size - 1) * st + (num_heads - 1) * sh) // g + 1
+    return cache.as_strided((n_rows, head_dim), (g, 1)), (sb // g, st // g, sh // g)
+
+
+def _row_index(strides, tab: torch.Tensor, cblk: int, block_size: int, num_heads: int):
+    """Row of every (chunk, head, seq, key): [num_chunks, H * S * cblk * block_size] int64."""
+    mb, mt, mh = strides
+    num_seqs, width = tab.shape
+    dev = tab.device
+    off = torch.arange(block_size, device=dev) * mt
+    h = torch.arange(num_heads, device=dev) * mh
+    t = tab.view(num_seqs, width // cblk, cblk).permute(1, 0, 2) * mb  # [chunks, S, cblk]
+    idx = h[None, :, None, None, None] + t[:, None, :, :, None] + off
+    return idx.reshape(width // cblk, -1)
 
 
 def _ragged_rows(cu: torch.Tensor, num_tokens: int, host: bool):
