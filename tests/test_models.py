@@ -193,3 +193,36 @@ def test_demo_main_tiny_run(tmp_path, capsys):
     for off, on in results.values():
         assert off.outputs() == on.outputs() and len(off.requests) == 5
     assert plot.stat().st_size > 1000
+
+
+def test_bench_report_markdown_and_plot(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "report.py"
+    spec = importlib.util.spec_from_file_location("prefixkv_bench_report", path)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    limits = {"read_gbps": 10.0, "copy_gbps": 16.0, "matmul_gflops": 50.0}
+
+    def bench(name, mean, **info):
+        return {"group": "g", "name": name, "stats": {"mean": mean, "median": mean},
+                "extra_info": {**limits, **info}}
+
+    data = {"benchmarks": [
+        bench("test_fast", 0.5, gbps=4.0, bytes=2e9, gflops=8.0, roofline_fraction=0.4),
+        bench("test_slow", 2.0, baseline=True, gbps=1.0, bytes=2e9, gflops=2.0, impl="numpy")]}
+    src = tmp_path / "b.json"
+    src.write_text(json.dumps(data))
+    md_path, png = tmp_path / "r.md", tmp_path / "roof.png"
+    md = report.main([str(src), "--markdown", str(md_path), "--plot", str(png)])
+    assert md_path.read_text().strip() == md.strip()
+    assert "| `test_fast` | 500 ms | 500 ms | 4.00x | 4 | 8 | 0.4 |" in md
+    assert ("| `test_slow` (baseline) | 2 s | 2 s | 1.00x | 1 | 2 |  | baseline=True, "
+            "impl=numpy |") in md
+    assert "read 10.0 GB/s" in md
+    assert png.stat().st_size > 1000
+    src.write_text("{}")
+    with pytest.raises(ValueError, match="not a pytest-benchmark JSON file"):
+        report.main([str(src)])
