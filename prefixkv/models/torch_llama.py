@@ -12,8 +12,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..paged.spec import dtype_name, numpy_dtype
 from .batch import StepBatch
 from .config import LlamaConfig
+
+
+def to_torch(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    """numpy -> torch on ``device``; ml_dtypes bfloat16 goes through its 16-bit pattern."""
+    x = np.ascontiguousarray(x)
+    if dtype_name(x) == "bfloat16":
+        return torch.from_numpy(x.view(np.uint16).view(np.int16)).view(torch.bfloat16).to(device)
+    return torch.from_numpy(x).to(device)
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """torch -> host numpy; bfloat16 comes back as ml_dtypes bfloat16."""
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(numpy_dtype("bfloat16"))
+    return t.numpy()
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -46,8 +63,7 @@ class TorchLlama:
         self.ops, self.config = ops, config
         self.num_blocks, self.block_size = num_blocks, block_size
         self.device = torch.device(device or "cpu")
-        self.w = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device)
-                  for k, v in weights.items()}
+        self.w = {k: to_torch(v, self.device) for k, v in weights.items()}
         self.reset()
 
     def reset(self) -> None:
@@ -58,7 +74,7 @@ class TorchLlama:
                        for _ in range(2 * c.num_layers)]
 
     def _t(self, x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        return to_torch(x, self.device)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> np.ndarray:
@@ -97,7 +113,7 @@ class TorchLlama:
     @torch.inference_mode()
     def gather_blocks(self, block_ids: np.ndarray) -> np.ndarray:
         ids = self._t(np.asarray(block_ids, np.int32))
-        return self.ops.gather_blocks(self.caches, ids).cpu().numpy()
+        return to_numpy(self.ops.gather_blocks(self.caches, ids))
 
     @torch.inference_mode()
     def scatter_blocks(self, block_ids: np.ndarray, buffer: np.ndarray) -> None:
