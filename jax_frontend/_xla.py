@@ -153,8 +153,11 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
         j, m, l, acc = state
         # (the barrier ties the caches to the step so XLA cannot hoist the bitcast out of the
         # loop as a whole-cache copy)
-        k_bits, v_bits, j = lax.optimization_barrier((k_cache, v_cache, j))
-        k_bits, v_bits = _as_bits(k_bits), _as_bits(v_bits)
+        if dtype.itemsize == 2:
+            k_bits, v_bits, j = lax.optimization_barrier((k_cache, v_cache, j))
+            k_bits, v_bits = _as_bits(k_bits), _as_bits(v_bits)
+        else:
+            k_bits, v_bits = k_cache, v_cache
         blk = lo_blk[:, None] + j * cb + offs[None, :]                     # [nt, cb]
         ids = jnp.take_along_axis(tables, jnp.minimum(blk, max_blocks - 1), axis=1)
         # tiles already done re-read block 0 (cached) instead of streaming more blocks
