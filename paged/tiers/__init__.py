@@ -25,6 +25,7 @@ from .offload import TieredStore as TieredStore
 
 _LAZY = {"RedisTier": ".redis", "LocalRedisServer": ".redis", "NixlTier": ".nixl",
          "NixlPeer": ".nixl"}
+_LAZY["MooncakeTier"] = ".mooncake"  # Mooncake store (G4), imported on first use
 
 
 def __getattr__(name: str):

@@ -1,0 +1,329 @@
+"""Mooncake store remote tier against a real store on 127.0.0.1: mooncake_master (built-in HTTP
+metadata server) + one mooncake_client storage node started here; the tier is a third process's
+worth of client (no memory of its own), so every block crosses the TCP transport."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from prefixkv.paged.reference import (
+    gather_blocks_reference,
+    paged_attention_reference,
+    scatter_blocks_reference,
+    write_kv_reference,
+)
+from prefixkv.paged.spec import numpy_dtype
+from prefixkv.paged.tiers import BlockKey, BlockOffloader, Namespace
+from prefixkv.paged.tiers.base import record_bytes
+
+DTYPES = ["float32", "float16", "bfloat16"]
+ROW = (4, 3, 2, 5)
+SKIP = "mooncake not installed (pip install mooncake-transfer-engine-non-cuda; apt libibverbs1)"
+
+
+def _same(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def _ns(dtype="float32", salt=None, model="tiny-model"):
+    return Namespace(model, dtype=dtype, salt=salt)
+
+
+def _keys(n, ns=None, start=0):
+    ns = ns or _ns()
+    return [BlockKey(i.to_bytes(4, "big"), ns) for i in range(start, start + n)]
+
+
+def _rows(n, dtype="float32", seed=0, shape=ROW):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape).astype(numpy_dtype(dtype)) for _ in range(n)]
+
+
+def _local_store(**kw):
+    pytest.importorskip("mooncake.store", reason=SKIP)
+    from prefixkv.paged.tiers.mooncake import LocalMooncakeStore
+
+    try:
+        return LocalMooncakeStore(**kw).start()
+    except FileNotFoundError as e:
+        pytest.skip(f"mooncake binaries absent: {e}")
+
+
+@pytest.fixture(scope="module")
+def mc_store():
+    st = _local_store()
+    yield st
+    st.stop()
+
+
+@pytest.fixture()
+def tier(mc_store, request):
+    from prefixkv.paged.tiers import MooncakeTier
+
+    t = MooncakeTier(mc_store.master, mc_store.metadata_server,
+                     prefix=f"t-{request.node.name}/", staging_bytes=1 << 20, max_batch=3)
+    t.clear()
+    yield t
+    t.clear()
+    t.close()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_round_trip_batched(tier, dtype):
+    ns = _ns(dtype)
+    ks, vals = _keys(7, ns), _rows(7, dtype)  # 7 keys over max_batch=3: three batches
+    assert tier.batch_exists(ks) == 0
+    assert tier.batch_get(ks, shape=ROW, dtype=dtype) == [None] * 7
+    assert tier.batch_put(ks, vals) == [True] * 7
+    assert tier.batch_exists(ks) == 7
+    assert tier.batch_exists([ks[0], _keys(1, ns, 99)[0], ks[1]]) == 1
+    got = tier.batch_get(ks, shape=ROW, dtype=dtype)
+    assert all(_same(g, v) for g, v in zip(got, vals, strict=True))
+    assert not got[0].flags.writeable
+    unsized = tier.batch_get(ks[:2])  # no expected shape: the client-buffer path
+    assert all(_same(g, v) for g, v in zip(unsized, vals, strict=False))
+    assert tier.batch_put(ks[:1], vals[:1]) == [True]  # already there: stored
+    assert tier.batch_remove(ks[:2]) == 2 and tier.batch_exists(ks) == 0
+    assert tier.batch_exists(ks[2:]) == 5
+    assert tier.stats.errors == 0 and tier.stats.corrupt == 0
+
+
+def test_mixed_hits_and_staging_batches(tier):
+    # ~1 MiB staging: 40 rows of 24 KiB split into several transfers; every other key absent.
+    shape = (4, 16, 8, 12)
+    ks, vals = _keys(40, start=1000), _rows(40, seed=7, shape=shape)
+    assert tier.batch_put(ks[::2], vals[::2]) == [True] * 20
+    got = tier.batch_get(ks, shape=shape, dtype="float32")
+    for i, g in enumerate(got):
+        assert (g is None) if i % 2 else _same(g, vals[i])
+    assert tier.stats.hits == 20 and tier.stats.misses >= 20
+
+
+def test_wrong_shape_dtype_key_or_checksum_is_a_miss(tier):
+    ks, vals = _keys(3, start=50), _rows(3, seed=1)
+    assert tier.batch_put(ks, vals) == [True] * 3
+    assert tier.batch_get(ks[:1], shape=(1,)) == [None]  # other shape
+    assert tier.batch_get(ks[:1], shape=ROW, dtype="float16") == [None]  # other dtype
+    assert tier.batch_get(ks[:1], shape=ROW, dtype="no-such-dtype") == [None]
+    assert _same(tier.batch_get(ks[:1], shape=ROW)[0], vals[0])  # still there, still good
+    # A record written under another key's name (a foreign/stale object), and a flipped bit.
+    store, name = tier.store, tier._name
+    assert store.remove(name(ks[1]), True) == 0 and store.remove(name(ks[2]), True) == 0
+    foreign = record_bytes(ks[0], vals[1])
+    assert store.put(name(ks[1]), foreign) == 0
+    bad = bytearray(record_bytes(ks[2], vals[2]))
+    bad[-1] ^= 1
+    assert store.put(name(ks[2]), bytes(bad)) == 0
+    assert tier.batch_get(ks, shape=ROW, dtype="float32")[1:] == [None, None]
+    assert tier.stats.corrupt == 2
+    # bad records are dropped, so a put stores the right block again
+    assert tier.batch_exists(ks[1:]) == 0
+    assert tier.batch_put(ks[1:], vals[1:]) == [True, True]
+    got = tier.batch_get(ks, shape=ROW)
+    assert all(_same(g, v) for g, v in zip(got, vals, strict=True))
+
+
+def test_oversize_record_is_refused(tier):
+    big = np.zeros((512, 1024), np.float32)  # 2 MiB > 1 MiB staging
+    ks = _keys(2, start=60)
+    assert tier.batch_put(ks, [big, _rows(1)[0]]) == [False, True]
+    assert tier.batch_get(ks[:1], shape=big.shape) == [None]
+
+
+def test_equal_hashes_under_different_salts_never_collide(tier):
+    salts = [None, "a", "b", b"a\0", "tenant-1"]
+    hashes = [bytes([i]) * 32 for i in range(3)]
+    for j, salt in enumerate(salts):
+        ks = [BlockKey(h, _ns(salt=salt)) for h in hashes]
+        assert all(tier.batch_put(ks, [np.full(ROW, 10 * j + i, np.float32)
+                                       for i in range(3)]))
+    names = {tier._name(BlockKey(hashes[0], _ns(salt=s))) for s in salts}
+    assert len(names) == len(salts)  # the salt is in every object name
+    for j, salt in enumerate(salts):
+        got = tier.batch_get([BlockKey(h, _ns(salt=salt)) for h in hashes], shape=ROW)
+        assert all(_same(g, np.full(ROW, 10 * j + i, np.float32)) for i, g in enumerate(got))
+    other = [BlockKey(h, _ns(salt="never-stored")) for h in hashes]
+    assert tier.batch_exists(other) == 0 and tier.batch_get(other) == [None] * 3
+    assert tier.batch_exists([BlockKey(hashes[0], _ns(model="other"))]) == 0
+
+
+def test_events(tier):
+    from prefixkv.paged.events import EventLog
+
+    log = EventLog()
+    tier.events.subscribe(log)
+    ks = [BlockKey(b"h1", _ns(salt="s")), BlockKey(b"h2", _ns(salt="s"))]
+    tier.batch_put(ks, _rows(2))
+    tier.batch_remove(ks[:1])
+    tier.clear()
+    assert [(e.kind, e.tier, e.namespace, e.block_hashes) for e in log.events] == [
+        ("stored", "mooncake", b"s", (b"h1", b"h2")),
+        ("removed", "mooncake", b"s", (b"h1",)),
+        ("cleared", "mooncake", b"", ())]
+    assert tier.batch_exists(ks[1:]) == 0
+
+
+def test_import_error_names_the_package(monkeypatch):
+    import builtins
+
+    from prefixkv.paged.tiers import mooncake as mc
+
+    real = builtins.__import__
+
+    def fake(name, *a, **kw):
+        if name == "mooncake" or name.startswith("mooncake."):
+            raise ImportError("no mooncake")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(ImportError, match="mooncake-transfer-engine-non-cuda"):
+        mc.MooncakeTier("127.0.0.1:1")
+
+
+def test_bad_master_address_is_named():
+    pytest.importorskip("mooncake.store", reason=SKIP)
+    from prefixkv.paged.tiers import MooncakeTier
+
+    with pytest.raises(ValueError, match="master"):
+        MooncakeTier("no-port-here")
+
+
+# -- faults: servers killed mid-run (a private store per test) --------------------------------
+
+def test_storage_node_killed_is_a_miss():
+    from prefixkv.paged.tiers import MooncakeTier
+
+    st = _local_store()
+    t = MooncakeTier(st.master, st.metadata_server, staging_bytes=1 << 20)
+    try:
+        ks, vals = _keys(4), _rows(4, seed=2)
+        assert t.batch_put(ks, vals) == [True] * 4
+        st.kill_storage()  # the memory holding every block is gone
+        t0 = time.monotonic()
+        assert t.batch_get(ks, shape=ROW) == [None] * 4
+        assert t.batch_put(_keys(2, start=10), vals[:2]) == [False, False]
+        assert time.monotonic() - t0 < 5
+        assert t.stats.errors >= 1
+    finally:
+        t.close()
+        st.stop()
+
+
+def test_master_killed_then_back():
+    from prefixkv.paged.tiers import MooncakeTier
+
+    st = _local_store()
+    t = MooncakeTier(st.master, st.metadata_server, staging_bytes=1 << 20, retry_interval=0.3)
+    try:
+        ks, vals = _keys(4), _rows(4, seed=3)
+        assert t.batch_put(ks, vals) == [True] * 4
+        st.kill_master()
+        t0 = time.monotonic()
+        for _ in range(3):  # the first call fails fast, then the tier answers at once
+            assert t.batch_exists(ks) == 0
+            assert t.batch_get(ks, shape=ROW) == [None] * 4
+            assert t.batch_put(_keys(1, start=20), vals[:1]) == [False]
+            assert t.batch_remove(ks) == 0
+            t.clear()
+        assert not t.available and t.stats.errors >= 1
+        time.sleep(0.4)  # retry due: a TCP probe finds the master still down
+        assert t.batch_get(ks, shape=ROW) == [None] * 4
+        assert time.monotonic() - t0 < 3
+    finally:
+        t.close()
+        st.stop()
+    assert t.batch_get(ks) == [None] * 4 and t.batch_put(ks, vals) == [False] * 4  # closed
+
+
+def test_master_down_at_start_is_a_miss():
+    from prefixkv.paged.tiers import MooncakeTier
+
+    pytest.importorskip("mooncake.store", reason=SKIP)
+    from prefixkv.paged.tiers.mooncake import _free_port
+
+    port = _free_port()  # nothing listens here
+    t0 = time.monotonic()
+    t = MooncakeTier(f"127.0.0.1:{port}", f"http://127.0.0.1:{_free_port()}/metadata",
+                     retry_interval=0.1)
+    try:
+        assert t.store is None and not t.available
+        assert t.batch_put(_keys(1), _rows(1)) == [False]
+        time.sleep(0.15)
+        assert t.batch_exists(_keys(1)) == 0 and t.batch_get(_keys(1)) == [None]
+    finally:
+        t.close()
+    assert time.monotonic() - t0 < 10
+
+
+# -- end to end: PrefixCache engine -> BlockOffloader -> Mooncake -> fresh engine ----------
+
+BS, HKV, HQ, D = 4, 2, 4, 8
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_offload_drop_onboard_bit_exact(mc_store, dtype):
+    from prefixkv.paged.prefix_cache import PrefixCache
+    from prefixkv.paged.tiers import MooncakeTier
+
+    dt = numpy_dtype(dtype)
+    rng = np.random.default_rng(5)
+    tokens = list(range(300, 323))  # 23 tokens: 5 full blocks
+    keys = rng.standard_normal((len(tokens), HKV, D)).astype(dt)
+    vals = rng.standard_normal((len(tokens), HKV, D)).astype(dt)
+    q = rng.standard_normal((1, HQ, D)).astype(dt)
+
+    def engine():
+        pc = PrefixCache(16, BS)
+        return pc, [np.full((16, BS, HKV, D), np.nan, dt), np.full((16, BS, HKV, D), np.nan, dt)]
+
+    def attend(pc, caches):
+        blocks = pc.blocks("r")
+        table = np.asarray([blocks], np.int32)
+        kv_len = np.array([pc.num_computed("r")], np.int32)
+        return paged_attention_reference(q, caches[0], caches[1], table, kv_len, None)
+
+    pc, caches = engine()
+    pc.add_request("r", tokens, salt="tenant-a")
+    plan = pc.step([("r", len(tokens))])
+    caches = list(write_kv_reference(keys, vals, *caches, plan.slot_mapping))
+    want = attend(pc, caches)
+
+    ns = Namespace("e2e-model", dtype=dtype)
+    tier = MooncakeTier(mc_store.master, mc_store.metadata_server, prefix=f"e2e-{dtype}/")
+    tier.clear()
+    try:
+        off = BlockOffloader(tier, ns, gather=gather_blocks_reference,
+                             scatter=scatter_blocks_reference)
+        full = len(tokens) // BS
+        hashes = pc.request_hashes("r")[:full]
+        blocks = np.asarray(pc.blocks("r")[:full], np.int32)
+        rns = ns.with_salt(pc.namespace("r"))
+        assert off.offload(caches, blocks, hashes, namespace=rns) == [True] * full
+        pc.free("r")
+        del pc, caches  # the device copy is gone
+
+        pc2, caches2 = engine()
+        pc2.add_request("warm", list(range(5)))  # shift block ids vs the source
+        pc2.step([("warm", 5)])
+        pc2.add_request("r", tokens, salt="tenant-a")
+        caches2, n = off.onboard_request(pc2, "r", caches2)
+        assert n == full
+        done = pc2.num_computed("r")
+        assert done == n * BS
+        plan = pc2.step([("r", len(tokens) - done)])
+        caches2 = list(write_kv_reference(keys[done:], vals[done:], *caches2,
+                                          plan.slot_mapping))
+        assert _same(attend(pc2, caches2), want)
+        ids = np.asarray(pc2.blocks("r")[:n], np.int32)
+        assert _same(gather_blocks_reference([caches2[0]], ids).reshape(-1, HKV, D),
+                     keys[:n * BS])
+
+        pc3, caches3 = engine()  # another salt: nothing onboarded
+        pc3.add_request("r", tokens, salt="tenant-b")
+        assert off.onboard_request(pc3, "r", caches3)[1] == 0
+    finally:
+        tier.clear()
+        tier.close()
