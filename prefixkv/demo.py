@@ -68,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plot", default=None, help="write TTFT with vs without caching to this PNG")
     p.add_argument("--threads", type=int, default=1 if (os.cpu_count() or 1) <= 4 else None,
                    help="CPU threads per framework (default: 1 on small machines, where "
-                        "oversubscribed threads make every figure swing; else the framework's)")
+                        "oversubscribed threads make every figure swing; 0 or, on large "
+                        "machines, by default: the framework's own setting)")
     p.add_argument("--compile-cache", default=os.path.join(
         os.path.expanduser("~"), ".cache", "prefixkv", "jax"),
                    help="JAX persistent compilation cache directory ('' to disable)")
@@ -156,7 +157,7 @@ def plot_ttft(results: dict, path: str) -> None:
 
 def _set_threads(n: int | None, compile_cache: str) -> None:
     """One thread per framework when asked (set before the frameworks start their pools)."""
-    if n is not None:
+    if n:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             os.environ.setdefault(var, str(n))
         if n == 1 and "jax" not in sys.modules:
@@ -208,7 +209,7 @@ def main(argv=None) -> dict:
           f"{model.num_q_heads}/{model.num_kv_heads} q/kv heads x {model.head_dim}, "
           f"{model.dtype}; pool {engine_cfg.num_blocks} blocks x {engine_cfg.block_size} "
           f"tokens, host tier {engine_cfg.host_blocks} blocks; "
-          f"threads {args.threads or 'framework default'}")
+          f"threads {args.threads or 'as the framework sets them'}")
     results = {}
     for fw in frameworks:
         adapter = make_adapter(fw, model, weights, num_blocks=engine_cfg.num_blocks,

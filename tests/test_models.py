@@ -186,7 +186,8 @@ def test_demo_main_tiny_run(tmp_path, capsys):
         "--q-heads", "2", "--kv-heads", "1", "--head-dim", "32", "--vocab", "128",
         "--system-prompt-len", "32", "--chats", "1", "--turns", "2", "--unique", "1",
         "--max-new-tokens", "2", "--block-size", "8", "--num-blocks", "64",
-        "--max-batched-tokens", "32", "--min-token-bucket", "32", "--plot", str(plot)])
+        "--max-batched-tokens", "32", "--min-token-bucket", "32", "--plot", str(plot),
+        "--threads", "0", "--compile-cache", ""])
     out = capsys.readouterr().out
     assert "prefix-hit rate" in out and "TTFT p50 (ms)" in out and "caching speedup" in out
     assert "generations identical with caching on and off: yes" in out

@@ -404,6 +404,8 @@ class Engine:
                 raise RuntimeError("num_blocks: the pool cannot hold one sequence")
             # ---- plan (allocate, register, metadata) and run the model
             plan = pc.step([(s.rid, n) for s, n in items])
+            if plan.copy_src.size:  # copy-on-write needs fork(), which this engine never does
+                raise RuntimeError("plan: copy-on-write pairs in a batch without forks")
             token_ids = np.concatenate(
                 [np.asarray(s.tokens[s.num_computed:s.num_computed + n], I32) for s, n in items])
             rows = plan.cu_q_lens[1:] - 1
