@@ -59,16 +59,27 @@ def mc_store():
     st.stop()
 
 
-@pytest.fixture()
-def tier(mc_store, request):
+@pytest.fixture(scope="module")
+def shared_tier(mc_store):
     from prefixkv.paged.tiers import MooncakeTier
 
-    t = MooncakeTier(mc_store.master, mc_store.metadata_server,
-                     prefix=f"t-{request.node.name}/", staging_bytes=1 << 20, max_batch=3)
+    t = MooncakeTier(mc_store.master, mc_store.metadata_server, staging_bytes=1 << 20,
+                     max_batch=3)
+    yield t
+    t.close()  # ~1 s (the client unmounts and deregisters): one tier for the module
+
+
+@pytest.fixture()
+def tier(shared_tier, request):
+    from prefixkv.paged.events import EventBus
+    from prefixkv.paged.tiers import TierStats
+
+    t = shared_tier
+    t.prefix = f"t-{request.node.name}/"
+    t.stats, t.events = TierStats(), EventBus()
     t.clear()
     yield t
     t.clear()
-    t.close()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -232,6 +243,13 @@ def test_master_killed_then_back():
         time.sleep(0.4)  # retry due: a TCP probe finds the master still down
         assert t.batch_get(ks, shape=ROW) == [None] * 4
         assert time.monotonic() - t0 < 3
+        st.start()  # the master comes back on its port; the storage node mounts again
+        time.sleep(0.4)
+        got = t.batch_get(ks, shape=ROW)  # the old master's objects are gone: misses
+        assert all(g is None or _same(g, v) for g, v in zip(got, vals, strict=True))
+        assert t.batch_put(ks, vals) == [True] * 4
+        got = t.batch_get(ks, shape=ROW)
+        assert all(_same(g, v) for g, v in zip(got, vals, strict=True))
     finally:
         t.close()
         st.stop()
@@ -264,9 +282,8 @@ BS, HKV, HQ, D = 4, 2, 4, 8
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_offload_drop_onboard_bit_exact(mc_store, dtype):
+def test_offload_drop_onboard_bit_exact(tier, dtype):
     from prefixkv.paged.prefix_cache import PrefixCache
-    from prefixkv.paged.tiers import MooncakeTier
 
     dt = numpy_dtype(dtype)
     rng = np.random.default_rng(5)
@@ -291,39 +308,33 @@ def test_offload_drop_onboard_bit_exact(mc_store, dtype):
     caches = list(write_kv_reference(keys, vals, *caches, plan.slot_mapping))
     want = attend(pc, caches)
 
-    ns = Namespace("e2e-model", dtype=dtype)
-    tier = MooncakeTier(mc_store.master, mc_store.metadata_server, prefix=f"e2e-{dtype}/")
-    tier.clear()
-    try:
-        off = BlockOffloader(tier, ns, gather=gather_blocks_reference,
-                             scatter=scatter_blocks_reference)
-        full = len(tokens) // BS
-        hashes = pc.request_hashes("r")[:full]
-        blocks = np.asarray(pc.blocks("r")[:full], np.int32)
-        rns = ns.with_salt(pc.namespace("r"))
-        assert off.offload(caches, blocks, hashes, namespace=rns) == [True] * full
-        pc.free("r")
-        del pc, caches  # the device copy is gone
+    ns = Namespace("e2e-model", dtype=dtype)  # tier: the module's store, this test's prefix
+    off = BlockOffloader(tier, ns, gather=gather_blocks_reference,
+                         scatter=scatter_blocks_reference)
+    full = len(tokens) // BS
+    hashes = pc.request_hashes("r")[:full]
+    blocks = np.asarray(pc.blocks("r")[:full], np.int32)
+    rns = ns.with_salt(pc.namespace("r"))
+    assert off.offload(caches, blocks, hashes, namespace=rns) == [True] * full
+    pc.free("r")
+    del pc, caches  # the device copy is gone
 
-        pc2, caches2 = engine()
-        pc2.add_request("warm", list(range(5)))  # shift block ids vs the source
-        pc2.step([("warm", 5)])
-        pc2.add_request("r", tokens, salt="tenant-a")
-        caches2, n = off.onboard_request(pc2, "r", caches2)
-        assert n == full
-        done = pc2.num_computed("r")
-        assert done == n * BS
-        plan = pc2.step([("r", len(tokens) - done)])
-        caches2 = list(write_kv_reference(keys[done:], vals[done:], *caches2,
-                                          plan.slot_mapping))
-        assert _same(attend(pc2, caches2), want)
-        ids = np.asarray(pc2.blocks("r")[:n], np.int32)
-        assert _same(gather_blocks_reference([caches2[0]], ids).reshape(-1, HKV, D),
-                     keys[:n * BS])
+    pc2, caches2 = engine()
+    pc2.add_request("warm", list(range(5)))  # shift block ids vs the source
+    pc2.step([("warm", 5)])
+    pc2.add_request("r", tokens, salt="tenant-a")
+    caches2, n = off.onboard_request(pc2, "r", caches2)
+    assert n == full
+    done = pc2.num_computed("r")
+    assert done == n * BS
+    plan = pc2.step([("r", len(tokens) - done)])
+    caches2 = list(write_kv_reference(keys[done:], vals[done:], *caches2,
+                                      plan.slot_mapping))
+    assert _same(attend(pc2, caches2), want)
+    ids = np.asarray(pc2.blocks("r")[:n], np.int32)
+    assert _same(gather_blocks_reference([caches2[0]], ids).reshape(-1, HKV, D),
+                 keys[:n * BS])
 
-        pc3, caches3 = engine()  # another salt: nothing onboarded
-        pc3.add_request("r", tokens, salt="tenant-b")
-        assert off.onboard_request(pc3, "r", caches3)[1] == 0
-    finally:
-        tier.clear()
-        tier.close()
+    pc3, caches3 = engine()  # another salt: nothing onboarded
+    pc3.add_request("r", tokens, salt="tenant-b")
+    assert off.onboard_request(pc3, "r", caches3)[1] == 0
