@@ -16,9 +16,9 @@ from bench.conftest import record
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
+from prefixkv.jax_frontend import _xla  # noqa: E402
 
 from prefixkv import jax_frontend as jf  # noqa: E402
-from prefixkv.jax_frontend import _xla  # noqa: E402
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 

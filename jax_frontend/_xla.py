@@ -150,7 +150,7 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
     dtype = k_cache.dtype
 
     def body(state):
-        j, m, l, acc = state
+        j, m, l_sum, acc = state
         # (the barrier ties the caches to the step so XLA cannot hoist the bitcast out of the
         # loop as a whole-cache copy)
         if dtype.itemsize == 2:
@@ -193,20 +193,20 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         p = jnp.exp(s - jnp.expand_dims(m_safe, ax))
         alpha = jnp.exp(m - m_safe)
-        l = l * alpha + jnp.sum(p, axis=ax)
+        l_sum = l_sum * alpha + jnp.sum(p, axis=ax)
         pv = jnp.einsum("nhtr,nhtd->nhrd" if t_major else "nhrt,nhtd->nhrd", p, v,
                         preferred_element_type=jnp.float32)
         acc = acc * alpha[..., None] + pv
-        return j + 1, m_new, l, acc
+        return j + 1, m_new, l_sum, acc
 
     m0 = jnp.full((nt, num_kv_heads, rows), -jnp.inf, jnp.float32)
     l0 = jnp.zeros((nt, num_kv_heads, rows), jnp.float32)
     a0 = jnp.zeros((nt, num_kv_heads, rows, head_dim), jnp.float32)
-    _, m, l, acc = lax.while_loop(lambda st: st[0] < steps, body,
+    _, m, l_sum, acc = lax.while_loop(lambda st: st[0] < steps, body,
                                   (jnp.int32(0), m0, l0, a0))
-    seen = l > 0
-    out = acc / jnp.where(seen, l, 1.0)[..., None]
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+    seen = l_sum > 0
+    out = acc / jnp.where(seen, l_sum, 1.0)[..., None]
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l_sum, 1.0)), -jnp.inf)
     # [nt, Hkv, tq*G, ...] -> [nt, tq, Hq, ...]
     out = out.reshape(nt, num_kv_heads, tq, group, head_dim).transpose(0, 2, 1, 3, 4)
     out = out.reshape(nt * tq, num_q_heads, head_dim)

@@ -10,10 +10,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
-
-from prefixkv import jax_frontend as jf  # noqa: E402
 from prefixkv.paged import reference as ref  # noqa: E402
 from prefixkv.paged import testing  # noqa: E402
+
+from prefixkv import jax_frontend as jf  # noqa: E402
 
 
 def main(backend: str | None) -> None:

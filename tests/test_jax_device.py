@@ -8,11 +8,11 @@ import pytest
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
-
-from prefixkv import jax_frontend as jf  # noqa: E402
 from prefixkv.paged import reference as ref  # noqa: E402
 from prefixkv.paged import testing  # noqa: E402
 from prefixkv.paged.spec import ATTENTION_TOLERANCE  # noqa: E402
+
+from prefixkv import jax_frontend as jf  # noqa: E402
 
 PLATFORM = jax.default_backend()
 pytestmark = pytest.mark.skipif(PLATFORM not in ("tpu", "gpu", "cuda", "rocm"),
@@ -61,7 +61,8 @@ def test_cache_ops_on_device_exact_and_in_place():
     np.testing.assert_array_equal(np.asarray(nv).view(np.uint16), want_v.view(np.uint16))
     src, dst = np.array([1, 2, 7], np.int32), np.array([2, 9, 1], np.int32)
     got = jax.jit(jf.copy_blocks)([nk, nv], src, dst)
-    for g, w in zip(got, ref.copy_blocks_reference([want_k, want_v], src, dst)):
+    for g, w in zip(got, ref.copy_blocks_reference([want_k, want_v], src, dst),
+                    strict=True):
         np.testing.assert_array_equal(np.asarray(g).view(np.uint16), w.view(np.uint16))
     ids = np.array([4, 0, 4], np.int32)
     buf = jax.jit(jf.gather_blocks)(got, ids)

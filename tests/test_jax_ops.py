@@ -10,11 +10,11 @@ import pytest
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
-
-from prefixkv import jax_frontend as jf  # noqa: E402
 from prefixkv.paged import reference as ref  # noqa: E402
 from prefixkv.paged import testing, validate  # noqa: E402
 from prefixkv.paged.spec import ATTENTION_TOLERANCE  # noqa: E402
+
+from prefixkv import jax_frontend as jf  # noqa: E402
 
 
 def _close(got, want, dtype):
@@ -189,7 +189,7 @@ def test_copy_blocks_exact_reads_before_writes():
     src, dst = np.array([1, 2, 7], np.int32), np.array([2, 9, 1], np.int32)  # a chain
     want = ref.copy_blocks_reference(caches, src, dst)
     got = jf.copy_blocks(caches, src, dst)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(np.asarray(g), w)
 
 
@@ -203,7 +203,7 @@ def test_gather_scatter_roundtrip_exact():
     dst = np.array([5, 6, 1, 10], np.int32)
     got = jf.scatter_blocks(caches, buf, dst)
     want_s = ref.scatter_blocks_reference(caches, want, dst)
-    for g, w in zip(got, want_s):
+    for g, w in zip(got, want_s, strict=True):
         np.testing.assert_array_equal(np.asarray(g).view(np.uint16), w.view(np.uint16))
 
 
@@ -283,7 +283,8 @@ def test_error_write_kv_duplicate_slots():
 
 def test_error_unknown_backend_lists_backends():
     b = _small_batch()
-    with pytest.raises(jf.BackendError, match=r"unknown backend 'cuda_magic'(.|\n)*- xla: could run"):
+    with pytest.raises(jf.BackendError,
+                       match=r"unknown backend 'cuda_magic'(.|\n)*- xla: could run"):
         jf.paged_attention(*b.args(), backend="cuda_magic")
 
 

@@ -9,10 +9,10 @@ import pytest
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
-
-from prefixkv import jax_frontend as jf  # noqa: E402
 from prefixkv.paged import reference as ref  # noqa: E402
 from prefixkv.paged import testing  # noqa: E402
+
+from prefixkv import jax_frontend as jf  # noqa: E402
 
 pytest.importorskip("jax.experimental.pallas.tpu")
 from prefixkv.kernels.pallas import cache_ops  # noqa: E402
@@ -37,7 +37,7 @@ def test_write_kv_pallas(dtype):
     slots = np.array([5, -1, 39, 0, 17], np.int32)  # row 5 is padding
     want = ref.write_kv_reference(key, value, kc, vc, slots)
     got = jf.write_kv(key, value, kc, vc, slots, backend=BACKEND)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(_bits(g), _bits(w))
 
 
@@ -47,7 +47,7 @@ def test_copy_blocks_pallas_chain_and_other_shapes():
     src, dst = np.array([1, 2, 7], np.int32), np.array([2, 9, 1], np.int32)
     want = ref.copy_blocks_reference(caches, src, dst)
     got = jf.copy_blocks(caches, src, dst, backend=BACKEND)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(_bits(g), _bits(w))
 
 
@@ -59,7 +59,7 @@ def test_gather_scatter_pallas():
     np.testing.assert_array_equal(_bits(buf), _bits(ref.gather_blocks_reference(caches, ids)))
     dst = np.array([5, 6, 1, 8], np.int32)
     got = jf.scatter_blocks(caches, np.asarray(buf), dst, backend=BACKEND)
-    for g, w in zip(got, ref.scatter_blocks_reference(caches, np.asarray(buf), dst)):
+    for g, w in zip(got, ref.scatter_blocks_reference(caches, np.asarray(buf), dst), strict=True):
         np.testing.assert_array_equal(_bits(g), _bits(w))
 
 

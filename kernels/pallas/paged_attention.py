@@ -72,10 +72,11 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
 
     @pl.when(j == pl.num_programs(2) - 1)
     def _finish():
-        l = l_sc[...]
-        seen = l > 0
-        o_ref[...] = (acc_sc[...] / jnp.where(seen, l, 1.0)).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+        l_sum = l_sc[...]
+        seen = l_sum > 0
+        o_ref[...] = (acc_sc[...] / jnp.where(seen, l_sum, 1.0)).astype(o_ref.dtype)
+        lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(jnp.where(seen, l_sum, 1.0)),
+                                 -jnp.inf)
 
 
 def tpu_supports(*, head_dim: int, block_size: int, **_) -> tuple[bool, str]:

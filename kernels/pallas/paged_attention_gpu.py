@@ -49,7 +49,7 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
     key_col = lax.broadcasted_iota(jnp.int32, (block_size, head_dim), 0)
 
     def body(j, carry):
-        m, l, acc = carry
+        m, l_sum, acc = carry
         blk = tables_ref[seq * max_blocks + lo + j]
         start = blk * block_size
         k = k_ref[pl.ds(start, block_size), pl.ds(h * head_dim, head_dim)].astype(jnp.float32)
@@ -71,18 +71,18 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         p = jnp.exp(s - m_safe[:, None])
         alpha = jnp.exp(m - m_safe)
-        l = l * alpha + jnp.sum(p, axis=1)
+        l_sum = l_sum * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + lax.dot_general(
             p, v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        return m_new, l, acc
+        return m_new, l_sum, acc
 
     m0 = jnp.full((rows,), -jnp.inf, jnp.float32)
     l0 = jnp.zeros((rows,), jnp.float32)
     a0 = jnp.zeros((rows, head_dim), jnp.float32)
-    m, l, acc = lax.fori_loop(0, nblk, body, (m0, l0, a0))
-    seen = l > 0
-    o_ref[...] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+    m, l_sum, acc = lax.fori_loop(0, nblk, body, (m0, l0, a0))
+    seen = l_sum > 0
+    o_ref[...] = (acc / jnp.where(seen, l_sum, 1.0)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l_sum, 1.0)), -jnp.inf)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "sliding_window",
