@@ -302,24 +302,71 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 def copy_blocks(caches, src, dst) -> None:
     s, d = src.to(torch.int64), dst.to(torch.int64)
+    stage = _staging(caches, s.shape[0])
     for c in caches:
-        c.index_copy_(0, d.to(c.device), c.index_select(0, s.to(c.device)))
+        tmp = stage(c)
+        torch.index_select(c, 0, s.to(c.device), out=tmp)  # every read before any write
+        _index_copy(c, d.to(c.device), tmp)
+
+
+def _bits32(t: torch.Tensor) -> torch.Tensor:
+    """The same bytes viewed as float32 where the layout allows (torch's CPU index_copy_ is
+    several times faster for 4-byte elements than for 2-byte ones); copies stay bit-exact."""
+    if t.element_size() >= 4 or t.device.type != "cpu":
+        return t
+    try:
+        return t.view(torch.float32)
+    except RuntimeError:
+        return t
+
+
+def _index_copy(dst: torch.Tensor, ids: torch.Tensor, src: torch.Tensor) -> None:
+    d32, s32 = _bits32(dst), _bits32(src)
+    if d32.dtype == s32.dtype and d32.shape[1:] == s32.shape[1:]:
+        d32.index_copy_(0, ids, s32)
+    else:
+        dst.index_copy_(0, ids, src)
+
+
+def _staging(caches, n: int):
+    """One reusable [n, *block_shape] buffer per (dtype, device, block shape): the gathered
+    blocks of one cache at a time, small enough to stay in cache (no big allocation each)."""
+    bufs = {}
+
+    def get(c: torch.Tensor) -> torch.Tensor:
+        key = (c.dtype, c.device, tuple(c.shape[1:]))
+        if key not in bufs:
+            bufs[key] = c.new_empty((n, *c.shape[1:]))
+        return bufs[key]
+    return get
 
 
 def gather_blocks(buffer: torch.Tensor, caches, block_ids) -> None:
     ids = block_ids.to(torch.int64)
+    if buffer.is_contiguous() and len(caches) == 1:
+        torch.index_select(caches[0], 0, ids.to(caches[0].device), out=buffer[:, 0])
+        return
+    stage = _staging(caches, ids.shape[0])
     for i, c in enumerate(caches):
-        buffer[:, i].copy_(c.index_select(0, ids.to(c.device)))
+        tmp = stage(c)
+        torch.index_select(c, 0, ids.to(c.device), out=tmp)
+        buffer[:, i].copy_(tmp)
 
 
 def scatter_blocks(caches, buffer, block_ids) -> None:
     ids = block_ids.to(torch.int64)
     for i, c in enumerate(caches):
-        c.index_copy_(0, ids.to(c.device), buffer[:, i].to(c.device))
+        _index_copy(c, ids.to(c.device), buffer[:, i].to(c.device))
 
 
 def swap_blocks(src_caches, dst_caches, src_ids, dst_ids) -> None:
     s, d = src_ids.to(torch.int64), dst_ids.to(torch.int64)
+    stage = _staging(src_caches, s.shape[0])
     for a, b in zip(src_caches, dst_caches, strict=True):
-        blocks = a.index_select(0, s.to(a.device)).to(b.device, non_blocking=True)
-        b.index_copy_(0, d.to(b.device), blocks)
+        if a.device == b.device:
+            tmp = stage(a)
+            torch.index_select(a, 0, s.to(a.device), out=tmp)
+            _index_copy(b, d.to(b.device), tmp)
+        else:  # device <-> host: one transfer of the gathered blocks per cache
+            blocks = a.index_select(0, s.to(a.device)).to(b.device, non_blocking=True)
+            b.index_copy_(0, d.to(b.device), blocks)

@@ -40,7 +40,7 @@ def _blocks_supported(**ctx) -> tuple[bool, str]:
         return False, "needs each cache block contiguous (cache[b].is_contiguous())"
     return True, ""
 
-_CUDA_C_SWAP = False
+_CUDA_C_SWAP = True
 
 
 def _register_all() -> None:

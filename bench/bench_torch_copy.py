@@ -1,0 +1,140 @@
+"""Block copies through prefixkv.torch_frontend vs what a user writes without them.
+
+CPU (one thread): gather_blocks / swap_blocks / copy_blocks of every layer's K and V of a
+model-shaped cache (16 layers x K,V, blocks [16, 8, 128] bf16) vs a Python loop of per-block
+copies, against the measured memcpy bandwidth. GPU (skipped without CUDA): device <-> pinned
+host swap of all layers' blocks, the CUDA C kernel (one launch) and the torch path, vs one
+contiguous device-to-host copy of the same bytes (the measured PCIe bandwidth).
+
+Run: OMP_NUM_THREADS=1 .venv/bin/pytest bench/bench_torch_copy.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from bench.conftest import record  # noqa: E402
+from prefixkv import torch_frontend as tf  # noqa: E402
+
+torch.set_num_threads(1)
+
+LAYERS, NUM_BLOCKS, BLOCK_SHAPE, MOVE = 16, 256, (16, 8, 128), 64
+
+
+def _caches(device="cpu", num_blocks=NUM_BLOCKS, pinned=False):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(2 * LAYERS):
+        c = torch.randn(num_blocks, *BLOCK_SHAPE, generator=g).to(torch.bfloat16)
+        c = c.pin_memory() if pinned else c.to(device)
+        out.append(c)
+    return out
+
+
+def _ids(n=MOVE, num_blocks=NUM_BLOCKS, seed=1, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(num_blocks, generator=g)[:n].to(torch.int32).to(device)
+
+
+def _moved_bytes(caches, n=MOVE):
+    return n * sum(c[0].numel() * c.element_size() for c in caches)
+
+
+@pytest.mark.parametrize("impl", ["prefixkv", "loop_baseline"])
+def test_cpu_gather_blocks(benchmark, machine_limits, impl):
+    benchmark.group = "cpu-gather-blocks"
+    caches, ids = _caches(), _ids()
+    id_list = ids.tolist()
+
+    def loop():
+        buf = torch.empty((len(id_list), len(caches), *BLOCK_SHAPE), dtype=torch.bfloat16)
+        for i, b in enumerate(id_list):
+            for c, cache in enumerate(caches):
+                buf[i, c].copy_(cache[b])
+        return buf
+
+    fn = (lambda: tf.gather_blocks(caches, ids)) if impl == "prefixkv" else loop
+    assert torch.equal(fn(), loop())
+    benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
+    nbytes = _moved_bytes(caches)
+    record(benchmark, machine_limits, nbytes=nbytes, impl=impl,
+           memcpy_fraction=round(nbytes / benchmark.stats.stats.mean / 1e9
+                                 / machine_limits["memcpy_gbps"], 3))
+
+
+@pytest.mark.parametrize("impl", ["prefixkv", "loop_baseline"])
+def test_cpu_swap_blocks(benchmark, machine_limits, impl):
+    benchmark.group = "cpu-swap-blocks"
+    src, dst = _caches(), _caches(num_blocks=MOVE * 2)
+    src_ids, dst_ids = _ids(), _ids(num_blocks=MOVE * 2, seed=2)
+    pairs = list(zip(src_ids.tolist(), dst_ids.tolist()))
+
+    def loop():
+        for a, b in zip(src, dst):
+            for s, d in pairs:
+                b[d].copy_(a[s])
+
+    fn = (lambda: tf.swap_blocks(src, dst, src_ids, dst_ids)) if impl == "prefixkv" else loop
+    benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
+    nbytes = _moved_bytes(src)
+    record(benchmark, machine_limits, nbytes=nbytes, impl=impl,
+           memcpy_fraction=round(nbytes / benchmark.stats.stats.mean / 1e9
+                                 / machine_limits["memcpy_gbps"], 3))
+
+
+# ----------------------------------------------------------------------------------- GPU
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _cuda_seconds(fn, iters=10):
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters / 1e3
+
+
+@cuda
+@pytest.mark.parametrize("direction", ["offload", "onload"])
+@pytest.mark.parametrize("impl", ["cuda-c", "torch", "contiguous_copy"])
+def test_gpu_swap_blocks(benchmark, impl, direction):
+    if impl == "cuda-c":
+        pytest.importorskip("cupy")
+    benchmark.group = f"gpu-swap-{direction}"
+    num_blocks, move = 1024, 256
+    dev = _caches("cuda", num_blocks=num_blocks)
+    host = _caches(num_blocks=move, pinned=True)
+    dev_ids = _ids(move, num_blocks, device="cuda")
+    host_ids = torch.arange(move, dtype=torch.int32)
+    nbytes = _moved_bytes(dev, move)
+    flat_dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    flat_host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    if impl == "contiguous_copy":  # the measured PCIe bandwidth: one big cudaMemcpy
+        if direction == "offload":
+            def fn():
+                flat_host.copy_(flat_dev, non_blocking=True)
+        else:
+            def fn():
+                flat_dev.copy_(flat_host, non_blocking=True)
+    elif direction == "offload":
+        def fn():
+            tf.swap_blocks(dev, host, dev_ids, host_ids, backend=impl)
+    else:
+        def fn():
+            tf.swap_blocks(host, dev, host_ids, dev_ids, backend=impl)
+    benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=5, warmup_rounds=1)
+    t = _cuda_seconds(fn)
+    pcie = _cuda_seconds((lambda: flat_host.copy_(flat_dev, non_blocking=True))
+                         if direction == "offload"
+                         else (lambda: flat_dev.copy_(flat_host, non_blocking=True)))
+    benchmark.extra_info.update(
+        impl=impl, direction=direction, bytes=nbytes, seconds=t, gbps=round(nbytes / t / 1e9, 2),
+        pcie_gbps=round(nbytes / pcie / 1e9, 2), pcie_fraction=round(pcie / t, 3))

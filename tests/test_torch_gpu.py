@@ -1,0 +1,192 @@
+"""prefixkv.torch_frontend on a CUDA GPU (skipped without one): the Triton kernels and the
+CUDA C swap kernel against the numpy reference, backend selection by device, CUDA-graph
+capture with out= buffers, torch.compile(fullgraph=True)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from prefixkv import torch_frontend as tf  # noqa: E402
+from prefixkv.paged import reference as ref  # noqa: E402
+from prefixkv.paged import testing  # noqa: E402
+from prefixkv.paged.spec import ATTENTION_TOLERANCE, numpy_dtype  # noqa: E402
+
+DEV = "cuda"
+TD = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def T(x, device=DEV):
+    if x is None:
+        return None
+    x = np.asarray(x)
+    if x.dtype == numpy_dtype("bfloat16"):
+        return torch.from_numpy(x.view(np.uint16).copy()).view(torch.bfloat16).to(device)
+    return torch.from_numpy(x.copy()).to(device)
+
+
+def N(t):
+    return t.detach().to(torch.float64).cpu().numpy()
+
+
+def close(got, want, dtype):
+    atol, rtol = ATTENTION_TOLERANCE[dtype]
+    np.testing.assert_allclose(N(got), np.asarray(want).astype(np.float64), atol=atol, rtol=rtol)
+
+
+CASES = [  # grid, block_size, hq, hkv, head_dim, dtype, options
+    ("decode", 16, 32, 8, 128, "bfloat16", {}),
+    ("decode", 16, 8, 1, 64, "float16", {"logits_soft_cap": 5.0}),
+    ("decode", 8, 6, 2, 80, "float32", {"sliding_window": 7}),
+    ("prefill", 16, 8, 8, 128, "bfloat16", {}),
+    ("prefill_with_prefix", 32, 16, 2, 96, "float16", {"sliding_window": 20}),
+    ("mixed", 16, 8, 2, 256, "bfloat16", {"logits_soft_cap": 3.0}),
+    ("mixed", 7, 4, 4, 64, "float32", {"causal": False}),
+    ("contexts", 1, 4, 1, 64, "float16", {}),
+    ("contexts", 64, 8, 2, 128, "float32", {}),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-bs{c[1]}-d{c[4]}-{c[5]}")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_paged_attention_gpu(case, backend):
+    grid, bs, hq, hkv, d, dtype, opts = case
+    rng = np.random.default_rng(bs + d)
+    b = testing.make_ragged_batch(rng, testing.seq_grid(grid, bs), num_q_heads=hq,
+                                  num_kv_heads=hkv, head_dim=d, block_size=bs, dtype=dtype)
+    want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **opts)
+    out = torch.full(b.q.shape, float("nan"), dtype=TD[dtype], device=DEV)
+    got, lse = tf.paged_attention(*(T(a) for a in b.args()), return_lse=True, out=out,
+                                  backend=backend, **opts)
+    close(got, want, dtype)
+    np.testing.assert_allclose(N(lse), want_lse, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_split_kv_long_context(dtype):
+    """Few sequences, long contexts: the split-KV path (partials merged by LSE)."""
+    from prefixkv.kernels.triton import attention as tattn
+
+    rng = np.random.default_rng(3)
+    b = testing.make_ragged_batch(rng, [(1, 5000), (1, 3001), (1, 17)], num_q_heads=16,
+                                  num_kv_heads=2, head_dim=128, block_size=16, dtype=dtype)
+    assert tattn.num_kv_splits(3, 2, b.block_tables.shape[1] * 16, True) > 1
+    want = ref.paged_attention_reference(*b.args(), logits_soft_cap=10.0)
+    close(tf.paged_attention(*(T(a) for a in b.args()), logits_soft_cap=10.0), want, dtype)
+
+
+def test_default_backend_is_triton_on_cuda():
+    assert tf.REGISTRIES["paged_attention"].select("cuda").name == "triton"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_shared_prefix_attention_gpu(dtype):
+    rng = np.random.default_rng(4)
+    b = testing.make_shared_prefix_batch(
+        rng, [4, 2, 0], [(0, 1, 5), (1, 3, 20), (-1, 1, 9), (0, 1, 33), (2, 2, 2), (0, 4, 4)],
+        num_q_heads=16, num_kv_heads=4, head_dim=128, block_size=16, dtype=dtype)
+    want, want_lse = ref.shared_prefix_attention_reference(*b.args(), return_lse=True)
+    got, lse = tf.shared_prefix_attention(*(T(a) for a in b.args()), return_lse=True)
+    close(got, want, dtype)
+    np.testing.assert_allclose(N(lse), want_lse, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_cache_ops_gpu_exact(dtype):
+    rng = np.random.default_rng(5)
+    kc, vc = (testing.random_values(rng, (12, 16, 4, 64), dtype) for _ in range(2))
+    key, val = (testing.random_values(rng, (6, 4, 64), dtype) for _ in range(2))
+    slots = np.array([3, -1, 190, 17, 64, -2], np.int32)
+    want_k, want_v = ref.write_kv_reference(key, val, kc, vc, slots)
+    stacked = torch.stack([T(kc), T(vc)], dim=1)
+    tk, tv = stacked[:, 0], stacked[:, 1]
+    tf.write_kv(T(key), T(val), tk, tv, T(slots))
+    assert np.array_equal(N(tk), want_k.astype(np.float64))
+    assert np.array_equal(N(tv), want_v.astype(np.float64))
+    src, dst = np.array([1, 2, 5], np.int32), np.array([2, 7, 1], np.int32)
+    want = ref.copy_blocks_reference([want_k, want_v], src, dst)
+    tf.copy_blocks([tk, tv], T(src), T(dst))
+    for g, w in zip((tk, tv), want):
+        assert np.array_equal(N(g), w.astype(np.float64))
+    ids = np.array([11, 0, 11], np.int32)
+    buf = tf.gather_blocks([tk, tv], T(ids))
+    assert np.array_equal(N(buf), ref.gather_blocks_reference(want, ids).astype(np.float64))
+    new = testing.random_values(rng, (2, 2, 16, 4, 64), dtype)
+    sids = np.array([4, 9], np.int32)
+    want2 = ref.scatter_blocks_reference(want, new, sids)
+    tf.scatter_blocks([tk, tv], T(new), T(sids))
+    for g, w in zip((tk, tv), want2):
+        assert np.array_equal(N(g), w.astype(np.float64))
+
+
+@pytest.mark.parametrize("backend", ["cuda-c", "torch"])
+def test_swap_blocks_device_host_roundtrip(backend):
+    pytest.importorskip("cupy") if backend == "cuda-c" else None
+    gen = torch.Generator().manual_seed(0)
+    layers = [torch.randn(20, 16, 4, 64, generator=gen).to(torch.bfloat16) for _ in range(6)]
+    dev = [x.to(DEV) for x in layers]
+    host = [torch.zeros(9, 16, 4, 64, dtype=torch.bfloat16).pin_memory() for _ in range(6)]
+    src_ids = torch.tensor([19, 0, 7], dtype=torch.int32)
+    dst_ids = torch.tensor([8, 2, 0], dtype=torch.int32)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        tf.swap_blocks(dev, host, src_ids.to(DEV), dst_ids, backend=backend)  # offload
+    stream.synchronize()
+    for x, h in zip(layers, host):
+        assert torch.equal(h[dst_ids.long()], x[src_ids.long()])
+        assert torch.count_nonzero(h[[1, 3, 4, 5, 6, 7]].float()) == 0  # untouched blocks
+    back = [torch.zeros_like(d) for d in dev]
+    tf.swap_blocks(host, back, dst_ids, src_ids, backend=backend)  # onload
+    torch.cuda.synchronize()
+    for x, b in zip(layers, back):
+        assert torch.equal(b.cpu()[src_ids.long()], x[src_ids.long()])
+
+
+def test_cuda_graph_capture_with_out():
+    rng = np.random.default_rng(6)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("decode", 16), num_q_heads=8,
+                                  num_kv_heads=2, head_dim=128, dtype="bfloat16", nan_fill=False)
+    q, k, v, bt, kv, _ = (T(a) for a in b.args())
+    key = torch.randn(len(b.seqs), 2, 128, device=DEV, dtype=torch.bfloat16)
+    slots = (bt[:, 0] * 16).to(torch.int32)  # rewrite slot 0 of each sequence's first block
+    out = torch.full_like(q, float("nan"))
+    lse = torch.empty(q.shape[:2], device=DEV)
+
+    def step():
+        tf.write_kv(key, key, k, v, slots)
+        tf.paged_attention(q, k, v, bt, kv, out=out, lse=lse)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # warm-up: compile kernels outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    q.copy_(torch.randn_like(q))
+    key.copy_(torch.randn_like(key))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    k_np, v_np = N(k).astype(np.float32), N(v).astype(np.float32)
+    want = ref.paged_attention_reference(N(q).astype(np.float32), k_np, v_np, b.block_tables,
+                                         b.kv_lens)
+    close(out.float(), want, "bfloat16")
+
+
+def test_torch_compile_fullgraph_gpu():
+    rng = np.random.default_rng(7)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16), num_q_heads=8,
+                                  num_kv_heads=2, head_dim=64, dtype="float16", nan_fill=False)
+    args = [T(a) for a in b.args()]
+
+    def f(q, k, v, bt, kv, cu):
+        return tf.paged_attention(q * 1.0, k, v, bt, kv, cu, logits_soft_cap=4.0) + 1.0
+
+    got = torch.compile(f, fullgraph=True)(*args)
+    torch.testing.assert_close(got, f(*args))
