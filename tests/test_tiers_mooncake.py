@@ -119,9 +119,12 @@ def test_wrong_shape_dtype_key_or_checksum_is_a_miss(tier):
     assert tier.batch_get(ks[:1], shape=(1,)) == [None]  # other shape
     assert tier.batch_get(ks[:1], shape=ROW, dtype="float16") == [None]  # other dtype
     assert tier.batch_get(ks[:1], shape=ROW, dtype="no-such-dtype") == [None]
+    assert tier.batch_get(ks[:1], shape=ROW[::-1]) == [None]  # same bytes, other shape
+    assert _same(tier.batch_get(ks[:1])[0], vals[0])  # no expected shape: served as stored
     assert _same(tier.batch_get(ks[:1], shape=ROW)[0], vals[0])  # still there, still good
     # A record written under another key's name (a foreign/stale object), and a flipped bit.
     store, name = tier.store, tier._name
+    corrupt = tier.stats.corrupt
     assert store.remove(name(ks[1]), True) == 0 and store.remove(name(ks[2]), True) == 0
     foreign = record_bytes(ks[0], vals[1])
     assert store.put(name(ks[1]), foreign) == 0
@@ -129,12 +132,28 @@ def test_wrong_shape_dtype_key_or_checksum_is_a_miss(tier):
     bad[-1] ^= 1
     assert store.put(name(ks[2]), bytes(bad)) == 0
     assert tier.batch_get(ks, shape=ROW, dtype="float32")[1:] == [None, None]
-    assert tier.stats.corrupt == 2
+    assert tier.stats.corrupt == corrupt + 2
     # bad records are dropped, so a put stores the right block again
     assert tier.batch_exists(ks[1:]) == 0
     assert tier.batch_put(ks[1:], vals[1:]) == [True, True]
     got = tier.batch_get(ks, shape=ROW)
     assert all(_same(g, v) for g, v in zip(got, vals, strict=True))
+
+
+def test_overwrite_last_write_wins_or_keeps(tier):
+    ks = _keys(1, start=70)
+    small, big = _rows(1, seed=8)[0], _rows(1, seed=9, shape=(8, 3, 2, 5))[0]
+    assert tier.batch_put(ks, [small]) == [True]
+    assert tier.batch_put(ks, [big]) == [True]  # another shape under the same key: replaced
+    assert tier.batch_get(ks, shape=ROW) == [None]
+    assert _same(tier.batch_get(ks, shape=big.shape)[0], big)
+    tier.overwrite = False
+    try:
+        assert tier.batch_put(ks, [small]) == [True]  # kept: the stored record is `big`
+        assert _same(tier.batch_get(ks, shape=big.shape)[0], big)
+        assert tier.batch_get(ks, shape=ROW) == [None]  # never the wrong block
+    finally:
+        tier.overwrite = True
 
 
 def test_oversize_record_is_refused(tier):

@@ -9,9 +9,12 @@ default): the objects live in the segments other nodes mount (a ``mooncake_clien
 node, or engines that contribute memory), and every put/get crosses the transfer engine. A
 registered staging buffer takes whole batches: ``batch_put`` encodes :func:`encode_record`
 records (format version, full key, dtype, shape, checksum) into it and posts one
-``batch_put_from``; ``batch_get`` posts one ``batch_get_into`` and verifies each record, so a
-record stored under another key, namespace, shape or dtype, or with a bad checksum, is a miss
-(and is removed, so the next put replaces it). Object names are
+``batch_upsert_from`` (last write wins, as a Redis SET; ``overwrite=False`` posts
+``batch_put_from``, which keeps an existing object and skips its transfer); ``batch_get``
+posts one ``batch_get_into`` and verifies each record, so a
+record stored under another key or namespace, or with a bad checksum, is a miss and is removed
+(so the next put replaces it); one of another shape or dtype than the caller expects is a miss
+and is kept. Object names are
 ``<prefix><namespace digest>/<hash hex>``: the salt is in every name.
 
 Faults: a call never raises for a store fault. A master RPC failure turns the rest of the
@@ -41,7 +44,15 @@ from pathlib import Path
 import numpy as np
 
 from ..spec import numpy_dtype
-from .base import BlockKey, RecordError, Tier, check_values, decode_record, encode_record
+from .base import (
+    BlockKey,
+    RecordError,
+    Tier,
+    UnexpectedLayout,
+    check_values,
+    decode_record,
+    encode_record,
+)
 from .base import header_size as record_header_size
 
 #: Mooncake error codes the tier tells apart (mooncake-store ErrorCode).
@@ -77,6 +88,9 @@ class MooncakeTier(Tier):
     Mooncake client's own buffer (used by gets without an expected shape). prefix: object name
     prefix. retry_interval / connect_timeout: see the module docstring. checksum: "crc32" or
     "xxh3_128" (default: xxh3_128 when available). max_batch: keys per master RPC.
+    overwrite: a put replaces an existing object (True: per-key ``True`` means this value is
+    stored) or keeps it (False: cheaper re-offload of blocks already there; content-addressed
+    keys make them equal, and a stale one is still never served, only missed).
     """
 
     name = "mooncake"
@@ -88,7 +102,7 @@ class MooncakeTier(Tier):
                  staging_bytes: int = 64 << 20, local_buffer_bytes: int = 16 << 20,
                  prefix: str = "prefixkv/", retry_interval: float = 1.0,
                  connect_timeout: float = 0.5, checksum: str | None = None,
-                 max_batch: int = 256):
+                 max_batch: int = 256, overwrite: bool = True):
         super().__init__()
         self._store_cls = _import_mooncake()
         self.master = str(master)
@@ -106,6 +120,7 @@ class MooncakeTier(Tier):
         self.connect_timeout = float(connect_timeout)
         self.checksum = checksum
         self.max_batch = max(1, int(max_batch))
+        self.overwrite = bool(overwrite)
         self.store = None
         self._down_until = 0.0
         self._suspect = False  # a failure was seen: probe the master before the next call
@@ -206,6 +221,9 @@ class MooncakeTier(Tier):
     def _verify(self, key, data, shape, dtype, out, i) -> None:
         try:
             arr = decode_record(key, data, shape=shape, dtype=dtype)
+        except UnexpectedLayout:  # a good record the caller did not expect: keep it
+            self.stats.corrupt += 1
+            return
         except RecordError:
             self.stats.corrupt += 1
             with contextlib.suppress(Exception):  # drop it so the next put replaces it
@@ -297,9 +315,9 @@ class MooncakeTier(Tier):
                 pos += 1
             if not idx:
                 continue
+            put = self.store.batch_upsert_from if self.overwrite else self.store.batch_put_from
             try:
-                res = self.store.batch_put_from([self._name(keys[i]) for i in idx],
-                                                [base + o for o in offs], lens)
+                res = put([self._name(keys[i]) for i in idx], [base + o for o in offs], lens)
             except Exception:  # noqa: BLE001 - any client fault is a failed put
                 res = [RPC_FAIL] * len(idx)
             stored = []
