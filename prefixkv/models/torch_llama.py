@@ -49,7 +49,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 class TorchLlama:
     """Model adapter (see :mod:`prefixkv.models.engine`) holding torch weights and caches.
 
-    device: a torch device string ("cpu", "cuda", "cuda:1"; default "cpu").
+    device: a torch device string ("cpu", "cuda", "cuda:1"; "gpu" means "cuda"; default "cpu").
     ops: the module providing the ops (default :mod:`prefixkv.torch_frontend`).
     """
 
@@ -62,7 +62,7 @@ class TorchLlama:
             from .. import torch_frontend as ops
         self.ops, self.config = ops, config
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.device = torch.device(device or "cpu")
+        self.device = torch.device({"gpu": "cuda"}.get(device, device) or "cpu")
         self.w = {k: to_torch(v, self.device) for k, v in weights.items()}
         self.reset()
 
