@@ -242,6 +242,28 @@ def test_storage_node_killed_is_a_miss():
         st.stop()
 
 
+def test_full_store_refuses_puts_and_serves_nothing_wrong():
+    from prefixkv.paged.tiers import MooncakeTier
+
+    st = _local_store(segment_bytes=16 << 20)
+    t = MooncakeTier(st.master, st.metadata_server, staging_bytes=4 << 20)
+    try:
+        shape = (256, 1024)  # 1 MiB rows: 24 of them into 16 MiB of store
+        ks = _keys(24, start=500)
+        vals = [np.full(shape, i, np.float32) for i in range(24)]
+        ok = []
+        for i in range(0, 24, 4):
+            ok += t.batch_put(ks[i:i + 4], vals[i:i + 4])
+        assert any(ok) and not all(ok)
+        got = t.batch_get(ks, shape=shape, dtype="float32")
+        assert any(g is not None for g in got)
+        assert all(g is None or _same(g, v) for g, v in zip(got, vals, strict=True))
+        assert t.stats.rejected == ok.count(False)
+    finally:
+        t.close()
+        st.stop()
+
+
 def test_master_killed_then_back():
     from prefixkv.paged.tiers import MooncakeTier
 

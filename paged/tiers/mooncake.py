@@ -37,6 +37,7 @@ import importlib.util
 import re
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -397,8 +398,8 @@ def mooncake_binary(name: str) -> Path | None:
 class LocalMooncakeStore:
     """A private Mooncake store on 127.0.0.1 (free ports): ``mooncake_master`` with its built-in
     HTTP metadata server, plus one ``mooncake_client`` storage node mounting
-    ``segment_bytes`` of memory. ``with LocalMooncakeStore() as st: MooncakeTier(st.master,
-    st.metadata_server)``.
+    ``segment_bytes`` of memory (16 MiB at least: the storage node aborts on less).
+    ``with LocalMooncakeStore() as st: MooncakeTier(st.master, st.metadata_server)``.
 
     ``kill_master()`` / ``kill_storage()`` SIGKILL one process (crash tests); ``stop()`` both.
     Raises FileNotFoundError when the binaries are absent (package not installed).
@@ -418,10 +419,22 @@ class LocalMooncakeStore:
         self.master_proc = self.storage_proc = None
 
     @staticmethod
+    def _spawn(args: list[str]):
+        log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
+        proc.log = log  # its stderr, quoted when it dies at start
+        return proc
+
+    @staticmethod
     def _wait_port(proc, port: int, deadline: float, what: str) -> None:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"{what} exited with {proc.returncode} (port {port} taken?)")
+                tail = b""
+                with contextlib.suppress(Exception):  # best effort diagnostics
+                    proc.log.seek(0)
+                    tail = proc.log.read()[-600:]
+                raise RuntimeError(f"{what} exited with {proc.returncode} (port {port} taken?): "
+                                   f"{tail.decode(errors='replace')}")
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                     return
@@ -442,23 +455,21 @@ class LocalMooncakeStore:
         deadline = time.monotonic() + timeout
         try:
             if self.master_proc is None or self.master_proc.poll() is not None:
-                self.master_proc = subprocess.Popen(
+                self.master_proc = self._spawn(
                     [str(self.master_bin), f"--rpc_port={self.rpc_port}",
                      "--rpc_address=127.0.0.1", "--rpc_thread_num=2",
                      "--enable_http_metadata_server=true",
                      "--http_metadata_server_host=127.0.0.1",
                      f"--http_metadata_server_port={self.http_port}",
-                     "--metrics_host=127.0.0.1", f"--metrics_port={self.metrics_port}"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     "--metrics_host=127.0.0.1", f"--metrics_port={self.metrics_port}"])
                 for port in (self.rpc_port, self.http_port, self.metrics_port):
                     self._wait_port(self.master_proc, port, deadline, "mooncake_master")
             if self.storage_proc is None or self.storage_proc.poll() is not None:
-                self.storage_proc = subprocess.Popen(
+                self.storage_proc = self._spawn(
                     [str(self.client_bin), "--host=127.0.0.1", f"--port={self.client_port}",
                      f"--global_segment_size={self.segment_bytes}", "--protocol=tcp",
                      f"--master_server_address={self.master}",
-                     f"--metadata_server={self.metadata_server}"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     f"--metadata_server={self.metadata_server}"])
                 self._wait_port(self.storage_proc, self.client_port, deadline,
                                 "mooncake_client")
             while time.monotonic() < deadline:  # until the storage node's segment is mounted
@@ -473,9 +484,12 @@ class LocalMooncakeStore:
 
     @staticmethod
     def _kill(proc) -> None:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+            with contextlib.suppress(Exception):  # best effort cleanup
+                proc.log.close()
 
     def kill_master(self) -> None:
         self._kill(self.master_proc)
