@@ -32,6 +32,7 @@ evictions and lease expiries are not observed (they show up as misses).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import re
@@ -453,6 +454,7 @@ class LocalMooncakeStore:
 
     def start(self, timeout: float = 20.0) -> LocalMooncakeStore:
         deadline = time.monotonic() + timeout
+        atexit.register(self.stop)  # no orphan servers when the caller dies without stop()
         try:
             if self.master_proc is None or self.master_proc.poll() is not None:
                 self.master_proc = self._spawn(
@@ -502,6 +504,7 @@ class LocalMooncakeStore:
     def stop(self) -> None:
         self.kill_storage()
         self.kill_master()
+        atexit.unregister(self.stop)
 
     def __enter__(self):
         return self.start()
