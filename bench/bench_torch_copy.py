@@ -69,10 +69,10 @@ def test_cpu_swap_blocks(benchmark, machine_limits, impl):
     benchmark.group = "cpu-swap-blocks"
     src, dst = _caches(), _caches(num_blocks=MOVE * 2)
     src_ids, dst_ids = _ids(), _ids(num_blocks=MOVE * 2, seed=2)
-    pairs = list(zip(src_ids.tolist(), dst_ids.tolist()))
+    pairs = list(zip(src_ids.tolist(), dst_ids.tolist(), strict=True))
 
     def loop():
-        for a, b in zip(src, dst):
+        for a, b in zip(src, dst, strict=True):
             for s, d in pairs:
                 b[d].copy_(a[s])
 

@@ -20,14 +20,9 @@ step() {  # step NAME TIMEOUT_S CMD...: run, tee its log, remember a failure
   [ "$rc" -eq 0 ] || status=1
 }
 
-# prefixkv importable without installing: the folders mapped onto the package by links
+# prefixkv importable: an editable install with the image's setuptools (no network, no deps)
 if ! $PY -c "import prefixkv.torch_frontend" 2>/dev/null; then
-  SHIM=$(mktemp -d)/site
-  mkdir -p "$SHIM/prefixkv"
-  cp prefixkv/*.py "$SHIM/prefixkv/"
-  [ -d prefixkv/models ] && ln -s "$PWD/prefixkv/models" "$SHIM/prefixkv/models"
-  for d in paged kernels jax_frontend torch_frontend; do ln -s "$PWD/$d" "$SHIM/prefixkv/$d"; done
-  export PYTHONPATH="$SHIM:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  $PY -m pip install -q --no-deps --no-build-isolation --no-cache-dir -e . 2>&1 | tail -3
 fi
 export PYTHONUNBUFFERED=1
 

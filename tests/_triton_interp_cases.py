@@ -17,7 +17,6 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
                 allow_module_level=True)
 
 import torch  # noqa: E402
-
 from prefixkv.kernels.triton import attention as tattn  # noqa: E402
 from prefixkv.kernels.triton import cache as tcache  # noqa: E402
 from prefixkv.paged import reference as ref  # noqa: E402
@@ -124,11 +123,11 @@ def test_cache_kernels_exact(dtype):
     src, dst = np.array([1, 2, 0], np.int32), np.array([2, 3, 1], np.int32)  # chain 1->2->3
     want_c = ref.copy_blocks_reference([want_k, want_v], src, dst)
     tcache.copy_blocks([tk, tv], T(src), T(dst))
-    for g, w in zip((tk, tv), want_c):
+    for g, w in zip((tk, tv), want_c, strict=True):
         np.testing.assert_array_equal(N(g), w.astype(np.float64))
     new = testing.random_values(rng, (2, 2, 4, 3, 6), dtype)
     sids = np.array([4, 0], np.int32)
     want_s = ref.scatter_blocks_reference(want_c, new, sids)
     tcache.scatter_blocks(caches := [tk, tv], T(new), T(sids))
-    for g, w in zip(caches, want_s):
+    for g, w in zip(caches, want_s, strict=True):
         np.testing.assert_array_equal(N(g), w.astype(np.float64))

@@ -11,10 +11,11 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from prefixkv import torch_frontend as tf  # noqa: E402
 from prefixkv.paged import reference as ref  # noqa: E402
 from prefixkv.paged import testing  # noqa: E402
 from prefixkv.paged.spec import ATTENTION_TOLERANCE, numpy_dtype  # noqa: E402
+
+from prefixkv import torch_frontend as tf  # noqa: E402
 
 DEV = "cuda"
 TD = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -110,7 +111,7 @@ def test_cache_ops_gpu_exact(dtype):
     src, dst = np.array([1, 2, 5], np.int32), np.array([2, 7, 1], np.int32)
     want = ref.copy_blocks_reference([want_k, want_v], src, dst)
     tf.copy_blocks([tk, tv], T(src), T(dst))
-    for g, w in zip((tk, tv), want):
+    for g, w in zip((tk, tv), want, strict=True):
         assert np.array_equal(N(g), w.astype(np.float64))
     ids = np.array([11, 0, 11], np.int32)
     buf = tf.gather_blocks([tk, tv], T(ids))
@@ -119,7 +120,7 @@ def test_cache_ops_gpu_exact(dtype):
     sids = np.array([4, 9], np.int32)
     want2 = ref.scatter_blocks_reference(want, new, sids)
     tf.scatter_blocks([tk, tv], T(new), T(sids))
-    for g, w in zip((tk, tv), want2):
+    for g, w in zip((tk, tv), want2, strict=True):
         assert np.array_equal(N(g), w.astype(np.float64))
 
 
@@ -136,13 +137,13 @@ def test_swap_blocks_device_host_roundtrip(backend):
     with torch.cuda.stream(stream):
         tf.swap_blocks(dev, host, src_ids.to(DEV), dst_ids, backend=backend)  # offload
     stream.synchronize()
-    for x, h in zip(layers, host):
+    for x, h in zip(layers, host, strict=True):
         assert torch.equal(h[dst_ids.long()], x[src_ids.long()])
         assert torch.count_nonzero(h[[1, 3, 4, 5, 6, 7]].float()) == 0  # untouched blocks
     back = [torch.zeros_like(d) for d in dev]
     tf.swap_blocks(host, back, dst_ids, src_ids, backend=backend)  # onload
     torch.cuda.synchronize()
-    for x, b in zip(layers, back):
+    for x, b in zip(layers, back, strict=True):
         assert torch.equal(b.cpu()[src_ids.long()], x[src_ids.long()])
 
 

@@ -9,11 +9,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from prefixkv import torch_frontend as tf  # noqa: E402
 from prefixkv.paged import reference as ref  # noqa: E402
 from prefixkv.paged import testing  # noqa: E402
 from prefixkv.paged.registry import BackendError  # noqa: E402
 from prefixkv.paged.spec import ATTENTION_TOLERANCE, numpy_dtype  # noqa: E402
+
+from prefixkv import torch_frontend as tf  # noqa: E402
 
 DTYPES = ("float32", "float16", "bfloat16")
 TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -182,7 +183,7 @@ def test_copy_gather_scatter_exact(dtype):
     want = ref.copy_blocks_reference(caches, src, dst)
     tc = [T(c) for c in caches]
     tf.copy_blocks(tc, T(src), T(dst))
-    for g, w in zip(tc, want):
+    for g, w in zip(tc, want, strict=True):
         np.testing.assert_array_equal(N(g), w.astype(np.float64))
     ids = np.array([4, 0, 4, 8], np.int32)
     buf = tf.gather_blocks(tc, T(ids))
@@ -192,7 +193,7 @@ def test_copy_gather_scatter_exact(dtype):
     sids = np.array([6, 3], np.int32)
     want2 = ref.scatter_blocks_reference(want, new, sids)
     tf.scatter_blocks(tc, T(new), T(sids))
-    for g, w in zip(tc, want2):
+    for g, w in zip(tc, want2, strict=True):
         np.testing.assert_array_equal(N(g), w.astype(np.float64))
 
 
@@ -203,7 +204,7 @@ def test_swap_blocks_cpu_exact():
     before = [d.clone() for d in dst]
     si, di = np.array([4, 0, 2], np.int32), np.array([10, 3, 0], np.int32)
     tf.swap_blocks(src, dst, T(si), T(di))
-    for s, d, b in zip(src, dst, before):
+    for s, d, b in zip(src, dst, before, strict=True):
         want = b.clone()
         want[torch.from_numpy(di).long()] = s[torch.from_numpy(si).long()]
         assert torch.equal(d, want)

@@ -15,11 +15,10 @@ import pytest
 triton = pytest.importorskip("triton")
 pytest.importorskip("torch")
 
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
 from prefixkv.kernels.triton import attention as tattn  # noqa: E402
 from prefixkv.kernels.triton import cache as tcache  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
 
 PTR = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "int32": "*i32",
        "int16": "*i16"}

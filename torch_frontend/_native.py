@@ -157,10 +157,8 @@ def _ragged_rows(cu: torch.Tensor, num_tokens: int, host: bool):
     """Per token: padded row index seq * q_max + j, and q_max, q_lens."""
     q_lens = cu[1:].to(torch.int64) - cu[:-1].to(torch.int64)
     num_seqs = q_lens.shape[0]
-    if host:
-        q_max = int(q_lens.max()) if num_seqs else 0
-    else:  # no host sync: the bound every batch satisfies
-        q_max = num_tokens
+    # on a device: no host sync, the bound every batch satisfies
+    q_max = (int(q_lens.max()) if num_seqs else 0) if host else num_tokens
     seq = torch.repeat_interleave(torch.arange(num_seqs, device=cu.device), q_lens,
                                   output_size=num_tokens)
     j = torch.arange(num_tokens, device=cu.device) - cu.to(torch.int64)[seq]

@@ -328,7 +328,7 @@ def _check_swap_blocks(src_caches, dst_caches, src_ids, dst_ids) -> None:
     dst = validate.check_caches(dst_caches, "dst_caches")
     if len(src) != len(dst):
         raise ValueError(f"dst_caches: expected {len(src)} caches (as src_caches), got {len(dst)}")
-    for i, (a, b) in enumerate(zip(src, dst)):
+    for i, (a, b) in enumerate(zip(src, dst, strict=True)):
         if tuple(a.shape[1:]) != tuple(b.shape[1:]):
             raise ValueError(f"dst_caches[{i}]: expected block shape {tuple(a.shape[1:])} "
                              f"(from src_caches[{i}]), got {tuple(b.shape[1:])}")

@@ -16,7 +16,7 @@ SOURCE = Path(__file__).with_name("swap_blocks.cu")
 THREADS = 256
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(device_index: int):
     import cupy
 
