@@ -12,6 +12,8 @@ import importlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from prefixkv.models import (
     Engine,
@@ -172,6 +174,9 @@ def test_engine_rejects_too_long_requests():
     req = Request(0, tuple(range(1, 255)), 8, "a", None, "unique")
     with pytest.raises(ValueError, match="requests: request 0 needs 262 tokens"):
         Engine(adapter, ENGINE).run([req])
+    req = Request(0, tuple(range(1, 240)), 8, "a", None, "unique")
+    with pytest.raises(ValueError, match="requests: request 0 needs 31 blocks, the pool has 29"):
+        Engine(adapter, ENGINE).run([req])
 
 
 def test_demo_main_tiny_run(tmp_path, capsys):
@@ -227,3 +232,30 @@ def test_bench_report_markdown_and_plot(tmp_path):
     src.write_text("{}")
     with pytest.raises(ValueError, match="not a pytest-benchmark JSON file"):
         report.main([str(src)])
+
+
+def test_adapters_call_the_frontends():
+    for fw in ("jax", "torch"):
+        if importlib.util.find_spec(fw) is None or not _frontend_ready(fw):
+            continue
+        adapter = make_adapter(fw, CFG, init_weights(CFG, 0), num_blocks=4, block_size=8)
+        assert adapter.ops is importlib.import_module(f"prefixkv.{fw}_frontend")
+
+
+@settings(max_examples=8, deadline=None)
+@given(num_blocks=st.integers(13, 40),  # the longest request needs 12 blocks
+       max_num_seqs=st.integers(1, 4),
+       budget=st.sampled_from([8, 16, 24, 32]), host_blocks=st.sampled_from([0, 4, 64]),
+       shared_prefix=st.booleans())
+def test_engine_schedules_never_change_generations(num_blocks, max_num_seqs, budget,
+                                                   host_blocks, shared_prefix):
+    """Any pool size, concurrency, token budget and host tier: same tokens as the roomy run."""
+    base = serve("numpy", False)
+    cfg = ENGINE.replace(num_blocks=num_blocks, max_num_seqs=max_num_seqs,
+                         max_num_batched_tokens=budget, host_blocks=host_blocks,
+                         shared_prefix=shared_prefix, min_token_bucket=8)
+    res = serve("numpy", True, cfg)
+    assert res.outputs() == base.outputs()
+    assert _max_logit_diff(base, res) <= LOGIT_TOL
+    if not host_blocks:
+        assert res.blocks_offloaded == res.blocks_onboarded == 0

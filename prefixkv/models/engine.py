@@ -293,8 +293,8 @@ class Engine:
         offloader = None
         if c.enable_caching and c.host_blocks:
             kv_dtype = dtype_name(adapter.caches[0])
-            block_bytes = (int(np.prod(adapter.caches[0].shape[1:])) * len(adapter.caches)
-                           * numpy_dtype(kv_dtype).itemsize)
+            block_shape = (len(adapter.caches), *adapter.caches[0].shape[1:])
+            block_bytes = int(np.prod(block_shape)) * numpy_dtype(kv_dtype).itemsize
             offloader = BlockOffloader(
                 HostTier(c.host_blocks * block_bytes), Namespace(
                     self.model_id, layout=f"NHD-block{c.block_size}",
@@ -319,6 +319,11 @@ class Engine:
                 raise ValueError(f"requests: request {r.request_id} needs "
                                  f"{len(r.prompt) + r.max_new_tokens} tokens, max_model_len is "
                                  f"{c.max_model_len}")
+            need = -(-(len(r.prompt) + r.max_new_tokens - 1) // c.block_size)
+            if need > c.num_blocks - 1:
+                raise ValueError(f"requests: request {r.request_id} needs {need} blocks, the "
+                                 f"pool has {c.num_blocks - 1} (num_blocks minus the null "
+                                 f"block)")
             if r.max_new_tokens < 1:
                 raise ValueError(f"requests: request {r.request_id} has max_new_tokens "
                                  f"{r.max_new_tokens}, expected >= 1")
@@ -340,14 +345,17 @@ class Engine:
                     ns = offloader.namespace.with_salt(req.salt)
                     hashes = pc.request_hashes(seq.rid, cap)[first:]
                     n = min(offloader.lookup(hashes, namespace=ns), pc.pool.num_free)
-                    if n:
-                        blocks = pc.onboard(seq.rid, n)
-                        _, got = offloader.onboard(adapter.caches, np.asarray(blocks, I32),
-                                                   hashes[:n], namespace=ns)
-                        if got != n:  # a tier lost blocks between lookup and get
-                            raise RuntimeError(f"onboard: {n} blocks found, {got} loaded")
-                        counters["onboarded"] += n
-                        seq.onboarded_tokens = n * c.block_size
+                    # read the tier before allocating: the allocation may evict device blocks
+                    # whose offload evicts host blocks, the ones we are about to load included
+                    rows = offloader.store.batch_get(
+                        offloader.keys(hashes[:n], ns), shape=tuple(block_shape),
+                        dtype=kv_dtype) if n else []
+                    got = next((i for i, r in enumerate(rows) if r is None), len(rows))
+                    if got:
+                        blocks = pc.onboard(seq.rid, got)
+                        adapter.scatter_blocks(np.asarray(blocks, I32), np.stack(rows[:got]))
+                        counters["onboarded"] += got
+                        seq.onboarded_tokens = got * c.block_size
                         seq.num_computed = pc.num_computed(seq.rid)
             return seq
 
