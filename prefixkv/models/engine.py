@@ -8,6 +8,8 @@ and plans, and a *model adapter* runs the forward pass in its framework. An adap
     adapter.gather_blocks(block_ids) -> np.ndarray    # [n, 2 * num_layers, *block_shape]
     adapter.scatter_blocks(block_ids, buffer)         # onboard a gathered buffer
     adapter.reset()                                   # fresh (zeroed) caches
+    adapter.caches                                    # per-layer K, V (shape/dtype for tiers)
+    adapter.static_shapes                             # True: pad batches to bucketed shapes
 
 Each step (continuous batching, chunked prefill, as vLLM's scheduler): running sequences in
 decode get one token each, then sequences still in prefill get chunks of their uncached prompt
@@ -18,9 +20,16 @@ loop: a request arrives when the previous one leaves), and their time to first t
 measured from that moment to the end of the step that sampled their first token.
 
 Offload: when the pool evicts a cached block (an ``"evicted"`` event, published before the
-block is reused), its KV is gathered into a host tier keyed by (salt namespace, block hash);
+block is reused), its KV is gathered (``gather_blocks``) into a
+:class:`~prefixkv.paged.tiers.HostTier` through a
+:class:`~prefixkv.paged.tiers.BlockOffloader`, keyed by (model namespace + salt, block hash);
 a later request whose prefix continues past the device hit into the host tier gets those
-blocks onboarded (``PrefixCache.onboard`` + ``scatter_blocks``) instead of recomputed.
+blocks onboarded (read from the tier, ``PrefixCache.onboard``, ``scatter_blocks``) instead of
+recomputed.
+
+Counters: prefix-hit rate = (device-hit + onboarded tokens) / prompt tokens; decode tokens/s =
+tokens sampled by sequences already past their prompt / wall time of the steps that sampled
+them (steps are mixed, so other requests' prefill chunks in those steps count against it).
 
 For adapters with ``static_shapes`` (JAX), shapes are bucketed (tokens to 16, 64, 256, ...,
 sequences to ``max_num_seqs + 1``, block tables to ``max_model_len / block_size``) so compiled
