@@ -34,6 +34,7 @@ _EXPORTS = {
     "RedisTier": ".tiers",
     "NixlTier": ".tiers",
     "NixlPeer": ".tiers",
+    "MooncakeTier": ".tiers",
     "TieredStore": ".tiers",
     "BlockOffloader": ".tiers",
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Local services the remote-tier tests and benchmarks use: redis-server on 127.0.0.1.
 #
-#   bash scripts/services.sh install   # apt-get install redis-server if missing (Debian, root/sudo)
+#   bash scripts/services.sh install   # apt-get install redis-server, libibverbs1 if missing (Debian, root/sudo)
 #   bash scripts/services.sh start     # start one on a free port (idempotent); prints the port
 #   bash scripts/services.sh port      # port of the running one (exit 1 if none)
 #   bash scripts/services.sh stop      # stop it (idempotent)
@@ -18,27 +18,35 @@ PORT_FILE="$STATE_DIR/redis.port"
 
 have_redis() { command -v redis-server >/dev/null 2>&1; }
 
+have_ibverbs() { ldconfig -p 2>/dev/null | grep -q 'libibverbs\.so\.1'; }
+
+# Debian packages the tests need: redis-server (Redis tier) and libibverbs1 (loaded by the
+# Mooncake store's Python module even on its TCP transport).
 install() {
-  if have_redis; then
-    echo "redis-server present: $(redis-server --version | head -n1)"
+  local pkgs=()
+  have_redis || pkgs+=(redis-server)
+  have_ibverbs || pkgs+=(libibverbs1 ibverbs-providers)
+  if [ "${#pkgs[@]}" -eq 0 ]; then
+    echo "services present: $(redis-server --version | head -n1); libibverbs1"
     return 0
   fi
   local SUDO=""
   if [ "$(id -u)" != "0" ]; then
     if command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; else
-      echo "services.sh: redis-server missing and not root (no sudo): cannot install" >&2
+      echo "services.sh: ${pkgs[*]} missing and not root (no sudo): cannot install" >&2
       return 1
     fi
   fi
   if ! command -v apt-get >/dev/null 2>&1; then
-    echo "services.sh: redis-server missing and no apt-get on this machine" >&2
+    echo "services.sh: ${pkgs[*]} missing and no apt-get on this machine" >&2
     return 1
   fi
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+  $SUDO apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
   # The Debian package may start a system service on 6379; we use our own instances only.
   have_redis && echo "installed: $(redis-server --version | head -n1)"
+  have_ibverbs && echo "installed: libibverbs1"
 }
 
 running_pid() {
