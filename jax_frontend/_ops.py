@@ -62,14 +62,16 @@ def _current_platform() -> str:
     return plat
 
 
-def _dispatch(op: str, backend: str | None, context: dict, call):
+def _dispatch(op: str, backend: str | None, context: dict, call, operands=()):
     """Run ``call(impl)`` with the backend chosen for ``op``.
 
-    ``call(impl)`` traces the op with one implementation. Without an explicit request, TPU and
-    CUDA get their best registered backend through ``platform_dependent``; others get "xla".
+    ``call(impl)`` runs the op with one implementation. With an explicit request, or eagerly
+    (no tracer among ``operands``: the platform is the default backend's), the registry picks
+    one backend. Under tracing, TPU and CUDA get their best registered backend through
+    ``platform_dependent``, so the traced function runs anywhere; others get "xla".
     """
     reg = _backends.REGISTRIES[op]
-    if reg.requested(backend) is not None:
+    if reg.requested(backend) is not None or not _is_traced(*operands):
         chosen = reg.select(_current_platform(), backend, **context)
         return call(chosen.load())
     default = reg.select("cpu", **context).load()
@@ -127,7 +129,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     def call(impl):
         return impl(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, **config)
 
-    out, lse = _dispatch("paged_attention", backend, context, call)
+    out, lse = _dispatch("paged_attention", backend, context, call,
+                         (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens))
     return (out, lse) if return_lse else out
 
 
@@ -162,7 +165,9 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
         return impl(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
                     block_tables, kv_lens, cu_q_lens, **config)
 
-    out, lse = _dispatch("shared_prefix_attention", backend, context, call)
+    out, lse = _dispatch("shared_prefix_attention", backend, context, call,
+                         (q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
+                          block_tables, kv_lens, cu_q_lens))
     return (out, lse) if return_lse else out
 
 
@@ -176,7 +181,8 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, backend=None):
     """
     validate.check_merge_attention_states(out_a, lse_a, out_b, lse_b)
     return _dispatch("merge_attention_states", backend, {},
-                     lambda impl: impl(out_a, lse_a, out_b, lse_b))
+                     lambda impl: impl(out_a, lse_a, out_b, lse_b),
+                     (out_a, lse_a, out_b, lse_b))
 
 
 # ------------------------------------------------------------------------------- cache ops
@@ -196,7 +202,8 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, backend=None):
     if _run_value_checks(slot_mapping):
         validate.check_write_kv_values(k_cache, slot_mapping)
     return _dispatch("write_kv", backend, _backends.cache_context([k_cache]),
-                     lambda impl: tuple(impl(key, value, k_cache, v_cache, slot_mapping)))
+                     lambda impl: tuple(impl(key, value, k_cache, v_cache, slot_mapping)),
+                     (key, value, k_cache, v_cache, slot_mapping))
 
 
 def copy_blocks(caches, src, dst, *, backend=None):
@@ -211,7 +218,7 @@ def copy_blocks(caches, src, dst, *, backend=None):
         validate.check_copy_blocks_values(num_blocks, src, dst)
     caches = list(caches)
     return _dispatch("copy_blocks", backend, _backends.cache_context(caches),
-                     lambda impl: list(impl(caches, src, dst)))
+                     lambda impl: list(impl(caches, src, dst)), (caches, src, dst))
 
 
 def gather_blocks(caches, block_ids, *, backend=None):
@@ -226,7 +233,7 @@ def gather_blocks(caches, block_ids, *, backend=None):
         validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=False)
     caches = list(caches)
     return _dispatch("gather_blocks", backend, _backends.cache_context(caches),
-                     lambda impl: impl(caches, block_ids))
+                     lambda impl: impl(caches, block_ids), (caches, block_ids))
 
 
 def scatter_blocks(caches, buffer, block_ids, *, backend=None):
@@ -240,7 +247,8 @@ def scatter_blocks(caches, buffer, block_ids, *, backend=None):
         validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=True)
     caches = list(caches)
     return _dispatch("scatter_blocks", backend, _backends.cache_context(caches),
-                     lambda impl: list(impl(caches, buffer, block_ids)))
+                     lambda impl: list(impl(caches, buffer, block_ids)),
+                     (caches, buffer, block_ids))
 
 
 def explain_backends(op: str, platform: str | None = None, **context) -> dict[str, str]:
