@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-
 # Operands left where they are (HBM on a TPU); spelled pl.ANY in jax 0.10, with fallbacks for
 # releases that move it.
 _ANY = getattr(pl, "ANY", None) or getattr(pltpu, "ANY", None) or pltpu.HBM
