@@ -144,7 +144,7 @@ def _cuda_time(fn, iters=20):
 
 
 @cuda
-@pytest.mark.parametrize("shape", [(8, 4096), (64, 4096), (1, 32768), (256, 1024)],
+@pytest.mark.parametrize("shape", [(8, 4096), (64, 4096), (1, 32768)],
                          ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("impl", ["triton", "torch", "baseline_sdpa"])

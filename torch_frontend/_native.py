@@ -111,7 +111,7 @@ def _attend_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                 v.masked_fill_(~live[None, :, :, None], 0.0)  # padding slots may hold NaN
             m_new = torch.maximum(m, s.amax(-1, keepdim=True))
             m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)
-            p = torch.exp(s - m_safe)
+            p = s.sub_(m_safe).exp_()  # s is this chunk's own buffer
             alpha = torch.exp(m - m_safe)
             den = den * alpha + p.sum(-1, keepdim=True)
             acc = torch.baddbmm(
