@@ -17,6 +17,8 @@ import torch
 
 #: Bytes of float32 K per chunk of the online softmax (rounded to whole blocks).
 CHUNK_BYTES = 2 << 20
+#: Fewest keys per chunk (many short sequences: fewer, larger steps).
+MIN_CHUNK_KEYS = 64
 #: Bound on score elements per chunk ([Hkv, S, rows, keys]) so long prefills stay in memory.
 CHUNK_SCORES = 1 << 22
 
@@ -43,7 +45,7 @@ def _attend_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     dev = q.device
     # [Hkv, S, G * Qm, D]: row r = g * Qm + j
     qh = (q.reshape(num_seqs, q_max, num_kv_heads, group, head_dim).permute(2, 0, 3, 1, 4)
-          .reshape(num_kv_heads, num_seqs, rows, head_dim).to(torch.float32) * scale)
+          .reshape(num_kv_heads, num_seqs, rows, head_dim).to(torch.float32) * scale).contiguous()
     kv64 = kv_lens.to(torch.int64)
     j = torch.arange(q_max, device=dev)
     q_pos = (kv64 - q_lens.to(torch.int64))[:, None] + j[None, :]  # [S, Qm]
@@ -61,6 +63,7 @@ def _attend_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         # keys per chunk: the chunk's float32 K (num_seqs * keys rows) near CHUNK_BYTES
         keys = CHUNK_BYTES // max(1, num_seqs * num_kv_heads * head_dim * 4)
         keys = min(keys, CHUNK_SCORES // max(1, num_kv_heads * num_seqs * rows))
+        keys = max(keys, MIN_CHUNK_KEYS)
         cblk = max(1, min(nblk, keys // block_size))
         n_keys = cblk * block_size
         pad = -nblk % cblk  # pad the table to whole chunks with block 0 (masked as t >= kv_len)
@@ -95,7 +98,9 @@ def _attend_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                 torch.index_select(v_cache, 0, flat, out=gv)
                 k.copy_(gk.view(num_seqs, n_keys, num_kv_heads, head_dim).permute(2, 0, 1, 3))
                 v.copy_(gv.view(num_seqs, n_keys, num_kv_heads, head_dim).permute(2, 0, 1, 3))
-            s = torch.matmul(qh, k.transpose(-1, -2))  # [Hkv, S, rows, keys]
+            s = torch.bmm(qh.view(-1, rows, head_dim),  # [Hkv * S, rows, keys], no copy of K
+                          k.view(-1, n_keys, head_dim).transpose(1, 2))
+            s = s.view(num_kv_heads, num_seqs, rows, n_keys)
             if logits_soft_cap is not None:
                 s = torch.tanh(s / logits_soft_cap) * logits_soft_cap
             end = (c0 + c) * block_size
