@@ -4,8 +4,10 @@ non-contiguous caches, out= buffers, backend selection errors and input checks."
 
 from __future__ import annotations
 
+import hypothesis
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
@@ -321,3 +323,35 @@ def test_torch_compile_fullgraph_model_step():
         got = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k2, v2, key, val)
     torch.testing.assert_close(got[0], want[0])
     assert torch.equal(got[1], want[1]) and torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+def test_no_prefixes_and_empty_batch():
+    rng = np.random.default_rng(13)
+    b = testing.make_ragged_batch(rng, [(1, 5), (2, 9), (0, 0)], block_size=4)
+    ptab = np.zeros((0, 3), np.int32)
+    plens = np.zeros(0, np.int32)
+    pids = np.full(3, -1, np.int32)
+    want = ref.shared_prefix_attention_reference(b.q, b.k_cache, b.v_cache, ptab, plens, pids,
+                                                 b.block_tables, b.kv_lens, b.cu_q_lens)
+    got = tf.shared_prefix_attention(T(b.q), T(b.k_cache), T(b.v_cache), T(ptab), T(plens),
+                                     T(pids), T(b.block_tables), T(b.kv_lens), T(b.cu_q_lens))
+    close(got, want, "float32")
+    empty = tf.paged_attention(torch.zeros((0, 4, 64)), T(b.k_cache), T(b.v_cache),
+                               torch.zeros((0, 2), dtype=torch.int32),
+                               torch.zeros(0, dtype=torch.int32))
+    assert tuple(empty.shape) == (0, 4, 64)
+
+
+@hypothesis.settings(max_examples=15, deadline=None)
+@hypothesis.given(
+    seqs=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 40)), min_size=1, max_size=5),
+    block_size=st.sampled_from([1, 3, 8, 16]), group=st.sampled_from([1, 2, 4]),
+    window=st.sampled_from([None, 1, 9]), seed=st.integers(0, 2**16))
+def test_random_ragged_batches(seqs, block_size, group, window, seed):
+    seqs = [(min(q, kv), kv) for q, kv in seqs]  # q_len <= kv_len
+    rng = np.random.default_rng(seed)
+    b = testing.make_ragged_batch(rng, seqs, num_q_heads=2 * group, num_kv_heads=2,
+                                  head_dim=16, block_size=block_size, decode=False)
+    want = ref.paged_attention_reference(*b.args(), sliding_window=window)
+    got = tf.paged_attention(*(T(a) for a in b.args()), sliding_window=window)
+    close(got, want, "float32")
