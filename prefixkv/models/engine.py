@@ -59,7 +59,9 @@ I32 = np.int32
 @dataclass(frozen=True)
 class EngineConfig:
     block_size: int = 16
-    num_blocks: int = 128            # device pool, null block 0 included
+    # device pool, null block 0 included: room for max_num_seqs of the demo's longest requests
+    # with caching off (3 x 54 blocks), too small to keep every cached block with caching on
+    num_blocks: int = 164
     max_num_seqs: int = 3
     max_num_batched_tokens: int = 256
     max_model_len: int = 1024

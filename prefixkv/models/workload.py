@@ -30,13 +30,13 @@ class Request:
 
 @dataclass(frozen=True)
 class WorkloadConfig:
-    system_prompt_len: int = 512
-    chats_per_tenant: int = 8
+    system_prompt_len: int = 768
+    chats_per_tenant: int = 6
     turns: int = 3
     user_len: int = 16
     assistant_len: int = 16
     num_unique: int = 4
-    unique_len: int = 64
+    unique_len: int = 128
     max_new_tokens: int = 8
     tenants: tuple[str, ...] = ("acme", "globex")
     seed: int = 0
