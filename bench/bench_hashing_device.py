@@ -1,0 +1,129 @@
+"""Block hashing through the frameworks, one thread: prefixkv-v1 via the JAX XLA path and the
+torch CPU paths (vectorized torch ops; the host C chain behind the torch op) for 64 sequences x
+8192 tokens, block 16, against vLLM's way today (sha256 of pickle((parent, tuple(tokens),
+None)) per block, chained) in the same group; and on a CUDA GPU 1024 x 4096 tokens with the
+Triton and CUDA kernels (skipped without CUDA; target >= 1 G tokens/s).
+
+Run: OMP_NUM_THREADS=1 .venv/bin/pytest bench/bench_hashing_device.py --benchmark-only
+"""
+
+import hashlib
+import pickle
+
+import numpy as np
+import pytest
+
+from bench.conftest import record
+
+BLOCK_SIZE = 16
+CPU_GROUP = "hash-device-64x8192"
+CPU_SHAPE = (64, 8192)
+GPU_GROUP = "hash-device-gpu-1024x4096"
+GPU_SHAPE = (1024, 4096)
+_baseline_s: dict[str, float] = {}  # group -> baseline mean seconds (same run)
+
+
+def _tokens(num_seqs: int, seq_len: int):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 150_000, num_seqs * seq_len).astype(np.int32)
+    cu = (np.arange(num_seqs + 1) * seq_len).astype(np.int32)
+    return tokens, cu
+
+
+def vllm_sha256_pickle(seqs: list[list[int]], parent0: bytes) -> list[bytes]:
+    """vLLM "sha256": h_i = sha256(pickle((h_{i-1}, tuple(block tokens), None))), full blocks."""
+    out = []
+    for seq in seqs:
+        parent = parent0
+        for i in range(0, len(seq) - BLOCK_SIZE + 1, BLOCK_SIZE):
+            data = pickle.dumps((parent, tuple(seq[i:i + BLOCK_SIZE]), None),
+                                protocol=pickle.HIGHEST_PROTOCOL)
+            parent = hashlib.sha256(data).digest()
+            out.append(parent)
+    return out
+
+
+def _finish(benchmark, machine_limits, group: str, num_tokens: int, path: str):
+    t = benchmark.stats.stats.mean
+    extra = {"path": path, "tokens": num_tokens, "block_size": BLOCK_SIZE,
+             "tokens_per_s": round(num_tokens / t), "mtokens_per_s": round(num_tokens / t / 1e6, 2)}
+    if path == "vllm-sha256-pickle":
+        _baseline_s[group] = t
+    elif group in _baseline_s:
+        extra["speedup_vs_vllm_sha256"] = round(_baseline_s[group] / t, 2)
+    record(benchmark, machine_limits, nbytes=4 * num_tokens, **extra)
+
+
+def test_vllm_sha256_pickle_baseline(benchmark, machine_limits):
+    benchmark.group = CPU_GROUP
+    tokens, _ = _tokens(*CPU_SHAPE)
+    seqs = [s.tolist() for s in tokens.reshape(CPU_SHAPE)]  # vLLM holds lists
+    parent0 = hashlib.sha256(b"vllm-none-hash").digest()
+    out = benchmark.pedantic(vllm_sha256_pickle, args=(seqs, parent0), rounds=3, iterations=1,
+                             warmup_rounds=1)
+    assert len(out) == tokens.size // BLOCK_SIZE
+    _finish(benchmark, machine_limits, CPU_GROUP, tokens.size, "vllm-sha256-pickle")
+
+
+def test_jax_xla(benchmark, machine_limits):
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    from prefixkv.jax_frontend._hashing import hash_blocks
+
+    benchmark.group = CPU_GROUP
+    tokens, cu = _tokens(*CPU_SHAPE)
+    tok = jax.device_put(jnp.asarray(tokens))
+    cu_j = jnp.asarray(cu)
+
+    @jax.jit
+    def run(tok, cu):
+        return hash_blocks(tok, BLOCK_SIZE, cu_lens=cu, extra=None, backend="xla")
+
+    out = benchmark.pedantic(lambda: run(tok, cu_j).block_until_ready(), rounds=5,
+                             iterations=1, warmup_rounds=1)
+    assert out.shape == (tokens.size // BLOCK_SIZE, 8)
+    _finish(benchmark, machine_limits, CPU_GROUP, tokens.size, "jax-xla")
+
+
+@pytest.mark.parametrize("backend", ["host", "torch"])
+def test_torch_cpu(benchmark, machine_limits, backend):
+    torch = pytest.importorskip("torch")
+    from prefixkv.torch_frontend._hashing import HASH_BLOCKS_BACKENDS, hash_blocks
+
+    why = HASH_BLOCKS_BACKENDS.explain("cpu")[backend]
+    if why != "ok":
+        pytest.skip(why)
+    benchmark.group = CPU_GROUP
+    tokens, cu = _tokens(*CPU_SHAPE)
+    tok, cu_t = torch.from_numpy(tokens), torch.from_numpy(cu)
+    out = benchmark.pedantic(lambda: hash_blocks(tok, BLOCK_SIZE, cu_lens=cu_t, backend=backend),
+                             rounds=3 if backend == "torch" else 10, iterations=1,
+                             warmup_rounds=1)
+    assert out.shape == (tokens.size // BLOCK_SIZE, 8)
+    _finish(benchmark, machine_limits, CPU_GROUP, tokens.size, f"torch-{backend}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_torch_gpu(benchmark, machine_limits, backend):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if backend == "cuda":
+        pytest.importorskip("cupy")
+    from prefixkv.torch_frontend._hashing import hash_blocks
+
+    benchmark.group = GPU_GROUP
+    tokens, cu = _tokens(*GPU_SHAPE)
+    tok, cu_t = torch.from_numpy(tokens).cuda(), torch.from_numpy(cu).cuda()
+
+    def run():
+        out = hash_blocks(tok, BLOCK_SIZE, cu_lens=cu_t, backend=backend)
+        torch.cuda.synchronize()
+        return out
+
+    out = benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=2)
+    assert out.shape == (tokens.size // BLOCK_SIZE, 8)
+    t = benchmark.stats.stats.mean
+    record(benchmark, machine_limits, nbytes=4 * tokens.size, path=f"torch-{backend}",
+           tokens=tokens.size, block_size=BLOCK_SIZE, tokens_per_s=round(tokens.size / t),
+           gtokens_per_s=round(tokens.size / t / 1e9, 3), target_gtokens_per_s=1.0)
