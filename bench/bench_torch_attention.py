@@ -113,7 +113,8 @@ def test_cpu_shared_prefix(benchmark, machine_limits, impl, dtype):
                                atol=2e-2, rtol=2e-2)
     benchmark.pedantic(fns[impl], rounds=3, warmup_rounds=1)
     unique = (SP_PREFIX + SP_SEQS * SP_OWN) * HKV * HEAD_DIM * 2 * sp_args[1].element_size()
-    record(benchmark, machine_limits, nbytes=unique, impl=impl, dtype=dtype,
+    flops = 4 * SP_SEQS * HQ * (SP_PREFIX + SP_OWN) * HEAD_DIM  # QK + PV, every query
+    record(benchmark, machine_limits, nbytes=unique, flops=flops, impl=impl, dtype=dtype,
            note="bytes = unique KV (prefix once + own tokens)")
 
 
