@@ -177,6 +177,13 @@ def test_bad_input(kwargs, exc, match):
         hash_blocks(args.pop("tokens"), args.pop("block_size"), **args)
 
 
+def test_cu_lens_checked_even_without_value_checks():
+    with value_checks(False):
+        hash_blocks(torch.tensor([0, -5] + [0] * 30, dtype=torch.int32), 16)  # ids unchecked
+        with pytest.raises(ValueError, match=r"cu_lens: expected cu_lens\[-1\]"):
+            hash_blocks(GOOD["tokens"], 16, cu_lens=torch.tensor([0, 40], dtype=torch.int32))
+
+
 def test_backend_errors():
     with pytest.raises(BackendError, match="unknown backend 'nope'"):
         hash_blocks(GOOD["tokens"], 16, backend="nope")

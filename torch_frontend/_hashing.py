@@ -304,6 +304,10 @@ def hash_blocks(tokens: torch.Tensor, block_size: int, *, cu_lens: torch.Tensor 
     dev = tokens.device
     if value_checks_enabled(host_inputs=dev.type == "cpu"):
         check_hash_blocks_values(dims, tokens, cu_lens=cu_lens, extra=extra)
+    elif cu_lens is not None:
+        # cu_lens is read on the host anyway (it sizes the output): always check it, so a
+        # kernel never reads past the tokens; token ids only in checked mode (a device sync)
+        check_hash_blocks_values(dims, tokens[:0], cu_lens=cu_lens.cpu(), extra=extra)
     cu = torch.tensor([0, dims.num_tokens], dtype=torch.int32) if cu_lens is None else cu_lens
     if parent is None or isinstance(parent, (bytes, bytearray, memoryview, list, tuple)):
         parents = torch.from_numpy(_u32_to_i32(parent_words(parent, dims.num_seqs)))

@@ -10,14 +10,17 @@
 // Aumasson, Neves, Wilcox-O'Hearn, 2020). Compiled at run time by CuPy (NVRTC); checked on a
 // CPU-only machine with `nvcc -cubin -arch=sm_80` / `sm_90`.
 
-#include <stdint.h>
+// No system headers, so NVRTC (CuPy) compiles it as is.
+typedef unsigned int pkv_u32;
+typedef int pkv_i32;
+typedef unsigned long long pkv_size;
 
 #define PKV_CHUNK_START 1u
 #define PKV_CHUNK_END 2u
 #define PKV_ROOT 8u
 #define PKV_KEYED_HASH 16u
 
-__device__ __forceinline__ uint32_t pkv_rotr(uint32_t x, int n) {
+__device__ __forceinline__ pkv_u32 pkv_rotr(pkv_u32 x, int n) {
     return __funnelshift_r(x, x, n);
 }
 
@@ -34,9 +37,9 @@ __device__ __forceinline__ uint32_t pkv_rotr(uint32_t x, int n) {
     } while (0)
 
 // cv <- first 8 words of compress(cv, m, counter = 0, block_len, flags). m is permuted in place.
-__device__ __forceinline__ void pkv_compress(uint32_t cv[8], uint32_t m[16], uint32_t block_len,
-                                             uint32_t flags) {
-    uint32_t v[16] = {cv[0], cv[1], cv[2], cv[3], cv[4], cv[5], cv[6], cv[7],
+__device__ __forceinline__ void pkv_compress(pkv_u32 cv[8], pkv_u32 m[16], pkv_u32 block_len,
+                                             pkv_u32 flags) {
+    pkv_u32 v[16] = {cv[0], cv[1], cv[2], cv[3], cv[4], cv[5], cv[6], cv[7],
                       0x6A09E667u, 0xBB67AE85u, 0x3C6EF372u, 0xA54FF53Au,
                       0u, 0u, block_len, flags};
 #pragma unroll
@@ -50,7 +53,7 @@ __device__ __forceinline__ void pkv_compress(uint32_t cv[8], uint32_t m[16], uin
         PKV_G(2, 7, 8, 13, m[12], m[13]);
         PKV_G(3, 4, 9, 14, m[14], m[15]);
         if (r < 6) {  // the message permutation (2, 6, 3, 10, 7, 0, 4, 13, 1, 11, 12, 5, 9, 14, 15, 8)
-            uint32_t t[16] = {m[2], m[6], m[3], m[10], m[7], m[0], m[4], m[13],
+            pkv_u32 t[16] = {m[2], m[6], m[3], m[10], m[7], m[0], m[4], m[13],
                               m[1], m[11], m[12], m[5], m[9], m[14], m[15], m[8]};
 #pragma unroll
             for (int q = 0; q < 16; q++) m[q] = t[q];
@@ -61,8 +64,8 @@ __device__ __forceinline__ void pkv_compress(uint32_t cv[8], uint32_t m[16], uin
 }
 
 // Message word w >= 8 of one block: a token, an extra word or zero padding.
-__device__ __forceinline__ uint32_t pkv_word(const uint32_t *__restrict__ tok,
-                                             const uint32_t *__restrict__ ex, int w,
+__device__ __forceinline__ pkv_u32 pkv_word(const pkv_u32 *__restrict__ tok,
+                                             const pkv_u32 *__restrict__ ex, int w,
                                              int block_size, int has_extra) {
     int t = w - 8;
     if (t < block_size) return tok[t];
@@ -72,13 +75,13 @@ __device__ __forceinline__ uint32_t pkv_word(const uint32_t *__restrict__ tok,
 }
 
 extern "C" __global__ void prefixkv_hash_blocks_v1(
-    const uint32_t *__restrict__ tokens,   // [num_tokens]
-    const int32_t *__restrict__ cu_lens,   // [num_seqs + 1]
-    const int32_t *__restrict__ boff,      // [num_seqs]: first output row of each sequence
-    const uint32_t *__restrict__ parents,  // [num_seqs, 8]
-    const uint32_t *__restrict__ extra,    // [num_out, 4] (unused unless has_extra)
-    const uint32_t *__restrict__ key,      // [8]
-    uint32_t *__restrict__ out,            // [num_out, 8]
+    const pkv_u32 *__restrict__ tokens,   // [num_tokens]
+    const pkv_i32 *__restrict__ cu_lens,   // [num_seqs + 1]
+    const pkv_i32 *__restrict__ boff,      // [num_seqs]: first output row of each sequence
+    const pkv_u32 *__restrict__ parents,  // [num_seqs, 8]
+    const pkv_u32 *__restrict__ extra,    // [num_out, 4] (unused unless has_extra)
+    const pkv_u32 *__restrict__ key,      // [8]
+    pkv_u32 *__restrict__ out,            // [num_out, 8]
     int num_seqs, int block_size, int has_extra) {
     const int s = blockIdx.x * blockDim.x + threadIdx.x;
     if (s >= num_seqs) return;
@@ -87,17 +90,17 @@ extern "C" __global__ void prefixkv_hash_blocks_v1(
     const int row0 = boff[s];
     const int words = 8 + block_size + (has_extra ? 4 : 0);
     const int nblk = (words + 15) / 16;
-    const uint32_t last_len = 4u * (uint32_t)(words - 16 * (nblk - 1));
-    uint32_t k[8], h[8];
+    const pkv_u32 last_len = 4u * (pkv_u32)(words - 16 * (nblk - 1));
+    pkv_u32 k[8], h[8];
 #pragma unroll
     for (int q = 0; q < 8; q++) {
         k[q] = key[q];
-        h[q] = parents[(size_t)s * 8 + q];
+        h[q] = parents[(pkv_size)s * 8 + q];
     }
     for (int i = 0; i < nb; i++) {
-        const uint32_t *tok = tokens + start + (size_t)i * block_size;
-        const uint32_t *ex = extra + (size_t)(row0 + i) * 4;
-        uint32_t cv[8], m[16];
+        const pkv_u32 *tok = tokens + start + (pkv_size)i * block_size;
+        const pkv_u32 *ex = extra + (pkv_size)(row0 + i) * 4;
+        pkv_u32 cv[8], m[16];
 #pragma unroll
         for (int q = 0; q < 8; q++) {
             cv[q] = k[q];
@@ -105,7 +108,7 @@ extern "C" __global__ void prefixkv_hash_blocks_v1(
         }
 #pragma unroll
         for (int q = 8; q < 16; q++) m[q] = pkv_word(tok, ex, q, block_size, has_extra);
-        uint32_t flags = PKV_KEYED_HASH | PKV_CHUNK_START;
+        pkv_u32 flags = PKV_KEYED_HASH | PKV_CHUNK_START;
         if (nblk == 1) {
             pkv_compress(cv, m, last_len, flags | PKV_CHUNK_END | PKV_ROOT);
         } else {
@@ -118,7 +121,7 @@ extern "C" __global__ void prefixkv_hash_blocks_v1(
                              PKV_KEYED_HASH | (last ? (PKV_CHUNK_END | PKV_ROOT) : 0u));
             }
         }
-        uint32_t *o = out + (size_t)(row0 + i) * 8;
+        pkv_u32 *o = out + (pkv_size)(row0 + i) * 8;
 #pragma unroll
         for (int q = 0; q < 8; q++) {
             h[q] = cv[q];
