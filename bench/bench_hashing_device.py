@@ -1,8 +1,9 @@
-"""Block hashing through the frameworks, one thread: prefixkv-v1 via the JAX XLA path and the
-torch CPU paths (vectorized torch ops; the host C chain behind the torch op) for 64 sequences x
-8192 tokens, block 16, against vLLM's way today (sha256 of pickle((parent, tuple(tokens),
-None)) per block, chained) in the same group; and on a CUDA GPU 1024 x 4096 tokens with the
-Triton and CUDA kernels (skipped without CUDA; target >= 1 G tokens/s).
+"""Block hashing through the frameworks, one thread: prefixkv-v1 via the JAX paths (XLA;
+the host C chain through pure_callback) and the torch CPU paths (vectorized torch ops; the
+host C chain behind the torch op) for 64 sequences x 8192 tokens, block 16, against vLLM's
+way today (sha256 of pickle((parent, tuple(tokens), None)) per block, chained) in the same
+group; and on a CUDA GPU 1024 x 4096 tokens with the Triton and CUDA kernels (skipped
+without CUDA; target >= 1 G tokens/s).
 
 Run: OMP_NUM_THREADS=1 .venv/bin/pytest bench/bench_hashing_device.py --benchmark-only
 """
@@ -65,11 +66,15 @@ def test_vllm_sha256_pickle_baseline(benchmark, machine_limits):
     _finish(benchmark, machine_limits, CPU_GROUP, tokens.size, "vllm-sha256-pickle")
 
 
-def test_jax_xla(benchmark, machine_limits):
+@pytest.mark.parametrize("backend", ["xla", "host"])
+def test_jax(benchmark, machine_limits, backend):
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp
-    from prefixkv.jax_frontend._hashing import hash_blocks
+    from prefixkv.jax_frontend._hashing import HASH_BLOCKS_BACKENDS, hash_blocks
 
+    why = HASH_BLOCKS_BACKENDS.explain("cpu")[backend]
+    if why != "ok":
+        pytest.skip(why)
     benchmark.group = CPU_GROUP
     tokens, cu = _tokens(*CPU_SHAPE)
     tok = jax.device_put(jnp.asarray(tokens))
@@ -77,12 +82,12 @@ def test_jax_xla(benchmark, machine_limits):
 
     @jax.jit
     def run(tok, cu):
-        return hash_blocks(tok, BLOCK_SIZE, cu_lens=cu, extra=None, backend="xla")
+        return hash_blocks(tok, BLOCK_SIZE, cu_lens=cu, extra=None, backend=backend)
 
     out = benchmark.pedantic(lambda: run(tok, cu_j).block_until_ready(), rounds=5,
                              iterations=1, warmup_rounds=1)
     assert out.shape == (tokens.size // BLOCK_SIZE, 8)
-    _finish(benchmark, machine_limits, CPU_GROUP, tokens.size, "jax-xla")
+    _finish(benchmark, machine_limits, CPU_GROUP, tokens.size, f"jax-{backend}")
 
 
 @pytest.mark.parametrize("backend", ["host", "torch"])

@@ -12,6 +12,8 @@ Backends (registry ``HASH_BLOCKS_BACKENDS``):
   run side by side as one vector lane each, in a ``lax.fori_loop`` over the block index within
   a sequence. Any block size (messages over 1024 bytes use BLAKE3's chunk tree, whose shape is
   static for a given block size).
+* ``host`` (cpu, when the C extension is built): the compiled C chain of
+  ``prefixkv.kernels.cpu`` (the host fast path) through ``jax.pure_callback``.
 * ``pallas_tpu`` (tpu): the Pallas kernel of ``prefixkv.kernels.pallas.hashing``; messages of
   one BLAKE3 chunk (block_size <= 248 tokens, 244 with ``extra``).
 
@@ -208,6 +210,10 @@ HASH_BLOCKS_BACKENDS.register(Backend(
     impl="prefixkv.jax_frontend._hashing:_run_xla",
     doc="jnp uint32 ops, all sequences' chains as vector lanes; any block size"))
 HASH_BLOCKS_BACKENDS.register(Backend(
+    name="host", platforms=("cpu",), priority=5, supports=lambda **_: _host_supports(),
+    impl="prefixkv.jax_frontend._hashing:_run_host",
+    doc="the compiled C chain of prefixkv.kernels.cpu through jax.pure_callback (CPU only)"))
+HASH_BLOCKS_BACKENDS.register(Backend(
     name="pallas_tpu", platforms=("tpu",), priority=10, supports=kernel_supports,
     impl="prefixkv.jax_frontend._hashing:_run_pallas",
     doc="Pallas TPU kernel, one BLAKE3 chunk per message (block_size <= 248)"))
@@ -230,6 +236,43 @@ def _run_xla(tok, cu, key, parents, extra, *, block_size, num_out, num_steps):
     return hash_chain_xla(tok, cu, key, parents, extra, block_size=block_size, num_out=num_out)
 
 
+def _host_supports() -> tuple[bool, str]:
+    from ..kernels.cpu.hashing import load_extension
+
+    if load_extension() is None:
+        return False, "the C extension prefixkv.kernels.cpu._blake3 is not built"
+    return True, ""
+
+
+def _host_chain(tok, cu, key, parents, *extra, block_size: int, num_out: int) -> np.ndarray:
+    """The host callback: validates cu (it may have been traced) and runs the C chain."""
+    from ..kernels.cpu.hashing import chain_digests
+
+    cu = np.asarray(cu).astype(np.int64)
+    tok = np.asarray(tok).view(np.int32)
+    if cu[0] != 0 or (np.diff(cu) < 0).any() or cu[-1] != tok.size:
+        raise ValueError(f"cu_lens: expected 0, non-decreasing values, num_tokens "
+                         f"({tok.size}) last, got {cu.tolist()[:16]}")
+    n = int((np.diff(cu) // block_size).sum())
+    ext = np.asarray(extra[0]) if extra else None
+    if ext is not None and ext.shape[0] != n:
+        raise ValueError(f"extra: expected {n} rows (the full blocks of all sequences), "
+                         f"got {ext.shape[0]}")
+    out = np.zeros((num_out, 8), dtype=np.uint32)
+    if n:
+        digests = chain_digests(tok, block_size, cu, np.asarray(key).astype("<u4").tobytes(),
+                                ext, np.asarray(parents), n)
+        out[:n] = digests.view("<u4").reshape(n, 8)
+    return out
+
+
+def _run_host(tok, cu, key, parents, extra, *, block_size, num_out, num_steps):
+    del num_steps
+    fn = functools.partial(_host_chain, block_size=block_size, num_out=num_out)
+    args = (tok, cu, key, parents) + (() if extra is None else (extra,))
+    return jax.pure_callback(fn, jax.ShapeDtypeStruct((num_out, 8), jnp.uint32), *args)
+
+
 def _run_pallas(tok, cu, key, parents, extra, *, block_size, num_out, num_steps):
     from ..kernels.pallas.hashing import hash_blocks_pallas
 
@@ -248,7 +291,8 @@ def hash_blocks(tokens, block_size: int, *, cu_lens=None, salt=None, extra=None,
     extra: u32[num_full_blocks, 4] or None; row j joins the message of output block j.
     parent: None (32 zero bytes) | 32 bytes | u32[8] | u32[num_seqs, 8] | list of num_seqs
         entries (32 bytes or None): the chain value before each sequence's first block.
-    backend: "xla" | "pallas_tpu" | None (env ``PREFIXKV_HASH_BLOCKS_BACKEND``, then priority).
+    backend: "xla" | "host" | "pallas_tpu" | None (env ``PREFIXKV_HASH_BLOCKS_BACKEND``,
+        then priority).
 
     Returns u32[num_full_blocks, 8], sequence by sequence; word k = digest bytes 4k..4k+3
     little-endian (``prefixkv.paged.reference.hashing.words_to_digests`` gives bytes).

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from prefixkv.jax_frontend._hashing import hash_blocks
+from prefixkv.jax_frontend._hashing import HASH_BLOCKS_BACKENDS, hash_blocks
 from prefixkv.paged.reference.hashing import block_key, hash_blocks_reference
 from prefixkv.paged.registry import BackendError
 from prefixkv.paged.validate import value_checks
@@ -72,15 +72,19 @@ CASES = {
 }
 
 
+BACKENDS = [b for b, why in HASH_BLOCKS_BACKENDS.explain("cpu").items() if why == "ok"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_blake3(name):
+def test_matches_blake3(name, backend):
     block_size, lens, salt, with_extra, parent = CASES[name]
     case = make_case(np.random.default_rng(zlib.crc32(name.encode())), block_size, lens, salt=salt,
                      with_extra=with_extra, parent=parent)
     extra = None if case["extra"] is None else jnp.asarray(case["extra"])
     got = hash_blocks(jnp.asarray(case["tokens"]), block_size,
                       cu_lens=jnp.asarray(case["cu_lens"]), salt=salt, extra=extra,
-                      parent=case["parent"])
+                      parent=case["parent"], backend=backend)
     assert got.dtype == jnp.uint32
     np.testing.assert_array_equal(np.asarray(got), oracle(**case))
 
@@ -107,15 +111,23 @@ def test_salts_isolate():
     assert not rows[None] & rows["a"] and not rows["a"] & rows["b"] and not rows[None] & rows["b"]
 
 
-def test_under_jit_traced_cu_lens():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_under_jit_traced_cu_lens(backend):
     case = make_case(np.random.default_rng(2), 16, [40, 0, 33, 16], salt="j")
-    f = jax.jit(lambda t, cu: hash_blocks(t, 16, cu_lens=cu, salt="j"))
+    f = jax.jit(lambda t, cu: hash_blocks(t, 16, cu_lens=cu, salt="j", backend=backend))
     got = np.asarray(f(jnp.asarray(case["tokens"]), jnp.asarray(case["cu_lens"])))
     exp = oracle(**case)
     # traced cu_lens: num_tokens // block_size rows, the real ones first, then zeros
     assert got.shape == (89 // 16, 8)
     np.testing.assert_array_equal(got[:len(exp)], exp)
     assert not got[len(exp):].any()
+
+
+@pytest.mark.skipif("host" not in BACKENDS, reason="C extension not built")
+def test_host_callback_checks_traced_cu_lens():
+    f = jax.jit(lambda t, cu: hash_blocks(t, 16, cu_lens=cu, backend="host"))
+    with pytest.raises(Exception, match="cu_lens: expected 0, non-decreasing"):
+        f(jnp.arange(32, dtype=jnp.int32), jnp.array([0, 40], jnp.int32)).block_until_ready()
 
 
 def test_under_jit_with_extra_is_exact():
