@@ -225,7 +225,7 @@ def _run_cuda(tok, cu_host, boff, parents, extra, key, out, *, block_size, num_s
     bo = torch.as_tensor(boff.astype(np.int32), device=dev)
     stream = torch.cuda.current_stream(dev).cuda_stream
     return hash_blocks_cuda(tok, cu, bo, parents, extra, key, out, block_size=block_size,
-                            stream=stream)
+                            stream=stream, device=dev.index)
 
 
 HASH_BLOCKS_BACKENDS = Registry("hash_blocks")

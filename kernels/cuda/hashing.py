@@ -28,7 +28,7 @@ def check_block_size(block_size: int, has_extra: bool) -> None:
 
 
 def hash_blocks_cuda(tok, cu, boff, parents, extra, key, out, *, block_size: int,
-                     stream: int | None = None, threads: int = 64):
+                     stream: int | None = None, device: int | None = None, threads: int = 64):
     """Run the chain kernel on CUDA arrays (torch tensors or CuPy arrays, anything with
     ``__cuda_array_interface__``), all contiguous 4-byte integers on one device.
 
@@ -36,6 +36,7 @@ def hash_blocks_cuda(tok, cu, boff, parents, extra, key, out, *, block_size: int
     sequence); parents: [num_seqs, 8]; extra: [num_out, 4] or None; key: [8];
     out: [num_out, 8], written in place. uint32 data may be passed as int32 bit patterns.
     stream: a raw cudaStream_t (e.g. ``torch.cuda.current_stream().cuda_stream``).
+    device: the CUDA device index of the arrays (default: CuPy's current device).
     """
     import cupy
 
@@ -43,11 +44,13 @@ def hash_blocks_cuda(tok, cu, boff, parents, extra, key, out, *, block_size: int
     num_seqs = int(cu.shape[0]) - 1
     if num_seqs <= 0 or int(out.shape[0]) == 0:
         return out
-    args = [cupy.asarray(x) for x in (tok, cu, boff, parents)]
-    ext = args[0] if extra is None else cupy.asarray(extra)
-    args += [ext, cupy.asarray(key), cupy.asarray(out)]
-    blocks = (num_seqs + threads - 1) // threads
-    with cupy.cuda.ExternalStream(stream) if stream is not None else cupy.cuda.Stream.null:
-        _kernel()((blocks,), (threads,), (*args, cupy.int32(num_seqs), cupy.int32(block_size),
-                                          cupy.int32(extra is not None)))
+    with cupy.cuda.Device(device if device is not None else cupy.cuda.Device().id):
+        args = [cupy.asarray(x) for x in (tok, cu, boff, parents)]
+        ext = args[0] if extra is None else cupy.asarray(extra)
+        args += [ext, cupy.asarray(key), cupy.asarray(out)]  # zero-copy views
+        blocks = (num_seqs + threads - 1) // threads
+        with cupy.cuda.ExternalStream(stream) if stream is not None else cupy.cuda.Stream.null:
+            _kernel()((blocks,), (threads,), (*args, cupy.int32(num_seqs),
+                                              cupy.int32(block_size),
+                                              cupy.int32(extra is not None)))
     return out
