@@ -12,6 +12,7 @@ Every function writes into the output buffers it is given (the custom ops alloca
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -21,6 +22,27 @@ CHUNK_BYTES = 2 << 20
 MIN_CHUNK_KEYS = 64
 #: Bound on score elements per chunk ([Hkv, S, rows, keys]) so long prefills stay in memory.
 CHUNK_SCORES = 1 << 22
+
+
+_LOCAL = threading.local()
+
+
+def _workspace(name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread scratch buffer reused across calls on the CPU (a fresh multi-MB
+    allocation per call costs page faults comparable to the work); plain allocation elsewhere
+    (the CUDA caching allocator already reuses memory). Contents are undefined."""
+    shape = tuple(int(d) for d in shape)
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    cache = getattr(_LOCAL, "buffers", None)
+    if cache is None:
+        cache = _LOCAL.buffers = {}
+    numel = math.prod(shape)
+    buf = cache.get((name, dtype))
+    if buf is None or buf.numel() < numel or buf.numel() > 4 * max(numel, 1 << 16):
+        buf = torch.empty(max(numel, 1), dtype=dtype)
+        cache[(name, dtype)] = buf
+    return buf[:numel].view(shape)
 
 
 def _on_host(*tensors: torch.Tensor) -> bool:
@@ -70,8 +92,8 @@ def _attend_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         if pad:
             tab = torch.cat([tab, tab.new_zeros((num_seqs, pad))], dim=1)
         # buffers reused by every chunk: no large allocation (page faults) per chunk
-        k = torch.empty((num_kv_heads, num_seqs, n_keys, head_dim), device=dev)
-        v = torch.empty((num_kv_heads, num_seqs, n_keys, head_dim), device=dev)
+        k = _workspace("k", (num_kv_heads, num_seqs, n_keys, head_dim), torch.float32, dev)
+        v = _workspace("v", (num_kv_heads, num_seqs, n_keys, head_dim), torch.float32, dev)
         k_rows, v_rows = _head_rows(k_cache), _head_rows(v_cache)
         if k_rows is not None and v_rows is not None:
             # one gather of head_dim rows straight into the [Hkv, S, keys, D] layout
@@ -79,11 +101,13 @@ def _attend_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             v_idx = k_idx if v_rows[1] == k_rows[1] else _row_index(
                 v_rows[1], tab, cblk, block_size, num_kv_heads)
             same = k_cache.dtype == torch.float32
-            gk = k if same else k_cache.new_empty(k.shape)
-            gv = v if same else v_cache.new_empty(v.shape)
+            gk = k if same else _workspace("gk", k.shape, k_cache.dtype, dev)
+            gv = v if same else _workspace("gv", v.shape, v_cache.dtype, dev)
         else:
-            gk = k_cache.new_empty((num_seqs * cblk, block_size, num_kv_heads, head_dim))
-            gv = v_cache.new_empty((num_seqs * cblk, block_size, num_kv_heads, head_dim))
+            gk = _workspace("gk", (num_seqs * cblk, block_size, num_kv_heads, head_dim),
+                            k_cache.dtype, dev)
+            gv = _workspace("gv", (num_seqs * cblk, block_size, num_kv_heads, head_dim),
+                            v_cache.dtype, dev)
         for i, c0 in enumerate(range(0, nblk, cblk)):
             c = cblk
             if k_rows is not None and v_rows is not None:
