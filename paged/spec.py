@@ -76,7 +76,8 @@ def decode_cu_q_lens(num_seqs: int) -> np.ndarray:
     return np.arange(num_seqs + 1, dtype=np.int32)
 
 
-def slots_for_positions(block_table: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
+def slots_for_positions(block_table: np.ndarray, positions: np.ndarray,
+                        block_size: int) -> np.ndarray:
     """Slot of each absolute position of one sequence: ``block_table[p // B] * B + p % B``."""
     positions = np.asarray(positions, dtype=np.int64)
     return (np.asarray(block_table, dtype=np.int64)[positions // block_size] * block_size

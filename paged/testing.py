@@ -135,7 +135,8 @@ class SharedPrefixBatch:
 def make_shared_prefix_batch(rng: np.random.Generator, prefix_blocks: Sequence[int],
                              seqs: Sequence[tuple[int, int, int]], *, num_q_heads: int = 4,
                              num_kv_heads: int = 2, head_dim: int = 64, block_size: int = 16,
-                             dtype: str = "float32", decode: bool | None = None) -> SharedPrefixBatch:
+                             dtype: str = "float32",
+                             decode: bool | None = None) -> SharedPrefixBatch:
     """Prefixes of ``prefix_blocks[p]`` full blocks; seqs[s] = (prefix_id, q_len, own_kv_len).
 
     Built on :func:`make_ragged_batch`: the prefixes are extra "sequences" of the pool, so

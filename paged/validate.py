@@ -447,6 +447,38 @@ def check_block_ids_values(num_blocks: int, block_ids, *, distinct: bool) -> np.
     return ids
 
 
+def check_swap_blocks(src_caches, dst_caches, src_ids, dst_ids) -> int:
+    """Static checks of swap_blocks (device <-> host copies); returns the number of blocks.
+
+    src_caches, dst_caches: sequences of arrays with the block axis first, pairwise of the same
+    block shape and dtype (their block counts may differ: a device cache and its host twin).
+    """
+    src = check_caches(src_caches, "src_caches")
+    dst = check_caches(dst_caches, "dst_caches")
+    if len(src) != len(dst):
+        raise ValueError(f"dst_caches: expected {len(src)} caches (as src_caches), got {len(dst)}")
+    for i, (a, b) in enumerate(zip(src, dst, strict=True)):
+        if _shape(a)[1:] != _shape(b)[1:]:
+            raise ValueError(f"dst_caches[{i}]: expected block shape {_shape(a)[1:]} "
+                             f"(from src_caches[{i}]), got {_shape(b)[1:]}")
+        check_same_dtype(f"dst_caches[{i}]", b, f"src_caches[{i}]", a)
+    (n,) = check_index("src_ids", src_ids)
+    (n_dst,) = check_index("dst_ids", dst_ids)
+    if n_dst != n:
+        raise ValueError(f"dst_ids: expected shape ({n},) (the shape of src_ids), got ({n_dst},)")
+    return n
+
+
+def check_swap_blocks_values(src_caches, dst_caches, src_ids,
+                             dst_ids) -> tuple[np.ndarray, np.ndarray]:
+    s = to_host(src_ids).astype(np.int64)
+    d = to_host(dst_ids).astype(np.int64)
+    _check_ids_in_range("src_ids", s, int(src_caches[0].shape[0]))
+    _check_ids_in_range("dst_ids", d, int(dst_caches[0].shape[0]))
+    _check_no_duplicates("dst_ids", d)
+    return s, d
+
+
 # ---- hashing checks
 # (owned by the hashing helper; prefixkv-v1 and compatibility block hashes, docs/hashing.md)
 

@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import pytest
-
 from prefixkv.paged import testing
 from prefixkv.paged.reference import (
     merge_attention_states_reference,
@@ -185,7 +184,7 @@ def brute_force(rb: testing.RaggedBatch, *, scale=None, causal=True, sliding_win
                 if logits:
                     m = max(logits)
                     w = [math.exp(x - m) for x in logits]
-                    out[tok, h] = sum(wi * vi for wi, vi in zip(w, vals)) / sum(w)
+                    out[tok, h] = sum(wi * vi for wi, vi in zip(w, vals, strict=True)) / sum(w)
                     lse[tok, h] = m + math.log(sum(w))
     return out, lse
 

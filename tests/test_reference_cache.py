@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from prefixkv.paged.reference import (
     copy_blocks_reference,
     gather_blocks_reference,
@@ -73,7 +72,7 @@ def test_copy_blocks_all_caches(dtype):
     cs = caches(rng, dtype=dtype, n=4)
     src, dst = np.array([5, 2], np.int32), np.array([0, 3], np.int32)
     out = copy_blocks_reference(cs, src, dst)
-    for before, after in zip(cs, out):
+    for before, after in zip(cs, out, strict=True):
         np.testing.assert_array_equal(after[dst], before[src])
         keep = [1, 2, 4, 5]
         np.testing.assert_array_equal(after[keep], before[keep])

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from prefixkv.paged import testing, validate
 from prefixkv.paged.reference import (
     copy_blocks_reference,

@@ -14,7 +14,6 @@ see (for CUDA graphs).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..paged import validate
@@ -323,30 +322,6 @@ def scatter_blocks(caches, buffer, block_ids, *, backend=None) -> None:
     torch.ops.prefixkv.scatter_blocks(list(caches), buffer, block_ids, backend)
 
 
-def _check_swap_blocks(src_caches, dst_caches, src_ids, dst_ids) -> None:
-    src = validate.check_caches(src_caches, "src_caches")
-    dst = validate.check_caches(dst_caches, "dst_caches")
-    if len(src) != len(dst):
-        raise ValueError(f"dst_caches: expected {len(src)} caches (as src_caches), got {len(dst)}")
-    for i, (a, b) in enumerate(zip(src, dst, strict=True)):
-        if tuple(a.shape[1:]) != tuple(b.shape[1:]):
-            raise ValueError(f"dst_caches[{i}]: expected block shape {tuple(a.shape[1:])} "
-                             f"(from src_caches[{i}]), got {tuple(b.shape[1:])}")
-        validate.check_same_dtype(f"dst_caches[{i}]", b, f"src_caches[{i}]", a)
-    (n,) = validate.check_index("src_ids", src_ids)
-    (n_dst,) = validate.check_index("dst_ids", dst_ids)
-    if n_dst != n:
-        raise ValueError(f"dst_ids: expected shape ({n},) (the shape of src_ids), got ({n_dst},)")
-
-
-def _check_swap_blocks_values(src_caches, dst_caches, src_ids, dst_ids) -> None:
-    s = validate.to_host(src_ids).astype(np.int64)
-    d = validate.to_host(dst_ids).astype(np.int64)
-    validate._check_ids_in_range("src_ids", s, int(src_caches[0].shape[0]))
-    validate._check_ids_in_range("dst_ids", d, int(dst_caches[0].shape[0]))
-    validate._check_no_duplicates("dst_ids", d)
-
-
 def swap_blocks(src_caches, dst_caches, src_ids, dst_ids, *, backend=None) -> None:
     """Copy block src_ids[i] of every src cache to block dst_ids[i] of the matching dst cache.
 
@@ -355,9 +330,9 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids, *, backend=None) -> No
     typically every layer's K and V on the GPU and their pinned-host twins. Runs on the current
     CUDA stream (``with torch.cuda.stream(s):``). src_ids, dst_ids: i32[n]; dst_ids distinct.
     """
-    _check_swap_blocks(src_caches, dst_caches, src_ids, dst_ids)
+    validate.check_swap_blocks(src_caches, dst_caches, src_ids, dst_ids)
     if _want_values(src_ids, dst_ids):
-        _check_swap_blocks_values(src_caches, dst_caches, src_ids, dst_ids)
+        validate.check_swap_blocks_values(src_caches, dst_caches, src_ids, dst_ids)
     torch.ops.prefixkv.swap_blocks(list(src_caches), list(dst_caches), src_ids, dst_ids, backend)
 
 
