@@ -33,6 +33,7 @@ from itertools import takewhile
 from operator import is_not
 
 from .events import CLEARED, EVICTED, REMOVED, STORED, EventBus, KVEvent
+from .spec import salt_bytes
 
 NULL_BLOCK = 0
 
@@ -43,15 +44,9 @@ class NoFreeBlocksError(RuntimeError):
     """Raised when an allocation asks for more blocks than are free (nothing is changed)."""
 
 
-def namespace_of(salt) -> bytes:
-    """The namespace bytes of a salt: UTF-8 of a str, the bytes themselves, b"" for None."""
-    if salt is None:
-        return b""
-    if isinstance(salt, str):
-        return salt.encode("utf-8")
-    if isinstance(salt, (bytes, bytearray, memoryview)):
-        return bytes(salt)
-    raise TypeError(f"salt: expected str, bytes or None, got {type(salt).__name__}")
+#: The namespace bytes of a salt (None -> b"", str -> UTF-8, bytes as they are): the index key
+#: and every event carry it, so a hit never crosses salts.
+namespace_of = salt_bytes
 
 
 class BlockPool:

@@ -93,3 +93,15 @@ def query_positions(kv_lens: np.ndarray, cu_q_lens: np.ndarray) -> tuple[np.ndar
     j = np.arange(cu[-1]) - cu[seq]
     pos = kv_lens[seq] - q_lens[seq] + j
     return seq.astype(np.int32), pos.astype(np.int32)
+
+
+def salt_bytes(salt: str | bytes | bytearray | None) -> bytes:
+    """The namespace bytes of a salt (tenant isolation everywhere: hashes, index, tiers, events):
+     UTF-8 of a str, the bytes themselves, b"" for None."""
+    if salt is None:
+        return b""
+    if isinstance(salt, str):
+        return salt.encode("utf-8")
+    if isinstance(salt, (bytes, bytearray, memoryview)):
+        return bytes(salt)
+    raise TypeError(f"salt: expected str, bytes or None, got {type(salt).__name__}")

@@ -20,6 +20,8 @@ import struct
 
 import numpy as np
 
+from ..spec import salt_bytes
+
 # ------------------------------------------------------------------------------ BLAKE3 core
 
 MASK = 0xFFFFFFFF
@@ -162,17 +164,6 @@ def derive_key(context: str, key_material: bytes, out_len: int = OUT_LEN) -> byt
 
 
 # ---------------------------------------------------------------------------- prefixkv-v1
-
-
-def salt_bytes(salt: str | bytes | bytearray | None) -> bytes:
-    """The namespace bytes of a salt: UTF-8 of a str, the bytes themselves, b"" for None."""
-    if salt is None:
-        return b""
-    if isinstance(salt, str):
-        return salt.encode("utf-8")
-    if isinstance(salt, (bytes, bytearray, memoryview)):
-        return bytes(salt)
-    raise TypeError(f"salt: expected str, bytes or None, got {type(salt).__name__}")
 
 
 @functools.lru_cache(maxsize=256)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..spec import dtype_name, numpy_dtype
+from ..spec import dtype_name, numpy_dtype, salt_bytes
 
 #: Version of the record layout written by :func:`encode_record`.
 FORMAT_VERSION = 1
@@ -54,17 +54,6 @@ def dtype_str(x) -> str:
     if name is None:
         name = _DTYPE_NAMES[dt] = dtype_name(dt)
     return name
-
-
-def _salt_bytes(salt) -> bytes:
-    # Same rule as the pool's namespace_of: None -> b"", str -> UTF-8, bytes -> bytes.
-    if salt is None:
-        return b""
-    if isinstance(salt, str):
-        return salt.encode("utf-8")
-    if isinstance(salt, (bytes, bytearray, memoryview)):
-        return bytes(salt)
-    raise TypeError(f"salt: expected None, str or bytes, got {type(salt).__name__}")
 
 
 def _field(b: bytes) -> bytes:
@@ -96,7 +85,7 @@ class Namespace:
         if not isinstance(self.layout, str):
             raise TypeError(f"layout: expected str, got {type(self.layout).__name__}")
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
-        object.__setattr__(self, "salt", _salt_bytes(self.salt))
+        object.__setattr__(self, "salt", salt_bytes(self.salt))
         if int(self.tp_size) < 1 or not 0 <= int(self.tp_rank) < int(self.tp_size):
             raise ValueError(f"tp_rank: expected 0 <= tp_rank < tp_size, got "
                              f"tp_rank={self.tp_rank}, tp_size={self.tp_size}")
