@@ -116,6 +116,23 @@ def check_optional_positive(name: str, value, *, integer: bool = False):
     return float(value)
 
 
+def check_cumulative_lens(name: str, cu, num_tokens: int) -> np.ndarray:
+    """Host check of cumulative lengths (cu_q_lens, cu_lens): starts at 0, never decreases,
+    ends at num_tokens. Returns them as int64 numpy."""
+    cu = to_host(cu).astype(np.int64)
+    if cu[0] != 0:
+        raise ValueError(f"{name}: expected {name}[0] == 0, got {int(cu[0])}")
+    steps = np.diff(cu)
+    if (steps < 0).any():
+        s = int(np.argmax(steps < 0))
+        raise ValueError(f"{name}: expected non-decreasing values, got {int(cu[s])} then "
+                         f"{int(cu[s + 1])} at index {s}")
+    if cu[-1] != num_tokens:
+        raise ValueError(f"{name}: expected {name}[-1] == num_tokens ({num_tokens}), "
+                         f"got {int(cu[-1])}")
+    return cu
+
+
 def _check_ids_in_range(name: str, ids: np.ndarray, upper: int, *, lower: int = 0) -> None:
     if ids.size == 0:
         return
@@ -221,17 +238,7 @@ def check_ragged_values(dims: AttentionDims, block_tables, kv_lens, cu_q_lens=No
     if cu_q_lens is None:
         cu = np.arange(dims.num_seqs + 1, dtype=np.int64)
     else:
-        cu = to_host(cu_q_lens).astype(np.int64)
-        if cu[0] != 0:
-            raise ValueError(f"cu_q_lens: expected cu_q_lens[0] == 0, got {int(cu[0])}")
-        steps = np.diff(cu)
-        if (steps < 0).any():
-            s = int(np.argmax(steps < 0))
-            raise ValueError(f"cu_q_lens: expected non-decreasing values, got {int(cu[s])} then "
-                             f"{int(cu[s + 1])} at index {s}")
-        if cu[-1] != dims.num_tokens:
-            raise ValueError(f"cu_q_lens: expected cu_q_lens[-1] == num_tokens "
-                             f"({dims.num_tokens}), got {int(cu[-1])}")
+        cu = check_cumulative_lens("cu_q_lens", cu_q_lens, dims.num_tokens)
     if (kv < 0).any():
         s = int(np.argmax(kv < 0))
         raise ValueError(f"{kv_name}: expected values >= 0, got {int(kv[s])} at index {s}")
@@ -580,17 +587,7 @@ def check_hash_blocks_values(dims: HashBlocksDims, tokens, *, cu_lens=None,
     if cu_lens is None:
         cu = np.array([0, dims.num_tokens], dtype=np.int64)
     else:
-        cu = to_host(cu_lens).astype(np.int64)
-        if cu[0] != 0:
-            raise ValueError(f"cu_lens: expected cu_lens[0] == 0, got {int(cu[0])}")
-        steps = np.diff(cu)
-        if (steps < 0).any():
-            s = int(np.argmax(steps < 0))
-            raise ValueError(f"cu_lens: expected non-decreasing values, got {int(cu[s])} then "
-                             f"{int(cu[s + 1])} at index {s}")
-        if cu[-1] != dims.num_tokens:
-            raise ValueError(f"cu_lens: expected cu_lens[-1] == num_tokens "
-                             f"({dims.num_tokens}), got {int(cu[-1])}")
+        cu = check_cumulative_lens("cu_lens", cu_lens, dims.num_tokens)
     tok = to_host(tokens)
     if tok.size and int(tok.min()) < 0:
         i = int(np.argmax(tok < 0))
