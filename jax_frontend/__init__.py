@@ -10,6 +10,7 @@ backend and why it was refused. Cache-updating ops return new caches: donate the
 """
 
 from ..paged.registry import BackendError as BackendError
+from ._hashing import hash_blocks as hash_blocks
 from ._ops import copy_blocks as copy_blocks
 from ._ops import explain_backends as explain_backends
 from ._ops import gather_blocks as gather_blocks
@@ -21,9 +22,3 @@ from ._ops import write_kv as write_kv
 from ._sharding import kv_head_specs as kv_head_specs
 from ._sharding import tensor_parallel_paged_attention as tensor_parallel_paged_attention
 from ._sharding import tensor_parallel_write_kv as tensor_parallel_write_kv
-
-try:  # written by the device-hashing helper
-    from ._hashing import hash_blocks as hash_blocks
-except ModuleNotFoundError as _e:  # pragma: no cover - only while _hashing.py does not exist
-    if _e.name != f"{__name__}._hashing":
-        raise

@@ -355,3 +355,18 @@ def test_random_ragged_batches(seqs, block_size, group, window, seed):
     want = ref.paged_attention_reference(*b.args(), sliding_window=window)
     got = tf.paged_attention(*(T(a) for a in b.args()), sliding_window=window)
     close(got, want, "float32")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_pinned_host_allocator_backs_the_host_tier(dtype):
+    from prefixkv.paged import BlockKey, HostTier, Namespace
+    from prefixkv.torch_frontend import pinned_host_allocator
+
+    arr = pinned_host_allocator((3, 2, 4), numpy_dtype(dtype))
+    assert arr.shape == (3, 2, 4) and str(arr.dtype) == dtype and arr.flags.c_contiguous
+    tier = HostTier(1 << 20, allocator=pinned_host_allocator)
+    block = np.arange(24, dtype=np.float32).reshape(3, 2, 4).astype(numpy_dtype(dtype))
+    key = BlockKey(b"\x01" * 32, Namespace(model_id="m", dtype=dtype))
+    assert tier.batch_put([key], [block]) == [True]
+    (got,) = tier.batch_get([key], shape=block.shape, dtype=block.dtype)
+    np.testing.assert_array_equal(got, block)

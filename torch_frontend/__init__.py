@@ -2,6 +2,8 @@
 with a Python wrapper of the same name; backend by device (Triton / CUDA C on CUDA, vectorized
 torch on CPU), ``backend=`` or ``PREFIXKV_<OP>_BACKEND`` / ``PREFIXKV_BACKEND`` override."""
 
+from ._hashing import hash_blocks as hash_blocks
+from ._memory import pinned_host_allocator as pinned_host_allocator
 from ._ops import copy_blocks as copy_blocks
 from ._ops import gather_blocks as gather_blocks
 from ._ops import merge_attention_states as merge_attention_states
@@ -11,9 +13,3 @@ from ._ops import shared_prefix_attention as shared_prefix_attention
 from ._ops import swap_blocks as swap_blocks
 from ._ops import write_kv as write_kv
 from ._registry import REGISTRIES as REGISTRIES
-
-try:  # written by the device-hashing work
-    from ._hashing import hash_blocks as hash_blocks
-except ModuleNotFoundError as _e:  # pragma: no cover - only while _hashing.py does not exist
-    if _e.name != f"{__name__}._hashing":
-        raise
