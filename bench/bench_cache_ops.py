@@ -1,0 +1,345 @@
+"""Cache ops and the LSE merge on this CPU, Llama-3-8B-like shapes per layer (block_size 16,
+8 kv heads, head_dim 128), prefixkv next to the baseline a user would write, in one group.
+
+JAX (backend "xla", the CPU path; jitted, caches donated where the op updates them, timed to
+``block_until_ready``): write_kv of a 512-token prefill chunk into a 4096-block cache (bf16,
+f32), copy_blocks of 256 block pairs over 2 layers' K and V (2048-block caches, bf16),
+gather_blocks / scatter_blocks of 256 blocks of those 4 caches, merge_attention_states of [4096 tokens, 32 heads, 128]. Baselines:
+``.at[slots].set`` on the flattened cache, ``.at[dst].set(c[src])``, ``jnp.take`` + ``stack``,
+the merge formula in jnp. The "pallas_interpret" backend is a Python interpreter for tests, not
+a way to run on a CPU, and is left out.
+
+torch (backend "torch", in place): write_kv, copy_blocks, scatter_blocks (gather_blocks and
+swap_blocks are in bench_torch_copy.py) and merge_attention_states, vs ``index_copy_`` /
+``index_select`` per cache and the merge formula in torch.
+
+extra_info: ``bytes`` = bytes read + bytes written by the op, ``gbps``, and ``copy_fraction`` =
+gbps / the measured one-thread copy bandwidth (also read + written bytes), so 1.0 is memcpy
+speed. ``roofline_fraction`` (bench.conftest.record) divides by the read bandwidth instead.
+
+    .venv/bin/pytest bench/bench_cache_ops.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from bench.conftest import record
+
+BS, HKV, D = 16, 8, 128          # block_size, kv heads, head_dim
+NUM_BLOCKS = 4096                # write_kv: a per-layer cache of 64k tokens
+MOVE_BLOCKS = 2048               # copy / gather / scatter: 4 caches of 32k tokens
+WRITE_TOKENS = 512               # a prefill chunk
+MOVE = 256                       # block pairs / blocks moved by copy, gather, scatter
+COPY_LAYERS = 2                  # 2 layers' K and V: 4 caches
+MERGE_TOKENS, MERGE_HEADS = 4096, 32
+ROUNDS = 3                       # each callable also runs once untimed first (compile/warm)
+
+
+def _item(dtype: str) -> int:
+    return {"float32": 4, "bfloat16": 2}[dtype]
+
+
+def _block_pool(num_blocks: int, seed: int, dtype: str) -> np.ndarray:
+    """[num_blocks, BS, HKV, D] (ml_dtypes bfloat16 or f32): 257 random blocks repeated (cheap
+    to build, and any two blocks within 257 ids of each other differ, so a wrong id shows)."""
+    rng = np.random.default_rng(seed)
+    pool = rng.standard_normal((257, BS, HKV, D), dtype=np.float32).astype(getattr(
+        ml_dtypes, dtype) if dtype == "bfloat16" else dtype)
+    return pool[np.arange(num_blocks) % 257]
+
+
+def _write_slots(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    blocks = rng.permutation(NUM_BLOCKS)[:WRITE_TOKENS // BS]
+    return (blocks[:, None] * BS + np.arange(BS)).reshape(-1).astype(np.int32)
+
+
+def _move_ids(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """MOVE distinct sources and MOVE distinct destinations, disjoint."""
+    perm = np.random.default_rng(seed).permutation(MOVE_BLOCKS).astype(np.int32)
+    return perm[:MOVE], perm[MOVE:2 * MOVE]
+
+
+def _finish(benchmark, limits, nbytes, **extra):
+    gbps = nbytes / benchmark.stats.stats.mean / 1e9
+    record(benchmark, limits, nbytes=nbytes,
+           copy_fraction=round(gbps / limits["copy_gbps"], 3), **extra)
+
+
+def _write_bytes(dtype):      # read key+value rows, write them into K and V
+    return 2 * 2 * WRITE_TOKENS * HKV * D * _item(dtype)
+
+
+def _move_bytes(dtype):       # read and write MOVE blocks of each of the 4 caches
+    return 2 * MOVE * 2 * COPY_LAYERS * BS * HKV * D * _item(dtype)
+
+
+def _merge_bytes(dtype):      # read 2 outs + 2 lse, write out + lse
+    n = MERGE_TOKENS * MERGE_HEADS
+    return 3 * n * D * _item(dtype) + 3 * n * 4
+
+
+# =========================================================================================== JAX
+
+try:
+    import jax
+    import jax.numpy as jnp
+
+    from prefixkv import jax_frontend as jf
+except ImportError:  # pragma: no cover - the torch half still runs
+    jax = None
+needs_jax = pytest.mark.skipif(jax is None, reason="needs jax")
+
+
+def _jax_caches(n: int, dtype: str, num_blocks: int = NUM_BLOCKS):
+    return [jnp.asarray(_block_pool(num_blocks, 10 + i, dtype)) for i in range(n)]
+
+
+def _bench_donating(benchmark, fn, state, *rest):
+    """Time ``state = fn(*state, *rest)`` with the caches in ``state`` donated each call."""
+    state = list(state)
+
+    def step():
+        state[:] = fn(state, *rest)
+        jax.block_until_ready(state)
+
+    step()  # compile
+    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    return state
+
+
+@needs_jax
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("impl", ["prefixkv_xla", "jnp_at_set_baseline"])
+def test_jax_write_kv(benchmark, machine_limits, impl, dtype):
+    benchmark.group = f"jax write_kv {WRITE_TOKENS} tokens into {NUM_BLOCKS} blocks, {dtype}"
+    k, v = _jax_caches(2, dtype)
+    rng = np.random.default_rng(1)
+    key, value = (jnp.asarray(rng.standard_normal((WRITE_TOKENS, HKV, D), dtype=np.float32))
+                  .astype(dtype) for _ in range(2))
+    slots_np = _write_slots()
+    slots = jnp.asarray(slots_np)
+    if impl == "prefixkv_xla":
+        fn = jax.jit(lambda kv, key, value, s: jf.write_kv(key, value, kv[0], kv[1], s),
+                     donate_argnums=0)
+    else:
+        def baseline(kv, key, value, s):
+            return [c.reshape(-1, HKV, D).at[s].set(x).reshape(c.shape)
+                    for c, x in zip(kv, (key, value), strict=True)]
+        fn = jax.jit(baseline, donate_argnums=0)
+    k, v = _bench_donating(benchmark, fn, (k, v), key, value, slots)
+    got = np.asarray(k.reshape(-1, HKV, D)[slots_np[:3]].astype(jnp.float32))
+    np.testing.assert_array_equal(got, np.asarray(key[:3].astype(jnp.float32)))
+    _finish(benchmark, machine_limits, _write_bytes(dtype), impl=impl, dtype=dtype)
+
+
+@needs_jax
+@pytest.mark.parametrize("impl", ["prefixkv_xla", "jnp_at_set_baseline"])
+def test_jax_copy_blocks(benchmark, machine_limits, impl):
+    benchmark.group = f"jax copy_blocks {MOVE} pairs x {COPY_LAYERS} layers K,V, bfloat16"
+    caches = _jax_caches(2 * COPY_LAYERS, "bfloat16", MOVE_BLOCKS)
+    src_np, dst_np = _move_ids(2)
+    src, dst = jnp.asarray(src_np), jnp.asarray(dst_np)
+    want = np.asarray(caches[-1][src_np[:2]].astype(jnp.float32))
+    if impl == "prefixkv_xla":
+        fn = jax.jit(lambda cs, s, d: jf.copy_blocks(cs, s, d), donate_argnums=0)
+    else:
+        fn = jax.jit(lambda cs, s, d: [c.at[d].set(c[s]) for c in cs], donate_argnums=0)
+    caches = _bench_donating(benchmark, fn, caches, src, dst)
+    np.testing.assert_array_equal(np.asarray(caches[-1][dst_np[:2]].astype(jnp.float32)), want)
+    _finish(benchmark, machine_limits, _move_bytes("bfloat16"), impl=impl)
+
+
+@needs_jax
+@pytest.mark.parametrize("impl", ["prefixkv_xla", "jnp_take_stack_baseline"])
+def test_jax_gather_blocks(benchmark, machine_limits, impl):
+    benchmark.group = f"jax gather_blocks {MOVE} blocks x {2 * COPY_LAYERS} caches, bfloat16"
+    caches = _jax_caches(2 * COPY_LAYERS, "bfloat16", MOVE_BLOCKS)
+    ids_np, _ = _move_ids(3)
+    ids = jnp.asarray(ids_np)
+    if impl == "prefixkv_xla":
+        fn = jax.jit(jf.gather_blocks)
+    else:
+        fn = jax.jit(lambda cs, i: jnp.stack([jnp.take(c, i, axis=0) for c in cs], axis=1))
+    buf = jax.block_until_ready(fn(caches, ids))
+    np.testing.assert_array_equal(np.asarray(buf[5, 2].astype(jnp.float32)),
+                                  np.asarray(caches[2][ids_np[5]].astype(jnp.float32)))
+    del buf
+    benchmark.pedantic(lambda: jax.block_until_ready(fn(caches, ids)), rounds=ROUNDS,
+                       iterations=1, warmup_rounds=0)
+    _finish(benchmark, machine_limits, _move_bytes("bfloat16"), impl=impl)
+
+
+@needs_jax
+@pytest.mark.parametrize("impl", ["prefixkv_xla", "jnp_at_set_baseline"])
+def test_jax_scatter_blocks(benchmark, machine_limits, impl):
+    benchmark.group = f"jax scatter_blocks {MOVE} blocks x {2 * COPY_LAYERS} caches, bfloat16"
+    caches = _jax_caches(2 * COPY_LAYERS, "bfloat16", MOVE_BLOCKS)
+    ids_np, _ = _move_ids(4)
+    ids = jnp.asarray(ids_np)
+    rng = np.random.default_rng(5)
+    buffer = jnp.asarray(rng.standard_normal((MOVE, 2 * COPY_LAYERS, BS, HKV, D),
+                                             dtype=np.float32)).astype(jnp.bfloat16)
+    if impl == "prefixkv_xla":
+        fn = jax.jit(lambda cs, b, i: jf.scatter_blocks(cs, b, i), donate_argnums=0)
+    else:
+        fn = jax.jit(lambda cs, b, i: [c.at[i].set(b[:, j]) for j, c in enumerate(cs)],
+                     donate_argnums=0)
+    caches = _bench_donating(benchmark, fn, caches, buffer, ids)
+    np.testing.assert_array_equal(np.asarray(caches[1][ids_np[7]].astype(jnp.float32)),
+                                  np.asarray(buffer[7, 1].astype(jnp.float32)))
+    _finish(benchmark, machine_limits, _move_bytes("bfloat16"), impl=impl)
+
+
+def _merge_inputs(dtype, xp_from_numpy):
+    rng = np.random.default_rng(6)
+    shape = (MERGE_TOKENS, MERGE_HEADS)
+    out_a, out_b = (rng.standard_normal((*shape, D), dtype=np.float32) for _ in range(2))
+    lse_a, lse_b = (rng.standard_normal(shape, dtype=np.float32) * 4 for _ in range(2))
+    return xp_from_numpy(out_a, dtype), xp_from_numpy(lse_a, "float32"), \
+        xp_from_numpy(out_b, dtype), xp_from_numpy(lse_b, "float32")
+
+
+def _jnp_merge(out_a, lse_a, out_b, lse_b):
+    """The formula as a user writes it (no empty-state guard)."""
+    m = jnp.maximum(lse_a, lse_b)
+    wa, wb = jnp.exp(lse_a - m), jnp.exp(lse_b - m)
+    s = wa + wb
+    out = (out_a.astype(jnp.float32) * (wa / s)[..., None]
+           + out_b.astype(jnp.float32) * (wb / s)[..., None])
+    return out.astype(out_a.dtype), m + jnp.log(s)
+
+
+@needs_jax
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("impl", ["prefixkv_xla", "jnp_formula_baseline"])
+def test_jax_merge_attention_states(benchmark, machine_limits, impl, dtype):
+    benchmark.group = f"jax merge_attention_states [{MERGE_TOKENS}, {MERGE_HEADS}, {D}] {dtype}"
+    args = _merge_inputs(dtype, lambda x, dt: jnp.asarray(x).astype(dt))
+    fn = jax.jit(jf.merge_attention_states if impl == "prefixkv_xla" else _jnp_merge)
+    got = jax.block_until_ready(fn(*args))
+    ref = jax.jit(_jnp_merge)(*args)
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(ref[1]), rtol=1e-5, atol=1e-5)
+    del got, ref
+    benchmark.pedantic(lambda: jax.block_until_ready(fn(*args)), rounds=ROUNDS, iterations=1,
+                       warmup_rounds=0)
+    _finish(benchmark, machine_limits, _merge_bytes(dtype), impl=impl, dtype=dtype)
+
+
+# ========================================================================================= torch
+
+try:
+    import torch
+
+    from prefixkv import torch_frontend as tf
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover - the JAX half still runs
+    torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="needs torch")
+
+
+def _torch_caches(n: int, dtype: str, num_blocks: int = NUM_BLOCKS):
+    out = []
+    for i in range(n):
+        pool = _block_pool(num_blocks, 10 + i, dtype)
+        if dtype == "bfloat16":  # same bits, viewed as torch.bfloat16
+            out.append(torch.from_numpy(pool.view(np.int16)).view(torch.bfloat16))
+        else:
+            out.append(torch.from_numpy(pool))
+    return out
+
+
+@needs_torch
+@pytest.mark.parametrize("impl", ["prefixkv_torch", "index_copy_baseline"])
+def test_torch_write_kv(benchmark, machine_limits, impl):
+    dtype = "bfloat16"
+    benchmark.group = f"torch write_kv {WRITE_TOKENS} tokens into {NUM_BLOCKS} blocks, {dtype}"
+    k, v = _torch_caches(2, dtype)
+    g = torch.Generator().manual_seed(1)
+    key, value = (torch.randn(WRITE_TOKENS, HKV, D, generator=g).to(torch.bfloat16)
+                  for _ in range(2))
+    slots = torch.from_numpy(_write_slots())
+    slots64 = slots.long()
+    if impl == "prefixkv_torch":
+        def fn():
+            tf.write_kv(key, value, k, v, slots)
+    else:
+        def fn():
+            k.view(-1, HKV, D).index_copy_(0, slots64, key)
+            v.view(-1, HKV, D).index_copy_(0, slots64, value)
+    fn()
+    assert torch.equal(v.view(-1, HKV, D)[slots64], value)
+    benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    _finish(benchmark, machine_limits, _write_bytes(dtype), impl=impl, dtype=dtype)
+
+
+@needs_torch
+@pytest.mark.parametrize("impl", ["prefixkv_torch", "index_select_copy_baseline"])
+def test_torch_copy_blocks(benchmark, machine_limits, impl):
+    benchmark.group = f"torch copy_blocks {MOVE} pairs x {COPY_LAYERS} layers K,V, bfloat16"
+    caches = _torch_caches(2 * COPY_LAYERS, "bfloat16", MOVE_BLOCKS)
+    src_np, dst_np = _move_ids(2)
+    src, dst = torch.from_numpy(src_np), torch.from_numpy(dst_np)
+    src64, dst64 = src.long(), dst.long()
+    want = caches[-1][src64[:2]].clone()
+    if impl == "prefixkv_torch":
+        def fn():
+            tf.copy_blocks(caches, src, dst)
+    else:
+        def fn():
+            for c in caches:
+                c.index_copy_(0, dst64, c.index_select(0, src64))
+    fn()
+    assert torch.equal(caches[-1][dst64[:2]], want)
+    benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    _finish(benchmark, machine_limits, _move_bytes("bfloat16"), impl=impl)
+
+
+@needs_torch
+@pytest.mark.parametrize("impl", ["prefixkv_torch", "index_copy_baseline"])
+def test_torch_scatter_blocks(benchmark, machine_limits, impl):
+    benchmark.group = f"torch scatter_blocks {MOVE} blocks x {2 * COPY_LAYERS} caches, bfloat16"
+    caches = _torch_caches(2 * COPY_LAYERS, "bfloat16", MOVE_BLOCKS)
+    ids_np, _ = _move_ids(4)
+    ids = torch.from_numpy(ids_np)
+    ids64 = ids.long()
+    g = torch.Generator().manual_seed(5)
+    buffer = torch.randn(MOVE, 2 * COPY_LAYERS, BS, HKV, D, generator=g).to(torch.bfloat16)
+    if impl == "prefixkv_torch":
+        def fn():
+            tf.scatter_blocks(caches, buffer, ids)
+    else:
+        def fn():
+            for j, c in enumerate(caches):
+                c.index_copy_(0, ids64, buffer[:, j])
+    fn()
+    assert torch.equal(caches[1][ids64[7]], buffer[7, 1])
+    benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    _finish(benchmark, machine_limits, _move_bytes("bfloat16"), impl=impl)
+
+
+def _torch_merge(out_a, lse_a, out_b, lse_b):
+    """The formula as a user writes it (no empty-state guard)."""
+    m = torch.maximum(lse_a, lse_b)
+    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    s = wa + wb
+    out = out_a.float() * (wa / s)[..., None] + out_b.float() * (wb / s)[..., None]
+    return out.to(out_a.dtype), m + torch.log(s)
+
+
+@needs_torch
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("impl", ["prefixkv_torch", "torch_formula_baseline"])
+def test_torch_merge_attention_states(benchmark, machine_limits, impl, dtype):
+    benchmark.group = (f"torch merge_attention_states [{MERGE_TOKENS}, {MERGE_HEADS}, {D}] "
+                       f"{dtype}")
+    args = _merge_inputs(dtype, lambda x, dt: torch.from_numpy(x).to(getattr(torch, dt)))
+    fn = tf.merge_attention_states if impl == "prefixkv_torch" else _torch_merge
+    got, ref = fn(*args), _torch_merge(*args)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+    del got, ref
+    benchmark.pedantic(lambda: fn(*args), rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    _finish(benchmark, machine_limits, _merge_bytes(dtype), impl=impl, dtype=dtype)
