@@ -4,10 +4,13 @@
 JAX (backend "xla", the CPU path; jitted, caches donated where the op updates them, timed to
 ``block_until_ready``): write_kv of a 512-token prefill chunk into a 4096-block cache (bf16,
 f32), copy_blocks of 256 block pairs over 2 layers' K and V (2048-block caches, bf16),
-gather_blocks / scatter_blocks of 256 blocks of those 4 caches, merge_attention_states of [4096 tokens, 32 heads, 128]. Baselines:
-``.at[slots].set`` on the flattened cache, ``.at[dst].set(c[src])``, ``jnp.take`` + ``stack``,
-the merge formula in jnp. The "pallas_interpret" backend is a Python interpreter for tests, not
-a way to run on a CPU, and is left out.
+gather_blocks / scatter_blocks of 256 blocks of those 4 caches, merge_attention_states of
+[4096 tokens, 32 heads, 128]. Baselines: ``.at[slots].set`` on the flattened cache,
+``.at[dst].set(c[src])``, ``jnp.take`` + ``stack``, the merge formula in jnp. The
+"pallas_interpret" backend is a Python interpreter for tests, not a way to run on a CPU, and is
+left out. Seen here (jax 0.10.2): XLA CPU scatters into a bf16 cache by converting the whole
+cache to f32 and back (compiled HLO), so the bf16 write_kv / copy_blocks / scatter_blocks cost
+a full-cache round trip (~0.5 s) in prefixkv and the baseline alike; f32 write_kv is ~1 ms.
 
 torch (backend "torch", in place): write_kv, copy_blocks, scatter_blocks (gather_blocks and
 swap_blocks are in bench_torch_copy.py) and merge_attention_states, vs ``index_copy_`` /
