@@ -235,15 +235,23 @@ def paged_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_c
 
 def merge_attention_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, out_b,
                            lse_b) -> None:
+    """out = c_a out_a + c_b out_b with c = e^(lse - m) / sum; rows empty on both sides
+    (lse -inf) get c = 0, so out 0 and lse -inf. float32 outputs are written in place (no
+    temporary of the output's size)."""
     m = torch.maximum(lse_a, lse_b)
     seen = m > float("-inf")
     m0 = torch.where(seen, m, 0.0)
-    wa, wb = torch.exp(lse_a - m0), torch.exp(lse_b - m0)
-    den = torch.where(seen, wa + wb, 1.0)
-    o = (wa[..., None] * out_a.to(torch.float32) + wb[..., None] * out_b.to(torch.float32))
-    o = torch.where(seen[..., None], o / den[..., None], 0.0)
-    out.copy_(o)
-    lse.copy_(torch.where(seen, m0 + torch.log(den), float("-inf")))
+    wa, wb = torch.exp(lse_a - m0), torch.exp(lse_b - m0)  # e^-inf = 0 for an empty side
+    den = wa + wb
+    inv = torch.where(seen, den.reciprocal(), 0.0)
+    ca, cb = (wa * inv).unsqueeze(-1), (wb * inv).unsqueeze(-1)
+    if out.dtype == torch.float32 and out_a.dtype == torch.float32:
+        torch.mul(out_a, ca, out=out)
+        out.addcmul_(out_b, cb)
+    else:
+        out.copy_(torch.addcmul(out_a.to(torch.float32) * ca, out_b.to(torch.float32), cb))
+    lse.copy_(m0 + torch.log(den))
+    lse.masked_fill_(~seen, float("-inf"))
 
 
 def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_cache,
