@@ -304,16 +304,41 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping):
     def put(cache, rows):
         return cache.at[blk, off].set(rows[:n], mode="drop", unique_indices=True)
 
-    return put(k_cache, key), put(v_cache, value)
+    def xla_path():
+        return put(k_cache, key), put(v_cache, value)
+
+    # XLA:CPU scatters bf16 through a whole-cache f32 round trip: on CPU, in-place byte
+    # copies by an FFI custom call instead (when it builds; see kernels/cpu/xla_ffi.py).
+    from ..kernels.cpu import xla_ffi
+
+    if not xla_ffi.use_for(key, value, k_cache, v_cache):
+        return xla_path()
+
+    def cpu_path():
+        return (xla_ffi.write_kv(key, slot_mapping, k_cache),
+                xla_ffi.write_kv(value, slot_mapping, v_cache))
+
+    return lax.platform_dependent(cpu=cpu_path, default=xla_path)
 
 
 def copy_blocks(caches, src, dst):
     """cache[dst[i]] = cache[src[i]] for every cache; reads happen before writes."""
-    out = []
-    for c in caches:
-        rows = jnp.take(c, src, axis=0, mode="clip")
-        out.append(c.at[dst].set(rows, mode="drop", unique_indices=True))
-    return out
+    def xla_path():
+        out = []
+        for c in caches:
+            rows = jnp.take(c, src, axis=0, mode="clip")
+            out.append(c.at[dst].set(rows, mode="drop", unique_indices=True))
+        return out
+
+    from ..kernels.cpu import xla_ffi  # in-place on CPU, see write_kv
+
+    if not xla_ffi.use_for(*caches):
+        return xla_path()
+
+    def cpu_path():
+        return [xla_ffi.copy_blocks(c, src, dst) for c in caches]
+
+    return lax.platform_dependent(cpu=cpu_path, default=xla_path)
 
 
 def gather_blocks(caches, block_ids):
@@ -323,8 +348,19 @@ def gather_blocks(caches, block_ids):
 
 def scatter_blocks(caches, buffer, block_ids):
     """caches[c][block_ids[i]] = buffer[i, c]."""
-    return [c.at[block_ids].set(buffer[:, i], mode="drop", unique_indices=True)
-            for i, c in enumerate(caches)]
+    def xla_path():
+        return [c.at[block_ids].set(buffer[:, i], mode="drop", unique_indices=True)
+                for i, c in enumerate(caches)]
+
+    from ..kernels.cpu import xla_ffi  # in-place on CPU, see write_kv
+
+    if not xla_ffi.use_for(buffer, *caches):
+        return xla_path()
+
+    def cpu_path():
+        return [xla_ffi.scatter_blocks(c, buffer, block_ids, i) for i, c in enumerate(caches)]
+
+    return lax.platform_dependent(cpu=cpu_path, default=xla_path)
 
 
 def dense_gather_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, *, scale):

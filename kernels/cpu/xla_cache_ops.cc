@@ -1,0 +1,166 @@
+// In-place paged KV cache updates for XLA:CPU, as XLA FFI custom calls.
+//
+// Each handler takes one cache as its last operand and returns it as its only result; the
+// Python side aliases the two (input_output_aliases), so a donated cache is written in place
+// and a non-donated one is copied once by XLA before the call. The ops move whole rows or
+// whole blocks as bytes, so every dtype takes the same path (XLA:CPU scatters bfloat16 by
+// converting the whole cache to float32 and back).
+//
+// Ids are validated by the frontend; here an id outside the cache is still never written:
+// write_kv skips slots outside [0, num_slots), copy_blocks skips dst outside [0, num_blocks)
+// and clamps src into it (like the XLA path's take(mode="clip")), scatter_blocks skips ids
+// outside [0, num_blocks).
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Number of elements in dims[from:] (the trailing dims).
+int64_t TrailingCount(ffi::AnyBuffer::Dimensions dims, size_t from) {
+  int64_t n = 1;
+  for (size_t i = from; i < dims.size(); ++i) n *= dims[i];
+  return n;
+}
+
+int64_t ByteWidthOf(const ffi::AnyBuffer& buf) {
+  return static_cast<int64_t>(ffi::ByteWidth(buf.element_type()));
+}
+
+// Copies the input cache into the output when XLA did not alias them (it always does when
+// the call is built with input_output_aliases; this keeps the handler correct regardless).
+void AliasOrCopy(const ffi::AnyBuffer& in, ffi::AnyBuffer out) {
+  if (in.untyped_data() != out.untyped_data()) {
+    std::memcpy(out.untyped_data(), in.untyped_data(), out.size_bytes());
+  }
+}
+
+// rows: [num_tokens, *row_shape]; slots: s32[n], n <= num_tokens;
+// cache: [num_blocks, block_size, *row_shape]. cache.row(slot[i]) = rows[i].
+ffi::Error WriteKvImpl(ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> slots, ffi::AnyBuffer cache,
+                       ffi::Result<ffi::AnyBuffer> out) {
+  auto dims = cache.dimensions();
+  if (dims.size() < 2) return ffi::Error::InvalidArgument("write_kv: cache rank < 2");
+  if (rows.element_type() != cache.element_type())
+    return ffi::Error::InvalidArgument("write_kv: rows and cache dtypes differ");
+  const int64_t row_bytes = TrailingCount(dims, 2) * ByteWidthOf(cache);
+  const int64_t num_slots = dims[0] * dims[1];
+  const int64_t n = static_cast<int64_t>(slots.element_count());
+  if (rows.dimensions().size() < 1 || rows.dimensions()[0] < n ||
+      TrailingCount(rows.dimensions(), 1) * ByteWidthOf(rows) != row_bytes)
+    return ffi::Error::InvalidArgument("write_kv: rows do not match the cache rows");
+  AliasOrCopy(cache, *out);
+  auto* dst = static_cast<char*>(out->untyped_data());
+  const auto* src = static_cast<const char*>(rows.untyped_data());
+  const int32_t* slot = slots.typed_data();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t s = slot[i];
+    if (s < 0 || s >= num_slots) continue;
+    std::memcpy(dst + s * row_bytes, src + i * row_bytes, row_bytes);
+  }
+  return ffi::Error::Success();
+}
+
+// src, dst: s32[n]; cache: [num_blocks, *block_shape]. All reads happen before any write.
+ffi::Error CopyBlocksImpl(ffi::Buffer<ffi::S32> src, ffi::Buffer<ffi::S32> dst,
+                          ffi::AnyBuffer cache, ffi::Result<ffi::AnyBuffer> out) {
+  auto dims = cache.dimensions();
+  if (dims.size() < 1) return ffi::Error::InvalidArgument("copy_blocks: cache rank < 1");
+  const int64_t n = static_cast<int64_t>(src.element_count());
+  if (static_cast<int64_t>(dst.element_count()) != n)
+    return ffi::Error::InvalidArgument("copy_blocks: src and dst lengths differ");
+  const int64_t num_blocks = dims[0];
+  const int64_t block_bytes = TrailingCount(dims, 1) * ByteWidthOf(cache);
+  AliasOrCopy(cache, *out);
+  if (num_blocks == 0 || n == 0) return ffi::Error::Success();
+  auto* base = static_cast<char*>(out->untyped_data());
+  const int32_t* s = src.typed_data();
+  const int32_t* d = dst.typed_data();
+  auto clamp = [&](int64_t b) { return b < 0 ? 0 : (b >= num_blocks ? num_blocks - 1 : b); };
+  auto valid_dst = [&](int64_t b) { return b >= 0 && b < num_blocks; };
+  // Stage the sources only when some source block is also written (then a plain in-order
+  // copy could read a block already overwritten).
+  std::vector<char> written(num_blocks, 0);
+  for (int64_t i = 0; i < n; ++i)
+    if (valid_dst(d[i])) written[d[i]] = 1;
+  bool overlap = false;
+  for (int64_t i = 0; i < n && !overlap; ++i)
+    overlap = valid_dst(d[i]) && written[clamp(s[i])] && clamp(s[i]) != d[i];
+  if (!overlap) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t sb = clamp(s[i]);
+      if (!valid_dst(d[i]) || sb == d[i]) continue;
+      std::memcpy(base + d[i] * block_bytes, base + sb * block_bytes, block_bytes);
+    }
+    return ffi::Error::Success();
+  }
+  std::vector<char> staged(static_cast<size_t>(n * block_bytes));
+  for (int64_t i = 0; i < n; ++i)
+    if (valid_dst(d[i]))
+      std::memcpy(staged.data() + i * block_bytes, base + clamp(s[i]) * block_bytes,
+                  block_bytes);
+  for (int64_t i = 0; i < n; ++i)
+    if (valid_dst(d[i]))
+      std::memcpy(base + d[i] * block_bytes, staged.data() + i * block_bytes, block_bytes);
+  return ffi::Error::Success();
+}
+
+// buffer: [n, num_caches, *block_shape]; ids: s32[n]; cache: [num_blocks, *block_shape].
+// cache[ids[i]] = buffer[i, index].
+ffi::Error ScatterBlocksImpl(ffi::AnyBuffer buffer, ffi::Buffer<ffi::S32> ids,
+                             ffi::AnyBuffer cache, ffi::Result<ffi::AnyBuffer> out,
+                             int64_t index) {
+  auto dims = cache.dimensions();
+  auto bdims = buffer.dimensions();
+  if (dims.size() < 1 || bdims.size() < 2)
+    return ffi::Error::InvalidArgument("scatter_blocks: bad ranks");
+  if (buffer.element_type() != cache.element_type())
+    return ffi::Error::InvalidArgument("scatter_blocks: buffer and cache dtypes differ");
+  const int64_t n = static_cast<int64_t>(ids.element_count());
+  const int64_t num_caches = bdims[1];
+  const int64_t num_blocks = dims[0];
+  const int64_t block_bytes = TrailingCount(dims, 1) * ByteWidthOf(cache);
+  if (bdims[0] != n || index < 0 || index >= num_caches ||
+      TrailingCount(bdims, 2) * ByteWidthOf(buffer) != block_bytes)
+    return ffi::Error::InvalidArgument("scatter_blocks: buffer does not match the cache");
+  AliasOrCopy(cache, *out);
+  auto* base = static_cast<char*>(out->untyped_data());
+  const auto* src = static_cast<const char*>(buffer.untyped_data());
+  const int32_t* id = ids.typed_data();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t b = id[i];
+    if (b < 0 || b >= num_blocks) continue;
+    std::memcpy(base + b * block_bytes, src + (i * num_caches + index) * block_bytes,
+                block_bytes);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PrefixkvWriteKv, WriteKvImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PrefixkvCopyBlocks, CopyBlocksImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PrefixkvScatterBlocks, ScatterBlocksImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("index"));

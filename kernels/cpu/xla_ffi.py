@@ -1,0 +1,198 @@
+"""Build, load and register the XLA:CPU FFI cache-update handlers of ``xla_cache_ops.cc``.
+
+XLA:CPU scatters a bfloat16 cache by converting the whole cache to float32 and back (hundreds
+of ms for a 1 GiB cache, where float16 takes 0.3 ms); these handlers copy rows / blocks as
+bytes into the aliased (donated) cache instead, for every dtype.
+
+The handlers are compiled on first use with the system C++ compiler against the FFI headers
+shipped with jaxlib (``jax.ffi.include_dir()``), into a per-user cache directory keyed by a
+hash of the source, the jaxlib version and the compiler command; a file lock guards the build
+against concurrent processes. When the build is disabled (``PREFIXKV_DISABLE_CPU_FFI=1``), no
+compiler is found or the build fails, :func:`available` is False and the JAX frontend keeps
+its XLA path; :func:`cpu_cache_ops_path` says which path runs and why.
+
+Only the JAX frontend calls :func:`write_kv`, :func:`copy_blocks` and :func:`scatter_blocks`,
+with validated arguments, inside the CPU branch of ``jax.lax.platform_dependent``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+SOURCE = Path(__file__).with_name("xla_cache_ops.cc")
+DISABLE_ENV = "PREFIXKV_DISABLE_CPU_FFI"
+CACHE_ENV = "PREFIXKV_CACHE_DIR"
+#: name of the registered FFI target -> exported handler symbol.
+TARGETS = {
+    "prefixkv_cpu_write_kv": "PrefixkvWriteKv",
+    "prefixkv_cpu_copy_blocks": "PrefixkvCopyBlocks",
+    "prefixkv_cpu_scatter_blocks": "PrefixkvScatterBlocks",
+}
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib": loaded CDLL, or "error": why the FFI path is off
+_registered: list = []  # the library whose handlers are registered (once per process)
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def cache_dir() -> Path:
+    """Where built libraries live: $PREFIXKV_CACHE_DIR, else $XDG_CACHE_HOME or ~/.cache,
+    under prefixkv/xla_ffi."""
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return Path(root) / "xla_ffi"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "prefixkv" / "xla_ffi"
+
+
+def _build_command(cxx: str, include_dir: str, out: str) -> list[str]:
+    return [cxx, "-O3", "-shared", "-fPIC", "-std=c++17", "-isystem", include_dir,
+            str(SOURCE), "-o", out]
+
+
+def build(force: bool = False) -> Path:
+    """Compile the handlers (or reuse the cached build); returns the library path. Raises
+    RuntimeError with the compiler output when it cannot be built."""
+    import jax
+    import jaxlib
+
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (tried $CXX, c++, g++, clang++)")
+    include_dir = jax.ffi.include_dir()
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(jaxlib.__version__.encode())
+    key.update(" ".join(_build_command(cxx, include_dir, "")).encode())
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    lib = directory / f"xla_cache_ops_{key.hexdigest()[:16]}.so"
+    if lib.exists() and not force:
+        return lib
+    with open(directory / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if lib.exists() and not force:  # built by another process while we waited
+                return lib
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+            os.close(fd)
+            try:
+                proc = subprocess.run(_build_command(cxx, include_dir, tmp),
+                                      capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"building {SOURCE.name} failed "
+                                       f"(exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+                os.replace(tmp, lib)  # atomic: readers never see a partial library
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return lib
+
+
+def _load() -> None:
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        _state["error"] = f"disabled by {DISABLE_ENV}"
+        return
+    try:
+        import jax
+
+        if not _registered:
+            lib = ctypes.CDLL(str(build()))
+            for target, symbol in TARGETS.items():
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                            platform="cpu")
+            _registered.append(lib)
+        lib = _registered[0]
+    except Exception as exc:  # noqa: BLE001 - any failure means: keep the XLA path
+        _state["error"] = f"{type(exc).__name__}: {exc}"
+        return
+    _state["lib"] = lib
+
+
+def available() -> bool:
+    """Build and register the handlers on first call; True when the FFI path can be used."""
+    with _lock:
+        if not _state:
+            _load()
+        return "lib" in _state
+
+
+def cpu_cache_ops_path() -> str:
+    """Which path write_kv / copy_blocks / scatter_blocks take on CPU: "ffi" (in-place byte
+    copies), or "xla (<why the FFI path is off>)"."""
+    return "ffi" if available() else f"xla ({_state['error']})"
+
+
+def _reset_for_tests() -> None:
+    with _lock:
+        _state.clear()
+
+
+#: dtypes whose elements the handlers copy as whole bytes.
+SUPPORTED_DTYPES = frozenset(np.dtype(d).name for d in (
+    np.float32, np.float16, np.float64, np.int8, np.uint8, np.int16, np.uint16, np.int32,
+    np.uint32, np.int64, np.uint64)) | {"bfloat16", "float8_e4m3fn", "float8_e5m2"}
+
+
+def supports(*arrays) -> bool:
+    """Every array has a dtype the handlers copy."""
+    return all(np.dtype(a.dtype).name in SUPPORTED_DTYPES for a in arrays)
+
+
+def use_for(*arrays) -> bool:
+    """Whether the JAX frontend's CPU branch should call the handlers for these arrays: the
+    dtypes are supported and the handlers are built and registered (built on first call)."""
+    return supports(*arrays) and available()
+
+
+def _aliased_call(target: str, cache, *operands, **attrs):
+    import jax
+
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(cache.shape, cache.dtype),
+                            input_output_aliases={len(operands): 0}, vmap_method="sequential")
+    return call(*operands, cache, **attrs)
+
+
+def write_kv(rows, slots, cache):
+    """cache with cache.row(slots[i]) = rows[i] (negative / out-of-range slots skipped)."""
+    import jax.numpy as jnp
+
+    return _aliased_call("prefixkv_cpu_write_kv", cache, rows, slots.astype(jnp.int32))
+
+
+def copy_blocks(cache, src, dst):
+    """cache with cache[dst[i]] = old cache[src[i]]."""
+    import jax.numpy as jnp
+
+    return _aliased_call("prefixkv_cpu_copy_blocks", cache, src.astype(jnp.int32),
+                         dst.astype(jnp.int32))
+
+
+def scatter_blocks(cache, buffer, block_ids, index: int):
+    """cache with cache[block_ids[i]] = buffer[i, index]."""
+    import jax.numpy as jnp
+
+    return _aliased_call("prefixkv_cpu_scatter_blocks", cache, buffer,
+                         block_ids.astype(jnp.int32), index=np.int64(index))
+
+
+__all__ = ["available", "build", "cache_dir", "cpu_cache_ops_path", "write_kv", "copy_blocks",
+           "scatter_blocks", "supports", "use_for", "SUPPORTED_DTYPES", "DISABLE_ENV"]

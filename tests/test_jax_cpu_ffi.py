@@ -1,0 +1,219 @@
+"""The XLA:CPU FFI cache updates (kernels/cpu/xla_cache_ops.cc) behind the JAX frontend's
+write_kv / copy_blocks / scatter_blocks, bit-exact against the numpy reference.
+
+Caches are filled with random bit patterns (NaN payloads included), so any conversion or
+touched byte outside the named rows / blocks shows up as a bit difference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+import ml_dtypes  # noqa: E402
+from prefixkv.jax_frontend import _xla  # noqa: E402
+from prefixkv.kernels.cpu import xla_ffi  # noqa: E402
+from prefixkv.paged import reference as ref  # noqa: E402
+
+from prefixkv import jax_frontend as jf  # noqa: E402
+
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+NUM_BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM = 12, 4, 2, 8
+
+pytestmark = pytest.mark.skipif(not xla_ffi.available(),
+                                reason=f"CPU FFI not built: {xla_ffi.cpu_cache_ops_path()}")
+
+
+def _bits(shape, dtype, seed):
+    dtype = np.dtype(DTYPES[dtype])
+    uint = np.dtype(f"u{dtype.itemsize}")
+    raw = np.random.default_rng(seed).integers(0, np.iinfo(uint).max, size=shape, dtype=uint,
+                                               endpoint=True)
+    return raw.view(dtype)
+
+
+def _same_bits(got, want):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    uint = np.dtype(f"u{got.dtype.itemsize}")
+    np.testing.assert_array_equal(got.view(uint), want.view(uint))
+
+
+def _cache(dtype, seed):
+    return _bits((NUM_BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM), dtype, seed)
+
+
+def _fresh_jit(fn):
+    """jit of a new function object: no trace cached by an earlier test (jit caches traces
+    per function)."""
+    return jax.jit(lambda *args: fn(*args))
+
+
+def _uses_ffi(fn, *args) -> bool:
+    return "prefixkv_cpu_" in _fresh_jit(fn).lower(*args).as_text()
+
+
+def test_path_reports_ffi():
+    assert xla_ffi.cpu_cache_ops_path() == "ffi"
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_write_kv_bit_exact_negative_slots_and_padding(dtype):
+    k, v = _cache(dtype, 1), _cache(dtype, 2)
+    key, value = _bits((9, HEADS, HEAD_DIM), dtype, 3), _bits((9, HEADS, HEAD_DIM), dtype, 4)
+    # 7 slots for 9 rows (2 padding rows), two skipped, the first and last slot of the cache
+    slots = np.array([5, -1, 0, NUM_BLOCKS * BLOCK_SIZE - 1, 17, -7, 30], np.int32)
+    want_k, want_v = ref.write_kv_reference(key, value, k, v, slots)
+    args = [jnp.asarray(a) for a in (key, value, k, v, slots)]
+    assert _uses_ffi(_xla.write_kv, *args)
+    got_k, got_v = jf.write_kv(*args)
+    _same_bits(got_k, want_k)
+    _same_bits(got_v, want_v)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_copy_blocks_reads_before_writes(dtype):
+    caches = [_cache(dtype, 5), _bits((NUM_BLOCKS, 3, 5), dtype, 6)]
+    # a chain (1->2->3->4), a swap (7<->8), a self copy, a block read twice
+    src = np.array([1, 2, 3, 7, 8, 10, 1], np.int32)
+    dst = np.array([2, 3, 4, 8, 7, 10, 11], np.int32)
+    want = ref.copy_blocks_reference(caches, src, dst)
+    args = ([jnp.asarray(c) for c in caches], jnp.asarray(src), jnp.asarray(dst))
+    assert _uses_ffi(_xla.copy_blocks, *args)
+    got = jf.copy_blocks(*args)
+    for g, w in zip(got, want, strict=True):
+        _same_bits(g, w)
+
+
+def test_copy_blocks_disjoint_and_empty():
+    caches = [_cache("bfloat16", 7)]
+    src, dst = np.array([0, 1], np.int32), np.array([5, 6], np.int32)
+    got = jf.copy_blocks([jnp.asarray(caches[0])], jnp.asarray(src), jnp.asarray(dst))
+    _same_bits(got[0], ref.copy_blocks_reference(caches, src, dst)[0])
+    empty = np.zeros((0,), np.int32)
+    got = jf.copy_blocks([jnp.asarray(caches[0])], jnp.asarray(empty), jnp.asarray(empty))
+    _same_bits(got[0], caches[0])
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_scatter_blocks_bit_exact(dtype):
+    caches = [_cache(dtype, 8), _cache(dtype, 9), _cache(dtype, 10)]
+    ids = np.array([11, 0, 6, 3], np.int32)
+    buffer = _bits((4, 3, BLOCK_SIZE, HEADS, HEAD_DIM), dtype, 11)
+    want = ref.scatter_blocks_reference(caches, buffer, ids)
+    args = ([jnp.asarray(c) for c in caches], jnp.asarray(buffer), jnp.asarray(ids))
+    assert _uses_ffi(_xla.scatter_blocks, *args)
+    got = jf.scatter_blocks(*args)
+    for g, w in zip(got, want, strict=True):
+        _same_bits(g, w)
+
+
+def test_out_of_range_ids_never_written():
+    """The frontend rejects these; the handlers still skip them (the raw _xla functions)."""
+    k = _cache("bfloat16", 12)
+    rows = _bits((3, HEADS, HEAD_DIM), "bfloat16", 13)
+    slots = np.array([NUM_BLOCKS * BLOCK_SIZE, 2**31 - 1, 4], np.int32)
+    got, _ = jax.jit(_xla.write_kv)(*(jnp.asarray(a) for a in (rows, rows, k, k, slots)))
+    want = k.copy()
+    want[1, 0] = rows[2]
+    _same_bits(got, want)
+    buffer = _bits((2, 1, BLOCK_SIZE, HEADS, HEAD_DIM), "bfloat16", 14)
+    got = jax.jit(_xla.scatter_blocks)([jnp.asarray(k)], jnp.asarray(buffer),
+                                       jnp.asarray(np.array([NUM_BLOCKS, -1], np.int32)))
+    _same_bits(got[0], k)
+    got = jax.jit(_xla.copy_blocks)([jnp.asarray(k)], jnp.asarray(np.array([0], np.int32)),
+                                    jnp.asarray(np.array([NUM_BLOCKS], np.int32)))
+    _same_bits(got[0], k)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_donated_caches_updated_in_place(dtype):
+    k, v = _cache(dtype, 15), _cache(dtype, 16)
+    key = _bits((6, HEADS, HEAD_DIM), dtype, 17)
+    slots = np.array([3, 9, -1, 40, 2, 21], np.int32)
+    want_k, want_v = ref.write_kv_reference(key, key, k, v, slots)
+    kc, vc = jnp.asarray(k), jnp.asarray(v)
+    ptrs = [kc.unsafe_buffer_pointer(), vc.unsafe_buffer_pointer()]
+    write = jax.jit(lambda kc, vc, x, s: jf.write_kv(x, x, kc, vc, s), donate_argnums=(0, 1))
+    nk, nv = write(kc, vc, jnp.asarray(key), jnp.asarray(slots))
+    assert kc.is_deleted() and vc.is_deleted()
+    assert [nk.unsafe_buffer_pointer(), nv.unsafe_buffer_pointer()] == ptrs
+    _same_bits(nk, want_k)
+    _same_bits(nv, want_v)
+
+    src, dst = np.array([3, 5], np.int32), np.array([5, 0], np.int32)
+    want = ref.copy_blocks_reference([want_k, want_v], src, dst)
+    copy = jax.jit(lambda cs, s, d: jf.copy_blocks(cs, s, d), donate_argnums=(0,))
+    out = copy([nk, nv], jnp.asarray(src), jnp.asarray(dst))
+    assert [c.unsafe_buffer_pointer() for c in out] == ptrs
+    for g, w in zip(out, want, strict=True):
+        _same_bits(g, w)
+
+    ids = np.array([7, 1], np.int32)
+    buffer = _bits((2, 2, BLOCK_SIZE, HEADS, HEAD_DIM), dtype, 18)
+    want = ref.scatter_blocks_reference(want, buffer, ids)
+    scat = jax.jit(lambda cs, b, i: jf.scatter_blocks(cs, b, i), donate_argnums=(0,))
+    out2 = scat(out, jnp.asarray(buffer), jnp.asarray(ids))
+    assert all(c.is_deleted() for c in out)
+    assert [c.unsafe_buffer_pointer() for c in out2] == ptrs
+    for g, w in zip(out2, want, strict=True):
+        _same_bits(g, w)
+
+
+def test_not_donated_input_unchanged():
+    k = _cache("bfloat16", 19)
+    kc = jnp.asarray(k)
+    rows = jnp.asarray(_bits((2, HEADS, HEAD_DIM), "bfloat16", 20))
+    out, _ = jf.write_kv(rows, rows, kc, kc, jnp.asarray(np.array([0, 1], np.int32)))
+    _same_bits(kc, k)
+    assert out.unsafe_buffer_pointer() != kc.unsafe_buffer_pointer()
+
+
+def test_other_platforms_lower_without_the_custom_call():
+    args = (jnp.zeros((3, HEADS, HEAD_DIM), jnp.bfloat16),) * 2 + (
+        jnp.zeros((NUM_BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM), jnp.bfloat16),) * 2 + (
+        jnp.zeros((3,), jnp.int32),)
+    for platform in ("cuda", "tpu"):
+        text = jax.jit(_xla.write_kv).trace(*args).lower(
+            lowering_platforms=(platform,)).as_text()
+        assert "prefixkv_cpu_" not in text and "stablehlo.scatter" in text
+
+
+def test_fallback_when_disabled(monkeypatch):
+    """PREFIXKV_DISABLE_CPU_FFI=1: the XLA scatter path runs, with the same results."""
+    monkeypatch.setenv(xla_ffi.DISABLE_ENV, "1")
+    xla_ffi._reset_for_tests()
+    try:
+        assert xla_ffi.cpu_cache_ops_path() == f"xla (disabled by {xla_ffi.DISABLE_ENV})"
+        # finite values: the XLA bf16 path goes through float32 (NaN payloads may change)
+        rng = np.random.default_rng(21)
+        k = rng.standard_normal((NUM_BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM)).astype(
+            ml_dtypes.bfloat16)
+        key = rng.standard_normal((4, HEADS, HEAD_DIM)).astype(ml_dtypes.bfloat16)
+        slots = np.array([1, -1, 44, 8], np.int32)
+        args = [jnp.asarray(a) for a in (key, key, k, k, slots)]
+        assert not _uses_ffi(_xla.write_kv, *args)
+        got_k, _ = _fresh_jit(_xla.write_kv)(*args)
+        _same_bits(got_k, ref.write_kv_reference(key, key, k, k, slots)[0])
+        src, dst = jnp.asarray(np.array([2], np.int32)), jnp.asarray(np.array([3], np.int32))
+        assert not _uses_ffi(_xla.copy_blocks, [args[2]], src, dst)
+        buf = jnp.zeros((1, 1, BLOCK_SIZE, HEADS, HEAD_DIM), jnp.bfloat16)
+        assert not _uses_ffi(_xla.scatter_blocks, [args[2]], buf, src)
+    finally:
+        monkeypatch.delenv(xla_ffi.DISABLE_ENV)
+        xla_ffi._reset_for_tests()
+    assert xla_ffi.cpu_cache_ops_path() == "ffi"
+
+
+def test_build_from_scratch_and_failure(tmp_path, monkeypatch):
+    monkeypatch.setenv(xla_ffi.CACHE_ENV, str(tmp_path))
+    lib = xla_ffi.build()
+    assert lib.parent == tmp_path / "xla_ffi" and lib.exists()
+    assert xla_ffi.build() == lib  # cached: same source, jaxlib and command
+    monkeypatch.setenv("CXX", "false")
+    monkeypatch.setenv(xla_ffi.CACHE_ENV, str(tmp_path / "other"))
+    with pytest.raises(RuntimeError, match="building xla_cache_ops.cc failed"):
+        xla_ffi.build()
+    assert not list((tmp_path / "other" / "xla_ffi").glob("*.so"))
