@@ -18,7 +18,6 @@ with validated arguments, inside the CPU branch of ``jax.lax.platform_dependent`
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import hashlib
 import os
 import shutil
@@ -69,6 +68,8 @@ def _build_command(cxx: str, include_dir: str, out: str) -> list[str]:
 def build(force: bool = False) -> Path:
     """Compile the handlers (or reuse the cached build); returns the library path. Raises
     RuntimeError with the compiler output when it cannot be built."""
+    import fcntl
+
     import jax
     import jaxlib
 
@@ -165,6 +166,9 @@ def use_for(*arrays) -> bool:
 
 def _aliased_call(target: str, cache, *operands, **attrs):
     import jax
+
+    if not available():
+        raise RuntimeError(f"the CPU FFI cache ops are not available: {cpu_cache_ops_path()}")
 
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(cache.shape, cache.dtype),
                             input_output_aliases={len(operands): 0}, vmap_method="sequential")
