@@ -24,6 +24,9 @@ NUM_BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM = 12, 4, 2, 8
 
 pytestmark = pytest.mark.skipif(not xla_ffi.available(),
                                 reason=f"CPU FFI not built: {xla_ffi.cpu_cache_ops_path()}")
+# the ops run (and lower) on the default backend: on a GPU machine they take the XLA path
+on_cpu = pytest.mark.skipif(jax.default_backend() != "cpu",
+                            reason="default backend is not the CPU")
 
 
 def _bits(shape, dtype, seed):
@@ -55,10 +58,12 @@ def _uses_ffi(fn, *args) -> bool:
     return "prefixkv_cpu_" in _fresh_jit(fn).lower(*args).as_text()
 
 
+@on_cpu
 def test_path_reports_ffi():
     assert xla_ffi.cpu_cache_ops_path() == "ffi"
 
 
+@on_cpu
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_write_kv_bit_exact_negative_slots_and_padding(dtype):
     k, v = _cache(dtype, 1), _cache(dtype, 2)
@@ -73,6 +78,7 @@ def test_write_kv_bit_exact_negative_slots_and_padding(dtype):
     _same_bits(got_v, want_v)
 
 
+@on_cpu
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_copy_blocks_reads_before_writes(dtype):
     caches = [_cache(dtype, 5), _bits((NUM_BLOCKS, 3, 5), dtype, 6)]
@@ -87,6 +93,7 @@ def test_copy_blocks_reads_before_writes(dtype):
         _same_bits(g, w)
 
 
+@on_cpu
 def test_copy_blocks_disjoint_and_empty():
     caches = [_cache("bfloat16", 7)]
     src, dst = np.array([0, 1], np.int32), np.array([5, 6], np.int32)
@@ -97,6 +104,7 @@ def test_copy_blocks_disjoint_and_empty():
     _same_bits(got[0], caches[0])
 
 
+@on_cpu
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_scatter_blocks_bit_exact(dtype):
     caches = [_cache(dtype, 8), _cache(dtype, 9), _cache(dtype, 10)]
@@ -110,6 +118,7 @@ def test_scatter_blocks_bit_exact(dtype):
         _same_bits(g, w)
 
 
+@on_cpu
 def test_out_of_range_ids_never_written():
     """The frontend rejects these; the handlers still skip them (the raw _xla functions)."""
     k = _cache("bfloat16", 12)
@@ -128,6 +137,7 @@ def test_out_of_range_ids_never_written():
     _same_bits(got[0], k)
 
 
+@on_cpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_donated_caches_updated_in_place(dtype):
     k, v = _cache(dtype, 15), _cache(dtype, 16)
@@ -162,6 +172,7 @@ def test_donated_caches_updated_in_place(dtype):
         _same_bits(g, w)
 
 
+@on_cpu
 def test_not_donated_input_unchanged():
     k = _cache("bfloat16", 19)
     kc = jnp.asarray(k)
@@ -181,6 +192,7 @@ def test_other_platforms_lower_without_the_custom_call():
         assert "prefixkv_cpu_" not in text and "stablehlo.scatter" in text
 
 
+@on_cpu
 def test_fallback_when_disabled(monkeypatch):
     """PREFIXKV_DISABLE_CPU_FFI=1: the XLA scatter path runs, with the same results."""
     monkeypatch.setenv(xla_ffi.DISABLE_ENV, "1")
