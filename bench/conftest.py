@@ -11,6 +11,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault(
     "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
+# NIXL's bundled UCX would load its InfiniBand module, which pulls in the system libibverbs
+# (installed for the Mooncake store) and with it a second libnl-route: the two clash in their
+# exit-time destructors (SIGSEGV in rtnl_tc_unregister after the run). No test uses RDMA.
+os.environ.setdefault("UCX_MODULES", "^ib")
+
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402

@@ -15,6 +15,10 @@ a CUDA torch), imported when a peer or tier is made.
   verifies each record (format version, key, dtype, shape, checksum): a slot overwritten or
   corrupted on the peer is a miss, never a wrong block. A transfer error or timeout is a miss
   / ``False``, never an exception.
+
+On a machine with the system libibverbs installed, set ``UCX_MODULES=^ib`` unless RDMA is
+wanted: the UCX bundled with the nixl wheels then loads a second libnl-route, and the two clash
+at process exit (SIGSEGV in ``rtnl_tc_unregister``; the tests and benchmarks set it).
 """
 
 from __future__ import annotations
