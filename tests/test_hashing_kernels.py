@@ -1,7 +1,7 @@
 """The hash_blocks kernels without a GPU/TPU: the Triton kernel under TRITON_INTERPRET=1 (in a
 subprocess) and compiled for sm_80/sm_90, the CUDA kernel compiled by nvcc for sm_80/sm_90,
 the Pallas kernel in interpret mode and lowered for TPU with jax.export. Results exact against
-the BLAKE3 package (tests/test_hashing_jax.py's oracle)."""
+the BLAKE3 package (tests/hashing_cases.py's oracle)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 from prefixkv.paged.reference.hashing import block_key, parent_words
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_hashing_jax import make_case, oracle  # noqa: E402
+from hashing_cases import make_case, oracle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
