@@ -9,11 +9,11 @@ Run: OMP_NUM_THREADS=1 .venv/bin/pytest bench/bench_hashing_device.py --benchmar
 """
 
 import hashlib
-import pickle
 
 import numpy as np
 import pytest
 
+from bench.bench_hashing_host import vllm_sha256_pickle
 from bench.conftest import record
 
 BLOCK_SIZE = 16
@@ -29,19 +29,6 @@ def _tokens(num_seqs: int, seq_len: int):
     tokens = rng.integers(0, 150_000, num_seqs * seq_len).astype(np.int32)
     cu = (np.arange(num_seqs + 1) * seq_len).astype(np.int32)
     return tokens, cu
-
-
-def vllm_sha256_pickle(seqs: list[list[int]], parent0: bytes) -> list[bytes]:
-    """vLLM "sha256": h_i = sha256(pickle((h_{i-1}, tuple(block tokens), None))), full blocks."""
-    out = []
-    for seq in seqs:
-        parent = parent0
-        for i in range(0, len(seq) - BLOCK_SIZE + 1, BLOCK_SIZE):
-            data = pickle.dumps((parent, tuple(seq[i:i + BLOCK_SIZE]), None),
-                                protocol=pickle.HIGHEST_PROTOCOL)
-            parent = hashlib.sha256(data).digest()
-            out.append(parent)
-    return out
 
 
 def _finish(benchmark, machine_limits, group: str, num_tokens: int, path: str):
