@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
-from bench.conftest import record  # noqa: E402
+from bench.conftest import cuda_seconds, record  # noqa: E402
 from prefixkv import torch_frontend as tf  # noqa: E402
 
 torch.set_num_threads(1)
@@ -132,18 +132,6 @@ def _hbm_gbps():
     return name, HBM_GBPS["H100"]
 
 
-def _cuda_time(fn, iters=20):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters / 1e3
-
-
 @cuda
 @pytest.mark.parametrize("shape", [(8, 4096), (64, 4096), (1, 32768)],
                          ids=lambda s: f"{s[0]}x{s[1]}")
@@ -163,7 +151,7 @@ def test_gpu_decode(benchmark, impl, dtype, shape):
     fn()
     torch.cuda.synchronize()
     benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=10, warmup_rounds=2)
-    t = _cuda_time(fn)
+    t = cuda_seconds(fn, iters=20)
     gpu, peak = _hbm_gbps()
     nbytes = _kv_bytes(k, num_seqs, context)
     benchmark.extra_info.update(

@@ -15,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bench.conftest import record  # noqa: E402
+from bench.conftest import cuda_seconds, record  # noqa: E402
 from prefixkv import torch_frontend as tf  # noqa: E402
 
 torch.set_num_threads(1)
@@ -90,18 +90,6 @@ def test_cpu_swap_blocks(benchmark, machine_limits, impl):
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _cuda_seconds(fn, iters=10):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters / 1e3
-
-
 @cuda
 @pytest.mark.parametrize("direction", ["offload", "onload"])
 @pytest.mark.parametrize("impl", ["cuda-c", "torch", "contiguous_copy"])
@@ -131,8 +119,8 @@ def test_gpu_swap_blocks(benchmark, impl, direction):
         def fn():
             tf.swap_blocks(host, dev, host_ids, dev_ids, backend=impl)
     benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=5, warmup_rounds=1)
-    t = _cuda_seconds(fn)
-    pcie = _cuda_seconds((lambda: flat_host.copy_(flat_dev, non_blocking=True))
+    t = cuda_seconds(fn)
+    pcie = cuda_seconds((lambda: flat_host.copy_(flat_dev, non_blocking=True))
                          if direction == "offload"
                          else (lambda: flat_dev.copy_(flat_host, non_blocking=True)))
     benchmark.extra_info.update(

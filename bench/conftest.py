@@ -55,6 +55,22 @@ def machine_limits():
     return measure_machine_limits()
 
 
+def cuda_seconds(fn, iters: int = 10) -> float:
+    """Mean seconds per call of ``fn`` on the current CUDA stream (CUDA events, after a
+    warm-up call); for device timings pytest-benchmark's host clock cannot see."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters / 1e3
+
+
 def record(benchmark, limits: dict, *, nbytes: float = 0.0, flops: float = 0.0, **extra):
     """Put bytes, GB/s, GFLOP/s and the roofline fraction of the benchmark's mean in extra_info.
 
