@@ -91,40 +91,29 @@ def _attend_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         pad = -nblk % cblk  # pad the table to whole chunks with block 0 (masked as t >= kv_len)
         if pad:
             tab = torch.cat([tab, tab.new_zeros((num_seqs, pad))], dim=1)
-        # buffers reused by every chunk: no large allocation (page faults) per chunk
-        k = _workspace("k", (num_kv_heads, num_seqs, n_keys, head_dim), torch.float32, dev)
-        v = _workspace("v", (num_kv_heads, num_seqs, n_keys, head_dim), torch.float32, dev)
-        k_rows, v_rows = _head_rows(k_cache), _head_rows(v_cache)
-        if k_rows is not None and v_rows is not None:
-            # one gather of head_dim rows straight into the [Hkv, S, keys, D] layout
-            k_idx = _row_index(k_rows[1], tab, cblk, block_size, num_kv_heads)
-            v_idx = k_idx if v_rows[1] == k_rows[1] else _row_index(
-                v_rows[1], tab, cblk, block_size, num_kv_heads)
-            same = k_cache.dtype == torch.float32
-            gk = k if same else _workspace("gk", k.shape, k_cache.dtype, dev)
-            gv = v if same else _workspace("gv", v.shape, v_cache.dtype, dev)
-        else:
-            gk = _workspace("gk", (num_seqs * cblk, block_size, num_kv_heads, head_dim),
-                            k_cache.dtype, dev)
-            gv = _workspace("gv", (num_seqs * cblk, block_size, num_kv_heads, head_dim),
-                            v_cache.dtype, dev)
-        for i, c0 in enumerate(range(0, nblk, cblk)):
+        # buffers reused by every chunk: no large allocation (page faults) per chunk. Whole
+        # blocks are gathered (contiguous block_size * Hkv * D runs) in the cache's layout
+        # [S, keys, Hkv, D]; each kv head's matmuls read their head as a strided view.
+        kb = _workspace("k", (num_seqs * cblk, block_size, num_kv_heads, head_dim),
+                        torch.float32, dev)
+        vb = _workspace("v", kb.shape, torch.float32, dev)
+        same = k_cache.dtype == torch.float32 and v_cache.dtype == torch.float32
+        gk = kb if same else _workspace("gk", kb.shape, k_cache.dtype, dev)
+        gv = vb if same else _workspace("gv", kb.shape, v_cache.dtype, dev)
+        k = kb.view(num_seqs, n_keys, num_kv_heads, head_dim)
+        v = vb.view(num_seqs, n_keys, num_kv_heads, head_dim)
+        s_buf = _workspace("s", (num_kv_heads, num_seqs, rows, n_keys), torch.float32, dev)
+        for c0 in range(0, nblk, cblk):
             c = cblk
-            if k_rows is not None and v_rows is not None:
-                torch.index_select(k_rows[0], 0, k_idx[i], out=gk.view(-1, head_dim))
-                torch.index_select(v_rows[0], 0, v_idx[i], out=gv.view(-1, head_dim))
-                if not same:
-                    k.copy_(gk)
-                    v.copy_(gv)
-            else:
-                flat = tab[:, c0:c0 + cblk].reshape(-1)
-                torch.index_select(k_cache, 0, flat, out=gk)
-                torch.index_select(v_cache, 0, flat, out=gv)
-                k.copy_(gk.view(num_seqs, n_keys, num_kv_heads, head_dim).permute(2, 0, 1, 3))
-                v.copy_(gv.view(num_seqs, n_keys, num_kv_heads, head_dim).permute(2, 0, 1, 3))
-            s = torch.bmm(qh.view(-1, rows, head_dim),  # [Hkv * S, rows, keys], no copy of K
-                          k.view(-1, n_keys, head_dim).transpose(1, 2))
-            s = s.view(num_kv_heads, num_seqs, rows, n_keys)
+            s = s_buf
+            flat = tab[:, c0:c0 + cblk].reshape(-1)
+            torch.index_select(k_cache, 0, flat, out=gk)
+            torch.index_select(v_cache, 0, flat, out=gv)
+            if not same:
+                kb.copy_(gk)
+                vb.copy_(gv)
+            for h in range(num_kv_heads):  # [S, rows, keys] per head, no copy of K
+                torch.bmm(qh[h], k[:, :, h].transpose(1, 2), out=s_buf[h])
             if logits_soft_cap is not None:
                 s = torch.tanh(s / logits_soft_cap) * logits_soft_cap
             end = (c0 + c) * block_size
@@ -137,15 +126,15 @@ def _attend_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                     if sliding_window is not None:
                         vis = vis & (t[None, None, :] > q_pos - sliding_window)
                 s = s.masked_fill(~vis[None], float("-inf"))
-                v.masked_fill_(~live[None, :, :, None], 0.0)  # padding slots may hold NaN
+                v.masked_fill_(~live[:, :, None, None], 0.0)  # padding slots may hold NaN
             m_new = torch.maximum(m, s.amax(-1, keepdim=True))
             m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)
             p = s.sub_(m_safe).exp_()  # s is this chunk's own buffer
             alpha = torch.exp(m - m_safe)
             den = den * alpha + p.sum(-1, keepdim=True)
-            acc = torch.baddbmm(
-                (acc * alpha).view(-1, rows, head_dim), p.view(-1, rows, n_keys),
-                v.view(-1, n_keys, head_dim)).view(acc.shape)
+            acc.mul_(alpha)
+            for h in range(num_kv_heads):
+                acc[h].baddbmm_(p[h], v[:, :, h])
             m = m_new
         seen = den > 0
         out = acc / torch.where(seen, den, 1.0)
@@ -156,30 +145,6 @@ def _attend_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     lse = (lse.view(num_kv_heads, num_seqs, group, q_max).permute(1, 3, 0, 2)
            .reshape(num_seqs, q_max, num_q_heads))
     return out, lse
-
-
-def _head_rows(cache: torch.Tensor):
-    """cache [num_blocks, block_size, H, D] with contiguous head_dim as a [rows, D] strided view
-    and the (block, offset, head) strides in rows; None when head_dim is not contiguous."""
-    num_blocks, block_size, num_heads, head_dim = cache.shape
-    sb, st, sh, sd = cache.stride()
-    if sd != 1 or min(sb, st, sh) <= 0:
-        return None
-    g = math.gcd(math.gcd(sb, st), sh)
-    n_rows = ((num_blocks - 1) * sb + (block_size - 1) * st + (num_heads - 1) * sh) // g + 1
-    return cache.as_strided((n_rows, head_dim), (g, 1)), (sb // g, st // g, sh // g)
-
-
-def _row_index(strides, tab: torch.Tensor, cblk: int, block_size: int, num_heads: int):
-    """Row of every (chunk, head, seq, key): [num_chunks, H * S * cblk * block_size] int64."""
-    mb, mt, mh = strides
-    num_seqs, width = tab.shape
-    dev = tab.device
-    off = torch.arange(block_size, device=dev) * mt
-    h = torch.arange(num_heads, device=dev) * mh
-    t = tab.view(num_seqs, width // cblk, cblk).permute(1, 0, 2) * mb  # [chunks, S, cblk]
-    idx = h[None, :, None, None, None] + t[:, None, :, :, None] + off
-    return idx.reshape(width // cblk, -1)
 
 
 def _ragged_rows(cu: torch.Tensor, num_tokens: int, host: bool):
