@@ -382,7 +382,8 @@ class Engine:
 
         while pending or running:
             now = time.perf_counter()
-            while pending and len(running) < c.max_num_seqs and not hold_admission:
+            # after a preemption admit nothing new while others can still progress
+            while pending and len(running) < c.max_num_seqs and not (hold_admission and running):
                 running.append(admit(pending.popleft(), now))
             hold_admission = False
             # ---- schedule: decodes first, then prefill chunks within the token budget
@@ -394,12 +395,15 @@ class Engine:
                     continue
                 need = pc.blocks_needed(seq.rid, 1)
                 while need > pc.pool.num_free - claimed:
+                    # preempt the youngest sequence not yet scheduled this step; when every
+                    # other one is scheduled, this one is the youngest (vLLM's policy)
                     scheduled = [it[0] for it in items]
                     victims = [s for s in running if s is not seq and s not in scheduled]
+                    preempt(victims[-1] if victims else seq)
                     if not victims:
-                        raise RuntimeError("num_blocks: the pool cannot hold the running "
-                                           "sequences' next tokens")
-                    preempt(victims[-1])
+                        break
+                if seq not in running:
+                    continue
                 items.append((seq, 1))
                 claimed += need
                 budget -= 1
