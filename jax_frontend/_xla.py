@@ -90,6 +90,31 @@ def _build_tiles(kv_lens, cu_q_lens, num_tiles: int, q_tile: int):
     return seq, q_start, q_len, first_pos
 
 
+def kernel_tile_plan(kv_lens, cu_q_lens, *, num_tokens: int, num_tiles: int, q_tile: int,
+                     block_size: int, causal: bool, sliding_window: int | None):
+    """What the Pallas attention kernels take per query tile, all int32: sequence, the tile's
+    query tokens ``tok [num_tiles, q_tile]`` (``num_tokens`` for padding rows), first KV block
+    ``lo``, number of KV blocks ``nblk``, keys seen ``hi`` (exclusive) and the first query's
+    absolute position."""
+    kv_lens = kv_lens.astype(jnp.int32)
+    seq, q_start, q_len, first_pos = _build_tiles(kv_lens, cu_q_lens.astype(jnp.int32),
+                                                  num_tiles, q_tile)
+    r = jnp.arange(q_tile, dtype=jnp.int32)
+    tok = jnp.where(r[None, :] < q_len[:, None], q_start[:, None] + r[None, :], num_tokens)
+    tile_kv = kv_lens[seq]
+    last_pos = first_pos + jnp.maximum(q_len, 1) - 1
+    hi = jnp.minimum(last_pos + 1, tile_kv) if causal else tile_kv
+    hi = jnp.where(q_len > 0, hi, 0)
+    if sliding_window is not None:
+        lo = jnp.maximum(first_pos - sliding_window + 1, 0) // block_size
+    else:
+        lo = jnp.zeros_like(hi)
+    nblk = jnp.maximum((hi + block_size - 1) // block_size - lo, 0)
+    i32 = jnp.int32
+    return (seq.astype(i32), tok.astype(i32), lo.astype(i32), nblk.astype(i32), hi.astype(i32),
+            first_pos.astype(i32))
+
+
 def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *,
                            scale: float, causal: bool = True, sliding_window: int | None = None,
                            logits_soft_cap: float | None = None, q_tile: int | None = None,

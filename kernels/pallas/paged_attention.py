@@ -116,21 +116,9 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
         cu_q_lens = jnp.arange(num_seqs + 1, dtype=jnp.int32)
     tq, nt, _ = _xla.choose_tiling(num_tokens, num_seqs, decode, block_size, q_tile=q_tile)
     rows = tq * group
-    kv_lens = kv_lens.astype(jnp.int32)
-    seq, q_start, q_len, first_pos = _xla._build_tiles(kv_lens, cu_q_lens.astype(jnp.int32),
-                                                       nt, tq)
-    r = jnp.arange(tq, dtype=jnp.int32)
-    row_ok = r[None, :] < q_len[:, None]
-    tok = jnp.where(row_ok, q_start[:, None] + r[None, :], num_tokens)
-    tile_kv = kv_lens[seq]
-    last_pos = first_pos + jnp.maximum(q_len, 1) - 1
-    hi = jnp.minimum(last_pos + 1, tile_kv) if causal else tile_kv
-    hi = jnp.where(q_len > 0, hi, 0)
-    if sliding_window is not None:
-        lo = jnp.maximum(first_pos - sliding_window + 1, 0) // block_size
-    else:
-        lo = jnp.zeros_like(hi)
-    nblk = jnp.maximum((hi + block_size - 1) // block_size - lo, 0).astype(jnp.int32)
+    seq, tok, lo, nblk, hi, first_pos = _xla.kernel_tile_plan(
+        kv_lens, cu_q_lens, num_tokens=num_tokens, num_tiles=nt, q_tile=tq,
+        block_size=block_size, causal=causal, sliding_window=sliding_window)
     tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_blocks - 1).reshape(-1)
 
     qt = jnp.take(q, jnp.minimum(tok, num_tokens - 1), axis=0)           # [nt, tq, Hq, D]
@@ -169,7 +157,7 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
-    )(seq, lo.astype(jnp.int32), nblk, hi.astype(jnp.int32), first_pos.astype(jnp.int32),
+    )(seq, lo, nblk, hi, first_pos,
       tables, qt, k_flat, v_flat)
     out = out.reshape(nt, num_kv_heads, tq, group, head_dim).transpose(0, 2, 1, 3, 4)
     out = out.reshape(nt * tq, num_q_heads, head_dim)

@@ -106,20 +106,9 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     tq, nt, _ = _xla.choose_tiling(num_tokens, num_seqs, decode, block_size, q_tile=q_tile)
     rows = tq * group
     rows_pad = max(16, 1 << (rows - 1).bit_length())
-    kv_lens = kv_lens.astype(jnp.int32)
-    seq, q_start, q_len, first_pos = _xla._build_tiles(kv_lens, cu_q_lens.astype(jnp.int32),
-                                                       nt, tq)
-    r = jnp.arange(tq, dtype=jnp.int32)
-    tok = jnp.where(r[None, :] < q_len[:, None], q_start[:, None] + r[None, :], num_tokens)
-    tile_kv = kv_lens[seq]
-    last_pos = first_pos + jnp.maximum(q_len, 1) - 1
-    hi = jnp.minimum(last_pos + 1, tile_kv) if causal else tile_kv
-    hi = jnp.where(q_len > 0, hi, 0)
-    if sliding_window is not None:
-        lo = jnp.maximum(first_pos - sliding_window + 1, 0) // block_size
-    else:
-        lo = jnp.zeros_like(hi)
-    nblk = jnp.maximum((hi + block_size - 1) // block_size - lo, 0)
+    seq, tok, lo, nblk, hi, first_pos = _xla.kernel_tile_plan(
+        kv_lens, cu_q_lens, num_tokens=num_tokens, num_tiles=nt, q_tile=tq,
+        block_size=block_size, causal=causal, sliding_window=sliding_window)
     meta = jnp.stack([seq, lo, nblk, hi, first_pos], axis=1).astype(jnp.int32)  # [nt, 5]
     tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_blocks - 1).reshape(-1)
 
