@@ -21,22 +21,9 @@ from prefixkv.kernels.triton import attention as tattn  # noqa: E402
 from prefixkv.kernels.triton import cache as tcache  # noqa: E402
 from prefixkv.paged import reference as ref  # noqa: E402
 from prefixkv.paged import testing  # noqa: E402
-from prefixkv.paged.spec import ATTENTION_TOLERANCE, default_scale, numpy_dtype  # noqa: E402
-
-TD = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def T(x):
-    if x is None:
-        return None
-    x = np.asarray(x)
-    if x.dtype == numpy_dtype("bfloat16"):
-        return torch.from_numpy(x.view(np.uint16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(x.copy())
-
-
-def N(t):
-    return t.to(torch.float64).numpy()
+from prefixkv.paged.spec import ATTENTION_TOLERANCE, default_scale  # noqa: E402
+from torch_convert import TORCH_DTYPE as TD  # noqa: E402
+from torch_convert import N, T  # noqa: E402
 
 
 def close(got, want, dtype):

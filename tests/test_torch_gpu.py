@@ -13,25 +13,22 @@ if not torch.cuda.is_available():
 
 from prefixkv.paged import reference as ref  # noqa: E402
 from prefixkv.paged import testing  # noqa: E402
-from prefixkv.paged.spec import ATTENTION_TOLERANCE, numpy_dtype  # noqa: E402
+from prefixkv.paged.spec import ATTENTION_TOLERANCE  # noqa: E402
 
 from prefixkv import torch_frontend as tf  # noqa: E402
 
 DEV = "cuda"
-TD = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from torch_convert import TORCH_DTYPE as TD  # noqa: E402
+from torch_convert import N  # noqa: E402
+from torch_convert import T as _T  # noqa: E402
 
 
 def T(x, device=DEV):
-    if x is None:
-        return None
-    x = np.asarray(x)
-    if x.dtype == numpy_dtype("bfloat16"):
-        return torch.from_numpy(x.view(np.uint16).copy()).view(torch.bfloat16).to(device)
-    return torch.from_numpy(x.copy()).to(device)
+    return _T(x, device)
 
 
-def N(t):
-    return t.detach().to(torch.float64).cpu().numpy()
+
+
 
 
 def close(got, want, dtype):

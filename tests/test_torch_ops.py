@@ -15,26 +15,15 @@ from prefixkv.paged import reference as ref  # noqa: E402
 from prefixkv.paged import testing  # noqa: E402
 from prefixkv.paged.registry import BackendError  # noqa: E402
 from prefixkv.paged.spec import ATTENTION_TOLERANCE, numpy_dtype  # noqa: E402
+from torch_convert import TORCH_DTYPE, N, T  # noqa: E402
 
 from prefixkv import torch_frontend as tf  # noqa: E402
 
 DTYPES = ("float32", "float16", "bfloat16")
-TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def T(x):
-    """numpy (incl. ml_dtypes bfloat16) -> torch CPU tensor."""
-    if x is None:
-        return None
-    x = np.asarray(x)
-    if x.dtype == numpy_dtype("bfloat16"):
-        return torch.from_numpy(x.view(np.uint16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(x.copy())
 
 
-def N(t):
-    """torch -> float64 numpy."""
-    return t.detach().to(torch.float64).numpy()
 
 
 def close(got, want, dtype):
