@@ -149,6 +149,66 @@ def test_shared_prefix_empty_prefix_bf16():
            ref.shared_prefix_attention_reference(*batch.args()), "bfloat16")
 
 
+def _nan_block(batch) -> int:
+    """A pool block holding no token (all NaN)."""
+    k = np.asarray(batch.k_cache, np.float32)
+    return int(np.flatnonzero(np.isnan(k).all(axis=(1, 2, 3)))[0])
+
+
+# one prefix: the single-prefix fast path (every token against the prefix, no sort)
+SINGLE_PREFIX_CASES = {
+    "decode": ([5], [(0, 1, 5), (-1, 1, 3), (0, 1, 16), (0, 1, 1)], {}),
+    "ragged_softcap": ([3], [(0, 3, 5), (0, 0, 0), (-1, 2, 3), (0, 9, 9)],
+                       dict(logits_soft_cap=4.0)),
+    "empty_prefix": ([0], [(0, 1, 3), (-1, 1, 2)], {}),
+    "no_token_has_it": ([2], [(-1, 2, 4), (-1, 1, 1)], {}),
+}
+
+
+@pytest.mark.parametrize("case", list(SINGLE_PREFIX_CASES))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_shared_prefix_attention_single_prefix(case, dtype):
+    rng = np.random.default_rng(11)
+    prefix_blocks, seqs, kw = SINGLE_PREFIX_CASES[case]
+    batch = testing.make_shared_prefix_batch(rng, prefix_blocks, seqs, num_q_heads=8,
+                                             num_kv_heads=2, block_size=8, dtype=dtype)
+    # a table wider than the prefix, padded with a NaN block: never read as a key
+    batch.prefix_block_tables = np.pad(batch.prefix_block_tables, ((0, 0), (0, 2)),
+                                       constant_values=_nan_block(batch))
+    want, want_lse = ref.shared_prefix_attention_reference(*batch.args(), return_lse=True, **kw)
+    out, lse = jf.shared_prefix_attention(*batch.args(), return_lse=True, **kw)
+    _close(out, want, dtype)
+    _close_lse(lse, want_lse)
+
+
+@pytest.mark.parametrize("chunk_blocks", [1, 2, 3])
+def test_single_prefix_attention_chunks(chunk_blocks):
+    """Several online-softmax steps, the last one partial, each against the reference."""
+    from prefixkv.jax_frontend import _xla
+
+    rng = np.random.default_rng(12)
+    seqs = [(0, 2, 3), (-1, 1, 2), (0, 4, 7)]
+    batch = testing.make_shared_prefix_batch(rng, [5], seqs, num_q_heads=6, num_kv_heads=3,
+                                             block_size=4)
+    batch.prefix_block_tables = np.pad(batch.prefix_block_tables, ((0, 0), (0, 1)),
+                                       constant_values=_nan_block(batch))
+    has = np.repeat(batch.prefix_ids >= 0, np.diff(batch.cu_q_lens))
+    out, lse = jax.jit(lambda q, k, v, t, n, h: _xla.single_prefix_attention(
+        q, k, v, t, n, h, scale=0.7, logits_soft_cap=3.0, chunk_blocks=chunk_blocks))(
+        batch.q, batch.k_cache, batch.v_cache, batch.prefix_block_tables[0],
+        batch.prefix_lens[0], has)
+    # the prefix part alone: non-causal paged attention of every sequence over the prefix
+    want, want_lse = ref.paged_attention_reference(
+        batch.q, batch.k_cache, batch.v_cache,
+        np.repeat(batch.prefix_block_tables, len(seqs), axis=0),
+        np.repeat(batch.prefix_lens, len(seqs)), batch.cu_q_lens, scale=0.7, causal=False,
+        logits_soft_cap=3.0, return_lse=True)
+    want = np.where(has[:, None, None], want, 0.0)
+    want_lse = np.where(has[:, None], want_lse, -np.inf)
+    _close(out, want, "float32")
+    _close_lse(lse, want_lse)
+
+
 def test_merge_attention_states():
     rng = np.random.default_rng(11)
     oa, ob = (rng.standard_normal((5, 3, 16)).astype(np.float32) for _ in range(2))
