@@ -368,6 +368,82 @@ def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_pr
             lse.reshape(num_tokens, num_q_heads))
 
 
+#: Longest own KV (max_blocks_per_seq * block_size) for which the own part of a decode batch
+#: is read whole per sequence (:func:`short_decode_attention`); longer: the generic loop.
+SHORT_DECODE_MAX_TOKENS = 512
+#: float32 K+V bytes per step of short_decode_attention (a few sequences' whole KV).
+SHORT_DECODE_STEP_BYTES = 2 << 20
+
+
+def short_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, *, scale: float,
+                           logits_soft_cap: float | None = None, seqs_per_step: int | None = None):
+    """Decode attention (one query per sequence, sees its kv_len keys) over short KV; returns
+    (out in q's dtype, lse f32).
+
+    q: [num_seqs, num_q_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads,
+    head_dim]; block_tables i32[num_seqs, max_blocks_per_seq]; kv_lens i32[num_seqs].
+
+    The own part of cascade attention: every sequence's whole KV (max_blocks_per_seq blocks,
+    static and short) is gathered at once, ``seqs_per_step`` sequences per ``lax.map`` step,
+    and one softmax needs no online rescaling; the dots are batched over (sequence, kv head)
+    with the group's q heads as columns (measured 32 x 128 f32: 4.3 ms, the generic loop of
+    one-block steps 6.3 ms).
+    """
+    num_seqs, num_q_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    max_blocks = block_tables.shape[1]
+    group = num_q_heads // num_kv_heads
+    ct = max_blocks * block_size
+    if seqs_per_step is None:
+        seqs_per_step = SHORT_DECODE_STEP_BYTES // (8 * ct * num_kv_heads * head_dim)
+    g = max(1, min(num_seqs, seqs_per_step))
+    n_steps = -(-num_seqs // g)
+    pad = n_steps * g - num_seqs
+    tables = jnp.pad(jnp.clip(block_tables.astype(jnp.int32), 0, num_blocks - 1),
+                     ((0, pad), (0, 0)))
+    lens = jnp.pad(kv_lens.astype(jnp.int32), (0, pad))
+    qf = jnp.pad(q.astype(jnp.float32) * scale, ((0, pad), (0, 0), (0, 0)))
+    qf = qf.reshape(n_steps, g, num_kv_heads, group, head_dim)
+    t = jnp.arange(ct, dtype=jnp.int32)
+    dtype = k_cache.dtype
+
+    def step(args):
+        qs, tb, n = args                                   # [g, Hkv, G, D], [g, MB], [g]
+        if dtype.itemsize == 2:  # gather 16-bit bits, see ragged_paged_attention
+            k_bits, v_bits, tb = lax.optimization_barrier((k_cache, v_cache, tb))
+            k_bits, v_bits = _as_bits(k_bits), _as_bits(v_bits)
+        else:
+            k_bits, v_bits = k_cache, v_cache
+        ok = t[None, :] < n[:, None]                       # [g, ct]
+
+        def load(cache):
+            x = jnp.take(cache, tb.reshape(-1), axis=0)
+            x = _bits_to_f32(x.reshape(g, ct, num_kv_heads, head_dim), dtype)
+            x = jnp.where(ok[:, :, None, None], x, 0.0)    # padding slots may hold NaN
+            return x.transpose(0, 2, 1, 3)                 # [g, Hkv, ct, D]
+
+        k, v = load(k_bits), load(v_bits)
+        s = jnp.einsum("ghtd,ghrd->ghtr", k, qs, preferred_element_type=jnp.float32)
+        if logits_soft_cap is not None:
+            s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
+        s = jnp.where(ok[:, None, :, None], s, -jnp.inf)
+        m = jnp.max(s, axis=2)                             # [g, Hkv, G]
+        m_safe = jnp.where(m == -jnp.inf, 0.0, m)
+        p = jnp.exp(s - m_safe[:, :, None, :])
+        l_sum = jnp.sum(p, axis=2)
+        o = jnp.einsum("ghtr,ghtd->ghrd", p, v, preferred_element_type=jnp.float32)
+        seen = l_sum > 0
+        o = o / jnp.where(seen, l_sum, 1.0)[..., None]
+        lse = jnp.where(seen, m_safe + jnp.log(jnp.where(seen, l_sum, 1.0)), -jnp.inf)
+        return o, lse
+
+    out, lse = lax.map(step, (qf, tables.reshape(n_steps, g, max_blocks),
+                              lens.reshape(n_steps, g)))
+    out = out.reshape(n_steps * g, num_q_heads, head_dim)[:num_seqs]
+    lse = lse.reshape(n_steps * g, num_q_heads)[:num_seqs]
+    return out.astype(q.dtype), lse
+
+
 def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
                             block_tables, kv_lens, cu_q_lens, *, scale: float,
                             logits_soft_cap: float | None = None, attention_fn=None):
@@ -385,9 +461,15 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     num_prefixes = prefix_block_tables.shape[0]
     decode = cu_q_lens is None
     cu = jnp.arange(num_seqs + 1, dtype=jnp.int32) if decode else cu_q_lens.astype(jnp.int32)
-    own_out, own_lse = attn(
-        q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=True,
-        logits_soft_cap=logits_soft_cap)
+    if (attention_fn is None and decode
+            and block_tables.shape[1] * k_cache.shape[1] <= SHORT_DECODE_MAX_TOKENS):
+        own_out, own_lse = short_decode_attention(
+            q, k_cache, v_cache, block_tables, kv_lens, scale=scale,
+            logits_soft_cap=logits_soft_cap)
+    else:
+        own_out, own_lse = attn(
+            q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=True,
+            logits_soft_cap=logits_soft_cap)
     if num_tokens == 0 or num_prefixes == 0:
         return own_out, own_lse
     # prefix id of every query token (num_prefixes for "none")

@@ -209,6 +209,27 @@ def test_single_prefix_attention_chunks(chunk_blocks):
     _close_lse(lse, want_lse)
 
 
+@pytest.mark.parametrize("seqs_per_step", [1, 3, None])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_short_decode_attention(seqs_per_step, dtype):
+    """The own part of decode cascade attention: whole short KV per sequence, the last step
+    padded with empty sequences."""
+    from prefixkv.jax_frontend import _xla
+
+    rng = np.random.default_rng(13)
+    batch = testing.make_ragged_batch(rng, [(1, 5), (1, 1), (1, 16), (1, 9), (1, 12)],
+                                      num_q_heads=6, num_kv_heads=2, block_size=4,
+                                      dtype=dtype, max_blocks_per_seq=5)
+    want, want_lse = ref.paged_attention_reference(*batch.args(), scale=0.4,
+                                                   logits_soft_cap=2.0, return_lse=True)
+    out, lse = jax.jit(lambda q, k, v, t, n: _xla.short_decode_attention(
+        q, k, v, t, n, scale=0.4, logits_soft_cap=2.0, seqs_per_step=seqs_per_step))(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens)
+    assert out.dtype == batch.q.dtype
+    _close(out, want, dtype)
+    _close_lse(lse, want_lse)
+
+
 def test_merge_attention_states():
     rng = np.random.default_rng(11)
     oa, ob = (rng.standard_normal((5, 3, 16)).astype(np.float32) for _ in range(2))
