@@ -130,6 +130,46 @@ def test_shared_prefix_attention_matches_reference(case, cap):
     np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-4, rtol=1e-4)
 
 
+FUSED_SP_CASES = [
+    # (prefix_blocks, seqs (prefix_id, q_len, own_kv_len), block_size, hq, hkv, head_dim, dtype)
+    ([5, 0, 2, 1], [(0, 1, 9), (2, 1, 1), (-1, 1, 16), (0, 1, 33), (1, 1, 4), (0, 1, 17)],
+     8, 8, 2, 64, "float32"),
+    ([3, 4], [(1, 1, 5), (0, 1, 12), (1, 1, 31)], 16, 4, 4, 80, "bfloat16"),
+    ([2, 3], [(0, 3, 10), (1, 1, 3), (0, 2, 2), (-1, 4, 4), (1, 0, 0)], 8, 8, 2, 64, "float32"),
+]
+
+
+@pytest.mark.parametrize("case", FUSED_SP_CASES, ids=lambda c: f"bs{c[2]}-{c[6]}-{len(c[1])}")
+@pytest.mark.parametrize("decode", [None, False], ids=["cu_none", "cu_given"])
+@pytest.mark.parametrize("dense_min_rows", [1, 10**9], ids=["dense", "fused_kernel"])
+def test_shared_prefix_cpu_chunked_paths(monkeypatch, case, decode, dense_min_rows):
+    """The CPU path with host metadata (_native._attend_host): decode own tokens and prefixes
+    in several row and key chunks merged by LSE, through torch's fused kernel and through the
+    dense per-head path; NaN in padding slots, unused and empty prefixes, no prefix (-1)."""
+    from prefixkv.torch_frontend import _native
+
+    pblocks, seqs, bs, hq, hkv, d, dtype = case
+    block_bytes = 2 * bs * hkv * d * 4
+    monkeypatch.setattr(_native, "FLASH_CHUNK_BYTES", 3 * block_bytes)  # 3 blocks a gather
+    monkeypatch.setattr(_native, "DENSE_CHUNK_BYTES", 2 * block_bytes)
+    monkeypatch.setattr(_native, "DENSE_MIN_ROWS", dense_min_rows)
+    monkeypatch.setattr(_native, "DENSE_SCORES", 20)  # a few rows per dense tile
+    calls = []
+    real = _native._attend_host
+    monkeypatch.setattr(_native, "_attend_host", lambda *a: (calls.append(a[2].shape), real(*a)))
+    rng = np.random.default_rng(len(seqs) * bs + d)
+    b = testing.make_shared_prefix_batch(rng, pblocks, seqs, num_q_heads=hq, num_kv_heads=hkv,
+                                         head_dim=d, block_size=bs, dtype=dtype, decode=decode)
+    want, want_lse = ref.shared_prefix_attention_reference(*b.args(), return_lse=True)
+    out = torch.full(b.q.shape, float("nan"), dtype=TORCH_DTYPE[dtype])
+    lse = torch.full(b.q.shape[:2], float("nan"))
+    tf.shared_prefix_attention(*(T(a) for a in b.args()), return_lse=True, out=out, lse=lse)
+    close(out, want, dtype)
+    np.testing.assert_allclose(N(lse), want_lse, atol=1e-4, rtol=1e-4)
+    decoding = all(q == 1 for _, q, _ in seqs)
+    assert len(calls) == (2 if decoding else 1)  # own tokens (decode only), then prefixes
+
+
 def test_merge_attention_states_matches_reference_and_empty_states():
     rng = np.random.default_rng(4)
     oa, ob = rng.standard_normal((2, 5, 3, 8)).astype(np.float32)

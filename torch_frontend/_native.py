@@ -171,6 +171,141 @@ def _bounds(kv_lens: torch.Tensor, q_lens: torch.Tensor, causal: bool, host: boo
     return max_kv, int(end[live].min())
 
 
+# ------------------------------------------------- CPU attention with host metadata
+
+#: Bytes of float32 K plus V gathered per call of torch's fused CPU kernel (whole blocks of a
+#: few row blocks; a longer sequence is split into key chunks merged by LSE).
+FLASH_CHUNK_BYTES = 8 << 20
+#: The same for the dense path (one row block's keys per gather, its matmuls want many keys).
+DENSE_CHUNK_BYTES = 16 << 20
+#: Fewest rows per kv head (queries x group) for the dense path (_dense_chunk: large
+#: matmuls per head) instead of torch's fused kernel (small matmuls per row block and head).
+DENSE_MIN_ROWS = 64
+#: Score elements of one dense tile (rows x keys of one head), kept in cache.
+DENSE_SCORES = 1 << 18
+_LN2 = math.log(2.0)
+
+
+def _flash_cpu():
+    """torch's fused CPU attention kernel (blocked QK^T, softmax and PV in one pass, with the
+    log-sum-exp), or None where this torch lacks it."""
+    try:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _host_path(q: torch.Tensor, logits_soft_cap: float | None) -> bool:
+    """Whether _attend_host serves this call (the caller also checks its metadata is on the
+    host): CPU tensors, no soft cap, torch's fused CPU kernel present."""
+    return q.device.type == "cpu" and logits_soft_cap is None and _flash_cpu() is not None
+
+
+def _dense_chunk(out: torch.Tensor, lse: torch.Tensor, qs: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor, seen: list[int]) -> None:
+    """Attention of many rows per kv head: per head one matmul for the scores of a tile that
+    stays in cache, an exact softmax in base 2 (exp2 is cheaper than exp), one matmul with V.
+
+    qs: f32[m, Hkv, R, D], already scaled by scale / ln 2; k, v: f32[m, keys, Hkv, D]; row
+    block i sees keys [0, seen[i]). Writes out f32[m, Hkv, R, D] and lse f32[m, Hkv, R]
+    (natural log; out 0 and lse -inf where seen[i] == 0).
+    """
+    m, num_kv_heads, rows, _ = qs.shape
+    for i in range(m):
+        n = seen[i]
+        if n == 0:
+            out[i].zero_()
+            lse[i].fill_(float("-inf"))
+            continue
+        rc = max(1, min(rows, DENSE_SCORES // n))
+        for r0 in range(0, rows, rc):
+            r1 = min(rows, r0 + rc)
+            s = _workspace("ds", (r1 - r0, n), torch.float32, qs.device)
+            for h in range(num_kv_heads):
+                torch.mm(qs[i, h, r0:r1], k[i, :n, h].T, out=s)
+                mx = s.amax(-1, keepdim=True)
+                den = s.sub_(mx).exp2_().sum(-1, keepdim=True)
+                o = out[i, h, r0:r1]
+                torch.mm(s, v[i, :n, h], out=o)
+                o.div_(den)
+                torch.mul(mx.add_(den.log2_()), _LN2, out=lse[i, h, r0:r1, None])
+
+
+def _attend_host(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, tables: torch.Tensor, lens: list[int],
+                 scale: float) -> None:
+    """Non-causal attention of row block i to the first lens[i] keys of tables[i]'s blocks,
+    on the CPU with host metadata (lens a list).
+
+    q: f32[n, Hkv, R, D] (R rows per kv head, all seeing the same keys). Writes out
+    f32[n, Hkv, R, D] and lse f32[n, Hkv, R] (out 0 and lse -inf for rows with no key).
+    The blocks of a few row blocks at a time are gathered whole into a float32 buffer that
+    stays in cache; each kv head is a strided view of it, read by torch's fused CPU kernel
+    (few rows per head: decode) or by _dense_chunk (many rows: a shared prefix). Key chunks
+    of a long sequence are merged by LSE.
+    """
+    n, num_kv_heads, rows_per_head, head_dim = q.shape
+    block_size = k_cache.shape[1]
+    blocks = [-(-kv // block_size) for kv in lens]
+    nblk = max(blocks, default=0)
+    if nblk == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return
+    dense = rows_per_head >= DENSE_MIN_ROWS
+    block_bytes = 2 * block_size * num_kv_heads * head_dim * 4
+    budget = max(1, (DENSE_CHUNK_BYTES if dense else FLASH_CHUNK_BYTES) // block_bytes)
+    cblk = min(nblk, budget)  # key blocks per chunk
+    row_blocks = 1 if dense else max(1, budget // cblk)  # row blocks per chunk
+    tab = tables[:, :nblk].to(torch.int64)
+    used = torch.arange(nblk)[None, :] < torch.tensor(blocks)[:, None]
+    tab = torch.where(used, tab, 0)  # entries past the used blocks may hold anything
+    same = k_cache.dtype == torch.float32 and v_cache.dtype == torch.float32
+    qs = q * (scale / _LN2) if dense else q  # base-2 logits
+    flash = _flash_cpu()
+    for s0 in range(0, n, row_blocks):
+        s1 = min(n, s0 + row_blocks)
+        m = s1 - s0
+        for b0 in range(0, nblk, cblk):
+            c = min(cblk, nblk - b0)
+            keys = c * block_size
+            shape = (m * c, block_size, num_kv_heads, head_dim)
+            kb = _workspace("hk", shape, torch.float32, q.device)
+            vb = _workspace("hv", shape, torch.float32, q.device)
+            gk = kb if same else _workspace("hgk", shape, k_cache.dtype, q.device)
+            gv = vb if same else _workspace("hgv", shape, v_cache.dtype, q.device)
+            flat = tab[s0:s1, b0:b0 + c].reshape(-1)
+            torch.index_select(k_cache, 0, flat, out=gk)
+            torch.index_select(v_cache, 0, flat, out=gv)
+            if not same:
+                kb.copy_(gk)
+                vb.copy_(gv)
+            k = kb.view(m, keys, num_kv_heads, head_dim)
+            v = vb.view(m, keys, num_kv_heads, head_dim)
+            seen = [min(max(kv - b0 * block_size, 0), keys) for kv in lens[s0:s1]]
+            first = b0 == 0  # the first key chunk writes the outputs, later ones merge
+            o, lg = (out[s0:s1], lse[s0:s1]) if first else (torch.empty_like(out[s0:s1]),
+                                                            torch.empty_like(lse[s0:s1]))
+            if dense:  # reads keys [0, seen) only: no mask, padding never read
+                _dense_chunk(o, lg, qs[s0:s1], k, v, seen)
+            else:
+                mask = None
+                if min(seen) < keys:  # padding slots may hold NaN: zero them, mask them out
+                    live = torch.arange(keys)[None, :] < torch.tensor(seen)[:, None]
+                    k.masked_fill_(~live[:, :, None, None], 0.0)
+                    v.masked_fill_(~live[:, :, None, None], 0.0)
+                    mask = torch.zeros((m, 1, 1, keys)).masked_fill_(~live[:, None, None, :],
+                                                                     float("-inf"))
+                fo, fl = flash(q[s0:s1], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                               scale=scale)
+                if min(seen) == 0:  # rows with no key here: the kernel gives lse 0, not -inf
+                    fl.masked_fill_((torch.tensor(seen) == 0)[:, None, None], float("-inf"))
+                o.copy_(fo)
+                lg.copy_(fl)
+            if not first:
+                merge_attention_states(out[s0:s1], lse[s0:s1], out[s0:s1], lse[s0:s1], o, lg)
+
+
 def paged_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_cache,
                     block_tables, kv_lens, cu_q_lens, *, scale: float, causal: bool,
                     sliding_window: int | None, logits_soft_cap: float | None) -> None:
@@ -233,9 +368,20 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
     # suffix: the sequences' own tokens (causal; positions shift uniformly by the prefix)
     own_out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=torch.float32, device=dev)
     own_lse = torch.empty((num_tokens, num_q_heads), dtype=torch.float32, device=dev)
-    paged_attention(own_out, own_lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
-                    scale=scale, causal=True, sliding_window=None,
-                    logits_soft_cap=logits_soft_cap)
+    num_kv_heads = k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    fused = host and _host_path(q, logits_soft_cap)
+    decode = num_tokens == num_seqs and (cu_q_lens is None or (host and torch.equal(
+        cu_q_lens.to(torch.int64), torch.arange(num_seqs + 1))))
+    if fused and decode:  # one query per sequence: its q heads are the rows of its kv heads
+        _attend_host(own_out.view(num_seqs, num_kv_heads, group, head_dim),
+                     own_lse.view(num_seqs, num_kv_heads, group),
+                     q.reshape(num_seqs, num_kv_heads, group, head_dim).to(torch.float32),
+                     k_cache, v_cache, block_tables, kv_lens.tolist(), scale)
+    else:
+        paged_attention(own_out, own_lse, q, k_cache, v_cache, block_tables, kv_lens,
+                        cu_q_lens, scale=scale, causal=True, sliding_window=None,
+                        logits_soft_cap=logits_soft_cap)
     # prefix part: prefixes as "sequences" whose queries are all tokens of their sequences
     if cu_q_lens is None:
         tok_seq = torch.arange(num_seqs, device=dev)
@@ -264,11 +410,24 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
     qp.index_copy_(0, row_idx, q.index_select(0, tok_idx))
     qp = qp[:num_prefixes * q_max].view(num_prefixes, q_max, num_q_heads, head_dim)
     plens = prefix_lens.to(torch.int64)
-    max_kv = int(plens.max()) if (host and num_prefixes) else None
-    p_out, p_lse = _attend_padded(
-        qp, k_cache, v_cache, prefix_block_tables, plens, counts, scale=scale, causal=False,
-        sliding_window=None, logits_soft_cap=logits_soft_cap, max_kv=max_kv,
-        min_end=int(plens.min()) if (host and num_prefixes) else None)
+    if fused:  # rows (token, q head of the group) per kv head; prefixes no token uses: no key
+        rows = q_max * group
+        p_out = torch.empty((num_prefixes, num_kv_heads, rows, head_dim), device=dev)
+        p_lse = torch.empty((num_prefixes, num_kv_heads, rows), device=dev)
+        q4 = (qp.view(num_prefixes, q_max, num_kv_heads, group, head_dim).transpose(1, 2)
+              .reshape(num_prefixes, num_kv_heads, rows, head_dim).to(torch.float32))
+        _attend_host(p_out, p_lse, q4, k_cache, v_cache, prefix_block_tables,
+                     torch.where(counts > 0, plens, 0).tolist(), scale)
+        p_out = (p_out.view(num_prefixes, num_kv_heads, q_max, group, head_dim).transpose(1, 2)
+                 .reshape(num_prefixes, q_max, num_q_heads, head_dim))
+        p_lse = (p_lse.view(num_prefixes, num_kv_heads, q_max, group).transpose(1, 2)
+                 .reshape(num_prefixes, q_max, num_q_heads))
+    else:
+        max_kv = int(plens.max()) if (host and num_prefixes) else None
+        p_out, p_lse = _attend_padded(
+            qp, k_cache, v_cache, prefix_block_tables, plens, counts, scale=scale,
+            causal=False, sliding_window=None, logits_soft_cap=logits_soft_cap, max_kv=max_kv,
+            min_end=int(plens.min()) if (host and num_prefixes) else None)
     pre_out = torch.zeros((num_tokens, num_q_heads, head_dim), dtype=torch.float32, device=dev)
     pre_lse = torch.full((num_tokens, num_q_heads), float("-inf"), dtype=torch.float32,
                          device=dev)
