@@ -416,13 +416,14 @@ def short_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
             k_bits, v_bits = k_cache, v_cache
         ok = t[None, :] < n[:, None]                       # [g, ct]
 
-        def load(cache):
+        def load(cache, mask):
             x = jnp.take(cache, tb.reshape(-1), axis=0)
             x = _bits_to_f32(x.reshape(g, ct, num_kv_heads, head_dim), dtype)
-            x = jnp.where(ok[:, :, None, None], x, 0.0)    # padding slots may hold NaN
+            if mask:  # padding slots may hold NaN (in K they only reach masked logits)
+                x = jnp.where(ok[:, :, None, None], x, 0.0)
             return x.transpose(0, 2, 1, 3)                 # [g, Hkv, ct, D]
 
-        k, v = load(k_bits), load(v_bits)
+        k, v = load(k_bits, False), load(v_bits, True)
         s = jnp.einsum("ghtd,ghrd->ghtr", k, qs, preferred_element_type=jnp.float32)
         if logits_soft_cap is not None:
             s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
@@ -473,7 +474,8 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     if num_tokens == 0 or num_prefixes == 0:
         return own_out, own_lse
     # prefix id of every query token (num_prefixes for "none")
-    tok_seq = jnp.searchsorted(cu[1:], jnp.arange(num_tokens, dtype=jnp.int32), side="right")
+    tok = jnp.arange(num_tokens, dtype=jnp.int32)
+    tok_seq = tok if decode else jnp.searchsorted(cu[1:], tok, side="right")
     pid = prefix_ids.astype(jnp.int32)
     pid = jnp.where(pid < 0, num_prefixes, pid)
     tok_pid = jnp.where(tok_seq < num_seqs, pid[jnp.minimum(tok_seq, num_seqs - 1)],
