@@ -333,11 +333,13 @@ def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_pr
             t = j * ct + in_chunk
             tv = t < prefix_len
 
-            def load(cache):
+            def load(cache, mask):
                 x = _bits_to_f32(cache[ids, :, h, :].reshape(ct, head_dim), dtype)
-                return jnp.where(tv[:, None], x, 0.0)      # padding slots may hold NaN
+                if mask:  # padding slots may hold NaN (in K they only reach masked logits)
+                    x = jnp.where(tv[:, None], x, 0.0)
+                return x
 
-            k, v = load(k_bits), load(v_bits)
+            k, v = load(k_bits, False), load(v_bits, True)
             s = jnp.einsum("rd,td->rt", qh, k, preferred_element_type=jnp.float32)
             if logits_soft_cap is not None:
                 s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
