@@ -175,7 +175,7 @@ def _bounds(kv_lens: torch.Tensor, q_lens: torch.Tensor, causal: bool, host: boo
 
 #: Bytes of float32 K plus V gathered per call of torch's fused CPU kernel (whole blocks of a
 #: few row blocks; a longer sequence is split into key chunks merged by LSE).
-FLASH_CHUNK_BYTES = 8 << 20
+FLASH_CHUNK_BYTES = 4 << 20
 #: The same for the dense path (one row block's keys per gather, its matmuls want many keys).
 DENSE_CHUNK_BYTES = 16 << 20
 #: Fewest rows per kv head (queries x group) for the dense path (_dense_chunk: large
@@ -263,6 +263,7 @@ def _attend_host(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k_cache:
     same = k_cache.dtype == torch.float32 and v_cache.dtype == torch.float32
     qs = q * (scale / _LN2) if dense else q  # base-2 logits
     flash = _flash_cpu()
+    tag = "dense_" if dense else "flash_"  # own buffers per path: no reallocation between them
     for s0 in range(0, n, row_blocks):
         s1 = min(n, s0 + row_blocks)
         m = s1 - s0
@@ -270,10 +271,10 @@ def _attend_host(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k_cache:
             c = min(cblk, nblk - b0)
             keys = c * block_size
             shape = (m * c, block_size, num_kv_heads, head_dim)
-            kb = _workspace("hk", shape, torch.float32, q.device)
-            vb = _workspace("hv", shape, torch.float32, q.device)
-            gk = kb if same else _workspace("hgk", shape, k_cache.dtype, q.device)
-            gv = vb if same else _workspace("hgv", shape, v_cache.dtype, q.device)
+            kb = _workspace(tag + "k", shape, torch.float32, q.device)
+            vb = _workspace(tag + "v", shape, torch.float32, q.device)
+            gk = kb if same else _workspace(tag + "gk", shape, k_cache.dtype, q.device)
+            gv = vb if same else _workspace(tag + "gv", shape, v_cache.dtype, q.device)
             flat = tab[s0:s1, b0:b0 + c].reshape(-1)
             torch.index_select(k_cache, 0, flat, out=gk)
             torch.index_select(v_cache, 0, flat, out=gv)
