@@ -145,7 +145,8 @@ FUSED_SP_CASES = [
 def test_shared_prefix_cpu_chunked_paths(monkeypatch, case, decode, dense_min_rows):
     """The CPU path with host metadata (_native._attend_host): decode own tokens and prefixes
     in several row and key chunks merged by LSE, through torch's fused kernel and through the
-    dense per-head path; NaN in padding slots, unused and empty prefixes, no prefix (-1)."""
+    dense per-head path; NaN in padding slots, unused and empty prefixes, no prefix (-1),
+    non-contiguous caches."""
     from prefixkv.torch_frontend import _native
 
     pblocks, seqs, bs, hq, hkv, d, dtype = case
@@ -163,7 +164,11 @@ def test_shared_prefix_cpu_chunked_paths(monkeypatch, case, decode, dense_min_ro
     want, want_lse = ref.shared_prefix_attention_reference(*b.args(), return_lse=True)
     out = torch.full(b.q.shape, float("nan"), dtype=TORCH_DTYPE[dtype])
     lse = torch.full(b.q.shape[:2], float("nan"))
-    tf.shared_prefix_attention(*(T(a) for a in b.args()), return_lse=True, out=out, lse=lse)
+    args = [T(a) for a in b.args()]
+    if decode is None:  # caches as views of a stacked [num_blocks, 2, ...] cache
+        stacked = torch.stack([args[1], args[2]], dim=1)
+        args[1], args[2] = stacked[:, 0], stacked[:, 1]
+    tf.shared_prefix_attention(*args, return_lse=True, out=out, lse=lse)
     close(out, want, dtype)
     np.testing.assert_allclose(N(lse), want_lse, atol=1e-4, rtol=1e-4)
     decoding = all(q == 1 for _, q, _ in seqs)
