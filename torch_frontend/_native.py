@@ -6,6 +6,11 @@ blocks (a few hundred keys per chunk), so each chunk of K/V is gathered once int
 float32 buffer that stays in cache and every q head of a kv head reads it with one batched
 matmul. Nothing of size ``num_seqs * max_kv_len`` is materialized.
 
+With the ragged metadata on the host (the CPU path) shared_prefix_attention uses
+_attend_host instead: whole blocks gathered a few MB at a time, then torch's fused CPU
+attention kernel (decode: few rows per kv head) or one large matmul per kv head (a prefix
+read by many queries), key chunks merged by LSE.
+
 Every function writes into the output buffers it is given (the custom ops allocate them).
 """
 
@@ -358,8 +363,14 @@ def merge_attention_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, o
 def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_cache,
                             prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
                             cu_q_lens, *, scale: float, logits_soft_cap: float | None) -> None:
-    """Each prefix's KV read once for all its queries (one batched matmul per chunk), the own
-    tokens by paged attention, then the log-sum-exp merge."""
+    """Each prefix's KV read once for all its queries, the own tokens by paged attention, then
+    the log-sum-exp merge.
+
+    With the metadata on the host and no soft cap (the CPU path), both parts go through
+    _attend_host: a decode batch's own tokens through torch's fused CPU kernel (the q heads of
+    a kv head are its rows), each prefix through large per-head matmuls over all its queries.
+    Otherwise (a device, a soft cap) the padded online-softmax path of paged_attention.
+    """
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = block_tables.shape[0]
     num_prefixes = prefix_block_tables.shape[0]
