@@ -288,15 +288,16 @@ def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_pr
     """Non-causal attention of every query token over one prefix; returns (out f32, lse f32).
 
     q: [num_tokens, num_q_heads, head_dim]; block_table i32[max_prefix_blocks]; prefix_len
-    i32[] (keys of the prefix); has_prefix bool[num_tokens] (False: out 0, lse -inf).
+    i32[] (keys of the prefix, whole blocks); has_prefix bool[num_tokens] (False: out 0,
+    lse -inf).
 
     The fast path of cascade attention with one prefix: all the tokens sharing it are the rows
     of one dot per kv head (``num_tokens * group`` rows, every q head of the group stacked), so
     each step is two big dots ([rows, D] x [D, keys] and [rows, keys] x [keys, D]) over a chunk
     of the prefix gathered once for that head. Kv heads run one after another (``lax.map``)
-    and the chunks in a ``while_loop`` with an online softmax, so the working set of a step is
-    one head's chunk (XLA:CPU's dots reach the sgemm rate at these sizes; the generic loop's
-    all-heads steps spill the cache).
+    and the chunks in a ``while_loop`` with an online softmax (no loop when one chunk holds the
+    table), so the working set of a step is one head's chunk (XLA:CPU's dots reach the sgemm
+    rate at these sizes; the generic loop's all-heads steps spill the cache).
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
@@ -311,12 +312,15 @@ def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_pr
     table = jnp.clip(block_table.astype(jnp.int32), 0, num_blocks - 1)
     table = jnp.pad(table, (0, n_pad - max_blocks))
     prefix_len = jnp.minimum(prefix_len.astype(jnp.int32), max_blocks * block_size)
+    prefix_blocks = prefix_len // block_size
+    first_block = table[0]
     steps = (prefix_len + ct - 1) // ct
     # [N, Hkv, G, D] -> [Hkv, N * G, D]
     qf = q.astype(jnp.float32) * scale
     qf = qf.reshape(num_tokens, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
     qf = qf.reshape(num_kv_heads, rows, head_dim)
     in_chunk = jnp.arange(ct, dtype=jnp.int32)
+    blk_in_chunk = jnp.arange(cb, dtype=jnp.int32)
     dtype = k_cache.dtype
 
     def head(args):
@@ -329,17 +333,13 @@ def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_pr
                 k_bits, v_bits = _as_bits(k_bits), _as_bits(v_bits)
             else:
                 k_bits, v_bits = k_cache, v_cache
+            # Blocks past the prefix (it is whole blocks) are read as its first block: finite
+            # values under masked logits, so no pass zeroes padding in V.
             ids = lax.dynamic_slice(table, (j * cb,), (cb,))
-            t = j * ct + in_chunk
-            tv = t < prefix_len
-
-            def load(cache, mask):
-                x = _bits_to_f32(cache[ids, :, h, :].reshape(ct, head_dim), dtype)
-                if mask:  # padding slots may hold NaN (in K they only reach masked logits)
-                    x = jnp.where(tv[:, None], x, 0.0)
-                return x
-
-            k, v = load(k_bits, False), load(v_bits, True)
+            ids = jnp.where(j * cb + blk_in_chunk < prefix_blocks, ids, first_block)
+            tv = j * ct + in_chunk < prefix_len
+            k = _bits_to_f32(k_bits[ids, :, h, :].reshape(ct, head_dim), dtype)
+            v = _bits_to_f32(v_bits[ids, :, h, :].reshape(ct, head_dim), dtype)
             s = jnp.einsum("rd,td->rt", qh, k, preferred_element_type=jnp.float32)
             if logits_soft_cap is not None:
                 s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
@@ -352,11 +352,12 @@ def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_pr
             pv = jnp.einsum("rt,td->rd", p, v, preferred_element_type=jnp.float32)
             return j + 1, m_new, l_sum, acc * alpha[:, None] + pv
 
-        m0 = jnp.full((rows,), -jnp.inf, jnp.float32)
-        l0 = jnp.zeros((rows,), jnp.float32)
-        a0 = jnp.zeros((rows, head_dim), jnp.float32)
-        _, m, l_sum, acc = lax.while_loop(lambda st: st[0] < steps, body,
-                                          (jnp.int32(0), m0, l0, a0))
+        state = (jnp.int32(0), jnp.full((rows,), -jnp.inf, jnp.float32),
+                 jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, head_dim), jnp.float32))
+        if n_pad == cb:  # the whole table in one step (static): no loop
+            _, m, l_sum, acc = body(state)
+        else:
+            _, m, l_sum, acc = lax.while_loop(lambda st: st[0] < steps, body, state)
         return m, l_sum, acc
 
     m, l_sum, acc = lax.map(head, (qf, jnp.arange(num_kv_heads, dtype=jnp.int32)))
