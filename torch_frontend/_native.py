@@ -300,8 +300,8 @@ def _attend_host(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k_cache:
                     live = torch.arange(keys)[None, :] < torch.tensor(seen)[:, None]
                     k.masked_fill_(~live[:, :, None, None], 0.0)
                     v.masked_fill_(~live[:, :, None, None], 0.0)
-                    mask = torch.zeros((m, 1, 1, keys)).masked_fill_(~live[:, None, None, :],
-                                                                     float("-inf"))
+                    mask = torch.zeros((m, 1, 1, keys), dtype=torch.float32)
+                    mask.masked_fill_(~live[:, None, None, :], float("-inf"))
                 fo, fl = flash(q[s0:s1], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                scale=scale)
                 if min(seen) == 0:  # rows with no key here: the kernel gives lse 0, not -inf
@@ -424,8 +424,9 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
     plens = prefix_lens.to(torch.int64)
     if fused:  # rows (token, q head of the group) per kv head; prefixes no token uses: no key
         rows = q_max * group
-        p_out = torch.empty((num_prefixes, num_kv_heads, rows, head_dim), device=dev)
-        p_lse = torch.empty((num_prefixes, num_kv_heads, rows), device=dev)
+        p_out = torch.empty((num_prefixes, num_kv_heads, rows, head_dim), dtype=torch.float32,
+                            device=dev)
+        p_lse = torch.empty((num_prefixes, num_kv_heads, rows), dtype=torch.float32, device=dev)
         q4 = (qp.view(num_prefixes, q_max, num_kv_heads, group, head_dim).transpose(1, 2)
               .reshape(num_prefixes, num_kv_heads, rows, head_dim).to(torch.float32))
         _attend_host(p_out, p_lse, q4, k_cache, v_cache, prefix_block_tables,
