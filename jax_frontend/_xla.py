@@ -10,6 +10,12 @@ q heads of the group stacked as rows (GQA: each K/V block is read once per tile)
 online softmax in float32. The loop runs as many steps as the longest tile needs, so there is
 no host sync and every shape is static.
 
+Cascade (shared-prefix) attention has two fast paths, chosen from static shapes only:
+one prefix (:func:`single_prefix_attention`: every token against the prefix, two big dots
+per kv head, no sort) and decode over short own KV (:func:`short_decode_attention`: each
+sequence's whole own KV at once). Anything else (several prefixes, prefill own parts, long
+own KV, a Pallas ``attention_fn``) takes the generic ragged loop.
+
 Functions here take validated arguments and static Python config; the public ops in
 :mod:`prefixkv.jax_frontend` validate and dispatch.
 """
@@ -484,8 +490,9 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     tok_pid = jnp.where(tok_seq < num_seqs, pid[jnp.minimum(tok_seq, num_seqs - 1)],
                         num_prefixes)
     group = q.shape[1] // k_cache.shape[2]
-    if (attention_fn is None and num_prefixes == 1 and _single_prefix_chunk_blocks(
-            num_tokens * group, prefix_block_tables.shape[1], k_cache.shape[1])):
+    if (attention_fn is None and num_prefixes == 1 and prefix_block_tables.shape[1] > 0
+            and _single_prefix_chunk_blocks(num_tokens * group, prefix_block_tables.shape[1],
+                                            k_cache.shape[1])):
         # one prefix (chosen statically): every token against it, no sort
         pre_out, pre_lse = single_prefix_attention(
             q, k_cache, v_cache, prefix_block_tables[0], prefix_lens[0], tok_pid == 0,
