@@ -339,8 +339,9 @@ def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_pr
                 k_bits, v_bits = _as_bits(k_bits), _as_bits(v_bits)
             else:
                 k_bits, v_bits = k_cache, v_cache
-            # Blocks past the prefix (it is whole blocks) are read as its first block: finite
-            # values under masked logits, so no pass zeroes padding in V.
+            # Blocks past the prefix (it is whole blocks) are read as its first block, so their
+            # logits repeat logits of real keys: the row max needs no mask (one pass fewer
+            # over the scores) and V no zeroing; only p drops them.
             ids = lax.dynamic_slice(table, (j * cb,), (cb,))
             ids = jnp.where(j * cb + blk_in_chunk < prefix_blocks, ids, first_block)
             tv = j * ct + in_chunk < prefix_len
@@ -349,10 +350,11 @@ def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_pr
             s = jnp.einsum("rd,td->rt", qh, k, preferred_element_type=jnp.float32)
             if logits_soft_cap is not None:
                 s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
-            s = jnp.where(tv[None, :], s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            # empty prefix: the max may be NaN (a padding block), p is 0 and out is masked
+            m_new = jnp.where(j * ct < prefix_len, m_new, m)
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            p = jnp.exp(s - m_safe[:, None])
+            p = jnp.where(tv[None, :], jnp.exp(s - m_safe[:, None]), 0.0)
             alpha = jnp.exp(m - m_safe)
             l_sum = l_sum * alpha + jnp.sum(p, axis=1)
             pv = jnp.einsum("rt,td->rd", p, v, preferred_element_type=jnp.float32)
