@@ -10,6 +10,9 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault(
     "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+# XLA:CPU runs its dots and fusions on the PjRt client's thread pool, which the flags above do
+# not size: a jitted einsum kept 1.8 of the 2 cores busy. NPROC sizes that pool.
+os.environ.setdefault("NPROC", "1")
 
 # NIXL's bundled UCX would load its InfiniBand module, which pulls in the system libibverbs
 # (installed for the Mooncake store) and with it a second libnl-route: the two clash in their
