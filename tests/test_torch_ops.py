@@ -404,3 +404,134 @@ def test_pinned_host_allocator_backs_the_host_tier(dtype):
     assert tier.batch_put([key], [block]) == [True]
     (got,) = tier.batch_get([key], shape=block.shape, dtype=block.dtype)
     np.testing.assert_array_equal(got, block)
+
+
+# ------------------------------------------- cache ops: fast CPU paths, layouts, bit patterns
+
+_BITS = {"float32": (np.uint32, torch.int32), "float16": (np.uint16, torch.int16),
+         "bfloat16": (np.uint16, torch.int16)}
+
+
+def _random_bits(rng, shape, dtype, nan_every=0):
+    """Arbitrary bit patterns of ``dtype`` (NaN payloads, infinities, subnormals included);
+    with ``nan_every``, every nan_every-th element a NaN (a cache pre-filled with garbage)."""
+    u, _ = _BITS[dtype]
+    bits = rng.integers(0, np.iinfo(u).max, size=shape, dtype=u, endpoint=True)
+    x = bits.view(numpy_dtype(dtype))
+    if nan_every:
+        x.reshape(-1)[::nan_every] = np.nan
+    return x
+
+
+def _same_bits(got, want):
+    """Bit-identical (NaN payloads too): torch tensor vs numpy array."""
+    _, ti = _BITS[{torch.float32: "float32", torch.float16: "float16",
+                   torch.bfloat16: "bfloat16"}[got.dtype]]
+    assert torch.equal(got.contiguous().view(ti), T(want).view(ti))
+
+
+def _layout(x, layout):
+    """The cache ``x`` (numpy [num_blocks, ...]) as a torch tensor in ``layout``, plus a
+    function giving the full parent storage (to see that nothing outside it changed)."""
+    t = T(x)
+    if layout == "contiguous":
+        return t, lambda: t
+    if layout == "stacked_blocks":  # a K half of [num_blocks, 2, ...]: blocks not adjacent
+        parent = torch.stack([t, torch.full_like(t, float("nan"))], dim=1)
+        return parent[:, 0], lambda: parent
+    if layout == "stacked_layers":  # [2, num_blocks, ...][1]: contiguous, storage offset
+        parent = torch.stack([torch.full_like(t, float("nan")), t])
+        return parent[1], lambda: parent
+    if layout == "odd_offset":  # storage offset of one element: no wider view is aligned
+        flat = torch.full((t.numel() + 1,), float("nan"), dtype=t.dtype)
+        view = flat[1:].view(t.shape)
+        view.copy_(t)
+        return view, lambda: flat
+    if layout == "heads_strided":  # [num_blocks, block_size, H, D] with D-major heads
+        parent = t.transpose(2, 3).contiguous().transpose(2, 3)
+        return parent, lambda: parent
+    raise AssertionError(layout)
+
+
+LAYOUTS = ("contiguous", "stacked_blocks", "stacked_layers", "odd_offset", "heads_strided")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("no_sync", [False, True], ids=["host", "no_sync"])
+def test_write_kv_bits_layouts_negative_slots(dtype, layout, no_sync):
+    """Bit-exact vs the reference for every layout, slots with negatives (skipped, never
+    written), padding rows; both the host path and the device path (run here on the CPU)."""
+    from prefixkv.torch_frontend import _native
+
+    rng = np.random.default_rng(20)
+    shape = (7, 4, 2, 8)  # block_size 4
+    kc, vc = (_random_bits(rng, shape, dtype, nan_every=3) for _ in range(2))
+    key, val = (_random_bits(rng, (9, 2, 8), dtype) for _ in range(2))
+    cases = [np.array([5, -1, 27, 0, 13, -7, 4, 26], np.int32),  # 8 of 9 rows
+             np.array([-1, -2], np.int32),  # nothing to write
+             np.array([-3, 11, 2], np.int32),  # first entry negative
+             np.arange(28, dtype=np.int32)[::-1].copy()[:9],  # all live, reversed
+             np.zeros(0, np.int32)]
+    for slots in cases:
+        want_k, want_v = ref.write_kv_reference(key, val, kc, vc, slots)
+        tk, k_parent = _layout(kc, layout)
+        tv, v_parent = _layout(vc, layout)
+        k_before, v_before = k_parent().clone(), v_parent().clone()
+        if no_sync:
+            _native._write_kv_no_sync(T(key), T(val), tk, tv, T(slots))
+        else:
+            tf.write_kv(T(key), T(val), tk, tv, T(slots))
+        _same_bits(tk, want_k)
+        _same_bits(tv, want_v)
+        for parent, before, cache in ((k_parent(), k_before, tk), (v_parent(), v_before, tv)):
+            if parent is not cache:  # bytes outside the cache view untouched
+                mask = torch.zeros(parent.numel(), dtype=torch.bool)
+                mask[_storage_indices(cache, parent)] = True
+                _, ti = _BITS[dtype]
+                assert torch.equal(parent.reshape(-1).view(ti)[~mask],
+                                   before.reshape(-1).view(ti)[~mask])
+
+
+def _storage_indices(view, parent):
+    """Flat element positions of ``view`` inside the contiguous (flat) ``parent``."""
+    off = view.storage_offset() - parent.storage_offset()
+    pos = torch.full(view.shape, off, dtype=torch.int64)
+    for dim, (size, stride) in enumerate(zip(view.shape, view.stride(), strict=True)):
+        shape = [1] * view.dim()
+        shape[dim] = size
+        pos = pos + (torch.arange(size) * stride).view(shape)
+    return pos.reshape(-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_copy_scatter_bits_layouts_overlap(dtype, layout):
+    """copy_blocks with src and dst overlapping (a chain and a swap: every read before any
+    write) and scatter_blocks from a strided buffer, bit-exact, NaN-filled caches."""
+    rng = np.random.default_rng(21)
+    caches = [_random_bits(rng, (9, 4, 2, 8), dtype, nan_every=5) for _ in range(3)]
+    src = np.array([1, 2, 5, 2, 3, 8], np.int32)
+    dst = np.array([2, 7, 1, 0, 8, 3], np.int32)  # chain 1->2->7, 5->1, swap 3<->8
+    want = ref.copy_blocks_reference(caches, src, dst)
+    tc = [_layout(c, layout)[0] for c in caches]
+    tf.copy_blocks(tc, T(src), T(dst))
+    for g, w in zip(tc, want, strict=True):
+        _same_bits(g, w)
+    new = _random_bits(rng, (3, 4, 3, 4, 2, 8), dtype)  # buffer[:, 1] below: strided
+    sids = np.array([6, 0, 4], np.int32)
+    want2 = ref.scatter_blocks_reference(want, new[:, 1], sids)
+    tf.scatter_blocks(tc, T(new)[:, 1], T(sids))
+    for g, w in zip(tc, want2, strict=True):
+        _same_bits(g, w)
+
+
+def test_wide_views_only_where_aligned():
+    from prefixkv.torch_frontend import _native
+
+    x = torch.zeros(4, 16, dtype=torch.bfloat16)
+    assert _native._wide(x, x)[0].dtype == torch.complex128  # 32 bytes a row
+    assert _native._wide(x[:, 4:12], x[:, 4:12])[0].dtype == torch.int64  # 8-byte address
+    assert _native._wide(x[:, 1:9], x[:, :8])[0].dtype == torch.bfloat16  # 2-byte address
+    assert _native._wide(x[:, :6], x[:, :6])[0].dtype == torch.int32  # 12 bytes a row
+    assert _native._wide(x.float(), x.float())[0].dtype == torch.complex128
