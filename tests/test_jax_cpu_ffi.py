@@ -1,5 +1,5 @@
-"""The XLA:CPU FFI cache updates (kernels/cpu/xla_cache_ops.cc) behind the JAX frontend's
-write_kv / copy_blocks / scatter_blocks, bit-exact against the numpy reference.
+"""The XLA:CPU FFI cache ops (kernels/cpu/xla_cache_ops.cc) behind the JAX frontend's
+write_kv / copy_blocks / gather_blocks / scatter_blocks, bit-exact against the numpy reference.
 
 Caches are filled with random bit patterns (NaN payloads included), so any conversion or
 touched byte outside the named rows / blocks shows up as a bit difference.
@@ -19,7 +19,9 @@ from prefixkv.paged import reference as ref  # noqa: E402
 
 from prefixkv import jax_frontend as jf  # noqa: E402
 
-DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16,
+          "int8": np.int8, "float8_e4m3fn": ml_dtypes.float8_e4m3fn}
+FLOAT_DTYPES = ["float32", "float16", "bfloat16"]
 NUM_BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM = 12, 4, 2, 8
 
 pytestmark = pytest.mark.skipif(not xla_ffi.available(),
@@ -64,7 +66,7 @@ def test_path_reports_ffi():
 
 
 @on_cpu
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_write_kv_bit_exact_negative_slots_and_padding(dtype):
     k, v = _cache(dtype, 1), _cache(dtype, 2)
     key, value = _bits((9, HEADS, HEAD_DIM), dtype, 3), _bits((9, HEADS, HEAD_DIM), dtype, 4)
@@ -79,7 +81,7 @@ def test_write_kv_bit_exact_negative_slots_and_padding(dtype):
 
 
 @on_cpu
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_copy_blocks_reads_before_writes(dtype):
     caches = [_cache(dtype, 5), _bits((NUM_BLOCKS, 3, 5), dtype, 6)]
     # a chain (1->2->3->4), a swap (7<->8), a self copy, a block read twice
@@ -105,7 +107,7 @@ def test_copy_blocks_disjoint_and_empty():
 
 
 @on_cpu
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_scatter_blocks_bit_exact(dtype):
     caches = [_cache(dtype, 8), _cache(dtype, 9), _cache(dtype, 10)]
     ids = np.array([11, 0, 6, 3], np.int32)
@@ -116,6 +118,66 @@ def test_scatter_blocks_bit_exact(dtype):
     got = jf.scatter_blocks(*args)
     for g, w in zip(got, want, strict=True):
         _same_bits(g, w)
+
+
+# (block shape, block ids): repeated ids, first and last block, odd block shapes (block_size
+# 1 and 7, a 1-byte-wide trailing dim), one id, no id
+GATHER_CASES = {
+    "repeats": ((BLOCK_SIZE, HEADS, HEAD_DIM), [3, 0, 3, NUM_BLOCKS - 1, 3, 5]),
+    "block_size_1": ((1, HEADS, HEAD_DIM), [11, 2, 2]),
+    "block_size_7_odd": ((7, 3, 5), [4, 9, 0, 4]),
+    "flat_block": ((13,), [6]),
+    "empty": ((BLOCK_SIZE, HEADS, HEAD_DIM), []),
+}
+
+
+@on_cpu
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("case", list(GATHER_CASES))
+def test_gather_blocks_bit_exact(dtype, case):
+    block_shape, ids = GATHER_CASES[case]
+    caches = [_bits((NUM_BLOCKS, *block_shape), dtype, 30 + i) for i in range(3)]
+    ids = np.array(ids, np.int32)
+    want = ref.gather_blocks_reference(caches, ids)
+    args = ([jnp.asarray(c) for c in caches], jnp.asarray(ids))
+    assert _uses_ffi(_xla.gather_blocks, *args)
+    got = jf.gather_blocks(*args)
+    _same_bits(got, want)
+    _same_bits(_fresh_jit(jf.gather_blocks)(*args), want)
+    for c, orig in zip(args[0], caches, strict=True):  # inputs untouched
+        _same_bits(c, orig)
+
+
+@on_cpu
+def test_gather_blocks_large_output_and_one_cache():
+    """An output over the kernel's huge-page threshold (4 MiB), and a single cache."""
+    caches = [_bits((40, 64, 8, 128), "bfloat16", 40 + i) for i in range(2)]  # 128 KiB blocks
+    ids = np.random.default_rng(41).integers(0, 40, size=20).astype(np.int32)
+    args = ([jnp.asarray(c) for c in caches], jnp.asarray(ids))
+    got = jax.jit(_xla.gather_blocks)(*args)
+    assert got.nbytes == 20 * 2 * 64 * 8 * 128 * 2  # 5 MiB
+    _same_bits(got, ref.gather_blocks_reference(caches, ids))
+    got = jf.gather_blocks(args[0][:1], args[1])
+    _same_bits(got, ref.gather_blocks_reference(caches[:1], ids))
+
+
+@on_cpu
+def test_gather_blocks_inside_a_jitted_function():
+    """The custom call composes with other ops under jit (ids computed in the graph)."""
+    rng = np.random.default_rng(42)
+    caches = [rng.standard_normal((NUM_BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM)).astype(np.float16)
+              for _ in range(2)]
+    ids = np.array([1, 4, 7], np.int32)
+
+    @jax.jit
+    def fn(cs, i):
+        buf = jf.gather_blocks(cs, i[::-1] + 1)
+        return buf, buf.astype(jnp.float32).sum()
+
+    buf, total = fn([jnp.asarray(c) for c in caches], jnp.asarray(ids))
+    want = ref.gather_blocks_reference(caches, ids[::-1] + 1)
+    _same_bits(buf, want)
+    np.testing.assert_array_equal(np.asarray(total), want.astype(np.float32).sum())
 
 
 @on_cpu
@@ -135,6 +197,21 @@ def test_out_of_range_ids_never_written():
     got = jax.jit(_xla.copy_blocks)([jnp.asarray(k)], jnp.asarray(np.array([0], np.int32)),
                                     jnp.asarray(np.array([NUM_BLOCKS], np.int32)))
     _same_bits(got[0], k)
+
+
+@on_cpu
+def test_gather_out_of_range_ids_clamped():
+    """The frontend rejects these; the handler clamps them into the cache (never reads past
+    it), as the XLA path's take(mode="clip") does."""
+    k, v = _cache("bfloat16", 44), _cache("bfloat16", 45)
+    ids = np.array([NUM_BLOCKS, -1, 2**31 - 1, -2**31, 3], np.int32)
+    clamped = np.clip(ids, 0, NUM_BLOCKS - 1)
+    args = ([jnp.asarray(k), jnp.asarray(v)], jnp.asarray(ids))
+    assert _uses_ffi(_xla.gather_blocks, *args)
+    got = _fresh_jit(_xla.gather_blocks)(*args)
+    _same_bits(got, ref.gather_blocks_reference([k, v], clamped))
+    with pytest.raises(ValueError, match="block_ids"):
+        jf.gather_blocks(*args)
 
 
 @on_cpu
@@ -190,6 +267,9 @@ def test_other_platforms_lower_without_the_custom_call():
         text = jax.jit(_xla.write_kv).trace(*args).lower(
             lowering_platforms=(platform,)).as_text()
         assert "prefixkv_cpu_" not in text and "stablehlo.scatter" in text
+        text = jax.jit(_xla.gather_blocks).trace([args[2], args[3]], args[4]).lower(
+            lowering_platforms=(platform,)).as_text()
+        assert "prefixkv_cpu_" not in text and "stablehlo.gather" in text
 
 
 @on_cpu
@@ -213,6 +293,16 @@ def test_fallback_when_disabled(monkeypatch):
         assert not _uses_ffi(_xla.copy_blocks, [args[2]], src, dst)
         buf = jnp.zeros((1, 1, BLOCK_SIZE, HEADS, HEAD_DIM), jnp.bfloat16)
         assert not _uses_ffi(_xla.scatter_blocks, [args[2]], buf, src)
+        # gather_blocks: the XLA take + stack on uint16 bits, bit-exact (NaN payloads kept),
+        # repeats and empty
+        # (the raw _xla function: jf.gather_blocks's jit may hold a trace of the FFI path)
+        for dtype in DTYPES:
+            caches = [_cache(dtype, 46), _cache(dtype, 47)]
+            for ids in (np.array([5, 0, 5, NUM_BLOCKS - 1], np.int32), np.zeros((0,), np.int32)):
+                gargs = ([jnp.asarray(c) for c in caches], jnp.asarray(ids))
+                assert not _uses_ffi(_xla.gather_blocks, *gargs)
+                _same_bits(_fresh_jit(_xla.gather_blocks)(*gargs),
+                           ref.gather_blocks_reference(caches, ids))
     finally:
         monkeypatch.delenv(xla_ffi.DISABLE_ENV)
         xla_ffi._reset_for_tests()
