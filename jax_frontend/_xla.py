@@ -585,9 +585,10 @@ def gather_blocks(caches, block_ids):
                          for c in caches], axis=1)
         return lax.bitcast_convert_type(out, caches[0].dtype)
 
-    # XLA:CPU runs take + stack at ~0.13 of the copy bandwidth, and making the gather 16-bit
-    # free does not help (the time goes in faulting the new output in 4 KiB pages): on CPU, one
-    # memcpy per block by an FFI custom call that asks for huge pages (kernels/cpu/xla_ffi.py).
+    # XLA:CPU's take + stack of 256 x 4 bf16 blocks (bench_cache_ops) takes ~27 ms, as uint16
+    # too: ~20 ms of it is faulting the new 32 MiB output in 4 KiB pages, and the move itself
+    # is ~5.5 ms. On CPU, one memcpy per block by an FFI custom call that asks for huge pages
+    # first: ~7 ms on a fresh output, ~3.4 ms on one already mapped (kernels/cpu/xla_ffi.py).
     from ..kernels.cpu import xla_ffi
 
     cpu_path = xla_bits_path

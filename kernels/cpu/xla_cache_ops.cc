@@ -59,9 +59,12 @@ void AdviseHugePages(void* data, int64_t bytes) {
   const uintptr_t begin = reinterpret_cast<uintptr_t>(data);
   const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t hi = (begin + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
-  if (hi > lo) {
-    madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-  }
+  if (hi <= lo) return;
+  // Memory the allocator handed back already mapped (its first huge-page-aligned page is
+  // resident) has nothing left to fault: leave it as it is.
+  unsigned char resident = 0;
+  if (mincore(reinterpret_cast<void*>(lo), 4096, &resident) == 0 && (resident & 1)) return;
+  madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
 #endif
 }
 
