@@ -535,3 +535,40 @@ def test_wide_views_only_where_aligned():
     assert _native._wide(x[:, 1:9], x[:, :8])[0].dtype == torch.bfloat16  # 2-byte address
     assert _native._wide(x[:, :6], x[:, :6])[0].dtype == torch.int32  # 12 bytes a row
     assert _native._wide(x.float(), x.float())[0].dtype == torch.complex128
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_attention_states_chunks_dtypes_noncontiguous(monkeypatch, dtype):
+    """Several token chunks (a ragged last one), non-contiguous inputs, empty states: the
+    reference within the dtype's tolerance, and bit-identical to one chunk."""
+    from prefixkv.torch_frontend import _native
+
+    rng = np.random.default_rng(22)
+    oa, ob = (testing.random_values(rng, (11, 3, 16), dtype) for _ in range(2))
+    la, lb = (rng.standard_normal((11, 3)).astype(np.float32) * 3 for _ in range(2))
+    la[0], lb[0] = -np.inf, -np.inf  # both empty -> out 0, lse -inf
+    la[4, 1] = -np.inf  # one side empty -> the other
+    lb[7] = -np.inf
+    want, want_lse = ref.merge_attention_states_reference(oa, la, ob, lb)
+    ta = T(np.ascontiguousarray(np.stack([oa, oa], axis=2)))[:, :, 1]  # strided rows
+    args = (ta, T(la), T(ob), T(lb))
+    monkeypatch.setattr(_native, "MERGE_CHUNK_BYTES", 4 * 3 * 16 * 4)  # 4 tokens a chunk
+    got, got_lse = tf.merge_attention_states(*args)
+    assert got.dtype == TORCH_DTYPE[dtype]
+    close(got, want, dtype)
+    np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-6, rtol=1e-6)
+    assert torch.all(got[0] == 0) and torch.all(torch.isneginf(got_lse[0]))
+    monkeypatch.setattr(_native, "MERGE_CHUNK_BYTES", 1 << 30)
+    one, one_lse = tf.merge_attention_states(*args)
+    assert torch.equal(got, one) and torch.equal(got_lse, one_lse)
+
+
+def test_reused_buffers_survive_inference_mode():
+    """CPU scratch buffers made under torch.inference_mode are not reused outside it (an
+    inference tensor cannot be written there)."""
+    x = torch.randn(5, 2, 8).to(torch.bfloat16)
+    lse = torch.randn(5, 2)
+    with torch.inference_mode():
+        tf.merge_attention_states(x, lse, x, lse)
+    got, _ = tf.merge_attention_states(x, lse, x, lse)
+    torch.testing.assert_close(got, x)

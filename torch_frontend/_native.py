@@ -43,10 +43,12 @@ def _workspace(name: str, shape, dtype: torch.dtype, device: torch.device) -> to
     if cache is None:
         cache = _LOCAL.buffers = {}
     numel = math.prod(shape)
-    buf = cache.get((name, dtype))
+    # a buffer made under torch.inference_mode is an inference tensor: never written outside it
+    key = (name, dtype, torch.is_inference_mode_enabled())
+    buf = cache.get(key)
     if buf is None or buf.numel() < numel or buf.numel() > 4 * max(numel, 1 << 16):
         buf = torch.empty(max(numel, 1), dtype=dtype)
-        cache[(name, dtype)] = buf
+        cache[key] = buf
     return buf[:numel].view(shape)
 
 
@@ -339,11 +341,20 @@ def paged_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_c
         lse.copy_(l_)
 
 
+#: Bytes of float32 rows per chunk of merge_attention_states (its temporaries stay in cache).
+MERGE_CHUNK_BYTES = 2 << 20
+
+
 def merge_attention_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, out_b,
                            lse_b) -> None:
     """out = c_a out_a + c_b out_b with c = e^(lse - m) / sum; rows empty on both sides
-    (lse -inf) get c = 0, so out 0 and lse -inf. float32 outputs are written in place (no
-    temporary of the output's size)."""
+    (lse -inf) get c = 0, so out 0 and lse -inf.
+
+    Chunks of tokens at a time (about MERGE_CHUNK_BYTES of float32 rows): float32 outputs are
+    written by a multiply and a fused multiply-add on the same chunk while it is in cache;
+    other dtypes are converted into two reused float32 buffers (torch's same-type conversion
+    copies are fast; mixed-dtype arithmetic and fresh full-size temporaries are not).
+    """
     m = torch.maximum(lse_a, lse_b)
     seen = m > float("-inf")
     m0 = torch.where(seen, m, 0.0)
@@ -351,11 +362,26 @@ def merge_attention_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, o
     den = wa + wb
     inv = torch.where(seen, den.reciprocal(), 0.0)
     ca, cb = (wa * inv).unsqueeze(-1), (wb * inv).unsqueeze(-1)
-    if out.dtype == torch.float32 and out_a.dtype == torch.float32:
-        torch.mul(out_a, ca, out=out)
-        out.addcmul_(out_b, cb)
-    else:
-        out.copy_(torch.addcmul(out_a.to(torch.float32) * ca, out_b.to(torch.float32), cb))
+    num_tokens = out.shape[0]
+    step = max(1, MERGE_CHUNK_BYTES // max(1, math.prod(out.shape[1:]) * 4))
+    f32 = torch.float32
+    direct = out.dtype == f32 and out_a.dtype == f32 and out_b.dtype == f32
+    if not direct:
+        rows = min(step, num_tokens)
+        fa = _workspace("merge_a", (rows, *out.shape[1:]), f32, out.device)
+        fb = _workspace("merge_b", (rows, *out.shape[1:]), f32, out.device)
+    for t0 in range(0, num_tokens, step):
+        t1 = min(num_tokens, t0 + step)
+        o = out[t0:t1]
+        if direct:
+            torch.mul(out_a[t0:t1], ca[t0:t1], out=o)
+            o.addcmul_(out_b[t0:t1], cb[t0:t1])
+        else:
+            a, b = fa[:t1 - t0], fb[:t1 - t0]
+            a.copy_(out_a[t0:t1])
+            b.copy_(out_b[t0:t1])
+            a.mul_(ca[t0:t1]).addcmul_(b, cb[t0:t1])
+            o.copy_(a)
     lse.copy_(m0 + torch.log(den))
     lse.masked_fill_(~seen, float("-inf"))
 
