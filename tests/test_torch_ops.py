@@ -572,3 +572,23 @@ def test_reused_buffers_survive_inference_mode():
         tf.merge_attention_states(x, lse, x, lse)
     got, _ = tf.merge_attention_states(x, lse, x, lse)
     torch.testing.assert_close(got, x)
+
+
+@pytest.mark.parametrize("out_dtype", ["bfloat16", "float16"])
+def test_merge_float32_states_into_half_output(monkeypatch, out_dtype):
+    """The merge shared_prefix_attention runs: float32 parts, an output in q's dtype; several
+    chunks. Equals the float32 merge rounded once."""
+    from prefixkv.torch_frontend import _native
+
+    monkeypatch.setattr(_native, "MERGE_CHUNK_BYTES", 3 * 2 * 8 * 4)  # 3 tokens a chunk
+    g = torch.Generator().manual_seed(23)
+    oa, ob = torch.randn(2, 10, 2, 8, generator=g)
+    la, lb = torch.randn(2, 10, 2, generator=g)
+    la[2] = lb[2] = float("-inf")
+    want, want_lse = torch.empty_like(oa), torch.empty_like(la)
+    _native.merge_attention_states(want, want_lse, oa, la, ob, lb)
+    got = torch.full(oa.shape, float("nan"), dtype=TORCH_DTYPE[out_dtype])
+    got_lse = torch.full_like(la, float("nan"))
+    _native.merge_attention_states(got, got_lse, oa, la, ob, lb)
+    assert torch.equal(got, want.to(got.dtype)) and torch.equal(got_lse, want_lse)
+    assert torch.all(got[2] == 0)

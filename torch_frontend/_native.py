@@ -350,10 +350,11 @@ def merge_attention_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, o
     """out = c_a out_a + c_b out_b with c = e^(lse - m) / sum; rows empty on both sides
     (lse -inf) get c = 0, so out 0 and lse -inf.
 
-    Chunks of tokens at a time (about MERGE_CHUNK_BYTES of float32 rows): float32 outputs are
-    written by a multiply and a fused multiply-add on the same chunk while it is in cache;
-    other dtypes are converted into two reused float32 buffers (torch's same-type conversion
-    copies are fast; mixed-dtype arithmetic and fresh full-size temporaries are not).
+    Chunks of tokens at a time (about MERGE_CHUNK_BYTES of float32 rows): a multiply and a
+    multiply-add on the same chunk while it is in cache, into a float32 output itself, else
+    into a reused float32 buffer then converted; inputs that are not float32 are converted
+    into reused float32 buffers first (torch's conversion copies are fast; mixed-dtype
+    arithmetic and fresh full-size temporaries are not).
     """
     m = torch.maximum(lse_a, lse_b)
     seen = m > float("-inf")
@@ -365,23 +366,23 @@ def merge_attention_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, o
     num_tokens = out.shape[0]
     step = max(1, MERGE_CHUNK_BYTES // max(1, math.prod(out.shape[1:]) * 4))
     f32 = torch.float32
-    direct = out.dtype == f32 and out_a.dtype == f32 and out_b.dtype == f32
-    if not direct:
-        rows = min(step, num_tokens)
-        fa = _workspace("merge_a", (rows, *out.shape[1:]), f32, out.device)
-        fb = _workspace("merge_b", (rows, *out.shape[1:]), f32, out.device)
+    rows = (min(step, num_tokens), *out.shape[1:])
+    fa = None if out.dtype == f32 else _workspace("merge_a", rows, f32, out.device)
+    fb = None if out_b.dtype == f32 else _workspace("merge_b", rows, f32, out.device)
     for t0 in range(0, num_tokens, step):
         t1 = min(num_tokens, t0 + step)
         o = out[t0:t1]
-        if direct:
-            torch.mul(out_a[t0:t1], ca[t0:t1], out=o)
-            o.addcmul_(out_b[t0:t1], cb[t0:t1])
+        acc = o if fa is None else fa[:t1 - t0]  # float32: written in place
+        if out_a.dtype == f32:
+            torch.mul(out_a[t0:t1], ca[t0:t1], out=acc)
         else:
-            a, b = fa[:t1 - t0], fb[:t1 - t0]
-            a.copy_(out_a[t0:t1])
-            b.copy_(out_b[t0:t1])
-            a.mul_(ca[t0:t1]).addcmul_(b, cb[t0:t1])
-            o.copy_(a)
+            acc.copy_(out_a[t0:t1]).mul_(ca[t0:t1])
+        if fb is None:
+            acc.addcmul_(out_b[t0:t1], cb[t0:t1])
+        else:
+            acc.addcmul_(fb[:t1 - t0].copy_(out_b[t0:t1]), cb[t0:t1])
+        if fa is not None:
+            o.copy_(acc)
     lse.copy_(m0 + torch.log(den))
     lse.masked_fill_(~seen, float("-inf"))
 
