@@ -592,3 +592,21 @@ def test_merge_float32_states_into_half_output(monkeypatch, out_dtype):
     _native.merge_attention_states(got, got_lse, oa, la, ob, lb)
     assert torch.equal(got, want.to(got.dtype)) and torch.equal(got_lse, want_lse)
     assert torch.all(got[2] == 0)
+
+
+def test_write_kv_device_path_reads_no_values_on_the_host():
+    """The device path (no nonzero, no .item()) on meta tensors: any read of a value on the
+    host (a sync on a GPU, a graph break in a capture) raises there. Layouts: contiguous, a
+    K half of a stacked cache, heads not contiguous (the 2-D index_put_ path)."""
+    from prefixkv.torch_frontend import _native
+
+    meta = {"device": "meta"}
+    caches = [torch.empty(5, 4, 2, 8, **meta), torch.empty(5, 2, 4, 2, 8, **meta)[:, 0],
+              torch.empty(5, 4, 8, 2, **meta).transpose(2, 3)]
+    assert _native._slot_rows(caches[1], torch.empty(0, dtype=torch.int64))[0] is not None
+    assert _native._slot_rows(caches[2], torch.empty(0, dtype=torch.int64))[0] is None
+    key = torch.empty(6, 2, 8, **meta)
+    slots = torch.empty(5, dtype=torch.int32, **meta)
+    for cache in caches:
+        _native._write_kv_no_sync(key, key, cache, cache, slots)
+        _native.write_kv(key, key, cache, cache, slots)  # slots not on the host: the same
