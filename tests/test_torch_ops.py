@@ -508,7 +508,8 @@ def _storage_indices(view, parent):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_copy_scatter_bits_layouts_overlap(dtype, layout):
     """copy_blocks with src and dst overlapping (a chain and a swap: every read before any
-    write) and scatter_blocks from a strided buffer, bit-exact, NaN-filled caches."""
+    write), scatter_blocks from a strided buffer, gather_blocks; bit-exact, NaN-filled
+    caches."""
     rng = np.random.default_rng(21)
     caches = [_random_bits(rng, (9, 4, 2, 8), dtype, nan_every=5) for _ in range(3)]
     src = np.array([1, 2, 5, 2, 3, 8], np.int32)
@@ -524,6 +525,8 @@ def test_copy_scatter_bits_layouts_overlap(dtype, layout):
     tf.scatter_blocks(tc, T(new)[:, 1], T(sids))
     for g, w in zip(tc, want2, strict=True):
         _same_bits(g, w)
+    gids = np.array([0, 6, 6, 2, 8], np.int32)  # repeats allowed
+    _same_bits(tf.gather_blocks(tc, T(gids)), ref.gather_blocks_reference(want2, gids))
 
 
 def test_wide_views_only_where_aligned():

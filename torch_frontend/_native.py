@@ -659,6 +659,10 @@ def gather_blocks(buffer: torch.Tensor, caches, block_ids) -> None:
     if buffer.is_contiguous() and len(caches) == 1:
         torch.index_select(caches[0], 0, ids.to(caches[0].device), out=buffer[:, 0])
         return
+    if buffer.device.type == "cpu" and all(c.device.type == "cpu" for c in caches):
+        for i, c in enumerate(caches):  # straight into the strided buffer[:, i]
+            torch.index_select(c, 0, ids, out=buffer[:, i])
+        return
     stage = _staging(caches, ids.shape[0])
     for i, c in enumerate(caches):
         tmp = stage(c)
