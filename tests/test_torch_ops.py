@@ -613,3 +613,24 @@ def test_write_kv_device_path_reads_no_values_on_the_host():
     for cache in caches:
         _native._write_kv_no_sync(key, key, cache, cache, slots)
         _native.write_kv(key, key, cache, cache, slots)  # slots not on the host: the same
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "stacked_blocks", "heads_strided"])
+def test_write_kv_scatter_sources_with_strided_rows(layout):
+    """key/value and the scatter buffer with rows that are not contiguous (head_dim-major)."""
+    rng = np.random.default_rng(24)
+    kc = _random_bits(rng, (5, 4, 2, 8), "bfloat16", nan_every=3)
+    key = _random_bits(rng, (6, 2, 8), "bfloat16")
+    slots = np.array([3, -1, 17, 0, 9], np.int32)
+    want, _ = ref.write_kv_reference(key, key, kc, kc, slots)
+    tkey = T(np.ascontiguousarray(key.transpose(0, 2, 1))).transpose(1, 2)
+    assert not tkey.is_contiguous()
+    tk, tv = _layout(kc, layout)[0], _layout(kc, layout)[0]
+    tf.write_kv(tkey, tkey, tk, tv, T(slots))
+    _same_bits(tk, want)
+    _same_bits(tv, want)
+    buf = _random_bits(rng, (2, 1, 4, 2, 8), "bfloat16")
+    tbuf = T(np.ascontiguousarray(buf.transpose(0, 1, 2, 4, 3))).transpose(3, 4)
+    want2 = ref.scatter_blocks_reference([want], buf, np.array([4, 1], np.int32))
+    tf.scatter_blocks([tk], tbuf, T(np.array([4, 1], np.int32)))
+    _same_bits(tk, want2[0])

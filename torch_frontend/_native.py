@@ -527,12 +527,15 @@ def _wide(*rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def _index_copy(dst: torch.Tensor, ids: torch.Tensor, src: torch.Tensor) -> None:
     """dst[ids[i]] = src[i] along dim 0 (ids distinct), bit-exact."""
-    d2, s2 = _rows(dst), _rows(src)
-    if d2 is not None and s2 is not None and d2.dtype == s2.dtype:
-        d2, s2 = _wide(d2, s2)
-        d2.index_copy_(0, ids, s2)
-    else:
+    d2 = _rows(dst)
+    if d2 is None or d2.dtype != src.dtype:
         dst.index_copy_(0, ids, src)
+        return
+    s2 = _rows(src)
+    if s2 is None:  # rows of src not contiguous: a contiguous copy of them
+        s2 = src.reshape(src.shape[0], d2.shape[1])
+    d2, s2 = _wide(d2, s2)
+    d2.index_copy_(0, ids, s2)
 
 
 def _slot_rows(cache: torch.Tensor, slots: torch.Tensor):
