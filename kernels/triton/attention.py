@@ -174,13 +174,18 @@ def _p2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-def attention_config(num_q_heads: int, num_kv_heads: int, head_dim: int, decode: bool) -> dict:
-    """Tile sizes of one paged-attention launch (also used by the compile tests)."""
+def attention_config(num_q_heads: int, num_kv_heads: int, head_dim: int, decode: bool,
+                     itemsize: int = 2) -> dict:
+    """Tile sizes of one paged-attention launch (also used by the compile tests).
+
+    itemsize: bytes per element of q and the caches. float32 tiles hold twice the registers
+    of 16-bit ones: a 64-key tile at head_dim 80-128 spilled (ptxas, sm_90) and 32 keys do not.
+    """
     group = num_q_heads // num_kv_heads
     gp2 = _p2(group)
     block_d = max(16, _p2(head_dim))
     block_m = max(16, gp2) if decode else max(64, gp2)
-    block_n = 32 if block_d >= 256 else 64
+    block_n = 32 if block_d >= 256 or (itemsize >= 4 and block_d >= 128) else 64
     return {"GROUP": group, "GROUP_P2": gp2, "HEAD_DIM": head_dim, "BLOCK_D": block_d,
             "BLOCK_M": block_m, "BLOCK_N": block_n}
 
@@ -206,7 +211,8 @@ def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs, width = tables.shape
     decode = cu is None
-    cfg = attention_config(num_q_heads, num_kv_heads, head_dim, decode)
+    cfg = attention_config(num_q_heads, num_kv_heads, head_dim, decode,
+                           itemsize=max(q.element_size(), k_cache.element_size()))
     block_q = cfg["BLOCK_M"] // cfg["GROUP_P2"]
     if max_q is None:
         max_q = 1 if decode else num_tokens
