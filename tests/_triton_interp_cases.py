@@ -39,7 +39,7 @@ CASES = [  # grid, block_size, hq, hkv, head_dim, dtype, options, num_splits
     ("prefill_with_prefix", 8, 2, 2, 16, "bfloat16", {}, None),
     ("contexts", 1, 4, 2, 16, "float32", {"causal": False}, None),
     ("mixed", 16, 4, 4, 32, "float16", {"scale": 0.2, "logits_soft_cap": 1.5}, None),
-    ("mixed", 8, 4, 2, 128, "float32", {}, None),  # float32 at head_dim 128: 32-key tiles
+    ("mixed", 8, 4, 2, 128, "float32", {}, None),  # float32 prefill tiles: 32 rows
 ]
 
 

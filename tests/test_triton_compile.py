@@ -1,7 +1,9 @@
 """Every Triton kernel variant compiled for sm_80 and sm_90 with no GPU present
 (``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``): catches GPU-only
-errors the interpreter misses, and records shared memory and register use (printed; run with
--s to see the table)."""
+errors the interpreter misses, and records shared memory, register and stack (spill) use
+(printed; run with -s to see the table). Each variant is specialized as the JIT specializes a
+launch on contiguous torch tensors (unit strides constant, aligned pointers), so the figures are
+those of the kernels that run."""
 
 from __future__ import annotations
 
@@ -63,6 +65,20 @@ def _resources(cubin: bytes) -> dict[str, int]:
     return out
 
 
+#: Attention strides that are 1 for tensors contiguous in head_dim (and lse [T, H]).
+UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_lh")
+#: Strides that are multiples of head_dim (a multiple of 16 at every compiled head_dim).
+ALIGNED_STRIDES = ("stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb",
+                   "stride_vt", "stride_vh", "stride_ot", "stride_oh")
+
+
+def _jit_attrs(fn, sig: dict) -> dict:
+    """The divisibility hints the JIT gives a launch on torch tensors: 16-byte aligned data
+    pointers and strides that are multiples of 16 elements."""
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+            if sig[name] != "constexpr" and (name.endswith("_ptr") or name in ALIGNED_STRIDES)}
+
+
 def _attention_variant(dtype, head_dim, num_q_heads, num_kv_heads, decode, causal, window,
                        soft_cap, splits):
     cfg = tattn.attention_config(num_q_heads, num_kv_heads, head_dim, decode,
@@ -71,6 +87,8 @@ def _attention_variant(dtype, head_dim, num_q_heads, num_kv_heads, decode, causa
     cx = dict(cfg, BLOCK_SIZE=16, DECODE=decode, CAUSAL=causal, WINDOW=window,
               SOFT_CAP=soft_cap, NUM_SPLITS=splits, UPCAST=upcast,
               DOT_PREC="ieee" if upcast else "tf32")
+    # As the JIT specializes a launch on contiguous tensors: unit strides become constants
+    cx.update({name: 1 for name in UNIT_STRIDES})
     out_t = "*fp32" if splits > 1 else PTR[dtype]
     ptrs = {"tables_ptr": "*i32", "kv_lens_ptr": "*i32", "cu_ptr": "*i32", "out_ptr": out_t,
             "lse_ptr": "*fp32"}
@@ -114,7 +132,8 @@ VARIANTS = {
 def test_compiles_for_gpu(name, cc, record_property):
     fn, cx, ptrs, default_ptr, *warps = VARIANTS[name]
     sig = _signature(fn, cx, ptrs, default_ptr)
-    kernel = triton.compile(ASTSource(fn, sig, cx), target=GPUTarget("cuda", cc, 32),
+    kernel = triton.compile(ASTSource(fn, sig, cx, _jit_attrs(fn, sig)),
+                            target=GPUTarget("cuda", cc, 32),
                             options={"num_warps": warps[0] if warps else 4})
     assert kernel.asm["cubin"], "no cubin produced"
     shared = kernel.metadata.shared
@@ -122,9 +141,7 @@ def test_compiles_for_gpu(name, cc, record_property):
     regs, stack = res.get("REG", "?"), res.get("STACK", "?")
     limit = 227 * 1024 if cc == 90 else 163 * 1024
     assert shared <= limit, f"{name}: {shared} bytes of shared memory > {limit} on sm_{cc}"
-    # the lent GPUs are H100s: no variant may spill there (sm_80 spills of a few dozen bytes
-    # in the widest prefill tiles are reported, not refused)
-    assert cc != 90 or stack in (0, "?"), f"{name}: {stack} bytes of stack (spills) on sm_90"
+    assert stack in (0, "?"), f"{name}: {stack} bytes of stack (register spills) on sm_{cc}"
     record_property("shared_bytes", shared)
     record_property("registers", regs)
     record_property("stack_bytes", stack)

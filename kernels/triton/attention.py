@@ -178,14 +178,15 @@ def attention_config(num_q_heads: int, num_kv_heads: int, head_dim: int, decode:
                      itemsize: int = 2) -> dict:
     """Tile sizes of one paged-attention launch (also used by the compile tests).
 
-    itemsize: bytes per element of q and the caches. float32 tiles hold twice the registers
-    of 16-bit ones: a 64-key tile at head_dim 80-128 spilled (ptxas, sm_90) and 32 keys do not.
+    itemsize: bytes per element of q and the caches. float32 prefill tiles of 64 rows spilled
+    on sm_90 at head_dim 80-128 (600 B to 8 KB of stack per thread, for 32 or 64 keys);
+    32 rows x 64 keys compile to 114 registers and no stack on sm_80 and sm_90.
     """
     group = num_q_heads // num_kv_heads
     gp2 = _p2(group)
     block_d = max(16, _p2(head_dim))
-    block_m = max(16, gp2) if decode else max(64, gp2)
-    block_n = 32 if block_d >= 256 or (itemsize >= 4 and block_d >= 128) else 64
+    block_m = max(16, gp2) if decode else max(32 if itemsize >= 4 else 64, gp2)
+    block_n = 32 if block_d >= 256 else 64
     return {"GROUP": group, "GROUP_P2": gp2, "HEAD_DIM": head_dim, "BLOCK_D": block_d,
             "BLOCK_M": block_m, "BLOCK_N": block_n}
 
