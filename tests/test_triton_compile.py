@@ -147,3 +147,14 @@ def test_compiles_for_gpu(name, cc, record_property):
     record_property("stack_bytes", stack)
     print(f"\n{name} sm_{cc}: shared {shared} B, registers {regs}, stack {stack} B, "
           f"warps {kernel.metadata.num_warps}")
+
+
+def test_split_kv_factor_follows_the_sm_count():
+    # 2 sequences x 8 kv heads = 16 programs: split to fill ~2 programs per SM, at most 16
+    # splits and at least 512 keys per split; no split once the programs fill the SMs
+    assert tattn.num_kv_splits(2, 8, 8192, True, sms=132) == 16
+    assert tattn.num_kv_splits(2, 8, 8192, True, sms=64) == 8
+    assert tattn.num_kv_splits(2, 8, 2048, True, sms=132) == 4
+    assert tattn.num_kv_splits(20, 8, 8192, True, sms=132) == 1
+    assert tattn.num_kv_splits(2, 8, 8192, False, sms=132) == 1
+    assert tattn.sm_count(None) == 132  # no device to ask: an H100's

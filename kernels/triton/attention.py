@@ -15,6 +15,7 @@ interpreter computes low-precision dots wrongly.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -26,8 +27,16 @@ from ._interp import patch_interpreter
 patch_interpreter()
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-#: SMs of an H100: split-KV when seqs x kv heads leave most of them idle.
+#: SMs assumed where no CUDA device can be asked (the interpreter): an H100's.
 _SMS = 132
+
+
+@functools.cache
+def sm_count(device_index: int | None) -> int:
+    """Multiprocessors of a CUDA device (a host-side property query: no sync, graph-safe)."""
+    if device_index is None or not torch.cuda.is_available():
+        return _SMS
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @triton.jit
@@ -196,14 +205,16 @@ def attention_warps(head_dim: int, decode: bool) -> int:
     return 8 if head_dim > 64 else 4
 
 
-def num_kv_splits(num_seqs: int, num_kv_heads: int, max_kv: int, decode: bool) -> int:
-    """Split-KV factor from static sizes only (no host sync): long contexts, few programs."""
+def num_kv_splits(num_seqs: int, num_kv_heads: int, max_kv: int, decode: bool,
+                  sms: int = _SMS) -> int:
+    """Split-KV factor from static sizes only (no host sync): long contexts, few programs
+    (seqs x kv heads leave most of the ``sms`` multiprocessors idle)."""
     if not decode or max_kv < 1024:
         return 1
     programs = num_seqs * num_kv_heads
-    if programs >= _SMS:
+    if programs >= sms:
         return 1
-    return int(max(1, min(16, _SMS * 2 // max(programs, 1), max_kv // 512)))
+    return int(max(1, min(16, sms * 2 // max(programs, 1), max_kv // 512)))
 
 
 def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal, window,
@@ -219,7 +230,8 @@ def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal
         max_q = 1 if decode else num_tokens
     tiles = triton.cdiv(max(max_q, 1), block_q)
     if num_splits is None:
-        num_splits = num_kv_splits(num_seqs, num_kv_heads, width * block_size, decode)
+        num_splits = num_kv_splits(num_seqs, num_kv_heads, width * block_size, decode,
+                                   sm_count(q.device.index if q.is_cuda else None))
     upcast = INTERPRET or q.dtype == torch.float32
     if num_splits > 1:
         part_o = torch.empty((num_splits, num_tokens, num_q_heads, head_dim),
