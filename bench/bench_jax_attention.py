@@ -78,18 +78,21 @@ def test_decode_8x4096(benchmark, machine_limits, impl, dtype):
 SP_SEQS, SP_PREFIX, SP_OWN = 32, 2048, 128
 
 
-def _shared_inputs(dtype="float32"):
+def _shared_inputs(dtype="float32", num_prefixes=1):
+    """SP_SEQS decode sequences split evenly over num_prefixes prefixes of SP_PREFIX tokens,
+    SP_OWN own tokens each: the cascade inputs and the same batch as plain paged inputs."""
     rng = np.random.default_rng(1)
     pb, ob = SP_PREFIX // BS, SP_OWN // BS
-    k, v = _cache(rng, pb + SP_SEQS * ob, dtype)
-    ids = rng.permutation(pb + SP_SEQS * ob).astype(np.int32)
-    prefix_tables = ids[:pb][None, :]
-    own = ids[pb:].reshape(SP_SEQS, ob)
+    k, v = _cache(rng, num_prefixes * pb + SP_SEQS * ob, dtype)
+    ids = rng.permutation(num_prefixes * pb + SP_SEQS * ob).astype(np.int32)
+    prefix_tables = ids[:num_prefixes * pb].reshape(num_prefixes, pb)
+    own = ids[num_prefixes * pb:].reshape(SP_SEQS, ob)
+    pid = np.repeat(np.arange(num_prefixes, dtype=np.int32), SP_SEQS // num_prefixes)
     q = jnp.asarray(rng.standard_normal((SP_SEQS, HQ, D), dtype=np.float32)).astype(dtype)
-    shared = (q, k, v, jnp.asarray(prefix_tables), jnp.asarray([SP_PREFIX], jnp.int32),
-              jnp.zeros((SP_SEQS,), jnp.int32), jnp.asarray(own),
-              jnp.full((SP_SEQS,), SP_OWN, jnp.int32))
-    full_tables = np.concatenate([np.repeat(prefix_tables, SP_SEQS, 0), own], axis=1)
+    shared = (q, k, v, jnp.asarray(prefix_tables),
+              jnp.full((num_prefixes,), SP_PREFIX, jnp.int32), jnp.asarray(pid),
+              jnp.asarray(own), jnp.full((SP_SEQS,), SP_OWN, jnp.int32))
+    full_tables = np.concatenate([prefix_tables[pid], own], axis=1)
     paged = (q, k, v, jnp.asarray(full_tables), jnp.full((SP_SEQS,), SP_PREFIX + SP_OWN,
                                                          jnp.int32))
     return shared, paged
@@ -112,6 +115,21 @@ def test_shared_prefix_32x2048(benchmark, machine_limits, impl):
     # the shared path is bound by its dots: the fraction of the measured sgemm rate it reaches
     benchmark.extra_info["matmul_fraction"] = round(
         flops / benchmark.stats.stats.mean / 1e9 / machine_limits["matmul_gflops"], 4)
+
+
+@pytest.mark.parametrize("impl", ["shared_prefix_attention", "paged_attention"])
+def test_shared_prefix_4x8x2048(benchmark, machine_limits, impl):
+    benchmark.group = "jax shared prefix 4 prefixes x 8 x (2048 + 128) decode f32"
+    shared, paged = _shared_inputs(num_prefixes=4)
+    if impl == "shared_prefix_attention":
+        fn, args = jax.jit(jf.shared_prefix_attention), shared
+        nbytes = 2 * (4 * SP_PREFIX + SP_SEQS * SP_OWN) * HKV * D * 4
+    else:
+        fn, args = jax.jit(jf.paged_attention), paged
+        nbytes = 2 * SP_SEQS * (SP_PREFIX + SP_OWN) * HKV * D * 4
+    _run(benchmark, fn, args, rounds=10)
+    flops = 4 * SP_SEQS * HQ * (SP_PREFIX + SP_OWN) * D
+    record(benchmark, machine_limits, nbytes=nbytes, flops=flops, impl=impl)
 
 
 # ----------------------------------- prefill: 512 new tokens over 4096 cached, vs recompute

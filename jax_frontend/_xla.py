@@ -10,11 +10,12 @@ q heads of the group stacked as rows (GQA: each K/V block is read once per tile)
 online softmax in float32. The loop runs as many steps as the longest tile needs, so there is
 no host sync and every shape is static.
 
-Cascade (shared-prefix) attention has two fast paths, chosen from static shapes only:
-one prefix (:func:`single_prefix_attention`: every token against the prefix, two big dots
-per kv head, no sort) and decode over short own KV (:func:`short_decode_attention`: each
-sequence's whole own KV at once). Anything else (several prefixes, prefill own parts, long
-own KV, a Pallas ``attention_fn``) takes the generic ragged loop.
+Cascade (shared-prefix) attention has fast paths, chosen from static shapes only: one prefix
+(:func:`single_prefix_attention`: every token against the prefix, two big dots per kv head,
+no sort), several prefixes (:func:`multi_prefix_attention`: the same per prefix, on windows
+of its sorted tokens) and decode over short own KV (:func:`short_decode_attention`: each
+sequence's whole own KV at once). Anything else (prefill own parts, long own KV, a Pallas
+``attention_fn``) takes the generic ragged loop.
 
 Functions here take validated arguments and static Python config; the public ops in
 :mod:`prefixkv.jax_frontend` validate and dispatch.
@@ -379,6 +380,78 @@ def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_pr
             lse.reshape(num_tokens, num_q_heads))
 
 
+def _multi_prefix_q_tile(num_tokens: int, num_prefixes: int, group: int,
+                         max_prefix_blocks: int, block_size: int) -> int:
+    """Static query tokens per step of :func:`multi_prefix_attention` (0: path not suited):
+    the average tokens per prefix rounded up to a power of two, halved until a step's score
+    tile fits as in :func:`single_prefix_attention`."""
+    tile = min(1 << (max(-(-num_tokens // max(num_prefixes, 1)), 1) - 1).bit_length(),
+               max(num_tokens, 1))
+    while tile > 1 and not _single_prefix_chunk_blocks(tile * group, max_prefix_blocks,
+                                                       block_size):
+        tile //= 2
+    return tile if _single_prefix_chunk_blocks(tile * group, max_prefix_blocks,
+                                               block_size) else 0
+
+
+def multi_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, tok_pid, *,
+                           scale: float, logits_soft_cap: float | None = None,
+                           q_tile: int | None = None):
+    """Non-causal attention of each query token over its prefix; returns (out f32, lse f32).
+
+    q: [num_tokens, num_q_heads, head_dim]; prefix_block_tables i32[num_prefixes,
+    max_prefix_blocks]; prefix_lens i32[num_prefixes]; tok_pid i32[num_tokens], the prefix of
+    each token (num_prefixes: none, out 0 and lse -inf).
+
+    Cascade attention over several prefixes: the tokens are sorted by prefix, and each prefix
+    (a ``fori_loop``) runs :func:`single_prefix_attention` on windows of ``q_tile`` of its
+    sorted tokens (a ``while_loop``: as many windows as it has tokens, most prefixes one), so
+    each prefix's KV is read once per window with all its tokens' q heads as the rows of two
+    big dots per kv head. Rows of a window past the prefix's tokens are computed as "no
+    prefix"; windows run in sorted order, so a later window rewrites them.
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_prefixes, max_blocks = prefix_block_tables.shape
+    group = num_q_heads // k_cache.shape[2]
+    if q_tile is None:
+        q_tile = _multi_prefix_q_tile(num_tokens, num_prefixes, group, max_blocks,
+                                      k_cache.shape[1]) or 1
+    tok_pid = tok_pid.astype(jnp.int32)
+    order = jnp.argsort(tok_pid, stable=True).astype(jnp.int32)
+    counts = jnp.zeros((num_prefixes + 1,), jnp.int32).at[tok_pid].add(1)[:num_prefixes]
+    starts = jnp.cumsum(counts) - counts
+    # q_tile rows of padding: a window starting at a prefix's last token stays in bounds
+    qs = jnp.pad(jnp.take(q, order, axis=0), ((0, q_tile), (0, 0), (0, 0)))
+    rows = jnp.arange(q_tile, dtype=jnp.int32)
+    lens = prefix_lens.astype(jnp.int32)
+
+    def prefix_body(p, carry):
+        def window(state):
+            c, out, lse = state
+            lo = starts[p] + c * q_tile
+            live = c * q_tile + rows < counts[p]
+            o, lg = single_prefix_attention(
+                lax.dynamic_slice_in_dim(qs, lo, q_tile, 0), k_cache, v_cache,
+                prefix_block_tables[p], lens[p], live, scale=scale,
+                logits_soft_cap=logits_soft_cap)
+            # rows past this prefix's tokens get out 0, lse -inf: they belong to a later
+            # window or prefix (written after this one) or to tokens of no prefix (whose
+            # result that is), so the whole window is written
+            return (c + 1, lax.dynamic_update_slice_in_dim(out, o, lo, 0),
+                    lax.dynamic_update_slice_in_dim(lse, lg, lo, 0))
+
+        _, out, lse = lax.while_loop(lambda st: st[0] * q_tile < counts[p], window,
+                                     (jnp.int32(0), *carry))
+        return out, lse
+
+    out = jnp.zeros((num_tokens + q_tile, num_q_heads, head_dim), jnp.float32)
+    lse = jnp.full((num_tokens + q_tile, num_q_heads), -jnp.inf, jnp.float32)
+    out, lse = lax.fori_loop(0, num_prefixes, prefix_body, (out, lse))
+    inv = jnp.zeros((num_tokens,), jnp.int32).at[order].set(
+        jnp.arange(num_tokens, dtype=jnp.int32))
+    return jnp.take(out, inv, axis=0), jnp.take(lse, inv, axis=0)
+
+
 #: Longest own KV (max_blocks_per_seq * block_size) for which the own part of a decode batch
 #: is read whole per sequence (:func:`short_decode_attention`); longer: the generic loop.
 SHORT_DECODE_MAX_TOKENS = 512
@@ -499,6 +572,14 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
         pre_out, pre_lse = single_prefix_attention(
             q, k_cache, v_cache, prefix_block_tables[0], prefix_lens[0], tok_pid == 0,
             scale=scale, logits_soft_cap=logits_soft_cap)
+        return merge_attention_states(own_out, own_lse, pre_out, pre_lse)
+    if (attention_fn is None and prefix_block_tables.shape[1] > 0
+            and _multi_prefix_q_tile(num_tokens, num_prefixes, group,
+                                     prefix_block_tables.shape[1], k_cache.shape[1])):
+        # several prefixes (chosen statically): per prefix, windows of its sorted tokens
+        pre_out, pre_lse = multi_prefix_attention(
+            q, k_cache, v_cache, prefix_block_tables, prefix_lens, tok_pid, scale=scale,
+            logits_soft_cap=logits_soft_cap)
         return merge_attention_states(own_out, own_lse, pre_out, pre_lse)
     # tokens sorted by prefix id
     order = jnp.argsort(tok_pid, stable=True).astype(jnp.int32)

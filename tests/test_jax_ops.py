@@ -209,6 +209,68 @@ def test_single_prefix_attention_chunks(chunk_blocks):
     _close_lse(lse, want_lse)
 
 
+# several prefixes: the multi-prefix fast path (windows of each prefix's sorted tokens)
+MULTI_PREFIX_CASES = {
+    # prefix 2 has no token, prefix 1 holds most tokens, one token has no prefix
+    "decode": ([2, 3, 1], [(1, 1, 5), (0, 1, 3), (1, 1, 16), (-1, 1, 2), (1, 1, 1),
+                           (1, 1, 9)], {}),
+    "ragged_softcap": ([3, 1], [(1, 3, 5), (0, 0, 0), (-1, 2, 3), (0, 9, 9), (1, 1, 4)],
+                       dict(logits_soft_cap=4.0)),
+    "empty_prefix": ([0, 2], [(0, 1, 3), (1, 1, 2), (0, 1, 5)], {}),
+}
+
+
+@pytest.mark.parametrize("case", list(MULTI_PREFIX_CASES))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_shared_prefix_attention_multi_prefix(case, dtype, monkeypatch):
+    from prefixkv.jax_frontend import _xla
+
+    calls = []
+    real = _xla.multi_prefix_attention
+    monkeypatch.setattr(_xla, "multi_prefix_attention",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    rng = np.random.default_rng(14)
+    prefix_blocks, seqs, kw = MULTI_PREFIX_CASES[case]
+    batch = testing.make_shared_prefix_batch(rng, prefix_blocks, seqs, num_q_heads=8,
+                                             num_kv_heads=2, block_size=8, dtype=dtype)
+    batch.prefix_block_tables = np.pad(batch.prefix_block_tables, ((0, 0), (0, 2)),
+                                       constant_values=_nan_block(batch))
+    want, want_lse = ref.shared_prefix_attention_reference(*batch.args(), return_lse=True, **kw)
+    out, lse = jf.shared_prefix_attention(*batch.args(), return_lse=True, **kw)
+    assert calls, "the multi-prefix path was not taken"
+    _close(out, want, dtype)
+    _close_lse(lse, want_lse)
+
+
+@pytest.mark.parametrize("q_tile", [1, 2, 3])
+def test_multi_prefix_attention_windows(q_tile):
+    """Windows smaller than a prefix's tokens (several per prefix, the last one crossing into
+    the next prefix's tokens, which it must not write), each against the reference."""
+    from prefixkv.jax_frontend import _xla
+
+    rng = np.random.default_rng(15)
+    seqs = [(1, 2, 3), (0, 1, 2), (-1, 1, 2), (1, 4, 7), (2, 1, 1), (0, 3, 4)]
+    batch = testing.make_shared_prefix_batch(rng, [3, 2, 1], seqs, num_q_heads=6,
+                                             num_kv_heads=3, block_size=4)
+    q_lens = np.diff(batch.cu_q_lens)
+    tok_pid = np.repeat(np.where(batch.prefix_ids < 0, 3, batch.prefix_ids), q_lens)
+    out, lse = jax.jit(lambda q, k, v, t, n, p: _xla.multi_prefix_attention(
+        q, k, v, t, n, p, scale=0.7, logits_soft_cap=3.0, q_tile=q_tile))(
+        batch.q, batch.k_cache, batch.v_cache, batch.prefix_block_tables, batch.prefix_lens,
+        tok_pid.astype(np.int32))
+    has = tok_pid < 3
+    pid = np.where(has, tok_pid, 0)
+    # the prefix part alone: each token's non-causal attention over its prefix
+    want, want_lse = ref.paged_attention_reference(
+        batch.q, batch.k_cache, batch.v_cache, batch.prefix_block_tables[pid],
+        batch.prefix_lens[pid], np.arange(len(pid) + 1, dtype=np.int32), scale=0.7,
+        causal=False, logits_soft_cap=3.0, return_lse=True)
+    want = np.where(has[:, None, None], want, 0.0)
+    want_lse = np.where(has[:, None], want_lse, -np.inf)
+    _close(out, want, "float32")
+    _close_lse(lse, want_lse)
+
+
 @pytest.mark.parametrize("seqs_per_step", [1, 3, None])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_short_decode_attention(seqs_per_step, dtype):
