@@ -165,22 +165,6 @@ SINGLE_PREFIX_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(SINGLE_PREFIX_CASES))
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_shared_prefix_attention_single_prefix(case, dtype):
-    rng = np.random.default_rng(11)
-    prefix_blocks, seqs, kw = SINGLE_PREFIX_CASES[case]
-    batch = testing.make_shared_prefix_batch(rng, prefix_blocks, seqs, num_q_heads=8,
-                                             num_kv_heads=2, block_size=8, dtype=dtype)
-    # a table wider than the prefix, padded with a NaN block: never read as a key
-    batch.prefix_block_tables = np.pad(batch.prefix_block_tables, ((0, 0), (0, 2)),
-                                       constant_values=_nan_block(batch))
-    want, want_lse = ref.shared_prefix_attention_reference(*batch.args(), return_lse=True, **kw)
-    out, lse = jf.shared_prefix_attention(*batch.args(), return_lse=True, **kw)
-    _close(out, want, dtype)
-    _close_lse(lse, want_lse)
-
-
 @pytest.mark.parametrize("chunk_blocks", [1, 2, 3])
 def test_single_prefix_attention_chunks(chunk_blocks):
     """Several online-softmax steps, the last one partial, each against the reference."""
@@ -220,24 +204,30 @@ MULTI_PREFIX_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(MULTI_PREFIX_CASES))
+FAST_PATH_CASES = {**{f"single_{n}": ("single_prefix_attention", c)
+                      for n, c in SINGLE_PREFIX_CASES.items()},
+                   **{f"multi_{n}": ("multi_prefix_attention", c)
+                      for n, c in MULTI_PREFIX_CASES.items()}}
+
+
+@pytest.mark.parametrize("case", list(FAST_PATH_CASES))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_shared_prefix_attention_multi_prefix(case, dtype, monkeypatch):
+def test_shared_prefix_attention_fast_paths(case, dtype, monkeypatch):
     from prefixkv.jax_frontend import _xla
 
+    path, (prefix_blocks, seqs, kw) = FAST_PATH_CASES[case]
     calls = []
-    real = _xla.multi_prefix_attention
-    monkeypatch.setattr(_xla, "multi_prefix_attention",
-                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    rng = np.random.default_rng(14)
-    prefix_blocks, seqs, kw = MULTI_PREFIX_CASES[case]
+    real = getattr(_xla, path)
+    monkeypatch.setattr(_xla, path, lambda *a, **k: calls.append(1) or real(*a, **k))
+    rng = np.random.default_rng(11)
     batch = testing.make_shared_prefix_batch(rng, prefix_blocks, seqs, num_q_heads=8,
                                              num_kv_heads=2, block_size=8, dtype=dtype)
+    # tables wider than the prefixes, padded with a NaN block: never read as a key
     batch.prefix_block_tables = np.pad(batch.prefix_block_tables, ((0, 0), (0, 2)),
                                        constant_values=_nan_block(batch))
     want, want_lse = ref.shared_prefix_attention_reference(*batch.args(), return_lse=True, **kw)
     out, lse = jf.shared_prefix_attention(*batch.args(), return_lse=True, **kw)
-    assert calls, "the multi-prefix path was not taken"
+    assert calls, f"{path} was not taken"
     _close(out, want, dtype)
     _close_lse(lse, want_lse)
 
