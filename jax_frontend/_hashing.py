@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ..paged.hashing import host_supports, kernel_supports
 from ..paged.reference.hashing import (
     BLOCK_LEN,
     CHUNK_END,
@@ -46,26 +47,6 @@ from ..paged.reference.hashing import (
 )
 from ..paged.registry import Backend, Registry
 from ..paged.validate import check_hash_blocks, check_hash_blocks_values, value_checks_enabled
-
-#: Largest message the one-chunk kernels hash: one BLAKE3 chunk.
-MAX_KERNEL_MESSAGE_BYTES = CHUNK_LEN
-
-
-def message_words(block_size: int, has_extra: bool) -> int:
-    """u32 words of one block's message: 8 (parent) + block_size (tokens) + 4 (extra)."""
-    return 8 + block_size + (4 if has_extra else 0)
-
-
-def kernel_supports(block_size: int, has_extra: bool = False, **_) -> tuple[bool, str]:
-    """Whether a one-chunk kernel hashes this block size (message <= 1024 bytes)."""
-    nbytes = 4 * message_words(block_size, has_extra)
-    if nbytes > MAX_KERNEL_MESSAGE_BYTES:
-        limit = (MAX_KERNEL_MESSAGE_BYTES // 4) - 8 - (4 if has_extra else 0)
-        return False, (f"block_size={block_size} gives a {nbytes}-byte message, over one "
-                       f"BLAKE3 chunk (1024 bytes): block_size <= {limit} "
-                       f"{'with' if has_extra else 'without'} extra")
-    return True, ""
-
 
 # ------------------------------------------------------------- lane-parallel BLAKE3 in jnp
 #
@@ -210,7 +191,7 @@ HASH_BLOCKS_BACKENDS.register(Backend(
     impl="prefixkv.jax_frontend._hashing:_run_xla",
     doc="jnp uint32 ops, all sequences' chains as vector lanes; any block size"))
 HASH_BLOCKS_BACKENDS.register(Backend(
-    name="host", platforms=("cpu",), priority=5, supports=lambda **_: _host_supports(),
+    name="host", platforms=("cpu",), priority=5, supports=host_supports,
     impl="prefixkv.jax_frontend._hashing:_run_host",
     doc="the compiled C chain of prefixkv.kernels.cpu through jax.pure_callback (CPU only)"))
 HASH_BLOCKS_BACKENDS.register(Backend(
@@ -234,14 +215,6 @@ def _platform(tokens) -> str:
 def _run_xla(tok, cu, key, parents, extra, *, block_size, num_out, num_steps):
     del num_steps
     return hash_chain_xla(tok, cu, key, parents, extra, block_size=block_size, num_out=num_out)
-
-
-def _host_supports() -> tuple[bool, str]:
-    from ..kernels.cpu.hashing import load_extension
-
-    if load_extension() is None:
-        return False, "the C extension prefixkv.kernels.cpu._blake3 is not built"
-    return True, ""
 
 
 def _host_chain(tok, cu, key, parents, *extra, block_size: int, num_out: int) -> np.ndarray:

@@ -19,6 +19,7 @@ from .reference.hashing import (
     block_key,
     digests_to_words,
     hash_blocks_reference,
+    one_chunk_blocks,
     parent_words,
     words_to_digests,
 )
@@ -81,6 +82,25 @@ def host_backend() -> str:
     except ImportError:
         return "reference"
     return "blake3"
+
+
+def kernel_supports(block_size: int, has_extra: bool = False, **_) -> tuple[bool, str]:
+    """Backend-registry check of the one-chunk device kernels (see
+    :func:`~prefixkv.paged.reference.hashing.one_chunk_blocks`)."""
+    try:
+        one_chunk_blocks(block_size, has_extra)
+    except ValueError as e:
+        return False, str(e)
+    return True, ""
+
+
+def host_supports(**_) -> tuple[bool, str]:
+    """Backend-registry check of the compiled host chain."""
+    from prefixkv.kernels.cpu.hashing import load_extension
+
+    if load_extension() is None:
+        return False, "the C extension prefixkv.kernels.cpu._blake3 is not built"
+    return True, ""
 
 
 @functools.lru_cache(maxsize=256)

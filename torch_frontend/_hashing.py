@@ -27,6 +27,7 @@ import struct
 import numpy as np
 import torch
 
+from ..paged.hashing import host_supports, kernel_supports
 from ..paged.reference.hashing import (
     BLOCK_LEN,
     CHUNK_END,
@@ -44,17 +45,6 @@ from ..paged.registry import Backend, Registry
 from ..paged.validate import check_hash_blocks, check_hash_blocks_values, value_checks_enabled
 
 MASK = 0xFFFFFFFF
-
-
-def kernel_supports(block_size: int, has_extra: bool = False, **_) -> tuple[bool, str]:
-    """Whether a one-chunk kernel hashes this block size (message <= 1024 bytes)."""
-    words = 8 + block_size + (4 if has_extra else 0)
-    if 4 * words > CHUNK_LEN:
-        limit = CHUNK_LEN // 4 - 8 - (4 if has_extra else 0)
-        return False, (f"block_size={block_size} gives a {4 * words}-byte message, over one "
-                       f"BLAKE3 chunk (1024 bytes): block_size <= {limit} "
-                       f"{'with' if has_extra else 'without'} extra")
-    return True, ""
 
 
 # ----------------------------------------------- lane-parallel BLAKE3 in torch (int64 lanes)
@@ -198,14 +188,6 @@ def _run_host(tok, cu_host, boff, parents, extra, key, out, *, block_size, num_s
     return out
 
 
-def _host_supports(**_) -> tuple[bool, str]:
-    from ..kernels.cpu.hashing import load_extension
-
-    if load_extension() is None:
-        return False, "the C extension prefixkv.kernels.cpu._blake3 is not built"
-    return True, ""
-
-
 def _run_triton(tok, cu_host, boff, parents, extra, key, out, *, block_size, num_steps):
     from ..kernels.triton.hashing import hash_blocks_triton
 
@@ -236,7 +218,7 @@ HASH_BLOCKS_BACKENDS.register(Backend(
     "cuda", ("cuda",), _run_cuda, priority=15, requires=("cupy",), supports=kernel_supports,
     doc="CUDA C BLAKE3 chain kernel (CuPy RawModule), one thread per sequence"))
 HASH_BLOCKS_BACKENDS.register(Backend(
-    "host", ("cpu",), _run_host, priority=10, supports=_host_supports,
+    "host", ("cpu",), _run_host, priority=10, supports=host_supports,
     doc="the host fast path prefixkv.paged.hashing (compiled C / blake3)"))
 HASH_BLOCKS_BACKENDS.register(Backend(
     "torch", ("cpu", "cuda"), _run_torch, priority=0,

@@ -6,9 +6,10 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from ...paged.reference.hashing import one_chunk_blocks
+
 SOURCE = Path(__file__).with_name("blake3_hash.cu")
 KERNEL_NAME = "prefixkv_hash_blocks_v1"
-MAX_MESSAGE_WORDS = 256  # one 1024-byte BLAKE3 chunk
 
 
 @functools.lru_cache(maxsize=1)
@@ -20,11 +21,7 @@ def _kernel():
 
 
 def check_block_size(block_size: int, has_extra: bool) -> None:
-    words = 8 + block_size + (4 if has_extra else 0)
-    if words > MAX_MESSAGE_WORDS:
-        raise ValueError(f"block_size: {block_size} gives a {4 * words}-byte message, over one "
-                         f"BLAKE3 chunk (1024 bytes); the CUDA kernel supports block_size <= "
-                         f"{MAX_MESSAGE_WORDS - 8 - (4 if has_extra else 0)}")
+    one_chunk_blocks(block_size, has_extra, "the CUDA kernel")
 
 
 def hash_blocks_cuda(tok, cu, boff, parents, extra, key, out, *, block_size: int,

@@ -21,11 +21,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from ...paged.reference.hashing import (
+    CHUNK_END,
+    CHUNK_START,
+    IV,
+    KEYED_HASH,
+    MSG_PERMUTATION,
+    ROOT,
+    one_chunk_blocks,
+)
+
 LANES = 128
-KEYED_HASH, CHUNK_START, CHUNK_END, ROOT = 16, 1, 2, 8
-IV = (0x6A09E667, 0xBB67AE85, 0x3C6EF372, 0xA54FF53A)
-MSG_PERMUTATION = (2, 6, 3, 10, 7, 0, 4, 13, 1, 11, 12, 5, 9, 14, 15, 8)
-MAX_MESSAGE_WORDS = 256
 
 
 def _i32(c: int) -> int:
@@ -55,7 +61,7 @@ def _compress(cv, m, block_len: int, flags: int):
     The 7 rounds run as a loop whose carry holds the message rows; the message permutation is
     a static reordering of the carried rows, so the traced body is one round."""
     like = cv[0]
-    v = tuple(cv) + tuple(jnp.full_like(like, _i32(c)) for c in IV) + (
+    v = tuple(cv) + tuple(jnp.full_like(like, _i32(c)) for c in IV[:4]) + (
         jnp.zeros_like(like), jnp.zeros_like(like), jnp.full_like(like, block_len),
         jnp.full_like(like, flags))
 
@@ -100,13 +106,7 @@ def _chain_kernel(nb_ref, key_ref, parent_ref, msg_ref, out_ref, h_ref, *, nblk:
 
 def check_block_size(block_size: int, has_extra: bool) -> tuple[int, int]:
     """(nblk, last_len) of a message; raises for messages over one chunk."""
-    words = 8 + block_size + (4 if has_extra else 0)
-    if words > MAX_MESSAGE_WORDS:
-        raise ValueError(f"block_size: {block_size} gives a {4 * words}-byte message, over one "
-                         f"BLAKE3 chunk (1024 bytes); the Pallas kernel supports block_size <= "
-                         f"{MAX_MESSAGE_WORDS - 8 - (4 if has_extra else 0)}")
-    nblk = -(-words // 16)
-    return nblk, 4 * (words - 16 * (nblk - 1))
+    return one_chunk_blocks(block_size, has_extra, "the Pallas kernel")
 
 
 def chain_call(nb, key, parents, msg, *, nblk: int, last_len: int, interpret=False):

@@ -13,12 +13,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ...paged.reference.hashing import one_chunk_blocks
+
 # BLAKE3 domain flags and IV (the SHA-256 IV), from the BLAKE3 specification.
 KEYED_HASH = tl.constexpr(16)
 CHUNK_START = tl.constexpr(1)
 CHUNK_END = tl.constexpr(2)
 ROOT = tl.constexpr(8)
-MAX_MESSAGE_WORDS = 256  # one 1024-byte chunk
 
 
 @triton.jit
@@ -219,13 +220,7 @@ def _hash_blocks_kernel(tok_ptr, cu_ptr, boff_ptr, parent_ptr, ext_ptr, key_ptr,
 
 def launch_geometry(block_size: int, has_extra: bool) -> tuple[int, int]:
     """(NBLK, LAST_LEN): 64-byte BLAKE3 blocks per message and the last one's length."""
-    words = 8 + block_size + (4 if has_extra else 0)
-    if words > MAX_MESSAGE_WORDS:
-        raise ValueError(f"block_size: {block_size} gives a {4 * words}-byte message, over one "
-                         f"BLAKE3 chunk (1024 bytes); the Triton kernel supports block_size <= "
-                         f"{MAX_MESSAGE_WORDS - 8 - (4 if has_extra else 0)}")
-    nblk = -(-words // 16)
-    return nblk, 4 * (words - 16 * (nblk - 1))
+    return one_chunk_blocks(block_size, has_extra, "the Triton kernel")
 
 
 def hash_blocks_triton(tok, cu, boff, parents, extra, key, out, *, block_size: int,

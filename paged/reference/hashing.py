@@ -171,6 +171,22 @@ def _block_key_cached(salt: bytes) -> bytes:
     return derive_key(PREFIXKV_V1_CONTEXT, salt)
 
 
+def one_chunk_blocks(block_size: int, has_extra: bool,
+                     kernel: str = "a one-chunk kernel") -> tuple[int, int]:
+    """(64-byte BLAKE3 blocks, bytes of the last one) of one block's message (8 parent words,
+    block_size tokens, 4 extra words) for the device kernels, which hash messages of one
+    1024-byte chunk; ValueError naming block_size (and ``kernel``) for a longer message."""
+    words = 8 + block_size + (4 if has_extra else 0)
+    if 4 * words > CHUNK_LEN:
+        limit = CHUNK_LEN // 4 - 8 - (4 if has_extra else 0)
+        raise ValueError(f"block_size: {block_size} gives a {4 * words}-byte message, over one "
+                         f"BLAKE3 chunk (1024 bytes); {kernel} supports block_size <= {limit}"
+                         f"{' with extra' if has_extra else ''}")
+    per_block = BLOCK_LEN // 4
+    nblk = -(-words // per_block)
+    return nblk, 4 * (words - per_block * (nblk - 1))
+
+
 def block_key(salt: str | bytes | None = None) -> bytes:
     """The 32-byte prefixkv-v1 key of a salt (namespace)."""
     return _block_key_cached(salt_bytes(salt))
