@@ -122,6 +122,41 @@ def kernel_tile_plan(kv_lens, cu_q_lens, *, num_tokens: int, num_tiles: int, q_t
             first_pos.astype(i32))
 
 
+def token_tiles(q, tok, num_kv_heads: int):
+    """The queries of every tile as the kernels' rows: q [num_tokens, Hq, D] and tok
+    [num_tiles, q_tile] (from :func:`kernel_tile_plan`) -> [num_tiles, Hkv, q_tile * G, D],
+    the G q heads of a kv head stacked per token (padding rows repeat the last token)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    nt, tq = tok.shape
+    group = num_q_heads // num_kv_heads
+    qt = jnp.take(q, jnp.minimum(tok, num_tokens - 1), axis=0)        # [nt, tq, Hq, D]
+    qt = qt.reshape(nt, tq, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
+    return qt.reshape(nt, num_kv_heads, tq * group, head_dim)
+
+
+def tiles_to_tokens(out, lse, tok, num_tokens: int, in_order: bool = False):
+    """Inverse of :func:`token_tiles` for the results: out [num_tiles, Hkv, q_tile * G, D],
+    lse [num_tiles, Hkv, q_tile * G] -> out [num_tokens, Hq, D], lse [num_tokens, Hq]; tokens
+    in no tile get out 0 and lse -inf. ``in_order``: tile i holds token i alone (decode), so
+    no scatter is needed."""
+    nt, num_kv_heads, rows, head_dim = out.shape
+    tq = tok.shape[1]
+    group = rows // tq
+    num_q_heads = num_kv_heads * group
+    out = out.reshape(nt, num_kv_heads, tq, group, head_dim).transpose(0, 2, 1, 3, 4)
+    out = out.reshape(nt * tq, num_q_heads, head_dim)
+    lse = lse.reshape(nt, num_kv_heads, tq, group).transpose(0, 2, 1, 3)
+    lse = lse.reshape(nt * tq, num_q_heads)
+    if in_order:
+        return out[:num_tokens], lse[:num_tokens]
+    flat = tok.reshape(-1)
+    out_full = jnp.zeros((num_tokens, num_q_heads, head_dim), out.dtype)
+    out_full = out_full.at[flat].set(out, mode="drop", unique_indices=True)
+    lse_full = jnp.full((num_tokens, num_q_heads), -jnp.inf, jnp.float32)
+    lse_full = lse_full.at[flat].set(lse, mode="drop", unique_indices=True)
+    return out_full, lse_full
+
+
 def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *,
                            scale: float, causal: bool = True, sliding_window: int | None = None,
                            logits_soft_cap: float | None = None, q_tile: int | None = None,
@@ -151,27 +186,15 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
     kv_lens = kv_lens.astype(jnp.int32)
     cu_q_lens = cu_q_lens.astype(jnp.int32)
 
-    seq, q_start, q_len, first_pos = _build_tiles(kv_lens, cu_q_lens, nt, tq)
-    r = jnp.arange(tq, dtype=jnp.int32)
-    row_ok = r[None, :] < q_len[:, None]                                   # [nt, tq]
-    tok = jnp.where(row_ok, q_start[:, None] + r[None, :], num_tokens)     # num_tokens = none
-    pos = first_pos[:, None] + r[None, :]                                  # [nt, tq]
-    tile_kv = kv_lens[seq]                                                 # [nt]
-    last_pos = first_pos + jnp.maximum(q_len, 1) - 1
-    hi = jnp.minimum(last_pos + 1, tile_kv) if causal else tile_kv         # keys < hi
-    hi = jnp.where(q_len > 0, hi, 0)
-    if sliding_window is not None:
-        lo_blk = jnp.maximum(first_pos - sliding_window + 1, 0) // block_size
-    else:
-        lo_blk = jnp.zeros_like(hi)
+    seq, tok, lo_blk, _, hi, first_pos = kernel_tile_plan(
+        kv_lens, cu_q_lens, num_tokens=num_tokens, num_tiles=nt, q_tile=tq,
+        block_size=block_size, causal=causal, sliding_window=sliding_window)
+    pos = first_pos[:, None] + jnp.arange(tq, dtype=jnp.int32)[None, :]   # [nt, tq]
     n_chunks = jnp.maximum(hi - lo_blk * block_size, 0)
     n_chunks = (n_chunks + ct - 1) // ct
     steps = jnp.max(n_chunks)
 
-    qf = jnp.take(q, jnp.minimum(tok, num_tokens - 1), axis=0).astype(jnp.float32) * scale
-    # [nt, tq, Hkv, G, D] -> [nt, Hkv, tq * G, D]
-    qf = qf.reshape(nt, tq, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
-    qf = qf.reshape(nt, num_kv_heads, rows, head_dim)
+    qf = token_tiles(q, tok, num_kv_heads).astype(jnp.float32) * scale   # [nt, Hkv, rows, D]
     row_pos = jnp.repeat(pos, group, axis=1)                               # [nt, rows]
     tables = block_tables[seq]                                             # [nt, max_blocks]
     offs = jnp.arange(cb, dtype=jnp.int32)
@@ -243,19 +266,8 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
     seen = l_sum > 0
     out = acc / jnp.where(seen, l_sum, 1.0)[..., None]
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l_sum, 1.0)), -jnp.inf)
-    # [nt, Hkv, tq*G, ...] -> [nt, tq, Hq, ...]
-    out = out.reshape(nt, num_kv_heads, tq, group, head_dim).transpose(0, 2, 1, 3, 4)
-    out = out.reshape(nt * tq, num_q_heads, head_dim)
-    lse = lse.reshape(nt, num_kv_heads, tq, group).transpose(0, 2, 1, 3)
-    lse = lse.reshape(nt * tq, num_q_heads)
-    flat_tok = tok.reshape(-1)
-    if decode:  # tile i is token i: no scatter needed
-        return out[:num_tokens].astype(q.dtype), lse[:num_tokens]
-    out_full = jnp.zeros((num_tokens, num_q_heads, head_dim), jnp.float32)
-    out_full = out_full.at[flat_tok].set(out, mode="drop", unique_indices=True)
-    lse_full = jnp.full((num_tokens, num_q_heads), -jnp.inf, jnp.float32)
-    lse_full = lse_full.at[flat_tok].set(lse, mode="drop", unique_indices=True)
-    return out_full.astype(q.dtype), lse_full
+    out, lse = tiles_to_tokens(out, lse, tok, num_tokens, in_order=decode)
+    return out.astype(q.dtype), lse
 
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b):

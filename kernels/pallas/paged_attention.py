@@ -121,9 +121,7 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
         block_size=block_size, causal=causal, sliding_window=sliding_window)
     tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_blocks - 1).reshape(-1)
 
-    qt = jnp.take(q, jnp.minimum(tok, num_tokens - 1), axis=0)           # [nt, tq, Hq, D]
-    qt = qt.reshape(nt, tq, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
-    qt = qt.reshape(nt, num_kv_heads, rows, head_dim)
+    qt = _xla.token_tiles(q, tok, num_kv_heads)                      # [nt, Hkv, rows, D]
 
     def kv_map(i, h, j, seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_ref):
         del hi_ref, pos_ref
@@ -159,13 +157,4 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
         interpret=interpret,
     )(seq, lo, nblk, hi, first_pos,
       tables, qt, k_flat, v_flat)
-    out = out.reshape(nt, num_kv_heads, tq, group, head_dim).transpose(0, 2, 1, 3, 4)
-    out = out.reshape(nt * tq, num_q_heads, head_dim)
-    lse = lse.reshape(nt, num_kv_heads, tq, group).transpose(0, 2, 1, 3)
-    lse = lse.reshape(nt * tq, num_q_heads)
-    flat = tok.reshape(-1)
-    out_full = jnp.zeros((num_tokens, num_q_heads, head_dim), q.dtype)
-    out_full = out_full.at[flat].set(out, mode="drop", unique_indices=True)
-    lse_full = jnp.full((num_tokens, num_q_heads), -jnp.inf, jnp.float32)
-    lse_full = lse_full.at[flat].set(lse, mode="drop", unique_indices=True)
-    return out_full, lse_full
+    return _xla.tiles_to_tokens(out, lse[..., 0], tok, num_tokens)

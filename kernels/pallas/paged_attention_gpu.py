@@ -112,9 +112,7 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     meta = jnp.stack([seq, lo, nblk, hi, first_pos], axis=1).astype(jnp.int32)  # [nt, 5]
     tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_blocks - 1).reshape(-1)
 
-    qt = jnp.take(q, jnp.minimum(tok, num_tokens - 1), axis=0)           # [nt, tq, Hq, D]
-    qt = qt.reshape(nt, tq, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
-    qt = qt.reshape(nt, num_kv_heads, rows, head_dim)
+    qt = _xla.token_tiles(q, tok, num_kv_heads)                      # [nt, Hkv, rows, D]
     qt = jnp.pad(qt, ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0)))
     k_flat = k_cache.reshape(num_blocks * block_size, num_kv_heads * head_dim)
     v_flat = v_cache.reshape(num_blocks * block_size, num_kv_heads * head_dim)
@@ -135,16 +133,7 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
         compiler_params=_triton_params(),
         interpret=interpret,
     )(meta, tables, qt, k_flat, v_flat)
-    out = out[:, :, :rows].reshape(nt, num_kv_heads, tq, group, head_dim)
-    out = out.transpose(0, 2, 1, 3, 4).reshape(nt * tq, num_q_heads, head_dim)
-    lse = lse[:, :, :rows].reshape(nt, num_kv_heads, tq, group).transpose(0, 2, 1, 3)
-    lse = lse.reshape(nt * tq, num_q_heads)
-    flat = tok.reshape(-1)
-    out_full = jnp.zeros((num_tokens, num_q_heads, head_dim), q.dtype)
-    out_full = out_full.at[flat].set(out, mode="drop", unique_indices=True)
-    lse_full = jnp.full((num_tokens, num_q_heads), -jnp.inf, jnp.float32)
-    lse_full = lse_full.at[flat].set(lse, mode="drop", unique_indices=True)
-    return out_full, lse_full
+    return _xla.tiles_to_tokens(out[:, :, :rows], lse[:, :, :rows], tok, num_tokens)
 
 
 def _triton_params():
