@@ -30,16 +30,21 @@ def _any_spec():
 # ----------------------------------------------------------------------------- gather_blocks
 
 
-def _gather_blocks_kernel(ids_ref, *refs, num_caches: int, num_blocks: int):
-    caches, buf, sem = refs[:num_caches], refs[num_caches], refs[num_caches + 1]
-    i = pl.program_id(0)
-    b = jnp.clip(ids_ref[i], 0, num_blocks - 1)
-    copies = [pltpu.make_async_copy(caches[c].at[b], buf.at[i, c], sem.at[c])
-              for c in range(num_caches)]
+def _dma_all(pairs, sem) -> None:
+    """Copy every (src ref, dst ref) pair by DMA, all in flight at once (semaphore k for pair
+    k), and wait for them."""
+    copies = [pltpu.make_async_copy(src, dst, sem.at[k]) for k, (src, dst) in enumerate(pairs)]
     for cp in copies:
         cp.start()
     for cp in copies:
         cp.wait()
+
+
+def _gather_blocks_kernel(ids_ref, *refs, num_caches: int, num_blocks: int):
+    caches, buf, sem = refs[:num_caches], refs[num_caches], refs[num_caches + 1]
+    i = pl.program_id(0)
+    b = jnp.clip(ids_ref[i], 0, num_blocks - 1)
+    _dma_all([(caches[c].at[b], buf.at[i, c]) for c in range(num_caches)], sem)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
@@ -76,12 +81,7 @@ def _scatter_blocks_kernel(ids_ref, buf, *refs, num_caches: int, num_blocks: int
 
     @pl.when((b >= 0) & (b < num_blocks))
     def _():
-        copies = [pltpu.make_async_copy(buf.at[i, c], outs[c].at[b], sem.at[c])
-                  for c in range(num_caches)]
-        for cp in copies:
-            cp.start()
-        for cp in copies:
-            cp.wait()
+        _dma_all([(buf.at[i, c], outs[c].at[b]) for c in range(num_caches)], sem)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
@@ -135,12 +135,7 @@ def _write_kv_kernel(slots_ref, key, value, k_in, v_in, k_out, v_out, sem, *, nu
         # slot >= 0 here: truncating div/rem (floor division needs a sign op Mosaic lowers
         # per TPU generation)
         blk, off = jax.lax.div(slot, block_size), jax.lax.rem(slot, block_size)
-        ck = pltpu.make_async_copy(key.at[i], k_out.at[blk, off], sem.at[0])
-        cv = pltpu.make_async_copy(value.at[i], v_out.at[blk, off], sem.at[1])
-        ck.start()
-        cv.start()
-        ck.wait()
-        cv.wait()
+        _dma_all([(key.at[i], k_out.at[blk, off]), (value.at[i], v_out.at[blk, off])], sem)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
