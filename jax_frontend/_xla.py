@@ -71,6 +71,17 @@ def _as_bits(x):
     return x
 
 
+def _cache_bits_in_step(k_cache, v_cache, dep):
+    """The caches as gathered inside one loop step: 16-bit caches as uint16 bits (XLA:CPU
+    turns a bf16 gather into a whole-cache convert to f32 hoisted out of the loop, 2x the cache
+    in memory traffic per call), tied to the step's value ``dep`` by an optimization barrier
+    so XLA cannot hoist the bitcast out of the loop as a whole-cache copy. Returns (k, v, dep)."""
+    if k_cache.dtype.itemsize != 2:
+        return k_cache, v_cache, dep
+    k_bits, v_bits, dep = lax.optimization_barrier((k_cache, v_cache, dep))
+    return _as_bits(k_bits), _as_bits(v_bits), dep
+
+
 def _bits_to_f32(x, dtype):
     """float32 values of ``_as_bits`` output (bfloat16 upcast is a 16-bit shift)."""
     if x.dtype != jnp.uint16:
@@ -200,19 +211,11 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
     offs = jnp.arange(cb, dtype=jnp.int32)
     in_block = jnp.arange(block_size, dtype=jnp.int32)
 
-    # 16-bit caches are gathered as uint16: XLA:CPU turns a bf16 gather into a whole-cache
-    # convert to f32 hoisted out of the loop (2x the cache in memory traffic per call).
     dtype = k_cache.dtype
 
     def body(state):
         j, m, l_sum, acc = state
-        # (the barrier ties the caches to the step so XLA cannot hoist the bitcast out of the
-        # loop as a whole-cache copy)
-        if dtype.itemsize == 2:
-            k_bits, v_bits, j = lax.optimization_barrier((k_cache, v_cache, j))
-            k_bits, v_bits = _as_bits(k_bits), _as_bits(v_bits)
-        else:
-            k_bits, v_bits = k_cache, v_cache
+        k_bits, v_bits, j = _cache_bits_in_step(k_cache, v_cache, j)
         blk = lo_blk[:, None] + j * cb + offs[None, :]                     # [nt, cb]
         ids = jnp.take_along_axis(tables, jnp.minimum(blk, max_blocks - 1), axis=1)
         # tiles already done re-read block 0 (cached) instead of streaming more blocks
@@ -347,11 +350,7 @@ def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_pr
 
         def body(state):
             j, m, l_sum, acc = state
-            if dtype.itemsize == 2:  # gather 16-bit bits, see ragged_paged_attention
-                k_bits, v_bits, j = lax.optimization_barrier((k_cache, v_cache, j))
-                k_bits, v_bits = _as_bits(k_bits), _as_bits(v_bits)
-            else:
-                k_bits, v_bits = k_cache, v_cache
+            k_bits, v_bits, j = _cache_bits_in_step(k_cache, v_cache, j)
             # Blocks past the prefix (it is whole blocks) are read as its first block, so their
             # logits repeat logits of real keys: the row max needs no mask (one pass fewer
             # over the scores) and V no zeroing; only p drops them.
@@ -505,11 +504,7 @@ def short_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
 
     def step(args):
         qs, tb, n = args                                   # [g, Hkv, G, D], [g, MB], [g]
-        if dtype.itemsize == 2:  # gather 16-bit bits, see ragged_paged_attention
-            k_bits, v_bits, tb = lax.optimization_barrier((k_cache, v_cache, tb))
-            k_bits, v_bits = _as_bits(k_bits), _as_bits(v_bits)
-        else:
-            k_bits, v_bits = k_cache, v_cache
+        k_bits, v_bits, tb = _cache_bits_in_step(k_cache, v_cache, tb)
         ok = t[None, :] < n[:, None]                       # [g, ct]
 
         def load(cache, mask):
