@@ -611,25 +611,14 @@ def _write_kv_no_sync(key, value, k_cache, v_cache, slot_mapping) -> None:
     live = slots >= 0
     first = torch.argmax(live.to(torch.int32)).view(1)  # the first live entry, 0 if none
     any_live = live.index_select(0, first)  # [1]
+    tgt = torch.where(any_live, slots.index_select(0, first), 0)  # [1]
+    s = torch.where(live, slots, tgt)
     block_size = k_cache.shape[1]
     for x, cache in ((key[:n], k_cache), (value[:n], v_cache)):
-        rows, idx = _slot_rows(cache, slots)
-        if rows is not None:
-            r = _same_bits(rows)
-            xr = _same_bits(x.reshape(n, -1))
-            tgt = torch.where(any_live, idx.index_select(0, first), 0)
-            fill = torch.where(any_live[:, None], xr.index_select(0, first),
-                               r.index_select(0, tgt))
-            r.index_copy_(0, torch.where(live, idx, tgt), torch.where(live[:, None], xr, fill))
-        else:
-            c = _same_bits(cache)
-            xb = _same_bits(x)
-            tgt = torch.where(any_live, slots.index_select(0, first), 0)
-            cur = c[tgt // block_size, tgt % block_size]  # [1, H, D], tensor indices: no sync
-            fill = torch.where(any_live[:, None, None], xb.index_select(0, first), cur)
-            s = torch.where(live, slots, tgt)
-            c.index_put_((s // block_size, s % block_size),
-                         torch.where(live[:, None, None], xb, fill))
+        c, xb = _same_bits(cache), _same_bits(x)
+        cur = c[tgt // block_size, tgt % block_size]  # [1, H, D], tensor indices: no sync
+        fill = torch.where(any_live[:, None, None], xb.index_select(0, first), cur)
+        _write(c, s, torch.where(live[:, None, None], xb, fill))
 
 
 def copy_blocks(caches, src, dst) -> None:
