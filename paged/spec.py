@@ -40,6 +40,9 @@ HEAD_DIMS = (64, 80, 96, 128, 256)
 #: block_size values the contract promises on every backend (others where a backend allows).
 BLOCK_SIZES = (8, 16, 32, 64)
 
+#: Byte alignment of an attention op's ``workspace=`` and of each buffer carved from it.
+WORKSPACE_ALIGN = 256
+
 #: Tolerances for attention outputs against the float64 reference, per dtype (atol, rtol).
 #: Copies, writes and hashes are exact: no tolerance applies to them.
 ATTENTION_TOLERANCE = {

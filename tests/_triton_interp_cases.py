@@ -119,3 +119,106 @@ def test_cache_kernels_exact(dtype):
     tcache.scatter_blocks(caches := [tk, tv], T(new), T(sids))
     for g, w in zip(caches, want_s, strict=True):
         np.testing.assert_array_equal(N(g), w.astype(np.float64))
+
+
+# ------------------------------------------------- workspace: a call that allocates nothing
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every aten op that makes a new tensor: neither in-place/out= (its schema
+    mutates an argument) nor a view. Kernel launches are not recorded: compiled, they do not
+    dispatch; the interpreter copies their arguments through torch ops of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.fresh = []
+        self.in_kernel = 0
+
+    def __enter__(self):
+        from triton.runtime.interpreter import InterpretedFunction
+        run = InterpretedFunction.run
+        mode = self
+
+        def quiet_run(fn, *args, **kwargs):
+            mode.in_kernel += 1
+            try:
+                return run(fn, *args, **kwargs)
+            finally:
+                mode.in_kernel -= 1
+
+        self._restore = (InterpretedFunction, run)
+        InterpretedFunction.run = quiet_run
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        cls, run = self._restore
+        cls.run = run
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.in_kernel and not func._schema.is_mutable and not func.is_view:
+            self.fresh.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _workspace(nbytes):
+    return torch.full((nbytes,), 0xAB, dtype=torch.uint8)  # garbage: nothing may rely on zeros
+
+
+@pytest.mark.parametrize("with_lse", [True, False])
+def test_paged_attention_workspace_allocates_nothing(with_lse):
+    rng = np.random.default_rng(21)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("decode", 4), num_q_heads=8,
+                                  num_kv_heads=2, head_dim=16, block_size=4, dtype="float32")
+    want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True)
+    q, k, v, bt, kv, cu = (T(a) for a in b.args())
+    nbytes = tattn.paged_attention_workspace_bytes(q, k, bt, cu)
+    out = torch.full(q.shape, float("nan"))
+    lse = torch.full(q.shape[:2], float("nan")) if with_lse else None
+    # 3 splits: partials in the workspace too (the default split count comes from sm_count)
+    plan = tattn._split_plan(q, 3) + tattn._lse_plan(q, True)
+    ws = _workspace(tattn._plan_bytes(plan))
+    assert nbytes <= ws.numel()
+    with _Allocations() as seen:
+        tattn.paged_attention(out, lse, q, k, v, bt, kv, cu, scale=default_scale(16),
+                              causal=True, sliding_window=None, logits_soft_cap=None,
+                              num_splits=3, workspace=ws)
+    assert seen.fresh == []
+    close(out, want, "float32")
+    if with_lse:
+        np.testing.assert_allclose(N(lse), want_lse, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="workspace: paged_attention needs"):
+        tattn.paged_attention(out, lse, q, k, v, bt, kv, cu, scale=1.0, causal=True,
+                              sliding_window=None, logits_soft_cap=None, num_splits=3,
+                              workspace=ws[:256])
+
+
+@pytest.mark.parametrize("decode", [True, False])
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+def test_shared_prefix_workspace_allocates_nothing(decode, ids_dtype):
+    rng = np.random.default_rng(22)
+    seqs = [(0, 1, 5), (2, 1, 3), (-1, 1, 4), (0, 1, 9), (1, 1, 1)] if decode else \
+        [(0, 1, 5), (2, 2, 3), (-1, 1, 4), (0, 3, 9), (1, 1, 1)]
+    b = testing.make_shared_prefix_batch(rng, [2, 0, 1], seqs, num_q_heads=4, num_kv_heads=2,
+                                         head_dim=16, block_size=4, decode=decode)
+    want, want_lse = ref.shared_prefix_attention_reference(*b.args(), return_lse=True)
+    args = [T(a) for a in b.args()]
+    args[5] = args[5].to(ids_dtype)  # prefix_ids
+    q, k, pbt, bt, cu = args[0], args[1], args[3], args[6], args[8]
+    assert (cu is None) == decode
+    ws = _workspace(tattn.shared_prefix_attention_workspace_bytes(q, k, pbt, bt, cu))
+    out = torch.full(q.shape, float("nan"))
+    lse = torch.full(q.shape[:2], float("nan"))
+    with _Allocations() as seen:
+        tattn.shared_prefix_attention(out, lse, *args, scale=default_scale(16),
+                                      logits_soft_cap=None, workspace=ws)
+    assert seen.fresh == []
+    close(out, want, "float32")
+    np.testing.assert_allclose(N(lse), want_lse, atol=1e-4, rtol=1e-4)
+    out2 = torch.full(q.shape, float("nan"))
+    tattn.shared_prefix_attention(out2, None, *args, scale=default_scale(16),
+                                  logits_soft_cap=None, workspace=ws)  # lse from the workspace
+    assert torch.equal(out2, out)
+    with pytest.raises(ValueError, match="workspace: shared_prefix_attention needs"):
+        tattn.shared_prefix_attention(out, lse, *args, scale=1.0, logits_soft_cap=None,
+                                      workspace=ws[:256])

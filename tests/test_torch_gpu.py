@@ -177,6 +177,49 @@ def test_cuda_graph_capture_with_out():
     close(out.float(), want, "bfloat16")
 
 
+def _allocations() -> int:
+    return torch.cuda.memory_stats()["allocation.all.allocated"]
+
+
+def test_workspace_calls_allocate_nothing_and_capture():
+    """Split-KV decode (few sequences, long context) and cascade attention with out=, lse= and
+    workspace=: no allocation by the caching allocator, and the same under CUDA-graph replay."""
+    rng = np.random.default_rng(8)
+    b = testing.make_ragged_batch(rng, [(1, 4000), (1, 3000)], num_q_heads=8, num_kv_heads=2,
+                                  head_dim=128, dtype="bfloat16", nan_fill=False, decode=True)
+    pa = [T(a) for a in b.args()][:5]
+    sp = testing.make_shared_prefix_batch(rng, [64], [(0, 1, 40), (0, 1, 17), (-1, 1, 9)],
+                                          num_q_heads=8, num_kv_heads=2, head_dim=128,
+                                          dtype="bfloat16", decode=True)
+    sa = [T(a) for a in sp.args()]
+    size = max(tf.attention_workspace_size(pa[0], pa[1], pa[3]),
+               tf.attention_workspace_size(sa[0], sa[1], sa[6], prefix_block_tables=sa[3]))
+    assert size > 0
+    ws = torch.empty(size, dtype=torch.uint8, device=DEV)
+    out_p, lse_p = torch.empty_like(pa[0]), torch.empty(pa[0].shape[:2], device=DEV)
+    out_s, lse_s = torch.empty_like(sa[0]), torch.empty(sa[0].shape[:2], device=DEV)
+
+    def step():
+        tf.paged_attention(*pa, out=out_p, lse=lse_p, workspace=ws)
+        tf.shared_prefix_attention(*sa, out=out_s, lse=lse_s, workspace=ws)
+
+    step()  # compile the kernels
+    torch.cuda.synchronize()
+    before = _allocations()
+    step()
+    torch.cuda.synchronize()
+    assert _allocations() == before
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    out_p.fill_(float("nan"))
+    out_s.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    close(out_p.float(), ref.paged_attention_reference(*b.args()), "bfloat16")
+    close(out_s.float(), ref.shared_prefix_attention_reference(*sp.args()), "bfloat16")
+
+
 def test_torch_compile_fullgraph_gpu():
     rng = np.random.default_rng(7)
     b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16), num_q_heads=8,

@@ -74,6 +74,35 @@ def test_paged_attention_matches_reference(case, opts):
     np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_workspace_accepted_on_the_cpu_path(shared):
+    """The CPU path needs no workspace (size 0) but takes one, with or without out=/lse=; the
+    triton backend's allocation-free use of it is tested in tests/_triton_interp_cases.py."""
+    rng = np.random.default_rng(31)
+    if shared:
+        b = testing.make_shared_prefix_batch(rng, [2, 1], [(0, 2, 5), (-1, 1, 4), (1, 3, 3)],
+                                             num_q_heads=4, num_kv_heads=2, head_dim=16,
+                                             block_size=4)
+        fn, want = tf.shared_prefix_attention, ref.shared_prefix_attention_reference(*b.args())
+        args = [T(a) for a in b.args()]
+        size = tf.attention_workspace_size(args[0], args[1], args[6], args[8],
+                                           prefix_block_tables=args[3])
+    else:
+        b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 4), num_q_heads=4,
+                                      num_kv_heads=2, head_dim=16, block_size=4)
+        fn, want = tf.paged_attention, ref.paged_attention_reference(*b.args())
+        args = [T(a) for a in b.args()]
+        size = tf.attention_workspace_size(args[0], args[1], args[3], args[5])
+    assert size == 0
+    ws = torch.empty(1024, dtype=torch.uint8)
+    close(fn(*args, workspace=ws), want, "float32")
+    out = torch.full(args[0].shape, float("nan"))
+    assert fn(*args, out=out, workspace=ws) is out  # lse neither given nor returned
+    close(out, want, "float32")
+    got, got_lse = fn(*args, out=out, workspace=ws, return_lse=True)
+    assert got_lse.shape == args[0].shape[:2]
+
+
 def test_paged_attention_functional_decode_no_lse():
     rng = np.random.default_rng(1)
     b = testing.make_ragged_batch(rng, testing.seq_grid("decode", 16), num_q_heads=8,
@@ -261,6 +290,14 @@ def test_input_checks_name_the_argument():
         tf.paged_attention(*args, out=torch.empty(3, 3, 3))
     with pytest.raises(TypeError, match="lse: expected float32"):
         tf.paged_attention(*args, lse=torch.empty(2, 4, dtype=torch.float16))
+    with pytest.raises(TypeError, match="workspace: expected a torch.Tensor"):
+        tf.paged_attention(*args, workspace=np.zeros(64, np.uint8))
+    with pytest.raises(ValueError, match="workspace: expected a contiguous 1-D uint8"):
+        tf.paged_attention(*args, workspace=torch.zeros(64, dtype=torch.float32))
+    with pytest.raises(ValueError, match="workspace: expected it on q's device"):
+        tf.paged_attention(*args, workspace=torch.zeros(512, dtype=torch.uint8, device="meta"))
+    with pytest.raises(ValueError, match="workspace: must start 256-byte aligned"):
+        tf.paged_attention(*args, workspace=torch.zeros(512, dtype=torch.uint8)[8:])
     caches = [T(c) for c in _caches(rng)]
     with pytest.raises(ValueError, match="dst: expected distinct destinations"):
         tf.copy_blocks(caches, T(np.array([0, 1], np.int32)), T(np.array([2, 2], np.int32)))
@@ -314,6 +351,8 @@ def test_opcheck_every_op():
         (ops.paged_attention, (q, k, v, bt, kv, cu, 0.3, True, 3, 2.0, None)),
         (ops.paged_attention_out, (q, k, v, bt, kv, cu, 0.3, True, None, None, None,
                                    torch.empty_like(q), torch.empty(q.shape[:2]))),
+        (ops.paged_attention_out, (q, k, v, bt, kv, cu, 0.3, True, None, None, None,
+                                   torch.empty_like(q), None, torch.empty(256, dtype=torch.uint8))),
         (ops.merge_attention_states, (q, torch.randn(q.shape[:2]), q * 2,
                                       torch.randn(q.shape[:2]), None)),
         (ops.write_kv, (torch.randn(3, 2, 8), torch.randn(3, 2, 8), k.clone(), v.clone(),

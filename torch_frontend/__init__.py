@@ -4,6 +4,7 @@ torch on CPU), ``backend=`` or ``PREFIXKV_<OP>_BACKEND`` / ``PREFIXKV_BACKEND`` 
 
 from ._hashing import hash_blocks as hash_blocks
 from ._memory import pinned_host_allocator as pinned_host_allocator
+from ._ops import attention_workspace_size as attention_workspace_size
 from ._ops import copy_blocks as copy_blocks
 from ._ops import gather_blocks as gather_blocks
 from ._ops import merge_attention_states as merge_attention_states

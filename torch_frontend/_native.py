@@ -316,7 +316,10 @@ def _attend_host(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k_cache:
 
 def paged_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_cache,
                     block_tables, kv_lens, cu_q_lens, *, scale: float, causal: bool,
-                    sliding_window: int | None, logits_soft_cap: float | None) -> None:
+                    sliding_window: int | None, logits_soft_cap: float | None,
+                    workspace=None) -> None:
+    """The CPU path (and the fallback on CUDA); ``workspace`` is not used: the temporaries
+    are its own."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = block_tables.shape[0]
     host = _on_host(kv_lens, block_tables) and (cu_q_lens is None or _on_host(cu_q_lens))
@@ -389,9 +392,10 @@ def merge_attention_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, o
 
 def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_cache,
                             prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
-                            cu_q_lens, *, scale: float, logits_soft_cap: float | None) -> None:
+                            cu_q_lens, *, scale: float, logits_soft_cap: float | None,
+                            workspace=None) -> None:
     """Each prefix's KV read once for all its queries, the own tokens by paged attention, then
-    the log-sum-exp merge.
+    the log-sum-exp merge (``workspace`` is not used).
 
     With the metadata on the host and no soft cap (the CPU path), both parts go through
     _attend_host: a decode batch's own tokens through torch's fused CPU kernel (the q heads of

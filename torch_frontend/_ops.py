@@ -8,16 +8,19 @@ checked mode), never while ``torch.compile`` traces. Cache ops mutate their cach
 declare it in ``mutates_args``; no op returns an input or a view of one.
 
 Attention ops come twice: ``prefixkv::paged_attention`` returns fresh ``(out, lse)``;
-``prefixkv::paged_attention_out`` writes caller buffers and allocates nothing the caller can
-see (for CUDA graphs).
+``prefixkv::paged_attention_out`` writes caller buffers. With ``out=``, ``lse=`` and a
+``workspace=`` of :func:`attention_workspace_size` bytes the triton backend allocates nothing
+(CUDA-graph capture, a fixed memory budget); the CPU path ignores the workspace.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ..paged import validate
-from ..paged.spec import dtype_name
+from ..paged.spec import WORKSPACE_ALIGN, dtype_name
 from ._registry import platform_of, select
 
 Tensor = torch.Tensor
@@ -42,6 +45,22 @@ def _check_out(name: str, buf, shape, dtype) -> None:
         raise TypeError(f"{name}: expected {dtype_name(dtype)}, got {dtype_name(buf)}")
 
 
+def _check_workspace(workspace, q) -> None:
+    if workspace is None:
+        return
+    if not isinstance(workspace, torch.Tensor):
+        raise TypeError(f"workspace: expected a torch.Tensor, got {type(workspace).__name__}")
+    if workspace.dtype != torch.uint8 or workspace.dim() != 1 or not workspace.is_contiguous():
+        raise ValueError(f"workspace: expected a contiguous 1-D uint8 tensor, got "
+                         f"{dtype_name(workspace)} of shape {tuple(workspace.shape)}")
+    if workspace.device != q.device:
+        raise ValueError(f"workspace: expected it on q's device {q.device}, got "
+                         f"{workspace.device}")
+    if workspace.storage_offset() % WORKSPACE_ALIGN:
+        raise ValueError(f"workspace: must start {WORKSPACE_ALIGN}-byte aligned (a fresh "
+                         f"tensor, or a slice at a multiple of {WORKSPACE_ALIGN})")
+
+
 # ------------------------------------------------------------------------------ attention ops
 
 
@@ -51,14 +70,17 @@ def _attn_buffers(q: Tensor) -> tuple[Tensor, Tensor]:
     return out, lse
 
 
-@torch.library.custom_op(f"{_LIB}::paged_attention_out", mutates_args=("out", "lse"))
+@torch.library.custom_op(f"{_LIB}::paged_attention_out",
+                         mutates_args=("out", "lse", "workspace"))
 def _paged_attention_out(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                          kv_lens: Tensor, cu_q_lens: Tensor | None, scale: float, causal: bool,
                          sliding_window: int | None, logits_soft_cap: float | None,
-                         backend: str | None, out: Tensor, lse: Tensor) -> None:
+                         backend: str | None, out: Tensor, lse: Tensor | None,
+                         workspace: Tensor | None = None) -> None:
     fn = select("paged_attention", platform_of(q), backend)
     fn(out, lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale,
-       causal=causal, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+       causal=causal, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+       workspace=workspace)
 
 
 @torch.library.custom_op(f"{_LIB}::paged_attention", mutates_args=())
@@ -83,16 +105,19 @@ def _(*args):
     return None
 
 
-@torch.library.custom_op(f"{_LIB}::shared_prefix_attention_out", mutates_args=("out", "lse"))
+@torch.library.custom_op(f"{_LIB}::shared_prefix_attention_out",
+                         mutates_args=("out", "lse", "workspace"))
 def _shared_prefix_attention_out(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                                  prefix_block_tables: Tensor, prefix_lens: Tensor,
                                  prefix_ids: Tensor, block_tables: Tensor, kv_lens: Tensor,
                                  cu_q_lens: Tensor | None, scale: float,
                                  logits_soft_cap: float | None, backend: str | None,
-                                 out: Tensor, lse: Tensor) -> None:
+                                 out: Tensor, lse: Tensor | None,
+                                 workspace: Tensor | None = None) -> None:
     fn = select("shared_prefix_attention", platform_of(q), backend)
     fn(out, lse, q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
-       block_tables, kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap)
+       block_tables, kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap,
+       workspace=workspace)
 
 
 @torch.library.custom_op(f"{_LIB}::shared_prefix_attention", mutates_args=())
@@ -134,7 +159,7 @@ def _(out_a, lse_a, out_b, lse_b, backend):
 
 def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale=None,
                     causal=True, sliding_window=None, logits_soft_cap=None, return_lse=False,
-                    out=None, lse=None, backend=None):
+                    out=None, lse=None, workspace=None, backend=None):
     """Ragged paged attention over cached prefixes (decode, prefill and mixed batches).
 
     q: [num_tokens, num_q_heads, head_dim] float32|float16|bfloat16.
@@ -142,7 +167,9 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     stacked cache are fine). block_tables: i32[num_seqs, max_blocks_per_seq].
     kv_lens: i32[num_seqs], cached prefix + this step's tokens. cu_q_lens: i32[num_seqs + 1] or
     None (decode). out: optional [num_tokens, num_q_heads, head_dim] buffer written in place;
-    lse: optional f32[num_tokens, num_q_heads] buffer. backend: "triton", "torch" or None.
+    lse: optional f32[num_tokens, num_q_heads] buffer. workspace: optional uint8 buffer of
+    :func:`attention_workspace_size` bytes for the temporaries (with out= it makes the triton
+    backend allocate nothing). backend: "triton", "torch" or None.
 
     Returns out (q's dtype), and lse f32[num_tokens, num_q_heads] with ``return_lse``.
     Semantics: docs/ops.md and :func:`prefixkv.paged.reference.paged_attention_reference`.
@@ -156,32 +183,36 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
             None if sliding_window is None else int(sliding_window),
             None if logits_soft_cap is None else float(logits_soft_cap), backend)
     return _run_attention(torch.ops.prefixkv.paged_attention,
-                          torch.ops.prefixkv.paged_attention_out, args, q, out, lse, return_lse)
+                          torch.ops.prefixkv.paged_attention_out, args, q, out, lse, workspace,
+                          return_lse)
 
 
-def _run_attention(functional, inplace, args, q, out, lse, return_lse):
-    if out is None and lse is None:
+def _run_attention(functional, inplace, args, q, out, lse, workspace, return_lse):
+    if out is None and lse is None and workspace is None:
         o, l_ = functional(*args)
     else:
         _check_out("out", out, q.shape, q.dtype)
         _check_out("lse", lse, q.shape[:2], torch.float32)
+        _check_workspace(workspace, q)
         o = out if out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        l_ = lse if lse is not None else torch.empty(q.shape[:2], dtype=torch.float32,
-                                                     device=q.device)
-        inplace(*args, o, l_)
+        l_ = lse  # None and not returned: the backend keeps it in the workspace
+        if l_ is None and return_lse:
+            l_ = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+        inplace(*args, o, l_, workspace)
     return (o, l_) if return_lse else o
 
 
 def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
                             block_tables, kv_lens, cu_q_lens=None, *, scale=None,
                             logits_soft_cap=None, return_lse=False, out=None, lse=None,
-                            backend=None):
+                            workspace=None, backend=None):
     """Causal attention of sequences sharing cached prefixes, each prefix's KV read once.
 
     prefix_block_tables: i32[num_prefixes, max_prefix_blocks]; prefix_lens: i32[num_prefixes]
     (multiples of block_size); prefix_ids: i32[num_seqs], a prefix row or -1. block_tables,
     kv_lens, cu_q_lens: each sequence's own tokens after its prefix (as in paged_attention).
     Equals paged_attention over the concatenation (prefix blocks, then own blocks).
+    out, lse, workspace: as in :func:`paged_attention`.
     """
     sdims = validate.check_shared_prefix_attention(
         q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
@@ -195,7 +226,25 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
             None if logits_soft_cap is None else float(logits_soft_cap), backend)
     return _run_attention(torch.ops.prefixkv.shared_prefix_attention,
                           torch.ops.prefixkv.shared_prefix_attention_out, args, q, out, lse,
-                          return_lse)
+                          workspace, return_lse)
+
+
+def attention_workspace_size(q, k_cache, block_tables, cu_q_lens=None, *,
+                             prefix_block_tables=None, backend=None) -> int:
+    """Bytes of the ``workspace=`` with which paged_attention (or shared_prefix_attention, when
+    ``prefix_block_tables`` is given) on these shapes allocates nothing: 0 for a backend that
+    uses none (the CPU path). From shapes and the device only (meta tensors work); a batch
+    with more tokens, sequences or prefixes may need more, so size it for the largest one
+    (e.g. every CUDA-graph batch size) and reuse it across layers and steps.
+    """
+    op = "paged_attention" if prefix_block_tables is None else "shared_prefix_attention"
+    fn = select(op, platform_of(q), backend)
+    size = getattr(sys.modules[fn.__module__], f"{op}_workspace_bytes", None)
+    if size is None:
+        return 0
+    if prefix_block_tables is None:
+        return int(size(q, k_cache, block_tables, cu_q_lens))
+    return int(size(q, k_cache, prefix_block_tables, block_tables, cu_q_lens))
 
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b, *, backend=None):
@@ -336,5 +385,6 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids, *, backend=None) -> No
     torch.ops.prefixkv.swap_blocks(list(src_caches), list(dst_caches), src_ids, dst_ids, backend)
 
 
-__all__ = ["copy_blocks", "gather_blocks", "merge_attention_states", "paged_attention",
-           "scatter_blocks", "shared_prefix_attention", "swap_blocks", "write_kv"]
+__all__ = ["attention_workspace_size", "copy_blocks", "gather_blocks", "merge_attention_states",
+           "paged_attention", "scatter_blocks", "shared_prefix_attention", "swap_blocks",
+           "write_kv"]

@@ -16,12 +16,14 @@ interpreter computes low-precision dots wrongly.
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ...paged.spec import WORKSPACE_ALIGN
 from ._interp import patch_interpreter
 
 patch_interpreter()
@@ -217,8 +219,101 @@ def num_kv_splits(num_seqs: int, num_kv_heads: int, max_kv: int, decode: bool,
     return int(max(1, min(16, sms * 2 // max(programs, 1), max_kv // 512)))
 
 
+def _splits(q, k_cache, tables, decode: bool) -> int:
+    return num_kv_splits(tables.shape[0], k_cache.shape[2], tables.shape[1] * k_cache.shape[1],
+                         decode, sm_count(q.device.index if q.is_cuda else None))
+
+
+# ----------------------------------------------------------------------------- workspaces
+#
+# The temporaries of an attention call (split-KV partials, the cascade's sorted queries and
+# states, lse when the caller wants none) are planned from static shapes as a list of
+# (name, shape, dtype) and carved out of the caller's uint8 ``workspace`` when one is given,
+# so a call with out=, lse= and workspace= allocates nothing (CUDA-graph capture, a fixed
+# memory budget); without one each buffer is a fresh torch.empty. The *_workspace_bytes
+# functions size the workspace from the same plans.
+
+def _align(n: int) -> int:
+    return -(-n // WORKSPACE_ALIGN) * WORKSPACE_ALIGN
+
+
+def _plan_bytes(plan) -> int:
+    end = 0
+    for _, shape, dtype in plan:
+        end = _align(end) + math.prod(shape) * dtype.itemsize
+    return end
+
+
+def _carve(plan, workspace, device, op: str) -> dict:
+    """The buffers of ``plan``: views of ``workspace`` (uint8, 1-D), or fresh when it is None."""
+    if workspace is None:
+        return {name: torch.empty(shape, dtype=dtype, device=device)
+                for name, shape, dtype in plan}
+    need = _plan_bytes(plan)
+    if workspace.numel() < need:
+        raise ValueError(f"workspace: {op} needs {need} bytes here (see "
+                         f"attention_workspace_size), got {workspace.numel()}")
+    bufs, off = {}, 0
+    for name, shape, dtype in plan:
+        off = _align(off)
+        n = math.prod(shape) * dtype.itemsize
+        bufs[name] = workspace[off:off + n].view(dtype).view(shape)
+        off += n
+    return bufs
+
+
+def _split_plan(q, num_splits: int, prefix: str = "") -> list:
+    if num_splits <= 1:
+        return []
+    num_tokens, num_q_heads, head_dim = q.shape
+    return [(prefix + "part_o", (num_splits, num_tokens, num_q_heads, head_dim), torch.float32),
+            (prefix + "part_l", (num_splits, num_tokens, num_q_heads), torch.float32)]
+
+
+def _lse_plan(q, with_lse: bool) -> list:
+    return [("lse", tuple(q.shape[:2]), torch.float32)] if with_lse else []
+
+
+def _shared_plan(q, k_cache, prefix_block_tables, block_tables, cu_q_lens, *, with_lse: bool,
+                 ids_dtype=torch.int64) -> list:
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_prefixes = prefix_block_tables.shape[0]
+    f32 = torch.float32
+    plan = [("states_o", (2, num_tokens, num_q_heads, head_dim), f32),
+            ("states_l", (2, num_tokens, num_q_heads), f32),
+            ("part_o", (num_tokens, num_q_heads, head_dim), f32),
+            ("part_l", (num_tokens, num_q_heads), f32),
+            ("q_sorted", tuple(q.shape), q.dtype),
+            ("tok_seq", (num_tokens,), torch.int64),
+            ("pid", (num_tokens,), ids_dtype),
+            ("pid_sorted", (num_tokens,), ids_dtype),
+            ("order", (num_tokens,), torch.int64),
+            ("bounds", (num_prefixes + 1,), ids_dtype),
+            ("cu_p", (num_prefixes + 1,), torch.int32)]
+    if cu_q_lens is not None:
+        plan.append(("tok", (num_tokens,), cu_q_lens.dtype))
+    own_splits = _splits(q, k_cache, block_tables, cu_q_lens is None)
+    return plan + _split_plan(q, own_splits, "own_") + _lse_plan(q, with_lse)
+
+
+def paged_attention_workspace_bytes(q, k_cache, block_tables, cu_q_lens=None) -> int:
+    """Bytes of the ``workspace`` with which paged_attention allocates nothing (from shapes
+    and the device's SM count only; lse included for calls that pass none)."""
+    decode = cu_q_lens is None
+    return _plan_bytes(_split_plan(q, _splits(q, k_cache, block_tables, decode))
+                       + _lse_plan(q, True))
+
+
+def shared_prefix_attention_workspace_bytes(q, k_cache, prefix_block_tables, block_tables,
+                                            cu_q_lens=None) -> int:
+    """Bytes of the ``workspace`` with which shared_prefix_attention allocates nothing (int64
+    prefix ids assumed: an upper bound for int32 ones)."""
+    return _plan_bytes(_shared_plan(q, k_cache, prefix_block_tables, block_tables, cu_q_lens,
+                                    with_lse=True))
+
+
 def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal, window,
-            soft_cap, num_splits=None, max_q=None):
+            soft_cap, num_splits=None, max_q=None, parts=None):
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs, width = tables.shape
@@ -230,14 +325,12 @@ def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal
         max_q = 1 if decode else num_tokens
     tiles = triton.cdiv(max(max_q, 1), block_q)
     if num_splits is None:
-        num_splits = num_kv_splits(num_seqs, num_kv_heads, width * block_size, decode,
-                                   sm_count(q.device.index if q.is_cuda else None))
+        num_splits = _splits(q, k_cache, tables, decode)
     upcast = INTERPRET or q.dtype == torch.float32
     if num_splits > 1:
-        part_o = torch.empty((num_splits, num_tokens, num_q_heads, head_dim),
-                             dtype=torch.float32, device=q.device)
-        part_l = torch.empty((num_splits, num_tokens, num_q_heads), dtype=torch.float32,
-                             device=q.device)
+        if parts is None:
+            parts = _carve(_split_plan(q, num_splits), None, q.device, "paged_attention")
+        part_o, part_l = parts["part_o"], parts["part_l"]
         tgt_o, tgt_l = part_o, part_l
         so, sl = part_o.stride(0), part_l.stride(0)
     else:
@@ -270,13 +363,17 @@ def _merge(out, lse, states_o, states_l):
 
 
 def paged_attention(out, lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *, scale,
-                    causal, sliding_window, logits_soft_cap, num_splits=None) -> None:
-    """Backend entry (see prefixkv.torch_frontend): writes out and lse (lse may be None)."""
-    if lse is None:
-        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-    _launch(out, lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale,
-            causal=causal, window=sliding_window, soft_cap=logits_soft_cap,
-            num_splits=num_splits)
+                    causal, sliding_window, logits_soft_cap, num_splits=None,
+                    workspace=None) -> None:
+    """Backend entry (see prefixkv.torch_frontend): writes out and lse (lse may be None).
+    With a ``workspace`` (uint8, paged_attention_workspace_bytes) it allocates nothing."""
+    if num_splits is None:
+        num_splits = _splits(q, k_cache, block_tables, cu_q_lens is None)
+    bufs = _carve(_split_plan(q, num_splits) + _lse_plan(q, lse is None), workspace, q.device,
+                  "paged_attention")
+    _launch(out, bufs["lse"] if lse is None else lse, q, k_cache, v_cache, block_tables,
+            kv_lens, cu_q_lens, scale=scale, causal=causal, window=sliding_window,
+            soft_cap=logits_soft_cap, num_splits=num_splits, parts=bufs)
 
 
 def merge_attention_states(out, lse, out_a, lse_a, out_b, lse_b) -> None:
@@ -285,42 +382,50 @@ def merge_attention_states(out, lse, out_a, lse_a, out_b, lse_b) -> None:
 
 def shared_prefix_attention(out, lse, q, k_cache, v_cache, prefix_block_tables, prefix_lens,
                             prefix_ids, block_tables, kv_lens, cu_q_lens, *, scale,
-                            logits_soft_cap) -> None:
+                            logits_soft_cap, workspace=None) -> None:
     """Cascade: all queries of a prefix against its KV once (tokens sorted by prefix form one
     ragged non-causal batch over the prefix table), own tokens by paged attention, then the
-    log-sum-exp merge. Device-side bookkeeping only: no host sync."""
-    num_tokens, num_q_heads, head_dim = q.shape
+    log-sum-exp merge. Device-side bookkeeping only (no host sync), every step an in-place or
+    out= op into the planned buffers: with a ``workspace`` it allocates nothing."""
+    num_tokens = q.shape[0]
     num_seqs = block_tables.shape[0]
     num_prefixes = prefix_block_tables.shape[0]
-    dev = q.device
-    states_o = torch.zeros((2, num_tokens, num_q_heads, head_dim), dtype=torch.float32,
-                           device=dev)
-    states_l = torch.full((2, num_tokens, num_q_heads), float("-inf"), dtype=torch.float32,
-                          device=dev)
+    b = _carve(_shared_plan(q, k_cache, prefix_block_tables, block_tables, cu_q_lens,
+                            with_lse=lse is None, ids_dtype=prefix_ids.dtype),
+               workspace, q.device, "shared_prefix_attention")
+    lse = b["lse"] if lse is None else lse
+    if num_tokens == 0:
+        return
+    states_o, states_l = b["states_o"], b["states_l"]
+    states_o.zero_()
+    states_l.fill_(float("-inf"))
+    own = {"part_o": b.get("own_part_o"), "part_l": b.get("own_part_l")}
     _launch(states_o[1], states_l[1], q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
-            scale=scale, causal=True, window=None, soft_cap=logits_soft_cap)
+            scale=scale, causal=True, window=None, soft_cap=logits_soft_cap,
+            parts=own if own["part_o"] is not None else None)
+    # the sequence of every token, then its prefix (-1 -> num_prefixes: sorts last)
+    tok_seq = b["tok_seq"]
     if cu_q_lens is None:
-        tok_seq = torch.arange(num_seqs, device=dev)
+        torch.arange(num_seqs, out=tok_seq)
     else:
-        ql = (cu_q_lens[1:] - cu_q_lens[:-1]).to(torch.int64)
-        tok_seq = torch.repeat_interleave(torch.arange(num_seqs, device=dev), ql,
-                                          output_size=num_tokens)
-    pid = prefix_ids.to(torch.int64)[tok_seq]
-    key = torch.where(pid >= 0, pid, num_prefixes)
-    order = torch.sort(key, stable=True).indices
-    counts = torch.zeros(num_prefixes + 1, dtype=torch.int64, device=dev)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    cu_p = torch.zeros(num_prefixes + 1, dtype=torch.int32, device=dev)
-    cu_p[1:] = torch.cumsum(counts[:num_prefixes], 0).to(torch.int32)
-    q_sorted = q.index_select(0, order)
-    part_o = torch.zeros_like(states_o[0])
-    part_l = torch.full_like(states_l[0], float("-inf"))
+        torch.arange(num_tokens, out=b["tok"])
+        torch.searchsorted(cu_q_lens[1:], b["tok"], right=True, out=tok_seq)
+        tok_seq.clamp_(max=max(num_seqs - 1, 0))
+    pid, pid_sorted, order = b["pid"], b["pid_sorted"], b["order"]
+    torch.index_select(prefix_ids, 0, tok_seq, out=pid)
+    pid.remainder_(num_prefixes + 1)
+    torch.sort(pid, stable=True, out=(pid_sorted, order))
+    # cu_p[p] = tokens of prefixes below p: the ragged "sequences" of the prefix launch
+    torch.arange(num_prefixes + 1, out=b["bounds"])
+    torch.searchsorted(pid_sorted, b["bounds"], out_int32=True, out=b["cu_p"])
+    q_sorted, part_o, part_l = b["q_sorted"], b["part_o"], b["part_l"]
+    torch.index_select(q, 0, order, out=q_sorted)
+    part_o.zero_()
+    part_l.fill_(float("-inf"))
     if num_prefixes:
         _launch(part_o, part_l, q_sorted, k_cache, v_cache, prefix_block_tables, prefix_lens,
-                cu_p, scale=scale, causal=False, window=None, soft_cap=logits_soft_cap,
+                b["cu_p"], scale=scale, causal=False, window=None, soft_cap=logits_soft_cap,
                 num_splits=1, max_q=num_tokens)
     states_o[0].index_copy_(0, order, part_o)
     states_l[0].index_copy_(0, order, part_l)
-    if lse is None:
-        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=dev)
     _merge(out, lse, states_o, states_l)
