@@ -120,10 +120,47 @@ def test_cpu_shared_prefix(benchmark, machine_limits, impl, dtype):
            note="bytes = unique KV (prefix once + own tokens)")
 
 
+# ------------------------------------------------------------------- per-call overhead
+
+
+def _one_token_write(device):
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(64, BLOCK, HKV, HEAD_DIM, generator=g).to(device)
+    v = torch.randn(64, BLOCK, HKV, HEAD_DIM, generator=g).to(device)
+    key = torch.randn(1, HKV, HEAD_DIM, generator=g).to(device)
+    return (key, key, k, v, torch.tensor([37], dtype=torch.int32, device=device), None)
+
+
+def _call_overhead(benchmark, device, impl):
+    """One decode token's write_kv: the wrapper's direct eager call of the implementation vs
+    the same implementation through the dispatcher (torch.ops.prefixkv.write_kv)."""
+    from prefixkv.torch_frontend import _ops
+    args = _one_token_write(device)
+    fn = {"eager_direct": lambda: _ops._invoke("write_kv", args, mutated=args[2:4]),
+          "custom_op_dispatch": lambda: torch.ops.prefixkv.write_kv(*args)}[impl]
+    benchmark.pedantic(fn, rounds=20, iterations=50, warmup_rounds=1)
+    benchmark.extra_info.update(impl=impl, device=device)
+
+
+@pytest.mark.parametrize("impl", ["eager_direct", "custom_op_dispatch"])
+def test_cpu_call_overhead_write_kv(benchmark, impl):
+    benchmark.group = "cpu-call-overhead-write_kv-1-token"
+    _call_overhead(benchmark, "cpu", impl)
+
+
 # ----------------------------------------------------------------------------------- GPU
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("impl", ["eager_direct", "custom_op_dispatch"])
+def test_gpu_call_overhead_write_kv(benchmark, impl):
+    """Host time per call (kernel launches are asynchronous): what an eager decode step pays
+    per layer and op before the GPU work."""
+    benchmark.group = "gpu-call-overhead-write_kv-1-token"
+    _call_overhead(benchmark, "cuda", impl)
 
 
 def _hbm_gbps():

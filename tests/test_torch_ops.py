@@ -673,3 +673,57 @@ def test_write_kv_scatter_sources_with_strided_rows(layout):
     want2 = ref.scatter_blocks_reference([want], buf, np.array([4, 1], np.int32))
     tf.scatter_blocks([tk], tbuf, T(np.array([4, 1], np.int32)))
     _same_bits(tk, want2[0])
+
+
+# -------------------------------------------- eager calls skip the dispatcher round trip
+
+
+class _Seen(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _write_kv_inputs():
+    rng = np.random.default_rng(40)
+    kc, vc, _ = _caches(rng)
+    key = rng.standard_normal((2, *kc.shape[2:])).astype(np.float32)
+    slots = np.array([1, 6], np.int32)
+    want = ref.write_kv_reference(key, key, kc, vc, slots)
+    return T(key), T(kc), T(vc), T(slots), want
+
+
+def test_eager_wrapper_calls_the_implementation_directly(monkeypatch):
+    from prefixkv.torch_frontend import _ops
+    calls = []
+    monkeypatch.setitem(_ops._IMPL, "write_kv", lambda *a: calls.append(a))  # writes nothing
+    key, k, v, slots, _ = _write_kv_inputs()
+    before = (k._version, v._version)
+    tf.write_kv(key, key, k, v, slots)
+    assert len(calls) == 1
+    # the version bump the dispatcher's ADInplaceOrView kernel would have made
+    assert k._version > before[0] and v._version > before[1]
+
+
+@pytest.mark.parametrize("context", ["dispatch_mode", "requires_grad", "profiler"])
+def test_non_plain_calls_go_through_the_custom_op(monkeypatch, context):
+    from prefixkv.torch_frontend import _ops
+    calls = []
+    monkeypatch.setitem(_ops._IMPL, "write_kv", lambda *a: calls.append(a))
+    key, k, v, slots, want = _write_kv_inputs()
+    if context == "dispatch_mode":
+        with _Seen() as seen:
+            tf.write_kv(key, key, k, v, slots)
+        assert "prefixkv.write_kv.default" in seen.ops
+    elif context == "requires_grad":
+        tf.write_kv(key.requires_grad_(), key, k, v, slots)
+    else:
+        with torch.profiler.profile() as prof:
+            tf.write_kv(key, key, k, v, slots)
+        assert any(e.name == "prefixkv::write_kv" for e in prof.events())
+    assert calls == []  # the registered implementation ran, not the spy
+    np.testing.assert_array_equal(N(k), want[0].astype(np.float64))

@@ -11,6 +11,13 @@ Attention ops come twice: ``prefixkv::paged_attention`` returns fresh ``(out, ls
 ``prefixkv::paged_attention_out`` writes caller buffers. With ``out=``, ``lse=`` and a
 ``workspace=`` of :func:`attention_workspace_size` bytes the triton backend allocates nothing
 (CUDA-graph capture, a fixed memory budget); the CPU path ignores the workspace.
+
+A wrapper called in plain eager mode runs the op's implementation directly (:func:`_invoke`):
+the dispatcher round trip of a ``custom_op`` costs about 50-120 us a call in torch's Python
+(its ADInplaceOrView kernel rebuilds the schema's argument list per argument), more than a
+small decode kernel. Under ``torch.compile``, a dispatch mode (fake tensors, export,
+functionalization), the profiler, autograd or a tensor subclass they call
+``torch.ops.prefixkv.<op>``.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from torch.autograd.graph import increment_version
 
 from ..paged import validate
 from ..paged.spec import WORKSPACE_ALIGN, dtype_name
@@ -61,6 +69,45 @@ def _check_workspace(workspace, q) -> None:
                          f"tensor, or a slice at a multiple of {WORKSPACE_ALIGN})")
 
 
+# ----------------------------------------------------------------------- op registration
+
+#: The Python implementation of every custom op, by op name (what the dispatcher calls).
+_IMPL: dict = {}
+
+
+def _op(name: str, mutates_args=()):
+    """torch.library.custom_op(prefixkv::name), keeping the undecorated function in _IMPL."""
+    def register(fn):
+        _IMPL[name] = fn
+        return torch.library.custom_op(f"{_LIB}::{name}", mutates_args=mutates_args)(fn)
+    return register
+
+
+def _plain(args) -> bool:
+    """Every tensor argument (also inside lists) a plain torch.Tensor needing no grad."""
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            if not _plain(a):
+                return False
+        elif isinstance(a, torch.Tensor) and (type(a) is not torch.Tensor or a.requires_grad):
+            return False
+    return True
+
+
+def _invoke(name: str, args: tuple, mutated=()):
+    """``torch.ops.prefixkv.<name>(*args)``; in plain eager mode (not compiling, no dispatch or
+    function mode, no profiler, plain tensors without grad) its implementation directly, with
+    the version bump of the ``mutated`` tensors the dispatcher would have made."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._autograd._profiler_enabled() or not _plain(args)):
+        return getattr(torch.ops.prefixkv, name)(*args)
+    result = _IMPL[name](*args)
+    if mutated:
+        increment_version([t for t in mutated if t is not None])
+    return result
+
+
 # ------------------------------------------------------------------------------ attention ops
 
 
@@ -70,8 +117,7 @@ def _attn_buffers(q: Tensor) -> tuple[Tensor, Tensor]:
     return out, lse
 
 
-@torch.library.custom_op(f"{_LIB}::paged_attention_out",
-                         mutates_args=("out", "lse", "workspace"))
+@_op("paged_attention_out", mutates_args=("out", "lse", "workspace"))
 def _paged_attention_out(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                          kv_lens: Tensor, cu_q_lens: Tensor | None, scale: float, causal: bool,
                          sliding_window: int | None, logits_soft_cap: float | None,
@@ -83,13 +129,13 @@ def _paged_attention_out(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tabl
        workspace=workspace)
 
 
-@torch.library.custom_op(f"{_LIB}::paged_attention", mutates_args=())
+@_op("paged_attention")
 def _paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                      kv_lens: Tensor, cu_q_lens: Tensor | None, scale: float, causal: bool,
                      sliding_window: int | None, logits_soft_cap: float | None,
                      backend: str | None) -> tuple[Tensor, Tensor]:
     out, lse = _attn_buffers(q)
-    _paged_attention_out(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale, causal,
+    _IMPL["paged_attention_out"](q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale, causal,
                          sliding_window, logits_soft_cap, backend, out, lse)
     return out, lse
 
@@ -105,8 +151,7 @@ def _(*args):
     return None
 
 
-@torch.library.custom_op(f"{_LIB}::shared_prefix_attention_out",
-                         mutates_args=("out", "lse", "workspace"))
+@_op("shared_prefix_attention_out", mutates_args=("out", "lse", "workspace"))
 def _shared_prefix_attention_out(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                                  prefix_block_tables: Tensor, prefix_lens: Tensor,
                                  prefix_ids: Tensor, block_tables: Tensor, kv_lens: Tensor,
@@ -120,14 +165,14 @@ def _shared_prefix_attention_out(q: Tensor, k_cache: Tensor, v_cache: Tensor,
        workspace=workspace)
 
 
-@torch.library.custom_op(f"{_LIB}::shared_prefix_attention", mutates_args=())
+@_op("shared_prefix_attention")
 def _shared_prefix_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                              prefix_block_tables: Tensor, prefix_lens: Tensor, prefix_ids: Tensor,
                              block_tables: Tensor, kv_lens: Tensor, cu_q_lens: Tensor | None,
                              scale: float, logits_soft_cap: float | None,
                              backend: str | None) -> tuple[Tensor, Tensor]:
     out, lse = _attn_buffers(q)
-    _shared_prefix_attention_out(q, k_cache, v_cache, prefix_block_tables, prefix_lens,
+    _IMPL["shared_prefix_attention_out"](q, k_cache, v_cache, prefix_block_tables, prefix_lens,
                                  prefix_ids, block_tables, kv_lens, cu_q_lens, scale,
                                  logits_soft_cap, backend, out, lse)
     return out, lse
@@ -143,7 +188,7 @@ def _(*args):
     return None
 
 
-@torch.library.custom_op(f"{_LIB}::merge_attention_states", mutates_args=())
+@_op("merge_attention_states")
 def _merge_attention_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor,
                             backend: str | None) -> tuple[Tensor, Tensor]:
     out, lse = _attn_buffers(out_a)
@@ -182,14 +227,12 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     args = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, dims.scale, bool(causal),
             None if sliding_window is None else int(sliding_window),
             None if logits_soft_cap is None else float(logits_soft_cap), backend)
-    return _run_attention(torch.ops.prefixkv.paged_attention,
-                          torch.ops.prefixkv.paged_attention_out, args, q, out, lse, workspace,
-                          return_lse)
+    return _run_attention("paged_attention", args, q, out, lse, workspace, return_lse)
 
 
-def _run_attention(functional, inplace, args, q, out, lse, workspace, return_lse):
+def _run_attention(op, args, q, out, lse, workspace, return_lse):
     if out is None and lse is None and workspace is None:
-        o, l_ = functional(*args)
+        o, l_ = _invoke(op, args)
     else:
         _check_out("out", out, q.shape, q.dtype)
         _check_out("lse", lse, q.shape[:2], torch.float32)
@@ -198,7 +241,7 @@ def _run_attention(functional, inplace, args, q, out, lse, workspace, return_lse
         l_ = lse  # None and not returned: the backend keeps it in the workspace
         if l_ is None and return_lse:
             l_ = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-        inplace(*args, o, l_, workspace)
+        _invoke(f"{op}_out", (*args, o, l_, workspace), mutated=(o, l_, workspace))
     return (o, l_) if return_lse else o
 
 
@@ -224,9 +267,7 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     args = (q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
             kv_lens, cu_q_lens, sdims.attention.scale,
             None if logits_soft_cap is None else float(logits_soft_cap), backend)
-    return _run_attention(torch.ops.prefixkv.shared_prefix_attention,
-                          torch.ops.prefixkv.shared_prefix_attention_out, args, q, out, lse,
-                          workspace, return_lse)
+    return _run_attention("shared_prefix_attention", args, q, out, lse, workspace, return_lse)
 
 
 def attention_workspace_size(q, k_cache, block_tables, cu_q_lens=None, *,
@@ -255,7 +296,7 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, backend=None):
     -inf) merge to out 0, lse -inf.
     """
     validate.check_merge_attention_states(out_a, lse_a, out_b, lse_b)
-    return torch.ops.prefixkv.merge_attention_states(out_a, lse_a, out_b, lse_b, backend)
+    return _invoke("merge_attention_states", (out_a, lse_a, out_b, lse_b, backend))
 
 
 # ---------------------------------------------------------------------------------- cache ops
@@ -265,7 +306,7 @@ def _block_contiguous(caches) -> bool:
     return all(c.shape[0] == 0 or c[0].is_contiguous() for c in caches)
 
 
-@torch.library.custom_op(f"{_LIB}::write_kv", mutates_args=("k_cache", "v_cache"))
+@_op("write_kv", mutates_args=("k_cache", "v_cache"))
 def _write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
               slot_mapping: Tensor, backend: str | None) -> None:
     select("write_kv", platform_of(k_cache), backend)(key, value, k_cache, v_cache, slot_mapping)
@@ -276,7 +317,7 @@ def _(*args):
     return None
 
 
-@torch.library.custom_op(f"{_LIB}::copy_blocks", mutates_args=("caches",))
+@_op("copy_blocks", mutates_args=("caches",))
 def _copy_blocks(caches: list[Tensor], src: Tensor, dst: Tensor, backend: str | None) -> None:
     select("copy_blocks", platform_of(*caches), backend,
            block_contiguous=_block_contiguous(caches))(caches, src, dst)
@@ -287,7 +328,7 @@ def _(*args):
     return None
 
 
-@torch.library.custom_op(f"{_LIB}::gather_blocks", mutates_args=())
+@_op("gather_blocks")
 def _gather_blocks(caches: list[Tensor], block_ids: Tensor, backend: str | None) -> Tensor:
     c0 = caches[0]
     buffer = torch.empty((block_ids.shape[0], len(caches), *c0.shape[1:]), dtype=c0.dtype,
@@ -303,7 +344,7 @@ def _(caches, block_ids, backend):
     return c0.new_empty((block_ids.shape[0], len(caches), *c0.shape[1:]))
 
 
-@torch.library.custom_op(f"{_LIB}::scatter_blocks", mutates_args=("caches",))
+@_op("scatter_blocks", mutates_args=("caches",))
 def _scatter_blocks(caches: list[Tensor], buffer: Tensor, block_ids: Tensor,
                     backend: str | None) -> None:
     select("scatter_blocks", platform_of(*caches), backend,
@@ -315,7 +356,7 @@ def _(*args):
     return None
 
 
-@torch.library.custom_op(f"{_LIB}::swap_blocks", mutates_args=("dst_caches",))
+@_op("swap_blocks", mutates_args=("dst_caches",))
 def _swap_blocks(src_caches: list[Tensor], dst_caches: list[Tensor], src_ids: Tensor,
                  dst_ids: Tensor, backend: str | None) -> None:
     host = [c for c in (*src_caches, *dst_caches) if c.device.type == "cpu"]
@@ -341,7 +382,8 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, backend=None) -> Non
     validate.check_write_kv(key, value, k_cache, v_cache, slot_mapping)
     if _want_values(slot_mapping):
         validate.check_write_kv_values(k_cache, slot_mapping)
-    torch.ops.prefixkv.write_kv(key, value, k_cache, v_cache, slot_mapping, backend)
+    _invoke("write_kv", (key, value, k_cache, v_cache, slot_mapping, backend),
+            mutated=(k_cache, v_cache))
 
 
 def copy_blocks(caches, src, dst, *, backend=None) -> None:
@@ -352,7 +394,8 @@ def copy_blocks(caches, src, dst, *, backend=None) -> None:
     num_blocks = validate.check_copy_blocks(caches, src, dst)
     if _want_values(src, dst):
         validate.check_copy_blocks_values(num_blocks, src, dst)
-    torch.ops.prefixkv.copy_blocks(list(caches), src, dst, backend)
+    caches = list(caches)
+    _invoke("copy_blocks", (caches, src, dst, backend), mutated=caches)
 
 
 def gather_blocks(caches, block_ids, *, backend=None):
@@ -360,7 +403,7 @@ def gather_blocks(caches, block_ids, *, backend=None):
     validate.check_gather_blocks(caches, block_ids)
     if _want_values(block_ids):
         validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=False)
-    return torch.ops.prefixkv.gather_blocks(list(caches), block_ids, backend)
+    return _invoke("gather_blocks", (list(caches), block_ids, backend))
 
 
 def scatter_blocks(caches, buffer, block_ids, *, backend=None) -> None:
@@ -368,7 +411,8 @@ def scatter_blocks(caches, buffer, block_ids, *, backend=None) -> None:
     validate.check_scatter_blocks(caches, buffer, block_ids)
     if _want_values(block_ids):
         validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=True)
-    torch.ops.prefixkv.scatter_blocks(list(caches), buffer, block_ids, backend)
+    caches = list(caches)
+    _invoke("scatter_blocks", (caches, buffer, block_ids, backend), mutated=caches)
 
 
 def swap_blocks(src_caches, dst_caches, src_ids, dst_ids, *, backend=None) -> None:
@@ -382,7 +426,9 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids, *, backend=None) -> No
     validate.check_swap_blocks(src_caches, dst_caches, src_ids, dst_ids)
     if _want_values(src_ids, dst_ids):
         validate.check_swap_blocks_values(src_caches, dst_caches, src_ids, dst_ids)
-    torch.ops.prefixkv.swap_blocks(list(src_caches), list(dst_caches), src_ids, dst_ids, backend)
+    dst_caches = list(dst_caches)
+    _invoke("swap_blocks", (list(src_caches), dst_caches, src_ids, dst_ids, backend),
+            mutated=dst_caches)
 
 
 __all__ = ["attention_workspace_size", "copy_blocks", "gather_blocks", "merge_attention_states",
