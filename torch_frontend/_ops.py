@@ -135,8 +135,8 @@ def _paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: 
                      sliding_window: int | None, logits_soft_cap: float | None,
                      backend: str | None) -> tuple[Tensor, Tensor]:
     out, lse = _attn_buffers(q)
-    _IMPL["paged_attention_out"](q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale, causal,
-                         sliding_window, logits_soft_cap, backend, out, lse)
+    _IMPL["paged_attention_out"](q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale,
+                                 causal, sliding_window, logits_soft_cap, backend, out, lse)
     return out, lse
 
 
