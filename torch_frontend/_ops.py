@@ -172,9 +172,9 @@ def _shared_prefix_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                              scale: float, logits_soft_cap: float | None,
                              backend: str | None) -> tuple[Tensor, Tensor]:
     out, lse = _attn_buffers(q)
-    _IMPL["shared_prefix_attention_out"](q, k_cache, v_cache, prefix_block_tables, prefix_lens,
-                                 prefix_ids, block_tables, kv_lens, cu_q_lens, scale,
-                                 logits_soft_cap, backend, out, lse)
+    _IMPL["shared_prefix_attention_out"](q, k_cache, v_cache, prefix_block_tables,
+                                         prefix_lens, prefix_ids, block_tables, kv_lens,
+                                         cu_q_lens, scale, logits_soft_cap, backend, out, lse)
     return out, lse
 
 
