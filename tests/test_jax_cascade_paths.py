@@ -1,0 +1,104 @@
+"""The decode fast paths of XLA cascade (shared-prefix) attention against the numpy reference.
+
+The own part of a decode batch with short own KV runs :func:`_xla.short_decode_attention`
+(QK with the keys as rows, PV with the group's q heads as rows, the small score tile
+transposed between them behind an optimization barrier). These cases go through the public
+op, assert that path was taken, and cover the edges of its layout: group sizes 1 and odd,
+own KV of one token and of the whole table, padding slots and padding table entries holding
+NaN, tokens with no prefix, an empty prefix, a prefix shorter than its table, soft cap, and
+float32 / bfloat16 / float16 caches.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+from prefixkv.jax_frontend import _xla  # noqa: E402
+from prefixkv.paged import reference as ref  # noqa: E402
+from prefixkv.paged import testing  # noqa: E402
+from prefixkv.paged.spec import ATTENTION_TOLERANCE  # noqa: E402
+
+from prefixkv import jax_frontend as jf  # noqa: E402
+
+
+def _close(got, want, dtype):
+    atol, rtol = ATTENTION_TOLERANCE[dtype]
+    got = np.asarray(jnp.asarray(got, jnp.float32))
+    want = np.asarray(want).astype(np.float32)
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, want, atol=atol, rtol=rtol)
+
+
+def _close_lse(got, want):
+    got, want = np.asarray(got), np.asarray(want)
+    assert (np.isneginf(got) == np.isneginf(want)).all()
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(got[fin], want[fin], atol=1e-4, rtol=1e-5)
+
+
+def _nan_block(batch) -> int:
+    """A pool block holding no token (all NaN)."""
+    k = np.asarray(batch.k_cache, np.float32)
+    return int(np.flatnonzero(np.isnan(k).all(axis=(1, 2, 3)))[0])
+
+
+# (prefix blocks per prefix, seqs as (prefix id, q_len 1, own kv_len), heads (q, kv), kwargs)
+# block_size 4: own kv_len 5, 9, 7 end inside a block whose later slots hold NaN.
+CASES = {
+    "one_prefix_softcap": ([3], [(0, 1, 5), (0, 1, 1), (-1, 1, 9), (0, 1, 12)], (8, 2),
+                           dict(logits_soft_cap=3.0)),
+    "group_1": ([2], [(0, 1, 7), (-1, 1, 2), (0, 1, 3)], (3, 3), {}),
+    "group_5_odd": ([2], [(0, 1, 7), (0, 1, 4), (0, 1, 1)], (10, 2), {}),
+    "empty_prefix": ([0], [(0, 1, 3), (-1, 1, 6), (0, 1, 9)], (8, 2), {}),
+    "no_token_has_it": ([2], [(-1, 1, 5), (-1, 1, 1)], (8, 2), {}),
+    "several_prefixes": ([2, 1, 3], [(2, 1, 5), (0, 1, 3), (-1, 1, 7), (2, 1, 1), (1, 1, 12)],
+                         (8, 2), dict(logits_soft_cap=5.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_decode_cascade_short_own_kv(case, dtype, monkeypatch):
+    prefix_blocks, seqs, (hq, hkv), kw = CASES[case]
+    calls = []
+    real = _xla.short_decode_attention
+    monkeypatch.setattr(_xla, "short_decode_attention",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    rng = np.random.default_rng(31)
+    batch = testing.make_shared_prefix_batch(rng, prefix_blocks, seqs, num_q_heads=hq,
+                                             num_kv_heads=hkv, head_dim=32, block_size=4,
+                                             dtype=dtype)
+    nan = _nan_block(batch)
+    # prefix tables wider than the prefixes (prefix_len shorter than the table) and own
+    # tables with a spare column, both padded with the NaN block: never read as a key
+    batch.prefix_block_tables = np.pad(batch.prefix_block_tables, ((0, 0), (0, 1)),
+                                       constant_values=nan)
+    own = np.pad(batch.block_tables, ((0, 0), (0, 1)), constant_values=nan)
+    batch.block_tables = np.ascontiguousarray(own)
+    want, want_lse = ref.shared_prefix_attention_reference(*batch.args(), return_lse=True, **kw)
+    out, lse = jf.shared_prefix_attention(*batch.args(), return_lse=True, **kw)
+    assert calls, "short_decode_attention was not taken"
+    assert out.dtype == batch.q.dtype and out.shape == batch.q.shape
+    _close(out, want, dtype)
+    _close_lse(lse, want_lse)
+
+
+@pytest.mark.parametrize("seqs_per_step", [1, 2, 4])
+@pytest.mark.parametrize("group", [1, 4])
+def test_short_decode_attention_steps(seqs_per_step, group):
+    """The own part alone: one token and the whole table per sequence, steps of 1, 2 and 4
+    sequences (the last step padded with empty sequences), NaN in padding slots."""
+    rng = np.random.default_rng(32)
+    batch = testing.make_ragged_batch(rng, [(1, 1), (1, 12), (1, 7), (1, 3), (1, 10)],
+                                      num_q_heads=2 * group, num_kv_heads=2, head_dim=32,
+                                      block_size=4, max_blocks_per_seq=3)
+    want, want_lse = ref.paged_attention_reference(*batch.args(), scale=0.3,
+                                                   logits_soft_cap=2.0, return_lse=True)
+    out, lse = jax.jit(lambda q, k, v, t, n: _xla.short_decode_attention(
+        q, k, v, t, n, scale=0.3, logits_soft_cap=2.0, seqs_per_step=seqs_per_step))(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens)
+    _close(out, want, "float32")
+    _close_lse(lse, want_lse)
