@@ -350,15 +350,17 @@ def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_pr
 
         def body(state):
             j, m, l_sum, acc = state
-            k_bits, v_bits, j = _cache_bits_in_step(k_cache, v_cache, j)
+            # tied to the head too: with one chunk (no loop) j is a constant, and a 16-bit
+            # cache would be copied whole outside the head map on every call
+            k_bits, v_bits, (j, hh) = _cache_bits_in_step(k_cache, v_cache, (j, h))
             # Blocks past the prefix (it is whole blocks) are read as its first block, so their
             # logits repeat logits of real keys: the row max needs no mask (one pass fewer
             # over the scores) and V no zeroing; only p drops them.
             ids = lax.dynamic_slice(table, (j * cb,), (cb,))
             ids = jnp.where(j * cb + blk_in_chunk < prefix_blocks, ids, first_block)
             tv = j * ct + in_chunk < prefix_len
-            k = _bits_to_f32(k_bits[ids, :, h, :].reshape(ct, head_dim), dtype)
-            v = _bits_to_f32(v_bits[ids, :, h, :].reshape(ct, head_dim), dtype)
+            k = _bits_to_f32(k_bits[ids, :, hh, :].reshape(ct, head_dim), dtype)
+            v = _bits_to_f32(v_bits[ids, :, hh, :].reshape(ct, head_dim), dtype)
             s = jnp.einsum("rd,td->rt", qh, k, preferred_element_type=jnp.float32)
             if logits_soft_cap is not None:
                 s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
