@@ -1,7 +1,9 @@
 """The JAX backends of every op, registered in one :class:`~prefixkv.paged.registry.Registry`
 per op.
 
-- ``xla``: the XLA composite of :mod:`._xla`; every platform, lowest priority; the CPU backend.
+- ``xla``: the XLA composite of :mod:`._xla`; every platform, lowest priority; the CPU backend
+  (decode paged attention on CPU runs the compiled FFI kernel of ``kernels/cpu`` inside it
+  when that builds).
 - ``pallas_tpu``: Pallas Mosaic TPU kernels (scalar prefetch, DMAs); TPU only.
 - ``pallas_gpu``: Pallas kernels lowered through Triton; CUDA only.
 - ``pallas_interpret``: the Pallas kernels run by the Pallas interpreter on CPU (slow; for
@@ -44,9 +46,28 @@ _ATTN_STATIC = ("scale", "causal", "sliding_window", "logits_soft_cap")
 @functools.partial(jax.jit, static_argnames=_ATTN_STATIC)
 def paged_attention_xla(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale,
                         causal=True, sliding_window=None, logits_soft_cap=None):
-    return _xla.ragged_paged_attention(
-        q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
-        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+    def xla_path():
+        return _xla.ragged_paged_attention(
+            q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
+            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+
+    # Decode on CPU: one compiled pass over each sequence's blocks (kernels/cpu/
+    # xla_attention.cc) instead of XLA's gather + convert + transpose per chunk, when the FFI
+    # kernels build (PREFIXKV_DISABLE_CPU_FFI=1 keeps the XLA path).
+    from ..kernels.cpu import xla_ffi
+
+    if (cu_q_lens is not None or q.shape[0] == 0
+            or not xla_ffi.use_for_attention(q, k_cache, v_cache)):
+        return xla_path()
+
+    def cpu_path():
+        # the decode query sits at kv_len - 1: causal masks nothing more, the window needs it
+        return xla_ffi.paged_attention_decode(
+            q, k_cache, v_cache, block_tables, kv_lens, scale=scale,
+            sliding_window=sliding_window if causal else None,
+            logits_soft_cap=logits_soft_cap)
+
+    return jax.lax.platform_dependent(cpu=cpu_path, default=xla_path)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "logits_soft_cap"))

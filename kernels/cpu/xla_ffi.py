@@ -15,9 +15,14 @@ its XLA path; :func:`cpu_cache_ops_path` says which path runs and why.
 memcpy per block, after advising huge pages for a large output: XLA's take + stack ran at
 ~0.13 of the copy bandwidth, most of it faulting the fresh 32 MiB output in 4 KiB pages.
 
-Only the JAX frontend calls :func:`write_kv`, :func:`copy_blocks`, :func:`gather_blocks` and
-:func:`scatter_blocks`, with validated arguments, inside the CPU branch of
-``jax.lax.platform_dependent``.
+:func:`paged_attention_decode` (``xla_attention.cc``, built into the same library) runs decode
+paged attention in one pass over each sequence's blocks (AVX2/FMA/F16C inner loops chosen at
+run time, a portable fallback otherwise): XLA's composite spent most of its time gathering,
+converting and transposing the blocks.
+
+Only the JAX frontend calls :func:`write_kv`, :func:`copy_blocks`, :func:`gather_blocks`,
+:func:`scatter_blocks` and :func:`paged_attention_decode`, with validated arguments, inside the
+CPU branch of ``jax.lax.platform_dependent``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from pathlib import Path
 import numpy as np
 
 SOURCE = Path(__file__).with_name("xla_cache_ops.cc")
+#: every source built into the one library (cache ops, decode attention).
+SOURCES = (SOURCE, Path(__file__).with_name("xla_attention.cc"))
 DISABLE_ENV = "PREFIXKV_DISABLE_CPU_FFI"
 CACHE_ENV = "PREFIXKV_CACHE_DIR"
 #: name of the registered FFI target -> exported handler symbol.
@@ -42,6 +49,7 @@ TARGETS = {
     "prefixkv_cpu_copy_blocks": "PrefixkvCopyBlocks",
     "prefixkv_cpu_scatter_blocks": "PrefixkvScatterBlocks",
     "prefixkv_cpu_gather_blocks": "PrefixkvGatherBlocks",
+    "prefixkv_cpu_paged_attention_decode": "PrefixkvPagedAttentionDecode",
 }
 
 _lock = threading.Lock()
@@ -68,7 +76,7 @@ def cache_dir() -> Path:
 
 def _build_command(cxx: str, include_dir: str, out: str) -> list[str]:
     return [cxx, "-O3", "-shared", "-fPIC", "-std=c++17", "-isystem", include_dir,
-            str(SOURCE), "-o", out]
+            *(str(s) for s in SOURCES), "-o", out]
 
 
 def build(force: bool = False) -> Path:
@@ -84,7 +92,8 @@ def build(force: bool = False) -> Path:
         raise RuntimeError("no C++ compiler found (tried $CXX, c++, g++, clang++)")
     include_dir = jax.ffi.include_dir()
     key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
+    for source in SOURCES:
+        key.update(source.read_bytes())
     key.update(jaxlib.__version__.encode())
     key.update(" ".join(_build_command(cxx, include_dir, "")).encode())
     directory = cache_dir()
@@ -103,8 +112,9 @@ def build(force: bool = False) -> Path:
                 proc = subprocess.run(_build_command(cxx, include_dir, tmp),
                                       capture_output=True, text=True)
                 if proc.returncode != 0:
-                    raise RuntimeError(f"building {SOURCE.name} failed "
-                                       f"(exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+                    others = ", ".join(s.name for s in SOURCES[1:])
+                    raise RuntimeError(f"building {SOURCE.name} failed (with {others}; "
+                                       f"exit {proc.returncode}):\n{proc.stderr[-4000:]}")
                 os.replace(tmp, lib)  # atomic: readers never see a partial library
             finally:
                 if os.path.exists(tmp):
@@ -219,6 +229,47 @@ def scatter_blocks(cache, buffer, block_ids, index: int):
                          block_ids.astype(jnp.int32), index=np.int64(index))
 
 
+#: dtypes of q and the caches that the decode attention handler computes with.
+ATTENTION_DTYPES = frozenset({"float32", "bfloat16", "float16"})
+
+
+def use_for_attention(q, k_cache, v_cache) -> bool:
+    """Whether the JAX frontend's CPU branch should run decode attention through
+    :func:`paged_attention_decode`: float32 / bfloat16 / float16 inputs of one dtype and the
+    handlers built and registered (built on first call)."""
+    names = {np.dtype(a.dtype).name for a in (q, k_cache, v_cache)}
+    return len(names) == 1 and names <= ATTENTION_DTYPES and available()
+
+
+def paged_attention_decode(q, k_cache, v_cache, block_tables, kv_lens, *, scale: float,
+                           sliding_window: int | None = None,
+                           logits_soft_cap: float | None = None, portable: bool = False):
+    """Decode paged attention by the compiled handler of ``xla_attention.cc``; (out, lse).
+
+    q: [num_seqs, num_q_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads,
+    head_dim], q's dtype (float32, bfloat16, float16); block_tables i32[num_seqs, max_blocks];
+    kv_lens i32[num_seqs]. One query per sequence at position kv_len - 1 (causal, optional
+    sliding window and soft cap). Returns out in q's dtype and lse f32[num_seqs, num_q_heads]
+    (natural log; -inf and out 0 where no key is seen). ``portable``: the handler's portable
+    inner loops instead of the AVX2 ones (tests).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    if not available():
+        raise RuntimeError(f"the CPU FFI kernels are not available: {cpu_cache_ops_path()}")
+    num_seqs, num_q_heads, _ = q.shape
+    call = jax.ffi.ffi_call(
+        "prefixkv_cpu_paged_attention_decode",
+        (jax.ShapeDtypeStruct(q.shape, q.dtype),
+         jax.ShapeDtypeStruct((num_seqs, num_q_heads), jnp.float32)),
+        vmap_method="sequential")
+    return call(q, k_cache, v_cache, block_tables.astype(jnp.int32), kv_lens.astype(jnp.int32),
+                scale=np.float32(scale), sliding_window=np.int64(sliding_window or 0),
+                logits_soft_cap=np.float32(logits_soft_cap or 0.0),
+                portable=np.int64(bool(portable)))
+
+
 __all__ = ["available", "build", "cache_dir", "cpu_cache_ops_path", "write_kv", "copy_blocks",
            "gather_blocks", "scatter_blocks", "supports", "use_for", "SUPPORTED_DTYPES",
-           "DISABLE_ENV"]
+           "DISABLE_ENV", "ATTENTION_DTYPES", "use_for_attention", "paged_attention_decode"]

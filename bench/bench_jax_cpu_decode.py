@@ -1,0 +1,78 @@
+"""JAX decode paged attention on this CPU, one thread: the compiled FFI kernel
+(kernels/cpu/xla_attention.cc, what ``jf.paged_attention`` runs for decode on CPU) next to the
+XLA composite it replaced and the obvious jnp baseline (gather by block table, then dense
+attention). Llama-3-8B-like shapes: 32 q heads, 8 kv heads, head_dim 128, block_size 16,
+8 sequences x 4096 keys.
+
+    OMP_NUM_THREADS=1 .venv/bin/pytest bench/bench_jax_cpu_decode.py --benchmark-only
+
+extra_info: bytes of KV read, GB/s, GFLOP/s, the roofline fraction of the mean
+(bench.conftest.record: max(bytes / measured read bandwidth, flops / measured matmul rate) /
+time) and of the fastest round (``roofline_fraction_min``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench.conftest import record
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+from prefixkv.jax_frontend import _xla  # noqa: E402
+from prefixkv.kernels.cpu import xla_ffi  # noqa: E402
+
+from prefixkv import jax_frontend as jf  # noqa: E402
+
+HQ, HKV, D, BS = 32, 8, 128, 16
+NUM_SEQS, CONTEXT = 8, 4096
+TARGET = "prefixkv_cpu_paged_attention_decode"
+
+
+def _inputs(dtype):
+    """Blocks in a random order (a real pool's tables are not contiguous)."""
+    rng = np.random.default_rng(0)
+    blocks = NUM_SEQS * CONTEXT // BS
+    shape = (blocks + 1, BS, HKV, D)
+    k = jnp.asarray(rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
+    v = jnp.asarray(rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
+    tables = jnp.asarray(rng.permutation(blocks + 1)[:blocks].reshape(NUM_SEQS, -1)
+                         .astype(np.int32))
+    kv_lens = jnp.full((NUM_SEQS,), CONTEXT, jnp.int32)
+    q = jnp.asarray(rng.standard_normal((NUM_SEQS, HQ, D), dtype=np.float32)).astype(dtype)
+    return q, k, v, tables, kv_lens
+
+
+def _impl(name):
+    scale = D ** -0.5
+    if name == "ffi_kernel":
+        return jax.jit(lambda q, k, v, t, n: jf.paged_attention(q, k, v, t, n))
+    if name == "xla_composite":
+        return jax.jit(lambda q, k, v, t, n: _xla.ragged_paged_attention(
+            q, k, v, t, n, None, scale=scale)[0])
+    return jax.jit(lambda q, k, v, t, n: _xla.dense_gather_paged_attention(
+        q, k, v, t, n, scale=scale))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("impl", ["ffi_kernel", "xla_composite", "jnp_gather_baseline"])
+def test_cpu_decode_8x4096(benchmark, machine_limits, impl, dtype):
+    if impl == "ffi_kernel" and not (jax.default_backend() == "cpu" and xla_ffi.available()):
+        pytest.skip(f"CPU FFI kernel not in use: {xla_ffi.cpu_cache_ops_path()}")
+    benchmark.group = f"jax cpu decode 8x4096 {dtype}"
+    args = _inputs(dtype)
+    fn = _impl(impl)
+    hlo = fn.lower(*args).as_text()
+    assert (TARGET in hlo) == (impl == "ffi_kernel"), impl
+    jax.block_until_ready(fn(*args))  # compile in warm-up
+    rounds = {"ffi_kernel": 10, "xla_composite": 5, "jnp_gather_baseline": 3}[impl]
+    benchmark.pedantic(lambda: jax.block_until_ready(fn(*args)), rounds=rounds, iterations=1,
+                       warmup_rounds=1)
+    item = jnp.dtype(dtype).itemsize
+    nbytes = 2 * NUM_SEQS * CONTEXT * HKV * D * item
+    flops = 4 * NUM_SEQS * HQ * CONTEXT * D
+    record(benchmark, machine_limits, nbytes=nbytes, flops=flops, impl=impl)
+    roof = max(nbytes / (machine_limits["read_gbps"] * 1e9),
+               flops / (machine_limits["matmul_gflops"] * 1e9))
+    benchmark.extra_info["roofline_fraction_min"] = round(roof / benchmark.stats.stats.min, 4)

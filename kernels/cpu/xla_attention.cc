@@ -1,0 +1,540 @@
+// Decode paged attention for XLA:CPU, as an XLA FFI custom call (one thread).
+//
+// q: [num_seqs, num_q_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size,
+// num_kv_heads, head_dim] (float32, bfloat16 or float16, q's dtype); block_tables:
+// s32[num_seqs, max_blocks]; kv_lens: s32[num_seqs]. Returns out (q's dtype, same shape as q)
+// and lse f32[num_seqs, num_q_heads] (natural log). The query of sequence s sits at position
+// kv_lens[s] - 1 and sees keys t < kv_lens[s], and t >= kv_lens[s] - sliding_window when
+// sliding_window > 0. Logits are (scale q) . k, soft-capped as cap tanh(x / cap) when
+// logits_soft_cap > 0. q head h reads kv head h / (num_q_heads / num_kv_heads). A sequence
+// that sees no key gets out 0 and lse -inf.
+//
+// Walk: per sequence, the blocks of its table in order; per block, every kv head; per kv head,
+// the block's keys in chunks of at most kChunk: the group's q.k for the chunk (each K row is
+// loaded and converted to float32 once for all q heads of the group), an online-softmax update
+// per q head (max, rescale of the accumulator only when the max grew, exp, sum), then the
+// group's p.V into float32 accumulators (each V row converted once). Only keys in
+// [lo, kv_len) are read, so whatever the cache holds elsewhere (NaN included) never reaches
+// the result. While a block is processed, the next block's rows of the same kv head are
+// prefetched (the table makes the next block's address unpredictable to the hardware).
+//
+// Two implementations of the inner loops: AVX2 + FMA + F16C intrinsics (compiled with target
+// attributes, chosen at run time when the CPU has them and head_dim is a multiple of 8), and a
+// portable one written for the compiler's auto-vectorizer. The portable attribute forces the
+// latter (tests).
+//
+// Inputs are validated by the frontend; here nothing is read outside the buffers anyway:
+// kv_len is clamped into [0, 2^31), block indices past the table read its last entry and block
+// ids are clamped into [0, num_blocks), like the XLA path (take_along_axis of the clamped
+// index, then clip).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define PREFIXKV_X86 1
+#else
+#define PREFIXKV_X86 0
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Keys per softmax chunk (a whole block when block_size <= kChunk).
+constexpr int kChunk = 64;
+
+// ------------------------------------------------------------------ scalar conversions
+
+inline float BitsToF32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint32_t F32ToBits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float Bf16ToF32(uint16_t b) { return BitsToF32(uint32_t{b} << 16); }
+
+// Round to nearest even; NaN stays NaN (quiet).
+inline uint16_t F32ToBf16(float f) {
+  uint32_t u = F32ToBits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// Exact (every half is a float): zeros, subnormals, normals, inf, NaN (payload kept).
+inline float F16ToF32(uint16_t h) {
+  const uint32_t sign = (uint32_t{h} & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t man = h & 0x3ffu;
+  if (exp == 0) {
+    const float mag = static_cast<float>(man) * 5.9604644775390625e-08f;  // man * 2^-24
+    return BitsToF32(F32ToBits(mag) | sign);
+  }
+  if (exp == 31) return BitsToF32(sign | 0x7f800000u | (man << 13));
+  return BitsToF32(sign | ((exp + 112u) << 23) | (man << 13));
+}
+
+// Round to nearest even; overflow to inf, subnormals rounded, NaN stays NaN (quiet).
+inline uint16_t F32ToF16(float f) {
+  const uint32_t u = F32ToBits(f);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return sign | 0x7e00u | static_cast<uint16_t>((a >> 13) & 0x3ffu);
+  if (a >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 rounds to inf
+  if (a >= 0x38800000u) {                        // >= 2^-14: a normal half
+    const uint32_t r = a + 0xfffu + ((a >> 13) & 1u);
+    return sign | static_cast<uint16_t>((r >> 13) - (112u << 10));
+  }
+  // subnormal half: the integer nearest |f| * 2^24 (ties to even), 1024 meaning 2^-14
+  const float scaled = BitsToF32(a) * 16777216.0f;
+  return sign | static_cast<uint16_t>(std::nearbyint(scaled));
+}
+
+struct F32Tag {
+  using Storage = float;
+  static float ToF32(float x) { return x; }
+  static float FromF32(float x) { return x; }
+};
+struct BF16Tag {
+  using Storage = uint16_t;
+  static float ToF32(uint16_t x) { return Bf16ToF32(x); }
+  static uint16_t FromF32(float x) { return F32ToBf16(x); }
+};
+struct F16Tag {
+  using Storage = uint16_t;
+  static float ToF32(uint16_t x) { return F16ToF32(x); }
+  static uint16_t FromF32(float x) { return F32ToF16(x); }
+};
+
+// ------------------------------------------------------------------ portable inner loops
+
+// The shapes every inner-loop implementation sees: q rows and accumulators [group][head_dim]
+// (float32), s / p [group][kChunk], n keys whose rows start row_stride elements apart.
+struct Portable {
+  template <class Tag>
+  static void Qk(const float* q, int group, int d, const typename Tag::Storage* k0,
+                 int64_t row_stride, int n, float* s, float* row) {
+    for (int t = 0; t < n; ++t) {
+      const typename Tag::Storage* k = k0 + t * row_stride;
+      for (int i = 0; i < d; ++i) row[i] = Tag::ToF32(k[i]);
+      for (int g = 0; g < group; ++g) {
+        const float* qg = q + static_cast<int64_t>(g) * d;
+        float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 partial sums: vectorizes
+        int i = 0;
+        for (; i + 8 <= d; i += 8)
+          for (int j = 0; j < 8; ++j) part[j] += qg[i + j] * row[i + j];
+        float sum = 0.0f;
+        for (; i < d; ++i) sum += qg[i] * row[i];
+        s[g * kChunk + t] =
+            sum + ((part[0] + part[4]) + (part[1] + part[5])) +
+            ((part[2] + part[6]) + (part[3] + part[7]));
+      }
+    }
+  }
+
+  template <class Tag>
+  static void Pv(const float* p, int group, int d, const typename Tag::Storage* v0,
+                 int64_t row_stride, int n, float* acc, float* row) {
+    for (int t = 0; t < n; ++t) {
+      const typename Tag::Storage* v = v0 + t * row_stride;
+      for (int i = 0; i < d; ++i) row[i] = Tag::ToF32(v[i]);
+      for (int g = 0; g < group; ++g) {
+        const float pg = p[g * kChunk + t];
+        float* a = acc + static_cast<int64_t>(g) * d;
+        for (int i = 0; i < d; ++i) a[i] += pg * row[i];
+      }
+    }
+  }
+
+  // s[i] = exp(s[i] - m) for i < n; returns the sum.
+  static float ExpSum(float* s, int n, float m) {
+    float sum = 0.0f;
+    for (int i = 0; i < n; ++i) {
+      s[i] = std::exp(s[i] - m);
+      sum += s[i];
+    }
+    return sum;
+  }
+};
+
+// ------------------------------------------------------------------ AVX2 + FMA + F16C
+
+#if PREFIXKV_X86
+#define PREFIXKV_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+template <class Tag>
+struct AvxLoad;
+
+template <>
+struct AvxLoad<F32Tag> {
+  PREFIXKV_AVX2 static inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
+};
+
+template <>
+struct AvxLoad<BF16Tag> {
+  PREFIXKV_AVX2 static inline __m256 Load8(const uint16_t* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+};
+
+template <>
+struct AvxLoad<F16Tag> {
+  PREFIXKV_AVX2 static inline __m256 Load8(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+};
+
+// [sum(a[0]), ..., sum(a[7])] of eight vectors.
+PREFIXKV_AVX2 inline __m256 Reduce8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]);
+  const __m256 t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]);
+  const __m256 t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1);  // lanes: a0..a3 low halves | a0..a3 high halves
+  const __m256 u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                       _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// exp(x) to ~1 ulp over [-87.3, 88.3] (inputs clamped there: exp of a very negative x is
+// ~1e-38, not 0; callers zero what must be zero). Cephes' expf polynomial.
+PREFIXKV_AVX2 inline __m256 Exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.37626f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// NH q heads x NK keys (NH * NK == 8 accumulators): out[h * NK + k] = q_h . k_k.
+template <class Tag, int NH, int NK>
+PREFIXKV_AVX2 inline void QkTile(const float* q, int d, const typename Tag::Storage* const* rows,
+                                 float* out) {
+  static_assert(NH * NK == 8, "eight accumulators");
+  __m256 acc[8];
+  _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+  for (int i = 0; i < d; i += 8) {
+    __m256 kv[NK];
+    _Pragma("GCC unroll 8") for (int k = 0; k < NK; ++k) kv[k] = AvxLoad<Tag>::Load8(rows[k] + i);
+    _Pragma("GCC unroll 8") for (int h = 0; h < NH; ++h) {
+      const __m256 qv = _mm256_loadu_ps(q + static_cast<int64_t>(h) * d + i);
+      _Pragma("GCC unroll 8") for (int k = 0; k < NK; ++k) acc[h * NK + k] = _mm256_fmadd_ps(qv, kv[k], acc[h * NK + k]);
+    }
+  }
+  _mm256_storeu_ps(out, Reduce8(acc));
+}
+
+template <class Tag, int NH, int NK>
+PREFIXKV_AVX2 void QkGroup(const float* q, int group, int d, const typename Tag::Storage* k0,
+                           int64_t row_stride, int n, float* s) {
+  float out[8];
+  const typename Tag::Storage* rows[NK];
+  for (int g = 0; g < group; g += NH) {
+    const float* qg = q + static_cast<int64_t>(g) * d;
+    for (int t = 0; t < n; t += NK) {
+      // a key tile past n repeats the last key (read, never stored)
+      for (int k = 0; k < NK; ++k) rows[k] = k0 + std::min(t + k, n - 1) * row_stride;
+      QkTile<Tag, NH, NK>(qg, d, rows, out);
+      for (int h = 0; h < NH; ++h)
+        for (int k = 0; k < NK && t + k < n; ++k) s[(g + h) * kChunk + t + k] = out[h * NK + k];
+    }
+  }
+}
+
+// acc[h][i + 8j] += sum_t p[h][t] v_t[i + 8j] for NH heads, NDV vectors of head_dim at i.
+template <class Tag, int NH, int NDV>
+PREFIXKV_AVX2 inline void PvTile(const float* p, int d, int i, const typename Tag::Storage* v0,
+                                 int64_t row_stride, int n, float* acc) {
+  __m256 a[NH][NDV];
+  _Pragma("GCC unroll 8") for (int h = 0; h < NH; ++h)
+    _Pragma("GCC unroll 8") for (int j = 0; j < NDV; ++j) a[h][j] = _mm256_loadu_ps(acc + static_cast<int64_t>(h) * d + i + 8 * j);
+  for (int t = 0; t < n; ++t) {
+    const typename Tag::Storage* v = v0 + t * row_stride + i;
+    __m256 vv[NDV];
+    _Pragma("GCC unroll 8") for (int j = 0; j < NDV; ++j) vv[j] = AvxLoad<Tag>::Load8(v + 8 * j);
+    _Pragma("GCC unroll 8") for (int h = 0; h < NH; ++h) {
+      const __m256 ph = _mm256_broadcast_ss(p + h * kChunk + t);
+      _Pragma("GCC unroll 8") for (int j = 0; j < NDV; ++j) a[h][j] = _mm256_fmadd_ps(ph, vv[j], a[h][j]);
+    }
+  }
+  _Pragma("GCC unroll 8") for (int h = 0; h < NH; ++h)
+    _Pragma("GCC unroll 8") for (int j = 0; j < NDV; ++j) _mm256_storeu_ps(acc + static_cast<int64_t>(h) * d + i + 8 * j, a[h][j]);
+}
+
+template <class Tag, int NH, int NDV>
+PREFIXKV_AVX2 void PvGroup(const float* p, int group, int d, const typename Tag::Storage* v0,
+                           int64_t row_stride, int n, float* acc) {
+  for (int g = 0; g < group; g += NH) {
+    const float* pg = p + g * kChunk;
+    float* ag = acc + static_cast<int64_t>(g) * d;
+    int i = 0;
+    for (; i + 8 * NDV <= d; i += 8 * NDV) PvTile<Tag, NH, NDV>(pg, d, i, v0, row_stride, n, ag);
+    for (; i < d; i += 8) PvTile<Tag, NH, 1>(pg, d, i, v0, row_stride, n, ag);
+  }
+}
+
+struct Avx2 {
+  template <class Tag>
+  static void Qk(const float* q, int group, int d, const typename Tag::Storage* k0,
+                 int64_t row_stride, int n, float* s, float*) {
+    if (group % 4 == 0) QkGroup<Tag, 4, 2>(q, group, d, k0, row_stride, n, s);
+    else if (group % 2 == 0) QkGroup<Tag, 2, 4>(q, group, d, k0, row_stride, n, s);
+    else QkGroup<Tag, 1, 8>(q, group, d, k0, row_stride, n, s);
+  }
+
+  template <class Tag>
+  static void Pv(const float* p, int group, int d, const typename Tag::Storage* v0,
+                 int64_t row_stride, int n, float* acc, float*) {
+    if (group % 4 == 0) PvGroup<Tag, 4, 2>(p, group, d, v0, row_stride, n, acc);
+    else if (group % 2 == 0) PvGroup<Tag, 2, 4>(p, group, d, v0, row_stride, n, acc);
+    else PvGroup<Tag, 1, 8>(p, group, d, v0, row_stride, n, acc);
+  }
+
+  PREFIXKV_AVX2 static float ExpSum(float* s, int n, float m) {
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 sum = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 e = Exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), mv));
+      _mm256_storeu_ps(s + i, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    if (i < n) {  // tail: lanes past n contribute 0 and are not stored
+      float tmp[8];
+      for (int j = 0; j < 8; ++j) tmp[j] = i + j < n ? s[i + j] : m;
+      const __m256 live = _mm256_cmp_ps(
+          _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_ps(static_cast<float>(n - i)),
+          _CMP_LT_OQ);
+      const __m256 e =
+          _mm256_and_ps(Exp8(_mm256_sub_ps(_mm256_loadu_ps(tmp), mv)), live);
+      _mm256_storeu_ps(tmp, e);
+      for (int j = 0; i + j < n; ++j) s[i + j] = tmp[j];
+      sum = _mm256_add_ps(sum, e);
+    }
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    return _mm_cvtss_f32(h);
+  }
+};
+
+bool CpuHasAvx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+}
+#else
+bool CpuHasAvx2() { return false; }
+#endif  // PREFIXKV_X86
+
+// ------------------------------------------------------------------ the walk
+
+struct Shape {
+  int64_t num_seqs, num_q_heads, head_dim, num_blocks, block_size, num_kv_heads, max_blocks;
+};
+
+template <class Tag>
+void Prefetch(const typename Tag::Storage* row0, int64_t row_stride, int rows, int d) {
+  const int64_t bytes = static_cast<int64_t>(d) * sizeof(typename Tag::Storage);
+  for (int t = 0; t < rows; ++t) {
+    const char* r = reinterpret_cast<const char*>(row0 + t * row_stride);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(r + b, 0, 3);
+  }
+}
+
+template <class Tag, class Ops>
+void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
+                     const typename Tag::Storage* kc, const typename Tag::Storage* vc,
+                     const int32_t* tables, const int32_t* kv_lens, typename Tag::Storage* out,
+                     float* lse, float scale, int64_t window, float cap) {
+  using S = typename Tag::Storage;
+  const int hq = static_cast<int>(sh.num_q_heads);
+  const int hkv = static_cast<int>(sh.num_kv_heads);
+  const int d = static_cast<int>(sh.head_dim);
+  const int group = hq / hkv;
+  const int64_t bs = sh.block_size;
+  const int64_t row_stride = sh.num_kv_heads * sh.head_dim;  // elements between key rows
+  const int64_t block_elems = bs * row_stride;
+  std::vector<float> qf(static_cast<size_t>(hq) * d), acc(static_cast<size_t>(hq) * d);
+  std::vector<float> m(hq), l(hq), s(static_cast<size_t>(group) * kChunk), row(d);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+
+  for (int64_t seq = 0; seq < sh.num_seqs; ++seq) {
+    const S* qs = q + seq * hq * d;
+    S* os = out + seq * hq * d;
+    float* ls = lse + seq * hq;
+    const int64_t kv_len = std::max<int64_t>(kv_lens[seq], 0);
+    const int64_t lo = window > 0 ? std::max<int64_t>(kv_len - window, 0) : 0;
+    if (kv_len == 0 || sh.max_blocks == 0 || sh.num_blocks == 0) {
+      for (int64_t i = 0; i < static_cast<int64_t>(hq) * d; ++i) os[i] = Tag::FromF32(0.0f);
+      for (int h = 0; h < hq; ++h) ls[h] = neg_inf;
+      continue;
+    }
+    for (int64_t i = 0; i < static_cast<int64_t>(hq) * d; ++i) qf[i] = Tag::ToF32(qs[i]) * scale;
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    std::fill(m.begin(), m.end(), neg_inf);
+    std::fill(l.begin(), l.end(), 0.0f);
+    const int32_t* table = tables + seq * sh.max_blocks;
+    auto block_base = [&](int64_t b) {
+      const int64_t tb = std::min<int64_t>(b, sh.max_blocks - 1);
+      const int64_t id = std::min<int64_t>(std::max<int64_t>(table[tb], 0), sh.num_blocks - 1);
+      return id * block_elems;
+    };
+    const int64_t first = lo / bs, last = (kv_len - 1) / bs;
+    for (int64_t b = first; b <= last; ++b) {
+      const int64_t base = block_base(b);
+      const int64_t t0 = std::max(lo, b * bs) - b * bs;
+      const int64_t t1 = std::min(kv_len, (b + 1) * bs) - b * bs;
+      const int64_t next = b < last ? block_base(b + 1) : -1;
+      for (int h = 0; h < hkv; ++h) {
+        if (next >= 0) {
+          const int nrows = static_cast<int>(std::min<int64_t>(bs, kv_len - (b + 1) * bs));
+          Prefetch<Tag>(kc + next + h * d, row_stride, nrows, d);
+          Prefetch<Tag>(vc + next + h * d, row_stride, nrows, d);
+        }
+        const float* qh = qf.data() + static_cast<int64_t>(h) * group * d;
+        float* ah = acc.data() + static_cast<int64_t>(h) * group * d;
+        float* mh = m.data() + h * group;
+        float* lh = l.data() + h * group;
+        for (int64_t c = t0; c < t1; c += kChunk) {
+          const int n = static_cast<int>(std::min<int64_t>(kChunk, t1 - c));
+          const int64_t off = base + c * row_stride + static_cast<int64_t>(h) * d;
+          Ops::template Qk<Tag>(qh, group, d, kc + off, row_stride, n, s.data(), row.data());
+          for (int g = 0; g < group; ++g) {
+            float* sg = s.data() + g * kChunk;
+            if (cap > 0.0f)
+              for (int t = 0; t < n; ++t) sg[t] = cap * std::tanh(sg[t] / cap);
+            float mc = sg[0];
+            for (int t = 1; t < n; ++t) mc = std::max(mc, sg[t]);
+            const float m_new = std::max(mh[g], mc);
+            if (m_new > mh[g]) {
+              const float alpha = std::exp(mh[g] - m_new);  // 0 for the first chunk
+              float* a = ah + static_cast<int64_t>(g) * d;
+              for (int i = 0; i < d; ++i) a[i] *= alpha;
+              lh[g] *= alpha;
+              mh[g] = m_new;
+            }
+            lh[g] += Ops::ExpSum(sg, n, mh[g]);
+          }
+          Ops::template Pv<Tag>(s.data(), group, d, vc + off, row_stride, n, ah, row.data());
+        }
+      }
+    }
+    for (int h = 0; h < hq; ++h) {
+      const bool seen = l[h] > 0.0f;
+      const float inv = seen ? 1.0f / l[h] : 0.0f;
+      for (int i = 0; i < d; ++i) os[h * d + i] = Tag::FromF32(acc[h * d + i] * inv);
+      ls[h] = seen ? m[h] + std::log(l[h]) : neg_inf;
+    }
+  }
+}
+
+template <class Tag>
+void Dispatch(bool portable, const Shape& sh, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+              const ffi::AnyBuffer& v, const int32_t* tables, const int32_t* kv_lens,
+              ffi::AnyBuffer* out, float* lse, float scale, int64_t window, float cap) {
+  using S = typename Tag::Storage;
+  const S* qp = static_cast<const S*>(q.untyped_data());
+  const S* kp = static_cast<const S*>(k.untyped_data());
+  const S* vp = static_cast<const S*>(v.untyped_data());
+  S* op = static_cast<S*>(out->untyped_data());
+#if PREFIXKV_X86
+  if (!portable && sh.head_dim % 8 == 0 && CpuHasAvx2()) {
+    DecodeAttention<Tag, Avx2>(sh, qp, kp, vp, tables, kv_lens, op, lse, scale, window, cap);
+    return;
+  }
+#endif
+  DecodeAttention<Tag, Portable>(sh, qp, kp, vp, tables, kv_lens, op, lse, scale, window, cap);
+}
+
+ffi::Error PagedAttentionDecodeImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
+                                    ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> block_tables,
+                                    ffi::Buffer<ffi::S32> kv_lens,
+                                    ffi::Result<ffi::AnyBuffer> out,
+                                    ffi::Result<ffi::Buffer<ffi::F32>> lse, float scale,
+                                    int64_t sliding_window, float logits_soft_cap,
+                                    int64_t portable) {
+  auto qd = q.dimensions();
+  auto kd = k_cache.dimensions();
+  auto td = block_tables.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || td.size() != 2)
+    return ffi::Error::InvalidArgument("paged_attention_decode: bad ranks");
+  const auto dtype = q.element_type();
+  if (k_cache.element_type() != dtype || v_cache.element_type() != dtype ||
+      out->element_type() != dtype)
+    return ffi::Error::InvalidArgument("paged_attention_decode: dtypes differ");
+  Shape sh{qd[0], qd[1], qd[2], kd[0], kd[1], kd[2], td[1]};
+  auto vd = v_cache.dimensions();
+  for (size_t i = 0; i < 4; ++i)
+    if (vd[i] != kd[i])
+      return ffi::Error::InvalidArgument("paged_attention_decode: k and v caches differ");
+  if (kd[3] != sh.head_dim || sh.num_kv_heads < 1 || sh.num_q_heads % sh.num_kv_heads != 0 ||
+      td[0] != sh.num_seqs || static_cast<int64_t>(kv_lens.element_count()) != sh.num_seqs ||
+      out->element_count() != q.element_count() ||
+      static_cast<int64_t>(lse->element_count()) != sh.num_seqs * sh.num_q_heads)
+    return ffi::Error::InvalidArgument("paged_attention_decode: shapes do not match");
+  const int32_t* tables = block_tables.typed_data();
+  const int32_t* lens = kv_lens.typed_data();
+  float* lp = lse->typed_data();
+  const bool port = portable != 0;
+  ffi::AnyBuffer* op = &(*out);
+  switch (dtype) {
+    case ffi::DataType::F32:
+      Dispatch<F32Tag>(port, sh, q, k_cache, v_cache, tables, lens, op, lp, scale,
+                       sliding_window, logits_soft_cap);
+      break;
+    case ffi::DataType::BF16:
+      Dispatch<BF16Tag>(port, sh, q, k_cache, v_cache, tables, lens, op, lp, scale,
+                        sliding_window, logits_soft_cap);
+      break;
+    case ffi::DataType::F16:
+      Dispatch<F16Tag>(port, sh, q, k_cache, v_cache, tables, lens, op, lp, scale,
+                       sliding_window, logits_soft_cap);
+      break;
+    default:
+      return ffi::Error::InvalidArgument(
+          "paged_attention_decode: dtype must be float32, bfloat16 or float16");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PrefixkvPagedAttentionDecode, PagedAttentionDecodeImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("sliding_window")
+                                  .Attr<float>("logits_soft_cap")
+                                  .Attr<int64_t>("portable"));

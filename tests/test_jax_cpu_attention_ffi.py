@@ -1,0 +1,289 @@
+"""The XLA:CPU FFI decode attention kernel (kernels/cpu/xla_attention.cc) behind the JAX
+frontend's paged_attention on CPU, against the numpy reference.
+
+Batches come from the shared ragged builders with NaN in every slot that holds no token and
+NaN blocks as table padding, so a key read past kv_len, outside the window or outside the
+table fails the comparison. Both inner-loop implementations run: the AVX2 one (chosen on this
+machine when head_dim % 8 == 0) and the portable one (``portable=True``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+from prefixkv.jax_frontend import _backends, _xla  # noqa: E402
+from prefixkv.kernels.cpu import xla_ffi  # noqa: E402
+from prefixkv.paged import testing  # noqa: E402
+from prefixkv.paged.reference import paged_attention_reference  # noqa: E402
+from prefixkv.paged.spec import ATTENTION_TOLERANCE  # noqa: E402
+
+from prefixkv import jax_frontend as jf  # noqa: E402
+
+TARGET = "prefixkv_cpu_paged_attention_decode"
+
+pytestmark = [
+    pytest.mark.skipif(not xla_ffi.available(),
+                       reason=f"CPU FFI not built: {xla_ffi.cpu_cache_ops_path()}"),
+    pytest.mark.skipif(jax.default_backend() != "cpu", reason="default backend is not the CPU"),
+]
+
+DTYPES = ["float32", "bfloat16", "float16"]
+HEAD_DIMS = [64, 80, 96, 128, 256]
+BLOCK_SIZES = [8, 16, 32, 64, 7, 1]
+#: (num_q_heads, num_kv_heads): MHA, GQA 4, GQA 3 (odd group), GQA 8, MQA, Llama-3-8B.
+HEADS = {"mha": (4, 4), "gqa4": (8, 2), "gqa3": (6, 2), "gqa8": (16, 2), "mqa": (8, 1),
+         "llama3": (32, 8)}
+
+
+def _decode_batch(seed, *, block_size=16, grid="decode", extra=(), **kw):
+    rng = np.random.default_rng(seed)
+    seqs = testing.seq_grid(grid, block_size) + list(extra)
+    return testing.make_ragged_batch(rng, seqs, block_size=block_size, decode=True, **kw)
+
+
+def _jnp(batch):
+    return [jnp.asarray(a) for a in batch.args()[:5]]
+
+
+def _close(got, want, dtype):
+    atol, rtol = ATTENTION_TOLERANCE[dtype]
+    got = np.asarray(got)
+    assert got.dtype == np.asarray(want).dtype
+    np.testing.assert_allclose(got.astype(np.float32), np.asarray(want).astype(np.float32),
+                               atol=atol, rtol=rtol)
+
+
+def _close_lse(got, want, dtype):
+    atol, rtol = ATTENTION_TOLERANCE[dtype]
+    got = np.asarray(got)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    np.testing.assert_allclose(got, want, atol=atol, rtol=rtol)
+
+
+def _check_kernel(batch, dtype, portable=False, **kw):
+    """The kernel called directly against the reference (out and lse)."""
+    scale = kw.pop("scale", batch.q.shape[-1] ** -0.5)
+    want, want_lse = paged_attention_reference(*batch.args(), scale=scale, return_lse=True, **kw)
+    out, lse = jax.jit(lambda *a: xla_ffi.paged_attention_decode(
+        *a, scale=scale, portable=portable, **kw))(*_jnp(batch))
+    _close(out, want, dtype)
+    _close_lse(lse, want_lse, dtype)
+
+
+def _check_frontend(batch, dtype, **kw):
+    """jf.paged_attention (eager: the registry's xla backend, FFI inside) vs the reference."""
+    want, want_lse = paged_attention_reference(*batch.args(), return_lse=True, **kw)
+    out, lse = jf.paged_attention(*_jnp(batch), return_lse=True, **kw)
+    _close(out, want, dtype)
+    _close_lse(lse, want_lse, dtype)
+
+
+def _hlo(fn, *args) -> str:
+    return jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
+
+
+# ------------------------------------------------------------------------------ grids
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dtypes_and_head_dims(dtype, head_dim):
+    batch = _decode_batch(1, num_q_heads=8, num_kv_heads=2, head_dim=head_dim, dtype=dtype)
+    _check_frontend(batch, dtype)
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_block_sizes(dtype, block_size):
+    # 3 * 64 + 5 keys cross the 64-key softmax chunk inside one block
+    batch = _decode_batch(2, block_size=block_size, num_q_heads=8, num_kv_heads=2,
+                          head_dim=64, dtype=dtype, extra=[(1, 3 * 64 + 5)])
+    _check_frontend(batch, dtype)
+
+
+@pytest.mark.parametrize("heads", list(HEADS.values()), ids=list(HEADS))
+def test_head_ratios(heads):
+    batch = _decode_batch(3, num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=64)
+    _check_frontend(batch, "float32")
+
+
+@pytest.mark.parametrize("kw", [
+    dict(logits_soft_cap=2.5), dict(sliding_window=1), dict(sliding_window=7),
+    dict(sliding_window=40), dict(sliding_window=9, logits_soft_cap=1.5),
+    dict(scale=0.3), dict(causal=False)],
+    ids=["softcap", "window1", "window7", "window40", "window_softcap", "scale", "noncausal"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_options(dtype, kw):
+    # q_scale 3: logits large enough for the soft cap to matter
+    batch = _decode_batch(4, num_q_heads=8, num_kv_heads=2, head_dim=64, dtype=dtype,
+                          q_scale=3.0, extra=[(1, 70), (1, 2)])
+    _check_frontend(batch, dtype, **kw)
+
+
+def test_softmax_chunks_and_large_logits():
+    """Logits growing along the sequence (the running max rises in every chunk, rescaling the
+    accumulator) and large enough that exp without the max shift would overflow."""
+    rng = np.random.default_rng(5)
+    batch = _decode_batch(5, block_size=16, num_q_heads=4, num_kv_heads=1, head_dim=64,
+                          extra=[(1, 300)])
+    kc = batch.k_cache
+    ramp = np.linspace(0.0, 40.0, kc.shape[0] * kc.shape[1]).reshape(kc.shape[:2])
+    batch.k_cache = (kc + ramp[:, :, None, None]).astype(np.float32)
+    batch.q = np.abs(batch.q) + rng.uniform(0, 1, batch.q.shape).astype(np.float32)
+    _check_frontend(batch, "float32")
+
+
+# ------------------------------------------------------------ the kernel's two inner loops
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 12, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("portable", [False, True], ids=["avx2_or_auto", "portable"])
+def test_kernel_paths(dtype, head_dim, portable):
+    """head_dim 12 and 3 (not multiples of 8) take the portable loops either way."""
+    batch = _decode_batch(6, block_size=7, num_q_heads=6, num_kv_heads=2, head_dim=head_dim,
+                          dtype=dtype, extra=[(1, 40)])
+    _check_kernel(batch, dtype, portable=portable, sliding_window=30, logits_soft_cap=4.0)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["avx2_or_auto", "portable"])
+def test_kernel_empty_sequences(portable):
+    """kv_len 0 (not a valid decode input of the public op, which needs kv_len >= 1): out 0
+    and lse -inf, written over whatever the output buffer held."""
+    batch = _decode_batch(7, num_q_heads=8, num_kv_heads=2, head_dim=64)
+    kv_lens = batch.kv_lens.copy()
+    kv_lens[[0, 3]] = 0
+    q, k, v, t, _ = _jnp(batch)
+    out, lse = jax.jit(lambda *a: xla_ffi.paged_attention_decode(
+        *a, scale=0.125, portable=portable))(q, k, v, t, jnp.asarray(kv_lens))
+    out, lse = np.asarray(out), np.asarray(lse)
+    assert (out[[0, 3]] == 0).all() and np.isneginf(lse[[0, 3]]).all()
+    batch.kv_lens = kv_lens
+    keep = [1, 2, 4]
+    want, want_lse = paged_attention_reference(
+        batch.q[keep], batch.k_cache, batch.v_cache, batch.block_tables[keep], kv_lens[keep],
+        scale=0.125, return_lse=True)
+    _close(out[keep], want, "float32")
+    _close_lse(lse[keep], want_lse, "float32")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kernel_out_of_range_ids_clamped_like_xla(dtype):
+    """Invalid tables (negative ids, ids past num_blocks) and kv_lens past the table do not
+    crash; the kernel reads what the XLA path reads (table index and ids clamped)."""
+    batch = _decode_batch(8, num_q_heads=8, num_kv_heads=2, head_dim=64, dtype=dtype,
+                          nan_fill=False)
+    tables = batch.block_tables.copy()
+    num_blocks = batch.k_cache.shape[0]
+    tables[0, 0] = -5
+    tables[1, 0] = num_blocks + 100
+    tables[4, -1] = 2**31 - 1
+    kv_lens = batch.kv_lens.copy()
+    kv_lens[2] = tables.shape[1] * batch.block_size + 9   # past the table
+    kv_lens[3] = -4                                       # treated as 0
+    args = [jnp.asarray(a) for a in (batch.q, batch.k_cache, batch.v_cache, tables, kv_lens)]
+    out, lse = xla_ffi.paged_attention_decode(*args, scale=0.125)
+    want, want_lse = _xla.ragged_paged_attention(*args, None, scale=0.125)
+    _close(out, np.asarray(want), dtype)
+    _close_lse(lse, np.asarray(want_lse), dtype)
+
+
+# ------------------------------------------------------------------- dispatch and jit
+
+
+def test_jit_runs_the_ffi_kernel():
+    batch = _decode_batch(9, num_q_heads=8, num_kv_heads=2, head_dim=128, dtype="bfloat16")
+    args = _jnp(batch)
+    assert TARGET in _hlo(jf.paged_attention, *args)
+    assert TARGET in _hlo(lambda *a: _backends.paged_attention_xla(*a, scale=0.1), *args)
+    f = jax.jit(lambda *a: jf.paged_attention(*a, sliding_window=5, return_lse=True))
+    out, lse = f(*args)
+    want, want_lse = paged_attention_reference(*batch.args(), sliding_window=5,
+                                               return_lse=True)
+    _close(out, want, "bfloat16")
+    _close_lse(lse, want_lse, "bfloat16")
+
+
+def test_prefill_keeps_the_xla_path():
+    rng = np.random.default_rng(10)
+    batch = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16), num_q_heads=8,
+                                      num_kv_heads=2)
+    args = [jnp.asarray(a) for a in batch.args()]
+    assert TARGET not in _hlo(jf.paged_attention, *args)
+
+
+def test_disabled_ffi_falls_back_to_xla(monkeypatch):
+    batch = _decode_batch(11, num_q_heads=8, num_kv_heads=2, head_dim=64, dtype="bfloat16")
+    args = _jnp(batch)
+    monkeypatch.setenv(xla_ffi.DISABLE_ENV, "1")
+    xla_ffi._reset_for_tests()
+    try:
+        assert not xla_ffi.available()
+        # a fresh function: jit caches the trace of paged_attention_xla per argument shapes
+        assert TARGET not in _hlo(lambda *a: _backends.paged_attention_xla.__wrapped__(
+            *a, scale=0.125), *args)
+        out = jax.jit(lambda *a: _backends.paged_attention_xla.__wrapped__(
+            *a, scale=0.125))(*args)[0]
+        _close(out, paged_attention_reference(*batch.args(), scale=0.125), "bfloat16")
+    finally:
+        monkeypatch.delenv(xla_ffi.DISABLE_ENV)
+        xla_ffi._reset_for_tests()
+    assert xla_ffi.available()
+
+
+def test_vmap_over_layers():
+    """vmap of the jitted op (sequential: one kernel call per layer)."""
+    batch = _decode_batch(12, num_q_heads=8, num_kv_heads=2, head_dim=64)
+    q, k, v, t, n = _jnp(batch)
+    layers = 3
+    ks = jnp.stack([k * (i + 1) for i in range(layers)])
+    vs = jnp.stack([v + i for i in range(layers)])
+    out = jax.vmap(lambda kk, vv: jf.paged_attention(q, kk, vv, t, n))(ks, vs)
+    for i in range(layers):
+        want = paged_attention_reference(batch.q, np.asarray(ks[i]), np.asarray(vs[i]),
+                                         batch.block_tables, batch.kv_lens)
+        _close(out[i], want, "float32")
+
+
+_SHARD_SCRIPT = """
+import os
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+import jax, numpy as np
+from jax.sharding import NamedSharding
+from prefixkv import jax_frontend as jf
+from prefixkv.paged import testing
+from prefixkv.paged.reference import paged_attention_reference
+assert jax.device_count() == 4
+mesh = jax.make_mesh((4,), ("tp",))
+spec = jf.kv_head_specs("tp")
+rng = np.random.default_rng(0)
+b = testing.make_ragged_batch(rng, testing.seq_grid("decode", 8), num_q_heads=16,
+                              num_kv_heads=4, head_dim=64, block_size=8, decode=True)
+put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))
+q, kc, vc = put(b.q, spec["q"]), put(b.k_cache, spec["cache"]), put(b.v_cache, spec["cache"])
+attn = jax.jit(jf.tensor_parallel_paged_attention(mesh, "tp", sliding_window=11,
+                                                  return_lse=True))
+assert "prefixkv_cpu_paged_attention_decode" in attn.lower(
+    q, kc, vc, b.block_tables, b.kv_lens).as_text()
+out, lse = attn(q, kc, vc, b.block_tables, b.kv_lens)
+assert out.sharding.spec == spec["q"], out.sharding
+want, want_lse = paged_attention_reference(*b.args(), sliding_window=11, return_lse=True)
+np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=2e-5)
+np.testing.assert_allclose(np.asarray(lse), want_lse, atol=2e-5, rtol=2e-5)
+print("OK")
+"""
+
+
+def test_shard_map_kv_heads_per_shard():
+    """Decode with the kv heads sharded over 4 host devices: each shard runs the kernel on its
+    own heads (a subprocess: the device count is fixed when jax starts)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _SHARD_SCRIPT], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
