@@ -1,12 +1,14 @@
 """The decode fast paths of XLA cascade (shared-prefix) attention against the numpy reference.
 
-The own part of a decode batch with short own KV runs :func:`_xla.short_decode_attention`
-(QK with the keys as rows, PV with the group's q heads as rows, the small score tile
-transposed between them behind an optimization barrier). These cases go through the public
-op, assert that path was taken, and cover the edges of its layout: group sizes 1 and odd,
-own KV of one token and of the whole table, padding slots and padding table entries holding
-NaN, tokens with no prefix, an empty prefix, a prefix shorter than its table, soft cap, and
-float32 / bfloat16 / float16 caches.
+The own part of a decode batch runs, on CPU when the compiled FFI kernels build, the decode
+paged attention handler of ``kernels/cpu``; elsewhere (and with them off) with short own KV
+:func:`_xla.short_decode_attention` (QK with the keys as rows, PV with the group's q heads as
+rows, the small score tile transposed between them behind an optimization barrier), with
+long own KV the generic ragged loop. These cases go through the public op on both CPU paths,
+assert which was taken, and cover the edges: group sizes 1 and odd, own KV of one token, of
+the whole table and longer than the short path takes, padding slots and padding table
+entries holding NaN, tokens with no prefix, an empty prefix, a prefix shorter than its
+table, soft cap, and float32 / bfloat16 / float16 caches.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pytest
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 from prefixkv.jax_frontend import _xla  # noqa: E402
+from prefixkv.kernels.cpu import xla_ffi  # noqa: E402
 from prefixkv.paged import reference as ref  # noqa: E402
 from prefixkv.paged import testing  # noqa: E402
 from prefixkv.paged.spec import ATTENTION_TOLERANCE  # noqa: E402
@@ -56,17 +59,30 @@ CASES = {
     "no_token_has_it": ([2], [(-1, 1, 5), (-1, 1, 1)], (8, 2), {}),
     "several_prefixes": ([2, 1, 3], [(2, 1, 5), (0, 1, 3), (-1, 1, 7), (2, 1, 1), (1, 1, 12)],
                          (8, 2), dict(logits_soft_cap=5.0)),
+    # own KV past SHORT_DECODE_MAX_TOKENS: the generic loop when the FFI kernel is off
+    "long_own_kv": ([2], [(0, 1, 4 * 130 + 3), (0, 1, 2), (-1, 1, 9)], (8, 2), {}),
 }
+
+
+def _counting(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
 
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_decode_cascade_short_own_kv(case, dtype, monkeypatch):
+@pytest.mark.parametrize("path", ["ffi", "xla"])
+def test_decode_cascade_own_part(case, dtype, path, monkeypatch):
+    if path == "ffi" and not xla_ffi.available():
+        pytest.skip(f"CPU FFI kernels: {xla_ffi.cpu_cache_ops_path()}")
+    if path == "xla":
+        monkeypatch.setattr(xla_ffi, "use_for_attention", lambda *a: False)
+    jax.clear_caches()  # the public op is jitted: trace again under the patches
+    ffi_calls = _counting(monkeypatch, xla_ffi, "paged_attention_decode")
+    short_calls = _counting(monkeypatch, _xla, "short_decode_attention")
     prefix_blocks, seqs, (hq, hkv), kw = CASES[case]
-    calls = []
-    real = _xla.short_decode_attention
-    monkeypatch.setattr(_xla, "short_decode_attention",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
     rng = np.random.default_rng(31)
     batch = testing.make_shared_prefix_batch(rng, prefix_blocks, seqs, num_q_heads=hq,
                                              num_kv_heads=hkv, head_dim=32, block_size=4,
@@ -76,11 +92,15 @@ def test_decode_cascade_short_own_kv(case, dtype, monkeypatch):
     # tables with a spare column, both padded with the NaN block: never read as a key
     batch.prefix_block_tables = np.pad(batch.prefix_block_tables, ((0, 0), (0, 1)),
                                        constant_values=nan)
-    own = np.pad(batch.block_tables, ((0, 0), (0, 1)), constant_values=nan)
-    batch.block_tables = np.ascontiguousarray(own)
+    batch.block_tables = np.ascontiguousarray(
+        np.pad(batch.block_tables, ((0, 0), (0, 1)), constant_values=nan))
     want, want_lse = ref.shared_prefix_attention_reference(*batch.args(), return_lse=True, **kw)
     out, lse = jf.shared_prefix_attention(*batch.args(), return_lse=True, **kw)
-    assert calls, "short_decode_attention was not taken"
+    short = case != "long_own_kv"
+    if path == "ffi":
+        assert ffi_calls, "the FFI decode kernel was not taken"
+    else:
+        assert not ffi_calls and bool(short_calls) == short
     assert out.dtype == batch.q.dtype and out.shape == batch.q.shape
     _close(out, want, dtype)
     _close_lse(lse, want_lse)
