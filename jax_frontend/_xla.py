@@ -545,6 +545,15 @@ def short_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
     return out.astype(q.dtype), lse
 
 
+def _varying_axes(x) -> set:
+    """The shard_map mesh axes ``x`` varies over (empty outside shard_map)."""
+    aval = jax.typeof(x)
+    if hasattr(aval, "vma"):
+        return set(aval.vma)
+    mat = getattr(aval, "manual_axis_type", None)
+    return set(getattr(mat, "varying", ()))
+
+
 def _decode_own_part(q, k_cache, v_cache, block_tables, kv_lens, own_xla, *, decode: bool,
                      scale: float, logits_soft_cap: float | None):
     """The own part of cascade attention, (out in q's dtype, lse f32): ``own_xla()``, except
@@ -559,8 +568,16 @@ def _decode_own_part(q, k_cache, v_cache, block_tables, kv_lens, own_xla, *, dec
 
     def cpu_path():
         # each decode query sits at its kv_len - 1: it sees every own key
-        return xla_ffi.paged_attention_decode(q, k_cache, v_cache, block_tables, kv_lens,
-                                              scale=scale, logits_soft_cap=logits_soft_cap)
+        out = xla_ffi.paged_attention_decode(q, k_cache, v_cache, block_tables, kv_lens,
+                                             scale=scale, logits_soft_cap=logits_soft_cap)
+        # inside shard_map the FFI results vary over no mesh axis, while the XLA branch's
+        # vary over those of its inputs (both branches must agree under check_vma)
+        axes = set()
+        for a in (q, k_cache, v_cache, block_tables, kv_lens):
+            axes |= _varying_axes(a)
+        if axes:
+            out = tuple(lax.pcast(x, tuple(sorted(axes)), to="varying") for x in out)
+        return out
 
     return lax.platform_dependent(cpu=cpu_path, default=own_xla)
 

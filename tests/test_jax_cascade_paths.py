@@ -146,3 +146,46 @@ def test_16bit_cache_not_copied_whole(prefix_blocks, dtype):
     whole = "u16[" + ",".join(map(str, batch.k_cache.shape)) + "]"
     assert whole not in _entry(fn.lower(*args).compile().as_text())
     _close(fn(*args), ref.shared_prefix_attention_reference(*batch.args()), dtype)
+
+
+_SHARD_SCRIPT = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import numpy as np, jax, jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+from prefixkv.paged import testing, reference as ref
+from prefixkv.jax_frontend import _xla
+from prefixkv.kernels.cpu import xla_ffi
+
+rng = np.random.default_rng(34)
+b = testing.make_shared_prefix_batch(rng, [3], [(0, 1, 5), (0, 1, 9), (-1, 1, 3), (0, 1, 12)],
+                                     num_q_heads=8, num_kv_heads=4, head_dim=32, block_size=4)
+want, want_lse = ref.shared_prefix_attention_reference(*b.args(), return_lse=True)
+mesh = Mesh(np.array(jax.devices()), ("kv",))
+args = [jnp.asarray(a) for a in b.args()[:-1]]
+heads, rep = P(None, "kv"), P()
+for check_vma in (True, False):
+    fn = jax.jit(jax.shard_map(
+        lambda *a: _xla.shared_prefix_attention(*a, None, scale=32 ** -0.5), mesh=mesh,
+        in_specs=(heads, P(None, None, "kv"), P(None, None, "kv"), rep, rep, rep, rep, rep),
+        out_specs=(heads, heads), check_vma=check_vma))
+    out, lse = fn(*args)
+    np.testing.assert_allclose(np.asarray(out), want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(lse), want_lse, atol=1e-4, rtol=1e-5)
+    hlo = fn.lower(*args).compile().as_text()
+    assert ("prefixkv_cpu_paged_attention_decode" in hlo) == xla_ffi.available()
+print("OK")
+"""
+
+
+def test_shard_map_kv_heads_both_vma_modes():
+    """Cascade decode inside shard_map with the kv heads sharded over 4 host devices, with and
+    without check_vma: the FFI own part's results are cast to the mesh axes the XLA branch
+    varies over, so both platform branches agree (a subprocess: the device count is fixed
+    when jax starts)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _SHARD_SCRIPT], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
