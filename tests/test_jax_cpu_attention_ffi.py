@@ -124,6 +124,17 @@ def test_options(dtype, kw):
     _check_frontend(batch, dtype, **kw)
 
 
+@pytest.mark.parametrize("dtype,block_size", [("float32", 64), ("bfloat16", 16),
+                                              ("float16", 5)])
+def test_llama_shapes_chunks_inside_and_across_blocks(dtype, block_size):
+    """32 q heads, 8 kv heads, head_dim 128: float32 chunks of 8 keys inside 64-key blocks,
+    16-bit chunks of 64 keys across blocks of 16 or 5; windows start mid-chunk."""
+    batch = _decode_batch(13, block_size=block_size, num_q_heads=32, num_kv_heads=8,
+                          head_dim=128, dtype=dtype, extra=[(1, 203), (1, 64)])
+    _check_frontend(batch, dtype)
+    _check_frontend(batch, dtype, sliding_window=37)
+
+
 def test_softmax_chunks_and_large_logits():
     """Logits growing along the sequence (the running max rises in every chunk, rescaling the
     accumulator) and large enough that exp without the max shift would overflow."""
