@@ -289,9 +289,11 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
     return out.astype(out_a.dtype), lse.astype(jnp.float32)
 
 
-#: Bytes of float32 scores of one step of the single-prefix path: [rows, chunk] of one kv head,
-#: kept within the per-core L2 cache (bigger chunks make bigger, faster dots; measured on
-#: 32 x 2048 decode: 1024 keys 13.0 ms, 2048 keys 11.9 ms, 256 keys 18.6 ms).
+#: Bytes of float32 scores of one step of the single-prefix path: [rows, chunk] of one kv head
+#: (bigger chunks make bigger, faster dots; measured on 32 x 2048 decode: 1024 keys 13.0 ms,
+#: 2048 keys 11.9 ms, 256 keys 18.6 ms). 1 MiB is twice the 512 KiB L2 of a core here: the
+#: step's scores, K and V live in L3, which the dots' rate does not notice (512 and 1024 keys
+#: per step measured no faster).
 PREFIX_SCORE_BYTES = 1 << 20
 #: Fewest keys per step of the single-prefix path; with more query rows than this allows in
 #: PREFIX_SCORE_BYTES the generic ragged path (which tiles the queries) is used.
@@ -322,6 +324,14 @@ def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_pr
     and the chunks in a ``while_loop`` with an online softmax (no loop when one chunk holds the
     table), so the working set of a step is one head's chunk (XLA:CPU's dots reach the sgemm
     rate at these sizes; the generic loop's all-heads steps spill the cache).
+
+    The dots are ~85% of the time (32 x 2048 f32, one thread: ~14 of ~16.5 ms, 71 GFLOP/s for
+    QK and 69 for PV). Tried and no faster there (interleaved A/B, min and median): p without
+    the padding mask; exp2 with log2 e in the scale; 512 or 1024 keys per step; all heads of a
+    chunk gathered at once (one pass over whole blocks) or 2 / 4 heads per gather; QK with the
+    keys as rows (84 GFLOP/s alone, but PV then needs p as [rows, keys]: the transpose, in
+    the exp pass or behind a barrier, costs what the dot saves; PV on p as [keys, rows] is
+    not a YNN dot here, 58 GFLOP/s).
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
