@@ -262,7 +262,8 @@ def test_vmap_over_layers():
 
 _SHARD_SCRIPT = """
 import os
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=4")
 import jax, numpy as np
 from jax.sharding import NamedSharding
 from prefixkv import jax_frontend as jf

@@ -1,4 +1,5 @@
-"""Build, load and register the XLA:CPU FFI cache-update handlers of ``xla_cache_ops.cc``.
+"""Build, load and register the XLA:CPU FFI handlers: the cache ops of ``xla_cache_ops.cc``
+and the decode attention of ``xla_attention.cc``, compiled into one library.
 
 XLA:CPU scatters a bfloat16 cache by converting the whole cache to float32 and back (hundreds
 of ms for a 1 GiB cache, where float16 takes 0.3 ms); these handlers copy rows / blocks as
@@ -6,7 +7,8 @@ bytes into the aliased (donated) cache instead, for every dtype.
 
 The handlers are compiled on first use with the system C++ compiler against the FFI headers
 shipped with jaxlib (``jax.ffi.include_dir()``), into a per-user cache directory keyed by a
-hash of the source, the jaxlib version and the compiler command; a file lock guards the build
+hash of the sources, the jaxlib version and the compiler command (no -march: the attention
+kernel picks its AVX2 loops at run time); a file lock guards the build
 against concurrent processes. When the build is disabled (``PREFIXKV_DISABLE_CPU_FFI=1``), no
 compiler is found or the build fails, :func:`available` is False and the JAX frontend keeps
 its XLA path; :func:`cpu_cache_ops_path` says which path runs and why.
