@@ -62,10 +62,11 @@ def paged_attention_xla(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
 
     def cpu_path():
         # the decode query sits at kv_len - 1: causal masks nothing more, the window needs it
-        return xla_ffi.paged_attention_decode(
+        out = xla_ffi.paged_attention_decode(
             q, k_cache, v_cache, block_tables, kv_lens, scale=scale,
             sliding_window=sliding_window if causal else None,
             logits_soft_cap=logits_soft_cap)
+        return _xla.match_varying(out, q, k_cache, v_cache, block_tables, kv_lens)
 
     return jax.lax.platform_dependent(cpu=cpu_path, default=xla_path)
 

@@ -61,9 +61,8 @@ def tensor_parallel_paged_attention(mesh, axis: str = "tp", **config):
 
         out_specs = (spec["q"], spec["lse"]) if return_lse else spec["q"]
         cu_spec = None if cu_q_lens is None else spec["replicated"]
-        # check_vma=False: the ops' loop carries start as constants (not device-varying)
         return jax.shard_map(
-            local, mesh=mesh, out_specs=out_specs, check_vma=False,
+            local, mesh=mesh, out_specs=out_specs,
             in_specs=(spec["q"], spec["cache"], spec["cache"], spec["replicated"],
                       spec["replicated"], cu_spec),
         )(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens)
@@ -84,7 +83,7 @@ def tensor_parallel_write_kv(mesh, axis: str = "tp", **config):
             return _ops.write_kv(key, value, k, v, slots, **config)
 
         return jax.shard_map(
-            local, mesh=mesh, out_specs=(spec["cache"], spec["cache"]), check_vma=False,
+            local, mesh=mesh, out_specs=(spec["cache"], spec["cache"]),
             in_specs=(spec["q"], spec["q"], spec["cache"], spec["cache"], spec["replicated"]),
         )(key, value, k_cache, v_cache, slot_mapping)
 

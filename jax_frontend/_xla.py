@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ..kernels.pallas._vma import varying_axes
+
 #: Default number of KV tokens per loop step (rounded to whole blocks).
 DECODE_CHUNK_TOKENS = 128
 PREFILL_CHUNK_TOKENS = 256
@@ -91,6 +93,25 @@ def _bits_to_f32(x, dtype):
     if dtype == jnp.bfloat16:
         return lax.bitcast_convert_type(x.astype(jnp.uint32) << 16, jnp.float32)
     return lax.bitcast_convert_type(x, dtype).astype(jnp.float32)
+
+
+def match_varying(outs, *refs):
+    """``outs`` (a pytree of arrays) cast to vary over every shard_map mesh axis one of
+    ``refs`` varies over. A value computed from ``refs`` does so by itself; a loop carry that
+    starts as a constant, or an FFI call's result, does not, and under ``check_vma`` (the
+    default of ``jax.shard_map``) a while_loop's carry, or the branches of
+    ``platform_dependent``, must agree. Outside shard_map: ``outs`` unchanged."""
+    axes = set()
+    for r in jax.tree.leaves(refs):
+        axes |= varying_axes(r)
+    if not axes:
+        return outs
+
+    def cast(x):
+        missing = axes - varying_axes(x)
+        return lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
+
+    return jax.tree.map(cast, outs)
 
 
 def _build_tiles(kv_lens, cu_q_lens, num_tiles: int, q_tile: int):
@@ -266,8 +287,10 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
     m0 = jnp.full((nt, num_kv_heads, rows), -jnp.inf, jnp.float32)
     l0 = jnp.zeros((nt, num_kv_heads, rows), jnp.float32)
     a0 = jnp.zeros((nt, num_kv_heads, rows, head_dim), jnp.float32)
+    m0, l0, a0 = match_varying((m0, l0, a0), q, k_cache, v_cache, block_tables, kv_lens,
+                               cu_q_lens)
     _, m, l_sum, acc = lax.while_loop(lambda st: st[0] < steps, body,
-                                  (jnp.int32(0), m0, l0, a0))
+                                      (jnp.int32(0), m0, l0, a0))
     seen = l_sum > 0
     out = acc / jnp.where(seen, l_sum, 1.0)[..., None]
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l_sum, 1.0)), -jnp.inf)
@@ -386,8 +409,10 @@ def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_pr
             pv = jnp.einsum("rt,td->rd", p, v, preferred_element_type=jnp.float32)
             return j + 1, m_new, l_sum, acc * alpha[:, None] + pv
 
-        state = (jnp.int32(0), jnp.full((rows,), -jnp.inf, jnp.float32),
-                 jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, head_dim), jnp.float32))
+        state = (jnp.int32(0), *match_varying(
+            (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
+             jnp.zeros((rows, head_dim), jnp.float32)),
+            qh, h, k_cache, v_cache, table, prefix_len, has_prefix))
         if n_pad == cb:  # the whole table in one step (static): no loop
             _, m, l_sum, acc = body(state)
         else:
@@ -471,6 +496,8 @@ def multi_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens
 
     out = jnp.zeros((num_tokens + q_tile, num_q_heads, head_dim), jnp.float32)
     lse = jnp.full((num_tokens + q_tile, num_q_heads), -jnp.inf, jnp.float32)
+    out, lse = match_varying((out, lse), q, k_cache, v_cache, prefix_block_tables, prefix_lens,
+                             tok_pid)
     out, lse = lax.fori_loop(0, num_prefixes, prefix_body, (out, lse))
     inv = jnp.zeros((num_tokens,), jnp.int32).at[order].set(
         jnp.arange(num_tokens, dtype=jnp.int32))
@@ -555,13 +582,6 @@ def short_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
     return out.astype(q.dtype), lse
 
 
-def _varying_axes(x) -> set:
-    """The shard_map mesh axes ``x`` varies over (empty outside shard_map)."""
-    aval = jax.typeof(x)
-    if hasattr(aval, "vma"):
-        return set(aval.vma)
-    mat = getattr(aval, "manual_axis_type", None)
-    return set(getattr(mat, "varying", ()))
 
 
 def _decode_own_part(q, k_cache, v_cache, block_tables, kv_lens, own_xla, *, decode: bool,
@@ -580,14 +600,7 @@ def _decode_own_part(q, k_cache, v_cache, block_tables, kv_lens, own_xla, *, dec
         # each decode query sits at its kv_len - 1: it sees every own key
         out = xla_ffi.paged_attention_decode(q, k_cache, v_cache, block_tables, kv_lens,
                                              scale=scale, logits_soft_cap=logits_soft_cap)
-        # inside shard_map the FFI results vary over no mesh axis, while the XLA branch's
-        # vary over those of its inputs (both branches must agree under check_vma)
-        axes = set()
-        for a in (q, k_cache, v_cache, block_tables, kv_lens):
-            axes |= _varying_axes(a)
-        if axes:
-            out = tuple(lax.pcast(x, tuple(sorted(axes)), to="varying") for x in out)
-        return out
+        return match_varying(out, q, k_cache, v_cache, block_tables, kv_lens)
 
     return lax.platform_dependent(cpu=cpu_path, default=own_xla)
 
@@ -694,8 +707,9 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping):
         return xla_path()
 
     def cpu_path():
-        return (xla_ffi.write_kv(key, slot_mapping, k_cache),
-                xla_ffi.write_kv(value, slot_mapping, v_cache))
+        return match_varying((xla_ffi.write_kv(key, slot_mapping, k_cache),
+                              xla_ffi.write_kv(value, slot_mapping, v_cache)),
+                             key, value, k_cache, v_cache, slot_mapping)
 
     return lax.platform_dependent(cpu=cpu_path, default=xla_path)
 
@@ -715,7 +729,8 @@ def copy_blocks(caches, src, dst):
         return xla_path()
 
     def cpu_path():
-        return [xla_ffi.copy_blocks(c, src, dst) for c in caches]
+        return match_varying([xla_ffi.copy_blocks(c, src, dst) for c in caches], caches, src,
+                             dst)
 
     return lax.platform_dependent(cpu=cpu_path, default=xla_path)
 
@@ -741,7 +756,7 @@ def gather_blocks(caches, block_ids):
     cpu_path = xla_bits_path
     if xla_ffi.use_for(*caches):
         def cpu_path():
-            return xla_ffi.gather_blocks(caches, block_ids)
+            return match_varying(xla_ffi.gather_blocks(caches, block_ids), caches, block_ids)
 
     return lax.platform_dependent(cpu=cpu_path, default=xla_path)
 
@@ -758,7 +773,8 @@ def scatter_blocks(caches, buffer, block_ids):
         return xla_path()
 
     def cpu_path():
-        return [xla_ffi.scatter_blocks(c, buffer, block_ids, i) for i, c in enumerate(caches)]
+        return match_varying([xla_ffi.scatter_blocks(c, buffer, block_ids, i)
+                              for i, c in enumerate(caches)], caches, buffer, block_ids)
 
     return lax.platform_dependent(cpu=cpu_path, default=xla_path)
 

@@ -51,6 +51,7 @@ def main(backend: str | None) -> None:
     np.testing.assert_array_equal(np.asarray(nk), want_k)
     np.testing.assert_array_equal(np.asarray(nv), want_v)
     print("OK write_kv")
+    user_shard_map_default_check_vma(mesh, spec, put, rng)
     try:
         jf.tensor_parallel_paged_attention(jax.make_mesh((4,), ("tp",)), "tp")(
             b.q[:, :12], b.k_cache[:, :, :3], b.v_cache[:, :, :3], b.block_tables, b.kv_lens,
@@ -58,6 +59,55 @@ def main(backend: str | None) -> None:
     except ValueError as e:
         assert "num_kv_heads=3 must be divisible by the size of mesh axis 'tp' (4)" in str(e)
         print("OK error")
+
+
+def user_shard_map_default_check_vma(mesh, spec, put, rng) -> None:
+    """The ops inside a user's own jax.shard_map with its default check_vma=True: the loop
+    carries, FFI results and Pallas outputs (TPU/GPU branches are traced too) must declare the
+    mesh axes they vary over."""
+    from jax.sharding import PartitionSpec as P
+
+    rep = spec["replicated"]
+    sp = testing.make_shared_prefix_batch(rng, [3, 2], [(0, 1, 5), (1, 1, 9), (-1, 1, 4),
+                                                        (0, 1, 1)],
+                                          num_q_heads=16, num_kv_heads=4, head_dim=32,
+                                          block_size=8, decode=True)
+    a = sp.args()
+    shared = jax.jit(jax.shard_map(
+        lambda q, k, v, *rest: jf.shared_prefix_attention(q, k, v, *rest), mesh=mesh,
+        in_specs=(spec["q"], spec["cache"], spec["cache"], rep, rep, rep, rep, rep),
+        out_specs=spec["q"]))
+    got = shared(put(a[0], spec["q"]), put(a[1], spec["cache"]), put(a[2], spec["cache"]),
+                 *(put(x, rep) for x in a[3:8]))
+    np.testing.assert_allclose(np.asarray(got), ref.shared_prefix_attention_reference(*a),
+                               atol=2e-5, rtol=2e-5)
+    decode = jax.jit(jax.shard_map(
+        lambda q, k, v, bt, kl: jf.paged_attention(q, k, v, bt, kl), mesh=mesh,
+        in_specs=(spec["q"], spec["cache"], spec["cache"], rep, rep), out_specs=spec["q"]))
+    db = testing.make_ragged_batch(rng, [(1, 20), (1, 3), (1, 1)], num_q_heads=16,
+                                   num_kv_heads=4, head_dim=32, block_size=8, decode=True)
+    dq, dk, dv, dbt, dkl = db.args()[:5]
+    got = decode(put(dq, spec["q"]), put(dk, spec["cache"]), put(dv, spec["cache"]),
+                 put(dbt, rep), put(dkl, rep))
+    np.testing.assert_allclose(np.asarray(got), ref.paged_attention_reference(*db.args()),
+                               atol=2e-5, rtol=2e-5)
+    caches = [put(c, spec["cache"]) for c in (db.k_cache, db.v_cache)]
+    ids, dst = np.array([2, 0], np.int32), np.array([5, 6], np.int32)
+    buf_spec = P(None, None, None, "tp")
+    ops = jax.jit(jax.shard_map(
+        lambda cs, i, d: (jf.gather_blocks(cs, i), jf.copy_blocks(cs, i, d),
+                          jf.scatter_blocks(cs, jf.gather_blocks(cs, d), i)),
+        mesh=mesh, in_specs=([spec["cache"]] * 2, rep, rep),
+        out_specs=(buf_spec, [spec["cache"]] * 2, [spec["cache"]] * 2)))
+    buf, copied, scattered = ops(caches, put(ids, rep), put(dst, rep))
+    host = [db.k_cache, db.v_cache]
+    np.testing.assert_array_equal(np.asarray(buf), ref.gather_blocks_reference(host, ids))
+    for g, w in zip(copied, ref.copy_blocks_reference(host, ids, dst), strict=True):
+        np.testing.assert_array_equal(np.asarray(g), w)
+    moved = ref.scatter_blocks_reference(host, ref.gather_blocks_reference(host, dst), ids)
+    for g, w in zip(scattered, moved, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), w)
+    print("OK check_vma")
 
 
 if __name__ == "__main__":

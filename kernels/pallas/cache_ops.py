@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from ._vma import out_struct
+
 # Operands left where they are (HBM on a TPU); spelled pl.ANY in jax 0.10, with fallbacks for
 # releases that move it.
 _ANY = getattr(pl, "ANY", None) or getattr(pltpu, "ANY", None) or pltpu.HBM
@@ -57,7 +59,7 @@ def gather_blocks_tpu(caches, block_ids, *, interpret=False):
     caches = list(caches)
     n, num_caches = block_ids.shape[0], len(caches)
     num_blocks, *block_shape = caches[0].shape
-    out_shape = jax.ShapeDtypeStruct((n, num_caches, *block_shape), caches[0].dtype)
+    out_shape = out_struct((n, num_caches, *block_shape), caches[0].dtype, caches, block_ids)
     if n == 0:
         return jnp.zeros(out_shape.shape, out_shape.dtype)
     kernel = functools.partial(_gather_blocks_kernel, num_caches=num_caches,
@@ -97,7 +99,8 @@ def scatter_blocks_tpu(caches, buffer, block_ids, *, interpret=False):
                                num_blocks=num_blocks)
     # operands: ids (prefetch) 0, buffer 1, caches 2.. -> outputs 0..
     return list(pl.pallas_call(
-        kernel, out_shape=[jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches],
+        kernel, out_shape=[out_struct(c.shape, c.dtype, caches, buffer, block_ids)
+                           for c in caches],
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, grid=(n,), in_specs=[_any_spec()] * (1 + num_caches),
             out_specs=[_any_spec()] * num_caches,
@@ -149,8 +152,8 @@ def write_kv_tpu(key, value, k_cache, v_cache, slot_mapping, *, interpret=False)
     kernel = functools.partial(_write_kv_kernel, num_slots=num_blocks * block_size,
                                block_size=block_size)
     k, v = pl.pallas_call(
-        kernel, out_shape=[jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-                           jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)],
+        kernel, out_shape=[out_struct(c.shape, c.dtype, key, value, k_cache, v_cache,
+                                      slot_mapping) for c in (k_cache, v_cache)],
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, grid=(n,), in_specs=[_any_spec()] * 4,
             out_specs=[_any_spec()] * 2, scratch_shapes=[pltpu.SemaphoreType.DMA((2,))]),

@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from ...jax_frontend import _xla
+from ._vma import out_struct
 
 
 def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_ref,
@@ -104,6 +105,7 @@ def paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
                                              "logits_soft_cap", "q_tile", "interpret"))
 def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *, scale,
                          causal, sliding_window, logits_soft_cap, q_tile, interpret):
+    operands = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens)
     num_tokens, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs, max_blocks = block_tables.shape
@@ -142,8 +144,8 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
     v_flat = v_cache.reshape(num_blocks, block_size, num_kv_heads * head_dim)
     out, lse = pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct((nt, num_kv_heads, rows, head_dim), q.dtype),
-                   jax.ShapeDtypeStruct((nt, num_kv_heads, rows, 1), jnp.float32)],
+        out_shape=[out_struct((nt, num_kv_heads, rows, head_dim), q.dtype, *operands),
+                   out_struct((nt, num_kv_heads, rows, 1), jnp.float32, *operands)],
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=6, grid=(nt, num_kv_heads, max_blocks),
             in_specs=[pl.BlockSpec((None, None, rows, head_dim), q_map), kv_spec, kv_spec],

@@ -21,6 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ...jax_frontend import _xla
+from ._vma import out_struct
 
 
 def gpu_supports(*, head_dim: int, block_size: int, **_) -> tuple[bool, str]:
@@ -93,6 +94,7 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     """Same contract as prefixkv.jax_frontend.paged_attention (validated inputs, static
     config); returns (out [num_tokens, num_q_heads, head_dim] in q's dtype, lse f32).
     ``interpret=True`` runs the kernel in Pallas's generic interpreter (any platform)."""
+    operands = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens)
     num_tokens, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs, max_blocks = block_tables.shape
@@ -125,8 +127,8 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     tile = pl.BlockSpec((None, None, rows_pad, head_dim), lambda i, h: (i, h, 0, 0))
     out, lse = pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct((nt, num_kv_heads, rows_pad, head_dim), q.dtype),
-                   jax.ShapeDtypeStruct((nt, num_kv_heads, rows_pad), jnp.float32)],
+        out_shape=[out_struct((nt, num_kv_heads, rows_pad, head_dim), q.dtype, *operands),
+                   out_struct((nt, num_kv_heads, rows_pad), jnp.float32, *operands)],
         grid=(nt, num_kv_heads),
         in_specs=[whole(meta), whole(tables), tile, whole(k_flat), whole(v_flat)],
         out_specs=[tile, pl.BlockSpec((None, None, rows_pad), lambda i, h: (i, h, 0))],
