@@ -18,35 +18,19 @@ bfloat16 ffi 18.9 / 21.4 (0.44, 0.50), XLA 49.3 / 52.7 (0.18), baseline 404 / 41
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from bench.conftest import record
 
 jax = pytest.importorskip("jax")
-import jax.numpy as jnp  # noqa: E402
 from prefixkv.jax_frontend import _xla  # noqa: E402
 from prefixkv.kernels.cpu import xla_ffi  # noqa: E402
 
+from bench.bench_jax_attention import D, _decode_cost  # noqa: E402
+from bench.bench_jax_attention import _decode_inputs as _inputs  # noqa: E402
 from prefixkv import jax_frontend as jf  # noqa: E402
 
-HQ, HKV, D, BS = 32, 8, 128, 16
-NUM_SEQS, CONTEXT = 8, 4096
 TARGET = "prefixkv_cpu_paged_attention_decode"
-
-
-def _inputs(dtype):
-    """Blocks in a random order (a real pool's tables are not contiguous)."""
-    rng = np.random.default_rng(0)
-    blocks = NUM_SEQS * CONTEXT // BS
-    shape = (blocks + 1, BS, HKV, D)
-    k = jnp.asarray(rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
-    v = jnp.asarray(rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
-    tables = jnp.asarray(rng.permutation(blocks + 1)[:blocks].reshape(NUM_SEQS, -1)
-                         .astype(np.int32))
-    kv_lens = jnp.full((NUM_SEQS,), CONTEXT, jnp.int32)
-    q = jnp.asarray(rng.standard_normal((NUM_SEQS, HQ, D), dtype=np.float32)).astype(dtype)
-    return q, k, v, tables, kv_lens
 
 
 def _impl(name):
@@ -74,9 +58,7 @@ def test_cpu_decode_8x4096(benchmark, machine_limits, impl, dtype):
     rounds = {"ffi_kernel": 10, "xla_composite": 5, "jnp_gather_baseline": 3}[impl]
     benchmark.pedantic(lambda: jax.block_until_ready(fn(*args)), rounds=rounds, iterations=1,
                        warmup_rounds=1)
-    item = jnp.dtype(dtype).itemsize
-    nbytes = 2 * NUM_SEQS * CONTEXT * HKV * D * item
-    flops = 4 * NUM_SEQS * HQ * CONTEXT * D
+    nbytes, flops = _decode_cost(dtype)
     record(benchmark, machine_limits, nbytes=nbytes, flops=flops, impl=impl)
     roof = max(nbytes / (machine_limits["read_gbps"] * 1e9),
                flops / (machine_limits["matmul_gflops"] * 1e9))

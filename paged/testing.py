@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .spec import numpy_dtype
+from .spec import ATTENTION_TOLERANCE, numpy_dtype
 
 #: (q_len, kv_len) per sequence. kv_len counts the cached prefix plus this step's tokens.
 #: Sizes in units of the block size B are filled in by :func:`seq_grid`.
@@ -165,3 +165,20 @@ def make_shared_prefix_batch(rng: np.random.Generator, prefix_blocks: Sequence[i
 def nan_like(x: np.ndarray) -> np.ndarray:
     """An output buffer pre-filled with NaN, so an unwritten row fails a comparison."""
     return np.full_like(x, np.nan)
+
+
+def assert_attention_close(got, want, dtype: str) -> None:
+    """An attention output (any array type numpy converts, any float dtype) equals the
+    reference within ATTENTION_TOLERANCE[dtype], with no NaN."""
+    atol, rtol = ATTENTION_TOLERANCE[dtype]
+    got = np.asarray(got).astype(np.float32)
+    assert not np.isnan(got).any(), "NaN in the output"
+    np.testing.assert_allclose(got, np.asarray(want).astype(np.float32), atol=atol, rtol=rtol)
+
+
+def assert_lse_close(got, want) -> None:
+    """lse equals the reference: -inf in the same places, the finite values within 1e-4."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert (np.isneginf(got) == np.isneginf(want)).all(), "rows with no key differ"
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(got[fin], want[fin], atol=1e-4, rtol=1e-5)

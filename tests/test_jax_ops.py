@@ -12,24 +12,11 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 from prefixkv.paged import reference as ref  # noqa: E402
 from prefixkv.paged import testing, validate  # noqa: E402
-from prefixkv.paged.spec import ATTENTION_TOLERANCE  # noqa: E402
 
 from prefixkv import jax_frontend as jf  # noqa: E402
 
-
-def _close(got, want, dtype):
-    atol, rtol = ATTENTION_TOLERANCE[dtype]
-    got = np.asarray(jnp.asarray(got, jnp.float32))
-    want = np.asarray(want).astype(np.float32)
-    assert not np.isnan(got).any()
-    np.testing.assert_allclose(got, want, atol=atol, rtol=rtol)
-
-
-def _close_lse(got, want):
-    got, want = np.asarray(got), np.asarray(want)
-    assert (np.isneginf(got) == np.isneginf(want)).all()
-    fin = np.isfinite(want)
-    np.testing.assert_allclose(got[fin], want[fin], atol=1e-4, rtol=1e-5)
+_close = testing.assert_attention_close
+_close_lse = testing.assert_lse_close
 
 
 def _check_attention(batch, backend="xla", **kw):
