@@ -727,3 +727,39 @@ def test_non_plain_calls_go_through_the_custom_op(monkeypatch, context):
         assert any(e.name == "prefixkv::write_kv" for e in prof.events())
     assert calls == []  # the registered implementation ran, not the spy
     np.testing.assert_array_equal(N(k), want[0].astype(np.float64))
+
+
+# ------------------------------------------------------- CPU decode through the C kernel
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_cpu_decode_runs_the_compiled_kernel(monkeypatch, dtype):
+    """Contiguous CPU decode runs kernels/cpu/decode.py (when it builds); a stacked-cache view
+    and PREFIXKV_DISABLE_CPU_FFI take the torch path; all three match the reference."""
+    from prefixkv.kernels.cpu import decode
+
+    if not decode.available():
+        pytest.skip(f"CPU decode kernel: {decode.status()}")
+    rng = np.random.default_rng(50)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("decode", 8), num_q_heads=8,
+                                  num_kv_heads=2, head_dim=64, block_size=8, dtype=dtype)
+    opts = dict(sliding_window=13, logits_soft_cap=4.0)
+    want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **opts)
+    args = [T(a) for a in b.args()]
+    calls = []
+    real = decode.decode_attention
+    monkeypatch.setattr(decode, "decode_attention", lambda *a, **k: (calls.append(a),
+                                                                      real(*a, **k)))
+    got, got_lse = tf.paged_attention(*args, return_lse=True, **opts)
+    assert len(calls) == 1
+    close(got, want, dtype)
+    np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-4, rtol=1e-4)
+    stacked = torch.stack([args[1], args[2]], dim=1)  # non-contiguous K/V views
+    got_view = tf.paged_attention(args[0], stacked[:, 0], stacked[:, 1], *args[3:], **opts)
+    assert len(calls) == 1
+    close(got_view, want, dtype)
+    monkeypatch.setenv("PREFIXKV_DISABLE_CPU_FFI", "1")
+    monkeypatch.setattr(decode, "_state", {})
+    assert not decode.available() and "disabled" in decode.status()
+    close(tf.paged_attention(*args, **opts), want, dtype)
+    assert len(calls) == 1

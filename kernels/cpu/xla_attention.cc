@@ -42,9 +42,11 @@
 #define PREFIXKV_X86 0
 #endif
 
+#ifndef PREFIXKV_NO_XLA_FFI
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+#endif
 
 namespace {
 
@@ -523,14 +525,14 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
 }
 
 template <class Tag>
-void Dispatch(bool portable, const Shape& sh, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
-              const ffi::AnyBuffer& v, const int32_t* tables, const int32_t* kv_lens,
-              ffi::AnyBuffer* out, float* lse, float scale, int64_t window, float cap) {
+void RunRaw(bool portable, const Shape& sh, const void* q, const void* k, const void* v,
+            const int32_t* tables, const int32_t* kv_lens, void* out, float* lse, float scale,
+            int64_t window, float cap) {
   using S = typename Tag::Storage;
-  const S* qp = static_cast<const S*>(q.untyped_data());
-  const S* kp = static_cast<const S*>(k.untyped_data());
-  const S* vp = static_cast<const S*>(v.untyped_data());
-  S* op = static_cast<S*>(out->untyped_data());
+  const S* qp = static_cast<const S*>(q);
+  const S* kp = static_cast<const S*>(k);
+  const S* vp = static_cast<const S*>(v);
+  S* op = static_cast<S*>(out);
 #if PREFIXKV_X86
   if (!portable && sh.head_dim % 8 == 0 && CpuHasAvx2()) {
     DecodeAttention<Tag, Avx2>(sh, qp, kp, vp, tables, kv_lens, op, lse, scale, window, cap);
@@ -538,6 +540,15 @@ void Dispatch(bool portable, const Shape& sh, const ffi::AnyBuffer& q, const ffi
   }
 #endif
   DecodeAttention<Tag, Portable>(sh, qp, kp, vp, tables, kv_lens, op, lse, scale, window, cap);
+}
+
+#ifndef PREFIXKV_NO_XLA_FFI
+template <class Tag>
+void Dispatch(bool portable, const Shape& sh, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+              const ffi::AnyBuffer& v, const int32_t* tables, const int32_t* kv_lens,
+              ffi::AnyBuffer* out, float* lse, float scale, int64_t window, float cap) {
+  RunRaw<Tag>(portable, sh, q.untyped_data(), k.untyped_data(), v.untyped_data(), tables,
+              kv_lens, out->untyped_data(), lse, scale, window, cap);
 }
 
 ffi::Error PagedAttentionDecodeImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
@@ -591,8 +602,43 @@ ffi::Error PagedAttentionDecodeImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
   return ffi::Error::Success();
 }
 
+#endif  // PREFIXKV_NO_XLA_FFI
+
 }  // namespace
 
+// Plain C entry (no XLA): the same kernel on raw contiguous buffers, for the PyTorch CPU path
+// (kernels/cpu/decode.py, through ctypes). dims: num_seqs, num_q_heads, head_dim, num_blocks,
+// block_size, num_kv_heads, max_blocks; dtype: 0 float32, 1 bfloat16, 2 float16. Returns 0, or
+// 1 for a bad dtype or shape.
+extern "C" int PrefixkvDecodeAttentionRaw(int dtype, const int64_t* dims, const void* q,
+                                          const void* k_cache, const void* v_cache,
+                                          const int32_t* block_tables, const int32_t* kv_lens,
+                                          void* out, float* lse, float scale,
+                                          int64_t sliding_window, float logits_soft_cap,
+                                          int portable) {
+  Shape sh{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6]};
+  if (sh.num_kv_heads < 1 || sh.num_q_heads % sh.num_kv_heads != 0 || sh.head_dim < 1)
+    return 1;
+  const bool port = portable != 0;
+  switch (dtype) {
+    case 0:
+      RunRaw<F32Tag>(port, sh, q, k_cache, v_cache, block_tables, kv_lens, out, lse, scale,
+                     sliding_window, logits_soft_cap);
+      return 0;
+    case 1:
+      RunRaw<BF16Tag>(port, sh, q, k_cache, v_cache, block_tables, kv_lens, out, lse, scale,
+                      sliding_window, logits_soft_cap);
+      return 0;
+    case 2:
+      RunRaw<F16Tag>(port, sh, q, k_cache, v_cache, block_tables, kv_lens, out, lse, scale,
+                     sliding_window, logits_soft_cap);
+      return 0;
+    default:
+      return 1;
+  }
+}
+
+#ifndef PREFIXKV_NO_XLA_FFI
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PrefixkvPagedAttentionDecode, PagedAttentionDecodeImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
@@ -606,3 +652,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PrefixkvPagedAttentionDecode, PagedAttentionDecode
                                   .Attr<int64_t>("sliding_window")
                                   .Attr<float>("logits_soft_cap")
                                   .Attr<int64_t>("portable"));
+#endif  // PREFIXKV_NO_XLA_FFI

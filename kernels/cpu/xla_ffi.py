@@ -81,26 +81,24 @@ def _build_command(cxx: str, include_dir: str, out: str) -> list[str]:
             *(str(s) for s in SOURCES), "-o", out]
 
 
-def build(force: bool = False) -> Path:
-    """Compile the handlers (or reuse the cached build); returns the library path. Raises
-    RuntimeError with the compiler output when it cannot be built."""
+def build_library(stem: str, command, sources, key_extra: str = "", force: bool = False) -> Path:
+    """Compile ``sources`` with ``command(cxx, out_path)`` into the cache directory as
+    ``<stem>_<hash>.so`` (hash of the sources, ``key_extra`` and the command), or reuse that
+    build; a file lock guards it against concurrent processes. Raises RuntimeError with the
+    compiler output when it cannot be built."""
     import fcntl
-
-    import jax
-    import jaxlib
 
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (tried $CXX, c++, g++, clang++)")
-    include_dir = jax.ffi.include_dir()
     key = hashlib.sha256()
-    for source in SOURCES:
+    for source in sources:
         key.update(source.read_bytes())
-    key.update(jaxlib.__version__.encode())
-    key.update(" ".join(_build_command(cxx, include_dir, "")).encode())
+    key.update(key_extra.encode())
+    key.update(" ".join(command(cxx, "")).encode())
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    lib = directory / f"xla_cache_ops_{key.hexdigest()[:16]}.so"
+    lib = directory / f"{stem}_{key.hexdigest()[:16]}.so"
     if lib.exists() and not force:
         return lib
     with open(directory / "build.lock", "w") as lock:
@@ -111,12 +109,11 @@ def build(force: bool = False) -> Path:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
             os.close(fd)
             try:
-                proc = subprocess.run(_build_command(cxx, include_dir, tmp),
-                                      capture_output=True, text=True)
+                proc = subprocess.run(command(cxx, tmp), capture_output=True, text=True)
                 if proc.returncode != 0:
-                    others = ", ".join(s.name for s in SOURCES[1:])
-                    raise RuntimeError(f"building {SOURCE.name} failed (with {others}; "
-                                       f"exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+                    others = "".join(f", with {s.name}" for s in sources[1:])
+                    raise RuntimeError(f"building {sources[0].name} failed (exit "
+                                       f"{proc.returncode}{others}):\n{proc.stderr[-4000:]}")
                 os.replace(tmp, lib)  # atomic: readers never see a partial library
             finally:
                 if os.path.exists(tmp):
@@ -124,6 +121,17 @@ def build(force: bool = False) -> Path:
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return lib
+
+
+def build(force: bool = False) -> Path:
+    """Compile the handlers (or reuse the cached build); returns the library path. Raises
+    RuntimeError with the compiler output when it cannot be built."""
+    import jax
+    import jaxlib
+
+    include_dir = jax.ffi.include_dir()
+    return build_library("xla_cache_ops", lambda cxx, out: _build_command(cxx, include_dir, out),
+                         SOURCES, key_extra=jaxlib.__version__, force=force)
 
 
 def _load() -> None:

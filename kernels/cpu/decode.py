@@ -1,0 +1,83 @@
+"""Decode paged attention on the CPU for the PyTorch frontend: the kernel of
+``xla_attention.cc`` built without XLA (``-DPREFIXKV_NO_XLA_FFI``) and called through ctypes
+on raw contiguous buffers.
+
+Built on first use with the system C++ compiler into the cache directory of
+:mod:`.xla_ffi` (no jax needed); ``PREFIXKV_DISABLE_CPU_FFI=1``, no compiler or a failed build
+turn it off, and :func:`available` says so (:func:`status` says why). Semantics: those of the
+XLA handler (see the source's header): one query per sequence at kv_len - 1, optional sliding
+window and soft cap, out in q's dtype, lse f32 (natural log; -inf and out 0 where no key).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from pathlib import Path
+
+from . import xla_ffi
+
+SOURCE = Path(__file__).with_name("xla_attention.cc")
+#: dtype name -> the kernel's dtype code.
+DTYPES = {"float32": 0, "bfloat16": 1, "float16": 2}
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _command(cxx: str, out: str) -> list[str]:
+    return [cxx, "-O3", "-shared", "-fPIC", "-std=c++17", "-DPREFIXKV_NO_XLA_FFI", str(SOURCE),
+            "-o", out]
+
+
+def _load() -> None:
+    if os.environ.get(xla_ffi.DISABLE_ENV, "") not in ("", "0"):
+        _state["error"] = f"disabled by {xla_ffi.DISABLE_ENV}"
+        return
+    try:
+        lib = ctypes.CDLL(str(xla_ffi.build_library("decode_attention", _command, (SOURCE,))))
+        fn = lib.PrefixkvDecodeAttentionRaw
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64)] + [ctypes.c_void_p] * 7 + [
+            ctypes.c_float, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+        _state["fn"] = fn
+    except (RuntimeError, OSError, AttributeError) as e:
+        _state["error"] = str(e)
+
+
+def available() -> bool:
+    """Whether the kernel is built and loaded (built on the first call)."""
+    with _lock:
+        if not _state:
+            _load()
+    return "fn" in _state
+
+
+def status() -> str:
+    """'compiled decode kernel' or why it is off."""
+    return "compiled decode kernel" if available() else f"off: {_state['error']}"
+
+
+def decode_attention(dtype: str, dims, q: int, k_cache: int, v_cache: int, block_tables: int,
+                     kv_lens: int, out: int, lse: int, *, scale: float,
+                     sliding_window: int | None = None, logits_soft_cap: float | None = None,
+                     portable: bool = False) -> None:
+    """Run the kernel on contiguous buffers given by address.
+
+    dims: (num_seqs, num_q_heads, head_dim, num_blocks, block_size, num_kv_heads, max_blocks).
+    q, out: [num_seqs, num_q_heads, head_dim] of ``dtype``; caches [num_blocks, block_size,
+    num_kv_heads, head_dim] of ``dtype``; block_tables i32[num_seqs, max_blocks]; kv_lens
+    i32[num_seqs]; lse f32[num_seqs, num_q_heads]. The caller keeps the buffers alive.
+    """
+    if not available():
+        raise RuntimeError(f"the CPU decode kernel is not available: {status()}")
+    arr = (ctypes.c_int64 * 7)(*(int(d) for d in dims))
+    rc = _state["fn"](DTYPES[dtype], arr, q, k_cache, v_cache, block_tables, kv_lens, out, lse,
+                      float(scale), int(sliding_window or 0), float(logits_soft_cap or 0.0),
+                      int(bool(portable)))
+    if rc != 0:
+        raise ValueError(f"decode_attention: unsupported dtype {dtype!r} or shapes {dims}")
+
+
+__all__ = ["DTYPES", "available", "decode_attention", "status"]
