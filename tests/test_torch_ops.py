@@ -184,6 +184,8 @@ def test_shared_prefix_cpu_chunked_paths(monkeypatch, case, decode, dense_min_ro
     monkeypatch.setattr(_native, "DENSE_CHUNK_BYTES", 2 * block_bytes)
     monkeypatch.setattr(_native, "DENSE_MIN_ROWS", dense_min_rows)
     monkeypatch.setattr(_native, "DENSE_SCORES", 20)  # a few rows per dense tile
+    # the own tokens through _attend_host here, not the compiled decode kernel (tested below)
+    monkeypatch.setattr(_native, "_c_decode", lambda *a: False)
     calls = []
     real = _native._attend_host
     monkeypatch.setattr(_native, "_attend_host", lambda *a: (calls.append(a[2].shape), real(*a)))
@@ -763,3 +765,28 @@ def test_cpu_decode_runs_the_compiled_kernel(monkeypatch, dtype):
     assert not decode.available() and "disabled" in decode.status()
     close(tf.paged_attention(*args, **opts), want, dtype)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_cascade_decode_own_part_by_the_compiled_kernel(monkeypatch, dtype):
+    from prefixkv.kernels.cpu import decode
+
+    if not decode.available():
+        pytest.skip(f"CPU decode kernel: {decode.status()}")
+    calls = []
+    real = decode.decode_attention
+    monkeypatch.setattr(decode, "decode_attention", lambda *a, **k: (calls.append(a),
+                                                                      real(*a, **k)))
+    rng = np.random.default_rng(51)
+    b = testing.make_shared_prefix_batch(rng, [5, 0, 2], [(0, 1, 9), (2, 1, 1), (-1, 1, 16),
+                                                          (0, 1, 33), (1, 1, 4)],
+                                         num_q_heads=8, num_kv_heads=2, head_dim=64,
+                                         block_size=8, dtype=dtype)
+    for cap in (None, 3.0):
+        want, want_lse = ref.shared_prefix_attention_reference(*b.args(), return_lse=True,
+                                                               logits_soft_cap=cap)
+        got, got_lse = tf.shared_prefix_attention(*(T(a) for a in b.args()), return_lse=True,
+                                                  logits_soft_cap=cap)
+        close(got, want, dtype)
+        np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-4, rtol=1e-4)
+    assert len(calls) == 2  # the own part of each call

@@ -455,7 +455,16 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
     fused = host and _host_path(q, logits_soft_cap)
     decode = num_tokens == num_seqs and (cu_q_lens is None or (host and torch.equal(
         cu_q_lens.to(torch.int64), torch.arange(num_seqs + 1))))
-    if fused and decode:  # one query per sequence: its q heads are the rows of its kv heads
+    own_c = None  # the own part by the compiled decode kernel (in q's dtype), when it runs
+    if decode and host:
+        own_c = own_out if q.dtype == torch.float32 else _workspace("own_c", q.shape, q.dtype,
+                                                                    dev)
+        if not _c_decode(own_c, own_lse, q, k_cache, v_cache, block_tables, kv_lens, scale,
+                         None, logits_soft_cap):
+            own_c = None
+    if own_c is not None:
+        pass
+    elif fused and decode:  # one query per sequence: its q heads are the rows of its kv heads
         _attend_host(own_out.view(num_seqs, num_kv_heads, group, head_dim),
                      own_lse.view(num_seqs, num_kv_heads, group),
                      q.reshape(num_seqs, num_kv_heads, group, head_dim).to(torch.float32),
@@ -523,7 +532,8 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
     pre_out.index_copy_(0, tok_idx, got_out)
     pre_lse.index_copy_(0, tok_idx, got_lse)
     merged_lse = torch.empty_like(own_lse)
-    merge_attention_states(out, merged_lse, pre_out, pre_lse, own_out, own_lse)
+    merge_attention_states(out, merged_lse, pre_out, pre_lse,
+                           own_out if own_c is None else own_c, own_lse)
     if lse is not None:
         lse.copy_(merged_lse)
 
