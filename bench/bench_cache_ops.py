@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from bench.conftest import record
+from bench.conftest import record, seconds
 
 BS, HKV, D = 16, 8, 128          # block_size, kv heads, head_dim
 NUM_BLOCKS = 4096                # write_kv: a per-layer cache of 64k tokens
@@ -69,7 +69,7 @@ def _move_ids(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _finish(benchmark, limits, nbytes, **extra):
-    gbps = nbytes / benchmark.stats.stats.mean / 1e9
+    gbps = nbytes / seconds(benchmark) / 1e9
     record(benchmark, limits, nbytes=nbytes,
            copy_fraction=round(gbps / limits["copy_gbps"], 3), **extra)
 
@@ -203,7 +203,7 @@ def test_jax_gather_blocks(benchmark, machine_limits, impl):
                        iterations=1, warmup_rounds=0)
     nbytes = _move_bytes("bfloat16")  # read MOVE blocks of 4 caches, write them: 2 x 32 MiB
     fresh = _fresh_copy_gbps(nbytes // 2)
-    gbps = nbytes / benchmark.stats.stats.mean / 1e9
+    gbps = nbytes / seconds(benchmark) / 1e9
     _finish(benchmark, machine_limits, nbytes, impl=impl, minor_faults=faults,
             fresh_copy_gbps=round(fresh, 3), fresh_copy_fraction=round(gbps / fresh, 3))
 

@@ -13,7 +13,7 @@ import pytest
 from prefixkv.kernels.cpu.hashing import simd
 from prefixkv.paged.hashing import hash_blocks, hash_blocks_words
 
-from bench.conftest import record
+from bench.conftest import record, seconds
 
 BLOCK_SIZE = 16
 SHAPES = {"hash-1x131072": (1, 131072), "hash-64x8192": (64, 8192)}
@@ -42,7 +42,7 @@ def vllm_sha256_pickle(seqs: list[list[int]], parent0: bytes) -> list[bytes]:
 
 
 def _finish(benchmark, machine_limits, group: str, num_tokens: int, path: str):
-    t = benchmark.stats.stats.mean
+    t = seconds(benchmark)
     extra = {"path": path, "tokens": num_tokens, "block_size": BLOCK_SIZE,
              "mtokens_per_s": round(num_tokens / t / 1e6, 2)}
     if path == "vllm-sha256-pickle":

@@ -18,7 +18,7 @@ import pytest
 from prefixkv.paged.reference import gather_blocks_reference
 from prefixkv.paged.tiers import BlockKey, BlockOffloader, DiskTier, HostTier, Namespace
 
-from bench.conftest import record
+from bench.conftest import record, seconds
 
 NUM_CACHES, NUM_BLOCKS, BLOCK_SHAPE, DTYPE = 8, 384, (16, 8, 128), np.float16
 HOST_BATCH, REMOTE_BATCH = 128, 32
@@ -62,7 +62,7 @@ def _host_fraction(benchmark, machine_limits, nbytes, fn):
     """Fraction of memcpy: against the session's measured memcpy GB/s, and paired (the op and
     a np.copyto of the same bytes alternated 11 times, ratio of the best and of the medians:
     robust to other load on a shared machine)."""
-    gbps = nbytes / benchmark.stats.stats.mean / 1e9
+    gbps = nbytes / seconds(benchmark) / 1e9
     info = benchmark.extra_info
     info["fraction_of_memcpy"] = round(gbps / machine_limits["memcpy_gbps"], 3)
     src = np.ones(nbytes // 2, DTYPE)

@@ -74,13 +74,20 @@ def cuda_seconds(fn, iters: int = 10) -> float:
     return start.elapsed_time(end) / iters / 1e3
 
 
+def seconds(benchmark, stat: str = "mean") -> float:
+    """The benchmark's measured ``stat`` (mean, min, median) in seconds; NaN when it was not
+    timed (``--benchmark-disable``: each benchmark runs once, as a smoke test)."""
+    stats = getattr(benchmark, "stats", None)
+    return getattr(stats.stats, stat) if stats is not None else float("nan")
+
+
 def record(benchmark, limits: dict, *, nbytes: float = 0.0, flops: float = 0.0, **extra):
     """Put bytes, GB/s, GFLOP/s and the roofline fraction of the benchmark's mean in extra_info.
 
     Call after ``benchmark(...)`` ran. Roofline time = max(bytes / read bandwidth,
     flops / matmul rate); fraction = roofline time / measured time.
     """
-    t = benchmark.stats.stats.mean
+    t = seconds(benchmark)
     info = benchmark.extra_info
     info.update(extra)
     info.update({k: round(v, 3) for k, v in limits.items()})
