@@ -151,6 +151,11 @@ def test_shared_prefix_attention_matches_reference(case, cap):
     rng = np.random.default_rng(len(seqs) * bs)
     b = testing.make_shared_prefix_batch(rng, pblocks, seqs, num_q_heads=hq, num_kv_heads=hkv,
                                          block_size=bs, dtype=dtype)
+    _check_shared(b, cap, dtype)
+
+
+def _check_shared(b, cap, dtype):
+    """shared_prefix_attention of batch b (out and lse) against the reference."""
     want, want_lse = ref.shared_prefix_attention_reference(*b.args(), logits_soft_cap=cap,
                                                            return_lse=True)
     got, got_lse = tf.shared_prefix_attention(*(T(a) for a in b.args()), logits_soft_cap=cap,
@@ -783,10 +788,5 @@ def test_cpu_cascade_decode_own_part_by_the_compiled_kernel(monkeypatch, dtype):
                                          num_q_heads=8, num_kv_heads=2, head_dim=64,
                                          block_size=8, dtype=dtype)
     for cap in (None, 3.0):
-        want, want_lse = ref.shared_prefix_attention_reference(*b.args(), return_lse=True,
-                                                               logits_soft_cap=cap)
-        got, got_lse = tf.shared_prefix_attention(*(T(a) for a in b.args()), return_lse=True,
-                                                  logits_soft_cap=cap)
-        close(got, want, dtype)
-        np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-4, rtol=1e-4)
+        _check_shared(b, cap, dtype)
     assert len(calls) == 2  # the own part of each call
