@@ -12,6 +12,8 @@ Run: OMP_NUM_THREADS=1 .venv/bin/pytest bench/bench_torch_attention.py --benchma
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -77,6 +79,25 @@ def test_cpu_decode(benchmark, machine_limits, impl, dtype):
     flops = 4 * NUM_SEQS * HQ * CONTEXT * HEAD_DIM
     record(benchmark, machine_limits, nbytes=_kv_bytes(k, NUM_SEQS, CONTEXT), flops=flops,
            impl=impl, dtype=dtype)
+
+
+@pytest.mark.parametrize("impl", ["prefixkv", "baseline_sdpa"])
+def test_cpu_decode_all_cores(benchmark, machine_limits, impl):
+    """The same f32 decode with torch's intra-op threads set to every core, both sides: the
+    compiled decode kernel splits the sequences over them (limits measured on one thread)."""
+    threads = os.cpu_count() or 1
+    benchmark.group = f"cpu-decode-float32-{threads}-threads"
+    q, k, v, tables, kv_lens = decode_batch(dtype=torch.float32)
+    fn = {"prefixkv": lambda: tf.paged_attention(q, k, v, tables, kv_lens),
+          "baseline_sdpa": lambda: baseline_paged_attention(q, k, v, tables, kv_lens)}[impl]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    finally:
+        torch.set_num_threads(saved)
+    record(benchmark, machine_limits, nbytes=_kv_bytes(k, NUM_SEQS, CONTEXT), impl=impl,
+           threads=threads, note="limits measured on one thread")
 
 
 SP_SEQS, SP_PREFIX, SP_OWN = 32, 2048, 128

@@ -790,3 +790,37 @@ def test_cpu_cascade_decode_own_part_by_the_compiled_kernel(monkeypatch, dtype):
     for cap in (None, 3.0):
         _check_shared(b, cap, dtype)
     assert len(calls) == 2  # the own part of each call
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_decode_kernel_threads_give_the_same_bits(dtype):
+    """The compiled CPU decode kernel splits sequences over threads (ranges of equal keys): any
+    thread count gives bit-identical results, and through the op they match the reference."""
+    from prefixkv.kernels.cpu import decode
+
+    if not decode.available():
+        pytest.skip(f"CPU decode kernel: {decode.status()}")
+    rng = np.random.default_rng(52)
+    seqs = [(1, n) for n in (1, 300, 7, 64, 129, 2, 500, 33, 16)]
+    b = testing.make_ragged_batch(rng, seqs, num_q_heads=8, num_kv_heads=2, head_dim=64,
+                                  block_size=16, dtype=dtype, decode=True)
+    q, k, v, bt, kv = (T(a) for a in b.args()[:5])
+    dims = (len(seqs), 8, 64, k.shape[0], 16, 2, bt.shape[1])
+    outs = []
+    for threads in (1, 2, 3, 4, 16):
+        out, lse = torch.full_like(q, float("nan")), torch.full(q.shape[:2], float("nan"))
+        decode.decode_attention(dtype, dims, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                bt.data_ptr(), kv.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                                scale=0.125, threads=threads)
+        outs.append((out, lse))
+    for out, lse in outs[1:]:
+        assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
+    want, want_lse = ref.paged_attention_reference(*b.args(), scale=0.125, return_lse=True)
+    close(outs[0][0], want, dtype)
+    np.testing.assert_allclose(N(outs[0][1]), want_lse, atol=1e-4, rtol=1e-4)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        close(tf.paged_attention(q, k, v, bt, kv, scale=0.125), want, dtype)
+    finally:
+        torch.set_num_threads(saved)

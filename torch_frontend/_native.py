@@ -320,8 +320,9 @@ _C_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16
 def _c_decode(out, lse, q, k_cache, v_cache, block_tables, kv_lens, scale, window,
               soft_cap) -> bool:
     """Decode attention by the compiled CPU kernel (kernels/cpu/decode.py) when every tensor is
-    a contiguous CPU tensor it takes; False (nothing written) otherwise. Measured decode
-    8 x 4096, 32/8 heads, head_dim 128, one thread: see bench/bench_torch_attention.py."""
+    a contiguous CPU tensor it takes; False (nothing written) otherwise. The sequences are
+    split over torch.get_num_threads() threads. Measured decode 8 x 4096, 32/8 heads,
+    head_dim 128, one thread: see bench/bench_torch_attention.py."""
     dtype = _C_DTYPES.get(q.dtype)
     if (dtype is None or q.device.type != "cpu" or k_cache.dtype != q.dtype
             or v_cache.dtype != q.dtype or out.dtype != q.dtype
@@ -344,7 +345,7 @@ def _c_decode(out, lse, q, k_cache, v_cache, block_tables, kv_lens, scale, windo
     decode.decode_attention(dtype, dims, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                             block_tables.data_ptr(), kv_lens.data_ptr(), out.data_ptr(),
                             lse.data_ptr(), scale=scale, sliding_window=window,
-                            logits_soft_cap=soft_cap)
+                            logits_soft_cap=soft_cap, threads=torch.get_num_threads())
     return True
 
 

@@ -27,8 +27,8 @@ _state: dict = {}
 
 
 def _command(cxx: str, out: str) -> list[str]:
-    return [cxx, "-O3", "-shared", "-fPIC", "-std=c++17", "-DPREFIXKV_NO_XLA_FFI", str(SOURCE),
-            "-o", out]
+    return [cxx, "-O3", "-shared", "-fPIC", "-std=c++17", "-pthread", "-DPREFIXKV_NO_XLA_FFI",
+            str(SOURCE), "-o", out]
 
 
 def _load() -> None:
@@ -40,7 +40,7 @@ def _load() -> None:
         fn = lib.PrefixkvDecodeAttentionRaw
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64)] + [ctypes.c_void_p] * 7 + [
-            ctypes.c_float, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+            ctypes.c_float, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
         _state["fn"] = fn
     except (RuntimeError, OSError, AttributeError) as e:
         _state["error"] = str(e)
@@ -62,20 +62,22 @@ def status() -> str:
 def decode_attention(dtype: str, dims, q: int, k_cache: int, v_cache: int, block_tables: int,
                      kv_lens: int, out: int, lse: int, *, scale: float,
                      sliding_window: int | None = None, logits_soft_cap: float | None = None,
-                     portable: bool = False) -> None:
+                     portable: bool = False, threads: int = 1) -> None:
     """Run the kernel on contiguous buffers given by address.
 
     dims: (num_seqs, num_q_heads, head_dim, num_blocks, block_size, num_kv_heads, max_blocks).
     q, out: [num_seqs, num_q_heads, head_dim] of ``dtype``; caches [num_blocks, block_size,
     num_kv_heads, head_dim] of ``dtype``; block_tables i32[num_seqs, max_blocks]; kv_lens
     i32[num_seqs]; lse f32[num_seqs, num_q_heads]. The caller keeps the buffers alive.
+    threads: the sequences are split over up to this many threads (ranges of about equal keys;
+    the result is the same for any count).
     """
     if not available():
         raise RuntimeError(f"the CPU decode kernel is not available: {status()}")
     arr = (ctypes.c_int64 * 7)(*(int(d) for d in dims))
     rc = _state["fn"](DTYPES[dtype], arr, q, k_cache, v_cache, block_tables, kv_lens, out, lse,
                       float(scale), int(sliding_window or 0), float(logits_soft_cap or 0.0),
-                      int(bool(portable)))
+                      int(bool(portable)), max(1, int(threads)))
     if rc != 0:
         raise ValueError(f"decode_attention: unsupported dtype {dtype!r} or shapes {dims}")
 

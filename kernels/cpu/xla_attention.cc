@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -524,10 +525,56 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
   }
 }
 
+// Sequences split over up to `threads` threads (the calling one included) in contiguous
+// ranges of about equal keys; each sequence is computed exactly as on one thread, so the result
+// does not depend on the thread count. A thread that cannot be started leaves its range to the
+// calling thread.
+template <class Tag, class Ops>
+void DecodeParallel(int threads, const Shape& sh, const typename Tag::Storage* q,
+                    const typename Tag::Storage* kc, const typename Tag::Storage* vc,
+                    const int32_t* tables, const int32_t* kv_lens, typename Tag::Storage* out,
+                    float* lse, float scale, int64_t window, float cap) {
+  const int64_t n = sh.num_seqs;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, n));
+  if (parts == 1) {
+    DecodeAttention<Tag, Ops>(sh, q, kc, vc, tables, kv_lens, out, lse, scale, window, cap);
+    return;
+  }
+  // range boundaries at equal shares of the keys (a sequence counts at least one)
+  std::vector<int64_t> cum(static_cast<size_t>(n) + 1, 0);
+  for (int64_t i = 0; i < n; ++i)
+    cum[i + 1] = cum[i] + std::max<int64_t>(1, std::max<int64_t>(kv_lens[i], 0));
+  std::vector<int64_t> bound(static_cast<size_t>(parts) + 1, n);
+  bound[0] = 0;
+  for (int64_t p = 1, i = 0; p < parts; ++p) {
+    const int64_t target = cum[n] * p / parts;
+    while (i < n && cum[i] < target) ++i;
+    bound[p] = std::max(bound[p - 1], i);
+  }
+  const int64_t qs = sh.num_q_heads * sh.head_dim;
+  auto run = [&](int64_t p) {
+    const int64_t s0 = bound[p], s1 = bound[p + 1];
+    if (s1 <= s0) return;
+    Shape sub = sh;
+    sub.num_seqs = s1 - s0;
+    DecodeAttention<Tag, Ops>(sub, q + s0 * qs, kc, vc, tables + s0 * sh.max_blocks,
+                              kv_lens + s0, out + s0 * qs, lse + s0 * sh.num_q_heads, scale,
+                              window, cap);
+  };
+  std::vector<std::thread> pool;
+  try {
+    for (int64_t p = 1; p < parts; ++p) pool.emplace_back(run, p);
+  } catch (...) {  // no more threads: the ranges left run here
+  }
+  run(0);
+  for (int64_t p = static_cast<int64_t>(pool.size()) + 1; p < parts; ++p) run(p);
+  for (auto& t : pool) t.join();
+}
+
 template <class Tag>
-void RunRaw(bool portable, const Shape& sh, const void* q, const void* k, const void* v,
-            const int32_t* tables, const int32_t* kv_lens, void* out, float* lse, float scale,
-            int64_t window, float cap) {
+void RunRaw(bool portable, int threads, const Shape& sh, const void* q, const void* k,
+            const void* v, const int32_t* tables, const int32_t* kv_lens, void* out, float* lse,
+            float scale, int64_t window, float cap) {
   using S = typename Tag::Storage;
   const S* qp = static_cast<const S*>(q);
   const S* kp = static_cast<const S*>(k);
@@ -535,11 +582,13 @@ void RunRaw(bool portable, const Shape& sh, const void* q, const void* k, const 
   S* op = static_cast<S*>(out);
 #if PREFIXKV_X86
   if (!portable && sh.head_dim % 8 == 0 && CpuHasAvx2()) {
-    DecodeAttention<Tag, Avx2>(sh, qp, kp, vp, tables, kv_lens, op, lse, scale, window, cap);
+    DecodeParallel<Tag, Avx2>(threads, sh, qp, kp, vp, tables, kv_lens, op, lse, scale, window,
+                              cap);
     return;
   }
 #endif
-  DecodeAttention<Tag, Portable>(sh, qp, kp, vp, tables, kv_lens, op, lse, scale, window, cap);
+  DecodeParallel<Tag, Portable>(threads, sh, qp, kp, vp, tables, kv_lens, op, lse, scale, window,
+                                cap);
 }
 
 #ifndef PREFIXKV_NO_XLA_FFI
@@ -547,7 +596,8 @@ template <class Tag>
 void Dispatch(bool portable, const Shape& sh, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
               const ffi::AnyBuffer& v, const int32_t* tables, const int32_t* kv_lens,
               ffi::AnyBuffer* out, float* lse, float scale, int64_t window, float cap) {
-  RunRaw<Tag>(portable, sh, q.untyped_data(), k.untyped_data(), v.untyped_data(), tables,
+  // one thread: XLA:CPU runs independent ops side by side on its own pool
+  RunRaw<Tag>(portable, 1, sh, q.untyped_data(), k.untyped_data(), v.untyped_data(), tables,
               kv_lens, out->untyped_data(), lse, scale, window, cap);
 }
 
@@ -608,30 +658,30 @@ ffi::Error PagedAttentionDecodeImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
 
 // Plain C entry (no XLA): the same kernel on raw contiguous buffers, for the PyTorch CPU path
 // (kernels/cpu/decode.py, through ctypes). dims: num_seqs, num_q_heads, head_dim, num_blocks,
-// block_size, num_kv_heads, max_blocks; dtype: 0 float32, 1 bfloat16, 2 float16. Returns 0, or
-// 1 for a bad dtype or shape.
+// block_size, num_kv_heads, max_blocks; dtype: 0 float32, 1 bfloat16, 2 float16; threads: the
+// most threads to split the sequences over. Returns 0, or 1 for a bad dtype or shape.
 extern "C" int PrefixkvDecodeAttentionRaw(int dtype, const int64_t* dims, const void* q,
                                           const void* k_cache, const void* v_cache,
                                           const int32_t* block_tables, const int32_t* kv_lens,
                                           void* out, float* lse, float scale,
                                           int64_t sliding_window, float logits_soft_cap,
-                                          int portable) {
+                                          int portable, int threads) {
   Shape sh{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6]};
   if (sh.num_kv_heads < 1 || sh.num_q_heads % sh.num_kv_heads != 0 || sh.head_dim < 1)
     return 1;
   const bool port = portable != 0;
   switch (dtype) {
     case 0:
-      RunRaw<F32Tag>(port, sh, q, k_cache, v_cache, block_tables, kv_lens, out, lse, scale,
-                     sliding_window, logits_soft_cap);
+      RunRaw<F32Tag>(port, threads, sh, q, k_cache, v_cache, block_tables, kv_lens, out,
+                     lse, scale, sliding_window, logits_soft_cap);
       return 0;
     case 1:
-      RunRaw<BF16Tag>(port, sh, q, k_cache, v_cache, block_tables, kv_lens, out, lse, scale,
-                      sliding_window, logits_soft_cap);
+      RunRaw<BF16Tag>(port, threads, sh, q, k_cache, v_cache, block_tables, kv_lens, out,
+                      lse, scale, sliding_window, logits_soft_cap);
       return 0;
     case 2:
-      RunRaw<F16Tag>(port, sh, q, k_cache, v_cache, block_tables, kv_lens, out, lse, scale,
-                     sliding_window, logits_soft_cap);
+      RunRaw<F16Tag>(port, threads, sh, q, k_cache, v_cache, block_tables, kv_lens, out,
+                     lse, scale, sliding_window, logits_soft_cap);
       return 0;
     default:
       return 1;

@@ -77,7 +77,7 @@ def cache_dir() -> Path:
 
 
 def _build_command(cxx: str, include_dir: str, out: str) -> list[str]:
-    return [cxx, "-O3", "-shared", "-fPIC", "-std=c++17", "-isystem", include_dir,
+    return [cxx, "-O3", "-shared", "-fPIC", "-std=c++17", "-pthread", "-isystem", include_dir,
             *(str(s) for s in SOURCES), "-o", out]
 
 
