@@ -299,3 +299,38 @@ def test_shard_map_kv_heads_per_shard():
     proc = subprocess.run([sys.executable, "-c", _SHARD_SCRIPT], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+_POOL_SCRIPT = """
+import sys
+import numpy as np
+import jax.numpy as jnp
+from prefixkv import jax_frontend as jf
+from prefixkv.paged import testing
+rng = np.random.default_rng(3)
+b = testing.make_ragged_batch(rng, [(1, n) for n in (1, 300, 7, 64, 129, 2, 500, 33, 16)],
+                              num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+                              decode=True)
+out, lse = jf.paged_attention(*(jnp.asarray(a) for a in b.args()[:5]), return_lse=True)
+np.save(sys.argv[1], np.concatenate([np.asarray(out).ravel(), np.asarray(lse).ravel()]))
+"""
+
+
+def test_kernel_over_the_xla_pool_is_thread_count_independent(tmp_path):
+    """The handler splits the sequences over XLA:CPU's intra-op pool (sized by NPROC): one,
+    two and three threads give bit-identical results (subprocesses: the pool is sized when
+    jax starts)."""
+    import os
+    import subprocess
+    import sys
+
+    got = []
+    for nproc in (1, 2, 3):
+        path = tmp_path / f"out{nproc}.npy"
+        env = dict(os.environ, NPROC=str(nproc))
+        proc = subprocess.run([sys.executable, "-c", _POOL_SCRIPT, str(path)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got.append(np.load(path))
+    np.testing.assert_array_equal(got[1], got[0])
+    np.testing.assert_array_equal(got[2], got[0])

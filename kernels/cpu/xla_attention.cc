@@ -29,10 +29,13 @@
 // index, then clip).
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -525,15 +528,42 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
   }
 }
 
-// Sequences split over up to `threads` threads (the calling one included) in contiguous
-// ranges of about equal keys; each sequence is computed exactly as on one thread, so the result
-// does not depend on the thread count. A thread that cannot be started leaves its range to the
-// calling thread.
-template <class Tag, class Ops>
-void DecodeParallel(int threads, const Shape& sh, const typename Tag::Storage* q,
-                    const typename Tag::Storage* kc, const typename Tag::Storage* vc,
-                    const int32_t* tables, const int32_t* kv_lens, typename Tag::Storage* out,
-                    float* lse, float scale, int64_t window, float cap) {
+// run(0), ..., run(parts - 1), on the calling thread and on `helpers` tasks handed to
+// schedule(task): every participant takes the next part until none is left, and the call
+// returns when all parts are done. A task that starts after that finds no part and returns
+// without touching the caller's state (it holds only the shared counters), so a pool that is
+// busy or slow to start tasks never blocks the call: the calling thread does the parts itself.
+template <class Schedule>
+void ParallelFor(int64_t parts, int64_t helpers, const std::function<void(int64_t)>& run,
+                 Schedule&& schedule) {
+  struct Shared {
+    std::atomic<int64_t> next{0}, done{0};
+    int64_t parts = 0;
+    const std::function<void(int64_t)>* run = nullptr;
+  };
+  auto shared = std::make_shared<Shared>();
+  shared->parts = parts;
+  shared->run = &run;
+  auto drain = [shared] {
+    for (int64_t p; (p = shared->next.fetch_add(1)) < shared->parts;) {
+      (*shared->run)(p);
+      shared->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t i = 0; i < helpers; ++i) schedule(drain);
+  drain();
+  while (shared->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
+}
+
+// Sequences split over up to `threads` participants (ParallelFor) in contiguous ranges of
+// about equal keys; each sequence is computed exactly as on one thread, so the result does not
+// depend on the thread count.
+template <class Tag, class Ops, class Schedule>
+void DecodeParallel(int64_t threads, Schedule&& schedule, const Shape& sh,
+                    const typename Tag::Storage* q, const typename Tag::Storage* kc,
+                    const typename Tag::Storage* vc, const int32_t* tables,
+                    const int32_t* kv_lens, typename Tag::Storage* out, float* lse, float scale,
+                    int64_t window, float cap) {
   const int64_t n = sh.num_seqs;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, n));
   if (parts == 1) {
@@ -552,7 +582,7 @@ void DecodeParallel(int threads, const Shape& sh, const typename Tag::Storage* q
     bound[p] = std::max(bound[p - 1], i);
   }
   const int64_t qs = sh.num_q_heads * sh.head_dim;
-  auto run = [&](int64_t p) {
+  const std::function<void(int64_t)> run = [&](int64_t p) {
     const int64_t s0 = bound[p], s1 = bound[p + 1];
     if (s1 <= s0) return;
     Shape sub = sh;
@@ -561,20 +591,13 @@ void DecodeParallel(int threads, const Shape& sh, const typename Tag::Storage* q
                               kv_lens + s0, out + s0 * qs, lse + s0 * sh.num_q_heads, scale,
                               window, cap);
   };
-  std::vector<std::thread> pool;
-  try {
-    for (int64_t p = 1; p < parts; ++p) pool.emplace_back(run, p);
-  } catch (...) {  // no more threads: the ranges left run here
-  }
-  run(0);
-  for (int64_t p = static_cast<int64_t>(pool.size()) + 1; p < parts; ++p) run(p);
-  for (auto& t : pool) t.join();
+  ParallelFor(parts, parts - 1, run, schedule);
 }
 
-template <class Tag>
-void RunRaw(bool portable, int threads, const Shape& sh, const void* q, const void* k,
-            const void* v, const int32_t* tables, const int32_t* kv_lens, void* out, float* lse,
-            float scale, int64_t window, float cap) {
+template <class Tag, class Schedule>
+void RunRaw(bool portable, int64_t threads, Schedule&& schedule, const Shape& sh, const void* q,
+            const void* k, const void* v, const int32_t* tables, const int32_t* kv_lens,
+            void* out, float* lse, float scale, int64_t window, float cap) {
   using S = typename Tag::Storage;
   const S* qp = static_cast<const S*>(q);
   const S* kp = static_cast<const S*>(k);
@@ -582,23 +605,44 @@ void RunRaw(bool portable, int threads, const Shape& sh, const void* q, const vo
   S* op = static_cast<S*>(out);
 #if PREFIXKV_X86
   if (!portable && sh.head_dim % 8 == 0 && CpuHasAvx2()) {
-    DecodeParallel<Tag, Avx2>(threads, sh, qp, kp, vp, tables, kv_lens, op, lse, scale, window,
-                              cap);
+    DecodeParallel<Tag, Avx2>(threads, schedule, sh, qp, kp, vp, tables, kv_lens, op, lse, scale,
+                              window, cap);
     return;
   }
 #endif
-  DecodeParallel<Tag, Portable>(threads, sh, qp, kp, vp, tables, kv_lens, op, lse, scale, window,
-                                cap);
+  DecodeParallel<Tag, Portable>(threads, schedule, sh, qp, kp, vp, tables, kv_lens, op, lse,
+                                scale, window, cap);
+}
+
+// RunRaw on up to `threads` std::threads (the calling one included), all joined before it
+// returns; a thread that cannot be started leaves its share to the others.
+template <class Tag>
+void RunOnThreads(bool portable, int64_t threads, const Shape& sh, const void* q, const void* k,
+                  const void* v, const int32_t* tables, const int32_t* kv_lens, void* out,
+                  float* lse, float scale, int64_t window, float cap) {
+  std::vector<std::thread> pool;
+  auto schedule = [&pool](std::function<void()> task) {
+    try {
+      pool.emplace_back(std::move(task));
+    } catch (...) {  // no thread: the calling thread takes its parts
+    }
+  };
+  RunRaw<Tag>(portable, threads, schedule, sh, q, k, v, tables, kv_lens, out, lse, scale, window,
+              cap);
+  for (auto& t : pool) t.join();
 }
 
 #ifndef PREFIXKV_NO_XLA_FFI
 template <class Tag>
-void Dispatch(bool portable, const Shape& sh, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
-              const ffi::AnyBuffer& v, const int32_t* tables, const int32_t* kv_lens,
-              ffi::AnyBuffer* out, float* lse, float scale, int64_t window, float cap) {
-  // one thread: XLA:CPU runs independent ops side by side on its own pool
-  RunRaw<Tag>(portable, 1, sh, q.untyped_data(), k.untyped_data(), v.untyped_data(), tables,
-              kv_lens, out->untyped_data(), lse, scale, window, cap);
+void Dispatch(bool portable, ffi::ThreadPool& pool, const Shape& sh, const ffi::AnyBuffer& q,
+              const ffi::AnyBuffer& k, const ffi::AnyBuffer& v, const int32_t* tables,
+              const int32_t* kv_lens, ffi::AnyBuffer* out, float* lse, float scale,
+              int64_t window, float cap) {
+  // the sequences over XLA:CPU's intra-op pool (its size: NPROC / the PjRt client's threads)
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  auto schedule = [&pool](std::function<void()> task) { pool.Schedule(std::move(task)); };
+  RunRaw<Tag>(portable, threads, schedule, sh, q.untyped_data(), k.untyped_data(),
+              v.untyped_data(), tables, kv_lens, out->untyped_data(), lse, scale, window, cap);
 }
 
 ffi::Error PagedAttentionDecodeImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
@@ -607,7 +651,7 @@ ffi::Error PagedAttentionDecodeImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
                                     ffi::Result<ffi::AnyBuffer> out,
                                     ffi::Result<ffi::Buffer<ffi::F32>> lse, float scale,
                                     int64_t sliding_window, float logits_soft_cap,
-                                    int64_t portable) {
+                                    int64_t portable, ffi::ThreadPool pool) {
   auto qd = q.dimensions();
   auto kd = k_cache.dimensions();
   auto td = block_tables.dimensions();
@@ -634,15 +678,15 @@ ffi::Error PagedAttentionDecodeImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
   ffi::AnyBuffer* op = &(*out);
   switch (dtype) {
     case ffi::DataType::F32:
-      Dispatch<F32Tag>(port, sh, q, k_cache, v_cache, tables, lens, op, lp, scale,
+      Dispatch<F32Tag>(port, pool, sh, q, k_cache, v_cache, tables, lens, op, lp, scale,
                        sliding_window, logits_soft_cap);
       break;
     case ffi::DataType::BF16:
-      Dispatch<BF16Tag>(port, sh, q, k_cache, v_cache, tables, lens, op, lp, scale,
+      Dispatch<BF16Tag>(port, pool, sh, q, k_cache, v_cache, tables, lens, op, lp, scale,
                         sliding_window, logits_soft_cap);
       break;
     case ffi::DataType::F16:
-      Dispatch<F16Tag>(port, sh, q, k_cache, v_cache, tables, lens, op, lp, scale,
+      Dispatch<F16Tag>(port, pool, sh, q, k_cache, v_cache, tables, lens, op, lp, scale,
                        sliding_window, logits_soft_cap);
       break;
     default:
@@ -672,15 +716,15 @@ extern "C" int PrefixkvDecodeAttentionRaw(int dtype, const int64_t* dims, const 
   const bool port = portable != 0;
   switch (dtype) {
     case 0:
-      RunRaw<F32Tag>(port, threads, sh, q, k_cache, v_cache, block_tables, kv_lens, out,
+      RunOnThreads<F32Tag>(port, threads, sh, q, k_cache, v_cache, block_tables, kv_lens, out,
                      lse, scale, sliding_window, logits_soft_cap);
       return 0;
     case 1:
-      RunRaw<BF16Tag>(port, threads, sh, q, k_cache, v_cache, block_tables, kv_lens, out,
+      RunOnThreads<BF16Tag>(port, threads, sh, q, k_cache, v_cache, block_tables, kv_lens, out,
                       lse, scale, sliding_window, logits_soft_cap);
       return 0;
     case 2:
-      RunRaw<F16Tag>(port, threads, sh, q, k_cache, v_cache, block_tables, kv_lens, out,
+      RunOnThreads<F16Tag>(port, threads, sh, q, k_cache, v_cache, block_tables, kv_lens, out,
                      lse, scale, sliding_window, logits_soft_cap);
       return 0;
     default:
@@ -701,5 +745,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PrefixkvPagedAttentionDecode, PagedAttentionDecode
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("sliding_window")
                                   .Attr<float>("logits_soft_cap")
-                                  .Attr<int64_t>("portable"));
+                                  .Attr<int64_t>("portable")
+                                  .Ctx<ffi::ThreadPool>());
 #endif  // PREFIXKV_NO_XLA_FFI
