@@ -396,13 +396,14 @@ def shared_prefix_attention(out, lse, q, k_cache, v_cache, prefix_block_tables, 
     lse = b["lse"] if lse is None else lse
     if num_tokens == 0:
         return
+    # state 0 (prefix part) is written whole by the index_copy_ below: only state 1 is reset
     states_o, states_l = b["states_o"], b["states_l"]
-    states_o.zero_()
-    states_l.fill_(float("-inf"))
-    own = {"part_o": b.get("own_part_o"), "part_l": b.get("own_part_l")}
+    states_o[1].zero_()
+    states_l[1].fill_(float("-inf"))
+    own = ({"part_o": b["own_part_o"], "part_l": b["own_part_l"]} if "own_part_o" in b
+           else None)
     _launch(states_o[1], states_l[1], q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
-            scale=scale, causal=True, window=None, soft_cap=logits_soft_cap,
-            parts=own if own["part_o"] is not None else None)
+            scale=scale, causal=True, window=None, soft_cap=logits_soft_cap, parts=own)
     # the sequence of every token, then its prefix (-1 -> num_prefixes: sorts last)
     tok_seq = b["tok_seq"]
     if cu_q_lens is None:
