@@ -157,7 +157,7 @@ def _call_overhead(benchmark, device, impl):
     the same implementation through the dispatcher (torch.ops.prefixkv.write_kv)."""
     from prefixkv.torch_frontend import _ops
     args = _one_token_write(device)
-    fn = {"eager_direct": lambda: _ops._invoke("write_kv", args, mutated=args[2:4]),
+    fn = {"eager_direct": lambda: _ops._invoke("write_kv", args),
           "custom_op_dispatch": lambda: torch.ops.prefixkv.write_kv(*args)}[impl]
     benchmark.pedantic(fn, rounds=20, iterations=50, warmup_rounds=1)
     benchmark.extra_info.update(impl=impl, device=device)

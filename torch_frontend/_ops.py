@@ -22,6 +22,7 @@ functionalization), the profiler, autograd or a tensor subclass they call
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import torch
@@ -73,12 +74,16 @@ def _check_workspace(workspace, q) -> None:
 
 #: The Python implementation of every custom op, by op name (what the dispatcher calls).
 _IMPL: dict = {}
+#: Positions of each op's mutated arguments (its ``mutates_args``), by op name.
+_MUTATED: dict = {}
 
 
 def _op(name: str, mutates_args=()):
     """torch.library.custom_op(prefixkv::name), keeping the undecorated function in _IMPL."""
     def register(fn):
         _IMPL[name] = fn
+        params = list(inspect.signature(fn).parameters)
+        _MUTATED[name] = tuple(params.index(a) for a in mutates_args)
         return torch.library.custom_op(f"{_LIB}::{name}", mutates_args=mutates_args)(fn)
     return register
 
@@ -94,17 +99,21 @@ def _plain(args) -> bool:
     return True
 
 
-def _invoke(name: str, args: tuple, mutated=()):
+def _invoke(name: str, args: tuple):
     """``torch.ops.prefixkv.<name>(*args)``; in plain eager mode (not compiling, no dispatch or
     function mode, no profiler, plain tensors without grad) its implementation directly, with
-    the version bump of the ``mutated`` tensors the dispatcher would have made."""
+    the version bump of its mutated arguments that the dispatcher would have made."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled()
             or torch._C._autograd._profiler_enabled() or not _plain(args)):
         return getattr(torch.ops.prefixkv, name)(*args)
     result = _IMPL[name](*args)
+    mutated = []
+    for i in _MUTATED[name]:
+        a = args[i]
+        mutated.extend(t for t in (a if isinstance(a, (list, tuple)) else [a]) if t is not None)
     if mutated:
-        increment_version([t for t in mutated if t is not None])
+        increment_version(mutated)
     return result
 
 
@@ -241,7 +250,7 @@ def _run_attention(op, args, q, out, lse, workspace, return_lse):
         l_ = lse  # None and not returned: the backend keeps it in the workspace
         if l_ is None and return_lse:
             l_ = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-        _invoke(f"{op}_out", (*args, o, l_, workspace), mutated=(o, l_, workspace))
+        _invoke(f"{op}_out", (*args, o, l_, workspace))
     return (o, l_) if return_lse else o
 
 
@@ -382,8 +391,7 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, backend=None) -> Non
     validate.check_write_kv(key, value, k_cache, v_cache, slot_mapping)
     if _want_values(slot_mapping):
         validate.check_write_kv_values(k_cache, slot_mapping)
-    _invoke("write_kv", (key, value, k_cache, v_cache, slot_mapping, backend),
-            mutated=(k_cache, v_cache))
+    _invoke("write_kv", (key, value, k_cache, v_cache, slot_mapping, backend))
 
 
 def copy_blocks(caches, src, dst, *, backend=None) -> None:
@@ -394,8 +402,7 @@ def copy_blocks(caches, src, dst, *, backend=None) -> None:
     num_blocks = validate.check_copy_blocks(caches, src, dst)
     if _want_values(src, dst):
         validate.check_copy_blocks_values(num_blocks, src, dst)
-    caches = list(caches)
-    _invoke("copy_blocks", (caches, src, dst, backend), mutated=caches)
+    _invoke("copy_blocks", (list(caches), src, dst, backend))
 
 
 def gather_blocks(caches, block_ids, *, backend=None):
@@ -411,8 +418,7 @@ def scatter_blocks(caches, buffer, block_ids, *, backend=None) -> None:
     validate.check_scatter_blocks(caches, buffer, block_ids)
     if _want_values(block_ids):
         validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=True)
-    caches = list(caches)
-    _invoke("scatter_blocks", (caches, buffer, block_ids, backend), mutated=caches)
+    _invoke("scatter_blocks", (list(caches), buffer, block_ids, backend))
 
 
 def swap_blocks(src_caches, dst_caches, src_ids, dst_ids, *, backend=None) -> None:
@@ -426,9 +432,7 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids, *, backend=None) -> No
     validate.check_swap_blocks(src_caches, dst_caches, src_ids, dst_ids)
     if _want_values(src_ids, dst_ids):
         validate.check_swap_blocks_values(src_caches, dst_caches, src_ids, dst_ids)
-    dst_caches = list(dst_caches)
-    _invoke("swap_blocks", (list(src_caches), dst_caches, src_ids, dst_ids, backend),
-            mutated=dst_caches)
+    _invoke("swap_blocks", (list(src_caches), list(dst_caches), src_ids, dst_ids, backend))
 
 
 __all__ = ["attention_workspace_size", "copy_blocks", "gather_blocks", "merge_attention_states",
