@@ -324,7 +324,7 @@ def _c_decode(out, lse, q, k_cache, v_cache, block_tables, kv_lens, scale, windo
     split over torch.get_num_threads() threads. Measured decode 8 x 4096, 32/8 heads,
     head_dim 128, one thread: see bench/bench_torch_attention.py."""
     dtype = _C_DTYPES.get(q.dtype)
-    if (dtype is None or q.device.type != "cpu" or k_cache.dtype != q.dtype
+    if (dtype is None or k_cache.dtype != q.dtype
             or v_cache.dtype != q.dtype or out.dtype != q.dtype
             or block_tables.dtype != torch.int32 or kv_lens.dtype != torch.int32
             or (lse is not None and lse.dtype != torch.float32)):
@@ -463,17 +463,16 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
         if not _c_decode(own_c, own_lse, q, k_cache, v_cache, block_tables, kv_lens, scale,
                          None, logits_soft_cap):
             own_c = None
-    if own_c is not None:
-        pass
-    elif fused and decode:  # one query per sequence: its q heads are the rows of its kv heads
-        _attend_host(own_out.view(num_seqs, num_kv_heads, group, head_dim),
-                     own_lse.view(num_seqs, num_kv_heads, group),
-                     q.reshape(num_seqs, num_kv_heads, group, head_dim).to(torch.float32),
-                     k_cache, v_cache, block_tables, kv_lens.tolist(), scale)
-    else:
-        paged_attention(own_out, own_lse, q, k_cache, v_cache, block_tables, kv_lens,
-                        cu_q_lens, scale=scale, causal=True, sliding_window=None,
-                        logits_soft_cap=logits_soft_cap)
+    if own_c is None:
+        if fused and decode:  # one query per sequence: its q heads are the rows of its kv heads
+            _attend_host(own_out.view(num_seqs, num_kv_heads, group, head_dim),
+                         own_lse.view(num_seqs, num_kv_heads, group),
+                         q.reshape(num_seqs, num_kv_heads, group, head_dim).to(torch.float32),
+                         k_cache, v_cache, block_tables, kv_lens.tolist(), scale)
+        else:
+            paged_attention(own_out, own_lse, q, k_cache, v_cache, block_tables, kv_lens,
+                            cu_q_lens, scale=scale, causal=True, sliding_window=None,
+                            logits_soft_cap=logits_soft_cap)
     # prefix part: prefixes as "sequences" whose queries are all tokens of their sequences
     if cu_q_lens is None:
         tok_seq = torch.arange(num_seqs, device=dev)
