@@ -51,24 +51,13 @@ def paged_attention_xla(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
             q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
             sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
 
-    # Decode on CPU: one compiled pass over each sequence's blocks (kernels/cpu/
-    # xla_attention.cc) instead of XLA's gather + convert + transpose per chunk, when the FFI
-    # kernels build (PREFIXKV_DISABLE_CPU_FFI=1 keeps the XLA path).
-    from ..kernels.cpu import xla_ffi
-
-    if (cu_q_lens is not None or q.shape[0] == 0
-            or not xla_ffi.use_for_attention(q, k_cache, v_cache)):
+    if cu_q_lens is not None:
         return xla_path()
-
-    def cpu_path():
-        # the decode query sits at kv_len - 1: causal masks nothing more, the window needs it
-        out = xla_ffi.paged_attention_decode(
-            q, k_cache, v_cache, block_tables, kv_lens, scale=scale,
-            sliding_window=sliding_window if causal else None,
-            logits_soft_cap=logits_soft_cap)
-        return _xla.match_varying(out, q, k_cache, v_cache, block_tables, kv_lens)
-
-    return jax.lax.platform_dependent(cpu=cpu_path, default=xla_path)
+    # decode on CPU: the compiled kernel (PREFIXKV_DISABLE_CPU_FFI=1 keeps the XLA path); the
+    # query sits at kv_len - 1, so causal masks nothing more and the window needs it
+    return _xla.decode_on_cpu_kernel(
+        xla_path, q, k_cache, v_cache, block_tables, kv_lens, scale=scale,
+        sliding_window=sliding_window if causal else None, logits_soft_cap=logits_soft_cap)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "logits_soft_cap"))

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ..kernels.pallas._vma import varying_axes
+from ..kernels._vma import match_varying
 
 #: Default number of KV tokens per loop step (rounded to whole blocks).
 DECODE_CHUNK_TOKENS = 128
@@ -93,25 +93,6 @@ def _bits_to_f32(x, dtype):
     if dtype == jnp.bfloat16:
         return lax.bitcast_convert_type(x.astype(jnp.uint32) << 16, jnp.float32)
     return lax.bitcast_convert_type(x, dtype).astype(jnp.float32)
-
-
-def match_varying(outs, *refs):
-    """``outs`` (a pytree of arrays) cast to vary over every shard_map mesh axis one of
-    ``refs`` varies over. A value computed from ``refs`` does so by itself; a loop carry that
-    starts as a constant, or an FFI call's result, does not, and under ``check_vma`` (the
-    default of ``jax.shard_map``) a while_loop's carry, or the branches of
-    ``platform_dependent``, must agree. Outside shard_map: ``outs`` unchanged."""
-    axes = set()
-    for r in jax.tree.leaves(refs):
-        axes |= varying_axes(r)
-    if not axes:
-        return outs
-
-    def cast(x):
-        missing = axes - varying_axes(x)
-        return lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
-
-    return jax.tree.map(cast, outs)
 
 
 def _build_tiles(kv_lens, cu_q_lens, num_tiles: int, q_tile: int):
@@ -584,25 +565,26 @@ def short_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
 
 
 
-def _decode_own_part(q, k_cache, v_cache, block_tables, kv_lens, own_xla, *, decode: bool,
-                     scale: float, logits_soft_cap: float | None):
-    """The own part of cascade attention, (out in q's dtype, lse f32): ``own_xla()``, except
-    for decode on CPU when the compiled FFI kernels build, where the decode paged attention
-    handler of ``kernels/cpu`` reads each own block once, all kv heads and the group's q heads
-    per K/V row (measured 32 seqs x 128 own tokens, one thread: f32 4.5 vs 5.0 ms for
+def decode_on_cpu_kernel(xla_fn, q, k_cache, v_cache, block_tables, kv_lens, *, scale: float,
+                         sliding_window: int | None = None,
+                         logits_soft_cap: float | None = None):
+    """Decode attention (one query per sequence, at its kv_len - 1), (out in q's dtype, lse
+    f32): ``xla_fn()``, except on CPU when the compiled FFI kernels build, where the decode
+    handler of ``kernels/cpu`` reads each sequence's blocks once, all kv heads and the group's
+    q heads per K/V row (measured one thread: decode 8 x 4096 f32 ~2x the ragged loop; the
+    cascade's own part, 32 seqs x 128 tokens, f32 4.5 vs 5.0 ms for
     :func:`short_decode_attention`, bf16 2.8 vs 4.7 ms)."""
     from ..kernels.cpu import xla_ffi
 
-    if not decode or q.shape[0] == 0 or not xla_ffi.use_for_attention(q, k_cache, v_cache):
-        return own_xla()
+    if q.shape[0] == 0 or not xla_ffi.use_for_attention(q, k_cache, v_cache):
+        return xla_fn()
 
     def cpu_path():
-        # each decode query sits at its kv_len - 1: it sees every own key
-        out = xla_ffi.paged_attention_decode(q, k_cache, v_cache, block_tables, kv_lens,
-                                             scale=scale, logits_soft_cap=logits_soft_cap)
-        return match_varying(out, q, k_cache, v_cache, block_tables, kv_lens)
+        return xla_ffi.paged_attention_decode(q, k_cache, v_cache, block_tables, kv_lens,
+                                              scale=scale, sliding_window=sliding_window,
+                                              logits_soft_cap=logits_soft_cap)
 
-    return lax.platform_dependent(cpu=cpu_path, default=own_xla)
+    return lax.platform_dependent(cpu=cpu_path, default=xla_fn)
 
 
 def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
@@ -631,9 +613,12 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
         def own_xla():
             return attn(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale,
                         causal=True, logits_soft_cap=logits_soft_cap)
-    own_out, own_lse = _decode_own_part(q, k_cache, v_cache, block_tables, kv_lens, own_xla,
-                                        decode=decode and attention_fn is None, scale=scale,
-                                        logits_soft_cap=logits_soft_cap)
+    if decode and attention_fn is None:  # each decode query sees every own key
+        own_out, own_lse = decode_on_cpu_kernel(own_xla, q, k_cache, v_cache, block_tables,
+                                                kv_lens, scale=scale,
+                                                logits_soft_cap=logits_soft_cap)
+    else:
+        own_out, own_lse = own_xla()
     if num_tokens == 0 or num_prefixes == 0:
         return own_out, own_lse
     # prefix id of every query token (num_prefixes for "none")
@@ -707,9 +692,8 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping):
         return xla_path()
 
     def cpu_path():
-        return match_varying((xla_ffi.write_kv(key, slot_mapping, k_cache),
-                              xla_ffi.write_kv(value, slot_mapping, v_cache)),
-                             key, value, k_cache, v_cache, slot_mapping)
+        return (xla_ffi.write_kv(key, slot_mapping, k_cache),
+                xla_ffi.write_kv(value, slot_mapping, v_cache))
 
     return lax.platform_dependent(cpu=cpu_path, default=xla_path)
 
@@ -729,8 +713,7 @@ def copy_blocks(caches, src, dst):
         return xla_path()
 
     def cpu_path():
-        return match_varying([xla_ffi.copy_blocks(c, src, dst) for c in caches], caches, src,
-                             dst)
+        return [xla_ffi.copy_blocks(c, src, dst) for c in caches]
 
     return lax.platform_dependent(cpu=cpu_path, default=xla_path)
 
@@ -756,7 +739,7 @@ def gather_blocks(caches, block_ids):
     cpu_path = xla_bits_path
     if xla_ffi.use_for(*caches):
         def cpu_path():
-            return match_varying(xla_ffi.gather_blocks(caches, block_ids), caches, block_ids)
+            return xla_ffi.gather_blocks(caches, block_ids)
 
     return lax.platform_dependent(cpu=cpu_path, default=xla_path)
 
@@ -773,8 +756,7 @@ def scatter_blocks(caches, buffer, block_ids):
         return xla_path()
 
     def cpu_path():
-        return match_varying([xla_ffi.scatter_blocks(c, buffer, block_ids, i)
-                              for i, c in enumerate(caches)], caches, buffer, block_ids)
+        return [xla_ffi.scatter_blocks(c, buffer, block_ids, i) for i, c in enumerate(caches)]
 
     return lax.platform_dependent(cpu=cpu_path, default=xla_path)
 

@@ -193,12 +193,14 @@ def use_for(*arrays) -> bool:
 def _aliased_call(target: str, cache, *operands, **attrs):
     import jax
 
+    from .._vma import match_varying  # inside shard_map: vary like the inputs
+
     if not available():
         raise RuntimeError(f"the CPU FFI cache ops are not available: {cpu_cache_ops_path()}")
 
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(cache.shape, cache.dtype),
                             input_output_aliases={len(operands): 0}, vmap_method="sequential")
-    return call(*operands, cache, **attrs)
+    return match_varying(call(*operands, cache, **attrs), *operands, cache)
 
 
 def write_kv(rows, slots, cache):
@@ -222,13 +224,15 @@ def gather_blocks(caches, block_ids):
     import jax
     import jax.numpy as jnp
 
+    from .._vma import match_varying  # inside shard_map: vary like the inputs
+
     if not available():
         raise RuntimeError(f"the CPU FFI cache ops are not available: {cpu_cache_ops_path()}")
     first = caches[0]
     shape = (block_ids.shape[0], len(caches), *first.shape[1:])
     call = jax.ffi.ffi_call("prefixkv_cpu_gather_blocks",
                             jax.ShapeDtypeStruct(shape, first.dtype), vmap_method="sequential")
-    return call(block_ids.astype(jnp.int32), *caches)
+    return match_varying(call(block_ids.astype(jnp.int32), *caches), block_ids, *caches)
 
 
 def scatter_blocks(cache, buffer, block_ids, index: int):
@@ -266,6 +270,8 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
     import jax
     import jax.numpy as jnp
 
+    from .._vma import match_varying  # inside shard_map: vary like the inputs
+
     if not available():
         raise RuntimeError(f"the CPU FFI kernels are not available: {cpu_cache_ops_path()}")
     num_seqs, num_q_heads, _ = q.shape
@@ -274,10 +280,11 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
         (jax.ShapeDtypeStruct(q.shape, q.dtype),
          jax.ShapeDtypeStruct((num_seqs, num_q_heads), jnp.float32)),
         vmap_method="sequential")
-    return call(q, k_cache, v_cache, block_tables.astype(jnp.int32), kv_lens.astype(jnp.int32),
-                scale=np.float32(scale), sliding_window=np.int64(sliding_window or 0),
-                logits_soft_cap=np.float32(logits_soft_cap or 0.0),
-                portable=np.int64(bool(portable)))
+    out = call(q, k_cache, v_cache, block_tables.astype(jnp.int32), kv_lens.astype(jnp.int32),
+               scale=np.float32(scale), sliding_window=np.int64(sliding_window or 0),
+               logits_soft_cap=np.float32(logits_soft_cap or 0.0),
+               portable=np.int64(bool(portable)))
+    return match_varying(out, q, k_cache, v_cache, block_tables, kv_lens)
 
 
 __all__ = ["available", "build", "cache_dir", "cpu_cache_ops_path", "write_kv", "copy_blocks",

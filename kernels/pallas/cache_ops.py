@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ._vma import out_struct
+from .._vma import out_struct
 
 # Operands left where they are (HBM on a TPU); spelled pl.ANY in jax 0.10, with fallbacks for
 # releases that move it.

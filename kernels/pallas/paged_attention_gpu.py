@@ -21,7 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ...jax_frontend import _xla
-from ._vma import out_struct
+from .._vma import out_struct
 
 
 def gpu_supports(*, head_dim: int, block_size: int, **_) -> tuple[bool, str]:
