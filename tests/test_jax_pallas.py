@@ -233,8 +233,14 @@ def test_paged_attention_gpu_kernel_lowers_for_cuda(dtype, head_dim, block_size,
             S((num_seqs, 8), jnp.int32), S((num_seqs,), jnp.int32),
             None if decode else S((num_seqs + 1,), jnp.int32)]
     fn = jax.jit(lambda *a: jf.paged_attention(*a, sliding_window=40, logits_soft_cap=30.0))
-    exp = jax.export.export(fn, platforms=["cuda"], disabled_checks=[
-        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    # Pallas' Triton lowering asks the device for its compute capability; with no GPU here
+    # (jax >= 0.11 refuses to guess) an abstract H100 names the target.
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                       platform="gpu")
+    with jax.sharding.use_abstract_mesh(
+            jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+        exp = jax.export.export(fn, platforms=["cuda"], disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
     assert "xla.gpu.triton" in exp.mlir_module()  # the frontend chose the Pallas kernel
 
 

@@ -357,7 +357,7 @@ def test_opcheck_every_op():
     cases = [
         (ops.paged_attention, (q, k, v, bt, kv, cu, 0.3, True, 3, 2.0, None)),
         (ops.paged_attention_out, (q, k, v, bt, kv, cu, 0.3, True, None, None, None,
-                                   torch.empty_like(q), torch.empty(q.shape[:2]))),
+                                   torch.empty_like(q), torch.empty(q.shape[:2]), None)),
         (ops.paged_attention_out, (q, k, v, bt, kv, cu, 0.3, True, None, None, None,
                                    torch.empty_like(q), None, torch.empty(256, dtype=torch.uint8))),
         (ops.merge_attention_states, (q, torch.randn(q.shape[:2]), q * 2,

@@ -126,12 +126,14 @@ def _attn_buffers(q: Tensor) -> tuple[Tensor, Tensor]:
     return out, lse
 
 
+# The mutated arguments of the *_out ops have no defaults: torch 2.11's ADInplaceOrView kernel
+# looks them up by position and raises IndexError when a caller omits one.
 @_op("paged_attention_out", mutates_args=("out", "lse", "workspace"))
 def _paged_attention_out(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                          kv_lens: Tensor, cu_q_lens: Tensor | None, scale: float, causal: bool,
                          sliding_window: int | None, logits_soft_cap: float | None,
                          backend: str | None, out: Tensor, lse: Tensor | None,
-                         workspace: Tensor | None = None) -> None:
+                         workspace: Tensor | None) -> None:
     fn = select("paged_attention", platform_of(q), backend)
     fn(out, lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale,
        causal=causal, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
@@ -145,7 +147,8 @@ def _paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: 
                      backend: str | None) -> tuple[Tensor, Tensor]:
     out, lse = _attn_buffers(q)
     _IMPL["paged_attention_out"](q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale,
-                                 causal, sliding_window, logits_soft_cap, backend, out, lse)
+                                 causal, sliding_window, logits_soft_cap, backend, out, lse,
+                                 None)
     return out, lse
 
 
@@ -167,7 +170,7 @@ def _shared_prefix_attention_out(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                                  cu_q_lens: Tensor | None, scale: float,
                                  logits_soft_cap: float | None, backend: str | None,
                                  out: Tensor, lse: Tensor | None,
-                                 workspace: Tensor | None = None) -> None:
+                                 workspace: Tensor | None) -> None:
     fn = select("shared_prefix_attention", platform_of(q), backend)
     fn(out, lse, q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
        block_tables, kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap,
@@ -183,7 +186,7 @@ def _shared_prefix_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     out, lse = _attn_buffers(q)
     _IMPL["shared_prefix_attention_out"](q, k_cache, v_cache, prefix_block_tables,
                                          prefix_lens, prefix_ids, block_tables, kv_lens,
-                                         cu_q_lens, scale, logits_soft_cap, backend, out, lse)
+                                         cu_q_lens, scale, logits_soft_cap, backend, out, lse, None)
     return out, lse
 
 
