@@ -28,7 +28,7 @@ export PYTHONUNBUFFERED=1
 
 # ---- PyTorch: Triton + CUDA C kernels vs the reference, CUDA graphs, compile (~2 min)
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
-step torch_gpu_tests 130 $PY -m pytest -q -x -p no:cacheprovider tests/test_torch_gpu.py
+step torch_gpu_tests 130 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_torch_gpu.py
 # ---- PyTorch GPU benchmarks: decode at % of HBM, swap vs measured PCIe (~1.5 min)
 step torch_gpu_bench 110 $PY -m pytest -q -p no:cacheprovider bench/bench_torch_attention.py \
   bench/bench_torch_copy.py --benchmark-only -k gpu --benchmark-columns=mean,min,rounds \
@@ -42,7 +42,7 @@ step hash_gpu 60 $PY -m pytest -q -p no:cacheprovider tests/test_hashing_torch.p
 # ---- JAX: every op compiled for the device (Pallas kernels on TPU, XLA/Pallas on GPU)
 if $PY -c "import jax" 2>/dev/null; then
   $PY -c "import jax; print('jax', jax.__version__, jax.devices())"
-  step jax_device_tests 100 $PY -m pytest -q -x -p no:cacheprovider tests/test_jax_device.py
+  step jax_device_tests 100 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_jax_device.py
   step jax_device_bench 70 $PY -m pytest -q -p no:cacheprovider bench/bench_jax_attention.py \
     --benchmark-only -k device --benchmark-columns=mean,min,rounds
 fi
