@@ -74,6 +74,30 @@ def cuda_seconds(fn, iters: int = 10) -> float:
     return start.elapsed_time(end) / iters / 1e3
 
 
+_CUDA_LIMITS: dict = {}
+
+
+def cuda_memory_limits(nbytes: int = 1 << 30) -> dict:
+    """The current CUDA device's measured memory bandwidth, once per run: ``read_gbps`` (a
+    float32 sum over ``nbytes``, what a decode kernel's KV reads are bounded by) and
+    ``copy_gbps`` (read + written bytes of a device-to-device copy). ``nbytes`` is far above
+    the L2 cache (50 MB on H100), so both are HBM figures."""
+    import torch
+
+    dev = torch.cuda.current_device()
+    if dev not in _CUDA_LIMITS:
+        src = torch.ones(nbytes // 4, dtype=torch.float32, device="cuda")
+        dst = torch.empty_like(src)
+        acc = torch.empty((), dtype=torch.float32, device="cuda")
+        read_s = min(cuda_seconds(lambda: torch.sum(src, out=acc), iters=10) for _ in range(3))
+        copy_s = min(cuda_seconds(lambda: dst.copy_(src), iters=10) for _ in range(3))
+        _CUDA_LIMITS[dev] = {"read_gbps": round(nbytes / read_s / 1e9, 1),
+                             "copy_gbps": round(2 * nbytes / copy_s / 1e9, 1)}
+        del src, dst
+        torch.cuda.empty_cache()
+    return _CUDA_LIMITS[dev]
+
+
 def seconds(benchmark, stat: str = "mean") -> float:
     """The benchmark's measured ``stat`` (mean, min, median) in seconds; NaN when it was not
     timed (``--benchmark-disable``: each benchmark runs once, as a smoke test)."""
