@@ -95,6 +95,15 @@ def _bits_to_f32(x, dtype):
     return lax.bitcast_convert_type(x, dtype).astype(jnp.float32)
 
 
+def dot_precision(dtype):
+    """Precision of the float32 attention dots over a cache of ``dtype``. XLA:CPU computes
+    them in f32 whatever it is told; the accelerators' DEFAULT is one TF32 pass (NVIDIA) or
+    one bfloat16 pass (TPU), far outside float32's tolerance. float32 caches get HIGHEST;
+    16-bit ones HIGH (TF32 holds float16 exactly; bf16x3 on TPU), which also keeps the scaled
+    queries and the softmax weights from being rounded to bfloat16."""
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.HIGH
+
+
 def _build_tiles(kv_lens, cu_q_lens, num_tiles: int, q_tile: int):
     """Per tile: sequence, first query token, number of query tokens (0 = inactive tile)."""
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
@@ -216,6 +225,7 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
     in_block = jnp.arange(block_size, dtype=jnp.int32)
 
     dtype = k_cache.dtype
+    prec = dot_precision(dtype)
 
     def body(state):
         j, m, l_sum, acc = state
@@ -237,11 +247,13 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
         # XLA:CPU runs the QK dot 10-25x faster with the operand of many rows on the left;
         # keep the softmax axis ("t") next to where that dot puts it.
         if t_major:  # few query rows (decode): s [nt, Hkv, ct, rows]
-            s = jnp.einsum("nhtd,nhrd->nhtr", k, qf, preferred_element_type=jnp.float32)
+            s = jnp.einsum("nhtd,nhrd->nhtr", k, qf,
+                           preferred_element_type=jnp.float32, precision=prec)
             tt, rp, ax = t[:, None, :, None], row_pos[:, None, None, :], 2
             mask = tv[:, None, :, None]
         else:        # many query rows (prefill): s [nt, Hkv, rows, ct]
-            s = jnp.einsum("nhrd,nhtd->nhrt", qf, k, preferred_element_type=jnp.float32)
+            s = jnp.einsum("nhrd,nhtd->nhrt", qf, k,
+                           preferred_element_type=jnp.float32, precision=prec)
             tt, rp, ax = t[:, None, None, :], row_pos[:, None, :, None], 3
             mask = tv[:, None, None, :]
         if logits_soft_cap is not None:
@@ -261,7 +273,8 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
             # gather fuses into it (measured 1.5x on decode 8x4096)
             pv = jnp.sum(p[..., None] * v[:, :, :, None, :], axis=2)
         else:
-            pv = jnp.einsum("nhrt,nhtd->nhrd", p, v, preferred_element_type=jnp.float32)
+            pv = jnp.einsum("nhrt,nhtd->nhrd", p, v,
+                            preferred_element_type=jnp.float32, precision=prec)
         acc = acc * alpha[..., None] + pv
         return j + 1, m_new, l_sum, acc
 
@@ -360,6 +373,7 @@ def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_pr
     in_chunk = jnp.arange(ct, dtype=jnp.int32)
     blk_in_chunk = jnp.arange(cb, dtype=jnp.int32)
     dtype = k_cache.dtype
+    prec = dot_precision(dtype)
 
     def head(args):
         qh, h = args
@@ -377,7 +391,7 @@ def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_pr
             tv = j * ct + in_chunk < prefix_len
             k = _bits_to_f32(k_bits[ids, :, hh, :].reshape(ct, head_dim), dtype)
             v = _bits_to_f32(v_bits[ids, :, hh, :].reshape(ct, head_dim), dtype)
-            s = jnp.einsum("rd,td->rt", qh, k, preferred_element_type=jnp.float32)
+            s = jnp.einsum("rd,td->rt", qh, k, preferred_element_type=jnp.float32, precision=prec)
             if logits_soft_cap is not None:
                 s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -387,7 +401,7 @@ def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_pr
             p = jnp.where(tv[None, :], jnp.exp(s - m_safe[:, None]), 0.0)
             alpha = jnp.exp(m - m_safe)
             l_sum = l_sum * alpha + jnp.sum(p, axis=1)
-            pv = jnp.einsum("rt,td->rd", p, v, preferred_element_type=jnp.float32)
+            pv = jnp.einsum("rt,td->rd", p, v, preferred_element_type=jnp.float32, precision=prec)
             return j + 1, m_new, l_sum, acc * alpha[:, None] + pv
 
         state = (jnp.int32(0), *match_varying(
@@ -523,6 +537,7 @@ def short_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
     qf = qf.reshape(n_steps, g, num_kv_heads, group, head_dim)
     t = jnp.arange(ct, dtype=jnp.int32)
     dtype = k_cache.dtype
+    prec = dot_precision(dtype)
 
     def step(args):
         qs, tb, n = args                                   # [g, Hkv, G, D], [g, MB], [g]
@@ -541,7 +556,7 @@ def short_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
         # as rows (s [g, Hkv, ct, G]), PV with p as [G, ct] rows. The barrier keeps XLA from
         # folding the (small) transpose of s into the QK dot, which turns it into the slow
         # [G, ct] orientation (measured 32 x 128 f32: 4.5 ms, both dots key-major 5.4 ms).
-        s = jnp.einsum("ghtd,ghrd->ghtr", k, qs, preferred_element_type=jnp.float32)
+        s = jnp.einsum("ghtd,ghrd->ghtr", k, qs, preferred_element_type=jnp.float32, precision=prec)
         s = lax.optimization_barrier(s).transpose(0, 1, 3, 2)   # [g, Hkv, G, ct]
         if logits_soft_cap is not None:
             s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
@@ -550,7 +565,7 @@ def short_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
         m_safe = jnp.where(m == -jnp.inf, 0.0, m)
         p = jnp.exp(s - m_safe[..., None])
         l_sum = jnp.sum(p, axis=3)
-        o = jnp.einsum("ghrt,ghtd->ghrd", p, v, preferred_element_type=jnp.float32)
+        o = jnp.einsum("ghrt,ghtd->ghrd", p, v, preferred_element_type=jnp.float32, precision=prec)
         seen = l_sum > 0
         o = o / jnp.where(seen, l_sum, 1.0)[..., None]
         lse = jnp.where(seen, m_safe + jnp.log(jnp.where(seen, l_sum, 1.0)), -jnp.inf)

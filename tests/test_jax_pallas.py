@@ -244,6 +244,73 @@ def test_paged_attention_gpu_kernel_lowers_for_cuda(dtype, head_dim, block_size,
     assert "xla.gpu.triton" in exp.mlir_module()  # the frontend chose the Pallas kernel
 
 
+def _dots_in(jaxpr):
+    """Every dot_general equation of ``jaxpr`` and of the jaxprs nested in its equations."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for param in eqn.params.values():
+            for sub in (param if isinstance(param, (list, tuple)) else [param]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _dots_in(inner)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_gpu_kernel_dot_precision(dtype):
+    """Triton lowers an f32 dot with the default precision to TF32 (10-bit mantissa, ~1e-3
+    error): the float32 kernel must ask for HIGHEST; 16-bit inputs must reach the dots
+    unconverted (tensor-core MMA), with f32 accumulation."""
+    from prefixkv.kernels.pallas import paged_attention_gpu as pg
+
+    S = jax.ShapeDtypeStruct
+    args = (S((4, 16, 64), dtype), S((32, 16, 4, 64), dtype), S((32, 16, 4, 64), dtype),
+            S((4, 8), jnp.int32), S((4,), jnp.int32))
+    jaxpr = jax.make_jaxpr(lambda *a: pg.paged_attention_gpu(*a, None, scale=0.1))(*args)
+    dots = list(_dots_in(jaxpr.jaxpr))
+    assert len(dots) == 2  # QK and PV, inside the kernel's block loop
+    for eqn in dots:
+        assert [str(v.aval.dtype) for v in eqn.invars] == [dtype, dtype]
+        assert eqn.params["preferred_element_type"] == jnp.float32
+        precision = eqn.params["precision"]
+        if dtype == "float32":
+            assert precision is not None and all(p == jax.lax.Precision.HIGHEST
+                                                 for p in precision)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_xla_path_dot_precision(dtype):
+    """The XLA path's f32 dots (what GPUs and TPUs run when no Pallas kernel fits) name their
+    precision: the accelerators' DEFAULT is one TF32 or bfloat16 pass."""
+    rng = np.random.default_rng(3)
+    rb = testing.make_ragged_batch(rng, [(1, 40), (5, 21)], num_q_heads=8, num_kv_heads=2,
+                                   head_dim=64, block_size=16, dtype=dtype)
+    dec = testing.make_ragged_batch(rng, [(1, 40), (1, 21)], num_q_heads=8, num_kv_heads=2,
+                                    head_dim=64, block_size=16, dtype=dtype)
+    sp = testing.make_shared_prefix_batch(rng, [2], [(0, 1, 5), (0, 1, 3)], num_q_heads=8,
+                                          num_kv_heads=2, head_dim=64, block_size=16,
+                                          dtype=dtype)
+    want = jax.lax.Precision.HIGHEST if dtype == "float32" else jax.lax.Precision.HIGH
+    calls = [lambda: jf.paged_attention(*rb.args(), backend="xla"),
+             lambda: jf.paged_attention(*dec.args()[:5], backend="xla"),
+             lambda: jf.shared_prefix_attention(*sp.args(), backend="xla")]
+    for call in calls:
+        dots = list(_dots_in(jax.make_jaxpr(call)().jaxpr))
+        assert dots
+        for eqn in dots:
+            assert eqn.params["precision"] == (want, want), eqn
+
+
+def test_tpu_kernel_f32_dots_ask_for_highest():
+    rb = testing.make_ragged_batch(np.random.default_rng(4), [(3, 40)], num_q_heads=8,
+                                   num_kv_heads=2, head_dim=128, block_size=16)
+    jaxpr = jax.make_jaxpr(lambda: jf.paged_attention(*rb.args(), backend=BACKEND))()
+    dots = list(_dots_in(jaxpr.jaxpr))
+    assert len(dots) == 2
+    for eqn in dots:
+        assert eqn.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2
+
+
 def test_gpu_backend_refuses_untileable_shapes():
     assert pg.gpu_supports(head_dim=80, block_size=16) == (
         False, "head_dim 80 is not a power of two in [16, 256] (Triton tiles)")

@@ -42,6 +42,9 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
 
     @pl.when(j < nblk_ref[i])
     def _step():
+        # float32 caches ask for HIGHEST (Mosaic's fp32 contraction) rather than leave an f32
+        # dot's passes to the compiler's default
+        prec = lax.Precision.HIGHEST if q_ref.dtype == jnp.float32 else None
         q = q_ref[...].astype(jnp.float32) * scale               # [rows, D]
         k = k_ref[...].astype(jnp.float32)                       # [B, D]
         v = v_ref[...].astype(jnp.float32)
@@ -56,7 +59,7 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
                 mask = mask & (t > row_pos - sliding_window)
         key_ok = (t0 + lax.broadcasted_iota(jnp.int32, (block_size, 1), 0)) < hi_ref[i]
         v = jnp.where(key_ok, v, 0.0)                            # padding slots may be NaN
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
                             preferred_element_type=jnp.float32)  # [rows, B]
         if logits_soft_cap is not None:
             s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
@@ -68,7 +71,8 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
         alpha = jnp.exp(m_prev - m_safe)
         l_sc[...] = l_sc[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
         acc_sc[...] = acc_sc[...] * alpha + lax.dot_general(
-            p, v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            p, v, (((1,), (0,)), ((), ())), precision=prec,
+            preferred_element_type=jnp.float32)
         m_sc[...] = m_new
 
     @pl.when(j == pl.num_programs(2) - 1)

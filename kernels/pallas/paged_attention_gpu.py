@@ -43,7 +43,12 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
     seq, lo, nblk = meta_ref[i, 0], meta_ref[i, 1], meta_ref[i, 2]
     hi, first_pos = meta_ref[i, 3], meta_ref[i, 4]
     rows = q_ref.shape[0]
-    q = q_ref[...].astype(jnp.float32) * scale                           # [rows, D]
+    # 16-bit inputs stay 16-bit in both dots (tensor-core MMA, f32 accumulation; p is rounded
+    # to v's dtype as in FlashAttention). float32 inputs need HIGHEST: Triton's default for an
+    # f32 dot is TF32, whose 10-bit mantissa is far outside float32's tolerance.
+    wide = q_ref.dtype == jnp.float32
+    prec = lax.Precision.HIGHEST if wide else None
+    q = q_ref[...]                                                       # [rows, D]
     row_pos = first_pos + lax.div(lax.broadcasted_iota(jnp.int32, (rows, block_size), 0),
                                   jnp.int32(group))
     col = lax.broadcasted_iota(jnp.int32, (rows, block_size), 1)
@@ -53,12 +58,12 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
         m, l_sum, acc = carry
         blk = tables_ref[seq * max_blocks + lo + j]
         start = blk * block_size
-        k = k_ref[pl.ds(start, block_size), pl.ds(h * head_dim, head_dim)].astype(jnp.float32)
-        v = v_ref[pl.ds(start, block_size), pl.ds(h * head_dim, head_dim)].astype(jnp.float32)
+        k = k_ref[pl.ds(start, block_size), pl.ds(h * head_dim, head_dim)]
+        v = v_ref[pl.ds(start, block_size), pl.ds(h * head_dim, head_dim)]
         t0 = (lo + j) * block_size
-        v = jnp.where(t0 + key_col < hi, v, 0.0)                        # padding may be NaN
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32)          # [rows, B]
+        v = jnp.where(t0 + key_col < hi, v, jnp.zeros((), v.dtype))     # padding may be NaN
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
+                            preferred_element_type=jnp.float32) * scale  # [rows, B]
         if logits_soft_cap is not None:
             s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
         t = t0 + col
@@ -74,7 +79,8 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
         alpha = jnp.exp(m - m_safe)
         l_sum = l_sum * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + lax.dot_general(
-            p, v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=prec,
+            preferred_element_type=jnp.float32)
         return m_new, l_sum, acc
 
     m0 = jnp.full((rows,), -jnp.inf, jnp.float32)
