@@ -28,6 +28,23 @@ import numpy as np
 
 I32 = np.int32
 
+#: Multiprocessors assumed where no GPU can be asked (an H100 SXM's 132).
+DEFAULT_SMS = 132
+
+
+def num_kv_splits(num_seqs: int, num_kv_heads: int, max_kv: int, decode: bool,
+                  sms: int = DEFAULT_SMS) -> int:
+    """Split-KV factor of a GPU decode launch, from static sizes only (no host sync): split
+    long contexts when the (sequence, kv head) programs leave most of the ``sms``
+    multiprocessors idle, aiming at ~2 programs per SM, at most 16 splits and at least 512
+    keys per split. Both GPU backends (Triton for torch, Pallas for JAX) use it."""
+    if not decode or max_kv < 1024:
+        return 1
+    programs = num_seqs * num_kv_heads
+    if programs >= sms:
+        return 1
+    return int(max(1, min(16, sms * 2 // max(programs, 1), max_kv // 512)))
+
 
 @dataclass
 class SharedPrefixPlan:

@@ -214,6 +214,41 @@ def test_paged_attention_pallas_gpu_interpret(grid, dtype, head_dim, block_size,
     np.testing.assert_allclose(np.asarray(lse)[fin], want_lse[fin], atol=2e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype,num_splits,kw", [
+    ("float32", 3, {}), ("bfloat16", 4, dict(sliding_window=40, logits_soft_cap=5.0)),
+    ("float16", 16, {})])
+def test_pallas_gpu_split_kv_decode(dtype, num_splits, kw):
+    """Split-KV decode: more splits than some sequences have blocks (empty splits), ragged
+    lengths, a window that empties the leading splits; merged by LSE."""
+    from prefixkv.kernels.pallas import paged_attention_gpu as pg
+
+    rng = np.random.default_rng(12)
+    batch = testing.make_ragged_batch(rng, [(1, 1), (1, 17), (1, 150), (1, 333)],
+                                      num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+                                      dtype=dtype, decode=True)
+    args = [jnp.asarray(a) for a in batch.args()[:5]]
+    want, want_lse = ref.paged_attention_reference(*batch.args(), return_lse=True, **kw)
+    out, lse = pg.paged_attention_gpu(*args, None, scale=64 ** -0.5, num_splits=num_splits,
+                                      interpret=True, **kw)
+    _close(out, want, dtype)
+    np.testing.assert_allclose(np.asarray(lse), want_lse, atol=2e-3, rtol=1e-4)
+
+
+def test_pallas_gpu_split_kv_by_default_for_few_long_sequences():
+    from prefixkv.kernels.pallas import paged_attention_gpu as pg
+
+    S = jax.ShapeDtypeStruct
+    args = (S((2, 8, 64), "bfloat16"), S((600, 16, 2, 64), "bfloat16"),
+            S((600, 16, 2, 64), "bfloat16"), S((2, 256), jnp.int32), S((2,), jnp.int32))
+    jaxpr = jax.make_jaxpr(lambda *a: pg.paged_attention_gpu(*a, None, scale=0.1))(*args)
+    calls = [e for e in jaxpr.jaxpr.eqns[0].params["jaxpr"].eqns
+             if e.primitive.name == "pallas_call"]
+    # 2 seqs x 2 kv heads = 4 programs on 132 SMs, 4096 keys: 8 splits of 512 keys
+    assert [c.params["grid_mapping"].grid for c in calls] == [(2 * 8, 2)]
+    assert "xla.gpu.triton" in _export_for_h100(
+        jax.jit(lambda *a: pg.paged_attention_gpu(*a, None, scale=0.1)), args)
+
+
 def test_shared_prefix_attention_pallas_gpu_interpret():
     rng = np.random.default_rng(9)
     batch = testing.make_shared_prefix_batch(rng, [2, 1], [(0, 3, 5), (-1, 2, 9), (1, 1, 16)],
@@ -233,15 +268,20 @@ def test_paged_attention_gpu_kernel_lowers_for_cuda(dtype, head_dim, block_size,
             S((num_seqs, 8), jnp.int32), S((num_seqs,), jnp.int32),
             None if decode else S((num_seqs + 1,), jnp.int32)]
     fn = jax.jit(lambda *a: jf.paged_attention(*a, sliding_window=40, logits_soft_cap=30.0))
-    # Pallas' Triton lowering asks the device for its compute capability; with no GPU here
-    # (jax >= 0.11 refuses to guess) an abstract H100 names the target.
+    assert "xla.gpu.triton" in _export_for_h100(fn, args)  # the frontend chose Pallas
+
+
+def _export_for_h100(fn, args) -> str:
+    """StableHLO of ``fn`` exported for CUDA. Pallas' Triton lowering asks the device for its
+    compute capability; with no GPU here (jax >= 0.11 refuses to guess) an abstract H100
+    names the target."""
     h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
                                        platform="gpu")
     with jax.sharding.use_abstract_mesh(
             jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
-        exp = jax.export.export(fn, platforms=["cuda"], disabled_checks=[
-            jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
-    assert "xla.gpu.triton" in exp.mlir_module()  # the frontend chose the Pallas kernel
+        return jax.export.export(fn, platforms=["cuda"], disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+                *args).mlir_module()
 
 
 def _dots_in(jaxpr):

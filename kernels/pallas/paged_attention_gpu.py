@@ -5,7 +5,8 @@ stacked as rows), grid ``(tile, kv_head)``. Scalar prefetch does not lower on GP
 metadata and the block tables are ordinary inputs read as scalars; each program walks its KV
 blocks with a loop of dynamic trip count, loading one (block_size, head_dim) tile of K and V
 per step from the caches viewed as [num_blocks * block_size, num_kv_heads * head_dim], with an
-online softmax in float32 registers.
+online softmax in float32 registers. Decode with too few (sequence, kv head) programs for the
+GPU splits each sequence's blocks over several programs (split-KV) and merges them by LSE.
 
 Triton wants power-of-two tiles and dots of at least 16 x 16: head_dim a power of two >= 16,
 block_size a power of two >= 16; the rows (q_tile x group) are padded to >= 16.
@@ -21,6 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ...jax_frontend import _xla
+from ...paged.planner import DEFAULT_SMS, num_kv_splits
 from .._vma import out_struct
 
 
@@ -92,14 +94,45 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
     lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l_sum, 1.0)), -jnp.inf)
 
 
+def _gpu_sm_count() -> int:
+    """Multiprocessors of the default JAX device when it is a GPU (a static property), else
+    an H100's."""
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:
+        return DEFAULT_SMS
+    return int(getattr(dev, "core_count", 0) or DEFAULT_SMS) if dev.platform == "gpu" \
+        else DEFAULT_SMS
+
+
+def _merge_splits(out, lse, num_splits: int):
+    """LSE merge of the split-KV partials: out f32 [nt * S, ...rows, D], lse [nt * S, ...rows]
+    -> [nt, ...rows, D], [nt, ...rows]; a split that saw no key has lse -inf and weight 0."""
+    out = out.reshape(-1, num_splits, *out.shape[1:])
+    lse = lse.reshape(-1, num_splits, *lse.shape[1:])
+    m = jnp.max(lse, axis=1)
+    m_safe = jnp.where(m == -jnp.inf, 0.0, m)
+    w = jnp.exp(lse - m_safe[:, None])
+    den = jnp.sum(w, axis=1)
+    seen = den > 0
+    merged = jnp.sum(w[..., None] * out, axis=1) / jnp.where(seen, den, 1.0)[..., None]
+    return merged, jnp.where(seen, m_safe + jnp.log(jnp.where(seen, den, 1.0)), -jnp.inf)
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "sliding_window",
-                                             "logits_soft_cap", "q_tile", "interpret"))
+                                             "logits_soft_cap", "q_tile", "num_splits",
+                                             "interpret"))
 def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale,
                         causal=True, sliding_window=None, logits_soft_cap=None, q_tile=None,
-                        interpret=False):
+                        num_splits=None, interpret=False):
     """Same contract as prefixkv.jax_frontend.paged_attention (validated inputs, static
     config); returns (out [num_tokens, num_q_heads, head_dim] in q's dtype, lse f32).
-    ``interpret=True`` runs the kernel in Pallas's generic interpreter (any platform)."""
+
+    Decode with few (sequence, kv head) programs for the GPU's multiprocessors splits each
+    sequence's blocks into ``num_splits`` contiguous ranges (default
+    :func:`prefixkv.paged.planner.num_kv_splits`, the torch Triton kernel's rule), one program
+    each, merged by LSE. ``interpret=True`` runs the kernel in Pallas's generic interpreter
+    (any platform)."""
     operands = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens)
     num_tokens, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
@@ -117,7 +150,17 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     seq, tok, lo, nblk, hi, first_pos = _xla.kernel_tile_plan(
         kv_lens, cu_q_lens, num_tokens=num_tokens, num_tiles=nt, q_tile=tq,
         block_size=block_size, causal=causal, sliding_window=sliding_window)
-    meta = jnp.stack([seq, lo, nblk, hi, first_pos], axis=1).astype(jnp.int32)  # [nt, 5]
+    if num_splits is None:
+        num_splits = num_kv_splits(nt, num_kv_heads, max_blocks * block_size, decode,
+                                   _gpu_sm_count())
+    ns = max(int(num_splits), 1)
+    if ns > 1:  # program (tile i, split s) walks blocks [lo + s * span, ...) of tile i
+        span = (nblk + ns - 1) // ns                                     # [nt]
+        start = jnp.arange(ns, dtype=jnp.int32)[None, :] * span[:, None]  # [nt, S]
+        lo = (lo[:, None] + start).reshape(-1)
+        nblk = jnp.clip(nblk[:, None] - start, 0, span[:, None]).reshape(-1)
+        seq, hi, first_pos = (jnp.repeat(x, ns) for x in (seq, hi, first_pos))
+    meta = jnp.stack([seq, lo, nblk, hi, first_pos], axis=1).astype(jnp.int32)  # [nt*S, 5]
     tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_blocks - 1).reshape(-1)
 
     qt = _xla.token_tiles(q, tok, num_kv_heads)                      # [nt, Hkv, rows, D]
@@ -130,18 +173,25 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
         group=group, max_blocks=max_blocks, causal=causal, sliding_window=sliding_window,
         logits_soft_cap=logits_soft_cap)
     whole = lambda x: pl.BlockSpec(x.shape, lambda i, h: (0,) * x.ndim)  # noqa: E731
-    tile = pl.BlockSpec((None, None, rows_pad, head_dim), lambda i, h: (i, h, 0, 0))
+    q_spec = pl.BlockSpec((None, None, rows_pad, head_dim), lambda i, h: (i // ns, h, 0, 0))
+    o_spec = pl.BlockSpec((None, None, rows_pad, head_dim), lambda i, h: (i, h, 0, 0))
+    part_dtype = q.dtype if ns == 1 else jnp.float32                     # partials stay f32
     out, lse = pl.pallas_call(
         kernel,
-        out_shape=[out_struct((nt, num_kv_heads, rows_pad, head_dim), q.dtype, *operands),
-                   out_struct((nt, num_kv_heads, rows_pad), jnp.float32, *operands)],
-        grid=(nt, num_kv_heads),
-        in_specs=[whole(meta), whole(tables), tile, whole(k_flat), whole(v_flat)],
-        out_specs=[tile, pl.BlockSpec((None, None, rows_pad), lambda i, h: (i, h, 0))],
+        out_shape=[out_struct((nt * ns, num_kv_heads, rows_pad, head_dim), part_dtype,
+                              *operands),
+                   out_struct((nt * ns, num_kv_heads, rows_pad), jnp.float32, *operands)],
+        grid=(nt * ns, num_kv_heads),
+        in_specs=[whole(meta), whole(tables), q_spec, whole(k_flat), whole(v_flat)],
+        out_specs=[o_spec, pl.BlockSpec((None, None, rows_pad), lambda i, h: (i, h, 0))],
         compiler_params=_triton_params(),
         interpret=interpret,
     )(meta, tables, qt, k_flat, v_flat)
-    return _xla.tiles_to_tokens(out[:, :, :rows], lse[:, :, :rows], tok, num_tokens)
+    out, lse = out[:, :, :rows], lse[:, :, :rows]
+    if ns > 1:
+        out, lse = _merge_splits(out, lse, ns)
+        out = out.astype(q.dtype)
+    return _xla.tiles_to_tokens(out, lse, tok, num_tokens)
 
 
 def _triton_params():

@@ -23,21 +23,21 @@ import torch
 import triton
 import triton.language as tl
 
+from ...paged.planner import DEFAULT_SMS, num_kv_splits
 from ...paged.spec import WORKSPACE_ALIGN
 from ._interp import patch_interpreter
 
 patch_interpreter()
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-#: SMs assumed where no CUDA device can be asked (the interpreter): an H100's.
-_SMS = 132
 
 
 @functools.cache
 def sm_count(device_index: int | None) -> int:
-    """Multiprocessors of a CUDA device (a host-side property query: no sync, graph-safe)."""
+    """Multiprocessors of a CUDA device (a host-side property query: no sync, graph-safe);
+    an H100's where none can be asked (the interpreter)."""
     if device_index is None or not torch.cuda.is_available():
-        return _SMS
+        return DEFAULT_SMS
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
@@ -205,18 +205,6 @@ def attention_config(num_q_heads: int, num_kv_heads: int, head_dim: int, decode:
 def attention_warps(head_dim: int, decode: bool) -> int:
     """Warps per program: 8 for wide heads (the per-token K/V pointer tiles need registers)."""
     return 8 if head_dim > 64 else 4
-
-
-def num_kv_splits(num_seqs: int, num_kv_heads: int, max_kv: int, decode: bool,
-                  sms: int = _SMS) -> int:
-    """Split-KV factor from static sizes only (no host sync): long contexts, few programs
-    (seqs x kv heads leave most of the ``sms`` multiprocessors idle)."""
-    if not decode or max_kv < 1024:
-        return 1
-    programs = num_seqs * num_kv_heads
-    if programs >= sms:
-        return 1
-    return int(max(1, min(16, sms * 2 // max(programs, 1), max_kv // 512)))
 
 
 def _splits(q, k_cache, tables, decode: bool) -> int:
