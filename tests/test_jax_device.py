@@ -37,6 +37,18 @@ def test_paged_attention_on_device(grid, dtype):
     _close(got, ref.paged_attention_reference(*batch.args(), logits_soft_cap=30.0), dtype)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_paged_attention_few_long_sequences_on_device(dtype):
+    """Decode over few long contexts: the GPU kernel's split-KV path (default split count)."""
+    rng = np.random.default_rng(3)
+    batch = testing.make_ragged_batch(rng, [(1, 3000), (1, 4100), (1, 77)], num_q_heads=16,
+                                      num_kv_heads=4, head_dim=128, block_size=16,
+                                      dtype=dtype, decode=True)
+    args = [jnp.asarray(a) for a in batch.args()[:5]]
+    got = jax.jit(lambda *a: jf.paged_attention(*a, sliding_window=2500))(*args)
+    _close(got, ref.paged_attention_reference(*batch.args(), sliding_window=2500), dtype)
+
+
 def test_shared_prefix_on_device():
     rng = np.random.default_rng(1)
     batch = testing.make_shared_prefix_batch(rng, [3, 1], [(0, 1, 5), (1, 1, 17), (-1, 1, 3)],
