@@ -184,13 +184,20 @@ def tiles_to_tokens(out, lse, tok, num_tokens: int, in_order: bool = False):
 def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *,
                            scale: float, causal: bool = True, sliding_window: int | None = None,
                            logits_soft_cap: float | None = None, q_tile: int | None = None,
-                           chunk_tokens: int | None = None):
+                           chunk_tokens: int | None = None,
+                           heads_in_sequence: bool | None = None):
     """Paged attention of a ragged batch; returns (out in q's dtype, lse f32).
 
     q: [num_tokens, num_q_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads,
     head_dim]; block_tables i32[num_seqs, max_blocks_per_seq]; kv_lens i32[num_seqs];
     cu_q_lens i32[num_seqs + 1] or None (decode). Tokens past cu_q_lens[-1] (allowed here,
     not in the public op) belong to no sequence and get out 0, lse -inf.
+
+    Query tiles of many rows (prefill) loop over the KV chunks one kv head at a time on CPU
+    (``heads_in_sequence`` None: chosen by platform; True / False force it): a step's score
+    tile then stays in cache, measured 1.6-1.9x on 512 tokens over 4096 cached (f32 and bf16,
+    one thread). Accelerators, and few-row tiles (decode, where it measured slower), run all
+    kv heads in each step.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
@@ -202,9 +209,7 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
     if num_tokens == 0 or num_seqs == 0:
         return (jnp.zeros(q.shape, q.dtype),
                 jnp.full((num_tokens, num_q_heads), -jnp.inf, jnp.float32))
-    tq, nt, cb = choose_tiling(num_tokens, num_seqs, decode, block_size,
-                               8 * num_kv_heads * head_dim, q_tile, chunk_tokens)
-    ct = cb * block_size
+    tq, nt, _ = choose_tiling(num_tokens, num_seqs, decode, block_size, 0, q_tile)
     rows = tq * group
     t_major = rows < 32
     kv_lens = kv_lens.astype(jnp.int32)
@@ -214,77 +219,99 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
         kv_lens, cu_q_lens, num_tokens=num_tokens, num_tiles=nt, q_tile=tq,
         block_size=block_size, causal=causal, sliding_window=sliding_window)
     pos = first_pos[:, None] + jnp.arange(tq, dtype=jnp.int32)[None, :]   # [nt, tq]
-    n_chunks = jnp.maximum(hi - lo_blk * block_size, 0)
-    n_chunks = (n_chunks + ct - 1) // ct
-    steps = jnp.max(n_chunks)
 
     qf = token_tiles(q, tok, num_kv_heads).astype(jnp.float32) * scale   # [nt, Hkv, rows, D]
     row_pos = jnp.repeat(pos, group, axis=1)                               # [nt, rows]
     tables = block_tables[seq]                                             # [nt, max_blocks]
-    offs = jnp.arange(cb, dtype=jnp.int32)
     in_block = jnp.arange(block_size, dtype=jnp.int32)
 
     dtype = k_cache.dtype
     prec = dot_precision(dtype)
 
-    def body(state):
-        j, m, l_sum, acc = state
-        k_bits, v_bits, j = _cache_bits_in_step(k_cache, v_cache, j)
-        blk = lo_blk[:, None] + j * cb + offs[None, :]                     # [nt, cb]
-        ids = jnp.take_along_axis(tables, jnp.minimum(blk, max_blocks - 1), axis=1)
-        # tiles already done re-read block 0 (cached) instead of streaming more blocks
-        ids = jnp.where((j < n_chunks)[:, None], jnp.clip(ids, 0, num_blocks - 1), 0)
-        t = (blk[:, :, None] * block_size + in_block).reshape(nt, ct)      # key positions
-        tv = t < hi[:, None]                                               # [nt, ct]
+    def run(qh, head):
+        """The chunk loop over the kv heads of qh [nt, Hh, rows, D]: all of them (head None)
+        or the one numbered ``head`` (traced)."""
+        hh = qh.shape[1]
+        # KV blocks per step: a step's f32 K and V for the heads it runs fit STEP_BYTES
+        cb = choose_tiling(num_tokens, num_seqs, decode, block_size, 8 * hh * head_dim, tq,
+                           chunk_tokens)[2]
+        ct = cb * block_size
+        n_chunks = (jnp.maximum(hi - lo_blk * block_size, 0) + ct - 1) // ct
+        steps = jnp.max(n_chunks)
+        offs = jnp.arange(cb, dtype=jnp.int32)
 
-        def load(cache):
-            x = jnp.take(cache, ids.reshape(-1), axis=0)   # [nt*cb, B, Hkv, D]
-            x = _bits_to_f32(x.reshape(nt, ct, num_kv_heads, head_dim), dtype)
-            x = jnp.where(tv[:, :, None, None], x, 0.0)    # padding slots may hold NaN
-            return x.transpose(0, 2, 1, 3)                 # [nt, Hkv, ct, D]
+        def body(state):
+            j, m, l_sum, acc = state
+            k_bits, v_bits, (j, h) = _cache_bits_in_step(k_cache, v_cache, (j, head))
+            blk = lo_blk[:, None] + j * cb + offs[None, :]                     # [nt, cb]
+            ids = jnp.take_along_axis(tables, jnp.minimum(blk, max_blocks - 1), axis=1)
+            # tiles already done re-read block 0 (cached) instead of streaming more blocks
+            ids = jnp.where((j < n_chunks)[:, None], jnp.clip(ids, 0, num_blocks - 1), 0)
+            t = (blk[:, :, None] * block_size + in_block).reshape(nt, ct)      # key positions
+            tv = t < hi[:, None]                                               # [nt, ct]
 
-        k, v = load(k_bits), load(v_bits)
-        # XLA:CPU runs the QK dot 10-25x faster with the operand of many rows on the left;
-        # keep the softmax axis ("t") next to where that dot puts it.
-        if t_major:  # few query rows (decode): s [nt, Hkv, ct, rows]
-            s = jnp.einsum("nhtd,nhrd->nhtr", k, qf,
-                           preferred_element_type=jnp.float32, precision=prec)
-            tt, rp, ax = t[:, None, :, None], row_pos[:, None, None, :], 2
-            mask = tv[:, None, :, None]
-        else:        # many query rows (prefill): s [nt, Hkv, rows, ct]
-            s = jnp.einsum("nhrd,nhtd->nhrt", qf, k,
-                           preferred_element_type=jnp.float32, precision=prec)
-            tt, rp, ax = t[:, None, None, :], row_pos[:, None, :, None], 3
-            mask = tv[:, None, None, :]
-        if logits_soft_cap is not None:
-            s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
-        if causal:
-            mask = mask & (tt <= rp)
-            if sliding_window is not None:
-                mask = mask & (tt > rp - sliding_window)
-        s = jnp.where(mask, s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=ax))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp(s - jnp.expand_dims(m_safe, ax))
-        alpha = jnp.exp(m - m_safe)
-        l_sum = l_sum * alpha + jnp.sum(p, axis=ax)
-        if t_major:
-            # few rows: a fused multiply-reduce beats XLA:CPU's batched dot here, and the V
-            # gather fuses into it (measured 1.5x on decode 8x4096)
-            pv = jnp.sum(p[..., None] * v[:, :, :, None, :], axis=2)
-        else:
-            pv = jnp.einsum("nhrt,nhtd->nhrd", p, v,
-                            preferred_element_type=jnp.float32, precision=prec)
-        acc = acc * alpha[..., None] + pv
-        return j + 1, m_new, l_sum, acc
+            def load(cache):
+                flat = ids.reshape(-1)                     # [nt*cb, B, Hh, D]
+                x = jnp.take(cache, flat, axis=0) if h is None else cache[flat, :, h, :]
+                x = _bits_to_f32(x.reshape(nt, ct, hh, head_dim), dtype)
+                x = jnp.where(tv[:, :, None, None], x, 0.0)    # padding slots may hold NaN
+                return x.transpose(0, 2, 1, 3)                 # [nt, Hkv, ct, D]
 
-    m0 = jnp.full((nt, num_kv_heads, rows), -jnp.inf, jnp.float32)
-    l0 = jnp.zeros((nt, num_kv_heads, rows), jnp.float32)
-    a0 = jnp.zeros((nt, num_kv_heads, rows, head_dim), jnp.float32)
-    m0, l0, a0 = match_varying((m0, l0, a0), q, k_cache, v_cache, block_tables, kv_lens,
-                               cu_q_lens)
-    _, m, l_sum, acc = lax.while_loop(lambda st: st[0] < steps, body,
-                                      (jnp.int32(0), m0, l0, a0))
+            k, v = load(k_bits), load(v_bits)
+            # XLA:CPU runs the QK dot 10-25x faster with the operand of many rows on the left;
+            # keep the softmax axis ("t") next to where that dot puts it.
+            if t_major:  # few query rows (decode): s [nt, Hkv, ct, rows]
+                s = jnp.einsum("nhtd,nhrd->nhtr", k, qh,
+                               preferred_element_type=jnp.float32, precision=prec)
+                tt, rp, ax = t[:, None, :, None], row_pos[:, None, None, :], 2
+                mask = tv[:, None, :, None]
+            else:        # many query rows (prefill): s [nt, Hkv, rows, ct]
+                s = jnp.einsum("nhrd,nhtd->nhrt", qh, k,
+                               preferred_element_type=jnp.float32, precision=prec)
+                tt, rp, ax = t[:, None, None, :], row_pos[:, None, :, None], 3
+                mask = tv[:, None, None, :]
+            if logits_soft_cap is not None:
+                s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
+            if causal:
+                mask = mask & (tt <= rp)
+                if sliding_window is not None:
+                    mask = mask & (tt > rp - sliding_window)
+            s = jnp.where(mask, s, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s, axis=ax))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            p = jnp.exp(s - jnp.expand_dims(m_safe, ax))
+            alpha = jnp.exp(m - m_safe)
+            l_sum = l_sum * alpha + jnp.sum(p, axis=ax)
+            if t_major:
+                # few rows: a fused multiply-reduce beats XLA:CPU's batched dot here, and the V
+                # gather fuses into it (measured 1.5x on decode 8x4096)
+                pv = jnp.sum(p[..., None] * v[:, :, :, None, :], axis=2)
+            else:
+                pv = jnp.einsum("nhrt,nhtd->nhrd", p, v,
+                                preferred_element_type=jnp.float32, precision=prec)
+            acc = acc * alpha[..., None] + pv
+            return j + 1, m_new, l_sum, acc
+
+        m0 = jnp.full((nt, hh, rows), -jnp.inf, jnp.float32)
+        l0 = jnp.zeros((nt, hh, rows), jnp.float32)
+        a0 = jnp.zeros((nt, hh, rows, head_dim), jnp.float32)
+        m0, l0, a0 = match_varying((m0, l0, a0), q, k_cache, v_cache, block_tables, kv_lens,
+                                   cu_q_lens, head)
+        _, m, l_sum, acc = lax.while_loop(lambda st: st[0] < steps, body,
+                                          (jnp.int32(0), m0, l0, a0))
+        return m, l_sum, acc
+
+    def per_head():  # one kv head per lax.map step
+        parts = lax.map(lambda h: run(lax.dynamic_slice_in_dim(qf, h, 1, axis=1), h),
+                        jnp.arange(num_kv_heads, dtype=jnp.int32))
+        return tuple(jnp.moveaxis(x[:, :, 0], 0, 1) for x in parts)
+
+    if t_major or heads_in_sequence is False:
+        m, l_sum, acc = run(qf, None)
+    elif heads_in_sequence:
+        m, l_sum, acc = per_head()
+    else:
+        m, l_sum, acc = lax.platform_dependent(cpu=per_head, default=lambda: run(qf, None))
     seen = l_sum > 0
     out = acc / jnp.where(seen, l_sum, 1.0)[..., None]
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l_sum, 1.0)), -jnp.inf)

@@ -111,6 +111,27 @@ def test_short_decode_attention_steps(seqs_per_step, group):
     _close_lse(lse, want_lse)
 
 
+@pytest.mark.parametrize("heads_in_sequence", [True, False], ids=["per_head", "batched"])
+@pytest.mark.parametrize("dtype,kw", [("float32", dict(sliding_window=13)),
+                                      ("bfloat16", dict(logits_soft_cap=3.0)),
+                                      ("float16", dict(causal=False))])
+def test_ragged_prefill_loop_layouts(heads_in_sequence, dtype, kw):
+    """Both layouts of the prefill loop (one kv head per step, CPU's default; all heads per
+    step, the accelerators') against the reference: many-row tiles, ragged lengths, several
+    chunks per tile, NaN padding."""
+    rng = np.random.default_rng(33)
+    batch = testing.make_ragged_batch(rng, [(40, 90), (3, 3), (17, 60), (0, 5)],
+                                      num_q_heads=8, num_kv_heads=2, head_dim=32, block_size=8,
+                                      dtype=dtype)
+    want, want_lse = ref.paged_attention_reference(*batch.args(), scale=0.2, return_lse=True,
+                                                   **kw)
+    out, lse = jax.jit(lambda *a: _xla.ragged_paged_attention(
+        *a, scale=0.2, q_tile=16, chunk_tokens=16, heads_in_sequence=heads_in_sequence,
+        **kw))(*batch.args())
+    _close(out, want, dtype)
+    _close_lse(lse, want_lse)
+
+
 def _entry(hlo: str) -> str:
     start = hlo.index("\nENTRY ")
     return hlo[start:hlo.index("\n}", start)]
