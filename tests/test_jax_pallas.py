@@ -351,6 +351,63 @@ def test_tpu_kernel_f32_dots_ask_for_highest():
         assert eqn.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2
 
 
+def _triton_module_text(fn, args) -> str:
+    """The Triton IR (no debug locations) that Pallas lowers ``fn``'s kernel to for an H100,
+    caught at jax's lowering entry point (private API: skipped when it moves)."""
+    try:
+        from jax._src.pallas.triton import pallas_call_registration as reg
+    except ImportError:
+        pytest.skip("jax's Pallas Triton lowering is not importable")
+    lower = getattr(reg.lowering, "lower_jaxpr_to_triton_module", None)
+    if lower is None:
+        pytest.skip("jax's Pallas Triton lowering entry point moved")
+    texts = []
+
+    def spy(*a, **k):
+        result = lower(*a, **k)
+        texts.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    reg.lowering.lower_jaxpr_to_triton_module = spy
+    try:
+        _export_for_h100(fn, args)
+    finally:
+        reg.lowering.lower_jaxpr_to_triton_module = lower
+    assert len(texts) == 1
+    return texts[0]
+
+
+@pytest.mark.parametrize("dtype,head_dim,num_tokens", [
+    ("bfloat16", 128, 512), ("float32", 128, 512), ("bfloat16", 256, 512),
+    ("float16", 64, 512), ("bfloat16", 128, 0)], ids=lambda x: str(x))
+def test_gpu_kernel_compiles_for_sm90_without_spills(dtype, head_dim, num_tokens, tmp_path):
+    """The Pallas GPU kernel at its default tiles (prefill of 512 tokens; 0: decode), lowered
+    by jax and compiled by Triton for sm_90: no register spills (stack bytes), shared memory
+    within the H100's 227 KiB. A 128-token tile of 4 q heads per kv head spilled 2.5 KB per
+    thread."""
+    triton = pytest.importorskip("triton")
+    from cubin_resources import resources
+    from prefixkv.kernels.pallas import paged_attention_gpu as pg
+    from triton.backends.compiler import GPUTarget
+
+    S = jax.ShapeDtypeStruct
+    decode = num_tokens == 0
+    n = 4 if decode else num_tokens
+    args = (S((n, 32, head_dim), dtype), S((600, 16, 8, head_dim), dtype),
+            S((600, 16, 8, head_dim), dtype), S((4 if decode else 1, 64), jnp.int32),
+            S((4 if decode else 1,), jnp.int32), None if decode else S((2,), jnp.int32))
+    fn = jax.jit(lambda *a: pg.paged_attention_gpu(*a, scale=0.1))
+    path = tmp_path / "kernel.ttir"
+    path.write_text(_triton_module_text(fn, args))
+    kernel = triton.compile(str(path), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 4, "num_stages": 2})
+    res = resources(kernel.asm["cubin"])
+    if not res:
+        pytest.skip("cuobjdump is not available")
+    assert res["STACK"] == 0, f"register spills: {res}"
+    assert kernel.metadata.shared <= 227 * 1024
+
+
 def test_gpu_backend_refuses_untileable_shapes():
     assert pg.gpu_supports(head_dim=80, block_size=16) == (
         False, "head_dim 80 is not a power of two in [16, 256] (Triton tiles)")

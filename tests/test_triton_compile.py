@@ -7,12 +7,8 @@ those of the kernels that run."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
-
 import pytest
+from cubin_resources import resources
 
 triton = pytest.importorskip("triton")
 pytest.importorskip("torch")
@@ -39,30 +35,6 @@ def _signature(fn, constexprs: dict, ptr_types: dict, default_ptr: str) -> dict:
         else:
             sig[name] = "i32"
     return sig
-
-
-def _cuobjdump() -> str | None:
-    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    return str(bundled) if bundled.exists() else shutil.which("cuobjdump")
-
-
-def _resources(cubin: bytes) -> dict[str, int]:
-    """Registers and stack bytes (spills) per thread of the compiled kernel, from cuobjdump
-    (empty where cuobjdump is missing)."""
-    tool = _cuobjdump()
-    if tool is None:
-        return {}
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        res = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
-                             text=True)
-    out = {}
-    for tok in res.stdout.replace(",", " ").split():
-        key, _, val = tok.partition(":")
-        if key in ("REG", "STACK") and val.isdigit():
-            out[key] = int(val)
-    return out
 
 
 #: Attention strides that are 1 for tensors contiguous in head_dim (and lse [T, H]).
@@ -137,7 +109,7 @@ def test_compiles_for_gpu(name, cc, record_property):
                             options={"num_warps": warps[0] if warps else 4})
     assert kernel.asm["cubin"], "no cubin produced"
     shared = kernel.metadata.shared
-    res = _resources(kernel.asm["cubin"])
+    res = resources(kernel.asm["cubin"])
     regs, stack = res.get("REG", "?"), res.get("STACK", "?")
     limit = 227 * 1024 if cc == 90 else 163 * 1024
     assert shared <= limit, f"{name}: {shared} bytes of shared memory > {limit} on sm_{cc}"

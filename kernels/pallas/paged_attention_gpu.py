@@ -37,6 +37,15 @@ def gpu_supports(*, head_dim: int, block_size: int, **_) -> tuple[bool, str]:
     return True, ""
 
 
+def gpu_q_tile(head_dim: int, group: int, dtype) -> int:
+    """Most query tokens per program: a program holds its rows (q_tile x group) of q and of the
+    f32 accumulator in registers, which spill past ~8192 elements for 16-bit inputs and ~2048
+    for float32 at 4 warps (the kernel compiled for sm_90: 64 x 128 bf16 rows take 165
+    registers, 128 x 128 spill 240 bytes; 32 x 128 f32 spill 72)."""
+    budget = (2048 if jnp.dtype(dtype) == jnp.float32 else 8192) // head_dim
+    return max(1, max(16, budget) // group)
+
+
 def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
                                 scale: float, block_size: int, head_dim: int, group: int,
                                 max_blocks: int, causal: bool, sliding_window: int | None,
@@ -144,6 +153,9 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
                 jnp.full((num_tokens, num_q_heads), -jnp.inf, jnp.float32))
     if decode:
         cu_q_lens = jnp.arange(num_seqs + 1, dtype=jnp.int32)
+    if q_tile is None:  # the CPU-tuned tile, capped to what fits in registers
+        q_tile = min(_xla.choose_tiling(num_tokens, num_seqs, decode, block_size)[0],
+                     gpu_q_tile(head_dim, group, q.dtype))
     tq, nt, _ = _xla.choose_tiling(num_tokens, num_seqs, decode, block_size, q_tile=q_tile)
     rows = tq * group
     rows_pad = max(16, 1 << (rows - 1).bit_length())
