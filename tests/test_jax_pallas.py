@@ -351,8 +351,8 @@ def test_tpu_kernel_f32_dots_ask_for_highest():
         assert eqn.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2
 
 
-def _triton_module_text(fn, args) -> str:
-    """The Triton IR (no debug locations) that Pallas lowers ``fn``'s kernel to for an H100,
+def _triton_module_texts(fn, args) -> list[str]:
+    """The Triton IR (no debug locations) of every Pallas kernel ``fn`` lowers to for an H100,
     caught at jax's lowering entry point (private API: skipped when it moves)."""
     try:
         from jax._src.pallas.triton import pallas_call_registration as reg
@@ -373,39 +373,54 @@ def _triton_module_text(fn, args) -> str:
         _export_for_h100(fn, args)
     finally:
         reg.lowering.lower_jaxpr_to_triton_module = lower
-    assert len(texts) == 1
-    return texts[0]
+    return texts
 
 
-@pytest.mark.parametrize("dtype,head_dim,num_tokens", [
-    ("bfloat16", 128, 512), ("float32", 128, 512), ("bfloat16", 256, 512),
-    ("float16", 64, 512), ("bfloat16", 128, 0)], ids=lambda x: str(x))
-def test_gpu_kernel_compiles_for_sm90_without_spills(dtype, head_dim, num_tokens, tmp_path):
-    """The Pallas GPU kernel at its default tiles (prefill of 512 tokens; 0: decode), lowered
-    by jax and compiled by Triton for sm_90: no register spills (stack bytes), shared memory
-    within the H100's 227 KiB. A 128-token tile of 4 q heads per kv head spilled 2.5 KB per
-    thread."""
-    triton = pytest.importorskip("triton")
-    from cubin_resources import resources
-    from prefixkv.kernels.pallas import paged_attention_gpu as pg
-    from triton.backends.compiler import GPUTarget
-
+def _gpu_attention_case(op: str, dtype: str, head_dim: int, num_tokens: int):
+    """(jitted frontend call, argument shapes): 32 q / 8 kv heads, block 16; num_tokens 0 is
+    decode of 4 sequences; shared_prefix: 2 prefixes, the tokens split over 4 sequences."""
     S = jax.ShapeDtypeStruct
     decode = num_tokens == 0
-    n = 4 if decode else num_tokens
-    args = (S((n, 32, head_dim), dtype), S((600, 16, 8, head_dim), dtype),
-            S((600, 16, 8, head_dim), dtype), S((4 if decode else 1, 64), jnp.int32),
-            S((4 if decode else 1,), jnp.int32), None if decode else S((2,), jnp.int32))
-    fn = jax.jit(lambda *a: pg.paged_attention_gpu(*a, scale=0.1))
-    path = tmp_path / "kernel.ttir"
-    path.write_text(_triton_module_text(fn, args))
-    kernel = triton.compile(str(path), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": 4, "num_stages": 2})
-    res = resources(kernel.asm["cubin"])
-    if not res:
-        pytest.skip("cuobjdump is not available")
-    assert res["STACK"] == 0, f"register spills: {res}"
-    assert kernel.metadata.shared <= 227 * 1024
+    seqs = 4 if (decode or op == "shared_prefix") else 1
+    n = seqs if decode else num_tokens
+    common = (S((n, 32, head_dim), dtype), S((600, 16, 8, head_dim), dtype),
+              S((600, 16, 8, head_dim), dtype))
+    cu = None if decode else S((seqs + 1,), jnp.int32)
+    if op == "paged":
+        args = (*common, S((seqs, 64), jnp.int32), S((seqs,), jnp.int32), cu)
+        return jax.jit(lambda *a: jf.paged_attention(*a)), args
+    args = (*common, S((2, 32), jnp.int32), S((2,), jnp.int32), S((seqs,), jnp.int32),
+            S((seqs, 16), jnp.int32), S((seqs,), jnp.int32), cu)
+    return jax.jit(lambda *a: jf.shared_prefix_attention(*a)), args
+
+
+@pytest.mark.parametrize("op,dtype,head_dim,num_tokens", [
+    ("paged", "bfloat16", 128, 512), ("paged", "float32", 128, 512),
+    ("paged", "bfloat16", 256, 512), ("paged", "float16", 64, 512),
+    ("paged", "bfloat16", 128, 0), ("shared_prefix", "bfloat16", 128, 1024)],
+    ids=lambda x: str(x))
+def test_gpu_kernel_compiles_for_sm90_without_spills(op, dtype, head_dim, num_tokens,
+                                                     tmp_path):
+    """The Pallas GPU kernels a frontend call lowers to for CUDA (prefill of 512 tokens, decode,
+    cascade prefill whose prefix tiles ask for 256 tokens), compiled by Triton for sm_90: no
+    register spills (stack bytes), shared memory within the H100's 227 KiB. A 128-token tile
+    of 4 q heads per kv head spilled 2.5 KB per thread."""
+    triton = pytest.importorskip("triton")
+    from cubin_resources import resources
+    from triton.backends.compiler import GPUTarget
+
+    texts = _triton_module_texts(*_gpu_attention_case(op, dtype, head_dim, num_tokens))
+    assert texts, "no Pallas GPU kernel in the lowering"
+    for i, text in enumerate(texts):
+        path = tmp_path / f"kernel{i}.ttir"
+        path.write_text(text)
+        kernel = triton.compile(str(path), target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": 4, "num_stages": 2})
+        res = resources(kernel.asm["cubin"])
+        if not res:
+            pytest.skip("cuobjdump is not available")
+        assert res["STACK"] == 0, f"kernel {i}: register spills: {res}"
+        assert kernel.metadata.shared <= 227 * 1024
 
 
 def test_gpu_backend_refuses_untileable_shapes():

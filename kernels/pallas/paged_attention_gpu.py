@@ -153,9 +153,11 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
                 jnp.full((num_tokens, num_q_heads), -jnp.inf, jnp.float32))
     if decode:
         cu_q_lens = jnp.arange(num_seqs + 1, dtype=jnp.int32)
-    if q_tile is None:  # the CPU-tuned tile, capped to what fits in registers
-        q_tile = min(_xla.choose_tiling(num_tokens, num_seqs, decode, block_size)[0],
-                     gpu_q_tile(head_dim, group, q.dtype))
+    # the requested (or CPU-tuned) tile, capped to what fits in registers: the cascade asks
+    # for up to 256 tokens per prefix tile
+    if q_tile is None:
+        q_tile = _xla.choose_tiling(num_tokens, num_seqs, decode, block_size)[0]
+    q_tile = min(q_tile, gpu_q_tile(head_dim, group, q.dtype))
     tq, nt, _ = _xla.choose_tiling(num_tokens, num_seqs, decode, block_size, q_tile=q_tile)
     rows = tq * group
     rows_pad = max(16, 1 << (rows - 1).bit_length())
