@@ -103,6 +103,31 @@ def test_workspace_accepted_on_the_cpu_path(shared):
     assert got_lse.shape == args[0].shape[:2]
 
 
+@pytest.mark.parametrize("dtype,kw", [("float32", {}), ("bfloat16", dict(sliding_window=11)),
+                                      ("float16", dict(logits_soft_cap=4.0))])
+def test_long_prefill_tiles_on_host(dtype, kw, monkeypatch):
+    """The host path's tiled prefill (_tiled_prefill): sequences longer than the tile in
+    several tiles (a partial last one), the short ones batched, a padding sequence, cached
+    context before the new tokens, NaN in unused slots; out and lse against the reference."""
+    from prefixkv.torch_frontend import _native
+
+    monkeypatch.setattr(_native, "PREFILL_Q_TILE", 8)
+    calls = []
+    real = _native._tiled_prefill
+    monkeypatch.setattr(_native, "_tiled_prefill", lambda *a, **k: calls.append(1) or
+                        real(*a, **k))
+    rng = np.random.default_rng(21)
+    b = testing.make_ragged_batch(rng, [(19, 40), (3, 9), (0, 0), (8, 8), (30, 30)],
+                                  num_q_heads=4, num_kv_heads=2, head_dim=32, block_size=4,
+                                  dtype=dtype)
+    want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **kw)
+    out, lse = tf.paged_attention(*(T(a) for a in b.args()), return_lse=True, **kw)
+    assert calls == [1]
+    close(out, want, dtype)
+    fin = np.isfinite(want_lse)
+    np.testing.assert_allclose(N(lse)[fin], want_lse[fin], atol=2e-3, rtol=1e-4)
+
+
 def test_paged_attention_functional_decode_no_lse():
     rng = np.random.default_rng(1)
     b = testing.make_ragged_batch(rng, testing.seq_grid("decode", 16), num_q_heads=8,

@@ -16,6 +16,7 @@ Every function writes into the output buffers it is given (the custom ops alloca
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 
@@ -349,6 +350,56 @@ def _c_decode(out, lse, q, k_cache, v_cache, block_tables, kv_lens, scale, windo
     return True
 
 
+#: Query tokens per tile of a long causal prefill on the host path (see _tiled_prefill).
+PREFILL_Q_TILE = 256
+
+
+def _tiled_prefill(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_cache,
+                   block_tables, kv_lens, cu_q_lens, *, scale: float,
+                   sliding_window: int | None, logits_soft_cap: float | None) -> None:
+    """Causal prefill with host metadata and a sequence of more than PREFILL_Q_TILE query
+    tokens: the short sequences as one padded batch, each long one in tiles of PREFILL_Q_TILE
+    tokens, a tile attending only to the keys its last row sees. The padded path gives every
+    row all of its sequence's keys (masked), so a prefill from scratch did twice the work, with
+    score tiles of all the sequence's rows. Measured, one thread, 32 q / 8 kv heads: 4608
+    tokens from scratch 12.4 s -> 3.6 s (f32), 14.1 s -> 4.0 s (bf16); tiles of 128 and 512
+    tokens were 5-10% slower, 64 and 32 slower still."""
+    cu = cu_q_lens.tolist()
+    kv = kv_lens.tolist()
+    q_lens = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
+    short = [s for s, n in enumerate(q_lens) if 0 < n <= PREFILL_Q_TILE]
+    if short:
+        tok = torch.cat([torch.arange(cu[s], cu[s + 1]) for s in short])
+        sub_cu = torch.tensor([0, *itertools.accumulate(q_lens[s] for s in short)],
+                              dtype=torch.int32)
+        idx = torch.tensor(short)
+        o = torch.empty((tok.numel(), *q.shape[1:]), dtype=out.dtype)
+        lg = torch.empty(o.shape[:2], dtype=torch.float32)
+        paged_attention(o, lg, q.index_select(0, tok), k_cache, v_cache,
+                        block_tables.index_select(0, idx), kv_lens.index_select(0, idx),
+                        sub_cu, scale=scale, causal=True, sliding_window=sliding_window,
+                        logits_soft_cap=logits_soft_cap)
+        out.index_copy_(0, tok, o)
+        if lse is not None:
+            lse.index_copy_(0, tok, lg)
+    for s, n_seq in enumerate(q_lens):
+        if n_seq <= PREFILL_Q_TILE:
+            continue
+        for j0 in range(0, n_seq, PREFILL_Q_TILE):
+            j1 = min(n_seq, j0 + PREFILL_Q_TILE)
+            n = j1 - j0
+            seen = kv[s] - n_seq + j1  # keys the tile's last row sees
+            rows = slice(cu[s] + j0, cu[s] + j1)
+            o, lg = _attend_padded(
+                q[rows].unsqueeze(0), k_cache, v_cache, block_tables[s:s + 1],
+                torch.tensor([seen]), torch.tensor([n]), scale=scale, causal=True,
+                sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                max_kv=seen, min_end=seen - n + 1)
+            out[rows].copy_(o[0])
+            if lse is not None:
+                lse[rows].copy_(lg[0])
+
+
 def paged_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_cache,
                     block_tables, kv_lens, cu_q_lens, *, scale: float, causal: bool,
                     sliding_window: int | None, logits_soft_cap: float | None,
@@ -368,6 +419,11 @@ def paged_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_c
         qp, rows = q.view(num_seqs, 1, num_q_heads, head_dim), None
     else:
         rows, q_max, q_lens = _ragged_rows(cu_q_lens, num_tokens, host)
+        if host and causal and q_max > PREFILL_Q_TILE and q.device.type == "cpu":
+            _tiled_prefill(out, lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
+                           scale=scale, sliding_window=sliding_window,
+                           logits_soft_cap=logits_soft_cap)
+            return
         qp = q.new_zeros((num_seqs * q_max, num_q_heads, head_dim))
         qp.index_copy_(0, rows, q)
         qp = qp.view(num_seqs, q_max, num_q_heads, head_dim)
