@@ -141,6 +141,59 @@ def test_cpu_shared_prefix(benchmark, machine_limits, impl, dtype):
            note="bytes = unique KV (prefix once + own tokens)")
 
 
+# ------------------------------------------- prefill: 512 new tokens over 4096 cached, f32
+
+PF_CACHED, PF_NEW = 4096, 512
+
+
+def _prefill_inputs(q_len: int):
+    g = torch.Generator().manual_seed(4)
+    total = PF_CACHED + PF_NEW
+    blocks = total // BLOCK
+    k = torch.randn(blocks + 1, BLOCK, HKV, HEAD_DIM, generator=g)
+    v = torch.randn(blocks + 1, BLOCK, HKV, HEAD_DIM, generator=g)
+    tables = torch.randperm(blocks + 1, generator=g)[:blocks].to(torch.int32)[None]
+    q = torch.randn(q_len, HQ, HEAD_DIM, generator=g)
+    return (q, k, v, tables, torch.tensor([total], dtype=torch.int32),
+            torch.tensor([0, q_len], dtype=torch.int32))
+
+
+def baseline_prefill(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens):
+    """What a user writes for one sequence's prefill over its cached blocks: gather the
+    blocks, then SDPA with the causal mask aligned to the end (the queries are the last
+    tokens)."""
+    width = block_tables.shape[1]
+    _, bs, hkv, d = k_cache.shape
+    flat = block_tables.reshape(-1).long()
+    k = k_cache.index_select(0, flat).view(1, width * bs, hkv, d).transpose(1, 2)
+    v = v_cache.index_select(0, flat).view(1, width * bs, hkv, d).transpose(1, 2)
+    q_len, kv = q.shape[0], int(kv_lens[0])
+    pos = torch.arange(width * bs)
+    mask = pos[None, :] <= (kv - q_len + torch.arange(q_len))[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask,
+                                         enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+@pytest.mark.parametrize("impl", ["prefixkv_512_over_cached_4096", "baseline_sdpa_512",
+                                  "prefixkv_recompute_4608"])
+def test_cpu_prefill(benchmark, machine_limits, impl):
+    """Prefill of 512 new tokens over 4096 cached (the TTFT a prefix cache buys) against the
+    gather + SDPA baseline and against recomputing all 4608 tokens."""
+    benchmark.group = "cpu-prefill-512-over-4096-float32"
+    q_len = PF_CACHED + PF_NEW if impl.endswith("4608") else PF_NEW
+    args = _prefill_inputs(q_len)
+    fn = ((lambda: baseline_prefill(*args)) if impl.startswith("baseline")
+          else (lambda: tf.paged_attention(*args)))
+    if impl == "baseline_sdpa_512":
+        torch.testing.assert_close(fn(), tf.paged_attention(*args), atol=1e-4, rtol=1e-4)
+    benchmark.pedantic(fn, rounds=2, warmup_rounds=1)
+    total = PF_CACHED + PF_NEW
+    flops = 4 * HQ * HEAD_DIM * float(sum(range(total - q_len + 1, total + 1)))  # causal
+    record(benchmark, machine_limits, nbytes=2 * total * HKV * HEAD_DIM * 4, flops=flops,
+           impl=impl, query_tokens=q_len)
+
+
 # ------------------------------------------------------------------- per-call overhead
 
 
