@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.conftest import record, seconds
+from bench.conftest import datasheet_hbm_gbps, record, seconds
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
@@ -192,20 +192,6 @@ def test_prefill_over_cached_prefix(benchmark, machine_limits, impl):
 
 # ------------------------------------------------ on an accelerator (skipped on CPU machines)
 
-# datasheet HBM GB/s by device_kind substring, most specific first (TPU kinds: "TPU v5 lite"
-# is v5e, "TPU v5" v5p, "TPU v6 lite" v6e)
-HBM_GBPS = (("H100 PCIe", 2000.0), ("H100", 3350.0), ("H200", 4800.0), ("A100", 2039.0),
-            ("TPU v5 lite", 819.0), ("TPU v5", 2765.0), ("TPU v6 lite", 1638.0))
-
-
-def _hbm_peak() -> tuple[str, float]:
-    kind = jax.devices()[0].device_kind
-    for name, gbps in HBM_GBPS:
-        if name.lower() in kind.lower():
-            return kind, gbps
-    return kind, 0.0
-
-
 _DEVICE_READ: list[float] = []
 
 
@@ -258,7 +244,8 @@ def test_decode_device_bf16(benchmark, impl, shape):
         fn = jax.jit(lambda q, k, v, t, n: _xla.dense_gather_paged_attention(
             q, k, v, t, n, scale=D ** -0.5))
     _run(benchmark, fn, args, rounds=10)  # 6 variants in run_device.sh's 70 s
-    kind, peak = _hbm_peak()
+    kind = jax.devices()[0].device_kind
+    peak = datasheet_hbm_gbps(kind)
     gbps = nbytes / seconds(benchmark) / 1e9
     read = _device_read_gbps()
     benchmark.extra_info.update(device=kind, bytes=nbytes, gbps=round(gbps, 1),

@@ -19,14 +19,18 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
-from bench.conftest import cuda_memory_limits, cuda_seconds, record  # noqa: E402
+from bench.conftest import (  # noqa: E402
+    cuda_memory_limits,
+    cuda_seconds,
+    datasheet_hbm_gbps,
+    record,
+)
 from prefixkv import torch_frontend as tf  # noqa: E402
 
 torch.set_num_threads(1)
 
 NUM_SEQS, CONTEXT, HQ, HKV, HEAD_DIM, BLOCK = 8, 4096, 32, 8, 128, 16
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-HBM_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2000.0}
 
 
 def decode_batch(device="cpu", dtype=torch.float32, num_seqs=NUM_SEQS, context=CONTEXT,
@@ -43,14 +47,19 @@ def decode_batch(device="cpu", dtype=torch.float32, num_seqs=NUM_SEQS, context=C
     return [t.to(device) for t in (q, k, v, tables, kv_lens)]
 
 
-def baseline_paged_attention(q, k_cache, v_cache, block_tables, kv_lens):
-    """What a user writes without a paged kernel: gather the blocks, then SDPA (decode)."""
+def _gathered(k_cache, v_cache, block_tables):
+    """Every sequence's blocks gathered by index_select: K, V [S, Hkv, width * B, D]."""
     num_seqs, width = block_tables.shape
     _, bs, hkv, d = k_cache.shape
     flat = block_tables.reshape(-1).long()
-    k = k_cache.index_select(0, flat).view(num_seqs, width * bs, hkv, d).transpose(1, 2)
-    v = v_cache.index_select(0, flat).view(num_seqs, width * bs, hkv, d).transpose(1, 2)
-    pos = torch.arange(width * bs, device=q.device)
+    return tuple(c.index_select(0, flat).view(num_seqs, width * bs, hkv, d).transpose(1, 2)
+                 for c in (k_cache, v_cache))
+
+
+def baseline_paged_attention(q, k_cache, v_cache, block_tables, kv_lens):
+    """What a user writes without a paged kernel: gather the blocks, then SDPA (decode)."""
+    k, v = _gathered(k_cache, v_cache, block_tables)
+    pos = torch.arange(k.shape[2], device=q.device)
     mask = (pos[None, :] < kv_lens[:, None].long())[:, None, None, :]
     out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)
     return out[:, :, 0]
@@ -162,13 +171,9 @@ def baseline_prefill(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens):
     """What a user writes for one sequence's prefill over its cached blocks: gather the
     blocks, then SDPA with the causal mask aligned to the end (the queries are the last
     tokens)."""
-    width = block_tables.shape[1]
-    _, bs, hkv, d = k_cache.shape
-    flat = block_tables.reshape(-1).long()
-    k = k_cache.index_select(0, flat).view(1, width * bs, hkv, d).transpose(1, 2)
-    v = v_cache.index_select(0, flat).view(1, width * bs, hkv, d).transpose(1, 2)
+    k, v = _gathered(k_cache, v_cache, block_tables)
     q_len, kv = q.shape[0], int(kv_lens[0])
-    pos = torch.arange(width * bs)
+    pos = torch.arange(k.shape[2])
     mask = pos[None, :] <= (kv - q_len + torch.arange(q_len))[:, None]
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask,
                                          enable_gqa=True)
@@ -237,17 +242,6 @@ def test_gpu_call_overhead_write_kv(benchmark, impl):
     _call_overhead(benchmark, "cuda", impl)
 
 
-def _hbm_gbps():
-    """(device name, datasheet HBM GB/s; 0 when unknown). H100 PCIe has HBM2e at 2.0 TB/s."""
-    name = torch.cuda.get_device_name()
-    if "H100" in name and "PCIe" in name:
-        return name, 2000.0
-    for key, gbps in HBM_GBPS.items():
-        if key in name:
-            return name, gbps
-    return name, 0.0
-
-
 @cuda
 @pytest.mark.parametrize("shape", [(8, 4096), (64, 4096), (1, 32768)],
                          ids=lambda s: f"{s[0]}x{s[1]}")
@@ -268,7 +262,8 @@ def test_gpu_decode(benchmark, impl, dtype, shape):
     torch.cuda.synchronize()
     benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=10, warmup_rounds=2)
     t = cuda_seconds(fn, iters=20)
-    gpu, peak = _hbm_gbps()
+    gpu = torch.cuda.get_device_name()
+    peak = datasheet_hbm_gbps(gpu)
     nbytes = _kv_bytes(k, num_seqs, context)
     measured = cuda_memory_limits()
     gbps = nbytes / t / 1e9

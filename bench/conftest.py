@@ -74,6 +74,21 @@ def cuda_seconds(fn, iters: int = 10) -> float:
     return start.elapsed_time(end) / iters / 1e3
 
 
+#: Datasheet HBM GB/s by device-name substring, most specific first ("TPU v5 lite" is v5e,
+#: "TPU v5" v5p, "TPU v6 lite" v6e; H100 PCIe has HBM2e).
+HBM_GBPS = (("H100 PCIe", 2000.0), ("H100", 3350.0), ("H200", 4800.0), ("A100", 2039.0),
+            ("TPU v5 lite", 819.0), ("TPU v5", 2765.0), ("TPU v6 lite", 1638.0))
+
+
+def datasheet_hbm_gbps(device_name: str) -> float:
+    """The published HBM bandwidth of a device (its torch name or JAX device_kind); 0 when
+    unknown."""
+    for name, gbps in HBM_GBPS:
+        if name.lower() in device_name.lower():
+            return gbps
+    return 0.0
+
+
 _CUDA_LIMITS: dict = {}
 
 
