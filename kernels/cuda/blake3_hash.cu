@@ -8,7 +8,8 @@
 // Each message (8 + B (+ 4) words) must fit one BLAKE3 chunk (256 words): B <= 248, 244 with
 // extra; the launcher checks this. Written from the BLAKE3 specification (O'Connor,
 // Aumasson, Neves, Wilcox-O'Hearn, 2020). Compiled at run time by CuPy (NVRTC); checked on a
-// CPU-only machine with `nvcc -cubin -arch=sm_80` / `sm_90`.
+// CPU-only machine with `nvcc -cubin -arch=sm_80` / `sm_90` and run there as C++ against a
+// host shim of the CUDA built-ins (tests/test_cuda_on_host.py).
 
 // No system headers, so NVRTC (CuPy) compiles it as is.
 typedef unsigned int pkv_u32;

@@ -6,6 +6,8 @@
 // move in one launch. Host memory must be pinned (cudaHostAlloc / torch pin_memory): under
 // unified addressing its host pointer is valid on the device, so the kernel reads or writes it
 // over PCIe directly. 16-byte vector accesses when every address and size allows.
+// Runs on a CPU-only machine as C++ against a host shim of the CUDA built-ins
+// (tests/test_cuda_on_host.py).
 
 extern "C" __global__ void swap_blocks_kernel(
     const unsigned long long* __restrict__ src_ptrs,
