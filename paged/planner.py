@@ -26,6 +26,8 @@ from itertools import chain
 
 import numpy as np
 
+from .spec import query_positions
+
 I32 = np.int32
 
 #: Multiprocessors assumed where no GPU can be asked (an H100 SXM's 132).
@@ -143,12 +145,10 @@ def plan_batch(block_lists: Sequence[Sequence[int]], context_lens: Sequence[int]
     tables = _table(block_lists)
     cu = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(ql, out=cu[1:])
-    total = int(cu[-1])
-    seq = np.repeat(np.arange(n), ql)
-    pos = ctx[seq] + (np.arange(total) - cu[seq])
+    seq, pos = query_positions(kv, cu)
     slots = tables[seq, pos // block_size].astype(np.int64) * block_size + pos % block_size
     plan = BatchPlan(block_tables=tables, kv_lens=kv.astype(I32), cu_q_lens=cu.astype(I32),
-                     slot_mapping=slots.astype(I32), positions=pos.astype(I32))
+                     slot_mapping=slots.astype(I32), positions=pos)
     if shared_prefix and n >= min_group_size:
         plan.shared = find_shared_prefixes(block_lists, ctx, kv, block_size,
                                            min_prefix_blocks=min_prefix_blocks,

@@ -25,6 +25,14 @@ def test_metadata_hand_worked():
     assert plan.shared is None and plan.num_seqs == 2 and plan.num_tokens == 3
 
 
+def test_spec_query_positions_hand_worked():
+    # kv_lens [5, 1, 4], q_lens [2, 1, 0]: seq 0's tokens sit at 5-2+0 = 3 and 4, seq 1's at 0
+    seq, pos = spec.query_positions(np.array([5, 1, 4]), np.array([0, 2, 3, 3]))
+    assert seq.tolist() == [0, 0, 1] and pos.tolist() == [3, 4, 0]
+    assert seq.dtype == pos.dtype == np.int32
+    assert spec.decode_cu_q_lens(3).tolist() == [0, 1, 2, 3]
+
+
 def test_empty_batch_and_zero_q():
     plan = plan_batch([], [], [], 4)
     assert plan.block_tables.shape == (0, 1) and plan.cu_q_lens.tolist() == [0]
