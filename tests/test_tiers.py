@@ -193,6 +193,28 @@ def test_host_allocator_hook_and_adopt():
         h.batch_get(_keys(1, start=5))[0], buf)
 
 
+def test_host_rejects_bad_budget_and_allocator():
+    with pytest.raises(ValueError, match="budget_bytes: expected a positive byte count"):
+        HostTier(0)
+    h = HostTier(1 << 20, allocator=lambda shape, dtype: np.empty(shape, dtype)[..., ::2])
+    with pytest.raises(ValueError, match="allocator: expected a C-contiguous float32 array"):
+        h.reserve(1, ROW, "float32")
+    h = HostTier(1 << 20)
+    k = _keys(1)[0]
+    assert k not in h and h.batch_put([k], [np.ones(ROW, np.float32)]) == [True] and k in h
+
+
+def test_host_reserve_evicts_nothing_protected():
+    v = np.ones(ROW, np.float32)
+    h = HostTier(2 * v.nbytes)
+    ks = _keys(2)
+    h.batch_put(ks, [v, v])
+    assert h.reserve(1, ROW, "float32", protect={k.storage_key() for k in ks}) == []
+    assert h.batch_exists(ks) == 2
+    assert len(h.reserve(1, ROW, "float32", protect={ks[1].storage_key()})) == 1
+    assert h.batch_exists(ks) == 0 and ks[1] in h  # the LRU block went, the protected stayed
+
+
 def test_host_rejects_dtype_not_matching_namespace():
     h = HostTier(1 << 20)
     with pytest.raises(ValueError, match="namespace dtype"):

@@ -199,7 +199,7 @@ def test_host_budget_full_under_a_long_stream():
         res = h.batch_put(ks, vals)
         assert res[:5] == [True] * min(n, 5) and not any(res[5:])
         stored.update({k: v for k, v, ok in zip(ks, vals, res, strict=True) if ok})
-        assert h.used_bytes + h.spare_bytes <= h.budget_bytes and len(h) <= 5
+        assert h.used_bytes <= h.budget_bytes and len(h) <= 5
         probe = list(stored)[-8:]
         for k, g in zip(probe, h.batch_get(probe), strict=True):
             assert g is None or _same(g, stored[k])  # a miss or the right block
@@ -209,6 +209,56 @@ def test_host_budget_full_under_a_long_stream():
         if keep is not None:
             assert _same(*keep)
     assert h.stats.evictions > 0
+
+
+def test_host_adopted_and_reused_memory_under_a_long_stream():
+    """copy=False adoption, reserve()d buffers and copies of two block shapes under one budget:
+    stored bytes are counted exactly, every block put in a batch is served back with its own
+    value, no storage handed out aliases a stored block or a view a caller holds."""
+    rng = np.random.default_rng(11)
+    shapes = [ROW, (2, 3, 2, 5)]  # the same key under another shape replaces the stale entry
+    row_bytes = np.zeros(ROW, np.float32).nbytes
+    h = HostTier(4 * row_bytes + row_bytes // 3)
+    held: list[tuple[np.ndarray, np.ndarray]] = []  # (view from batch_get, its bytes then)
+    for step in range(300):
+        which = int(rng.integers(0, 2))
+        shape = shapes[which]
+        ids = list(dict.fromkeys(int(i) for i in rng.integers(0, 12, int(rng.integers(1, 6)))))
+        ks = [_keys(1, start=i)[0] for i in ids]
+        # content-addressed: a key's value is a function of the key (and the block's shape)
+        vals = [np.full(shape, 2 * i + which, np.float32) for i in ids]
+        mode = rng.integers(0, 4)
+        if mode == 0:
+            res = h.batch_put(ks, vals)
+        elif mode == 1:  # adopt arrays that own their memory
+            res = h.batch_put(ks, vals, copy=False)
+        elif mode == 2:  # adopt reserved storage (evicted blocks' arrays reused)
+            bufs = h.reserve(len(ks), shape, "float32")
+            for b in bufs:
+                assert b.flags.writeable and b.shape == shape
+                for e in h._entries.values():
+                    assert not np.shares_memory(b, e.array)
+                for view, _ in held:
+                    assert not np.shares_memory(b, view)
+            for b, v in zip(bufs, vals, strict=False):
+                b[...] = v
+            res = h.batch_put(ks[:len(bufs)], bufs, copy=False)
+            vals, ks = bufs, ks[:len(bufs)]
+        else:
+            h.batch_remove(ks)
+            res = [False] * len(ks)
+        assert len(res) == len(ks)
+        got = h.batch_get(ks, shape=shape)
+        for k, v, ok, g in zip(ks, vals, res, got, strict=True):
+            if ok:  # a block of this batch is never evicted by a later one of the same batch
+                assert g is not None and _same(g, v), (step, k)
+        assert h.used_bytes == sum(e.nbytes for e in h._entries.values())
+        assert h.used_bytes <= h.budget_bytes
+        if step % 7 == 0 and got and got[0] is not None:
+            held = (held + [(got[0], got[0].copy())])[-3:]
+        for view, then in held:
+            assert _same(view, then)  # memory under a held view is never reused
+    assert h.stats.evictions > 0 and h.stats.rejected >= 0
 
 
 def test_offload_with_a_full_host_tier_keeps_lower_tiers(tmp_path):

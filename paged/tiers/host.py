@@ -3,9 +3,9 @@
 Values are copied into memory from ``allocator(shape, dtype) -> np.ndarray`` (default
 ``np.empty``). A frontend running on a GPU passes an allocator that returns pinned memory
 (e.g. ``lambda s, d: torch.empty(s, dtype=..., pin_memory=True).numpy()``) so host <-> device
-copies can run asynchronously. The arrays of evicted blocks that nothing else references are
-kept as spares (counted against the budget) and reused for new blocks of the same shape and
-dtype, so a full tier allocates (and page-faults) nothing in steady state.
+copies can run asynchronously. :meth:`HostTier.reserve` hands the arrays of the blocks it
+evicts (when nothing else references them and shape and dtype match) to the new blocks, so a
+full tier allocates (and page-faults) nothing in steady state.
 
 No checksum here: the tier holds the arrays themselves (no serialisation), and each entry keeps
 its full key, shape and dtype, re-checked on every get.
@@ -58,9 +58,7 @@ class HostTier(Tier):
         self.budget_bytes = int(budget_bytes)
         self.allocator = allocator or _default_allocator
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
-        self._spares: dict[tuple, list[np.ndarray]] = {}
         self.used_bytes = 0
-        self.spare_bytes = 0
         self._evicted: list[BlockKey] = []
 
     def _flush_evicted(self) -> None:
@@ -115,39 +113,25 @@ class HostTier(Tier):
         return out
 
     # -- memory ------------------------------------------------------------------------------
-    def _release(self, arr: np.ndarray) -> None:
-        """Keep an evicted block's memory as a spare when nobody else holds it and the budget
-        has room (spares count against the budget and are dropped first when space is needed).
-        """
-        # refs: the caller's name, this frame's `arr`, getrefcount's argument
-        if sys.getrefcount(arr) <= 3 and self.used_bytes + self.spare_bytes + arr.nbytes \
-                <= self.budget_bytes:
-            self._spares.setdefault((arr.shape, arr.dtype.str), []).append(arr)
-            self.spare_bytes += int(arr.nbytes)
+    def _pop_lru(self, protect: frozenset | set) -> np.ndarray | None:
+        """Evict the least recently used entry not in ``protect``; its array (dropped unless
+        the caller keeps it), or None when every entry is protected."""
+        sk = next((k for k in self._entries if k not in protect), None)
+        if sk is None:
+            return None
+        e = self._entries.pop(sk)
+        self.used_bytes -= e.nbytes
+        self.stats.evictions += 1
+        self._evicted.append(e.key)
+        arr, e.array = e.array, None
+        return arr
 
     def _make_room(self, nbytes: int, protect: set[str]) -> bool:
-        """Drop spares, then evict LRU entries (not in ``protect``), until ``nbytes`` fit."""
-        while self.used_bytes + self.spare_bytes + nbytes > self.budget_bytes and self._spares:
-            sig = next(iter(self._spares))
-            lst = self._spares[sig]
-            self.spare_bytes -= int(lst.pop().nbytes)
-            if not lst:
-                del self._spares[sig]
-        if self.used_bytes + nbytes > self.budget_bytes:
-            for sk in list(self._entries.keys()):
-                if self.used_bytes + nbytes <= self.budget_bytes:
-                    break
-                if sk in protect:
-                    continue
-                e = self._entries.pop(sk)
-                self.used_bytes -= e.nbytes
-                self.stats.evictions += 1
-                self._evicted.append(e.key)
-                arr, e.array = e.array, None
-                if self.used_bytes + nbytes + self.spare_bytes + arr.nbytes <= self.budget_bytes:
-                    self._release(arr)
-                del arr
-        return self.used_bytes + self.spare_bytes + nbytes <= self.budget_bytes
+        """Evict LRU entries (not in ``protect``) until ``nbytes`` more fit the budget."""
+        while self.used_bytes + nbytes > self.budget_bytes:
+            if self._pop_lru(protect) is None:
+                return False
+        return True
 
     def reserve(self, n: int, shape, dtype, *, protect: frozenset | set = frozenset()
                 ) -> list[np.ndarray]:
@@ -161,35 +145,17 @@ class HostTier(Tier):
         nb = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
         n = min(int(n), self.budget_bytes // max(nb, 1))
         out: list[np.ndarray] = []
-        sig = (shape, dt.str)
-        lst = self._spares.get(sig)
-        while lst and len(out) < n:
-            out.append(lst.pop())
-            self.spare_bytes -= nb
-        if sig in self._spares and not self._spares[sig]:
-            del self._spares[sig]
         need = n * nb  # reused and new arrays alike: the budget must hold all n once put
-        while self.used_bytes + self.spare_bytes + need > self.budget_bytes and self._spares:
-            other = next(iter(self._spares))
-            self.spare_bytes -= int(self._spares[other].pop().nbytes)
-            if not self._spares[other]:
-                del self._spares[other]
-        for sk in list(self._entries.keys()):
-            if self.used_bytes + self.spare_bytes + need <= self.budget_bytes:
+        while self.used_bytes + need > self.budget_bytes:
+            arr = self._pop_lru(protect)
+            if arr is None:
                 break
-            if sk in protect:
-                continue
-            e = self._entries.pop(sk)
-            self.used_bytes -= e.nbytes
-            self.stats.evictions += 1
-            self._evicted.append(e.key)
-            arr, e.array = e.array, None
             # refs: `arr` and getrefcount's argument only -> nobody outside holds it
             if (len(out) < n and arr.shape == shape and arr.dtype == dt
                     and sys.getrefcount(arr) <= 2):
                 out.append(arr)
             del arr
-        room = (self.budget_bytes - self.used_bytes - self.spare_bytes) // max(nb, 1)
+        room = (self.budget_bytes - self.used_bytes) // max(nb, 1)
         n = max(0, min(n, room))
         del out[n:]
         while len(out) < n:
@@ -278,6 +244,4 @@ class HostTier(Tier):
     def clear(self):
         self._publish_cleared()
         self._entries.clear()
-        self._spares.clear()
         self.used_bytes = 0
-        self.spare_bytes = 0
