@@ -150,6 +150,8 @@ BAD = [
     ("dynamo-xxh3", {"parent": 5}, ValueError, "parent: dynamo-xxh3 hashes each block alone"),
     ("dynamo-xxh3", {"seed": -1}, ValueError, r"seed: expected an int in \[0, 2\*\*64\)"),
     ("dynamo-kvbm", {"seed": 1, "salt": "a"}, ValueError, "salt: dynamo-kvbm takes salt or seed"),
+    ("dynamo-kvbm", {"salt": 3}, TypeError, "salt: expected str, bytes or None, got int"),
+    ("vllm-sha256-cbor", {"parent": "ab" * 16}, TypeError, "parent: expected 32 bytes, got str"),
     ("dynamo-kvbm", {"parent": b"x" * 8}, TypeError, "parent: expected an int in"),
     ("dynamo-kvbm", {"parent": [1, 2]}, ValueError, r"parent: expected a list of num_seqs \(1\)"),
     ("dynamo-kvbm", {"tokens": np.array([-1, 2], np.int32)}, ValueError,

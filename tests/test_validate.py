@@ -202,6 +202,29 @@ def test_scatter_blocks_checks(args, exc, match):
         scatter_blocks_reference(*args)
 
 
+SRC = [np.zeros((4, 3), np.float32), np.zeros((4, 2, 2), np.float16)]
+HOST = [np.zeros((9, 3), np.float32), np.zeros((9, 2, 2), np.float16)]  # more blocks: fine
+IDS = np.array([0, 1], I32)
+SWAP_CASES = [
+    ((SRC, [HOST[0], np.zeros((9, 2, 3), np.float16)], IDS, IDS), ValueError,
+     r"dst_caches\[1\]: expected block shape \(2, 2\) \(from src_caches\[1\]\), got \(2, 3\)"),
+    ((SRC, [HOST[0], HOST[1].astype(np.float32)], IDS, IDS), TypeError,
+     r"dst_caches\[1\]: expected the dtype of src_caches\[1\]"),
+    ((SRC, HOST, IDS, IDS[:1]), ValueError,
+     r"dst_ids: expected shape \(2,\) \(the shape of src_ids\), got \(1,\)"),
+    ((SRC, HOST[:1], IDS, IDS), ValueError, r"dst_caches: expected 2 caches \(as src_caches\)"),
+    (([np.float32(1)], HOST[:1], IDS, IDS), ValueError,
+     r"src_caches\[0\]: expected the block axis first, got a scalar"),
+]
+
+
+@pytest.mark.parametrize("args,exc,match", SWAP_CASES, ids=[c[2][:30] for c in SWAP_CASES])
+def test_swap_blocks_checks(args, exc, match):
+    assert validate.check_swap_blocks(SRC, HOST, IDS, IDS) == 2
+    with pytest.raises(exc, match=match):
+        validate.check_swap_blocks(*args)
+
+
 def test_value_checks_mode(monkeypatch):
     monkeypatch.delenv(validate.ENV_VALUE_CHECKS, raising=False)
     assert validate.value_checks_enabled(host_inputs=True)
