@@ -132,6 +132,9 @@ def test_swap_blocks_device_host_roundtrip(backend):
     dst_ids = torch.tensor([8, 2, 0], dtype=torch.int32)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
+        # work queued ahead on the stream: a device -> host copy that the host side reads
+        # before the stream reaches it (a non_blocking copy into a temporary) reads garbage
+        torch.cuda._sleep(20_000_000)
         tf.swap_blocks(dev, host, src_ids.to(DEV), dst_ids, backend=backend)  # offload
     stream.synchronize()
     for x, h in zip(layers, host, strict=True):

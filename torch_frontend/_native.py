@@ -786,5 +786,8 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids) -> None:
             torch.index_select(a, 0, s.to(a.device), out=tmp)
             _index_copy(b, d.to(b.device), tmp)
         else:  # device <-> host: one transfer of the gathered blocks per cache
-            blocks = a.index_select(0, s.to(a.device)).to(b.device, non_blocking=True)
+            blocks = a.index_select(0, s.to(a.device))
+            # host -> device is ordered on the stream; device -> host must land before the
+            # host-side index_copy_ reads it (a non_blocking copy there would race)
+            blocks = blocks.to(b.device, non_blocking=b.device.type != "cpu")
             b.index_copy_(0, d.to(b.device), blocks)

@@ -430,7 +430,8 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids, *, backend=None) -> No
     The device <-> host transfer path (offload/onload): src_caches and dst_caches are
     sequences of tensors with the block axis first, pairwise of the same block shape and dtype,
     typically every layer's K and V on the GPU and their pinned-host twins. Runs on the current
-    CUDA stream (``with torch.cuda.stream(s):``). src_ids, dst_ids: i32[n]; dst_ids distinct.
+    CUDA stream (``with torch.cuda.stream(s):``) and may return before the copies ran: sync that
+    stream before the host reads a host dst cache. src_ids, dst_ids: i32[n]; dst_ids distinct.
     """
     validate.check_swap_blocks(src_caches, dst_caches, src_ids, dst_ids)
     if _want_values(src_ids, dst_ids):
