@@ -18,6 +18,8 @@ from prefixkv.paged.tiers import (
     DiskTier,
     HostTier,
     Namespace,
+    RecordError,
+    Tier,
     TieredStore,
 )
 from test_tiers_remote import redis_server_or_skip
@@ -274,6 +276,48 @@ def test_offload_with_a_full_host_tier_keeps_lower_tiers(tmp_path):
     assert n == 6
     for c, f in zip(caches, fresh, strict=True):
         assert _same(f[10:16], c[0:6])
+
+
+class _Misbehaving(Tier):
+    """A tier that answers batch_get wrongly in one of several ways."""
+
+    name = "misbehaving"
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+
+    def batch_exists(self, keys):
+        return 0
+
+    def batch_put(self, keys, values):
+        return [True] * len(keys)
+
+    def batch_get(self, keys, *, shape=None, dtype=None):
+        n = len(keys)
+        answers = {"short": lambda: [np.zeros(ROW, np.float32)] * (n - 1),
+                   "tuple": lambda: tuple([np.zeros(ROW, np.float32)] * n),
+                   "shape": lambda: [np.zeros((2, 3), np.float32)] * n,
+                   "dtype": lambda: [np.zeros(ROW, np.float16)] * n,
+                   "bytes": lambda: [np.zeros(ROW, np.float32).tobytes()] * n}
+        if self.mode == "record":
+            raise RecordError("checksum mismatch")  # a verification failure it let escape
+        if self.mode == "oserror":
+            raise OSError("device gone")
+        return answers[self.mode]()
+
+
+@pytest.mark.parametrize("mode", ["short", "tuple", "shape", "dtype", "bytes", "record",
+                                  "oserror"])
+def test_chain_never_serves_a_misbehaving_tiers_answer(mode):
+    host = HostTier(1 << 20)
+    store = TieredStore([_Misbehaving(mode), host], promote=False)
+    ks = _keys(3)
+    rows = _rows(3)
+    assert host.batch_put(ks[:2], rows[:2]) == [True, True]
+    got = store.batch_get(ks, shape=ROW, dtype="float32")
+    assert _same(got[0], rows[0]) and _same(got[1], rows[1]) and got[2] is None
+    assert store.stats.hits == 2 and store.stats.misses == 1
 
 
 def test_random_faults_never_serve_a_wrong_block(tmp_path, redis_server):

@@ -27,8 +27,18 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .. import validate
-from .base import BlockKey, Namespace, Tier, TierStats, check_values, dtype_str
+from .base import BlockKey, Namespace, RecordError, Tier, TierStats, check_values, dtype_str
 from .host import HostTier
+
+
+def _fits(a, key: BlockKey, shape, dtype) -> bool:
+    """Whether a tier's answer may be served: an array of the key's dtype and of the asked
+    shape and dtype (a misbehaving tier's other answers are misses, never served)."""
+    if not isinstance(a, np.ndarray) or dtype_str(a) != key.namespace.dtype:
+        return False
+    if shape is not None and a.shape != tuple(int(s) for s in shape):
+        return False
+    return dtype is None or dtype_str(a) == dtype_str(dtype)
 
 
 class TieredStore(Tier):
@@ -51,9 +61,9 @@ class TieredStore(Tier):
     def _guard(self, tier: Tier, fn, default):
         try:
             return fn()
-        except (TypeError, ValueError):
-            raise  # bad input from the caller, not a storage fault
-        except Exception:  # noqa: BLE001 - a broken tier is a miss
+        except Exception as e:  # noqa: BLE001 - a broken tier is a miss
+            if isinstance(e, (TypeError, ValueError)) and not isinstance(e, RecordError):
+                raise  # bad input from the caller, not a storage fault
             self.stats.errors += 1
             self.tier_errors[tier.name] = self.tier_errors.get(tier.name, 0) + 1
             return default
@@ -84,8 +94,9 @@ class TieredStore(Tier):
             got = self._guard(t, lambda t=t, want=want: t.batch_get(want, shape=shape,
                                                                        dtype=dtype),
                               [None] * len(want))
-            if len(got) != len(want):  # a misbehaving tier: ignore its answer
-                got = [None] * len(want)
+            if not isinstance(got, list) or len(got) != len(want):
+                got = [None] * len(want)  # a misbehaving tier: ignore its answer
+            got = [a if _fits(a, k, shape, dtype) else None for a, k in zip(got, want, strict=True)]
             found = [(i, a) for i, a in zip(missing, got, strict=False) if a is not None]
             for i, a in found:
                 out[i] = a
