@@ -365,6 +365,20 @@ def test_backend_errors_list_every_backend(monkeypatch):
     close(tf.paged_attention(*args), ref.paged_attention_reference(*b.args()), "float32")
 
 
+def test_cuda_backends_refused_for_layouts_they_cannot_take():
+    """Selection for CUDA tensors, checked without a GPU: the Triton block copies need each
+    block contiguous and the CUDA C swap pinned host memory; refused, the torch path runs."""
+    blocks = tf.REGISTRIES["copy_blocks"]
+    why = blocks.explain("cuda", block_contiguous=False)
+    assert "contiguous" in why["triton"] and why["torch"] == "ok"
+    assert blocks.select("cuda", block_contiguous=False).name == "torch"
+    with pytest.raises(BackendError, match=r"backend 'triton' cannot run(.|\n)*contiguous"):
+        blocks.select("cuda", "triton", block_contiguous=False)
+    swap = tf.REGISTRIES["swap_blocks"]
+    assert "pinned" in swap.explain("cuda", pinned_host=False)["cuda-c"]
+    assert swap.select("cuda", pinned_host=False).name == "torch"
+
+
 # ----------------------------------------------------------------- custom-op contract checks
 
 
