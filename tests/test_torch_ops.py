@@ -375,7 +375,10 @@ def test_cuda_backends_refused_for_layouts_they_cannot_take():
     with pytest.raises(BackendError, match=r"backend 'triton' cannot run(.|\n)*contiguous"):
         blocks.select("cuda", "triton", block_contiguous=False)
     swap = tf.REGISTRIES["swap_blocks"]
-    assert "pinned" in swap.explain("cuda", pinned_host=False)["cuda-c"]
+    cuda_c = next(b for b in swap if b.name == "cuda-c")
+    assert cuda_c.supports(pinned_host=False) == (
+        False, "needs the host side in pinned memory (tensor.pin_memory())")
+    assert cuda_c.supports(pinned_host=True)[0]
     assert swap.select("cuda", pinned_host=False).name == "torch"
 
 
