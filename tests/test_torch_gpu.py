@@ -147,6 +147,19 @@ def test_swap_blocks_device_host_roundtrip(backend):
         assert torch.equal(b.cpu()[src_ids.long()], x[src_ids.long()])
 
 
+def test_pinned_host_allocator_memory_is_pinned_and_swaps():
+    from prefixkv.torch_frontend import pinned_host_allocator
+
+    host = torch.from_numpy(pinned_host_allocator((4, 16, 4, 80), np.dtype(np.float16)))
+    assert host.is_pinned()  # registered pages count as pinned for torch and the swap kernel
+    host.zero_()
+    dev = torch.randn(8, 16, 4, 80, device=DEV, dtype=torch.float16)
+    tf.swap_blocks([dev], [host], torch.tensor([5, 1], dtype=torch.int32, device=DEV),
+                   torch.tensor([0, 3], dtype=torch.int32))
+    torch.cuda.synchronize()
+    assert torch.equal(host[[0, 3]], dev[[5, 1]].cpu()) and not host[[1, 2]].any()
+
+
 def test_cuda_graph_capture_with_out():
     rng = np.random.default_rng(6)
     b = testing.make_ragged_batch(rng, testing.seq_grid("decode", 16), num_q_heads=8,

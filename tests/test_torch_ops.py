@@ -494,6 +494,57 @@ def test_pinned_host_allocator_backs_the_host_tier(dtype):
     np.testing.assert_array_equal(got, block)
 
 
+class _FakeCudart:
+    """torch.cuda.cudart() stand-in recording page-lock calls (no GPU here)."""
+
+    def __init__(self, fail: int = 0):
+        self.registered: dict[int, int] = {}
+        self.unregistered: list[int] = []
+        self.fail = fail
+
+    def cudaHostRegister(self, ptr, size, flags):  # noqa: N802 - CUDA's name
+        assert flags == 1  # cudaHostRegisterPortable
+        if not self.fail:
+            self.registered[ptr] = size
+        return self.fail
+
+    def cudaHostUnregister(self, ptr):  # noqa: N802
+        self.unregistered.append(ptr)
+        return 0
+
+
+def test_pinned_host_allocator_registers_exactly_its_own_pages(monkeypatch):
+    import gc
+    import mmap
+
+    from prefixkv.torch_frontend import pinned_host_allocator
+
+    fake = _FakeCudart()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    page = mmap.PAGESIZE
+    shapes = [((3, 5, 7), np.float16), ((2, 80, 16, 8, 128), np.float32), ((1,), np.uint8)]
+    arrays = [pinned_host_allocator(s, np.dtype(d)) for s, d in shapes]
+    spans = []
+    for (shape, dt), a in zip(shapes, arrays, strict=True):
+        assert a.shape == shape and a.dtype == dt and a.flags.c_contiguous and a.flags.writeable
+        size = fake.registered[a.ctypes.data]
+        assert a.ctypes.data % page == 0 and size == -(-a.nbytes // page) * page
+        spans.append((a.ctypes.data, a.ctypes.data + size))
+        a[...] = 1  # the memory is the array's own
+    spans.sort()  # no page shared by two arrays
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:], strict=False))
+    ptrs = [a.ctypes.data for a in arrays]
+    del a, arrays
+    gc.collect()
+    assert sorted(fake.unregistered) == sorted(ptrs)  # unregistered once freed
+    assert pinned_host_allocator((0, 4), np.dtype(np.float32)).shape == (0, 4)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: _FakeCudart(fail=2))
+    with pytest.raises(RuntimeError, match=f"cudaHostRegister of {page} bytes failed with "
+                                           "cudaError 2"):
+        pinned_host_allocator((4,), np.dtype(np.float32))
+
+
 # ------------------------------------------- cache ops: fast CPU paths, layouts, bit patterns
 
 _BITS = {"float32": (np.uint32, torch.int32), "float16": (np.uint16, torch.int16),

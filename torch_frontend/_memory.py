@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import mmap
+import weakref
+
 import numpy as np
 import torch
+
+#: cudaHostRegisterPortable: pinned for every CUDA context, not only the current device's
+_PORTABLE = 1
 
 
 def pinned_host_allocator(shape: tuple, dtype: np.dtype) -> np.ndarray:
@@ -11,10 +17,30 @@ def pinned_host_allocator(shape: tuple, dtype: np.dtype) -> np.ndarray:
     available, so host <-> device block copies run asynchronously on a stream; plain memory
     otherwise. Pass it as ``HostTier(budget, allocator=pinned_host_allocator)``.
 
-    The array views a torch uint8 tensor (which it keeps alive), so any numpy dtype works,
-    bfloat16 through ml_dtypes included.
+    Each array sits on whole pages of its own, registered with ``cudaHostRegister`` and
+    unregistered when the array is freed: a tier's budget is what it pins (torch's pinned
+    allocator would round each block up to a power of two, 8 MiB for a 5 MiB block, and keep
+    it cached after the tier drops it). Any numpy dtype works, bfloat16 through ml_dtypes.
     """
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-    return buf.numpy().view(dtype).reshape(shape)
+    if nbytes == 0 or not torch.cuda.is_available():
+        return np.empty(shape, dtype)
+    return _registered(nbytes).view(dtype).reshape(shape)
+
+
+def _registered(nbytes: int) -> np.ndarray:
+    """uint8[nbytes] starting on a page boundary, its pages page-locked until it is freed
+    (two arrays never share a page: CUDA registers whole pages, and only once)."""
+    page = mmap.PAGESIZE
+    size = -(-nbytes // page) * page
+    raw = np.empty(size + page, np.uint8)
+    start = -raw.ctypes.data % page
+    ptr = raw.ctypes.data + start
+    cudart = torch.cuda.cudart()
+    err = int(cudart.cudaHostRegister(ptr, size, _PORTABLE))
+    if err:
+        raise RuntimeError(f"cudaHostRegister of {size} bytes failed with cudaError {err} "
+                           f"(out of lockable memory? see ulimit -l)")
+    weakref.finalize(raw, cudart.cudaHostUnregister, ptr)  # runs before raw's memory is freed
+    return raw[start:start + nbytes]
