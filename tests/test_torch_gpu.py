@@ -64,6 +64,25 @@ def test_paged_attention_gpu(case, backend):
     np.testing.assert_allclose(N(lse), want_lse, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_attention_with_metadata_on_the_host(backend):
+    """q and the caches on the GPU, block tables and lengths on the CPU (checked on the host,
+    then copied): both attention ops, both backends."""
+    rng = np.random.default_rng(8)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16), num_q_heads=8,
+                                  num_kv_heads=2, head_dim=128, block_size=16, dtype="bfloat16")
+    q, k, v, *meta = b.args()
+    got = tf.paged_attention(T(q), T(k), T(v), *(T(m, "cpu") for m in meta), backend=backend)
+    close(got, ref.paged_attention_reference(*b.args()), "bfloat16")
+    sp = testing.make_shared_prefix_batch(rng, [3], [(0, 1, 5), (0, 2, 9), (-1, 1, 4)],
+                                          num_q_heads=8, num_kv_heads=2, head_dim=128,
+                                          block_size=16, dtype="bfloat16")
+    q, k, v, *meta = sp.args()
+    got = tf.shared_prefix_attention(T(q), T(k), T(v), *(T(m, "cpu") for m in meta),
+                                     backend=backend)
+    close(got, ref.shared_prefix_attention_reference(*sp.args()), "bfloat16")
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_split_kv_long_context(dtype):
     """Few sequences, long contexts: the split-KV path (partials merged by LSE)."""
@@ -93,8 +112,13 @@ def test_shared_prefix_attention_gpu(dtype):
     np.testing.assert_allclose(N(lse), want_lse, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("ids_on", ["cuda", "cpu"])  # index tensors left on the host: copied
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_cache_ops_gpu_exact(dtype):
+def test_cache_ops_gpu_exact(dtype, backend, ids_on):
+    def ids(x):
+        return T(x, ids_on)
+
     rng = np.random.default_rng(5)
     kc, vc = (testing.random_values(rng, (12, 16, 4, 64), dtype) for _ in range(2))
     key, val = (testing.random_values(rng, (6, 4, 64), dtype) for _ in range(2))
@@ -102,21 +126,21 @@ def test_cache_ops_gpu_exact(dtype):
     want_k, want_v = ref.write_kv_reference(key, val, kc, vc, slots)
     stacked = torch.stack([T(kc), T(vc)], dim=1)
     tk, tv = stacked[:, 0], stacked[:, 1]
-    tf.write_kv(T(key), T(val), tk, tv, T(slots))
+    tf.write_kv(T(key), T(val), tk, tv, ids(slots), backend=backend)
     assert np.array_equal(N(tk), want_k.astype(np.float64))
     assert np.array_equal(N(tv), want_v.astype(np.float64))
     src, dst = np.array([1, 2, 5], np.int32), np.array([2, 7, 1], np.int32)
     want = ref.copy_blocks_reference([want_k, want_v], src, dst)
-    tf.copy_blocks([tk, tv], T(src), T(dst))
+    tf.copy_blocks([tk, tv], ids(src), ids(dst), backend=backend)
     for g, w in zip((tk, tv), want, strict=True):
         assert np.array_equal(N(g), w.astype(np.float64))
-    ids = np.array([11, 0, 11], np.int32)
-    buf = tf.gather_blocks([tk, tv], T(ids))
-    assert np.array_equal(N(buf), ref.gather_blocks_reference(want, ids).astype(np.float64))
+    gids = np.array([11, 0, 11], np.int32)
+    buf = tf.gather_blocks([tk, tv], ids(gids), backend=backend)
+    assert np.array_equal(N(buf), ref.gather_blocks_reference(want, gids).astype(np.float64))
     new = testing.random_values(rng, (2, 2, 16, 4, 64), dtype)
     sids = np.array([4, 9], np.int32)
     want2 = ref.scatter_blocks_reference(want, new, sids)
-    tf.scatter_blocks([tk, tv], T(new), T(sids))
+    tf.scatter_blocks([tk, tv], T(new), ids(sids), backend=backend)
     for g, w in zip((tk, tv), want2, strict=True):
         assert np.array_equal(N(g), w.astype(np.float64))
 
@@ -135,16 +159,18 @@ def test_swap_blocks_device_host_roundtrip(backend):
         # work queued ahead on the stream: a device -> host copy that the host side reads
         # before the stream reaches it (a non_blocking copy into a temporary) reads garbage
         torch.cuda._sleep(20_000_000)
+        for d in dev:  # queued on the same stream: the swap must see it (a launch on another
+            d.neg_()   # stream would copy the blocks before the negation)
         tf.swap_blocks(dev, host, src_ids.to(DEV), dst_ids, backend=backend)  # offload
     stream.synchronize()
     for x, h in zip(layers, host, strict=True):
-        assert torch.equal(h[dst_ids.long()], x[src_ids.long()])
+        assert torch.equal(h[dst_ids.long()], -x[src_ids.long()])
         assert torch.count_nonzero(h[[1, 3, 4, 5, 6, 7]].float()) == 0  # untouched blocks
     back = [torch.zeros_like(d) for d in dev]
     tf.swap_blocks(host, back, dst_ids, src_ids, backend=backend)  # onload
     torch.cuda.synchronize()
     for x, b in zip(layers, back, strict=True):
-        assert torch.equal(b.cpu()[src_ids.long()], x[src_ids.long()])
+        assert torch.equal(b.cpu()[src_ids.long()], -x[src_ids.long()])
 
 
 def test_pinned_host_allocator_memory_is_pinned_and_swaps():

@@ -74,6 +74,42 @@ def test_paged_attention_matches_reference(case, opts):
     np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("case", ATTN_CASES, ids=_case_id)
+def test_device_code_path_runs_on_cpu(case, monkeypatch):
+    """The torch backend's path for metadata on a GPU (no host sync: padded to the batch's
+    token count, masks instead of host-side bounds), forced on CPU tensors; both attention ops
+    and the sync-free write_kv."""
+    from prefixkv.torch_frontend import _native
+
+    monkeypatch.setattr(_native, "_on_host", lambda *t: False)
+    monkeypatch.setattr(_native, "_c_decode", lambda *a, **k: False)
+    grid, bs, hq, hkv, d, dtype = case
+    rng = np.random.default_rng(hash(_case_id(case)) % 2**32 + 1)
+    b = testing.make_ragged_batch(rng, testing.seq_grid(grid, bs), num_q_heads=hq,
+                                  num_kv_heads=hkv, head_dim=d, block_size=bs, dtype=dtype)
+    opts = {"sliding_window": 5, "logits_soft_cap": 3.0}
+    want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **opts)
+    got, got_lse = tf.paged_attention(*(T(a) for a in b.args()), return_lse=True, **opts)
+    close(got, want, dtype)
+    np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-4, rtol=1e-4)
+    sp = testing.make_shared_prefix_batch(rng, [2, 1], [(0, 1, 5), (1, 3, 9), (-1, 2, 4),
+                                                        (0, 1, 1)], num_q_heads=hq,
+                                          num_kv_heads=hkv, head_dim=d, block_size=bs,
+                                          dtype=dtype)
+    want, want_lse = ref.shared_prefix_attention_reference(*sp.args(), return_lse=True)
+    got, got_lse = tf.shared_prefix_attention(*(T(a) for a in sp.args()), return_lse=True)
+    close(got, want, dtype)
+    np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-4, rtol=1e-4)
+    key = testing.random_values(rng, (4, hkv, d), dtype)
+    slots = np.array([-1, 3, -2, bs + 1], np.int32)
+    wk, wv = ref.write_kv_reference(key, key, b.k_cache, b.v_cache, slots)
+    kc, vc = T(b.k_cache), T(b.v_cache)
+    _native._write_kv_no_sync(T(key), T(key), kc, vc, T(slots))
+    assert N(kc).tobytes() == N(T(wk)).tobytes() and N(vc).tobytes() == N(T(wv)).tobytes()
+    _native._write_kv_no_sync(T(key), T(key), kc, vc, T(np.full(4, -1, np.int32)))  # no live
+    assert N(kc).tobytes() == N(T(wk)).tobytes()
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_workspace_accepted_on_the_cpu_path(shared):
     """The CPU path needs no workspace (size 0) but takes one, with or without out=/lse=; the
@@ -379,6 +415,8 @@ def test_cuda_backends_refused_for_layouts_they_cannot_take():
     assert cuda_c.supports(pinned_host=False) == (
         False, "needs the host side in pinned memory (tensor.pin_memory())")
     assert cuda_c.supports(pinned_host=True)[0]
+    assert cuda_c.supports(block_contiguous=False) == (
+        False, "needs each cache block contiguous (cache[b].is_contiguous())")
     assert swap.select("cuda", pinned_host=False).name == "torch"
 
 

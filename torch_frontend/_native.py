@@ -540,7 +540,9 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
     has = pid >= 0
     key = torch.where(has, pid, num_prefixes)  # tokens without a prefix sort last
     order = torch.sort(key, stable=True).indices
-    counts = torch.bincount(key, minlength=num_prefixes + 1)[:num_prefixes]
+    # index_add_, not bincount: bincount on CUDA reads its input's min and max on the host
+    counts = torch.zeros(num_prefixes + 1, dtype=torch.int64, device=dev).index_add_(
+        0, key, torch.ones_like(key))[:num_prefixes]
     starts = torch.cumsum(counts, 0) - counts
     sorted_key = key[order]
     rank = torch.arange(num_tokens, device=dev) - torch.cat(

@@ -5,7 +5,10 @@ The custom ops pick the backend at run time by device (:mod:`._registry`); the w
 static input checks of :mod:`prefixkv.paged.validate` always, the host value checks when
 :func:`~prefixkv.paged.validate.value_checks_enabled` says so (index tensors on the CPU, or
 checked mode), never while ``torch.compile`` traces. Cache ops mutate their caches in place and
-declare it in ``mutates_args``; no op returns an input or a view of one.
+declare it in ``mutates_args``; no op returns an input or a view of one. Index tensors (block
+tables, lengths, slot mappings, block ids) may stay on the CPU with the data on a GPU: checked
+on the host, then copied over on every call; on the GPU already they are used as they are (no
+copy, no sync: what CUDA-graph capture needs).
 
 Attention ops come twice: ``prefixkv::paged_attention`` returns fresh ``(out, lse)``;
 ``prefixkv::paged_attention_out`` writes caller buffers. With ``out=``, ``lse=`` and a
@@ -41,6 +44,13 @@ def _want_values(*tensors) -> bool:
         return False
     live = [t for t in tensors if t is not None]
     return validate.value_checks_enabled(host_inputs=all(t.device.type == "cpu" for t in live))
+
+
+def _on(device: torch.device, *tensors):
+    """``tensors`` moved to ``device`` where they are elsewhere (index tensors kept on the CPU
+    with caches on a GPU, copied after their host value checks; on the device already they
+    are passed as they are, the CUDA-graph-safe way). None stays None."""
+    return tuple(t if t is None or t.device == device else t.to(device) for t in tensors)
 
 
 def _check_out(name: str, buf, shape, dtype) -> None:
@@ -236,6 +246,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, return_lse=return_lse)
     if _want_values(block_tables, kv_lens, cu_q_lens):
         validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
+    block_tables, kv_lens, cu_q_lens = _on(q.device, block_tables, kv_lens, cu_q_lens)
     args = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, dims.scale, bool(causal),
             None if sliding_window is None else int(sliding_window),
             None if logits_soft_cap is None else float(logits_soft_cap), backend)
@@ -276,6 +287,8 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
                     cu_q_lens):
         validate.check_shared_prefix_attention_values(
             sdims, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens)
+    prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens = _on(
+        q.device, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens)
     args = (q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
             kv_lens, cu_q_lens, sdims.attention.scale,
             None if logits_soft_cap is None else float(logits_soft_cap), backend)
@@ -375,7 +388,8 @@ def _swap_blocks(src_caches: list[Tensor], dst_caches: list[Tensor], src_ids: Te
     pinned = all(c.is_pinned() for c in host) if platform_of(*src_caches, *dst_caches) == \
         "cuda" else True
     fn = select("swap_blocks", platform_of(*src_caches, *dst_caches), backend,
-                pinned_host=pinned)
+                pinned_host=pinned, block_contiguous=_block_contiguous([*src_caches,
+                                                                        *dst_caches]))
     fn(src_caches, dst_caches, src_ids, dst_ids)
 
 
@@ -394,6 +408,7 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, backend=None) -> Non
     validate.check_write_kv(key, value, k_cache, v_cache, slot_mapping)
     if _want_values(slot_mapping):
         validate.check_write_kv_values(k_cache, slot_mapping)
+    (slot_mapping,) = _on(k_cache.device, slot_mapping)
     _invoke("write_kv", (key, value, k_cache, v_cache, slot_mapping, backend))
 
 
@@ -405,6 +420,7 @@ def copy_blocks(caches, src, dst, *, backend=None) -> None:
     num_blocks = validate.check_copy_blocks(caches, src, dst)
     if _want_values(src, dst):
         validate.check_copy_blocks_values(num_blocks, src, dst)
+    src, dst = _on(caches[0].device, src, dst)
     _invoke("copy_blocks", (list(caches), src, dst, backend))
 
 
@@ -413,6 +429,7 @@ def gather_blocks(caches, block_ids, *, backend=None):
     validate.check_gather_blocks(caches, block_ids)
     if _want_values(block_ids):
         validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=False)
+    (block_ids,) = _on(caches[0].device, block_ids)
     return _invoke("gather_blocks", (list(caches), block_ids, backend))
 
 
@@ -421,6 +438,7 @@ def scatter_blocks(caches, buffer, block_ids, *, backend=None) -> None:
     validate.check_scatter_blocks(caches, buffer, block_ids)
     if _want_values(block_ids):
         validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=True)
+    buffer, block_ids = _on(caches[0].device, buffer, block_ids)
     _invoke("scatter_blocks", (list(caches), buffer, block_ids, backend))
 
 
@@ -430,8 +448,9 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids, *, backend=None) -> No
     The device <-> host transfer path (offload/onload): src_caches and dst_caches are
     sequences of tensors with the block axis first, pairwise of the same block shape and dtype,
     typically every layer's K and V on the GPU and their pinned-host twins. Runs on the current
-    CUDA stream (``with torch.cuda.stream(s):``) and may return before the copies ran: sync that
-    stream before the host reads a host dst cache. src_ids, dst_ids: i32[n]; dst_ids distinct.
+    CUDA stream (``with torch.cuda.stream(s):``) and may return before the copies ran: until
+    that stream passes the call, do not read a host dst cache nor change a host src cache or
+    pinned host ids. src_ids, dst_ids: i32[n] on either device; dst_ids distinct.
     """
     validate.check_swap_blocks(src_caches, dst_caches, src_ids, dst_ids)
     if _want_values(src_ids, dst_ids):

@@ -61,6 +61,8 @@ def _register_all() -> None:
 def _cuda_c_swap_supports(**ctx) -> tuple[bool, str]:
     if not ctx.get("pinned_host", True):
         return False, "needs the host side in pinned memory (tensor.pin_memory())"
+    if not ctx.get("block_contiguous", True):
+        return False, "needs each cache block contiguous (cache[b].is_contiguous())"
     return True, ""
 
 
