@@ -9,7 +9,9 @@ online softmax in float32 registers. Decode with too few (sequence, kv head) pro
 GPU splits each sequence's blocks over several programs (split-KV) and merges them by LSE.
 
 Triton wants power-of-two tiles and dots of at least 16 x 16: head_dim a power of two >= 16,
-block_size a power of two >= 16; the rows (q_tile x group) are padded to >= 16.
+block_size a power of two >= 16; the rows (q_tile x group) are padded to >= 16. A K or V tile
+must fit shared memory and the scores of 16 rows registers (:func:`gpu_supports`); other
+shapes run the XLA path on GPU.
 """
 
 from __future__ import annotations
@@ -26,7 +28,21 @@ from ...paged.planner import DEFAULT_SMS, num_kv_splits
 from .._vma import out_struct
 
 
-def gpu_supports(*, head_dim: int, block_size: int, **_) -> tuple[bool, str]:
+def _register_elems(dtype) -> int:
+    """f32 elements a program keeps per row-block in registers before spilling at 4 warps:
+    the kernel compiled for sm_90 held 64 x 128 bf16 q/accumulator rows in 165 registers and
+    spilled 240 bytes at 128 x 128; 32 x 128 float32 rows spilled 72."""
+    return 2048 if jnp.dtype(dtype) == jnp.float32 else 8192
+
+
+#: Largest (block_size x head_dim) K or V tile a loop step loads, in bytes, by element size:
+#: Triton stages K and V in shared memory (two pipeline stages). Compiled for sm_90, bf16
+#: head_dim 256 x block 256 asks 400 KiB (an H100 has 227 KiB); float32 64 x 128 spills 1.5 KB.
+MAX_TILE_BYTES = {2: 32 * 1024, 4: 16 * 1024}
+
+
+def gpu_supports(*, head_dim: int, block_size: int, dtype: str = "float32",
+                 **_) -> tuple[bool, str]:
     def pow2(n):
         return n >= 16 and n & (n - 1) == 0
 
@@ -34,15 +50,23 @@ def gpu_supports(*, head_dim: int, block_size: int, **_) -> tuple[bool, str]:
         return False, f"head_dim {head_dim} is not a power of two in [16, 256] (Triton tiles)"
     if not pow2(block_size):
         return False, f"block_size {block_size} is not a power of two >= 16 (Triton dots)"
+    size = jnp.dtype(dtype).itemsize
+    tile, cap = block_size * head_dim * size, MAX_TILE_BYTES[size]
+    if tile > cap:
+        return False, (f"a block_size {block_size} x head_dim {head_dim} {dtype} KV tile is "
+                       f"{tile // 1024} KiB, over the {cap // 1024} KiB that fit shared memory "
+                       f"and registers (Triton)")
+    if 16 * block_size > _register_elems(dtype):  # 16 rows of scores, the fewest a dot takes
+        return False, (f"block_size {block_size} is over {_register_elems(dtype) // 16} for "
+                       f"{dtype}: 16 rows of scores would spill registers (Triton)")
     return True, ""
 
 
-def gpu_q_tile(head_dim: int, group: int, dtype) -> int:
-    """Most query tokens per program: a program holds its rows (q_tile x group) of q and of the
-    f32 accumulator in registers, which spill past ~8192 elements for 16-bit inputs and ~2048
-    for float32 at 4 warps (the kernel compiled for sm_90: 64 x 128 bf16 rows take 165
-    registers, 128 x 128 spill 240 bytes; 32 x 128 f32 spill 72)."""
-    budget = (2048 if jnp.dtype(dtype) == jnp.float32 else 8192) // head_dim
+def gpu_q_tile(head_dim: int, group: int, dtype, block_size: int = 16) -> int:
+    """Most query tokens per program: a program holds its rows (q_tile x group) of q, of the
+    f32 accumulator (rows x head_dim) and of the scores of one block (rows x block_size) in
+    registers, at most _register_elems(dtype) of either."""
+    budget = _register_elems(dtype) // max(head_dim, block_size)
     return max(1, max(16, budget) // group)
 
 
@@ -157,7 +181,7 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     # for up to 256 tokens per prefix tile
     if q_tile is None:
         q_tile = _xla.choose_tiling(num_tokens, num_seqs, decode, block_size)[0]
-    q_tile = min(q_tile, gpu_q_tile(head_dim, group, q.dtype))
+    q_tile = min(q_tile, gpu_q_tile(head_dim, group, q.dtype, block_size))
     tq, nt, _ = _xla.choose_tiling(num_tokens, num_seqs, decode, block_size, q_tile=q_tile)
     rows = tq * group
     rows_pad = max(16, 1 << (rows - 1).bit_length())
