@@ -19,11 +19,40 @@ pytestmark = pytest.mark.skipif(PLATFORM not in ("tpu", "gpu", "cuda", "rocm"),
                                 reason=f"no accelerator (default backend {PLATFORM})")
 
 
+def _kernel_call() -> str | None:
+    """The custom call a compiled Pallas attention kernel lowers to: Mosaic on TPU, Triton on
+    CUDA (jax/_src/pallas/triton/pallas_call_registration.py); None on ROCm, where no Pallas
+    backend is registered and the XLA composite runs."""
+    if PLATFORM == "tpu":
+        return "tpu_custom_call"
+    version = str(getattr(jax.devices()[0].client, "platform_version", "")).lower()
+    return None if "rocm" in version or "hip" in version else "__gpu$xla.gpu.triton"
+
+
+def _run_kernel(fn, *args):
+    """fn compiled and run on args, after checking that its lowering calls the Pallas kernel:
+    a fallback to the XLA composite would pass every comparison."""
+    lowered = jax.jit(fn).lower(*args)
+    call = _kernel_call()
+    if call is not None:
+        assert call in lowered.as_text(), f"no {call} in the lowering: Pallas kernel not run"
+    return lowered.compile()(*args)
+
+
 def _close(got, want, dtype):
     atol, rtol = ATTENTION_TOLERANCE[dtype]
     got = np.asarray(jnp.asarray(got, jnp.float32))
     assert not np.isnan(got).any()
     np.testing.assert_allclose(got, np.asarray(want, np.float32), atol=atol, rtol=rtol)
+
+
+def _check_paged_attention(batch, dtype, **kw):
+    """The kernel's out and lse against the reference on one batch."""
+    args = [None if a is None else jnp.asarray(a) for a in batch.args()]
+    got, lse = _run_kernel(lambda *a: jf.paged_attention(*a, return_lse=True, **kw), *args)
+    want, want_lse = ref.paged_attention_reference(*batch.args(), return_lse=True, **kw)
+    _close(got, want, dtype)
+    testing.assert_lse_close(np.asarray(lse), want_lse)
 
 
 @pytest.mark.parametrize("grid", testing.GRID_NAMES)
@@ -32,9 +61,22 @@ def test_paged_attention_on_device(grid, dtype):
     rng = np.random.default_rng(0)
     batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, 16), num_q_heads=16,
                                       num_kv_heads=4, head_dim=128, block_size=16, dtype=dtype)
-    args = [None if a is None else jnp.asarray(a) for a in batch.args()]
-    got = jax.jit(lambda *a: jf.paged_attention(*a, logits_soft_cap=30.0))(*args)
-    _close(got, ref.paged_attention_reference(*batch.args(), logits_soft_cap=30.0), dtype)
+    _check_paged_attention(batch, dtype, logits_soft_cap=30.0)
+
+
+#: (dtype, block_size) beyond the grid above: float16, and bfloat16 in 64-token blocks
+DTYPE_BLOCK_CASES = [("float16", 16), ("bfloat16", 64)]
+
+
+@pytest.mark.parametrize("grid", ["decode", "mixed"])
+@pytest.mark.parametrize("dtype,block_size", DTYPE_BLOCK_CASES,
+                         ids=[f"{d}-b{b}" for d, b in DTYPE_BLOCK_CASES])
+def test_paged_attention_dtypes_and_block_sizes_on_device(dtype, block_size, grid):
+    rng = np.random.default_rng(4)
+    batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, block_size), num_q_heads=16,
+                                      num_kv_heads=4, head_dim=128, block_size=block_size,
+                                      dtype=dtype)
+    _check_paged_attention(batch, dtype, sliding_window=2 * block_size + 3)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
@@ -44,17 +86,15 @@ def test_paged_attention_few_long_sequences_on_device(dtype):
     batch = testing.make_ragged_batch(rng, [(1, 3000), (1, 4100), (1, 77)], num_q_heads=16,
                                       num_kv_heads=4, head_dim=128, block_size=16,
                                       dtype=dtype, decode=True)
-    args = [jnp.asarray(a) for a in batch.args()[:5]]
-    got = jax.jit(lambda *a: jf.paged_attention(*a, sliding_window=2500))(*args)
-    _close(got, ref.paged_attention_reference(*batch.args(), sliding_window=2500), dtype)
+    _check_paged_attention(batch, dtype, sliding_window=2500)
 
 
 def test_shared_prefix_on_device():
     rng = np.random.default_rng(1)
     batch = testing.make_shared_prefix_batch(rng, [3, 1], [(0, 1, 5), (1, 1, 17), (-1, 1, 3)],
                                              num_q_heads=16, num_kv_heads=4, head_dim=128)
-    got = jax.jit(jf.shared_prefix_attention)(*[None if a is None else jnp.asarray(a)
-                                                for a in batch.args()])
+    got = _run_kernel(jf.shared_prefix_attention,
+                      *[None if a is None else jnp.asarray(a) for a in batch.args()])
     _close(got, ref.shared_prefix_attention_reference(*batch.args()), "float32")
 
 
