@@ -274,6 +274,19 @@ def test_paged_attention_gpu_kernel_lowers_for_cuda(dtype, head_dim, block_size,
     assert ("xla.gpu.triton" in _export_for_h100(fn, args)) == pallas  # the frontend's choice
 
 
+def test_xla_backend_exports_for_several_platforms_at_once():
+    """docs/ops.md: with backend="xla" one export serves CUDA and TPU (the Pallas kernels
+    inside platform_dependent would be lowered for every platform listed; CPU in the list needs
+    PREFIXKV_DISABLE_CPU_FFI=1, see there)."""
+    S = jax.ShapeDtypeStruct
+    args = (S((4, 16, 128), jnp.bfloat16), S((64, 16, 4, 128), jnp.bfloat16),
+            S((64, 16, 4, 128), jnp.bfloat16), S((4, 8), jnp.int32), S((4,), jnp.int32))
+    fn = jax.jit(lambda *a: jf.paged_attention(*a, backend="xla"))
+    exp = jax.export.export(fn, platforms=["cuda", "tpu"])(*args)
+    assert exp.platforms == ("cuda", "tpu")
+    assert "xla.gpu.triton" not in exp.mlir_module()
+
+
 def _export_for_h100(fn, args) -> str:
     """StableHLO of ``fn`` exported for CUDA. Pallas' Triton lowering asks the device for its
     compute capability; with no GPU here (jax >= 0.11 refuses to guess) an abstract H100
