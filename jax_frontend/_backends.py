@@ -28,9 +28,13 @@ REGISTRIES: dict[str, Registry] = {op: Registry(op) for op in OPS}
 ALL_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
-def attention_context(dims) -> dict:
+def attention_context(dims, table_entries: int | None = None) -> dict:
+    """What backends' ``supports`` see of an attention call: shapes and dtype, and the most
+    block-table entries one kernel call reads (``table_entries``, default the batch's)."""
+    entries = dims.num_seqs * dims.max_blocks_per_seq if table_entries is None else table_entries
     return dict(dtype=dims.dtype, head_dim=dims.head_dim, block_size=dims.block_size,
-                num_q_heads=dims.num_q_heads, num_kv_heads=dims.num_kv_heads)
+                num_q_heads=dims.num_q_heads, num_kv_heads=dims.num_kv_heads,
+                table_entries=int(entries))
 
 
 def cache_context(caches) -> dict:

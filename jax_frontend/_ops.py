@@ -159,7 +159,8 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     dims = sdims.attention
     config = dict(scale=dims.scale,
                   logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))
-    context = _backends.attention_context(dims)
+    context = _backends.attention_context(dims, max(
+        dims.num_seqs * dims.max_blocks_per_seq, sdims.num_prefixes * sdims.max_prefix_blocks))
 
     def call(impl):
         return impl(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,

@@ -9,8 +9,9 @@ import pytest
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
+from prefixkv.jax_frontend import _backends  # noqa: E402
 from prefixkv.paged import reference as ref  # noqa: E402
-from prefixkv.paged import testing  # noqa: E402
+from prefixkv.paged import testing, validate  # noqa: E402
 
 from prefixkv import jax_frontend as jf  # noqa: E402
 
@@ -185,6 +186,27 @@ def test_tpu_backend_refuses_untileable_shapes():
         jf.paged_attention(*batch.args(), backend=BACKEND)
     assert pa.tpu_supports(head_dim=128, block_size=12) == (
         False, "block_size 12 is not a multiple of 8 (Mosaic tiling)")
+
+
+def test_tpu_backend_refuses_block_tables_over_its_smem_share():
+    """The TPU kernel prefetches the block table into SMEM (1 MiB a core): 64 sequences of 64k
+    tokens in 16-token blocks need 1 MiB of table, so the XLA path runs instead; the same
+    batch in 64-token blocks fits. Shared-prefix calls count the larger of their two tables."""
+    S = jax.ShapeDtypeStruct
+
+    def why(num_seqs, max_blocks, block_size, op="paged_attention", **more):
+        return jf.explain_backends(op, "tpu", **_backends.attention_context(
+            validate.check_paged_attention(
+                S((num_seqs, 8, 128), jnp.bfloat16), S((64, block_size, 2, 128), jnp.bfloat16),
+                S((64, block_size, 2, 128), jnp.bfloat16), S((num_seqs, max_blocks), jnp.int32),
+                S((num_seqs,), jnp.int32)), **more))
+
+    assert why(64, 4096, 16)["pallas_tpu"] == (
+        "a block table of 262144 entries (1024 KiB) is over the 512 KiB of SMEM it may take "
+        "(fewer sequences per call, or larger blocks)")
+    assert why(64, 1024, 64)["pallas_tpu"] == "ok"
+    assert why(4, 8, 16, "shared_prefix_attention",
+               table_entries=200_000)["pallas_tpu"].startswith("a block table of 200000")
 
 
 # ------------------------------------------------------- GPU (Triton-lowered) paged attention

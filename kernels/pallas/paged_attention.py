@@ -84,13 +84,25 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
                                  -jnp.inf)
 
 
-def tpu_supports(*, head_dim: int, block_size: int, **_) -> tuple[bool, str]:
+#: Bytes of block table the kernel may scalar-prefetch into SMEM: half of the 1 MiB a TPU core
+#: has up to v6e, the rest left to the tile metadata (vLLM's TPU backend keeps the same margin,
+#: vllm #16871; a bigger prefetched table fails to compile with RESOURCE_EXHAUSTED).
+MAX_SMEM_TABLE_BYTES = 512 * 1024
+
+
+def tpu_supports(*, head_dim: int, block_size: int, table_entries: int = 0,
+                 **_) -> tuple[bool, str]:
     """Shapes the Mosaic kernel lowers for: one kv head of a block is a (block_size, head_dim)
-    tile, which Mosaic wants as multiples of (8, 128)."""
+    tile, which Mosaic wants as multiples of (8, 128); the block table, prefetched into SMEM,
+    within MAX_SMEM_TABLE_BYTES."""
     if head_dim % 128:
         return False, f"head_dim {head_dim} is not a multiple of 128 (Mosaic tiling)"
     if block_size % 8:
         return False, f"block_size {block_size} is not a multiple of 8 (Mosaic tiling)"
+    if 4 * table_entries > MAX_SMEM_TABLE_BYTES:
+        return False, (f"a block table of {table_entries} entries ({4 * table_entries // 1024} "
+                       f"KiB) is over the {MAX_SMEM_TABLE_BYTES // 1024} KiB of SMEM it may "
+                       f"take (fewer sequences per call, or larger blocks)")
     return True, ""
 
 
