@@ -53,13 +53,26 @@ def _run_value_checks(*index_arrays) -> bool:
     return validate.value_checks_enabled(host_inputs=_on_host(*index_arrays))
 
 
-def _current_platform() -> str:
-    """The default backend as the registry names platforms ("cpu", "cuda", "rocm", "tpu")."""
-    plat = jax.default_backend()
-    if plat == "gpu":
-        version = str(getattr(jax.devices()[0].client, "platform_version", "")).lower()
+def _current_platform(operands=()) -> str:
+    """Where an eager call runs, as the registry names platforms ("cpu", "cuda", "rocm",
+    "tpu"): the device of its first JAX array operand, else jax's default device."""
+    device = None
+    for x in jax.tree_util.tree_leaves(operands):
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            try:
+                device = next(iter(x.devices()))
+                break
+            except Exception:  # noqa: BLE001 - a deleted array: decide by the default
+                continue
+    if device is None:
+        default = jax.config.jax_default_device
+        if isinstance(default, str):
+            return "cuda" if default == "gpu" else default
+        device = default if default is not None else jax.devices()[0]
+    if device.platform == "gpu":
+        version = str(getattr(device.client, "platform_version", "")).lower()
         return "rocm" if "rocm" in version or "hip" in version else "cuda"
-    return plat
+    return device.platform
 
 
 def _dispatch(op: str, backend: str | None, context: dict, call, operands=()):
@@ -72,7 +85,7 @@ def _dispatch(op: str, backend: str | None, context: dict, call, operands=()):
     """
     reg = _backends.REGISTRIES[op]
     if reg.requested(backend) is not None or not _is_traced(*operands):
-        chosen = reg.select(_current_platform(), backend, **context)
+        chosen = reg.select(_current_platform(operands), backend, **context)
         return call(chosen.load())
     default = reg.select("cpu", **context).load()
     branches = {}

@@ -86,6 +86,21 @@ def test_paged_attention_under_jit_and_platform_dispatch():
     _close(got, ref.paged_attention_reference(*batch.args(), sliding_window=9), "float32")
 
 
+def test_eager_calls_run_where_their_arrays_are(monkeypatch):
+    """On a GPU host, eager calls on arrays committed to the CPU take the CPU backends (the
+    default backend's kernel would not lower there); numpy inputs follow the default device."""
+    from types import SimpleNamespace
+
+    from prefixkv.jax_frontend import _ops
+
+    gpu = SimpleNamespace(platform="gpu", client=SimpleNamespace(platform_version="cuda 13.0"))
+    monkeypatch.setattr(jax, "devices", lambda *a: [gpu])
+    assert _ops._current_platform((np.ones(2), jnp.ones(2))) == "cpu"
+    assert _ops._current_platform((np.ones(2),)) == "cuda"
+    gpu.client.platform_version = "rocm 6.4"
+    assert _ops._current_platform(()) == "rocm"
+
+
 def test_paged_attention_non_contiguous_block_table():
     rng = np.random.default_rng(7)
     batch = testing.make_ragged_batch(rng, testing.seq_grid("prefill_with_prefix", 16))
