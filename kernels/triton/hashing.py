@@ -43,9 +43,13 @@ def _g(a, b, c, d, mx, my):
 @triton.jit
 def _compress(v0, v1, v2, v3, v4, v5, v6, v7,
               m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15,
-              BLOCK_LEN: tl.constexpr, FLAGS: tl.constexpr):
+              block_len, flags):
     """BLAKE3 compression with counter 0: chaining value v0..v7 (uint32 lanes), message
-    m0..m15 -> the new chaining value (8 uint32 lanes)."""
+    m0..m15, block_len and flags (uint32) -> the new chaining value (8 uint32 lanes).
+
+    The 7 rounds are a loop (not unrolled: one copy of the round is what Triton compiles;
+    unrolled chains took minutes to compile for 128-token blocks), permuting the message
+    between rounds (after the last too, unused)."""
     zero = v0 * 0
     v8 = zero + 0x6A09E667
     v9 = zero + 0xBB67AE85
@@ -53,86 +57,36 @@ def _compress(v0, v1, v2, v3, v4, v5, v6, v7,
     v11 = zero + 0xA54FF53A
     v12 = zero
     v13 = zero
-    v14 = zero + BLOCK_LEN
-    v15 = zero + FLAGS
-    # round 0
-    v0, v4, v8, v12 = _g(v0, v4, v8, v12, m0, m1)
-    v1, v5, v9, v13 = _g(v1, v5, v9, v13, m2, m3)
-    v2, v6, v10, v14 = _g(v2, v6, v10, v14, m4, m5)
-    v3, v7, v11, v15 = _g(v3, v7, v11, v15, m6, m7)
-    v0, v5, v10, v15 = _g(v0, v5, v10, v15, m8, m9)
-    v1, v6, v11, v12 = _g(v1, v6, v11, v12, m10, m11)
-    v2, v7, v8, v13 = _g(v2, v7, v8, v13, m12, m13)
-    v3, v4, v9, v14 = _g(v3, v4, v9, v14, m14, m15)
-    # round 1
-    v0, v4, v8, v12 = _g(v0, v4, v8, v12, m2, m6)
-    v1, v5, v9, v13 = _g(v1, v5, v9, v13, m3, m10)
-    v2, v6, v10, v14 = _g(v2, v6, v10, v14, m7, m0)
-    v3, v7, v11, v15 = _g(v3, v7, v11, v15, m4, m13)
-    v0, v5, v10, v15 = _g(v0, v5, v10, v15, m1, m11)
-    v1, v6, v11, v12 = _g(v1, v6, v11, v12, m12, m5)
-    v2, v7, v8, v13 = _g(v2, v7, v8, v13, m9, m14)
-    v3, v4, v9, v14 = _g(v3, v4, v9, v14, m15, m8)
-    # round 2
-    v0, v4, v8, v12 = _g(v0, v4, v8, v12, m3, m4)
-    v1, v5, v9, v13 = _g(v1, v5, v9, v13, m10, m12)
-    v2, v6, v10, v14 = _g(v2, v6, v10, v14, m13, m2)
-    v3, v7, v11, v15 = _g(v3, v7, v11, v15, m7, m14)
-    v0, v5, v10, v15 = _g(v0, v5, v10, v15, m6, m5)
-    v1, v6, v11, v12 = _g(v1, v6, v11, v12, m9, m0)
-    v2, v7, v8, v13 = _g(v2, v7, v8, v13, m11, m15)
-    v3, v4, v9, v14 = _g(v3, v4, v9, v14, m8, m1)
-    # round 3
-    v0, v4, v8, v12 = _g(v0, v4, v8, v12, m10, m7)
-    v1, v5, v9, v13 = _g(v1, v5, v9, v13, m12, m9)
-    v2, v6, v10, v14 = _g(v2, v6, v10, v14, m14, m3)
-    v3, v7, v11, v15 = _g(v3, v7, v11, v15, m13, m15)
-    v0, v5, v10, v15 = _g(v0, v5, v10, v15, m4, m0)
-    v1, v6, v11, v12 = _g(v1, v6, v11, v12, m11, m2)
-    v2, v7, v8, v13 = _g(v2, v7, v8, v13, m5, m8)
-    v3, v4, v9, v14 = _g(v3, v4, v9, v14, m1, m6)
-    # round 4
-    v0, v4, v8, v12 = _g(v0, v4, v8, v12, m12, m13)
-    v1, v5, v9, v13 = _g(v1, v5, v9, v13, m9, m11)
-    v2, v6, v10, v14 = _g(v2, v6, v10, v14, m15, m10)
-    v3, v7, v11, v15 = _g(v3, v7, v11, v15, m14, m8)
-    v0, v5, v10, v15 = _g(v0, v5, v10, v15, m7, m2)
-    v1, v6, v11, v12 = _g(v1, v6, v11, v12, m5, m3)
-    v2, v7, v8, v13 = _g(v2, v7, v8, v13, m0, m1)
-    v3, v4, v9, v14 = _g(v3, v4, v9, v14, m6, m4)
-    # round 5
-    v0, v4, v8, v12 = _g(v0, v4, v8, v12, m9, m14)
-    v1, v5, v9, v13 = _g(v1, v5, v9, v13, m11, m5)
-    v2, v6, v10, v14 = _g(v2, v6, v10, v14, m8, m12)
-    v3, v7, v11, v15 = _g(v3, v7, v11, v15, m15, m1)
-    v0, v5, v10, v15 = _g(v0, v5, v10, v15, m13, m3)
-    v1, v6, v11, v12 = _g(v1, v6, v11, v12, m0, m10)
-    v2, v7, v8, v13 = _g(v2, v7, v8, v13, m2, m6)
-    v3, v4, v9, v14 = _g(v3, v4, v9, v14, m4, m7)
-    # round 6
-    v0, v4, v8, v12 = _g(v0, v4, v8, v12, m11, m15)
-    v1, v5, v9, v13 = _g(v1, v5, v9, v13, m5, m0)
-    v2, v6, v10, v14 = _g(v2, v6, v10, v14, m1, m9)
-    v3, v7, v11, v15 = _g(v3, v7, v11, v15, m8, m6)
-    v0, v5, v10, v15 = _g(v0, v5, v10, v15, m14, m10)
-    v1, v6, v11, v12 = _g(v1, v6, v11, v12, m2, m12)
-    v2, v7, v8, v13 = _g(v2, v7, v8, v13, m3, m4)
-    v3, v4, v9, v14 = _g(v3, v4, v9, v14, m7, m13)
+    v14 = zero + block_len
+    v15 = zero + flags
+    for _ in range(7):
+        v0, v4, v8, v12 = _g(v0, v4, v8, v12, m0, m1)
+        v1, v5, v9, v13 = _g(v1, v5, v9, v13, m2, m3)
+        v2, v6, v10, v14 = _g(v2, v6, v10, v14, m4, m5)
+        v3, v7, v11, v15 = _g(v3, v7, v11, v15, m6, m7)
+        v0, v5, v10, v15 = _g(v0, v5, v10, v15, m8, m9)
+        v1, v6, v11, v12 = _g(v1, v6, v11, v12, m10, m11)
+        v2, v7, v8, v13 = _g(v2, v7, v8, v13, m12, m13)
+        v3, v4, v9, v14 = _g(v3, v4, v9, v14, m14, m15)
+        # the message permutation (2, 6, 3, 10, 7, 0, 4, 13, 1, 11, 12, 5, 9, 14, 15, 8)
+        m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15 = (
+            m2, m6, m3, m10, m7, m0, m4, m13, m1, m11, m12, m5, m9, m14, m15, m8)
     return (v0 ^ v8, v1 ^ v9, v2 ^ v10, v3 ^ v11, v4 ^ v12, v5 ^ v13, v6 ^ v14, v7 ^ v15)
 
 
 @triton.jit
-def _word(tok_ptr, base, ext_ptr, row, active, W: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+def _word(tok_ptr, base, ext_ptr, row, active, w, BLOCK_SIZE: tl.constexpr,
           HAS_EXTRA: tl.constexpr):
-    """Message word W >= 8 of each lane's block: a token, an extra word or zero padding."""
-    if W < 8 + BLOCK_SIZE:
-        r = tl.load(tok_ptr + base + (W - 8), mask=active, other=0).to(tl.uint32, bitcast=True)
-    elif HAS_EXTRA and W < 12 + BLOCK_SIZE:
-        r = tl.load(ext_ptr + row * 4 + (W - 8 - BLOCK_SIZE), mask=active,
-                    other=0).to(tl.uint32, bitcast=True)
-    else:
-        r = (base * 0).to(tl.uint32, bitcast=True)
-    return r
+    """Message word w (runtime, >= 0) of each lane's block past the parent chain value: a
+    token (8 <= w < 8 + BLOCK_SIZE), an extra word (the next 4) or zero padding."""
+    t = w - 8
+    in_tok = active & (t >= 0) & (t < BLOCK_SIZE)
+    r = tl.load(tok_ptr + base + t, mask=in_tok, other=0)
+    if HAS_EXTRA:
+        e = t - BLOCK_SIZE
+        in_ext = active & (e >= 0) & (e < 4)
+        r = tl.where(in_ext, tl.load(ext_ptr + row * 4 + e, mask=in_ext, other=0), r)
+    return r.to(tl.uint32, bitcast=True)
 
 
 @triton.jit
@@ -170,41 +124,43 @@ def _hash_blocks_kernel(tok_ptr, cu_ptr, boff_ptr, parent_ptr, ext_ptr, key_ptr,
         active = i < nb
         base = start + i * BLOCK_SIZE
         row = boff + i
-        # first 64-byte block of the message: parent chain value + 8 words
-        f0: tl.constexpr = KEYED_HASH | CHUNK_START | ((CHUNK_END | ROOT) if NBLK == 1 else 0)
-        l0: tl.constexpr = LAST_LEN if NBLK == 1 else 64
-        c0, c1, c2, c3, c4, c5, c6, c7 = _compress(
-            k0, k1, k2, k3, k4, k5, k6, k7, h0, h1, h2, h3, h4, h5, h6, h7,
-            _word(tok_ptr, base, ext_ptr, row, active, 8, BLOCK_SIZE, HAS_EXTRA),
-            _word(tok_ptr, base, ext_ptr, row, active, 9, BLOCK_SIZE, HAS_EXTRA),
-            _word(tok_ptr, base, ext_ptr, row, active, 10, BLOCK_SIZE, HAS_EXTRA),
-            _word(tok_ptr, base, ext_ptr, row, active, 11, BLOCK_SIZE, HAS_EXTRA),
-            _word(tok_ptr, base, ext_ptr, row, active, 12, BLOCK_SIZE, HAS_EXTRA),
-            _word(tok_ptr, base, ext_ptr, row, active, 13, BLOCK_SIZE, HAS_EXTRA),
-            _word(tok_ptr, base, ext_ptr, row, active, 14, BLOCK_SIZE, HAS_EXTRA),
-            _word(tok_ptr, base, ext_ptr, row, active, 15, BLOCK_SIZE, HAS_EXTRA),
-            l0, f0)
-        for j in tl.static_range(1, NBLK):
+        # the message's 64-byte blocks in a loop: block 0 opens with the parent chain value,
+        # the last one is the chunk's end and the root
+        c0, c1, c2, c3, c4, c5, c6, c7 = k0, k1, k2, k3, k4, k5, k6, k7
+        lane = zero  # uint32 zeros, one per lane
+        for j in range(NBLK):
+            first = j == 0
+            last = j == NBLK - 1
+            w = 16 * j
             c0, c1, c2, c3, c4, c5, c6, c7 = _compress(
                 c0, c1, c2, c3, c4, c5, c6, c7,
-                _word(tok_ptr, base, ext_ptr, row, active, 16 * j + 0, BLOCK_SIZE, HAS_EXTRA),
-                _word(tok_ptr, base, ext_ptr, row, active, 16 * j + 1, BLOCK_SIZE, HAS_EXTRA),
-                _word(tok_ptr, base, ext_ptr, row, active, 16 * j + 2, BLOCK_SIZE, HAS_EXTRA),
-                _word(tok_ptr, base, ext_ptr, row, active, 16 * j + 3, BLOCK_SIZE, HAS_EXTRA),
-                _word(tok_ptr, base, ext_ptr, row, active, 16 * j + 4, BLOCK_SIZE, HAS_EXTRA),
-                _word(tok_ptr, base, ext_ptr, row, active, 16 * j + 5, BLOCK_SIZE, HAS_EXTRA),
-                _word(tok_ptr, base, ext_ptr, row, active, 16 * j + 6, BLOCK_SIZE, HAS_EXTRA),
-                _word(tok_ptr, base, ext_ptr, row, active, 16 * j + 7, BLOCK_SIZE, HAS_EXTRA),
-                _word(tok_ptr, base, ext_ptr, row, active, 16 * j + 8, BLOCK_SIZE, HAS_EXTRA),
-                _word(tok_ptr, base, ext_ptr, row, active, 16 * j + 9, BLOCK_SIZE, HAS_EXTRA),
-                _word(tok_ptr, base, ext_ptr, row, active, 16 * j + 10, BLOCK_SIZE, HAS_EXTRA),
-                _word(tok_ptr, base, ext_ptr, row, active, 16 * j + 11, BLOCK_SIZE, HAS_EXTRA),
-                _word(tok_ptr, base, ext_ptr, row, active, 16 * j + 12, BLOCK_SIZE, HAS_EXTRA),
-                _word(tok_ptr, base, ext_ptr, row, active, 16 * j + 13, BLOCK_SIZE, HAS_EXTRA),
-                _word(tok_ptr, base, ext_ptr, row, active, 16 * j + 14, BLOCK_SIZE, HAS_EXTRA),
-                _word(tok_ptr, base, ext_ptr, row, active, 16 * j + 15, BLOCK_SIZE, HAS_EXTRA),
-                64 + (LAST_LEN - 64) * (j == NBLK - 1),
-                KEYED_HASH + (CHUNK_END + ROOT) * (j == NBLK - 1))
+                tl.where(first, h0, _word(tok_ptr, base, ext_ptr, row, active, w + 0,
+                                          BLOCK_SIZE, HAS_EXTRA)),
+                tl.where(first, h1, _word(tok_ptr, base, ext_ptr, row, active, w + 1,
+                                          BLOCK_SIZE, HAS_EXTRA)),
+                tl.where(first, h2, _word(tok_ptr, base, ext_ptr, row, active, w + 2,
+                                          BLOCK_SIZE, HAS_EXTRA)),
+                tl.where(first, h3, _word(tok_ptr, base, ext_ptr, row, active, w + 3,
+                                          BLOCK_SIZE, HAS_EXTRA)),
+                tl.where(first, h4, _word(tok_ptr, base, ext_ptr, row, active, w + 4,
+                                          BLOCK_SIZE, HAS_EXTRA)),
+                tl.where(first, h5, _word(tok_ptr, base, ext_ptr, row, active, w + 5,
+                                          BLOCK_SIZE, HAS_EXTRA)),
+                tl.where(first, h6, _word(tok_ptr, base, ext_ptr, row, active, w + 6,
+                                          BLOCK_SIZE, HAS_EXTRA)),
+                tl.where(first, h7, _word(tok_ptr, base, ext_ptr, row, active, w + 7,
+                                          BLOCK_SIZE, HAS_EXTRA)),
+                _word(tok_ptr, base, ext_ptr, row, active, w + 8, BLOCK_SIZE, HAS_EXTRA),
+                _word(tok_ptr, base, ext_ptr, row, active, w + 9, BLOCK_SIZE, HAS_EXTRA),
+                _word(tok_ptr, base, ext_ptr, row, active, w + 10, BLOCK_SIZE, HAS_EXTRA),
+                _word(tok_ptr, base, ext_ptr, row, active, w + 11, BLOCK_SIZE, HAS_EXTRA),
+                _word(tok_ptr, base, ext_ptr, row, active, w + 12, BLOCK_SIZE, HAS_EXTRA),
+                _word(tok_ptr, base, ext_ptr, row, active, w + 13, BLOCK_SIZE, HAS_EXTRA),
+                _word(tok_ptr, base, ext_ptr, row, active, w + 14, BLOCK_SIZE, HAS_EXTRA),
+                _word(tok_ptr, base, ext_ptr, row, active, w + 15, BLOCK_SIZE, HAS_EXTRA),
+                tl.where(last, lane + LAST_LEN, lane + 64),
+                lane + KEYED_HASH + tl.where(first, lane + CHUNK_START, lane)
+                + tl.where(last, lane + (CHUNK_END + ROOT), lane))
         h0, h1, h2, h3, h4, h5, h6, h7 = c0, c1, c2, c3, c4, c5, c6, c7
         o = out_ptr + row * 8
         tl.store(o + 0, h0.to(tl.int32, bitcast=True), mask=active)
