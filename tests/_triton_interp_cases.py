@@ -119,6 +119,12 @@ def test_cache_kernels_exact(dtype):
     tcache.scatter_blocks(caches := [tk, tv], T(new), T(sids))
     for g, w in zip(caches, want_s, strict=True):
         np.testing.assert_array_equal(N(g), w.astype(np.float64))
+    none = T(np.zeros(0, np.int32))  # empty id lists: nothing to do, no error
+    tcache.gather_blocks(torch.empty((0, 2, 4, 3, 6), dtype=TD[dtype]), [tk, tv], none)
+    tcache.scatter_blocks([tk, tv], torch.empty((0, 2, 4, 3, 6), dtype=TD[dtype]), none)
+    tcache.copy_blocks([tk, tv], none, none)
+    for g, w in zip(caches, want_s, strict=True):
+        np.testing.assert_array_equal(N(g), w.astype(np.float64))
 
 
 # ------------------------------------------------- workspace: a call that allocates nothing

@@ -110,6 +110,37 @@ def test_device_code_path_runs_on_cpu(case, monkeypatch):
     assert N(kc).tobytes() == N(T(wk)).tobytes()
 
 
+@pytest.mark.parametrize("hkv,max_kv", [(8, 8192), (1, 32768), (4, 1024)])
+def test_gpu_workspace_sized_for_the_largest_batch_serves_every_smaller_one(hkv, max_kv):
+    """attention_workspace_size on meta tensors (no GPU) for 256 decode sequences covers what
+    the Triton backend carves for every batch of 1..256 sequences: smaller batches split long
+    contexts more (2 sequences x 16 splits of partials against 256 x 1)."""
+    pytest.importorskip("triton")
+    from prefixkv.kernels.triton import attention as tattn
+
+    def meta(*shape, dtype=torch.bfloat16):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    k = meta(4096, 16, hkv, 128)
+    sized = tf.attention_workspace_size(meta(256, 32, 128), k, meta(256, max_kv // 16,
+                                                                    dtype=torch.int32))
+    need = []
+    for n in range(1, 257):
+        q, tables = meta(n, 32, 128), meta(n, max_kv // 16, dtype=torch.int32)
+        plan = tattn._split_plan(q, tattn._splits(q, k, tables, True)) + tattn._lse_plan(q, True)
+        need.append(tattn._plan_bytes(plan))
+    assert max(need) <= sized
+    if max_kv >= 8192:
+        assert max(need) > need[-1]  # the largest batch alone would have been too small
+    pbt = meta(3, 64, dtype=torch.int32)  # the cascade's own part splits the same way
+    sized = tf.attention_workspace_size(meta(256, 32, 128), k, meta(256, max_kv // 16,
+                                        dtype=torch.int32), prefix_block_tables=pbt)
+    for n in (1, 2, 16, 256):
+        q, tables = meta(n, 32, 128), meta(n, max_kv // 16, dtype=torch.int32)
+        assert tattn._plan_bytes(tattn._shared_plan(q, k, pbt, tables, None,
+                                                    with_lse=True)) <= sized
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_workspace_accepted_on_the_cpu_path(shared):
     """The CPU path needs no workspace (size 0) but takes one, with or without out=/lse=; the

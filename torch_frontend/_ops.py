@@ -299,12 +299,15 @@ def attention_workspace_size(q, k_cache, block_tables, cu_q_lens=None, *,
                              prefix_block_tables=None, backend=None) -> int:
     """Bytes of the ``workspace=`` with which paged_attention (or shared_prefix_attention, when
     ``prefix_block_tables`` is given) on these shapes allocates nothing: 0 for a backend that
-    uses none (the CPU path). From shapes and the device only (meta tensors work); a batch
-    with more tokens, sequences or prefixes may need more, so size it for the largest one
-    (e.g. every CUDA-graph batch size) and reuse it across layers and steps.
+    uses none (the CPU path). From shapes and the device only: tensors on the "meta" device
+    size for the current CUDA device. The size serves this batch and every smaller one with
+    the same heads and block-table width (a smaller decode batch splits long contexts more),
+    so size it once for the largest batch (e.g. the largest CUDA-graph batch size) and reuse it
+    across layers and steps.
     """
     op = "paged_attention" if prefix_block_tables is None else "shared_prefix_attention"
-    fn = select(op, platform_of(q), backend)
+    platform = platform_of(q)
+    fn = select(op, "cuda" if platform == "meta" else platform, backend)
     size = getattr(sys.modules[fn.__module__], f"{op}_workspace_bytes", None)
     if size is None:
         return 0

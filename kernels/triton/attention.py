@@ -54,17 +54,20 @@ def _paged_attention_kernel(
         stride_kb, stride_kt, stride_kh, stride_kd,
         stride_vb, stride_vt, stride_vh, stride_vd,
         stride_tab, stride_ot, stride_oh, stride_od, stride_lt, stride_lh,
-        stride_split_o, stride_split_l,
+        stride_split_o, stride_split_l, num_tiles,
         scale, soft_cap, window,
         GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, DECODE: tl.constexpr, CAUSAL: tl.constexpr,
         WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, NUM_SPLITS: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    seq = tl.program_id(0)
-    tile = tl.program_id(1)
-    kvh = tl.program_id(2)
-    split = tl.program_id(2) * 0
+    # (sequence, tile x split) flattened on grid axis 0, whose limit is 2**31 - 1: axis 1 and
+    # 2 stop at 65535, which a tile axis over a long prefill with BLOCK_Q = 1 passes
+    pid = tl.program_id(0)
+    seq = pid // num_tiles
+    tile = pid % num_tiles
+    kvh = tl.program_id(1)
+    split = pid * 0
     if NUM_SPLITS > 1:
         split = tile % NUM_SPLITS
         tile = tile // NUM_SPLITS
@@ -82,7 +85,7 @@ def _paged_attention_kernel(
         g = rows % GROUP_P2
         row_ok = (j < q_len) & (g < GROUP)
         head = kvh * GROUP + g
-        tok = q_start + j
+        tok = (q_start + j).to(tl.int64)  # tok * stride_qt passes 2**31 in big batches
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
         q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh
@@ -138,10 +141,11 @@ def _paged_attention_kernel(
         seen = l_i > 0
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
         lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
-        o_ptrs = (out_ptr + split * stride_split_o + tok[:, None] * stride_ot
+        o_ptrs = (out_ptr + split.to(tl.int64) * stride_split_o + tok[:, None] * stride_ot
                   + head[:, None] * stride_oh + d[None, :] * stride_od)
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(lse_ptr + split * stride_split_l + tok * stride_lt + head * stride_lh, lse,
+        tl.store(lse_ptr + split.to(tl.int64) * stride_split_l + tok * stride_lt
+                 + head * stride_lh, lse,
                  mask=row_ok)
 
 
@@ -153,7 +157,7 @@ def _merge_states_kernel(out_ptr, lse_ptr, o_ptr, l_ptr, num_heads, stride_ot, s
                          NUM_STATES: tl.constexpr, STATES_P2: tl.constexpr):
     """Log-sum-exp merge of NUM_STATES partial states o[state, t, h, :], l[state, t, h]."""
     row = tl.program_id(0)
-    t = row // num_heads
+    t = (row // num_heads).to(tl.int64)
     h = row % num_heads
     sidx = tl.arange(0, STATES_P2)
     s_ok = sidx < NUM_STATES
@@ -207,9 +211,43 @@ def attention_warps(head_dim: int, decode: bool) -> int:
     return 8 if head_dim > 64 else 4
 
 
+def _sms(q) -> int:
+    """SMs of q's device; for meta tensors (workspace sizing) the current CUDA device's."""
+    if q.is_cuda:
+        return sm_count(q.device.index)
+    if q.device.type == "meta" and torch.cuda.is_available():
+        return sm_count(torch.cuda.current_device())
+    return sm_count(None)
+
+
 def _splits(q, k_cache, tables, decode: bool) -> int:
     return num_kv_splits(tables.shape[0], k_cache.shape[2], tables.shape[1] * k_cache.shape[1],
-                         decode, sm_count(q.device.index if q.is_cuda else None))
+                         decode, _sms(q))
+
+
+def _max_split_rows(q, k_cache, tables, decode: bool) -> int:
+    """Most (split, token) rows of split-KV partials any decode batch of up to this one's
+    sequences takes (same heads and table width): fewer sequences split more, so a smaller
+    batch can need more than this one (2 sequences x 16 splits against 256 x 1)."""
+    n_max = tables.shape[0]
+    if not decode or n_max == 0:
+        return 0
+    max_kv, hkv, sms = tables.shape[1] * k_cache.shape[1], k_cache.shape[2], _sms(q)
+    best = 0
+    for n in range(1, min(n_max, sms) + 1):  # sms sequences or more never split
+        splits = num_kv_splits(n, hkv, max_kv, True, sms)
+        if splits > 1:
+            best = max(best, n * splits)
+    return best
+
+
+def _split_rows_plan(q, rows: int, prefix: str = "") -> list:
+    """Room for ``rows`` (split, token) rows of partials (workspace sizing)."""
+    if rows == 0:
+        return []
+    _, num_q_heads, head_dim = q.shape
+    return [(prefix + "part_o", (rows, num_q_heads, head_dim), torch.float32),
+            (prefix + "part_l", (rows, num_q_heads), torch.float32)]
 
 
 # ----------------------------------------------------------------------------- workspaces
@@ -263,7 +301,7 @@ def _lse_plan(q, with_lse: bool) -> list:
 
 
 def _shared_plan(q, k_cache, prefix_block_tables, block_tables, cu_q_lens, *, with_lse: bool,
-                 ids_dtype=torch.int64) -> list:
+                 ids_dtype=torch.int64, sizing: bool = False) -> list:
     num_tokens, num_q_heads, head_dim = q.shape
     num_prefixes = prefix_block_tables.shape[0]
     f32 = torch.float32
@@ -280,24 +318,29 @@ def _shared_plan(q, k_cache, prefix_block_tables, block_tables, cu_q_lens, *, wi
             ("cu_p", (num_prefixes + 1,), torch.int32)]
     if cu_q_lens is not None:
         plan.append(("tok", (num_tokens,), cu_q_lens.dtype))
-    own_splits = _splits(q, k_cache, block_tables, cu_q_lens is None)
-    return plan + _split_plan(q, own_splits, "own_") + _lse_plan(q, with_lse)
+    decode = cu_q_lens is None
+    if sizing:
+        own = _split_rows_plan(q, _max_split_rows(q, k_cache, block_tables, decode), "own_")
+    else:
+        own = _split_plan(q, _splits(q, k_cache, block_tables, decode), "own_")
+    return plan + own + _lse_plan(q, with_lse)
 
 
 def paged_attention_workspace_bytes(q, k_cache, block_tables, cu_q_lens=None) -> int:
-    """Bytes of the ``workspace`` with which paged_attention allocates nothing (from shapes
-    and the device's SM count only; lse included for calls that pass none)."""
+    """Bytes of the ``workspace`` with which paged_attention allocates nothing, for this
+    batch and every smaller one with the same heads and table width (from shapes and the
+    device's SM count only; lse included for calls that pass none)."""
     decode = cu_q_lens is None
-    return _plan_bytes(_split_plan(q, _splits(q, k_cache, block_tables, decode))
+    return _plan_bytes(_split_rows_plan(q, _max_split_rows(q, k_cache, block_tables, decode))
                        + _lse_plan(q, True))
 
 
 def shared_prefix_attention_workspace_bytes(q, k_cache, prefix_block_tables, block_tables,
                                             cu_q_lens=None) -> int:
-    """Bytes of the ``workspace`` with which shared_prefix_attention allocates nothing (int64
-    prefix ids assumed: an upper bound for int32 ones)."""
+    """Bytes of the ``workspace`` with which shared_prefix_attention allocates nothing, for
+    this batch and every smaller one (int64 prefix ids assumed: an upper bound for int32)."""
     return _plan_bytes(_shared_plan(q, k_cache, prefix_block_tables, block_tables, cu_q_lens,
-                                    with_lse=True))
+                                    with_lse=True, sizing=True))
 
 
 def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal, window,
@@ -325,11 +368,15 @@ def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal
         tgt_o, tgt_l, so, sl = out, lse, 0, 0
     if num_tokens == 0 or num_seqs == 0:
         return
-    grid = (num_seqs, tiles * num_splits, num_kv_heads)
+    programs = num_seqs * tiles * num_splits
+    if programs >= 2**31:
+        raise ValueError(f"q: {num_seqs} sequences x {tiles * num_splits} query tiles is over "
+                         f"the 2**31 - 1 programs of one launch; split the batch")
+    grid = (programs, num_kv_heads)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, tables, kv_lens, cu if cu is not None else kv_lens, tgt_o, tgt_l,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), tables.stride(0),
-        *tgt_o.stride()[-3:], *tgt_l.stride()[-2:], so, sl,
+        *tgt_o.stride()[-3:], *tgt_l.stride()[-2:], so, sl, tiles * num_splits,
         float(scale), float(soft_cap or 1.0), int(window or 0),
         BLOCK_SIZE=block_size, DECODE=decode, CAUSAL=bool(causal), WINDOW=window is not None,
         SOFT_CAP=soft_cap is not None, NUM_SPLITS=num_splits, UPCAST=upcast,

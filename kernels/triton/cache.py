@@ -106,7 +106,7 @@ def _block_launch(kernel, src, ids, dst, numel, stride_src, stride_dst):
 
 
 def gather_blocks(buffer, caches, block_ids) -> None:
-    numel = buffer[0, 0].numel()
+    numel = buffer[0, 0].numel() if buffer.shape[0] else 0
     raw = _raw(buffer)
     for i, c in enumerate(caches):
         if not block_contiguous(c):
