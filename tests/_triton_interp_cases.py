@@ -119,6 +119,16 @@ def test_cache_kernels_exact(dtype):
     tcache.scatter_blocks(caches := [tk, tv], T(new), T(sids))
     for g, w in zip(caches, want_s, strict=True):
         np.testing.assert_array_equal(N(g), w.astype(np.float64))
+    # heads split over programs (4 of 6 heads of 512 per program), a partial last chunk
+    assert tcache.write_kv_heads_per_program(6, 512) == 4
+    wide_k, wide_v = (testing.random_values(rng, (3, 2, 6, 512), dtype) for _ in range(2))
+    wkey, wval = (testing.random_values(rng, (2, 6, 512), dtype) for _ in range(2))
+    wslots = np.array([5, 0], np.int32)
+    want_wk, want_wv = ref.write_kv_reference(wkey, wval, wide_k, wide_v, wslots)
+    twk, twv = T(wide_k), T(wide_v)
+    tcache.write_kv(T(wkey), T(wval), twk, twv, T(wslots))
+    np.testing.assert_array_equal(N(twk), want_wk.astype(np.float64))
+    np.testing.assert_array_equal(N(twv), want_wv.astype(np.float64))
     none = T(np.zeros(0, np.int32))  # empty id lists: nothing to do, no error
     tcache.gather_blocks(torch.empty((0, 2, 4, 3, 6), dtype=TD[dtype]), [tk, tv], none)
     tcache.scatter_blocks([tk, tv], torch.empty((0, 2, 4, 3, 6), dtype=TD[dtype]), none)

@@ -195,13 +195,18 @@ def attention_config(num_q_heads: int, num_kv_heads: int, head_dim: int, decode:
 
     itemsize: bytes per element of q and the caches. float32 prefill tiles of 64 rows spilled
     on sm_90 at head_dim 80-128 (600 B to 8 KB of stack per thread, for 32 or 64 keys);
-    32 rows x 64 keys compile to 114 registers and no stack on sm_80 and sm_90.
+    32 rows x 64 keys compile to 114 registers and no stack on sm_80 and sm_90. float32 at
+    head_dim 256, or with 64 rows (a group over 32), takes 16 keys a step: 32 spilled 6.5 KB
+    on sm_90 at head_dim 256.
     """
     group = num_q_heads // num_kv_heads
     gp2 = _p2(group)
     block_d = max(16, _p2(head_dim))
     block_m = max(16, gp2) if decode else max(32 if itemsize >= 4 else 64, gp2)
-    block_n = 32 if block_d >= 256 else 64
+    if itemsize >= 4 and not decode and (block_d >= 256 or block_m >= 64):
+        block_n = 16
+    else:
+        block_n = 32 if block_d >= 256 else 64
     return {"GROUP": group, "GROUP_P2": gp2, "HEAD_DIM": head_dim, "BLOCK_D": block_d,
             "BLOCK_M": block_m, "BLOCK_N": block_n}
 

@@ -36,7 +36,7 @@ def _write_kv_kernel(key_ptr, value_ptr, k_ptr, v_ptr, slots_ptr,
     if slot >= 0:
         blk = slot // BLOCK_SIZE
         off = slot % BLOCK_SIZE
-        h = tl.arange(0, BLOCK_H)
+        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         d = tl.arange(0, BLOCK_D)
         mask = (h[:, None] < NUM_HEADS) & (d[None, :] < HEAD_DIM)
         kx = tl.load(key_ptr + tok * stride_kt + h[:, None] * stride_kh + d[None, :] * stride_kd,
@@ -90,10 +90,17 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
         return
     _, block_size, num_heads, head_dim = k_cache.shape
     key, value, kc, vc = _raw(key), _raw(value), _raw(k_cache), _raw(v_cache)
-    _write_kv_kernel[(n,)](
+    block_h = write_kv_heads_per_program(num_heads, head_dim)
+    _write_kv_kernel[(n, triton.cdiv(num_heads, block_h))](
         key, value, kc, vc, slot_mapping, *key.stride(), *value.stride(), *kc.stride(),
-        *vc.stride(), NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_H=_p2(num_heads),
+        *vc.stride(), NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_H=block_h,
         BLOCK_D=_p2(head_dim), BLOCK_SIZE=block_size)
+
+
+def write_kv_heads_per_program(num_heads: int, head_dim: int) -> int:
+    """Heads of one token a write_kv program moves: at most 2048 elements (4 warps, 16 a
+    thread with their int64 addresses); the whole [32, 128] row spilled on sm_80 and sm_90."""
+    return max(1, min(_p2(num_heads), 2048 // _p2(head_dim)))
 
 
 def _block_launch(kernel, src, ids, dst, numel, stride_src, stride_dst):
