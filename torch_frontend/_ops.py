@@ -8,7 +8,10 @@ checked mode), never while ``torch.compile`` traces. Cache ops mutate their cach
 declare it in ``mutates_args``; no op returns an input or a view of one. Index tensors (block
 tables, lengths, slot mappings, block ids) may stay on the CPU with the data on a GPU: checked
 on the host, then copied over on every call; on the GPU already they are used as they are (no
-copy, no sync: what CUDA-graph capture needs).
+copy, no sync: what CUDA-graph capture needs). The CUDA tensors of a call live on one device,
+which must be the current one (``torch.cuda.set_device``, or ``with torch.cuda.device(d):``),
+as in vLLM's and SGLang's one-process-per-GPU workers: the Triton and CuPy launches go to the
+current device.
 
 Attention ops come twice: ``prefixkv::paged_attention`` returns fresh ``(out, lse)``;
 ``prefixkv::paged_attention_out`` writes caller buffers. With ``out=``, ``lse=`` and a
