@@ -572,7 +572,7 @@ class _FakeCudart:
         self.fail = fail
 
     def cudaHostRegister(self, ptr, size, flags):  # noqa: N802 - CUDA's name
-        assert flags == 1  # cudaHostRegisterPortable
+        assert flags == 3  # cudaHostRegisterPortable | cudaHostRegisterMapped
         if not self.fail:
             self.registered[ptr] = size
         return self.fail

@@ -8,8 +8,10 @@ import weakref
 import numpy as np
 import torch
 
-#: cudaHostRegisterPortable: pinned for every CUDA context, not only the current device's
-_PORTABLE = 1
+#: cudaHostRegisterPortable | cudaHostRegisterMapped: pinned for every CUDA context, and mapped
+#: into the device address space (under unified addressing at the same address), so kernels
+#: such as the CUDA C swap read and write it directly
+_FLAGS = 1 | 2
 
 
 def pinned_host_allocator(shape: tuple, dtype: np.dtype) -> np.ndarray:
@@ -38,7 +40,7 @@ def _registered(nbytes: int) -> np.ndarray:
     start = -raw.ctypes.data % page
     ptr = raw.ctypes.data + start
     cudart = torch.cuda.cudart()
-    err = int(cudart.cudaHostRegister(ptr, size, _PORTABLE))
+    err = int(cudart.cudaHostRegister(ptr, size, _FLAGS))
     if err:
         raise RuntimeError(f"cudaHostRegister of {size} bytes failed with cudaError {err} "
                            f"(out of lockable memory? see ulimit -l)")
