@@ -155,13 +155,17 @@ def test_swap_blocks_device_host_roundtrip(backend):
     src_ids = torch.tensor([19, 0, 7], dtype=torch.int32)
     dst_ids = torch.tensor([8, 2, 0], dtype=torch.int32)
     stream = torch.cuda.Stream()
+    # ids on the device beforehand: a copy from pageable host memory inside the block would
+    # wait for the stream and so hide what the queued work below is there to expose
+    src_dev, dst_dev = src_ids.to(DEV), dst_ids.to(DEV)
+    torch.cuda.synchronize()
     with torch.cuda.stream(stream):
         # work queued ahead on the stream: a device -> host copy that the host side reads
         # before the stream reaches it (a non_blocking copy into a temporary) reads garbage
         torch.cuda._sleep(20_000_000)
         for d in dev:  # queued on the same stream: the swap must see it (a launch on another
             d.neg_()   # stream would copy the blocks before the negation)
-        tf.swap_blocks(dev, host, src_ids.to(DEV), dst_ids, backend=backend)  # offload
+        tf.swap_blocks(dev, host, src_dev, dst_dev, backend=backend)  # offload
     stream.synchronize()
     for x, h in zip(layers, host, strict=True):
         assert torch.equal(h[dst_ids.long()], -x[src_ids.long()])
@@ -174,14 +178,17 @@ def test_swap_blocks_device_host_roundtrip(backend):
 
 
 def test_pinned_host_allocator_memory_is_pinned_and_swaps():
+    pytest.importorskip("cupy")
     from prefixkv.torch_frontend import pinned_host_allocator
 
+    for _ in range(50):  # freed arrays unregister their pages: registering reused memory works
+        pinned_host_allocator((4, 16, 4, 80), np.dtype(np.float16))
     host = torch.from_numpy(pinned_host_allocator((4, 16, 4, 80), np.dtype(np.float16)))
     assert host.is_pinned()  # registered pages count as pinned for torch and the swap kernel
     host.zero_()
     dev = torch.randn(8, 16, 4, 80, device=DEV, dtype=torch.float16)
     tf.swap_blocks([dev], [host], torch.tensor([5, 1], dtype=torch.int32, device=DEV),
-                   torch.tensor([0, 3], dtype=torch.int32))
+                   torch.tensor([0, 3], dtype=torch.int32), backend="cuda-c")
     torch.cuda.synchronize()
     assert torch.equal(host[[0, 3]], dev[[5, 1]].cpu()) and not host[[1, 2]].any()
 

@@ -609,9 +609,14 @@ def test_pinned_host_allocator_registers_exactly_its_own_pages(monkeypatch):
     assert sorted(fake.unregistered) == sorted(ptrs)  # unregistered once freed
     assert pinned_host_allocator((0, 4), np.dtype(np.float32)).shape == (0, 4)
     monkeypatch.setattr(torch.cuda, "cudart", lambda: _FakeCudart(fail=2))
+    from prefixkv.torch_frontend import _memory
+
+    cleared = []
+    monkeypatch.setattr(_memory, "_clear_cuda_error", lambda: cleared.append(1))
     with pytest.raises(RuntimeError, match=f"cudaHostRegister of {page} bytes failed with "
                                            "cudaError 2"):
         pinned_host_allocator((4,), np.dtype(np.float32))
+    assert cleared == [1]  # the runtime's last error reset, not left for the next launch
 
 
 # ------------------------------------------- cache ops: fast CPU paths, layouts, bit patterns

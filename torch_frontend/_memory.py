@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import weakref
 
@@ -42,7 +43,21 @@ def _registered(nbytes: int) -> np.ndarray:
     cudart = torch.cuda.cudart()
     err = int(cudart.cudaHostRegister(ptr, size, _FLAGS))
     if err:
+        _clear_cuda_error()
         raise RuntimeError(f"cudaHostRegister of {size} bytes failed with cudaError {err} "
                            f"(out of lockable memory? see ulimit -l)")
     weakref.finalize(raw, cudart.cudaHostUnregister, ptr)  # runs before raw's memory is freed
     return raw[start:start + nbytes]
+
+
+def _clear_cuda_error() -> None:
+    """Reset the CUDA runtime's last error, which a failed cudaHostRegister leaves set: the
+    next kernel launch's check would report it as its own. torch's cudart bindings have no
+    cudaGetLastError, so it is called in the runtime torch loaded (found by its soname)."""
+    major = str(torch.version.cuda or "").split(".")[0]
+    for name in (f"libcudart.so.{major}", "libcudart.so"):
+        try:
+            ctypes.CDLL(name).cudaGetLastError()
+            return
+        except (OSError, AttributeError):
+            continue

@@ -781,15 +781,23 @@ def scatter_blocks(caches, buffer, block_ids) -> None:
 
 def swap_blocks(src_caches, dst_caches, src_ids, dst_ids) -> None:
     s, d = src_ids.to(torch.int64), dst_ids.to(torch.int64)
+    moved: dict = {}
+
+    def on(ids, device):  # each id tensor moved to each device once, not once per cache
+        key = (id(ids), device)
+        if key not in moved:
+            moved[key] = ids.to(device)
+        return moved[key]
+
     stage = _staging(src_caches, s.shape[0])
     for a, b in zip(src_caches, dst_caches, strict=True):
         if a.device == b.device:
             tmp = stage(a)
-            torch.index_select(a, 0, s.to(a.device), out=tmp)
-            _index_copy(b, d.to(b.device), tmp)
+            torch.index_select(a, 0, on(s, a.device), out=tmp)
+            _index_copy(b, on(d, b.device), tmp)
         else:  # device <-> host: one transfer of the gathered blocks per cache
-            blocks = a.index_select(0, s.to(a.device))
+            blocks = a.index_select(0, on(s, a.device))
             # host -> device is ordered on the stream; device -> host must land before the
             # host-side index_copy_ reads it (a non_blocking copy there would race)
             blocks = blocks.to(b.device, non_blocking=b.device.type != "cpu")
-            b.index_copy_(0, d.to(b.device), blocks)
+            b.index_copy_(0, on(d, b.device), blocks)

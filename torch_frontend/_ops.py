@@ -52,8 +52,17 @@ def _want_values(*tensors) -> bool:
 def _on(device: torch.device, *tensors):
     """``tensors`` moved to ``device`` where they are elsewhere (index tensors kept on the CPU
     with caches on a GPU, copied after their host value checks; on the device already they
-    are passed as they are, the CUDA-graph-safe way). None stays None."""
-    return tuple(t if t is None or t.device == device else t.to(device) for t in tensors)
+    are passed as they are, the CUDA-graph-safe way). None stays None. Host -> GPU copies go
+    through pinned memory, non-blocking: from pageable memory the copy would wait for all
+    work queued on the stream, once per call and layer."""
+    def move(t):
+        if t is None or t.device == device:
+            return t
+        if (device.type == "cuda" and t.device.type == "cpu"
+                and not torch.compiler.is_compiling()):
+            return t.pin_memory().to(device, non_blocking=True)
+        return t.to(device)
+    return tuple(move(t) for t in tensors)
 
 
 def _check_out(name: str, buf, shape, dtype) -> None:

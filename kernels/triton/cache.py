@@ -31,7 +31,7 @@ def _write_kv_kernel(key_ptr, value_ptr, k_ptr, v_ptr, slots_ptr,
                      stride_db, stride_dt, stride_dh, stride_dd,
                      NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    tok = tl.program_id(0)
+    tok = tl.program_id(0).to(tl.int64)  # tok * stride_kt passes 2**31 in big batches
     slot = tl.load(slots_ptr + tok).to(tl.int64)
     if slot >= 0:
         blk = slot // BLOCK_SIZE
