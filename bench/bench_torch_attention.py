@@ -12,6 +12,7 @@ Run: OMP_NUM_THREADS=1 .venv/bin/pytest bench/bench_torch_attention.py --benchma
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -33,8 +34,26 @@ NUM_SEQS, CONTEXT, HQ, HKV, HEAD_DIM, BLOCK = 8, 4096, 32, 8, 128, 16
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+@functools.cache
+def _device_decode_batch(dtype, num_seqs: int, context: int):
+    """decode_batch drawn on the GPU, once per shape and dtype for every implementation: host
+    draws of a 64 x 4096 cache took ~6 s a test (one thread), too slow for the device run."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    per_seq = context // BLOCK
+    num_blocks = num_seqs * per_seq + 1
+    k, v = (torch.randn(num_blocks, BLOCK, HKV, HEAD_DIM, generator=g, device="cuda",
+                        dtype=dtype) for _ in range(2))
+    tables = torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(0))
+    tables = tables[:num_seqs * per_seq].view(num_seqs, per_seq).to(torch.int32).cuda()
+    kv_lens = torch.full((num_seqs,), context, dtype=torch.int32, device="cuda")
+    q = torch.randn(num_seqs, HQ, HEAD_DIM, generator=g, device="cuda", dtype=dtype)
+    return q, k, v, tables, kv_lens
+
+
 def decode_batch(device="cpu", dtype=torch.float32, num_seqs=NUM_SEQS, context=CONTEXT,
                  seed=0):
+    if device != "cpu" and seed == 0:
+        return list(_device_decode_batch(dtype, num_seqs, context))
     g = torch.Generator().manual_seed(seed)
     per_seq = context // BLOCK
     num_blocks = num_seqs * per_seq + 1
@@ -252,12 +271,17 @@ def test_gpu_decode(benchmark, impl, dtype, shape):
     benchmark.group = f"gpu-decode-{dtype}-{num_seqs}x{context}"
     q, k, v, tables, kv_lens = decode_batch("cuda", DTYPES[dtype], num_seqs, context)
     out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:2], device="cuda")
     if impl == "baseline_sdpa":
         def fn():
             return baseline_paged_attention(q, k, v, tables, kv_lens)
     else:
-        def fn():
-            return tf.paged_attention(q, k, v, tables, kv_lens, out=out, backend=impl)
+        ws = torch.empty(tf.attention_workspace_size(q, k, tables, backend=impl),
+                         dtype=torch.uint8, device="cuda")
+
+        def fn():  # caller buffers: no allocation in the timed calls
+            return tf.paged_attention(q, k, v, tables, kv_lens, out=out, lse=lse, workspace=ws,
+                                      backend=impl)
     fn()
     torch.cuda.synchronize()
     benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=10, warmup_rounds=2)

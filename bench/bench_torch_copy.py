@@ -11,6 +11,9 @@ Run: OMP_NUM_THREADS=1 .venv/bin/pytest bench/bench_torch_copy.py --benchmark-on
 
 from __future__ import annotations
 
+import functools
+import math
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -90,22 +93,49 @@ def test_cpu_swap_blocks(benchmark, machine_limits, impl):
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+GPU_BLOCKS, GPU_MOVE = 1024, 256
+
+
+@functools.cache
+def _gpu_swap_caches():
+    """Every layer's K and V on the GPU (drawn there) and pinned host twins for the moved
+    blocks (contents irrelevant), shared by every GPU swap test: host draws took ~5 s a test."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dev = [torch.randn(GPU_BLOCKS, *BLOCK_SHAPE, generator=g, device="cuda",
+                       dtype=torch.bfloat16) for _ in range(2 * LAYERS)]
+    host = [torch.empty(GPU_MOVE, *BLOCK_SHAPE, dtype=torch.bfloat16, pin_memory=True)
+            for _ in range(2 * LAYERS)]
+    return dev, host
+
+
 @cuda
 @pytest.mark.parametrize("direction", ["offload", "onload"])
-@pytest.mark.parametrize("impl", ["cuda-c", "torch", "contiguous_copy"])
+@pytest.mark.parametrize("impl", ["cuda-c", "torch", "per_block_loop_baseline",
+                                  "contiguous_copy"])
 def test_gpu_swap_blocks(benchmark, impl, direction):
     if impl == "cuda-c":
         pytest.importorskip("cupy")
     benchmark.group = f"gpu-swap-{direction}"
-    num_blocks, move = 1024, 256
-    dev = _caches("cuda", num_blocks=num_blocks)
-    host = _caches(num_blocks=move, pinned=True)
-    dev_ids = _ids(move, num_blocks, device="cuda")
-    host_ids = torch.arange(move, dtype=torch.int32)
-    nbytes = _moved_bytes(dev, move)
+    move = GPU_MOVE
+    nbytes = 2 * LAYERS * move * math.prod(BLOCK_SHAPE) * 2  # bf16
     flat_dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     flat_host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
-    if impl == "contiguous_copy":  # the measured PCIe bandwidth: one big cudaMemcpy
+    if impl != "contiguous_copy":
+        dev, host = _gpu_swap_caches()
+        dev_ids = _ids(move, GPU_BLOCKS, device="cuda")
+        host_ids = torch.arange(move, dtype=torch.int32)
+        pairs = list(zip(dev_ids.tolist(), host_ids.tolist(), strict=True))
+    if impl == "per_block_loop_baseline":  # what a user writes: one async copy per block
+        src_c, dst_c = (dev, host) if direction == "offload" else (host, dev)
+
+        def fn():
+            for a, b in zip(src_c, dst_c, strict=True):
+                for d, h in pairs:
+                    if direction == "offload":
+                        b[h].copy_(a[d], non_blocking=True)
+                    else:
+                        b[d].copy_(a[h], non_blocking=True)
+    elif impl == "contiguous_copy":  # the measured PCIe bandwidth: one big cudaMemcpy
         if direction == "offload":
             def fn():
                 flat_host.copy_(flat_dev, non_blocking=True)
@@ -118,8 +148,10 @@ def test_gpu_swap_blocks(benchmark, impl, direction):
     else:
         def fn():
             tf.swap_blocks(host, dev, host_ids, dev_ids, backend=impl)
-    benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=5, warmup_rounds=1)
-    t = cuda_seconds(fn)
+    slow = impl == "per_block_loop_baseline"  # 8192 launches a call
+    benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=2 if slow else 5,
+                       warmup_rounds=1)
+    t = cuda_seconds(fn, iters=2 if slow else 10, repeat=1 if slow else 3)
     pcie = cuda_seconds((lambda: flat_host.copy_(flat_dev, non_blocking=True))
                          if direction == "offload"
                          else (lambda: flat_dev.copy_(flat_host, non_blocking=True)))

@@ -5,8 +5,10 @@
 # Every command runs under `timeout -k 10`; the limits sum to 470 s (versions 20, import probe 30,
 # install 30, torch tests 120, torch bench 85, hashing 40, jax versions 15, JAX tests 85, JAX
 # bench 45).
-# Logs go to $OUT (when set): 8 files, torch_gpu_tests.log, torch_gpu_bench.{log,json},
-# hash_gpu.log, hash_gpu_bench.json, jax_device_tests.log, jax_device_bench.{log,json}.
+# Files in $OUT (when set; at most 8 come back from a lent machine): run.log (every step's
+# output), bench_figures.jsonl (each benchmark's figures as soon as it finishes, so a step cut
+# off by its limit still leaves those it measured), torch_gpu_bench.json, hash_gpu_bench.json,
+# jax_device_bench.json (pytest-benchmark's JSON, written when a step ends normally).
 # Each section runs even when an earlier one failed; the exit status says whether all passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,10 +19,10 @@ status=0
 step() {  # step NAME TIMEOUT_S CMD...: run, tee its log, remember a failure
   local name=$1 limit=$2
   shift 2
-  echo "=== $name (limit ${limit}s)"
-  timeout -k 10 "$limit" "$@" 2>&1 | tee "$LOG/$name.log"
+  echo "=== $name (limit ${limit}s)" | tee -a "$LOG/run.log"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG/run.log"
   local rc=${PIPESTATUS[0]}
-  echo "=== $name: exit $rc"
+  echo "=== $name: exit $rc" | tee -a "$LOG/run.log"
   [ "$rc" -eq 0 ] || status=1
 }
 note() {  # note NAME TIMEOUT_S CMD...: as step, output to stdout only (no log file in $OUT)
@@ -33,6 +35,7 @@ note() {  # note NAME TIMEOUT_S CMD...: as step, output to stdout only (no log f
 }
 
 export PYTHONUNBUFFERED=1
+export PREFIXKV_BENCH_JSONL="$LOG/bench_figures.jsonl"  # see bench/conftest.py
 # the XLA:CPU FFI library of kernels/cpu is otherwise compiled while tracing (~16 s), though
 # its CPU branch is pruned on a GPU/TPU; the CPU suite covers it
 export PREFIXKV_DISABLE_CPU_FFI=1
