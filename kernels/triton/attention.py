@@ -54,30 +54,42 @@ def _paged_attention_kernel(
         stride_kb, stride_kt, stride_kh, stride_kd,
         stride_vb, stride_vt, stride_vh, stride_vd,
         stride_tab, stride_ot, stride_oh, stride_od, stride_lt, stride_lh,
-        stride_split_o, stride_split_l, num_tiles,
+        stride_split_o, stride_split_l, num_seqs,
         scale, soft_cap, window,
         GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, DECODE: tl.constexpr, CAUSAL: tl.constexpr,
         WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, NUM_SPLITS: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    # (sequence, tile x split) flattened on grid axis 0, whose limit is 2**31 - 1: axis 1 and
-    # 2 stop at 65535, which a tile axis over a long prefill with BLOCK_Q = 1 passes
+    # Grid axis 0 (limit 2**31 - 1; axes 1 and 2 stop at 65535) holds (query tile, split).
+    # Decode: one tile per sequence. Otherwise the query tiles of all sequences in a row,
+    # sequence s's starting at cu[s] // BLOCK_Q + s (the gaps cover each one's tiles), at most
+    # cdiv(num_tokens, BLOCK_Q) + num_seqs programs: sized by the batch, not by num_seqs x the
+    # longest sequence. A program finds its sequence by binary search over those starts.
     pid = tl.program_id(0)
-    seq = pid // num_tiles
-    tile = pid % num_tiles
     kvh = tl.program_id(1)
     split = pid * 0
     if NUM_SPLITS > 1:
-        split = tile % NUM_SPLITS
-        tile = tile // NUM_SPLITS
+        split = pid % NUM_SPLITS
+        pid = pid // NUM_SPLITS
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_P2
     if DECODE:
+        seq = pid
+        tile = pid * 0
         q_start = seq
         q_len = 1
     else:
+        lo_s = pid * 0
+        hi_s = lo_s + num_seqs
+        while lo_s + 1 < hi_s:  # the last sequence whose first tile is <= pid
+            mid = (lo_s + hi_s) // 2
+            first = tl.load(cu_ptr + mid) // BLOCK_Q + mid
+            lo_s = tl.where(first <= pid, mid, lo_s)
+            hi_s = tl.where(first <= pid, hi_s, mid)
+        seq = lo_s
         q_start = tl.load(cu_ptr + seq)
         q_len = tl.load(cu_ptr + seq + 1) - q_start
+        tile = pid - (q_start // BLOCK_Q + seq)
     kv_len = tl.load(kv_lens_ptr + seq)
     if tile * BLOCK_Q < q_len:
         rows = tl.arange(0, BLOCK_M)
@@ -349,7 +361,7 @@ def shared_prefix_attention_workspace_bytes(q, k_cache, prefix_block_tables, blo
 
 
 def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal, window,
-            soft_cap, num_splits=None, max_q=None, parts=None):
+            soft_cap, num_splits=None, parts=None):
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs, width = tables.shape
@@ -357,9 +369,8 @@ def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal
     cfg = attention_config(num_q_heads, num_kv_heads, head_dim, decode,
                            itemsize=max(q.element_size(), k_cache.element_size()))
     block_q = cfg["BLOCK_M"] // cfg["GROUP_P2"]
-    if max_q is None:
-        max_q = 1 if decode else num_tokens
-    tiles = triton.cdiv(max(max_q, 1), block_q)
+    # query tiles of the whole batch (see the kernel): one per sequence in decode
+    tiles = num_seqs if decode else triton.cdiv(num_tokens, block_q) + num_seqs
     if num_splits is None:
         num_splits = _splits(q, k_cache, tables, decode)
     upcast = INTERPRET or q.dtype == torch.float32
@@ -373,15 +384,15 @@ def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal
         tgt_o, tgt_l, so, sl = out, lse, 0, 0
     if num_tokens == 0 or num_seqs == 0:
         return
-    programs = num_seqs * tiles * num_splits
+    programs = tiles * num_splits
     if programs >= 2**31:
-        raise ValueError(f"q: {num_seqs} sequences x {tiles * num_splits} query tiles is over "
-                         f"the 2**31 - 1 programs of one launch; split the batch")
+        raise ValueError(f"q: {tiles} query tiles x {num_splits} splits is over the 2**31 - 1 "
+                         f"programs of one launch; split the batch")
     grid = (programs, num_kv_heads)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, tables, kv_lens, cu if cu is not None else kv_lens, tgt_o, tgt_l,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), tables.stride(0),
-        *tgt_o.stride()[-3:], *tgt_l.stride()[-2:], so, sl, tiles * num_splits,
+        *tgt_o.stride()[-3:], *tgt_l.stride()[-2:], so, sl, num_seqs,
         float(scale), float(soft_cap or 1.0), int(window or 0),
         BLOCK_SIZE=block_size, DECODE=decode, CAUSAL=bool(causal), WINDOW=window is not None,
         SOFT_CAP=soft_cap is not None, NUM_SPLITS=num_splits, UPCAST=upcast,
@@ -466,7 +477,7 @@ def shared_prefix_attention(out, lse, q, k_cache, v_cache, prefix_block_tables, 
     if num_prefixes:
         _launch(part_o, part_l, q_sorted, k_cache, v_cache, prefix_block_tables, prefix_lens,
                 b["cu_p"], scale=scale, causal=False, window=None, soft_cap=logits_soft_cap,
-                num_splits=1, max_q=num_tokens)
+                num_splits=1)
     states_o[0].index_copy_(0, order, part_o)
     states_l[0].index_copy_(0, order, part_l)
     _merge(out, lse, states_o, states_l)
