@@ -34,6 +34,7 @@ import sys
 import torch
 from torch.autograd.graph import increment_version
 
+from ..kernels.cuda.transfer import upload
 from ..paged import validate
 from ..paged.spec import WORKSPACE_ALIGN, dtype_name
 from ._registry import platform_of, select
@@ -51,18 +52,10 @@ def _want_values(*tensors) -> bool:
 
 def _on(device: torch.device, *tensors):
     """``tensors`` moved to ``device`` where they are elsewhere (index tensors kept on the CPU
-    with caches on a GPU, copied after their host value checks; on the device already they
-    are passed as they are, the CUDA-graph-safe way). None stays None. Host -> GPU copies go
-    through pinned memory, non-blocking: from pageable memory the copy would wait for all
-    work queued on the stream, once per call and layer."""
-    def move(t):
-        if t is None or t.device == device:
-            return t
-        if (device.type == "cuda" and t.device.type == "cpu"
-                and not torch.compiler.is_compiling()):
-            return t.pin_memory().to(device, non_blocking=True)
-        return t.to(device)
-    return tuple(move(t) for t in tensors)
+    with caches on a GPU, copied after their host value checks, without stalling the stream;
+    on the device already they are passed as they are, the CUDA-graph-safe way). None stays
+    None."""
+    return tuple(None if t is None else upload(t, device) for t in tensors)
 
 
 def _check_out(name: str, buf, shape, dtype) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .transfer import upload
+
 SOURCE = Path(__file__).with_name("swap_blocks.cu")
 THREADS = 256
 
@@ -30,15 +32,6 @@ def _device_index(src_caches, dst_caches) -> int:
         if t.device.type == "cuda":
             return t.device.index if t.device.index is not None else torch.cuda.current_device()
     raise ValueError("swap_blocks: the cuda-c backend needs a cache on a CUDA device")
-
-
-def _on_device(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """int32 ids on ``device``; from the host through pinned memory, non-blocking (a copy
-    from pageable memory waits for all work queued on the stream)."""
-    ids = ids.to(torch.int32)
-    if ids.device.type == "cpu":
-        return ids.pin_memory().to(device, non_blocking=True)
-    return ids.to(device)
 
 
 def swap_blocks(src_caches, dst_caches, src_ids, dst_ids) -> None:
@@ -62,7 +55,7 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids) -> None:
     device = torch.device("cuda", dev)
     stream = torch.cuda.current_stream(device)
     table = table.pin_memory().to(device, non_blocking=True)
-    ids = torch.stack([_on_device(src_ids, device), _on_device(dst_ids, device)])
+    ids = torch.stack([upload(i.to(torch.int32), device) for i in (src_ids, dst_ids)])
     fn = _kernel(dev)
     with cupy.cuda.Device(dev), cupy.cuda.ExternalStream(stream.cuda_stream, dev):
         t = cupy.from_dlpack(table)

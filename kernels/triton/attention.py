@@ -258,15 +258,6 @@ def _max_split_rows(q, k_cache, tables, decode: bool) -> int:
     return best
 
 
-def _split_rows_plan(q, rows: int, prefix: str = "") -> list:
-    """Room for ``rows`` (split, token) rows of partials (workspace sizing)."""
-    if rows == 0:
-        return []
-    _, num_q_heads, head_dim = q.shape
-    return [(prefix + "part_o", (rows, num_q_heads, head_dim), torch.float32),
-            (prefix + "part_l", (rows, num_q_heads), torch.float32)]
-
-
 # ----------------------------------------------------------------------------- workspaces
 #
 # The temporaries of an attention call (split-KV partials, the cascade's sorted queries and
@@ -305,12 +296,21 @@ def _carve(plan, workspace, device, op: str) -> dict:
     return bufs
 
 
+def _partials_plan(q, lead: tuple, prefix: str = "") -> list:
+    """Split-KV partials (out and lse, float32) with leading dims ``lead``."""
+    _, num_q_heads, head_dim = q.shape
+    return [(prefix + "part_o", (*lead, num_q_heads, head_dim), torch.float32),
+            (prefix + "part_l", (*lead, num_q_heads), torch.float32)]
+
+
 def _split_plan(q, num_splits: int, prefix: str = "") -> list:
-    if num_splits <= 1:
-        return []
-    num_tokens, num_q_heads, head_dim = q.shape
-    return [(prefix + "part_o", (num_splits, num_tokens, num_q_heads, head_dim), torch.float32),
-            (prefix + "part_l", (num_splits, num_tokens, num_q_heads), torch.float32)]
+    """The partials of one call: [num_splits, num_tokens, ...] (none without a split)."""
+    return _partials_plan(q, (num_splits, q.shape[0]), prefix) if num_splits > 1 else []
+
+
+def _split_rows_plan(q, rows: int, prefix: str = "") -> list:
+    """Room for ``rows`` (split, token) rows of partials (workspace sizing)."""
+    return _partials_plan(q, (rows,), prefix) if rows else []
 
 
 def _lse_plan(q, with_lse: bool) -> list:

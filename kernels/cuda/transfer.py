@@ -1,0 +1,16 @@
+"""Host -> GPU copies of small index tensors that do not stall the stream."""
+
+from __future__ import annotations
+
+import torch
+
+
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``. A CPU tensor bound for a GPU goes through pinned memory with a
+    non-blocking copy: from pageable memory the copy waits for all work queued on the stream.
+    Under torch.compile tracing, a plain ``.to``."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu" and not torch.compiler.is_compiling():
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
