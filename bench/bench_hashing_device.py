@@ -44,15 +44,19 @@ def _finish(benchmark, machine_limits, group: str, num_tokens: int, path: str):
     record(benchmark, machine_limits, nbytes=4 * num_tokens, **extra)
 
 
-def test_vllm_sha256_pickle_baseline(benchmark, machine_limits):
-    benchmark.group = CPU_GROUP
-    tokens, _ = _tokens(*CPU_SHAPE)
-    seqs = [s.tolist() for s in tokens.reshape(CPU_SHAPE)]  # vLLM holds lists
+def _vllm_baseline(benchmark, limits: dict, group: str, shape, rounds: int):
+    benchmark.group = group
+    tokens, _ = _tokens(*shape)
+    seqs = [s.tolist() for s in tokens.reshape(shape)]  # vLLM holds lists
     parent0 = hashlib.sha256(b"vllm-none-hash").digest()
-    out = benchmark.pedantic(vllm_sha256_pickle, args=(seqs, parent0), rounds=3, iterations=1,
-                             warmup_rounds=1)
+    out = benchmark.pedantic(vllm_sha256_pickle, args=(seqs, parent0), rounds=rounds,
+                             iterations=1, warmup_rounds=1 if rounds > 1 else 0)
     assert len(out) == tokens.size // BLOCK_SIZE
-    _finish(benchmark, machine_limits, CPU_GROUP, tokens.size, "vllm-sha256-pickle")
+    _finish(benchmark, limits, group, tokens.size, "vllm-sha256-pickle")
+
+
+def test_vllm_sha256_pickle_baseline(benchmark, machine_limits):
+    _vllm_baseline(benchmark, machine_limits, CPU_GROUP, CPU_SHAPE, rounds=3)
 
 
 @pytest.mark.parametrize("backend", ["xla", "host"])
@@ -103,12 +107,7 @@ def test_vllm_sha256_pickle_baseline_gpu_group(benchmark):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (the group it is the baseline of)")
-    benchmark.group = GPU_GROUP
-    tokens, _ = _tokens(*GPU_SHAPE)
-    seqs = [s.tolist() for s in tokens.reshape(GPU_SHAPE)]
-    parent0 = hashlib.sha256(b"vllm-none-hash").digest()
-    benchmark.pedantic(vllm_sha256_pickle, args=(seqs, parent0), rounds=1, iterations=1)
-    _finish(benchmark, {}, GPU_GROUP, tokens.size, "vllm-sha256-pickle")
+    _vllm_baseline(benchmark, {}, GPU_GROUP, GPU_SHAPE, rounds=1)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

@@ -34,36 +34,30 @@ NUM_SEQS, CONTEXT, HQ, HKV, HEAD_DIM, BLOCK = 8, 4096, 32, 8, 128, 16
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-@functools.cache
-def _device_decode_batch(dtype, num_seqs: int, context: int):
-    """decode_batch drawn on the GPU, once per shape and dtype for every implementation: host
-    draws of a 64 x 4096 cache took ~6 s a test (one thread), too slow for the device run."""
-    g = torch.Generator(device="cuda").manual_seed(0)
+def decode_batch(device="cpu", dtype=torch.float32, num_seqs=NUM_SEQS, context=CONTEXT,
+                 seed=0):
+    """(q, k_cache, v_cache, block_tables, kv_lens) of a decode batch, drawn on ``device``;
+    on a GPU once per shape and dtype, shared by every implementation (host draws of a
+    64 x 4096 cache took ~6 s a test, one thread: too slow for the device run)."""
+    if device == "cpu":
+        return list(_draw_decode_batch(device, dtype, num_seqs, context, seed))
+    return list(_device_decode_batch(device, dtype, num_seqs, context, seed))
+
+
+def _draw_decode_batch(device, dtype, num_seqs, context, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
     per_seq = context // BLOCK
     num_blocks = num_seqs * per_seq + 1
-    k, v = (torch.randn(num_blocks, BLOCK, HKV, HEAD_DIM, generator=g, device="cuda",
-                        dtype=dtype) for _ in range(2))
-    tables = torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(0))
-    tables = tables[:num_seqs * per_seq].view(num_seqs, per_seq).to(torch.int32).cuda()
-    kv_lens = torch.full((num_seqs,), context, dtype=torch.int32, device="cuda")
-    q = torch.randn(num_seqs, HQ, HEAD_DIM, generator=g, device="cuda", dtype=dtype)
+    k, v = (torch.randn(num_blocks, BLOCK, HKV, HEAD_DIM, generator=g, device=device).to(dtype)
+            for _ in range(2))
+    tables = torch.randperm(num_blocks - 1, generator=g, device=device)[:num_seqs * per_seq]
+    tables = tables.view(num_seqs, per_seq).to(torch.int32)
+    kv_lens = torch.full((num_seqs,), context, dtype=torch.int32, device=device)
+    q = torch.randn(num_seqs, HQ, HEAD_DIM, generator=g, device=device).to(dtype)
     return q, k, v, tables, kv_lens
 
 
-def decode_batch(device="cpu", dtype=torch.float32, num_seqs=NUM_SEQS, context=CONTEXT,
-                 seed=0):
-    if device != "cpu" and seed == 0:
-        return list(_device_decode_batch(dtype, num_seqs, context))
-    g = torch.Generator().manual_seed(seed)
-    per_seq = context // BLOCK
-    num_blocks = num_seqs * per_seq + 1
-    k = torch.randn(num_blocks, BLOCK, HKV, HEAD_DIM, generator=g).to(dtype)
-    v = torch.randn(num_blocks, BLOCK, HKV, HEAD_DIM, generator=g).to(dtype)
-    tables = torch.randperm(num_blocks - 1, generator=g)[:num_seqs * per_seq]
-    tables = tables.view(num_seqs, per_seq).to(torch.int32)
-    kv_lens = torch.full((num_seqs,), context, dtype=torch.int32)
-    q = torch.randn(num_seqs, HQ, HEAD_DIM, generator=g).to(dtype)
-    return [t.to(device) for t in (q, k, v, tables, kv_lens)]
+_device_decode_batch = functools.cache(_draw_decode_batch)
 
 
 def _gathered(k_cache, v_cache, block_tables):

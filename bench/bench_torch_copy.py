@@ -26,14 +26,11 @@ torch.set_num_threads(1)
 LAYERS, NUM_BLOCKS, BLOCK_SHAPE, MOVE = 16, 256, (16, 8, 128), 64
 
 
-def _caches(device="cpu", num_blocks=NUM_BLOCKS, pinned=False):
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(2 * LAYERS):
-        c = torch.randn(num_blocks, *BLOCK_SHAPE, generator=g).to(torch.bfloat16)
-        c = c.pin_memory() if pinned else c.to(device)
-        out.append(c)
-    return out
+def _caches(device="cpu", num_blocks=NUM_BLOCKS):
+    """Every layer's K and V, bf16 blocks of BLOCK_SHAPE, drawn on ``device``."""
+    g = torch.Generator(device=device).manual_seed(0)
+    return [torch.randn(num_blocks, *BLOCK_SHAPE, generator=g, device=device).to(torch.bfloat16)
+            for _ in range(2 * LAYERS)]
 
 
 def _ids(n=MOVE, num_blocks=NUM_BLOCKS, seed=1, device="cpu"):
@@ -98,14 +95,11 @@ GPU_BLOCKS, GPU_MOVE = 1024, 256
 
 @functools.cache
 def _gpu_swap_caches():
-    """Every layer's K and V on the GPU (drawn there) and pinned host twins for the moved
-    blocks (contents irrelevant), shared by every GPU swap test: host draws took ~5 s a test."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    dev = [torch.randn(GPU_BLOCKS, *BLOCK_SHAPE, generator=g, device="cuda",
-                       dtype=torch.bfloat16) for _ in range(2 * LAYERS)]
+    """The caches on the GPU (drawn there) and pinned host twins for the moved blocks
+    (contents irrelevant), shared by every GPU swap test: host draws took ~5 s a test."""
     host = [torch.empty(GPU_MOVE, *BLOCK_SHAPE, dtype=torch.bfloat16, pin_memory=True)
             for _ in range(2 * LAYERS)]
-    return dev, host
+    return _caches("cuda", GPU_BLOCKS), host
 
 
 @cuda
@@ -117,7 +111,7 @@ def test_gpu_swap_blocks(benchmark, impl, direction):
         pytest.importorskip("cupy")
     benchmark.group = f"gpu-swap-{direction}"
     move = GPU_MOVE
-    nbytes = 2 * LAYERS * move * math.prod(BLOCK_SHAPE) * 2  # bf16
+    nbytes = 2 * LAYERS * move * math.prod(BLOCK_SHAPE) * 2  # what _moved_bytes counts
     flat_dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     flat_host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
     if impl != "contiguous_copy":
