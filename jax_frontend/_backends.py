@@ -151,8 +151,8 @@ for _op in ("paged_attention", "shared_prefix_attention"):
     REGISTRIES[_op].register(Backend(
         "pallas_tpu", ("tpu",), _pallas_attention(_op, False), priority=10, requires=_PALLAS_REQ,
         supports=_tpu_attention_supports,
-        doc="Pallas Mosaic TPU ragged paged attention: scalar-prefetched tables, pipelined "
-            "KV block DMAs, online softmax in VMEM"))
+        doc="Pallas Mosaic TPU ragged paged attention: scalar-prefetched tables, KV read in "
+            "multi-block chunks by double-buffered DMAs, online softmax in VMEM"))
     REGISTRIES[_op].register(Backend(
         "pallas_interpret", ("cpu",), _pallas_attention(_op, True), priority=-10,
         requires=_PALLAS_REQ, supports=_tpu_attention_supports,

@@ -130,26 +130,92 @@ def _close(got, want, dtype):
     np.testing.assert_allclose(got, np.asarray(want, np.float32), atol=atol, rtol=rtol)
 
 
-# (grid, dtype, options): small shapes, TPU interpret mode costs seconds per call
+# (grid, dtype, block_size, options): small shapes, TPU interpret mode costs seconds per call
 ATTENTION_CASES = [
-    ("mixed", "float32", {}),
-    ("decode", "bfloat16", dict(sliding_window=5, logits_soft_cap=3.0)),
-    ("prefill_with_prefix", "float32", dict(causal=False)),
+    ("mixed", "float32", 8, {}),
+    ("decode", "bfloat16", 16, dict(sliding_window=5, logits_soft_cap=3.0)),
+    ("prefill_with_prefix", "float32", 8, dict(causal=False)),
 ]
 
 
-@pytest.mark.parametrize("grid,dtype,kw", ATTENTION_CASES,
-                         ids=[f"{g}-{d}-{'-'.join(k) or 'plain'}" for g, d, k in ATTENTION_CASES])
-def test_paged_attention_pallas_tpu_interpret(grid, dtype, kw):
-    rng = np.random.default_rng(5)
-    batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, 8), num_q_heads=4,
-                                      num_kv_heads=2, head_dim=128, block_size=8, dtype=dtype)
-    want, want_lse = ref.paged_attention_reference(*batch.args(), return_lse=True, **kw)
-    out, lse = jf.paged_attention(*batch.args(), return_lse=True, backend=BACKEND, **kw)
-    _close(out, want, dtype)
+def _check_lse(lse, want_lse):
     fin = np.isfinite(want_lse)
     assert (np.isneginf(np.asarray(lse)) == ~fin).all()
     np.testing.assert_allclose(np.asarray(lse)[fin], want_lse[fin], atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("grid,dtype,block_size,kw", ATTENTION_CASES,
+                         ids=[f"{g}-{d}-{'-'.join(k) or 'plain'}"
+                              for g, d, _, k in ATTENTION_CASES])
+def test_paged_attention_pallas_tpu_interpret(grid, dtype, block_size, kw):
+    rng = np.random.default_rng(5)
+    batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, block_size), num_q_heads=4,
+                                      num_kv_heads=2, head_dim=128, block_size=block_size,
+                                      dtype=dtype)
+    want, want_lse = ref.paged_attention_reference(*batch.args(), return_lse=True, **kw)
+    out, lse = jf.paged_attention(*batch.args(), return_lse=True, backend=BACKEND, **kw)
+    _close(out, want, dtype)
+    _check_lse(lse, want_lse)
+
+
+# (grid, heads per step, blocks per chunk, options): the chunk loop and its double buffer
+# (several chunks, a last chunk with blocks left out, a sliding window starting past block 0),
+# and kv heads split over the grid
+CHUNK_CASES = [
+    ("mixed", 1, 1, {}),
+    ("mixed", 2, 3, dict(sliding_window=11)),
+    ("prefill_with_prefix", 1, 2, dict(logits_soft_cap=4.0)),
+]
+
+
+@pytest.mark.parametrize("grid,heads,pages,kw", CHUNK_CASES,
+                         ids=[f"{g}-h{h}-p{p}" for g, h, p, _ in CHUNK_CASES])
+def test_tpu_kernel_chunks_and_head_groups(grid, heads, pages, kw):
+    rng = np.random.default_rng(8)
+    batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, 8), num_q_heads=4,
+                                      num_kv_heads=2, head_dim=128, block_size=8)
+    args = [None if a is None else jnp.asarray(a) for a in batch.args()]
+    scale = 1.0 / np.sqrt(128)
+    want, want_lse = ref.paged_attention_reference(*batch.args(), scale=scale, return_lse=True,
+                                                   **kw)
+    out, lse = pa.paged_attention_tpu(*args, scale=scale, heads=heads, pages=pages,
+                                      interpret=_backends.tpu_interpret_params(), **kw)
+    _close(out, want, "float32")
+    _check_lse(lse, want_lse)
+
+
+def test_tpu_plan_fills_chunks_and_fits_vmem():
+    """The default plan: every kv head in one step up to 1024 lanes, CHUNK_BYTES of K per
+    chunk (so a 16-token bf16 block of 8 heads of 128 gives 8 blocks, not 1), and the VMEM it
+    takes within the budget over the shapes the kernel accepts."""
+    plan = pa.tpu_plan(num_kv_heads=8, head_dim=128, block_size=16, itemsize=2, rows=4,
+                       max_blocks=256)
+    assert plan == pa.TpuPlan(heads=8, pages=8)
+    assert pa.tpu_plan(num_kv_heads=8, head_dim=256, block_size=16, itemsize=4, rows=4,
+                       max_blocks=256) == pa.TpuPlan(heads=4, pages=4)
+    assert pa.tpu_plan(num_kv_heads=8, head_dim=128, block_size=16, itemsize=2, rows=4,
+                       max_blocks=3).pages == 3
+    worst = 0
+    for head_dim in (128, 256):
+        for itemsize in (2, 4):
+            for block_size in (16, 32, 64, 128, 256, 512):
+                for kv_heads in (1, 2, 4, 8, 16, 32):
+                    for rows in (1, 4, 8, 64, 128, 256, 512):
+                        plan = pa.tpu_plan(num_kv_heads=kv_heads, head_dim=head_dim,
+                                           block_size=block_size, itemsize=itemsize, rows=rows,
+                                           max_blocks=4096)
+                        worst = max(worst, pa.vmem_bytes(plan, head_dim=head_dim,
+                                                         block_size=block_size,
+                                                         itemsize=itemsize, rows=rows))
+    assert 0 < worst <= pa.VMEM_BUDGET, worst
+
+
+def test_tpu_kernel_caps_query_rows():
+    """Cascade prefix calls ask for 256-token tiles; with G = 8 the kernel takes 64 tokens
+    (512 rows) per tile instead."""
+    assert pa._q_tile(4096, 2, False, 16, 8, 256) == (64, 65)
+    assert pa._q_tile(4096, 2, False, 16, 1, 256)[0] == 256
+    assert pa._q_tile(8, 8, True, 16, 8, None) == (1, 8)
 
 
 def test_shared_prefix_attention_pallas_tpu_interpret():
@@ -185,7 +251,10 @@ def test_tpu_backend_refuses_untileable_shapes():
     with pytest.raises(jf.BackendError, match="pallas_interpret: head_dim 64 is not a multiple"):
         jf.paged_attention(*batch.args(), backend=BACKEND)
     assert pa.tpu_supports(head_dim=128, block_size=12) == (
-        False, "block_size 12 is not a multiple of 8 (Mosaic tiling)")
+        False, "block_size 12 is not a multiple of 8 (Mosaic tiling of 32-bit values)")
+    assert pa.tpu_supports(head_dim=128, block_size=8, dtype="bfloat16") == (
+        False, "block_size 8 is not a multiple of 16 (Mosaic tiling of 16-bit values)")
+    assert pa.tpu_supports(head_dim=256, block_size=16, dtype="float16") == (True, "")
 
 
 def test_tpu_backend_refuses_block_tables_over_its_smem_share():
@@ -384,7 +453,7 @@ def test_tpu_kernel_f32_dots_ask_for_highest():
                                    num_kv_heads=2, head_dim=128, block_size=16)
     jaxpr = jax.make_jaxpr(lambda: jf.paged_attention(*rb.args(), backend=BACKEND))()
     dots = list(_dots_in(jaxpr.jaxpr))
-    assert len(dots) == 2
+    assert len(dots) == 4  # QK and PV for each of the step's 2 kv heads
     for eqn in dots:
         assert eqn.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2
 

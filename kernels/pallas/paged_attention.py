@@ -2,12 +2,19 @@
 a cached prefix and mixed batches in one call).
 
 Work is cut as in the XLA path (prefixkv.jax_frontend._xla): query tiles of one sequence and up
-to ``q_tile`` tokens, all q heads of a kv head stacked as rows (GQA). Grid
-``(tile, kv_head, kv_block)``: the per-tile metadata and the block tables are scalar-prefetched
-into SMEM, and the K/V BlockSpecs' index maps read them, so Pallas's pipeline DMAs block
-``block_tables[seq, lo + j]`` of the kv head from HBM while the previous one is used. Steps
-past a tile's last block keep the same block index (no new DMA) and skip the compute. Online
-softmax in float32 VMEM scratch; out and lse written at the tile's last step.
+to ``q_tile`` tokens, the G q heads of a kv head stacked as rows (GQA). Grid ``(tile, head
+group)``, both parallel (the two TensorCores of a megacore chip split them): one step serves
+``heads`` kv heads of one tile. The caches stay in HBM (``memory_space=ANY``). A step walks its
+tile's KV blocks in chunks of ``pages`` blocks: while it computes on chunk c in one half of a
+VMEM double buffer, the DMAs of chunk c+1 (one per block and cache: the block's rows of the
+step's heads, one contiguous slab when the step holds every kv head) fill the other half. The
+block tables and the per-tile metadata are scalar-prefetched into SMEM. Online softmax in
+float32 VMEM scratch; out and lse written at the end of the step.
+
+Why chunks of many blocks rather than one grid step per block (a BlockSpec pipeline over the
+block table): every grid step has a fixed cost, and one kv head of one 16-token bf16 block is
+only 4 KiB, so a step per block leaves decode far below HBM bandwidth; a chunk moves 10s to
+100s of KiB per DMA wait.
 
 ``interpret``: False for the TPU, or ``pltpu.InterpretParams(...)`` for TPU interpret mode.
 """
@@ -15,9 +22,11 @@ softmax in float32 VMEM scratch; out and lse written at the tile's last step.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -25,63 +34,159 @@ from jax.experimental.pallas import tpu as pltpu
 from ...jax_frontend import _xla
 from .._vma import out_struct
 
+# Operands left where they are (HBM on a TPU); spelled pl.ANY in jax 0.10
+_ANY = getattr(pl, "ANY", None) or getattr(pltpu, "ANY", None) or pltpu.HBM
+
+#: At most this many query rows (tokens x G) per step: the score tile [rows, chunk tokens] and
+#: the float32 accumulators grow with it.
+MAX_ROWS = 512
+#: At most this many lanes (heads x head_dim) of one block per DMA, and heads x rows per step.
+MAX_LANES = 1024
+MAX_HEAD_ROWS = 1024
+#: Target bytes of K (and of V) per chunk, and the most blocks a chunk holds (each block is
+#: one DMA per cache, unrolled in the kernel).
+CHUNK_BYTES = 256 * 1024
+MAX_PAGES = 32
+#: Float32 elements of one head's score tile [rows, chunk tokens] (512 KiB).
+MAX_SCORE_ELEMS = 128 * 1024
+#: VMEM the plan may take, kept under the 16 MiB scoped default of v5e (32 MiB from v6e on).
+VMEM_BUDGET = 12 << 20
+
+
+class TpuPlan(NamedTuple):
+    """Static split of one call: kv heads per grid step and KV blocks per chunk."""
+
+    heads: int
+    pages: int
+
+
+def sublane_rows(itemsize: int) -> int:
+    """Rows of one (sublane x 128) VMEM tile for an element size: 16-bit values pack two rows
+    per 32-bit sublane."""
+    return 8 * max(1, 4 // itemsize)
+
+
+def tpu_plan(*, num_kv_heads: int, head_dim: int, block_size: int, itemsize: int, rows: int,
+             max_blocks: int, heads: int | None = None, pages: int | None = None) -> TpuPlan:
+    """Heads per step: the most that divide num_kv_heads within MAX_LANES lanes, MAX_HEAD_ROWS
+    rows and, for one block, CHUNK_BYTES. Blocks per chunk: CHUNK_BYTES of K for those heads,
+    capped so one head's score tile stays within MAX_SCORE_ELEMS, at most MAX_PAGES and the
+    table's width. ``heads`` / ``pages`` override (tests)."""
+    if heads is None:
+        heads = max([d for d in range(1, num_kv_heads + 1) if num_kv_heads % d == 0
+                     and d * head_dim <= MAX_LANES and d * rows <= MAX_HEAD_ROWS
+                     and d * head_dim * itemsize * block_size <= CHUNK_BYTES] or [1])
+    if pages is None:
+        tokens = min(CHUNK_BYTES // (heads * head_dim * itemsize), MAX_SCORE_ELEMS // rows)
+        pages = min(max(1, tokens // block_size), MAX_PAGES)
+    return TpuPlan(heads, max(1, min(pages, max_blocks)))
+
+
+def vmem_bytes(plan: TpuPlan, *, head_dim: int, block_size: int, itemsize: int,
+               rows: int) -> int:
+    """VMEM one step takes: the K/V double buffers, the pipelined q/out/lse blocks (two of
+    each), the float32 scratch (m and l pad to 128 lanes) and one head's float32 temporaries
+    (scores, probabilities, their masked copy)."""
+    tokens, lanes = plan.pages * block_size, plan.heads * head_dim
+    kv = 2 * 2 * tokens * lanes * itemsize
+    blocks = 2 * (2 * plan.heads * rows * head_dim * itemsize + plan.heads * rows * 128 * 4)
+    scratch = plan.heads * rows * (head_dim + 2 * 128) * 4
+    temps = 3 * rows * tokens * 4 + 2 * tokens * head_dim * 4
+    return kv + blocks + scratch + temps
+
 
 def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_ref,
-                            q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
-                            scale: float, block_size: int, group: int, causal: bool,
-                            sliding_window: int | None, logits_soft_cap: float | None):
-    del seq_ref, tables_ref  # used by the index maps only
-    i, j = pl.program_id(0), pl.program_id(2)
-    rows = q_ref.shape[0]
+                            q_ref, k_hbm, v_hbm, o_ref, lse_ref, k_buf, v_buf, sem,
+                            m_sc, l_sc, acc_sc, *, scale: float, block_size: int, group: int,
+                            causal: bool, sliding_window: int | None,
+                            logits_soft_cap: float | None, pages: int, max_blocks: int):
+    i, g = pl.program_id(0), pl.program_id(1)
+    heads, rows, head_dim = q_ref.shape
+    tokens = pages * block_size
+    n, lo, hi = nblk_ref[i], lo_ref[i], hi_ref[i]
+    row0 = seq_ref[i] * max_blocks
+    lanes = pl.ds(pl.multiple_of(g * (heads * head_dim), 128), heads * head_dim)
+    num_chunks = lax.div(n + (pages - 1), pages)  # n >= 0: truncating division
 
-    @pl.when(j == 0)
-    def _init():
-        m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
-        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+    def chunk_dmas(c, slot, action: str) -> None:
+        """Start (or wait for) the DMAs of chunk c's blocks into buffer half ``slot``; blocks
+        past the tile's last are not copied (their keys are masked)."""
+        def block(p: int) -> None:
+            col = jnp.minimum(lo + c * pages + p, max_blocks - 1)
+            blk = tables_ref[row0 + col]
+            dst = pl.ds(p * block_size, block_size)
+            for src, buf, k in ((k_hbm, k_buf, 0), (v_hbm, v_buf, 1)):
+                cp = pltpu.make_async_copy(src.at[blk, :, lanes], buf.at[slot, dst],
+                                           sem.at[k, slot])
+                getattr(cp, action)()
 
-    @pl.when(j < nblk_ref[i])
-    def _step():
-        # float32 caches ask for HIGHEST (Mosaic's fp32 contraction) rather than leave an f32
-        # dot's passes to the compiler's default
-        prec = lax.Precision.HIGHEST if q_ref.dtype == jnp.float32 else None
-        q = q_ref[...].astype(jnp.float32) * scale               # [rows, D]
-        k = k_ref[...].astype(jnp.float32)                       # [B, D]
-        v = v_ref[...].astype(jnp.float32)
-        t0 = (lo_ref[i] + j) * block_size
-        t = t0 + lax.broadcasted_iota(jnp.int32, (rows, block_size), 1)
-        row_pos = pos_ref[i] + lax.div(lax.broadcasted_iota(jnp.int32, (rows, block_size), 0),
+        for p in range(pages):
+            pl.when(c * pages + p < n)(functools.partial(block, p))
+
+    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    @pl.when(n > 0)
+    def _first():
+        chunk_dmas(0, 0, "start")
+
+    # bfloat16 runs on the MXU natively (float32 accumulation); float32 asks for HIGHEST
+    # (Mosaic's fp32 contraction) and float16, which the MXU lacks, goes through float32
+    native = q_ref.dtype == jnp.bfloat16
+    prec = None if native else lax.Precision.HIGHEST
+
+    def chunk(c, carry):
+        slot = lax.rem(c, 2)
+
+        @pl.when(c + 1 < num_chunks)
+        def _prefetch():
+            chunk_dmas(c + 1, 1 - slot, "start")
+
+        chunk_dmas(c, slot, "wait")
+        t0 = (lo + c * pages) * block_size
+        t = t0 + lax.broadcasted_iota(jnp.int32, (rows, tokens), 1)
+        row_pos = pos_ref[i] + lax.div(lax.broadcasted_iota(jnp.int32, (rows, tokens), 0),
                                        jnp.int32(group))
-        mask = t < hi_ref[i]
+        mask = t < hi
         if causal:
             mask = mask & (t <= row_pos)
             if sliding_window is not None:
                 mask = mask & (t > row_pos - sliding_window)
-        key_ok = (t0 + lax.broadcasted_iota(jnp.int32, (block_size, 1), 0)) < hi_ref[i]
-        v = jnp.where(key_ok, v, 0.0)                            # padding slots may be NaN
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
-                            preferred_element_type=jnp.float32)  # [rows, B]
-        if logits_soft_cap is not None:
-            s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
-        s = jnp.where(mask, s, -jnp.inf)
-        m_prev = m_sc[...]                                       # [rows, 1]
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp(s - m_safe)
-        alpha = jnp.exp(m_prev - m_safe)
-        l_sc[...] = l_sc[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
-        acc_sc[...] = acc_sc[...] * alpha + lax.dot_general(
-            p, v, (((1,), (0,)), ((), ())), precision=prec,
-            preferred_element_type=jnp.float32)
-        m_sc[...] = m_new
+        # slots past the keys (a block's padding, blocks not copied) may hold NaN
+        key_ok = (t0 + lax.broadcasted_iota(jnp.int32, (tokens, 1), 0)) < hi
+        for h in range(heads):
+            cols = pl.ds(h * head_dim, head_dim)
+            q, k = q_ref[h], k_buf[slot, :, cols]
+            v = jnp.where(key_ok, v_buf[slot, :, cols].astype(jnp.float32), 0.0)
+            if not native:
+                q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+            s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
+                                preferred_element_type=jnp.float32) * scale  # [rows, tokens]
+            if logits_soft_cap is not None:
+                s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
+            s = jnp.where(mask, s, -jnp.inf)
+            m_prev = m_sc[h]                                          # [rows, 1]
+            m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            p = jnp.exp(s - m_safe)
+            alpha = jnp.exp(m_prev - m_safe)
+            l_sc[h] = l_sc[h] * alpha + jnp.sum(p, axis=1, keepdims=True)
+            if native:
+                p, v = p.astype(v_buf.dtype), v.astype(v_buf.dtype)
+            acc_sc[h] = acc_sc[h] * alpha + lax.dot_general(
+                p, v, (((1,), (0,)), ((), ())), precision=prec,
+                preferred_element_type=jnp.float32)
+            m_sc[h] = m_new
+        return carry
 
-    @pl.when(j == pl.num_programs(2) - 1)
-    def _finish():
-        l_sum = l_sc[...]
+    lax.fori_loop(0, num_chunks, chunk, 0)
+
+    for h in range(heads):
+        l_sum = l_sc[h]
         seen = l_sum > 0
-        o_ref[...] = (acc_sc[...] / jnp.where(seen, l_sum, 1.0)).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(jnp.where(seen, l_sum, 1.0)),
-                                 -jnp.inf)
+        o_ref[h] = (acc_sc[h] / jnp.where(seen, l_sum, 1.0)).astype(o_ref.dtype)
+        lse_ref[h] = jnp.where(seen, m_sc[h] + jnp.log(jnp.where(seen, l_sum, 1.0)), -jnp.inf)
 
 
 #: Bytes of block table the kernel may scalar-prefetch into SMEM: half of the 1 MiB a TPU core
@@ -91,14 +196,18 @@ MAX_SMEM_TABLE_BYTES = 512 * 1024
 
 
 def tpu_supports(*, head_dim: int, block_size: int, table_entries: int = 0,
-                 **_) -> tuple[bool, str]:
-    """Shapes the Mosaic kernel lowers for: one kv head of a block is a (block_size, head_dim)
-    tile, which Mosaic wants as multiples of (8, 128); the block table, prefetched into SMEM,
-    within MAX_SMEM_TABLE_BYTES."""
+                 dtype: str = "float32", **_) -> tuple[bool, str]:
+    """Shapes the Mosaic kernel lowers for: each block lands in a VMEM buffer at a row offset
+    of a multiple of block_size, so block_size must fill whole (sublane x 128) tiles (8 rows of
+    32-bit values, 16 of 16-bit), and head_dim whole 128-lane columns; the block table,
+    prefetched into SMEM, within MAX_SMEM_TABLE_BYTES."""
     if head_dim % 128:
         return False, f"head_dim {head_dim} is not a multiple of 128 (Mosaic tiling)"
-    if block_size % 8:
-        return False, f"block_size {block_size} is not a multiple of 8 (Mosaic tiling)"
+    itemsize = np.dtype(jnp.dtype(dtype)).itemsize
+    rows = sublane_rows(itemsize)
+    if block_size % rows:
+        return False, (f"block_size {block_size} is not a multiple of {rows} (Mosaic tiling of "
+                       f"{8 * itemsize}-bit values)")
     if 4 * table_entries > MAX_SMEM_TABLE_BYTES:
         return False, (f"a block table of {table_entries} entries ({4 * table_entries // 1024} "
                        f"KiB) is over the {MAX_SMEM_TABLE_BYTES // 1024} KiB of SMEM it may "
@@ -108,32 +217,50 @@ def tpu_supports(*, head_dim: int, block_size: int, table_entries: int = 0,
 
 def paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale,
                         causal=True, sliding_window=None, logits_soft_cap=None,
-                        q_tile=None, interpret=False):
+                        q_tile=None, interpret=False, heads=None, pages=None):
     """Same contract as prefixkv.jax_frontend.paged_attention (validated inputs, static
-    config); returns (out [num_tokens, num_q_heads, head_dim] in q's dtype, lse f32)."""
+    config); returns (out [num_tokens, num_q_heads, head_dim] in q's dtype, lse f32).
+    ``heads`` / ``pages``: override the plan's kv heads per step and blocks per chunk
+    (tests)."""
     return _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
                                 scale=scale, causal=causal, sliding_window=sliding_window,
                                 logits_soft_cap=logits_soft_cap, q_tile=q_tile,
-                                interpret=interpret)
+                                interpret=interpret, heads=heads, pages=pages)
+
+
+def _q_tile(num_tokens: int, num_seqs: int, decode: bool, block_size: int, group: int,
+            q_tile: int | None) -> tuple[int, int]:
+    """(q_tile, num_tiles): the XLA path's tiling, with q_tile lowered to a power of two that
+    keeps q_tile x G within MAX_ROWS."""
+    tq, nt, _ = _xla.choose_tiling(num_tokens, num_seqs, decode, block_size, q_tile=q_tile)
+    if tq * group > MAX_ROWS:
+        cap = 1 << max(0, (MAX_ROWS // group).bit_length() - 1)
+        tq, nt, _ = _xla.choose_tiling(num_tokens, num_seqs, decode, block_size, q_tile=cap)
+    return tq, nt
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "sliding_window",
-                                             "logits_soft_cap", "q_tile", "interpret"))
+                                             "logits_soft_cap", "q_tile", "interpret",
+                                             "heads", "pages"))
 def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *, scale,
-                         causal, sliding_window, logits_soft_cap, q_tile, interpret):
+                         causal, sliding_window, logits_soft_cap, q_tile, interpret, heads,
+                         pages):
     operands = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens)
     num_tokens, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs, max_blocks = block_tables.shape
     group = num_q_heads // num_kv_heads
     decode = cu_q_lens is None
-    if num_tokens == 0 or num_seqs == 0:
+    if num_tokens == 0 or num_seqs == 0 or max_blocks == 0:
         return (jnp.zeros(q.shape, q.dtype),
                 jnp.full((num_tokens, num_q_heads), -jnp.inf, jnp.float32))
     if decode:
         cu_q_lens = jnp.arange(num_seqs + 1, dtype=jnp.int32)
-    tq, nt, _ = _xla.choose_tiling(num_tokens, num_seqs, decode, block_size, q_tile=q_tile)
+    tq, nt = _q_tile(num_tokens, num_seqs, decode, block_size, group, q_tile)
     rows = tq * group
+    plan = tpu_plan(num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
+                    itemsize=k_cache.dtype.itemsize, rows=rows, max_blocks=max_blocks,
+                    heads=heads, pages=pages)
     seq, tok, lo, nblk, hi, first_pos = _xla.kernel_tile_plan(
         kv_lens, cu_q_lens, num_tokens=num_tokens, num_tiles=nt, q_tile=tq,
         block_size=block_size, causal=causal, sliding_window=sliding_window)
@@ -141,38 +268,34 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
 
     qt = _xla.token_tiles(q, tok, num_kv_heads)                      # [nt, Hkv, rows, D]
 
-    def kv_map(i, h, j, seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_ref):
-        del hi_ref, pos_ref
-        jj = jnp.minimum(j, jnp.maximum(nblk_ref[i] - 1, 0))  # past the end: same block
-        col = jnp.minimum(lo_ref[i] + jj, max_blocks - 1)
-        return tables_ref[seq_ref[i] * max_blocks + col], 0, h
-
-    def q_map(i, h, j, *_):
-        return i, h, 0, 0
+    def q_map(i, g, *_):
+        return i, g, 0, 0
 
     kernel = functools.partial(
         _paged_attention_kernel, scale=scale, block_size=block_size, group=group, causal=causal,
-        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
-    # caches viewed as [num_blocks, block_size, num_kv_heads * head_dim] (a free reshape): one
-    # kv head of one block is a (block_size, head_dim) tile, as Mosaic's (8, 128) tiling wants
-    kv_spec = pl.BlockSpec((None, block_size, head_dim), kv_map)
+        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, pages=plan.pages,
+        max_blocks=max_blocks)
+    # caches viewed as [num_blocks, block_size, num_kv_heads * head_dim] (a free reshape): the
+    # step's heads of one block are a (block_size, heads * head_dim) window of whole tiles
     k_flat = k_cache.reshape(num_blocks, block_size, num_kv_heads * head_dim)
     v_flat = v_cache.reshape(num_blocks, block_size, num_kv_heads * head_dim)
+    any_spec = pl.BlockSpec(memory_space=_ANY)
+    buf = pltpu.VMEM((2, plan.pages * block_size, plan.heads * head_dim), k_cache.dtype)
     out, lse = pl.pallas_call(
         kernel,
         out_shape=[out_struct((nt, num_kv_heads, rows, head_dim), q.dtype, *operands),
                    out_struct((nt, num_kv_heads, rows, 1), jnp.float32, *operands)],
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=6, grid=(nt, num_kv_heads, max_blocks),
-            in_specs=[pl.BlockSpec((None, None, rows, head_dim), q_map), kv_spec, kv_spec],
-            out_specs=[pl.BlockSpec((None, None, rows, head_dim), q_map),
-                       pl.BlockSpec((None, None, rows, 1), q_map)],
-            scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32),
-                            pltpu.VMEM((rows, 1), jnp.float32),
-                            pltpu.VMEM((rows, head_dim), jnp.float32)]),
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary")),
+            num_scalar_prefetch=6, grid=(nt, num_kv_heads // plan.heads),
+            in_specs=[pl.BlockSpec((None, plan.heads, rows, head_dim), q_map), any_spec,
+                      any_spec],
+            out_specs=[pl.BlockSpec((None, plan.heads, rows, head_dim), q_map),
+                       pl.BlockSpec((None, plan.heads, rows, 1), q_map)],
+            scratch_shapes=[buf, buf, pltpu.SemaphoreType.DMA((2, 2)),
+                            pltpu.VMEM((plan.heads, rows, 1), jnp.float32),
+                            pltpu.VMEM((plan.heads, rows, 1), jnp.float32),
+                            pltpu.VMEM((plan.heads, rows, head_dim), jnp.float32)]),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret,
-    )(seq, lo, nblk, hi, first_pos,
-      tables, qt, k_flat, v_flat)
+    )(seq, lo, nblk, hi, first_pos, tables, qt, k_flat, v_flat)
     return _xla.tiles_to_tokens(out, lse[..., 0], tok, num_tokens)
