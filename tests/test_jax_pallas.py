@@ -64,6 +64,35 @@ def test_gather_scatter_pallas():
         np.testing.assert_array_equal(_bits(g), _bits(w))
 
 
+@pytest.mark.parametrize("per_step", [1, 2, 3])
+def test_pallas_cache_kernels_several_items_per_grid_step(per_step):
+    """Each grid step starts the DMAs of ``per_step`` rows or blocks, then waits: a last step
+    with fewer items, padding and out-of-range destinations skipped, everything else
+    bit-exact and untouched where not named."""
+    rng = np.random.default_rng(9)
+    params = _backends.tpu_interpret_params()
+    kc, vc = _caches(rng, "bfloat16")
+    key, value = (testing.random_values(rng, (6, 2, 8), "bfloat16") for _ in range(2))
+    slots = np.array([5, -1, 39, 0, 17, 40], np.int32)  # 40: past the 40 slots, skipped
+    want = ref.write_kv_reference(key, value, kc, vc, np.where(slots < 40, slots, -1))
+    got = cache_ops.write_kv_tpu(jnp.asarray(key), jnp.asarray(value), jnp.asarray(kc),
+                                 jnp.asarray(vc), jnp.asarray(slots), interpret=params,
+                                 per_step=per_step)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(_bits(g), _bits(w))
+    caches = _caches(rng, "float32", n=2)
+    ids = np.array([3, 0, 9, 3, 7], np.int32)
+    buf = cache_ops.gather_blocks_tpu([jnp.asarray(c) for c in caches], jnp.asarray(ids),
+                                      interpret=params, per_step=per_step)
+    np.testing.assert_array_equal(_bits(buf), _bits(ref.gather_blocks_reference(caches, ids)))
+    dst = np.array([5, 6, 1, 8, 10], np.int32)  # 10: past the 10 blocks, skipped
+    got = cache_ops.scatter_blocks_tpu([jnp.asarray(c) for c in caches], buf, jnp.asarray(dst),
+                                       interpret=params, per_step=per_step)
+    want = ref.scatter_blocks_reference(caches, np.asarray(buf)[:4], dst[:4])
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(_bits(g), _bits(w))
+
+
 def _spec(x):
     return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
 
