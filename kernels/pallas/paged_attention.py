@@ -258,8 +258,12 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
         cu_q_lens = jnp.arange(num_seqs + 1, dtype=jnp.int32)
     tq, nt = _q_tile(num_tokens, num_seqs, decode, block_size, group, q_tile)
     rows = tq * group
+    # rows padded to whole sublane tiles (a decode tile of G = 4 bf16 rows becomes 16): every
+    # vector and dot of the kernel then has tile-aligned shapes; the padding rows are dropped
+    tile_rows = sublane_rows(q.dtype.itemsize)
+    rows_p = -(-rows // tile_rows) * tile_rows
     plan = tpu_plan(num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
-                    itemsize=k_cache.dtype.itemsize, rows=rows, max_blocks=max_blocks,
+                    itemsize=k_cache.dtype.itemsize, rows=rows_p, max_blocks=max_blocks,
                     heads=heads, pages=pages)
     seq, tok, lo, nblk, hi, first_pos = _xla.kernel_tile_plan(
         kv_lens, cu_q_lens, num_tokens=num_tokens, num_tiles=nt, q_tile=tq,
@@ -267,6 +271,8 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
     tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_blocks - 1).reshape(-1)
 
     qt = _xla.token_tiles(q, tok, num_kv_heads)                      # [nt, Hkv, rows, D]
+    if rows_p != rows:
+        qt = jnp.pad(qt, ((0, 0), (0, 0), (0, rows_p - rows), (0, 0)))
 
     def q_map(i, g, *_):
         return i, g, 0, 0
@@ -283,19 +289,19 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
     buf = pltpu.VMEM((2, plan.pages * block_size, plan.heads * head_dim), k_cache.dtype)
     out, lse = pl.pallas_call(
         kernel,
-        out_shape=[out_struct((nt, num_kv_heads, rows, head_dim), q.dtype, *operands),
-                   out_struct((nt, num_kv_heads, rows, 1), jnp.float32, *operands)],
+        out_shape=[out_struct((nt, num_kv_heads, rows_p, head_dim), q.dtype, *operands),
+                   out_struct((nt, num_kv_heads, rows_p, 1), jnp.float32, *operands)],
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=6, grid=(nt, num_kv_heads // plan.heads),
-            in_specs=[pl.BlockSpec((None, plan.heads, rows, head_dim), q_map), any_spec,
+            in_specs=[pl.BlockSpec((None, plan.heads, rows_p, head_dim), q_map), any_spec,
                       any_spec],
-            out_specs=[pl.BlockSpec((None, plan.heads, rows, head_dim), q_map),
-                       pl.BlockSpec((None, plan.heads, rows, 1), q_map)],
+            out_specs=[pl.BlockSpec((None, plan.heads, rows_p, head_dim), q_map),
+                       pl.BlockSpec((None, plan.heads, rows_p, 1), q_map)],
             scratch_shapes=[buf, buf, pltpu.SemaphoreType.DMA((2, 2)),
-                            pltpu.VMEM((plan.heads, rows, 1), jnp.float32),
-                            pltpu.VMEM((plan.heads, rows, 1), jnp.float32),
-                            pltpu.VMEM((plan.heads, rows, head_dim), jnp.float32)]),
+                            pltpu.VMEM((plan.heads, rows_p, 1), jnp.float32),
+                            pltpu.VMEM((plan.heads, rows_p, 1), jnp.float32),
+                            pltpu.VMEM((plan.heads, rows_p, head_dim), jnp.float32)]),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret,
     )(seq, lo, nblk, hi, first_pos, tables, qt, k_flat, v_flat)
-    return _xla.tiles_to_tokens(out, lse[..., 0], tok, num_tokens)
+    return _xla.tiles_to_tokens(out[:, :, :rows], lse[:, :, :rows, 0], tok, num_tokens)
