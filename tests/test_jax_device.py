@@ -89,6 +89,40 @@ def test_paged_attention_few_long_sequences_on_device(dtype):
     _check_paged_attention(batch, dtype, sliding_window=2500)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_chunked_prefill_over_long_contexts_on_device(dtype):
+    """Prefill and decode over contexts of thousands of tokens in one call: on a TPU the
+    kernel's chunk loop runs several double-buffered chunks per tile (tiles of up to 128
+    tokens x G rows)."""
+    rng = np.random.default_rng(5)
+    batch = testing.make_ragged_batch(rng, [(40, 2100), (1, 1500), (130, 130), (300, 1900)],
+                                      num_q_heads=16, num_kv_heads=4, head_dim=128,
+                                      block_size=16, dtype=dtype)
+    _check_paged_attention(batch, dtype)
+
+
+def test_many_rows_written_and_blocks_moved_on_device():
+    """write_kv of a prefill's 100 rows and gathers/scatters of 21 blocks (on a TPU: several
+    grid steps of several DMAs each), bit-exact."""
+    rng = np.random.default_rng(6)
+    kc, vc = (testing.random_values(rng, (64, 16, 4, 128), "bfloat16") for _ in range(2))
+    key, value = (testing.random_values(rng, (100, 4, 128), "bfloat16") for _ in range(2))
+    slots = rng.permutation(64 * 16)[:100].astype(np.int32)
+    slots[7] = -1
+    want = ref.write_kv_reference(key, value, kc, vc, slots)
+    got = jax.jit(jf.write_kv)(key, value, kc, vc, slots)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g).view(np.uint16), w.view(np.uint16))
+    ids = rng.permutation(64)[:21].astype(np.int32)
+    buf = jax.jit(jf.gather_blocks)(list(want), ids)
+    want_buf = ref.gather_blocks_reference(list(want), ids)
+    np.testing.assert_array_equal(np.asarray(buf).view(np.uint16), want_buf.view(np.uint16))
+    dst = rng.permutation(64)[:21].astype(np.int32)
+    got = jax.jit(jf.scatter_blocks)([kc, vc], buf, dst)
+    for g, w in zip(got, ref.scatter_blocks_reference([kc, vc], want_buf, dst), strict=True):
+        np.testing.assert_array_equal(np.asarray(g).view(np.uint16), w.view(np.uint16))
+
+
 def test_shared_prefix_on_device():
     rng = np.random.default_rng(1)
     batch = testing.make_shared_prefix_batch(rng, [3, 1], [(0, 1, 5), (1, 1, 17), (-1, 1, 3)],
