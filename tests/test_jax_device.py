@@ -89,6 +89,39 @@ def test_paged_attention_few_long_sequences_on_device(dtype):
     _check_paged_attention(batch, dtype, sliding_window=2500)
 
 
+def test_shared_prefix_on_device():
+    rng = np.random.default_rng(1)
+    batch = testing.make_shared_prefix_batch(rng, [3, 1], [(0, 1, 5), (1, 1, 17), (-1, 1, 3)],
+                                             num_q_heads=16, num_kv_heads=4, head_dim=128)
+    got = _run_kernel(jf.shared_prefix_attention,
+                      *[None if a is None else jnp.asarray(a) for a in batch.args()])
+    _close(got, ref.shared_prefix_attention_reference(*batch.args()), "float32")
+
+
+def test_cache_ops_on_device_exact_and_in_place():
+    rng = np.random.default_rng(2)
+    kc, vc = (testing.random_values(rng, (32, 16, 4, 128), "bfloat16") for _ in range(2))
+    key = testing.random_values(rng, (5, 4, 128), "bfloat16")
+    slots = np.array([3, -1, 100, 511, 17], np.int32)
+    want_k, want_v = ref.write_kv_reference(key, key, kc, vc, slots)
+    dk, dv = jnp.asarray(kc), jnp.asarray(vc)
+    ptr = dk.unsafe_buffer_pointer()
+    step = jax.jit(lambda k, v, x, s: jf.write_kv(x, x, k, v, s), donate_argnums=(0, 1))
+    nk, nv = step(dk, dv, jnp.asarray(key), jnp.asarray(slots))
+    assert nk.unsafe_buffer_pointer() == ptr
+    np.testing.assert_array_equal(np.asarray(nk).view(np.uint16), want_k.view(np.uint16))
+    np.testing.assert_array_equal(np.asarray(nv).view(np.uint16), want_v.view(np.uint16))
+    src, dst = np.array([1, 2, 7], np.int32), np.array([2, 9, 1], np.int32)
+    got = jax.jit(jf.copy_blocks)([nk, nv], src, dst)
+    for g, w in zip(got, ref.copy_blocks_reference([want_k, want_v], src, dst),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(g).view(np.uint16), w.view(np.uint16))
+    ids = np.array([4, 0, 4], np.int32)
+    buf = jax.jit(jf.gather_blocks)(got, ids)
+    want_buf = ref.gather_blocks_reference([np.asarray(g) for g in got], ids)
+    np.testing.assert_array_equal(np.asarray(buf).view(np.uint16), want_buf.view(np.uint16))
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_chunked_prefill_over_long_contexts_on_device(dtype):
     """Prefill and decode over contexts of thousands of tokens in one call: on a TPU the
@@ -121,36 +154,3 @@ def test_many_rows_written_and_blocks_moved_on_device():
     got = jax.jit(jf.scatter_blocks)([kc, vc], buf, dst)
     for g, w in zip(got, ref.scatter_blocks_reference([kc, vc], want_buf, dst), strict=True):
         np.testing.assert_array_equal(np.asarray(g).view(np.uint16), w.view(np.uint16))
-
-
-def test_shared_prefix_on_device():
-    rng = np.random.default_rng(1)
-    batch = testing.make_shared_prefix_batch(rng, [3, 1], [(0, 1, 5), (1, 1, 17), (-1, 1, 3)],
-                                             num_q_heads=16, num_kv_heads=4, head_dim=128)
-    got = _run_kernel(jf.shared_prefix_attention,
-                      *[None if a is None else jnp.asarray(a) for a in batch.args()])
-    _close(got, ref.shared_prefix_attention_reference(*batch.args()), "float32")
-
-
-def test_cache_ops_on_device_exact_and_in_place():
-    rng = np.random.default_rng(2)
-    kc, vc = (testing.random_values(rng, (32, 16, 4, 128), "bfloat16") for _ in range(2))
-    key = testing.random_values(rng, (5, 4, 128), "bfloat16")
-    slots = np.array([3, -1, 100, 511, 17], np.int32)
-    want_k, want_v = ref.write_kv_reference(key, key, kc, vc, slots)
-    dk, dv = jnp.asarray(kc), jnp.asarray(vc)
-    ptr = dk.unsafe_buffer_pointer()
-    step = jax.jit(lambda k, v, x, s: jf.write_kv(x, x, k, v, s), donate_argnums=(0, 1))
-    nk, nv = step(dk, dv, jnp.asarray(key), jnp.asarray(slots))
-    assert nk.unsafe_buffer_pointer() == ptr
-    np.testing.assert_array_equal(np.asarray(nk).view(np.uint16), want_k.view(np.uint16))
-    np.testing.assert_array_equal(np.asarray(nv).view(np.uint16), want_v.view(np.uint16))
-    src, dst = np.array([1, 2, 7], np.int32), np.array([2, 9, 1], np.int32)
-    got = jax.jit(jf.copy_blocks)([nk, nv], src, dst)
-    for g, w in zip(got, ref.copy_blocks_reference([want_k, want_v], src, dst),
-                    strict=True):
-        np.testing.assert_array_equal(np.asarray(g).view(np.uint16), w.view(np.uint16))
-    ids = np.array([4, 0, 4], np.int32)
-    buf = jax.jit(jf.gather_blocks)(got, ids)
-    want_buf = ref.gather_blocks_reference([np.asarray(g) for g in got], ids)
-    np.testing.assert_array_equal(np.asarray(buf).view(np.uint16), want_buf.view(np.uint16))
