@@ -257,7 +257,7 @@ def test_shared_prefix_attention_pallas_tpu_interpret():
 
 
 @pytest.mark.parametrize("dtype,head_dim,block_size,decode", [
-    ("bfloat16", 128, 16, True), ("float32", 256, 64, False), ("float16", 128, 32, False)])
+    ("bfloat16", 128, 16, True), ("float32", 256, 64, False), ("bfloat16", 128, 32, False)])
 def test_paged_attention_kernel_lowers_for_tpu(dtype, head_dim, block_size, decode):
     S = jax.ShapeDtypeStruct
     num_seqs, hq, hkv = 4, 16, 4
@@ -283,7 +283,21 @@ def test_tpu_backend_refuses_untileable_shapes():
         False, "block_size 12 is not a multiple of 8 (Mosaic tiling of 32-bit values)")
     assert pa.tpu_supports(head_dim=128, block_size=8, dtype="bfloat16") == (
         False, "block_size 8 is not a multiple of 16 (Mosaic tiling of 16-bit values)")
-    assert pa.tpu_supports(head_dim=256, block_size=16, dtype="float16") == (True, "")
+    assert pa.tpu_supports(head_dim=256, block_size=16, dtype="float32") == (True, "")
+    assert pa.tpu_supports(head_dim=128, block_size=16, dtype="float16")[1].startswith(
+        "float16: TPUs have no float16")
+
+
+def test_tpu_float16_attention_exports_through_xla():
+    """float16 on a TPU takes the XLA path (no Mosaic call), the cache ops stay DMA kernels."""
+    S = jax.ShapeDtypeStruct
+    args = [S((4, 8, 128), jnp.float16), S((16, 16, 2, 128), jnp.float16),
+            S((16, 16, 2, 128), jnp.float16), S((4, 4), jnp.int32), S((4,), jnp.int32)]
+    exp = jax.export.export(jax.jit(jf.paged_attention), platforms=["tpu"])(*args)
+    assert "tpu_custom_call" not in exp.mlir_module()
+    exp = jax.export.export(jax.jit(jf.write_kv), platforms=["tpu"])(
+        S((4, 2, 128), jnp.float16), S((4, 2, 128), jnp.float16), args[1], args[2], args[4])
+    assert "tpu_custom_call" in exp.mlir_module()
 
 
 def test_tpu_backend_refuses_block_tables_over_its_smem_share():

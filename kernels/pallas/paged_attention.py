@@ -16,6 +16,14 @@ block table): every grid step has a fixed cost, and one kv head of one 16-token 
 only 4 KiB, so a step per block leaves decode far below HBM bandwidth; a chunk moves 10s to
 100s of KiB per DMA wait.
 
+Known cost, unmeasured without a TPU: the kernel reads the caches as [num_blocks, block_size,
+num_kv_heads * head_dim]. XLA tiles a TPU array's two minor dims, so that view of the contract's
+[num_blocks, block_size, num_kv_heads, head_dim] cache is a relayout copy of both caches per
+call, not a bitcast (vLLM's TPU backend stores its cache in the 3-D shape for this reason). The
+way out is to DMA the 4-D blocks as they lie and pick each head's rows with strided loads, as
+JAX's ragged paged attention does; that needs ref bitcasts for bfloat16, which TPU interpret
+mode cannot run, so it waits for a TPU to test on.
+
 ``interpret``: False for the TPU, or ``pltpu.InterpretParams(...)`` for TPU interpret mode.
 """
 
@@ -132,7 +140,7 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
         chunk_dmas(0, 0, "start")
 
     # bfloat16 runs on the MXU natively (float32 accumulation); float32 asks for HIGHEST
-    # (Mosaic's fp32 contraction) and float16, which the MXU lacks, goes through float32
+    # (Mosaic's fp32 contraction); float16 is refused by tpu_supports
     native = q_ref.dtype == jnp.bfloat16
     prec = None if native else lax.Precision.HIGHEST
 
@@ -197,12 +205,15 @@ MAX_SMEM_TABLE_BYTES = 512 * 1024
 
 def tpu_supports(*, head_dim: int, block_size: int, table_entries: int = 0,
                  dtype: str = "float32", **_) -> tuple[bool, str]:
-    """Shapes the Mosaic kernel lowers for: each block lands in a VMEM buffer at a row offset
-    of a multiple of block_size, so block_size must fill whole (sublane x 128) tiles (8 rows of
-    32-bit values, 16 of 16-bit), and head_dim whole 128-lane columns; the block table,
-    prefetched into SMEM, within MAX_SMEM_TABLE_BYTES."""
+    """Shapes the Mosaic kernel lowers for: bfloat16 or float32; each block lands in a VMEM
+    buffer at a row offset of a multiple of block_size, so block_size must fill whole
+    (sublane x 128) tiles (8 rows of 32-bit values, 16 of 16-bit), and head_dim whole 128-lane
+    columns; the block table, prefetched into SMEM, within MAX_SMEM_TABLE_BYTES."""
     if head_dim % 128:
         return False, f"head_dim {head_dim} is not a multiple of 128 (Mosaic tiling)"
+    if jnp.dtype(dtype) == jnp.float16:
+        return False, ("float16: TPUs have no float16 vector or matrix unit, and Mosaic's "
+                       "float16 loads are not known to compile (bfloat16 or float32 instead)")
     itemsize = np.dtype(jnp.dtype(dtype)).itemsize
     rows = sublane_rows(itemsize)
     if block_size % rows:
@@ -265,6 +276,8 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
     plan = tpu_plan(num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
                     itemsize=k_cache.dtype.itemsize, rows=rows_p, max_blocks=max_blocks,
                     heads=heads, pages=pages)
+    vmem = vmem_bytes(plan, head_dim=head_dim, block_size=block_size,
+                      itemsize=k_cache.dtype.itemsize, rows=rows_p)
     seq, tok, lo, nblk, hi, first_pos = _xla.kernel_tile_plan(
         kv_lens, cu_q_lens, num_tokens=num_tokens, num_tiles=nt, q_tile=tq,
         block_size=block_size, causal=causal, sliding_window=sliding_window)
@@ -301,7 +314,10 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
                             pltpu.VMEM((plan.heads, rows_p, 1), jnp.float32),
                             pltpu.VMEM((plan.heads, rows_p, 1), jnp.float32),
                             pltpu.VMEM((plan.heads, rows_p, head_dim), jnp.float32)]),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel"),
+            # default plans stay within VMEM_BUDGET (test); an override past it asks for room
+            vmem_limit_bytes=None if vmem <= VMEM_BUDGET else vmem + VMEM_BUDGET),
         interpret=interpret,
     )(seq, lo, nblk, hi, first_pos, tables, qt, k_flat, v_flat)
     return _xla.tiles_to_tokens(out[:, :, :rows], lse[:, :, :rows, 0], tok, num_tokens)
