@@ -187,73 +187,74 @@ def test_paged_attention_pallas_tpu_interpret(grid, dtype, block_size, kw):
     _check_lse(lse, want_lse)
 
 
-# (grid, heads per step, blocks per chunk, options): the chunk loop and its double buffer
+# (grid, kv heads, dtype, blocks per chunk, options): the chunk loop and its double buffer
 # (several chunks, a last chunk with blocks left out, a sliding window starting past block 0),
-# and kv heads split over the grid
+# the per-head strided reads of 1-4 heads (bfloat16 through its float32 copy)
 CHUNK_CASES = [
-    ("mixed", 1, 1, {}),
-    ("mixed", 2, 3, dict(sliding_window=11)),
-    ("prefill_with_prefix", 1, 2, dict(logits_soft_cap=4.0)),
+    ("mixed", 1, "float32", 1, {}),
+    ("mixed", 2, "bfloat16", 3, dict(sliding_window=11)),
+    ("prefill_with_prefix", 4, "float32", 2, dict(logits_soft_cap=4.0)),
 ]
 
 
-@pytest.mark.parametrize("grid,heads,pages,kw", CHUNK_CASES,
-                         ids=[f"{g}-h{h}-p{p}" for g, h, p, _ in CHUNK_CASES])
-def test_tpu_kernel_chunks_and_head_groups(grid, heads, pages, kw):
+@pytest.mark.parametrize("grid,kv_heads,dtype,pages,kw", CHUNK_CASES,
+                         ids=[f"{g}-h{h}-{d}-p{p}" for g, h, d, p, _ in CHUNK_CASES])
+def test_tpu_kernel_chunks_and_heads(grid, kv_heads, dtype, pages, kw):
     rng = np.random.default_rng(8)
-    batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, 8), num_q_heads=4,
-                                      num_kv_heads=2, head_dim=128, block_size=8)
+    block_size = 16 if dtype == "bfloat16" else 8
+    batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, block_size),
+                                      num_q_heads=2 * kv_heads, num_kv_heads=kv_heads,
+                                      head_dim=128, block_size=block_size, dtype=dtype)
     args = [None if a is None else jnp.asarray(a) for a in batch.args()]
     scale = 1.0 / np.sqrt(128)
     want, want_lse = ref.paged_attention_reference(*batch.args(), scale=scale, return_lse=True,
                                                    **kw)
-    out, lse = pa.paged_attention_tpu(*args, scale=scale, heads=heads, pages=pages,
+    out, lse = pa.paged_attention_tpu(*args, scale=scale, pages=pages,
                                       interpret=_backends.tpu_interpret_params(), **kw)
-    _close(out, want, "float32")
+    _close(out, want, dtype)
     _check_lse(lse, want_lse)
 
 
 def test_tpu_plan_fills_chunks_and_fits_vmem():
-    """The default plan: every kv head in one step up to 1024 lanes, CHUNK_BYTES of K per
-    chunk (so a 16-token bf16 block of 8 heads of 128 gives 8 blocks, not 1), and the VMEM it
-    takes within the budget over the shapes the kernel accepts."""
-    plan = pa.tpu_plan(num_kv_heads=8, head_dim=128, block_size=16, itemsize=2, rows=4,
-                       max_blocks=256)
-    assert plan == pa.TpuPlan(heads=8, pages=8)
-    assert pa.tpu_plan(num_kv_heads=8, head_dim=256, block_size=16, itemsize=4, rows=4,
-                       max_blocks=256) == pa.TpuPlan(heads=4, pages=4)
-    assert pa.tpu_plan(num_kv_heads=8, head_dim=128, block_size=16, itemsize=2, rows=4,
+    """The default plan: CHUNK_BYTES of K per chunk (so 16-token bf16 blocks of 8 heads of 128
+    give 8 blocks, not 1), and the VMEM it takes within the budget over the shapes the kernel
+    accepts."""
+    assert pa.tpu_plan(num_kv_heads=8, head_dim=128, block_size=16, itemsize=2, rows=16,
+                       max_blocks=256) == pa.TpuPlan(pages=8)
+    assert pa.tpu_plan(num_kv_heads=4, head_dim=256, block_size=16, itemsize=4, rows=8,
+                       max_blocks=256) == pa.TpuPlan(pages=4)
+    assert pa.tpu_plan(num_kv_heads=8, head_dim=128, block_size=16, itemsize=2, rows=16,
                        max_blocks=3).pages == 3
     worst = 0
     for head_dim in (128, 256):
-        for itemsize in (2, 4):
+        for dtype in ("bfloat16", "float32"):
+            itemsize = 2 if dtype == "bfloat16" else 4
             for block_size in (16, 32, 64, 128, 256, 512):
                 for kv_heads in (1, 2, 4, 8, 16, 32):
-                    for rows in (1, 4, 8, 64, 128, 256, 512):
-                        plan = pa.tpu_plan(num_kv_heads=kv_heads, head_dim=head_dim,
-                                           block_size=block_size, itemsize=itemsize, rows=rows,
-                                           max_blocks=4096)
-                        worst = max(worst, pa.vmem_bytes(plan, head_dim=head_dim,
-                                                         block_size=block_size,
-                                                         itemsize=itemsize, rows=rows))
+                    if not pa.tpu_supports(head_dim=head_dim, block_size=block_size,
+                                           dtype=dtype, num_kv_heads=kv_heads)[0]:
+                        continue
+                    for group in (1, 4, 8, 16):
+                        for tq in (1, 8, 128, 256):
+                            tq = pa._q_tile(4096, 4, tq == 1, block_size, group, kv_heads,
+                                            None if tq == 1 else tq)[0]
+                            rows = -(-tq * group // 16) * 16
+                            plan = pa.tpu_plan(num_kv_heads=kv_heads, head_dim=head_dim,
+                                               block_size=block_size, itemsize=itemsize,
+                                               rows=rows, max_blocks=4096)
+                            worst = max(worst, pa.vmem_bytes(
+                                plan, num_kv_heads=kv_heads, head_dim=head_dim,
+                                block_size=block_size, itemsize=itemsize, rows=rows))
     assert 0 < worst <= pa.VMEM_BUDGET, worst
 
 
 def test_tpu_kernel_caps_query_rows():
     """Cascade prefix calls ask for 256-token tiles; with G = 8 the kernel takes 64 tokens
-    (512 rows) per tile instead."""
-    assert pa._q_tile(4096, 2, False, 16, 8, 256) == (64, 65)
-    assert pa._q_tile(4096, 2, False, 16, 1, 256)[0] == 256
-    assert pa._q_tile(8, 8, True, 16, 8, None) == (1, 8)
-
-
-def test_shared_prefix_attention_pallas_tpu_interpret():
-    rng = np.random.default_rng(6)
-    batch = testing.make_shared_prefix_batch(rng, [2], [(0, 1, 3), (-1, 1, 9), (0, 1, 8)],
-                                             num_q_heads=4, num_kv_heads=2, head_dim=128,
-                                             block_size=8)
-    _close(jf.shared_prefix_attention(*batch.args(), backend=BACKEND),
-           ref.shared_prefix_attention_reference(*batch.args()), "float32")
+    (512 rows) per tile instead, and with 8 kv heads 8 (64 rows per head, 512 in all)."""
+    assert pa._q_tile(4096, 2, False, 16, 8, 1, 256) == (64, 65)
+    assert pa._q_tile(4096, 2, False, 16, 8, 8, 256)[0] == 8
+    assert pa._q_tile(4096, 2, False, 16, 1, 1, 256)[0] == 256
+    assert pa._q_tile(8, 8, True, 16, 8, 8, None) == (1, 8)
 
 
 @pytest.mark.parametrize("dtype,head_dim,block_size,decode", [
@@ -284,6 +285,9 @@ def test_tpu_backend_refuses_untileable_shapes():
     assert pa.tpu_supports(head_dim=128, block_size=8, dtype="bfloat16") == (
         False, "block_size 8 is not a multiple of 16 (Mosaic tiling of 16-bit values)")
     assert pa.tpu_supports(head_dim=256, block_size=16, dtype="float32") == (True, "")
+    assert pa.tpu_supports(head_dim=256, block_size=256, dtype="float32", num_kv_heads=8) == (
+        False, "a block of 8 kv heads is 2048 KiB, over the 512 KiB a chunk of VMEM takes "
+               "(smaller blocks, or fewer kv heads per device)")
     assert pa.tpu_supports(head_dim=128, block_size=16, dtype="float16")[1].startswith(
         "float16: TPUs have no float16")
 

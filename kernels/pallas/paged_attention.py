@@ -2,27 +2,23 @@
 a cached prefix and mixed batches in one call).
 
 Work is cut as in the XLA path (prefixkv.jax_frontend._xla): query tiles of one sequence and up
-to ``q_tile`` tokens, the G q heads of a kv head stacked as rows (GQA). Grid ``(tile, head
-group)``, both parallel (the two TensorCores of a megacore chip split them): one step serves
-``heads`` kv heads of one tile. The caches stay in HBM (``memory_space=ANY``). A step walks its
-tile's KV blocks in chunks of ``pages`` blocks: while it computes on chunk c in one half of a
-VMEM double buffer, the DMAs of chunk c+1 (one per block and cache: the block's rows of the
-step's heads, one contiguous slab when the step holds every kv head) fill the other half. The
-block tables and the per-tile metadata are scalar-prefetched into SMEM. Online softmax in
-float32 VMEM scratch; out and lse written at the end of the step.
+to ``q_tile`` tokens, the G q heads of a kv head stacked as rows (GQA). One grid step per tile
+(parallel: the two TensorCores of a megacore chip split them) serves every kv head. The caches
+stay in HBM (``memory_space=ANY``), read as ``[num_blocks, block_size * num_kv_heads,
+head_dim]``: the contract's 4-D cache with its block and head dims merged, which keeps XLA's
+TPU tiling of the two minor dims (a bitcast when num_kv_heads fills whole sublane tiles; a
+view that merged heads into head_dim instead would be a relayout copy of both caches per
+call). A step walks its tile's KV blocks in chunks of ``pages`` blocks: while it computes on
+chunk c in one half of a VMEM double buffer, the DMAs of chunk c+1 (one contiguous block per
+DMA and cache) fill the other half. Head h's keys are the rows h, h + H, ... of the chunk,
+read by strided loads (16-bit chunks are first widened to a float32 copy: Mosaic's strided
+loads want unpacked rows). The block tables and the per-tile metadata are scalar-prefetched
+into SMEM. Online softmax in float32 VMEM scratch; out and lse written at the end of the step.
 
 Why chunks of many blocks rather than one grid step per block (a BlockSpec pipeline over the
-block table): every grid step has a fixed cost, and one kv head of one 16-token bf16 block is
-only 4 KiB, so a step per block leaves decode far below HBM bandwidth; a chunk moves 10s to
-100s of KiB per DMA wait.
-
-Known cost, unmeasured without a TPU: the kernel reads the caches as [num_blocks, block_size,
-num_kv_heads * head_dim]. XLA tiles a TPU array's two minor dims, so that view of the contract's
-[num_blocks, block_size, num_kv_heads, head_dim] cache is a relayout copy of both caches per
-call, not a bitcast (vLLM's TPU backend stores its cache in the 3-D shape for this reason). The
-way out is to DMA the 4-D blocks as they lie and pick each head's rows with strided loads, as
-JAX's ragged paged attention does; that needs ref bitcasts for bfloat16, which TPU interpret
-mode cannot run, so it waits for a TPU to test on.
+block table): every grid step has a fixed cost, and one 16-token bf16 block of 8 heads of 128
+is 32 KiB, so a step per block leaves decode far below HBM bandwidth; a chunk moves 100s of
+KiB per DMA wait.
 
 ``interpret``: False for the TPU, or ``pltpu.InterpretParams(...)`` for TPU interpret mode.
 """
@@ -45,16 +41,16 @@ from .._vma import out_struct
 # Operands left where they are (HBM on a TPU); spelled pl.ANY in jax 0.10
 _ANY = getattr(pl, "ANY", None) or getattr(pltpu, "ANY", None) or pltpu.HBM
 
-#: At most this many query rows (tokens x G) per step: the score tile [rows, chunk tokens] and
-#: the float32 accumulators grow with it.
+#: At most this many query rows (tokens x G) per head and step, and rows x kv heads per step:
+#: the score tile [rows, chunk tokens] and the float32 accumulators grow with them.
 MAX_ROWS = 512
-#: At most this many lanes (heads x head_dim) of one block per DMA, and heads x rows per step.
-MAX_LANES = 1024
-MAX_HEAD_ROWS = 1024
+MAX_HEAD_ROWS = 512
 #: Target bytes of K (and of V) per chunk, and the most blocks a chunk holds (each block is
 #: one DMA per cache, unrolled in the kernel).
 CHUNK_BYTES = 256 * 1024
 MAX_PAGES = 32
+#: Most bytes of one block (all its kv heads) the kernel takes: a chunk holds at least one.
+MAX_BLOCK_BYTES = 512 * 1024
 #: Float32 elements of one head's score tile [rows, chunk tokens] (512 KiB).
 MAX_SCORE_ELEMS = 128 * 1024
 #: VMEM the plan may take, kept under the 16 MiB scoped default of v5e (32 MiB from v6e on).
@@ -62,9 +58,8 @@ VMEM_BUDGET = 12 << 20
 
 
 class TpuPlan(NamedTuple):
-    """Static split of one call: kv heads per grid step and KV blocks per chunk."""
+    """Static split of one call: KV blocks per chunk."""
 
-    heads: int
     pages: int
 
 
@@ -75,45 +70,43 @@ def sublane_rows(itemsize: int) -> int:
 
 
 def tpu_plan(*, num_kv_heads: int, head_dim: int, block_size: int, itemsize: int, rows: int,
-             max_blocks: int, heads: int | None = None, pages: int | None = None) -> TpuPlan:
-    """Heads per step: the most that divide num_kv_heads within MAX_LANES lanes, MAX_HEAD_ROWS
-    rows and, for one block, CHUNK_BYTES. Blocks per chunk: CHUNK_BYTES of K for those heads,
-    capped so one head's score tile stays within MAX_SCORE_ELEMS, at most MAX_PAGES and the
-    table's width. ``heads`` / ``pages`` override (tests)."""
-    if heads is None:
-        heads = max([d for d in range(1, num_kv_heads + 1) if num_kv_heads % d == 0
-                     and d * head_dim <= MAX_LANES and d * rows <= MAX_HEAD_ROWS
-                     and d * head_dim * itemsize * block_size <= CHUNK_BYTES] or [1])
+             max_blocks: int, pages: int | None = None) -> TpuPlan:
+    """Blocks per chunk: CHUNK_BYTES of K, capped so one head's score tile stays within
+    MAX_SCORE_ELEMS, at most MAX_PAGES and the table's width. ``pages`` overrides (tests)."""
     if pages is None:
-        tokens = min(CHUNK_BYTES // (heads * head_dim * itemsize), MAX_SCORE_ELEMS // rows)
+        tokens = min(CHUNK_BYTES // (num_kv_heads * head_dim * itemsize),
+                     MAX_SCORE_ELEMS // rows)
         pages = min(max(1, tokens // block_size), MAX_PAGES)
-    return TpuPlan(heads, max(1, min(pages, max_blocks)))
+    return TpuPlan(max(1, min(pages, max_blocks)))
 
 
-def vmem_bytes(plan: TpuPlan, *, head_dim: int, block_size: int, itemsize: int,
-               rows: int) -> int:
-    """VMEM one step takes: the K/V double buffers, the pipelined q/out/lse blocks (two of
-    each), the float32 scratch (m and l pad to 128 lanes) and one head's float32 temporaries
-    (scores, probabilities, their masked copy)."""
-    tokens, lanes = plan.pages * block_size, plan.heads * head_dim
-    kv = 2 * 2 * tokens * lanes * itemsize
-    blocks = 2 * (2 * plan.heads * rows * head_dim * itemsize + plan.heads * rows * 128 * 4)
-    scratch = plan.heads * rows * (head_dim + 2 * 128) * 4
+def vmem_bytes(plan: TpuPlan, *, num_kv_heads: int, head_dim: int, block_size: int,
+               itemsize: int, rows: int) -> int:
+    """VMEM one step takes: the K/V double buffers and (16-bit) their float32 copies, the
+    pipelined q/out/lse blocks (two of each), the float32 scratch (m and l pad to 128 lanes)
+    and one head's float32 temporaries (scores, probabilities, their masked copy, its K and
+    V)."""
+    tokens, heads = plan.pages * block_size, num_kv_heads
+    kv = 2 * 2 * tokens * heads * head_dim * itemsize
+    if itemsize < 4:
+        kv += 2 * tokens * heads * head_dim * 4
+    blocks = 2 * (2 * heads * rows * head_dim * itemsize + heads * rows * 128 * 4)
+    scratch = heads * rows * (head_dim + 2 * 128) * 4
     temps = 3 * rows * tokens * 4 + 2 * tokens * head_dim * 4
     return kv + blocks + scratch + temps
 
 
 def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_ref,
                             q_ref, k_hbm, v_hbm, o_ref, lse_ref, k_buf, v_buf, sem,
-                            m_sc, l_sc, acc_sc, *, scale: float, block_size: int, group: int,
-                            causal: bool, sliding_window: int | None,
+                            m_sc, l_sc, acc_sc, *wide, scale: float, block_size: int,
+                            group: int, causal: bool, sliding_window: int | None,
                             logits_soft_cap: float | None, pages: int, max_blocks: int):
-    i, g = pl.program_id(0), pl.program_id(1)
+    i = pl.program_id(0)
     heads, rows, head_dim = q_ref.shape
     tokens = pages * block_size
+    block_rows = block_size * heads                       # buffer rows of one block
     n, lo, hi = nblk_ref[i], lo_ref[i], hi_ref[i]
     row0 = seq_ref[i] * max_blocks
-    lanes = pl.ds(pl.multiple_of(g * (heads * head_dim), 128), heads * head_dim)
     num_chunks = lax.div(n + (pages - 1), pages)  # n >= 0: truncating division
 
     def chunk_dmas(c, slot, action: str) -> None:
@@ -122,10 +115,9 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
         def block(p: int) -> None:
             col = jnp.minimum(lo + c * pages + p, max_blocks - 1)
             blk = tables_ref[row0 + col]
-            dst = pl.ds(p * block_size, block_size)
+            dst = pl.ds(p * block_rows, block_rows)
             for src, buf, k in ((k_hbm, k_buf, 0), (v_hbm, v_buf, 1)):
-                cp = pltpu.make_async_copy(src.at[blk, :, lanes], buf.at[slot, dst],
-                                           sem.at[k, slot])
+                cp = pltpu.make_async_copy(src.at[blk], buf.at[slot, dst], sem.at[k, slot])
                 getattr(cp, action)()
 
         for p in range(pages):
@@ -152,6 +144,19 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
             chunk_dmas(c + 1, 1 - slot, "start")
 
         chunk_dmas(c, slot, "wait")
+        if wide:  # 16-bit chunk widened once, so the per-head strided loads read 32-bit rows
+            k_wide, v_wide = wide
+            k_wide[...] = k_buf[slot].astype(jnp.float32)
+            v_wide[...] = v_buf[slot].astype(jnp.float32)
+
+            def head_rows(h):
+                rows_h = pl.ds(h, tokens, stride=heads)
+                return k_wide[rows_h, :], v_wide[rows_h, :]
+        else:
+            def head_rows(h):
+                rows_h = pl.ds(h, tokens, stride=heads)
+                return k_buf[slot, rows_h, :], v_buf[slot, rows_h, :]
+
         t0 = (lo + c * pages) * block_size
         t = t0 + lax.broadcasted_iota(jnp.int32, (rows, tokens), 1)
         row_pos = pos_ref[i] + lax.div(lax.broadcasted_iota(jnp.int32, (rows, tokens), 0),
@@ -164,11 +169,13 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
         # slots past the keys (a block's padding, blocks not copied) may hold NaN
         key_ok = (t0 + lax.broadcasted_iota(jnp.int32, (tokens, 1), 0)) < hi
         for h in range(heads):
-            cols = pl.ds(h * head_dim, head_dim)
-            q, k = q_ref[h], k_buf[slot, :, cols]
-            v = jnp.where(key_ok, v_buf[slot, :, cols].astype(jnp.float32), 0.0)
-            if not native:
-                q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+            k, v = head_rows(h)
+            q = q_ref[h]
+            v = jnp.where(key_ok, v.astype(jnp.float32), 0.0)
+            if native:
+                k = k.astype(jnp.bfloat16)
+            else:
+                q = q.astype(jnp.float32)
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
                                 preferred_element_type=jnp.float32) * scale  # [rows, tokens]
             if logits_soft_cap is not None:
@@ -181,7 +188,7 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
             alpha = jnp.exp(m_prev - m_safe)
             l_sc[h] = l_sc[h] * alpha + jnp.sum(p, axis=1, keepdims=True)
             if native:
-                p, v = p.astype(v_buf.dtype), v.astype(v_buf.dtype)
+                p, v = p.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
             acc_sc[h] = acc_sc[h] * alpha + lax.dot_general(
                 p, v, (((1,), (0,)), ((), ())), precision=prec,
                 preferred_element_type=jnp.float32)
@@ -204,11 +211,12 @@ MAX_SMEM_TABLE_BYTES = 512 * 1024
 
 
 def tpu_supports(*, head_dim: int, block_size: int, table_entries: int = 0,
-                 dtype: str = "float32", **_) -> tuple[bool, str]:
+                 dtype: str = "float32", num_kv_heads: int = 1, **_) -> tuple[bool, str]:
     """Shapes the Mosaic kernel lowers for: bfloat16 or float32; each block lands in a VMEM
     buffer at a row offset of a multiple of block_size, so block_size must fill whole
     (sublane x 128) tiles (8 rows of 32-bit values, 16 of 16-bit), and head_dim whole 128-lane
-    columns; the block table, prefetched into SMEM, within MAX_SMEM_TABLE_BYTES."""
+    columns; a block within MAX_BLOCK_BYTES; the block table, prefetched into SMEM, within
+    MAX_SMEM_TABLE_BYTES."""
     if head_dim % 128:
         return False, f"head_dim {head_dim} is not a multiple of 128 (Mosaic tiling)"
     if jnp.dtype(dtype) == jnp.float16:
@@ -219,6 +227,11 @@ def tpu_supports(*, head_dim: int, block_size: int, table_entries: int = 0,
     if block_size % rows:
         return False, (f"block_size {block_size} is not a multiple of {rows} (Mosaic tiling of "
                        f"{8 * itemsize}-bit values)")
+    block_bytes = block_size * num_kv_heads * head_dim * itemsize
+    if block_bytes > MAX_BLOCK_BYTES:
+        return False, (f"a block of {num_kv_heads} kv heads is {block_bytes // 1024} KiB, over "
+                       f"the {MAX_BLOCK_BYTES // 1024} KiB a chunk of VMEM takes (smaller "
+                       f"blocks, or fewer kv heads per device)")
     if 4 * table_entries > MAX_SMEM_TABLE_BYTES:
         return False, (f"a block table of {table_entries} entries ({4 * table_entries // 1024} "
                        f"KiB) is over the {MAX_SMEM_TABLE_BYTES // 1024} KiB of SMEM it may "
@@ -228,34 +241,33 @@ def tpu_supports(*, head_dim: int, block_size: int, table_entries: int = 0,
 
 def paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale,
                         causal=True, sliding_window=None, logits_soft_cap=None,
-                        q_tile=None, interpret=False, heads=None, pages=None):
+                        q_tile=None, interpret=False, pages=None):
     """Same contract as prefixkv.jax_frontend.paged_attention (validated inputs, static
     config); returns (out [num_tokens, num_q_heads, head_dim] in q's dtype, lse f32).
-    ``heads`` / ``pages``: override the plan's kv heads per step and blocks per chunk
-    (tests)."""
+    ``pages``: override the plan's blocks per chunk (tests)."""
     return _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
                                 scale=scale, causal=causal, sliding_window=sliding_window,
                                 logits_soft_cap=logits_soft_cap, q_tile=q_tile,
-                                interpret=interpret, heads=heads, pages=pages)
+                                interpret=interpret, pages=pages)
 
 
 def _q_tile(num_tokens: int, num_seqs: int, decode: bool, block_size: int, group: int,
-            q_tile: int | None) -> tuple[int, int]:
+            num_kv_heads: int, q_tile: int | None) -> tuple[int, int]:
     """(q_tile, num_tiles): the XLA path's tiling, with q_tile lowered to a power of two that
-    keeps q_tile x G within MAX_ROWS."""
+    keeps q_tile x G within MAX_ROWS and q_tile x G x num_kv_heads within MAX_HEAD_ROWS."""
     tq, nt, _ = _xla.choose_tiling(num_tokens, num_seqs, decode, block_size, q_tile=q_tile)
-    if tq * group > MAX_ROWS:
-        cap = 1 << max(0, (MAX_ROWS // group).bit_length() - 1)
+    most = min(MAX_ROWS, MAX_HEAD_ROWS // num_kv_heads)
+    if not decode and tq > 1 and tq * group > most:
+        cap = 1 << max(0, (most // group).bit_length() - 1)
         tq, nt, _ = _xla.choose_tiling(num_tokens, num_seqs, decode, block_size, q_tile=cap)
     return tq, nt
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "sliding_window",
                                              "logits_soft_cap", "q_tile", "interpret",
-                                             "heads", "pages"))
+                                             "pages"))
 def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *, scale,
-                         causal, sliding_window, logits_soft_cap, q_tile, interpret, heads,
-                         pages):
+                         causal, sliding_window, logits_soft_cap, q_tile, interpret, pages):
     operands = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens)
     num_tokens, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
@@ -267,17 +279,17 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
                 jnp.full((num_tokens, num_q_heads), -jnp.inf, jnp.float32))
     if decode:
         cu_q_lens = jnp.arange(num_seqs + 1, dtype=jnp.int32)
-    tq, nt = _q_tile(num_tokens, num_seqs, decode, block_size, group, q_tile)
+    tq, nt = _q_tile(num_tokens, num_seqs, decode, block_size, group, num_kv_heads, q_tile)
     rows = tq * group
     # rows padded to whole sublane tiles (a decode tile of G = 4 bf16 rows becomes 16): every
     # vector and dot of the kernel then has tile-aligned shapes; the padding rows are dropped
     tile_rows = sublane_rows(q.dtype.itemsize)
     rows_p = -(-rows // tile_rows) * tile_rows
+    itemsize = k_cache.dtype.itemsize
     plan = tpu_plan(num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
-                    itemsize=k_cache.dtype.itemsize, rows=rows_p, max_blocks=max_blocks,
-                    heads=heads, pages=pages)
-    vmem = vmem_bytes(plan, head_dim=head_dim, block_size=block_size,
-                      itemsize=k_cache.dtype.itemsize, rows=rows_p)
+                    itemsize=itemsize, rows=rows_p, max_blocks=max_blocks, pages=pages)
+    vmem = vmem_bytes(plan, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                      block_size=block_size, itemsize=itemsize, rows=rows_p)
     seq, tok, lo, nblk, hi, first_pos = _xla.kernel_tile_plan(
         kv_lens, cu_q_lens, num_tokens=num_tokens, num_tiles=nt, q_tile=tq,
         block_size=block_size, causal=causal, sliding_window=sliding_window)
@@ -287,37 +299,39 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
     if rows_p != rows:
         qt = jnp.pad(qt, ((0, 0), (0, 0), (0, rows_p - rows), (0, 0)))
 
-    def q_map(i, g, *_):
-        return i, g, 0, 0
+    def q_map(i, *_):
+        return i, 0, 0, 0
 
     kernel = functools.partial(
         _paged_attention_kernel, scale=scale, block_size=block_size, group=group, causal=causal,
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, pages=plan.pages,
         max_blocks=max_blocks)
-    # caches viewed as [num_blocks, block_size, num_kv_heads * head_dim] (a free reshape): the
-    # step's heads of one block are a (block_size, heads * head_dim) window of whole tiles
-    k_flat = k_cache.reshape(num_blocks, block_size, num_kv_heads * head_dim)
-    v_flat = v_cache.reshape(num_blocks, block_size, num_kv_heads * head_dim)
+    # block and head dims merged: XLA's tiling of the two minor dims (heads, head_dim) is kept
+    # (see the module docstring); one block is `block_size * num_kv_heads` contiguous rows
+    k_rows = k_cache.reshape(num_blocks, block_size * num_kv_heads, head_dim)
+    v_rows = v_cache.reshape(num_blocks, block_size * num_kv_heads, head_dim)
     any_spec = pl.BlockSpec(memory_space=_ANY)
-    buf = pltpu.VMEM((2, plan.pages * block_size, plan.heads * head_dim), k_cache.dtype)
+    chunk_rows = plan.pages * block_size * num_kv_heads
+    buf = pltpu.VMEM((2, chunk_rows, head_dim), k_cache.dtype)
+    wide = [pltpu.VMEM((chunk_rows, head_dim), jnp.float32)] * 2 if itemsize < 4 else []
+    q_spec = pl.BlockSpec((None, num_kv_heads, rows_p, head_dim), q_map)
     out, lse = pl.pallas_call(
         kernel,
         out_shape=[out_struct((nt, num_kv_heads, rows_p, head_dim), q.dtype, *operands),
                    out_struct((nt, num_kv_heads, rows_p, 1), jnp.float32, *operands)],
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=6, grid=(nt, num_kv_heads // plan.heads),
-            in_specs=[pl.BlockSpec((None, plan.heads, rows_p, head_dim), q_map), any_spec,
-                      any_spec],
-            out_specs=[pl.BlockSpec((None, plan.heads, rows_p, head_dim), q_map),
-                       pl.BlockSpec((None, plan.heads, rows_p, 1), q_map)],
+            num_scalar_prefetch=6, grid=(nt,),
+            in_specs=[q_spec, any_spec, any_spec],
+            out_specs=[q_spec, pl.BlockSpec((None, num_kv_heads, rows_p, 1), q_map)],
             scratch_shapes=[buf, buf, pltpu.SemaphoreType.DMA((2, 2)),
-                            pltpu.VMEM((plan.heads, rows_p, 1), jnp.float32),
-                            pltpu.VMEM((plan.heads, rows_p, 1), jnp.float32),
-                            pltpu.VMEM((plan.heads, rows_p, head_dim), jnp.float32)]),
+                            pltpu.VMEM((num_kv_heads, rows_p, 1), jnp.float32),
+                            pltpu.VMEM((num_kv_heads, rows_p, 1), jnp.float32),
+                            pltpu.VMEM((num_kv_heads, rows_p, head_dim), jnp.float32),
+                            *wide]),
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel"),
+            dimension_semantics=("parallel",),
             # default plans stay within VMEM_BUDGET (test); an override past it asks for room
             vmem_limit_bytes=None if vmem <= VMEM_BUDGET else vmem + VMEM_BUDGET),
         interpret=interpret,
-    )(seq, lo, nblk, hi, first_pos, tables, qt, k_flat, v_flat)
+    )(seq, lo, nblk, hi, first_pos, tables, qt, k_rows, v_rows)
     return _xla.tiles_to_tokens(out[:, :, :rows], lse[:, :, :rows, 0], tok, num_tokens)
