@@ -187,26 +187,29 @@ def test_paged_attention_pallas_tpu_interpret(grid, dtype, block_size, kw):
     _check_lse(lse, want_lse)
 
 
-# (grid, kv heads, dtype, blocks per chunk, options): the chunk loop and its double buffer
-# (several chunks, a last chunk with blocks left out, a sliding window starting past block 0),
-# the per-head strided reads of 1-4 heads (bfloat16 through its float32 copy)
+# (grid, kv heads, dtype, head_dim, blocks per chunk, options): the chunk loop and its double
+# buffer (several chunks, a last chunk with blocks left out, a sliding window starting past
+# block 0), the per-head strided reads of 1-4 heads, in place (float32, head_dim 128) or from
+# the float32 copy in 128-lane pieces (bfloat16; head_dim 256)
 CHUNK_CASES = [
-    ("mixed", 1, "float32", 1, {}),
-    ("mixed", 2, "bfloat16", 3, dict(sliding_window=11)),
-    ("prefill_with_prefix", 4, "float32", 2, dict(logits_soft_cap=4.0)),
+    ("mixed", 1, "float32", 128, 1, {}),
+    ("mixed", 2, "bfloat16", 128, 3, dict(sliding_window=11)),
+    ("prefill_with_prefix", 4, "float32", 128, 2, dict(logits_soft_cap=4.0)),
+    ("mixed", 2, "float32", 256, 2, {}),
+    ("decode", 2, "bfloat16", 256, 1, dict(logits_soft_cap=4.0)),
 ]
 
 
-@pytest.mark.parametrize("grid,kv_heads,dtype,pages,kw", CHUNK_CASES,
-                         ids=[f"{g}-h{h}-{d}-p{p}" for g, h, d, p, _ in CHUNK_CASES])
-def test_tpu_kernel_chunks_and_heads(grid, kv_heads, dtype, pages, kw):
+@pytest.mark.parametrize("grid,kv_heads,dtype,head_dim,pages,kw", CHUNK_CASES,
+                         ids=[f"{g}-h{h}-{d}-d{hd}-p{p}" for g, h, d, hd, p, _ in CHUNK_CASES])
+def test_tpu_kernel_chunks_and_heads(grid, kv_heads, dtype, head_dim, pages, kw):
     rng = np.random.default_rng(8)
     block_size = 16 if dtype == "bfloat16" else 8
     batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, block_size),
                                       num_q_heads=2 * kv_heads, num_kv_heads=kv_heads,
-                                      head_dim=128, block_size=block_size, dtype=dtype)
+                                      head_dim=head_dim, block_size=block_size, dtype=dtype)
     args = [None if a is None else jnp.asarray(a) for a in batch.args()]
-    scale = 1.0 / np.sqrt(128)
+    scale = 1.0 / np.sqrt(head_dim)
     want, want_lse = ref.paged_attention_reference(*batch.args(), scale=scale, return_lse=True,
                                                    **kw)
     out, lse = pa.paged_attention_tpu(*args, scale=scale, pages=pages,

@@ -6,14 +6,18 @@ to ``q_tile`` tokens, the G q heads of a kv head stacked as rows (GQA). One grid
 (parallel: the two TensorCores of a megacore chip split them) serves every kv head. The caches
 stay in HBM (``memory_space=ANY``), read as ``[num_blocks, block_size * num_kv_heads,
 head_dim]``: the contract's 4-D cache with its block and head dims merged, which keeps XLA's
-TPU tiling of the two minor dims (a bitcast when num_kv_heads fills whole sublane tiles; a
-view that merged heads into head_dim instead would be a relayout copy of both caches per
-call). A step walks its tile's KV blocks in chunks of ``pages`` blocks: while it computes on
-chunk c in one half of a VMEM double buffer, the DMAs of chunk c+1 (one contiguous block per
-DMA and cache) fill the other half. Head h's keys are the rows h, h + H, ... of the chunk,
-read by strided loads (16-bit chunks are first widened to a float32 copy: Mosaic's strided
-loads want unpacked rows). The block tables and the per-tile metadata are scalar-prefetched
-into SMEM. Online softmax in float32 VMEM scratch; out and lse written at the end of the step.
+TPU tiling of the two minor dims. That view is a bitcast when num_kv_heads is a multiple of
+XLA's tile rows (8 up to v6e, for float32 and bfloat16; 16 for bfloat16 from TPU7x on);
+otherwise XLA pads the heads of the 4-D cache and the view costs a copy (a view that merged
+heads into head_dim instead would be a relayout copy of both caches on every call, whatever
+the head count). A step walks its tile's KV blocks in chunks of ``pages`` blocks: while it
+computes on chunk c in one half of a VMEM double buffer, the DMAs of chunk c+1 (one contiguous
+block per DMA and cache) fill the other half. Head h's keys and values are the rows h, h + H,
+... of the chunk, read by strided loads; Mosaic does those on 32-bit rows of exactly 128 lanes,
+so a bfloat16 chunk, or one with head_dim over 128, is first copied as float32 into 128-lane
+pieces and the dots are summed (QK) or written (PV) per piece. The block tables and the
+per-tile metadata are scalar-prefetched into SMEM. Online softmax in float32 VMEM scratch; out
+and lse written at the end of the step.
 
 Why chunks of many blocks rather than one grid step per block (a BlockSpec pipeline over the
 block table): every grid step has a fixed cost, and one 16-token bf16 block of 8 heads of 128
@@ -40,6 +44,10 @@ from .._vma import out_struct
 
 # Operands left where they are (HBM on a TPU); spelled pl.ANY in jax 0.10
 _ANY = getattr(pl, "ANY", None) or getattr(pltpu, "ANY", None) or pltpu.HBM
+
+#: Lanes of a vector register, and the width of the rows Mosaic's strided loads read
+#: (apply_vector_layout's strided rule wants a base memref whose last dim is exactly this).
+LANES = 128
 
 #: At most this many query rows (tokens x G) per head and step, and rows x kv heads per step:
 #: the score tile [rows, chunk tokens] and the float32 accumulators grow with them.
@@ -82,13 +90,14 @@ def tpu_plan(*, num_kv_heads: int, head_dim: int, block_size: int, itemsize: int
 
 def vmem_bytes(plan: TpuPlan, *, num_kv_heads: int, head_dim: int, block_size: int,
                itemsize: int, rows: int) -> int:
-    """VMEM one step takes: the K/V double buffers and (16-bit) their float32 copies, the
+    """VMEM one step takes: the K/V double buffers and (16-bit, or head_dim over 128) their
+    float32 copies, the
     pipelined q/out/lse blocks (two of each), the float32 scratch (m and l pad to 128 lanes)
     and one head's float32 temporaries (scores, probabilities, their masked copy, its K and
     V)."""
     tokens, heads = plan.pages * block_size, num_kv_heads
     kv = 2 * 2 * tokens * heads * head_dim * itemsize
-    if itemsize < 4:
+    if itemsize < 4 or head_dim != LANES:
         kv += 2 * tokens * heads * head_dim * 4
     blocks = 2 * (2 * heads * rows * head_dim * itemsize + heads * rows * 128 * 4)
     scratch = heads * rows * (head_dim + 2 * 128) * 4
@@ -103,6 +112,7 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
                             logits_soft_cap: float | None, pages: int, max_blocks: int):
     i = pl.program_id(0)
     heads, rows, head_dim = q_ref.shape
+    pieces = head_dim // LANES
     tokens = pages * block_size
     block_rows = block_size * heads                       # buffer rows of one block
     n, lo, hi = nblk_ref[i], lo_ref[i], hi_ref[i]
@@ -144,18 +154,24 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
             chunk_dmas(c + 1, 1 - slot, "start")
 
         chunk_dmas(c, slot, "wait")
-        if wide:  # 16-bit chunk widened once, so the per-head strided loads read 32-bit rows
+        # head h's rows h, h + H, ... by strided loads, which Mosaic does on 32-bit rows of
+        # exactly 128 lanes: a float32 cache of head_dim 128 is read in place; otherwise the
+        # chunk is first copied, as float32, into 128-lane pieces [D // 128, rows, 128]
+        if wide:
             k_wide, v_wide = wide
-            k_wide[...] = k_buf[slot].astype(jnp.float32)
-            v_wide[...] = v_buf[slot].astype(jnp.float32)
+            for j in range(pieces):
+                lanes = pl.ds(j * LANES, LANES)
+                k_wide[j] = k_buf[slot, :, lanes].astype(jnp.float32)
+                v_wide[j] = v_buf[slot, :, lanes].astype(jnp.float32)
 
             def head_rows(h):
                 rows_h = pl.ds(h, tokens, stride=heads)
-                return k_wide[rows_h, :], v_wide[rows_h, :]
+                return ([k_wide[j, rows_h, :] for j in range(pieces)],
+                        [v_wide[j, rows_h, :] for j in range(pieces)])
         else:
             def head_rows(h):
                 rows_h = pl.ds(h, tokens, stride=heads)
-                return k_buf[slot, rows_h, :], v_buf[slot, rows_h, :]
+                return [k_buf[slot, rows_h, :]], [v_buf[slot, rows_h, :]]
 
         t0 = (lo + c * pages) * block_size
         t = t0 + lax.broadcasted_iota(jnp.int32, (rows, tokens), 1)
@@ -169,15 +185,18 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
         # slots past the keys (a block's padding, blocks not copied) may hold NaN
         key_ok = (t0 + lax.broadcasted_iota(jnp.int32, (tokens, 1), 0)) < hi
         for h in range(heads):
-            k, v = head_rows(h)
-            q = q_ref[h]
-            v = jnp.where(key_ok, v.astype(jnp.float32), 0.0)
-            if native:
-                k = k.astype(jnp.bfloat16)
-            else:
-                q = q.astype(jnp.float32)
-            s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
-                                preferred_element_type=jnp.float32) * scale  # [rows, tokens]
+            ks, vs = head_rows(h)                                     # pieces of [tokens, 128]
+            s = None
+            for j in range(pieces):
+                q, k = q_ref[h, :, pl.ds(j * LANES, LANES)], ks[j]
+                if native:
+                    k = k.astype(jnp.bfloat16)
+                else:
+                    q = q.astype(jnp.float32)
+                part = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
+                                       preferred_element_type=jnp.float32)
+                s = part if s is None else s + part
+            s = s * scale                                             # [rows, tokens]
             if logits_soft_cap is not None:
                 s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
             s = jnp.where(mask, s, -jnp.inf)
@@ -188,10 +207,15 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
             alpha = jnp.exp(m_prev - m_safe)
             l_sc[h] = l_sc[h] * alpha + jnp.sum(p, axis=1, keepdims=True)
             if native:
-                p, v = p.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
-            acc_sc[h] = acc_sc[h] * alpha + lax.dot_general(
-                p, v, (((1,), (0,)), ((), ())), precision=prec,
-                preferred_element_type=jnp.float32)
+                p = p.astype(jnp.bfloat16)
+            for j in range(pieces):
+                v = jnp.where(key_ok, vs[j].astype(jnp.float32), 0.0)
+                if native:
+                    v = v.astype(jnp.bfloat16)
+                lanes = pl.ds(j * LANES, LANES)
+                acc_sc[h, :, lanes] = acc_sc[h, :, lanes] * alpha + lax.dot_general(
+                    p, v, (((1,), (0,)), ((), ())), precision=prec,
+                    preferred_element_type=jnp.float32)
             m_sc[h] = m_new
         return carry
 
@@ -313,7 +337,8 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
     any_spec = pl.BlockSpec(memory_space=_ANY)
     chunk_rows = plan.pages * block_size * num_kv_heads
     buf = pltpu.VMEM((2, chunk_rows, head_dim), k_cache.dtype)
-    wide = [pltpu.VMEM((chunk_rows, head_dim), jnp.float32)] * 2 if itemsize < 4 else []
+    widen = itemsize < 4 or head_dim != LANES  # see the kernel: strided loads of 128 lanes
+    wide = [pltpu.VMEM((head_dim // LANES, chunk_rows, LANES), jnp.float32)] * 2 if widen else []
     q_spec = pl.BlockSpec((None, num_kv_heads, rows_p, head_dim), q_map)
     out, lse = pl.pallas_call(
         kernel,
