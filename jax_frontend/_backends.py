@@ -147,6 +147,13 @@ def _tpu_attention_supports(**context):
     return pa.tpu_supports(**context)
 
 
+def _tpu_interpret_attention_supports(**context):
+    """As on a TPU, less the rule about XLA's TPU tiling of the caches (no TPU layouts here)."""
+    from ..kernels.pallas import paged_attention as pa
+
+    return pa.tpu_supports(**context, xla_layout=False)
+
+
 for _op in ("paged_attention", "shared_prefix_attention"):
     REGISTRIES[_op].register(Backend(
         "pallas_tpu", ("tpu",), _pallas_attention(_op, False), priority=10, requires=_PALLAS_REQ,
@@ -155,7 +162,7 @@ for _op in ("paged_attention", "shared_prefix_attention"):
             "multi-block chunks by double-buffered DMAs, online softmax in VMEM"))
     REGISTRIES[_op].register(Backend(
         "pallas_interpret", ("cpu",), _pallas_attention(_op, True), priority=-10,
-        requires=_PALLAS_REQ, supports=_tpu_attention_supports,
+        requires=_PALLAS_REQ, supports=_tpu_interpret_attention_supports,
         doc="the pallas_tpu kernel run by Pallas's TPU interpret mode (tests; slow)"))
 
 

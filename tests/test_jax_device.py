@@ -63,8 +63,8 @@ def _check_paged_attention(batch, dtype, **kw):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_paged_attention_on_device(grid, dtype):
     rng = np.random.default_rng(0)
-    batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, 16), num_q_heads=16,
-                                      num_kv_heads=4, head_dim=128, block_size=16, dtype=dtype)
+    batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, 16), num_q_heads=32,
+                                      num_kv_heads=8, head_dim=128, block_size=16, dtype=dtype)
     _check_paged_attention(batch, dtype, logits_soft_cap=30.0)
 
 
@@ -77,8 +77,8 @@ DTYPE_BLOCK_CASES = [("float16", 16), ("bfloat16", 64)]
                          ids=[f"{d}-b{b}" for d, b in DTYPE_BLOCK_CASES])
 def test_paged_attention_dtypes_and_block_sizes_on_device(dtype, block_size, grid):
     rng = np.random.default_rng(4)
-    batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, block_size), num_q_heads=16,
-                                      num_kv_heads=4, head_dim=128, block_size=block_size,
+    batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, block_size), num_q_heads=32,
+                                      num_kv_heads=8, head_dim=128, block_size=block_size,
                                       dtype=dtype)
     _check_paged_attention(batch, dtype, sliding_window=2 * block_size + 3)
 
@@ -87,8 +87,8 @@ def test_paged_attention_dtypes_and_block_sizes_on_device(dtype, block_size, gri
 def test_paged_attention_few_long_sequences_on_device(dtype):
     """Decode over few long contexts: the GPU kernel's split-KV path (default split count)."""
     rng = np.random.default_rng(3)
-    batch = testing.make_ragged_batch(rng, [(1, 3000), (1, 4100), (1, 77)], num_q_heads=16,
-                                      num_kv_heads=4, head_dim=128, block_size=16,
+    batch = testing.make_ragged_batch(rng, [(1, 3000), (1, 4100), (1, 77)], num_q_heads=32,
+                                      num_kv_heads=8, head_dim=128, block_size=16,
                                       dtype=dtype, decode=True)
     _check_paged_attention(batch, dtype, sliding_window=2500)
 
@@ -96,7 +96,7 @@ def test_paged_attention_few_long_sequences_on_device(dtype):
 def test_shared_prefix_on_device():
     rng = np.random.default_rng(1)
     batch = testing.make_shared_prefix_batch(rng, [3, 1], [(0, 1, 5), (1, 1, 17), (-1, 1, 3)],
-                                             num_q_heads=16, num_kv_heads=4, head_dim=128)
+                                             num_q_heads=32, num_kv_heads=8, head_dim=128)
     got = _run_kernel(jf.shared_prefix_attention,
                       *[None if a is None else jnp.asarray(a) for a in batch.args()])
     _close(got, ref.shared_prefix_attention_reference(*batch.args()), "float32")
@@ -133,7 +133,7 @@ def test_chunked_prefill_over_long_contexts_on_device(dtype):
     tokens x G rows)."""
     rng = np.random.default_rng(5)
     batch = testing.make_ragged_batch(rng, [(40, 2100), (1, 1500), (130, 130), (300, 1900)],
-                                      num_q_heads=16, num_kv_heads=4, head_dim=128,
+                                      num_q_heads=32, num_kv_heads=8, head_dim=128,
                                       block_size=16, dtype=dtype)
     _check_paged_attention(batch, dtype)
 

@@ -263,15 +263,22 @@ def test_tpu_kernel_caps_query_rows():
 @pytest.mark.parametrize("dtype,head_dim,block_size,decode", [
     ("bfloat16", 128, 16, True), ("float32", 256, 64, False), ("bfloat16", 128, 32, False)])
 def test_paged_attention_kernel_lowers_for_tpu(dtype, head_dim, block_size, decode):
+    """8 kv heads lower to the Mosaic kernel; 4 take the XLA path (their merged-heads view
+    would be a copy of the caches under XLA's TPU tiling)."""
     S = jax.ShapeDtypeStruct
-    num_seqs, hq, hkv = 4, 16, 4
-    args = [S((num_seqs if decode else 24, hq, head_dim), dtype),
-            S((32, block_size, hkv, head_dim), dtype), S((32, block_size, hkv, head_dim), dtype),
-            S((num_seqs, 8), jnp.int32), S((num_seqs,), jnp.int32),
-            None if decode else S((num_seqs + 1,), jnp.int32)]
-    fn = jax.jit(lambda *a: jf.paged_attention(*a, sliding_window=64, logits_soft_cap=30.0))
-    exp = jax.export.export(fn, platforms=["tpu"])(*args)
-    assert "tpu_custom_call" in exp.mlir_module()
+
+    def module(hkv):
+        num_seqs, hq = 4, 4 * hkv
+        args = [S((num_seqs if decode else 24, hq, head_dim), dtype),
+                S((32, block_size, hkv, head_dim), dtype),
+                S((32, block_size, hkv, head_dim), dtype),
+                S((num_seqs, 8), jnp.int32), S((num_seqs,), jnp.int32),
+                None if decode else S((num_seqs + 1,), jnp.int32)]
+        fn = jax.jit(lambda *a: jf.paged_attention(*a, sliding_window=64, logits_soft_cap=30.0))
+        return jax.export.export(fn, platforms=["tpu"])(*args).mlir_module()
+
+    assert "tpu_custom_call" in module(8)
+    assert "tpu_custom_call" not in module(4)
 
 
 def test_tpu_backend_refuses_untileable_shapes():
@@ -287,7 +294,14 @@ def test_tpu_backend_refuses_untileable_shapes():
         False, "block_size 12 is not a multiple of 8 (Mosaic tiling of 32-bit values)")
     assert pa.tpu_supports(head_dim=128, block_size=8, dtype="bfloat16") == (
         False, "block_size 8 is not a multiple of 16 (Mosaic tiling of 16-bit values)")
-    assert pa.tpu_supports(head_dim=256, block_size=16, dtype="float32") == (True, "")
+    assert pa.tpu_supports(head_dim=256, block_size=16, dtype="float32", num_kv_heads=8) == (
+        True, "")
+    assert pa.tpu_supports(head_dim=128, block_size=16, num_kv_heads=4) == (
+        False, "num_kv_heads 4 is not a multiple of 8: XLA pads the cache's heads to its TPU "
+               "tiles, so the kernel's [blocks, block_size * heads, head_dim] view would copy "
+               "both caches on every call")
+    assert pa.tpu_supports(head_dim=128, block_size=16, num_kv_heads=4, xla_layout=False) == (
+        True, "")
     assert pa.tpu_supports(head_dim=256, block_size=256, dtype="float32", num_kv_heads=8) == (
         False, "a block of 8 kv heads is 2048 KiB, over the 512 KiB a chunk of VMEM takes "
                "(smaller blocks, or fewer kv heads per device)")
@@ -316,8 +330,8 @@ def test_tpu_backend_refuses_block_tables_over_its_smem_share():
     def why(num_seqs, max_blocks, block_size, op="paged_attention", **more):
         return jf.explain_backends(op, "tpu", **_backends.attention_context(
             validate.check_paged_attention(
-                S((num_seqs, 8, 128), jnp.bfloat16), S((64, block_size, 2, 128), jnp.bfloat16),
-                S((64, block_size, 2, 128), jnp.bfloat16), S((num_seqs, max_blocks), jnp.int32),
+                S((num_seqs, 32, 128), jnp.bfloat16), S((64, block_size, 8, 128), jnp.bfloat16),
+                S((64, block_size, 8, 128), jnp.bfloat16), S((num_seqs, max_blocks), jnp.int32),
                 S((num_seqs,), jnp.int32)), **more))
 
     assert why(64, 4096, 16)["pallas_tpu"] == (

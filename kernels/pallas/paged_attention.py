@@ -234,13 +234,22 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
 MAX_SMEM_TABLE_BYTES = 512 * 1024
 
 
+#: XLA's TPU tile rows for the cache's (heads, head_dim) dims (float32, and bfloat16 up to
+#: v6e): with fewer or unaligned heads the merged-heads view is a copy (module docstring).
+XLA_TILE_ROWS = 8
+
+
 def tpu_supports(*, head_dim: int, block_size: int, table_entries: int = 0,
-                 dtype: str = "float32", num_kv_heads: int = 1, **_) -> tuple[bool, str]:
+                 dtype: str = "float32", num_kv_heads: int = 1, xla_layout: bool = True,
+                 **_) -> tuple[bool, str]:
     """Shapes the Mosaic kernel lowers for: bfloat16 or float32; each block lands in a VMEM
     buffer at a row offset of a multiple of block_size, so block_size must fill whole
     (sublane x 128) tiles (8 rows of 32-bit values, 16 of 16-bit), and head_dim whole 128-lane
     columns; a block within MAX_BLOCK_BYTES; the block table, prefetched into SMEM, within
-    MAX_SMEM_TABLE_BYTES."""
+    MAX_SMEM_TABLE_BYTES. ``xla_layout`` (a real TPU, not interpret mode): num_kv_heads a
+    multiple of XLA_TILE_ROWS, so the caches' merged-heads view is free; otherwise it would
+    copy both whole caches every call, and the XLA path, which reads only the blocks it
+    needs, is the better choice."""
     if head_dim % 128:
         return False, f"head_dim {head_dim} is not a multiple of 128 (Mosaic tiling)"
     if jnp.dtype(dtype) == jnp.float16:
@@ -251,6 +260,11 @@ def tpu_supports(*, head_dim: int, block_size: int, table_entries: int = 0,
     if block_size % rows:
         return False, (f"block_size {block_size} is not a multiple of {rows} (Mosaic tiling of "
                        f"{8 * itemsize}-bit values)")
+    if xla_layout and num_kv_heads % XLA_TILE_ROWS:
+        return False, (f"num_kv_heads {num_kv_heads} is not a multiple of {XLA_TILE_ROWS}: "
+                       f"XLA pads the cache's heads to its TPU tiles, so the kernel's "
+                       f"[blocks, block_size * heads, head_dim] view would copy both caches "
+                       f"on every call")
     block_bytes = block_size * num_kv_heads * head_dim * itemsize
     if block_bytes > MAX_BLOCK_BYTES:
         return False, (f"a block of {num_kv_heads} kv heads is {block_bytes // 1024} KiB, over "
