@@ -129,8 +129,8 @@ def test_cache_ops_on_device_exact_and_in_place():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_chunked_prefill_over_long_contexts_on_device(dtype):
     """Prefill and decode over contexts of thousands of tokens in one call: on a TPU the
-    kernel's chunk loop runs several double-buffered chunks per tile (tiles of up to 128
-    tokens x G rows)."""
+    kernel's chunk loop runs several double-buffered chunks per tile (16-token tiles here:
+    tokens x G x kv heads within 512 rows)."""
     rng = np.random.default_rng(5)
     batch = testing.make_ragged_batch(rng, [(40, 2100), (1, 1500), (130, 130), (300, 1900)],
                                       num_q_heads=32, num_kv_heads=8, head_dim=128,

@@ -4,6 +4,8 @@ bit-exact for copies and writes, and lowered for the real hardware with jax.expo
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 
@@ -187,6 +189,25 @@ def test_paged_attention_pallas_tpu_interpret(grid, dtype, block_size, kw):
     _check_lse(lse, want_lse)
 
 
+# (prefix blocks, (prefix id, q_len, own kv_len) per sequence, kv heads): decode, and prefill
+# where the prefix call's 270 sorted tokens ask for 256-token tiles, capped at 128 (G = 4)
+SHARED_PREFIX_CASES = [
+    ([2], [(0, 1, 3), (-1, 1, 9), (0, 1, 8)], 2),
+    ([2], [(0, 140, 150), (0, 130, 135)], 1),
+]
+
+
+@pytest.mark.parametrize("prefix_blocks,seqs,kv_heads", SHARED_PREFIX_CASES,
+                         ids=["decode", "prefill-capped-tiles"])
+def test_shared_prefix_attention_pallas_tpu_interpret(prefix_blocks, seqs, kv_heads):
+    rng = np.random.default_rng(6)
+    batch = testing.make_shared_prefix_batch(rng, prefix_blocks, seqs,
+                                             num_q_heads=4 * kv_heads, num_kv_heads=kv_heads,
+                                             head_dim=128, block_size=8)
+    _close(jf.shared_prefix_attention(*batch.args(), backend=BACKEND),
+           ref.shared_prefix_attention_reference(*batch.args()), "float32")
+
+
 # (grid, kv heads, dtype, head_dim, blocks per chunk, options): the chunk loop and its double
 # buffer (several chunks, a last chunk with blocks left out, a sliding window starting past
 # block 0), the per-head strided reads of 1-4 heads, in place (float32, head_dim 128) or from
@@ -312,13 +333,28 @@ def test_tpu_backend_refuses_untileable_shapes():
 def test_tpu_float16_attention_exports_through_xla():
     """float16 on a TPU takes the XLA path (no Mosaic call), the cache ops stay DMA kernels."""
     S = jax.ShapeDtypeStruct
-    args = [S((4, 8, 128), jnp.float16), S((16, 16, 2, 128), jnp.float16),
-            S((16, 16, 2, 128), jnp.float16), S((4, 4), jnp.int32), S((4,), jnp.int32)]
+    args = [S((4, 32, 128), jnp.float16), S((16, 16, 8, 128), jnp.float16),
+            S((16, 16, 8, 128), jnp.float16), S((4, 4), jnp.int32), S((4,), jnp.int32)]
     exp = jax.export.export(jax.jit(jf.paged_attention), platforms=["tpu"])(*args)
     assert "tpu_custom_call" not in exp.mlir_module()
     exp = jax.export.export(jax.jit(jf.write_kv), platforms=["tpu"])(
-        S((4, 2, 128), jnp.float16), S((4, 2, 128), jnp.float16), args[1], args[2], args[4])
+        S((4, 8, 128), jnp.float16), S((4, 8, 128), jnp.float16), args[1], args[2], args[4])
     assert "tpu_custom_call" in exp.mlir_module()
+
+
+def test_tpu_kv_head_rule_follows_xla_tiling_by_generation(monkeypatch):
+    """bfloat16 caches need 16 kv heads from TPU7x on (XLA tiles 16-bit values by 16 rows
+    there), float32 and older TPUs 8; off a TPU the rule assumes 8."""
+    assert pa.xla_tile_rows(2) == 8
+    monkeypatch.setattr(pa.pltpu, "get_tpu_info", lambda: types.SimpleNamespace(generation=7))
+    assert pa.xla_tile_rows(2) == 16 and pa.xla_tile_rows(4) == 8
+    assert pa.tpu_supports(head_dim=128, block_size=16, dtype="bfloat16", num_kv_heads=8)[1] \
+        .startswith("num_kv_heads 8 is not a multiple of 16")
+    assert pa.tpu_supports(head_dim=128, block_size=16, dtype="float32", num_kv_heads=8) == (
+        True, "")
+    monkeypatch.setattr(pa.pltpu, "get_tpu_info", lambda: types.SimpleNamespace(generation=6))
+    assert pa.tpu_supports(head_dim=128, block_size=16, dtype="bfloat16", num_kv_heads=8) == (
+        True, "")
 
 
 def test_tpu_backend_refuses_block_tables_over_its_smem_share():

@@ -5,19 +5,19 @@ Work is cut as in the XLA path (prefixkv.jax_frontend._xla): query tiles of one 
 to ``q_tile`` tokens, the G q heads of a kv head stacked as rows (GQA). One grid step per tile
 (parallel: the two TensorCores of a megacore chip split them) serves every kv head. The caches
 stay in HBM (``memory_space=ANY``), read as ``[num_blocks, block_size * num_kv_heads,
-head_dim]``: the contract's 4-D cache with its block and head dims merged, which keeps XLA's
-TPU tiling of the two minor dims. That view is a bitcast when num_kv_heads is a multiple of
-XLA's tile rows (8 up to v6e, for float32 and bfloat16; 16 for bfloat16 from TPU7x on);
-otherwise XLA pads the heads of the 4-D cache and the view costs a copy (a view that merged
-heads into head_dim instead would be a relayout copy of both caches on every call, whatever
-the head count). A step walks its tile's KV blocks in chunks of ``pages`` blocks: while it
-computes on chunk c in one half of a VMEM double buffer, the DMAs of chunk c+1 (one contiguous
-block per DMA and cache) fill the other half. Head h's keys and values are the rows h, h + H,
-... of the chunk, read by strided loads; Mosaic does those on 32-bit rows of exactly 128 lanes,
-so a bfloat16 chunk, or one with head_dim over 128, is first copied as float32 into 128-lane
-pieces and the dots are summed (QK) or written (PV) per piece. The block tables and the
-per-tile metadata are scalar-prefetched into SMEM. Online softmax in float32 VMEM scratch; out
-and lse written at the end of the step.
+head_dim]``: the contract's 4-D cache with its block and head dims merged, which keeps XLA's TPU
+tiling of the two minor dims. That view is a bitcast when num_kv_heads is a multiple of XLA's
+tile rows (8 up to v6e, for float32 and bfloat16; 16 for bfloat16 from TPU7x on); otherwise XLA
+pads the heads of the 4-D cache, the view would cost a copy, and tpu_supports refuses the call
+(XLA path). A view that merged heads into head_dim instead would be a relayout copy of both
+caches on every call, whatever the head count. A step walks its tile's KV blocks in chunks of
+``pages`` blocks: while it computes on chunk c in one half of a VMEM double buffer, the DMAs of
+chunk c+1 (one contiguous block per DMA and cache) fill the other half. Head h's keys and values
+are the rows h, h + H, ... of the chunk, read by strided loads; Mosaic does those on 32-bit rows
+of exactly 128 lanes, so a bfloat16 chunk, or one with head_dim over 128, is first copied as
+float32 into 128-lane pieces and the dots are summed (QK) or written (PV) per piece. The block
+tables and the per-tile metadata are scalar-prefetched into SMEM. Online softmax in float32 VMEM
+scratch; out and lse written at the end of the step.
 
 Why chunks of many blocks rather than one grid step per block (a BlockSpec pipeline over the
 block table): every grid step has a fixed cost, and one 16-token bf16 block of 8 heads of 128
@@ -49,9 +49,8 @@ _ANY = getattr(pl, "ANY", None) or getattr(pltpu, "ANY", None) or pltpu.HBM
 #: (apply_vector_layout's strided rule wants a base memref whose last dim is exactly this).
 LANES = 128
 
-#: At most this many query rows (tokens x G) per head and step, and rows x kv heads per step:
-#: the score tile [rows, chunk tokens] and the float32 accumulators grow with them.
-MAX_ROWS = 512
+#: At most this many query rows (tokens x G) x kv heads per prefill step: the score tiles
+#: [rows, chunk tokens] and the float32 accumulators grow with them.
 MAX_HEAD_ROWS = 512
 #: Target bytes of K (and of V) per chunk, and the most blocks a chunk holds (each block is
 #: one DMA per cache, unrolled in the kernel).
@@ -234,9 +233,17 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
 MAX_SMEM_TABLE_BYTES = 512 * 1024
 
 
-#: XLA's TPU tile rows for the cache's (heads, head_dim) dims (float32, and bfloat16 up to
-#: v6e): with fewer or unaligned heads the merged-heads view is a copy (module docstring).
-XLA_TILE_ROWS = 8
+def xla_tile_rows(itemsize: int) -> int:
+    """XLA's default TPU tile rows for the cache's (heads, head_dim) dims: 8, but 16 for 16-bit
+    values from TPU7x on (JAX's ``TpuInfo.get_sublane_tiling`` states the same defaults). The
+    generation is the default device's; 8 when that is no TPU (an export from a CPU)."""
+    if itemsize == 2:
+        try:
+            if pltpu.get_tpu_info().generation >= 7:
+                return 16
+        except (ValueError, AttributeError, NotImplementedError):
+            pass
+    return 8
 
 
 def tpu_supports(*, head_dim: int, block_size: int, table_entries: int = 0,
@@ -247,7 +254,7 @@ def tpu_supports(*, head_dim: int, block_size: int, table_entries: int = 0,
     (sublane x 128) tiles (8 rows of 32-bit values, 16 of 16-bit), and head_dim whole 128-lane
     columns; a block within MAX_BLOCK_BYTES; the block table, prefetched into SMEM, within
     MAX_SMEM_TABLE_BYTES. ``xla_layout`` (a real TPU, not interpret mode): num_kv_heads a
-    multiple of XLA_TILE_ROWS, so the caches' merged-heads view is free; otherwise it would
+    multiple of xla_tile_rows(), so the caches' merged-heads view is free; otherwise it would
     copy both whole caches every call, and the XLA path, which reads only the blocks it
     needs, is the better choice."""
     if head_dim % 128:
@@ -260,8 +267,9 @@ def tpu_supports(*, head_dim: int, block_size: int, table_entries: int = 0,
     if block_size % rows:
         return False, (f"block_size {block_size} is not a multiple of {rows} (Mosaic tiling of "
                        f"{8 * itemsize}-bit values)")
-    if xla_layout and num_kv_heads % XLA_TILE_ROWS:
-        return False, (f"num_kv_heads {num_kv_heads} is not a multiple of {XLA_TILE_ROWS}: "
+    tile = xla_tile_rows(itemsize) if xla_layout else 1
+    if num_kv_heads % tile:
+        return False, (f"num_kv_heads {num_kv_heads} is not a multiple of {tile}: "
                        f"XLA pads the cache's heads to its TPU tiles, so the kernel's "
                        f"[blocks, block_size * heads, head_dim] view would copy both caches "
                        f"on every call")
@@ -292,9 +300,9 @@ def paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
 def _q_tile(num_tokens: int, num_seqs: int, decode: bool, block_size: int, group: int,
             num_kv_heads: int, q_tile: int | None) -> tuple[int, int]:
     """(q_tile, num_tiles): the XLA path's tiling, with q_tile lowered to a power of two that
-    keeps q_tile x G within MAX_ROWS and q_tile x G x num_kv_heads within MAX_HEAD_ROWS."""
+    keeps q_tile x G x num_kv_heads within MAX_HEAD_ROWS (decode tiles stay one token)."""
     tq, nt, _ = _xla.choose_tiling(num_tokens, num_seqs, decode, block_size, q_tile=q_tile)
-    most = min(MAX_ROWS, MAX_HEAD_ROWS // num_kv_heads)
+    most = MAX_HEAD_ROWS // num_kv_heads
     if not decode and tq > 1 and tq * group > most:
         cap = 1 << max(0, (most // group).bit_length() - 1)
         tq, nt, _ = _xla.choose_tiling(num_tokens, num_seqs, decode, block_size, q_tile=cap)
