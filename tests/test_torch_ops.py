@@ -170,14 +170,21 @@ def test_workspace_accepted_on_the_cpu_path(shared):
     assert got_lse.shape == args[0].shape[:2]
 
 
+@pytest.mark.parametrize("metadata", ["host", "device-synced"])
 @pytest.mark.parametrize("dtype,kw", [("float32", {}), ("bfloat16", dict(sliding_window=11)),
                                       ("float16", dict(logits_soft_cap=4.0))])
-def test_long_prefill_tiles_on_host(dtype, kw, monkeypatch):
-    """The host path's tiled prefill (_tiled_prefill): sequences longer than the tile in
-    several tiles (a partial last one), the short ones batched, a padding sequence, cached
-    context before the new tokens, NaN in unused slots; out and lse against the reference."""
+def test_long_prefill_tiles_on_host(dtype, kw, metadata, monkeypatch):
+    """The tiled prefill (_tiled_prefill): sequences longer than the tile in several tiles (a
+    partial last one), the short ones batched, a padding sequence, cached context before the
+    new tokens, NaN in unused slots; out and lse against the reference. ``device-synced``: the
+    path for metadata on a GPU (forced on CPU tensors) with a batch whose padding to its token
+    count passes PAD_SYNC_BYTES: it reads the lengths back and tiles the same way, where it
+    used to pad every sequence to the whole batch."""
     from prefixkv.torch_frontend import _native
 
+    if metadata == "device-synced":
+        monkeypatch.setattr(_native, "_on_host", lambda *t: False)
+        monkeypatch.setattr(_native, "PAD_SYNC_BYTES", 0)
     monkeypatch.setattr(_native, "PREFILL_Q_TILE", 8)
     calls = []
     real = _native._tiled_prefill

@@ -4,7 +4,11 @@ No Python loop per token or per block: attention runs over the batch padded to
 ``[num_kv_heads, num_seqs, group * max_q_len, head_dim]`` with an online softmax over chunks of
 blocks (a few hundred keys per chunk), so each chunk of K/V is gathered once into a small
 float32 buffer that stays in cache and every q head of a kv head reads it with one batched
-matmul. Nothing of size ``num_seqs * max_kv_len`` is materialized.
+matmul. Nothing of size ``num_seqs * max_kv_len`` is materialized. With the metadata on the
+host, max_q_len is the longest sequence's and a long causal prefill runs in query tiles
+(_tiled_prefill). With it on a device (the fallback on CUDA) there is no host sync: every
+sequence pads to the batch's token count, unless that passes PAD_SYNC_BYTES, when the lengths
+are read back (a sync) and the host's rules apply.
 
 With the ragged metadata on the host (the CPU path) shared_prefix_attention uses
 _attend_host instead: whole blocks gathered a few MB at a time, then torch's fused CPU
@@ -155,20 +159,25 @@ def _attend_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     return out, lse
 
 
-def _ragged_rows(cu: torch.Tensor, num_tokens: int, host: bool):
-    """Per token: padded row index seq * q_max + j, and q_max, q_lens."""
-    q_lens = cu[1:].to(torch.int64) - cu[:-1].to(torch.int64)
+def _q_lens(cu: torch.Tensor) -> torch.Tensor:
+    return cu[1:].to(torch.int64) - cu[:-1].to(torch.int64)
+
+
+def _ragged_rows(cu: torch.Tensor, num_tokens: int, q_max: int):
+    """Per token: padded row index seq * q_max + j (q_max >= every sequence's q_len), and
+    q_lens, on cu's device."""
+    q_lens = _q_lens(cu)
     num_seqs = q_lens.shape[0]
-    # on a device: no host sync, the bound every batch satisfies
-    q_max = (int(q_lens.max()) if num_seqs else 0) if host else num_tokens
     seq = torch.repeat_interleave(torch.arange(num_seqs, device=cu.device), q_lens,
                                   output_size=num_tokens)
     j = torch.arange(num_tokens, device=cu.device) - cu.to(torch.int64)[seq]
-    return seq * max(q_max, 1) + j, max(q_max, 1), q_lens
+    return seq * q_max + j, q_lens
 
 
-def _bounds(kv_lens: torch.Tensor, q_lens: torch.Tensor, causal: bool, host: bool):
-    if not host or kv_lens.numel() == 0:
+def _bounds(kv_lens: torch.Tensor | None, q_lens: torch.Tensor | None, causal: bool):
+    """(most keys, the least key end of a live row) from host copies of the lengths, or
+    (None, None) when they are not on the host."""
+    if kv_lens is None or kv_lens.numel() == 0:
         return None, None
     kv = kv_lens.to(torch.int64)
     max_kv = int(kv.max())
@@ -352,6 +361,10 @@ def _c_decode(out, lse, q, k_cache, v_cache, block_tables, kv_lens, scale, windo
 
 #: Query tokens per tile of a long causal prefill on the host path (see _tiled_prefill).
 PREFILL_Q_TILE = 256
+#: Bytes of float32 queries padded to [num_seqs, num_tokens, Hq, D] above which the path with
+#: its metadata on a device reads the lengths back to the host (a sync, so not inside a CUDA
+#: graph) instead: 256 sequences of a 2048-token batch at 32 x 128 heads would pad to 8 GiB.
+PAD_SYNC_BYTES = 256 << 20
 
 
 def _tiled_prefill(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_cache,
@@ -364,19 +377,21 @@ def _tiled_prefill(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_ca
     score tiles of all the sequence's rows. Measured, one thread, 32 q / 8 kv heads: 4608
     tokens from scratch 12.4 s -> 3.6 s (f32), 14.1 s -> 4.0 s (bf16); tiles of 128 and 512
     tokens were 5-10% slower, 64 and 32 slower still."""
-    cu = cu_q_lens.tolist()
+    cu = cu_q_lens.tolist()  # host copies (the caller's, when the metadata is on a device)
     kv = kv_lens.tolist()
+    meta = block_tables.device
     q_lens = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
     short = [s for s, n in enumerate(q_lens) if 0 < n <= PREFILL_Q_TILE]
     if short:
-        tok = torch.cat([torch.arange(cu[s], cu[s + 1]) for s in short])
+        tok = torch.cat([torch.arange(cu[s], cu[s + 1]) for s in short]).to(q.device)
         sub_cu = torch.tensor([0, *itertools.accumulate(q_lens[s] for s in short)],
-                              dtype=torch.int32)
-        idx = torch.tensor(short)
-        o = torch.empty((tok.numel(), *q.shape[1:]), dtype=out.dtype)
-        lg = torch.empty(o.shape[:2], dtype=torch.float32)
+                              dtype=torch.int32, device=meta)
+        idx = torch.tensor(short, device=meta)
+        o = torch.empty((tok.numel(), *q.shape[1:]), dtype=out.dtype, device=out.device)
+        lg = torch.empty(o.shape[:2], dtype=torch.float32, device=out.device)
         paged_attention(o, lg, q.index_select(0, tok), k_cache, v_cache,
-                        block_tables.index_select(0, idx), kv_lens.index_select(0, idx),
+                        block_tables.index_select(0, idx),
+                        torch.tensor([kv[s] for s in short], dtype=torch.int32, device=meta),
                         sub_cu, scale=scale, causal=True, sliding_window=sliding_window,
                         logits_soft_cap=logits_soft_cap)
         out.index_copy_(0, tok, o)
@@ -392,7 +407,8 @@ def _tiled_prefill(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_ca
             rows = slice(cu[s] + j0, cu[s] + j1)
             o, lg = _attend_padded(
                 q[rows].unsqueeze(0), k_cache, v_cache, block_tables[s:s + 1],
-                torch.tensor([seen]), torch.tensor([n]), scale=scale, causal=True,
+                torch.tensor([seen], device=meta), torch.tensor([n], device=meta),
+                scale=scale, causal=True,
                 sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
                 max_kv=seen, min_end=seen - n + 1)
             out[rows].copy_(o[0])
@@ -414,20 +430,32 @@ def paged_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_c
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = block_tables.shape[0]
     host = _on_host(kv_lens, block_tables) and (cu_q_lens is None or _on_host(cu_q_lens))
+    kv_host = kv_lens if host else None  # the lengths on the host, when known there
     if cu_q_lens is None:
         q_lens = torch.ones(num_seqs, dtype=torch.int64, device=q.device)
+        q_lens_host = q_lens if host else None
         qp, rows = q.view(num_seqs, 1, num_q_heads, head_dim), None
     else:
-        rows, q_max, q_lens = _ragged_rows(cu_q_lens, num_tokens, host)
-        if host and causal and q_max > PREFILL_Q_TILE and q.device.type == "cpu":
-            _tiled_prefill(out, lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
-                           scale=scale, sliding_window=sliding_window,
-                           logits_soft_cap=logits_soft_cap)
-            return
+        cu_host = cu_q_lens if host else None
+        if not host and num_seqs * num_tokens * num_q_heads * head_dim * 4 > PAD_SYNC_BYTES:
+            # padding every sequence to the batch's token count would not fit: read the
+            # lengths back (one small copy, a sync) and pad to the longest sequence instead
+            cu_host, kv_host = cu_q_lens.cpu(), kv_lens.cpu()
+        if cu_host is None:  # on a device, no sync: the bound every batch satisfies
+            q_max, q_lens_host = max(num_tokens, 1), None
+        else:
+            q_lens_host = _q_lens(cu_host)
+            q_max = max(int(q_lens_host.max()) if num_seqs else 0, 1)
+            if causal and q_max > PREFILL_Q_TILE:
+                _tiled_prefill(out, lse, q, k_cache, v_cache, block_tables, kv_host, cu_host,
+                               scale=scale, sliding_window=sliding_window,
+                               logits_soft_cap=logits_soft_cap)
+                return
+        rows, q_lens = _ragged_rows(cu_q_lens, num_tokens, q_max)
         qp = q.new_zeros((num_seqs * q_max, num_q_heads, head_dim))
         qp.index_copy_(0, rows, q)
         qp = qp.view(num_seqs, q_max, num_q_heads, head_dim)
-    max_kv, min_end = _bounds(kv_lens, q_lens, causal, host)
+    max_kv, min_end = _bounds(kv_host, q_lens_host, causal)
     o, l_ = _attend_padded(qp, k_cache, v_cache, block_tables, kv_lens, q_lens, scale=scale,
                            causal=causal, sliding_window=sliding_window,
                            logits_soft_cap=logits_soft_cap, max_kv=max_kv, min_end=min_end)
