@@ -74,14 +74,18 @@ def test_paged_attention_matches_reference(case, opts):
     np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("pad_sync", ["no-sync", "sync"])
 @pytest.mark.parametrize("case", ATTN_CASES, ids=_case_id)
-def test_device_code_path_runs_on_cpu(case, monkeypatch):
+def test_device_code_path_runs_on_cpu(case, pad_sync, monkeypatch):
     """The torch backend's path for metadata on a GPU (no host sync: padded to the batch's
     token count, masks instead of host-side bounds), forced on CPU tensors; both attention ops
-    and the sync-free write_kv."""
+    and the sync-free write_kv. ``sync``: every batch past PAD_SYNC_BYTES, so the lengths are
+    read back and the padding is to the longest sequence / prefix group."""
     from prefixkv.torch_frontend import _native
 
     monkeypatch.setattr(_native, "_on_host", lambda *t: False)
+    if pad_sync == "sync":
+        monkeypatch.setattr(_native, "PAD_SYNC_BYTES", 0)
     monkeypatch.setattr(_native, "_c_decode", lambda *a, **k: False)
     grid, bs, hq, hkv, d, dtype = case
     rng = np.random.default_rng(hash(_case_id(case)) % 2**32 + 1)

@@ -575,7 +575,10 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
     sorted_key = key[order]
     rank = torch.arange(num_tokens, device=dev) - torch.cat(
         [starts, starts.new_zeros(1)])[sorted_key]
-    q_max = int(counts.max()) if (host and num_prefixes) else num_tokens
+    # on a device every prefix pads to the batch's token count (no sync), unless that passes
+    # PAD_SYNC_BYTES: then its longest token count is read back (a sync)
+    big = num_prefixes * num_tokens * num_q_heads * head_dim * 4 > PAD_SYNC_BYTES
+    q_max = int(counts.max()) if ((host or big) and num_prefixes) else num_tokens
     q_max = max(q_max, 1)
     live = sorted_key < num_prefixes
     rows_sorted = sorted_key.clamp(max=max(num_prefixes - 1, 0)) * q_max + rank
