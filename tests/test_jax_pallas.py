@@ -210,7 +210,7 @@ def test_shared_prefix_attention_pallas_tpu_interpret(prefix_blocks, seqs, kv_he
 
 # (grid, kv heads, dtype, head_dim, blocks per chunk, options): the chunk loop and its double
 # buffer (several chunks, a last chunk with blocks left out, a sliding window starting past
-# block 0), the per-head strided reads of 1-4 heads, in place (float32, head_dim 128) or from
+# block 0), the per-head strided reads of 1-8 heads, in place (float32, head_dim 128) or from
 # the float32 copy in 128-lane pieces (bfloat16; head_dim 256)
 CHUNK_CASES = [
     ("mixed", 1, "float32", 128, 1, {}),
@@ -218,6 +218,7 @@ CHUNK_CASES = [
     ("prefill_with_prefix", 4, "float32", 128, 2, dict(logits_soft_cap=4.0)),
     ("mixed", 2, "float32", 256, 2, {}),
     ("decode", 2, "bfloat16", 256, 1, dict(logits_soft_cap=4.0)),
+    ("mixed", 8, "bfloat16", 128, 2, {}),  # the head count a real TPU takes (tpu_supports)
 ]
 
 
