@@ -101,9 +101,14 @@ def test_device_code_path_runs_on_cpu(case, pad_sync, monkeypatch):
                                           num_kv_heads=hkv, head_dim=d, block_size=bs,
                                           dtype=dtype)
     want, want_lse = ref.shared_prefix_attention_reference(*sp.args(), return_lse=True)
+    padded_rows = []  # q_max of each padded attention: 7 tokens, prefix groups of 2 and 3
+    real = _native._attend_padded
+    monkeypatch.setattr(_native, "_attend_padded", lambda q, *a, **k: padded_rows.append(
+        q.shape[1]) or real(q, *a, **k))
     got, got_lse = tf.shared_prefix_attention(*(T(a) for a in sp.args()), return_lse=True)
     close(got, want, dtype)
     np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-4, rtol=1e-4)
+    assert max(padded_rows) == (3 if pad_sync == "sync" else 7)
     key = testing.random_values(rng, (4, hkv, d), dtype)
     slots = np.array([-1, 3, -2, bs + 1], np.int32)
     wk, wv = ref.write_kv_reference(key, key, b.k_cache, b.v_cache, slots)
