@@ -367,6 +367,13 @@ PREFILL_Q_TILE = 256
 PAD_SYNC_BYTES = 256 << 20
 
 
+def _padding_needs_sync(groups: int, q: torch.Tensor) -> bool:
+    """Whether ``groups`` groups of queries each padded to q's token count pass
+    PAD_SYNC_BYTES (as float32)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    return groups * num_tokens * num_q_heads * head_dim * 4 > PAD_SYNC_BYTES
+
+
 def _tiled_prefill(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_cache,
                    block_tables, kv_lens, cu_q_lens, *, scale: float,
                    sliding_window: int | None, logits_soft_cap: float | None) -> None:
@@ -437,7 +444,7 @@ def paged_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_c
         qp, rows = q.view(num_seqs, 1, num_q_heads, head_dim), None
     else:
         cu_host = cu_q_lens if host else None
-        if not host and num_seqs * num_tokens * num_q_heads * head_dim * 4 > PAD_SYNC_BYTES:
+        if not host and _padding_needs_sync(num_seqs, q):
             # padding every sequence to the batch's token count would not fit: read the
             # lengths back (one small copy, a sync) and pad to the longest sequence instead
             cu_host, kv_host = cu_q_lens.cpu(), kv_lens.cpu()
@@ -561,8 +568,7 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
     if cu_q_lens is None:
         tok_seq = torch.arange(num_seqs, device=dev)
     else:
-        ql = cu_q_lens[1:].to(torch.int64) - cu_q_lens[:-1].to(torch.int64)
-        tok_seq = torch.repeat_interleave(torch.arange(num_seqs, device=dev), ql,
+        tok_seq = torch.repeat_interleave(torch.arange(num_seqs, device=dev), _q_lens(cu_q_lens),
                                           output_size=num_tokens)
     pid = prefix_ids.to(torch.int64)[tok_seq]  # [T], -1 = none
     has = pid >= 0
@@ -577,8 +583,8 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
         [starts, starts.new_zeros(1)])[sorted_key]
     # on a device every prefix pads to the batch's token count (no sync), unless that passes
     # PAD_SYNC_BYTES: then its longest token count is read back (a sync)
-    big = num_prefixes * num_tokens * num_q_heads * head_dim * 4 > PAD_SYNC_BYTES
-    q_max = int(counts.max()) if ((host or big) and num_prefixes) else num_tokens
+    sync = host or _padding_needs_sync(num_prefixes, q)
+    q_max = int(counts.max()) if (sync and num_prefixes) else num_tokens
     q_max = max(q_max, 1)
     live = sorted_key < num_prefixes
     rows_sorted = sorted_key.clamp(max=max(num_prefixes - 1, 0)) * q_max + rank

@@ -87,6 +87,12 @@ def tpu_plan(*, num_kv_heads: int, head_dim: int, block_size: int, itemsize: int
     return TpuPlan(max(1, min(pages, max_blocks)))
 
 
+def widened(itemsize: int, head_dim: int) -> bool:
+    """Whether a chunk is first copied as float32 into 128-lane pieces: Mosaic's strided loads
+    read 32-bit rows of exactly LANES lanes."""
+    return itemsize < 4 or head_dim != LANES
+
+
 def vmem_bytes(plan: TpuPlan, *, num_kv_heads: int, head_dim: int, block_size: int,
                itemsize: int, rows: int) -> int:
     """VMEM one step takes: the K/V double buffers and (16-bit, or head_dim over 128) their
@@ -96,7 +102,7 @@ def vmem_bytes(plan: TpuPlan, *, num_kv_heads: int, head_dim: int, block_size: i
     V)."""
     tokens, heads = plan.pages * block_size, num_kv_heads
     kv = 2 * 2 * tokens * heads * head_dim * itemsize
-    if itemsize < 4 or head_dim != LANES:
+    if widened(itemsize, head_dim):
         kv += 2 * tokens * heads * head_dim * 4
     blocks = 2 * (2 * heads * rows * head_dim * itemsize + heads * rows * 128 * 4)
     scratch = heads * rows * (head_dim + 2 * 128) * 4
@@ -359,8 +365,8 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
     any_spec = pl.BlockSpec(memory_space=_ANY)
     chunk_rows = plan.pages * block_size * num_kv_heads
     buf = pltpu.VMEM((2, chunk_rows, head_dim), k_cache.dtype)
-    widen = itemsize < 4 or head_dim != LANES  # see the kernel: strided loads of 128 lanes
-    wide = [pltpu.VMEM((head_dim // LANES, chunk_rows, LANES), jnp.float32)] * 2 if widen else []
+    wide = ([pltpu.VMEM((head_dim // LANES, chunk_rows, LANES), jnp.float32)] * 2
+            if widened(itemsize, head_dim) else [])
     q_spec = pl.BlockSpec((None, num_kv_heads, rows_p, head_dim), q_map)
     out, lse = pl.pallas_call(
         kernel,
