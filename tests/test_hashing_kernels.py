@@ -159,6 +159,32 @@ def test_pallas_interpreted_matches_blake3(name, mode):
     np.testing.assert_array_equal(np.asarray(got), oracle(**case))
 
 
+@pytest.mark.parametrize("num_seqs, sub, grid_rows, mode", [
+    (300, 2, 2, "tpu"), (1100, 5, 2, "generic"), (2100, 8, 3, "generic")])
+def test_pallas_tiles_many_sequences(num_seqs, sub, grid_rows, mode):
+    """Sequences fill (sub, 128) tiles: more than 256 make two grid rows, more than 2048
+    whole 8 x 128 tiles; lanes past the last sequence are padding. Exact against BLAKE3, with
+    extra words and per-sequence parents, in interpret mode."""
+    from jax.experimental.pallas import tpu as pltpu
+    from prefixkv.kernels.pallas.hashing import LANES, hash_blocks_pallas, sublanes
+
+    assert sublanes(num_seqs) == sub and -(-num_seqs // (sub * LANES)) == grid_rows
+    rng = np.random.default_rng(num_seqs)
+    lens = rng.integers(0, 3 * 8 + 1, num_seqs)
+    lens[-1] = 3 * 8  # the longest sequence sits in the last grid row
+    case = make_case(rng, 8, lens.tolist(), salt="t", with_extra=True, parent="per_seq")
+    nb = np.diff(case["cu_lens"].astype(np.int64)) // 8
+    key = np.array(struct.unpack("<8I", block_key("t")), dtype=np.uint32)
+    got = hash_blocks_pallas(jnp.asarray(case["tokens"].view(np.uint32)),
+                             jnp.asarray(case["cu_lens"]), jnp.asarray(key),
+                             jnp.asarray(parent_words(case["parent"], num_seqs)),
+                             jnp.asarray(case["extra"]), block_size=8, num_out=int(nb.sum()),
+                             num_steps=int(nb.max()),
+                             interpret=True if mode == "generic" else pltpu.InterpretParams(
+                                 out_of_bounds_reads="raise", uninitialized_memory="nan"))
+    np.testing.assert_array_equal(np.asarray(got), oracle(**case))
+
+
 def test_pallas_through_the_frontend_with_traced_cu_lens():
     """backend="pallas_tpu" is refused off TPU; the kernel path itself under jit with a
     traced cu_lens (num_steps bound = num_tokens // block_size, padded rows zero)."""
@@ -194,3 +220,29 @@ def test_pallas_lowers_for_tpu(has_extra):
     exported = jax.export.export(jax.jit(f), platforms=["tpu"])(*args)
     text = exported.mlir_module()
     assert "tpu_custom_call" in text
+
+
+@pytest.mark.parametrize("num_seqs, vector", [(2100, "vector<8x128xi32>"),
+                                              (100, "vector<1x128xi32>")])
+def test_pallas_hashes_on_whole_vregs(num_seqs, vector, monkeypatch, capsys):
+    """The Mosaic module lowered for TPU: the BLAKE3 rounds of a large batch work on whole
+    8 x 128 int32 vregs; a batch of 100 sequences has one 128-lane row of them."""
+    import re
+    from collections import Counter
+
+    from jax.experimental import pallas as pl
+    from prefixkv.kernels.pallas.hashing import hash_blocks_pallas
+
+    pallas_call = pl.pallas_call
+    monkeypatch.setattr(pl, "pallas_call", lambda *a, **k: pallas_call(*a, **k, debug=True))
+
+    def f(tok, cu, key, parents):
+        return hash_blocks_pallas(tok, cu, key, parents, None, block_size=16, num_out=64,
+                                  num_steps=16)
+
+    u32 = jnp.uint32
+    jax.export.export(jax.jit(f), platforms=["tpu"])(
+        jax.ShapeDtypeStruct((4096,), u32), jax.ShapeDtypeStruct((num_seqs + 1,), jnp.int32),
+        jax.ShapeDtypeStruct((8,), u32), jax.ShapeDtypeStruct((num_seqs, 8), u32))
+    shapes = Counter(re.findall(r"vector<[0-9x]+xi32>", capsys.readouterr().out))
+    assert shapes.most_common(1)[0][0] == vector, shapes

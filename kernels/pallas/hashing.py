@@ -1,11 +1,15 @@
 """Pallas (TPU, Mosaic) BLAKE3 chain kernel of ``hash_blocks`` (prefixkv-v1).
 
-One lane per sequence, 128 sequences per grid row; the grid's second axis walks the block
-index within a sequence ("arbitrary", sequential), carrying each lane's chain value in a VMEM
-scratch. The wrapper gathers each step's message words into ``msg[T, words, lanes]`` with XLA
-(tokens, then the 4 extra words, zero-padded to whole 64-byte BLAKE3 blocks), and gathers the
-per-step outputs back into block order. All arithmetic is int32 (wrapping add, xor, logical
-shifts), the uint32 words bitcast outside the kernel.
+One vector lane per sequence. A grid row holds ``sub x 128`` sequences as one (sub, 128) int32
+tile per state word, so with ``sub = 8`` every vector op fills a whole vreg (8 sublanes x 128
+lanes); ``sub`` shrinks for small batches and is chosen so that batches of more than 256
+sequences make at least two grid rows for the two TensorCores of a megacore chip. The grid's
+second axis walks the block index within a sequence ("arbitrary", sequential), carrying each
+lane's chain value in a VMEM scratch. The wrapper gathers each step's message words into
+``msg[T, words, rows, sub, 128]`` with XLA (tokens, then the 4 extra words, zero-padded to
+whole 64-byte BLAKE3 blocks), and gathers the per-step outputs back into block order. All
+arithmetic is int32 (wrapping add, xor, logical shifts), the uint32 words bitcast outside the
+kernel.
 
 Messages must fit one BLAKE3 chunk (1024 bytes): block_size <= 248 (244 with extra).
 """
@@ -83,25 +87,27 @@ def _compress(cv, m, block_len: int, flags: int):
 
 def _chain_kernel(nb_ref, key_ref, parent_ref, msg_ref, out_ref, h_ref, *, nblk: int,
                   last_len: int):
+    """One grid step: every lane's message of block t. Refs hold (sub, 128) tiles: nb
+    (1, sub, 128), key/parent (1, 8, sub, 128), msg (1, words, 1, sub, 128), out
+    (1, 8, 1, sub, 128), h (8, sub, 128)."""
     t = pl.program_id(1)
 
     @pl.when(t == 0)
     def _init():
-        h_ref[...] = parent_ref[...]
+        h_ref[...] = parent_ref[0]
 
-    h = h_ref[...]  # (8, LANES)
-    key = key_ref[...]
-    data = msg_ref[0]  # (16 * nblk - 8, LANES)
-    words = [h[k:k + 1] for k in range(8)] + [data[k:k + 1] for k in range(data.shape[0])]
-    cv = [key[k:k + 1] for k in range(8)]
+    h = [h_ref[k] for k in range(8)]
+    cv = [key_ref[0, k] for k in range(8)]
     for j in range(nblk):
         last = j == nblk - 1
         flags = KEYED_HASH | (CHUNK_START if j == 0 else 0) | ((CHUNK_END | ROOT) if last else 0)
-        cv = _compress(cv, words[16 * j:16 * (j + 1)], last_len if last else 64, flags)
-    new = jnp.concatenate(cv, axis=0)
-    active = t < nb_ref[...]  # (1, LANES)
-    h_ref[...] = jnp.where(active, new, h)
-    out_ref[0] = new
+        # message words 16j..16j+15: the 8 chain words lead block 0, the data follows
+        words = [h[w] if w < 8 else msg_ref[0, w - 8, 0] for w in range(16 * j, 16 * j + 16)]
+        cv = _compress(cv, words, last_len if last else 64, flags)
+    active = t < nb_ref[0]  # (sub, 128)
+    for k in range(8):
+        h_ref[k] = jnp.where(active, cv[k], h[k])
+        out_ref[0, k, 0] = cv[k]
 
 
 def check_block_size(block_size: int, has_extra: bool) -> tuple[int, int]:
@@ -109,23 +115,30 @@ def check_block_size(block_size: int, has_extra: bool) -> tuple[int, int]:
     return one_chunk_blocks(block_size, has_extra, "the Pallas kernel")
 
 
+def sublanes(num_seqs: int) -> int:
+    """Sublanes of a grid row's tiles: 8 (whole vregs) once there are over 1024 sequences,
+    fewer below so that more than 256 sequences still make two grid rows (megacore)."""
+    return max(1, min(8, -(-num_seqs // (2 * LANES))))
+
+
 def chain_call(nb, key, parents, msg, *, nblk: int, last_len: int, interpret=False):
-    """The pallas_call: nb i32[1, S], key/parents i32[8, S], msg i32[T, 16*nblk-8, S]
-    (S a multiple of 128) -> i32[T, 8, S], the chain value after each step."""
-    num_steps, width, s_pad = msg.shape
+    """The pallas_call: nb i32[rows, sub, 128], key/parents i32[rows, 8, sub, 128],
+    msg i32[T, 16*nblk-8, rows, sub, 128] -> i32[T, 8, rows, sub, 128], the chain value after
+    each step."""
+    num_steps, width, rows, sub, lanes = msg.shape
     kernel = functools.partial(_chain_kernel, nblk=nblk, last_len=last_len)
     return pl.pallas_call(
         kernel,
-        grid=(s_pad // LANES, num_steps),
+        grid=(rows, num_steps),
         in_specs=[
-            pl.BlockSpec((1, LANES), lambda s, t: (0, s)),
-            pl.BlockSpec((8, LANES), lambda s, t: (0, s)),
-            pl.BlockSpec((8, LANES), lambda s, t: (0, s)),
-            pl.BlockSpec((1, width, LANES), lambda s, t: (t, 0, s)),
+            pl.BlockSpec((1, sub, lanes), lambda r, t: (r, 0, 0)),
+            pl.BlockSpec((1, 8, sub, lanes), lambda r, t: (r, 0, 0, 0)),
+            pl.BlockSpec((1, 8, sub, lanes), lambda r, t: (r, 0, 0, 0)),
+            pl.BlockSpec((1, width, 1, sub, lanes), lambda r, t: (t, 0, r, 0, 0)),
         ],
-        out_specs=pl.BlockSpec((1, 8, LANES), lambda s, t: (t, 0, s)),
-        out_shape=jax.ShapeDtypeStruct((num_steps, 8, s_pad), jnp.int32),
-        scratch_shapes=[pltpu.VMEM((8, LANES), jnp.int32)],
+        out_specs=pl.BlockSpec((1, 8, 1, sub, lanes), lambda r, t: (t, 0, r, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((num_steps, 8, rows, sub, lanes), jnp.int32),
+        scratch_shapes=[pltpu.VMEM((8, sub, lanes), jnp.int32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=interpret,
     )(nb, key, parents, msg)
@@ -140,7 +153,9 @@ def hash_blocks_pallas(tok, cu, key, parents, extra, *, block_size: int, num_out
     num_seqs = cu.shape[0] - 1
     if num_out == 0 or num_seqs == 0 or num_steps == 0:
         return jnp.zeros((num_out, 8), jnp.uint32)
-    s_pad = -(-num_seqs // LANES) * LANES
+    sub = sublanes(num_seqs)
+    grid_rows = -(-num_seqs // (sub * LANES))
+    s_pad = grid_rows * sub * LANES
     start = cu[:-1]
     nb = (cu[1:] - start) // block_size
     boff = jnp.cumsum(nb) - nb
@@ -160,11 +175,15 @@ def hash_blocks_pallas(tok, cu, key, parents, extra, *, block_size: int, num_out
     def i32(x):
         return lax.bitcast_convert_type(x, jnp.int32)
 
-    nb_p = jnp.pad(nb, (0, s_pad - num_seqs))[None, :].astype(jnp.int32)
-    key_p = jnp.broadcast_to(i32(key)[:, None], (8, s_pad))
-    par_p = jnp.pad(i32(parents).T, ((0, 0), (0, s_pad - num_seqs)))
-    steps = chain_call(nb_p, key_p, par_p, i32(msg), nblk=nblk, last_len=last_len,
-                       interpret=interpret)
+    def tiles(x):  # [..., s_pad] -> [..., grid_rows, sub, 128]
+        return x.reshape(*x.shape[:-1], grid_rows, sub, LANES)
+
+    nb_p = tiles(jnp.pad(nb, (0, s_pad - num_seqs)).astype(jnp.int32))
+    key_p = jnp.broadcast_to(i32(key)[None, :, None, None], (grid_rows, 8, sub, LANES))
+    par_p = tiles(jnp.pad(i32(parents).T, ((0, 0), (0, s_pad - num_seqs))))
+    par_p = par_p.transpose(1, 0, 2, 3)  # [grid_rows, 8, sub, 128]
+    steps = chain_call(nb_p, key_p, par_p, tiles(i32(msg)), nblk=nblk, last_len=last_len,
+                       interpret=interpret).reshape(num_steps, 8, s_pad)
     # output row j: sequence s_j (the one whose block range holds j), step j - boff[s_j]
     j = jnp.arange(num_out, dtype=jnp.int32)
     ends = jnp.cumsum(nb)
