@@ -406,6 +406,38 @@ def test_paged_attention_pallas_gpu_interpret(grid, dtype, head_dim, block_size,
     np.testing.assert_allclose(np.asarray(lse)[fin], want_lse[fin], atol=2e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype,head_dim,num_q_heads,grid,heads_per_program", [
+    ("float32", 128, 64, "mixed", 16), ("float32", 128, 48, "decode", 12),
+    ("bfloat16", 256, 96, "prefill_with_prefix", 24)])
+def test_pallas_gpu_splits_groups_too_big_for_registers(dtype, head_dim, num_q_heads, grid,
+                                                        heads_per_program):
+    """2 kv heads with 32, 24 and 48 q heads each: a token's group overflows one program's
+    registers, so each kv head's q heads run as several programs (the group's largest
+    divisor that fits), rows and outputs back in q head order."""
+    group = num_q_heads // 2
+    assert pg.gpu_head_group(head_dim, group, dtype) == heads_per_program
+    rng = np.random.default_rng(13)
+    batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, 16), num_q_heads=num_q_heads,
+                                      num_kv_heads=2, head_dim=head_dim, block_size=16,
+                                      dtype=dtype, decode=grid == "decode")
+    args = batch.args()[:5] if grid == "decode" else batch.args()
+    kw = dict(logits_soft_cap=4.0) if grid == "mixed" else {}
+    want, want_lse = ref.paged_attention_reference(*args, return_lse=True, **kw)
+    out, lse = jf.paged_attention(*args, return_lse=True, backend="pallas_gpu_interpret", **kw)
+    _close(out, want, dtype)
+    fin = np.isfinite(want_lse)
+    np.testing.assert_allclose(np.asarray(lse)[fin], want_lse[fin], atol=2e-3, rtol=1e-4)
+    S = jax.ShapeDtypeStruct
+    jaxpr = jax.make_jaxpr(lambda *a: pg.paged_attention_gpu(*a, None, scale=0.1,
+                                                             num_splits=1))(
+        S((4, num_q_heads, head_dim), dtype), S((50, 16, 2, head_dim), dtype),
+        S((50, 16, 2, head_dim), dtype), S((4, 8), jnp.int32), S((4,), jnp.int32))
+    calls = [e for e in jaxpr.jaxpr.eqns[0].params["jaxpr"].eqns
+             if e.primitive.name == "pallas_call"]
+    assert [c.params["grid_mapping"].grid for c in calls] == [(4, num_q_heads
+                                                                // heads_per_program)]
+
+
 @pytest.mark.parametrize("dtype,num_splits,kw", [
     ("float32", 3, {}), ("bfloat16", 4, dict(sliding_window=40, logits_soft_cap=5.0)),
     ("float16", 16, {})])
@@ -585,14 +617,15 @@ def _triton_module_texts(fn, args) -> list[str]:
 
 
 def _gpu_attention_case(op: str, dtype: str, head_dim: int, num_tokens: int,
-                        block_size: int = 16):
-    """(jitted frontend call, argument shapes): 32 q / 8 kv heads; num_tokens 0 is decode of 4
-    sequences; shared_prefix: 2 prefixes, the tokens split over 4 sequences."""
+                        block_size: int = 16, group: int = 4):
+    """(jitted frontend call, argument shapes): 8 kv heads, ``group`` q heads each; num_tokens
+    0 is decode of 4 sequences; shared_prefix: 2 prefixes, the tokens split over 4
+    sequences."""
     S = jax.ShapeDtypeStruct
     decode = num_tokens == 0
     seqs = 4 if (decode or op == "shared_prefix") else 1
     n = seqs if decode else num_tokens
-    common = (S((n, 32, head_dim), dtype), S((600, block_size, 8, head_dim), dtype),
+    common = (S((n, 8 * group, head_dim), dtype), S((600, block_size, 8, head_dim), dtype),
               S((600, block_size, 8, head_dim), dtype))
     cu = None if decode else S((seqs + 1,), jnp.int32)
     if op == "paged":
@@ -603,17 +636,21 @@ def _gpu_attention_case(op: str, dtype: str, head_dim: int, num_tokens: int,
     return jax.jit(lambda *a: jf.shared_prefix_attention(*a)), args
 
 
-@pytest.mark.parametrize("op,dtype,head_dim,num_tokens,block_size", [
-    ("paged", "bfloat16", 128, 512, 16), ("paged", "float32", 128, 512, 16),
-    ("paged", "bfloat16", 256, 512, 16), ("paged", "float16", 64, 512, 16),
-    ("paged", "bfloat16", 128, 0, 16), ("shared_prefix", "bfloat16", 128, 1024, 16),
+@pytest.mark.parametrize("op,dtype,head_dim,num_tokens,block_size,group", [
+    ("paged", "bfloat16", 128, 512, 16, 4), ("paged", "float32", 128, 512, 16, 4),
+    ("paged", "bfloat16", 256, 512, 16, 4), ("paged", "float16", 64, 512, 16, 4),
+    ("paged", "bfloat16", 128, 0, 16, 4), ("shared_prefix", "bfloat16", 128, 1024, 16, 4),
     # the largest tiles gpu_supports accepts: 32 KiB of 16-bit K, 16 KiB of float32, 512 keys
-    ("paged", "bfloat16", 128, 512, 128), ("paged", "bfloat16", 32, 512, 512),
-    ("paged", "bfloat16", 256, 0, 64), ("paged", "float32", 128, 512, 32),
-    ("paged", "float32", 256, 0, 16), ("paged", "float32", 32, 512, 128)],
+    ("paged", "bfloat16", 128, 512, 128, 4), ("paged", "bfloat16", 32, 512, 512, 4),
+    ("paged", "bfloat16", 256, 0, 64, 4), ("paged", "float32", 128, 512, 32, 4),
+    ("paged", "float32", 256, 0, 16, 4), ("paged", "float32", 32, 512, 128, 4),
+    # groups one program cannot hold: float32 head_dim 128 with 64 q heads per kv head spilled
+    # 8 KB per thread, bf16 head_dim 256 with 128 spilled 832 B
+    ("paged", "float32", 128, 0, 16, 64), ("paged", "bfloat16", 256, 512, 16, 128),
+    ("paged", "float32", 64, 512, 16, 128)],
     ids=lambda x: str(x))
 def test_gpu_kernel_compiles_for_sm90_without_spills(op, dtype, head_dim, num_tokens,
-                                                     block_size, tmp_path):
+                                                     block_size, group, tmp_path):
     """The Pallas GPU kernels a frontend call lowers to for CUDA (prefill of 512 tokens, decode,
     cascade prefill whose prefix tiles ask for 256 tokens), compiled by Triton for sm_90: no
     register spills beyond a few stack bytes (float32 128 x 32 tiles spill 16-24; a 128-token
@@ -625,7 +662,7 @@ def test_gpu_kernel_compiles_for_sm90_without_spills(op, dtype, head_dim, num_to
 
     assert pg.gpu_supports(head_dim=head_dim, block_size=block_size, dtype=dtype)[0]
     texts = _triton_module_texts(*_gpu_attention_case(op, dtype, head_dim, num_tokens,
-                                                      block_size))
+                                                      block_size, group))
     assert texts, "no Pallas GPU kernel in the lowering"
     for i, text in enumerate(texts):
         path = tmp_path / f"kernel{i}.ttir"

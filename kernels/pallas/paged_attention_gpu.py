@@ -70,11 +70,25 @@ def gpu_q_tile(head_dim: int, group: int, dtype, block_size: int = 16) -> int:
     return max(1, max(16, budget) // group)
 
 
+def gpu_head_group(head_dim: int, group: int, dtype, block_size: int = 16) -> int:
+    """q heads per program: the whole group of a kv head, or, when one token's group already
+    overflows the registers (at head_dim 128: float32 past 16 q heads per kv head, 16-bit
+    past 64), the largest divisor of the group that fits; each of the group's programs then
+    reads the kv head's blocks. Compiled for sm_90 as one program, float32 head_dim 128 with
+    128 q heads per kv head spilled 8 KB per thread, bf16 head_dim 256 with 128 832 B."""
+    budget = max(16, _register_elems(dtype) // max(head_dim, block_size))
+    if group <= budget:
+        return group
+    return max(d for d in range(1, budget + 1) if group % d == 0)
+
+
 def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
                                 scale: float, block_size: int, head_dim: int, group: int,
-                                max_blocks: int, causal: bool, sliding_window: int | None,
-                                logits_soft_cap: float | None):
-    i, h = pl.program_id(0), pl.program_id(1)
+                                head_splits: int, max_blocks: int, causal: bool,
+                                sliding_window: int | None, logits_soft_cap: float | None):
+    """One (tile, q-head slice) program: ``group`` q heads (a kv head's whole group, or one
+    of its ``head_splits`` slices) x the tile's tokens as rows."""
+    i, h = pl.program_id(0), pl.program_id(1) // head_splits  # h: the kv head
     seq, lo, nblk = meta_ref[i, 0], meta_ref[i, 1], meta_ref[i, 2]
     hi, first_pos = meta_ref[i, 3], meta_ref[i, 4]
     rows = q_ref.shape[0]
@@ -170,7 +184,10 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     num_tokens, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs, max_blocks = block_tables.shape
-    group = num_q_heads // num_kv_heads
+    # a group too big for one program's registers runs as head_splits programs of
+    # ``group`` q heads each: "virtual kv heads" whose q heads keep their order
+    group = gpu_head_group(head_dim, num_q_heads // num_kv_heads, q.dtype, block_size)
+    head_splits = num_q_heads // num_kv_heads // group
     decode = cu_q_lens is None
     if num_tokens == 0 or num_seqs == 0:
         return (jnp.zeros(q.shape, q.dtype),
@@ -188,8 +205,9 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     seq, tok, lo, nblk, hi, first_pos = _xla.kernel_tile_plan(
         kv_lens, cu_q_lens, num_tokens=num_tokens, num_tiles=nt, q_tile=tq,
         block_size=block_size, causal=causal, sliding_window=sliding_window)
+    programs_h = num_kv_heads * head_splits                  # programs per tile and split
     if num_splits is None:
-        num_splits = num_kv_splits(nt, num_kv_heads, max_blocks * block_size, decode,
+        num_splits = num_kv_splits(nt, programs_h, max_blocks * block_size, decode,
                                    _gpu_sm_count())
     ns = max(int(num_splits), 1)
     if ns > 1:  # program (tile i, split s) walks blocks [lo + s * span, ...) of tile i
@@ -201,25 +219,25 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     meta = jnp.stack([seq, lo, nblk, hi, first_pos], axis=1).astype(jnp.int32)  # [nt*S, 5]
     tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_blocks - 1).reshape(-1)
 
-    qt = _xla.token_tiles(q, tok, num_kv_heads)                      # [nt, Hkv, rows, D]
+    qt = _xla.token_tiles(q, tok, programs_h)                     # [nt, programs_h, rows, D]
     qt = jnp.pad(qt, ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0)))
     k_flat = k_cache.reshape(num_blocks * block_size, num_kv_heads * head_dim)
     v_flat = v_cache.reshape(num_blocks * block_size, num_kv_heads * head_dim)
 
     kernel = functools.partial(
         _paged_attention_gpu_kernel, scale=scale, block_size=block_size, head_dim=head_dim,
-        group=group, max_blocks=max_blocks, causal=causal, sliding_window=sliding_window,
-        logits_soft_cap=logits_soft_cap)
+        group=group, head_splits=head_splits, max_blocks=max_blocks, causal=causal,
+        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
     whole = lambda x: pl.BlockSpec(x.shape, lambda i, h: (0,) * x.ndim)  # noqa: E731
     q_spec = pl.BlockSpec((None, None, rows_pad, head_dim), lambda i, h: (i // ns, h, 0, 0))
     o_spec = pl.BlockSpec((None, None, rows_pad, head_dim), lambda i, h: (i, h, 0, 0))
     part_dtype = q.dtype if ns == 1 else jnp.float32                     # partials stay f32
     out, lse = pl.pallas_call(
         kernel,
-        out_shape=[out_struct((nt * ns, num_kv_heads, rows_pad, head_dim), part_dtype,
+        out_shape=[out_struct((nt * ns, programs_h, rows_pad, head_dim), part_dtype,
                               *operands),
-                   out_struct((nt * ns, num_kv_heads, rows_pad), jnp.float32, *operands)],
-        grid=(nt * ns, num_kv_heads),
+                   out_struct((nt * ns, programs_h, rows_pad), jnp.float32, *operands)],
+        grid=(nt * ns, programs_h),
         in_specs=[whole(meta), whole(tables), q_spec, whole(k_flat), whole(v_flat)],
         out_specs=[o_spec, pl.BlockSpec((None, None, rows_pad), lambda i, h: (i, h, 0))],
         compiler_params=_triton_params(),
