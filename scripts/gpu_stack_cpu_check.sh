@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 VENV=.venv-gpu-stack
 PY312=${PY312:-python3.12}
 if ! "$PY312" -c "" 2>/dev/null && command -v pyenv >/dev/null; then  # a pyenv 3.12 not selected
-  PY312="$(pyenv root)/versions/$(pyenv versions --bare | grep -m1 '^3\.12')/bin/python3.12"
+  # grep reads every line (grep -m1 would exit early: SIGPIPE under pipefail, exit 141)
+  v312="$(pyenv versions --bare | grep '^3\.12')"
+  PY312="$(pyenv root)/versions/${v312%%$'\n'*}/bin/python3.12"
 fi
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY312" -m venv "$VENV"
