@@ -65,7 +65,8 @@ def _attention_variant(dtype, head_dim, num_q_heads, num_kv_heads, decode, causa
     ptrs = {"tables_ptr": "*i32", "kv_lens_ptr": "*i32", "cu_ptr": "*i32", "out_ptr": out_t,
             "lse_ptr": "*fp32"}
     return (tattn._paged_attention_kernel, cx, ptrs, PTR[dtype],
-            tattn.attention_warps(head_dim, decode))
+            tattn.attention_warps(head_dim, decode, itemsize=4 if dtype == "float32" else 2,
+                                  rows=cfg["BLOCK_M"]))
 
 
 VARIANTS = {
@@ -85,6 +86,21 @@ VARIANTS = {
                                                    False, 1),
     "attn-prefill-f32-d256-g4": _attention_variant("float32", 256, 32, 8, False, True, False,
                                                    False, 1),
+    # shapes that spilled with one program per kv head (stack bytes on sm_90 / sm_80 then):
+    # float32 groups past 32 q heads now run as 2-4 programs of up to 32 heads each
+    "attn-prefill-f32-d64-g8": _attention_variant("float32", 64, 8, 1, False, True, False,
+                                                  False, 1),  # 176 / 152 B at 4 warps
+    "attn-decode-f32-d128-g64": _attention_variant("float32", 128, 64, 1, True, True, False,
+                                                   False, 1),  # 6504 / 6432 B
+    "attn-decode-f32-d256-g32": _attention_variant("float32", 256, 32, 1, True, True, False,
+                                                   False, 1),  # 5752 / 0 B
+    "attn-prefill-f32-d80-g48-window-cap": _attention_variant(
+        "float32", 80, 48, 1, False, True, True, True, 1),
+    # 11168 B and 213 KB of shared memory (over sm_80's 163 KB)
+    "attn-decode-split4-f32-d256-g128-window-cap": _attention_variant(
+        "float32", 256, 128, 1, True, True, True, True, 4),
+    "attn-prefill-bf16-d256-g128-window-cap": _attention_variant(
+        "bfloat16", 256, 128, 1, False, True, True, True, 1),  # 0 / 32 B with 32 keys
     "merge-2-states-d128": (tattn._merge_states_kernel,
                             {"HEAD_DIM": 128, "BLOCK_D": 128, "NUM_STATES": 2, "STATES_P2": 2},
                             {"out_ptr": "*bf16", "o_ptr": "*fp32"}, "*fp32"),

@@ -56,7 +56,8 @@ def _paged_attention_kernel(
         stride_tab, stride_ot, stride_oh, stride_od, stride_lt, stride_lh,
         stride_split_o, stride_split_l, num_seqs,
         scale, soft_cap, window,
-        GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+        GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_SPLITS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, DECODE: tl.constexpr, CAUSAL: tl.constexpr,
         WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -66,8 +67,10 @@ def _paged_attention_kernel(
     # sequence s's starting at cu[s] // BLOCK_Q + s (the gaps cover each one's tiles), at most
     # cdiv(num_tokens, BLOCK_Q) + num_seqs programs: sized by the batch, not by num_seqs x the
     # longest sequence. A program finds its sequence by binary search over those starts.
+    # Grid axis 1: the GROUP-head slices of the kv heads' groups, HEAD_SPLITS per kv head.
     pid = tl.program_id(0)
-    kvh = tl.program_id(1)
+    slice_h = tl.program_id(1)
+    kvh = slice_h // HEAD_SPLITS
     split = pid * 0
     if NUM_SPLITS > 1:
         split = pid % NUM_SPLITS
@@ -96,7 +99,7 @@ def _paged_attention_kernel(
         j = tile * BLOCK_Q + rows // GROUP_P2
         g = rows % GROUP_P2
         row_ok = (j < q_len) & (g < GROUP)
-        head = kvh * GROUP + g
+        head = slice_h * GROUP + g
         tok = (q_start + j).to(tl.int64)  # tok * stride_qt passes 2**31 in big batches
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
@@ -201,31 +204,58 @@ def _p2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
+#: Most q-head rows of one token a program holds, by element size: a kv head's group past
+#: this runs as several programs (HEAD_SPLITS), each over a slice of the group's q heads.
+MAX_GROUP_ROWS = {4: 32, 2: 128, 1: 128}
+
+
+def head_group(group: int, itemsize: int) -> int:
+    """q heads per program: the whole group, or its largest divisor within MAX_GROUP_ROWS."""
+    cap = MAX_GROUP_ROWS[min(itemsize, 4)]
+    return group if group <= cap else max(d for d in range(1, cap + 1) if group % d == 0)
+
+
 def attention_config(num_q_heads: int, num_kv_heads: int, head_dim: int, decode: bool,
                      itemsize: int = 2) -> dict:
     """Tile sizes of one paged-attention launch (also used by the compile tests).
 
-    itemsize: bytes per element of q and the caches. float32 prefill tiles of 64 rows spilled
-    on sm_90 at head_dim 80-128 (600 B to 8 KB of stack per thread, for 32 or 64 keys);
-    32 rows x 64 keys compile to 114 registers and no stack on sm_80 and sm_90. float32 at
-    head_dim 256, or with 64 rows (a group over 32), takes 16 keys a step: 32 spilled 6.5 KB
-    on sm_90 at head_dim 256.
+    itemsize: bytes per element of q and the caches. A program's rows (BLOCK_M) are query
+    tokens x the q heads of its slice of a kv head's group (GROUP of them, HEAD_SPLITS slices
+    per kv head): the whole group up to 32 q heads for float32 and 128 for 16-bit, so no
+    program holds more rows than compile without spills. Compiled for sm_80 and sm_90
+    (head_dim 64-256, groups 1-128, window / soft cap / split variants): float32 runs ieee FMA
+    dots that keep each thread's q rows in registers; 32 rows x 64 keys at 8 warps take 64-115
+    registers and no stack, 256-wide heads take 16 keys (32 spilled 5.7 KB on sm_90). As one
+    program, float32 groups of 64-128 spilled up to 17 KB at 4-8 warps, and 128 rows at head_dim
+    256 asked 169-214 KB of shared memory (sm_80 has 163). 16-bit tiles spill nowhere there but
+    at head_dim 256 x 128 rows with a window or soft cap (16-40 B on sm_80 with 32 keys): those
+    take 16 keys.
     """
     group = num_q_heads // num_kv_heads
-    gp2 = _p2(group)
+    sub = head_group(group, itemsize)
+    gp2 = _p2(sub)
     block_d = max(16, _p2(head_dim))
-    block_m = max(16, gp2) if decode else max(32 if itemsize >= 4 else 64, gp2)
-    if itemsize >= 4 and not decode and (block_d >= 256 or block_m >= 64):
+    f32 = itemsize >= 4
+    block_m = max(16, gp2) if decode else max(32 if f32 else 64, gp2)
+    if block_d >= 256 and block_m >= (32 if f32 else 128):
         block_n = 16
     else:
         block_n = 32 if block_d >= 256 else 64
-    return {"GROUP": group, "GROUP_P2": gp2, "HEAD_DIM": head_dim, "BLOCK_D": block_d,
-            "BLOCK_M": block_m, "BLOCK_N": block_n}
+    return {"GROUP": sub, "GROUP_P2": gp2, "HEAD_SPLITS": group // sub, "HEAD_DIM": head_dim,
+            "BLOCK_D": block_d, "BLOCK_M": block_m, "BLOCK_N": block_n}
 
 
-def attention_warps(head_dim: int, decode: bool) -> int:
-    """Warps per program: 8 for wide heads (the per-token K/V pointer tiles need registers)."""
-    return 8 if head_dim > 64 else 4
+def attention_warps(head_dim: int, decode: bool, *, itemsize: int = 2, rows: int = 16) -> int:
+    """Warps per program: 8 for wide heads (the per-token K/V pointer tiles need registers)
+    and for float32 tiles of 32 rows (``rows``: BLOCK_M; 4 warps spilled 128-712 B at
+    head_dim 64), else 4."""
+    return 8 if head_dim > 64 or (itemsize >= 4 and rows >= 32) else 4
+
+
+def program_heads(num_q_heads: int, num_kv_heads: int, itemsize: int) -> int:
+    """Programs per query tile (and split): the kv heads x the slices of each one's group."""
+    group = num_q_heads // num_kv_heads
+    return num_kv_heads * (group // head_group(group, itemsize))
 
 
 def _sms(q) -> int:
@@ -237,9 +267,18 @@ def _sms(q) -> int:
     return sm_count(None)
 
 
+def _itemsize(q, k_cache) -> int:
+    return max(q.element_size(), k_cache.element_size())
+
+
+def _heads(q, k_cache) -> int:
+    """Programs per query tile of q's batch (see program_heads)."""
+    return program_heads(q.shape[1], k_cache.shape[2], _itemsize(q, k_cache))
+
+
 def _splits(q, k_cache, tables, decode: bool) -> int:
-    return num_kv_splits(tables.shape[0], k_cache.shape[2], tables.shape[1] * k_cache.shape[1],
-                         decode, _sms(q))
+    return num_kv_splits(tables.shape[0], _heads(q, k_cache),
+                         tables.shape[1] * k_cache.shape[1], decode, _sms(q))
 
 
 def _max_split_rows(q, k_cache, tables, decode: bool) -> int:
@@ -249,10 +288,10 @@ def _max_split_rows(q, k_cache, tables, decode: bool) -> int:
     n_max = tables.shape[0]
     if not decode or n_max == 0:
         return 0
-    max_kv, hkv, sms = tables.shape[1] * k_cache.shape[1], k_cache.shape[2], _sms(q)
+    max_kv, heads, sms = tables.shape[1] * k_cache.shape[1], _heads(q, k_cache), _sms(q)
     best = 0
     for n in range(1, min(n_max, sms) + 1):  # sms sequences or more never split
-        splits = num_kv_splits(n, hkv, max_kv, True, sms)
+        splits = num_kv_splits(n, heads, max_kv, True, sms)
         if splits > 1:
             best = max(best, n * splits)
     return best
@@ -366,8 +405,8 @@ def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs, width = tables.shape
     decode = cu is None
-    cfg = attention_config(num_q_heads, num_kv_heads, head_dim, decode,
-                           itemsize=max(q.element_size(), k_cache.element_size()))
+    itemsize = _itemsize(q, k_cache)
+    cfg = attention_config(num_q_heads, num_kv_heads, head_dim, decode, itemsize=itemsize)
     block_q = cfg["BLOCK_M"] // cfg["GROUP_P2"]
     # query tiles of the whole batch (see the kernel): one per sequence in decode
     tiles = num_seqs if decode else triton.cdiv(num_tokens, block_q) + num_seqs
@@ -388,7 +427,7 @@ def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal
     if programs >= 2**31:
         raise ValueError(f"q: {tiles} query tiles x {num_splits} splits is over the 2**31 - 1 "
                          f"programs of one launch; split the batch")
-    grid = (programs, num_kv_heads)
+    grid = (programs, num_kv_heads * cfg["HEAD_SPLITS"])
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, tables, kv_lens, cu if cu is not None else kv_lens, tgt_o, tgt_l,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), tables.stride(0),
@@ -396,7 +435,8 @@ def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal
         float(scale), float(soft_cap or 1.0), int(window or 0),
         BLOCK_SIZE=block_size, DECODE=decode, CAUSAL=bool(causal), WINDOW=window is not None,
         SOFT_CAP=soft_cap is not None, NUM_SPLITS=num_splits, UPCAST=upcast,
-        DOT_PREC="ieee" if upcast else "tf32", num_warps=attention_warps(head_dim, decode),
+        DOT_PREC="ieee" if upcast else "tf32",
+        num_warps=attention_warps(head_dim, decode, itemsize=itemsize, rows=cfg["BLOCK_M"]),
         **cfg)
     if num_splits > 1:
         _merge(out, lse, part_o, part_l)
