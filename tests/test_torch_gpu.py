@@ -46,6 +46,10 @@ CASES = [  # grid, block_size, hq, hkv, head_dim, dtype, options
     ("mixed", 7, 4, 4, 64, "float32", {"causal": False}),
     ("contexts", 1, 4, 1, 64, "float16", {}),
     ("contexts", 64, 8, 2, 128, "float32", {}),
+    # groups the Triton kernel splits over several programs: float32 past 32 q heads per kv
+    # head (2 x 24 here), 16-bit past 128
+    ("mixed", 16, 48, 1, 128, "float32", {"logits_soft_cap": 4.0}),
+    ("decode", 16, 192, 1, 64, "bfloat16", {}),
 ]
 
 
