@@ -162,7 +162,7 @@ def test_pallas_interpreted_matches_blake3(name, mode):
 @pytest.mark.parametrize("num_seqs, sub, grid_rows, mode", [
     (300, 2, 2, "tpu"), (1100, 5, 2, "generic"), (2100, 8, 3, "generic")])
 def test_pallas_tiles_many_sequences(num_seqs, sub, grid_rows, mode):
-    """Sequences fill (sub, 128) tiles: more than 256 make two grid rows, more than 2048
+    """Sequences fill (sub, 128) tiles: more than 256 make two grid rows, more than 1792
     whole 8 x 128 tiles; lanes past the last sequence are padding. Exact against BLAKE3, with
     extra words and per-sequence parents, in interpret mode."""
     from jax.experimental.pallas import tpu as pltpu

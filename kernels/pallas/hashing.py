@@ -116,8 +116,8 @@ def check_block_size(block_size: int, has_extra: bool) -> tuple[int, int]:
 
 
 def sublanes(num_seqs: int) -> int:
-    """Sublanes of a grid row's tiles: 8 (whole vregs) once there are over 1024 sequences,
-    fewer below so that more than 256 sequences still make two grid rows (megacore)."""
+    """Sublanes of a grid row's tiles: ceil(num_seqs / 256), at most 8 (whole vregs, from 1793
+    sequences on), so that more than 256 sequences make at least two grid rows (megacore)."""
     return max(1, min(8, -(-num_seqs // (2 * LANES))))
 
 

@@ -74,8 +74,8 @@ def gpu_head_group(head_dim: int, group: int, dtype, block_size: int = 16) -> in
     """q heads per program: the whole group of a kv head, or, when one token's group already
     overflows the registers (at head_dim 128: float32 past 16 q heads per kv head, 16-bit
     past 64), the largest divisor of the group that fits; each of the group's programs then
-    reads the kv head's blocks. Compiled for sm_90 as one program, float32 head_dim 128 with
-    128 q heads per kv head spilled 8 KB per thread, bf16 head_dim 256 with 128 832 B."""
+    reads the kv head's blocks. Compiled for sm_90 as one program, 128 q heads per kv head
+    spilled 8 KB per thread in float32 at head_dim 128, and 832 B in bf16 at head_dim 256."""
     budget = max(16, _register_elems(dtype) // max(head_dim, block_size))
     if group <= budget:
         return group
