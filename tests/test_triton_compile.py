@@ -157,3 +157,19 @@ def test_split_kv_factor_follows_the_sm_count():
     assert tattn.num_kv_splits(20, 8, 8192, True, sms=132) == 1
     assert tattn.num_kv_splits(2, 8, 8192, False, sms=132) == 1
     assert tattn.sm_count(None) == 132  # no device to ask: an H100's
+
+
+def test_big_groups_run_as_several_programs():
+    """A kv head's q heads past 32 (float32) or 128 (16-bit) per program split into slices:
+    the group's largest divisor within the cap, and split-KV sizing counts the programs."""
+    def cfg(hq, hkv, itemsize):
+        c = tattn.attention_config(hq, hkv, 128, True, itemsize=itemsize)
+        return c["GROUP"], c["HEAD_SPLITS"], c["BLOCK_M"]
+
+    assert cfg(256, 8, 4) == (32, 1, 32)
+    assert cfg(64, 1, 4) == (32, 2, 32)
+    assert cfg(48, 1, 4) == (24, 2, 32)
+    assert cfg(37, 1, 4) == (1, 37, 16)  # a prime group: one head per program
+    assert cfg(128, 1, 2) == (128, 1, 128)
+    assert cfg(192, 1, 2) == (96, 2, 128)
+    assert tattn.program_heads(128, 2, 4) == 4 and tattn.program_heads(128, 2, 2) == 2
