@@ -84,16 +84,6 @@ def test_paged_attention_dtypes_and_block_sizes_on_device(dtype, block_size, gri
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_paged_attention_large_group_on_device(dtype):
-    """32 q heads per kv head: on a GPU, float32 runs each group as two programs of 16 heads
-    (Pallas GPU register budget); on a TPU, prefill tiles shrink to 2 tokens (64 rows)."""
-    rng = np.random.default_rng(5)
-    batch = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16), num_q_heads=256,
-                                      num_kv_heads=8, head_dim=128, block_size=16, dtype=dtype)
-    _check_paged_attention(batch, dtype, logits_soft_cap=30.0)
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_paged_attention_few_long_sequences_on_device(dtype):
     """Decode over few long contexts: the GPU kernel's split-KV path (default split count)."""
     rng = np.random.default_rng(3)
@@ -168,3 +158,13 @@ def test_many_rows_written_and_blocks_moved_on_device():
     got = jax.jit(jf.scatter_blocks)([kc, vc], buf, dst)
     for g, w in zip(got, ref.scatter_blocks_reference([kc, vc], want_buf, dst), strict=True):
         np.testing.assert_array_equal(np.asarray(g).view(np.uint16), w.view(np.uint16))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_paged_attention_large_group_on_device(dtype):
+    """32 q heads per kv head: on a GPU, float32 runs each group as two programs of 16 heads
+    (Pallas GPU register budget); on a TPU, prefill tiles shrink to 2 tokens (64 rows)."""
+    rng = np.random.default_rng(5)
+    batch = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16), num_q_heads=256,
+                                      num_kv_heads=8, head_dim=128, block_size=16, dtype=dtype)
+    _check_paged_attention(batch, dtype, logits_soft_cap=30.0)
