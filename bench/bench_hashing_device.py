@@ -2,8 +2,9 @@
 the host C chain through pure_callback) and the torch CPU paths (vectorized torch ops; the
 host C chain behind the torch op) for 64 sequences x 8192 tokens, block 16, against vLLM's
 way today (sha256 of pickle((parent, tuple(tokens), None)) per block, chained) in the same
-group; and on a CUDA GPU 1024 x 4096 tokens with the Triton and CUDA kernels (skipped
-without CUDA; target >= 1 G tokens/s).
+group; on a CUDA GPU 1024 x 4096 tokens with the Triton and CUDA kernels (skipped
+without CUDA; target >= 1 G tokens/s); on a TPU the same tokens through the JAX frontend, the
+Pallas kernel against the XLA path (skipped elsewhere; ``-k tpu_hash``).
 
 Run: OMP_NUM_THREADS=1 .venv/bin/pytest bench/bench_hashing_device.py --benchmark-only
 """
@@ -135,3 +136,29 @@ def test_torch_gpu(benchmark, backend):
     _finish(benchmark, {}, GPU_GROUP, tokens.size, f"torch-{backend}")
     benchmark.extra_info.update(gtokens_per_s=round(tokens.size / t / 1e9, 3),
                                 target_gtokens_per_s=1.0, timing="end to end")
+
+
+@pytest.mark.parametrize("backend", ["pallas_tpu", "xla"])
+def test_jax_tpu_hash(benchmark, backend):
+    """1024 x 4096 tokens on a TPU, compiled and on the device (the tokens put there first):
+    the Pallas kernel (1024 sequences: (4, 128) tiles, two grid rows) and the XLA loop."""
+    jax = pytest.importorskip("jax")
+    if jax.default_backend() != "tpu":
+        pytest.skip("needs a TPU")
+    import jax.numpy as jnp
+    from prefixkv.jax_frontend._hashing import hash_blocks
+
+    benchmark.group = "hash-device-tpu-1024x4096"
+    tokens, cu = _tokens(*GPU_SHAPE)
+    tok, cu_j = jax.device_put(jnp.asarray(tokens)), jax.device_put(jnp.asarray(cu))
+
+    @jax.jit
+    def run(tok, cu):
+        return hash_blocks(tok, BLOCK_SIZE, cu_lens=cu, extra=None, backend=backend)
+
+    out = benchmark.pedantic(lambda: run(tok, cu_j).block_until_ready(), rounds=10,
+                             iterations=1, warmup_rounds=2)
+    assert out.shape == (tokens.size // BLOCK_SIZE, 8)
+    _finish(benchmark, {}, "hash-device-tpu-1024x4096", tokens.size, f"jax-{backend}")
+    benchmark.extra_info.update(
+        gtokens_per_s=round(tokens.size / seconds(benchmark) / 1e9, 3), target_gtokens_per_s=1.0)
