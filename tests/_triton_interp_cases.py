@@ -40,7 +40,8 @@ CASES = [  # grid, block_size, hq, hkv, head_dim, dtype, options, num_splits
     ("contexts", 1, 4, 2, 16, "float32", {"causal": False}, None),
     ("mixed", 16, 4, 4, 32, "float16", {"scale": 0.2, "logits_soft_cap": 1.5}, None),
     ("mixed", 8, 4, 2, 128, "float32", {}, None),  # float32 prefill tiles: 32 rows
-    # float32 groups past 32 q heads: 3 programs of 11 heads, 2 of 20 (with split-KV)
+    # float32 groups past 32 q heads: slices of 17 + 16 heads (the last one short), 2 x 20
+    # (with split-KV)
     ("mixed", 8, 66, 2, 16, "float32", {"logits_soft_cap": 2.0}, None),
     ("decode", 4, 40, 1, 16, "float32", {"sliding_window": 6}, 2),
 ]

@@ -406,16 +406,17 @@ def test_paged_attention_pallas_gpu_interpret(grid, dtype, head_dim, block_size,
     np.testing.assert_allclose(np.asarray(lse)[fin], want_lse[fin], atol=2e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dtype,head_dim,num_q_heads,grid,heads_per_program", [
-    ("float32", 128, 64, "mixed", 16), ("float32", 128, 48, "decode", 12),
-    ("bfloat16", 256, 96, "prefill_with_prefix", 24)])
+@pytest.mark.parametrize("dtype,head_dim,num_q_heads,grid,slices,heads", [
+    ("float32", 128, 64, "mixed", 2, 16), ("float32", 128, 48, "decode", 2, 12),
+    ("float32", 128, 74, "prefill_with_prefix", 3, 13),
+    ("bfloat16", 256, 96, "prefill_with_prefix", 2, 24)])
 def test_pallas_gpu_splits_groups_too_big_for_registers(dtype, head_dim, num_q_heads, grid,
-                                                        heads_per_program):
-    """2 kv heads with 32, 24 and 48 q heads each: a token's group overflows one program's
-    registers, so each kv head's q heads run as several programs (the group's largest
-    divisor that fits), rows and outputs back in q head order."""
+                                                        slices, heads):
+    """2 kv heads with 32, 24, 37 and 48 q heads each: a token's group overflows one program's
+    registers, so each kv head's q heads run as several programs (the fewest slices that fit;
+    37 = 13 + 13 + 11, padded), rows and outputs back in q head order."""
     group = num_q_heads // 2
-    assert pg.gpu_head_group(head_dim, group, dtype) == heads_per_program
+    assert pg.gpu_head_slices(head_dim, group, dtype) == (slices, heads)
     rng = np.random.default_rng(13)
     batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, 16), num_q_heads=num_q_heads,
                                       num_kv_heads=2, head_dim=head_dim, block_size=16,
@@ -426,6 +427,7 @@ def test_pallas_gpu_splits_groups_too_big_for_registers(dtype, head_dim, num_q_h
     out, lse = jf.paged_attention(*args, return_lse=True, backend="pallas_gpu_interpret", **kw)
     _close(out, want, dtype)
     fin = np.isfinite(want_lse)
+    assert (np.isneginf(np.asarray(lse)) == ~fin).all()
     np.testing.assert_allclose(np.asarray(lse)[fin], want_lse[fin], atol=2e-3, rtol=1e-4)
     S = jax.ShapeDtypeStruct
     jaxpr = jax.make_jaxpr(lambda *a: pg.paged_attention_gpu(*a, None, scale=0.1,
@@ -434,8 +436,7 @@ def test_pallas_gpu_splits_groups_too_big_for_registers(dtype, head_dim, num_q_h
         S((50, 16, 2, head_dim), dtype), S((4, 8), jnp.int32), S((4,), jnp.int32))
     calls = [e for e in jaxpr.jaxpr.eqns[0].params["jaxpr"].eqns
              if e.primitive.name == "pallas_call"]
-    assert [c.params["grid_mapping"].grid for c in calls] == [(4, num_q_heads
-                                                                // heads_per_program)]
+    assert [c.params["grid_mapping"].grid for c in calls] == [(4, 2 * slices)]
 
 
 @pytest.mark.parametrize("dtype,num_splits,kw", [

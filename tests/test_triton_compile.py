@@ -160,8 +160,8 @@ def test_split_kv_factor_follows_the_sm_count():
 
 
 def test_big_groups_run_as_several_programs():
-    """A kv head's q heads past 32 (float32) or 128 (16-bit) per program split into slices:
-    the group's largest divisor within the cap, and split-KV sizing counts the programs."""
+    """A kv head's q heads past 32 (float32) or 128 (16-bit) per program split into the
+    fewest slices within the cap, equal but the last; split-KV sizing counts the programs."""
     def cfg(hq, hkv, itemsize):
         c = tattn.attention_config(hq, hkv, 128, True, itemsize=itemsize)
         return c["GROUP"], c["HEAD_SPLITS"], c["BLOCK_M"]
@@ -169,7 +169,8 @@ def test_big_groups_run_as_several_programs():
     assert cfg(256, 8, 4) == (32, 1, 32)
     assert cfg(64, 1, 4) == (32, 2, 32)
     assert cfg(48, 1, 4) == (24, 2, 32)
-    assert cfg(37, 1, 4) == (1, 37, 16)  # a prime group: one head per program
+    assert cfg(37, 1, 4) == (19, 2, 32)  # a prime group: 19 + 18 heads
+    assert cfg(71, 1, 4) == (24, 3, 32)  # Falcon-7B's 71 q heads (MQA): 24 + 24 + 23
     assert cfg(128, 1, 2) == (128, 1, 128)
     assert cfg(192, 1, 2) == (96, 2, 128)
     assert tattn.program_heads(128, 2, 4) == 4 and tattn.program_heads(128, 2, 2) == 2

@@ -70,16 +70,16 @@ def gpu_q_tile(head_dim: int, group: int, dtype, block_size: int = 16) -> int:
     return max(1, max(16, budget) // group)
 
 
-def gpu_head_group(head_dim: int, group: int, dtype, block_size: int = 16) -> int:
-    """q heads per program: the whole group of a kv head, or, when one token's group already
-    overflows the registers (at head_dim 128: float32 past 16 q heads per kv head, 16-bit
-    past 64), the largest divisor of the group that fits; each of the group's programs then
-    reads the kv head's blocks. Compiled for sm_90 as one program, 128 q heads per kv head
-    spilled 8 KB per thread in float32 at head_dim 128, and 832 B in bf16 at head_dim 256."""
+def gpu_head_slices(head_dim: int, group: int, dtype, block_size: int = 16) -> tuple[int, int]:
+    """(slices, q heads per slice) of a kv head's group, one program each: the whole group,
+    or, when one token's group already overflows the registers (at head_dim 128: float32 past
+    16 q heads per kv head, 16-bit past 64), the fewest slices that fit, equal but the last
+    (the group is padded with unused heads); each of the group's programs then reads the kv
+    head's blocks. Compiled for sm_90 as one program, 128 q heads per kv head spilled 8 KB
+    per thread in float32 at head_dim 128, and 832 B in bf16 at head_dim 256."""
     budget = max(16, _register_elems(dtype) // max(head_dim, block_size))
-    if group <= budget:
-        return group
-    return max(d for d in range(1, budget + 1) if group % d == 0)
+    slices = -(-group // budget)
+    return slices, -(-group // slices)
 
 
 def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
@@ -184,14 +184,20 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     num_tokens, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs, max_blocks = block_tables.shape
-    # a group too big for one program's registers runs as head_splits programs of
-    # ``group`` q heads each: "virtual kv heads" whose q heads keep their order
-    group = gpu_head_group(head_dim, num_q_heads // num_kv_heads, q.dtype, block_size)
-    head_splits = num_q_heads // num_kv_heads // group
     decode = cu_q_lens is None
     if num_tokens == 0 or num_seqs == 0:
         return (jnp.zeros(q.shape, q.dtype),
                 jnp.full((num_tokens, num_q_heads), -jnp.inf, jnp.float32))
+    # a group too big for one program's registers runs as head_splits programs of ``group``
+    # q heads each: "virtual kv heads" whose q heads keep their order; a group that does not
+    # divide evenly is padded with zero q heads, whose results are dropped
+    kv_group = num_q_heads // num_kv_heads
+    head_splits, group = gpu_head_slices(head_dim, kv_group, q.dtype, block_size)
+    padded = head_splits * group
+    if padded != kv_group:
+        q = jnp.pad(q.reshape(num_tokens, num_kv_heads, kv_group, head_dim),
+                    ((0, 0), (0, 0), (0, padded - kv_group), (0, 0)))
+        q = q.reshape(num_tokens, num_kv_heads * padded, head_dim)
     if decode:
         cu_q_lens = jnp.arange(num_seqs + 1, dtype=jnp.int32)
     # the requested (or CPU-tuned) tile, capped to what fits in registers: the cascade asks
@@ -247,7 +253,12 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     if ns > 1:
         out, lse = _merge_splits(out, lse, ns)
         out = out.astype(q.dtype)
-    return _xla.tiles_to_tokens(out, lse, tok, num_tokens)
+    out, lse = _xla.tiles_to_tokens(out, lse, tok, num_tokens)
+    if padded != kv_group:  # drop the padding heads
+        out = out.reshape(num_tokens, num_kv_heads, padded, head_dim)[:, :, :kv_group]
+        lse = lse.reshape(num_tokens, num_kv_heads, padded)[:, :, :kv_group]
+        out, lse = out.reshape(num_tokens, num_q_heads, head_dim), lse.reshape(num_tokens, -1)
+    return out, lse
 
 
 def _triton_params():

@@ -56,8 +56,8 @@ def _paged_attention_kernel(
         stride_tab, stride_ot, stride_oh, stride_od, stride_lt, stride_lh,
         stride_split_o, stride_split_l, num_seqs,
         scale, soft_cap, window,
-        GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_SPLITS: tl.constexpr,
-        HEAD_DIM: tl.constexpr,
+        GROUP: tl.constexpr, GROUP_P2: tl.constexpr, KV_GROUP: tl.constexpr,
+        HEAD_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, DECODE: tl.constexpr, CAUSAL: tl.constexpr,
         WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -67,10 +67,12 @@ def _paged_attention_kernel(
     # sequence s's starting at cu[s] // BLOCK_Q + s (the gaps cover each one's tiles), at most
     # cdiv(num_tokens, BLOCK_Q) + num_seqs programs: sized by the batch, not by num_seqs x the
     # longest sequence. A program finds its sequence by binary search over those starts.
-    # Grid axis 1: the GROUP-head slices of the kv heads' groups, HEAD_SPLITS per kv head.
+    # Grid axis 1: HEAD_SPLITS slices of GROUP q heads per kv head, which has KV_GROUP (the
+    # last slice may be short).
     pid = tl.program_id(0)
     slice_h = tl.program_id(1)
     kvh = slice_h // HEAD_SPLITS
+    head0 = (slice_h % HEAD_SPLITS) * GROUP  # the slice's first q head in its kv head's group
     split = pid * 0
     if NUM_SPLITS > 1:
         split = pid % NUM_SPLITS
@@ -99,7 +101,9 @@ def _paged_attention_kernel(
         j = tile * BLOCK_Q + rows // GROUP_P2
         g = rows % GROUP_P2
         row_ok = (j < q_len) & (g < GROUP)
-        head = slice_h * GROUP + g
+        if HEAD_SPLITS * GROUP != KV_GROUP:  # the last slice is short
+            row_ok = row_ok & (head0 + g < KV_GROUP)
+        head = kvh * KV_GROUP + head0 + g
         tok = (q_start + j).to(tl.int64)  # tok * stride_qt passes 2**31 in big batches
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
@@ -209,10 +213,11 @@ def _p2(x: int) -> int:
 MAX_GROUP_ROWS = {4: 32, 2: 128, 1: 128}
 
 
-def head_group(group: int, itemsize: int) -> int:
-    """q heads per program: the whole group, or its largest divisor within MAX_GROUP_ROWS."""
-    cap = MAX_GROUP_ROWS[min(itemsize, 4)]
-    return group if group <= cap else max(d for d in range(1, cap + 1) if group % d == 0)
+def head_slices(group: int, itemsize: int) -> tuple[int, int]:
+    """(slices, q heads per slice) of a kv head's group: the fewest slices within
+    MAX_GROUP_ROWS, of equal size but the last (71 -> 3 x 24, the last 23)."""
+    slices = -(-group // MAX_GROUP_ROWS[min(itemsize, 4)])
+    return slices, -(-group // slices)
 
 
 def attention_config(num_q_heads: int, num_kv_heads: int, head_dim: int, decode: bool,
@@ -220,9 +225,9 @@ def attention_config(num_q_heads: int, num_kv_heads: int, head_dim: int, decode:
     """Tile sizes of one paged-attention launch (also used by the compile tests).
 
     itemsize: bytes per element of q and the caches. A program's rows (BLOCK_M) are query
-    tokens x the q heads of its slice of a kv head's group (GROUP of them, HEAD_SPLITS slices
-    per kv head): the whole group up to 32 q heads for float32 and 128 for 16-bit, so no
-    program holds more rows than compile without spills. Compiled for sm_80 and sm_90
+    tokens x the q heads of its slice of a kv head's group (KV_GROUP q heads in HEAD_SPLITS
+    slices of at most GROUP): the whole group up to 32 q heads for float32 and 128 for 16-bit,
+    so no program holds more rows than compile without spills. Compiled for sm_80 and sm_90
     (head_dim 64-256, groups 1-128, window / soft cap / split variants): float32 runs ieee FMA
     dots that keep each thread's q rows in registers; 32 rows x 64 keys at 8 warps take 64-115
     registers and no stack, 256-wide heads take 16 keys (32 spilled 5.7 KB on sm_90). As one
@@ -232,7 +237,7 @@ def attention_config(num_q_heads: int, num_kv_heads: int, head_dim: int, decode:
     take 16 keys.
     """
     group = num_q_heads // num_kv_heads
-    sub = head_group(group, itemsize)
+    splits, sub = head_slices(group, itemsize)
     gp2 = _p2(sub)
     block_d = max(16, _p2(head_dim))
     f32 = itemsize >= 4
@@ -241,8 +246,8 @@ def attention_config(num_q_heads: int, num_kv_heads: int, head_dim: int, decode:
         block_n = 16
     else:
         block_n = 32 if block_d >= 256 else 64
-    return {"GROUP": sub, "GROUP_P2": gp2, "HEAD_SPLITS": group // sub, "HEAD_DIM": head_dim,
-            "BLOCK_D": block_d, "BLOCK_M": block_m, "BLOCK_N": block_n}
+    return {"GROUP": sub, "GROUP_P2": gp2, "KV_GROUP": group, "HEAD_SPLITS": splits,
+            "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_M": block_m, "BLOCK_N": block_n}
 
 
 def attention_warps(head_dim: int, decode: bool, *, itemsize: int = 2, rows: int = 16) -> int:
@@ -254,8 +259,7 @@ def attention_warps(head_dim: int, decode: bool, *, itemsize: int = 2, rows: int
 
 def program_heads(num_q_heads: int, num_kv_heads: int, itemsize: int) -> int:
     """Programs per query tile (and split): the kv heads x the slices of each one's group."""
-    group = num_q_heads // num_kv_heads
-    return num_kv_heads * (group // head_group(group, itemsize))
+    return num_kv_heads * head_slices(num_q_heads // num_kv_heads, itemsize)[0]
 
 
 def _sms(q) -> int:
