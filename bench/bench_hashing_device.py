@@ -60,28 +60,37 @@ def test_vllm_sha256_pickle_baseline(benchmark, machine_limits):
     _vllm_baseline(benchmark, machine_limits, CPU_GROUP, CPU_SHAPE, rounds=3)
 
 
-@pytest.mark.parametrize("backend", ["xla", "host"])
-def test_jax(benchmark, machine_limits, backend):
-    jax = pytest.importorskip("jax")
+def _bench_jax(benchmark, limits: dict, group: str, shape, backend: str, rounds: int):
+    """hash_blocks through the JAX frontend under jit, the tokens put on the default device
+    first; timed to block_until_ready."""
+    import jax
     import jax.numpy as jnp
-    from prefixkv.jax_frontend._hashing import HASH_BLOCKS_BACKENDS, hash_blocks
+    from prefixkv.jax_frontend._hashing import hash_blocks
 
-    why = HASH_BLOCKS_BACKENDS.explain("cpu")[backend]
-    if why != "ok":
-        pytest.skip(why)
-    benchmark.group = CPU_GROUP
-    tokens, cu = _tokens(*CPU_SHAPE)
-    tok = jax.device_put(jnp.asarray(tokens))
-    cu_j = jnp.asarray(cu)
+    benchmark.group = group
+    tokens, cu = _tokens(*shape)
+    tok, cu_j = jax.device_put(jnp.asarray(tokens)), jax.device_put(jnp.asarray(cu))
 
     @jax.jit
     def run(tok, cu):
         return hash_blocks(tok, BLOCK_SIZE, cu_lens=cu, extra=None, backend=backend)
 
-    out = benchmark.pedantic(lambda: run(tok, cu_j).block_until_ready(), rounds=5,
-                             iterations=1, warmup_rounds=1)
+    out = benchmark.pedantic(lambda: run(tok, cu_j).block_until_ready(), rounds=rounds,
+                             iterations=1, warmup_rounds=1 if rounds < 10 else 2)
     assert out.shape == (tokens.size // BLOCK_SIZE, 8)
-    _finish(benchmark, machine_limits, CPU_GROUP, tokens.size, f"jax-{backend}")
+    _finish(benchmark, limits, group, tokens.size, f"jax-{backend}")
+    return tokens.size
+
+
+@pytest.mark.parametrize("backend", ["xla", "host"])
+def test_jax(benchmark, machine_limits, backend):
+    pytest.importorskip("jax")
+    from prefixkv.jax_frontend._hashing import HASH_BLOCKS_BACKENDS
+
+    why = HASH_BLOCKS_BACKENDS.explain("cpu")[backend]
+    if why != "ok":
+        pytest.skip(why)
+    _bench_jax(benchmark, machine_limits, CPU_GROUP, CPU_SHAPE, backend, rounds=5)
 
 
 @pytest.mark.parametrize("backend", ["host", "torch"])
@@ -145,20 +154,6 @@ def test_jax_tpu_hash(benchmark, backend):
     jax = pytest.importorskip("jax")
     if jax.default_backend() != "tpu":
         pytest.skip("needs a TPU")
-    import jax.numpy as jnp
-    from prefixkv.jax_frontend._hashing import hash_blocks
-
-    benchmark.group = "hash-device-tpu-1024x4096"
-    tokens, cu = _tokens(*GPU_SHAPE)
-    tok, cu_j = jax.device_put(jnp.asarray(tokens)), jax.device_put(jnp.asarray(cu))
-
-    @jax.jit
-    def run(tok, cu):
-        return hash_blocks(tok, BLOCK_SIZE, cu_lens=cu, extra=None, backend=backend)
-
-    out = benchmark.pedantic(lambda: run(tok, cu_j).block_until_ready(), rounds=10,
-                             iterations=1, warmup_rounds=2)
-    assert out.shape == (tokens.size // BLOCK_SIZE, 8)
-    _finish(benchmark, {}, "hash-device-tpu-1024x4096", tokens.size, f"jax-{backend}")
-    benchmark.extra_info.update(
-        gtokens_per_s=round(tokens.size / seconds(benchmark) / 1e9, 3), target_gtokens_per_s=1.0)
+    n = _bench_jax(benchmark, {}, "hash-device-tpu-1024x4096", GPU_SHAPE, backend, rounds=10)
+    benchmark.extra_info.update(gtokens_per_s=round(n / seconds(benchmark) / 1e9, 3),
+                                target_gtokens_per_s=1.0)
