@@ -48,6 +48,14 @@ def num_kv_splits(num_seqs: int, num_kv_heads: int, max_kv: int, decode: bool,
     return int(max(1, min(16, sms * 2 // max(programs, 1), max_kv // 512)))
 
 
+def head_slices(group: int, max_heads: int) -> tuple[int, int]:
+    """(slices, q heads per slice) of a kv head's ``group`` q heads when one GPU program holds
+    at most ``max_heads`` of them: the fewest slices, of equal size but the last (71 at 32 ->
+    3 x 24, the last 23). Both GPU backends split big groups by it."""
+    slices = -(-group // max(max_heads, 1))
+    return slices, -(-group // slices)
+
+
 @dataclass
 class SharedPrefixPlan:
     """Arguments of ``shared_prefix_attention`` (with the batch's ``cu_q_lens``)."""

@@ -122,17 +122,26 @@ def test_cache_kernels_lower_for_tpu():
     assert "tpu_custom_call" in exp.mlir_module()
 
 
-def _pallas_aliases(jaxpr):
-    """input_output_aliases of every pallas_call in a (nested) jaxpr."""
-    found = []
+def _pallas_calls(jaxpr):
+    """Every pallas_call equation of a (nested) jaxpr, in order."""
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "pallas_call":
-            found.append(tuple(eqn.params["input_output_aliases"]))
+            yield eqn
         for v in eqn.params.values():
             inner = getattr(v, "jaxpr", None)
             if inner is not None:
-                found += _pallas_aliases(getattr(inner, "jaxpr", inner))
-    return found
+                yield from _pallas_calls(getattr(inner, "jaxpr", inner))
+
+
+def _pallas_aliases(jaxpr):
+    """input_output_aliases of every pallas_call in a (nested) jaxpr."""
+    return [tuple(eqn.params["input_output_aliases"]) for eqn in _pallas_calls(jaxpr)]
+
+
+def _pallas_grids(fn, *args):
+    """The grid of every pallas_call ``fn`` traces to on ``args``."""
+    return [eqn.params["grid_mapping"].grid
+            for eqn in _pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr)]
 
 
 def test_pallas_cache_kernels_alias_the_caches():
@@ -430,13 +439,11 @@ def test_pallas_gpu_splits_groups_too_big_for_registers(dtype, head_dim, num_q_h
     assert (np.isneginf(np.asarray(lse)) == ~fin).all()
     np.testing.assert_allclose(np.asarray(lse)[fin], want_lse[fin], atol=2e-3, rtol=1e-4)
     S = jax.ShapeDtypeStruct
-    jaxpr = jax.make_jaxpr(lambda *a: pg.paged_attention_gpu(*a, None, scale=0.1,
-                                                             num_splits=1))(
+    assert _pallas_grids(
+        lambda *a: pg.paged_attention_gpu(*a, None, scale=0.1, num_splits=1),
         S((4, num_q_heads, head_dim), dtype), S((50, 16, 2, head_dim), dtype),
-        S((50, 16, 2, head_dim), dtype), S((4, 8), jnp.int32), S((4,), jnp.int32))
-    calls = [e for e in jaxpr.jaxpr.eqns[0].params["jaxpr"].eqns
-             if e.primitive.name == "pallas_call"]
-    assert [c.params["grid_mapping"].grid for c in calls] == [(4, 2 * slices)]
+        S((50, 16, 2, head_dim), dtype), S((4, 8), jnp.int32),
+        S((4,), jnp.int32)) == [(4, 2 * slices)]
 
 
 @pytest.mark.parametrize("dtype,num_splits,kw", [
@@ -465,11 +472,9 @@ def test_pallas_gpu_split_kv_by_default_for_few_long_sequences():
     S = jax.ShapeDtypeStruct
     args = (S((2, 8, 64), "bfloat16"), S((600, 16, 2, 64), "bfloat16"),
             S((600, 16, 2, 64), "bfloat16"), S((2, 256), jnp.int32), S((2,), jnp.int32))
-    jaxpr = jax.make_jaxpr(lambda *a: pg.paged_attention_gpu(*a, None, scale=0.1))(*args)
-    calls = [e for e in jaxpr.jaxpr.eqns[0].params["jaxpr"].eqns
-             if e.primitive.name == "pallas_call"]
     # 2 seqs x 2 kv heads = 4 programs on 132 SMs, 4096 keys: 8 splits of 512 keys
-    assert [c.params["grid_mapping"].grid for c in calls] == [(2 * 8, 2)]
+    assert _pallas_grids(lambda *a: pg.paged_attention_gpu(*a, None, scale=0.1),
+                         *args) == [(2 * 8, 2)]
     assert "xla.gpu.triton" in _export_for_h100(
         jax.jit(lambda *a: pg.paged_attention_gpu(*a, None, scale=0.1)), args)
 

@@ -24,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ...jax_frontend import _xla
-from ...paged.planner import DEFAULT_SMS, num_kv_splits
+from ...paged.planner import DEFAULT_SMS, head_slices, num_kv_splits
 from .._vma import out_struct
 
 
@@ -66,8 +66,12 @@ def gpu_q_tile(head_dim: int, group: int, dtype, block_size: int = 16) -> int:
     """Most query tokens per program: a program holds its rows (q_tile x group) of q, of the
     f32 accumulator (rows x head_dim) and of the scores of one block (rows x block_size) in
     registers, at most _register_elems(dtype) of either."""
-    budget = _register_elems(dtype) // max(head_dim, block_size)
-    return max(1, max(16, budget) // group)
+    return max(1, _row_budget(head_dim, dtype, block_size) // group)
+
+
+def _row_budget(head_dim: int, dtype, block_size: int) -> int:
+    """Rows (query tokens x q heads) one program holds: at least 16, the fewest a dot takes."""
+    return max(16, _register_elems(dtype) // max(head_dim, block_size))
 
 
 def gpu_head_slices(head_dim: int, group: int, dtype, block_size: int = 16) -> tuple[int, int]:
@@ -77,9 +81,7 @@ def gpu_head_slices(head_dim: int, group: int, dtype, block_size: int = 16) -> t
     (the group is padded with unused heads); each of the group's programs then reads the kv
     head's blocks. Compiled for sm_90 as one program, 128 q heads per kv head spilled 8 KB
     per thread in float32 at head_dim 128, and 832 B in bf16 at head_dim 256."""
-    budget = max(16, _register_elems(dtype) // max(head_dim, block_size))
-    slices = -(-group // budget)
-    return slices, -(-group // slices)
+    return head_slices(group, _row_budget(head_dim, dtype, block_size))
 
 
 def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...paged.planner import DEFAULT_SMS, num_kv_splits
+from ...paged.planner import DEFAULT_SMS, head_slices, num_kv_splits
 from ...paged.spec import WORKSPACE_ALIGN
 from ._interp import patch_interpreter
 
@@ -213,11 +213,9 @@ def _p2(x: int) -> int:
 MAX_GROUP_ROWS = {4: 32, 2: 128, 1: 128}
 
 
-def head_slices(group: int, itemsize: int) -> tuple[int, int]:
-    """(slices, q heads per slice) of a kv head's group: the fewest slices within
-    MAX_GROUP_ROWS, of equal size but the last (71 -> 3 x 24, the last 23)."""
-    slices = -(-group // MAX_GROUP_ROWS[min(itemsize, 4)])
-    return slices, -(-group // slices)
+def _head_slices(group: int, itemsize: int) -> tuple[int, int]:
+    """(slices, q heads per slice) of a kv head's group within MAX_GROUP_ROWS."""
+    return head_slices(group, MAX_GROUP_ROWS[min(itemsize, 4)])
 
 
 def attention_config(num_q_heads: int, num_kv_heads: int, head_dim: int, decode: bool,
@@ -237,7 +235,7 @@ def attention_config(num_q_heads: int, num_kv_heads: int, head_dim: int, decode:
     take 16 keys.
     """
     group = num_q_heads // num_kv_heads
-    splits, sub = head_slices(group, itemsize)
+    splits, sub = _head_slices(group, itemsize)
     gp2 = _p2(sub)
     block_d = max(16, _p2(head_dim))
     f32 = itemsize >= 4
@@ -259,7 +257,7 @@ def attention_warps(head_dim: int, decode: bool, *, itemsize: int = 2, rows: int
 
 def program_heads(num_q_heads: int, num_kv_heads: int, itemsize: int) -> int:
     """Programs per query tile (and split): the kv heads x the slices of each one's group."""
-    return num_kv_heads * head_slices(num_q_heads // num_kv_heads, itemsize)[0]
+    return num_kv_heads * _head_slices(num_q_heads // num_kv_heads, itemsize)[0]
 
 
 def _sms(q) -> int:
