@@ -140,7 +140,7 @@ def cuda_memory_limits(nbytes: int = 1 << 30) -> dict:
         src = torch.ones(nbytes // 4, dtype=torch.float32, device="cuda")
         dst = torch.empty_like(src)
         acc = torch.empty((), dtype=torch.float32, device="cuda")
-        read_s = cuda_seconds(lambda: torch.sum(src, out=acc), iters=10)
+        read_s = cuda_seconds(lambda: torch.sum(src, dim=0, out=acc), iters=10)
         copy_s = cuda_seconds(lambda: dst.copy_(src), iters=10)
         _CUDA_LIMITS[dev] = {"read_gbps": round(nbytes / read_s / 1e9, 1),
                              "copy_gbps": round(2 * nbytes / copy_s / 1e9, 1)}
