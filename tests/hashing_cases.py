@@ -64,12 +64,15 @@ def make_case(rng, block_size, lens, *, salt=None, with_extra=False, parent="non
 
 
 # (block_size, sequence lengths, salt, extra, parent): empty sequences, shorter than a block,
-# exact multiples, partial tails; block sizes 1, 7, 16, 248 (one chunk), 300 (chunk tree).
+# exact multiples, partial tails; block sizes 1, 7, 16, 244 with extra and 248 (messages of
+# exactly one 1024-byte chunk), 248 with extra (1040 bytes) and 300 (chunk trees).
 CASES = {
     "b16_ragged": (16, [0, 15, 16, 17, 100, 0, 48], None, False, "none"),
     "b7_extra_parent": (7, [7, 13, 0, 30, 6], "tenant-a", True, "per_seq"),
     "b1_salt_bytes": (1, [3, 0, 5], b"\x00\xffsalt", False, "shared"),
-    "b248_one_chunk": (248, [248, 500, 10], "s", True, "none"),
+    "b244_extra_one_chunk": (244, [244, 500, 10], "s", True, "none"),
+    "b248_one_chunk": (248, [248, 500, 10], "s", False, "shared"),
+    "b248_extra_two_chunks": (248, [248, 500, 10], "s", True, "none"),
     "b300_tree": (300, [301, 900], None, False, "per_seq"),
     "empty": (16, [0, 0], None, False, "none"),
     "tails_only": (16, [3, 15, 1], "x", False, "none"),

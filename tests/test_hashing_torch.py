@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from hashing_cases import CASES, make_case, oracle
+from prefixkv.paged.hashing import kernel_supports
 from prefixkv.paged.registry import BackendError
 from prefixkv.paged.validate import value_checks
 from prefixkv.torch_frontend._hashing import HASH_BLOCKS_BACKENDS, hash_blocks
@@ -45,15 +46,22 @@ def test_cpu_matches_blake3(name, backend):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("name", [n for n in CASES if n != "b300_tree"])
+@pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_matches_blake3(name, backend):
+    """Every case on the torch path; on the one-chunk kernels (triton, cuda) the cases whose
+    messages fit one BLAKE3 chunk, and a clear refusal for the others (b248 with extra: 1040
+    bytes; b300)."""
     block_size, lens, salt, with_extra, parent = CASES[name]
     if backend == "cuda":
         pytest.importorskip("cupy")
     case = make_case(np.random.default_rng(zlib.crc32(name.encode())), block_size, lens,
                      salt=salt, with_extra=with_extra, parent=parent)
     args = _torch_case(case, "cuda")
+    if backend != "torch" and not kernel_supports(block_size, with_extra)[0]:
+        with pytest.raises(BackendError, match="over one BLAKE3 chunk"):
+            hash_blocks(args.pop("tokens"), block_size, salt=salt, backend=backend, **args)
+        return
     got = hash_blocks(args.pop("tokens"), block_size, salt=salt, backend=backend, **args)
     assert got.device.type == "cuda"
     np.testing.assert_array_equal(_words(got), oracle(**case))
