@@ -446,12 +446,14 @@ def test_pallas_gpu_splits_groups_too_big_for_registers(dtype, head_dim, num_q_h
         S((4,), jnp.int32)) == [(4, 2 * slices)]
 
 
-@pytest.mark.parametrize("dtype,num_splits,kw", [
-    ("float32", 3, {}), ("bfloat16", 4, dict(sliding_window=40, logits_soft_cap=5.0)),
-    ("float16", 16, {})])
-def test_pallas_gpu_split_kv_decode(dtype, num_splits, kw):
+@pytest.mark.parametrize("dtype,num_splits,blocks_per_step,kw", [
+    ("float32", 3, 3, {}), ("bfloat16", 4, None, dict(sliding_window=40, logits_soft_cap=5.0)),
+    ("float16", 16, 1, {}), ("float16", 2, 8, {})])
+def test_pallas_gpu_split_kv_decode(dtype, num_splits, blocks_per_step, kw):
     """Split-KV decode: more splits than some sequences have blocks (empty splits), ragged
-    lengths, a window that empties the leading splits; merged by LSE."""
+    lengths, a window that empties the leading splits; merged by LSE. Loop steps of 1, 3, 4 (the
+    default here) and 8 blocks: a split's blocks are rarely a multiple, so the last step's
+    extra blocks, inside the sequence but past the split, must count nothing."""
     from prefixkv.kernels.pallas import paged_attention_gpu as pg
 
     rng = np.random.default_rng(12)
@@ -461,7 +463,7 @@ def test_pallas_gpu_split_kv_decode(dtype, num_splits, kw):
     args = [jnp.asarray(a) for a in batch.args()[:5]]
     want, want_lse = ref.paged_attention_reference(*batch.args(), return_lse=True, **kw)
     out, lse = pg.paged_attention_gpu(*args, None, scale=64 ** -0.5, num_splits=num_splits,
-                                      interpret=True, **kw)
+                                      blocks_per_step=blocks_per_step, interpret=True, **kw)
     _close(out, want, dtype)
     np.testing.assert_allclose(np.asarray(lse), want_lse, atol=2e-3, rtol=1e-4)
 
@@ -552,9 +554,11 @@ def test_gpu_kernel_dot_precision(dtype):
     S = jax.ShapeDtypeStruct
     args = (S((4, 16, 64), dtype), S((32, 16, 4, 64), dtype), S((32, 16, 4, 64), dtype),
             S((4, 8), jnp.int32), S((4,), jnp.int32))
+    per_step = pg.gpu_blocks_per_step(64, dtype, 16, rows=16)
+    assert per_step == (1 if dtype == "float32" else 8)  # 16-bit: 128 keys of 16-token blocks
     jaxpr = jax.make_jaxpr(lambda *a: pg.paged_attention_gpu(*a, None, scale=0.1))(*args)
     dots = list(_dots_in(jaxpr.jaxpr))
-    assert len(dots) == 2  # QK and PV, inside the kernel's block loop
+    assert len(dots) == 2 * per_step  # QK and PV of each block of a loop step
     for eqn in dots:
         assert [str(v.aval.dtype) for v in eqn.invars] == [dtype, dtype]
         assert eqn.params["preferred_element_type"] == jnp.float32
@@ -646,6 +650,7 @@ def _gpu_attention_case(op: str, dtype: str, head_dim: int, num_tokens: int,
     ("paged", "bfloat16", 128, 512, 16, 4), ("paged", "float32", 128, 512, 16, 4),
     ("paged", "bfloat16", 256, 512, 16, 4), ("paged", "float16", 64, 512, 16, 4),
     ("paged", "bfloat16", 128, 0, 16, 4), ("shared_prefix", "bfloat16", 128, 1024, 16, 4),
+    ("paged", "bfloat16", 64, 0, 16, 8), ("paged", "bfloat16", 256, 0, 16, 4),
     # the largest tiles gpu_supports accepts: 32 KiB of 16-bit K, 16 KiB of float32, 512 keys
     ("paged", "bfloat16", 128, 512, 128, 4), ("paged", "bfloat16", 32, 512, 512, 4),
     ("paged", "bfloat16", 256, 0, 64, 4), ("paged", "float32", 128, 512, 32, 4),

@@ -3,9 +3,10 @@
 Same work split as the TPU kernel (query tiles of one sequence, the q heads of a kv head
 stacked as rows), grid ``(tile, kv_head)``. Scalar prefetch does not lower on GPU, so the tile
 metadata and the block tables are ordinary inputs read as scalars; each program walks its KV
-blocks with a loop of dynamic trip count, loading one (block_size, head_dim) tile of K and V
-per step from the caches viewed as [num_blocks * block_size, num_kv_heads * head_dim], with an
-online softmax in float32 registers. Decode with too few (sequence, kv head) programs for the
+blocks with a loop of dynamic trip count, loading several (block_size, head_dim) tiles of K and
+V per step (:func:`gpu_blocks_per_step`) from the caches viewed as
+[num_blocks * block_size, num_kv_heads * head_dim], with an online softmax in float32
+registers. Decode with too few (sequence, kv head) programs for the
 GPU splits each sequence's blocks over several programs (split-KV) and merges them by LSE.
 
 Triton wants power-of-two tiles and dots of at least 16 x 16: head_dim a power of two >= 16,
@@ -84,9 +85,37 @@ def gpu_head_slices(head_dim: int, group: int, dtype, block_size: int = 16) -> t
     return head_slices(group, _row_budget(head_dim, dtype, block_size))
 
 
+#: Keys a program's loop step covers (blocks_per_step x block_size) at most: enough
+#: independent K/V loads in flight per step to approach HBM bandwidth in decode. On an H200
+#: (bf16, 32 q / 8 kv heads, head_dim 128, 16-token blocks, 4 warps) decode of 32 x 8192
+#: tokens read at 35% of the measured read bandwidth with 1 block a step, 51% with 2, 56% with
+#: 4 and 65% with 8 (8 warps were slower at each, and 1 or 3-4 pipeline stages than 2).
+KEYS_PER_STEP = 128
+
+#: Elements of a 16-bit program's live tiles per step (q and accumulator rows x head_dim,
+#: plus each block's V tile and scores: blocks x block_size x (head_dim + rows)) that compiled
+#: for sm_90 at 4 warps without spills: 16 rows at head_dim 256 with 4 blocks of 16 (25600)
+#: took 250 registers; 64 rows at head_dim 128 with 4 blocks (28672) spilled 72 B.
+STEP_ELEMS_16BIT = 24576
+
+
+def gpu_blocks_per_step(head_dim: int, dtype, block_size: int = 16, rows: int = 16) -> int:
+    """KV blocks one loop step loads, up to KEYS_PER_STEP keys and MAX_TILE_BYTES of K (and of
+    V) in all: 16-bit programs of ``rows`` (padded) rows as many as fit STEP_ELEMS_16BIT,
+    float32 one (two already spilled 224 B per thread at 16 rows, head_dim 128: the HIGHEST
+    dots split each operand in three)."""
+    size = jnp.dtype(dtype).itemsize
+    if size >= 4:
+        return 1
+    most = min(KEYS_PER_STEP // block_size, MAX_TILE_BYTES[size] // (block_size * head_dim * size))
+    free = STEP_ELEMS_16BIT - 2 * rows * head_dim
+    return max(1, min(most, free // (block_size * (head_dim + rows))))
+
+
 def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
                                 scale: float, block_size: int, head_dim: int, group: int,
-                                head_splits: int, max_blocks: int, causal: bool,
+                                head_splits: int, max_blocks: int, blocks_per_step: int,
+                                causal: bool,
                                 sliding_window: int | None, logits_soft_cap: float | None):
     """One (tile, q-head slice) program: ``group`` q heads (a kv head's whole group, or one
     of its ``head_splits`` slices) x the tile's tokens as rows."""
@@ -105,39 +134,50 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
     col = lax.broadcasted_iota(jnp.int32, (rows, block_size), 1)
     key_col = lax.broadcasted_iota(jnp.int32, (block_size, head_dim), 0)
 
-    def body(j, carry):
+    def body(step, carry):
+        # blocks_per_step blocks per step, loaded before any is used (their loads overlap);
+        # blocks past the program's nblk (the last step) read a block of the row and count 0
         m, l_sum, acc = carry
-        blk = tables_ref[seq * max_blocks + lo + j]
-        start = blk * block_size
-        k = k_ref[pl.ds(start, block_size), pl.ds(h * head_dim, head_dim)]
-        v = v_ref[pl.ds(start, block_size), pl.ds(h * head_dim, head_dim)]
-        t0 = (lo + j) * block_size
-        v = jnp.where(t0 + key_col < hi, v, jnp.zeros((), v.dtype))     # padding may be NaN
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
-                            preferred_element_type=jnp.float32) * scale  # [rows, B]
-        if logits_soft_cap is not None:
-            s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
-        t = t0 + col
-        mask = t < hi
-        if causal:
-            mask = mask & (t <= row_pos)
-            if sliding_window is not None:
-                mask = mask & (t > row_pos - sliding_window)
-        s = jnp.where(mask, s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        scores, values = [], []
+        for u in range(blocks_per_step):
+            j = step * blocks_per_step + u
+            live = j < nblk
+            blk = tables_ref[seq * max_blocks + jnp.minimum(lo + j, max_blocks - 1)]
+            start = blk * block_size
+            k = k_ref[pl.ds(start, block_size), pl.ds(h * head_dim, head_dim)]
+            v = v_ref[pl.ds(start, block_size), pl.ds(h * head_dim, head_dim)]
+            t0 = (lo + j) * block_size
+            v = jnp.where(live & (t0 + key_col < hi), v, jnp.zeros((), v.dtype))  # may be NaN
+            s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
+                                preferred_element_type=jnp.float32) * scale  # [rows, B]
+            if logits_soft_cap is not None:
+                s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
+            t = t0 + col
+            mask = live & (t < hi)
+            if causal:
+                mask = mask & (t <= row_pos)
+                if sliding_window is not None:
+                    mask = mask & (t > row_pos - sliding_window)
+            scores.append(jnp.where(mask, s, -jnp.inf))
+            values.append(v)
+        m_new = m
+        for s in scores:
+            m_new = jnp.maximum(m_new, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp(s - m_safe[:, None])
         alpha = jnp.exp(m - m_safe)
-        l_sum = l_sum * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + lax.dot_general(
-            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=prec,
-            preferred_element_type=jnp.float32)
+        l_sum, acc = l_sum * alpha, acc * alpha[:, None]
+        for s, v in zip(scores, values):
+            p = jnp.exp(s - m_safe[:, None])
+            l_sum = l_sum + jnp.sum(p, axis=1)
+            acc = acc + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                        precision=prec, preferred_element_type=jnp.float32)
         return m_new, l_sum, acc
 
     m0 = jnp.full((rows,), -jnp.inf, jnp.float32)
     l0 = jnp.zeros((rows,), jnp.float32)
     a0 = jnp.zeros((rows, head_dim), jnp.float32)
-    m, l_sum, acc = lax.fori_loop(0, nblk, body, (m0, l0, a0))
+    steps = (nblk + blocks_per_step - 1) // blocks_per_step
+    m, l_sum, acc = lax.fori_loop(0, steps, body, (m0, l0, a0))
     seen = l_sum > 0
     o_ref[...] = (acc / jnp.where(seen, l_sum, 1.0)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l_sum, 1.0)), -jnp.inf)
@@ -170,17 +210,18 @@ def _merge_splits(out, lse, num_splits: int):
 
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "sliding_window",
                                              "logits_soft_cap", "q_tile", "num_splits",
-                                             "interpret"))
+                                             "blocks_per_step", "interpret"))
 def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale,
                         causal=True, sliding_window=None, logits_soft_cap=None, q_tile=None,
-                        num_splits=None, interpret=False):
+                        num_splits=None, blocks_per_step=None, interpret=False):
     """Same contract as prefixkv.jax_frontend.paged_attention (validated inputs, static
     config); returns (out [num_tokens, num_q_heads, head_dim] in q's dtype, lse f32).
 
     Decode with few (sequence, kv head) programs for the GPU's multiprocessors splits each
     sequence's blocks into ``num_splits`` contiguous ranges (default
     :func:`prefixkv.paged.planner.num_kv_splits`, the torch Triton kernel's rule), one program
-    each, merged by LSE. ``interpret=True`` runs the kernel in Pallas's generic interpreter
+    each, merged by LSE. ``blocks_per_step``: KV blocks a loop step loads (default
+    :func:`gpu_blocks_per_step`). ``interpret=True`` runs the kernel in Pallas's generic interpreter
     (any platform)."""
     operands = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens)
     num_tokens, num_q_heads, head_dim = q.shape
@@ -234,7 +275,10 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
 
     kernel = functools.partial(
         _paged_attention_gpu_kernel, scale=scale, block_size=block_size, head_dim=head_dim,
-        group=group, head_splits=head_splits, max_blocks=max_blocks, causal=causal,
+        group=group, head_splits=head_splits, max_blocks=max_blocks,
+        blocks_per_step=int(blocks_per_step or gpu_blocks_per_step(head_dim, q.dtype,
+                                                                   block_size, rows_pad)),
+        causal=causal,
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
     whole = lambda x: pl.BlockSpec(x.shape, lambda i, h: (0,) * x.ndim)  # noqa: E731
     q_spec = pl.BlockSpec((None, None, rows_pad, head_dim), lambda i, h: (i // ns, h, 0, 0))
