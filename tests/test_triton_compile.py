@@ -54,7 +54,7 @@ def _jit_attrs(fn, sig: dict) -> dict:
 def _attention_variant(dtype, head_dim, num_q_heads, num_kv_heads, decode, causal, window,
                        soft_cap, splits):
     cfg = tattn.attention_config(num_q_heads, num_kv_heads, head_dim, decode,
-                                 itemsize=4 if dtype == "float32" else 2)
+                                 itemsize=4 if dtype == "float32" else 2, split=splits > 1)
     upcast = dtype == "float32"
     cx = dict(cfg, BLOCK_SIZE=16, DECODE=decode, CAUSAL=causal, WINDOW=window,
               SOFT_CAP=soft_cap, NUM_SPLITS=splits, UPCAST=upcast,
@@ -72,6 +72,12 @@ def _attention_variant(dtype, head_dim, num_q_heads, num_kv_heads, decode, causa
 VARIANTS = {
     "attn-decode-bf16-d128-g4": _attention_variant("bfloat16", 128, 32, 8, True, True, False,
                                                    False, 1),
+    "attn-decode-split8-bf16-d128-g4": _attention_variant("bfloat16", 128, 32, 8, True, True,
+                                                          False, False, 8),  # 128 keys a step
+    "attn-decode-split4-f16-d64-g8-window-cap": _attention_variant(
+        "float16", 64, 64, 8, True, True, True, True, 4),
+    "attn-decode-f32-d64-g1": _attention_variant("float32", 64, 8, 8, True, True, False,
+                                                 False, 1),
     "attn-decode-split4-f16-d256-g8-window-cap": _attention_variant(
         "float16", 256, 64, 8, True, True, True, True, 4),
     "attn-prefill-bf16-d128-g1": _attention_variant("bfloat16", 128, 8, 8, False, True, False,
