@@ -201,6 +201,59 @@ def _merge_states_kernel(out_ptr, lse_ptr, o_ptr, l_ptr, num_heads, stride_ot, s
              tl.where(seen, m_safe + tl.log(tl.where(seen, den, 1.0)), float("-inf")))
 
 
+@triton.jit
+def _prefix_key(pid, num_prefixes):
+    """A sequence's sort key: its prefix row, or num_prefixes (last) for -1 or any id that
+    names no row (never a position outside the order)."""
+    return tl.where((pid >= 0) & (pid < num_prefixes), pid, num_prefixes).to(tl.int32)
+
+
+@triton.jit
+def _cascade_order_kernel(pid_ptr, cu_ptr, order_ptr, cu_p_ptr, num_seqs, num_prefixes,
+                          num_tokens, DECODE: tl.constexpr, BLOCK_S: tl.constexpr,
+                          BLOCK_T: tl.constexpr):
+    """The cascade's grouping of query tokens by prefix, stably, with no sort and no
+    allocation (torch.sort on a CUDA tensor allocates scratch, even with out=).
+
+    Programs [0, num_seqs): sequence i's tokens go to positions dest + [0, n) of the order,
+    dest the tokens of the sequences before it (lower key, or equal key and lower index):
+    order[dest + j] = its token cu[i] + j. Programs num_seqs + p, p in [0, num_prefixes]:
+    cu_p[p] = tokens of the sequences with key below p. Decode (DECODE): one token per
+    sequence, cu unused. Stores stay inside order[0, num_tokens) whatever cu holds."""
+    i = tl.program_id(0)
+    mine = i < num_seqs
+    key = _prefix_key(tl.load(pid_ptr + i, mask=mine, other=0), num_prefixes)
+    # program num_seqs + p counts the tokens of keys below p: as a sequence of key p, index 0
+    key = tl.where(mine, key, i - num_seqs)
+    me = tl.where(mine, i, 0)
+    dest = 0
+    for s0 in range(0, num_seqs, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        ok = s < num_seqs
+        k = _prefix_key(tl.load(pid_ptr + s, mask=ok, other=0), num_prefixes)
+        if DECODE:
+            n_s = ok.to(tl.int32)
+        else:
+            n_s = (tl.load(cu_ptr + s + 1, mask=ok, other=0)
+                   - tl.load(cu_ptr + s, mask=ok, other=0)).to(tl.int32)
+        before = ok & ((k < key) | ((k == key) & (s < me) & mine))
+        dest += tl.sum(tl.where(before, n_s, 0), 0)
+    if mine:
+        if DECODE:
+            start = i
+            n = 1
+        else:
+            start = tl.load(cu_ptr + i).to(tl.int32)
+            n = tl.load(cu_ptr + i + 1).to(tl.int32) - start
+        for t0 in range(0, n, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            pos = dest + t
+            tl.store(order_ptr + pos, (start + t).to(tl.int64),
+                     mask=(t < n) & (pos >= 0) & (pos < num_tokens))
+    else:
+        tl.store(cu_p_ptr + (i - num_seqs), dest)
+
+
 # ------------------------------------------------------------------------------- launchers
 
 
@@ -211,6 +264,9 @@ def _p2(x: int) -> int:
 #: Most q-head rows of one token a program holds, by element size: a kv head's group past
 #: this runs as several programs (HEAD_SPLITS), each over a slice of the group's q heads.
 MAX_GROUP_ROWS = {4: 32, 2: 128, 1: 128}
+
+#: Sequences per step and tokens per store of _cascade_order_kernel.
+CASCADE_BLOCK_S, CASCADE_BLOCK_T = 256, 256
 
 
 def _head_slices(group: int, itemsize: int) -> tuple[int, int]:
@@ -369,7 +425,7 @@ def _lse_plan(q, with_lse: bool) -> list:
 
 
 def _shared_plan(q, k_cache, prefix_block_tables, block_tables, cu_q_lens, *, with_lse: bool,
-                 ids_dtype=torch.int64, sizing: bool = False) -> list:
+                 sizing: bool = False) -> list:
     num_tokens, num_q_heads, head_dim = q.shape
     num_prefixes = prefix_block_tables.shape[0]
     f32 = torch.float32
@@ -378,14 +434,8 @@ def _shared_plan(q, k_cache, prefix_block_tables, block_tables, cu_q_lens, *, wi
             ("part_o", (num_tokens, num_q_heads, head_dim), f32),
             ("part_l", (num_tokens, num_q_heads), f32),
             ("q_sorted", tuple(q.shape), q.dtype),
-            ("tok_seq", (num_tokens,), torch.int64),
-            ("pid", (num_tokens,), ids_dtype),
-            ("pid_sorted", (num_tokens,), ids_dtype),
             ("order", (num_tokens,), torch.int64),
-            ("bounds", (num_prefixes + 1,), ids_dtype),
             ("cu_p", (num_prefixes + 1,), torch.int32)]
-    if cu_q_lens is not None:
-        plan.append(("tok", (num_tokens,), cu_q_lens.dtype))
     decode = cu_q_lens is None
     if sizing:
         own = _split_rows_plan(q, _max_split_rows(q, k_cache, block_tables, decode), "own_")
@@ -406,7 +456,7 @@ def paged_attention_workspace_bytes(q, k_cache, block_tables, cu_q_lens=None) ->
 def shared_prefix_attention_workspace_bytes(q, k_cache, prefix_block_tables, block_tables,
                                             cu_q_lens=None) -> int:
     """Bytes of the ``workspace`` with which shared_prefix_attention allocates nothing, for
-    this batch and every smaller one (int64 prefix ids assumed: an upper bound for int32)."""
+    this batch and every smaller one."""
     return _plan_bytes(_shared_plan(q, k_cache, prefix_block_tables, block_tables, cu_q_lens,
                                     with_lse=True, sizing=True))
 
@@ -495,7 +545,7 @@ def shared_prefix_attention(out, lse, q, k_cache, v_cache, prefix_block_tables, 
     num_seqs = block_tables.shape[0]
     num_prefixes = prefix_block_tables.shape[0]
     b = _carve(_shared_plan(q, k_cache, prefix_block_tables, block_tables, cu_q_lens,
-                            with_lse=lse is None, ids_dtype=prefix_ids.dtype),
+                            with_lse=lse is None),
                workspace, q.device, "shared_prefix_attention")
     lse = b["lse"] if lse is None else lse
     if num_tokens == 0:
@@ -508,21 +558,16 @@ def shared_prefix_attention(out, lse, q, k_cache, v_cache, prefix_block_tables, 
            else None)
     _launch(states_o[1], states_l[1], q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
             scale=scale, causal=True, window=None, soft_cap=logits_soft_cap, parts=own)
-    # the sequence of every token, then its prefix (-1 -> num_prefixes: sorts last)
-    tok_seq = b["tok_seq"]
-    if cu_q_lens is None:
-        torch.arange(num_seqs, out=tok_seq)
-    else:
-        torch.arange(num_tokens, out=b["tok"])
-        torch.searchsorted(cu_q_lens[1:], b["tok"], right=True, out=tok_seq)
-        tok_seq.clamp_(max=max(num_seqs - 1, 0))
-    pid, pid_sorted, order = b["pid"], b["pid_sorted"], b["order"]
-    torch.index_select(prefix_ids, 0, tok_seq, out=pid)
-    pid.remainder_(num_prefixes + 1)
-    torch.sort(pid, stable=True, out=(pid_sorted, order))
-    # cu_p[p] = tokens of prefixes below p: the ragged "sequences" of the prefix launch
-    torch.arange(num_prefixes + 1, out=b["bounds"])
-    torch.searchsorted(pid_sorted, b["bounds"], out_int32=True, out=b["cu_p"])
+    # the tokens grouped by prefix (no prefix last), each group in token order, and cu_p[p]:
+    # where prefix p's group starts, the ragged "sequences" of the prefix launch
+    # (the identity first: with cu_q_lens inconsistent with q, unchecked on a device, every
+    # index stays in range)
+    order = b["order"]
+    torch.arange(num_tokens, out=order)
+    _cascade_order_kernel[(num_seqs + num_prefixes + 1,)](
+        prefix_ids, cu_q_lens if cu_q_lens is not None else prefix_ids, order, b["cu_p"],
+        num_seqs, num_prefixes, num_tokens, DECODE=cu_q_lens is None, BLOCK_S=CASCADE_BLOCK_S,
+        BLOCK_T=CASCADE_BLOCK_T)
     q_sorted, part_o, part_l = b["q_sorted"], b["part_o"], b["part_l"]
     torch.index_select(q, 0, order, out=q_sorted)
     part_o.zero_()
