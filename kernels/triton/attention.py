@@ -282,10 +282,12 @@ def attention_config(num_q_heads: int, num_kv_heads: int, head_dim: int, decode:
     16-bit decode steps over 64 keys, 128 when split (each program walks a share of a
     sequence): on an H200 (bf16, 32 q / 8 kv heads, head_dim 128, 4 warps) 64 keys read
     64 x 4096 tokens at 99% of the measured read bandwidth (128: 93%), and 128 keys the split
-    batches 8 x 4096 and 1 x 32768 at 71% and 52% (64: 58% and 39%). A program's rows (BLOCK_M) are query
-    tokens x the q heads of its slice of a kv head's group (KV_GROUP q heads in HEAD_SPLITS
-    slices of at most GROUP): the whole group up to 32 q heads for float32 and 128 for 16-bit,
-    so no program holds more rows than compile without spills. Compiled for sm_80 and sm_90
+    batches 8 x 4096 and 1 x 32768 at 71% and 52% (64: 58% and 39%).
+
+    A program's rows (BLOCK_M) are query tokens x the q heads of its slice of a kv head's
+    group (KV_GROUP q heads in HEAD_SPLITS slices of at most GROUP): the whole group up to 32
+    q heads for float32 and 128 for 16-bit, so no program holds more rows than compile
+    without spills. Compiled for sm_80 and sm_90
     (head_dim 64-256, groups 1-128, window / soft cap / split variants): float32 runs ieee FMA
     dots that keep each thread's q rows in registers; 32 rows x 64 keys at 8 warps take 64-115
     registers and no stack, 256-wide heads take 16 keys (32 spilled 5.7 KB on sm_90). As one
