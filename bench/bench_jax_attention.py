@@ -259,16 +259,19 @@ def _run_queued(benchmark, fn, args, rounds, calls=CALLS_PER_ROUND):
 
 @pytest.mark.skipif(jax.default_backend() == "cpu", reason="needs a GPU or TPU")
 @pytest.mark.parametrize("shape", [(32, 8192), (4, 16384)], ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("impl", ["prefixkv", "prefixkv_no_split", "jnp_gather_baseline"])
+@pytest.mark.parametrize("impl", ["prefixkv", "prefixkv_no_split", "prefixkv_kv_gather",
+                                  "jnp_gather_baseline"])
 def test_decode_device_bf16(benchmark, impl, shape):
     """Decode bf16 on the device: fraction of the measured read bandwidth and of the datasheet
     HBM peak. 4 x 16384 is the few-long-sequences case split-KV is for (32 programs).
+    prefixkv_kv_gather: the Pallas GPU kernel loading each step's keys as one tile through the
+    block table (kv_gather), measured beside the default to decide which should be it.
 
     Each round queues CALLS_PER_ROUND calls (pytest-benchmark's stats are per round);
     extra_info's seconds, GB/s and fractions are per call (round / calls_per_round)."""
     num_seqs, context = shape
-    if impl == "prefixkv_no_split" and jax.default_backend() != "gpu":
-        pytest.skip("split-KV is a GPU kernel option")
+    if impl in ("prefixkv_no_split", "prefixkv_kv_gather") and jax.default_backend() != "gpu":
+        pytest.skip("a Pallas GPU kernel option")
     args = _device_decode_inputs(num_seqs, context)
     nbytes, _ = _decode_cost("bfloat16", num_seqs, context)
     benchmark.group = f"jax decode {num_seqs}x{context} bf16 on device"
@@ -279,10 +282,15 @@ def test_decode_device_bf16(benchmark, impl, shape):
 
         fn = jax.jit(lambda q, k, v, t, n: pg.paged_attention_gpu(
             q, k, v, t, n, None, scale=D ** -0.5, num_splits=1)[0])
+    elif impl == "prefixkv_kv_gather":
+        from prefixkv.kernels.pallas import paged_attention_gpu as pg
+
+        fn = jax.jit(lambda q, k, v, t, n: pg.paged_attention_gpu(
+            q, k, v, t, n, None, scale=D ** -0.5, kv_gather=True)[0])
     else:
         fn = jax.jit(lambda q, k, v, t, n: _xla.dense_gather_paged_attention(
             q, k, v, t, n, scale=D ** -0.5))
-    _run_queued(benchmark, fn, args, rounds=10)  # 6 variants in run_device.sh's limit
+    _run_queued(benchmark, fn, args, rounds=10)  # 8 variants within run_device.sh's 75 s
     per_call = seconds(benchmark) / CALLS_PER_ROUND
     best_call = seconds(benchmark, "min") / CALLS_PER_ROUND
     kind = jax.devices()[0].device_kind

@@ -446,14 +446,18 @@ def test_pallas_gpu_splits_groups_too_big_for_registers(dtype, head_dim, num_q_h
         S((4,), jnp.int32)) == [(4, 2 * slices)]
 
 
-@pytest.mark.parametrize("dtype,num_splits,blocks_per_step,kw", [
-    ("float32", 3, 3, {}), ("bfloat16", 4, None, dict(sliding_window=40, logits_soft_cap=5.0)),
-    ("float16", 16, 1, {}), ("float16", 2, 8, {})])
-def test_pallas_gpu_split_kv_decode(dtype, num_splits, blocks_per_step, kw):
+@pytest.mark.parametrize("dtype,num_splits,blocks_per_step,kv_gather,kw", [
+    ("float32", 3, 3, False, {}),
+    ("bfloat16", 4, None, False, dict(sliding_window=40, logits_soft_cap=5.0)),
+    ("float16", 16, 1, False, {}), ("float16", 2, 8, False, {}),
+    ("bfloat16", 4, None, True, dict(sliding_window=40, logits_soft_cap=5.0)),
+    ("float32", 3, 2, True, {}), ("float16", 16, 8, True, {})])
+def test_pallas_gpu_split_kv_decode(dtype, num_splits, blocks_per_step, kv_gather, kw):
     """Split-KV decode: more splits than some sequences have blocks (empty splits), ragged
-    lengths, a window that empties the leading splits; merged by LSE. Loop steps of 1, 3, 4 (the
-    default here) and 8 blocks: a split's blocks are rarely a multiple, so the last step's
-    extra blocks, inside the sequence but past the split, must count nothing."""
+    lengths, a window that empties the leading splits; merged by LSE. Loop steps of 1, 2, 3, 8
+    and the default blocks, loaded block by block or gathered as one tile: a split's blocks are
+    rarely a multiple, so the last step's extra blocks, inside the sequence but past the
+    split, must count nothing."""
     from prefixkv.kernels.pallas import paged_attention_gpu as pg
 
     rng = np.random.default_rng(12)
@@ -463,9 +467,29 @@ def test_pallas_gpu_split_kv_decode(dtype, num_splits, blocks_per_step, kw):
     args = [jnp.asarray(a) for a in batch.args()[:5]]
     want, want_lse = ref.paged_attention_reference(*batch.args(), return_lse=True, **kw)
     out, lse = pg.paged_attention_gpu(*args, None, scale=64 ** -0.5, num_splits=num_splits,
-                                      blocks_per_step=blocks_per_step, interpret=True, **kw)
+                                      blocks_per_step=blocks_per_step, kv_gather=kv_gather,
+                                      interpret=True, **kw)
     _close(out, want, dtype)
     np.testing.assert_allclose(np.asarray(lse), want_lse, atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("grid,dtype,kw", [
+    ("mixed", "float16", dict(sliding_window=23, logits_soft_cap=3.0)),
+    ("prefill_with_prefix", "float32", dict(causal=False))])
+def test_pallas_gpu_gathered_kv_tiles(grid, dtype, kw):
+    """kv_gather: a step's blocks as one tile of keys addressed through the block table, on
+    ragged prefill and mixed batches (causal rows inside a tile, a window, no causality)."""
+    rng = np.random.default_rng(14)
+    batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, 16), num_q_heads=8,
+                                      num_kv_heads=2, head_dim=64, block_size=16, dtype=dtype)
+    args = [jnp.asarray(a) for a in batch.args()]
+    want, want_lse = ref.paged_attention_reference(*batch.args(), return_lse=True, **kw)
+    out, lse = pg.paged_attention_gpu(*args, scale=64 ** -0.5, blocks_per_step=4,
+                                      kv_gather=True, interpret=True, **kw)
+    _close(out, want, dtype)
+    fin = np.isfinite(want_lse)
+    assert (np.isneginf(np.asarray(lse)) == ~fin).all()
+    np.testing.assert_allclose(np.asarray(lse)[fin], want_lse[fin], atol=2e-3, rtol=1e-4)
 
 
 def test_pallas_gpu_split_kv_by_default_for_few_long_sequences():
@@ -675,6 +699,38 @@ def test_gpu_kernel_compiles_for_sm90_without_spills(op, dtype, head_dim, num_to
     texts = _triton_module_texts(*_gpu_attention_case(op, dtype, head_dim, num_tokens,
                                                       block_size, group))
     assert texts, "no Pallas GPU kernel in the lowering"
+    for i, text in enumerate(texts):
+        path = tmp_path / f"kernel{i}.ttir"
+        path.write_text(text)
+        kernel = triton.compile(str(path), target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": 4, "num_stages": 2})
+        res = resources(kernel.asm["cubin"])
+        if not res:
+            pytest.skip("cuobjdump is not available")
+        assert res["STACK"] <= 64, f"kernel {i}: register spills: {res}"
+        assert kernel.metadata.shared <= 227 * 1024
+
+
+@pytest.mark.parametrize("dtype,head_dim,num_tokens", [
+    ("bfloat16", 128, 0), ("bfloat16", 64, 0), ("bfloat16", 256, 0), ("bfloat16", 128, 512),
+    ("float32", 128, 0)])
+def test_gpu_gathered_kv_kernel_compiles_for_sm90_without_spills(dtype, head_dim, num_tokens,
+                                                                  tmp_path):
+    """The kv_gather variant (one tile of 128 keys per step in 16-bit decode at head_dim 128,
+    its pointer tile included) compiled for sm_90: no spills, shared memory within 227 KiB."""
+    triton = pytest.importorskip("triton")
+    from cubin_resources import resources
+    from triton.backends.compiler import GPUTarget
+
+    S = jax.ShapeDtypeStruct
+    decode = num_tokens == 0
+    n = 4 if decode else num_tokens
+    args = (S((n, 32, head_dim), dtype), S((600, 16, 8, head_dim), dtype),
+            S((600, 16, 8, head_dim), dtype), S((4, 64), jnp.int32), S((4,), jnp.int32),
+            None if decode else S((5,), jnp.int32))
+    fn = jax.jit(lambda *a: pg.paged_attention_gpu(*a, scale=0.1, kv_gather=True))
+    texts = _triton_module_texts(fn, args)
+    assert texts
     for i, text in enumerate(texts):
         path = tmp_path / f"kernel{i}.ttir"
         path.write_text(text)

@@ -115,10 +115,13 @@ def gpu_blocks_per_step(head_dim: int, dtype, block_size: int = 16, rows: int = 
 def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
                                 scale: float, block_size: int, head_dim: int, group: int,
                                 head_splits: int, max_blocks: int, blocks_per_step: int,
-                                causal: bool,
+                                kv_gather: bool, causal: bool,
                                 sliding_window: int | None, logits_soft_cap: float | None):
     """One (tile, q-head slice) program: ``group`` q heads (a kv head's whole group, or one
-    of its ``head_splits`` slices) x the tile's tokens as rows."""
+    of its ``head_splits`` slices) x the tile's tokens as rows. Each loop step covers
+    ``blocks_per_step`` blocks: one (block_size, head_dim) load of K and of V per block, or
+    with ``kv_gather`` one load of all their keys (rows addressed through the block table, as
+    the Triton kernel of the torch frontend does) and one dot of that width."""
     i, h = pl.program_id(0), pl.program_id(1) // head_splits  # h: the kv head
     seq, lo, nblk = meta_ref[i, 0], meta_ref[i, 1], meta_ref[i, 2]
     hi, first_pos = meta_ref[i, 3], meta_ref[i, 4]
@@ -129,44 +132,62 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
     wide = q_ref.dtype == jnp.float32
     prec = lax.Precision.HIGHEST if wide else None
     q = q_ref[...]                                                       # [rows, D]
-    row_pos = first_pos + lax.div(lax.broadcasted_iota(jnp.int32, (rows, block_size), 0),
+    width = blocks_per_step * block_size if kv_gather else block_size    # keys of one tile
+    row_pos = first_pos + lax.div(lax.broadcasted_iota(jnp.int32, (rows, width), 0),
                                   jnp.int32(group))
-    col = lax.broadcasted_iota(jnp.int32, (rows, block_size), 1)
-    key_col = lax.broadcasted_iota(jnp.int32, (block_size, head_dim), 0)
+    col = lax.broadcasted_iota(jnp.int32, (rows, width), 1)
+    key_col = lax.broadcasted_iota(jnp.int32, (width, head_dim), 0)
+    heads = pl.ds(h * head_dim, head_dim)
+    if kv_gather:  # the block-table entry and offset of each key of a step's tile
+        key = lax.broadcasted_iota(jnp.int32, (width,), 0)
+        key_blk = lax.div(key, jnp.int32(block_size))
+        key_off = lax.rem(key, jnp.int32(block_size))
+        # a step's keys are consecutive tokens; those of blocks past the program's nblk count 0
+        end = jnp.minimum(hi, (lo + nblk) * block_size)
+
+    def score(k, t, mask):
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
+                            preferred_element_type=jnp.float32) * scale  # [rows, W]
+        if logits_soft_cap is not None:
+            s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
+        if causal:
+            mask = mask & (t <= row_pos)
+            if sliding_window is not None:
+                mask = mask & (t > row_pos - sliding_window)
+        return jnp.where(mask, s, -jnp.inf)
 
     def body(step, carry):
-        # blocks_per_step blocks per step, loaded before any is used (their loads overlap);
-        # blocks past the program's nblk (the last step) read a block of the row and count 0
         m, l_sum, acc = carry
         scores, values = [], []
-        for u in range(blocks_per_step):
+        if kv_gather:  # one tile of the step's keys, rows addressed through the block table
+            j = step * blocks_per_step + key_blk
+            blk = tables_ref[seq * max_blocks + jnp.minimum(lo + j, max_blocks - 1)]
+            kv_rows = blk * block_size + key_off                             # [W]
+            k, v = k_ref[kv_rows, heads], v_ref[kv_rows, heads]
+            t0 = (lo + step * blocks_per_step) * block_size
+            values.append(jnp.where(t0 + key_col < end, v, jnp.zeros((), v.dtype)))
+            scores.append(score(k, t0 + col, t0 + col < end))
+        for u in range(0 if kv_gather else blocks_per_step):
+            # blocks_per_step blocks, loaded before any is used (their loads overlap); blocks
+            # past the program's nblk (the last step) read a block of the row and count 0
             j = step * blocks_per_step + u
             live = j < nblk
             blk = tables_ref[seq * max_blocks + jnp.minimum(lo + j, max_blocks - 1)]
             start = blk * block_size
-            k = k_ref[pl.ds(start, block_size), pl.ds(h * head_dim, head_dim)]
-            v = v_ref[pl.ds(start, block_size), pl.ds(h * head_dim, head_dim)]
+            k = k_ref[pl.ds(start, block_size), heads]
+            v = v_ref[pl.ds(start, block_size), heads]
             t0 = (lo + j) * block_size
             v = jnp.where(live & (t0 + key_col < hi), v, jnp.zeros((), v.dtype))  # may be NaN
-            s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
-                                preferred_element_type=jnp.float32) * scale  # [rows, B]
-            if logits_soft_cap is not None:
-                s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
-            t = t0 + col
-            mask = live & (t < hi)
-            if causal:
-                mask = mask & (t <= row_pos)
-                if sliding_window is not None:
-                    mask = mask & (t > row_pos - sliding_window)
-            scores.append(jnp.where(mask, s, -jnp.inf))
             values.append(v)
+            t = t0 + col
+            scores.append(score(k, t, live & (t < hi)))
         m_new = m
         for s in scores:
             m_new = jnp.maximum(m_new, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         alpha = jnp.exp(m - m_safe)
         l_sum, acc = l_sum * alpha, acc * alpha[:, None]
-        for s, v in zip(scores, values):
+        for s, v in zip(scores, values, strict=True):
             p = jnp.exp(s - m_safe[:, None])
             l_sum = l_sum + jnp.sum(p, axis=1)
             acc = acc + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
@@ -210,10 +231,11 @@ def _merge_splits(out, lse, num_splits: int):
 
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "sliding_window",
                                              "logits_soft_cap", "q_tile", "num_splits",
-                                             "blocks_per_step", "interpret"))
+                                             "blocks_per_step", "kv_gather", "interpret"))
 def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale,
                         causal=True, sliding_window=None, logits_soft_cap=None, q_tile=None,
-                        num_splits=None, blocks_per_step=None, interpret=False):
+                        num_splits=None, blocks_per_step=None, kv_gather=False,
+                        interpret=False):
     """Same contract as prefixkv.jax_frontend.paged_attention (validated inputs, static
     config); returns (out [num_tokens, num_q_heads, head_dim] in q's dtype, lse f32).
 
@@ -221,8 +243,10 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     sequence's blocks into ``num_splits`` contiguous ranges (default
     :func:`prefixkv.paged.planner.num_kv_splits`, the torch Triton kernel's rule), one program
     each, merged by LSE. ``blocks_per_step``: KV blocks a loop step loads (default
-    :func:`gpu_blocks_per_step`). ``interpret=True`` runs the kernel in Pallas's generic interpreter
-    (any platform)."""
+    :func:`gpu_blocks_per_step`). ``kv_gather``: load a step's blocks as one tile of keys
+    addressed through the block table (a power of two blocks: the default rounded down), one
+    dot per step; not yet measured on a GPU, so not the default. ``interpret=True`` runs the
+    kernel in Pallas's generic interpreter (any platform)."""
     operands = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens)
     num_tokens, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
@@ -273,13 +297,15 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     k_flat = k_cache.reshape(num_blocks * block_size, num_kv_heads * head_dim)
     v_flat = v_cache.reshape(num_blocks * block_size, num_kv_heads * head_dim)
 
+    per_step = int(blocks_per_step or gpu_blocks_per_step(head_dim, q.dtype, block_size,
+                                                          rows_pad))
+    if kv_gather:  # Triton tiles are powers of two
+        per_step = 1 << (per_step.bit_length() - 1)
     kernel = functools.partial(
         _paged_attention_gpu_kernel, scale=scale, block_size=block_size, head_dim=head_dim,
-        group=group, head_splits=head_splits, max_blocks=max_blocks,
-        blocks_per_step=int(blocks_per_step or gpu_blocks_per_step(head_dim, q.dtype,
-                                                                   block_size, rows_pad)),
-        causal=causal,
-        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+        group=group, head_splits=head_splits, max_blocks=max_blocks, blocks_per_step=per_step,
+        kv_gather=bool(kv_gather), causal=causal, sliding_window=sliding_window,
+        logits_soft_cap=logits_soft_cap)
     whole = lambda x: pl.BlockSpec(x.shape, lambda i, h: (0,) * x.ndim)  # noqa: E731
     q_spec = pl.BlockSpec((None, None, rows_pad, head_dim), lambda i, h: (i // ns, h, 0, 0))
     o_spec = pl.BlockSpec((None, None, rows_pad, head_dim), lambda i, h: (i, h, 0, 0))
