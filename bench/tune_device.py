@@ -1,0 +1,164 @@
+"""Tile sweeps of the GPU decode kernels on a lent GPU: which configuration reads the KV
+fastest, as GB/s and the fraction of the read bandwidth measured in the same run.
+
+    python bench/tune_device.py triton [SECONDS]    # torch frontend, Triton kernel
+    python bench/tune_device.py pallas [SECONDS]    # JAX frontend, Pallas GPU kernel
+
+Decode over 32 q / 8 kv heads, head_dim 128, 16-token blocks (the benchmarks' shapes):
+Triton at 64 x 4096, 8 x 4096 and 1 x 32768 tokens (bf16 and float32) over keys per step x
+warps x pipeline stages; Pallas at 32 x 8192 and 4 x 16384 (bf16) over blocks per step x
+block-by-block or gathered tiles x warps x stages. Each configuration prints one line as it
+finishes; the sweep stops at SECONDS (default 80). The defaults in kernels/ came from these
+sweeps on an H200 (2026-11-28); not part of the test run (no ``test_``/``bench_`` name).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+KV_HEADS, HEAD_DIM = 8, 128
+
+
+def _line(label: str, results: list[str]) -> None:
+    print(f"{label}: " + " | ".join(results), flush=True)
+
+
+def _triton_seconds(dtype, num_seqs: int, context: int) -> float:
+    """Seconds per decode call of the torch frontend's Triton kernel (out=, workspace=)."""
+    import torch
+
+    from bench.bench_torch_attention import decode_batch
+    from bench.conftest import cuda_seconds
+    from prefixkv import torch_frontend as tf
+
+    q, k, v, tables, kv_lens = decode_batch("cuda", dtype, num_seqs, context)
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:2], device="cuda")
+    ws = torch.empty(tf.attention_workspace_size(q, k, tables, backend="triton"),
+                     dtype=torch.uint8, device="cuda")
+    return cuda_seconds(lambda: tf.paged_attention(q, k, v, tables, kv_lens, out=out, lse=lse,
+                                                   workspace=ws, backend="triton"), iters=20)
+
+
+def sweep_triton(deadline: float) -> None:
+    import torch
+    from prefixkv.kernels.triton import attention as attn
+
+    from bench.conftest import cuda_memory_limits
+
+    read = cuda_memory_limits()["read_gbps"]
+    print(f"measured read bandwidth {read:.0f} GB/s", flush=True)
+    config, warps = attn.attention_config, attn.attention_warps
+    shapes = [(64, 4096), (8, 4096), (1, 32768)]
+    plans = {torch.bfloat16: [(None, None, None), (64, 4, None), (128, 4, None), (64, 4, 3),
+                              (128, 4, 3), (256, 4, None), (64, 8, None), (128, 8, None)],
+             torch.float32: [(None, None, None), (32, 4, None), (64, 4, 3), (128, 4, None),
+                             (64, 8, None)]}
+    try:
+        for dtype, plan in plans.items():
+            for keys, nwarps, stages in plan:
+                if time.time() > deadline:
+                    print("deadline reached", flush=True)
+                    return
+
+                def patched(*a, keys=keys, stages=stages, **k):
+                    cfg = config(*a, **k)
+                    if keys:
+                        cfg["BLOCK_N"] = keys
+                    if stages:
+                        cfg["num_stages"] = stages
+                    return cfg
+
+                attn.attention_config = patched
+                attn.attention_warps = (lambda *a, w=nwarps, **k: w) if nwarps else warps
+                results = []
+                for num_seqs, context in shapes:
+                    try:
+                        t = _triton_seconds(dtype, num_seqs, context)
+                    except Exception as e:  # a configuration that does not compile or fit
+                        results.append(f"{num_seqs}x{context} {type(e).__name__}")
+                        continue
+                    nbytes = 2 * num_seqs * context * KV_HEADS * HEAD_DIM * dtype.itemsize
+                    gbps = nbytes / t / 1e9
+                    results.append(f"{num_seqs}x{context} {t * 1e6:.0f} us {gbps / read:.3f}")
+                _line(f"{str(dtype)[6:]} keys={keys or 'default'} warps={nwarps or 'default'} "
+                      f"stages={stages or 'default'}", results)
+    finally:
+        attn.attention_config, attn.attention_warps = config, warps
+
+
+def sweep_pallas(deadline: float) -> None:
+    import jax
+    from jax.experimental.pallas import triton as pltriton
+    from prefixkv.kernels.pallas import paged_attention_gpu as pg
+
+    from bench import bench_jax_attention as bja
+
+    read = bja._device_read_gbps()
+    print(f"measured read bandwidth {read:.0f} GB/s", flush=True)
+    shapes = [(32, 8192), (4, 16384)]
+    params = pg._triton_params
+    plan = [(8, False, 4, 2), (8, True, 4, 2), (4, True, 4, 2), (8, True, 8, 2), (8, True, 4, 3),
+            (4, False, 4, 2), (16, True, 4, 2), (8, True, 4, 4), (2, True, 4, 2)]
+    try:
+        for per_step, gather, nwarps, stages in plan:
+            if time.time() > deadline:
+                print("deadline reached", flush=True)
+                return
+            pg._triton_params = lambda w=nwarps, s=stages: pltriton.CompilerParams(
+                num_warps=w, num_stages=s)
+            jax.clear_caches()
+            results = []
+            for num_seqs, context in shapes:
+                args = bja._device_decode_inputs(num_seqs, context)
+                fn = jax.jit(lambda q, k, v, t, n, b=per_step, g=gather: pg.paged_attention_gpu(
+                    q, k, v, t, n, None, scale=HEAD_DIM ** -0.5, blocks_per_step=b,
+                    kv_gather=g)[0])
+                try:
+                    jax.block_until_ready(fn(*args))
+                except Exception as e:  # a configuration that does not compile or fit
+                    results.append(f"{num_seqs}x{context} {type(e).__name__}")
+                    continue
+                best = float("inf")
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    for _ in range(10):
+                        r = fn(*args)
+                    r.block_until_ready()
+                    best = min(best, (time.perf_counter() - t0) / 10)
+                nbytes = 2 * num_seqs * context * KV_HEADS * HEAD_DIM * 2
+                results.append(f"{num_seqs}x{context} {best * 1e3:.3f} ms "
+                               f"{nbytes / best / 1e9 / read:.3f}")
+            _line(f"blocks={per_step} {'gathered' if gather else 'by block'} warps={nwarps} "
+                  f"stages={stages}", results)
+    finally:
+        pg._triton_params = params
+        jax.clear_caches()
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("triton", "pallas"):
+        print(__doc__)
+        return 2
+    if argv[0] == "triton":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("needs a CUDA GPU")
+            return 1
+    else:
+        import jax
+
+        if jax.default_backend() != "gpu":
+            print("needs a GPU for JAX")
+            return 1
+    deadline = time.time() + float(argv[1] if len(argv) > 1 else 80)
+    (sweep_triton if argv[0] == "triton" else sweep_pallas)(deadline)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
