@@ -670,6 +670,26 @@ def _gpu_attention_case(op: str, dtype: str, head_dim: int, num_tokens: int,
     return jax.jit(lambda *a: jf.shared_prefix_attention(*a)), args
 
 
+def _assert_fits_sm90(texts, tmp_path) -> None:
+    """Each Triton module compiled for sm_90 (4 warps, 2 stages): at most a few stack bytes
+    (register spills) and shared memory within the H100's 227 KiB."""
+    triton = pytest.importorskip("triton")
+    from cubin_resources import resources
+    from triton.backends.compiler import GPUTarget
+
+    assert texts, "no Pallas GPU kernel in the lowering"
+    for i, text in enumerate(texts):
+        path = tmp_path / f"kernel{i}.ttir"
+        path.write_text(text)
+        kernel = triton.compile(str(path), target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": 4, "num_stages": 2})
+        res = resources(kernel.asm["cubin"])
+        if not res:
+            pytest.skip("cuobjdump is not available")
+        assert res["STACK"] <= 64, f"kernel {i}: register spills: {res}"
+        assert kernel.metadata.shared <= 227 * 1024
+
+
 @pytest.mark.parametrize("op,dtype,head_dim,num_tokens,block_size,group", [
     ("paged", "bfloat16", 128, 512, 16, 4), ("paged", "float32", 128, 512, 16, 4),
     ("paged", "bfloat16", 256, 512, 16, 4), ("paged", "float16", 64, 512, 16, 4),
@@ -691,24 +711,10 @@ def test_gpu_kernel_compiles_for_sm90_without_spills(op, dtype, head_dim, num_to
     register spills beyond a few stack bytes (float32 128 x 32 tiles spill 16-24; a 128-token
     tile of 4 q heads per kv head spilled 2.5 KB per thread, float32 64 x 128 tiles 1.5 KB),
     shared memory within the H100's 227 KiB."""
-    triton = pytest.importorskip("triton")
-    from cubin_resources import resources
-    from triton.backends.compiler import GPUTarget
-
     assert pg.gpu_supports(head_dim=head_dim, block_size=block_size, dtype=dtype)[0]
     texts = _triton_module_texts(*_gpu_attention_case(op, dtype, head_dim, num_tokens,
                                                       block_size, group))
-    assert texts, "no Pallas GPU kernel in the lowering"
-    for i, text in enumerate(texts):
-        path = tmp_path / f"kernel{i}.ttir"
-        path.write_text(text)
-        kernel = triton.compile(str(path), target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": 4, "num_stages": 2})
-        res = resources(kernel.asm["cubin"])
-        if not res:
-            pytest.skip("cuobjdump is not available")
-        assert res["STACK"] <= 64, f"kernel {i}: register spills: {res}"
-        assert kernel.metadata.shared <= 227 * 1024
+    _assert_fits_sm90(texts, tmp_path)
 
 
 @pytest.mark.parametrize("dtype,head_dim,num_tokens", [
@@ -718,10 +724,6 @@ def test_gpu_gathered_kv_kernel_compiles_for_sm90_without_spills(dtype, head_dim
                                                                   tmp_path):
     """The kv_gather variant (one tile of 128 keys per step in 16-bit decode at head_dim 128,
     its pointer tile included) compiled for sm_90: no spills, shared memory within 227 KiB."""
-    triton = pytest.importorskip("triton")
-    from cubin_resources import resources
-    from triton.backends.compiler import GPUTarget
-
     S = jax.ShapeDtypeStruct
     decode = num_tokens == 0
     n = 4 if decode else num_tokens
@@ -729,18 +731,7 @@ def test_gpu_gathered_kv_kernel_compiles_for_sm90_without_spills(dtype, head_dim
             S((600, 16, 8, head_dim), dtype), S((4, 64), jnp.int32), S((4,), jnp.int32),
             None if decode else S((5,), jnp.int32))
     fn = jax.jit(lambda *a: pg.paged_attention_gpu(*a, scale=0.1, kv_gather=True))
-    texts = _triton_module_texts(fn, args)
-    assert texts
-    for i, text in enumerate(texts):
-        path = tmp_path / f"kernel{i}.ttir"
-        path.write_text(text)
-        kernel = triton.compile(str(path), target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": 4, "num_stages": 2})
-        res = resources(kernel.asm["cubin"])
-        if not res:
-            pytest.skip("cuobjdump is not available")
-        assert res["STACK"] <= 64, f"kernel {i}: register spills: {res}"
-        assert kernel.metadata.shared <= 227 * 1024
+    _assert_fits_sm90(_triton_module_texts(fn, args), tmp_path)
 
 
 def test_gpu_backend_refuses_untileable_shapes():
