@@ -1007,3 +1007,36 @@ def test_cpu_decode_kernel_threads_give_the_same_bits(dtype):
         close(tf.paged_attention(q, k, v, bt, kv, scale=0.125), want, dtype)
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("bounds", ["cpu", "device"])
+def test_torch_path_chunks_by_device(bounds, monkeypatch):
+    """The fallback's online softmax walks the keys in chunks sized for CPU caches on the CPU
+    and ~64x larger elsewhere (on an H200 the CPU sizes cost ~2000 kernel launches a decode).
+    Here the GPU's bounds are forced on the CPU: 4 sequences x 2048 tokens take one chunk
+    (one gather of K and one of V) instead of 16, with the same result."""
+    from prefixkv.torch_frontend import _native
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if bounds == "device":
+        monkeypatch.setattr(_native, "_chunk_bound", lambda cpu, device_bound, dev: device_bound)
+    rng = np.random.default_rng(41)
+    b = testing.make_ragged_batch(rng, [(1, 2048)] * 4, num_q_heads=16, num_kv_heads=8,
+                                  head_dim=128, block_size=16, dtype="float32", decode=True)
+    q, k, v, tables, kv_lens = (T(a) for a in b.args()[:5])
+    want = ref.paged_attention_reference(*b.args()[:5])
+
+    class Gathers(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Gathers.count += func.overloadpacket is torch.ops.aten.index_select
+            return func(*args, **(kwargs or {}))
+
+    with Gathers():
+        out, _ = _native._attend_padded(
+            q.view(4, 1, 16, 128), k, v, tables, kv_lens, torch.ones(4, dtype=torch.int64),
+            scale=128 ** -0.5, causal=True, sliding_window=None, logits_soft_cap=None,
+            max_kv=None, min_end=None)
+    assert Gathers.count == (2 if bounds == "device" else 32)
+    close(out.view(4, 16, 128), want, "float32")
