@@ -3,20 +3,27 @@ fastest, as GB/s and the fraction of the read bandwidth measured in the same run
 
     python bench/tune_device.py triton [SECONDS]    # torch frontend, Triton kernel
     python bench/tune_device.py pallas [SECONDS]    # JAX frontend, Pallas GPU kernel
+    python bench/tune_device.py splits [SECONDS]    # both: split-KV counts, few long sequences
 
 Decode over 32 q / 8 kv heads, head_dim 128, 16-token blocks (the benchmarks' shapes):
 Triton at 64 x 4096, 8 x 4096 and 1 x 32768 tokens (bf16 and float32) over keys per step x
 warps x pipeline stages; Pallas at 32 x 8192 and 4 x 16384 (bf16) over blocks per step x
-block-by-block or gathered tiles x warps x stages. Each configuration prints one line as it
+block-by-block or gathered tiles x warps x stages; splits: the split-KV count of both kernels
+(default from prefixkv.paged.planner.num_kv_splits, 4-64) on the few-sequence shapes, bf16.
+Each configuration prints one line as it
 finishes; the sweep stops at SECONDS (default 80). The defaults in kernels/ came from these
 sweeps on an H200 (2026-11-28); not part of the test run (no ``test_``/``bench_`` name).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
+
+# JAX would otherwise take 75% of the GPU's memory when it starts (splits runs torch and JAX)
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -27,8 +34,9 @@ def _line(label: str, results: list[str]) -> None:
     print(f"{label}: " + " | ".join(results), flush=True)
 
 
-def _triton_seconds(dtype, num_seqs: int, context: int) -> float:
-    """Seconds per decode call of the torch frontend's Triton kernel (out=, workspace=)."""
+def _triton_seconds(dtype, num_seqs: int, context: int, workspace: bool = True) -> float:
+    """Seconds per decode call of the torch frontend's Triton kernel (out=, and workspace=
+    unless forced split counts may need more than it is sized for)."""
     import torch
 
     from bench.bench_torch_attention import decode_batch
@@ -38,7 +46,7 @@ def _triton_seconds(dtype, num_seqs: int, context: int) -> float:
     q, k, v, tables, kv_lens = decode_batch("cuda", dtype, num_seqs, context)
     out, lse = torch.empty_like(q), torch.empty(q.shape[:2], device="cuda")
     ws = torch.empty(tf.attention_workspace_size(q, k, tables, backend="triton"),
-                     dtype=torch.uint8, device="cuda")
+                     dtype=torch.uint8, device="cuda") if workspace else None
     return cuda_seconds(lambda: tf.paged_attention(q, k, v, tables, kv_lens, out=out, lse=lse,
                                                    workspace=ws, backend="triton"), iters=20)
 
@@ -118,17 +126,10 @@ def sweep_pallas(deadline: float) -> None:
                     q, k, v, t, n, None, scale=HEAD_DIM ** -0.5, blocks_per_step=b,
                     kv_gather=g)[0])
                 try:
-                    jax.block_until_ready(fn(*args))
+                    best = _jax_seconds(fn, args)
                 except Exception as e:  # a configuration that does not compile or fit
                     results.append(f"{num_seqs}x{context} {type(e).__name__}")
                     continue
-                best = float("inf")
-                for _ in range(5):
-                    t0 = time.perf_counter()
-                    for _ in range(10):
-                        r = fn(*args)
-                    r.block_until_ready()
-                    best = min(best, (time.perf_counter() - t0) / 10)
                 nbytes = 2 * num_seqs * context * KV_HEADS * HEAD_DIM * 2
                 results.append(f"{num_seqs}x{context} {best * 1e3:.3f} ms "
                                f"{nbytes / best / 1e9 / read:.3f}")
@@ -139,24 +140,75 @@ def sweep_pallas(deadline: float) -> None:
         jax.clear_caches()
 
 
+def sweep_splits(deadline: float) -> None:
+    import jax
+    import torch
+    from prefixkv.kernels.pallas import paged_attention_gpu as pg
+    from prefixkv.kernels.triton import attention as attn
+
+    from bench import bench_jax_attention as bja
+    from bench.conftest import cuda_memory_limits
+
+    read = cuda_memory_limits()["read_gbps"]
+    print(f"measured read bandwidth {read:.0f} GB/s", flush=True)
+    splits_of = attn._splits
+    try:
+        for num_seqs, context in [(8, 4096), (1, 32768), (4, 16384)]:
+            for splits in (None, 4, 8, 16, 32, 64):
+                if time.time() > deadline:
+                    print("deadline reached", flush=True)
+                    return
+                attn._splits = (lambda *a, n=splits: n) if splits else splits_of
+                nbytes = 2 * num_seqs * context * KV_HEADS * HEAD_DIM * 2
+                results = []
+                try:
+                    t = _triton_seconds(torch.bfloat16, num_seqs, context, workspace=False)
+                    results.append(f"triton {t * 1e6:.0f} us {nbytes / t / 1e9 / read:.3f}")
+                except Exception as e:  # a configuration that does not compile or fit
+                    results.append(f"triton {type(e).__name__}")
+                args = bja._device_decode_inputs(num_seqs, context)
+                fn = jax.jit(lambda q, k, v, t, n, ns=splits: pg.paged_attention_gpu(
+                    q, k, v, t, n, None, scale=HEAD_DIM ** -0.5, num_splits=ns)[0])
+                best = _jax_seconds(fn, args)
+                results.append(f"pallas {best * 1e6:.0f} us {nbytes / best / 1e9 / read:.3f}")
+                _line(f"{num_seqs}x{context} splits={splits or 'default'}", results)
+    finally:
+        attn._splits = splits_of
+
+
+def _jax_seconds(fn, args) -> float:
+    """Best seconds per call of 5 rounds of 10 queued calls, after a compiling call."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(10):
+            r = fn(*args)
+        r.block_until_ready()
+        best = min(best, (time.perf_counter() - t0) / 10)
+    return best
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("triton", "pallas"):
+    if not argv or argv[0] not in ("triton", "pallas", "splits"):
         print(__doc__)
         return 2
-    if argv[0] == "triton":
+    if argv[0] in ("triton", "splits"):
         import torch
 
         if not torch.cuda.is_available():
             print("needs a CUDA GPU")
             return 1
-    else:
+    if argv[0] in ("pallas", "splits"):
         import jax
 
         if jax.default_backend() != "gpu":
             print("needs a GPU for JAX")
             return 1
     deadline = time.time() + float(argv[1] if len(argv) > 1 else 80)
-    (sweep_triton if argv[0] == "triton" else sweep_pallas)(deadline)
+    {"triton": sweep_triton, "pallas": sweep_pallas, "splits": sweep_splits}[argv[0]](deadline)
     return 0
 
 
