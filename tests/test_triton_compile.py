@@ -110,6 +110,9 @@ VARIANTS = {
     "merge-2-states-d128": (tattn._merge_states_kernel,
                             {"HEAD_DIM": 128, "BLOCK_D": 128, "NUM_STATES": 2, "STATES_P2": 2},
                             {"out_ptr": "*bf16", "o_ptr": "*fp32"}, "*fp32"),
+    "merge-32-splits-d256": (tattn._merge_states_kernel,
+                             {"HEAD_DIM": 256, "BLOCK_D": 256, "NUM_STATES": 32,
+                              "STATES_P2": 32}, {"out_ptr": "*bf16", "o_ptr": "*fp32"}, "*fp32"),
     "merge-16-splits-d80": (tattn._merge_states_kernel,
                             {"HEAD_DIM": 80, "BLOCK_D": 128, "NUM_STATES": 16, "STATES_P2": 16},
                             {"out_ptr": "*fp16", "o_ptr": "*fp32"}, "*fp32"),
@@ -163,9 +166,11 @@ def test_compiles_for_gpu(name, cc, record_property):
 
 
 def test_split_kv_factor_follows_the_sm_count():
-    # 2 sequences x 8 kv heads = 16 programs: split to fill ~2 programs per SM, at most 16
+    # 2 sequences x 8 kv heads = 16 programs: split to fill ~2 programs per SM, at most 32
     # splits and at least 512 keys per split; no split once the programs fill the SMs
     assert tattn.num_kv_splits(2, 8, 8192, True, sms=132) == 16
+    assert tattn.num_kv_splits(1, 8, 32768, True, sms=132) == 32  # 256 programs of 1024 keys
+    assert tattn.num_kv_splits(1, 1, 65536, True, sms=132) == 32  # the cap
     assert tattn.num_kv_splits(2, 8, 8192, True, sms=64) == 8
     assert tattn.num_kv_splits(2, 8, 2048, True, sms=132) == 4
     assert tattn.num_kv_splits(20, 8, 8192, True, sms=132) == 1
