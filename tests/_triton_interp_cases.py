@@ -279,9 +279,12 @@ def test_cascade_order_kernel(decode):
         DECODE=decode, BLOCK_S=tattn.CASCADE_BLOCK_S, BLOCK_T=tattn.CASCADE_BLOCK_T)
     np.testing.assert_array_equal(N(order), want)
     assert N(cu_p).tolist() == want_cu_p
-    if not decode:  # the sequences claim more tokens than q has: no store past the order
-        short = torch.full((num_tokens - 40,), -1, dtype=torch.int64)
+    if not decode:  # the sequences claim more tokens than q has: no store past the order,
+        n = num_tokens // 2  # and cu_p capped at the tokens there are
+        assert max(want_cu_p) > n
+        short = torch.full((n,), -1, dtype=torch.int64)
         tattn._cascade_order_kernel[(num_seqs + num_prefixes + 1,)](
-            ids_t, cu_t, short, cu_p, num_seqs, num_prefixes, num_tokens - 40, DECODE=False,
+            ids_t, cu_t, short, cu_p, num_seqs, num_prefixes, n, DECODE=False,
             BLOCK_S=tattn.CASCADE_BLOCK_S, BLOCK_T=tattn.CASCADE_BLOCK_T)
-        np.testing.assert_array_equal(N(short), want[:num_tokens - 40])
+        np.testing.assert_array_equal(N(short), want[:n])
+        assert N(cu_p).tolist() == [min(c, n) for c in want_cu_p]

@@ -219,7 +219,8 @@ def _cascade_order_kernel(pid_ptr, cu_ptr, order_ptr, cu_p_ptr, num_seqs, num_pr
     dest the tokens of the sequences before it (lower key, or equal key and lower index):
     order[dest + j] = its token cu[i] + j. Programs num_seqs + p, p in [0, num_prefixes]:
     cu_p[p] = tokens of the sequences with key below p. Decode (DECODE): one token per
-    sequence, cu unused. Stores stay inside order[0, num_tokens) whatever cu holds."""
+    sequence, cu unused. Whatever cu holds (unchecked on a device), stores stay inside
+    order[0, num_tokens) and cu_p within [0, num_tokens], non-decreasing."""
     i = tl.program_id(0)
     mine = i < num_seqs
     key = _prefix_key(tl.load(pid_ptr + i, mask=mine, other=0), num_prefixes)
@@ -234,8 +235,8 @@ def _cascade_order_kernel(pid_ptr, cu_ptr, order_ptr, cu_p_ptr, num_seqs, num_pr
         if DECODE:
             n_s = ok.to(tl.int32)
         else:
-            n_s = (tl.load(cu_ptr + s + 1, mask=ok, other=0)
-                   - tl.load(cu_ptr + s, mask=ok, other=0)).to(tl.int32)
+            n_s = tl.maximum(tl.load(cu_ptr + s + 1, mask=ok, other=0)
+                             - tl.load(cu_ptr + s, mask=ok, other=0), 0).to(tl.int32)
         before = ok & ((k < key) | ((k == key) & (s < me) & mine))
         dest += tl.sum(tl.where(before, n_s, 0), 0)
     if mine:
@@ -250,8 +251,8 @@ def _cascade_order_kernel(pid_ptr, cu_ptr, order_ptr, cu_p_ptr, num_seqs, num_pr
             pos = dest + t
             tl.store(order_ptr + pos, (start + t).to(tl.int64),
                      mask=(t < n) & (pos >= 0) & (pos < num_tokens))
-    else:
-        tl.store(cu_p_ptr + (i - num_seqs), dest)
+    else:  # within [0, num_tokens] and non-decreasing, whatever cu holds
+        tl.store(cu_p_ptr + (i - num_seqs), tl.minimum(dest, num_tokens))
 
 
 # ------------------------------------------------------------------------------- launchers
