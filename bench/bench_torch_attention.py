@@ -291,3 +291,71 @@ def test_gpu_decode(benchmark, impl, dtype, shape):
         read_fraction=round(gbps / measured["read_gbps"], 3))
     if peak:
         benchmark.extra_info["hbm_fraction"] = round(gbps / peak, 3)  # of the datasheet peak
+
+
+# ----------------------- GPU shared prefix: 64 decode queries over one 32768-token prefix
+
+GSP_SEQS, GSP_PREFIX, GSP_OWN = 64, 32768, 256
+
+
+@functools.cache
+def _gpu_shared_prefix_batch(dtype):
+    """(shared_prefix_attention args, paged_attention args over the same batch), bf16 decode
+    drawn on the GPU: a 32768-token prefix (128 MiB of K and V, over the L2 cache) shared by 64
+    sequences with 256 own tokens each."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    pb, ob = GSP_PREFIX // BLOCK, GSP_OWN // BLOCK
+    num_blocks = pb + GSP_SEQS * ob + 1
+    k, v = (torch.randn(num_blocks, BLOCK, HKV, HEAD_DIM, generator=g, device="cuda").to(dtype)
+            for _ in range(2))
+    ids = torch.randperm(num_blocks - 1, generator=g, device="cuda").to(torch.int32)
+    prefix_tables = ids[:pb].view(1, pb).contiguous()
+    own = ids[pb:pb + GSP_SEQS * ob].view(GSP_SEQS, ob).contiguous()
+    q = torch.randn(GSP_SEQS, HQ, HEAD_DIM, generator=g, device="cuda").to(dtype)
+    i32 = dict(dtype=torch.int32, device="cuda")
+    sp_args = (q, k, v, prefix_tables, torch.tensor([GSP_PREFIX], **i32),
+               torch.zeros(GSP_SEQS, **i32), own, torch.full((GSP_SEQS,), GSP_OWN, **i32))
+    full_tables = torch.cat([prefix_tables.expand(GSP_SEQS, pb), own], dim=1).contiguous()
+    pa_args = (q, k, v, full_tables, torch.full((GSP_SEQS,), GSP_PREFIX + GSP_OWN, **i32))
+    return sp_args, pa_args
+
+
+@cuda
+@pytest.mark.parametrize("impl", ["shared_prefix_attention", "paged_attention",
+                                  "baseline_sdpa"])
+def test_gpu_shared_prefix(benchmark, impl):
+    """Cascade decode on the GPU (Triton): the prefix read once for all 64 queries against
+    paged attention reading it once per sequence, and the gather + SDPA baseline. Records the
+    kernel time, the unique KV bytes (prefix once + own tokens) and their fraction of the
+    measured read bandwidth; the ratio to paged_attention is the cascade's speedup."""
+    benchmark.group = "gpu-shared-prefix-bf16-64x(32768+256)"
+    sp_args, pa_args = _gpu_shared_prefix_batch(torch.bfloat16)
+    q = sp_args[0]
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:2], device="cuda")
+    if impl == "shared_prefix_attention":
+        ws = torch.empty(tf.attention_workspace_size(q, sp_args[1], sp_args[6],
+                                                     prefix_block_tables=sp_args[3]),
+                         dtype=torch.uint8, device="cuda")
+
+        def fn():
+            return tf.shared_prefix_attention(*sp_args, out=out, lse=lse, workspace=ws)
+    elif impl == "paged_attention":
+        ws = torch.empty(tf.attention_workspace_size(q, pa_args[1], pa_args[3]),
+                         dtype=torch.uint8, device="cuda")
+
+        def fn():
+            return tf.paged_attention(*pa_args, out=out, lse=lse, workspace=ws)
+    else:
+        def fn():
+            return baseline_paged_attention(*pa_args)
+    want = tf.paged_attention(*pa_args).float()
+    torch.testing.assert_close(fn().float(), want, atol=2e-2, rtol=2e-2)
+    torch.cuda.synchronize()
+    benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=10, warmup_rounds=2)
+    t = cuda_seconds(fn, iters=10)
+    unique = 2 * (GSP_PREFIX + GSP_SEQS * GSP_OWN) * HKV * HEAD_DIM * 2
+    read = cuda_memory_limits()["read_gbps"]
+    benchmark.extra_info.update(
+        impl=impl, kernel_s=t, unique_bytes=unique, unique_gbps=round(unique / t / 1e9, 1),
+        measured_read_gbps=read, unique_read_fraction=round(unique / t / 1e9 / read, 3),
+        note="bytes = unique KV (prefix once + own tokens)")
