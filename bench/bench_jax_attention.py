@@ -305,3 +305,53 @@ def test_decode_device_bf16(benchmark, impl, shape):
         read_fraction_best=round(nbytes / best_call / 1e9 / read, 4))
     if peak:
         benchmark.extra_info["hbm_fraction"] = round(gbps / peak, 4)  # of the datasheet peak
+
+
+# ------------------ device shared prefix: 64 decode queries over one 32768-token prefix
+
+DSP_SEQS, DSP_PREFIX, DSP_OWN = 64, 32768, 256
+
+
+@jax.jit
+def _make_device_shared_inputs():
+    kk, kv, kt, kq = jax.random.split(jax.random.key(5), 4)
+    pb, ob = DSP_PREFIX // BS, DSP_OWN // BS
+    blocks = pb + DSP_SEQS * ob
+    shape = (blocks + 1, BS, HKV, D)
+    k = jax.random.normal(kk, shape, jnp.bfloat16)
+    v = jax.random.normal(kv, shape, jnp.bfloat16)
+    ids = jax.random.permutation(kt, blocks).astype(jnp.int32)
+    prefix_tables, own = ids[:pb][None], ids[pb:].reshape(DSP_SEQS, ob)
+    q = jax.random.normal(kq, (DSP_SEQS, HQ, D), jnp.bfloat16)
+    full = jnp.concatenate([jnp.broadcast_to(prefix_tables, (DSP_SEQS, pb)), own], axis=1)
+    i32 = jnp.int32
+    sp = (q, k, v, prefix_tables, jnp.array([DSP_PREFIX], i32), jnp.zeros(DSP_SEQS, i32), own,
+          jnp.full((DSP_SEQS,), DSP_OWN, i32))
+    pa = (q, k, v, full, jnp.full((DSP_SEQS,), DSP_PREFIX + DSP_OWN, i32))
+    return sp, pa
+
+
+@pytest.mark.skipif(jax.default_backend() == "cpu", reason="needs a GPU or TPU")
+@pytest.mark.parametrize("impl", ["shared_prefix_attention", "paged_attention"])
+def test_shared_prefix_device_bf16(benchmark, impl):
+    """Cascade decode on the device: the 32768-token prefix (128 MiB of KV) read once for 64
+    queries against paged attention reading it once per sequence; seconds per call and the
+    unique KV bytes' (prefix once + own tokens) fraction of the measured read bandwidth."""
+    benchmark.group = "jax shared prefix bf16 64x(32768+256) on device"
+    sp, pa = jax.block_until_ready(_make_device_shared_inputs())
+    if impl == "shared_prefix_attention":
+        fn, args = jax.jit(lambda *a: jf.shared_prefix_attention(*a)), sp
+    else:
+        fn, args = jax.jit(lambda *a: jf.paged_attention(*a)), pa
+    np.testing.assert_allclose(np.asarray(fn(*args), np.float32),
+                               np.asarray(jf.paged_attention(*pa), np.float32),
+                               atol=2e-2, rtol=2e-2)
+    _run_queued(benchmark, fn, args, rounds=5)
+    per_call = seconds(benchmark) / CALLS_PER_ROUND
+    unique = 2 * (DSP_PREFIX + DSP_SEQS * DSP_OWN) * HKV * D * 2
+    read = _device_read_gbps()
+    benchmark.extra_info.update(
+        device=jax.devices()[0].device_kind, seconds_per_call=per_call, unique_bytes=unique,
+        unique_gbps=round(unique / per_call / 1e9, 1), measured_read_gbps=round(read, 1),
+        unique_read_fraction=round(unique / per_call / 1e9 / read, 4),
+        note="bytes = unique KV (prefix once + own tokens)")
