@@ -237,3 +237,29 @@ def test_value_checks_mode(monkeypatch):
     assert validate.value_checks_enabled(host_inputs=False)
     monkeypatch.setenv(validate.ENV_VALUE_CHECKS, "0")
     assert not validate.value_checks_enabled(host_inputs=True)
+
+
+def test_registry_names_missing_packages_and_asks_once(monkeypatch):
+    """A backend whose package is missing is refused with its name and the next one runs;
+    whether a package is installed is asked once per process (find_spec of a package not yet
+    imported searches sys.path: tens of microseconds a call)."""
+    import importlib.util
+
+    from prefixkv.paged import registry
+
+    reg = registry.Registry("probe_op")
+    reg.register(registry.Backend("fast", ("cpu",), lambda: "fast", priority=10,
+                                  requires=("prefixkv_no_such_package",)))
+    reg.register(registry.Backend("plain", ("cpu",), lambda: "plain"))
+    asked = []
+    find_spec = importlib.util.find_spec
+    registry.installed.cache_clear()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: asked.append(name) or
+                        find_spec(name))
+    for _ in range(3):
+        assert reg.select("cpu").name == "plain"
+    assert asked == ["prefixkv_no_such_package"]
+    assert reg.explain("cpu")["fast"] == "needs the package(s) prefixkv_no_such_package"
+    with pytest.raises(registry.BackendError, match="needs the package"):
+        reg.select("cpu", "fast")
+    registry.installed.cache_clear()
