@@ -22,6 +22,8 @@ sliding window also only ``t > p - sliding_window``.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 try:  # ml_dtypes gives numpy a bfloat16; it is a declared dependency.
@@ -52,12 +54,24 @@ ATTENTION_TOLERANCE = {
 }
 
 
+_DTYPE_NAMES: dict = {}  # dtype object -> canonical name (every op call asks several times)
+
+
 def dtype_name(x) -> str:
     """Canonical dtype name of a numpy/JAX/torch array or dtype: 'float32', 'bfloat16', 'int32'."""
     if isinstance(x, type):  # a numpy scalar type such as np.float16 (its .dtype is a descriptor)
         return np.dtype(x).name
-    name = str(getattr(x, "dtype", x))
-    return name[len("torch."):] if name.startswith("torch.") else name
+    dtype = getattr(x, "dtype", x)
+    key = (type(dtype), dtype)  # np.dtype("float64") == "float64": keep the kinds apart
+    try:
+        return _DTYPE_NAMES[key]
+    except (KeyError, TypeError):  # not seen yet, or not hashable
+        pass
+    name = str(dtype)
+    name = name[len("torch."):] if name.startswith("torch.") else name
+    with contextlib.suppress(TypeError):
+        _DTYPE_NAMES[key] = name
+    return name
 
 
 def numpy_dtype(name: str) -> np.dtype:

@@ -69,7 +69,7 @@ def to_host(x) -> np.ndarray:
 
 
 def _shape(x) -> tuple[int, ...]:
-    return tuple(int(d) for d in x.shape)
+    return tuple(map(int, x.shape))
 
 
 def check_array(name: str, x, *, ndim: int | None = None, dtypes: Sequence[str] | None = None):

@@ -263,3 +263,16 @@ def test_registry_names_missing_packages_and_asks_once(monkeypatch):
     with pytest.raises(registry.BackendError, match="needs the package"):
         reg.select("cpu", "fast")
     registry.installed.cache_clear()
+
+
+def test_dtype_names_are_cached_per_kind():
+    """dtype_name caches by (type, dtype): a string that compares equal to a numpy dtype
+    (np.dtype("float64") == "float") keeps its own name, in either order."""
+    from prefixkv.paged.spec import dtype_name
+
+    assert dtype_name("float") == "float" and dtype_name(np.dtype("float64")) == "float64"
+    assert dtype_name(np.zeros(1)) == "float64" and dtype_name("float") == "float"
+    import ml_dtypes
+
+    assert dtype_name(np.zeros(1, ml_dtypes.bfloat16)) == "bfloat16"
+    assert dtype_name(np.float16) == "float16" and dtype_name([1]) == "[1]"  # unhashable
