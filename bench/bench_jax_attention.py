@@ -87,16 +87,24 @@ def _shared_inputs(dtype="float32", num_prefixes=1):
     pb, ob = SP_PREFIX // BS, SP_OWN // BS
     k, v = _cache(rng, num_prefixes * pb + SP_SEQS * ob, dtype)
     ids = rng.permutation(num_prefixes * pb + SP_SEQS * ob).astype(np.int32)
-    prefix_tables = ids[:num_prefixes * pb].reshape(num_prefixes, pb)
-    own = ids[num_prefixes * pb:].reshape(SP_SEQS, ob)
-    pid = np.repeat(np.arange(num_prefixes, dtype=np.int32), SP_SEQS // num_prefixes)
     q = jnp.asarray(rng.standard_normal((SP_SEQS, HQ, D), dtype=np.float32)).astype(dtype)
-    shared = (q, k, v, jnp.asarray(prefix_tables),
-              jnp.full((num_prefixes,), SP_PREFIX, jnp.int32), jnp.asarray(pid),
-              jnp.asarray(own), jnp.full((SP_SEQS,), SP_OWN, jnp.int32))
-    full_tables = np.concatenate([prefix_tables[pid], own], axis=1)
-    paged = (q, k, v, jnp.asarray(full_tables), jnp.full((SP_SEQS,), SP_PREFIX + SP_OWN,
-                                                         jnp.int32))
+    return _cascade_args(q, k, v, jnp.asarray(ids), num_prefixes, SP_PREFIX, SP_OWN)
+
+
+def _cascade_args(q, k, v, ids, num_prefixes: int, prefix: int, own_len: int):
+    """(shared_prefix_attention args, paged_attention args over the same batch): q's
+    sequences split evenly over ``num_prefixes`` prefixes of ``prefix`` tokens, ``own_len``
+    own tokens each; ``ids`` (a permutation of block ids) gives the prefixes' blocks first,
+    then each sequence's own."""
+    seqs, i32 = q.shape[0], jnp.int32
+    pb, ob = prefix // BS, own_len // BS
+    prefix_tables = ids[:num_prefixes * pb].reshape(num_prefixes, pb)
+    own = ids[num_prefixes * pb:num_prefixes * pb + seqs * ob].reshape(seqs, ob)
+    pid = jnp.repeat(jnp.arange(num_prefixes, dtype=i32), seqs // num_prefixes)
+    shared = (q, k, v, prefix_tables, jnp.full((num_prefixes,), prefix, i32), pid, own,
+              jnp.full((seqs,), own_len, i32))
+    paged = (q, k, v, jnp.concatenate([prefix_tables[pid], own], axis=1),
+             jnp.full((seqs,), prefix + own_len, i32))
     return shared, paged
 
 
@@ -206,21 +214,26 @@ def _device_read_gbps(nbytes: int = 1 << 30) -> float:
     """The accelerator's measured read bandwidth, once per run: a float32 sum over ``nbytes``
     (far above any on-chip cache), best of 3 x CALLS_PER_ROUND queued calls."""
     if not _DEVICE_READ:
-        import time
-
         x = jnp.ones(nbytes // 4, jnp.float32)
-        total = jax.jit(jnp.sum)
-        total(x).block_until_ready()
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(CALLS_PER_ROUND):
-                r = total(x)
-            r.block_until_ready()
-            best = min(best, (time.perf_counter() - t0) / CALLS_PER_ROUND)
-        _DEVICE_READ.append(nbytes / best / 1e9)
+        _DEVICE_READ.append(nbytes / best_call_seconds(jax.jit(jnp.sum), (x,)) / 1e9)
         del x
     return _DEVICE_READ[0]
+
+
+def best_call_seconds(fn, args, rounds: int = 3) -> float:
+    """Seconds per call of ``fn(*args)``: one call to compile, then the best of ``rounds``
+    rounds of CALLS_PER_ROUND queued calls, each round blocking once on its last result."""
+    import time
+
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(CALLS_PER_ROUND):
+            r = fn(*args)
+        jax.block_until_ready(r)
+        best = min(best, (time.perf_counter() - t0) / CALLS_PER_ROUND)
+    return best
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -315,20 +328,13 @@ DSP_SEQS, DSP_PREFIX, DSP_OWN = 64, 32768, 256
 @jax.jit
 def _make_device_shared_inputs():
     kk, kv, kt, kq = jax.random.split(jax.random.key(5), 4)
-    pb, ob = DSP_PREFIX // BS, DSP_OWN // BS
-    blocks = pb + DSP_SEQS * ob
+    blocks = DSP_PREFIX // BS + DSP_SEQS * DSP_OWN // BS
     shape = (blocks + 1, BS, HKV, D)
     k = jax.random.normal(kk, shape, jnp.bfloat16)
     v = jax.random.normal(kv, shape, jnp.bfloat16)
     ids = jax.random.permutation(kt, blocks).astype(jnp.int32)
-    prefix_tables, own = ids[:pb][None], ids[pb:].reshape(DSP_SEQS, ob)
     q = jax.random.normal(kq, (DSP_SEQS, HQ, D), jnp.bfloat16)
-    full = jnp.concatenate([jnp.broadcast_to(prefix_tables, (DSP_SEQS, pb)), own], axis=1)
-    i32 = jnp.int32
-    sp = (q, k, v, prefix_tables, jnp.array([DSP_PREFIX], i32), jnp.zeros(DSP_SEQS, i32), own,
-          jnp.full((DSP_SEQS,), DSP_OWN, i32))
-    pa = (q, k, v, full, jnp.full((DSP_SEQS,), DSP_PREFIX + DSP_OWN, i32))
-    return sp, pa
+    return _cascade_args(q, k, v, ids, 1, DSP_PREFIX, DSP_OWN)
 
 
 @pytest.mark.skipif(jax.default_backend() == "cpu", reason="needs a GPU or TPU")

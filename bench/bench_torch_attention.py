@@ -125,22 +125,26 @@ def test_cpu_decode_all_cores(benchmark, machine_limits, impl):
 SP_SEQS, SP_PREFIX, SP_OWN = 32, 2048, 128
 
 
-def shared_prefix_batch(device="cpu", dtype=torch.float32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    pb, ob = SP_PREFIX // BLOCK, SP_OWN // BLOCK
-    num_blocks = pb + SP_SEQS * ob + 1
-    k = torch.randn(num_blocks, BLOCK, HKV, HEAD_DIM, generator=g).to(dtype)
-    v = torch.randn(num_blocks, BLOCK, HKV, HEAD_DIM, generator=g).to(dtype)
-    ids = torch.randperm(num_blocks - 1, generator=g).to(torch.int32)
+def shared_prefix_batch(device="cpu", dtype=torch.float32, seed=1, seqs=SP_SEQS,
+                        prefix=SP_PREFIX, own_len=SP_OWN):
+    """(shared_prefix_attention args, paged_attention args over the same batch): ``seqs``
+    decode sequences sharing one ``prefix``-token prefix, ``own_len`` own tokens each, drawn
+    on ``device``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    pb, ob = prefix // BLOCK, own_len // BLOCK
+    num_blocks = pb + seqs * ob + 1
+    k, v = (torch.randn(num_blocks, BLOCK, HKV, HEAD_DIM, generator=g, device=device).to(dtype)
+            for _ in range(2))
+    ids = torch.randperm(num_blocks - 1, generator=g, device=device).to(torch.int32)
     prefix_tables = ids[:pb].view(1, pb).contiguous()
-    own = ids[pb:pb + SP_SEQS * ob].view(SP_SEQS, ob).contiguous()
-    q = torch.randn(SP_SEQS, HQ, HEAD_DIM, generator=g).to(dtype)
-    i32 = torch.int32
-    sp_args = (q, k, v, prefix_tables, torch.tensor([SP_PREFIX], dtype=i32),
-               torch.zeros(SP_SEQS, dtype=i32), own, torch.full((SP_SEQS,), SP_OWN, dtype=i32))
-    full_tables = torch.cat([prefix_tables.expand(SP_SEQS, pb), own], dim=1).contiguous()
-    pa_args = (q, k, v, full_tables, torch.full((SP_SEQS,), SP_PREFIX + SP_OWN, dtype=i32))
-    return [t.to(device) for t in sp_args], [t.to(device) for t in pa_args]
+    own = ids[pb:pb + seqs * ob].view(seqs, ob).contiguous()
+    q = torch.randn(seqs, HQ, HEAD_DIM, generator=g, device=device).to(dtype)
+    i32 = dict(dtype=torch.int32, device=device)
+    sp_args = (q, k, v, prefix_tables, torch.tensor([prefix], **i32),
+               torch.zeros(seqs, **i32), own, torch.full((seqs,), own_len, **i32))
+    full_tables = torch.cat([prefix_tables.expand(seqs, pb), own], dim=1).contiguous()
+    pa_args = (q, k, v, full_tables, torch.full((seqs,), prefix + own_len, **i32))
+    return sp_args, pa_args
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -300,24 +304,10 @@ GSP_SEQS, GSP_PREFIX, GSP_OWN = 64, 32768, 256
 
 @functools.cache
 def _gpu_shared_prefix_batch(dtype):
-    """(shared_prefix_attention args, paged_attention args over the same batch), bf16 decode
-    drawn on the GPU: a 32768-token prefix (128 MiB of K and V, over the L2 cache) shared by 64
-    sequences with 256 own tokens each."""
-    g = torch.Generator(device="cuda").manual_seed(5)
-    pb, ob = GSP_PREFIX // BLOCK, GSP_OWN // BLOCK
-    num_blocks = pb + GSP_SEQS * ob + 1
-    k, v = (torch.randn(num_blocks, BLOCK, HKV, HEAD_DIM, generator=g, device="cuda").to(dtype)
-            for _ in range(2))
-    ids = torch.randperm(num_blocks - 1, generator=g, device="cuda").to(torch.int32)
-    prefix_tables = ids[:pb].view(1, pb).contiguous()
-    own = ids[pb:pb + GSP_SEQS * ob].view(GSP_SEQS, ob).contiguous()
-    q = torch.randn(GSP_SEQS, HQ, HEAD_DIM, generator=g, device="cuda").to(dtype)
-    i32 = dict(dtype=torch.int32, device="cuda")
-    sp_args = (q, k, v, prefix_tables, torch.tensor([GSP_PREFIX], **i32),
-               torch.zeros(GSP_SEQS, **i32), own, torch.full((GSP_SEQS,), GSP_OWN, **i32))
-    full_tables = torch.cat([prefix_tables.expand(GSP_SEQS, pb), own], dim=1).contiguous()
-    pa_args = (q, k, v, full_tables, torch.full((GSP_SEQS,), GSP_PREFIX + GSP_OWN, **i32))
-    return sp_args, pa_args
+    """shared_prefix_batch on the GPU: a 32768-token prefix (128 MiB of K and V, over the L2
+    cache) shared by 64 sequences with 256 own tokens each."""
+    return shared_prefix_batch("cuda", dtype, seed=5, seqs=GSP_SEQS, prefix=GSP_PREFIX,
+                               own_len=GSP_OWN)
 
 
 @cuda

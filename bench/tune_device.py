@@ -126,7 +126,7 @@ def sweep_pallas(deadline: float) -> None:
                     q, k, v, t, n, None, scale=HEAD_DIM ** -0.5, blocks_per_step=b,
                     kv_gather=g)[0])
                 try:
-                    best = _jax_seconds(fn, args)
+                    best = bja.best_call_seconds(fn, args, rounds=5)
                 except Exception as e:  # a configuration that does not compile or fit
                     results.append(f"{num_seqs}x{context} {type(e).__name__}")
                     continue
@@ -169,26 +169,11 @@ def sweep_splits(deadline: float) -> None:
                 args = bja._device_decode_inputs(num_seqs, context)
                 fn = jax.jit(lambda q, k, v, t, n, ns=splits: pg.paged_attention_gpu(
                     q, k, v, t, n, None, scale=HEAD_DIM ** -0.5, num_splits=ns)[0])
-                best = _jax_seconds(fn, args)
+                best = bja.best_call_seconds(fn, args, rounds=5)
                 results.append(f"pallas {best * 1e6:.0f} us {nbytes / best / 1e9 / read:.3f}")
                 _line(f"{num_seqs}x{context} splits={splits or 'default'}", results)
     finally:
         attn._splits = splits_of
-
-
-def _jax_seconds(fn, args) -> float:
-    """Best seconds per call of 5 rounds of 10 queued calls, after a compiling call."""
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(10):
-            r = fn(*args)
-        r.block_until_ready()
-        best = min(best, (time.perf_counter() - t0) / 10)
-    return best
 
 
 def main(argv: list[str]) -> int:
