@@ -22,8 +22,6 @@ sliding window also only ``t > p - sliding_window``.
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
 try:  # ml_dtypes gives numpy a bfloat16; it is a declared dependency.
@@ -54,24 +52,26 @@ ATTENTION_TOLERANCE = {
 }
 
 
-_DTYPE_NAMES: dict = {}  # dtype object -> canonical name (every op call asks several times)
+_NUMPY_DTYPE_NAMES: dict = {}  # np.dtype -> canonical name (every op call asks several times)
 
 
 def dtype_name(x) -> str:
-    """Canonical dtype name of a numpy/JAX/torch array or dtype: 'float32', 'bfloat16', 'int32'."""
+    """Canonical dtype name of a numpy/JAX/torch array or dtype: 'float32', 'bfloat16', 'int32'.
+
+    numpy (and JAX) dtypes are looked up in a cache (str() of one costs ~1 us); others, torch's
+    among them, are named from str() each time: the cache holds ml_dtypes' bfloat16, which
+    torch 2.11's dynamo cannot hash, so a torch dtype looked up there breaks
+    ``torch.compile(fullgraph=True)``."""
     if isinstance(x, type):  # a numpy scalar type such as np.float16 (its .dtype is a descriptor)
         return np.dtype(x).name
     dtype = getattr(x, "dtype", x)
-    key = (type(dtype), dtype)  # np.dtype("float64") == "float64": keep the kinds apart
-    try:
-        return _DTYPE_NAMES[key]
-    except (KeyError, TypeError):  # not seen yet, or not hashable
-        pass
+    if isinstance(dtype, np.dtype):
+        name = _NUMPY_DTYPE_NAMES.get(dtype)
+        if name is None:
+            name = _NUMPY_DTYPE_NAMES[dtype] = str(dtype)
+        return name
     name = str(dtype)
-    name = name[len("torch."):] if name.startswith("torch.") else name
-    with contextlib.suppress(TypeError):
-        _DTYPE_NAMES[key] = name
-    return name
+    return name[len("torch."):] if name.startswith("torch.") else name
 
 
 def numpy_dtype(name: str) -> np.dtype:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 
 from prefixkv.paged import reference as ref  # noqa: E402
-from prefixkv.paged import testing  # noqa: E402
+from prefixkv.paged import spec, testing  # noqa: E402
 from prefixkv.paged.registry import BackendError  # noqa: E402
 from prefixkv.paged.spec import ATTENTION_TOLERANCE, numpy_dtype  # noqa: E402
 from torch_convert import TORCH_DTYPE, N, T  # noqa: E402
@@ -526,6 +526,11 @@ def test_torch_compile_fullgraph_model_step():
 
     k1, v1, k2, v2 = k.clone(), v.clone(), k.clone(), v.clone()
     want = step(q, k1, v1, key, val)
+    # numpy dtypes named before (ml_dtypes bfloat16 among them): torch 2.11's dynamo cannot
+    # hash those, so validation must not look torch dtypes up where they are kept (the GPU
+    # run of 2026-11-28 broke on it)
+    spec.dtype_name(np.zeros(1, numpy_dtype("bfloat16")))
+    spec.dtype_name(np.zeros(1, np.float16))
     with torch._dynamo.config.patch(error_on_recompile=False):
         got = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k2, v2, key, val)
     torch.testing.assert_close(got[0], want[0])
