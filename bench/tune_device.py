@@ -4,6 +4,7 @@ fastest, as GB/s and the fraction of the read bandwidth measured in the same run
     python bench/tune_device.py triton [SECONDS]    # torch frontend, Triton kernel
     python bench/tune_device.py pallas [SECONDS]    # JAX frontend, Pallas GPU kernel
     python bench/tune_device.py splits [SECONDS]    # both: split-KV counts, few long sequences
+    python bench/tune_device.py f32 [SECONDS]       # Triton float32: ieee against tf32x3 dots
 
 Decode over 32 q / 8 kv heads, head_dim 128, 16-token blocks (the benchmarks' shapes):
 Triton at 64 x 4096, 8 x 4096 and 1 x 32768 tokens (bf16 and float32) over keys per step x
@@ -98,6 +99,59 @@ def sweep_triton(deadline: float) -> None:
         attn.attention_config, attn.attention_warps = config, warps
 
 
+def sweep_f32(deadline: float) -> None:
+    """float32 decode: ieee FMA dots against three-pass tf32 (tf32x3) tensor-core dots, over
+    keys per step x warps, with each one's largest difference from the ieee output."""
+    import torch
+    from prefixkv.kernels.triton import attention as attn
+
+    from bench.bench_torch_attention import decode_batch
+    from bench.conftest import cuda_memory_limits
+    from prefixkv import torch_frontend as tf
+
+    read = cuda_memory_limits()["read_gbps"]
+    print(f"measured read bandwidth {read:.0f} GB/s", flush=True)
+    config, warps, prec = attn.attention_config, attn.attention_warps, attn.F32_DOT_PREC
+    shapes = [(64, 4096), (8, 4096), (1, 32768)]
+    want = {}
+    for num_seqs, context in shapes:
+        q, k, v, tables, kv_lens = decode_batch("cuda", torch.float32, num_seqs, context)
+        want[num_seqs] = tf.paged_attention(q, k, v, tables, kv_lens, backend="triton")
+    plan = [("ieee", None, None), ("tf32x3", None, None), ("tf32x3", 32, None),
+            ("tf32x3", 128, None), ("tf32x3", 64, 8), ("tf32x3", 32, 8), ("ieee", 32, 4)]
+    try:
+        for dot, keys, nwarps in plan:
+            if time.time() > deadline:
+                print("deadline reached", flush=True)
+                return
+
+            def patched(*a, keys=keys, **k):
+                cfg = config(*a, **k)
+                if keys:
+                    cfg["BLOCK_N"] = keys
+                return cfg
+
+            attn.attention_config, attn.F32_DOT_PREC = patched, dot
+            attn.attention_warps = (lambda *a, w=nwarps, **k: w) if nwarps else warps
+            results = []
+            for num_seqs, context in shapes:
+                try:
+                    t = _triton_seconds(torch.float32, num_seqs, context)
+                    q, k, v, tables, kv_lens = decode_batch("cuda", torch.float32, num_seqs,
+                                                            context)
+                    got = tf.paged_attention(q, k, v, tables, kv_lens, backend="triton")
+                    err = (got - want[num_seqs]).abs().max().item()
+                except Exception as e:  # a configuration that does not compile or fit
+                    results.append(f"{num_seqs}x{context} {type(e).__name__}")
+                    continue
+                nbytes = 2 * num_seqs * context * KV_HEADS * HEAD_DIM * 4
+                results.append(f"{num_seqs}x{context} {t * 1e6:.0f} us "
+                               f"{nbytes / t / 1e9 / read:.3f} err {err:.1e}")
+            _line(f"f32 {dot} keys={keys or 'default'} warps={nwarps or 'default'}", results)
+    finally:
+        attn.attention_config, attn.attention_warps, attn.F32_DOT_PREC = config, warps, prec
+
+
 def sweep_pallas(deadline: float) -> None:
     import jax
     from jax.experimental.pallas import triton as pltriton
@@ -177,10 +231,10 @@ def sweep_splits(deadline: float) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("triton", "pallas", "splits"):
+    if not argv or argv[0] not in ("triton", "pallas", "splits", "f32"):
         print(__doc__)
         return 2
-    if argv[0] in ("triton", "splits"):
+    if argv[0] in ("triton", "splits", "f32"):
         import torch
 
         if not torch.cuda.is_available():
@@ -193,7 +247,8 @@ def main(argv: list[str]) -> int:
             print("needs a GPU for JAX")
             return 1
     deadline = time.time() + float(argv[1] if len(argv) > 1 else 80)
-    {"triton": sweep_triton, "pallas": sweep_pallas, "splits": sweep_splits}[argv[0]](deadline)
+    {"triton": sweep_triton, "pallas": sweep_pallas, "splits": sweep_splits,
+     "f32": sweep_f32}[argv[0]](deadline)
     return 0
 
 

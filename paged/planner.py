@@ -37,7 +37,9 @@ DEFAULT_SMS = 132
 #: Most split-KV programs per (sequence, kv head). On an H200 (132 SMs, bf16, 8 kv heads,
 #: Triton) 8 x 4096 tokens in 4 splits, 256 programs of 1024 keys, read at 72% of the measured
 #: bandwidth, while 1 x 32768 at the former cap of 16, 128 programs of 2048 keys (one per
-#: SM), read at 52%; 32 gives that case the same 256 programs of 1024 keys.
+#: SM), read at 52%; 32 gives that case the same 256 programs of 1024 keys. Measured there
+#: with 32 (2026-11-28, forced counts 4-64 side by side): 1 x 32768 at 69% (16: 51%, 64: 61%),
+#: 8 x 4096 at 71% (its 4 splits; 8-32: 63-67%), 4 x 16384 (8 splits) at 82%.
 MAX_KV_SPLITS = 32
 
 

@@ -58,7 +58,7 @@ def _attention_variant(dtype, head_dim, num_q_heads, num_kv_heads, decode, causa
     upcast = dtype == "float32"
     cx = dict(cfg, BLOCK_SIZE=16, DECODE=decode, CAUSAL=causal, WINDOW=window,
               SOFT_CAP=soft_cap, NUM_SPLITS=splits, UPCAST=upcast,
-              DOT_PREC="ieee" if upcast else "tf32")
+              DOT_PREC=tattn.dot_precision(4 if upcast else 2, head_dim, cfg["BLOCK_M"], decode))
     # As the JIT specializes a launch on contiguous tensors: unit strides become constants
     cx.update({name: 1 for name in UNIT_STRIDES})
     out_t = "*fp32" if splits > 1 else PTR[dtype]

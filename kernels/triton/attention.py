@@ -266,6 +266,24 @@ def _p2(x: int) -> int:
 #: this runs as several programs (HEAD_SPLITS), each over a slice of the group's q heads.
 MAX_GROUP_ROWS = {4: 32, 2: 128, 1: 128}
 
+#: tl.dot input precision of float32 decode tiles of up to 16 rows at head_dim <= 128 on a
+#: GPU: "tf32x3" (three TF32 tensor-core passes, hi x hi + hi x lo + lo x hi, ~float32
+#: accuracy) or "ieee" (FMA dots). On an H200 (32 q / 8 kv heads, head_dim 128, 2026-11-28)
+#: tf32x3 decoded 64 x 4096 float32 tokens at 72% of the measured read bandwidth against 30%
+#: for ieee (8 x 4096, split: 64% against 28%), differing from the ieee output by at most
+#: 3.2e-7 (the float32 tolerance is 2e-5). Other float32 tiles stay ieee: tf32x3 needs more
+#: registers (255 at 16 rows x 64 keys x head_dim 128) and spilled 16-1472 B for prefill's 32
+#: rows and 280 B at head_dim 256 on sm_80/sm_90. 16-bit tiles need neither (their products
+#: are exact in the float32 accumulation); the interpreter runs ieee.
+F32_DOT_PREC = "tf32x3"
+
+
+def dot_precision(itemsize: int, head_dim: int, rows: int, decode: bool) -> str:
+    """DOT_PREC of a compiled launch (see F32_DOT_PREC)."""
+    if itemsize < 4:
+        return "tf32"  # unused: 16-bit dots take their inputs as they are
+    return F32_DOT_PREC if decode and rows <= 16 and head_dim <= 128 else "ieee"
+
 #: Sequences per step and tokens per store of _cascade_order_kernel.
 CASCADE_BLOCK_S, CASCADE_BLOCK_T = 256, 256
 
@@ -283,19 +301,21 @@ def attention_config(num_q_heads: int, num_kv_heads: int, head_dim: int, decode:
     16-bit decode steps over 64 keys, 128 when split (each program walks a share of a
     sequence): on an H200 (bf16, 32 q / 8 kv heads, head_dim 128, 4 warps) 64 keys read
     64 x 4096 tokens at 99% of the measured read bandwidth (128: 93%), and 128 keys the split
-    batches 8 x 4096 and 1 x 32768 at 71% and 52% (64: 58% and 39%).
+    batches 8 x 4096 and 1 x 32768 at 71% and 52% (64: 58% and 39%; with MAX_KV_SPLITS 32,
+    2026-11-28: 71% and 69%).
 
     A program's rows (BLOCK_M) are query tokens x the q heads of its slice of a kv head's
     group (KV_GROUP q heads in HEAD_SPLITS slices of at most GROUP): the whole group up to 32
     q heads for float32 and 128 for 16-bit, so no program holds more rows than compile
     without spills. Compiled for sm_80 and sm_90
-    (head_dim 64-256, groups 1-128, window / soft cap / split variants): float32 runs ieee FMA
-    dots that keep each thread's q rows in registers; 32 rows x 64 keys at 8 warps take 64-115
-    registers and no stack, 256-wide heads take 16 keys (32 spilled 5.7 KB on sm_90). As one
-    program, float32 groups of 64-128 spilled up to 17 KB at 4-8 warps, and 128 rows at head_dim
-    256 asked 169-214 KB of shared memory (sm_80 has 163). 16-bit tiles spill nowhere there but
-    at head_dim 256 x 128 rows with a window or soft cap (16-40 B on sm_80 with 32 keys): those
-    take 16 keys.
+    (head_dim 64-256, groups 1-128, window / soft cap / split variants): float32 runs
+    three-pass TF32 dots in decode tiles of 16 rows up to head_dim 128 (see F32_DOT_PREC),
+    elsewhere ieee FMA dots that keep each thread's q rows in registers; 32 rows x 64 keys at
+    8 warps take 64-115 registers and no stack, 256-wide heads take 16 keys (32 spilled 5.7 KB
+    on sm_90). As one program, float32 groups of 64-128 spilled up to 17 KB at 4-8 warps, and
+    128 rows at head_dim 256 asked 169-214 KB of shared memory (sm_80 has 163). 16-bit tiles
+    spill nowhere there but at head_dim 256 x 128 rows with a window or soft cap (16-40 B on
+    sm_80 with 32 keys): those take 16 keys.
     """
     group = num_q_heads // num_kv_heads
     splits, sub = _head_slices(group, itemsize)
@@ -318,7 +338,7 @@ def attention_warps(head_dim: int, decode: bool, *, itemsize: int = 2, rows: int
     128; otherwise 8 for wide heads (the per-token K/V pointer tiles need registers) and for
     float32 tiles of 32 rows (4 warps spilled 128-712 B at head_dim 64), else 4. On an H200
     (32 q / 8 kv heads, head_dim 128, 64 x 4096 tokens) 4 warps against 8 decoded bf16 at 99%
-    of the measured read bandwidth against 79%, float32 at 30% against 18%."""
+    of the measured read bandwidth against 79%, float32 (ieee dots) at 30% against 18%."""
     if decode and rows <= 16 and head_dim <= 128:
         return 4
     return 8 if head_dim > 64 or (itemsize >= 4 and rows >= 32) else 4
@@ -501,7 +521,8 @@ def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal
         float(scale), float(soft_cap or 1.0), int(window or 0),
         BLOCK_SIZE=block_size, DECODE=decode, CAUSAL=bool(causal), WINDOW=window is not None,
         SOFT_CAP=soft_cap is not None, NUM_SPLITS=num_splits, UPCAST=upcast,
-        DOT_PREC="ieee" if upcast else "tf32",
+        DOT_PREC="ieee" if INTERPRET else dot_precision(itemsize, head_dim, cfg["BLOCK_M"],
+                                                        decode),
         num_warps=attention_warps(head_dim, decode, itemsize=itemsize, rows=cfg["BLOCK_M"]),
         **cfg)
     if num_splits > 1:
