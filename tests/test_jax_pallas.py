@@ -476,16 +476,18 @@ def test_pallas_gpu_split_kv_decode(dtype, num_splits, blocks_per_step, kv_gathe
 @pytest.mark.parametrize("grid,dtype,kw", [
     ("mixed", "float16", dict(sliding_window=23, logits_soft_cap=3.0)),
     ("prefill_with_prefix", "float32", dict(causal=False))])
-def test_pallas_gpu_gathered_kv_tiles(grid, dtype, kw):
-    """kv_gather: a step's blocks as one tile of keys addressed through the block table, on
-    ragged prefill and mixed batches (causal rows inside a tile, a window, no causality)."""
+@pytest.mark.parametrize("kv_gather", [True, False], ids=["gathered", "by_block"])
+def test_pallas_gpu_kv_tiles(grid, dtype, kw, kv_gather):
+    """A step's blocks as one tile of keys addressed through the block table (kv_gather, the
+    default) or block by block, on ragged prefill and mixed batches (causal rows inside a
+    tile, a window, no causality)."""
     rng = np.random.default_rng(14)
     batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, 16), num_q_heads=8,
                                       num_kv_heads=2, head_dim=64, block_size=16, dtype=dtype)
     args = [jnp.asarray(a) for a in batch.args()]
     want, want_lse = ref.paged_attention_reference(*batch.args(), return_lse=True, **kw)
     out, lse = pg.paged_attention_gpu(*args, scale=64 ** -0.5, blocks_per_step=4,
-                                      kv_gather=True, interpret=True, **kw)
+                                      kv_gather=kv_gather, interpret=True, **kw)
     _close(out, want, dtype)
     fin = np.isfinite(want_lse)
     assert (np.isneginf(np.asarray(lse)) == ~fin).all()
@@ -580,9 +582,14 @@ def test_gpu_kernel_dot_precision(dtype):
             S((4, 8), jnp.int32), S((4,), jnp.int32))
     per_step = pg.gpu_blocks_per_step(64, dtype, 16, rows=16)
     assert per_step == (1 if dtype == "float32" else 8)  # 16-bit: 128 keys of 16-token blocks
-    jaxpr = jax.make_jaxpr(lambda *a: pg.paged_attention_gpu(*a, None, scale=0.1))(*args)
-    dots = list(_dots_in(jaxpr.jaxpr))
-    assert len(dots) == 2 * per_step  # QK and PV of each block of a loop step
+    dots = []
+    for gather in (True, False):
+        jaxpr = jax.make_jaxpr(lambda *a, g=gather: pg.paged_attention_gpu(
+            *a, None, scale=0.1, kv_gather=g))(*args)
+        found = list(_dots_in(jaxpr.jaxpr))
+        # QK and PV of a step's gathered tile (the default), or of each block of the step
+        assert len(found) == (2 if gather else 2 * per_step)
+        dots += found
     for eqn in dots:
         assert [str(v.aval.dtype) for v in eqn.invars] == [dtype, dtype]
         assert eqn.params["preferred_element_type"] == jnp.float32
@@ -720,17 +727,18 @@ def test_gpu_kernel_compiles_for_sm90_without_spills(op, dtype, head_dim, num_to
 @pytest.mark.parametrize("dtype,head_dim,num_tokens", [
     ("bfloat16", 128, 0), ("bfloat16", 64, 0), ("bfloat16", 256, 0), ("bfloat16", 128, 512),
     ("float32", 128, 0)])
-def test_gpu_gathered_kv_kernel_compiles_for_sm90_without_spills(dtype, head_dim, num_tokens,
-                                                                  tmp_path):
-    """The kv_gather variant (one tile of 128 keys per step in 16-bit decode at head_dim 128,
-    its pointer tile included) compiled for sm_90: no spills, shared memory within 227 KiB."""
+def test_gpu_block_by_block_kernel_compiles_for_sm90_without_spills(dtype, head_dim,
+                                                                    num_tokens, tmp_path):
+    """The block-by-block variant (kv_gather=False: 8 blocks of 16 keys per step in 16-bit
+    decode at head_dim 128; the default gathered tiles are compiled above) for sm_90: no
+    spills, shared memory within 227 KiB."""
     S = jax.ShapeDtypeStruct
     decode = num_tokens == 0
     n = 4 if decode else num_tokens
     args = (S((n, 32, head_dim), dtype), S((600, 16, 8, head_dim), dtype),
             S((600, 16, 8, head_dim), dtype), S((4, 64), jnp.int32), S((4,), jnp.int32),
             None if decode else S((5,), jnp.int32))
-    fn = jax.jit(lambda *a: pg.paged_attention_gpu(*a, scale=0.1, kv_gather=True))
+    fn = jax.jit(lambda *a: pg.paged_attention_gpu(*a, scale=0.1, kv_gather=False))
     _assert_fits_sm90(_triton_module_texts(fn, args), tmp_path)
 
 

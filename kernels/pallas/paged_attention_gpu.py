@@ -234,7 +234,7 @@ def _merge_splits(out, lse, num_splits: int):
                                              "blocks_per_step", "kv_gather", "interpret"))
 def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale,
                         causal=True, sliding_window=None, logits_soft_cap=None, q_tile=None,
-                        num_splits=None, blocks_per_step=None, kv_gather=False,
+                        num_splits=None, blocks_per_step=None, kv_gather=True,
                         interpret=False):
     """Same contract as prefixkv.jax_frontend.paged_attention (validated inputs, static
     config); returns (out [num_tokens, num_q_heads, head_dim] in q's dtype, lse f32).
@@ -243,10 +243,13 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     sequence's blocks into ``num_splits`` contiguous ranges (default
     :func:`prefixkv.paged.planner.num_kv_splits`, the torch Triton kernel's rule), one program
     each, merged by LSE. ``blocks_per_step``: KV blocks a loop step loads (default
-    :func:`gpu_blocks_per_step`). ``kv_gather``: load a step's blocks as one tile of keys
-    addressed through the block table (a power of two blocks: the default rounded down), one
-    dot per step; not yet measured on a GPU, so not the default. ``interpret=True`` runs the
-    kernel in Pallas's generic interpreter (any platform)."""
+    :func:`gpu_blocks_per_step`). ``kv_gather`` (default): load a step's blocks as one tile of
+    keys addressed through the block table (a power of two blocks: the default rounded down),
+    one dot per step; ``False`` loads and dots block by block. On an H200 (bf16, 32 q / 8 kv
+    heads, head_dim 128, 2026-11-28) the gathered tiles decoded 32 x 8192 tokens 1.19x faster
+    than block by block (best of 10 rounds: 3.40 against 4.05 ms per 10 calls; in a tile sweep
+    80% of the measured read bandwidth against 68%) and 4 x 16384 1.08x faster.
+    ``interpret=True`` runs the kernel in Pallas's generic interpreter (any platform)."""
     operands = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens)
     num_tokens, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
