@@ -49,12 +49,38 @@ def num_kv_splits(num_seqs: int, num_kv_heads: int, max_kv: int, decode: bool,
     long contexts when the (sequence, kv head) programs leave most of the ``sms``
     multiprocessors idle, aiming at ~2 programs per SM, at most MAX_KV_SPLITS splits and at
     least 512 keys per split. Both GPU backends (Triton for torch, Pallas for JAX) use it."""
-    if not decode or max_kv < 1024:
-        return 1
-    programs = num_seqs * num_kv_heads
-    if programs >= sms:
+    return kv_splits(num_seqs * num_kv_heads, max_kv, sms) if decode else 1
+
+
+def kv_splits(programs: int, max_kv: int, sms: int = DEFAULT_SMS) -> int:
+    """Split-KV factor of a launch of ``programs`` programs (query tiles x kv heads) that each
+    walk up to ``max_kv`` keys: 1 when they fill the ``sms`` multiprocessors or the keys are
+    few (under 1024), else ~2 programs per SM, at most MAX_KV_SPLITS splits of at least 512
+    keys. Decode launches (num_kv_splits) and the cascade's prefix pass (few query tiles over
+    one long prefix) use it."""
+    if max_kv < 1024 or programs >= sms:
         return 1
     return int(max(1, min(MAX_KV_SPLITS, sms * 2 // max(programs, 1), max_kv // 512)))
+
+
+def max_prefix_split_rows(num_tokens: int, heads: int, tile_tokens: int, max_kv: int,
+                          sms: int = DEFAULT_SMS) -> int:
+    """Most (split, token) rows of partials the cascade's prefix pass takes in any batch of up
+    to ``num_tokens`` query tokens (and any number of prefixes): its programs are (query
+    tiles of ``tile_tokens`` + prefixes) x ``heads``, fewest with one prefix, and fewer
+    programs split more, so a smaller batch can need more rows than this one. 0 when none
+    splits."""
+    best, tiles = 0, 1
+    while num_tokens > 0:
+        rows = min(num_tokens, tiles * tile_tokens)
+        splits = kv_splits((tiles + 1) * heads, max_kv, sms)
+        if splits == 1:  # more tiles only split less
+            break
+        best = max(best, splits * rows)
+        if rows == num_tokens:
+            break
+        tiles += 1
+    return best
 
 
 def head_slices(group: int, max_heads: int) -> tuple[int, int]:

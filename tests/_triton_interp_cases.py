@@ -257,6 +257,38 @@ def test_shared_prefix_workspace_allocates_nothing(decode, ids_dtype):
 
 
 @pytest.mark.parametrize("decode", [True, False])
+@pytest.mark.parametrize("with_workspace", [True, False])
+def test_shared_prefix_split_prefix_pass(decode, with_workspace):
+    """Few query tokens over a long prefix split the prefix launch's KV (as 64 decode queries
+    over a 32768-token prefix do on a GPU): its partials merged by LSE. Tokens with no prefix
+    are in no tile of that launch: their partial rows stay unwritten (garbage workspace) and
+    must come out as "nothing seen"; a 1-block prefix sits beside the long one."""
+    rng = np.random.default_rng(23)
+    seqs = [(0, 1, 5), (-1, 1, 4), (1, 1, 3), (0, 1, 17)] if decode else \
+        [(0, 3, 5), (-1, 2, 4), (1, 1, 3), (0, 2, 17)]
+    b = testing.make_shared_prefix_batch(rng, [96, 1], seqs, num_q_heads=4, num_kv_heads=2,
+                                         head_dim=16, block_size=16, decode=decode)
+    want, want_lse = ref.shared_prefix_attention_reference(*b.args(), logits_soft_cap=2.0,
+                                                           return_lse=True)
+    args = [T(a) for a in b.args()]
+    q, k, pbt, bt, cu = args[0], args[1], args[3], args[6], args[8]
+    splits = tattn._prefix_splits(q, k, pbt)
+    assert splits == 3  # 1536 keys: 512 keys a split at least
+    ws = None
+    if with_workspace:
+        ws = _workspace(tattn.shared_prefix_attention_workspace_bytes(q, k, pbt, bt, cu))
+        need = tattn._plan_bytes(tattn._shared_plan(q, k, pbt, bt, cu, with_lse=False))
+        assert ws.numel() >= need and any(name == "pre_part_o" for name, _, _ in
+                                          tattn._shared_plan(q, k, pbt, bt, cu, with_lse=False))
+    out = torch.full(q.shape, float("nan"))
+    lse = torch.full(q.shape[:2], float("nan"))
+    tattn.shared_prefix_attention(out, lse, *args, scale=default_scale(16), logits_soft_cap=2.0,
+                                  workspace=ws)
+    close(out, want, "float32")
+    np.testing.assert_allclose(N(lse), want_lse, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("decode", [True, False])
 def test_cascade_order_kernel(decode):
     """The cascade's token grouping against numpy's stable argsort: 300 sequences (two steps of
     CASCADE_BLOCK_S), ragged and empty ones, ids -1 and out of range (7, -3: no prefix, last);

@@ -102,6 +102,20 @@ def test_shared_prefix_on_device():
     _close(got, ref.shared_prefix_attention_reference(*batch.args()), "float32")
 
 
+@pytest.mark.parametrize("decode", [True, False])
+def test_shared_prefix_long_prefix_on_device(decode):
+    """Few queries over a 4096-token prefix: on a GPU the prefix launch splits its KV."""
+    rng = np.random.default_rng(2)
+    seqs = [(0, 1, 5), (-1, 1, 4), (1, 1, 30), (0, 1, 17)] if decode else \
+        [(0, 3, 5), (-1, 2, 4), (1, 1, 30), (0, 5, 17)]
+    batch = testing.make_shared_prefix_batch(rng, [256, 2], seqs, num_q_heads=32,
+                                             num_kv_heads=8, head_dim=128, block_size=16,
+                                             dtype="bfloat16", decode=decode)
+    got = _run_kernel(jf.shared_prefix_attention,
+                      *[None if a is None else jnp.asarray(a) for a in batch.args()])
+    _close(got, ref.shared_prefix_attention_reference(*batch.args()), "bfloat16")
+
+
 def test_cache_ops_on_device_exact_and_in_place():
     rng = np.random.default_rng(2)
     kc, vc = (testing.random_values(rng, (32, 16, 4, 128), "bfloat16") for _ in range(2))

@@ -516,6 +516,53 @@ def test_shared_prefix_attention_pallas_gpu_interpret():
            ref.shared_prefix_attention_reference(*batch.args()), "float32")
 
 
+@pytest.mark.parametrize("decode", [True, False])
+def test_shared_prefix_pallas_gpu_splits_the_prefix_pass(decode):
+    """Few queries over a long prefix: the non-causal prefix launch splits its KV (3 splits of
+    512 keys of a 1536-token prefix, 3 tiles x 2 kv heads for the 132 SMs assumed without a
+    GPU), merged by LSE; a token with no prefix and a 1-block prefix beside it."""
+    from prefixkv.kernels.pallas import paged_attention_gpu as pg
+
+    rng = np.random.default_rng(19)
+    seqs = [(0, 1, 5), (-1, 1, 4), (1, 1, 3), (0, 1, 17)] if decode else \
+        [(0, 3, 5), (-1, 2, 4), (1, 1, 3), (0, 2, 17)]
+    batch = testing.make_shared_prefix_batch(rng, [96, 1], seqs, num_q_heads=4,
+                                             num_kv_heads=2, head_dim=16, block_size=16,
+                                             decode=decode)
+    args = batch.args()
+    grids = _pallas_grids(lambda *a: jf.shared_prefix_attention(
+        *a, backend="pallas_gpu_interpret"), *args)
+    assert grids[-1] == (3 * 3, 2), grids  # the prefix launch: (3 tiles x 3 splits, kv heads)
+    out, lse = jf.shared_prefix_attention(*args, return_lse=True, logits_soft_cap=2.0,
+                                          backend="pallas_gpu_interpret")
+    want, want_lse = ref.shared_prefix_attention_reference(*args, logits_soft_cap=2.0,
+                                                           return_lse=True)
+    _close(out, want, "float32")
+    np.testing.assert_allclose(np.asarray(lse), want_lse, atol=2e-3, rtol=1e-4)
+    assert pg.kv_splits(3 * 2, 1536) == 3
+
+
+@pytest.mark.parametrize("causal,kw", [(False, {}), (True, dict(sliding_window=40)),
+                                       (True, dict(logits_soft_cap=3.0))])
+def test_pallas_gpu_split_kv_prefill(causal, kw):
+    """Split-KV of a prefill/mixed launch (default for non-causal ones with few programs,
+    forced here): a tile's key range cut in 3, causal rows and a window inside the splits."""
+    from prefixkv.kernels.pallas import paged_attention_gpu as pg
+
+    rng = np.random.default_rng(20)
+    batch = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16), num_q_heads=8,
+                                      num_kv_heads=2, head_dim=64, block_size=16)
+    want, want_lse = ref.paged_attention_reference(*batch.args(), causal=causal,
+                                                   return_lse=True, **kw)
+    out, lse = pg.paged_attention_gpu(*(jnp.asarray(a) for a in batch.args()),
+                                      scale=64 ** -0.5, causal=causal, num_splits=3,
+                                      interpret=True, **kw)
+    _close(out, want, "float32")
+    fin = np.isfinite(want_lse)
+    assert (np.isneginf(np.asarray(lse)) == ~fin).all()
+    np.testing.assert_allclose(np.asarray(lse)[fin], want_lse[fin], atol=2e-3, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype,head_dim,block_size,decode,pallas", [
     ("bfloat16", 128, 16, True, True), ("float16", 64, 32, False, True),
     ("float32", 256, 16, False, True),

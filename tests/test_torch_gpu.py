@@ -116,6 +116,26 @@ def test_shared_prefix_attention_gpu(dtype):
     np.testing.assert_allclose(N(lse), want_lse, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("decode", [True, False])
+def test_shared_prefix_long_prefix_split_gpu(decode):
+    """Few queries over a 4096-token prefix: the prefix launch splits its KV (the GPU
+    benchmark's case, 64 queries over 32768 tokens, in small), a token with no prefix beside."""
+    from prefixkv.kernels.triton import attention as tattn
+
+    rng = np.random.default_rng(9)
+    seqs = [(0, 1, 5), (-1, 1, 4), (1, 1, 30), (0, 1, 17)] if decode else \
+        [(0, 3, 5), (-1, 2, 4), (1, 1, 30), (0, 5, 17)]
+    b = testing.make_shared_prefix_batch(rng, [256, 2], seqs, num_q_heads=32, num_kv_heads=8,
+                                         head_dim=128, block_size=16, dtype="bfloat16",
+                                         decode=decode)
+    args = [T(a) for a in b.args()]
+    assert tattn._prefix_splits(args[0], args[1], args[3]) > 1
+    want, want_lse = ref.shared_prefix_attention_reference(*b.args(), return_lse=True)
+    got, lse = tf.shared_prefix_attention(*args, return_lse=True)
+    close(got, want, "bfloat16")
+    np.testing.assert_allclose(N(lse), want_lse, atol=1e-3, rtol=1e-3)
+
+
 @pytest.mark.parametrize("ids_on", ["cuda", "cpu"])  # index tensors left on the host: copied
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

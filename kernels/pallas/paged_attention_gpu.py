@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ...jax_frontend import _xla
-from ...paged.planner import DEFAULT_SMS, head_slices, num_kv_splits
+from ...paged.planner import DEFAULT_SMS, head_slices, kv_splits, num_kv_splits
 from .._vma import out_struct
 
 
@@ -242,7 +242,10 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     Decode with few (sequence, kv head) programs for the GPU's multiprocessors splits each
     sequence's blocks into ``num_splits`` contiguous ranges (default
     :func:`prefixkv.paged.planner.num_kv_splits`, the torch Triton kernel's rule), one program
-    each, merged by LSE. ``blocks_per_step``: KV blocks a loop step loads (default
+    each, merged by LSE; so does a non-causal launch with few (query tile, kv head) programs
+    (:func:`prefixkv.paged.planner.kv_splits`): the cascade's prefix pass, many queries over
+    one long prefix (64 decode queries over 32768 tokens: 40 programs for an H200's 132 SMs).
+    ``blocks_per_step``: KV blocks a loop step loads (default
     :func:`gpu_blocks_per_step`). ``kv_gather`` (default): load a step's blocks as one tile of
     keys addressed through the block table (a power of two blocks: the default rounded down),
     one dot per step; ``False`` loads and dots block by block. On an H200 (bf16, 32 q / 8 kv
@@ -282,9 +285,11 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
         kv_lens, cu_q_lens, num_tokens=num_tokens, num_tiles=nt, q_tile=tq,
         block_size=block_size, causal=causal, sliding_window=sliding_window)
     programs_h = num_kv_heads * head_splits                  # programs per tile and split
-    if num_splits is None:
-        num_splits = num_kv_splits(nt, programs_h, max_blocks * block_size, decode,
-                                   _gpu_sm_count())
+    if num_splits is None:  # decode, and non-causal launches (the cascade's prefix pass)
+        num_splits = (num_kv_splits(nt, programs_h, max_blocks * block_size, True,
+                                    _gpu_sm_count()) if decode else
+                      kv_splits(nt * programs_h, max_blocks * block_size, _gpu_sm_count())
+                      if not causal else 1)
     ns = max(int(num_splits), 1)
     if ns > 1:  # program (tile i, split s) walks blocks [lo + s * span, ...) of tile i
         span = (nblk + ns - 1) // ns                                     # [nt]

@@ -23,7 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ...paged.planner import DEFAULT_SMS, head_slices, num_kv_splits
+from ...paged.planner import (
+    DEFAULT_SMS,
+    head_slices,
+    kv_splits,
+    max_prefix_split_rows,
+    num_kv_splits,
+)
 from ...paged.spec import WORKSPACE_ALIGN
 from ._interp import patch_interpreter
 
@@ -188,10 +194,13 @@ def _merge_states_kernel(out_ptr, lse_ptr, o_ptr, l_ptr, num_heads, stride_ot, s
     den = tl.sum(w, 0)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
+    # a state that saw nothing (lse -inf) weighs 0 and its out is not read: the cascade's
+    # prefix partials leave the rows of tokens with no prefix unwritten but for lse
+    live = s_ok & (lse > float("-inf"))
     o = tl.load(o_ptr + sidx[:, None] * stride_so + t * stride_st + h * stride_sh
-                + d[None, :] * stride_sd, mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+                + d[None, :] * stride_sd, mask=live[:, None] & d_ok[None, :], other=0.0)
     o = o.to(tl.float32)
-    w = tl.where(s_ok & (lse > float("-inf")), w, 0.0)
+    w = tl.where(live, w, 0.0)
     acc = tl.sum(o * w[:, None], 0)
     seen = den > 0
     res = tl.where(seen, acc / tl.where(seen, den, 1.0), 0.0)
@@ -372,6 +381,32 @@ def _splits(q, k_cache, tables, decode: bool) -> int:
                          tables.shape[1] * k_cache.shape[1], decode, _sms(q))
 
 
+def _prefix_tile_tokens(q, k_cache) -> int:
+    """Query tokens per tile of the cascade's (non-causal, prefill-tiled) prefix launch."""
+    cfg = attention_config(q.shape[1], k_cache.shape[2], q.shape[2], False,
+                           itemsize=_itemsize(q, k_cache))
+    return cfg["BLOCK_M"] // cfg["GROUP_P2"]
+
+
+def _prefix_splits(q, k_cache, prefix_tables) -> int:
+    """Split-KV factor of the cascade's prefix launch: its programs are (query tiles +
+    prefixes) x heads, few when many queries share few long prefixes (64 decode queries over
+    one prefix: 40 programs for 132 SMs at 32 q / 8 kv heads), each walking a whole prefix."""
+    num_prefixes, width = prefix_tables.shape
+    if num_prefixes == 0:
+        return 1
+    tiles = triton.cdiv(q.shape[0], _prefix_tile_tokens(q, k_cache)) + num_prefixes
+    return kv_splits(tiles * _heads(q, k_cache), width * k_cache.shape[1], _sms(q))
+
+
+def _max_prefix_split_rows(q, k_cache, prefix_tables) -> int:
+    """Most (split, token) rows of prefix-launch partials of this batch or a smaller one."""
+    if prefix_tables.shape[0] == 0:
+        return 0
+    return max_prefix_split_rows(q.shape[0], _heads(q, k_cache), _prefix_tile_tokens(q, k_cache),
+                                 prefix_tables.shape[1] * k_cache.shape[1], _sms(q))
+
+
 def _max_split_rows(q, k_cache, tables, decode: bool) -> int:
     """Most (split, token) rows of split-KV partials any decode batch of up to this one's
     sequences takes (same heads and table width): fewer sequences split more, so a smaller
@@ -462,9 +497,12 @@ def _shared_plan(q, k_cache, prefix_block_tables, block_tables, cu_q_lens, *, wi
     decode = cu_q_lens is None
     if sizing:
         own = _split_rows_plan(q, _max_split_rows(q, k_cache, block_tables, decode), "own_")
+        pre = _split_rows_plan(q, _max_prefix_split_rows(q, k_cache, prefix_block_tables),
+                               "pre_")
     else:
         own = _split_plan(q, _splits(q, k_cache, block_tables, decode), "own_")
-    return plan + own + _lse_plan(q, with_lse)
+        pre = _split_plan(q, _prefix_splits(q, k_cache, prefix_block_tables), "pre_")
+    return plan + own + pre + _lse_plan(q, with_lse)
 
 
 def paged_attention_workspace_bytes(q, k_cache, block_tables, cu_q_lens=None) -> int:
@@ -594,12 +632,22 @@ def shared_prefix_attention(out, lse, q, k_cache, v_cache, prefix_block_tables, 
         BLOCK_T=CASCADE_BLOCK_T)
     q_sorted, part_o, part_l = b["q_sorted"], b["part_o"], b["part_l"]
     torch.index_select(q, 0, order, out=q_sorted)
-    part_o.zero_()
-    part_l.fill_(float("-inf"))
+    # The tokens of no prefix (past cu_p[num_prefixes]) are in no tile of the prefix launch:
+    # their rows must read "nothing seen" (out 0, lse -inf). Unsplit, the launch writes the
+    # other rows of part_o/part_l; split, its merge writes every row from the partials, whose
+    # unwritten rows then must have lse -inf (the merge ignores their out).
+    splits = _prefix_splits(q, k_cache, prefix_block_tables)
+    pre = None
+    if splits > 1:
+        pre = {"part_o": b["pre_part_o"], "part_l": b["pre_part_l"]}
+        pre["part_l"].fill_(float("-inf"))
+    else:
+        part_o.zero_()
+        part_l.fill_(float("-inf"))
     if num_prefixes:
         _launch(part_o, part_l, q_sorted, k_cache, v_cache, prefix_block_tables, prefix_lens,
                 b["cu_p"], scale=scale, causal=False, window=None, soft_cap=logits_soft_cap,
-                num_splits=1)
+                num_splits=splits, parts=pre)
     states_o[0].index_copy_(0, order, part_o)
     states_l[0].index_copy_(0, order, part_l)
     _merge(out, lse, states_o, states_l)
