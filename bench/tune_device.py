@@ -5,6 +5,8 @@ fastest, as GB/s and the fraction of the read bandwidth measured in the same run
     python bench/tune_device.py pallas [SECONDS]    # JAX frontend, Pallas GPU kernel
     python bench/tune_device.py splits [SECONDS]    # both: split-KV counts, few long sequences
     python bench/tune_device.py f32 [SECONDS]       # Triton float32: ieee against tf32x3 dots
+    python bench/tune_device.py cascade [SECONDS]   # cascade prefix-pass splits, both frontends
+    python bench/tune_device.py jaxprof [SECONDS]   # the CUDA kernels of a JAX decode call
 
 Decode over 32 q / 8 kv heads, head_dim 128, 16-token blocks (the benchmarks' shapes):
 Triton at 64 x 4096, 8 x 4096 and 1 x 32768 tokens (bf16 and float32) over keys per step x
@@ -230,25 +232,92 @@ def sweep_splits(deadline: float) -> None:
         attn._splits = splits_of
 
 
+def sweep_cascade(deadline: float) -> None:
+    """The GPU cascade benchmark's batch (64 decode queries over one 32768-token prefix, 256
+    own tokens each, bf16): Triton with the prefix launch's split count forced (default from
+    prefixkv.paged.planner.kv_splits) against paged attention over the same batch; then
+    the JAX frontend's cascade and paged attention (Pallas)."""
+    import jax
+    import torch
+    from prefixkv.kernels.triton import attention as attn
+
+    from bench import bench_jax_attention as bja
+    from bench.bench_torch_attention import _gpu_shared_prefix_batch
+    from bench.conftest import cuda_seconds
+    from prefixkv import jax_frontend as jf
+    from prefixkv import torch_frontend as tf
+
+    sp_args, pa_args = _gpu_shared_prefix_batch(torch.bfloat16)
+    q = sp_args[0]
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:2], device="cuda")
+    t = cuda_seconds(lambda: tf.paged_attention(*pa_args, out=out, lse=lse), iters=10)
+    _line("triton paged_attention", [f"{t * 1e6:.0f} us"])
+    splits_of = attn._prefix_splits
+    print(f"default prefix splits {splits_of(q, sp_args[1], sp_args[3])}", flush=True)
+    try:
+        for splits in (None, 1, 4, 12, 24, 32, 64):
+            if time.time() > deadline:
+                print("deadline reached", flush=True)
+                return
+            attn._prefix_splits = (lambda *a, n=splits: n) if splits else splits_of
+            t = cuda_seconds(lambda: tf.shared_prefix_attention(*sp_args, out=out, lse=lse),
+                             iters=10)
+            _line(f"triton cascade prefix splits={splits or 'default'}", [f"{t * 1e6:.0f} us"])
+    finally:
+        attn._prefix_splits = splits_of
+    sp, pa = jax.block_until_ready(bja._make_device_shared_inputs())
+    for name, fn, args in (("jax cascade", jf.shared_prefix_attention, sp),
+                           ("jax paged_attention", jf.paged_attention, pa)):
+        best = bja.best_call_seconds(jax.jit(lambda *a, f=fn: f(*a)), args, rounds=5)
+        _line(name, [f"{best * 1e6:.0f} us"])
+
+
+def profile_jax(deadline: float) -> None:
+    """The CUDA kernels of a JAX decode call (Pallas, 8 x 4096 and 32 x 8192 tokens, bf16)
+    and their GPU times, recorded by torch.profiler (CUPTI sees every kernel of the process):
+    where the time beside the attention kernel goes."""
+    import jax
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench import bench_jax_attention as bja
+    from prefixkv import jax_frontend as jf
+
+    for num_seqs, context in [(8, 4096), (32, 8192)]:
+        if time.time() > deadline:
+            print("deadline reached", flush=True)
+            return
+        args = bja._device_decode_inputs(num_seqs, context)
+        fn = jax.jit(lambda q, k, v, t, n: jf.paged_attention(q, k, v, t, n))
+        jax.block_until_ready(fn(*args))
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                r = fn(*args)
+            jax.block_until_ready(r)
+        print(f"--- jax decode {num_seqs}x{context}: 10 calls", flush=True)
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14,
+                                        max_name_column_width=60), flush=True)
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("triton", "pallas", "splits", "f32"):
+    modes = {"triton": sweep_triton, "pallas": sweep_pallas, "splits": sweep_splits,
+             "f32": sweep_f32, "cascade": sweep_cascade, "jaxprof": profile_jax}
+    if not argv or argv[0] not in modes:
         print(__doc__)
         return 2
-    if argv[0] in ("triton", "splits", "f32"):
+    if argv[0] in ("triton", "splits", "f32", "cascade", "jaxprof"):
         import torch
 
         if not torch.cuda.is_available():
             print("needs a CUDA GPU")
             return 1
-    if argv[0] in ("pallas", "splits"):
+    if argv[0] in ("pallas", "splits", "cascade", "jaxprof"):
         import jax
 
         if jax.default_backend() != "gpu":
             print("needs a GPU for JAX")
             return 1
     deadline = time.time() + float(argv[1] if len(argv) > 1 else 80)
-    {"triton": sweep_triton, "pallas": sweep_pallas, "splits": sweep_splits,
-     "f32": sweep_f32}[argv[0]](deadline)
+    modes[argv[0]](deadline)
     return 0
 
 
