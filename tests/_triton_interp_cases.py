@@ -259,21 +259,22 @@ def test_shared_prefix_workspace_allocates_nothing(decode, ids_dtype):
 @pytest.mark.parametrize("decode", [True, False])
 @pytest.mark.parametrize("with_workspace", [True, False])
 def test_shared_prefix_split_prefix_pass(decode, with_workspace):
-    """Few query tokens over a long prefix split the prefix launch's KV (as 64 decode queries
-    over a 32768-token prefix do on a GPU): its partials merged by LSE. Tokens with no prefix
-    are in no tile of that launch: their partial rows stay unwritten (garbage workspace) and
-    must come out as "nothing seen"; a 1-block prefix sits beside the long one."""
+    """Few query tokens over a long prefix (3072 tokens) split the prefix launch's KV (as 64
+    decode queries over a 32768-token prefix do on a GPU): its partials merged by LSE. Tokens
+    with no prefix are in no tile of that launch: their partial rows stay unwritten (garbage
+    workspace) and must come out as "nothing seen"; a 1-block prefix sits beside the long
+    one."""
     rng = np.random.default_rng(23)
     seqs = [(0, 1, 5), (-1, 1, 4), (1, 1, 3), (0, 1, 17)] if decode else \
         [(0, 3, 5), (-1, 2, 4), (1, 1, 3), (0, 2, 17)]
-    b = testing.make_shared_prefix_batch(rng, [96, 1], seqs, num_q_heads=4, num_kv_heads=2,
+    b = testing.make_shared_prefix_batch(rng, [192, 1], seqs, num_q_heads=4, num_kv_heads=2,
                                          head_dim=16, block_size=16, decode=decode)
     want, want_lse = ref.shared_prefix_attention_reference(*b.args(), logits_soft_cap=2.0,
                                                            return_lse=True)
     args = [T(a) for a in b.args()]
     q, k, pbt, bt, cu = args[0], args[1], args[3], args[6], args[8]
     splits = tattn._prefix_splits(q, k, pbt)
-    assert splits == 3  # 1536 keys: 512 keys a split at least
+    assert splits == 3  # 3072 keys: 1024 keys a split at least
     ws = None
     if with_workspace:
         ws = _workspace(tattn.shared_prefix_attention_workspace_bytes(q, k, pbt, bt, cu))

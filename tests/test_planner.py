@@ -12,6 +12,7 @@ from prefixkv.paged.planner import (
     kv_splits,
     max_prefix_split_rows,
     plan_batch,
+    prefix_kv_splits,
 )
 from prefixkv.paged.reference import paged_attention_reference, shared_prefix_attention_reference
 from prefixkv.paged.reference.attention import shared_prefix_block_tables
@@ -174,16 +175,19 @@ def test_shared_prefix_plan_matches_paged_attention(batch, seed):
 
 def test_kv_splits_of_the_cascade_prefix_pass():
     """The prefix launch of 64 decode queries over one 32768-token prefix (32 q / 8 kv heads,
-    16 tokens a tile: 5 tiles x 8 heads = 40 programs for 132 SMs) splits in 6; its workspace
-    rows cover every smaller batch with any number of prefixes (fewer tiles split more)."""
-    assert kv_splits(40, 32768, 132) == 6
+    16 tokens a tile: 5 tiles x 8 heads = 40 programs for 132 SMs) splits in 27 on the torch
+    frontend (~8 programs per SM), 6 on the JAX one (~2); the workspace rows cover every
+    smaller batch with any number of prefixes (fewer tiles split more)."""
+    assert prefix_kv_splits(40, 32768, 132) == 27 and kv_splits(40, 32768, 132) == 6
+    assert prefix_kv_splits(40, 4096, 132) == 4  # 1024 keys a split at least
+    assert prefix_kv_splits(132, 32768, 132) == 1 and prefix_kv_splits(8, 2000, 132) == 1
     assert kv_splits(132, 32768, 132) == 1 and kv_splits(8, 1000, 132) == 1
-    for tokens, heads, tile, max_kv in [(64, 8, 16, 32768), (7, 2, 16, 1536), (300, 1, 8, 4096),
+    for tokens, heads, tile, max_kv in [(64, 8, 16, 32768), (7, 2, 16, 3072), (300, 1, 8, 4096),
                                         (1, 8, 16, 65536), (50, 40, 16, 8192)]:
         rows = max_prefix_split_rows(tokens, heads, tile, max_kv, 132)
         need = 0
         for n in range(1, tokens + 1):
             for prefixes in range(1, 5):
-                s = kv_splits((-(-n // tile) + prefixes) * heads, max_kv, 132)
+                s = prefix_kv_splits((-(-n // tile) + prefixes) * heads, max_kv, 132)
                 need = max(need, s * n if s > 1 else 0)
         assert rows == need, (tokens, heads, tile, max_kv)

@@ -261,7 +261,8 @@ def test_workspace_calls_allocate_nothing_and_capture():
     b = testing.make_ragged_batch(rng, [(1, 4000), (1, 3000)], num_q_heads=8, num_kv_heads=2,
                                   head_dim=128, dtype="bfloat16", nan_fill=False, decode=True)
     pa = [T(a) for a in b.args()][:5]
-    sp = testing.make_shared_prefix_batch(rng, [64], [(0, 1, 40), (0, 1, 17), (-1, 1, 9)],
+    # a 2048-token prefix: its launch splits in 2 (partials carved from the workspace too)
+    sp = testing.make_shared_prefix_batch(rng, [128], [(0, 1, 40), (0, 1, 17), (-1, 1, 9)],
                                           num_q_heads=8, num_kv_heads=2, head_dim=128,
                                           dtype="bfloat16", decode=True)
     sa = [T(a) for a in sp.args()]

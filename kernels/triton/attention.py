@@ -26,9 +26,9 @@ import triton.language as tl
 from ...paged.planner import (
     DEFAULT_SMS,
     head_slices,
-    kv_splits,
     max_prefix_split_rows,
     num_kv_splits,
+    prefix_kv_splits,
 )
 from ...paged.spec import WORKSPACE_ALIGN
 from ._interp import patch_interpreter
@@ -389,14 +389,15 @@ def _prefix_tile_tokens(q, k_cache) -> int:
 
 
 def _prefix_splits(q, k_cache, prefix_tables) -> int:
-    """Split-KV factor of the cascade's prefix launch: its programs are (query tiles +
-    prefixes) x heads, few when many queries share few long prefixes (64 decode queries over
-    one prefix: 40 programs for 132 SMs at 32 q / 8 kv heads), each walking a whole prefix."""
+    """Split-KV factor of the cascade's prefix launch (planner.prefix_kv_splits): its programs
+    are (query tiles + prefixes) x heads, few when many queries share few long prefixes (64
+    decode queries over one prefix: 40 programs for 132 SMs at 32 q / 8 kv heads), each
+    walking a whole prefix."""
     num_prefixes, width = prefix_tables.shape
     if num_prefixes == 0:
         return 1
     tiles = triton.cdiv(q.shape[0], _prefix_tile_tokens(q, k_cache)) + num_prefixes
-    return kv_splits(tiles * _heads(q, k_cache), width * k_cache.shape[1], _sms(q))
+    return prefix_kv_splits(tiles * _heads(q, k_cache), width * k_cache.shape[1], _sms(q))
 
 
 def _max_prefix_split_rows(q, k_cache, prefix_tables) -> int:
