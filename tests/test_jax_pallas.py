@@ -617,6 +617,27 @@ def _dots_in(jaxpr):
                     yield from _dots_in(inner)
 
 
+@pytest.mark.parametrize("num_seqs,context,window", [(8, 4096, None), (32, 8192, None),
+                                                   (4, 16384, 1000)])
+def test_gpu_decode_lowering_has_no_gather_scatter_or_loop(num_seqs, context, window):
+    """Decode around the Pallas GPU kernel is elementwise metadata and reshapes: the general
+    tile plan's search (a while loop, a cumsum) and the token gather and scatter ran as ~30
+    small kernels a call on an H200 (CUPTI: ~100 us a call beside the 253 us kernel at
+    32 x 8192); the decode lowering for CUDA has none of them (it had 9 gathers, a scatter, a
+    while and a reduce_window)."""
+    S = jax.ShapeDtypeStruct
+    blocks = num_seqs * context // 16 + 1
+    args = (S((num_seqs, 32, 128), jnp.bfloat16), S((blocks, 16, 8, 128), jnp.bfloat16),
+            S((blocks, 16, 8, 128), jnp.bfloat16), S((num_seqs, context // 16), jnp.int32),
+            S((num_seqs,), jnp.int32))
+    text = _export_for_h100(jax.jit(lambda q, k, v, t, n: jf.paged_attention(
+        q, k, v, t, n, sliding_window=window)), args)
+    assert "xla.gpu.triton" in text
+    for op in ("stablehlo.gather", "stablehlo.scatter", "stablehlo.while",
+               "stablehlo.reduce_window", "stablehlo.sort"):
+        assert op not in text, op
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_gpu_kernel_dot_precision(dtype):
     """Triton lowers an f32 dot with the default precision to TF32 (10-bit mantissa, ~1e-3

@@ -114,14 +114,17 @@ def gpu_blocks_per_step(head_dim: int, dtype, block_size: int = 16, rows: int = 
 
 def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
                                 scale: float, block_size: int, head_dim: int, group: int,
-                                head_splits: int, max_blocks: int, blocks_per_step: int,
+                                head_splits: int, max_blocks: int, num_blocks: int,
+                                blocks_per_step: int,
                                 kv_gather: bool, causal: bool,
                                 sliding_window: int | None, logits_soft_cap: float | None):
     """One (tile, q-head slice) program: ``group`` q heads (a kv head's whole group, or one
     of its ``head_splits`` slices) x the tile's tokens as rows. Each loop step covers
     ``blocks_per_step`` blocks: one (block_size, head_dim) load of K and of V per block, or
     with ``kv_gather`` one load of all their keys (rows addressed through the block table, as
-    the Triton kernel of the torch frontend does) and one dot of that width."""
+    the Triton kernel of the torch frontend does) and one dot of that width. Block ids are
+    clamped to the cache as they are read (an id past it, in a padded table entry, reads a
+    block of the cache, whose keys are masked)."""
     i, h = pl.program_id(0), pl.program_id(1) // head_splits  # h: the kv head
     seq, lo, nblk = meta_ref[i, 0], meta_ref[i, 1], meta_ref[i, 2]
     hi, first_pos = meta_ref[i, 3], meta_ref[i, 4]
@@ -161,7 +164,8 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
         scores, values = [], []
         if kv_gather:  # one tile of the step's keys, rows addressed through the block table
             j = step * blocks_per_step + key_blk
-            blk = tables_ref[seq * max_blocks + jnp.minimum(lo + j, max_blocks - 1)]
+            blk = jnp.clip(tables_ref[seq * max_blocks + jnp.minimum(lo + j, max_blocks - 1)],
+                           0, num_blocks - 1)
             kv_rows = blk * block_size + key_off                             # [W]
             k, v = k_ref[kv_rows, heads], v_ref[kv_rows, heads]
             t0 = (lo + step * blocks_per_step) * block_size
@@ -172,7 +176,8 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
             # past the program's nblk (the last step) read a block of the row and count 0
             j = step * blocks_per_step + u
             live = j < nblk
-            blk = tables_ref[seq * max_blocks + jnp.minimum(lo + j, max_blocks - 1)]
+            blk = jnp.clip(tables_ref[seq * max_blocks + jnp.minimum(lo + j, max_blocks - 1)],
+                           0, num_blocks - 1)
             start = blk * block_size
             k = k_ref[pl.ds(start, block_size), heads]
             v = v_ref[pl.ds(start, block_size), heads]
@@ -202,6 +207,23 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
     seen = l_sum > 0
     o_ref[...] = (acc / jnp.where(seen, l_sum, 1.0)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l_sum, 1.0)), -jnp.inf)
+
+
+def _decode_tile_plan(kv_lens, block_size: int, sliding_window: int | None):
+    """kernel_tile_plan for decode (one query token per sequence, tile i = sequence i = token
+    i), from elementwise ops on kv_lens only: XLA fuses them, where the general plan's tile
+    search (cumsum, searchsorted) and the token gather and scatter around the kernel ran as ~30
+    small kernels a call (CUPTI on an H200: ~100 us a call beside a 253 us kernel)."""
+    i32 = jnp.int32
+    hi = kv_lens.astype(i32)                        # causal or not: the query sees every key
+    seq = jnp.arange(hi.shape[0], dtype=i32)
+    first_pos = hi - 1
+    if sliding_window is not None:
+        lo = jnp.maximum(first_pos - sliding_window + 1, 0) // block_size
+    else:
+        lo = jnp.zeros_like(hi)
+    nblk = jnp.maximum((hi + block_size - 1) // block_size - lo, 0)
+    return seq, seq[:, None], lo, nblk, hi, first_pos
 
 
 def _gpu_sm_count() -> int:
@@ -281,9 +303,13 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     tq, nt, _ = _xla.choose_tiling(num_tokens, num_seqs, decode, block_size, q_tile=q_tile)
     rows = tq * group
     rows_pad = max(16, 1 << (rows - 1).bit_length())
-    seq, tok, lo, nblk, hi, first_pos = _xla.kernel_tile_plan(
-        kv_lens, cu_q_lens, num_tokens=num_tokens, num_tiles=nt, q_tile=tq,
-        block_size=block_size, causal=causal, sliding_window=sliding_window)
+    if decode:  # tile i is sequence i's one token: elementwise metadata, no tile search
+        seq, tok, lo, nblk, hi, first_pos = _decode_tile_plan(kv_lens, block_size,
+                                                              sliding_window)
+    else:
+        seq, tok, lo, nblk, hi, first_pos = _xla.kernel_tile_plan(
+            kv_lens, cu_q_lens, num_tokens=num_tokens, num_tiles=nt, q_tile=tq,
+            block_size=block_size, causal=causal, sliding_window=sliding_window)
     programs_h = num_kv_heads * head_splits                  # programs per tile and split
     if num_splits is None:  # decode, and non-causal launches (the cascade's prefix pass)
         num_splits = (num_kv_splits(nt, programs_h, max_blocks * block_size, True,
@@ -298,9 +324,12 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
         nblk = jnp.clip(nblk[:, None] - start, 0, span[:, None]).reshape(-1)
         seq, hi, first_pos = (jnp.repeat(x, ns) for x in (seq, hi, first_pos))
     meta = jnp.stack([seq, lo, nblk, hi, first_pos], axis=1).astype(jnp.int32)  # [nt*S, 5]
-    tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_blocks - 1).reshape(-1)
+    tables = block_tables.astype(jnp.int32).reshape(-1)  # ids clamped in the kernel
 
-    qt = _xla.token_tiles(q, tok, programs_h)                     # [nt, programs_h, rows, D]
+    if decode:  # token i is tile i: a reshape, no gather
+        qt = q.reshape(nt, programs_h, rows, head_dim)
+    else:
+        qt = _xla.token_tiles(q, tok, programs_h)                 # [nt, programs_h, rows, D]
     qt = jnp.pad(qt, ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0)))
     k_flat = k_cache.reshape(num_blocks * block_size, num_kv_heads * head_dim)
     v_flat = v_cache.reshape(num_blocks * block_size, num_kv_heads * head_dim)
@@ -311,7 +340,8 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
         per_step = 1 << (per_step.bit_length() - 1)
     kernel = functools.partial(
         _paged_attention_gpu_kernel, scale=scale, block_size=block_size, head_dim=head_dim,
-        group=group, head_splits=head_splits, max_blocks=max_blocks, blocks_per_step=per_step,
+        group=group, head_splits=head_splits, max_blocks=max_blocks, num_blocks=num_blocks,
+        blocks_per_step=per_step,
         kv_gather=bool(kv_gather), causal=causal, sliding_window=sliding_window,
         logits_soft_cap=logits_soft_cap)
     whole = lambda x: pl.BlockSpec(x.shape, lambda i, h: (0,) * x.ndim)  # noqa: E731
@@ -333,7 +363,7 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     if ns > 1:
         out, lse = _merge_splits(out, lse, ns)
         out = out.astype(q.dtype)
-    out, lse = _xla.tiles_to_tokens(out, lse, tok, num_tokens)
+    out, lse = _xla.tiles_to_tokens(out, lse, tok, num_tokens, in_order=decode)
     if padded != kv_group:  # drop the padding heads
         out = out.reshape(num_tokens, num_kv_heads, padded, head_dim)[:, :, :kv_group]
         lse = lse.reshape(num_tokens, num_kv_heads, padded)[:, :, :kv_group]
