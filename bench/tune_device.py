@@ -37,6 +37,19 @@ def _line(label: str, results: list[str]) -> None:
     print(f"{label}: " + " | ".join(results), flush=True)
 
 
+def _measure(results: list[str], label: str, measure, nbytes: int, read: float) -> None:
+    """Append "label time fraction-of-read[ extra]" to ``results``: ``measure()`` gives the
+    seconds of one call, or (seconds, extra text); a configuration that does not compile or
+    fit appends its exception's name."""
+    try:
+        got = measure()
+    except Exception as e:  # noqa: BLE001 - any failure of a swept configuration
+        results.append(f"{label} {type(e).__name__}")
+        return
+    t, extra = got if isinstance(got, tuple) else (got, "")
+    results.append(f"{label} {t * 1e6:.0f} us {nbytes / t / 1e9 / read:.3f}{extra}")
+
+
 def _triton_seconds(dtype, num_seqs: int, context: int, workspace: bool = True) -> float:
     """Seconds per decode call of the torch frontend's Triton kernel (out=, and workspace=
     unless forced split counts may need more than it is sized for)."""
@@ -87,14 +100,10 @@ def sweep_triton(deadline: float) -> None:
                 attn.attention_warps = (lambda *a, w=nwarps, **k: w) if nwarps else warps
                 results = []
                 for num_seqs, context in shapes:
-                    try:
-                        t = _triton_seconds(dtype, num_seqs, context)
-                    except Exception as e:  # a configuration that does not compile or fit
-                        results.append(f"{num_seqs}x{context} {type(e).__name__}")
-                        continue
-                    nbytes = 2 * num_seqs * context * KV_HEADS * HEAD_DIM * dtype.itemsize
-                    gbps = nbytes / t / 1e9
-                    results.append(f"{num_seqs}x{context} {t * 1e6:.0f} us {gbps / read:.3f}")
+                    _measure(results, f"{num_seqs}x{context}",
+                             lambda n=num_seqs, c=context, d=dtype: _triton_seconds(d, n, c),
+                             2 * num_seqs * context * KV_HEADS * HEAD_DIM * dtype.itemsize,
+                             read)
                 _line(f"{str(dtype)[6:]} keys={keys or 'default'} warps={nwarps or 'default'} "
                       f"stages={stages or 'default'}", results)
     finally:
@@ -137,18 +146,14 @@ def sweep_f32(deadline: float) -> None:
             attn.attention_warps = (lambda *a, w=nwarps, **k: w) if nwarps else warps
             results = []
             for num_seqs, context in shapes:
-                try:
-                    t = _triton_seconds(torch.float32, num_seqs, context)
-                    q, k, v, tables, kv_lens = decode_batch("cuda", torch.float32, num_seqs,
-                                                            context)
+                def timed_and_error(n=num_seqs, c=context):
+                    t = _triton_seconds(torch.float32, n, c)
+                    q, k, v, tables, kv_lens = decode_batch("cuda", torch.float32, n, c)
                     got = tf.paged_attention(q, k, v, tables, kv_lens, backend="triton")
-                    err = (got - want[num_seqs]).abs().max().item()
-                except Exception as e:  # a configuration that does not compile or fit
-                    results.append(f"{num_seqs}x{context} {type(e).__name__}")
-                    continue
-                nbytes = 2 * num_seqs * context * KV_HEADS * HEAD_DIM * 4
-                results.append(f"{num_seqs}x{context} {t * 1e6:.0f} us "
-                               f"{nbytes / t / 1e9 / read:.3f} err {err:.1e}")
+                    return t, f" err {(got - want[n]).abs().max().item():.1e}"
+
+                _measure(results, f"{num_seqs}x{context}", timed_and_error,
+                         2 * num_seqs * context * KV_HEADS * HEAD_DIM * 4, read)
             _line(f"f32 {dot} keys={keys or 'default'} warps={nwarps or 'default'}", results)
     finally:
         attn.attention_config, attn.attention_warps, attn.F32_DOT_PREC = config, warps, prec
@@ -181,14 +186,9 @@ def sweep_pallas(deadline: float) -> None:
                 fn = jax.jit(lambda q, k, v, t, n, b=per_step, g=gather: pg.paged_attention_gpu(
                     q, k, v, t, n, None, scale=HEAD_DIM ** -0.5, blocks_per_step=b,
                     kv_gather=g)[0])
-                try:
-                    best = bja.best_call_seconds(fn, args, rounds=5)
-                except Exception as e:  # a configuration that does not compile or fit
-                    results.append(f"{num_seqs}x{context} {type(e).__name__}")
-                    continue
-                nbytes = 2 * num_seqs * context * KV_HEADS * HEAD_DIM * 2
-                results.append(f"{num_seqs}x{context} {best * 1e3:.3f} ms "
-                               f"{nbytes / best / 1e9 / read:.3f}")
+                _measure(results, f"{num_seqs}x{context}",
+                         lambda f=fn, a=args: bja.best_call_seconds(f, a, rounds=5),
+                         2 * num_seqs * context * KV_HEADS * HEAD_DIM * 2, read)
             _line(f"blocks={per_step} {'gathered' if gather else 'by block'} warps={nwarps} "
                   f"stages={stages}", results)
     finally:
