@@ -1,0 +1,273 @@
+"""Cache writes and block moves on the GPU, both frontends, next to what a user writes without
+prefixkv, against the device's measured copy bandwidth (read + written bytes of a large
+device-to-device copy in the same run). Skipped without a GPU; run by bench/run_device.sh.
+
+Shapes per layer as the other benchmarks (block_size 16, 8 kv heads, head_dim 128, bf16: 32 KiB
+a block): write_kv of a 32768-token prefill batch into a 65536-block cache; copy_blocks,
+gather_blocks and scatter_blocks of 4096 blocks over 2 layers' K and V (4 caches of 16384
+blocks: 512 MiB of blocks moved, read and written).
+
+- torch (``test_gpu_cache_torch_*``): the Triton kernels (default on CUDA) against
+  ``index_copy_`` / ``index_select`` per cache; kernel time by CUDA events.
+- JAX (``test_device_cache_jax_*``, on the default device when it is a GPU or TPU): the XLA
+  path with the caches donated (in place) against ``.at[].set`` / ``jnp.take`` + ``stack``;
+  time per call of queued calls. The issue asks for XLA copies "where as fast": these say.
+
+extra_info: ``bytes`` (read + written), ``gbps`` and ``copy_fraction`` (of the measured copy).
+
+    python -m pytest bench/bench_device_cache_ops.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from bench.conftest import cuda_memory_limits, cuda_seconds
+
+try:
+    import torch
+except ImportError:  # pragma: no cover
+    torch = None
+try:
+    import jax
+    import jax.numpy as jnp
+except ImportError:  # pragma: no cover
+    jax = None
+
+BS, HKV, D = 16, 8, 128
+BLOCK_BYTES = BS * HKV * D * 2               # bf16
+WRITE_TOKENS, WRITE_BLOCKS = 32768, 65536
+MOVE, MOVE_BLOCKS, CACHES = 4096, 16384, 4   # 2 layers' K and V
+WRITE_BYTES = 2 * 2 * WRITE_TOKENS * HKV * D * 2   # key/value read + their rows written
+MOVE_BYTES = 2 * MOVE * CACHES * BLOCK_BYTES       # every moved block read and written
+CALLS = 10
+
+cuda = pytest.mark.skipif(torch is None or not torch.cuda.is_available(),
+                          reason="needs a CUDA GPU")
+
+
+def _need_accelerator() -> None:
+    """Skip unless JAX's default device is a GPU or TPU: asked when a JAX test runs, not at
+    collection (that would start JAX's GPU client, which takes 75% of the GPU's memory, in the
+    torch benchmarks' process too)."""
+    if jax is None or jax.default_backend() == "cpu":
+        pytest.skip("needs a GPU or TPU for JAX")
+
+
+def _ids(n: int, num_blocks: int, seed: int):
+    """n distinct block ids in [0, num_blocks), and n more disjoint from them (numpy int32)."""
+    import numpy as np
+
+    perm = np.random.default_rng(seed).permutation(num_blocks).astype(np.int32)
+    return perm[:n], perm[n:2 * n]
+
+
+def _slots(seed: int = 0):
+    """WRITE_TOKENS distinct slots: whole blocks in random order."""
+    import numpy as np
+
+    blocks, _ = _ids(WRITE_TOKENS // BS, WRITE_BLOCKS, seed)
+    return (blocks[:, None] * BS + np.arange(BS, dtype=np.int32)).reshape(-1)
+
+
+def _finish(benchmark, seconds: float, nbytes: int, copy_gbps: float, **extra) -> None:
+    gbps = nbytes / seconds / 1e9
+    benchmark.extra_info.update(extra, seconds_per_call=seconds, bytes=nbytes,
+                                gbps=round(gbps, 1), measured_copy_gbps=round(copy_gbps, 1),
+                                copy_fraction=round(gbps / copy_gbps, 3))
+
+
+# ------------------------------------------------------------------------------- torch
+
+
+def _torch_caches(n: int, num_blocks: int):
+    g = torch.Generator(device="cuda").manual_seed(3)
+    return [torch.randn(num_blocks, BS, HKV, D, generator=g, device="cuda")
+            .to(torch.bfloat16) for _ in range(n)]
+
+
+def _torch_time(benchmark, fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=5, warmup_rounds=1)
+    return cuda_seconds(fn, iters=CALLS)
+
+
+@cuda
+@pytest.mark.parametrize("impl", ["triton", "index_copy_baseline"])
+def test_gpu_cache_torch_write_kv(benchmark, impl):
+    from prefixkv import torch_frontend as tf
+
+    benchmark.group = f"gpu write_kv {WRITE_TOKENS} tokens into {WRITE_BLOCKS} blocks bf16"
+    k, v = _torch_caches(2, WRITE_BLOCKS)
+    g = torch.Generator(device="cuda").manual_seed(4)
+    key, value = (torch.randn(WRITE_TOKENS, HKV, D, generator=g, device="cuda")
+                  .to(torch.bfloat16) for _ in range(2))
+    slots = torch.from_numpy(_slots()).cuda()
+    slots64 = slots.long()
+    if impl == "triton":
+        def fn():
+            tf.write_kv(key, value, k, v, slots, backend="triton")
+    else:
+        def fn():
+            k.view(-1, HKV, D).index_copy_(0, slots64, key)
+            v.view(-1, HKV, D).index_copy_(0, slots64, value)
+    t = _torch_time(benchmark, fn)
+    assert torch.equal(k.view(-1, HKV, D)[slots64], key)
+    assert torch.equal(v.view(-1, HKV, D)[slots64], value)
+    _finish(benchmark, t, WRITE_BYTES, cuda_memory_limits()["copy_gbps"], impl=impl)
+
+
+@cuda
+@pytest.mark.parametrize("op", ["copy_blocks", "gather_blocks", "scatter_blocks"])
+@pytest.mark.parametrize("impl", ["triton", "index_baseline"])
+def test_gpu_cache_torch_moves(benchmark, impl, op):
+    """copy_blocks: src -> dst in every cache; gather_blocks: into a new [n, caches, block]
+    buffer; scatter_blocks: that buffer back to other blocks. Baselines: index_select /
+    index_copy_ per cache (torch.stack for the gather)."""
+    from prefixkv import torch_frontend as tf
+
+    benchmark.group = f"gpu {op} {MOVE} blocks x {CACHES} caches bf16"
+    caches = _torch_caches(CACHES, MOVE_BLOCKS)
+    src_np, dst_np = _ids(MOVE, MOVE_BLOCKS, 5)
+    src, dst = torch.from_numpy(src_np).cuda(), torch.from_numpy(dst_np).cuda()
+    src64, dst64 = src.long(), dst.long()
+    buffer = torch.stack([c[src64] for c in caches], dim=1)
+    if op == "copy_blocks":
+        want = [c[src64].clone() for c in caches]
+        fn = ((lambda: tf.copy_blocks(caches, src, dst, backend="triton")) if impl == "triton"
+              else (lambda: [c.index_copy_(0, dst64, c.index_select(0, src64))
+                             for c in caches]))
+    elif op == "gather_blocks":
+        want = None
+        fn = ((lambda: tf.gather_blocks(caches, src, backend="triton")) if impl == "triton"
+              else (lambda: torch.stack([c.index_select(0, src64) for c in caches], dim=1)))
+        assert torch.equal(fn(), buffer)
+    else:
+        want = [buffer[:, i] for i in range(CACHES)]
+        fn = ((lambda: tf.scatter_blocks(caches, buffer, dst, backend="triton"))
+              if impl == "triton"
+              else (lambda: [c.index_copy_(0, dst64, buffer[:, i])
+                             for i, c in enumerate(caches)]))
+    t = _torch_time(benchmark, fn)
+    if want is not None:
+        for c, w in zip(caches, want, strict=True):
+            assert torch.equal(c[dst64], w)
+    _finish(benchmark, t, MOVE_BYTES, cuda_memory_limits()["copy_gbps"], impl=impl, op=op)
+
+
+# --------------------------------------------------------------------------------- JAX
+
+_JAX_COPY: list[float] = []
+
+
+def _jax_copy_gbps(nbytes: int = 1 << 30) -> float:
+    """Read + written GB/s of negating a bf16 array of ``nbytes`` (far above any on-chip
+    cache): the device's copy bandwidth as XLA reaches it, once per run."""
+    if not _JAX_COPY:
+        x = jnp.ones(nbytes // 2, jnp.bfloat16)
+        neg = jax.jit(jnp.negative)
+        jax.block_until_ready(neg(x))
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(CALLS):
+                r = neg(x)
+            jax.block_until_ready(r)
+            best = min(best, (time.perf_counter() - t0) / CALLS)
+        _JAX_COPY.append(2 * nbytes / best / 1e9)
+        del x, r
+    return _JAX_COPY[0]
+
+
+def _jax_caches(n: int, num_blocks: int):
+    keys = jax.random.split(jax.random.key(3), n)
+    return [jax.random.normal(k, (num_blocks, BS, HKV, D), jnp.bfloat16) for k in keys]
+
+
+def _jax_time(benchmark, fn, state, *rest):
+    """Seconds per call of ``state = fn(state, *rest)`` (the caches in ``state`` donated, or
+    not), CALLS queued calls a round, best of 3 rounds, blocking on the last state; returns
+    (seconds, final state). Arrays go in as arguments: a jitted closure would bake them into
+    the executable as constants."""
+    state = fn(state, *rest)  # compile
+    jax.block_until_ready(state)
+    best = float("inf")
+
+    def run():
+        nonlocal state, best
+        t0 = time.perf_counter()
+        for _ in range(CALLS):
+            state = fn(state, *rest)
+        jax.block_until_ready(state)
+        best = min(best, (time.perf_counter() - t0) / CALLS)
+
+    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)
+    return best, state
+
+
+@pytest.mark.parametrize("impl", ["prefixkv_xla", "jnp_at_set_baseline"])
+def test_device_cache_jax_write_kv(benchmark, impl):
+    _need_accelerator()
+    import numpy as np
+
+    from prefixkv import jax_frontend as jf
+
+    benchmark.group = f"jax device write_kv {WRITE_TOKENS} tokens into {WRITE_BLOCKS} blocks bf16"
+    k, v = _jax_caches(2, WRITE_BLOCKS)
+    key, value = (x.reshape(-1, HKV, D) for x in _jax_caches(2, WRITE_TOKENS // BS))
+    slots_np = _slots()
+    slots = jnp.asarray(slots_np)
+    if impl == "prefixkv_xla":
+        fn = jax.jit(lambda kv, key, value, s: list(jf.write_kv(key, value, kv[0], kv[1], s)),
+                     donate_argnums=0)
+    else:
+        fn = jax.jit(lambda kv, key, value, s: [
+            c.reshape(-1, HKV, D).at[s].set(x).reshape(c.shape)
+            for c, x in zip(kv, (key, value), strict=True)], donate_argnums=0)
+    t, (k, v) = _jax_time(benchmark, fn, [k, v], key, value, slots)
+    got = np.asarray(k.reshape(-1, HKV, D)[slots_np[:64]].astype(jnp.float32))
+    np.testing.assert_array_equal(got, np.asarray(key[:64].astype(jnp.float32)))
+    _finish(benchmark, t, WRITE_BYTES, _jax_copy_gbps(), impl=impl)
+
+
+@pytest.mark.parametrize("op", ["copy_blocks", "gather_blocks", "scatter_blocks"])
+@pytest.mark.parametrize("impl", ["prefixkv_xla", "jnp_baseline"])
+def test_device_cache_jax_moves(benchmark, impl, op):
+    """As the torch moves; the caches donated to the ops that update them. Baselines:
+    ``c.at[dst].set(c[src])``, ``jnp.stack([c[ids] ...], 1)``, ``c.at[ids].set(buffer[:, i])``."""
+    _need_accelerator()
+    import numpy as np
+
+    from prefixkv import jax_frontend as jf
+
+    benchmark.group = f"jax device {op} {MOVE} blocks x {CACHES} caches bf16"
+    caches = _jax_caches(CACHES, MOVE_BLOCKS)
+    src_np, dst_np = _ids(MOVE, MOVE_BLOCKS, 5)
+    src, dst = jnp.asarray(src_np), jnp.asarray(dst_np)
+    buffer = jnp.stack([c[src] for c in caches], axis=1)
+    want = np.asarray(buffer[:8, -1].astype(jnp.float32))
+    ours = impl == "prefixkv_xla"
+    if op == "gather_blocks":  # state (caches, last buffer): the wait covers the gather
+        gather = jax.jit((lambda cs, ids: jf.gather_blocks(cs, ids)) if ours
+                         else (lambda cs, ids: jnp.stack([c[ids] for c in cs], axis=1)))
+        assert bool(jnp.array_equal(gather(caches, src), buffer))
+        t, _ = _jax_time(benchmark, lambda st, ids: (st[0], gather(st[0], ids)),
+                         (caches, buffer), src)
+    else:
+        if op == "copy_blocks":
+            fn = jax.jit((lambda cs, s, d: list(jf.copy_blocks(cs, s, d))) if ours
+                         else (lambda cs, s, d: [c.at[d].set(c[s]) for c in cs]),
+                         donate_argnums=0)
+            t, caches = _jax_time(benchmark, fn, caches, src, dst)
+        else:
+            fn = jax.jit((lambda cs, b, d: list(jf.scatter_blocks(cs, b, d))) if ours
+                         else (lambda cs, b, d: [c.at[d].set(b[:, i])
+                                                 for i, c in enumerate(cs)]),
+                         donate_argnums=0)
+            t, caches = _jax_time(benchmark, fn, caches, buffer, dst)
+        np.testing.assert_array_equal(np.asarray(caches[-1][dst_np[:8]].astype(jnp.float32)),
+                                      want)
+    _finish(benchmark, t, MOVE_BYTES, _jax_copy_gbps(), impl=impl, op=op)
