@@ -706,14 +706,26 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
             q, k_cache, v_cache, prefix_block_tables, prefix_lens, tok_pid, scale=scale,
             logits_soft_cap=logits_soft_cap)
         return merge_attention_states(own_out, own_lse, pre_out, pre_lse)
+    avg = -(-num_tokens // num_prefixes)
+    qs_tile = min(MAX_Q_TILE * 2, 1 << (max(avg, 1) - 1).bit_length())
+    if attention_fn is not None and num_prefixes == 1:
+        # one prefix (chosen statically), a kernel's attention: every token against it as one
+        # ragged non-causal sequence, in token order (no sort, gather or scatter around the
+        # kernel); the results of tokens of no prefix are dropped
+        pre_out, pre_lse = attn(
+            q, k_cache, v_cache, prefix_block_tables, prefix_lens.astype(jnp.int32),
+            jnp.array([0, num_tokens], jnp.int32), scale=scale, causal=False,
+            logits_soft_cap=logits_soft_cap, q_tile=qs_tile)
+        mine = tok_pid == 0
+        pre_out = jnp.where(mine[:, None, None], pre_out, jnp.zeros((), pre_out.dtype))
+        pre_lse = jnp.where(mine[:, None], pre_lse, -jnp.inf)
+        return merge_attention_states(pre_out, pre_lse, own_out, own_lse)
     # tokens sorted by prefix id
     order = jnp.argsort(tok_pid, stable=True).astype(jnp.int32)
     counts = jnp.zeros((num_prefixes + 1,), jnp.int32).at[tok_pid].add(1)
     pre_cu = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts[:num_prefixes])])
     pre_cu = pre_cu.astype(jnp.int32)
     q_sorted = jnp.take(q, order, axis=0)
-    avg = -(-num_tokens // num_prefixes)
-    qs_tile = min(MAX_Q_TILE * 2, 1 << (max(avg, 1) - 1).bit_length())
     # Non-causal attention of the prefix-sorted tokens over their prefix; the tokens of no
     # prefix sit past pre_cu[-1], in no tile, and get out 0, lse -inf.
     pre_out, pre_lse = attn(

@@ -507,13 +507,20 @@ def test_pallas_gpu_split_kv_by_default_for_few_long_sequences():
         jax.jit(lambda *a: pg.paged_attention_gpu(*a, None, scale=0.1)), args)
 
 
-def test_shared_prefix_attention_pallas_gpu_interpret():
+@pytest.mark.parametrize("prefixes,seqs", [
+    ([2, 1], [(0, 3, 5), (-1, 2, 9), (1, 1, 16)]),
+    # one prefix: every token against it in token order, no sort; those of no prefix dropped
+    ([3], [(0, 3, 5), (-1, 2, 9), (0, 1, 16), (-1, 1, 2)]),
+    ([3], [(0, 1, 5), (-1, 1, 9), (0, 1, 16)])])
+def test_shared_prefix_attention_pallas_gpu_interpret(prefixes, seqs):
     rng = np.random.default_rng(9)
-    batch = testing.make_shared_prefix_batch(rng, [2, 1], [(0, 3, 5), (-1, 2, 9), (1, 1, 16)],
-                                             num_q_heads=8, num_kv_heads=2, head_dim=64,
-                                             block_size=16)
-    _close(jf.shared_prefix_attention(*batch.args(), backend="pallas_gpu_interpret"),
-           ref.shared_prefix_attention_reference(*batch.args()), "float32")
+    batch = testing.make_shared_prefix_batch(rng, prefixes, seqs, num_q_heads=8,
+                                             num_kv_heads=2, head_dim=64, block_size=16)
+    out, lse = jf.shared_prefix_attention(*batch.args(), return_lse=True,
+                                          backend="pallas_gpu_interpret")
+    want, want_lse = ref.shared_prefix_attention_reference(*batch.args(), return_lse=True)
+    _close(out, want, "float32")
+    np.testing.assert_allclose(np.asarray(lse), want_lse, atol=2e-3, rtol=1e-4)
 
 
 @pytest.mark.parametrize("decode", [True, False])
@@ -615,6 +622,21 @@ def _dots_in(jaxpr):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
                     yield from _dots_in(inner)
+
+
+def test_gpu_single_prefix_cascade_lowering_has_no_sort():
+    """One prefix: the Pallas cascade attends every token to it in token order, with no sort
+    of the tokens by prefix (nor its gathers and inverse scatter)."""
+    S = jax.ShapeDtypeStruct
+    seqs, nb = 8, 600
+    args = (S((seqs, 32, 128), jnp.bfloat16), S((nb, 16, 8, 128), jnp.bfloat16),
+            S((nb, 16, 8, 128), jnp.bfloat16), S((1, 128), jnp.int32), S((1,), jnp.int32),
+            S((seqs,), jnp.int32), S((seqs, 16), jnp.int32), S((seqs,), jnp.int32))
+    text = _export_for_h100(jax.jit(lambda *a: jf.shared_prefix_attention(*a)), args)
+    assert text.count("xla.gpu.triton") >= 2 and "stablehlo.sort" not in text
+    two = (*args[:3], S((2, 128), jnp.int32), S((2,), jnp.int32), *args[5:])
+    assert "stablehlo.sort" in _export_for_h100(
+        jax.jit(lambda *a: jf.shared_prefix_attention(*a)), two)
 
 
 @pytest.mark.parametrize("num_seqs,context,window", [(8, 4096, None), (32, 8192, None),
