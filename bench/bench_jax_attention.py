@@ -362,3 +362,72 @@ def test_shared_prefix_device_bf16(benchmark, impl):
         unique_gbps=round(unique / per_call / 1e9, 1), measured_read_gbps=round(read, 1),
         unique_read_fraction=round(unique / per_call / 1e9 / read, 4),
         note="bytes = unique KV (prefix once + own tokens)")
+
+
+# ------- prefill on the device: 8 sequences x 512 new tokens over 4096 cached each, bf16
+
+DPF_SEQS = 8
+_DEVICE_MATMUL: list[float] = []
+
+
+def _device_matmul_tflops(n: int = 8192) -> float:
+    """The accelerator's measured bf16 matmul rate in TFLOP/s (n x n x n, float32
+    accumulation), once per run: what compute-bound prefill attention is held to."""
+    if not _DEVICE_MATMUL:
+        a = jnp.ones((n, n), jnp.bfloat16)
+        mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32)
+                     .astype(jnp.bfloat16))
+        _DEVICE_MATMUL.append(2 * n ** 3 / best_call_seconds(mm, (a, a)) / 1e12)
+        del a
+    return _DEVICE_MATMUL[0]
+
+
+@jax.jit
+def _make_device_prefill_inputs():
+    kk, kv, kt, kq = jax.random.split(jax.random.key(7), 4)
+    total = PF_CACHED + PF_NEW
+    blocks = DPF_SEQS * total // BS
+    k = jax.random.normal(kk, (blocks + 1, BS, HKV, D), jnp.bfloat16)
+    v = jax.random.normal(kv, (blocks + 1, BS, HKV, D), jnp.bfloat16)
+    tables = jax.random.permutation(kt, blocks + 1)[:blocks].reshape(DPF_SEQS, -1)
+    q = jax.random.normal(kq, (DPF_SEQS * PF_NEW, HQ, D), jnp.bfloat16)
+    return (q, k, v, tables.astype(jnp.int32), jnp.full((DPF_SEQS,), total, jnp.int32),
+            jnp.arange(DPF_SEQS + 1, dtype=jnp.int32) * PF_NEW)
+
+
+@pytest.mark.skipif(jax.default_backend() == "cpu", reason="needs a GPU or TPU")
+@pytest.mark.parametrize("impl", ["prefixkv_512_over_cached_4096", "recompute_4608"])
+def test_prefill_device_bf16(benchmark, impl):
+    """Prefill with a cached prefix on the device: the frontend's kernel over the paged cache
+    (Pallas on a GPU/TPU) against recomputing all 4608 tokens of each sequence with
+    jax.nn.dot_product_attention (causal, dense K/V: what a prefix cache saves). Records the
+    attention's TFLOP/s (causal: each query sees its position + 1 keys) and its fraction of
+    the measured bf16 matmul rate."""
+    benchmark.group = "jax prefill 8x(512 over 4096) bf16 on device"
+    args = jax.block_until_ready(_make_device_prefill_inputs())
+    total = PF_CACHED + PF_NEW
+    if impl.startswith("prefixkv"):
+        fn = jax.jit(lambda *a: jf.paged_attention(*a))
+        q_len = PF_NEW
+    else:
+        q, k, v, tables = args[:4]
+        dense = [c[tables].reshape(DPF_SEQS, total, HKV, D) for c in (k, v)]
+        # the cached tokens' queries drawn, the new ones' those of the paged call: the last
+        # PF_NEW rows of each sequence must match it
+        earlier = jax.random.normal(jax.random.key(8), (DPF_SEQS, PF_CACHED, HQ, D),
+                                    jnp.bfloat16)
+        qf = jnp.concatenate([earlier, q.reshape(DPF_SEQS, PF_NEW, HQ, D)], axis=1)
+        fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True))
+        np.testing.assert_allclose(
+            np.asarray(fn(qf, *dense)[:, PF_CACHED:].reshape(-1, HQ, D), np.float32),
+            np.asarray(jf.paged_attention(*args), np.float32), atol=2e-2, rtol=2e-2)
+        args = (qf, *dense)
+        q_len = total
+    _run_queued(benchmark, fn, args, rounds=5)
+    per_call = seconds(benchmark) / CALLS_PER_ROUND
+    flops = DPF_SEQS * 4 * HQ * D * float(sum(range(total - q_len + 1, total + 1)))
+    peak = _device_matmul_tflops()
+    benchmark.extra_info.update(
+        device=jax.devices()[0].device_kind, seconds_per_call=per_call, flops=flops,
+        tflops=round(flops / per_call / 1e12, 1), measured_matmul_tflops=round(peak, 1),
+        matmul_fraction=round(flops / per_call / 1e12 / peak, 3))

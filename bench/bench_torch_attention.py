@@ -5,7 +5,8 @@ head_dim 128, block 16), float32 and bfloat16: prefixkv's vectorized torch path 
 baseline (index_select the blocks, then scaled_dot_product_attention). Shared prefix: 32
 sequences sharing a 2048-token prefix plus 128 own tokens each: shared_prefix_attention vs
 paged_attention over the same batch. GPU (skipped without CUDA): decode at a fraction of HBM
-bandwidth, Triton vs torch baseline.
+bandwidth, cascade decode, and prefill of 512 new tokens over 4096 cached at a fraction of the
+measured bf16 matmul rate, Triton vs the torch baselines.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/pytest bench/bench_torch_attention.py --benchmark-only
 """
@@ -21,6 +22,7 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
 from bench.conftest import (  # noqa: E402
+    cuda_matmul_tflops,
     cuda_memory_limits,
     cuda_seconds,
     datasheet_hbm_gbps,
@@ -349,3 +351,79 @@ def test_gpu_shared_prefix(benchmark, impl):
         impl=impl, kernel_s=t, unique_bytes=unique, unique_gbps=round(unique / t / 1e9, 1),
         measured_read_gbps=read, unique_read_fraction=round(unique / t / 1e9 / read, 3),
         note="bytes = unique KV (prefix once + own tokens)")
+
+
+# ------------- GPU prefill: 8 sequences x 512 new tokens over 4096 cached each, bf16
+
+GPF_SEQS = 8
+
+
+@functools.cache
+def _gpu_prefill_batch():
+    """(q [8 * 512, Hq, D], k, v caches, tables, kv_lens, cu_q_lens) on the GPU, bf16: 8
+    sequences of 4096 cached + 512 new tokens (the new ones' KV already written), blocks in
+    random order."""
+    g = torch.Generator(device="cuda").manual_seed(6)
+    total = PF_CACHED + PF_NEW
+    blocks = GPF_SEQS * total // BLOCK
+    k, v = (torch.randn(blocks + 1, BLOCK, HKV, HEAD_DIM, generator=g, device="cuda")
+            .to(torch.bfloat16) for _ in range(2))
+    tables = torch.randperm(blocks + 1, generator=g, device="cuda")[:blocks].to(torch.int32)
+    q = torch.randn(GPF_SEQS * PF_NEW, HQ, HEAD_DIM, generator=g, device="cuda")
+    i32 = dict(dtype=torch.int32, device="cuda")
+    return (q.to(torch.bfloat16), k, v, tables.view(GPF_SEQS, -1).contiguous(),
+            torch.full((GPF_SEQS,), total, **i32),
+            torch.arange(GPF_SEQS + 1, **i32) * PF_NEW)
+
+
+@cuda
+@pytest.mark.parametrize("impl", ["triton_512_over_cached_4096", "baseline_sdpa_512",
+                                  "recompute_sdpa_4608"])
+def test_gpu_prefill(benchmark, impl):
+    """Prefill with a cached prefix on the GPU: the Triton kernel over the paged cache
+    against gather + SDPA with the causal mask aligned to the end, and against recomputing
+    all 4608 tokens of each sequence with causal SDPA over dense K/V (flash attention: what
+    a prefix cache saves). Records TFLOP/s of the attention each does (causal: each query
+    sees its position + 1 keys) and its fraction of the measured bf16 matmul rate."""
+    benchmark.group = "gpu-prefill-8x(512-over-4096)-bf16"
+    q, k, v, tables, kv_lens, cu = _gpu_prefill_batch()
+    total = PF_CACHED + PF_NEW
+    if impl.startswith("triton"):
+        out = torch.empty_like(q)
+        ws = torch.empty(tf.attention_workspace_size(q, k, tables, cu), dtype=torch.uint8,
+                         device="cuda")
+
+        def fn():
+            return tf.paged_attention(q, k, v, tables, kv_lens, cu, out=out, workspace=ws)
+        q_len = PF_NEW
+    elif impl.startswith("baseline"):
+        kd, vd = _gathered(k, v, tables)                       # [S, Hkv, 4608, D]
+        qd = q.view(GPF_SEQS, PF_NEW, HQ, HEAD_DIM).transpose(1, 2)
+        pos = torch.arange(total, device="cuda")
+        mask = pos[None, :] <= (PF_CACHED + torch.arange(PF_NEW, device="cuda"))[:, None]
+
+        def fn():
+            k2, v2 = _gathered(k, v, tables)
+            return F.scaled_dot_product_attention(qd, k2, v2, attn_mask=mask, enable_gqa=True)
+        want = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=True)
+        got = tf.paged_attention(q, k, v, tables, kv_lens, cu)
+        torch.testing.assert_close(got.view(GPF_SEQS, PF_NEW, HQ, HEAD_DIM).transpose(1, 2)
+                                   .float(), want.float(), atol=2e-2, rtol=2e-2)
+        q_len = PF_NEW
+    else:
+        kd, vd = _gathered(k, v, tables)
+        qf = torch.randn(GPF_SEQS, HQ, total, HEAD_DIM, device="cuda").to(torch.bfloat16)
+
+        def fn():
+            return F.scaled_dot_product_attention(qf, kd, vd, is_causal=True, enable_gqa=True)
+        q_len = total
+    fn()
+    torch.cuda.synchronize()
+    benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=5, warmup_rounds=1)
+    t = cuda_seconds(fn, iters=10)
+    flops = GPF_SEQS * 4 * HQ * HEAD_DIM * float(sum(range(total - q_len + 1, total + 1)))
+    peak = cuda_matmul_tflops()
+    benchmark.extra_info.update(
+        impl=impl, kernel_s=t, query_tokens=GPF_SEQS * q_len, flops=flops,
+        tflops=round(flops / t / 1e12, 1), measured_matmul_tflops=peak,
+        matmul_fraction=round(flops / t / 1e12 / peak, 3))

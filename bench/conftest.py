@@ -149,6 +149,27 @@ def cuda_memory_limits(nbytes: int = 1 << 30) -> dict:
     return _CUDA_LIMITS[dev]
 
 
+_CUDA_MATMUL: dict = {}
+
+
+def cuda_matmul_tflops(n: int = 8192) -> float:
+    """The current CUDA device's measured bfloat16 matmul rate in TFLOP/s (an n x n x n
+    torch.matmul with float32 accumulation, as attention's tensor-core dots), once per run:
+    what a compute-bound kernel such as prefill attention is held to."""
+    import torch
+
+    dev = torch.cuda.current_device()
+    if dev not in _CUDA_MATMUL:
+        a = torch.randn(n, n, device="cuda").to(torch.bfloat16)
+        b = torch.randn(n, n, device="cuda").to(torch.bfloat16)
+        c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
+        t = cuda_seconds(lambda: torch.matmul(a, b, out=c), iters=10)
+        _CUDA_MATMUL[dev] = round(2 * n ** 3 / t / 1e12, 1)
+        del a, b, c
+        torch.cuda.empty_cache()
+    return _CUDA_MATMUL[dev]
+
+
 def seconds(benchmark, stat: str = "mean") -> float:
     """The benchmark's measured ``stat`` (mean, min, median) in seconds; NaN when it was not
     timed (``--benchmark-disable``: each benchmark runs once, as a smoke test)."""

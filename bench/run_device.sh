@@ -79,11 +79,11 @@ if [ "$rc" -eq 3 ]; then
 else
   [ "$rc" -eq 0 ] || { echo "=== jax_versions: exit $rc"; status=1; }
   step jax_device_tests 85 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_jax_device.py
-  # decode and cascade decode on the device, cache writes and block moves (XLA); on a TPU
-  # also block hashing (Pallas vs XLA; skipped on a GPU)
+  # decode, cascade decode and prefill on the device, cache writes and block moves (XLA); on
+  # a TPU also block hashing (Pallas vs XLA; skipped on a GPU)
   step jax_device_bench 110 $PY -m pytest -q -p no:cacheprovider bench/bench_jax_attention.py \
     bench/bench_hashing_device.py bench/bench_device_cache_ops.py --benchmark-only \
-    -k "decode_device or shared_prefix_device or tpu_hash or device_cache_jax" \
+    -k "decode_device or shared_prefix_device or prefill_device or tpu_hash or device_cache_jax" \
     --benchmark-columns=mean,min,rounds --benchmark-json="$LOG/jax_device_bench.json"
 fi
 exit $status
