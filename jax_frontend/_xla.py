@@ -112,13 +112,15 @@ def dot_precision(dtype):
     return lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.HIGH
 
 
-def _build_tiles(kv_lens, cu_q_lens, num_tiles: int, q_tile: int):
-    """Per tile: sequence, first query token, number of query tokens (0 = inactive tile)."""
+def _build_tiles(kv_lens, cu_q_lens, num_tiles: int, q_tile: int, search: str = "scan"):
+    """Per tile: sequence, first query token, number of query tokens (0 = inactive tile).
+    ``search``: jnp.searchsorted's method for a tile's sequence ("scan": a loop of log2
+    steps; "compare_all": one fused compare of every tile with every sequence)."""
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
     per_seq = (q_lens + (q_tile - 1)) // q_tile
     ends = jnp.cumsum(per_seq)
     tile = jnp.arange(num_tiles, dtype=jnp.int32)
-    seq = jnp.searchsorted(ends, tile, side="right").astype(jnp.int32)
+    seq = jnp.searchsorted(ends, tile, side="right", method=search).astype(jnp.int32)
     active = tile < ends[-1]
     seq = jnp.where(active, seq, 0)
     local = tile - (ends[seq] - per_seq[seq])
@@ -130,14 +132,15 @@ def _build_tiles(kv_lens, cu_q_lens, num_tiles: int, q_tile: int):
 
 
 def kernel_tile_plan(kv_lens, cu_q_lens, *, num_tokens: int, num_tiles: int, q_tile: int,
-                     block_size: int, causal: bool, sliding_window: int | None):
+                     block_size: int, causal: bool, sliding_window: int | None,
+                     search: str = "scan"):
     """What the Pallas attention kernels take per query tile, all int32: sequence, the tile's
     query tokens ``tok [num_tiles, q_tile]`` (``num_tokens`` for padding rows), first KV block
     ``lo``, number of KV blocks ``nblk``, keys seen ``hi`` (exclusive) and the first query's
-    absolute position."""
+    absolute position. ``search``: see _build_tiles."""
     kv_lens = kv_lens.astype(jnp.int32)
     seq, q_start, q_len, first_pos = _build_tiles(kv_lens, cu_q_lens.astype(jnp.int32),
-                                                  num_tiles, q_tile)
+                                                  num_tiles, q_tile, search)
     r = jnp.arange(q_tile, dtype=jnp.int32)
     tok = jnp.where(r[None, :] < q_len[:, None], q_start[:, None] + r[None, :], num_tokens)
     tile_kv = kv_lens[seq]
@@ -684,7 +687,10 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
         return own_out, own_lse
     # prefix id of every query token (num_prefixes for "none")
     tok = jnp.arange(num_tokens, dtype=jnp.int32)
-    tok_seq = tok if decode else jnp.searchsorted(cu[1:], tok, side="right")
+    # a kernel's cascade (GPU/TPU) finds each token's sequence by one fused compare, not
+    # searchsorted's loop (on a GPU each step of it is kernels of its own)
+    tok_seq = tok if decode else jnp.searchsorted(
+        cu[1:], tok, side="right", method="scan" if attention_fn is None else "compare_all")
     pid = prefix_ids.astype(jnp.int32)
     pid = jnp.where(pid < 0, num_prefixes, pid)
     tok_pid = jnp.where(tok_seq < num_seqs, pid[jnp.minimum(tok_seq, num_seqs - 1)],

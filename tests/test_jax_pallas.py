@@ -624,6 +624,22 @@ def _dots_in(jaxpr):
                     yield from _dots_in(inner)
 
 
+def test_gpu_prefill_lowering_has_no_loop():
+    """Prefill, mixed batches and the cascade find each query tile's sequence by one fused
+    compare, not jnp.searchsorted's loop (a while whose every step is kernels of its own on a
+    GPU)."""
+    S = jax.ShapeDtypeStruct
+    seqs, nb = 8, 600
+    q, kc = S((1000, 32, 128), jnp.bfloat16), S((nb, 16, 8, 128), jnp.bfloat16)
+    paged = (q, kc, kc, S((seqs, 64), jnp.int32), S((seqs,), jnp.int32),
+             S((seqs + 1,), jnp.int32))
+    cascade = (q, kc, kc, S((2, 128), jnp.int32), S((2,), jnp.int32), S((seqs,), jnp.int32),
+               S((seqs, 16), jnp.int32), S((seqs,), jnp.int32), S((seqs + 1,), jnp.int32))
+    for fn, args in ((jf.paged_attention, paged), (jf.shared_prefix_attention, cascade)):
+        text = _export_for_h100(jax.jit(lambda *a, f=fn: f(*a)), args)
+        assert "xla.gpu.triton" in text and "stablehlo.while" not in text
+
+
 def test_gpu_single_prefix_cascade_lowering_has_no_sort():
     """One prefix: the Pallas cascade attends every token to it in token order, with no sort
     of the tokens by prefix (nor its gathers and inverse scatter)."""
