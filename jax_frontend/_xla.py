@@ -112,6 +112,18 @@ def dot_precision(dtype):
     return lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.HIGH
 
 
+#: Most query x sorted elements a searchsorted compares all at once on an accelerator
+#: (fused compare + sum); past it the scan's loop of log2 steps.
+COMPARE_ALL_MAX = 1 << 24
+
+
+def fused_search(num_queries: int, num_sorted: int) -> str:
+    """jnp.searchsorted's method for the kernels' metadata on a GPU/TPU: "compare_all" (one
+    fused compare of every query with every element, no loop: on a GPU each step of the
+    "scan" method's loop is kernels of its own) up to COMPARE_ALL_MAX pairs, else "scan"."""
+    return "compare_all" if num_queries * num_sorted <= COMPARE_ALL_MAX else "scan"
+
+
 def _build_tiles(kv_lens, cu_q_lens, num_tiles: int, q_tile: int, search: str = "scan"):
     """Per tile: sequence, first query token, number of query tokens (0 = inactive tile).
     ``search``: jnp.searchsorted's method for a tile's sequence ("scan": a loop of log2
@@ -687,10 +699,9 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
         return own_out, own_lse
     # prefix id of every query token (num_prefixes for "none")
     tok = jnp.arange(num_tokens, dtype=jnp.int32)
-    # a kernel's cascade (GPU/TPU) finds each token's sequence by one fused compare, not
-    # searchsorted's loop (on a GPU each step of it is kernels of its own)
-    tok_seq = tok if decode else jnp.searchsorted(
-        cu[1:], tok, side="right", method="scan" if attention_fn is None else "compare_all")
+    # a kernel's cascade (GPU/TPU) finds each token's sequence by one fused compare
+    search = "scan" if attention_fn is None else fused_search(num_tokens, num_seqs)
+    tok_seq = tok if decode else jnp.searchsorted(cu[1:], tok, side="right", method=search)
     pid = prefix_ids.astype(jnp.int32)
     pid = jnp.where(pid < 0, num_prefixes, pid)
     tok_pid = jnp.where(tok_seq < num_seqs, pid[jnp.minimum(tok_seq, num_seqs - 1)],

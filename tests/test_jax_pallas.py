@@ -644,6 +644,11 @@ def test_gpu_prefill_lowering_has_no_loop():
         loops = [f.split("(")[0] for f in funcs
                  if "stablehlo.while" in f and not f.startswith("private @chlo.")]
         assert not loops, loops
+    from prefixkv.jax_frontend import _xla
+
+    # past COMPARE_ALL_MAX query x sequence pairs the scan again (no giant compare)
+    assert _xla.fused_search(1000, 8) == "compare_all"
+    assert _xla.fused_search(1 << 18, 1 << 10) == "scan"
 
 
 def test_gpu_single_prefix_cascade_lowering_has_no_sort():

@@ -307,12 +307,11 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
         seq, tok, lo, nblk, hi, first_pos = _decode_tile_plan(kv_lens, block_size,
                                                               sliding_window)
     else:
-        # a tile's sequence by one fused compare, not searchsorted's loop (on a GPU each
-        # step of it is kernels of its own)
+        # a tile's sequence by one fused compare, not searchsorted's loop
         seq, tok, lo, nblk, hi, first_pos = _xla.kernel_tile_plan(
             kv_lens, cu_q_lens, num_tokens=num_tokens, num_tiles=nt, q_tile=tq,
             block_size=block_size, causal=causal, sliding_window=sliding_window,
-            search="compare_all")
+            search=_xla.fused_search(nt, num_seqs))
     programs_h = num_kv_heads * head_splits                  # programs per tile and split
     if num_splits is None:  # decode, and non-causal launches (the cascade's prefix pass)
         num_splits = (num_kv_splits(nt, programs_h, max_blocks * block_size, True,
