@@ -693,10 +693,16 @@ LAYOUTS = ("contiguous", "stacked_blocks", "stacked_layers", "odd_offset", "head
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("no_sync", [False, True], ids=["host", "no_sync"])
-def test_write_kv_bits_layouts_negative_slots(dtype, layout, no_sync):
+@pytest.mark.parametrize("small_rows", [None, 0], ids=["small_fast_path", "general_path"])
+def test_write_kv_bits_layouts_negative_slots(dtype, layout, no_sync, small_rows, monkeypatch):
     """Bit-exact vs the reference for every layout, slots with negatives (skipped, never
-    written), padding rows; both the host path and the device path (run here on the CPU)."""
+    written), padding rows; both the host path and the device path (run here on the CPU),
+    few-token writes by the one-index_copy_ path and by the general one (layout probing,
+    wide views) alike."""
     from prefixkv.torch_frontend import _native
+
+    if small_rows is not None:
+        monkeypatch.setattr(_native, "SMALL_WRITE_ROWS", small_rows)
 
     rng = np.random.default_rng(20)
     shape = (7, 4, 2, 8)  # block_size 4
