@@ -145,13 +145,9 @@ def _check_ids_in_range(name: str, ids: np.ndarray, upper: int, *, lower: int = 
 
 
 def _check_no_duplicates(name: str, ids: np.ndarray) -> None:
-    if ids.size <= 64:  # a decode step's few ids: a set, not np.unique's sort (~20 us)
-        values = ids.tolist()
-        if len(set(values)) == len(values):
-            return
-        uniq, counts = np.unique(ids, return_counts=True)  # the message names the first
-    else:
-        uniq, counts = np.unique(ids, return_counts=True)
+    if ids.size <= 64 and len(set(ids.tolist())) == ids.size:
+        return  # a decode step's few distinct ids: a set, not np.unique's sort (~20 us)
+    uniq, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
         raise ValueError(f"{name}: expected distinct destinations, got {int(uniq[counts > 1][0])} "
                          f"{int(counts[counts > 1][0])} times")

@@ -697,8 +697,7 @@ LAYOUTS = ("contiguous", "stacked_blocks", "stacked_layers", "odd_offset", "head
 def test_write_kv_bits_layouts_negative_slots(dtype, layout, no_sync, small_rows, monkeypatch):
     """Bit-exact vs the reference for every layout, slots with negatives (skipped, never
     written), padding rows; both the host path and the device path (run here on the CPU),
-    few-token writes by the one-index_copy_ path and by the general one (layout probing,
-    wide views) alike."""
+    few-token writes with and without the wide views (SMALL_WRITE_ROWS) alike."""
     from prefixkv.torch_frontend import _native
 
     if small_rows is not None:

@@ -689,6 +689,13 @@ def _wide(*rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return rows
 
 
+#: Copies of at most this many rows skip the wide views (_wide): each torch op costs a few
+#: us on a CPU, and wide views pay off only for big copies. With them and the layout probing
+#: of _slot_rows, one decode token's write_kv took ~20 ops, ~190 us here, against 12 us for
+#: the index_copy_ itself.
+SMALL_WRITE_ROWS = 64
+
+
 def _index_copy(dst: torch.Tensor, ids: torch.Tensor, src: torch.Tensor) -> None:
     """dst[ids[i]] = src[i] along dim 0 (ids distinct), bit-exact."""
     d2 = _rows(dst)
@@ -698,7 +705,8 @@ def _index_copy(dst: torch.Tensor, ids: torch.Tensor, src: torch.Tensor) -> None
     s2 = _rows(src)
     if s2 is None:  # rows of src not contiguous: a contiguous copy of them
         s2 = src.reshape(src.shape[0], d2.shape[1])
-    d2, s2 = _wide(d2, s2)
+    if src.shape[0] > SMALL_WRITE_ROWS:
+        d2, s2 = _wide(d2, s2)
     d2.index_copy_(0, ids, s2)
 
 
@@ -713,6 +721,8 @@ def _slot_rows(cache: torch.Tensor, slots: torch.Tensor):
     """
     num_blocks, block_size = cache.shape[:2]
     row = math.prod(cache.shape[2:])
+    if num_blocks and row and cache.is_contiguous():  # the common case, in one view
+        return cache.view(-1, row), slots
     if num_blocks == 0 or row == 0 or not cache[0].is_contiguous():
         return None, None
     step = cache.stride(0) if num_blocks > 1 else block_size * row
@@ -725,20 +735,8 @@ def _slot_rows(cache: torch.Tensor, slots: torch.Tensor):
     return rows, idx
 
 
-#: Writes of at most this many tokens into a contiguous cache take one index_copy_ over its
-#: token rows, with none of the general path's layout and wide-view probing: each torch op
-#: costs a few us on a CPU, ~20 of them were ~190 us for one decode token here, against
-#: 12 us for the index_copy_ itself; wide views pay off only for big copies.
-SMALL_WRITE_ROWS = 64
-
-
 def _write(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
     """cache[slot // block_size, slot % block_size] = x[i] for every slot (all >= 0)."""
-    n = x.shape[0]
-    if n <= SMALL_WRITE_ROWS and cache.is_contiguous() and x.dtype == cache.dtype:
-        row = math.prod(cache.shape[2:])
-        cache.view(-1, row).index_copy_(0, slots, x.reshape(n, row))
-        return
     rows, idx = _slot_rows(cache, slots)
     if rows is not None:
         _index_copy(rows, idx, x)
