@@ -124,6 +124,21 @@ def fused_search(num_queries: int, num_sorted: int) -> str:
     return "compare_all" if num_queries * num_sorted <= COMPARE_ALL_MAX else "scan"
 
 
+def soft_cap(s, logits_soft_cap: float | None):
+    """Scores through the logits soft cap ``cap * tanh(s / cap)`` (unchanged with none)."""
+    return s if logits_soft_cap is None else logits_soft_cap * jnp.tanh(s / logits_soft_cap)
+
+
+def visible(mask, t, row_pos, *, causal: bool, sliding_window: int | None):
+    """``mask`` and the keys at positions ``t`` that queries at ``row_pos`` see: all, or with
+    ``causal`` those up to their own position and within the sliding window."""
+    if causal:
+        mask = mask & (t <= row_pos)
+        if sliding_window is not None:
+            mask = mask & (t > row_pos - sliding_window)
+    return mask
+
+
 def _build_tiles(kv_lens, cu_q_lens, num_tiles: int, q_tile: int, search: str = "scan"):
     """Per tile: sequence, first query token, number of query tokens (0 = inactive tile).
     ``search``: jnp.searchsorted's method for a tile's sequence ("scan": a loop of log2
@@ -294,12 +309,8 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
                                preferred_element_type=jnp.float32, precision=prec)
                 tt, rp, ax = t[:, None, None, :], row_pos[:, None, :, None], 3
                 mask = tv[:, None, None, :]
-            if logits_soft_cap is not None:
-                s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
-            if causal:
-                mask = mask & (tt <= rp)
-                if sliding_window is not None:
-                    mask = mask & (tt > rp - sliding_window)
+            s = soft_cap(s, logits_soft_cap)
+            mask = visible(mask, tt, rp, causal=causal, sliding_window=sliding_window)
             s = jnp.where(mask, s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=ax))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -453,8 +464,7 @@ def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_pr
             k = _bits_to_f32(k_bits[ids, :, hh, :].reshape(ct, head_dim), dtype)
             v = _bits_to_f32(v_bits[ids, :, hh, :].reshape(ct, head_dim), dtype)
             s = jnp.einsum("rd,td->rt", qh, k, preferred_element_type=jnp.float32, precision=prec)
-            if logits_soft_cap is not None:
-                s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
+            s = soft_cap(s, logits_soft_cap)
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
             # empty prefix: the max may be NaN (a padding block), p is 0 and out is masked
             m_new = jnp.where(j * ct < prefix_len, m_new, m)
@@ -619,9 +629,7 @@ def short_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
         # [G, ct] orientation (measured 32 x 128 f32: 4.5 ms, both dots key-major 5.4 ms).
         s = jnp.einsum("ghtd,ghrd->ghtr", k, qs, preferred_element_type=jnp.float32, precision=prec)
         s = lax.optimization_barrier(s).transpose(0, 1, 3, 2)   # [g, Hkv, G, ct]
-        if logits_soft_cap is not None:
-            s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
-        s = jnp.where(ok[:, None, None, :], s, -jnp.inf)
+        s = jnp.where(ok[:, None, None, :], soft_cap(s, logits_soft_cap), -jnp.inf)
         m = jnp.max(s, axis=3)                             # [g, Hkv, G]
         m_safe = jnp.where(m == -jnp.inf, 0.0, m)
         p = jnp.exp(s - m_safe[..., None])

@@ -182,11 +182,7 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
         t = t0 + lax.broadcasted_iota(jnp.int32, (rows, tokens), 1)
         row_pos = pos_ref[i] + lax.div(lax.broadcasted_iota(jnp.int32, (rows, tokens), 0),
                                        jnp.int32(group))
-        mask = t < hi
-        if causal:
-            mask = mask & (t <= row_pos)
-            if sliding_window is not None:
-                mask = mask & (t > row_pos - sliding_window)
+        mask = _xla.visible(t < hi, t, row_pos, causal=causal, sliding_window=sliding_window)
         # slots past the keys (a block's padding, blocks not copied) may hold NaN
         key_ok = (t0 + lax.broadcasted_iota(jnp.int32, (tokens, 1), 0)) < hi
         for h in range(heads):
@@ -202,9 +198,7 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
                                        preferred_element_type=jnp.float32)
                 s = part if s is None else s + part
             s = s * scale                                             # [rows, tokens]
-            if logits_soft_cap is not None:
-                s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
-            s = jnp.where(mask, s, -jnp.inf)
+            s = jnp.where(mask, _xla.soft_cap(s, logits_soft_cap), -jnp.inf)
             m_prev = m_sc[h]                                          # [rows, 1]
             m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)

@@ -151,13 +151,8 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
     def score(k, t, mask):
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
                             preferred_element_type=jnp.float32) * scale  # [rows, W]
-        if logits_soft_cap is not None:
-            s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
-        if causal:
-            mask = mask & (t <= row_pos)
-            if sliding_window is not None:
-                mask = mask & (t > row_pos - sliding_window)
-        return jnp.where(mask, s, -jnp.inf)
+        mask = _xla.visible(mask, t, row_pos, causal=causal, sliding_window=sliding_window)
+        return jnp.where(mask, _xla.soft_cap(s, logits_soft_cap), -jnp.inf)
 
     def body(step, carry):
         m, l_sum, acc = carry
