@@ -60,9 +60,19 @@ def kv_splits(programs: int, max_kv: int, sms: int = DEFAULT_SMS) -> int:
     the cascade's prefix pass, few query tiles over one long prefix (on the H200 batch of
     PREFIX_PROGRAMS_PER_SM's note, 6 splits: the JAX cascade took 349 us against 1543 us for
     paged attention)."""
-    if max_kv < 1024 or programs >= sms:
+    return _split_factor(programs, max_kv, sms, per_sm=2, min_keys=512)
+
+
+def _split_factor(programs: int, max_kv: int, sms: int, *, per_sm: int, min_keys: int,
+                  round_up: bool = False) -> int:
+    """1 when ``programs`` fill the ``sms`` or ``max_kv`` is under two splits of ``min_keys``;
+    else about ``per_sm`` programs per SM (rounded down, or up), at most MAX_KV_SPLITS splits
+    of at least ``min_keys`` keys."""
+    if max_kv < 2 * min_keys or programs >= sms:
         return 1
-    return int(max(1, min(MAX_KV_SPLITS, sms * 2 // max(programs, 1), max_kv // 512)))
+    want, programs = sms * per_sm, max(programs, 1)
+    per = -(-want // programs) if round_up else want // programs
+    return int(max(1, min(MAX_KV_SPLITS, per, max_kv // min_keys)))
 
 
 #: Programs per SM the cascade's prefix launch (torch frontend, Triton) aims at: its programs
@@ -79,10 +89,8 @@ def prefix_kv_splits(programs: int, max_kv: int, sms: int = DEFAULT_SMS) -> int:
     kv heads) over prefixes of up to ``max_kv`` keys: 1 when they fill the ``sms``
     multiprocessors or the keys are under 2048, else ~PREFIX_PROGRAMS_PER_SM programs per
     SM, at most MAX_KV_SPLITS splits of at least 1024 keys (27 for the 40 programs above)."""
-    if max_kv < 2048 or programs >= sms:
-        return 1
-    per_sm = -(-sms * PREFIX_PROGRAMS_PER_SM // max(programs, 1))
-    return int(max(1, min(MAX_KV_SPLITS, per_sm, max_kv // 1024)))
+    return _split_factor(programs, max_kv, sms, per_sm=PREFIX_PROGRAMS_PER_SM, min_keys=1024,
+                         round_up=True)
 
 
 def max_prefix_split_rows(num_tokens: int, heads: int, tile_tokens: int, max_kv: int,

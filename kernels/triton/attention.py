@@ -637,10 +637,11 @@ def shared_prefix_attention(out, lse, q, k_cache, v_cache, prefix_block_tables, 
     # their rows must read "nothing seen" (out 0, lse -inf). Unsplit, the launch writes the
     # other rows of part_o/part_l; split, its merge writes every row from the partials, whose
     # unwritten rows then must have lse -inf (the merge ignores their out).
-    splits = _prefix_splits(q, k_cache, prefix_block_tables)
     pre = None
-    if splits > 1:
+    splits = 1  # the plan carved prefix partials when the prefix launch splits
+    if "pre_part_o" in b:
         pre = {"part_o": b["pre_part_o"], "part_l": b["pre_part_l"]}
+        splits = pre["part_o"].shape[0]
         pre["part_l"].fill_(float("-inf"))
     else:
         part_o.zero_()
