@@ -158,6 +158,16 @@ def _build_tiles(kv_lens, cu_q_lens, num_tiles: int, q_tile: int, search: str = 
     return seq, q_start, q_len, first_pos
 
 
+def key_blocks(first_pos, hi, block_size: int, sliding_window: int | None):
+    """(first KV block ``lo``, number of KV blocks ``nblk``) a tile reads: from the first key
+    its first query (at ``first_pos``) sees through the window, up to key ``hi``."""
+    if sliding_window is not None:
+        lo = jnp.maximum(first_pos - sliding_window + 1, 0) // block_size
+    else:
+        lo = jnp.zeros_like(hi)
+    return lo, jnp.maximum((hi + block_size - 1) // block_size - lo, 0)
+
+
 def kernel_tile_plan(kv_lens, cu_q_lens, *, num_tokens: int, num_tiles: int, q_tile: int,
                      block_size: int, causal: bool, sliding_window: int | None,
                      search: str = "scan"):
@@ -174,11 +184,7 @@ def kernel_tile_plan(kv_lens, cu_q_lens, *, num_tokens: int, num_tiles: int, q_t
     last_pos = first_pos + jnp.maximum(q_len, 1) - 1
     hi = jnp.minimum(last_pos + 1, tile_kv) if causal else tile_kv
     hi = jnp.where(q_len > 0, hi, 0)
-    if sliding_window is not None:
-        lo = jnp.maximum(first_pos - sliding_window + 1, 0) // block_size
-    else:
-        lo = jnp.zeros_like(hi)
-    nblk = jnp.maximum((hi + block_size - 1) // block_size - lo, 0)
+    lo, nblk = key_blocks(first_pos, hi, block_size, sliding_window)
     i32 = jnp.int32
     return (seq.astype(i32), tok.astype(i32), lo.astype(i32), nblk.astype(i32), hi.astype(i32),
             first_pos.astype(i32))

@@ -148,6 +148,10 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
         # a step's keys are consecutive tokens; those of blocks past the program's nblk count 0
         end = jnp.minimum(hi, (lo + nblk) * block_size)
 
+    def block_id(j):  # the cache block of the program's j-th block (ids clamped to the cache)
+        return jnp.clip(tables_ref[seq * max_blocks + jnp.minimum(lo + j, max_blocks - 1)],
+                        0, num_blocks - 1)
+
     def score(k, t, mask):
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
                             preferred_element_type=jnp.float32) * scale  # [rows, W]
@@ -159,9 +163,7 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
         scores, values = [], []
         if kv_gather:  # one tile of the step's keys, rows addressed through the block table
             j = step * blocks_per_step + key_blk
-            blk = jnp.clip(tables_ref[seq * max_blocks + jnp.minimum(lo + j, max_blocks - 1)],
-                           0, num_blocks - 1)
-            kv_rows = blk * block_size + key_off                             # [W]
+            kv_rows = block_id(j) * block_size + key_off                     # [W]
             k, v = k_ref[kv_rows, heads], v_ref[kv_rows, heads]
             t0 = (lo + step * blocks_per_step) * block_size
             values.append(jnp.where(t0 + key_col < end, v, jnp.zeros((), v.dtype)))
@@ -171,9 +173,7 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
             # past the program's nblk (the last step) read a block of the row and count 0
             j = step * blocks_per_step + u
             live = j < nblk
-            blk = jnp.clip(tables_ref[seq * max_blocks + jnp.minimum(lo + j, max_blocks - 1)],
-                           0, num_blocks - 1)
-            start = blk * block_size
+            start = block_id(j) * block_size
             k = k_ref[pl.ds(start, block_size), heads]
             v = v_ref[pl.ds(start, block_size), heads]
             t0 = (lo + j) * block_size
@@ -213,11 +213,7 @@ def _decode_tile_plan(kv_lens, block_size: int, sliding_window: int | None):
     hi = kv_lens.astype(i32)                        # causal or not: the query sees every key
     seq = jnp.arange(hi.shape[0], dtype=i32)
     first_pos = hi - 1
-    if sliding_window is not None:
-        lo = jnp.maximum(first_pos - sliding_window + 1, 0) // block_size
-    else:
-        lo = jnp.zeros_like(hi)
-    nblk = jnp.maximum((hi + block_size - 1) // block_size - lo, 0)
+    lo, nblk = _xla.key_blocks(first_pos, hi, block_size, sliding_window)
     return seq, seq[:, None], lo, nblk, hi, first_pos
 
 
