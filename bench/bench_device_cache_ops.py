@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from bench.conftest import cuda_memory_limits, cuda_seconds
+from bench.conftest import cuda_benchmark, cuda_memory_limits
 
 try:
     import torch
@@ -88,13 +88,6 @@ def _torch_caches(n: int, num_blocks: int):
             .to(torch.bfloat16) for _ in range(n)]
 
 
-def _torch_time(benchmark, fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=5, warmup_rounds=1)
-    return cuda_seconds(fn, iters=CALLS)
-
-
 @cuda
 @pytest.mark.parametrize("impl", ["triton", "index_copy_baseline"])
 def test_gpu_cache_torch_write_kv(benchmark, impl):
@@ -114,7 +107,7 @@ def test_gpu_cache_torch_write_kv(benchmark, impl):
         def fn():
             k.view(-1, HKV, D).index_copy_(0, slots64, key)
             v.view(-1, HKV, D).index_copy_(0, slots64, value)
-    t = _torch_time(benchmark, fn)
+    t = cuda_benchmark(benchmark, fn, iters=CALLS)
     assert torch.equal(k.view(-1, HKV, D)[slots64], key)
     assert torch.equal(v.view(-1, HKV, D)[slots64], value)
     _finish(benchmark, t, WRITE_BYTES, cuda_memory_limits()["copy_gbps"], impl=impl)
@@ -151,7 +144,7 @@ def test_gpu_cache_torch_moves(benchmark, impl, op):
               if impl == "triton"
               else (lambda: [c.index_copy_(0, dst64, buffer[:, i])
                              for i, c in enumerate(caches)]))
-    t = _torch_time(benchmark, fn)
+    t = cuda_benchmark(benchmark, fn, iters=CALLS)
     if want is not None:
         for c, w in zip(caches, want, strict=True):
             assert torch.equal(c[dst64], w)
@@ -167,18 +160,11 @@ def _jax_copy_gbps(nbytes: int = 1 << 30) -> float:
     """Read + written GB/s of negating a bf16 array of ``nbytes`` (far above any on-chip
     cache): the device's copy bandwidth as XLA reaches it, once per run."""
     if not _JAX_COPY:
+        from bench.bench_jax_attention import best_call_seconds
+
         x = jnp.ones(nbytes // 2, jnp.bfloat16)
-        neg = jax.jit(jnp.negative)
-        jax.block_until_ready(neg(x))
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(CALLS):
-                r = neg(x)
-            jax.block_until_ready(r)
-            best = min(best, (time.perf_counter() - t0) / CALLS)
-        _JAX_COPY.append(2 * nbytes / best / 1e9)
-        del x, r
+        _JAX_COPY.append(2 * nbytes / best_call_seconds(jax.jit(jnp.negative), (x,)) / 1e9)
+        del x
     return _JAX_COPY[0]
 
 

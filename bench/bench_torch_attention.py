@@ -22,9 +22,9 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
 from bench.conftest import (  # noqa: E402
+    cuda_benchmark,
     cuda_matmul_tflops,
     cuda_memory_limits,
-    cuda_seconds,
     datasheet_hbm_gbps,
     record,
 )
@@ -282,10 +282,7 @@ def test_gpu_decode(benchmark, impl, dtype, shape):
         def fn():  # caller buffers: no allocation in the timed calls
             return tf.paged_attention(q, k, v, tables, kv_lens, out=out, lse=lse, workspace=ws,
                                       backend=impl)
-    fn()
-    torch.cuda.synchronize()
-    benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=10, warmup_rounds=2)
-    t = cuda_seconds(fn, iters=20)
+    t = cuda_benchmark(benchmark, fn, rounds=10, warmup_rounds=2, iters=20)
     gpu = torch.cuda.get_device_name()
     peak = datasheet_hbm_gbps(gpu)
     nbytes = _kv_bytes(k, num_seqs, context)
@@ -342,9 +339,7 @@ def test_gpu_shared_prefix(benchmark, impl):
             return baseline_paged_attention(*pa_args)
     want = tf.paged_attention(*pa_args).float()
     torch.testing.assert_close(fn().float(), want, atol=2e-2, rtol=2e-2)
-    torch.cuda.synchronize()
-    benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=10, warmup_rounds=2)
-    t = cuda_seconds(fn, iters=10)
+    t = cuda_benchmark(benchmark, fn, rounds=10, warmup_rounds=2)
     unique = 2 * (GSP_PREFIX + GSP_SEQS * GSP_OWN) * HKV * HEAD_DIM * 2
     read = cuda_memory_limits()["read_gbps"]
     benchmark.extra_info.update(
@@ -417,10 +412,7 @@ def test_gpu_prefill(benchmark, impl):
         def fn():
             return F.scaled_dot_product_attention(qf, kd, vd, is_causal=True, enable_gqa=True)
         q_len = total
-    fn()
-    torch.cuda.synchronize()
-    benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=5, warmup_rounds=1)
-    t = cuda_seconds(fn, iters=10)
+    t = cuda_benchmark(benchmark, fn)
     flops = GPF_SEQS * 4 * HQ * HEAD_DIM * float(sum(range(total - q_len + 1, total + 1)))
     peak = cuda_matmul_tflops()
     benchmark.extra_info.update(

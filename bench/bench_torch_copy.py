@@ -18,7 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bench.conftest import cuda_seconds, record, seconds  # noqa: E402
+from bench.conftest import cuda_benchmark, cuda_seconds, record, seconds  # noqa: E402
 from prefixkv import torch_frontend as tf  # noqa: E402
 
 torch.set_num_threads(1)
@@ -143,9 +143,8 @@ def test_gpu_swap_blocks(benchmark, impl, direction):
         def fn():
             tf.swap_blocks(host, dev, host_ids, dev_ids, backend=impl)
     slow = impl == "per_block_loop_baseline"  # 8192 launches a call
-    benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=2 if slow else 5,
-                       warmup_rounds=1)
-    t = cuda_seconds(fn, iters=2 if slow else 10, repeat=1 if slow else 3)
+    t = cuda_benchmark(benchmark, fn, rounds=2 if slow else 5, iters=2 if slow else 10,
+                       repeat=1 if slow else 3)
     pcie = cuda_seconds((lambda: flat_host.copy_(flat_dev, non_blocking=True))
                          if direction == "offload"
                          else (lambda: flat_dev.copy_(flat_host, non_blocking=True)))

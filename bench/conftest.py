@@ -110,6 +110,19 @@ def cuda_seconds(fn, iters: int = 10, repeat: int = 3) -> float:
     return best
 
 
+def cuda_benchmark(benchmark, fn, *, rounds: int = 5, warmup_rounds: int = 1,
+                   iters: int = 10, repeat: int = 3) -> float:
+    """pytest-benchmark's rounds of ``fn`` (each synced, host time) after one untimed call,
+    then the GPU seconds per call by CUDA events (cuda_seconds), which it returns."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=rounds,
+                       warmup_rounds=warmup_rounds)
+    return cuda_seconds(fn, iters=iters, repeat=repeat)
+
+
 #: Datasheet HBM GB/s by device-name substring, most specific first ("TPU v5 lite" is v5e,
 #: "TPU v5" v5p, "TPU v6 lite" v6e; H100 PCIe has HBM2e).
 HBM_GBPS = (("H100 PCIe", 2000.0), ("H100", 3350.0), ("H200", 4800.0), ("A100", 2039.0),
