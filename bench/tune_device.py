@@ -7,6 +7,7 @@ fastest, as GB/s and the fraction of the read bandwidth measured in the same run
     python bench/tune_device.py f32 [SECONDS]       # Triton float32: ieee against tf32x3 dots
     python bench/tune_device.py cascade [SECONDS]   # cascade prefix-pass splits, both frontends
     python bench/tune_device.py jaxprof [SECONDS]   # the CUDA kernels of a JAX decode call
+    python bench/tune_device.py torchprof [SECONDS] # the same for the Triton decode (split-KV)
 
 Decode over 32 q / 8 kv heads, head_dim 128, 16-token blocks (the benchmarks' shapes):
 Triton at 64 x 4096, 8 x 4096 and 1 x 32768 tokens (bf16 and float32) over keys per step x
@@ -20,6 +21,7 @@ sweeps on an H200 (2026-11-28); not part of the test run (no ``test_``/``bench_`
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -272,12 +274,25 @@ def sweep_cascade(deadline: float) -> None:
         _line(name, [f"{best * 1e6:.0f} us"])
 
 
+def _kernel_table(title: str, call, sync) -> None:
+    """Print the CUDA kernels of 10 calls of ``call`` (then ``sync``) with their GPU times,
+    recorded by torch.profiler (CUPTI sees every kernel of the process, JAX's too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(call())
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            r = call()
+        sync(r)
+    print(f"--- {title}: 10 calls", flush=True)
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14,
+                                    max_name_column_width=60), flush=True)
+
+
 def profile_jax(deadline: float) -> None:
     """The CUDA kernels of a JAX decode call (Pallas, 8 x 4096 and 32 x 8192 tokens, bf16)
-    and their GPU times, recorded by torch.profiler (CUPTI sees every kernel of the process):
-    where the time beside the attention kernel goes."""
+    and their GPU times: where the time beside the attention kernel goes."""
     import jax
-    from torch.profiler import ProfilerActivity, profile
 
     from bench import bench_jax_attention as bja
     from prefixkv import jax_frontend as jf
@@ -288,23 +303,49 @@ def profile_jax(deadline: float) -> None:
             return
         args = bja._device_decode_inputs(num_seqs, context)
         fn = jax.jit(lambda q, k, v, t, n: jf.paged_attention(q, k, v, t, n))
-        jax.block_until_ready(fn(*args))
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                r = fn(*args)
-            jax.block_until_ready(r)
-        print(f"--- jax decode {num_seqs}x{context}: 10 calls", flush=True)
-        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14,
-                                        max_name_column_width=60), flush=True)
+        _kernel_table(f"jax decode {num_seqs}x{context}", functools.partial(fn, *args),
+                      jax.block_until_ready)
+
+
+def profile_torch(deadline: float) -> None:
+    """The CUDA kernels of a torch Triton decode call (bf16; 8 x 4096 and 1 x 32768 split the
+    KV, 64 x 4096 does not) and their GPU times, beside the call's time by CUDA events: the
+    split launches read at ~70% against 99% unsplit, ~12 us more a call than their bytes need;
+    this says whether that is the split kernel, the merge kernel or the gap between them."""
+    import torch
+
+    from bench.bench_torch_attention import decode_batch
+    from bench.conftest import cuda_memory_limits, cuda_seconds
+    from prefixkv import torch_frontend as tf
+
+    read = cuda_memory_limits()["read_gbps"]
+    for num_seqs, context in [(8, 4096), (1, 32768), (64, 4096)]:
+        if time.time() > deadline:
+            print("deadline reached", flush=True)
+            return
+        q, k, v, tables, kv_lens = decode_batch("cuda", torch.bfloat16, num_seqs, context)
+        out, lse = torch.empty_like(q), torch.empty(q.shape[:2], device="cuda")
+        ws = torch.empty(tf.attention_workspace_size(q, k, tables, backend="triton"),
+                         dtype=torch.uint8, device="cuda")
+        call = functools.partial(tf.paged_attention, q, k, v, tables, kv_lens, out=out, lse=lse,
+                                 workspace=ws, backend="triton")
+        t = cuda_seconds(call, iters=20)
+        nbytes = 2 * num_seqs * context * KV_HEADS * HEAD_DIM * 2
+        print(f"torch decode {num_seqs}x{context}: {t * 1e6:.1f} us a call by events, "
+              f"{nbytes / t / 1e9 / read:.3f} of the read bandwidth "
+              f"(bytes alone: {nbytes / read / 1e3:.1f} us)", flush=True)
+        _kernel_table(f"torch decode {num_seqs}x{context}", call,
+                      lambda _: torch.cuda.synchronize())
 
 
 def main(argv: list[str]) -> int:
     modes = {"triton": sweep_triton, "pallas": sweep_pallas, "splits": sweep_splits,
-             "f32": sweep_f32, "cascade": sweep_cascade, "jaxprof": profile_jax}
+             "f32": sweep_f32, "cascade": sweep_cascade, "jaxprof": profile_jax,
+             "torchprof": profile_torch}
     if not argv or argv[0] not in modes:
         print(__doc__)
         return 2
-    if argv[0] in ("triton", "splits", "f32", "cascade", "jaxprof"):
+    if argv[0] in ("triton", "splits", "f32", "cascade", "jaxprof", "torchprof"):
         import torch
 
         if not torch.cuda.is_available():
