@@ -252,9 +252,21 @@ SP_CASES = [
 ]
 
 
+@pytest.fixture(params=["kept", "dissolved"])
+def cascade_groups(request, monkeypatch):
+    """The CPU cascade with every prefix group given its own pass (thresholds 0), or with
+    every group dissolved into its sequences' own tables (_native._cascade_groups)."""
+    from prefixkv.torch_frontend import _native
+
+    least = 0 if request.param == "kept" else 10**9
+    monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", least)
+    monkeypatch.setattr(_native, "CASCADE_MIN_KEYS", least)
+    return request.param
+
+
 @pytest.mark.parametrize("case", SP_CASES, ids=lambda c: f"bs{c[2]}-{c[5]}")
 @pytest.mark.parametrize("cap", [None, 4.0])
-def test_shared_prefix_attention_matches_reference(case, cap):
+def test_shared_prefix_attention_matches_reference(case, cap, cascade_groups):
     pblocks, seqs, bs, hq, hkv, dtype = case
     rng = np.random.default_rng(len(seqs) * bs)
     b = testing.make_shared_prefix_batch(rng, pblocks, seqs, num_q_heads=hq, num_kv_heads=hkv,
@@ -297,6 +309,8 @@ def test_shared_prefix_cpu_chunked_paths(monkeypatch, case, decode, dense_min_ro
     monkeypatch.setattr(_native, "DENSE_CHUNK_BYTES", 2 * block_bytes)
     monkeypatch.setattr(_native, "DENSE_MIN_ROWS", dense_min_rows)
     monkeypatch.setattr(_native, "DENSE_SCORES", 20)  # a few rows per dense tile
+    monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", 0)  # every group its own pass
+    monkeypatch.setattr(_native, "CASCADE_MIN_KEYS", 0)
     # the own tokens through _attend_host here, not the compiled decode kernel (tested below)
     monkeypatch.setattr(_native, "_c_decode", lambda *a: False)
     calls = []
@@ -317,6 +331,65 @@ def test_shared_prefix_cpu_chunked_paths(monkeypatch, case, decode, dense_min_ro
     np.testing.assert_allclose(N(lse), want_lse, atol=1e-4, rtol=1e-4)
     decoding = all(q == 1 for _, q, _ in seqs)
     assert len(calls) == (2 if decoding else 1)  # own tokens (decode only), then prefixes
+
+
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+def test_shared_prefix_cpu_dissolves_small_groups(monkeypatch, decode):
+    """The CPU cascade gives a prefix group its own pass only from CASCADE_MIN_ROWS rows and
+    CASCADE_MIN_KEYS keys; the others' sequences read the prefix through their own tables,
+    with the same result. Here prefix 0 (3 blocks, 3 tokens x 2 q heads per kv head) keeps
+    its pass, prefix 1 (too few rows), prefix 2 (too few keys) and the unused prefix 3 go."""
+    from prefixkv.torch_frontend import _native
+
+    monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", 6)
+    monkeypatch.setattr(_native, "CASCADE_MIN_KEYS", 3 * 8)
+    rng = np.random.default_rng(11)
+    seqs = [(0, 1, 9), (1, 1, 5), (2, 1, 12), (0, 1, 1), (-1, 1, 7), (2, 1, 3), (0, 1, 16)]
+    if not decode:
+        seqs = [(p, q + (s % 3), kv + (s % 3)) for s, (p, q, kv) in enumerate(seqs)]
+    b = testing.make_shared_prefix_batch(rng, [3, 4, 2, 5], seqs, num_q_heads=4,
+                                         num_kv_heads=2, head_dim=64, block_size=8,
+                                         decode=False if not decode else None)
+    grouped = []
+    real = _native._cascade_groups
+    monkeypatch.setattr(_native, "_cascade_groups",
+                        lambda *a: grouped.append(real(*a)) or grouped[-1])
+    want, want_lse = ref.shared_prefix_attention_reference(*b.args(), return_lse=True)
+    got, got_lse = tf.shared_prefix_attention(*(T(a) for a in b.args()), return_lse=True)
+    close(got, want, "float32")
+    np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-4, rtol=1e-4)
+    ptab, plens, pids, tables, kv = (N(t) for t in grouped[0])
+    np.testing.assert_array_equal(plens, [24])  # prefix 0 alone, renumbered 0
+    np.testing.assert_array_equal(ptab, b.prefix_block_tables[:1])
+    np.testing.assert_array_equal(pids, [0, -1, -1, 0, -1, -1, 0])
+    np.testing.assert_array_equal(kv, b.kv_lens + np.array([0, 32, 16, 0, 0, 16, 0]))
+    for s, (p, _, own_kv) in enumerate(seqs):
+        own_blocks = -(-own_kv // 8)
+        if p in (1, 2):  # the prefix's blocks, then the sequence's own
+            front = b.prefix_block_tables[p, :b.prefix_lens[p] // 8]
+        else:
+            front = b.prefix_block_tables[:0, 0]
+        np.testing.assert_array_equal(
+            tables[s, :front.size + own_blocks],
+            np.concatenate([front, b.block_tables[s, :own_blocks]]))
+
+
+def test_shared_prefix_cpu_all_groups_dissolved_is_paged_attention(monkeypatch):
+    """No group worth a pass (the defaults, a small batch): one paged_attention pass over the
+    prefix + own tables, no cascade step at all."""
+    from prefixkv.torch_frontend import _native
+
+    calls = []
+    real = _native.paged_attention
+    monkeypatch.setattr(_native, "paged_attention",
+                        lambda *a, **k: (calls.append(a[5].shape), real(*a, **k)))
+    monkeypatch.setattr(_native, "_attend_host", None)  # the cascade's passes: must not run
+    rng = np.random.default_rng(12)
+    b = testing.make_shared_prefix_batch(rng, [2, 1], [(0, 1, 5), (1, 2, 9), (0, 1, 3)],
+                                         block_size=8)
+    want = ref.shared_prefix_attention_reference(*b.args())
+    close(tf.shared_prefix_attention(*(T(a) for a in b.args())), want, "float32")
+    assert calls == [(3, 2 + 2)]  # three sequences, prefix blocks + own blocks wide
 
 
 def test_merge_attention_states_matches_reference_and_empty_states():

@@ -24,6 +24,7 @@ import itertools
 import math
 import threading
 
+import numpy as np
 import torch
 
 #: Bytes of float32 K per chunk of the online softmax (rounded to whole blocks).
@@ -537,6 +538,59 @@ def merge_attention_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, o
     lse.masked_fill_(~seen, float("-inf"))
 
 
+#: The CPU cascade's prefix groups worth a pass of their own: at least CASCADE_MIN_ROWS query
+#: rows per kv head (the group's tokens x q heads per kv head) and CASCADE_MIN_KEYS prefix
+#: keys. A smaller group's gather and small matmuls cost more than reading its prefix once per
+#: sequence, so its sequences read the prefix as part of their own tables (_cascade_groups).
+CASCADE_MIN_ROWS = 64
+CASCADE_MIN_KEYS = 1024
+
+
+def _cascade_groups(group: int, block_size: int, prefix_block_tables, prefix_lens, prefix_ids,
+                    block_tables, kv_lens, cu_q_lens):
+    """The cascade's host metadata with the prefix groups below CASCADE_MIN_ROWS /
+    CASCADE_MIN_KEYS dissolved: their sequences' tables become the prefix's blocks then their
+    own (prefix lengths are whole blocks), their kv_lens grow by the prefix, their prefix id
+    is -1; the kept prefixes are renumbered in order. The same attention, exactly: an own
+    token's causal view of its prefix is the whole prefix either way. Returns (prefix tables,
+    prefix lens, prefix ids, tables, kv lens), the inputs themselves when every group stays,
+    else new int32 CPU tensors. (numpy: a few us an op here, where torch's small ops cost
+    ~10 us each.)"""
+    plens = prefix_lens.numpy().astype(np.int64)
+    pid = prefix_ids.numpy().astype(np.int64)
+    num_prefixes, num_seqs = plens.shape[0], pid.shape[0]
+    has = pid >= 0
+    if not has.any():
+        return prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens
+    q_lens = np.ones(num_seqs, np.int64) if cu_q_lens is None else np.diff(
+        cu_q_lens.numpy().astype(np.int64))
+    p = np.maximum(pid, 0)
+    tokens = np.bincount(p[has], weights=q_lens[has], minlength=num_prefixes)
+    keep = (tokens * group >= CASCADE_MIN_ROWS) & (plens >= CASCADE_MIN_KEYS)
+    dissolve = has & ~keep[p]
+    if not dissolve.any():
+        return prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens
+    own = block_tables.numpy()
+    pre = prefix_block_tables.numpy()
+    pblocks = np.where(dissolve, plens[p] // block_size, 0)
+    own_width, pre_width = own.shape[1], pre.shape[1]
+    cols = np.arange(own_width + int(pblocks.max()))
+    # entries past a row's used blocks repeat its last one (the kernels never read them)
+    own_part = (np.take_along_axis(own, np.clip(cols - pblocks[:, None], 0, own_width - 1), 1)
+                if own_width else np.zeros((num_seqs, cols.size), own.dtype))
+    pre_part = pre[p][:, np.minimum(cols, pre_width - 1)] if pre_width else own_part
+    tables = np.where(cols < pblocks[:, None], pre_part, own_part).astype(np.int32)
+    kv = kv_lens.numpy().astype(np.int64) + np.where(dissolve, plens[p], 0)
+    kept = np.flatnonzero(keep)
+    renumber = np.full(num_prefixes, -1, np.int64)
+    renumber[kept] = np.arange(kept.size)
+    ids = np.where(dissolve, -1, np.where(has, renumber[p], -1))
+    i32 = np.int32
+    return (torch.from_numpy(np.ascontiguousarray(pre[kept], dtype=i32)),
+            torch.from_numpy(plens[kept].astype(i32)), torch.from_numpy(ids.astype(i32)),
+            torch.from_numpy(tables), torch.from_numpy(kv.astype(i32)))
+
+
 def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_cache,
                             prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
                             cu_q_lens, *, scale: float, logits_soft_cap: float | None,
@@ -561,6 +615,16 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     fused = host and _host_path(q, logits_soft_cap)
+    if fused:
+        (prefix_block_tables, prefix_lens, prefix_ids, block_tables,
+         kv_lens) = _cascade_groups(group, k_cache.shape[1], prefix_block_tables, prefix_lens,
+                                    prefix_ids, block_tables, kv_lens, cu_q_lens)
+        num_prefixes = prefix_block_tables.shape[0]
+        if num_prefixes == 0:  # every group dissolved: one paged pass
+            paged_attention(out, lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
+                            scale=scale, causal=True, sliding_window=None,
+                            logits_soft_cap=None)
+            return
     decode = num_tokens == num_seqs and (cu_q_lens is None or (host and torch.equal(
         cu_q_lens.to(torch.int64), torch.arange(num_seqs + 1))))
     own_c = None  # the own part by the compiled decode kernel (in q's dtype), when it runs
