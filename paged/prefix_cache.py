@@ -98,6 +98,14 @@ def _token_array(tokens, name: str = "tokens") -> np.ndarray:
     return arr.astype(np.int32, copy=False)
 
 
+def _count(value, name: str) -> int:
+    """``value`` as a count: a Python or numpy integer (not a bool), else a TypeError naming
+    ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {value!r}")
+    return int(value)
+
+
 class PrefixCache:
     """Prefix-caching block manager over one :class:`BlockPool` (one KV cache, one tier).
 
@@ -197,10 +205,12 @@ class PrefixCache:
     def request_hashes(self, request_id, num_blocks: int | None = None) -> list[bytes]:
         """Hash chain of the request's first ``num_blocks`` full blocks (all full by default)."""
         req = self._get(request_id)
-        n = len(req.tokens) // self.block_size if num_blocks is None else num_blocks
-        if n > len(req.tokens) // self.block_size:
-            raise ValueError(f"num_blocks: the request has {len(req.tokens) // self.block_size} "
-                             f"full blocks, got {n}")
+        n = len(req.tokens) // self.block_size if num_blocks is None else _count(
+            num_blocks, "num_blocks")
+        if not 0 <= n <= len(req.tokens) // self.block_size:
+            raise ValueError(f"num_blocks: expected 0 <= num_blocks <= "
+                             f"{len(req.tokens) // self.block_size} (the request's full "
+                             f"blocks), got {n}")
         self._extend_hashes(req, n)
         return req.hashes[:n]
 
@@ -234,6 +244,7 @@ class PrefixCache:
         tier holds, register them and count them as computed. The caller must fill them
         (``scatter_blocks``) before the next step reads them. Returns the new block ids."""
         req = self._get(request_id)
+        num_blocks = _count(num_blocks, "num_blocks")
         bs = self.block_size
         if req.num_computed % bs or len(req.blocks) * bs != req.num_computed:
             raise ValueError("request_id: onboard needs a request whose computed tokens end at "
@@ -296,7 +307,8 @@ class PrefixCache:
 
     @staticmethod
     def _check_new(req: _Request, num_new_tokens: int) -> None:
-        if not isinstance(num_new_tokens, (int, np.integer)) or num_new_tokens < 0 or (
+        if (isinstance(num_new_tokens, bool) or not isinstance(num_new_tokens, (int, np.integer))
+                or num_new_tokens < 0 or 
                 req.num_computed + num_new_tokens > len(req.tokens)):
             raise ValueError(f"num_new_tokens: expected 0 <= num_new_tokens <= "
                              f"{len(req.tokens) - req.num_computed} (known tokens not computed "
@@ -321,6 +333,7 @@ class PrefixCache:
         """The KV of the next ``num_new_tokens`` tokens is (or will be, this step) written:
         count them computed and register the blocks they filled."""
         req = self._get(request_id)
+        num_new_tokens = _count(num_new_tokens, "num_new_tokens")
         end = req.num_computed + num_new_tokens
         limit = min(len(req.blocks) * self.block_size, len(req.tokens))
         if num_new_tokens < 0 or end > limit:
@@ -365,15 +378,35 @@ class PrefixCache:
         if need > self.pool.num_free:
             raise NoFreeBlocksError(f"batch: needs {need} blocks, {self.pool.num_free} free")
         pairs: list[tuple[int, int]] = []
-        for rid, n in batch:
-            pairs.extend(self.allocate(rid, n))
-        plan = self.plan(batch)
+        before = {rid: list(self._get(rid).blocks) for rid, _ in batch}
+        try:
+            for rid, n in batch:
+                pairs.extend(self.allocate(rid, n))
+            plan = self.plan(batch)
+        except BaseException:
+            self._undo_allocate(before)
+            raise
         if pairs:
             plan.copy_src = np.asarray([s for s, _ in pairs], dtype=np.int32)
             plan.copy_dst = np.asarray([d for _, d in pairs], dtype=np.int32)
         for rid, n in batch:
             self.commit(rid, n)
         return plan
+
+    def _undo_allocate(self, before: dict) -> None:
+        """Put back the blocks :meth:`allocate` changed since ``before`` ({request_id: its
+        blocks then}): a copy-on-write source is taken again and its fresh copy freed, new
+        blocks are freed. (Blocks it unregistered stay unregistered: a lost cache entry, never
+        a wrong one.) So a step that fails after allocating leaves no copy the engine never
+        heard of: a retried step plans the copies again."""
+        for rid, old in before.items():
+            req = self._requests[rid]
+            new = req.blocks
+            swapped = [i for i in range(min(len(old), len(new))) if old[i] != new[i]]
+            self.pool.touch([old[i] for i in swapped])
+            self.pool.free([new[i] for i in swapped] + new[len(old):])
+            req.blocks = old
+            req._row = None
 
     def fork(self, parent_id, child_id) -> None:
         """A child request sharing all the parent's blocks and tokens (parallel sampling).
@@ -389,6 +422,7 @@ class PrefixCache:
         past them are freed. A registered block that is written again later is unregistered
         or copied first, never changed under its hash."""
         req = self._get(request_id)
+        num_tokens = _count(num_tokens, "num_tokens")
         if not 0 <= num_tokens <= len(req.tokens):
             raise ValueError(f"num_tokens: expected 0 <= num_tokens <= {len(req.tokens)}, "
                              f"got {num_tokens}")

@@ -209,6 +209,37 @@ def test_fork_copy_on_write():
     pc.pool.check_consistency()
 
 
+def test_step_that_fails_to_plan_undoes_its_copy_on_write(monkeypatch):
+    """A step whose planning raises after allocate() took copies and new blocks puts them
+    back: the retried step plans the copy again (it was lost, and the forked request then
+    read a block nobody copied into) and the pool stays consistent."""
+    from prefixkv.paged import prefix_cache as pcm
+
+    pc = make(num_blocks=16, block_size=4)
+    pc.add_request("p", list(range(6)))
+    pc.step([("p", 6)])                      # block 2 holds 2 tokens
+    pc.fork("p", "c")
+    pc.append_tokens("c", [9, 9, 9, 9])      # writes into the shared block, then a new one
+    before, refs, free = pc.blocks("c"), pc.pool.ref_counts.copy(), pc.pool.num_free
+
+    def fail(*a, **k):
+        raise RecursionError("planning failed")
+
+    monkeypatch.setattr(pcm, "plan_batch", fail)
+    with pytest.raises(RecursionError, match="planning failed"):
+        pc.step([("c", 4)])
+    assert pc.blocks("c") == before and pc.num_computed("c") == 6
+    np.testing.assert_array_equal(pc.pool.ref_counts, refs)
+    assert pc.pool.num_free == free
+    pc.pool.check_consistency()
+    monkeypatch.undo()
+    plan = pc.step([("c", 4)])
+    assert plan.copy_src.tolist() == [before[1]] and plan.copy_dst.tolist() == [pc.blocks("c")[1]]
+    pc.free("p")
+    pc.free("c")
+    pc.pool.check_consistency()
+
+
 def test_truncate_then_rewrite_never_changes_a_cached_block():
     pc = make(block_size=4)
     eng = SimEngine(pc)
@@ -359,10 +390,18 @@ def test_default_hash_is_prefixkv_v1():
     (lambda pc: pc.truncate("a", 9), r"num_tokens: expected 0 <= num_tokens <= 5"),
     (lambda pc: pc.fork("a", "a"), r"child_id: 'a' is already running"),
     (lambda pc: pc.free("zz"), r"request_id: no request 'zz'"),
-    (lambda pc: pc.request_hashes("a", 2), r"num_blocks: the request has 1 full blocks"),
+    (lambda pc: pc.request_hashes("a", 2), r"num_blocks: expected 0 <= num_blocks <= 1"),
+    (lambda pc: pc.request_hashes("a", -1), r"num_blocks: expected 0 <= num_blocks <= 1"),
+    (lambda pc: pc.request_hashes("a", 1.0), r"num_blocks: expected an int, got 1.0"),
+    (lambda pc: pc.allocate("a", True), r"num_new_tokens: expected 0 <= num_new_tokens"),
+    (lambda pc: (pc.allocate("a", 4), pc.commit("a", 2.5)),
+     r"num_new_tokens: expected an int, got 2.5"),
+    (lambda pc: pc.truncate("a", 2.5), r"num_tokens: expected an int, got 2.5"),
+    (lambda pc: pc.onboard("a", 1.0), r"num_blocks: expected an int, got 1.0"),
 ], ids=["dup-request", "unknown", "too-many", "negative", "commit-unallocated",
         "negative-token", "float-token", "2d-tokens", "salt-type", "dup-in-batch", "truncate",
-        "fork-dup", "free-unknown", "hashes-too-many"])
+        "fork-dup", "free-unknown", "hashes-too-many", "hashes-negative", "hashes-float",
+        "allocate-bool", "commit-float", "truncate-float", "onboard-float"])
 def test_input_checks(call, match):
     pc = make()
     pc.add_request("a", [1, 2, 3, 4, 5])
