@@ -229,13 +229,10 @@ def plan_batch(block_lists: Sequence[Sequence[int]], context_lens: Sequence[int]
     return plan
 
 
-def _choose(order: list[int], lcp: list[int], lo: int, hi: int, min_blocks: int,
-            min_group: int) -> tuple[int, list[tuple[int, list[int]]]]:
-    """Best saving and groups [(depth, members)] for the sorted range order[lo:hi]."""
-    if hi - lo < 2:
-        return 0, []
+def _children(lcp: list[int], lo: int, hi: int) -> tuple[int, list[tuple[int, int]]]:
+    """(d, children) of the sorted range [lo, hi) (at least 2 rows): d its least adjacent lcp,
+    children its maximal subranges whose adjacent lcp exceeds d."""
     d = min(lcp[lo + 1:hi])
-    # children: maximal subranges whose adjacent lcp exceeds d
     children = []
     start = lo
     for k in range(lo + 1, hi):
@@ -243,28 +240,49 @@ def _choose(order: list[int], lcp: list[int], lo: int, hi: int, min_blocks: int,
             children.append((start, k))
             start = k
     children.append((start, hi))
-    leaf = (0, [])
-    solved = [(leaf if b - a == 1 else _choose(order, lcp, a, b, min_blocks, min_group), a, b)
-              for a, b in children]
-    own_total = sum(s[0][0] for s in solved)
-    own_groups = [g for s in solved for g in s[0][1]]
-    if d < min_blocks:
-        return own_total, own_groups
-    join_members: list[int] = []
-    rest_total = 0
-    rest_groups: list = []
-    for (f, groups), a, b in solved:
-        if (b - a) * d >= f:
-            join_members.extend(order[a:b])
-        else:
-            rest_total += f
-            rest_groups.extend(groups)
-    m = len(join_members)
-    if m >= min_group:
-        total = (m - 1) * d + rest_total
-        if total > own_total:
-            return total, rest_groups + [(d, join_members)]
-    return own_total, own_groups
+    return d, children
+
+
+def _choose(order: list[int], lcp: list[int], lo: int, hi: int, min_blocks: int,
+            min_group: int) -> tuple[int, list[tuple[int, list[int]]]]:
+    """Best saving and groups [(depth, members)] for the sorted range order[lo:hi].
+
+    A range's best is its children's bests, or one group at its depth d joining the children
+    worth joining (the others keep their own groups). Ranges nest as deep as the longest
+    shared prefix (a batch of n sequences each sharing one more block nests n deep), so the
+    tree is walked with an explicit stack, children before their parent, not by recursion.
+    """
+    solved: dict[tuple[int, int], tuple[int, list]] = {}
+    stack = [(lo, hi, False)]
+    while stack:
+        a, b, expanded = stack.pop()
+        if b - a < 2:
+            solved[a, b] = (0, [])
+            continue
+        d, children = _children(lcp, a, b)
+        if not expanded:
+            stack.append((a, b, True))
+            stack.extend((c0, c1, False) for c0, c1 in children)
+            continue
+        kids = [(solved.pop((c0, c1)), c0, c1) for c0, c1 in children]
+        own_total = sum(f for (f, _), _, _ in kids)
+        own_groups = [g for (_, groups), _, _ in kids for g in groups]
+        best = (own_total, own_groups)
+        if d >= min_blocks:
+            join_members: list[int] = []
+            rest_total = 0
+            rest_groups: list = []
+            for (f, groups), c0, c1 in kids:
+                if (c1 - c0) * d >= f:
+                    join_members.extend(order[c0:c1])
+                else:
+                    rest_total += f
+                    rest_groups.extend(groups)
+            m = len(join_members)
+            if m >= min_group and (m - 1) * d + rest_total > own_total:
+                best = ((m - 1) * d + rest_total, rest_groups + [(d, join_members)])
+        solved[a, b] = best
+    return solved[lo, hi]
 
 
 def find_shared_prefixes(block_lists: Sequence[Sequence[int]], context_lens, kv_lens,

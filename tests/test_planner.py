@@ -89,6 +89,22 @@ def test_nested_prefixes_small_inner_group_joins_outer():
     assert s.prefix_lens.tolist() == [20]
 
 
+def test_deeply_nested_prefixes_do_not_recurse():
+    """Sequence k shares the first k blocks of one chain: the prefix tree nests as deep as
+    the batch (it raised RecursionError from ~400 sequences when it recursed)."""
+    n = 1500
+    blocks = [list(range(1, k + 1)) + [n + k] for k in range(1, n + 1)]
+    ctx = [4 * k for k in range(1, n + 1)]
+    s = find_shared_prefixes(blocks, ctx, [c + 1 for c in ctx], 4)
+    # every sequence shares block 1 at least; the best plan saves at least a group at depth 1
+    assert s is not None and s.saved_block_reads >= n - 1
+    members = s.prefix_ids >= 0
+    for p, length in enumerate(s.prefix_lens.tolist()):  # a group's prefix is its members'
+        for i in np.flatnonzero(s.prefix_ids == p):
+            assert blocks[i][:length // 4] == s.prefix_block_tables[p, :length // 4].tolist()
+    assert members.sum() >= 2
+
+
 def test_prefix_only_over_cached_blocks():
     # same physical blocks, but seq 1 computes its tokens this step: it has no cached block
     assert find_shared_prefixes([[1, 2], [1, 2]], [8, 0], [9, 8], 4) is None
