@@ -58,6 +58,8 @@ class Router:
 
     def __init__(self, block_size: int, *, hash_fn: Callable | None = None,
                  overlap_weight: float = 1.0, tiers: Sequence[str] = ("device",)) -> None:
+        if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+            raise TypeError(f"block_size: expected an int, got {block_size!r}")
         if block_size < 1:
             raise ValueError(f"block_size: expected >= 1, got {block_size}")
         if overlap_weight < 0:
@@ -66,7 +68,7 @@ class Router:
             raise ValueError("tiers: expected at least one tier name")
         if hash_fn is None:
             from .prefix_cache import default_hash_fn as hash_fn
-        self.block_size = block_size
+        self.block_size = int(block_size)
         self.hash_fn = hash_fn
         self.overlap_weight = float(overlap_weight)
         self.tiers = tuple(tiers)
@@ -186,7 +188,9 @@ class Router:
     # ------------------------------------------------------------------ queries
     def request_hashes(self, tokens, salt=None) -> list[bytes]:
         """Hashes of the blocks a worker could hit: full blocks, never the last token."""
-        toks = np.asarray(tokens, dtype=np.int32).reshape(-1)
+        from .prefix_cache import _token_array
+
+        toks = _token_array(tokens)  # ints in [0, 2**31), never silently truncated floats
         cap = max(len(toks) - 1, 0) // self.block_size
         if cap == 0:
             return []

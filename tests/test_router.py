@@ -149,7 +149,10 @@ def test_router_matches_workers_under_random_traffic():
      "worker_id: unknown worker 'zz'"),
     (lambda r: r.apply("w0", KVEvent("moved", (), None, "device", b"", 0)), ValueError,
      "event.kind: expected stored/removed/evicted/cleared"),
-], ids=["dup", "unknown-load", "unknown-apply", "bad-kind"])
+    (lambda r: r.pick([1.7] * 9), TypeError, r"tokens\[0\]: expected an int token id"),
+    (lambda r: r.request_hashes([5] * 8 + [-1]), ValueError,
+     r"tokens: expected token ids in \[0, 2\*\*31\)"),
+], ids=["dup", "unknown-load", "unknown-apply", "bad-kind", "float-tokens", "negative-token"])
 def test_router_checks(call, exc, match):
     _, router = cluster(n=1)
     with pytest.raises(exc, match=match):
@@ -160,9 +163,10 @@ def test_router_checks(call, exc, match):
     ({"block_size": 0}, "block_size: expected >= 1"),
     ({"block_size": 4, "overlap_weight": -1}, "overlap_weight: expected >= 0"),
     ({"block_size": 4, "tiers": ()}, "tiers: expected at least one tier name"),
-], ids=["block-size", "weight", "tiers"])
+    ({"block_size": 2.5}, "block_size: expected an int, got 2.5"),
+], ids=["block-size", "weight", "tiers", "float-block-size"])
 def test_router_constructor_checks(kw, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         Router(**kw)
 
 
