@@ -13,13 +13,15 @@ Safety contract, every tier: a tier never raises to the caller for a storage fau
 down, timeout, corrupt or truncated data, full budget) - it answers a miss / ``False``; and it
 never returns a block stored under another key, namespace, shape or dtype. Byte-serialising
 tiers (disk, Redis, NIXL) store a :func:`encode_record` record whose header carries the format
-version, the full key encoding, dtype, shape and a checksum of the payload;
-:func:`decode_record` re-checks all of them and answers ``None`` on any mismatch.
+version, the full key encoding, dtype, shape and a checksum of the header fields and the
+payload; :func:`decode_record` verifies the checksum first (a corrupt header is never taken for
+a valid record of another shape), then re-checks the key, dtype and shape.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 import zlib
 from abc import ABC, abstractmethod
@@ -28,10 +30,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..spec import dtype_name, numpy_dtype, salt_bytes
+from ..spec import FLOAT_DTYPES, dtype_name, numpy_dtype, salt_bytes
 
-#: Version of the record layout written by :func:`encode_record`.
-FORMAT_VERSION = 1
+#: Version of the record layout written by :func:`encode_record`. Records of another version
+#: decode as :class:`RecordError` (a miss): version 1 checksummed the payload only; version 2
+#: checksums the header fields (everything before the digest) and the payload.
+FORMAT_VERSION = 2
 RECORD_MAGIC = b"PKVB"
 
 _NS_TAG = b"prefixkv-ns-v1"
@@ -84,13 +88,21 @@ class Namespace:
             raise TypeError(f"model_id: expected str, got {type(self.model_id).__name__}")
         if not isinstance(self.layout, str):
             raise TypeError(f"layout: expected str, got {type(self.layout).__name__}")
-        object.__setattr__(self, "dtype", dtype_name(self.dtype))
+        dt = dtype_name(self.dtype)
+        if dt not in FLOAT_DTYPES:
+            raise ValueError(f"dtype: expected one of {', '.join(FLOAT_DTYPES)}, got {dt!r}")
+        object.__setattr__(self, "dtype", dt)
         object.__setattr__(self, "salt", salt_bytes(self.salt))
-        if int(self.tp_size) < 1 or not 0 <= int(self.tp_rank) < int(self.tp_size):
+        for name in ("tp_rank", "tp_size"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
+                raise TypeError(f"{name}: expected int, got {type(v).__name__} {v!r}")
+            object.__setattr__(self, name, int(v))
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size: expected a positive int, got {self.tp_size}")
+        if not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"tp_rank: expected 0 <= tp_rank < tp_size, got "
                              f"tp_rank={self.tp_rank}, tp_size={self.tp_size}")
-        object.__setattr__(self, "tp_rank", int(self.tp_rank))
-        object.__setattr__(self, "tp_size", int(self.tp_size))
         enc = b"".join([_NS_TAG, _field(self.model_id.encode()), _field(self.layout.encode()),
                         _field(self.dtype.encode()), struct.pack("<qq", self.tp_rank, self.tp_size),
                         _field(self.salt)])
@@ -188,6 +200,22 @@ def checksum(payload, algorithm: str | int) -> bytes | None:
     return None
 
 
+def _record_digest(algorithm: str | int, fields, payload) -> bytes | None:
+    """16-byte checksum of a record's header fields (every header byte before the digest)
+    followed by its payload, without joining them; None when the algorithm is unavailable."""
+    alg = _CHECKSUM_NAMES.get(algorithm, algorithm)
+    if alg == CHECKSUM_CRC32:
+        return struct.pack("<I", zlib.crc32(payload, zlib.crc32(fields))).ljust(_DIGEST_LEN, b"\0")
+    if alg == CHECKSUM_XXH3_128:
+        xx = _xxhash()
+        if xx is None:
+            return None
+        h = xx.xxh3_128(fields)
+        h.update(payload)
+        return h.digest()
+    return None
+
+
 def _payload_view(value: np.ndarray) -> memoryview:
     arr = np.ascontiguousarray(value)
     return memoryview(arr.reshape(-1).view(np.uint8))
@@ -204,16 +232,16 @@ def encode_record(key: BlockKey, value: np.ndarray, *, checksum_alg: str | None 
     payload = _payload_view(value)
     alg_name = checksum_alg or default_checksum()
     alg = _CHECKSUM_NAMES[alg_name]
-    digest = checksum(payload, alg)
-    if digest is None:
-        raise RuntimeError(f"checksum {alg_name!r} unavailable")
     kb = key.encode()
     db = dtype_str(value).encode()
-    header = b"".join([
+    fields = b"".join([
         _FIXED.pack(RECORD_MAGIC, FORMAT_VERSION, alg, value.ndim, len(kb), len(db),
                     payload.nbytes),
-        struct.pack(f"<{value.ndim}Q", *value.shape), kb, db, digest])
-    return header, payload
+        struct.pack(f"<{value.ndim}Q", *value.shape), kb, db])
+    digest = _record_digest(alg, fields, payload)
+    if digest is None:
+        raise RuntimeError(f"checksum {alg_name!r} unavailable")
+    return fields + digest, payload
 
 
 def record_bytes(key: BlockKey, value: np.ndarray, *, checksum_alg: str | None = None) -> bytes:
@@ -250,18 +278,25 @@ def decode_record(key: BlockKey, data, *, shape: Sequence[int] | None = None,
     if version != FORMAT_VERSION:
         raise RecordError(f"format version {version}, expected {FORMAT_VERSION}")
     off = _FIXED.size
-    need = off + 8 * ndim + klen + dlen + _DIGEST_LEN + plen
+    fields_len = off + 8 * ndim + klen + dlen
+    need = fields_len + _DIGEST_LEN + plen
     if len(mv) != need:
         raise RecordError(f"record length {len(mv)}, header says {need}")
+    # Integrity first: the digest covers every header field and the payload, so a corrupt
+    # shape, dtype or key field is a checksum mismatch (dropped), never a valid-looking record
+    # of another layout (kept).
+    payload = mv[fields_len + _DIGEST_LEN:]
+    got = _record_digest(alg, mv[:fields_len], payload)
+    if got is None:
+        raise RecordError(f"checksum algorithm {alg} unavailable here")
+    if got != bytes(mv[fields_len:fields_len + _DIGEST_LEN]):
+        raise RecordError("checksum mismatch")
     stored_shape = struct.unpack_from(f"<{ndim}Q", mv, off)
     off += 8 * ndim
     if bytes(mv[off:off + klen]) != key.encode():
         raise RecordError("key/namespace mismatch")
     off += klen
     stored_dtype = bytes(mv[off:off + dlen]).decode("utf-8", "replace")
-    off += dlen
-    digest = bytes(mv[off:off + _DIGEST_LEN])
-    off += _DIGEST_LEN
     if dtype is not None and stored_dtype != dtype_str(dtype):
         raise UnexpectedLayout(f"dtype {stored_dtype}, expected {dtype_str(dtype)}")
     if stored_dtype != key.namespace.dtype:
@@ -272,14 +307,8 @@ def decode_record(key: BlockKey, data, *, shape: Sequence[int] | None = None,
         np_dtype = numpy_dtype(stored_dtype)
     except TypeError as e:
         raise RecordError(f"unknown dtype {stored_dtype!r}") from e
-    if int(np.prod(stored_shape, dtype=np.int64)) * np_dtype.itemsize != plen:
+    if math.prod(stored_shape) * np_dtype.itemsize != plen:
         raise RecordError("payload length does not match shape and dtype")
-    payload = mv[off:off + plen]
-    got = checksum(payload, alg)
-    if got is None:
-        raise RecordError(f"checksum algorithm {alg} unavailable here")
-    if got != digest:
-        raise RecordError("checksum mismatch")
     arr = np.frombuffer(payload, dtype=np_dtype).reshape(stored_shape)
     if arr.flags.writeable:
         arr.flags.writeable = False
@@ -308,6 +337,21 @@ def check_values(keys: Sequence[BlockKey], values: Sequence) -> None:
     for i, k in enumerate(keys):
         if not isinstance(k, BlockKey):
             raise TypeError(f"keys[{i}]: expected BlockKey, got {type(k).__name__}")
+
+
+def check_put_values(keys: Sequence[BlockKey], values: Sequence) -> list[np.ndarray]:
+    """:func:`check_values`, then every value as an array whose dtype is its key's namespace
+    dtype (ValueError naming ``values[i]``). A put runs this before storing anything, so a
+    batch with one bad value stores none of it."""
+    check_values(keys, values)
+    out = []
+    for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+        v = np.asarray(v)
+        if dtype_str(v) != k.namespace.dtype:
+            raise ValueError(f"values[{i}]: dtype {dtype_str(v)} does not match the key's "
+                             f"namespace dtype {k.namespace.dtype}")
+        out.append(v)
+    return out
 
 
 class Tier(ABC):
