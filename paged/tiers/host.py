@@ -4,8 +4,17 @@ Values are copied into memory from ``allocator(shape, dtype) -> np.ndarray`` (de
 ``np.empty``). A frontend running on a GPU passes an allocator that returns pinned memory
 (e.g. ``lambda s, d: torch.empty(s, dtype=..., pin_memory=True).numpy()``) so host <-> device
 copies can run asynchronously. :meth:`HostTier.reserve` hands the arrays of the blocks it
-evicts (when nothing else references them and shape and dtype match) to the new blocks, so a
-full tier allocates (and page-faults) nothing in steady state.
+evicts (when shape and dtype match and no caller can still see their memory) to the new
+blocks, so a full tier allocates (and page-faults) nothing in steady state.
+
+When an evicted array may be reused: numpy hangs every view of an array on the array's memory
+owner (it collapses view chains), so a row that :meth:`HostTier.batch_get` returned references
+the owner, not necessarily the stored array. An evicted array is reused only when its owner is
+referenced by nothing but the array (or is the array itself, referenced by nothing else). That
+holds for ``np.empty`` arrays and for allocators that give each block a private buffer (such as
+``prefixkv.torch_frontend.pinned_host_allocator``). An allocator that hands out rows of one
+shared slab gets no reuse (the slab is referenced by every row, so a caller's view of an
+evicted row cannot be told apart): evicted rows are dropped and the allocator is called again.
 
 No checksum here: the tier holds the arrays themselves (no serialisation), and each entry keeps
 its full key, shape and dtype, re-checked on every get.
@@ -20,13 +29,39 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..spec import numpy_dtype
-from .base import BlockKey, Tier, check_values, dtype_str
+from .base import BlockKey, Tier, check_put_values, dtype_str
 
 Allocator = Callable[[tuple, np.dtype], np.ndarray]
 
 
 def _default_allocator(shape: tuple, dtype: np.dtype) -> np.ndarray:
     return np.empty(shape, dtype=dtype)
+
+
+def _refcount(x) -> int:
+    return sys.getrefcount(x)
+
+
+def _refs_of_one_local() -> int:
+    x = np.empty(0)
+    return _refcount(x)
+
+
+#: What :func:`_refcount` answers for an object one local name holds (measured: interpreters
+#: differ in the references a call adds).
+_ONE_LOCAL = _refs_of_one_local()
+
+
+def _memory_owner(arr: np.ndarray):
+    """The object numpy makes the base of every new view of ``arr`` (numpy walks the base
+    chain past arrays of the same type that do not own their data)."""
+    obj = arr
+    while not obj.flags.owndata:
+        base = obj.base
+        if base is None or type(base) is not type(arr):
+            break
+        obj = base
+    return obj
 
 
 class _Entry:
@@ -150,10 +185,15 @@ class HostTier(Tier):
             arr = self._pop_lru(protect)
             if arr is None:
                 break
-            # refs: `arr` and getrefcount's argument only -> nobody outside holds it
-            if (len(out) < n and arr.shape == shape and arr.dtype == dt
-                    and sys.getrefcount(arr) <= 2):
-                out.append(arr)
+            if len(out) < n and arr.shape == shape and arr.dtype == dt:
+                # Reuse only memory no caller can see: `arr` is held by this local alone and
+                # its memory owner (what views of it reference) is `arr` or held by `arr` alone.
+                owner = _memory_owner(arr)
+                if (_refcount(arr) <= _ONE_LOCAL
+                        and (owner is arr or (arr.base is owner
+                                              and _refcount(owner) <= _ONE_LOCAL + 1))):
+                    out.append(arr)
+                del owner
             del arr
         room = (self.budget_bytes - self.used_bytes) // max(nb, 1)
         n = max(0, min(n, room))
@@ -181,55 +221,65 @@ class HostTier(Tier):
         """copy=False: adopt ``values`` as the stored arrays (C-contiguous arrays owning their
         memory, e.g. from :meth:`reserve`: the budget counts ``value.nbytes``, so a row view of
         a bigger buffer would keep the whole buffer alive uncounted); the caller must not
-        write them afterwards."""
-        check_values(keys, values)
-        results = []
+        write them afterwards.
+
+        Every value's dtype is checked against its key's namespace before anything is stored
+        (a bad batch stores nothing). A key repeated in the batch is stored once; each of its
+        positions reports that result. Events ("evicted", "stored") go out even when the
+        allocator raises part-way."""
+        values = check_put_values(keys, values)
+        results = [False] * len(values)
         stored: list[BlockKey] = []
         protect: set[str] = set()
-        for k, v in zip(keys, values, strict=False):
-            v = np.asarray(v)
-            sk = k.storage_key()
-            if dtype_str(v) != k.namespace.dtype:
-                raise ValueError(f"values: dtype {dtype_str(v)} does not match the key's "
-                                 f"namespace dtype {k.namespace.dtype}")
-            old = self._lookup(k)
-            if old is not None and old.array.shape == v.shape:
-                # Already stored: same key means same content (content-addressed); refresh LRU.
-                self._entries.move_to_end(sk)
-                protect.add(sk)
-                results.append(True)
-                continue
-            if sk in self._entries:  # stale entry under the same name: replace
-                e = self._entries.pop(sk)
-                self.used_bytes -= e.nbytes
-                self._publish("removed", [e.key])
-            nbytes = int(v.nbytes)
-            if copy or not v.flags.c_contiguous:
-                # room made by reserve, which reuses an evicted array of this shape
-                got = self.reserve(1, v.shape, v.dtype, protect=protect)
-                if not got:
-                    self.stats.rejected += 1
-                    results.append(False)
+        first: dict[str, int] = {}  # storage key -> position of its first occurrence
+        try:
+            for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+                sk = k.storage_key()
+                j = first.get(sk)
+                if j is not None and keys[j] == k:  # repeated in this batch: stored once
+                    results[i] = results[j]
                     continue
-                dst = got[0]
-                np.copyto(dst, v, casting="no")
-            else:
-                if nbytes > self.budget_bytes or not self._make_room(nbytes, protect):
-                    self.stats.rejected += 1
-                    results.append(False)
-                    continue
-                dst = v
-            dst.flags.writeable = False
-            self._entries[sk] = _Entry(k, dst)
-            self.used_bytes += nbytes
-            protect.add(sk)
-            self.stats.puts += 1
-            self.stats.bytes_written += nbytes
-            stored.append(k)
-            results.append(True)
-        self._flush_evicted()
-        self._publish("stored", stored)
+                first[sk] = i
+                results[i] = self._put_one(k, sk, v, copy, protect, stored)
+        finally:
+            self._flush_evicted()
+            self._publish("stored", stored)
         return results
+
+    def _put_one(self, k: BlockKey, sk: str, v: np.ndarray, copy: bool, protect: set[str],
+                 stored: list[BlockKey]) -> bool:
+        old = self._lookup(k)
+        if old is not None and old.array.shape == v.shape:
+            # Already stored: same key means same content (content-addressed); refresh LRU.
+            self._entries.move_to_end(sk)
+            protect.add(sk)
+            return True
+        if sk in self._entries:  # stale entry under the same name: replace
+            e = self._entries.pop(sk)
+            self.used_bytes -= e.nbytes
+            self._publish("removed", [e.key])
+        nbytes = int(v.nbytes)
+        if copy or not v.flags.c_contiguous:
+            # room made by reserve, which reuses an evicted array of this shape
+            got = self.reserve(1, v.shape, v.dtype, protect=protect)
+            if not got:
+                self.stats.rejected += 1
+                return False
+            dst = got[0]
+            np.copyto(dst, v, casting="no")
+        else:
+            if nbytes > self.budget_bytes or not self._make_room(nbytes, protect):
+                self.stats.rejected += 1
+                return False
+            dst = v
+        dst.flags.writeable = False
+        self._entries[sk] = _Entry(k, dst)
+        self.used_bytes += nbytes
+        protect.add(sk)
+        self.stats.puts += 1
+        self.stats.bytes_written += nbytes
+        stored.append(k)
+        return True
 
     def batch_remove(self, keys):
         removed = []
