@@ -32,7 +32,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .base import RecordError, Tier, check_values, decode_record, encode_record
+from .base import RecordError, Tier, check_put_values, decode_record, encode_record
 
 _counter = itertools.count()
 
@@ -198,23 +198,33 @@ class NixlTier(Tier):
         return None
 
     def batch_put(self, keys, values):
-        check_values(keys, values)
+        """Every value's dtype is checked against its key's namespace before anything is
+        stored. A key repeated in the batch is written once (one slot); each of its positions
+        reports that result."""
         keys = list(keys)
+        values = check_put_values(keys, values)
         results = [False] * len(keys)
         protect: set[str] = set()
-        todo = []  # (position, key, record length)
+        todo = []  # positions to write: first occurrences of keys not stored yet
+        repeats = []  # (position, position of the key's first occurrence)
+        first: dict[str, int] = {}
         for i, k in enumerate(keys):
+            sk = k.storage_key()
+            j = first.get(sk)
+            if j is not None and keys[j] == k:
+                repeats.append((i, j))
+                continue
+            first[sk] = i
             if self._lookup(k) is not None:  # content-addressed: already there
-                self._index.move_to_end(k.storage_key())
-                protect.add(k.storage_key())
+                self._index.move_to_end(sk)
+                protect.add(sk)
                 results[i] = True
             else:
                 todo.append(i)
         for c in range(0, len(todo), self.staging_slots):
             chunk, slots, lens = [], [], []
             for i in todo[c:c + self.staging_slots]:
-                header, payload = encode_record(keys[i], np.asarray(values[i]),
-                                                checksum_alg=self.checksum)
+                header, payload = encode_record(keys[i], values[i], checksum_alg=self.checksum)
                 n = len(header) + payload.nbytes
                 if n > self.slot_bytes:
                     self.stats.rejected += 1
@@ -245,6 +255,8 @@ class NixlTier(Tier):
             else:
                 self._free.extend(slots)
                 self.stats.rejected += len(chunk)
+        for i, j in repeats:
+            results[i] = results[j]
         return results
 
     def batch_remove(self, keys):
