@@ -26,7 +26,7 @@ from .base import (
     RecordError,
     Tier,
     UnexpectedLayout,
-    check_values,
+    check_put_values,
     decode_record,
     encode_record,
 )
@@ -150,7 +150,8 @@ class DiskTier(Tier):
             out.append(arr)
         return out
 
-    def _make_room(self, nbytes: int) -> bool:
+    def _make_room(self, nbytes: int, protect: set[str] | frozenset = frozenset()) -> bool:
+        """Evict LRU files not in ``protect`` (this put's own files) until ``nbytes`` fit."""
         if self.budget_bytes is None:
             return True
         if nbytes > self.budget_bytes:
@@ -160,8 +161,10 @@ class DiskTier(Tier):
             # events stay in order: this call's earlier stores come before these evictions
             stored, self._stored = self._stored, []
             self._publish("stored", stored)
-        while self.used_bytes + nbytes > self.budget_bytes and self._sizes:
-            oldest = next(iter(self._sizes))
+        while self.used_bytes + nbytes > self.budget_bytes:
+            oldest = next((p for p in self._sizes if p not in protect), None)
+            if oldest is None:
+                break
             key = self._known.get(oldest)
             self._drop(oldest)
             self.stats.evictions += 1
@@ -200,32 +203,43 @@ class DiskTier(Tier):
                     os.unlink(tmp)
 
     def batch_put(self, keys, values):
-        check_values(keys, values)
-        results = []
+        """Every value's dtype is checked against its key's namespace before anything is
+        written (ValueError, as :class:`HostTier`). Making room never evicts a block this put
+        wrote: a block the budget cannot hold besides them reports ``False``. A key repeated
+        in the batch is written once; each of its positions reports that result."""
+        values = check_put_values(keys, values)
+        results = [False] * len(values)
+        protect: set[str] = set()  # files written by this put
+        first: dict[str, int] = {}  # path -> position of its first occurrence
         self._stored = []
-        for k, v in zip(keys, values, strict=False):
-            v = np.asarray(v)
-            header, payload = encode_record(k, v, checksum_alg=self.checksum)
-            p = self.path(k)
-            nbytes = len(header) + payload.nbytes
-            self._forget(p)
-            if not self._make_room(nbytes):
-                self.stats.rejected += 1
-                results.append(False)
-                continue
-            ok = self._write(p, header, payload)
-            if ok:
+        try:
+            for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+                p = self.path(k)
+                j = first.get(p)
+                if j is not None and keys[j] == k:  # repeated in this batch: written once
+                    results[i] = results[j]
+                    continue
+                first[p] = i
+                header, payload = encode_record(k, v, checksum_alg=self.checksum)
+                nbytes = len(header) + payload.nbytes
+                self._forget(p)
+                if not self._make_room(nbytes, protect):
+                    self.stats.rejected += 1
+                    continue
+                if not self._write(p, header, payload):
+                    self.stats.rejected += 1
+                    continue
                 self._sizes[p] = nbytes
                 self._known[p] = k
                 self._stored.append(k)
+                protect.add(p)
                 self.used_bytes += nbytes
                 self.stats.puts += 1
                 self.stats.bytes_written += nbytes
-            else:
-                self.stats.rejected += 1
-            results.append(ok)
-        stored, self._stored = self._stored, []
-        self._publish("stored", stored)
+                results[i] = True
+        finally:
+            stored, self._stored = self._stored, []
+            self._publish("stored", stored)
         return results
 
     def batch_remove(self, keys):
