@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from functools import partial
 from itertools import takewhile
-from operator import is_not
+from operator import index, is_not
 
 from .events import CLEARED, EVICTED, REMOVED, STORED, EventBus, KVEvent
 from .spec import salt_bytes
@@ -38,6 +38,17 @@ from .spec import salt_bytes
 NULL_BLOCK = 0
 
 _not_none = partial(is_not, None)
+
+
+def _count(value, name: str) -> int:
+    """``value`` as a Python int: an int or numpy integer (anything with ``__index__``), not a
+    bool; else a TypeError naming ``name``."""
+    if not isinstance(value, bool):
+        try:
+            return index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name}: expected an int, got {value!r}")
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -161,10 +172,19 @@ class BlockPool:
     def allocate(self, n: int) -> list[int]:
         """Take ``n`` free blocks (ref_count 1): empty ones first, then evict LRU cached ones.
 
-        Evicted hashes are published as ``"evicted"`` events (one per namespace) before this
-        returns; the blocks' KV is still intact then. Raises NoFreeBlocksError, changing
-        nothing, when fewer than ``n`` blocks are free.
+        ``n``: a Python or numpy int (not a bool). Evicted hashes are published as
+        ``"evicted"`` events (one per namespace) before this returns, after the pool's own
+        bookkeeping is done; the blocks' KV is still intact then. Raises NoFreeBlocksError,
+        changing nothing, when fewer than ``n`` blocks are free.
+
+        A subscriber that raises on an ``"evicted"`` event: the other namespaces' events are
+        still published, then the allocation is undone (every block it took goes back to the
+        pool as a free empty block) and the first exception propagates. So ``allocate`` either
+        returns ``n`` blocks or takes none; the evicted hashes stay evicted (their events went
+        out, so subscribers and the index agree).
         """
+        if type(n) is not int:
+            n = _count(n, "n")
         empty = self._empty
         if n <= len(empty):
             if n <= 0:
@@ -173,27 +193,40 @@ class BlockPool:
                 return []
             out = empty[:-n - 1:-1]  # lowest ids first
             del empty[-n:]
-        else:
-            if n > len(empty) + self._num_lru:
-                raise NoFreeBlocksError(
-                    f"n: asked for {n} blocks, only {len(empty) + self._num_lru} free "
-                    f"({len(empty)} empty, {self._num_lru} cached)")
-            out = empty[::-1]
-            empty.clear()
-            out.extend(self._evict(n - len(out)))
+            ref = self.ref_counts
+            for b in out:
+                ref[b] = 1
+            return out
+        if n > len(empty) + self._num_lru:
+            raise NoFreeBlocksError(
+                f"n: asked for {n} blocks, only {len(empty) + self._num_lru} free "
+                f"({len(empty)} empty, {self._num_lru} cached)")
+        out = empty[::-1]
+        empty.clear()
+        events = self._evict(n - len(out), out)
         ref = self.ref_counts
         for b in out:
             ref[b] = 1
+        if events:
+            try:
+                self._publish_all(events)
+            except BaseException:
+                for b in out:
+                    ref[b] = 0
+                empty.extend(reversed(out))
+                raise
         return out
 
-    def _evict(self, n: int) -> list[int]:
-        """Unlink the ``n`` least recently used cached free blocks and drop their hashes."""
+    def _evict(self, n: int, out: list[int]) -> list[KVEvent]:
+        """Unlink the ``n`` least recently used cached free blocks, drop their hashes and
+        append them to ``out``. Returns the ``"evicted"`` events to publish (none when nobody
+        listens); the pool is consistent before anyone hears of them."""
         nxt = self._next
         hashes = self._hash
         spaces = self._ns
         index = self._index
         sentinel = self._sentinel
-        out = []
+        start = len(out)
         append = out.append
         b = nxt[sentinel]
         for _ in range(n):
@@ -203,9 +236,11 @@ class BlockPool:
         nxt[sentinel] = b
         self._prev[b] = sentinel
         self._num_lru -= n
+        evicted = out[start:]
+        events: list[KVEvent] = []
         if self.events:
             groups: dict[bytes, tuple[list, list]] = {}
-            for b in out:
+            for b in evicted:
                 ns = spaces[b]
                 g = groups.get(ns)
                 if g is None:
@@ -213,13 +248,27 @@ class BlockPool:
                 g[0].append(hashes[b])
                 g[1].append(b)
             bs = self.block_size
-            for ns, (hl, bl) in groups.items():
-                self.events.publish(KVEvent(EVICTED, tuple(hl), None, self.tier, ns,
-                                            len(hl) * bs, tuple(bl)))
-        for b in out:
+            events = [KVEvent(EVICTED, tuple(hl), None, self.tier, ns, len(hl) * bs, tuple(bl))
+                      for ns, (hl, bl) in groups.items()]
+        for b in evicted:
             hashes[b] = None
             spaces[b] = None
-        return out
+        return events
+
+    def _publish_all(self, events: list[KVEvent]) -> None:
+        """Publish every event, even when a subscriber raises on one; then re-raise the first
+        exception. Callers change the pool before publishing, so it is consistent either way.
+        """
+        error = None
+        publish = self.events.publish
+        for ev in events:
+            try:
+                publish(ev)
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                if error is None:
+                    error = e
+        if error is not None:
+            raise error
 
     def touch(self, blocks: Iterable[int]) -> None:
         """Take one more reference on each block (a hit): a free cached block leaves the queue.
@@ -242,37 +291,49 @@ class BlockPool:
     def free(self, blocks: Sequence[int]) -> None:
         """Drop one reference on each block. Blocks reaching 0 become free, appended to the
         LRU queue in reverse order (a sequence's tail is evicted first); uncached ones go to
-        the empty list. Give a request's blocks in sequence order."""
+        the empty list. Give a request's blocks in sequence order.
+
+        All or nothing: a block freed more often than referenced (the null block included)
+        raises ValueError with every block unchanged, as does a bad id (IndexError/TypeError).
+        """
         ref = self.ref_counts
         hashes = self._hash
         empty = self._empty
         nxt = self._next
         prev = self._prev
         sentinel = self._sentinel
-        last = prev[sentinel]
+        last = first = prev[sentinel]
+        num_empty = len(empty)
         linked = 0
-        bad = None
-        for b in reversed(blocks):
-            r = ref[b] - 1
-            if r > 0:
-                ref[b] = r
-            elif r == 0:
-                ref[b] = 0
-                if hashes[b] is None:
-                    empty.append(b)
+        todo = reversed(blocks)
+        try:
+            for b in todo:
+                r = ref[b] - 1
+                if r > 0:
+                    ref[b] = r
+                elif r == 0:
+                    ref[b] = 0
+                    if hashes[b] is None:
+                        empty.append(b)
+                    else:
+                        nxt[last] = b
+                        prev[b] = last
+                        last = b
+                        linked += 1
                 else:
-                    nxt[last] = b
-                    prev[b] = last
-                    last = b
-                    linked += 1
-            else:
-                bad = b
-                break
+                    raise ValueError(f"blocks: block {b} freed more often than referenced")
+        except Exception:
+            # undo (a bad block fails before changing anything): the blocks before it had
+            # their refs dropped; the new LRU tail was only linked forward from `first`
+            done = len(blocks) - 1 - len(list(todo))
+            nxt[first] = sentinel
+            del empty[num_empty:]
+            for b in list(reversed(blocks))[:done]:
+                ref[b] += 1
+            raise
         nxt[last] = sentinel
         prev[sentinel] = last
         self._num_lru += linked
-        if bad is not None:
-            raise ValueError(f"blocks: block {bad} freed more often than referenced")
 
     def register(self, blocks: Sequence[int], block_hashes: Sequence[bytes],
                  namespace: bytes = b"", parent_hash: bytes | None = None) -> int:
@@ -311,11 +372,10 @@ class BlockPool:
             else:
                 run = None
             prev = h
-        if publish:
+        if publish and runs:
             bs = self.block_size
-            for parent, hs, bl in runs:
-                self.events.publish(KVEvent(STORED, tuple(hs), parent, self.tier, namespace,
-                                            len(hs) * bs, tuple(bl)))
+            self._publish_all([KVEvent(STORED, tuple(hs), parent, self.tier, namespace,
+                                       len(hs) * bs, tuple(bl)) for parent, hs, bl in runs])
         return count
 
     def _unlink(self, b: int) -> None:
@@ -347,11 +407,12 @@ class BlockPool:
                 g = groups[ns] = ([], [])
             g[0].append(h)
             g[1].append(b)
-        if self.events:
-            for ns, (hs, bl) in groups.items():
-                self.events.publish(KVEvent(REMOVED, tuple(hs), None, self.tier, ns,
-                                            len(hs) * self.block_size, tuple(bl)))
-        return sum(len(g[0]) for g in groups.values())
+        count = sum(len(g[0]) for g in groups.values())
+        if self.events and groups:
+            self._publish_all([KVEvent(REMOVED, tuple(hs), None, self.tier, ns,
+                                       len(hs) * self.block_size, tuple(bl))
+                               for ns, (hs, bl) in groups.items()])
+        return count
 
     def reset_prefix_cache(self) -> None:
         """Forget every hash (blocks in use keep their data and refs); publishes ``"cleared"``."""

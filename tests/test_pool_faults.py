@@ -1,0 +1,152 @@
+"""BlockPool under faults: event subscribers that raise, frees that fail midway, bad counts.
+
+The pool finishes its own bookkeeping before publishing, publishes every event of a call even
+when a subscriber raises on one, and re-raises the first exception; ``allocate`` then gives
+back the blocks it took. ``free`` is all or nothing."""
+
+import numpy as np
+import pytest
+from prefixkv.paged.events import EVICTED, STORED, EventLog
+from prefixkv.paged.pool import BlockPool
+
+
+def h(i: int) -> bytes:
+    return i.to_bytes(32, "little")
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def _raise_on(kind):
+    def sub(ev):
+        if ev.kind == kind:
+            raise Boom(f"subscriber failed on {kind}")
+    return sub
+
+
+def _cached_free_pool(n_cached=3, num_blocks=6, namespaces=(b"",)):
+    """A pool whose blocks 1..n_cached are cached and free (the rest empty), one namespace per
+    block in turn."""
+    pool = BlockPool(num_blocks, 4)
+    got = pool.allocate(n_cached)
+    for i, b in enumerate(got):
+        pool.register([b], [h(100 + i)], namespaces[i % len(namespaces)])
+    pool.free(got)
+    return pool
+
+
+def _state(pool):
+    return (pool.free_queue(), pool.cached_hashes(), list(pool.ref_counts), pool.num_free)
+
+
+def test_evicted_subscriber_raising_leaves_the_pool_consistent_and_takes_nothing():
+    pool = _cached_free_pool()
+    log = EventLog()
+    pool.events.subscribe(log)
+    unsubscribe = pool.events.subscribe(_raise_on(EVICTED))
+    free_before = pool.num_free
+    with pytest.raises(Boom, match="evicted"):
+        pool.allocate(4)  # 2 empty + 2 evicted
+    pool.check_consistency()
+    # nothing is held: every block the allocation took is free again, the evicted ones empty
+    assert all(r == 0 for r in pool.ref_counts) and pool.num_free == free_before
+    # the evicted hashes (the queue's tail-first order: 3, 2) stay evicted, as announced
+    assert [(e.kind, e.block_ids, e.block_hashes) for e in log.events] == [
+        (EVICTED, (3, 2), (h(102), h(101)))]
+    assert pool.cached_hashes() == {b"": {h(100): 1}}
+    # the pool still works: the next allocation (no failing subscriber) gets every block
+    unsubscribe()
+    assert sorted(pool.allocate(5)) == [1, 2, 3, 4, 5]
+    pool.check_consistency()
+
+
+def test_evicted_subscriber_sees_a_consistent_pool():
+    pool = _cached_free_pool()
+    seen = []
+
+    def check(ev):
+        if ev.kind == EVICTED:
+            pool.check_consistency()  # blocks are held by the allocation, hashes gone
+            seen.append([pool.ref_counts[b] for b in ev.block_ids])
+            assert all(pool.block_hash(b) is None for b in ev.block_ids)
+
+    pool.events.subscribe(check)
+    got = pool.allocate(5)
+    assert seen == [[1, 1, 1]] and len(got) == 5
+    pool.check_consistency()
+
+
+def test_every_namespace_event_is_published_when_a_subscriber_raises_on_one():
+    pool = _cached_free_pool(n_cached=2, namespaces=(b"a", b"b"))
+    log = EventLog()
+    pool.events.subscribe(log)
+    pool.events.subscribe(_raise_on(EVICTED))
+    with pytest.raises(Boom):
+        pool.allocate(5)
+    assert [(e.kind, e.namespace) for e in log.events] == [(EVICTED, b"b"), (EVICTED, b"a")]
+    assert log.replay() == pool.cached_hashes() == {}
+    pool.check_consistency()
+
+
+def test_register_publishes_every_run_when_a_subscriber_raises():
+    pool = BlockPool(6, 4)
+    a = pool.allocate(3)
+    pool.register([a[1]], [h(2)])  # a[1]'s hash is cached: register(a) makes two runs
+    log = EventLog()
+    pool.events.subscribe(log)
+    pool.events.subscribe(_raise_on(STORED))
+    with pytest.raises(Boom):
+        pool.register(a, [h(1), h(2), h(3)])
+    assert [e.block_ids for e in log.events] == [(a[0],), (a[2],)]
+    assert log.replay() == {b"": {h(1): a[0], h(3): a[2]}}  # log joined after h(2)
+    assert pool.cached_hashes() == {b"": {h(1): a[0], h(2): a[1], h(3): a[2]}}
+    pool.check_consistency()
+
+
+@pytest.mark.parametrize("case", ["null block", "twice", "out of range"])
+def test_free_is_all_or_nothing(case):
+    pool = BlockPool(8, 4)
+    a = pool.allocate(4)
+    pool.register(a[:2], [h(1), h(2)])  # cached blocks are linked into the LRU queue on free
+    c = pool.allocate(2)
+    pool.register(c[:1], [h(9)])
+    pool.free(c)  # the queue is not empty: one cached free block, one more empty block
+    before = _state(pool)
+    assert pool.free_queue() == [6, 7, 5]
+    # the bad block is freed last (free walks the list tail first)
+    blocks, err = {"null block": ([0, *a], ValueError),
+                   "twice": ([a[0], *a], ValueError),
+                   "out of range": ([99, *a], IndexError)}[case]
+    with pytest.raises(err):
+        pool.free(blocks)
+    assert _state(pool) == before
+    pool.check_consistency()
+    pool.free(a)  # and the good free still works
+    pool.check_consistency()
+
+
+def test_free_error_names_the_block():
+    pool = BlockPool(4, 4)
+    a = pool.allocate(1)
+    with pytest.raises(ValueError, match="blocks: block 0 freed more often than referenced"):
+        pool.free([0, *a])
+    assert pool.ref_counts[a[0]] == 1
+
+
+@pytest.mark.parametrize("n", [1.5, 2.0, True, "2", None])
+def test_allocate_requires_an_int(n):
+    pool = BlockPool(4, 4)
+    with pytest.raises(TypeError, match="n: expected an int"):
+        pool.allocate(n)
+    assert pool.num_free == 3
+    pool.check_consistency()
+
+
+def test_allocate_takes_numpy_integers():
+    pool = BlockPool(4, 4)
+    got = pool.allocate(np.int64(2))
+    assert got == [1, 2] and all(type(b) is int for b in got)
+    with pytest.raises(ValueError, match="n: expected >= 0"):
+        pool.allocate(np.int32(-1))
+    assert pool.allocate(np.uint8(1)) == [3]
