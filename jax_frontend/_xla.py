@@ -740,14 +740,21 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     avg = -(-num_tokens // num_prefixes)
     qs_tile = min(MAX_Q_TILE * 2, 1 << (max(avg, 1) - 1).bit_length())
     if attention_fn is not None and num_prefixes == 1:
-        # one prefix (chosen statically), a kernel's attention: every token against it as one
-        # ragged non-causal sequence, in token order (no sort, gather or scatter around the
-        # kernel); the results of tokens of no prefix are dropped
-        pre_out, pre_lse = attn(
-            q, k_cache, v_cache, prefix_block_tables, prefix_lens.astype(jnp.int32),
-            jnp.array([0, num_tokens], jnp.int32), scale=scale, causal=False,
-            logits_soft_cap=logits_soft_cap, q_tile=qs_tile)
+        # one prefix (chosen statically), a kernel's attention: the tokens in token order (no
+        # sort, gather or scatter around the kernel), as non-causal "sequences" of qs_tile
+        # consecutive tokens over the prefix; a chunk with no token of the prefix sees no key
+        # (kv_len 0), so a prefill chunk of other requests beside a few decode tokens reads
+        # nothing; the results of tokens of no prefix are dropped
         mine = tok_pid == 0
+        chunks = -(-num_tokens // qs_tile)
+        any_mine = jnp.pad(mine, (0, chunks * qs_tile - num_tokens)).reshape(chunks, qs_tile)
+        chunk_kv = jnp.where(any_mine.any(axis=1), prefix_lens[0], 0).astype(jnp.int32)
+        chunk_cu = jnp.minimum(jnp.arange(chunks + 1, dtype=jnp.int32) * qs_tile, num_tokens)
+        chunk_tables = jnp.broadcast_to(prefix_block_tables[:1],
+                                        (chunks, prefix_block_tables.shape[1]))
+        pre_out, pre_lse = attn(
+            q, k_cache, v_cache, chunk_tables, chunk_kv, chunk_cu, scale=scale, causal=False,
+            logits_soft_cap=logits_soft_cap, q_tile=qs_tile)
         pre_out = jnp.where(mine[:, None, None], pre_out, jnp.zeros((), pre_out.dtype))
         pre_lse = jnp.where(mine[:, None], pre_lse, -jnp.inf)
         return merge_attention_states(pre_out, pre_lse, own_out, own_lse)

@@ -523,6 +523,33 @@ def test_shared_prefix_attention_pallas_gpu_interpret(prefixes, seqs):
     np.testing.assert_allclose(np.asarray(lse), want_lse, atol=2e-3, rtol=1e-4)
 
 
+def test_one_prefix_kernel_cascade_skips_chunks_with_no_prefix_token():
+    """The kernels' one-prefix cascade (tokens in order, no sort) reads the prefix only for
+    chunks of tokens with one of its tokens: 256 prefill tokens of no prefix beside 8 decode
+    tokens of the prefix read it for one chunk, not for all (the 256 tokens' tiles walked all
+    of it, found by review). The kernel here is the XLA ragged path, at the same tiling."""
+    from prefixkv.jax_frontend import _xla
+
+    seen = []
+
+    def attention(*args, **kw):  # records each call's per-"sequence" kv lens
+        seen.append(np.asarray(args[4]))
+        return _xla.ragged_paged_attention(*args, **kw)
+
+    rng = np.random.default_rng(10)
+    seqs = [(-1, 256, 300)] + [(0, 1, 3 + s) for s in range(8)]
+    batch = testing.make_shared_prefix_batch(rng, [4], seqs, num_q_heads=4, num_kv_heads=2,
+                                             head_dim=16, block_size=8)
+    args = [jnp.asarray(a) if a is not None else None for a in batch.args()]
+    out, lse = _xla.shared_prefix_attention(*args, scale=0.25, attention_fn=attention)
+    want, want_lse = ref.shared_prefix_attention_reference(*batch.args(), scale=0.25,
+                                                           return_lse=True)
+    _close(out, want, "float32")
+    np.testing.assert_allclose(np.asarray(lse), want_lse, atol=1e-4, rtol=1e-4)
+    prefix_call = seen[-1]  # own part first (causal), then the prefix pass
+    assert prefix_call.tolist() == [0, 4 * 8]  # chunks of 256 tokens: only the second reads
+
+
 @pytest.mark.parametrize("decode", [True, False])
 def test_shared_prefix_pallas_gpu_splits_the_prefix_pass(decode):
     """Few queries over a long prefix: the non-causal prefix launch splits its KV (3 splits of
