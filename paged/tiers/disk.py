@@ -1,14 +1,17 @@
 """Local-disk tier ("G3"): one file per block, written atomically, verified on read.
 
 Layout: ``<root>/<namespace digest>/<hash hex>.kvb``; each file is one :func:`encode_record`
-record (header with format version, key, dtype, shape, checksum; then the payload). A write
+record (header with format version, key, dtype, shape and a checksum of the header fields
+and payload; then the payload). A write
 goes to a temporary file in the same directory and is renamed over the final name
 (``os.replace``), optionally after ``fsync``, so a reader sees a whole record or none. A file
-that fails verification on read (corrupt, truncated, other key) is a miss and is deleted.
+that fails verification on read (corrupt, truncated, other key, other format version) is a
+miss and is deleted.
 
 The blocks survive the process: a new ``DiskTier`` on the same root finds them (persistence
 across model reloads). ``budget_bytes`` (optional) bounds the files this tier object knows,
-evicting least-recently-used ones (mtime, refreshed on every hit) when a put needs room.
+evicting least-recently-used ones (mtime, refreshed on every hit) when a put needs room; a put
+never evicts the files it wrote itself.
 """
 
 from __future__ import annotations
