@@ -246,3 +246,144 @@ def test_onboard_request_pool_full_is_a_miss():
     small.pc.add_request("r", tokens)
     caches, n = off.onboard_request(small.pc, "r", small.caches)
     assert n == 0 and small.pc.num_computed("r") == 0
+
+
+# -- faults in the pool-facing glue ------------------------------------------------------------
+
+def _bad_alloc(shape, dtype):
+    raise MemoryError("pinned allocation failed")
+
+
+def _bad_gather(caches, ids):
+    raise RuntimeError("device gather failed")
+
+
+@pytest.mark.parametrize("fault", ["host allocator", "chained host allocator", "gather",
+                                   "caches callable"])
+def test_a_failed_offload_on_eviction_is_a_miss_and_the_step_goes_on(fault):
+    """The offload subscriber failing (pinned allocation, gather, the caches callable) must
+    neither raise through the pool's allocation nor lose the blocks it was evicting."""
+    dt = np.dtype("float32")
+    rng = np.random.default_rng(5)
+    ns = Namespace("e2e-model", dtype="float32")
+    eng = Engine(dt, num_blocks=8)  # 7 usable blocks
+    host = HostTier(1 << 20, allocator=_bad_alloc if "allocator" in fault else None)
+    store = TieredStore([host]) if fault == "chained host allocator" else host
+    off = BlockOffloader(store, ns, gather=_bad_gather if fault == "gather" else None)
+
+    def caches():
+        if fault == "caches callable":
+            raise RuntimeError("caches are gone")
+        return eng.caches
+
+    off.offload_on_evict(eng.pc.events, caches)
+    tokens = list(range(1, 18))  # 4 full blocks + 1 token: 5 blocks, 4 cached when freed
+    keys, values = _kv(rng, len(tokens), dt)
+    eng.prefill("r", tokens, keys, values)
+    hashes = eng.pc.request_hashes("r")[:4]
+    eng.pc.free("r")
+    other = list(range(500, 527))  # 7 blocks: evicts every cached block of "r"
+    ok, ov = _kv(rng, len(other), dt)
+    eng.prefill("o", other, ok, ov)  # raised (and corrupted the pool) before
+    eng.pc.pool.check_consistency()
+    assert eng.pc.num_computed("o") == len(other) and len(eng.pc.blocks("o")) == 7
+    flat = gather_blocks_reference([eng.k], np.asarray(eng.pc.blocks("o"), np.int32))
+    assert _same(flat.reshape(-1, HKV, D)[:len(other)], ok)
+    assert off.lookup(hashes) == 0  # nothing offloaded: a later miss, nothing wrong served
+    if fault == "chained host allocator":  # the chain's guard counts the tier fault
+        assert off.offload_errors == 0 and store.stats.errors >= 1
+    else:
+        assert off.offload_errors == 1 and off.last_error is not None
+
+
+def _offloaded(tokens, keys, values, store):
+    dt = keys.dtype
+    src = Engine(dt)
+    src.prefill("r", tokens, keys, values)
+    off = BlockOffloader(store, Namespace("e2e-model", dtype=dt.name))
+    full = len(tokens) // BS
+    assert all(off.offload(src.caches, np.asarray(src.pc.blocks("r")[:full], np.int32),
+                           src.pc.request_hashes("r")[:full]))
+    return src, off
+
+
+@pytest.mark.parametrize("fault", ["functional scatter", "in-place scatter midway",
+                                   "stored subscriber"])
+def test_a_failed_onboard_is_rolled_back_to_a_miss(fault):
+    """A scatter (or a "stored" subscriber) failing after PrefixCache.onboard registered the
+    new blocks: they are unregistered and freed, the request is back where it was, and no
+    later request is served those blocks (they held NaN: the review's reproducer)."""
+    from prefixkv.paged.events import EventLog
+
+    dt = np.dtype("float32")
+    rng = np.random.default_rng(6)
+    tokens = list(range(7, 30))  # 5 full blocks + 3 tokens: onboard_request loads 5
+    keys, values = _kv(rng, len(tokens), dt)
+    q = rng.standard_normal((1, HQ, D)).astype(dt)
+    src, off = _offloaded(tokens, keys, values, HostTier(1 << 20))
+    want = src.decode_attention("r", q)
+
+    dst = Engine(dt)
+    log = EventLog()
+    dst.pc.events.subscribe(log)
+    if fault == "functional scatter":
+        def scatter(caches, rows, ids):
+            raise RuntimeError("device copy failed")
+        off.scatter = scatter
+    elif fault == "in-place scatter midway":
+        def scatter(caches, rows, ids):
+            for layer, c in enumerate(caches):
+                c[ids[0]] = rows[0, layer]  # one block written, then the copy fails
+            raise RuntimeError("device copy failed midway")
+        off.scatter = scatter
+    else:
+        def on_stored(ev):
+            if ev.kind == "stored":
+                raise RuntimeError("subscriber failed")
+        unsubscribe = dst.pc.events.subscribe(on_stored)
+
+    dst.pc.add_request("r", tokens)
+    caches, n = off.onboard_request(dst.pc, "r", dst.caches)
+    assert n == 0 and caches[0] is dst.k  # the caches as they were given
+    assert off.onboard_errors == 1 and isinstance(off.last_error, RuntimeError)
+    # the request is back where it was; the pool holds nothing but it (no cache entry)
+    assert dst.pc.num_computed("r") == 0 and dst.pc.blocks("r") == []
+    assert dst.pc.tokens("r") == tokens
+    assert dst.pc.request_hashes("r") == src.pc.request_hashes("r")
+    assert dst.pc.pool.cached_hashes() == {} and log.replay() == {}
+    assert dst.pc.pool.num_free == NUM_BLOCKS - 1
+    dst.pc.pool.check_consistency()
+    # a second request of the same prompt hits nothing (it hit the NaN blocks before)
+    dst.pc.add_request("b", tokens)
+    assert dst.pc.num_computed("b") == 0
+    dst.pc.free("b")
+    # the request goes on: computed on the device, attention as the source's, bit for bit
+    if fault == "stored subscriber":
+        unsubscribe()
+    off.scatter = None
+    done = dst.pc.num_computed("r")
+    plan = dst.pc.step([("r", len(tokens) - done)])
+    dst.k, dst.v = write_kv_reference(keys, values, dst.k, dst.v, plan.slot_mapping)
+    assert _same(dst.decode_attention("r", q), want)
+    # and the onboard works again once the fault is gone
+    again = Engine(dt)
+    assert again.prefill("r", tokens, keys, values, offloader=off) == 5
+    assert _same(again.decode_attention("r", q), want)
+
+
+def test_null_block_is_refused_when_declared():
+    dt = np.dtype("float32")
+    caches = [np.zeros((4, BS, HKV, D), dt)]
+    ns = Namespace("e2e-model", dtype="float32")
+    plain = BlockOffloader(HostTier(1 << 20), ns)  # caches without a null block: 0 is data
+    assert plain.offload(caches, [0], [b"\x01" * 32]) == [True]
+    off = BlockOffloader(plain.store, ns, null_block=0)
+    with pytest.raises(ValueError, match="block_ids: block 0 is the null block"):
+        off.offload(caches, [1, 0], [b"\x01" * 32, b"\x02" * 32])
+    with pytest.raises(ValueError, match="block_ids: block 0 is the null block"):
+        off.onboard(caches, np.array([0], np.int32), [b"\x01" * 32])
+    assert not caches[0].any()
+    with pytest.raises(ValueError, match="null_block"):
+        BlockOffloader(plain.store, ns, null_block=-1)
+    with pytest.raises(ValueError, match="null_block"):
+        BlockOffloader(plain.store, ns, null_block=True)

@@ -165,16 +165,35 @@ class BlockOffloader:
     such as ``scatter_blocks_reference``) or None (an in-place op). Both default to in-place
     numpy copies for numpy caches (offload then copies each block once, straight into the
     host tier's memory).
+    null_block: the caches' padding block (0 for a :class:`~prefixkv.paged.pool.BlockPool`'s
+    caches), which offload and onboard then reject as a block id; None (the default): caches
+    without one, every block id is data.
+
+    The pool-facing glue degrades instead of raising: a failed offload on eviction
+    (:meth:`offload_on_evict`) and a failed scatter in :meth:`onboard_request` are misses,
+    counted in ``offload_errors`` / ``onboard_errors`` (the last exception in
+    ``last_error``).
     """
 
     def __init__(self, store: Tier, namespace: Namespace, *, gather: Gather | None = None,
-                 scatter: Scatter | None = None):
+                 scatter: Scatter | None = None, null_block: int | None = None):
         if not isinstance(namespace, Namespace):
             raise TypeError(f"namespace: expected Namespace, got {type(namespace).__name__}")
+        if null_block is not None and (isinstance(null_block, bool)
+                                       or not isinstance(null_block, (int, np.integer))
+                                       or null_block < 0):
+            raise ValueError(f"null_block: expected None or a block id >= 0, got {null_block!r}")
         self.store = store
         self.namespace = namespace
         self.gather = gather
         self.scatter = scatter
+        self.null_block = None if null_block is None else int(null_block)
+        #: offloads on eviction that failed (the blocks were not offloaded: a later miss).
+        self.offload_errors = 0
+        #: onboard_request calls whose load failed and were rolled back to a miss.
+        self.onboard_errors = 0
+        #: the exception of the last failure counted above (None: none yet).
+        self.last_error: BaseException | None = None
 
     def keys(self, block_hashes: Sequence, namespace: Namespace | None = None) -> list[BlockKey]:
         ns = namespace or self.namespace
@@ -186,6 +205,9 @@ class BlockOffloader:
         validate.check_gather_blocks(caches, block_ids)
         ids = validate.check_block_ids_values(int(caches[0].shape[0]), block_ids,
                                               distinct=False)
+        if self.null_block is not None and (ids == self.null_block).any():
+            raise ValueError(f"block_ids: block {self.null_block} is the null block (padding), "
+                             f"never offloaded or onboarded; got {ids.tolist()}")
         if len(block_hashes) != len(ids):
             raise ValueError(f"block_hashes: expected {len(ids)} hashes (one per block id), "
                              f"got {len(block_hashes)}")
@@ -209,7 +231,12 @@ class BlockOffloader:
             # One copy per block, straight into host-tier memory (no staging buffer); the
             # memory of evicted blocks is reused, so nothing is allocated in steady state.
             row_shape = (len(caches), *caches[0].shape[1:])
-            rows = host.reserve(len(ids), row_shape, caches[0].dtype)
+            def reserve():
+                return host.reserve(len(ids), row_shape, caches[0].dtype)
+            # a failing allocator (pinned memory) is a tier fault: counted, then the generic
+            # path below (whose put the chain guards too)
+            rows = (self.store._guard(host, reserve, []) if isinstance(self.store, TieredStore)
+                    else reserve())
             if len(rows) == len(ids):
                 for dst, b in zip(rows, ids.tolist(), strict=True):
                     for layer, c in enumerate(caches):
@@ -283,8 +310,12 @@ class BlockOffloader:
 
         Order matters: the blocks are fetched and verified first, then allocated and
         registered in the pool (``PrefixCache.onboard``) and scattered. A tier failing midway
-        therefore shortens the hit; it can never leave a registered block without its KV.
-        A pool too full to take them is a miss (n = 0).
+        therefore shortens the hit. A pool too full to take them is a miss (n = 0). A scatter
+        (or an event subscriber) failing after the blocks were registered is rolled back
+        before this returns: the new blocks are unregistered and freed and the request's
+        computed tokens restored, then it is a miss (n = 0, ``onboard_errors`` + 1). So a
+        registered block never lacks its KV. (KeyboardInterrupt and other BaseExceptions are
+        rolled back the same way, then re-raised.)
         """
         from ..pool import NoFreeBlocksError
 
@@ -302,9 +333,34 @@ class BlockOffloader:
             return caches, 0
         try:
             new = pc.onboard(request_id, len(rows))
-        except NoFreeBlocksError:
+            out = self.scatter_rows(caches, np.asarray(new, dtype=np.int32), rows)
+        except BaseException as e:
+            self._undo_onboard(pc, request_id, first)
+            if isinstance(e, NoFreeBlocksError):
+                return caches, 0
+            if not isinstance(e, Exception):
+                raise
+            self.onboard_errors += 1
+            self.last_error = e
             return caches, 0
-        return self.scatter_rows(caches, np.asarray(new, dtype=np.int32), rows), len(rows)
+        return out, len(rows)
+
+    def _undo_onboard(self, pc, request_id, first: int) -> None:
+        """Roll a request back to its first ``first`` blocks computed (before onboarding):
+        the blocks past them lose their hashes (``"removed"`` events) and go back to the pool,
+        through PrefixCache's public calls (truncate, then the tokens appended again)."""
+        new = pc.blocks(request_id)[first:]
+        if not new:
+            return  # nothing was allocated (a full pool, or the allocation was undone)
+        bs = pc.block_size
+        tail = pc.tokens(request_id)[first * bs:]
+        try:
+            pc.pool.unregister(new)
+        except Exception as e:  # noqa: BLE001 - a subscriber's; the pool has unregistered them
+            self.last_error = e
+        finally:
+            pc.truncate(request_id, first * bs)
+            pc.append_tokens(request_id, tail)
 
     # -- wiring to the device pool (paged/pool.py events) --------------------------------------
     def offload_on_evict(self, events, caches: Callable[[], list] | list,
@@ -315,13 +371,21 @@ class BlockOffloader:
         caches: the cache list, or a callable returning the current one (functional caches).
         namespace_for: maps an event's salt namespace (bytes) to a tier Namespace; default:
         this offloader's namespace with that salt. Returns the unsubscribe function.
+
+        A failing offload (a tier, the pinned allocator, ``gather``, ``caches()`` or
+        ``namespace_for`` raising) is a miss: counted in ``offload_errors`` (and
+        ``last_error``), never raised through the pool's allocation.
         """
         def on_event(ev):
             if ev.kind != "evicted" or not ev.block_ids:
                 return
-            ns = (namespace_for or self.namespace.with_salt)(ev.namespace)
-            cs = caches() if callable(caches) else caches
-            self.offload(cs, np.asarray(ev.block_ids, dtype=np.int32), list(ev.block_hashes),
-                         namespace=ns)
+            try:
+                ns = (namespace_for or self.namespace.with_salt)(ev.namespace)
+                cs = caches() if callable(caches) else caches
+                self.offload(cs, np.asarray(ev.block_ids, dtype=np.int32),
+                             list(ev.block_hashes), namespace=ns)
+            except Exception as e:  # noqa: BLE001 - an offload is best effort
+                self.offload_errors += 1
+                self.last_error = e
 
         return events.subscribe(on_event)
