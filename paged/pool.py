@@ -22,7 +22,11 @@ so a hit can never cross namespaces even if two namespaces produced the same has
 compatibility hash that ignores the salt). One block per (namespace, hash): registering a hash
 that is already cached leaves the new block uncached (it is freed as empty).
 
-Every change of the index is published on :attr:`events` (see :mod:`prefixkv.paged.events`).
+Every change of the index is published on :attr:`events` (see :mod:`prefixkv.paged.events`),
+after the pool's own bookkeeping: a subscriber always sees (and may check) a consistent pool.
+A subscriber that raises does not stop the call's other events; once they are out, the first
+exception propagates with the pool consistent (``allocate`` then takes no block). Subscribers
+that must not break the engine (the offloader) catch their own faults.
 """
 
 from __future__ import annotations

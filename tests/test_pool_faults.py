@@ -150,3 +150,24 @@ def test_allocate_takes_numpy_integers():
     with pytest.raises(ValueError, match="n: expected >= 0"):
         pool.allocate(np.int32(-1))
     assert pool.allocate(np.uint8(1)) == [3]
+
+
+def test_a_step_whose_eviction_subscriber_raises_changes_no_request():
+    """Through PrefixCache.step: the subscriber's exception propagates, the step's blocks are
+    all given back and the request can be stepped again once the subscriber is gone."""
+    from prefixkv.paged.prefix_cache import PrefixCache
+
+    pc = PrefixCache(num_blocks=5, block_size=2)
+    pc.add_request("a", [1, 2, 3, 4, 5])
+    pc.step([("a", 5)])
+    pc.free("a")  # 2 cached + 1 empty free blocks, + 1 never used
+    unsubscribe = pc.events.subscribe(_raise_on(EVICTED))
+    pc.add_request("b", [9] * 7)  # 4 blocks: 2 empty + 2 evicted
+    with pytest.raises(Boom):
+        pc.step([("b", 7)])
+    pc.pool.check_consistency()
+    assert pc.blocks("b") == [] and pc.num_computed("b") == 0 and pc.pool.num_free == 4
+    unsubscribe()
+    pc.step([("b", 7)])
+    assert sorted(pc.blocks("b")) == [1, 2, 3, 4] and pc.num_computed("b") == 7
+    pc.pool.check_consistency()
