@@ -387,3 +387,21 @@ def test_null_block_is_refused_when_declared():
         BlockOffloader(plain.store, ns, null_block=-1)
     with pytest.raises(ValueError, match="null_block"):
         BlockOffloader(plain.store, ns, null_block=True)
+
+
+def test_onboard_request_bad_request_state_still_raises():
+    """Only a failure after blocks were registered degrades to a miss; a request whose
+    computed tokens do not end at a block boundary is the caller's error, nothing changed."""
+    dt = np.dtype("float32")
+    rng = np.random.default_rng(7)
+    tokens = list(range(7, 30))
+    keys, values = _kv(rng, len(tokens), dt)
+    _, off = _offloaded(tokens, keys, values, HostTier(1 << 20))
+    dst = Engine(dt)
+    dst.pc.add_request("s", tokens)
+    dst.pc.step([("s", 3)])  # 3 of 4 tokens of the first block: not at a block boundary
+    with pytest.raises(ValueError, match="block boundary"):
+        off.onboard_request(dst.pc, "s", dst.caches)
+    assert off.onboard_errors == 0 and dst.pc.num_computed("s") == 3
+    assert len(dst.pc.blocks("s")) == 1 and dst.pc.tokens("s") == tokens
+    dst.pc.pool.check_consistency()

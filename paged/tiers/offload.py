@@ -315,7 +315,8 @@ class BlockOffloader:
         before this returns: the new blocks are unregistered and freed and the request's
         computed tokens restored, then it is a miss (n = 0, ``onboard_errors`` + 1). So a
         registered block never lacks its KV. (KeyboardInterrupt and other BaseExceptions are
-        rolled back the same way, then re-raised.)
+        rolled back the same way, then re-raised; so is an error raised before any block was
+        allocated, such as a request whose computed tokens do not end at a block boundary.)
         """
         from ..pool import NoFreeBlocksError
 
@@ -331,27 +332,30 @@ class BlockOffloader:
                           namespace=ns)
         if not rows:
             return caches, 0
+        held = len(pc.blocks(request_id))
         try:
             new = pc.onboard(request_id, len(rows))
             out = self.scatter_rows(caches, np.asarray(new, dtype=np.int32), rows)
         except BaseException as e:
-            self._undo_onboard(pc, request_id, first)
+            undone = self._undo_onboard(pc, request_id, held, first)
             if isinstance(e, NoFreeBlocksError):
                 return caches, 0
-            if not isinstance(e, Exception):
-                raise
+            if not undone or not isinstance(e, Exception):
+                raise  # nothing was registered (e.g. a request not at a block boundary)
             self.onboard_errors += 1
             self.last_error = e
             return caches, 0
         return out, len(rows)
 
-    def _undo_onboard(self, pc, request_id, first: int) -> None:
-        """Roll a request back to its first ``first`` blocks computed (before onboarding):
-        the blocks past them lose their hashes (``"removed"`` events) and go back to the pool,
-        through PrefixCache's public calls (truncate, then the tokens appended again)."""
-        new = pc.blocks(request_id)[first:]
+    def _undo_onboard(self, pc, request_id, held: int, first: int) -> bool:
+        """Roll back a :meth:`PrefixCache.onboard` that got as far as allocating: the request
+        held ``held`` blocks before it, ``first`` full ones computed (then ``held == first``,
+        which onboard checks). The blocks past them lose their hashes (``"removed"`` events)
+        and go back to the pool, through PrefixCache's public calls (truncate, then the tokens
+        appended again). Returns whether there was anything to roll back."""
+        new = pc.blocks(request_id)[held:]
         if not new:
-            return  # nothing was allocated (a full pool, or the allocation was undone)
+            return False  # nothing was allocated (a full pool, bad input, an undone allocation)
         bs = pc.block_size
         tail = pc.tokens(request_id)[first * bs:]
         try:
@@ -361,6 +365,7 @@ class BlockOffloader:
         finally:
             pc.truncate(request_id, first * bs)
             pc.append_tokens(request_id, tail)
+        return True
 
     # -- wiring to the device pool (paged/pool.py events) --------------------------------------
     def offload_on_evict(self, events, caches: Callable[[], list] | list,
