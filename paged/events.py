@@ -3,7 +3,8 @@
 A tier (the device :class:`~prefixkv.paged.pool.BlockPool`, a host/disk/remote tier) owns an
 :class:`EventBus`; subscribers (a :class:`~prefixkv.paged.router.Router`, an
 :class:`EventLog`, a tier that offloads evicted blocks) get every :class:`KVEvent`
-synchronously, in order, before the call that caused it returns.
+synchronously, in order, before the call that caused it returns. A subscriber that raises
+does not stop the others: every subscriber gets the event, then the first exception propagates.
 
 Kinds:
 
@@ -82,8 +83,18 @@ class EventBus:
         return unsubscribe
 
     def publish(self, event: KVEvent) -> None:
+        """Call every subscriber with ``event``, in subscription order, even when one raises;
+        then re-raise the first exception. A subscriber that fails never makes later ones (an
+        :class:`EventLog`, a Router) miss the event and drift from the tier's state."""
+        error = None
         for fn in tuple(self._subscribers):
-            fn(event)
+            try:
+                fn(event)
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                if error is None:
+                    error = e
+        if error is not None:
+            raise error
 
     def __bool__(self) -> bool:
         return bool(self._subscribers)
