@@ -125,6 +125,100 @@ def test_redis_ttl(redis_server):
     t.clear()
 
 
+def test_redis_bad_dtype_stores_nothing(redis_tier):
+    from prefixkv.paged.events import EventLog
+
+    log = EventLog()
+    redis_tier.events.subscribe(log)
+    ks = _keys(3)
+    vals = _rows(2) + _rows(1, "float16")
+    with pytest.raises(ValueError, match=r"values\[2\]: dtype float16 does not match the key's "
+                                         "namespace dtype float32"):
+        redis_tier.batch_put(ks, vals)
+    assert redis_tier.batch_exists(ks) == 0 and log.events == []
+    assert redis_tier.stats.puts == 0 and redis_tier.stats.bytes_written == 0
+
+
+def test_redis_repeated_key_in_one_batch_is_stored_once(redis_tier):
+    from prefixkv.paged.events import EventLog
+    from prefixkv.paged.tiers.base import record_bytes
+
+    log = EventLog()
+    redis_tier.events.subscribe(log)
+    a, b, c = _keys(3)
+    va, vb, vc, va2 = _rows(4)
+    # max_batch=3: the repeat of `a` would land in the second pipeline
+    assert redis_tier.batch_put([a, b, c, a], [va, vb, vc, va2]) == [True] * 4
+    assert redis_tier.stats.puts == 3 and redis_tier.stats.rejected == 0
+    assert redis_tier.stats.bytes_written == sum(
+        len(record_bytes(k, v, checksum_alg=redis_tier.checksum))
+        for k, v in ((a, va), (b, vb), (c, vc)))
+    hashes = [h for e in log.events if e.kind == "stored" for h in e.block_hashes]
+    assert hashes == [a.block_hash, b.block_hash, c.block_hash]
+    got = redis_tier.batch_get([a, b, c], shape=ROW)
+    assert all(_same(g, v) for g, v in zip(got, [va, vb, vc], strict=True))  # the first value
+
+
+class _FailingPipelines:
+    """A redis client whose pipelines fail (connection error) after the first ``n``."""
+
+    def __init__(self, client, n):
+        self._client, self._n = client, n
+
+    def pipeline(self, **kw):
+        import redis
+
+        if self._n == 0:
+            raise redis.exceptions.ConnectionError("injected: server gone")
+        self._n -= 1
+        return self._client.pipeline(**kw)
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+def test_redis_server_fault_midway_repeats_report_the_stored_result(redis_server):
+    from prefixkv.paged.events import EventLog
+    from prefixkv.paged.tiers import RedisTier
+
+    t = RedisTier(port=redis_server.port, prefix="t-fault-midway:", max_batch=2)
+    t.clear()
+    real = t.client
+    t.client = _FailingPipelines(real, 1)
+    log = EventLog()
+    t.events.subscribe(log)
+    a, b, c, d = _keys(4)
+    try:
+        # [a, b] goes through, the next pipeline fails: a miss, never an exception
+        assert t.batch_put([a, b, a, c, d], _rows(5)) == [True, True, True, False, False]
+        assert t.stats.errors == 1 and t.stats.puts == 2 and t.stats.rejected == 2
+        assert [e.block_hashes for e in log.events] == [(a.block_hash, b.block_hash)]
+        # marked down: the next put answers False at once, repeats included
+        assert t.batch_put([d, d], _rows(2)) == [False, False] and t.stats.rejected == 3
+        t.client = real
+        assert t.batch_exists([a, b]) == 0  # still marked down: a miss
+    finally:
+        t.client = real
+        t._down_until = 0.0
+        t.clear()
+        t.close()
+
+
+def test_redis_server_down_repeated_keys_are_misses_and_bad_dtype_still_raises():
+    from prefixkv.paged.tiers import LocalRedisServer, RedisTier
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed")
+    srv = LocalRedisServer()  # a free port, never started: connection refused
+    t = RedisTier(port=srv.port, prefix="down:")
+    a, b = _keys(2)
+    assert t.batch_put([a, b, a], _rows(3)) == [False] * 3
+    assert t.stats.errors == 1 and t.stats.rejected == 2 and t.stats.puts == 0
+    with pytest.raises(ValueError, match=r"values\[1\]: dtype float16"):
+        t.batch_put([a, b], _rows(1) + _rows(1, "float16"))  # a caller error, not a fault
+    t.close()
+
+
 def test_redis_import_error_names_the_extra(monkeypatch):
     import builtins
 

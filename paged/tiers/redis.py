@@ -23,7 +23,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .base import BlockKey, RecordError, Tier, check_values, decode_record, encode_record
+from .base import (
+    BlockKey,
+    RecordError,
+    Tier,
+    check_put_values,
+    decode_record,
+    encode_record,
+)
 
 
 def _import_redis():
@@ -35,6 +42,23 @@ def _import_redis():
         raise ImportError("RedisTier needs the 'redis' package: pip install 'prefixkv[remote]' "
                           "(redis, hiredis)") from e
     return redis, Retry, NoBackoff
+
+
+def _unique_positions(keys: Sequence[BlockKey]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Positions of the first occurrence of each key, and ``(position, first position)`` for
+    every repeat of a key earlier in ``keys``."""
+    todo: list[int] = []
+    repeats: list[tuple[int, int]] = []
+    first: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        sk = k.storage_key()
+        j = first.get(sk)
+        if j is not None and keys[j] == k:
+            repeats.append((i, j))
+            continue
+        first[sk] = i
+        todo.append(i)
+    return todo, repeats
 
 
 class RedisTier(Tier):
@@ -140,36 +164,44 @@ class RedisTier(Tier):
         return out
 
     def batch_put(self, keys, values):
-        check_values(keys, values)
+        """Every value's dtype is checked against its key's namespace before anything is sent
+        (ValueError, nothing stored). A key repeated in the batch is sent once (the first
+        value; stats and the "stored" event count it once); each of its positions reports that
+        result. "stored" goes out after the bookkeeping, even when the server fails midway."""
         keys = list(keys)
+        values = check_put_values(keys, values)
         results = [False] * len(keys)
-        if not keys:
+        todo, repeats = _unique_positions(keys)
+        if not todo:
             return results
         if not self.available:
-            self.stats.rejected += len(keys)
+            self.stats.rejected += len(todo)
             return results
-        pos = 0
+        stored: list[BlockKey] = []
         try:
-            for i in range(0, len(keys), self.max_batch):
-                chunk = keys[i:i + self.max_batch]
+            for chunk in self._chunks(todo):
                 pipe = self.client.pipeline(transaction=False)
                 sizes = []
-                for k, v in zip(chunk, values[i:i + self.max_batch], strict=False):
-                    header, payload = encode_record(k, np.asarray(v), checksum_alg=self.checksum)
+                for i in chunk:
+                    header, payload = encode_record(keys[i], values[i],
+                                                    checksum_alg=self.checksum)
                     data = header + payload
                     sizes.append(len(data))
-                    pipe.set(self._rkey(k), data, px=self.ttl_ms)
+                    pipe.set(self._rkey(keys[i]), data, px=self.ttl_ms)
                 done = pipe.execute()
-                self._publish("stored", [k for k, ok in zip(chunk, done, strict=True) if ok])
-                for ok, size in zip(done, sizes, strict=False):
-                    results[pos] = bool(ok)
+                for i, ok, size in zip(chunk, done, sizes, strict=True):
                     if ok:
+                        results[i] = True
+                        stored.append(keys[i])
                         self.stats.puts += 1
                         self.stats.bytes_written += size
-                    pos += 1
         except self._errors:
             self._fail()
-        self.stats.rejected += len(keys) - sum(results)
+        finally:
+            for i, j in repeats:
+                results[i] = results[j]
+            self.stats.rejected += len(todo) - len(stored)
+            self._publish("stored", stored)
         return results
 
     def batch_remove(self, keys):
