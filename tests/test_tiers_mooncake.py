@@ -196,6 +196,96 @@ def test_events(tier):
     assert tier.batch_exists(ks[1:]) == 0
 
 
+def test_bad_dtype_stores_nothing(tier, mc_store):
+    from prefixkv.paged.events import EventLog
+
+    log = EventLog()
+    tier.events.subscribe(log)
+    ks = _keys(3, start=80)
+    keys_before = mc_store.key_count()
+    with pytest.raises(ValueError, match=r"values\[1\]: dtype bfloat16 does not match the key's "
+                                         "namespace dtype float32"):
+        tier.batch_put(ks, _rows(1) + _rows(1, "bfloat16") + _rows(1))
+    assert tier.batch_exists(ks) == 0 and mc_store.key_count() == keys_before
+    assert log.events == [] and tier.stats.puts == 0
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_repeated_key_in_one_batch_is_stored_once(tier, mc_store, overwrite):
+    """Posted twice in one batch, the store allocated two copies of the object and a remove
+    freed one: the other stayed allocated for good."""
+    from prefixkv.paged.events import EventLog
+
+    log = EventLog()
+    tier.events.subscribe(log)
+    a, b, c = _keys(3, start=90)
+    va, vb, vc, va2 = _rows(4, seed=11)
+    allocated, keys_before = mc_store.allocated_bytes(), mc_store.key_count()
+    tier.overwrite = overwrite
+    try:
+        # max_batch=3: both occurrences of `a` would go in the first batch
+        assert tier.batch_put([a, b, a, c], [va, vb, va2, vc]) == [True] * 4
+    finally:
+        tier.overwrite = True
+    assert tier.stats.puts == 3 and tier.stats.rejected == 0
+    assert tier.stats.bytes_written == sum(
+        len(record_bytes(k, v, checksum_alg=tier.checksum))
+        for k, v in ((a, va), (b, vb), (c, vc)))
+    assert [h for e in log.events for h in e.block_hashes] == [
+        a.block_hash, b.block_hash, c.block_hash]
+    assert mc_store.key_count() == keys_before + 3
+    got = tier.batch_get([a, b, c], shape=ROW)
+    assert all(_same(g, v) for g, v in zip(got, [va, vb, vc], strict=True))  # the first value
+    tier.clear()
+    assert mc_store.key_count() == keys_before
+    assert mc_store.allocated_bytes() == allocated  # nothing left allocated
+
+
+class _FailingPuts:
+    """A Mooncake store whose puts raise (an RPC fault) after the first ``n`` batches."""
+
+    def __init__(self, store, n):
+        self._store, self._n = store, n
+
+    def _put(self, name, *args):
+        if self._n == 0:
+            raise RuntimeError("injected: master RPC failed")
+        self._n -= 1
+        return getattr(self._store, name)(*args)
+
+    def batch_upsert_from(self, *args):
+        return self._put("batch_upsert_from", *args)
+
+    def batch_put_from(self, *args):
+        return self._put("batch_put_from", *args)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def test_store_fault_midway_repeats_report_the_stored_result(tier):
+    from prefixkv.paged.events import EventLog
+
+    log = EventLog()
+    tier.events.subscribe(log)
+    a, b, c, d = _keys(4, start=100)
+    real = tier.store
+    tier.store = _FailingPuts(real, 1)
+    try:
+        # max_batch=3: [a, b, c] goes through, the next batch fails: False, never an exception
+        assert tier.batch_put([a, b, c, a, d], _rows(5)) == [True, True, True, True, False]
+        assert tier.stats.errors == 1 and tier.stats.puts == 3 and tier.stats.rejected == 1
+        assert [e.block_hashes for e in log.events] == [(a.block_hash, b.block_hash,
+                                                          c.block_hash)]
+        assert not tier.available
+        assert tier.batch_put([d, d], _rows(2)) == [False, False]  # marked down: at once
+        assert tier.stats.rejected == 2
+    finally:
+        tier.store = real
+        tier._down_until, tier._suspect = 0.0, False
+    assert tier.batch_exists([a, b, c, d]) == 3
+
+
 def test_import_error_names_the_package(monkeypatch):
     import builtins
 

@@ -51,7 +51,7 @@ from .base import (
     RecordError,
     Tier,
     UnexpectedLayout,
-    check_values,
+    check_put_values,
     decode_record,
     encode_record,
 )
@@ -70,6 +70,23 @@ def _import_mooncake():
         raise ImportError("MooncakeTier needs the 'mooncake' package: pip install "
                           "mooncake-transfer-engine-non-cuda (and Debian libibverbs1)") from e
     return MooncakeDistributedStore
+
+
+def _unique_positions(keys) -> tuple[list[int], list[tuple[int, int]]]:
+    """Positions of the first occurrence of each key, and ``(position, first position)`` for
+    every repeat of a key earlier in ``keys``."""
+    todo: list[int] = []
+    repeats: list[tuple[int, int]] = []
+    first: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        sk = k.storage_key()
+        j = first.get(sk)
+        if j is not None and keys[j] == k:
+            repeats.append((i, j))
+            continue
+        first[sk] = i
+        todo.append(i)
+    return todo, repeats
 
 
 def _split_addr(addr: str) -> tuple[str, int]:
@@ -286,22 +303,39 @@ class MooncakeTier(Tier):
                     self._verify(k, data, None, dtype, out, c + j)
 
     def batch_put(self, keys, values):
-        check_values(keys, values)
+        """Every value's dtype is checked against its key's namespace before anything is staged
+        (ValueError, nothing stored). A key repeated in the batch is put once (the first value;
+        posted twice in one batch, the store kept a second copy that no remove ever freed),
+        and each of its positions reports that result. "stored" goes out once, after the
+        bookkeeping, even when the store fails midway."""
         keys = list(keys)
+        values = check_put_values(keys, values)
         results = [False] * len(keys)
-        if not keys:
+        todo, repeats = _unique_positions(keys)
+        if not todo:
             return results
         if not self._usable():
-            self.stats.rejected += len(keys)
+            self.stats.rejected += len(todo)
             return results
+        stored: list[BlockKey] = []
+        try:
+            self._put_staged(keys, values, todo, results, stored)
+        finally:
+            for i, j in repeats:
+                results[i] = results[j]
+            self.stats.rejected += len(todo) - len(stored)
+            self._publish("stored", stored)
+        return results
+
+    def _put_staged(self, keys, values, todo, results, stored) -> None:
         cap = self.staging.nbytes
         base = int(self.staging.ctypes.data)
         pos = 0
-        while pos < len(keys):
+        while pos < len(todo):
             idx, offs, lens, used = [], [], [], 0
-            while pos < len(keys) and len(idx) < self.max_batch:
-                header, payload = encode_record(keys[pos], np.asarray(values[pos]),
-                                                checksum_alg=self.checksum)
+            while pos < len(todo) and len(idx) < self.max_batch:
+                i = todo[pos]
+                header, payload = encode_record(keys[i], values[i], checksum_alg=self.checksum)
                 n = len(header) + payload.nbytes
                 if n > cap:  # never fits
                     pos += 1
@@ -310,7 +344,7 @@ class MooncakeTier(Tier):
                     break  # next batch
                 self.staging[used:used + len(header)] = np.frombuffer(header, np.uint8)
                 self.staging[used + len(header):used + n] = np.frombuffer(payload, np.uint8)
-                idx.append(pos)
+                idx.append(i)
                 offs.append(used)
                 lens.append(n)
                 used += n
@@ -322,7 +356,6 @@ class MooncakeTier(Tier):
                 res = put([self._name(keys[i]) for i in idx], [base + o for o in offs], lens)
             except Exception:  # noqa: BLE001 - any client fault is a failed put
                 res = [RPC_FAIL] * len(idx)
-            stored = []
             for i, n, r in zip(idx, lens, res, strict=True):
                 if r == 0:
                     results[i] = True
@@ -331,12 +364,9 @@ class MooncakeTier(Tier):
                     self.stats.bytes_written += n
                 elif r == TRANSFER_FAIL:
                     self.stats.errors += 1
-            self._publish("stored", stored)
             if any(r == RPC_FAIL for r in res):
                 self._fail()
-                break
-        self.stats.rejected += len(keys) - sum(results)
-        return results
+                return
 
     def batch_remove(self, keys):
         keys = list(keys)
@@ -443,14 +473,26 @@ class LocalMooncakeStore:
                 time.sleep(0.02)
         raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port}")
 
-    def capacity(self) -> int:
-        """Bytes the master has mounted (0 until the storage node has joined)."""
+    def _metric(self, name: str) -> int:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=1) as r:
             for line in r.read().decode().splitlines():
-                if line.startswith("master_total_capacity_bytes "):
+                if line.startswith(name + " "):
                     return int(float(line.split()[1]))
         return 0
+
+    def capacity(self) -> int:
+        """Bytes the master has mounted (0 until the storage node has joined)."""
+        return self._metric("master_total_capacity_bytes")
+
+    def allocated_bytes(self) -> int:
+        """Bytes the master has allocated to objects (leak checks: back to its value before a
+        put once the put's objects are removed)."""
+        return self._metric("master_allocated_bytes")
+
+    def key_count(self) -> int:
+        """Objects the master holds."""
+        return self._metric("master_key_count")
 
     def start(self, timeout: float = 20.0) -> LocalMooncakeStore:
         deadline = time.monotonic() + timeout
