@@ -321,3 +321,49 @@ def test_cascade_order_kernel(decode):
             BLOCK_S=tattn.CASCADE_BLOCK_S, BLOCK_T=tattn.CASCADE_BLOCK_T)
         np.testing.assert_array_equal(N(short), want[:n])
         assert N(cu_p).tolist() == [min(c, n) for c in want_cu_p]
+
+
+@pytest.mark.parametrize("splits", [None, 3])
+def test_kernels_stay_inside_their_buffers_whatever_the_metadata(splits):
+    """On a device the frontends check index values only on request (a check is a host
+    sync), so the kernels must keep every access inside its buffers whatever the metadata
+    holds: block ids of 10**9 and negative, kv_lens past the table, cu_q_lens past the
+    tokens, slots and block ids past the cache. Without the bounds the interpreter reads or
+    writes far outside (the process dies). The results are unspecified; the rows, blocks and
+    slots that were valid come out as the reference says."""
+    rng = np.random.default_rng(21)
+    b = testing.make_ragged_batch(rng, [(1, 9), (1, 5), (1, 12)], num_q_heads=4,
+                                  num_kv_heads=2, head_dim=16, block_size=4, nan_fill=False)
+    q, k, v, bt, kv, _ = (T(a) for a in b.args())
+    want = ref.paged_attention_reference(*b.args()[:5])
+    bt = bt.clone()
+    bt[1, 0], bt[1, 1] = 10**9, -(10**9)        # sequence 1: ids outside the cache
+    kv = kv.clone()
+    kv[2] = 1000                                # sequence 2: keys past its 3-block table
+    out = torch.zeros(q.shape)
+    lse = torch.zeros(q.shape[:2])
+    tattn.paged_attention(out, lse, q, k, v, bt, kv, None, scale=0.25, causal=True,
+                          sliding_window=None, logits_soft_cap=None, num_splits=splits)
+    close(out[:1], want[:1], "float32")         # sequence 0 untouched by the others
+    cu = torch.tensor([0, 2, 10**6, 3], dtype=torch.int32)  # a token range past q
+    out = torch.zeros(q.shape)
+    tattn.paged_attention(out, lse, q, k, v, T(b.block_tables), T(b.kv_lens), cu, scale=0.25,
+                          causal=True, sliding_window=None, logits_soft_cap=None)
+    empty = torch.zeros((3, 0), dtype=torch.int32)  # no table column: no key anywhere
+    out = torch.full(q.shape, float("nan"))
+    tattn.paged_attention(out, lse, q, k, v, empty, kv, None, scale=0.25, causal=True,
+                          sliding_window=None, logits_soft_cap=None, num_splits=splits)
+    assert torch.equal(out, torch.zeros(q.shape)) and bool((lse == float("-inf")).all())
+    kc, vc = T(b.k_cache).clone(), T(b.v_cache).clone()
+    num_slots = kc.shape[0] * kc.shape[1]
+    before = kc.clone()
+    rows = torch.ones((3,) + tuple(kc.shape[2:]))
+    tcache.write_kv(rows, rows, kc, vc, torch.tensor([num_slots, 10**9, 0], dtype=torch.int32))
+    assert torch.equal(kc[1:], before[1:]) and torch.equal(kc[0, 1:], before[0, 1:])
+    assert torch.equal(kc[0, 0], rows[2])       # the one valid slot
+    buf = torch.zeros((2, 2) + tuple(kc.shape[1:]))
+    ids = torch.tensor([10**9, -5], dtype=torch.int32)
+    tcache.gather_blocks(buf, [kc, vc], ids)    # reads stay inside the cache
+    tcache.scatter_blocks([kc, vc], buf, ids)   # stores outside it are skipped
+    tcache.copy_blocks([kc, vc], ids, ids)
+    assert torch.equal(kc[1:], before[1:])

@@ -60,7 +60,7 @@ def _paged_attention_kernel(
         stride_kb, stride_kt, stride_kh, stride_kd,
         stride_vb, stride_vt, stride_vh, stride_vd,
         stride_tab, stride_ot, stride_oh, stride_od, stride_lt, stride_lh,
-        stride_split_o, stride_split_l, num_seqs,
+        stride_split_o, stride_split_l, num_seqs, num_tokens, max_blocks, num_blocks,
         scale, soft_cap, window,
         GROUP: tl.constexpr, GROUP_P2: tl.constexpr, KV_GROUP: tl.constexpr,
         HEAD_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -101,6 +101,12 @@ def _paged_attention_kernel(
         q_start = tl.load(cu_ptr + seq)
         q_len = tl.load(cu_ptr + seq + 1) - q_start
         tile = pid - (q_start // BLOCK_Q + seq)
+        # Bounds whatever the metadata holds (on a device the frontends check values only on
+        # request: a check is a host sync): a tile's tokens inside q here, and in the loop
+        # table columns inside the table and block ids inside the cache. No access leaves
+        # a buffer; the results of such metadata are unspecified (keys past the table read
+        # its last block again: the time grows with kv_len, the addresses do not).
+        q_len = tl.where(q_start >= 0, tl.minimum(q_len, num_tokens - q_start), 0)
     kv_len = tl.load(kv_lens_ptr + seq)
     if tile * BLOCK_Q < q_len:
         rows = tl.arange(0, BLOCK_M)
@@ -137,7 +143,9 @@ def _paged_attention_kernel(
         for start in range(lo, hi, BLOCK_N):
             t = start + n
             t_ok = t < hi
-            blk = tl.load(tables_ptr + seq * stride_tab + t // BLOCK_SIZE, mask=t_ok, other=0)
+            col = tl.minimum(t // BLOCK_SIZE, max_blocks - 1)  # within the table
+            blk = tl.load(tables_ptr + seq * stride_tab + col, mask=t_ok, other=0)
+            blk = tl.minimum(tl.maximum(blk, 0), num_blocks - 1)
             off = t % BLOCK_SIZE
             kv_mask = t_ok[:, None] & d_ok[None, :]
             k = tl.load(k_ptr + blk.to(tl.int64)[:, None] * stride_kb + off[:, None] * stride_kt
@@ -548,6 +556,12 @@ def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal
         tgt_o, tgt_l, so, sl = out, lse, 0, 0
     if num_tokens == 0 or num_seqs == 0:
         return
+    if width == 0 or k_cache.shape[0] == 0:  # no key anywhere: what the kernel would write
+        tgt_o.zero_()
+        tgt_l.fill_(float("-inf"))
+        if num_splits > 1:
+            _merge(out, lse, part_o, part_l)
+        return
     programs = tiles * num_splits
     if programs >= 2**31:
         raise ValueError(f"q: {tiles} query tiles x {num_splits} splits is over the 2**31 - 1 "
@@ -556,8 +570,8 @@ def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, tables, kv_lens, cu if cu is not None else kv_lens, tgt_o, tgt_l,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), tables.stride(0),
-        *tgt_o.stride()[-3:], *tgt_l.stride()[-2:], so, sl, num_seqs,
-        float(scale), float(soft_cap or 1.0), int(window or 0),
+        *tgt_o.stride()[-3:], *tgt_l.stride()[-2:], so, sl, num_seqs, num_tokens, width,
+        k_cache.shape[0], float(scale), float(soft_cap or 1.0), int(window or 0),
         BLOCK_SIZE=block_size, DECODE=decode, CAUSAL=bool(causal), WINDOW=window is not None,
         SOFT_CAP=soft_cap is not None, NUM_SPLITS=num_splits, UPCAST=upcast,
         DOT_PREC="ieee" if INTERPRET else dot_precision(itemsize, head_dim, cfg["BLOCK_M"],

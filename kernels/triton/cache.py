@@ -25,7 +25,7 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _write_kv_kernel(key_ptr, value_ptr, k_ptr, v_ptr, slots_ptr,
+def _write_kv_kernel(key_ptr, value_ptr, k_ptr, v_ptr, slots_ptr, num_slots,
                      stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
                      stride_cb, stride_ct, stride_ch, stride_cd,
                      stride_db, stride_dt, stride_dh, stride_dd,
@@ -33,7 +33,9 @@ def _write_kv_kernel(key_ptr, value_ptr, k_ptr, v_ptr, slots_ptr,
                      BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)  # tok * stride_kt passes 2**31 in big batches
     slot = tl.load(slots_ptr + tok).to(tl.int64)
-    if slot >= 0:
+    # a slot past the cache is skipped like a negative one: on a device the frontends check
+    # values only on request (a check is a host sync), and a store must never leave the cache
+    if (slot >= 0) & (slot < num_slots):
         blk = slot // BLOCK_SIZE
         off = slot % BLOCK_SIZE
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -50,12 +52,13 @@ def _write_kv_kernel(key_ptr, value_ptr, k_ptr, v_ptr, slots_ptr,
 
 
 @triton.jit
-def _gather_blocks_kernel(src_ptr, ids_ptr, dst_ptr, stride_src, stride_dst,
+def _gather_blocks_kernel(src_ptr, ids_ptr, dst_ptr, stride_src, stride_dst, num_rows,
                           BLOCK_NUMEL: tl.constexpr, BLOCK: tl.constexpr):
-    """dst[i] = src[ids[i]] (flat block data); program (i, chunk)."""
+    """dst[i] = src[ids[i]] (flat block data); program (i, chunk). An id outside the
+    ``num_rows`` blocks of src (unchecked on a device) reads the nearest one, never outside."""
     i = tl.program_id(0)
     chunk = tl.program_id(1)
-    b = tl.load(ids_ptr + i).to(tl.int64)
+    b = tl.minimum(tl.maximum(tl.load(ids_ptr + i).to(tl.int64), 0), num_rows - 1)
     e = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = e < BLOCK_NUMEL
     x = tl.load(src_ptr + b * stride_src + e, mask=mask)
@@ -63,14 +66,15 @@ def _gather_blocks_kernel(src_ptr, ids_ptr, dst_ptr, stride_src, stride_dst,
 
 
 @triton.jit
-def _scatter_blocks_kernel(src_ptr, ids_ptr, dst_ptr, stride_src, stride_dst,
+def _scatter_blocks_kernel(src_ptr, ids_ptr, dst_ptr, stride_src, stride_dst, num_rows,
                            BLOCK_NUMEL: tl.constexpr, BLOCK: tl.constexpr):
-    """dst[ids[i]] = src[i] (flat block data); program (i, chunk)."""
+    """dst[ids[i]] = src[i] (flat block data); program (i, chunk). An id outside the
+    ``num_rows`` blocks of dst (unchecked on a device) is skipped: no store leaves dst."""
     i = tl.program_id(0)
     chunk = tl.program_id(1)
     b = tl.load(ids_ptr + i).to(tl.int64)
     e = chunk * BLOCK + tl.arange(0, BLOCK)
-    mask = e < BLOCK_NUMEL
+    mask = (e < BLOCK_NUMEL) & (b >= 0) & (b < num_rows)
     x = tl.load(src_ptr + i.to(tl.int64) * stride_src + e, mask=mask)
     tl.store(dst_ptr + b * stride_dst + e, x, mask=mask)
 
@@ -92,9 +96,9 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
     key, value, kc, vc = _raw(key), _raw(value), _raw(k_cache), _raw(v_cache)
     block_h = write_kv_heads_per_program(num_heads, head_dim)
     _write_kv_kernel[(n, triton.cdiv(num_heads, block_h))](
-        key, value, kc, vc, slot_mapping, *key.stride(), *value.stride(), *kc.stride(),
-        *vc.stride(), NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_H=block_h,
-        BLOCK_D=_p2(head_dim), BLOCK_SIZE=block_size)
+        key, value, kc, vc, slot_mapping, k_cache.shape[0] * block_size, *key.stride(),
+        *value.stride(), *kc.stride(), *vc.stride(), NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+        BLOCK_H=block_h, BLOCK_D=_p2(head_dim), BLOCK_SIZE=block_size)
 
 
 def write_kv_heads_per_program(num_heads: int, head_dim: int) -> int:
@@ -103,12 +107,13 @@ def write_kv_heads_per_program(num_heads: int, head_dim: int) -> int:
     return max(1, min(_p2(num_heads), 2048 // _p2(head_dim)))
 
 
-def _block_launch(kernel, src, ids, dst, numel, stride_src, stride_dst):
+def _block_launch(kernel, src, ids, dst, numel, stride_src, stride_dst, num_rows):
+    """``num_rows``: blocks of the tensor ``ids`` index (src of a gather, dst of a scatter)."""
     n = ids.shape[0]
-    if n == 0 or numel == 0:
+    if n == 0 or numel == 0 or num_rows == 0:
         return
     block = min(4096, _p2(numel))
-    kernel[(n, triton.cdiv(numel, block))](src, ids, dst, stride_src, stride_dst,
+    kernel[(n, triton.cdiv(numel, block))](src, ids, dst, stride_src, stride_dst, num_rows,
                                            BLOCK_NUMEL=numel, BLOCK=block)
 
 
@@ -120,7 +125,7 @@ def gather_blocks(buffer, caches, block_ids) -> None:
             raise ValueError(f"caches[{i}]: the triton backend needs each block contiguous")
         # buffer[:, i] rows: stride buffer.stride(0)
         _block_launch(_gather_blocks_kernel, _raw(c), block_ids, raw[:, i], numel,
-                      c.stride(0), buffer.stride(0))
+                      c.stride(0), buffer.stride(0), c.shape[0])
 
 
 def scatter_blocks(caches, buffer, block_ids) -> None:
@@ -130,7 +135,7 @@ def scatter_blocks(caches, buffer, block_ids) -> None:
         if not block_contiguous(c):
             raise ValueError(f"caches[{i}]: the triton backend needs each block contiguous")
         _block_launch(_scatter_blocks_kernel, raw[:, i], block_ids, _raw(c), numel,
-                      raw.stride(0), c.stride(0))
+                      raw.stride(0), c.stride(0), c.shape[0])
 
 
 def copy_blocks(caches, src, dst) -> None:
@@ -142,8 +147,10 @@ def copy_blocks(caches, src, dst) -> None:
             continue
         numel = c[0].numel()
         tmp = torch.empty((n, numel), dtype=_BITS[c.element_size()], device=c.device)
-        _block_launch(_gather_blocks_kernel, _raw(c), src, tmp, numel, c.stride(0), numel)
-        _block_launch(_scatter_blocks_kernel, tmp, dst, _raw(c), numel, numel, c.stride(0))
+        _block_launch(_gather_blocks_kernel, _raw(c), src, tmp, numel, c.stride(0), numel,
+                      c.shape[0])
+        _block_launch(_scatter_blocks_kernel, tmp, dst, _raw(c), numel, numel, c.stride(0),
+                      c.shape[0])
 
 
 def supports_blocks(**ctx) -> tuple[bool, str]:
