@@ -46,10 +46,12 @@ extern "C" void launch_swap_blocks(unsigned num_ids, unsigned num_caches, unsign
                                    const unsigned long long* src_ptrs,
                                    const unsigned long long* dst_ptrs,
                                    const long long* src_strides, const long long* dst_strides,
-                                   const long long* block_bytes, const int* src_ids,
+                                   const long long* block_bytes, const long long* src_blocks,
+                                   const long long* dst_blocks, const int* src_ids,
                                    const int* dst_ids) {
     pkv_launch(swap_blocks_kernel, {num_ids, num_caches, 1}, {threads, 1, 1}, src_ptrs,
-               dst_ptrs, src_strides, dst_strides, block_bytes, src_ids, dst_ids);
+               dst_ptrs, src_strides, dst_strides, block_bytes, src_blocks, dst_blocks, src_ids,
+               dst_ids);
 }
 
 extern "C" void launch_hash_blocks(unsigned blocks, unsigned threads, const unsigned* tokens,
@@ -148,7 +150,11 @@ SWAP_GEOMETRIES = {
 
 @pytest.mark.parametrize("threads", [256, 7])
 @pytest.mark.parametrize("geometry", SWAP_GEOMETRIES)
-def test_swap_blocks_kernel(lib, geometry, threads):
+@pytest.mark.parametrize("bad_ids", [False, True], ids=["ids", "ids_outside"])
+def test_swap_blocks_kernel(lib, geometry, threads, bad_ids):
+    """Bit-exact swaps; with ``bad_ids`` some ids lie outside their caches (ids on a device
+    are checked only on request): those copies are skipped, nothing outside is touched (the
+    kernel read and wrote far outside before: the child process died)."""
     from prefixkv.kernels.cuda.swap import THREADS
 
     assert THREADS == 256  # the launcher's count, the first parameter above
@@ -158,11 +164,15 @@ def test_swap_blocks_kernel(lib, geometry, threads):
     src_ids = rng.choice(src_blocks, n, replace=False).astype(np.int32)
     dst_ids = rng.choice(dst_blocks, n, replace=False).astype(np.int32)
     src_ids[1] = src_ids[0]  # a source may repeat; destinations may not
+    keep = np.ones(n, bool)
+    if bad_ids:
+        src_ids[2], dst_ids[3], dst_ids[4] = 10**9, -7, dst_blocks
+        keep[[2, 3, 4]] = False
     expected = []
     before = [[w.copy() for w in wholes] for _, _, wholes in caches]
     for src, dst, _ in caches:
         exp = dst.copy()
-        exp[dst_ids] = src[src_ids]
+        exp[dst_ids[keep]] = src[src_ids[keep]]
         expected.append(exp)
 
     def column(f, dtype):
@@ -172,7 +182,9 @@ def test_swap_blocks_kernel(lib, geometry, threads):
              column(lambda s, d: d.ctypes.data, np.uint64),
              column(lambda s, d: s.strides[0], np.int64),
              column(lambda s, d: d.strides[0], np.int64),
-             column(lambda s, d: s[0].nbytes, np.int64)]
+             column(lambda s, d: s[0].nbytes, np.int64),
+             column(lambda s, d: s.shape[0], np.int64),
+             column(lambda s, d: d.shape[0], np.int64)]
     _launch_isolated(lambda: lib.launch_swap_blocks(
         ctypes.c_uint(n), ctypes.c_uint(len(caches)), ctypes.c_uint(threads), *map(_ptr, table),
         _ptr(src_ids), _ptr(dst_ids)))

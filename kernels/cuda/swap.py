@@ -51,7 +51,9 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids) -> None:
         [[c.data_ptr() for c in src_caches], [c.data_ptr() for c in dst_caches],
          [c.stride(0) * c.element_size() for c in src_caches],
          [c.stride(0) * c.element_size() for c in dst_caches],
-         [c[0].numel() * c.element_size() for c in src_caches]], dtype=torch.int64)
+         [c[0].numel() * c.element_size() for c in src_caches],
+         [c.shape[0] for c in src_caches], [c.shape[0] for c in dst_caches]],
+        dtype=torch.int64)
     device = torch.device("cuda", dev)
     stream = torch.cuda.current_stream(device)
     table = table.pin_memory().to(device, non_blocking=True)
@@ -60,7 +62,7 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids) -> None:
     with cupy.cuda.Device(dev), cupy.cuda.ExternalStream(stream.cuda_stream, dev):
         t = cupy.from_dlpack(table)
         idx = cupy.from_dlpack(ids)
-        fn((n, len(src_caches)), (THREADS,), (t[0], t[1], t[2], t[3], t[4], idx[0], idx[1]))
+        fn((n, len(src_caches)), (THREADS,), (*t, idx[0], idx[1]))
     # keep the tables alive until the copy ran on the stream
     table.record_stream(stream)
     ids.record_stream(stream)
