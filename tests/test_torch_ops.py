@@ -258,9 +258,7 @@ def cascade_groups(request, monkeypatch):
     every group dissolved into its sequences' own tables (_native._cascade_groups)."""
     from prefixkv.torch_frontend import _native
 
-    least = 0 if request.param == "kept" else 10**9
-    monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", least)
-    monkeypatch.setattr(_native, "CASCADE_MIN_KEYS", least)
+    monkeypatch.setattr(_native, "CASCADE_MIN_SCORES", 0 if request.param == "kept" else 10**12)
     return request.param
 
 
@@ -309,8 +307,7 @@ def test_shared_prefix_cpu_chunked_paths(monkeypatch, case, decode, dense_min_ro
     monkeypatch.setattr(_native, "DENSE_CHUNK_BYTES", 2 * block_bytes)
     monkeypatch.setattr(_native, "DENSE_MIN_ROWS", dense_min_rows)
     monkeypatch.setattr(_native, "DENSE_SCORES", 20)  # a few rows per dense tile
-    monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", 0)  # every group its own pass
-    monkeypatch.setattr(_native, "CASCADE_MIN_KEYS", 0)
+    monkeypatch.setattr(_native, "CASCADE_MIN_SCORES", 0)  # every group its own pass
     # the own tokens through _attend_host here, not the compiled decode kernel (tested below)
     monkeypatch.setattr(_native, "_c_decode", lambda *a: False)
     calls = []
@@ -335,18 +332,19 @@ def test_shared_prefix_cpu_chunked_paths(monkeypatch, case, decode, dense_min_ro
 
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
 def test_shared_prefix_cpu_dissolves_small_groups(monkeypatch, decode):
-    """The CPU cascade gives a prefix group its own pass only from CASCADE_MIN_ROWS rows and
-    CASCADE_MIN_KEYS keys; the others' sequences read the prefix through their own tables,
-    with the same result. Here prefix 0 (3 blocks, 3 tokens x 2 q heads per kv head) keeps
-    its pass, prefix 1 (too few rows), prefix 2 (too few keys) and the unused prefix 3 go."""
+    """The CPU cascade gives a prefix group its own pass only from CASCADE_MIN_SCORES score
+    elements (query rows per kv head x prefix keys; twice that for 16-bit caches); the
+    others' sequences read the prefix through their own tables, with the same result. Here
+    (threshold 100, 2 q heads per kv head) prefix 0 (3 tokens x 2 x 24 keys = 144) keeps its
+    pass; prefix 1 (1 x 2 x 32 = 64), prefix 2 (2 x 2 x 16 = 64) and the unused prefix 3 go."""
     from prefixkv.torch_frontend import _native
 
-    monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", 6)
-    monkeypatch.setattr(_native, "CASCADE_MIN_KEYS", 3 * 8)
+    monkeypatch.setattr(_native, "CASCADE_MIN_SCORES", 100)
     rng = np.random.default_rng(11)
     seqs = [(0, 1, 9), (1, 1, 5), (2, 1, 12), (0, 1, 1), (-1, 1, 7), (2, 1, 3), (0, 1, 16)]
-    if not decode:
-        seqs = [(p, q + (s % 3), kv + (s % 3)) for s, (p, q, kv) in enumerate(seqs)]
+    if not decode:  # several tokens for the sequences of no prefix and of prefix 0
+        seqs = [(p, q + 2 * (p in (-1, 0) and s > 0), kv + 2)
+                for s, (p, q, kv) in enumerate(seqs)]
     b = testing.make_shared_prefix_batch(rng, [3, 4, 2, 5], seqs, num_q_heads=4,
                                          num_kv_heads=2, head_dim=64, block_size=8,
                                          decode=False if not decode else None)

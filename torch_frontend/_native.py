@@ -538,24 +538,29 @@ def merge_attention_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, o
     lse.masked_fill_(~seen, float("-inf"))
 
 
-#: The CPU cascade's prefix groups worth a pass of their own: at least CASCADE_MIN_ROWS query
-#: rows per kv head (the group's tokens x q heads per kv head) and CASCADE_MIN_KEYS prefix
-#: keys. A smaller group's gather and small matmuls cost more than reading its prefix once per
-#: sequence, so its sequences read the prefix as part of their own tables (_cascade_groups).
-CASCADE_MIN_ROWS = 64
-CASCADE_MIN_KEYS = 1024
+#: The CPU cascade gives a prefix group a pass of its own only from this many score elements
+#: (its query rows per kv head, tokens x q heads of a kv head, times its prefix keys) over a
+#: float32 cache, twice as many over a 16-bit one (whose paged reads cost half). Smaller
+#: groups read their prefix as part of their sequences' own tables (_cascade_groups): the
+#: prefix's gather and small matmuls cost more than reading it once per sequence. Measured
+#: here (one thread, 32 q / 8 kv heads, head_dim 128, decode, 128 own tokens each; cascade
+#: over paged attention, same batch): float32 sequences x prefix keys 32 x 512: 1.00x,
+#: 32 x 1024: 1.13x, 16 x 1024: 0.93x, 16 x 2048: 1.14x, 8 x 2048: 1.01x, 4 x 4096: 1.05x,
+#: 32 x 4096: 2.07x; bfloat16 32 x 1024: 0.96x, 32 x 2048: 1.09x, 16 x 4096: 1.07x,
+#: 8 x 4096: 0.98x.
+CASCADE_MIN_SCORES = 1 << 17
 
 
-def _cascade_groups(group: int, block_size: int, prefix_block_tables, prefix_lens, prefix_ids,
-                    block_tables, kv_lens, cu_q_lens):
-    """The cascade's host metadata with the prefix groups below CASCADE_MIN_ROWS /
-    CASCADE_MIN_KEYS dissolved: their sequences' tables become the prefix's blocks then their
-    own (prefix lengths are whole blocks), their kv_lens grow by the prefix, their prefix id
-    is -1; the kept prefixes are renumbered in order. The same attention, exactly: an own
-    token's causal view of its prefix is the whole prefix either way. Returns (prefix tables,
-    prefix lens, prefix ids, tables, kv lens), the inputs themselves when every group stays,
-    else new int32 CPU tensors. (numpy: a few us an op here, where torch's small ops cost
-    ~10 us each.)"""
+def _cascade_groups(group: int, block_size: int, itemsize: int, prefix_block_tables,
+                    prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens):
+    """The cascade's host metadata with the prefix groups below CASCADE_MIN_SCORES (over a
+    cache of ``itemsize``-byte elements) dissolved: their sequences' tables become the
+    prefix's blocks then their own (prefix lengths are whole blocks), their kv_lens grow by
+    the prefix, their prefix id is -1; the kept prefixes are renumbered in order. The same
+    attention, exactly: an own token's causal view of its prefix is the whole prefix either
+    way. Returns (prefix tables, prefix lens, prefix ids, tables, kv lens), the inputs
+    themselves when every group stays, else new int32 CPU tensors. (numpy: a few us an op
+    here, where torch's small ops cost ~10 us each.)"""
     plens = prefix_lens.numpy().astype(np.int64)
     pid = prefix_ids.numpy().astype(np.int64)
     num_prefixes, num_seqs = plens.shape[0], pid.shape[0]
@@ -566,7 +571,8 @@ def _cascade_groups(group: int, block_size: int, prefix_block_tables, prefix_len
         cu_q_lens.numpy().astype(np.int64))
     p = np.maximum(pid, 0)
     tokens = np.bincount(p[has], weights=q_lens[has], minlength=num_prefixes)
-    keep = (tokens * group >= CASCADE_MIN_ROWS) & (plens >= CASCADE_MIN_KEYS)
+    scores = tokens * group * plens
+    keep = (scores > 0) & (scores >= CASCADE_MIN_SCORES * max(1, 4 // itemsize))
     dissolve = has & ~keep[p]
     if not dissolve.any():
         return prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens
@@ -617,8 +623,9 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
     fused = host and _host_path(q, logits_soft_cap)
     if fused:
         (prefix_block_tables, prefix_lens, prefix_ids, block_tables,
-         kv_lens) = _cascade_groups(group, k_cache.shape[1], prefix_block_tables, prefix_lens,
-                                    prefix_ids, block_tables, kv_lens, cu_q_lens)
+         kv_lens) = _cascade_groups(group, k_cache.shape[1], k_cache.element_size(),
+                                    prefix_block_tables, prefix_lens, prefix_ids, block_tables,
+                                    kv_lens, cu_q_lens)
         num_prefixes = prefix_block_tables.shape[0]
         if num_prefixes == 0:  # every group dissolved: one paged pass
             paged_attention(out, lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
