@@ -354,6 +354,24 @@ def check_put_values(keys: Sequence[BlockKey], values: Sequence) -> list[np.ndar
     return out
 
 
+def first_occurrences(keys: Sequence[BlockKey]) -> tuple[list[int], list[tuple[int, int]]]:
+    """(positions of each key's first occurrence in ``keys``, ``(position, first position)``
+    for every repeat): a put stores a key repeated in its batch once and reports that result
+    at each of its positions."""
+    todo: list[int] = []
+    repeats: list[tuple[int, int]] = []
+    first: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        sk = k.storage_key()
+        j = first.get(sk)
+        if j is not None and keys[j] == k:
+            repeats.append((i, j))
+            continue
+        first[sk] = i
+        todo.append(i)
+    return todo, repeats
+
+
 class Tier(ABC):
     """A KV block store. Never raises on storage faults: a fault is a miss / ``False``.
 

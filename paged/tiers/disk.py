@@ -32,6 +32,7 @@ from .base import (
     check_put_values,
     decode_record,
     encode_record,
+    first_occurrences,
 )
 
 SUFFIX = ".kvb"
@@ -213,16 +214,12 @@ class DiskTier(Tier):
         values = check_put_values(keys, values)
         results = [False] * len(values)
         protect: set[str] = set()  # files written by this put
-        first: dict[str, int] = {}  # path -> position of its first occurrence
+        firsts, repeats = first_occurrences(keys)
         self._stored = []
         try:
-            for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+            for i in firsts:
+                k, v = keys[i], values[i]
                 p = self.path(k)
-                j = first.get(p)
-                if j is not None and keys[j] == k:  # repeated in this batch: written once
-                    results[i] = results[j]
-                    continue
-                first[p] = i
                 header, payload = encode_record(k, v, checksum_alg=self.checksum)
                 nbytes = len(header) + payload.nbytes
                 self._forget(p)
@@ -241,6 +238,8 @@ class DiskTier(Tier):
                 self.stats.bytes_written += nbytes
                 results[i] = True
         finally:
+            for i, j in repeats:
+                results[i] = results[j]
             stored, self._stored = self._stored, []
             self._publish("stored", stored)
         return results

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..spec import numpy_dtype
-from .base import BlockKey, Tier, check_put_values, dtype_str
+from .base import BlockKey, Tier, check_put_values, dtype_str, first_occurrences
 
 Allocator = Callable[[tuple, np.dtype], np.ndarray]
 
@@ -231,17 +231,14 @@ class HostTier(Tier):
         results = [False] * len(values)
         stored: list[BlockKey] = []
         protect: set[str] = set()
-        first: dict[str, int] = {}  # storage key -> position of its first occurrence
+        firsts, repeats = first_occurrences(keys)
         try:
-            for i, (k, v) in enumerate(zip(keys, values, strict=True)):
-                sk = k.storage_key()
-                j = first.get(sk)
-                if j is not None and keys[j] == k:  # repeated in this batch: stored once
-                    results[i] = results[j]
-                    continue
-                first[sk] = i
-                results[i] = self._put_one(k, sk, v, copy, protect, stored)
+            for i in firsts:
+                k = keys[i]
+                results[i] = self._put_one(k, k.storage_key(), values[i], copy, protect, stored)
         finally:
+            for i, j in repeats:
+                results[i] = results[j]
             self._flush_evicted()
             self._publish("stored", stored)
         return results

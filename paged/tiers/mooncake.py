@@ -54,6 +54,7 @@ from .base import (
     check_put_values,
     decode_record,
     encode_record,
+    first_occurrences,
 )
 from .base import header_size as record_header_size
 
@@ -70,23 +71,6 @@ def _import_mooncake():
         raise ImportError("MooncakeTier needs the 'mooncake' package: pip install "
                           "mooncake-transfer-engine-non-cuda (and Debian libibverbs1)") from e
     return MooncakeDistributedStore
-
-
-def _unique_positions(keys) -> tuple[list[int], list[tuple[int, int]]]:
-    """Positions of the first occurrence of each key, and ``(position, first position)`` for
-    every repeat of a key earlier in ``keys``."""
-    todo: list[int] = []
-    repeats: list[tuple[int, int]] = []
-    first: dict[str, int] = {}
-    for i, k in enumerate(keys):
-        sk = k.storage_key()
-        j = first.get(sk)
-        if j is not None and keys[j] == k:
-            repeats.append((i, j))
-            continue
-        first[sk] = i
-        todo.append(i)
-    return todo, repeats
 
 
 def _split_addr(addr: str) -> tuple[str, int]:
@@ -311,7 +295,7 @@ class MooncakeTier(Tier):
         keys = list(keys)
         values = check_put_values(keys, values)
         results = [False] * len(keys)
-        todo, repeats = _unique_positions(keys)
+        todo, repeats = first_occurrences(keys)
         if not todo:
             return results
         if not self._usable():

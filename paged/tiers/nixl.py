@@ -32,7 +32,14 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .base import RecordError, Tier, check_put_values, decode_record, encode_record
+from .base import (
+    RecordError,
+    Tier,
+    check_put_values,
+    decode_record,
+    encode_record,
+    first_occurrences,
+)
 
 _counter = itertools.count()
 
@@ -205,17 +212,12 @@ class NixlTier(Tier):
         values = check_put_values(keys, values)
         results = [False] * len(keys)
         protect: set[str] = set()
+        firsts, repeats = first_occurrences(keys)
         todo = []  # positions to write: first occurrences of keys not stored yet
-        repeats = []  # (position, position of the key's first occurrence)
-        first: dict[str, int] = {}
-        for i, k in enumerate(keys):
-            sk = k.storage_key()
-            j = first.get(sk)
-            if j is not None and keys[j] == k:
-                repeats.append((i, j))
-                continue
-            first[sk] = i
+        for i in firsts:
+            k = keys[i]
             if self._lookup(k) is not None:  # content-addressed: already there
+                sk = k.storage_key()
                 self._index.move_to_end(sk)
                 protect.add(sk)
                 results[i] = True

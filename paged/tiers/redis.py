@@ -30,6 +30,7 @@ from .base import (
     check_put_values,
     decode_record,
     encode_record,
+    first_occurrences,
 )
 
 
@@ -42,23 +43,6 @@ def _import_redis():
         raise ImportError("RedisTier needs the 'redis' package: pip install 'prefixkv[remote]' "
                           "(redis, hiredis)") from e
     return redis, Retry, NoBackoff
-
-
-def _unique_positions(keys: Sequence[BlockKey]) -> tuple[list[int], list[tuple[int, int]]]:
-    """Positions of the first occurrence of each key, and ``(position, first position)`` for
-    every repeat of a key earlier in ``keys``."""
-    todo: list[int] = []
-    repeats: list[tuple[int, int]] = []
-    first: dict[str, int] = {}
-    for i, k in enumerate(keys):
-        sk = k.storage_key()
-        j = first.get(sk)
-        if j is not None and keys[j] == k:
-            repeats.append((i, j))
-            continue
-        first[sk] = i
-        todo.append(i)
-    return todo, repeats
 
 
 class RedisTier(Tier):
@@ -171,7 +155,7 @@ class RedisTier(Tier):
         keys = list(keys)
         values = check_put_values(keys, values)
         results = [False] * len(keys)
-        todo, repeats = _unique_positions(keys)
+        todo, repeats = first_occurrences(keys)
         if not todo:
             return results
         if not self.available:
