@@ -169,6 +169,28 @@ def test_cpu_shared_prefix(benchmark, machine_limits, impl, dtype):
            note="bytes = unique KV (prefix once + own tokens)")
 
 
+@pytest.mark.parametrize("shape", [(2, 256), (8, 1024), (16, 2048), (32, 4096)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("impl", ["shared_prefix_attention", "paged_attention"])
+def test_cpu_shared_prefix_sizes(benchmark, machine_limits, impl, shape):
+    """The cascade op against paged attention over the same batch from 2 sequences sharing a
+    256-token prefix to 32 sharing 4096 (decode, 128 own tokens, float32): where a prefix
+    group is too small for a pass of its own the op reads the prefix through each
+    sequence's table (_native.CASCADE_MIN_SCORES), so it should stay near paged attention
+    below and pull ahead above."""
+    seqs, prefix = shape
+    benchmark.group = f"cpu-shared-prefix-f32-{seqs}x{prefix}"
+    sp_args, pa_args = shared_prefix_batch(seqs=seqs, prefix=prefix)
+    fns = {"shared_prefix_attention": lambda: tf.shared_prefix_attention(*sp_args),
+           "paged_attention": lambda: tf.paged_attention(*pa_args)}
+    torch.testing.assert_close(fns[impl](), fns["paged_attention"](), atol=2e-5, rtol=2e-5)
+    benchmark.pedantic(fns[impl], rounds=15, warmup_rounds=2)
+    unique = (prefix + seqs * SP_OWN) * HKV * HEAD_DIM * 2 * 4
+    record(benchmark, machine_limits, nbytes=unique,
+           flops=4 * seqs * HQ * (prefix + SP_OWN) * HEAD_DIM, impl=impl, dtype="float32",
+           note="bytes = unique KV (prefix once + own tokens)")
+
+
 # ------------------------------------------- prefill: 512 new tokens over 4096 cached, f32
 
 PF_CACHED, PF_NEW = 4096, 512
