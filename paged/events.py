@@ -59,6 +59,20 @@ class KVEvent:
 Subscriber = Callable[[KVEvent], None]
 
 
+def call_each(fn, items) -> None:
+    """``fn(item)`` for every item even when one call raises; then re-raise the first
+    exception (publishing: a failing subscriber never makes the others miss an event)."""
+    error = None
+    for item in items:
+        try:
+            fn(item)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            if error is None:
+                error = e
+    if error is not None:
+        raise error
+
+
 class EventBus:
     """Synchronous publish/subscribe of :class:`KVEvent`.
 
@@ -86,15 +100,7 @@ class EventBus:
         """Call every subscriber with ``event``, in subscription order, even when one raises;
         then re-raise the first exception. A subscriber that fails never makes later ones (an
         :class:`EventLog`, a Router) miss the event and drift from the tier's state."""
-        error = None
-        for fn in tuple(self._subscribers):
-            try:
-                fn(event)
-            except BaseException as e:  # noqa: BLE001 - re-raised below
-                if error is None:
-                    error = e
-        if error is not None:
-            raise error
+        call_each(lambda fn: fn(event), tuple(self._subscribers))
 
     def __bool__(self) -> bool:
         return bool(self._subscribers)

@@ -36,7 +36,7 @@ from functools import partial
 from itertools import takewhile
 from operator import index, is_not
 
-from .events import CLEARED, EVICTED, REMOVED, STORED, EventBus, KVEvent
+from .events import CLEARED, EVICTED, REMOVED, STORED, EventBus, KVEvent, call_each
 from .spec import salt_bytes
 
 NULL_BLOCK = 0
@@ -263,16 +263,7 @@ class BlockPool:
         """Publish every event, even when a subscriber raises on one; then re-raise the first
         exception. Callers change the pool before publishing, so it is consistent either way.
         """
-        error = None
-        publish = self.events.publish
-        for ev in events:
-            try:
-                publish(ev)
-            except BaseException as e:  # noqa: BLE001 - re-raised below
-                if error is None:
-                    error = e
-        if error is not None:
-            raise error
+        call_each(self.events.publish, events)
 
     def touch(self, blocks: Iterable[int]) -> None:
         """Take one more reference on each block (a hit): a free cached block leaves the queue.

@@ -404,6 +404,15 @@ class Tier(ABC):
             self.events.publish(KVEvent(kind, tuple(hashes), None, self.name, salt,
                                         len(hashes) * int(self.block_size)))
 
+    def _end_put(self, results: list, repeats, todo, stored: list) -> None:
+        """The end of a batch_put that tried the positions ``todo`` (first occurrences) and
+        stored the keys ``stored``: each repeated key's positions report its first one's
+        result, the rest of ``todo`` counts rejected, one "stored" event."""
+        for i, j in repeats:
+            results[i] = results[j]
+        self.stats.rejected += len(todo) - len(stored)
+        self._publish("stored", stored)
+
     def _publish_cleared(self) -> None:
         if self.events:
             from ..events import KVEvent

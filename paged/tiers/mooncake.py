@@ -305,10 +305,7 @@ class MooncakeTier(Tier):
         try:
             self._put_staged(keys, values, todo, results, stored)
         finally:
-            for i, j in repeats:
-                results[i] = results[j]
-            self.stats.rejected += len(todo) - len(stored)
-            self._publish("stored", stored)
+            self._end_put(results, repeats, todo, stored)
         return results
 
     def _put_staged(self, keys, values, todo, results, stored) -> None:

@@ -182,10 +182,7 @@ class RedisTier(Tier):
         except self._errors:
             self._fail()
         finally:
-            for i, j in repeats:
-                results[i] = results[j]
-            self.stats.rejected += len(todo) - len(stored)
-            self._publish("stored", stored)
+            self._end_put(results, repeats, todo, stored)
         return results
 
     def batch_remove(self, keys):
