@@ -308,7 +308,7 @@ class PrefixCache:
     @staticmethod
     def _check_new(req: _Request, num_new_tokens: int) -> None:
         if (isinstance(num_new_tokens, bool) or not isinstance(num_new_tokens, (int, np.integer))
-                or num_new_tokens < 0 or 
+                or num_new_tokens < 0 or
                 req.num_computed + num_new_tokens > len(req.tokens)):
             raise ValueError(f"num_new_tokens: expected 0 <= num_new_tokens <= "
                              f"{len(req.tokens) - req.num_computed} (known tokens not computed "
