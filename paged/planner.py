@@ -253,17 +253,18 @@ def _choose(order: list[int], lcp: list[int], lo: int, hi: int, min_blocks: int,
     tree is walked with an explicit stack, children before their parent, not by recursion.
     """
     solved: dict[tuple[int, int], tuple[int, list]] = {}
-    stack = [(lo, hi, False)]
+    stack: list = [(lo, hi, None)]  # (range, its (d, children) once expanded)
     while stack:
-        a, b, expanded = stack.pop()
+        a, b, split = stack.pop()
         if b - a < 2:
             solved[a, b] = (0, [])
             continue
-        d, children = _children(lcp, a, b)
-        if not expanded:
-            stack.append((a, b, True))
-            stack.extend((c0, c1, False) for c0, c1 in children)
+        if split is None:
+            split = _children(lcp, a, b)
+            stack.append((a, b, split))
+            stack.extend((c0, c1, None) for c0, c1 in split[1])
             continue
+        d, children = split
         kids = [(solved.pop((c0, c1)), c0, c1) for c0, c1 in children]
         own_total = sum(f for (f, _), _, _ in kids)
         own_groups = [g for (_, groups), _, _ in kids for g in groups]
