@@ -140,3 +140,91 @@ def test_jax(op, arg, how):
     from prefixkv import jax_frontend as jf
 
     _check(getattr(jf, op), _convert(_mutated(op, arg, how), jnp.asarray), op)
+
+
+def _torch_args(op: str) -> dict:
+    torch = pytest.importorskip("torch")
+    return _convert(_batches()[op], lambda x: torch.from_numpy(np.ascontiguousarray(x)))
+
+
+def _snapshot(args: dict, skip: str) -> dict:
+    """Copies of the tensors of ``args`` (lists: each item) but ``skip``, by name."""
+    return {(n, i): t.numpy().copy() for n, v in args.items() if n != skip
+            for i, t in enumerate(v if isinstance(v, list) else [v]) if hasattr(t, "numpy")}
+
+
+@pytest.mark.parametrize("op,arg", [(op, name) for op, a in _batches().items() for name in a
+                                    if a[name] is not None])
+def test_torch_numpy_argument_named_and_nothing_written(op, arg):
+    """A numpy array (or list of them) where the torch frontend takes tensors: a TypeError
+    naming the argument before anything runs. A numpy value reached torch deep inside (an
+    AttributeError naming nothing) or after the K cache was written (write_kv)."""
+    from prefixkv import torch_frontend as tf
+
+    args = _torch_args(op)
+    before = _snapshot(args, arg)
+    raw = _batches()[op][arg]
+    args[arg] = [raw[0], raw[1]] if isinstance(raw, list) else raw
+    with pytest.raises(TypeError, match=rf"^{arg}(\[0\])?: expected a torch.Tensor"):
+        getattr(tf, op)(**args)
+    for key, value in _snapshot(args, arg).items():  # every other tensor unchanged
+        np.testing.assert_array_equal(value, before[key])
+
+
+@pytest.mark.parametrize("op,arg", [("write_kv", "v_cache"), ("write_kv", "value"),
+                                    ("paged_attention", "v_cache"), ("copy_blocks", "caches"),
+                                    ("merge_attention_states", "lse_b")])
+def test_torch_data_on_another_device_named(op, arg):
+    """Data tensors of one call on two devices (here a meta tensor beside CPU ones): a
+    ValueError naming the argument before anything is written (write_kv wrote K, then failed
+    on a meta V cache)."""
+    from prefixkv import torch_frontend as tf
+
+    args = _torch_args(op)
+    k0 = args.get("k_cache")
+    k_before = None if k0 is None else k0.clone()
+    if arg == "caches":
+        args["caches"] = [args["caches"][0], args["caches"][1].to("meta")]
+        arg = r"caches\[1\]"
+    else:
+        args[arg] = args[arg].to("meta")
+    with pytest.raises(ValueError, match=rf"^{arg}: expected it on .* device cpu, got meta"):
+        getattr(tf, op)(**args)
+    if k_before is not None:
+        assert k0.equal(k_before)
+
+
+def test_torch_out_on_another_device_named():
+    from prefixkv import torch_frontend as tf
+
+    args = _torch_args("paged_attention")
+    out = args["q"].new_empty(args["q"].shape, device="meta")
+    with pytest.raises(ValueError, match=r"^out: expected it on q's device cpu, got meta"):
+        tf.paged_attention(**args, out=out)
+
+
+def test_torch_write_kv_rows_sharing_a_cache_refused():
+    """key/value that are views of a cache would change under the write (K written, then V
+    read from the changed memory): refused, nothing written."""
+    from prefixkv import torch_frontend as tf
+
+    args = _torch_args("write_kv")
+    k, v = args["k_cache"], args["v_cache"]
+    k_before, v_before = k.clone(), v.clone()
+    args["value"] = v[0, :2]
+    with pytest.raises(ValueError, match="^value: shares memory with v_cache"):
+        tf.write_kv(**args)
+    assert k.equal(k_before) and v.equal(v_before)
+
+
+def test_torch_copy_blocks_same_cache_twice_is_one_cache():
+    """A cache listed twice (layers sharing one KV cache) is copied once: a chained copy
+    0 -> 1 -> 2 read block 1 after the first pass had overwritten it."""
+    torch = pytest.importorskip("torch")
+    from prefixkv import torch_frontend as tf
+
+    k = torch.arange(6 * 8, dtype=torch.float32).reshape(6, 8)
+    src, dst = np.array([0, 1], np.int32), np.array([1, 2], np.int32)
+    want = ref.copy_blocks_reference([k.numpy().copy()], src, dst)[0]
+    tf.copy_blocks([k, k], torch.from_numpy(src), torch.from_numpy(dst))
+    np.testing.assert_array_equal(k.numpy(), want)

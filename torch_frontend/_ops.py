@@ -58,7 +58,73 @@ def _on(device: torch.device, *tensors):
     return tuple(None if t is None else upload(t, device) for t in tensors)
 
 
-def _check_out(name: str, buf, shape, dtype) -> None:
+def _tensors(**named) -> torch.device | None:
+    """Each argument a torch.Tensor (a list or tuple: each item; None skipped), else a
+    TypeError naming it, before anything runs: a numpy array or list reached a torch call
+    deep inside (an error naming nothing, or a cache half-written). The data tensors (those
+    named here) on one device, else a ValueError naming the first elsewhere (the index
+    tensors may stay on the CPU: see the module docstring). Returns that device."""
+    device = first = None
+    for name, value in named.items():
+        items = (list(enumerate(value)) if isinstance(value, (list, tuple))
+                 else [(None, value)])
+        for i, t in items:
+            label = name if i is None else f"{name}[{i}]"
+            if t is None and i is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{label}: expected a torch.Tensor, got {type(t).__name__}")
+            if device is None:
+                device, first = t.device, label
+            elif t.device != device:
+                raise ValueError(f"{label}: expected it on {first}'s device {device}, got "
+                                 f"{t.device}")
+    return device
+
+
+def _index_tensors(**named) -> None:
+    """Each index argument a torch.Tensor (None skipped), else a TypeError naming it."""
+    for name, t in named.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+
+
+def _overlaps(a: Tensor, b: Tensor) -> bool:
+    """Whether a and b share storage over intersecting byte ranges (not while compiling:
+    fake tensors have no storage)."""
+    if torch.compiler.is_compiling() or a.device != b.device or not a.numel() or not b.numel():
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):
+        lo = t.storage_offset()
+        hi = lo + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))
+        lo -= sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True)
+                  if st < 0)
+        return lo * t.element_size(), (hi + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _distinct(caches) -> list:
+    """The caches with a tensor listed again (the same object, or the same memory, shape and
+    strides: layers sharing one KV cache) dropped: copied once, a chained copy would
+    otherwise read what its first pass already wrote."""
+    out: list = []
+    seen = set()
+    compiling = torch.compiler.is_compiling()
+    for c in caches:
+        key = (id(c) if compiling else
+               (c.device, c.data_ptr(), tuple(c.shape), c.stride(), c.dtype))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def _check_out(name: str, buf, shape, dtype, device) -> None:
     if buf is None:
         return
     if not isinstance(buf, torch.Tensor):
@@ -67,6 +133,8 @@ def _check_out(name: str, buf, shape, dtype) -> None:
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(buf.shape)}")
     if buf.dtype != dtype:
         raise TypeError(f"{name}: expected {dtype_name(dtype)}, got {dtype_name(buf)}")
+    if buf.device != device:
+        raise ValueError(f"{name}: expected it on q's device {device}, got {buf.device}")
 
 
 def _check_workspace(workspace, q) -> None:
@@ -246,6 +314,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     Returns out (q's dtype), and lse f32[num_tokens, num_q_heads] with ``return_lse``.
     Semantics: docs/ops.md and :func:`prefixkv.paged.reference.paged_attention_reference`.
     """
+    _tensors(q=q, k_cache=k_cache, v_cache=v_cache)
+    _index_tensors(block_tables=block_tables, kv_lens=kv_lens, cu_q_lens=cu_q_lens)
     dims = validate.check_paged_attention(
         q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, return_lse=return_lse)
@@ -262,8 +332,8 @@ def _run_attention(op, args, q, out, lse, workspace, return_lse):
     if out is None and lse is None and workspace is None:
         o, l_ = _invoke(op, args)
     else:
-        _check_out("out", out, q.shape, q.dtype)
-        _check_out("lse", lse, q.shape[:2], torch.float32)
+        _check_out("out", out, q.shape, q.dtype, q.device)
+        _check_out("lse", lse, q.shape[:2], torch.float32, q.device)
         _check_workspace(workspace, q)
         o = out if out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
         l_ = lse  # None and not returned: the backend keeps it in the workspace
@@ -285,6 +355,10 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     Equals paged_attention over the concatenation (prefix blocks, then own blocks).
     out, lse, workspace: as in :func:`paged_attention`.
     """
+    _tensors(q=q, k_cache=k_cache, v_cache=v_cache)
+    _index_tensors(prefix_block_tables=prefix_block_tables, prefix_lens=prefix_lens,
+                   prefix_ids=prefix_ids, block_tables=block_tables, kv_lens=kv_lens,
+                   cu_q_lens=cu_q_lens)
     sdims = validate.check_shared_prefix_attention(
         q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
         kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse)
@@ -328,6 +402,7 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, backend=None):
     num_heads] (natural log). Returns (out in out_a's dtype, lse f32). Two empty states (lse
     -inf) merge to out 0, lse -inf.
     """
+    _tensors(out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
     validate.check_merge_attention_states(out_a, lse_a, out_b, lse_b)
     return _invoke("merge_attention_states", (out_a, lse_a, out_b, lse_b, backend))
 
@@ -413,7 +488,13 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, backend=None) -> Non
     len(slot_mapping) are ignored). k_cache, v_cache: [num_blocks, block_size, num_kv_heads,
     head_dim]. slot_mapping: i32[n], slot = block * block_size + offset, negative = skip.
     """
+    _tensors(key=key, value=value, k_cache=k_cache, v_cache=v_cache)
+    _index_tensors(slot_mapping=slot_mapping)
     validate.check_write_kv(key, value, k_cache, v_cache, slot_mapping)
+    for name, rows in (("key", key), ("value", value)):
+        for cname, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if _overlaps(rows, cache):  # written while read: K then V would see the change
+                raise ValueError(f"{name}: shares memory with {cname}; pass a copy")
     if _want_values(slot_mapping):
         validate.check_write_kv_values(k_cache, slot_mapping)
     (slot_mapping,) = _on(k_cache.device, slot_mapping)
@@ -425,15 +506,19 @@ def copy_blocks(caches, src, dst, *, backend=None) -> None:
 
     caches: sequence of tensors with the block axis first. src, dst: i32[n]; dst distinct.
     """
+    _tensors(caches=caches)
+    _index_tensors(src=src, dst=dst)
     num_blocks = validate.check_copy_blocks(caches, src, dst)
     if _want_values(src, dst):
         validate.check_copy_blocks_values(num_blocks, src, dst)
     src, dst = _on(caches[0].device, src, dst)
-    _invoke("copy_blocks", (list(caches), src, dst, backend))
+    _invoke("copy_blocks", (_distinct(caches), src, dst, backend))
 
 
 def gather_blocks(caches, block_ids, *, backend=None):
     """Blocks into one new contiguous buffer [n, len(caches), *block_shape]."""
+    _tensors(caches=caches)
+    _index_tensors(block_ids=block_ids)
     validate.check_gather_blocks(caches, block_ids)
     if _want_values(block_ids):
         validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=False)
@@ -443,6 +528,8 @@ def gather_blocks(caches, block_ids, *, backend=None):
 
 def scatter_blocks(caches, buffer, block_ids, *, backend=None) -> None:
     """caches[c][block_ids[i]] = buffer[i, c] in place (block_ids distinct)."""
+    _tensors(caches=caches)
+    _index_tensors(buffer=buffer, block_ids=block_ids)
     validate.check_scatter_blocks(caches, buffer, block_ids)
     if _want_values(block_ids):
         validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=True)
@@ -460,6 +547,10 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids, *, backend=None) -> No
     that stream passes the call, do not read a host dst cache nor change a host src cache or
     pinned host ids. src_ids, dst_ids: i32[n] on either device; dst_ids distinct.
     """
+    for name, caches in (("src_caches", src_caches), ("dst_caches", dst_caches)):
+        for i, c in enumerate(caches):  # device and host caches: types only
+            _index_tensors(**{f"{name}[{i}]": c})
+    _index_tensors(src_ids=src_ids, dst_ids=dst_ids)
     validate.check_swap_blocks(src_caches, dst_caches, src_ids, dst_ids)
     if _want_values(src_ids, dst_ids):
         validate.check_swap_blocks_values(src_caches, dst_caches, src_ids, dst_ids)
