@@ -7,8 +7,9 @@ Two kinds of check:
 * value checks (``check_<op>_values``) read index arrays on the host (ids in range, lengths
   consistent, no duplicate destinations). The reference always runs them. Frontends run them
   when :func:`value_checks_enabled` says so: always for host-resident concrete inputs, and for
-  device/traced inputs only in checked mode (``PREFIXKV_VALUE_CHECKS=1`` or
-  ``with value_checks():``), because they need a host sync, as JAX's ``dynamic_validate_inputs``.
+  device inputs only in checked mode (``PREFIXKV_VALUE_CHECKS=1`` or ``with value_checks():``),
+  because they need a host sync. Traced inputs (inside ``jax.jit``, or while ``torch.compile``
+  traces) are never value-checked: their values do not exist yet.
 
 Every error is a ``TypeError`` (wrong dtype or type) or ``ValueError`` (wrong shape or value) whose
 message names the argument, what was expected and what came.
