@@ -174,6 +174,30 @@ def test_shared_prefix_4x8x2048(benchmark, machine_limits, impl):
                   impl, num_prefixes=4)
 
 
+@pytest.mark.parametrize("shape", [(2, 256), (8, 1024), (16, 2048), (32, 4096)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("impl", ["shared_prefix_attention", "paged_attention"])
+def test_shared_prefix_sizes(benchmark, machine_limits, impl, shape):
+    """The XLA cascade against paged attention over the same batch from 2 sequences sharing a
+    256-token prefix to 32 sharing 4096 (decode, 128 own tokens each, float32): the cascade
+    loses to reading the prefix once per sequence at few sequences (the torch CPU path then
+    reads it per sequence; this one does not yet)."""
+    seqs, prefix = shape
+    benchmark.group = f"jax shared prefix f32 {seqs} x ({prefix} + {SP_OWN})"
+    rng = np.random.default_rng(1)
+    pb, ob = prefix // BS, SP_OWN // BS
+    k, v = _cache(rng, pb + seqs * ob, "float32")
+    ids = jnp.asarray(rng.permutation(pb + seqs * ob).astype(np.int32))
+    q = jnp.asarray(rng.standard_normal((seqs, HQ, D), dtype=np.float32))
+    shared, paged = _cascade_args(q, k, v, ids, 1, prefix, SP_OWN)
+    fn, args = ((jax.jit(jf.shared_prefix_attention), shared)
+                if impl == "shared_prefix_attention" else (jax.jit(jf.paged_attention), paged))
+    _run(benchmark, fn, args, rounds=10)
+    record(benchmark, machine_limits, nbytes=2 * (prefix + seqs * SP_OWN) * HKV * D * 4,
+           flops=4 * seqs * HQ * (prefix + SP_OWN) * D, impl=impl,
+           note="bytes = unique KV (prefix once + own tokens)")
+
+
 # ----------------------------------- prefill: 512 new tokens over 4096 cached, vs recompute
 
 PF_CACHED, PF_NEW = 4096, 512
