@@ -51,6 +51,13 @@ CASES = {
 }
 
 
+def _always_cascade(monkeypatch):
+    """The CPU runs the XLA cascade for any prefix group (the thresholds of
+    _xla.CPU_CASCADE_MIN_SCORES send small ones through paged attention)."""
+    monkeypatch.setattr(_xla, "CPU_CASCADE_MIN_ROWS", 0)
+    monkeypatch.setattr(_xla, "CPU_CASCADE_MIN_SCORES", 0)
+
+
 def _counting(monkeypatch, module, name):
     calls = []
     real = getattr(module, name)
@@ -66,6 +73,7 @@ def test_decode_cascade_own_part(case, dtype, path, monkeypatch):
         pytest.skip(f"CPU FFI kernels: {xla_ffi.cpu_cache_ops_path()}")
     if path == "xla":
         monkeypatch.setattr(xla_ffi, "use_for_attention", lambda *a: False)
+    _always_cascade(monkeypatch)  # these small batches would run as paged attention on a CPU
     jax.clear_caches()  # the public op is jitted: trace again under the patches
     ffi_calls = _counting(monkeypatch, xla_ffi, "paged_attention_decode")
     short_calls = _counting(monkeypatch, _xla, "short_decode_attention")
@@ -197,3 +205,75 @@ def test_shard_map_kv_heads_both_vma_modes():
     proc = subprocess.run([sys.executable, "-c", _SHARD_SCRIPT], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype,tokens,prefix_len,pays", [
+    ("float32", 4, 2048, True),     # 16 rows x 2048 keys = 2**15
+    ("float32", 4, 1024, False),    # 2**14 score elements
+    ("float32", 2, 8192, False),    # 8 rows, under CPU_CASCADE_MIN_ROWS
+    ("bfloat16", 4, 4096, False),   # 16-bit caches need twice the rows
+    ("bfloat16", 8, 2048, True),    # 32 rows x 2048 keys = 2**16
+], ids=lambda x: str(x))
+def test_cpu_cascade_rule(dtype, tokens, prefix_len, pays):
+    """The CPU's choice between the XLA cascade and paged attention: some prefix group must
+    reach CPU_CASCADE_MIN_ROWS rows and CPU_CASCADE_MIN_SCORES score elements (twice both for
+    16-bit caches); tokens of no prefix and a small second group do not count."""
+    group = 4
+    q = jnp.zeros((tokens + 3, 8 * group, 16), dtype)
+    k = jnp.zeros((4, 16, 8, 16), dtype)
+    # prefix 0 has `tokens` decode tokens, prefix 1 one token, two tokens have none
+    ids = jnp.asarray([0] * tokens + [1, -1, -1], jnp.int32)
+    lens = jnp.asarray([prefix_len, prefix_len], jnp.int32)
+    cu = jnp.arange(tokens + 4, dtype=jnp.int32)
+    assert bool(_xla._cascade_pays(q, k, lens, ids, cu)) == pays
+    prefill = 2 * cu  # two tokens for every sequence: twice the rows per group
+    assert bool(_xla._cascade_pays(q, k, lens, ids, prefill)) == (
+        (2 * tokens) * group >= 16 * (2 if dtype == "bfloat16" else 1)
+        and (2 * tokens) * group * prefix_len >= 2**15 * (2 if dtype == "bfloat16" else 1))
+
+
+def test_prefix_then_own_tables():
+    """Each sequence's prefix blocks then its own, kv_lens grown by the prefix; sequences of
+    no prefix keep their table."""
+    ptab = np.array([[7, 8, 9], [4, 0, 0]], np.int32)
+    plens = np.array([3 * 4, 1 * 4], np.int32)
+    pids = np.array([0, -1, 1, 0], np.int32)
+    own = np.array([[1, 2], [3, 0], [5, 6], [10, 0]], np.int32)
+    kv = np.array([6, 2, 8, 1], np.int32)
+    tables, kv_all = _xla.prefix_then_own_tables(*map(jnp.asarray, (ptab, plens, pids, own, kv)),
+                                                 4)
+    tables = np.asarray(tables)
+    np.testing.assert_array_equal(np.asarray(kv_all), [18, 2, 12, 13])
+    for s, want in enumerate([[7, 8, 9, 1, 2], [3], [4, 5, 6], [7, 8, 9, 10]]):
+        np.testing.assert_array_equal(tables[s, :len(want)], want)
+
+
+@pytest.mark.parametrize("regime", ["cascade", "paged"])
+@pytest.mark.parametrize("decode", [True, False])
+def test_cpu_cascade_rule_both_ways_match_reference(monkeypatch, regime, decode):
+    """The same batch through the cascade and through paged attention over prefix + own
+    tables (thresholds 0 / out of reach): both equal the reference, tokens of no prefix and
+    a prefix shorter than its table included."""
+    least = 0 if regime == "cascade" else 10**9
+    monkeypatch.setattr(_xla, "CPU_CASCADE_MIN_ROWS", least)
+    monkeypatch.setattr(_xla, "CPU_CASCADE_MIN_SCORES", least)
+    jax.clear_caches()
+    rng = np.random.default_rng(34)
+    seqs = [(0, 1, 5), (1, 1, 3), (-1, 1, 9), (0, 1, 12), (1, 1, 1)]
+    if not decode:
+        seqs = [(p, q + 2, kv + 2) for p, q, kv in seqs]
+    batch = testing.make_shared_prefix_batch(rng, [3, 2], seqs, num_q_heads=8, num_kv_heads=2,
+                                             head_dim=32, block_size=4,
+                                             decode=decode)
+    batch.prefix_block_tables = np.pad(batch.prefix_block_tables, ((0, 0), (0, 1)),
+                                       constant_values=_nan_block(batch))
+    assert bool(_xla._cascade_pays(
+        jnp.asarray(batch.q), jnp.asarray(batch.k_cache), jnp.asarray(batch.prefix_lens),
+        jnp.asarray(batch.prefix_ids),
+        jnp.arange(len(seqs) + 1) if decode else jnp.asarray(batch.cu_q_lens))) == (
+            regime == "cascade")
+    want, want_lse = ref.shared_prefix_attention_reference(*batch.args(), return_lse=True)
+    out, lse = jf.shared_prefix_attention(*batch.args(), return_lse=True, backend="xla")
+    _close(out, want, "float32")
+    _close_lse(lse, want_lse)
+    jax.clear_caches()
