@@ -27,6 +27,8 @@ import threading
 import numpy as np
 import torch
 
+from ..paged.reference.attention import shared_prefix_block_tables
+
 #: Bytes of float32 K per chunk of the online softmax (rounded to whole blocks).
 CHUNK_BYTES = 2 << 20
 #: Fewest keys per chunk (many short sequences: fewer, larger steps).
@@ -576,19 +578,9 @@ def _cascade_groups(group: int, block_size: int, itemsize: int, prefix_block_tab
     dissolve = has & ~keep[p]
     if not dissolve.any():
         return prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens
-    own = block_tables.numpy()
     pre = prefix_block_tables.numpy()
-    pblocks = np.where(dissolve, plens[p] // block_size, 0)
-    own_width, pre_width = own.shape[1], pre.shape[1]
-    cols = np.arange(own_width + int(pblocks.max()))
-    # entries past a row's used blocks repeat its last one (the kernels never read them);
-    # fancy indexing and minimum/maximum: np.take_along_axis and np.clip cost ~10 us each
-    own_col = np.minimum(np.maximum(cols - pblocks[:, None], 0), own_width - 1)
-    own_part = (own[np.arange(num_seqs)[:, None], own_col] if own_width
-                else np.zeros((num_seqs, cols.size), own.dtype))
-    pre_part = pre[p][:, np.minimum(cols, pre_width - 1)] if pre_width else own_part
-    tables = np.where(cols < pblocks[:, None], pre_part, own_part).astype(np.int32)
-    kv = kv_lens.numpy().astype(np.int64) + np.where(dissolve, plens[p], 0)
+    tables, kv = shared_prefix_block_tables(pre, plens, np.where(dissolve, pid, -1),
+                                            block_tables.numpy(), kv_lens.numpy(), block_size)
     kept = np.flatnonzero(keep)
     renumber = np.full(num_prefixes, -1, np.int64)
     renumber[kept] = np.arange(kept.size)
@@ -596,7 +588,7 @@ def _cascade_groups(group: int, block_size: int, itemsize: int, prefix_block_tab
     i32 = np.int32
     return (torch.from_numpy(np.ascontiguousarray(pre[kept], dtype=i32)),
             torch.from_numpy(plens[kept].astype(i32)), torch.from_numpy(ids.astype(i32)),
-            torch.from_numpy(tables), torch.from_numpy(kv.astype(i32)))
+            torch.from_numpy(tables), torch.from_numpy(kv))
 
 
 def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_cache,

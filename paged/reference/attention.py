@@ -117,22 +117,31 @@ def shared_prefix_block_tables(prefix_block_tables, prefix_lens, prefix_ids, blo
     """Concatenated (block_tables, kv_lens) meaning "shared prefix, then own tokens".
 
     Sequence s with prefix_ids[s] = p >= 0 reads the first prefix_lens[p] // block_size blocks
-    of prefix_block_tables[p], then its own blocks; its kv_len grows by prefix_lens[p].
+    of prefix_block_tables[p], then its own blocks; its kv_len grows by prefix_lens[p]. Entries
+    past a row's blocks are 0. (Vectorized: the torch CPU cascade builds its dissolved groups'
+    tables with it on every call.)
     """
     ptab = np.asarray(prefix_block_tables)
     plens = np.asarray(prefix_lens).astype(np.int64)
     pids = np.asarray(prefix_ids).astype(np.int64)
     own = np.asarray(block_tables)
     kv = np.asarray(kv_lens).astype(np.int64)
-    width = ptab.shape[1] + own.shape[1]
-    tables = np.zeros((own.shape[0], width), dtype=np.int32)
-    lens = kv.copy()
-    for s, p in enumerate(pids):
-        n = int(plens[p]) // block_size if p >= 0 else 0
-        tables[s, :n] = ptab[p, :n] if p >= 0 else 0
-        tables[s, n:n + own.shape[1]] = own[s]
-        lens[s] += n * block_size
-    return tables, lens.astype(np.int32)
+    num_seqs, own_width = own.shape
+    pre_width = ptab.shape[1]
+    has = pids >= 0
+    p = np.where(has, pids, 0)
+    n = np.where(has, plens[p] // block_size, 0) if plens.size else np.zeros(num_seqs, np.int64)
+    cols = np.arange(pre_width + own_width)
+    own_col = cols - n[:, None]
+    tables = np.zeros((num_seqs, cols.size), dtype=np.int32)
+    if own_width:
+        tables = np.where((own_col >= 0) & (own_col < own_width),
+                          own[np.arange(num_seqs)[:, None],
+                              np.minimum(np.maximum(own_col, 0), own_width - 1)], tables)
+    if pre_width and ptab.shape[0]:
+        tables = np.where(cols < n[:, None], ptab[p][:, np.minimum(cols, pre_width - 1)],
+                          tables)
+    return tables.astype(np.int32), (kv + n * block_size).astype(np.int32)
 
 
 def shared_prefix_attention_reference(q, k_cache, v_cache, prefix_block_tables, prefix_lens,
