@@ -58,12 +58,13 @@ def _on(device: torch.device, *tensors):
     return tuple(None if t is None else upload(t, device) for t in tensors)
 
 
-def _tensors(**named) -> torch.device | None:
+def _tensors(same_device: bool = True, **named) -> torch.device | None:
     """Each argument a torch.Tensor (a list or tuple: each item; None skipped), else a
     TypeError naming it, before anything runs: a numpy array or list reached a torch call
     deep inside (an error naming nothing, or a cache half-written). The data tensors (those
-    named here) on one device, else a ValueError naming the first elsewhere (the index
-    tensors may stay on the CPU: see the module docstring). Returns that device."""
+    named here) on one device unless ``same_device`` is False, else a ValueError naming the
+    first elsewhere (the index tensors may stay on the CPU: see the module docstring). Returns
+    the first one's device."""
     device = first = None
     for name, value in named.items():
         items = (list(enumerate(value)) if isinstance(value, (list, tuple))
@@ -76,7 +77,7 @@ def _tensors(**named) -> torch.device | None:
                 raise TypeError(f"{label}: expected a torch.Tensor, got {type(t).__name__}")
             if device is None:
                 device, first = t.device, label
-            elif t.device != device:
+            elif same_device and t.device != device:
                 raise ValueError(f"{label}: expected it on {first}'s device {device}, got "
                                  f"{t.device}")
     return device
@@ -547,10 +548,8 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids, *, backend=None) -> No
     that stream passes the call, do not read a host dst cache nor change a host src cache or
     pinned host ids. src_ids, dst_ids: i32[n] on either device; dst_ids distinct.
     """
-    for name, caches in (("src_caches", src_caches), ("dst_caches", dst_caches)):
-        for i, c in enumerate(caches):  # device and host caches: types only
-            _index_tensors(**{f"{name}[{i}]": c})
     _index_tensors(src_ids=src_ids, dst_ids=dst_ids)
+    _tensors(src_caches=src_caches, dst_caches=dst_caches, same_device=False)  # device, host
     validate.check_swap_blocks(src_caches, dst_caches, src_ids, dst_ids)
     if _want_values(src_ids, dst_ids):
         validate.check_swap_blocks_values(src_caches, dst_caches, src_ids, dst_ids)
