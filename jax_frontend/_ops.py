@@ -266,8 +266,20 @@ def scatter_blocks(caches, buffer, block_ids, *, backend=None):
 
 
 def explain_backends(op: str, platform: str | None = None, **context) -> dict[str, str]:
-    """name -> "ok" or why each backend of ``op`` is refused on ``platform``."""
-    return _backends.REGISTRIES[op].explain(platform or _current_platform(), **context)
+    """name -> "ok" or why each backend of ``op`` (any op of this module, ``hash_blocks``
+    included) is refused on ``platform`` (default: the default device's), highest priority
+    first. Shape rules need the call's shapes as keywords, e.g. for attention ``dtype``,
+    ``head_dim``, ``block_size``, ``num_q_heads``, ``num_kv_heads``, ``table_entries``
+    (``_backends.attention_context`` builds them); a backend whose answer depends on a shape
+    not given says so."""
+    if op == "hash_blocks":
+        from ._hashing import HASH_BLOCKS_BACKENDS as registry
+    elif op in _backends.REGISTRIES:
+        registry = _backends.REGISTRIES[op]
+    else:
+        ops = sorted([*_backends.REGISTRIES, "hash_blocks"])
+        raise ValueError(f"op: unknown op {op!r}; the ops are {', '.join(ops)}")
+    return registry.explain(platform or _current_platform(), **context)
 
 
 _ = (functools, os, np)

@@ -117,5 +117,11 @@ class Registry:
                           "no backend can run this request")
 
     def explain(self, platform: str, **context) -> dict[str, str]:
-        """name -> "ok" or the reason it is refused, highest priority first."""
-        return {b.name: (b.refusal(platform, context) or "ok") for b in self}
+        """name -> "ok" or the reason it is refused, highest priority first. A backend whose
+        answer depends on the call's shapes and was given too few of them says which."""
+        def why(b: Backend) -> str:
+            try:
+                return b.refusal(platform, context) or "ok"
+            except TypeError as e:  # a supports() rule missing a keyword it needs
+                return f"depends on the call: give its shapes as keywords ({e})"
+        return {b.name: why(b) for b in self}

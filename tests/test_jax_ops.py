@@ -435,6 +435,27 @@ def test_error_backend_for_other_platform(monkeypatch):
         jf.copy_blocks(caches, src, dst)
 
 
+def test_explain_backends_every_op():
+    """explain_backends answers for every op, hash_blocks included, with or without the call's
+    shapes (a shape rule then says what it needs), and names the ops on an unknown one."""
+    ops = ("paged_attention", "shared_prefix_attention", "merge_attention_states", "write_kv",
+           "copy_blocks", "gather_blocks", "scatter_blocks", "hash_blocks")
+    for op in ops:
+        why = jf.explain_backends(op)
+        assert why["xla"] == "ok", (op, why)
+        assert all(isinstance(v, str) and v for v in why.values()), (op, why)
+    why = jf.explain_backends("paged_attention")
+    assert why["pallas_interpret"].startswith("depends on the call"), why
+    assert "head_dim" in why["pallas_interpret"], why
+    why = jf.explain_backends("paged_attention", "tpu", dtype="float32", head_dim=128,
+                              block_size=16, num_q_heads=8, num_kv_heads=8, table_entries=8)
+    assert why["pallas_tpu"] == "ok", why
+    assert jf.explain_backends("hash_blocks", "tpu", block_size=16)["pallas_tpu"] == "ok"
+    assert jf.explain_backends("hash_blocks", "cpu")["pallas_tpu"] == "runs on tpu, not cpu"
+    with pytest.raises(ValueError, match="op: unknown op 'attention'; the ops are copy_blocks"):
+        jf.explain_backends("attention")
+
+
 def test_env_var_selects_backend(monkeypatch):
     b = _small_batch()
     monkeypatch.setenv("PREFIXKV_BACKEND", "xla")
