@@ -1121,3 +1121,92 @@ def test_torch_path_chunks_by_device(bounds, monkeypatch):
             max_kv=None, min_end=None)
     assert Gathers.count == (2 if bounds == "device" else 32)
     close(out.view(4, 16, 128), want, "float32")
+
+
+# ----------------------------------------------------------- unchecked values (bounded damage)
+
+
+def _unchecked_caches(rng, n=2, num_blocks=4):
+    return [T(testing.random_values(rng, (num_blocks, 8, 2, 16), "float32")) for _ in range(n)]
+
+
+@pytest.mark.parametrize("mode", ["env_off", "compiled"])
+def test_torch_cpu_unchecked_bad_ids_named_before_any_write(monkeypatch, mode):
+    """With nobody checking values (PREFIXKV_VALUE_CHECKS=0, or torch.compile, which never
+    value-checks), an id out of range on the host still raises a ValueError naming the
+    argument from the torch path's own guard, before any cache is written: no half-written
+    K/V pair or cache list."""
+    rng = np.random.default_rng(91)
+    caches = _unchecked_caches(rng)
+    before = [c.clone() for c in caches]
+    i32 = dict(dtype=torch.int32)
+    key = T(testing.random_values(rng, (2, 2, 16), "float32"))
+    calls = {
+        "slot_mapping": lambda: tf.write_kv(key, key, caches[0], caches[1],
+                                            torch.tensor([3, 10**6], **i32)),
+        "dst": lambda: tf.copy_blocks(caches, torch.tensor([0, 1], **i32),
+                                      torch.tensor([2, 99], **i32)),
+        "block_ids": lambda: tf.scatter_blocks(caches, torch.zeros(2, 2, 8, 2, 16),
+                                               torch.tensor([1, -3], **i32)),
+        "src_ids": lambda: tf.swap_blocks(caches, [c.clone() for c in caches],
+                                          torch.tensor([7], **i32), torch.tensor([0], **i32)),
+        "dst_ids": lambda: tf.swap_blocks([c.clone() for c in caches], caches,
+                                          torch.tensor([0, 1], **i32),
+                                          torch.tensor([1, 4], **i32)),
+    }
+    monkeypatch.setenv("PREFIXKV_VALUE_CHECKS", "0")
+    for name, call in calls.items():
+        fn = torch.compile(call, fullgraph=True, backend="eager") if mode == "compiled" else call
+        with pytest.raises(ValueError, match=rf"^{name}: expected values in \[0, "):
+            fn()
+        for c, b in zip(caches, before, strict=True):
+            assert torch.equal(c, b), name
+    with pytest.raises(ValueError, match=r"^block_ids: expected values in \[0, 4\), got 5"):
+        tf.gather_blocks(caches, torch.tensor([0, 5], **i32))
+
+
+def test_torch_cpu_unchecked_attention_reads_stay_in_the_cache(monkeypatch):
+    """Unchecked block-table ids out of range are clamped into the cache on every CPU route
+    (compiled decode kernel, padded and fused host paths): a result, no IndexError."""
+    monkeypatch.setenv("PREFIXKV_VALUE_CHECKS", "0")
+    rng = np.random.default_rng(92)
+    k, v = _unchecked_caches(rng)
+    q = T(testing.random_values(rng, (3, 4, 16), "float32"))
+    tables = torch.tensor([[0, 99], [-5, 1], [2, 3]], dtype=torch.int32)
+    lens = torch.tensor([12, 16, 9], dtype=torch.int32)
+    clamped = tables.clamp(0, 3)
+    want = tf.paged_attention(q, k, v, clamped, lens)  # decode
+    torch.testing.assert_close(tf.paged_attention(q, k, v, tables, lens), want)
+    cu = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+    torch.testing.assert_close(tf.paged_attention(q, k, v, tables, lens, cu), want)
+    got = tf.paged_attention(q, k, v, tables, lens, cu, logits_soft_cap=50.0)
+    torch.testing.assert_close(got, tf.paged_attention(q, k, v, clamped, lens, cu,
+                                                       logits_soft_cap=50.0))
+
+
+def test_torch_device_route_drops_out_of_range_writes_without_sync():
+    """The no-sync helpers the torch path uses for ids on a device (unchecked there: a check
+    is a host sync), run here on CPU tensors: a write to an id or slot outside the cache is
+    dropped, every other lands, and nothing else changes (the same bytes as the reference
+    write of the live entries alone)."""
+    from prefixkv.torch_frontend import _native
+
+    rng = np.random.default_rng(93)
+    cache = T(testing.random_values(rng, (5, 8, 2, 16), "float32"))
+    rows = T(testing.random_values(rng, (4, 8, 2, 16), "float32"))
+    for ids in ([2, 7, -1, 0], [9, 9, -4, 5], []):
+        idx = torch.tensor(ids, dtype=torch.int64)
+        want = cache.clone()
+        for i, x in zip(ids, rows, strict=False):
+            if 0 <= i < 5:
+                want[i] = x
+        got = cache.clone()
+        _native._index_copy(got, *_native._drop_out_of_range(got, idx, rows[:len(ids)]))
+        assert N(got).tobytes() == N(want).tobytes(), ids
+    knp, vnp = (testing.random_values(rng, (2, 4, 2, 16), "bfloat16") for _ in range(2))
+    key = testing.random_values(rng, (3, 2, 16), "bfloat16")
+    wk, wv = ref.write_kv_reference(key, key, knp, vnp, np.array([5, -1, -1], np.int32))
+    kc, vc = T(knp), T(vnp)
+    _native._write_kv_no_sync(T(key), T(key), kc, vc, torch.tensor([5, 8, 10**6],
+                                                                   dtype=torch.int32))
+    assert N(kc).tobytes() == N(T(wk)).tobytes() and N(vc).tobytes() == N(T(wv)).tobytes()

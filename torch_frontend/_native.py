@@ -109,7 +109,10 @@ def _attend_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         out = acc
     else:
         used = (torch.arange(nblk, device=dev)[None, :] * block_size) < kv64[:, None]
-        tab = torch.where(used, tables[:, :nblk].to(torch.int64), 0)  # unused entries: any value
+        # unused entries may hold any value; used ones are clamped into the cache (checked
+        # when the caller asked: unchecked, an id out of range reads some block, never past)
+        tab = torch.where(used, tables[:, :nblk].to(torch.int64).clamp(0, k_cache.shape[0] - 1),
+                          0)
         # keys per chunk: the chunk's float32 K (num_seqs * keys rows) near CHUNK_BYTES
         chunk_bytes = _chunk_bound(CHUNK_BYTES, DEVICE_CHUNK_BYTES, dev)
         chunk_scores = _chunk_bound(CHUNK_SCORES, DEVICE_CHUNK_SCORES, dev)
@@ -294,7 +297,8 @@ def _attend_host(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k_cache:
     row_blocks = 1 if dense else max(1, budget // cblk)  # row blocks per chunk
     tab = tables[:, :nblk].to(torch.int64)
     used = torch.arange(nblk)[None, :] < torch.tensor(blocks)[:, None]
-    tab = torch.where(used, tab, 0)  # entries past the used blocks may hold anything
+    # entries past the used blocks may hold anything; used ones clamped into the cache
+    tab = torch.where(used, tab.clamp(0, k_cache.shape[0] - 1), 0)
     same = k_cache.dtype == torch.float32 and v_cache.dtype == torch.float32
     qs = q * (scale / _LN2) if dense else q  # base-2 logits
     flash = _flash_cpu()
@@ -810,6 +814,52 @@ def _write(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
         cache.index_put_((slots // block_size, slots % block_size), x)
 
 
+def _host_bounds(name: str, ids: torch.Tensor, upper: int, *,
+                 negative_skips: bool = False) -> tuple[int, int]:
+    """(least, greatest) of host ``ids`` ((0, 0) when empty), after a ValueError naming
+    ``name`` unless every id lies in [0, upper) (or is negative, with ``negative_skips``).
+
+    The torch path's own bounds guard, for calls whose values nobody checked (under
+    torch.compile, or with PREFIXKV_VALUE_CHECKS=0): run before anything is written, so a
+    bad id never leaves a cache half-written; a few ids are read as a Python list, not by
+    reduction ops (a decode step's write_kv is one token)."""
+    n = ids.shape[0]
+    if n == 0:
+        return 0, 0
+    if n <= SMALL_WRITE_ROWS:
+        vals = ids.tolist()
+        lo, hi = min(vals), max(vals)
+    else:
+        lo, hi = (int(x) for x in torch.aminmax(ids))
+    if hi >= upper or (lo < 0 and not negative_skips):
+        bad = [i for i, x in enumerate(ids.tolist())
+               if x >= upper or (x < 0 and not negative_skips)][0]
+        rule = f"[0, {upper})" + (" or negative (skip)" if negative_skips else "")
+        raise ValueError(f"{name}: expected values in {rule}, got {int(ids[bad])} at index {bad}")
+    return lo, hi
+
+
+def _drop_out_of_range(cache: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor):
+    """(ids, rows) for an in-place row write into ``cache`` (rows along its axis 0) with every
+    id outside [0, cache.shape[0]) dropped, with no host sync (ids on a device, unchecked):
+    such an entry is redirected to the first id inside and given that entry's row (the same
+    bytes land there twice, so the order of duplicate writes cannot matter), or with no id
+    inside, to row 0 with row 0's own bytes (read here, before the write)."""
+    if ids.shape[0] == 0:
+        return ids, rows
+    live = (ids >= 0) & (ids < cache.shape[0])
+    first = torch.argmax(live.to(torch.int32)).view(1)  # the first live entry, 0 if none
+    any_live = live.index_select(0, first)  # [1]
+    tgt = torch.where(any_live, ids.index_select(0, first), 0)
+    shape = (-1,) + (1,) * (rows.dim() - 1)
+    rb = _same_bits(rows)
+    fill = torch.where(any_live.view(shape), rb.index_select(0, first),
+                       _same_bits(cache).index_select(0, tgt))
+    rows = torch.where(live.view(shape), rb, fill)
+    return torch.where(live, ids, tgt), (rows if rows.dtype == cache.dtype
+                                         else rows.view(cache.dtype))
+
+
 def write_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
     """Negative slots are skipped. Slots on the host: the live rows picked out when there is
     a negative one. On a device: no host sync (see _write_kv_no_sync)."""
@@ -820,8 +870,9 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
     slots = slot_mapping.to(torch.int64)
     if key.shape[0] != n:
         key, value = key[:n], value[:n]
-    # a few slots: their least read as a Python list, not by a reduction op
-    if n and (min(slot_mapping.tolist()) if n <= SMALL_WRITE_ROWS else int(slots.min())) < 0:
+    lo, _ = _host_bounds("slot_mapping", slots, k_cache.shape[0] * k_cache.shape[1],
+                         negative_skips=True)
+    if lo < 0:
         live = slots >= 0
         slots, key, value = slots[live], key[live], value[live]
     dev = k_cache.device
@@ -843,7 +894,8 @@ def _same_bits(t: torch.Tensor) -> torch.Tensor:
 def _write_kv_no_sync(key, value, k_cache, v_cache, slot_mapping) -> None:
     """write_kv without nonzero or any value read on the host (graph-safe on a device).
 
-    A negative slot is redirected to the first live slot and given that slot's row, so the
+    A negative slot (or one past the cache: unchecked values) is redirected to the first live
+    slot and given that slot's row, so the
     same bytes land there twice (the order of duplicate writes cannot matter); with no live
     slot, every entry rewrites cache row 0 with its own bytes (read before the write).
     """
@@ -851,7 +903,8 @@ def _write_kv_no_sync(key, value, k_cache, v_cache, slot_mapping) -> None:
     if n == 0:
         return
     slots = slot_mapping.to(torch.int64)
-    live = slots >= 0
+    # past the cache (unchecked device values): skipped like a negative slot
+    live = (slots >= 0) & (slots < k_cache.shape[0] * k_cache.shape[1])
     first = torch.argmax(live.to(torch.int32)).view(1)  # the first live entry, 0 if none
     any_live = live.index_select(0, first)  # [1]
     tgt = torch.where(any_live, slots.index_select(0, first), 0)  # [1]
@@ -864,16 +917,32 @@ def _write_kv_no_sync(key, value, k_cache, v_cache, slot_mapping) -> None:
         _write(c, s, torch.where(live[:, None, None], xb, fill))
 
 
+def _host_ids(name: str, ids: torch.Tensor, upper: int) -> bool:
+    """Whether ``ids`` are on the host, after _host_bounds' guard there (a device's are bounded
+    by the op itself: reads clamped, writes out of range dropped, no sync)."""
+    if ids.device.type != "cpu":
+        return False
+    _host_bounds(name, ids, upper)
+    return True
+
+
 def copy_blocks(caches, src, dst) -> None:
     """Per cache, the source blocks gathered into a staging buffer, then written (every read
     before any write: src and dst may overlap)."""
     s, d = src.to(torch.int64), dst.to(torch.int64)
+    num_blocks = caches[0].shape[0]
+    host = _host_ids("src", s, num_blocks) & _host_ids("dst", d, num_blocks)
+    if not host:
+        s = s.clamp(0, num_blocks - 1)
     stage = _staging(caches, s.shape[0])
     for c in caches:
         tmp = stage(c)
         cw, tw = (c, tmp) if _rows(c) is None else _wide(_rows(c), _rows(tmp))
         torch.index_select(cw, 0, s.to(c.device), out=tw)  # every read before any write
-        _index_copy(cw, d.to(c.device), tw)
+        if host:
+            _index_copy(cw, d, tw)
+        else:
+            _index_copy(c, *_drop_out_of_range(c, d.to(c.device), tmp))
 
 
 def _staging(caches, n: int):
@@ -891,6 +960,8 @@ def _staging(caches, n: int):
 
 def gather_blocks(buffer: torch.Tensor, caches, block_ids) -> None:
     ids = block_ids.to(torch.int64)
+    if not _host_ids("block_ids", ids, caches[0].shape[0]):
+        ids = ids.clamp(0, caches[0].shape[0] - 1)
     if buffer.is_contiguous() and len(caches) == 1:
         torch.index_select(caches[0], 0, ids.to(caches[0].device), out=buffer[:, 0])
         return
@@ -907,12 +978,20 @@ def gather_blocks(buffer: torch.Tensor, caches, block_ids) -> None:
 
 def scatter_blocks(caches, buffer, block_ids) -> None:
     ids = block_ids.to(torch.int64)
+    host = _host_ids("block_ids", ids, caches[0].shape[0])
     for i, c in enumerate(caches):
-        _index_copy(c, ids.to(c.device), buffer[:, i].to(c.device))
+        rows = buffer[:, i].to(c.device)
+        if host:
+            _index_copy(c, ids.to(c.device), rows)
+        else:
+            _index_copy(c, *_drop_out_of_range(c, ids.to(c.device), rows))
 
 
 def swap_blocks(src_caches, dst_caches, src_ids, dst_ids) -> None:
     s, d = src_ids.to(torch.int64), dst_ids.to(torch.int64)
+    if not _host_ids("src_ids", s, src_caches[0].shape[0]):
+        s = s.clamp(0, src_caches[0].shape[0] - 1)
+    d_host = _host_ids("dst_ids", d, dst_caches[0].shape[0])
     moved: dict = {}
 
     def on(ids, device):  # each id tensor moved to each device once, not once per cache
@@ -926,10 +1005,16 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids) -> None:
         if a.device == b.device:
             tmp = stage(a)
             torch.index_select(a, 0, on(s, a.device), out=tmp)
-            _index_copy(b, on(d, b.device), tmp)
+            if d_host:
+                _index_copy(b, on(d, b.device), tmp)
+            else:
+                _index_copy(b, *_drop_out_of_range(b, on(d, b.device), tmp))
         else:  # device <-> host: one transfer of the gathered blocks per cache
             blocks = a.index_select(0, on(s, a.device))
             # host -> device is ordered on the stream; device -> host must land before the
             # host-side index_copy_ reads it (a non_blocking copy there would race)
             blocks = blocks.to(b.device, non_blocking=b.device.type != "cpu")
-            b.index_copy_(0, on(d, b.device), blocks)
+            if d_host:
+                b.index_copy_(0, on(d, b.device), blocks)
+            else:
+                b.index_copy_(0, *_drop_out_of_range(b, on(d, b.device), blocks))
