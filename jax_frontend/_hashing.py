@@ -3,6 +3,7 @@
 Spec (docs/hashing.md, reference ``prefixkv.paged.reference.hashing``)::
 
     key  = BLAKE3.derive_key("prefixkv v1 block hash", salt)      # on the host, 8 u32 words
+           (context "prefixkv v1 block hash with extra words" for calls with extra)
     h_-1 = parent (32 zero bytes by default)
     h_i  = BLAKE3.keyed_hash(key, h_{i-1} || le_u32(tokens[i*B:(i+1)*B]) || extra_i)
 
@@ -283,6 +284,11 @@ def hash_blocks(tokens, block_size: int, *, cu_lens=None, salt=None, extra=None,
     platform = _platform(tokens)
     if concrete and value_checks_enabled(host_inputs=platform == "cpu"):
         check_hash_blocks_values(dims, tokens, cu_lens=cu_lens, extra=extra)
+    elif cu_lens is None or cu_host is not None:
+        # the lengths (and so extra's row count) are known here whatever tokens is (traced,
+        # or on a device): checked at no cost, so no call hashes past its tokens; token ids
+        # only with the full checks
+        check_hash_blocks_values(dims, np.zeros(0, np.int32), cu_lens=cu_host, extra=extra)
 
     if cu_lens is None:
         cu_host = np.array([0, dims.num_tokens], dtype=np.int64)
@@ -300,7 +306,8 @@ def hash_blocks(tokens, block_size: int, *, cu_lens=None, salt=None, extra=None,
 
     chosen = HASH_BLOCKS_BACKENDS.select(platform, backend, block_size=block_size,
                                          has_extra=extra is not None)
-    key = jnp.asarray(np.array(struct.unpack("<8I", block_key(dims.salt)), dtype=np.uint32))
+    key_bytes = block_key(dims.salt, extra is not None)
+    key = jnp.asarray(np.array(struct.unpack("<8I", key_bytes), dtype=np.uint32))
     if parent is None or isinstance(parent, (bytes, bytearray, memoryview, list, tuple)):
         parents = jnp.asarray(parent_words(parent, dims.num_seqs))
     else:

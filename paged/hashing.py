@@ -16,6 +16,7 @@ import numpy as np
 
 from .reference.hashing import (
     PREFIXKV_V1_CONTEXT,
+    PREFIXKV_V1_EXTRA_CONTEXT,
     block_key,
     digests_to_words,
     hash_blocks_reference,
@@ -57,6 +58,11 @@ def _as_index_array(name: str, x):
     if x is None or hasattr(x, "dtype"):
         return x
     if isinstance(x, (list, tuple, range)):
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in x):
+            bad = next(v for v in x if not isinstance(v, (int, np.integer))
+                       or isinstance(v, bool))
+            raise TypeError(f"{name}: expected a sequence of ints, got an item of type "
+                            f"{type(bad).__name__} ({bad!r:.40})")
         a = np.asarray(x, dtype=np.int64).reshape(-1)
         if a.size and (a.min() < -2**31 or a.max() >= 2**31):
             raise ValueError(f"{name}: expected values that fit int32, got "
@@ -104,12 +110,12 @@ def host_supports(**_) -> tuple[bool, str]:
 
 
 @functools.lru_cache(maxsize=256)
-def _v1_key(salt: bytes) -> bytes:
+def _v1_key(salt: bytes, extra: bool) -> bytes:
     from prefixkv.kernels.cpu.hashing import derive_key, load_extension
 
     if load_extension() is not None:
-        return derive_key(PREFIXKV_V1_CONTEXT, salt)
-    return block_key(salt)
+        return derive_key(PREFIXKV_V1_EXTRA_CONTEXT if extra else PREFIXKV_V1_CONTEXT, salt)
+    return block_key(salt, extra)
 
 
 def _v1_digests(tokens, block_size: int, cu: np.ndarray, salt: bytes, extra, parents,
@@ -117,7 +123,7 @@ def _v1_digests(tokens, block_size: int, cu: np.ndarray, salt: bytes, extra, par
     """u8[num_full_blocks, 32] prefixkv-v1 digests by the chosen host backend."""
     if num_full_blocks == 0:
         return np.zeros((0, 32), dtype=np.uint8)
-    key = _v1_key(salt)
+    key = _v1_key(salt, extra is not None)
     if backend == "c":
         from prefixkv.kernels.cpu.hashing import chain_digests
 
@@ -156,6 +162,9 @@ def hash_blocks_words(tokens, block_size: int, *, cu_lens=None, salt=None, extra
     """prefixkv-v1 digests as ``u32[num_full_blocks, 8]`` (word k = digest bytes 4k..4k+3
     little-endian), the form the JAX/torch frontends return. Arguments as :func:`hash_blocks`;
     ``backend`` ("c", "blake3", "reference") forces a host path (tests, benchmarks)."""
+    if backend not in (None, "c", "blake3", "reference"):
+        raise ValueError(f"backend: expected 'c', 'blake3', 'reference' or None, got "
+                         f"{backend!r}")
     tokens = _as_index_array("tokens", tokens)
     cu_lens = _as_index_array("cu_lens", cu_lens)
     dims, cu, nfb, parents = _prepare_v1(tokens, block_size, cu_lens, salt, extra, parent)
@@ -167,11 +176,14 @@ def hash_blocks_words(tokens, block_size: int, *, cu_lens=None, salt=None, extra
 # ------------------------------------------------------------------------- compatibility modes
 
 
-def vllm_none_hash(seed: str | bytes | int = VLLM_DEFAULT_SEED) -> bytes:
+def vllm_none_hash(seed: str = VLLM_DEFAULT_SEED) -> bytes:
     """vLLM's NONE_HASH for sha256_cbor: SHA-256 of the canonical CBOR of the seed (the value
-    of PYTHONHASHSEED there, else "vllm-none-hash")."""
+    of PYTHONHASHSEED there, a str, else "vllm-none-hash")."""
     import hashlib
 
+    if not isinstance(seed, str):
+        raise TypeError(f"seed: expected a str (vLLM's seed is the string value of "
+                        f"PYTHONHASHSEED, e.g. '0'), got {type(seed).__name__}")
     cbor2 = _require("cbor2", "vllm-sha256-cbor")
     return hashlib.sha256(cbor2.dumps(seed, canonical=True)).digest()
 
@@ -287,7 +299,8 @@ def hash_blocks(tokens, block_size: int, *, cu_lens=None, salt=None, extra=None,
     algo: one of :data:`HASH_ALGOS`:
 
     * ``"prefixkv-v1"`` (default; docs/hashing.md): 32-byte BLAKE3 keyed chain. salt: str |
-      bytes | None, the namespace (key = derive_key("prefixkv v1 block hash", salt)); extra:
+      bytes | None, the namespace (key = derive_key("prefixkv v1 block hash", salt); with
+      extra, of context "prefixkv v1 block hash with extra words"); extra:
       u32[num_full_blocks, 4] appended to each block's message; parent: None (32 zero bytes),
       32 bytes or u32[8] (every sequence), u32[num_seqs, 8] or a list of num_seqs (32 bytes or
       None): the digest of the block before each sequence's first token (chain continuation).

@@ -544,7 +544,11 @@ def check_hash_blocks(tokens, block_size, *, cu_lens=None, salt=None, extra=None
     if salt is None:
         salt_b = b""
     elif isinstance(salt, str):
-        salt_b = salt.encode("utf-8")
+        try:
+            salt_b = salt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"salt: expected a str UTF-8 can encode, got {salt!r:.60} "
+                             f"({e.reason} at index {e.start})") from None
     elif isinstance(salt, (bytes, bytearray, memoryview)):
         salt_b = bytes(salt)
     else:
@@ -617,7 +621,7 @@ def _check_u64(name: str, value) -> int:
 def check_hash_algo(algo, *, num_seqs: int, salt=None, extra=None, parent=None, seed=None,
                     lora=None) -> None:
     """The arguments each algorithm accepts (static). prefixkv-v1: salt, extra, parent (as in
-    check_hash_blocks), no seed/lora. vllm-sha256-cbor: seed str|bytes|int, salt str (its
+    check_hash_blocks), no seed/lora. vllm-sha256-cbor: seed str, salt str (its
     cache_salt), lora (name, path), parent 32 bytes or a list of num_seqs (32 bytes or None).
     sglang-sha256: parent as for vllm. dynamo-xxh3: seed u64 only. dynamo-kvbm: seed u64 (its
     salt_hash) or salt str|bytes (not both), parent u64 or a list of num_seqs (u64 or None).
@@ -640,9 +644,9 @@ def check_hash_algo(algo, *, num_seqs: int, salt=None, extra=None, parent=None, 
     if parent is not None and algo == "dynamo-xxh3":
         raise ValueError("parent: dynamo-xxh3 hashes each block alone (no chain), got a parent")
     if algo == "vllm-sha256-cbor":
-        if seed is not None and (isinstance(seed, bool)
-                                 or not isinstance(seed, (str, bytes, int))):
-            raise TypeError(f"seed: expected str, bytes, int or None, got {type(seed).__name__}")
+        if seed is not None and not isinstance(seed, str):
+            raise TypeError(f"seed: expected a str (vLLM's seed is the string value of "
+                            f"PYTHONHASHSEED, e.g. '0') or None, got {type(seed).__name__}")
         if salt is not None and not isinstance(salt, str):
             raise TypeError(f"salt: vllm-sha256-cbor takes a str cache_salt, got "
                             f"{type(salt).__name__}")

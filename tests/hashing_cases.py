@@ -23,7 +23,7 @@ def _keyed(key: bytes, msg: bytes) -> bytes:
 
 def oracle(tokens, block_size, cu_lens=None, salt=None, extra=None, parent=None):
     """prefixkv-v1 with the ``blake3`` package (C/Rust), message by message."""
-    key = block_key(salt)
+    key = block_key(salt, extra is not None)
     tokens = np.asarray(tokens)
     cu = [0, len(tokens)] if cu_lens is None else [int(c) for c in cu_lens]
     out = []

@@ -221,7 +221,7 @@ def test_hash_kernel(lib, name, threads):
     cu = case["cu_lens"].astype(np.int32)
     nb = np.diff(cu) // block_size
     boff = (np.cumsum(nb) - nb).astype(np.int32)
-    key = np.array(struct.unpack("<8I", block_key(salt)), dtype=np.uint32)
+    key = np.array(struct.unpack("<8I", block_key(salt, with_extra)), dtype=np.uint32)
     parents = np.ascontiguousarray(parent_words(case["parent"], len(lens)), dtype=np.uint32)
     tokens = np.ascontiguousarray(case["tokens"], dtype=np.uint32)
     extra = tokens if case["extra"] is None else np.ascontiguousarray(case["extra"], np.uint32)

@@ -46,7 +46,7 @@ def _random_batch(rng, num_seqs, max_len, block_size, *, with_extra, with_parent
 
 def _c(tokens, block_size, cu, salt, extra, parent, use_lanes):
     nfb = int((np.diff(cu) // block_size).sum())
-    out = cpu.chain_digests(tokens, block_size, cu, block_key(salt), extra,
+    out = cpu.chain_digests(tokens, block_size, cu, block_key(salt, extra is not None), extra,
                             parent_words(parent, len(cu) - 1), nfb, use_lanes=use_lanes)
     return out.view("<u4").astype(np.uint32).reshape(nfb, 8)
 
@@ -171,6 +171,9 @@ def test_words_digests_helpers():
     assert words_to_digests(w) == d
     np.testing.assert_array_equal(hash_blocks_words(np.arange(32, dtype=np.int32), 16), w)
     assert "prefixkv-v1" in HASH_ALGOS
+    with pytest.raises(ValueError, match="backend: expected 'c', 'blake3', 'reference' or "
+                                         "None, got 'C'"):
+        hash_blocks_words(np.arange(32, dtype=np.int32), 16, backend="C")
 
 
 TOK = np.arange(32, dtype=np.int32)
@@ -192,6 +195,7 @@ BAD = [
     ({"cu_lens": np.array([0, 16, 31], np.int32)}, ValueError,
      r"cu_lens: expected cu_lens\[-1\] == num_tokens \(32\), got 31"),
     ({"salt": 7}, TypeError, "salt: expected str, bytes or None, got int"),
+    ({"salt": "a\ud800"}, ValueError, "salt: expected a str UTF-8 can encode"),
     ({"extra": np.zeros((2, 4), np.int32)}, TypeError, "extra: expected uint32, got int32"),
     ({"extra": np.zeros((2, 3), np.uint32)}, ValueError, r"extra: expected shape \(num_full_b"),
     ({"extra": np.zeros((3, 4), np.uint32)}, ValueError, "extra: expected 2 rows"),
@@ -208,6 +212,14 @@ BAD = [
     ({"algo": "md5"}, ValueError, "algo: expected one of"),
     ({"seed": 1}, ValueError, "seed: prefixkv-v1 takes no seed"),
     ({"lora": ("a", "b")}, ValueError, "lora: prefixkv-v1 takes no lora"),
+    # Python sequences: ints only (no float truncation, digit strings or nesting)
+    ({"tokens": [0.5, 1.7, 2.2, 3.9]}, TypeError,
+     r"tokens: expected a sequence of ints, got an item of type float \(0.5\)"),
+    ({"tokens": ["0", "1", "2", "3"]}, TypeError, "tokens: expected a sequence of ints"),
+    ({"tokens": [[0, 1], [2, 3]]}, TypeError, "tokens: expected a sequence of ints"),
+    ({"tokens": [True, 1]}, TypeError, "tokens: expected a sequence of ints"),
+    ({"tokens": list(range(32)), "cu_lens": [0, 8.9, 32]}, TypeError,
+     "cu_lens: expected a sequence of ints"),
 ]
 
 
@@ -219,8 +231,8 @@ def test_bad_input(kwargs, exc, match):
         hash_blocks(tokens, block_size, **args)
 
 
-@pytest.mark.parametrize(("kwargs", "exc", "match"), BAD[:3] + BAD[5:8] + BAD[8:24],
-                         ids=[m[:40] for _, _, m in BAD[:3] + BAD[5:8] + BAD[8:24]])
+@pytest.mark.parametrize(("kwargs", "exc", "match"), BAD[:3] + BAD[5:8] + BAD[8:25],
+                         ids=[m[:40] for _, _, m in BAD[:3] + BAD[5:8] + BAD[8:25]])
 def test_reference_bad_input(kwargs, exc, match):
     """The reference runs the same checks (it is what the device helper tests against)."""
     args = {"tokens": TOK, "block_size": 16, **kwargs}

@@ -74,6 +74,28 @@ def test_host_callback_checks_traced_cu_lens():
         f(jnp.arange(32, dtype=jnp.int32), jnp.array([0, 40], jnp.int32)).block_until_ready()
 
 
+def test_concrete_lengths_checked_whatever_tokens_is(monkeypatch):
+    """cu_lens known at trace time (a numpy array) is checked even when only tokens is traced,
+    and on a device without checked mode: extra's row count with it (they cost no sync)."""
+    tok = jnp.arange(16, dtype=jnp.int32)
+    bad_cu = np.array([0, 8, 24], np.int32)
+    f = jax.jit(lambda t: hash_blocks(t, 4, cu_lens=bad_cu, backend="xla"))
+    with pytest.raises(ValueError, match=r"cu_lens: expected cu_lens\[-1\] == num_tokens"):
+        f(tok)
+    ex3 = jnp.asarray(np.arange(12, dtype=np.uint32).reshape(3, 4))
+    g = jax.jit(lambda t, e: hash_blocks(t, 4, cu_lens=np.array([0, 8, 16], np.int32), extra=e,
+                                         backend="xla"))
+    with pytest.raises(ValueError, match="extra: expected 4 rows"):
+        g(tok, ex3)
+    with pytest.raises(ValueError, match="extra: expected 4 rows"):
+        jax.jit(lambda t, e: hash_blocks(t, 4, extra=e, backend="xla"))(tok, ex3)
+    import prefixkv.jax_frontend._hashing as H
+
+    monkeypatch.setattr(H, "_platform", lambda tokens: "cuda")  # no checks by default there
+    with pytest.raises(ValueError, match=r"cu_lens: expected cu_lens\[-1\]"):
+        hash_blocks(tok, 4, cu_lens=bad_cu, backend="xla")
+
+
 def test_under_jit_with_extra_is_exact():
     case = make_case(np.random.default_rng(3), 8, [17, 9], with_extra=True)
     f = jax.jit(lambda t, cu, e: hash_blocks(t, 8, cu_lens=cu, extra=e))

@@ -39,7 +39,7 @@ def _inputs(name):
                      salt=salt, with_extra=with_extra, parent=parent)
     cu = case["cu_lens"].astype(np.int64)
     nb = np.diff(cu) // block_size
-    key = np.array(struct.unpack("<8I", block_key(salt)), dtype=np.uint32)
+    key = np.array(struct.unpack("<8I", block_key(salt, with_extra)), dtype=np.uint32)
     return case, nb, key, parent_words(case["parent"], len(lens))
 
 
@@ -174,7 +174,7 @@ def test_pallas_tiles_many_sequences(num_seqs, sub, grid_rows, mode):
     lens[-1] = 3 * 8  # the longest sequence sits in the last grid row
     case = make_case(rng, 8, lens.tolist(), salt="t", with_extra=True, parent="per_seq")
     nb = np.diff(case["cu_lens"].astype(np.int64)) // 8
-    key = np.array(struct.unpack("<8I", block_key("t")), dtype=np.uint32)
+    key = np.array(struct.unpack("<8I", block_key("t", True)), dtype=np.uint32)
     got = hash_blocks_pallas(jnp.asarray(case["tokens"].view(np.uint32)),
                              jnp.asarray(case["cu_lens"]), jnp.asarray(key),
                              jnp.asarray(parent_words(case["parent"], num_seqs)),

@@ -60,10 +60,12 @@ def test_compress_rotations_by_hand():
 # prefixkv-v1 vectors (docs/hashing.md), computed with the blake3 package
 KEY_NONE = "778643ddc6f121469c6a09c2995b28458e0c41b41accbde019de6cca28020caa"
 KEY_TENANT_A = "dbcaf8db30ef78abfc519c4387724675216133648b4b3b5a135142a7ea8efafe"
+KEY_NONE_EXTRA = "d4b4d058c3f8c3c34b50967bf5d8dbfff82448547995f11488b249967e295bc8"
+KEY_TENANT_A_EXTRA = "1e69cb1a6034ba63e40ed3eba29773becf719fbf5d4f6504b3e8143de0ee5391"
 V1 = ["0ae9a6e2bdeffd163a424745a6947aac211cbe7f4aba58856861e85674230fed"]
 V2 = ["c4273153c00d8997ef70174fe296932660e6ceb87fadcc868f90518818eaec47",
       "1a7b9071307e26aa58eb7b3d18b060e5b8c7e9fdf8b6356410bce45e36a1441d"]
-V3 = ["02158405bbb453b4f75beadb598db3d9c06e414c160c87b28b093b369b88c791"]
+V3 = ["2176fe749c22cd977aafe4863d9cb76f2645b7f3b13defed5c4e99617d7c86d6"]
 V4 = ["0f7b3e9758ae4af5f058badccbcf10f21f8de5eed11caac3522eab6c6d127ea8",
       "74e02a5921735ee3b0eaac986f4d86146c451fec4be267896ddc93bc0a202129",
       "23304875092c33dce1d0437b6430371ce8bf988e025b0213986ac19b4293bada"]
@@ -79,6 +81,24 @@ def test_block_keys():
     assert R.block_key("").hex() == KEY_NONE
     assert R.block_key("tenant-a").hex() == KEY_TENANT_A
     assert R.block_key(b"tenant-a").hex() == KEY_TENANT_A
+    assert R.block_key(None, extra=True).hex() == KEY_NONE_EXTRA
+    assert R.block_key("tenant-a", extra=True).hex() == KEY_TENANT_A_EXTRA
+    context = "prefixkv v1 block hash with extra words"
+    assert blake3.blake3(b"", derive_key_context=context).hexdigest() == KEY_NONE_EXTRA
+
+
+def test_extra_words_never_frame_as_tokens():
+    """B tokens plus 4 extra words are the bytes of B + 4 tokens: the extra context's key
+    keeps the two digests apart (they were equal under one key), here and along a chain."""
+    tok = np.arange(40, dtype=np.int32)
+    extra = np.array([[16, 17, 18, 19], [36, 37, 38, 39]], np.uint32)
+    with_extra = hash_blocks_reference(np.concatenate([tok[:16], tok[20:36]]), 16,
+                                       extra=extra)
+    plain = hash_blocks_reference(tok, 20)
+    assert not set(_hex(with_extra)) & set(_hex(plain))
+    key = blake3.blake3(b"", derive_key_context="prefixkv v1 block hash").digest()
+    assert _hex(plain)[0] == blake3.blake3(bytes(32) + tok[:20].astype("<u4").tobytes(),
+                                           key=key).hexdigest()
 
 
 @pytest.mark.parametrize(("tokens", "block_size", "kwargs", "want"), [

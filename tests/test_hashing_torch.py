@@ -90,13 +90,13 @@ def test_custom_op_opcheck_and_compile():
     parents = torch.zeros((2, 8), dtype=torch.int32)
     extra = torch.randint(0, 2**31 - 1, (4, 4), dtype=torch.int32)  # 2 + 2 blocks of 8
     torch.library.opcheck(torch.ops.prefixkv.hash_blocks_v1,
-                          (tokens, 8, cu, _key_tensor(b"k"), parents, extra, "torch"))
+                          (tokens, 8, cu, _key_tensor(b"k", True), parents, extra, "torch"))
 
     @torch.compile(fullgraph=True)
     def f(tokens, cu, extra):
         return torch.ops.prefixkv.hash_blocks_v1(tokens, 8, cu, _key, parents, extra, None)
 
-    _key = _key_tensor(b"k")
+    _key = _key_tensor(b"k", True)
     got = f(tokens, cu, extra).numpy().view(np.uint32)
     exp = oracle(tokens.numpy(), 8, cu.numpy(), salt=b"k", extra=extra.numpy().view(np.uint32))
     np.testing.assert_array_equal(got, exp)
@@ -120,6 +120,12 @@ GOOD = dict(tokens=torch.arange(32, dtype=torch.int32), block_size=16)
      "cu_lens: expected non-decreasing"),
     (dict(cu_lens=torch.tensor([0, 31], dtype=torch.int32)), ValueError,
      r"cu_lens: expected cu_lens\[-1\]"),
+    (dict(tokens=np.arange(32, dtype=np.int32)), TypeError,
+     "tokens: expected a torch.Tensor, got ndarray"),
+    (dict(extra=np.zeros((2, 4), np.uint32)), TypeError,
+     "extra: expected a torch.Tensor, got ndarray"),
+    (dict(parent=np.zeros(8, np.uint32)), TypeError,
+     "parent: expected None, 32 bytes, a list or a torch.Tensor, got ndarray"),
 ])
 def test_bad_input(kwargs, exc, match):
     args = {**GOOD, **kwargs}

@@ -3,6 +3,7 @@
 Spec (docs/hashing.md, reference ``prefixkv.paged.reference.hashing``)::
 
     key  = BLAKE3.derive_key("prefixkv v1 block hash", salt)      # on the host, 8 u32 words
+           (context "prefixkv v1 block hash with extra words" for calls with extra)
     h_-1 = parent (32 zero bytes by default)
     h_i  = BLAKE3.keyed_hash(key, h_{i-1} || le_u32(tokens[i*B:(i+1)*B]) || extra_i)
 
@@ -224,9 +225,10 @@ HASH_BLOCKS_BACKENDS.register(Backend(
     "torch", ("cpu", "cuda"), _run_torch, priority=0,
     doc="vectorized torch ops (int64 lanes), any block size"))
 
-def _key_tensor(salt: bytes) -> torch.Tensor:
-    """The salt's prefixkv-v1 key as int32[8] (uint32 bit patterns, little-endian words)."""
-    words = np.array(struct.unpack("<8I", block_key(salt)), dtype=np.uint32)
+def _key_tensor(salt: bytes, extra: bool) -> torch.Tensor:
+    """The salt's prefixkv-v1 key (of calls with extra words when ``extra``) as int32[8]
+    (uint32 bit patterns, little-endian words)."""
+    words = np.array(struct.unpack("<8I", block_key(salt, extra)), dtype=np.uint32)
     return torch.from_numpy(words.view(np.int32).copy())
 
 
@@ -281,6 +283,13 @@ def hash_blocks(tokens: torch.Tensor, block_size: int, *, cu_lens: torch.Tensor 
     Returns uint32[num_full_blocks, 8] on the tokens' device, sequence by sequence; word k =
     digest bytes 4k..4k+3 little-endian. cu_lens is read on the host (a sync on CUDA).
     """
+    for name, t in (("tokens", tokens), ("cu_lens", cu_lens), ("extra", extra)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not (parent is None or isinstance(parent, (bytes, bytearray, memoryview, list, tuple,
+                                                  torch.Tensor))):
+        raise TypeError(f"parent: expected None, 32 bytes, a list or a torch.Tensor, got "
+                        f"{type(parent).__name__}")
     dims = check_hash_blocks(tokens, block_size, cu_lens=cu_lens, salt=salt, extra=extra,
                              parent=parent)
     dev = tokens.device
@@ -296,6 +305,7 @@ def hash_blocks(tokens: torch.Tensor, block_size: int, *, cu_lens: torch.Tensor 
     else:
         parents = parent.reshape(-1, 8).view(torch.int32).expand(dims.num_seqs, 8)
     ext = None if extra is None else extra.view(torch.int32)
-    out = torch.ops.prefixkv.hash_blocks_v1(tokens, dims.block_size, cu, _key_tensor(dims.salt),
+    key = _key_tensor(dims.salt, extra is not None)
+    out = torch.ops.prefixkv.hash_blocks_v1(tokens, dims.block_size, cu, key,
                                             parents.contiguous(), ext, backend)
     return out.view(torch.uint32)

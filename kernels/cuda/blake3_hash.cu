@@ -1,7 +1,8 @@
 // prefixkv-v1 block hashes on the GPU: one thread per sequence runs that sequence's BLAKE3
 // keyed-hash chain over its full blocks.
 //
-//   h_-1 = parent[s] (8 words), key = derive_key("prefixkv v1 block hash", salt) (host)
+//   h_-1 = parent[s] (8 words), key = derive_key("prefixkv v1 block hash", salt) (host;
+//          context "prefixkv v1 block hash with extra words" for calls with extra)
 //   h_i  = BLAKE3.keyed_hash(key, h_{i-1} || le_u32(tokens[start + i*B : start + (i+1)*B])
 //                                 || extra[row_i])            (extra only when has_extra)
 //

@@ -7,6 +7,7 @@ the ``blake3`` package and the official test vectors in ``tests/test_hashing_ref
 The spec ``prefixkv-v1`` (docs/hashing.md)::
 
     key  = BLAKE3.derive_key(context="prefixkv v1 block hash", key_material=salt)
+           (context "prefixkv v1 block hash with extra words" when the call passes extra)
     h_-1 = parent (32 zero bytes by default)
     h_i  = BLAKE3.keyed_hash(key, h_{i-1} || le_u32(tokens[i*B:(i+1)*B]) || extra_i)
 
@@ -44,8 +45,12 @@ BLOCK_LEN = 64
 CHUNK_LEN = 1024
 OUT_LEN = 32
 
-#: The context string of prefixkv-v1 (derive_key context; never change it within v1).
+#: The context strings of prefixkv-v1 (derive_key context; never change them within v1): the
+#: key of calls without extra words, and of calls with them. Two keys, so that a block with
+#: extra words never shares a message with one without (B tokens + 4 extra words would
+#: otherwise be the bytes of B + 4 tokens).
 PREFIXKV_V1_CONTEXT = "prefixkv v1 block hash"
+PREFIXKV_V1_EXTRA_CONTEXT = "prefixkv v1 block hash with extra words"
 
 
 def _rotr(x: int, n: int) -> int:
@@ -167,8 +172,8 @@ def derive_key(context: str, key_material: bytes, out_len: int = OUT_LEN) -> byt
 
 
 @functools.lru_cache(maxsize=256)
-def _block_key_cached(salt: bytes) -> bytes:
-    return derive_key(PREFIXKV_V1_CONTEXT, salt)
+def _block_key_cached(salt: bytes, extra: bool) -> bytes:
+    return derive_key(PREFIXKV_V1_EXTRA_CONTEXT if extra else PREFIXKV_V1_CONTEXT, salt)
 
 
 def one_chunk_blocks(block_size: int, has_extra: bool,
@@ -187,9 +192,10 @@ def one_chunk_blocks(block_size: int, has_extra: bool,
     return nblk, 4 * (words - per_block * (nblk - 1))
 
 
-def block_key(salt: str | bytes | None = None) -> bytes:
-    """The 32-byte prefixkv-v1 key of a salt (namespace)."""
-    return _block_key_cached(salt_bytes(salt))
+def block_key(salt: str | bytes | None = None, extra: bool = False) -> bytes:
+    """The 32-byte prefixkv-v1 key of a salt (namespace), for calls without extra words or
+    (``extra``) with them."""
+    return _block_key_cached(salt_bytes(salt), bool(extra))
 
 
 def digests_to_words(digests) -> np.ndarray:
@@ -256,7 +262,7 @@ def hash_blocks_reference(tokens, block_size: int, *, cu_lens=None, salt=None, e
     tok = np.asarray(tokens).astype("<u4")
     ext = None if extra is None else np.asarray(extra).astype("<u4")
     parents = words_to_digests(parent_words(parent, dims.num_seqs))
-    key = block_key(salt)
+    key = block_key(salt, extra is not None)
     out: list[bytes] = []
     for s in range(dims.num_seqs):
         start, end = int(cu[s]), int(cu[s + 1])
