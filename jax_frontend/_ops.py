@@ -159,7 +159,9 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
 
     Equals paged_attention over "prefix blocks then own blocks", but each prefix's KV is read
     once for all the sequences sharing it (one big attention per prefix, merged with the
-    per-sequence suffix attention by log-sum-exp). Returns out (and lse) as paged_attention.
+    per-sequence suffix attention by log-sum-exp; on a CPU only when some prefix group is large
+    enough to pay for it, else paged attention over prefix then own blocks, see docs/ops.md).
+    Returns out (and lse) as paged_attention.
     """
     sdims = validate.check_shared_prefix_attention(
         q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,

@@ -348,7 +348,9 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
                             block_tables, kv_lens, cu_q_lens=None, *, scale=None,
                             logits_soft_cap=None, return_lse=False, out=None, lse=None,
                             workspace=None, backend=None):
-    """Causal attention of sequences sharing cached prefixes, each prefix's KV read once.
+    """Causal attention of sequences sharing cached prefixes, each prefix's KV read once for
+    all its sequences (on a GPU; on the CPU only for prefix groups large enough to pay for a
+    pass of their own, see docs/ops.md: smaller ones read it through each sequence's table).
 
     prefix_block_tables: i32[num_prefixes, max_prefix_blocks]; prefix_lens: i32[num_prefixes]
     (multiples of block_size); prefix_ids: i32[num_seqs], a prefix row or -1. block_tables,
