@@ -895,9 +895,9 @@ def _write_kv_no_sync(key, value, k_cache, v_cache, slot_mapping) -> None:
     """write_kv without nonzero or any value read on the host (graph-safe on a device).
 
     A negative slot (or one past the cache: unchecked values) is redirected to the first live
-    slot and given that slot's row, so the
-    same bytes land there twice (the order of duplicate writes cannot matter); with no live
-    slot, every entry rewrites cache row 0 with its own bytes (read before the write).
+    slot and given that slot's row, so the same bytes land there twice (the order of duplicate
+    writes cannot matter); with no live slot, every entry rewrites cache row 0 with its own
+    bytes (read before the write).
     """
     n = slot_mapping.shape[0]
     if n == 0:
