@@ -6,9 +6,11 @@ attention). Llama-3-8B-like shapes: 32 q heads, 8 kv heads, head_dim 128, block_
 
     OMP_NUM_THREADS=1 .venv/bin/pytest bench/bench_jax_cpu_decode.py --benchmark-only
 
-extra_info: bytes of KV read, GB/s, GFLOP/s, the roofline fraction of the mean
-(bench.conftest.record: max(bytes / measured read bandwidth, flops / measured matmul rate) /
-time) and of the fastest round (``roofline_fraction_min``).
+Each variant's output is checked against the numpy reference before timing
+(bench_jax_attention.check_decode). extra_info: bytes of KV read, GB/s, GFLOP/s, the roofline
+fraction of the mean (bench.conftest.record: max(bytes / measured read bandwidth, flops /
+measured matmul rate) / time) and of the fastest round (``roofline_fraction_min``);
+``baseline: true`` on the jnp baseline.
 
 Measured here (2 cores, the other one running another benchmark; runs swing by 30%): read
 14.3 GB/s, matmul 89.8 GFLOP/s; float32 ffi min 24.2 / median 27.3 ms (roofline 0.70 of the
@@ -26,7 +28,7 @@ jax = pytest.importorskip("jax")
 from prefixkv.jax_frontend import _xla  # noqa: E402
 from prefixkv.kernels.cpu import xla_ffi  # noqa: E402
 
-from bench.bench_jax_attention import D, _decode_cost  # noqa: E402
+from bench.bench_jax_attention import D, _decode_cost, check_decode  # noqa: E402
 from bench.bench_jax_attention import _decode_inputs as _inputs  # noqa: E402
 from prefixkv import jax_frontend as jf  # noqa: E402
 
@@ -54,12 +56,14 @@ def test_cpu_decode_8x4096(benchmark, machine_limits, impl, dtype):
     fn = _impl(impl)
     hlo = fn.lower(*args).as_text()
     assert (TARGET in hlo) == (impl == "ffi_kernel"), impl
-    jax.block_until_ready(fn(*args))  # compile in warm-up
+    # compile in warm-up, and check the output against the reference (a few rows)
+    check_decode(jax.block_until_ready(fn(*args)), dtype)
     rounds = {"ffi_kernel": 10, "xla_composite": 5, "jnp_gather_baseline": 3}[impl]
     benchmark.pedantic(lambda: jax.block_until_ready(fn(*args)), rounds=rounds, iterations=1,
                        warmup_rounds=1)
     nbytes, flops = _decode_cost(dtype)
-    record(benchmark, machine_limits, nbytes=nbytes, flops=flops, impl=impl)
+    record(benchmark, machine_limits, bytes_read=nbytes, flops=flops, impl=impl,
+           baseline=impl == "jnp_gather_baseline")
     roof = max(nbytes / (machine_limits["read_gbps"] * 1e9),
                flops / (machine_limits["matmul_gflops"] * 1e9))
     benchmark.extra_info["roofline_fraction_min"] = round(roof / seconds(benchmark, "min"), 4)

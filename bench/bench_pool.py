@@ -17,7 +17,8 @@ Pools, same trace, same run:
   (``list.remove`` / ``pop(0)``).
 
 extra_info: requests/s, block-ops/s (touches + allocations + registrations + frees), blocks/s
-(blocks requested), hit rate, and the ratio to vLLM's 7.4k requests/s.
+(blocks requested), hit rate, and the ratio to vLLM's 7.4k requests/s; ``baseline: true`` on
+``naive``.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/pytest bench/bench_pool.py --benchmark-only
 """
@@ -291,6 +292,8 @@ def test_pool_trace(benchmark, trace, name):
     info["blocks_per_s"] = counts["blocks"] / t
     info["hit_rate"] = counts["hit_blocks"] / counts["blocks"]
     info["x_vllm_7.4k_req_s"] = NUM_REQUESTS / t / VLLM_REQ_PER_S
+    if name == "naive":  # the user's first attempt: the group's baseline
+        info["baseline"] = True
 
 
 @pytest.mark.benchmark(group="manager-trace")

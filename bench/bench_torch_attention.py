@@ -1,12 +1,18 @@
 """Paged attention through prefixkv.torch_frontend vs the torch baseline a user would write.
 
 CPU (one thread): decode over 8 sequences x 4096 cached tokens (32 q heads, 8 kv heads,
-head_dim 128, block 16), float32 and bfloat16: prefixkv's vectorized torch path vs the obvious
+head_dim 128, block 16), float32 and bfloat16: prefixkv's compiled C++ decode kernel
+(kernels/cpu/decode.py, what tf.paged_attention runs for a CPU decode) vs the obvious
 baseline (index_select the blocks, then scaled_dot_product_attention). Shared prefix: 32
 sequences sharing a 2048-token prefix plus 128 own tokens each: shared_prefix_attention vs
 paged_attention over the same batch. GPU (skipped without CUDA): decode at a fraction of HBM
 bandwidth, cascade decode, and prefill of 512 new tokens over 4096 cached at a fraction of the
 measured bf16 matmul rate, Triton vs the torch baselines.
+
+Every test first checks its op's output against the float64 numpy reference
+(prefixkv.paged.reference, a few query rows: bench.conftest.reference_rows) with the test
+suite's tolerance, so a wrong op fails here too (also under --benchmark-disable). The group's
+baseline sets ``baseline: true`` in extra_info.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/pytest bench/bench_torch_attention.py --benchmark-only
 """
@@ -16,17 +22,20 @@ from __future__ import annotations
 import functools
 import os
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
 from bench.conftest import (  # noqa: E402
+    assert_attention_close,
     cuda_benchmark,
     cuda_matmul_tflops,
     cuda_memory_limits,
     datasheet_hbm_gbps,
     record,
+    reference_rows,
 )
 from prefixkv import torch_frontend as tf  # noqa: E402
 
@@ -34,6 +43,37 @@ torch.set_num_threads(1)
 
 NUM_SEQS, CONTEXT, HQ, HKV, HEAD_DIM, BLOCK = 8, 4096, 32, 8, 128, 16
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: decode query rows checked against the reference (first and last sequence)
+DECODE_ROWS = (0, -1)
+
+
+def _host(x):
+    """A tensor as a numpy array on the host; floating ones as float32."""
+    return (x.float() if x.is_floating_point() else x).cpu().numpy()
+
+
+def _take(x, idx):
+    return x[torch.from_numpy(idx).to(x.device)]
+
+
+_WANTS: dict = {}
+
+
+def _want(key, args, rows):
+    """The numpy reference of query ``rows`` of paged_attention(*args), once per ``key`` (each
+    key names inputs every test draws alike, so later tests reuse the first one's)."""
+    if key not in _WANTS:
+        _WANTS[key] = reference_rows(rows, *args, host=_host, take=_take)
+    return _WANTS[key]
+
+
+def _check(out, rows, want, dtype: str) -> None:
+    """Query ``rows`` of an op's output [num_tokens, Hq, D] against the reference."""
+    assert_attention_close(_host(_take(out, _row_ids(rows, out.shape[0]))), want, dtype)
+
+
+def _row_ids(rows, n):
+    return np.asarray([r % n for r in rows], dtype=np.int64)
 
 
 def decode_batch(device="cpu", dtype=torch.float32, num_seqs=NUM_SEQS, context=CONTEXT,
@@ -96,13 +136,12 @@ def test_cpu_decode(benchmark, machine_limits, impl, dtype):
     else:
         def fn():
             return baseline_paged_attention(q, k, v, tables, kv_lens)
-    torch.testing.assert_close(tf.paged_attention(q, k, v, tables, kv_lens).float(),
-                               baseline_paged_attention(q, k, v, tables, kv_lens).float(),
-                               atol=2e-2, rtol=2e-2)
+    _check(fn(), DECODE_ROWS,
+           _want(("decode", dtype), (q, k, v, tables, kv_lens), DECODE_ROWS), dtype)
     benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
     flops = 4 * NUM_SEQS * HQ * CONTEXT * HEAD_DIM
-    record(benchmark, machine_limits, nbytes=_kv_bytes(k, NUM_SEQS, CONTEXT), flops=flops,
-           impl=impl, dtype=dtype)
+    record(benchmark, machine_limits, bytes_read=_kv_bytes(k, NUM_SEQS, CONTEXT), flops=flops,
+           impl=impl, dtype=dtype, baseline=impl == "baseline_sdpa")
 
 
 @pytest.mark.parametrize("impl", ["prefixkv", "baseline_sdpa"])
@@ -117,14 +156,20 @@ def test_cpu_decode_all_cores(benchmark, machine_limits, impl):
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        _check(fn(), DECODE_ROWS,
+               _want(("decode", "float32"), (q, k, v, tables, kv_lens), DECODE_ROWS),
+               "float32")
         benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
     finally:
         torch.set_num_threads(saved)
-    record(benchmark, machine_limits, nbytes=_kv_bytes(k, NUM_SEQS, CONTEXT), impl=impl,
-           threads=threads, note="limits measured on one thread")
+    record(benchmark, machine_limits, bytes_read=_kv_bytes(k, NUM_SEQS, CONTEXT), impl=impl,
+           threads=threads, baseline=impl == "baseline_sdpa",
+           note="limits measured on one thread")
 
 
 SP_SEQS, SP_PREFIX, SP_OWN = 32, 2048, 128
+#: shared-prefix query rows checked against the reference (first and last sequence)
+SHARED_ROWS = (0, -1)
 
 
 def shared_prefix_batch(device="cpu", dtype=torch.float32, seed=1, seqs=SP_SEQS,
@@ -158,15 +203,14 @@ def test_cpu_shared_prefix(benchmark, machine_limits, impl, dtype):
     fns = {"shared_prefix_attention": lambda: tf.shared_prefix_attention(*sp_args),
            "paged_attention": lambda: tf.paged_attention(*pa_args),
            "baseline_sdpa": lambda: baseline_paged_attention(*pa_args)}
-    torch.testing.assert_close(fns[impl]().float(), fns["paged_attention"]().float(),
-                               atol=2e-2, rtol=2e-2)
+    _check(fns[impl](), SHARED_ROWS, _want(("shared", dtype), pa_args, SHARED_ROWS), dtype)
     # 10 rounds: with the other core busy the median of 5 swung by 30%; the SDPA baseline
     # (over a second a call) keeps 5
     benchmark.pedantic(fns[impl], rounds=5 if impl == "baseline_sdpa" else 10, warmup_rounds=1)
     unique = (SP_PREFIX + SP_SEQS * SP_OWN) * HKV * HEAD_DIM * 2 * sp_args[1].element_size()
     flops = 4 * SP_SEQS * HQ * (SP_PREFIX + SP_OWN) * HEAD_DIM  # QK + PV, every query
-    record(benchmark, machine_limits, nbytes=unique, flops=flops, impl=impl, dtype=dtype,
-           note="bytes = unique KV (prefix once + own tokens)")
+    record(benchmark, machine_limits, bytes_read=unique, flops=flops, impl=impl, dtype=dtype,
+           baseline=impl == "baseline_sdpa", note="bytes = unique KV (prefix once + own tokens)")
 
 
 @pytest.mark.parametrize("shape", [(2, 256), (8, 1024), (16, 2048), (32, 4096)],
@@ -183,11 +227,12 @@ def test_cpu_shared_prefix_sizes(benchmark, machine_limits, impl, shape):
     sp_args, pa_args = shared_prefix_batch(seqs=seqs, prefix=prefix)
     fns = {"shared_prefix_attention": lambda: tf.shared_prefix_attention(*sp_args),
            "paged_attention": lambda: tf.paged_attention(*pa_args)}
-    torch.testing.assert_close(fns[impl](), fns["paged_attention"](), atol=2e-5, rtol=2e-5)
+    _check(fns[impl](), SHARED_ROWS, _want(("sizes", shape), pa_args, SHARED_ROWS), "float32")
     benchmark.pedantic(fns[impl], rounds=15, warmup_rounds=2)
     unique = (prefix + seqs * SP_OWN) * HKV * HEAD_DIM * 2 * 4
-    record(benchmark, machine_limits, nbytes=unique,
+    record(benchmark, machine_limits, bytes_read=unique,
            flops=4 * seqs * HQ * (prefix + SP_OWN) * HEAD_DIM, impl=impl, dtype="float32",
+           baseline=impl == "paged_attention",
            note="bytes = unique KV (prefix once + own tokens)")
 
 
@@ -231,13 +276,13 @@ def test_cpu_prefill(benchmark, machine_limits, impl):
     args = _prefill_inputs(q_len)
     fn = ((lambda: baseline_prefill(*args)) if impl.startswith("baseline")
           else (lambda: tf.paged_attention(*args)))
-    if impl == "baseline_sdpa_512":
-        torch.testing.assert_close(fn(), tf.paged_attention(*args), atol=1e-4, rtol=1e-4)
+    rows = (0, q_len // 2, -1)  # the first, a middle and the last query token
+    _check(fn(), rows, _want(("prefill", q_len), args, rows), "float32")
     benchmark.pedantic(fn, rounds=2, warmup_rounds=1)
     total = PF_CACHED + PF_NEW
     flops = 4 * HQ * HEAD_DIM * float(sum(range(total - q_len + 1, total + 1)))  # causal
-    record(benchmark, machine_limits, nbytes=2 * total * HKV * HEAD_DIM * 4, flops=flops,
-           impl=impl, query_tokens=q_len)
+    record(benchmark, machine_limits, bytes_read=2 * total * HKV * HEAD_DIM * 4, flops=flops,
+           impl=impl, query_tokens=q_len, baseline=impl == "baseline_sdpa_512")
 
 
 # ------------------------------------------------------------------- per-call overhead
@@ -253,13 +298,21 @@ def _one_token_write(device):
 
 def _call_overhead(benchmark, device, impl):
     """One decode token's write_kv: the wrapper's direct eager call of the implementation vs
-    the same implementation through the dispatcher (torch.ops.prefixkv.write_kv)."""
+    the same implementation through the dispatcher (torch.ops.prefixkv.write_kv, the
+    baseline)."""
     from prefixkv.torch_frontend import _ops
     args = _one_token_write(device)
     fn = {"eager_direct": lambda: _ops._invoke("write_kv", args),
           "custom_op_dispatch": lambda: torch.ops.prefixkv.write_kv(*args)}[impl]
+    key, _, k, v, slots, _ = args
+    fn()
+    row = int(slots[0])
+    assert torch.equal(k[row // BLOCK, row % BLOCK], key[0])
+    assert torch.equal(v[row // BLOCK, row % BLOCK], key[0])
     benchmark.pedantic(fn, rounds=20, iterations=50, warmup_rounds=1)
     benchmark.extra_info.update(impl=impl, device=device)
+    if impl == "custom_op_dispatch":
+        benchmark.extra_info["baseline"] = True
 
 
 @pytest.mark.parametrize("impl", ["eager_direct", "custom_op_dispatch"])
@@ -304,14 +357,20 @@ def test_gpu_decode(benchmark, impl, dtype, shape):
         def fn():  # caller buffers: no allocation in the timed calls
             return tf.paged_attention(q, k, v, tables, kv_lens, out=out, lse=lse, workspace=ws,
                                       backend=impl)
+    rows = DECODE_ROWS if num_seqs > 1 else (0,)
+    _check(fn(), rows, _want(("gpu-decode", dtype, shape), (q, k, v, tables, kv_lens), rows),
+           dtype)
     t = cuda_benchmark(benchmark, fn, rounds=10, warmup_rounds=2, iters=20)
     gpu = torch.cuda.get_device_name()
     peak = datasheet_hbm_gbps(gpu)
     nbytes = _kv_bytes(k, num_seqs, context)
     measured = cuda_memory_limits()
     gbps = nbytes / t / 1e9
+    if impl == "baseline_sdpa":
+        benchmark.extra_info["baseline"] = True
     benchmark.extra_info.update(
-        impl=impl, dtype=dtype, gpu=gpu, kernel_s=t, bytes=nbytes, gbps=round(gbps, 1),
+        impl=impl, dtype=dtype, gpu=gpu, kernel_s=t, bytes_read=nbytes, bytes_written=0,
+        bytes=nbytes, gbps=round(gbps, 1),
         measured_read_gbps=measured["read_gbps"], measured_copy_gbps=measured["copy_gbps"],
         read_fraction=round(gbps / measured["read_gbps"], 3))
     if peak:
@@ -359,13 +418,14 @@ def test_gpu_shared_prefix(benchmark, impl):
     else:
         def fn():
             return baseline_paged_attention(*pa_args)
-    want = tf.paged_attention(*pa_args).float()
-    torch.testing.assert_close(fn().float(), want, atol=2e-2, rtol=2e-2)
+        benchmark.extra_info["baseline"] = True
+    _check(fn(), SHARED_ROWS, _want(("gpu-shared",), pa_args, SHARED_ROWS), "bfloat16")
     t = cuda_benchmark(benchmark, fn, rounds=10, warmup_rounds=2)
     unique = 2 * (GSP_PREFIX + GSP_SEQS * GSP_OWN) * HKV * HEAD_DIM * 2
     read = cuda_memory_limits()["read_gbps"]
     benchmark.extra_info.update(
-        impl=impl, kernel_s=t, unique_bytes=unique, unique_gbps=round(unique / t / 1e9, 1),
+        impl=impl, kernel_s=t, unique_bytes=unique, bytes_read=unique, bytes_written=0,
+        unique_gbps=round(unique / t / 1e9, 1),
         measured_read_gbps=read, unique_read_fraction=round(unique / t / 1e9 / read, 3),
         note="bytes = unique KV (prefix once + own tokens)")
 
@@ -405,6 +465,8 @@ def test_gpu_prefill(benchmark, impl):
     benchmark.group = "gpu-prefill-8x(512-over-4096)-bf16"
     q, k, v, tables, kv_lens, cu = _gpu_prefill_batch()
     total = PF_CACHED + PF_NEW
+    rows = (0, PF_NEW - 1, -1)  # the first and last new token of sequence 0, the last of 7
+    want = _want(("gpu-prefill",), (q, k, v, tables, kv_lens, cu), rows)
     if impl.startswith("triton"):
         out = torch.empty_like(q)
         ws = torch.empty(tf.attention_workspace_size(q, k, tables, cu), dtype=torch.uint8,
@@ -412,6 +474,7 @@ def test_gpu_prefill(benchmark, impl):
 
         def fn():
             return tf.paged_attention(q, k, v, tables, kv_lens, cu, out=out, workspace=ws)
+        _check(fn(), rows, want, "bfloat16")
         q_len = PF_NEW
     elif impl.startswith("baseline"):
         kd, vd = _gathered(k, v, tables)                       # [S, Hkv, 4608, D]
@@ -422,10 +485,9 @@ def test_gpu_prefill(benchmark, impl):
         def fn():
             k2, v2 = _gathered(k, v, tables)
             return F.scaled_dot_product_attention(qd, k2, v2, attn_mask=mask, enable_gqa=True)
-        want = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=True)
-        got = tf.paged_attention(q, k, v, tables, kv_lens, cu)
-        torch.testing.assert_close(got.view(GPF_SEQS, PF_NEW, HQ, HEAD_DIM).transpose(1, 2)
-                                   .float(), want.float(), atol=2e-2, rtol=2e-2)
+        # [S, Hq, 512, D] -> the paged call's rows [S * 512, Hq, D]
+        _check(fn().transpose(1, 2).reshape(-1, HQ, HEAD_DIM), rows, want, "bfloat16")
+        benchmark.extra_info["baseline"] = True
         q_len = PF_NEW
     else:
         kd, vd = _gathered(k, v, tables)
@@ -433,6 +495,13 @@ def test_gpu_prefill(benchmark, impl):
 
         def fn():
             return F.scaled_dot_product_attention(qf, kd, vd, is_causal=True, enable_gqa=True)
+        # as a paged call: each sequence's 4608 queries over its own 4608 cached tokens
+        i32 = dict(dtype=torch.int32, device="cuda")
+        recompute = (qf.transpose(1, 2).reshape(-1, HQ, HEAD_DIM), k, v, tables, kv_lens,
+                     torch.arange(GPF_SEQS + 1, **i32) * total)
+        rows = (0, total // 2, -1)
+        _check(fn().transpose(1, 2).reshape(-1, HQ, HEAD_DIM), rows,
+               _want(("gpu-recompute",), recompute, rows), "bfloat16")
         q_len = total
     t = cuda_benchmark(benchmark, fn)
     flops = GPF_SEQS * 4 * HQ * HEAD_DIM * float(sum(range(total - q_len + 1, total + 1)))

@@ -1,10 +1,17 @@
 """Block copies through prefixkv.torch_frontend vs what a user writes without them.
 
-CPU (one thread): gather_blocks / swap_blocks / copy_blocks of every layer's K and V of a
-model-shaped cache (16 layers x K,V, blocks [16, 8, 128] bf16) vs a Python loop of per-block
-copies, against the measured memcpy bandwidth. GPU (skipped without CUDA): device <-> pinned
-host swap of all layers' blocks, the CUDA C kernel (one launch) and the torch path, vs one
-contiguous device-to-host copy of the same bytes (the measured PCIe bandwidth).
+CPU (one thread): gather_blocks / swap_blocks of every layer's K and V of a model-shaped
+cache (16 layers x K,V, blocks [16, 8, 128] bf16; copy_blocks is in bench_cache_ops.py) vs a
+Python loop of per-block copies (the baseline), against the measured copy bandwidth. GPU
+(skipped without CUDA): device <-> pinned host swap of all layers' blocks, the CUDA C kernel
+(one launch) and the torch path, vs a per-block copy_ loop (the baseline) and one contiguous
+copy of the same bytes (the measured PCIe bandwidth).
+
+Each op's result is checked exactly before timing. Bytes follow bench.conftest.record: every
+moved block counts as read and as written (``bytes`` = 2 x the blocks' bytes, as the
+machine's ``copy_gbps`` counts np.copyto), so ``roofline_fraction`` is the fraction of memcpy
+speed; the GPU swaps report ``link_gbps`` and ``pcie_gbps`` (bytes across PCIe, each once) and
+``pcie_fraction``, the fraction of a contiguous copy's speed.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/pytest bench/bench_torch_copy.py --benchmark-only
 """
@@ -18,7 +25,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bench.conftest import cuda_benchmark, cuda_seconds, record, seconds  # noqa: E402
+from bench.conftest import cuda_benchmark, cuda_seconds, record  # noqa: E402
 from prefixkv import torch_frontend as tf  # noqa: E402
 
 torch.set_num_threads(1)
@@ -39,6 +46,8 @@ def _ids(n=MOVE, num_blocks=NUM_BLOCKS, seed=1, device="cpu"):
 
 
 def _moved_bytes(caches, n=MOVE):
+    """Bytes of the n blocks moved from every cache, each counted once (read once, written
+    once)."""
     return n * sum(c[0].numel() * c.element_size() for c in caches)
 
 
@@ -56,18 +65,19 @@ def test_cpu_gather_blocks(benchmark, machine_limits, impl):
         return buf
 
     fn = (lambda: tf.gather_blocks(caches, ids)) if impl == "prefixkv" else loop
-    assert torch.equal(fn(), loop())
+    want = torch.stack([torch.stack([c[b] for c in caches]) for b in id_list])
+    assert torch.equal(fn(), want)
     benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
     nbytes = _moved_bytes(caches)
-    record(benchmark, machine_limits, nbytes=nbytes, impl=impl,
-           memcpy_fraction=round(nbytes / seconds(benchmark) / 1e9
-                                 / machine_limits["memcpy_gbps"], 3))
+    record(benchmark, machine_limits, bytes_read=nbytes, bytes_written=nbytes, impl=impl,
+           baseline=impl == "loop_baseline")
 
 
 @pytest.mark.parametrize("impl", ["prefixkv", "loop_baseline"])
 def test_cpu_swap_blocks(benchmark, machine_limits, impl):
     benchmark.group = "cpu-swap-blocks"
-    src, dst = _caches(), _caches(num_blocks=MOVE * 2)
+    src = _caches()
+    dst = [torch.zeros(MOVE * 2, *BLOCK_SHAPE, dtype=torch.bfloat16) for _ in src]
     src_ids, dst_ids = _ids(), _ids(num_blocks=MOVE * 2, seed=2)
     pairs = list(zip(src_ids.tolist(), dst_ids.tolist(), strict=True))
 
@@ -77,11 +87,16 @@ def test_cpu_swap_blocks(benchmark, machine_limits, impl):
                 b[d].copy_(a[s])
 
     fn = (lambda: tf.swap_blocks(src, dst, src_ids, dst_ids)) if impl == "prefixkv" else loop
+    fn()
+    s64, d64 = src_ids.long(), dst_ids.long()
+    untouched = torch.ones(MOVE * 2, dtype=torch.bool)
+    untouched[d64] = False
+    for a, b in zip(src, dst, strict=True):  # the named blocks copied, the others still 0
+        assert torch.equal(b[d64], a[s64]) and not b[untouched].any()
     benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
     nbytes = _moved_bytes(src)
-    record(benchmark, machine_limits, nbytes=nbytes, impl=impl,
-           memcpy_fraction=round(nbytes / seconds(benchmark) / 1e9
-                                 / machine_limits["memcpy_gbps"], 3))
+    record(benchmark, machine_limits, bytes_read=nbytes, bytes_written=nbytes, impl=impl,
+           baseline=impl == "loop_baseline")
 
 
 # ----------------------------------------------------------------------------------- GPU
@@ -96,7 +111,8 @@ GPU_BLOCKS, GPU_MOVE = 1024, 256
 @functools.cache
 def _gpu_swap_caches():
     """The caches on the GPU (drawn there) and pinned host twins for the moved blocks
-    (contents irrelevant), shared by every GPU swap test: host draws took ~5 s a test."""
+    (contents set by each test before its check), shared by every GPU swap test: host draws
+    took ~5 s a test."""
     host = [torch.empty(GPU_MOVE, *BLOCK_SHAPE, dtype=torch.bfloat16, pin_memory=True)
             for _ in range(2 * LAYERS)]
     return _caches("cuda", GPU_BLOCKS), host
@@ -142,12 +158,44 @@ def test_gpu_swap_blocks(benchmark, impl, direction):
     else:
         def fn():
             tf.swap_blocks(host, dev, host_ids, dev_ids, backend=impl)
+    if impl != "contiguous_copy":
+        _check_gpu_swap(fn, dev, host, dev_ids, direction)
     slow = impl == "per_block_loop_baseline"  # 8192 launches a call
     t = cuda_benchmark(benchmark, fn, rounds=2 if slow else 5, iters=2 if slow else 10,
                        repeat=1 if slow else 3)
     pcie = cuda_seconds((lambda: flat_host.copy_(flat_dev, non_blocking=True))
                          if direction == "offload"
                          else (lambda: flat_dev.copy_(flat_host, non_blocking=True)))
+    if slow:
+        benchmark.extra_info["baseline"] = True
+    # bytes read + written as bench.conftest.record counts copies; the rates are of the bytes
+    # that cross PCIe (each once), the usual figure for a link (~55 GB/s for Gen5 x16)
     benchmark.extra_info.update(
-        impl=impl, direction=direction, bytes=nbytes, seconds=t, gbps=round(nbytes / t / 1e9, 2),
+        impl=impl, direction=direction, bytes_read=nbytes, bytes_written=nbytes,
+        bytes=2 * nbytes, seconds=t, link_gbps=round(nbytes / t / 1e9, 2),
         pcie_gbps=round(nbytes / pcie / 1e9, 2), pcie_fraction=round(pcie / t, 3))
+
+
+#: GPU swap blocks whose contents are checked (of every cache): the first, one inside, the last
+CHECK_BLOCKS = (0, 97, GPU_MOVE - 1)
+
+
+def _check_gpu_swap(fn, dev, host, dev_ids, direction) -> None:
+    """One call of ``fn`` moves the blocks: host twin j <-> device block dev_ids[j]. The side
+    written is first given other contents (the device blocks of a shifted id list, and for
+    the onload the host twins of a neighbouring cache), so a call that writes nothing or the
+    wrong blocks fails."""
+    n = len(dev)
+    ids = dev_ids.long()
+    if direction == "offload":
+        for h in host:
+            h.zero_()
+    else:
+        for c, h in enumerate(host):
+            h.copy_(dev[(c + 1) % n][ids.roll(1)].cpu())
+    torch.cuda.synchronize()
+    fn()
+    torch.cuda.synchronize()
+    j = torch.tensor(CHECK_BLOCKS)
+    for c in (0, n // 2, n - 1):
+        assert torch.equal(host[c][j], dev[c][ids[j.cuda()]].cpu()), (direction, c)

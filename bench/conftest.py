@@ -1,5 +1,7 @@
-"""pytest-benchmark set-up shared by every benchmark: one thread, and the machine's measured
-limits (copy and read bandwidth, matmul rate) for the roofline fractions in extra_info."""
+"""pytest-benchmark set-up shared by every benchmark: one thread, the machine's measured
+limits (copy and read bandwidth, matmul rate) for the roofline fractions in extra_info
+(``record``: the byte convention and the baseline mark), and the attention reference the
+benchmarks check their ops against before timing (``reference_rows``)."""
 
 import os
 
@@ -190,23 +192,85 @@ def seconds(benchmark, stat: str = "mean") -> float:
     return getattr(stats.stats, stat) if stats is not None else float("nan")
 
 
-def record(benchmark, limits: dict, *, nbytes: float = 0.0, flops: float = 0.0, **extra):
+def record(benchmark, limits: dict, *, bytes_read: float = 0.0, bytes_written: float = 0.0,
+           flops: float = 0.0, baseline: bool = False, **extra):
     """Put bytes, GB/s, GFLOP/s and the roofline fraction of the benchmark's mean in extra_info.
 
-    Call after ``benchmark(...)`` ran. Roofline time = max(bytes / read bandwidth,
-    flops / matmul rate); fraction = roofline time / measured time.
+    Call after ``benchmark(...)`` ran. The byte convention of every benchmark: ``bytes_read``
+    (bytes the op reads from memory) and ``bytes_written`` (bytes it writes), both recorded;
+    ``bytes`` = bytes_read + bytes_written and ``gbps`` = bytes / time, so a copy of N bytes
+    counts 2N, as ``copy_gbps`` (measure_machine_limits, read + written bytes of np.copyto)
+    does. The roofline time is the largest of: bytes_read / read bandwidth (``read_gbps``),
+    (bytes_read + bytes_written) / copy bandwidth (``copy_gbps``; only when the op writes), and
+    flops / matmul rate; ``roofline_fraction`` = roofline time / measured time, so 1.0 is an
+    attention read at the measured read bandwidth or a copy at memcpy speed.
+
+    ``baseline=True`` marks the benchmark as its group's baseline (what a user would write
+    without prefixkv): bench/report.py's "vs baseline" column divides by its time, and shows
+    n/a in a group with none marked. Empty ``limits`` (a device figure): no fraction.
     """
     t = seconds(benchmark)
     info = benchmark.extra_info
     info.update(extra)
+    if baseline:
+        info["baseline"] = True
     info.update({k: round(v, 3) for k, v in limits.items()})
+    nbytes = bytes_read + bytes_written
     if nbytes:
-        info["bytes"] = nbytes
-        info["gbps"] = round(nbytes / t / 1e9, 3)
+        info.update(bytes_read=bytes_read, bytes_written=bytes_written, bytes=nbytes,
+                    gbps=round(nbytes / t / 1e9, 3))
     if flops:
         info["gflops"] = round(flops / t / 1e9, 3)
     if not limits:  # a device figure: the CPU limits do not apply
         return
-    roof = max(nbytes / (limits["read_gbps"] * 1e9), flops / (limits["matmul_gflops"] * 1e9))
+    roof = max(bytes_read / (limits["read_gbps"] * 1e9),
+               nbytes / (limits["copy_gbps"] * 1e9) if bytes_written else 0.0,
+               flops / (limits["matmul_gflops"] * 1e9))
     if roof:
         info["roofline_fraction"] = round(roof / t, 4)
+
+
+# ------------------------------------------------------------------- correctness checks
+
+
+def reference_rows(rows, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *,
+                   host, take=lambda x, idx: x[idx]) -> np.ndarray:
+    """The numpy reference (prefixkv.paged.reference, float64) of query rows ``rows`` of a
+    paged attention call only, so a benchmark can check its op before timing it in well
+    under a second.
+
+    q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens: the call's arguments (any
+    framework; cu_q_lens None = decode). rows: indices into q's tokens (negative from the
+    end). host(x) -> numpy array (float32 for floating inputs); take(x, idx) -> x[idx] for an
+    int64 numpy ``idx`` (the caller's framework indexing). Each row becomes a one-token
+    sequence over its visible keys (causal: key positions <= its own); only those blocks
+    reach the host. Returns f32[len(rows), num_q_heads, head_dim].
+    """
+    from prefixkv.paged.reference import paged_attention_reference
+
+    tables = np.asarray(host(block_tables)).astype(np.int64)
+    kv = np.asarray(host(kv_lens)).astype(np.int64)
+    num_tokens, bs = q.shape[0], k_cache.shape[1]
+    cu = (np.arange(kv.size + 1) if cu_q_lens is None
+          else np.asarray(host(cu_q_lens)).astype(np.int64))
+    rows = np.asarray([r % num_tokens for r in rows], dtype=np.int64)
+    seq = np.searchsorted(cu, rows, side="right") - 1
+    lens = kv[seq] - (cu[seq + 1] - cu[seq]) + (rows - cu[seq]) + 1  # keys each row sees
+    width = -(-lens // bs)
+    ids = np.concatenate([tables[s, :w] for s, w in zip(seq, width, strict=True)])
+    starts = np.concatenate([[0], np.cumsum(width)[:-1]])
+    own = np.zeros((rows.size, int(width.max())), dtype=np.int32)
+    for i, (s0, w) in enumerate(zip(starts, width, strict=True)):
+        own[i, :w] = np.arange(s0, s0 + w)
+    k, v = (np.asarray(host(take(c, ids)), dtype=np.float32) for c in (k_cache, v_cache))
+    qr = np.asarray(host(take(q, rows)), dtype=np.float32)
+    return paged_attention_reference(qr, k, v, own, lens.astype(np.int32))
+
+
+def assert_attention_close(got, want, dtype: str) -> None:
+    """got (float32 numpy) against the reference with the test suite's tolerance for dtype
+    (prefixkv.paged.spec.ATTENTION_TOLERANCE)."""
+    from prefixkv.paged.spec import ATTENTION_TOLERANCE
+
+    atol, rtol = ATTENTION_TOLERANCE[dtype]
+    np.testing.assert_allclose(np.asarray(got, dtype=np.float32), want, atol=atol, rtol=rtol)

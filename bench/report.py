@@ -5,12 +5,14 @@
 
 The table has one row per benchmark, grouped as pytest-benchmark grouped them: mean and median
 time, the speedup over the group's baseline (the benchmark whose ``extra_info`` says
-``baseline: true``, else the slowest of the group), GB/s, GFLOP/s and the roofline fraction
-that ``bench/conftest.py: record`` put in ``extra_info``, plus any other scalar extra_info.
+``baseline: true``, what a user would write without prefixkv; "n/a" in a group with none
+marked: no guessing), GB/s, GFLOP/s and the roofline fraction that ``bench/conftest.py:
+record`` put in ``extra_info``, plus any other scalar extra_info.
 
-The plot is a roofline: achieved GB/s against the machine's read bandwidth measured in the same
-run (``read_gbps``/``copy_gbps`` in extra_info) for every benchmark that moved bytes, and,
-for those that also did arithmetic, achieved GFLOP/s against min(peak, bandwidth x intensity).
+The plot is a roofline: achieved GB/s (bytes read + written, record's convention) against the
+machine's read and copy bandwidth measured in the same run (``read_gbps``/``copy_gbps`` in
+extra_info) for every benchmark that moved bytes, and, for those that also did arithmetic,
+achieved GFLOP/s against min(peak, read bandwidth x intensity).
 Not part of the test run (its name does not match ``test_*``/``bench_*``).
 """
 
@@ -25,6 +27,8 @@ from collections import defaultdict
 #: extra_info keys shown in their own columns (the rest go to "details").
 _LIMIT_KEYS = ("copy_gbps", "memcpy_gbps", "read_gbps", "matmul_gflops")
 _COLUMNS = ("gbps", "gflops", "roofline_fraction")
+#: byte counts (record's convention), left out of "details"
+_BYTE_KEYS = ("bytes", "bytes_read", "bytes_written")
 
 
 def load(path: str) -> list[dict]:
@@ -49,11 +53,12 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _baseline(group: list[dict]) -> dict:
+def _baseline(group: list[dict]) -> dict | None:
+    """The group's benchmark marked ``baseline: true`` in extra_info, or None."""
     for b in group:
         if b.get("extra_info", {}).get("baseline") is True:
             return b
-    return max(group, key=lambda b: b["stats"]["mean"])
+    return None
 
 
 def markdown(benches: list[dict]) -> str:
@@ -79,14 +84,19 @@ def markdown(benches: list[dict]) -> str:
         for b in group:
             info = b.get("extra_info", {})
             s = b["stats"]
-            speed = base["stats"]["mean"] / s["mean"] if s["mean"] else math.nan
+            if base is None:
+                speed = "n/a"
+            else:
+                speed = (f"{base['stats']['mean'] / s['mean']:.2f}x" if s["mean"]
+                         else f"{math.nan}")
             details = ", ".join(f"{k}={_fmt(v)}" for k, v in info.items()
                                 if k not in _LIMIT_KEYS and k not in _COLUMNS
-                                and k != "bytes" and isinstance(v, (int, float, str, bool)))
+                                and k not in _BYTE_KEYS
+                                and isinstance(v, (int, float, str, bool)))
             tag = " (baseline)" if b is base else ""
             out.append(
                 f"| `{b['name']}`{tag} | {_fmt_time(s['mean'])} | {_fmt_time(s['median'])} | "
-                f"{speed:.2f}x | {_fmt(info.get('gbps', ''))} | {_fmt(info.get('gflops', ''))} "
+                f"{speed} | {_fmt(info.get('gbps', ''))} | {_fmt(info.get('gflops', ''))} "
                 f"| {_fmt(info.get('roofline_fraction', ''))} | {details} |")
         out.append("")
     return "\n".join(out)
