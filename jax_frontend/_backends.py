@@ -97,8 +97,9 @@ for _op, _impl in {
 
 
 def tpu_interpret_params():
-    """TPU interpret mode settings of the ``pallas_interpret`` backend: races detected,
-    out-of-bounds reads raise, uninitialized memory reads NaN."""
+    """TPU interpret mode settings of the ``pallas_interpret`` backend: out-of-bounds reads
+    raise, uninitialized memory reads NaN, races detected (the interpreter prints "RACE
+    DETECTED" and raises nothing: the tests fail on one through their pallas_races fixture)."""
     from jax.experimental.pallas import tpu as pltpu
 
     return pltpu.InterpretParams(detect_races=True, out_of_bounds_reads="raise",

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hashing_cases import make_case, oracle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("pallas_races")  # the Pallas TPU-interpret runs
 
 # (block_size, lengths, salt, extra, parent): short chains, the interpreter is slow
 KERNEL_CASES = {

@@ -1,6 +1,7 @@
 """Pallas kernels on CPU: run in Pallas's TPU interpret mode (DMAs, semaphores, scalar
-prefetch simulated; races and out-of-bounds reads detected) against the numpy reference,
-bit-exact for copies and writes, and lowered for the real hardware with jax.export."""
+prefetch simulated; out-of-bounds reads raise, and a detected race fails the test through the
+pallas_races fixture) against the numpy reference, bit-exact for copies and writes, and
+lowered for the real hardware with jax.export."""
 
 from __future__ import annotations
 
@@ -21,6 +22,32 @@ pytest.importorskip("jax.experimental.pallas.tpu")
 from prefixkv.kernels.pallas import cache_ops  # noqa: E402
 
 BACKEND = "pallas_interpret"
+
+pytestmark = pytest.mark.usefixtures("pallas_races")
+
+
+def test_a_race_in_interpret_mode_is_recorded(monkeypatch):
+    """The pallas_races fixture's recorder sees a real race: a kernel that reads a VMEM
+    buffer while the DMA into it is still in flight (the interpreter only prints it)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+    from pallas_races import record
+
+    def kernel(x_hbm, o_ref, buf, sem):
+        cp = pltpu.make_async_copy(x_hbm, buf, sem.at[0])
+        cp.start()
+        o_ref[...] = buf[...] * 2.0  # read before the wait: races with the DMA's write
+        cp.wait()
+
+    found = record(monkeypatch)  # shadows the fixture's recorder: the race is checked here
+    call = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
+        in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
+        scratch_shapes=[pltpu.VMEM((8, 128), jnp.float32), pltpu.SemaphoreType.DMA((1,))],
+        interpret=_backends.tpu_interpret_params())
+    jax.block_until_ready(call(jnp.ones((8, 128), jnp.float32)))
+    assert found, "the interpreter reported no race for a read racing a DMA"
+    found.clear()
 
 
 def _bits(x):

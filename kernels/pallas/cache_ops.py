@@ -120,7 +120,8 @@ def _scatter_blocks_kernel(ids_ref, buf, *refs, num_caches: int, num_blocks: int
 def scatter_blocks_tpu(caches, buffer, block_ids, *, interpret=False,
                        per_step=BLOCKS_PER_STEP):
     """caches[c][block_ids[i]] = buffer[i, c] (ids out of range skipped); returns the caches,
-    each aliased to its input."""
+    each aliased to its input. block_ids must be distinct (the frontends check): two DMAs in
+    flight to one block land in an undefined order on a TPU."""
     caches = list(caches)
     n, num_caches = block_ids.shape[0], len(caches)
     if n == 0:
@@ -148,7 +149,8 @@ def scatter_blocks_tpu(caches, buffer, block_ids, *, interpret=False,
 @functools.partial(jax.jit, static_argnames=("interpret",))
 def copy_blocks_tpu(caches, src, dst, *, interpret=False):
     """cache[dst[i]] = cache[src[i]] in every cache, all reads before any write: the src
-    blocks are DMA'd to a staging buffer first, then from it to dst (in place on the cache)."""
+    blocks are DMA'd to a staging buffer first, then from it to dst (in place on the cache).
+    dst must be distinct (the frontends check)."""
     out = []
     for c in caches:  # caches may differ in block shape; each gets its own pair of kernels
         staged = gather_blocks_tpu([c], src, interpret=interpret)
@@ -181,7 +183,8 @@ def write_kv_tpu(key, value, k_cache, v_cache, slot_mapping, *, interpret=False,
                  per_step=ROWS_PER_STEP):
     """Write key/value rows i < len(slot_mapping) to their slots (negative slots skipped);
     returns (k_cache, v_cache) aliased to the inputs. One DMA per row and cache, ``per_step``
-    rows' in flight per grid step."""
+    rows' in flight per grid step. Live slots must be distinct (the frontends check): two DMAs
+    in flight to one row land in an undefined order on a TPU."""
     n = slot_mapping.shape[0]
     if n == 0:
         return k_cache, v_cache
