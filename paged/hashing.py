@@ -15,13 +15,12 @@ import functools
 import numpy as np
 
 from .reference.hashing import (
-    PREFIXKV_V1_CONTEXT,
-    PREFIXKV_V1_EXTRA_CONTEXT,
     block_key,
     digests_to_words,
     hash_blocks_reference,
     one_chunk_blocks,
     parent_words,
+    v1_context,
     words_to_digests,
 )
 from .validate import (
@@ -114,7 +113,7 @@ def _v1_key(salt: bytes, extra: bool) -> bytes:
     from prefixkv.kernels.cpu.hashing import derive_key, load_extension
 
     if load_extension() is not None:
-        return derive_key(PREFIXKV_V1_EXTRA_CONTEXT if extra else PREFIXKV_V1_CONTEXT, salt)
+        return derive_key(v1_context(extra), salt)
     return block_key(salt, extra)
 
 

@@ -839,25 +839,37 @@ def _host_bounds(name: str, ids: torch.Tensor, upper: int, *,
     return lo, hi
 
 
-def _drop_out_of_range(cache: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor):
-    """(ids, rows) for an in-place row write into ``cache`` (rows along its axis 0) with every
-    id outside [0, cache.shape[0]) dropped, with no host sync (ids on a device, unchecked):
-    such an entry is redirected to the first id inside and given that entry's row (the same
-    bytes land there twice, so the order of duplicate writes cannot matter), or with no id
-    inside, to row 0 with row 0's own bytes (read here, before the write)."""
-    if ids.shape[0] == 0:
-        return ids, rows
-    live = (ids >= 0) & (ids < cache.shape[0])
+def _redirect(ids: torch.Tensor, upper: int):
+    """The no-sync skip of entries outside [0, upper) (ids on a device, unchecked, or a
+    negative write_kv slot): (ids with each such entry replaced by the first entry inside,
+    or by 0 when none is inside; the plan _filled needs). A redirected entry is then given
+    the first live entry's row (the same bytes land there twice, so the order of duplicate
+    writes cannot matter), or with no live entry, row 0's own bytes (read before the write)."""
+    live = (ids >= 0) & (ids < upper)
     first = torch.argmax(live.to(torch.int32)).view(1)  # the first live entry, 0 if none
     any_live = live.index_select(0, first)  # [1]
-    tgt = torch.where(any_live, ids.index_select(0, first), 0)
+    tgt = torch.where(any_live, ids.index_select(0, first), 0)  # [1]
+    return torch.where(live, ids, tgt), (live, first, any_live, tgt)
+
+
+def _filled(rows: torch.Tensor, current: torch.Tensor, plan) -> torch.Tensor:
+    """rows (as same-width integers) with each redirected entry's row replaced per _redirect's
+    plan; ``current``: the destination's row at the plan's target ([1, ...])."""
+    live, first, any_live, _ = plan
     shape = (-1,) + (1,) * (rows.dim() - 1)
     rb = _same_bits(rows)
-    fill = torch.where(any_live.view(shape), rb.index_select(0, first),
-                       _same_bits(cache).index_select(0, tgt))
-    rows = torch.where(live.view(shape), rb, fill)
-    return torch.where(live, ids, tgt), (rows if rows.dtype == cache.dtype
-                                         else rows.view(cache.dtype))
+    fill = torch.where(any_live.view(shape), rb.index_select(0, first), current)
+    return torch.where(live.view(shape), rb, fill)
+
+
+def _drop_out_of_range(cache: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor):
+    """(ids, rows) for an in-place row write into ``cache`` (rows along its axis 0) with every
+    id outside [0, cache.shape[0]) dropped, with no host sync (_redirect, _filled)."""
+    if ids.shape[0] == 0:
+        return ids, rows
+    ids, plan = _redirect(ids, cache.shape[0])
+    rows = _filled(rows, _same_bits(cache).index_select(0, plan[3]), plan)
+    return ids, (rows if rows.dtype == cache.dtype else rows.view(cache.dtype))
 
 
 def write_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
@@ -894,27 +906,18 @@ def _same_bits(t: torch.Tensor) -> torch.Tensor:
 def _write_kv_no_sync(key, value, k_cache, v_cache, slot_mapping) -> None:
     """write_kv without nonzero or any value read on the host (graph-safe on a device).
 
-    A negative slot (or one past the cache: unchecked values) is redirected to the first live
-    slot and given that slot's row, so the same bytes land there twice (the order of duplicate
-    writes cannot matter); with no live slot, every entry rewrites cache row 0 with its own
-    bytes (read before the write).
+    A negative slot, or one past the cache (unchecked values), is skipped by _redirect.
     """
     n = slot_mapping.shape[0]
     if n == 0:
         return
-    slots = slot_mapping.to(torch.int64)
-    # past the cache (unchecked device values): skipped like a negative slot
-    live = (slots >= 0) & (slots < k_cache.shape[0] * k_cache.shape[1])
-    first = torch.argmax(live.to(torch.int32)).view(1)  # the first live entry, 0 if none
-    any_live = live.index_select(0, first)  # [1]
-    tgt = torch.where(any_live, slots.index_select(0, first), 0)  # [1]
-    s = torch.where(live, slots, tgt)
     block_size = k_cache.shape[1]
+    s, plan = _redirect(slot_mapping.to(torch.int64), k_cache.shape[0] * block_size)
+    tgt = plan[3]
     for x, cache in ((key[:n], k_cache), (value[:n], v_cache)):
-        c, xb = _same_bits(cache), _same_bits(x)
+        c = _same_bits(cache)
         cur = c[tgt // block_size, tgt % block_size]  # [1, H, D], tensor indices: no sync
-        fill = torch.where(any_live[:, None, None], xb.index_select(0, first), cur)
-        _write(c, s, torch.where(live[:, None, None], xb, fill))
+        _write(c, s, _filled(x, cur, plan))
 
 
 def _host_ids(name: str, ids: torch.Tensor, upper: int) -> bool:

@@ -171,9 +171,14 @@ def derive_key(context: str, key_material: bytes, out_len: int = OUT_LEN) -> byt
 # ---------------------------------------------------------------------------- prefixkv-v1
 
 
+def v1_context(extra: bool) -> str:
+    """The derive_key context of a prefixkv-v1 call with (``extra``) or without extra words."""
+    return PREFIXKV_V1_EXTRA_CONTEXT if extra else PREFIXKV_V1_CONTEXT
+
+
 @functools.lru_cache(maxsize=256)
 def _block_key_cached(salt: bytes, extra: bool) -> bytes:
-    return derive_key(PREFIXKV_V1_EXTRA_CONTEXT if extra else PREFIXKV_V1_CONTEXT, salt)
+    return derive_key(v1_context(extra), salt)
 
 
 def one_chunk_blocks(block_size: int, has_extra: bool,
