@@ -294,6 +294,8 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
             ids = jnp.where((j < n_chunks)[:, None], jnp.clip(ids, 0, num_blocks - 1), 0)
             t = (blk[:, :, None] * block_size + in_block).reshape(n, ct)       # key positions
             tv = t < hi[:, None]                                               # [n, ct]
+            if causal and sliding_window is not None:  # before the tile's first window: may
+                tv = tv & (t > row_pos[:, :1] - sliding_window)  # hold anything (NaN)
 
             def load(cache):
                 flat = ids.reshape(-1)                     # [n*cb, B, Hh, D]

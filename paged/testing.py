@@ -70,12 +70,16 @@ def make_ragged_batch(rng: np.random.Generator, seqs: Sequence[tuple[int, int]],
                       block_size: int = 16, dtype: str = "float32", decode: bool | None = None,
                       shuffle: bool = True, extra_blocks: int = 3, nan_fill: bool = True,
                       max_blocks_per_seq: int | None = None, q_scale: float = 1.0,
-                      nan_block_padding: bool = True) -> RaggedBatch:
+                      nan_block_padding: bool = True,
+                      sliding_window: int | None = None) -> RaggedBatch:
     """A random ragged batch: sequence s has seqs[s] = (q_len, kv_len).
 
     Blocks are drawn from a shuffled pool (so tables are not contiguous), each sequence gets
     ceil(kv_len / block_size) blocks, and ``extra_blocks`` more blocks exist unused.
     ``decode``: pass cu_q_lens=None (needs every q_len == 1); default: when all q_len are 1.
+    ``nan_fill``: every slot no query sees is NaN: past kv_len, unused blocks, and with a
+    ``sliding_window`` the keys before the window of a sequence's first query (what an engine
+    that frees blocks leaving the window, or points them at a null block, leaves there).
     """
     seqs = [(int(a), int(b)) for a, b in seqs]
     for q_len, kv_len in seqs:
@@ -94,11 +98,13 @@ def make_ragged_batch(rng: np.random.Generator, seqs: Sequence[tuple[int, int]],
     pad_block = int(ids[-1])  # never handed to a sequence: all NaN when nan_fill
     tables = np.full((len(seqs), width), pad_block if nan_block_padding else 0, dtype=np.int32)
     pos = 0
-    for s, (_, kv_len) in enumerate(seqs):
+    for s, (q_len, kv_len) in enumerate(seqs):
         mine = ids[pos:pos + need[s]]
         pos += need[s]
         tables[s, :need[s]] = mine
         t = np.arange(kv_len)
+        if sliding_window is not None:  # the first query, at kv_len - q_len, sees t > its - w
+            t = t[t > kv_len - q_len - sliding_window]
         valid[mine[t // block_size] * block_size + t % block_size] = True
     if nan_fill:
         flat_k = k_cache.reshape(num_blocks * block_size, num_kv_heads, head_dim)

@@ -52,7 +52,8 @@ def test_paged_attention_kernel(case):
     grid, bs, hq, hkv, d, dtype, opts, splits = case
     rng = np.random.default_rng(bs * hq + d)
     b = testing.make_ragged_batch(rng, testing.seq_grid(grid, bs), num_q_heads=hq,
-                                  num_kv_heads=hkv, head_dim=d, block_size=bs, dtype=dtype)
+                                  num_kv_heads=hkv, head_dim=d, block_size=bs, dtype=dtype,
+                                  sliding_window=opts.get("sliding_window"))
     want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **opts)
     q, k, v, bt, kv, cu = (T(a) for a in b.args())
     out = torch.full(q.shape, float("nan"), dtype=TD[dtype])

@@ -24,7 +24,7 @@ def main(backend: str | None) -> None:
     hd = 128 if backend == "pallas_interpret" else 32
     seqs = testing.seq_grid("mixed", 8)[:4] if backend else testing.seq_grid("mixed", 8)
     b = testing.make_ragged_batch(rng, seqs, num_q_heads=16, num_kv_heads=4,
-                                  head_dim=hd, block_size=8)
+                                  head_dim=hd, block_size=8, sliding_window=11)
     put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
     q, kc, vc = put(b.q, spec["q"]), put(b.k_cache, spec["cache"]), put(b.v_cache, spec["cache"])
     kw = dict(sliding_window=11, return_lse=True)

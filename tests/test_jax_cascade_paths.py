@@ -130,7 +130,7 @@ def test_ragged_prefill_loop_layouts(heads_in_sequence, dtype, kw):
     rng = np.random.default_rng(33)
     batch = testing.make_ragged_batch(rng, [(40, 90), (3, 3), (17, 60), (0, 5)],
                                       num_q_heads=8, num_kv_heads=2, head_dim=32, block_size=8,
-                                      dtype=dtype)
+                                      dtype=dtype, sliding_window=kw.get("sliding_window"))
     want, want_lse = ref.paged_attention_reference(*batch.args(), scale=0.2, return_lse=True,
                                                    **kw)
     out, lse = jax.jit(lambda *a: _xla.ragged_paged_attention(

@@ -120,7 +120,8 @@ def test_head_ratios(heads):
 def test_options(dtype, kw):
     # q_scale 3: logits large enough for the soft cap to matter
     batch = _decode_batch(4, num_q_heads=8, num_kv_heads=2, head_dim=64, dtype=dtype,
-                          q_scale=3.0, extra=[(1, 70), (1, 2)])
+                          q_scale=3.0, extra=[(1, 70), (1, 2)],
+                          sliding_window=kw.get("sliding_window"))
     _check_frontend(batch, dtype, **kw)
 
 
@@ -132,6 +133,9 @@ def test_llama_shapes_chunks_inside_and_across_blocks(dtype, block_size):
     batch = _decode_batch(13, block_size=block_size, num_q_heads=32, num_kv_heads=8,
                           head_dim=128, dtype=dtype, extra=[(1, 203), (1, 64)])
     _check_frontend(batch, dtype)
+    batch = _decode_batch(13, block_size=block_size, num_q_heads=32, num_kv_heads=8,
+                          head_dim=128, dtype=dtype, extra=[(1, 203), (1, 64)],
+                          sliding_window=37)
     _check_frontend(batch, dtype, sliding_window=37)
 
 
@@ -157,7 +161,7 @@ def test_softmax_chunks_and_large_logits():
 def test_kernel_paths(dtype, head_dim, portable):
     """head_dim 12 and 3 (not multiples of 8) take the portable loops either way."""
     batch = _decode_batch(6, block_size=7, num_q_heads=6, num_kv_heads=2, head_dim=head_dim,
-                          dtype=dtype, extra=[(1, 40)])
+                          dtype=dtype, extra=[(1, 40)], sliding_window=30)
     _check_kernel(batch, dtype, portable=portable, sliding_window=30, logits_soft_cap=4.0)
 
 
@@ -207,7 +211,8 @@ def test_kernel_out_of_range_ids_clamped_like_xla(dtype):
 
 
 def test_jit_runs_the_ffi_kernel():
-    batch = _decode_batch(9, num_q_heads=8, num_kv_heads=2, head_dim=128, dtype="bfloat16")
+    batch = _decode_batch(9, num_q_heads=8, num_kv_heads=2, head_dim=128, dtype="bfloat16",
+                          sliding_window=5)
     args = _jnp(batch)
     assert TARGET in _hlo(jf.paged_attention, *args)
     assert TARGET in _hlo(lambda *a: _backends.paged_attention_xla(*a, scale=0.1), *args)
@@ -274,7 +279,8 @@ mesh = jax.make_mesh((4,), ("tp",))
 spec = jf.kv_head_specs("tp")
 rng = np.random.default_rng(0)
 b = testing.make_ragged_batch(rng, testing.seq_grid("decode", 8), num_q_heads=16,
-                              num_kv_heads=4, head_dim=64, block_size=8, decode=True)
+                              num_kv_heads=4, head_dim=64, block_size=8, decode=True,
+                              sliding_window=11)
 put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))
 q, kc, vc = put(b.q, spec["q"]), put(b.k_cache, spec["cache"]), put(b.v_cache, spec["cache"])
 attn = jax.jit(jf.tensor_parallel_paged_attention(mesh, "tp", sliding_window=11,

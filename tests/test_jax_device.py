@@ -79,7 +79,7 @@ def test_paged_attention_dtypes_and_block_sizes_on_device(dtype, block_size, gri
     rng = np.random.default_rng(4)
     batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, block_size), num_q_heads=32,
                                       num_kv_heads=8, head_dim=128, block_size=block_size,
-                                      dtype=dtype)
+                                      dtype=dtype, sliding_window=2 * block_size + 3)
     _check_paged_attention(batch, dtype, sliding_window=2 * block_size + 3)
 
 
@@ -89,7 +89,7 @@ def test_paged_attention_few_long_sequences_on_device(dtype):
     rng = np.random.default_rng(3)
     batch = testing.make_ragged_batch(rng, [(1, 3000), (1, 4100), (1, 77)], num_q_heads=32,
                                       num_kv_heads=8, head_dim=128, block_size=16,
-                                      dtype=dtype, decode=True)
+                                      dtype=dtype, decode=True, sliding_window=2500)
     _check_paged_attention(batch, dtype, sliding_window=2500)
 
 

@@ -46,7 +46,8 @@ def test_paged_attention_grids(grid):
 def test_paged_attention_options(kw):
     rng = np.random.default_rng(2)
     batch = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16), num_q_heads=8,
-                                      num_kv_heads=2, head_dim=64, block_size=16, q_scale=3.0)
+                                      num_kv_heads=2, head_dim=64, block_size=16, q_scale=3.0,
+                                      sliding_window=kw.get("sliding_window"))
     _check_attention(batch, **kw)
 
 
@@ -80,7 +81,7 @@ def test_paged_attention_head_ratios(heads):
 def test_paged_attention_under_jit_and_platform_dispatch():
     rng = np.random.default_rng(6)
     batch = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16), num_q_heads=8,
-                                      num_kv_heads=2)
+                                      num_kv_heads=2, sliding_window=9)
     f = jax.jit(lambda *a: jf.paged_attention(*a, sliding_window=9))
     got = f(*[None if a is None else jnp.asarray(a) for a in batch.args()])
     _close(got, ref.paged_attention_reference(*batch.args(), sliding_window=9), "float32")

@@ -218,7 +218,7 @@ def test_paged_attention_pallas_tpu_interpret(grid, dtype, block_size, kw):
     rng = np.random.default_rng(5)
     batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, block_size), num_q_heads=4,
                                       num_kv_heads=2, head_dim=128, block_size=block_size,
-                                      dtype=dtype)
+                                      dtype=dtype, sliding_window=kw.get("sliding_window"))
     want, want_lse = ref.paged_attention_reference(*batch.args(), return_lse=True, **kw)
     out, lse = jf.paged_attention(*batch.args(), return_lse=True, backend=BACKEND, **kw)
     _close(out, want, dtype)
@@ -265,7 +265,8 @@ def test_tpu_kernel_chunks_and_heads(grid, kv_heads, dtype, head_dim, pages, kw)
     block_size = 16 if dtype == "bfloat16" else 8
     batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, block_size),
                                       num_q_heads=2 * kv_heads, num_kv_heads=kv_heads,
-                                      head_dim=head_dim, block_size=block_size, dtype=dtype)
+                                      head_dim=head_dim, block_size=block_size, dtype=dtype,
+                                      sliding_window=kw.get("sliding_window"))
     args = [None if a is None else jnp.asarray(a) for a in batch.args()]
     scale = 1.0 / np.sqrt(head_dim)
     want, want_lse = ref.paged_attention_reference(*batch.args(), scale=scale, return_lse=True,
@@ -432,7 +433,7 @@ def test_paged_attention_pallas_gpu_interpret(grid, dtype, head_dim, block_size,
     rng = np.random.default_rng(8)
     batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, block_size), num_q_heads=8,
                                       num_kv_heads=2, head_dim=head_dim, block_size=block_size,
-                                      dtype=dtype)
+                                      dtype=dtype, sliding_window=kw.get("sliding_window"))
     want, want_lse = ref.paged_attention_reference(*batch.args(), return_lse=True, **kw)
     out, lse = jf.paged_attention(*batch.args(), return_lse=True,
                                   backend="pallas_gpu_interpret", **kw)
@@ -490,7 +491,8 @@ def test_pallas_gpu_split_kv_decode(dtype, num_splits, blocks_per_step, kv_gathe
     rng = np.random.default_rng(12)
     batch = testing.make_ragged_batch(rng, [(1, 1), (1, 17), (1, 150), (1, 333)],
                                       num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
-                                      dtype=dtype, decode=True)
+                                      dtype=dtype, decode=True,
+                                      sliding_window=kw.get("sliding_window"))
     args = [jnp.asarray(a) for a in batch.args()[:5]]
     want, want_lse = ref.paged_attention_reference(*batch.args(), return_lse=True, **kw)
     out, lse = pg.paged_attention_gpu(*args, None, scale=64 ** -0.5, num_splits=num_splits,

@@ -217,7 +217,7 @@ def test_options_against_brute_force(options, block_size):
     rng = np.random.default_rng(block_size)
     rb = testing.make_ragged_batch(rng, testing.seq_grid("mixed", block_size), num_q_heads=4,
                                    num_kv_heads=2, head_dim=16, block_size=block_size,
-                                   q_scale=3.0)
+                                   q_scale=3.0, sliding_window=options.get("sliding_window"))
     out, lse = paged_attention_reference(*rb.args(), return_lse=True, **options)
     want_out, want_lse = brute_force(rb, **options)
     np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)

@@ -59,7 +59,8 @@ def test_paged_attention_gpu(case, backend):
     grid, bs, hq, hkv, d, dtype, opts = case
     rng = np.random.default_rng(bs + d)
     b = testing.make_ragged_batch(rng, testing.seq_grid(grid, bs), num_q_heads=hq,
-                                  num_kv_heads=hkv, head_dim=d, block_size=bs, dtype=dtype)
+                                  num_kv_heads=hkv, head_dim=d, block_size=bs, dtype=dtype,
+                                  sliding_window=opts.get("sliding_window"))
     want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **opts)
     out = torch.full(b.q.shape, float("nan"), dtype=TD[dtype], device=DEV)
     got, lse = tf.paged_attention(*(T(a) for a in b.args()), return_lse=True, out=out,

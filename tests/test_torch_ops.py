@@ -63,7 +63,8 @@ def test_paged_attention_matches_reference(case, opts):
     grid, bs, hq, hkv, d, dtype = case
     rng = np.random.default_rng(hash(_case_id(case)) % 2**32)
     b = testing.make_ragged_batch(rng, testing.seq_grid(grid, bs), num_q_heads=hq,
-                                  num_kv_heads=hkv, head_dim=d, block_size=bs, dtype=dtype)
+                                  num_kv_heads=hkv, head_dim=d, block_size=bs, dtype=dtype,
+                                  sliding_window=opts.get("sliding_window"))
     want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **opts)
     out = torch.full(b.q.shape, float("nan"), dtype=TORCH_DTYPE[dtype])
     lse = torch.full(b.q.shape[:2], float("nan"))
@@ -89,9 +90,10 @@ def test_device_code_path_runs_on_cpu(case, pad_sync, monkeypatch):
     monkeypatch.setattr(_native, "_c_decode", lambda *a, **k: False)
     grid, bs, hq, hkv, d, dtype = case
     rng = np.random.default_rng(hash(_case_id(case)) % 2**32 + 1)
-    b = testing.make_ragged_batch(rng, testing.seq_grid(grid, bs), num_q_heads=hq,
-                                  num_kv_heads=hkv, head_dim=d, block_size=bs, dtype=dtype)
     opts = {"sliding_window": 5, "logits_soft_cap": 3.0}
+    b = testing.make_ragged_batch(rng, testing.seq_grid(grid, bs), num_q_heads=hq,
+                                  num_kv_heads=hkv, head_dim=d, block_size=bs, dtype=dtype,
+                                  sliding_window=5)
     want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **opts)
     got, got_lse = tf.paged_attention(*(T(a) for a in b.args()), return_lse=True, **opts)
     close(got, want, dtype)
@@ -202,7 +204,7 @@ def test_long_prefill_tiles_on_host(dtype, kw, metadata, monkeypatch):
     rng = np.random.default_rng(21)
     b = testing.make_ragged_batch(rng, [(19, 40), (3, 9), (0, 0), (8, 8), (30, 30)],
                                   num_q_heads=4, num_kv_heads=2, head_dim=32, block_size=4,
-                                  dtype=dtype)
+                                  dtype=dtype, sliding_window=kw.get("sliding_window"))
     want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **kw)
     out, lse = tf.paged_attention(*(T(a) for a in b.args()), return_lse=True, **kw)
     assert calls == [1]
@@ -222,9 +224,10 @@ def test_paged_attention_functional_decode_no_lse():
 def test_long_context_many_chunks():
     """Contexts spanning many online-softmax chunks, GQA 8, with a window and soft cap."""
     rng = np.random.default_rng(2)
-    b = testing.make_ragged_batch(rng, [(1, 1500), (3, 777), (1, 16)], num_q_heads=16,
-                                  num_kv_heads=2, block_size=16, head_dim=64)
     for opts in ({}, {"sliding_window": 600, "logits_soft_cap": 5.0}):
+        b = testing.make_ragged_batch(rng, [(1, 1500), (3, 777), (1, 16)], num_q_heads=16,
+                                      num_kv_heads=2, block_size=16, head_dim=64,
+                                      sliding_window=opts.get("sliding_window"))
         want = ref.paged_attention_reference(*b.args(), **opts)
         close(tf.paged_attention(*(T(a) for a in b.args()), **opts), want, "float32")
 
@@ -634,7 +637,8 @@ def test_random_ragged_batches(seqs, block_size, group, window, seed):
     seqs = [(min(q, kv), kv) for q, kv in seqs]  # q_len <= kv_len
     rng = np.random.default_rng(seed)
     b = testing.make_ragged_batch(rng, seqs, num_q_heads=2 * group, num_kv_heads=2,
-                                  head_dim=16, block_size=block_size, decode=False)
+                                  head_dim=16, block_size=block_size, decode=False,
+                                  sliding_window=window)
     want = ref.paged_attention_reference(*b.args(), sliding_window=window)
     got = tf.paged_attention(*(T(a) for a in b.args()), sliding_window=window)
     close(got, want, "float32")
@@ -1012,9 +1016,10 @@ def test_cpu_decode_runs_the_compiled_kernel(monkeypatch, dtype):
     if not decode.available():
         pytest.skip(f"CPU decode kernel: {decode.status()}")
     rng = np.random.default_rng(50)
-    b = testing.make_ragged_batch(rng, testing.seq_grid("decode", 8), num_q_heads=8,
-                                  num_kv_heads=2, head_dim=64, block_size=8, dtype=dtype)
     opts = dict(sliding_window=13, logits_soft_cap=4.0)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("decode", 8), num_q_heads=8,
+                                  num_kv_heads=2, head_dim=64, block_size=8, dtype=dtype,
+                                  sliding_window=13)
     want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **opts)
     args = [T(a) for a in b.args()]
     calls = []

@@ -98,7 +98,8 @@ def _attend_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
           .reshape(num_kv_heads, num_seqs, rows, head_dim).to(torch.float32) * scale).contiguous()
     kv64 = kv_lens.to(torch.int64)
     j = torch.arange(q_max, device=dev)
-    q_pos = (kv64 - q_lens.to(torch.int64))[:, None] + j[None, :]  # [S, Qm]
+    first_pos = kv64 - q_lens.to(torch.int64)  # [S]: the first query's position
+    q_pos = first_pos[:, None] + j[None, :]  # [S, Qm]
     q_pos = q_pos.repeat(1, group)[:, :, None]  # [S, rows, 1]
     width = tables.shape[1]
     nblk = width if max_kv is None else min(width, -(-max_kv // block_size))
@@ -152,14 +153,18 @@ def _attend_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             end = (c0 + c) * block_size
             if min_end is None or end > min_end or sliding_window is not None:
                 t = c0 * block_size + torch.arange(n_keys, device=dev)
+                # keys some query sees: below kv_len and, with a window, past the window of
+                # the first query; the rest (padding, a freed or null block) may hold NaN
                 live = t[None, :] < kv64[:, None]  # [S, keys]
+                if causal and sliding_window is not None:
+                    live = live & (t[None, :] > first_pos[:, None] - sliding_window)
                 vis = live[:, None, :]
                 if causal:
                     vis = vis & (t[None, None, :] <= q_pos)
                     if sliding_window is not None:
                         vis = vis & (t[None, None, :] > q_pos - sliding_window)
                 s = s.masked_fill(~vis[None], float("-inf"))
-                v.masked_fill_(~live[:, :, None, None], 0.0)  # padding slots may hold NaN
+                v.masked_fill_(~live[:, :, None, None], 0.0)
             m_new = torch.maximum(m, s.amax(-1, keepdim=True))
             m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)
             p = s.sub_(m_safe).exp_()  # s is this chunk's own buffer

@@ -183,8 +183,12 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
         row_pos = pos_ref[i] + lax.div(lax.broadcasted_iota(jnp.int32, (rows, tokens), 0),
                                        jnp.int32(group))
         mask = _xla.visible(t < hi, t, row_pos, causal=causal, sliding_window=sliding_window)
-        # slots past the keys (a block's padding, blocks not copied) may hold NaN
-        key_ok = (t0 + lax.broadcasted_iota(jnp.int32, (tokens, 1), 0)) < hi
+        # slots past the keys (a block's padding, blocks not copied) and, with a window,
+        # before the window of the tile's first query (a freed or null block) may hold NaN
+        t_col = t0 + lax.broadcasted_iota(jnp.int32, (tokens, 1), 0)
+        key_ok = t_col < hi
+        if causal and sliding_window is not None:
+            key_ok = key_ok & (t_col > pos_ref[i] - sliding_window)
         for h in range(heads):
             ks, vs = head_rows(h)                                     # pieces of [tokens, 128]
             s = None

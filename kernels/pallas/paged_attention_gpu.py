@@ -141,6 +141,13 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
     col = lax.broadcasted_iota(jnp.int32, (rows, width), 1)
     key_col = lax.broadcasted_iota(jnp.int32, (width, head_dim), 0)
     heads = pl.ds(h * head_dim, head_dim)
+
+    def keys_ok(t, upper):  # V rows kept: below upper and, with a window, past the window
+        ok = t < upper      # of the first query (earlier slots may hold NaN: a freed block)
+        if causal and sliding_window is not None:
+            ok = ok & (t > first_pos - sliding_window)
+        return ok
+
     if kv_gather:  # the block-table entry and offset of each key of a step's tile
         key = lax.broadcasted_iota(jnp.int32, (width,), 0)
         key_blk = lax.div(key, jnp.int32(block_size))
@@ -166,7 +173,7 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
             kv_rows = block_id(j) * block_size + key_off                     # [W]
             k, v = k_ref[kv_rows, heads], v_ref[kv_rows, heads]
             t0 = (lo + step * blocks_per_step) * block_size
-            values.append(jnp.where(t0 + key_col < end, v, jnp.zeros((), v.dtype)))
+            values.append(jnp.where(keys_ok(t0 + key_col, end), v, jnp.zeros((), v.dtype)))
             scores.append(score(k, t0 + col, t0 + col < end))
         for u in range(0 if kv_gather else blocks_per_step):
             # blocks_per_step blocks, loaded before any is used (their loads overlap); blocks
@@ -177,7 +184,7 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
             k = k_ref[pl.ds(start, block_size), heads]
             v = v_ref[pl.ds(start, block_size), heads]
             t0 = (lo + j) * block_size
-            v = jnp.where(live & (t0 + key_col < hi), v, jnp.zeros((), v.dtype))  # may be NaN
+            v = jnp.where(live & keys_ok(t0 + key_col, hi), v, jnp.zeros((), v.dtype))
             values.append(v)
             t = t0 + col
             scores.append(score(k, t, live & (t < hi)))

@@ -129,9 +129,10 @@ def _paged_attention_kernel(
         if CAUSAL:
             hi = tl.minimum(kv_len, kv_len - q_len + tl.minimum(q_len, (tile + 1) * BLOCK_Q))
         lo = hi * 0
-        if WINDOW:
-            lo = tl.maximum(kv_len - q_len + tile * BLOCK_Q - window + 1, 0)
-            lo = (lo // BLOCK_N) * BLOCK_N
+        if WINDOW:  # keys before the window of the tile's first query: never read (they
+            # may hold anything, NaN included: a block left the window, a null block)
+            w_lo = tl.maximum(kv_len - q_len + tile * BLOCK_Q - window + 1, 0)
+            lo = (w_lo // BLOCK_N) * BLOCK_N
         if NUM_SPLITS > 1:
             span = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
             lo = lo + split * span
@@ -143,6 +144,8 @@ def _paged_attention_kernel(
         for start in range(lo, hi, BLOCK_N):
             t = start + n
             t_ok = t < hi
+            if WINDOW:
+                t_ok = t_ok & (t >= w_lo)
             col = tl.minimum(t // BLOCK_SIZE, max_blocks - 1)  # within the table
             blk = tl.load(tables_ptr + seq * stride_tab + col, mask=t_ok, other=0)
             blk = tl.minimum(tl.maximum(blk, 0), num_blocks - 1)

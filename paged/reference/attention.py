@@ -41,6 +41,8 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, *, s
     seen = np.isfinite(m)
     p = np.where(seen, np.exp(logits - np.where(seen, m, 0.0)), 0.0)
     denom = p.sum(axis=-1, keepdims=True)
+    # keys no query sees (before every window) may hold anything, NaN included: 0 * NaN
+    v = np.where(visible.any(axis=0)[:, None, None], v, 0.0)
     out = np.einsum("qhgk,khd->qhgd", p, v) / np.where(seen, denom, 1.0)
     lse = np.where(seen, m + np.log(np.where(seen, denom, 1.0)), -np.inf)[..., 0]
     return out.reshape(q_len, num_q_heads, head_dim), lse.reshape(q_len, num_q_heads)
