@@ -171,7 +171,8 @@ def _write_kv_kernel(slots_ref, key, value, k_in, v_in, k_out, v_out, sem, *, nu
         # clamped to >= 0: truncating div/rem (floor division needs a sign op Mosaic lowers
         # per TPU generation)
         slot = jnp.clip(slot, 0, num_slots - 1)
-        blk, off = jax.lax.div(slot, block_size), jax.lax.rem(slot, block_size)
+        bs = jnp.asarray(block_size, slot.dtype)  # a Python int is int64 under x64
+        blk, off = jax.lax.div(slot, bs), jax.lax.rem(slot, bs)
         return [pltpu.make_async_copy(key.at[i], k_out.at[blk, off], sem.at[0]),
                 pltpu.make_async_copy(value.at[i], v_out.at[blk, off], sem.at[1])], live
 

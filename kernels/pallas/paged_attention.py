@@ -122,7 +122,7 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
     block_rows = block_size * heads                       # buffer rows of one block
     n, lo, hi = nblk_ref[i], lo_ref[i], hi_ref[i]
     row0 = seq_ref[i] * max_blocks
-    num_chunks = lax.div(n + (pages - 1), pages)  # n >= 0: truncating division
+    num_chunks = lax.div(n + (pages - 1), jnp.asarray(pages, n.dtype))  # n >= 0: truncating
 
     def chunk_dmas(c, slot, action: str) -> None:
         """Start (or wait for) the DMAs of chunk c's blocks into buffer half ``slot``; blocks
@@ -152,7 +152,7 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
     prec = None if native else lax.Precision.HIGHEST
 
     def chunk(c, carry):
-        slot = lax.rem(c, 2)
+        slot = lax.rem(c, jnp.asarray(2, c.dtype))
 
         @pl.when(c + 1 < num_chunks)
         def _prefetch():
