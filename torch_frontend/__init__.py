@@ -3,6 +3,8 @@ with a Python wrapper of the same name; backend by device (Triton / CUDA C on CU
 torch on CPU), ``backend=`` or ``PREFIXKV_<OP>_BACKEND`` / ``PREFIXKV_BACKEND`` override."""
 
 from ._hashing import hash_blocks as hash_blocks
+from ._host import gather_blocks_to_host as gather_blocks_to_host
+from ._host import scatter_blocks_from_host as scatter_blocks_from_host
 from ._memory import pinned_host_allocator as pinned_host_allocator
 from ._ops import attention_workspace_size as attention_workspace_size
 from ._ops import copy_blocks as copy_blocks

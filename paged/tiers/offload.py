@@ -16,12 +16,17 @@ per-layer arrays ``[num_blocks, *block_shape]`` that ``gather_blocks`` takes) an
 ``offload`` gathers blocks into rows ``[len(caches), *block_shape]`` and puts them under
 ``BlockKey(hash, namespace)``; ``onboard`` gets the leading hits, checks each against the
 expected shape and dtype (the tiers check hash, namespace and checksum) and scatters them
-into the destination blocks. The gather/scatter functions are the frontends' ops (e.g.
-``gather_blocks`` on GPU into pinned memory); by default numpy caches are copied in place.
+into the destination blocks. The gather/scatter functions move blocks between the caches and
+host numpy rows: for torch caches (any device, bfloat16 included)
+``prefixkv.torch_frontend.gather_blocks_to_host`` / ``scatter_blocks_from_host``; for JAX
+caches ``gather_blocks`` (its result converts to numpy) and a functional ``scatter_blocks``.
+By default numpy caches are copied in place; other caches without them raise a TypeError
+naming ``caches``.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -148,6 +153,51 @@ Gather = Callable[[list, np.ndarray], np.ndarray]
 Scatter = Callable[[list, np.ndarray, np.ndarray], object]
 
 
+def _host_rows(buf, n: int) -> np.ndarray:
+    """gather's result as a numpy array of n rows, or a TypeError naming gather."""
+    try:
+        rows = np.asarray(buf)
+    except Exception as e:  # noqa: BLE001 - re-raised with the argument named
+        raise TypeError(f"gather: expected a host array of {n} rows (numpy, or convertible "
+                        f"to it), got {type(buf).__name__} ({e}); for torch caches pass "
+                        f"gather=prefixkv.torch_frontend.gather_blocks_to_host") from e
+    if rows.dtype == object or rows.ndim < 1 or rows.shape[0] != n:
+        raise TypeError(f"gather: expected a host array of {n} rows, got "
+                        f"{type(buf).__name__} of shape {getattr(rows, 'shape', None)} and "
+                        f"dtype {rows.dtype}")
+    return rows
+
+
+_PASS_OPS = ("pass gather= and scatter= (torch: prefixkv.torch_frontend.gather_blocks_to_host "
+             "/ scatter_blocks_from_host; JAX: gather_blocks / scatter_blocks)")
+
+
+def _host_cache(c) -> np.ndarray:
+    """A cache for the default gather: numpy, or converted to it (a JAX array on the host),
+    else a TypeError naming caches (a torch bfloat16 or GPU tensor)."""
+    if isinstance(c, np.ndarray):
+        return c
+    try:
+        a = np.asarray(c)
+    except Exception as e:  # noqa: BLE001 - re-raised with the argument named
+        raise TypeError(f"caches: the default gather reads host arrays numpy converts, "
+                        f"got {type(c).__module__}.{type(c).__name__} ({e}); "
+                        f"{_PASS_OPS}") from e
+    if a.dtype == object:
+        raise TypeError(f"caches: the default gather reads numeric arrays, got "
+                        f"{type(c).__name__} as an object array; {_PASS_OPS}")
+    return a
+
+
+def _numpy_caches(caches) -> None:
+    """The default scatter writes numpy caches in place: anything else is a TypeError naming
+    caches (torch tensors do not take ml_dtypes rows, JAX arrays are immutable)."""
+    for c in caches:
+        if not isinstance(c, np.ndarray):
+            raise TypeError(f"caches: the default scatter writes numpy caches in place, got "
+                            f"{type(c).__module__}.{type(c).__name__}; {_PASS_OPS}")
+
+
 def _first_host(store: Tier) -> HostTier | None:
     if isinstance(store, HostTier):
         return store
@@ -172,7 +222,8 @@ class BlockOffloader:
     The pool-facing glue degrades instead of raising: a failed offload on eviction
     (:meth:`offload_on_evict`) and a failed scatter in :meth:`onboard_request` are misses,
     counted in ``offload_errors`` / ``onboard_errors`` (the last exception in
-    ``last_error``).
+    ``last_error``), and the first of each kind is also a RuntimeWarning (a gather or
+    scatter that cannot work at all would otherwise only show as a cache that never hits).
     """
 
     def __init__(self, store: Tier, namespace: Namespace, *, gather: Gather | None = None,
@@ -194,6 +245,17 @@ class BlockOffloader:
         self.onboard_errors = 0
         #: the exception of the last failure counted above (None: none yet).
         self.last_error: BaseException | None = None
+        self._warned: set[str] = set()
+
+    def _failed(self, kind: str, e: BaseException) -> None:
+        """Count a swallowed failure of ``kind`` ("offload" or "onboard"); warn on the first."""
+        setattr(self, f"{kind}_errors", getattr(self, f"{kind}_errors") + 1)
+        self.last_error = e
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(f"BlockOffloader: {kind} failed and was counted as a miss "
+                          f"({type(e).__name__}: {e}); later failures are only counted in "
+                          f"{kind}_errors", RuntimeWarning, stacklevel=3)
 
     def keys(self, block_hashes: Sequence, namespace: Namespace | None = None) -> list[BlockKey]:
         ns = namespace or self.namespace
@@ -244,12 +306,14 @@ class BlockOffloader:
                 return self.store.batch_put(keys, rows, copy=False)
             del rows  # the batch exceeds the host budget: the generic path keeps its lead
         if self.gather is None:
+            host_caches = [_host_cache(c) for c in caches]
             row_shape = (len(ids), len(caches), *caches[0].shape[1:])
-            buf = np.empty(row_shape, dtype=caches[0].dtype)
-            for layer, c in enumerate(caches):
-                np.take(np.asarray(c), ids, axis=0, out=buf[:, layer], mode="clip")
+            buf = np.empty(row_shape, dtype=host_caches[0].dtype)
+            for layer, c in enumerate(host_caches):
+                np.take(c, ids, axis=0, out=buf[:, layer], mode="clip")
         else:
-            buf = np.asarray(self.gather(caches, np.asarray(block_ids, dtype=np.int32)))
+            buf = _host_rows(self.gather(caches, np.asarray(block_ids, dtype=np.int32)),
+                             len(ids))
         return self.store.batch_put(keys, list(buf))
 
     def lookup(self, block_hashes: Sequence, *, namespace: Namespace | None = None) -> int:
@@ -280,6 +344,7 @@ class BlockOffloader:
             return caches
         ids = np.asarray(block_ids, dtype=np.int32)[:len(rows)]
         if self.scatter is None:
+            _numpy_caches(caches)
             for b, row in zip(ids.tolist(), rows, strict=True):
                 for layer, c in enumerate(caches):
                     c[b] = row[layer]
@@ -342,8 +407,7 @@ class BlockOffloader:
                 return caches, 0
             if not undone or not isinstance(e, Exception):
                 raise  # nothing was registered (e.g. a request not at a block boundary)
-            self.onboard_errors += 1
-            self.last_error = e
+            self._failed("onboard", e)
             return caches, 0
         return out, len(rows)
 
@@ -390,7 +454,6 @@ class BlockOffloader:
                 self.offload(cs, np.asarray(ev.block_ids, dtype=np.int32),
                              list(ev.block_hashes), namespace=ns)
             except Exception as e:  # noqa: BLE001 - an offload is best effort
-                self.offload_errors += 1
-                self.last_error = e
+                self._failed("offload", e)
 
         return events.subscribe(on_event)

@@ -12,25 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..paged.spec import dtype_name, numpy_dtype
+from ..torch_frontend._host import from_numpy as to_torch
+from ..torch_frontend._host import to_numpy
 from .batch import StepBatch
 from .config import LlamaConfig
-
-
-def to_torch(x: np.ndarray, device: torch.device) -> torch.Tensor:
-    """numpy -> torch on ``device``; ml_dtypes bfloat16 goes through its 16-bit pattern."""
-    x = np.ascontiguousarray(x)
-    if dtype_name(x) == "bfloat16":
-        return torch.from_numpy(x.view(np.uint16).view(np.int16)).view(torch.bfloat16).to(device)
-    return torch.from_numpy(x).to(device)
-
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """torch -> host numpy; bfloat16 comes back as ml_dtypes bfloat16."""
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(numpy_dtype("bfloat16"))
-    return t.numpy()
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

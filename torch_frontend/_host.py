@@ -1,0 +1,62 @@
+"""Block copies between torch caches (any device) and host numpy arrays: the gather / scatter
+that :class:`prefixkv.paged.tiers.BlockOffloader` takes for torch caches (its tiers hold
+numpy rows), and the tensor <-> numpy conversions they rest on (bfloat16 through its 16-bit
+pattern as ml_dtypes bfloat16, which numpy and ``Tensor.numpy()`` lack)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..paged.spec import dtype_name, numpy_dtype
+from ._ops import gather_blocks, scatter_blocks
+
+
+def _ids(block_ids, device: torch.device) -> torch.Tensor:
+    """Block ids as a tensor on ``device``; host integers as int32 (the ops check the rest:
+    dtype, range, naming block_ids)."""
+    if not isinstance(block_ids, torch.Tensor):
+        a = np.asarray(block_ids)
+        if a.dtype.kind in "iu":
+            if a.size and (int(a.min()) < -2**31 or int(a.max()) >= 2**31):
+                raise ValueError(f"block_ids: values must fit int32, got {a.min()}..{a.max()}")
+            a = a.astype(np.int32)
+        block_ids = torch.from_numpy(np.ascontiguousarray(a))
+    return block_ids.to(device)
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor's values as a host numpy array (a copy off the CPU; bfloat16 as ml_dtypes
+    bfloat16, bit for bit)."""
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(numpy_dtype("bfloat16"))
+    return t.numpy()
+
+
+def from_numpy(x: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A numpy array as a tensor on ``device`` (bfloat16 from ml_dtypes bfloat16, bit for
+    bit)."""
+    x = np.ascontiguousarray(x)
+    if dtype_name(x) == "bfloat16":
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).to(device)
+    return torch.from_numpy(x).to(device)
+
+
+def gather_blocks_to_host(caches, block_ids) -> np.ndarray:
+    """``gather_blocks`` into a host numpy array ``[n, len(caches), *block_shape]`` (block ids
+    a tensor, numpy array or list). ``BlockOffloader(..., gather=gather_blocks_to_host)``."""
+    return to_numpy(gather_blocks(caches, _ids(block_ids, caches[0].device)))
+
+
+def scatter_blocks_from_host(caches, buffer, block_ids) -> None:
+    """``scatter_blocks`` of a host array ``[n, len(caches), *block_shape]`` (numpy, bfloat16
+    as ml_dtypes) into ``caches`` in place. ``BlockOffloader(...,
+    scatter=scatter_blocks_from_host)``."""
+    dev = caches[0].device
+    if not isinstance(buffer, torch.Tensor):
+        buffer = from_numpy(np.asarray(buffer), dev)
+    scatter_blocks(caches, buffer.to(dev), _ids(block_ids, dev))
+
+
+__all__ = ["from_numpy", "gather_blocks_to_host", "scatter_blocks_from_host", "to_numpy"]
