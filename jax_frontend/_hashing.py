@@ -48,6 +48,7 @@ from ..paged.reference.hashing import (
 )
 from ..paged.registry import Backend, Registry
 from ..paged.validate import check_hash_blocks, check_hash_blocks_values, value_checks_enabled
+from ._ops import check_static
 
 # ------------------------------------------------------------- lane-parallel BLAKE3 in jnp
 #
@@ -274,6 +275,7 @@ def hash_blocks(tokens, block_size: int, *, cu_lens=None, salt=None, extra=None,
     not static: the result then has ``num_tokens // block_size`` rows (an upper bound) and the
     rows past the real count are zero.
     """
+    check_static(block_size=block_size, salt=salt)
     dims = check_hash_blocks(tokens, block_size, cu_lens=cu_lens, salt=salt, extra=extra,
                              parent=parent)
     block_size = dims.block_size

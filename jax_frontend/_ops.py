@@ -32,6 +32,17 @@ def _is_traced(*xs) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(xs))
 
 
+def check_static(**named) -> None:
+    """A TypeError naming the first static argument given a traced value: ``jax.jit(op)``
+    traces keyword arguments too unless they are in ``static_argnames``."""
+    for name, value in named.items():
+        if _is_traced(value):
+            raise TypeError(
+                f"{name}: a static argument (a Python value fixed at trace time), got a traced "
+                f"value; under jax.jit pass it in static_argnames=({name!r}, ...) or bind it "
+                f"outside the jitted function (functools.partial)")
+
+
 def _on_host(*xs) -> bool:
     """All index inputs concrete and host-resident (numpy, or JAX arrays on CPU devices)."""
     for x in jax.tree_util.tree_leaves(xs):
@@ -129,6 +140,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     [num_tokens, num_q_heads, head_dim] in q's dtype and, with return_lse, lse
     f32[num_tokens, num_q_heads] (natural log); a row that sees no key gives 0 and -inf.
     """
+    check_static(scale=scale, causal=causal, sliding_window=sliding_window,
+                 logits_soft_cap=logits_soft_cap, return_lse=return_lse)
     dims = validate.check_paged_attention(
         q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, return_lse=return_lse)
@@ -163,6 +176,7 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     enough to pay for it, else paged attention over prefix then own blocks, see docs/ops.md).
     Returns out (and lse) as paged_attention.
     """
+    check_static(scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse)
     sdims = validate.check_shared_prefix_attention(
         q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
         kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse)

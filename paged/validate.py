@@ -202,7 +202,9 @@ def check_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=
     if q_head_dim != head_dim:
         raise ValueError(f"q: expected head_dim {head_dim} (from k_cache), got {q_head_dim}")
     if num_q_heads < 1 or num_q_heads % num_kv_heads:
-        raise ValueError(f"{num_q_heads=} must be divisible by {num_kv_heads=}")
+        raise ValueError(f"q: {num_q_heads=} must be divisible by {num_kv_heads=} (dim 2 of "
+                         f"k_cache: caches are [num_blocks, block_size, num_kv_heads, "
+                         f"head_dim], vLLM's NHD; FlashInfer's HND order is not taken)")
     num_seqs, max_blocks_per_seq = check_index("block_tables", block_tables, ndim=2)
     (n_kv,) = check_index("kv_lens", kv_lens)
     if n_kv != num_seqs:

@@ -390,6 +390,28 @@ def test_error_static_check_inside_jit():
                                     b.kv_lens, b.cu_q_lens)
 
 
+@pytest.mark.parametrize("name,value", [("return_lse", True), ("sliding_window", 8),
+                                        ("scale", 0.1), ("logits_soft_cap", 5.0),
+                                        ("causal", False)])
+def test_traced_static_argument_is_named_with_the_fix(name, value):
+    """jax.jit(op) traces keyword arguments too: the error names the argument and says to
+    make it static (it used to read "return_lse: expected a bool, got DynamicJaxprTracer")."""
+    b = _small_batch()
+    with pytest.raises(TypeError, match=rf"{name}: a static argument .*static_argnames"):
+        jax.jit(jf.paged_attention)(*b.args(), **{name: value})
+    if name != "causal":
+        sp = testing.make_shared_prefix_batch(np.random.default_rng(3), [1], [(0, 1, 3)],
+                                              block_size=4)
+        sp_name = "scale" if name == "sliding_window" else name  # it has no window
+        with pytest.raises(TypeError, match=rf"{sp_name}: a static argument"):
+            jax.jit(jf.shared_prefix_attention)(*sp.args(), **{sp_name: 0.3 if sp_name ==
+                                                               "scale" else value})
+    with pytest.raises(TypeError, match=r"block_size: a static argument"):
+        jax.jit(jf.hash_blocks)(np.arange(8, dtype=np.int32), 4)
+    # static, it runs
+    jax.jit(jf.paged_attention, static_argnames=(name,))(*b.args(), **{name: value})
+
+
 def test_error_value_check_on_host_inputs():
     b = _small_batch()
     bad = b.kv_lens.copy()
