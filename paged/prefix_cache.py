@@ -49,7 +49,7 @@ def default_hash_fn(tokens: np.ndarray, block_size: int, *, salt=None,
 
 class _Request:
     __slots__ = ("tokens", "array", "salt", "namespace", "blocks", "num_computed", "hashes",
-                 "num_registered", "_row")
+                 "num_registered", "_row", "copies")
 
     def __init__(self, tokens: np.ndarray, salt, namespace: bytes) -> None:
         self.array = tokens             # int32; a prefix of self.tokens (hashing reads it)
@@ -61,6 +61,7 @@ class _Request:
         self.hashes: list[bytes] = []  # hash chain of the first len(hashes) full blocks
         self.num_registered = 0        # leading blocks registered (or found) in the index
         self._row = None               # int32 copy of blocks for plans; None = stale
+        self.copies: list[tuple[int, int]] = []  # CoW pairs allocated, not yet committed
 
     def row(self) -> np.ndarray:
         """The blocks as int32 (cached between steps: decode steps rarely change them)."""
@@ -293,6 +294,7 @@ class PrefixCache:
                 req._row = None
                 pairs.append((src, dst))
             pool.free([s for s, _ in pairs])
+            req.copies.extend(pairs)  # plan() puts them in its copy_src / copy_dst
         stale = [req.blocks[i] for i in touched_existing
                  if pool.block_hash(req.blocks[i]) is not None]
         if stale:
@@ -341,6 +343,7 @@ class PrefixCache:
                              f"{limit - req.num_computed} (allocated, known tokens), "
                              f"got {num_new_tokens}")
         req.num_computed = end
+        req.copies = []
         if self.enable_caching:
             self._register(req)
 
@@ -356,7 +359,8 @@ class PrefixCache:
 
     def plan(self, batch: Iterable[tuple[Hashable, int]]) -> BatchPlan:
         """Metadata for ``batch`` = [(request_id, num_new_tokens)] after :meth:`allocate`
-        (before :meth:`commit`)."""
+        (before :meth:`commit`), with the copy-on-write pairs of the allocations not committed
+        yet in ``copy_src`` / ``copy_dst``."""
         batch = list(batch)
         reqs = [self._get(rid) for rid, _ in batch]
         plan = plan_batch([r.row() for r in reqs], [r.num_computed for r in reqs],
@@ -365,6 +369,10 @@ class PrefixCache:
                           min_prefix_blocks=self.min_prefix_blocks,
                           min_group_size=self.min_group_size)
         plan.request_ids = [rid for rid, _ in batch]
+        pairs = [p for r in reqs for p in r.copies]
+        if pairs:
+            plan.copy_src = np.asarray([src for src, _ in pairs], dtype=np.int32)
+            plan.copy_dst = np.asarray([dst for _, dst in pairs], dtype=np.int32)
         return plan
 
     def step(self, batch: Iterable[tuple[Hashable, int]]) -> BatchPlan:
@@ -377,18 +385,14 @@ class PrefixCache:
         need = sum(self.blocks_needed(rid, n) for rid, n in batch)
         if need > self.pool.num_free:
             raise NoFreeBlocksError(f"batch: needs {need} blocks, {self.pool.num_free} free")
-        pairs: list[tuple[int, int]] = []
         before = {rid: list(self._get(rid).blocks) for rid, _ in batch}
         try:
             for rid, n in batch:
-                pairs.extend(self.allocate(rid, n))
+                self.allocate(rid, n)
             plan = self.plan(batch)
         except BaseException:
             self._undo_allocate(before)
             raise
-        if pairs:
-            plan.copy_src = np.asarray([s for s, _ in pairs], dtype=np.int32)
-            plan.copy_dst = np.asarray([d for _, d in pairs], dtype=np.int32)
         for rid, n in batch:
             self.commit(rid, n)
         return plan
@@ -406,6 +410,7 @@ class PrefixCache:
             self.pool.touch([old[i] for i in swapped])
             self.pool.free([new[i] for i in swapped] + new[len(old):])
             req.blocks = old
+            req.copies = []
             req._row = None
 
     def fork(self, parent_id, child_id) -> None:
@@ -435,6 +440,8 @@ class PrefixCache:
             self.pool.free(req.blocks[keep:])
             del req.blocks[keep:]
             req._row = None
+            held = set(req.blocks)  # pending copies into freed blocks are void
+            req.copies = [p for p in req.copies if p[1] in held]
         del req.hashes[num_tokens // bs:]
         req.num_registered = min(req.num_registered, req.num_computed // bs)
 

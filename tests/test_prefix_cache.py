@@ -209,6 +209,41 @@ def test_fork_copy_on_write():
     pc.pool.check_consistency()
 
 
+def test_allocate_plan_commit_carries_the_copy_on_write_pairs():
+    """step taken apart (allocate, plan, then commit after the forward pass): plan() has the
+    copies allocate made, as step's plan does (it had none: an engine following the
+    fail-safe path skipped the copy and read a block nobody copied into); commit clears
+    them, and a failed pass freed leaves nothing registered."""
+    plans = []
+    for apart in (False, True):
+        pc = make(block_size=4)
+        pc.add_request("p", list(range(10)))
+        pc.step([("p", 10)])
+        pc.fork("p", "c")
+        pc.append_tokens("p", [7])
+        pc.append_tokens("c", [8])
+        batch = [("p", 1), ("c", 1)]
+        if apart:
+            pairs = [x for rid, n in batch for x in pc.allocate(rid, n)]
+            plan = pc.plan(batch)
+            assert list(zip(plan.copy_src.tolist(), plan.copy_dst.tolist())) == pairs
+            assert pc.plan(batch).copy_src.tolist() == plan.copy_src.tolist()  # until commit
+            for rid, n in batch:
+                pc.commit(rid, n)
+            assert pc.plan([("p", 0), ("c", 0)]).copy_src.size == 0
+        else:
+            plan = pc.step(batch)
+        plans.append((plan.copy_src.tolist(), plan.copy_dst.tolist()))
+        pc.pool.check_consistency()
+    assert plans[0] == plans[1] and len(plans[0][0]) == 1
+    pc = make(block_size=4)  # a failed pass: free, nothing registered, nothing copied later
+    pc.add_request("a", list(range(9)))
+    pc.allocate("a", 9)
+    pc.free("a")
+    assert pc.add_request("b", list(range(9))) == 0
+    pc.pool.check_consistency()
+
+
 def test_step_that_fails_to_plan_undoes_its_copy_on_write(monkeypatch):
     """A step whose planning raises after allocate() took copies and new blocks puts them
     back: the retried step plans the copy again (it was lost, and the forked request then

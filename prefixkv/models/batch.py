@@ -8,8 +8,9 @@ padded to fixed buckets by the engine so that compiled (jitted) forwards are reu
     block_tables: i32[num_seqs, max_blocks_per_seq]
     logits_indices: i32[num_seqs]  row of the last query token of each sequence
 
-Padding tokens belong to the last sequence, whose block table points at a scratch block that no
-request owns (they are never written: slot -1), so every batch meets the op contract.
+Padding tokens belong to the last sequence, whose block table row is the pool's null block 0
+(no request owns it; the padding is never written: slot -1), so every batch meets the op
+contract (docs/host.md, "Fixed-size batches").
 
 With shared-prefix groups (``prefix_ids is not None``) the attention runs as
 ``shared_prefix_attention``: ``prefix_block_tables`` (i32[num_prefixes, max_prefix_blocks]),
