@@ -226,7 +226,7 @@ def test_allocate_plan_commit_carries_the_copy_on_write_pairs():
         if apart:
             pairs = [x for rid, n in batch for x in pc.allocate(rid, n)]
             plan = pc.plan(batch)
-            assert list(zip(plan.copy_src.tolist(), plan.copy_dst.tolist())) == pairs
+            assert list(zip(plan.copy_src.tolist(), plan.copy_dst.tolist(), strict=True)) == pairs
             assert pc.plan(batch).copy_src.tolist() == plan.copy_src.tolist()  # until commit
             for rid, n in batch:
                 pc.commit(rid, n)
