@@ -331,6 +331,26 @@ class PrefixCache:
         existing = range(req.num_computed // bs, min(-(-end // bs), len(req.blocks)))
         return max(-(-end // bs) - len(req.blocks), 0) + len(self._shared_blocks(req, existing))
 
+    def batch_blocks_needed(self, batch: Iterable[tuple[Hashable, int]]) -> int:
+        """Free blocks allocating the whole ``batch`` ([(request_id, num_new_tokens)]) takes
+        (what :meth:`step` checks first): each request's new blocks, plus one
+        copy per write into a shared block while the block stays shared (k writers of a
+        block held r times copy min(k, r - 1) times: the last holder writes in place)."""
+        bs = self.block_size
+        need = 0
+        writers: dict[int, int] = {}
+        for rid, n in list(batch):
+            req = self._get(rid)
+            self._check_new(req, n)
+            if n == 0:
+                continue
+            end = req.num_computed + n
+            need += max(-(-end // bs) - len(req.blocks), 0)
+            for i in range(req.num_computed // bs, min(-(-end // bs), len(req.blocks))):
+                writers[req.blocks[i]] = writers.get(req.blocks[i], 0) + 1
+        ref = self.pool.ref_counts
+        return need + sum(min(k, int(ref[b]) - 1) for b, k in writers.items() if ref[b] > 1)
+
     def commit(self, request_id, num_new_tokens: int) -> None:
         """The KV of the next ``num_new_tokens`` tokens is (or will be, this step) written:
         count them computed and register the blocks they filled."""
@@ -382,7 +402,7 @@ class PrefixCache:
         batch = list(batch)
         if len({rid for rid, _ in batch}) != len(batch):
             raise ValueError("batch: expected each request_id at most once")
-        need = sum(self.blocks_needed(rid, n) for rid, n in batch)
+        need = self.batch_blocks_needed(batch)
         if need > self.pool.num_free:
             raise NoFreeBlocksError(f"batch: needs {need} blocks, {self.pool.num_free} free")
         before = {rid: list(self._get(rid).blocks) for rid, _ in batch}

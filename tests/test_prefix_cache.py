@@ -244,6 +244,28 @@ def test_allocate_plan_commit_carries_the_copy_on_write_pairs():
     pc.pool.check_consistency()
 
 
+def test_forked_writers_of_one_block_need_one_copy():
+    """Two forked requests writing their shared partial block take one copy (the second
+    writes in place): step fits a pool with exactly one free block, where it used to count
+    a copy per writer and raise NoFreeBlocksError; three writers of a block held three times
+    take two."""
+    for children in (1, 2):
+        pc = make(num_blocks=4 + children, block_size=4)  # null + 3 + one spare per child
+        pc.add_request("p", list(range(10)))              # 3 blocks (the last partial)
+        pc.step([("p", 10)])
+        batch = [("p", 1)]
+        for c in range(children):
+            pc.fork("p", f"c{c}")
+            batch.append((f"c{c}", 1))
+        for rid, _ in batch:
+            pc.append_tokens(rid, [7])
+        free = pc.pool.num_free
+        assert pc.batch_blocks_needed(batch) == children == free
+        plan = pc.step(batch)
+        assert len(plan.copy_src) == children and pc.pool.num_free == 0
+        pc.pool.check_consistency()
+
+
 def test_step_that_fails_to_plan_undoes_its_copy_on_write(monkeypatch):
     """A step whose planning raises after allocate() took copies and new blocks puts them
     back: the retried step plans the copy again (it was lost, and the forked request then
