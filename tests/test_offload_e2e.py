@@ -233,7 +233,10 @@ def test_a_block_vanishing_midway_is_never_registered_without_its_kv(tmp_path):
     assert _same(flat, keys[:hit_tokens])
 
 
-def test_onboard_request_pool_full_is_a_miss():
+def test_onboard_request_loads_what_the_pool_can_take():
+    """Tiers hold 4 blocks, the pool has 2 free: the leading 2 are loaded (bit for bit) and
+    the request computes the rest (it used to be a miss, n = 0); a pool with none free is a
+    miss."""
     dt = np.dtype("float32")
     rng = np.random.default_rng(4)
     tokens = list(range(3, 20))  # 4 full blocks
@@ -244,10 +247,20 @@ def test_onboard_request_pool_full_is_a_miss():
     full = len(tokens) // BS
     off.offload(src.caches, np.asarray(src.pc.blocks("r")[:full], np.int32),
                 src.pc.request_hashes("r")[:full])
-    small = Engine(dt, num_blocks=3)  # 2 usable blocks: the 4 onboard blocks do not fit
+    small = Engine(dt, num_blocks=3)  # 2 usable blocks: 2 of the 4 onboard blocks fit
     small.pc.add_request("r", tokens)
     caches, n = off.onboard_request(small.pc, "r", small.caches)
-    assert n == 0 and small.pc.num_computed("r") == 0
+    assert n == 2 and small.pc.num_computed("r") == 2 * BS
+    got = gather_blocks_reference(caches, np.asarray(small.pc.blocks("r"), np.int32))
+    want = gather_blocks_reference(src.caches, np.asarray(src.pc.blocks("r")[:2], np.int32))
+    assert _same(got, want)
+    small.pc.pool.check_consistency()
+    full_pool = Engine(dt, num_blocks=3)
+    full_pool.pc.add_request("x", list(range(500, 508)))
+    full_pool.pc.step([("x", 8)])  # holds both blocks
+    full_pool.pc.add_request("r", tokens)
+    caches, n = off.onboard_request(full_pool.pc, "r", full_pool.caches)
+    assert n == 0 and full_pool.pc.num_computed("r") == 0
 
 
 # -- faults in the pool-facing glue ------------------------------------------------------------

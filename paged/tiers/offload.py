@@ -375,7 +375,8 @@ class BlockOffloader:
 
         Order matters: the blocks are fetched and verified first, then allocated and
         registered in the pool (``PrefixCache.onboard``) and scattered. A tier failing midway
-        therefore shortens the hit. A pool too full to take them is a miss (n = 0). A scatter
+        therefore shortens the hit, and so does a pool with fewer free blocks than the tiers
+        hold (the leading ones that fit are loaded; none free: n = 0). A scatter
         (or an event subscriber) failing after the blocks were registered is rolled back
         before this returns: the new blocks are unregistered and freed and the request's
         computed tokens restored, then it is a miss (n = 0, ``onboard_errors`` + 1). So a
@@ -395,6 +396,7 @@ class BlockOffloader:
         hashes = pc.request_hashes(request_id)[first:cap]
         rows = self.fetch(hashes, (len(caches), *caches[0].shape[1:]), caches[0].dtype,
                           namespace=ns)
+        rows = rows[:pc.pool.num_free]  # what the pool can take (evicting cached blocks)
         if not rows:
             return caches, 0
         held = len(pc.blocks(request_id))
