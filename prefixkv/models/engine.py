@@ -306,25 +306,22 @@ class Engine:
             kv_dtype = dtype_name(adapter.caches[0])
             block_shape = (len(adapter.caches), *adapter.caches[0].shape[1:])
             block_bytes = int(np.prod(block_shape)) * numpy_dtype(kv_dtype).itemsize
+            host = HostTier(c.host_blocks * block_bytes)
             offloader = BlockOffloader(
-                HostTier(c.host_blocks * block_bytes), Namespace(
+                host, Namespace(
                     self.model_id, layout=f"NHD-block{c.block_size}",
                     dtype=kv_dtype),
                 gather=lambda caches, ids: adapter.gather_blocks(ids),
                 scatter=lambda caches, buf, ids: adapter.scatter_blocks(ids, buf))
-        counters = {"evicted": 0, "offloaded": 0, "onboarded": 0}
+        counters = {"evicted": 0, "onboarded": 0}
 
         def on_event(ev: KVEvent) -> None:
-            if ev.kind != EVICTED or ev.tier != "device":
-                return
-            counters["evicted"] += len(ev.block_hashes)
-            if offloader is not None:
-                stored = offloader.offload(adapter.caches, np.asarray(ev.block_ids, I32),
-                                           ev.block_hashes,
-                                           namespace=offloader.namespace.with_salt(ev.namespace))
-                counters["offloaded"] += sum(stored)
+            if ev.kind == EVICTED and ev.tier == "device":
+                counters["evicted"] += len(ev.block_hashes)
 
         pc.events.subscribe(on_event)
+        if offloader is not None:  # evicted blocks go to the host tier before their reuse
+            offloader.offload_on_evict(pc.events, lambda: adapter.caches)
         for r in requests:
             if len(r.prompt) + r.max_new_tokens > c.max_model_len:
                 raise ValueError(f"requests: request {r.request_id} needs "
@@ -349,25 +346,13 @@ class Engine:
             seq = _Seq(req=req, rid=req.request_id, tokens=list(req.prompt), arrival=now)
             seq.cached_tokens = pc.add_request(seq.rid, seq.tokens, salt=req.salt)
             seq.num_computed = seq.cached_tokens
-            if offloader is not None:
-                cap = (len(seq.tokens) - 1) // c.block_size
-                first = seq.num_computed // c.block_size
-                if cap > first:
-                    ns = offloader.namespace.with_salt(req.salt)
-                    hashes = pc.request_hashes(seq.rid, cap)[first:]
-                    n = min(offloader.lookup(hashes, namespace=ns), pc.pool.num_free)
-                    # read the tier before allocating: the allocation may evict device blocks
-                    # whose offload evicts host blocks, the ones we are about to load included
-                    rows = offloader.store.batch_get(
-                        offloader.keys(hashes[:n], ns), shape=tuple(block_shape),
-                        dtype=kv_dtype) if n else []
-                    got = next((i for i, r in enumerate(rows) if r is None), len(rows))
-                    if got:
-                        blocks = pc.onboard(seq.rid, got)
-                        adapter.scatter_blocks(np.asarray(blocks, I32), np.stack(rows[:got]))
-                        counters["onboarded"] += got
-                        seq.onboarded_tokens = got * c.block_size
-                        seq.num_computed = pc.num_computed(seq.rid)
+            if offloader is not None:  # the next blocks from the host tier (read, verified,
+                # then allocated, registered and scattered; a failed scatter is rolled back)
+                _, got = offloader.onboard_request(pc, seq.rid, adapter.caches)
+                if got:
+                    counters["onboarded"] += got
+                    seq.onboarded_tokens = got * c.block_size
+                    seq.num_computed = pc.num_computed(seq.rid)
             return seq
 
         hold_admission = False  # no admission right after a preemption: let the others progress
@@ -476,5 +461,6 @@ class Engine:
             enable_caching=c.enable_caching, requests=results, wall_s=wall, steps=steps,
             shared_prefix_steps=shared_steps, decode_tokens=decode_tokens,
             decode_step_s=decode_s, blocks_evicted=counters["evicted"],
-            blocks_offloaded=counters["offloaded"], blocks_onboarded=counters["onboarded"],
+            blocks_offloaded=0 if offloader is None else host.stats.puts,
+            blocks_onboarded=counters["onboarded"],
             preemptions=preemptions)
