@@ -92,3 +92,16 @@ def _boom_on(*kinds):
         if ev.kind in kinds:
             raise Boom(f"subscriber failed on {ev.kind}")
     return sub
+
+
+def test_a_subscriber_unsubscribing_itself_does_not_hide_the_event_from_the_next():
+    bus = EventBus()
+    got = []
+
+    def once(ev):
+        unsubscribe()
+
+    unsubscribe = bus.subscribe(once)
+    bus.subscribe(got.append)
+    bus.publish(KVEvent(STORED, (b"\x01" * 32,), None, "device", b"", 4))
+    assert len(got) == 1

@@ -137,9 +137,11 @@ def test_offload_through_every_tier_then_onboard_bit_exact(tmp_path, redis_serve
     redis.close()
 
 
-def test_offload_on_pool_eviction_then_onboard(tmp_path):
+@pytest.mark.parametrize("salt", [None, "tenant-a"])
+def test_offload_on_pool_eviction_then_onboard(tmp_path, salt):
     """Blocks the device pool evicts are offloaded from the eviction event (KV still intact),
-    then a fresh engine onboards them and attention matches bit for bit."""
+    under the evicted request's salt, then a fresh engine onboards them for that salt only
+    and attention matches bit for bit."""
     dt = np.dtype("float32")
     rng = np.random.default_rng(1)
     tokens = list(range(1, 18))  # 4 full blocks
@@ -151,21 +153,52 @@ def test_offload_on_pool_eviction_then_onboard(tmp_path):
     store = TieredStore([HostTier(1 << 20), DiskTier(tmp_path)])
     off = BlockOffloader(store, ns)
     unsubscribe = off.offload_on_evict(eng.pc.events, lambda: eng.caches)
-    eng.prefill("r", tokens, keys, values)
+    eng.prefill("r", tokens, keys, values, salt=salt)
     want = eng.decode_attention("r", q)
     hashes = eng.pc.request_hashes("r")[:4]
     eng.pc.free("r")
-    assert off.lookup(hashes) == 0  # nothing offloaded yet: blocks still cached on device
+    mine = ns.with_salt(salt)  # the tenant's namespace
+    assert off.lookup(hashes, namespace=mine) == 0  # not yet: still cached on device
     other = list(range(500, 527))  # needs 7 blocks: evicts every cached block of "r"
     ok, ov = _kv(rng, len(other), dt)
     eng.prefill("o", other, ok, ov)
     unsubscribe()
-    assert off.lookup(hashes) == 4
-    assert eng.pc.match(tokens)[1] == 0  # gone from the device
+    assert off.lookup(hashes, namespace=mine) == 4
+    if salt is not None:  # stored under the tenant's salt only
+        assert off.lookup(hashes) == 0 and off.lookup(hashes, namespace=ns.with_salt("b")) == 0
+        assert Engine(dt).prefill("r", tokens, keys, values, offloader=off) == 0
+    assert eng.pc.match(tokens, salt=salt)[1] == 0  # gone from the device
 
     fresh = Engine(dt)
-    assert fresh.prefill("r", tokens, keys, values, offloader=off) == 4
+    assert fresh.prefill("r", tokens, keys, values, salt=salt, offloader=off) == 4
     assert _same(fresh.decode_attention("r", q), want)
+
+
+@pytest.mark.parametrize("case", ["after a device hit", "block-aligned prompt"])
+def test_onboard_request_loads_the_blocks_after_the_device_hit(case):
+    """The device already holds the first 2 blocks: the tier's blocks 2 and 3 are loaded
+    into the request's next blocks (not blocks 0 and 1 again), bit for bit. A prompt that is
+    whole blocks, all of them held by a tier, loads all but its last block (never the last
+    token), without an error."""
+    dt = np.dtype("float32")
+    rng = np.random.default_rng(3)
+    n_tok = 17 if case == "after a device hit" else 16
+    tokens = list(range(1, n_tok + 1))
+    keys, values = _kv(rng, n_tok, dt)
+    q = rng.standard_normal((1, HQ, D)).astype(dt)
+    src = Engine(dt)
+    src.prefill("r", tokens, keys, values)
+    want = src.decode_attention("r", q)
+    off = BlockOffloader(TieredStore([HostTier(1 << 20)]), Namespace("m", dtype="float32"))
+    assert all(off.offload(src.caches, src.pc.blocks("r")[:4], src.pc.request_hashes("r")[:4]))
+    eng = Engine(dt)
+    if case == "after a device hit":
+        eng.prefill("warm", tokens[:9], keys[:9], values[:9])  # device: blocks 0 and 1
+        eng.pc.free("warm")
+        assert eng.prefill("r", tokens, keys, values, offloader=off) == 2
+    else:
+        assert eng.prefill("r", tokens, keys, values, offloader=off) == 3
+    assert _same(eng.decode_attention("r", q), want)
 
 
 def test_offload_through_nixl_bit_exact():

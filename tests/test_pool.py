@@ -201,3 +201,16 @@ def test_check_blocks():
         pool.check_blocks(["1"])
     with pytest.raises(ValueError, match="blocks: expected distinct block ids"):
         pool.check_blocks([2, 2])
+
+
+def test_reset_returns_free_cached_blocks_to_the_free_pool():
+    """reset_prefix_cache with freed cached blocks in the LRU queue: they become plain free
+    blocks (none leaks), and the whole pool can be allocated."""
+    pool = BlockPool(8, 4)
+    b = pool.allocate(3)
+    pool.register(b, [bytes([i]) * 32 for i in range(3)])
+    pool.free(b)
+    pool.reset_prefix_cache()
+    assert pool.num_free == 7 and pool.num_cached == 0
+    pool.check_consistency()
+    assert len(pool.allocate(7)) == 7

@@ -471,3 +471,15 @@ def test_constructor_needs_sizes_or_pool():
         PrefixCache(16)
     pool = BlockPool(16, 8)
     assert PrefixCache(pool=pool).block_size == 8
+
+
+def test_onboard_never_takes_the_last_token():
+    """A block-aligned prompt (8 tokens, blocks of 4): onboard takes at most 1 block, so the
+    last token is still computed and gives logits."""
+    pc = make(block_size=4)
+    pc.add_request("r", list(range(8)))
+    with pytest.raises(ValueError, match="num_blocks"):
+        pc.onboard("r", 2)
+    assert pc.num_computed("r") == 0
+    pc.onboard("r", 1)
+    assert pc.num_computed("r") == 4

@@ -173,3 +173,43 @@ def test_router_constructor_checks(kw, match):
 def test_pick_without_workers():
     with pytest.raises(ValueError, match="Router: no workers added"):
         Router(BS).pick([1, 2, 3])
+
+
+_H = [bytes([i]) * 32 for i in range(4)]
+
+
+def _router(**kw):
+    return Router(4, hash_fn=lambda t, bs, salt=None, parent=None: _H[:len(t) // bs], **kw)
+
+
+def _ev(kind, hs, tier="device"):
+    return KVEvent(kind, tuple(hs), None, tier, b"", 4 * len(hs))
+
+
+def test_one_workers_eviction_leaves_the_others_blocks():
+    r = _router()
+    a, b = r.add_worker("A"), r.add_worker("B")
+    a(_ev("stored", _H[:2]))
+    b(_ev("stored", _H[:2]))
+    b(_ev("evicted", _H[:2]))
+    assert r.overlaps_for_hashes(_H[:2]) == {"A": 2, "B": 0}
+
+
+def test_a_tier_cleared_keeps_the_workers_other_tiers():
+    r = _router(tiers=("device", "host"))
+    a = r.add_worker("A")
+    a(_ev("stored", _H[:2], "host"))
+    a(_ev("stored", _H[2:3], "device"))
+    a(KVEvent("cleared", (), None, "device", b"", 0))
+    assert r.cached_hashes("A", "host") == {b"": set(_H[:2])}
+    assert r.cached_hashes("A", "device") == {}
+
+
+def test_equal_costs_go_to_the_larger_overlap():
+    r = _router()
+    r.add_worker("A")
+    b = r.add_worker("B")
+    b(_ev("stored", _H[:2]))
+    r.set_load("B", 2.0)  # cost A = 3 blocks to compute + 0 load = 3; B = 1 + 2 = 3
+    d = r.pick(list(range(13)))
+    assert d.costs["A"] == d.costs["B"] and d.worker == "B"

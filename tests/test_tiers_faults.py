@@ -318,6 +318,18 @@ def test_chain_never_serves_a_misbehaving_tiers_answer(mode):
     got = store.batch_get(ks, shape=ROW, dtype="float32")
     assert _same(got[0], rows[0]) and _same(got[1], rows[1]) and got[2] is None
     assert store.stats.hits == 2 and store.stats.misses == 1
+    if mode == "dtype":  # asked without dtype=: still only the key's namespace dtype
+        got = TieredStore([_Misbehaving(mode)], promote=False).batch_get(ks, shape=ROW)
+        assert got == [None] * 3
+
+
+def test_chain_raises_a_callers_bad_input_instead_of_counting_a_tier_fault():
+    """A put whose value has another dtype than its key's namespace is the caller's bug: it
+    raises ValueError, it is not a tier fault swallowed into [False]."""
+    store = TieredStore([HostTier(1 << 20)])
+    with pytest.raises(ValueError, match="dtype"):
+        store.batch_put(_keys(1), [np.zeros(ROW, np.float16)])
+    assert store.stats.errors == 0
 
 
 def test_random_faults_never_serve_a_wrong_block(tmp_path, redis_server):

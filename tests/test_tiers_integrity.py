@@ -327,3 +327,12 @@ def test_namespace_accepts_numpy_ints_and_dtypes():
     ns = Namespace("m", dtype=np.float16, tp_rank=np.int64(1), tp_size=np.int32(2))
     assert (ns.dtype, ns.tp_rank, ns.tp_size) == ("float16", 1, 2)
     assert type(ns.tp_rank) is int and ns == Namespace("m", dtype="float16", tp_rank=1, tp_size=2)
+
+
+def test_record_whose_payload_dtype_is_not_its_namespaces_is_refused():
+    """A record another writer made with a float16 payload under a float32 namespace: the
+    decode refuses it (RecordError), never hands back float16 rows."""
+    key = BlockKey(b"\x01" * 32, Namespace("m", dtype="float32"))
+    rec = record_bytes(key, np.zeros((2, 4), np.float16))
+    with pytest.raises(RecordError, match="dtype"):
+        decode_record(key, rec)
