@@ -497,7 +497,7 @@ def test_torch_caches_offload_and_onboard_through_the_host_helpers(dtype):
     with pytest.raises(TypeError, match="caches: the default scatter writes numpy"):
         plain.scatter_rows(dst, [1], rows[:1])
     if dtype == "bfloat16":  # float32 / float16 CPU tensors convert to numpy for reading
-        with pytest.raises(TypeError, match="caches: the default gather reads"):
+        with pytest.raises(TypeError, match="caches: expected arrays numpy converts"):
             plain.offload(src, [1], [b"d" * 32])
     bad = BlockOffloader(HostTier(1 << 20), ns, gather=lambda caches, i: object())
     with pytest.raises(TypeError, match="gather: expected a host array of 1 rows"):

@@ -153,40 +153,30 @@ Gather = Callable[[list, np.ndarray], np.ndarray]
 Scatter = Callable[[list, np.ndarray, np.ndarray], object]
 
 
-def _host_rows(buf, n: int) -> np.ndarray:
-    """gather's result as a numpy array of n rows, or a TypeError naming gather."""
-    try:
-        rows = np.asarray(buf)
-    except Exception as e:  # noqa: BLE001 - re-raised with the argument named
-        raise TypeError(f"gather: expected a host array of {n} rows (numpy, or convertible "
-                        f"to it), got {type(buf).__name__} ({e}); for torch caches pass "
-                        f"gather=prefixkv.torch_frontend.gather_blocks_to_host") from e
-    if rows.dtype == object or rows.ndim < 1 or rows.shape[0] != n:
-        raise TypeError(f"gather: expected a host array of {n} rows, got "
-                        f"{type(buf).__name__} of shape {getattr(rows, 'shape', None)} and "
-                        f"dtype {rows.dtype}")
-    return rows
-
-
 _PASS_OPS = ("pass gather= and scatter= (torch: prefixkv.torch_frontend.gather_blocks_to_host "
              "/ scatter_blocks_from_host; JAX: gather_blocks / scatter_blocks)")
 
 
-def _host_cache(c) -> np.ndarray:
-    """A cache for the default gather: numpy, or converted to it (a JAX array on the host),
-    else a TypeError naming caches (a torch bfloat16 or GPU tensor)."""
-    if isinstance(c, np.ndarray):
-        return c
+def _as_host(x, name: str, want: str) -> np.ndarray:
+    """x as a numeric numpy array (as is, or converted: a JAX array on the host), else a
+    TypeError naming ``name`` (a torch bfloat16 or GPU tensor, an object)."""
     try:
-        a = np.asarray(c)
+        a = x if isinstance(x, np.ndarray) else np.asarray(x)
     except Exception as e:  # noqa: BLE001 - re-raised with the argument named
-        raise TypeError(f"caches: the default gather reads host arrays numpy converts, "
-                        f"got {type(c).__module__}.{type(c).__name__} ({e}); "
-                        f"{_PASS_OPS}") from e
+        raise TypeError(f"{name}: expected {want}, got {type(x).__module__}."
+                        f"{type(x).__name__} ({e}); {_PASS_OPS}") from e
     if a.dtype == object:
-        raise TypeError(f"caches: the default gather reads numeric arrays, got "
-                        f"{type(c).__name__} as an object array; {_PASS_OPS}")
+        raise TypeError(f"{name}: expected {want}, got {type(x).__name__} as an object array; "
+                        f"{_PASS_OPS}")
     return a
+
+
+def _host_rows(buf, n: int) -> np.ndarray:
+    """gather's result as a numpy array of n rows, or a TypeError naming gather."""
+    rows = _as_host(buf, "gather", f"a host array of {n} rows")
+    if rows.ndim < 1 or rows.shape[0] != n:
+        raise TypeError(f"gather: expected a host array of {n} rows, got shape {rows.shape}")
+    return rows
 
 
 def _numpy_caches(caches) -> None:
@@ -306,7 +296,8 @@ class BlockOffloader:
                 return self.store.batch_put(keys, rows, copy=False)
             del rows  # the batch exceeds the host budget: the generic path keeps its lead
         if self.gather is None:
-            host_caches = [_host_cache(c) for c in caches]
+            host_caches = [_as_host(c, "caches", "arrays numpy converts (the default gather)")
+                           for c in caches]
             row_shape = (len(ids), len(caches), *caches[0].shape[1:])
             buf = np.empty(row_shape, dtype=host_caches[0].dtype)
             for layer, c in enumerate(host_caches):
