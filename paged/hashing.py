@@ -32,7 +32,7 @@ from .validate import (
 
 __all__ = ["HASH_ALGOS", "VLLM_DEFAULT_SEED", "DYNAMO_ROUTER_SEED", "hash_blocks",
            "hash_blocks_words", "digests_to_words", "words_to_digests", "block_key",
-           "vllm_none_hash", "host_backend"]
+           "vllm_none_hash", "host_backend", "check_prefix_chain"]
 
 #: vLLM's NONE_HASH seed for the SHA-256 hash functions when PYTHONHASHSEED is unset.
 VLLM_DEFAULT_SEED = "vllm-none-hash"
@@ -346,3 +346,37 @@ def hash_blocks(tokens, block_size: int, *, cu_lens=None, salt=None, extra=None,
     if algo == "dynamo-xxh3":
         return _dynamo_xxh3(tokens, cu, bs, seed)
     return _dynamo_kvbm(tokens, cu, bs, salt, parent, seed)
+
+
+def check_prefix_chain(hash_fn, block_size: int, name: str = "hash_fn") -> None:
+    """Check that ``hash_fn(tokens_i32, block_size, salt=None, parent=...) -> list[bytes]``
+    can key a prefix cache: each block's hash depends on every block before it (two prefixes
+    ending in the same block differ), and hashing the next block with ``parent=`` the previous
+    hash gives the whole prefix's hash (a PrefixCache hashes blocks as they fill). Raises a
+    ValueError naming ``name`` otherwise: a cache keyed by, say, Dynamo's local block hashes
+    (``dynamo-xxh3``, one block on its own) would serve KV computed after another prefix.
+    Probes with three blocks of token ids 0 .. 3 * block_size - 1."""
+    bs = int(block_size)
+    x, y, z = (np.arange(i * bs, (i + 1) * bs, dtype=np.int32) for i in range(3))
+    try:
+        xy = list(hash_fn(np.concatenate([x, y]), bs, salt=None, parent=None))
+        zy = list(hash_fn(np.concatenate([z, y]), bs, salt=None, parent=None))
+        hx = list(hash_fn(x, bs, salt=None, parent=None))
+        y_after_x = list(hash_fn(y, bs, salt=None, parent=hx[0] if hx else None))
+    except Exception as e:  # noqa: BLE001 - re-raised with the argument named
+        raise ValueError(f"{name}: calling it as {name}(tokens_i32, block_size, salt=None, "
+                         f"parent=<a previous block's hash>) failed ({type(e).__name__}: "
+                         f"{e}); wrap a compatibility mode to that signature") from e
+    if len(xy) != 2 or len(zy) != 2 or len(hx) != 1 or len(y_after_x) != 1:
+        raise ValueError(f"{name}: expected one hash per full block, got {len(xy)} for 2 "
+                         f"blocks")
+    if xy[1] == zy[1]:
+        raise ValueError(f"{name}: not a prefix chain: a block's hash does not depend on the "
+                         f"blocks before it (as Dynamo's local block hashes, dynamo-xxh3), so "
+                         f"a prefix cache keyed by it would serve KV computed after another "
+                         f"prefix; use a chained hash (prefixkv-v1, vllm-sha256-cbor, "
+                         f"sglang-sha256, dynamo-kvbm)")
+    if y_after_x[0] != xy[1]:
+        raise ValueError(f"{name}: hashing a block with parent=<the previous block's hash> "
+                         f"does not give the hash the whole prefix gets, and a PrefixCache "
+                         f"hashes blocks as they fill: pass parent on to the chain")

@@ -113,7 +113,9 @@ class PrefixCache:
     num_blocks / block_size: the pool's size (block 0 is the null block).
     pool: an existing pool instead (its num_blocks/block_size win).
     hash_fn: ``hash_fn(tokens_i32, block_size, salt=..., parent=...) -> list[bytes]``;
-        prefixkv-v1 ``hash_blocks`` by default. Any function works (compat hashes): the index
+        prefixkv-v1 ``hash_blocks`` by default. A compatibility hash works when it is a prefix
+        chain that continues from ``parent`` (checked here,
+        :func:`~prefixkv.paged.hashing.check_prefix_chain`); the salt may be ignored, the index
         is namespaced by salt anyway.
     enable_caching: False turns hits and registration off (a plain paged allocator).
     shared_prefix / min_prefix_blocks / min_group_size: passed to :func:`plan_batch`.
@@ -129,6 +131,10 @@ class PrefixCache:
             pool = BlockPool(num_blocks, block_size, tier=tier)
         self.pool = pool
         self.block_size = pool.block_size
+        if hash_fn is not None:
+            from .hashing import check_prefix_chain
+
+            check_prefix_chain(hash_fn, self.block_size)
         self.hash_fn = hash_fn if hash_fn is not None else default_hash_fn
         self.enable_caching = enable_caching
         self.shared_prefix = shared_prefix

@@ -50,7 +50,9 @@ class Router:
 
     block_size: the workers' block size.
     hash_fn: the workers' hash function (prefixkv-v1 ``hash_blocks`` by default), called as
-        ``hash_fn(tokens_i32, block_size, salt=salt, parent=None) -> list[bytes]``.
+        ``hash_fn(tokens_i32, block_size, salt=salt, parent=None) -> list[bytes]``. It must
+        be a prefix chain (each block's hash depends on the blocks before it, as the
+        workers' PrefixCache checks), or leading overlaps count blocks of other prefixes.
     overlap_weight: weight of the blocks to prefill against the load (see module docstring).
     tiers: tier names whose events count ("device" only by default; add "host" etc. when a
         worker can onboard from them cheaply).

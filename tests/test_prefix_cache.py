@@ -141,6 +141,7 @@ def test_incremental_hashing_hashes_each_block_once():
         return list(hash_blocks(tokens, block_size, salt=salt, parent=parent))
 
     pc = PrefixCache(64, 4, hash_fn=counting)
+    calls.clear()  # the constructor's check_prefix_chain probe
     eng = SimEngine(pc)
     pc.add_request("a", list(range(10)))
     eng.run([("a", 10)])
@@ -483,3 +484,35 @@ def test_onboard_never_takes_the_last_token():
     assert pc.num_computed("r") == 0
     pc.onboard("r", 1)
     assert pc.num_computed("r") == 4
+
+
+def _algo(algo, **drop):
+    """A compatibility mode as a hash_fn (salt and parent passed on unless dropped)."""
+    def fn(tokens, block_size, *, salt=None, parent=None):
+        kw = {"salt": salt, "parent": parent}
+        for k in drop:
+            kw.pop(k)
+        return list(hash_blocks(np.asarray(tokens, np.int32), block_size, algo=algo, **kw))
+    return fn
+
+
+def test_hash_fn_must_be_a_prefix_chain():
+    """A hash that names a block on its own (Dynamo's local block hash, dynamo-xxh3) would
+    serve KV computed after another prefix: A+B then C+D cached, C+B hit 2 blocks where only
+    C is right. PrefixCache refuses such a hash_fn, and one that ignores parent= (it hashes
+    incrementally), naming hash_fn; chained modes are taken."""
+    pytest.importorskip("xxhash")
+    with pytest.raises(ValueError, match="hash_fn: not a prefix chain"):
+        PrefixCache(16, 4, hash_fn=_algo("dynamo-xxh3", salt=None, parent=None))
+    with pytest.raises(ValueError, match="hash_fn: hashing a block with parent="):
+        PrefixCache(16, 4, hash_fn=_algo("prefixkv-v1", parent=None))
+    with pytest.raises(ValueError, match="hash_fn: calling it as"):
+        PrefixCache(16, 4, hash_fn=lambda tokens, block_size: [])
+    for fn in (_algo("prefixkv-v1"), _algo("vllm-sha256-cbor"), sglang_hash):
+        pc = PrefixCache(16, 4, hash_fn=fn)
+        a, b, c, d = ([k] * 4 for k in (1, 2, 3, 4))
+        for rid, toks in (("ab", a + b + [9]), ("cd", c + d + [9])):
+            pc.add_request(rid, toks)
+            pc.step([(rid, 9)])
+            pc.free(rid)
+        assert pc.add_request("cb", c + b + [9]) == 4  # C only
