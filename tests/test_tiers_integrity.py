@@ -289,6 +289,8 @@ def test_disk_drops_a_record_with_a_corrupt_shape_field_and_takes_a_new_put(tmp_
 
 
 def test_old_format_record_reads_as_a_miss(tmp_path):
+    """A record of another format version (a worker of an older or newer release sharing the
+    directory) is a miss here, and stays for the workers that read it; a put replaces it."""
     k = _keys(1)[0]
     d = DiskTier(tmp_path)
     d.batch_put([k], [_full(2)])
@@ -301,9 +303,32 @@ def test_old_format_record_reads_as_a_miss(tmp_path):
     with pytest.raises(RecordError, match="format version 1"):
         decode_record(k, bytes(data))
     fresh = DiskTier(tmp_path)
+    log = EventLog()
+    fresh.events.subscribe(log)
     assert fresh.batch_get([k]) == [None] and fresh.stats.corrupt == 1
+    assert os.path.exists(p) and log.events == []  # kept, nothing "removed"
     assert fresh.batch_put([k], [_full(2)]) == [True]
     assert (fresh.batch_get([k])[0] == 2).all()
+
+
+def test_a_reader_without_the_writers_checksum_keeps_the_record(tmp_path, monkeypatch):
+    """Worker A writes xxh3_128 records (xxhash installed); worker B has the base install
+    (crc32 only): B misses but leaves A's files, which A still reads (B used to delete them,
+    and A lost its blocks)."""
+    pytest.importorskip("xxhash")
+    from prefixkv.paged.tiers import base
+
+    ks = _keys(3)
+    a = DiskTier(tmp_path, checksum="xxh3_128")
+    assert a.batch_put(ks, [_full(i) for i in range(3)]) == [True] * 3
+    monkeypatch.setattr(base, "_xxhash", lambda: None)  # B: no xxhash
+    b = DiskTier(tmp_path)
+    log = EventLog()
+    b.events.subscribe(log)
+    assert b.batch_get(ks) == [None] * 3 and b.stats.corrupt == 3 and log.events == []
+    assert all(os.path.exists(a.path(k)) for k in ks)
+    monkeypatch.undo()
+    assert [int(x.flat[0]) for x in a.batch_get(ks)] == [0, 1, 2]
 
 
 # -- namespace validation ------------------------------------------------------------------
@@ -336,3 +361,36 @@ def test_record_whose_payload_dtype_is_not_its_namespaces_is_refused():
     rec = record_bytes(key, np.zeros((2, 4), np.float16))
     with pytest.raises(RecordError, match="dtype"):
         decode_record(key, rec)
+
+
+def test_start_up_scan_survives_files_deleted_meanwhile_and_sweeps_dead_writes(tmp_path,
+                                                                               monkeypatch):
+    """Another process evicting a file while a new DiskTier scans: that file is skipped, the
+    others are all indexed (the scan used to stop at the first vanished file, leaving the
+    budget undercounted). Temporary files of a writer killed mid-write are deleted once
+    stale; a fresh one (a live writer's) is left alone."""
+    from prefixkv.paged.tiers import disk
+
+    ks = _keys(6)
+    d = DiskTier(tmp_path)
+    assert d.batch_put(ks, [_full(i) for i in range(6)]) == [True] * 6
+    ns_dir = os.path.dirname(d.path(ks[0]))
+    dead, live = os.path.join(ns_dir, ".tmp-dead.part"), os.path.join(ns_dir, ".tmp-live.part")
+    for f in (dead, live):
+        with open(f, "wb") as fh:
+            fh.write(b"x" * 100)
+    old = os.path.getmtime(dead) - disk.STALE_PART_SECONDS - 10
+    os.utime(dead, (old, old))
+    real = DiskTier._entries
+
+    def entries_then_evict(self, path):
+        es = real(self, path)
+        if path == ns_dir:  # another process deletes one block file after the listing
+            os.unlink(d.path(ks[0]))
+        return es
+
+    monkeypatch.setattr(DiskTier, "_entries", entries_then_evict)
+    fresh = DiskTier(tmp_path)
+    assert fresh.stats.errors == 0 and len(fresh._sizes) == 5
+    assert fresh.used_bytes == sum(os.path.getsize(d.path(k)) for k in ks[1:])
+    assert not os.path.exists(dead) and os.path.exists(live)

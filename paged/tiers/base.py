@@ -262,6 +262,12 @@ class UnexpectedLayout(RecordError):
     """A valid record of the key whose shape/dtype differs from what the caller expects."""
 
 
+class UnreadableHere(UnexpectedLayout):
+    """A record this process cannot verify: another format version, or a checksum algorithm
+    it lacks (xxh3_128 without ``xxhash``). A miss here, but the tiers keep it: a worker of
+    another version, or with the package, reads it (a shared disk or store)."""
+
+
 def decode_record(key: BlockKey, data, *, shape: Sequence[int] | None = None,
                   dtype: str | None = None) -> np.ndarray:
     """The block stored in ``data`` (bytes-like), verified against ``key`` and, when given,
@@ -276,7 +282,7 @@ def decode_record(key: BlockKey, data, *, shape: Sequence[int] | None = None,
     if magic != RECORD_MAGIC:
         raise RecordError("bad magic")
     if version != FORMAT_VERSION:
-        raise RecordError(f"format version {version}, expected {FORMAT_VERSION}")
+        raise UnreadableHere(f"format version {version}, expected {FORMAT_VERSION}")
     off = _FIXED.size
     fields_len = off + 8 * ndim + klen + dlen
     need = fields_len + _DIGEST_LEN + plen
@@ -288,7 +294,7 @@ def decode_record(key: BlockKey, data, *, shape: Sequence[int] | None = None,
     payload = mv[fields_len + _DIGEST_LEN:]
     got = _record_digest(alg, mv[:fields_len], payload)
     if got is None:
-        raise RecordError(f"checksum algorithm {alg} unavailable here")
+        raise UnreadableHere(f"checksum algorithm {alg} unavailable here")
     if got != bytes(mv[fields_len:fields_len + _DIGEST_LEN]):
         raise RecordError("checksum mismatch")
     stored_shape = struct.unpack_from(f"<{ndim}Q", mv, off)

@@ -5,8 +5,9 @@ record (header with format version, key, dtype, shape and a checksum of the head
 and payload; then the payload). A write
 goes to a temporary file in the same directory and is renamed over the final name
 (``os.replace``), optionally after ``fsync``, so a reader sees a whole record or none. A file
-that fails verification on read (corrupt, truncated, other key, other format version) is a
-miss and is deleted.
+that fails verification on read (corrupt, truncated, other key) is a miss and is deleted; one
+this process cannot verify (another format version, a checksum algorithm it lacks) is a miss
+and stays, for the processes that can.
 
 The blocks survive the process: a new ``DiskTier`` on the same root finds them (persistence
 across model reloads). ``budget_bytes`` (optional) bounds the files this tier object knows,
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -36,6 +38,9 @@ from .base import (
 )
 
 SUFFIX = ".kvb"
+#: Temporary files (``.tmp-*.part``) older than this are a writer killed mid-write: the start-up
+#: scan deletes them (a live writer's file is seconds old).
+STALE_PART_SECONDS = 3600
 
 
 class DiskTier(Tier):
@@ -67,23 +72,43 @@ class DiskTier(Tier):
         self._scan()
 
     def _scan(self) -> None:
-        """Index the block files already under root, oldest mtime first."""
+        """Index the block files already under root, oldest mtime first, entry by entry (a
+        file another process deletes meanwhile is skipped, not the rest of the scan), and
+        delete temporary files older than STALE_PART_SECONDS (a writer killed mid-write)."""
         found = []
-        try:
-            with os.scandir(self.root) as dirs:
-                for d in dirs:
-                    if not d.is_dir(follow_symlinks=False):
+        stale = time.time() - STALE_PART_SECONDS
+        for d in self._entries(self.root):
+            if not d.is_dir(follow_symlinks=False):
+                continue
+            for f in self._entries(d.path):
+                try:
+                    if not f.is_file(follow_symlinks=False):
                         continue
-                    with os.scandir(d.path) as files:
-                        for f in files:
-                            if f.name.endswith(SUFFIX) and f.is_file(follow_symlinks=False):
-                                st = f.stat()
-                                found.append((st.st_mtime_ns, f.path, st.st_size))
-        except OSError:
-            self.stats.errors += 1
+                    st = f.stat()
+                    if f.name.endswith(SUFFIX):
+                        found.append((st.st_mtime_ns, f.path, st.st_size))
+                    elif f.name.startswith(".tmp-") and f.name.endswith(".part") and (
+                            st.st_mtime < stale):
+                        os.unlink(f.path)
+                except FileNotFoundError:  # gone meanwhile (another process evicted it)
+                    continue
+                except OSError:
+                    self.stats.errors += 1
         for _, path, size in sorted(found):
             self._sizes[path] = size
             self.used_bytes += size
+
+    def _entries(self, path: str) -> list:
+        """The entries of a directory, [] when it cannot be listed (gone meanwhile: quietly;
+        another error: counted)."""
+        try:
+            with os.scandir(path) as it:
+                return list(it)
+        except FileNotFoundError:
+            return []
+        except OSError:
+            self.stats.errors += 1
+            return []
 
     def path(self, key: BlockKey) -> str:
         return os.path.join(self.root, key.namespace.digest(), key.block_hash.hex() + SUFFIX)
@@ -133,7 +158,8 @@ class DiskTier(Tier):
                 self.stats.corrupt += 1
                 self.stats.misses += 1
                 # A corrupt/truncated file is deleted; a shape/dtype the caller did not expect
-                # is a valid record of this key and stays.
+                # (a valid record of this key), another format version or a checksum this
+                # process cannot compute (another worker reads it) stays.
                 if not isinstance(e, UnexpectedLayout):
                     self._drop(p)
                     self._publish("removed", [k])
