@@ -16,6 +16,7 @@ from prefixkv.paged.reference import (
     write_kv_reference,
 )
 from prefixkv.paged.tiers import (
+    BlockKey,
     BlockOffloader,
     DiskTier,
     HostTier,
@@ -512,3 +513,24 @@ def test_torch_caches_offload_and_onboard_through_the_host_helpers(dtype):
             pc.step([(r, 2 * BS + 1)])
             pc.free(r)
     assert bad.offload_errors == 2 and len(got) == 1
+
+
+def test_offloading_a_block_the_host_holds_copies_and_evicts_nothing(tmp_path):
+    """A block onboarded from the host tier and evicted from the device again is offloaded
+    again: the host tier already holds it, so nothing is copied, no other host block is
+    evicted, and the slower tiers are not rewritten (the offload used to reserve room first,
+    evicting an unrelated block)."""
+    caches = [np.arange(4 * 16, dtype=np.float32).reshape(4, 4, 1, 4) + 100 * i
+              for i in range(2)]
+    row = caches[0][0].nbytes * 2
+    host, disk = HostTier(2 * row), DiskTier(tmp_path)
+    ns = Namespace("m")
+    off = BlockOffloader(TieredStore([host, disk]), ns, null_block=0)
+    h = [bytes([i]) * 32 for i in range(4)]
+    assert off.offload(caches, [1], [h[1]]) == [True]
+    assert off.offload(caches, [2], [h[2]]) == [True]
+    written = disk.stats.bytes_written
+    assert off.offload(caches, [2, 3], [h[2], h[3]]) == [True, True]  # 2 again, 3 new
+    assert host.stats.evictions == 1  # block 3 evicted block 1 (LRU), not block 2
+    assert [host.touch([BlockKey(x, ns)])[0] for x in h[1:]] == [False, True, True]
+    assert disk.stats.bytes_written - written == disk.stats.bytes_written // 3  # only 3

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from prefixkv.paged.events import EventLog
 from prefixkv.paged.reference import gather_blocks_reference, scatter_blocks_reference
 from prefixkv.paged.spec import numpy_dtype
 from prefixkv.paged.tiers import (
@@ -441,6 +442,27 @@ def test_disk_events_stored_evicted_and_corrupt_removed(tmp_path):
 
     assert replay(log.events) == {b"": {ks[2].block_hash: -1}}
     assert all(e.tier == "disk" for e in log.events)
+
+
+def test_tiered_store_events_carry_every_tiers_events(tmp_path):
+    """One subscription to a TieredStore follows the chain: each tier's events, in order,
+    with its own tier name (the store's bus used to publish nothing); block_size set on the
+    store reaches every tier (KVEvent.num_tokens)."""
+    v = np.ones(ROW, np.float32)
+    host, disk = HostTier(2 * v.nbytes), DiskTier(tmp_path)
+    store = TieredStore([host, disk])
+    store.block_size = 16
+    log, per_tier = EventLog(), {t.name: _log(t) for t in (host, disk)}
+    store.events.subscribe(log)
+    ks = _keys(3)
+    store.batch_put(ks[:2], [v, v])
+    store.batch_put(ks[2:], [v])         # the host evicts the first, the disk keeps all 3
+    assert store.batch_get(ks[:1])[0] is not None  # a disk hit, promoted into the host
+    assert {e.tier for e in log.events} == {"host", "disk"}
+    for name, tier_log in per_tier.items():
+        assert [e for e in log.events if e.tier == name] == tier_log.events
+    assert all(e.num_tokens == 16 * len(e.block_hashes) for e in log.events)
+    assert [e.kind for e in per_tier["host"].events].count("evicted") >= 1
 
 
 def test_host_events_replay_to_its_contents_under_a_random_stream():

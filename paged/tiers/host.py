@@ -114,6 +114,19 @@ class HostTier(Tier):
             return None
         return e
 
+    def touch(self, keys: Sequence[BlockKey], shape=None) -> list[bool]:
+        """Per key whether this tier holds it (of ``shape`` when given); the held ones become
+        the most recently used. A block offloaded again (onboarded, then evicted from the
+        device once more) needs no copy and evicts nothing."""
+        out = []
+        for k in keys:
+            e = self._lookup(k)
+            held = e is not None and (shape is None or e.array.shape == tuple(shape))
+            if held:
+                self._entries.move_to_end(k.storage_key())
+            out.append(held)
+        return out
+
     def batch_exists(self, keys: Sequence[BlockKey]) -> int:
         n = 0
         for k in keys:

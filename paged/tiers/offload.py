@@ -47,7 +47,11 @@ def _fits(a, key: BlockKey, shape, dtype) -> bool:
 
 
 class TieredStore(Tier):
-    """Tiers in lookup order (fastest first); write-through puts, promoting gets."""
+    """Tiers in lookup order (fastest first); write-through puts, promoting gets.
+
+    ``events`` carries every tier's own events (each with its tier's name), so one
+    subscription follows the whole chain; setting ``block_size`` sets it on every tier (it
+    feeds ``KVEvent.num_tokens``)."""
 
     name = "tiered"
 
@@ -60,8 +64,20 @@ class TieredStore(Tier):
             if not isinstance(t, Tier):
                 raise TypeError(f"tiers[{i}]: expected a Tier, got {type(t).__name__}")
         self.tiers = tiers
+        for t in tiers:
+            t.events.subscribe(self.events.publish)
         self.promote = bool(promote)
         self.tier_errors = {t.name: 0 for t in tiers}
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @block_size.setter
+    def block_size(self, value: int) -> None:
+        self._block_size = int(value)
+        for t in getattr(self, "tiers", ()):
+            t.block_size = self._block_size
 
     def _guard(self, tier: Tier, fn, default):
         try:
@@ -278,6 +294,18 @@ class BlockOffloader:
         if len(ids) == 0:
             return []
         host = _first_host(self.store)
+        if host is not None:  # blocks the host tier holds already: refreshed, not copied
+            held = host.touch(keys, (len(caches), *caches[0].shape[1:]))
+            if any(held):
+                todo = [i for i, h in enumerate(held) if not h]
+                out = [True] * len(keys)
+                if todo:
+                    got = self.offload(caches, np.asarray(ids[todo], dtype=np.int32),
+                                       [block_hashes[i] for i in todo],
+                                       namespace=ns)
+                    for i, r in zip(todo, got, strict=True):
+                        out[i] = r
+                return out
         if self.gather is None and host is not None and all(isinstance(c, np.ndarray)
                                                            for c in caches):
             # One copy per block, straight into host-tier memory (no staging buffer); the
