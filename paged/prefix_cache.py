@@ -368,6 +368,8 @@ class PrefixCache:
             raise ValueError(f"num_new_tokens: expected 0 <= num_new_tokens <= "
                              f"{limit - req.num_computed} (allocated, known tokens), "
                              f"got {num_new_tokens}")
+        if self.enable_caching:  # hash first: a hash_fn that raises leaves nothing counted
+            self._extend_hashes(req, end // self.block_size)
         req.num_computed = end
         req.copies = []
         if self.enable_caching:
@@ -416,6 +418,10 @@ class PrefixCache:
             for rid, n in batch:
                 self.allocate(rid, n)
             plan = self.plan(batch)
+            if self.enable_caching:  # hash the blocks the batch fills before committing any
+                for rid, n in batch:
+                    req = self._get(rid)
+                    self._extend_hashes(req, (req.num_computed + n) // self.block_size)
         except BaseException:
             self._undo_allocate(before)
             raise

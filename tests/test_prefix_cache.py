@@ -516,3 +516,32 @@ def test_hash_fn_must_be_a_prefix_chain():
             pc.step([(rid, 9)])
             pc.free(rid)
         assert pc.add_request("cb", c + b + [9]) == 4  # C only
+
+
+def test_a_hash_fn_raising_in_step_changes_nothing():
+    """hash_fn failing while step hashes the blocks it fills: step raises, the request is
+    where it was (it used to count the tokens computed with no plan returned, so the next
+    step read KV nobody wrote), and a retry succeeds."""
+    fail = [False]
+
+    def flaky(tokens, block_size, *, salt=None, parent=None):
+        if fail[0]:
+            raise RuntimeError("hash service down")
+        return list(hash_blocks(np.asarray(tokens, np.int32), block_size, salt=salt,
+                                parent=parent))
+
+    pc = PrefixCache(16, 4, hash_fn=flaky)
+    pc.add_request("a", list(range(10)))  # hashes the prompt's full blocks
+    pc.step([("a", 10)])
+    pc.append_tokens("a", [7, 8])  # decode tokens that fill block 2: hashed by the step
+    blocks, free = pc.blocks("a"), pc.pool.num_free
+    fail[0] = True
+    with pytest.raises(RuntimeError, match="hash service down"):
+        pc.step([("a", 2)])
+    assert pc.num_computed("a") == 10 and pc.blocks("a") == blocks
+    assert pc.pool.num_free == free
+    fail[0] = False
+    plan = pc.step([("a", 2)])
+    assert plan.num_tokens == 2 and pc.num_computed("a") == 12
+    assert pc.match(list(range(10)) + [7, 8, 0])[1] == 12
+    pc.pool.check_consistency()
