@@ -306,13 +306,23 @@ def _caches(rng, num_blocks=12, bs=4, h=2, d=8, dtype="float32", n=2):
     return [testing.random_values(rng, (num_blocks, bs, h, d), dtype) for _ in range(n)]
 
 
+@pytest.mark.parametrize("ffi", ["cpu_ffi", "xla_scatter"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_write_kv_exact(dtype):
+def test_write_kv_exact(dtype, ffi, monkeypatch):
+    """Negative slots skipped, rows past slot_mapping padding; both CPU routes: the FFI
+    kernel and the XLA scatter that GPUs and TPUs without Pallas take (slot -1 must not wrap
+    around to the cache's last slot)."""
+    if ffi == "xla_scatter":
+        from prefixkv.kernels.cpu import xla_ffi
+
+        monkeypatch.setattr(xla_ffi, "use_for", lambda *a, **k: False)
+    jax.clear_caches()  # the route is chosen at trace time: no trace of the other route
     rng = np.random.default_rng(12)
     kc, vc = _caches(rng, dtype=dtype)
     key = testing.random_values(rng, (7, 2, 8), dtype)
     value = testing.random_values(rng, (7, 2, 8), dtype)
-    slots = np.array([5, -1, 47, 0, 13, -3], np.int32)  # 6 of 7 rows: the last is padding
+    # 6 of 7 rows (the last is padding); -1 would wrap to the last slot, 47, left unwritten
+    slots = np.array([5, -1, 46, 0, 13, -3], np.int32)
     wk, wv = ref.write_kv_reference(key, value, kc, vc, slots)
     gk, gv = jf.write_kv(key, value, kc, vc, slots)
     np.testing.assert_array_equal(np.asarray(gk).view(np.uint8), wk.view(np.uint8))
@@ -439,11 +449,15 @@ def test_error_write_kv_duplicate_slots():
         jf.write_kv(key, key, kc, vc, np.array([3, 3], np.int32))
 
 
-def test_error_unknown_backend_lists_backends():
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_error_unknown_backend_lists_backends(jit):
+    """Eagerly and under jax.jit: an explicit backend is never dropped for the platform's
+    default."""
     b = _small_batch()
+    f = lambda *a: jf.paged_attention(*a, backend="cuda_magic")  # noqa: E731
     with pytest.raises(jf.BackendError,
                        match=r"unknown backend 'cuda_magic'(.|\n)*- xla: could run"):
-        jf.paged_attention(*b.args(), backend="cuda_magic")
+        (jax.jit(f) if jit else f)(*b.args())
 
 
 def test_error_backend_for_other_platform(monkeypatch):

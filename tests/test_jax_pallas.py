@@ -93,6 +93,24 @@ def test_gather_scatter_pallas():
         np.testing.assert_array_equal(_bits(g), _bits(w))
 
 
+def test_pallas_cache_kernels_skip_out_of_range_ids_under_jit(pallas_races):
+    """Under jit nothing checks index values: a scatter id -1 or a write_kv slot past the
+    cache is skipped, never clamped onto block 0 / the last slot."""
+    cache = jnp.arange(4 * 2 * 1 * 4, dtype=jnp.float32).reshape(4, 2, 1, 4)
+    buf = -jnp.ones((2, 1, 2, 1, 4), jnp.float32)
+    (got,) = jax.jit(lambda c, b, i: jf.scatter_blocks([c], b, i, backend=BACKEND))(
+        cache, buf, jnp.array([-1, 2], jnp.int32))
+    want = np.array(cache)
+    want[2] = -1
+    np.testing.assert_array_equal(np.asarray(got), want)
+    key = -jnp.ones((3, 1, 4), jnp.float32)
+    k2, _ = jax.jit(lambda k, v, kc, vc, s: jf.write_kv(k, v, kc, vc, s, backend=BACKEND))(
+        key, key, cache, cache, jnp.array([0, 100, -1], jnp.int32))
+    want = np.array(cache).reshape(8, 1, 4)
+    want[0] = -1
+    np.testing.assert_array_equal(np.asarray(k2).reshape(8, 1, 4), want)
+
+
 @pytest.mark.parametrize("per_step", [1, 2, 3])
 def test_pallas_cache_kernels_several_items_per_grid_step(per_step):
     """Each grid step starts the DMAs of ``per_step`` rows or blocks, then waits: a last step

@@ -1215,3 +1215,81 @@ def test_torch_device_route_drops_out_of_range_writes_without_sync():
     _native._write_kv_no_sync(T(key), T(key), kc, vc, torch.tensor([5, 8, 10**6],
                                                                    dtype=torch.int32))
     assert N(kc).tobytes() == N(T(wk)).tobytes() and N(vc).tobytes() == N(T(wv)).tobytes()
+
+
+# ---------------------------------------- cases the frontend mutation review found untested
+
+
+def _paged_vs_reference(seqs, **kw):
+    batch_kw = {k: kw.pop(k) for k in ("num_q_heads", "num_kv_heads", "head_dim", "block_size")
+                if k in kw}
+    b = testing.make_ragged_batch(np.random.default_rng(0), seqs,
+                                  sliding_window=kw.get("sliding_window"), **batch_kw)
+    want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **kw)
+    got, got_lse = tf.paged_attention(*(T(a) for a in b.args()), return_lse=True, **kw)
+    close(got, want, "float32")
+    fin = np.isfinite(want_lse)
+    assert (np.isneginf(N(got_lse)) == ~fin).all()
+    np.testing.assert_allclose(N(got_lse)[fin], want_lse[fin], atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_noncausal_long_prefill_is_not_tiled_as_causal():
+    """A non-causal batch with more query tokens than PREFILL_Q_TILE must not take the
+    causal tiled prefill."""
+    _paged_vs_reference([(300, 310), (3, 10)], block_size=16, head_dim=8, num_q_heads=2,
+                        num_kv_heads=1, causal=False)
+
+
+def test_cpu_window_over_many_key_chunks_masks_every_chunk():
+    """A window over a context of several key chunks: chunks entirely below every row's
+    causal end still need the window mask (their keys may be NaN: freed blocks)."""
+    _paged_vs_reference([(300, 4500)], block_size=16, head_dim=8, num_q_heads=8,
+                        num_kv_heads=8, sliding_window=64)
+
+
+def test_cpu_cascade_tokens_as_many_as_sequences_but_not_decode():
+    """As many query tokens as sequences, with uneven query lengths (0, 2, 1, ...), through a
+    prefix group big enough to run as a cascade: not a decode batch."""
+    b = testing.make_shared_prefix_batch(np.random.default_rng(0), [64],
+                                         [(0, 0, 3), (0, 2, 5)] + [(0, 1, 4)] * 62,
+                                         head_dim=8, decode=False)
+    want = ref.shared_prefix_attention_reference(*b.args())
+    close(tf.shared_prefix_attention(*(T(a) for a in b.args())), want, "float32")
+
+
+def test_copy_blocks_caches_at_one_address_with_other_strides_are_two_caches():
+    base = torch.arange(8 * 4, dtype=torch.float32).view(8, 4).clone()
+    c1, c2 = base[:4], base[::2]  # same address and shape, other memory: rows 0, 2, 4, 6
+    want = base.clone()
+    want[3] = want[1]  # c1[3] = c1[1]
+    want[6] = want[2]  # c2[3] = c2[1]
+    tf.copy_blocks([c1, c2], torch.tensor([1], dtype=torch.int32),
+                   torch.tensor([3], dtype=torch.int32))
+    assert torch.equal(base, want)
+
+
+def test_scatter_blocks_refuses_repeated_destinations():
+    caches = [torch.zeros(4, 2, 1, 4), torch.zeros(4, 2, 1, 4)]
+    buf = torch.randn(2, 2, 2, 1, 4)
+    with pytest.raises(ValueError, match="block_ids"):
+        tf.scatter_blocks(caches, buf, torch.tensor([1, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="block_ids"):
+        tf.scatter_blocks_from_host(caches, buf.numpy(), [2, 2])
+    assert not any(c.any() for c in caches)
+
+
+@pytest.mark.parametrize("layout", ["key_before_cache", "cache_before_key"])
+def test_write_kv_rows_adjacent_to_the_cache_in_one_buffer_are_not_overlap(layout):
+    """Key rows right before or after the cache in one storage (an arena) share no memory
+    with it: accepted, written exactly."""
+    nb, bs, h, d = 4, 2, 1, 4
+    cache_n, key_n = nb * bs * h * d, 2 * h * d
+    buf = torch.zeros(cache_n + key_n + cache_n)
+    if layout == "key_before_cache":
+        key, kc = buf[:key_n].view(2, h, d), buf[key_n:key_n + cache_n].view(nb, bs, h, d)
+    else:
+        kc, key = buf[:cache_n].view(nb, bs, h, d), buf[cache_n:cache_n + key_n].view(2, h, d)
+    key.copy_(torch.arange(key_n, dtype=torch.float32).view(2, h, d) + 1)
+    vc = torch.zeros(nb, bs, h, d)
+    tf.write_kv(key, torch.ones(2, h, d), kc, vc, torch.tensor([0, 3], dtype=torch.int32))
+    assert torch.equal(kc.view(-1, h, d)[[0, 3]], key)
