@@ -328,14 +328,7 @@ class PrefixCache:
 
     def blocks_needed(self, request_id, num_new_tokens: int) -> int:
         """Free blocks :meth:`allocate` would take for ``num_new_tokens`` (CoW copies included)."""
-        req = self._get(request_id)
-        bs = self.block_size
-        end = req.num_computed + num_new_tokens
-        self._check_new(req, num_new_tokens)
-        if num_new_tokens == 0:
-            return 0
-        existing = range(req.num_computed // bs, min(-(-end // bs), len(req.blocks)))
-        return max(-(-end // bs) - len(req.blocks), 0) + len(self._shared_blocks(req, existing))
+        return self.batch_blocks_needed([(request_id, num_new_tokens)])
 
     def batch_blocks_needed(self, batch: Iterable[tuple[Hashable, int]]) -> int:
         """Free blocks allocating the whole ``batch`` ([(request_id, num_new_tokens)]) takes

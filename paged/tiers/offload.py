@@ -289,23 +289,24 @@ class BlockOffloader:
         """Store blocks ``block_ids`` of ``caches`` under ``block_hashes``; per block whether
         some tier holds it now."""
         ns = namespace or self.namespace
-        ids = self._check(caches, block_ids, block_hashes, ns)
+        ids = np.asarray(self._check(caches, block_ids, block_hashes, ns), dtype=np.int32)
         keys = self.keys(block_hashes, ns)
-        if len(ids) == 0:
-            return []
         host = _first_host(self.store)
-        if host is not None:  # blocks the host tier holds already: refreshed, not copied
-            held = host.touch(keys, (len(caches), *caches[0].shape[1:]))
-            if any(held):
-                todo = [i for i, h in enumerate(held) if not h]
-                out = [True] * len(keys)
-                if todo:
-                    got = self.offload(caches, np.asarray(ids[todo], dtype=np.int32),
-                                       [block_hashes[i] for i in todo],
-                                       namespace=ns)
-                    for i, r in zip(todo, got, strict=True):
-                        out[i] = r
-                return out
+        out = [True] * len(keys)
+        todo = list(range(len(keys)))
+        if host is not None and todo:  # blocks the host tier holds already: refreshed, not
+            held = host.touch(keys, (len(caches), *caches[0].shape[1:]))  # copied again
+            todo = [i for i, h in enumerate(held) if not h]
+        if todo:
+            stored = self._put(caches, ids[todo], [keys[i] for i in todo], host)
+            for i, r in zip(todo, stored, strict=True):
+                out[i] = r
+        return out
+
+    def _put(self, caches, ids: np.ndarray, keys: list[BlockKey], host: HostTier | None
+             ) -> list[bool]:
+        """Copy blocks ``ids`` (validated, int32) of ``caches`` out and put them under
+        ``keys``; per block whether some tier holds it now."""
         if self.gather is None and host is not None and all(isinstance(c, np.ndarray)
                                                            for c in caches):
             # One copy per block, straight into host-tier memory (no staging buffer); the
@@ -331,8 +332,7 @@ class BlockOffloader:
             for layer, c in enumerate(host_caches):
                 np.take(c, ids, axis=0, out=buf[:, layer], mode="clip")
         else:
-            buf = _host_rows(self.gather(caches, np.asarray(block_ids, dtype=np.int32)),
-                             len(ids))
+            buf = _host_rows(self.gather(caches, ids), len(ids))
         return self.store.batch_put(keys, list(buf))
 
     def lookup(self, block_hashes: Sequence, *, namespace: Namespace | None = None) -> int:
