@@ -258,10 +258,8 @@ class HostTier(Tier):
 
     def _put_one(self, k: BlockKey, sk: str, v: np.ndarray, copy: bool, protect: set[str],
                  stored: list[BlockKey]) -> bool:
-        old = self._lookup(k)
-        if old is not None and old.array.shape == v.shape:
-            # Already stored: same key means same content (content-addressed); refresh LRU.
-            self._entries.move_to_end(sk)
+        if self.touch([k], v.shape)[0]:
+            # Already stored: same key means same content (content-addressed); LRU refreshed.
             protect.add(sk)
             return True
         if sk in self._entries:  # stale entry under the same name: replace
