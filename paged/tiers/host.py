@@ -163,10 +163,15 @@ class HostTier(Tier):
     # -- memory ------------------------------------------------------------------------------
     def _pop_lru(self, protect: frozenset | set) -> np.ndarray | None:
         """Evict the least recently used entry not in ``protect``; its array (dropped unless
-        the caller keeps it), or None when every entry is protected."""
-        sk = next((k for k in self._entries if k not in protect), None)
-        if sk is None:
+        the caller keeps it), or None when every entry is protected.
+
+        ``protect`` names only entries the tier holds (a batch_put's own blocks; reserve drops
+        the others from its argument), so as many protected names as entries means every entry
+        is protected: answered without a scan. A batch over the budget then refuses each
+        further block in O(1) instead of scanning the whole tier for it."""
+        if len(protect) >= len(self._entries):
             return None
+        sk = next(k for k in self._entries if k not in protect)
         e = self._entries.pop(sk)
         self.used_bytes -= e.nbytes
         self.stats.evictions += 1
@@ -188,6 +193,12 @@ class HostTier(Tier):
         allocation or page faults when the tier is full). Fewer than ``n`` when the budget
         holds fewer. Fill them and hand them over with ``batch_put(..., copy=False)`` before
         any other call on this tier."""
+        if protect:  # only the names of held entries protect anything (see _pop_lru)
+            protect = {sk for sk in protect if sk in self._entries}
+        return self._reserve(n, shape, dtype, protect)
+
+    def _reserve(self, n: int, shape, dtype, protect: frozenset | set) -> list[np.ndarray]:
+        """:meth:`reserve` with ``protect`` naming held entries only (batch_put's own set)."""
         shape = tuple(int(s) for s in shape)
         dt = numpy_dtype(dtype_str(dtype))
         nb = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
@@ -269,7 +280,7 @@ class HostTier(Tier):
         nbytes = int(v.nbytes)
         if copy or not v.flags.c_contiguous:
             # room made by reserve, which reuses an evicted array of this shape
-            got = self.reserve(1, v.shape, v.dtype, protect=protect)
+            got = self._reserve(1, v.shape, v.dtype, protect)
             if not got:
                 self.stats.rejected += 1
                 return False
