@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import numpy as np
-from prefixkv.paged.tiers import BlockKey, HostTier, Namespace
+from prefixkv.paged.tiers import BlockKey, DiskTier, HostTier, Namespace
+from prefixkv.paged.tiers.base import record_bytes
 
 ROW = (2, 1, 1, 8)  # tiny blocks: the cost under test is bookkeeping
 C = 200             # blocks the budget holds
@@ -71,3 +72,19 @@ def test_host_reserve_protect_ignores_names_it_does_not_hold():
     assert len(h.reserve(1, ROW, "float32", protect=protect)) == 1
     assert ks[0] not in h and ks[1] in h
 
+
+# -- disk tier -------------------------------------------------------------------------------
+
+def test_disk_put_over_budget_scans_linearly(tmp_path):
+    """The disk tier's put of 2n blocks into a budget of n: the first n are written, each later
+    one is refused without scanning the n files this put protects (formerly n * n)."""
+    n = 100
+    v = _row()
+    size = len(record_bytes(_keys(1)[0], v))
+    d = DiskTier(tmp_path, budget_bytes=n * size)
+    d.batch_put(_keys(n, start=10_000), [v] * n)  # older files, evicted by the put
+    d._sizes = _CountingOrderedDict(d._sizes)
+    assert d.batch_put(_keys(2 * n), [v] * (2 * n)) == [True] * n + [False] * n
+    assert d.batch_exists(_keys(2 * n)) == n and d.used_bytes == n * size
+    assert d.stats.rejected == n and d.stats.evictions == n
+    assert d._sizes.scanned <= 4 * n, d._sizes.scanned

@@ -192,9 +192,12 @@ class DiskTier(Tier):
             stored, self._stored = self._stored, []
             self._publish("stored", stored)
         while self.used_bytes + nbytes > self.budget_bytes:
-            oldest = next((p for p in self._sizes if p not in protect), None)
-            if oldest is None:
+            # ``protect`` names files this put wrote, all indexed and newest: as many of them
+            # as indexed files means nothing can go (known without a scan, so a put over the
+            # budget refuses each further block in O(1))
+            if len(protect) >= len(self._sizes):
                 break
+            oldest = next(p for p in self._sizes if p not in protect)
             key = self._known.get(oldest)
             self._drop(oldest)
             self.stats.evictions += 1
