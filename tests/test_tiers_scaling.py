@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import numpy as np
-from prefixkv.paged.tiers import BlockKey, DiskTier, HostTier, Namespace
+from prefixkv.paged.tiers import BlockKey, DiskTier, HostTier, Namespace, TieredStore
 from prefixkv.paged.tiers.base import record_bytes
 
 ROW = (2, 1, 1, 8)  # tiny blocks: the cost under test is bookkeeping
@@ -88,3 +88,62 @@ def test_disk_put_over_budget_scans_linearly(tmp_path):
     assert d.batch_exists(_keys(2 * n)) == n and d.used_bytes == n * size
     assert d.stats.rejected == n and d.stats.evictions == n
     assert d._sizes.scanned <= 4 * n, d._sizes.scanned
+
+
+# -- chain -----------------------------------------------------------------------------------
+
+class _CountingHost(HostTier):
+    """A host tier that counts the keys handed to its batch_exists."""
+
+    def __init__(self, *a, name="host", **kw):
+        super().__init__(*a, **kw)
+        self.name = name
+        self.asked = 0
+
+    def batch_exists(self, keys):
+        self.asked += len(keys)
+        return super().batch_exists(keys)
+
+
+def _alternating(n):
+    ks = _keys(n)
+    a, b = _CountingHost(1 << 30), _CountingHost(1 << 30, name="host2")
+    a.batch_put(ks[0::2], [_row()] * len(ks[0::2]))
+    b.batch_put(ks[1::2], [_row()] * len(ks[1::2]))
+    return ks, a, b
+
+
+def test_chain_exists_over_alternating_tiers_is_linear():
+    """Leading keys alternating between two tiers: each round advances one key. The keys handed
+    to the tiers grow linearly with n (the former code handed each tier keys[pos:] per round:
+    n * n / 2 each)."""
+    asked = {}
+    for n in (512, 2048):
+        ks, a, b = _alternating(n)
+        assert TieredStore([a, b], promote=False).batch_exists(ks) == n
+        asked[n] = a.asked + b.asked
+    assert asked[2048] <= 5 * asked[512], asked  # quadratic: 16x
+    assert asked[2048] <= 2 * (TieredStore.EXISTS_WINDOW + 2) * 2048, asked
+
+
+def test_chain_exists_counts_leading_keys_some_tier_holds():
+    """Against the definition, for placements with runs shorter and longer than the first
+    window: the count of leading keys each held by some tier."""
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        n = int(rng.integers(0, 300))
+        ks = _keys(n)
+        tiers = [_CountingHost(1 << 30, name=f"t{i}") for i in range(3)]
+        runs = rng.integers(1, 100, 40)  # the first window is 32 keys
+        pos, held = 0, [set() for _ in tiers]
+        for r in runs:
+            t = int(rng.integers(0, 4))  # 3: nobody holds this run
+            for i in range(pos, min(n, pos + int(r))):
+                if t < 3:
+                    held[t].add(i)
+            pos += int(r)
+        for t, h in zip(tiers, held, strict=True):
+            if h:
+                t.batch_put([ks[i] for i in sorted(h)], [_row()] * len(h))
+        want = next((i for i in range(n) if not any(i in h for h in held)), n)
+        assert TieredStore(tiers, promote=False).batch_exists(ks) == want

@@ -89,14 +89,32 @@ class TieredStore(Tier):
             self.tier_errors[tier.name] = self.tier_errors.get(tier.name, 0) + 1
             return default
 
+    #: Keys in the first window :meth:`batch_exists` asks a tier about; the window doubles
+    #: while the tier holds all of it.
+    EXISTS_WINDOW = 32
+
+    def _run(self, t: Tier, keys: list, pos: int) -> int:
+        """The leading keys of ``keys[pos:]`` that ``t`` holds, asked in doubling windows: the
+        keys handed to ``t`` are at most twice the answer plus one window, however many
+        keys follow (a tier may copy the whole list it is given)."""
+        run, w = 0, self.EXISTS_WINDOW
+        while pos + run < len(keys):
+            window = keys[pos + run:pos + run + w]
+            got = min(self._guard(t, lambda t=t, window=window: t.batch_exists(window), 0),
+                      len(window))
+            run += got
+            if got < len(window):
+                break
+            w *= 2
+        return run
+
     def batch_exists(self, keys):
         keys = list(keys)
         pos = 0
         while pos < len(keys):
             best = 0
             for t in self.tiers:
-                rest = keys[pos:]
-                best = max(best, self._guard(t, lambda t=t, rest=rest: t.batch_exists(rest), 0))
+                best = max(best, self._run(t, keys, pos))
                 if pos + best >= len(keys):
                     break
             if best == 0:
