@@ -8,7 +8,15 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import numpy as np
-from prefixkv.paged.tiers import BlockKey, DiskTier, HostTier, Namespace, TieredStore
+from prefixkv.paged.prefix_cache import PrefixCache
+from prefixkv.paged.tiers import (
+    BlockKey,
+    BlockOffloader,
+    DiskTier,
+    HostTier,
+    Namespace,
+    TieredStore,
+)
 from prefixkv.paged.tiers.base import record_bytes
 
 ROW = (2, 1, 1, 8)  # tiny blocks: the cost under test is bookkeeping
@@ -147,3 +155,68 @@ def test_chain_exists_counts_leading_keys_some_tier_holds():
                 t.batch_put([ks[i] for i in sorted(h)], [_row()] * len(h))
         want = next((i for i in range(n) if not any(i in h for h in held)), n)
         assert TieredStore(tiers, promote=False).batch_exists(ks) == want
+
+
+# -- onboarding ------------------------------------------------------------------------------
+
+class _CountingDisk(DiskTier):
+    """A disk tier that counts the keys handed to its batch_get."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.read = 0
+
+    def batch_get(self, keys, **kw):
+        self.read += len(keys)
+        return super().batch_get(keys, **kw)
+
+
+def _chain(tmp_path, n):
+    """A host + disk chain whose disk holds blocks 1..n-1 of ``hashes`` (block 0 missing)."""
+    disk = _CountingDisk(tmp_path)
+    store = TieredStore([HostTier(1 << 30), disk])
+    off = BlockOffloader(store, _ns())
+    hashes = [i.to_bytes(8, "big") for i in range(n)]
+    disk.batch_put(off.keys(hashes[1:]), [_row(i) for i in range(1, n)])
+    return store, disk, off, hashes
+
+
+def test_onboard_reads_only_the_leading_hits(tmp_path):
+    """Block 0 missing, the 199 after it on disk: nothing is read or promoted (they were all
+    read, checksummed, promoted into the host tier and dropped). With block 0 back and block
+    50 gone, exactly the leading 50 are read."""
+    n = 200
+    store, disk, off, hashes = _chain(tmp_path, n)
+    caches = [np.zeros((n + 1, *ROW[1:]), np.float32) for _ in range(ROW[0])]
+    ids = np.arange(1, n + 1, dtype=np.int32)
+    _, got = off.onboard(caches, ids, hashes)
+    assert got == 0 and disk.read == 0 and disk.stats.bytes_read == 0
+    assert len(store.tiers[0]) == 0  # nothing promoted
+    disk.batch_put(off.keys(hashes[:1]), [_row(0)])
+    disk.batch_remove(off.keys(hashes[50:51]))
+    caches, got = off.onboard(caches, ids, hashes)
+    assert got == 50 and disk.read == 50 and len(store.tiers[0]) == 50
+    assert all((caches[0][b] == i).all() for i, b in enumerate(ids[:50].tolist()))
+
+
+def test_onboard_request_reads_nothing_past_a_miss_or_the_free_blocks(tmp_path):
+    """onboard_request of a prompt whose first block is missing reads no block; one whose
+    blocks are all stored reads only as many as the pool has free."""
+    bs, n = 4, 100
+    tokens = list(range(1000, 1000 + bs * n + 1))
+    pc = PrefixCache(num_blocks=n + 10, block_size=bs)
+    pc.add_request("a", tokens)
+    hashes = pc.request_hashes("a")[:n]
+    disk = _CountingDisk(tmp_path)
+    store = TieredStore([HostTier(1 << 30), disk])
+    off = BlockOffloader(store, _ns())
+    row = (ROW[0], bs, *ROW[2:])
+    disk.batch_put(off.keys(hashes[1:]), [np.ones(row, np.float32)] * (n - 1))
+    caches = [np.zeros((n + 10, *row[1:]), np.float32) for _ in range(row[0])]
+    assert off.onboard_request(pc, "a", caches)[1] == 0
+    assert disk.read == 0 and len(store.tiers[0]) == 0
+    disk.batch_put(off.keys(hashes[:1]), [np.ones(row, np.float32)])
+    small = PrefixCache(num_blocks=11, block_size=bs)  # 10 usable blocks
+    small.add_request("a", tokens)
+    assert off.onboard_request(small, "a", caches)[1] == 10
+    assert disk.read == 10 and len(store.tiers[0]) == 10

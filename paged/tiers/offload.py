@@ -361,11 +361,17 @@ class BlockOffloader:
               namespace: Namespace | None = None) -> list[np.ndarray]:
         """The leading stored blocks of ``block_hashes``, verified (key, namespace, checksum by
         the tiers; shape ``row_shape`` = [len(caches), *block_shape] and ``dtype`` here),
-        read-only. Stops at the first miss."""
+        read-only. Stops at the first miss: only the leading blocks some tier holds
+        (``batch_exists``) are read, so a missing block is never followed by reads (nor
+        promotions) of blocks that could not be used."""
         ns = namespace or self.namespace
         row_shape = tuple(int(d) for d in row_shape)
         want = dtype_str(dtype)
-        got = self.store.batch_get(self.keys(block_hashes, ns), shape=row_shape, dtype=want)
+        keys = self.keys(block_hashes, ns)
+        n = self.store.batch_exists(keys)
+        if n <= 0:
+            return []
+        got = self.store.batch_get(keys[:n], shape=row_shape, dtype=want)
         rows = []
         for a in got:
             # Belt and braces: the tiers verified key, namespace and checksum; re-check layout.
@@ -430,10 +436,12 @@ class BlockOffloader:
         if cap <= first:
             return caches, 0
         ns = self.namespace.with_salt(pc.namespace(request_id))
-        hashes = pc.request_hashes(request_id)[first:cap]
+        # what the pool can take (evicting cached blocks): no block past it is read
+        hashes = pc.request_hashes(request_id)[first:min(cap, first + pc.pool.num_free)]
+        if not hashes:
+            return caches, 0
         rows = self.fetch(hashes, (len(caches), *caches[0].shape[1:]), caches[0].dtype,
                           namespace=ns)
-        rows = rows[:pc.pool.num_free]  # what the pool can take (evicting cached blocks)
         if not rows:
             return caches, 0
         held = len(pc.blocks(request_id))
