@@ -220,3 +220,56 @@ def test_onboard_request_reads_nothing_past_a_miss_or_the_free_blocks(tmp_path):
     small.add_request("a", tokens)
     assert off.onboard_request(small, "a", caches)[1] == 10
     assert disk.read == 10 and len(store.tiers[0]) == 10
+
+
+# -- offload of an eviction batch over the host budget ------------------------------------------
+
+BIG = (2, 16, 8, 64)  # 64 KiB blocks: the memory under test dwarfs the bookkeeping
+
+
+def _offload_peak(store, n, chunk_bytes=None):
+    """(results, peak bytes allocated) of offloading n numpy blocks (block i holds i)."""
+    import tracemalloc
+
+    caches = [np.stack([np.full(BIG[1:], i, np.float32) for i in range(n + 1)])
+              for _ in range(BIG[0])]
+    off = BlockOffloader(store, _ns())
+    if chunk_bytes is not None:
+        off.overflow_chunk_bytes = chunk_bytes
+    hashes = [i.to_bytes(8, "big") for i in range(n)]
+    tracemalloc.start()
+    try:
+        res = off.offload(caches, np.arange(1, n + 1, dtype=np.int32), hashes)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return res, peak, off, hashes
+
+
+def test_offload_over_a_lone_host_tier_allocates_within_its_budget():
+    """256 blocks into a host tier of 8: the leading 8 are kept, the rest dropped, and the
+    memory allocated stays within the budget (it gathered all 256 blocks first: 32x)."""
+    row = int(np.prod(BIG)) * 4
+    host = HostTier(8 * row)
+    res, peak, off, hashes = _offload_peak(host, 256)
+    assert res == [True] * 8 + [False] * 248
+    assert host.batch_exists(off.keys(hashes)) == 8 and len(host) == 8
+    assert host.stats.rejected == 248 and host.stats.puts == 8
+    assert peak <= 8 * row + 2 * row, peak  # + keys, lists
+
+
+def test_offload_over_the_host_tier_feeds_lower_tiers_in_chunks(tmp_path):
+    """The same batch into host (8 blocks) + disk: the host keeps the leading 8, the disk gets
+    all 256, copied out 4 blocks at a time (peak: budget + one chunk); every block comes back
+    bit for bit; stats as one put of the batch."""
+    row = int(np.prod(BIG)) * 4
+    host, disk = HostTier(8 * row), DiskTier(tmp_path)
+    store = TieredStore([host, disk])
+    res, peak, off, hashes = _offload_peak(store, 256, chunk_bytes=4 * row)
+    assert res == [True] * 256
+    assert host.batch_exists(off.keys(hashes)) == 8 and len(host) == 8
+    assert disk.batch_exists(off.keys(hashes)) == 256
+    assert host.stats.rejected == 248 and store.stats.puts == 256 and store.stats.rejected == 0
+    assert peak <= 8 * row + 4 * row + 3 * row, peak  # + keys, paths, lists
+    got = store.batch_get(off.keys(hashes), shape=BIG, dtype="float32")
+    assert all(g is not None and (g == i + 1).all() for i, g in enumerate(got))

@@ -32,7 +32,16 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .. import validate
-from .base import BlockKey, Namespace, RecordError, Tier, TierStats, check_values, dtype_str
+from .base import (
+    BlockKey,
+    Namespace,
+    RecordError,
+    Tier,
+    TierStats,
+    check_values,
+    dtype_str,
+    first_occurrences,
+)
 from .host import HostTier
 
 
@@ -153,9 +162,15 @@ class TieredStore(Tier):
         """copy=False: values are fresh C-contiguous arrays the first tier may adopt when it is
         a :class:`HostTier` (see :meth:`HostTier.batch_put`)."""
         check_values(keys, values)
-        keys, values = list(keys), list(values)
-        stored = [False] * len(keys)
-        for level, t in enumerate(self.tiers):
+        return self._put_from(0, list(keys), list(values), copy=copy)
+
+    def _put_from(self, start: int, keys: list, values: list, *, copy: bool = True,
+                  stored: list[bool] | None = None) -> list[bool]:
+        """Write-through to ``tiers[start:]`` only (the tiers above refused these blocks, or
+        hold the ones ``stored`` marks); per key whether some tier holds it. Counted in
+        ``stats`` as a put of ``keys``."""
+        stored = [False] * len(keys) if stored is None else list(stored)
+        for level, t in enumerate(self.tiers[start:], start):
             if level == 0 and isinstance(t, HostTier):
                 def call(t=t):
                     return (t.batch_put(keys, values, copy=copy))
@@ -222,6 +237,16 @@ def _numpy_caches(caches) -> None:
                             f"{type(c).__module__}.{type(c).__name__}; {_PASS_OPS}")
 
 
+def _copy_rows(caches: list[np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """Blocks ``ids`` of numpy ``caches`` as rows [len(ids), len(caches), *block_shape], one
+    copy per block (np.take into the strided ``rows[:, layer]`` would stage another)."""
+    rows = np.empty((len(ids), len(caches), *caches[0].shape[1:]), dtype=caches[0].dtype)
+    for dst, b in zip(rows, ids.tolist(), strict=True):
+        for layer, c in enumerate(caches):
+            dst[layer] = c[b]
+    return rows
+
+
 def _first_host(store: Tier) -> HostTier | None:
     if isinstance(store, HostTier):
         return store
@@ -263,6 +288,9 @@ class BlockOffloader:
         self.gather = gather
         self.scatter = scatter
         self.null_block = None if null_block is None else int(null_block)
+        #: Bytes of blocks copied out at a time for the tiers below the host tier when an
+        #: offload batch exceeds the host tier's budget (bounds the memory of that copy).
+        self.overflow_chunk_bytes = 64 << 20
         #: offloads on eviction that failed (the blocks were not offloaded: a later miss).
         self.offload_errors = 0
         #: onboard_request calls whose load failed and were rolled back to a miss.
@@ -334,14 +362,21 @@ class BlockOffloader:
                 return host.reserve(len(ids), row_shape, caches[0].dtype)
             # a failing allocator (pinned memory) is a tier fault: counted, then the generic
             # path below (whose put the chain guards too)
-            rows = (self.store._guard(host, reserve, []) if isinstance(self.store, TieredStore)
-                    else reserve())
-            if len(rows) == len(ids):
-                for dst, b in zip(rows, ids.tolist(), strict=True):
+            rows = (self.store._guard(host, reserve, None)
+                    if isinstance(self.store, TieredStore) else reserve())
+            if rows is not None:  # None: the allocator failed, the generic path tries again
+                r = len(rows)
+                for dst, b in zip(rows, ids[:r].tolist(), strict=True):
                     for layer, c in enumerate(caches):
                         dst[layer] = c[b]
-                return self.store.batch_put(keys, rows, copy=False)
-            del rows  # the batch exceeds the host budget: the generic path keeps its lead
+                if r == len(ids):
+                    return self.store.batch_put(keys, rows, copy=False)
+                # The batch exceeds the host budget: the host keeps the leading r blocks (as
+                # its put of the whole batch would) and only the rest is copied again, in
+                # bounded chunks, for the tiers below it.
+                out = self.store.batch_put(keys[:r], rows, copy=False) if r else []
+                del rows
+                return out + self._put_below(caches, ids[r:], keys[r:], host)
         if self.gather is None:
             host_caches = [_as_host(c, "caches", "arrays numpy converts (the default gather)")
                            for c in caches]
@@ -352,6 +387,31 @@ class BlockOffloader:
         else:
             buf = _host_rows(self.gather(caches, ids), len(ids))
         return self.store.batch_put(keys, list(buf))
+
+    def _put_below(self, caches, ids: np.ndarray, keys: list[BlockKey], host: HostTier
+                   ) -> list[bool]:
+        """Blocks ``ids`` (numpy caches) past what the host tier ``host`` has room for: put
+        into the tiers below it (a :class:`TieredStore`'s), copied out at most
+        ``overflow_chunk_bytes`` at a time, so the memory this takes is bounded however
+        large the batch; where no tier is below (a lone host tier) they are dropped. The host
+        counts them refused, as its put of the whole batch did. Per block whether some tier
+        holds it (a repeat of a block the host kept: True)."""
+        held = [k in host for k in keys]
+        firsts, _ = first_occurrences(keys)
+        host.stats.rejected += sum(not held[i] for i in firsts)
+        store = self.store
+        if not isinstance(store, TieredStore):
+            return held
+        if len(store.tiers) == 1:
+            return store._put_from(1, keys, [], stored=held)
+        row_bytes = len(caches) * caches[0][:1].nbytes
+        step = max(1, self.overflow_chunk_bytes // max(row_bytes, 1))
+        out: list[bool] = []
+        for i in range(0, len(ids), step):
+            rows = list(_copy_rows(caches, ids[i:i + step]))
+            out += store._put_from(1, keys[i:i + step], rows, stored=held[i:i + step])
+            del rows  # before the next chunk is copied
+        return out
 
     def lookup(self, block_hashes: Sequence, *, namespace: Namespace | None = None) -> int:
         """Number of leading blocks some tier holds."""
