@@ -101,16 +101,21 @@ def test_disk_put_over_budget_scans_linearly(tmp_path):
 # -- chain -----------------------------------------------------------------------------------
 
 class _CountingHost(HostTier):
-    """A host tier that counts the keys handed to its batch_exists."""
+    """A host tier that counts the keys handed to its batch_exists (and batch_get)."""
 
     def __init__(self, *a, name="host", **kw):
         super().__init__(*a, **kw)
         self.name = name
         self.asked = 0
+        self.read = 0
 
     def batch_exists(self, keys):
         self.asked += len(keys)
         return super().batch_exists(keys)
+
+    def batch_get(self, keys, **kw):
+        self.read += len(keys)
+        return super().batch_get(keys, **kw)
 
 
 def _alternating(n):
@@ -197,6 +202,19 @@ def test_onboard_reads_only_the_leading_hits(tmp_path):
     caches, got = off.onboard(caches, ids, hashes)
     assert got == 50 and disk.read == 50 and len(store.tiers[0]) == 50
     assert all((caches[0][b] == i).all() for i, b in enumerate(ids[:50].tolist()))
+
+
+def test_onboard_of_a_long_prompt_looks_up_keys_up_to_the_first_miss():
+    """5000 blocks asked, the tier holds the leading 100: the keys looked up and read are
+    O(100), not O(5000) (every key was read; then every key was looked up)."""
+    n, hits = 5000, 100
+    store = _CountingHost(1 << 30)
+    off = BlockOffloader(store, _ns())
+    hashes = [i.to_bytes(8, "big") for i in range(n)]
+    store.batch_put(off.keys(hashes[:hits]), [_row(i) for i in range(hits)])
+    rows = off.fetch(hashes, ROW, "float32")
+    assert len(rows) == hits and all((r == i).all() for i, r in enumerate(rows))
+    assert store.read == hits and store.asked <= 3 * (hits + 32), store.asked
 
 
 def test_onboard_request_reads_nothing_past_a_miss_or_the_free_blocks(tmp_path):

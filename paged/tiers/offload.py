@@ -427,8 +427,15 @@ class BlockOffloader:
         ns = namespace or self.namespace
         row_shape = tuple(int(d) for d in row_shape)
         want = dtype_str(dtype)
-        keys = self.keys(block_hashes, ns)
-        n = self.store.batch_exists(keys)
+        # keys made and looked up in doubling windows: a miss early in a long prompt costs
+        # the keys before it (and one window), not a key per block
+        keys: list[BlockKey] = []
+        n, w = 0, 32
+        while n == len(keys) < len(block_hashes):
+            more = self.keys(block_hashes[n:n + w], ns)
+            keys += more
+            n += min(self.store.batch_exists(more), len(more))
+            w *= 2
         if n <= 0:
             return []
         got = self.store.batch_get(keys[:n], shape=row_shape, dtype=want)
