@@ -17,10 +17,12 @@ On the trace of ``bench/bench_pool.py`` this measured faster than the same pool 
 ``collections.OrderedDict`` (~1.4x), over numpy ref counts (~2.7x: per-call overhead on
 ~100-block batches) and than one Python object per block with an intrusive list (~1.6x).
 
-The index is ``{namespace: {block_hash: block_id}}``: the salt namespace is part of the key,
-so a hit can never cross namespaces even if two namespaces produced the same hash (a
-compatibility hash that ignores the salt). One block per (namespace, hash): registering a hash
-that is already cached leaves the new block uncached (it is freed as empty).
+The index is ``{namespace: {block_hash: block_id}}``, holding only namespaces with a cached
+block (one emptied by eviction or unregistering is dropped, so per-user salts do not pile up):
+the salt namespace is part of the key, so a hit can never cross namespaces even if two
+namespaces produced the same hash (a compatibility hash that ignores the salt). One block
+per (namespace, hash): registering a hash that is already cached leaves the new block uncached
+(it is freed as empty).
 
 Every change of the index is published on :attr:`events` (see :mod:`prefixkv.paged.events`),
 after the pool's own bookkeeping: a subscriber always sees (and may check) a consistent pool.
@@ -111,7 +113,7 @@ class BlockPool:
     @property
     def num_cached(self) -> int:
         """Blocks registered under a hash (in use or free)."""
-        return sum(len(d) for d in self._index.values())
+        return sum(len(d) for d in self._index.values())  # O(namespaces with a cached block)
 
     @property
     def usage(self) -> float:
@@ -235,7 +237,10 @@ class BlockPool:
         b = nxt[sentinel]
         for _ in range(n):
             append(b)
-            del index[spaces[b]][hashes[b]]
+            d = index[spaces[b]]
+            del d[hashes[b]]
+            if not d:  # no namespace without a cached block: salts seen come and go
+                del index[spaces[b]]
             b = nxt[b]
         nxt[sentinel] = b
         self._prev[b] = sentinel
@@ -344,7 +349,7 @@ class BlockPool:
                              f"got {len(block_hashes)}")
         d = self._index.get(namespace)
         if d is None:
-            d = self._index[namespace] = {}
+            d = {}  # in the index only once something is registered in it
         hashes = self._hash
         spaces = self._ns
         publish = bool(self.events)
@@ -367,6 +372,8 @@ class BlockPool:
             else:
                 run = None
             prev = h
+        if count and namespace not in self._index:
+            self._index[namespace] = d
         if publish and runs:
             bs = self.block_size
             self._publish_all([KVEvent(STORED, tuple(hs), parent, self.tier, namespace,
@@ -391,7 +398,10 @@ class BlockPool:
             if h is None:
                 continue
             ns = self._ns[b]
-            del self._index[ns][h]
+            d = self._index[ns]
+            del d[h]
+            if not d:
+                del self._index[ns]
             self._hash[b] = None
             self._ns[b] = None
             if self.ref_counts[b] == 0:
@@ -453,6 +463,8 @@ class BlockPool:
                 raise AssertionError(f"block {b}: empty but cached")
         seen = 0
         for ns, d in self._index.items():
+            if not d:
+                raise AssertionError(f"namespace {ns!r} kept in the index with no cached block")
             for h, b in d.items():
                 seen += 1
                 if self._hash[b] != h or self._ns[b] != ns:

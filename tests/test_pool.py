@@ -113,6 +113,28 @@ def test_namespace_of():
         namespace_of(3)
 
 
+def test_namespaces_without_cached_blocks_are_dropped():
+    """Per-user salts: the index holds only namespaces with a cached block, however many salts
+    came and went (it kept an empty dict for every salt ever seen, so its memory and
+    num_cached grew with them)."""
+    pool = BlockPool(5, 4)  # 4 usable blocks: each salt's 2 blocks evict an older salt's
+    for i in range(100):
+        b = pool.allocate(2)
+        assert pool.register(b, [h(1), h(2)], namespace_of(f"user-{i}")) == 2
+        pool.free(b)
+        pool.check_consistency()
+    assert sorted(pool._index) == [b"user-98", b"user-99"] and pool.num_cached == 4
+    held = pool.lookup([h(1), h(2)], b"user-99")
+    pool.touch(held)
+    assert pool.unregister(held) == 2  # unregistering the last block drops the namespace
+    assert list(pool._index) == [b"user-98"]
+    # a register that registers nothing (the block already has a hash) adds no namespace
+    old = pool.lookup([h(1)], b"user-98")
+    assert pool.register(old, [h(7)], b"nobody") == 0 and b"nobody" not in pool._index
+    pool.free(held)
+    pool.check_consistency()
+
+
 def test_register_duplicate_hash_leaves_block_uncached():
     pool = BlockPool(8, 4)
     a, b = pool.allocate(2)
