@@ -51,9 +51,10 @@ class _Request:
     __slots__ = ("tokens", "array", "salt", "namespace", "blocks", "num_computed", "hashes",
                  "num_registered", "_row", "copies")
 
-    def __init__(self, tokens: np.ndarray, salt, namespace: bytes) -> None:
+    def __init__(self, tokens: np.ndarray, salt, namespace: bytes,
+                 token_list: list[int] | None = None) -> None:
         self.array = tokens             # int32; a prefix of self.tokens (hashing reads it)
-        self.tokens = tokens.tolist()
+        self.tokens = tokens.tolist() if token_list is None else token_list
         self.salt = salt
         self.namespace = namespace
         self.blocks: list[int] = []
@@ -70,8 +71,7 @@ class _Request:
         return self._row
 
     def copy(self) -> _Request:
-        r = _Request(self.array, self.salt, self.namespace)
-        r.tokens = list(self.tokens)
+        r = _Request(self.array, self.salt, self.namespace, list(self.tokens))
         r.blocks = list(self.blocks)
         r.num_computed = self.num_computed
         r.hashes = list(self.hashes)
@@ -97,6 +97,19 @@ def _token_array(tokens, name: str = "tokens") -> np.ndarray:
         raise ValueError(f"{name}: expected token ids in [0, 2**31), got min {int(arr.min())} "
                          f"max {int(arr.max())}")
     return arr.astype(np.int32, copy=False)
+
+
+def _token_list(tokens, name: str = "tokens") -> list[int]:
+    """:func:`_token_array` as a list of Python ints. A short list or tuple of Python ints in
+    range (a sampled token) is checked in Python, with no array built; anything else goes
+    through :func:`_token_array`, which raises its errors."""
+    if type(tokens) in (list, tuple) and len(tokens) <= 16:
+        for t in tokens:
+            if type(t) is not int or not 0 <= t <= 0x7FFFFFFF:
+                break
+        else:
+            return list(tokens)
+    return _token_array(tokens, name).tolist()
 
 
 def _count(value, name: str) -> int:
@@ -244,7 +257,7 @@ class PrefixCache:
 
     def append_tokens(self, request_id, token_ids) -> None:
         """Append known tokens (e.g. the sampled one); a later step computes their KV."""
-        self._get(request_id).tokens.extend(_token_array(token_ids, "token_ids").tolist())
+        self._get(request_id).tokens.extend(_token_list(token_ids, "token_ids"))
 
     def onboard(self, request_id, num_blocks: int) -> list[int]:
         """Allocate ``num_blocks`` blocks for the request's next full blocks, whose KV a lower
@@ -465,8 +478,9 @@ class PrefixCache:
             self.pool.free(req.blocks[keep:])
             del req.blocks[keep:]
             req._row = None
-            held = set(req.blocks)  # pending copies into freed blocks are void
-            req.copies = [p for p in req.copies if p[1] in held]
+            if req.copies:  # pending copies into freed blocks are void
+                held = set(req.blocks)
+                req.copies = [p for p in req.copies if p[1] in held]
         del req.hashes[num_tokens // bs:]
         req.num_registered = min(req.num_registered, req.num_computed // bs)
 

@@ -545,3 +545,89 @@ def test_a_hash_fn_raising_in_step_changes_nothing():
     assert plan.num_tokens == 2 and pc.num_computed("a") == 12
     assert pc.match(list(range(10)) + [7, 8, 0])[1] == 12
     pc.pool.check_consistency()
+
+
+class _CountingList(list):
+    """A request's block list that counts the entries copied out of it (iteration, slices)."""
+
+    copied = 0
+
+    def __iter__(self):
+        _CountingList.copied += len(self)
+        return super().__iter__()
+
+    def __getitem__(self, i):
+        out = super().__getitem__(i)
+        if isinstance(i, slice):
+            _CountingList.copied += len(out)
+        return out
+
+
+class _CountingArray(np.ndarray):
+    """A request's token array that counts its conversions to a list."""
+
+    tolists = 0
+
+    def tolist(self):
+        _CountingArray.tolists += 1
+        return super().tolist()
+
+
+def test_fork_and_truncate_do_no_whole_request_work():
+    """fork converts the prompt to a list once (it did twice, one thrown away) and truncate
+    freeing one block does not scan the request's blocks (it built set(blocks) to filter the
+    pending copies, almost always none)."""
+    pc = make(num_blocks=300, block_size=4)
+    pc.add_request("a", list(range(200)))
+    pc.step([("a", 200)])
+    req = pc._requests["a"]
+    req.array = req.array.view(_CountingArray)
+    _CountingArray.tolists = 0
+    pc.fork("a", "b")
+    assert _CountingArray.tolists == 0 and pc.tokens("b") == pc.tokens("a")
+    pc.append_tokens("a", [1, 2, 3, 4, 5])
+    pc.step([("a", 5)])                     # 2 new blocks
+    req.blocks = _CountingList(req.blocks)
+    _CountingList.copied = 0
+    pc.truncate("a", 202)                   # frees the last block
+    assert _CountingList.copied <= 1 and len(pc.blocks("a")) == 51
+    pc.free("a")
+    pc.free("b")
+    pc.pool.check_consistency()
+
+
+def test_append_tokens_of_python_ints_builds_no_array(monkeypatch):
+    """A sampled token (a short list of Python ints) is checked in Python, with no numpy array
+    built (14 us a call); other input goes through the array checks with the same errors."""
+    from prefixkv.paged import prefix_cache as pcm
+
+    calls = []
+    real = pcm._token_array
+    monkeypatch.setattr(pcm, "_token_array", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pc = make()
+    pc.add_request("a", [1, 2, 3])
+    del calls[:]
+    pc.append_tokens("a", [7])
+    pc.append_tokens("a", (8, 2**31 - 1))
+    assert calls == [] and pc.tokens("a") == [1, 2, 3, 7, 8, 2**31 - 1]
+    pc.append_tokens("a", [np.int64(9)])
+    pc.append_tokens("a", np.array([10], np.int64))
+    assert len(calls) == 2 and pc.tokens("a")[-2:] == [9, 10]
+    assert all(type(t) is int for t in pc.tokens("a"))
+
+
+@pytest.mark.parametrize("tokens, exc, match", [
+    ([True], TypeError, r"token_ids\[0\]: expected an int token id, got True"),
+    ([1, 2.0], TypeError, r"token_ids\[1\]: expected an int token id, got 2.0"),
+    ([-1], ValueError, r"token_ids: expected token ids in \[0, 2\*\*31\), got min -1 max -1"),
+    ([5, 2**31], ValueError, r"token_ids: expected token ids in \[0, 2\*\*31\), got min 5 "
+                             r"max 2147483648"),
+    (np.zeros((1, 1), np.int32), ValueError, r"token_ids: expected a 1-D integer array"),
+], ids=["bool", "float", "negative", "too-large", "2d"])
+def test_append_tokens_checks(tokens, exc, match):
+    pc = make()
+    pc.add_request("a", [1, 2, 3])
+    with pytest.raises(exc, match=match):
+        pc.append_tokens("a", tokens)
+    assert pc.tokens("a") == [1, 2, 3]
+
