@@ -89,8 +89,8 @@ class EngineConfig:
         return out
 
 
-@dataclass
-class _Seq:
+@dataclass(eq=False)  # identity: the scheduler's membership tests and removals stay O(1) per
+class _Seq:           # sequence (field-wise __eq__ made each step O(running^2))
     req: Request
     rid: int
     tokens: list[int]
@@ -382,7 +382,7 @@ class Engine:
                 while need > pc.pool.num_free - claimed:
                     # preempt the youngest sequence not yet scheduled this step; when every
                     # other one is scheduled, this one is the youngest (vLLM's policy)
-                    scheduled = [it[0] for it in items]
+                    scheduled = {it[0] for it in items}
                     victims = [s for s in running if s is not seq and s not in scheduled]
                     preempt(victims[-1] if victims else seq)
                     if not victims:
