@@ -76,7 +76,11 @@ class Router:
         self.tiers = tuple(tiers)
         self._tier_slot = {t: i for i, t in enumerate(self.tiers)}
         self._index: dict[bytes, dict[bytes, int]] = {}
+        # {bit: {namespace: hashes}}: what each (worker, tier) bit is set on in the index, so
+        # clearing a worker's tier walks its own blocks, not the whole index
+        self._held: dict[int, dict[bytes, set[bytes]]] = {}
         self._workers: dict[Hashable, int] = {}  # worker -> slot
+        self._slot_worker: dict[int, Hashable] = {}
         self._unsubscribe: dict[Hashable, Callable[[], None]] = {}
         self._loads: dict[Hashable, float] = {}
         self._free_slots: list[int] = []
@@ -97,6 +101,7 @@ class Router:
         if slot == self._next_slot:
             self._next_slot += 1
         self._workers[worker_id] = slot
+        self._slot_worker[slot] = worker_id
         self._loads[worker_id] = 0.0
 
         def apply(event: KVEvent) -> None:
@@ -109,11 +114,14 @@ class Router:
     def remove_worker(self, worker_id: Hashable) -> None:
         """Forget a worker and every block it reported."""
         slot = self._workers.pop(worker_id)
+        del self._slot_worker[slot]
         self._loads.pop(worker_id, None)
         unsub = self._unsubscribe.pop(worker_id, None)
         if unsub is not None:
             unsub()
-        self._clear_bits(self._worker_mask(slot))
+        t = len(self.tiers)
+        for pos in range(slot * t, slot * t + t):
+            self._clear_bit(pos)
         self._free_slots.append(slot)
 
     def set_load(self, worker_id: Hashable, load: float) -> None:
@@ -132,22 +140,23 @@ class Router:
         if worker_id not in self._workers:
             raise KeyError(f"worker_id: unknown worker {worker_id!r}; known: {self.workers}")
 
-    def _worker_mask(self, slot: int) -> int:
-        t = len(self.tiers)
-        return ((1 << t) - 1) << (slot * t)
-
-    def _clear_bits(self, mask: int) -> None:
-        keep = ~mask
-        for ns in list(self._index):
-            d = self._index[ns]
-            for h in [h for h, m in d.items() if m & mask]:
+    def _clear_bit(self, pos: int) -> None:
+        """Clear bit ``pos`` (one worker's tier) on every hash it is set on: O(those hashes)."""
+        held = self._held.pop(pos, None)
+        if not held:
+            return
+        keep = ~(1 << pos)
+        index = self._index
+        for ns, hashes in held.items():
+            d = index[ns]
+            for h in hashes:
                 m = d[h] & keep
                 if m:
                     d[h] = m
                 else:
                     del d[h]
             if not d:
-                del self._index[ns]
+                del index[ns]
 
     # ------------------------------------------------------------------ events
     def apply(self, worker_id: Hashable, event: KVEvent) -> None:
@@ -158,32 +167,50 @@ class Router:
         t = self._tier_slot.get(event.tier)
         if t is None:
             return
-        bit = 1 << (slot * len(self.tiers) + t)
+        pos = slot * len(self.tiers) + t
+        bit = 1 << pos
         kind = event.kind
+        ns = event.namespace
         if kind == STORED:
-            d = self._index.get(event.namespace)
+            if not event.block_hashes:
+                return
+            d = self._index.get(ns)
             if d is None:
-                d = self._index[event.namespace] = {}
+                d = self._index[ns] = {}
             get = d.get
             for h in event.block_hashes:
                 d[h] = get(h, 0) | bit
+            held = self._held.get(pos)
+            if held is None:
+                held = self._held[pos] = {}
+            hs = held.get(ns)
+            if hs is None:
+                held[ns] = set(event.block_hashes)
+            else:
+                hs.update(event.block_hashes)
         elif kind in (REMOVED, EVICTED):
-            d = self._index.get(event.namespace)
-            if d is None:
-                return
+            held = self._held.get(pos)
+            hs = None if held is None else held.get(ns)
+            if not hs:
+                return  # none of its hashes is set for this worker's tier
+            d = self._index[ns]
             keep = ~bit
             for h in event.block_hashes:
-                m = d.get(h)
-                if m is not None:
-                    m &= keep
+                if h in hs:
+                    hs.remove(h)
+                    m = d[h] & keep
                     if m:
                         d[h] = m
                     else:
                         del d[h]
+            if not hs:
+                del held[ns]
+                if not held:
+                    del self._held[pos]
             if not d:
-                del self._index[event.namespace]
+                del self._index[ns]
         elif kind == CLEARED:
-            self._clear_bits(bit)
+            self._clear_bit(pos)
         else:
             raise ValueError(f"event.kind: expected stored/removed/evicted/cleared, got {kind!r}")
 
@@ -192,7 +219,10 @@ class Router:
         """Hashes of the blocks a worker could hit: full blocks, never the last token."""
         from .prefix_cache import _token_array
 
-        toks = _token_array(tokens)  # ints in [0, 2**31), never silently truncated floats
+        # ints in [0, 2**31), never silently truncated floats
+        return self._request_hashes(_token_array(tokens), salt)
+
+    def _request_hashes(self, toks: np.ndarray, salt) -> list[bytes]:
         cap = max(len(toks) - 1, 0) // self.block_size
         if cap == 0:
             return []
@@ -227,12 +257,13 @@ class Router:
                     break
         if alive:
             stop[alive] = len(block_hashes)
-        for w, slot in self._workers.items():
-            b = 1 << (slot * t)
-            for mask, n in stop.items():
-                if mask & b:
-                    out[w] = n
-                    break
+        # every worker's bit is in exactly one mask: read each mask's bits, O(workers)
+        slot_worker = self._slot_worker
+        for mask, n in stop.items():
+            while mask:
+                low = mask & -mask
+                out[slot_worker[(low.bit_length() - 1) // t]] = n
+                mask ^= low
         return out
 
     def overlaps(self, tokens, salt=None) -> dict:
@@ -243,9 +274,12 @@ class Router:
         """Choose a worker for a request (see the module docstring for the cost)."""
         if not self._workers:
             raise ValueError("Router: no workers added")
-        n_tokens = int(np.asarray(tokens).reshape(-1).shape[0])
-        num_blocks = -(-n_tokens // self.block_size)
-        overlaps = self.overlaps(tokens, salt)
+        from .prefix_cache import _token_array
+
+        toks = _token_array(tokens)  # converted once (a list was converted twice)
+        num_blocks = -(-len(toks) // self.block_size)
+        overlaps = self.overlaps_for_hashes(self._request_hashes(toks, salt),
+                                            namespace_of(salt))
         costs = {w: self.overlap_weight * (num_blocks - o) + self._loads[w]
                  for w, o in overlaps.items()}
         order = {w: i for i, w in enumerate(self._workers)}
@@ -255,10 +289,5 @@ class Router:
     def cached_hashes(self, worker_id: Hashable, tier: str = "device") -> dict:
         """{namespace: set of hashes} the router believes ``worker_id`` holds in ``tier``."""
         self._check_worker(worker_id)
-        bit = 1 << (self._workers[worker_id] * len(self.tiers) + self._tier_slot[tier])
-        out = {}
-        for ns, d in self._index.items():
-            s = {h for h, m in d.items() if m & bit}
-            if s:
-                out[ns] = s
-        return out
+        pos = self._workers[worker_id] * len(self.tiers) + self._tier_slot[tier]
+        return {ns: set(hs) for ns, hs in self._held.get(pos, {}).items() if hs}
