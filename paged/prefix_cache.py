@@ -49,7 +49,7 @@ def default_hash_fn(tokens: np.ndarray, block_size: int, *, salt=None,
 
 class _Request:
     __slots__ = ("tokens", "array", "salt", "namespace", "blocks", "num_computed", "hashes",
-                 "num_registered", "_row", "copies")
+                 "num_registered", "_row", "_row_len", "copies")
 
     def __init__(self, tokens: np.ndarray, salt, namespace: bytes,
                  token_list: list[int] | None = None) -> None:
@@ -61,14 +61,34 @@ class _Request:
         self.num_computed = 0          # tokens whose KV is in blocks
         self.hashes: list[bytes] = []  # hash chain of the first len(hashes) full blocks
         self.num_registered = 0        # leading blocks registered (or found) in the index
-        self._row = None               # int32 copy of blocks for plans; None = stale
+        self._row = None               # int32 copy of blocks[:_row_len], room to append;
+        self._row_len = 0              # None = stale (a block changed in place, or removed)
         self.copies: list[tuple[int, int]] = []  # CoW pairs allocated, not yet committed
 
     def row(self) -> np.ndarray:
-        """The blocks as int32 (cached between steps: decode steps rarely change them)."""
-        if self._row is None:
-            self._row = np.array(self.blocks, dtype=np.int32)
-        return self._row
+        """The blocks as int32 (cached between steps: decode steps rarely change them).
+
+        Blocks appended since the last call are copied into spare room at the end (a decode
+        step that starts a block copies one id, not the whole row); a view handed out earlier
+        is never written, as only positions past every earlier view's end are. Changing or
+        removing blocks sets ``_row`` to None: the next call builds a fresh array."""
+        blocks = self.blocks
+        n = len(blocks)
+        row = self._row
+        if row is None:
+            row = np.empty(n + (n >> 2) + 8, dtype=np.int32)
+            row[:n] = blocks
+        elif n > self._row_len:
+            if n > row.size:
+                grown = np.empty(n + (n >> 2) + 8, dtype=np.int32)
+                grown[:self._row_len] = row[:self._row_len]
+                row = grown
+            row[self._row_len:n] = blocks[self._row_len:]
+        else:
+            return row[:n]
+        self._row = row
+        self._row_len = n
+        return row[:n]
 
     def copy(self) -> _Request:
         r = _Request(self.array, self.salt, self.namespace, list(self.tokens))
@@ -276,8 +296,7 @@ class PrefixCache:
                              f"{max((len(req.tokens) - 1) // bs - first, 0)} (full blocks, not "
                              f"the last token), got {num_blocks}")
         new = self.pool.allocate(num_blocks)
-        req.blocks.extend(new)
-        req._row = None
+        req.blocks.extend(new)  # appended: row() copies them in
         req.num_computed = last * bs
         if self.enable_caching:
             self._register(req)
@@ -290,17 +309,28 @@ class PrefixCache:
         NoFreeBlocksError, changing nothing, when the pool is short.
         """
         req = self._get(request_id)
+        self._check_new(req, num_new_tokens)
+        return self._allocate(req, int(num_new_tokens))
+
+    def _allocate(self, req: _Request, num_new_tokens: int) -> list[tuple[int, int]]:
+        """:meth:`allocate` of a checked ``num_new_tokens`` (a Python int)."""
+        if num_new_tokens == 0:
+            return []
         bs = self.block_size
         start = req.num_computed
         end = start + num_new_tokens
-        self._check_new(req, num_new_tokens)
-        if num_new_tokens == 0:
-            return []
         pool = self.pool
         first = start // bs
-        touched_existing = range(first, min(-(-end // bs), len(req.blocks)))
-        cow = self._shared_blocks(req, touched_existing)
-        need = max(-(-end // bs) - len(req.blocks), 0) + len(cow)
+        last = -(-end // bs)
+        blocks = req.blocks
+        touched_existing = range(first, min(last, len(blocks)))
+        cow = []  # indices of the blocks written into that other requests hold too
+        if touched_existing:
+            ref = pool.ref_counts
+            for i in touched_existing:
+                if ref[blocks[i]] > 1:
+                    cow.append(i)
+        need = max(last - len(blocks), 0) + len(cow)
         if need > pool.num_free:
             raise NoFreeBlocksError(f"num_new_tokens: {num_new_tokens} tokens need {need} blocks, "
                                     f"{pool.num_free} free")
@@ -314,16 +344,18 @@ class PrefixCache:
                 pairs.append((src, dst))
             pool.free([s for s, _ in pairs])
             req.copies.extend(pairs)  # plan() puts them in its copy_src / copy_dst
-        stale = [req.blocks[i] for i in touched_existing
-                 if pool.block_hash(req.blocks[i]) is not None]
-        if stale:
-            pool.unregister(stale)
+        if touched_existing:
+            stale = []  # registered blocks written into: their hash goes first
+            for i in touched_existing:
+                if pool.block_hash(blocks[i]) is not None:
+                    stale.append(blocks[i])
+            if stale:
+                pool.unregister(stale)
         if first < req.num_registered:
             req.num_registered = first
-        grow = -(-end // bs) - len(req.blocks)
+        grow = last - len(blocks)
         if grow > 0:
-            req.blocks.extend(pool.allocate(grow))
-            req._row = None
+            req.blocks.extend(pool.allocate(grow))  # appended: row() copies them in
         return pairs
 
     @staticmethod
@@ -335,10 +367,6 @@ class PrefixCache:
                              f"{len(req.tokens) - req.num_computed} (known tokens not computed "
                              f"yet), got {num_new_tokens!r}")
 
-    def _shared_blocks(self, req: _Request, indices: range) -> list[int]:
-        ref = self.pool.ref_counts
-        return [i for i in indices if ref[req.blocks[i]] > 1]
-
     def blocks_needed(self, request_id, num_new_tokens: int) -> int:
         """Free blocks :meth:`allocate` would take for ``num_new_tokens`` (CoW copies included)."""
         return self.batch_blocks_needed([(request_id, num_new_tokens)])
@@ -348,20 +376,42 @@ class PrefixCache:
         (what :meth:`step` checks first): each request's new blocks, plus one
         copy per write into a shared block while the block stays shared (k writers of a
         block held r times copy min(k, r - 1) times: the last holder writes in place)."""
+        return self._blocks_needed(self._checked(batch))
+
+    def _checked(self, batch: Iterable[tuple[Hashable, int]]) -> list[tuple[_Request, int]]:
+        """[(request, num_new_tokens as a Python int)] of ``batch``, each request looked up and
+        its count checked once, in batch order (the first bad entry raises)."""
+        get = self._requests.get
+        out = []
+        for rid, n in batch:
+            req = get(rid)
+            if req is None:
+                req = self._get(rid)  # raises the KeyError
+            if type(n) is not int or n < 0 or req.num_computed + n > len(req.tokens):
+                self._check_new(req, n)
+                n = int(n)
+            out.append((req, n))
+        return out
+
+    def _blocks_needed(self, items: list[tuple[_Request, int]]) -> int:
         bs = self.block_size
+        ref = self.pool.ref_counts
         need = 0
         writers: dict[int, int] = {}
-        for rid, n in list(batch):
-            req = self._get(rid)
-            self._check_new(req, n)
+        for req, n in items:
             if n == 0:
                 continue
-            end = req.num_computed + n
-            need += max(-(-end // bs) - len(req.blocks), 0)
-            for i in range(req.num_computed // bs, min(-(-end // bs), len(req.blocks))):
-                writers[req.blocks[i]] = writers.get(req.blocks[i], 0) + 1
-        ref = self.pool.ref_counts
-        return need + sum(min(k, int(ref[b]) - 1) for b, k in writers.items() if ref[b] > 1)
+            blocks = req.blocks
+            end = -(-(req.num_computed + n) // bs)
+            grow = end - len(blocks)
+            if grow >= 0:
+                need += grow
+                end = len(blocks)
+            for i in range(req.num_computed // bs, end):
+                b = blocks[i]
+                if ref[b] > 1:
+                    writers[b] = writers.get(b, 0) + 1
+        return need + sum(min(k, ref[b] - 1) for b, k in writers.items())
 
     def commit(self, request_id, num_new_tokens: int) -> None:
         """The KV of the next ``num_new_tokens`` tokens is (or will be, this step) written:
@@ -374,6 +424,10 @@ class PrefixCache:
             raise ValueError(f"num_new_tokens: expected 0 <= num_new_tokens <= "
                              f"{limit - req.num_computed} (allocated, known tokens), "
                              f"got {num_new_tokens}")
+        self._commit(req, end)
+
+    def _commit(self, req: _Request, end: int) -> None:
+        """:meth:`commit` up to token ``end`` (checked: allocated, known tokens)."""
         if self.enable_caching:  # hash first: a hash_fn that raises leaves nothing counted
             self._extend_hashes(req, end // self.block_size)
         req.num_computed = end
@@ -396,14 +450,17 @@ class PrefixCache:
         (before :meth:`commit`), with the copy-on-write pairs of the allocations not committed
         yet in ``copy_src`` / ``copy_dst``."""
         batch = list(batch)
-        reqs = [self._get(rid) for rid, _ in batch]
+        return self._plan([rid for rid, _ in batch], [self._get(rid) for rid, _ in batch],
+                          [n for _, n in batch])
+
+    def _plan(self, request_ids: list, reqs: list[_Request], q_lens: list[int]) -> BatchPlan:
         plan = plan_batch([r.row() for r in reqs], [r.num_computed for r in reqs],
-                          [n for _, n in batch], self.block_size,
+                          q_lens, self.block_size,
                           shared_prefix=self.shared_prefix,
                           min_prefix_blocks=self.min_prefix_blocks,
                           min_group_size=self.min_group_size)
-        plan.request_ids = [rid for rid, _ in batch]
-        pairs = [p for r in reqs for p in r.copies]
+        plan.request_ids = request_ids
+        pairs = [p for r in reqs if r.copies for p in r.copies]
         if pairs:
             plan.copy_src = np.asarray([src for src, _ in pairs], dtype=np.int32)
             plan.copy_dst = np.asarray([dst for _, dst in pairs], dtype=np.int32)
@@ -414,40 +471,54 @@ class PrefixCache:
         copy-on-write pairs) and commit. Raises NoFreeBlocksError, changing nothing, when the
         batch needs more blocks than are free (the scheduler then preempts or waits)."""
         batch = list(batch)
-        if len({rid for rid, _ in batch}) != len(batch):
+        request_ids = [rid for rid, _ in batch]
+        if len(set(request_ids)) != len(batch):
             raise ValueError("batch: expected each request_id at most once")
-        need = self.batch_blocks_needed(batch)
-        if need > self.pool.num_free:
-            raise NoFreeBlocksError(f"batch: needs {need} blocks, {self.pool.num_free} free")
-        before = {rid: list(self._get(rid).blocks) for rid, _ in batch}
+        items = self._checked(batch)  # each request looked up and checked once
+        pool = self.pool
+        need = self._blocks_needed(items)
+        if need > pool.num_free:
+            raise NoFreeBlocksError(f"batch: needs {need} blocks, {pool.num_free} free")
+        bs = self.block_size
+        # what allocate may change, for the undo: blocks from the first one written on
+        # (copy-on-write swaps them) and the length (new blocks are appended)
+        before = [(req, req.num_computed // bs, len(req.blocks),
+                   req.blocks[req.num_computed // bs:]) for req, _ in items]
         try:
-            for rid, n in batch:
-                self.allocate(rid, n)
-            plan = self.plan(batch)
+            allocate = self._allocate
+            for req, n in items:
+                allocate(req, n)
+            reqs = [req for req, _ in items]
+            plan = self._plan(request_ids, reqs, [n for _, n in items])
             if self.enable_caching:  # hash the blocks the batch fills before committing any
-                for rid, n in batch:
-                    req = self._get(rid)
-                    self._extend_hashes(req, (req.num_computed + n) // self.block_size)
+                for req, n in items:
+                    self._extend_hashes(req, (req.num_computed + n) // bs)
         except BaseException:
             self._undo_allocate(before)
             raise
-        for rid, n in batch:
-            self.commit(rid, n)
+        caching = self.enable_caching
+        for req, n in items:  # commit (hashed above)
+            req.num_computed += n
+            if req.copies:
+                req.copies = []
+            if caching and req.num_computed // bs > req.num_registered:
+                self._register(req)
         return plan
 
-    def _undo_allocate(self, before: dict) -> None:
-        """Put back the blocks :meth:`allocate` changed since ``before`` ({request_id: its
-        blocks then}): a copy-on-write source is taken again and its fresh copy freed, new
-        blocks are freed. (Blocks it unregistered stay unregistered: a lost cache entry, never
-        a wrong one.) So a step that fails after allocating leaves no copy the engine never
-        heard of: a retried step plans the copies again."""
-        for rid, old in before.items():
-            req = self._requests[rid]
+    def _undo_allocate(self, before: list) -> None:
+        """Put back the blocks :meth:`allocate` changed since ``before`` ([(request, first,
+        num_blocks, blocks[first:])] then: allocate changes no block before ``first``): a
+        copy-on-write source is taken again and its fresh copy freed, new blocks are freed.
+        (Blocks it unregistered stay unregistered: a lost cache entry, never a wrong one.) So
+        a step that fails after allocating leaves no copy the engine never heard of: a retried
+        step plans the copies again."""
+        for req, first, num_blocks, tail in before:
             new = req.blocks
-            swapped = [i for i in range(min(len(old), len(new))) if old[i] != new[i]]
-            self.pool.touch([old[i] for i in swapped])
-            self.pool.free([new[i] for i in swapped] + new[len(old):])
-            req.blocks = old
+            swapped = [i for i in range(first, min(num_blocks, len(new)))
+                       if tail[i - first] != new[i]]
+            self.pool.touch([tail[i - first] for i in swapped])
+            self.pool.free([new[i] for i in swapped] + new[num_blocks:])
+            req.blocks = new[:first] + tail
             req.copies = []
             req._row = None
 

@@ -573,6 +573,42 @@ class _CountingArray(np.ndarray):
         return super().tolist()
 
 
+def test_decode_step_copies_no_whole_block_list():
+    """A 1-token decode step of a 64-block request copies O(1) of its block list (the undo
+    snapshot was every request's whole list, every step), and a failed step still restores
+    the blocks it changed."""
+    pc = make(num_blocks=300, block_size=4)
+    pc.add_request("a", list(range(255)))
+    pc.step([("a", 255)])                   # 64 blocks, the last one holds 3 tokens
+    req = pc._requests["a"]
+    req.blocks = _CountingList(req.blocks)  # its int32 row stays cached: no block changes
+    for tok in (1, 2, 3):                   # fills block 64, then 2 tokens into a new one
+        pc.append_tokens("a", [tok])
+        _CountingList.copied = 0
+        pc.step([("a", 1)])
+        assert _CountingList.copied <= 2
+    assert len(pc.blocks("a")) == 65 and pc.num_computed("a") == 258
+    blocks, free = pc.blocks("a"), pc.pool.num_free
+    pc.fork("a", "b")                       # a shares block 65: the next write copies it
+    pc.append_tokens("a", [4, 5, 6])        # 2 more into block 65, 1 into a new block 66
+
+    def fail(*a, **k):
+        raise RuntimeError("planning failed")
+
+    pc.hash_fn, good = fail, pc.hash_fn
+    with pytest.raises(RuntimeError, match="planning failed"):
+        pc.step([("a", 3)])
+    pc.hash_fn = good
+    assert pc.blocks("a") == blocks and pc.num_computed("a") == 258
+    assert pc.pool.num_free == free - 0 and pc.blocks("b") == blocks
+    pc.pool.check_consistency()
+    plan = pc.step([("a", 3)])              # the retry plans the copy again
+    assert plan.copy_src.tolist() == [blocks[-1]] and len(pc.blocks("a")) == 66
+    pc.free("a")
+    pc.free("b")
+    pc.pool.check_consistency()
+
+
 def test_fork_and_truncate_do_no_whole_request_work():
     """fork converts the prompt to a list once (it did twice, one thrown away) and truncate
     freeing one block does not scan the request's blocks (it built set(blocks) to filter the
@@ -630,4 +666,41 @@ def test_append_tokens_checks(tokens, exc, match):
     with pytest.raises(exc, match=match):
         pc.append_tokens("a", tokens)
     assert pc.tokens("a") == [1, 2, 3]
+
+
+def test_block_row_follows_every_change_and_never_rewrites_a_view():
+    """The int32 row plans read is extended in place as blocks are appended (not rebuilt):
+    it always equals the blocks, and no row handed out earlier changes afterwards (through
+    appends, copy-on-write, truncate and a failed step's undo)."""
+    pc = make(num_blocks=400, block_size=4)
+    pc.add_request("a", list(range(7)))
+    pc.step([("a", 7)])
+    req = pc._requests["a"]
+    seen = []
+
+    def check():
+        r = req.row()
+        assert r.dtype == np.int32 and r.tolist() == pc.blocks("a")
+        seen.append((r, r.tolist()))
+        assert all(v.tolist() == want for v, want in seen)
+
+    for i in range(150):                    # ~37 appended blocks: the spare room regrows
+        pc.append_tokens("a", [i])
+        pc.step([("a", 1)])
+        check()
+        if i % 50 == 25:                    # copy-on-write of the partial block, then truncate
+            pc.fork("a", f"c{i}")
+            pc.append_tokens("a", [1, 2])
+            pc.step([("a", 2)])
+            check()
+            pc.truncate("a", pc.num_computed("a") - 6)
+            check()
+    pc.append_tokens("a", list(range(9)))
+    pc.hash_fn, good = None, pc.hash_fn     # not callable: the step fails and is undone
+    with pytest.raises(TypeError):
+        pc.step([("a", 9)])
+    pc.hash_fn = good
+    check()
+    pc.step([("a", 9)])
+    check()
 
