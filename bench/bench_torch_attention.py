@@ -7,7 +7,9 @@ baseline (index_select the blocks, then scaled_dot_product_attention). Shared pr
 sequences sharing a 2048-token prefix plus 128 own tokens each: shared_prefix_attention vs
 paged_attention over the same batch. GPU (skipped without CUDA): decode at a fraction of HBM
 bandwidth, cascade decode, and prefill of 512 new tokens over 4096 cached at a fraction of the
-measured bf16 matmul rate, Triton vs the torch baselines.
+measured bf16 matmul rate, Triton vs the torch baselines. Mixed step (CPU, f32): 63 decodes
+at 2048 tokens plus one prefill chunk of 256 or 512 tokens over 2048 cached, in one
+paged_attention call vs two (decodes, then the chunk).
 
 Every test first checks its op's output against the float64 numpy reference
 (prefixkv.paged.reference, a few query rows: bench.conftest.reference_rows) with the test
@@ -283,6 +285,66 @@ def test_cpu_prefill(benchmark, machine_limits, impl):
     flops = 4 * HQ * HEAD_DIM * float(sum(range(total - q_len + 1, total + 1)))  # causal
     record(benchmark, machine_limits, bytes_read=2 * total * HKV * HEAD_DIM * 4, flops=flops,
            impl=impl, query_tokens=q_len, baseline=impl == "baseline_sdpa_512")
+
+
+# ------------------------------ mixed step: decodes + one prefill chunk, one call vs two, f32
+
+MX_DECODES, MX_CONTEXT, MX_CACHED, MX_POOL = 63, 2048, 2048, 1024
+
+
+@functools.cache
+def mixed_batch(chunk: int):
+    """A vLLM chunked-prefill step: MX_DECODES decodes at MX_CONTEXT tokens, then one
+    ``chunk``-token prefill chunk over MX_CACHED cached tokens, as (one call's paged_attention
+    args, the decodes' args with cu_q_lens None, the chunk's args). The decodes' tables draw
+    from a pool of MX_POOL blocks (sequences share blocks: the same reads, a 150 MB cache to
+    draw instead of 1 GB, the CI smoke stays cheap); the chunk has blocks of its own."""
+    g = torch.Generator().manual_seed(7)
+    per_seq, chunk_blocks = MX_CONTEXT // BLOCK, (MX_CACHED + chunk) // BLOCK
+    num_blocks = MX_POOL + chunk_blocks
+    k, v = (torch.randn(num_blocks, BLOCK, HKV, HEAD_DIM, generator=g) for _ in range(2))
+    dec = torch.stack([torch.randperm(MX_POOL, generator=g)[:per_seq]
+                       for _ in range(MX_DECODES)])
+    width = max(per_seq, chunk_blocks)
+    tables = torch.zeros(MX_DECODES + 1, width, dtype=torch.int32)
+    tables[:MX_DECODES, :per_seq] = dec.to(torch.int32)
+    tables[MX_DECODES, :chunk_blocks] = torch.arange(MX_POOL, num_blocks, dtype=torch.int32)
+    i32 = dict(dtype=torch.int32)
+    kv_lens = torch.tensor([MX_CONTEXT] * MX_DECODES + [MX_CACHED + chunk], **i32)
+    cu = torch.tensor(list(range(MX_DECODES + 1)) + [MX_DECODES + chunk], **i32)
+    q = torch.randn(MX_DECODES + chunk, HQ, HEAD_DIM, generator=g)
+    one = (q, k, v, tables, kv_lens, cu)
+    decodes = (q[:MX_DECODES], k, v, tables[:MX_DECODES].contiguous(), kv_lens[:MX_DECODES])
+    prefill = (q[MX_DECODES:], k, v, tables[MX_DECODES:].contiguous(), kv_lens[MX_DECODES:],
+               torch.tensor([0, chunk], **i32))
+    return one, decodes, prefill
+
+
+@pytest.mark.parametrize("chunk", [256, 512])
+@pytest.mark.parametrize("impl", ["prefixkv_one_call", "prefixkv_two_calls"])
+def test_cpu_mixed_decode_prefill(benchmark, machine_limits, impl, chunk):
+    """One call over a mixed batch (what vLLM's chunked-prefill scheduler hands the attention
+    backend) against the same work split into two calls, decodes then the chunk (the
+    baseline). The one call groups its sequences by q_len (_native._q_len_groups), so it
+    should cost what the two cost. Padded to the chunk's length (before the grouping) the
+    256-token step took 48.7 s against 1.2 s, one thread; the 512-token one (a tiled
+    prefill, its decodes padded to 1 but not through the decode kernel) 3.3 s vs 2.0 s."""
+    benchmark.group = f"cpu-mixed-{MX_DECODES}x{MX_CONTEXT}-decodes+{chunk}-chunk-float32"
+    one, decodes, prefill = mixed_batch(chunk)
+    if impl == "prefixkv_one_call":
+        def fn():
+            return tf.paged_attention(*one)
+    else:
+        def fn():
+            return torch.cat([tf.paged_attention(*decodes), tf.paged_attention(*prefill)])
+    rows = (0, MX_DECODES - 1, MX_DECODES, MX_DECODES + chunk // 2, -1)
+    _check(fn(), rows, _want(("mixed", chunk), one, rows), "float32")
+    benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    keys = MX_DECODES * MX_CONTEXT + MX_CACHED + chunk
+    flops = 4 * HQ * HEAD_DIM * (MX_DECODES * MX_CONTEXT + float(
+        sum(range(MX_CACHED + 1, MX_CACHED + chunk + 1))))  # causal chunk
+    record(benchmark, machine_limits, bytes_read=2 * keys * HKV * HEAD_DIM * 4, flops=flops,
+           impl=impl, chunk=chunk, baseline=impl == "prefixkv_two_calls")
 
 
 # ------------------------------------------------------------------- per-call overhead

@@ -390,7 +390,9 @@ def test_shared_prefix_cpu_all_groups_dissolved_is_paged_attention(monkeypatch):
                                          block_size=8)
     want = ref.shared_prefix_attention_reference(*b.args())
     close(tf.shared_prefix_attention(*(T(a) for a in b.args())), want, "float32")
-    assert calls == [(3, 2 + 2)]  # three sequences, prefix blocks + own blocks wide
+    # three sequences, prefix blocks + own blocks wide; then that call's groups by q_len
+    # (_native._q_len_groups: the two decodes, the two-token sequence)
+    assert calls == [(3, 2 + 2), (2, 2 + 2), (1, 2 + 2)]
 
 
 def test_merge_attention_states_matches_reference_and_empty_states():

@@ -1,0 +1,171 @@
+"""The torch CPU path on mixed batches (decodes plus prefill chunks in one call, what vLLM's
+chunked-prefill scheduler gives): each group of sequences (_native._q_len_groups) pads only to
+its own longest q_len and the decodes go through the decode path, against the numpy
+reference, with every option of the op contract."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from prefixkv.paged import reference as ref  # noqa: E402
+from prefixkv.paged import testing  # noqa: E402
+from prefixkv.paged.spec import ATTENTION_TOLERANCE  # noqa: E402
+from prefixkv.torch_frontend import _native  # noqa: E402
+from torch_convert import TORCH_DTYPE, N, T  # noqa: E402
+
+from prefixkv import torch_frontend as tf  # noqa: E402
+
+# (q_len, kv_len) per sequence
+MIXED = {
+    # vLLM's order: the decodes, then one chunk of a prefill over its cached prefix
+    "decodes_then_chunk": [(1, 40)] * 5 + [(1, 9), (1, 1), (13, 30)],
+    # interleaved, padding sequences (q_len 0, with and without keys), several chunk sizes
+    "interleaved": [(1, 9), (7, 20), (0, 0), (1, 33), (3, 3), (0, 5), (1, 1), (16, 40),
+                    (2, 17), (1, 24)],
+    # one class plus padding sequences: the padding ones are dropped
+    "decodes_and_padding": [(1, 12), (0, 0), (1, 30), (0, 7), (1, 1)],
+    "one_chunk_and_padding": [(5, 12), (0, 0), (6, 6)],
+}
+OPTIONS = [
+    {},
+    {"sliding_window": 5},
+    {"logits_soft_cap": 3.0},
+    {"causal": False},
+    {"scale": 0.3, "sliding_window": 1, "logits_soft_cap": 2.0},
+]
+
+
+def _opts_id(o):
+    return ",".join(f"{k}={v}" for k, v in o.items()) or "default"
+
+
+def close(got, want, dtype):
+    atol, rtol = ATTENTION_TOLERANCE[dtype]
+    np.testing.assert_allclose(N(got), np.asarray(want).astype(np.float64), atol=atol, rtol=rtol)
+
+
+def _batch(seqs, dtype, opts, seed=0, block_size=8):
+    rng = np.random.default_rng(seed)
+    return testing.make_ragged_batch(rng, seqs, num_q_heads=8, num_kv_heads=2, head_dim=32,
+                                     block_size=block_size, dtype=dtype,
+                                     sliding_window=opts.get("sliding_window"))
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=_opts_id)
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("grid", list(MIXED))
+def test_mixed_batches_match_reference(grid, dtype, opts):
+    """out= and lse= pre-filled with NaN (an unwritten row fails), NaN in every slot no query
+    sees (past kv_len, unused blocks, before a window)."""
+    b = _batch(MIXED[grid], dtype, opts, seed=len(grid))
+    want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **opts)
+    out = torch.full(b.q.shape, float("nan"), dtype=TORCH_DTYPE[dtype])
+    lse = torch.full(b.q.shape[:2], float("nan"))
+    got, got_lse = tf.paged_attention(*(T(a) for a in b.args()), return_lse=True, out=out,
+                                      lse=lse, **opts)
+    assert got is out and got_lse is lse
+    close(got, want, dtype)
+    np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-4, rtol=1e-4)
+    no_lse = tf.paged_attention(*(T(a) for a in b.args()), **opts)  # lse=None in every group
+    close(no_lse, want, dtype)
+
+
+@pytest.mark.parametrize("layout", ["noncontiguous_q", "stacked_cache", "no_c_decode"])
+def test_mixed_batch_layouts_the_kernel_does_not_take(layout, monkeypatch):
+    """Inputs the compiled decode kernel refuses (a strided q, K/V views of a stacked cache),
+    or no kernel at all: the decode group falls back to the padded path, same results."""
+    opts = {"sliding_window": 6, "logits_soft_cap": 4.0}
+    b = _batch(MIXED["interleaved"], "float32", opts, seed=3)
+    want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **opts)
+    q, k, v, tables, kv_lens, cu = (T(a) for a in b.args())
+    if layout == "noncontiguous_q":
+        q = torch.cat([q, torch.full_like(q, float("nan"))], dim=-1)[..., :q.shape[-1]]
+        assert not q.is_contiguous()
+    elif layout == "stacked_cache":
+        stacked = torch.stack([k, v], dim=1)
+        k, v = stacked[:, 0], stacked[:, 1]
+    else:
+        monkeypatch.setattr(_native, "_c_decode", lambda *a, **kw: False)
+    got, got_lse = tf.paged_attention(q, k, v, tables, kv_lens, cu, return_lse=True, **opts)
+    close(got, want, "float32")
+    np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("metadata", ["device-no-sync", "device-synced"])
+def test_mixed_batch_with_metadata_on_a_device(metadata, monkeypatch):
+    """The path for metadata on a GPU, forced on CPU tensors: with no sync one padded batch
+    (no grouping: the lengths are not read), past PAD_SYNC_BYTES the lengths read back and
+    the batch grouped like the host's."""
+    monkeypatch.setattr(_native, "_on_host", lambda *t: False)
+    monkeypatch.setattr(_native, "_c_decode", lambda *a, **kw: False)
+    if metadata == "device-synced":
+        monkeypatch.setattr(_native, "PAD_SYNC_BYTES", 0)
+    opts = {"sliding_window": 7}
+    b = _batch(MIXED["interleaved"], "bfloat16", opts, seed=4)
+    want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **opts)
+    padded = []
+    real = _native._attend_padded
+    monkeypatch.setattr(_native, "_attend_padded", lambda q, *a, **k: padded.append(
+        tuple(q.shape[:2])) or real(q, *a, **k))
+    got, got_lse = tf.paged_attention(*(T(a) for a in b.args()), return_lse=True, **opts)
+    close(got, want, "bfloat16")
+    np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-4, rtol=1e-4)
+    num_seqs, num_tokens = len(MIXED["interleaved"]), b.q.shape[0]
+    if metadata == "device-no-sync":
+        assert padded == [(num_seqs, num_tokens)]
+    else:  # decodes, then the classes (2], (2, 4], (4, 8], (8, 16]
+        assert padded == [(4, 1), (1, 2), (1, 3), (1, 7), (1, 16)]
+
+
+def test_long_prefill_tiles_with_a_mixed_short_group(monkeypatch):
+    """A causal batch with a sequence past PREFILL_Q_TILE goes to _tiled_prefill; its short
+    sequences (decodes and chunks) are grouped by q_len in turn."""
+    monkeypatch.setattr(_native, "PREFILL_Q_TILE", 8)
+    opts = {"sliding_window": 9, "logits_soft_cap": 5.0}
+    seqs = [(1, 20), (19, 40), (0, 0), (1, 3), (5, 9), (1, 17), (8, 8), (1, 6), (1, 11),
+            (1, 30), (1, 2)]
+    b = _batch(seqs, "float16", opts, seed=5, block_size=4)
+    want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **opts)
+    padded = []
+    real = _native._attend_padded
+    monkeypatch.setattr(_native, "_attend_padded", lambda q, *a, **k: padded.append(
+        q.shape[0] * q.shape[1]) or real(q, *a, **k))
+    got, got_lse = tf.paged_attention(*(T(a) for a in b.args()), return_lse=True, **opts)
+    close(got, want, "float16")
+    np.testing.assert_allclose(N(got_lse), want_lse, atol=2e-3, rtol=1e-4)
+    # tiles of 8, 8, 3 rows, the chunks of 5 and 8 padded to 8, the decodes 1 each (or by
+    # the kernel); all short sequences padded to 8 took 8 x 8 + 19 = 83 rows for 38 tokens
+    assert sum(padded) <= 19 + 16 + 6 < 1.5 * b.q.shape[0]
+
+
+def test_mixed_batch_pads_each_group_to_its_own_longest(monkeypatch):
+    """The routing itself (results were the same when every sequence padded to the longest
+    q_len, at 25-44x the time): 24 decodes + chunks of 13 and 3 tokens allocate padded
+    query rows for at most twice the batch's tokens (one padded call: 26 x 13 = 338 rows for
+    40 tokens), and with the compiled kernel built the decodes run through it, in one call."""
+    from prefixkv.kernels.cpu import decode
+
+    seqs = [(1, 40)] * 12 + [(13, 30)] + [(1, 25)] * 12 + [(3, 11)]
+    b = _batch(seqs, "float32", {}, seed=6)
+    num_tokens = b.q.shape[0]
+    padded = []
+    real = _native._attend_padded
+    monkeypatch.setattr(_native, "_attend_padded", lambda q, *a, **k: padded.append(
+        q.shape[0] * q.shape[1]) or real(q, *a, **k))
+    kernel_seqs = []
+    real_kernel = decode.decode_attention
+    monkeypatch.setattr(decode, "decode_attention", lambda dtype, dims, *a, **k: (
+        kernel_seqs.append(dims[0]), real_kernel(dtype, dims, *a, **k)))
+    got, got_lse = tf.paged_attention(*(T(a) for a in b.args()), return_lse=True)
+    want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True)
+    close(got, want, "float32")
+    np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-4, rtol=1e-4)
+    assert sum(padded) <= 2 * num_tokens, padded
+    if decode.available():
+        assert kernel_seqs == [24]
+        assert sum(padded) == 13 + 3
+    else:
+        assert kernel_seqs == [] and sum(padded) == 24 + 13 + 3
