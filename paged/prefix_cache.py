@@ -37,6 +37,7 @@ from .planner import BatchPlan, plan_batch
 from .pool import BlockPool, NoFreeBlocksError, namespace_of
 
 HashFn = Callable[..., list]
+_ZERO_PARENT = bytes(32)  # prefixkv-v1's parent of a sequence's first block (parent=None)
 
 
 def default_hash_fn(tokens: np.ndarray, block_size: int, *, salt=None,
@@ -331,7 +332,7 @@ class PrefixCache:
                 if ref[blocks[i]] > 1:
                     cow.append(i)
         need = max(last - len(blocks), 0) + len(cow)
-        if need > pool.num_free:
+        if need and need > pool.num_free:
             raise NoFreeBlocksError(f"num_new_tokens: {num_new_tokens} tokens need {need} blocks, "
                                     f"{pool.num_free} free")
         pairs = []
@@ -525,15 +526,25 @@ class PrefixCache:
                 self._extend_hashes(*group[0])
                 continue
             chunks, cu, parents = [], [0], []
+            tail: list[int] = []  # consecutive pieces of known tokens past the arrays
             for req, num_blocks in group:
                 have = len(req.hashes)
                 lo, hi = have * bs, num_blocks * bs
-                chunks.append(req.array[lo:hi] if hi <= len(req.array)
-                              else np.asarray(req.tokens[lo:hi], dtype=np.int32))
+                if hi <= len(req.array):
+                    if tail:
+                        chunks.append(np.array(tail, dtype=np.int32))
+                        tail = []
+                    chunks.append(req.array[lo:hi])
+                else:  # decode tokens: one conversion for the run, not one per request
+                    tail += req.tokens[lo:hi]
                 cu.append(cu[-1] + hi - lo)
-                parents.append(req.hashes[-1] if have else None)
+                parents.append(req.hashes[-1] if have else _ZERO_PARENT)
+            if tail:
+                chunks.append(np.array(tail, dtype=np.int32))
+            # parents as u32[num_seqs, 8] (32 zero bytes = none): no conversion per sequence
+            words = np.frombuffer(b"".join(parents), dtype="<u4").astype(np.uint32)
             digests = hash_blocks(np.concatenate(chunks), bs, cu_lens=np.asarray(cu, np.int32),
-                                  salt=salt, parent=parents)
+                                  salt=salt, parent=words.reshape(len(group), 8))
             k = 0
             for req, num_blocks in group:
                 m = num_blocks - len(req.hashes)

@@ -713,15 +713,16 @@ def test_decode_step_hashes_the_filled_blocks_in_one_call_per_salt(monkeypatch):
 
     pc = make(num_blocks=200, block_size=4)
     salts = {"a": None, "b": None, "c": "x", "d": "x", "e": "x", "f": b"x", "g": "y"}
+    salts["h"] = "x"                        # a first block: its chain starts here
     for i, (rid, salt) in enumerate(salts.items()):
-        pc.add_request(rid, list(range(10 * i, 10 * i + 7)), salt=salt)
-    pc.step([(rid, 7) for rid in salts])
+        pc.add_request(rid, list(range(10 * i, 10 * i + (3 if rid == "h" else 7))), salt=salt)
+    pc.step([(rid, len(pc.tokens(rid))) for rid in salts])
     calls = []
     real = hashing.hash_blocks
     monkeypatch.setattr(hashing, "hash_blocks",
                         lambda *a, **k: calls.append(k.get("salt")) or real(*a, **k))
     for rid in salts:
-        pc.append_tokens(rid, [ord(rid)])   # fills each request's block 1
+        pc.append_tokens(rid, [ord(rid)])   # fills each request's block 1 (h's block 0)
     pc.step([(rid, 1) for rid in salts])
     assert sorted(map(repr, calls)) == sorted(map(repr, [None, "x", b"x", "y"]))
     for rid, salt in salts.items():
