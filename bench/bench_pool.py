@@ -20,6 +20,11 @@ extra_info: requests/s, block-ops/s (touches + allocations + registrations + fre
 (blocks requested), hit rate, and the ratio to vLLM's 7.4k requests/s; ``baseline: true`` on
 ``naive``.
 
+``decode-step`` group: one decode step of an engine's manager, 512 running requests of 2048
+tokens each (128 blocks): ``append_tokens`` of each sampled token, then ``PrefixCache.step``
+of one token per request (allocate, copy-on-write check, plan, hash the blocks filled,
+register). The host cost per step, with the planner's shared-prefix search off and on.
+
 Run: OMP_NUM_THREADS=1 .venv/bin/pytest bench/bench_pool.py --benchmark-only
 """
 
@@ -310,3 +315,43 @@ def test_prefix_cache_trace(benchmark):
     info["tokens_per_s"] = counts["tokens"] / t
     info["hit_rate"] = counts["hit_tokens"] / counts["tokens"]
     info["x_vllm_7.4k_req_s"] = NUM_REQUESTS / t / VLLM_REQ_PER_S
+
+
+DECODE_REQUESTS = 512
+DECODE_CONTEXT = 2048
+
+
+def decode_setup(shared_prefix: bool):
+    """A PrefixCache with DECODE_REQUESTS requests of DECODE_CONTEXT distinct tokens, prefilled."""
+    blocks = DECODE_REQUESTS * (DECODE_CONTEXT // BLOCK_SIZE + 8) + 1000
+    pc = PrefixCache(blocks, BLOCK_SIZE, shared_prefix=shared_prefix)
+    rng = np.random.default_rng(0)
+    for r in range(DECODE_REQUESTS):
+        pc.add_request(r, rng.integers(0, 50000, DECODE_CONTEXT, dtype=np.int32))
+        pc.step([(r, DECODE_CONTEXT)])
+    return pc
+
+
+@pytest.mark.benchmark(group="decode-step")
+@pytest.mark.parametrize("shared_prefix", [False, True], ids=["no-cascade", "cascade"])
+def test_prefix_cache_decode_step(benchmark, shared_prefix):
+    """One decode step: 512 x append_tokens([token]) + step([(rid, 1)] * 512); each round is
+    the next step (a block fills for 1 in BLOCK_SIZE requests each step)."""
+    pc = decode_setup(shared_prefix)
+    batch = [(r, 1) for r in range(DECODE_REQUESTS)]
+    token = iter(range(1 << 30))
+
+    def decode_step():
+        t = next(token) % 50000
+        for r in range(DECODE_REQUESTS):
+            pc.append_tokens(r, [t])
+        return pc.step(batch)
+
+    plan = benchmark.pedantic(decode_step, rounds=48, warmup_rounds=4)
+    assert plan.num_tokens == DECODE_REQUESTS and plan.num_seqs == DECODE_REQUESTS
+    t = seconds(benchmark, "median")
+    info = benchmark.extra_info
+    info["requests"] = DECODE_REQUESTS
+    info["context_tokens"] = DECODE_CONTEXT
+    info["ms_per_step"] = t * 1e3
+    info["us_per_request"] = t / DECODE_REQUESTS * 1e6
