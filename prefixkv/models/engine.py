@@ -363,6 +363,7 @@ class Engine:
             hold_admission = True
             pc.free(victim.rid)
             running.remove(victim)
+            preempted.add(victim)
             pending.appendleft(victim.req)
 
         while pending or running:
@@ -375,8 +376,9 @@ class Engine:
             budget = c.max_num_batched_tokens
             claimed = 0  # blocks this step's items will take
             items: list[tuple[_Seq, int]] = []
+            preempted: set[_Seq] = set()  # this step's: a set, not a scan of running per seq
             for seq in list(running):
-                if seq.in_prefill or seq not in running:
+                if seq.in_prefill or seq in preempted:
                     continue
                 need = pc.blocks_needed(seq.rid, 1)
                 while need > pc.pool.num_free - claimed:
@@ -387,7 +389,7 @@ class Engine:
                     preempt(victims[-1] if victims else seq)
                     if not victims:
                         break
-                if seq not in running:
+                if seq in preempted:
                     continue
                 items.append((seq, 1))
                 claimed += need
