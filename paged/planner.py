@@ -229,61 +229,84 @@ def plan_batch(block_lists: Sequence[Sequence[int]], context_lens: Sequence[int]
     return plan
 
 
-def _children(lcp: list[int], lo: int, hi: int) -> tuple[int, list[tuple[int, int]]]:
-    """(d, children) of the sorted range [lo, hi) (at least 2 rows): d its least adjacent lcp,
-    children its maximal subranges whose adjacent lcp exceeds d."""
-    d = min(lcp[lo + 1:hi])
-    children = []
-    start = lo
-    for k in range(lo + 1, hi):
-        if lcp[k] == d:
-            children.append((start, k))
-            start = k
-    children.append((start, hi))
-    return d, children
+def _adjacent_lcp(table: np.ndarray, order: np.ndarray, eligible: np.ndarray) -> np.ndarray:
+    """Blocks each row of ``order`` shares with the row before it (the first gets none), at
+    most either row's ``eligible`` blocks. Rows are compared in chunks that double while they
+    stay equal, so the work follows the prefixes actually shared, not the table's width."""
+    a, b = order[:-1], order[1:]
+    bound = np.minimum(eligible[a], eligible[b])
+    lcp = np.zeros(order.size, dtype=np.int64)
+    active = np.flatnonzero(bound > 0)
+    c0, step = 0, 16
+    while active.size:
+        c1 = min(c0 + step, int(bound[active].max()))
+        neq = table[a[active], c0:c1] != table[b[active], c0:c1]
+        hit = neq.any(axis=1)
+        lcp[active + 1] = np.where(hit, c0 + neq.argmax(axis=1), c1)
+        active = active[~hit & (c1 < bound[active])]
+        c0, step = c1, step * 2
+    lcp[1:] = np.minimum(lcp[1:], bound)
+    return lcp
 
 
-def _choose(order: list[int], lcp: list[int], lo: int, hi: int, min_blocks: int,
-            min_group: int) -> tuple[int, list[tuple[int, list[int]]]]:
-    """Best saving and groups [(depth, members)] for the sorted range order[lo:hi].
+def _choose(order: list[int], lcp: list[int], min_blocks: int, min_group: int
+            ) -> tuple[int, list[tuple[int, list[int]]]]:
+    """Best saving and groups [(depth, members)] of the rows ``order`` (sorted by their block
+    ids; ``lcp[k]`` blocks shared by rows k-1 and k).
 
-    A range's best is its children's bests, or one group at its depth d joining the children
-    worth joining (the others keep their own groups). Ranges nest as deep as the longest
-    shared prefix (a batch of n sequences each sharing one more block nests n deep), so the
-    tree is walked with an explicit stack, children before their parent, not by recursion.
+    The longest-common-prefix intervals of the order form a tree: a node's depth ``d`` is the
+    least lcp inside it, its children its maximal subranges of deeper lcp. A node's best is
+    its children's bests, or one group at depth ``d`` joining the children worth joining (the
+    others keep their own groups). One pass over ``lcp`` with a stack builds the tree and
+    solves each node when it closes, children first (a batch of n sequences each sharing one
+    more block nests n deep: no recursion, and no work per level beyond the node's own
+    children); the groups are read off the solved tree from the root.
     """
-    solved: dict[tuple[int, int], tuple[int, list]] = {}
-    stack: list = [(lo, hi, None)]  # (range, its (d, children) once expanded)
-    while stack:
-        a, b, split = stack.pop()
-        if b - a < 2:
-            solved[a, b] = (0, [])
-            continue
-        if split is None:
-            split = _children(lcp, a, b)
-            stack.append((a, b, split))
-            stack.extend((c0, c1, None) for c0, c1 in split[1])
-            continue
-        d, children = split
-        kids = [(solved.pop((c0, c1)), c0, c1) for c0, c1 in children]
-        own_total = sum(f for (f, _), _, _ in kids)
-        own_groups = [g for (_, groups), _, _ in kids for g in groups]
-        best = (own_total, own_groups)
+    n = len(order)
+    # node: [depth, lo, hi, children, best saving, joins (None: no group; else the children
+    # left out of it)]
+    def close(node: list, hi: int) -> list:
+        d, lo, _, kids = node[:4]
+        node[2] = hi
+        own_total = sum(k[4] for k in kids)
+        node[4], node[5] = own_total, None
         if d >= min_blocks:
-            join_members: list[int] = []
-            rest_total = 0
-            rest_groups: list = []
-            for (f, groups), c0, c1 in kids:
-                if (c1 - c0) * d >= f:
-                    join_members.extend(order[c0:c1])
-                else:
-                    rest_total += f
-                    rest_groups.extend(groups)
-            m = len(join_members)
+            out = [k for k in kids if (k[2] - k[1]) * d < k[4]]
+            m = hi - lo - sum(k[2] - k[1] for k in out)
+            rest_total = sum(k[4] for k in out)
             if m >= min_group and (m - 1) * d + rest_total > own_total:
-                best = ((m - 1) * d + rest_total, rest_groups + [(d, join_members)])
-        solved[a, b] = best
-    return solved[lo, hi]
+                node[4], node[5] = (m - 1) * d + rest_total, out
+        return node
+
+    stack = [[0, 0, n, [], 0, None]]
+    for k in range(1, n + 1):
+        cur = lcp[k] if k < n else 0
+        lo, last = k - 1, None
+        while cur < stack[-1][0]:
+            last = close(stack.pop(), k)
+            lo = last[1]
+            if cur <= stack[-1][0]:
+                stack[-1][3].append(last)
+                last = None
+        if cur > stack[-1][0]:
+            stack.append([cur, lo, n, [last] if last is not None else [], 0, None])
+    root = close(stack[0], n)
+    groups: list[tuple[int, list[int]]] = []
+    todo = [root]
+    while todo:
+        node = todo.pop()
+        d, lo, hi, kids, _, out = node
+        if out is None:
+            todo.extend(kids)
+            continue
+        members, pos = [], lo
+        for k in sorted(out, key=lambda k: k[1]):
+            members += order[pos:k[1]]
+            pos = k[2]
+        members += order[pos:hi]
+        groups.append((d, members))
+        todo.extend(out)
+    return root[4], groups
 
 
 def find_shared_prefixes(block_lists: Sequence[Sequence[int]], context_lens, kv_lens,
@@ -306,21 +329,26 @@ def find_shared_prefixes(block_lists: Sequence[Sequence[int]], context_lens, kv_
         return None
     if table is None:
         table = _table(block_lists)
-    width = int(eligible[cand].max())
-    # each candidate's cached blocks, padded with a value unique to the row (never matches)
-    rows = table[cand, :width].astype(np.int64)
-    pad = np.arange(width)[None, :] >= eligible[cand][:, None]
-    rows[pad] = -1 - np.broadcast_to(cand[:, None], rows.shape)[pad]
-    order_idx = np.lexsort(rows.T[::-1])
-    srt = rows[order_idx]
-    if srt.shape[0] > 1:
-        diff = srt[1:] != srt[:-1]
-        first = np.where(diff.any(axis=1), diff.argmax(axis=1), width)
-    else:
-        first = np.zeros(0, np.int64)
-    order = cand[order_idx].tolist()
-    lcp = [0] + first.tolist()
-    saved, groups = _choose(order, lcp, 0, len(order), min_blocks, min_group)
+    # a group's members share their first block: rows whose first block fewer than min_group
+    # candidates have are in none (a batch with no sharing stops here, reading one column)
+    _, inv, counts = np.unique(table[cand, 0], return_inverse=True, return_counts=True)
+    cand = cand[counts[inv.reshape(-1)] >= min_group]
+    if cand.size < min_group:
+        return None
+    # Each row's cached blocks, ended by a value of its own (never a block id), sorted by their
+    # bytes (memcmp, stopping at the first difference): rows sharing their first k cached
+    # blocks share their first 4k bytes, so they sit together, and a row whose cached blocks
+    # end sooner never sits between two that share more.
+    m, elig = cand.size, eligible[cand]
+    width = int(elig.max())
+    keys = np.zeros((m, width + 1), dtype=I32)
+    keys[:, :width] = table[cand, :width]
+    keys[np.arange(m), elig] = -1 - np.arange(m, dtype=I32)
+    local = np.argsort(keys.view(np.dtype((np.void, 4 * (width + 1)))).reshape(m),
+                       kind="stable")
+    lcp = _adjacent_lcp(keys, local, elig)
+    order = cand[local]
+    saved, groups = _choose(order.tolist(), lcp.tolist(), min_blocks, min_group)
     if not groups:
         return None
     groups.sort(key=lambda g: min(g[1]))
@@ -335,13 +363,16 @@ def find_shared_prefixes(block_lists: Sequence[Sequence[int]], context_lens, kv_
     # own blocks after the prefix: each row shifted left by its depth, padded with block 0
     own = nblk - depth
     w = max(int(own.max()), 1)
-    cols = depth[:, None] + np.arange(w)[None, :]
-    rest = np.take_along_axis(table, np.minimum(cols, table.shape[1] - 1), axis=1)
+    rest = np.zeros((n, w), dtype=I32)
+    for d in np.unique(depth).tolist():  # one slice per prefix length, no index arrays
+        rows = np.flatnonzero(depth == d)
+        k = min(w, table.shape[1] - d)
+        rest[rows, :k] = table[rows, d:d + k]
     rest[np.arange(w)[None, :] >= own[:, None]] = 0
     return SharedPrefixPlan(
         prefix_block_tables=ptab,
         prefix_lens=np.asarray([d * block_size for d, _ in groups], dtype=I32),
         prefix_ids=prefix_ids,
-        block_tables=rest.astype(I32, copy=False),
+        block_tables=rest,
         kv_lens=(kv - depth * block_size).astype(I32),
         saved_block_reads=int(saved))

@@ -105,6 +105,19 @@ def test_deeply_nested_prefixes_do_not_recurse():
     assert members.sum() >= 2
 
 
+@pytest.mark.parametrize("perm", [(0, 1, 2), (2, 0, 1), (1, 2, 0), (2, 1, 0)])
+def test_a_row_with_fewer_cached_blocks_never_splits_a_deeper_group(perm):
+    """Row 2 holds the same first blocks as rows 0 and 1 but has cached only its first one;
+    by block ids alone it sorts between them. The two others still share 4 blocks."""
+    rows = [[1, 2, 3, 4, 20], [1, 2, 3, 4, 30], [1, 2, 3, 4, 25]]
+    ctx = [16, 16, 4]
+    blocks, c = [rows[i] for i in perm], [ctx[i] for i in perm]
+    s = find_shared_prefixes(blocks, c, [x + 1 for x in c], 4)
+    assert s is not None and s.saved_block_reads == 4 and s.prefix_lens.tolist() == [16]
+    assert sorted(np.flatnonzero(s.prefix_ids == 0).tolist()) == sorted(
+        perm.index(i) for i in (0, 1))
+
+
 def test_prefix_only_over_cached_blocks():
     # same physical blocks, but seq 1 computes its tokens this step: it has no cached block
     assert find_shared_prefixes([[1, 2], [1, 2]], [8, 0], [9, 8], 4) is None
