@@ -79,7 +79,12 @@ def check_array(name: str, x, *, ndim: int | None = None, dtypes: Sequence[str] 
         raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
     if dtypes is not None and dtype_name(x) not in dtypes:
         want = dtypes[0] if len(dtypes) == 1 else " or ".join(dtypes)
-        raise TypeError(f"{name}: expected {want}, got {dtype_name(x)}")
+        hint = ""
+        if tuple(dtypes) == (INDEX_DTYPE,) and dtype_name(x).startswith(("int", "uint")):
+            # vLLM's slot_mapping and block mappings, SGLang's out_cache_loc, JAX with x64
+            hint = (" (indices are int32 in prefixkv: cast with .to(torch.int32) or "
+                    ".astype(np.int32))")
+        raise TypeError(f"{name}: expected {want}, got {dtype_name(x)}{hint}")
     if ndim is not None and len(x.shape) != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {_shape(x)}")
     return _shape(x)
@@ -100,20 +105,23 @@ def check_same_dtype(name: str, x, ref_name: str, ref) -> None:
                         f"got {dtype_name(x)}")
 
 
-def check_optional_positive(name: str, value, *, integer: bool = False):
-    """None, or a finite number > 0 (an int >= 1 when ``integer``)."""
+def check_optional_positive(name: str, value, *, integer: bool = False, none_is=None):
+    """None, or a finite number > 0 (an int >= 1 when ``integer``). ``none_is``: the value
+    other libraries use for "off" (FlashAttention's window -1, FlashInfer's soft cap 0), named
+    in the error."""
     if value is None:
         return None
+    off = "" if none_is is None else f" (None turns it off, where others pass {none_is})"
     if integer:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise TypeError(f"{name}: expected an int or None, got {type(value).__name__}")
         if value < 1:
-            raise ValueError(f"{name}: expected >= 1, got {value}")
+            raise ValueError(f"{name}: expected >= 1, got {value}{off}")
         return int(value)
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise TypeError(f"{name}: expected a float or None, got {type(value).__name__}")
     if not math.isfinite(float(value)) or float(value) <= 0:
-        raise ValueError(f"{name}: expected a finite value > 0, got {value}")
+        raise ValueError(f"{name}: expected a finite value > 0, got {value}{off}")
     return float(value)
 
 
@@ -150,8 +158,9 @@ def _check_no_duplicates(name: str, ids: np.ndarray) -> None:
         return  # a decode step's few distinct ids: a set, not np.unique's sort (~20 us)
     uniq, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
+        hint = " (give padding tokens slot -1: they are skipped)" if name == "slot_mapping" else ""
         raise ValueError(f"{name}: expected distinct destinations, got {int(uniq[counts > 1][0])} "
-                         f"{int(counts[counts > 1][0])} times")
+                         f"{int(counts[counts > 1][0])} times{hint}")
 
 
 # ---------------------------------------------------------------------------- attention checks
@@ -181,6 +190,12 @@ class AttentionDims:
 
 def check_kv_caches(k_cache, v_cache) -> tuple[int, int, int, int]:
     """k_cache/v_cache: [num_blocks, block_size, num_kv_heads, head_dim], same shape and dtype."""
+    if hasattr(k_cache, "shape") and len(k_cache.shape) == 5 and 2 in tuple(k_cache.shape[:2]):
+        axis = 0 if int(k_cache.shape[0]) == 2 else 1
+        view = "kv[0], kv[1]" if axis == 0 else "kv[:, 0], kv[:, 1]"
+        raise ValueError(f"k_cache: expected 4 dimensions, got shape {_shape(k_cache)}: a "
+                         f"stacked K/V cache? pass its halves, k_cache, v_cache = {view} "
+                         f"(torch views: no copy)")
     shape = check_array("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
     check_array("v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES)
     check_same_shape("v_cache", v_cache, "k_cache", k_cache)
@@ -204,7 +219,9 @@ def check_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=
     if num_q_heads < 1 or num_q_heads % num_kv_heads:
         raise ValueError(f"q: {num_q_heads=} must be divisible by {num_kv_heads=} (dim 2 of "
                          f"k_cache: caches are [num_blocks, block_size, num_kv_heads, "
-                         f"head_dim], vLLM's NHD; FlashInfer's HND order is not taken)")
+                         f"head_dim], vLLM's NHD; a torch HND cache [num_blocks, "
+                         f"num_kv_heads, block_size, head_dim] is taken as the view "
+                         f"cache.permute(0, 2, 1, 3), no copy)")
     num_seqs, max_blocks_per_seq = check_index("block_tables", block_tables, ndim=2)
     (n_kv,) = check_index("kv_lens", kv_lens)
     if n_kv != num_seqs:
@@ -226,8 +243,8 @@ def check_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=
     if sliding_window is not None and not causal:
         raise ValueError("sliding_window: only defined for causal=True, got causal=False")
     scale_value = check_optional_positive("scale", scale)
-    check_optional_positive("sliding_window", sliding_window, integer=True)
-    check_optional_positive("logits_soft_cap", logits_soft_cap)
+    check_optional_positive("sliding_window", sliding_window, integer=True, none_is=-1)
+    check_optional_positive("logits_soft_cap", logits_soft_cap, none_is=0)
     return AttentionDims(
         num_tokens=num_tokens, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
         head_dim=head_dim, num_blocks=num_blocks, block_size=block_size, num_seqs=num_seqs,
