@@ -29,3 +29,19 @@ def test_triton_kernels_under_interpreter():
                     f"access?):\n{tail}")
     assert proc.returncode == 0, tail
     assert " passed" in proc.stdout, tail
+
+
+def test_triton_offsets_past_2_31_under_interpreter():
+    """tests/_triton_big_offsets.py: caches of more than 2**31 elements (lazily committed, ~300
+    MB touched), block-major at their last blocks and head-outermost views; a 32-bit offset
+    wraps and the interpreter process dies. ~7 s."""
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(HERE / "_triton_big_offsets.py")], cwd=HERE.parent,
+                          env=env, capture_output=True, text=True, timeout=300)
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    if proc.returncode == 3:
+        pytest.skip(f"no address space for the big caches: {tail[-300:]}")
+    if proc.returncode < 0:
+        pytest.fail(f"interpreter process killed by signal {-proc.returncode} (a 32-bit offset "
+                    f"wrapped?):\n{tail}")
+    assert proc.returncode == 0 and proc.stdout.rstrip().endswith("PASS"), tail

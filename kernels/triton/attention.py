@@ -115,8 +115,10 @@ def _paged_attention_kernel(
         row_ok = (j < q_len) & (g < GROUP)
         if HEAD_SPLITS * GROUP != KV_GROUP:  # the last slice is short
             row_ok = row_ok & (head0 + g < KV_GROUP)
-        head = kvh * KV_GROUP + head0 + g
-        tok = (q_start + j).to(tl.int64)  # tok * stride_qt passes 2**31 in big batches
+        # int64 offsets: a head-outermost view ([heads, ...] storage) of q, out or the cache
+        # puts a head's rows past 2**31 elements, as big batches do to tok * stride_qt
+        head = (kvh * KV_GROUP + head0 + g).to(tl.int64)
+        tok = (q_start + j).to(tl.int64)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
         q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh
@@ -141,20 +143,23 @@ def _paged_attention_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         n = tl.arange(0, BLOCK_N)
+        k_head = kvh.to(tl.int64) * stride_kh
+        v_head = kvh.to(tl.int64) * stride_vh
+        table_row = tables_ptr + seq.to(tl.int64) * stride_tab
         for start in range(lo, hi, BLOCK_N):
             t = start + n
             t_ok = t < hi
             if WINDOW:
                 t_ok = t_ok & (t >= w_lo)
             col = tl.minimum(t // BLOCK_SIZE, max_blocks - 1)  # within the table
-            blk = tl.load(tables_ptr + seq * stride_tab + col, mask=t_ok, other=0)
+            blk = tl.load(table_row + col, mask=t_ok, other=0)
             blk = tl.minimum(tl.maximum(blk, 0), num_blocks - 1)
             off = t % BLOCK_SIZE
             kv_mask = t_ok[:, None] & d_ok[None, :]
             k = tl.load(k_ptr + blk.to(tl.int64)[:, None] * stride_kb + off[:, None] * stride_kt
-                        + kvh * stride_kh + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+                        + k_head + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + blk.to(tl.int64)[:, None] * stride_vb + off[:, None] * stride_vt
-                        + kvh * stride_vh + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+                        + v_head + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
@@ -194,8 +199,8 @@ def _merge_states_kernel(out_ptr, lse_ptr, o_ptr, l_ptr, num_heads, stride_ot, s
     """Log-sum-exp merge of NUM_STATES partial states o[state, t, h, :], l[state, t, h]."""
     row = tl.program_id(0)
     t = (row // num_heads).to(tl.int64)
-    h = row % num_heads
-    sidx = tl.arange(0, STATES_P2)
+    h = (row % num_heads).to(tl.int64)
+    sidx = tl.arange(0, STATES_P2).to(tl.int64)  # sidx * stride_so: states x tokens x heads
     s_ok = sidx < NUM_STATES
     lse = tl.load(l_ptr + sidx * stride_sl + t * stride_slt + h * stride_slh, mask=s_ok,
                   other=float("-inf"))

@@ -38,7 +38,9 @@ def _write_kv_kernel(key_ptr, value_ptr, k_ptr, v_ptr, slots_ptr, num_slots,
     if (slot >= 0) & (slot < num_slots):
         blk = slot // BLOCK_SIZE
         off = slot % BLOCK_SIZE
-        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        # int64: in a head-outermost cache view ([heads, blocks, ...] storage) h * stride_ch
+        # passes 2**31 elements
+        h = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
         d = tl.arange(0, BLOCK_D)
         mask = (h[:, None] < NUM_HEADS) & (d[None, :] < HEAD_DIM)
         kx = tl.load(key_ptr + tok * stride_kt + h[:, None] * stride_kh + d[None, :] * stride_kd,
