@@ -368,3 +368,148 @@ def test_kernels_stay_inside_their_buffers_whatever_the_metadata(splits):
     tcache.scatter_blocks([kc, vc], buf, ids)   # stores outside it are skipped
     tcache.copy_blocks([kc, vc], ids, ids)
     assert torch.equal(kc[1:], before[1:])
+
+
+# ---------------------------------------------------- layouts, tiles and bounds of the kernels
+
+
+def test_cache_kernels_blocks_past_one_chunk():
+    """Blocks of 5120 elements (a real block, 16 tokens x 8 heads x 128, has 16384): gather,
+    scatter and copy_blocks run two chunks of a block (4096 + 1024 elements) per program."""
+    rng = np.random.default_rng(11)
+    shape = (6, 4, 2, 640)
+    kc, vc = (T(testing.random_values(rng, shape, "float32")) for _ in range(2))
+    assert kc[0].numel() > 4096
+    ids = T(np.array([5, 0, 3], np.int32))
+    buf = torch.full((3, 2, *shape[1:]), float("nan"))
+    tcache.gather_blocks(buf, [kc, vc], ids)
+    np.testing.assert_array_equal(N(buf), ref.gather_blocks_reference([kc.numpy(), vc.numpy()],
+                                                                ids.numpy()))
+    new = T(testing.random_values(rng, (2, 2, *shape[1:]), "float32"))
+    sids = T(np.array([1, 4], np.int32))
+    want = ref.scatter_blocks_reference([kc.numpy(), vc.numpy()], new.numpy(), sids.numpy())
+    tcache.scatter_blocks([kc, vc], new, sids)
+    for g, w in zip((kc, vc), want, strict=True):
+        np.testing.assert_array_equal(N(g), w)
+    src, dst = T(np.array([1, 2], np.int32)), T(np.array([2, 5], np.int32))
+    want = ref.copy_blocks_reference([kc.numpy(), vc.numpy()], src.numpy(), dst.numpy())
+    tcache.copy_blocks([kc, vc], src, dst)
+    for g, w in zip((kc, vc), want, strict=True):
+        np.testing.assert_array_equal(N(g), w)
+
+
+def test_write_kv_value_and_v_cache_strides_of_their_own():
+    """write_kv with a K cache of its own and V a view of a stacked [blocks, 2, ...] cache
+    (other strides), key rows contiguous and value a view of a fused [n, 2, H, D] tensor."""
+    rng = np.random.default_rng(12)
+    kc = T(testing.random_values(rng, (5, 4, 3, 6), "float32"))
+    vc = T(testing.random_values(rng, (5, 2, 4, 3, 6), "float32"))[:, 0]
+    key = T(testing.random_values(rng, (4, 3, 6), "float32"))
+    value = T(testing.random_values(rng, (4, 2, 3, 6), "float32"))[:, 1]
+    assert kc.stride() != vc.stride() and key.stride() != value.stride()
+    slots = np.array([3, -1, 19, 8], np.int32)
+    want_k, want_v = ref.write_kv_reference(key.numpy(), value.numpy(), kc.numpy(), vc.numpy(),
+                                            slots)
+    tcache.write_kv(key, value, kc, vc, T(slots))
+    np.testing.assert_array_equal(N(kc), want_k)
+    np.testing.assert_array_equal(N(vc), want_v)
+
+
+@pytest.mark.parametrize("dtype, seqs, window", [
+    ("float32", [(100, 100)], 3), ("float32", [(70, 90), (1, 5)], 2),
+    ("float16", [(130, 130)], 4)], ids=["f32-one", "f32-two", "f16"])
+def test_prefill_window_smaller_than_a_tile(dtype, seqs, window):
+    """A long prefill (q_len over 2 x BLOCK_N) with a window of 2-4 keys: the rows of a query
+    tile whose window starts past a key tile see nothing in it (running max still -inf); the
+    online softmax must keep them finite."""
+    rng = np.random.default_rng(len(seqs) + window)
+    b = testing.make_ragged_batch(rng, seqs, num_q_heads=2, num_kv_heads=1, head_dim=16,
+                                  block_size=16, dtype=dtype, sliding_window=window,
+                                  decode=False)
+    want, want_lse = ref.paged_attention_reference(*b.args(), sliding_window=window,
+                                                   return_lse=True)
+    q, k, v, bt, kv, cu = (T(a) for a in b.args())
+    out = torch.full(q.shape, float("nan"), dtype=TD[dtype])
+    lse = torch.full(q.shape[:2], float("nan"))
+    tattn.paged_attention(out, lse, q, k, v, bt, kv, cu, scale=default_scale(16), causal=True,
+                          sliding_window=window, logits_soft_cap=None)
+    close(out, want, dtype)
+    np.testing.assert_allclose(N(lse), want_lse, atol=1e-4, rtol=1e-4)
+
+
+def _attend(q, k, v, bt, kv, cu, **kw):
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    lse = torch.full(q.shape[:2], float("nan"))
+    tattn.paged_attention(out, lse, q, k, v, bt, kv, cu, scale=default_scale(q.shape[2]),
+                          causal=True, sliding_window=None, logits_soft_cap=None, **kw)
+    return out, lse
+
+
+@pytest.mark.parametrize("layout", ["table-columns", "v-stacked", "v-hnd", "q-fused"])
+def test_paged_attention_views(layout):
+    """Each stride argument its own: a block table that is the first columns of a wider one
+    (row stride != width), a V cache with other strides than K (a view of a stacked
+    [blocks, 2, ...] cache; the [blocks, heads, block_size, dim] layout, other token and head
+    strides), q a view of a fused qkv tensor (other strides than out)."""
+    rng = np.random.default_rng(3)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 4), num_q_heads=4,
+                                  num_kv_heads=2, head_dim=16, block_size=4)
+    want = ref.paged_attention_reference(*b.args())
+    q, k, v, bt, kv, cu = (T(a) for a in b.args())
+    if layout == "table-columns":
+        wide = torch.full((bt.shape[0], bt.shape[1] + 5), 10**6, dtype=torch.int32)
+        wide[:, :bt.shape[1]] = bt
+        bt = wide[:, :bt.shape[1]]
+    elif layout == "v-stacked":
+        v = torch.stack([torch.full_like(v, float("nan")), v], dim=1)[:, 1]
+    elif layout == "v-hnd":
+        v = v.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+        assert v.stride()[1:3] != k.stride()[1:3]
+    else:
+        qkv = torch.full((q.shape[0], 3 * q.shape[1], q.shape[2]), float("nan"))
+        qkv[:, :q.shape[1]] = q
+        q = qkv[:, :q.shape[1]]
+    out, _ = _attend(q, k, v, bt, kv, cu)
+    close(out, want, "float32")
+
+
+@pytest.mark.parametrize("num_seqs", [1, 2])
+def test_workspace_serves_one_and_two_sequence_splits(num_seqs):
+    """paged_attention_workspace_bytes serves this batch and every smaller one: decode batches
+    of 1 and 2 sequences whose table (256 blocks of 16) is wide enough to split."""
+    rng = np.random.default_rng(num_seqs)
+    b = testing.make_ragged_batch(rng, [(1, 20)] * num_seqs, num_q_heads=4, num_kv_heads=2,
+                                  head_dim=16, block_size=16, max_blocks_per_seq=256)
+    want = ref.paged_attention_reference(*b.args())
+    q, k, v, bt, kv = (T(a) for a in b.args()[:5])
+    assert tattn._splits(q, k, bt, True) > 1
+    ws = _workspace(tattn.paged_attention_workspace_bytes(q, k, bt, None))
+    out, _ = _attend(q, k, v, bt, kv, None, workspace=ws)
+    close(out, want, "float32")
+
+
+@pytest.mark.parametrize("splits", [None, 3])
+def test_table_reads_stop_at_the_row(splits):
+    """kv_lens past a sequence's table row (unchecked on a device): the kernel reads no table
+    entry past the row. The table ends where a PROT_NONE page starts, so a read past it kills
+    the process (the interpreter's own bounds check misses small overreads into the heap)."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    mem = mmap.mmap(-1, 2 * page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(addr + page), page, 0) == 0
+    rng = np.random.default_rng(21)
+    b = testing.make_ragged_batch(rng, [(1, 9), (1, 12)], num_q_heads=4, num_kv_heads=2,
+                                  head_dim=16, block_size=4, nan_fill=False)
+    want = ref.paged_attention_reference(*b.args())
+    n, w = b.block_tables.shape
+    table = np.frombuffer(mem, np.int32, count=n * w, offset=page - 4 * n * w).reshape(n, w)
+    table[:] = b.block_tables
+    q, k, v = (T(a) for a in (b.q, b.k_cache, b.v_cache))
+    kv = T(b.kv_lens)
+    kv[1] = 1000  # the last row: keys far past its 3 columns, the guard page right after
+    out, _ = _attend(q, k, v, torch.from_numpy(table), kv, None, num_splits=splits)
+    close(out[:1], want[:1], "float32")
+
