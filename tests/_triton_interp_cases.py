@@ -513,3 +513,78 @@ def test_table_reads_stop_at_the_row(splits):
     out, _ = _attend(q, k, v, torch.from_numpy(table), kv, None, num_splits=splits)
     close(out[:1], want[:1], "float32")
 
+
+# ------------------------------------------ through the torch frontend: strided index tensors
+
+
+@pytest.fixture(scope="module")
+def interp_backend():
+    """The Triton kernels registered for CPU tensors as backend "triton-interp" (lowest
+    priority; the interpreter runs them there), so that the torch frontend's wrappers run in
+    front of them as they do on a GPU: index tensors on the tensors' device pass through."""
+    from prefixkv.paged.registry import Backend
+    from prefixkv.torch_frontend import _registry
+
+    for op, impl in _registry._TRITON_IMPL.items():
+        reg = _registry.REGISTRIES[op]
+        if "triton-interp" not in reg.names():
+            reg.register(Backend("triton-interp", ("cpu",), impl, priority=-1))
+    return "triton-interp"
+
+
+def _strided(t):
+    """t's values in a view without unit stride along its last axis: a column of a [n, 2]
+    tensor (1-D; the other column garbage), column-major (2-D)."""
+    if t is None:
+        return None
+    if t.dim() == 1:
+        return torch.stack([t, torch.full_like(t, 7)], 1)[:, 0]
+    return t.t().contiguous().t()
+
+
+def test_strided_index_tensors_through_the_frontend(interp_backend):
+    """Index tensors that are views (src/dst/slots/ids columns of an [n, 2] mapping, kv_lens,
+    cu_q_lens, prefix ids and lens strided, column-major block tables) give the results of
+    their contiguous copies: the kernels read index tensors as contiguous, the frontend hands
+    them such (a strided copy_blocks mapping overwrote a block it never named)."""
+    import prefixkv.torch_frontend as tf
+
+    be = interp_backend
+    rng = np.random.default_rng(41)
+    base = T(testing.random_values(rng, (16, 4, 2, 16), "float32"))
+    mapping = torch.tensor([[1, 9], [2, 10], [3, 11]], dtype=torch.int32)
+    src, dst = mapping[:, 0], mapping[:, 1]
+    assert src.stride() == (2,)
+    caches = [base.clone()]
+    tf.copy_blocks(caches, src, dst, backend=be)
+    want = ref.copy_blocks_reference([base.numpy()], src.numpy(), dst.numpy())[0]
+    np.testing.assert_array_equal(N(caches[0]), want)  # blocks not named: bit-identical
+    buf = tf.gather_blocks([base], _strided(T(np.array([5, 0, 5], np.int32))), backend=be)
+    np.testing.assert_array_equal(N(buf[:, 0]), N(base[[5, 0, 5]]))
+    caches = [base.clone()]
+    tf.scatter_blocks(caches, buf[:2], dst[:2], backend=be)
+    np.testing.assert_array_equal(N(caches[0][[9, 10]]), N(base[[5, 0]]))
+    np.testing.assert_array_equal(N(caches[0][11:]), N(base[11:]))
+    key = T(testing.random_values(rng, (3, 2, 16), "float32"))
+    kc, vc = torch.zeros_like(base), torch.zeros_like(base)
+    slots = torch.tensor([[5, 0], [17, 1], [40, 2]], dtype=torch.int32)[:, 0]
+    want_k, _ = ref.write_kv_reference(key.numpy(), key.numpy(), kc.numpy(), vc.numpy(),
+                                       slots.numpy())
+    tf.write_kv(key, key, kc, vc, slots, backend=be)
+    np.testing.assert_array_equal(N(kc), want_k)
+
+    for grid in ("decode", "mixed"):
+        b = testing.make_ragged_batch(rng, testing.seq_grid(grid, 4), num_q_heads=4,
+                                      num_kv_heads=2, head_dim=16, block_size=4)
+        want = ref.paged_attention_reference(*b.args())
+        q, k, v, bt, kv, cu = (T(a) for a in b.args())
+        got = tf.paged_attention(q, k, v, _strided(bt), _strided(kv), _strided(cu), backend=be)
+        close(got, want, "float32")
+
+    b = testing.make_shared_prefix_batch(
+        rng, [2, 0, 1], [(0, 1, 5), (2, 2, 3), (-1, 1, 4), (0, 3, 9), (1, 1, 1)],
+        num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=4)
+    want = ref.shared_prefix_attention_reference(*b.args())
+    args = [T(a) for a in b.args()]
+    got = tf.shared_prefix_attention(*args[:3], *(_strided(a) for a in args[3:]), backend=be)
+    close(got, want, "float32")

@@ -51,11 +51,19 @@ def _want_values(*tensors) -> bool:
 
 
 def _on(device: torch.device, *tensors):
-    """``tensors`` moved to ``device`` where they are elsewhere (index tensors kept on the CPU
-    with caches on a GPU, copied after their host value checks, without stalling the stream;
-    on the device already they are passed as they are, the CUDA-graph-safe way). None stays
-    None."""
-    return tuple(None if t is None else upload(t, device) for t in tensors)
+    """``tensors`` on ``device`` with unit stride along their last axis (index tensors kept on
+    the CPU with caches on a GPU are copied after their host value checks, without stalling
+    the stream; such tensors on the device already are passed as they are, the CUDA-graph-safe
+    way). The kernels read a 1-D index tensor as contiguous and a table's row as contiguous (a
+    column slice of a wider table is fine: they take its row stride); any other view (a column
+    of an [n, 2] mapping, a column-major table) is copied first, never read with the wrong
+    strides. None stays None."""
+    return tuple(None if t is None else upload(t if _unit_last_stride(t) else t.contiguous(),
+                                               device) for t in tensors)
+
+
+def _unit_last_stride(t: Tensor) -> bool:
+    return t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1
 
 
 def _tensors(same_device: bool = True, **named) -> torch.device | None:
