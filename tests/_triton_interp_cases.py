@@ -580,6 +580,10 @@ def test_strided_index_tensors_through_the_frontend(interp_backend):
         q, k, v, bt, kv, cu = (T(a) for a in b.args())
         got = tf.paged_attention(q, k, v, _strided(bt), _strided(kv), _strided(cu), backend=be)
         close(got, want, "float32")
+        wide = torch.full((bt.shape[0], bt.shape[1] + 3), 10**6, dtype=torch.int32)
+        wide[:, :bt.shape[1]] = bt  # a column slice passes as it is: its row stride is read
+        got = tf.paged_attention(q, k, v, wide[:, :bt.shape[1]], kv, cu, backend=be)
+        close(got, want, "float32")
 
     b = testing.make_shared_prefix_batch(
         rng, [2, 0, 1], [(0, 1, 5), (2, 2, 3), (-1, 1, 4), (0, 3, 9), (1, 1, 1)],

@@ -4,10 +4,11 @@ long contexts with few sequences (partials merged by log-sum-exp), the two-state
 shared-prefix ("cascade") attention built from them.
 
 Layout: q [num_tokens, num_q_heads, head_dim]; k/v cache [num_blocks, block_size, num_kv_heads,
-head_dim] with any strides (views of a stacked cache work); int32 block tables, kv_lens,
-cu_q_lens. Program (seq, q tile, kv head[, split]) holds BLOCK_M rows = query tokens x the q
-heads of one kv head, so each K/V tile is loaded once for the whole group; keys come in tiles of
-BLOCK_N tokens, each token's block looked up in the table (any block_size).
+head_dim] with any strides (views of a stacked cache work); int32 block tables (any row
+stride, unit column stride), kv_lens, cu_q_lens (contiguous: the torch frontend copies other
+views of index tensors). Program (seq, q tile, kv head[, split]) holds BLOCK_M rows = query
+tokens x the q heads of one kv head, so each K/V tile is loaded once for the whole group; keys
+come in tiles of BLOCK_N tokens, each token's block looked up in the table (any block_size).
 
 Under ``TRITON_INTERPRET=1`` bf16/f16 tiles are upcast to float32 (UPCAST constexpr): the
 interpreter computes low-precision dots wrongly.

@@ -4,7 +4,8 @@ every read happens before any write, whatever the src/dst overlap.
 
 Copies move raw bits: float caches are viewed as same-width integers (exact, and the
 interpreter's bf16 handling never matters). Caches may be views with any strides, as long as
-each block's ``[block_size, ...]`` data is contiguous for gather/scatter.
+each block's ``[block_size, ...]`` data is contiguous for gather/scatter. Index tensors
+(slot_mapping, block ids) are read as contiguous: the torch frontend copies other views.
 """
 
 from __future__ import annotations
