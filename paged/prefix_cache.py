@@ -517,11 +517,13 @@ class PrefixCache:
             return
         from .hashing import hash_blocks
 
-        groups: dict[tuple, list[tuple[_Request, int]]] = {}
+        # by namespace, the salt's bytes (what the default hash reads of a salt): a bytearray or
+        # memoryview salt is no dict key
+        groups: dict[bytes, list[tuple[_Request, int]]] = {}
         for item in todo:
-            groups.setdefault((type(item[0].salt), item[0].salt), []).append(item)
+            groups.setdefault(item[0].namespace, []).append(item)
         bs = self.block_size
-        for (_, salt), group in groups.items():
+        for salt, group in groups.items():
             if len(group) == 1:
                 self._extend_hashes(*group[0])
                 continue

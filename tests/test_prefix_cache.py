@@ -708,12 +708,14 @@ def test_block_row_follows_every_change_and_never_rewrites_a_view():
 def test_decode_step_hashes_the_filled_blocks_in_one_call_per_salt(monkeypatch):
     """Requests of one salt filling a block in the same step are hashed in one hash_blocks
     call (a ragged batch, each continuing its own chain), not one call each (~0.1 ms per
-    call); the hashes are each request's own chain."""
+    call); the hashes are each request's own chain. Salts group by their bytes: str and bytes
+    of the same text are one namespace, and bytearray / memoryview salts (no dict keys) too."""
     from prefixkv.paged import hashing
 
     pc = make(num_blocks=200, block_size=4)
     salts = {"a": None, "b": None, "c": "x", "d": "x", "e": "x", "f": b"x", "g": "y"}
     salts["h"] = "x"                        # a first block: its chain starts here
+    salts["i"], salts["j"] = bytearray(b"z"), memoryview(bytearray(b"z"))
     for i, (rid, salt) in enumerate(salts.items()):
         pc.add_request(rid, list(range(10 * i, 10 * i + (3 if rid == "h" else 7))), salt=salt)
     pc.step([(rid, len(pc.tokens(rid))) for rid in salts])
@@ -724,7 +726,7 @@ def test_decode_step_hashes_the_filled_blocks_in_one_call_per_salt(monkeypatch):
     for rid in salts:
         pc.append_tokens(rid, [ord(rid)])   # fills each request's block 1 (h's block 0)
     pc.step([(rid, 1) for rid in salts])
-    assert sorted(map(repr, calls)) == sorted(map(repr, [None, "x", b"x", "y"]))
+    assert sorted(map(repr, calls)) == sorted(map(repr, [b"", b"x", "y", b"z"]))
     for rid, salt in salts.items():
         toks = np.asarray(pc.tokens(rid), np.int32)
         assert pc.request_hashes(rid) == list(real(toks, 4, salt=salt))

@@ -291,3 +291,45 @@ def test_offload_over_the_host_tier_feeds_lower_tiers_in_chunks(tmp_path):
     assert peak <= 8 * row + 4 * row + 3 * row, peak  # + keys, paths, lists
     got = store.batch_get(off.keys(hashes), shape=BIG, dtype="float32")
     assert all(g is not None and (g == i + 1).all() for i, g in enumerate(got))
+
+
+def test_offload_over_budget_reports_only_blocks_some_tier_holds(tmp_path):
+    """Host of 2 blocks over a disk of 4, the overflow put in chunks of 2: the third chunk's
+    put evicts the first chunk's blocks from the disk. offload says so (it said True for
+    them), and a block the host kept is not written below it again."""
+    row = int(np.prod(BIG)) * 4
+    host = HostTier(2 * row)
+    rec = len(record_bytes(BlockKey(bytes(8), _ns()), np.zeros(BIG, np.float32)))
+    disk = DiskTier(tmp_path, budget_bytes=4 * rec)
+    store = TieredStore([host, disk])
+    res, _, off, hashes = _offload_peak(store, 8, chunk_bytes=2 * row)
+    keys = off.keys(hashes)
+    holds = [k in host or disk.batch_exists([k]) == 1 for k in keys]
+    assert res == holds == [True, True, False, False, True, True, True, True]
+
+
+def test_offload_over_budget_writes_a_repeated_block_below_once(tmp_path):
+    """A block repeated in an eviction batch, once in the part the host keeps and once past
+    it: the disk gets it once (with the host's put), not again with the overflow."""
+    row = int(np.prod(BIG)) * 4
+    host, disk = HostTier(2 * row), DiskTier(tmp_path)
+    store = TieredStore([host, disk])
+    off = BlockOffloader(store, _ns())
+    caches = [np.zeros((8, *BIG[1:]), np.float32) for _ in range(BIG[0])]
+    hashes = [bytes([i + 1]) * 32 for i in range(4)]
+    res = off.offload(caches, [1, 2, 3, 4, 1], hashes + hashes[:1])
+    assert res == [True] * 5
+    assert disk.stats.puts == 4 and store.stats.puts == 5 and store.stats.rejected == 0
+
+
+def test_fetch_checks_every_hash_though_it_looks_up_only_to_the_first_miss():
+    """Keys stop at the first miss, the checks do not: a bad hash anywhere is refused (it was
+    taken when it came after a window of misses), and any iterable of hashes is taken."""
+    import pytest
+
+    off = BlockOffloader(HostTier(1 << 20), _ns())
+    miss = [bytes([i + 1]) * 32 for i in range(40)]
+    for bad, exc in ((None, TypeError), (b"", ValueError), (-5, ValueError)):
+        with pytest.raises(exc, match="block_hash"):
+            off.fetch(miss + [bad], ROW, np.float32)
+    assert off.fetch(iter(miss), ROW, np.float32) == []

@@ -41,6 +41,7 @@ from .base import (
     check_values,
     dtype_str,
     first_occurrences,
+    hash_bytes,
 )
 from .host import HostTier
 
@@ -394,23 +395,40 @@ class BlockOffloader:
         into the tiers below it (a :class:`TieredStore`'s), copied out at most
         ``overflow_chunk_bytes`` at a time, so the memory this takes is bounded however
         large the batch; where no tier is below (a lone host tier) they are dropped. The host
-        counts them refused, as its put of the whole batch did. Per block whether some tier
-        holds it (a repeat of a block the host kept: True)."""
+        counts them refused, as its put of the whole batch did. Each block the host lacks is
+        copied and put once (a repeat, or a block the host kept, is not written again). Per
+        block whether some tier holds it when this returns: a chunk's put may evict blocks
+        an earlier chunk wrote to a small tier below, so those are asked again."""
         held = [k in host for k in keys]
-        firsts, _ = first_occurrences(keys)
+        firsts, repeats = first_occurrences(keys)
         host.stats.rejected += sum(not held[i] for i in firsts)
         store = self.store
         if not isinstance(store, TieredStore):
             return held
         if len(store.tiers) == 1:
             return store._put_from(1, keys, [], stored=held)
+        todo = [i for i in firsts if not held[i]]
+        out = list(held)
         row_bytes = len(caches) * caches[0][:1].nbytes
         step = max(1, self.overflow_chunk_bytes // max(row_bytes, 1))
-        out: list[bool] = []
-        for i in range(0, len(ids), step):
-            rows = list(_copy_rows(caches, ids[i:i + step]))
-            out += store._put_from(1, keys[i:i + step], rows, stored=held[i:i + step])
+        for c in range(0, len(todo), step):
+            part = todo[c:c + step]
+            rows = list(_copy_rows(caches, ids[part]))
+            for i, r in zip(part, store._put_from(1, [keys[i] for i in part], rows),
+                            strict=True):
+                out[i] = r
             del rows  # before the next chunk is copied
+        below = store.tiers[1:]
+        for i in todo[:(len(todo) - 1) // step * step]:  # chunks before the last one
+            if out[i]:
+                out[i] = any(store._guard(t, lambda t=t, k=keys[i]: t.batch_exists([k]), 0)
+                             for t in below)
+        for pos, first in repeats:
+            out[pos] = out[first]
+        skipped = [i for i in range(len(keys)) if held[i]] + [pos for pos, _ in repeats]
+        stored = sum(out[i] for i in skipped)  # counted as the put of the whole batch would
+        store.stats.puts += stored
+        store.stats.rejected += len(skipped) - stored
         return out
 
     def lookup(self, block_hashes: Sequence, *, namespace: Namespace | None = None) -> int:
@@ -427,6 +445,10 @@ class BlockOffloader:
         ns = namespace or self.namespace
         row_shape = tuple(int(d) for d in row_shape)
         want = dtype_str(dtype)
+        block_hashes = list(block_hashes)
+        for h in block_hashes:  # every hash checked (bytes: no call), though keys stop early
+            if type(h) is not bytes or not h:
+                hash_bytes(h)
         # keys made and looked up in doubling windows: a miss early in a long prompt costs
         # the keys before it (and one window), not a key per block
         keys: list[BlockKey] = []
