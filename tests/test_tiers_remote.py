@@ -262,6 +262,31 @@ def test_nixl_slot_lru_and_oversize(nixl_tier):
     assert nixl_tier.batch_put(_keys(1, start=50), [big]) == [False]
 
 
+def test_nixl_put_over_the_slots_refuses_in_constant_time(nixl_tier):
+    """64 blocks into the peer's 16 slots in one put: the first 16 stored (a put never evicts
+    its own blocks), each further block refused without a scan of the index (it read every
+    entry per block: 16 x 48 here, n*n for a big peer)."""
+    from collections import OrderedDict
+
+    class Counting(OrderedDict):
+        read = 0
+
+        def __iter__(self):
+            for k in super().__iter__():
+                Counting.read += 1
+                yield k
+
+        def items(self):
+            for k, v in super().items():
+                Counting.read += 1
+                yield k, v
+
+    nixl_tier._index = Counting(nixl_tier._index)
+    assert nixl_tier.batch_put(_keys(64), _rows(64, seed=3)) == [True] * 16 + [False] * 48
+    assert Counting.read <= 64, Counting.read
+    assert nixl_tier.stats.rejected == 48 and nixl_tier.stats.evictions == 0
+
+
 def test_nixl_corrupt_remote_slot_is_a_miss(nixl_peer, nixl_tier):
     ks, vals = _keys(2, start=200), _rows(2, seed=3)
     assert nixl_tier.batch_put(ks, vals) == [True, True]

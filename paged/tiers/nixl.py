@@ -194,15 +194,18 @@ class NixlTier(Tier):
         return out
 
     def _take_slot(self, protect: set[str]) -> int | None:
+        """A free slot, else the least recently used entry's, else None. The entries a put
+        protects (its own, and the ones it found stored: moved to the end) are the newest, so
+        the oldest entry is protected only when all are: no scan of the index per block."""
         if self._free:
             return self._free.pop()
-        for sk, (key, slot, _) in self._index.items():
-            if sk not in protect:
-                del self._index[sk]
-                self.stats.evictions += 1
-                self._publish("evicted", [key])
-                return slot
-        return None
+        sk = next(iter(self._index), None)
+        if sk is None or sk in protect:
+            return None
+        key, slot, _ = self._index.pop(sk)
+        self.stats.evictions += 1
+        self._publish("evicted", [key])
+        return slot
 
     def batch_put(self, keys, values):
         """Every value's dtype is checked against its key's namespace before anything is
