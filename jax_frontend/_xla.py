@@ -373,7 +373,9 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
 
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b):
-    """LSE merge of two partial attentions; two empty states give out 0, lse -inf."""
+    """LSE merge of two partial attentions; two empty states (lse -inf, or +inf: FlashAttention-2's
+    empty rows) give out 0, lse -inf."""
+    lse_a, lse_b = (jnp.where(x == jnp.inf, -jnp.inf, x) for x in (lse_a, lse_b))
     m = jnp.maximum(lse_a, lse_b)
     seen = m > -jnp.inf
     m0 = jnp.where(seen, m, 0.0)

@@ -87,10 +87,12 @@ def test_merge_kernel():
     oa, ob = rng.standard_normal((2, 4, 3, 20)).astype(np.float32)
     la, lb = rng.standard_normal((2, 4, 3)).astype(np.float32)
     la[0], lb[0], la[1] = -np.inf, -np.inf, -np.inf
+    la[2, 0], lb[3] = np.inf, np.inf  # FlashAttention-2's empty rows: empty states too
     want, want_lse = ref.merge_attention_states_reference(oa, la, ob, lb)
     out, lse = torch.full((4, 3, 20), float("nan")), torch.full((4, 3), float("nan"))
     tattn.merge_attention_states(out, lse, T(oa), T(la), T(ob), T(lb))
     np.testing.assert_allclose(N(out), want, atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(N(out)[3], oa[3], atol=1e-6)
     np.testing.assert_allclose(N(lse), want_lse, atol=1e-6, rtol=1e-6)
 
 

@@ -292,9 +292,11 @@ def test_merge_attention_states():
     la[0, :] = -np.inf
     lb[0, :2] = -np.inf  # row 0 heads 0, 1: both empty -> out 0, lse -inf
     lb[1] = -np.inf
+    la[2], lb[3, 0] = np.inf, np.inf  # FlashAttention-2's empty rows: empty states too
     want_o, want_l = ref.merge_attention_states_reference(oa, la, ob, lb)
     got_o, got_l = jf.merge_attention_states(oa, la, ob, lb)
     np.testing.assert_allclose(np.asarray(got_o), want_o, atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(got_o)[2], ob[2], atol=1e-6)
     _close_lse(got_l, want_l)
     assert (np.asarray(got_o)[0, :2] == 0).all()
 

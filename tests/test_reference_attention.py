@@ -137,6 +137,17 @@ def test_merge_hand_worked():
     np.testing.assert_allclose(lse, [[math.log(4)]], rtol=1e-6)
 
 
+def test_merge_positive_infinite_lse_is_an_empty_state():
+    """FlashAttention-2 gives lse +inf for a row with no key; vLLM's merge reads it as empty."""
+    a = np.full((3, 1, 2), 5.0, np.float32)
+    b = np.full((3, 1, 2), 7.0, np.float32)
+    la = np.array([[np.inf], [np.inf], [0.5]], np.float32)
+    lb = np.array([[np.inf], [1.5], [np.inf]], np.float32)
+    out, lse = merge_attention_states_reference(a, la, b, lb)
+    np.testing.assert_array_equal(out, [[[0.0, 0.0]], [[7.0, 7.0]], [[5.0, 5.0]]])
+    np.testing.assert_array_equal(lse, [[-np.inf], [1.5], [0.5]])
+
+
 def test_merge_empty_states():
     inf = np.float32(-np.inf)
     a = np.full((2, 1, 3), 5.0, np.float32)

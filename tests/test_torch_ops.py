@@ -401,9 +401,12 @@ def test_merge_attention_states_matches_reference_and_empty_states():
     la, lb = rng.standard_normal((2, 5, 3)).astype(np.float32)
     la[0], lb[0] = -np.inf, -np.inf  # both empty -> out 0, lse -inf
     la[1] = -np.inf  # one side empty -> the other
+    la[2], lb[3, 0] = np.inf, np.inf  # FlashAttention-2's empty rows: empty states too
+    lb[4] = np.inf
     want, want_lse = ref.merge_attention_states_reference(oa, la, ob, lb)
     got, got_lse = tf.merge_attention_states(T(oa), T(la), T(ob), T(lb))
     np.testing.assert_allclose(N(got), want, atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(N(got)[2], ob[2], atol=1e-6)
     np.testing.assert_array_equal(N(got_lse)[0], -np.inf)
     np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-6, rtol=1e-6)
 

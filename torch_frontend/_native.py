@@ -591,7 +591,7 @@ MERGE_CHUNK_BYTES = 2 << 20
 def merge_attention_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, out_b,
                            lse_b) -> None:
     """out = c_a out_a + c_b out_b with c = e^(lse - m) / sum; rows empty on both sides
-    (lse -inf) get c = 0, so out 0 and lse -inf.
+    (lse -inf, or +inf: FlashAttention-2's empty rows) get c = 0, so out 0 and lse -inf.
 
     Chunks of tokens at a time (about MERGE_CHUNK_BYTES of float32 rows): a multiply and a
     multiply-add on the same chunk while it is in cache, into a float32 output itself, else
@@ -599,6 +599,8 @@ def merge_attention_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, o
     into reused float32 buffers first (torch's conversion copies are fast; mixed-dtype
     arithmetic and fresh full-size temporaries are not).
     """
+    inf = float("inf")
+    lse_a, lse_b = (torch.where(x == inf, -inf, x) for x in (lse_a, lse_b))  # +inf: FA2's empty
     m = torch.maximum(lse_a, lse_b)
     seen = m > float("-inf")
     m0 = torch.where(seen, m, 0.0)

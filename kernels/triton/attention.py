@@ -205,6 +205,7 @@ def _merge_states_kernel(out_ptr, lse_ptr, o_ptr, l_ptr, num_heads, stride_ot, s
     s_ok = sidx < NUM_STATES
     lse = tl.load(l_ptr + sidx * stride_sl + t * stride_slt + h * stride_slh, mask=s_ok,
                   other=float("-inf"))
+    lse = tl.where(lse == float("inf"), float("-inf"), lse)  # FlashAttention-2's empty rows
     m = tl.max(lse, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lse - m_safe)

@@ -98,11 +98,12 @@ def merge_attention_states_reference(out_a, lse_a, out_b, lse_b):
 
     out_a, out_b: [num_tokens, num_heads, head_dim] float; lse_a, lse_b: f32[num_tokens, num_heads]
     (natural log). out = (out_a e^lse_a + out_b e^lse_b) / (e^lse_a + e^lse_b),
-    lse = log(e^lse_a + e^lse_b). Two empty states (lse -inf) merge to out 0, lse -inf.
-    Returns (out in out_a's dtype, lse float32).
+    lse = log(e^lse_a + e^lse_b). Two empty states (lse -inf) merge to out 0, lse -inf. An lse
+    of +inf is an empty state too (FlashAttention-2's rows with no key; vLLM's merge reads it
+    so). Returns (out in out_a's dtype, lse float32).
     """
     validate.check_merge_attention_states(out_a, lse_a, out_b, lse_b)
-    la, lb = _as_f64(lse_a), _as_f64(lse_b)
+    la, lb = (np.where(x == np.inf, -np.inf, x) for x in (_as_f64(lse_a), _as_f64(lse_b)))
     m = np.maximum(la, lb)
     seen = m > -np.inf
     m0 = np.where(seen, m, 0.0)
