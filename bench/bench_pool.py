@@ -25,6 +25,10 @@ tokens each (128 blocks): ``append_tokens`` of each sampled token, then ``Prefix
 of one token per request (allocate, copy-on-write check, plan, hash the blocks filled,
 register). The host cost per step, with the planner's shared-prefix search off and on.
 
+``planner`` group: ``plan_batch`` of 512 decode sequences of 2048 blocks each (32k tokens),
+with no block shared and with the first 1024 blocks shared by all, the shared-prefix search
+on and, as the baseline, off (the metadata alone): what the group search adds to a step.
+
 Run: OMP_NUM_THREADS=1 .venv/bin/pytest bench/bench_pool.py --benchmark-only
 """
 
@@ -355,3 +359,29 @@ def test_prefix_cache_decode_step(benchmark, shared_prefix):
     info["context_tokens"] = DECODE_CONTEXT
     info["ms_per_step"] = t * 1e3
     info["us_per_request"] = t / DECODE_REQUESTS * 1e6
+
+
+PLAN_SEQS, PLAN_BLOCKS = 512, 2048
+
+
+@pytest.mark.benchmark(group="planner")
+@pytest.mark.parametrize("shared", [False, True], ids=["no-sharing", "half-shared"])
+@pytest.mark.parametrize("search", [False, True], ids=["metadata-only", "with-groups"])
+def test_plan_batch(benchmark, shared, search):
+    """plan_batch of one decode step (block lists as int32 arrays, as PrefixCache keeps them)."""
+    from prefixkv.paged.planner import plan_batch
+
+    ids = np.arange(1, PLAN_SEQS * PLAN_BLOCKS + 1, dtype=np.int32).reshape(PLAN_SEQS, -1)
+    if shared:
+        ids[:, :PLAN_BLOCKS // 2] = ids[0, :PLAN_BLOCKS // 2]
+    rows = list(ids)
+    ctx = [PLAN_BLOCKS * BLOCK_SIZE - 1] * PLAN_SEQS
+    plan = benchmark.pedantic(plan_batch, args=(rows, ctx, [1] * PLAN_SEQS, BLOCK_SIZE),
+                              kwargs={"shared_prefix": search}, rounds=10, warmup_rounds=1)
+    assert plan.num_seqs == PLAN_SEQS
+    assert (plan.shared is not None) == (shared and search)
+    if plan.shared is not None:
+        assert plan.shared.prefix_lens.tolist() == [PLAN_BLOCKS // 2 * BLOCK_SIZE]
+    benchmark.extra_info["ms_per_plan"] = seconds(benchmark, "median") * 1e3
+    if not search:
+        benchmark.extra_info["baseline"] = True
