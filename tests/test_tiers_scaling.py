@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import numpy as np
+import pytest
 from prefixkv.paged.prefix_cache import PrefixCache
 from prefixkv.paged.tiers import (
     BlockKey,
@@ -306,6 +307,7 @@ def test_offload_over_budget_reports_only_blocks_some_tier_holds(tmp_path):
     keys = off.keys(hashes)
     holds = [k in host or disk.batch_exists([k]) == 1 for k in keys]
     assert res == holds == [True, True, False, False, True, True, True, True]
+    assert (store.stats.puts, store.stats.rejected) == (6, 2)
 
 
 def test_offload_over_budget_writes_a_repeated_block_below_once(tmp_path):
@@ -333,3 +335,40 @@ def test_fetch_checks_every_hash_though_it_looks_up_only_to_the_first_miss():
         with pytest.raises(exc, match="block_hash"):
             off.fetch(miss + [bad], ROW, np.float32)
     assert off.fetch(iter(miss), ROW, np.float32) == []
+
+
+def _small_caches():
+    return [np.arange(8 * 8, dtype=np.float32).reshape(8, 4, 2)]
+
+
+def _gather_rows(caches, ids):
+    return np.stack([np.stack([c[b] for c in caches]) for b in np.asarray(ids).tolist()])
+
+
+@pytest.mark.parametrize("gather", [None, _gather_rows], ids=["numpy", "gather"])
+def test_offload_keeps_or_reports_the_blocks_it_refreshed(gather):
+    """A lone host tier of 1 block holding A, offload [A, B]: A is refreshed, and room for B
+    must not come from A (it did: B evicted A, and offload said True for both). With a
+    gather= the put cannot protect A; offload then says what the tier holds."""
+    row = 8 * 4
+    host = HostTier(1 * row)
+    off = BlockOffloader(host, Namespace("m", dtype="float32"), gather=gather)
+    caches = _small_caches()
+    a, b = bytes([1]) * 8, bytes([2]) * 8
+    off.offload(caches, [1], [a])
+    out = off.offload(caches, [1, 2], [a, b])
+    assert out == [k in host for k in off.keys([a, b])]
+    if gather is None:
+        assert out == [True, False]
+
+
+def test_offload_over_budget_counts_every_position_once(tmp_path):
+    """Store stats as one put of the batch: a repeat of a block the host kept counts once
+    (it counted twice), and a block a later chunk evicted below counts as refused."""
+    row = 8 * 4
+    host, disk = HostTier(2 * row), DiskTier(tmp_path)
+    store = TieredStore([host, disk])
+    off = BlockOffloader(store, Namespace("m", dtype="float32"))
+    hashes = [bytes([i]) * 8 for i in (1, 7, 7, 7, 6)]
+    assert off.offload(_small_caches(), [1, 2, 2, 2, 3], hashes) == [True] * 5
+    assert (store.stats.puts, store.stats.rejected) == (5, 0)

@@ -341,26 +341,45 @@ class BlockOffloader:
         host = _first_host(self.store)
         out = [True] * len(keys)
         todo = list(range(len(keys)))
+        touched: list[int] = []
         if host is not None and todo:  # blocks the host tier holds already: refreshed, not
             held = host.touch(keys, (len(caches), *caches[0].shape[1:]))  # copied again
             todo = [i for i, h in enumerate(held) if not h]
+            touched = [i for i, h in enumerate(held) if h]
         if todo:
-            stored = self._put(caches, ids[todo], [keys[i] for i in todo], host)
+            evictions = host.stats.evictions if host is not None else 0
+            protect = frozenset(keys[i].storage_key() for i in touched)
+            stored = self._put(caches, ids[todo], [keys[i] for i in todo], host, protect)
             for i, r in zip(todo, stored, strict=True):
                 out[i] = r
+            if touched and host.stats.evictions != evictions:
+                # the put made room in the host tier (the paths that cannot protect the
+                # refreshed blocks: a gather=, an allocator failure): are they still held?
+                for i in touched:
+                    if keys[i] not in host:
+                        out[i] = self._held_below(keys[i])
         return out
 
-    def _put(self, caches, ids: np.ndarray, keys: list[BlockKey], host: HostTier | None
-             ) -> list[bool]:
+    def _held_below(self, key: BlockKey) -> bool:
+        """Whether a tier below the host tier holds ``key``."""
+        store = self.store
+        if not isinstance(store, TieredStore):
+            return False
+        return any(store._guard(t, lambda t=t: t.batch_exists([key]), 0)
+                   for t in store.tiers[1:])
+
+    def _put(self, caches, ids: np.ndarray, keys: list[BlockKey], host: HostTier | None,
+             protect: frozenset = frozenset()) -> list[bool]:
         """Copy blocks ``ids`` (validated, int32) of ``caches`` out and put them under
-        ``keys``; per block whether some tier holds it now."""
+        ``keys``; per block whether some tier holds it now. ``protect``: storage names of
+        host blocks the room for these must not come from (the batch's refreshed ones)."""
         if self.gather is None and host is not None and all(isinstance(c, np.ndarray)
                                                            for c in caches):
             # One copy per block, straight into host-tier memory (no staging buffer); the
             # memory of evicted blocks is reused, so nothing is allocated in steady state.
             row_shape = (len(caches), *caches[0].shape[1:])
             def reserve():
-                return host.reserve(len(ids), row_shape, caches[0].dtype)
+                return host.reserve(len(ids), row_shape, caches[0].dtype, protect=protect)
             # a failing allocator (pinned memory) is a tier fault: counted, then the generic
             # path below (whose put the chain guards too)
             rows = (self.store._guard(host, reserve, None)
@@ -418,17 +437,18 @@ class BlockOffloader:
                             strict=True):
                 out[i] = r
             del rows  # before the next chunk is copied
-        below = store.tiers[1:]
+        flipped = 0
         for i in todo[:(len(todo) - 1) // step * step]:  # chunks before the last one
-            if out[i]:
-                out[i] = any(store._guard(t, lambda t=t, k=keys[i]: t.batch_exists([k]), 0)
-                             for t in below)
+            if out[i] and not self._held_below(keys[i]):
+                out[i] = False
+                flipped += 1
         for pos, first in repeats:
             out[pos] = out[first]
-        skipped = [i for i in range(len(keys)) if held[i]] + [pos for pos, _ in repeats]
-        stored = sum(out[i] for i in skipped)  # counted as the put of the whole batch would
-        store.stats.puts += stored
-        store.stats.rejected += len(skipped) - stored
+        # counted as the put of the whole batch would: every position once
+        skipped = [i for i in firsts if held[i]] + [pos for pos, _ in repeats]
+        stored = sum(out[i] for i in skipped)
+        store.stats.puts += stored - flipped
+        store.stats.rejected += len(skipped) - stored + flipped
         return out
 
     def lookup(self, block_hashes: Sequence, *, namespace: Namespace | None = None) -> int:
