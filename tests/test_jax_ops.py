@@ -499,3 +499,16 @@ def test_env_var_selects_backend(monkeypatch):
     b = _small_batch()
     monkeypatch.setenv("PREFIXKV_BACKEND", "xla")
     _close(jf.paged_attention(*b.args()), ref.paged_attention_reference(*b.args()), "float32")
+
+
+def test_decode_logits_past_float32_give_nan_not_a_finite_answer():
+    """The CPU decode kernel (FFI) with q.k past float32's range: NaN, not a finite output
+    that skipped that key with lse +inf."""
+    rng = np.random.default_rng(0)
+    k = (rng.standard_normal((8, 4, 1, 16)) * 0.1).astype(np.float32)
+    v = rng.standard_normal((8, 4, 1, 16)).astype(np.float32)
+    k[0, 0] = 1e20
+    q = np.full((1, 1, 16), 1e20, np.float32)
+    out, lse = jf.paged_attention(q, k, v, np.arange(4, dtype=np.int32)[None],
+                                  np.array([16], np.int32), return_lse=True)
+    assert np.isnan(np.asarray(out)).all() and not (np.asarray(lse) == np.inf).any()

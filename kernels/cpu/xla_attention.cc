@@ -520,6 +520,12 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
       }
     }
     for (int h = 0; h < hq; ++h) {
+      if (m[h] == -neg_inf) {  // a logit past float32's range: NaN, never a finite answer
+        const float nan = std::numeric_limits<float>::quiet_NaN();  // that skips its key
+        for (int i = 0; i < d; ++i) os[h * d + i] = Tag::FromF32(nan);
+        ls[h] = nan;  // (an lse of +inf would read as an empty state in a merge)
+        continue;
+      }
       const bool seen = l[h] > 0.0f;
       const float inv = seen ? 1.0f / l[h] : 0.0f;
       for (int i = 0; i < d; ++i) os[h * d + i] = Tag::FromF32(acc[h * d + i] * inv);
