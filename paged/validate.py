@@ -191,8 +191,8 @@ class AttentionDims:
 def check_kv_caches(k_cache, v_cache) -> tuple[int, int, int, int]:
     """k_cache/v_cache: [num_blocks, block_size, num_kv_heads, head_dim], same shape and dtype."""
     if hasattr(k_cache, "shape") and len(k_cache.shape) == 5 and 2 in tuple(k_cache.shape[:2]):
-        axis = 0 if int(k_cache.shape[0]) == 2 else 1
-        view = "kv[0], kv[1]" if axis == 0 else "kv[:, 0], kv[:, 1]"
+        views = {0: "kv[0], kv[1]", 1: "kv[:, 0], kv[:, 1]"}
+        view = " or ".join(views[a] for a in (0, 1) if int(k_cache.shape[a]) == 2)
         raise ValueError(f"k_cache: expected 4 dimensions, got shape {_shape(k_cache)}: a "
                          f"stacked K/V cache? pass its halves, k_cache, v_cache = {view} "
                          f"(torch views: no copy)")
