@@ -246,13 +246,13 @@ def test_onboard_request_reads_nothing_past_a_miss_or_the_free_blocks(tmp_path):
 BIG = (2, 16, 8, 64)  # 64 KiB blocks: the memory under test dwarfs the bookkeeping
 
 
-def _offload_peak(store, n, chunk_bytes=None):
+def _offload_peak(store, n, chunk_bytes=None, gather=None):
     """(results, peak bytes allocated) of offloading n numpy blocks (block i holds i)."""
     import tracemalloc
 
     caches = [np.stack([np.full(BIG[1:], i, np.float32) for i in range(n + 1)])
               for _ in range(BIG[0])]
-    off = BlockOffloader(store, _ns())
+    off = BlockOffloader(store, _ns(), gather=gather)
     if chunk_bytes is not None:
         off.overflow_chunk_bytes = chunk_bytes
     hashes = [i.to_bytes(8, "big") for i in range(n)]
@@ -372,3 +372,27 @@ def test_offload_over_budget_counts_every_position_once(tmp_path):
     hashes = [bytes([i]) * 8 for i in (1, 7, 7, 7, 6)]
     assert off.offload(_small_caches(), [1, 2, 2, 2, 3], hashes) == [True] * 5
     assert (store.stats.puts, store.stats.rejected) == (5, 0)
+
+
+
+def _gather_copies(caches, ids):
+    """A gather= as an engine passes one (torch: gather_blocks_to_host): new host rows."""
+    return np.stack([np.stack([c[b] for c in caches]) for b in np.asarray(ids).tolist()])
+
+
+def test_offload_with_a_gather_over_the_host_budget_gathers_a_chunk_at_a_time(tmp_path):
+    """The test above through a gather= (the torch and JAX engines' path): the same result,
+    tiers and contents, and the host memory taken is the host's budget and a chunk or two,
+    not the batch (it gathered all 256 blocks first: 32x the budget)."""
+    row = int(np.prod(BIG)) * 4
+    host, disk = HostTier(8 * row), DiskTier(tmp_path)
+    store = TieredStore([host, disk])
+    res, peak, off, hashes = _offload_peak(store, 256, chunk_bytes=4 * row,
+                                           gather=_gather_copies)
+    assert res == [True] * 256
+    assert host.batch_exists(off.keys(hashes)) == 8 and len(host) == 8
+    assert disk.batch_exists(off.keys(hashes)) == 256
+    assert host.stats.rejected == 248 and store.stats.puts == 256 and store.stats.rejected == 0
+    assert peak <= 8 * row + 4 * (4 * row), peak  # + a chunk, the gather's temporaries
+    got = store.batch_get(off.keys(hashes), shape=BIG, dtype="float32")
+    assert all(g is not None and (g == i + 1).all() for i, g in enumerate(got))

@@ -397,6 +397,10 @@ class BlockOffloader:
                 out = self.store.batch_put(keys[:r], rows, copy=False) if r else []
                 del rows
                 return out + self._put_below(caches, ids[r:], keys[r:], host)
+        if self.gather is not None and host is not None:
+            step = self._chunk_rows(caches)
+            if len(ids) > step:  # more than a chunk: never all of it in host memory at once
+                return self._put_gathered(caches, ids, keys, host, protect, step)
         if self.gather is None:
             host_caches = [_as_host(c, "caches", "arrays numpy converts (the default gather)")
                            for c in caches]
@@ -408,13 +412,53 @@ class BlockOffloader:
             buf = _host_rows(self.gather(caches, ids), len(ids))
         return self.store.batch_put(keys, list(buf))
 
-    def _put_below(self, caches, ids: np.ndarray, keys: list[BlockKey], host: HostTier
-                   ) -> list[bool]:
+    def _chunk_rows(self, caches) -> int:
+        """Blocks of ``caches`` in ``overflow_chunk_bytes`` (at least 1)."""
+        c = caches[0]
+        itemsize = int(getattr(c, "itemsize", 0) or c.element_size())
+        row_bytes = len(caches) * int(np.prod(c.shape[1:])) * itemsize
+        return max(1, self.overflow_chunk_bytes // max(row_bytes, 1))
+
+    def _put_gathered(self, caches, ids: np.ndarray, keys: list[BlockKey], host: HostTier,
+                      protect: frozenset, step: int) -> list[bool]:
+        """The numpy path's put (the host keeps the leading blocks it has room for, in memory
+        it reserves; the rest go to the tiers below it) for a ``gather=`` batch of more than
+        ``step`` blocks, gathered ``step`` at a time: the host memory this takes is the
+        host's reserved rows and one chunk, not the batch (an eviction batch of a long
+        prefill over a small host tier gathered every block first)."""
+        def rows_of(ix):
+            return _host_rows(self.gather(caches, ix), len(ix))
+
+        chunk = rows_of(ids[:step])  # the first chunk tells the rows' dtype (bf16: ml_dtypes)
+        row_shape, dtype = chunk.shape[1:], chunk.dtype
+        def reserve():
+            return host.reserve(len(ids), row_shape, dtype, protect=protect)
+        rows = (self.store._guard(host, reserve, None)
+                if isinstance(self.store, TieredStore) else reserve())
+        if rows is None:  # the allocator failed: one put of the whole batch, as before
+            buf = np.concatenate([chunk, rows_of(ids[step:])])
+            return self.store.batch_put(keys, list(buf))
+        r, pos = len(rows), 0
+        while pos < r:
+            n = min(len(chunk), r - pos)
+            for j in range(n):
+                rows[pos + j][...] = chunk[j]
+            pos += n
+            if pos < r:
+                chunk = rows_of(ids[pos:pos + step])
+        del chunk
+        out = self.store.batch_put(keys[:r], rows, copy=False) if r else []
+        del rows
+        return out + self._put_below(caches, ids[r:], keys[r:], host, rows_of)
+
+    def _put_below(self, caches, ids: np.ndarray, keys: list[BlockKey], host: HostTier,
+                   rows_of=None) -> list[bool]:
         """Blocks ``ids`` (numpy caches) past what the host tier ``host`` has room for: put
         into the tiers below it (a :class:`TieredStore`'s), copied out at most
         ``overflow_chunk_bytes`` at a time, so the memory this takes is bounded however
         large the batch; where no tier is below (a lone host tier) they are dropped. The host
-        counts them refused, as its put of the whole batch did. Each block the host lacks is
+        counts them refused, as its put of the whole batch did. ``rows_of(ids)``: the blocks
+        as host rows (default: copies of numpy caches). Each block the host lacks is
         copied and put once (a repeat, or a block the host kept, is not written again). Per
         block whether some tier holds it when this returns: a chunk's put may evict blocks
         an earlier chunk wrote to a small tier below, so those are asked again."""
@@ -432,7 +476,8 @@ class BlockOffloader:
         step = max(1, self.overflow_chunk_bytes // max(row_bytes, 1))
         for c in range(0, len(todo), step):
             part = todo[c:c + step]
-            rows = list(_copy_rows(caches, ids[part]))
+            rows = list(_copy_rows(caches, ids[part]) if rows_of is None
+                        else rows_of(ids[part]))
             for i, r in zip(part, store._put_from(1, [keys[i] for i in part], rows),
                             strict=True):
                 out[i] = r
