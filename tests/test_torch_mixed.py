@@ -12,9 +12,8 @@ torch = pytest.importorskip("torch")
 
 from prefixkv.paged import reference as ref  # noqa: E402
 from prefixkv.paged import testing  # noqa: E402
-from prefixkv.paged.spec import ATTENTION_TOLERANCE  # noqa: E402
 from prefixkv.torch_frontend import _native  # noqa: E402
-from torch_convert import TORCH_DTYPE, N, T  # noqa: E402
+from torch_convert import N, T, check_paged_attention, close  # noqa: E402
 
 from prefixkv import torch_frontend as tf  # noqa: E402
 
@@ -42,11 +41,6 @@ def _opts_id(o):
     return ",".join(f"{k}={v}" for k, v in o.items()) or "default"
 
 
-def close(got, want, dtype):
-    atol, rtol = ATTENTION_TOLERANCE[dtype]
-    np.testing.assert_allclose(N(got), np.asarray(want).astype(np.float64), atol=atol, rtol=rtol)
-
-
 def _batch(seqs, dtype, opts, seed=0, block_size=8):
     rng = np.random.default_rng(seed)
     return testing.make_ragged_batch(rng, seqs, num_q_heads=8, num_kv_heads=2, head_dim=32,
@@ -61,14 +55,7 @@ def test_mixed_batches_match_reference(grid, dtype, opts):
     """out= and lse= pre-filled with NaN (an unwritten row fails), NaN in every slot no query
     sees (past kv_len, unused blocks, before a window)."""
     b = _batch(MIXED[grid], dtype, opts, seed=len(grid))
-    want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **opts)
-    out = torch.full(b.q.shape, float("nan"), dtype=TORCH_DTYPE[dtype])
-    lse = torch.full(b.q.shape[:2], float("nan"))
-    got, got_lse = tf.paged_attention(*(T(a) for a in b.args()), return_lse=True, out=out,
-                                      lse=lse, **opts)
-    assert got is out and got_lse is lse
-    close(got, want, dtype)
-    np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-4, rtol=1e-4)
+    want = check_paged_attention(b, dtype, **opts)
     no_lse = tf.paged_attention(*(T(a) for a in b.args()), **opts)  # lse=None in every group
     close(no_lse, want, dtype)
 

@@ -14,8 +14,8 @@ torch = pytest.importorskip("torch")
 from prefixkv.paged import reference as ref  # noqa: E402
 from prefixkv.paged import spec, testing  # noqa: E402
 from prefixkv.paged.registry import BackendError  # noqa: E402
-from prefixkv.paged.spec import ATTENTION_TOLERANCE, numpy_dtype  # noqa: E402
-from torch_convert import TORCH_DTYPE, N, T  # noqa: E402
+from prefixkv.paged.spec import numpy_dtype  # noqa: E402
+from torch_convert import TORCH_DTYPE, N, T, check_paged_attention, close  # noqa: E402
 
 from prefixkv import torch_frontend as tf  # noqa: E402
 
@@ -24,11 +24,6 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 
-
-
-def close(got, want, dtype):
-    atol, rtol = ATTENTION_TOLERANCE[dtype]
-    np.testing.assert_allclose(N(got), np.asarray(want).astype(np.float64), atol=atol, rtol=rtol)
 
 
 # (grid, block_size, num_q_heads, num_kv_heads, head_dim, dtype): a sampled grid
@@ -65,14 +60,7 @@ def test_paged_attention_matches_reference(case, opts):
     b = testing.make_ragged_batch(rng, testing.seq_grid(grid, bs), num_q_heads=hq,
                                   num_kv_heads=hkv, head_dim=d, block_size=bs, dtype=dtype,
                                   sliding_window=opts.get("sliding_window"))
-    want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **opts)
-    out = torch.full(b.q.shape, float("nan"), dtype=TORCH_DTYPE[dtype])
-    lse = torch.full(b.q.shape[:2], float("nan"))
-    got, got_lse = tf.paged_attention(*(T(a) for a in b.args()), return_lse=True, out=out,
-                                      lse=lse, **opts)
-    assert got is out and got_lse is lse
-    close(got, want, dtype)
-    np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-4, rtol=1e-4)
+    check_paged_attention(b, dtype, **opts)
 
 
 @pytest.mark.parametrize("pad_sync", ["no-sync", "sync"])
