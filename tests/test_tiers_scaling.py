@@ -310,13 +310,17 @@ def test_offload_over_budget_reports_only_blocks_some_tier_holds(tmp_path):
     assert (store.stats.puts, store.stats.rejected) == (6, 2)
 
 
-def test_offload_over_budget_writes_a_repeated_block_below_once(tmp_path):
+@pytest.mark.parametrize("chunk_rows", [None, 1], ids=["numpy", "gather-1-row-chunks"])
+def test_offload_over_budget_writes_a_repeated_block_below_once(tmp_path, chunk_rows):
     """A block repeated in an eviction batch, once in the part the host keeps and once past
-    it: the disk gets it once (with the host's put), not again with the overflow."""
+    it: the disk gets it once (with the host's put), not again with the overflow; through a
+    gather= in chunks of one block too (each chunk's put wrote it again)."""
     row = int(np.prod(BIG)) * 4
     host, disk = HostTier(2 * row), DiskTier(tmp_path)
     store = TieredStore([host, disk])
-    off = BlockOffloader(store, _ns())
+    off = BlockOffloader(store, _ns(), gather=None if chunk_rows is None else _gather_rows)
+    if chunk_rows is not None:
+        off.overflow_chunk_bytes = chunk_rows * row
     caches = [np.zeros((8, *BIG[1:]), np.float32) for _ in range(BIG[0])]
     hashes = [bytes([i + 1]) * 32 for i in range(4)]
     res = off.offload(caches, [1, 2, 3, 4, 1], hashes + hashes[:1])
@@ -348,8 +352,8 @@ def _gather_rows(caches, ids):
 @pytest.mark.parametrize("gather", [None, _gather_rows], ids=["numpy", "gather"])
 def test_offload_keeps_or_reports_the_blocks_it_refreshed(gather):
     """A lone host tier of 1 block holding A, offload [A, B]: A is refreshed, and room for B
-    must not come from A (it did: B evicted A, and offload said True for both). With a
-    gather= the put cannot protect A; offload then says what the tier holds."""
+    must not come from A (it did: B evicted A, and offload said True for both), with the
+    default copies and with a gather= alike."""
     row = 8 * 4
     host = HostTier(1 * row)
     off = BlockOffloader(host, Namespace("m", dtype="float32"), gather=gather)
@@ -357,9 +361,7 @@ def test_offload_keeps_or_reports_the_blocks_it_refreshed(gather):
     a, b = bytes([1]) * 8, bytes([2]) * 8
     off.offload(caches, [1], [a])
     out = off.offload(caches, [1, 2], [a, b])
-    assert out == [k in host for k in off.keys([a, b])]
-    if gather is None:
-        assert out == [True, False]
+    assert out == [k in host for k in off.keys([a, b])] == [True, False]
 
 
 def test_offload_over_budget_counts_every_position_once(tmp_path):
@@ -396,3 +398,66 @@ def test_offload_with_a_gather_over_the_host_budget_gathers_a_chunk_at_a_time(tm
     assert peak <= 8 * row + 4 * (4 * row), peak  # + a chunk, the gather's temporaries
     got = store.batch_get(off.keys(hashes), shape=BIG, dtype="float32")
     assert all(g is not None and (g == i + 1).all() for i, g in enumerate(got))
+
+
+
+class _FailingGather:
+    """A gather= that fails on its ``fail_at``-th call: raising, or rows of another dtype."""
+
+    def __init__(self, fail_at, how):
+        self.calls, self.fail_at, self.how = 0, fail_at, how
+
+    def __call__(self, caches, ids):
+        self.calls += 1
+        rows = _gather_rows(caches, ids)
+        if self.calls == self.fail_at:
+            if self.how == "raise":
+                raise RuntimeError("device lost")
+            return rows.astype(np.float64)
+        return rows
+
+
+@pytest.mark.parametrize("how,exc", [("raise", RuntimeError), ("dtype", TypeError)])
+def test_offload_whose_gather_fails_part_way_keeps_what_it_had(how, exc):
+    """A full host tier of 4 blocks, a batch of 6 gathered 2 at a time, the gather failing on
+    its second call: the first chunk is stored (2 old blocks evicted for it), the other 2 old
+    blocks stay (the whole batch's room was made first: the host lost all 4 and stored
+    nothing), and rows of another dtype are a TypeError naming gather (they were cast)."""
+    row = 8 * 4
+    host = HostTier(4 * row)
+    ns = Namespace("m", dtype="float32")
+    caches = _small_caches()
+    BlockOffloader(host, ns).offload(caches, [1, 2, 3, 4], [bytes([i]) * 8 for i in (1, 2, 3, 4)])
+    off = BlockOffloader(host, ns, gather=_FailingGather(2, how))
+    off.overflow_chunk_bytes = 2 * row
+    new = [bytes([i]) * 8 for i in range(10, 16)]
+    with pytest.raises(exc, match="device lost" if how == "raise" else "gather: expected rows"):
+        off.offload(caches, [1, 2, 3, 4, 5, 6], new)
+    held = [k in host for k in off.keys([bytes([i]) * 8 for i in (1, 2, 3, 4)] + new)]
+    assert held == [False, False, True, True, True, True, False, False, False, False]
+
+
+def test_offload_through_a_gather_puts_a_repeated_block_once(tmp_path):
+    """A block twice in the part of a batch the host keeps, gathered one block at a time:
+    gathered and handed to the tiers once (each chunk's put handed it to the disk again)."""
+    row = 8 * 4
+    host, disk = HostTier(4 * row), DiskTier(tmp_path)
+    store = TieredStore([host, disk])
+    gathered, handed = [], []
+    real_put = disk.batch_put
+
+    def gather(caches, ids):
+        gathered.extend(np.asarray(ids).tolist())
+        return _gather_rows(caches, ids)
+
+    def put(keys, values):
+        handed.extend(k.block_hash for k in keys)
+        return real_put(keys, values)
+
+    disk.batch_put = put
+    off = BlockOffloader(store, Namespace("m", dtype="float32"), gather=gather)
+    off.overflow_chunk_bytes = row
+    a, b = bytes([1]) * 8, bytes([2]) * 8
+    assert off.offload(_small_caches(), [1, 1, 2], [a, a, b]) == [True] * 3
+    assert sorted(gathered) == [1, 2] and sorted(handed) == [a, b]
+    assert (store.stats.puts, store.stats.rejected) == (3, 0)

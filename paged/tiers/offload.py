@@ -26,6 +26,7 @@ naming ``caches``.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -398,9 +399,7 @@ class BlockOffloader:
                 del rows
                 return out + self._put_below(caches, ids[r:], keys[r:], host)
         if self.gather is not None and host is not None:
-            step = self._chunk_rows(caches)
-            if len(ids) > step:  # more than a chunk: never all of it in host memory at once
-                return self._put_gathered(caches, ids, keys, host, protect, step)
+            return self._put_gathered(caches, ids, keys, host, protect, self._chunk_rows(caches))
         if self.gather is None:
             host_caches = [_as_host(c, "caches", "arrays numpy converts (the default gather)")
                            for c in caches]
@@ -421,35 +420,62 @@ class BlockOffloader:
 
     def _put_gathered(self, caches, ids: np.ndarray, keys: list[BlockKey], host: HostTier,
                       protect: frozenset, step: int) -> list[bool]:
-        """The numpy path's put (the host keeps the leading blocks it has room for, in memory
-        it reserves; the rest go to the tiers below it) for a ``gather=`` batch of more than
-        ``step`` blocks, gathered ``step`` at a time: the host memory this takes is the
-        host's reserved rows and one chunk, not the batch (an eviction batch of a long
-        prefill over a small host tier gathered every block first)."""
-        def rows_of(ix):
-            return _host_rows(self.gather(caches, ix), len(ix))
-
-        chunk = rows_of(ids[:step])  # the first chunk tells the rows' dtype (bf16: ml_dtypes)
-        row_shape, dtype = chunk.shape[1:], chunk.dtype
-        def reserve():
-            return host.reserve(len(ids), row_shape, dtype, protect=protect)
-        rows = (self.store._guard(host, reserve, None)
-                if isinstance(self.store, TieredStore) else reserve())
-        if rows is None:  # the allocator failed: one put of the whole batch, as before
-            buf = np.concatenate([chunk, rows_of(ids[step:])])
-            return self.store.batch_put(keys, list(buf))
-        r, pos = len(rows), 0
-        while pos < r:
-            n = min(len(chunk), r - pos)
-            for j in range(n):
-                rows[pos + j][...] = chunk[j]
-            pos += n
-            if pos < r:
-                chunk = rows_of(ids[pos:pos + step])
-        del chunk
-        out = self.store.batch_put(keys[:r], rows, copy=False) if r else []
-        del rows
-        return out + self._put_below(caches, ids[r:], keys[r:], host, rows_of)
+        """The numpy path's put for a ``gather=``: the host keeps the leading blocks it has
+        room for (never making it from the blocks of this call, refreshed or stored), the rest
+        go to the tiers below it. Gathered ``step`` blocks at a time, each chunk into rows
+        the host reserves for it and put before the next is gathered: the host memory this
+        takes is one chunk beyond the host's budget (an eviction batch of a long prefill over
+        a small host tier was gathered whole first), and a gather failing part-way leaves
+        the chunks before it stored, having evicted only what they needed. A block repeated
+        in the batch is gathered and put once (as one put of the batch stores it once)."""
+        firsts, repeats = first_occurrences(keys)
+        if repeats:
+            once = self._put_gathered(caches, ids[firsts], [keys[i] for i in firsts], host,
+                                      protect, step)
+            out = [False] * len(keys)
+            for i, r in zip(firsts, once, strict=True):
+                out[i] = r
+            for pos, first in repeats:
+                out[pos] = out[first]
+            if isinstance(self.store, TieredStore):  # its stats count every position
+                stored = sum(out[pos] for pos, _ in repeats)
+                self.store.stats.puts += stored
+                self.store.stats.rejected += len(repeats) - stored
+            return out
+        store = self.store
+        guarded = isinstance(store, TieredStore)
+        keep = set(protect)
+        out: list[bool] = []
+        like = None  # the first chunk's rows: every later one must match them
+        pos = 0
+        while pos < len(ids):
+            part = ids[pos:pos + step]
+            chunk = _host_rows(self.gather(caches, part), len(part))
+            if like is None:
+                like = (chunk.shape[1:], chunk.dtype)
+            elif (chunk.shape[1:], chunk.dtype) != like:
+                raise TypeError(f"gather: expected rows of {like[0]} {like[1]} as its first "
+                                f"call gave, got {chunk.shape[1:]} {chunk.dtype}")
+            reserve = functools.partial(host.reserve, len(part), like[0], like[1], protect=keep)
+            rows = store._guard(host, reserve, None) if guarded else reserve()
+            if rows is None:  # the allocator failed: this chunk as a plain put, then on
+                out += store.batch_put(keys[pos:pos + len(part)], list(chunk))
+                pos += len(part)
+                continue
+            r = len(rows)
+            for j in range(r):
+                rows[j][...] = chunk[j]
+            if r:
+                out += store.batch_put(keys[pos:pos + r], rows, copy=False)
+                keep.update(k.storage_key() for k in keys[pos:pos + r])
+            del rows
+            if r < len(part):  # the host is full: the rest of the batch goes below it
+                del chunk
+                return out + self._put_below(
+                    caches, ids[pos + r:], keys[pos + r:], host,
+                    lambda ix: _host_rows(self.gather(caches, ix), len(ix)))
+            pos += r
+        return out
 
     def _put_below(self, caches, ids: np.ndarray, keys: list[BlockKey], host: HostTier,
                    rows_of=None) -> list[bool]:
