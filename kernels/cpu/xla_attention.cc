@@ -520,10 +520,13 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
       }
     }
     for (int h = 0; h < hq; ++h) {
-      if (m[h] == -neg_inf) {  // a logit past float32's range: NaN, never a finite answer
-        const float nan = std::numeric_limits<float>::quiet_NaN();  // that skips its key
+      // Keys were walked, so a running max of +-inf means a logit past float32's range
+      // (+inf: an answer skipping that key, lse +inf, which a merge reads as an empty state;
+      // -inf everywhere: exp(-inf - -inf), whatever the vector exp makes of NaN): NaN.
+      if (m[h] == -neg_inf || m[h] == neg_inf) {
+        const float nan = std::numeric_limits<float>::quiet_NaN();
         for (int i = 0; i < d; ++i) os[h * d + i] = Tag::FromF32(nan);
-        ls[h] = nan;  // (an lse of +inf would read as an empty state in a merge)
+        ls[h] = nan;
         continue;
       }
       const bool seen = l[h] > 0.0f;
