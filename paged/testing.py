@@ -168,6 +168,21 @@ def make_shared_prefix_batch(rng: np.random.Generator, prefix_blocks: Sequence[i
         cu_q_lens=None if decode else cu)
 
 
+def logit_overflow_decode(sign: int) -> tuple[np.ndarray, ...]:
+    """(q, k_cache, v_cache, block_tables, kv_lens) of one float32 decode over 16 keys whose
+    logits pass float32's range: sign > 0, one key's logit is +inf; sign < 0, every key's is
+    -inf. Outside the attention contract; the CPU kernels answer NaN (docs/ops.md)."""
+    rng = np.random.default_rng(0)
+    k = (rng.standard_normal((8, 4, 1, 16)) * 0.1).astype(np.float32)
+    v = rng.standard_normal((8, 4, 1, 16)).astype(np.float32)
+    if sign > 0:
+        k[0, 0] = 1e20
+    else:
+        k[:] = -1e20
+    q = np.full((1, 1, 16), 1e20, np.float32)
+    return q, k, v, np.arange(4, dtype=np.int32)[None], np.array([16], np.int32)
+
+
 def nan_like(x: np.ndarray) -> np.ndarray:
     """An output buffer pre-filled with NaN, so an unwritten row fails a comparison."""
     return np.full_like(x, np.nan)

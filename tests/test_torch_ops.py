@@ -1291,16 +1291,8 @@ def test_write_kv_rows_adjacent_to_the_cache_in_one_buffer_are_not_overlap(layou
 @pytest.mark.parametrize("sign", [1, -1], ids=["one-past-max", "all-past-min"])
 def test_decode_logits_past_float32_give_nan_not_a_finite_answer(sign):
     """q.k past float32's range: the compiled decode kernel gave a finite output that skipped
-    that key, with lse +inf (which a merge reads as an empty state); now NaN, as the other
-    paths give NaN."""
-    rng = np.random.default_rng(0)
-    k = (rng.standard_normal((8, 4, 1, 16)) * 0.1).astype(np.float32)
-    v = rng.standard_normal((8, 4, 1, 16)).astype(np.float32)
-    if sign > 0:
-        k[0, 0] = 1e20  # one logit +inf
-    else:
-        k[:] = -1e20    # every logit -inf (the vector exp of -inf - -inf made up an answer)
-    q = np.full((1, 1, 16), 1e20, np.float32)
-    out, lse = tf.paged_attention(T(q), T(k), T(v), T(np.arange(4, dtype=np.int32)[None]),
-                                  T(np.array([16], np.int32)), return_lse=True)
+    a +inf key, with lse +inf (which a merge reads as an empty state), or whatever its vector
+    exp made of -inf - -inf; now NaN, as the other paths give NaN."""
+    out, lse = tf.paged_attention(*(T(a) for a in testing.logit_overflow_decode(sign)),
+                                  return_lse=True)
     assert np.isnan(N(out)).all() and not (N(lse) == np.inf).any()
