@@ -442,6 +442,9 @@ class BlockOffloader:
                 self.store.stats.puts += stored
                 self.store.stats.rejected += len(repeats) - stored
             return out
+        def rows_of(ix):
+            return _host_rows(self.gather(caches, ix), len(ix))
+
         store = self.store
         guarded = isinstance(store, TieredStore)
         keep = set(protect)
@@ -450,7 +453,7 @@ class BlockOffloader:
         pos = 0
         while pos < len(ids):
             part = ids[pos:pos + step]
-            chunk = _host_rows(self.gather(caches, part), len(part))
+            chunk = rows_of(part)
             if like is None:
                 like = (chunk.shape[1:], chunk.dtype)
             elif (chunk.shape[1:], chunk.dtype) != like:
@@ -471,9 +474,8 @@ class BlockOffloader:
             del rows
             if r < len(part):  # the host is full: the rest of the batch goes below it
                 del chunk
-                return out + self._put_below(
-                    caches, ids[pos + r:], keys[pos + r:], host,
-                    lambda ix: _host_rows(self.gather(caches, ix), len(ix)))
+                return out + self._put_below(caches, ids[pos + r:], keys[pos + r:], host,
+                                             rows_of)
             pos += r
         return out
 
@@ -498,8 +500,7 @@ class BlockOffloader:
             return store._put_from(1, keys, [], stored=held)
         todo = [i for i in firsts if not held[i]]
         out = list(held)
-        row_bytes = len(caches) * caches[0][:1].nbytes
-        step = max(1, self.overflow_chunk_bytes // max(row_bytes, 1))
+        step = self._chunk_rows(caches)
         for c in range(0, len(todo), step):
             part = todo[c:c + step]
             rows = list(_copy_rows(caches, ids[part]) if rows_of is None
