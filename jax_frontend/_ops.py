@@ -20,7 +20,7 @@ import numpy as np
 
 from ..paged import validate
 from ..paged.registry import BackendError
-from . import _backends
+from . import _backends, _xla
 
 __all__ = ["paged_attention", "shared_prefix_attention", "merge_attention_states", "write_kv",
            "copy_blocks", "gather_blocks", "scatter_blocks", "BackendError"]
@@ -120,7 +120,7 @@ def _dispatch(op: str, backend: str | None, context: dict, call, operands=()):
 
 def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale=None,
                     causal=True, sliding_window=None, logits_soft_cap=None, return_lse=False,
-                    backend=None):
+                    sinks=None, backend=None):
     """Ragged paged attention over cached prefixes: decode, prefill, chunked prefill, mixed.
 
     q: [num_tokens, num_q_heads, head_dim] float32|float16|bfloat16.
@@ -133,6 +133,9 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     sliding_window: int or None, keys t > p - sliding_window only. logits_soft_cap: float or
     None, logits become cap * tanh(x / cap). num_q_heads must be a multiple of num_kv_heads
     (MHA, GQA, MQA). Static config is Python values (trace-time constants under jit).
+    sinks: None or float[num_q_heads] (an array, may be traced), attention sinks (gpt-oss):
+    one logit per q head added to the softmax denominator (applied after the kernel, see
+    docs/ops.md).
     backend: None (per platform), "xla", "pallas_tpu", "pallas_gpu", "pallas_interpret" or
     "pallas_gpu_interpret" (the TPU / GPU kernel run by the Pallas interpreter on CPU).
 
@@ -144,7 +147,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
                  logits_soft_cap=logits_soft_cap, return_lse=return_lse)
     dims = validate.check_paged_attention(
         q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
-        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, return_lse=return_lse)
+        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
+        sinks=sinks)
     if _run_value_checks(block_tables, kv_lens, cu_q_lens):
         validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
     config = dict(scale=dims.scale, causal=bool(causal),
@@ -157,12 +161,14 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
 
     out, lse = _dispatch("paged_attention", backend, context, call,
                          (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens))
+    if sinks is not None:
+        out, lse = _xla.apply_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out
 
 
 def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
                             block_tables, kv_lens, cu_q_lens=None, *, scale=None,
-                            logits_soft_cap=None, return_lse=False, backend=None):
+                            logits_soft_cap=None, return_lse=False, sinks=None, backend=None):
     """Causal attention of sequences that share cached prefixes (cascade attention).
 
     q, k_cache, v_cache, cu_q_lens: as :func:`paged_attention`.
@@ -174,12 +180,14 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     once for all the sequences sharing it (one big attention per prefix, merged with the
     per-sequence suffix attention by log-sum-exp; on a CPU only when some prefix group is large
     enough to pay for it, else paged attention over prefix then own blocks, see docs/ops.md).
-    Returns out (and lse) as paged_attention.
+    sinks: as paged_attention (each row's sink counted once). Returns out (and lse) as
+    paged_attention.
     """
     check_static(scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse)
     sdims = validate.check_shared_prefix_attention(
         q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
-        kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse)
+        kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
+        sinks=sinks)
     if _run_value_checks(prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
                          cu_q_lens):
         validate.check_shared_prefix_attention_values(
@@ -198,6 +206,8 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     out, lse = _dispatch("shared_prefix_attention", backend, context, call,
                          (q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
                           block_tables, kv_lens, cu_q_lens))
+    if sinks is not None:
+        out, lse = _xla.apply_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out
 
 

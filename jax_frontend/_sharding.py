@@ -40,14 +40,16 @@ def tensor_parallel_paged_attention(mesh, axis: str = "tp", **config):
 
     Returns ``f(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None)`` with the
     shapes of :func:`prefixkv.jax_frontend.paged_attention`; ``config`` holds its keyword
-    arguments (scale, causal, sliding_window, logits_soft_cap, return_lse, backend).
+    arguments (scale, causal, sliding_window, logits_soft_cap, return_lse, sinks, backend);
+    ``sinks`` (all q heads, float[num_q_heads]) is sharded with the q heads.
     num_kv_heads must be divisible by the axis size. Outputs are sharded like q (lse
     P(None, axis)). Works under jax.jit; pass inputs already sharded to avoid re-layouts.
     """
     spec = kv_head_specs(axis)
     return_lse = bool(config.get("return_lse", False))
+    config = dict(config)
+    sinks = config.pop("sinks", None)
     if "scale" not in config or config["scale"] is None:
-        config = dict(config)
         config["_default_scale"] = True
 
     def run(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None):
@@ -56,16 +58,20 @@ def tensor_parallel_paged_attention(mesh, axis: str = "tp", **config):
         if config.get("_default_scale"):
             kw["scale"] = float(q.shape[-1]) ** -0.5
 
-        def local(q, k, v, bt, kl, cu):
-            return _ops.paged_attention(q, k, v, bt, kl, cu, **kw)
+        def local(q, k, v, bt, kl, cu, sk):
+            return _ops.paged_attention(q, k, v, bt, kl, cu, sinks=sk, **kw)
 
         out_specs = (spec["q"], spec["lse"]) if return_lse else spec["q"]
         cu_spec = None if cu_q_lens is None else spec["replicated"]
+        sinks_spec, sk = None, None
+        if sinks is not None:  # a model parameter, given unsharded: laid out with the q heads
+            sinks_spec = P(axis)
+            sk = jax.device_put(sinks, jax.sharding.NamedSharding(mesh, sinks_spec))
         return jax.shard_map(
             local, mesh=mesh, out_specs=out_specs,
             in_specs=(spec["q"], spec["cache"], spec["cache"], spec["replicated"],
-                      spec["replicated"], cu_spec),
-        )(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens)
+                      spec["replicated"], cu_spec, sinks_spec),
+        )(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, sk)
 
     return run
 

@@ -388,6 +388,16 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
     return out.astype(out_a.dtype), lse.astype(jnp.float32)
 
 
+def apply_sinks(out, lse, sinks):
+    """The attention sinks' share of the softmax on a finished (out, lse): with
+    lse' = log(e^lse + e^sink), out' = out e^(lse - lse') (in float32: one more rounding of a
+    bf16/f16 out). A row with lse -inf (no key) stays 0 and gets lse' = sink."""
+    sink = sinks.astype(jnp.float32)[None, :]
+    new_lse = jnp.logaddexp(lse, sink)
+    weight = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(lse - new_lse))
+    return (out.astype(jnp.float32) * weight[..., None]).astype(out.dtype), new_lse
+
+
 #: Bytes of float32 scores of one step of the single-prefix path: [rows, chunk] of one kv head
 #: (bigger chunks make bigger, faster dots; measured on 32 x 2048 decode: 1024 keys 13.0 ms,
 #: 2048 keys 11.9 ms, 256 keys 18.6 ms). 1 MiB is twice the 512 KiB L2 of a core here: the

@@ -209,7 +209,7 @@ def check_kv_caches(k_cache, v_cache) -> tuple[int, int, int, int]:
 
 def check_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *,
                           scale=None, causal=True, sliding_window=None, logits_soft_cap=None,
-                          return_lse=False) -> AttentionDims:
+                          return_lse=False, sinks=None) -> AttentionDims:
     """Static checks of a paged_attention call; returns its sizes."""
     num_blocks, block_size, num_kv_heads, head_dim = check_kv_caches(k_cache, v_cache)
     num_tokens, num_q_heads, q_head_dim = check_array("q", q, ndim=3, dtypes=FLOAT_DTYPES)
@@ -245,12 +245,23 @@ def check_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=
     scale_value = check_optional_positive("scale", scale)
     check_optional_positive("sliding_window", sliding_window, integer=True, none_is=-1)
     check_optional_positive("logits_soft_cap", logits_soft_cap, none_is=0)
+    check_sinks(sinks, num_q_heads)
     return AttentionDims(
         num_tokens=num_tokens, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
         head_dim=head_dim, num_blocks=num_blocks, block_size=block_size, num_seqs=num_seqs,
         max_blocks_per_seq=max_blocks_per_seq, dtype=dtype_name(q),
         scale=scale_value if scale_value is not None else float(head_dim) ** -0.5,
         decode=cu_q_lens is None)
+
+
+def check_sinks(sinks, num_q_heads: int) -> None:
+    """sinks: None, or one logit per q head, float[num_q_heads] (gpt-oss's attention sinks)."""
+    if sinks is None:
+        return
+    (n,) = check_array("sinks", sinks, ndim=1, dtypes=FLOAT_DTYPES)
+    if n != num_q_heads:
+        raise ValueError(f"sinks: expected shape ({num_q_heads},), one logit per q head "
+                         f"(num_q_heads from q), got ({n},)")
 
 
 def check_ragged_values(dims: AttentionDims, block_tables, kv_lens, cu_q_lens=None,
@@ -309,11 +320,11 @@ class SharedPrefixDims:
 def check_shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens,
                                   prefix_ids, block_tables, kv_lens, cu_q_lens=None, *,
                                   scale=None, logits_soft_cap=None,
-                                  return_lse=False) -> SharedPrefixDims:
+                                  return_lse=False, sinks=None) -> SharedPrefixDims:
     """Static checks of a shared_prefix_attention call."""
     dims = check_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
                                  scale=scale, logits_soft_cap=logits_soft_cap,
-                                 return_lse=return_lse)
+                                 return_lse=return_lse, sinks=sinks)
     num_prefixes, max_prefix_blocks = check_index("prefix_block_tables", prefix_block_tables,
                                                   ndim=2)
     (n_lens,) = check_index("prefix_lens", prefix_lens)

@@ -594,3 +594,35 @@ def test_strided_index_tensors_through_the_frontend(interp_backend):
     args = [T(a) for a in b.args()]
     got = tf.shared_prefix_attention(*args[:3], *(_strided(a) for a in args[3:]), backend=be)
     close(got, want, "float32")
+
+
+def test_sinks_through_the_frontend(interp_backend):
+    """Attention sinks on the Triton kernels' (out, lse), in the frontend: returned, written
+    into out= with the lse the kernels keep in the workspace, and once per row of a cascade."""
+    import prefixkv.torch_frontend as tf
+
+    be = interp_backend
+    rng = np.random.default_rng(43)
+    sinks_np = np.linspace(-3.0, 5.0, 4).astype(np.float32)
+    sinks = T(sinks_np)
+    for grid in ("decode", "mixed"):
+        b = testing.make_ragged_batch(rng, testing.seq_grid(grid, 4), num_q_heads=4,
+                                      num_kv_heads=2, head_dim=16, block_size=4)
+        want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True,
+                                                       sinks=sinks_np)
+        q, k, v, bt, kv, cu = (T(a) for a in b.args())
+        got, lse = tf.paged_attention(q, k, v, bt, kv, cu, return_lse=True, sinks=sinks,
+                                      backend=be)
+        close(got, want, "float32")
+        np.testing.assert_allclose(N(lse), want_lse, atol=1e-4, rtol=1e-5)
+        ws = torch.empty(tf.attention_workspace_size(q, k, bt, cu, backend=be),
+                         dtype=torch.uint8)
+        out = torch.full(q.shape, float("nan"))
+        tf.paged_attention(q, k, v, bt, kv, cu, sinks=sinks, out=out, workspace=ws, backend=be)
+        close(out, want, "float32")
+    b = testing.make_shared_prefix_batch(
+        rng, [2, 1], [(0, 1, 5), (1, 2, 3), (-1, 1, 4), (0, 3, 9)],
+        num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=4)
+    want = ref.shared_prefix_attention_reference(*b.args(), sinks=sinks_np)
+    got = tf.shared_prefix_attention(*(T(a) for a in b.args()), sinks=sinks, backend=be)
+    close(got, want, "float32")

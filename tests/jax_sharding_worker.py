@@ -40,6 +40,15 @@ def main(backend: str | None) -> None:
     print("OK attention", backend)
     if backend:
         return
+    # attention sinks: one logit per q head, sharded with the q heads
+    sinks = (3 * rng.standard_normal(16)).astype(np.float32)
+    attn = jax.jit(jf.tensor_parallel_paged_attention(mesh, "tp", sinks=sinks, **kw))
+    out, lse = attn(q, kc, vc, b.block_tables, b.kv_lens, b.cu_q_lens)
+    want, want_lse = ref.paged_attention_reference(*b.args(), sliding_window=11,
+                                                   return_lse=True, sinks=sinks)
+    np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(lse), want_lse, atol=1e-4, rtol=1e-5)
+    print("OK attention sinks")
     key = testing.random_values(rng, (3, 4, hd), "float32")
     slots = np.array([9, -1, 30], np.int32)
     want_k, want_v = ref.write_kv_reference(key, key, b.k_cache, b.v_cache, slots)

@@ -28,6 +28,7 @@ def _run(*args: str) -> str:
 def test_tensor_parallel_xla():
     out = _run()
     assert "OK attention None" in out and "OK write_kv" in out and "OK error" in out
+    assert "OK attention sinks" in out
     assert "OK check_vma" in out
 
 

@@ -308,14 +308,17 @@ def _(out_a, lse_a, out_b, lse_b, backend):
 
 def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale=None,
                     causal=True, sliding_window=None, logits_soft_cap=None, return_lse=False,
-                    out=None, lse=None, workspace=None, backend=None):
+                    sinks=None, out=None, lse=None, workspace=None, backend=None):
     """Ragged paged attention over cached prefixes (decode, prefill and mixed batches).
 
     q: [num_tokens, num_q_heads, head_dim] float32|float16|bfloat16.
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], q's dtype (views of a
     stacked cache are fine). block_tables: i32[num_seqs, max_blocks_per_seq].
     kv_lens: i32[num_seqs], cached prefix + this step's tokens. cu_q_lens: i32[num_seqs + 1] or
-    None (decode). out: optional [num_tokens, num_q_heads, head_dim] buffer written in place;
+    None (decode). sinks: optional float[num_q_heads] on q's device, attention sinks (gpt-oss,
+    vLLM's ``sinks``): one logit per q head added to the softmax denominator (applied after the
+    kernel, see docs/ops.md). out: optional [num_tokens, num_q_heads, head_dim] buffer written
+    in place;
     lse: optional f32[num_tokens, num_q_heads] buffer. workspace: optional uint8 buffer of
     :func:`attention_workspace_size` bytes for the temporaries (with out= it makes the triton
     backend allocate nothing). backend: "triton", "torch" or None.
@@ -323,21 +326,26 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     Returns out (q's dtype), and lse f32[num_tokens, num_q_heads] with ``return_lse``.
     Semantics: docs/ops.md and :func:`prefixkv.paged.reference.paged_attention_reference`.
     """
-    _tensors(q=q, k_cache=k_cache, v_cache=v_cache)
+    _tensors(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks)
     _index_tensors(block_tables=block_tables, kv_lens=kv_lens, cu_q_lens=cu_q_lens)
     dims = validate.check_paged_attention(
         q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
-        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, return_lse=return_lse)
+        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
+        sinks=sinks)
     if _want_values(block_tables, kv_lens, cu_q_lens):
         validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
     block_tables, kv_lens, cu_q_lens = _on(q.device, block_tables, kv_lens, cu_q_lens)
     args = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, dims.scale, bool(causal),
             None if sliding_window is None else int(sliding_window),
             None if logits_soft_cap is None else float(logits_soft_cap), backend)
-    return _run_attention("paged_attention", args, q, out, lse, workspace, return_lse)
+    return _run_attention("paged_attention", args, q, out, lse, workspace, return_lse, sinks)
 
 
-def _run_attention(op, args, q, out, lse, workspace, return_lse):
+def _run_attention(op, args, q, out, lse, workspace, return_lse, sinks):
+    if sinks is not None:
+        o, l_ = _run_attention(op, args, q, out, lse, workspace, True, None)
+        _apply_sinks(o, l_, sinks)
+        return (o, l_) if return_lse else o
     if out is None and lse is None and workspace is None:
         o, l_ = _invoke(op, args)
     else:
@@ -354,8 +362,8 @@ def _run_attention(op, args, q, out, lse, workspace, return_lse):
 
 def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
                             block_tables, kv_lens, cu_q_lens=None, *, scale=None,
-                            logits_soft_cap=None, return_lse=False, out=None, lse=None,
-                            workspace=None, backend=None):
+                            logits_soft_cap=None, return_lse=False, sinks=None, out=None,
+                            lse=None, workspace=None, backend=None):
     """Causal attention of sequences sharing cached prefixes, each prefix's KV read once for
     all its sequences (on a GPU; on the CPU only for prefix groups large enough to pay for a
     pass of their own, see docs/ops.md: smaller ones read it through each sequence's table).
@@ -364,15 +372,16 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     (multiples of block_size); prefix_ids: i32[num_seqs], a prefix row or -1. block_tables,
     kv_lens, cu_q_lens: each sequence's own tokens after its prefix (as in paged_attention).
     Equals paged_attention over the concatenation (prefix blocks, then own blocks).
-    out, lse, workspace: as in :func:`paged_attention`.
+    sinks, out, lse, workspace: as in :func:`paged_attention` (each row's sink counted once).
     """
-    _tensors(q=q, k_cache=k_cache, v_cache=v_cache)
+    _tensors(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks)
     _index_tensors(prefix_block_tables=prefix_block_tables, prefix_lens=prefix_lens,
                    prefix_ids=prefix_ids, block_tables=block_tables, kv_lens=kv_lens,
                    cu_q_lens=cu_q_lens)
     sdims = validate.check_shared_prefix_attention(
         q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
-        kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse)
+        kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
+        sinks=sinks)
     if _want_values(prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
                     cu_q_lens):
         validate.check_shared_prefix_attention_values(
@@ -382,7 +391,20 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     args = (q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
             kv_lens, cu_q_lens, sdims.attention.scale,
             None if logits_soft_cap is None else float(logits_soft_cap), backend)
-    return _run_attention("shared_prefix_attention", args, q, out, lse, workspace, return_lse)
+    return _run_attention("shared_prefix_attention", args, q, out, lse, workspace, return_lse,
+                          sinks)
+
+
+def _apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> None:
+    """The attention sinks' share of the softmax, in place on a finished (out, lse): with
+    lse' = log(e^lse + e^sink), out becomes out e^(lse - lse') (computed in float32: one more
+    rounding of a bf16/f16 out) and lse becomes lse'. A row with lse -inf (no key) stays 0
+    and gets lse' = sink."""
+    sink = sinks.to(torch.float32)[None, :]
+    new_lse = torch.logaddexp(lse, sink)
+    weight = torch.where(lse == float("-inf"), 0.0, torch.exp(lse - new_lse))
+    out.mul_(weight.unsqueeze(-1))
+    lse.copy_(new_lse)
 
 
 def attention_workspace_size(q, k_cache, block_tables, cu_q_lens=None, *,

@@ -16,11 +16,13 @@ def _as_f64(x) -> np.ndarray:
 
 
 def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, *, scale: float,
-            causal: bool, sliding_window: int | None,
-            logits_soft_cap: float | None) -> tuple[np.ndarray, np.ndarray]:
+            causal: bool, sliding_window: int | None, logits_soft_cap: float | None,
+            sinks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Attention of one sequence's queries over its keys 0..L-1 (float64).
 
-    q: [q_len, num_q_heads, head_dim]; k, v: [L, num_kv_heads, head_dim]; q_pos: [q_len].
+    q: [q_len, num_q_heads, head_dim]; k, v: [L, num_kv_heads, head_dim]; q_pos: [q_len];
+    sinks: float64[num_q_heads] or None, each q head's sink logit (a key no query masks, with
+    value 0: it takes its share of the softmax and adds nothing to out).
     Returns out [q_len, num_q_heads, head_dim] and lse [q_len, num_q_heads] (natural log).
     """
     q_len, num_q_heads, head_dim = q.shape
@@ -38,9 +40,15 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, *, s
             visible &= k_pos[None, :] > q_pos[:, None] - sliding_window
     logits = np.where(visible[:, None, None, :], logits, -np.inf)
     m = logits.max(axis=-1, keepdims=True) if kv_len else np.full((*logits.shape[:-1], 1), -np.inf)
+    sink = None
+    if sinks is not None:
+        sink = np.broadcast_to(sinks.reshape(1, num_kv_heads, group, 1), m.shape)
+        m = np.maximum(m, sink)
     seen = np.isfinite(m)
     p = np.where(seen, np.exp(logits - np.where(seen, m, 0.0)), 0.0)
     denom = p.sum(axis=-1, keepdims=True)
+    if sink is not None:
+        denom = denom + np.where(seen, np.exp(sink - np.where(seen, m, 0.0)), 0.0)
     # keys no query sees (before every window) may hold anything, NaN included: 0 * NaN
     v = np.where(visible.any(axis=0)[:, None, None], v, 0.0)
     out = np.einsum("qhgk,khd->qhgd", p, v) / np.where(seen, denom, 1.0)
@@ -50,7 +58,7 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, *, s
 
 def paged_attention_reference(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *,
                               scale=None, causal=True, sliding_window=None, logits_soft_cap=None,
-                              return_lse=False):
+                              return_lse=False, sinks=None):
     """Ragged paged attention over cached prefixes (decode, prefill and mixed batches).
 
     q: [num_tokens, num_q_heads, head_dim] float32|float16|bfloat16.
@@ -62,18 +70,24 @@ def paged_attention_reference(q, k_cache, v_cache, block_tables, kv_lens, cu_q_l
     Query token j of sequence s sits at p = kv_lens[s] - q_len + j and sees keys t <= p
     (all t < kv_len when causal=False), and t > p - sliding_window with a window. Logits are
     scale * q.k, soft-capped as cap * tanh(x / cap). q head h reads kv head
-    h // (num_q_heads // num_kv_heads).
+    h // (num_q_heads // num_kv_heads). sinks: float[num_q_heads] or None, attention sinks
+    (gpt-oss): head h's softmax gets one more term exp(sinks[h]) in its denominator (the raw
+    logit: neither scaled nor soft-capped) and out nothing for it, so
+    out = sum_t e^{x_t} v_t / (sum_t e^{x_t} + e^{sinks[h]}).
 
     Returns out [num_tokens, num_q_heads, head_dim] in q's dtype, and with return_lse also
-    lse f32[num_tokens, num_q_heads]. A row that sees no key gives out 0 and lse -inf.
+    lse f32[num_tokens, num_q_heads], the log of that denominator. A row that sees no key gives
+    out 0 and lse -inf (with sinks: lse = sinks[h]).
     """
     dims = validate.check_paged_attention(
         q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
-        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, return_lse=return_lse)
+        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
+        sinks=sinks)
     kv, cu = validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
     q64, kc, vc = _as_f64(q), np.asarray(k_cache), np.asarray(v_cache)
     tables = np.asarray(block_tables).astype(np.int64)
     bs = dims.block_size
+    sinks64 = None if sinks is None else _as_f64(sinks)
     out = np.zeros((dims.num_tokens, dims.num_q_heads, dims.head_dim), dtype=np.float64)
     lse = np.full((dims.num_tokens, dims.num_q_heads), -np.inf, dtype=np.float64)
     for s in range(dims.num_seqs):
@@ -88,7 +102,7 @@ def paged_attention_reference(q, k_cache, v_cache, block_tables, kv_lens, cu_q_l
         q_pos = kv_len - q_len + np.arange(q_len)
         out[start:stop], lse[start:stop] = _attend(
             q64[start:stop], k, v, q_pos, scale=dims.scale, causal=causal,
-            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, sinks=sinks64)
     out = out.astype(numpy_dtype(dims.dtype))
     return (out, lse.astype(np.float32)) if return_lse else out
 
@@ -149,23 +163,26 @@ def shared_prefix_block_tables(prefix_block_tables, prefix_lens, prefix_ids, blo
 
 def shared_prefix_attention_reference(q, k_cache, v_cache, prefix_block_tables, prefix_lens,
                                       prefix_ids, block_tables, kv_lens, cu_q_lens=None, *,
-                                      scale=None, logits_soft_cap=None, return_lse=False):
+                                      scale=None, logits_soft_cap=None, return_lse=False,
+                                      sinks=None):
     """Causal attention of sequences that share cached prefixes ("cascade" attention).
 
     prefix_block_tables: i32[num_prefixes, max_prefix_blocks]; prefix_lens: i32[num_prefixes],
     multiples of block_size; prefix_ids: i32[num_seqs], a row of prefix_block_tables or -1 for
     none. block_tables/kv_lens/cu_q_lens describe each sequence's own tokens after its prefix.
 
-    Defined as paged_attention over the concatenation (prefix blocks, then own blocks); fast
+    Defined as paged_attention over the concatenation (prefix blocks, then own blocks), sinks
+    included (each row's sink counted once); fast
     backends read each prefix's KV once for all the sequences that share it.
     """
     sdims = validate.check_shared_prefix_attention(
         q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
-        kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse)
+        kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
+        sinks=sinks)
     validate.check_shared_prefix_attention_values(sdims, prefix_block_tables, prefix_lens,
                                                   prefix_ids, block_tables, kv_lens, cu_q_lens)
     tables, lens = shared_prefix_block_tables(prefix_block_tables, prefix_lens, prefix_ids,
                                               block_tables, kv_lens, sdims.attention.block_size)
     return paged_attention_reference(q, k_cache, v_cache, tables, lens, cu_q_lens, scale=scale,
                                      causal=True, logits_soft_cap=logits_soft_cap,
-                                     return_lse=return_lse)
+                                     return_lse=return_lse, sinks=sinks)
