@@ -134,6 +134,9 @@ def test_cuda_launcher_checks_block_size():
     check_block_size(248, False)
     with pytest.raises(ValueError, match="block_size <= 248"):
         check_block_size(249, False)
+    for bad in (0, -8):  # the kernels divide by it
+        with pytest.raises(ValueError, match=f"block_size: expected >= 1, got {bad}"):
+            check_block_size(bad, True)
 
 
 # ------------------------------------------------------------------------------- Pallas

@@ -170,6 +170,34 @@ def test_cache_ops_gpu_exact(dtype, backend, ids_on):
         assert np.array_equal(N(g), w.astype(np.float64))
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_pinned_host_index_tensors_are_read_at_the_call(backend):
+    """Index tensors in pinned host memory (an engine's reused staging buffers) count with the
+    values they had at the call, even when the caller refills them before the stream reaches
+    the upload (the stream is kept busy; a pinned tensor was copied from asynchronously)."""
+    cache = torch.arange(8 * 4, dtype=torch.float32, device=DEV).reshape(8, 4)
+    want = cache.clone()
+    want[5] = cache[1]
+    src = torch.tensor([1], dtype=torch.int32).pin_memory()
+    dst = torch.tensor([5], dtype=torch.int32).pin_memory()
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time queued before the call's copies
+    tf.copy_blocks([cache], src, dst, backend=backend)
+    src[0], dst[0] = 2, 6
+    torch.cuda.synchronize()
+    assert torch.equal(cache, want)
+
+
+def test_sinks_gpu():
+    rng = np.random.default_rng(13)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16), num_q_heads=8,
+                                  num_kv_heads=2, head_dim=64, block_size=16, dtype="bfloat16")
+    sinks = np.linspace(-2.0, 4.0, 8).astype(np.float32)
+    want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, sinks=sinks)
+    out, lse = tf.paged_attention(*(T(a) for a in b.args()), return_lse=True, sinks=T(sinks))
+    close(out, want, "bfloat16")
+    np.testing.assert_allclose(N(lse), want_lse, atol=1e-3, rtol=1e-4)
+
+
 @pytest.mark.parametrize("backend", ["cuda-c", "torch"])
 def test_swap_blocks_device_host_roundtrip(backend):
     pytest.importorskip("cupy") if backend == "cuda-c" else None

@@ -495,6 +495,14 @@ def test_input_checks_name_the_argument():
     with pytest.raises(ValueError, match="src_ids: expected values in"):
         tf.swap_blocks(caches, caches, torch.tensor([99], dtype=torch.int32),
                        torch.zeros(1, dtype=torch.int32))
+    ids = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([1, 2], dtype=torch.int32)
+    before = [c.clone() for c in caches]
+    with pytest.raises(ValueError, match=r"dst_caches\[1\]: shares memory with src_caches\[1\]"):
+        tf.swap_blocks(caches, [before[0], caches[1], before[2]], *ids)  # a chain 0->1->2
+    with pytest.raises(ValueError, match=r"dst_caches\[0\]: its blocks share memory \(a "
+                                         r"stride-0 view"):
+        tf.swap_blocks(caches[:1], [caches[0][:1].expand_as(caches[0])], *ids)
+    assert all(torch.equal(c, b) for c, b in zip(caches, before, strict=True))
 
 
 def test_backend_errors_list_every_backend(monkeypatch):

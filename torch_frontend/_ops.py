@@ -585,6 +585,16 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids, *, backend=None) -> No
     validate.check_swap_blocks(src_caches, dst_caches, src_ids, dst_ids)
     if _want_values(src_ids, dst_ids):
         validate.check_swap_blocks_values(src_caches, dst_caches, src_ids, dst_ids)
+    for j, dst in enumerate(dst_caches):
+        if dst.shape[0] > 1 and any(n > 1 and st == 0 for n, st in zip(dst.shape, dst.stride(),
+                                                                         strict=True)):
+            raise ValueError(f"dst_caches[{j}]: its blocks share memory (a stride-0 view, e.g. "
+                             f"from expand()); pass a cache that holds each block once")
+        for i, src in enumerate(src_caches):
+            if _overlaps(src, dst):  # the copies of one call run in no order: read-after-write
+                raise ValueError(f"dst_caches[{j}]: shares memory with src_caches[{i}]; "
+                                 f"copy_blocks copies blocks within the same caches (all reads "
+                                 f"before any write)")
     _invoke("swap_blocks", (list(src_caches), list(dst_caches), src_ids, dst_ids, backend))
 
 

@@ -8,6 +8,7 @@ tables reach CuPy through DLPack (zero-copy). The host side must be pinned memor
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import torch
@@ -51,7 +52,7 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids) -> None:
         [[c.data_ptr() for c in src_caches], [c.data_ptr() for c in dst_caches],
          [c.stride(0) * c.element_size() for c in src_caches],
          [c.stride(0) * c.element_size() for c in dst_caches],
-         [c[0].numel() * c.element_size() for c in src_caches],
+         [math.prod(c.shape[1:]) * c.element_size() for c in src_caches],  # 0 blocks: fine
          [c.shape[0] for c in src_caches], [c.shape[0] for c in dst_caches]],
         dtype=torch.int64)
     device = torch.device("cuda", dev)

@@ -186,6 +186,8 @@ def one_chunk_blocks(block_size: int, has_extra: bool,
     """(64-byte BLAKE3 blocks, bytes of the last one) of one block's message (8 parent words,
     block_size tokens, 4 extra words) for the device kernels, which hash messages of one
     1024-byte chunk; ValueError naming block_size (and ``kernel``) for a longer message."""
+    if block_size < 1:  # the kernels divide by it
+        raise ValueError(f"block_size: expected >= 1, got {block_size}")
     words = 8 + block_size + (4 if has_extra else 0)
     if 4 * words > CHUNK_LEN:
         limit = CHUNK_LEN // 4 - 8 - (4 if has_extra else 0)
