@@ -61,11 +61,11 @@ def _take(x, idx):
 _WANTS: dict = {}
 
 
-def _want(key, args, rows):
+def _want(key, args, rows, sinks=None):
     """The numpy reference of query ``rows`` of paged_attention(*args), once per ``key`` (each
     key names inputs every test draws alike, so later tests reuse the first one's)."""
     if key not in _WANTS:
-        _WANTS[key] = reference_rows(rows, *args, host=_host, take=_take)
+        _WANTS[key] = reference_rows(rows, *args, host=_host, take=_take, sinks=sinks)
     return _WANTS[key]
 
 
@@ -127,19 +127,25 @@ def _kv_bytes(k_cache, num_seqs, context):
     return 2 * num_seqs * context * hkv * d * k_cache.element_size()
 
 
+#: gpt-oss-like attention sinks of the decode benchmark (prefixkv_sinks), one per q head
+SINKS = torch.linspace(-2.0, 4.0, HQ)
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("impl", ["prefixkv", "baseline_sdpa"])
+@pytest.mark.parametrize("impl", ["prefixkv", "prefixkv_sinks", "baseline_sdpa"])
 def test_cpu_decode(benchmark, machine_limits, impl, dtype):
     benchmark.group = f"cpu-decode-{dtype}"
     q, k, v, tables, kv_lens = decode_batch(dtype=DTYPES[dtype])
-    if impl == "prefixkv":
-        def fn():
-            return tf.paged_attention(q, k, v, tables, kv_lens)
-    else:
+    sinks = SINKS if impl == "prefixkv_sinks" else None
+    if impl == "baseline_sdpa":
         def fn():
             return baseline_paged_attention(q, k, v, tables, kv_lens)
+    else:
+        def fn():
+            return tf.paged_attention(q, k, v, tables, kv_lens, sinks=sinks)
     _check(fn(), DECODE_ROWS,
-           _want(("decode", dtype), (q, k, v, tables, kv_lens), DECODE_ROWS), dtype)
+           _want(("decode", dtype, impl == "prefixkv_sinks"), (q, k, v, tables, kv_lens),
+                 DECODE_ROWS, sinks=sinks), dtype)
     benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
     flops = 4 * NUM_SEQS * HQ * CONTEXT * HEAD_DIM
     record(benchmark, machine_limits, bytes_read=_kv_bytes(k, NUM_SEQS, CONTEXT), flops=flops,
@@ -159,7 +165,7 @@ def test_cpu_decode_all_cores(benchmark, machine_limits, impl):
     torch.set_num_threads(threads)
     try:
         _check(fn(), DECODE_ROWS,
-               _want(("decode", "float32"), (q, k, v, tables, kv_lens), DECODE_ROWS),
+               _want(("decode", "float32", False), (q, k, v, tables, kv_lens), DECODE_ROWS),
                "float32")
         benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
     finally:

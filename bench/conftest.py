@@ -234,7 +234,7 @@ def record(benchmark, limits: dict, *, bytes_read: float = 0.0, bytes_written: f
 
 
 def reference_rows(rows, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *,
-                   host, take=lambda x, idx: x[idx]) -> np.ndarray:
+                   host, take=lambda x, idx: x[idx], sinks=None) -> np.ndarray:
     """The numpy reference (prefixkv.paged.reference, float64) of query rows ``rows`` of a
     paged attention call only, so a benchmark can check its op before timing it in well
     under a second.
@@ -244,7 +244,8 @@ def reference_rows(rows, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=N
     end). host(x) -> numpy array (float32 for floating inputs); take(x, idx) -> x[idx] for an
     int64 numpy ``idx`` (the caller's framework indexing). Each row becomes a one-token
     sequence over its visible keys (causal: key positions <= its own); only those blocks
-    reach the host. Returns f32[len(rows), num_q_heads, head_dim].
+    reach the host. sinks: the call's attention sinks or None. Returns
+    f32[len(rows), num_q_heads, head_dim].
     """
     from prefixkv.paged.reference import paged_attention_reference
 
@@ -264,7 +265,8 @@ def reference_rows(rows, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=N
         own[i, :w] = np.arange(s0, s0 + w)
     k, v = (np.asarray(host(take(c, ids)), dtype=np.float32) for c in (k_cache, v_cache))
     qr = np.asarray(host(take(q, rows)), dtype=np.float32)
-    return paged_attention_reference(qr, k, v, own, lens.astype(np.int32))
+    sk = None if sinks is None else np.asarray(host(sinks), dtype=np.float32)
+    return paged_attention_reference(qr, k, v, own, lens.astype(np.int32), sinks=sk)
 
 
 def assert_attention_close(got, want, dtype: str) -> None:
