@@ -134,19 +134,24 @@ def test_jax_paged_attention_sinks(backend, grid, dtype):
         testing.assert_attention_close(got, want16, dtype)
 
 
-@pytest.mark.parametrize("decode", [True, False], ids=["decode", "ragged"])
-def test_jax_shared_prefix_attention_sinks(decode):
-    pytest.importorskip("jax")
-    from prefixkv import jax_frontend as jf
-
+def _shared_prefix_case(decode: bool):
+    """A cascade batch (two prefixes, a sequence with none), its sinks and the reference."""
     rng = np.random.default_rng(5)
     seqs = [(0, 1, 3), (1, 1, 6), (-1, 1, 2), (0, 1, 1)] if decode else \
         [(0, 2, 3), (1, 1, 6), (-1, 3, 4), (0, 1, 1)]
     b = testing.make_shared_prefix_batch(rng, [3, 2], seqs, num_q_heads=4, num_kv_heads=2,
                                          head_dim=32, block_size=8)
     sinks = _sinks(rng, 4)
-    want, want_lse = ref.shared_prefix_attention_reference(*b.args(), return_lse=True,
-                                                           sinks=sinks)
+    return b, sinks, *ref.shared_prefix_attention_reference(*b.args(), return_lse=True,
+                                                            sinks=sinks)
+
+
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "ragged"])
+def test_jax_shared_prefix_attention_sinks(decode):
+    pytest.importorskip("jax")
+    from prefixkv import jax_frontend as jf
+
+    b, sinks, want, want_lse = _shared_prefix_case(decode)
     out, lse = jf.shared_prefix_attention(*b.args(), return_lse=True, sinks=sinks)
     testing.assert_attention_close(out, want, "float32")
     np.testing.assert_allclose(np.asarray(lse), want_lse, atol=1e-4, rtol=1e-5)
@@ -208,14 +213,7 @@ def test_torch_shared_prefix_attention_sinks(decode):
 
     from prefixkv import torch_frontend as tf
 
-    rng = np.random.default_rng(6)
-    seqs = [(0, 1, 3), (1, 1, 6), (-1, 1, 2), (0, 1, 1)] if decode else \
-        [(0, 2, 3), (1, 1, 6), (-1, 3, 4), (0, 1, 1)]
-    b = testing.make_shared_prefix_batch(rng, [3, 2], seqs, num_q_heads=4, num_kv_heads=2,
-                                         head_dim=32, block_size=8)
-    sinks = _sinks(rng, 4)
-    want, want_lse = ref.shared_prefix_attention_reference(*b.args(), return_lse=True,
-                                                           sinks=sinks)
+    b, sinks, want, want_lse = _shared_prefix_case(decode)
     args = [None if a is None else T(a) for a in b.args()]
     out, lse = tf.shared_prefix_attention(*args, return_lse=True, sinks=T(sinks))
     np.testing.assert_allclose(N(out), want, atol=2e-5, rtol=2e-5)
