@@ -3,7 +3,8 @@
 CPU (one thread): decode over 8 sequences x 4096 cached tokens (32 q heads, 8 kv heads,
 head_dim 128, block 16), float32 and bfloat16: prefixkv's compiled C++ decode kernel
 (kernels/cpu/decode.py, what tf.paged_attention runs for a CPU decode) vs the obvious
-baseline (index_select the blocks, then scaled_dot_product_attention). Shared prefix: 32
+baseline (index_select the blocks, then scaled_dot_product_attention), and prefixkv with
+gpt-oss-like attention sinks (the frontend's epilogue on the kernel's out, lse). Shared prefix: 32
 sequences sharing a 2048-token prefix plus 128 own tokens each: shared_prefix_attention vs
 paged_attention over the same batch. GPU (skipped without CUDA): decode at a fraction of HBM
 bandwidth, cascade decode, and prefill of 512 new tokens over 4096 cached at a fraction of the

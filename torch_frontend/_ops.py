@@ -318,8 +318,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     None (decode). sinks: optional float[num_q_heads] on q's device, attention sinks (gpt-oss,
     vLLM's ``sinks``): one logit per q head added to the softmax denominator (applied after the
     kernel, see docs/ops.md). out: optional [num_tokens, num_q_heads, head_dim] buffer written
-    in place;
-    lse: optional f32[num_tokens, num_q_heads] buffer. workspace: optional uint8 buffer of
+    in place; lse: optional f32[num_tokens, num_q_heads] buffer. workspace: optional uint8 buffer of
     :func:`attention_workspace_size` bytes for the temporaries (with out= it makes the triton
     backend allocate nothing). backend: "triton", "torch" or None.
 
