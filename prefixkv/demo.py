@@ -82,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--head-dim", type=int, default=d_model.head_dim)
     g.add_argument("--vocab", type=int, default=d_model.vocab_size)
     g.add_argument("--dtype", default=d_model.dtype, choices=("float32", "bfloat16", "float16"))
+    g.add_argument("--max-model-len", type=int, default=d_model.max_model_len,
+                   help="longest prompt + generation (the RoPE table and the engine's limit)")
     g = p.add_argument_group("engine")
     g.add_argument("--block-size", type=int, default=d_engine.block_size)
     g.add_argument("--num-blocks", type=int, default=d_engine.num_blocks,
@@ -101,7 +103,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--turns", type=int, default=d_work.turns)
     g.add_argument("--unique", type=int, default=d_work.num_unique)
     g.add_argument("--max-new-tokens", type=int, default=d_work.max_new_tokens)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.requests is not None and args.requests < 1:
+        p.error(f"--requests: expected >= 1, got {args.requests}")
+    return args
 
 
 def _fmt_row(name: str, off, on, fmt: str) -> str:
@@ -187,7 +192,8 @@ def main(argv=None) -> dict:
     model = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
                         num_layers=args.layers, num_q_heads=args.q_heads,
                         num_kv_heads=args.kv_heads, head_dim=args.head_dim,
-                        intermediate_size=args.intermediate, dtype=args.dtype)
+                        intermediate_size=args.intermediate, dtype=args.dtype,
+                        max_model_len=args.max_model_len)
     work = WorkloadConfig(system_prompt_len=args.system_prompt_len,
                           chats_per_tenant=args.chats, turns=args.turns,
                           num_unique=args.unique, max_new_tokens=args.max_new_tokens,

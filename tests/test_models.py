@@ -193,6 +193,86 @@ def test_engine_rejects_too_long_requests():
         Engine(adapter, ENGINE).run([req])
 
 
+def test_engine_rejects_a_model_that_cannot_serve_its_requests():
+    """Positions past the model's RoPE table and token ids past its vocabulary: JAX clamps
+    such gathers (wrong tokens, no error), so the engine refuses them up front."""
+    small = CFG.replace(max_model_len=64)
+    adapter = make_adapter("numpy", small, init_weights(small, 0),
+                           num_blocks=ENGINE.num_blocks, block_size=ENGINE.block_size)
+    with pytest.raises(ValueError, match="config: max_model_len 256 is past the model's 64"):
+        Engine(adapter, ENGINE)
+    adapter = make_adapter("numpy", CFG, init_weights(CFG, 0), num_blocks=ENGINE.num_blocks,
+                           block_size=ENGINE.block_size)
+    req = Request(7, (5, 200, 9), 2, "a", None, "unique")
+    with pytest.raises(ValueError, match=r"requests: request 7 has token ids outside \[0, "
+                                         r"128\) \(the model's vocabulary\): min 5 max 200"):
+        Engine(adapter, ENGINE).run([req])
+
+
+def test_padding_sequence_fits_its_block_table():
+    """A token bucket past max_model_len: the padding sequence (kv_len = the padding count)
+    gets a table wide enough, so the ops' checks pass (the reference model runs them)."""
+    engine = ENGINE.replace(max_model_len=64, max_num_batched_tokens=128, min_token_bucket=128)
+    small = CFG.replace(max_model_len=64)
+    adapter = make_adapter("numpy", small, init_weights(small, 0),
+                           num_blocks=engine.num_blocks, block_size=engine.block_size)
+    eng = Engine(adapter, engine)
+    eng.static_shapes = True  # pad as for JAX, run on the checking numpy model
+    reqs = make_workload(WORK, CFG.vocab_size, num_requests=3)
+    eager = Engine(adapter, engine).run(reqs)
+    assert eng.run(reqs).outputs() == eager.outputs()
+
+
+def test_preempted_request_keeps_its_first_arrival(monkeypatch):
+    """TTFT and latency of a preempted request count from its first admission (and its first
+    token, when it had one before the preemption)."""
+    from prefixkv.models import engine as engine_mod
+
+    created = []
+
+    class Seq(engine_mod._Seq):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(engine_mod, "_Seq", Seq)
+    rng = np.random.default_rng(0)
+    system = tuple(rng.integers(1, 128, 48).tolist())
+    reqs = [Request(i, system + tuple(rng.integers(1, 128, 10 + 5 * i).tolist()), 10, "t", b"a",
+                    "chat") for i in range(5)]
+    cfg = ENGINE.replace(num_blocks=22, max_num_seqs=4, max_num_batched_tokens=16,
+                         min_token_bucket=8, host_blocks=16, enable_caching=False)
+    adapter = make_adapter("numpy", CFG, init_weights(CFG, 0), num_blocks=22, block_size=8)
+    res = Engine(adapter, cfg).run(reqs)
+    assert res.preemptions
+    again = 0
+    for r in res.requests:
+        seqs = [s for s in created if s.rid == r.request_id]
+        again += len(seqs) > 1
+        assert {s.arrival for s in seqs} == {seqs[0].arrival}
+        assert r.latency_s == seqs[-1].finish - seqs[0].arrival
+        firsts = [s.first_token for s in seqs if s.first_token is not None]
+        assert r.ttft_s == firsts[0] - seqs[0].arrival
+    assert again
+
+
+def test_jax_onboard_updates_the_caches_in_place():
+    """The JAX adapter's scatter_blocks donates the caches (an eager scatter copied every
+    layer's whole cache per onboarded piece: 1.6 s for 2 blocks into 1 GiB of caches)."""
+    pytest.importorskip("jax")
+    if not _frontend_ready("jax"):
+        pytest.skip("prefixkv.jax_frontend not available")
+    adapter = make_adapter("jax", CFG, init_weights(CFG, 0), num_blocks=20, block_size=8)
+    ids = np.array([3, 11], np.int32)
+    shape = (2, len(adapter.caches), *adapter.caches[0].shape[1:])
+    buf = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    before = list(adapter.caches)
+    adapter.scatter_blocks(ids, buf)
+    assert all(c.is_deleted() for c in before)
+    np.testing.assert_array_equal(adapter.gather_blocks(ids), buf)
+    np.testing.assert_array_equal(adapter.gather_blocks(np.array([2, 4], np.int32)), 0.0)
+
+
 def test_demo_main_tiny_run(tmp_path, capsys):
     from prefixkv import demo
 
@@ -206,13 +286,16 @@ def test_demo_main_tiny_run(tmp_path, capsys):
         "--system-prompt-len", "32", "--chats", "1", "--turns", "2", "--unique", "1",
         "--max-new-tokens", "2", "--block-size", "8", "--num-blocks", "64",
         "--max-batched-tokens", "32", "--min-token-bucket", "32", "--plot", str(plot),
-        "--threads", "0", "--compile-cache", ""])
+        "--threads", "0", "--compile-cache", "", "--max-model-len", "256"])
     out = capsys.readouterr().out
     assert "prefix-hit rate" in out and "TTFT p50 (ms)" in out and "caching speedup" in out
     assert "generations identical with caching on and off: yes" in out
     for off, on in results.values():
         assert off.outputs() == on.outputs() and len(off.requests) == 5
     assert plot.stat().st_size > 1000
+    with pytest.raises(SystemExit):  # an empty stream has no TTFT percentiles to print
+        demo.parse_args(["--requests", "0"])
+    assert "--requests: expected >= 1, got 0" in capsys.readouterr().err
 
 
 def test_bench_report_markdown_and_plot(tmp_path):

@@ -17,7 +17,8 @@ tokens up to ``max_num_batched_tokens``; a chunk shrinks when the pool is short,
 decode token cannot get a block the most recently admitted other sequence is preempted (freed
 and re-queued from scratch). New requests are admitted when a sequence slot is free (a closed
 loop: a request arrives when the previous one leaves), and their time to first token (TTFT) is
-measured from that moment to the end of the step that sampled their first token.
+measured from that moment to the end of the step that sampled their first token (a preempted
+request keeps both times of its first admission; its latency counts the recomputation).
 
 Offload: when the pool evicts a cached block (an ``"evicted"`` event, published before the
 block is reused), its KV is gathered (``gather_blocks``) into a
@@ -32,7 +33,7 @@ tokens sampled by sequences already past their prompt / wall time of the steps t
 them (steps are mixed, so other requests' prefill chunks in those steps count against it).
 
 For adapters with ``static_shapes`` (JAX), shapes are bucketed (tokens to 16, 64, 256, ...,
-sequences to ``max_num_seqs + 1``, block tables to ``max_model_len / block_size``) so compiled
+sequences to ``max_num_seqs + 1``, block tables to :attr:`EngineConfig.table_width`) so compiled
 forwards are reused; :meth:`Engine.warmup` compiles every bucket before anything is timed.
 Eager adapters (torch, numpy) get the exact batch.
 """
@@ -79,6 +80,13 @@ class EngineConfig:
     @property
     def max_blocks_per_seq(self) -> int:
         return -(-self.max_model_len // self.block_size)
+
+    @property
+    def table_width(self) -> int:
+        """Block-table columns of a padded batch: a sequence's blocks, or the padding
+        sequence's, whose kv_len is the padding count (up to the token budget), all over the
+        null block (the ops check kv_len <= columns x block_size)."""
+        return max(self.max_blocks_per_seq, -(-self.max_num_batched_tokens // self.block_size))
 
     def token_buckets(self) -> list[int]:
         out, b = [], self.min_token_bucket
@@ -184,6 +192,12 @@ class Engine:
             raise ValueError(f"adapter: its cache has {adapter.num_blocks} blocks of "
                              f"{adapter.block_size}, the engine expects {config.num_blocks} of "
                              f"{config.block_size}")
+        model = getattr(adapter, "config", None)
+        if model is not None and model.max_model_len < config.max_model_len:
+            raise ValueError(f"config: max_model_len {config.max_model_len} is past the model's "
+                             f"{model.max_model_len} (its RoPE table); positions past it would "
+                             f"be clamped by JAX, not refused")
+        self.vocab_size = None if model is None else model.vocab_size
         self.buckets = config.token_buckets()
         # compiled frameworks (JAX) get bucketed shapes; eager ones the exact batch
         self.static_shapes = bool(getattr(adapter, "static_shapes", True))
@@ -211,7 +225,7 @@ class Engine:
         t_real, s_real = plan.num_tokens, plan.num_seqs
         t = _bucket(max(t_real, 1), self.buckets)
         s = self.num_seqs_padded
-        w = c.max_blocks_per_seq
+        w = c.table_width
         pad = t - t_real
 
         def tokens(x, fill):
@@ -257,7 +271,7 @@ class Engine:
     def dummy_batch(self, num_tokens: int, shared: bool) -> StepBatch:
         """An all-padding batch of a bucket's shape (compiles the forward for that shape)."""
         c = self.config
-        s, w = self.num_seqs_padded, c.max_blocks_per_seq
+        s, w = self.num_seqs_padded, c.table_width
         kv = np.zeros(s, I32)
         kv[-1] = num_tokens
         cu = np.zeros(s + 1, I32)
@@ -277,6 +291,9 @@ class Engine:
     def warmup(self) -> float:
         """Run (compile) the forward once for every shape a run can produce; returns seconds."""
         t0 = time.perf_counter()
+        if self.config.enable_caching:  # the block hash's first call (loads its kernel)
+            PrefixCache(self.config.num_blocks, self.config.block_size).block_hashes(
+                list(range(2 * self.config.block_size)))
         if not self.static_shapes:  # eager: one small call warms the kernels up
             self.adapter.forward(self.dummy_batch(self.buckets[0], False))
             self.adapter.reset()
@@ -335,6 +352,11 @@ class Engine:
             if r.max_new_tokens < 1:
                 raise ValueError(f"requests: request {r.request_id} has max_new_tokens "
                                  f"{r.max_new_tokens}, expected >= 1")
+            if self.vocab_size is not None and r.prompt and not (
+                    min(r.prompt) >= 0 and max(r.prompt) < self.vocab_size):
+                raise ValueError(f"requests: request {r.request_id} has token ids outside "
+                                 f"[0, {self.vocab_size}) (the model's vocabulary): min "
+                                 f"{min(r.prompt)} max {max(r.prompt)}")
         pending: deque[Request] = deque(requests)
         running: list[_Seq] = []
         done: list[_Seq] = []
@@ -342,8 +364,14 @@ class Engine:
         decode_s = 0.0
         t_start = time.perf_counter()
 
+        # a preempted request keeps its first arrival and first token (what its user saw)
+        arrivals: dict[int, float] = {}
+        first_tokens: dict[int, float] = {}
+
         def admit(req: Request, now: float) -> _Seq:
-            seq = _Seq(req=req, rid=req.request_id, tokens=list(req.prompt), arrival=now)
+            seq = _Seq(req=req, rid=req.request_id, tokens=list(req.prompt),
+                       arrival=arrivals.setdefault(req.request_id, now),
+                       first_token=first_tokens.get(req.request_id))
             seq.cached_tokens = pc.add_request(seq.rid, seq.tokens, salt=req.salt)
             seq.num_computed = seq.cached_tokens
             if offloader is not None:  # the next blocks from the host tier (read, verified,
@@ -436,7 +464,7 @@ class Engine:
                 tok = int(np.argmax(logits[i]))
                 seq.generated.append(tok)
                 if seq.first_token is None:
-                    seq.first_token = now
+                    seq.first_token = first_tokens[seq.rid] = now
                 if len(seq.generated) >= seq.req.max_new_tokens:
                     seq.final_logits = np.array(logits[i], copy=True)
                     seq.finish = now

@@ -86,6 +86,9 @@ class JaxLlama:
         self.device = jax.devices(device)[0] if device else jax.devices()[0]
         self.w = {k: jax.device_put(jnp.asarray(v), self.device) for k, v in weights.items()}
         self._fwd = {}
+        # donated, as the forward's: an eager scatter would copy every layer's whole cache
+        # (measured: 2 blocks onboarded into 1 GiB of caches took 1.6 s, 0.2 ms donated)
+        self._scatter = jax.jit(ops.scatter_blocks, donate_argnums=(0,))
         self.reset()
 
     def reset(self) -> None:
@@ -104,7 +107,7 @@ class JaxLlama:
 
     def forward(self, batch: StepBatch) -> np.ndarray:
         names = _BATCH_FIELDS + (_SHARED_FIELDS if batch.shared else ())
-        arrays = {n: jax.device_put(getattr(batch, n), self.device) for n in names}
+        arrays = jax.device_put({n: getattr(batch, n) for n in names}, self.device)  # one call
         logits, self.caches = self._compiled(batch.shared)(self.w, self.caches, arrays)
         return np.asarray(logits)
 
@@ -137,6 +140,6 @@ class JaxLlama:
                                   [:p - len(part)], np.int32)
                 part = np.concatenate([part, fill])
                 buf = np.concatenate([buf, self.gather_blocks(fill)])
-            self.caches = list(self.ops.scatter_blocks(
+            self.caches = list(self._scatter(
                 self.caches, jax.device_put(jnp.asarray(buf), self.device),
                 jax.device_put(part, self.device)))
