@@ -311,6 +311,26 @@ def test_hash_blocks_cuda_refuses_block_size(case):
     assert len(LAUNCHES) == n_before and (out == int(SENTINEL)).all()
 
 
+@pytest.mark.parametrize("bad", ["tok", "out"])
+def test_hash_blocks_cuda_refuses_views_and_wide_dtypes(bad):
+    """The kernel reads raw rows of 4-byte words: a strided view (tokens[::2]) was hashed as
+    the memory behind it, an int64 array would be read as pairs of words."""
+    tok = dev32(np.arange(32, dtype=np.int32))
+    out = to_device(torch.full((2, 8), int(SENTINEL), dtype=torch.int32))
+    if bad == "tok":
+        tok = tok[::2]
+    else:
+        out = to_device(torch.zeros((2, 8), dtype=torch.int64))
+    n_before = len(LAUNCHES)
+    with pytest.raises(ValueError, match=f"{bad}: expected a contiguous array of 4-byte "
+                                         f"integers"):
+        cuda_hashing.hash_blocks_cuda(
+            tok, dev32(np.array([0, 16], np.int32)), dev32(np.zeros(1, np.int32)),
+            dev32(np.zeros((1, 8), np.int32)), None, dev32(np.zeros(8, np.int32)), out,
+            block_size=8)
+    assert len(LAUNCHES) == n_before
+
+
 @pytest.mark.parametrize("cu", [[0], [0, 3, 5]], ids=["no_sequences", "no_full_block"])
 def test_hash_blocks_cuda_nothing_to_hash(cu):
     """No launch (CUDA refuses an empty grid) when there is no sequence or no output row."""

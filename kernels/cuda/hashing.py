@@ -45,6 +45,12 @@ def hash_blocks_cuda(tok, cu, boff, parents, extra, key, out, *, block_size: int
         args = [cupy.asarray(x) for x in (tok, cu, boff, parents)]
         ext = args[0] if extra is None else cupy.asarray(extra)
         args += [ext, cupy.asarray(key), cupy.asarray(out)]  # zero-copy views
+        names = ("tok", "cu", "boff", "parents", "extra", "key", "out")
+        for name, a in zip(names, args, strict=True):  # the kernel reads raw 4-byte rows
+            if a.dtype.itemsize != 4 or not a.flags.c_contiguous:
+                raise ValueError(f"{name}: expected a contiguous array of 4-byte integers, got "
+                                 f"{a.dtype} of shape {tuple(a.shape)} and strides "
+                                 f"{tuple(a.strides)}")
         blocks = (num_seqs + threads - 1) // threads
         with cupy.cuda.ExternalStream(stream) if stream is not None else cupy.cuda.Stream.null:
             _kernel()((blocks,), (threads,), (*args, cupy.int32(num_seqs),
