@@ -168,7 +168,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
 
 def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
                             block_tables, kv_lens, cu_q_lens=None, *, scale=None,
-                            logits_soft_cap=None, return_lse=False, sinks=None, backend=None):
+                            logits_soft_cap=None, return_lse=False, sinks=None,
+                            sliding_window=None, backend=None):
     """Causal attention of sequences that share cached prefixes (cascade attention).
 
     q, k_cache, v_cache, cu_q_lens: as :func:`paged_attention`.
@@ -180,20 +181,29 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     once for all the sequences sharing it (one big attention per prefix, merged with the
     per-sequence suffix attention by log-sum-exp; on a CPU only when some prefix group is large
     enough to pay for it, else paged attention over prefix then own blocks, see docs/ops.md).
-    sinks: as paged_attention (each row's sink counted once). Returns out (and lse) as
-    paged_attention.
+    sinks: as paged_attention (each row's sink counted once). sliding_window: as
+    paged_attention, counted over prefix then own tokens; with a window the call runs as
+    paged_attention over each sequence's prefix then own blocks (a window gives each query its
+    own part of the prefix: nothing to share). Returns out (and lse) as paged_attention.
     """
-    check_static(scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse)
+    check_static(scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
+                 sliding_window=sliding_window)
     sdims = validate.check_shared_prefix_attention(
         q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
         kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
-        sinks=sinks)
+        sinks=sinks, sliding_window=sliding_window)
     if _run_value_checks(prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
                          cu_q_lens):
         validate.check_shared_prefix_attention_values(
             sdims, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
             cu_q_lens)
     dims = sdims.attention
+    if sliding_window is not None:
+        tables, lens = _xla.prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids,
+                                                   block_tables, kv_lens, dims.block_size)
+        return paged_attention(q, k_cache, v_cache, tables, lens, cu_q_lens, scale=scale,
+                               sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                               return_lse=return_lse, sinks=sinks, backend=backend)
     config = dict(scale=dims.scale,
                   logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))
     context = _backends.attention_context(dims, max(

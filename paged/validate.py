@@ -320,11 +320,13 @@ class SharedPrefixDims:
 def check_shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens,
                                   prefix_ids, block_tables, kv_lens, cu_q_lens=None, *,
                                   scale=None, logits_soft_cap=None,
-                                  return_lse=False, sinks=None) -> SharedPrefixDims:
+                                  return_lse=False, sinks=None,
+                                  sliding_window=None) -> SharedPrefixDims:
     """Static checks of a shared_prefix_attention call."""
     dims = check_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
                                  scale=scale, logits_soft_cap=logits_soft_cap,
-                                 return_lse=return_lse, sinks=sinks)
+                                 return_lse=return_lse, sinks=sinks,
+                                 sliding_window=sliding_window)
     num_prefixes, max_prefix_blocks = check_index("prefix_block_tables", prefix_block_tables,
                                                   ndim=2)
     (n_lens,) = check_index("prefix_lens", prefix_lens)

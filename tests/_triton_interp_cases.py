@@ -626,3 +626,7 @@ def test_sinks_through_the_frontend(interp_backend):
     want = ref.shared_prefix_attention_reference(*b.args(), sinks=sinks_np)
     got = tf.shared_prefix_attention(*(T(a) for a in b.args()), sinks=sinks, backend=be)
     close(got, want, "float32")
+    want = ref.shared_prefix_attention_reference(*b.args(), sinks=sinks_np, sliding_window=6)
+    got = tf.shared_prefix_attention(*(T(a) for a in b.args()), sinks=sinks, sliding_window=6,
+                                     backend=be)
+    close(got, want, "float32")

@@ -1,7 +1,9 @@
 """Attention sinks (gpt-oss; vLLM's ``sinks``): one logit per q head in the softmax's
-denominator with no value. The reference against a dense softmax written out here, and every
-frontend and CPU backend (the Triton kernels': tests/_triton_interp_cases.py) against the
-reference: paged and shared-prefix attention, decode and ragged batches, out/lse, input checks."""
+denominator with no value; and shared-prefix attention with a sliding window (gpt-oss
+alternates windowed layers), counted over prefix then own tokens. The reference against a
+dense softmax written out here, and every frontend and CPU backend (the Triton kernels':
+tests/_triton_interp_cases.py) against the reference: paged and shared-prefix attention,
+decode and ragged batches, out/lse, input checks."""
 
 from __future__ import annotations
 
@@ -77,7 +79,8 @@ def test_reference_matches_a_dense_softmax_with_a_sink_column(grid, opts):
     assert (np.abs(out - plain).max(axis=-1)[seen] > 0).all()
 
 
-def test_shared_prefix_reference_counts_each_rows_sink_once():
+@pytest.mark.parametrize("window", [None, 5])
+def test_shared_prefix_reference_counts_each_rows_sink_once(window):
     rng = np.random.default_rng(3)
     b = testing.make_shared_prefix_batch(rng, [2, 1], [(0, 1, 3), (1, 2, 5), (-1, 1, 2),
                                                       (0, 3, 4)],
@@ -86,8 +89,9 @@ def test_shared_prefix_reference_counts_each_rows_sink_once():
     tables, lens = ref_attention.shared_prefix_block_tables(*b.args()[3:8], 4)
     flat = testing.RaggedBatch(b.q, b.k_cache, b.v_cache, tables, lens, b.cu_q_lens,
                                seqs=[(0, int(n)) for n in lens])
-    want, want_lse = _dense(flat, sinks)
-    out, lse = ref.shared_prefix_attention_reference(*b.args(), return_lse=True, sinks=sinks)
+    want, want_lse = _dense(flat, sinks, sliding_window=window)
+    out, lse = ref.shared_prefix_attention_reference(*b.args(), return_lse=True, sinks=sinks,
+                                                     sliding_window=window)
     np.testing.assert_allclose(out, want, atol=1e-6, rtol=1e-6)
     np.testing.assert_allclose(lse, want_lse, atol=1e-5, rtol=1e-6)
 
@@ -134,8 +138,9 @@ def test_jax_paged_attention_sinks(backend, grid, dtype):
         testing.assert_attention_close(got, want16, dtype)
 
 
-def _shared_prefix_case(decode: bool):
-    """A cascade batch (two prefixes, a sequence with none), its sinks and the reference."""
+def _shared_prefix_case(decode: bool, window: int | None = None):
+    """A cascade batch (two prefixes, a sequence with none), its sinks and the reference (a
+    window of 11 starts inside the 24- and 16-token prefixes)."""
     rng = np.random.default_rng(5)
     seqs = [(0, 1, 3), (1, 1, 6), (-1, 1, 2), (0, 1, 1)] if decode else \
         [(0, 2, 3), (1, 1, 6), (-1, 3, 4), (0, 1, 1)]
@@ -143,16 +148,18 @@ def _shared_prefix_case(decode: bool):
                                          head_dim=32, block_size=8)
     sinks = _sinks(rng, 4)
     return b, sinks, *ref.shared_prefix_attention_reference(*b.args(), return_lse=True,
-                                                            sinks=sinks)
+                                                            sinks=sinks, sliding_window=window)
 
 
+@pytest.mark.parametrize("window", [None, 11], ids=["no_window", "window"])
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "ragged"])
-def test_jax_shared_prefix_attention_sinks(decode):
+def test_jax_shared_prefix_attention_sinks(decode, window):
     pytest.importorskip("jax")
     from prefixkv import jax_frontend as jf
 
-    b, sinks, want, want_lse = _shared_prefix_case(decode)
-    out, lse = jf.shared_prefix_attention(*b.args(), return_lse=True, sinks=sinks)
+    b, sinks, want, want_lse = _shared_prefix_case(decode, window)
+    out, lse = jf.shared_prefix_attention(*b.args(), return_lse=True, sinks=sinks,
+                                          sliding_window=window)
     testing.assert_attention_close(out, want, "float32")
     np.testing.assert_allclose(np.asarray(lse), want_lse, atol=1e-4, rtol=1e-5)
 
@@ -206,16 +213,18 @@ def test_torch_paged_attention_sinks(grid, dtype):
     np.testing.assert_array_equal(N(o2), N(o))
 
 
+@pytest.mark.parametrize("window", [None, 11], ids=["no_window", "window"])
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "ragged"])
-def test_torch_shared_prefix_attention_sinks(decode):
+def test_torch_shared_prefix_attention_sinks(decode, window):
     pytest.importorskip("torch")
     from torch_convert import N, T
 
     from prefixkv import torch_frontend as tf
 
-    b, sinks, want, want_lse = _shared_prefix_case(decode)
+    b, sinks, want, want_lse = _shared_prefix_case(decode, window)
     args = [None if a is None else T(a) for a in b.args()]
-    out, lse = tf.shared_prefix_attention(*args, return_lse=True, sinks=T(sinks))
+    out, lse = tf.shared_prefix_attention(*args, return_lse=True, sinks=T(sinks),
+                                          sliding_window=window)
     np.testing.assert_allclose(N(out), want, atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(N(lse), want_lse, atol=1e-4, rtol=1e-5)
 

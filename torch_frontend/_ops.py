@@ -361,8 +361,9 @@ def _run_attention(op, args, q, out, lse, workspace, return_lse, sinks):
 
 def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
                             block_tables, kv_lens, cu_q_lens=None, *, scale=None,
-                            logits_soft_cap=None, return_lse=False, sinks=None, out=None,
-                            lse=None, workspace=None, backend=None):
+                            logits_soft_cap=None, return_lse=False, sinks=None,
+                            sliding_window=None, out=None, lse=None, workspace=None,
+                            backend=None):
     """Causal attention of sequences sharing cached prefixes, each prefix's KV read once for
     all its sequences (on a GPU; on the CPU only for prefix groups large enough to pay for a
     pass of their own, see docs/ops.md: smaller ones read it through each sequence's table).
@@ -372,6 +373,9 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     kv_lens, cu_q_lens: each sequence's own tokens after its prefix (as in paged_attention).
     Equals paged_attention over the concatenation (prefix blocks, then own blocks).
     sinks, out, lse, workspace: as in :func:`paged_attention` (each row's sink counted once).
+    sliding_window: as in :func:`paged_attention`, counted over prefix then own tokens; with a
+    window the call runs as paged_attention over each sequence's prefix then own blocks (each
+    query sees its own part of the prefix: nothing to share).
     """
     _tensors(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks)
     _index_tensors(prefix_block_tables=prefix_block_tables, prefix_lens=prefix_lens,
@@ -380,18 +384,51 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     sdims = validate.check_shared_prefix_attention(
         q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
         kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
-        sinks=sinks)
+        sinks=sinks, sliding_window=sliding_window)
     if _want_values(prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
                     cu_q_lens):
         validate.check_shared_prefix_attention_values(
             sdims, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens)
     prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens = _on(
         q.device, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens)
+    if sliding_window is not None:
+        tables, lens = _prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids,
+                                               block_tables, kv_lens,
+                                               sdims.attention.block_size)
+        return paged_attention(q, k_cache, v_cache, tables, lens, cu_q_lens, scale=scale,
+                               sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                               return_lse=return_lse, sinks=sinks, out=out, lse=lse,
+                               workspace=workspace, backend=backend)
     args = (q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
             kv_lens, cu_q_lens, sdims.attention.scale,
             None if logits_soft_cap is None else float(logits_soft_cap), backend)
     return _run_attention("shared_prefix_attention", args, q, out, lse, workspace, return_lse,
                           sinks)
+
+
+def _prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
+                            block_size: int) -> tuple[Tensor, Tensor]:
+    """The cascade's batch as plain paged attention, on the index tensors' device with no host
+    sync: each sequence's table is its prefix's blocks then its own (prefix lengths are whole
+    blocks), its kv_len grown by the prefix. Entries past a row's blocks repeat one of its
+    blocks (never read)."""
+    num_prefixes, width = prefix_block_tables.shape
+    num_seqs, own_width = block_tables.shape
+    pid = prefix_ids.long()
+    has = (pid >= 0) & (pid < num_prefixes)
+    p = pid.clamp(0, max(num_prefixes - 1, 0))
+    plen = (torch.where(has, prefix_lens.long()[p], 0) if num_prefixes
+            else torch.zeros_like(pid))
+    pblocks = plen // block_size
+    cols = torch.arange(width + own_width, device=block_tables.device)
+    own = (block_tables.long().gather(
+        1, (cols[None, :] - pblocks[:, None]).clamp(0, max(own_width - 1, 0)))
+        if own_width else torch.zeros((num_seqs, cols.numel()), dtype=torch.long,
+                                      device=block_tables.device))
+    pre = (prefix_block_tables.long()[p][:, cols.clamp(max=width - 1)] if num_prefixes and width
+           else own)
+    tables = torch.where(cols[None, :] < pblocks[:, None], pre, own)
+    return tables.to(torch.int32), (kv_lens.long() + plen).to(torch.int32)
 
 
 def _apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> None:

@@ -164,7 +164,7 @@ def shared_prefix_block_tables(prefix_block_tables, prefix_lens, prefix_ids, blo
 def shared_prefix_attention_reference(q, k_cache, v_cache, prefix_block_tables, prefix_lens,
                                       prefix_ids, block_tables, kv_lens, cu_q_lens=None, *,
                                       scale=None, logits_soft_cap=None, return_lse=False,
-                                      sinks=None):
+                                      sinks=None, sliding_window=None):
     """Causal attention of sequences that share cached prefixes ("cascade" attention).
 
     prefix_block_tables: i32[num_prefixes, max_prefix_blocks]; prefix_lens: i32[num_prefixes],
@@ -172,17 +172,19 @@ def shared_prefix_attention_reference(q, k_cache, v_cache, prefix_block_tables, 
     none. block_tables/kv_lens/cu_q_lens describe each sequence's own tokens after its prefix.
 
     Defined as paged_attention over the concatenation (prefix blocks, then own blocks), sinks
-    included (each row's sink counted once); fast
+    and sliding window included (each row's sink counted once; a window is counted over the
+    concatenation, so the frontends run it as that paged attention); fast
     backends read each prefix's KV once for all the sequences that share it.
     """
     sdims = validate.check_shared_prefix_attention(
         q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
         kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
-        sinks=sinks)
+        sinks=sinks, sliding_window=sliding_window)
     validate.check_shared_prefix_attention_values(sdims, prefix_block_tables, prefix_lens,
                                                   prefix_ids, block_tables, kv_lens, cu_q_lens)
     tables, lens = shared_prefix_block_tables(prefix_block_tables, prefix_lens, prefix_ids,
                                               block_tables, kv_lens, sdims.attention.block_size)
     return paged_attention_reference(q, k_cache, v_cache, tables, lens, cu_q_lens, scale=scale,
-                                     causal=True, logits_soft_cap=logits_soft_cap,
-                                     return_lse=return_lse, sinks=sinks)
+                                     causal=True, sliding_window=sliding_window,
+                                     logits_soft_cap=logits_soft_cap, return_lse=return_lse,
+                                     sinks=sinks)
