@@ -3,11 +3,21 @@
     .venv/bin/pytest bench/ --benchmark-only --benchmark-json out.json
     .venv/bin/python bench/report.py out.json --markdown out.md --plot roofline.png
 
+The input may also be the JSON-lines file bench/conftest.py streams when
+``PREFIXKV_BENCH_JSONL`` is set (bench/run_device.sh's ``bench_figures.jsonl``: one
+``{"test", "group", "extra_info", "mean_s", "min_s", "rounds"}`` object a benchmark, written as
+each finishes); there a test listed twice counts once, its last line, a line without times
+(not timed, or failed before timing) is left out, and the median column shows the min (the
+stream has no median).
+
 The table has one row per benchmark, grouped as pytest-benchmark grouped them: mean and median
 time, the speedup over the group's baseline (the benchmark whose ``extra_info`` says
 ``baseline: true``, what a user would write without prefixkv; "n/a" in a group with none
 marked: no guessing), GB/s, GFLOP/s and the roofline fraction that ``bench/conftest.py:
-record`` put in ``extra_info``, plus any other scalar extra_info.
+record`` put in ``extra_info``, plus any other scalar extra_info. The speedup compares the
+device clock when every benchmark of the group recorded one (``kernel_s`` or
+``seconds_per_call`` in extra_info: CUDA-event or queued-call seconds per call, the clock the
+GPU groups' GB/s use), else pytest-benchmark's host-timed means; each group names its clock.
 
 The plot is a roofline: achieved GB/s (bytes read + written, record's convention) against the
 machine's read and copy bandwidth measured in the same run (``read_gbps``/``copy_gbps`` in
@@ -31,12 +41,48 @@ _COLUMNS = ("gbps", "gflops", "roofline_fraction")
 _BYTE_KEYS = ("bytes", "bytes_read", "bytes_written")
 
 
+def _from_jsonl_row(row: dict) -> dict:
+    """A streamed row (bench/conftest.py:_stream_figures) as a pytest-benchmark entry."""
+    test = row["test"]
+    return {"name": test.rsplit("::", 1)[-1], "fullname": test, "group": row.get("group"),
+            "extra_info": row.get("extra_info") or {},
+            "stats": {"mean": row["mean_s"], "min": row.get("min_s"),
+                      "rounds": row.get("rounds")}}
+
+
+def load_jsonl(path: str, text: str) -> list[dict]:
+    """The rows of a PREFIXKV_BENCH_JSONL file, last line per test, timed rows only."""
+    rows: dict[str, dict] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:  # a line cut off by a killed run: the rest stand
+            print(f"{path}:{n}: skipped, not JSON ({e.msg})", file=sys.stderr)
+            continue
+        if not isinstance(row, dict) or "test" not in row:
+            raise ValueError(f"{path}:{n}: expected a streamed benchmark row with a 'test' key")
+        rows[row["test"]] = row
+    return [_from_jsonl_row(r) for r in rows.values() if r.get("mean_s") is not None]
+
+
 def load(path: str) -> list[dict]:
+    """Benchmarks of a pytest-benchmark JSON file or of a streamed JSON-lines file."""
     with open(path) as f:
-        data = json.load(f)
-    benches = data.get("benchmarks")
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None  # more than one JSON value: JSON lines
+    if isinstance(data, dict) and "test" in data:  # a JSON-lines file of one row
+        data = None
+    if data is None:
+        return load_jsonl(path, text)
+    benches = data.get("benchmarks") if isinstance(data, dict) else None
     if not isinstance(benches, list):
-        raise ValueError(f"{path}: not a pytest-benchmark JSON file (no 'benchmarks' list)")
+        raise ValueError(f"{path}: not a pytest-benchmark JSON file (no 'benchmarks' list) "
+                         "nor streamed JSON lines")
     return benches
 
 
@@ -61,6 +107,21 @@ def _baseline(group: list[dict]) -> dict | None:
     return None
 
 
+#: extra_info keys of a device clock's seconds per call, in order of preference
+_DEVICE_CLOCKS = ("kernel_s", "seconds_per_call")
+
+
+def _clock(group: list[dict]) -> tuple[str | None, dict]:
+    """(extra_info key, {id(bench): seconds}) of the device clock every benchmark of the group
+    recorded, or (None, host means)."""
+    for key in _DEVICE_CLOCKS:
+        vals = [b.get("extra_info", {}).get(key) for b in group]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+               for v in vals):
+            return key, {id(b): float(v) for b, v in zip(group, vals, strict=True)}
+    return None, {id(b): b["stats"]["mean"] for b in group}
+
+
 def markdown(benches: list[dict]) -> str:
     """The Markdown report: one table per group."""
     groups: dict[str, list[dict]] = defaultdict(list)
@@ -75,9 +136,12 @@ def markdown(benches: list[dict]) -> str:
                    f"copy {limits.get('copy_gbps', '?')} GB/s, "
                    f"matmul {limits['matmul_gflops']} GFLOP/s.\n")
     for name in sorted(groups):
-        group = sorted(groups[name], key=lambda b: b["stats"]["mean"])
+        key, clock = _clock(groups[name])
+        group = sorted(groups[name], key=lambda b: clock[id(b)])
         base = _baseline(group)
         out.append(f"### {name}\n")
+        out.append(f"vs baseline by {key} (device time per call, extra_info)\n" if key
+                   else "vs baseline by the host-timed mean\n")
         out.append("| benchmark | mean | median | vs baseline | GB/s | GFLOP/s | roofline "
                    "| details |")
         out.append("|---|---|---|---|---|---|---|---|")
@@ -87,15 +151,17 @@ def markdown(benches: list[dict]) -> str:
             if base is None:
                 speed = "n/a"
             else:
-                speed = (f"{base['stats']['mean'] / s['mean']:.2f}x" if s["mean"]
-                         else f"{math.nan}")
+                t = clock[id(b)]
+                speed = f"{clock[id(base)] / t:.2f}x" if t else f"{math.nan}"
             details = ", ".join(f"{k}={_fmt(v)}" for k, v in info.items()
                                 if k not in _LIMIT_KEYS and k not in _COLUMNS
                                 and k not in _BYTE_KEYS
                                 and isinstance(v, (int, float, str, bool)))
             tag = " (baseline)" if b is base else ""
+            median = (_fmt_time(s["median"]) if s.get("median") is not None
+                      else f"min {_fmt_time(s['min'])}" if s.get("min") is not None else "n/a")
             out.append(
-                f"| `{b['name']}`{tag} | {_fmt_time(s['mean'])} | {_fmt_time(s['median'])} | "
+                f"| `{b['name']}`{tag} | {_fmt_time(s['mean'])} | {median} | "
                 f"{speed} | {_fmt(info.get('gbps', ''))} | {_fmt(info.get('gflops', ''))} "
                 f"| {_fmt(info.get('roofline_fraction', ''))} | {details} |")
         out.append("")
