@@ -2,12 +2,13 @@
 block, chained, as vllm/utils/hashing.py `sha256` + kv_cache_utils `hash_block_tokens`) against
 prefixkv-v1 (compiled C chain; and the `blake3` package called once per block, for scale).
 
-Every test checks its digests before timing: prefixkv-v1 against the host implementation's
-digests of the same tokens (prefixkv.paged.hashing.hash_blocks_words), themselves checked
-against the pure-Python reference (prefixkv.paged.reference) on the first blocks of the first
-and last sequence; the vLLM baseline against its formula on a few blocks. The vLLM baseline
-sets ``baseline: true``; ``speedup_vs_vllm_sha256`` divides vllm_sha256_seconds (the baseline
-timed once per shape, whichever test asks first) by the benchmark's mean.
+Every test checks its digests before timing: prefixkv-v1 against the digests of the same
+tokens by the `blake3` package (prefixkv.paged.hashing.hash_blocks_words, backend "blake3":
+not the C kernel under test), themselves checked against the pure-Python reference
+(prefixkv.paged.reference) on the first blocks of the first and last sequence; the vLLM
+baseline against its formula on a few blocks. The vLLM baseline sets ``baseline: true``;
+``speedup_vs_vllm_sha256`` divides vllm_sha256_seconds (the baseline timed once per shape,
+whichever test asks first) by the benchmark's mean.
 
 Run: .venv/bin/pytest bench/bench_hashing_host.py --benchmark-only
 """
@@ -42,11 +43,12 @@ def _tokens(num_seqs: int, seq_len: int):
 
 @functools.cache
 def want_words(num_seqs: int, seq_len: int) -> np.ndarray:
-    """u32[num_blocks, 8]: the prefixkv-v1 digests of _tokens(num_seqs, seq_len) by the host
-    implementation, after checking its first REFERENCE_BLOCKS blocks of the first and of the
-    last sequence against the pure-Python reference (~5k compressions/s: a slice only)."""
+    """u32[num_blocks, 8]: the prefixkv-v1 digests of _tokens(num_seqs, seq_len) by the
+    `blake3` package (backend "blake3", independent of the C kernel the benchmarks time),
+    after checking its first REFERENCE_BLOCKS blocks of the first and of the last sequence
+    against the pure-Python reference (~5k compressions/s: a slice only)."""
     tokens, cu = _tokens(num_seqs, seq_len)
-    words = hash_blocks_words(tokens, BLOCK_SIZE, cu_lens=cu)
+    words = hash_blocks_words(tokens, BLOCK_SIZE, cu_lens=cu, backend="blake3")
     per_seq, n = seq_len // BLOCK_SIZE, REFERENCE_BLOCKS * BLOCK_SIZE
     for s in (0, num_seqs - 1):
         ref = hash_blocks_reference(tokens[cu[s]:cu[s] + n], BLOCK_SIZE)
