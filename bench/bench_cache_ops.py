@@ -18,9 +18,10 @@ torch (backend "torch", in place): write_kv, copy_blocks, scatter_blocks (gather
 swap_blocks are in bench_torch_copy.py) and merge_attention_states, vs ``index_copy_`` /
 ``index_select`` per cache and the merge formula in torch.
 
-Every op's result is checked before timing: writes and moves exactly, the merge's out and
-lse against the numpy reference (prefixkv.paged.reference) with the test suite's attention
-tolerance.
+Every op's result is checked before timing: writes and moves exactly (the written blocks, and
+a sample of the others, sources included, bit-identical to a copy taken before the call:
+bench.conftest.untouched_blocks), the merge's out and lse against the numpy reference
+(prefixkv.paged.reference) with the test suite's attention tolerance.
 
 extra_info (bench.conftest.record): ``bytes_read``, ``bytes_written``, ``bytes`` = their sum,
 ``gbps`` = bytes / time, ``copy_fraction`` = gbps / the measured one-thread copy bandwidth (also
@@ -39,7 +40,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from bench.conftest import record, seconds
+from bench.conftest import record, seconds, untouched_blocks
 
 BS, HKV, D = 16, 8, 128          # block_size, kv heads, head_dim
 NUM_BLOCKS = 4096                # write_kv: a per-layer cache of 64k tokens
@@ -112,6 +113,11 @@ def _assert_same(got, want) -> None:
     np.testing.assert_array_equal(_bits(got), _bits(want))
 
 
+def _write_blocks() -> np.ndarray:
+    """The blocks write_kv's _write_slots fall in."""
+    return np.unique(_write_slots() // BS)
+
+
 @functools.cache
 def _merge_want(dtype):
     """The numpy reference's (out f32, lse) of _merge_inputs, once per dtype (JAX and torch)."""
@@ -177,6 +183,8 @@ def test_jax_write_kv(benchmark, machine_limits, impl, dtype):
     key, value = (jnp.asarray(rng.standard_normal((WRITE_TOKENS, HKV, D), dtype=np.float32))
                   .astype(dtype) for _ in range(2))
     slots = jnp.asarray(_write_slots())
+    other = untouched_blocks(NUM_BLOCKS, _write_blocks())
+    before = [np.asarray(c[other]) for c in (k, v)]  # before the caches are donated
     if impl == "prefixkv_xla":
         fn = jax.jit(lambda kv, key, value, s: jf.write_kv(key, value, kv[0], kv[1], s),
                      donate_argnums=0)
@@ -186,8 +194,9 @@ def test_jax_write_kv(benchmark, machine_limits, impl, dtype):
                     for c, x in zip(kv, (key, value), strict=True)]
         fn = jax.jit(baseline, donate_argnums=0)
     def check(kv):
-        for c, x in zip(kv, (key, value), strict=True):
+        for c, x, b in zip(kv, (key, value), before, strict=True):
             _assert_same(c.reshape(-1, HKV, D)[slots], x)
+            _assert_same(c[other], b)
 
     _bench_donating(benchmark, fn, (k, v), key, value, slots, check=check)
     _finish(benchmark, machine_limits, _write_bytes(dtype), impl=impl, dtype=dtype)
@@ -201,14 +210,17 @@ def test_jax_copy_blocks(benchmark, machine_limits, impl):
     src_np, dst_np = _move_ids(2)
     src, dst = jnp.asarray(src_np), jnp.asarray(dst_np)
     want = [np.asarray(c[src_np]) for c in caches]  # before the caches are donated
+    other = untouched_blocks(MOVE_BLOCKS, dst_np, keep=src_np)
+    before = [np.asarray(c[other]) for c in caches]
     if impl == "prefixkv_xla":
         fn = jax.jit(lambda cs, s, d: jf.copy_blocks(cs, s, d), donate_argnums=0)
     else:
         fn = jax.jit(lambda cs, s, d: [c.at[d].set(c[s]) for c in cs], donate_argnums=0)
 
     def check(cs):
-        for c, w in zip(cs, want, strict=True):
+        for c, w, b in zip(cs, want, before, strict=True):
             _assert_same(c[dst_np], w)
+            _assert_same(c[other], b)
 
     _bench_donating(benchmark, fn, caches, src, dst, check=check)
     _finish(benchmark, machine_limits, _move_bytes("bfloat16"), impl=impl)
@@ -271,6 +283,8 @@ def test_jax_scatter_blocks(benchmark, machine_limits, impl):
     rng = np.random.default_rng(5)
     buffer = jnp.asarray(rng.standard_normal((MOVE, 2 * COPY_LAYERS, BS, HKV, D),
                                              dtype=np.float32)).astype(jnp.bfloat16)
+    other = untouched_blocks(MOVE_BLOCKS, ids_np)
+    before = [np.asarray(c[other]) for c in caches]  # before the caches are donated
     if impl == "prefixkv_xla":
         fn = jax.jit(lambda cs, b, i: jf.scatter_blocks(cs, b, i), donate_argnums=0)
     else:
@@ -279,6 +293,7 @@ def test_jax_scatter_blocks(benchmark, machine_limits, impl):
     def check(cs):
         for j, c in enumerate(cs):
             _assert_same(c[ids_np], buffer[:, j])
+            _assert_same(c[other], before[j])
 
     _bench_donating(benchmark, fn, caches, buffer, ids, check=check)
     _finish(benchmark, machine_limits, _move_bytes("bfloat16"), impl=impl)
@@ -352,6 +367,8 @@ def test_torch_write_kv(benchmark, machine_limits, impl):
                   for _ in range(2))
     slots = torch.from_numpy(_write_slots())
     slots64 = slots.long()
+    other = torch.from_numpy(untouched_blocks(NUM_BLOCKS, _write_blocks()))
+    before = [c[other].clone() for c in (k, v)]
     if impl == "prefixkv_torch":
         def fn():
             tf.write_kv(key, value, k, v, slots)
@@ -362,6 +379,7 @@ def test_torch_write_kv(benchmark, machine_limits, impl):
     fn()
     assert torch.equal(k.view(-1, HKV, D)[slots64], key)
     assert torch.equal(v.view(-1, HKV, D)[slots64], value)
+    assert all(torch.equal(c[other], b) for c, b in zip((k, v), before, strict=True))
     benchmark.pedantic(fn, rounds=TORCH_CACHE_ROUNDS, iterations=1, warmup_rounds=0)
     _finish(benchmark, machine_limits, _write_bytes(dtype), impl=impl, dtype=dtype)
 
@@ -375,6 +393,8 @@ def test_torch_copy_blocks(benchmark, machine_limits, impl):
     src, dst = torch.from_numpy(src_np), torch.from_numpy(dst_np)
     src64, dst64 = src.long(), dst.long()
     want = [c[src64].clone() for c in caches]
+    other = torch.from_numpy(untouched_blocks(MOVE_BLOCKS, dst_np, keep=src_np))
+    before = [c[other].clone() for c in caches]
     if impl == "prefixkv_torch":
         def fn():
             tf.copy_blocks(caches, src, dst)
@@ -384,6 +404,7 @@ def test_torch_copy_blocks(benchmark, machine_limits, impl):
                 c.index_copy_(0, dst64, c.index_select(0, src64))
     fn()
     assert all(torch.equal(c[dst64], w) for c, w in zip(caches, want, strict=True))
+    assert all(torch.equal(c[other], b) for c, b in zip(caches, before, strict=True))
     benchmark.pedantic(fn, rounds=TORCH_CACHE_ROUNDS, iterations=1, warmup_rounds=0)
     _finish(benchmark, machine_limits, _move_bytes("bfloat16"), impl=impl)
 
@@ -398,6 +419,8 @@ def test_torch_scatter_blocks(benchmark, machine_limits, impl):
     ids64 = ids.long()
     g = torch.Generator().manual_seed(5)
     buffer = torch.randn(MOVE, 2 * COPY_LAYERS, BS, HKV, D, generator=g).to(torch.bfloat16)
+    other = torch.from_numpy(untouched_blocks(MOVE_BLOCKS, ids_np))
+    before = [c[other].clone() for c in caches]
     if impl == "prefixkv_torch":
         def fn():
             tf.scatter_blocks(caches, buffer, ids)
@@ -407,6 +430,7 @@ def test_torch_scatter_blocks(benchmark, machine_limits, impl):
                 c.index_copy_(0, ids64, buffer[:, j])
     fn()
     assert all(torch.equal(c[ids64], buffer[:, j]) for j, c in enumerate(caches))
+    assert all(torch.equal(c[other], b) for c, b in zip(caches, before, strict=True))
     benchmark.pedantic(fn, rounds=TORCH_CACHE_ROUNDS, iterations=1, warmup_rounds=0)
     _finish(benchmark, machine_limits, _move_bytes("bfloat16"), impl=impl)
 

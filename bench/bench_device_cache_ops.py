@@ -14,9 +14,11 @@ blocks: 512 MiB of blocks moved, read and written).
   time per call of queued calls. The issue asks for XLA copies "where as fast": these say.
 
 Each op's result is checked exactly after one call, before timing (every later call writes
-the same). extra_info, in bench.conftest.record's convention: ``bytes_read``,
-``bytes_written``, ``bytes`` (their sum), ``gbps`` = bytes / time and ``copy_fraction`` (of the
-measured copy, also read + written bytes); ``baseline: true`` on the group's baseline.
+the same): the written blocks, and a sample of the others (sources included) bit-identical to
+a copy taken before the call (bench.conftest.untouched_blocks). extra_info, in
+bench.conftest.record's convention: ``bytes_read``, ``bytes_written``, ``bytes`` (their sum),
+``gbps`` = bytes / time and ``copy_fraction`` (of the measured copy, also read + written
+bytes); ``baseline: true`` on the group's baseline.
 
     python -m pytest bench/bench_device_cache_ops.py --benchmark-only
 """
@@ -27,7 +29,7 @@ import time
 
 import pytest
 
-from bench.conftest import cuda_benchmark, cuda_memory_limits
+from bench.conftest import cuda_benchmark, cuda_memory_limits, untouched_blocks
 
 try:
     import torch
@@ -75,6 +77,23 @@ def _slots(seed: int = 0):
     return (blocks[:, None] * BS + np.arange(BS, dtype=np.int32)).reshape(-1)
 
 
+def _bits(x):
+    """A bf16 array's raw bits on the host (a torch tensor or a JAX array)."""
+    import numpy as np
+
+    if torch is not None and isinstance(x, torch.Tensor):
+        return x.cpu().view(torch.int16).numpy()
+    return np.asarray(x).view(np.uint16)
+
+
+def _assert_untouched(caches, other, before) -> None:
+    """Blocks ``other`` of every cache still hold ``before`` (their bits before the call)."""
+    import numpy as np
+
+    for i, (c, b) in enumerate(zip(caches, before, strict=True)):
+        assert np.array_equal(_bits(c[other]), b), f"cache {i}: a block not written changed"
+
+
 def _finish(benchmark, seconds: float, nbytes: int, copy_gbps: float, impl: str,
             **extra) -> None:
     """nbytes: read + written, half each."""
@@ -109,6 +128,8 @@ def test_gpu_cache_torch_write_kv(benchmark, impl):
                   .to(torch.bfloat16) for _ in range(2))
     slots = torch.from_numpy(_slots()).cuda()
     slots64 = slots.long()
+    other = torch.from_numpy(untouched_blocks(WRITE_BLOCKS, _slots() // BS)).cuda()
+    before = [_bits(c[other]) for c in (k, v)]
     if impl == "triton":
         def fn():
             tf.write_kv(key, value, k, v, slots, backend="triton")
@@ -119,6 +140,7 @@ def test_gpu_cache_torch_write_kv(benchmark, impl):
     fn()
     assert torch.equal(k.view(-1, HKV, D)[slots64], key)
     assert torch.equal(v.view(-1, HKV, D)[slots64], value)
+    _assert_untouched((k, v), other, before)
     t = cuda_benchmark(benchmark, fn, iters=CALLS)
     _finish(benchmark, t, WRITE_BYTES, cuda_memory_limits()["copy_gbps"], impl=impl)
 
@@ -138,6 +160,9 @@ def test_gpu_cache_torch_moves(benchmark, impl, op):
     src, dst = torch.from_numpy(src_np).cuda(), torch.from_numpy(dst_np).cuda()
     src64, dst64 = src.long(), dst.long()
     buffer = torch.stack([c[src64] for c in caches], dim=1)
+    other = torch.from_numpy(untouched_blocks(
+        MOVE_BLOCKS, dst_np if op != "gather_blocks" else [], keep=src_np)).cuda()
+    before = [_bits(c[other]) for c in caches]
     if op == "copy_blocks":
         want = [c[src64].clone() for c in caches]
         fn = ((lambda: tf.copy_blocks(caches, src, dst, backend="triton")) if impl == "triton"
@@ -158,6 +183,7 @@ def test_gpu_cache_torch_moves(benchmark, impl, op):
         fn()
         for c, w in zip(caches, want, strict=True):
             assert torch.equal(c[dst64], w)
+    _assert_untouched(caches, other, before)  # the gather too: it must not write the caches
     t = cuda_benchmark(benchmark, fn, iters=CALLS)
     _finish(benchmark, t, MOVE_BYTES, cuda_memory_limits()["copy_gbps"], impl=impl, op=op)
 
@@ -216,6 +242,8 @@ def test_device_cache_jax_write_kv(benchmark, impl):
     k, v = _jax_caches(2, WRITE_BLOCKS)
     key, value = (x.reshape(-1, HKV, D) for x in _jax_caches(2, WRITE_TOKENS // BS))
     slots = jnp.asarray(_slots())
+    other = untouched_blocks(WRITE_BLOCKS, _slots() // BS)
+    before = [_bits(c[other]) for c in (k, v)]  # before the caches are donated
     if impl == "prefixkv_xla":
         fn = jax.jit(lambda kv, key, value, s: list(jf.write_kv(key, value, kv[0], kv[1], s)),
                      donate_argnums=0)
@@ -227,6 +255,7 @@ def test_device_cache_jax_write_kv(benchmark, impl):
     def check(kv):
         for c, x in zip(kv, (key, value), strict=True):
             assert bool(jnp.array_equal(c.reshape(-1, HKV, D)[slots], x))
+        _assert_untouched(kv, other, before)
 
     t, _ = _jax_time(benchmark, fn, [k, v], key, value, slots, check=check)
     _finish(benchmark, t, WRITE_BYTES, _jax_copy_gbps(), impl=impl)
@@ -245,9 +274,12 @@ def test_device_cache_jax_moves(benchmark, impl, op):
     src_np, dst_np = _ids(MOVE, MOVE_BLOCKS, 5)
     src, dst = jnp.asarray(src_np), jnp.asarray(dst_np)
     buffer = jnp.stack([c[src] for c in caches], axis=1)
+    other = untouched_blocks(MOVE_BLOCKS, dst_np, keep=src_np)
+    before = [_bits(c[other]) for c in caches]  # before the caches are donated
 
     def check(cs):  # every cache's dst blocks now hold its src blocks (copy: buffer's rows)
         assert all(bool(jnp.array_equal(c[dst], buffer[:, i])) for i, c in enumerate(cs))
+        _assert_untouched(cs, other, before)
 
     ours = impl == "prefixkv_xla"
     if op == "gather_blocks":  # state (caches, last buffer): the wait covers the gather

@@ -249,6 +249,29 @@ def record(benchmark, limits: dict, *, bytes_read: float = 0.0, bytes_written: f
 
 # ------------------------------------------------------------------- correctness checks
 
+#: blocks of each kind in untouched_blocks' sample
+UNTOUCHED_SAMPLE = 64
+
+
+def untouched_blocks(num_blocks: int, touched, keep=(), n: int = UNTOUCHED_SAMPLE,
+                     seed: int = 7) -> np.ndarray:
+    """int64 ids of blocks a cache op must leave bit-identical, to compare with a copy taken
+    before the call: the first and the last block, up to ``n`` neighbours (id +- 1) of the
+    ``touched`` blocks (those the op writes), up to ``n`` of ``keep`` (blocks it only reads,
+    e.g. a copy's sources) and ``n`` random blocks; never a touched one. A sample, so a check
+    stays cheap on a 64k-block cache."""
+    rng = np.random.default_rng(seed)
+    touched = np.unique(np.asarray(touched, dtype=np.int64))
+
+    def some(ids):
+        ids = np.setdiff1d(np.asarray(ids, dtype=np.int64), touched)
+        ids = ids[(ids >= 0) & (ids < num_blocks)]
+        return ids if ids.size <= n else rng.choice(ids, n, replace=False)
+
+    return np.unique(np.concatenate([
+        some([0, num_blocks - 1]), some(np.concatenate([touched - 1, touched + 1])),
+        some(keep), some(rng.choice(num_blocks, min(n, num_blocks), replace=False))]))
+
 
 def reference_rows(rows, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *,
                    host, take=lambda x, idx: x[idx], sinks=None) -> np.ndarray:
