@@ -9,7 +9,9 @@ one stored block = 8 x 32 KiB = 256 KiB; a batch = 128 blocks = 32 MiB (host) or
 (``bytes`` = 2 x the blocks' bytes, as the machine's ``copy_gbps`` counts np.copyto);
 ``roofline_fraction`` and ``fraction_of_memcpy`` are the fraction of memcpy speed. np.copyto
 of the same bytes is the host tier's baseline (``baseline: true``); the disk, Redis and NIXL
-groups have none.
+groups have none. Before timing, each test checks the blocks themselves once, not only the
+success flags: what an offload stored, a put stored and a get returned is bit-identical to the
+blocks put (``_assert_rows``).
 """
 
 from __future__ import annotations
@@ -58,6 +60,32 @@ def _ids(n, seed=1):
     return np.random.default_rng(seed).permutation(NUM_BLOCKS)[:n].astype(np.int32)
 
 
+def _assert_rows(got, want) -> None:
+    """Blocks a tier returned (``batch_get``) against the blocks put, key by key, bit for bit."""
+    got = list(got)
+    assert len(got) == len(want), (len(got), len(want))
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g is not None, f"block {i}: missing"
+        g, w = np.asarray(g), np.asarray(w)
+        assert g.shape == w.shape and g.dtype == w.dtype, (i, g.shape, g.dtype, w.shape, w.dtype)
+        assert np.array_equal(g.view(np.uint8), w.view(np.uint8)), f"block {i}: other contents"
+
+
+def _check_offload(host, off, caches, ids) -> None:
+    """One offload of blocks ``ids`` under fresh hashes: the host tier holds exactly them."""
+    hashes = _fresh_hashes(len(ids))
+    assert all(off.offload(caches, ids, hashes))
+    _assert_rows(host.batch_get(off.keys(hashes)), list(gather_blocks_reference(caches, ids)))
+
+
+def _check_put(tier, rows) -> None:
+    """One put of ``rows`` under fresh keys, read back: the tier holds exactly them."""
+    keys = [BlockKey(h, NS) for h in _fresh_hashes(len(rows))]
+    assert all(tier.batch_put(keys, rows))
+    _assert_rows(tier.batch_get(keys), rows)
+    tier.batch_remove(keys)
+
+
 # -- host tier vs memcpy ---------------------------------------------------------------------
 
 @pytest.mark.benchmark(group="host-tier")
@@ -104,6 +132,7 @@ def test_host_offload(benchmark, machine_limits, caches):
     ids = _ids(HOST_BATCH)
     for _ in range(3):  # fill the tier: later rounds evict and reuse
         off.offload(caches, ids, _fresh_hashes(HOST_BATCH))
+    _check_offload(host, off, caches, ids)
 
     def run():
         assert all(off.offload(caches, ids, _fresh_hashes(HOST_BATCH)))
@@ -121,6 +150,7 @@ def test_host_offload_gather_reference(benchmark, machine_limits, caches):
     host = HostTier(2 * HOST_BATCH * _row_bytes())
     off = BlockOffloader(host, NS, gather=gather_blocks_reference)
     ids = _ids(HOST_BATCH)
+    _check_offload(host, off, caches, ids)
 
     def run():
         assert all(off.offload(caches, ids, _fresh_hashes(HOST_BATCH)))
@@ -168,6 +198,7 @@ def _rows(caches, n):
 def test_disk_put(benchmark, machine_limits, caches, tmp_path, fsync):
     disk = DiskTier(tmp_path, budget_bytes=4 * REMOTE_BATCH * (_row_bytes() + 4096), fsync=fsync)
     rows = _rows(caches, REMOTE_BATCH)
+    _check_put(disk, rows)
 
     def run():
         keys = [BlockKey(h, NS) for h in _fresh_hashes(REMOTE_BATCH)]
@@ -183,7 +214,9 @@ def test_disk_put(benchmark, machine_limits, caches, tmp_path, fsync):
 def test_disk_get(benchmark, machine_limits, caches, tmp_path):
     disk = DiskTier(tmp_path)
     keys = [BlockKey(h, NS) for h in _fresh_hashes(REMOTE_BATCH)]
-    disk.batch_put(keys, _rows(caches, REMOTE_BATCH))
+    rows = _rows(caches, REMOTE_BATCH)
+    assert all(disk.batch_put(keys, rows))
+    _assert_rows(disk.batch_get(keys), rows)
 
     def run():
         assert all(g is not None for g in disk.batch_get(keys))
@@ -210,6 +243,7 @@ def redis_tier():
 @pytest.mark.benchmark(group="redis")
 def test_redis_put(benchmark, machine_limits, caches, redis_tier):
     rows = _rows(caches, REMOTE_BATCH)
+    _check_put(redis_tier, rows)
 
     def run():
         keys = [BlockKey(h, NS) for h in _fresh_hashes(REMOTE_BATCH)]
@@ -224,7 +258,9 @@ def test_redis_put(benchmark, machine_limits, caches, redis_tier):
 @pytest.mark.benchmark(group="redis")
 def test_redis_get(benchmark, machine_limits, caches, redis_tier):
     keys = [BlockKey(h, NS) for h in _fresh_hashes(REMOTE_BATCH)]
-    assert all(redis_tier.batch_put(keys, _rows(caches, REMOTE_BATCH)))
+    rows = _rows(caches, REMOTE_BATCH)
+    assert all(redis_tier.batch_put(keys, rows))
+    _assert_rows(redis_tier.batch_get(keys), rows)
 
     def run():
         assert all(g is not None for g in redis_tier.batch_get(keys))
@@ -251,6 +287,7 @@ def nixl_tier():
 @pytest.mark.benchmark(group="nixl")
 def test_nixl_put(benchmark, machine_limits, caches, nixl_tier):
     rows = _rows(caches, REMOTE_BATCH)
+    _check_put(nixl_tier, rows)
 
     def run():
         keys = [BlockKey(h, NS) for h in _fresh_hashes(REMOTE_BATCH)]
@@ -264,7 +301,9 @@ def test_nixl_put(benchmark, machine_limits, caches, nixl_tier):
 @pytest.mark.benchmark(group="nixl")
 def test_nixl_get(benchmark, machine_limits, caches, nixl_tier):
     keys = [BlockKey(h, NS) for h in _fresh_hashes(REMOTE_BATCH)]
-    assert all(nixl_tier.batch_put(keys, _rows(caches, REMOTE_BATCH)))
+    rows = _rows(caches, REMOTE_BATCH)
+    assert all(nixl_tier.batch_put(keys, rows))
+    _assert_rows(nixl_tier.batch_get(keys), rows)
 
     def run():
         assert all(g is not None for g in nixl_tier.batch_get(keys))
