@@ -539,14 +539,36 @@ def _make_device_prefill_inputs():
             jnp.arange(DPF_SEQS + 1, dtype=jnp.int32) * PF_NEW)
 
 
+def dense_causal_attention(args, try_cudnn: bool | None = None):
+    """(jitted causal jax.nn.dot_product_attention, the implementation that ran, why cuDNN
+    did not or None): on a GPU (or ``try_cudnn``) the cuDNN fused kernel, what a user gets
+    there, with a fallback to the XLA path when cuDNN refuses these arguments (the error is
+    caught at the first call, which also compiles); elsewhere the XLA path."""
+    reason = None
+    if try_cudnn is None:
+        try_cudnn = jax.default_backend() == "gpu"
+    if try_cudnn:
+        fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="cudnn"))
+        try:
+            jax.block_until_ready(fn(*args))
+            return fn, "cudnn", None
+        except Exception as e:  # any refusal (at trace, compile or run): the XLA path
+            reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="xla"))
+    return fn, "xla", reason
+
+
 @pytest.mark.skipif(jax.default_backend() == "cpu", reason="needs a GPU or TPU")
 @pytest.mark.parametrize("impl", ["prefixkv_512_over_cached_4096", "recompute_4608"])
 def test_prefill_device_bf16(benchmark, impl):
     """Prefill with a cached prefix on the device: the frontend's kernel over the paged cache
     (Pallas on a GPU/TPU) against recomputing all 4608 tokens of each sequence with
-    jax.nn.dot_product_attention (causal, dense K/V: what a prefix cache saves). Records the
-    attention's TFLOP/s (causal: each query sees its position + 1 keys) and its fraction of
-    the measured bf16 matmul rate."""
+    jax.nn.dot_product_attention (causal, dense K/V: what a prefix cache saves; cuDNN on a GPU
+    unless it refuses, then XLA: extra_info ``recompute_implementation``, and
+    ``cudnn_refused`` with the reason). Records the attention's TFLOP/s (causal: each query
+    sees its position + 1 keys) and its fraction of the measured bf16 matmul rate."""
     benchmark.group = "jax prefill 8x(512 over 4096) bf16 on device"
     args = _device_prefill_inputs()
     total = PF_CACHED + PF_NEW
@@ -564,12 +586,15 @@ def test_prefill_device_bf16(benchmark, impl):
         earlier = jax.random.normal(jax.random.key(8), (DPF_SEQS, PF_CACHED, HQ, D),
                                     jnp.bfloat16)
         qf = jnp.concatenate([earlier, q.reshape(DPF_SEQS, PF_NEW, HQ, D)], axis=1)
-        fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True))
+        args = (qf, *dense)
+        fn, ran, refused = dense_causal_attention(args)
+        benchmark.extra_info["recompute_implementation"] = ran
+        if refused:
+            benchmark.extra_info["cudnn_refused"] = refused
 
         def check(out):  # the new tokens' rows, laid out as the paged call's
             _check(out[:, PF_CACHED:].reshape(-1, HQ, D), DPF_ROWS, _device_prefill_want(),
                    "bfloat16")
-        args = (qf, *dense)
         q_len = total
         benchmark.extra_info["baseline"] = True
     _run_queued(benchmark, fn, args, rounds=5, check=check)
