@@ -9,7 +9,8 @@
 # Files in $OUT (when set; at most 8 come back from a lent machine): run.log (every step's
 # output), bench_figures.jsonl (each benchmark's figures as soon as it finishes, so a step cut
 # off by its limit still leaves those it measured), torch_gpu_bench.json, hash_gpu_bench.json,
-# jax_device_bench.json (pytest-benchmark's JSON, written when a step ends normally).
+# jax_device_bench.json (pytest-benchmark's JSON, written when a step ends normally); any of
+# them, the JSON lines included, goes to `python bench/report.py FILE` for the tables.
 # Each section runs even when an earlier one failed; the exit status says whether all passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
