@@ -277,3 +277,61 @@ def test_cpu_cascade_rule_both_ways_match_reference(monkeypatch, regime, decode)
     _close(out, want, "float32")
     _close_lse(lse, want_lse)
     jax.clear_caches()
+
+
+# ---------------------------------------------------- gaps found by mutation testing
+
+
+@pytest.mark.parametrize("backend", ["xla"])
+def test_merge_two_empty_states_ignore_their_out_values(backend):
+    """Rows where both states are empty (lse -inf, or +inf: FlashAttention-2's empty rows)
+    give out 0 whatever their out holds: a kernel's empty rows may hold NaN or garbage
+    (here NaN, inf, 1e30). test_merge_attention_states uses finite outs there, where
+    0 * out is 0 anyway (mutant x_merge_outmask: the final where(seen, out, 0) dropped)."""
+    rng = np.random.default_rng(12)
+    oa, ob = (rng.standard_normal((4, 3, 16)).astype(np.float32) for _ in range(2))
+    la, lb = (rng.standard_normal((4, 3)).astype(np.float32) for _ in range(2))
+    la[0], lb[0] = -np.inf, -np.inf
+    la[1], lb[1] = np.inf, -np.inf
+    la[2, 0], lb[2, 0] = np.inf, np.inf
+    oa[0], ob[0] = np.nan, np.inf
+    oa[1], ob[1] = 1e30, np.nan
+    oa[2, 0], ob[2, 0] = -np.inf, np.nan
+    want_o, want_l = ref.merge_attention_states_reference(oa, la, ob, lb)
+    assert not np.isnan(want_o).any()
+    got_o, got_l = jf.merge_attention_states(oa, la, ob, lb, backend=backend)
+    np.testing.assert_array_equal(np.asarray(got_o)[:2], 0.0)
+    np.testing.assert_array_equal(np.asarray(got_o)[2, 0], 0.0)
+    np.testing.assert_allclose(np.asarray(got_o), want_o, atol=1e-6, rtol=1e-6)
+    np.testing.assert_array_equal(np.isneginf(np.asarray(got_l)), np.isneginf(want_l))
+
+
+def test_cpu_cascade_rule_routes_each_way(monkeypatch):
+    """On CPU the cascade runs only when _cascade_pays says so, else paged attention over
+    prefix-then-own tables. Both give the reference's values, so the value tests cannot tell
+    which ran: the cascade's prefix kernel is replaced by one returning NaN, which must spoil
+    the result exactly when the cascade is meant to run (mutant x_cascade_cond_swap: the lax.cond
+    branches swapped; test_cpu_cascade_rule checks the predicate alone)."""
+    rng = np.random.default_rng(41)
+    batch = testing.make_shared_prefix_batch(rng, [2], [(0, 1, 3), (0, 1, 5)], num_q_heads=4,
+                                             num_kv_heads=2, head_dim=16, block_size=4)
+
+    def poisoned(q, *a, **k):
+        n, h, _ = q.shape
+        return (jnp.full(q.shape, jnp.nan, jnp.float32),
+                jnp.full((n, h), jnp.nan, jnp.float32))
+
+    monkeypatch.setattr(_xla, "single_prefix_attention", poisoned)
+    monkeypatch.setattr(_xla, "multi_prefix_attention", poisoned)
+    args = [jnp.asarray(a) for a in batch.args()[:8]]
+    want = ref.shared_prefix_attention_reference(*batch.args(), scale=0.25)
+
+    def run():
+        return jax.jit(lambda *a: _xla.shared_prefix_attention(*a, None, scale=0.25))(*args)
+
+    out, _ = run()  # 2 tokens x 2 q heads per kv head: far below the rule -> paged attention
+    testing.assert_attention_close(out, want, "float32")
+    monkeypatch.setattr(_xla, "CPU_CASCADE_MIN_ROWS", 0)
+    monkeypatch.setattr(_xla, "CPU_CASCADE_MIN_SCORES", 0)
+    out, _ = run()  # the rule now says the cascade pays: the poisoned prefix pass runs (its
+    assert not np.allclose(np.asarray(out), want, atol=1e-2)  # NaN lse merges to out 0)

@@ -340,3 +340,92 @@ def test_kernel_over_the_xla_pool_is_thread_count_independent(tmp_path):
         got.append(np.load(path))
     np.testing.assert_array_equal(got[1], got[0])
     np.testing.assert_array_equal(got[2], got[0])
+
+
+# ---------------------------------------------------- gaps found by mutation testing
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["avx2_or_auto", "portable"])
+def test_ffi_decode_bf16_output_rounds_half_to_even(portable):
+    """Uniform weights over two bfloat16 values 1 + 2^-7 and 1 + 2^-6 give exactly
+    1 + 3 * 2^-8, a tie for bfloat16 between an odd and an even mantissa: round-to-nearest-even
+    (XLA's convert, ml_dtypes) gives 1 + 2^-6. The grids' tolerance (a bf16 ulp is 2^-7 here)
+    cannot see the rounding mode (mutant f_bf16_round: F32ToBf16 rounds ties down)."""
+    import ml_dtypes
+
+    bf16 = ml_dtypes.bfloat16
+    k = np.zeros((2, 2, 1, 16), bf16)
+    v = np.zeros((2, 2, 1, 16), bf16)
+    v[0, 0] = 1.0 + 2.0 ** -7
+    v[0, 1] = 1.0 + 2.0 ** -6
+    q = np.zeros((1, 2, 16), bf16)              # logits 0: both keys weigh 1/2
+    tables = np.array([[0, 1]], np.int32)
+    kv_lens = np.array([2], np.int32)
+    want = (np.asarray(paged_attention_reference(q, k, v, tables, kv_lens, scale=1.0),
+                       np.float64)).astype(bf16)
+    assert (want.astype(np.float32) == 1.0 + 2.0 ** -6).all()
+    out, _ = jax.jit(lambda *a: xla_ffi.paged_attention_decode(*a, scale=1.0,
+                                                               portable=portable))(
+        *(jnp.asarray(a) for a in (q, k, v, tables, kv_lens)))
+    np.testing.assert_array_equal(np.asarray(out).astype(np.float32),
+                                  want.astype(np.float32))
+    # the public op on CPU (the same kernel) agrees with the XLA path bit for bit here
+    xla_out, _ = _xla.ragged_paged_attention(*(jnp.asarray(a) for a in (q, k, v, tables,
+                                                                         kv_lens)), None,
+                                             scale=1.0)
+    np.testing.assert_array_equal(np.asarray(xla_out).astype(np.float32),
+                                  want.astype(np.float32))
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["avx2_or_auto", "portable"])
+def test_ffi_decode_float16_subnormal_values(portable):
+    """float16 inputs below 2^-14 (subnormal) are values, not zeros: every V row 2^-20 and
+    every key equal gives out exactly 2^-20 (representable in float16). The grids draw
+    N(0, 1) values, whose rare subnormals change the output far below the float16 atol
+    (mutant f_f16_subnormal: F16ToF32 flushes subnormals to 0; the AVX2 path converts with
+    F16C, so only the portable loops, head_dim % 8 != 0 or portable=True, see it)."""
+    tiny = np.float16(2.0 ** -20)
+    for head_dim in (12, 16):
+        k = np.full((3, 4, 2, head_dim), tiny, np.float16)
+        v = np.full((3, 4, 2, head_dim), tiny, np.float16)
+        q = np.full((2, 4, head_dim), tiny, np.float16)
+        tables = np.array([[0, 1], [2, 0]], np.int32)
+        kv_lens = np.array([6, 3], np.int32)
+        want = paged_attention_reference(q, k, v, tables, kv_lens, scale=1.0)
+        assert (np.asarray(want, np.float64) == 2.0 ** -20).all()
+        out, _ = jax.jit(lambda *a: xla_ffi.paged_attention_decode(
+            *a, scale=1.0, portable=portable))(
+            *(jnp.asarray(a) for a in (q, k, v, tables, kv_lens)))
+        np.testing.assert_array_equal(np.asarray(out, np.float64), 2.0 ** -20)
+
+
+_HEAVY_LAST_SCRIPT = """
+import sys
+import numpy as np
+import jax.numpy as jnp
+from prefixkv import jax_frontend as jf
+from prefixkv.paged import reference as ref, testing
+rng = np.random.default_rng(4)
+b = testing.make_ragged_batch(rng, [(1, 1), (1, 1), (1, 1000)], num_q_heads=4,
+                              num_kv_heads=2, head_dim=64, block_size=16, decode=True)
+out, lse = jf.paged_attention(*(jnp.asarray(a) for a in b.args()[:5]), return_lse=True)
+want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True)
+testing.assert_attention_close(out, want, "float32")
+np.testing.assert_allclose(np.asarray(lse), want_lse, atol=1e-4, rtol=1e-4)
+print("OK")
+"""
+
+
+def test_ffi_decode_pool_split_with_one_heavy_last_sequence():
+    """Three pool threads over [1, 1, 1000] keys: every range boundary lands at the last
+    sequence, so a boundary off by one (mutant f_parallel_bound: bound = i + 1) runs past
+    num_seqs (reads q/kv_lens/tables and writes out beyond their ends). The pool test's
+    lengths are balanced enough that the boundaries stay inside."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NPROC="3")
+    proc = subprocess.run([sys.executable, "-c", _HEAVY_LAST_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

@@ -948,3 +948,117 @@ def test_gpu_backend_refuses_untileable_shapes():
     why = jf.explain_backends("paged_attention", "cuda", dtype="bfloat16", head_dim=96,
                               block_size=16, num_q_heads=8, num_kv_heads=2)
     assert why["pallas_gpu"].startswith("head_dim 96") and why["xla"] == "ok"
+
+
+# ---------------------------------------------------- gaps found by mutation testing
+
+
+def test_shared_prefix_empty_prefix_pallas_tpu_interpret():
+    """An empty prefix (prefix_len 0) with tokens on it, through the TPU kernel's cascade:
+    the prefix pass's rows see no key and must give out 0 / lse -inf, not 0/0 = NaN that the
+    LSE merge turns into NaN output (mutant t_out_unseen: o_ref divides by l_sum unguarded)."""
+    pytest.importorskip("jax.experimental.pallas.tpu")
+    rng = np.random.default_rng(6)
+    batch = testing.make_shared_prefix_batch(rng, [0], [(0, 1, 3), (-1, 1, 9), (0, 1, 8)],
+                                             num_q_heads=4, num_kv_heads=1, head_dim=128,
+                                             block_size=8)
+    out, lse = jf.shared_prefix_attention(*batch.args(), return_lse=True,
+                                          backend="pallas_interpret")
+    want, want_lse = ref.shared_prefix_attention_reference(*batch.args(), return_lse=True)
+    testing.assert_attention_close(out, want, "float32")
+    np.testing.assert_allclose(np.asarray(lse), want_lse, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("window,pages", [(3, 1), (5, 2)])
+def test_tpu_kernel_window_rows_with_a_fully_masked_first_chunk(window, pages):
+    """A prefill tile of 16 queries with a window shorter than the tile: the chunk loop
+    starts at the first query's window, so for the tile's later rows the first chunk(s) hold
+    no visible key (running max still -inf). The online softmax must treat such a chunk as
+    empty, not as exp(-inf - -inf) = NaN. The test grids' windows (5, 11 over 16-48-key
+    chunks) always leave each row a key in the first chunk (mutant t_msafe: m_safe = m_new)."""
+    pytest.importorskip("jax.experimental.pallas.tpu")
+    from prefixkv.kernels.pallas import paged_attention as pa
+
+    rng = np.random.default_rng(42)
+    batch = testing.make_ragged_batch(rng, [(16, 16), (9, 30)], num_q_heads=2,
+                                      num_kv_heads=1, head_dim=128, block_size=8,
+                                      sliding_window=window)
+    want, want_lse = ref.paged_attention_reference(*batch.args(), scale=0.1,
+                                                   sliding_window=window, return_lse=True)
+    out, lse = pa.paged_attention_tpu(*(jnp.asarray(a) for a in batch.args()), scale=0.1,
+                                      sliding_window=window, q_tile=16, pages=pages,
+                                      interpret=_backends.tpu_interpret_params())
+    testing.assert_attention_close(out, want, "float32")
+    np.testing.assert_allclose(np.asarray(lse), want_lse, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kv_gather", [True, False], ids=["gathered", "by_block"])
+def test_gpu_kernel_window_rows_with_a_fully_masked_first_step(kv_gather):
+    """The GPU kernel's twin of the TPU case above: 16-query prefill tiles, window 3, one
+    8-key block per loop step, so the first step(s) show the tile's later rows no key; the
+    rescale factor must be exp(m - m_safe), not exp(-inf - -inf) = NaN (mutant g_alpha)."""
+    pytest.importorskip("jax.experimental.pallas")
+    from prefixkv.kernels.pallas import paged_attention_gpu as pg
+
+    rng = np.random.default_rng(43)
+    batch = testing.make_ragged_batch(rng, [(16, 16), (9, 30)], num_q_heads=2,
+                                      num_kv_heads=1, head_dim=64, block_size=8,
+                                      sliding_window=3)
+    want, want_lse = ref.paged_attention_reference(*batch.args(), scale=0.1, sliding_window=3,
+                                                   return_lse=True)
+    out, lse = pg.paged_attention_gpu(*(jnp.asarray(a) for a in batch.args()), scale=0.1,
+                                      sliding_window=3, q_tile=16, blocks_per_step=1,
+                                      kv_gather=kv_gather, num_splits=1, interpret=True)
+    testing.assert_attention_close(out, want, "float32")
+    np.testing.assert_allclose(np.asarray(lse), want_lse, atol=2e-3, rtol=1e-4)
+
+
+def test_shared_prefix_backend_sees_the_prefix_table_size():
+    """The TPU kernel prefetches the prefix table too, so shared_prefix_attention's
+    table_entries must count num_prefixes x max_prefix_blocks, not only the sequences'
+    tables: a prefix table past the SMEM share is refused (mutant o_ctx_prefix: the context
+    counts the own tables alone; the existing test passes table_entries by hand)."""
+    pytest.importorskip("jax.experimental.pallas.tpu")
+    from prefixkv.kernels.pallas import paged_attention as pa
+    from prefixkv.paged.registry import BackendError
+
+    rng = np.random.default_rng(44)
+    batch = testing.make_shared_prefix_batch(rng, [1], [(0, 1, 3)], num_q_heads=2,
+                                             num_kv_heads=1, head_dim=128, block_size=8)
+    width = pa.MAX_SMEM_TABLE_BYTES // 4 + 1
+    ptab = np.zeros((1, width), np.int32)
+    ptab[0, 0] = batch.prefix_block_tables[0, 0]
+    args = list(batch.args())
+    args[3] = ptab
+    with pytest.raises(BackendError, match="SMEM"):
+        jf.shared_prefix_attention(*args, backend="pallas_interpret")
+
+
+def test_tpu_q_tile_cap_applies_just_past_the_row_budget():
+    """_q_tile lowers the tile as soon as tile x G passes MAX_HEAD_ROWS / num_kv_heads: 128
+    tokens x G 8 = 1024 rows over 512 (mutant t_caprows: the cap only past twice the budget;
+    test_tpu_kernel_caps_query_rows asks for 256 tokens, 4x over, where both cap)."""
+    pytest.importorskip("jax.experimental.pallas.tpu")
+    from prefixkv.kernels.pallas import paged_attention as pa
+
+    assert pa._q_tile(4096, 32, False, 16, 8, 1, 128)[0] == 64
+    assert pa._q_tile(4096, 32, False, 16, 4, 2, 128)[0] == 64
+
+
+def test_pallas_gather_blocks_clamps_out_of_range_ids_under_jit():
+    """Under jit nothing checks index values: the Pallas gather clamps ids into
+    [0, num_blocks) like the XLA path (take mode="clip") and the CPU FFI kernel
+    (test_gather_out_of_range_ids_clamped), instead of DMAing from outside the cache
+    (mutant c_gather_clip: the clamp dropped; TPU interpret mode then raises on the
+    out-of-bounds read; the Pallas tests gather valid ids only)."""
+    pytest.importorskip("jax.experimental.pallas.tpu")
+    rng = np.random.default_rng(45)
+    caches = [testing.random_values(rng, (10, 4, 2, 8), "float32") for _ in range(2)]
+    ids = np.array([-3, 2, 99, 9], np.int32)
+    got = jax.jit(lambda cs, i: jf.gather_blocks(cs, i, backend="pallas_interpret"))(
+        [jnp.asarray(c) for c in caches], jnp.asarray(ids))
+    want = ref.gather_blocks_reference(caches, np.clip(ids, 0, 9))
+    np.testing.assert_array_equal(np.asarray(got), want)
+    xla = jax.jit(lambda cs, i: jf.gather_blocks(cs, i, backend="xla"))(
+        [jnp.asarray(c) for c in caches], jnp.asarray(ids))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(xla))
