@@ -8,29 +8,19 @@ access kills the subprocess and is reported here as a failure. ~20 s (49 cases, 
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from subprocess_cases import run_cases  # noqa: E402
 from test_cuda_on_host import lib  # noqa: E402, F401  (the fixture: kernels as a host library)
-
-HERE = Path(__file__).parent
 
 
 def test_cuda_launchers_on_host(lib):  # noqa: F811
     pytest.importorskip("torch")
-    env = dict(os.environ, PREFIXKV_CUDA_HOST_SHIM=lib._name, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-         "-p", "no:xdist", str(HERE / "_cuda_launcher_cases.py")],
-        cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=600)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    if proc.returncode < 0:
-        pytest.fail(f"launcher process killed by signal {-proc.returncode} (a kernel's "
-                    f"out-of-bounds access?):\n{tail}")
-    assert proc.returncode == 0, tail
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout, tail
+    out = run_cases("_cuda_launcher_cases.py", {"PREFIXKV_CUDA_HOST_SHIM": lib._name},
+                    "a kernel's out-of-bounds access?", timeout=600,
+                    plugins_off=("cacheprovider", "randomly", "xdist"))
+    assert "skipped" not in out, out[-3000:]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from subprocess_cases import run_cases
 
 pytest.importorskip("triton")
 pytest.importorskip("torch")
@@ -18,17 +19,8 @@ HERE = Path(__file__).parent
 
 
 def test_triton_kernels_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-         str(HERE / "_triton_interp_cases.py")],
-        cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=900)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    if proc.returncode < 0:
-        pytest.fail(f"interpreter process killed by signal {-proc.returncode} (out-of-bounds "
-                    f"access?):\n{tail}")
-    assert proc.returncode == 0, tail
-    assert " passed" in proc.stdout, tail
+    run_cases("_triton_interp_cases.py", {"TRITON_INTERPRET": "1"},
+              "an out-of-bounds access?", timeout=900)
 
 
 def test_triton_offsets_past_2_31_under_interpreter():
