@@ -256,22 +256,6 @@ def test_preempted_request_keeps_its_first_arrival(monkeypatch):
     assert again
 
 
-def test_requests_admitted_together_share_the_prefix_one_of_them_computes():
-    """Three requests with one 48-token system prompt and slots for all three: the second and
-    third wait for the first's prefill of the shared blocks and hit them (admitted in the
-    same step, each computed the prompt again: hits [0, 0, 0]); generations are unchanged."""
-    rng = np.random.default_rng(7)
-    system = tuple(rng.integers(1, 128, 48).tolist())
-    reqs = [Request(i, system + tuple(rng.integers(1, 128, n).tolist()), 4, "t", b"a", "chat")
-            for i, n in enumerate((5, 9, 3))]
-    cfg = ENGINE.replace(max_num_seqs=3, num_blocks=40)
-    adapter = make_adapter("numpy", CFG, init_weights(CFG, 0), num_blocks=40, block_size=8)
-    on = Engine(adapter, cfg).run(reqs)
-    off = Engine(adapter, cfg.replace(enable_caching=False)).run(reqs)
-    assert [r.cached_tokens for r in on.requests] == [0, 48, 48]
-    assert on.outputs() == off.outputs()
-
-
 def test_jax_onboard_updates_the_caches_in_place():
     """The JAX adapter's scatter_blocks donates the caches (an eager scatter copied every
     layer's whole cache per onboarded piece: 1.6 s for 2 blocks into 1 GiB of caches)."""

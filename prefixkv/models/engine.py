@@ -16,9 +16,7 @@ decode get one token each, then sequences still in prefill get chunks of their u
 tokens up to ``max_num_batched_tokens``; a chunk shrinks when the pool is short, and when a
 decode token cannot get a block the most recently admitted other sequence is preempted (freed
 and re-queued from scratch). New requests are admitted when a sequence slot is free (a closed
-loop: a request arrives when the previous one leaves), except that a request whose leading
-blocks a running prefill is computing waits for them (then hits them instead of computing them
-a second time alongside; the next requests go first), and their time to first token (TTFT) is
+loop: a request arrives when the previous one leaves), and their time to first token (TTFT) is
 measured from that moment to the end of the step that sampled their first token (a preempted
 request keeps both times of its first admission; its latency counts the recomputation).
 
@@ -50,7 +48,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..paged.events import EVICTED, KVEvent
-from ..paged.pool import namespace_of
 from ..paged.prefix_cache import PrefixCache
 from ..paged.spec import dtype_name, numpy_dtype
 from ..paged.tiers import BlockOffloader, HostTier, Namespace
@@ -312,26 +309,6 @@ class Engine:
         self.adapter.reset()
         return time.perf_counter() - t0
 
-    def _waits_for_shared_prefill(self, req: Request, running: list[_Seq]) -> bool:
-        """Whether ``req`` should wait for a running sequence in prefill that is computing
-        blocks ``req`` would hit (same salt, same leading tokens): admitted now it would
-        compute them a second time, in the same steps (prefixes match at admission, before
-        the other's blocks are cached; SGLang's scheduler defers such requests too)."""
-        c = self.config
-        if not c.enable_caching:
-            return False
-        ns = namespace_of(req.salt)
-        prompt = np.asarray(req.prompt)
-        for seq in running:
-            if not seq.in_prefill or namespace_of(seq.req.salt) != ns:
-                continue
-            n = min(len(prompt), seq.prompt_len)
-            differ = np.flatnonzero(prompt[:n] != np.asarray(seq.req.prompt[:n]))
-            shared = (int(differ[0]) if differ.size else n) // c.block_size * c.block_size
-            if shared > seq.num_computed:
-                return True
-        return False
-
     # ------------------------------------------------------------------ the loop
     def run(self, requests: Sequence[Request], *,
             progress: Callable[[int], None] | None = None) -> RunResult:
@@ -420,17 +397,8 @@ class Engine:
         while pending or running:
             now = time.perf_counter()
             # after a preemption admit nothing new while others can still progress
-            if not (hold_admission and running):
-                waiting: list[Request] = []  # they share blocks a running prefill computes
-                while (pending and len(running) < c.max_num_seqs
-                       and len(waiting) < c.max_num_seqs):
-                    req = pending.popleft()
-                    if self._waits_for_shared_prefill(req, running):
-                        arrivals.setdefault(req.request_id, now)  # its slot was free now
-                        waiting.append(req)
-                    else:
-                        running.append(admit(req, now))
-                pending.extendleft(reversed(waiting))
+            while pending and len(running) < c.max_num_seqs and not (hold_admission and running):
+                running.append(admit(pending.popleft(), now))
             hold_admission = False
             # ---- schedule: decodes first, then prefill chunks within the token budget
             budget = c.max_num_batched_tokens
