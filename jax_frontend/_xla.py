@@ -725,7 +725,7 @@ def prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids, block_t
     """The cascade's batch as plain paged attention: each sequence's table is its prefix's
     blocks then its own (prefix lengths are whole blocks), its kv_len grown by the prefix.
     Returns (tables i32[num_seqs, max_prefix_blocks + max_blocks], kv_lens i32); entries past
-    a row's blocks repeat one of its blocks (never read)."""
+    a row's blocks hold other entries of the given tables (never read)."""
     i32 = jnp.int32
     num_prefixes, width = prefix_block_tables.shape
     num_seqs, own_width = block_tables.shape

@@ -630,3 +630,26 @@ def test_sinks_through_the_frontend(interp_backend):
     got = tf.shared_prefix_attention(*(T(a) for a in b.args()), sinks=sinks, sliding_window=6,
                                      backend=be)
     close(got, want, "float32")
+
+
+def test_shared_prefix_workspace_covers_the_windowed_calls(interp_backend):
+    """attention_workspace_size with prefix_block_tables also covers a call with a sliding
+    window, which runs paged attention over prefix-then-own tables (a decode token over an
+    8192-token prefix, 32/8 heads: its split-KV partials need more than the cascade's plan)."""
+    import prefixkv.torch_frontend as tf
+
+    be = interp_backend
+    rng = np.random.default_rng(47)
+    b = testing.make_shared_prefix_batch(rng, [512], [(0, 1, 64)], num_q_heads=32,
+                                         num_kv_heads=8, head_dim=128, block_size=16)
+    host = list(b.args())
+    host[6] = np.ascontiguousarray(host[6][:, :4])  # own tables: 4 blocks wide
+    args = [None if a is None else T(a) for a in host]
+    q, k, pbt, bt = args[0], args[1], args[3], args[6]
+    size = tf.attention_workspace_size(q, k, bt, prefix_block_tables=pbt, backend=be)
+    assert size > tattn.shared_prefix_attention_workspace_bytes(q, k, pbt, bt)
+    ws = _workspace(size)
+    want = ref.shared_prefix_attention_reference(*host, sliding_window=64)
+    out = torch.full(q.shape, float("nan"))
+    tf.shared_prefix_attention(*args, sliding_window=64, out=out, workspace=ws, backend=be)
+    close(out, want, "float32")

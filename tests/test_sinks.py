@@ -264,3 +264,27 @@ def test_torch_sinks_bad_input_names_the_argument():
         tf.paged_attention(*args, sinks=T(np.zeros(8, np.float32)))
     with pytest.raises(TypeError, match="sinks: expected float32 or float16 or bfloat16"):
         tf.paged_attention(*args, sinks=T(np.zeros(4, np.int64)))
+
+
+def test_torch_sinks_with_inference_buffers_and_parameter_sinks():
+    """out=/lse= buffers made under torch.inference_mode and used outside it, and sinks held
+    as an nn.Parameter (the ops are forward-only: the sinks are read detached)."""
+    torch = pytest.importorskip("torch")
+    from torch_convert import N, T
+
+    from prefixkv import torch_frontend as tf
+
+    rng = np.random.default_rng(9)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("decode", 4), num_q_heads=4,
+                                  num_kv_heads=2, head_dim=16, block_size=4)
+    sinks = _sinks(rng, 4)
+    want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, sinks=sinks)
+    args = [T(a) for a in b.args()[:5]]
+    with torch.inference_mode():
+        out, lse = torch.empty_like(args[0]), torch.empty(args[0].shape[:2])
+    tf.paged_attention(*args, sinks=T(sinks), out=out, lse=lse)
+    np.testing.assert_allclose(N(out), want, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(N(lse), want_lse, atol=1e-4, rtol=1e-5)
+    param = torch.nn.Parameter(T(sinks))
+    got = tf.paged_attention(*args, sinks=param)
+    np.testing.assert_allclose(N(got), want, atol=2e-5, rtol=2e-5)

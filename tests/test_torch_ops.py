@@ -503,6 +503,21 @@ def test_input_checks_name_the_argument():
                                          r"stride-0 view"):
         tf.swap_blocks(caches[:1], [caches[0][:1].expand_as(caches[0])], *ids)
     assert all(torch.equal(c, b) for c, b in zip(caches, before, strict=True))
+    with pytest.raises(ValueError, match=r"dst_caches\[1\]: shares memory with dst_caches\[0\]"):
+        tf.swap_blocks(caches[:2], [before[0], before[0]], *ids)  # one cache, two sources
+    # disjoint views of one buffer are fine: two pools interleaved along the block axis, the
+    # K and V halves of two stacked caches, layers of a [blocks, layers, ...] buffer
+    src_ids, dst_ids = torch.tensor([0, 2], dtype=torch.int32), torch.tensor([1, 3],
+                                                                            dtype=torch.int32)
+    stacked = torch.randn(4, 2, 2, 4, 3)  # [blocks, cache, k/v, ...]
+    layers = torch.randn(4, 3, 4, 3)      # [blocks, layer, ...]
+    for src, dst in (([stacked[:, 0, 0], stacked[:, 0, 1]], [stacked[:, 1, 0], stacked[:, 1, 1]]),
+                     ([layers[:, 0]], [layers[:, 2]])):
+        want = [d.clone() for d in dst]
+        for w, c in zip(want, src, strict=True):
+            w[dst_ids.long()] = c[src_ids.long()]
+        tf.swap_blocks(src, dst, src_ids, dst_ids)
+        assert all(torch.equal(d, w) for d, w in zip(dst, want, strict=True))
 
 
 def test_backend_errors_list_every_backend(monkeypatch):

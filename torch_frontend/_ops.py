@@ -31,6 +31,7 @@ from __future__ import annotations
 import inspect
 import sys
 
+import numpy as np
 import torch
 from torch.autograd.graph import increment_version
 
@@ -115,6 +116,34 @@ def _overlaps(a: Tensor, b: Tensor) -> bool:
 
     (a0, a1), (b0, b1) = span(a), span(b)
     return a0 < b1 and b0 < a1
+
+
+def _block_spans(t: Tensor):
+    """(first byte, block stride, bytes spanned by one block, num_blocks) of a cache whose
+    block i lies within [first + i * stride, + span) and spans no more than its stride (block-
+    major caches, their halves or layers in one stacked buffer); None for other layouts."""
+    es = t.element_size()
+    inner = list(zip(t.shape[1:], t.stride()[1:], strict=True))
+    if any(st < 0 for _, st in inner) or t.stride(0) < 0:
+        return None
+    span = (sum((n - 1) * st for n, st in inner) + 1) * es
+    step = t.stride(0) * es if t.shape[0] > 1 else span
+    return (t.storage_offset() * es, step, span, t.shape[0]) if span <= step else None
+
+
+def _blocks_overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether a block of cache a and a block of cache b share bytes: exact for the layouts of
+    :func:`_block_spans` (disjoint halves or layers of one buffer pass), else whether their
+    whole byte spans intersect."""
+    if not _overlaps(a, b):
+        return False
+    pa, pb = _block_spans(a), _block_spans(b)
+    if pa is None or pb is None:
+        return True
+    start_a = pa[0] + np.arange(pa[3], dtype=np.int64) * pa[1]  # sorted, disjoint
+    start_b = pb[0] + np.arange(pb[3], dtype=np.int64) * pb[1]
+    last = np.searchsorted(start_a, start_b + pb[2], side="left") - 1  # a's block before b's end
+    return bool(np.any((last >= 0) & (start_a[np.maximum(last, 0)] + pa[2] > start_b)))
 
 
 def _distinct(caches) -> list:
@@ -410,8 +439,8 @@ def _prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids, block_
                             block_size: int) -> tuple[Tensor, Tensor]:
     """The cascade's batch as plain paged attention, on the index tensors' device with no host
     sync: each sequence's table is its prefix's blocks then its own (prefix lengths are whole
-    blocks), its kv_len grown by the prefix. Entries past a row's blocks repeat one of its
-    blocks (never read)."""
+    blocks), its kv_len grown by the prefix. Entries past a row's blocks hold other entries of
+    the given tables (never read)."""
     num_prefixes, width = prefix_block_tables.shape
     num_seqs, own_width = block_tables.shape
     pid = prefix_ids.long()
@@ -436,7 +465,11 @@ def _apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> None:
     lse' = log(e^lse + e^sink), out becomes out e^(lse - lse') (computed in float32: one more
     rounding of a bf16/f16 out) and lse becomes lse'. A row with lse -inf (no key) stays 0
     and gets lse' = sink."""
-    sink = sinks.to(torch.float32)[None, :]
+    if (not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
+            and (out.is_inference() or lse.is_inference())):
+        with torch.inference_mode():  # buffers made under inference_mode, used outside it
+            return _apply_sinks(out, lse, sinks)
+    sink = sinks.detach().to(torch.float32)[None, :]  # the ops are forward-only
     new_lse = torch.logaddexp(lse, sink)
     weight = torch.where(lse == float("-inf"), 0.0, torch.exp(lse - new_lse))
     out.mul_(weight.unsqueeze(-1))
@@ -451,7 +484,8 @@ def attention_workspace_size(q, k_cache, block_tables, cu_q_lens=None, *,
     size for the current CUDA device. The size serves this batch and every smaller one with
     the same heads and block-table width (a smaller decode batch splits long contexts more),
     so size it once for the largest batch (e.g. the largest CUDA-graph batch size) and reuse it
-    across layers and steps.
+    across layers and steps. With ``prefix_block_tables`` it also covers the calls with a
+    sliding window (paged attention over prefix-then-own tables).
     """
     op = "paged_attention" if prefix_block_tables is None else "shared_prefix_attention"
     platform = platform_of(q)
@@ -461,7 +495,14 @@ def attention_workspace_size(q, k_cache, block_tables, cu_q_lens=None, *,
         return 0
     if prefix_block_tables is None:
         return int(size(q, k_cache, block_tables, cu_q_lens))
-    return int(size(q, k_cache, prefix_block_tables, block_tables, cu_q_lens))
+    shared = int(size(q, k_cache, prefix_block_tables, block_tables, cu_q_lens))
+    paged = getattr(sys.modules[fn.__module__], "paged_attention_workspace_bytes", None)
+    if paged is None:
+        return shared
+    # a call with sliding_window runs paged_attention over prefix-then-own tables
+    wide = torch.empty((block_tables.shape[0], prefix_block_tables.shape[1]
+                        + block_tables.shape[1]), dtype=torch.int32, device="meta")
+    return max(shared, int(paged(q, k_cache, wide, cu_q_lens)))
 
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b, *, backend=None):
@@ -627,10 +668,15 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids, *, backend=None) -> No
             raise ValueError(f"dst_caches[{j}]: its blocks share memory (a stride-0 view, e.g. "
                              f"from expand()); pass a cache that holds each block once")
         for i, src in enumerate(src_caches):
-            if _overlaps(src, dst):  # the copies of one call run in no order: read-after-write
+            if _blocks_overlap(src, dst):  # the copies of one call run in no order
                 raise ValueError(f"dst_caches[{j}]: shares memory with src_caches[{i}]; "
                                  f"copy_blocks copies blocks within the same caches (all reads "
                                  f"before any write)")
+        for i in range(j):  # one cache written from two sources: the last writer would win
+            if (_blocks_overlap(dst_caches[i], dst) and not (
+                    dst_caches[i] is dst and src_caches[i] is src_caches[j])):
+                raise ValueError(f"dst_caches[{j}]: shares memory with dst_caches[{i}]; each "
+                                 f"destination cache once")
     _invoke("swap_blocks", (list(src_caches), list(dst_caches), src_ids, dst_ids, backend))
 
 
