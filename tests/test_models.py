@@ -209,6 +209,27 @@ def test_engine_rejects_a_model_that_cannot_serve_its_requests():
         Engine(adapter, ENGINE).run([req])
 
 
+def test_engine_request_checks():
+    """Duplicate request ids are refused (arrivals and results are keyed by them); a numpy
+    array prompt is fine; the JAX adapter checks onboarded block ids (its scatter is jitted:
+    the frontend sees traced ids and cannot)."""
+    adapter = make_adapter("numpy", CFG, init_weights(CFG, 0), num_blocks=ENGINE.num_blocks,
+                           block_size=ENGINE.block_size)
+    reqs = [Request(0, (5, 6, 7), 2, "a", None, "unique"), Request(0, (5, 6), 2, "a", None,
+                                                                  "unique")]
+    with pytest.raises(ValueError, match="requests: request id 0 appears more than once"):
+        Engine(adapter, ENGINE).run(reqs)
+    res = Engine(adapter, ENGINE).run([Request(3, np.arange(5, 12), 2, "a", None, "unique")])
+    assert len(res.requests[0].output_tokens) == 2
+    if importlib.util.find_spec("jax") is None or not _frontend_ready("jax"):
+        return
+    jax_adapter = make_adapter("jax", CFG, init_weights(CFG, 0), num_blocks=20, block_size=8)
+    buf = np.zeros((2, len(jax_adapter.caches), *jax_adapter.caches[0].shape[1:]), np.float32)
+    for ids, match in (([7, 7], "expected distinct"), ([7, 25], r"expected values in \[0, 20\)")):
+        with pytest.raises(ValueError, match=f"block_ids: {match}"):
+            jax_adapter.scatter_blocks(np.array(ids, np.int32), buf)
+
+
 def test_padding_sequence_fits_its_block_table():
     """A token bucket past max_model_len: the padding sequence (kv_len = the padding count)
     gets a table wide enough, so the ops' checks pass (the reference model runs them)."""

@@ -352,11 +352,16 @@ class Engine:
             if r.max_new_tokens < 1:
                 raise ValueError(f"requests: request {r.request_id} has max_new_tokens "
                                  f"{r.max_new_tokens}, expected >= 1")
-            if self.vocab_size is not None and r.prompt and not (
-                    min(r.prompt) >= 0 and max(r.prompt) < self.vocab_size):
+            if self.vocab_size is not None and len(r.prompt) and not (
+                    np.min(r.prompt) >= 0 and np.max(r.prompt) < self.vocab_size):
                 raise ValueError(f"requests: request {r.request_id} has token ids outside "
                                  f"[0, {self.vocab_size}) (the model's vocabulary): min "
-                                 f"{min(r.prompt)} max {max(r.prompt)}")
+                                 f"{np.min(r.prompt)} max {np.max(r.prompt)}")
+        seen: set = set()
+        for r in requests:  # results, arrivals and the cache's requests are keyed by id
+            if r.request_id in seen:
+                raise ValueError(f"requests: request id {r.request_id} appears more than once")
+            seen.add(r.request_id)
         pending: deque[Request] = deque(requests)
         running: list[_Seq] = []
         done: list[_Seq] = []

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..paged import validate
 from .batch import StepBatch
 from .config import LlamaConfig
 
@@ -128,6 +129,8 @@ class JaxLlama:
 
     def scatter_blocks(self, block_ids: np.ndarray, buffer: np.ndarray) -> None:
         ids = np.asarray(block_ids, np.int32)
+        # the jitted scatter sees traced ids, which the frontend cannot check: check them here
+        validate.check_block_ids_values(self.num_blocks, ids, distinct=True)
         buffer = np.asarray(buffer)
         p = self.BLOCK_PIECE
         for start in range(0, len(ids), p):
