@@ -12,6 +12,7 @@ registered, everything else: the XLA composite), so one jitted model runs anywhe
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -151,6 +152,16 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
         sinks=sinks)
     if _run_value_checks(block_tables, kv_lens, cu_q_lens):
         validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
+    out, lse = _run_paged_attention(dims, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
+                                    causal=causal, sliding_window=sliding_window,
+                                    logits_soft_cap=logits_soft_cap, sinks=sinks,
+                                    backend=backend)
+    return (out, lse) if return_lse else out
+
+
+def _run_paged_attention(dims, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *, causal,
+                         sliding_window, logits_soft_cap, sinks, backend):
+    """(out, lse) of a checked paged_attention call (``dims``: its AttentionDims)."""
     config = dict(scale=dims.scale, causal=bool(causal),
                   sliding_window=None if sliding_window is None else int(sliding_window),
                   logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))
@@ -163,7 +174,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
                          (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens))
     if sinks is not None:
         out, lse = _xla.apply_sinks(out, lse, sinks)
-    return (out, lse) if return_lse else out
+    return out, lse
 
 
 def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
@@ -198,12 +209,14 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
             sdims, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
             cu_q_lens)
     dims = sdims.attention
-    if sliding_window is not None:
+    if sliding_window is not None:  # checked above: paged attention over the joined tables
         tables, lens = _xla.prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids,
                                                    block_tables, kv_lens, dims.block_size)
-        return paged_attention(q, k_cache, v_cache, tables, lens, cu_q_lens, scale=scale,
-                               sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
-                               return_lse=return_lse, sinks=sinks, backend=backend)
+        out, lse = _run_paged_attention(
+            dataclasses.replace(dims, max_blocks_per_seq=int(tables.shape[1])), q, k_cache,
+            v_cache, tables, lens, cu_q_lens, causal=True, sliding_window=sliding_window,
+            logits_soft_cap=logits_soft_cap, sinks=sinks, backend=backend)
+        return (out, lse) if return_lse else out
     config = dict(scale=dims.scale,
                   logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))
     context = _backends.attention_context(dims, max(

@@ -420,17 +420,17 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
             sdims, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens)
     prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens = _on(
         q.device, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens)
-    if sliding_window is not None:
+    soft_cap = None if logits_soft_cap is None else float(logits_soft_cap)
+    if sliding_window is not None:  # checked above: paged attention over the joined tables
         tables, lens = _prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids,
                                                block_tables, kv_lens,
                                                sdims.attention.block_size)
-        return paged_attention(q, k_cache, v_cache, tables, lens, cu_q_lens, scale=scale,
-                               sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
-                               return_lse=return_lse, sinks=sinks, out=out, lse=lse,
-                               workspace=workspace, backend=backend)
+        args = (q, k_cache, v_cache, tables, lens, cu_q_lens, sdims.attention.scale, True,
+                int(sliding_window), soft_cap, backend)
+        return _run_attention("paged_attention", args, q, out, lse, workspace, return_lse,
+                              sinks)
     args = (q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
-            kv_lens, cu_q_lens, sdims.attention.scale,
-            None if logits_soft_cap is None else float(logits_soft_cap), backend)
+            kv_lens, cu_q_lens, sdims.attention.scale, soft_cap, backend)
     return _run_attention("shared_prefix_attention", args, q, out, lse, workspace, return_lse,
                           sinks)
 
@@ -490,13 +490,14 @@ def attention_workspace_size(q, k_cache, block_tables, cu_q_lens=None, *,
     op = "paged_attention" if prefix_block_tables is None else "shared_prefix_attention"
     platform = platform_of(q)
     fn = select(op, "cuda" if platform == "meta" else platform, backend)
-    size = getattr(sys.modules[fn.__module__], f"{op}_workspace_bytes", None)
+    module = sys.modules[fn.__module__]
+    size = getattr(module, f"{op}_workspace_bytes", None)
     if size is None:
         return 0
     if prefix_block_tables is None:
         return int(size(q, k_cache, block_tables, cu_q_lens))
     shared = int(size(q, k_cache, prefix_block_tables, block_tables, cu_q_lens))
-    paged = getattr(sys.modules[fn.__module__], "paged_attention_workspace_bytes", None)
+    paged = getattr(module, "paged_attention_workspace_bytes", None)
     if paged is None:
         return shared
     # a call with sliding_window runs paged_attention over prefix-then-own tables
