@@ -33,6 +33,13 @@ except ImportError:  # pragma: no cover - ml_dtypes is a hard dependency
 
 #: Floating dtypes every attention/copy op accepts, by canonical name.
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+#: Quantized KV-cache dtypes (vLLM's ``kv_cache_dtype="fp8"``): caches only, read and written
+#: through a per-tensor scale (``k_scale``/``v_scale``); q, key and value stay float.
+FP8_DTYPES = ("float8_e4m3fn",)
+#: Every dtype a KV cache may hold.
+CACHE_DTYPES = FLOAT_DTYPES + FP8_DTYPES
+#: Largest finite float8_e4m3fn: writes saturate to +-FP8_MAX (CUDA's __NV_SATFINITE).
+FP8_MAX = 448.0
 #: Index dtype of every index argument.
 INDEX_DTYPE = "int32"
 #: head_dim values the contract promises on every backend.
@@ -80,11 +87,13 @@ def dtype_name(x) -> str:
 
 
 def numpy_dtype(name: str) -> np.dtype:
-    """numpy dtype for a canonical name (bfloat16 through ml_dtypes)."""
+    """numpy dtype for a canonical name (bfloat16 and float8_e4m3fn through ml_dtypes)."""
     if name == "bfloat16":
         if BFLOAT16 is None:  # pragma: no cover
             raise TypeError("bfloat16 needs the ml_dtypes package")
         return BFLOAT16
+    if name == "float8_e4m3fn":
+        return np.dtype(ml_dtypes.float8_e4m3fn)
     return np.dtype(name)
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .spec import FLOAT_DTYPES, INDEX_DTYPE, dtype_name
+from .spec import CACHE_DTYPES, FLOAT_DTYPES, FP8_DTYPES, INDEX_DTYPE, dtype_name
 
 ENV_VALUE_CHECKS = "PREFIXKV_VALUE_CHECKS"
 _value_checks_override: list[bool] = []
@@ -188,16 +188,22 @@ class AttentionDims:
         return self.num_q_heads // self.num_kv_heads
 
 
+def is_fp8(x) -> bool:
+    """Whether x (an array or a dtype) is a quantized cache dtype (float8_e4m3fn)."""
+    return dtype_name(x) in FP8_DTYPES
+
+
 def check_kv_caches(k_cache, v_cache) -> tuple[int, int, int, int]:
-    """k_cache/v_cache: [num_blocks, block_size, num_kv_heads, head_dim], same shape and dtype."""
+    """k_cache/v_cache: [num_blocks, block_size, num_kv_heads, head_dim], same shape and dtype
+    (float32|float16|bfloat16, or float8_e4m3fn read and written through k_scale/v_scale)."""
     if hasattr(k_cache, "shape") and len(k_cache.shape) == 5 and 2 in tuple(k_cache.shape[:2]):
         views = {0: "kv[0], kv[1]", 1: "kv[:, 0], kv[:, 1]"}
         view = " or ".join(views[a] for a in (0, 1) if int(k_cache.shape[a]) == 2)
         raise ValueError(f"k_cache: expected 4 dimensions, got shape {_shape(k_cache)}: a "
                          f"stacked K/V cache? pass its halves, k_cache, v_cache = {view} "
                          f"(torch views: no copy)")
-    shape = check_array("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
-    check_array("v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES)
+    shape = check_array("k_cache", k_cache, ndim=4, dtypes=CACHE_DTYPES)
+    check_array("v_cache", v_cache, ndim=4, dtypes=CACHE_DTYPES)
     check_same_shape("v_cache", v_cache, "k_cache", k_cache)
     check_same_dtype("v_cache", v_cache, "k_cache", k_cache)
     num_blocks, block_size, num_kv_heads, head_dim = shape
@@ -207,13 +213,59 @@ def check_kv_caches(k_cache, v_cache) -> tuple[int, int, int, int]:
     return shape
 
 
+def check_kv_scale(name: str, scale, cache) -> float | None:
+    """Static check of k_scale / v_scale (vLLM's per-tensor KV-cache scales).
+
+    None (1.0 for a float8_e4m3fn cache), or for a float8_e4m3fn ``cache`` only: a Python
+    float, or a float32 array of one element (shape () or (1,); may be traced or on a device:
+    :func:`check_kv_scale_values` checks its value on the host). A scale with a float cache is
+    refused (it would be silently ignored). Returns the Python float when one was given.
+    """
+    if scale is None:
+        return None
+    if not is_fp8(cache):
+        raise ValueError(f"{name}: only for a float8_e4m3fn cache (stored as x / {name}), got "
+                         f"one with a {dtype_name(cache)} cache; pass {name}=None")
+    if isinstance(scale, bool):
+        raise TypeError(f"{name}: expected a float or a float32 array of one element, got bool")
+    if isinstance(scale, (int, float, np.integer, np.floating)):
+        value = float(scale)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name}: expected a finite value > 0, got {scale}")
+        return value
+    if not hasattr(scale, "shape") or not hasattr(scale, "dtype"):
+        raise TypeError(f"{name}: expected a float or a float32 array of one element, got "
+                        f"{type(scale).__name__}")
+    if dtype_name(scale) != "float32":
+        raise TypeError(f"{name}: expected float32, got {dtype_name(scale)}")
+    if _shape(scale) not in ((), (1,)):
+        raise ValueError(f"{name}: expected one element (shape () or (1,)), got shape "
+                         f"{_shape(scale)}")
+    return None
+
+
+def check_kv_scale_values(k_scale, v_scale) -> None:
+    """Host value check of array scales: finite and > 0 (Python floats are checked statically)."""
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is None or isinstance(scale, (int, float, np.integer, np.floating)):
+            continue
+        value = float(to_host(scale).reshape(()))
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name}: expected a finite value > 0, got {value}")
+
+
 def check_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *,
                           scale=None, causal=True, sliding_window=None, logits_soft_cap=None,
-                          return_lse=False, sinks=None) -> AttentionDims:
-    """Static checks of a paged_attention call; returns its sizes."""
+                          return_lse=False, sinks=None, k_scale=None,
+                          v_scale=None) -> AttentionDims:
+    """Static checks of a paged_attention call; returns its sizes. The caches hold q's dtype,
+    or float8_e4m3fn (then read as float32(cache) * k_scale / v_scale)."""
     num_blocks, block_size, num_kv_heads, head_dim = check_kv_caches(k_cache, v_cache)
     num_tokens, num_q_heads, q_head_dim = check_array("q", q, ndim=3, dtypes=FLOAT_DTYPES)
-    check_same_dtype("k_cache", k_cache, "q", q)
+    if not is_fp8(k_cache):
+        check_same_dtype("k_cache", k_cache, "q", q)
+    check_kv_scale("k_scale", k_scale, k_cache)
+    check_kv_scale("v_scale", v_scale, v_cache)
     if q_head_dim != head_dim:
         raise ValueError(f"q: expected head_dim {head_dim} (from k_cache), got {q_head_dim}")
     if num_q_heads < 1 or num_q_heads % num_kv_heads:
@@ -321,12 +373,14 @@ def check_shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, pref
                                   prefix_ids, block_tables, kv_lens, cu_q_lens=None, *,
                                   scale=None, logits_soft_cap=None,
                                   return_lse=False, sinks=None,
-                                  sliding_window=None) -> SharedPrefixDims:
+                                  sliding_window=None, k_scale=None,
+                                  v_scale=None) -> SharedPrefixDims:
     """Static checks of a shared_prefix_attention call."""
     dims = check_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
                                  scale=scale, logits_soft_cap=logits_soft_cap,
                                  return_lse=return_lse, sinks=sinks,
-                                 sliding_window=sliding_window)
+                                 sliding_window=sliding_window, k_scale=k_scale,
+                                 v_scale=v_scale)
     num_prefixes, max_prefix_blocks = check_index("prefix_block_tables", prefix_block_tables,
                                                   ndim=2)
     (n_lens,) = check_index("prefix_lens", prefix_lens)
@@ -381,18 +435,26 @@ def check_merge_attention_states(out_a, lse_a, out_b, lse_b) -> tuple[int, int, 
 # --------------------------------------------------------------------------------- cache checks
 
 
-def check_write_kv(key, value, k_cache, v_cache, slot_mapping) -> int:
+def check_write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None,
+                   v_scale=None) -> int:
     """Static checks of write_kv; returns the number of tokens written (len(slot_mapping)).
 
     key/value may hold more rows than slot_mapping (CUDA-graph padding); the extra rows are
-    ignored, as in vLLM's reshape_and_cache_flash.
+    ignored, as in vLLM's reshape_and_cache_flash. key/value hold the caches' dtype, or any
+    float dtype (both the same) for float8_e4m3fn caches, which store them through
+    k_scale/v_scale.
     """
     _, _, num_kv_heads, head_dim = check_kv_caches(k_cache, v_cache)
     shape = check_array("key", key, ndim=3, dtypes=FLOAT_DTYPES)
     check_array("value", value, ndim=3, dtypes=FLOAT_DTYPES)
     check_same_shape("value", value, "key", key)
-    check_same_dtype("key", key, "k_cache", k_cache)
-    check_same_dtype("value", value, "v_cache", v_cache)
+    if is_fp8(k_cache):
+        check_same_dtype("value", value, "key", key)
+    else:
+        check_same_dtype("key", key, "k_cache", k_cache)
+        check_same_dtype("value", value, "v_cache", v_cache)
+    check_kv_scale("k_scale", k_scale, k_cache)
+    check_kv_scale("v_scale", v_scale, v_cache)
     if shape[1:] != (num_kv_heads, head_dim):
         raise ValueError(f"key: expected [num_tokens, {num_kv_heads}, {head_dim}] "
                          f"(num_kv_heads, head_dim of k_cache), got {shape}")

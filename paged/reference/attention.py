@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import validate
 from ..spec import numpy_dtype
+from .cache import dequantize_fp8_reference
 
 
 def _as_f64(x) -> np.ndarray:
@@ -58,11 +59,13 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, *, s
 
 def paged_attention_reference(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *,
                               scale=None, causal=True, sliding_window=None, logits_soft_cap=None,
-                              return_lse=False, sinks=None):
+                              return_lse=False, sinks=None, k_scale=None, v_scale=None):
     """Ragged paged attention over cached prefixes (decode, prefill and mixed batches).
 
     q: [num_tokens, num_q_heads, head_dim] float32|float16|bfloat16.
-    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], q's dtype.
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], q's dtype, or
+    float8_e4m3fn read as float64(cache) * k_scale (v_scale): k_scale, v_scale None (1.0), a
+    positive finite float or a float32 array of one element (fp8 caches only).
     block_tables: i32[num_seqs, max_blocks_per_seq]; entries in [0, num_blocks) for used blocks.
     kv_lens: i32[num_seqs], cached prefix + this step's tokens.
     cu_q_lens: i32[num_seqs + 1] or None (decode: one query token per sequence).
@@ -82,9 +85,12 @@ def paged_attention_reference(q, k_cache, v_cache, block_tables, kv_lens, cu_q_l
     dims = validate.check_paged_attention(
         q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
-        sinks=sinks)
+        sinks=sinks, k_scale=k_scale, v_scale=v_scale)
+    validate.check_kv_scale_values(k_scale, v_scale)
     kv, cu = validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
     q64, kc, vc = _as_f64(q), np.asarray(k_cache), np.asarray(v_cache)
+    if validate.is_fp8(kc):
+        kc, vc = dequantize_fp8_reference(kc, k_scale), dequantize_fp8_reference(vc, v_scale)
     tables = np.asarray(block_tables).astype(np.int64)
     bs = dims.block_size
     sinks64 = None if sinks is None else _as_f64(sinks)
@@ -164,12 +170,14 @@ def shared_prefix_block_tables(prefix_block_tables, prefix_lens, prefix_ids, blo
 def shared_prefix_attention_reference(q, k_cache, v_cache, prefix_block_tables, prefix_lens,
                                       prefix_ids, block_tables, kv_lens, cu_q_lens=None, *,
                                       scale=None, logits_soft_cap=None, return_lse=False,
-                                      sinks=None, sliding_window=None):
+                                      sinks=None, sliding_window=None, k_scale=None,
+                                      v_scale=None):
     """Causal attention of sequences that share cached prefixes ("cascade" attention).
 
     prefix_block_tables: i32[num_prefixes, max_prefix_blocks]; prefix_lens: i32[num_prefixes],
     multiples of block_size; prefix_ids: i32[num_seqs], a row of prefix_block_tables or -1 for
     none. block_tables/kv_lens/cu_q_lens describe each sequence's own tokens after its prefix.
+    k_scale, v_scale: as in :func:`paged_attention_reference` (float8_e4m3fn caches).
 
     Defined as paged_attention over the concatenation (prefix blocks, then own blocks), sinks
     and sliding window included (each row's sink counted once; a window is counted over the
@@ -179,7 +187,7 @@ def shared_prefix_attention_reference(q, k_cache, v_cache, prefix_block_tables, 
     sdims = validate.check_shared_prefix_attention(
         q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
         kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
-        sinks=sinks, sliding_window=sliding_window)
+        sinks=sinks, sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale)
     validate.check_shared_prefix_attention_values(sdims, prefix_block_tables, prefix_lens,
                                                   prefix_ids, block_tables, kv_lens, cu_q_lens)
     tables, lens = shared_prefix_block_tables(prefix_block_tables, prefix_lens, prefix_ids,
@@ -187,4 +195,4 @@ def shared_prefix_attention_reference(q, k_cache, v_cache, prefix_block_tables, 
     return paged_attention_reference(q, k_cache, v_cache, tables, lens, cu_q_lens, scale=scale,
                                      causal=True, sliding_window=sliding_window,
                                      logits_soft_cap=logits_soft_cap, return_lse=return_lse,
-                                     sinks=sinks)
+                                     sinks=sinks, k_scale=k_scale, v_scale=v_scale)

@@ -9,24 +9,62 @@ from __future__ import annotations
 import numpy as np
 
 from .. import validate
+from ..spec import FP8_MAX, numpy_dtype
 
 
-def write_kv_reference(key, value, k_cache, v_cache, slot_mapping):
+def kv_scale_value(scale) -> np.float32:
+    """A k_scale / v_scale as the float32 every backend uses (None: 1.0)."""
+    if scale is None:
+        return np.float32(1.0)
+    return np.float32(np.asarray(validate.to_host(scale) if hasattr(scale, "shape") else scale,
+                                 dtype=np.float32).reshape(()))
+
+
+def quantize_fp8_reference(x, scale=None) -> np.ndarray:
+    """float8_e4m3fn(sat(x / scale)): what write_kv stores in a float8_e4m3fn cache.
+
+    x: float32|float16|bfloat16 array; scale: None (1.0), a float or a one-element array, used
+    as float32. In float32: x converted exactly, divided by the scale (IEEE division, rounded
+    to nearest even: never a multiply by 1 / scale), clipped to [-448, 448] (CUDA's
+    __NV_SATFINITE: out-of-range values and +-inf saturate, NaN stays NaN), then rounded to
+    the nearest float8_e4m3fn, ties to even (subnormals down to 2^-9 included).
+    """
+    y = np.asarray(x).astype(np.float32) / kv_scale_value(scale)
+    return np.clip(y, np.float32(-FP8_MAX), np.float32(FP8_MAX)).astype(
+        numpy_dtype("float8_e4m3fn"))
+
+
+def dequantize_fp8_reference(cache, scale=None) -> np.ndarray:
+    """float64(cache) * scale: the values attention reads from a float8_e4m3fn cache."""
+    return np.asarray(cache).astype(np.float64) * np.float64(kv_scale_value(scale))
+
+
+def write_kv_reference(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None,
+                       v_scale=None):
     """Write this step's keys and values into the paged cache.
 
-    key, value: [num_tokens, num_kv_heads, head_dim], the caches' dtype.
+    key, value: [num_tokens, num_kv_heads, head_dim], the caches' dtype, or for
+    float8_e4m3fn caches any float dtype (both the same), stored as
+    :func:`quantize_fp8_reference` (key, k_scale) / (value, v_scale).
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim].
     slot_mapping: i32[n], n <= num_tokens; slot = block * block_size + offset, negative = skip.
+    k_scale, v_scale: float8_e4m3fn caches only; None (1.0), a positive finite float or a
+    float32 array of one element.
     Rows of key/value past len(slot_mapping) are ignored (padding). Returns (k_cache, v_cache).
     """
-    n = validate.check_write_kv(key, value, k_cache, v_cache, slot_mapping)
+    n = validate.check_write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=k_scale,
+                                v_scale=v_scale)
+    validate.check_kv_scale_values(k_scale, v_scale)
     slots = validate.check_write_kv_values(k_cache, slot_mapping)
     k_new, v_new = np.array(k_cache, copy=True), np.array(v_cache, copy=True)
     block_size = k_new.shape[1]
     live = np.flatnonzero(slots >= 0)
     blocks, offsets = slots[live] // block_size, slots[live] % block_size
-    k_new[blocks, offsets] = np.asarray(key)[:n][live]
-    v_new[blocks, offsets] = np.asarray(value)[:n][live]
+    key, value = np.asarray(key)[:n][live], np.asarray(value)[:n][live]
+    if validate.is_fp8(k_cache):
+        key, value = quantize_fp8_reference(key, k_scale), quantize_fp8_reference(value, v_scale)
+    k_new[blocks, offsets] = key
+    v_new[blocks, offsets] = value
     return k_new, v_new
 
 

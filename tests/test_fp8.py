@@ -1,0 +1,239 @@
+"""fp8 (float8_e4m3fn) KV caches, vLLM's ``kv_cache_dtype="fp8"`` with per-tensor
+``k_scale``/``v_scale``: write_kv stores fp8(sat(x / scale)) and attention reads
+float32(cache) * scale. The reference's quantization against hand-computed bit patterns
+(saturation, NaN, ties to even, subnormals, true division), its attention against float caches
+holding the dequantized values, and every frontend and backend that accepts fp8 against the
+reference (write_kv bit-exact, attention within ATTENTION_TOLERANCE[q's dtype]); every refusal
+and bad scale names the argument."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+from prefixkv.paged import reference as ref
+from prefixkv.paged import testing, validate
+from prefixkv.paged.spec import numpy_dtype
+
+F8 = np.dtype(ml_dtypes.float8_e4m3fn)
+
+
+def _f32(bits: int) -> np.float32:
+    return np.array([bits], np.uint32).view(np.float32)[0]
+
+
+# (x as float32, scale, stored float8_e4m3fn bits, why). e4m3fn: sign | 4 exponent bits (bias
+# 7) | 3 mantissa bits; no inf; 0x7f is NaN; normals 2^-6 .. 448 (0x7e = 2^8 * 1.75);
+# subnormals m * 2^-9, m = 1..7.
+QUANT_CASES = [
+    (0.0, None, 0x00, "zero"),
+    (-0.0, None, 0x80, "negative zero keeps its sign"),
+    (1.0, None, 0x38, "1 = 2^(7-7) * 1.0: exponent 7, mantissa 0"),
+    (448.0, None, 0x7E, "the largest finite"),
+    (449.0, None, 0x7E, "saturates (RNE would give 448 too)"),
+    (464.0, None, 0x7E, "saturates: RNE of 464 (halfway to 480) would overflow to NaN"),
+    (1e9, None, 0x7E, "far out of range saturates"),
+    (np.inf, None, 0x7E, "+inf saturates to +448 (__NV_SATFINITE)"),
+    (-np.inf, None, 0xFE, "-inf saturates to -448"),
+    (np.nan, None, 0x7F, "NaN stays NaN"),
+    (1.0625, None, 0x38, "1 + 1/16, halfway between 1 and 1.125: ties to even (mantissa 0)"),
+    (1.1875, None, 0x3A, "halfway between 1.125 and 1.25: ties to even (1.25, mantissa 2)"),
+    (1.0625 + 2.0**-12, None, 0x39, "just above the tie: 1.125 (a float16 step would round "
+                                    "it onto the tie first, then down to 1)"),
+    (2.0**-6, None, 0x08, "smallest normal"),
+    (1.5 * 2.0**-7, None, 0x06, "subnormal 6 * 2^-9"),
+    (2.0**-9, None, 0x01, "smallest subnormal"),
+    (2.0**-10, None, 0x00, "halfway between 0 and 2^-9: ties to even (0)"),
+    (3 * 2.0**-10, None, 0x02, "halfway between 2^-9 and 2^-8: ties to even (2 * 2^-9)"),
+    (-3 * 2.0**-10, None, 0x82, "the same, negative"),
+    (2.0**-11, None, 0x00, "below half the smallest subnormal: 0"),
+    (3.0, 2.0, 0x3C, "3 / 2 = 1.5: exponent 7, mantissa 4"),
+    (100.0, 0.1, 0x7E, "100 / 0.1 = 1000 saturates"),
+    # x / scale is IEEE float32 division: x * float32(1 / scale) rounds the other way here
+    (_f32(0x3EF00001), 0.3, 0x3C, "0.46875003 / 0.3 = 1.5625 exactly in float32, a tie: 1.5 "
+                                  "(times 1 / 0.3: 1.5625001, then 1.625)"),
+    (_f32(0x3E466666), 0.1, 0x3F, "0.19375 / 0.1 = 1.9374999 in float32: 1.875 (times 1 / 0.1: "
+                                  "1.9375, a tie, then 2)"),
+]
+QUANT_IDS = [f"{i}-{x!r}-{s}" for i, (x, s, _, _) in enumerate(QUANT_CASES)]
+
+
+def _bits(x) -> np.ndarray:
+    return np.asarray(x).view(np.uint8)
+
+
+def test_quantization_matches_hand_computed_bits():
+    x = np.array([c[0] for c in QUANT_CASES], np.float32)
+    for (value, scale, bits, why), got in zip(QUANT_CASES, x, strict=True):
+        stored = ref.quantize_fp8_reference(np.array([got]), scale)
+        assert stored.dtype == F8
+        assert int(_bits(stored)[0]) == bits, (value, scale, why)
+
+
+def test_quantization_from_bfloat16_and_float16_is_exact_conversion_then_division():
+    # 1.0625 + 2^-12 is a float32 value bf16 cannot hold: from bf16 it is 1.0625 (a tie, so 1)
+    x32 = np.array([1.0625, 1.1875, 3 * 2.0**-10, 300.0], np.float32)
+    for dtype in ("bfloat16", "float16"):
+        x = x32.astype(numpy_dtype(dtype))
+        np.testing.assert_array_equal(_bits(ref.quantize_fp8_reference(x, 0.5)),
+                                      _bits(ref.quantize_fp8_reference(x32, 0.5)))
+    # 1.0625 / 0.5 = 2.125, a tie between 2 and 2.25: 2; 1.1875 / 0.5 = 2.375: 2.5 (even);
+    # 3 * 2^-10 / 0.5 = 3 * 2^-9, subnormal 3; 300 / 0.5 = 600 saturates
+    np.testing.assert_array_equal(_bits(ref.quantize_fp8_reference(x32, 0.5)),
+                                  [0x40, 0x42, 0x03, 0x7E])
+
+
+def _small_batch(rng, *, dtype="float32", grid="mixed", num_q_heads=4, num_kv_heads=2,
+                 head_dim=16, block_size=4):
+    return testing.make_ragged_batch(rng, testing.seq_grid(grid, block_size),
+                                     num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                                     head_dim=head_dim, block_size=block_size, dtype=dtype)
+
+
+def test_write_kv_reference_quantizes_only_the_written_slots():
+    rng = np.random.default_rng(0)
+    key = (rng.standard_normal((5, 2, 4)) * 100).astype(np.float32)
+    value = rng.standard_normal((5, 2, 4)).astype(np.float32)
+    key[0, 0, 0], key[1, 1, 1], value[2, 0, 3] = np.inf, np.nan, -1e6
+    k_cache = np.full((3, 2, 2, 4), 7.0, np.float32).astype(F8)
+    v_cache = np.full((3, 2, 2, 4), -7.0, np.float32).astype(F8)
+    slots = np.array([5, 0, -1, 2], np.int32)  # token 2 skipped, token 4 past the mapping
+    k, v = ref.write_kv_reference(key, value, k_cache, v_cache, slots, k_scale=0.25,
+                                  v_scale=np.float32(2.0))
+    assert k.dtype == v.dtype == F8
+    want_k, want_v = k_cache.copy(), v_cache.copy()
+    for i, s in enumerate(slots):
+        if s >= 0:
+            want_k[s // 2, s % 2] = ref.quantize_fp8_reference(key[i], 0.25)
+            want_v[s // 2, s % 2] = ref.quantize_fp8_reference(value[i], 2.0)
+    np.testing.assert_array_equal(_bits(k), _bits(want_k))
+    np.testing.assert_array_equal(_bits(v), _bits(want_v))
+    assert _bits(k)[2, 1, 0, 0] == 0x7E and np.isnan(k[0, 0, 1, 1].astype(np.float32))
+    # untouched slots (block 1 offset 1, block 0 offset 1): still 7 (0x4e) and -7 (0xce)
+    assert (_bits(k)[1, 1] == 0x4E).all() and (_bits(v)[0, 1] == 0xCE).all()
+
+
+def test_reference_attention_reads_the_dequantized_cache():
+    """fp8 caches with scale 2^-3 give exactly the attention over float32 caches holding
+    float32(fp8) * 2^-3 (exact); with scale 0.3 what a float64 softmax over float64(fp8) * 0.3
+    gives (through a float64 cache: the reference's float64 accumulation)."""
+    rng = np.random.default_rng(1)
+    b = _small_batch(rng)
+    kq = ref.quantize_fp8_reference(b.k_cache, 0.125)
+    vq = ref.quantize_fp8_reference(b.v_cache, 0.125)
+    deq = testing.RaggedBatch(b.q, kq.astype(np.float32) * np.float32(0.125),
+                              vq.astype(np.float32) * np.float32(0.125), b.block_tables,
+                              b.kv_lens, b.cu_q_lens, seqs=b.seqs)
+    for opts in ({}, {"sliding_window": 3}, {"logits_soft_cap": 2.0}, {"causal": False}):
+        out, lse = ref.paged_attention_reference(b.q, kq, vq, *b.args()[3:], k_scale=0.125,
+                                                 v_scale=np.float32(0.125), return_lse=True,
+                                                 **opts)
+        want, want_lse = ref.paged_attention_reference(*deq.args(), return_lse=True, **opts)
+        np.testing.assert_array_equal(out, want)
+        np.testing.assert_array_equal(lse, want_lse)
+    # a scale that is no power of two: compare with the float64 values it means
+    kq3, vq3 = (ref.quantize_fp8_reference(c, 0.3) for c in (b.k_cache, b.v_cache))
+    out = ref.paged_attention_reference(b.q, kq3, vq3, *b.args()[3:], k_scale=0.3, v_scale=0.3)
+    k64 = kq3.astype(np.float64) * np.float64(np.float32(0.3))
+    v64 = vq3.astype(np.float64) * np.float64(np.float32(0.3))
+    want = ref.paged_attention_reference(b.q.astype(np.float64).astype(np.float32), *[
+        x.astype(np.float32) for x in (k64, v64)], *b.args()[3:])
+    np.testing.assert_allclose(out, want, atol=1e-6, rtol=1e-6)  # float32 rounding of k64
+    assert np.abs(out - ref.paged_attention_reference(b.q, kq3, vq3, *b.args()[3:])).max() > 1e-2
+
+
+def test_reference_shared_prefix_attention_reads_the_dequantized_cache():
+    rng = np.random.default_rng(2)
+    b = testing.make_shared_prefix_batch(rng, [2, 1], [(0, 1, 3), (1, 2, 5), (-1, 1, 2)],
+                                         num_q_heads=4, num_kv_heads=2, head_dim=8, block_size=4)
+    kq, vq = (ref.quantize_fp8_reference(c, 0.5) for c in (b.k_cache, b.v_cache))
+    a = b.args()
+    got = ref.shared_prefix_attention_reference(a[0], kq, vq, *a[3:], k_scale=0.5, v_scale=0.5)
+    want = ref.shared_prefix_attention_reference(a[0], kq.astype(np.float32) * 0.5,
+                                                 vq.astype(np.float32) * 0.5, *a[3:])
+    np.testing.assert_array_equal(got, want)
+
+
+# ------------------------------------------------------------------------------ input checks
+
+
+def _fp8_args(dtype="float32"):
+    b = _small_batch(np.random.default_rng(0), dtype=dtype, grid="decode")
+    return b, ref.quantize_fp8_reference(b.k_cache), ref.quantize_fp8_reference(b.v_cache)
+
+
+BAD_SCALES = [
+    (0.0, ValueError, "k_scale: expected a finite value > 0, got 0.0"),
+    (-1.0, ValueError, "k_scale: expected a finite value > 0, got -1.0"),
+    (float("nan"), ValueError, "k_scale: expected a finite value > 0, got nan"),
+    (float("inf"), ValueError, "k_scale: expected a finite value > 0, got inf"),
+    (np.array(0.0, np.float32), ValueError, "k_scale: expected a finite value > 0, got 0.0"),
+    (np.array([np.inf], np.float32), ValueError, "k_scale: expected a finite value > 0, got inf"),
+    (np.array(1.0, np.float64), TypeError, "k_scale: expected float32, got float64"),
+    (np.ones(2, np.float32), ValueError, r"k_scale: expected one element \(shape \(\) or "
+                                         r"\(1,\)\), got shape \(2,\)"),
+    (True, TypeError, "k_scale: expected a float or a float32 array of one element, got bool"),
+    ("1.0", TypeError, "k_scale: expected a float or a float32 array of one element, got str"),
+]
+
+
+@pytest.mark.parametrize("scale,exc,match", BAD_SCALES, ids=[m[:40] for *_, m in BAD_SCALES])
+def test_reference_bad_scale_names_the_argument(scale, exc, match):
+    b, kq, vq = _fp8_args()
+    with pytest.raises(exc, match=match):
+        ref.paged_attention_reference(b.q, kq, vq, *b.args()[3:], k_scale=scale)
+    key = np.ones((1, 2, 16), np.float32)
+    with pytest.raises(exc, match=match):
+        ref.write_kv_reference(key, key, kq, vq, np.array([0], np.int32), k_scale=scale)
+    with pytest.raises(exc, match=match.replace("k_scale", "v_scale")):
+        ref.write_kv_reference(key, key, kq, vq, np.array([0], np.int32), v_scale=scale)
+
+
+def test_validate_fp8_dtype_rules():
+    b, kq, vq = _fp8_args("bfloat16")
+    # fp8 caches read with any float q; a float cache still needs q's dtype
+    validate.check_paged_attention(b.q, kq, vq, *b.args()[3:])
+    with pytest.raises(TypeError, match=r"k_cache: expected the dtype of q \(bfloat16\), got "
+                                        "float32"):
+        validate.check_paged_attention(b.q, b.k_cache.astype(np.float32), b.v_cache.astype(
+            np.float32), *b.args()[3:])
+    with pytest.raises(TypeError, match="q: expected float32 or float16 or bfloat16, got "
+                                        "float8_e4m3fn"):
+        validate.check_paged_attention(b.q.astype(F8), kq, vq, *b.args()[3:])
+    with pytest.raises(TypeError, match=r"v_cache: expected the dtype of k_cache "
+                                        r"\(float8_e4m3fn\), got bfloat16"):
+        validate.check_paged_attention(b.q, kq, b.v_cache, *b.args()[3:])
+    with pytest.raises(ValueError, match="k_scale: only for a float8_e4m3fn cache"):
+        validate.check_paged_attention(*b.args(), k_scale=1.0)
+    with pytest.raises(ValueError, match="v_scale: only for a float8_e4m3fn cache"):
+        validate.check_paged_attention(*b.args(), v_scale=np.float32(1.0))
+    key = np.ones((1, 2, 16), np.float32)
+    slots = np.array([0], np.int32)
+    validate.check_write_kv(key, key, kq, vq, slots, k_scale=2.0)
+    validate.check_write_kv(key.astype(np.float16), key.astype(np.float16), kq, vq, slots)
+    with pytest.raises(TypeError, match="key: expected float32 or float16 or bfloat16, got "
+                                        "float8_e4m3fn"):
+        validate.check_write_kv(key.astype(F8), key.astype(F8), kq, vq, slots)
+    with pytest.raises(TypeError, match=r"value: expected the dtype of key \(float32\), got "
+                                        "float16"):
+        validate.check_write_kv(key, key.astype(np.float16), kq, vq, slots)
+    with pytest.raises(ValueError, match="k_scale: only for a float8_e4m3fn cache"):
+        validate.check_write_kv(key, key, np.zeros((2, 4, 2, 16), np.float32),
+                                np.zeros((2, 4, 2, 16), np.float32), slots, k_scale=1.0)
+    with pytest.raises(TypeError, match="k_cache: expected float32 or float16 or bfloat16 or "
+                                        "float8_e4m3fn, got int8"):
+        validate.check_write_kv(key, key, kq.view(np.int8), vq.view(np.int8), slots)
+
+
+def test_reference_block_ops_move_fp8_bytes():
+    _, kq, vq = _fp8_args()
+    src, dst = np.array([0, 2], np.int32), np.array([3, 1], np.int32)
+    got = ref.copy_blocks_reference([kq, vq], src, dst)
+    want = kq.copy()
+    want[dst] = kq[src]
+    np.testing.assert_array_equal(_bits(got[0]), _bits(want))
+    buf = ref.gather_blocks_reference([kq, vq], src)
+    assert buf.dtype == F8
+    back = ref.scatter_blocks_reference([kq, vq], buf, dst)
+    np.testing.assert_array_equal(_bits(back[1]), _bits(ref.copy_blocks_reference([vq], src,
+                                                                                   dst)[0]))
