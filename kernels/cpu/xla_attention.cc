@@ -16,7 +16,10 @@
 // head an online-softmax update per q head (max, rescale of the accumulator only when the max
 // grew, exp, sum) and the group's p.V into float32 accumulators (each V row converted once).
 // Only keys in [lo, kv_len) are read, so whatever the cache holds elsewhere (NaN included)
-// never reaches the result.
+// never reaches the result. Software prefetch keeps the memory busy while the core computes:
+// a chunk's V rows are prefetched during its q.k, the next chunk's K rows during its p.V,
+// spread over the inner loops (a chunk's rows come from blocks anywhere in the cache, which
+// the hardware prefetchers do not follow, and they stop at 4 KiB pages).
 //
 // Two implementations of the inner loops: AVX2 + FMA + F16C intrinsics (compiled with target
 // attributes, chosen at run time when the CPU has them and head_dim is a multiple of 8), and a
@@ -64,8 +67,40 @@ constexpr int kChunk = 64;
 // with 256 KiB. Reading K front to back (all heads of a row, then the next row) took f32 from
 // 26.0 to 22.7 ms (min of 10), bf16 18.3 to 17.9. Software prefetch (the next block, the next
 // chunk, or the chunk's V rows during q.k; T0 or T2 hints) changed nothing or made it slower.
+//
+// Those prefetches were issued a block or chunk at a time. Spread over the inner loops
+// (class Prefetch: a chunk's V rows during its q.k, the next chunk's K rows during its p.V),
+// on the same shapes, min of 12 interleaved runs on a shared machine: caches from torch.empty
+// (4 KiB pages) float32 46.7 -> 41.1 ms, bfloat16 35.4 -> 24.7 ms; on numpy's huge pages
+// float32 35.6 -> 33.7, bfloat16 31.8 -> 21.7. Prefetching two or four chunks ahead, or to L2
+// only (T2 hint), was no better; with prefetch, bfloat16 chunks of 64 KiB ran at least as
+// well as 128 KiB.
 template <class S>
-constexpr int64_t kChunkBytes = sizeof(S) == 4 ? int64_t{32} << 10 : int64_t{128} << 10;
+constexpr int64_t kChunkBytes = sizeof(S) == 4 ? int64_t{32} << 10 : int64_t{64} << 10;
+
+// The cache lines of a list of rows (each `row_bytes` long), prefetched a few at a time:
+// Issue(m) prefetches the next m lines into L1, in row order.
+class Prefetch {
+ public:
+  template <class S>
+  void Reset(const S* const* rows, int nrows, int64_t row_bytes) {
+    rows_ = reinterpret_cast<const char* const*>(rows);
+    lines_per_row_ = (row_bytes + 63) / 64;
+    total_ = lines_per_row_ * nrows;
+    next_ = 0;
+  }
+  // Lines still to issue.
+  int64_t left() const { return total_ - next_; }
+  void Issue(int64_t m) {
+    const int64_t end = std::min(total_, next_ + m);
+    for (; next_ < end; ++next_)
+      __builtin_prefetch(rows_[next_ / lines_per_row_] + (next_ % lines_per_row_) * 64, 0, 3);
+  }
+
+ private:
+  const char* const* rows_ = nullptr;
+  int64_t lines_per_row_ = 1, total_ = 0, next_ = 0;
+};
 
 // ------------------------------------------------------------------ scalar conversions
 
@@ -179,10 +214,14 @@ struct Portable {
 
   template <class Tag>
   static void QkAll(const float* q, int num_kv_heads, int group, int d,
-                    const typename Tag::Storage* const* rows, int n, float* s, float* row) {
-    for (int h = 0; h < num_kv_heads; ++h)
+                    const typename Tag::Storage* const* rows, int n, float* s, float* row,
+                    Prefetch* pf) {
+    const int64_t per = (pf->left() + num_kv_heads - 1) / num_kv_heads;
+    for (int h = 0; h < num_kv_heads; ++h) {
+      pf->Issue(per);
       Qk<Tag>(q + static_cast<int64_t>(h) * group * d, group, d, rows,
               static_cast<int64_t>(h) * d, n, s + static_cast<int64_t>(h) * group * kChunk, row);
+    }
   }
 
   static float Max(const float* s, int n) {
@@ -303,13 +342,18 @@ PREFIXKV_AVX2 void QkGroup(const float* q, int group, int d,
 
 // QkGroup for every kv head, key tile by key tile: the chunk's K rows are read front to back
 // (all kv heads of a row in order) instead of one head's slice of every row at a time.
+// pf's lines are issued spread over the key tiles.
 template <class Tag, int NH, int NK>
 PREFIXKV_AVX2 void QkAllHeads(const float* q, int num_kv_heads, int group, int d,
-                              const typename Tag::Storage* const* key_rows, int n, float* s) {
+                              const typename Tag::Storage* const* key_rows, int n, float* s,
+                              Prefetch* pf) {
   float out[8];
   const typename Tag::Storage* rows[NK];
+  const int64_t steps = static_cast<int64_t>((n + NK - 1) / NK) * num_kv_heads;
+  const int64_t per = (pf->left() + steps - 1) / steps;
   for (int t = 0; t < n; t += NK) {
     for (int h = 0; h < num_kv_heads; ++h) {
+      pf->Issue(per);
       const int64_t head_off = static_cast<int64_t>(h) * d;
       // a key tile past n repeats the last key (read, never stored)
       for (int k = 0; k < NK; ++k) rows[k] = key_rows[std::min(t + k, n - 1)] + head_off;
@@ -369,10 +413,11 @@ struct Avx2 {
 
   template <class Tag>
   static void QkAll(const float* q, int num_kv_heads, int group, int d,
-                    const typename Tag::Storage* const* rows, int n, float* s, float*) {
-    if (group % 4 == 0) QkAllHeads<Tag, 4, 2>(q, num_kv_heads, group, d, rows, n, s);
-    else if (group % 2 == 0) QkAllHeads<Tag, 2, 4>(q, num_kv_heads, group, d, rows, n, s);
-    else QkAllHeads<Tag, 1, 8>(q, num_kv_heads, group, d, rows, n, s);
+                    const typename Tag::Storage* const* rows, int n, float* s, float*,
+                    Prefetch* pf) {
+    if (group % 4 == 0) QkAllHeads<Tag, 4, 2>(q, num_kv_heads, group, d, rows, n, s, pf);
+    else if (group % 2 == 0) QkAllHeads<Tag, 2, 4>(q, num_kv_heads, group, d, rows, n, s, pf);
+    else QkAllHeads<Tag, 1, 8>(q, num_kv_heads, group, d, rows, n, s, pf);
   }
 
   template <class Tag>
@@ -453,7 +498,9 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
   const int64_t block_elems = bs * row_stride;
   std::vector<float> qf(static_cast<size_t>(hq) * d), acc(static_cast<size_t>(hq) * d);
   std::vector<float> m(hq), l(hq), s(static_cast<size_t>(hq) * kChunk), row(d);
-  std::vector<const S*> krows(kChunk), vrows(kChunk);
+  // this chunk's rows and the next one's
+  std::vector<const S*> krows(kChunk), vrows(kChunk), next_krows(kChunk), next_vrows(kChunk);
+  Prefetch pf;
   // Keys per chunk: the chunk's K rows (all kv heads) span about kChunkBytes<S>; the chunk is
   // walked once per kv head.
   const int64_t key_row_bytes = std::max<int64_t>(1, row_stride * static_cast<int64_t>(sizeof(S)));
@@ -482,21 +529,34 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
       const int64_t id = std::min<int64_t>(std::max<int64_t>(table[tb], 0), sh.num_blocks - 1);
       return id * block_elems;
     };
-    // chunks of kChunk consecutive keys [c, c + n), across block boundaries
-    for (int64_t c = lo; c < kv_len; c += chunk) {
-      const int n = static_cast<int>(std::min<int64_t>(chunk, kv_len - c));
+    // the K and V row pointers of keys [c, c + n)
+    auto fill_rows = [&](int64_t c, int n, const S** kr, const S** vr) {
       for (int t = 0; t < n;) {
         const int64_t b = (c + t) / bs;
         const int64_t base = block_base(b);
         const int64_t end = std::min<int64_t>(n, (b + 1) * bs - c);  // this block's keys
         for (int64_t off = base + ((c + t) - b * bs) * row_stride; t < end;
              ++t, off += row_stride) {
-          krows[t] = kc + off;
-          vrows[t] = vc + off;
+          kr[t] = kc + off;
+          vr[t] = vc + off;
         }
       }
-      Ops::template QkAll<Tag>(qf.data(), hkv, group, d, krows.data(), n, s.data(), row.data());
+    };
+    fill_rows(lo, static_cast<int>(std::min<int64_t>(chunk, kv_len - lo)), krows.data(),
+              vrows.data());
+    // chunks of kChunk consecutive keys [c, c + n), across block boundaries
+    for (int64_t c = lo; c < kv_len; c += chunk) {
+      const int n = static_cast<int>(std::min<int64_t>(chunk, kv_len - c));
+      pf.Reset(vrows.data(), n, key_row_bytes);  // this chunk's V rows, during q.k
+      Ops::template QkAll<Tag>(qf.data(), hkv, group, d, krows.data(), n, s.data(), row.data(),
+                               &pf);
+      const int next_n = static_cast<int>(std::max<int64_t>(
+          0, std::min<int64_t>(chunk, kv_len - c - chunk)));
+      fill_rows(c + chunk, next_n, next_krows.data(), next_vrows.data());
+      pf.Reset(next_krows.data(), next_n, key_row_bytes);  // the next chunk's K, during p.V
+      const int64_t per_head = (pf.left() + hkv - 1) / hkv;
       for (int h = 0; h < hkv; ++h) {
+        pf.Issue(per_head);
         const int64_t head_off = static_cast<int64_t>(h) * d;
         float* ah = acc.data() + head_off * group;
         float* mh = m.data() + h * group;
@@ -518,6 +578,8 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
         }
         Ops::template Pv<Tag>(sh_, group, d, vrows.data(), head_off, n, ah, row.data());
       }
+      krows.swap(next_krows);
+      vrows.swap(next_vrows);
     }
     for (int h = 0; h < hq; ++h) {
       // Keys were walked, so a running max of +-inf means a logit past float32's range
