@@ -237,3 +237,231 @@ def test_reference_block_ops_move_fp8_bytes():
     back = ref.scatter_blocks_reference([kq, vq], buf, dst)
     np.testing.assert_array_equal(_bits(back[1]), _bits(ref.copy_blocks_reference([vq], src,
                                                                                    dst)[0]))
+
+
+# ------------------------------------------------------------------------------------- torch
+
+
+def _t8(x):
+    """numpy float8_e4m3fn -> torch.float8_e4m3fn (through the bytes; a copy)."""
+    torch = pytest.importorskip("torch")
+    return torch.from_numpy(np.asarray(x).view(np.uint8).copy()).view(torch.float8_e4m3fn)
+
+
+def _tbits(t) -> np.ndarray:
+    import torch
+
+    return t.view(torch.uint8).cpu().numpy()
+
+
+def _torch_scale(kind: str, value: float):
+    import torch
+
+    return {"float": value, "0d": torch.tensor(value), "1elem": torch.tensor([value])}[kind]
+
+
+def _write_cases(scale_kind: str):
+    """(scale, values) groups of QUANT_CASES: one write_kv call each (scale None: the cases
+    without one, with kind "none"; else those with one, the others at 1.0)."""
+    groups: dict = {}
+    for value, scale, _, _ in QUANT_CASES:
+        if scale_kind == "none" and scale is not None:
+            continue
+        groups.setdefault(None if scale_kind == "none" else (scale or 1.0), []).append(value)
+    return groups.items()
+
+
+@pytest.mark.parametrize("scale_kind", ["none", "float", "0d", "1elem"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_torch_write_kv_is_bit_exact_with_the_reference(dtype, scale_kind):
+    """The hand-computed cases of QUANT_CASES written as key and value elements (their scale
+    as k_scale/v_scale), random values as the rest; negative slots skipped, rows past the
+    mapping ignored, slots not named bit-identical."""
+    torch = pytest.importorskip("torch")
+    from torch_convert import T
+
+    from prefixkv import torch_frontend as tf
+
+    rng = np.random.default_rng(3)
+    for scale, values in _write_cases(scale_kind):
+        s = None if scale is None else _torch_scale(scale_kind, scale)
+        key = (rng.standard_normal((5, 2, 16)) * 30).astype(np.float32)
+        val = (rng.standard_normal((5, 2, 16)) * 30).astype(np.float32)
+        key[1].flat[:len(values)] = values
+        val[0].flat[-len(values):] = values
+        with np.errstate(over="ignore"):  # 1e9 is inf in float16: saturates all the same
+            key, val = key.astype(numpy_dtype(dtype)), val.astype(numpy_dtype(dtype))
+        kc = ref.quantize_fp8_reference(rng.standard_normal((3, 4, 2, 16)))
+        vc = ref.quantize_fp8_reference(rng.standard_normal((3, 4, 2, 16)))
+        slots = np.array([6, 9, -1, 0], np.int32)
+        want_k, want_v = ref.write_kv_reference(key, val, kc, vc, slots, k_scale=scale,
+                                                v_scale=scale)
+        k, v = _t8(kc), _t8(vc)
+        tf.write_kv(T(key), T(val), k, v, T(slots), k_scale=s, v_scale=s)
+        assert k.dtype == torch.float8_e4m3fn
+        np.testing.assert_array_equal(_tbits(k), _bits(want_k), err_msg=f"{dtype} {scale}")
+        np.testing.assert_array_equal(_tbits(v), _bits(want_v), err_msg=f"{dtype} {scale}")
+
+
+TORCH_ATTENTION = [("decode", "float32", {}), ("decode", "bfloat16", {"sliding_window": 5}),
+                   ("mixed", "float32", {"logits_soft_cap": 3.0}), ("mixed", "float16", {}),
+                   ("mixed", "bfloat16", {"causal": False}), ("prefill", "float32", {})]
+
+
+@pytest.mark.parametrize("grid,dtype,opts", TORCH_ATTENTION,
+                         ids=[f"{g}-{d}-{'-'.join(o) or 'plain'}" for g, d, o in TORCH_ATTENTION])
+def test_torch_paged_attention_reads_fp8_caches(grid, dtype, opts):
+    """Decode batches go through the compiled CPU decode kernel (with the dequantized blocks in
+    q's dtype), the others through the torch path; out=/lse= pre-filled with NaN."""
+    torch = pytest.importorskip("torch")
+    from torch_convert import TORCH_DTYPE, N, T
+
+    from prefixkv import torch_frontend as tf
+
+    rng = np.random.default_rng(4)
+    b = testing.make_ragged_batch(rng, testing.seq_grid(grid, 8), num_q_heads=8,
+                                  num_kv_heads=2, head_dim=32, block_size=8, dtype=dtype,
+                                  sliding_window=opts.get("sliding_window"))
+    kq = ref.quantize_fp8_reference(b.k_cache, 0.02)
+    vq = ref.quantize_fp8_reference(b.v_cache, 0.05)
+    sinks = np.linspace(-2, 3, 8).astype(np.float32)
+    want, want_lse = ref.paged_attention_reference(b.q, kq, vq, *b.args()[3:], k_scale=0.02,
+                                                   v_scale=0.05, return_lse=True, sinks=sinks,
+                                                   **opts)
+    args = [None if a is None else T(a) for a in b.args()]
+    out, lse = tf.paged_attention(args[0], _t8(kq), _t8(vq), *args[3:], k_scale=0.02,
+                                  v_scale=torch.tensor([0.05]), return_lse=True, sinks=T(sinks),
+                                  **opts)
+    assert out.dtype == TORCH_DTYPE[dtype]
+    testing.assert_attention_close(N(out), want, dtype)
+    np.testing.assert_allclose(N(lse), want_lse, atol=2e-3, rtol=1e-3)
+    o = torch.full(args[0].shape, float("nan"), dtype=TORCH_DTYPE[dtype])
+    lbuf = torch.full(args[0].shape[:2], float("nan"))
+    tf.paged_attention(args[0], _t8(kq), _t8(vq), *args[3:], k_scale=torch.tensor(0.02),
+                       v_scale=0.05, sinks=T(sinks), out=o, lse=lbuf, **opts)
+    testing.assert_attention_close(N(o), want, dtype)
+
+
+@pytest.mark.parametrize("window", [None, 11], ids=["no_window", "window"])
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "ragged"])
+def test_torch_shared_prefix_attention_reads_fp8_caches(decode, window):
+    pytest.importorskip("torch")
+    from torch_convert import N, T
+
+    from prefixkv import torch_frontend as tf
+
+    rng = np.random.default_rng(5)
+    seqs = [(0, 1, 3), (1, 1, 6), (-1, 1, 2), (0, 1, 1)] if decode else \
+        [(0, 2, 3), (1, 1, 6), (-1, 3, 4), (0, 1, 1)]
+    b = testing.make_shared_prefix_batch(rng, [3, 2], seqs, num_q_heads=4, num_kv_heads=2,
+                                         head_dim=32, block_size=8)
+    kq, vq = (ref.quantize_fp8_reference(c, 0.25) for c in (b.k_cache, b.v_cache))
+    a = b.args()
+    want, want_lse = ref.shared_prefix_attention_reference(
+        a[0], kq, vq, *a[3:], k_scale=0.25, v_scale=0.25, return_lse=True,
+        sliding_window=window)
+    args = [None if x is None else T(x) for x in a]
+    out, lse = tf.shared_prefix_attention(args[0], _t8(kq), _t8(vq), *args[3:], k_scale=0.25,
+                                          v_scale=0.25, return_lse=True, sliding_window=window)
+    testing.assert_attention_close(N(out), want, "float32")
+    np.testing.assert_allclose(N(lse), want_lse, atol=1e-4, rtol=1e-5)
+
+
+def test_torch_block_ops_move_fp8_bytes():
+    torch = pytest.importorskip("torch")
+    from prefixkv import torch_frontend as tf
+
+    rng = np.random.default_rng(6)
+    kq = ref.quantize_fp8_reference(rng.standard_normal((6, 4, 2, 8)) * 100)
+    vq = ref.quantize_fp8_reference(rng.standard_normal((6, 4, 2, 8)))
+    kq[0, 0, 0, :2] = np.array([np.nan, -np.nan], np.float32).astype(F8)
+    src, dst = np.array([0, 2], np.int32), np.array([3, 1], np.int32)
+    i32 = lambda a: torch.from_numpy(a)  # noqa: E731
+    k, v = _t8(kq), _t8(vq)
+    tf.copy_blocks([k, v], i32(src), i32(dst))
+    want = ref.copy_blocks_reference([kq, vq], src, dst)
+    np.testing.assert_array_equal(_tbits(k), _bits(want[0]))
+    np.testing.assert_array_equal(_tbits(v), _bits(want[1]))
+    buf = tf.gather_blocks([_t8(kq), _t8(vq)], i32(src))
+    assert buf.dtype == torch.float8_e4m3fn
+    np.testing.assert_array_equal(_tbits(buf), _bits(ref.gather_blocks_reference([kq, vq], src)))
+    k, v = _t8(kq), _t8(vq)
+    tf.scatter_blocks([k, v], buf, i32(np.array([5, 4], np.int32)))
+    want = ref.scatter_blocks_reference([kq, vq], ref.gather_blocks_reference([kq, vq], src),
+                                        np.array([5, 4], np.int32))
+    np.testing.assert_array_equal(_tbits(k), _bits(want[0]))
+    host = [_t8(np.zeros_like(kq)), _t8(np.zeros_like(vq))]
+    tf.swap_blocks([_t8(kq), _t8(vq)], host, i32(src), i32(dst))
+    want = ref.scatter_blocks_reference([np.zeros_like(kq), np.zeros_like(vq)],
+                                        ref.gather_blocks_reference([kq, vq], src), dst)
+    np.testing.assert_array_equal(_tbits(host[0]), _bits(want[0]))
+    np.testing.assert_array_equal(_tbits(host[1]), _bits(want[1]))
+
+
+def test_torch_fp8_under_torch_compile():
+    """write_kv then paged_attention with the scales as tensors, fullgraph."""
+    torch = pytest.importorskip("torch")
+    from torch_convert import N, T
+
+    from prefixkv import torch_frontend as tf
+
+    rng = np.random.default_rng(7)
+    b = testing.make_ragged_batch(rng, [(1, 9), (1, 4)], block_size=4, num_q_heads=4,
+                                  num_kv_heads=2, head_dim=8, nan_fill=False, decode=True)
+    kq, vq = (ref.quantize_fp8_reference(c, 0.5) for c in (b.k_cache, b.v_cache))
+    key = rng.standard_normal((2, 2, 8)).astype(np.float32)
+    slots = np.array([int(b.block_tables[0, 2]) * 4, int(b.block_tables[1, 0]) * 4 + 3],
+                     np.int32)
+    wk, wv = ref.write_kv_reference(key, key * 2, kq, vq, slots, k_scale=0.5, v_scale=0.25)
+    want = ref.paged_attention_reference(b.q, wk, wv, *b.args()[3:], k_scale=0.5, v_scale=0.25)
+    q, _, _, bt, kv, _ = (T(a) for a in b.args())
+    sl = T(slots)
+
+    def step(q, k, v, key, ks, vs):
+        tf.write_kv(key, key * 2, k, v, sl, k_scale=ks, v_scale=vs)
+        return tf.paged_attention(q, k, v, bt, kv, k_scale=ks, v_scale=vs)
+
+    k, v = _t8(kq), _t8(vq)
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(
+        q, k, v, T(key), torch.tensor(0.5), torch.tensor(0.25))
+    np.testing.assert_array_equal(_tbits(k), _bits(wk))
+    np.testing.assert_array_equal(_tbits(v), _bits(wv))
+    testing.assert_attention_close(N(got), want, "float32")
+    # (torch.library.opcheck cannot take fp8 caches: its schema test multiplies them)
+
+
+def test_torch_fp8_refusals_and_bad_input_name_the_argument():
+    torch = pytest.importorskip("torch")
+    from prefixkv.paged.registry import BackendError
+    from prefixkv.torch_frontend import REGISTRIES
+    from torch_convert import T
+
+    from prefixkv import torch_frontend as tf
+
+    # the Triton write kernel moves bytes: it would store float32 bits in fp8 slots
+    with pytest.raises(BackendError, match="k_cache: float8_e4m3fn caches .* torch backend"):
+        REGISTRIES["write_kv"].select("cuda", "triton", fp8=True)
+    if "triton" in REGISTRIES["write_kv"].explain("cuda"):
+        assert REGISTRIES["write_kv"].select("cuda", fp8=True).name == "torch"
+    b, kq, vq = _fp8_args()
+    args = [T(a) for a in b.args()]
+    k, v = _t8(kq), _t8(vq)
+    with pytest.raises(ValueError, match="k_scale: only for a float8_e4m3fn cache"):
+        tf.paged_attention(*args, k_scale=1.0)
+    with pytest.raises(ValueError, match="v_scale: only for a float8_e4m3fn cache"):
+        tf.write_kv(args[0][:, :2], args[0][:, :2], args[1], args[2],
+                    torch.tensor([0], dtype=torch.int32), v_scale=torch.tensor(1.0))
+    with pytest.raises(TypeError, match="k_scale: expected a float or a torch.Tensor, got "
+                                        "ndarray"):
+        tf.paged_attention(args[0], k, v, *args[3:], k_scale=np.float32([1.0]))
+    with pytest.raises(ValueError, match="v_scale: expected a finite value > 0, got -2.0"):
+        tf.paged_attention(args[0], k, v, *args[3:], v_scale=torch.tensor(-2.0))
+    with pytest.raises(ValueError, match="k_scale: expected a finite value > 0, got nan"):
+        tf.write_kv(args[0][:, :2], args[0][:, :2], k, v, torch.tensor([0], dtype=torch.int32),
+                    k_scale=torch.tensor([float("nan")]))
+    with pytest.raises(TypeError, match="k_scale: expected float32, got float64"):
+        tf.paged_attention(args[0], k, v, *args[3:], k_scale=torch.tensor(1.0,
+                                                                          dtype=torch.float64))
+    with pytest.raises(TypeError, match="key: expected float32 or float16 or bfloat16, got "
+                                        "float8_e4m3fn"):
+        tf.write_kv(k[0], v[0], k, v, torch.tensor([0], dtype=torch.int32))

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..paged.reference.attention import shared_prefix_block_tables
+from ..paged.spec import FP8_MAX
 
 #: Bytes of float32 K per chunk of the online softmax (rounded to whole blocks).
 CHUNK_BYTES = 2 << 20
@@ -961,10 +962,25 @@ def _drop_out_of_range(cache: torch.Tensor, ids: torch.Tensor, rows: torch.Tenso
     return ids, (rows if rows.dtype == cache.dtype else rows.view(cache.dtype))
 
 
-def write_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """float8_e4m3fn(sat(x / scale)): float32(x) divided by the 0-d float32 ``scale`` tensor
+    (a tensor on x's device: a true division, never a multiply by the reciprocal), clamped to
+    +-448 (NaN stays NaN), rounded to nearest even by the conversion."""
+    y = x.to(torch.float32)
+    if scale is not None:
+        y = y / scale
+    return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None) -> None:
     """Negative slots are skipped. Slots on the host: the live rows picked out when there is
-    a negative one. On a device: no host sync (see _write_kv_no_sync)."""
+    a negative one. On a device: no host sync (see _write_kv_no_sync). float8_e4m3fn caches:
+    key/value quantized (quantize_fp8), then every path moves bytes (uint8 views)."""
     n = slot_mapping.shape[0]
+    if k_cache.dtype == torch.float8_e4m3fn:
+        key = quantize_fp8(key[:n], k_scale).view(torch.uint8)
+        value = quantize_fp8(value[:n], v_scale).view(torch.uint8)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     if slot_mapping.device.type != "cpu":
         _write_kv_no_sync(key, value, k_cache, v_cache, slot_mapping)
         return
@@ -1009,6 +1025,12 @@ def _write_kv_no_sync(key, value, k_cache, v_cache, slot_mapping) -> None:
         _write(c, s, _filled(x, cur, plan))
 
 
+def _bytes(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """float8_e4m3fn tensors as uint8 views (the block ops move bytes; torch has no
+    index_copy_ for float8 on the CPU), others as they are."""
+    return [t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in tensors]
+
+
 def _host_ids(name: str, ids: torch.Tensor, upper: int) -> bool:
     """Whether ``ids`` are on the host, after _host_bounds' guard there (a device's are bounded
     by the op itself: reads clamped, writes out of range dropped, no sync)."""
@@ -1022,6 +1044,7 @@ def copy_blocks(caches, src, dst) -> None:
     """Per cache, the source blocks gathered into a staging buffer, then written (every read
     before any write: src and dst may overlap)."""
     s, d = src.to(torch.int64), dst.to(torch.int64)
+    caches = _bytes(*caches)
     num_blocks = caches[0].shape[0]
     host = _host_ids("src", s, num_blocks) & _host_ids("dst", d, num_blocks)
     if not host:
@@ -1052,6 +1075,7 @@ def _staging(caches, n: int):
 
 def gather_blocks(buffer: torch.Tensor, caches, block_ids) -> None:
     ids = block_ids.to(torch.int64)
+    buffer, *caches = _bytes(buffer, *caches)
     if not _host_ids("block_ids", ids, caches[0].shape[0]):
         ids = ids.clamp(0, caches[0].shape[0] - 1)
     if buffer.is_contiguous() and len(caches) == 1:
@@ -1070,6 +1094,7 @@ def gather_blocks(buffer: torch.Tensor, caches, block_ids) -> None:
 
 def scatter_blocks(caches, buffer, block_ids) -> None:
     ids = block_ids.to(torch.int64)
+    buffer, *caches = _bytes(buffer, *caches)
     host = _host_ids("block_ids", ids, caches[0].shape[0])
     for i, c in enumerate(caches):
         rows = buffer[:, i].to(c.device)
@@ -1081,6 +1106,7 @@ def scatter_blocks(caches, buffer, block_ids) -> None:
 
 def swap_blocks(src_caches, dst_caches, src_ids, dst_ids) -> None:
     s, d = src_ids.to(torch.int64), dst_ids.to(torch.int64)
+    src_caches, dst_caches = _bytes(*src_caches), _bytes(*dst_caches)
     if not _host_ids("src_ids", s, src_caches[0].shape[0]):
         s = s.clamp(0, src_caches[0].shape[0] - 1)
     d_host = _host_ids("dst_ids", d, dst_caches[0].shape[0])

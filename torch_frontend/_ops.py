@@ -191,6 +191,62 @@ def _check_workspace(workspace, q) -> None:
                          f"tensor, or a slice at a multiple of {WORKSPACE_ALIGN})")
 
 
+# ----------------------------------------------------------------------- fp8 KV caches
+
+
+def _scale_tensor(name: str, scale, cache: Tensor) -> Tensor | None:
+    """A checked k_scale / v_scale (validate.check_kv_scale ran) as a 0-d float32 tensor on the
+    cache's device, or None. A Python float becomes a tensor so that a CUDA division by it is
+    a true division (torch divides by a CPU scalar as a multiply by its reciprocal)."""
+    if scale is None:
+        return None
+    if isinstance(scale, (int, float, np.integer, np.floating)):
+        return torch.tensor(float(scale), dtype=torch.float32, device=cache.device)
+    if not isinstance(scale, torch.Tensor):  # a numpy array or another framework's
+        raise TypeError(f"{name}: expected a float or a torch.Tensor, got "
+                        f"{type(scale).__name__}")
+    return upload(scale.detach(), cache.device).reshape(())
+
+
+def _kv_scales(k_scale, v_scale, k_cache: Tensor, v_cache: Tensor):
+    """(k_scale, v_scale) as 0-d tensors on the caches' device after their value checks
+    (host tensors always; device tensors in checked mode)."""
+    if _want_values(*(s for s in (k_scale, v_scale) if isinstance(s, torch.Tensor))):
+        validate.check_kv_scale_values(k_scale, v_scale)
+    return _scale_tensor("k_scale", k_scale, k_cache), _scale_tensor("v_scale", v_scale, v_cache)
+
+
+def _dequantize(cache: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """float32(cache) * scale in ``dtype`` (q's: rounded there, as vLLM's fp8 kernels do)."""
+    x = cache.to(torch.float32)
+    if scale is not None:
+        x = x * scale
+    return x.to(dtype)
+
+
+def _dequantized_blocks(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_scale, v_scale,
+                        *tables: Tensor):
+    """fp8 caches as caches in q's dtype for the attention backends: (k, v, tables) where k, v
+    hold the dequantized blocks the tables name, in table order, and each table is remapped
+    to them (no host sync: fixed shapes, graph-safe); when the tables name at least as many
+    entries as the cache has blocks, the whole cache dequantized and the tables unchanged.
+    Entries past a row's blocks (never read) are clamped into range before the gather."""
+    num_blocks = k_cache.shape[0]
+    total = sum(t.numel() for t in tables)
+    if 0 < total < num_blocks:
+        ids = torch.cat([t.reshape(-1) for t in tables]).to(torch.int64).clamp(0, num_blocks - 1)
+        k_cache, v_cache = (c.view(torch.uint8).index_select(0, ids).view(c.dtype)
+                            for c in (k_cache, v_cache))
+        remapped, start = [], 0
+        for t in tables:
+            remapped.append((torch.arange(t.numel(), dtype=torch.int32, device=t.device)
+                             + start).view(t.shape))
+            start += t.numel()
+        tables = tuple(remapped)
+    return (_dequantize(k_cache, k_scale, q.dtype), _dequantize(v_cache, v_scale, q.dtype),
+            *tables)
+
+
 # ----------------------------------------------------------------------- op registration
 
 #: The Python implementation of every custom op, by op name (what the dispatcher calls).
@@ -337,12 +393,16 @@ def _(out_a, lse_a, out_b, lse_b, backend):
 
 def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale=None,
                     causal=True, sliding_window=None, logits_soft_cap=None, return_lse=False,
-                    sinks=None, out=None, lse=None, workspace=None, backend=None):
+                    sinks=None, k_scale=None, v_scale=None, out=None, lse=None, workspace=None,
+                    backend=None):
     """Ragged paged attention over cached prefixes (decode, prefill and mixed batches).
 
     q: [num_tokens, num_q_heads, head_dim] float32|float16|bfloat16.
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], q's dtype (views of a
-    stacked cache are fine). block_tables: i32[num_seqs, max_blocks_per_seq].
+    stacked cache are fine), or float8_e4m3fn read as float32(cache) * k_scale (v_scale):
+    k_scale, v_scale None (1.0), a positive float or a float32 tensor of one element (fp8
+    caches only; see docs/ops.md: the blocks the tables name are dequantized into q's dtype,
+    then any backend runs). block_tables: i32[num_seqs, max_blocks_per_seq].
     kv_lens: i32[num_seqs], cached prefix + this step's tokens. cu_q_lens: i32[num_seqs + 1] or
     None (decode). sinks: optional float[num_q_heads] on q's device, attention sinks (gpt-oss,
     vLLM's ``sinks``): one logit per q head added to the softmax denominator (applied after the
@@ -359,10 +419,13 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     dims = validate.check_paged_attention(
         q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
-        sinks=sinks)
+        sinks=sinks, k_scale=k_scale, v_scale=v_scale)
     if _want_values(block_tables, kv_lens, cu_q_lens):
         validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
     block_tables, kv_lens, cu_q_lens = _on(q.device, block_tables, kv_lens, cu_q_lens)
+    if validate.is_fp8(k_cache):
+        k_cache, v_cache, block_tables = _dequantized_blocks(
+            q, k_cache, v_cache, *_kv_scales(k_scale, v_scale, k_cache, v_cache), block_tables)
     args = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, dims.scale, bool(causal),
             None if sliding_window is None else int(sliding_window),
             None if logits_soft_cap is None else float(logits_soft_cap), backend)
@@ -391,8 +454,8 @@ def _run_attention(op, args, q, out, lse, workspace, return_lse, sinks):
 def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
                             block_tables, kv_lens, cu_q_lens=None, *, scale=None,
                             logits_soft_cap=None, return_lse=False, sinks=None,
-                            sliding_window=None, out=None, lse=None, workspace=None,
-                            backend=None):
+                            sliding_window=None, k_scale=None, v_scale=None, out=None, lse=None,
+                            workspace=None, backend=None):
     """Causal attention of sequences sharing cached prefixes, each prefix's KV read once for
     all its sequences (on a GPU; on the CPU only for prefix groups large enough to pay for a
     pass of their own, see docs/ops.md: smaller ones read it through each sequence's table).
@@ -404,7 +467,8 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     sinks, out, lse, workspace: as in :func:`paged_attention` (each row's sink counted once).
     sliding_window: as in :func:`paged_attention`, counted over prefix then own tokens; with a
     window the call runs as paged_attention over each sequence's prefix then own blocks (each
-    query sees its own part of the prefix: nothing to share).
+    query sees its own part of the prefix: nothing to share). k_scale, v_scale: as in
+    :func:`paged_attention` (float8_e4m3fn caches).
     """
     _tensors(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks)
     _index_tensors(prefix_block_tables=prefix_block_tables, prefix_lens=prefix_lens,
@@ -413,13 +477,17 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     sdims = validate.check_shared_prefix_attention(
         q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
         kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
-        sinks=sinks, sliding_window=sliding_window)
+        sinks=sinks, sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale)
     if _want_values(prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
                     cu_q_lens):
         validate.check_shared_prefix_attention_values(
             sdims, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens)
     prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens = _on(
         q.device, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens)
+    if validate.is_fp8(k_cache):
+        k_cache, v_cache, prefix_block_tables, block_tables = _dequantized_blocks(
+            q, k_cache, v_cache, *_kv_scales(k_scale, v_scale, k_cache, v_cache),
+            prefix_block_tables, block_tables)
     soft_cap = None if logits_soft_cap is None else float(logits_soft_cap)
     if sliding_window is not None:  # checked above: paged attention over the joined tables
         tables, lens = _prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids,
@@ -527,7 +595,12 @@ def _block_contiguous(caches) -> bool:
 
 @_op("write_kv", mutates_args=("k_cache", "v_cache"))
 def _write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
-              slot_mapping: Tensor, backend: str | None) -> None:
+              slot_mapping: Tensor, backend: str | None, k_scale: Tensor | None = None,
+              v_scale: Tensor | None = None) -> None:
+    if validate.is_fp8(k_cache):  # only backends that quantize (the registry asks fp8=)
+        select("write_kv", platform_of(k_cache), backend, fp8=True)(
+            key, value, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
+        return
     select("write_kv", platform_of(k_cache), backend)(key, value, k_cache, v_cache, slot_mapping)
 
 
@@ -592,16 +665,23 @@ def _(*args):
     return None
 
 
-def write_kv(key, value, k_cache, v_cache, slot_mapping, *, backend=None) -> None:
+def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None,
+             backend=None) -> None:
     """Write this step's keys/values into the cache in place.
 
     key, value: [num_tokens, num_kv_heads, head_dim], the cache's dtype (rows past
-    len(slot_mapping) are ignored). k_cache, v_cache: [num_blocks, block_size, num_kv_heads,
-    head_dim]. slot_mapping: i32[n], slot = block * block_size + offset, negative = skip.
+    len(slot_mapping) are ignored), or any float dtype (both the same) for float8_e4m3fn
+    caches. k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim].
+    slot_mapping: i32[n], slot = block * block_size + offset, negative = skip.
+    k_scale, v_scale: float8_e4m3fn caches only; None (1.0), a positive float or a float32
+    tensor of one element: the cache stores fp8(sat(x / scale)) in float32 (docs/ops.md;
+    bit-exact with :func:`prefixkv.paged.reference.quantize_fp8_reference`). The torch
+    backend quantizes; the triton backend refuses float8_e4m3fn caches.
     """
     _tensors(key=key, value=value, k_cache=k_cache, v_cache=v_cache)
     _index_tensors(slot_mapping=slot_mapping)
-    validate.check_write_kv(key, value, k_cache, v_cache, slot_mapping)
+    validate.check_write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=k_scale,
+                            v_scale=v_scale)
     for name, rows in (("key", key), ("value", value)):
         for cname, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
             if _overlaps(rows, cache):  # written while read: K then V would see the change
@@ -609,6 +689,10 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, backend=None) -> Non
     if _want_values(slot_mapping):
         validate.check_write_kv_values(k_cache, slot_mapping)
     (slot_mapping,) = _on(k_cache.device, slot_mapping)
+    if validate.is_fp8(k_cache):
+        _invoke("write_kv", (key, value, k_cache, v_cache, slot_mapping, backend,
+                             *_kv_scales(k_scale, v_scale, k_cache, v_cache)))
+        return
     _invoke("write_kv", (key, value, k_cache, v_cache, slot_mapping, backend))
 
 
