@@ -21,6 +21,7 @@ import numpy as np
 
 from ..paged import validate
 from ..paged.registry import BackendError
+from ..paged.spec import FP8_MAX
 from . import _backends, _xla
 
 __all__ = ["paged_attention", "shared_prefix_attention", "merge_attention_states", "write_kv",
@@ -116,16 +117,83 @@ def _dispatch(op: str, backend: str | None, context: dict, call, operands=()):
     return jax.lax.platform_dependent(default=lambda: call(default), **per_platform)
 
 
+# ----------------------------------------------------------------------------- fp8 caches
+
+
+def _kv_scales(k_scale, v_scale):
+    """Checked k_scale / v_scale as 0-d float32 arrays (traced or concrete) or None, after the
+    host value check of concrete host arrays (or any concrete ones in checked mode)."""
+    arrays = [s for s in (k_scale, v_scale) if s is not None and hasattr(s, "shape")
+              and not isinstance(s, (np.floating, np.integer))]
+    if arrays and _run_value_checks(*arrays):
+        validate.check_kv_scale_values(k_scale, v_scale)
+    return tuple(None if s is None else _scale_array(s) for s in (k_scale, v_scale))
+
+
+def _scale_array(scale):
+    import jax.numpy as jnp
+
+    return jnp.asarray(scale, dtype=jnp.float32).reshape(())
+
+
+def _quantize_fp8(x, scale):
+    """float8_e4m3fn(sat(float32(x) / scale)): the XLA form of quantize_fp8_reference."""
+    import jax.numpy as jnp
+
+    y = x.astype(jnp.float32)
+    if scale is not None:
+        # XLA rewrites x / broadcast(s) as x * broadcast(1 / s), which rounds differently
+        # (about 1 in 8 random values): divide by a full-shape operand behind a barrier
+        y = y / jax.lax.optimization_barrier(jnp.broadcast_to(scale, y.shape))
+    return jnp.clip(y, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+
+
+def _dequantize(cache, scale, dtype):
+    import jax.numpy as jnp
+
+    x = cache.astype(jnp.float32)
+    if scale is not None:
+        x = x * scale
+    return x.astype(dtype)
+
+
+def _dequantized_blocks(q, k_cache, v_cache, k_scale, v_scale, *tables):
+    """fp8 caches as caches in q's dtype for every attention backend: (k, v, *tables) with k, v
+    the dequantized blocks the tables name, in table order, and the tables remapped to them
+    (static shapes: jit-friendly); when the tables name at least as many entries as the cache
+    has blocks, the whole cache dequantized and the tables unchanged. Entries past a row's
+    blocks (never read) are clamped into range before the gather."""
+    import jax.numpy as jnp
+
+    k_scale, v_scale = _kv_scales(k_scale, v_scale)
+    num_blocks = int(k_cache.shape[0])
+    total = sum(int(np.prod(t.shape)) for t in tables)
+    if 0 < total < num_blocks:
+        ids = jnp.concatenate([jnp.asarray(t).reshape(-1) for t in tables])
+        k_cache, v_cache = (jnp.take(c, ids, axis=0, mode="clip") for c in (k_cache, v_cache))
+        remapped, start = [], 0
+        for t in tables:
+            n = int(np.prod(t.shape))
+            remapped.append((jnp.arange(n, dtype=jnp.int32) + start).reshape(t.shape))
+            start += n
+        tables = tuple(remapped)
+    return (_dequantize(k_cache, k_scale, q.dtype), _dequantize(v_cache, v_scale, q.dtype),
+            *tables)
+
+
 # ------------------------------------------------------------------------------- attention
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale=None,
                     causal=True, sliding_window=None, logits_soft_cap=None, return_lse=False,
-                    sinks=None, backend=None):
+                    sinks=None, k_scale=None, v_scale=None, backend=None):
     """Ragged paged attention over cached prefixes: decode, prefill, chunked prefill, mixed.
 
     q: [num_tokens, num_q_heads, head_dim] float32|float16|bfloat16.
-    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], q's dtype.
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], q's dtype, or
+    float8_e4m3fn read as float32(cache) * k_scale (v_scale): k_scale, v_scale None (1.0), a
+    positive float or a float32 array of one element, may be traced (fp8 caches only; the
+    blocks the tables name are dequantized into q's dtype, then any backend runs).
     block_tables: i32[num_seqs, max_blocks_per_seq]; entries in [0, num_blocks) for the blocks
     holding tokens (others are never read as keys).
     kv_lens: i32[num_seqs], cached prefix + this step's tokens.
@@ -149,9 +217,12 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     dims = validate.check_paged_attention(
         q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
-        sinks=sinks)
+        sinks=sinks, k_scale=k_scale, v_scale=v_scale)
     if _run_value_checks(block_tables, kv_lens, cu_q_lens):
         validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
+    if validate.is_fp8(k_cache):
+        k_cache, v_cache, block_tables = _dequantized_blocks(q, k_cache, v_cache, k_scale,
+                                                             v_scale, block_tables)
     out, lse = _run_paged_attention(dims, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
                                     causal=causal, sliding_window=sliding_window,
                                     logits_soft_cap=logits_soft_cap, sinks=sinks,
@@ -180,7 +251,7 @@ def _run_paged_attention(dims, q, k_cache, v_cache, block_tables, kv_lens, cu_q_
 def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
                             block_tables, kv_lens, cu_q_lens=None, *, scale=None,
                             logits_soft_cap=None, return_lse=False, sinks=None,
-                            sliding_window=None, backend=None):
+                            sliding_window=None, k_scale=None, v_scale=None, backend=None):
     """Causal attention of sequences that share cached prefixes (cascade attention).
 
     q, k_cache, v_cache, cu_q_lens: as :func:`paged_attention`.
@@ -195,19 +266,23 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     sinks: as paged_attention (each row's sink counted once). sliding_window: as
     paged_attention, counted over prefix then own tokens; with a window the call runs as
     paged_attention over each sequence's prefix then own blocks (a window gives each query its
-    own part of the prefix: nothing to share). Returns out (and lse) as paged_attention.
+    own part of the prefix: nothing to share). k_scale, v_scale: as paged_attention
+    (float8_e4m3fn caches). Returns out (and lse) as paged_attention.
     """
     check_static(scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
                  sliding_window=sliding_window)
     sdims = validate.check_shared_prefix_attention(
         q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
         kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
-        sinks=sinks, sliding_window=sliding_window)
+        sinks=sinks, sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale)
     if _run_value_checks(prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
                          cu_q_lens):
         validate.check_shared_prefix_attention_values(
             sdims, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
             cu_q_lens)
+    if validate.is_fp8(k_cache):
+        k_cache, v_cache, prefix_block_tables, block_tables = _dequantized_blocks(
+            q, k_cache, v_cache, k_scale, v_scale, prefix_block_tables, block_tables)
     dims = sdims.attention
     if sliding_window is not None:  # checked above: paged attention over the joined tables
         tables, lens = _xla.prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids,
@@ -251,19 +326,29 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, backend=None):
 # ------------------------------------------------------------------------------- cache ops
 
 
-def write_kv(key, value, k_cache, v_cache, slot_mapping, *, backend=None):
+def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None,
+             backend=None):
     """Write this step's keys and values into the paged caches; returns (k_cache, v_cache).
 
-    key, value: [num_tokens, num_kv_heads, head_dim], the caches' dtype.
+    key, value: [num_tokens, num_kv_heads, head_dim], the caches' dtype, or any float dtype
+    (both the same) for float8_e4m3fn caches, which store fp8(sat(float32(x) / scale)) with
+    k_scale, v_scale: None (1.0), a positive float or a float32 array of one element, may be
+    traced (fp8 caches only; docs/ops.md). The rows are quantized by XLA ops, then the chosen
+    backend moves their bytes.
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim].
     slot_mapping: i32[n], n <= num_tokens; slot = block * block_size + offset; negative slots
     are skipped; rows of key/value past n are ignored (padding). Slots must be distinct.
     Returns new caches; donate the caches (``jax.jit(..., donate_argnums=...)``) to update in
     place with no copy.
     """
-    validate.check_write_kv(key, value, k_cache, v_cache, slot_mapping)
+    validate.check_write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=k_scale,
+                            v_scale=v_scale)
     if _run_value_checks(slot_mapping):
         validate.check_write_kv_values(k_cache, slot_mapping)
+    if validate.is_fp8(k_cache):
+        ks, vs = _kv_scales(k_scale, v_scale)
+        n = int(slot_mapping.shape[0])  # rows past the mapping: never quantized
+        key, value = _quantize_fp8(key[:n], ks), _quantize_fp8(value[:n], vs)
     return _dispatch("write_kv", backend, _backends.cache_context([k_cache]),
                      lambda impl: tuple(impl(key, value, k_cache, v_cache, slot_mapping)),
                      (key, value, k_cache, v_cache, slot_mapping))
