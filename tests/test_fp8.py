@@ -306,6 +306,27 @@ def test_torch_write_kv_is_bit_exact_with_the_reference(dtype, scale_kind):
         np.testing.assert_array_equal(_tbits(v), _bits(want_v), err_msg=f"{dtype} {scale}")
 
 
+def test_torch_write_kv_device_path_moves_quantized_bytes_without_a_sync():
+    """The path write_kv takes with the slots on a device (no host sync: negative slots
+    redirected, rows filled by torch.where on same-width integers), run on the CPU with the
+    fp8 caches and quantized rows as the uint8 views write_kv gives it."""
+    torch = pytest.importorskip("torch")
+    from prefixkv.torch_frontend import _native
+
+    rng = np.random.default_rng(12)
+    kc = ref.quantize_fp8_reference(rng.standard_normal((3, 4, 2, 8)))
+    key = (rng.standard_normal((5, 2, 8)) * 100).astype(np.float32)
+    key[0, 0, :3] = [np.nan, np.inf, _f32(0x3EF00001)]
+    slots = np.array([6, -1, 11, 0], np.int32)
+    want, _ = ref.write_kv_reference(key, key, kc, kc, slots, k_scale=0.3, v_scale=0.3)
+    k, v = _t8(kc), _t8(kc)
+    rows = _native.quantize_fp8(torch.from_numpy(key)[:4], torch.tensor(0.3)).view(torch.uint8)
+    _native._write_kv_no_sync(rows, rows, k.view(torch.uint8), v.view(torch.uint8),
+                              torch.from_numpy(slots))
+    np.testing.assert_array_equal(_tbits(k), _bits(want))
+    np.testing.assert_array_equal(_tbits(v), _bits(want))
+
+
 TORCH_ATTENTION = [("decode", "float32", {}), ("decode", "bfloat16", {"sliding_window": 5}),
                    ("mixed", "float32", {"logits_soft_cap": 3.0}), ("mixed", "float16", {}),
                    ("mixed", "bfloat16", {"causal": False}), ("prefill", "float32", {})]
@@ -468,6 +489,47 @@ def test_torch_fp8_refusals_and_bad_input_name_the_argument():
     with pytest.raises(TypeError, match="key: expected float32 or float16 or bfloat16, got "
                                         "float8_e4m3fn"):
         tf.write_kv(k[0], v[0], k, v, torch.tensor([0], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("slots_on", ["cuda", "cpu"])
+def test_cuda_fp8_write_kv_and_attention(slots_on):
+    """On a CUDA GPU (skipped without one): write_kv bit-exact (auto backend: torch, the
+    triton write kernel refuses fp8; slots on the device take the no-sync path), attention on
+    the triton and torch backends against the reference, scales as CUDA tensors."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from prefixkv.torch_frontend import REGISTRIES
+    from torch_convert import N, T
+
+    from prefixkv import torch_frontend as tf
+
+    dev = "cuda"
+    rng = np.random.default_rng(13)
+    for scale, values in _write_cases("float"):
+        key = (rng.standard_normal((5, 2, 16)) * 30).astype(np.float32)
+        key[1].flat[:len(values)] = values
+        kc = ref.quantize_fp8_reference(rng.standard_normal((3, 4, 2, 16)))
+        slots = np.array([6, 9, -1, 0], np.int32)
+        want, _ = ref.write_kv_reference(key, key, kc, kc, slots, k_scale=scale, v_scale=scale)
+        k, v = _t8(kc).to(dev), _t8(kc).to(dev)
+        s = torch.tensor(scale, device=dev)
+        tf.write_kv(T(key, dev), T(key, dev), k, v, T(slots, slots_on), k_scale=s, v_scale=s)
+        np.testing.assert_array_equal(_tbits(k), _bits(want), err_msg=str(scale))
+        np.testing.assert_array_equal(_tbits(v), _bits(want), err_msg=str(scale))
+    if "triton" in REGISTRIES["write_kv"].explain("cuda"):
+        assert REGISTRIES["write_kv"].select("cuda", fp8=True).name == "torch"
+    b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16), num_q_heads=8,
+                                  num_kv_heads=2, head_dim=64, block_size=16, dtype="bfloat16")
+    kq, vq = (ref.quantize_fp8_reference(c, 0.05) for c in (b.k_cache, b.v_cache))
+    want = ref.paged_attention_reference(b.q, kq, vq, *b.args()[3:], k_scale=0.05,
+                                         v_scale=0.05)
+    args = [None if a is None else T(a, dev) for a in b.args()]
+    ks = torch.tensor([0.05], device=dev)
+    for backend in (None, "torch"):
+        out = tf.paged_attention(args[0], _t8(kq).to(dev), _t8(vq).to(dev), *args[3:],
+                                 k_scale=ks, v_scale=ks, backend=backend)
+        testing.assert_attention_close(N(out), want, "bfloat16")
 
 
 # --------------------------------------------------------------------------------------- JAX
