@@ -228,8 +228,14 @@ def test_validate_fp8_dtype_rules():
         validate.check_write_kv(key, key, kq.view(np.int8), vq.view(np.int8), slots)
 
 
-def test_reference_block_ops_move_fp8_bytes():
+def test_reference_write_then_block_ops_move_fp8_bytes():
+    """A step's write into fp8 caches, then the block copy/gather/scatter of offloading: the
+    block ops move the quantized bytes (NaN included) untouched."""
     _, kq, vq = _fp8_args()
+    key = np.full((2, 2, 16), np.nan, np.float32)
+    key[1] = 1000.0
+    kq, vq = ref.write_kv_reference(key, key, kq, vq, np.array([0, 9], np.int32), k_scale=2.0)
+    assert (_bits(kq)[0, 0] == 0x7F).all() and (_bits(vq)[2, 1] == 0x7E).all()
     src, dst = np.array([0, 2], np.int32), np.array([3, 1], np.int32)
     got = ref.copy_blocks_reference([kq, vq], src, dst)
     want = kq.copy()
@@ -648,14 +654,20 @@ def test_jax_shared_prefix_attention_reads_fp8_caches(decode, window):
 
 
 @pytest.mark.parametrize("backend", ["xla", "pallas_interpret"])
-def test_jax_block_ops_move_fp8_bytes(backend, pallas_races):
+def test_jax_write_then_block_ops_move_fp8_bytes(backend, pallas_races):
+    """A step's write into fp8 caches (NaN and saturated values among them), then the block
+    ops of offloading move the quantized bytes untouched."""
     pytest.importorskip("jax")
     from prefixkv import jax_frontend as jf
 
     rng = np.random.default_rng(6)
     kq = ref.quantize_fp8_reference(rng.standard_normal((6, 4, 2, 8)) * 100)
     vq = ref.quantize_fp8_reference(rng.standard_normal((6, 4, 2, 8)))
-    kq[0, 0, 0, :2] = np.array([np.nan, -np.nan], np.float32).astype(F8)
+    key = np.full((2, 2, 8), np.nan, np.float32)
+    key[1] = -1e4
+    kq, vq = (np.asarray(c) for c in jf.write_kv(key, key, kq, vq, np.array([0, 9], np.int32),
+                                                 k_scale=0.5, backend=backend))
+    assert (_bits(kq)[0, 0] == 0x7F).all() and (_bits(vq)[2, 1] == 0xFE).all()
     src, dst = np.array([0, 2], np.int32), np.array([3, 1], np.int32)
     got = jf.copy_blocks([kq, vq], src, dst, backend=backend)
     for g, w in zip(got, ref.copy_blocks_reference([kq, vq], src, dst), strict=True):
