@@ -6,7 +6,8 @@ Built on first use with the system C++ compiler into the cache directory of
 :mod:`.xla_ffi` (no jax needed); ``PREFIXKV_DISABLE_CPU_FFI=1``, no compiler or a failed build
 turn it off, and :func:`available` says so (:func:`status` says why). Semantics: those of the
 XLA handler (see the source's header): one query per sequence at kv_len - 1, optional sliding
-window and soft cap, out in q's dtype, lse f32 (natural log; -inf and out 0 where no key).
+window and soft cap, out in q's dtype, lse f32 (natural log; -inf and out 0 where no key);
+caches of q's dtype or float8_e4m3fn (read as value * k_scale, value * v_scale).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from pathlib import Path
 from . import xla_ffi
 
 SOURCE = Path(__file__).with_name("xla_attention.cc")
-#: dtype name -> the kernel's dtype code.
-DTYPES = {"float32": 0, "bfloat16": 1, "float16": 2}
+#: dtype name -> the kernel's dtype code (q and out: the first three; caches: q's or fp8).
+DTYPES = {"float32": 0, "bfloat16": 1, "float16": 2, "float8_e4m3fn": 3}
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -40,7 +41,8 @@ def _load() -> None:
         fn = lib.PrefixkvDecodeAttentionRaw
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64)] + [ctypes.c_void_p] * 7 + [
-            ctypes.c_float, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+            ctypes.c_float, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int,
+            ctypes.c_int, ctypes.c_float, ctypes.c_float]
         _state["fn"] = fn
     except (RuntimeError, OSError, AttributeError) as e:
         _state["error"] = str(e)
@@ -62,12 +64,14 @@ def status() -> str:
 def decode_attention(dtype: str, dims, q: int, k_cache: int, v_cache: int, block_tables: int,
                      kv_lens: int, out: int, lse: int, *, scale: float,
                      sliding_window: int | None = None, logits_soft_cap: float | None = None,
-                     portable: bool = False, threads: int = 1) -> None:
+                     portable: bool = False, threads: int = 1, kv_dtype: str | None = None,
+                     k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Run the kernel on contiguous buffers given by address.
 
     dims: (num_seqs, num_q_heads, head_dim, num_blocks, block_size, num_kv_heads, max_blocks).
     q, out: [num_seqs, num_q_heads, head_dim] of ``dtype``; caches [num_blocks, block_size,
-    num_kv_heads, head_dim] of ``dtype``; block_tables i32[num_seqs, max_blocks]; kv_lens
+    num_kv_heads, head_dim] of ``kv_dtype`` (None: ``dtype``; or "float8_e4m3fn", read as
+    value * k_scale, value * v_scale); block_tables i32[num_seqs, max_blocks]; kv_lens
     i32[num_seqs]; lse f32[num_seqs, num_q_heads]. The caller keeps the buffers alive.
     threads: the sequences are split over up to this many threads (ranges of about equal keys;
     the result is the same for any count).
@@ -75,11 +79,17 @@ def decode_attention(dtype: str, dims, q: int, k_cache: int, v_cache: int, block
     if not available():
         raise RuntimeError(f"the CPU decode kernel is not available: {status()}")
     arr = (ctypes.c_int64 * 7)(*(int(d) for d in dims))
+    kv_dtype = dtype if kv_dtype is None else kv_dtype
+    if dtype not in DTYPES or kv_dtype not in DTYPES:
+        raise ValueError(f"decode_attention: unsupported dtype {dtype!r} / kv_dtype "
+                         f"{kv_dtype!r}")
     rc = _state["fn"](DTYPES[dtype], arr, q, k_cache, v_cache, block_tables, kv_lens, out, lse,
                       float(scale), int(sliding_window or 0), float(logits_soft_cap or 0.0),
-                      int(bool(portable)), max(1, int(threads)))
+                      int(bool(portable)), max(1, int(threads)), DTYPES[kv_dtype],
+                      float(k_scale), float(v_scale))
     if rc != 0:
-        raise ValueError(f"decode_attention: unsupported dtype {dtype!r} or shapes {dims}")
+        raise ValueError(f"decode_attention: unsupported dtype {dtype!r} (caches {kv_dtype!r}) "
+                         f"or shapes {dims}")
 
 
 __all__ = ["DTYPES", "available", "decode_attention", "status"]

@@ -1,7 +1,9 @@
 // Decode paged attention for XLA:CPU, as an XLA FFI custom call (one thread).
 //
 // q: [num_seqs, num_q_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size,
-// num_kv_heads, head_dim] (float32, bfloat16 or float16, q's dtype); block_tables:
+// num_kv_heads, head_dim] (float32, bfloat16 or float16, q's dtype; or float8_e4m3fn with q
+// float32, bfloat16 or float16, read as float32(cache) * k_scale or v_scale, vLLM's fp8 KV
+// cache: k_scale folds into q's scale, v_scale into the final 1 / sum); block_tables:
 // s32[num_seqs, max_blocks]; kv_lens: s32[num_seqs]. Returns out (q's dtype, same shape as q)
 // and lse f32[num_seqs, num_q_heads] (natural log). The query of sequence s sits at position
 // kv_lens[s] - 1 and sees keys t < kv_lens[s], and t >= kv_lens[s] - sliding_window when
@@ -171,12 +173,31 @@ struct F16Tag {
   static uint16_t FromF32(float x) { return F32ToF16(x); }
 };
 
+// float8_e4m3fn (1 sign, 4 exponent bits of bias 7, 3 mantissa bits; no inf, 0x7f / 0xff NaN),
+// exactly. As a cache element only: nothing is stored in it here.
+inline float F8E4M3ToF32(uint8_t b) {
+  const uint32_t sign = (uint32_t{b} & 0x80u) << 24;
+  const uint32_t exp = (b >> 3) & 0xfu;
+  const uint32_t man = b & 0x7u;
+  if ((b & 0x7fu) == 0x7fu) return std::numeric_limits<float>::quiet_NaN();
+  if (exp == 0) return BitsToF32(F32ToBits(static_cast<float>(man) * 0.001953125f) | sign);
+  return BitsToF32(sign | ((exp + 120u) << 23) | (man << 20));  // man * 2^-9 above
+}
+
+struct F8E4M3Tag {
+  using Storage = uint8_t;
+  static float ToF32(uint8_t x) { return F8E4M3ToF32(x); }
+};
+
 // ------------------------------------------------------------------ portable inner loops
 
 // The shapes every inner-loop implementation sees: q rows and accumulators [group][head_dim]
 // (float32), s / p [group][kChunk], n keys: key t's head_dim values at rows[t] + head_off
 // (the keys of a chunk may come from several blocks).
 struct Portable {
+  template <class Tag>
+  static constexpr float Unit() { return 1.0f; }
+
   template <class Tag>
   static void Qk(const float* q, int group, int d, const typename Tag::Storage* const* rows,
                  int64_t head_off, int n, float* s, float* row) {
@@ -249,13 +270,16 @@ struct Portable {
 template <class Tag>
 struct AvxLoad;
 
+// Load8: 8 elements as float32, times kUnit.
 template <>
 struct AvxLoad<F32Tag> {
+  static constexpr float kUnit = 1.0f;
   PREFIXKV_AVX2 static inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
 };
 
 template <>
 struct AvxLoad<BF16Tag> {
+  static constexpr float kUnit = 1.0f;
   PREFIXKV_AVX2 static inline __m256 Load8(const uint16_t* p) {
     const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
@@ -264,8 +288,28 @@ struct AvxLoad<BF16Tag> {
 
 template <>
 struct AvxLoad<F16Tag> {
+  static constexpr float kUnit = 1.0f;
   PREFIXKV_AVX2 static inline __m256 Load8(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+};
+
+// Through half precision: the byte's exponent and mantissa bits moved under a half's (shifted
+// by 7, sign to bit 15) give the value * 2^-8 exactly, subnormals included (F16C converts
+// them exactly whatever MXCSR's DAZ says); 0x7f / 0xff (NaN) become a half NaN. Load8 returns
+// value * kUnit (2^-8): the caller folds 2^8 into the scales (exact, a power of two).
+template <>
+struct AvxLoad<F8E4M3Tag> {
+  static constexpr float kUnit = 1.0f / 256.0f;
+  PREFIXKV_AVX2 static inline __m256 Load8(const uint8_t* p) {
+    // sign-extended bytes << 7: bits 0-6 to 7-13, the sign to 14 and 15; bit 14 cleared
+    const __m128i w = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m128i h = _mm_and_si128(_mm_slli_epi16(w, 7), _mm_set1_epi16(-16512));  // 0xbf80
+    // bits 7-13 all set (NaN, 0x3f80) and only then: + 0x80 carries into bit 14, which
+    // makes the half's exponent all ones (a NaN: its mantissa is not 0)
+    const __m128i carry = _mm_and_si128(_mm_add_epi16(h, _mm_set1_epi16(0x80)),
+                                        _mm_set1_epi16(0x4000));
+    return _mm256_cvtph_ps(_mm_or_si128(h, carry));
   }
 };
 
@@ -403,6 +447,10 @@ PREFIXKV_AVX2 void PvGroup(const float* p, int group, int d,
 }
 
 struct Avx2 {
+  // What the inner loops read a cache element as, over its value.
+  template <class Tag>
+  static constexpr float Unit() { return AvxLoad<Tag>::kUnit; }
+
   template <class Tag>
   static void Qk(const float* q, int group, int d, const typename Tag::Storage* const* rows,
                  int64_t head_off, int n, float* s, float*) {
@@ -483,12 +531,29 @@ struct Shape {
   int64_t num_seqs, num_q_heads, head_dim, num_blocks, block_size, num_kv_heads, max_blocks;
 };
 
-template <class Tag, class Ops>
+// Scalar arguments of a call: the logits' scale, the sliding window (0: none), the soft cap
+// (0: none) and the fp8 caches' scales (1 for the others).
+struct Params {
+  float scale = 1.0f;
+  int64_t window = 0;
+  float cap = 0.0f;
+  float k_scale = 1.0f, v_scale = 1.0f;
+};
+
+// Tag: q and out's element type; KvTag: the caches'.
+template <class Tag, class KvTag, class Ops>
 void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
-                     const typename Tag::Storage* kc, const typename Tag::Storage* vc,
+                     const typename KvTag::Storage* kc, const typename KvTag::Storage* vc,
                      const int32_t* tables, const int32_t* kv_lens, typename Tag::Storage* out,
-                     float* lse, float scale, int64_t window, float cap) {
-  using S = typename Tag::Storage;
+                     float* lse, const Params& prm) {
+  using S = typename KvTag::Storage;
+  using QS = typename Tag::Storage;
+  // (scale q) . (k_scale k) with k read as k * unit (a power of two): exact folds
+  const float unit = Ops::template Unit<KvTag>();
+  const float scale = prm.scale * prm.k_scale / unit;
+  const float v_scale = prm.v_scale / unit;
+  const int64_t window = prm.window;
+  const float cap = prm.cap;
   const int hq = static_cast<int>(sh.num_q_heads);
   const int hkv = static_cast<int>(sh.num_kv_heads);
   const int d = static_cast<int>(sh.head_dim);
@@ -509,8 +574,8 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
   for (int64_t seq = 0; seq < sh.num_seqs; ++seq) {
-    const S* qs = q + seq * hq * d;
-    S* os = out + seq * hq * d;
+    const QS* qs = q + seq * hq * d;
+    QS* os = out + seq * hq * d;
     float* ls = lse + seq * hq;
     const int64_t kv_len = std::max<int64_t>(kv_lens[seq], 0);
     const int64_t lo = window > 0 ? std::max<int64_t>(kv_len - window, 0) : 0;
@@ -548,7 +613,7 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
     for (int64_t c = lo; c < kv_len; c += chunk) {
       const int n = static_cast<int>(std::min<int64_t>(chunk, kv_len - c));
       pf.Reset(vrows.data(), n, key_row_bytes);  // this chunk's V rows, during q.k
-      Ops::template QkAll<Tag>(qf.data(), hkv, group, d, krows.data(), n, s.data(), row.data(),
+      Ops::template QkAll<KvTag>(qf.data(), hkv, group, d, krows.data(), n, s.data(), row.data(),
                                &pf);
       const int next_n = static_cast<int>(std::max<int64_t>(
           0, std::min<int64_t>(chunk, kv_len - c - chunk)));
@@ -576,7 +641,7 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
           }
           lh[g] += Ops::ExpSum(sg, n, mh[g]);
         }
-        Ops::template Pv<Tag>(sh_, group, d, vrows.data(), head_off, n, ah, row.data());
+        Ops::template Pv<KvTag>(sh_, group, d, vrows.data(), head_off, n, ah, row.data());
       }
       krows.swap(next_krows);
       vrows.swap(next_vrows);
@@ -592,7 +657,7 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
         continue;
       }
       const bool seen = l[h] > 0.0f;
-      const float inv = seen ? 1.0f / l[h] : 0.0f;
+      const float inv = seen ? v_scale / l[h] : 0.0f;
       for (int i = 0; i < d; ++i) os[h * d + i] = Tag::FromF32(acc[h * d + i] * inv);
       ls[h] = seen ? m[h] + std::log(l[h]) : neg_inf;
     }
@@ -629,16 +694,16 @@ void ParallelFor(int64_t parts, int64_t helpers, const std::function<void(int64_
 // Sequences split over up to `threads` participants (ParallelFor) in contiguous ranges of
 // about equal keys; each sequence is computed exactly as on one thread, so the result does not
 // depend on the thread count.
-template <class Tag, class Ops, class Schedule>
+template <class Tag, class KvTag, class Ops, class Schedule>
 void DecodeParallel(int64_t threads, Schedule&& schedule, const Shape& sh,
-                    const typename Tag::Storage* q, const typename Tag::Storage* kc,
-                    const typename Tag::Storage* vc, const int32_t* tables,
-                    const int32_t* kv_lens, typename Tag::Storage* out, float* lse, float scale,
-                    int64_t window, float cap) {
+                    const typename Tag::Storage* q, const typename KvTag::Storage* kc,
+                    const typename KvTag::Storage* vc, const int32_t* tables,
+                    const int32_t* kv_lens, typename Tag::Storage* out, float* lse,
+                    const Params& prm) {
   const int64_t n = sh.num_seqs;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, n));
   if (parts == 1) {
-    DecodeAttention<Tag, Ops>(sh, q, kc, vc, tables, kv_lens, out, lse, scale, window, cap);
+    DecodeAttention<Tag, KvTag, Ops>(sh, q, kc, vc, tables, kv_lens, out, lse, prm);
     return;
   }
   // range boundaries at equal shares of the keys (a sequence counts at least one)
@@ -658,39 +723,52 @@ void DecodeParallel(int64_t threads, Schedule&& schedule, const Shape& sh,
     if (s1 <= s0) return;
     Shape sub = sh;
     sub.num_seqs = s1 - s0;
-    DecodeAttention<Tag, Ops>(sub, q + s0 * qs, kc, vc, tables + s0 * sh.max_blocks,
-                              kv_lens + s0, out + s0 * qs, lse + s0 * sh.num_q_heads, scale,
-                              window, cap);
+    DecodeAttention<Tag, KvTag, Ops>(sub, q + s0 * qs, kc, vc, tables + s0 * sh.max_blocks,
+                                     kv_lens + s0, out + s0 * qs, lse + s0 * sh.num_q_heads,
+                                     prm);
   };
   ParallelFor(parts, parts - 1, run, schedule);
 }
 
-template <class Tag, class Schedule>
+template <class Tag, class KvTag, class Schedule>
 void RunRaw(bool portable, int64_t threads, Schedule&& schedule, const Shape& sh, const void* q,
             const void* k, const void* v, const int32_t* tables, const int32_t* kv_lens,
-            void* out, float* lse, float scale, int64_t window, float cap) {
+            void* out, float* lse, const Params& prm) {
   using S = typename Tag::Storage;
+  using KS = typename KvTag::Storage;
   const S* qp = static_cast<const S*>(q);
-  const S* kp = static_cast<const S*>(k);
-  const S* vp = static_cast<const S*>(v);
+  const KS* kp = static_cast<const KS*>(k);
+  const KS* vp = static_cast<const KS*>(v);
   S* op = static_cast<S*>(out);
 #if PREFIXKV_X86
   if (!portable && sh.head_dim % 8 == 0 && CpuHasAvx2()) {
-    DecodeParallel<Tag, Avx2>(threads, schedule, sh, qp, kp, vp, tables, kv_lens, op, lse, scale,
-                              window, cap);
+    DecodeParallel<Tag, KvTag, Avx2>(threads, schedule, sh, qp, kp, vp, tables, kv_lens, op, lse,
+                                     prm);
     return;
   }
 #endif
-  DecodeParallel<Tag, Portable>(threads, schedule, sh, qp, kp, vp, tables, kv_lens, op, lse,
-                                scale, window, cap);
+  DecodeParallel<Tag, KvTag, Portable>(threads, schedule, sh, qp, kp, vp, tables, kv_lens, op,
+                                       lse, prm);
 }
 
-// RunRaw on up to `threads` std::threads (the calling one included), all joined before it
+// RunRaw with caches of q's element type or of float8_e4m3fn (fp8).
+template <class Tag, class Schedule>
+void RunKv(bool fp8, bool portable, int64_t threads, Schedule&& schedule, const Shape& sh,
+           const void* q, const void* k, const void* v, const int32_t* tables,
+           const int32_t* kv_lens, void* out, float* lse, const Params& prm) {
+  if (fp8)
+    RunRaw<Tag, F8E4M3Tag>(portable, threads, schedule, sh, q, k, v, tables, kv_lens, out, lse,
+                           prm);
+  else
+    RunRaw<Tag, Tag>(portable, threads, schedule, sh, q, k, v, tables, kv_lens, out, lse, prm);
+}
+
+// RunKv on up to `threads` std::threads (the calling one included), all joined before it
 // returns; a thread that cannot be started leaves its share to the others.
 template <class Tag>
-void RunOnThreads(bool portable, int64_t threads, const Shape& sh, const void* q, const void* k,
-                  const void* v, const int32_t* tables, const int32_t* kv_lens, void* out,
-                  float* lse, float scale, int64_t window, float cap) {
+void RunOnThreads(bool fp8, bool portable, int64_t threads, const Shape& sh, const void* q,
+                  const void* k, const void* v, const int32_t* tables, const int32_t* kv_lens,
+                  void* out, float* lse, const Params& prm) {
   std::vector<std::thread> pool;
   auto schedule = [&pool](std::function<void()> task) {
     try {
@@ -698,40 +776,43 @@ void RunOnThreads(bool portable, int64_t threads, const Shape& sh, const void* q
     } catch (...) {  // no thread: the calling thread takes its parts
     }
   };
-  RunRaw<Tag>(portable, threads, schedule, sh, q, k, v, tables, kv_lens, out, lse, scale, window,
-              cap);
+  RunKv<Tag>(fp8, portable, threads, schedule, sh, q, k, v, tables, kv_lens, out, lse, prm);
   for (auto& t : pool) t.join();
 }
 
 #ifndef PREFIXKV_NO_XLA_FFI
 template <class Tag>
-void Dispatch(bool portable, ffi::ThreadPool& pool, const Shape& sh, const ffi::AnyBuffer& q,
-              const ffi::AnyBuffer& k, const ffi::AnyBuffer& v, const int32_t* tables,
-              const int32_t* kv_lens, ffi::AnyBuffer* out, float* lse, float scale,
-              int64_t window, float cap) {
+void Dispatch(bool fp8, bool portable, ffi::ThreadPool& pool, const Shape& sh,
+              const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
+              const int32_t* tables, const int32_t* kv_lens, ffi::AnyBuffer* out, float* lse,
+              const Params& prm) {
   // the sequences over XLA:CPU's intra-op pool (its size: NPROC / the PjRt client's threads)
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   auto schedule = [&pool](std::function<void()> task) { pool.Schedule(std::move(task)); };
-  RunRaw<Tag>(portable, threads, schedule, sh, q.untyped_data(), k.untyped_data(),
-              v.untyped_data(), tables, kv_lens, out->untyped_data(), lse, scale, window, cap);
+  RunKv<Tag>(fp8, portable, threads, schedule, sh, q.untyped_data(), k.untyped_data(),
+             v.untyped_data(), tables, kv_lens, out->untyped_data(), lse, prm);
 }
 
-ffi::Error PagedAttentionDecodeImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
-                                    ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> block_tables,
-                                    ffi::Buffer<ffi::S32> kv_lens,
-                                    ffi::Result<ffi::AnyBuffer> out,
-                                    ffi::Result<ffi::Buffer<ffi::F32>> lse, float scale,
-                                    int64_t sliding_window, float logits_soft_cap,
-                                    int64_t portable, ffi::ThreadPool pool) {
+// kv_scales: null (caches of q's type), or [k_scale, v_scale] for float8_e4m3fn caches.
+ffi::Error DecodeImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
+                      ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> kv_lens,
+                      const float* kv_scales, ffi::Result<ffi::AnyBuffer> out,
+                      ffi::Result<ffi::Buffer<ffi::F32>> lse, float scale,
+                      int64_t sliding_window, float logits_soft_cap, int64_t portable,
+                      ffi::ThreadPool pool) {
   auto qd = q.dimensions();
   auto kd = k_cache.dimensions();
   auto td = block_tables.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || td.size() != 2)
     return ffi::Error::InvalidArgument("paged_attention_decode: bad ranks");
   const auto dtype = q.element_type();
-  if (k_cache.element_type() != dtype || v_cache.element_type() != dtype ||
+  const bool fp8 = kv_scales != nullptr;
+  const auto kv_dtype = fp8 ? ffi::DataType::F8E4M3FN : dtype;
+  if (k_cache.element_type() != kv_dtype || v_cache.element_type() != kv_dtype ||
       out->element_type() != dtype)
-    return ffi::Error::InvalidArgument("paged_attention_decode: dtypes differ");
+    return ffi::Error::InvalidArgument(
+        fp8 ? "paged_attention_decode_fp8: caches must be float8_e4m3fn, out q's dtype"
+            : "paged_attention_decode: dtypes differ");
   Shape sh{qd[0], qd[1], qd[2], kd[0], kd[1], kd[2], td[1]};
   auto vd = v_cache.dimensions();
   for (size_t i = 0; i < 4; ++i)
@@ -747,18 +828,23 @@ ffi::Error PagedAttentionDecodeImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
   float* lp = lse->typed_data();
   const bool port = portable != 0;
   ffi::AnyBuffer* op = &(*out);
+  Params prm;
+  prm.scale = scale;
+  prm.window = sliding_window;
+  prm.cap = logits_soft_cap;
+  if (fp8) {
+    prm.k_scale = kv_scales[0];
+    prm.v_scale = kv_scales[1];
+  }
   switch (dtype) {
     case ffi::DataType::F32:
-      Dispatch<F32Tag>(port, pool, sh, q, k_cache, v_cache, tables, lens, op, lp, scale,
-                       sliding_window, logits_soft_cap);
+      Dispatch<F32Tag>(fp8, port, pool, sh, q, k_cache, v_cache, tables, lens, op, lp, prm);
       break;
     case ffi::DataType::BF16:
-      Dispatch<BF16Tag>(port, pool, sh, q, k_cache, v_cache, tables, lens, op, lp, scale,
-                        sliding_window, logits_soft_cap);
+      Dispatch<BF16Tag>(fp8, port, pool, sh, q, k_cache, v_cache, tables, lens, op, lp, prm);
       break;
     case ffi::DataType::F16:
-      Dispatch<F16Tag>(port, pool, sh, q, k_cache, v_cache, tables, lens, op, lp, scale,
-                       sliding_window, logits_soft_cap);
+      Dispatch<F16Tag>(fp8, port, pool, sh, q, k_cache, v_cache, tables, lens, op, lp, prm);
       break;
     default:
       return ffi::Error::InvalidArgument(
@@ -767,36 +853,76 @@ ffi::Error PagedAttentionDecodeImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
   return ffi::Error::Success();
 }
 
+ffi::Error PagedAttentionDecodeImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
+                                    ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> block_tables,
+                                    ffi::Buffer<ffi::S32> kv_lens,
+                                    ffi::Result<ffi::AnyBuffer> out,
+                                    ffi::Result<ffi::Buffer<ffi::F32>> lse, float scale,
+                                    int64_t sliding_window, float logits_soft_cap,
+                                    int64_t portable, ffi::ThreadPool pool) {
+  return DecodeImpl(q, k_cache, v_cache, block_tables, kv_lens, nullptr, out, lse, scale,
+                    sliding_window, logits_soft_cap, portable, pool);
+}
+
+// The same over float8_e4m3fn caches, their scales in a f32[2] operand (traced values).
+ffi::Error PagedAttentionDecodeFp8Impl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
+                                       ffi::AnyBuffer v_cache,
+                                       ffi::Buffer<ffi::S32> block_tables,
+                                       ffi::Buffer<ffi::S32> kv_lens,
+                                       ffi::Buffer<ffi::F32> kv_scales,
+                                       ffi::Result<ffi::AnyBuffer> out,
+                                       ffi::Result<ffi::Buffer<ffi::F32>> lse, float scale,
+                                       int64_t sliding_window, float logits_soft_cap,
+                                       int64_t portable, ffi::ThreadPool pool) {
+  if (kv_scales.element_count() != 2)
+    return ffi::Error::InvalidArgument("paged_attention_decode_fp8: kv_scales must be f32[2]");
+  return DecodeImpl(q, k_cache, v_cache, block_tables, kv_lens, kv_scales.typed_data(), out,
+                    lse, scale, sliding_window, logits_soft_cap, portable, pool);
+}
+
 #endif  // PREFIXKV_NO_XLA_FFI
 
 }  // namespace
 
 // Plain C entry (no XLA): the same kernel on raw contiguous buffers, for the PyTorch CPU path
 // (kernels/cpu/decode.py, through ctypes). dims: num_seqs, num_q_heads, head_dim, num_blocks,
-// block_size, num_kv_heads, max_blocks; dtype: 0 float32, 1 bfloat16, 2 float16; threads: the
-// most threads to split the sequences over. Returns 0, or 1 for a bad dtype or shape.
+// block_size, num_kv_heads, max_blocks; dtype (q's and out's): 0 float32, 1 bfloat16,
+// 2 float16; kv_dtype (the caches'): dtype, or 3 float8_e4m3fn read as value * k_scale
+// (v_scale); threads: the most threads to split the sequences over. Returns 0, or 1 for a bad
+// dtype or shape.
 extern "C" int PrefixkvDecodeAttentionRaw(int dtype, const int64_t* dims, const void* q,
                                           const void* k_cache, const void* v_cache,
                                           const int32_t* block_tables, const int32_t* kv_lens,
                                           void* out, float* lse, float scale,
                                           int64_t sliding_window, float logits_soft_cap,
-                                          int portable, int threads) {
+                                          int portable, int threads, int kv_dtype,
+                                          float k_scale, float v_scale) {
   Shape sh{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6]};
   if (sh.num_kv_heads < 1 || sh.num_q_heads % sh.num_kv_heads != 0 || sh.head_dim < 1)
     return 1;
+  if (kv_dtype != dtype && kv_dtype != 3) return 1;
+  const bool fp8 = kv_dtype == 3;
   const bool port = portable != 0;
+  Params prm;
+  prm.scale = scale;
+  prm.window = sliding_window;
+  prm.cap = logits_soft_cap;
+  if (fp8) {
+    prm.k_scale = k_scale;
+    prm.v_scale = v_scale;
+  }
   switch (dtype) {
     case 0:
-      RunOnThreads<F32Tag>(port, threads, sh, q, k_cache, v_cache, block_tables, kv_lens, out,
-                     lse, scale, sliding_window, logits_soft_cap);
+      RunOnThreads<F32Tag>(fp8, port, threads, sh, q, k_cache, v_cache, block_tables, kv_lens,
+                           out, lse, prm);
       return 0;
     case 1:
-      RunOnThreads<BF16Tag>(port, threads, sh, q, k_cache, v_cache, block_tables, kv_lens, out,
-                      lse, scale, sliding_window, logits_soft_cap);
+      RunOnThreads<BF16Tag>(fp8, port, threads, sh, q, k_cache, v_cache, block_tables, kv_lens,
+                            out, lse, prm);
       return 0;
     case 2:
-      RunOnThreads<F16Tag>(port, threads, sh, q, k_cache, v_cache, block_tables, kv_lens, out,
-                     lse, scale, sliding_window, logits_soft_cap);
+      RunOnThreads<F16Tag>(fp8, port, threads, sh, q, k_cache, v_cache, block_tables, kv_lens,
+                           out, lse, prm);
       return 0;
     default:
       return 1;
@@ -811,6 +937,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PrefixkvPagedAttentionDecode, PagedAttentionDecode
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("sliding_window")
+                                  .Attr<float>("logits_soft_cap")
+                                  .Attr<int64_t>("portable")
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PrefixkvPagedAttentionDecodeFp8, PagedAttentionDecodeFp8Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")

@@ -52,6 +52,7 @@ TARGETS = {
     "prefixkv_cpu_scatter_blocks": "PrefixkvScatterBlocks",
     "prefixkv_cpu_gather_blocks": "PrefixkvGatherBlocks",
     "prefixkv_cpu_paged_attention_decode": "PrefixkvPagedAttentionDecode",
+    "prefixkv_cpu_paged_attention_decode_fp8": "PrefixkvPagedAttentionDecodeFp8",
 }
 
 _lock = threading.Lock()
@@ -255,9 +256,18 @@ def use_for_attention(q, k_cache, v_cache) -> bool:
     return len(names) == 1 and names <= ATTENTION_DTYPES and available()
 
 
+def use_for_attention_fp8(q, k_cache, v_cache) -> bool:
+    """Whether :func:`paged_attention_decode` takes these float8_e4m3fn caches: q float32,
+    bfloat16 or float16, both caches float8_e4m3fn, the handlers available."""
+    return (np.dtype(q.dtype).name in ATTENTION_DTYPES
+            and all(np.dtype(c.dtype).name == "float8_e4m3fn" for c in (k_cache, v_cache))
+            and available())
+
+
 def paged_attention_decode(q, k_cache, v_cache, block_tables, kv_lens, *, scale: float,
                            sliding_window: int | None = None,
-                           logits_soft_cap: float | None = None, portable: bool = False):
+                           logits_soft_cap: float | None = None, portable: bool = False,
+                           k_scale=None, v_scale=None):
     """Decode paged attention by the compiled handler of ``xla_attention.cc``; (out, lse).
 
     q: [num_seqs, num_q_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads,
@@ -265,7 +275,9 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
     kv_lens i32[num_seqs]. One query per sequence at position kv_len - 1 (causal, optional
     sliding window and soft cap). Returns out in q's dtype and lse f32[num_seqs, num_q_heads]
     (natural log; -inf and out 0 where no key is seen). ``portable``: the handler's portable
-    inner loops instead of the AVX2 ones (tests).
+    inner loops instead of the AVX2 ones (tests). float8_e4m3fn caches (vLLM's fp8 KV cache)
+    are read as value * k_scale and value * v_scale: scales None (1.0), floats or float32
+    scalars, traced or not (the fp8 handler takes them as an f32[2] operand).
     """
     import jax
     import jax.numpy as jnp
@@ -275,13 +287,18 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
     if not available():
         raise RuntimeError(f"the CPU FFI kernels are not available: {cpu_cache_ops_path()}")
     num_seqs, num_q_heads, _ = q.shape
+    fp8 = np.dtype(k_cache.dtype).name == "float8_e4m3fn"
     call = jax.ffi.ffi_call(
-        "prefixkv_cpu_paged_attention_decode",
+        "prefixkv_cpu_paged_attention_decode" + ("_fp8" if fp8 else ""),
         (jax.ShapeDtypeStruct(q.shape, q.dtype),
          jax.ShapeDtypeStruct((num_seqs, num_q_heads), jnp.float32)),
         vmap_method="sequential")
+    scales = ()
+    if fp8:
+        scales = (jnp.stack([jnp.asarray(1.0 if x is None else x, jnp.float32).reshape(())
+                             for x in (k_scale, v_scale)]),)
     out = call(q, k_cache, v_cache, block_tables.astype(jnp.int32), kv_lens.astype(jnp.int32),
-               scale=np.float32(scale), sliding_window=np.int64(sliding_window or 0),
+               *scales, scale=np.float32(scale), sliding_window=np.int64(sliding_window or 0),
                logits_soft_cap=np.float32(logits_soft_cap or 0.0),
                portable=np.int64(bool(portable)))
     return match_varying(out, q, k_cache, v_cache, block_tables, kv_lens)
@@ -289,4 +306,5 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
 
 __all__ = ["available", "build", "cache_dir", "cpu_cache_ops_path", "write_kv", "copy_blocks",
            "gather_blocks", "scatter_blocks", "supports", "use_for", "SUPPORTED_DTYPES",
-           "DISABLE_ENV", "ATTENTION_DTYPES", "use_for_attention", "paged_attention_decode"]
+           "DISABLE_ENV", "ATTENTION_DTYPES", "use_for_attention", "use_for_attention_fp8",
+           "paged_attention_decode"]
