@@ -3,7 +3,9 @@
 - generations and final logits with prefix caching on equal those with caching off, in each
   framework (offload/onboard and shared_prefix_attention exercised on the way);
 - the JAX, torch and numpy-reference models with the same weights agree;
-- preemption under a tight pool, salt isolation, the workload's shape, the demo's main().
+- preemption under a tight pool, salt isolation, the workload's shape, the demo's main();
+- requests admitted in one step hit the prefix blocks an earlier one's chunk writes in the
+  same forward, and no read slot is ever unwritten or rewritten (preemption, free).
 """
 
 from __future__ import annotations
@@ -275,6 +277,99 @@ def test_preempted_request_keeps_its_first_arrival(monkeypatch):
         firsts = [s.first_token for s in seqs if s.first_token is not None]
         assert r.ttft_s == firsts[0] - seqs[0].arrival
     assert again
+
+
+def _same_step_requests(salts=(b"a", b"a", b"a", b"b"), new_tokens=4, seed=7):
+    """One 48-token system prompt (6 blocks of 8) + a short own suffix per request."""
+    rng = np.random.default_rng(seed)
+    system = tuple(rng.integers(1, CFG.vocab_size, 48).tolist())
+    own = (5, 9, 3, 6)[:len(salts)]
+    return [Request(i, system + tuple(rng.integers(1, CFG.vocab_size, n).tolist()), new_tokens,
+                    "t", salt, "chat") for i, (n, salt) in enumerate(zip(own, salts, strict=True))]
+
+
+# slots and tokens for the four requests in one step (214 prompt tokens); one token bucket
+SAME_STEP = ENGINE.replace(num_blocks=40, max_num_seqs=4, max_num_batched_tokens=256,
+                           min_token_bucket=256)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_requests_admitted_together_hit_the_prefix_the_first_one_writes(framework):
+    """Four requests with one system prompt, all admitted and prefilled in the first step: the
+    first computes the prompt, the second and third (same salt) hit its 6 blocks in the same
+    step, their attention reading the KV the first one's chunk writes in the same forward
+    (every adapter writes the batch's KV before its attention reads it), the second and third
+    through shared_prefix_attention over those blocks; the fourth (other salt) hits nothing.
+    Matched once at admission before the chunks were cached, the hits were [0, 0, 0, 0].
+    Same generations and final logits as with caching off, in the same number of steps (no
+    request waits for another's prefill)."""
+    reqs = _same_step_requests()
+    on = serve(framework, True, SAME_STEP, requests=reqs)
+    off = serve(framework, False, SAME_STEP, requests=reqs)
+    assert [r.cached_tokens for r in on.requests] == [0, 48, 48, 0]
+    assert on.outputs() == off.outputs()
+    assert _max_logit_diff(on, off) <= LOGIT_TOL
+    assert on.steps == off.steps == 4  # one prefill step (every first token), three decodes
+    assert on.shared_prefix_steps >= 1
+
+
+class _CheckedReads:
+    """A numpy model that checks, before each forward, that every cache slot the batch's
+    attention reads holds the KV of that position, written by this forward or an earlier one
+    (a block served before the forward that writes it, or freed and rewritten by another
+    request at another position, fails); onboarding is not tracked (use host_blocks=0)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.position_of = inner, {}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def reset(self) -> None:
+        self.inner.reset()
+        self.position_of = {}
+
+    def forward(self, batch):
+        bs = self.inner.block_size
+        for slot, pos in zip(batch.slot_mapping.tolist(), batch.positions.tolist(), strict=True):
+            if slot >= 0:
+                self.position_of[slot] = pos
+        for s in range(batch.num_real_seqs):
+            kv = int(batch.kv_lens[s])
+            pos = np.arange(kv)
+            slots = batch.block_tables[s, pos // bs].astype(np.int64) * bs + pos % bs
+            got = [self.position_of.get(x, -1) for x in slots.tolist()]
+            assert got == pos.tolist(), f"sequence {s} reads slots not written at its positions"
+        return self.inner.forward(batch)
+
+
+def test_same_step_hits_survive_preemption_and_free(monkeypatch):
+    """A pool too small for the three decodes: one of the requests that hit, in the step that
+    wrote them, the blocks the first one computes is preempted and re-admitted, and the first
+    one finishes first (freed) while the others still read its blocks; every read slot holds
+    its position's KV (refcounts keep matched blocks from being freed or rewritten), and
+    generations and final logits equal the roomy run's with caching off."""
+    from prefixkv.models import engine as engine_mod
+
+    admitted = []
+
+    class Seq(engine_mod._Seq):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            admitted.append(self)
+
+    reqs = _same_step_requests(salts=(b"a",) * 3, new_tokens=24)
+    reqs[0] = Request(0, reqs[0].prompt, 12, "t", b"a", "chat")
+    roomy = serve("numpy", False, SAME_STEP, requests=reqs)
+    monkeypatch.setattr(engine_mod, "_Seq", Seq)
+    tight = SAME_STEP.replace(num_blocks=14, max_num_seqs=3, host_blocks=0)
+    adapter = _CheckedReads(make_adapter("numpy", CFG, init_weights(CFG, 0), num_blocks=14,
+                                         block_size=8))
+    res = Engine(adapter, tight).run(reqs)
+    assert [(s.rid, s.cached_tokens) for s in admitted[:3]] == [(0, 0), (1, 48), (2, 48)]
+    assert res.preemptions > 0 and len(admitted) > 3  # a request that hit, admitted again
+    assert res.outputs() == roomy.outputs()
+    assert _max_logit_diff(res, roomy) <= LOGIT_TOL
 
 
 def test_jax_onboard_updates_the_caches_in_place():

@@ -13,12 +13,29 @@ and plans, and a *model adapter* runs the forward pass in its framework. An adap
 
 Each step (continuous batching, chunked prefill, as vLLM's scheduler): running sequences in
 decode get one token each, then sequences still in prefill get chunks of their uncached prompt
-tokens up to ``max_num_batched_tokens``; a chunk shrinks when the pool is short, and when a
-decode token cannot get a block the most recently admitted other sequence is preempted (freed
-and re-queued from scratch). New requests are admitted when a sequence slot is free (a closed
-loop: a request arrives when the previous one leaves), and their time to first token (TTFT) is
-measured from that moment to the end of the step that sampled their first token (a preempted
-request keeps both times of its first admission; its latency counts the recomputation).
+tokens up to ``max_num_batched_tokens``, then new requests are admitted into the free sequence
+slots, each matched against the cache and given its chunk (when tokens are left) before the
+next is matched; a chunk shrinks when the pool is short, and when a decode token cannot get a
+block the most recently admitted other sequence is preempted (freed and re-queued from
+scratch). A request is admitted when a sequence slot is free (a closed loop: a request arrives
+when the previous one leaves), and its time to first token (TTFT) is measured from that moment
+to the end of the step that sampled its first token (a preempted request keeps both times of
+its first admission; its latency counts the recomputation).
+
+Cache at allocation (vLLM's ``cache_blocks`` in ``allocate_slots``): each scheduled chunk is
+allocated and committed as it is scheduled, so the full blocks it fills are in the cache's
+index before the next request of the same step is matched. Requests admitted in one step that
+share a prefix (a system prompt) compute it once: the later ones hit the blocks the chunks
+scheduled before them fill, their attention reading the KV that the same forward pass writes,
+which is correct because every model adapter writes the KV of the whole batch's tokens
+(``write_kv``) before its attention reads the cache, layer by layer. A committed chunk is
+always part of that step's forward (preemptions happen only before the first commit of a
+step), and hits hold references, so no block matched in a step is freed or reused before the
+forward that writes it. A request admitted when no token is left in the step is matched then,
+not again when it gets tokens (as vLLM matches a waiting request): on the demo that raised the
+hit rate 88.2% -> 89.9% but let requests sharing a prompt finish in the same step, so in its
+closed loop their successors arrived, and prefilled, together: TTFT p50 12.8 -> 18.1 ms in a
+model of the torch step costs (20 -> 28 ms measured).
 
 Offload: when the pool evicts a cached block (an ``"evicted"`` event, published before the
 block is reused), its KV is gathered (``gather_blocks``) into a
@@ -48,6 +65,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..paged.events import EVICTED, KVEvent
+from ..paged.planner import plan_batch
 from ..paged.prefix_cache import PrefixCache
 from ..paged.spec import dtype_name, numpy_dtype
 from ..paged.tiers import BlockOffloader, HostTier, Namespace
@@ -399,24 +417,42 @@ class Engine:
             preempted.add(victim)
             pending.appendleft(victim.req)
 
+        def chunk(seq: _Seq, budget: int) -> int:
+            """Prompt tokens ``seq`` can compute now: within the budget and the free blocks."""
+            n = min(seq.prompt_len - seq.num_computed, budget)
+            free = pc.pool.num_free
+            while n > 0 and pc.blocks_needed(seq.rid, n) > free:
+                room = len(pc.blocks(seq.rid)) * c.block_size - seq.num_computed
+                n = min(n - 1, room + free * c.block_size)
+            return n
+
+        def schedule(seq: _Seq, n: int) -> None:
+            """Put ``n`` tokens of ``seq`` in this step: allocated and committed now, so the
+            full blocks they fill are cached at once and a request matched later in this step
+            hits them (this step's forward writes them before any attention reads them)."""
+            contexts.append(seq.num_computed)
+            if pc.allocate(seq.rid, n):  # copy-on-write needs fork(), which is never done here
+                raise RuntimeError("plan: copy-on-write pairs in a batch without forks")
+            pc.commit(seq.rid, n)
+            items.append((seq, n))
+
         while pending or running:
             now = time.perf_counter()
-            # after a preemption admit nothing new while others can still progress
-            while pending and len(running) < c.max_num_seqs and not (hold_admission and running):
-                running.append(admit(pending.popleft(), now))
+            held = hold_admission  # a preemption just before this step
             hold_admission = False
-            # ---- schedule: decodes first, then prefill chunks within the token budget
             budget = c.max_num_batched_tokens
-            claimed = 0  # blocks this step's items will take
             items: list[tuple[_Seq, int]] = []
+            contexts: list[int] = []  # each item's cached tokens before this step
             preempted: set[_Seq] = set()  # this step's: a set, not a scan of running per seq
+
+            # ---- schedule: decodes first, then prefill chunks within the token budget
             for seq in list(running):
                 if seq.in_prefill or seq in preempted:
                     continue
-                need = pc.blocks_needed(seq.rid, 1)
-                while need > pc.pool.num_free - claimed:
+                while pc.blocks_needed(seq.rid, 1) > pc.pool.num_free:
                     # preempt the youngest sequence not yet scheduled this step; when every
-                    # other one is scheduled, this one is the youngest (vLLM's policy)
+                    # other one is scheduled, this one is the youngest (vLLM's policy). Only
+                    # decodes are scheduled yet: nothing committed this step is freed
                     scheduled = {it[0] for it in items}
                     victims = [s for s in running if s is not seq and s not in scheduled]
                     preempt(victims[-1] if victims else seq)
@@ -424,31 +460,36 @@ class Engine:
                         break
                 if seq in preempted:
                     continue
-                items.append((seq, 1))
-                claimed += need
+                schedule(seq, 1)
                 budget -= 1
-            free = pc.pool.num_free - claimed
-            for seq in running:
+            for seq in list(running):
                 if not seq.in_prefill or budget <= 0:
                     continue
-                n = min(seq.prompt_len - seq.num_computed, budget)
-                while n > 0 and pc.blocks_needed(seq.rid, n) > free:
-                    room = len(pc.blocks(seq.rid)) * c.block_size - seq.num_computed
-                    n = min(n - 1, room + free * c.block_size)
-                if n <= 0:
-                    continue
-                free -= pc.blocks_needed(seq.rid, n)
-                items.append((seq, n))
-                budget -= n
+                n = chunk(seq, budget)
+                if n > 0:
+                    schedule(seq, n)
+                    budget -= n
+            # ---- admit into free slots, one request at a time: each is matched after the
+            # chunks scheduled before it are cached (after a preemption admit nothing new
+            # while others can still progress)
+            if not ((held or hold_admission) and running):
+                while pending and len(running) < c.max_num_seqs:
+                    seq = admit(pending.popleft(), now)
+                    running.append(seq)
+                    if budget > 0 and (n := chunk(seq, budget)) > 0:
+                        schedule(seq, n)
+                        budget -= n
             if not items:
                 if len(running) > 1:
                     preempt(running[-1])
                     continue
                 raise RuntimeError("num_blocks: the pool cannot hold one sequence")
-            # ---- plan (allocate, register, metadata) and run the model
-            plan = pc.step([(s.rid, n) for s, n in items])
-            if plan.copy_src.size:  # copy-on-write needs fork(), which this engine never does
-                raise RuntimeError("plan: copy-on-write pairs in a batch without forks")
+            # ---- plan (metadata of the chunks allocated and committed above) and run the model
+            plan = plan_batch([pc.blocks(s.rid) for s, _ in items], contexts,
+                              [n for _, n in items], c.block_size,
+                              shared_prefix=pc.shared_prefix,
+                              min_prefix_blocks=pc.min_prefix_blocks,
+                              min_group_size=pc.min_group_size)
             token_ids = np.concatenate(
                 [np.asarray(s.tokens[s.num_computed:s.num_computed + n], I32) for s, n in items])
             rows = plan.cu_q_lens[1:] - 1
