@@ -460,19 +460,12 @@ def test_torch_fp8_under_torch_compile():
     # (torch.library.opcheck cannot take fp8 caches: its schema test multiplies them)
 
 
-def test_torch_fp8_refusals_and_bad_input_name_the_argument():
+def test_torch_fp8_bad_input_names_the_argument():
     torch = pytest.importorskip("torch")
-    from prefixkv.paged.registry import BackendError
-    from prefixkv.torch_frontend import REGISTRIES
     from torch_convert import T
 
     from prefixkv import torch_frontend as tf
 
-    # the Triton write kernel moves bytes: it would store float32 bits in fp8 slots
-    with pytest.raises(BackendError, match="k_cache: float8_e4m3fn caches .* torch backend"):
-        REGISTRIES["write_kv"].select("cuda", "triton", fp8=True)
-    if "triton" in REGISTRIES["write_kv"].explain("cuda"):
-        assert REGISTRIES["write_kv"].select("cuda", fp8=True).name == "torch"
     b, kq, vq = _fp8_args()
     args = [T(a) for a in b.args()]
     k, v = _t8(kq), _t8(vq)
@@ -499,13 +492,12 @@ def test_torch_fp8_refusals_and_bad_input_name_the_argument():
 
 @pytest.mark.parametrize("slots_on", ["cuda", "cpu"])
 def test_cuda_fp8_write_kv_and_attention(slots_on):
-    """On a CUDA GPU (skipped without one): write_kv bit-exact (auto backend: torch, the
-    triton write kernel refuses fp8; slots on the device take the no-sync path), attention on
-    the triton and torch backends against the reference, scales as CUDA tensors."""
+    """On a CUDA GPU (skipped without one): write_kv bit-exact on the triton and torch
+    backends (slots on the device: the no-sync path), attention on both against the
+    reference, scales as CUDA tensors."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from prefixkv.torch_frontend import REGISTRIES
     from torch_convert import N, T
 
     from prefixkv import torch_frontend as tf
@@ -518,13 +510,13 @@ def test_cuda_fp8_write_kv_and_attention(slots_on):
         kc = ref.quantize_fp8_reference(rng.standard_normal((3, 4, 2, 16)))
         slots = np.array([6, 9, -1, 0], np.int32)
         want, _ = ref.write_kv_reference(key, key, kc, kc, slots, k_scale=scale, v_scale=scale)
-        k, v = _t8(kc).to(dev), _t8(kc).to(dev)
-        s = torch.tensor(scale, device=dev)
-        tf.write_kv(T(key, dev), T(key, dev), k, v, T(slots, slots_on), k_scale=s, v_scale=s)
-        np.testing.assert_array_equal(_tbits(k), _bits(want), err_msg=str(scale))
-        np.testing.assert_array_equal(_tbits(v), _bits(want), err_msg=str(scale))
-    if "triton" in REGISTRIES["write_kv"].explain("cuda"):
-        assert REGISTRIES["write_kv"].select("cuda", fp8=True).name == "torch"
+        for backend in (None, "triton", "torch"):
+            k, v = _t8(kc).to(dev), _t8(kc).to(dev)
+            s = torch.tensor(scale, device=dev)
+            tf.write_kv(T(key, dev), T(key, dev), k, v, T(slots, slots_on), k_scale=s,
+                        v_scale=s, backend=backend)
+            np.testing.assert_array_equal(_tbits(k), _bits(want), err_msg=f"{backend} {scale}")
+            np.testing.assert_array_equal(_tbits(v), _bits(want), err_msg=f"{backend} {scale}")
     b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16), num_q_heads=8,
                                   num_kv_heads=2, head_dim=64, block_size=16, dtype="bfloat16")
     kq, vq = (ref.quantize_fp8_reference(c, 0.05) for c in (b.k_cache, b.v_cache))
@@ -536,6 +528,43 @@ def test_cuda_fp8_write_kv_and_attention(slots_on):
         out = tf.paged_attention(args[0], _t8(kq).to(dev), _t8(vq).to(dev), *args[3:],
                                  k_scale=ks, v_scale=ks, backend=backend)
         testing.assert_attention_close(N(out), want, "bfloat16")
+
+
+# ------------------------------------------------------------------------------------ Triton
+
+
+def test_triton_fp8_write_kv_under_interpreter():
+    """tests/test_fp8_triton_cases.py under TRITON_INTERPRET=1 (set before triton's import, so
+    in a subprocess): the Triton fp8 write_kv kernel bit-exact with the reference."""
+    pytest.importorskip("triton")
+    pytest.importorskip("torch")
+    from subprocess_cases import run_cases
+
+    run_cases("test_fp8_triton_cases.py", {"TRITON_INTERPRET": "1"}, "an out-of-bounds access?",
+              timeout=600)
+
+
+@pytest.mark.parametrize("key_ptr", ["*fp32", "*fp16", "*i16"], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("cc", [80, 90])
+def test_triton_fp8_write_kv_compiles_with_ieee_division(cc, key_ptr):
+    """The fp8 write kernel compiled for sm_80 and sm_90 with no GPU present: it builds, and
+    divides with div.rn.f32 (Triton's ``/`` is the approximate div.full.f32)."""
+    pytest.importorskip("torch")
+    triton = pytest.importorskip("triton")
+    from prefixkv.kernels.triton import cache as tcache
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = tcache._write_kv_fp8_kernel
+    cx = {"NUM_HEADS": 8, "HEAD_DIM": 128, "BLOCK_H": 8, "BLOCK_D": 128, "BLOCK_SIZE": 16,
+          "IN_BF16": key_ptr == "*i16"}
+    ptrs = {"key_ptr": key_ptr, "value_ptr": key_ptr, "k_ptr": "*i8", "v_ptr": "*i8",
+            "slots_ptr": "*i32", "ks_ptr": "*fp32", "vs_ptr": "*fp32"}
+    sig = {n: "constexpr" if n in cx else ptrs.get(n, "i32") for n in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn, sig, cx), target=GPUTarget("cuda", cc, 32))
+    ptx = kernel.asm["ptx"]
+    assert kernel.asm["cubin"] and "div.rn.f32" in ptx
+    assert "div.full.f32" not in ptx and "div.approx" not in ptx
 
 
 # --------------------------------------------------------------------------------------- JAX

@@ -597,8 +597,8 @@ def _block_contiguous(caches) -> bool:
 def _write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
               slot_mapping: Tensor, backend: str | None, k_scale: Tensor | None = None,
               v_scale: Tensor | None = None) -> None:
-    if validate.is_fp8(k_cache):  # only backends that quantize (the registry asks fp8=)
-        select("write_kv", platform_of(k_cache), backend, fp8=True)(
+    if validate.is_fp8(k_cache):  # every backend quantizes (bit-exact, docs/ops.md)
+        select("write_kv", platform_of(k_cache), backend)(
             key, value, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
         return
     select("write_kv", platform_of(k_cache), backend)(key, value, k_cache, v_cache, slot_mapping)
@@ -675,8 +675,8 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
     slot_mapping: i32[n], slot = block * block_size + offset, negative = skip.
     k_scale, v_scale: float8_e4m3fn caches only; None (1.0), a positive float or a float32
     tensor of one element: the cache stores fp8(sat(x / scale)) in float32 (docs/ops.md;
-    bit-exact with :func:`prefixkv.paged.reference.quantize_fp8_reference`). The torch
-    backend quantizes; the triton backend refuses float8_e4m3fn caches.
+    bit-exact with :func:`prefixkv.paged.reference.quantize_fp8_reference` on the torch and
+    triton backends).
     """
     _tensors(key=key, value=value, k_cache=k_cache, v_cache=v_cache)
     _index_tensors(slot_mapping=slot_mapping)

@@ -35,13 +35,6 @@ _TRITON_IMPL = {
 _BLOCK_OPS = ("copy_blocks", "gather_blocks", "scatter_blocks")
 
 
-def _write_kv_supported(**ctx) -> tuple[bool, str]:
-    if ctx.get("fp8"):
-        return False, ("k_cache: float8_e4m3fn caches (kv_cache_dtype='fp8') are written by the "
-                       "torch backend only (its kernel moves bytes, it does not quantize)")
-    return True, ""
-
-
 def _blocks_supported(**ctx) -> tuple[bool, str]:
     if not ctx.get("block_contiguous", True):
         return False, "needs each cache block contiguous (cache[b].is_contiguous())"
@@ -57,8 +50,7 @@ def _register_all() -> None:
         if op in _TRITON_IMPL:
             reg.register(Backend("triton", ("cuda",), _TRITON_IMPL[op], priority=10,
                                  requires=("triton",), doc="Triton kernels",
-                                 supports=(_blocks_supported if op in _BLOCK_OPS else
-                                           _write_kv_supported if op == "write_kv" else None)))
+                                 supports=_blocks_supported if op in _BLOCK_OPS else None))
     if _CUDA_C_SWAP:
         REGISTRIES["swap_blocks"].register(Backend(
             "cuda-c", ("cuda",), "prefixkv.kernels.cuda.swap:swap_blocks", priority=20,

@@ -1,6 +1,7 @@
-"""Triton kernels of the cache ops: write_kv (one program per token, negative slots skipped)
-and block gather/scatter (one program per block x chunk); copy_blocks is gather then scatter so
-every read happens before any write, whatever the src/dst overlap.
+"""Triton kernels of the cache ops: write_kv (one program per token, negative slots skipped;
+into float8_e4m3fn caches it quantizes, see _e4m3_bits) and block gather/scatter (one program
+per block x chunk); copy_blocks is gather then scatter so every read happens before any write,
+whatever the src/dst overlap.
 
 Copies move raw bits: float caches are viewed as same-width integers (exact, and the
 interpreter's bf16 handling never matters). Caches may be views with any strides, as long as
@@ -55,6 +56,68 @@ def _write_kv_kernel(key_ptr, value_ptr, k_ptr, v_ptr, slots_ptr, num_slots,
 
 
 @triton.jit
+def _load_f32(ptr, mask, IN_BF16: tl.constexpr):
+    """float32 of a float32/float16 element, or of a bfloat16 one given as its int16 bits (a
+    16-bit shift: exact, and the interpreter's bf16 handling never matters)."""
+    if IN_BF16:
+        return (tl.load(ptr, mask=mask).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    return tl.load(ptr, mask=mask).to(tl.float32)
+
+
+@triton.jit
+def _e4m3_bits(x, scale):
+    """float8_e4m3fn bits (int8) of sat(x / scale), x and scale float32: IEEE division
+    (div_rn, never the approximate division of ``/``), then the rounding done on the float32
+    bits with integer ops, ties to even (bit-exact with quantize_fp8_reference on any GPU and
+    in the interpreter, whose own float8 conversion does not round to nearest even): normals
+    keep 3 of 23 mantissa bits, subnormals (|y| < 2^-6) round |y| * 2^9 to an integer,
+    |y| >= 448 and +-inf saturate to 0x7e, NaN gives 0x7f; the sign bit is copied."""
+    u = tl.math.div_rn(x, scale).to(tl.int32, bitcast=True)
+    sign = (u >> 24) & 0x80
+    a_bits = u & 0x7FFFFFFF
+    a = a_bits.to(tl.float32, bitcast=True)
+    keep = (a_bits >> 20) & 0x7
+    rem = a_bits & 0xFFFFF
+    up = (rem > 0x80000) | ((rem == 0x80000) & ((keep & 1) == 1))
+    normal = ((((a_bits >> 23) - 120) << 3) | keep) + up.to(tl.int32)
+    t = tl.where(a < 0.015625, a, 0.0) * 512.0  # exact (a power of two); no inf/NaN cast
+    whole = t.to(tl.int32)  # t >= 0: truncation is the floor
+    frac = t - whole.to(tl.float32)
+    sub = whole + ((frac > 0.5) | ((frac == 0.5) & ((whole & 1) == 1))).to(tl.int32)
+    mag = tl.where(a < 0.015625, sub, normal)
+    mag = tl.where(a >= 448.0, 0x7E, mag)
+    mag = tl.where(a_bits > 0x7F800000, 0x7F, mag)
+    return (mag | sign).to(tl.int8)
+
+
+@triton.jit
+def _write_kv_fp8_kernel(key_ptr, value_ptr, k_ptr, v_ptr, slots_ptr, ks_ptr, vs_ptr, num_slots,
+                         stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+                         stride_cb, stride_ct, stride_ch, stride_cd,
+                         stride_db, stride_dt, stride_dh, stride_dd,
+                         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, IN_BF16: tl.constexpr):
+    """_write_kv_kernel into float8_e4m3fn caches (given as int8): each row quantized by its
+    cache's scale (ks_ptr, vs_ptr: one float32 each) with _e4m3_bits."""
+    tok = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slots_ptr + tok).to(tl.int64)
+    if (slot >= 0) & (slot < num_slots):
+        blk = slot // BLOCK_SIZE
+        off = slot % BLOCK_SIZE
+        h = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
+        d = tl.arange(0, BLOCK_D)
+        mask = (h[:, None] < NUM_HEADS) & (d[None, :] < HEAD_DIM)
+        kx = _load_f32(key_ptr + tok * stride_kt + h[:, None] * stride_kh
+                       + d[None, :] * stride_kd, mask, IN_BF16)
+        vx = _load_f32(value_ptr + tok * stride_vt + h[:, None] * stride_vh
+                       + d[None, :] * stride_vd, mask, IN_BF16)
+        tl.store(k_ptr + blk * stride_cb + off * stride_ct + h[:, None] * stride_ch
+                 + d[None, :] * stride_cd, _e4m3_bits(kx, tl.load(ks_ptr)), mask=mask)
+        tl.store(v_ptr + blk * stride_db + off * stride_dt + h[:, None] * stride_dh
+                 + d[None, :] * stride_dd, _e4m3_bits(vx, tl.load(vs_ptr)), mask=mask)
+
+
+@triton.jit
 def _gather_blocks_kernel(src_ptr, ids_ptr, dst_ptr, stride_src, stride_dst, num_rows,
                           BLOCK_NUMEL: tl.constexpr, BLOCK: tl.constexpr):
     """dst[i] = src[ids[i]] (flat block data); program (i, chunk). An id outside the
@@ -91,17 +154,41 @@ def block_contiguous(t: torch.Tensor) -> bool:
     return t[0].is_contiguous() if t.shape[0] else True
 
 
-def write_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None) -> None:
+    """key/value rows to their slots, bit for bit; into float8_e4m3fn caches quantized by
+    k_scale / v_scale (0-d float32 tensors on the caches' device, or None for 1.0)."""
     n = slot_mapping.shape[0]
     if n == 0:
         return
     _, block_size, num_heads, head_dim = k_cache.shape
+    if k_cache.dtype == torch.float8_e4m3fn:
+        _write_kv_fp8(key[:n], value[:n], k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        return
     key, value, kc, vc = _raw(key), _raw(value), _raw(k_cache), _raw(v_cache)
     block_h = write_kv_heads_per_program(num_heads, head_dim)
     _write_kv_kernel[(n, triton.cdiv(num_heads, block_h))](
         key, value, kc, vc, slot_mapping, k_cache.shape[0] * block_size, *key.stride(),
         *value.stride(), *kc.stride(), *vc.stride(), NUM_HEADS=num_heads, HEAD_DIM=head_dim,
         BLOCK_H=block_h, BLOCK_D=_p2(head_dim), BLOCK_SIZE=block_size)
+
+
+def _write_kv_fp8(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
+    n = slot_mapping.shape[0]
+    _, block_size, num_heads, head_dim = k_cache.shape
+    one = None
+    if k_scale is None or v_scale is None:
+        one = torch.ones((), dtype=torch.float32, device=k_cache.device)
+    ks = one if k_scale is None else k_scale
+    vs = one if v_scale is None else v_scale
+    bf16 = key.dtype == torch.bfloat16
+    if bf16:
+        key, value = key.view(torch.int16), value.view(torch.int16)
+    kc, vc = k_cache.view(torch.int8), v_cache.view(torch.int8)
+    block_h = write_kv_heads_per_program(num_heads, head_dim)
+    _write_kv_fp8_kernel[(n, triton.cdiv(num_heads, block_h))](
+        key, value, kc, vc, slot_mapping, ks, vs, k_cache.shape[0] * block_size, *key.stride(),
+        *value.stride(), *kc.stride(), *vc.stride(), NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+        BLOCK_H=block_h, BLOCK_D=_p2(head_dim), BLOCK_SIZE=block_size, IN_BF16=bf16)
 
 
 def write_kv_heads_per_program(num_heads: int, head_dim: int) -> int:
