@@ -6,7 +6,8 @@ head_dim 128, block 16), float32 and bfloat16: prefixkv's compiled C++ decode ke
 baseline (index_select the blocks, then scaled_dot_product_attention); prefixkv with
 gpt-oss-like attention sinks (the frontend's epilogue on the kernel's out, lse) in its own
 group, against the same decode without sinks (the epilogue's cost; SDPA computes no sinks, so
-it is no baseline for them). Shared prefix: 32
+it is no baseline for them); float8_e4m3fn caches (vLLM's fp8 KV cache) with bfloat16 queries
+against gather + dequantize + SDPA. Shared prefix: 32
 sequences sharing a 2048-token prefix plus 128 own tokens each: shared_prefix_attention vs
 paged_attention over the same batch. GPU (skipped without CUDA): decode at a fraction of HBM
 bandwidth, cascade decode, and prefill of 512 new tokens over 4096 cached at a fraction of the
@@ -168,6 +169,53 @@ def _cpu_decode(benchmark, machine_limits, impl, dtype, *, sinks, baseline):
     flops = 4 * NUM_SEQS * HQ * CONTEXT * HEAD_DIM
     record(benchmark, machine_limits, bytes_read=_kv_bytes(k, NUM_SEQS, CONTEXT), flops=flops,
            impl=impl, dtype=dtype, sinks=sinks is not None, baseline=baseline)
+
+
+#: fp8 decode: the caches hold the bf16 draws quantized with this scale (a power of two, so
+#: the dequantized values the reference reads are exact in float32); values up to ~5 / 2^-5.
+FP8_SCALE = 2.0 ** -5
+
+
+def fp8_decode_batch():
+    """The bf16 decode batch with float8_e4m3fn caches (vLLM's kv_cache_dtype="fp8") quantized
+    from its bf16 caches by prefixkv's write rule, and the scale."""
+    q, k, v, tables, kv_lens = decode_batch(dtype=torch.bfloat16)
+    k8, v8 = ((c.float() / FP8_SCALE).clamp(-448, 448).to(torch.float8_e4m3fn) for c in (k, v))
+    return q, k8, v8, tables, kv_lens
+
+
+def baseline_fp8_paged_attention(q, k8, v8, block_tables, kv_lens, scale):
+    """What a user writes without an fp8 paged kernel: gather the blocks, dequantize them into
+    q's dtype, then SDPA."""
+    k, v = _gathered(k8, v8, block_tables)
+    k, v = ((c.to(torch.float32) * scale).to(q.dtype) for c in (k, v))
+    pos = torch.arange(k.shape[2], device=q.device)
+    mask = (pos[None, :] < kv_lens[:, None].long())[:, None, None, :]
+    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)
+    return out[:, :, 0]
+
+
+@pytest.mark.parametrize("impl", ["prefixkv", "baseline_sdpa"])
+def test_cpu_decode_fp8(benchmark, machine_limits, impl):
+    """Decode over float8_e4m3fn caches with bfloat16 queries (k_scale = v_scale =
+    FP8_SCALE): prefixkv vs gather + dequantize + SDPA. Bytes: the fp8 KV read."""
+    benchmark.group = "cpu-decode-fp8"
+    q, k8, v8, tables, kv_lens = fp8_decode_batch()
+    if impl == "baseline_sdpa":
+        def fn():
+            return baseline_fp8_paged_attention(q, k8, v8, tables, kv_lens, FP8_SCALE)
+    else:
+        def fn():
+            return tf.paged_attention(q, k8, v8, tables, kv_lens, k_scale=FP8_SCALE,
+                                      v_scale=FP8_SCALE)
+    deq = tuple((c.float() * FP8_SCALE) for c in (k8, v8))
+    _check(fn(), DECODE_ROWS,
+           _want(("decode-fp8",), (q, *deq, tables, kv_lens), DECODE_ROWS), "bfloat16")
+    benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    flops = 4 * NUM_SEQS * HQ * CONTEXT * HEAD_DIM
+    record(benchmark, machine_limits, bytes_read=_kv_bytes(k8, NUM_SEQS, CONTEXT), flops=flops,
+           impl=impl, dtype="float8_e4m3fn", q_dtype="bfloat16",
+           baseline=impl == "baseline_sdpa")
 
 
 @pytest.mark.parametrize("impl", ["prefixkv", "baseline_sdpa"])
