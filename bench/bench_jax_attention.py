@@ -123,6 +123,48 @@ def test_decode_8x4096(benchmark, machine_limits, impl, dtype):
            baseline=impl == "jnp_gather_baseline")
 
 
+#: fp8 decode: the bf16 caches quantized with this scale (a power of two: the dequantized
+#: values the reference reads are exact in float32).
+FP8_SCALE = 2.0 ** -5
+
+
+@functools.cache
+def _fp8_decode_inputs():
+    """The bf16 decode batch with float8_e4m3fn caches quantized from its caches by prefixkv's
+    write rule (x / scale, saturated to +-448, round to nearest even)."""
+    q, k, v, tables, kv_lens = _decode_inputs("bfloat16")
+    k8, v8 = (jnp.clip(c.astype(jnp.float32) / FP8_SCALE, -448, 448).astype(jnp.float8_e4m3fn)
+              for c in (k, v))
+    return q, k8, v8, tables, kv_lens
+
+
+@pytest.mark.parametrize("impl", ["prefixkv_xla", "jnp_gather_baseline"])
+def test_decode_8x4096_fp8(benchmark, machine_limits, impl):
+    """Decode over float8_e4m3fn caches (vLLM's kv_cache_dtype="fp8") with bfloat16 queries,
+    k_scale = v_scale = FP8_SCALE: prefixkv vs gathering the blocks, dequantizing them into
+    bf16, then dense attention. Bytes: the fp8 KV read."""
+    benchmark.group = "jax decode 8x4096 float8_e4m3fn"
+    args = _fp8_decode_inputs()
+    scale = jnp.float32(FP8_SCALE)
+    if impl == "prefixkv_xla":
+        fn = jax.jit(lambda q, k, v, t, n, s: jf.paged_attention(q, k, v, t, n, k_scale=s,
+                                                                 v_scale=s))
+    else:
+        def baseline(q, k, v, t, n, s):
+            k, v = ((c.astype(jnp.float32) * s).astype(q.dtype) for c in (k, v))
+            return _xla.dense_gather_paged_attention(q, k, v, t, n, scale=D ** -0.5)
+        fn = jax.jit(baseline)
+    q, k8, v8, tables, kv_lens = args
+    deq = tuple(c.astype(jnp.float32) * FP8_SCALE for c in (k8, v8))
+    want = _want((q, *deq, tables, kv_lens), DECODE_ROWS)
+    _run(benchmark, fn, (*args, scale), rounds=5 if impl == "prefixkv_xla" else 3,
+         check=lambda out: _check(out, DECODE_ROWS, want, "bfloat16"))
+    nbytes = 2 * NUM_SEQS * CONTEXT * HKV * D  # one byte an element
+    record(benchmark, machine_limits, bytes_read=nbytes, flops=4 * NUM_SEQS * HQ * CONTEXT * D,
+           impl=impl, dtype="float8_e4m3fn", q_dtype="bfloat16",
+           baseline=impl == "jnp_gather_baseline")
+
+
 # ------------------------------------------- shared prefix: 32 x (2048 prefix + 128 own)
 
 SP_SEQS, SP_PREFIX, SP_OWN = 32, 2048, 128
