@@ -248,6 +248,25 @@ def test_reference_write_then_block_ops_move_fp8_bytes():
                                                                                    dst)[0]))
 
 
+def _fp8_layout(b, k_scale: float, v_scale: float, compact: bool):
+    """The fp8 caches of batch ``b`` and its block tables, for the frontends' two dequantizing
+    layouts. compact: three times as many blocks, the extra ones NaN (0x7f) and named by no
+    table, so the tables name fewer entries than the cache has blocks and the frontends gather
+    just those (a NaN read would show); else the cache as it is (dequantized whole). Either
+    way the table entries past each sequence's blocks point far outside the cache (never
+    read: clamped before the gather)."""
+    kq = ref.quantize_fp8_reference(b.k_cache, k_scale)
+    vq = ref.quantize_fp8_reference(b.v_cache, v_scale)
+    if compact:
+        nan = np.full((2 * kq.shape[0], *kq.shape[1:]), 0x7F, np.uint8).view(F8)
+        kq, vq = np.concatenate([kq, nan]), np.concatenate([vq, nan])
+    tables = b.block_tables.copy()
+    used = -(-np.asarray(b.kv_lens) // b.block_size)
+    tables[np.arange(tables.shape[1])[None, :] >= used[:, None]] = 1 << 30
+    assert (tables.size < kq.shape[0]) == compact
+    return kq, vq, tables
+
+
 # ------------------------------------------------------------------------------------- torch
 
 
@@ -352,13 +371,12 @@ def test_torch_paged_attention_reads_fp8_caches(grid, dtype, opts):
     b = testing.make_ragged_batch(rng, testing.seq_grid(grid, 8), num_q_heads=8,
                                   num_kv_heads=2, head_dim=32, block_size=8, dtype=dtype,
                                   sliding_window=opts.get("sliding_window"))
-    kq = ref.quantize_fp8_reference(b.k_cache, 0.02)
-    vq = ref.quantize_fp8_reference(b.v_cache, 0.05)
+    kq, vq, tables = _fp8_layout(b, 0.02, 0.05, compact=grid != "decode")
     sinks = np.linspace(-2, 3, 8).astype(np.float32)
-    want, want_lse = ref.paged_attention_reference(b.q, kq, vq, *b.args()[3:], k_scale=0.02,
-                                                   v_scale=0.05, return_lse=True, sinks=sinks,
-                                                   **opts)
-    args = [None if a is None else T(a) for a in b.args()]
+    want, want_lse = ref.paged_attention_reference(b.q, kq, vq, tables, *b.args()[4:],
+                                                   k_scale=0.02, v_scale=0.05, return_lse=True,
+                                                   sinks=sinks, **opts)
+    args = [None if a is None else T(a) for a in (*b.args()[:3], tables, *b.args()[4:])]
     out, lse = tf.paged_attention(args[0], _t8(kq), _t8(vq), *args[3:], k_scale=0.02,
                                   v_scale=torch.tensor([0.05]), return_lse=True, sinks=T(sinks),
                                   **opts)
@@ -386,6 +404,9 @@ def test_torch_shared_prefix_attention_reads_fp8_caches(decode, window):
     b = testing.make_shared_prefix_batch(rng, [3, 2], seqs, num_q_heads=4, num_kv_heads=2,
                                          head_dim=32, block_size=8)
     kq, vq = (ref.quantize_fp8_reference(c, 0.25) for c in (b.k_cache, b.v_cache))
+    if not decode:  # tables naming fewer entries than the cache has blocks: gathered
+        nan = np.full((3 * kq.shape[0], *kq.shape[1:]), 0x7F, np.uint8).view(F8)
+        kq, vq = np.concatenate([kq, nan]), np.concatenate([vq, nan])
     a = b.args()
     want, want_lse = ref.shared_prefix_attention_reference(
         a[0], kq, vq, *a[3:], k_scale=0.25, v_scale=0.25, return_lse=True,
@@ -637,10 +658,10 @@ def test_jax_paged_attention_reads_fp8_caches(backend, grid, dtype, opts, pallas
     b = testing.make_ragged_batch(rng, seqs, num_q_heads=8, num_kv_heads=2, head_dim=d,
                                   block_size=bs, dtype=dtype,
                                   sliding_window=opts.get("sliding_window"))
-    kq = ref.quantize_fp8_reference(b.k_cache, 0.02)
-    vq = ref.quantize_fp8_reference(b.v_cache, 0.05)
+    kq, vq, tables = _fp8_layout(b, 0.02, 0.05, compact=grid != "decode")
+    rest = (tables, *b.args()[4:])
     sinks = np.linspace(-2, 3, 8).astype(np.float32)
-    want, want_lse = ref.paged_attention_reference(b.q, kq, vq, *b.args()[3:], k_scale=0.02,
+    want, want_lse = ref.paged_attention_reference(b.q, kq, vq, *rest, k_scale=0.02,
                                                    v_scale=0.05, return_lse=True, sinks=sinks,
                                                    **opts)
 
@@ -649,12 +670,12 @@ def test_jax_paged_attention_reads_fp8_caches(backend, grid, dtype, opts, pallas
         return jf.paged_attention(q, kc, vc, bt, kv, cu, k_scale=ks, v_scale=vs, sinks=sinks,
                                   return_lse=True, backend=backend, **opts)
 
-    out, lse = step(b.q, kq, vq, *b.args()[3:], np.float32(0.02), np.float32([0.05]))
+    out, lse = step(b.q, kq, vq, *rest, np.float32(0.02), np.float32([0.05]))
     assert out.dtype == b.q.dtype
     testing.assert_attention_close(out, want, dtype)
     np.testing.assert_allclose(np.asarray(lse), want_lse, **LSE_TOLERANCE[dtype])
     if backend == "xla":
-        got = jf.paged_attention(b.q, kq, vq, *b.args()[3:], k_scale=0.02, v_scale=0.05,
+        got = jf.paged_attention(b.q, kq, vq, *rest, k_scale=0.02, v_scale=0.05,
                                  sinks=sinks, **opts)
         testing.assert_attention_close(got, want, dtype)
 
@@ -671,6 +692,9 @@ def test_jax_shared_prefix_attention_reads_fp8_caches(decode, window):
     b = testing.make_shared_prefix_batch(rng, [3, 2], seqs, num_q_heads=4, num_kv_heads=2,
                                          head_dim=32, block_size=8)
     kq, vq = (ref.quantize_fp8_reference(c, 0.25) for c in (b.k_cache, b.v_cache))
+    if not decode:  # tables naming fewer entries than the cache has blocks: gathered
+        nan = np.full((3 * kq.shape[0], *kq.shape[1:]), 0x7F, np.uint8).view(F8)
+        kq, vq = np.concatenate([kq, nan]), np.concatenate([vq, nan])
     a = b.args()
     want, want_lse = ref.shared_prefix_attention_reference(
         a[0], kq, vq, *a[3:], k_scale=0.25, v_scale=0.25, return_lse=True,
