@@ -390,6 +390,57 @@ def test_torch_paged_attention_reads_fp8_caches(grid, dtype, opts):
     testing.assert_attention_close(N(o), want, dtype)
 
 
+def test_torch_cpu_decode_reads_fp8_bytes_in_the_compiled_kernel(monkeypatch):
+    """A CPU decode over fp8 caches goes to the compiled decode kernel with the fp8 caches
+    themselves and the scales as floats (no dequantized copy), out=/lse=/sinks included;
+    under torch.compile (or with a ragged batch) the dequantizing path runs instead."""
+    torch = pytest.importorskip("torch")
+    from prefixkv.kernels.cpu import decode
+    from prefixkv.torch_frontend import _native
+    from torch_convert import N, T
+
+    from prefixkv import torch_frontend as tf
+
+    if not decode.available():
+        pytest.skip(f"no CPU decode kernel: {decode.status()}")
+    calls = []
+    real = _native._c_decode
+
+    def spy(out, lse, q, k, v, *args, **kw):
+        calls.append((k.dtype, kw.get("k_scale"), kw.get("v_scale")))
+        return real(out, lse, q, k, v, *args, **kw)
+
+    monkeypatch.setattr(_native, "_c_decode", spy)
+    rng = np.random.default_rng(14)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("decode", 8), num_q_heads=8,
+                                  num_kv_heads=2, head_dim=32, block_size=8, dtype="bfloat16",
+                                  decode=True)
+    kq, vq, tables = _fp8_layout(b, 0.3, 0.7, compact=True)
+    sinks = np.linspace(-2, 3, 8).astype(np.float32)
+    want, want_lse = ref.paged_attention_reference(b.q, kq, vq, tables, b.kv_lens, k_scale=0.3,
+                                                   v_scale=0.7, return_lse=True, sinks=sinks,
+                                                   sliding_window=9)
+    q, bt, kv = T(b.q), T(tables), T(b.kv_lens)
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    lse = torch.full(q.shape[:2], float("nan"))
+    got = tf.paged_attention(q, _t8(kq), _t8(vq), bt, kv, k_scale=0.3,
+                             v_scale=torch.tensor(0.7), sinks=T(sinks), sliding_window=9,
+                             out=out, lse=lse)
+    assert got is out
+    assert calls == [(torch.float8_e4m3fn, 0.3, float(np.float32(0.7)))]
+    testing.assert_attention_close(N(out), want, "bfloat16")
+    np.testing.assert_allclose(N(lse), want_lse, **LSE_TOLERANCE["bfloat16"])
+    calls.clear()
+    compiled = torch.compile(lambda q, k, v: tf.paged_attention(q, k, v, bt, kv, k_scale=0.3,
+                                                                v_scale=0.7, sliding_window=9),
+                             fullgraph=True, backend="aot_eager")
+    got = compiled(q, _t8(kq), _t8(vq))
+    assert all(dtype == torch.bfloat16 for dtype, *_ in calls)  # the dequantized blocks
+    want = ref.paged_attention_reference(b.q, kq, vq, tables, b.kv_lens, k_scale=0.3,
+                                         v_scale=0.7, sliding_window=9)
+    testing.assert_attention_close(N(got), want, "bfloat16")
+
+
 @pytest.mark.parametrize("window", [None, 11], ids=["no_window", "window"])
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "ragged"])
 def test_torch_shared_prefix_attention_reads_fp8_caches(decode, window):

@@ -357,14 +357,16 @@ _C_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16
 
 
 def _c_decode(out, lse, q, k_cache, v_cache, block_tables, kv_lens, scale, window,
-              soft_cap) -> bool:
+              soft_cap, *, k_scale: float = 1.0, v_scale: float = 1.0) -> bool:
     """Decode attention by the compiled CPU kernel (kernels/cpu/decode.py) when every tensor is
-    a contiguous CPU tensor it takes; False (nothing written) otherwise. The sequences are
-    split over torch.get_num_threads() threads. Measured decode 8 x 4096, 32/8 heads,
+    a contiguous CPU tensor it takes; False (nothing written) otherwise. The caches hold q's
+    dtype, or float8_e4m3fn read as value * k_scale / v_scale (host floats). The sequences
+    are split over torch.get_num_threads() threads. Measured decode 8 x 4096, 32/8 heads,
     head_dim 128, one thread: see bench/bench_torch_attention.py."""
     dtype = _C_DTYPES.get(q.dtype)
-    if (dtype is None or k_cache.dtype != q.dtype
-            or v_cache.dtype != q.dtype or out.dtype != q.dtype
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if (dtype is None or k_cache.dtype not in (q.dtype, torch.float8_e4m3fn)
+            or v_cache.dtype != k_cache.dtype or out.dtype != q.dtype
             or block_tables.dtype != torch.int32 or kv_lens.dtype != torch.int32
             or (lse is not None and lse.dtype != torch.float32)):
         return False
@@ -384,7 +386,9 @@ def _c_decode(out, lse, q, k_cache, v_cache, block_tables, kv_lens, scale, windo
     decode.decode_attention(dtype, dims, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                             block_tables.data_ptr(), kv_lens.data_ptr(), out.data_ptr(),
                             lse.data_ptr(), scale=scale, sliding_window=window,
-                            logits_soft_cap=soft_cap, threads=torch.get_num_threads())
+                            logits_soft_cap=soft_cap, threads=torch.get_num_threads(),
+                            kv_dtype="float8_e4m3fn" if fp8 else dtype,
+                            k_scale=float(k_scale), v_scale=float(v_scale))
     return True
 
 

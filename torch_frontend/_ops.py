@@ -216,6 +216,57 @@ def _kv_scales(k_scale, v_scale, k_cache: Tensor, v_cache: Tensor):
     return _scale_tensor("k_scale", k_scale, k_cache), _scale_tensor("v_scale", v_scale, v_cache)
 
 
+def _fp8_cpu_decode(dims, q, k_cache, v_cache, block_tables, kv_lens, k_scale, v_scale, *,
+                    causal, sliding_window, logits_soft_cap, return_lse, sinks, out, lse,
+                    workspace, backend):
+    """A decode over fp8 caches on the CPU run by the compiled decode kernel, which reads the
+    fp8 bytes itself (no dequantized copy): the result, or None where it does not apply (a
+    ragged batch, another device or backend, torch.compile or a dispatch mode, views, scales
+    on a device, the kernel not built). out=/lse=/sinks as in paged_attention."""
+    from . import _native
+
+    tensors = (q, k_cache, v_cache, block_tables, kv_lens)
+    if (q.device.type != "cpu" or torch.compiler.is_compiling()
+            or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or not _plain((*tensors, sinks, out, lse))
+            or select("paged_attention", "cpu", backend) is not _native.paged_attention
+            or not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)):
+        return None
+    scales = []
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if isinstance(s, torch.Tensor):
+            if s.device.type != "cpu":
+                return None  # its value would need a device sync: the dequantizing path
+            scales.append(float(s.reshape(())))
+        elif s is None or isinstance(s, (int, float, np.integer, np.floating)):
+            scales.append(1.0 if s is None else float(s))
+        else:
+            _scale_tensor(name, s, k_cache)  # the TypeError naming it
+            return None
+    _check_out("out", out, q.shape, q.dtype, q.device)
+    _check_out("lse", lse, q.shape[:2], torch.float32, q.device)
+    _check_workspace(workspace, q)
+    o = torch.empty_like(q) if out is None or not out.is_contiguous() else out
+    want_lse = return_lse or lse is not None or sinks is not None
+    l_ = None
+    if want_lse:
+        l_ = (lse if lse is not None and lse.is_contiguous()
+              else torch.empty(q.shape[:2], dtype=torch.float32))
+    if not _native._c_decode(o, l_, q, k_cache, v_cache, block_tables, kv_lens, dims.scale,
+                             sliding_window if causal else None, logits_soft_cap,
+                             k_scale=scales[0], v_scale=scales[1]):
+        return None
+    if sinks is not None:
+        _apply_sinks(o, l_, sinks)
+    if out is not None and o is not out:
+        out.copy_(o)
+        o = out
+    if lse is not None and l_ is not lse:
+        lse.copy_(l_)
+        l_ = lse
+    return (o, l_) if return_lse else o
+
+
 def _dequantize(cache: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
     """float32(cache) * scale in ``dtype`` (q's: rounded there, as vLLM's fp8 kernels do)."""
     x = cache.to(torch.float32)
@@ -424,6 +475,16 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
         validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
     block_tables, kv_lens, cu_q_lens = _on(q.device, block_tables, kv_lens, cu_q_lens)
     if validate.is_fp8(k_cache):
+        if _want_values(*(s for s in (k_scale, v_scale) if isinstance(s, torch.Tensor))):
+            validate.check_kv_scale_values(k_scale, v_scale)
+        if cu_q_lens is None:
+            got = _fp8_cpu_decode(dims, q, k_cache, v_cache, block_tables, kv_lens, k_scale,
+                                  v_scale, causal=causal, sliding_window=sliding_window,
+                                  logits_soft_cap=logits_soft_cap, return_lse=return_lse,
+                                  sinks=sinks, out=out, lse=lse, workspace=workspace,
+                                  backend=backend)
+            if got is not None:
+                return got
         k_cache, v_cache, block_tables = _dequantized_blocks(
             q, k_cache, v_cache, *_kv_scales(k_scale, v_scale, k_cache, v_cache), block_tables)
     args = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, dims.scale, bool(causal),
