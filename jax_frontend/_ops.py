@@ -220,14 +220,54 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
         sinks=sinks, k_scale=k_scale, v_scale=v_scale)
     if _run_value_checks(block_tables, kv_lens, cu_q_lens):
         validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
-    if validate.is_fp8(k_cache):
-        k_cache, v_cache, block_tables = _dequantized_blocks(q, k_cache, v_cache, k_scale,
-                                                             v_scale, block_tables)
-    out, lse = _run_paged_attention(dims, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
+    def run(k_cache, v_cache, block_tables):
+        if validate.is_fp8(k_cache):
+            k_cache, v_cache, block_tables = _dequantized_blocks(q, k_cache, v_cache, k_scale,
+                                                                 v_scale, block_tables)
+        return _run_paged_attention(dims, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
                                     causal=causal, sliding_window=sliding_window,
                                     logits_soft_cap=logits_soft_cap, sinks=sinks,
                                     backend=backend)
+
+    if validate.is_fp8(k_cache) and cu_q_lens is None:
+        out, lse = _fp8_cpu_decode(dims, q, k_cache, v_cache, block_tables, kv_lens, k_scale,
+                                   v_scale, run, causal=causal, sliding_window=sliding_window,
+                                   logits_soft_cap=logits_soft_cap, sinks=sinks,
+                                   backend=backend)
+    else:
+        out, lse = run(k_cache, v_cache, block_tables)
     return (out, lse) if return_lse else out
+
+
+def _fp8_cpu_decode(dims, q, k_cache, v_cache, block_tables, kv_lens, k_scale, v_scale, run, *,
+                    causal, sliding_window, logits_soft_cap, sinks, backend):
+    """A decode over fp8 caches on the XLA backend: on CPU the compiled FFI decode kernel reads
+    the fp8 bytes itself with the scales as an operand (traced or not; no dequantized copy),
+    elsewhere (and with another backend, or without the kernel) ``run`` (dequantize, then
+    dispatch) with the caches as given."""
+    from ..kernels.cpu import xla_ffi
+
+    requested = _backends.REGISTRIES["paged_attention"].requested(backend)
+    if (requested not in (None, "xla") or dims.num_seqs == 0
+            or not xla_ffi.use_for_attention_fp8(q, k_cache, v_cache)):
+        return run(k_cache, v_cache, block_tables)
+    ks, vs = _kv_scales(k_scale, v_scale)
+
+    def cpu_path():
+        out, lse = xla_ffi.paged_attention_decode(
+            q, k_cache, v_cache, block_tables, kv_lens, scale=dims.scale,
+            sliding_window=None if not causal or sliding_window is None else int(sliding_window),
+            logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+            k_scale=ks, v_scale=vs)
+        if sinks is not None:
+            out, lse = _xla.apply_sinks(out, lse, sinks)
+        return out, lse
+
+    if requested == "xla" and not _is_traced(q, k_cache, v_cache, block_tables, kv_lens) \
+            and _current_platform((q, k_cache, v_cache)) == "cpu":
+        return cpu_path()
+    return jax.lax.platform_dependent(
+        cpu=cpu_path, default=lambda: run(k_cache, v_cache, block_tables))
 
 
 def _run_paged_attention(dims, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *, causal,

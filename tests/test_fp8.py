@@ -731,6 +731,35 @@ def test_jax_paged_attention_reads_fp8_caches(backend, grid, dtype, opts, pallas
         testing.assert_attention_close(got, want, dtype)
 
 
+def test_jax_cpu_decode_reads_fp8_bytes_in_the_ffi_kernel():
+    """A jitted CPU decode over fp8 caches with traced scales lowers to the fp8 FFI decode
+    target (the kernel reads the fp8 bytes, the scales an f32[2] operand: no dequantized
+    copy), with sinks and a window, against the reference."""
+    jax = pytest.importorskip("jax")
+    from prefixkv.kernels.cpu import xla_ffi
+
+    from prefixkv import jax_frontend as jf
+
+    rng = np.random.default_rng(15)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("decode", 8), num_q_heads=8,
+                                  num_kv_heads=2, head_dim=32, block_size=8, dtype="bfloat16",
+                                  decode=True)
+    kq, vq, tables = _fp8_layout(b, 0.3, 0.7, compact=True)
+    if not xla_ffi.use_for_attention_fp8(b.q, kq, vq):
+        pytest.skip("no CPU FFI kernels")
+    sinks = np.linspace(-2, 3, 8).astype(np.float32)
+    want, want_lse = ref.paged_attention_reference(b.q, kq, vq, tables, b.kv_lens, k_scale=0.3,
+                                                   v_scale=0.7, return_lse=True, sinks=sinks,
+                                                   sliding_window=9)
+    step = jax.jit(lambda q, k, v, t, n, ks, vs: jf.paged_attention(
+        q, k, v, t, n, k_scale=ks, v_scale=vs, sinks=sinks, sliding_window=9, return_lse=True))
+    args = (b.q, kq, vq, tables, b.kv_lens, np.float32(0.3), np.float32([0.7]))
+    assert "prefixkv_cpu_paged_attention_decode_fp8" in step.lower(*args).as_text()
+    out, lse = step(*args)
+    testing.assert_attention_close(out, want, "bfloat16")
+    np.testing.assert_allclose(np.asarray(lse), want_lse, **LSE_TOLERANCE["bfloat16"])
+
+
 @pytest.mark.parametrize("window", [None, 11], ids=["no_window", "window"])
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "ragged"])
 def test_jax_shared_prefix_attention_reads_fp8_caches(decode, window):
