@@ -42,6 +42,7 @@
 #include <limits>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -930,34 +931,35 @@ extern "C" int PrefixkvDecodeAttentionRaw(int dtype, const int64_t* dims, const 
 }
 
 #ifndef PREFIXKV_NO_XLA_FFI
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PrefixkvPagedAttentionDecode, PagedAttentionDecodeImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("sliding_window")
-                                  .Attr<float>("logits_soft_cap")
-                                  .Attr<int64_t>("portable")
-                                  .Ctx<ffi::ThreadPool>());
+namespace {
+// The decode handlers' results, attributes and context after their operands.
+template <class Binding>
+auto DecodeResultsAndAttrs(Binding b) {
+  return std::move(b).template Ret<ffi::AnyBuffer>()
+      .template Ret<ffi::Buffer<ffi::F32>>()
+      .template Attr<float>("scale")
+      .template Attr<int64_t>("sliding_window")
+      .template Attr<float>("logits_soft_cap")
+      .template Attr<int64_t>("portable")
+      .template Ctx<ffi::ThreadPool>();
+}
 
+// q, k_cache, v_cache, block_tables, kv_lens
+auto DecodeOperands() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::S32>>();
+}
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PrefixkvPagedAttentionDecode, PagedAttentionDecodeImpl,
+                              DecodeResultsAndAttrs(DecodeOperands()));
+
+// the same operands, then kv_scales f32[2]
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PrefixkvPagedAttentionDecodeFp8, PagedAttentionDecodeFp8Impl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("sliding_window")
-                                  .Attr<float>("logits_soft_cap")
-                                  .Attr<int64_t>("portable")
-                                  .Ctx<ffi::ThreadPool>());
+                              DecodeResultsAndAttrs(
+                                  DecodeOperands().Arg<ffi::Buffer<ffi::F32>>()));
 #endif  // PREFIXKV_NO_XLA_FFI
