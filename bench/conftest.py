@@ -273,6 +273,13 @@ def untouched_blocks(num_blocks: int, touched, keep=(), n: int = UNTOUCHED_SAMPL
         some(keep), some(rng.choice(num_blocks, min(n, num_blocks), replace=False))]))
 
 
+def check_fp8_decode(got, want) -> None:
+    """Every row of an fp8 decode against the reference, relative to the output's scale: the
+    outputs are small (|out| ~ 0.1 over 4096 keys), so bf16's absolute tolerance (1.5e-2)
+    would pass a 15% error in v_scale; the bf16 output's own rounding is 2^-8 relative."""
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * float(np.abs(want).max()))
+
+
 def reference_rows(rows, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *,
                    host, take=lambda x, idx: x[idx], sinks=None) -> np.ndarray:
     """The numpy reference (prefixkv.paged.reference, float64) of query rows ``rows`` of a
