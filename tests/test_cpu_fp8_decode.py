@@ -125,6 +125,8 @@ def test_bad_dtypes_are_refused():
         decode.decode_attention("float32", *args, scale=1.0, kv_dtype="bfloat16")
     with pytest.raises(ValueError, match="int8"):
         decode.decode_attention("float32", *args, scale=1.0, kv_dtype="int8")
+    with pytest.raises(ValueError, match="k_scale"):  # scales of float caches: refused
+        decode.decode_attention("float32", *args, scale=1.0, k_scale=0.5)
 
 
 # ------------------------------------------------------------------ the XLA FFI handler
@@ -175,6 +177,9 @@ def test_ffi_handler_refuses_float_caches_on_the_fp8_target():
     import jax.numpy as jnp
 
     q, k8, v8, tables, kv_lens, _, _ = _fp8_batch(6, "float32")
+    with pytest.raises(ValueError, match="k_scale"):  # scales of float caches: refused
+        xla_ffi.paged_attention_decode(q, q[:1, None], q[:1, None], tables, kv_lens, scale=1.0,
+                                       v_scale=0.5)
     call = jax.ffi.ffi_call(
         "prefixkv_cpu_paged_attention_decode_fp8",
         (jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -185,3 +190,52 @@ def test_ffi_handler_refuses_float_caches_on_the_fp8_target():
             jnp.asarray(q), kf, kf, jnp.asarray(tables), jnp.asarray(kv_lens),
             jnp.ones(2, jnp.float32), scale=np.float32(1), sliding_window=np.int64(0),
             logits_soft_cap=np.float32(0), portable=np.int64(0)))
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["avx2", "portable"])
+@pytest.mark.parametrize("cache", ["float8_e4m3fn", "float32"])
+@pytest.mark.parametrize("where", ["k_first", "k_middle", "v_middle"])
+def test_nan_in_a_read_slot_gives_nan(portable, cache, where):
+    """A NaN in the KV a query reads (an fp8 NaN byte, a float32 NaN) makes that query's out
+    and lse NaN, as in the reference: never a finite answer that skips the key (the vector
+    exp once clamped NaN logits to exp(-87)), nor out NaN with lse -inf."""
+    rng = np.random.default_rng(7)
+    d, kv_len = 16, 20
+    k = rng.standard_normal((2, 16, 1, d)).astype(np.float32)
+    v = rng.standard_normal((2, 16, 1, d)).astype(np.float32)
+    key = {"k_first": 0, "k_middle": 3, "v_middle": 17}[where]
+    (k if where.startswith("k") else v)[key // 16, key % 16, 0, 5] = np.nan
+    scales = {}
+    if cache == "float8_e4m3fn":
+        k, v = quantize_fp8_reference(k, 0.5), quantize_fp8_reference(v, 0.5)
+        scales = dict(k_scale=0.5, v_scale=0.5)
+    q = rng.standard_normal((2, 2, d)).astype(np.float32)
+    tables = np.array([[0, 1], [0, 1]], np.int32)
+    kv_lens = np.array([kv_len, 2], np.int32)  # the second sequence never reads the NaN
+    out, lse = _run(q, k, v, tables, kv_lens, scale=0.25, portable=portable, **scales)
+    want, want_lse = paged_attention_reference(q, k, v, tables, kv_lens, scale=0.25,
+                                               return_lse=True, **scales)
+    if where.startswith("k"):
+        assert np.isnan(want[0]).all() and np.isnan(out[0]).all()
+        assert np.isnan(want_lse[0]).all() and np.isnan(lse[0]).all()
+    else:  # a NaN value poisons its column of out only
+        np.testing.assert_array_equal(np.isnan(out[0]), np.isnan(want[0]))
+        assert np.isnan(out[0]).any() and not np.isnan(lse[0]).any()
+        np.testing.assert_allclose(lse[0], want_lse[0], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(out[1], want[1], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(lse[1], want_lse[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["avx2", "portable"])
+def test_large_v_scale_does_not_overflow(portable):
+    """v_scale near float32's top: the 2^8 read unit of the AVX2 loop goes on the accumulator,
+    not on v_scale (2e36 * 256 is inf)."""
+    q, k8, _, tables, kv_lens, _, _ = _fp8_batch(8, "float32")
+    rng = np.random.default_rng(8)  # values within +-8: outputs stay below 1.6e37
+    v8 = np.clip(rng.standard_normal(k8.shape), -8, 8).astype(np.float32).astype(FP8)
+    out, _ = _run(q, k8, v8, tables, kv_lens, scale=0.125, k_scale=0.01, v_scale=2e36,
+                  portable=portable)
+    want = paged_attention_reference(q, k8, v8, tables, kv_lens, scale=0.125, k_scale=0.01,
+                                     v_scale=2e36)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out / 2e36, want / 2e36, rtol=1e-3, atol=1e-3)

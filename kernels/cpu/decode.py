@@ -83,6 +83,9 @@ def decode_attention(dtype: str, dims, q: int, k_cache: int, v_cache: int, block
     if dtype not in DTYPES or kv_dtype not in DTYPES:
         raise ValueError(f"decode_attention: unsupported dtype {dtype!r} / kv_dtype "
                          f"{kv_dtype!r}")
+    if kv_dtype != "float8_e4m3fn" and (k_scale != 1.0 or v_scale != 1.0):
+        raise ValueError(f"decode_attention: k_scale / v_scale are for float8_e4m3fn caches "
+                         f"only, got {kv_dtype!r} caches with {k_scale}, {v_scale}")
     rc = _state["fn"](DTYPES[dtype], arr, q, k_cache, v_cache, block_tables, kv_lens, out, lse,
                       float(scale), int(sliding_window or 0), float(logits_soft_cap or 0.0),
                       int(bool(portable)), max(1, int(threads)), DTYPES[kv_dtype],

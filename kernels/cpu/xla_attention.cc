@@ -327,9 +327,10 @@ PREFIXKV_AVX2 inline __m256 Reduce8(const __m256* a) {
 }
 
 // exp(x) to ~1 ulp over [-87.3, 88.3] (inputs clamped there: exp of a very negative x is
-// ~1e-38, not 0; callers zero what must be zero). Cephes' expf polynomial.
+// ~1e-38, not 0; callers zero what must be zero); NaN stays NaN (the clamps return their
+// second operand, x, when it is NaN). Cephes' expf polynomial.
 PREFIXKV_AVX2 inline __m256 Exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.37626f));
+  x = _mm256_min_ps(_mm256_set1_ps(88.37626f), _mm256_max_ps(_mm256_set1_ps(-87.33654f), x));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -552,7 +553,7 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
   // (scale q) . (k_scale k) with k read as k * unit (a power of two): exact folds
   const float unit = Ops::template Unit<KvTag>();
   const float scale = prm.scale * prm.k_scale / unit;
-  const float v_scale = prm.v_scale / unit;
+  const float acc_unit = 1.0f / unit;  // acc * acc_unit * (v_scale / l): no overflow of v_scale
   const int64_t window = prm.window;
   const float cap = prm.cap;
   const int hq = static_cast<int>(sh.num_q_heads);
@@ -650,16 +651,18 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
     for (int h = 0; h < hq; ++h) {
       // Keys were walked, so a running max of +-inf means a logit past float32's range
       // (+inf: an answer skipping that key, lse +inf, which a merge reads as an empty state;
-      // -inf everywhere: exp(-inf - -inf), whatever the vector exp makes of NaN): NaN.
-      if (m[h] == -neg_inf || m[h] == neg_inf) {
+      // -inf everywhere: exp(-inf - -inf), whatever the vector exp makes of NaN): NaN. A NaN
+      // logit (a NaN in a K row read) makes the sum NaN (the lanes' max may drop it, the
+      // exp keeps it): NaN too, never an answer that skips that key.
+      if (m[h] == -neg_inf || m[h] == neg_inf || std::isnan(m[h]) || std::isnan(l[h])) {
         const float nan = std::numeric_limits<float>::quiet_NaN();
         for (int i = 0; i < d; ++i) os[h * d + i] = Tag::FromF32(nan);
         ls[h] = nan;
         continue;
       }
       const bool seen = l[h] > 0.0f;
-      const float inv = seen ? v_scale / l[h] : 0.0f;
-      for (int i = 0; i < d; ++i) os[h * d + i] = Tag::FromF32(acc[h * d + i] * inv);
+      const float inv = seen ? prm.v_scale / l[h] : 0.0f;
+      for (int i = 0; i < d; ++i) os[h * d + i] = Tag::FromF32(acc[h * d + i] * acc_unit * inv);
       ls[h] = seen ? m[h] + std::log(l[h]) : neg_inf;
     }
   }

@@ -288,6 +288,9 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
         raise RuntimeError(f"the CPU FFI kernels are not available: {cpu_cache_ops_path()}")
     num_seqs, num_q_heads, _ = q.shape
     fp8 = np.dtype(k_cache.dtype).name == "float8_e4m3fn"
+    if not fp8 and (k_scale is not None or v_scale is not None):
+        raise ValueError("paged_attention_decode: k_scale / v_scale are for float8_e4m3fn "
+                         f"caches only, got {np.dtype(k_cache.dtype).name}")
     call = jax.ffi.ffi_call(
         "prefixkv_cpu_paged_attention_decode" + ("_fp8" if fp8 else ""),
         (jax.ShapeDtypeStruct(q.shape, q.dtype),

@@ -45,7 +45,10 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, *, s
     if sinks is not None:
         sink = np.broadcast_to(sinks.reshape(1, num_kv_heads, group, 1), m.shape)
         m = np.maximum(m, sink)
-    seen = np.isfinite(m)
+    # m is -inf where no key is visible (no sink): out 0, lse -inf. A NaN or +inf logit among
+    # the visible keys (a NaN in the KV read, an overflow) gives NaN, never an answer that
+    # skips that key.
+    seen = ~np.isneginf(m)
     p = np.where(seen, np.exp(logits - np.where(seen, m, 0.0)), 0.0)
     denom = p.sum(axis=-1, keepdims=True)
     if sink is not None:
