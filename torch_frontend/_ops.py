@@ -348,6 +348,15 @@ def _invoke(name: str, args: tuple):
 # ------------------------------------------------------------------------------ attention ops
 
 
+def _fp8_kwargs(fn, k_cache: Tensor, k_scale: Tensor | None, v_scale: Tensor | None) -> dict:
+    """The scales as keyword arguments of backend entry ``fn`` when it reads float8_e4m3fn
+    caches itself (``fn.reads_fp8``: the Triton kernels) and the caches are fp8; else {} (the
+    caller dequantizes the named blocks first)."""
+    if validate.is_fp8(k_cache) and getattr(fn, "reads_fp8", False):
+        return {"k_scale": k_scale, "v_scale": v_scale}
+    return {}
+
+
 def _attn_buffers(q: Tensor) -> tuple[Tensor, Tensor]:
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
@@ -361,28 +370,34 @@ def _paged_attention_out(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tabl
                          kv_lens: Tensor, cu_q_lens: Tensor | None, scale: float, causal: bool,
                          sliding_window: int | None, logits_soft_cap: float | None,
                          backend: str | None, out: Tensor, lse: Tensor | None,
-                         workspace: Tensor | None) -> None:
+                         workspace: Tensor | None, k_scale: Tensor | None = None,
+                         v_scale: Tensor | None = None) -> None:
     fn = select("paged_attention", platform_of(q), backend)
+    fp8 = _fp8_kwargs(fn, k_cache, k_scale, v_scale)
+    if validate.is_fp8(k_cache) and not fp8:
+        k_cache, v_cache, block_tables = _dequantized_blocks(q, k_cache, v_cache, k_scale,
+                                                             v_scale, block_tables)
     fn(out, lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale,
        causal=causal, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
-       workspace=workspace)
+       workspace=workspace, **fp8)
 
 
 @_op("paged_attention")
 def _paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                      kv_lens: Tensor, cu_q_lens: Tensor | None, scale: float, causal: bool,
                      sliding_window: int | None, logits_soft_cap: float | None,
-                     backend: str | None) -> tuple[Tensor, Tensor]:
+                     backend: str | None, k_scale: Tensor | None = None,
+                     v_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     out, lse = _attn_buffers(q)
     _IMPL["paged_attention_out"](q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale,
                                  causal, sliding_window, logits_soft_cap, backend, out, lse,
-                                 None)
+                                 None, k_scale, v_scale)
     return out, lse
 
 
 @_paged_attention.register_fake
 def _(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale, causal, sliding_window,
-      logits_soft_cap, backend):
+      logits_soft_cap, backend, k_scale=None, v_scale=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -398,11 +413,16 @@ def _shared_prefix_attention_out(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                                  cu_q_lens: Tensor | None, scale: float,
                                  logits_soft_cap: float | None, backend: str | None,
                                  out: Tensor, lse: Tensor | None,
-                                 workspace: Tensor | None) -> None:
+                                 workspace: Tensor | None, k_scale: Tensor | None = None,
+                                 v_scale: Tensor | None = None) -> None:
     fn = select("shared_prefix_attention", platform_of(q), backend)
+    fp8 = _fp8_kwargs(fn, k_cache, k_scale, v_scale)
+    if validate.is_fp8(k_cache) and not fp8:
+        k_cache, v_cache, prefix_block_tables, block_tables = _dequantized_blocks(
+            q, k_cache, v_cache, k_scale, v_scale, prefix_block_tables, block_tables)
     fn(out, lse, q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
        block_tables, kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap,
-       workspace=workspace)
+       workspace=workspace, **fp8)
 
 
 @_op("shared_prefix_attention")
@@ -410,11 +430,13 @@ def _shared_prefix_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                              prefix_block_tables: Tensor, prefix_lens: Tensor, prefix_ids: Tensor,
                              block_tables: Tensor, kv_lens: Tensor, cu_q_lens: Tensor | None,
                              scale: float, logits_soft_cap: float | None,
-                             backend: str | None) -> tuple[Tensor, Tensor]:
+                             backend: str | None, k_scale: Tensor | None = None,
+                             v_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     out, lse = _attn_buffers(q)
     _IMPL["shared_prefix_attention_out"](q, k_cache, v_cache, prefix_block_tables,
                                          prefix_lens, prefix_ids, block_tables, kv_lens,
-                                         cu_q_lens, scale, logits_soft_cap, backend, out, lse, None)
+                                         cu_q_lens, scale, logits_soft_cap, backend, out, lse, None,
+                                         k_scale, v_scale)
     return out, lse
 
 
@@ -452,8 +474,9 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], q's dtype (views of a
     stacked cache are fine), or float8_e4m3fn read as float32(cache) * k_scale (v_scale):
     k_scale, v_scale None (1.0), a positive float or a float32 tensor of one element (fp8
-    caches only; see docs/ops.md: the blocks the tables name are dequantized into q's dtype,
-    then any backend runs). block_tables: i32[num_seqs, max_blocks_per_seq].
+    caches only; see docs/ops.md: the triton backend's kernel reads the fp8 bytes and the
+    scales itself; for the others the blocks the tables name are dequantized into q's dtype
+    first). block_tables: i32[num_seqs, max_blocks_per_seq].
     kv_lens: i32[num_seqs], cached prefix + this step's tokens. cu_q_lens: i32[num_seqs + 1] or
     None (decode). sinks: optional float[num_q_heads] on q's device, attention sinks (gpt-oss,
     vLLM's ``sinks``): one logit per q head added to the softmax denominator (applied after the
@@ -485,21 +508,30 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
                                   backend=backend)
             if got is not None:
                 return got
-        k_cache, v_cache, block_tables = _dequantized_blocks(
-            q, k_cache, v_cache, *_kv_scales(k_scale, v_scale, k_cache, v_cache), block_tables)
     args = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, dims.scale, bool(causal),
             None if sliding_window is None else int(sliding_window),
             None if logits_soft_cap is None else float(logits_soft_cap), backend)
-    return _run_attention("paged_attention", args, q, out, lse, workspace, return_lse, sinks)
+    return _run_attention("paged_attention", args, q, out, lse, workspace, return_lse, sinks,
+                          _op_scales(k_scale, v_scale, k_cache, v_cache))
 
 
-def _run_attention(op, args, q, out, lse, workspace, return_lse, sinks):
+def _op_scales(k_scale, v_scale, k_cache: Tensor, v_cache: Tensor) -> tuple:
+    """The trailing (k_scale, v_scale) arguments of an attention op over float8_e4m3fn caches
+    (0-d float32 tensors on the caches' device, or None): the op hands the fp8 caches and
+    these to a backend that reads fp8 (Triton), or dequantizes the named blocks for the
+    others. () for other caches: their calls stay as they were."""
+    if not validate.is_fp8(k_cache):
+        return ()
+    return _kv_scales(k_scale, v_scale, k_cache, v_cache)
+
+
+def _run_attention(op, args, q, out, lse, workspace, return_lse, sinks, scales=()):
     if sinks is not None:
-        o, l_ = _run_attention(op, args, q, out, lse, workspace, True, None)
+        o, l_ = _run_attention(op, args, q, out, lse, workspace, True, None, scales)
         _apply_sinks(o, l_, sinks)
         return (o, l_) if return_lse else o
     if out is None and lse is None and workspace is None:
-        o, l_ = _invoke(op, args)
+        o, l_ = _invoke(op, (*args, *scales))
     else:
         _check_out("out", out, q.shape, q.dtype, q.device)
         _check_out("lse", lse, q.shape[:2], torch.float32, q.device)
@@ -508,7 +540,7 @@ def _run_attention(op, args, q, out, lse, workspace, return_lse, sinks):
         l_ = lse  # None and not returned: the backend keeps it in the workspace
         if l_ is None and return_lse:
             l_ = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-        _invoke(f"{op}_out", (*args, o, l_, workspace))
+        _invoke(f"{op}_out", (*args, o, l_, workspace, *scales))
     return (o, l_) if return_lse else o
 
 
@@ -545,10 +577,7 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
             sdims, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens)
     prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens = _on(
         q.device, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens)
-    if validate.is_fp8(k_cache):
-        k_cache, v_cache, prefix_block_tables, block_tables = _dequantized_blocks(
-            q, k_cache, v_cache, *_kv_scales(k_scale, v_scale, k_cache, v_cache),
-            prefix_block_tables, block_tables)
+    scales = _op_scales(k_scale, v_scale, k_cache, v_cache)
     soft_cap = None if logits_soft_cap is None else float(logits_soft_cap)
     if sliding_window is not None:  # checked above: paged attention over the joined tables
         tables, lens = _prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids,
@@ -557,11 +586,11 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
         args = (q, k_cache, v_cache, tables, lens, cu_q_lens, sdims.attention.scale, True,
                 int(sliding_window), soft_cap, backend)
         return _run_attention("paged_attention", args, q, out, lse, workspace, return_lse,
-                              sinks)
+                              sinks, scales)
     args = (q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
             kv_lens, cu_q_lens, sdims.attention.scale, soft_cap, backend)
     return _run_attention("shared_prefix_attention", args, q, out, lse, workspace, return_lse,
-                          sinks)
+                          sinks, scales)
 
 
 def _prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,

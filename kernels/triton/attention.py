@@ -12,6 +12,13 @@ come in tiles of BLOCK_N tokens, each token's block looked up in the table (any 
 
 Under ``TRITON_INTERPRET=1`` bf16/f16 tiles are upcast to float32 (UPCAST constexpr): the
 interpreter computes low-precision dots wrongly.
+
+float8_e4m3fn caches (FP8 constexpr) are read as bytes (a uint8 view) and decoded exactly
+with no float8 conversion (_fp8_e4m3_to_f32: integer ops into float16 bits; the interpreter's
+own float8 conversion gets NaN and some values wrong), then taken in q's dtype (every e4m3
+value is exact in float16 and bfloat16); k_scale is folded into the logits' scale, v_scale
+applied to the output, both read from float32 scalars in device memory (K_SCALED / V_SCALED;
+without one it is 1.0), so a captured CUDA graph reads the scale of each replay.
 """
 
 from __future__ import annotations
@@ -55,8 +62,26 @@ def _tanh(x):
 
 
 @triton.jit
+def _fp8_e4m3_to_f32(b):
+    """float8_e4m3fn bytes (uint8 or int8) -> float32, exactly: sign | 4 exponent bits (bias
+    7) | 3 mantissa bits, subnormals m * 2^-9, 0x7f/0xff NaN (no inf). Integer ops move the
+    byte into float16 bits (sign << 8, the other 7 bits << 7: exponent bias 15, so the float16
+    is the value * 2^-8, e4m3 subnormals landing on float16 subnormals with the same
+    mantissa), then an exact float16 -> float32 conversion (no flush: .ftz applies to float32
+    operands only) and * 256; NaN bytes selected. No float8 conversion is used (the
+    interpreter's is wrong for NaN and some values; sm_80 has none). As the CPU decode kernel
+    does; bit patterns built directly as float32 took 186-202 registers against 128 here
+    (decode, bf16, head_dim 128)."""
+    x = b.to(tl.int32) & 0xFF
+    h = (((x & 0x80) << 8) | ((x & 0x7F) << 7)).to(tl.int16).to(tl.float16, bitcast=True)
+    f = h.to(tl.float32) * 256.0
+    return tl.where((x & 0x7F) == 0x7F, float("nan"), f)
+
+
+@triton.jit
 def _paged_attention_kernel(
         q_ptr, k_ptr, v_ptr, tables_ptr, kv_lens_ptr, cu_ptr, out_ptr, lse_ptr,
+        k_scale_ptr, v_scale_ptr,
         stride_qt, stride_qh, stride_qd,
         stride_kb, stride_kt, stride_kh, stride_kd,
         stride_vb, stride_vt, stride_vh, stride_vd,
@@ -68,7 +93,8 @@ def _paged_attention_kernel(
         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, DECODE: tl.constexpr, CAUSAL: tl.constexpr,
         WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+        UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, FP8: tl.constexpr,
+        K_SCALED: tl.constexpr, V_SCALED: tl.constexpr):
     # Grid axis 0 (limit 2**31 - 1; axes 1 and 2 stop at 65535) holds (query tile, split).
     # Decode: one tile per sequence. Otherwise the query tiles of all sequences in a row,
     # sequence s's starting at cu[s] // BLOCK_Q + s (the gaps cover each one's tiles), at most
@@ -126,6 +152,9 @@ def _paged_attention_kernel(
                     + d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
+        qk_scale = scale
+        if FP8 and K_SCALED:  # logits q.(k8 * k_scale) = (q.k8) * k_scale
+            qk_scale = scale * tl.load(k_scale_ptr)
         q_pos = kv_len - q_len + j
         # key range of this tile: [lo, hi)
         hi = kv_len
@@ -157,14 +186,27 @@ def _paged_attention_kernel(
             blk = tl.minimum(tl.maximum(blk, 0), num_blocks - 1)
             off = t % BLOCK_SIZE
             kv_mask = t_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + blk.to(tl.int64)[:, None] * stride_kb + off[:, None] * stride_kt
-                        + k_head + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + blk.to(tl.int64)[:, None] * stride_vb + off[:, None] * stride_vt
-                        + v_head + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
+            if FP8:  # bytes never read (masked) decode as 0, never as a NaN byte
+                k = _fp8_e4m3_to_f32(tl.load(
+                    k_ptr + blk.to(tl.int64)[:, None] * stride_kb + off[:, None] * stride_kt
+                    + k_head + d[None, :] * stride_kd, mask=kv_mask, other=0))
+                v = _fp8_e4m3_to_f32(tl.load(
+                    v_ptr + blk.to(tl.int64)[:, None] * stride_vb + off[:, None] * stride_vt
+                    + v_head + d[None, :] * stride_vd, mask=kv_mask, other=0))
+                if not UPCAST:  # exact in float16 / bfloat16
+                    k = k.to(q_ptr.dtype.element_ty)
+                    v = v.to(q_ptr.dtype.element_ty)
+            else:
+                k = tl.load(k_ptr + blk.to(tl.int64)[:, None] * stride_kb
+                            + off[:, None] * stride_kt + k_head + d[None, :] * stride_kd,
+                            mask=kv_mask, other=0.0)
+                v = tl.load(v_ptr + blk.to(tl.int64)[:, None] * stride_vb
+                            + off[:, None] * stride_vt + v_head + d[None, :] * stride_vd,
+                            mask=kv_mask, other=0.0)
+                if UPCAST:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
             if SOFT_CAP:
                 s = soft_cap * _tanh(s / soft_cap)
             vis = t_ok[None, :] & row_ok[:, None]
@@ -182,6 +224,8 @@ def _paged_attention_kernel(
             m_i = m_new
         seen = l_i > 0
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        if FP8 and V_SCALED:
+            out = out * tl.load(v_scale_ptr)
         lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
         o_ptrs = (out_ptr + split.to(tl.int64) * stride_split_o + tok[:, None] * stride_ot
                   + head[:, None] * stride_oh + d[None, :] * stride_od)
@@ -321,10 +365,13 @@ def _head_slices(group: int, itemsize: int) -> tuple[int, int]:
 
 
 def attention_config(num_q_heads: int, num_kv_heads: int, head_dim: int, decode: bool,
-                     itemsize: int = 2, split: bool = False) -> dict:
+                     itemsize: int = 2, split: bool = False, fp8: bool = False) -> dict:
     """Tile sizes of one paged-attention launch (also used by the compile tests).
 
     itemsize: bytes per element of q and the caches. split: a split-KV decode launch.
+    fp8: float8_e4m3fn caches, decoded in registers: half the keys a step (at least 16); with
+    the keys of the 16-bit tiles the decode spilled (sm_80/sm_90: 840 B at 128 keys for a
+    split bf16 decode, 3.9 KB for a float32 prefill at head_dim 80).
     16-bit decode steps over 64 keys, 128 when split (each program walks a share of a
     sequence): on an H200 (bf16, 32 q / 8 kv heads, head_dim 128, 4 warps) 64 keys read
     64 x 4096 tokens at 99% of the measured read bandwidth (128: 93%), and 128 keys the split
@@ -356,6 +403,8 @@ def attention_config(num_q_heads: int, num_kv_heads: int, head_dim: int, decode:
         block_n = 32
     else:
         block_n = 128 if decode and split and not f32 and block_m <= 16 else 64
+    if fp8:
+        block_n = max(16, block_n // 2)
     return {"GROUP": sub, "GROUP_P2": gp2, "KV_GROUP": group, "HEAD_SPLITS": splits,
             "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_M": block_m, "BLOCK_N": block_n}
 
@@ -542,7 +591,7 @@ def shared_prefix_attention_workspace_bytes(q, k_cache, prefix_block_tables, blo
 
 
 def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal, window,
-            soft_cap, num_splits=None, parts=None):
+            soft_cap, num_splits=None, parts=None, k_scale=None, v_scale=None):
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs, width = tables.shape
@@ -550,8 +599,9 @@ def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal
     itemsize = _itemsize(q, k_cache)
     if num_splits is None:
         num_splits = _splits(q, k_cache, tables, decode)
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
     cfg = attention_config(num_q_heads, num_kv_heads, head_dim, decode, itemsize=itemsize,
-                           split=num_splits > 1)
+                           split=num_splits > 1, fp8=fp8)
     block_q = cfg["BLOCK_M"] // cfg["GROUP_P2"]
     # query tiles of the whole batch (see the kernel): one per sequence in decode
     tiles = num_seqs if decode else triton.cdiv(num_tokens, block_q) + num_seqs
@@ -577,13 +627,18 @@ def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal
         raise ValueError(f"q: {tiles} query tiles x {num_splits} splits is over the 2**31 - 1 "
                          f"programs of one launch; split the batch")
     grid = (programs, num_kv_heads * cfg["HEAD_SPLITS"])
+    if fp8:  # the bytes, decoded in the kernel (same strides: one byte an element)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, tables, kv_lens, cu if cu is not None else kv_lens, tgt_o, tgt_l,
+        # no scale: any float32 pointer, never read (K_SCALED / V_SCALED False)
+        k_scale if k_scale is not None else tgt_l, v_scale if v_scale is not None else tgt_l,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), tables.stride(0),
         *tgt_o.stride()[-3:], *tgt_l.stride()[-2:], so, sl, num_seqs, num_tokens, width,
         k_cache.shape[0], float(scale), float(soft_cap or 1.0), int(window or 0),
         BLOCK_SIZE=block_size, DECODE=decode, CAUSAL=bool(causal), WINDOW=window is not None,
-        SOFT_CAP=soft_cap is not None, NUM_SPLITS=num_splits, UPCAST=upcast,
+        SOFT_CAP=soft_cap is not None, NUM_SPLITS=num_splits, UPCAST=upcast, FP8=fp8,
+        K_SCALED=fp8 and k_scale is not None, V_SCALED=fp8 and v_scale is not None,
         DOT_PREC="ieee" if INTERPRET else dot_precision(itemsize, head_dim, cfg["BLOCK_M"],
                                                         decode),
         num_warps=attention_warps(head_dim, decode, itemsize=itemsize, rows=cfg["BLOCK_M"]),
@@ -605,16 +660,25 @@ def _merge(out, lse, states_o, states_l):
 
 def paged_attention(out, lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *, scale,
                     causal, sliding_window, logits_soft_cap, num_splits=None,
-                    workspace=None) -> None:
+                    workspace=None, k_scale=None, v_scale=None) -> None:
     """Backend entry (see prefixkv.torch_frontend): writes out and lse (lse may be None).
-    With a ``workspace`` (uint8, paged_attention_workspace_bytes) it allocates nothing."""
+    With a ``workspace`` (uint8, paged_attention_workspace_bytes) it allocates nothing.
+    float8_e4m3fn caches are read as they are (no dequantized copy): keys float32(k) *
+    k_scale, values float32(v) * v_scale; k_scale, v_scale None (1.0) or a float32 tensor of
+    one element on q's device (read by the kernel: no sync)."""
     if num_splits is None:
         num_splits = _splits(q, k_cache, block_tables, cu_q_lens is None)
     bufs = _carve(_split_plan(q, num_splits) + _lse_plan(q, lse is None), workspace, q.device,
                   "paged_attention")
     _launch(out, bufs["lse"] if lse is None else lse, q, k_cache, v_cache, block_tables,
             kv_lens, cu_q_lens, scale=scale, causal=causal, window=sliding_window,
-            soft_cap=logits_soft_cap, num_splits=num_splits, parts=bufs)
+            soft_cap=logits_soft_cap, num_splits=num_splits, parts=bufs, k_scale=k_scale,
+            v_scale=v_scale)
+
+
+#: The backend entries read float8_e4m3fn caches themselves (the torch frontend passes them
+#: the fp8 caches and the scales instead of dequantized copies).
+paged_attention.reads_fp8 = True
 
 
 def merge_attention_states(out, lse, out_a, lse_a, out_b, lse_b) -> None:
@@ -623,11 +687,13 @@ def merge_attention_states(out, lse, out_a, lse_a, out_b, lse_b) -> None:
 
 def shared_prefix_attention(out, lse, q, k_cache, v_cache, prefix_block_tables, prefix_lens,
                             prefix_ids, block_tables, kv_lens, cu_q_lens, *, scale,
-                            logits_soft_cap, workspace=None) -> None:
+                            logits_soft_cap, workspace=None, k_scale=None,
+                            v_scale=None) -> None:
     """Cascade: all queries of a prefix against its KV once (tokens sorted by prefix form one
     ragged non-causal batch over the prefix table), own tokens by paged attention, then the
     log-sum-exp merge. Device-side bookkeeping only (no host sync), every step an in-place or
-    out= op into the planned buffers: with a ``workspace`` it allocates nothing."""
+    out= op into the planned buffers: with a ``workspace`` it allocates nothing. fp8 caches,
+    k_scale, v_scale: as in paged_attention (both launches read the fp8 bytes)."""
     num_tokens = q.shape[0]
     num_seqs = block_tables.shape[0]
     num_prefixes = prefix_block_tables.shape[0]
@@ -644,7 +710,8 @@ def shared_prefix_attention(out, lse, q, k_cache, v_cache, prefix_block_tables, 
     own = ({"part_o": b["own_part_o"], "part_l": b["own_part_l"]} if "own_part_o" in b
            else None)
     _launch(states_o[1], states_l[1], q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
-            scale=scale, causal=True, window=None, soft_cap=logits_soft_cap, parts=own)
+            scale=scale, causal=True, window=None, soft_cap=logits_soft_cap, parts=own,
+            k_scale=k_scale, v_scale=v_scale)
     # the tokens grouped by prefix (no prefix last), each group in token order, and cu_p[p]:
     # where prefix p's group starts, the ragged "sequences" of the prefix launch
     # (the identity first: with cu_q_lens inconsistent with q, unchecked on a device, every
@@ -673,7 +740,10 @@ def shared_prefix_attention(out, lse, q, k_cache, v_cache, prefix_block_tables, 
     if num_prefixes:
         _launch(part_o, part_l, q_sorted, k_cache, v_cache, prefix_block_tables, prefix_lens,
                 b["cu_p"], scale=scale, causal=False, window=None, soft_cap=logits_soft_cap,
-                num_splits=splits, parts=pre)
+                num_splits=splits, parts=pre, k_scale=k_scale, v_scale=v_scale)
     states_o[0].index_copy_(0, order, part_o)
     states_l[0].index_copy_(0, order, part_l)
     _merge(out, lse, states_o, states_l)
+
+
+shared_prefix_attention.reads_fp8 = True
