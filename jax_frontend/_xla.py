@@ -365,7 +365,7 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
     else:
         m, l_sum, acc = lax.platform_dependent(cpu=per_head,
                                                default=lambda: run(qf, None, all_tiles))
-    seen = l_sum > 0
+    seen = ~(l_sum <= 0)  # a NaN sum (a NaN in the KV read) counts: out and lse NaN
     out = acc / jnp.where(seen, l_sum, 1.0)[..., None]
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l_sum, 1.0)), -jnp.inf)
     out, lse = tiles_to_tokens(out, lse, tok, num_tokens, in_order=decode)
@@ -377,7 +377,7 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
     empty rows) give out 0, lse -inf."""
     lse_a, lse_b = (jnp.where(x == jnp.inf, -jnp.inf, x) for x in (lse_a, lse_b))
     m = jnp.maximum(lse_a, lse_b)
-    seen = m > -jnp.inf
+    seen = m != -jnp.inf  # NaN (a NaN state) counts: out and lse NaN
     m0 = jnp.where(seen, m, 0.0)
     wa, wb = jnp.exp(lse_a - m0), jnp.exp(lse_b - m0)
     denom = jnp.where(seen, wa + wb, 1.0)
@@ -506,7 +506,7 @@ def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_pr
         return m, l_sum, acc
 
     m, l_sum, acc = lax.map(head, (qf, jnp.arange(num_kv_heads, dtype=jnp.int32)))
-    seen = (l_sum > 0) & jnp.repeat(has_prefix, group)[None, :]
+    seen = ~(l_sum <= 0) & jnp.repeat(has_prefix, group)[None, :]  # NaN sums count
     out = jnp.where(seen[..., None], acc / jnp.where(seen, l_sum, 1.0)[..., None], 0.0)
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l_sum, 1.0)), -jnp.inf)
     # [Hkv, N * G, ...] -> [N, Hq, ...]
@@ -655,7 +655,7 @@ def short_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
         p = jnp.exp(s - m_safe[..., None])
         l_sum = jnp.sum(p, axis=3)
         o = jnp.einsum("ghrt,ghtd->ghrd", p, v, preferred_element_type=jnp.float32, precision=prec)
-        seen = l_sum > 0
+        seen = ~(l_sum <= 0)  # a NaN sum counts: out and lse NaN
         o = o / jnp.where(seen, l_sum, 1.0)[..., None]
         lse = jnp.where(seen, m_safe + jnp.log(jnp.where(seen, l_sum, 1.0)), -jnp.inf)
         return o, lse

@@ -653,3 +653,34 @@ def test_shared_prefix_workspace_covers_the_windowed_calls(interp_backend):
     out = torch.full(q.shape, float("nan"))
     tf.shared_prefix_attention(*args, sliding_window=64, out=out, workspace=ws, backend=be)
     close(out, want, "float32")
+
+
+@pytest.mark.parametrize("splits", [None, 2])
+def test_nan_in_a_read_slot_gives_nan(splits):
+    """A NaN in a K slot the queries of sequence 0 read: their out and lse NaN, as the
+    reference (not out NaN with lse -inf, nor a split's partial dropped by the merge); the
+    other sequences unaffected."""
+    rng = np.random.default_rng(3)
+    b = testing.make_ragged_batch(rng, [(3, 20), (1, 9), (2, 2)], num_q_heads=4,
+                                  num_kv_heads=2, head_dim=16, block_size=4)
+    b.k_cache[int(b.block_tables[0, 0]), 0, 1, 3] = np.nan
+    want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True)
+    q, k, v, bt, kv, cu = (T(a) for a in b.args())
+    out, lse = _attend(q, k, v, bt, kv, cu, num_splits=splits)
+    np.testing.assert_array_equal(np.isnan(N(lse)), np.isnan(want_lse))
+    np.testing.assert_array_equal(np.isnan(N(out)), np.isnan(want))
+    assert np.isnan(want_lse).any()
+    ok = ~np.isnan(want)
+    np.testing.assert_allclose(N(out)[ok], want[ok], atol=1e-5, rtol=1e-5)
+
+
+def test_merge_keeps_a_nan_state():
+    oa, ob = np.ones((2, 2, 1, 4), np.float32)
+    la = np.array([[np.nan], [0.5]], np.float32)
+    lb = np.array([[0.5], [-np.inf]], np.float32)
+    want, want_lse = ref.merge_attention_states_reference(oa, la, ob, lb)
+    out, lse = torch.full((2, 1, 4), 7.0), torch.full((2, 1), 7.0)
+    tattn.merge_attention_states(out, lse, T(oa), T(la), T(ob), T(lb))
+    assert np.isnan(want[0]).all() and np.isnan(want_lse[0]).all()
+    np.testing.assert_array_equal(np.isnan(N(out)), np.isnan(want))
+    np.testing.assert_array_equal(np.isnan(N(lse)), np.isnan(want_lse))

@@ -176,7 +176,7 @@ def _attend_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             for h in range(num_kv_heads):
                 acc[h].baddbmm_(p[h], v[:, :, h])
             m = m_new
-        seen = den > 0
+        seen = ~(den <= 0)  # a NaN sum (a NaN in the KV read) counts: out and lse NaN
         out = acc / torch.where(seen, den, 1.0)
         m = torch.where(seen, m + torch.log(torch.where(seen, den, 1.0)), float("-inf"))
     lse = m[..., 0]
@@ -607,7 +607,7 @@ def merge_attention_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, o
     inf = float("inf")
     lse_a, lse_b = (torch.where(x == inf, -inf, x) for x in (lse_a, lse_b))  # +inf: FA2's empty
     m = torch.maximum(lse_a, lse_b)
-    seen = m > float("-inf")
+    seen = m != float("-inf")  # NaN (a NaN state) counts: out and lse NaN
     m0 = torch.where(seen, m, 0.0)
     wa, wb = torch.exp(lse_a - m0), torch.exp(lse_b - m0)  # e^-inf = 0 for an empty side
     den = wa + wb

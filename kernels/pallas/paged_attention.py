@@ -226,7 +226,7 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
 
     for h in range(heads):
         l_sum = l_sc[h]
-        seen = l_sum > 0
+        seen = ~(l_sum <= 0)  # a NaN sum (a NaN in the KV read) counts: out and lse NaN
         o_ref[h] = (acc_sc[h] / jnp.where(seen, l_sum, 1.0)).astype(o_ref.dtype)
         lse_ref[h] = jnp.where(seen, m_sc[h] + jnp.log(jnp.where(seen, l_sum, 1.0)), -jnp.inf)
 

@@ -206,7 +206,7 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
     a0 = jnp.zeros((rows, head_dim), jnp.float32)
     steps = (nblk + blocks_per_step - 1) // blocks_per_step
     m, l_sum, acc = lax.fori_loop(0, steps, body, (m0, l0, a0))
-    seen = l_sum > 0
+    seen = ~(l_sum <= 0)  # a NaN sum (a NaN in the KV read) counts: out and lse NaN
     o_ref[...] = (acc / jnp.where(seen, l_sum, 1.0)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l_sum, 1.0)), -jnp.inf)
 
@@ -244,7 +244,7 @@ def _merge_splits(out, lse, num_splits: int):
     m_safe = jnp.where(m == -jnp.inf, 0.0, m)
     w = jnp.exp(lse - m_safe[:, None])
     den = jnp.sum(w, axis=1)
-    seen = den > 0
+    seen = ~(den <= 0)  # a NaN partial counts: out and lse NaN
     merged = jnp.sum(w[..., None] * out, axis=1) / jnp.where(seen, den, 1.0)[..., None]
     return merged, jnp.where(seen, m_safe + jnp.log(jnp.where(seen, den, 1.0)), -jnp.inf)
 

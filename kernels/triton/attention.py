@@ -222,7 +222,7 @@ def _paged_attention_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
             m_i = m_new
-        seen = l_i > 0
+        seen = (l_i > 0) | (l_i != l_i)  # a NaN sum (a NaN in the KV read): out, lse NaN
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
         if FP8 and V_SCALED:
             out = out * tl.load(v_scale_ptr)
@@ -258,13 +258,13 @@ def _merge_states_kernel(out_ptr, lse_ptr, o_ptr, l_ptr, num_heads, stride_ot, s
     d_ok = d < HEAD_DIM
     # a state that saw nothing (lse -inf) weighs 0 and its out is not read: the cascade's
     # prefix partials leave the rows of tokens with no prefix unwritten but for lse
-    live = s_ok & (lse > float("-inf"))
+    live = s_ok & ((lse > float("-inf")) | (lse != lse))  # a NaN state is kept: NaN
     o = tl.load(o_ptr + sidx[:, None] * stride_so + t * stride_st + h * stride_sh
                 + d[None, :] * stride_sd, mask=live[:, None] & d_ok[None, :], other=0.0)
     o = o.to(tl.float32)
     w = tl.where(live, w, 0.0)
     acc = tl.sum(o * w[:, None], 0)
-    seen = den > 0
+    seen = (den > 0) | (den != den)
     res = tl.where(seen, acc / tl.where(seen, den, 1.0), 0.0)
     tl.store(out_ptr + t * stride_ot + h * stride_oh + d * stride_od,
              res.to(out_ptr.dtype.element_ty), mask=d_ok)

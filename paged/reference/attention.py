@@ -128,7 +128,7 @@ def merge_attention_states_reference(out_a, lse_a, out_b, lse_b):
     validate.check_merge_attention_states(out_a, lse_a, out_b, lse_b)
     la, lb = (np.where(x == np.inf, -np.inf, x) for x in (_as_f64(lse_a), _as_f64(lse_b)))
     m = np.maximum(la, lb)
-    seen = m > -np.inf
+    seen = m != -np.inf  # a NaN state (a NaN in the KV read) is kept: out and lse NaN
     m0 = np.where(seen, m, 0.0)
     wa, wb = np.exp(la - m0), np.exp(lb - m0)  # exp(-inf) = 0 for an empty side
     denom = np.where(seen, wa + wb, 1.0)

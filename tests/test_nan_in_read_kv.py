@@ -1,0 +1,118 @@
+"""A NaN in the KV a query reads (a corrupt block) makes that query's out and lse NaN, in the
+reference and in every backend tested here, never a finite answer that skips the key, nor out
+NaN with lse -inf (an empty state to a merge, which would drop the NaN: a cascade's merge
+served a clean-looking answer). Queries that do not read the NaN are unaffected; slots no query
+reads hold NaN too (the shared ragged builder's nan_fill) and must not leak.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from prefixkv.paged import reference as ref
+from prefixkv.paged import testing
+
+#: sequence 0 reads its first key: the NaN goes there (K column 3, or V column 3).
+SEQS = [(3, 20), (1, 9), (2, 2)]
+
+
+def _batch(head_dim=32, block_size=8, decode=False, where="k"):
+    rng = np.random.default_rng(3)
+    seqs = [(1, kv) for _, kv in SEQS] if decode else SEQS
+    b = testing.make_ragged_batch(rng, seqs, num_q_heads=4, num_kv_heads=2, head_dim=head_dim,
+                                  block_size=block_size, decode=decode)
+    first = int(b.block_tables[0, 0])
+    (b.k_cache if where == "k" else b.v_cache)[first, 0, 1, 3] = np.nan  # kv head 1
+    return b
+
+
+def _assert_nan_like_reference(out, lse, want, want_lse):
+    out, lse = np.asarray(out, np.float32), np.asarray(lse, np.float32)
+    assert np.isnan(want_lse).any() or np.isnan(want).any(), "the case reads no NaN"
+    np.testing.assert_array_equal(np.isnan(lse), np.isnan(want_lse))
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
+    ok = ~np.isnan(want)
+    np.testing.assert_allclose(out[ok], want[ok], atol=1e-4, rtol=1e-4)
+    ok = ~np.isnan(want_lse)
+    np.testing.assert_allclose(lse[ok], want_lse[ok], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_reference(where):
+    b = _batch(where=where)
+    out, lse = ref.paged_attention_reference(*b.args(), return_lse=True)
+    rows = np.arange(3)  # sequence 0's tokens read key 0; the others do not
+    if where == "k":  # its kv head 1's q heads (2, 3): out and lse NaN
+        assert np.isnan(out[rows][:, 2:]).all() and np.isnan(lse[rows][:, 2:]).all()
+    else:  # a NaN value: its column of out only
+        assert np.isnan(out[rows][:, 2:, 3]).all() and not np.isnan(lse).any()
+    assert not np.isnan(out[3:]).any() and not np.isnan(out[rows][:, :2]).any()
+
+
+JAX_CASES = [("xla", False, "k"), ("xla", False, "v"), ("xla", True, "k"),
+             ("pallas_interpret", False, "k"), ("pallas_gpu_interpret", True, "k")]
+
+
+@pytest.mark.parametrize("backend,decode,where", JAX_CASES)
+def test_jax_paged_attention(backend, decode, where):
+    jax = pytest.importorskip("jax")
+    from prefixkv import jax_frontend as jf
+
+    b = _batch(head_dim=128 if backend == "pallas_interpret" else 32,
+               block_size=16 if backend == "pallas_gpu_interpret" else 8, decode=decode,
+               where=where)
+    want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True)
+    out, lse = jax.jit(lambda *a: jf.paged_attention(*a, return_lse=True, backend=backend))(
+        *b.args())
+    _assert_nan_like_reference(out, lse, want, want_lse)
+
+
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "mixed"])
+def test_jax_shared_prefix_attention_merge_keeps_the_nan(decode):
+    """The NaN in a prefix block: the cascade's prefix part is NaN, and its merge with the own
+    part must keep it (the merge read a NaN lse as an empty state)."""
+    pytest.importorskip("jax")
+    from prefixkv import jax_frontend as jf
+
+    rng = np.random.default_rng(5)
+    seqs = [(0, 1, 3), (1, 1, 6), (-1, 1, 2), (0, 1, 1)] if decode else \
+        [(0, 2, 3), (1, 1, 6), (-1, 3, 4), (0, 1, 1)]
+    b = testing.make_shared_prefix_batch(rng, [3, 2], seqs, num_q_heads=4, num_kv_heads=2,
+                                         head_dim=32, block_size=8)
+    b.k_cache[int(b.prefix_block_tables[0, 0]), 0, 0, 3] = np.nan  # prefix 0, kv head 0
+    want, want_lse = ref.shared_prefix_attention_reference(*b.args(), return_lse=True)
+    out, lse = jf.shared_prefix_attention(*b.args(), return_lse=True, backend="xla")
+    _assert_nan_like_reference(out, lse, want, want_lse)
+
+
+TORCH_CASES = [(False, "k", {}), (False, "v", {}), (True, "k", {}),
+               (False, "k", {"logits_soft_cap": 30.0})]  # the soft cap: the padded path
+
+
+@pytest.mark.parametrize("decode,where,opts", TORCH_CASES)
+def test_torch_paged_attention(decode, where, opts):
+    torch = pytest.importorskip("torch")
+    from prefixkv import torch_frontend as tf
+
+    b = _batch(decode=decode, where=where)
+    want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **opts)
+    args = [None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for a in b.args()]
+    out, lse = tf.paged_attention(*args, return_lse=True, **opts)
+    _assert_nan_like_reference(out.numpy(), lse.numpy(), want, want_lse)
+
+
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "mixed"])
+def test_torch_shared_prefix_attention_merge_keeps_the_nan(decode):
+    torch = pytest.importorskip("torch")
+    from prefixkv import torch_frontend as tf
+
+    rng = np.random.default_rng(5)
+    seqs = [(0, 1, 3), (1, 1, 6), (-1, 1, 2), (0, 1, 1)] if decode else \
+        [(0, 2, 3), (1, 1, 6), (-1, 3, 4), (0, 1, 1)]
+    b = testing.make_shared_prefix_batch(rng, [3, 2], seqs, num_q_heads=4, num_kv_heads=2,
+                                         head_dim=32, block_size=8)
+    b.k_cache[int(b.prefix_block_tables[0, 0]), 0, 0, 3] = np.nan
+    want, want_lse = ref.shared_prefix_attention_reference(*b.args(), return_lse=True)
+    args = [None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for a in b.args()]
+    out, lse = tf.shared_prefix_attention(*args, return_lse=True)
+    _assert_nan_like_reference(out.numpy(), lse.numpy(), want, want_lse)
