@@ -168,6 +168,16 @@ def make_shared_prefix_batch(rng: np.random.Generator, prefix_blocks: Sequence[i
         cu_q_lens=None if decode else cu)
 
 
+def small_shared_prefix_batch(rng: np.random.Generator, decode: bool) -> SharedPrefixBatch:
+    """A small cascade batch for the frontends' tests: prefixes of 3 and 2 blocks of 8 tokens,
+    four sequences (two on prefix 0, one on prefix 1, one with none) with 1 to 6 own tokens,
+    one query token each (``decode``) or 1 to 3; 4 q / 2 kv heads x 32."""
+    seqs = [(0, 1, 3), (1, 1, 6), (-1, 1, 2), (0, 1, 1)] if decode else \
+        [(0, 2, 3), (1, 1, 6), (-1, 3, 4), (0, 1, 1)]
+    return make_shared_prefix_batch(rng, [3, 2], seqs, num_q_heads=4, num_kv_heads=2,
+                                    head_dim=32, block_size=8)
+
+
 def logit_overflow_decode(sign: int) -> tuple[np.ndarray, ...]:
     """(q, k_cache, v_cache, block_tables, kv_lens) of one float32 decode over 16 keys whose
     logits pass float32's range: sign > 0, one key's logit is +inf; sign < 0, every key's is

@@ -288,6 +288,21 @@ def _torch_scale(kind: str, value: float):
     return {"float": value, "0d": torch.tensor(value), "1elem": torch.tensor([value])}[kind]
 
 
+def _write_batch(rng, values, dtype: str, *, val_row: int):
+    """(key, value, k_cache, v_cache, slot_mapping) of a write of 5 rows (2 heads x 16) into
+    fp8 caches of 3 blocks of 4 tokens: ``values`` in key row 1 and at the end of value row
+    ``val_row``, the rest random (x30), the caches' old contents random, one slot -1."""
+    key = (rng.standard_normal((5, 2, 16)) * 30).astype(np.float32)
+    val = (rng.standard_normal((5, 2, 16)) * 30).astype(np.float32)
+    key[1].flat[:len(values)] = values
+    val[val_row].flat[-len(values):] = values
+    with np.errstate(over="ignore"):  # 1e9 is inf in float16: saturates all the same
+        key, val = key.astype(numpy_dtype(dtype)), val.astype(numpy_dtype(dtype))
+    kc = ref.quantize_fp8_reference(rng.standard_normal((3, 4, 2, 16)))
+    vc = ref.quantize_fp8_reference(rng.standard_normal((3, 4, 2, 16)))
+    return key, val, kc, vc, np.array([6, 9, -1, 0], np.int32)
+
+
 def _write_cases(scale_kind: str):
     """(scale, values) groups of QUANT_CASES: one write_kv call each (scale None: the cases
     without one, with kind "none"; else those with one, the others at 1.0)."""
@@ -313,15 +328,7 @@ def test_torch_write_kv_is_bit_exact_with_the_reference(dtype, scale_kind):
     rng = np.random.default_rng(3)
     for scale, values in _write_cases(scale_kind):
         s = None if scale is None else _torch_scale(scale_kind, scale)
-        key = (rng.standard_normal((5, 2, 16)) * 30).astype(np.float32)
-        val = (rng.standard_normal((5, 2, 16)) * 30).astype(np.float32)
-        key[1].flat[:len(values)] = values
-        val[0].flat[-len(values):] = values
-        with np.errstate(over="ignore"):  # 1e9 is inf in float16: saturates all the same
-            key, val = key.astype(numpy_dtype(dtype)), val.astype(numpy_dtype(dtype))
-        kc = ref.quantize_fp8_reference(rng.standard_normal((3, 4, 2, 16)))
-        vc = ref.quantize_fp8_reference(rng.standard_normal((3, 4, 2, 16)))
-        slots = np.array([6, 9, -1, 0], np.int32)
+        key, val, kc, vc, slots = _write_batch(rng, values, dtype, val_row=0)
         want_k, want_v = ref.write_kv_reference(key, val, kc, vc, slots, k_scale=scale,
                                                 v_scale=scale)
         k, v = _t8(kc), _t8(vc)
@@ -441,6 +448,23 @@ def test_torch_cpu_decode_reads_fp8_bytes_in_the_compiled_kernel(monkeypatch):
     testing.assert_attention_close(N(got), want, "bfloat16")
 
 
+def _fp8_shared_prefix_case(decode: bool, window):
+    """(cascade args, fp8 k and v caches, reference out and lse) with k_scale = v_scale = 0.25;
+    ragged: the caches grow NaN blocks no table names (the tables then name fewer entries
+    than the cache has blocks: the dequantizing paths gather them)."""
+    rng = np.random.default_rng(5)
+    b = testing.small_shared_prefix_batch(rng, decode)
+    kq, vq = (ref.quantize_fp8_reference(c, 0.25) for c in (b.k_cache, b.v_cache))
+    if not decode:
+        nan = np.full((3 * kq.shape[0], *kq.shape[1:]), 0x7F, np.uint8).view(F8)
+        kq, vq = np.concatenate([kq, nan]), np.concatenate([vq, nan])
+    a = b.args()
+    want, want_lse = ref.shared_prefix_attention_reference(
+        a[0], kq, vq, *a[3:], k_scale=0.25, v_scale=0.25, return_lse=True,
+        sliding_window=window)
+    return a, kq, vq, want, want_lse
+
+
 @pytest.mark.parametrize("window", [None, 11], ids=["no_window", "window"])
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "ragged"])
 def test_torch_shared_prefix_attention_reads_fp8_caches(decode, window):
@@ -449,19 +473,7 @@ def test_torch_shared_prefix_attention_reads_fp8_caches(decode, window):
 
     from prefixkv import torch_frontend as tf
 
-    rng = np.random.default_rng(5)
-    seqs = [(0, 1, 3), (1, 1, 6), (-1, 1, 2), (0, 1, 1)] if decode else \
-        [(0, 2, 3), (1, 1, 6), (-1, 3, 4), (0, 1, 1)]
-    b = testing.make_shared_prefix_batch(rng, [3, 2], seqs, num_q_heads=4, num_kv_heads=2,
-                                         head_dim=32, block_size=8)
-    kq, vq = (ref.quantize_fp8_reference(c, 0.25) for c in (b.k_cache, b.v_cache))
-    if not decode:  # tables naming fewer entries than the cache has blocks: gathered
-        nan = np.full((3 * kq.shape[0], *kq.shape[1:]), 0x7F, np.uint8).view(F8)
-        kq, vq = np.concatenate([kq, nan]), np.concatenate([vq, nan])
-    a = b.args()
-    want, want_lse = ref.shared_prefix_attention_reference(
-        a[0], kq, vq, *a[3:], k_scale=0.25, v_scale=0.25, return_lse=True,
-        sliding_window=window)
+    a, kq, vq, want, want_lse = _fp8_shared_prefix_case(decode, window)
     args = [None if x is None else T(x) for x in a]
     out, lse = tf.shared_prefix_attention(args[0], _t8(kq), _t8(vq), *args[3:], k_scale=0.25,
                                           v_scale=0.25, return_lse=True, sliding_window=window)
@@ -658,15 +670,7 @@ def test_jax_write_kv_is_bit_exact_with_the_reference(backend, mode, dtype, pall
 
     rng = np.random.default_rng(8)
     for scale, values in _write_cases("float"):
-        key = (rng.standard_normal((5, 2, 16)) * 30).astype(np.float32)
-        val = (rng.standard_normal((5, 2, 16)) * 30).astype(np.float32)
-        key[1].flat[:len(values)] = values
-        val[3].flat[-len(values):] = values
-        with np.errstate(over="ignore"):
-            key, val = key.astype(numpy_dtype(dtype)), val.astype(numpy_dtype(dtype))
-        kc = ref.quantize_fp8_reference(rng.standard_normal((3, 4, 2, 16)))
-        vc = ref.quantize_fp8_reference(rng.standard_normal((3, 4, 2, 16)))
-        slots = np.array([6, 9, -1, 0], np.int32)
+        key, val, kc, vc, slots = _write_batch(rng, values, dtype, val_row=3)
         want_k, want_v = ref.write_kv_reference(key, val, kc, vc, slots, k_scale=scale,
                                                 v_scale=scale)
         if mode == "eager":
@@ -766,19 +770,7 @@ def test_jax_shared_prefix_attention_reads_fp8_caches(decode, window):
     jax = pytest.importorskip("jax")
     from prefixkv import jax_frontend as jf
 
-    rng = np.random.default_rng(5)
-    seqs = [(0, 1, 3), (1, 1, 6), (-1, 1, 2), (0, 1, 1)] if decode else \
-        [(0, 2, 3), (1, 1, 6), (-1, 3, 4), (0, 1, 1)]
-    b = testing.make_shared_prefix_batch(rng, [3, 2], seqs, num_q_heads=4, num_kv_heads=2,
-                                         head_dim=32, block_size=8)
-    kq, vq = (ref.quantize_fp8_reference(c, 0.25) for c in (b.k_cache, b.v_cache))
-    if not decode:  # tables naming fewer entries than the cache has blocks: gathered
-        nan = np.full((3 * kq.shape[0], *kq.shape[1:]), 0x7F, np.uint8).view(F8)
-        kq, vq = np.concatenate([kq, nan]), np.concatenate([vq, nan])
-    a = b.args()
-    want, want_lse = ref.shared_prefix_attention_reference(
-        a[0], kq, vq, *a[3:], k_scale=0.25, v_scale=0.25, return_lse=True,
-        sliding_window=window)
+    a, kq, vq, want, want_lse = _fp8_shared_prefix_case(decode, window)
     out, lse = jax.jit(lambda q, k, v, *rest, s: jf.shared_prefix_attention(
         q, k, v, *rest, k_scale=s, v_scale=s, return_lse=True, sliding_window=window))(
         a[0], kq, vq, *a[3:], s=np.float32(0.25))

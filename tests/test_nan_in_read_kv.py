@@ -75,10 +75,7 @@ def test_jax_shared_prefix_attention_merge_keeps_the_nan(decode):
     from prefixkv import jax_frontend as jf
 
     rng = np.random.default_rng(5)
-    seqs = [(0, 1, 3), (1, 1, 6), (-1, 1, 2), (0, 1, 1)] if decode else \
-        [(0, 2, 3), (1, 1, 6), (-1, 3, 4), (0, 1, 1)]
-    b = testing.make_shared_prefix_batch(rng, [3, 2], seqs, num_q_heads=4, num_kv_heads=2,
-                                         head_dim=32, block_size=8)
+    b = testing.small_shared_prefix_batch(rng, decode)
     b.k_cache[int(b.prefix_block_tables[0, 0]), 0, 0, 3] = np.nan  # prefix 0, kv head 0
     want, want_lse = ref.shared_prefix_attention_reference(*b.args(), return_lse=True)
     out, lse = jf.shared_prefix_attention(*b.args(), return_lse=True, backend="xla")
@@ -107,10 +104,7 @@ def test_torch_shared_prefix_attention_merge_keeps_the_nan(decode):
     from prefixkv import torch_frontend as tf
 
     rng = np.random.default_rng(5)
-    seqs = [(0, 1, 3), (1, 1, 6), (-1, 1, 2), (0, 1, 1)] if decode else \
-        [(0, 2, 3), (1, 1, 6), (-1, 3, 4), (0, 1, 1)]
-    b = testing.make_shared_prefix_batch(rng, [3, 2], seqs, num_q_heads=4, num_kv_heads=2,
-                                         head_dim=32, block_size=8)
+    b = testing.small_shared_prefix_batch(rng, decode)
     b.k_cache[int(b.prefix_block_tables[0, 0]), 0, 0, 3] = np.nan
     want, want_lse = ref.shared_prefix_attention_reference(*b.args(), return_lse=True)
     args = [None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for a in b.args()]

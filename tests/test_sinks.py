@@ -142,10 +142,7 @@ def _shared_prefix_case(decode: bool, window: int | None = None):
     """A cascade batch (two prefixes, a sequence with none), its sinks and the reference (a
     window of 11 starts inside the 24- and 16-token prefixes)."""
     rng = np.random.default_rng(5)
-    seqs = [(0, 1, 3), (1, 1, 6), (-1, 1, 2), (0, 1, 1)] if decode else \
-        [(0, 2, 3), (1, 1, 6), (-1, 3, 4), (0, 1, 1)]
-    b = testing.make_shared_prefix_batch(rng, [3, 2], seqs, num_q_heads=4, num_kv_heads=2,
-                                         head_dim=32, block_size=8)
+    b = testing.small_shared_prefix_batch(rng, decode)
     sinks = _sinks(rng, 4)
     return b, sinks, *ref.shared_prefix_attention_reference(*b.args(), return_lse=True,
                                                             sinks=sinks, sliding_window=window)
