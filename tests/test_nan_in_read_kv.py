@@ -1,8 +1,11 @@
 """A NaN in the KV a query reads (a corrupt block) makes that query's out and lse NaN, in the
 reference and in every backend tested here, never a finite answer that skips the key, nor out
 NaN with lse -inf (an empty state to a merge, which would drop the NaN: a cascade's merge
-served a clean-looking answer). Queries that do not read the NaN are unaffected; slots no query
-reads hold NaN too (the shared ragged builder's nan_fill) and must not leak.
+served a clean-looking answer). Slots no query of the call reads hold NaN too (the shared ragged
+builder's nan_fill) and must not leak. The NaN here sits in key 0, which every query of its
+sequence reads: a NaN V slot that only some rows read may also make the sequence's other rows
+NaN (0 * NaN in p.V), in the reference as in the kernels (which rows depends on the kernel's
+key tiles), so that case is not pinned down here.
 """
 
 from __future__ import annotations
