@@ -684,3 +684,14 @@ def test_merge_keeps_a_nan_state():
     assert np.isnan(want[0]).all() and np.isnan(want_lse[0]).all()
     np.testing.assert_array_equal(np.isnan(N(out)), np.isnan(want))
     np.testing.assert_array_equal(np.isnan(N(lse)), np.isnan(want_lse))
+
+
+def test_launcher_refuses_a_misaligned_workspace():
+    """The frontend checks the workspace's alignment only outside torch.compile (storage_offset
+    is not traceable): the launcher checks it again where it carves the buffers."""
+    rng = np.random.default_rng(4)
+    b = testing.make_ragged_batch(rng, [(1, 9), (2, 6)], num_q_heads=4, num_kv_heads=2,
+                                  head_dim=16, block_size=4)
+    ws = torch.zeros(1 << 16, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="256-byte aligned"):
+        _attend(*(T(a) for a in b.args()), workspace=ws[16:])

@@ -627,6 +627,29 @@ def test_torch_compile_fullgraph_model_step():
     assert torch.equal(got[1], want[1]) and torch.equal(k1, k2) and torch.equal(v1, v2)
 
 
+def test_torch_compile_fullgraph_with_out_lse_and_workspace():
+    """out=, lse= and workspace= under torch.compile(fullgraph=True): the workspace's
+    alignment check (storage_offset, not traceable) broke the graph; the compiled call gives
+    the eager result (the alignment itself is checked where the workspace is carved)."""
+    rng = np.random.default_rng(9)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 4), num_q_heads=4,
+                                  num_kv_heads=2, head_dim=16, block_size=4)
+    ta = [None if x is None else T(x) for x in b.args()]
+
+    def step(q, k, v, out, lse, ws):
+        tf.paged_attention(q, k, v, *ta[3:], out=out, lse=lse, workspace=ws)
+        return out, lse
+
+    want = ref.paged_attention_reference(*b.args(), return_lse=True)
+    out, lse = torch.full(ta[0].shape, float("nan")), torch.full(ta[0].shape[:2], float("nan"))
+    ws = torch.zeros(1 << 16, dtype=torch.uint8)
+    with torch._dynamo.config.patch(error_on_recompile=False):
+        torch.compile(step, fullgraph=True, backend="aot_eager")(ta[0], ta[1], ta[2], out, lse,
+                                                                 ws)
+    close(out, want[0], "float32")
+    np.testing.assert_allclose(N(lse), want[1], atol=1e-4, rtol=1e-4)
+
+
 def test_no_prefixes_and_empty_batch():
     rng = np.random.default_rng(13)
     b = testing.make_ragged_batch(rng, [(1, 5), (2, 9), (0, 0)], block_size=4)

@@ -516,6 +516,9 @@ def _carve(plan, workspace, device, op: str) -> dict:
     if workspace is None:
         return {name: torch.empty(shape, dtype=dtype, device=device)
                 for name, shape, dtype in plan}
+    if workspace.storage_offset() % WORKSPACE_ALIGN:  # checked here for compiled callers too
+        raise ValueError(f"workspace: must start {WORKSPACE_ALIGN}-byte aligned (a fresh "
+                         f"tensor, or a slice at a multiple of {WORKSPACE_ALIGN})")
     need = _plan_bytes(plan)
     if workspace.numel() < need:
         raise ValueError(f"workspace: {op} needs {need} bytes here (see "
