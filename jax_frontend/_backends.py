@@ -9,6 +9,10 @@ per op.
 - ``pallas_interpret``: the Pallas kernels run by the Pallas interpreter on CPU (slow; for
   testing the kernels' logic anywhere; never chosen unless asked for).
 
+An attention backend whose impl has ``reads_fp8(**context) -> bool`` answering True gets
+float8_e4m3fn caches as they are, with ``k_scale``/``v_scale`` keywords (0-d float32 arrays or
+None); the others get the blocks the tables name dequantized into q's dtype (frontend).
+
 Only kernels that are implemented and tested are registered.
 """
 
@@ -129,16 +133,22 @@ for _op in ("write_kv", "copy_blocks", "gather_blocks", "scatter_blocks"):
 
 
 def _pallas_attention(op: str, interpret: bool):
-    def impl(*args, **config):
+    def impl(*args, k_scale=None, v_scale=None, **config):
         from ..kernels.pallas import paged_attention as pa
 
-        kernel = functools.partial(pa.paged_attention_tpu,
+        kernel = functools.partial(pa.paged_attention_tpu, k_scale=k_scale, v_scale=v_scale,
                                    interpret=tpu_interpret_params() if interpret else False)
         if op == "paged_attention":
             return kernel(*args, **config)
         return _xla.shared_prefix_attention(*args, **config, attention_fn=kernel)
 
+    def reads_fp8(**context) -> bool:
+        from ..kernels.pallas import paged_attention as pa
+
+        return pa.tpu_reads_fp8(**context, xla_layout=not interpret)
+
     impl.__name__ = f"{op}_{'pallas_interpret' if interpret else 'pallas_tpu'}"
+    impl.reads_fp8 = reads_fp8
     return impl
 
 
@@ -168,15 +178,17 @@ for _op in ("paged_attention", "shared_prefix_attention"):
 
 
 def _pallas_gpu_attention(op: str, interpret: bool):
-    def impl(*args, **config):
+    def impl(*args, k_scale=None, v_scale=None, **config):
         from ..kernels.pallas import paged_attention_gpu as pg
 
-        kernel = functools.partial(pg.paged_attention_gpu, interpret=interpret)
+        kernel = functools.partial(pg.paged_attention_gpu, interpret=interpret,
+                                   k_scale=k_scale, v_scale=v_scale)
         if op == "paged_attention":
             return kernel(*args, **config)
         return _xla.shared_prefix_attention(*args, **config, attention_fn=kernel)
 
     impl.__name__ = f"{op}_{'pallas_gpu_interpret' if interpret else 'pallas_gpu'}"
+    impl.reads_fp8 = lambda **context: True  # int8 loads, decoded in the kernel
     return impl
 
 

@@ -193,7 +193,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], q's dtype, or
     float8_e4m3fn read as float32(cache) * k_scale (v_scale): k_scale, v_scale None (1.0), a
     positive float or a float32 array of one element, may be traced (fp8 caches only; the
-    blocks the tables name are dequantized into q's dtype, then any backend runs).
+    Pallas kernels and the CPU decode kernel read the fp8 bytes, for the other backends the
+    blocks the tables name are dequantized into q's dtype: docs/ops.md).
     block_tables: i32[num_seqs, max_blocks_per_seq]; entries in [0, num_blocks) for the blocks
     holding tokens (others are never read as keys).
     kv_lens: i32[num_seqs], cached prefix + this step's tokens.
@@ -221,13 +222,10 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     if _run_value_checks(block_tables, kv_lens, cu_q_lens):
         validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
     def run(k_cache, v_cache, block_tables):
-        if validate.is_fp8(k_cache):
-            k_cache, v_cache, block_tables = _dequantized_blocks(q, k_cache, v_cache, k_scale,
-                                                                 v_scale, block_tables)
         return _run_paged_attention(dims, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
                                     causal=causal, sliding_window=sliding_window,
                                     logits_soft_cap=logits_soft_cap, sinks=sinks,
-                                    backend=backend)
+                                    backend=backend, k_scale=k_scale, v_scale=v_scale)
 
     if validate.is_fp8(k_cache) and cu_q_lens is None:
         out, lse = _fp8_cpu_decode(dims, q, k_cache, v_cache, block_tables, kv_lens, k_scale,
@@ -270,16 +268,41 @@ def _fp8_cpu_decode(dims, q, k_cache, v_cache, block_tables, kv_lens, k_scale, v
         cpu=cpu_path, default=lambda: run(k_cache, v_cache, block_tables))
 
 
+def _reads_fp8(impl, context) -> bool:
+    """Whether backend ``impl`` reads float8_e4m3fn caches itself for a call of ``context``."""
+    reads = getattr(impl, "reads_fp8", None)
+    return bool(reads is not None and reads(**context))
+
+
+def _fp8_call(impl, context, q, k_cache, v_cache, k_scale, v_scale, tables, run):
+    """``run(k_cache, v_cache, *tables, **scales)`` for fp8 caches: the raw caches and the
+    scales (0-d float32 arrays or None) when ``impl`` reads fp8 (the Pallas kernels), else the
+    blocks the tables name dequantized into q's dtype (tables remapped) and no scales."""
+    if _reads_fp8(impl, context):
+        ks, vs = _kv_scales(k_scale, v_scale)
+        return run(k_cache, v_cache, *tables, k_scale=ks, v_scale=vs)
+    return run(*_dequantized_blocks(q, k_cache, v_cache, k_scale, v_scale, *tables))
+
+
 def _run_paged_attention(dims, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *, causal,
-                         sliding_window, logits_soft_cap, sinks, backend):
-    """(out, lse) of a checked paged_attention call (``dims``: its AttentionDims)."""
+                         sliding_window, logits_soft_cap, sinks, backend, k_scale=None,
+                         v_scale=None):
+    """(out, lse) of a checked paged_attention call (``dims``: its AttentionDims); fp8 caches
+    as :func:`_fp8_call` routes them."""
     config = dict(scale=dims.scale, causal=bool(causal),
                   sliding_window=None if sliding_window is None else int(sliding_window),
                   logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))
     context = _backends.attention_context(dims)
 
     def call(impl):
-        return impl(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, **config)
+        def run(k_cache, v_cache, block_tables, **scales):
+            return impl(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, **config,
+                        **scales)
+
+        if validate.is_fp8(k_cache):
+            return _fp8_call(impl, context, q, k_cache, v_cache, k_scale, v_scale,
+                             (block_tables,), run)
+        return run(k_cache, v_cache, block_tables)
 
     out, lse = _dispatch("paged_attention", backend, context, call,
                          (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens))
@@ -320,9 +343,6 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
         validate.check_shared_prefix_attention_values(
             sdims, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
             cu_q_lens)
-    if validate.is_fp8(k_cache):
-        k_cache, v_cache, prefix_block_tables, block_tables = _dequantized_blocks(
-            q, k_cache, v_cache, k_scale, v_scale, prefix_block_tables, block_tables)
     dims = sdims.attention
     if sliding_window is not None:  # checked above: paged attention over the joined tables
         tables, lens = _xla.prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids,
@@ -330,7 +350,8 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
         out, lse = _run_paged_attention(
             dataclasses.replace(dims, max_blocks_per_seq=int(tables.shape[1])), q, k_cache,
             v_cache, tables, lens, cu_q_lens, causal=True, sliding_window=sliding_window,
-            logits_soft_cap=logits_soft_cap, sinks=sinks, backend=backend)
+            logits_soft_cap=logits_soft_cap, sinks=sinks, backend=backend, k_scale=k_scale,
+            v_scale=v_scale)
         return (out, lse) if return_lse else out
     config = dict(scale=dims.scale,
                   logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))
@@ -338,8 +359,14 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
         dims.num_seqs * dims.max_blocks_per_seq, sdims.num_prefixes * sdims.max_prefix_blocks))
 
     def call(impl):
-        return impl(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
-                    block_tables, kv_lens, cu_q_lens, **config)
+        def run(k_cache, v_cache, prefix_block_tables, block_tables, **scales):
+            return impl(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
+                        block_tables, kv_lens, cu_q_lens, **config, **scales)
+
+        if validate.is_fp8(k_cache):
+            return _fp8_call(impl, context, q, k_cache, v_cache, k_scale, v_scale,
+                             (prefix_block_tables, block_tables), run)
+        return run(k_cache, v_cache, prefix_block_tables, block_tables)
 
     out, lse = _dispatch("shared_prefix_attention", backend, context, call,
                          (q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,

@@ -24,6 +24,9 @@ block table): every grid step has a fixed cost, and one 16-token bf16 block of 8
 is 32 KiB, so a step per block leaves decode far below HBM bandwidth; a chunk moves 100s of
 KiB per DMA wait.
 
+float8_e4m3fn caches (:func:`tpu_reads_fp8` shapes) are copied to VMEM as their bytes (an int8
+view) and decoded exactly into the float32 pieces (``_fp8``), the scales an SMEM f32[2].
+
 ``interpret``: False for the TPU, or ``pltpu.InterpretParams(...)`` for TPU interpret mode.
 """
 
@@ -41,6 +44,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from ...jax_frontend import _xla
 from .._vma import out_struct
+from ._fp8 import as_bytes, fp8_e4m3_to_f32, scale_pair
 
 # Operands left where they are (HBM on a TPU); spelled pl.ANY in jax 0.10
 _ANY = getattr(pl, "ANY", None) or getattr(pltpu, "ANY", None) or pltpu.HBM
@@ -111,10 +115,16 @@ def vmem_bytes(plan: TpuPlan, *, num_kv_heads: int, head_dim: int, block_size: i
 
 
 def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_ref,
-                            q_ref, k_hbm, v_hbm, o_ref, lse_ref, k_buf, v_buf, sem,
-                            m_sc, l_sc, acc_sc, *wide, scale: float, block_size: int,
+                            q_ref, k_hbm, v_hbm, *refs, scale: float, block_size: int,
                             group: int, causal: bool, sliding_window: int | None,
-                            logits_soft_cap: float | None, pages: int, max_blocks: int):
+                            logits_soft_cap: float | None, pages: int, max_blocks: int,
+                            fp8: bool = False):
+    """``fp8``: the caches are float8_e4m3fn bytes (int8), copied to VMEM as bytes and decoded
+    exactly into the float32 pieces; ``scales_ref`` (SMEM f32[2]: k_scale, v_scale) follows
+    v_hbm, k_scale folded into the logits' scale, v_scale applied to the output."""
+    if fp8:
+        scales_ref, *refs = refs
+    o_ref, lse_ref, k_buf, v_buf, sem, m_sc, l_sc, acc_sc, *wide = refs
     i = pl.program_id(0)
     heads, rows, head_dim = q_ref.shape
     pieces = head_dim // LANES
@@ -150,6 +160,8 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
     # (Mosaic's fp32 contraction); float16 is refused by tpu_supports
     native = q_ref.dtype == jnp.bfloat16
     prec = None if native else lax.Precision.HIGHEST
+    logit_scale = scale * scales_ref[0] if fp8 else scale
+    widen = fp8_e4m3_to_f32 if fp8 else (lambda x: x.astype(jnp.float32))
 
     def chunk(c, carry):
         slot = lax.rem(c, jnp.asarray(2, c.dtype))
@@ -166,8 +178,8 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
             k_wide, v_wide = wide
             for j in range(pieces):
                 lanes = pl.ds(j * LANES, LANES)
-                k_wide[j] = k_buf[slot, :, lanes].astype(jnp.float32)
-                v_wide[j] = v_buf[slot, :, lanes].astype(jnp.float32)
+                k_wide[j] = widen(k_buf[slot, :, lanes])
+                v_wide[j] = widen(v_buf[slot, :, lanes])
 
             def head_rows(h):
                 rows_h = pl.ds(h, tokens, stride=heads)
@@ -201,7 +213,7 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
                 part = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
                                        preferred_element_type=jnp.float32)
                 s = part if s is None else s + part
-            s = s * scale                                             # [rows, tokens]
+            s = s * logit_scale                                       # [rows, tokens]
             s = jnp.where(mask, _xla.soft_cap(s, logits_soft_cap), -jnp.inf)
             m_prev = m_sc[h]                                          # [rows, 1]
             m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -227,7 +239,8 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
     for h in range(heads):
         l_sum = l_sc[h]
         seen = ~(l_sum <= 0)  # a NaN sum (a NaN in the KV read) counts: out and lse NaN
-        o_ref[h] = (acc_sc[h] / jnp.where(seen, l_sum, 1.0)).astype(o_ref.dtype)
+        out = acc_sc[h] / jnp.where(seen, l_sum, 1.0)
+        o_ref[h] = (out * scales_ref[1] if fp8 else out).astype(o_ref.dtype)
         lse_ref[h] = jnp.where(seen, m_sc[h] + jnp.log(jnp.where(seen, l_sum, 1.0)), -jnp.inf)
 
 
@@ -240,7 +253,10 @@ MAX_SMEM_TABLE_BYTES = 512 * 1024
 def xla_tile_rows(itemsize: int) -> int:
     """XLA's default TPU tile rows for the cache's (heads, head_dim) dims: 8, but 16 for 16-bit
     values from TPU7x on (JAX's ``TpuInfo.get_sublane_tiling`` states the same defaults). The
-    generation is the default device's; 8 when that is no TPU (an export from a CPU)."""
+    generation is the default device's; 8 when that is no TPU (an export from a CPU). 8-bit
+    values (fp8 caches): 32 on every generation (``get_sublane_tiling``)."""
+    if itemsize == 1:
+        return 32
     if itemsize == 2:
         try:
             if pltpu.get_tpu_info().generation >= 7:
@@ -289,13 +305,29 @@ def tpu_supports(*, head_dim: int, block_size: int, table_entries: int = 0,
     return True, ""
 
 
+def tpu_reads_fp8(*, num_kv_heads: int, block_size: int, xla_layout: bool = True,
+                  **_) -> bool:
+    """Whether the kernel reads a float8_e4m3fn cache as bytes (else the frontend dequantizes
+    the blocks the tables name): a block's rows (block_size * num_kv_heads) fill whole 8-bit
+    (32 x 128) VMEM tiles, and (``xla_layout``, a real TPU) num_kv_heads is a multiple of
+    xla_tile_rows(1) = 32, so the merged-heads view of the 8-bit cache is free."""
+    if (block_size * num_kv_heads) % sublane_rows(1):
+        return False
+    return not xla_layout or num_kv_heads % xla_tile_rows(1) == 0
+
+
 def paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale,
                         causal=True, sliding_window=None, logits_soft_cap=None,
-                        q_tile=None, interpret=False, pages=None):
+                        q_tile=None, interpret=False, pages=None, k_scale=None, v_scale=None):
     """Same contract as prefixkv.jax_frontend.paged_attention (validated inputs, static
     config); returns (out [num_tokens, num_q_heads, head_dim] in q's dtype, lse f32).
-    ``pages``: override the plan's blocks per chunk (tests)."""
-    return _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
+    ``pages``: override the plan's blocks per chunk (tests). float8_e4m3fn caches (shapes
+    :func:`tpu_reads_fp8` accepts) are read as their bytes and decoded in the kernel; k_scale,
+    v_scale: None (1.0) or 0-d float32 arrays, may be traced (fp8 only)."""
+    scales = None
+    if k_cache.dtype == jnp.float8_e4m3fn:
+        scales = scale_pair(k_scale, v_scale)
+    return _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scales,
                                 scale=scale, causal=causal, sliding_window=sliding_window,
                                 logits_soft_cap=logits_soft_cap, q_tile=q_tile,
                                 interpret=interpret, pages=pages)
@@ -316,7 +348,8 @@ def _q_tile(num_tokens: int, num_seqs: int, decode: bool, block_size: int, group
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "sliding_window",
                                              "logits_soft_cap", "q_tile", "interpret",
                                              "pages"))
-def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *, scale,
+def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scales, *,
+                         scale,
                          causal, sliding_window, logits_soft_cap, q_tile, interpret, pages):
     operands = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens)
     num_tokens, num_q_heads, head_dim = q.shape
@@ -335,6 +368,9 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
     # vector and dot of the kernel then has tile-aligned shapes; the padding rows are dropped
     tile_rows = sublane_rows(q.dtype.itemsize)
     rows_p = -(-rows // tile_rows) * tile_rows
+    fp8 = scales is not None
+    if fp8:  # the bytes, decoded in the kernel
+        k_cache, v_cache = as_bytes(k_cache), as_bytes(v_cache)
     itemsize = k_cache.dtype.itemsize
     plan = tpu_plan(num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
                     itemsize=itemsize, rows=rows_p, max_blocks=max_blocks, pages=pages)
@@ -355,7 +391,7 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
     kernel = functools.partial(
         _paged_attention_kernel, scale=scale, block_size=block_size, group=group, causal=causal,
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, pages=plan.pages,
-        max_blocks=max_blocks)
+        max_blocks=max_blocks, fp8=fp8)
     # block and head dims merged: XLA's tiling of the two minor dims (heads, head_dim) is kept
     # (see the module docstring); one block is `block_size * num_kv_heads` contiguous rows
     k_rows = k_cache.reshape(num_blocks, block_size * num_kv_heads, head_dim)
@@ -372,7 +408,8 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
                    out_struct((nt, num_kv_heads, rows_p, 1), jnp.float32, *operands)],
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=6, grid=(nt,),
-            in_specs=[q_spec, any_spec, any_spec],
+            in_specs=[q_spec, any_spec, any_spec,
+                      *([pl.BlockSpec(memory_space=pltpu.SMEM)] if fp8 else [])],
             out_specs=[q_spec, pl.BlockSpec((None, num_kv_heads, rows_p, 1), q_map)],
             scratch_shapes=[buf, buf, pltpu.SemaphoreType.DMA((2, 2)),
                             pltpu.VMEM((num_kv_heads, rows_p, 1), jnp.float32),
@@ -384,5 +421,5 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
             # default plans stay within VMEM_BUDGET (test); an override past it asks for room
             vmem_limit_bytes=None if vmem <= VMEM_BUDGET else vmem + VMEM_BUDGET),
         interpret=interpret,
-    )(seq, lo, nblk, hi, first_pos, tables, qt, k_rows, v_rows)
+    )(seq, lo, nblk, hi, first_pos, tables, qt, k_rows, v_rows, *([scales] if fp8 else []))
     return _xla.tiles_to_tokens(out[:, :, :rows], lse[:, :, :rows, 0], tok, num_tokens)

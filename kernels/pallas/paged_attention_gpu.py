@@ -12,7 +12,9 @@ GPU splits each sequence's blocks over several programs (split-KV) and merges th
 Triton wants power-of-two tiles and dots of at least 16 x 16: head_dim a power of two >= 16,
 block_size a power of two >= 16; the rows (q_tile x group) are padded to >= 16. A K or V tile
 must fit shared memory and the scores of 16 rows registers (:func:`gpu_supports`); other
-shapes run the XLA path on GPU.
+shapes run the XLA path on GPU. float8_e4m3fn caches are read as their bytes (an int8 view)
+and decoded in the kernel as the torch frontend's Triton kernel does (``_fp8``), the scales an
+f32[2] input.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from jax.experimental import pallas as pl
 from ...jax_frontend import _xla
 from ...paged.planner import DEFAULT_SMS, head_slices, kv_splits, num_kv_splits
 from .._vma import out_struct
+from ._fp8 import as_bytes, fp8_e4m3_to_f32_via_f16, scale_pair
 
 
 def _register_elems(dtype) -> int:
@@ -112,8 +115,9 @@ def gpu_blocks_per_step(head_dim: int, dtype, block_size: int = 16, rows: int = 
     return max(1, min(most, free // (block_size * (head_dim + rows))))
 
 
-def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                                scale: float, block_size: int, head_dim: int, group: int,
+def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, *refs,
+                                fp8: bool = False, scale: float, block_size: int,
+                                head_dim: int, group: int,
                                 head_splits: int, max_blocks: int, num_blocks: int,
                                 blocks_per_step: int,
                                 kv_gather: bool, causal: bool,
@@ -124,7 +128,14 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
     with ``kv_gather`` one load of all their keys (rows addressed through the block table, as
     the Triton kernel of the torch frontend does) and one dot of that width. Block ids are
     clamped to the cache as they are read (an id past it, in a padded table entry, reads a
-    block of the cache, whose keys are masked)."""
+    block of the cache, whose keys are masked). ``fp8``: the caches are float8_e4m3fn bytes
+    (int8), decoded as the Triton kernel does (exact; then q's dtype, exact too) and
+    ``scales_ref`` f32[2] (k_scale, v_scale) follows v_ref: k_scale folded into the logits'
+    scale, v_scale applied to the output (a partial's too: the split merge is linear)."""
+    if fp8:
+        scales_ref, o_ref, lse_ref = refs
+    else:
+        o_ref, lse_ref = refs
     i, h = pl.program_id(0), pl.program_id(1) // head_splits  # h: the kv head
     seq, lo, nblk = meta_ref[i, 0], meta_ref[i, 1], meta_ref[i, 2]
     hi, first_pos = meta_ref[i, 3], meta_ref[i, 4]
@@ -135,6 +146,10 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
     wide = q_ref.dtype == jnp.float32
     prec = lax.Precision.HIGHEST if wide else None
     q = q_ref[...]                                                       # [rows, D]
+    logit_scale = scale * scales_ref[0] if fp8 else scale
+
+    def kv(x):  # a loaded K or V tile as q's dtype (fp8 bytes decoded, exactly)
+        return fp8_e4m3_to_f32_via_f16(x).astype(q.dtype) if fp8 else x
     width = blocks_per_step * block_size if kv_gather else block_size    # keys of one tile
     row_pos = first_pos + lax.div(lax.broadcasted_iota(jnp.int32, (rows, width), 0),
                                   jnp.int32(group))
@@ -161,7 +176,7 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
 
     def score(k, t, mask):
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
-                            preferred_element_type=jnp.float32) * scale  # [rows, W]
+                            preferred_element_type=jnp.float32) * logit_scale  # [rows, W]
         mask = _xla.visible(mask, t, row_pos, causal=causal, sliding_window=sliding_window)
         return jnp.where(mask, _xla.soft_cap(s, logits_soft_cap), -jnp.inf)
 
@@ -171,7 +186,7 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
         if kv_gather:  # one tile of the step's keys, rows addressed through the block table
             j = step * blocks_per_step + key_blk
             kv_rows = block_id(j) * block_size + key_off                     # [W]
-            k, v = k_ref[kv_rows, heads], v_ref[kv_rows, heads]
+            k, v = kv(k_ref[kv_rows, heads]), kv(v_ref[kv_rows, heads])
             t0 = (lo + step * blocks_per_step) * block_size
             values.append(jnp.where(keys_ok(t0 + key_col, end), v, jnp.zeros((), v.dtype)))
             scores.append(score(k, t0 + col, t0 + col < end))
@@ -181,8 +196,8 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
             j = step * blocks_per_step + u
             live = j < nblk
             start = block_id(j) * block_size
-            k = k_ref[pl.ds(start, block_size), heads]
-            v = v_ref[pl.ds(start, block_size), heads]
+            k = kv(k_ref[pl.ds(start, block_size), heads])
+            v = kv(v_ref[pl.ds(start, block_size), heads])
             t0 = (lo + j) * block_size
             v = jnp.where(live & keys_ok(t0 + key_col, hi), v, jnp.zeros((), v.dtype))
             values.append(v)
@@ -207,7 +222,8 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref
     steps = (nblk + blocks_per_step - 1) // blocks_per_step
     m, l_sum, acc = lax.fori_loop(0, steps, body, (m0, l0, a0))
     seen = ~(l_sum <= 0)  # a NaN sum (a NaN in the KV read) counts: out and lse NaN
-    o_ref[...] = (acc / jnp.where(seen, l_sum, 1.0)[:, None]).astype(o_ref.dtype)
+    out = acc / jnp.where(seen, l_sum, 1.0)[:, None]
+    o_ref[...] = (out * scales_ref[1] if fp8 else out).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l_sum, 1.0)), -jnp.inf)
 
 
@@ -255,7 +271,7 @@ def _merge_splits(out, lse, num_splits: int):
 def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale,
                         causal=True, sliding_window=None, logits_soft_cap=None, q_tile=None,
                         num_splits=None, blocks_per_step=None, kv_gather=True,
-                        interpret=False):
+                        interpret=False, k_scale=None, v_scale=None):
     """Same contract as prefixkv.jax_frontend.paged_attention (validated inputs, static
     config); returns (out [num_tokens, num_q_heads, head_dim] in q's dtype, lse f32).
 
@@ -272,7 +288,9 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     heads, head_dim 128, 2026-11-28) the gathered tiles decoded 32 x 8192 tokens 1.19x faster
     than block by block (best of 10 rounds: 3.40 against 4.05 ms per 10 calls; in a tile sweep
     80% of the measured read bandwidth against 68%) and 4 x 16384 1.08x faster.
-    ``interpret=True`` runs the kernel in Pallas's generic interpreter (any platform)."""
+    ``interpret=True`` runs the kernel in Pallas's generic interpreter (any platform).
+    float8_e4m3fn caches are read as their bytes (an int8 view, no copy) and decoded in the
+    kernel; k_scale, v_scale: None (1.0) or 0-d float32 arrays, may be traced (fp8 only)."""
     operands = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens)
     num_tokens, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
@@ -331,6 +349,10 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     else:
         qt = _xla.token_tiles(q, tok, programs_h)                 # [nt, programs_h, rows, D]
     qt = jnp.pad(qt, ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0)))
+    fp8 = k_cache.dtype == jnp.float8_e4m3fn
+    if fp8:  # the bytes (decoded in the kernel), the scales an f32[2] input
+        k_cache, v_cache = as_bytes(k_cache), as_bytes(v_cache)
+        scales = scale_pair(k_scale, v_scale)
     k_flat = k_cache.reshape(num_blocks * block_size, num_kv_heads * head_dim)
     v_flat = v_cache.reshape(num_blocks * block_size, num_kv_heads * head_dim)
 
@@ -341,7 +363,7 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     kernel = functools.partial(
         _paged_attention_gpu_kernel, scale=scale, block_size=block_size, head_dim=head_dim,
         group=group, head_splits=head_splits, max_blocks=max_blocks, num_blocks=num_blocks,
-        blocks_per_step=per_step,
+        blocks_per_step=per_step, fp8=fp8,
         kv_gather=bool(kv_gather), causal=causal, sliding_window=sliding_window,
         logits_soft_cap=logits_soft_cap)
     whole = lambda x: pl.BlockSpec(x.shape, lambda i, h: (0,) * x.ndim)  # noqa: E731
@@ -354,11 +376,12 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
                               *operands),
                    out_struct((nt * ns, programs_h, rows_pad), jnp.float32, *operands)],
         grid=(nt * ns, programs_h),
-        in_specs=[whole(meta), whole(tables), q_spec, whole(k_flat), whole(v_flat)],
+        in_specs=[whole(meta), whole(tables), q_spec, whole(k_flat), whole(v_flat),
+                  *([whole(scales)] if fp8 else [])],
         out_specs=[o_spec, pl.BlockSpec((None, None, rows_pad), lambda i, h: (i, h, 0))],
         compiler_params=_triton_params(),
         interpret=interpret,
-    )(meta, tables, qt, k_flat, v_flat)
+    )(meta, tables, qt, k_flat, v_flat, *([scales] if fp8 else []))
     out, lse = out[:, :, :rows], lse[:, :, :rows]
     if ns > 1:
         out, lse = _merge_splits(out, lse, ns)
