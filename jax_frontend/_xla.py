@@ -374,15 +374,16 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b):
     """LSE merge of two partial attentions; two empty states (lse -inf, or +inf: FlashAttention-2's
-    empty rows) give out 0, lse -inf."""
+    empty rows) give out 0, lse -inf; an empty state's out is not read (it may hold anything)."""
     lse_a, lse_b = (jnp.where(x == jnp.inf, -jnp.inf, x) for x in (lse_a, lse_b))
     m = jnp.maximum(lse_a, lse_b)
     seen = m != -jnp.inf  # NaN (a NaN state) counts: out and lse NaN
     m0 = jnp.where(seen, m, 0.0)
     wa, wb = jnp.exp(lse_a - m0), jnp.exp(lse_b - m0)
     denom = jnp.where(seen, wa + wb, 1.0)
-    out = (wa[..., None] * out_a.astype(jnp.float32)
-           + wb[..., None] * out_b.astype(jnp.float32)) / denom[..., None]
+    oa, ob = (jnp.where((x == -jnp.inf)[..., None], 0.0, o.astype(jnp.float32))
+              for x, o in ((lse_a, out_a), (lse_b, out_b)))
+    out = (wa[..., None] * oa + wb[..., None] * ob) / denom[..., None]
     out = jnp.where(seen[..., None], out, 0.0)
     lse = jnp.where(seen, m0 + jnp.log(denom), -jnp.inf)
     return out.astype(out_a.dtype), lse.astype(jnp.float32)

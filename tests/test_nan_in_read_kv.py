@@ -113,3 +113,41 @@ def test_torch_shared_prefix_attention_merge_keeps_the_nan(decode):
     args = [None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for a in b.args()]
     out, lse = tf.shared_prefix_attention(*args, return_lse=True)
     _assert_nan_like_reference(out.numpy(), lse.numpy(), want, want_lse)
+
+
+def _merge_case():
+    """State a: row 0 empty (lse -inf) with NaN in its out, row 1 empty by +inf
+    (FlashAttention-2's) with NaN out, row 2 a NaN state; state b live everywhere."""
+    oa = np.full((3, 2, 4), np.nan, np.float32)
+    oa[2] = 1.0
+    la = np.array([[-np.inf] * 2, [np.inf] * 2, [np.nan] * 2], np.float32)
+    ob = np.full((3, 2, 4), 2.0, np.float32)
+    lb = np.full((3, 2), 0.5, np.float32)
+    return oa, la, ob, lb
+
+
+def _assert_merge(out, lse):
+    out, lse = np.asarray(out, np.float32), np.asarray(lse, np.float32)
+    np.testing.assert_array_equal(out[:2], np.full((2, 2, 4), 2.0))  # the empty out unread
+    np.testing.assert_array_equal(lse[:2], np.full((2, 2), 0.5))
+    assert np.isnan(out[2]).all() and np.isnan(lse[2]).all()  # a NaN state stays NaN
+
+
+def test_merges_do_not_read_an_empty_states_out():
+    """An empty state's out is not read (the Triton merge never reads it: the cascade leaves
+    those rows unwritten), in the reference and every frontend merge; both argument orders."""
+    oa, la, ob, lb = _merge_case()
+    for args in ((oa, la, ob, lb), (ob, lb, oa, la)):
+        _assert_merge(*ref.merge_attention_states_reference(*args))
+    torch = pytest.importorskip("torch")
+    from prefixkv import torch_frontend as tf
+    for args in ((oa, la, ob, lb), (ob, lb, oa, la)):
+        _assert_merge(*(x.numpy() for x in tf.merge_attention_states(
+            *(torch.from_numpy(a) for a in args))))
+        _assert_merge(*(x.float().numpy() for x in tf.merge_attention_states(
+            *(torch.from_numpy(a).to(torch.bfloat16) if a.ndim == 3 else torch.from_numpy(a)
+              for a in args))))
+    pytest.importorskip("jax")
+    from prefixkv import jax_frontend as jf
+    for args in ((oa, la, ob, lb), (ob, lb, oa, la)):
+        _assert_merge(*jf.merge_attention_states(*args))

@@ -596,7 +596,8 @@ MERGE_CHUNK_BYTES = 2 << 20
 def merge_attention_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, out_b,
                            lse_b) -> None:
     """out = c_a out_a + c_b out_b with c = e^(lse - m) / sum; rows empty on both sides
-    (lse -inf, or +inf: FlashAttention-2's empty rows) get c = 0, so out 0 and lse -inf.
+    (lse -inf, or +inf: FlashAttention-2's empty rows) get c = 0, so out 0 and lse -inf. An
+    empty state's out is not read (its rows may hold anything: 0 * NaN would be NaN).
 
     Chunks of tokens at a time (about MERGE_CHUNK_BYTES of float32 rows): a multiply and a
     multiply-add on the same chunk while it is in cache, into a float32 output itself, else
@@ -613,13 +614,14 @@ def merge_attention_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, o
     den = wa + wb
     inv = torch.where(seen, den.reciprocal(), 0.0)
     ca, cb = (wa * inv).unsqueeze(-1), (wb * inv).unsqueeze(-1)
+    empty_a, empty_b = ((x == -inf).unsqueeze(-1) for x in (lse_a, lse_b))
     num_tokens = out.shape[0]
     step = max(1, _chunk_bound(MERGE_CHUNK_BYTES, DEVICE_MERGE_CHUNK_BYTES, out.device)
                // max(1, math.prod(out.shape[1:]) * 4))
     f32 = torch.float32
     rows = (min(step, num_tokens), *out.shape[1:])
     fa = None if out.dtype == f32 else _workspace("merge_a", rows, f32, out.device)
-    fb = None if out_b.dtype == f32 else _workspace("merge_b", rows, f32, out.device)
+    fb = _workspace("merge_b", rows, f32, out.device)
     for t0 in range(0, num_tokens, step):
         t1 = min(num_tokens, t0 + step)
         o = out[t0:t1]
@@ -628,10 +630,13 @@ def merge_attention_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, o
             torch.mul(out_a[t0:t1], ca[t0:t1], out=acc)
         else:
             acc.copy_(out_a[t0:t1]).mul_(ca[t0:t1])
-        if fb is None:
-            acc.addcmul_(out_b[t0:t1], cb[t0:t1])
+        acc.masked_fill_(empty_a[t0:t1], 0.0)
+        tb = fb[:t1 - t0]
+        if out_b.dtype == f32:
+            torch.mul(out_b[t0:t1], cb[t0:t1], out=tb)
         else:
-            acc.addcmul_(fb[:t1 - t0].copy_(out_b[t0:t1]), cb[t0:t1])
+            tb.copy_(out_b[t0:t1]).mul_(cb[t0:t1])
+        acc.add_(tb.masked_fill_(empty_b[t0:t1], 0.0))
         if fa is not None:
             o.copy_(acc)
     lse.copy_(m0 + torch.log(den))

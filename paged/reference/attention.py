@@ -123,7 +123,8 @@ def merge_attention_states_reference(out_a, lse_a, out_b, lse_b):
     (natural log). out = (out_a e^lse_a + out_b e^lse_b) / (e^lse_a + e^lse_b),
     lse = log(e^lse_a + e^lse_b). Two empty states (lse -inf) merge to out 0, lse -inf. An lse
     of +inf is an empty state too (FlashAttention-2's rows with no key; vLLM's merge reads it
-    so). Returns (out in out_a's dtype, lse float32).
+    so); an empty state's out is not read (a cascade leaves those rows unwritten). A NaN lse
+    gives NaN. Returns (out in out_a's dtype, lse float32).
     """
     validate.check_merge_attention_states(out_a, lse_a, out_b, lse_b)
     la, lb = (np.where(x == np.inf, -np.inf, x) for x in (_as_f64(lse_a), _as_f64(lse_b)))
@@ -132,7 +133,10 @@ def merge_attention_states_reference(out_a, lse_a, out_b, lse_b):
     m0 = np.where(seen, m, 0.0)
     wa, wb = np.exp(la - m0), np.exp(lb - m0)  # exp(-inf) = 0 for an empty side
     denom = np.where(seen, wa + wb, 1.0)
-    out = (wa[..., None] * _as_f64(out_a) + wb[..., None] * _as_f64(out_b)) / denom[..., None]
+    # an empty state's out is not read (it may hold anything: 0 * NaN is NaN)
+    oa, ob = (np.where((x == -np.inf)[..., None], 0.0, _as_f64(o))
+              for x, o in ((la, out_a), (lb, out_b)))
+    out = (wa[..., None] * oa + wb[..., None] * ob) / denom[..., None]
     out = np.where(seen[..., None], out, 0.0)
     lse = np.where(seen, m0 + np.log(denom), -np.inf)
     return out.astype(np.asarray(out_a).dtype), lse.astype(np.float32)
