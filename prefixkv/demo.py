@@ -3,6 +3,7 @@ caching off and on, in JAX and in PyTorch, and report what caching bought.
 
     python -m prefixkv.demo                      # both frameworks, embedded defaults (~1 min)
     python -m prefixkv.demo --frontend torch --device cuda --plot ttft.png
+    python -m prefixkv.demo --frontend torch --request-rate 5   # open loop, Poisson 5 req/s
 
 A tiny Llama-style decoder (seeded random weights, identical in both frameworks) runs its
 attention through the prefixkv ops (write_kv, paged_attention, shared_prefix_attention,
@@ -12,11 +13,18 @@ tenants' multi-turn chats over one system prompt plus a few unique prompts, abou
 prompt tokens in shared prefixes. The table per framework shows requests, prompt tokens,
 prefix-hit rate, TTFT p50/p95, decode tokens/s, blocks offloaded/onboarded and the speedup;
 the generations with caching on are checked to equal those with caching off.
+
+By default the engine runs a closed loop (a request is admitted as a sequence slot frees; TTFT
+from admission). ``--request-rate R`` makes it an open loop as vLLM's ``benchmark_serving.py
+--request-rate``: requests arrive by a seeded Poisson process at R requests/s (``inf``: all at
+once), in wall-clock time, none is admitted before its arrival, and TTFT counts from arrival
+(queueing included). Caching on and off, and every framework, serve the same arrival times.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -25,7 +33,7 @@ import numpy as np
 
 from .models import EngineConfig, LlamaConfig, WorkloadConfig, init_weights, make_adapter
 from .models.engine import Engine, RunResult
-from .models.workload import make_workload, shared_prefix_fraction
+from .models.workload import arrival_times, make_workload, shared_prefix_fraction
 
 
 def _progress(total: int, desc: str):
@@ -64,7 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="framework device: cpu, gpu/cuda, tpu (default: the framework's)")
     p.add_argument("--requests", type=int, default=None,
                    help="serve only the first N requests of the stream")
-    p.add_argument("--seed", type=int, default=0, help="weights and workload seed")
+    p.add_argument("--seed", type=int, default=0,
+                   help="weights, workload and arrival-times seed")
+    p.add_argument("--request-rate", type=float, default=None, metavar="R",
+                   help="open loop: requests arrive by a Poisson process at R requests/s "
+                        "('inf': all at once), TTFT from arrival (default: a closed loop, a "
+                        "request admitted as a slot frees, TTFT from admission)")
     p.add_argument("--plot", default=None, help="write TTFT with vs without caching to this PNG")
     p.add_argument("--threads", type=int, default=1 if (os.cpu_count() or 1) <= 4 else None,
                    help="CPU threads per framework (default: 1 on small machines, where "
@@ -106,6 +119,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.requests is not None and args.requests < 1:
         p.error(f"--requests: expected >= 1, got {args.requests}")
+    if args.request_rate is not None and not args.request_rate > 0:
+        p.error(f"--request-rate: expected > 0 requests/s (inf: all at once), got "
+                f"{args.request_rate}")
     return args
 
 
@@ -130,6 +146,8 @@ def format_table(framework: str, device: str, off: RunResult, on: RunResult) -> 
              _fmt_row("shared-prefix steps", off.shared_prefix_steps, on.shared_prefix_steps,
                       "d"),
              _fmt_row("wall time (s)", off.wall_s, on.wall_s, ".2f"),
+             *([_fmt_row("idle, none running (s)", off.idle_s, on.idle_s, ".2f")]
+               if off.open_loop else []),
              f"  caching speedup: TTFT p50 {off.ttft(50) / on.ttft(50):.1f}x, "
              f"p95 {off.ttft(95) / on.ttft(95):.1f}x, wall {off.wall_s / on.wall_s:.1f}x",
              f"  generations identical with caching on and off: {'yes' if same else 'NO'} "
@@ -208,6 +226,9 @@ def main(argv=None) -> dict:
     weights = init_weights(model, args.seed)
     frameworks = ["jax", "torch"] if args.frontend == "both" else [args.frontend]
     n_prompt = sum(len(r.prompt) for r in requests)
+    arrivals = None
+    if args.request_rate is not None:
+        arrivals = arrival_times(len(requests), args.request_rate, args.seed)
     print(f"prefixkv demo: {len(requests)} requests, {n_prompt} prompt tokens "
           f"({shared_prefix_fraction(requests):.1%} in prefixes shared with an earlier "
           f"request), {len(work.tenants)} tenants with their own salts")
@@ -216,6 +237,15 @@ def main(argv=None) -> dict:
           f"{model.dtype}; pool {engine_cfg.num_blocks} blocks x {engine_cfg.block_size} "
           f"tokens, host tier {engine_cfg.host_blocks} blocks; "
           f"threads {args.threads or 'as the framework sets them'}")
+    if arrivals is None:
+        print("arrivals: closed loop (a request admitted as a sequence slot frees; TTFT from "
+              "admission)")
+    elif math.isinf(args.request_rate):
+        print("arrivals: open loop, all at once (TTFT from arrival at 0, queueing included)")
+    else:
+        print(f"arrivals: open loop, Poisson at {args.request_rate:g} requests/s (seed "
+              f"{args.seed}; last at {arrivals[-1]:.2f} s; TTFT from arrival, queueing "
+              f"included)")
     results = {}
     for fw in frameworks:
         adapter = make_adapter(fw, model, weights, num_blocks=engine_cfg.num_blocks,
@@ -229,7 +259,7 @@ def main(argv=None) -> dict:
             label = f"{fw} caching {'on' if caching else 'off'}"
             update, close = _progress(len(requests), label)
             try:
-                res = engine.run(requests, progress=update)
+                res = engine.run(requests, arrivals=arrivals, progress=update)
             finally:
                 close()
             res.warmup_s = warm

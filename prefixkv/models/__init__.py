@@ -2,7 +2,7 @@
 engine loop that serves a request stream through the ``paged/`` prefix cache, and the workload
 of the demo (``python -m prefixkv.demo``).
 
-``config`` (sizes + deterministic numpy weights), ``workload`` (the request stream),
+``config`` (sizes + deterministic numpy weights), ``workload`` (the request stream, its arrivals),
 ``engine`` (scheduler + PrefixCache + offload), ``jax_llama`` / ``torch_llama`` /
 ``numpy_llama`` (model adapters). Framework modules are imported on use only.
 """
@@ -12,6 +12,7 @@ from .config import init_weights as init_weights
 from .engine import Engine as Engine
 from .engine import EngineConfig as EngineConfig
 from .workload import WorkloadConfig as WorkloadConfig
+from .workload import arrival_times as arrival_times
 from .workload import make_workload as make_workload
 
 

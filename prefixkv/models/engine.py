@@ -17,10 +17,20 @@ tokens up to ``max_num_batched_tokens``, then new requests are admitted into the
 slots, each matched against the cache and given its chunk (when tokens are left) before the
 next is matched; a chunk shrinks when the pool is short, and when a decode token cannot get a
 block the most recently admitted other sequence is preempted (freed and re-queued from
-scratch). A request is admitted when a sequence slot is free (a closed loop: a request arrives
-when the previous one leaves), and its time to first token (TTFT) is measured from that moment
-to the end of the step that sampled its first token (a preempted request keeps both times of
-its first admission; its latency counts the recomputation).
+scratch).
+
+Arrivals. By default a closed loop: a request is admitted when a sequence slot is free (it
+arrives when a previous one leaves), and its time to first token (TTFT) is measured from that
+moment to the end of the step that sampled its first token. ``run(arrivals=...)`` makes it an
+open loop, as vLLM's ``benchmark_serving.py --request-rate``: request ``i`` arrives at
+``arrivals[i]`` seconds (wall clock) after the run starts (:func:`~.workload.arrival_times`: a
+Poisson process), is never admitted before then, and its TTFT and latency count from its
+arrival, so they include the time it queued for a slot; when no sequence is running and the
+next request has not arrived the engine sleeps until it does (``RunResult.idle_s``). All
+arrivals at 0 admit as the closed loop does, with TTFT from 0. A preempted request keeps its
+arrival (or first admission) and the time of its first token; its latency counts the
+recomputation. In the closed loop, requests that share a system prompt finish together and
+their successors are admitted together (a lockstep that the open loop does not have).
 
 Cache at allocation (vLLM's ``cache_blocks`` in ``allocate_slots``): each scheduled chunk is
 allocated and committed as it is scheduled, so the full blocks it fills are in the cache's
@@ -166,6 +176,8 @@ class RunResult:
     blocks_onboarded: int
     preemptions: int
     warmup_s: float = 0.0
+    open_loop: bool = False      # run(arrivals=...): TTFT and latency from each arrival
+    idle_s: float = 0.0          # open loop: time slept with nothing running, waiting for one
 
     @property
     def prompt_tokens(self) -> int:
@@ -328,9 +340,16 @@ class Engine:
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ the loop
-    def run(self, requests: Sequence[Request], *,
-            progress: Callable[[int], None] | None = None) -> RunResult:
-        """Serve ``requests`` in order and return per-request results and counters."""
+    def run(self, requests: Sequence[Request], *, arrivals: Sequence[float] | None = None,
+            progress: Callable[[int], None] | None = None,
+            clock: Callable[[], float] = time.perf_counter,
+            sleep: Callable[[float], None] = time.sleep) -> RunResult:
+        """Serve ``requests`` in order and return per-request results and counters.
+
+        arrivals: f64[len(requests)] seconds after the run starts, finite, >= 0, nondecreasing
+        (request ``i`` arrives at ``arrivals[i]``: an open loop, TTFT from arrival); None: the
+        closed loop (TTFT from admission). clock, sleep: the wall clock (seconds) and how to
+        wait on it (a test passes a fake pair)."""
         c = self.config
         self.adapter.reset()
         pc = PrefixCache(c.num_blocks, c.block_size, enable_caching=c.enable_caching,
@@ -380,20 +399,37 @@ class Engine:
             if r.request_id in seen:
                 raise ValueError(f"requests: request id {r.request_id} appears more than once")
             seen.add(r.request_id)
+        open_loop = arrivals is not None
+        if open_loop:
+            arrivals = np.asarray(arrivals, dtype=np.float64)
+            if arrivals.shape != (len(requests),):
+                raise ValueError(f"arrivals: expected shape ({len(requests)},) (one per "
+                                 f"request), got {arrivals.shape}")
+            if not (np.isfinite(arrivals).all() and (arrivals >= 0).all()):
+                raise ValueError("arrivals: expected finite seconds >= 0, got "
+                                 f"{arrivals[~(np.isfinite(arrivals) & (arrivals >= 0))][:3]}")
+            if (np.diff(arrivals) < 0).any():  # the queue is served in order of arrival
+                i = int(np.flatnonzero(np.diff(arrivals) < 0)[0])
+                raise ValueError(f"arrivals: expected nondecreasing, got {arrivals[i]} then "
+                                 f"{arrivals[i + 1]} (requests {i}, {i + 1})")
         pending: deque[Request] = deque(requests)
         running: list[_Seq] = []
         done: list[_Seq] = []
         steps = shared_steps = decode_tokens = preemptions = 0
-        decode_s = 0.0
-        t_start = time.perf_counter()
+        decode_s = idle_s = 0.0
+        t_start = clock()
 
-        # a preempted request keeps its first arrival and first token (what its user saw)
-        arrivals: dict[int, float] = {}
+        # a preempted request keeps its first arrival and first token (what its user saw);
+        # open loop: every arrival is known up front, closed loop: set at first admission
+        arrived: dict[int, float] = {}
+        if open_loop:
+            arrived = {r.request_id: t_start + float(a)
+                       for r, a in zip(requests, arrivals, strict=True)}
         first_tokens: dict[int, float] = {}
 
         def admit(req: Request, now: float) -> _Seq:
             seq = _Seq(req=req, rid=req.request_id, tokens=list(req.prompt),
-                       arrival=arrivals.setdefault(req.request_id, now),
+                       arrival=arrived.setdefault(req.request_id, now),
                        first_token=first_tokens.get(req.request_id))
             seq.cached_tokens = pc.add_request(seq.rid, seq.tokens, salt=req.salt)
             seq.num_computed = seq.cached_tokens
@@ -437,7 +473,11 @@ class Engine:
             items.append((seq, n))
 
         while pending or running:
-            now = time.perf_counter()
+            now = clock()
+            if open_loop and not running and arrived[pending[0].request_id] > now:
+                sleep(arrived[pending[0].request_id] - now)  # idle until the next arrival
+                idle_s += clock() - now
+                continue
             held = hold_admission  # a preemption just before this step
             hold_admission = False
             budget = c.max_num_batched_tokens
@@ -473,7 +513,8 @@ class Engine:
             # chunks scheduled before it are cached (after a preemption admit nothing new
             # while others can still progress)
             if not ((held or hold_admission) and running):
-                while pending and len(running) < c.max_num_seqs:
+                while pending and len(running) < c.max_num_seqs and (
+                        not open_loop or arrived[pending[0].request_id] <= now):
                     seq = admit(pending.popleft(), now)
                     running.append(seq)
                     if budget > 0 and (n := chunk(seq, budget)) > 0:
@@ -494,12 +535,12 @@ class Engine:
                 [np.asarray(s.tokens[s.num_computed:s.num_computed + n], I32) for s, n in items])
             rows = plan.cu_q_lens[1:] - 1
             batch = self._pad(plan, token_ids, rows)
-            t0 = time.perf_counter()
+            t0 = clock()
             logits = self.adapter.forward(batch)
             steps += 1
             shared_steps += batch.shared
             # ---- sample (greedy) and retire
-            now = time.perf_counter()
+            now = clock()
             n_decode = 0
             for i, (seq, n) in enumerate(items):
                 decoding = not seq.in_prefill
@@ -525,7 +566,7 @@ class Engine:
                 decode_s += now - t0
             if progress is not None and len(done):
                 progress(len(done))
-        wall = time.perf_counter() - t_start
+        wall = clock() - t_start
         done.sort(key=lambda s: s.rid)
         results = [RequestResult(
             request_id=s.rid, tenant=s.req.tenant, prompt_len=s.prompt_len,
@@ -539,4 +580,4 @@ class Engine:
             decode_step_s=decode_s, blocks_evicted=counters["evicted"],
             blocks_offloaded=0 if offloader is None else host.stats.puts,
             blocks_onboarded=counters["onboarded"],
-            preemptions=preemptions)
+            preemptions=preemptions, open_loop=open_loop, idle_s=idle_s)

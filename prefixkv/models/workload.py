@@ -7,10 +7,14 @@ unique prompts (nothing shared) are mixed in. The stream is ordered turn by turn
 two tenants interleaved, unique prompts spread through it. With the defaults about 90% of the
 prompt tokens lie in a prefix that an earlier request of the same tenant already had
 (:func:`shared_prefix_fraction`).
+
+:func:`arrival_times` gives the stream an open-loop schedule (a Poisson process at a request
+rate, as vLLM's ``benchmark_serving.py --request-rate``) for ``Engine.run(arrivals=...)``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +89,26 @@ def make_workload(config: WorkloadConfig, vocab_size: int,
                     tenant=tenant, salt=f"tenant-{tenant}".encode(), kind=kind, chat=ci,
                     turn=turn)
             for i, (kind, tenant, prompt, ci, turn) in enumerate(order)]
+
+
+def arrival_times(num_requests: int, request_rate: float, seed: int = 0) -> np.ndarray:
+    """f64[num_requests] arrival times in seconds from the start of a run, a Poisson process
+    at ``request_rate`` requests/s: the first request at 0 and each next one an exponential gap
+    of mean ``1 / request_rate`` later (vLLM's benchmark sends one request, then sleeps such a
+    gap before the next), so strictly increasing. ``request_rate=inf``: every request at 0.
+    Seeded (its own generator, not the workload's token stream): the same times for the same
+    ``(num_requests, request_rate, seed)``, and the first ``n`` of a longer schedule are the
+    schedule of ``n``."""
+    if num_requests < 0:
+        raise ValueError(f"num_requests: expected >= 0, got {num_requests}")
+    if not request_rate > 0:  # also refuses NaN
+        raise ValueError(f"request_rate: expected > 0 requests/s (inf: all at once), got "
+                         f"{request_rate}")
+    if math.isinf(request_rate):
+        return np.zeros(num_requests)
+    gaps = np.random.default_rng((seed, 1)).exponential(1.0 / request_rate,
+                                                          size=max(num_requests - 1, 0))
+    return np.concatenate([np.zeros(min(num_requests, 1)), np.cumsum(gaps)])
 
 
 def _lcp(a: tuple, b: tuple) -> int:
