@@ -5,7 +5,9 @@
 - the JAX, torch and numpy-reference models with the same weights agree;
 - preemption under a tight pool, salt isolation, the workload's shape, the demo's main();
 - requests admitted in one step hit the prefix blocks an earlier one's chunk writes in the
-  same forward, and no read slot is ever unwritten or rewritten (preemption, free).
+  same forward, and no read slot is ever unwritten or rewritten (preemption, free);
+- open-loop (Poisson) arrivals: seeded, no admission before arrival, TTFT from arrival, the
+  closed loop's generations, the closed loop by default (a fake clock: no sleeping).
 """
 
 from __future__ import annotations
@@ -472,3 +474,213 @@ def test_engine_schedules_never_change_generations(num_blocks, max_num_seqs, bud
     assert _max_logit_diff(base, res) <= LOGIT_TOL
     if not host_blocks:
         assert res.blocks_offloaded == res.blocks_onboarded == 0
+
+
+# ---------------------------------------------------------------- open-loop arrivals
+
+class _FakeClock:
+    """A clock that moves only when the engine sleeps or, through :class:`_TimedModel`, runs
+    a forward: runs are exact and instant."""
+
+    def __init__(self) -> None:
+        self.t, self.slept = 100.0, []
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, dt: float) -> None:
+        assert dt > 0
+        self.slept.append(dt)
+        self.t += dt
+
+
+class _TimedModel:
+    """The numpy model; each forward takes ``step_s`` of the fake clock."""
+
+    def __init__(self, inner, clock: _FakeClock, step_s: float) -> None:
+        self.inner, self.clock, self.step_s = inner, clock, step_s
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def forward(self, batch):
+        self.clock.t += self.step_s
+        return self.inner.forward(batch)
+
+
+def _timed_engine(engine: EngineConfig, step_s: float):
+    clock = _FakeClock()
+    adapter = _TimedModel(make_adapter("numpy", CFG, init_weights(CFG, 0),
+                                       num_blocks=engine.num_blocks,
+                                       block_size=engine.block_size), clock, step_s)
+    return Engine(adapter, engine), clock
+
+
+def _record_admissions(monkeypatch, clock: _FakeClock) -> list:
+    """(request id, fake-clock time) of every admission (a _Seq is made only there)."""
+    from prefixkv.models import engine as engine_mod
+
+    admitted = []
+
+    class Seq(engine_mod._Seq):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            admitted.append((self.rid, clock.t))
+
+    monkeypatch.setattr(engine_mod, "_Seq", Seq)
+    return admitted
+
+
+def test_arrival_times_are_seeded_poisson_and_increasing():
+    from prefixkv.models import arrival_times
+
+    a = arrival_times(2000, 4.0, seed=3)
+    assert a.shape == (2000,) and a.dtype == np.float64
+    np.testing.assert_array_equal(a, arrival_times(2000, 4.0, seed=3))
+    np.testing.assert_array_equal(a[:50], arrival_times(50, 4.0, seed=3))
+    assert not np.array_equal(a[1:], arrival_times(2000, 4.0, seed=4)[1:])
+    assert a[0] == 0 and (np.diff(a) > 0).all()
+    gaps = np.diff(a)  # exponential of mean 1/4 s: mean and std 0.25 (2000 gaps: +-3% is 5 sd)
+    assert abs(gaps.mean() - 0.25) < 0.02 and abs(gaps.std() - 0.25) < 0.02
+    np.testing.assert_allclose(arrival_times(2000, 8.0, seed=3), a / 2)  # rate scales time
+    np.testing.assert_array_equal(arrival_times(3, float("inf")), [0.0, 0.0, 0.0])
+    assert arrival_times(0, 1.0).shape == (0,) and arrival_times(1, 1.0).tolist() == [0.0]
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"request_rate: expected > 0 requests/s"):
+            arrival_times(3, bad)
+
+
+def _three_requests():
+    rng = np.random.default_rng(5)
+    return [Request(i, tuple(rng.integers(1, CFG.vocab_size, 10).tolist()), 3, "t", b"a",
+                    "unique") for i in range(3)]
+
+
+# one sequence at a time; a 10-token prompt is one chunk, so a request takes 3 steps (prefill
+# with the first token, two decodes)
+ONE_SLOT = ENGINE.replace(max_num_seqs=1)
+
+
+def test_open_loop_ttft_counts_from_arrival(monkeypatch):
+    """Three requests arriving at 0, 0.5 and 10 s, each forward taking 1 s, one slot. Request 0
+    is admitted at 0, first token at 1, done at 3; request 1 (arrived 0.5) queues until 3,
+    first token at 4, done at 6: TTFT 4 - 0.5 = 3.5, latency 5.5 (from admission it would be
+    1 and 3); nothing runs from 6 to 10 (the engine sleeps 4 s), request 2 is admitted at 10,
+    first token at 11, done at 13. Times are from the run's start (the fake clock's 100)."""
+    eng, clock = _timed_engine(ONE_SLOT, step_s=1.0)
+    admitted = _record_admissions(monkeypatch, clock)
+    res = eng.run(_three_requests(), arrivals=[0.0, 0.5, 10.0], clock=clock, sleep=clock.sleep)
+    assert [(rid, t - 100) for rid, t in admitted] == [(0, 0.0), (1, 3.0), (2, 10.0)]
+    assert [r.ttft_s for r in res.requests] == [1.0, 3.5, 1.0]
+    assert [r.latency_s for r in res.requests] == [3.0, 5.5, 3.0]
+    assert clock.slept == [4.0] and res.idle_s == 4.0
+    assert res.wall_s == 13.0 and res.open_loop and res.steps == 9
+
+
+def test_closed_loop_is_the_default(monkeypatch):
+    """No arrivals: today's closed loop, TTFT and latency from admission (the schedule of
+    test_open_loop_ttft_counts_from_arrival without the 4 s idle: admitted at 0, 3, 6, each
+    TTFT 1 and latency 3), never sleeping. All arrivals at 0 (rate inf) admit at the same
+    steps, with TTFT from 0: 1, 4, 7. The demo's default is the closed loop."""
+    from prefixkv import demo
+
+    reqs = _three_requests()
+    eng, clock = _timed_engine(ONE_SLOT, step_s=1.0)
+    admitted = _record_admissions(monkeypatch, clock)
+    closed = eng.run(reqs, clock=clock, sleep=clock.sleep)
+    assert [t - 100 for _, t in admitted] == [0.0, 3.0, 6.0]
+    assert [r.ttft_s for r in closed.requests] == [1.0, 1.0, 1.0]
+    assert [r.latency_s for r in closed.requests] == [3.0, 3.0, 3.0]
+    assert clock.slept == [] and closed.idle_s == 0 and not closed.open_loop
+    assert closed.wall_s == 9.0
+    eng, clock = _timed_engine(ONE_SLOT, step_s=1.0)
+    at_once = eng.run(reqs, arrivals=[0.0] * 3, clock=clock, sleep=clock.sleep)
+    assert [r.ttft_s for r in at_once.requests] == [1.0, 4.0, 7.0]
+    assert at_once.steps == closed.steps and at_once.outputs() == closed.outputs()
+    assert demo.parse_args([]).request_rate is None
+
+
+def test_open_loop_admits_no_request_before_its_arrival(monkeypatch):
+    """The test workload (21 requests, 3 slots) at 40 requests/s, each forward 10 ms: every
+    admission is at or after its request's arrival, some requests queue (admitted later than
+    they arrived), the engine idles between bursts, and it never sleeps while a sequence
+    runs (sleeps end at an arrival, where the next admission happens)."""
+    from prefixkv.models import arrival_times
+
+    reqs = make_workload(WORK, CFG.vocab_size)
+    arrivals = arrival_times(len(reqs), 40.0, seed=0)
+    eng, clock = _timed_engine(ENGINE, step_s=0.01)
+    admitted = _record_admissions(monkeypatch, clock)
+    res = eng.run(reqs, arrivals=arrivals, clock=clock, sleep=clock.sleep)
+    assert all(t >= 100 + arrivals[rid] for rid, t in admitted)  # the engine's sums
+    waits = [t - 100 - arrivals[rid] for rid, t in admitted]
+    assert sum(w > 0.005 for w in waits) >= 3  # queued for at least one step
+    assert clock.slept and res.idle_s == pytest.approx(sum(clock.slept))
+    assert res.wall_s >= arrivals[-1]
+    first_admission = {}
+    for rid, t in admitted:
+        first_admission.setdefault(rid, t - 100)
+    ttft = {r.request_id: r.ttft_s for r in res.requests}
+    for rid, t in first_admission.items():  # TTFT from arrival: the queueing counts
+        assert ttft[rid] >= t - arrivals[rid] + 0.01 - 1e-9
+
+
+@pytest.mark.parametrize("caching", [False, True], ids=["caching_off", "caching_on"])
+def test_open_loop_generations_equal_the_closed_loop(caching):
+    """Poisson arrivals (fake clock, and the real one at a high rate: sleeps of a few ms) give
+    every request the tokens and final logits of the closed loop; caching on hits a shared
+    prefix as in the closed loop."""
+    from prefixkv.models import arrival_times
+
+    base = serve("numpy", False)
+    reqs = make_workload(WORK, CFG.vocab_size)
+    eng, clock = _timed_engine(ENGINE.replace(enable_caching=caching), step_s=0.01)
+    fake = eng.run(reqs, arrivals=arrival_times(len(reqs), 40.0, seed=1), clock=clock,
+                   sleep=clock.sleep)
+    arrivals = arrival_times(len(reqs), 400.0, seed=2)
+    real = eng.run(reqs, arrivals=arrivals)
+    for res in (fake, real):
+        assert res.open_loop and res.outputs() == base.outputs()
+        assert _max_logit_diff(base, res) <= LOGIT_TOL
+        assert (res.hit_rate > 0.5) == caching
+    assert real.wall_s >= arrivals[-1]
+    assert all(r.ttft_s > 0 for r in real.requests)
+
+
+def test_engine_arrival_checks():
+    adapter = make_adapter("numpy", CFG, init_weights(CFG, 0), num_blocks=ENGINE.num_blocks,
+                           block_size=ENGINE.block_size)
+    reqs = _three_requests()
+    for arrivals, match in (
+            ([0.0, 1.0], r"arrivals: expected shape \(3,\) \(one per request\), got \(2,\)"),
+            ([0.0, float("inf"), 1.0], r"arrivals: expected finite seconds >= 0, got \[inf\]"),
+            ([-1.0, 0.0, 1.0], r"arrivals: expected finite seconds >= 0, got \[-1.\]"),
+            ([0.0, 2.0, 1.0], r"arrivals: expected nondecreasing, got 2.0 then 1.0 "
+                              r"\(requests 1, 2\)")):
+        with pytest.raises(ValueError, match=match):
+            Engine(adapter, ENGINE).run(reqs, arrivals=arrivals)
+
+
+def test_demo_request_rate(capsys):
+    """--request-rate on the numpy model: the open loop's line in the header, the idle row, the
+    same generations with caching on and off; a rate <= 0 is refused."""
+    from prefixkv import demo
+
+    results = demo.main([
+        "--frontend", "numpy", "--layers", "1", "--hidden", "32", "--intermediate", "32",
+        "--q-heads", "2", "--kv-heads", "1", "--head-dim", "16", "--vocab", "64",
+        "--system-prompt-len", "32", "--chats", "1", "--turns", "2", "--unique", "1",
+        "--max-new-tokens", "2", "--block-size", "8", "--num-blocks", "64",
+        "--max-batched-tokens", "32", "--min-token-bucket", "32", "--threads", "0",
+        "--compile-cache", "", "--max-model-len", "256", "--request-rate", "200"])
+    out = capsys.readouterr().out
+    assert "arrivals: open loop, Poisson at 200 requests/s (seed 0; last at" in out
+    assert "idle, none running (s)" in out and "TTFT p50 (ms)" in out
+    assert "generations identical with caching on and off: yes" in out
+    off, on = results["numpy"]
+    assert off.open_loop and on.open_loop and on.hit_rate > 0
+    for bad in ("0", "-2"):
+        with pytest.raises(SystemExit):
+            demo.parse_args(["--request-rate", bad])
+        assert f"--request-rate: expected > 0 requests/s (inf: all at once), got {float(bad)}" \
+            in capsys.readouterr().err
