@@ -86,10 +86,13 @@ def _fp8_batch(seed, q_dtype, *, grid="decode", block_size=16, num_q_heads=8,
 
 @pytest.mark.parametrize("portable", [False, True], ids=["avx2", "portable"])
 @pytest.mark.parametrize("q_dtype", Q_DTYPES)
-@pytest.mark.parametrize("case", ["plain", "window", "cap", "gqa4_d128_bs7", "mha_d80"])
+@pytest.mark.parametrize("case", ["plain", "window", "cap", "gqa4_d128_bs7", "mha_d80",
+                                  "gqa4_d24", "gqa8_d48"])
 def test_decode_matches_reference(q_dtype, portable, case):
     kw = {"gqa4_d128_bs7": dict(num_q_heads=8, num_kv_heads=2, head_dim=128, block_size=7),
-          "mha_d80": dict(num_q_heads=4, num_kv_heads=4, head_dim=80)}.get(case, {})
+          "mha_d80": dict(num_q_heads=4, num_kv_heads=4, head_dim=80),
+          "gqa4_d24": dict(num_q_heads=8, num_kv_heads=2, head_dim=24),
+          "gqa8_d48": dict(num_q_heads=16, num_kv_heads=2, head_dim=48)}.get(case, {})
     window = 5 if case == "window" else None
     cap = 7.5 if case == "cap" else None
     q, k8, v8, tables, kv_lens, ks, vs = _fp8_batch(

@@ -165,6 +165,18 @@ def test_kernel_paths(dtype, head_dim, portable):
     _check_kernel(batch, dtype, portable=portable, sliding_window=30, logits_soft_cap=4.0)
 
 
+@pytest.mark.parametrize("head_dim", [16, 24, 40])
+@pytest.mark.parametrize("heads", [(8, 2), (16, 2), (4, 2)], ids=["gqa4", "gqa8", "gqa2"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_tiles(dtype, heads, head_dim):
+    """The AVX2 loops' tilings: groups of a multiple of 4 heads walk head_dim 16 at a time
+    when it is a multiple of 16 (bfloat16 with q and the accumulators in even/odd order), 8 at
+    a time otherwise; groups of 2 use 2 x 4 tiles."""
+    batch = _decode_batch(13, block_size=5, num_q_heads=heads[0], num_kv_heads=heads[1],
+                          head_dim=head_dim, dtype=dtype, extra=[(1, 37)])
+    _check_kernel(batch, dtype)
+
+
 @pytest.mark.parametrize("portable", [False, True], ids=["avx2_or_auto", "portable"])
 def test_kernel_empty_sequences(portable):
     """kv_len 0 (not a valid decode input of the public op, which needs kv_len >= 1): out 0

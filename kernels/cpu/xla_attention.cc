@@ -77,7 +77,9 @@ constexpr int kChunk = 64;
 // (4 KiB pages) float32 46.7 -> 41.1 ms, bfloat16 35.4 -> 24.7 ms; on numpy's huge pages
 // float32 35.6 -> 33.7, bfloat16 31.8 -> 21.7. Prefetching two or four chunks ahead, or to L2
 // only (T2 hint), was no better; with prefetch, bfloat16 chunks of 64 KiB ran at least as
-// well as 128 KiB.
+// well as 128 KiB. With the 16-wide tiles (AvxLoad16) and the p.V prefetches spread over the
+// tiles, bfloat16 and fp8 chunks of 16 to 64 KiB ran within the noise of each other; prefetching
+// V in the order p.V reads it (head by head) was slower than in address order.
 template <class S>
 constexpr int64_t kChunkBytes = sizeof(S) == 4 ? int64_t{32} << 10 : int64_t{64} << 10;
 
@@ -90,19 +92,29 @@ class Prefetch {
     rows_ = reinterpret_cast<const char* const*>(rows);
     lines_per_row_ = (row_bytes + 63) / 64;
     total_ = lines_per_row_ * nrows;
-    next_ = 0;
+    next_ = row_ = line_ = 0;
   }
   // Lines still to issue.
   int64_t left() const { return total_ - next_; }
   void Issue(int64_t m) {
     const int64_t end = std::min(total_, next_ + m);
-    for (; next_ < end; ++next_)
-      __builtin_prefetch(rows_[next_ / lines_per_row_] + (next_ % lines_per_row_) * 64, 0, 3);
+    // the position as (row, line) in locals: no division per line, no store per line
+    int64_t row = row_, line = line_;
+    for (int64_t i = next_; i < end; ++i) {
+      __builtin_prefetch(rows_[row] + line * 64, 0, 3);
+      if (++line == lines_per_row_) {
+        line = 0;
+        ++row;
+      }
+    }
+    row_ = row;
+    line_ = line;
+    next_ = std::max(next_, end);
   }
 
  private:
   const char* const* rows_ = nullptr;
-  int64_t lines_per_row_ = 1, total_ = 0, next_ = 0;
+  int64_t lines_per_row_ = 1, total_ = 0, next_ = 0, row_ = 0, line_ = 0;
 };
 
 // ------------------------------------------------------------------ scalar conversions
@@ -198,6 +210,8 @@ struct F8E4M3Tag {
 struct Portable {
   template <class Tag>
   static constexpr float Unit() { return 1.0f; }
+  template <class Tag>
+  static bool Interleaved(int, int) { return false; }
 
   template <class Tag>
   static void Qk(const float* q, int group, int d, const typename Tag::Storage* const* rows,
@@ -222,7 +236,8 @@ struct Portable {
 
   template <class Tag>
   static void Pv(const float* p, int group, int d, const typename Tag::Storage* const* rows,
-                 int64_t head_off, int n, float* acc, float* row) {
+                 int64_t head_off, int n, float* acc, float* row, Prefetch* pf, int64_t lines) {
+    pf->Issue(lines);
     for (int t = 0; t < n; ++t) {
       const typename Tag::Storage* v = rows[t] + head_off;
       for (int i = 0; i < d; ++i) row[i] = Tag::ToF32(v[i]);
@@ -314,6 +329,44 @@ struct AvxLoad<F8E4M3Tag> {
   }
 };
 
+// Load16: 16 elements as two float32 vectors (times kUnit). kPairs false: in order
+// (p[0..7], p[8..15]); true: the even elements, then the odd ones (bfloat16: one 32-byte load,
+// a shift and a mask, where two Load8 take two widening loads and two shifts). Callers walking
+// head_dim 16 at a time keep q and the accumulators in the same order (see Interleave16).
+template <class Tag>
+struct AvxLoad16 {
+  static constexpr bool kPairs = false;
+  PREFIXKV_AVX2 static inline void Load(const typename Tag::Storage* p, __m256* lo, __m256* hi) {
+    *lo = AvxLoad<Tag>::Load8(p);
+    *hi = AvxLoad<Tag>::Load8(p + 8);
+  }
+};
+
+template <>
+struct AvxLoad16<BF16Tag> {
+  static constexpr bool kPairs = true;
+  PREFIXKV_AVX2 static inline void Load(const uint16_t* p, __m256* lo, __m256* hi) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    *lo = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    *hi = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(-65536)));
+  }
+};
+
+// 16 bytes at once: the integer steps of AvxLoad<F8E4M3Tag> on 16 lanes, two conversions.
+template <>
+struct AvxLoad16<F8E4M3Tag> {
+  static constexpr bool kPairs = false;
+  PREFIXKV_AVX2 static inline void Load(const uint8_t* p, __m256* lo, __m256* hi) {
+    const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i h = _mm256_and_si256(_mm256_slli_epi16(w, 7), _mm256_set1_epi16(-16512));
+    const __m256i carry = _mm256_and_si256(_mm256_add_epi16(h, _mm256_set1_epi16(0x80)),
+                                           _mm256_set1_epi16(0x4000));
+    const __m256i x = _mm256_or_si256(h, carry);
+    *lo = _mm256_cvtph_ps(_mm256_castsi256_si128(x));
+    *hi = _mm256_cvtph_ps(_mm256_extracti128_si256(x, 1));
+  }
+};
+
 // [sum(a[0]), ..., sum(a[7])] of eight vectors.
 PREFIXKV_AVX2 inline __m256 Reduce8(const __m256* a) {
   const __m256 t0 = _mm256_hadd_ps(a[0], a[1]);
@@ -368,28 +421,55 @@ PREFIXKV_AVX2 inline void QkTile(const float* q, int d, const typename Tag::Stor
   _mm256_storeu_ps(out, Reduce8(acc));
 }
 
+// QkTile over head_dim 16 at a time (head_dim % 16 == 0), q in AvxLoad16's order.
 template <class Tag, int NH, int NK>
-PREFIXKV_AVX2 void QkGroup(const float* q, int group, int d,
-                           const typename Tag::Storage* const* key_rows, int64_t head_off, int n,
-                           float* s) {
-  float out[8];
-  const typename Tag::Storage* rows[NK];
-  for (int g = 0; g < group; g += NH) {
-    const float* qg = q + static_cast<int64_t>(g) * d;
-    for (int t = 0; t < n; t += NK) {
-      // a key tile past n repeats the last key (read, never stored)
-      for (int k = 0; k < NK; ++k) rows[k] = key_rows[std::min(t + k, n - 1)] + head_off;
-      QkTile<Tag, NH, NK>(qg, d, rows, out);
-      for (int h = 0; h < NH; ++h)
-        for (int k = 0; k < NK && t + k < n; ++k) s[(g + h) * kChunk + t + k] = out[h * NK + k];
+PREFIXKV_AVX2 inline void QkTile16(const float* q, int d,
+                                   const typename Tag::Storage* const* rows, float* out) {
+  static_assert(NH * NK == 8, "eight accumulators");
+  __m256 acc[8];
+  _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+  for (int i = 0; i < d; i += 16) {
+    __m256 lo[NK], hi[NK];
+    _Pragma("GCC unroll 8") for (int k = 0; k < NK; ++k)
+      AvxLoad16<Tag>::Load(rows[k] + i, &lo[k], &hi[k]);
+    _Pragma("GCC unroll 8") for (int h = 0; h < NH; ++h) {
+      __m256 ql = _mm256_loadu_ps(q + static_cast<int64_t>(h) * d + i);
+      __m256 qh = _mm256_loadu_ps(q + static_cast<int64_t>(h) * d + i + 8);
+      __asm__("" : "+x"(ql), "+x"(qh));  // as in QkTile: one load of q for the NK keys
+      _Pragma("GCC unroll 8") for (int k = 0; k < NK; ++k) {
+        acc[h * NK + k] = _mm256_fmadd_ps(ql, lo[k], acc[h * NK + k]);
+        acc[h * NK + k] = _mm256_fmadd_ps(qh, hi[k], acc[h * NK + k]);
+      }
     }
   }
+  _mm256_storeu_ps(out, Reduce8(acc));
 }
 
-// QkGroup for every kv head, key tile by key tile: the chunk's K rows are read front to back
+// PvTile for head_dim [i, i + 16), accumulators in AvxLoad16's order.
+template <class Tag, int NH>
+PREFIXKV_AVX2 inline void PvTile16(const float* p, int d, int i,
+                                   const typename Tag::Storage* const* rows, int64_t head_off,
+                                   int n, float* acc) {
+  __m256 a[NH][2];
+  _Pragma("GCC unroll 8") for (int h = 0; h < NH; ++h)
+    _Pragma("GCC unroll 2") for (int j = 0; j < 2; ++j) a[h][j] = _mm256_loadu_ps(acc + static_cast<int64_t>(h) * d + i + 8 * j);
+  for (int t = 0; t < n; ++t) {
+    __m256 lo, hi;
+    AvxLoad16<Tag>::Load(rows[t] + head_off + i, &lo, &hi);
+    _Pragma("GCC unroll 8") for (int h = 0; h < NH; ++h) {
+      const __m256 ph = _mm256_broadcast_ss(p + h * kChunk + t);
+      a[h][0] = _mm256_fmadd_ps(ph, lo, a[h][0]);
+      a[h][1] = _mm256_fmadd_ps(ph, hi, a[h][1]);
+    }
+  }
+  _Pragma("GCC unroll 8") for (int h = 0; h < NH; ++h)
+    _Pragma("GCC unroll 2") for (int j = 0; j < 2; ++j) _mm256_storeu_ps(acc + static_cast<int64_t>(h) * d + i + 8 * j, a[h][j]);
+}
+
+// q.k of every kv head's group, key tile by key tile: the chunk's K rows are read front to back
 // (all kv heads of a row in order) instead of one head's slice of every row at a time.
 // pf's lines are issued spread over the key tiles.
-template <class Tag, int NH, int NK>
+template <class Tag, int NH, int NK, bool Wide = false>
 PREFIXKV_AVX2 void QkAllHeads(const float* q, int num_kv_heads, int group, int d,
                               const typename Tag::Storage* const* key_rows, int n, float* s,
                               Prefetch* pf) {
@@ -404,7 +484,9 @@ PREFIXKV_AVX2 void QkAllHeads(const float* q, int num_kv_heads, int group, int d
       // a key tile past n repeats the last key (read, never stored)
       for (int k = 0; k < NK; ++k) rows[k] = key_rows[std::min(t + k, n - 1)] + head_off;
       for (int g = 0; g < group; g += NH) {
-        QkTile<Tag, NH, NK>(q + (head_off * group) + static_cast<int64_t>(g) * d, d, rows, out);
+        const float* qg = q + (head_off * group) + static_cast<int64_t>(g) * d;
+        if (Wide) QkTile16<Tag, NH, NK>(qg, d, rows, out);
+        else QkTile<Tag, NH, NK>(qg, d, rows, out);
         float* sg = s + (static_cast<int64_t>(h) * group + g) * kChunk;
         for (int hh = 0; hh < NH; ++hh)
           for (int k = 0; k < NK && t + k < n; ++k) sg[hh * kChunk + t + k] = out[hh * NK + k];
@@ -453,26 +535,36 @@ struct Avx2 {
   template <class Tag>
   static constexpr float Unit() { return AvxLoad<Tag>::kUnit; }
 
+  // head_dim walked 16 at a time (AvxLoad16) for groups of 4 heads.
+  static bool Wide(int group, int d) { return group % 4 == 0 && d % 16 == 0; }
+  // q and the accumulators in Interleave16's order.
   template <class Tag>
-  static void Qk(const float* q, int group, int d, const typename Tag::Storage* const* rows,
-                 int64_t head_off, int n, float* s, float*) {
-    if (group % 4 == 0) QkGroup<Tag, 4, 2>(q, group, d, rows, head_off, n, s);
-    else if (group % 2 == 0) QkGroup<Tag, 2, 4>(q, group, d, rows, head_off, n, s);
-    else QkGroup<Tag, 1, 8>(q, group, d, rows, head_off, n, s);
-  }
+  static bool Interleaved(int group, int d) { return AvxLoad16<Tag>::kPairs && Wide(group, d); }
 
   template <class Tag>
   static void QkAll(const float* q, int num_kv_heads, int group, int d,
                     const typename Tag::Storage* const* rows, int n, float* s, float*,
                     Prefetch* pf) {
-    if (group % 4 == 0) QkAllHeads<Tag, 4, 2>(q, num_kv_heads, group, d, rows, n, s, pf);
+    if (Wide(group, d)) QkAllHeads<Tag, 4, 2, true>(q, num_kv_heads, group, d, rows, n, s, pf);
+    else if (group % 4 == 0) QkAllHeads<Tag, 4, 2>(q, num_kv_heads, group, d, rows, n, s, pf);
     else if (group % 2 == 0) QkAllHeads<Tag, 2, 4>(q, num_kv_heads, group, d, rows, n, s, pf);
     else QkAllHeads<Tag, 1, 8>(q, num_kv_heads, group, d, rows, n, s, pf);
   }
 
   template <class Tag>
   static void Pv(const float* p, int group, int d, const typename Tag::Storage* const* rows,
-                 int64_t head_off, int n, float* acc, float*) {
+                 int64_t head_off, int n, float* acc, float*, Prefetch* pf, int64_t lines) {
+    if (Wide(group, d)) {
+      const int64_t per = (lines + (group / 4) * (d / 16) - 1) / ((group / 4) * (d / 16));
+      for (int g = 0; g < group; g += 4)
+        for (int i = 0; i < d; i += 16) {
+          pf->Issue(per);
+          PvTile16<Tag, 4>(p + g * kChunk, d, i, rows, head_off, n,
+                           acc + static_cast<int64_t>(g) * d);
+        }
+      return;
+    }
+    pf->Issue(lines);
     if (group % 4 == 0) PvGroup<Tag, 4, 2>(p, group, d, rows, head_off, n, acc);
     else if (group % 2 == 0) PvGroup<Tag, 2, 4>(p, group, d, rows, head_off, n, acc);
     else PvGroup<Tag, 1, 8>(p, group, d, rows, head_off, n, acc);
@@ -542,6 +634,29 @@ struct Params {
   float k_scale = 1.0f, v_scale = 1.0f;
 };
 
+// x[16j .. 16j + 15] reordered to its even elements, then its odd ones, for every j (n % 16
+// == 0; tmp holds 16 floats): the order AvxLoad16<BF16Tag> reads a cache row's elements in.
+inline void Interleave16(float* x, int64_t n, float* tmp) {
+  for (int64_t j = 0; j < n; j += 16) {
+    for (int i = 0; i < 8; ++i) {
+      tmp[i] = x[j + 2 * i];
+      tmp[8 + i] = x[j + 2 * i + 1];
+    }
+    std::memcpy(x + j, tmp, 16 * sizeof(float));
+  }
+}
+
+// The inverse of Interleave16.
+inline void Deinterleave16(float* x, int64_t n, float* tmp) {
+  for (int64_t j = 0; j < n; j += 16) {
+    for (int i = 0; i < 8; ++i) {
+      tmp[2 * i] = x[j + i];
+      tmp[2 * i + 1] = x[j + 8 + i];
+    }
+    std::memcpy(x + j, tmp, 16 * sizeof(float));
+  }
+}
+
 // Tag: q and out's element type; KvTag: the caches'.
 template <class Tag, class KvTag, class Ops>
 void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
@@ -574,6 +689,7 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
   const int64_t chunk =
       std::max<int64_t>(1, std::min<int64_t>(kChunk, kChunkBytes<S> / key_row_bytes));
   const float neg_inf = -std::numeric_limits<float>::infinity();
+  const bool interleaved = Ops::template Interleaved<KvTag>(group, d);
 
   for (int64_t seq = 0; seq < sh.num_seqs; ++seq) {
     const QS* qs = q + seq * hq * d;
@@ -587,6 +703,7 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
       continue;
     }
     for (int64_t i = 0; i < static_cast<int64_t>(hq) * d; ++i) qf[i] = Tag::ToF32(qs[i]) * scale;
+    if (interleaved) Interleave16(qf.data(), hq * d, row.data());
     std::fill(acc.begin(), acc.end(), 0.0f);
     std::fill(m.begin(), m.end(), neg_inf);
     std::fill(l.begin(), l.end(), 0.0f);
@@ -623,7 +740,6 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
       pf.Reset(next_krows.data(), next_n, key_row_bytes);  // the next chunk's K, during p.V
       const int64_t per_head = (pf.left() + hkv - 1) / hkv;
       for (int h = 0; h < hkv; ++h) {
-        pf.Issue(per_head);
         const int64_t head_off = static_cast<int64_t>(h) * d;
         float* ah = acc.data() + head_off * group;
         float* mh = m.data() + h * group;
@@ -643,11 +759,13 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
           }
           lh[g] += Ops::ExpSum(sg, n, mh[g]);
         }
-        Ops::template Pv<KvTag>(sh_, group, d, vrows.data(), head_off, n, ah, row.data());
+        Ops::template Pv<KvTag>(sh_, group, d, vrows.data(), head_off, n, ah, row.data(), &pf,
+                                per_head);
       }
       krows.swap(next_krows);
       vrows.swap(next_vrows);
     }
+    if (interleaved) Deinterleave16(acc.data(), hq * d, row.data());
     for (int h = 0; h < hq; ++h) {
       // Keys were walked, so a running max of +-inf means a logit past float32's range
       // (+inf: an answer skipping that key, lse +inf, which a merge reads as an empty state;
