@@ -399,8 +399,9 @@ def test_torch_paged_attention_reads_fp8_caches(grid, dtype, opts):
 
 def test_torch_cpu_decode_reads_fp8_bytes_in_the_compiled_kernel(monkeypatch):
     """A CPU decode over fp8 caches goes to the compiled decode kernel with the fp8 caches
-    themselves and the scales as floats (no dequantized copy), out=/lse=/sinks included;
-    under torch.compile (or with a ragged batch) the dequantizing path runs instead."""
+    themselves and the scales as float32 values (no dequantized copy), out=/lse=/sinks
+    included, eagerly and under torch.compile; in a mixed batch the decodes do too, and the
+    prefill rows dequantize only the blocks their own sequences name."""
     torch = pytest.importorskip("torch")
     from prefixkv.kernels.cpu import decode
     from prefixkv.torch_frontend import _native
@@ -410,14 +411,20 @@ def test_torch_cpu_decode_reads_fp8_bytes_in_the_compiled_kernel(monkeypatch):
 
     if not decode.available():
         pytest.skip(f"no CPU decode kernel: {decode.status()}")
-    calls = []
-    real = _native._c_decode
+    calls, dequantized = [], []
+    real, real_deq = _native._c_decode, _native._dequantized_blocks
 
-    def spy(out, lse, q, k, v, *args, **kw):
-        calls.append((k.dtype, kw.get("k_scale"), kw.get("v_scale")))
-        return real(out, lse, q, k, v, *args, **kw)
+    def spy(out, lse, q, k, v, block_tables, *args, **kw):
+        calls.append((k.dtype, block_tables.shape[0], kw.get("k_scale"), kw.get("v_scale")))
+        return real(out, lse, q, k, v, block_tables, *args, **kw)
+
+    def spy_deq(q, k, v, k_scale, v_scale, *tables):
+        dequantized.append(tuple(t.shape[0] for t in tables))
+        return real_deq(q, k, v, k_scale, v_scale, *tables)
 
     monkeypatch.setattr(_native, "_c_decode", spy)
+    monkeypatch.setattr(_native, "_dequantized_blocks", spy_deq)
+    f32 = (float(np.float32(0.3)), float(np.float32(0.7)))
     rng = np.random.default_rng(14)
     b = testing.make_ragged_batch(rng, testing.seq_grid("decode", 8), num_q_heads=8,
                                   num_kv_heads=2, head_dim=32, block_size=8, dtype="bfloat16",
@@ -434,7 +441,7 @@ def test_torch_cpu_decode_reads_fp8_bytes_in_the_compiled_kernel(monkeypatch):
                              v_scale=torch.tensor(0.7), sinks=T(sinks), sliding_window=9,
                              out=out, lse=lse)
     assert got is out
-    assert calls == [(torch.float8_e4m3fn, 0.3, float(np.float32(0.7)))]
+    assert calls == [(torch.float8_e4m3fn, len(b.kv_lens), *f32)] and not dequantized
     testing.assert_attention_close(N(out), want, "bfloat16")
     np.testing.assert_allclose(N(lse), want_lse, **LSE_TOLERANCE["bfloat16"])
     calls.clear()
@@ -442,10 +449,23 @@ def test_torch_cpu_decode_reads_fp8_bytes_in_the_compiled_kernel(monkeypatch):
                                                                 v_scale=0.7, sliding_window=9),
                              fullgraph=True, backend="aot_eager")
     got = compiled(q, _t8(kq), _t8(vq))
-    assert all(dtype == torch.bfloat16 for dtype, *_ in calls)  # the dequantized blocks
+    assert calls == [(torch.float8_e4m3fn, len(b.kv_lens), *f32)] and not dequantized
     want = ref.paged_attention_reference(b.q, kq, vq, tables, b.kv_lens, k_scale=0.3,
                                          v_scale=0.7, sliding_window=9)
     testing.assert_attention_close(N(got), want, "bfloat16")
+
+    # mixed: 6 decodes, then two prefill chunks (5 and 12 tokens over cached prefixes)
+    calls.clear()
+    m = testing.make_ragged_batch(rng, [(1, 30)] * 6 + [(5, 21), (12, 40)], num_q_heads=8,
+                                  num_kv_heads=2, head_dim=32, block_size=8, dtype="bfloat16")
+    kq, vq, tables = _fp8_layout(m, 0.3, 0.7, compact=True)
+    a = m.args()
+    want = ref.paged_attention_reference(m.q, kq, vq, tables, *a[4:], k_scale=0.3, v_scale=0.7)
+    got = tf.paged_attention(T(m.q), _t8(kq), _t8(vq), T(tables),
+                             *(T(x) for x in a[4:]), k_scale=0.3, v_scale=0.7)
+    testing.assert_attention_close(N(got), want, "bfloat16")
+    assert calls == [(torch.float8_e4m3fn, 6, *f32)]  # the decodes, as one group
+    assert sorted(dequantized) == [(1,), (1,)]  # each prefill group: its own sequence's blocks
 
 
 def _fp8_shared_prefix_case(decode: bool, window):

@@ -197,13 +197,14 @@ def interp_backend():
 @pytest.fixture
 def no_dequantize(monkeypatch):
     """Fails any dequantized copy of an fp8 cache in the torch frontend."""
-    from prefixkv.torch_frontend import _ops
+    from prefixkv.torch_frontend import _native, _ops
 
     def refuse(*args, **kwargs):
         raise AssertionError("the fp8 caches were dequantized, not read by the kernel")
 
     monkeypatch.setattr(_ops, "_dequantized_blocks", refuse)
-    monkeypatch.setattr(_ops, "_dequantize", refuse)
+    monkeypatch.setattr(_native, "_dequantized_blocks", refuse)
+    monkeypatch.setattr(_native, "_dequantize", refuse)
 
 
 @pytest.mark.parametrize("grid", ["decode", "mixed"])

@@ -300,7 +300,7 @@ def test_shared_prefix_cpu_chunked_paths(monkeypatch, case, decode, dense_min_ro
     monkeypatch.setattr(_native, "DENSE_SCORES", 20)  # a few rows per dense tile
     monkeypatch.setattr(_native, "CASCADE_MIN_SCORES", 0)  # every group its own pass
     # the own tokens through _attend_host here, not the compiled decode kernel (tested below)
-    monkeypatch.setattr(_native, "_c_decode", lambda *a: False)
+    monkeypatch.setattr(_native, "_c_decode", lambda *a, **k: False)
     calls = []
     real = _native._attend_host
     monkeypatch.setattr(_native, "_attend_host", lambda *a: (calls.append(a[2].shape), real(*a)))

@@ -353,6 +353,52 @@ def _attend_host(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k_cache:
                 merge_attention_states(out[s0:s1], lse[s0:s1], out[s0:s1], lse[s0:s1], o, lg)
 
 
+def _dequantize(cache: torch.Tensor, scale: torch.Tensor | None,
+                dtype: torch.dtype) -> torch.Tensor:
+    """float32(cache) * scale in ``dtype`` (q's: rounded there, as vLLM's fp8 kernels do)."""
+    x = cache.to(torch.float32)
+    if scale is not None:
+        x = x * scale
+    return x.to(dtype)
+
+
+def _dequantized_blocks(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        k_scale, v_scale, *tables: torch.Tensor):
+    """fp8 caches as caches in q's dtype for the attention backends: (k, v, tables) where k, v
+    hold the dequantized blocks the tables name, in table order, and each table is remapped
+    to them (no host sync: fixed shapes, graph-safe); when the tables name at least as many
+    entries as the cache has blocks, the whole cache dequantized and the tables unchanged.
+    Entries past a row's blocks (never read) are clamped into range before the gather."""
+    num_blocks = k_cache.shape[0]
+    total = sum(t.numel() for t in tables)
+    if 0 < total < num_blocks:
+        ids = torch.cat([t.reshape(-1) for t in tables]).to(torch.int64).clamp(0, num_blocks - 1)
+        k_cache, v_cache = (c.view(torch.uint8).index_select(0, ids).view(c.dtype)
+                            for c in (k_cache, v_cache))
+        remapped, start = [], 0
+        for t in tables:
+            remapped.append((torch.arange(t.numel(), dtype=torch.int32, device=t.device)
+                             + start).view(t.shape))
+            start += t.numel()
+        tables = tuple(remapped)
+    return (_dequantize(k_cache, k_scale, q.dtype), _dequantize(v_cache, v_scale, q.dtype),
+            *tables)
+
+
+def _host_scales(k_scale, v_scale) -> tuple[float, float] | None:
+    """k_scale, v_scale (None or 0-d float32 tensors) as host floats for the compiled decode
+    kernel; None when one is on a device (its value would need a sync)."""
+    got = []
+    for scale in (k_scale, v_scale):
+        if scale is None:
+            got.append(1.0)
+        elif scale.device.type != "cpu":
+            return None
+        else:
+            got.append(float(scale))
+    return got[0], got[1]
+
+
 _C_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -480,7 +526,7 @@ def _q_len_groups(q_lens: list[int]) -> list[list[int]] | None:
 def _grouped_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_cache,
                        block_tables, kv_lens, cu_host: torch.Tensor, groups: list[list[int]],
                        *, scale: float, causal: bool, sliding_window: int | None,
-                       logits_soft_cap: float | None) -> None:
+                       logits_soft_cap: float | None, k_scale=None, v_scale=None) -> None:
     """paged_attention of a ragged batch as one call per group of sequences (_q_len_groups),
     each written into its rows of ``out`` and ``lse``: the decodes go through the decode path
     (the compiled kernel, cu_q_lens None), every other group pads to its own longest q_len.
@@ -515,7 +561,8 @@ def _grouped_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, 
             rows = slice(int(tok[0]), int(tok[0]) + n)
             paged_attention(out[rows], None if lse is None else lse[rows], q[rows], k_cache,
                             v_cache, tables, kv, sub_cu, scale=scale, causal=causal,
-                            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+                            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                            k_scale=k_scale, v_scale=v_scale)
             continue
         tok_t = torch.from_numpy(tok).to(q.device)
         o = torch.empty((n, *out.shape[1:]), dtype=out.dtype, device=out.device)
@@ -523,7 +570,7 @@ def _grouped_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, 
                                                   device=lse.device)
         paged_attention(o, lg, q.index_select(0, tok_t), k_cache, v_cache, tables, kv, sub_cu,
                         scale=scale, causal=causal, sliding_window=sliding_window,
-                        logits_soft_cap=logits_soft_cap)
+                        logits_soft_cap=logits_soft_cap, k_scale=k_scale, v_scale=v_scale)
         out.index_copy_(0, tok_t, o)
         if lse is not None:
             lse.index_copy_(0, tok_t, lg)
@@ -532,15 +579,34 @@ def _grouped_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, 
 def paged_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_cache,
                     block_tables, kv_lens, cu_q_lens, *, scale: float, causal: bool,
                     sliding_window: int | None, logits_soft_cap: float | None,
-                    workspace=None) -> None:
+                    workspace=None, k_scale=None, v_scale=None) -> None:
     """The CPU path (and the fallback on CUDA); ``workspace`` is not used: the temporaries
     are its own. Decode on the CPU with contiguous inputs runs the compiled kernel of
     ``kernels/cpu`` (one pass over each sequence's blocks) when it builds; with the lengths on
-    the host, so do the decodes of a ragged batch (_grouped_attention)."""
-    if cu_q_lens is None and _c_decode(out, lse, q, k_cache, v_cache, block_tables, kv_lens,
-                                       scale, sliding_window if causal else None,
-                                       logits_soft_cap):
+    the host, so do the decodes of a ragged batch (_grouped_attention).
+
+    float8_e4m3fn caches (k_scale, v_scale: None or 0-d float32 tensors on the caches' device):
+    the compiled decode kernel reads their bytes (the decodes of a ragged batch too); every
+    other path dequantizes the blocks its own sequences name first (_dequantized_blocks)."""
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    host_scales = _host_scales(k_scale, v_scale) if fp8 else (1.0, 1.0)
+    if cu_q_lens is None and host_scales is not None and _c_decode(
+            out, lse, q, k_cache, v_cache, block_tables, kv_lens, scale,
+            sliding_window if causal else None, logits_soft_cap, k_scale=host_scales[0],
+            v_scale=host_scales[1]):
         return
+    if fp8 and cu_q_lens is not None and host_scales is not None and _on_host(
+            kv_lens, block_tables, cu_q_lens):
+        groups = _q_len_groups(_q_lens(cu_q_lens).tolist())
+        if groups is not None:  # the decodes apart (the compiled kernel reads fp8)
+            _grouped_attention(out, lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
+                               groups, scale=scale, causal=causal,
+                               sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                               k_scale=k_scale, v_scale=v_scale)
+            return
+    if fp8:
+        k_cache, v_cache, block_tables = _dequantized_blocks(q, k_cache, v_cache, k_scale,
+                                                             v_scale, block_tables)
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = block_tables.shape[0]
     host = _on_host(kv_lens, block_tables) and (cu_q_lens is None or _on_host(cu_q_lens))
@@ -587,6 +653,9 @@ def paged_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_c
     out.copy_(o)
     if lse is not None:
         lse.copy_(l_)
+
+
+paged_attention.reads_fp8 = True
 
 
 #: Bytes of float32 rows per chunk of merge_attention_states (its temporaries stay in cache).

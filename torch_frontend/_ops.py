@@ -38,6 +38,7 @@ from torch.autograd.graph import increment_version
 from ..kernels.cuda.transfer import upload
 from ..paged import validate
 from ..paged.spec import WORKSPACE_ALIGN, dtype_name
+from ._native import _dequantized_blocks
 from ._registry import platform_of, select
 
 Tensor = torch.Tensor
@@ -217,88 +218,6 @@ def _kv_scales(k_scale, v_scale, k_cache: Tensor, v_cache: Tensor):
     return _scale_tensor("k_scale", k_scale, k_cache), _scale_tensor("v_scale", v_scale, v_cache)
 
 
-def _fp8_cpu_decode(dims, q, k_cache, v_cache, block_tables, kv_lens, k_scale, v_scale, *,
-                    causal, sliding_window, logits_soft_cap, return_lse, sinks, out, lse,
-                    workspace, backend):
-    """A decode over fp8 caches on the CPU run by the compiled decode kernel, which reads the
-    fp8 bytes itself (no dequantized copy): the result, or None where it does not apply (a
-    ragged batch, another device or backend, torch.compile or a dispatch mode, views, scales
-    on a device, the kernel not built). out=/lse=/sinks as in paged_attention."""
-    from . import _native
-
-    tensors = (q, k_cache, v_cache, block_tables, kv_lens)
-    if (q.device.type != "cpu" or torch.compiler.is_compiling()
-            or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-            or not _plain((*tensors, sinks, out, lse))
-            or select("paged_attention", "cpu", backend) is not _native.paged_attention
-            or not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)):
-        return None
-    scales = []
-    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if isinstance(s, torch.Tensor):
-            if s.device.type != "cpu":
-                return None  # its value would need a device sync: the dequantizing path
-            scales.append(float(s.reshape(())))
-        elif s is None or isinstance(s, (int, float, np.integer, np.floating)):
-            scales.append(1.0 if s is None else float(s))
-        else:
-            _scale_tensor(name, s, k_cache)  # the TypeError naming it
-            return None
-    _check_out("out", out, q.shape, q.dtype, q.device)
-    _check_out("lse", lse, q.shape[:2], torch.float32, q.device)
-    _check_workspace(workspace, q)
-    o = torch.empty_like(q) if out is None or not out.is_contiguous() else out
-    want_lse = return_lse or lse is not None or sinks is not None
-    l_ = None
-    if want_lse:
-        l_ = (lse if lse is not None and lse.is_contiguous()
-              else torch.empty(q.shape[:2], dtype=torch.float32))
-    if not _native._c_decode(o, l_, q, k_cache, v_cache, block_tables, kv_lens, dims.scale,
-                             sliding_window if causal else None, logits_soft_cap,
-                             k_scale=scales[0], v_scale=scales[1]):
-        return None
-    if sinks is not None:
-        _apply_sinks(o, l_, sinks)
-    if out is not None and o is not out:
-        out.copy_(o)
-        o = out
-    if lse is not None and l_ is not lse:
-        lse.copy_(l_)
-        l_ = lse
-    return (o, l_) if return_lse else o
-
-
-def _dequantize(cache: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """float32(cache) * scale in ``dtype`` (q's: rounded there, as vLLM's fp8 kernels do)."""
-    x = cache.to(torch.float32)
-    if scale is not None:
-        x = x * scale
-    return x.to(dtype)
-
-
-def _dequantized_blocks(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_scale, v_scale,
-                        *tables: Tensor):
-    """fp8 caches as caches in q's dtype for the attention backends: (k, v, tables) where k, v
-    hold the dequantized blocks the tables name, in table order, and each table is remapped
-    to them (no host sync: fixed shapes, graph-safe); when the tables name at least as many
-    entries as the cache has blocks, the whole cache dequantized and the tables unchanged.
-    Entries past a row's blocks (never read) are clamped into range before the gather."""
-    num_blocks = k_cache.shape[0]
-    total = sum(t.numel() for t in tables)
-    if 0 < total < num_blocks:
-        ids = torch.cat([t.reshape(-1) for t in tables]).to(torch.int64).clamp(0, num_blocks - 1)
-        k_cache, v_cache = (c.view(torch.uint8).index_select(0, ids).view(c.dtype)
-                            for c in (k_cache, v_cache))
-        remapped, start = [], 0
-        for t in tables:
-            remapped.append((torch.arange(t.numel(), dtype=torch.int32, device=t.device)
-                             + start).view(t.shape))
-            start += t.numel()
-        tables = tuple(remapped)
-    return (_dequantize(k_cache, k_scale, q.dtype), _dequantize(v_cache, v_scale, q.dtype),
-            *tables)
-
-
 # ----------------------------------------------------------------------- op registration
 
 #: The Python implementation of every custom op, by op name (what the dispatcher calls).
@@ -351,8 +270,8 @@ def _invoke(name: str, args: tuple):
 
 def _fp8_kwargs(fn, k_cache: Tensor, k_scale: Tensor | None, v_scale: Tensor | None) -> dict:
     """The scales as keyword arguments of backend entry ``fn`` when it reads float8_e4m3fn
-    caches itself (``fn.reads_fp8``: the Triton kernels) and the caches are fp8; else {} (the
-    caller dequantizes the named blocks first)."""
+    caches itself (``fn.reads_fp8``: the Triton kernels, the torch backend's paged attention)
+    and the caches are fp8; else {} (the caller dequantizes the named blocks first)."""
     if validate.is_fp8(k_cache) and getattr(fn, "reads_fp8", False):
         return {"k_scale": k_scale, "v_scale": v_scale}
     return {}
@@ -475,10 +394,11 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], q's dtype (views of a
     stacked cache are fine), or float8_e4m3fn read as float32(cache) * k_scale (v_scale):
     k_scale, v_scale None (1.0), a positive float or a float32 tensor of one element (fp8
-    caches only; see docs/ops.md: the triton backend's kernel reads the fp8 bytes and the
-    scales itself; for the others the blocks the tables name are dequantized into q's dtype
-    first). block_tables: i32[num_seqs, max_blocks_per_seq].
-    kv_lens: i32[num_seqs], cached prefix + this step's tokens. cu_q_lens: i32[num_seqs + 1] or
+    caches only; see docs/ops.md: the triton backend's kernel and the CPU decode kernel, also
+    for the decodes of a mixed batch, read the fp8 bytes and the scales themselves; elsewhere
+    the blocks the tables name are dequantized into q's dtype first).
+    block_tables: i32[num_seqs, max_blocks_per_seq]. kv_lens: i32[num_seqs], cached prefix +
+    this step's tokens. cu_q_lens: i32[num_seqs + 1] or
     None (decode). sinks: optional float[num_q_heads] on q's device, attention sinks (gpt-oss,
     vLLM's ``sinks``): one logit per q head added to the softmax denominator (applied after the
     kernel, see docs/ops.md). out: optional [num_tokens, num_q_heads, head_dim] buffer written
@@ -498,17 +418,6 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     if _want_values(block_tables, kv_lens, cu_q_lens):
         validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
     block_tables, kv_lens, cu_q_lens = _on(q.device, block_tables, kv_lens, cu_q_lens)
-    if validate.is_fp8(k_cache):
-        if _want_values(*(s for s in (k_scale, v_scale) if isinstance(s, torch.Tensor))):
-            validate.check_kv_scale_values(k_scale, v_scale)
-        if cu_q_lens is None:
-            got = _fp8_cpu_decode(dims, q, k_cache, v_cache, block_tables, kv_lens, k_scale,
-                                  v_scale, causal=causal, sliding_window=sliding_window,
-                                  logits_soft_cap=logits_soft_cap, return_lse=return_lse,
-                                  sinks=sinks, out=out, lse=lse, workspace=workspace,
-                                  backend=backend)
-            if got is not None:
-                return got
     args = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, dims.scale, bool(causal),
             None if sliding_window is None else int(sliding_window),
             None if logits_soft_cap is None else float(logits_soft_cap), backend)
