@@ -59,8 +59,10 @@ def paged_attention_xla(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
             q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
             sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
 
-    if cu_q_lens is not None:
-        return xla_path()
+    if cu_q_lens is not None:  # on CPU its decodes through the compiled kernel
+        return _xla.ragged_on_cpu_kernel(
+            q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
+            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
     # decode on CPU: the compiled kernel (PREFIXKV_DISABLE_CPU_FFI=1 keeps the XLA path); the
     # query sits at kv_len - 1, so causal masks nothing more and the window needs it
     return _xla.decode_on_cpu_kernel(

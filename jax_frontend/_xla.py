@@ -692,6 +692,56 @@ def decode_on_cpu_kernel(xla_fn, q, k_cache, v_cache, block_tables, kv_lens, *, 
     return lax.platform_dependent(cpu=cpu_path, default=xla_fn)
 
 
+def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *,
+                         scale: float, causal: bool = True, sliding_window: int | None = None,
+                         logits_soft_cap: float | None = None):
+    """:func:`ragged_paged_attention` of a ragged batch, except on CPU when the compiled FFI
+    kernels build: there the decodes (sequences of one query token) run through the decode
+    handler of ``kernels/cpu``, and the ragged loop gets the other sequences' tokens only (the
+    decodes' rows moved past its last sequence, where it computes nothing for them). In one
+    loop a mixed batch's decodes took query tiles as long as the prefill chunks' (the tile
+    length is static: the batch's mean tokens per sequence), each computed for all its rows.
+    Measured, one thread, 31 decodes at 2048 keys + a 256-token chunk over 2048 cached, 32/8
+    heads x 128, bf16: 873 ms in one loop; decodes alone 37 ms, the chunk alone 129 ms."""
+    from ..kernels.cpu import xla_ffi
+
+    def xla_path():
+        return ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
+                                      scale=scale, causal=causal, sliding_window=sliding_window,
+                                      logits_soft_cap=logits_soft_cap)
+
+    num_tokens = q.shape[0]
+    num_seqs = block_tables.shape[0]
+    if num_tokens == 0 or num_seqs == 0 or not xla_ffi.use_for_attention(q, k_cache, v_cache):
+        return xla_path()
+
+    def cpu_path():
+        cu = cu_q_lens.astype(jnp.int32)
+        starts, q_lens = cu[:-1], cu[1:] - cu[:-1]
+        decode = q_lens == 1
+        # every sequence's first row through the decode kernel; kv_len 0 (nothing read, out 0)
+        # for the others. A decode row sits at kv_len - 1 as in the ragged loop; without
+        # causal it sees the same keys, and the window applies only with causal there too.
+        d_out, d_lse = xla_ffi.paged_attention_decode(
+            q[jnp.clip(starts, 0, num_tokens - 1)], k_cache, v_cache, block_tables,
+            jnp.where(decode, kv_lens, 0), scale=scale,
+            sliding_window=sliding_window if causal else None, logits_soft_cap=logits_soft_cap)
+        dest = jnp.where(decode, starts, num_tokens)         # a decode's row; others: dropped
+        decode_row = jnp.zeros(num_tokens, jnp.int32).at[dest].set(1, mode="drop")
+        order = jnp.argsort(decode_row, stable=True)         # the other tokens first, in order
+        rest_cu = jnp.concatenate([jnp.zeros(1, jnp.int32),
+                                   jnp.cumsum(jnp.where(decode, 0, q_lens)).astype(jnp.int32)])
+        out, lse = ragged_paged_attention(
+            q[order], k_cache, v_cache, block_tables, kv_lens, rest_cu, scale=scale,
+            causal=causal, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+        back = jnp.zeros(num_tokens, jnp.int32).at[order].set(
+            jnp.arange(num_tokens, dtype=jnp.int32))
+        out, lse = out[back], lse[back]
+        return (out.at[dest].set(d_out, mode="drop"), lse.at[dest].set(d_lse, mode="drop"))
+
+    return lax.platform_dependent(cpu=cpu_path, default=xla_path)
+
+
 #: On a CPU the XLA cascade runs only when some prefix group reaches CPU_CASCADE_MIN_ROWS query
 #: rows per kv head (its tokens x q heads of a kv head) and CPU_CASCADE_MIN_SCORES score
 #: elements (rows x prefix keys) over a float32 cache, twice both over a 16-bit one; else the

@@ -236,12 +236,51 @@ def test_jit_runs_the_ffi_kernel():
     _close_lse(lse, want_lse, "bfloat16")
 
 
-def test_prefill_keeps_the_xla_path():
+#: A mixed batch: decodes (q_len 1) between prefill chunks, a sequence with no query token
+#: (padding) and a decode at kv_len 1.
+MIXED = [(1, 37), (5, 21), (1, 64), (0, 9), (12, 40), (1, 1), (3, 3), (1, 50)]
+
+
+@pytest.mark.parametrize("opts", [{}, {"sliding_window": 7}, {"logits_soft_cap": 3.0},
+                                  {"causal": False}],
+                         ids=["plain", "window", "cap", "non_causal"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mixed_batch_decodes_run_in_the_kernel(dtype, opts):
+    """A ragged batch on the CPU: its decodes through the kernel, the other sequences through
+    the XLA loop, every row against the reference (lse too)."""
     rng = np.random.default_rng(10)
-    batch = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16), num_q_heads=8,
-                                      num_kv_heads=2)
+    batch = testing.make_ragged_batch(rng, MIXED, num_q_heads=8, num_kv_heads=2, head_dim=32,
+                                      block_size=8, dtype=dtype,
+                                      sliding_window=opts.get("sliding_window"))
     args = [jnp.asarray(a) for a in batch.args()]
-    assert TARGET not in _hlo(jf.paged_attention, *args)
+    assert TARGET in _hlo(lambda *a: jf.paged_attention(*a, **opts), *args)
+    want, want_lse = paged_attention_reference(*batch.args(), return_lse=True, **opts)
+    out, lse = jax.jit(lambda *a: jf.paged_attention(*a, return_lse=True, **opts))(*args)
+    _close(out, want, dtype)
+    _close_lse(lse, want_lse, dtype)
+
+
+KW = dict(scale=0.25, sliding_window=9, logits_soft_cap=4.0)
+
+
+def test_ragged_on_cpu_kernel_rows_of_no_sequence():
+    """Tokens past cu_q_lens[-1] (the internal loop allows them) get out 0 and lse -inf, and
+    a batch with no decode or only decodes gives the XLA loop's answer."""
+    rng = np.random.default_rng(12)
+    for seqs in ([(1, 30), (4, 19), (1, 8)], [(3, 12), (6, 20)], [(1, 5), (1, 17)]):
+        b = testing.make_ragged_batch(rng, seqs, num_q_heads=4, num_kv_heads=2, head_dim=16,
+                                      block_size=4, decode=False)
+        q = np.concatenate([b.q, np.full((3, *b.q.shape[1:]), 5.0, b.q.dtype)])
+        args = (jnp.asarray(q), *(jnp.asarray(a) for a in b.args()[1:]))
+        got = jax.jit(lambda *a: _xla.ragged_on_cpu_kernel(*a, **KW))(*args)
+        want = jax.jit(lambda *a: _xla.ragged_paged_attention(*a, **KW))(*args)
+        n = b.q.shape[0]
+        np.testing.assert_array_equal(np.asarray(got[0])[n:], 0.0)
+        assert np.isneginf(np.asarray(got[1])[n:]).all()
+        np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=2e-5,
+                                   rtol=2e-5)
+        np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), atol=2e-5,
+                                   rtol=2e-5)
 
 
 def test_disabled_ffi_falls_back_to_xla(monkeypatch):
