@@ -69,6 +69,36 @@ def test_every_byte_decodes_exactly(portable):
     np.testing.assert_array_equal(lse, np.zeros_like(lse))
 
 
+@pytest.mark.parametrize("d", [16, 32])
+def test_every_byte_decodes_exactly_in_every_lane(d):
+    """The 16-wide loads (4 q heads per kv head, head_dim a multiple of 16): sequence s reads
+    one key whose row holds byte (s + lane) % 256 in lane ``lane``, so every byte passes every
+    lane of a load. V (zero K): out = v * v_scale exactly. K (zero V): q one-hot at lane j
+    gives lse = k(lane j) * k_scale exactly, for every j (the NaN bytes of the other lanes
+    made 0: 0 * NaN is NaN). NaN bytes give NaN."""
+    n, group = 256, 4
+    lanes = (np.arange(n)[:, None] + np.arange(d)[None, :]) % n
+    byte_rows = lanes.astype(np.uint8)
+    cache = byte_rows.view(FP8).reshape(n, 1, 1, d)
+    zero = np.zeros_like(cache)
+    tables = np.arange(n, dtype=np.int32)[:, None]
+    kv_lens = np.ones(n, np.int32)
+    exact = _exact_f32(byte_rows)                                   # [n, d]
+    q = np.ones((n, group, d), np.float32)
+    out, _ = _run(q, zero, cache, tables, kv_lens, scale=1.0, v_scale=0.5)
+    for g in range(group):
+        np.testing.assert_array_equal(out[:, g], exact * np.float32(0.5))
+    nan_byte = (byte_rows & 0x7F) == 0x7F
+    for j in range(d):
+        rows = np.where(nan_byte & (np.arange(d) != j), 0, byte_rows).astype(np.uint8)
+        q = np.zeros((n, group, d), np.float32)
+        q[:, :, j] = 1.0
+        _, lse = _run(q, rows.view(FP8).reshape(cache.shape), zero, tables, kv_lens,
+                      scale=1.0, k_scale=2.0)
+        np.testing.assert_array_equal(lse, np.repeat(exact[:, j:j + 1] * np.float32(2.0),
+                                                     group, axis=1))
+
+
 def _fp8_batch(seed, q_dtype, *, grid="decode", block_size=16, num_q_heads=8,
                num_kv_heads=2, head_dim=64, window=None, extra=()):
     rng = np.random.default_rng(seed)
