@@ -229,8 +229,11 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
                            scale: float, causal: bool = True, sliding_window: int | None = None,
                            logits_soft_cap: float | None = None, q_tile: int | None = None,
                            chunk_tokens: int | None = None,
-                           heads_in_sequence: bool | None = None):
+                           heads_in_sequence: bool | None = None, num_tiles: int | None = None):
     """Paged attention of a ragged batch; returns (out in q's dtype, lse f32).
+
+    ``q_tile`` (query tokens per tile) and ``num_tiles`` override choose_tiling's; the caller
+    of a ``num_tiles`` guarantees sum over sequences of ceil(q_len / q_tile) <= num_tiles.
 
     q: [num_tokens, num_q_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads,
     head_dim]; block_tables i32[num_seqs, max_blocks_per_seq]; kv_lens i32[num_seqs];
@@ -255,6 +258,7 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
         return (jnp.zeros(q.shape, q.dtype),
                 jnp.full((num_tokens, num_q_heads), -jnp.inf, jnp.float32))
     tq, nt, _ = choose_tiling(num_tokens, num_seqs, decode, block_size, 0, q_tile)
+    nt = nt if num_tiles is None else max(1, num_tiles)
     rows = tq * group
     t_major = rows < 32
     kv_lens = kv_lens.astype(jnp.int32)
@@ -692,6 +696,10 @@ def decode_on_cpu_kernel(xla_fn, q, k_cache, v_cache, block_tables, kv_lens, *, 
     return lax.platform_dependent(cpu=cpu_path, default=xla_fn)
 
 
+#: Query tile (tokens) of the prefill chunks of a mixed batch on CPU (ragged_on_cpu_kernel).
+LONG_TILE = 64
+
+
 def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *,
                          scale: float, causal: bool = True, sliding_window: int | None = None,
                          logits_soft_cap: float | None = None):
@@ -729,11 +737,28 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
         dest = jnp.where(decode, starts, num_tokens)         # a decode's row; others: dropped
         decode_row = jnp.zeros(num_tokens, jnp.int32).at[dest].set(1, mode="drop")
         order = jnp.argsort(decode_row, stable=True)         # the other tokens first, in order
+        rest_lens = jnp.where(decode, 0, q_lens)
         rest_cu = jnp.concatenate([jnp.zeros(1, jnp.int32),
-                                   jnp.cumsum(jnp.where(decode, 0, q_lens)).astype(jnp.int32)])
-        out, lse = ragged_paged_attention(
-            q[order], k_cache, v_cache, block_tables, kv_lens, rest_cu, scale=scale,
-            causal=causal, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+                                   jnp.cumsum(rest_lens).astype(jnp.int32)])
+
+        def rest(q_tile=None, num_tiles=None):
+            return ragged_paged_attention(
+                q[order], k_cache, v_cache, block_tables, kv_lens, rest_cu, scale=scale,
+                causal=causal, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                q_tile=q_tile, num_tiles=num_tiles)
+
+        # The loop's static tile length is the batch's mean tokens per sequence, decodes
+        # included: a chunk next to many decodes would run in short tiles, each reading all
+        # its keys. When the other sequences average LONG_TILE tokens or more (so there are at
+        # most num_tokens // LONG_TILE of them) the loop runs LONG_TILE-token tiles instead.
+        short = choose_tiling(num_tokens, num_seqs, False, k_cache.shape[1])[0]
+        if short < LONG_TILE <= num_tokens:
+            long_tiles = -(-num_tokens // LONG_TILE) + num_tokens // LONG_TILE
+            out, lse = lax.cond(
+                jnp.sum(rest_lens) >= LONG_TILE * jnp.sum(rest_lens > 0),
+                lambda: rest(LONG_TILE, long_tiles), rest)
+        else:
+            out, lse = rest()
         back = jnp.zeros(num_tokens, jnp.int32).at[order].set(
             jnp.arange(num_tokens, dtype=jnp.int32))
         out, lse = out[back], lse[back]

@@ -239,18 +239,23 @@ def test_jit_runs_the_ffi_kernel():
 #: A mixed batch: decodes (q_len 1) between prefill chunks, a sequence with no query token
 #: (padding) and a decode at kv_len 1.
 MIXED = [(1, 37), (5, 21), (1, 64), (0, 9), (12, 40), (1, 1), (3, 3), (1, 50)]
+#: The prefill rows in _xla.LONG_TILE-token tiles (the other sequences average that many
+#: tokens), and a batch of 65 tokens whose short prefills keep the mean-length tiles.
+MIXED_GRIDS = {"mixed": MIXED, "long_chunk": [(1, 37)] * 5 + [(70, 90), (0, 4), (66, 66)],
+               "short_chunks": [(3, 20)] * 20 + [(1, 30)] * 5}
 
 
 @pytest.mark.parametrize("opts", [{}, {"sliding_window": 7}, {"logits_soft_cap": 3.0},
                                   {"causal": False}],
                          ids=["plain", "window", "cap", "non_causal"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_mixed_batch_decodes_run_in_the_kernel(dtype, opts):
+@pytest.mark.parametrize("grid", list(MIXED_GRIDS))
+def test_mixed_batch_decodes_run_in_the_kernel(grid, dtype, opts):
     """A ragged batch on the CPU: its decodes through the kernel, the other sequences through
     the XLA loop, every row against the reference (lse too)."""
     rng = np.random.default_rng(10)
-    batch = testing.make_ragged_batch(rng, MIXED, num_q_heads=8, num_kv_heads=2, head_dim=32,
-                                      block_size=8, dtype=dtype,
+    batch = testing.make_ragged_batch(rng, MIXED_GRIDS[grid], num_q_heads=8, num_kv_heads=2,
+                                      head_dim=32, block_size=8, dtype=dtype,
                                       sliding_window=opts.get("sliding_window"))
     args = [jnp.asarray(a) for a in batch.args()]
     assert TARGET in _hlo(lambda *a: jf.paged_attention(*a, **opts), *args)
