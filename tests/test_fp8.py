@@ -467,6 +467,19 @@ def test_torch_cpu_decode_reads_fp8_bytes_in_the_compiled_kernel(monkeypatch):
     assert calls == [(torch.float8_e4m3fn, 6, *f32)]  # the decodes, as one group
     assert sorted(dequantized) == [(1,), (1,)]  # each prefill group: its own sequence's blocks
 
+    # a chunk past _native.PREFILL_Q_TILE (the tiled prefill) next to decodes
+    calls.clear()
+    dequantized.clear()
+    m = testing.make_ragged_batch(rng, [(1, 30), (300, 310), (1, 9), (1, 17)], num_q_heads=8,
+                                  num_kv_heads=2, head_dim=32, block_size=8, dtype="bfloat16")
+    kq, vq, tables = _fp8_layout(m, 0.3, 0.7, compact=False)
+    a = m.args()
+    want = ref.paged_attention_reference(m.q, kq, vq, tables, *a[4:], k_scale=0.3, v_scale=0.7)
+    got = tf.paged_attention(T(m.q), _t8(kq), _t8(vq), T(tables),
+                             *(T(x) for x in a[4:]), k_scale=0.3, v_scale=0.7)
+    testing.assert_attention_close(N(got), want, "bfloat16")
+    assert calls == [(torch.float8_e4m3fn, 3, *f32)] and dequantized == [(1,)]
+
 
 def _fp8_shared_prefix_case(decode: bool, window):
     """(cascade args, fp8 k and v caches, reference out and lse) with k_scale = v_scale = 0.25;

@@ -455,7 +455,8 @@ def _padding_needs_sync(groups: int, q: torch.Tensor) -> bool:
 
 def _tiled_prefill(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_cache,
                    block_tables, kv_lens, cu_q_lens, *, scale: float,
-                   sliding_window: int | None, logits_soft_cap: float | None) -> None:
+                   sliding_window: int | None, logits_soft_cap: float | None, k_scale=None,
+                   v_scale=None) -> None:
     """Causal prefill with host metadata and a sequence of more than PREFILL_Q_TILE query
     tokens: the short sequences as one padded batch, each long one in tiles of PREFILL_Q_TILE
     tokens, a tile attending only to the keys its last row sees. The padded path gives every
@@ -479,20 +480,23 @@ def _tiled_prefill(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_ca
                         block_tables.index_select(0, idx),
                         torch.tensor([kv[s] for s in short], dtype=torch.int32, device=meta),
                         sub_cu, scale=scale, causal=True, sliding_window=sliding_window,
-                        logits_soft_cap=logits_soft_cap)
+                        logits_soft_cap=logits_soft_cap, k_scale=k_scale, v_scale=v_scale)
         out.index_copy_(0, tok, o)
         if lse is not None:
             lse.index_copy_(0, tok, lg)
     for s, n_seq in enumerate(q_lens):
         if n_seq <= PREFILL_Q_TILE:
             continue
+        kc, vc, table = k_cache, v_cache, block_tables[s:s + 1]
+        if kc.dtype == torch.float8_e4m3fn:  # this sequence's blocks, dequantized once
+            kc, vc, table = _dequantized_blocks(q, kc, vc, k_scale, v_scale, table)
         for j0 in range(0, n_seq, PREFILL_Q_TILE):
             j1 = min(n_seq, j0 + PREFILL_Q_TILE)
             n = j1 - j0
             seen = kv[s] - n_seq + j1  # keys the tile's last row sees
             rows = slice(cu[s] + j0, cu[s] + j1)
             o, lg = _attend_padded(
-                q[rows].unsqueeze(0), k_cache, v_cache, block_tables[s:s + 1],
+                q[rows].unsqueeze(0), kc, vc, table,
                 torch.tensor([seen], device=meta), torch.tensor([n], device=meta),
                 scale=scale, causal=True,
                 sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
@@ -595,18 +599,6 @@ def paged_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_c
             sliding_window if causal else None, logits_soft_cap, k_scale=host_scales[0],
             v_scale=host_scales[1]):
         return
-    if fp8 and cu_q_lens is not None and host_scales is not None and _on_host(
-            kv_lens, block_tables, cu_q_lens):
-        groups = _q_len_groups(_q_lens(cu_q_lens).tolist())
-        if groups is not None:  # the decodes apart (the compiled kernel reads fp8)
-            _grouped_attention(out, lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
-                               groups, scale=scale, causal=causal,
-                               sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
-                               k_scale=k_scale, v_scale=v_scale)
-            return
-    if fp8:
-        k_cache, v_cache, block_tables = _dequantized_blocks(q, k_cache, v_cache, k_scale,
-                                                             v_scale, block_tables)
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = block_tables.shape[0]
     host = _on_host(kv_lens, block_tables) and (cu_q_lens is None or _on_host(cu_q_lens))
@@ -629,19 +621,24 @@ def paged_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_c
             if causal and q_max > PREFILL_Q_TILE:
                 _tiled_prefill(out, lse, q, k_cache, v_cache, block_tables, kv_host, cu_host,
                                scale=scale, sliding_window=sliding_window,
-                               logits_soft_cap=logits_soft_cap)
+                               logits_soft_cap=logits_soft_cap, k_scale=k_scale,
+                               v_scale=v_scale)
                 return
             groups = _q_len_groups(q_lens_host.tolist())
             if groups is not None:
                 _grouped_attention(out, lse, q, k_cache, v_cache, block_tables, kv_lens,
                                    cu_host, groups, scale=scale, causal=causal,
                                    sliding_window=sliding_window,
-                                   logits_soft_cap=logits_soft_cap)
+                                   logits_soft_cap=logits_soft_cap, k_scale=k_scale,
+                                   v_scale=v_scale)
                 return
         rows, q_lens = _ragged_rows(cu_q_lens, num_tokens, q_max)
         qp = q.new_zeros((num_seqs * q_max, num_q_heads, head_dim))
         qp.index_copy_(0, rows, q)
         qp = qp.view(num_seqs, q_max, num_q_heads, head_dim)
+    if fp8:  # a leaf: the blocks this call's sequences name, dequantized
+        k_cache, v_cache, block_tables = _dequantized_blocks(q, k_cache, v_cache, k_scale,
+                                                             v_scale, block_tables)
     max_kv, min_end = _bounds(kv_host, q_lens_host, causal)
     o, l_ = _attend_padded(qp, k_cache, v_cache, block_tables, kv_lens, q_lens, scale=scale,
                            causal=causal, sliding_window=sliding_window,
