@@ -555,7 +555,8 @@ struct Avx2 {
   static void Pv(const float* p, int group, int d, const typename Tag::Storage* const* rows,
                  int64_t head_off, int n, float* acc, float*, Prefetch* pf, int64_t lines) {
     if (Wide(group, d)) {
-      const int64_t per = (lines + (group / 4) * (d / 16) - 1) / ((group / 4) * (d / 16));
+      const int64_t tiles = (group / 4) * (d / 16);
+      const int64_t per = (lines + tiles - 1) / tiles;
       for (int g = 0; g < group; g += 4)
         for (int i = 0; i < d; i += 16) {
           pf->Issue(per);
@@ -635,23 +636,18 @@ struct Params {
 };
 
 // x[16j .. 16j + 15] reordered to its even elements, then its odd ones, for every j (n % 16
-// == 0; tmp holds 16 floats): the order AvxLoad16<BF16Tag> reads a cache row's elements in.
-inline void Interleave16(float* x, int64_t n, float* tmp) {
+// == 0; tmp holds 16 floats): the order AvxLoad16<BF16Tag> reads a cache row's elements in;
+// ``back``: the inverse.
+inline void Interleave16(float* x, int64_t n, float* tmp, bool back = false) {
   for (int64_t j = 0; j < n; j += 16) {
     for (int i = 0; i < 8; ++i) {
-      tmp[i] = x[j + 2 * i];
-      tmp[8 + i] = x[j + 2 * i + 1];
-    }
-    std::memcpy(x + j, tmp, 16 * sizeof(float));
-  }
-}
-
-// The inverse of Interleave16.
-inline void Deinterleave16(float* x, int64_t n, float* tmp) {
-  for (int64_t j = 0; j < n; j += 16) {
-    for (int i = 0; i < 8; ++i) {
-      tmp[2 * i] = x[j + i];
-      tmp[2 * i + 1] = x[j + 8 + i];
+      if (back) {
+        tmp[2 * i] = x[j + i];
+        tmp[2 * i + 1] = x[j + 8 + i];
+      } else {
+        tmp[i] = x[j + 2 * i];
+        tmp[8 + i] = x[j + 2 * i + 1];
+      }
     }
     std::memcpy(x + j, tmp, 16 * sizeof(float));
   }
@@ -765,7 +761,7 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
       krows.swap(next_krows);
       vrows.swap(next_vrows);
     }
-    if (interleaved) Deinterleave16(acc.data(), hq * d, row.data());
+    if (interleaved) Interleave16(acc.data(), hq * d, row.data(), /*back=*/true);
     for (int h = 0; h < hq; ++h) {
       // Keys were walked, so a running max of +-inf means a logit past float32's range
       // (+inf: an answer skipping that key, lse +inf, which a merge reads as an empty state;

@@ -472,10 +472,14 @@ class Engine:
             pc.commit(seq.rid, n)
             items.append((seq, n))
 
+        def waiting(now: float) -> float:
+            """Seconds until the next pending request arrives (0: it has; closed loop: 0)."""
+            return max(arrived[pending[0].request_id] - now, 0.0) if open_loop else 0.0
+
         while pending or running:
             now = clock()
-            if open_loop and not running and arrived[pending[0].request_id] > now:
-                sleep(arrived[pending[0].request_id] - now)  # idle until the next arrival
+            if not running and (wait := waiting(now)) > 0:
+                sleep(wait)  # idle until the next arrival
                 idle_s += clock() - now
                 continue
             held = hold_admission  # a preemption just before this step
@@ -513,8 +517,7 @@ class Engine:
             # chunks scheduled before it are cached (after a preemption admit nothing new
             # while others can still progress)
             if not ((held or hold_admission) and running):
-                while pending and len(running) < c.max_num_seqs and (
-                        not open_loop or arrived[pending[0].request_id] <= now):
+                while pending and len(running) < c.max_num_seqs and waiting(now) == 0:
                     seq = admit(pending.popleft(), now)
                     running.append(seq)
                     if budget > 0 and (n := chunk(seq, budget)) > 0:
