@@ -453,6 +453,12 @@ def test_torch_cpu_decode_reads_fp8_bytes_in_the_compiled_kernel(monkeypatch):
     want = ref.paged_attention_reference(b.q, kq, vq, tables, b.kv_lens, k_scale=0.3,
                                          v_scale=0.7, sliding_window=9)
     testing.assert_attention_close(N(got), want, "bfloat16")
+    calls.clear()  # K and V views of a stacked [num_blocks, 2, ...] cache: no copy either
+    stacked = torch.stack([_t8(kq), _t8(vq)], dim=1)
+    got = tf.paged_attention(q, stacked[:, 0], stacked[:, 1], bt, kv, k_scale=0.3, v_scale=0.7,
+                             sliding_window=9)
+    assert calls == [(torch.float8_e4m3fn, len(b.kv_lens), *f32)] and not dequantized
+    testing.assert_attention_close(N(got), want, "bfloat16")
 
     # mixed: 6 decodes, then two prefill chunks (5 and 12 tokens over cached prefixes)
     calls.clear()

@@ -235,6 +235,47 @@ def test_noncontiguous_stacked_cache_and_garbage_table_entries():
     close(got, ref.paged_attention_reference(*b.args()), "float32")
 
 
+@pytest.mark.parametrize("layout", ["blocks_2", "blocks_layers_2", "k_only_view"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_cpu_decode_kernel_takes_stacked_caches(monkeypatch, dtype, layout):
+    """A decode over K and V views of a stacked cache ([num_blocks, 2, ...], FlashInfer's
+    layout, or [num_blocks, layers, 2, ...]) runs in the compiled kernel with the block stride
+    (no copy); K and V of different strides take the other path. Both match the reference."""
+    from prefixkv.kernels.cpu import decode
+    from prefixkv.torch_frontend import _native
+
+    if not decode.available():
+        pytest.skip(f"no CPU decode kernel: {decode.status()}")
+    strides = []
+    real = decode.decode_attention
+
+    def spy(dt, dims, *args, **kw):
+        strides.append(tuple(dims)[7:])
+        return real(dt, dims, *args, **kw)
+
+    monkeypatch.setattr(decode, "decode_attention", spy)
+    rng = np.random.default_rng(21)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("decode", 8), block_size=8,
+                                  num_q_heads=8, num_kv_heads=2, head_dim=32, dtype=dtype)
+    k, v = T(b.k_cache), T(b.v_cache)
+    if layout == "blocks_2":
+        stacked = torch.stack([k, v], dim=1)
+        k, v = stacked[:, 0], stacked[:, 1]
+    elif layout == "blocks_layers_2":
+        stacked = torch.stack([torch.stack([torch.zeros_like(k), torch.zeros_like(v)], 1),
+                               torch.stack([k, v], 1)], dim=1)  # [blocks, 2 layers, 2, ...]
+        k, v = stacked[:, 1, 0], stacked[:, 1, 1]
+    else:
+        k = torch.stack([k, v], dim=1)[:, 0]  # v stays contiguous
+    assert not k.is_contiguous()
+    got = tf.paged_attention(T(b.q), k, v, *(T(a) for a in b.args()[3:5]))
+    close(got, ref.paged_attention_reference(*b.args()), dtype)
+    block = 8 * 2 * 32
+    want = {"blocks_2": [(2 * block,)], "blocks_layers_2": [(4 * block,)], "k_only_view": []}
+    assert strides == want[layout]
+    assert _native._block_stride(T(b.k_cache), T(b.v_cache)) == block
+
+
 SP_CASES = [
     # (prefix_blocks, seqs (prefix_id, q_len, own_kv_len), block_size, hq, hkv, dtype)
     ([2, 3], [(0, 1, 5), (1, 1, 1), (0, 1, 17), (-1, 1, 9), (1, 1, 16)], 8, 8, 2, "float32"),

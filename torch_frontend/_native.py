@@ -402,10 +402,29 @@ def _host_scales(k_scale, v_scale) -> tuple[float, float] | None:
 _C_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+def _block_stride(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int | None:
+    """The elements from one block to the next that both caches share when each block is
+    dense (a contiguous cache, or a view such as ``kv[:, 0]`` of a stacked [num_blocks, 2, ...]
+    cache: FlashInfer's layout); None otherwise."""
+    if k_cache.shape != v_cache.shape or k_cache.stride(0) != v_cache.stride(0):
+        return None
+    dims = list(k_cache.shape[1:])
+    dense = [math.prod(dims[i + 1:]) for i in range(len(dims))]  # a dense block's strides
+    block = math.prod(dims)
+    for c in (k_cache, v_cache):
+        if c.shape[0] > 1 and c.stride(0) < block:
+            return None
+        if any(n > 1 and st != want
+               for n, st, want in zip(dims, c.stride()[1:], dense, strict=True)):
+            return None
+    return int(k_cache.stride(0)) if k_cache.shape[0] > 1 else block
+
+
 def _c_decode(out, lse, q, k_cache, v_cache, block_tables, kv_lens, scale, window,
               soft_cap, *, k_scale: float = 1.0, v_scale: float = 1.0) -> bool:
     """Decode attention by the compiled CPU kernel (kernels/cpu/decode.py) when every tensor is
-    a contiguous CPU tensor it takes; False (nothing written) otherwise. The caches hold q's
+    a CPU tensor it takes (contiguous; the caches with dense blocks, see _block_stride); False
+    (nothing written) otherwise. The caches hold q's
     dtype, or float8_e4m3fn read as value * k_scale / v_scale (host floats). The sequences
     are split over torch.get_num_threads() threads. Measured decode 8 x 4096, 32/8 heads,
     head_dim 128, one thread: see bench/bench_torch_attention.py."""
@@ -417,7 +436,10 @@ def _c_decode(out, lse, q, k_cache, v_cache, block_tables, kv_lens, scale, windo
             or (lse is not None and lse.dtype != torch.float32)):
         return False
     tensors = (q, k_cache, v_cache, block_tables, kv_lens, out) + (() if lse is None else (lse,))
-    if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+    if not all(t.device.type == "cpu" for t in tensors):
+        return False
+    block_stride = _block_stride(k_cache, v_cache)
+    if block_stride is None or not all(t.is_contiguous() for t in tensors if t.dim() != 4):
         return False
     from ..kernels.cpu import decode
 
@@ -428,7 +450,7 @@ def _c_decode(out, lse, q, k_cache, v_cache, block_tables, kv_lens, scale, windo
     num_seqs, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     dims = (num_seqs, num_q_heads, head_dim, num_blocks, block_size, num_kv_heads,
-            block_tables.shape[1])
+            block_tables.shape[1], block_stride)
     decode.decode_attention(dtype, dims, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                             block_tables.data_ptr(), kv_lens.data_ptr(), out.data_ptr(),
                             lse.data_ptr(), scale=scale, sliding_window=window,

@@ -624,6 +624,10 @@ bool CpuHasAvx2() { return false; }
 
 struct Shape {
   int64_t num_seqs, num_q_heads, head_dim, num_blocks, block_size, num_kv_heads, max_blocks;
+  // Elements from one block of a cache to the next (0: block_size * num_kv_heads * head_dim,
+  // a dense cache; more for a view of a stacked [num_blocks, 2, ...] cache). A block's rows
+  // are dense either way.
+  int64_t block_stride = 0;
 };
 
 // Scalar arguments of a call: the logits' scale, the sliding window (0: none), the soft cap
@@ -674,6 +678,7 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
   const int64_t bs = sh.block_size;
   const int64_t row_stride = sh.num_kv_heads * sh.head_dim;  // elements between key rows
   const int64_t block_elems = bs * row_stride;
+  const int64_t block_step = sh.block_stride > 0 ? sh.block_stride : block_elems;
   std::vector<float> qf(static_cast<size_t>(hq) * d), acc(static_cast<size_t>(hq) * d);
   std::vector<float> m(hq), l(hq), s(static_cast<size_t>(hq) * kChunk), row(d);
   // this chunk's rows and the next one's
@@ -707,7 +712,7 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
     auto block_base = [&](int64_t b) {
       const int64_t tb = std::min<int64_t>(b, sh.max_blocks - 1);
       const int64_t id = std::min<int64_t>(std::max<int64_t>(table[tb], 0), sh.num_blocks - 1);
-      return id * block_elems;
+      return id * block_step;
     };
     // the K and V row pointers of keys [c, c + n)
     auto fill_rows = [&](int64_t c, int n, const S** kr, const S** vr) {
@@ -1002,9 +1007,10 @@ ffi::Error PagedAttentionDecodeFp8Impl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
 
 }  // namespace
 
-// Plain C entry (no XLA): the same kernel on raw contiguous buffers, for the PyTorch CPU path
+// Plain C entry (no XLA): the same kernel on raw buffers, for the PyTorch CPU path
 // (kernels/cpu/decode.py, through ctypes). dims: num_seqs, num_q_heads, head_dim, num_blocks,
-// block_size, num_kv_heads, max_blocks; dtype (q's and out's): 0 float32, 1 bfloat16,
+// block_size, num_kv_heads, max_blocks, block_stride (elements between two blocks of a cache,
+// 0: dense; at least a block's elements; each block dense); dtype (q's and out's): 0 float32, 1 bfloat16,
 // 2 float16; kv_dtype (the caches'): dtype, or 3 float8_e4m3fn read as value * k_scale
 // (v_scale); threads: the most threads to split the sequences over. Returns 0, or 1 for a bad
 // dtype or shape.
@@ -1015,9 +1021,11 @@ extern "C" int PrefixkvDecodeAttentionRaw(int dtype, const int64_t* dims, const 
                                           int64_t sliding_window, float logits_soft_cap,
                                           int portable, int threads, int kv_dtype,
                                           float k_scale, float v_scale) {
-  Shape sh{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6]};
+  Shape sh{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7]};
   if (sh.num_kv_heads < 1 || sh.num_q_heads % sh.num_kv_heads != 0 || sh.head_dim < 1)
     return 1;
+  if (sh.block_stride != 0 && sh.block_stride < sh.block_size * sh.num_kv_heads * sh.head_dim)
+    return 1;  // blocks would overlap
   if (kv_dtype != dtype && kv_dtype != 3) return 1;
   const bool fp8 = kv_dtype == 3;
   const bool port = portable != 0;
