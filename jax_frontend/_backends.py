@@ -53,21 +53,30 @@ _ATTN_STATIC = ("scale", "causal", "sliding_window", "logits_soft_cap")
 
 @functools.partial(jax.jit, static_argnames=_ATTN_STATIC)
 def paged_attention_xla(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale,
-                        causal=True, sliding_window=None, logits_soft_cap=None):
+                        causal=True, sliding_window=None, logits_soft_cap=None, k_scale=None,
+                        v_scale=None):
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
+
     def xla_path():
         return _xla.ragged_paged_attention(
             q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
-            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, **scales)
 
     if cu_q_lens is not None:  # on CPU its decodes through the compiled kernel
         return _xla.ragged_on_cpu_kernel(
             q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
-            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, **scales)
     # decode on CPU: the compiled kernel (PREFIXKV_DISABLE_CPU_FFI=1 keeps the XLA path); the
     # query sits at kv_len - 1, so causal masks nothing more and the window needs it
     return _xla.decode_on_cpu_kernel(
         xla_path, q, k_cache, v_cache, block_tables, kv_lens, scale=scale,
-        sliding_window=sliding_window if causal else None, logits_soft_cap=logits_soft_cap)
+        sliding_window=sliding_window if causal else None, logits_soft_cap=logits_soft_cap,
+        **scales)
+
+
+# float8 caches: the loop converts the blocks each step gathers, the CPU decode kernel reads
+# the bytes (no dequantized copy of the cache)
+paged_attention_xla.reads_fp8 = lambda **context: True
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "logits_soft_cap"))

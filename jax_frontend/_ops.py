@@ -192,9 +192,9 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     q: [num_tokens, num_q_heads, head_dim] float32|float16|bfloat16.
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], q's dtype, or
     float8_e4m3fn read as float32(cache) * k_scale (v_scale): k_scale, v_scale None (1.0), a
-    positive float or a float32 array of one element, may be traced (fp8 caches only; the
-    Pallas kernels and the CPU decode kernel read the fp8 bytes, for the other backends the
-    blocks the tables name are dequantized into q's dtype: docs/ops.md).
+    positive float or a float32 array of one element, may be traced (fp8 caches only; every
+    backend of paged_attention reads the fp8 bytes itself, but for the TPU kernel's shapes
+    that docs/ops.md lists, where the blocks the tables name are dequantized into q's dtype).
     block_tables: i32[num_seqs, max_blocks_per_seq]; entries in [0, num_blocks) for the blocks
     holding tokens (others are never read as keys).
     kv_lens: i32[num_seqs], cached prefix + this step's tokens.
@@ -221,51 +221,11 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
         sinks=sinks, k_scale=k_scale, v_scale=v_scale)
     if _run_value_checks(block_tables, kv_lens, cu_q_lens):
         validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
-    def run(k_cache, v_cache, block_tables):
-        return _run_paged_attention(dims, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
+    out, lse = _run_paged_attention(dims, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
                                     causal=causal, sliding_window=sliding_window,
                                     logits_soft_cap=logits_soft_cap, sinks=sinks,
                                     backend=backend, k_scale=k_scale, v_scale=v_scale)
-
-    if validate.is_fp8(k_cache) and cu_q_lens is None:
-        out, lse = _fp8_cpu_decode(dims, q, k_cache, v_cache, block_tables, kv_lens, k_scale,
-                                   v_scale, run, causal=causal, sliding_window=sliding_window,
-                                   logits_soft_cap=logits_soft_cap, sinks=sinks,
-                                   backend=backend)
-    else:
-        out, lse = run(k_cache, v_cache, block_tables)
     return (out, lse) if return_lse else out
-
-
-def _fp8_cpu_decode(dims, q, k_cache, v_cache, block_tables, kv_lens, k_scale, v_scale, run, *,
-                    causal, sliding_window, logits_soft_cap, sinks, backend):
-    """A decode over fp8 caches on the XLA backend: on CPU the compiled FFI decode kernel reads
-    the fp8 bytes itself with the scales as an operand (traced or not; no dequantized copy),
-    elsewhere (and with another backend, or without the kernel) ``run`` (dequantize, then
-    dispatch) with the caches as given."""
-    from ..kernels.cpu import xla_ffi
-
-    requested = _backends.REGISTRIES["paged_attention"].requested(backend)
-    if (requested not in (None, "xla") or dims.num_seqs == 0
-            or not xla_ffi.use_for_attention_fp8(q, k_cache, v_cache)):
-        return run(k_cache, v_cache, block_tables)
-    ks, vs = _kv_scales(k_scale, v_scale)
-
-    def cpu_path():
-        out, lse = xla_ffi.paged_attention_decode(
-            q, k_cache, v_cache, block_tables, kv_lens, scale=dims.scale,
-            sliding_window=None if not causal or sliding_window is None else int(sliding_window),
-            logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-            k_scale=ks, v_scale=vs)
-        if sinks is not None:
-            out, lse = _xla.apply_sinks(out, lse, sinks)
-        return out, lse
-
-    if requested == "xla" and not _is_traced(q, k_cache, v_cache, block_tables, kv_lens) \
-            and _current_platform((q, k_cache, v_cache)) == "cpu":
-        return cpu_path()
-    return jax.lax.platform_dependent(
-        cpu=cpu_path, default=lambda: run(k_cache, v_cache, block_tables))
 
 
 def _reads_fp8(impl, context) -> bool:

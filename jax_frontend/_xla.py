@@ -77,30 +77,36 @@ def _chunk_blocks(q_tile: int, block_size: int, step_token_bytes: int,
 
 
 def _as_bits(x):
-    """A 16-bit float array reinterpreted as uint16 (free); other dtypes unchanged."""
+    """A 16-bit (8-bit) float array reinterpreted as uint16 (uint8), free; others unchanged."""
     if x.dtype.itemsize == 2:
         return lax.bitcast_convert_type(x, jnp.uint16)
+    if x.dtype.itemsize == 1 and jnp.issubdtype(x.dtype, jnp.floating):
+        return lax.bitcast_convert_type(x, jnp.uint8)
     return x
 
 
 def _cache_bits_in_step(k_cache, v_cache, dep):
-    """The caches as gathered inside one loop step: 16-bit caches as uint16 bits (XLA:CPU
-    turns a bf16 gather into a whole-cache convert to f32 hoisted out of the loop, 2x the cache
-    in memory traffic per call), tied to the step's value ``dep`` by an optimization barrier
-    so XLA cannot hoist the bitcast out of the loop as a whole-cache copy. Returns (k, v, dep)."""
-    if k_cache.dtype.itemsize != 2:
+    """The caches as gathered inside one loop step: 16-bit (float8) caches as uint16 (uint8)
+    bits (XLA:CPU turns a bf16 gather into a whole-cache convert to f32 hoisted out of the
+    loop, 2x the cache in memory traffic per call), tied to the step's value ``dep`` by an
+    optimization barrier so XLA cannot hoist the bitcast out of the loop as a whole-cache
+    copy. Returns (k, v, dep)."""
+    if k_cache.dtype.itemsize not in (1, 2):
         return k_cache, v_cache, dep
     k_bits, v_bits, dep = lax.optimization_barrier((k_cache, v_cache, dep))
     return _as_bits(k_bits), _as_bits(v_bits), dep
 
 
-def _bits_to_f32(x, dtype):
-    """float32 values of ``_as_bits`` output (bfloat16 upcast is a 16-bit shift)."""
-    if x.dtype != jnp.uint16:
-        return x.astype(jnp.float32)
-    if dtype == jnp.bfloat16:
-        return lax.bitcast_convert_type(x.astype(jnp.uint32) << 16, jnp.float32)
-    return lax.bitcast_convert_type(x, dtype).astype(jnp.float32)
+def _bits_to_f32(x, dtype, scale=None):
+    """float32 values of ``_as_bits`` output (bfloat16 upcast is a 16-bit shift), times
+    ``scale`` when given (a float8 cache's k_scale / v_scale)."""
+    if x.dtype == jnp.uint16 and dtype == jnp.bfloat16:
+        x = lax.bitcast_convert_type(x.astype(jnp.uint32) << 16, jnp.float32)
+    elif x.dtype in (jnp.uint16, jnp.uint8):
+        x = lax.bitcast_convert_type(x, dtype).astype(jnp.float32)
+    else:
+        x = x.astype(jnp.float32)
+    return x if scale is None else x * scale
 
 
 def dot_precision(dtype):
@@ -229,8 +235,13 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
                            scale: float, causal: bool = True, sliding_window: int | None = None,
                            logits_soft_cap: float | None = None, q_tile: int | None = None,
                            chunk_tokens: int | None = None,
-                           heads_in_sequence: bool | None = None, num_tiles: int | None = None):
+                           heads_in_sequence: bool | None = None, num_tiles: int | None = None,
+                           k_scale=None, v_scale=None):
     """Paged attention of a ragged batch; returns (out in q's dtype, lse f32).
+
+    float8_e4m3fn caches are read as float32(cache) * k_scale (v_scale): each loop step
+    converts the blocks it gathers (no dequantized copy of the cache); scales None (1.0) or
+    float32 scalars, may be traced.
 
     ``q_tile`` (query tokens per tile) and ``num_tiles`` override choose_tiling's; the caller
     of a ``num_tiles`` guarantees sum over sequences of ceil(q_len / q_tile) <= num_tiles.
@@ -275,7 +286,8 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
     in_block = jnp.arange(block_size, dtype=jnp.int32)
 
     dtype = k_cache.dtype
-    prec = dot_precision(dtype)
+    # float8 caches: as the dequantized copy in q's dtype the other backends read
+    prec = dot_precision(q.dtype if dtype == jnp.float8_e4m3fn else dtype)
 
     def run(qh, head, tiles):
         """The chunk loop over the kv heads of qh [n, Hh, rows, D], all of them (head None) or
@@ -301,14 +313,14 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
             if causal and sliding_window is not None:  # before the tile's first window: may
                 tv = tv & (t > row_pos[:, :1] - sliding_window)  # hold anything (NaN)
 
-            def load(cache):
+            def load(cache, scale):
                 flat = ids.reshape(-1)                     # [n*cb, B, Hh, D]
                 x = jnp.take(cache, flat, axis=0) if h is None else cache[flat, :, h, :]
-                x = _bits_to_f32(x.reshape(n, ct, hh, head_dim), dtype)
+                x = _bits_to_f32(x.reshape(n, ct, hh, head_dim), dtype, scale)
                 x = jnp.where(tv[:, :, None, None], x, 0.0)    # padding slots may hold NaN
                 return x.transpose(0, 2, 1, 3)                 # [n, Hh, ct, D]
 
-            k, v = load(k_bits), load(v_bits)
+            k, v = load(k_bits, k_scale), load(v_bits, v_scale)
             # XLA:CPU runs the QK dot 10-25x faster with the operand of many rows on the left;
             # keep the softmax axis ("t") next to where that dot puts it.
             if t_major:  # few query rows (decode): s [n, Hh, ct, rows]
@@ -674,24 +686,42 @@ def short_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
 
 
 
+def _cpu_kernel_takes(q, k_cache, v_cache) -> bool:
+    """Whether the CPU decode kernel takes these inputs (caches of q's dtype, or float8)."""
+    from ..kernels.cpu import xla_ffi
+
+    if k_cache.dtype == jnp.float8_e4m3fn:
+        return xla_ffi.use_for_attention_fp8(q, k_cache, v_cache)
+    return xla_ffi.use_for_attention(q, k_cache, v_cache)
+
+
+def _fp8_scales(k_cache, k_scale, v_scale) -> dict:
+    """The scales keywords of the CPU decode kernel: float8 caches only."""
+    if k_cache.dtype == jnp.float8_e4m3fn:
+        return {"k_scale": k_scale, "v_scale": v_scale}
+    return {}
+
+
 def decode_on_cpu_kernel(xla_fn, q, k_cache, v_cache, block_tables, kv_lens, *, scale: float,
                          sliding_window: int | None = None,
-                         logits_soft_cap: float | None = None):
+                         logits_soft_cap: float | None = None, k_scale=None, v_scale=None):
     """Decode attention (one query per sequence, at its kv_len - 1), (out in q's dtype, lse
     f32): ``xla_fn()``, except on CPU when the compiled FFI kernels build, where the decode
     handler of ``kernels/cpu`` reads each sequence's blocks once, all kv heads and the group's
     q heads per K/V row (measured one thread: decode 8 x 4096 f32 ~2x the ragged loop; the
     cascade's own part, 32 seqs x 128 tokens, f32 4.5 vs 5.0 ms for
-    :func:`short_decode_attention`, bf16 2.8 vs 4.7 ms)."""
+    :func:`short_decode_attention`, bf16 2.8 vs 4.7 ms). float8_e4m3fn caches: the kernel
+    reads their bytes, the scales (None or float32 scalars, may be traced) an operand."""
     from ..kernels.cpu import xla_ffi
 
-    if q.shape[0] == 0 or not xla_ffi.use_for_attention(q, k_cache, v_cache):
+    if q.shape[0] == 0 or not _cpu_kernel_takes(q, k_cache, v_cache):
         return xla_fn()
 
     def cpu_path():
         return xla_ffi.paged_attention_decode(q, k_cache, v_cache, block_tables, kv_lens,
                                               scale=scale, sliding_window=sliding_window,
-                                              logits_soft_cap=logits_soft_cap)
+                                              logits_soft_cap=logits_soft_cap,
+                                              **_fp8_scales(k_cache, k_scale, v_scale))
 
     return lax.platform_dependent(cpu=cpu_path, default=xla_fn)
 
@@ -702,7 +732,7 @@ LONG_TILE = 64
 
 def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *,
                          scale: float, causal: bool = True, sliding_window: int | None = None,
-                         logits_soft_cap: float | None = None):
+                         logits_soft_cap: float | None = None, k_scale=None, v_scale=None):
     """:func:`ragged_paged_attention` of a ragged batch, except on CPU when the compiled FFI
     kernels build: there the decodes (sequences of one query token) run through the decode
     handler of ``kernels/cpu``, and the ragged loop gets the other sequences' tokens only (the
@@ -716,11 +746,12 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
     def xla_path():
         return ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
                                       scale=scale, causal=causal, sliding_window=sliding_window,
-                                      logits_soft_cap=logits_soft_cap)
+                                      logits_soft_cap=logits_soft_cap, k_scale=k_scale,
+                                      v_scale=v_scale)
 
     num_tokens = q.shape[0]
     num_seqs = block_tables.shape[0]
-    if num_tokens == 0 or num_seqs == 0 or not xla_ffi.use_for_attention(q, k_cache, v_cache):
+    if num_tokens == 0 or num_seqs == 0 or not _cpu_kernel_takes(q, k_cache, v_cache):
         return xla_path()
 
     def cpu_path():
@@ -733,7 +764,8 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
         d_out, d_lse = xla_ffi.paged_attention_decode(
             q[jnp.clip(starts, 0, num_tokens - 1)], k_cache, v_cache, block_tables,
             jnp.where(decode, kv_lens, 0), scale=scale,
-            sliding_window=sliding_window if causal else None, logits_soft_cap=logits_soft_cap)
+            sliding_window=sliding_window if causal else None, logits_soft_cap=logits_soft_cap,
+            **_fp8_scales(k_cache, k_scale, v_scale))
         dest = jnp.where(decode, starts, num_tokens)         # a decode's row; others: dropped
         decode_row = jnp.zeros(num_tokens, jnp.int32).at[dest].set(1, mode="drop")
         order = jnp.argsort(decode_row, stable=True)         # the other tokens first, in order
@@ -745,7 +777,7 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
             return ragged_paged_attention(
                 q[order], k_cache, v_cache, block_tables, kv_lens, rest_cu, scale=scale,
                 causal=causal, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
-                q_tile=q_tile, num_tiles=num_tiles)
+                q_tile=q_tile, num_tiles=num_tiles, k_scale=k_scale, v_scale=v_scale)
 
         # The loop's static tile length is the batch's mean tokens per sequence, decodes
         # included: a chunk next to many decodes would run in short tiles, each reading all

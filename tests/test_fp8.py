@@ -739,11 +739,22 @@ JAX_ATTENTION = [("xla", "decode", "float32", {}), ("xla", "mixed", "bfloat16", 
 @pytest.mark.parametrize("backend,grid,dtype,opts", JAX_ATTENTION,
                          ids=[f"{b}-{g}-{d}-{'-'.join(o) or 'plain'}"
                               for b, g, d, o in JAX_ATTENTION])
-def test_jax_paged_attention_reads_fp8_caches(backend, grid, dtype, opts, pallas_races):
-    """Under jax.jit with the scales traced (decode on CPU: the FFI decode kernel over the
-    dequantized blocks), and eagerly with Python-float scales, against the reference."""
+def test_jax_paged_attention_reads_fp8_caches(backend, grid, dtype, opts, pallas_races,
+                                             monkeypatch):
+    """Under jax.jit with the scales traced, and eagerly with Python-float scales, against the
+    reference. The XLA backend reads the fp8 caches itself (no dequantized copy): its loop
+    converts the blocks of each step (also checked without the CPU kernel), the CPU decode
+    kernel reads the bytes."""
     jax = pytest.importorskip("jax")
+    from prefixkv.jax_frontend import _ops, _xla
+
     from prefixkv import jax_frontend as jf
+
+    if backend == "xla":
+        def refuse(*args, **kwargs):
+            raise AssertionError("the fp8 caches were dequantized, not read by the backend")
+
+        monkeypatch.setattr(_ops, "_dequantized_blocks", refuse)
 
     rng = np.random.default_rng(9)
     d = 128 if backend == "pallas_interpret" else 32
@@ -771,6 +782,14 @@ def test_jax_paged_attention_reads_fp8_caches(backend, grid, dtype, opts, pallas
     if backend == "xla":
         got = jf.paged_attention(b.q, kq, vq, *rest, k_scale=0.02, v_scale=0.05,
                                  sinks=sinks, **opts)
+        testing.assert_attention_close(got, want, dtype)
+        # the loop alone (what runs off the CPU, or without the kernel), decodes included
+        want = ref.paged_attention_reference(b.q, kq, vq, *rest, k_scale=0.02, v_scale=0.05,
+                                             **opts)
+        scale = opts.get("scale", b.q.shape[-1] ** -0.5)
+        loop = jax.jit(lambda q, kc, vc, bt, kv, cu, ks, vs: _xla.ragged_paged_attention(
+            q, kc, vc, bt, kv, cu, scale=scale, k_scale=ks, v_scale=vs, **opts))
+        got, _ = loop(b.q, kq, vq, *rest, np.float32(0.02), np.float32(0.05))
         testing.assert_attention_close(got, want, dtype)
 
 
