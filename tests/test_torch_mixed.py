@@ -60,10 +60,11 @@ def test_mixed_batches_match_reference(grid, dtype, opts):
     close(no_lse, want, dtype)
 
 
-@pytest.mark.parametrize("layout", ["noncontiguous_q", "stacked_cache", "no_c_decode"])
+@pytest.mark.parametrize("layout", ["noncontiguous_q", "k_v_strides_differ", "no_c_decode"])
 def test_mixed_batch_layouts_the_kernel_does_not_take(layout, monkeypatch):
-    """Inputs the compiled decode kernel refuses (a strided q, K/V views of a stacked cache),
-    or no kernel at all: the decode group falls back to the padded path, same results."""
+    """Inputs the compiled decode kernel refuses (a strided q; K a view of a stacked cache, V
+    not: two block strides), or no kernel at all: the decode group falls back to the padded
+    path, same results."""
     opts = {"sliding_window": 6, "logits_soft_cap": 4.0}
     b = _batch(MIXED["interleaved"], "float32", opts, seed=3)
     want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **opts)
@@ -71,9 +72,9 @@ def test_mixed_batch_layouts_the_kernel_does_not_take(layout, monkeypatch):
     if layout == "noncontiguous_q":
         q = torch.cat([q, torch.full_like(q, float("nan"))], dim=-1)[..., :q.shape[-1]]
         assert not q.is_contiguous()
-    elif layout == "stacked_cache":
-        stacked = torch.stack([k, v], dim=1)
-        k, v = stacked[:, 0], stacked[:, 1]
+    elif layout == "k_v_strides_differ":
+        k = torch.stack([k, v], dim=1)[:, 0]
+        assert _native._block_stride(k, v) is None
     else:
         monkeypatch.setattr(_native, "_c_decode", lambda *a, **kw: False)
     got, got_lse = tf.paged_attention(q, k, v, tables, kv_lens, cu, return_lse=True, **opts)

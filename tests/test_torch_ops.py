@@ -1089,8 +1089,9 @@ def test_non_plain_calls_go_through_the_custom_op(monkeypatch, context):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_cpu_decode_runs_the_compiled_kernel(monkeypatch, dtype):
-    """Contiguous CPU decode runs kernels/cpu/decode.py (when it builds); a stacked-cache view
-    and PREFIXKV_DISABLE_CPU_FFI take the torch path; all three match the reference."""
+    """Contiguous CPU decode runs kernels/cpu/decode.py (when it builds), so does a decode over
+    views of a stacked cache (with its block stride); PREFIXKV_DISABLE_CPU_FFI takes the torch
+    path; all three match the reference."""
     from prefixkv.kernels.cpu import decode
 
     if not decode.available():
@@ -1112,13 +1113,13 @@ def test_cpu_decode_runs_the_compiled_kernel(monkeypatch, dtype):
     np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-4, rtol=1e-4)
     stacked = torch.stack([args[1], args[2]], dim=1)  # non-contiguous K/V views
     got_view = tf.paged_attention(args[0], stacked[:, 0], stacked[:, 1], *args[3:], **opts)
-    assert len(calls) == 1
+    assert len(calls) == 2 and calls[1][1][7] == stacked.stride(0)
     close(got_view, want, dtype)
     monkeypatch.setenv("PREFIXKV_DISABLE_CPU_FFI", "1")
     monkeypatch.setattr(decode, "_state", {})
     assert not decode.available() and "disabled" in decode.status()
     close(tf.paged_attention(*args, **opts), want, dtype)
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
