@@ -460,30 +460,26 @@ def test_torch_cpu_decode_reads_fp8_bytes_in_the_compiled_kernel(monkeypatch):
     assert calls == [(torch.float8_e4m3fn, len(b.kv_lens), *f32)] and not dequantized
     testing.assert_attention_close(N(got), want, "bfloat16")
 
-    # mixed: 6 decodes, then two prefill chunks (5 and 12 tokens over cached prefixes)
-    calls.clear()
-    m = testing.make_ragged_batch(rng, [(1, 30)] * 6 + [(5, 21), (12, 40)], num_q_heads=8,
-                                  num_kv_heads=2, head_dim=32, block_size=8, dtype="bfloat16")
-    kq, vq, tables = _fp8_layout(m, 0.3, 0.7, compact=True)
-    a = m.args()
-    want = ref.paged_attention_reference(m.q, kq, vq, tables, *a[4:], k_scale=0.3, v_scale=0.7)
-    got = tf.paged_attention(T(m.q), _t8(kq), _t8(vq), T(tables),
-                             *(T(x) for x in a[4:]), k_scale=0.3, v_scale=0.7)
-    testing.assert_attention_close(N(got), want, "bfloat16")
+    def mixed(seqs, compact):
+        """A ragged batch through tf.paged_attention against the reference."""
+        calls.clear()
+        dequantized.clear()
+        m = testing.make_ragged_batch(rng, seqs, num_q_heads=8, num_kv_heads=2, head_dim=32,
+                                      block_size=8, dtype="bfloat16")
+        kq, vq, tables = _fp8_layout(m, 0.3, 0.7, compact=compact)
+        a = m.args()
+        want = ref.paged_attention_reference(m.q, kq, vq, tables, *a[4:], k_scale=0.3,
+                                             v_scale=0.7)
+        got = tf.paged_attention(T(m.q), _t8(kq), _t8(vq), T(tables),
+                                 *(T(x) for x in a[4:]), k_scale=0.3, v_scale=0.7)
+        testing.assert_attention_close(N(got), want, "bfloat16")
+
+    # 6 decodes, then two prefill chunks (5 and 12 tokens over cached prefixes)
+    mixed([(1, 30)] * 6 + [(5, 21), (12, 40)], compact=True)
     assert calls == [(torch.float8_e4m3fn, 6, *f32)]  # the decodes, as one group
     assert sorted(dequantized) == [(1,), (1,)]  # each prefill group: its own sequence's blocks
-
     # a chunk past _native.PREFILL_Q_TILE (the tiled prefill) next to decodes
-    calls.clear()
-    dequantized.clear()
-    m = testing.make_ragged_batch(rng, [(1, 30), (300, 310), (1, 9), (1, 17)], num_q_heads=8,
-                                  num_kv_heads=2, head_dim=32, block_size=8, dtype="bfloat16")
-    kq, vq, tables = _fp8_layout(m, 0.3, 0.7, compact=False)
-    a = m.args()
-    want = ref.paged_attention_reference(m.q, kq, vq, tables, *a[4:], k_scale=0.3, v_scale=0.7)
-    got = tf.paged_attention(T(m.q), _t8(kq), _t8(vq), T(tables),
-                             *(T(x) for x in a[4:]), k_scale=0.3, v_scale=0.7)
-    testing.assert_attention_close(N(got), want, "bfloat16")
+    mixed([(1, 30), (300, 310), (1, 9), (1, 17)], compact=False)
     assert calls == [(torch.float8_e4m3fn, 3, *f32)] and dequantized == [(1,)]
 
 
