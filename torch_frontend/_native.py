@@ -439,7 +439,8 @@ def _c_decode(out, lse, q, k_cache, v_cache, block_tables, kv_lens, scale, windo
     if not all(t.device.type == "cpu" for t in tensors):
         return False
     block_stride = _block_stride(k_cache, v_cache)
-    if block_stride is None or not all(t.is_contiguous() for t in tensors if t.dim() != 4):
+    others = (q, block_tables, kv_lens, out) + (() if lse is None else (lse,))
+    if block_stride is None or not all(t.is_contiguous() for t in others):
         return False
     from ..kernels.cpu import decode
 
