@@ -182,3 +182,46 @@ def test_paged_attention_large_group_on_device(dtype):
     batch = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16), num_q_heads=256,
                                       num_kv_heads=8, head_dim=128, block_size=16, dtype=dtype)
     _check_paged_attention(batch, dtype, logits_soft_cap=30.0)
+
+
+def _fp8(x, scale):
+    return ref.quantize_fp8_reference(x, scale)
+
+
+@pytest.mark.parametrize("grid", ["decode", "mixed"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_fp8_caches_on_device(grid, dtype):
+    """float8_e4m3fn caches on the device: write_kv bit-exact with traced scales, and
+    paged_attention reading the fp8 bytes (on a GPU the Pallas kernel, with the scales as
+    operands: its lowering calls the kernel) against the reference."""
+    rng = np.random.default_rng(11)
+    batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, 16), num_q_heads=32,
+                                      num_kv_heads=8, head_dim=128, block_size=16, dtype=dtype)
+    kq, vq = _fp8(batch.k_cache, 0.02), _fp8(batch.v_cache, 0.05)
+    key = testing.random_values(rng, (7, 8, 128), dtype, 3.0)
+    slots = rng.permutation(kq.shape[0] * 16)[:7].astype(np.int32)
+    slots[2] = -1
+    want_k, want_v = ref.write_kv_reference(key, key, kq, vq, slots, k_scale=0.02,
+                                            v_scale=0.05)
+    got_k, got_v = jax.jit(lambda x, k, v, s, ks, vs: jf.write_kv(x, x, k, v, s, k_scale=ks,
+                                                                   v_scale=vs))(
+        jnp.asarray(key), jnp.asarray(kq), jnp.asarray(vq), jnp.asarray(slots),
+        np.float32(0.02), np.float32([0.05]))
+    np.testing.assert_array_equal(np.asarray(got_k).view(np.uint8), want_k.view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(got_v).view(np.uint8), want_v.view(np.uint8))
+    rest = [None if a is None else jnp.asarray(a) for a in batch.args()[3:]]
+    want, want_lse = ref.paged_attention_reference(batch.q, kq, vq, *batch.args()[3:],
+                                                   k_scale=0.02, v_scale=0.05,
+                                                   return_lse=True)
+
+    def step(q, k, v, *tables):
+        return jf.paged_attention(q, k, v, *tables, k_scale=jnp.float32(0.02),
+                                  v_scale=jnp.float32(0.05), return_lse=True)
+
+    args = (jnp.asarray(batch.q), jnp.asarray(kq), jnp.asarray(vq), *rest)
+    if PLATFORM == "tpu":  # which TPU shapes run the kernel is the CPU suite's concern
+        got, lse = jax.jit(step)(*args)
+    else:
+        got, lse = _run_kernel(step, *args)
+    _close(got, want, dtype)
+    testing.assert_lse_close(np.asarray(lse), want_lse)
