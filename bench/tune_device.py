@@ -8,6 +8,9 @@ fastest, as GB/s and the fraction of the read bandwidth measured in the same run
     python bench/tune_device.py cascade [SECONDS]   # cascade prefix-pass splits, both frontends
     python bench/tune_device.py jaxprof [SECONDS]   # the CUDA kernels of a JAX decode call
     python bench/tune_device.py torchprof [SECONDS] # the same for the Triton decode (split-KV)
+    python bench/tune_device.py prefill [SECONDS]   # Triton prefill tiles (512 over 4096 cached)
+    python bench/tune_device.py splitdecode [SECONDS]  # Triton split-KV decode, deeper pipelines
+    python bench/tune_device.py pallasprefill [SECONDS]  # Pallas GPU prefill tiles
 
 Decode over 32 q / 8 kv heads, head_dim 128, 16-token blocks (the benchmarks' shapes):
 Triton at 64 x 4096, 8 x 4096 and 1 x 32768 tokens (bf16 and float32) over keys per step x
@@ -69,7 +72,9 @@ def _triton_seconds(dtype, num_seqs: int, context: int, workspace: bool = True) 
                                                    workspace=ws, backend="triton"), iters=20)
 
 
-def sweep_triton(deadline: float) -> None:
+def sweep_triton(deadline: float, split_only: bool = False) -> None:
+    """keys per step x warps x stages of the Triton decode; split_only: the split-KV shapes
+    alone (8 x 4096, 1 x 32768; bf16) over deeper pipelines."""
     import torch
     from prefixkv.kernels.triton import attention as attn
 
@@ -83,6 +88,11 @@ def sweep_triton(deadline: float) -> None:
                               (128, 4, 3), (256, 4, None), (64, 8, None), (128, 8, None)],
              torch.float32: [(None, None, None), (32, 4, None), (64, 4, 3), (128, 4, None),
                              (64, 8, None)]}
+    if split_only:
+        shapes = shapes[1:]
+        plans = {torch.bfloat16: [(None, None, None), (64, 4, 5), (64, 4, 4), (64, 4, 6),
+                                  (32, 4, 6), (32, 4, 8), (64, 8, 5), (128, 4, 4),
+                                  (64, 4, 5)]}
     try:
         for dtype, plan in plans.items():
             for keys, nwarps, stages in plan:
@@ -165,6 +175,71 @@ def sweep_f32(deadline: float) -> None:
         attn.attention_config, attn.attention_warps, attn.F32_DOT_PREC = config, warps, prec
 
 
+def sweep_prefill(deadline: float) -> None:
+    """Triton prefill tiles: 8 sequences of 512 new tokens over 4096 cached, bf16 (the
+    benchmark's shape), over rows per program (BLOCK_M: query tokens x the group's 4 q heads)
+    x keys per step x warps x pipeline stages; TFLOP/s of the causal attention, the fraction
+    of the measured bf16 matmul rate and each one's largest difference from the default's
+    output."""
+    import torch
+    from prefixkv.kernels.triton import attention as attn
+
+    from bench.bench_torch_attention import GPF_SEQS, HQ, PF_CACHED, PF_NEW, _gpu_prefill_batch
+    from bench.conftest import cuda_matmul_tflops, cuda_seconds
+    from prefixkv import torch_frontend as tf
+
+    peak = cuda_matmul_tflops()
+    total = PF_CACHED + PF_NEW
+    flops = GPF_SEQS * 4 * HQ * HEAD_DIM * float(sum(range(total - PF_NEW + 1, total + 1)))
+    print(f"measured bf16 matmul {peak:.0f} TFLOP/s", flush=True)
+    q, k, v, tables, kv_lens, cu = _gpu_prefill_batch()
+    want = tf.paged_attention(q, k, v, tables, kv_lens, cu, backend="triton")
+    config, warps = attn.attention_config, attn.attention_warps
+    plan = [(None, None, None, None), (64, 64, 4, None), (64, 128, 8, None), (64, 64, 8, 3),
+            (128, 64, 8, None), (128, 64, 8, 3), (128, 128, 8, None), (128, 32, 8, None),
+            (128, 64, 4, None), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2),
+            (32, 64, 4, None)]
+    try:
+        for rows, keys, nwarps, stages in plan:
+            if time.time() > deadline:
+                print("deadline reached", flush=True)
+                return
+
+            def patched(*a, rows=rows, keys=keys, stages=stages, **kw):
+                cfg = config(*a, **kw)
+                if not (a[3] if len(a) > 3 else kw["decode"]):
+                    cfg.update({n: x for n, x in (("BLOCK_M", rows), ("BLOCK_N", keys),
+                                                  ("num_stages", stages)) if x})
+                return cfg
+
+            def patched_warps(head_dim, decode, w=nwarps, **kw):
+                return w if w and not decode else warps(head_dim, decode, **kw)
+
+            attn.attention_config, attn.attention_warps = patched, patched_warps
+
+            def timed(label=None):
+                out = torch.empty_like(q)
+                ws = torch.empty(tf.attention_workspace_size(q, k, tables, cu),
+                                 dtype=torch.uint8, device=q.device)
+                t = cuda_seconds(lambda: tf.paged_attention(q, k, v, tables, kv_lens, cu,
+                                                            out=out, workspace=ws,
+                                                            backend="triton"))
+                err = (out.float() - want.float()).abs().max().item()
+                return t, f" err {err:.1e}"
+
+            results = []
+            try:
+                t, extra = timed()
+                results.append(f"{t * 1e6:.0f} us {flops / t / 1e12:.0f} TFLOP/s "
+                               f"{flops / t / 1e12 / peak:.3f}{extra}")
+            except Exception as e:  # noqa: BLE001 - any failure of a swept configuration
+                results.append(type(e).__name__)
+            _line(f"prefill rows={rows or 'default'} keys={keys or 'default'} "
+                  f"warps={nwarps or 'default'} stages={stages or 'default'}", results)
+    finally:
+        attn.attention_config, attn.attention_warps = config, warps
+
+
 def sweep_pallas(deadline: float) -> None:
     import jax
     from jax.experimental.pallas import triton as pltriton
@@ -199,6 +274,60 @@ def sweep_pallas(deadline: float) -> None:
                   f"stages={stages}", results)
     finally:
         pg._triton_params = params
+        jax.clear_caches()
+
+
+def sweep_pallas_prefill(deadline: float) -> None:
+    """Pallas GPU prefill tiles: the device benchmark's 8 sequences of 512 new tokens over 4096
+    cached (bf16), over query tokens per program (x the group's 4 q heads: rows; the
+    register cap lifted) x blocks per step x warps x stages; TFLOP/s of the causal
+    attention, the fraction of the measured bf16 matmul rate and the largest difference from
+    the default's output."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.pallas import triton as pltriton
+    from prefixkv.kernels.pallas import paged_attention_gpu as pg
+
+    from bench import bench_jax_attention as bja
+
+    peak = bja._device_matmul_tflops()
+    total = bja.PF_CACHED + bja.PF_NEW
+    flops = bja.DPF_SEQS * 4 * bja.HQ * HEAD_DIM * float(
+        sum(range(total - bja.PF_NEW + 1, total + 1)))
+    print(f"measured bf16 matmul {peak:.0f} TFLOP/s", flush=True)
+    args = bja._device_prefill_inputs()
+
+    def call(q_tile=None, per_step=None):
+        return jax.jit(lambda *a: pg.paged_attention_gpu(
+            *a, scale=HEAD_DIM ** -0.5, q_tile=q_tile, blocks_per_step=per_step)[0])
+
+    want = call()(*args)
+    params, q_cap = pg._triton_params, pg.gpu_q_tile
+    plan = [(None, None, 4, 2), (16, 4, 4, 2), (16, 4, 8, 2), (16, 8, 8, 2), (16, 2, 4, 3),
+            (16, 4, 4, 3), (32, 2, 8, 2), (32, 4, 8, 2), (8, 4, 4, 2), (8, 8, 4, 2),
+            (32, 8, 8, 2)]
+    try:
+        pg.gpu_q_tile = lambda *a, **kw: 64
+        for q_tile, per_step, nwarps, stages in plan:
+            if time.time() > deadline:
+                print("deadline reached", flush=True)
+                return
+            pg._triton_params = lambda w=nwarps, s=stages: pltriton.CompilerParams(
+                num_warps=w, num_stages=s)
+            jax.clear_caches()
+            try:
+                fn = call(q_tile or 16, per_step)
+                t = bja.best_call_seconds(fn, args, rounds=5)
+                err = float(jnp.max(jnp.abs(fn(*args).astype(jnp.float32)
+                                            - want.astype(jnp.float32))))
+                result = (f"{t * 1e6:.0f} us {flops / t / 1e12:.0f} TFLOP/s "
+                          f"{flops / t / 1e12 / peak:.3f} err {err:.1e}")
+            except Exception as e:  # noqa: BLE001 - any failure of a swept configuration
+                result = type(e).__name__
+            _line(f"pallas prefill q_tile={q_tile or 'default'} blocks={per_step or 'default'} "
+                  f"warps={nwarps} stages={stages}", [result])
+    finally:
+        pg._triton_params, pg.gpu_q_tile = params, q_cap
         jax.clear_caches()
 
 
@@ -345,17 +474,20 @@ def profile_torch(deadline: float) -> None:
 def main(argv: list[str]) -> int:
     modes = {"triton": sweep_triton, "pallas": sweep_pallas, "splits": sweep_splits,
              "f32": sweep_f32, "cascade": sweep_cascade, "jaxprof": profile_jax,
-             "torchprof": profile_torch}
+             "torchprof": profile_torch, "prefill": sweep_prefill,
+             "splitdecode": functools.partial(sweep_triton, split_only=True),
+             "pallasprefill": sweep_pallas_prefill}
     if not argv or argv[0] not in modes:
         print(__doc__)
         return 2
-    if argv[0] in ("triton", "splits", "f32", "cascade", "jaxprof", "torchprof"):
+    if argv[0] in ("triton", "splits", "f32", "cascade", "jaxprof", "torchprof", "prefill",
+                   "splitdecode"):
         import torch
 
         if not torch.cuda.is_available():
             print("needs a CUDA GPU")
             return 1
-    if argv[0] in ("pallas", "splits", "cascade", "jaxprof"):
+    if argv[0] in ("pallas", "splits", "cascade", "jaxprof", "pallasprefill"):
         import jax
 
         if jax.default_backend() != "gpu":
