@@ -372,11 +372,14 @@ def attention_config(num_q_heads: int, num_kv_heads: int, head_dim: int, decode:
     fp8: float8_e4m3fn caches, decoded in registers: half the keys a step (at least 16); with
     the keys of the 16-bit tiles the decode spilled (sm_80/sm_90: 840 B at 128 keys for a
     split bf16 decode, 3.9 KB for a float32 prefill at head_dim 80).
-    16-bit decode steps over 64 keys, 128 when split (each program walks a share of a
-    sequence): on an H200 (bf16, 32 q / 8 kv heads, head_dim 128, 4 warps) 64 keys read
-    64 x 4096 tokens at 99% of the measured read bandwidth (128: 93%), and 128 keys the split
-    batches 8 x 4096 and 1 x 32768 at 71% and 52% (64: 58% and 39%; with MAX_KV_SPLITS 32,
-    2026-11-28: 71% and 69%).
+    16-bit decode steps over 64 keys, split ones (each program walks a share of a sequence)
+    in 5 pipeline stages (:func:`attention_stages`; fp8: 64 keys in 3): on an H200
+    (bf16, 32 q / 8 kv heads, head_dim 128, 4 warps) 64 keys read 64 x 4096 tokens at 99% of
+    the measured read bandwidth (128: 93%); the split batches 8 x 4096 and 1 x 32768 read at
+    71% and 52% with 128 keys against 58% and 39% with 64 (3 stages; with MAX_KV_SPLITS 32,
+    2026-11-28: 71% and 69%), and on 2026-11-29 at 71-73% with 64 keys in 5 stages against
+    67-69% with 128 in 3 (64 in 4 stages: 57%; 6: 71%; bench/tune_device.py splitdecode,
+    two runs). Compiled for sm_80 and sm_90 the 5-stage tile takes 72 KB of shared memory.
 
     A program's rows (BLOCK_M) are query tokens x the q heads of its slice of a kv head's
     group (KV_GROUP q heads in HEAD_SPLITS slices of at most GROUP): the whole group up to 32
@@ -402,20 +405,44 @@ def attention_config(num_q_heads: int, num_kv_heads: int, head_dim: int, decode:
     elif block_d >= 256:
         block_n = 32
     else:
-        block_n = 128 if decode and split and not f32 and block_m <= 16 else 64
+        block_n = 128 if fp8 and _split_16bit(decode, split, itemsize, block_m) else 64
     if fp8:
         block_n = max(16, block_n // 2)
     return {"GROUP": sub, "GROUP_P2": gp2, "KV_GROUP": group, "HEAD_SPLITS": splits,
             "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_M": block_m, "BLOCK_N": block_n}
 
 
-def attention_warps(head_dim: int, decode: bool, *, itemsize: int = 2, rows: int = 16) -> int:
-    """Warps per program: 4 for decode tiles of 16 rows (``rows``: BLOCK_M) up to head_dim
-    128; otherwise 8 for wide heads (the per-token K/V pointer tiles need registers) and for
-    float32 tiles of 32 rows (4 warps spilled 128-712 B at head_dim 64), else 4. On an H200
-    (32 q / 8 kv heads, head_dim 128, 64 x 4096 tokens) 4 warps against 8 decoded bf16 at 99%
-    of the measured read bandwidth against 79%, float32 (ieee dots) at 30% against 18%."""
-    if decode and rows <= 16 and head_dim <= 128:
+def _split_16bit(decode: bool, split: bool, itemsize: int, rows: int) -> bool:
+    """A split-KV decode launch of 16-bit (or fp8) tiles of up to 16 rows."""
+    return decode and split and itemsize < 4 and rows <= 16
+
+
+def attention_stages(cfg: dict, decode: bool, *, itemsize: int = 2, split: bool = False,
+                     fp8: bool = False) -> int | None:
+    """Software pipeline stages of a launch of config ``cfg`` (None: Triton's default, 3):
+    5 for 16-bit split-KV decode tiles of 64 keys up to head_dim 128 (see
+    :func:`attention_config`)."""
+    if (not fp8 and cfg["BLOCK_D"] <= 128 and cfg["BLOCK_N"] == 64
+            and _split_16bit(decode, split, itemsize, cfg["BLOCK_M"])):
+        return 5
+    return None
+
+
+def attention_warps(head_dim: int, decode: bool, *, itemsize: int = 2, rows: int = 16,
+                    cc: int = 90) -> int:
+    """Warps per program: 4 for decode tiles of 16 rows (``rows``: BLOCK_M) and, from sm_90
+    (``cc``: compute capability x 10), for 16-bit prefill tiles of up to 64 rows, up to
+    head_dim 128 (sm_80 spilled 32-56 B there at 4 warps, so it keeps 8); otherwise 8 for
+    wide heads (the per-token K/V pointer tiles need registers) and for float32 tiles of 32
+    rows (4 warps spilled 128-712 B at head_dim 64), else 4. On an H200 (32 q / 8 kv heads,
+    head_dim 128): decode 64 x 4096 tokens bf16 read at 99% of the measured read bandwidth
+    with 4 warps against 79% with 8, float32 (ieee dots) at 30% against 18%; prefill of
+    8 x 512 tokens over 4096 cached (bf16, 64 rows x 64 keys) took 1.49 ms with 4 warps
+    against 2.87 ms with 8 (197 against 102 TFLOP/s; 128 rows x 128 keys at 8 warps: 1.41 ms,
+    but 192 KB of shared memory at 3 stages, over sm_80's 163 KB; bench/tune_device.py
+    prefill)."""
+    if head_dim <= 128 and (rows <= 16 if decode else
+                            itemsize < 4 and rows <= 64 and cc >= 90):
         return 4
     return 8 if head_dim > 64 or (itemsize >= 4 and rows >= 32) else 4
 
@@ -423,6 +450,16 @@ def attention_warps(head_dim: int, decode: bool, *, itemsize: int = 2, rows: int
 def program_heads(num_q_heads: int, num_kv_heads: int, itemsize: int) -> int:
     """Programs per query tile (and split): the kv heads x the slices of each one's group."""
     return num_kv_heads * _head_slices(num_q_heads // num_kv_heads, itemsize)[0]
+
+
+@functools.cache
+def compute_capability(device_index: int | None) -> int:
+    """A CUDA device's compute capability as major x 10 + minor (a host-side property query:
+    no sync, graph-safe); an H100's (90) where none can be asked (the interpreter)."""
+    if device_index is None or not torch.cuda.is_available():
+        return 90
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
 
 
 def _sms(q) -> int:
@@ -603,8 +640,10 @@ def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal
     if num_splits is None:
         num_splits = _splits(q, k_cache, tables, decode)
     fp8 = k_cache.dtype == torch.float8_e4m3fn
+    cc = compute_capability(q.device.index if q.is_cuda else None)
     cfg = attention_config(num_q_heads, num_kv_heads, head_dim, decode, itemsize=itemsize,
                            split=num_splits > 1, fp8=fp8)
+    stages = attention_stages(cfg, decode, itemsize=itemsize, split=num_splits > 1, fp8=fp8)
     block_q = cfg["BLOCK_M"] // cfg["GROUP_P2"]
     # query tiles of the whole batch (see the kernel): one per sequence in decode
     tiles = num_seqs if decode else triton.cdiv(num_tokens, block_q) + num_seqs
@@ -644,8 +683,9 @@ def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal
         K_SCALED=fp8 and k_scale is not None, V_SCALED=fp8 and v_scale is not None,
         DOT_PREC="ieee" if INTERPRET else dot_precision(itemsize, head_dim, cfg["BLOCK_M"],
                                                         decode),
-        num_warps=attention_warps(head_dim, decode, itemsize=itemsize, rows=cfg["BLOCK_M"]),
-        **cfg)
+        num_warps=attention_warps(head_dim, decode, itemsize=itemsize, rows=cfg["BLOCK_M"],
+                                  cc=cc),
+        **({"num_stages": stages} | cfg if stages else cfg))
     if num_splits > 1:
         _merge(out, lse, part_o, part_l)
 
