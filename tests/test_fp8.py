@@ -752,41 +752,44 @@ def test_jax_paged_attention_reads_fp8_caches(backend, grid, dtype, opts, pallas
 
         monkeypatch.setattr(_ops, "_dequantized_blocks", refuse)
 
-    rng = np.random.default_rng(9)
-    d = 128 if backend == "pallas_interpret" else 32
-    bs = 16 if backend == "pallas_gpu_interpret" else 8
-    seqs = testing.seq_grid(grid, bs) if backend == "xla" else testing.seq_grid(grid, bs)[:4]
-    b = testing.make_ragged_batch(rng, seqs, num_q_heads=8, num_kv_heads=2, head_dim=d,
-                                  block_size=bs, dtype=dtype,
-                                  sliding_window=opts.get("sliding_window"))
-    kq, vq, tables = _fp8_layout(b, 0.02, 0.05, compact=grid != "decode")
-    rest = (tables, *b.args()[4:])
-    sinks = np.linspace(-2, 3, 8).astype(np.float32)
-    want, want_lse = ref.paged_attention_reference(b.q, kq, vq, *rest, k_scale=0.02,
-                                                   v_scale=0.05, return_lse=True, sinks=sinks,
-                                                   **opts)
+    # the interpreters run on the CPU, also on a machine with a GPU (the default device)
+    cpu = jax.devices("cpu")[0] if backend != "xla" else None
+    with jax.default_device(cpu):
+        rng = np.random.default_rng(9)
+        d = 128 if backend == "pallas_interpret" else 32
+        bs = 16 if backend == "pallas_gpu_interpret" else 8
+        seqs = testing.seq_grid(grid, bs) if backend == "xla" else testing.seq_grid(grid, bs)[:4]
+        b = testing.make_ragged_batch(rng, seqs, num_q_heads=8, num_kv_heads=2, head_dim=d,
+                                      block_size=bs, dtype=dtype,
+                                      sliding_window=opts.get("sliding_window"))
+        kq, vq, tables = _fp8_layout(b, 0.02, 0.05, compact=grid != "decode")
+        rest = (tables, *b.args()[4:])
+        sinks = np.linspace(-2, 3, 8).astype(np.float32)
+        want, want_lse = ref.paged_attention_reference(b.q, kq, vq, *rest, k_scale=0.02,
+                                                       v_scale=0.05, return_lse=True, sinks=sinks,
+                                                       **opts)
 
-    @jax.jit
-    def step(q, kc, vc, bt, kv, cu, ks, vs):
-        return jf.paged_attention(q, kc, vc, bt, kv, cu, k_scale=ks, v_scale=vs, sinks=sinks,
-                                  return_lse=True, backend=backend, **opts)
+        @jax.jit
+        def step(q, kc, vc, bt, kv, cu, ks, vs):
+            return jf.paged_attention(q, kc, vc, bt, kv, cu, k_scale=ks, v_scale=vs, sinks=sinks,
+                                      return_lse=True, backend=backend, **opts)
 
-    out, lse = step(b.q, kq, vq, *rest, np.float32(0.02), np.float32([0.05]))
-    assert out.dtype == b.q.dtype
-    testing.assert_attention_close(out, want, dtype)
-    np.testing.assert_allclose(np.asarray(lse), want_lse, **LSE_TOLERANCE[dtype])
-    if backend == "xla":
-        got = jf.paged_attention(b.q, kq, vq, *rest, k_scale=0.02, v_scale=0.05,
-                                 sinks=sinks, **opts)
-        testing.assert_attention_close(got, want, dtype)
-        # the loop alone (what runs off the CPU, or without the kernel), decodes included
-        want = ref.paged_attention_reference(b.q, kq, vq, *rest, k_scale=0.02, v_scale=0.05,
-                                             **opts)
-        scale = opts.get("scale", b.q.shape[-1] ** -0.5)
-        loop = jax.jit(lambda q, kc, vc, bt, kv, cu, ks, vs: _xla.ragged_paged_attention(
-            q, kc, vc, bt, kv, cu, scale=scale, k_scale=ks, v_scale=vs, **opts))
-        got, _ = loop(b.q, kq, vq, *rest, np.float32(0.02), np.float32(0.05))
-        testing.assert_attention_close(got, want, dtype)
+        out, lse = step(b.q, kq, vq, *rest, np.float32(0.02), np.float32([0.05]))
+        assert out.dtype == b.q.dtype
+        testing.assert_attention_close(out, want, dtype)
+        np.testing.assert_allclose(np.asarray(lse), want_lse, **LSE_TOLERANCE[dtype])
+        if backend == "xla":
+            got = jf.paged_attention(b.q, kq, vq, *rest, k_scale=0.02, v_scale=0.05,
+                                     sinks=sinks, **opts)
+            testing.assert_attention_close(got, want, dtype)
+            # the loop alone (what runs off the CPU, or without the kernel), decodes included
+            want = ref.paged_attention_reference(b.q, kq, vq, *rest, k_scale=0.02, v_scale=0.05,
+                                                 **opts)
+            scale = opts.get("scale", b.q.shape[-1] ** -0.5)
+            loop = jax.jit(lambda q, kc, vc, bt, kv, cu, ks, vs: _xla.ragged_paged_attention(
+                q, kc, vc, bt, kv, cu, scale=scale, k_scale=ks, v_scale=vs, **opts))
+            got, _ = loop(b.q, kq, vq, *rest, np.float32(0.02), np.float32(0.05))
+            testing.assert_attention_close(got, want, dtype)
 
 
 def test_jax_cpu_decode_reads_fp8_bytes_in_the_ffi_kernel():
