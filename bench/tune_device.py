@@ -240,9 +240,19 @@ def sweep_prefill(deadline: float) -> None:
         attn.attention_config, attn.attention_warps = config, warps
 
 
-def sweep_pallas(deadline: float) -> None:
+def _set_pallas_params(nwarps: int, stages: int) -> None:
+    """The Pallas GPU kernels compile with ``nwarps`` warps and ``stages`` pipeline stages
+    from the next trace on (jit caches cleared)."""
     import jax
     from jax.experimental.pallas import triton as pltriton
+    from prefixkv.kernels.pallas import paged_attention_gpu as pg
+
+    pg._triton_params = lambda: pltriton.CompilerParams(num_warps=nwarps, num_stages=stages)
+    jax.clear_caches()
+
+
+def sweep_pallas(deadline: float) -> None:
+    import jax
     from prefixkv.kernels.pallas import paged_attention_gpu as pg
 
     from bench import bench_jax_attention as bja
@@ -258,9 +268,7 @@ def sweep_pallas(deadline: float) -> None:
             if time.time() > deadline:
                 print("deadline reached", flush=True)
                 return
-            pg._triton_params = lambda w=nwarps, s=stages: pltriton.CompilerParams(
-                num_warps=w, num_stages=s)
-            jax.clear_caches()
+            _set_pallas_params(nwarps, stages)
             results = []
             for num_seqs, context in shapes:
                 args = bja._device_decode_inputs(num_seqs, context)
@@ -285,7 +293,6 @@ def sweep_pallas_prefill(deadline: float) -> None:
     the default's output."""
     import jax
     import jax.numpy as jnp
-    from jax.experimental.pallas import triton as pltriton
     from prefixkv.kernels.pallas import paged_attention_gpu as pg
 
     from bench import bench_jax_attention as bja
@@ -312,9 +319,7 @@ def sweep_pallas_prefill(deadline: float) -> None:
             if time.time() > deadline:
                 print("deadline reached", flush=True)
                 return
-            pg._triton_params = lambda w=nwarps, s=stages: pltriton.CompilerParams(
-                num_warps=w, num_stages=s)
-            jax.clear_caches()
+            _set_pallas_params(nwarps, stages)
             try:
                 fn = call(q_tile or 16, per_step)
                 t = bja.best_call_seconds(fn, args, rounds=5)
