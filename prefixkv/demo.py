@@ -17,7 +17,8 @@ the generations with caching on are checked to equal those with caching off.
 By default the engine runs a closed loop (a request is admitted as a sequence slot frees; TTFT
 from admission). ``--request-rate R`` makes it an open loop as vLLM's ``benchmark_serving.py
 --request-rate``: requests arrive by a seeded Poisson process at R requests/s (``inf``: all at
-once), in wall-clock time, none is admitted before its arrival, and TTFT counts from arrival
+once; ``--burstiness B`` as vLLM's: gamma-distributed gaps of the same mean, burstier below 1),
+in wall-clock time, none is admitted before its arrival, and TTFT counts from arrival
 (queueing included). Caching on and off, and every framework, serve the same arrival times.
 """
 
@@ -78,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="open loop: requests arrive by a Poisson process at R requests/s "
                         "('inf': all at once), TTFT from arrival (default: a closed loop, a "
                         "request admitted as a slot frees, TTFT from admission)")
+    p.add_argument("--burstiness", type=float, default=1.0, metavar="B",
+                   help="with --request-rate: gamma-distributed gaps of the same mean, B < 1 "
+                        "burstier, B > 1 more even (vLLM's --burstiness; default 1: Poisson)")
     p.add_argument("--plot", default=None, help="write TTFT with vs without caching to this PNG")
     p.add_argument("--threads", type=int, default=1 if (os.cpu_count() or 1) <= 4 else None,
                    help="CPU threads per framework (default: 1 on small machines, where "
@@ -122,6 +126,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.request_rate is not None and not args.request_rate > 0:
         p.error(f"--request-rate: expected > 0 requests/s (inf: all at once), got "
                 f"{args.request_rate}")
+    if not 0 < args.burstiness < math.inf:
+        p.error(f"--burstiness: expected a finite value > 0 (1: Poisson), got "
+                f"{args.burstiness}")
+    if args.burstiness != 1.0 and args.request_rate is None:
+        p.error("--burstiness: shapes the open loop's arrivals; give --request-rate too")
     return args
 
 
@@ -228,7 +237,8 @@ def main(argv=None) -> dict:
     n_prompt = sum(len(r.prompt) for r in requests)
     arrivals = None
     if args.request_rate is not None:
-        arrivals = arrival_times(len(requests), args.request_rate, args.seed)
+        arrivals = arrival_times(len(requests), args.request_rate, args.seed,
+                                 args.burstiness)
     print(f"prefixkv demo: {len(requests)} requests, {n_prompt} prompt tokens "
           f"({shared_prefix_fraction(requests):.1%} in prefixes shared with an earlier "
           f"request), {len(work.tenants)} tenants with their own salts")
@@ -243,7 +253,9 @@ def main(argv=None) -> dict:
     elif math.isinf(args.request_rate):
         print("arrivals: open loop, all at once (TTFT from arrival at 0, queueing included)")
     else:
-        print(f"arrivals: open loop, Poisson at {args.request_rate:g} requests/s (seed "
+        kind = ("Poisson" if args.burstiness == 1.0 else
+                f"gamma gaps (burstiness {args.burstiness:g})")
+        print(f"arrivals: open loop, {kind} at {args.request_rate:g} requests/s (seed "
               f"{args.seed}; last at {arrivals[-1]:.2f} s; TTFT from arrival, queueing "
               f"included)")
     results = {}

@@ -550,6 +550,26 @@ def test_arrival_times_are_seeded_poisson_and_increasing():
             arrival_times(3, bad)
 
 
+@pytest.mark.parametrize("burstiness", [0.25, 4.0])
+def test_arrival_times_burstiness_is_vllms_gamma(burstiness):
+    """Gaps Gamma(B, 1 / (rate B)) as vLLM's --burstiness: the rate's mean gap, a coefficient
+    of variation 1 / sqrt(B) (20000 gaps: the bounds are ~5 sd), non-decreasing, seeded; B = 1
+    is the Poisson schedule itself."""
+    from prefixkv.models import arrival_times
+
+    a = arrival_times(20001, 4.0, seed=3, burstiness=burstiness)
+    gaps = np.diff(a)
+    assert a[0] == 0 and (gaps >= 0).all()
+    assert abs(gaps.mean() - 0.25) < 0.25 * 5 * (burstiness * 20000) ** -0.5
+    assert abs(gaps.std() / gaps.mean() - burstiness ** -0.5) < 0.1 * burstiness ** -0.5
+    np.testing.assert_array_equal(a, arrival_times(20001, 4.0, seed=3, burstiness=burstiness))
+    np.testing.assert_array_equal(arrival_times(50, 4.0, seed=3, burstiness=1.0),
+                                  arrival_times(50, 4.0, seed=3))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"burstiness: expected a finite value > 0"):
+            arrival_times(3, 4.0, burstiness=bad)
+
+
 def _three_requests():
     rng = np.random.default_rng(5)
     return [Request(i, tuple(rng.integers(1, CFG.vocab_size, 10).tolist()), 3, "t", b"a",
@@ -684,3 +704,12 @@ def test_demo_request_rate(capsys):
             demo.parse_args(["--request-rate", bad])
         assert f"--request-rate: expected > 0 requests/s (inf: all at once), got {float(bad)}" \
             in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--request-rate", "2", "--burstiness", "0"])
+    assert "--burstiness: expected a finite value > 0 (1: Poisson), got 0.0" \
+        in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--burstiness", "0.5"])
+    assert "--burstiness: shapes the open loop's arrivals; give --request-rate too" \
+        in capsys.readouterr().err
+    assert demo.parse_args(["--request-rate", "2", "--burstiness", "0.5"]).burstiness == 0.5

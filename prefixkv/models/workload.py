@@ -91,23 +91,34 @@ def make_workload(config: WorkloadConfig, vocab_size: int,
             for i, (kind, tenant, prompt, ci, turn) in enumerate(order)]
 
 
-def arrival_times(num_requests: int, request_rate: float, seed: int = 0) -> np.ndarray:
+def arrival_times(num_requests: int, request_rate: float, seed: int = 0,
+                  burstiness: float = 1.0) -> np.ndarray:
     """f64[num_requests] arrival times in seconds from the start of a run, a Poisson process
     at ``request_rate`` requests/s: the first request at 0 and each next one an exponential gap
     of mean ``1 / request_rate`` later (vLLM's benchmark sends one request, then sleeps such a
-    gap before the next), so strictly increasing. ``request_rate=inf``: every request at 0.
-    Seeded (its own generator, not the workload's token stream): the same times for the same
-    ``(num_requests, request_rate, seed)``, and the first ``n`` of a longer schedule are the
+    gap before the next), so non-decreasing. ``request_rate=inf``: every request at 0.
+    ``burstiness`` B (vLLM's ``--burstiness``): the gaps are Gamma(shape B, scale
+    1 / (request_rate B)), of the same mean and a coefficient of variation 1 / sqrt(B): B < 1
+    burstier than Poisson (a burst can land requests at the same time), B > 1 more even;
+    B = 1 is the exponential (the same schedule as without it). Seeded (its own generator,
+    not the workload's token stream): the same times for the same ``(num_requests,
+    request_rate, seed, burstiness)``, and the first ``n`` of a longer schedule are the
     schedule of ``n``."""
     if num_requests < 0:
         raise ValueError(f"num_requests: expected >= 0, got {num_requests}")
     if not request_rate > 0:  # also refuses NaN
         raise ValueError(f"request_rate: expected > 0 requests/s (inf: all at once), got "
                          f"{request_rate}")
+    if not 0 < burstiness < math.inf:
+        raise ValueError(f"burstiness: expected a finite value > 0 (1: Poisson), got "
+                         f"{burstiness}")
     if math.isinf(request_rate):
         return np.zeros(num_requests)
-    gaps = np.random.default_rng((seed, 1)).exponential(1.0 / request_rate,
-                                                          size=max(num_requests - 1, 0))
+    rng, n = np.random.default_rng((seed, 1)), max(num_requests - 1, 0)
+    if burstiness == 1.0:
+        gaps = rng.exponential(1.0 / request_rate, size=n)
+    else:
+        gaps = rng.gamma(burstiness, 1.0 / (request_rate * burstiness), size=n)
     return np.concatenate([np.zeros(min(num_requests, 1)), np.cumsum(gaps)])
 
 
