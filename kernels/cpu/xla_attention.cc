@@ -400,70 +400,45 @@ PREFIXKV_AVX2 inline __m256 Exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-// NH q heads x NK keys (NH * NK == 8 accumulators): out[h * NK + k] = q_h . k_k.
-template <class Tag, int NH, int NK>
+// v[0..N) <- 8 * N elements of a cache row from p, as floats: 8 at a time (AvxLoad), or, Wide,
+// 16 at a time in AvxLoad16's order (N even).
+template <class Tag, int N, bool Wide>
+PREFIXKV_AVX2 inline void LoadVecs(const typename Tag::Storage* p, __m256* v) {
+  if constexpr (Wide) {
+    static_assert(N % 2 == 0, "16 elements a load");
+    _Pragma("GCC unroll 8") for (int j = 0; j < N / 2; ++j)
+      AvxLoad16<Tag>::Load(p + 16 * j, &v[2 * j], &v[2 * j + 1]);
+  } else {
+    _Pragma("GCC unroll 8") for (int j = 0; j < N; ++j) v[j] = AvxLoad<Tag>::Load8(p + 8 * j);
+  }
+}
+
+// NH q heads x NK keys (NH * NK == 8 accumulators): out[h * NK + k] = q_h . k_k. Wide: head_dim
+// walked 16 at a time (head_dim % 16 == 0), q in AvxLoad16's order.
+template <class Tag, int NH, int NK, bool Wide = false>
 PREFIXKV_AVX2 inline void QkTile(const float* q, int d, const typename Tag::Storage* const* rows,
                                  float* out) {
   static_assert(NH * NK == 8, "eight accumulators");
+  constexpr int P = Wide ? 2 : 1;  // vectors of 8 a step
   __m256 acc[8];
   _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-  for (int i = 0; i < d; i += 8) {
-    __m256 kv[NK];
-    _Pragma("GCC unroll 8") for (int k = 0; k < NK; ++k) kv[k] = AvxLoad<Tag>::Load8(rows[k] + i);
+  for (int i = 0; i < d; i += 8 * P) {
+    __m256 kv[NK][P];
+    _Pragma("GCC unroll 8") for (int k = 0; k < NK; ++k) LoadVecs<Tag, P, Wide>(rows[k] + i, kv[k]);
     _Pragma("GCC unroll 8") for (int h = 0; h < NH; ++h) {
-      __m256 qv = _mm256_loadu_ps(q + static_cast<int64_t>(h) * d + i);
-      // one load of q for the NK keys: without this the compiler folds the load into every
-      // FMA, and the tile becomes bound by loads (10 per 8 FMAs instead of 6)
-      __asm__("" : "+x"(qv));
-      _Pragma("GCC unroll 8") for (int k = 0; k < NK; ++k) acc[h * NK + k] = _mm256_fmadd_ps(qv, kv[k], acc[h * NK + k]);
-    }
-  }
-  _mm256_storeu_ps(out, Reduce8(acc));
-}
-
-// QkTile over head_dim 16 at a time (head_dim % 16 == 0), q in AvxLoad16's order.
-template <class Tag, int NH, int NK>
-PREFIXKV_AVX2 inline void QkTile16(const float* q, int d,
-                                   const typename Tag::Storage* const* rows, float* out) {
-  static_assert(NH * NK == 8, "eight accumulators");
-  __m256 acc[8];
-  _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-  for (int i = 0; i < d; i += 16) {
-    __m256 lo[NK], hi[NK];
-    _Pragma("GCC unroll 8") for (int k = 0; k < NK; ++k)
-      AvxLoad16<Tag>::Load(rows[k] + i, &lo[k], &hi[k]);
-    _Pragma("GCC unroll 8") for (int h = 0; h < NH; ++h) {
-      __m256 ql = _mm256_loadu_ps(q + static_cast<int64_t>(h) * d + i);
-      __m256 qh = _mm256_loadu_ps(q + static_cast<int64_t>(h) * d + i + 8);
-      __asm__("" : "+x"(ql), "+x"(qh));  // as in QkTile: one load of q for the NK keys
-      _Pragma("GCC unroll 8") for (int k = 0; k < NK; ++k) {
-        acc[h * NK + k] = _mm256_fmadd_ps(ql, lo[k], acc[h * NK + k]);
-        acc[h * NK + k] = _mm256_fmadd_ps(qh, hi[k], acc[h * NK + k]);
+      __m256 qv[P];
+      _Pragma("GCC unroll 2") for (int j = 0; j < P; ++j) {
+        qv[j] = _mm256_loadu_ps(q + static_cast<int64_t>(h) * d + i + 8 * j);
+        // one load of q for the NK keys: without this the compiler folds the load into every
+        // FMA, and the tile becomes bound by loads (10 per 8 FMAs instead of 6)
+        __asm__("" : "+x"(qv[j]));
       }
+      _Pragma("GCC unroll 8") for (int k = 0; k < NK; ++k)
+        _Pragma("GCC unroll 2") for (int j = 0; j < P; ++j)
+          acc[h * NK + k] = _mm256_fmadd_ps(qv[j], kv[k][j], acc[h * NK + k]);
     }
   }
   _mm256_storeu_ps(out, Reduce8(acc));
-}
-
-// PvTile for head_dim [i, i + 16), accumulators in AvxLoad16's order.
-template <class Tag, int NH>
-PREFIXKV_AVX2 inline void PvTile16(const float* p, int d, int i,
-                                   const typename Tag::Storage* const* rows, int64_t head_off,
-                                   int n, float* acc) {
-  __m256 a[NH][2];
-  _Pragma("GCC unroll 8") for (int h = 0; h < NH; ++h)
-    _Pragma("GCC unroll 2") for (int j = 0; j < 2; ++j) a[h][j] = _mm256_loadu_ps(acc + static_cast<int64_t>(h) * d + i + 8 * j);
-  for (int t = 0; t < n; ++t) {
-    __m256 lo, hi;
-    AvxLoad16<Tag>::Load(rows[t] + head_off + i, &lo, &hi);
-    _Pragma("GCC unroll 8") for (int h = 0; h < NH; ++h) {
-      const __m256 ph = _mm256_broadcast_ss(p + h * kChunk + t);
-      a[h][0] = _mm256_fmadd_ps(ph, lo, a[h][0]);
-      a[h][1] = _mm256_fmadd_ps(ph, hi, a[h][1]);
-    }
-  }
-  _Pragma("GCC unroll 8") for (int h = 0; h < NH; ++h)
-    _Pragma("GCC unroll 2") for (int j = 0; j < 2; ++j) _mm256_storeu_ps(acc + static_cast<int64_t>(h) * d + i + 8 * j, a[h][j]);
 }
 
 // q.k of every kv head's group, key tile by key tile: the chunk's K rows are read front to back
@@ -485,8 +460,7 @@ PREFIXKV_AVX2 void QkAllHeads(const float* q, int num_kv_heads, int group, int d
       for (int k = 0; k < NK; ++k) rows[k] = key_rows[std::min(t + k, n - 1)] + head_off;
       for (int g = 0; g < group; g += NH) {
         const float* qg = q + (head_off * group) + static_cast<int64_t>(g) * d;
-        if (Wide) QkTile16<Tag, NH, NK>(qg, d, rows, out);
-        else QkTile<Tag, NH, NK>(qg, d, rows, out);
+        QkTile<Tag, NH, NK, Wide>(qg, d, rows, out);
         float* sg = s + (static_cast<int64_t>(h) * group + g) * kChunk;
         for (int hh = 0; hh < NH; ++hh)
           for (int k = 0; k < NK && t + k < n; ++k) sg[hh * kChunk + t + k] = out[hh * NK + k];
@@ -495,8 +469,9 @@ PREFIXKV_AVX2 void QkAllHeads(const float* q, int num_kv_heads, int group, int d
   }
 }
 
-// acc[h][i + 8j] += sum_t p[h][t] v_t[i + 8j] for NH heads, NDV vectors of head_dim at i.
-template <class Tag, int NH, int NDV>
+// acc[h][i + 8j] += sum_t p[h][t] v_t[i + 8j] for NH heads, NDV vectors of head_dim at i
+// (Wide: read 16 at a time, the accumulators in AvxLoad16's order).
+template <class Tag, int NH, int NDV, bool Wide = false>
 PREFIXKV_AVX2 inline void PvTile(const float* p, int d, int i,
                                  const typename Tag::Storage* const* rows, int64_t head_off,
                                  int n, float* acc) {
@@ -504,9 +479,8 @@ PREFIXKV_AVX2 inline void PvTile(const float* p, int d, int i,
   _Pragma("GCC unroll 8") for (int h = 0; h < NH; ++h)
     _Pragma("GCC unroll 8") for (int j = 0; j < NDV; ++j) a[h][j] = _mm256_loadu_ps(acc + static_cast<int64_t>(h) * d + i + 8 * j);
   for (int t = 0; t < n; ++t) {
-    const typename Tag::Storage* v = rows[t] + head_off + i;
     __m256 vv[NDV];
-    _Pragma("GCC unroll 8") for (int j = 0; j < NDV; ++j) vv[j] = AvxLoad<Tag>::Load8(v + 8 * j);
+    LoadVecs<Tag, NDV, Wide>(rows[t] + head_off + i, vv);
     _Pragma("GCC unroll 8") for (int h = 0; h < NH; ++h) {
       const __m256 ph = _mm256_broadcast_ss(p + h * kChunk + t);
       _Pragma("GCC unroll 8") for (int j = 0; j < NDV; ++j) a[h][j] = _mm256_fmadd_ps(ph, vv[j], a[h][j]);
@@ -560,8 +534,8 @@ struct Avx2 {
       for (int g = 0; g < group; g += 4)
         for (int i = 0; i < d; i += 16) {
           pf->Issue(per);
-          PvTile16<Tag, 4>(p + g * kChunk, d, i, rows, head_off, n,
-                           acc + static_cast<int64_t>(g) * d);
+          PvTile<Tag, 4, 2, true>(p + g * kChunk, d, i, rows, head_off, n,
+                                  acc + static_cast<int64_t>(g) * d);
         }
       return;
     }
