@@ -3,9 +3,10 @@
 # the compiled kernels against the numpy reference, then the device benchmarks.
 #   bash bench/run_device.sh            (from the repository root, in the project's env)
 # Every command runs under `timeout -k 10`; the limits sum to 470 s (versions 20, import probe
-# 30, install 30, fp8 on CUDA 20, torch tests 65, torch bench 75, hashing 30, jax versions 15,
-# JAX tests 85, JAX bench 100; on an H200 (2026-11-28, before the cache-op benchmarks and fp8)
-# the torch tests took 36 s, the torch bench 32, hashing 15, the JAX tests 38, the JAX bench 52).
+# 30, install 30, fp8 on CUDA 15, torch tests 65, torch bench 75, hashing 25, jax versions 15,
+# JAX tests 85, JAX bench 110; on an H200 (2026-11-29) the torch tests took 48 s, fp8 6, the
+# torch bench 56, hashing 18, the JAX tests 59, the JAX bench 83: 398 s in all with three
+# tune_device.py sweeps after it).
 # Files in $OUT (when set; at most 8 come back from a lent machine): run.log (every step's
 # output), bench_figures.jsonl (each benchmark's figures as soon as it finishes, so a step cut
 # off by its limit still leaves those it measured), torch_gpu_bench.json, hash_gpu_bench.json,
@@ -60,15 +61,15 @@ fi
 # ---- PyTorch: Triton + CUDA C kernels vs the reference, CUDA graphs, compile
 step torch_gpu_tests 65 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_torch_gpu.py
 # ---- fp8 (float8_e4m3fn) KV caches on CUDA: quantizing writes bit-exact, attention vs reference
-step fp8_gpu 20 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_fp8.py -k cuda
+step fp8_gpu 15 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_fp8.py -k cuda
 # ---- PyTorch GPU benchmarks: decode at % of HBM, swap vs measured PCIe
 step torch_gpu_bench 75 $PY -m pytest -q -p no:cacheprovider bench/bench_torch_attention.py \
   bench/bench_torch_copy.py bench/bench_device_cache_ops.py --benchmark-only -k gpu \
   --benchmark-columns=mean,min,rounds \
   --benchmark-json="$LOG/torch_gpu_bench.json"
 
-# ---- Block hashing on the GPU: Triton + CUDA C vs the blake3 oracle, 1024 x 4096 tokens (16 s on an H200)
-step hash_gpu 30 $PY -m pytest -q -p no:cacheprovider tests/test_hashing_torch.py \
+# ---- Block hashing on the GPU: Triton + CUDA C vs the blake3 oracle, 1024 x 4096 tokens (18 s on an H200)
+step hash_gpu 25 $PY -m pytest -q -p no:cacheprovider tests/test_hashing_torch.py \
   bench/bench_hashing_device.py -k gpu --benchmark-columns=mean,min,rounds \
   --benchmark-json="$LOG/hash_gpu_bench.json"
 
@@ -84,7 +85,7 @@ else
   step jax_device_tests 85 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_jax_device.py
   # decode, cascade decode and prefill on the device, cache writes and block moves (XLA); on
   # a TPU also block hashing (Pallas vs XLA; skipped on a GPU)
-  step jax_device_bench 100 $PY -m pytest -q -p no:cacheprovider bench/bench_jax_attention.py \
+  step jax_device_bench 110 $PY -m pytest -q -p no:cacheprovider bench/bench_jax_attention.py \
     bench/bench_hashing_device.py bench/bench_device_cache_ops.py --benchmark-only \
     -k "decode_device or shared_prefix_device or prefill_device or tpu_hash or device_cache_jax" \
     --benchmark-columns=mean,min,rounds --benchmark-json="$LOG/jax_device_bench.json"
