@@ -82,10 +82,15 @@ paged_attention_xla.reads_fp8 = lambda **context: True
 @functools.partial(jax.jit, static_argnames=("scale", "logits_soft_cap"))
 def shared_prefix_attention_xla(q, k_cache, v_cache, prefix_block_tables, prefix_lens,
                                 prefix_ids, block_tables, kv_lens, cu_q_lens=None, *, scale,
-                                logits_soft_cap=None):
+                                logits_soft_cap=None, k_scale=None, v_scale=None):
     return _xla.shared_prefix_attention(
         q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
-        kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap)
+        kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap, k_scale=k_scale,
+        v_scale=v_scale)
+
+
+# float8 caches: every part of the cascade converts the blocks it gathers (no dequantized copy)
+shared_prefix_attention_xla.reads_fp8 = lambda **context: True
 
 
 merge_attention_states_xla = jax.jit(_xla.merge_attention_states)

@@ -118,6 +118,12 @@ def dot_precision(dtype):
     return lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.HIGH
 
 
+def _cache_dot_precision(q, cache_dtype):
+    """dot_precision of a cache; float8 caches as the dequantized copy in q's dtype the other
+    backends read."""
+    return dot_precision(q.dtype if cache_dtype == jnp.float8_e4m3fn else cache_dtype)
+
+
 #: Most query x sorted elements a searchsorted compares all at once on an accelerator
 #: (fused compare + sum); past it the scan's loop of log2 steps.
 COMPARE_ALL_MAX = 1 << 24
@@ -286,8 +292,7 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
     in_block = jnp.arange(block_size, dtype=jnp.int32)
 
     dtype = k_cache.dtype
-    # float8 caches: as the dequantized copy in q's dtype the other backends read
-    prec = dot_precision(q.dtype if dtype == jnp.float8_e4m3fn else dtype)
+    prec = _cache_dot_precision(q, dtype)
 
     def run(qh, head, tiles):
         """The chunk loop over the kv heads of qh [n, Hh, rows, D], all of them (head None) or
@@ -436,12 +441,13 @@ def _single_prefix_chunk_blocks(rows: int, max_prefix_blocks: int, block_size: i
 
 def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_prefix, *,
                             scale: float, logits_soft_cap: float | None = None,
-                            chunk_blocks: int | None = None):
+                            chunk_blocks: int | None = None, k_scale=None, v_scale=None):
     """Non-causal attention of every query token over one prefix; returns (out f32, lse f32).
 
     q: [num_tokens, num_q_heads, head_dim]; block_table i32[max_prefix_blocks]; prefix_len
     i32[] (keys of the prefix, whole blocks); has_prefix bool[num_tokens] (False: out 0,
-    lse -inf).
+    lse -inf). float8_e4m3fn caches: each step converts the chunk it gathers, times k_scale
+    (v_scale), as :func:`ragged_paged_attention`.
 
     The fast path of cascade attention with one prefix: all the tokens sharing it are the rows
     of one dot per kv head (``num_tokens * group`` rows, every q head of the group stacked), so
@@ -482,7 +488,7 @@ def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_pr
     in_chunk = jnp.arange(ct, dtype=jnp.int32)
     blk_in_chunk = jnp.arange(cb, dtype=jnp.int32)
     dtype = k_cache.dtype
-    prec = dot_precision(dtype)
+    prec = _cache_dot_precision(q, dtype)
 
     def head(args):
         qh, h = args
@@ -498,8 +504,8 @@ def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_pr
             ids = lax.dynamic_slice(table, (j * cb,), (cb,))
             ids = jnp.where(j * cb + blk_in_chunk < prefix_blocks, ids, first_block)
             tv = j * ct + in_chunk < prefix_len
-            k = _bits_to_f32(k_bits[ids, :, hh, :].reshape(ct, head_dim), dtype)
-            v = _bits_to_f32(v_bits[ids, :, hh, :].reshape(ct, head_dim), dtype)
+            k = _bits_to_f32(k_bits[ids, :, hh, :].reshape(ct, head_dim), dtype, k_scale)
+            v = _bits_to_f32(v_bits[ids, :, hh, :].reshape(ct, head_dim), dtype, v_scale)
             s = jnp.einsum("rd,td->rt", qh, k, preferred_element_type=jnp.float32, precision=prec)
             s = soft_cap(s, logits_soft_cap)
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -549,7 +555,7 @@ def _multi_prefix_q_tile(num_tokens: int, num_prefixes: int, group: int,
 
 def multi_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, tok_pid, *,
                            scale: float, logits_soft_cap: float | None = None,
-                           q_tile: int | None = None):
+                           q_tile: int | None = None, k_scale=None, v_scale=None):
     """Non-causal attention of each query token over its prefix; returns (out f32, lse f32).
 
     q: [num_tokens, num_q_heads, head_dim]; prefix_block_tables i32[num_prefixes,
@@ -586,7 +592,7 @@ def multi_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens
             o, lg = single_prefix_attention(
                 lax.dynamic_slice_in_dim(qs, lo, q_tile, 0), k_cache, v_cache,
                 prefix_block_tables[p], lens[p], live, scale=scale,
-                logits_soft_cap=logits_soft_cap)
+                logits_soft_cap=logits_soft_cap, k_scale=k_scale, v_scale=v_scale)
             # rows past this prefix's tokens get out 0, lse -inf: they belong to a later
             # window or prefix (written after this one) or to tokens of no prefix (whose
             # result that is), so the whole window is written
@@ -615,7 +621,8 @@ SHORT_DECODE_STEP_BYTES = 2 << 20
 
 
 def short_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, *, scale: float,
-                           logits_soft_cap: float | None = None, seqs_per_step: int | None = None):
+                           logits_soft_cap: float | None = None, seqs_per_step: int | None = None,
+                           k_scale=None, v_scale=None):
     """Decode attention (one query per sequence, sees its kv_len keys) over short KV; returns
     (out in q's dtype, lse f32).
 
@@ -645,21 +652,21 @@ def short_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
     qf = qf.reshape(n_steps, g, num_kv_heads, group, head_dim)
     t = jnp.arange(ct, dtype=jnp.int32)
     dtype = k_cache.dtype
-    prec = dot_precision(dtype)
+    prec = _cache_dot_precision(q, dtype)
 
     def step(args):
         qs, tb, n = args                                   # [g, Hkv, G, D], [g, MB], [g]
         k_bits, v_bits, tb = _cache_bits_in_step(k_cache, v_cache, tb)
         ok = t[None, :] < n[:, None]                       # [g, ct]
 
-        def load(cache, mask):
+        def load(cache, mask, cache_scale):
             x = jnp.take(cache, tb.reshape(-1), axis=0)
-            x = _bits_to_f32(x.reshape(g, ct, num_kv_heads, head_dim), dtype)
+            x = _bits_to_f32(x.reshape(g, ct, num_kv_heads, head_dim), dtype, cache_scale)
             if mask:  # padding slots may hold NaN (in K they only reach masked logits)
                 x = jnp.where(ok[:, :, None, None], x, 0.0)
             return x.transpose(0, 2, 1, 3)                 # [g, Hkv, ct, D]
 
-        k, v = load(k_bits, False), load(v_bits, True)
+        k, v = load(k_bits, False, k_scale), load(v_bits, True, v_scale)
         # Each dot is fastest in its own orientation (XLA:CPU, G = 4 rows): QK with the keys
         # as rows (s [g, Hkv, ct, G]), PV with p as [G, ct] rows. The barrier keeps XLA from
         # folding the (small) transpose of s into the QK dot, which turns it into the slow
@@ -853,12 +860,19 @@ def prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids, block_t
 
 def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
                             block_tables, kv_lens, cu_q_lens, *, scale: float,
-                            logits_soft_cap: float | None = None, attention_fn=None):
+                            logits_soft_cap: float | None = None, attention_fn=None,
+                            k_scale=None, v_scale=None):
     """Cascade attention (see :func:`_cascade_attention`); on a CPU, the XLA path runs it only
     when some prefix group is big enough to gain from it (CPU_CASCADE_MIN_SCORES), else paged
     attention over each sequence's prefix then own blocks, chosen per call by ``lax.cond``.
-    Returns (out in q's dtype, lse f32)."""
-    kw = dict(scale=scale, logits_soft_cap=logits_soft_cap, attention_fn=attention_fn)
+    Returns (out in q's dtype, lse f32). float8_e4m3fn caches: every part reads their bytes
+    (scales None or float32 scalars, may be traced; with ``attention_fn`` that function reads
+    them, and k_scale / v_scale must be None here)."""
+    if attention_fn is not None and (k_scale is not None or v_scale is not None):
+        raise ValueError("shared_prefix_attention: k_scale / v_scale go to attention_fn, "
+                         "not here")
+    kw = dict(scale=scale, logits_soft_cap=logits_soft_cap, attention_fn=attention_fn,
+              k_scale=k_scale, v_scale=v_scale)
 
     def cascade():
         out, lse = _cascade_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens,
@@ -888,16 +902,19 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
 
 def _cascade_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
                        block_tables, kv_lens, cu_q_lens, *, scale: float,
-                       logits_soft_cap: float | None = None, attention_fn=None):
+                       logits_soft_cap: float | None = None, attention_fn=None, k_scale=None,
+                       v_scale=None):
     """Cascade attention: each prefix's KV is read once for all the tokens that share it.
 
     The tokens are sorted by prefix id so the tokens of one prefix form one ragged "sequence"
     of a non-causal paged attention over the prefix blocks (big dots: all tokens x prefix KV),
     then the per-sequence causal attention over the own blocks is merged in by LSE.
     ``attention_fn``: the ragged paged attention to use for both parts (default: this
-    module's; the Pallas backends pass their kernel).
+    module's; the Pallas backends pass their kernel). k_scale, v_scale: of float8 caches
+    (this module's parts only).
     """
     attn = ragged_paged_attention if attention_fn is None else attention_fn
+    scales = dict(k_scale=k_scale, v_scale=v_scale) if attention_fn is None else {}
     num_tokens = q.shape[0]
     num_seqs = block_tables.shape[0]
     num_prefixes = prefix_block_tables.shape[0]
@@ -907,15 +924,16 @@ def _cascade_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, pr
             and block_tables.shape[1] * k_cache.shape[1] <= SHORT_DECODE_MAX_TOKENS):
         def own_xla():
             return short_decode_attention(q, k_cache, v_cache, block_tables, kv_lens,
-                                          scale=scale, logits_soft_cap=logits_soft_cap)
+                                          scale=scale, logits_soft_cap=logits_soft_cap,
+                                          **scales)
     else:
         def own_xla():
             return attn(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale,
-                        causal=True, logits_soft_cap=logits_soft_cap)
+                        causal=True, logits_soft_cap=logits_soft_cap, **scales)
     if decode and attention_fn is None:  # each decode query sees every own key
         own_out, own_lse = decode_on_cpu_kernel(own_xla, q, k_cache, v_cache, block_tables,
                                                 kv_lens, scale=scale,
-                                                logits_soft_cap=logits_soft_cap)
+                                                logits_soft_cap=logits_soft_cap, **scales)
     else:
         own_out, own_lse = own_xla()
     if num_tokens == 0 or num_prefixes == 0:
@@ -936,7 +954,7 @@ def _cascade_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, pr
         # one prefix (chosen statically): every token against it, no sort
         pre_out, pre_lse = single_prefix_attention(
             q, k_cache, v_cache, prefix_block_tables[0], prefix_lens[0], tok_pid == 0,
-            scale=scale, logits_soft_cap=logits_soft_cap)
+            scale=scale, logits_soft_cap=logits_soft_cap, **scales)
         return merge_attention_states(own_out, own_lse, pre_out, pre_lse)
     if (attention_fn is None and prefix_block_tables.shape[1] > 0
             and _multi_prefix_q_tile(num_tokens, num_prefixes, group,
@@ -944,7 +962,7 @@ def _cascade_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, pr
         # several prefixes (chosen statically): per prefix, windows of its sorted tokens
         pre_out, pre_lse = multi_prefix_attention(
             q, k_cache, v_cache, prefix_block_tables, prefix_lens, tok_pid, scale=scale,
-            logits_soft_cap=logits_soft_cap)
+            logits_soft_cap=logits_soft_cap, **scales)
         return merge_attention_states(own_out, own_lse, pre_out, pre_lse)
     avg = -(-num_tokens // num_prefixes)
     qs_tile = min(MAX_Q_TILE * 2, 1 << (max(avg, 1) - 1).bit_length())
@@ -963,7 +981,7 @@ def _cascade_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, pr
                                         (chunks, prefix_block_tables.shape[1]))
         pre_out, pre_lse = attn(
             q, k_cache, v_cache, chunk_tables, chunk_kv, chunk_cu, scale=scale, causal=False,
-            logits_soft_cap=logits_soft_cap, q_tile=qs_tile)
+            logits_soft_cap=logits_soft_cap, q_tile=qs_tile, **scales)
         pre_out = jnp.where(mine[:, None, None], pre_out, jnp.zeros((), pre_out.dtype))
         pre_lse = jnp.where(mine[:, None], pre_lse, -jnp.inf)
         return merge_attention_states(pre_out, pre_lse, own_out, own_lse)
@@ -977,7 +995,7 @@ def _cascade_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, pr
     # prefix sit past pre_cu[-1], in no tile, and get out 0, lse -inf.
     pre_out, pre_lse = attn(
         q_sorted, k_cache, v_cache, prefix_block_tables, prefix_lens.astype(jnp.int32), pre_cu,
-        scale=scale, causal=False, logits_soft_cap=logits_soft_cap, q_tile=qs_tile)
+        scale=scale, causal=False, logits_soft_cap=logits_soft_cap, q_tile=qs_tile, **scales)
     inv = jnp.zeros((num_tokens,), jnp.int32).at[order].set(
         jnp.arange(num_tokens, dtype=jnp.int32))
     pre_out = jnp.take(pre_out, inv, axis=0)

@@ -724,6 +724,18 @@ def test_jax_write_kv_is_bit_exact_with_the_reference(backend, mode, dtype, pall
         np.testing.assert_array_equal(_bits(np.asarray(v)), _bits(want_v), err_msg=str(scale))
 
 
+@pytest.fixture
+def jax_reads_fp8(monkeypatch):
+    """The JAX frontend's dequantizing fallback refused: the backend must read the fp8 caches."""
+    pytest.importorskip("jax")
+    from prefixkv.jax_frontend import _ops
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fp8 caches were dequantized, not read by the backend")
+
+    monkeypatch.setattr(_ops, "_dequantized_blocks", refuse)
+
+
 JAX_ATTENTION = [("xla", "decode", "float32", {}), ("xla", "mixed", "bfloat16", {}),
                  ("xla", "mixed", "float32", {"sliding_window": 5, "logits_soft_cap": 3.0}),
                  ("xla", "decode", "float16", {"sliding_window": 5}),
@@ -736,21 +748,18 @@ JAX_ATTENTION = [("xla", "decode", "float32", {}), ("xla", "mixed", "bfloat16", 
                          ids=[f"{b}-{g}-{d}-{'-'.join(o) or 'plain'}"
                               for b, g, d, o in JAX_ATTENTION])
 def test_jax_paged_attention_reads_fp8_caches(backend, grid, dtype, opts, pallas_races,
-                                             monkeypatch):
+                                             request):
     """Under jax.jit with the scales traced, and eagerly with Python-float scales, against the
     reference. The XLA backend reads the fp8 caches itself (no dequantized copy): its loop
     converts the blocks of each step (also checked without the CPU kernel), the CPU decode
     kernel reads the bytes."""
     jax = pytest.importorskip("jax")
-    from prefixkv.jax_frontend import _ops, _xla
+    from prefixkv.jax_frontend import _xla
 
     from prefixkv import jax_frontend as jf
 
     if backend == "xla":
-        def refuse(*args, **kwargs):
-            raise AssertionError("the fp8 caches were dequantized, not read by the backend")
-
-        monkeypatch.setattr(_ops, "_dequantized_blocks", refuse)
+        request.getfixturevalue("jax_reads_fp8")
 
     # the interpreters run on the CPU, also on a machine with a GPU (the default device)
     cpu = jax.devices("cpu")[0] if backend != "xla" else None
@@ -823,7 +832,7 @@ def test_jax_cpu_decode_reads_fp8_bytes_in_the_ffi_kernel():
 
 @pytest.mark.parametrize("window", [None, 11], ids=["no_window", "window"])
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "ragged"])
-def test_jax_shared_prefix_attention_reads_fp8_caches(decode, window):
+def test_jax_shared_prefix_attention_reads_fp8_caches(decode, window, jax_reads_fp8):
     jax = pytest.importorskip("jax")
     from prefixkv import jax_frontend as jf
 
@@ -833,6 +842,63 @@ def test_jax_shared_prefix_attention_reads_fp8_caches(decode, window):
         a[0], kq, vq, *a[3:], s=np.float32(0.25))
     testing.assert_attention_close(out, want, "float32")
     np.testing.assert_allclose(np.asarray(lse), want_lse, atol=1e-4, rtol=1e-5)
+
+
+#: (prefix blocks, (prefix id, q_len, own kv_len) per sequence, decode): the XLA cascade's
+#: one-prefix and several-prefix passes, own parts by the decode kernel and the ragged loop
+JAX_CASCADE_FP8 = {"one_prefix_decode": ([4], [(0, 1, 5), (0, 1, 9), (-1, 1, 3)], True),
+                   "two_prefixes_decode": ([3, 2], [(0, 1, 5), (1, 1, 9), (0, 1, 2),
+                                                    (-1, 1, 3)], True),
+                   "two_prefixes_ragged": ([3, 2], [(0, 3, 5), (1, 2, 9), (-1, 1, 4)], False)}
+
+
+@pytest.mark.parametrize("case", list(JAX_CASCADE_FP8))
+def test_jax_cascade_reads_fp8_caches(case, jax_reads_fp8):
+    """The XLA cascade over fp8 caches, its prefix pass forced (as when a prefix group is big
+    enough on a CPU) and through the frontend, scales traced, against the reference; the
+    caches are never dequantized whole (NaN bytes sit in every slot no token holds)."""
+    jax = pytest.importorskip("jax")
+    from prefixkv.jax_frontend import _xla
+
+    from prefixkv import jax_frontend as jf
+
+    blocks, seqs, decode = JAX_CASCADE_FP8[case]
+    b = testing.make_shared_prefix_batch(np.random.default_rng(21), blocks, seqs,
+                                         num_q_heads=8, num_kv_heads=2, head_dim=32,
+                                         block_size=8, dtype="bfloat16", decode=decode)
+    kq, vq = ref.quantize_fp8_reference(b.k_cache, 0.03), ref.quantize_fp8_reference(
+        b.v_cache, 0.06)
+    a = b.args()
+    want, want_lse = ref.shared_prefix_attention_reference(
+        a[0], kq, vq, *a[3:], k_scale=0.03, v_scale=0.06, return_lse=True)
+    cascade = jax.jit(lambda q, k, v, *rest, ks, vs: _xla._cascade_attention(
+        q, k, v, *rest, scale=32 ** -0.5, k_scale=ks, v_scale=vs))
+    out, lse = cascade(a[0], kq, vq, *a[3:], ks=np.float32(0.03), vs=np.float32([0.06]))
+    testing.assert_attention_close(np.asarray(out, np.float32), want, "bfloat16")
+    np.testing.assert_allclose(np.asarray(lse), want_lse, **LSE_TOLERANCE["bfloat16"])
+    out = jax.jit(lambda q, k, v, *rest, s: jf.shared_prefix_attention(
+        q, k, v, *rest, k_scale=s, v_scale=0.06))(a[0], kq, vq, *a[3:], s=np.float32(0.03))
+    testing.assert_attention_close(out, want, "bfloat16")
+
+
+def test_jax_short_decode_reads_fp8_caches():
+    """The cascade's own part off the CPU kernel (short KV read whole per sequence) over fp8
+    caches, scales traced, against the reference."""
+    jax = pytest.importorskip("jax")
+    from prefixkv.jax_frontend import _xla
+
+    b = testing.make_ragged_batch(np.random.default_rng(22), [(1, 5), (1, 17), (1, 1)],
+                                  num_q_heads=8, num_kv_heads=2, head_dim=32, block_size=8,
+                                  dtype="bfloat16", decode=True)
+    kq, vq = ref.quantize_fp8_reference(b.k_cache, 0.5), ref.quantize_fp8_reference(
+        b.v_cache, 0.25)
+    want, want_lse = ref.paged_attention_reference(b.q, kq, vq, *b.args()[3:], k_scale=0.5,
+                                                   v_scale=0.25, return_lse=True)
+    out, lse = jax.jit(lambda q, k, v, t, n, ks, vs: _xla.short_decode_attention(
+        q, k, v, t, n, scale=32 ** -0.5, k_scale=ks, v_scale=vs))(
+        b.q, kq, vq, b.block_tables, b.kv_lens, np.float32(0.5), np.float32(0.25))
+    testing.assert_attention_close(out, want, "bfloat16")
+    np.testing.assert_allclose(np.asarray(lse), want_lse, **LSE_TOLERANCE["bfloat16"])
 
 
 @pytest.mark.parametrize("backend", ["xla", "pallas_interpret"])
