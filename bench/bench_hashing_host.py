@@ -47,9 +47,9 @@ def want_words(num_seqs: int, seq_len: int) -> np.ndarray:
     """u32[num_blocks, 8]: the prefixkv-v1 digests of _tokens(num_seqs, seq_len) by the
     `blake3` package (backend "blake3", independent of the C kernel the benchmarks time; the
     C kernel where it is not installed, as on the lent GPU machines' image, which the CPU
-    suite checks against it), after checking its first REFERENCE_BLOCKS blocks of the first
-    and of the last sequence against the pure-Python reference (~5k compressions/s: a slice
-    only)."""
+    suite checks against it; the C kernel's own benchmark then rests on the reference slices
+    alone), after checking its first REFERENCE_BLOCKS blocks of the first and of the last
+    sequence against the pure-Python reference (~5k compressions/s: a slice only)."""
     tokens, cu = _tokens(num_seqs, seq_len)
     oracle = "blake3" if importlib.util.find_spec("blake3") else "c"
     words = hash_blocks_words(tokens, BLOCK_SIZE, cu_lens=cu, backend=oracle)

@@ -102,9 +102,10 @@ def sweep_triton(deadline: float, split_only: bool = False) -> None:
 
                 def patched(*a, keys=keys, stages=stages, **k):
                     cfg = config(*a, **k)
-                    if keys:
-                        cfg["BLOCK_N"] = keys
-                    if stages:
+                    if keys:  # a swept tile in the stages named (None: Triton's default, 3),
+                        cfg["BLOCK_N"] = keys  # not those attention_stages gives the default
+                        cfg["num_stages"] = stages or 3
+                    elif stages:
                         cfg["num_stages"] = stages
                     return cfg
 
@@ -117,7 +118,7 @@ def sweep_triton(deadline: float, split_only: bool = False) -> None:
                              2 * num_seqs * context * KV_HEADS * HEAD_DIM * dtype.itemsize,
                              read)
                 _line(f"{str(dtype)[6:]} keys={keys or 'default'} warps={nwarps or 'default'} "
-                      f"stages={stages or 'default'}", results)
+                      f"stages={stages or (3 if keys else 'default')}", results)
     finally:
         attn.attention_config, attn.attention_warps = config, warps
 

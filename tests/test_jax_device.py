@@ -198,15 +198,15 @@ def test_fp8_caches_on_device(grid, dtype):
     batch = testing.make_ragged_batch(rng, testing.seq_grid(grid, 16), num_q_heads=32,
                                       num_kv_heads=8, head_dim=128, block_size=16, dtype=dtype)
     kq, vq = _fp8(batch.k_cache, 0.02), _fp8(batch.v_cache, 0.05)
-    key = testing.random_values(rng, (7, 8, 128), dtype, 3.0)
+    key, value = (testing.random_values(rng, (7, 8, 128), dtype, 3.0) for _ in range(2))
     slots = rng.permutation(kq.shape[0] * 16)[:7].astype(np.int32)
     slots[2] = -1
-    want_k, want_v = ref.write_kv_reference(key, key, kq, vq, slots, k_scale=0.02,
+    want_k, want_v = ref.write_kv_reference(key, value, kq, vq, slots, k_scale=0.02,
                                             v_scale=0.05)
-    got_k, got_v = jax.jit(lambda x, k, v, s, ks, vs: jf.write_kv(x, x, k, v, s, k_scale=ks,
-                                                                   v_scale=vs))(
-        jnp.asarray(key), jnp.asarray(kq), jnp.asarray(vq), jnp.asarray(slots),
-        np.float32(0.02), np.float32([0.05]))
+    got_k, got_v = jax.jit(lambda x, y, k, v, s, ks, vs: jf.write_kv(x, y, k, v, s, k_scale=ks,
+                                                                      v_scale=vs))(
+        jnp.asarray(key), jnp.asarray(value), jnp.asarray(kq), jnp.asarray(vq),
+        jnp.asarray(slots), np.float32(0.02), np.float32([0.05]))
     np.testing.assert_array_equal(np.asarray(got_k).view(np.uint8), want_k.view(np.uint8))
     np.testing.assert_array_equal(np.asarray(got_v).view(np.uint8), want_v.view(np.uint8))
     rest = [None if a is None else jnp.asarray(a) for a in batch.args()[3:]]

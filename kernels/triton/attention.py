@@ -418,11 +418,11 @@ def _split_16bit(decode: bool, split: bool, itemsize: int, rows: int) -> bool:
 
 
 def attention_stages(cfg: dict, decode: bool, *, itemsize: int = 2, split: bool = False,
-                     fp8: bool = False) -> int | None:
+                     fp8: bool = False, cc: int = 90) -> int | None:
     """Software pipeline stages of a launch of config ``cfg`` (None: Triton's default, 3):
-    5 for 16-bit split-KV decode tiles of 64 keys up to head_dim 128 (see
-    :func:`attention_config`)."""
-    if (not fp8 and cfg["BLOCK_D"] <= 128 and cfg["BLOCK_N"] == 64
+    5 for 16-bit split-KV decode tiles of 64 keys up to head_dim 128 on NVIDIA GPUs from sm_80
+    (``cc``: compute capability x 10; see :func:`attention_config`)."""
+    if (cc >= 80 and not fp8 and cfg["BLOCK_D"] <= 128 and cfg["BLOCK_N"] == 64
             and _split_16bit(decode, split, itemsize, cfg["BLOCK_M"])):
         return 5
     return None
@@ -439,8 +439,9 @@ def attention_warps(head_dim: int, decode: bool, *, itemsize: int = 2, rows: int
     with 4 warps against 79% with 8, float32 (ieee dots) at 30% against 18%; prefill of
     8 x 512 tokens over 4096 cached (bf16, 64 rows x 64 keys) took 1.49 ms with 4 warps
     against 2.87 ms with 8 (197 against 102 TFLOP/s; 128 rows x 128 keys at 8 warps: 1.41 ms,
-    but 192 KB of shared memory at 3 stages, over sm_80's 163 KB; bench/tune_device.py
-    prefill)."""
+    but that tile spills 64 B on sm_80 and takes 160 KB of shared memory on sm_90;
+    bench/tune_device.py prefill). fp8 caches with 16-bit q take the 16-bit rule (not
+    measured there)."""
     if head_dim <= 128 and (rows <= 16 if decode else
                             itemsize < 4 and rows <= 64 and cc >= 90):
         return 4
@@ -455,7 +456,10 @@ def program_heads(num_q_heads: int, num_kv_heads: int, itemsize: int) -> int:
 @functools.cache
 def compute_capability(device_index: int | None) -> int:
     """A CUDA device's compute capability as major x 10 + minor (a host-side property query:
-    no sync, graph-safe); an H100's (90) where none can be asked (the interpreter)."""
+    no sync, graph-safe); an H100's (90) where none can be asked (the interpreter); 0 on ROCm,
+    whose gfx numbers are no CUDA capability (the rules measured on NVIDIA GPUs stay off)."""
+    if getattr(torch.version, "hip", None):
+        return 0
     if device_index is None or not torch.cuda.is_available():
         return 90
     major, minor = torch.cuda.get_device_capability(device_index)
@@ -643,7 +647,8 @@ def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal
     cc = compute_capability(q.device.index if q.is_cuda else None)
     cfg = attention_config(num_q_heads, num_kv_heads, head_dim, decode, itemsize=itemsize,
                            split=num_splits > 1, fp8=fp8)
-    stages = attention_stages(cfg, decode, itemsize=itemsize, split=num_splits > 1, fp8=fp8)
+    stages = attention_stages(cfg, decode, itemsize=itemsize, split=num_splits > 1, fp8=fp8,
+                              cc=cc)
     block_q = cfg["BLOCK_M"] // cfg["GROUP_P2"]
     # query tiles of the whole batch (see the kernel): one per sequence in decode
     tiles = num_seqs if decode else triton.cdiv(num_tokens, block_q) + num_seqs
