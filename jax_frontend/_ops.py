@@ -363,8 +363,10 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
     traced (fp8 caches only; docs/ops.md). The rows are quantized by XLA ops, then the chosen
     backend moves their bytes.
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim].
-    slot_mapping: i32[n], n <= num_tokens; slot = block * block_size + offset; negative slots
-    are skipped; rows of key/value past n are ignored (padding). Slots must be distinct.
+    slot_mapping: i32[n] or i64[n] (vLLM's and SGLang's dtype; with x64), n <= num_tokens;
+    slot = block * block_size + offset; negative slots are skipped, as are slots past the
+    cache (an int64 slot never wraps into the cache as int32); rows of key/value past n are
+    ignored (padding). Slots must be distinct.
     Returns new caches; donate the caches (``jax.jit(..., donate_argnums=...)``) to update in
     place with no copy.
     """
@@ -372,6 +374,7 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
                             v_scale=v_scale)
     if _run_value_checks(slot_mapping):
         validate.check_write_kv_values(k_cache, slot_mapping)
+    slot_mapping = _int32_slots(slot_mapping, int(k_cache.shape[0]) * int(k_cache.shape[1]))
     if validate.is_fp8(k_cache):
         ks, vs = _kv_scales(k_scale, v_scale)
         n = int(slot_mapping.shape[0])  # rows past the mapping: never quantized
@@ -379,6 +382,18 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
     return _dispatch("write_kv", backend, _backends.cache_context([k_cache]),
                      lambda impl: tuple(impl(key, value, k_cache, v_cache, slot_mapping)),
                      (key, value, k_cache, v_cache, slot_mapping))
+
+
+def _int32_slots(slots, num_slots: int):
+    """int32 slots for the backends: int64 ones outside [0, num_slots) become -1 (skipped)
+    before the narrowing, which would otherwise wrap them into the cache. numpy stays numpy
+    (host value checks, no transfer)."""
+    import jax.numpy as jnp
+
+    if str(slots.dtype) != "int64":
+        return slots
+    xp = np if isinstance(slots, np.ndarray) else jnp
+    return xp.where((slots >= 0) & (slots < num_slots), slots, -1).astype(xp.int32)
 
 
 def copy_blocks(caches, src, dst, *, backend=None):

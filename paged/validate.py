@@ -90,6 +90,10 @@ def check_array(name: str, x, *, ndim: int | None = None, dtypes: Sequence[str] 
     return _shape(x)
 
 
+#: dtypes write_kv takes slot_mapping in (every other index argument: INDEX_DTYPE)
+SLOT_DTYPES = (INDEX_DTYPE, "int64")
+
+
 def check_index(name: str, x, ndim: int = 1) -> tuple[int, ...]:
     return check_array(name, x, ndim=ndim, dtypes=(INDEX_DTYPE,))
 
@@ -458,7 +462,8 @@ def check_write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None,
     if shape[1:] != (num_kv_heads, head_dim):
         raise ValueError(f"key: expected [num_tokens, {num_kv_heads}, {head_dim}] "
                          f"(num_kv_heads, head_dim of k_cache), got {shape}")
-    (n,) = check_index("slot_mapping", slot_mapping)
+    # int64 too: vLLM's reshape_and_cache and SGLang's out_cache_loc hand slots as int64
+    (n,) = check_array("slot_mapping", slot_mapping, ndim=1, dtypes=SLOT_DTYPES)
     if n > shape[0]:
         raise ValueError(f"slot_mapping: expected at most num_tokens ({shape[0]}) entries, "
                          f"got {n}")

@@ -5,6 +5,8 @@ Shapes are kept small and shared so the compiled functions are reused across cas
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -329,6 +331,38 @@ def test_write_kv_exact(dtype, ffi, monkeypatch):
     gk, gv = jf.write_kv(key, value, kc, vc, slots)
     np.testing.assert_array_equal(np.asarray(gk).view(np.uint8), wk.view(np.uint8))
     np.testing.assert_array_equal(np.asarray(gv).view(np.uint8), wv.view(np.uint8))
+
+
+def _x64():
+    """jax's x64 mode as a context (jax.enable_x64 in newer jax, jax.experimental before)."""
+    on = getattr(jax, "enable_x64", None)
+    if on is None:
+        from jax.experimental import enable_x64 as on
+    return on(True)
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas_interpret", None])
+def test_write_kv_takes_int64_slots(backend, pallas_races):
+    """slot_mapping as vLLM and SGLang hand it (int64): numpy int64 eagerly and under jit,
+    and, with x64, int64 arrays traced: a slot past the cache (2**32 + 5, which int32 would
+    wrap to 5) is skipped, never written."""
+    rng = np.random.default_rng(16)
+    kc, vc = _caches(rng, dtype="bfloat16")
+    key, value = (testing.random_values(rng, (5, 2, 8), "bfloat16") for _ in range(2))
+    slots = np.array([5, -1, 46, 0, 13], np.int64)
+    wk, wv = ref.write_kv_reference(key, value, kc, vc, slots)
+    for got in (jf.write_kv(key, value, kc, vc, slots, backend=backend),
+                jax.jit(functools.partial(jf.write_kv, backend=backend))(key, value, kc, vc,
+                                                                         slots)):
+        np.testing.assert_array_equal(np.asarray(got[0]).view(np.uint8), wk.view(np.uint8))
+        np.testing.assert_array_equal(np.asarray(got[1]).view(np.uint8), wv.view(np.uint8))
+    with _x64():
+        far = jnp.asarray(np.array([5, -1, 46, (1 << 32) + 5, 13], np.int64))
+        assert far.dtype == jnp.int64
+        got = jax.jit(functools.partial(jf.write_kv, backend=backend))(key, value, kc, vc, far)
+    wk, wv = ref.write_kv_reference(key, value, kc, vc, np.array([5, -1, 46, -1, 13]))
+    np.testing.assert_array_equal(np.asarray(got[0]).view(np.uint8), wk.view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(got[1]).view(np.uint8), wv.view(np.uint8))
 
 
 def test_copy_blocks_exact_reads_before_writes():

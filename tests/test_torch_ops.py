@@ -459,6 +459,22 @@ def test_write_kv_exact(dtype):
     np.testing.assert_array_equal(N(tv), want_v.astype(np.float64))
 
 
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_write_kv_takes_int64_slots(backend):
+    """slot_mapping as vLLM's reshape_and_cache takes it (int64): the same bits as int32
+    slots, negative ones skipped."""
+    rng = np.random.default_rng(15)
+    kc, vc = (testing.random_values(rng, (6, 8, 2, 16), "bfloat16") for _ in range(2))
+    key, val = (testing.random_values(rng, (5, 2, 16), "bfloat16") for _ in range(2))
+    slots = np.array([3, -1, 47, 0, 20], dtype=np.int64)
+    want_k, want_v = ref.write_kv_reference(key, val, kc, vc, slots.astype(np.int32))
+    tk, tv = T(kc), T(vc)
+    tf.write_kv(T(key), T(val), tk, tv, torch.from_numpy(slots), backend=backend)
+    assert torch.from_numpy(slots).dtype == torch.int64
+    np.testing.assert_array_equal(N(tk), want_k.astype(np.float64))
+    np.testing.assert_array_equal(N(tv), want_v.astype(np.float64))
+
+
 def _caches(rng, dtype="float32", n=3, num_blocks=9):
     return [testing.random_values(rng, (num_blocks, 4, 2, 8), dtype) for _ in range(n)]
 

@@ -154,6 +154,11 @@ VARIANTS = {
     "write-kv-h8-d128": (tcache._write_kv_kernel,
                          {"NUM_HEADS": 8, "HEAD_DIM": 128, "BLOCK_H": 8, "BLOCK_D": 128,
                           "BLOCK_SIZE": 16}, {"slots_ptr": "*i32"}, "*i16"),
+    # int64 slots (vLLM's slot_mapping dtype): the JIT specializes slots_ptr as *i64
+    "write-kv-h8-d128-slots-i64": (tcache._write_kv_kernel,
+                                   {"NUM_HEADS": 8, "HEAD_DIM": 128, "BLOCK_H": 8,
+                                    "BLOCK_D": 128, "BLOCK_SIZE": 16}, {"slots_ptr": "*i64"},
+                                   "*i16"),
     "write-kv-h32-d128": (tcache._write_kv_kernel,
                           {"NUM_HEADS": 32, "HEAD_DIM": 128,
                            "BLOCK_H": tcache.write_kv_heads_per_program(32, 128), "BLOCK_D": 128,

@@ -137,7 +137,7 @@ WRITE_CASES = [
     ((KEY[:, :1], KEY[:, :1], KC, KC, SLOTS), ValueError, r"key: expected \[num_tokens, 2, 8\]"),
     ((KEY, KEY[:2], KC, KC, SLOTS), ValueError, r"value: expected the shape of key"),
     ((KEY.astype(np.float16), KEY.astype(np.float16), KC, KC, SLOTS), TypeError, r"key: expected the dtype of k_cache \(float32\), got float16"),
-    ((KEY, KEY, KC, KC, SLOTS.astype(np.int64)), TypeError, r"slot_mapping: expected int32, got int64"),
+    ((KEY, KEY, KC, KC, SLOTS.astype(np.uint32)), TypeError, r"slot_mapping: expected int32 or int64, got uint32"),
     ((KEY, KEY, KC, KC, np.zeros(4, I32)), ValueError, r"slot_mapping: expected at most num_tokens \(3\) entries"),
     ((KEY, KEY, KC, KC, np.array([0, 8, 1], I32)), ValueError, r"slot_mapping: expected slots < num_blocks \* block_size \(8\)"),
     ((KEY, KEY, KC, KC, np.array([3, -1, 3], I32)), ValueError, r"slot_mapping: expected distinct destinations, got 3 2 times \(give padding tokens slot -1: they are skipped\)"),

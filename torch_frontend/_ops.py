@@ -672,7 +672,8 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
     key, value: [num_tokens, num_kv_heads, head_dim], the cache's dtype (rows past
     len(slot_mapping) are ignored), or any float dtype (both the same) for float8_e4m3fn
     caches. k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim].
-    slot_mapping: i32[n], slot = block * block_size + offset, negative = skip.
+    slot_mapping: i32[n] or i64[n] (vLLM's dtype), slot = block * block_size + offset,
+    negative = skip.
     k_scale, v_scale: float8_e4m3fn caches only; None (1.0), a positive float or a float32
     tensor of one element: the cache stores fp8(sat(x / scale)) in float32 (docs/ops.md;
     bit-exact with :func:`prefixkv.paged.reference.quantize_fp8_reference` on the torch and
