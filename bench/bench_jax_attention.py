@@ -261,6 +261,34 @@ def test_shared_prefix_32x2048(benchmark, machine_limits, impl):
                   impl)
 
 
+@pytest.mark.parametrize("impl", ["prefixkv_fp8", "dequantize_baseline"])
+def test_shared_prefix_32x2048_fp8(benchmark, machine_limits, impl):
+    """The cascade over float8_e4m3fn caches (bf16 queries, k_scale = v_scale = FP8_SCALE):
+    prefixkv reading the fp8 bytes against dequantizing the cache into bf16 first (what a
+    caller without fp8 support writes), then the same cascade. Bytes: the fp8 KV read once."""
+    benchmark.group = "jax shared prefix 32 x (2048 + 128) decode float8_e4m3fn"
+    shared, paged = _shared_inputs("bfloat16")
+    k8, v8 = (jnp.clip(c.astype(jnp.float32) / FP8_SCALE, -448, 448).astype(jnp.float8_e4m3fn)
+              for c in shared[1:3])
+    args = (shared[0], k8, v8, *shared[3:], jnp.float32(FP8_SCALE))
+    if impl == "prefixkv_fp8":
+        fn = jax.jit(lambda q, k, v, *rest: jf.shared_prefix_attention(
+            q, k, v, *rest[:-1], k_scale=rest[-1], v_scale=rest[-1]))
+    else:
+        def baseline(q, k, v, *rest):
+            k, v = ((c.astype(jnp.float32) * rest[-1]).astype(q.dtype) for c in (k, v))
+            return jf.shared_prefix_attention(q, k, v, *rest[:-1])
+        fn = jax.jit(baseline)
+    deq = tuple(c.astype(jnp.float32) * FP8_SCALE for c in (k8, v8))
+    want = _want((paged[0], *deq, *paged[3:]), SHARED_ROWS)
+    _run(benchmark, fn, args, rounds=5, check=lambda out: _check(out, SHARED_ROWS, want,
+                                                                 "bfloat16"))
+    nbytes = 2 * (SP_PREFIX + SP_SEQS * SP_OWN) * HKV * D  # one byte an element
+    record(benchmark, machine_limits, bytes_read=nbytes,
+           flops=4 * SP_SEQS * HQ * (SP_PREFIX + SP_OWN) * D, impl=impl,
+           dtype="float8_e4m3fn", q_dtype="bfloat16", baseline=impl == "dequantize_baseline")
+
+
 @pytest.mark.parametrize("impl", ["shared_prefix_attention", "paged_attention"])
 def test_shared_prefix_4x8x2048(benchmark, machine_limits, impl):
     benchmark.group = "jax shared prefix 4 prefixes x 8 x (2048 + 128) decode f32"
