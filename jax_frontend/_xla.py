@@ -702,13 +702,6 @@ def _cpu_kernel_takes(q, k_cache, v_cache) -> bool:
     return xla_ffi.use_for_attention(q, k_cache, v_cache)
 
 
-def _fp8_scales(k_cache, k_scale, v_scale) -> dict:
-    """The scales keywords of the CPU decode kernel: float8 caches only."""
-    if k_cache.dtype == jnp.float8_e4m3fn:
-        return {"k_scale": k_scale, "v_scale": v_scale}
-    return {}
-
-
 def decode_on_cpu_kernel(xla_fn, q, k_cache, v_cache, block_tables, kv_lens, *, scale: float,
                          sliding_window: int | None = None,
                          logits_soft_cap: float | None = None, k_scale=None, v_scale=None):
@@ -728,7 +721,7 @@ def decode_on_cpu_kernel(xla_fn, q, k_cache, v_cache, block_tables, kv_lens, *, 
         return xla_ffi.paged_attention_decode(q, k_cache, v_cache, block_tables, kv_lens,
                                               scale=scale, sliding_window=sliding_window,
                                               logits_soft_cap=logits_soft_cap,
-                                              **_fp8_scales(k_cache, k_scale, v_scale))
+                                              k_scale=k_scale, v_scale=v_scale)
 
     return lax.platform_dependent(cpu=cpu_path, default=xla_fn)
 
@@ -772,7 +765,7 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
             q[jnp.clip(starts, 0, num_tokens - 1)], k_cache, v_cache, block_tables,
             jnp.where(decode, kv_lens, 0), scale=scale,
             sliding_window=sliding_window if causal else None, logits_soft_cap=logits_soft_cap,
-            **_fp8_scales(k_cache, k_scale, v_scale))
+            k_scale=k_scale, v_scale=v_scale)
         dest = jnp.where(decode, starts, num_tokens)         # a decode's row; others: dropped
         decode_row = jnp.zeros(num_tokens, jnp.int32).at[dest].set(1, mode="drop")
         order = jnp.argsort(decode_row, stable=True)         # the other tokens first, in order
