@@ -1029,13 +1029,20 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping):
     return lax.platform_dependent(cpu=cpu_path, default=xla_path)
 
 
+def _outside_dropped(ids, num_blocks: int):
+    """Destination block ids with every id outside [0, num_blocks) moved past the end, where
+    mode="drop" skips it: jnp's .at[] wraps a negative id onto the cache's last blocks."""
+    return jnp.where((ids >= 0) & (ids < num_blocks), ids, num_blocks)
+
+
 def copy_blocks(caches, src, dst):
     """cache[dst[i]] = cache[src[i]] for every cache; reads happen before writes."""
     def xla_path():
         out = []
         for c in caches:
             rows = jnp.take(c, src, axis=0, mode="clip")
-            out.append(c.at[dst].set(rows, mode="drop", unique_indices=True))
+            out.append(c.at[_outside_dropped(dst, c.shape[0])].set(rows, mode="drop",
+                                                                   unique_indices=True))
         return out
 
     from ..kernels.cpu import xla_ffi  # in-place on CPU, see write_kv
@@ -1078,7 +1085,8 @@ def gather_blocks(caches, block_ids):
 def scatter_blocks(caches, buffer, block_ids):
     """caches[c][block_ids[i]] = buffer[i, c]."""
     def xla_path():
-        return [c.at[block_ids].set(buffer[:, i], mode="drop", unique_indices=True)
+        return [c.at[_outside_dropped(block_ids, c.shape[0])].set(buffer[:, i], mode="drop",
+                                                                  unique_indices=True)
                 for i, c in enumerate(caches)]
 
     from ..kernels.cpu import xla_ffi  # in-place on CPU, see write_kv

@@ -389,6 +389,33 @@ def test_gather_scatter_roundtrip_exact():
         np.testing.assert_array_equal(np.asarray(g).view(np.uint16), w.view(np.uint16))
 
 
+@pytest.mark.parametrize("ffi", ["cpu_ffi", "xla_scatter"])
+def test_block_writes_skip_out_of_range_ids_under_jit(ffi, monkeypatch):
+    """Under jit nothing checks ids: a copy_blocks dst or scatter_blocks id outside
+    [0, num_blocks), negative included, is skipped on both CPU routes (the FFI kernel, and the
+    XLA scatter that GPUs take), never wrapped onto the cache's last block (jnp's .at[] wraps
+    -1 to it, mode="drop" or not)."""
+    if ffi == "xla_scatter":
+        from prefixkv.kernels.cpu import xla_ffi
+
+        monkeypatch.setattr(xla_ffi, "use_for", lambda *a, **k: False)
+    jax.clear_caches()
+    rng = np.random.default_rng(17)
+    caches = _caches(rng, dtype="bfloat16")  # 12 blocks
+    dst = np.array([-1, 4, 12, -12], np.int32)  # -12 would wrap to block 0
+    live = np.array([False, True, False, False])
+    src = np.array([3, 0, 5, 6], np.int32)
+    got = jax.jit(jf.copy_blocks)(caches, src, dst)
+    want = ref.copy_blocks_reference(caches, src[live], dst[live])
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g).view(np.uint16), w.view(np.uint16))
+    buf = testing.random_values(rng, (4, 2, 4, 2, 8), "bfloat16")
+    got = jax.jit(jf.scatter_blocks)(caches, buf, dst)
+    want = ref.scatter_blocks_reference(caches, buf[live], dst[live])
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g).view(np.uint16), w.view(np.uint16))
+
+
 def test_cache_ops_under_jit_with_donation_reuse_buffers():
     """Donated caches are updated in place: same buffer out, the input is consumed."""
     rng = np.random.default_rng(15)
