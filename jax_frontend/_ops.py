@@ -374,7 +374,7 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
                             v_scale=v_scale)
     if _run_value_checks(slot_mapping):
         validate.check_write_kv_values(k_cache, slot_mapping)
-    slot_mapping = _int32_slots(slot_mapping, int(k_cache.shape[0]) * int(k_cache.shape[1]))
+    slot_mapping = _int32_ids(slot_mapping, int(k_cache.shape[0]) * int(k_cache.shape[1]))
     if validate.is_fp8(k_cache):
         ks, vs = _kv_scales(k_scale, v_scale)
         n = int(slot_mapping.shape[0])  # rows past the mapping: never quantized
@@ -384,28 +384,29 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
                      (key, value, k_cache, v_cache, slot_mapping))
 
 
-def _int32_slots(slots, num_slots: int):
-    """int32 slots for the backends: int64 ones outside [0, num_slots) become -1 (skipped)
-    before the narrowing, which would otherwise wrap them into the cache. numpy stays numpy
-    (host value checks, no transfer)."""
+def _int32_ids(ids, upper: int):
+    """int32 slots or block ids for the backends: int64 ones outside [0, upper) become -1
+    (skipped by writes, clamped by reads) before the narrowing, which would otherwise wrap
+    them into the cache. numpy stays numpy (host value checks, no transfer)."""
     import jax.numpy as jnp
 
-    if str(slots.dtype) != "int64":
-        return slots
-    xp = np if isinstance(slots, np.ndarray) else jnp
-    return xp.where((slots >= 0) & (slots < num_slots), slots, -1).astype(xp.int32)
+    if str(ids.dtype) != "int64":
+        return ids
+    xp = np if isinstance(ids, np.ndarray) else jnp
+    return xp.where((ids >= 0) & (ids < upper), ids, -1).astype(xp.int32)
 
 
 def copy_blocks(caches, src, dst, *, backend=None):
     """Copy block src[i] to dst[i] in every cache (all reads before any write).
 
     caches: list/tuple of arrays with the block axis first (e.g. every layer's K and V),
-    same num_blocks. src, dst: i32[n] block ids in [0, num_blocks); dst distinct.
+    same num_blocks. src, dst: i32[n] or i64[n] block ids in [0, num_blocks); dst distinct.
     Returns a list of new caches (donate the inputs for an in-place update).
     """
     num_blocks = validate.check_copy_blocks(caches, src, dst)
     if _run_value_checks(src, dst):
         validate.check_copy_blocks_values(num_blocks, src, dst)
+    src, dst = _int32_ids(src, num_blocks), _int32_ids(dst, num_blocks)
     caches = list(caches)
     return _dispatch("copy_blocks", backend, _backends.cache_context(caches),
                      lambda impl: list(impl(caches, src, dst)), (caches, src, dst))
@@ -415,12 +416,13 @@ def gather_blocks(caches, block_ids, *, backend=None):
     """Gather blocks into one contiguous buffer.
 
     caches: list/tuple of arrays [num_blocks, *block_shape], same block shape and dtype.
-    block_ids: i32[n] in [0, num_blocks). Returns buffer [n, len(caches), *block_shape] with
-    buffer[i, c] = caches[c][block_ids[i]].
+    block_ids: i32[n] or i64[n] in [0, num_blocks). Returns buffer [n, len(caches),
+    *block_shape] with buffer[i, c] = caches[c][block_ids[i]].
     """
     validate.check_gather_blocks(caches, block_ids)
     if _run_value_checks(block_ids):
         validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=False)
+    block_ids = _int32_ids(block_ids, int(caches[0].shape[0]))
     caches = list(caches)
     return _dispatch("gather_blocks", backend, _backends.cache_context(caches),
                      lambda impl: impl(caches, block_ids), (caches, block_ids))
@@ -429,12 +431,14 @@ def gather_blocks(caches, block_ids, *, backend=None):
 def scatter_blocks(caches, buffer, block_ids, *, backend=None):
     """Inverse of gather_blocks: caches[c][block_ids[i]] = buffer[i, c].
 
-    buffer: [n, len(caches), *block_shape], the caches' dtype; block_ids: i32[n], distinct.
-    Returns a list of new caches; blocks not named are unchanged (donate to update in place).
+    buffer: [n, len(caches), *block_shape], the caches' dtype; block_ids: i32[n] or i64[n],
+    distinct. Returns a list of new caches; blocks not named are unchanged (donate to update
+    in place).
     """
     validate.check_scatter_blocks(caches, buffer, block_ids)
     if _run_value_checks(block_ids):
         validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=True)
+    block_ids = _int32_ids(block_ids, int(caches[0].shape[0]))
     caches = list(caches)
     return _dispatch("scatter_blocks", backend, _backends.cache_context(caches),
                      lambda impl: list(impl(caches, buffer, block_ids)),

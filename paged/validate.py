@@ -81,7 +81,7 @@ def check_array(name: str, x, *, ndim: int | None = None, dtypes: Sequence[str] 
         want = dtypes[0] if len(dtypes) == 1 else " or ".join(dtypes)
         hint = ""
         if tuple(dtypes) == (INDEX_DTYPE,) and dtype_name(x).startswith(("int", "uint")):
-            # vLLM's slot_mapping and block mappings, SGLang's out_cache_loc, JAX with x64
+            # SGLang's int64 seq_lens, torch's default integer dtype, JAX with x64
             hint = (" (indices are int32 in prefixkv: cast with .to(torch.int32) or "
                     ".astype(np.int32))")
         raise TypeError(f"{name}: expected {want}, got {dtype_name(x)}{hint}")
@@ -90,12 +90,20 @@ def check_array(name: str, x, *, ndim: int | None = None, dtypes: Sequence[str] 
     return _shape(x)
 
 
-#: dtypes write_kv takes slot_mapping in (every other index argument: INDEX_DTYPE)
-SLOT_DTYPES = (INDEX_DTYPE, "int64")
+#: dtypes of the arguments that name slots or blocks of a cache: write_kv's slot_mapping
+#: (vLLM's reshape_and_cache and SGLang's out_cache_loc hand int64) and the block ids of
+#: copy_blocks, gather_blocks, scatter_blocks and swap_blocks (torch's default integer dtype;
+#: the columns of vLLM's int64 [n, 2] block_mapping). Attention metadata stays INDEX_DTYPE.
+ID_DTYPES = (INDEX_DTYPE, "int64")
 
 
 def check_index(name: str, x, ndim: int = 1) -> tuple[int, ...]:
     return check_array(name, x, ndim=ndim, dtypes=(INDEX_DTYPE,))
+
+
+def check_ids(name: str, x) -> tuple[int, ...]:
+    """A 1-D array of slots or block ids: int32 or int64 (:data:`ID_DTYPES`)."""
+    return check_array(name, x, ndim=1, dtypes=ID_DTYPES)
 
 
 def check_same_shape(name: str, x, ref_name: str, ref) -> None:
@@ -462,8 +470,7 @@ def check_write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None,
     if shape[1:] != (num_kv_heads, head_dim):
         raise ValueError(f"key: expected [num_tokens, {num_kv_heads}, {head_dim}] "
                          f"(num_kv_heads, head_dim of k_cache), got {shape}")
-    # int64 too: vLLM's reshape_and_cache and SGLang's out_cache_loc hand slots as int64
-    (n,) = check_array("slot_mapping", slot_mapping, ndim=1, dtypes=SLOT_DTYPES)
+    (n,) = check_ids("slot_mapping", slot_mapping)
     if n > shape[0]:
         raise ValueError(f"slot_mapping: expected at most num_tokens ({shape[0]}) entries, "
                          f"got {n}")
@@ -503,8 +510,8 @@ def check_caches(caches, name: str = "caches") -> list:
 
 def check_copy_blocks(caches, src, dst) -> int:
     caches = check_caches(caches)
-    (n,) = check_index("src", src)
-    (n_dst,) = check_index("dst", dst)
+    (n,) = check_ids("src", src)
+    (n_dst,) = check_ids("dst", dst)
     if n_dst != n:
         raise ValueError(f"dst: expected shape ({n},) (the shape of src), got ({n_dst},)")
     return int(caches[0].shape[0])
@@ -532,13 +539,13 @@ def _check_uniform_caches(caches) -> tuple[tuple[int, ...], str]:
 def check_gather_blocks(caches, block_ids) -> tuple[int, ...]:
     """Returns the buffer shape [n, len(caches), *block_shape]."""
     block_shape, _ = _check_uniform_caches(caches)
-    (n,) = check_index("block_ids", block_ids)
+    (n,) = check_ids("block_ids", block_ids)
     return (n, len(caches), *block_shape)
 
 
 def check_scatter_blocks(caches, buffer, block_ids) -> tuple[int, ...]:
     block_shape, _ = _check_uniform_caches(caches)
-    (n,) = check_index("block_ids", block_ids)
+    (n,) = check_ids("block_ids", block_ids)
     want = (n, len(caches), *block_shape)
     check_array("buffer", buffer)
     if _shape(buffer) != want:
@@ -571,8 +578,8 @@ def check_swap_blocks(src_caches, dst_caches, src_ids, dst_ids) -> int:
             raise ValueError(f"dst_caches[{i}]: expected block shape {_shape(a)[1:]} "
                              f"(from src_caches[{i}]), got {_shape(b)[1:]}")
         check_same_dtype(f"dst_caches[{i}]", b, f"src_caches[{i}]", a)
-    (n,) = check_index("src_ids", src_ids)
-    (n_dst,) = check_index("dst_ids", dst_ids)
+    (n,) = check_ids("src_ids", src_ids)
+    (n_dst,) = check_ids("dst_ids", dst_ids)
     if n_dst != n:
         raise ValueError(f"dst_ids: expected shape ({n},) (the shape of src_ids), got ({n_dst},)")
     return n

@@ -103,11 +103,12 @@ def make_swap(seed, geometry, kinds, src_blocks=SRC_BLOCKS, dst_blocks=DST_BLOCK
 
 
 def ids_tensor(ids, placement: str):
-    """ids as the caller hands them: pageable host int64, pinned host int32 or device int32."""
+    """ids as the caller hands them: pageable host int64, pinned host int32, device int32 or
+    device int64 ("device64")."""
     if placement == "host":
         return torch.tensor(ids, dtype=torch.int64)
-    return MARK["pinned" if placement == "pinned" else "cuda"](
-        torch.tensor(ids, dtype=torch.int32))
+    dtype = torch.int64 if placement == "device64" else torch.int32
+    return MARK["pinned" if placement == "pinned" else "cuda"](torch.tensor(ids, dtype=dtype))
 
 
 def run_swap(pairs, src_ids, dst_ids, placement="host"):
@@ -134,12 +135,14 @@ def check_swapped(pairs, src_ids, dst_ids):
         assert changed.size == 0, f"{changed.size} bytes differ, first at {changed[:8]}"
 
 
-def swap_ids(rng, n, src_blocks, dst_blocks, outside: bool):
+def swap_ids(rng, n, src_blocks, dst_blocks, outside: bool, wide: bool = False):
     src_ids = rng.choice(src_blocks, n, replace=False)
     dst_ids = rng.choice(dst_blocks, n, replace=False)
     src_ids[1] = src_ids[0]  # a source may repeat; destinations may not
     if outside:  # ids on a device are checked only on request: the kernel skips these
         src_ids[2], dst_ids[3], dst_ids[4], src_ids[5] = src_blocks, -1, dst_blocks, 2**31 - 1
+    if wide:  # int64 ids past int32: block 2 and 3 if narrowed anywhere
+        src_ids[6], dst_ids[7] = 2**32 + 2, 2**32 + 3
     return src_ids.tolist(), dst_ids.tolist()
 
 
@@ -154,11 +157,13 @@ def test_swap_blocks(geometry, direction, outside):
     check_swapped(pairs, src_ids, dst_ids)
 
 
-@pytest.mark.parametrize("placement", ["host", "pinned", "device"])
+@pytest.mark.parametrize("placement", ["host", "pinned", "device", "device64"])
 def test_swap_blocks_ids_placement(placement):
-    """Ids from pageable host int64 (converted and staged), pinned host and the device."""
+    """Ids from pageable host int64 (staged), pinned host and the device, int32 or int64 (an
+    int64 id past 2**32 on the device, unchecked, is skipped, never narrowed into the cache)."""
     rng, pairs = make_swap(7, GEOMETRIES["odd_bytes"], DIRECTIONS["device_to_host"])
-    src_ids, dst_ids = swap_ids(rng, 9, SRC_BLOCKS, DST_BLOCKS, outside=True)
+    src_ids, dst_ids = swap_ids(rng, 9, SRC_BLOCKS, DST_BLOCKS, outside=True,
+                                wide=placement == "device64")
     run_swap(pairs, src_ids, dst_ids, placement)
     check_swapped(pairs, src_ids, dst_ids)
 

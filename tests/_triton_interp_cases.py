@@ -375,26 +375,35 @@ def test_kernels_stay_inside_their_buffers_whatever_the_metadata(splits):
 # ---------------------------------------------------- layouts, tiles and bounds of the kernels
 
 
-def test_cache_kernels_blocks_past_one_chunk():
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+def test_cache_kernels_blocks_past_one_chunk(ids_dtype):
     """Blocks of 5120 elements (a real block, 16 tokens x 8 heads x 128, has 16384): gather,
-    scatter and copy_blocks run two chunks of a block (4096 + 1024 elements) per program."""
+    scatter and copy_blocks run two chunks of a block (4096 + 1024 elements) per program.
+    int64 ids (torch's default) as they come; with them a destination past 2**32, unchecked
+    as on a device, is skipped, never narrowed onto block 4 / 2."""
     rng = np.random.default_rng(11)
     shape = (6, 4, 2, 640)
     kc, vc = (T(testing.random_values(rng, shape, "float32")) for _ in range(2))
     assert kc[0].numel() > 4096
-    ids = T(np.array([5, 0, 3], np.int32))
+    ids = T(np.array([5, 0, 3], np.int32)).to(ids_dtype)
     buf = torch.full((3, 2, *shape[1:]), float("nan"))
     tcache.gather_blocks(buf, [kc, vc], ids)
     np.testing.assert_array_equal(N(buf), ref.gather_blocks_reference([kc.numpy(), vc.numpy()],
                                                                 ids.numpy()))
+    wide = ids_dtype == torch.int64
     new = T(testing.random_values(rng, (2, 2, *shape[1:]), "float32"))
-    sids = T(np.array([1, 4], np.int32))
-    want = ref.scatter_blocks_reference([kc.numpy(), vc.numpy()], new.numpy(), sids.numpy())
+    sids = torch.tensor([1, 2**32 + 4 if wide else 4], dtype=ids_dtype)
+    live = slice(0, 1) if wide else slice(0, 2)
+    want = ref.scatter_blocks_reference([kc.numpy(), vc.numpy()], new.numpy()[live],
+                                        sids.numpy()[live])
     tcache.scatter_blocks([kc, vc], new, sids)
     for g, w in zip((kc, vc), want, strict=True):
         np.testing.assert_array_equal(N(g), w)
-    src, dst = T(np.array([1, 2], np.int32)), T(np.array([2, 5], np.int32))
-    want = ref.copy_blocks_reference([kc.numpy(), vc.numpy()], src.numpy(), dst.numpy())
+    src = torch.tensor([1, 2], dtype=ids_dtype)
+    dst = torch.tensor([2**32 + 2 if wide else 2, 5], dtype=ids_dtype)
+    live = slice(1, 2) if wide else slice(0, 2)
+    want = ref.copy_blocks_reference([kc.numpy(), vc.numpy()], src.numpy()[live],
+                                     dst.numpy()[live])
     tcache.copy_blocks([kc, vc], src, dst)
     for g, w in zip((kc, vc), want, strict=True):
         np.testing.assert_array_equal(N(g), w)

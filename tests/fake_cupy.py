@@ -33,7 +33,7 @@ _lib: ctypes.CDLL | None = None
 # kernel name -> (shim launcher, parameter kinds): "a8"/"a4" arrays of 8-/4-byte integers,
 # "i32" a np.int32 scalar
 KERNELS = {
-    "swap_blocks_kernel": ("launch_swap_blocks", ("a8",) * 7 + ("a4",) * 2),
+    "swap_blocks_kernel": ("launch_swap_blocks", ("a8",) * 9),
     "prefixkv_hash_blocks_v1": ("launch_hash_blocks", ("a4",) * 7 + ("i32",) * 3),
 }
 

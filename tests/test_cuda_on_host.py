@@ -47,8 +47,8 @@ extern "C" void launch_swap_blocks(unsigned num_ids, unsigned num_caches, unsign
                                    const unsigned long long* dst_ptrs,
                                    const long long* src_strides, const long long* dst_strides,
                                    const long long* block_bytes, const long long* src_blocks,
-                                   const long long* dst_blocks, const int* src_ids,
-                                   const int* dst_ids) {
+                                   const long long* dst_blocks, const long long* src_ids,
+                                   const long long* dst_ids) {
     pkv_launch(swap_blocks_kernel, {num_ids, num_caches, 1}, {threads, 1, 1}, src_ptrs,
                dst_ptrs, src_strides, dst_strides, block_bytes, src_blocks, dst_blocks, src_ids,
                dst_ids);
@@ -161,13 +161,13 @@ def test_swap_blocks_kernel(lib, geometry, threads, bad_ids):
     rng = np.random.default_rng(len(geometry) * 31 + threads)
     src_blocks, dst_blocks, n = 11, 17, 6
     caches = _swap_caches(rng, SWAP_GEOMETRIES[geometry], src_blocks, dst_blocks)
-    src_ids = rng.choice(src_blocks, n, replace=False).astype(np.int32)
-    dst_ids = rng.choice(dst_blocks, n, replace=False).astype(np.int32)
+    src_ids = rng.choice(src_blocks, n, replace=False).astype(np.int64)
+    dst_ids = rng.choice(dst_blocks, n, replace=False).astype(np.int64)
     src_ids[1] = src_ids[0]  # a source may repeat; destinations may not
     keep = np.ones(n, bool)
-    if bad_ids:
-        src_ids[2], dst_ids[3], dst_ids[4] = 10**9, -7, dst_blocks
-        keep[[2, 3, 4]] = False
+    if bad_ids:  # 2**32 + 1: block 1 if the kernel read 32-bit ids
+        src_ids[2], dst_ids[3], dst_ids[4], dst_ids[5] = 10**9, -7, dst_blocks, 2**32 + 1
+        keep[[2, 3, 4, 5]] = False
     expected = []
     before = [[w.copy() for w in wholes] for _, _, wholes in caches]
     for src, dst, _ in caches:

@@ -365,6 +365,45 @@ def test_write_kv_takes_int64_slots(backend, pallas_races):
     np.testing.assert_array_equal(np.asarray(got[1]).view(np.uint8), wv.view(np.uint8))
 
 
+@pytest.mark.parametrize("backend", ["xla", "pallas_interpret", None])
+def test_block_ops_take_int64_ids(backend, pallas_races):
+    """Block ids in int64 (numpy's default integer, vLLM's block_mapping): numpy eagerly and
+    under jit give the bits int32 ids give; with x64, traced int64 ids past 2**32 (which int32
+    would wrap onto blocks 2 and 5) are skipped as destinations, never written."""
+    rng = np.random.default_rng(18)
+    caches = _caches(rng, dtype="bfloat16")  # 12 blocks
+
+    def same(got, want):
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(g).view(np.uint16), w.view(np.uint16))
+
+    src, dst = np.array([1, 2, 7]), np.array([2, 9, 1])
+    assert src.dtype == np.int64
+    want = ref.copy_blocks_reference(caches, src.astype(np.int32), dst.astype(np.int32))
+    copy = functools.partial(jf.copy_blocks, backend=backend)
+    same(copy(caches, src, dst), want)
+    same(jax.jit(copy)(caches, src, dst), want)
+    ids = np.array([3, 0, 11, 3])
+    gather = functools.partial(jf.gather_blocks, backend=backend)
+    want_g = ref.gather_blocks_reference(caches, ids.astype(np.int32))
+    same([gather(caches, ids)], [want_g])
+    same([jax.jit(gather)(caches, ids)], [want_g])
+    sids = np.array([5, 6, 1, 10])
+    scatter = functools.partial(jf.scatter_blocks, backend=backend)
+    want_s = ref.scatter_blocks_reference(caches, want_g, sids.astype(np.int32))
+    same(scatter(caches, want_g, sids), want_s)
+    same(jax.jit(scatter)(caches, want_g, sids), want_s)
+    with _x64():
+        far = jnp.asarray(np.array([2, (1 << 32) + 2, 4, (1 << 32) + 5], np.int64))
+        assert far.dtype == jnp.int64
+        got_c = jax.jit(copy)(caches, jnp.asarray(np.array([0, 1, 3, 6])), far)
+        got_s = jax.jit(scatter)(caches, want_g, far)
+    live = np.array([True, False, True, False])
+    same(got_c, ref.copy_blocks_reference(caches, np.array([0, 3], np.int32),
+                                          np.array([2, 4], np.int32)))
+    same(got_s, ref.scatter_blocks_reference(caches, want_g[live], np.array([2, 4], np.int32)))
+
+
 def test_copy_blocks_exact_reads_before_writes():
     rng = np.random.default_rng(13)
     caches = _caches(rng, n=3)

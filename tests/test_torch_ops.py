@@ -514,6 +514,42 @@ def test_swap_blocks_cpu_exact():
         assert torch.equal(d, want)
 
 
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_block_ops_take_int64_ids(backend):
+    """Block ids as torch makes them (torch.tensor([...]) is int64) and as vLLM hands them
+    (the columns of an int64 [n, 2] block_mapping, strided views): copy, gather, scatter and
+    swap give the bits int32 ids give."""
+    rng = np.random.default_rng(16)
+    caches = _caches(rng, "bfloat16")
+    mapping = torch.tensor([[1, 2], [2, 7], [5, 1], [2, 0]])  # chain 1 -> 2 -> 7
+    assert mapping.dtype == torch.int64 and mapping[:, 0].stride() == (2,)
+    want = ref.copy_blocks_reference(caches, *(N(mapping[:, i]).astype(np.int32) for i in (0, 1)))
+    tc = [T(c) for c in caches]
+    tf.copy_blocks(tc, mapping[:, 0], mapping[:, 1], backend=backend)
+    for g, w in zip(tc, want, strict=True):
+        assert N(g).tobytes() == N(T(w)).tobytes()
+    ids = torch.tensor([4, 0, 4, 8])
+    buf = tf.gather_blocks(tc, ids, backend=backend)
+    assert N(buf).tobytes() == N(T(ref.gather_blocks_reference(want, N(ids).astype(np.int32)))
+                                 ).tobytes()
+    new = testing.random_values(rng, (2, 3, 4, 2, 8), "bfloat16")
+    want2 = ref.scatter_blocks_reference(want, new, np.array([6, 3], np.int32))
+    tf.scatter_blocks(tc, T(new), torch.tensor([6, 3]), backend=backend)
+    for g, w in zip(tc, want2, strict=True):
+        assert N(g).tobytes() == N(T(w)).tobytes()
+    dst = [T(c) for c in _caches(rng, "bfloat16", num_blocks=11)]
+    before = [d.clone() for d in dst]
+    swap = torch.tensor([[4, 10], [0, 3], [2, 0]])
+    tf.swap_blocks(tc, dst, swap[:, 0], swap[:, 1], backend=backend)
+    for s, d, b in zip(tc, dst, before, strict=True):
+        b[swap[:, 1]] = s[swap[:, 0]]
+        assert torch.equal(d.view(torch.int16), b.view(torch.int16))
+    with pytest.raises(ValueError, match=r"dst: expected values in \[0, 9\), got 4294967297"):
+        tf.copy_blocks(tc, torch.tensor([0]), torch.tensor([2**32 + 1]), backend=backend)
+    with pytest.raises(TypeError, match="block_ids: expected int32 or int64, got int16"):
+        tf.gather_blocks(tc, ids.to(torch.int16), backend=backend)
+
+
 # ------------------------------------------------------------------------- checks and errors
 
 

@@ -180,6 +180,12 @@ VARIANTS = {
                       {"ids_ptr": "*i32"}, "*i16"),
     "scatter-blocks": (tcache._scatter_blocks_kernel, {"BLOCK_NUMEL": 16384, "BLOCK": 4096},
                        {"ids_ptr": "*i32"}, "*i16"),
+    # int64 block ids (torch's default, vLLM's block_mapping columns) specialize *i64
+    "gather-blocks-ids-i64": (tcache._gather_blocks_kernel,
+                              {"BLOCK_NUMEL": 16384, "BLOCK": 4096}, {"ids_ptr": "*i64"}, "*i16"),
+    "scatter-blocks-ids-i64": (tcache._scatter_blocks_kernel,
+                               {"BLOCK_NUMEL": 16384, "BLOCK": 4096}, {"ids_ptr": "*i64"},
+                               "*i16"),
 }
 
 

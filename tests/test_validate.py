@@ -161,7 +161,8 @@ def test_write_kv_failure_leaves_cache_untouched():
 CS = [np.zeros((4, 3), np.float32), np.zeros((4, 3), np.float32)]
 COPY_CASES = [
     ((CS, np.array([0], I32), np.array([1, 2], I32)), ValueError, r"dst: expected shape \(1,\)"),
-    ((CS, np.array([0], np.int64), np.array([1], I32)), TypeError, r"src: expected int32, got int64"),
+    ((CS, np.array([0], np.int16), np.array([1], I32)), TypeError, r"src: expected int32 or int64, got int16"),
+    ((CS, np.array([0], I32), np.array([2**32 + 1], np.int64)), ValueError, r"dst: expected values in \[0, 4\), got 4294967297 at index 0"),
     ((CS, np.array([4], I32), np.array([1], I32)), ValueError, r"src: expected values in \[0, 4\), got 4 at index 0"),
     ((CS, np.array([0], I32), np.array([-1], I32)), ValueError, r"dst: expected values in \[0, 4\)"),
     ((CS, np.array([0, 1], I32), np.array([2, 2], I32)), ValueError, r"dst: expected distinct destinations"),

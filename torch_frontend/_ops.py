@@ -700,7 +700,8 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
 def copy_blocks(caches, src, dst, *, backend=None) -> None:
     """Copy block src[i] to dst[i] in every cache, in place (all reads before any write).
 
-    caches: sequence of tensors with the block axis first. src, dst: i32[n]; dst distinct.
+    caches: sequence of tensors with the block axis first. src, dst: i32[n] or i64[n] (the
+    columns of vLLM's [n, 2] block_mapping as they are); dst distinct.
     """
     _tensors(caches=caches)
     _index_tensors(src=src, dst=dst)
@@ -712,7 +713,8 @@ def copy_blocks(caches, src, dst, *, backend=None) -> None:
 
 
 def gather_blocks(caches, block_ids, *, backend=None):
-    """Blocks into one new contiguous buffer [n, len(caches), *block_shape]."""
+    """Blocks into one new contiguous buffer [n, len(caches), *block_shape]; block_ids i32[n]
+    or i64[n]."""
     _tensors(caches=caches)
     _index_tensors(block_ids=block_ids)
     validate.check_gather_blocks(caches, block_ids)
@@ -723,7 +725,8 @@ def gather_blocks(caches, block_ids, *, backend=None):
 
 
 def scatter_blocks(caches, buffer, block_ids, *, backend=None) -> None:
-    """caches[c][block_ids[i]] = buffer[i, c] in place (block_ids distinct)."""
+    """caches[c][block_ids[i]] = buffer[i, c] in place (block_ids i32[n] or i64[n],
+    distinct)."""
     _tensors(caches=caches)
     _index_tensors(buffer=buffer, block_ids=block_ids)
     validate.check_scatter_blocks(caches, buffer, block_ids)
@@ -741,7 +744,7 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids, *, backend=None) -> No
     typically every layer's K and V on the GPU and their pinned-host twins. Runs on the current
     CUDA stream (``with torch.cuda.stream(s):``) and may return before the copies ran: until
     that stream passes the call, do not read a host dst cache nor change a host src cache or
-    pinned host ids. src_ids, dst_ids: i32[n] on either device; dst_ids distinct.
+    pinned host ids. src_ids, dst_ids: i32[n] or i64[n] on either device; dst_ids distinct.
     """
     _index_tensors(src_ids=src_ids, dst_ids=dst_ids)
     _tensors(src_caches=src_caches, dst_caches=dst_caches, same_device=False)  # device, host

@@ -58,7 +58,7 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids) -> None:
     device = torch.device("cuda", dev)
     stream = torch.cuda.current_stream(device)
     table = table.pin_memory().to(device, non_blocking=True)
-    ids = torch.stack([upload(i.to(torch.int32), device) for i in (src_ids, dst_ids)])
+    ids = torch.stack([upload(i.to(torch.int64), device) for i in (src_ids, dst_ids)])
     fn = _kernel(dev)
     with cupy.cuda.Device(dev), cupy.cuda.ExternalStream(stream.cuda_stream, dev):
         t = cupy.from_dlpack(table)

@@ -19,8 +19,8 @@ extern "C" __global__ void swap_blocks_kernel(
     const long long* __restrict__ block_bytes,   // bytes of one block, per cache
     const long long* __restrict__ src_blocks,    // blocks of each source cache
     const long long* __restrict__ dst_blocks,    // blocks of each destination cache
-    const int* __restrict__ src_ids,
-    const int* __restrict__ dst_ids)
+    const long long* __restrict__ src_ids,       // int64: torch's index dtype; an int32 id
+    const long long* __restrict__ dst_ids)       // is widened by the launcher
 {
     const int i = blockIdx.x;
     const int c = blockIdx.y;

@@ -47,7 +47,8 @@ def write_kv_reference(key, value, k_cache, v_cache, slot_mapping, *, k_scale=No
     float8_e4m3fn caches any float dtype (both the same), stored as
     :func:`quantize_fp8_reference` (key, k_scale) / (value, v_scale).
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim].
-    slot_mapping: i32[n], n <= num_tokens; slot = block * block_size + offset, negative = skip.
+    slot_mapping: i32[n] or i64[n], n <= num_tokens; slot = block * block_size + offset,
+    negative = skip.
     k_scale, v_scale: float8_e4m3fn caches only; None (1.0), a positive finite float or a
     float32 array of one element.
     Rows of key/value past len(slot_mapping) are ignored (padding). Returns (k_cache, v_cache).
@@ -72,7 +73,7 @@ def copy_blocks_reference(caches, src, dst):
     """Copy block src[i] to dst[i] in every cache (all reads happen before any write).
 
     caches: sequence of arrays with the block axis first (e.g. every layer's K and V).
-    src, dst: i32[n] block ids; dst distinct. Returns a list of new caches.
+    src, dst: i32[n] or i64[n] block ids; dst distinct. Returns a list of new caches.
     """
     num_blocks = validate.check_copy_blocks(caches, src, dst)
     s, d = validate.check_copy_blocks_values(num_blocks, src, dst)
