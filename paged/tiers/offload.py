@@ -335,10 +335,39 @@ class BlockOffloader:
     def offload(self, caches, block_ids, block_hashes, *, namespace: Namespace | None = None
                 ) -> list[bool]:
         """Store blocks ``block_ids`` of ``caches`` under ``block_hashes``; per block whether
-        some tier holds it now."""
+        some tier holds it now.
+
+        A hash repeated in the batch is offloaded once, from its first position's block (the
+        key names the content), and every position of it reports that result: the paths
+        below (:meth:`_put`) see distinct keys only, so the host tier keeps the same leading
+        blocks whichever path copies them. Stats: each tier counts the block once; a
+        :class:`TieredStore` counts every position, as its put of the whole batch would
+        (a repeat of a block put here is one more put, or rejection, like its first; a
+        repeat of a block the host tier held already is a refresh, like its first: not
+        counted)."""
         ns = namespace or self.namespace
         ids = np.asarray(self._check(caches, block_ids, block_hashes, ns), dtype=np.int32)
         keys = self.keys(block_hashes, ns)
+        firsts, repeats = first_occurrences(keys)
+        if not repeats:
+            return self._offload_distinct(caches, ids, keys)[0]
+        once, put = self._offload_distinct(caches, ids[firsts], [keys[i] for i in firsts])
+        out = [False] * len(keys)
+        for i, r in zip(firsts, once, strict=True):
+            out[i] = r
+        for pos, first in repeats:
+            out[pos] = out[first]
+        if isinstance(self.store, TieredStore):
+            was_put = {firsts[j] for j in put}
+            counted = [out[pos] for pos, first in repeats if first in was_put]
+            self.store.stats.puts += sum(counted)
+            self.store.stats.rejected += len(counted) - sum(counted)
+        return out
+
+    def _offload_distinct(self, caches, ids: np.ndarray, keys: list[BlockKey]
+                          ) -> tuple[list[bool], list[int]]:
+        """:meth:`offload` of distinct ``keys`` (``ids`` validated): (per block whether some
+        tier holds it now, the positions put: the rest the host tier held and refreshed)."""
         host = _first_host(self.store)
         out = [True] * len(keys)
         todo = list(range(len(keys)))
@@ -359,7 +388,7 @@ class BlockOffloader:
                 for i in touched:
                     if keys[i] not in host:
                         out[i] = self._held_below(keys[i])
-        return out
+        return out, todo
 
     def _held_below(self, key: BlockKey) -> bool:
         """Whether a tier below the host tier holds ``key``."""
@@ -372,8 +401,9 @@ class BlockOffloader:
     def _put(self, caches, ids: np.ndarray, keys: list[BlockKey], host: HostTier | None,
              protect: frozenset = frozenset()) -> list[bool]:
         """Copy blocks ``ids`` (validated, int32) of ``caches`` out and put them under
-        ``keys``; per block whether some tier holds it now. ``protect``: storage names of
-        host blocks the room for these must not come from (the batch's refreshed ones)."""
+        ``keys`` (distinct: :meth:`offload` put each repeat's block once); per block whether
+        some tier holds it now. ``protect``: storage names of host blocks the room for these
+        must not come from (the batch's refreshed ones)."""
         if self.gather is None and host is not None and all(isinstance(c, np.ndarray)
                                                            for c in caches):
             # One copy per block, straight into host-tier memory (no staging buffer); the
@@ -426,22 +456,8 @@ class BlockOffloader:
         the host reserves for it and put before the next is gathered: the host memory this
         takes is one chunk beyond the host's budget (an eviction batch of a long prefill over
         a small host tier was gathered whole first), and a gather failing part-way leaves
-        the chunks before it stored, having evicted only what they needed. A block repeated
-        in the batch is gathered and put once (as one put of the batch stores it once)."""
-        firsts, repeats = first_occurrences(keys)
-        if repeats:
-            once = self._put_gathered(caches, ids[firsts], [keys[i] for i in firsts], host,
-                                      protect, step)
-            out = [False] * len(keys)
-            for i, r in zip(firsts, once, strict=True):
-                out[i] = r
-            for pos, first in repeats:
-                out[pos] = out[first]
-            if isinstance(self.store, TieredStore):  # its stats count every position
-                stored = sum(out[pos] for pos, _ in repeats)
-                self.store.stats.puts += stored
-                self.store.stats.rejected += len(repeats) - stored
-            return out
+        the chunks before it stored, having evicted only what they needed. ``keys`` are
+        distinct (:meth:`offload` put each repeat's block once)."""
         def rows_of(ix):
             return _host_rows(self.gather(caches, ix), len(ix))
 
@@ -486,41 +502,31 @@ class BlockOffloader:
         ``overflow_chunk_bytes`` at a time, so the memory this takes is bounded however
         large the batch; where no tier is below (a lone host tier) they are dropped. The host
         counts them refused, as its put of the whole batch did. ``rows_of(ids)``: the blocks
-        as host rows (default: copies of numpy caches). Each block the host lacks is
-        copied and put once (a repeat, or a block the host kept, is not written again). Per
-        block whether some tier holds it when this returns: a chunk's put may evict blocks
-        an earlier chunk wrote to a small tier below, so those are asked again."""
-        held = [k in host for k in keys]
-        firsts, repeats = first_occurrences(keys)
-        host.stats.rejected += sum(not held[i] for i in firsts)
+        as host rows (default: copies of numpy caches). ``keys`` are distinct and none is
+        in the host tier (:meth:`offload` put each repeat's block once and left the held
+        ones out), so each block is copied and put once. Per block whether some tier holds
+        it when this returns: a chunk's put may evict blocks an earlier chunk wrote to a
+        small tier below, so those are asked again."""
+        host.stats.rejected += len(keys)
         store = self.store
         if not isinstance(store, TieredStore):
-            return held
+            return [False] * len(keys)
         if len(store.tiers) == 1:
-            return store._put_from(1, keys, [], stored=held)
-        todo = [i for i in firsts if not held[i]]
-        out = list(held)
+            return store._put_from(1, keys, [])
+        out = [False] * len(keys)
         step = self._chunk_rows(caches)
-        for c in range(0, len(todo), step):
-            part = todo[c:c + step]
-            rows = list(_copy_rows(caches, ids[part]) if rows_of is None
-                        else rows_of(ids[part]))
-            for i, r in zip(part, store._put_from(1, [keys[i] for i in part], rows),
-                            strict=True):
-                out[i] = r
+        for c in range(0, len(keys), step):
+            part = ids[c:c + step]
+            rows = list(_copy_rows(caches, part) if rows_of is None else rows_of(part))
+            out[c:c + len(part)] = store._put_from(1, keys[c:c + len(part)], rows)
             del rows  # before the next chunk is copied
         flipped = 0
-        for i in todo[:(len(todo) - 1) // step * step]:  # chunks before the last one
+        for i in range((len(keys) - 1) // step * step):  # chunks before the last one
             if out[i] and not self._held_below(keys[i]):
                 out[i] = False
                 flipped += 1
-        for pos, first in repeats:
-            out[pos] = out[first]
-        # counted as the put of the whole batch would: every position once
-        skipped = [i for i in firsts if held[i]] + [pos for pos, _ in repeats]
-        stored = sum(out[i] for i in skipped)
-        store.stats.puts += stored - flipped
-        store.stats.rejected += len(skipped) - stored + flipped
+        store.stats.puts -= flipped
+        store.stats.rejected += flipped
         return out
 
     def lookup(self, block_hashes: Sequence, *, namespace: Namespace | None = None) -> int:
