@@ -674,9 +674,9 @@ def test_triton_fp8_write_kv_compiles_with_ieee_division(cc, key_ptr):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = tcache._write_kv_fp8_kernel
+    fn = tcache._write_kv_kernel
     cx = {"NUM_HEADS": 8, "HEAD_DIM": 128, "BLOCK_H": 8, "BLOCK_D": 128, "BLOCK_SIZE": 16,
-          "IN_BF16": key_ptr == "*i16"}
+          "FP8": True, "IN_BF16": key_ptr == "*i16"}
     ptrs = {"key_ptr": key_ptr, "value_ptr": key_ptr, "k_ptr": "*i8", "v_ptr": "*i8",
             "slots_ptr": "*i32", "ks_ptr": "*fp32", "vs_ptr": "*fp32"}
     sig = {n: "constexpr" if n in cx else ptrs.get(n, "i32") for n in fn.arg_names}

@@ -86,6 +86,9 @@ def _attention_variant(dtype, head_dim, num_q_heads, num_kv_heads, decode, causa
     return tattn._paged_attention_kernel, constexprs, ptrs, PTR[dtype], options
 
 
+#: write_kv moving bits (caches of the rows' dtype); ks_ptr / vs_ptr then unread
+WRITE_BITS = {"FP8": False, "IN_BF16": False}
+
 VARIANTS = {
     "attn-decode-bf16-d128-g4": _attention_variant("bfloat16", 128, 32, 8, True, True, False,
                                                    False, 1),
@@ -153,21 +156,28 @@ VARIANTS = {
                             {"out_ptr": "*fp16", "o_ptr": "*fp32"}, "*fp32"),
     "write-kv-h8-d128": (tcache._write_kv_kernel,
                          {"NUM_HEADS": 8, "HEAD_DIM": 128, "BLOCK_H": 8, "BLOCK_D": 128,
-                          "BLOCK_SIZE": 16}, {"slots_ptr": "*i32"}, "*i16"),
+                          "BLOCK_SIZE": 16, **WRITE_BITS}, {"slots_ptr": "*i32"}, "*i16"),
     # int64 slots (vLLM's slot_mapping dtype): the JIT specializes slots_ptr as *i64
     "write-kv-h8-d128-slots-i64": (tcache._write_kv_kernel,
                                    {"NUM_HEADS": 8, "HEAD_DIM": 128, "BLOCK_H": 8,
-                                    "BLOCK_D": 128, "BLOCK_SIZE": 16}, {"slots_ptr": "*i64"},
-                                   "*i16"),
+                                    "BLOCK_D": 128, "BLOCK_SIZE": 16, **WRITE_BITS},
+                                   {"slots_ptr": "*i64"}, "*i16"),
     "write-kv-h32-d128": (tcache._write_kv_kernel,
                           {"NUM_HEADS": 32, "HEAD_DIM": 128,
                            "BLOCK_H": tcache.write_kv_heads_per_program(32, 128), "BLOCK_D": 128,
-                           "BLOCK_SIZE": 16}, {"slots_ptr": "*i32"}, "*i16"),
+                           "BLOCK_SIZE": 16, **WRITE_BITS}, {"slots_ptr": "*i32"}, "*i16"),
     "write-kv-h64-d256-f32": (tcache._write_kv_kernel,
                               {"NUM_HEADS": 64, "HEAD_DIM": 256,
                                "BLOCK_H": tcache.write_kv_heads_per_program(64, 256),
-                               "BLOCK_D": 256, "BLOCK_SIZE": 16}, {"slots_ptr": "*i32"},
-                              "*i32"),
+                               "BLOCK_D": 256, "BLOCK_SIZE": 16, **WRITE_BITS},
+                              {"slots_ptr": "*i32"}, "*i32"),
+    # into float8_e4m3fn caches (int8) from bfloat16 rows (int16 bits), as vLLM's fp8 caches
+    "write-kv-h8-d128-fp8-bf16": (tcache._write_kv_kernel,
+                                  {"NUM_HEADS": 8, "HEAD_DIM": 128, "BLOCK_H": 8,
+                                   "BLOCK_D": 128, "BLOCK_SIZE": 16, "FP8": True,
+                                   "IN_BF16": True},
+                                  {"k_ptr": "*i8", "v_ptr": "*i8", "slots_ptr": "*i64",
+                                   "ks_ptr": "*fp32", "vs_ptr": "*fp32"}, "*i16"),
     "cascade-order-decode-ids64": (tattn._cascade_order_kernel,
                                    {"DECODE": True, "BLOCK_S": tattn.CASCADE_BLOCK_S,
                                     "BLOCK_T": tattn.CASCADE_BLOCK_T},

@@ -27,35 +27,6 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _write_kv_kernel(key_ptr, value_ptr, k_ptr, v_ptr, slots_ptr, num_slots,
-                     stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
-                     stride_cb, stride_ct, stride_ch, stride_cd,
-                     stride_db, stride_dt, stride_dh, stride_dd,
-                     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    tok = tl.program_id(0).to(tl.int64)  # tok * stride_kt passes 2**31 in big batches
-    slot = tl.load(slots_ptr + tok).to(tl.int64)
-    # a slot past the cache is skipped like a negative one: on a device the frontends check
-    # values only on request (a check is a host sync), and a store must never leave the cache
-    if (slot >= 0) & (slot < num_slots):
-        blk = slot // BLOCK_SIZE
-        off = slot % BLOCK_SIZE
-        # int64: in a head-outermost cache view ([heads, blocks, ...] storage) h * stride_ch
-        # passes 2**31 elements
-        h = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
-        d = tl.arange(0, BLOCK_D)
-        mask = (h[:, None] < NUM_HEADS) & (d[None, :] < HEAD_DIM)
-        kx = tl.load(key_ptr + tok * stride_kt + h[:, None] * stride_kh + d[None, :] * stride_kd,
-                     mask=mask)
-        vx = tl.load(value_ptr + tok * stride_vt + h[:, None] * stride_vh
-                     + d[None, :] * stride_vd, mask=mask)
-        tl.store(k_ptr + blk * stride_cb + off * stride_ct + h[:, None] * stride_ch
-                 + d[None, :] * stride_cd, kx, mask=mask)
-        tl.store(v_ptr + blk * stride_db + off * stride_dt + h[:, None] * stride_dh
-                 + d[None, :] * stride_dd, vx, mask=mask)
-
-
-@triton.jit
 def _load_f32(ptr, mask, IN_BF16: tl.constexpr):
     """float32 of a float32/float16 element, or of a bfloat16 one given as its int16 bits (a
     16-bit shift: exact, and the interpreter's bf16 handling never matters)."""
@@ -91,30 +62,41 @@ def _e4m3_bits(x, scale):
 
 
 @triton.jit
-def _write_kv_fp8_kernel(key_ptr, value_ptr, k_ptr, v_ptr, slots_ptr, ks_ptr, vs_ptr, num_slots,
-                         stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
-                         stride_cb, stride_ct, stride_ch, stride_cd,
-                         stride_db, stride_dt, stride_dh, stride_dd,
-                         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, IN_BF16: tl.constexpr):
-    """_write_kv_kernel into float8_e4m3fn caches (given as int8): each row quantized by its
-    cache's scale (ks_ptr, vs_ptr: one float32 each) with _e4m3_bits."""
-    tok = tl.program_id(0).to(tl.int64)
+def _write_kv_kernel(key_ptr, value_ptr, k_ptr, v_ptr, slots_ptr, ks_ptr, vs_ptr, num_slots,
+                     stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+                     stride_cb, stride_ct, stride_ch, stride_cd,
+                     stride_db, stride_dt, stride_dh, stride_dd,
+                     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr,
+                     IN_BF16: tl.constexpr):
+    """Row ``tok`` of key/value to slot slots[tok] of the caches, BLOCK_H heads a program: the
+    bits as they are, or with FP8 into float8_e4m3fn caches (given as int8), each row
+    quantized by its cache's scale (ks_ptr, vs_ptr: one float32 each; unread without FP8)
+    with _e4m3_bits (IN_BF16: bfloat16 rows given as their int16 bits)."""
+    tok = tl.program_id(0).to(tl.int64)  # tok * stride_kt passes 2**31 in big batches
     slot = tl.load(slots_ptr + tok).to(tl.int64)
+    # a slot past the cache is skipped like a negative one: on a device the frontends check
+    # values only on request (a check is a host sync), and a store must never leave the cache
     if (slot >= 0) & (slot < num_slots):
         blk = slot // BLOCK_SIZE
         off = slot % BLOCK_SIZE
+        # int64: in a head-outermost cache view ([heads, blocks, ...] storage) h * stride_ch
+        # passes 2**31 elements
         h = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
         d = tl.arange(0, BLOCK_D)
         mask = (h[:, None] < NUM_HEADS) & (d[None, :] < HEAD_DIM)
-        kx = _load_f32(key_ptr + tok * stride_kt + h[:, None] * stride_kh
-                       + d[None, :] * stride_kd, mask, IN_BF16)
-        vx = _load_f32(value_ptr + tok * stride_vt + h[:, None] * stride_vh
-                       + d[None, :] * stride_vd, mask, IN_BF16)
+        k_src = key_ptr + tok * stride_kt + h[:, None] * stride_kh + d[None, :] * stride_kd
+        v_src = value_ptr + tok * stride_vt + h[:, None] * stride_vh + d[None, :] * stride_vd
+        if FP8:
+            kx = _e4m3_bits(_load_f32(k_src, mask, IN_BF16), tl.load(ks_ptr))
+            vx = _e4m3_bits(_load_f32(v_src, mask, IN_BF16), tl.load(vs_ptr))
+        else:
+            kx = tl.load(k_src, mask=mask)
+            vx = tl.load(v_src, mask=mask)
         tl.store(k_ptr + blk * stride_cb + off * stride_ct + h[:, None] * stride_ch
-                 + d[None, :] * stride_cd, _e4m3_bits(kx, tl.load(ks_ptr)), mask=mask)
+                 + d[None, :] * stride_cd, kx, mask=mask)
         tl.store(v_ptr + blk * stride_db + off * stride_dt + h[:, None] * stride_dh
-                 + d[None, :] * stride_dd, _e4m3_bits(vx, tl.load(vs_ptr)), mask=mask)
+                 + d[None, :] * stride_dd, vx, mask=mask)
 
 
 @triton.jit
@@ -161,34 +143,25 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
     if n == 0:
         return
     _, block_size, num_heads, head_dim = k_cache.shape
-    if k_cache.dtype == torch.float8_e4m3fn:
-        _write_kv_fp8(key[:n], value[:n], k_cache, v_cache, slot_mapping, k_scale, v_scale)
-        return
-    key, value, kc, vc = _raw(key), _raw(value), _raw(k_cache), _raw(v_cache)
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    key, value = key[:n], value[:n]
+    ks = vs = slot_mapping  # read only with fp8
+    if fp8:
+        one = None
+        if k_scale is None or v_scale is None:
+            one = torch.ones((), dtype=torch.float32, device=k_cache.device)
+        ks = one if k_scale is None else k_scale
+        vs = one if v_scale is None else v_scale
+    bf16 = fp8 and key.dtype == torch.bfloat16
+    if fp8 and not bf16:  # float32 / float16 rows are read as they are
+        kc, vc = k_cache.view(torch.int8), v_cache.view(torch.int8)
+    else:
+        key, value, kc, vc = _raw(key), _raw(value), _raw(k_cache), _raw(v_cache)
     block_h = write_kv_heads_per_program(num_heads, head_dim)
     _write_kv_kernel[(n, triton.cdiv(num_heads, block_h))](
-        key, value, kc, vc, slot_mapping, k_cache.shape[0] * block_size, *key.stride(),
-        *value.stride(), *kc.stride(), *vc.stride(), NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-        BLOCK_H=block_h, BLOCK_D=_p2(head_dim), BLOCK_SIZE=block_size)
-
-
-def _write_kv_fp8(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
-    n = slot_mapping.shape[0]
-    _, block_size, num_heads, head_dim = k_cache.shape
-    one = None
-    if k_scale is None or v_scale is None:
-        one = torch.ones((), dtype=torch.float32, device=k_cache.device)
-    ks = one if k_scale is None else k_scale
-    vs = one if v_scale is None else v_scale
-    bf16 = key.dtype == torch.bfloat16
-    if bf16:
-        key, value = key.view(torch.int16), value.view(torch.int16)
-    kc, vc = k_cache.view(torch.int8), v_cache.view(torch.int8)
-    block_h = write_kv_heads_per_program(num_heads, head_dim)
-    _write_kv_fp8_kernel[(n, triton.cdiv(num_heads, block_h))](
         key, value, kc, vc, slot_mapping, ks, vs, k_cache.shape[0] * block_size, *key.stride(),
         *value.stride(), *kc.stride(), *vc.stride(), NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-        BLOCK_H=block_h, BLOCK_D=_p2(head_dim), BLOCK_SIZE=block_size, IN_BF16=bf16)
+        BLOCK_H=block_h, BLOCK_D=_p2(head_dim), BLOCK_SIZE=block_size, FP8=fp8, IN_BF16=bf16)
 
 
 def write_kv_heads_per_program(num_heads: int, head_dim: int) -> int:
