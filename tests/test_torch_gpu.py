@@ -137,12 +137,15 @@ def test_shared_prefix_long_prefix_split_gpu(decode):
     np.testing.assert_allclose(N(lse), want_lse, atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.parametrize("ids_on", ["cuda", "cpu"])  # index tensors left on the host: copied
+# index tensors left on the host are copied; "cuda-int64": slots and block ids as torch makes
+# them (the Triton kernels specialize *i64)
+@pytest.mark.parametrize("ids_on", ["cuda", "cpu", "cuda-int64"])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_cache_ops_gpu_exact(dtype, backend, ids_on):
     def ids(x):
-        return T(x, ids_on)
+        t = T(x, ids_on.split("-")[0])
+        return t.long() if ids_on.endswith("int64") else t
 
     rng = np.random.default_rng(5)
     kc, vc = (testing.random_values(rng, (12, 16, 4, 64), dtype) for _ in range(2))
@@ -168,6 +171,30 @@ def test_cache_ops_gpu_exact(dtype, backend, ids_on):
     tf.scatter_blocks([tk, tv], T(new), ids(sids), backend=backend)
     for g, w in zip((tk, tv), want2, strict=True):
         assert np.array_equal(N(g), w.astype(np.float64))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "cuda-c"])
+def test_int64_device_ids_past_int32_are_skipped(backend):
+    """int64 block ids on the device are unchecked (a check is a host sync): a destination
+    past 2**32 is skipped, never narrowed onto block 1 / 2; the others land."""
+    pytest.importorskip("cupy") if backend == "cuda-c" else None
+    cache = torch.arange(8 * 4, dtype=torch.float32, device=DEV).reshape(8, 4)
+    far = torch.tensor([2**32 + 1, 5], dtype=torch.int64, device=DEV)
+    src = torch.tensor([3, 6], dtype=torch.int64, device=DEV)
+    want = cache.clone()
+    want[5] = cache[6]
+    if backend == "cuda-c":
+        host = cache.cpu().pin_memory()
+        tf.swap_blocks([cache], [host], src, far, backend=backend)
+        torch.cuda.synchronize()
+        assert torch.equal(host, want.cpu())
+        return
+    tf.copy_blocks([cache], src, far, backend=backend)
+    assert torch.equal(cache, want)
+    buf = torch.full((2, 1, 4), -1.0, device=DEV)
+    tf.scatter_blocks([cache], buf, torch.tensor([2**32 + 2, 0], device=DEV), backend=backend)
+    want[0] = -1.0
+    assert torch.equal(cache, want)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
