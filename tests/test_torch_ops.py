@@ -1322,6 +1322,41 @@ def test_torch_cpu_unchecked_attention_reads_stay_in_the_cache(monkeypatch):
                                                        logits_soft_cap=50.0))
 
 
+def test_torch_device_route_unchecked_metadata_never_faults(monkeypatch):
+    """The torch path's route for attention metadata on a device (CUDA's fallback, or
+    backend="torch"), forced on CPU tensors: valid batches, empty sequences included, match
+    the reference; unchecked cu_q_lens that disagree with q (past it, decreasing, not from 0)
+    and prefix ids past the prefixes give results, never an index error (on CUDA: a device
+    assert, the context lost). They raised here before: repeat_interleave's output_size,
+    index_copy_ with negative rows, index_add_ of an unmapped prefix id."""
+    from prefixkv.torch_frontend import _native
+
+    monkeypatch.setenv("PREFIXKV_VALUE_CHECKS", "0")
+    monkeypatch.setattr(_native, "_on_host", lambda *t: False)
+    rng = np.random.default_rng(94)
+    rb = testing.make_ragged_batch(rng, [(3, 5), (0, 4), (2, 9)], num_q_heads=4,
+                                   num_kv_heads=2, head_dim=16, block_size=4, dtype="float32")
+    q, k, v, bt, kv, cu = (T(a) for a in rb.args())
+    close(tf.paged_attention(q, k, v, bt, kv, cu, backend="torch"),
+          ref.paged_attention_reference(*rb.args()), "float32")
+    for bad in ([0, 3, 3, 100], [0, 3, 3, 4], [0, -3, 1, 5], [2, 4, 4, 7], [-2, 0, 0, 3]):
+        tf.paged_attention(q, k, v, bt, kv, torch.tensor(bad, dtype=torch.int32),
+                           backend="torch")
+    sb = testing.make_shared_prefix_batch(rng, [2, 1], [(0, 1, 5), (1, 2, 3), (-1, 0, 4),
+                                                        (0, 3, 4)],
+                                          num_q_heads=4, num_kv_heads=2, head_dim=16,
+                                          block_size=4)
+    args = [T(a) for a in sb.args()]
+    close(tf.shared_prefix_attention(*args, backend="torch"),
+          ref.shared_prefix_attention_reference(*sb.args()), "float32")
+    pids = args[5].clone()
+    pids[0] = 5  # no such prefix
+    tf.shared_prefix_attention(*args[:5], pids, *args[6:], backend="torch")
+    for bad in ([0, 1, 3, 3, 100], [0, 1, 3, 3, 5], [0, 3, 1, 1, 6]):
+        tf.shared_prefix_attention(*args[:8], torch.tensor(bad, dtype=torch.int32),
+                                   backend="torch")
+
+
 def test_torch_device_route_drops_out_of_range_writes_without_sync():
     """The no-sync helpers the torch path uses for ids on a device (unchecked there: a check
     is a host sync), run here on CPU tensors: a write to an id or slot outside the cache is

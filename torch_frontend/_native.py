@@ -191,15 +191,23 @@ def _q_lens(cu: torch.Tensor) -> torch.Tensor:
     return cu[1:].to(torch.int64) - cu[:-1].to(torch.int64)
 
 
+def _token_seqs(cu: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Per token t, its sequence s (cu[s] <= t < cu[s + 1]), in [0, num_seqs) whatever cu
+    holds: on a device cu is checked only on request (a check is a host sync), and
+    repeat_interleave(output_size=) asserts on the device when the lengths disagree with it."""
+    t = torch.arange(num_tokens, device=cu.device)
+    seq = torch.searchsorted(cu[1:].to(torch.int64).contiguous(), t, right=True)
+    return seq.clamp_(max=max(cu.shape[0] - 2, 0))
+
+
 def _ragged_rows(cu: torch.Tensor, num_tokens: int, q_max: int):
     """Per token: padded row index seq * q_max + j (q_max >= every sequence's q_len), and
-    q_lens, on cu's device."""
+    q_lens, on cu's device. The rows stay inside the num_seqs * q_max padded ones whatever cu
+    holds (the results of such cu are unspecified)."""
     q_lens = _q_lens(cu)
-    num_seqs = q_lens.shape[0]
-    seq = torch.repeat_interleave(torch.arange(num_seqs, device=cu.device), q_lens,
-                                  output_size=num_tokens)
+    seq = _token_seqs(cu, num_tokens)
     j = torch.arange(num_tokens, device=cu.device) - cu.to(torch.int64)[seq]
-    return seq * q_max + j, q_lens
+    return seq * q_max + j.clamp_(0, q_max - 1), q_lens
 
 
 def _bounds(kv_lens: torch.Tensor | None, q_lens: torch.Tensor | None, causal: bool):
@@ -841,10 +849,9 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
     if cu_q_lens is None:
         tok_seq = torch.arange(num_seqs, device=dev)
     else:
-        tok_seq = torch.repeat_interleave(torch.arange(num_seqs, device=dev), _q_lens(cu_q_lens),
-                                          output_size=num_tokens)
+        tok_seq = _token_seqs(cu_q_lens, num_tokens)
     pid = prefix_ids.to(torch.int64)[tok_seq]  # [T], -1 = none
-    has = pid >= 0
+    has = (pid >= 0) & (pid < num_prefixes)  # unchecked on a device: past the prefixes = none
     key = torch.where(has, pid, num_prefixes)  # tokens without a prefix sort last
     order = torch.sort(key, stable=True).indices
     # index_add_, not bincount: bincount on CUDA reads its input's min and max on the host
