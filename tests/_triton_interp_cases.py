@@ -296,7 +296,8 @@ def test_shared_prefix_split_prefix_pass(decode, with_workspace):
 def test_cascade_order_kernel(decode):
     """The cascade's token grouping against numpy's stable argsort: 300 sequences (two steps of
     CASCADE_BLOCK_S), ragged and empty ones, ids -1 and out of range (7, -3: no prefix, last);
-    then cu_q_lens past q's tokens (unchecked on a device): every store inside the order."""
+    then cu_q_lens past q's tokens or negative (unchecked on a device): every store inside
+    the order, and every value stored a token of q (the order indexes q and the states)."""
     rng = np.random.default_rng(31)
     num_seqs, num_prefixes = 300, 5
     ids = rng.integers(-1, num_prefixes, num_seqs).astype(np.int32)
@@ -322,8 +323,19 @@ def test_cascade_order_kernel(decode):
         tattn._cascade_order_kernel[(num_seqs + num_prefixes + 1,)](
             ids_t, cu_t, short, cu_p, num_seqs, num_prefixes, n, DECODE=False,
             BLOCK_S=tattn.CASCADE_BLOCK_S, BLOCK_T=tattn.CASCADE_BLOCK_T)
-        np.testing.assert_array_equal(N(short), want[:n])
+        # tokens past q are not stored (the launcher's identity stays there)
+        np.testing.assert_array_equal(N(short), np.where(want[:n] < n, want[:n], -1))
         assert N(cu_p).tolist() == [min(c, n) for c in want_cu_p]
+        # negative, decreasing and huge offsets (int32 extremes: no wrap, no 2**31-token loop)
+        bad = cu.copy()
+        bad[[0, 7, 8, 100, -1]] = -5, 2**31 - 1, -2**31, 3, 2**31 - 1
+        order = torch.full((num_tokens,), -1, dtype=torch.int64)
+        tattn._cascade_order_kernel[(num_seqs + num_prefixes + 1,)](
+            ids_t, torch.from_numpy(bad), order, cu_p, num_seqs, num_prefixes, num_tokens,
+            DECODE=False, BLOCK_S=tattn.CASCADE_BLOCK_S, BLOCK_T=tattn.CASCADE_BLOCK_T)
+        got = N(order)
+        assert ((got == -1) | ((got >= 0) & (got < num_tokens))).all(), got.min()
+        assert (N(cu_p) >= 0).all() and (N(cu_p) <= num_tokens).all()
 
 
 @pytest.mark.parametrize("splits", [None, 3])
@@ -352,6 +364,20 @@ def test_kernels_stay_inside_their_buffers_whatever_the_metadata(splits):
     out = torch.zeros(q.shape)
     tattn.paged_attention(out, lse, q, k, v, T(b.block_tables), T(b.kv_lens), cu, scale=0.25,
                           causal=True, sliding_window=None, logits_soft_cap=None)
+    # offsets at the int32 limits (a common garbage value): out and lse are views at the
+    # front of larger buffers, whose tails must come back unwritten (a start of -2**31 once
+    # wrapped tile * BLOCK_Q negative and stored rows past out, and read past q)
+    nt = q.shape[0]
+    for bad in ([-2**31, 0, 2, nt], [-2**31 + 7, 0, 2, nt], [0, 2, 2**31 - 1, nt]):
+        qbig = torch.zeros((nt + 64, *q.shape[1:]))
+        qbig[:nt] = q
+        obig = torch.full((nt + 64, *q.shape[1:]), 7.0)
+        lbig = torch.full((nt + 64, q.shape[1]), 7.0)
+        tattn.paged_attention(obig[:nt], lbig[:nt], qbig[:nt], k, v, T(b.block_tables),
+                              T(b.kv_lens), torch.tensor(bad, dtype=torch.int32), scale=0.25,
+                              causal=True, sliding_window=None, logits_soft_cap=None,
+                              num_splits=splits)
+        assert bool((obig[nt:] == 7.0).all()) and bool((lbig[nt:] == 7.0).all()), bad
     empty = torch.zeros((3, 0), dtype=torch.int32)  # no table column: no key anywhere
     out = torch.full(q.shape, float("nan"))
     tattn.paged_attention(out, lse, q, k, v, empty, kv, None, scale=0.25, causal=True,

@@ -125,17 +125,21 @@ def _paged_attention_kernel(
             lo_s = tl.where(first <= pid, mid, lo_s)
             hi_s = tl.where(first <= pid, hi_s, mid)
         seq = lo_s
-        q_start = tl.load(cu_ptr + seq)
-        q_len = tl.load(cu_ptr + seq + 1) - q_start
-        tile = pid - (q_start // BLOCK_Q + seq)
         # Bounds whatever the metadata holds (on a device the frontends check values only on
         # request: a check is a host sync): a tile's tokens inside q here, and in the loop
         # table columns inside the table and block ids inside the cache. No access leaves
         # a buffer; the results of such metadata are unspecified (keys past the table read
-        # its last block again: the time grows with kv_len, the addresses do not).
+        # its last block again: the time grows with kv_len, the addresses do not). In int64,
+        # then narrowed once bounded: offsets near the int32 limits must not wrap (a start
+        # of -2**31 made tile * BLOCK_Q wrap negative and the rows land past out).
+        q_start = tl.load(cu_ptr + seq).to(tl.int64)
+        q_len = tl.load(cu_ptr + seq + 1).to(tl.int64) - q_start
+        tile = pid - (q_start // BLOCK_Q + seq)
         q_len = tl.where(q_start >= 0, tl.minimum(q_len, num_tokens - q_start), 0)
+        q_len = tl.maximum(q_len, 0).to(tl.int32)
+        tile = tl.minimum(tl.maximum(tile, -1), num_tokens).to(tl.int32)  # -1: none
     kv_len = tl.load(kv_lens_ptr + seq)
-    if tile * BLOCK_Q < q_len:
+    if (tile >= 0) & (tile * BLOCK_Q < q_len):
         rows = tl.arange(0, BLOCK_M)
         j = tile * BLOCK_Q + rows // GROUP_P2
         g = rows % GROUP_P2
@@ -298,32 +302,34 @@ def _cascade_order_kernel(pid_ptr, cu_ptr, order_ptr, cu_p_ptr, num_seqs, num_pr
     # program num_seqs + p counts the tokens of keys below p: as a sequence of key p, index 0
     key = tl.where(mine, key, i - num_seqs)
     me = tl.where(mine, i, 0)
-    dest = 0
+    dest = tl.zeros([], dtype=tl.int64)  # int64 (as the counts): cu's extremes never wrap
     for s0 in range(0, num_seqs, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         ok = s < num_seqs
         k = _prefix_key(tl.load(pid_ptr + s, mask=ok, other=0), num_prefixes)
         if DECODE:
-            n_s = ok.to(tl.int32)
+            n_s = ok.to(tl.int64)
         else:
-            n_s = tl.maximum(tl.load(cu_ptr + s + 1, mask=ok, other=0)
-                             - tl.load(cu_ptr + s, mask=ok, other=0), 0).to(tl.int32)
+            n_s = tl.minimum(tl.maximum(tl.load(cu_ptr + s + 1, mask=ok, other=0).to(tl.int64)
+                                        - tl.load(cu_ptr + s, mask=ok, other=0).to(tl.int64),
+                                        0), num_tokens)
         before = ok & ((k < key) | ((k == key) & (s < me) & mine))
         dest += tl.sum(tl.where(before, n_s, 0), 0)
     if mine:
         if DECODE:
             start = i
             n = 1
-        else:
-            start = tl.load(cu_ptr + i).to(tl.int32)
-            n = tl.load(cu_ptr + i + 1).to(tl.int32) - start
+        else:  # the sequence's tokens inside q, whatever cu holds (int64: no wrap)
+            start = tl.minimum(tl.maximum(tl.load(cu_ptr + i).to(tl.int64), 0), num_tokens)
+            end = tl.load(cu_ptr + i + 1).to(tl.int64)
+            n = tl.minimum(tl.maximum(end, start), num_tokens) - start
         for t0 in range(0, n, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             pos = dest + t
             tl.store(order_ptr + pos, (start + t).to(tl.int64),
                      mask=(t < n) & (pos >= 0) & (pos < num_tokens))
     else:  # within [0, num_tokens] and non-decreasing, whatever cu holds
-        tl.store(cu_p_ptr + (i - num_seqs), tl.minimum(dest, num_tokens))
+        tl.store(cu_p_ptr + (i - num_seqs), tl.minimum(dest, num_tokens).to(tl.int32))
 
 
 # ------------------------------------------------------------------------------- launchers
