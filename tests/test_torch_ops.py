@@ -1355,6 +1355,12 @@ def test_torch_device_route_unchecked_metadata_never_faults(monkeypatch):
     for bad in ([0, 1, 3, 3, 100], [0, 1, 3, 3, 5], [0, 3, 1, 1, 6]):
         tf.shared_prefix_attention(*args[:8], torch.tensor(bad, dtype=torch.int32),
                                    backend="torch")
+    # tokens but no sequence (cu_q_lens [0] beside a 3-token q): no padded row to land in
+    none = torch.tensor([0], dtype=torch.int32)
+    out = tf.paged_attention(q[:3], k, v, bt[:0], kv[:0], none, backend="torch")
+    assert torch.equal(out, torch.zeros_like(q[:3]))
+    tf.shared_prefix_attention(*args[:5], args[5][:0], args[6][:0], args[7][:0], none,
+                               backend="torch")
 
 
 def test_torch_device_route_drops_out_of_range_writes_without_sync():

@@ -202,8 +202,8 @@ def _token_seqs(cu: torch.Tensor, num_tokens: int) -> torch.Tensor:
 
 def _ragged_rows(cu: torch.Tensor, num_tokens: int, q_max: int):
     """Per token: padded row index seq * q_max + j (q_max >= every sequence's q_len), and
-    q_lens, on cu's device. The rows stay inside the num_seqs * q_max padded ones whatever cu
-    holds (the results of such cu are unspecified)."""
+    q_lens, on cu's device. With at least one sequence the rows stay inside the
+    num_seqs * q_max padded ones whatever cu holds (the results of such cu are unspecified)."""
     q_lens = _q_lens(cu)
     seq = _token_seqs(cu, num_tokens)
     j = torch.arange(num_tokens, device=cu.device) - cu.to(torch.int64)[seq]
@@ -632,6 +632,11 @@ def paged_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_c
         return
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = block_tables.shape[0]
+    if num_seqs == 0:  # tokens of no sequence (unchecked cu_q_lens): no keys, no rows to pad
+        out.zero_()
+        if lse is not None:
+            lse.fill_(float("-inf"))
+        return
     host = _on_host(kv_lens, block_tables) and (cu_q_lens is None or _on_host(cu_q_lens))
     kv_host = kv_lens if host else None  # the lengths on the host, when known there
     if cu_q_lens is None:
@@ -805,6 +810,11 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = block_tables.shape[0]
+    if num_seqs == 0:  # tokens of no sequence (unchecked cu_q_lens): no keys
+        out.zero_()
+        if lse is not None:
+            lse.fill_(float("-inf"))
+        return
     num_prefixes = prefix_block_tables.shape[0]
     dev = q.device
     host = _on_host(kv_lens, block_tables, prefix_ids, prefix_lens, prefix_block_tables) and (
