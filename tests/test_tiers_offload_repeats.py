@@ -168,6 +168,17 @@ def test_offload_repeats_of_a_refreshed_block_are_not_counted(path):
     assert s["store_stats"] == (2, 0) and s["below"] == [(B, _block(2))]
 
 
+@pytest.mark.parametrize("path", list(PATHS))
+def test_offload_refreshes_a_held_repeat_at_its_first_position(path):
+    """A host tier holding A then B (A least recently used), batch A B A, all held: the
+    repeat is refreshed once, at its first position, as HostTier.batch_put stores a repeat
+    at its first, so B ends most recently used (refreshing at the last A would keep A)."""
+    s = _offload(path, host_rows=3, held=["A", "B"], hashes=list("ABA"), ids=[1, 2, 1],
+                 below=None)
+    assert s["out"] == [True] * 3
+    assert [h for h, _ in s["host"]] == [_h("A"), _h("B")]
+
+
 # -- fuzz: every path, and the batch against its deduplicated self ---------------------------
 
 def _dedup(hashes, ids):

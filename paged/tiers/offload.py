@@ -338,7 +338,9 @@ class BlockOffloader:
         some tier holds it now.
 
         A hash repeated in the batch is offloaded once, from its first position's block (the
-        key names the content), and every position of it reports that result: the paths
+        key names the content), and every position of it reports that result (a repeat the
+        host tier holds is refreshed once, at its first position, as its batch_put stores a
+        repeat at its first): the paths
         below (:meth:`_put`) see distinct keys only, so the host tier keeps the same leading
         blocks whichever path copies them. Stats: each tier counts the block once; a
         :class:`TieredStore` counts every position, as its put of the whole batch would
