@@ -1031,8 +1031,10 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping):
 
 def _outside_dropped(ids, num_blocks: int):
     """Destination block ids with every id outside [0, num_blocks) moved past the end, where
-    mode="drop" skips it: jnp's .at[] wraps a negative id onto the cache's last blocks."""
-    return jnp.where((ids >= 0) & (ids < num_blocks), ids, num_blocks)
+    mode="drop" skips it: jnp's .at[] wraps a negative id onto the cache's last blocks. Each
+    to its own place there, so the scatter's unique_indices promise holds for them too."""
+    past = num_blocks + jnp.arange(ids.shape[0], dtype=ids.dtype)
+    return jnp.where((ids >= 0) & (ids < num_blocks), ids, past)
 
 
 def copy_blocks(caches, src, dst):
