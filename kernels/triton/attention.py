@@ -137,7 +137,8 @@ def _paged_attention_kernel(
         tile = pid - (q_start // BLOCK_Q + seq)
         q_len = tl.where(q_start >= 0, tl.minimum(q_len, num_tokens - q_start), 0)
         q_len = tl.maximum(q_len, 0).to(tl.int32)
-        tile = tl.minimum(tl.maximum(tile, -1), num_tokens).to(tl.int32)  # -1: none
+        # -1: none; past the tokens' tiles: none either (tile * BLOCK_Q stays in int32)
+        tile = tl.minimum(tl.maximum(tile, -1), num_tokens // BLOCK_Q + 1).to(tl.int32)
     kv_len = tl.load(kv_lens_ptr + seq)
     if (tile >= 0) & (tile * BLOCK_Q < q_len):
         rows = tl.arange(0, BLOCK_M)
