@@ -810,10 +810,10 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = block_tables.shape[0]
-    if num_seqs == 0:  # tokens of no sequence (unchecked cu_q_lens): no keys
-        out.zero_()
-        if lse is not None:
-            lse.fill_(float("-inf"))
+    if num_seqs == 0:  # tokens of no sequence (unchecked cu_q_lens): paged_attention's case
+        paged_attention(out, lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
+                        scale=scale, causal=True, sliding_window=None,
+                        logits_soft_cap=logits_soft_cap)
         return
     num_prefixes = prefix_block_tables.shape[0]
     dev = q.device
