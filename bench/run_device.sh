@@ -2,10 +2,10 @@
 # The accelerator checks of prefixkv, for a lent GPU/TPU machine (well under 8 minutes):
 # the compiled kernels against the numpy reference, then the device benchmarks.
 #   bash bench/run_device.sh            (from the repository root, in the project's env)
-# Every command runs under `timeout -k 10`; the limits sum to 470 s (versions 20, import probe
-# 30, install 30, fp8 on CUDA 15, torch tests 65, torch bench 75, hashing 25, jax versions 15,
-# JAX tests 85, JAX bench 110; on an H200 (2026-11-29) the torch tests took 48 s, fp8 6, the
-# torch bench 56, hashing 18, the JAX tests 59, the JAX bench 83: 398 s in all with three
+# Every command runs under `timeout -k 10`; the limits sum to 475 s (versions 20, import probe
+# 30, install 30, fp8 on CUDA 15, torch tests 90, torch bench 75, hashing 25, jax versions 15,
+# JAX tests 75, JAX bench 100; on an H200 (2026-11-30) the torch tests took 60 s, fp8 7, the
+# torch bench 55, hashing 20, the JAX tests 55, the JAX bench 83: 400 s in all with three
 # tune_device.py sweeps after it).
 # Files in $OUT (when set; at most 8 come back from a lent machine): run.log (every step's
 # output), bench_figures.jsonl (each benchmark's figures as soon as it finishes, so a step cut
@@ -59,7 +59,7 @@ if ! timeout -k 10 30 $PY -c "import prefixkv.torch_frontend" 2>/dev/null; then
 fi
 
 # ---- PyTorch: Triton + CUDA C kernels vs the reference, CUDA graphs, compile
-step torch_gpu_tests 65 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_torch_gpu.py
+step torch_gpu_tests 90 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_torch_gpu.py
 # ---- fp8 (float8_e4m3fn) KV caches on CUDA: quantizing writes bit-exact, attention vs reference
 step fp8_gpu 15 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_fp8.py -k cuda
 # ---- PyTorch GPU benchmarks: decode at % of HBM, swap vs measured PCIe
@@ -82,10 +82,10 @@ if [ "$rc" -eq 3 ]; then
   echo "=== jax not installed: JAX steps skipped"
 else
   [ "$rc" -eq 0 ] || { echo "=== jax_versions: exit $rc"; status=1; }
-  step jax_device_tests 85 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_jax_device.py
+  step jax_device_tests 75 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_jax_device.py
   # decode, cascade decode and prefill on the device, cache writes and block moves (XLA); on
   # a TPU also block hashing (Pallas vs XLA; skipped on a GPU)
-  step jax_device_bench 110 $PY -m pytest -q -p no:cacheprovider bench/bench_jax_attention.py \
+  step jax_device_bench 100 $PY -m pytest -q -p no:cacheprovider bench/bench_jax_attention.py \
     bench/bench_hashing_device.py bench/bench_device_cache_ops.py --benchmark-only \
     -k "decode_device or shared_prefix_device or prefill_device or tpu_hash or device_cache_jax" \
     --benchmark-columns=mean,min,rounds --benchmark-json="$LOG/jax_device_bench.json"

@@ -90,9 +90,9 @@ def sweep_triton(deadline: float, split_only: bool = False) -> None:
                              (64, 8, None)]}
     if split_only:
         shapes = shapes[1:]
-        plans = {torch.bfloat16: [(None, None, None), (64, 4, 5), (64, 4, 4), (64, 4, 6),
-                                  (32, 4, 6), (32, 4, 8), (64, 8, 5), (128, 4, 4),
-                                  (64, 4, 5)]}
+        plans = {torch.bfloat16: [(None, None, None), (64, 4, 5), (64, 2, 4), (64, 2, 6),
+                                  (64, 2, 3), (128, 2, 3), (32, 2, 5), (64, 1, 5),
+                                  (None, None, None)]}
     try:
         for dtype, plan in plans.items():
             for keys, nwarps, stages in plan:
@@ -351,7 +351,7 @@ def sweep_splits(deadline: float) -> None:
     splits_of = attn._splits
     try:
         for num_seqs, context in [(8, 4096), (1, 32768), (4, 16384)]:
-            for splits in (None, 4, 8, 16, 32, 64):
+            for splits in (None, 4, 6, 8, 12, 16, 32):
                 if time.time() > deadline:
                     print("deadline reached", flush=True)
                     return

@@ -75,7 +75,8 @@ def _attention_variant(dtype, head_dim, num_q_heads, num_kv_heads, decode, causa
         stages = tattn.attention_stages(cfg, decode, itemsize=itemsize, split=splits > 1,
                                         fp8=fp8, cc=cc)
         return {"num_warps": tattn.attention_warps(head_dim, decode, itemsize=itemsize,
-                                                   rows=cfg["BLOCK_M"], cc=cc),
+                                                   rows=cfg["BLOCK_M"], cc=cc,
+                                                   split=splits > 1, fp8=fp8),
                 **({"num_stages": stages} if stages else {})}
 
     out_t = "*fp32" if splits > 1 else PTR[dtype]
@@ -92,8 +93,12 @@ WRITE_BITS = {"FP8": False, "IN_BF16": False}
 VARIANTS = {
     "attn-decode-bf16-d128-g4": _attention_variant("bfloat16", 128, 32, 8, True, True, False,
                                                    False, 1),
+    # 64 keys, 5 stages, 2 warps
     "attn-decode-split8-bf16-d128-g4": _attention_variant("bfloat16", 128, 32, 8, True, True,
-                                                          False, False, 8),  # 64 keys, 5 stages
+                                                          False, False, 8),
+    # 2 warps (the split tile's rule) with the most registers: head_dim 128, window, soft cap
+    "attn-decode-split8-bf16-d128-g4-window-cap": _attention_variant(
+        "bfloat16", 128, 32, 8, True, True, True, True, 8),
     "attn-decode-split4-f16-d64-g8-window-cap": _attention_variant(
         "float16", 64, 64, 8, True, True, True, True, 4),
     "attn-decode-f32-d64-g1": _attention_variant("float32", 64, 8, 8, True, True, False,

@@ -386,7 +386,8 @@ def attention_config(num_q_heads: int, num_kv_heads: int, head_dim: int, decode:
     71% and 52% with 128 keys against 58% and 39% with 64 (3 stages; with MAX_KV_SPLITS 32,
     2026-11-28: 71% and 69%), and on 2026-11-29 at 71-73% with 64 keys in 5 stages against
     67-69% with 128 in 3 (64 in 4 stages: 57%; 6: 71%; bench/tune_device.py splitdecode,
-    two runs). Compiled for sm_80 and sm_90 the 5-stage tile takes 72 KB of shared memory.
+    two runs); these split tiles run 2 warps (:func:`attention_warps`). Compiled for sm_80 and
+    sm_90 the 5-stage tile takes 72 KB of shared memory.
 
     A program's rows (BLOCK_M) are query tokens x the q heads of its slice of a kv head's
     group (KV_GROUP q heads in HEAD_SPLITS slices of at most GROUP): the whole group up to 32
@@ -436,8 +437,13 @@ def attention_stages(cfg: dict, decode: bool, *, itemsize: int = 2, split: bool 
 
 
 def attention_warps(head_dim: int, decode: bool, *, itemsize: int = 2, rows: int = 16,
-                    cc: int = 90) -> int:
-    """Warps per program: 4 for decode tiles of 16 rows (``rows``: BLOCK_M) and, from sm_90
+                    cc: int = 90, split: bool = False, fp8: bool = False) -> int:
+    """Warps per program: 2 for the 16-bit split-KV decode tiles of 64 keys in 5 stages
+    (:func:`attention_stages`; ``split``, ``fp8`` as there; NVIDIA from sm_80, head_dim up to
+    128, measured at 128): on an H200 (bf16, 32 q / 8 kv heads, 2026-11-30) 8 x 4096 and
+    1 x 32768 read at 76% of the measured read bandwidth against 72-73% with 4 warps (1 warp:
+    36%; 2 warps in 3-4 stages: 55%, in 6: 76%; bench/tune_device.py splitdecode, two runs).
+    Else 4 for decode tiles of 16 rows (``rows``: BLOCK_M) and, from sm_90
     (``cc``: compute capability x 10), for 16-bit prefill tiles of up to 64 rows, up to
     head_dim 128 (sm_80 spilled 32-56 B there at 4 warps, so it keeps 8); otherwise 8 for
     wide heads (the per-token K/V pointer tiles need registers) and for float32 tiles of 32
@@ -449,6 +455,8 @@ def attention_warps(head_dim: int, decode: bool, *, itemsize: int = 2, rows: int
     but that tile spills 64 B on sm_80 and takes 160 KB of shared memory on sm_90;
     bench/tune_device.py prefill). fp8 caches with 16-bit q take the 16-bit rule (not
     measured there)."""
+    if cc >= 80 and not fp8 and head_dim <= 128 and _split_16bit(decode, split, itemsize, rows):
+        return 2
     if head_dim <= 128 and (rows <= 16 if decode else
                             itemsize < 4 and rows <= 64 and cc >= 90):
         return 4
@@ -696,7 +704,7 @@ def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal
         DOT_PREC="ieee" if INTERPRET else dot_precision(itemsize, head_dim, cfg["BLOCK_M"],
                                                         decode),
         num_warps=attention_warps(head_dim, decode, itemsize=itemsize, rows=cfg["BLOCK_M"],
-                                  cc=cc),
+                                  cc=cc, split=num_splits > 1, fp8=fp8),
         **({"num_stages": stages} | cfg if stages else cfg))
     if num_splits > 1:
         _merge(out, lse, part_o, part_l)
