@@ -667,6 +667,88 @@ def test_sinks_through_the_frontend(interp_backend):
     close(got, want, "float32")
 
 
+SINK_CASES = [  # grid, hq, hkv, dtype, options, num_splits
+    ("decode", 4, 2, "float32", {}, None),
+    ("decode", 8, 2, "bfloat16", {"sliding_window": 5, "logits_soft_cap": 2.0}, 3),
+    ("mixed", 4, 1, "float16", {"logits_soft_cap": 1.5}, None),
+    ("contexts", 4, 2, "float32", {"causal": False}, None),
+    ("mixed", 66, 2, "float32", {}, None),  # the group in two slices (17 + 16 heads)
+]
+
+
+@pytest.mark.parametrize("case", SINK_CASES, ids=lambda c: f"{c[0]}-h{c[1]}-{c[3]}-s{c[5]}")
+def test_sinks_in_the_kernel(case):
+    """The kernel reads the sinks (SINKS): each row's softmax starts from its head's sink, in
+    split 0 alone of a split launch; sinks in q's dtype, one of them -inf (no sink)."""
+    grid, hq, hkv, dtype, opts, splits = case
+    rng = np.random.default_rng(hq + len(grid))
+    b = testing.make_ragged_batch(rng, testing.seq_grid(grid, 4), num_q_heads=hq,
+                                  num_kv_heads=hkv, head_dim=16, block_size=4, dtype=dtype,
+                                  sliding_window=opts.get("sliding_window"))
+    sinks_np = np.linspace(-4.0, 6.0, hq).astype(np.float32)[rng.permutation(hq)]
+    sinks_np[1] = -np.inf
+    sinks = T(sinks_np).to(TD[dtype])
+    want, want_lse = ref.paged_attention_reference(
+        *b.args(), return_lse=True, sinks=N(sinks).astype(np.float32), **opts)
+    q, k, v, bt, kv, cu = (T(a) for a in b.args())
+    out = torch.full(q.shape, float("nan"), dtype=TD[dtype])
+    lse = torch.full(q.shape[:2], float("nan"))
+    tattn.paged_attention(out, lse, q, k, v, bt, kv, cu, scale=default_scale(16),
+                          causal=opts.get("causal", True),
+                          sliding_window=opts.get("sliding_window"),
+                          logits_soft_cap=opts.get("logits_soft_cap"), num_splits=splits,
+                          sinks=sinks)
+    close(out, want, dtype)
+    np.testing.assert_allclose(N(lse), want_lse, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_sinks_in_the_cascade_kernels(decode, monkeypatch):
+    """The cascade counts each row's sink once: in its own-token launch (split too), not in
+    the prefix pass (split in 3 here); a token with no prefix gets it as well."""
+    monkeypatch.setattr(tattn, "_prefix_splits", lambda *a: 3)
+    rng = np.random.default_rng(53)
+    seqs = [(0, 1, 5), (-1, 1, 4), (1, 1, 30), (0, 1, 17)] if decode else \
+        [(0, 3, 5), (-1, 2, 4), (1, 1, 30), (0, 5, 17)]
+    b = testing.make_shared_prefix_batch(rng, [6, 2], seqs, num_q_heads=4, num_kv_heads=2,
+                                         head_dim=16, block_size=4, decode=decode)
+    sinks_np = np.array([0.5, -np.inf, 3.0, -2.0], dtype=np.float32)
+    want, want_lse = ref.shared_prefix_attention_reference(*b.args(), return_lse=True,
+                                                           sinks=sinks_np)
+    args = [None if a is None else T(a) for a in b.args()]
+    out = torch.full(args[0].shape, float("nan"))
+    lse = torch.full(args[0].shape[:2], float("nan"))
+    tattn.shared_prefix_attention(out, lse, *args, scale=default_scale(16), logits_soft_cap=None,
+                                  sinks=T(sinks_np))
+    close(out, want, "float32")
+    np.testing.assert_allclose(N(lse), want_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_frontend_hands_the_sinks_to_the_kernels(interp_backend, monkeypatch):
+    """With the Triton kernels the frontend applies no sinks epilogue (the kernels read them),
+    so out= with a workspace and no lse= allocates nothing for them."""
+    import prefixkv.torch_frontend as tf
+    from prefixkv.torch_frontend import _ops
+
+    def no_epilogue(*a):
+        raise AssertionError("the sinks epilogue ran")
+
+    monkeypatch.setattr(_ops, "_apply_sinks", no_epilogue)
+    rng = np.random.default_rng(59)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 4), num_q_heads=4,
+                                  num_kv_heads=2, head_dim=16, block_size=4)
+    sinks_np = np.array([1.0, -1.0, 4.0, 0.0], dtype=np.float32)
+    want = ref.paged_attention_reference(*b.args(), sinks=sinks_np)
+    q, k, v, bt, kv, cu = (T(a) for a in b.args())
+    ws = _workspace(tf.attention_workspace_size(q, k, bt, cu, backend=interp_backend))
+    out = torch.full(q.shape, float("nan"))
+    tf.paged_attention(q, k, v, bt, kv, cu, sinks=T(sinks_np), out=out, workspace=ws,
+                       backend=interp_backend)
+    close(out, want, "float32")
+    with pytest.raises(AssertionError, match="epilogue"):  # the torch backend applies them
+        tf.paged_attention(q, k, v, bt, kv, cu, sinks=T(sinks_np), backend="torch")
+
+
 def test_shared_prefix_workspace_covers_the_windowed_calls(interp_backend):
     """attention_workspace_size with prefix_block_tables also covers a call with a sliding
     window, which runs paged attention over prefix-then-own tables (a decode token over an

@@ -225,6 +225,47 @@ def test_sinks_gpu():
     np.testing.assert_allclose(N(lse), want_lse, atol=1e-3, rtol=1e-4)
 
 
+def test_sinks_split_and_cascade_allocate_nothing_and_capture():
+    """gpt-oss-like sinks (bf16, 64 q / 8 kv heads, head_dim 64) read by the kernels: a split
+    decode and a cascade with out= and workspace= (no lse=) allocate nothing, eager and under
+    CUDA-graph replay, and match the reference."""
+    rng = np.random.default_rng(14)
+    b = testing.make_ragged_batch(rng, [(1, 5000), (1, 2100)], num_q_heads=64, num_kv_heads=8,
+                                  head_dim=64, dtype="bfloat16", nan_fill=False, decode=True)
+    sp = testing.make_shared_prefix_batch(rng, [128], [(0, 1, 40), (-1, 1, 9), (0, 1, 3)],
+                                          num_q_heads=64, num_kv_heads=8, head_dim=64,
+                                          dtype="bfloat16", decode=True)
+    sinks_np = np.linspace(-3.0, 5.0, 64).astype(np.float32)
+    sinks = T(sinks_np).to(torch.bfloat16)
+    sinks_f = N(sinks).astype(np.float32)
+    pa, sa = [T(a) for a in b.args()][:5], [T(a) for a in sp.args()]
+    size = max(tf.attention_workspace_size(pa[0], pa[1], pa[3]),
+               tf.attention_workspace_size(sa[0], sa[1], sa[6], prefix_block_tables=sa[3]))
+    ws = torch.empty(size, dtype=torch.uint8, device=DEV)
+    out_p, out_s = torch.empty_like(pa[0]), torch.empty_like(sa[0])
+
+    def step():
+        tf.paged_attention(*pa, sinks=sinks, out=out_p, workspace=ws)
+        tf.shared_prefix_attention(*sa, sinks=sinks, out=out_s, workspace=ws)
+
+    step()
+    torch.cuda.synchronize()
+    before = _allocations()
+    step()
+    torch.cuda.synchronize()
+    assert _allocations() == before
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    out_p.fill_(float("nan"))
+    out_s.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    close(out_p.float(), ref.paged_attention_reference(*b.args(), sinks=sinks_f), "bfloat16")
+    close(out_s.float(), ref.shared_prefix_attention_reference(*sp.args(), sinks=sinks_f),
+          "bfloat16")
+
+
 @pytest.mark.parametrize("backend", ["cuda-c", "torch"])
 def test_swap_blocks_device_host_roundtrip(backend):
     pytest.importorskip("cupy") if backend == "cuda-c" else None

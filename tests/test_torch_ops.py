@@ -687,6 +687,16 @@ def test_opcheck_every_op():
                                           num_q_heads=4, num_kv_heads=2, head_dim=8)
     spa = tuple(T(a) for a in sp.args())
     cases.append((ops.shared_prefix_attention, (*spa, 0.5, None, None)))
+    # attention sinks: the ops' trailing argument after (k_scale, v_scale), applied by the
+    # backends that do not read them (here) to an lse the op makes when the caller keeps none
+    sinks = torch.tensor([0.5, -1.0, 2.0, float("-inf")])
+    cases += [
+        (ops.paged_attention, (q, k, v, bt, kv, cu, 0.3, True, None, None, None, None, None,
+                               sinks)),
+        (ops.paged_attention_out, (q, k, v, bt, kv, cu, 0.3, True, None, None, None,
+                                   torch.empty_like(q), None, None, None, None, sinks)),
+        (ops.shared_prefix_attention, (*spa, 0.5, None, None, None, None, sinks)),
+    ]
     for op, args in cases:
         torch.library.opcheck(op, args)
 

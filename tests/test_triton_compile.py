@@ -52,10 +52,11 @@ def _jit_attrs(fn, sig: dict) -> dict:
 
 
 def _attention_variant(dtype, head_dim, num_q_heads, num_kv_heads, decode, causal, window,
-                       soft_cap, splits, fp8=False):
+                       soft_cap, splits, fp8=False, sinks=False):
     """(kernel, constexprs of cc, pointer types, default pointer type, launch options of cc):
     the launch the torch frontend makes on a device of compute capability cc (x 10). fp8:
-    float8_e4m3fn caches read as bytes (*u8 k/v pointers) with k_scale and v_scale."""
+    float8_e4m3fn caches read as bytes (*u8 k/v pointers) with k_scale and v_scale. sinks:
+    attention sinks read by the kernel (in q's dtype)."""
     itemsize = 4 if dtype == "float32" else 2
 
     cfg = tattn.attention_config(num_q_heads, num_kv_heads, head_dim, decode, itemsize=itemsize,
@@ -65,8 +66,9 @@ def _attention_variant(dtype, head_dim, num_q_heads, num_kv_heads, decode, causa
         upcast = dtype == "float32"
         cx = dict(cfg, BLOCK_SIZE=16, DECODE=decode, CAUSAL=causal, WINDOW=window,
                   SOFT_CAP=soft_cap, NUM_SPLITS=splits, UPCAST=upcast, FP8=fp8, K_SCALED=fp8,
-                  V_SCALED=fp8, DOT_PREC=tattn.dot_precision(4 if upcast else 2, head_dim,
-                                                             cfg["BLOCK_M"], decode))
+                  V_SCALED=fp8, SINKS=sinks,
+                  DOT_PREC=tattn.dot_precision(4 if upcast else 2, head_dim, cfg["BLOCK_M"],
+                                               decode))
         # As the JIT specializes a launch on contiguous tensors: unit strides become constants
         cx.update({name: 1 for name in UNIT_STRIDES})
         return cx
@@ -81,7 +83,8 @@ def _attention_variant(dtype, head_dim, num_q_heads, num_kv_heads, decode, causa
 
     out_t = "*fp32" if splits > 1 else PTR[dtype]
     ptrs = {"tables_ptr": "*i32", "kv_lens_ptr": "*i32", "cu_ptr": "*i32", "out_ptr": out_t,
-            "lse_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
+            "lse_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
+            "sinks_ptr": PTR[dtype] if sinks else "*fp32"}
     if fp8:
         ptrs.update(k_ptr="*u8", v_ptr="*u8")
     return tattn._paged_attention_kernel, constexprs, ptrs, PTR[dtype], options
@@ -99,6 +102,12 @@ VARIANTS = {
     # 2 warps (the split tile's rule) with the most registers: head_dim 128, window, soft cap
     "attn-decode-split8-bf16-d128-g4-window-cap": _attention_variant(
         "bfloat16", 128, 32, 8, True, True, True, True, 8),
+    # attention sinks (gpt-oss: 64 q / 8 kv heads, head_dim 64, sliding window on every other
+    # layer), split decode and prefill
+    "attn-decode-split8-bf16-d64-g8-window-sinks": _attention_variant(
+        "bfloat16", 64, 64, 8, True, True, True, False, 8, sinks=True),
+    "attn-prefill-bf16-d64-g8-sinks": _attention_variant(
+        "bfloat16", 64, 64, 8, False, True, False, False, 1, sinks=True),
     "attn-decode-split4-f16-d64-g8-window-cap": _attention_variant(
         "float16", 64, 64, 8, True, True, True, True, 4),
     "attn-decode-f32-d64-g1": _attention_variant("float32", 64, 8, 8, True, True, False,

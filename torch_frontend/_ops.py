@@ -268,6 +268,25 @@ def _invoke(name: str, args: tuple):
 # ------------------------------------------------------------------------------ attention ops
 
 
+def _sinks_kwargs(fn, sinks: Tensor | None) -> dict:
+    """The sinks as a keyword argument of backend entry ``fn`` when it reads them itself
+    (``fn.reads_sinks``: the Triton kernels); else {} (the op applies them after it)."""
+    return {"sinks": sinks} if sinks is not None and getattr(fn, "reads_sinks", False) else {}
+
+
+def _with_sinks(fn, out: Tensor, lse: Tensor | None, sinks: Tensor | None, run) -> None:
+    """``run(lse, **kwargs)`` the backend call, with the sinks handed to ``fn`` when it reads
+    them, else applied to its finished (out, lse) (an lse made for it when the caller keeps
+    none)."""
+    fused = _sinks_kwargs(fn, sinks)
+    if sinks is None or fused:
+        run(lse, **fused)
+        return
+    lse_buf = lse if lse is not None else out.new_empty(out.shape[:2], dtype=torch.float32)
+    run(lse_buf)
+    _apply_sinks(out, lse_buf, sinks)
+
+
 def _fp8_kwargs(fn, k_cache: Tensor, k_scale: Tensor | None, v_scale: Tensor | None) -> dict:
     """The scales as keyword arguments of backend entry ``fn`` when it reads float8_e4m3fn
     caches itself (``fn.reads_fp8``: the Triton kernels, the torch backend's paged attention)
@@ -291,15 +310,16 @@ def _paged_attention_out(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tabl
                          sliding_window: int | None, logits_soft_cap: float | None,
                          backend: str | None, out: Tensor, lse: Tensor | None,
                          workspace: Tensor | None, k_scale: Tensor | None = None,
-                         v_scale: Tensor | None = None) -> None:
+                         v_scale: Tensor | None = None, sinks: Tensor | None = None) -> None:
     fn = select("paged_attention", platform_of(q), backend)
     fp8 = _fp8_kwargs(fn, k_cache, k_scale, v_scale)
     if validate.is_fp8(k_cache) and not fp8:
         k_cache, v_cache, block_tables = _dequantized_blocks(q, k_cache, v_cache, k_scale,
                                                              v_scale, block_tables)
-    fn(out, lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale,
-       causal=causal, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
-       workspace=workspace, **fp8)
+    _with_sinks(fn, out, lse, sinks, lambda lse_, **kw: fn(
+        out, lse_, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale,
+        causal=causal, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+        workspace=workspace, **fp8, **kw))
 
 
 @_op("paged_attention")
@@ -307,17 +327,18 @@ def _paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: 
                      kv_lens: Tensor, cu_q_lens: Tensor | None, scale: float, causal: bool,
                      sliding_window: int | None, logits_soft_cap: float | None,
                      backend: str | None, k_scale: Tensor | None = None,
-                     v_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                     v_scale: Tensor | None = None,
+                     sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     out, lse = _attn_buffers(q)
     _IMPL["paged_attention_out"](q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale,
                                  causal, sliding_window, logits_soft_cap, backend, out, lse,
-                                 None, k_scale, v_scale)
+                                 None, k_scale, v_scale, sinks)
     return out, lse
 
 
 @_paged_attention.register_fake
 def _(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale, causal, sliding_window,
-      logits_soft_cap, backend, k_scale=None, v_scale=None):
+      logits_soft_cap, backend, k_scale=None, v_scale=None, sinks=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -334,15 +355,17 @@ def _shared_prefix_attention_out(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                                  logits_soft_cap: float | None, backend: str | None,
                                  out: Tensor, lse: Tensor | None,
                                  workspace: Tensor | None, k_scale: Tensor | None = None,
-                                 v_scale: Tensor | None = None) -> None:
+                                 v_scale: Tensor | None = None,
+                                 sinks: Tensor | None = None) -> None:
     fn = select("shared_prefix_attention", platform_of(q), backend)
     fp8 = _fp8_kwargs(fn, k_cache, k_scale, v_scale)
     if validate.is_fp8(k_cache) and not fp8:
         k_cache, v_cache, prefix_block_tables, block_tables = _dequantized_blocks(
             q, k_cache, v_cache, k_scale, v_scale, prefix_block_tables, block_tables)
-    fn(out, lse, q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
-       block_tables, kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap,
-       workspace=workspace, **fp8)
+    _with_sinks(fn, out, lse, sinks, lambda lse_, **kw: fn(
+        out, lse_, q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
+        block_tables, kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap,
+        workspace=workspace, **fp8, **kw))
 
 
 @_op("shared_prefix_attention")
@@ -351,12 +374,13 @@ def _shared_prefix_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                              block_tables: Tensor, kv_lens: Tensor, cu_q_lens: Tensor | None,
                              scale: float, logits_soft_cap: float | None,
                              backend: str | None, k_scale: Tensor | None = None,
-                             v_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                             v_scale: Tensor | None = None,
+                             sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     out, lse = _attn_buffers(q)
     _IMPL["shared_prefix_attention_out"](q, k_cache, v_cache, prefix_block_tables,
                                          prefix_lens, prefix_ids, block_tables, kv_lens,
                                          cu_q_lens, scale, logits_soft_cap, backend, out, lse, None,
-                                         k_scale, v_scale)
+                                         k_scale, v_scale, sinks)
     return out, lse
 
 
@@ -400,9 +424,10 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     block_tables: i32[num_seqs, max_blocks_per_seq]. kv_lens: i32[num_seqs], cached prefix +
     this step's tokens. cu_q_lens: i32[num_seqs + 1] or
     None (decode). sinks: optional float[num_q_heads] on q's device, attention sinks (gpt-oss,
-    vLLM's ``sinks``): one logit per q head added to the softmax denominator (applied after the
-    kernel, see docs/ops.md). out: optional [num_tokens, num_q_heads, head_dim] buffer written
-    in place; lse: optional f32[num_tokens, num_q_heads] buffer. workspace: optional uint8 buffer of
+    vLLM's ``sinks``): one logit per q head added to the softmax denominator (read by the
+    triton kernels, applied to the result by the other backends; see docs/ops.md). out:
+    optional [num_tokens, num_q_heads, head_dim] buffer written in place; lse: optional
+    f32[num_tokens, num_q_heads] buffer. workspace: optional uint8 buffer of
     :func:`attention_workspace_size` bytes for the temporaries (with out= it makes the triton
     backend allocate nothing). backend: "triton", "torch" or None.
 
@@ -436,10 +461,8 @@ def _op_scales(k_scale, v_scale, k_cache: Tensor, v_cache: Tensor) -> tuple:
 
 
 def _run_attention(op, args, q, out, lse, workspace, return_lse, sinks, scales=()):
-    if sinks is not None:
-        o, l_ = _run_attention(op, args, q, out, lse, workspace, True, None, scales)
-        _apply_sinks(o, l_, sinks)
-        return (o, l_) if return_lse else o
+    if sinks is not None:  # the op's trailing (k_scale, v_scale, sinks)
+        scales = (*(scales or (None, None)), sinks.detach())  # the ops are forward-only
     if out is None and lse is None and workspace is None:
         o, l_ = _invoke(op, (*args, *scales))
     else:

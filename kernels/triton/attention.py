@@ -81,7 +81,7 @@ def _fp8_e4m3_to_f32(b):
 @triton.jit
 def _paged_attention_kernel(
         q_ptr, k_ptr, v_ptr, tables_ptr, kv_lens_ptr, cu_ptr, out_ptr, lse_ptr,
-        k_scale_ptr, v_scale_ptr,
+        k_scale_ptr, v_scale_ptr, sinks_ptr,
         stride_qt, stride_qh, stride_qd,
         stride_kb, stride_kt, stride_kh, stride_kd,
         stride_vb, stride_vt, stride_vh, stride_vd,
@@ -94,7 +94,7 @@ def _paged_attention_kernel(
         BLOCK_SIZE: tl.constexpr, DECODE: tl.constexpr, CAUSAL: tl.constexpr,
         WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, NUM_SPLITS: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, FP8: tl.constexpr,
-        K_SCALED: tl.constexpr, V_SCALED: tl.constexpr):
+        K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, SINKS: tl.constexpr):
     # Grid axis 0 (limit 2**31 - 1; axes 1 and 2 stop at 65535) holds (query tile, split).
     # Decode: one tile per sequence. Otherwise the query tiles of all sequences in a row,
     # sequence s's starting at cu[s] // BLOCK_Q + s (the gaps cover each one's tiles), at most
@@ -176,6 +176,12 @@ def _paged_attention_kernel(
             hi = tl.minimum(hi, lo + span)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
+        if SINKS:  # the row's head's sink as a key of logit sink and value 0, seen first (by
+            # split 0 alone: the merge counts it once); a row that sees no key then gets out 0
+            # and lse = sink, and a sink of -inf is none
+            sink = tl.load(sinks_ptr + head, mask=row_ok, other=float("-inf")).to(tl.float32)
+            m_i = tl.where(split == 0, sink, m_i)
+            l_i = tl.where(split == 0, 1.0, l_i)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         n = tl.arange(0, BLOCK_N)
         k_head = kvh.to(tl.int64) * stride_kh
@@ -650,7 +656,7 @@ def shared_prefix_attention_workspace_bytes(q, k_cache, prefix_block_tables, blo
 
 
 def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal, window,
-            soft_cap, num_splits=None, parts=None, k_scale=None, v_scale=None):
+            soft_cap, num_splits=None, parts=None, k_scale=None, v_scale=None, sinks=None):
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs, width = tables.shape
@@ -679,10 +685,8 @@ def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal
     if num_tokens == 0 or num_seqs == 0:
         return
     if width == 0 or k_cache.shape[0] == 0:  # no key anywhere: what the kernel would write
-        tgt_o.zero_()
-        tgt_l.fill_(float("-inf"))
-        if num_splits > 1:
-            _merge(out, lse, part_o, part_l)
+        out.zero_()
+        _fill_unseen(lse, sinks)
         return
     programs = tiles * num_splits
     if programs >= 2**31:
@@ -693,14 +697,16 @@ def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal
         k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, tables, kv_lens, cu if cu is not None else kv_lens, tgt_o, tgt_l,
-        # no scale: any float32 pointer, never read (K_SCALED / V_SCALED False)
+        # no scale or sinks: any float32 pointer, never read (K_SCALED / V_SCALED / SINKS False)
         k_scale if k_scale is not None else tgt_l, v_scale if v_scale is not None else tgt_l,
+        sinks.contiguous() if sinks is not None else tgt_l,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), tables.stride(0),
         *tgt_o.stride()[-3:], *tgt_l.stride()[-2:], so, sl, num_seqs, num_tokens, width,
         k_cache.shape[0], float(scale), float(soft_cap or 1.0), int(window or 0),
         BLOCK_SIZE=block_size, DECODE=decode, CAUSAL=bool(causal), WINDOW=window is not None,
         SOFT_CAP=soft_cap is not None, NUM_SPLITS=num_splits, UPCAST=upcast, FP8=fp8,
         K_SCALED=fp8 and k_scale is not None, V_SCALED=fp8 and v_scale is not None,
+        SINKS=sinks is not None,
         DOT_PREC="ieee" if INTERPRET else dot_precision(itemsize, head_dim, cfg["BLOCK_M"],
                                                         decode),
         num_warps=attention_warps(head_dim, decode, itemsize=itemsize, rows=cfg["BLOCK_M"],
@@ -708,6 +714,14 @@ def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal
         **({"num_stages": stages} | cfg if stages else cfg))
     if num_splits > 1:
         _merge(out, lse, part_o, part_l)
+
+
+def _fill_unseen(lse, sinks) -> None:
+    """lse of rows that see no key: -inf, or with sinks each head's sink (out is 0 there)."""
+    if sinks is None:
+        lse.fill_(float("-inf"))
+    else:
+        lse.copy_(sinks.to(torch.float32).expand(lse.shape))
 
 
 def _merge(out, lse, states_o, states_l):
@@ -723,12 +737,14 @@ def _merge(out, lse, states_o, states_l):
 
 def paged_attention(out, lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *, scale,
                     causal, sliding_window, logits_soft_cap, num_splits=None,
-                    workspace=None, k_scale=None, v_scale=None) -> None:
+                    workspace=None, k_scale=None, v_scale=None, sinks=None) -> None:
     """Backend entry (see prefixkv.torch_frontend): writes out and lse (lse may be None).
     With a ``workspace`` (uint8, paged_attention_workspace_bytes) it allocates nothing.
     float8_e4m3fn caches are read as they are (no dequantized copy): keys float32(k) *
     k_scale, values float32(v) * v_scale; k_scale, v_scale None (1.0) or a float32 tensor of
-    one element on q's device (read by the kernel: no sync)."""
+    one element on q's device (read by the kernel: no sync). sinks: None or float[num_q_heads]
+    on q's device, read by the kernel: each row's softmax starts from its head's sink (no
+    epilogue pass, nothing allocated past the workspace)."""
     if num_splits is None:
         num_splits = _splits(q, k_cache, block_tables, cu_q_lens is None)
     bufs = _carve(_split_plan(q, num_splits) + _lse_plan(q, lse is None), workspace, q.device,
@@ -736,12 +752,14 @@ def paged_attention(out, lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_l
     _launch(out, bufs["lse"] if lse is None else lse, q, k_cache, v_cache, block_tables,
             kv_lens, cu_q_lens, scale=scale, causal=causal, window=sliding_window,
             soft_cap=logits_soft_cap, num_splits=num_splits, parts=bufs, k_scale=k_scale,
-            v_scale=v_scale)
+            v_scale=v_scale, sinks=sinks)
 
 
 #: The backend entries read float8_e4m3fn caches themselves (the torch frontend passes them
 #: the fp8 caches and the scales instead of dequantized copies).
 paged_attention.reads_fp8 = True
+#: ... and attention sinks (the torch frontend passes them instead of applying an epilogue).
+paged_attention.reads_sinks = True
 
 
 def merge_attention_states(out, lse, out_a, lse_a, out_b, lse_b) -> None:
@@ -751,12 +769,13 @@ def merge_attention_states(out, lse, out_a, lse_a, out_b, lse_b) -> None:
 def shared_prefix_attention(out, lse, q, k_cache, v_cache, prefix_block_tables, prefix_lens,
                             prefix_ids, block_tables, kv_lens, cu_q_lens, *, scale,
                             logits_soft_cap, workspace=None, k_scale=None,
-                            v_scale=None) -> None:
+                            v_scale=None, sinks=None) -> None:
     """Cascade: all queries of a prefix against its KV once (tokens sorted by prefix form one
     ragged non-causal batch over the prefix table), own tokens by paged attention, then the
     log-sum-exp merge. Device-side bookkeeping only (no host sync), every step an in-place or
     out= op into the planned buffers: with a ``workspace`` it allocates nothing. fp8 caches,
-    k_scale, v_scale: as in paged_attention (both launches read the fp8 bytes)."""
+    k_scale, v_scale: as in paged_attention (both launches read the fp8 bytes). sinks: as in
+    paged_attention, read by the own-token launch alone (each row's sink counted once)."""
     num_tokens = q.shape[0]
     num_seqs = block_tables.shape[0]
     num_prefixes = prefix_block_tables.shape[0]
@@ -769,12 +788,12 @@ def shared_prefix_attention(out, lse, q, k_cache, v_cache, prefix_block_tables, 
     # state 0 (prefix part) is written whole by the index_copy_ below: only state 1 is reset
     states_o, states_l = b["states_o"], b["states_l"]
     states_o[1].zero_()
-    states_l[1].fill_(float("-inf"))
+    _fill_unseen(states_l[1], sinks)
     own = ({"part_o": b["own_part_o"], "part_l": b["own_part_l"]} if "own_part_o" in b
            else None)
     _launch(states_o[1], states_l[1], q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
             scale=scale, causal=True, window=None, soft_cap=logits_soft_cap, parts=own,
-            k_scale=k_scale, v_scale=v_scale)
+            k_scale=k_scale, v_scale=v_scale, sinks=sinks)
     # the tokens grouped by prefix (no prefix last), each group in token order, and cu_p[p]:
     # where prefix p's group starts, the ragged "sequences" of the prefix launch
     # (the identity first: with cu_q_lens inconsistent with q, unchecked on a device, every
@@ -810,3 +829,4 @@ def shared_prefix_attention(out, lse, q, k_cache, v_cache, prefix_block_tables, 
 
 
 shared_prefix_attention.reads_fp8 = True
+shared_prefix_attention.reads_sinks = True
