@@ -721,7 +721,7 @@ def _fill_unseen(lse, sinks) -> None:
     if sinks is None:
         lse.fill_(float("-inf"))
     else:
-        lse.copy_(sinks.to(torch.float32).expand(lse.shape))
+        lse.copy_(sinks.expand(lse.shape))  # copy_ converts: no float32 temporary
 
 
 def _merge(out, lse, states_o, states_l):
@@ -744,7 +744,8 @@ def paged_attention(out, lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_l
     k_scale, values float32(v) * v_scale; k_scale, v_scale None (1.0) or a float32 tensor of
     one element on q's device (read by the kernel: no sync). sinks: None or float[num_q_heads]
     on q's device, read by the kernel: each row's softmax starts from its head's sink (no
-    epilogue pass, nothing allocated past the workspace)."""
+    epilogue pass, nothing allocated past the workspace unless the sinks are a strided view,
+    which is copied)."""
     if num_splits is None:
         num_splits = _splits(q, k_cache, block_tables, cu_q_lens is None)
     bufs = _carve(_split_plan(q, num_splits) + _lse_plan(q, lse is None), workspace, q.device,
