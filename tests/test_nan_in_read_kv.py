@@ -101,6 +101,31 @@ def test_torch_paged_attention(decode, where, opts):
     _assert_nan_like_reference(out.numpy(), lse.numpy(), want, want_lse)
 
 
+@pytest.mark.parametrize("pos,where", [(0, "k"), (25, "k"), (25, "v"), (33, "k")])
+def test_torch_long_prefill_flash_tiles(pos, where, monkeypatch):
+    """The CPU long-prefill tiles of torch's fused kernel (tiles of 7 of 19 new tokens over
+    21 cached): a NaN in a key in front of a tile (0), in a tile's own keys (25: rows from
+    its position on; 33: the last tile's), or in a value: the rows that read it NaN, as in
+    the reference, the others not."""
+    torch = pytest.importorskip("torch")
+    from prefixkv.torch_frontend import _native
+
+    from prefixkv import torch_frontend as tf
+
+    monkeypatch.setattr(_native, "PREFILL_Q_TILE", 8)
+    monkeypatch.setattr(_native, "FLASH_PREFILL_TILE", 7)
+    monkeypatch.setattr(_native, "FLASH_PREFILL_MIN", 8)
+    rng = np.random.default_rng(3)
+    b = testing.make_ragged_batch(rng, [(19, 40), (2, 9)], num_q_heads=4, num_kv_heads=2,
+                                  head_dim=16, block_size=4)
+    blk = int(b.block_tables[0, pos // 4])
+    (b.k_cache if where == "k" else b.v_cache)[blk, pos % 4, 1, 3] = np.nan
+    want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True)
+    args = [None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for a in b.args()]
+    out, lse = tf.paged_attention(*args, return_lse=True)
+    _assert_nan_like_reference(out.numpy(), lse.numpy(), want, want_lse)
+
+
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "mixed"])
 def test_torch_shared_prefix_attention_merge_keeps_the_nan(decode):
     torch = pytest.importorskip("torch")

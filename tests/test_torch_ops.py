@@ -185,6 +185,8 @@ def test_long_prefill_tiles_on_host(dtype, kw, metadata, monkeypatch):
         monkeypatch.setattr(_native, "_on_host", lambda *t: False)
         monkeypatch.setattr(_native, "PAD_SYNC_BYTES", 0)
     monkeypatch.setattr(_native, "PREFILL_Q_TILE", 8)
+    # float32 with no window: torch's fused kernel's tiles from 9 tokens (the others padded)
+    monkeypatch.setattr(_native, "FLASH_PREFILL_MIN", 9)
     calls = []
     real = _native._tiled_prefill
     monkeypatch.setattr(_native, "_tiled_prefill", lambda *a, **k: calls.append(1) or
@@ -199,6 +201,47 @@ def test_long_prefill_tiles_on_host(dtype, kw, metadata, monkeypatch):
     close(out, want, dtype)
     fin = np.isfinite(want_lse)
     np.testing.assert_allclose(N(lse)[fin], want_lse[fin], atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,block_size", [("float32", 4), ("bfloat16", 5), ("float16", 16),
+                                              ("float8_e4m3fn", 4)])
+def test_long_prefill_flash_tiles(dtype, block_size, monkeypatch):
+    """The long sequences of a causal prefill with no window or soft cap run by torch's fused
+    CPU kernel (_flash_prefill_tile): the keys in front of each tile unmasked, the tile's own
+    keys with is_causal, merged by LSE. Tiles of 7 tokens here (a partial last one; a tile
+    starting mid-block), cached context before the new tokens, a sequence with none, GQA 4,
+    NaN in every unused slot; out and lse against the reference."""
+    from prefixkv.torch_frontend import _native
+
+    monkeypatch.setattr(_native, "PREFILL_Q_TILE", 8)
+    monkeypatch.setattr(_native, "FLASH_PREFILL_TILE", 7)
+    monkeypatch.setattr(_native, "FLASH_PREFILL_MIN", 8)
+    tiles = []
+    real = _native._flash_prefill_tile
+    monkeypatch.setattr(_native, "_flash_prefill_tile", lambda out, *a: tiles.append(
+        out.shape[0]) or real(out, *a))
+    rng = np.random.default_rng(22)
+    seqs = [(19, 40), (3, 9), (0, 0), (30, 30), (9, 23)]
+    fp8 = dtype == "float8_e4m3fn"
+    b = testing.make_ragged_batch(rng, seqs, num_q_heads=8, num_kv_heads=2, head_dim=32,
+                                  block_size=block_size, dtype="bfloat16" if fp8 else dtype)
+    args = [T(a) for a in b.args()]
+    kw, want_args = {}, b.args()
+    if fp8:  # fp8 caches (dequantized per sequence) with scales
+        kw = dict(k_scale=0.5, v_scale=2.0)
+        k8 = (args[1].float() / 0.5).to(torch.float8_e4m3fn)
+        v8 = (args[2].float() / 2.0).to(torch.float8_e4m3fn)
+        args[1], args[2] = k8, v8
+        want_args = (b.q.astype(np.float32), (k8.float() * 0.5).numpy(),
+                     (v8.float() * 2.0).numpy(), *b.args()[3:])
+    want, want_lse = ref.paged_attention_reference(*want_args, return_lse=True)
+    out, lse = tf.paged_attention(*args, return_lse=True, **kw)
+    assert tiles == [7, 7, 5, 7, 7, 7, 7, 2, 7, 2]  # 19, 30 and 9 tokens in tiles of 7
+    close(out, want, "bfloat16" if fp8 else dtype)
+    np.testing.assert_allclose(N(lse), want_lse, atol=2e-3, rtol=1e-4)
+    # with no lse asked for: the same out
+    out2 = tf.paged_attention(*args, **kw)
+    np.testing.assert_array_equal(N(out2), N(out))
 
 
 def test_paged_attention_functional_decode_no_lse():
