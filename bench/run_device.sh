@@ -2,11 +2,11 @@
 # The accelerator checks of prefixkv, for a lent GPU/TPU machine (well under 8 minutes):
 # the compiled kernels against the numpy reference, then the device benchmarks.
 #   bash bench/run_device.sh            (from the repository root, in the project's env)
-# Every command runs under `timeout -k 10`; the limits sum to 475 s (versions 20, import probe
-# 30, install 30, fp8 on CUDA 15, torch tests 90, torch bench 75, hashing 25, jax versions 15,
-# JAX tests 75, JAX bench 100; on an H200 (2026-11-30) the torch tests took 60 s, fp8 7, the
-# torch bench 55, hashing 20, the JAX tests 55, the JAX bench 83: 400 s in all with three
-# tune_device.py sweeps after it).
+# Every command runs under `timeout -k 10`; the limits sum to 475 s (versions 20, set-up 60
+# (bench/device_setup.sh), fp8 on CUDA 15, torch tests 90, torch bench 75, hashing 25, jax
+# versions 15, JAX tests 75, JAX bench 100; on an H200 (2026-11-30) the torch tests took
+# 60 s, fp8 7, the torch bench 55, hashing 20, the JAX tests 55, the JAX bench 83: 400 s in
+# all with three tune_device.py sweeps after it).
 # Files in $OUT (when set; at most 8 come back from a lent machine): run.log (every step's
 # output), bench_figures.jsonl (each benchmark's figures as soon as it finishes, so a step cut
 # off by its limit still leaves those it measured), torch_gpu_bench.json, hash_gpu_bench.json,
@@ -44,19 +44,8 @@ export PREFIXKV_BENCH_JSONL="$LOG/bench_figures.jsonl"  # see bench/conftest.py
 export PREFIXKV_DISABLE_CPU_FFI=1
 
 note torch_versions 20 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
-# prefixkv importable: an editable install with the image's setuptools (no network, no deps)
-if ! timeout -k 10 30 $PY -c "import prefixkv.torch_frontend" 2>/dev/null; then
-  timeout -k 10 30 $PY -m pip install -q --no-deps --no-build-isolation --no-cache-dir -e . \
-    2>&1 | tail -3
-  rc=${PIPESTATUS[0]}
-  [ "$rc" -eq 0 ] || echo "=== install: exit $rc"
-  # fallback with no install: the top-level folders linked into the prefixkv package folder
-  # (this copy of the tree only; run from the repository root, so it is first on sys.path)
-  if ! timeout -k 10 30 $PY -c "import prefixkv.torch_frontend" 2>/dev/null; then
-    for f in paged kernels jax_frontend torch_frontend; do ln -sfn "../$f" "prefixkv/$f"; done
-    timeout -k 10 30 $PY -c "import prefixkv.torch_frontend" || status=1
-  fi
-fi
+# prefixkv importable (an editable install, else the folders linked: bench/device_setup.sh)
+PYTHON=$PY timeout -k 10 60 bash bench/device_setup.sh || { echo "=== setup: exit $?"; status=1; }
 
 # ---- PyTorch: Triton + CUDA C kernels vs the reference, CUDA graphs, compile
 step torch_gpu_tests 90 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_torch_gpu.py
