@@ -248,19 +248,7 @@ def test_sinks_split_and_cascade_allocate_nothing_and_capture():
         tf.paged_attention(*pa, sinks=sinks, out=out_p, workspace=ws)
         tf.shared_prefix_attention(*sa, sinks=sinks, out=out_s, workspace=ws)
 
-    step()
-    torch.cuda.synchronize()
-    before = _allocations()
-    step()
-    torch.cuda.synchronize()
-    assert _allocations() == before
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    out_p.fill_(float("nan"))
-    out_s.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
+    _allocates_nothing_and_replays(step, out_p, out_s)
     close(out_p.float(), ref.paged_attention_reference(*b.args(), sinks=sinks_f), "bfloat16")
     close(out_s.float(), ref.shared_prefix_attention_reference(*sp.args(), sinks=sinks_f),
           "bfloat16")
@@ -351,6 +339,24 @@ def _allocations() -> int:
     return torch.cuda.memory_stats()["allocation.all.allocated"]
 
 
+def _allocates_nothing_and_replays(step, *outs) -> None:
+    """step() (its kernels compiled by a first call) allocates nothing through the caching
+    allocator; then captured in a CUDA graph and replayed into ``outs`` filled with NaN."""
+    step()
+    torch.cuda.synchronize()
+    before = _allocations()
+    step()
+    torch.cuda.synchronize()
+    assert _allocations() == before
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for o in outs:
+        o.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+
+
 def test_workspace_calls_allocate_nothing_and_capture():
     """Split-KV decode (few sequences, long context) and cascade attention with out=, lse= and
     workspace=: no allocation by the caching allocator, and the same under CUDA-graph replay."""
@@ -374,19 +380,7 @@ def test_workspace_calls_allocate_nothing_and_capture():
         tf.paged_attention(*pa, out=out_p, lse=lse_p, workspace=ws)
         tf.shared_prefix_attention(*sa, out=out_s, lse=lse_s, workspace=ws)
 
-    step()  # compile the kernels
-    torch.cuda.synchronize()
-    before = _allocations()
-    step()
-    torch.cuda.synchronize()
-    assert _allocations() == before
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    out_p.fill_(float("nan"))
-    out_s.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
+    _allocates_nothing_and_replays(step, out_p, out_s)
     close(out_p.float(), ref.paged_attention_reference(*b.args()), "bfloat16")
     close(out_s.float(), ref.shared_prefix_attention_reference(*sp.args()), "bfloat16")
 
