@@ -517,12 +517,13 @@ def _flash_prefill_tile(out: torch.Tensor, lse: torch.Tensor | None, q: torch.Te
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
     qf = q.to(torch.float32)
-    # keys in front: [1, Hkv, G * n, D], row g * n + j
-    qa = qf.view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(
+    # keys in front: [1, Hkv, G * n, D], row g * n + j (unchecked lengths kept in the table)
+    qa = qf.reshape(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(
         1, num_kv_heads, group * n, head_dim)
     oa = torch.empty_like(qa)
     la = torch.empty(qa.shape[:3], dtype=torch.float32)
-    _attend_host(oa, la, qa, k_cache, v_cache, table, [max(before, 0)], scale, dense=False,
+    front = min(max(before, 0), table.shape[1] * block_size)
+    _attend_host(oa, la, qa, k_cache, v_cache, table, [front], scale, dense=False,
                  chunk_bytes=FLASH_PREFILL_CHUNK_BYTES)
     # the tile's own keys (columns and block ids kept inside the table and the cache)
     pos = torch.arange(before, before + n)
