@@ -104,9 +104,11 @@ def test_torch_paged_attention(decode, where, opts):
 @pytest.mark.parametrize("pos,where", [(0, "k"), (25, "k"), (25, "v"), (33, "k")])
 def test_torch_long_prefill_flash_tiles(pos, where, monkeypatch):
     """The CPU long-prefill tiles of torch's fused kernel (tiles of 7 of 19 new tokens over
-    21 cached): a NaN in a key in front of a tile (0), in a tile's own keys (25: rows from
-    its position on; 33: the last tile's), or in a value: the rows that read it NaN, as in
-    the reference, the others not."""
+    21 cached): a NaN in a key in front of a tile (0), or in a tile's own keys (25: the rows
+    from its position on; 33: the last tile's), makes the rows that read it NaN as in the
+    reference, the others not; a NaN value (25, v): its column NaN in every row here, as in
+    the reference (0 x NaN before it; with more tiles before it the earlier rows may stay
+    finite, which the module docstring leaves open)."""
     torch = pytest.importorskip("torch")
     from prefixkv.torch_frontend import _native
 

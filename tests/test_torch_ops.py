@@ -1530,3 +1530,28 @@ def test_decode_logits_past_float32_give_nan_not_a_finite_answer(sign):
     out, lse = tf.paged_attention(*(T(a) for a in testing.logit_overflow_decode(sign)),
                                   return_lse=True)
     assert np.isnan(N(out)).all() and not (N(lse) == np.inf).any()
+
+
+def test_strided_float32_q_through_the_cpu_flash_paths():
+    """torch's fused CPU kernel misreads a q strided along head_dim; a float32 q passes .to
+    as it is, so the long prefill tiles and the cascade's decode host pass copy it first:
+    q = every other element of a wider buffer gives the reference's result."""
+    rng = np.random.default_rng(31)
+    b = testing.make_ragged_batch(rng, [(40, 48), (1, 9)], num_q_heads=4, num_kv_heads=2,
+                                  head_dim=16, block_size=4)
+    buf = torch.zeros((*b.q.shape[:2], 2 * b.q.shape[2]))
+    buf[..., ::2] = T(b.q)
+    args = [T(a) for a in b.args()]
+    got = tf.paged_attention(buf[..., ::2], *args[1:])
+    close(got, ref.paged_attention_reference(*b.args()), "float32")
+    sp = testing.make_shared_prefix_batch(rng, [4], [(0, 1, 5)] * 6, num_q_heads=4,
+                                          num_kv_heads=2, head_dim=16, block_size=4,
+                                          decode=True)
+    buf = torch.zeros((*sp.q.shape[:2], 2 * sp.q.shape[2]))
+    buf[..., ::2] = T(sp.q)
+    sargs = [None if a is None else T(a) for a in sp.args()]
+    from prefixkv.torch_frontend import _native
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_native, "CASCADE_MIN_SCORES", 0)  # the prefix group gets its own pass
+        got = tf.shared_prefix_attention(buf[..., ::2], *sargs[1:])
+    close(got, ref.shared_prefix_attention_reference(*sp.args()), "float32")

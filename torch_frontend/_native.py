@@ -301,6 +301,8 @@ def _attend_host(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k_cache:
     default).
     """
     n, num_kv_heads, rows_per_head, head_dim = q.shape
+    if q.stride(-1) != 1:  # torch's fused CPU kernel misreads a q strided along head_dim
+        q = q.contiguous()
     block_size = k_cache.shape[1]
     blocks = [-(-kv // block_size) for kv in lens]
     nblk = max(blocks, default=0)
@@ -516,7 +518,9 @@ def _flash_prefill_tile(out: torch.Tensor, lse: torch.Tensor | None, q: torch.Te
     n, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
-    qf = q.to(torch.float32)
+    # contiguous: torch's fused CPU kernel misreads a q strided along head_dim (a float32 q
+    # passes .to as it is)
+    qf = q.to(torch.float32).contiguous()
     # keys in front: [1, Hkv, G * n, D], row g * n + j (unchecked lengths kept in the table)
     qa = qf.reshape(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(
         1, num_kv_heads, group * n, head_dim)
