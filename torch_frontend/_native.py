@@ -312,6 +312,9 @@ def _attend_host(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k_cache:
         return
     if dense is None:
         dense = rows_per_head >= DENSE_MIN_ROWS
+    # own buffers per path and chunk size: no reallocation between them (a mixed batch
+    # alternates the decodes' small chunks and the prefill tiles' large ones)
+    tag = ("dense_" if dense else "flash_") + ("" if chunk_bytes is None else f"{chunk_bytes}_")
     if chunk_bytes is None:
         chunk_bytes = DENSE_CHUNK_BYTES if dense else FLASH_CHUNK_BYTES
     block_bytes = 2 * block_size * num_kv_heads * head_dim * 4
@@ -325,7 +328,6 @@ def _attend_host(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k_cache:
     same = k_cache.dtype == torch.float32 and v_cache.dtype == torch.float32
     qs = q * (scale / _LN2) if dense else q  # base-2 logits
     flash = _flash_cpu()
-    tag = "dense_" if dense else "flash_"  # own buffers per path: no reallocation between them
     for s0 in range(0, n, row_blocks):
         s1 = min(n, s0 + row_blocks)
         m = s1 - s0
