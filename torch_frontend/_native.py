@@ -490,12 +490,19 @@ FLASH_PREFILL_CHUNK_BYTES = 32 << 20
 FLASH_PREFILL_MIN = 32
 
 
+def _flash_prefill(q: torch.Tensor, sliding_window: int | None,
+                   logits_soft_cap: float | None) -> bool:
+    """Whether _tiled_prefill runs its tiles by torch's fused CPU kernel (_flash_prefill_tile):
+    the host path with no window (its mask is causal only)."""
+    return sliding_window is None and _host_path(q, logits_soft_cap)
+
+
 def _long_prefill_min(q: torch.Tensor, sliding_window: int | None,
                       logits_soft_cap: float | None) -> int:
     """Fewest query tokens of a sequence that _tiled_prefill runs in tiles of its own: those of
-    torch's fused CPU kernel (no window, no soft cap) from FLASH_PREFILL_MIN, else the padded
-    tiles past PREFILL_Q_TILE."""
-    if sliding_window is None and _host_path(q, logits_soft_cap):
+    torch's fused CPU kernel (_flash_prefill) from FLASH_PREFILL_MIN, else the padded tiles
+    past PREFILL_Q_TILE."""
+    if _flash_prefill(q, sliding_window, logits_soft_cap):
         return FLASH_PREFILL_MIN
     return PREFILL_Q_TILE + 1
 
@@ -602,8 +609,7 @@ def _tiled_prefill(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_ca
         out.index_copy_(0, tok, o)
         if lse is not None:
             lse.index_copy_(0, tok, lg)
-    # torch's fused CPU kernel for the long sequences' tiles (no window, no soft cap)
-    flash = sliding_window is None and _host_path(q, logits_soft_cap)
+    flash = _flash_prefill(q, sliding_window, logits_soft_cap)
     tile = FLASH_PREFILL_TILE if flash else PREFILL_Q_TILE
     for s, n_seq in enumerate(q_lens):
         if n_seq < long_min:

@@ -268,19 +268,15 @@ def _invoke(name: str, args: tuple):
 # ------------------------------------------------------------------------------ attention ops
 
 
-def _sinks_kwargs(fn, sinks: Tensor | None) -> dict:
-    """The sinks as a keyword argument of backend entry ``fn`` when it reads them itself
-    (``fn.reads_sinks``: the Triton kernels); else {} (the op applies them after it)."""
-    return {"sinks": sinks} if sinks is not None and getattr(fn, "reads_sinks", False) else {}
-
-
 def _with_sinks(fn, out: Tensor, lse: Tensor | None, sinks: Tensor | None, run) -> None:
     """``run(lse, **kwargs)`` the backend call, with the sinks handed to ``fn`` when it reads
-    them, else applied to its finished (out, lse) (an lse made for it when the caller keeps
-    none)."""
-    fused = _sinks_kwargs(fn, sinks)
-    if sinks is None or fused:
-        run(lse, **fused)
+    them (``fn.reads_sinks``: the Triton kernels), else applied to its finished (out, lse)
+    (an lse made for it when the caller keeps none)."""
+    if sinks is None:
+        run(lse)
+        return
+    if getattr(fn, "reads_sinks", False):
+        run(lse, sinks=sinks)
         return
     lse_buf = lse if lse is not None else out.new_empty(out.shape[:2], dtype=torch.float32)
     run(lse_buf)

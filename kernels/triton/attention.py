@@ -431,13 +431,22 @@ def _split_16bit(decode: bool, split: bool, itemsize: int, rows: int) -> bool:
     return decode and split and itemsize < 4 and rows <= 16
 
 
+def _split_pipeline_tile(decode: bool, split: bool, itemsize: int, rows: int, head_dim: int,
+                         fp8: bool, cc: int) -> bool:
+    """The 16-bit split-KV decode tile (not fp8) up to head_dim 128 on NVIDIA GPUs from sm_80
+    (``cc``: compute capability x 10), whose 64 keys a step run in 5 pipeline stages on 2
+    warps (:func:`attention_stages`, :func:`attention_warps`)."""
+    return cc >= 80 and not fp8 and head_dim <= 128 and _split_16bit(decode, split, itemsize,
+                                                                     rows)
+
+
 def attention_stages(cfg: dict, decode: bool, *, itemsize: int = 2, split: bool = False,
                      fp8: bool = False, cc: int = 90) -> int | None:
     """Software pipeline stages of a launch of config ``cfg`` (None: Triton's default, 3):
     5 for 16-bit split-KV decode tiles of 64 keys up to head_dim 128 on NVIDIA GPUs from sm_80
     (``cc``: compute capability x 10; see :func:`attention_config`)."""
-    if (cc >= 80 and not fp8 and cfg["BLOCK_D"] <= 128 and cfg["BLOCK_N"] == 64
-            and _split_16bit(decode, split, itemsize, cfg["BLOCK_M"])):
+    if cfg["BLOCK_N"] == 64 and _split_pipeline_tile(decode, split, itemsize, cfg["BLOCK_M"],
+                                                     cfg["BLOCK_D"], fp8, cc):
         return 5
     return None
 
@@ -461,7 +470,7 @@ def attention_warps(head_dim: int, decode: bool, *, itemsize: int = 2, rows: int
     but that tile spills 64 B on sm_80 and takes 160 KB of shared memory on sm_90;
     bench/tune_device.py prefill). fp8 caches with 16-bit q take the 16-bit rule (not
     measured there)."""
-    if cc >= 80 and not fp8 and head_dim <= 128 and _split_16bit(decode, split, itemsize, rows):
+    if _split_pipeline_tile(decode, split, itemsize, rows, head_dim, fp8, cc):
         return 2
     if head_dim <= 128 and (rows <= 16 if decode else
                             itemsize < 4 and rows <= 64 and cc >= 90):
