@@ -435,6 +435,35 @@ def test_cache_kernels_blocks_past_one_chunk(ids_dtype):
         np.testing.assert_array_equal(N(g), w)
 
 
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+def test_copy_blocks_one_pass_and_staged_pairs(ids_dtype):
+    """copy_blocks moves a pair whose dst no pair reads in one pass, and stages the others:
+    here a swap (3 <-> 4), a chain (0 -> 1 -> 2, listed write-first), a pair from a block
+    nobody writes (5 -> 6) and one into a block nobody reads (7 -> 8), in one call. The
+    interpreter runs the programs in order, so a dst written before a later pair reads it
+    shows. With int64 ids a src past the blocks (unchecked, as on a device) reads the last
+    block, clamped; it counts as read, so a pair writing that block, listed first, waits."""
+    rng = np.random.default_rng(3)
+    kc, vc = (T(testing.random_values(rng, (10, 4, 2, 6), "float32")) for _ in range(2))
+    before = [c.clone() for c in (kc, vc)]
+    src = np.array([1, 3, 4, 0, 5, 7], np.int64)
+    dst = np.array([2, 4, 3, 1, 6, 8], np.int64)
+    want = ref.copy_blocks_reference([c.numpy() for c in before], src, dst)
+    tcache.copy_blocks([kc, vc], torch.from_numpy(src).to(ids_dtype),
+                       torch.from_numpy(dst).to(ids_dtype))
+    for g, w in zip((kc, vc), want, strict=True):
+        np.testing.assert_array_equal(N(g), w)
+    if ids_dtype == torch.int64:
+        for c, b in zip((kc, vc), before, strict=True):
+            c.copy_(b)
+        tcache.copy_blocks([kc, vc], torch.tensor([0, 2**32 + 1]), torch.tensor([9, 5]))
+        for c, b in zip((kc, vc), before, strict=True):
+            np.testing.assert_array_equal(N(c[5]), N(b[9]))  # the clamped read: old block 9
+            np.testing.assert_array_equal(N(c[9]), N(b[0]))
+            np.testing.assert_array_equal(N(c[:5]), N(b[:5]))
+            np.testing.assert_array_equal(N(c[6:9]), N(b[6:9]))
+
+
 def test_write_kv_value_and_v_cache_strides_of_their_own():
     """write_kv with a K cache of its own and V a view of a stacked [blocks, 2, ...] cache
     (other strides), key rows contiguous and value a view of a fused [n, 2, H, D] tensor."""

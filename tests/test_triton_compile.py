@@ -210,6 +210,16 @@ VARIANTS = {
     "scatter-blocks-ids-i64": (tcache._scatter_blocks_kernel,
                                {"BLOCK_NUMEL": 16384, "BLOCK": 4096}, {"ids_ptr": "*i64"},
                                "*i16"),
+    "mark-read-blocks": (tcache._mark_read_blocks_kernel, {"BLOCK": 1024},
+                         {"src_ptr": "*i32", "marks_ptr": "*i8"}, "*i8"),
+    "mark-read-blocks-ids-i64": (tcache._mark_read_blocks_kernel, {"BLOCK": 1024},
+                                 {"src_ptr": "*i64", "marks_ptr": "*i8"}, "*i8"),
+    **{f"copy-blocks{'-staged' if staged else ''}{'-ids-i64' if wide else ''}": (
+        tcache._copy_blocks_kernel,
+        {"BLOCK_NUMEL": 16384, "BLOCK": 4096, "STAGED": staged},
+        {"src_ptr": "*i64" if wide else "*i32", "dst_ptr": "*i64" if wide else "*i32",
+         "marks_ptr": "*i8"}, "*i16")
+       for staged in (False, True) for wide in (False, True)},
 }
 
 

@@ -1,7 +1,8 @@
 """Triton kernels of the cache ops: write_kv (one program per token, negative slots skipped;
 into float8_e4m3fn caches it quantizes, see _e4m3_bits) and block gather/scatter (one program
-per block x chunk); copy_blocks is gather then scatter so every read happens before any write,
-whatever the src/dst overlap.
+per block x chunk); copy_blocks moves each block once, src straight to dst, except a dst block
+that some pair also reads, which goes through a staging buffer and a second launch, so every
+read of it happens before it is written, whatever the src/dst overlap (see copy_blocks).
 
 Copies move raw bits: float caches are viewed as same-width integers (exact, and the
 interpreter's bf16 handling never matters). Caches may be views with any strides, as long as
@@ -127,6 +128,46 @@ def _scatter_blocks_kernel(src_ptr, ids_ptr, dst_ptr, stride_src, stride_dst, nu
     tl.store(dst_ptr + b * stride_dst + e, x, mask=mask)
 
 
+@triton.jit
+def _mark_read_blocks_kernel(src_ptr, marks_ptr, n, num_rows, BLOCK: tl.constexpr):
+    """marks[b] = 1 for every block b that copy_blocks reads: src ids clamped to the
+    ``num_rows`` blocks, as _copy_blocks_kernel reads them."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    b = tl.minimum(tl.maximum(tl.load(src_ptr + i, mask=m, other=0).to(tl.int64), 0),
+                   num_rows - 1)
+    tl.store(marks_ptr + b, tl.full([BLOCK], 1, tl.int8), mask=m)
+
+
+@triton.jit
+def _copy_blocks_kernel(cache_ptr, src_ptr, dst_ptr, marks_ptr, tmp_ptr, stride, num_rows,
+                        BLOCK_NUMEL: tl.constexpr, BLOCK: tl.constexpr, STAGED: tl.constexpr):
+    """One pair i (program (i, chunk)) of copy_blocks, in one cache of flat block data.
+
+    STAGED False (first launch): reads src[i] (clamped, as the gather); a dst block no pair
+    reads (marks 0) is written at once, one that some pair reads goes to tmp[i] instead.
+    STAGED True (second launch, after every read): tmp[i] to those dst blocks. A dst outside
+    the ``num_rows`` blocks (unchecked on a device) is skipped."""
+    i = tl.program_id(0)
+    chunk = tl.program_id(1)
+    d = tl.load(dst_ptr + i).to(tl.int64)
+    live = (d >= 0) & (d < num_rows)
+    mark = tl.load(marks_ptr + tl.minimum(tl.maximum(d, 0), num_rows - 1))
+    read = mark != 0
+    e = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = e < BLOCK_NUMEL
+    tmp = tmp_ptr + i.to(tl.int64) * BLOCK_NUMEL + e
+    out = cache_ptr + d * stride + e
+    if STAGED:
+        x = tl.load(tmp, mask=mask & live & read)
+        tl.store(out, x, mask=mask & live & read)
+    else:
+        s = tl.minimum(tl.maximum(tl.load(src_ptr + i).to(tl.int64), 0), num_rows - 1)
+        x = tl.load(cache_ptr + s * stride + e, mask=mask)
+        tl.store(tmp, x, mask=mask & read)
+        tl.store(out, x, mask=mask & live & (mark == 0))
+
+
 def _p2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
@@ -202,18 +243,36 @@ def scatter_blocks(caches, buffer, block_ids) -> None:
 
 
 def copy_blocks(caches, src, dst) -> None:
+    """In place, all reads before any write. A first launch marks the blocks read (src); then
+    per cache one launch copies every pair whose dst no pair reads straight across (one read and
+    one write of the block, as vLLM's copy kernel, which assumes no overlap) and stages the
+    others in a buffer, which a second launch writes to their dst. With src and dst disjoint
+    (copy-on-write: fresh dst blocks) every block moves once; the former gather-then-scatter
+    moved each twice. No host sync: the ids may stay on the device."""
+    n = src.shape[0]
+    if n == 0 or not caches:
+        return
     for i, c in enumerate(caches):
         if not block_contiguous(c):
             raise ValueError(f"caches[{i}]: the triton backend needs each block contiguous")
-        n = src.shape[0]
-        if n == 0:
-            continue
+    num_rows = caches[0].shape[0]
+    if num_rows == 0:
+        return
+    device = caches[0].device
+    marks = torch.zeros(num_rows, dtype=torch.int8, device=device)
+    _mark_read_blocks_kernel[(triton.cdiv(n, 1024),)](src, marks, n, num_rows, BLOCK=1024)
+    nbytes = max(c[0].numel() * c.element_size() for c in caches)
+    staging = torch.empty(n * nbytes, dtype=torch.int8, device=device)
+    for c in caches:
         numel = c[0].numel()
-        tmp = torch.empty((n, numel), dtype=_BITS[c.element_size()], device=c.device)
-        _block_launch(_gather_blocks_kernel, _raw(c), src, tmp, numel, c.stride(0), numel,
-                      c.shape[0])
-        _block_launch(_scatter_blocks_kernel, tmp, dst, _raw(c), numel, numel, c.stride(0),
-                      c.shape[0])
+        if numel == 0:
+            continue
+        tmp = staging[:n * numel * c.element_size()].view(_BITS[c.element_size()])
+        block = min(4096, _p2(numel))
+        for staged in (False, True):
+            _copy_blocks_kernel[(n, triton.cdiv(numel, block))](
+                _raw(c), src, dst, marks, tmp, c.stride(0), num_rows, BLOCK_NUMEL=numel,
+                BLOCK=block, STAGED=staged)
 
 
 def supports_blocks(**ctx) -> tuple[bool, str]:
