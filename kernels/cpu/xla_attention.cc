@@ -76,15 +76,24 @@ constexpr int kChunk = 64;
 // on the same shapes, min of 12 interleaved runs on a shared machine: caches from torch.empty
 // (4 KiB pages) float32 46.7 -> 41.1 ms, bfloat16 35.4 -> 24.7 ms; on numpy's huge pages
 // float32 35.6 -> 33.7, bfloat16 31.8 -> 21.7. Prefetching two or four chunks ahead, or to L2
-// only (T2 hint), was no better; with prefetch, bfloat16 chunks of 64 KiB ran at least as
+// only (T2 hint), was no better (on a loaded machine; but see below); with prefetch, bfloat16 chunks of 64 KiB ran at least as
 // well as 128 KiB. With the 16-wide tiles (AvxLoad16) and the p.V prefetches spread over the
 // tiles, bfloat16 and fp8 chunks of 16 to 64 KiB ran within the noise of each other; prefetching
 // V in the order p.V reads it (head by head) was slower than in address order.
+//
+// Prefetching into L2 (prefetcht1) instead of L1 (prefetcht0), with the same spread, on a quiet
+// machine (AMD EPYC Zen 4, one thread, the kernel alone through ctypes, interleaved A/B, min
+// of 18): float32 27.2 -> 14.5 ms, bfloat16 15.6 -> 10.8 ms; two threads 15.1 -> 9.9 and
+// 9.7 -> 7.7 ms. A core has few L1 miss buffers, far fewer than L2's: prefetches to L1 capped
+// the misses in flight, so the memory ran at about half its rate; L2 prefetches keep more in
+// flight, and the loads then hit L2. The T2 hint (also L2 on these cores) ran the same; chunk
+// sizes were re-swept with it (float32 16 / 32 / 64 / 128 KiB: 19.8 / 14.8 / 15.9 / 15.7 ms;
+// 16-bit 32 to 256 KiB within 0.1 ms).
 template <class S>
 constexpr int64_t kChunkBytes = sizeof(S) == 4 ? int64_t{32} << 10 : int64_t{64} << 10;
 
 // The cache lines of a list of rows (each `row_bytes` long), prefetched a few at a time:
-// Issue(m) prefetches the next m lines into L1, in row order.
+// Issue(m) prefetches the next m lines into L2 (prefetcht1; see above), in row order.
 class Prefetch {
  public:
   template <class S>
@@ -101,7 +110,7 @@ class Prefetch {
     // the position as (row, line) in locals: no division per line, no store per line
     int64_t row = row_, line = line_;
     for (int64_t i = next_; i < end; ++i) {
-      __builtin_prefetch(rows_[row] + line * 64, 0, 3);
+      __builtin_prefetch(rows_[row] + line * 64, 0, 2);  // locality 2: prefetcht1
       if (++line == lines_per_row_) {
         line = 0;
         ++row;
