@@ -464,6 +464,17 @@ def test_copy_blocks_one_pass_and_staged_pairs(ids_dtype):
             np.testing.assert_array_equal(N(c[6:9]), N(b[6:9]))
 
 
+def test_copy_blocks_refuses_caches_the_marks_cannot_describe():
+    """The marks name blocks by id for every cache: caches of other block counts, or whose
+    blocks overlap in memory (a block id apart is not memory apart), are refused."""
+    ids = torch.tensor([1], dtype=torch.int32)
+    base = torch.arange(40, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"caches\[1\]: expected 5 blocks"):
+        tcache.copy_blocks([base[:20].view(5, 4), base[20:].view(5, 4)[:2]], ids, ids)
+    with pytest.raises(ValueError, match=r"caches\[0\]: its blocks overlap"):
+        tcache.copy_blocks([base.as_strided((5, 8), (4, 1))], ids, ids)
+
+
 def test_write_kv_value_and_v_cache_strides_of_their_own():
     """write_kv with a K cache of its own and V a view of a stacked [blocks, 2, ...] cache
     (other strides), key rows contiguous and value a view of a fused [n, 2, H, D] tensor."""

@@ -252,10 +252,16 @@ def copy_blocks(caches, src, dst) -> None:
     n = src.shape[0]
     if n == 0 or not caches:
         return
+    num_rows = caches[0].shape[0]
     for i, c in enumerate(caches):
         if not block_contiguous(c):
             raise ValueError(f"caches[{i}]: the triton backend needs each block contiguous")
-    num_rows = caches[0].shape[0]
+        if c.shape[0] != num_rows:  # the marks index every cache's blocks alike
+            raise ValueError(f"caches[{i}]: expected {num_rows} blocks (from caches[0]), got "
+                             f"{c.shape[0]}")
+        if num_rows > 1 and c.stride(0) < c[0].numel():  # ids apart, memory shared
+            raise ValueError(f"caches[{i}]: its blocks overlap in memory (stride "
+                             f"{c.stride(0)} < {c[0].numel()} elements a block)")
     if num_rows == 0:
         return
     device = caches[0].device
