@@ -12,10 +12,12 @@ fraction of the mean (bench.conftest.record: max(bytes / measured read bandwidth
 measured matmul rate) / time) and of the fastest round (``roofline_fraction_min``);
 ``baseline: true`` on the jnp baseline.
 
-Measured here (2 cores, the other one running another benchmark; runs swing by 30%): read
-14.3 GB/s, matmul 89.8 GFLOP/s; float32 ffi min 24.2 / median 27.3 ms (roofline 0.70 of the
-mean, 0.78 of the min), XLA composite 42.8 / 59.2 (0.35), jnp baseline 526 / 526 (0.036);
-bfloat16 ffi 18.9 / 21.4 (0.44, 0.50), XLA 49.3 / 52.7 (0.18), baseline 404 / 412 (0.023).
+Measured here (2 cores, the other one idle; runs swing by 30%), 2026-11-30, after the kernel's
+prefetches moved to L2: read 27.8 GB/s, matmul 95.5 GFLOP/s; float32 ffi mean 22.4 / median
+21.8 ms (roofline 0.43 of the mean, 0.45 of the min), XLA composite 42.3 / 42.3 (0.23), jnp
+baseline 423 / 415 (0.023); bfloat16 ffi 11.6 / 11.4 (0.48, 0.53), XLA 35.6 / 35.4 (0.16),
+baseline 271 / 278 (0.021). The same day with L1 prefetches: float32 ffi 29.5 ms (0.30),
+bfloat16 17.1 (0.31).
 """
 
 from __future__ import annotations

@@ -804,13 +804,16 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
 #: elements (rows x prefix keys) over a float32 cache, twice both over a 16-bit one; else the
 #: batch runs as paged attention over each sequence's prefix then own blocks (the same result;
 #: each prefix read once per sequence). Measured here (one thread, 32 q / 8 kv heads, head_dim
-#: 128, decode, 128 own tokens; cascade over paged attention): float32 2 sequences (8 rows)
-#: 0.54-0.88x at 256-4096 prefix keys, 4 sequences 0.59x at 256 keys, 0.64x at 1024, 1.04x at
-#: 2048; 8 sequences 0.65x at 256, 1.03x at 1024; 16 sequences 1.05x at 256. bfloat16 2-4
-#: sequences 0.50-0.89x everywhere, 8 sequences 0.91-0.97x up to 2048 keys, 1.32x at 4096,
-#: 16 sequences 1.01x at 256, 1.22x at 1024.
-CPU_CASCADE_MIN_ROWS = 16
-CPU_CASCADE_MIN_SCORES = 1 << 15
+#: 128, decode, 128 own tokens; cascade over paged attention, min of 14 calls; the ~1 ms cases
+#: swing by 30% between sweeps), after the decode kernel's prefetches moved to L2 (which made
+#: paged attention 1.5-1.9x faster and the thresholds twice what they were): float32 4
+#: sequences (16 rows) 0.72-1.16x at 512-2048 keys, 0.65-0.74x at 4096; 8 sequences
+#: 0.97-1.22x at 1024, 0.92-1.69x at 2048, 1.17-1.25x at 4096; 16 sequences 1.19-1.83x at
+#: 1024, 0.81-1.41x at 128-512; 32 sequences 1.24-1.31x at 128-256. bfloat16 4 sequences
+#: 0.77-1.18x at 1024-4096; 8 sequences 0.77-1.04x there; 16 sequences 1.03-1.30x at 1024,
+#: 1.17-1.70x at 2048-4096; 64 sequences 1.02-1.42x at 128-256.
+CPU_CASCADE_MIN_ROWS = 32
+CPU_CASCADE_MIN_SCORES = 1 << 16
 
 
 def _cascade_pays(q, k_cache, prefix_lens, prefix_ids, cu):

@@ -208,11 +208,12 @@ def test_shard_map_kv_heads_both_vma_modes():
 
 
 @pytest.mark.parametrize("dtype,tokens,prefix_len,pays", [
-    ("float32", 4, 2048, True),     # 16 rows x 2048 keys = 2**15
-    ("float32", 4, 1024, False),    # 2**14 score elements
-    ("float32", 2, 8192, False),    # 8 rows, under CPU_CASCADE_MIN_ROWS
-    ("bfloat16", 4, 4096, False),   # 16-bit caches need twice the rows
-    ("bfloat16", 8, 2048, True),    # 32 rows x 2048 keys = 2**16
+    ("float32", 8, 2048, True),     # 32 rows x 2048 keys = 2**16
+    ("float32", 8, 1024, False),    # 2**15 score elements
+    ("float32", 4, 8192, False),    # 16 rows, under CPU_CASCADE_MIN_ROWS
+    ("bfloat16", 8, 4096, False),   # 16-bit caches need twice the rows
+    ("bfloat16", 16, 2048, True),   # 64 rows x 2048 keys = 2**17
+    ("bfloat16", 16, 1024, False),  # 2**16: half the score elements 16-bit caches need
 ], ids=lambda x: str(x))
 def test_cpu_cascade_rule(dtype, tokens, prefix_len, pays):
     """The CPU's choice between the XLA cascade and paged attention: some prefix group must
@@ -228,8 +229,8 @@ def test_cpu_cascade_rule(dtype, tokens, prefix_len, pays):
     assert bool(_xla._cascade_pays(q, k, lens, ids, cu)) == pays
     prefill = 2 * cu  # two tokens for every sequence: twice the rows per group
     assert bool(_xla._cascade_pays(q, k, lens, ids, prefill)) == (
-        (2 * tokens) * group >= 16 * (2 if dtype == "bfloat16" else 1)
-        and (2 * tokens) * group * prefix_len >= 2**15 * (2 if dtype == "bfloat16" else 1))
+        (2 * tokens) * group >= 32 * (2 if dtype == "bfloat16" else 1)
+        and (2 * tokens) * group * prefix_len >= 2**16 * (2 if dtype == "bfloat16" else 1))
 
 
 def test_prefix_then_own_tables():

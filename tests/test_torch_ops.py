@@ -333,6 +333,7 @@ def cascade_groups(request, monkeypatch):
     every group dissolved into its sequences' own tables (_native._cascade_groups)."""
     from prefixkv.torch_frontend import _native
 
+    monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", 0)
     monkeypatch.setattr(_native, "CASCADE_MIN_SCORES", 0 if request.param == "kept" else 10**12)
     return request.param
 
@@ -382,7 +383,8 @@ def test_shared_prefix_cpu_chunked_paths(monkeypatch, case, decode, dense_min_ro
     monkeypatch.setattr(_native, "DENSE_CHUNK_BYTES", 2 * block_bytes)
     monkeypatch.setattr(_native, "DENSE_MIN_ROWS", dense_min_rows)
     monkeypatch.setattr(_native, "DENSE_SCORES", 20)  # a few rows per dense tile
-    monkeypatch.setattr(_native, "CASCADE_MIN_SCORES", 0)  # every group its own pass
+    monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", 0)  # every group its own pass
+    monkeypatch.setattr(_native, "CASCADE_MIN_SCORES", 0)
     # the own tokens through _attend_host here, not the compiled decode kernel (tested below)
     monkeypatch.setattr(_native, "_c_decode", lambda *a, **k: False)
     calls = []
@@ -405,6 +407,31 @@ def test_shared_prefix_cpu_chunked_paths(monkeypatch, case, decode, dense_min_ro
     assert len(calls) == (2 if decoding else 1)  # own tokens (decode only), then prefixes
 
 
+@pytest.mark.parametrize("itemsize", [4, 2])
+def test_cascade_groups_rule(itemsize):
+    """The shipped thresholds (CASCADE_MIN_ROWS query rows and CASCADE_MIN_SCORES score
+    elements, twice both for 16-bit caches), decode, 4 q heads per kv head: 8 sequences over
+    8192 keys (32 rows, 2**18 scores) go for want of rows; 16 over 2048 (64 rows, 2**17)
+    keep their pass over a float32 cache only; 32 over 512 (2**16) go for want of scores."""
+    from prefixkv.torch_frontend import _native
+
+    bs, plens, counts = 16, [8192, 2048, 512], [8, 16, 32]
+    width = max(plens) // bs
+    ptab = torch.arange(3 * width, dtype=torch.int32).view(3, width)
+    pids = torch.from_numpy(np.repeat(np.arange(3), counts).astype(np.int32))
+    n = int(pids.shape[0])
+    own = torch.arange(n, dtype=torch.int32).view(n, 1) + 3 * width
+    kv = torch.ones(n, dtype=torch.int32)
+    _, got_lens, got_ids, _, got_kv = _native._cascade_groups(
+        4, bs, itemsize, ptab, torch.tensor(plens, dtype=torch.int32), pids, own, kv, None)
+    kept = [2048] if itemsize == 4 else []
+    assert got_lens.tolist() == kept
+    want_ids = np.where(pids.numpy() == 1, 0, -1) if kept else np.full(n, -1)
+    np.testing.assert_array_equal(got_ids.numpy(), want_ids)
+    grown = np.array(plens)[pids.numpy()] * (want_ids < 0)
+    np.testing.assert_array_equal(got_kv.numpy(), 1 + grown)
+
+
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
 def test_shared_prefix_cpu_dissolves_small_groups(monkeypatch, decode):
     """The CPU cascade gives a prefix group its own pass only from CASCADE_MIN_SCORES score
@@ -414,6 +441,7 @@ def test_shared_prefix_cpu_dissolves_small_groups(monkeypatch, decode):
     pass; prefix 1 (1 x 2 x 32 = 64), prefix 2 (2 x 2 x 16 = 64) and the unused prefix 3 go."""
     from prefixkv.torch_frontend import _native
 
+    monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", 0)
     monkeypatch.setattr(_native, "CASCADE_MIN_SCORES", 100)
     rng = np.random.default_rng(11)
     seqs = [(0, 1, 9), (1, 1, 5), (2, 1, 12), (0, 1, 1), (-1, 1, 7), (2, 1, 3), (0, 1, 16)]
@@ -1552,6 +1580,7 @@ def test_strided_float32_q_through_the_cpu_flash_paths():
     sargs = [None if a is None else T(a) for a in sp.args()]
     from prefixkv.torch_frontend import _native
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_native, "CASCADE_MIN_SCORES", 0)  # the prefix group gets its own pass
+        mp.setattr(_native, "CASCADE_MIN_ROWS", 0)  # the prefix group gets its own pass
+        mp.setattr(_native, "CASCADE_MIN_SCORES", 0)
         got = tf.shared_prefix_attention(buf[..., ::2], *sargs[1:])
     close(got, ref.shared_prefix_attention_reference(*sp.args()), "float32")

@@ -845,25 +845,29 @@ def merge_attention_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, o
     lse.masked_fill_(~seen, float("-inf"))
 
 
-#: The CPU cascade gives a prefix group a pass of its own only from this many score elements
-#: (its query rows per kv head, tokens x q heads of a kv head, times its prefix keys) over a
-#: float32 cache, twice as many over a 16-bit one (whose paged reads cost half). Smaller
-#: groups read their prefix as part of their sequences' own tables (_cascade_groups): the
-#: prefix's gather and small matmuls cost more than reading it once per sequence. Measured
-#: here (one thread, 32 q / 8 kv heads, head_dim 128, decode, 128 own tokens each; cascade
-#: over paged attention, same batch): float32 sequences x prefix keys 32 x 512: 1.00x,
-#: 32 x 1024: 1.13x, 16 x 1024: 0.93x, 16 x 2048: 1.14x, 8 x 2048: 1.01x, 4 x 4096: 1.05x,
-#: 32 x 4096: 2.07x; bfloat16 32 x 1024: 0.96x, 32 x 2048: 1.09x, 16 x 4096: 1.07x,
-#: 8 x 4096: 0.98x.
+#: The CPU cascade gives a prefix group a pass of its own only from CASCADE_MIN_ROWS query rows
+#: per kv head (its tokens x q heads of a kv head) and CASCADE_MIN_SCORES score elements (those
+#: rows times its prefix keys) over a float32 cache, twice both over a 16-bit one (whose paged
+#: reads cost half). Smaller groups read their prefix as part of their sequences' own tables
+#: (_cascade_groups): the prefix's gather and small matmuls cost more than reading it once per
+#: sequence. Measured here (one thread, 32 q / 8 kv heads, head_dim 128, decode, 128 own
+#: tokens each; cascade over paged attention, same batch, min of 14 calls, two sweeps), after
+#: the decode kernel's prefetches moved to L2 made paged attention 1.5-1.9x faster: float32
+#: sequences x prefix keys 8 x 1024-4096: 0.79-1.03x, 16 x 1024: 0.94-0.99x, 16 x 2048:
+#: 1.11-1.14x, 16 x 4096: 1.18-1.20x, 32 x 1024: 1.14-1.19x, 64 x 1024: 1.27x and up;
+#: bfloat16 16 x 1024-4096: 0.73-0.87x, 32 x 1024: 0.92-0.97x, 32 x 2048: 1.02-1.03x,
+#: 32 x 4096: 1.08-1.10x, 64 x 1024: 1.03-1.06x, 64 x 4096: 1.16x.
+CASCADE_MIN_ROWS = 64
 CASCADE_MIN_SCORES = 1 << 17
 
 
 def _cascade_groups(group: int, block_size: int, itemsize: int, prefix_block_tables,
                     prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens):
-    """The cascade's host metadata with the prefix groups below CASCADE_MIN_SCORES (over a
-    cache of ``itemsize``-byte elements) dissolved: their sequences' tables become the
-    prefix's blocks then their own (prefix lengths are whole blocks), their kv_lens grow by
-    the prefix, their prefix id is -1; the kept prefixes are renumbered in order. The same
+    """The cascade's host metadata with the prefix groups below CASCADE_MIN_ROWS or
+    CASCADE_MIN_SCORES (over a cache of ``itemsize``-byte elements) dissolved: their
+    sequences' tables become the prefix's blocks then their own (prefix lengths are whole
+    blocks), their kv_lens grow by the prefix, their prefix id is -1; the kept prefixes are
+    renumbered in order. The same
     attention, exactly: an own token's causal view of its prefix is the whole prefix either
     way. Returns (prefix tables, prefix lens, prefix ids, tables, kv lens), the inputs
     themselves when every group stays, else new int32 CPU tensors. (numpy: a few us an op
@@ -878,8 +882,10 @@ def _cascade_groups(group: int, block_size: int, itemsize: int, prefix_block_tab
         cu_q_lens.numpy().astype(np.int64))
     p = np.maximum(pid, 0)
     tokens = np.bincount(p[has], weights=q_lens[has], minlength=num_prefixes)
-    scores = tokens * group * plens
-    keep = (scores > 0) & (scores >= CASCADE_MIN_SCORES * max(1, 4 // itemsize))
+    rows = tokens * group
+    more = max(1, 4 // itemsize)
+    keep = ((rows * plens > 0) & (rows >= CASCADE_MIN_ROWS * more)
+            & (rows * plens >= CASCADE_MIN_SCORES * more))
     dissolve = has & ~keep[p]
     if not dissolve.any():
         return prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens
