@@ -177,6 +177,38 @@ def test_kernel_tiles(dtype, heads, head_dim):
     _check_kernel(batch, dtype)
 
 
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return set()
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 256, 80])
+@pytest.mark.parametrize("heads", [(8, 2), (6, 2), (4, 4), (8, 1)],
+                         ids=["gqa4", "gqa3", "mha", "mqa8"])
+def test_kernel_avx512_bf16_dot_products(monkeypatch, heads, head_dim):
+    """bfloat16 q and caches with head_dim % 32 == 0 on a CPU with AVX512-BF16: q.k by
+    vdpbf16ps (2 x 4 tiles for even groups, 1 x 8 for odd ones), sliding window and soft cap
+    included; PREFIXKV_CPU_AVX512=0 runs the AVX2 loops. Both match the reference, and where
+    the CPU has the instructions (this one: Zen 4) and head_dim allows them the two lse differ
+    (another summation order), which shows the dot products ran."""
+    batch = _decode_batch(21, block_size=16, num_q_heads=heads[0], num_kv_heads=heads[1],
+                          head_dim=head_dim, dtype="bfloat16", extra=[(1, 70)],
+                          sliding_window=50)
+    # a scale not a power of two: the AVX2 loops scale q, the dot products the sums
+    kw = dict(sliding_window=50, logits_soft_cap=6.0, scale=0.1)
+    outs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("PREFIXKV_CPU_AVX512", flag)
+        _check_kernel(batch, "bfloat16", **dict(kw))
+        outs.append(np.asarray(jax.jit(lambda *a: xla_ffi.paged_attention_decode(
+            *a, **kw))(*_jnp(batch))[1]))  # lse: float32
+    dp = "avx512_bf16" in _cpu_flags() and "avx512bw" in _cpu_flags() and head_dim % 32 == 0
+    assert (not np.array_equal(outs[0], outs[1])) == dp
+
+
 @pytest.mark.parametrize("portable", [False, True], ids=["avx2_or_auto", "portable"])
 def test_kernel_empty_sequences(portable):
     """kv_len 0 (not a valid decode input of the public op, which needs kv_len >= 1): out 0
