@@ -17,9 +17,9 @@ prefetches moved to L2: read 27.8 GB/s, matmul 95.5 GFLOP/s; float32 ffi mean 22
 21.8 ms (roofline 0.43 of the mean, 0.45 of the min), XLA composite 42.3 / 42.3 (0.23), jnp
 baseline 423 / 415 (0.023); bfloat16 ffi 11.6 / 11.4 (0.48, 0.53), XLA 35.6 / 35.4 (0.16),
 baseline 271 / 278 (0.021). The same day with L1 prefetches: float32 ffi 29.5 ms (0.30),
-bfloat16 17.1 (0.31); later with AVX512-BF16 dot products in q.k and p.V, two runs (read
-31-35 GB/s): float32 14.7 / 16.6 ms (0.53 of the min), bfloat16 8.2 / 8.1 (0.64), XLA
-composite 40-42 / 35 ms.
+bfloat16 17.1 (0.31); later with the AVX512-BF16 q.k, two runs (read 31-34 GB/s): float32
+14.8 / 15.0 ms (0.53, 0.58 of the min), bfloat16 9.1 / 9.5 (0.57, 0.55), XLA composite
+41 / 35 ms.
 """
 
 from __future__ import annotations

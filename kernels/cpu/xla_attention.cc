@@ -27,8 +27,7 @@
 // attributes, chosen at run time when the CPU has them and head_dim is a multiple of 8), and a
 // portable one written for the compiler's auto-vectorizer. The portable attribute forces the
 // latter (tests). With bfloat16 q and caches, head_dim % 32 == 0 and a CPU with AVX512-BF16,
-// q.k and p.V run as vdpbf16ps dot products (Avx512Bf16; PREFIXKV_CPU_AVX512=0: the AVX2
-// loops).
+// q.k runs as vdpbf16ps dot products (Avx512Bf16; PREFIXKV_CPU_AVX512=0: the AVX2 loops).
 //
 // Inputs are validated by the frontend; here nothing is read outside the buffers anyway:
 // kv_len is clamped into [0, 2^31), block indices past the table read its last entry and block
@@ -608,15 +607,13 @@ bool CpuHasAvx2() {
 
 // ------------------------------------------------------------------ AVX512-BF16 q.k
 
-// bfloat16 q and caches on CPUs with AVX512-BF16 (Zen 4, Sapphire Rapids and later), head_dim
-// % 32 == 0: dot products by vdpbf16ps, 32 bfloat16 pairs a step with no conversion to float32
-// (the products are exact in float32 and summed in float32, as the FMA loops do, only in
-// another order, and with bfloat16 subnormals read as 0). q.k straight from q and the K rows,
-// the logits' scale applied to the sums; p.V with p rounded to bfloat16 (as FlashAttention
-// rounds p to v's dtype; the softmax sum l stays float32), two keys' V rows interleaved a
-// step. Measured on decode 8 x 4096 (Zen 4, one thread, the kernel alone, interleaved A/B, min
-// of 18-24): AVX2 10.4-10.6 ms, with q.k 9.3-9.5, with p.V too 8.4; two threads 5.3 / 4.9 /
-// 4.4 ms. q.k tiles of 2 x 4 and 4 x 2 ran the same. PREFIXKV_CPU_AVX512=0 turns it off.
+// bfloat16 q and caches on CPUs with AVX512-BF16 (Zen 4, Sapphire Rapids and later): q.k by
+// vdpbf16ps, 32 bfloat16 pairs a step straight from q and the K rows (no conversion to
+// float32; the products are exact in float32 and summed in float32, as the FMA loops do, only
+// in another order, and with bfloat16 subnormals read as 0), the logits' scale applied to the
+// sums. p.V stays in the AVX2 loops. Measured on decode 8 x 4096 (Zen 4, one thread, the
+// kernel alone, interleaved A/B, min of 18): 10.6 -> 9.5 ms; two threads 5.5 -> 5.0 ms. NH x NK
+// tiles of 2 x 4 and 4 x 2 ran the same. PREFIXKV_CPU_AVX512=0 turns it off (tests).
 #if defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10  // compilers that know it
 #define PREFIXKV_DP 1
 #define PREFIXKV_AVX512BF16 \
@@ -673,89 +670,10 @@ PREFIXKV_AVX512BF16 void QkAllHeadsDp(const uint16_t* q, int num_kv_heads, int g
   }
 }
 
-// p rows of `group` heads (kChunk apart, n live) to bfloat16 pairs pp[g * kChunk / 2 + j] =
-// (p[2j], p[2j + 1]) rounded to nearest even, the pair past n padded with 0.
-PREFIXKV_AVX512BF16 inline void PairsDp(const float* p, int group, int n, uint32_t* pp) {
-  for (int g = 0; g < group; ++g) {
-    const float* pg = p + static_cast<int64_t>(g) * kChunk;
-    uint32_t* out = pp + static_cast<int64_t>(g) * (kChunk / 2);
-    for (int t = 0; t < n; t += 32) {
-      const int left = n - t;
-      const __mmask16 m0 = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
-      const __mmask16 m1 = left >= 32 ? 0xffff
-                           : left > 16 ? static_cast<__mmask16>((1u << (left - 16)) - 1) : 0;
-      const __m512 a = _mm512_maskz_loadu_ps(m0, pg + t);
-      const __m512 b = _mm512_maskz_loadu_ps(m1, pg + t + 16);
-      _mm512_storeu_si512(out + t / 2, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
-    }
-  }
-}
-
-// acc[h] += sum_t p[h][t] v_t over 32 elements of head_dim at i for NH heads, keys in pairs
-// (V rows t, t + 1 interleaved by unpacklo/hi_epi16: the accumulators hold elements
-// 0-3, 8-11, 16-19, 24-27 of the 32 then 4-7, 12-15, 20-23, 28-31; see UnpermuteDp).
-template <int NH>
-PREFIXKV_AVX512BF16 inline void PvTileDp(const uint32_t* pp, int d, int i,
-                                         const uint16_t* const* rows, int64_t head_off, int n,
-                                         float* acc) {
-  __m512 a[NH][2];
-  _Pragma("GCC unroll 8") for (int h = 0; h < NH; ++h) {
-    a[h][0] = _mm512_loadu_ps(acc + static_cast<int64_t>(h) * d + i);
-    a[h][1] = _mm512_loadu_ps(acc + static_cast<int64_t>(h) * d + i + 16);
-  }
-  for (int t = 0; t < n; t += 2) {
-    // a pair past n repeats the last key, whose p is 0
-    const __m512i r0 = _mm512_loadu_si512(rows[t] + head_off + i);
-    const __m512i r1 = _mm512_loadu_si512(rows[std::min(t + 1, n - 1)] + head_off + i);
-    const __m512bh lo = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(r0, r1));
-    const __m512bh hi = reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(r0, r1));
-    _Pragma("GCC unroll 8") for (int h = 0; h < NH; ++h) {
-      const __m512bh ph = reinterpret_cast<__m512bh>(
-          _mm512_set1_epi32(static_cast<int>(pp[h * (kChunk / 2) + t / 2])));
-      a[h][0] = _mm512_dpbf16_ps(a[h][0], ph, lo);
-      a[h][1] = _mm512_dpbf16_ps(a[h][1], ph, hi);
-    }
-  }
-  _Pragma("GCC unroll 8") for (int h = 0; h < NH; ++h) {
-    _mm512_storeu_ps(acc + static_cast<int64_t>(h) * d + i, a[h][0]);
-    _mm512_storeu_ps(acc + static_cast<int64_t>(h) * d + i + 16, a[h][1]);
-  }
-}
-
-// acc (n % 32 == 0 floats) from PvTileDp's order back to element order; tmp: 32 floats.
-inline void UnpermuteDp(float* x, int64_t n, float* tmp) {
-  for (int64_t j = 0; j < n; j += 32) {
-    for (int half = 0; half < 2; ++half)
-      for (int lane = 0; lane < 4; ++lane)
-        for (int e = 0; e < 4; ++e)
-          tmp[lane * 8 + half * 4 + e] = x[j + half * 16 + lane * 4 + e];
-    std::memcpy(x + j, tmp, 32 * sizeof(float));
-  }
-}
-
-// The AVX2 loops, with q.k and p.V by the dot products above for bfloat16 q and caches
-// (head_dim % 32 == 0).
+// The AVX2 loops, with q.k by QkAllHeadsDp for bfloat16 q and caches (head_dim % 32 == 0).
 struct Avx512Bf16 : Avx2 {
   static constexpr bool kDp = true;
   static bool Dp(int d) { return d % 32 == 0; }
-  static void PvDp(const float* p, int group, int d, const uint16_t* const* rows,
-                   int64_t head_off, int n, float* acc, uint32_t* pp, Prefetch* pf,
-                   int64_t lines) {
-    PairsDp(p, group, n, pp);
-    const int nh = group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
-    const int64_t tiles = static_cast<int64_t>(group / nh) * (d / 32);
-    const int64_t per = (lines + tiles - 1) / tiles;
-    for (int g = 0; g < group; g += nh) {
-      const uint32_t* pg = pp + static_cast<int64_t>(g) * (kChunk / 2);
-      float* ag = acc + static_cast<int64_t>(g) * d;
-      for (int i = 0; i < d; i += 32) {
-        pf->Issue(per);
-        if (nh == 4) PvTileDp<4>(pg, d, i, rows, head_off, n, ag);
-        else if (nh == 2) PvTileDp<2>(pg, d, i, rows, head_off, n, ag);
-        else PvTileDp<1>(pg, d, i, rows, head_off, n, ag);
-      }
-    }
-  }
   static void QkDp(const uint16_t* q, int num_kv_heads, int group, int d,
                    const uint16_t* const* rows, int n, float* s, Prefetch* pf, float scale) {
     if (group % 2 == 0) QkAllHeadsDp<2, 4>(q, num_kv_heads, group, d, rows, n, s, pf, scale);
@@ -839,7 +757,6 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
   const int64_t block_step = sh.block_stride > 0 ? sh.block_stride : block_elems;
   std::vector<float> qf(static_cast<size_t>(hq) * d), acc(static_cast<size_t>(hq) * d);
   std::vector<float> m(hq), l(hq), s(static_cast<size_t>(hq) * kChunk), row(d);
-  std::vector<uint32_t> pairs;  // p as bfloat16 pairs (Avx512Bf16's p.V)
   // this chunk's rows and the next one's
   std::vector<const S*> krows(kChunk), vrows(kChunk), next_krows(kChunk), next_vrows(kChunk);
   Prefetch pf;
@@ -854,7 +771,6 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
   bool dp = false;
   if constexpr (Ops::kDp && std::is_same_v<Tag, BF16Tag> && std::is_same_v<KvTag, BF16Tag>)
     dp = Ops::Dp(d);
-  if (dp) pairs.resize(static_cast<size_t>(group) * (kChunk / 2));
 
   for (int64_t seq = 0; seq < sh.num_seqs; ++seq) {
     const QS* qs = q + seq * hq * d;
@@ -935,28 +851,13 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
           }
           lh[g] += Ops::ExpSum(sg, n, mh[g]);
         }
-        // p.V (AVX512-BF16: p rounded to bfloat16 pairs, as FlashAttention rounds p to v's
-        // dtype; the sum l stays float32)
-        if constexpr (Ops::kDp && std::is_same_v<Tag, BF16Tag> &&
-                      std::is_same_v<KvTag, BF16Tag>) {
-          if (dp)
-            Ops::PvDp(sh_, group, d, vrows.data(), head_off, n, ah, pairs.data(), &pf,
-                      per_head);
-          else
-            Ops::template Pv<KvTag>(sh_, group, d, vrows.data(), head_off, n, ah, row.data(),
-                                    &pf, per_head);
-        } else {
-          Ops::template Pv<KvTag>(sh_, group, d, vrows.data(), head_off, n, ah, row.data(), &pf,
-                                  per_head);
-        }
+        Ops::template Pv<KvTag>(sh_, group, d, vrows.data(), head_off, n, ah, row.data(), &pf,
+                                per_head);
       }
       krows.swap(next_krows);
       vrows.swap(next_vrows);
     }
-    if constexpr (Ops::kDp && std::is_same_v<Tag, BF16Tag> && std::is_same_v<KvTag, BF16Tag>) {
-      if (dp) UnpermuteDp(acc.data(), hq * d, row.data());
-    }
-    if (interleaved && !dp) Interleave16(acc.data(), hq * d, row.data(), /*back=*/true);
+    if (interleaved) Interleave16(acc.data(), hq * d, row.data(), /*back=*/true);
     for (int h = 0; h < hq; ++h) {
       // Keys were walked, so a running max of +-inf means a logit past float32's range
       // (+inf: an answer skipping that key, lse +inf, which a merge reads as an empty state;
