@@ -209,6 +209,27 @@ def test_kernel_avx512_bf16_dot_products(monkeypatch, heads, head_dim):
     assert (not np.array_equal(outs[0], outs[1])) == dp
 
 
+def test_kernel_refuses_head_dim_0():
+    """head_dim 0 called on the FFI kernel directly (the frontends refuse it before): an
+    error, not a division by zero that kills the process (run in a child process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from prefixkv.kernels.cpu import xla_ffi\n"
+        "q = jnp.zeros((1, 8, 0), jnp.bfloat16); c = jnp.zeros((2, 16, 2, 0), jnp.bfloat16)\n"
+        "t = jnp.zeros((1, 1), jnp.int32); n = jnp.ones((1,), jnp.int32)\n"
+        "try:\n"
+        "    jax.block_until_ready(xla_ffi.paged_attention_decode(q, c, c, t, n, scale=1.0))\n"
+        "except Exception as e:\n"
+        "    print('raised', 'shapes do not match' in str(e))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "raised True" in proc.stdout, (proc.returncode,
+                                                                   proc.stderr[-2000:])
+
+
 @pytest.mark.parametrize("portable", [False, True], ids=["avx2_or_auto", "portable"])
 def test_kernel_empty_sequences(portable):
     """kv_len 0 (not a valid decode input of the public op, which needs kv_len >= 1): out 0
