@@ -410,23 +410,25 @@ def test_shared_prefix_cpu_chunked_paths(monkeypatch, case, decode, dense_min_ro
 @pytest.mark.parametrize("itemsize", [4, 2])
 def test_cascade_groups_rule(itemsize):
     """The shipped thresholds (CASCADE_MIN_ROWS query rows and CASCADE_MIN_SCORES score
-    elements, twice both for 16-bit caches), decode, 4 q heads per kv head: 8 sequences over
-    8192 keys (32 rows, 2**18 scores) go for want of rows; 16 over 2048 (64 rows, 2**17)
-    keep their pass over a float32 cache only; 32 over 512 (2**16) go for want of scores."""
+    elements, CASCADE_16BIT_FACTOR times both for 16-bit caches), decode, 4 q heads per kv
+    head: 8 sequences over 8192 keys (32 rows, 2**18 scores) go for want of rows; 16 over
+    2048 (64 rows, 2**17) keep their pass over a float32 cache only; 32 over 512 (2**16) go
+    for want of scores; 128 over 2048 (512 rows, 2**20) keep it over either cache."""
     from prefixkv.torch_frontend import _native
 
-    bs, plens, counts = 16, [8192, 2048, 512], [8, 16, 32]
+    bs, plens, counts = 16, [8192, 2048, 512, 2048], [8, 16, 32, 128]
     width = max(plens) // bs
-    ptab = torch.arange(3 * width, dtype=torch.int32).view(3, width)
-    pids = torch.from_numpy(np.repeat(np.arange(3), counts).astype(np.int32))
+    ptab = torch.arange(4 * width, dtype=torch.int32).view(4, width)
+    pids = torch.from_numpy(np.repeat(np.arange(4), counts).astype(np.int32))
     n = int(pids.shape[0])
-    own = torch.arange(n, dtype=torch.int32).view(n, 1) + 3 * width
+    own = torch.arange(n, dtype=torch.int32).view(n, 1) + 4 * width
     kv = torch.ones(n, dtype=torch.int32)
     _, got_lens, got_ids, _, got_kv = _native._cascade_groups(
         4, bs, itemsize, ptab, torch.tensor(plens, dtype=torch.int32), pids, own, kv, None)
-    kept = [2048] if itemsize == 4 else []
-    assert got_lens.tolist() == kept
-    want_ids = np.where(pids.numpy() == 1, 0, -1) if kept else np.full(n, -1)
+    kept = [1, 3] if itemsize == 4 else [3]
+    assert got_lens.tolist() == [plens[p] for p in kept]
+    renumber = {p: i for i, p in enumerate(kept)}
+    want_ids = np.array([renumber.get(p, -1) for p in pids.numpy()])
     np.testing.assert_array_equal(got_ids.numpy(), want_ids)
     grown = np.array(plens)[pids.numpy()] * (want_ids < 0)
     np.testing.assert_array_equal(got_kv.numpy(), 1 + grown)

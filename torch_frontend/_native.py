@@ -847,18 +847,20 @@ def merge_attention_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, o
 
 #: The CPU cascade gives a prefix group a pass of its own only from CASCADE_MIN_ROWS query rows
 #: per kv head (its tokens x q heads of a kv head) and CASCADE_MIN_SCORES score elements (those
-#: rows times its prefix keys) over a float32 cache, twice both over a 16-bit one (whose paged
-#: reads cost half). Smaller groups read their prefix as part of their sequences' own tables
+#: rows times its prefix keys) over a float32 cache, CASCADE_16BIT_FACTOR times both over a
+#: 16-bit or fp8 one (whose paged reads cost half or less, in the decode kernel's bfloat16 dot
+#: products). Smaller groups read their prefix as part of their sequences' own tables
 #: (_cascade_groups): the prefix's gather and small matmuls cost more than reading it once per
 #: sequence. Measured here (one thread, 32 q / 8 kv heads, head_dim 128, decode, 128 own
 #: tokens each; cascade over paged attention, same batch, min of 14 calls, two sweeps), after
 #: the decode kernel's prefetches moved to L2 made paged attention 1.5-1.9x faster: float32
 #: sequences x prefix keys 8 x 1024-4096: 0.79-1.03x, 16 x 1024: 0.94-0.99x, 16 x 2048:
 #: 1.11-1.14x, 16 x 4096: 1.18-1.20x, 32 x 1024: 1.14-1.19x, 64 x 1024: 1.27x and up;
-#: bfloat16 16 x 1024-4096: 0.73-0.87x, 32 x 1024: 0.92-0.97x, 32 x 2048: 1.02-1.03x,
-#: 32 x 4096: 1.08-1.10x, 64 x 1024: 1.03-1.06x, 64 x 4096: 1.16x.
+#: bfloat16, after AVX512-BF16 q.k made paged decode another 10% faster: 32 x 1024-4096:
+#: 0.80-0.92x, 64 x 1024-4096: 0.94-1.01x, 128 x 1024: 1.00x, 128 x 4096: 1.02x.
 CASCADE_MIN_ROWS = 64
 CASCADE_MIN_SCORES = 1 << 17
+CASCADE_16BIT_FACTOR = 8
 
 
 def _cascade_groups(group: int, block_size: int, itemsize: int, prefix_block_tables,
@@ -883,7 +885,7 @@ def _cascade_groups(group: int, block_size: int, itemsize: int, prefix_block_tab
     p = np.maximum(pid, 0)
     tokens = np.bincount(p[has], weights=q_lens[has], minlength=num_prefixes)
     rows = tokens * group
-    more = max(1, 4 // itemsize)
+    more = 1 if itemsize >= 4 else CASCADE_16BIT_FACTOR
     keep = ((rows * plens > 0) & (rows >= CASCADE_MIN_ROWS * more)
             & (rows * plens >= CASCADE_MIN_SCORES * more))
     dissolve = has & ~keep[p]
