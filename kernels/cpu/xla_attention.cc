@@ -456,13 +456,15 @@ PREFIXKV_AVX2 inline void QkTile(const float* q, int d, const typename Tag::Stor
 
 // q.k of every kv head's group, key tile by key tile: the chunk's K rows are read front to back
 // (all kv heads of a row in order) instead of one head's slice of every row at a time.
-// pf's lines are issued spread over the key tiles.
-template <class Tag, int NH, int NK, bool Wide = false>
-PREFIXKV_AVX2 void QkAllHeads(const float* q, int num_kv_heads, int group, int d,
-                              const typename Tag::Storage* const* key_rows, int n, float* s,
-                              Prefetch* pf) {
-  float out[8];
-  const typename Tag::Storage* rows[NK];
+// pf's lines are issued spread over the key tiles. Tile::Run(q of kNH heads, d, kNK key rows,
+// out) writes the kNH x kNK dot products; the logits are those times `scale`. (No target
+// attribute here: Tile::Run carries its instruction set, a call per tile.)
+template <class Tile, class Q, class S>
+void QkWalk(const Q* q, int num_kv_heads, int group, int d, const S* const* key_rows, int n,
+            float* s, Prefetch* pf, float scale) {
+  constexpr int NH = Tile::kNH, NK = Tile::kNK;
+  float out[NH * NK];
+  const S* rows[NK];
   const int64_t steps = static_cast<int64_t>((n + NK - 1) / NK) * num_kv_heads;
   const int64_t per = (pf->left() + steps - 1) / steps;
   for (int t = 0; t < n; t += NK) {
@@ -472,15 +474,24 @@ PREFIXKV_AVX2 void QkAllHeads(const float* q, int num_kv_heads, int group, int d
       // a key tile past n repeats the last key (read, never stored)
       for (int k = 0; k < NK; ++k) rows[k] = key_rows[std::min(t + k, n - 1)] + head_off;
       for (int g = 0; g < group; g += NH) {
-        const float* qg = q + (head_off * group) + static_cast<int64_t>(g) * d;
-        QkTile<Tag, NH, NK, Wide>(qg, d, rows, out);
+        Tile::Run(q + head_off * group + static_cast<int64_t>(g) * d, d, rows, out);
         float* sg = s + (static_cast<int64_t>(h) * group + g) * kChunk;
         for (int hh = 0; hh < NH; ++hh)
-          for (int k = 0; k < NK && t + k < n; ++k) sg[hh * kChunk + t + k] = out[hh * NK + k];
+          for (int k = 0; k < NK && t + k < n; ++k)
+            sg[hh * kChunk + t + k] = out[hh * NK + k] * scale;
       }
     }
   }
 }
+
+template <class Tag, int NH, int NK, bool Wide = false>
+struct Avx2QkTile {
+  static constexpr int kNH = NH, kNK = NK;
+  PREFIXKV_AVX2 static void Run(const float* q, int d, const typename Tag::Storage* const* rows,
+                                float* out) {
+    QkTile<Tag, NH, NK, Wide>(q, d, rows, out);
+  }
+};
 
 // acc[h][i + 8j] += sum_t p[h][t] v_t[i + 8j] for NH heads, NDV vectors of head_dim at i
 // (Wide: read 16 at a time, the accumulators in AvxLoad16's order).
@@ -533,10 +544,14 @@ struct Avx2 {
   static void QkAll(const float* q, int num_kv_heads, int group, int d,
                     const typename Tag::Storage* const* rows, int n, float* s, float*,
                     Prefetch* pf) {
-    if (Wide(group, d)) QkAllHeads<Tag, 4, 2, true>(q, num_kv_heads, group, d, rows, n, s, pf);
-    else if (group % 4 == 0) QkAllHeads<Tag, 4, 2>(q, num_kv_heads, group, d, rows, n, s, pf);
-    else if (group % 2 == 0) QkAllHeads<Tag, 2, 4>(q, num_kv_heads, group, d, rows, n, s, pf);
-    else QkAllHeads<Tag, 1, 8>(q, num_kv_heads, group, d, rows, n, s, pf);
+    if (Wide(group, d))
+      QkWalk<Avx2QkTile<Tag, 4, 2, true>>(q, num_kv_heads, group, d, rows, n, s, pf, 1.0f);
+    else if (group % 4 == 0)
+      QkWalk<Avx2QkTile<Tag, 4, 2>>(q, num_kv_heads, group, d, rows, n, s, pf, 1.0f);
+    else if (group % 2 == 0)
+      QkWalk<Avx2QkTile<Tag, 2, 4>>(q, num_kv_heads, group, d, rows, n, s, pf, 1.0f);
+    else
+      QkWalk<Avx2QkTile<Tag, 1, 8>>(q, num_kv_heads, group, d, rows, n, s, pf, 1.0f);
   }
 
   template <class Tag>
@@ -651,40 +666,23 @@ PREFIXKV_AVX512BF16 inline void QkTileDp(const uint16_t* q, int d, const uint16_
   _mm256_storeu_ps(out, Reduce8(half));
 }
 
-// QkAllHeads with QkTileDp: q the call's bfloat16 q (unscaled), logits times `scale`.
 template <int NH, int NK>
-PREFIXKV_AVX512BF16 void QkAllHeadsDp(const uint16_t* q, int num_kv_heads, int group, int d,
-                                      const uint16_t* const* key_rows, int n, float* s,
-                                      Prefetch* pf, float scale) {
-  float out[8];
-  const uint16_t* rows[NK];
-  const int64_t steps = static_cast<int64_t>((n + NK - 1) / NK) * num_kv_heads;
-  const int64_t per = (pf->left() + steps - 1) / steps;
-  for (int t = 0; t < n; t += NK) {
-    for (int h = 0; h < num_kv_heads; ++h) {
-      pf->Issue(per);
-      const int64_t head_off = static_cast<int64_t>(h) * d;
-      // a key tile past n repeats the last key (read, never stored)
-      for (int k = 0; k < NK; ++k) rows[k] = key_rows[std::min(t + k, n - 1)] + head_off;
-      for (int g = 0; g < group; g += NH) {
-        QkTileDp<NH, NK>(q + head_off * group + static_cast<int64_t>(g) * d, d, rows, out);
-        float* sg = s + (static_cast<int64_t>(h) * group + g) * kChunk;
-        for (int hh = 0; hh < NH; ++hh)
-          for (int k = 0; k < NK && t + k < n; ++k)
-            sg[hh * kChunk + t + k] = out[hh * NK + k] * scale;
-      }
-    }
+struct DpQkTile {
+  static constexpr int kNH = NH, kNK = NK;
+  PREFIXKV_AVX512BF16 static void Run(const uint16_t* q, int d, const uint16_t* const* rows,
+                                      float* out) {
+    QkTileDp<NH, NK>(q, d, rows, out);
   }
-}
+};
 
-// The AVX2 loops, with q.k by QkAllHeadsDp for bfloat16 q and caches (head_dim % 32 == 0).
+// The AVX2 loops, with q.k by DpQkTile tiles for bfloat16 q and caches (head_dim % 32 == 0).
 struct Avx512Bf16 : Avx2 {
   static constexpr bool kDp = true;
   static bool Dp(int d) { return d % 32 == 0; }
   static void QkDp(const uint16_t* q, int num_kv_heads, int group, int d,
                    const uint16_t* const* rows, int n, float* s, Prefetch* pf, float scale) {
-    if (group % 2 == 0) QkAllHeadsDp<2, 4>(q, num_kv_heads, group, d, rows, n, s, pf, scale);
-    else QkAllHeadsDp<1, 8>(q, num_kv_heads, group, d, rows, n, s, pf, scale);
+    if (group % 2 == 0) QkWalk<DpQkTile<2, 4>>(q, num_kv_heads, group, d, rows, n, s, pf, scale);
+    else QkWalk<DpQkTile<1, 8>>(q, num_kv_heads, group, d, rows, n, s, pf, scale);
   }
 };
 
