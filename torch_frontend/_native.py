@@ -845,19 +845,19 @@ def merge_attention_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, o
     lse.masked_fill_(~seen, float("-inf"))
 
 
-#: The CPU cascade gives a prefix group a pass of its own only from CASCADE_MIN_ROWS query rows
-#: per kv head (its tokens x q heads of a kv head) and CASCADE_MIN_SCORES score elements (those
-#: rows times its prefix keys) over a float32 cache, CASCADE_16BIT_FACTOR times both over a
-#: 16-bit or fp8 one (whose paged reads cost half or less, in the decode kernel's bfloat16 dot
-#: products). Smaller groups read their prefix as part of their sequences' own tables
+#: The CPU cascade gives a prefix group a pass of its own only from CASCADE_MIN_ROWS query rows per
+#: kv head (its tokens x q heads of a kv head) and CASCADE_MIN_SCORES score elements (those rows
+#: times its prefix keys) over a float32 cache, CASCADE_16BIT_FACTOR times both over a 16-bit or
+#: fp8 one (whose paged decode is cheaper: half the bytes or less, and on CPUs with AVX512-BF16
+#: bfloat16 dot products). Smaller groups read their prefix as part of their sequences' own tables
 #: (_cascade_groups): the prefix's gather and small matmuls cost more than reading it once per
-#: sequence. Measured here (one thread, 32 q / 8 kv heads, head_dim 128, decode, 128 own
-#: tokens each; cascade over paged attention, same batch, min of 14 calls, two sweeps), after
-#: the decode kernel's prefetches moved to L2 made paged attention 1.5-1.9x faster: float32
-#: sequences x prefix keys 8 x 1024-4096: 0.79-1.03x, 16 x 1024: 0.94-0.99x, 16 x 2048:
-#: 1.11-1.14x, 16 x 4096: 1.18-1.20x, 32 x 1024: 1.14-1.19x, 64 x 1024: 1.27x and up;
-#: bfloat16, after AVX512-BF16 q.k made paged decode another 10% faster: 32 x 1024-4096:
-#: 0.80-0.92x, 64 x 1024-4096: 0.94-1.01x, 128 x 1024: 1.00x, 128 x 4096: 1.02x.
+#: sequence. Measured here (one thread, 32 q / 8 kv heads, head_dim 128, decode, 128 own tokens
+#: each; cascade over paged attention, same batch, min of 14 calls, two sweeps), after the decode
+#: kernel's prefetches moved to L2 made paged attention 1.5-1.9x faster: float32 sequences x prefix
+#: keys 8 x 1024-4096: 0.79-1.03x, 16 x 1024: 0.94-0.99x, 16 x 2048: 1.11-1.14x, 16 x 4096:
+#: 1.18-1.20x, 32 x 1024: 1.14-1.19x, 64 x 1024: 1.27x and up; bfloat16, after AVX512-BF16 q.k made
+#: paged decode another 10% faster: 32 x 1024-4096: 0.80-0.92x, 64 x 1024-4096: 0.94-1.01x, 128 x
+#: 1024: 1.00x, 128 x 4096: 1.02x.
 CASCADE_MIN_ROWS = 64
 CASCADE_MIN_SCORES = 1 << 17
 CASCADE_16BIT_FACTOR = 8
@@ -866,13 +866,12 @@ CASCADE_16BIT_FACTOR = 8
 def _cascade_groups(group: int, block_size: int, itemsize: int, prefix_block_tables,
                     prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens):
     """The cascade's host metadata with the prefix groups below CASCADE_MIN_ROWS or
-    CASCADE_MIN_SCORES (over a cache of ``itemsize``-byte elements) dissolved: their
-    sequences' tables become the prefix's blocks then their own (prefix lengths are whole
-    blocks), their kv_lens grow by the prefix, their prefix id is -1; the kept prefixes are
-    renumbered in order. The same
-    attention, exactly: an own token's causal view of its prefix is the whole prefix either
-    way. Returns (prefix tables, prefix lens, prefix ids, tables, kv lens), the inputs
-    themselves when every group stays, else new int32 CPU tensors. (numpy: a few us an op
+    CASCADE_MIN_SCORES (over a cache of ``itemsize``-byte elements) dissolved: their sequences'
+    tables become the prefix's blocks then their own (prefix lengths are whole blocks), their
+    kv_lens grow by the prefix, their prefix id is -1; the kept prefixes are renumbered in
+    order. The same attention, exactly: an own token's causal view of its prefix is the whole
+    prefix either way. Returns (prefix tables, prefix lens, prefix ids, tables, kv lens), the
+    inputs themselves when every group stays, else new int32 CPU tensors. (numpy: a few us an op
     here, where torch's small ops cost ~10 us each.)"""
     plens = prefix_lens.numpy().astype(np.int64)
     pid = prefix_ids.numpy().astype(np.int64)
