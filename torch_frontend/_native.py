@@ -884,9 +884,10 @@ def _cascade_groups(group: int, block_size: int, itemsize: int, prefix_block_tab
     p = np.maximum(pid, 0)
     tokens = np.bincount(p[has], weights=q_lens[has], minlength=num_prefixes)
     rows = tokens * group
+    scores = rows * plens
     more = 1 if itemsize >= 4 else CASCADE_16BIT_FACTOR
-    keep = ((rows * plens > 0) & (rows >= CASCADE_MIN_ROWS * more)
-            & (rows * plens >= CASCADE_MIN_SCORES * more))
+    keep = ((scores > 0) & (rows >= CASCADE_MIN_ROWS * more)
+            & (scores >= CASCADE_MIN_SCORES * more))
     dissolve = has & ~keep[p]
     if not dissolve.any():
         return prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens

@@ -674,10 +674,10 @@ struct DpQkTile {
   }
 };
 
-// The AVX2 loops, with q.k by DpQkTile tiles for bfloat16 q and caches (head_dim % 32 == 0).
+// The AVX2 loops, with q.k by DpQkTile tiles: RunRaw picks it for bfloat16 q and caches with
+// head_dim % 32 == 0 only.
 struct Avx512Bf16 : Avx2 {
   static constexpr bool kDp = true;
-  static bool Dp(int d) { return d % 32 == 0; }
   static void QkDp(const uint16_t* q, int num_kv_heads, int group, int d,
                    const uint16_t* const* rows, int n, float* s, Prefetch* pf, float scale) {
     if (group % 2 == 0) QkWalk<DpQkTile<2, 4>>(q, num_kv_heads, group, d, rows, n, s, pf, scale);
@@ -771,10 +771,10 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
       std::max<int64_t>(1, std::min<int64_t>(kChunk, kChunkBytes<S> / key_row_bytes));
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const bool interleaved = Ops::template Interleaved<KvTag>(group, d);
-  // q.k by AVX512-BF16 dot products (bfloat16 q and caches; Avx512Bf16)
-  bool dp = false;
-  if constexpr (Ops::kDp && std::is_same_v<Tag, BF16Tag> && std::is_same_v<KvTag, BF16Tag>)
-    dp = Ops::Dp(d);
+  // q.k by AVX512-BF16 dot products from the bfloat16 q itself (Avx512Bf16)
+  constexpr bool dp = Ops::kDp;
+  static_assert(!dp || (std::is_same_v<Tag, BF16Tag> && std::is_same_v<KvTag, BF16Tag>),
+                "Avx512Bf16 runs bfloat16 q and caches only");
 
   for (int64_t seq = 0; seq < sh.num_seqs; ++seq) {
     const QS* qs = q + seq * hq * d;
@@ -787,7 +787,7 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
       for (int h = 0; h < hq; ++h) ls[h] = neg_inf;
       continue;
     }
-    if (!dp) {
+    if constexpr (!dp) {
       for (int64_t i = 0; i < static_cast<int64_t>(hq) * d; ++i)
         qf[i] = Tag::ToF32(qs[i]) * scale;
       if (interleaved) Interleave16(qf.data(), hq * d, row.data());
@@ -820,16 +820,11 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
     for (int64_t c = lo; c < kv_len; c += chunk) {
       const int n = static_cast<int>(std::min<int64_t>(chunk, kv_len - c));
       pf.Reset(vrows.data(), n, key_row_bytes);  // this chunk's V rows, during q.k
-      if constexpr (Ops::kDp && std::is_same_v<Tag, BF16Tag> && std::is_same_v<KvTag, BF16Tag>) {
-        if (dp)
-          Ops::QkDp(qs, hkv, group, d, krows.data(), n, s.data(), &pf, scale);
-        else
-          Ops::template QkAll<KvTag>(qf.data(), hkv, group, d, krows.data(), n, s.data(),
-                                     row.data(), &pf);
-      } else {
+      if constexpr (dp)
+        Ops::QkDp(qs, hkv, group, d, krows.data(), n, s.data(), &pf, scale);
+      else
         Ops::template QkAll<KvTag>(qf.data(), hkv, group, d, krows.data(), n, s.data(),
                                    row.data(), &pf);
-      }
       const int next_n = static_cast<int>(std::max<int64_t>(
           0, std::min<int64_t>(chunk, kv_len - c - chunk)));
       fill_rows(c + chunk, next_n, next_krows.data(), next_vrows.data());

@@ -101,13 +101,20 @@ def _write_kv_kernel(key_ptr, value_ptr, k_ptr, v_ptr, slots_ptr, ks_ptr, vs_ptr
 
 
 @triton.jit
+def _clamped_block(id_, num_rows):
+    """A block id (any integer type) as int64, clamped into the ``num_rows`` blocks: the block
+    a gather or copy reads for it."""
+    return tl.minimum(tl.maximum(id_.to(tl.int64), 0), num_rows - 1)
+
+
+@triton.jit
 def _gather_blocks_kernel(src_ptr, ids_ptr, dst_ptr, stride_src, stride_dst, num_rows,
                           BLOCK_NUMEL: tl.constexpr, BLOCK: tl.constexpr):
     """dst[i] = src[ids[i]] (flat block data); program (i, chunk). An id outside the
     ``num_rows`` blocks of src (unchecked on a device) reads the nearest one, never outside."""
     i = tl.program_id(0)
     chunk = tl.program_id(1)
-    b = tl.minimum(tl.maximum(tl.load(ids_ptr + i).to(tl.int64), 0), num_rows - 1)
+    b = _clamped_block(tl.load(ids_ptr + i), num_rows)
     e = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = e < BLOCK_NUMEL
     x = tl.load(src_ptr + b * stride_src + e, mask=mask)
@@ -134,8 +141,7 @@ def _mark_read_blocks_kernel(src_ptr, marks_ptr, n, num_rows, BLOCK: tl.constexp
     ``num_rows`` blocks, as _copy_blocks_kernel reads them."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
-    b = tl.minimum(tl.maximum(tl.load(src_ptr + i, mask=m, other=0).to(tl.int64), 0),
-                   num_rows - 1)
+    b = _clamped_block(tl.load(src_ptr + i, mask=m, other=0), num_rows)
     tl.store(marks_ptr + b, tl.full([BLOCK], 1, tl.int8), mask=m)
 
 
@@ -152,7 +158,7 @@ def _copy_blocks_kernel(cache_ptr, src_ptr, dst_ptr, marks_ptr, tmp_ptr, stride,
     chunk = tl.program_id(1)
     d = tl.load(dst_ptr + i).to(tl.int64)
     live = (d >= 0) & (d < num_rows)
-    mark = tl.load(marks_ptr + tl.minimum(tl.maximum(d, 0), num_rows - 1))
+    mark = tl.load(marks_ptr + _clamped_block(d, num_rows))
     read = mark != 0
     e = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = e < BLOCK_NUMEL
@@ -162,7 +168,7 @@ def _copy_blocks_kernel(cache_ptr, src_ptr, dst_ptr, marks_ptr, tmp_ptr, stride,
         x = tl.load(tmp, mask=mask & live & read)
         tl.store(out, x, mask=mask & live & read)
     else:
-        s = tl.minimum(tl.maximum(tl.load(src_ptr + i).to(tl.int64), 0), num_rows - 1)
+        s = _clamped_block(tl.load(src_ptr + i), num_rows)
         x = tl.load(cache_ptr + s * stride + e, mask=mask)
         tl.store(tmp, x, mask=mask & read)
         tl.store(out, x, mask=mask & live & (mark == 0))
