@@ -74,15 +74,17 @@ class Registry:
         self.op = op
         self.env_var = f"PREFIXKV_{op.upper()}_BACKEND"
         self._backends: dict[str, Backend] = {}
+        self._ordered: tuple[Backend, ...] = ()  # by priority, highest first
 
     def register(self, backend: Backend) -> Backend:
         if backend.name in self._backends:
             raise ValueError(f"{self.op}: backend {backend.name!r} registered twice")
         self._backends[backend.name] = backend
+        self._ordered = tuple(sorted(self._backends.values(), key=lambda b: -b.priority))
         return backend
 
     def __iter__(self):
-        return iter(sorted(self._backends.values(), key=lambda b: -b.priority))
+        return iter(self._ordered)
 
     def names(self) -> list[str]:
         return [b.name for b in self]
@@ -101,7 +103,7 @@ class Registry:
     def select(self, platform: str, backend: str | None = None, **context) -> Backend:
         """The backend to run on ``platform`` for a request described by ``context``."""
         want = self.requested(backend)
-        reasons = {b.name: b.refusal(platform, context) for b in self}
+        reasons = {b.name: b.refusal(platform, context) for b in self._ordered}
         if want is not None:
             if want not in self._backends:
                 reasons = {k: (v or "could run") for k, v in reasons.items()}
@@ -110,7 +112,7 @@ class Registry:
                 reasons = {k: (v or "could run") for k, v in reasons.items()}
                 raise self._error(platform, reasons, f"backend {want!r} cannot run")
             return self._backends[want]
-        for b in self:
+        for b in self._ordered:
             if reasons[b.name] is None:
                 return b
         raise self._error(platform, {k: v for k, v in reasons.items() if v},

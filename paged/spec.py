@@ -65,18 +65,35 @@ ATTENTION_TOLERANCE = {
 
 
 _NUMPY_DTYPE_NAMES: dict = {}  # np.dtype -> canonical name (every op call asks several times)
+#: Other frameworks' dtype objects -> canonical name, filled once by a frontend at import
+#: (register_dtype_names) and only read by dtype_name.
+_OTHER_DTYPE_NAMES: dict = {}
+_OTHER_DTYPE_TYPES: set = set()  # their types (torch.dtype): nothing unhashable is looked up
+
+
+def register_dtype_names(dtypes) -> None:
+    """Name these (non-numpy) dtype objects from a cache in dtype_name: torch's, filled by the
+    torch frontend at import. Never written while an op runs: a dict written during tracing
+    would be a side effect for torch.compile."""
+    for dtype in dtypes:
+        name = str(dtype)
+        _OTHER_DTYPE_TYPES.add(type(dtype))
+        _OTHER_DTYPE_NAMES[dtype] = name[len("torch."):] if name.startswith("torch.") else name
 
 
 def dtype_name(x) -> str:
     """Canonical dtype name of a numpy/JAX/torch array or dtype: 'float32', 'bfloat16', 'int32'.
 
-    numpy (and JAX) dtypes are looked up in a cache (str() of one costs ~1 us); others, torch's
-    among them, are named from str() each time: the cache holds ml_dtypes' bfloat16, which
-    torch 2.11's dynamo cannot hash, so a torch dtype looked up there breaks
-    ``torch.compile(fullgraph=True)``."""
+    numpy (and JAX) dtypes are looked up in one cache (str() of one costs ~1 us), the dtypes of
+    register_dtype_names (torch's) in another; other dtypes are named from str() each time. Two
+    caches: the numpy one holds ml_dtypes' bfloat16, which torch 2.11's dynamo cannot hash, so
+    a torch dtype looked up there breaks ``torch.compile(fullgraph=True)``."""
+    dtype = getattr(x, "dtype", x)
+    name = _OTHER_DTYPE_NAMES.get(dtype) if type(dtype) in _OTHER_DTYPE_TYPES else None
+    if name is not None:
+        return name
     if isinstance(x, type):  # a numpy scalar type such as np.float16 (its .dtype is a descriptor)
         return np.dtype(x).name
-    dtype = getattr(x, "dtype", x)
     if isinstance(dtype, np.dtype):
         name = _NUMPY_DTYPE_NAMES.get(dtype)
         if name is None:

@@ -37,12 +37,13 @@ from torch.autograd.graph import increment_version
 
 from ..kernels.cuda.transfer import upload
 from ..paged import validate
-from ..paged.spec import WORKSPACE_ALIGN, dtype_name
+from ..paged.spec import WORKSPACE_ALIGN, dtype_name, register_dtype_names
 from ._native import _dequantized_blocks
 from ._registry import platform_of, select
 
 Tensor = torch.Tensor
 _LIB = "prefixkv"
+register_dtype_names(d for d in vars(torch).values() if isinstance(d, torch.dtype))
 
 
 def _want_values(*tensors) -> bool:
@@ -239,10 +240,13 @@ def _op(name: str, mutates_args=()):
 def _plain(args) -> bool:
     """Every tensor argument (also inside lists) a plain torch.Tensor needing no grad."""
     for a in args:
-        if isinstance(a, (list, tuple)):
+        if type(a) is torch.Tensor:
+            if a.requires_grad:
+                return False
+        elif isinstance(a, (list, tuple)):
             if not _plain(a):
                 return False
-        elif isinstance(a, torch.Tensor) and (type(a) is not torch.Tensor or a.requires_grad):
+        elif isinstance(a, torch.Tensor):  # a subclass
             return False
     return True
 

@@ -78,9 +78,12 @@ def decode_attention(dtype: str, dims, q: int, k_cache: int, v_cache: int, block
     threads: the sequences are split over up to this many threads (ranges of about equal keys;
     the result is the same for any count).
     """
-    if not available():
-        raise RuntimeError(f"the CPU decode kernel is not available: {status()}")
-    dims = tuple(int(d) for d in dims)
+    fn = _state.get("fn")  # loaded: no lock (a decode step of a small batch is ~50 us)
+    if fn is None:
+        if not available():
+            raise RuntimeError(f"the CPU decode kernel is not available: {status()}")
+        fn = _state["fn"]
+    dims = tuple(map(int, dims))
     if len(dims) not in (7, 8):
         raise ValueError(f"decode_attention: dims must have 7 or 8 entries, got {dims}")
     arr = (ctypes.c_int64 * 8)(*dims, *((0,) if len(dims) == 7 else ()))
@@ -91,7 +94,7 @@ def decode_attention(dtype: str, dims, q: int, k_cache: int, v_cache: int, block
     if kv_dtype != "float8_e4m3fn" and (k_scale != 1.0 or v_scale != 1.0):
         raise ValueError(f"decode_attention: k_scale / v_scale are for float8_e4m3fn caches "
                          f"only, got {kv_dtype!r} caches with {k_scale}, {v_scale}")
-    rc = _state["fn"](DTYPES[dtype], arr, q, k_cache, v_cache, block_tables, kv_lens, out, lse,
+    rc = fn(DTYPES[dtype], arr, q, k_cache, v_cache, block_tables, kv_lens, out, lse,
                       float(scale), int(sliding_window or 0), float(logits_soft_cap or 0.0),
                       int(bool(portable)), max(1, int(threads)), DTYPES[kv_dtype],
                       float(k_scale), float(v_scale))
