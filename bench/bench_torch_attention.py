@@ -422,6 +422,62 @@ def test_cpu_mixed_decode_prefill(benchmark, machine_limits, impl, chunk):
            impl=impl, chunk=chunk, baseline=impl == "prefixkv_two_calls")
 
 
+# ------------------- a small deployment's step: decodes + a short chunk, one call, f32 / bf16
+
+SM_DECODES, SM_CONTEXT, SM_CHUNK = 8, 512, 8
+
+
+@functools.cache
+def small_mixed_batch(dtype: str):
+    """SM_DECODES decodes at SM_CONTEXT tokens, then one SM_CHUNK-token prefill chunk ending at
+    SM_CONTEXT, each sequence on blocks of its own: (one call's paged_attention args, the
+    decodes' args with cu_q_lens None, the chunk's args)."""
+    g = torch.Generator().manual_seed(11)
+    num_seqs, per_seq = SM_DECODES + 1, SM_CONTEXT // BLOCK
+    k, v = (torch.randn(num_seqs * per_seq, BLOCK, HKV, HEAD_DIM, generator=g)
+            .to(DTYPES[dtype]) for _ in range(2))
+    tables = torch.randperm(num_seqs * per_seq, generator=g).view(num_seqs, per_seq)
+    tables = tables.to(torch.int32)
+    kv_lens = torch.full((num_seqs,), SM_CONTEXT, dtype=torch.int32)
+    cu = torch.tensor(list(range(num_seqs)) + [SM_DECODES + SM_CHUNK], dtype=torch.int32)
+    q = torch.randn(SM_DECODES + SM_CHUNK, HQ, HEAD_DIM, generator=g).to(DTYPES[dtype])
+    decodes = (q[:SM_DECODES], k, v, tables[:SM_DECODES].contiguous(), kv_lens[:SM_DECODES])
+    chunk = (q[SM_DECODES:], k, v, tables[SM_DECODES:].contiguous(), kv_lens[SM_DECODES:],
+             torch.tensor([0, SM_CHUNK], dtype=torch.int32))
+    return (q, k, v, tables, kv_lens, cu), decodes, chunk
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("impl", ["prefixkv", "prefixkv_by_groups", "baseline_sdpa"])
+def test_cpu_small_mixed_step(benchmark, machine_limits, monkeypatch, impl, dtype):
+    """A small deployment's chunked-prefill step (8 decodes at 512 tokens + an 8-token chunk):
+    prefixkv in one call (every token a decode of the compiled kernel, _native._c_ragged)
+    against the gather + SDPA baseline (the decodes in one call, the chunk in another, the
+    code a user writes) and against prefixkv by groups (the route before _c_ragged: the
+    decodes by the kernel, the chunk padded by torch ops; RAGGED_DECODE_*MAX_Q 0)."""
+    from prefixkv.torch_frontend import _native
+
+    benchmark.group = f"cpu-small-mixed-{SM_DECODES}x{SM_CONTEXT}+{SM_CHUNK}-chunk-{dtype}"
+    one, decodes, chunk = small_mixed_batch(dtype)
+    if impl == "baseline_sdpa":
+        def fn():
+            return torch.cat([baseline_paged_attention(*decodes), baseline_prefill(*chunk)])
+    else:
+        if impl == "prefixkv_by_groups":
+            monkeypatch.setattr(_native, "RAGGED_DECODE_MAX_Q", 0)
+            monkeypatch.setattr(_native, "RAGGED_DECODE_16BIT_MAX_Q", 0)
+
+        def fn():
+            return tf.paged_attention(*one)
+    rows = (0, SM_DECODES - 1, SM_DECODES, -1)
+    _check(fn(), rows, _want(("small-mixed", dtype), one, rows), dtype)
+    benchmark.pedantic(fn, rounds=20, iterations=5, warmup_rounds=1)
+    keys = SM_DECODES * SM_CONTEXT + sum(range(SM_CONTEXT - SM_CHUNK + 1, SM_CONTEXT + 1))
+    record(benchmark, machine_limits,
+           bytes_read=2 * (SM_DECODES + 1) * SM_CONTEXT * HKV * HEAD_DIM * one[1].element_size(),
+           flops=4 * HQ * HEAD_DIM * float(keys), impl=impl, baseline=impl == "baseline_sdpa")
+
+
 # ------------------------------------------------------------------- per-call overhead
 
 

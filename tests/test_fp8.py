@@ -474,7 +474,12 @@ def test_torch_cpu_decode_reads_fp8_bytes_in_the_compiled_kernel(monkeypatch):
                                  *(T(x) for x in a[4:]), k_scale=0.3, v_scale=0.7)
         testing.assert_attention_close(N(got), want, "bfloat16")
 
-    # 6 decodes, then two prefill chunks (5 and 12 tokens over cached prefixes)
+    # 6 decodes, then two prefill chunks (5 and 12 tokens over cached prefixes): short, so
+    # every token is a decode of the kernel (_native._c_ragged), which reads the fp8 bytes
+    mixed([(1, 30)] * 6 + [(5, 21), (12, 40)], compact=True)
+    assert calls == [(torch.float8_e4m3fn, 6 + 5 + 12, *f32)] and not dequantized
+    # the same by groups (the route past RAGGED_DECODE_16BIT_MAX_Q tokens)
+    monkeypatch.setattr(_native, "RAGGED_DECODE_16BIT_MAX_Q", 4)
     mixed([(1, 30)] * 6 + [(5, 21), (12, 40)], compact=True)
     assert calls == [(torch.float8_e4m3fn, 6, *f32)]  # the decodes, as one group
     assert sorted(dequantized) == [(1,), (1,)]  # each prefill group: its own sequence's blocks

@@ -117,6 +117,7 @@ def test_torch_long_prefill_flash_tiles(pos, where, monkeypatch):
     monkeypatch.setattr(_native, "PREFILL_Q_TILE", 8)
     monkeypatch.setattr(_native, "FLASH_PREFILL_TILE", 7)
     monkeypatch.setattr(_native, "FLASH_PREFILL_MIN", 8)
+    monkeypatch.setattr(_native, "RAGGED_DECODE_MAX_Q", 0)  # the 19 tokens in tiles
     rng = np.random.default_rng(3)
     b = testing.make_ragged_batch(rng, [(19, 40), (2, 9)], num_q_heads=4, num_kv_heads=2,
                                   head_dim=16, block_size=4)

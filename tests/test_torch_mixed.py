@@ -1,7 +1,8 @@
 """The torch CPU path on mixed batches (decodes plus prefill chunks in one call, what vLLM's
-chunked-prefill scheduler gives): each group of sequences (_native._q_len_groups) pads only to
-its own longest q_len and the decodes go through the decode path, against the numpy
-reference, with every option of the op contract."""
+chunked-prefill scheduler gives), against the numpy reference with every option of the op
+contract, by both routes: every token a decode of the compiled kernel (_native._c_ragged, up
+to RAGGED_DECODE_MAX_Q tokens a sequence), and groups of sequences (_native._q_len_groups)
+that each pad only to their own longest q_len, the decodes through the decode path."""
 
 from __future__ import annotations
 
@@ -48,10 +49,19 @@ def _batch(seqs, dtype, opts, seed=0, block_size=8):
                                      sliding_window=opts.get("sliding_window"))
 
 
+@pytest.fixture(params=["kernel", "groups"])
+def route(request, monkeypatch):
+    """The route of a short ragged batch: the compiled kernel's decodes, or the groups."""
+    if request.param == "groups":
+        monkeypatch.setattr(_native, "RAGGED_DECODE_MAX_Q", 0)
+        monkeypatch.setattr(_native, "RAGGED_DECODE_16BIT_MAX_Q", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("opts", OPTIONS, ids=_opts_id)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("grid", list(MIXED))
-def test_mixed_batches_match_reference(grid, dtype, opts):
+def test_mixed_batches_match_reference(grid, dtype, opts, route):
     """out= and lse= pre-filled with NaN (an unwritten row fails), NaN in every slot no query
     sees (past kv_len, unused blocks, before a window)."""
     b = _batch(MIXED[grid], dtype, opts, seed=len(grid))
@@ -61,7 +71,7 @@ def test_mixed_batches_match_reference(grid, dtype, opts):
 
 
 @pytest.mark.parametrize("layout", ["noncontiguous_q", "k_v_strides_differ", "no_c_decode"])
-def test_mixed_batch_layouts_the_kernel_does_not_take(layout, monkeypatch):
+def test_mixed_batch_layouts_the_kernel_does_not_take(layout, route, monkeypatch):
     """Inputs the compiled decode kernel refuses (a strided q; K a view of a stacked cache, V
     not: two block strides), or no kernel at all: the decode group falls back to the padded
     path, same results."""
@@ -112,6 +122,7 @@ def test_long_prefill_tiles_with_a_mixed_short_group(monkeypatch):
     """A causal batch with a sequence past PREFILL_Q_TILE goes to _tiled_prefill; its short
     sequences (decodes and chunks) are grouped by q_len in turn."""
     monkeypatch.setattr(_native, "PREFILL_Q_TILE", 8)
+    monkeypatch.setattr(_native, "RAGGED_DECODE_16BIT_MAX_Q", 0)  # the groups, not _c_ragged
     opts = {"sliding_window": 9, "logits_soft_cap": 5.0}
     seqs = [(1, 20), (19, 40), (0, 0), (1, 3), (5, 9), (1, 17), (8, 8), (1, 6), (1, 11),
             (1, 30), (1, 2)]
@@ -130,12 +141,14 @@ def test_long_prefill_tiles_with_a_mixed_short_group(monkeypatch):
 
 
 def test_mixed_batch_pads_each_group_to_its_own_longest(monkeypatch):
-    """The routing itself (results were the same when every sequence padded to the longest
-    q_len, at 25-44x the time): 24 decodes + chunks of 13 and 3 tokens allocate padded
-    query rows for at most twice the batch's tokens (one padded call: 26 x 13 = 338 rows for
-    40 tokens), and with the compiled kernel built the decodes run through it, in one call."""
+    """The routing of the groups (results were the same when every sequence padded to the
+    longest q_len, at 25-44x the time): 24 decodes + chunks of 13 and 3 tokens allocate
+    padded query rows for at most twice the batch's tokens (one padded call: 26 x 13 = 338
+    rows for 40 tokens), and with the compiled kernel built the decodes run through it, in
+    one call."""
     from prefixkv.kernels.cpu import decode
 
+    monkeypatch.setattr(_native, "RAGGED_DECODE_MAX_Q", 12)  # the chunk of 13: groups
     seqs = [(1, 40)] * 12 + [(13, 30)] + [(1, 25)] * 12 + [(3, 11)]
     b = _batch(seqs, "float32", {}, seed=6)
     num_tokens = b.q.shape[0]
@@ -152,8 +165,58 @@ def test_mixed_batch_pads_each_group_to_its_own_longest(monkeypatch):
     close(got, want, "float32")
     np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-4, rtol=1e-4)
     assert sum(padded) <= 2 * num_tokens, padded
-    if decode.available():
-        assert kernel_seqs == [24]
-        assert sum(padded) == 13 + 3
+    if decode.available():  # the decodes in one call, then the chunk of 3 (_c_ragged)
+        assert kernel_seqs == [24, 3]
+        assert sum(padded) == 13
     else:
         assert kernel_seqs == [] and sum(padded) == 24 + 13 + 3
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_short_ragged_batch_is_one_kernel_call(dtype, monkeypatch):
+    """Up to the dtype's RAGGED_DECODE_*MAX_Q tokens a sequence, the whole batch (decodes,
+    chunks, padding sequences) is one call of the compiled kernel with a sequence per token,
+    nothing padded; one token more and the chunk goes to the groups."""
+    from prefixkv.kernels.cpu import decode
+
+    if not decode.available():
+        pytest.skip(f"the compiled decode kernel: {decode.status()}")
+    longest = (_native.RAGGED_DECODE_MAX_Q if dtype == "float32"
+               else _native.RAGGED_DECODE_16BIT_MAX_Q)
+    opts = {"sliding_window": 11, "logits_soft_cap": 6.0}
+    kernel_seqs, padded = [], []
+    real_kernel, real_padded = decode.decode_attention, _native._attend_padded
+    monkeypatch.setattr(decode, "decode_attention", lambda dt, dims, *a, **k: (
+        kernel_seqs.append(dims[0]), real_kernel(dt, dims, *a, **k)))
+    monkeypatch.setattr(_native, "_attend_padded", lambda q, *a, **k: padded.append(
+        q.shape[0] * q.shape[1]) or real_padded(q, *a, **k))
+    for q_len in (longest, longest + 1):
+        seqs = [(1, 40), (3, 9), (0, 4), (q_len, 60), (1, 1), (4, 4), (1, 23)]
+        b = _batch(seqs, dtype, opts, seed=q_len)
+        kernel_seqs.clear()
+        padded.clear()
+        want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **opts)
+        got, got_lse = tf.paged_attention(*(T(a) for a in b.args()), return_lse=True, **opts)
+        close(got, want, dtype)
+        np.testing.assert_allclose(N(got_lse), want_lse, atol=1e-4, rtol=1e-4)
+        num_tokens = b.q.shape[0]
+        if q_len <= longest:
+            assert kernel_seqs == [num_tokens] and padded == [], (kernel_seqs, padded)
+        else:  # every other token still by the kernel (the decodes; the chunks of 3 and 4)
+            assert sum(kernel_seqs) == num_tokens - q_len, kernel_seqs
+
+
+def test_unchecked_ragged_lengths_fall_back_from_the_kernel(monkeypatch):
+    """Value checks off and cu_q_lens not a ragged batch (decreasing): _c_ragged declines
+    (no negative repeat count reaches numpy) and the padded path runs, no error."""
+    from prefixkv.paged import validate
+
+    b = _batch([(2, 5), (3, 7)], "float32", {}, seed=9)
+    q, k, v, tables, kv_lens, _ = (T(a) for a in b.args())
+    cu = torch.tensor([0, 4, 5], dtype=torch.int32)
+    assert not _native._c_ragged(torch.empty_like(q), None, q, k, v, tables, kv_lens,
+                                 torch.tensor([0, 3, 2], dtype=torch.int32), 0.5, True,
+                                 None, None)
+    with validate.value_checks(False):
+        got = tf.paged_attention(q, k, v, tables, kv_lens, cu)
+    assert got.shape == q.shape

@@ -169,6 +169,15 @@ def test_workspace_accepted_on_the_cpu_path(shared):
     assert got_lse.shape == args[0].shape[:2]
 
 
+def _no_ragged_decodes(monkeypatch):
+    """Short sequences of a ragged batch in tiles and groups, not as decodes of the compiled
+    kernel (_native._c_ragged): the tests that shrink the tiles reach those paths."""
+    from prefixkv.torch_frontend import _native
+
+    monkeypatch.setattr(_native, "RAGGED_DECODE_MAX_Q", 0)
+    monkeypatch.setattr(_native, "RAGGED_DECODE_16BIT_MAX_Q", 0)
+
+
 @pytest.mark.parametrize("metadata", ["host", "device-synced"])
 @pytest.mark.parametrize("dtype,kw", [("float32", {}), ("bfloat16", dict(sliding_window=11)),
                                       ("float16", dict(logits_soft_cap=4.0))])
@@ -187,6 +196,7 @@ def test_long_prefill_tiles_on_host(dtype, kw, metadata, monkeypatch):
     monkeypatch.setattr(_native, "PREFILL_Q_TILE", 8)
     # float32 with no window: torch's fused kernel's tiles from 9 tokens (the others padded)
     monkeypatch.setattr(_native, "FLASH_PREFILL_MIN", 9)
+    _no_ragged_decodes(monkeypatch)
     calls = []
     real = _native._tiled_prefill
     monkeypatch.setattr(_native, "_tiled_prefill", lambda *a, **k: calls.append(1) or
@@ -216,6 +226,7 @@ def test_long_prefill_flash_tiles(dtype, block_size, monkeypatch):
     monkeypatch.setattr(_native, "PREFILL_Q_TILE", 8)
     monkeypatch.setattr(_native, "FLASH_PREFILL_TILE", 7)
     monkeypatch.setattr(_native, "FLASH_PREFILL_MIN", 8)
+    _no_ragged_decodes(monkeypatch)
     tiles = []
     real = _native._flash_prefill_tile
     monkeypatch.setattr(_native, "_flash_prefill_tile", lambda out, *a: tiles.append(
@@ -492,9 +503,9 @@ def test_shared_prefix_cpu_all_groups_dissolved_is_paged_attention(monkeypatch):
                                          block_size=8)
     want = ref.shared_prefix_attention_reference(*b.args())
     close(tf.shared_prefix_attention(*(T(a) for a in b.args())), want, "float32")
-    # three sequences, prefix blocks + own blocks wide; then that call's groups by q_len
-    # (_native._q_len_groups: the two decodes, the two-token sequence)
-    assert calls == [(3, 2 + 2), (2, 2 + 2), (1, 2 + 2)]
+    # three sequences, prefix blocks + own blocks wide, one call (q_lens 1, 2, 1: the compiled
+    # kernel runs the batch's tokens as decodes, _native._c_ragged)
+    assert calls == [(3, 2 + 2)]
 
 
 def test_merge_attention_states_matches_reference_and_empty_states():

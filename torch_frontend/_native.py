@@ -426,6 +426,8 @@ def _block_stride(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int | None:
     cache: FlashInfer's layout); None otherwise."""
     if k_cache.shape != v_cache.shape or k_cache.stride(0) != v_cache.stride(0):
         return None
+    if k_cache.is_contiguous() and v_cache.is_contiguous():
+        return math.prod(k_cache.shape[1:])
     dims = list(k_cache.shape[1:])
     dense = [math.prod(dims[i + 1:]) for i in range(len(dims))]  # a dense block's strides
     block = math.prod(dims)
@@ -477,6 +479,48 @@ def _c_decode(out, lse, q, k_cache, v_cache, block_tables, kv_lens, scale, windo
                             kv_dtype="float8_e4m3fn" if fp8 else dtype,
                             k_scale=float(k_scale), v_scale=float(v_scale))
     return True
+
+
+def _c_ragged(out, lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale, causal,
+              window, soft_cap, *, k_scale: float = 1.0, v_scale: float = 1.0) -> bool:
+    """A ragged batch (host lengths) by the compiled decode kernel, each query token a
+    sequence of its own: token j of sequence s (q_len n) attends to the first kv_lens[s] - n +
+    j + 1 keys of s's blocks (all kv_lens[s] when not causal), the causal mask and the window
+    as the kernel applies them to a decode. q, out and lse stay in token order; only the
+    tables are copied per token. Each token reads its keys once, so this is for short
+    prefills (RAGGED_DECODE_MAX_Q). False (nothing written) when the kernel cannot run or the
+    lengths are not a valid ragged batch (unchecked: the padded path handles them)."""
+    if not _on_host(q, block_tables):  # the lengths alone read back from a device
+        return False
+    cu = cu_q_lens.to(torch.int64).numpy()
+    num_tokens, num_seqs = q.shape[0], block_tables.shape[0]
+    q_lens = np.diff(cu)
+    if cu[0] != 0 or cu[-1] != num_tokens or (q_lens < 0).any():
+        return False
+    seq = np.repeat(np.arange(num_seqs), q_lens)
+    kv = kv_lens.to(torch.int64).numpy()[seq]
+    if causal:
+        kv = kv - (cu[seq + 1] - 1 - np.arange(num_tokens))
+    tables = block_tables.index_select(0, torch.from_numpy(seq))
+    kv_t = torch.from_numpy(np.clip(kv, 0, None).astype(np.int32))
+    return _c_decode(out, lse, q, k_cache, v_cache, tables, kv_t, scale,
+                     window if causal else None, soft_cap, k_scale=k_scale, v_scale=v_scale)
+
+
+#: Longest q_len of a ragged batch (host lengths) that runs as decodes of the compiled kernel
+#: (_c_ragged) rather than as groups (_grouped_attention: the decodes by the kernel, each
+#: group of prefills padded, or in tiles from FLASH_PREFILL_MIN): float32 q and caches, and
+#: 16-bit or fp8 caches. Measured here, one thread, 32 q / 8 kv heads, head_dim 128, 8
+#: decodes + one chunk of n tokens, all at context C, groups / kernel: float32 C 64 2.8x (n
+#: 2) to 2.1x (n 16); C 512 1.8x to 1.2x; C 2048 1.4x to 1.0x (n 16), 0.86x at n 31.
+#: bfloat16 C 64 3.3x to 2.5x (n 31); C 512 2.2x to 1.3x (n 32); C 2048 1.7x (n 2) to 1.2x
+#: (n 32), 1.0x at n 64.
+RAGGED_DECODE_MAX_Q = 16
+RAGGED_DECODE_16BIT_MAX_Q = 32
+
+
+def _ragged_decode_max_q(k_cache: torch.Tensor) -> int:
+    return RAGGED_DECODE_MAX_Q if k_cache.dtype == torch.float32 else RAGGED_DECODE_16BIT_MAX_Q
 
 
 #: Query tokens per tile, and bytes of float32 K plus V per key chunk, of a long causal prefill
@@ -724,6 +768,10 @@ def paged_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_c
     the compiled decode kernel reads their bytes (the decodes of a ragged batch too); every
     other path dequantizes the blocks its own sequences name first (_dequantized_blocks)."""
     fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if (cu_q_lens is not None and q.shape[0] == block_tables.shape[0]
+            and cu_q_lens.device.type == "cpu"
+            and cu_q_lens.tolist() == list(range(q.shape[0] + 1))):
+        cu_q_lens = None  # a decode step given with cu_q_lens (vLLM's query_start_loc)
     host_scales = _host_scales(k_scale, v_scale) if fp8 else (1.0, 1.0)
     if cu_q_lens is None and host_scales is not None and _c_decode(
             out, lse, q, k_cache, v_cache, block_tables, kv_lens, scale,
@@ -753,14 +801,21 @@ def paged_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_c
             q_max, q_lens_host = max(num_tokens, 1), None
         else:
             q_lens_host = _q_lens(cu_host)
-            q_max = max(int(q_lens_host.max()) if num_seqs else 0, 1)
+            host_lens = q_lens_host.tolist()
+            q_max = max(max(host_lens, default=0), 1)
+            if (q_max <= _ragged_decode_max_q(k_cache) and kv_host is not None
+                    and host_scales is not None and _c_ragged(
+                        out, lse, q, k_cache, v_cache, block_tables, kv_host, cu_host, scale,
+                        causal, sliding_window, logits_soft_cap, k_scale=host_scales[0],
+                        v_scale=host_scales[1])):
+                return
             if causal and q_max >= _long_prefill_min(q, sliding_window, logits_soft_cap):
                 _tiled_prefill(out, lse, q, k_cache, v_cache, block_tables, kv_host, cu_host,
                                scale=scale, sliding_window=sliding_window,
                                logits_soft_cap=logits_soft_cap, k_scale=k_scale,
                                v_scale=v_scale)
                 return
-            groups = _q_len_groups(q_lens_host.tolist())
+            groups = _q_len_groups(host_lens)
             if groups is not None:
                 _grouped_attention(out, lse, q, k_cache, v_cache, block_tables, kv_lens,
                                    cu_host, groups, scale=scale, causal=causal,
