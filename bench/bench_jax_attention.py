@@ -434,6 +434,67 @@ def test_mixed_decode_prefill(benchmark, machine_limits, impl):
            impl=impl, baseline=impl == "prefixkv_two_calls")
 
 
+# -------------------- a small deployment's step: decodes + a short chunk, one call, f32 / bf16
+
+SM_DECODES, SM_CONTEXT, SM_CHUNK = 8, 512, 8
+
+
+@functools.cache
+def _small_mixed_inputs(dtype):
+    """SM_DECODES decodes at SM_CONTEXT tokens, then one SM_CHUNK-token chunk ending at
+    SM_CONTEXT, each sequence on blocks of its own: one call's paged_attention args."""
+    rng = np.random.default_rng(11)
+    num_seqs, per_seq = SM_DECODES + 1, SM_CONTEXT // BS
+    k, v = _cache(rng, num_seqs * per_seq, dtype)
+    tables = jnp.asarray(rng.permutation(num_seqs * per_seq).reshape(num_seqs, per_seq)
+                         .astype(np.int32))
+    kv = jnp.full((num_seqs,), SM_CONTEXT, jnp.int32)
+    cu = jnp.asarray(list(range(num_seqs)) + [SM_DECODES + SM_CHUNK], jnp.int32)
+    q = jnp.asarray(rng.standard_normal((SM_DECODES + SM_CHUNK, HQ, D), dtype=np.float32))
+    return q.astype(dtype), k, v, tables, kv, cu
+
+
+def jnp_gather_ragged_attention(q, k, v, tables, kv_lens, cu):
+    """The obvious jnp baseline of a ragged batch: each token gathers its sequence's blocks
+    (tables[seq]) and attends to its causal prefix (dense_gather_paged_attention with the
+    token's own key count)."""
+    t = jnp.arange(q.shape[0], dtype=jnp.int32)
+    seq = jnp.searchsorted(cu[1:], t, side="right")
+    visible = kv_lens[seq] - (cu[seq + 1] - 1 - t)
+    return _xla.dense_gather_paged_attention(q, k, v, tables[seq], visible, scale=D ** -0.5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("impl", ["prefixkv", "prefixkv_by_groups", "jnp_gather_baseline"])
+def test_small_mixed_step(benchmark, machine_limits, monkeypatch, impl, dtype):
+    """A small deployment's chunked-prefill step (8 decodes at 512 tokens + an 8-token chunk),
+    jitted: prefixkv (on the CPU every token a decode of the compiled kernel,
+    ragged_on_cpu_kernel's per_token) against the jnp gather baseline and against prefixkv
+    by groups (the route before: the decodes by the kernel, the chunk by the XLA loop;
+    CPU_RAGGED_DECODE_*MAX_Q 0). The thresholds are read when tracing: jit's caches are
+    cleared around the by-groups run."""
+    benchmark.group = f"jax small mixed {SM_DECODES}x{SM_CONTEXT} + {SM_CHUNK}-token chunk, {dtype}"
+    args = _small_mixed_inputs(dtype)
+    if impl == "jnp_gather_baseline":
+        fn = jax.jit(jnp_gather_ragged_attention)
+    else:
+        if impl == "prefixkv_by_groups":
+            monkeypatch.setattr(_xla, "CPU_RAGGED_DECODE_MAX_Q", 0)
+            monkeypatch.setattr(_xla, "CPU_RAGGED_DECODE_16BIT_MAX_Q", 0)
+        jax.clear_caches()
+        fn = jax.jit(lambda *a: jf.paged_attention(*a))
+    rows = (0, SM_DECODES - 1, SM_DECODES, -1)
+    try:
+        _run(benchmark, fn, args, rounds=20,
+             check=lambda out: _check(out, rows, _want(args, rows), dtype))
+    finally:
+        jax.clear_caches()
+    keys = SM_DECODES * SM_CONTEXT + sum(range(SM_CONTEXT - SM_CHUNK + 1, SM_CONTEXT + 1))
+    record(benchmark, machine_limits,
+           bytes_read=2 * (SM_DECODES + 1) * SM_CONTEXT * HKV * D * jnp.dtype(dtype).itemsize,
+           flops=4 * HQ * D * float(keys), impl=impl, baseline=impl == "jnp_gather_baseline")
+
+
 # ------------------------------------------------ on an accelerator (skipped on CPU machines)
 
 #: jitted calls queued per timed round on the device, then one block_until_ready: a 4 x 16384
