@@ -385,6 +385,34 @@ def test_torch_write_kv(benchmark, machine_limits, impl):
 
 
 @needs_torch
+@pytest.mark.parametrize("impl", ["prefixkv_torch", "index_copy_baseline"])
+def test_torch_write_kv_one_token(benchmark, machine_limits, impl):
+    """A decode step's write (one token a layer): the per-call cost of the public op (static
+    and value checks, aliasing check, backend choice, the in-place copy) against the bare
+    index_copy_ a user writes (no checks)."""
+    dtype = "bfloat16"
+    benchmark.group = f"torch write_kv 1 token into {NUM_BLOCKS} blocks, {dtype}"
+    k, v = _torch_caches(2, dtype)
+    g = torch.Generator().manual_seed(2)
+    key, value = (torch.randn(1, HKV, D, generator=g).to(torch.bfloat16) for _ in range(2))
+    slots = torch.tensor([NUM_BLOCKS * BS // 2 + 3])
+    if impl == "prefixkv_torch":
+        def fn():
+            tf.write_kv(key, value, k, v, slots)
+    else:
+        def fn():
+            k.view(-1, HKV, D).index_copy_(0, slots, key)
+            v.view(-1, HKV, D).index_copy_(0, slots, value)
+    fn()
+    assert torch.equal(k.view(-1, HKV, D)[slots], key)
+    assert torch.equal(v.view(-1, HKV, D)[slots], value)
+    benchmark.pedantic(fn, rounds=20, iterations=50, warmup_rounds=1)
+    row = 2 * HKV * D * 2  # K and V of one token, bfloat16
+    record(benchmark, machine_limits, bytes_read=row, bytes_written=row, impl=impl,
+           dtype=dtype, baseline=impl == "index_copy_baseline")
+
+
+@needs_torch
 @pytest.mark.parametrize("impl", ["prefixkv_torch", "index_select_copy_baseline"])
 def test_torch_copy_blocks(benchmark, machine_limits, impl):
     benchmark.group = f"torch copy_blocks {MOVE} pairs x {COPY_LAYERS} layers K,V, bfloat16"

@@ -1597,3 +1597,55 @@ def test_strided_float32_q_through_the_cpu_flash_paths():
         mp.setattr(_native, "CASCADE_MIN_SCORES", 0)
         got = tf.shared_prefix_attention(buf[..., ::2], *sargs[1:])
     close(got, ref.shared_prefix_attention_reference(*sp.args()), "float32")
+
+
+def test_static_checks_kept_per_signature_still_refuse():
+    """The wrappers keep the static checks that passed by the signature of their arguments
+    (_ops._static_check: shapes, dtypes, option types and values): a later call that differs
+    in any of them is checked again and refused, every time it is made; the same call reuses
+    the kept result."""
+    from prefixkv.paged import validate
+    from prefixkv.torch_frontend import _ops
+
+    rng = np.random.default_rng(31)
+    b = testing.make_ragged_batch(rng, [(1, 9), (1, 20)], num_q_heads=4, num_kv_heads=2,
+                                  head_dim=16, block_size=4, decode=True)
+    q, k, v, tables, kv_lens = (T(a) for a in b.args()[:5])
+    want = ref.paged_attention_reference(*b.args()[:5], sliding_window=5)
+    ran = []
+    real = validate.check_paged_attention
+    _ops._PASSED.clear()
+    try:
+        validate.check_paged_attention = lambda *a, **kw: ran.append(1) or real(*a, **kw)
+        for _ in range(3):
+            close(tf.paged_attention(q, k, v, tables, kv_lens, sliding_window=5), want,
+                  "float32")
+        assert len(ran) == 1
+        bad = [({"sliding_window": 0}, ValueError, "sliding_window"),
+               ({"sliding_window": 5.0}, TypeError, "sliding_window"),
+               ({"causal": 1}, TypeError, "causal"),
+               ({"k_scale": 0.5}, ValueError, "k_scale"),
+               ({"scale": -1.0}, ValueError, "scale")]
+        for _ in range(2):
+            for kw, err, name in bad:
+                with pytest.raises(err, match=name):
+                    tf.paged_attention(q, k, v, tables, kv_lens, **kw)
+        with pytest.raises(TypeError, match="q: expected"):
+            tf.paged_attention(q.to(torch.int32), k, v, tables, kv_lens)
+        with pytest.raises(ValueError, match="q: "):
+            tf.paged_attention(q[:, :3], k, v, tables, kv_lens)
+        with pytest.raises(TypeError, match="block_tables: expected int32"):
+            tf.paged_attention(q, k, v, tables.long(), kv_lens)
+        n = len(ran)
+        key, value = (torch.ones(2, 2, 16) for _ in range(2))
+        slots = torch.tensor([3, 7])
+        tf.write_kv(key, value, k, v, slots)
+        tf.write_kv(key, value, k, v, slots)
+        with pytest.raises(TypeError, match="key: expected the dtype of k_cache"):
+            tf.write_kv(key.half(), value.half(), k, v, slots)
+        with pytest.raises(ValueError, match="slot_mapping: expected at most"):
+            tf.write_kv(key, value, k, v, torch.tensor([1, 2, 3]))
+        assert len(ran) == n
+    finally:
+        validate.check_paged_attention = real
+        _ops._PASSED.clear()

@@ -1135,11 +1135,11 @@ SMALL_WRITE_ROWS = 64
 
 def _index_copy(dst: torch.Tensor, ids: torch.Tensor, src: torch.Tensor) -> None:
     """dst[ids[i]] = src[i] along dim 0 (ids distinct), bit-exact."""
-    d2 = _rows(dst)
+    d2 = dst if dst.dim() == 2 else _rows(dst)
     if d2 is None or d2.dtype != src.dtype:
         dst.index_copy_(0, ids, src)
         return
-    s2 = _rows(src)
+    s2 = src if src.dim() == 2 else _rows(src)
     if s2 is None:  # rows of src not contiguous: a contiguous copy of them
         s2 = src.reshape(src.shape[0], d2.shape[1])
     if src.shape[0] > SMALL_WRITE_ROWS:
@@ -1262,7 +1262,7 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
     if slot_mapping.device.type != "cpu":
         _write_kv_no_sync(key, value, k_cache, v_cache, slot_mapping)
         return
-    slots = slot_mapping.to(torch.int64)
+    slots = slot_mapping if slot_mapping.dtype == torch.int64 else slot_mapping.to(torch.int64)
     if key.shape[0] != n:
         key, value = key[:n], value[:n]
     lo, _ = _host_bounds("slot_mapping", slots, k_cache.shape[0] * k_cache.shape[1],

@@ -94,6 +94,40 @@ def _tensors(same_device: bool = True, **named) -> torch.device | None:
     return device
 
 
+#: Static checks that passed, by the signature of their arguments (_static_check).
+_PASSED: dict = {}
+_PASSED_MAX = 4096
+
+
+def _signature(a):
+    """What a static check reads of an argument: a tensor's shape and dtype, else its type
+    and value."""
+    return (a.shape, a.dtype) if isinstance(a, Tensor) else (type(a), a)
+
+
+def _static_check(check, *args, **kwargs):
+    """``check(*args, **kwargs)``, a static check of validate (shapes, dtypes and option
+    values only; never a device, stride or tensor value), run once per signature of its
+    arguments in eager mode: every layer of every step repeats the same call, and the checks
+    cost ~10 us of a ~60 us small call. Results of checks that passed are kept (at most
+    _PASSED_MAX, then cleared); a failing one raises every time. Under torch.compile it runs
+    as it is (once, when tracing)."""
+    if torch.compiler.is_compiling():
+        return check(*args, **kwargs)
+    key = (check, *map(_signature, args), *((k, _signature(v)) for k, v in kwargs.items()))
+    try:
+        return _PASSED[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable argument: the check names it
+        return check(*args, **kwargs)
+    result = check(*args, **kwargs)
+    if len(_PASSED) >= _PASSED_MAX:
+        _PASSED.clear()
+    _PASSED[key] = result
+    return result
+
+
 def _index_tensors(**named) -> None:
     """Each index argument a torch.Tensor (None skipped), else a TypeError naming it."""
     for name, t in named.items():
@@ -118,6 +152,13 @@ def _overlaps(a: Tensor, b: Tensor) -> bool:
 
     (a0, a1), (b0, b1) = span(a), span(b)
     return a0 < b1 and b0 < a1
+
+
+def _shares_storage(a, b) -> bool:
+    """Whether a tensor of ``a`` and one of ``b`` share a storage (real tensors only): one
+    pointer each, where _overlaps' spans cost ~0.7 us a pair."""
+    ptrs = {t.untyped_storage().data_ptr() for t in b}
+    return any(t.untyped_storage().data_ptr() in ptrs for t in a)
 
 
 def _block_spans(t: Tensor):
@@ -436,10 +477,11 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     """
     _tensors(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks)
     _index_tensors(block_tables=block_tables, kv_lens=kv_lens, cu_q_lens=cu_q_lens)
-    dims = validate.check_paged_attention(
-        q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
-        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
-        sinks=sinks, k_scale=k_scale, v_scale=v_scale)
+    dims = _static_check(
+        validate.check_paged_attention, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
+        scale=scale, causal=causal, sliding_window=sliding_window,
+        logits_soft_cap=logits_soft_cap, return_lse=return_lse, sinks=sinks, k_scale=k_scale,
+        v_scale=v_scale)
     if _want_values(block_tables, kv_lens, cu_q_lens):
         validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
     block_tables, kv_lens, cu_q_lens = _on(q.device, block_tables, kv_lens, cu_q_lens)
@@ -500,10 +542,11 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     _index_tensors(prefix_block_tables=prefix_block_tables, prefix_lens=prefix_lens,
                    prefix_ids=prefix_ids, block_tables=block_tables, kv_lens=kv_lens,
                    cu_q_lens=cu_q_lens)
-    sdims = validate.check_shared_prefix_attention(
-        q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
-        kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
-        sinks=sinks, sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale)
+    sdims = _static_check(
+        validate.check_shared_prefix_attention, q, k_cache, v_cache, prefix_block_tables,
+        prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens, scale=scale,
+        logits_soft_cap=logits_soft_cap, return_lse=return_lse, sinks=sinks,
+        sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale)
     if _want_values(prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
                     cu_q_lens):
         validate.check_shared_prefix_attention_values(
@@ -704,12 +747,13 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
     """
     _tensors(key=key, value=value, k_cache=k_cache, v_cache=v_cache)
     _index_tensors(slot_mapping=slot_mapping)
-    validate.check_write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=k_scale,
-                            v_scale=v_scale)
-    for name, rows in (("key", key), ("value", value)):
-        for cname, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if _overlaps(rows, cache):  # written while read: K then V would see the change
-                raise ValueError(f"{name}: shares memory with {cname}; pass a copy")
+    _static_check(validate.check_write_kv, key, value, k_cache, v_cache, slot_mapping,
+                  k_scale=k_scale, v_scale=v_scale)
+    if not torch.compiler.is_compiling() and _shares_storage((key, value), (k_cache, v_cache)):
+        for name, rows in (("key", key), ("value", value)):
+            for cname, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+                if _overlaps(rows, cache):  # written while read: K then V would see it
+                    raise ValueError(f"{name}: shares memory with {cname}; pass a copy")
     if _want_values(slot_mapping):
         validate.check_write_kv_values(k_cache, slot_mapping)
     (slot_mapping,) = _on(k_cache.device, slot_mapping)
