@@ -1174,6 +1174,11 @@ def _slot_rows(cache: torch.Tensor, slots: torch.Tensor):
 
 def _write(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
     """cache[slot // block_size, slot % block_size] = x[i] for every slot (all >= 0)."""
+    if (slots.shape[0] <= SMALL_WRITE_ROWS and cache.is_contiguous() and x.is_contiguous()
+            and x.dtype == cache.dtype and cache.shape[0]):
+        # a decode step's few tokens: one view and the copy (the layout probing costs more)
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, x)
+        return
     rows, idx = _slot_rows(cache, slots)
     if rows is not None:
         _index_copy(rows, idx, x)
