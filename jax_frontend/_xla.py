@@ -771,44 +771,44 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
     if num_tokens == 0 or num_seqs == 0 or not _cpu_kernel_takes(q, k_cache, v_cache):
         return xla_path()
 
-    def per_token():
-        """Every token a sequence of its own in the decode kernel: token t of sequence s sees
-        the first kv_lens[s] - (cu[s + 1] - 1 - t) keys of s's blocks (kv_lens[s] without
-        causal); a token past cu[-1] (unchecked padding) reads nothing (out 0)."""
+    thr = cpu_ragged_decode_max_q(k_cache.dtype)
+
+    def token_decodes(take):
+        """The decode kernel over the tokens, each a sequence of its own: token t of sequence
+        s sees the first kv_lens[s] - (cu[s + 1] - 1 - t) keys of s's blocks (kv_lens[s]
+        without causal). Tokens outside ``take`` (a mask over the batch's sequences), and a
+        token past cu[-1] (unchecked padding), read nothing (out 0, lse -inf). Returns (out,
+        lse, the mask of the tokens it computed)."""
         cu = cu_q_lens.astype(jnp.int32)
         t = jnp.arange(num_tokens, dtype=jnp.int32)
         seq = jnp.clip(jnp.searchsorted(cu[1:], t, side="right"), 0, num_seqs - 1)
+        mine = (t >= cu[seq]) & (t < cu[seq + 1]) & take[seq]
         kv = kv_lens.astype(jnp.int32)[seq]
         if causal:
             kv = kv - (cu[seq + 1] - 1 - t)
-        kv = jnp.where((t >= cu[seq]) & (t < cu[seq + 1]), jnp.clip(kv, 0, None), 0)
-        return xla_ffi.paged_attention_decode(
+        kv = jnp.where(mine, jnp.clip(kv, 0, None), 0)
+        out, lse = xla_ffi.paged_attention_decode(
             q, k_cache, v_cache, block_tables[seq], kv, scale=scale,
             sliding_window=sliding_window if causal else None, logits_soft_cap=logits_soft_cap,
             k_scale=k_scale, v_scale=v_scale)
+        return out, lse, mine
 
     def cpu_path():
         cu = cu_q_lens.astype(jnp.int32)
         q_lens = cu[1:] - cu[:-1]
-        return lax.cond(jnp.max(q_lens) <= cpu_ragged_decode_max_q(k_cache.dtype), per_token,
-                        by_groups)
+        return lax.cond(jnp.max(q_lens) <= thr,
+                        lambda: token_decodes(jnp.ones(num_seqs, bool))[:2], with_loop)
 
-    def by_groups():
+    def with_loop():
+        """The sequences of at most ``thr`` tokens (the decodes among them) by token_decodes;
+        the longer ones through the ragged loop, their tokens moved to the front (the loop
+        computes nothing for rows past its last sequence)."""
         cu = cu_q_lens.astype(jnp.int32)
-        starts, q_lens = cu[:-1], cu[1:] - cu[:-1]
-        decode = q_lens == 1
-        # every sequence's first row through the decode kernel; kv_len 0 (nothing read, out 0)
-        # for the others. A decode row sits at kv_len - 1 as in the ragged loop; without
-        # causal it sees the same keys, and the window applies only with causal there too.
-        d_out, d_lse = xla_ffi.paged_attention_decode(
-            q[jnp.clip(starts, 0, num_tokens - 1)], k_cache, v_cache, block_tables,
-            jnp.where(decode, kv_lens, 0), scale=scale,
-            sliding_window=sliding_window if causal else None, logits_soft_cap=logits_soft_cap,
-            k_scale=k_scale, v_scale=v_scale)
-        dest = jnp.where(decode, starts, num_tokens)         # a decode's row; others: dropped
-        decode_row = jnp.zeros(num_tokens, jnp.int32).at[dest].set(1, mode="drop")
-        order = jnp.argsort(decode_row, stable=True)         # the other tokens first, in order
-        rest_lens = jnp.where(decode, 0, q_lens)
+        q_lens = cu[1:] - cu[:-1]
+        short = q_lens <= thr
+        d_out, d_lse, mine = token_decodes(short)
+        order = jnp.argsort(mine.astype(jnp.int32), stable=True)  # the loop's tokens first
+        rest_lens = jnp.where(short, 0, q_lens)
         rest_cu = jnp.concatenate([jnp.zeros(1, jnp.int32),
                                    jnp.cumsum(rest_lens).astype(jnp.int32)])
 
@@ -818,12 +818,15 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
                 causal=causal, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
                 q_tile=q_tile, num_tiles=num_tiles, k_scale=k_scale, v_scale=v_scale)
 
-        # The loop's static tile length is the batch's mean tokens per sequence, decodes
-        # included: a chunk next to many decodes would run in short tiles, each reading all
-        # its keys. When the other sequences average LONG_TILE tokens or more (so there are at
-        # most num_tokens // LONG_TILE of them) the loop runs LONG_TILE-token tiles instead.
-        short = choose_tiling(num_tokens, num_seqs, False, k_cache.shape[1])[0]
-        if short < LONG_TILE <= num_tokens:
+        # The loop's static tile length is the batch's mean tokens per sequence, the short
+        # sequences included: a long chunk next to many decodes would run in short tiles, each
+        # reading all its keys. When the loop's sequences average LONG_TILE tokens or more
+        # (so there are at most num_tokens // LONG_TILE of them) it runs LONG_TILE-token tiles
+        # instead. (Tiles of the largest power of two up to thr, which every loop sequence
+        # passes, ran 1.2-1.3x slower for a 40-token chunk next to 8 decodes: a 32-token
+        # tile computes all its rows.)
+        mean = choose_tiling(num_tokens, num_seqs, False, k_cache.shape[1])[0]
+        if mean < LONG_TILE <= num_tokens:
             long_tiles = -(-num_tokens // LONG_TILE) + num_tokens // LONG_TILE
             out, lse = lax.cond(
                 jnp.sum(rest_lens) >= LONG_TILE * jnp.sum(rest_lens > 0),
@@ -832,8 +835,8 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
             out, lse = rest()
         back = jnp.zeros(num_tokens, jnp.int32).at[order].set(
             jnp.arange(num_tokens, dtype=jnp.int32))
-        out, lse = out[back], lse[back]
-        return (out.at[dest].set(d_out, mode="drop"), lse.at[dest].set(d_lse, mode="drop"))
+        return (jnp.where(mine[:, None, None], d_out, out[back]),
+                jnp.where(mine[:, None], d_lse, lse[back]))
 
     return lax.platform_dependent(cpu=cpu_path, default=xla_path)
 

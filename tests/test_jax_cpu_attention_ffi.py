@@ -298,15 +298,17 @@ MIXED_GRIDS = {"mixed": MIXED, "long_chunk": [(1, 37)] * 5 + [(70, 90), (0, 4), 
                "short_chunks": [(3, 20)] * 20 + [(1, 30)] * 5}
 
 
-@pytest.fixture(params=["per_token", "by_groups"])
+@pytest.fixture(params=["defaults", "short_4", "loop"])
 def cpu_route(request, monkeypatch):
-    """The route of a ragged batch on the CPU (_xla.ragged_on_cpu_kernel): every token in the
-    decode kernel where no sequence passes the dtype's CPU_RAGGED_DECODE_*MAX_Q tokens, or
-    (the thresholds 0) the decodes in the kernel and the rest in the XLA loop. The thresholds
-    are read when tracing: jit's caches are cleared around the test."""
-    if request.param == "by_groups":
-        monkeypatch.setattr(_xla, "CPU_RAGGED_DECODE_MAX_Q", 0)
-        monkeypatch.setattr(_xla, "CPU_RAGGED_DECODE_16BIT_MAX_Q", 0)
+    """The routes of a ragged batch on the CPU (_xla.ragged_on_cpu_kernel): with the dtype's
+    CPU_RAGGED_DECODE_*MAX_Q ("defaults": the grids' short batches all in the decode kernel, a
+    token a sequence), with both 4 (the sequences of up to 4 tokens in the kernel, the others
+    in the XLA loop), or 0 (the whole batch in the loop). The thresholds are read when
+    tracing: jit's caches are cleared around the test."""
+    limit = {"defaults": None, "short_4": 4, "loop": 0}[request.param]
+    if limit is not None:
+        monkeypatch.setattr(_xla, "CPU_RAGGED_DECODE_MAX_Q", limit)
+        monkeypatch.setattr(_xla, "CPU_RAGGED_DECODE_16BIT_MAX_Q", limit)
     jax.clear_caches()
     yield request.param
     jax.clear_caches()
@@ -318,8 +320,8 @@ def cpu_route(request, monkeypatch):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("grid", list(MIXED_GRIDS))
 def test_mixed_batch_decodes_run_in_the_kernel(grid, dtype, opts, cpu_route):
-    """A ragged batch on the CPU by both routes (cpu_route; the long chunk's batch goes by
-    groups either way), every row against the reference (lse too)."""
+    """A ragged batch on the CPU by each route (cpu_route), every row against the reference
+    (lse too)."""
     rng = np.random.default_rng(10)
     batch = testing.make_ragged_batch(rng, MIXED_GRIDS[grid], num_q_heads=8, num_kv_heads=2,
                                       head_dim=32, block_size=8, dtype=dtype,
@@ -337,7 +339,7 @@ KW = dict(scale=0.25, sliding_window=9, logits_soft_cap=4.0)
 
 def test_ragged_on_cpu_kernel_rows_of_no_sequence(cpu_route):
     """Tokens past cu_q_lens[-1] (the internal loop allows them) get out 0 and lse -inf, and
-    a batch with no decode or only decodes gives the XLA loop's answer, by both routes."""
+    a batch with no decode or only decodes gives the XLA loop's answer, by each route."""
     rng = np.random.default_rng(12)
     for seqs in ([(1, 30), (4, 19), (1, 8)], [(3, 12), (6, 20)], [(1, 5), (1, 17)]):
         b = testing.make_ragged_batch(rng, seqs, num_q_heads=4, num_kv_heads=2, head_dim=16,
