@@ -728,12 +728,12 @@ def decode_on_cpu_kernel(xla_fn, q, k_cache, v_cache, block_tables, kv_lens, *, 
 
 #: Query tile (tokens) of the prefill chunks of a mixed batch on CPU (ragged_on_cpu_kernel).
 LONG_TILE = 64
-#: Longest q_len of a ragged batch on CPU whose every token runs in the decode kernel, a
-#: sequence of its own (ragged_on_cpu_kernel's per_token), over float32 caches and over 16-bit
-#: or fp8 ones; longer: the decodes in the kernel, the rest in the ragged loop (by_groups).
+#: Longest sequence (query tokens) of a ragged batch on CPU whose tokens run in the decode
+#: kernel, each a sequence of its own (ragged_on_cpu_kernel's token_decodes), over float32
+#: caches and over 16-bit or fp8 ones; longer sequences run in the ragged loop (with_loop).
 #: Each token reads its keys, where the loop's tiles share them. Measured here, one thread, 32
 #: q / 8 kv heads, head_dim 128, 8 decodes + a chunk of n tokens, all at context C (64, 512,
-#: 2048), by_groups / per_token: float32 2.3-7.0x at n 2-28, 0.83-0.98x at n 32 and
+#: 2048), the chunk in the loop / in the kernel: float32 2.3-7.0x at n 2-28, 0.83-0.98x at n 32 and
 #: 0.67-0.78x at n 64 (C 512-2048); bfloat16 3.1-10x at n 2-16, 1.1-1.4x at n 32-48,
 #: 0.94-1.31x at n 64. (The loop's tiles follow the batch's mean tokens per sequence: a
 #: float32 chunk of 16-28 tokens next to 8 decodes took 29-153 ms there.)
@@ -751,13 +751,14 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
                          scale: float, causal: bool = True, sliding_window: int | None = None,
                          logits_soft_cap: float | None = None, k_scale=None, v_scale=None):
     """:func:`ragged_paged_attention` of a ragged batch, except on CPU when the compiled FFI
-    kernels build: there the decodes (sequences of one query token) run through the decode
-    handler of ``kernels/cpu``, and the ragged loop gets the other sequences' tokens only (the
-    decodes' rows moved past its last sequence, where it computes nothing for them). In one
-    loop a mixed batch's decodes took query tiles as long as the prefill chunks' (the tile
-    length is static: the batch's mean tokens per sequence), each computed for all its rows.
-    Measured, one thread, 31 decodes at 2048 keys + a 256-token chunk over 2048 cached, 32/8
-    heads x 128, bf16: 873 ms in one loop; decodes alone 37 ms, the chunk alone 129 ms."""
+    kernels build: there the tokens of the sequences of up to CPU_RAGGED_DECODE_*MAX_Q tokens
+    (the decodes among them) run through the decode handler of ``kernels/cpu``, each token a
+    sequence of its own, and the ragged loop gets the longer sequences' tokens only (moved to
+    the front; it computes nothing for the rows past its last sequence). In one loop a mixed
+    batch's decodes took query tiles as long as the prefill chunks' (the tile length is
+    static: the batch's mean tokens per sequence), each computed for all its rows. Measured,
+    one thread, 31 decodes at 2048 keys + a 256-token chunk over 2048 cached, 32/8 heads x
+    128, bf16: 873 ms in one loop; decodes alone 37 ms, the chunk alone 129 ms."""
     from ..kernels.cpu import xla_ffi
 
     def xla_path():
@@ -806,7 +807,14 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
         cu = cu_q_lens.astype(jnp.int32)
         q_lens = cu[1:] - cu[:-1]
         short = q_lens <= thr
-        d_out, d_lse, mine = token_decodes(short)
+
+        def no_short():  # a prefill alone: no per-token tables [num_tokens, max_blocks]
+            return (jnp.zeros(q.shape, q.dtype),
+                    jnp.full(q.shape[:2], -jnp.inf, jnp.float32),
+                    jnp.zeros(num_tokens, bool))
+
+        d_out, d_lse, mine = lax.cond(jnp.any(short & (q_lens > 0)),
+                                      lambda: token_decodes(short), no_short)
         order = jnp.argsort(mine.astype(jnp.int32), stable=True)  # the loop's tokens first
         rest_lens = jnp.where(short, 0, q_lens)
         rest_cu = jnp.concatenate([jnp.zeros(1, jnp.int32),

@@ -206,17 +206,18 @@ def test_short_ragged_batch_is_one_kernel_call(dtype, monkeypatch):
             assert sum(kernel_seqs) == num_tokens - q_len, kernel_seqs
 
 
-def test_unchecked_ragged_lengths_fall_back_from_the_kernel(monkeypatch):
-    """Value checks off and cu_q_lens not a ragged batch (decreasing): _c_ragged declines
-    (no negative repeat count reaches numpy) and the padded path runs, no error."""
+def test_unchecked_ragged_lengths_fall_back_from_the_kernel():
+    """Value checks off and cu_q_lens not a ragged batch (decreasing, or not ending at the
+    token count): _c_ragged declines (no negative repeat count reaches numpy) and the other
+    paths run it (unspecified results), no error."""
     from prefixkv.paged import validate
 
     b = _batch([(2, 5), (3, 7)], "float32", {}, seed=9)
     q, k, v, tables, kv_lens, _ = (T(a) for a in b.args())
-    cu = torch.tensor([0, 4, 5], dtype=torch.int32)
-    assert not _native._c_ragged(torch.empty_like(q), None, q, k, v, tables, kv_lens,
-                                 torch.tensor([0, 3, 2], dtype=torch.int32), 0.5, True,
-                                 None, None)
-    with validate.value_checks(False):
-        got = tf.paged_attention(q, k, v, tables, kv_lens, cu)
-    assert got.shape == q.shape
+    for cu in ([0, 3, 2], [0, 4, 6], [0, 2, 4]):
+        cu = torch.tensor(cu, dtype=torch.int32)
+        assert not _native._c_ragged(torch.empty_like(q), None, q, k, v, tables, kv_lens, cu,
+                                     0.5, True, None, None)
+        with validate.value_checks(False):
+            got = tf.paged_attention(q, k, v, tables, kv_lens, cu)
+        assert got.shape == q.shape

@@ -762,7 +762,8 @@ def paged_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_c
     """The CPU path (and the fallback on CUDA); ``workspace`` is not used: the temporaries
     are its own. Decode on the CPU with contiguous inputs runs the compiled kernel of
     ``kernels/cpu`` (one pass over each sequence's blocks) when it builds; with the lengths on
-    the host, so do the decodes of a ragged batch (_grouped_attention).
+    the host, so does a ragged batch of short sequences, a token at a time (_c_ragged), and
+    the decodes and short groups of a longer one (_grouped_attention).
 
     float8_e4m3fn caches (k_scale, v_scale: None or 0-d float32 tensors on the caches' device):
     the compiled decode kernel reads their bytes (the decodes of a ragged batch too); every
