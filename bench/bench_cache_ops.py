@@ -40,7 +40,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from bench.conftest import record, seconds, untouched_blocks
+from bench.conftest import record, seconds, torch_write_kv_fn, untouched_blocks
 
 BS, HKV, D = 16, 8, 128          # block_size, kv heads, head_dim
 NUM_BLOCKS = 4096                # write_kv: a per-layer cache of 64k tokens
@@ -366,19 +366,9 @@ def test_torch_write_kv(benchmark, machine_limits, impl):
     key, value = (torch.randn(WRITE_TOKENS, HKV, D, generator=g).to(torch.bfloat16)
                   for _ in range(2))
     slots = torch.from_numpy(_write_slots())
-    slots64 = slots.long()
     other = torch.from_numpy(untouched_blocks(NUM_BLOCKS, _write_blocks()))
     before = [c[other].clone() for c in (k, v)]
-    if impl == "prefixkv_torch":
-        def fn():
-            tf.write_kv(key, value, k, v, slots)
-    else:
-        def fn():
-            k.view(-1, HKV, D).index_copy_(0, slots64, key)
-            v.view(-1, HKV, D).index_copy_(0, slots64, value)
-    fn()
-    assert torch.equal(k.view(-1, HKV, D)[slots64], key)
-    assert torch.equal(v.view(-1, HKV, D)[slots64], value)
+    fn = torch_write_kv_fn(impl == "prefixkv_torch", key, value, k, v, slots)
     assert all(torch.equal(c[other], b) for c, b in zip((k, v), before, strict=True))
     benchmark.pedantic(fn, rounds=TORCH_CACHE_ROUNDS, iterations=1, warmup_rounds=0)
     _finish(benchmark, machine_limits, _write_bytes(dtype), impl=impl, dtype=dtype)
@@ -395,17 +385,8 @@ def test_torch_write_kv_one_token(benchmark, machine_limits, impl):
     k, v = _torch_caches(2, dtype)
     g = torch.Generator().manual_seed(2)
     key, value = (torch.randn(1, HKV, D, generator=g).to(torch.bfloat16) for _ in range(2))
-    slots = torch.tensor([NUM_BLOCKS * BS // 2 + 3])
-    if impl == "prefixkv_torch":
-        def fn():
-            tf.write_kv(key, value, k, v, slots)
-    else:
-        def fn():
-            k.view(-1, HKV, D).index_copy_(0, slots, key)
-            v.view(-1, HKV, D).index_copy_(0, slots, value)
-    fn()
-    assert torch.equal(k.view(-1, HKV, D)[slots], key)
-    assert torch.equal(v.view(-1, HKV, D)[slots], value)
+    fn = torch_write_kv_fn(impl == "prefixkv_torch", key, value, k, v,
+                           torch.tensor([NUM_BLOCKS * BS // 2 + 3]))
     benchmark.pedantic(fn, rounds=20, iterations=50, warmup_rounds=1)
     row = 2 * HKV * D * 2  # K and V of one token, bfloat16
     record(benchmark, machine_limits, bytes_read=row, bytes_written=row, impl=impl,

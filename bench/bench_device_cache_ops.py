@@ -29,7 +29,12 @@ import time
 
 import pytest
 
-from bench.conftest import cuda_benchmark, cuda_memory_limits, untouched_blocks
+from bench.conftest import (
+    cuda_benchmark,
+    cuda_memory_limits,
+    torch_write_kv_fn,
+    untouched_blocks,
+)
 
 try:
     import torch
@@ -119,27 +124,15 @@ def _torch_caches(n: int, num_blocks: int):
 @cuda
 @pytest.mark.parametrize("impl", ["triton", "index_copy_baseline"])
 def test_gpu_cache_torch_write_kv(benchmark, impl):
-    from prefixkv import torch_frontend as tf
-
     benchmark.group = f"gpu write_kv {WRITE_TOKENS} tokens into {WRITE_BLOCKS} blocks bf16"
     k, v = _torch_caches(2, WRITE_BLOCKS)
     g = torch.Generator(device="cuda").manual_seed(4)
     key, value = (torch.randn(WRITE_TOKENS, HKV, D, generator=g, device="cuda")
                   .to(torch.bfloat16) for _ in range(2))
     slots = torch.from_numpy(_slots()).cuda()
-    slots64 = slots.long()
     other = torch.from_numpy(untouched_blocks(WRITE_BLOCKS, _slots() // BS)).cuda()
     before = [_bits(c[other]) for c in (k, v)]
-    if impl == "triton":
-        def fn():
-            tf.write_kv(key, value, k, v, slots, backend="triton")
-    else:
-        def fn():
-            k.view(-1, HKV, D).index_copy_(0, slots64, key)
-            v.view(-1, HKV, D).index_copy_(0, slots64, value)
-    fn()
-    assert torch.equal(k.view(-1, HKV, D)[slots64], key)
-    assert torch.equal(v.view(-1, HKV, D)[slots64], value)
+    fn = torch_write_kv_fn(impl == "triton", key, value, k, v, slots, backend="triton")
     _assert_untouched((k, v), other, before)
     t = cuda_benchmark(benchmark, fn, iters=CALLS)
     _finish(benchmark, t, WRITE_BYTES, cuda_memory_limits()["copy_gbps"], impl=impl)

@@ -253,6 +253,27 @@ def record(benchmark, limits: dict, *, bytes_read: float = 0.0, bytes_written: f
 UNTOUCHED_SAMPLE = 64
 
 
+def torch_write_kv_fn(prefixkv: bool, key, value, k_cache, v_cache, slots, backend=None):
+    """A write of key/value rows into the torch caches at ``slots``: prefixkv's write_kv (on
+    ``backend``), or the index_copy_ pair a user writes (the baseline); run once and checked
+    (every token's K and V row where its slot says), then returned for timing."""
+    from prefixkv import torch_frontend as tf
+
+    slots64 = slots.long()
+    rows = tuple(key.shape[1:])
+    if prefixkv:
+        def fn():
+            tf.write_kv(key, value, k_cache, v_cache, slots, backend=backend)
+    else:
+        def fn():
+            k_cache.view(-1, *rows).index_copy_(0, slots64, key)
+            v_cache.view(-1, *rows).index_copy_(0, slots64, value)
+    fn()
+    assert k_cache.view(-1, *rows)[slots64].equal(key)
+    assert v_cache.view(-1, *rows)[slots64].equal(value)
+    return fn
+
+
 def untouched_blocks(num_blocks: int, touched, keep=(), n: int = UNTOUCHED_SAMPLE,
                      seed: int = 7) -> np.ndarray:
     """int64 ids of blocks a cache op must leave bit-identical, to compare with a copy taken
