@@ -808,13 +808,18 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
         q_lens = cu[1:] - cu[:-1]
         short = q_lens <= thr
 
-        def no_short():  # a prefill alone: no per-token tables [num_tokens, max_blocks]
-            return (jnp.zeros(q.shape, q.dtype),
-                    jnp.full(q.shape[:2], -jnp.inf, jnp.float32),
-                    jnp.zeros(num_tokens, bool))
+        refs = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens)
 
-        d_out, d_lse, mine = lax.cond(jnp.any(short & (q_lens > 0)),
-                                      lambda: token_decodes(short), no_short)
+        def some_short():  # both branches vary alike inside shard_map
+            out, lse, mine = token_decodes(short)
+            return (*match_varying((out, lse), *refs), match_varying(mine, cu_q_lens))
+
+        def no_short():  # a prefill alone: no per-token tables [num_tokens, max_blocks]
+            out = (jnp.zeros(q.shape, q.dtype), jnp.full(q.shape[:2], -jnp.inf, jnp.float32))
+            return (*match_varying(out, *refs),
+                    match_varying(jnp.zeros(num_tokens, bool), cu_q_lens))
+
+        d_out, d_lse, mine = lax.cond(jnp.any(short & (q_lens > 0)), some_short, no_short)
         order = jnp.argsort(mine.astype(jnp.int32), stable=True)  # the loop's tokens first
         rest_lens = jnp.where(short, 0, q_lens)
         rest_cu = jnp.concatenate([jnp.zeros(1, jnp.int32),
