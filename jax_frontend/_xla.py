@@ -773,6 +773,8 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
         return xla_path()
 
     thr = cpu_ragged_decode_max_q(k_cache.dtype)
+    cu = cu_q_lens.astype(jnp.int32)
+    q_lens = cu[1:] - cu[:-1]
 
     def token_decodes(take):
         """The decode kernel over the tokens, each a sequence of its own: token t of sequence
@@ -780,7 +782,6 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
         without causal). Tokens outside ``take`` (a mask over the batch's sequences), and a
         token past cu[-1] (unchecked padding), read nothing (out 0, lse -inf). Returns (out,
         lse, the mask of the tokens it computed)."""
-        cu = cu_q_lens.astype(jnp.int32)
         t = jnp.arange(num_tokens, dtype=jnp.int32)
         seq = jnp.clip(jnp.searchsorted(cu[1:], t, side="right"), 0, num_seqs - 1)
         mine = (t >= cu[seq]) & (t < cu[seq + 1]) & take[seq]
@@ -795,8 +796,6 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
         return out, lse, mine
 
     def cpu_path():
-        cu = cu_q_lens.astype(jnp.int32)
-        q_lens = cu[1:] - cu[:-1]
         return lax.cond(jnp.max(q_lens) <= thr,
                         lambda: token_decodes(jnp.ones(num_seqs, bool))[:2], with_loop)
 
@@ -804,8 +803,6 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
         """The sequences of at most ``thr`` tokens (the decodes among them) by token_decodes;
         the longer ones through the ragged loop, their tokens moved to the front (the loop
         computes nothing for rows past its last sequence)."""
-        cu = cu_q_lens.astype(jnp.int32)
-        q_lens = cu[1:] - cu[:-1]
         short = q_lens <= thr
 
         refs = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens)
