@@ -508,6 +508,33 @@ def test_shared_prefix_cpu_all_groups_dissolved_is_paged_attention(monkeypatch):
     assert calls == [(3, 2 + 2)]
 
 
+@pytest.mark.parametrize("list_entries", [0, 10**6], ids=["numpy", "lists"])
+def test_joined_tables_match_the_reference(monkeypatch, list_entries):
+    """The dissolved cascade's tables (_native._joined_tables) from Python lists and from the
+    vectorized reference alike: prefixes of 0 to all their blocks, sequences of no prefix,
+    padding entries of either table holding other values, an own table of no column."""
+    from prefixkv.paged.reference.attention import shared_prefix_block_tables
+    from prefixkv.torch_frontend import _native
+
+    monkeypatch.setattr(_native, "JOIN_LIST_ENTRIES", list_entries)
+    rng = np.random.default_rng(21)
+    for _ in range(60):
+        bs = int(rng.choice([1, 4, 16]))
+        num_prefixes, width = int(rng.integers(1, 4)), int(rng.integers(0, 5))
+        num_seqs, own_width = int(rng.integers(1, 7)), int(rng.integers(0, 4))
+        pre = rng.integers(-5, 100, (num_prefixes, width)).astype(np.int32)
+        plens = (rng.integers(0, width + 1, num_prefixes) * bs).astype(np.int32)
+        pid = rng.integers(-1, num_prefixes, num_seqs).astype(np.int32)
+        own = rng.integers(-5, 100, (num_seqs, own_width)).astype(np.int32)
+        kv = rng.integers(0, own_width * bs + 1, num_seqs).astype(np.int32)
+        tables, lens = _native._joined_tables(pre, plens.astype(np.int64),
+                                              pid.astype(np.int64), own, kv, bs)
+        want_tables, want_lens = shared_prefix_block_tables(pre, plens, pid, own, kv, bs)
+        assert tables.dtype == np.int32 and lens.dtype == np.int32
+        np.testing.assert_array_equal(tables, want_tables)
+        np.testing.assert_array_equal(lens, want_lens)
+
+
 def test_merge_attention_states_matches_reference_and_empty_states():
     rng = np.random.default_rng(4)
     oa, ob = rng.standard_normal((2, 5, 3, 8)).astype(np.float32)

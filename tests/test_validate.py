@@ -113,6 +113,49 @@ def test_shared_prefix_checks(changes, exc, match):
         shared_prefix_attention_reference(**args)
 
 
+def test_small_prefix_fast_path_gives_the_numpy_verdict(monkeypatch):
+    """The list checks of a small cascade's prefix metadata (validate._small_prefixes_ok) pass
+    exactly the batches the numpy checks pass: a valid batch with one or two entries changed
+    to values at and past each bound (prefix lengths negative, not whole blocks, at and past
+    the table; prefix ids -2, -1, the last and past it; block ids -1, 0, the last and past it,
+    in the used entries and past them)."""
+    rng = np.random.default_rng(5)
+    dims = validate.check_shared_prefix_attention(
+        SB.q, SB.k_cache, SB.v_cache, SB.prefix_block_tables, SB.prefix_lens, SB.prefix_ids,
+        SB.block_tables, SB.kv_lens, SB.cu_q_lens)
+    bs, num_blocks = dims.attention.block_size, dims.attention.num_blocks
+    capacity = dims.max_prefix_blocks * bs
+    fast_path = validate._small_prefixes_ok
+    verdicts = []
+    for _ in range(300):
+        table, plens, pids = (SB.prefix_block_tables.copy(), SB.prefix_lens.copy(),
+                              SB.prefix_ids.copy())
+        for _ in range(int(rng.integers(1, 3))):
+            kind = rng.integers(3)
+            if kind == 0:
+                plens[rng.integers(plens.size)] = rng.choice(
+                    [-bs, 0, bs - 1, bs, capacity, capacity + bs])
+            elif kind == 1:
+                pids[rng.integers(pids.size)] = rng.choice(
+                    [-2, -1, dims.num_prefixes - 1, dims.num_prefixes])
+            else:
+                table[rng.integers(table.shape[0]), rng.integers(table.shape[1])] = rng.choice(
+                    [-1, 0, num_blocks - 1, num_blocks])
+        fast = fast_path(plens.astype(np.int64), pids.astype(np.int64), table, dims)
+        try:  # the numpy checks alone
+            with monkeypatch.context() as m:
+                m.setattr(validate, "_small_prefixes_ok", lambda *a: False)
+                validate.check_shared_prefix_attention_values(dims, table, plens, pids,
+                                                              SB.block_tables, SB.kv_lens,
+                                                              SB.cu_q_lens)
+            passed = True
+        except ValueError:
+            passed = False
+        assert fast == passed, (table, plens, pids)
+        verdicts.append(passed)
+    assert 0.2 < np.mean(verdicts) < 0.8
+
+
 OUT = np.zeros((3, 2, 4), np.float32)
 LSE = np.zeros((3, 2), np.float32)
 MERGE_CASES = [

@@ -932,6 +932,24 @@ def _cascade_groups(group: int, block_size: int, itemsize: int, prefix_block_tab
     plens = prefix_lens.numpy().astype(np.int64)
     pid = prefix_ids.numpy().astype(np.int64)
     num_prefixes, num_seqs = plens.shape[0], pid.shape[0]
+    more = 1 if itemsize >= 4 else CASCADE_16BIT_FACTOR
+    # A batch too small for any group to pass (its rows, and its rows times the widest prefix
+    # table's keys, bound every group's): every group dissolves, without counting them. Only
+    # a choice of route: dissolving is exact whatever the metadata.
+    if cu_q_lens is None:
+        num_tokens = num_seqs
+    else:
+        cu = cu_q_lens.numpy()
+        num_tokens = int(cu[-1]) - int(cu[0])
+    batch_rows = num_tokens * group
+    if batch_rows < CASCADE_MIN_ROWS * more or (
+            batch_rows * prefix_block_tables.shape[1] * block_size < CASCADE_MIN_SCORES * more):
+        if max(pid.tolist(), default=-1) < 0:
+            return prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens
+        tables, kv = _joined_tables(prefix_block_tables.numpy(), plens, pid,
+                                    block_tables.numpy(), kv_lens.numpy(), block_size)
+        return (prefix_block_tables[:0], prefix_lens[:0], torch.full_like(prefix_ids, -1),
+                torch.from_numpy(tables), torch.from_numpy(kv))
     has = pid >= 0
     if not has.any():
         return prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens
@@ -941,7 +959,6 @@ def _cascade_groups(group: int, block_size: int, itemsize: int, prefix_block_tab
     tokens = np.bincount(p[has], weights=q_lens[has], minlength=num_prefixes)
     rows = tokens * group
     scores = rows * plens
-    more = 1 if itemsize >= 4 else CASCADE_16BIT_FACTOR
     keep = ((scores > 0) & (rows >= CASCADE_MIN_ROWS * more)
             & (scores >= CASCADE_MIN_SCORES * more))
     dissolve = has & ~keep[p]
@@ -958,6 +975,33 @@ def _cascade_groups(group: int, block_size: int, itemsize: int, prefix_block_tab
     return (torch.from_numpy(np.ascontiguousarray(pre[kept], dtype=i32)),
             torch.from_numpy(plens[kept].astype(i32)), torch.from_numpy(ids.astype(i32)),
             torch.from_numpy(tables), torch.from_numpy(kv))
+
+
+#: Most entries of a dissolved cascade's joined tables built from Python lists: numpy costs
+#: ~30 us whatever the size, the lists ~0.05 us an entry, measured alone; between kernel calls
+#: (the interpreter's and numpy's code cold) 8 sequences x (64 + 8) entries took 106 us by
+#: lists, 163 us by numpy.
+JOIN_LIST_ENTRIES = 1024
+
+
+def _joined_tables(pre: np.ndarray, plens: np.ndarray, pid: np.ndarray, own: np.ndarray,
+                   kv: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """shared_prefix_block_tables (every sequence with a prefix reads it through its table):
+    from Python lists for a small batch, else the vectorized reference."""
+    width = pre.shape[1] + own.shape[1]
+    if own.shape[0] * width > JOIN_LIST_ENTRIES:
+        return shared_prefix_block_tables(pre, plens, pid, own, kv, block_size)
+    pre_rows, pl, pad = pre.tolist(), plens.tolist(), pre.shape[1]
+    rows, lens = [], []
+    for p, row, n in zip(pid.tolist(), own.tolist(), kv.tolist(), strict=True):
+        if p >= 0:
+            nb = min(max(pl[p] // block_size, 0), pad)  # checked: 0 <= nb <= pad
+            rows.append(pre_rows[p][:nb] + row + [0] * (pad - nb))
+            lens.append(n + pl[p])
+        else:
+            rows.append(row + [0] * pad)
+            lens.append(n)
+    return (np.array(rows, np.int32).reshape(len(rows), width), np.array(lens, np.int32))
 
 
 def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_cache,
@@ -983,9 +1027,6 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
     dev = q.device
     host = _on_host(kv_lens, block_tables, prefix_ids, prefix_lens, prefix_block_tables) and (
         cu_q_lens is None or _on_host(cu_q_lens))
-    # suffix: the sequences' own tokens (causal; positions shift uniformly by the prefix)
-    own_out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=torch.float32, device=dev)
-    own_lse = torch.empty((num_tokens, num_q_heads), dtype=torch.float32, device=dev)
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     fused = host and _host_path(q, logits_soft_cap)
@@ -1000,6 +1041,9 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
                             scale=scale, causal=True, sliding_window=None,
                             logits_soft_cap=None)
             return
+    # suffix: the sequences' own tokens (causal; positions shift uniformly by the prefix)
+    own_out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=torch.float32, device=dev)
+    own_lse = torch.empty((num_tokens, num_q_heads), dtype=torch.float32, device=dev)
     decode = num_tokens == num_seqs and (cu_q_lens is None or (host and torch.equal(
         cu_q_lens.to(torch.int64), torch.arange(num_seqs + 1))))
     own_c = None  # the own part by the compiled decode kernel (in q's dtype), when it runs
