@@ -13,6 +13,8 @@
 # jax_device_bench.json (pytest-benchmark's JSON, written when a step ends normally); any of
 # them, the JSON lines included, goes to `python bench/report.py FILE` for the tables.
 # Each section runs even when an earlier one failed; the exit status says whether all passed.
+# Sweeps that are not part of it: bench/tune_device.py (e.g. `fulltiles 60`: the Triton
+# kernel's unmasked whole key steps, kernels/triton/attention.py FULL_TILES, A/B).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

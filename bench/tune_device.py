@@ -11,6 +11,7 @@ fastest, as GB/s and the fraction of the read bandwidth measured in the same run
     python bench/tune_device.py prefill [SECONDS]   # Triton prefill tiles (512 over 4096 cached)
     python bench/tune_device.py splitdecode [SECONDS]  # Triton split-KV decode, deeper pipelines
     python bench/tune_device.py pallasprefill [SECONDS]  # Pallas GPU prefill tiles
+    python bench/tune_device.py fulltiles [SECONDS]  # Triton: unmasked whole key steps, A/B
 
 Decode over 32 q / 8 kv heads, head_dim 128, 16-token blocks (the benchmarks' shapes):
 Triton at 64 x 4096, 8 x 4096 and 1 x 32768 tokens (bf16 and float32) over keys per step x
@@ -239,6 +240,61 @@ def sweep_prefill(deadline: float) -> None:
                   f"warps={nwarps or 'default'} stages={stages or 'default'}", results)
     finally:
         attn.attention_config, attn.attention_warps = config, warps
+
+
+def sweep_full_tiles(deadline: float) -> None:
+    """The Triton kernel's key loop as shipped (every step masked) against FULL_TILES (whole
+    steps of keys every query row sees unmasked, then the masked rest), A/B in one process:
+    decode bf16 at 64 x 4096 (one program a sequence), 8 x 4096 and 1 x 32768 (split-KV) and
+    float32 at 64 x 4096, as fractions of the measured read bandwidth; the prefill of 8 x 512
+    tokens over 4096 cached (bf16), as TFLOP/s and the fraction of the measured matmul rate;
+    each with its largest difference from the shipped loop's output."""
+    import torch
+    from prefixkv.kernels.triton import attention as attn
+
+    from bench.bench_torch_attention import GPF_SEQS, HQ, PF_CACHED, PF_NEW, _gpu_prefill_batch
+    from bench.conftest import cuda_matmul_tflops, cuda_memory_limits, cuda_seconds
+    from prefixkv import torch_frontend as tf
+
+    read = cuda_memory_limits()["read_gbps"]
+    peak = cuda_matmul_tflops()
+    print(f"measured read bandwidth {read:.0f} GB/s, bf16 matmul {peak:.0f} TFLOP/s", flush=True)
+    total = PF_CACHED + PF_NEW
+    flops = GPF_SEQS * 4 * HQ * HEAD_DIM * float(sum(range(total - PF_NEW + 1, total + 1)))
+    q, k, v, tables, kv_lens, cu = _gpu_prefill_batch()
+    out = torch.empty_like(q)
+    ws = torch.empty(tf.attention_workspace_size(q, k, tables, cu), dtype=torch.uint8,
+                     device=q.device)
+
+    def prefill():
+        tf.paged_attention(q, k, v, tables, kv_lens, cu, out=out, workspace=ws,
+                           backend="triton")
+
+    want = tf.paged_attention(q, k, v, tables, kv_lens, cu, backend="triton")  # shipped loop
+    shipped = attn.FULL_TILES
+    try:
+        for rnd in range(2):  # A, B, A, B: a drift shows as a change between rounds
+            for full in (shipped, not shipped):
+                if time.time() > deadline:
+                    print("deadline reached", flush=True)
+                    return
+                attn.FULL_TILES = full
+                results = []
+                for dtype, num_seqs, context in ((torch.bfloat16, 64, 4096),
+                                                 (torch.bfloat16, 8, 4096),
+                                                 (torch.bfloat16, 1, 32768),
+                                                 (torch.float32, 64, 4096)):
+                    _measure(results, f"{str(dtype)[6:]} {num_seqs}x{context}",
+                             lambda n=num_seqs, c=context, d=dtype: _triton_seconds(d, n, c),
+                             2 * num_seqs * context * KV_HEADS * HEAD_DIM * dtype.itemsize,
+                             read)
+                t = cuda_seconds(prefill)
+                err = (out.float() - want.float()).abs().max().item()
+                results.append(f"prefill {t * 1e6:.0f} us {flops / t / 1e12:.0f} TFLOP/s "
+                               f"{flops / t / 1e12 / peak:.3f} err {err:.1e}")
+                _line(f"round {rnd} FULL_TILES={full}", results)
+    finally:
+        attn.FULL_TILES = shipped
 
 
 def _set_pallas_params(nwarps: int, stages: int) -> None:
@@ -482,12 +538,12 @@ def main(argv: list[str]) -> int:
              "f32": sweep_f32, "cascade": sweep_cascade, "jaxprof": profile_jax,
              "torchprof": profile_torch, "prefill": sweep_prefill,
              "splitdecode": functools.partial(sweep_triton, split_only=True),
-             "pallasprefill": sweep_pallas_prefill}
+             "pallasprefill": sweep_pallas_prefill, "fulltiles": sweep_full_tiles}
     if not argv or argv[0] not in modes:
         print(__doc__)
         return 2
     if argv[0] in ("triton", "splits", "f32", "cascade", "jaxprof", "torchprof", "prefill",
-                   "splitdecode"):
+                   "splitdecode", "fulltiles"):
         import torch
 
         if not torch.cuda.is_available():

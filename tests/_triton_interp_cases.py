@@ -48,7 +48,7 @@ CASES = [  # grid, block_size, hq, hkv, head_dim, dtype, options, num_splits
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-bs{c[1]}-{c[5]}-s{c[7]}")
-def test_paged_attention_kernel(case):
+def test_paged_attention_kernel(case, full_tiles):
     grid, bs, hq, hkv, d, dtype, opts, splits = case
     rng = np.random.default_rng(bs * hq + d)
     b = testing.make_ragged_batch(rng, testing.seq_grid(grid, bs), num_q_heads=hq,
@@ -60,6 +60,38 @@ def test_paged_attention_kernel(case):
     lse = torch.full(q.shape[:2], float("nan"))
     tattn.paged_attention(out, lse, q, k, v, bt, kv, cu,
                           scale=opts.get("scale", default_scale(d)),
+                          causal=opts.get("causal", True),
+                          sliding_window=opts.get("sliding_window"),
+                          logits_soft_cap=opts.get("logits_soft_cap"), num_splits=splits)
+    close(out, want, dtype)
+    np.testing.assert_allclose(N(lse), want_lse, atol=1e-4, rtol=1e-4)
+
+
+FULL_TILE_SEQS = [(1, 70), (5, 90), (17, 40), (0, 0), (1, 1), (33, 33), (16, 48), (2, 16)]
+
+
+@pytest.mark.parametrize("opts,splits", [
+    ({}, None), ({}, 3), ({"causal": False}, None), ({"logits_soft_cap": 2.0}, 2),
+    ({"sliding_window": 21}, None)], ids=["causal", "split", "noncausal", "cap", "window"])
+@pytest.mark.parametrize("head_dim", [16, 20])
+def test_full_tiles_over_long_contexts(opts, splits, head_dim, full_tiles):
+    """Contexts of 0-90 keys in steps of 16 (with full_tiles: whole unmasked steps, then a
+    masked rest that may be empty), queries from 1 to 33 a sequence (a tile of 4 tokens x 4
+    q heads: causal limits that differ by row), head_dim 20 in 32 lanes (the unmasked loads
+    keep the padded lanes masked), split-KV, a window (no unmasked step); NaN in the cache's
+    unused slots."""
+    rng = np.random.default_rng(head_dim + len(opts))
+    dtype = "float32" if head_dim == 16 else "float16"
+    decode = splits is not None  # split-KV: decode launches
+    seqs = [(1, kv) for _, kv in FULL_TILE_SEQS if kv] if decode else FULL_TILE_SEQS
+    b = testing.make_ragged_batch(rng, seqs, num_q_heads=8, num_kv_heads=2, head_dim=head_dim,
+                                  block_size=8, dtype=dtype, decode=decode,
+                                  sliding_window=opts.get("sliding_window"))
+    want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **opts)
+    q, k, v, bt, kv, cu = (T(a) for a in b.args())
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    lse = torch.full(q.shape[:2], float("nan"))
+    tattn.paged_attention(out, lse, q, k, v, bt, kv, cu, scale=default_scale(head_dim),
                           causal=opts.get("causal", True),
                           sliding_window=opts.get("sliding_window"),
                           logits_soft_cap=opts.get("logits_soft_cap"), num_splits=splits)
@@ -339,7 +371,7 @@ def test_cascade_order_kernel(decode):
 
 
 @pytest.mark.parametrize("splits", [None, 3])
-def test_kernels_stay_inside_their_buffers_whatever_the_metadata(splits):
+def test_kernels_stay_inside_their_buffers_whatever_the_metadata(splits, full_tiles):
     """On a device the frontends check index values only on request (a check is a host
     sync), so the kernels must keep every access inside its buffers whatever the metadata
     holds: block ids of 10**9 and negative, kv_lens past the table, cu_q_lens past the
@@ -566,7 +598,7 @@ def test_workspace_serves_one_and_two_sequence_splits(num_seqs):
 
 
 @pytest.mark.parametrize("splits", [None, 3])
-def test_table_reads_stop_at_the_row(splits):
+def test_table_reads_stop_at_the_row(splits, full_tiles):
     """kv_lens past a sequence's table row (unchecked on a device): the kernel reads no table
     entry past the row. The table ends where a PROT_NONE page starts, so a read past it kills
     the process (the interpreter's own bounds check misses small overreads into the heap)."""
@@ -813,7 +845,7 @@ def test_shared_prefix_workspace_covers_the_windowed_calls(interp_backend):
 
 
 @pytest.mark.parametrize("splits", [None, 2])
-def test_nan_in_a_read_slot_gives_nan(splits):
+def test_nan_in_a_read_slot_gives_nan(splits, full_tiles):
     """A NaN in a K slot the queries of sequence 0 read: their out and lse NaN, as the
     reference (not out NaN with lse -inf, nor a split's partial dropped by the merge); the
     other sequences unaffected."""

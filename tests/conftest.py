@@ -1,5 +1,6 @@
-"""Shared test set-up: a hypothesis profile sized for the 2-core CI machines, and the
-pallas_races fixture (a race Pallas' TPU interpret mode detects fails the test)."""
+"""Shared test set-up: a hypothesis profile sized for the 2-core CI machines, the
+pallas_races fixture (a race Pallas' TPU interpret mode detects fails the test) and the
+full_tiles fixture (the Triton attention kernel's key loop both ways)."""
 
 import os
 
@@ -28,3 +29,19 @@ def pallas_races(monkeypatch):
     yield
     assert not found, ("Pallas TPU interpret mode detected a race (its RACE DETECTED report is "
                        "in the captured output)")
+
+
+@pytest.fixture(params=[False, True], ids=["masked", "full_tiles"])
+def full_tiles(request, monkeypatch):
+    """The Triton attention kernel's key loop as shipped (every step masked), and with
+    FULL_TILES (the whole steps of keys every query row sees unmasked, then the masked rest)
+    over steps of 16 keys, so that short test contexts hold several whole steps."""
+    from prefixkv.kernels.triton import attention as tattn
+
+    monkeypatch.setattr(tattn, "FULL_TILES", request.param)
+    if request.param:
+        config = tattn.attention_config
+        monkeypatch.setattr(tattn, "attention_config",
+                            lambda *a, **k: dict(config(*a, **k), BLOCK_N=16))
+    return request.param
+

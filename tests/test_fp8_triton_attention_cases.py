@@ -76,7 +76,7 @@ CASES = [  # grid, block_size, hq, hkv, head_dim, dtype, options, num_splits, sc
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-bs{c[1]}-{c[5]}-s{c[7]}-"
                          f"{'-'.join(c[6]) or 'plain'}")
-def test_paged_attention_kernel_reads_fp8(case):
+def test_paged_attention_kernel_reads_fp8(case, full_tiles):
     grid, bs, hq, hkv, d, dtype, opts, splits, (kk, vk) = case
     rng = np.random.default_rng(bs * hq + d)
     b = testing.make_ragged_batch(rng, testing.seq_grid(grid, bs), num_q_heads=hq,

@@ -101,6 +101,21 @@ def test_split_kv_long_context(dtype):
     close(tf.paged_attention(*(T(a) for a in b.args()), logits_soft_cap=10.0), want, dtype)
 
 
+@pytest.mark.parametrize("seqs", [[(1, 5000), (1, 3001), (1, 17)],
+                                  [(512, 4608), (37, 1000), (1, 70), (0, 0), (129, 129)]],
+                         ids=["split-decode", "prefill"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_full_tiles_gpu(seqs, dtype, full_tiles):
+    """The Triton kernel's key loop both ways on the GPU (full_tiles: unmasked whole steps of
+    16 keys first, tattn.FULL_TILES), before a sweep may make it the default: split-KV decode
+    and causal prefill over long contexts, against the reference."""
+    rng = np.random.default_rng(9)
+    b = testing.make_ragged_batch(rng, seqs, num_q_heads=16, num_kv_heads=2, head_dim=128,
+                                  block_size=16, dtype=dtype)
+    want = ref.paged_attention_reference(*b.args())
+    close(tf.paged_attention(*(T(a) for a in b.args()), backend="triton"), want, dtype)
+
+
 def test_default_backend_is_triton_on_cuda():
     assert tf.REGISTRIES["paged_attention"].select("cuda").name == "triton"
 

@@ -52,11 +52,12 @@ def _jit_attrs(fn, sig: dict) -> dict:
 
 
 def _attention_variant(dtype, head_dim, num_q_heads, num_kv_heads, decode, causal, window,
-                       soft_cap, splits, fp8=False, sinks=False):
+                       soft_cap, splits, fp8=False, sinks=False, full_tiles=None):
     """(kernel, constexprs of cc, pointer types, default pointer type, launch options of cc):
     the launch the torch frontend makes on a device of compute capability cc (x 10). fp8:
     float8_e4m3fn caches read as bytes (*u8 k/v pointers) with k_scale and v_scale. sinks:
-    attention sinks read by the kernel (in q's dtype)."""
+    attention sinks read by the kernel (in q's dtype). full_tiles: the kernel's FULL_TILES
+    (None: as shipped, tattn.FULL_TILES)."""
     itemsize = 4 if dtype == "float32" else 2
 
     cfg = tattn.attention_config(num_q_heads, num_kv_heads, head_dim, decode, itemsize=itemsize,
@@ -67,6 +68,7 @@ def _attention_variant(dtype, head_dim, num_q_heads, num_kv_heads, decode, causa
         cx = dict(cfg, BLOCK_SIZE=16, DECODE=decode, CAUSAL=causal, WINDOW=window,
                   SOFT_CAP=soft_cap, NUM_SPLITS=splits, UPCAST=upcast, FP8=fp8, K_SCALED=fp8,
                   V_SCALED=fp8, SINKS=sinks,
+                  FULL_TILES=tattn.FULL_TILES if full_tiles is None else full_tiles,
                   DOT_PREC=tattn.dot_precision(4 if upcast else 2, head_dim, cfg["BLOCK_M"],
                                                decode))
         # As the JIT specializes a launch on contiguous tensors: unit strides become constants
@@ -159,6 +161,21 @@ VARIANTS = {
                                                       False, 1, fp8=True),
     "attn-prefill-fp8-f32-d80-g4-window": _attention_variant(
         "float32", 80, 8, 2, False, True, True, False, 1, fp8=True),
+    # the key loop with unmasked whole steps first (tattn.FULL_TILES; off as shipped until
+    # measured on a GPU): the benchmarks' prefill and decodes, a padded head_dim, fp8
+    **{f"{name}-full-tiles": _attention_variant(*args, full_tiles=True) for name, args in (
+        ("attn-prefill-bf16-d128-g4", ("bfloat16", 128, 32, 8, False, True, False, False, 1)),
+        ("attn-decode-bf16-d128-g4", ("bfloat16", 128, 32, 8, True, True, False, False, 1)),
+        ("attn-decode-split8-bf16-d128-g4", ("bfloat16", 128, 32, 8, True, True, False, False,
+                                             8)),
+        ("attn-decode-f32-d128-g4", ("float32", 128, 32, 8, True, True, False, False, 1)),
+        ("attn-prefill-f16-d80-g4-cap", ("float16", 80, 8, 2, False, True, False, True, 1)),
+        ("attn-prefill-bf16-d256-g128-window-cap", ("bfloat16", 256, 128, 1, False, True, True,
+                                                    True, 1)),
+        ("attn-decode-split8-fp8-bf16-d128-g4", ("bfloat16", 128, 32, 8, True, True, False,
+                                                 False, 8, True)),
+        ("attn-prefill-fp8-bf16-d128-g4", ("bfloat16", 128, 32, 8, False, True, False, False, 1,
+                                           True)))},
     "merge-2-states-d128": (tattn._merge_states_kernel,
                             {"HEAD_DIM": 128, "BLOCK_D": 128, "NUM_STATES": 2, "STATES_P2": 2},
                             {"out_ptr": "*bf16", "o_ptr": "*fp32"}, "*fp32"),
@@ -230,7 +247,10 @@ VARIANTS = {
 #: 96 B on sm_80 (0 on sm_90).
 KNOWN_STACK = {("attn-prefill-fp8-f32-d80-g4-window", 80): 256,
                ("attn-prefill-fp8-f32-d80-g4-window", 90): 256,
-               ("attn-prefill-fp8-bf16-d256-g128-window-cap", 80): 128}
+               ("attn-prefill-fp8-bf16-d256-g128-window-cap", 80): 128,
+               # FULL_TILES (off as shipped) over the float32 tf32x3 decode tile, at 255
+               # registers without it: 8 B on sm_80
+               ("attn-decode-f32-d128-g4-full-tiles", 80): 8}
 
 
 @pytest.mark.parametrize("cc", [80, 90])

@@ -79,6 +79,51 @@ def _fp8_e4m3_to_f32(b):
 
 
 @triton.jit
+def _attend_seen_keys(acc, m_i, l_i, q, t, d, d_ok, k_ptr, v_ptr, table_row, k_head, v_head,
+                      stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
+                      max_blocks, num_blocks, qk_scale, soft_cap, HEAD_DIM: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, SOFT_CAP: tl.constexpr,
+                      UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, FP8: tl.constexpr):
+    """One step of keys t (BLOCK_N positions) that every query row of the tile sees, of the
+    FULL_TILES loop: the online softmax's (acc, m_i, l_i) updated with no key, causal or row
+    mask (rows outside the tile hold q = 0 and are never stored); only head_dim's padded
+    lanes are masked. Table columns and block ids clamped into their buffers, as the masked
+    loop does."""
+    col = tl.minimum(t // BLOCK_SIZE, max_blocks - 1)  # within the table
+    blk = tl.minimum(tl.maximum(tl.load(table_row + col), 0), num_blocks - 1)
+    off = t % BLOCK_SIZE
+    k_ptrs = (k_ptr + blk.to(tl.int64)[:, None] * stride_kb + off[:, None] * stride_kt
+              + k_head + d[None, :] * stride_kd)
+    v_ptrs = (v_ptr + blk.to(tl.int64)[:, None] * stride_vb + off[:, None] * stride_vt
+              + v_head + d[None, :] * stride_vd)
+    if BLOCK_D != HEAD_DIM:  # padded lanes load 0 (fp8: never a NaN byte)
+        k = tl.load(k_ptrs, mask=d_ok[None, :], other=0)
+        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    if FP8:
+        k = _fp8_e4m3_to_f32(k)
+        v = _fp8_e4m3_to_f32(v)
+        if not UPCAST:  # exact in float16 / bfloat16
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
+    elif UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if SOFT_CAP:
+        s = soft_cap * _tanh(s / soft_cap)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a sink of -inf, nothing seen yet
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _paged_attention_kernel(
         q_ptr, k_ptr, v_ptr, tables_ptr, kv_lens_ptr, cu_ptr, out_ptr, lse_ptr,
         k_scale_ptr, v_scale_ptr, sinks_ptr,
@@ -94,7 +139,8 @@ def _paged_attention_kernel(
         BLOCK_SIZE: tl.constexpr, DECODE: tl.constexpr, CAUSAL: tl.constexpr,
         WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, NUM_SPLITS: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, FP8: tl.constexpr,
-        K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, SINKS: tl.constexpr):
+        K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, SINKS: tl.constexpr,
+        FULL_TILES: tl.constexpr):
     # Grid axis 0 (limit 2**31 - 1; axes 1 and 2 stop at 65535) holds (query tile, split).
     # Decode: one tile per sequence. Otherwise the query tiles of all sequences in a row,
     # sequence s's starting at cu[s] // BLOCK_Q + s (the gaps cover each one's tiles), at most
@@ -187,7 +233,24 @@ def _paged_attention_kernel(
         k_head = kvh.to(tl.int64) * stride_kh
         v_head = kvh.to(tl.int64) * stride_vh
         table_row = tables_ptr + seq.to(tl.int64) * stride_tab
-        for start in range(lo, hi, BLOCK_N):
+        full_hi = lo
+        if FULL_TILES:  # first the whole steps of keys every query row sees, unmasked (with
+            # a window, none: its lower edge moves with the row)
+            if not WINDOW:
+                seen_hi = hi
+                if CAUSAL:  # the tile's first query row sees the fewest keys
+                    seen_hi = tl.minimum(hi, kv_len - q_len + tile * BLOCK_Q + 1)
+                full_hi = lo + tl.maximum(seen_hi - lo, 0) // BLOCK_N * BLOCK_N
+            for start in range(lo, full_hi, BLOCK_N):
+                acc, m_i, l_i = _attend_seen_keys(
+                    acc, m_i, l_i, q, start + n, d, d_ok, k_ptr, v_ptr, table_row, k_head,
+                    v_head, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
+                    max_blocks, num_blocks, qk_scale, soft_cap, HEAD_DIM, BLOCK_D, BLOCK_SIZE,
+                    SOFT_CAP, UPCAST, DOT_PREC, FP8)
+        # the rest, masked; inline, not a helper as above: with FULL_TILES off this is the
+        # kernel measured on the H200, PTX for PTX (a helper's inlined scope adds labels, and
+        # ptxas then allocated 128 -> 152 registers for the bf16 decode on sm_90)
+        for start in range(full_hi, hi, BLOCK_N):
             t = start + n
             t_ok = t < hi
             if WINDOW:
@@ -367,6 +430,16 @@ def dot_precision(itemsize: int, head_dim: int, rows: int, decode: bool) -> str:
     if itemsize < 4:
         return "tf32"  # unused: 16-bit dots take their inputs as they are
     return F32_DOT_PREC if decode and rows <= 16 and head_dim <= 128 else "ieee"
+
+
+#: The key loop of _paged_attention_kernel in two parts: first the whole steps of BLOCK_N keys
+#: that every query row of the tile sees (below the first row's causal limit, no window)
+#: without masks (no key bound, causal or row test, no -inf select; the loads keep only
+#: head_dim's padded lanes masked), then the rest masked as before; False: every step masked.
+#: As FlashAttention and Triton's fused-attention tutorial split their causal loops. Off until
+#: measured on a GPU (bench/tune_device.py fulltiles, A/B on the decode and prefill shapes);
+#: the interpreter tests run it both ways.
+FULL_TILES = False
 
 #: Sequences per step and tokens per store of _cascade_order_kernel.
 CASCADE_BLOCK_S, CASCADE_BLOCK_T = 256, 256
@@ -715,7 +788,7 @@ def _launch(out, lse, q, k_cache, v_cache, tables, kv_lens, cu, *, scale, causal
         BLOCK_SIZE=block_size, DECODE=decode, CAUSAL=bool(causal), WINDOW=window is not None,
         SOFT_CAP=soft_cap is not None, NUM_SPLITS=num_splits, UPCAST=upcast, FP8=fp8,
         K_SCALED=fp8 and k_scale is not None, V_SCALED=fp8 and v_scale is not None,
-        SINKS=sinks is not None,
+        SINKS=sinks is not None, FULL_TILES=FULL_TILES,
         DOT_PREC="ieee" if INTERPRET else dot_precision(itemsize, head_dim, cfg["BLOCK_M"],
                                                         decode),
         num_warps=attention_warps(head_dim, decode, itemsize=itemsize, rows=cfg["BLOCK_M"],
