@@ -99,6 +99,33 @@ def test_full_tiles_over_long_contexts(opts, splits, head_dim, full_tiles):
     np.testing.assert_allclose(N(lse), want_lse, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("splits", [None, 3])
+def test_full_tiles_equal_the_masked_loop(splits, monkeypatch):
+    """At the same steps of 16 keys, the key loop with FULL_TILES gives the shipped loop's
+    out and lse bit for bit (the unmasked steps drop only masks that select every key):
+    long causal contexts, GQA padding rows (3 q heads per kv head in 4 rows), sinks."""
+    config = tattn.attention_config
+    monkeypatch.setattr(tattn, "attention_config",
+                        lambda *a, **k: dict(config(*a, **k), BLOCK_N=16))
+    rng = np.random.default_rng(8)
+    seqs = [(1, kv) for _, kv in FULL_TILE_SEQS if kv] if splits else FULL_TILE_SEQS
+    b = testing.make_ragged_batch(rng, seqs, num_q_heads=6, num_kv_heads=2, head_dim=16,
+                                  block_size=8, decode=bool(splits))
+    q, k, v, bt, kv, cu = (T(a) for a in b.args())
+    sinks = torch.tensor([0.5, -1.0, float("-inf"), 2.0, 0.0, -3.0])
+    got = []
+    for full in (False, True):
+        monkeypatch.setattr(tattn, "FULL_TILES", full)
+        out = torch.full(q.shape, float("nan"))
+        lse = torch.full(q.shape[:2], float("nan"))
+        tattn.paged_attention(out, lse, q, k, v, bt, kv, cu, scale=0.25, causal=True,
+                              sliding_window=None, logits_soft_cap=None, num_splits=splits,
+                              sinks=sinks)
+        got.append((out, lse))
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+    assert not torch.isnan(got[0][0]).any()
+
+
 def test_shared_prefix_kernel():
     rng = np.random.default_rng(5)
     b = testing.make_shared_prefix_batch(

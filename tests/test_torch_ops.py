@@ -512,18 +512,22 @@ def test_shared_prefix_cpu_all_groups_dissolved_is_paged_attention(monkeypatch):
 def test_joined_tables_match_the_reference(monkeypatch, list_entries):
     """The dissolved cascade's tables (_native._joined_tables) from Python lists and from the
     vectorized reference alike: prefixes of 0 to all their blocks, sequences of no prefix,
-    padding entries of either table holding other values, an own table of no column."""
+    padding entries of either table holding other values, an own table of no column; and
+    prefix lengths the value checks refuse (not whole blocks, negative, past the table: with
+    checks off), which get the reference's tables."""
     from prefixkv.paged.reference.attention import shared_prefix_block_tables
     from prefixkv.torch_frontend import _native
 
     monkeypatch.setattr(_native, "JOIN_LIST_ENTRIES", list_entries)
     rng = np.random.default_rng(21)
-    for _ in range(60):
+    for _ in range(120):
         bs = int(rng.choice([1, 4, 16]))
         num_prefixes, width = int(rng.integers(1, 4)), int(rng.integers(0, 5))
         num_seqs, own_width = int(rng.integers(1, 7)), int(rng.integers(0, 4))
         pre = rng.integers(-5, 100, (num_prefixes, width)).astype(np.int32)
         plens = (rng.integers(0, width + 1, num_prefixes) * bs).astype(np.int32)
+        if rng.random() < 0.3:  # unchecked garbage
+            plens[rng.integers(num_prefixes)] = rng.choice([-bs, bs + 1, (width + 1) * bs, 3])
         pid = rng.integers(-1, num_prefixes, num_seqs).astype(np.int32)
         own = rng.integers(-5, 100, (num_seqs, own_width)).astype(np.int32)
         kv = rng.integers(0, own_width * bs + 1, num_seqs).astype(np.int32)

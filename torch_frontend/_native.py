@@ -927,15 +927,18 @@ def _cascade_groups(group: int, block_size: int, itemsize: int, prefix_block_tab
     kv_lens grow by the prefix, their prefix id is -1; the kept prefixes are renumbered in
     order. The same attention, exactly: an own token's causal view of its prefix is the whole
     prefix either way. Returns (prefix tables, prefix lens, prefix ids, tables, kv lens), the
-    inputs themselves when every group stays, else new int32 CPU tensors. (numpy: a few us an op
-    here, where torch's small ops cost ~10 us each.)"""
+    inputs themselves when every group stays, else int32 CPU tensors (new ones; empty views of
+    the prefix inputs when none stays). A batch whose rows bound every group below the
+    thresholds dissolves them all without counting (a small call's ~50 us). (numpy: a few us
+    an op here, where torch's small ops cost ~10 us each.)"""
     plens = prefix_lens.numpy().astype(np.int64)
     pid = prefix_ids.numpy().astype(np.int64)
     num_prefixes, num_seqs = plens.shape[0], pid.shape[0]
     more = 1 if itemsize >= 4 else CASCADE_16BIT_FACTOR
     # A batch too small for any group to pass (its rows, and its rows times the widest prefix
     # table's keys, bound every group's): every group dissolves, without counting them. Only
-    # a choice of route: dissolving is exact whatever the metadata.
+    # a choice of route: dissolving gives the same attention (valid metadata; unchecked
+    # metadata gets the reference's joined tables, as the counted route).
     if cu_q_lens is None:
         num_tokens = num_seqs
     else:
@@ -987,15 +990,19 @@ JOIN_LIST_ENTRIES = 1024
 def _joined_tables(pre: np.ndarray, plens: np.ndarray, pid: np.ndarray, own: np.ndarray,
                    kv: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """shared_prefix_block_tables (every sequence with a prefix reads it through its table):
-    from Python lists for a small batch, else the vectorized reference."""
+    from Python lists for a small batch of valid prefixes, else (a large batch, or unchecked
+    prefix ids or lengths the value checks refuse) the vectorized reference itself."""
     width = pre.shape[1] + own.shape[1]
-    if own.shape[0] * width > JOIN_LIST_ENTRIES:
+    pad, pl, ids = pre.shape[1], plens.tolist(), pid.tolist()
+    if own.shape[0] * width > JOIN_LIST_ENTRIES or not all(
+            p < len(pl) and 0 <= pl[p] <= pad * block_size and not pl[p] % block_size
+            for p in ids if p >= 0):
         return shared_prefix_block_tables(pre, plens, pid, own, kv, block_size)
-    pre_rows, pl, pad = pre.tolist(), plens.tolist(), pre.shape[1]
+    pre_rows = pre.tolist()
     rows, lens = [], []
-    for p, row, n in zip(pid.tolist(), own.tolist(), kv.tolist(), strict=True):
+    for p, row, n in zip(ids, own.tolist(), kv.tolist(), strict=True):
         if p >= 0:
-            nb = min(max(pl[p] // block_size, 0), pad)  # checked: 0 <= nb <= pad
+            nb = pl[p] // block_size
             rows.append(pre_rows[p][:nb] + row + [0] * (pad - nb))
             lens.append(n + pl[p])
         else:

@@ -86,9 +86,9 @@ def _attend_seen_keys(acc, m_i, l_i, q, t, d, d_ok, k_ptr, v_ptr, table_row, k_h
                       UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, FP8: tl.constexpr):
     """One step of keys t (BLOCK_N positions) that every query row of the tile sees, of the
     FULL_TILES loop: the online softmax's (acc, m_i, l_i) updated with no key, causal or row
-    mask (rows outside the tile hold q = 0 and are never stored); only head_dim's padded
-    lanes are masked. Table columns and block ids clamped into their buffers, as the masked
-    loop does."""
+    mask (the tile's padding rows, tokens past q_len and heads past the group's slice, hold
+    q = 0 and are never stored); only head_dim's padded lanes are masked. Table columns and
+    block ids clamped into their buffers, as the masked loop does."""
     col = tl.minimum(t // BLOCK_SIZE, max_blocks - 1)  # within the table
     blk = tl.minimum(tl.maximum(tl.load(table_row + col), 0), num_blocks - 1)
     off = t % BLOCK_SIZE
