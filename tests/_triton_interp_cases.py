@@ -126,7 +126,7 @@ def test_full_tiles_equal_the_masked_loop(splits, monkeypatch):
     assert not torch.isnan(got[0][0]).any()
 
 
-def test_shared_prefix_kernel():
+def test_shared_prefix_kernel(full_tiles):
     rng = np.random.default_rng(5)
     b = testing.make_shared_prefix_batch(
         rng, [2, 0, 1], [(0, 1, 5), (2, 2, 3), (-1, 1, 4), (0, 3, 9), (1, 1, 1)],
@@ -320,7 +320,7 @@ def test_shared_prefix_workspace_allocates_nothing(decode, ids_dtype):
 
 @pytest.mark.parametrize("decode", [True, False])
 @pytest.mark.parametrize("with_workspace", [True, False])
-def test_shared_prefix_split_prefix_pass(decode, with_workspace):
+def test_shared_prefix_split_prefix_pass(decode, with_workspace, full_tiles):
     """Few query tokens over a long prefix (3072 tokens) split the prefix launch's KV (as 64
     decode queries over a 32768-token prefix do on a GPU): its partials merged by LSE. Tokens
     with no prefix are in no tile of that launch: their partial rows stay unwritten (garbage
@@ -802,7 +802,7 @@ def test_sinks_in_the_kernel(case):
 
 
 @pytest.mark.parametrize("decode", [True, False])
-def test_sinks_in_the_cascade_kernels(decode, monkeypatch):
+def test_sinks_in_the_cascade_kernels(decode, monkeypatch, full_tiles):
     """The cascade counts each row's sink once: in its own-token launch (split too), not in
     the prefix pass (split in 3 here); a token with no prefix gets it as well."""
     monkeypatch.setattr(tattn, "_prefix_splits", lambda *a: 3)
