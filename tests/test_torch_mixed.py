@@ -206,6 +206,28 @@ def test_short_ragged_batch_is_one_kernel_call(dtype, monkeypatch):
             assert sum(kernel_seqs) == num_tokens - q_len, kernel_seqs
 
 
+def test_unchecked_lengths_take_no_host_route(monkeypatch):
+    """Value checks off and host cu_q_lens that are no ragged batch (past the tokens, not
+    from 0, decreasing, not ending at the token count): the padded path the device takes for
+    any metadata runs it, bounded by the token count; no host route sized by the lengths
+    (a 10**6-token sequence once sent an empty tile to torch's flash kernel, which died of
+    SIGFPE)."""
+    from prefixkv.paged import validate
+
+    def refuse(*a, **k):
+        raise AssertionError("a host route ran for lengths that are no ragged batch")
+
+    for route in ("_tiled_prefill", "_grouped_attention", "_c_ragged"):
+        monkeypatch.setattr(_native, route, refuse)
+    b = _batch([(1, 5), (1, 7), (1, 9)], "float32", {}, seed=10)
+    q, k, v, tables, kv_lens, _ = (T(a) for a in b.args())
+    for cu in ([0, 1, 10**6, 3], [1, 1, 2, 3], [0, 2, 1, 3], [0, 1, 2, 2], [0, 1, 2, -3]):
+        with validate.value_checks(False):
+            got = tf.paged_attention(q, k, v, tables, kv_lens,
+                                     torch.tensor(cu, dtype=torch.int32))
+        assert got.shape == q.shape
+
+
 def test_unchecked_ragged_lengths_fall_back_from_the_kernel():
     """Value checks off and cu_q_lens not a ragged batch (decreasing, or not ending at the
     token count): _c_ragged declines (no negative repeat count reaches numpy) and the other

@@ -200,6 +200,14 @@ def _token_seqs(cu: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return seq.clamp_(max=max(cu.shape[0] - 2, 0))
 
 
+def _ragged_ok(cu: torch.Tensor, num_tokens: int) -> bool:
+    """Whether host cu_q_lens describe a ragged batch of num_tokens tokens: from 0 to
+    num_tokens, never decreasing (what the value checks ask of them)."""
+    ends = cu.tolist()
+    return ends[0] == 0 and ends[-1] == num_tokens and all(
+        a <= b for a, b in itertools.pairwise(ends))
+
+
 def _ragged_rows(cu: torch.Tensor, num_tokens: int, q_max: int):
     """Per token: padded row index seq * q_max + j (q_max >= every sequence's q_len), and
     q_lens, on cu's device. With at least one sequence the rows stay inside the
@@ -798,6 +806,11 @@ def paged_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_c
             # padding every sequence to the batch's token count would not fit: read the
             # lengths back (one small copy, a sync) and pad to the longest sequence instead
             cu_host, kv_host = cu_q_lens.cpu(), kv_lens.cpu()
+        if cu_host is not None and not _ragged_ok(cu_host, num_tokens):
+            # unchecked cu_q_lens that are no ragged batch (value checks off): the path the
+            # device takes for any metadata (results unspecified, accesses bounded), never a
+            # host route sized by such lengths
+            cu_host = kv_host = None
         if cu_host is None:  # on a device, no sync: the bound every batch satisfies
             q_max, q_lens_host = max(num_tokens, 1), None
         else:
