@@ -785,7 +785,9 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
         t = jnp.arange(num_tokens, dtype=jnp.int32)
         seq = jnp.clip(jnp.searchsorted(cu[1:], t, side="right"), 0, num_seqs - 1)
         mine = (t >= cu[seq]) & (t < cu[seq + 1]) & take[seq]
-        kv = kv_lens.astype(jnp.int32)[seq]
+        # from kv_len >= 0: unchecked, a kv_len near -2**31 minus the token's offset wrapped
+        # to a count near 2**31 keys (a call of minutes)
+        kv = jnp.maximum(kv_lens.astype(jnp.int32)[seq], 0)
         if causal:
             kv = kv - (cu[seq + 1] - 1 - t)
         kv = jnp.where(mine, jnp.clip(kv, 0, None), 0)

@@ -357,6 +357,33 @@ def test_ragged_on_cpu_kernel_rows_of_no_sequence(cpu_route):
                                    rtol=2e-5)
 
 
+def test_unchecked_kv_lens_near_int32_limits_stay_key_counts(monkeypatch):
+    """Unchecked metadata (inside jit nothing is checked): a kv_len of -2**31 minus a token's
+    causal offset once wrapped to nearly 2**31 keys for the decode kernel (a call of
+    minutes). The kernel is handed counts from kv_len >= 0: none past the batch's largest."""
+    rng = np.random.default_rng(13)
+    b = testing.make_ragged_batch(rng, [(1, 5), (3, 9), (2, 6)], num_q_heads=4,
+                                  num_kv_heads=2, head_dim=16, block_size=4, decode=False)
+    kv_lens = b.kv_lens.copy()
+    kv_lens[1] = -2**31
+    seen = []
+    real = xla_ffi.paged_attention_decode
+
+    def spy(q, kc, vc, tables, kv, **kw):
+        seen.append(np.asarray(kv))
+        return real(q, kc, vc, tables, kv, **kw)
+
+    monkeypatch.setattr(xla_ffi, "paged_attention_decode", spy)
+    args = (*(jnp.asarray(a) for a in b.args()[:4]), jnp.asarray(kv_lens),
+            jnp.asarray(b.cu_q_lens))
+    with jax.disable_jit():  # the traced branches run eagerly: the counts are values here
+        out, _ = _xla.ragged_on_cpu_kernel(*args, scale=0.25)
+    assert seen and all(int(kv.max()) <= 9 for kv in seen), seen
+    want = paged_attention_reference(*b.args())
+    np.testing.assert_allclose(np.asarray(out)[[0, 4, 5]], want[[0, 4, 5]], atol=2e-5,
+                               rtol=2e-5)  # the valid sequences' tokens
+
+
 def test_disabled_ffi_falls_back_to_xla(monkeypatch):
     batch = _decode_batch(11, num_q_heads=8, num_kv_heads=2, head_dim=64, dtype="bfloat16")
     args = _jnp(batch)
