@@ -898,6 +898,9 @@ def prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids, block_t
     has = (pid >= 0) & (pid < num_prefixes)
     p = jnp.clip(pid, 0, max(num_prefixes - 1, 0))
     plen = jnp.where(has, prefix_lens.astype(i32)[p], 0) if num_prefixes else jnp.zeros_like(pid)
+    # within what the value checks allow (unchecked: a length near -2**31 plus a negative
+    # prefix wrapped to ~2**31 keys, a call of minutes)
+    plen = jnp.clip(plen, 0, width * block_size)
     pblocks = plen // block_size
     cols = jnp.arange(width + own_width, dtype=i32)
     own = (jnp.take_along_axis(block_tables.astype(i32),
@@ -905,7 +908,8 @@ def prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids, block_t
            if own_width else jnp.zeros((num_seqs, cols.shape[0]), i32))
     pre = (prefix_block_tables.astype(i32)[p][:, jnp.minimum(cols, width - 1)]
            if num_prefixes and width else own)
-    return jnp.where(cols[None, :] < pblocks[:, None], pre, own), kv_lens.astype(i32) + plen
+    return (jnp.where(cols[None, :] < pblocks[:, None], pre, own),
+            jnp.maximum(kv_lens.astype(i32), 0) + plen)
 
 
 def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,

@@ -384,6 +384,17 @@ def test_unchecked_kv_lens_near_int32_limits_stay_key_counts(monkeypatch):
                                rtol=2e-5)  # the valid sequences' tokens
 
 
+def test_joined_tables_of_unchecked_lengths_stay_key_counts():
+    """prefix_then_own_tables (a windowed cascade, small prefix groups): a kv_len of -2**31
+    with a negative prefix length once wrapped to ~2**31 keys; lengths start from 0 and a
+    prefix counts at most its table's keys."""
+    tables, kv = _xla.prefix_then_own_tables(
+        jnp.zeros((2, 3), jnp.int32), jnp.asarray([-10**6, 2**31 - 1], jnp.int32),
+        jnp.asarray([0, 1, -1], jnp.int32), jnp.zeros((3, 2), jnp.int32),
+        jnp.asarray([-2**31, 5, -7], jnp.int32), 4)
+    np.testing.assert_array_equal(np.asarray(kv), [0, 5 + 12, 0])
+
+
 def test_disabled_ffi_falls_back_to_xla(monkeypatch):
     batch = _decode_batch(11, num_q_heads=8, num_kv_heads=2, head_dim=64, dtype="bfloat16")
     args = _jnp(batch)

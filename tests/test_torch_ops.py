@@ -539,6 +539,20 @@ def test_joined_tables_match_the_reference(monkeypatch, list_entries):
         np.testing.assert_array_equal(lens, want_lens)
 
 
+def test_joined_tables_of_unchecked_lengths_stay_key_counts():
+    """_ops._prefix_then_own_tables (a windowed cascade, on any device): a kv_len of -2**31
+    with a negative prefix length once narrowed to ~2**31 keys; lengths start from 0 and a
+    prefix counts at most its table's keys."""
+    from prefixkv.torch_frontend import _ops
+
+    i32 = dict(dtype=torch.int32)
+    _, kv = _ops._prefix_then_own_tables(
+        torch.zeros((2, 3), **i32), torch.tensor([-10**6, 2**31 - 1], **i32),
+        torch.tensor([0, 1, -1], **i32), torch.zeros((3, 2), **i32),
+        torch.tensor([-2**31, 5, -7], **i32), 4)
+    assert kv.tolist() == [0, 5 + 12, 0]
+
+
 def test_merge_attention_states_matches_reference_and_empty_states():
     rng = np.random.default_rng(4)
     oa, ob = rng.standard_normal((2, 5, 3, 8)).astype(np.float32)

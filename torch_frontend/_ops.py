@@ -577,6 +577,7 @@ def _prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids, block_
     p = pid.clamp(0, max(num_prefixes - 1, 0))
     plen = (torch.where(has, prefix_lens.long()[p], 0) if num_prefixes
             else torch.zeros_like(pid))
+    plen = plen.clamp(0, width * block_size)  # what the value checks allow (unchecked: any)
     pblocks = plen // block_size
     cols = torch.arange(width + own_width, device=block_tables.device)
     own = (block_tables.long().gather(
@@ -586,7 +587,9 @@ def _prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids, block_
     pre = (prefix_block_tables.long()[p][:, cols.clamp(max=width - 1)] if num_prefixes and width
            else own)
     tables = torch.where(cols[None, :] < pblocks[:, None], pre, own)
-    return tables.to(torch.int32), (kv_lens.long() + plen).to(torch.int32)
+    # in int32 (unchecked lengths near its limits must not wrap to ~2**31 keys)
+    kv = (kv_lens.long().clamp(min=0) + plen).clamp(max=2**31 - 1)
+    return tables.to(torch.int32), kv.to(torch.int32)
 
 
 def _apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> None:
