@@ -145,15 +145,26 @@ def check_optional_positive(name: str, value, *, integer: bool = False, none_is=
 SMALL_BATCH_ENTRIES = 1024
 
 
+def cumulative_ok(ends: list[int], total: int) -> bool:
+    """Whether host cumulative lengths (a list) start at 0, never decrease and end at
+    ``total``: what check_cumulative_lens asks, as a verdict (also the torch CPU path's test
+    of unchecked cu_q_lens before a route sized by them)."""
+    return bool(ends) and ends[0] == 0 and ends[-1] == total and all(
+        a <= b for a, b in itertools.pairwise(ends))
+
+
+def _ids_ok(ids: list[int], num_blocks: int) -> bool:
+    """Block ids (a list, maybe empty) all in [0, num_blocks)."""
+    return not ids or (min(ids) >= 0 and max(ids) < num_blocks)
+
+
 def check_cumulative_lens(name: str, cu, num_tokens: int) -> np.ndarray:
     """Host check of cumulative lengths (cu_q_lens, cu_lens): starts at 0, never decreases,
     ends at num_tokens. Returns them as int64 numpy."""
     cu = to_host(cu).astype(np.int64)
-    if 0 < cu.size <= SMALL_BATCH_ENTRIES:  # the verdict from a list (numpy: ~1 us an operation)
-        ends = cu.tolist()
-        if ends[0] == 0 and ends[-1] == num_tokens and all(
-                a <= b for a, b in itertools.pairwise(ends)):
-            return cu
+    # the verdict from a list (numpy: ~1 us an operation)
+    if 0 < cu.size <= SMALL_BATCH_ENTRIES and cumulative_ok(cu.tolist(), num_tokens):
+        return cu
     if cu[0] != 0:
         raise ValueError(f"{name}: expected {name}[0] == 0, got {int(cu[0])}")
     steps = np.diff(cu)
@@ -384,8 +395,7 @@ def _small_ragged_ok(kv: np.ndarray, cu: np.ndarray, table: np.ndarray,
     for n, q_len, row in zip(kv.tolist(), q_lens, table.tolist(), strict=True):
         if not q_len <= n <= capacity:
             return False
-        used = row[:(n + bs - 1) // bs]
-        if used and (min(used) < 0 or max(used) >= num_blocks):
+        if not _ids_ok(row[:(n + bs - 1) // bs], num_blocks):
             return False
     return True
 
@@ -482,8 +492,7 @@ def _small_prefixes_ok(plens: np.ndarray, pids: np.ndarray, table: np.ndarray,
     for n, row in zip(plens.tolist(), table.tolist(), strict=True):
         if n < 0 or n % bs or n > capacity:
             return False
-        used = row[:n // bs]
-        if used and (min(used) < 0 or max(used) >= num_blocks):
+        if not _ids_ok(row[:n // bs], num_blocks):
             return False
     return True
 

@@ -30,6 +30,7 @@ import torch
 
 from ..paged.reference.attention import shared_prefix_block_tables
 from ..paged.spec import FP8_MAX
+from ..paged.validate import cumulative_ok
 
 #: Bytes of float32 K per chunk of the online softmax (rounded to whole blocks).
 CHUNK_BYTES = 2 << 20
@@ -198,14 +199,6 @@ def _token_seqs(cu: torch.Tensor, num_tokens: int) -> torch.Tensor:
     t = torch.arange(num_tokens, device=cu.device)
     seq = torch.searchsorted(cu[1:].to(torch.int64).contiguous(), t, right=True)
     return seq.clamp_(max=max(cu.shape[0] - 2, 0))
-
-
-def _ragged_ok(cu: torch.Tensor, num_tokens: int) -> bool:
-    """Whether host cu_q_lens describe a ragged batch of num_tokens tokens: from 0 to
-    num_tokens, never decreasing (what the value checks ask of them)."""
-    ends = cu.tolist()
-    return ends[0] == 0 and ends[-1] == num_tokens and all(
-        a <= b for a, b in itertools.pairwise(ends))
 
 
 def _ragged_rows(cu: torch.Tensor, num_tokens: int, q_max: int):
@@ -502,10 +495,9 @@ def _c_ragged(out, lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, s
         return False
     cu = cu_q_lens.to(torch.int64).numpy()
     num_tokens, num_seqs = q.shape[0], block_tables.shape[0]
-    q_lens = np.diff(cu)
-    if cu[0] != 0 or cu[-1] != num_tokens or (q_lens < 0).any():
+    if not cumulative_ok(cu.tolist(), num_tokens):
         return False
-    seq = np.repeat(np.arange(num_seqs), q_lens)
+    seq = np.repeat(np.arange(num_seqs), np.diff(cu))
     kv = kv_lens.to(torch.int64).numpy()[seq]
     if causal:
         kv = kv - (cu[seq + 1] - 1 - np.arange(num_tokens))
@@ -806,7 +798,7 @@ def paged_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_c
             # padding every sequence to the batch's token count would not fit: read the
             # lengths back (one small copy, a sync) and pad to the longest sequence instead
             cu_host, kv_host = cu_q_lens.cpu(), kv_lens.cpu()
-        if cu_host is not None and not _ragged_ok(cu_host, num_tokens):
+        if cu_host is not None and not cumulative_ok(cu_host.tolist(), num_tokens):
             # unchecked cu_q_lens that are no ragged batch (value checks off): the path the
             # device takes for any metadata (results unspecified, accesses bounded), never a
             # host route sized by such lengths
