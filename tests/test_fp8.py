@@ -906,6 +906,28 @@ def test_jax_short_decode_reads_fp8_caches():
     np.testing.assert_allclose(np.asarray(lse), want_lse, **LSE_TOLERANCE["bfloat16"])
 
 
+def test_jax_xla_converts_every_fp8_byte_exactly():
+    """The XLA loops' float8_e4m3fn upcast (bits shifted into a float16, not XLA's convert)
+    gives every one of the 256 bytes' float32 bit for bit (signed zeros, subnormals, the NaNs),
+    alone and times a scale (past float32's range for the largest bytes), jitted. XLA:CPU
+    flushes subnormal results, either way: no subnormal scale."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    from prefixkv.jax_frontend import _xla
+
+    byte = np.arange(256, dtype=np.uint8)
+    want = byte.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    nan = np.isnan(want)
+    assert nan.sum() == 2
+    for scale in (None, np.float32(0.37), np.float32(2e36)):
+        got = np.asarray(jax.jit(lambda b, s: _xla._bits_to_f32(b, jnp.float8_e4m3fn, s))(
+            byte, scale))
+        with np.errstate(over="ignore"):
+            w = want if scale is None else want * scale
+        np.testing.assert_array_equal(np.isnan(got), nan)
+        np.testing.assert_array_equal(got[~nan].view(np.uint32), w[~nan].view(np.uint32))
+
+
 @pytest.mark.parametrize("backend", ["xla", "pallas_interpret"])
 def test_jax_write_then_block_ops_move_fp8_bytes(backend, pallas_races):
     """A step's write into fp8 caches (NaN and saturated values among them), then the block
