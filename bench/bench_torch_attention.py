@@ -362,6 +362,39 @@ def test_cpu_prefill(benchmark, machine_limits, impl):
            impl=impl, query_tokens=q_len, baseline=impl == "baseline_sdpa_512")
 
 
+@pytest.mark.parametrize("impl", ["prefixkv_fp8", "dequantize_baseline", "prefixkv_bf16"])
+def test_cpu_prefill_fp8(benchmark, machine_limits, impl):
+    """The same prefill over float8_e4m3fn caches, bfloat16 queries (k_scale = v_scale =
+    FP8_SCALE): prefixkv reading the fp8 caches against dequantizing the cache into bfloat16
+    first (torch's conversion, what a caller without fp8 support writes) then the bf16 call;
+    and the bf16 call alone over those dequantized caches (the fp8 path's floor)."""
+    benchmark.group = "cpu-prefill-512-over-4096-fp8"
+    q, k, v, tables, kv_lens, cu = _prefill_inputs(PF_NEW)
+    q = q.to(torch.bfloat16)
+    k8, v8 = ((c / FP8_SCALE).clamp(-448, 448).to(torch.float8_e4m3fn) for c in (k, v))
+    deq = tuple((c.to(torch.float32) * FP8_SCALE).to(torch.bfloat16) for c in (k8, v8))
+    if impl == "prefixkv_fp8":
+        def fn():
+            return tf.paged_attention(q, k8, v8, tables, kv_lens, cu, k_scale=FP8_SCALE,
+                                      v_scale=FP8_SCALE)
+    elif impl == "dequantize_baseline":
+        def fn():
+            kd, vd = ((c.to(torch.float32) * FP8_SCALE).to(torch.bfloat16) for c in (k8, v8))
+            return tf.paged_attention(q, kd, vd, tables, kv_lens, cu)
+    else:
+        def fn():
+            return tf.paged_attention(q, *deq, tables, kv_lens, cu)
+    rows = (0, PF_NEW // 2, -1)
+    want = _want(("prefill-fp8",), (q, *(c.float() for c in deq), tables, kv_lens, cu), rows)
+    _check(fn(), rows, want, "bfloat16")
+    benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    total = PF_CACHED + PF_NEW
+    flops = 4 * HQ * HEAD_DIM * float(sum(range(total - PF_NEW + 1, total + 1)))
+    record(benchmark, machine_limits, bytes_read=2 * total * HKV * HEAD_DIM, flops=flops,
+           impl=impl, dtype="float8_e4m3fn", q_dtype="bfloat16",
+           baseline=impl == "dequantize_baseline")
+
+
 # ------------------------------ mixed step: decodes + one prefill chunk, one call vs two, f32
 
 MX_DECODES, MX_CONTEXT, MX_CACHED, MX_POOL = 63, 2048, 2048, 1024

@@ -521,6 +521,31 @@ def test_torch_shared_prefix_attention_reads_fp8_caches(decode, window):
     np.testing.assert_allclose(N(lse), want_lse, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_torch_cpu_dequantize_gives_every_byte_exactly(dtype):
+    """The torch CPU paths' fp8 dequantization (a table of the 256 bytes' values, looked up
+    in chunks) equals float32(byte) * scale rounded to q's dtype bit for bit (the NaN bytes
+    NaN), for a strided view of a stacked cache, past one chunk, with and without a scale."""
+    torch = pytest.importorskip("torch")
+    from prefixkv.torch_frontend import _native
+
+    g = torch.Generator().manual_seed(5)
+    n = _native.DEQUANTIZE_CHUNK_BYTES // 4 // (8 * 2 * 16) + 3  # blocks: past one chunk
+    stacked = torch.randint(0, 256, (n, 2, 8, 2, 16), generator=g, dtype=torch.uint8)
+    stacked[0, 1].view(-1)[:256] = torch.arange(256, dtype=torch.uint8)  # every byte once
+    cache = stacked.view(torch.float8_e4m3fn)[:, 1]
+    assert not cache.is_contiguous()
+    for scale in (None, torch.tensor(0.37), torch.tensor(3e38)):
+        want = cache.to(torch.float32)
+        want = (want if scale is None else want * scale).to(getattr(torch, dtype))
+        got = _native._dequantize(cache, scale, getattr(torch, dtype))
+        assert got.shape == cache.shape and got.dtype == want.dtype
+        nan = want.isnan()
+        assert torch.equal(got.isnan(), nan) and int(nan.sum()) > 0
+        assert torch.equal(got[~nan], want[~nan])
+    assert _native._dequantize(cache[:0], None, torch.bfloat16).shape == (0, 8, 2, 16)
+
+
 def test_torch_block_ops_move_fp8_bytes():
     torch = pytest.importorskip("torch")
     from prefixkv import torch_frontend as tf

@@ -372,13 +372,36 @@ def _attend_host(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k_cache:
                 merge_attention_states(out[s0:s1], lse[s0:s1], out[s0:s1], lse[s0:s1], o, lg)
 
 
+#: Bytes of int32 indices per step of the CPU fp8 table lookup (_dequantize): stays in L2.
+DEQUANTIZE_CHUNK_BYTES = 1 << 20
+
+
 def _dequantize(cache: torch.Tensor, scale: torch.Tensor | None,
                 dtype: torch.dtype) -> torch.Tensor:
-    """float32(cache) * scale in ``dtype`` (q's: rounded there, as vLLM's fp8 kernels do)."""
-    x = cache.to(torch.float32)
+    """float32(cache) * scale in ``dtype`` (q's: rounded there, as vLLM's fp8 kernels do).
+
+    On the CPU by a table of that value for each of the 256 bytes (the same arithmetic, once
+    per byte value), looked up with index_select in chunks: torch's CPU float8 conversion is
+    scalar code, ~3 ns an element here against ~0.8 for the lookup (one thread; the three
+    passes convert, scale, round took ~34 ms of a 512-token fp8 prefill over 4096 cached)."""
+    if cache.device.type != "cpu":
+        x = cache.to(torch.float32)
+        if scale is not None:
+            x = x * scale
+        return x.to(dtype)
+    table = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
     if scale is not None:
-        x = x * scale
-    return x.to(dtype)
+        table = table * scale
+    table = table.to(dtype)
+    src = cache.view(torch.uint8).reshape(-1)  # a copy only for a view of strided blocks
+    out = torch.empty(src.shape, dtype=dtype)
+    step = DEQUANTIZE_CHUNK_BYTES // 4
+    idx = torch.empty(min(step, src.numel()), dtype=torch.int32)
+    for i in range(0, src.numel(), step):
+        n = min(step, src.numel() - i)
+        idx[:n].copy_(src[i:i + n])
+        torch.index_select(table, 0, idx[:n], out=out[i:i + n])
+    return out.view(cache.shape)
 
 
 def _dequantized_blocks(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
