@@ -630,7 +630,12 @@ def test_copy_gather_scatter_exact(dtype):
         np.testing.assert_array_equal(N(g), w.astype(np.float64))
 
 
-def test_swap_blocks_cpu_exact():
+@pytest.mark.parametrize("small_bytes", [None, 0], ids=["default", "wide_views"])
+def test_swap_blocks_cpu_exact(small_bytes, monkeypatch):
+    from prefixkv.torch_frontend import _native
+
+    if small_bytes is not None:
+        monkeypatch.setattr(_native, "SMALL_WRITE_BYTES", small_bytes)
     rng = np.random.default_rng(7)
     src = [T(c) for c in _caches(rng, num_blocks=5)]
     dst = [T(c) for c in _caches(rng, num_blocks=11)]
@@ -1091,10 +1096,15 @@ def _storage_indices(view, parent):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_copy_scatter_bits_layouts_overlap(dtype, layout):
+@pytest.mark.parametrize("small_bytes", [None, 0], ids=["default", "wide_views"])
+def test_copy_scatter_bits_layouts_overlap(dtype, layout, small_bytes, monkeypatch):
     """copy_blocks with src and dst overlapping (a chain and a swap: every read before any
     write), scatter_blocks from a strided buffer, gather_blocks; bit-exact, NaN-filled
-    caches."""
+    caches; the blocks' index_copy_ with and without the wide views (SMALL_WRITE_BYTES)."""
+    from prefixkv.torch_frontend import _native
+
+    if small_bytes is not None:
+        monkeypatch.setattr(_native, "SMALL_WRITE_BYTES", small_bytes)
     rng = np.random.default_rng(21)
     caches = [_random_bits(rng, (9, 4, 2, 8), dtype, nan_every=5) for _ in range(3)]
     src = np.array([1, 2, 5, 2, 3, 8], np.int32)
@@ -1112,6 +1122,35 @@ def test_copy_scatter_bits_layouts_overlap(dtype, layout):
         _same_bits(g, w)
     gids = np.array([0, 6, 6, 2, 8], np.int32)  # repeats allowed
     _same_bits(tf.gather_blocks(tc, T(gids)), ref.gather_blocks_reference(want2, gids))
+
+
+def test_few_big_blocks_move_through_wide_views(monkeypatch):
+    """swap_blocks and scatter_blocks of 5 blocks of 32 KiB (fewer rows than
+    SMALL_WRITE_ROWS, more bytes than SMALL_WRITE_BYTES) index_copy_ them as complex128 rows
+    (torch's CPU index_copy_ moves element by element: ~7x slower as bfloat16); exact."""
+    from prefixkv.torch_frontend import _native
+
+    seen = []
+    wide = _native._wide
+
+    def spy(*rows):
+        got = wide(*rows)
+        seen.append(got[0].dtype)
+        return got
+    monkeypatch.setattr(_native, "_wide", spy)
+    g = torch.Generator().manual_seed(3)
+    src = [torch.randn(6, 16, 8, 128, generator=g).to(torch.bfloat16) for _ in range(2)]
+    dst = [torch.zeros(9, 16, 8, 128, dtype=torch.bfloat16) for _ in range(2)]
+    si, di = torch.tensor([5, 0, 3, 1, 2], dtype=torch.int32), torch.tensor([8, 2, 0, 4, 6])
+    tf.swap_blocks(src, dst, si, di)
+    assert seen == [torch.complex128] * 2
+    for a, b in zip(src, dst, strict=True):
+        assert torch.equal(b[di], a[si.long()]) and not b[[1, 3, 5, 7]].any()
+    seen.clear()
+    tf.scatter_blocks(dst, torch.stack(src, 1)[:5], torch.tensor([6, 7, 1, 3, 5]))
+    assert seen == [torch.complex128] * 2
+    for a, b in zip(src, dst, strict=True):
+        assert torch.equal(b[[6, 7, 1, 3, 5]], a[:5])
 
 
 def test_wide_views_only_where_aligned():

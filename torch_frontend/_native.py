@@ -1211,6 +1211,10 @@ def _wide(*rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
 #: of _slot_rows, one decode token's write_kv took ~20 ops, ~190 us here, against 12 us for
 #: the index_copy_ itself.
 SMALL_WRITE_ROWS = 64
+#: ... and of at most this many bytes: torch's CPU index_copy_ moves element by element, so a
+#: copy of whole blocks (32 KiB rows) takes the wide views however few its rows (64 bf16 blocks
+#: of 16 x 8 x 128: ~400 us a cache as int16, ~60 us as complex128).
+SMALL_WRITE_BYTES = 128 << 10
 
 
 def _index_copy(dst: torch.Tensor, ids: torch.Tensor, src: torch.Tensor) -> None:
@@ -1222,7 +1226,7 @@ def _index_copy(dst: torch.Tensor, ids: torch.Tensor, src: torch.Tensor) -> None
     s2 = src if src.dim() == 2 else _rows(src)
     if s2 is None:  # rows of src not contiguous: a contiguous copy of them
         s2 = src.reshape(src.shape[0], d2.shape[1])
-    if src.shape[0] > SMALL_WRITE_ROWS:
+    if src.shape[0] > SMALL_WRITE_ROWS or s2.numel() * s2.element_size() > SMALL_WRITE_BYTES:
         d2, s2 = _wide(d2, s2)
     d2.index_copy_(0, ids, s2)
 
