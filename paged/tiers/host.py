@@ -209,13 +209,14 @@ class HostTier(Tier):
             arr = self._pop_lru(protect)
             if arr is None:
                 break
-            if len(out) < n and arr.shape == shape and arr.dtype == dt:
-                # Reuse only memory no caller can see: `arr` is held by this local alone and
-                # its memory owner (what views of it reference) is `arr` or held by `arr` alone.
+            # Reuse only memory no caller can see: `arr` is held by this local alone and its
+            # memory owner (what views of it reference) is `arr` or held by `arr` alone. (Its
+            # count is taken before `owner` names it: with `owner is arr` that second name
+            # made every array numpy owns look shared, so none was ever reused.)
+            if (len(out) < n and arr.shape == shape and arr.dtype == dt
+                    and _refcount(arr) <= _ONE_LOCAL):
                 owner = _memory_owner(arr)
-                if (_refcount(arr) <= _ONE_LOCAL
-                        and (owner is arr or (arr.base is owner
-                                              and _refcount(owner) <= _ONE_LOCAL + 1))):
+                if owner is arr or (arr.base is owner and _refcount(owner) <= _ONE_LOCAL + 1):
                     out.append(arr)
                 del owner
             del arr
