@@ -514,7 +514,8 @@ def test_joined_tables_match_the_reference(monkeypatch, list_entries):
     vectorized reference alike: prefixes of 0 to all their blocks, sequences of no prefix,
     padding entries of either table holding other values, an own table of no column; and
     prefix lengths the value checks refuse (not whole blocks, negative, past the table: with
-    checks off), which get the reference's tables."""
+    checks off), which get the reference's tables; kv_lens at the int32 limits, whose sums
+    with the prefix wrap as the reference's."""
     from prefixkv.paged.reference.attention import shared_prefix_block_tables
     from prefixkv.torch_frontend import _native
 
@@ -531,6 +532,8 @@ def test_joined_tables_match_the_reference(monkeypatch, list_entries):
         pid = rng.integers(-1, num_prefixes, num_seqs).astype(np.int32)
         own = rng.integers(-5, 100, (num_seqs, own_width)).astype(np.int32)
         kv = rng.integers(0, own_width * bs + 1, num_seqs).astype(np.int32)
+        if rng.random() < 0.2:  # unchecked kv_lens at the int32 limits: wrap as the reference
+            kv[rng.integers(num_seqs)] = rng.choice([2**31 - 1, -2**31, 2**31 - bs])
         tables, lens = _native._joined_tables(pre, plens.astype(np.int64),
                                               pid.astype(np.int64), own, kv, bs)
         want_tables, want_lens = shared_prefix_block_tables(pre, plens, pid, own, kv, bs)

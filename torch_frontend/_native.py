@@ -1036,7 +1036,10 @@ def _joined_tables(pre: np.ndarray, plens: np.ndarray, pid: np.ndarray, own: np.
         else:
             rows.append(row + [0] * pad)
             lens.append(n)
-    return (np.array(rows, np.int32).reshape(len(rows), width), np.array(lens, np.int32))
+    # int32 as the reference's (an unchecked kv_len near 2**31 plus the prefix wraps there;
+    # np.array(lens, np.int32) raised OverflowError, naming no argument)
+    return (np.array(rows, np.int32).reshape(len(rows), width),
+            np.array(lens, np.int64).astype(np.int32))
 
 
 def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_cache,
