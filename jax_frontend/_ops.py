@@ -66,6 +66,16 @@ def _run_value_checks(*index_arrays) -> bool:
     return validate.value_checks_enabled(host_inputs=_on_host(*index_arrays))
 
 
+def _at_most(lens, capacity: int):
+    """Unchecked lengths (traced, or on a device with value checks off) clipped to
+    ``capacity`` keys, the most the value checks allow (valid lengths pass unchanged): every
+    backend loops over a sequence's kv_len keys, so one garbage length near 2**31 made a
+    jitted call of a 2-sequence batch run for minutes."""
+    if capacity >= 2**31 - 1:
+        return lens
+    return jax.numpy.minimum(lens, np.asarray(capacity, np.dtype(lens.dtype)))
+
+
 def _current_platform(operands=()) -> str:
     """Where an eager call runs, as the registry names platforms ("cpu", "cuda", "rocm",
     "tpu"): the device of its first JAX array operand, else jax's default device."""
@@ -221,6 +231,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
         sinks=sinks, k_scale=k_scale, v_scale=v_scale)
     if _run_value_checks(block_tables, kv_lens, cu_q_lens):
         validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
+    else:
+        kv_lens = _at_most(kv_lens, dims.max_blocks_per_seq * dims.block_size)
     out, lse = _run_paged_attention(dims, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
                                     causal=causal, sliding_window=sliding_window,
                                     logits_soft_cap=logits_soft_cap, sinks=sinks,
@@ -303,6 +315,10 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
         validate.check_shared_prefix_attention_values(
             sdims, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
             cu_q_lens)
+    else:
+        bs = sdims.attention.block_size
+        prefix_lens = _at_most(prefix_lens, sdims.max_prefix_blocks * bs)
+        kv_lens = _at_most(kv_lens, sdims.attention.max_blocks_per_seq * bs)
     dims = sdims.attention
     if sliding_window is not None:  # checked above: paged attention over the joined tables
         tables, lens = _xla.prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids,

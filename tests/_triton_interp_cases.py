@@ -650,6 +650,26 @@ def test_table_reads_stop_at_the_row(splits, full_tiles):
     close(out[:1], want[:1], "float32")
 
 
+@pytest.mark.parametrize("splits", [None, 3])
+def test_kv_lens_past_the_table_count_its_keys(splits, full_tiles):
+    """An unchecked kv_len past the table (1 or 1000 keys past a 3-block row, decode and a
+    3-token sequence) is read as the table's 12 keys, what the frontends clip host lengths to
+    (the kernel once looped over every key of such a length, re-reading the row's last block:
+    ~2**31 keys for a garbage length near the int32 limit)."""
+    rng = np.random.default_rng(23)
+    for decode, seqs in ((True, [(1, 9), (1, 12)]), (False, [(2, 9), (3, 12)])):
+        b = testing.make_ragged_batch(rng, seqs, num_q_heads=4, num_kv_heads=2, head_dim=16,
+                                      block_size=4, nan_fill=False, decode=decode)
+        assert b.block_tables.shape[1] * 4 == 12 and b.kv_lens[1] == 12
+        want = ref.paged_attention_reference(*b.args())
+        cu = None if decode else T(b.cu_q_lens)
+        for past in (1, 1000):
+            kv = T(b.kv_lens)
+            kv[1] = 12 + past
+            out, lse = _attend(*(T(a) for a in b.args()[:4]), kv, cu, num_splits=splits)
+            close(out, want, "float32")
+
+
 # ------------------------------------------ through the torch frontend: strided index tensors
 
 

@@ -606,3 +606,45 @@ def test_decode_logits_past_float32_give_nan_not_a_finite_answer(sign):
     """The CPU decode kernel (FFI) with q.k past float32's range: NaN, not a finite output."""
     out, lse = jf.paged_attention(*testing.logit_overflow_decode(sign), return_lse=True)
     assert np.isnan(np.asarray(out)).all() and not (np.asarray(lse) == np.inf).any()
+
+
+def test_unchecked_lengths_count_at_most_the_tables_keys(monkeypatch):
+    """Unchecked lengths (jitted, or value checks off) past the table count its keys: the ops
+    hand every backend kv_lens and prefix_lens clipped to max_blocks * block_size (a garbage
+    length near 2**31 made a jitted 2-sequence call loop for minutes), so the results are those
+    of the table's keys. A spy on the dispatch fails fast where a length passes unclipped."""
+    from prefixkv.jax_frontend import _ops
+
+    rng = np.random.default_rng(31)
+    b = testing.make_shared_prefix_batch(rng, [2], [(0, 1, 7), (-1, 1, 12)], num_q_heads=4,
+                                         num_kv_heads=2, head_dim=16, block_size=4, decode=True)
+    a = list(b.args())  # q, k, v, prefix tables, prefix lens, prefix ids, tables, kv, cu
+    own_cap, pre_cap = a[6].shape[1] * 4, a[3].shape[1] * 4
+    assert a[7][1] == own_cap and a[4][0] == pre_cap
+    want = ref.shared_prefix_attention_reference(*a)
+    want_paged = ref.paged_attention_reference(*a[:3], a[6], a[7])
+    handed = []
+    real = _ops._dispatch
+
+    def spy(op, backend, context, call, operands=()):
+        lens = (operands[4], operands[7]) if op == "shared_prefix_attention" else (operands[4],)
+        if isinstance(lens[0], jax.core.Tracer):  # the jitted call: checked by its result
+            return real(op, backend, context, call, operands)
+        handed.append([int(np.max(np.asarray(x))) for x in lens])
+        assert handed[-1][-1] <= own_cap and handed[-1][0] <= max(own_cap, pre_cap), handed
+        return real(op, backend, context, call, operands)
+
+    monkeypatch.setattr(_ops, "_dispatch", spy)
+    for past in (1, 2**31 - 1 - own_cap):
+        kv, plens = a[7].copy(), a[4].copy()
+        kv[1] += past
+        plens[0] += min(past, 2**31 - 1 - pre_cap)
+        with validate.value_checks(False):
+            got = jf.paged_attention(*a[:3], a[6], kv)
+            np.testing.assert_allclose(np.asarray(got), want_paged, atol=2e-5, rtol=2e-5)
+            got = jf.shared_prefix_attention(*a[:4], plens, a[5], a[6], kv)
+            np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
+        if past == 1:  # jitted (never checked): the same clipping inside the trace
+            got = jax.jit(jf.paged_attention)(*a[:3], a[6], kv)
+            np.testing.assert_allclose(np.asarray(got), want_paged, atol=2e-5, rtol=2e-5)
+    assert len(handed) == 4

@@ -1736,3 +1736,66 @@ def test_static_checks_kept_per_signature_still_refuse():
     finally:
         validate.check_paged_attention = real
         _ops._PASSED.clear()
+
+
+def test_unchecked_host_lengths_count_at_most_the_tables_keys(monkeypatch):
+    """With value checks off, host kv_lens and prefix_lens past the table count its keys: the
+    ops hand the implementations lengths clipped to max_blocks * block_size (a garbage length
+    near 2**31 hung a 2-sequence CPU call), so the results are those of the table's keys. A
+    spy on the op calls fails fast where a length passes unclipped. Device lengths: the triton
+    kernel clips them (tests/_triton_interp_cases.py)."""
+    from prefixkv.paged import validate
+    from prefixkv.torch_frontend import _ops
+
+    rng = np.random.default_rng(31)
+    b = testing.make_shared_prefix_batch(rng, [2], [(0, 1, 7), (-1, 1, 12)], num_q_heads=4,
+                                         num_kv_heads=2, head_dim=16, block_size=4, decode=True)
+    a = list(b.args())  # q, k, v, prefix tables, prefix lens, prefix ids, tables, kv, cu
+    own_cap, pre_cap = a[6].shape[1] * 4, a[3].shape[1] * 4
+    assert a[7][1] == own_cap and a[4][0] == pre_cap
+    want = ref.shared_prefix_attention_reference(*a)
+    want_paged = ref.paged_attention_reference(*a[:3], a[6], a[7])
+    handed = []
+    real = _ops._invoke
+
+    def spy(name, args):
+        lens = (args[4], args[7]) if name.startswith("shared_prefix") else (args[4],)
+        handed.append([int(x.max()) for x in lens])
+        assert handed[-1][-1] <= own_cap and handed[-1][0] <= max(own_cap, pre_cap), handed
+        return real(name, args)
+
+    monkeypatch.setattr(_ops, "_invoke", spy)
+    for past in (1, 2**31 - 1 - own_cap):
+        kv, plens = a[7].copy(), a[4].copy()
+        kv[1] += past
+        plens[0] += min(past, 2**31 - 1 - pre_cap)
+        with validate.value_checks(False):
+            got = tf.paged_attention(*(T(x) for x in a[:3]), T(a[6]), T(kv))
+            close(got, want_paged, "float32")
+            got = tf.shared_prefix_attention(*(T(x) for x in a[:4]), T(plens), T(a[5]),
+                                             T(a[6]), T(kv))
+            close(got, want, "float32")
+    assert len(handed) == 4
+
+
+def test_lengths_read_back_from_a_device_count_at_most_the_tables_keys(monkeypatch):
+    """The torch path with its metadata on a device reads a big batch's lengths back to the
+    host (PAD_SYNC_BYTES); unchecked kv_lens past the table are clipped to its keys there
+    before any host route loops over them (run here on CPU tensors taken for device ones)."""
+    from prefixkv.torch_frontend import _native
+
+    monkeypatch.setattr(_native, "_on_host", lambda *t: False)
+    monkeypatch.setattr(_native, "PAD_SYNC_BYTES", 0)
+    rng = np.random.default_rng(32)
+    b = testing.make_ragged_batch(rng, [(2, 9), (3, 12)], num_q_heads=4, num_kv_heads=2,
+                                  head_dim=16, block_size=4, nan_fill=False)
+    assert b.block_tables.shape[1] * 4 == 12 and b.kv_lens[1] == 12
+    want = ref.paged_attention_reference(*b.args())
+    q, k, v, bt, kv, cu = (T(x) for x in b.args())
+    for past in (1, 1000, 2**31 - 13):
+        kv_bad = kv.clone()
+        kv_bad[1] += past
+        out = torch.empty_like(q)
+        _native.paged_attention(out, None, q, k, v, bt, kv_bad, cu, scale=0.25, causal=True,
+                                sliding_window=None, logits_soft_cap=None)
+        close(out, want, "float32")

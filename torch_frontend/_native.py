@@ -820,6 +820,8 @@ def paged_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_c
         if not host and _padding_needs_sync(num_seqs, q):
             # padding every sequence to the batch's token count would not fit: read the
             # lengths back (one small copy, a sync) and pad to the longest sequence instead
+            # (unchecked lengths clipped to the table's keys: the host routes loop over them)
+            kv_lens = kv_lens.clamp(max=block_tables.shape[1] * k_cache.shape[1])
             cu_host, kv_host = cu_q_lens.cpu(), kv_lens.cpu()
         if cu_host is not None and not cumulative_ok(cu_host.tolist(), num_tokens):
             # unchecked cu_q_lens that are no ragged batch (value checks off): the path the

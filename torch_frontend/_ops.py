@@ -53,6 +53,17 @@ def _want_values(*tensors) -> bool:
     return validate.value_checks_enabled(host_inputs=all(t.device.type == "cpu" for t in live))
 
 
+def _at_most(lens: Tensor, capacity: int) -> Tensor:
+    """Unchecked lengths on the host (value checks off) clipped to ``capacity`` keys, the most
+    the value checks allow (valid lengths pass unchanged): the CPU paths loop over a
+    sequence's kv_len keys, so one garbage length near 2**31 hung a 2-sequence call. Lengths
+    on a device pass as they are (a clamp here would allocate inside a captured graph): the
+    triton kernels clip them themselves, and the torch paths' padding is the table's width."""
+    if lens.device.type != "cpu" or capacity >= 2**31 - 1:
+        return lens
+    return lens.clamp(max=capacity)
+
+
 def _on(device: torch.device, *tensors):
     """``tensors`` on ``device`` with unit stride along their last axis (index tensors kept on
     the CPU with caches on a GPU are copied after their host value checks, without stalling
@@ -479,6 +490,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
         v_scale=v_scale)
     if _want_values(block_tables, kv_lens, cu_q_lens):
         validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
+    else:
+        kv_lens = _at_most(kv_lens, dims.max_blocks_per_seq * dims.block_size)
     block_tables, kv_lens, cu_q_lens = _on(q.device, block_tables, kv_lens, cu_q_lens)
     args = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, dims.scale, bool(causal),
             None if sliding_window is None else int(sliding_window),
@@ -546,6 +559,10 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
                     cu_q_lens):
         validate.check_shared_prefix_attention_values(
             sdims, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens)
+    else:
+        bs = sdims.attention.block_size
+        prefix_lens = _at_most(prefix_lens, sdims.max_prefix_blocks * bs)
+        kv_lens = _at_most(kv_lens, sdims.attention.max_blocks_per_seq * bs)
     prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens = _on(
         q.device, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens)
     scales = _op_scales(k_scale, v_scale, k_cache, v_cache)

@@ -174,10 +174,10 @@ def _paged_attention_kernel(
         # Bounds whatever the metadata holds (on a device the frontends check values only on
         # request: a check is a host sync): a tile's tokens inside q here, and in the loop
         # table columns inside the table and block ids inside the cache. No access leaves
-        # a buffer; the results of such metadata are unspecified (keys past the table read
-        # its last block again: the time grows with kv_len, the addresses do not). In int64,
-        # then narrowed once bounded: offsets near the int32 limits must not wrap (a start
-        # of -2**31 made tile * BLOCK_Q wrap negative and the rows land past out).
+        # a buffer; the results of such metadata are unspecified (kv_len counts at most the
+        # table's keys, below). In int64, then narrowed once bounded: offsets near the int32
+        # limits must not wrap (a start of -2**31 made tile * BLOCK_Q wrap negative and the
+        # rows land past out).
         q_start = tl.load(cu_ptr + seq).to(tl.int64)
         q_len = tl.load(cu_ptr + seq + 1).to(tl.int64) - q_start
         tile = pid - (q_start // BLOCK_Q + seq)
@@ -185,7 +185,10 @@ def _paged_attention_kernel(
         q_len = tl.maximum(q_len, 0).to(tl.int32)
         # -1: none; past the tokens' tiles: none either (tile * BLOCK_Q stays in int32)
         tile = tl.minimum(tl.maximum(tile, -1), num_tokens // BLOCK_Q + 1).to(tl.int32)
-    kv_len = tl.load(kv_lens_ptr + seq)
+    # at most the table's keys, as the frontends clip unchecked host lengths (a garbage
+    # kv_len near 2**31 looped over ~2**31 keys); valid lengths pass unchanged
+    kv_len = tl.minimum(tl.load(kv_lens_ptr + seq).to(tl.int64),
+                        max_blocks.to(tl.int64) * BLOCK_SIZE).to(tl.int32)
     if (tile >= 0) & (tile * BLOCK_Q < q_len):
         rows = tl.arange(0, BLOCK_M)
         j = tile * BLOCK_Q + rows // GROUP_P2
