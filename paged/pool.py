@@ -162,6 +162,8 @@ class BlockPool:
         out = []
         for i, b in enumerate(blocks):
             if not isinstance(b, int) or isinstance(b, bool):
+                if isinstance(b, bool):
+                    raise TypeError(f"{name}[{i}]: expected an int block id, got {b!r}")
                 try:
                     b = int(b.__index__())
                 except (AttributeError, TypeError):
