@@ -162,9 +162,9 @@ class BlockPool:
         out = []
         for i, b in enumerate(blocks):
             if not isinstance(b, int) or isinstance(b, bool):
-                if isinstance(b, bool):
-                    raise TypeError(f"{name}[{i}]: expected an int block id, got {b!r}")
-                try:
+                try:  # a bool is an int with __index__, but no block id
+                    if isinstance(b, bool):
+                        raise TypeError
                     b = int(b.__index__())
                 except (AttributeError, TypeError):
                     raise TypeError(f"{name}[{i}]: expected an int block id, got {b!r}") from None
