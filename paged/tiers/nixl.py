@@ -185,7 +185,9 @@ class NixlTier(Tier):
                 except RecordError:
                     self.stats.corrupt += 1
                     continue
-                out[i] = arr.copy()  # staging is reused by the next transfer
+                arr = arr.copy()  # staging is reused by the next transfer
+                arr.flags.writeable = False  # read-only, as Tier.batch_get promises
+                out[i] = arr
                 self._index.move_to_end(key.storage_key())
                 self.stats.bytes_read += length
         hits = sum(a is not None for a in out)

@@ -206,7 +206,10 @@ class RedisTier(Tier):
         self._publish_cleared()
         try:
             batch = []
-            for k in self.client.scan_iter(match=self.prefix + "*", count=1000):
+            # the prefix matched literally: its glob characters (a test name's "[float32]")
+            # matched other tiers' keys and missed its own
+            match = "".join("\\" + c if c in "\\*?[]" else c for c in self.prefix) + "*"
+            for k in self.client.scan_iter(match=match, count=1000):
                 batch.append(k)
                 if len(batch) >= 1000:
                     self.client.delete(*batch)
