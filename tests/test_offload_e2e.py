@@ -23,7 +23,7 @@ from prefixkv.paged.tiers import (
     Namespace,
     TieredStore,
 )
-from test_tiers_remote import redis_server_or_skip
+from tier_helpers import redis_server_or_skip
 
 BS, HKV, HQ, D = 4, 2, 4, 8
 NUM_BLOCKS = 24

@@ -22,7 +22,7 @@ from prefixkv.paged.tiers import (
     Tier,
     TieredStore,
 )
-from test_tiers_remote import redis_server_or_skip
+from tier_helpers import redis_server_or_skip
 
 ROW = (4, 3, 2, 5)
 

@@ -17,9 +17,10 @@ from prefixkv.paged.reference import (
 from prefixkv.paged.spec import numpy_dtype
 from prefixkv.paged.tiers import BlockKey, BlockOffloader, Namespace
 from prefixkv.paged.tiers.base import record_bytes
+from tier_helpers import ROW
+from tier_helpers import rows as _rows
 
 DTYPES = ["float32", "float16", "bfloat16"]
-ROW = (4, 3, 2, 5)
 SKIP = "mooncake not installed (pip install mooncake-transfer-engine-non-cuda; apt libibverbs1)"
 
 
@@ -35,11 +36,6 @@ def _ns(dtype="float32", salt=None, model="tiny-model"):
 def _keys(n, ns=None, start=0):
     ns = ns or _ns()
     return [BlockKey(i.to_bytes(4, "big"), ns) for i in range(start, start + n)]
-
-
-def _rows(n, dtype="float32", seed=0, shape=ROW):
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal(shape).astype(numpy_dtype(dtype)) for _ in range(n)]
 
 
 def _local_store(**kw):

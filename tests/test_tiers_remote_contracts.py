@@ -6,41 +6,22 @@ skips. Transport faults are injected by wrapping the tier's own NIXL agent / Red
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from prefixkv.paged.events import EventLog
-from prefixkv.paged.spec import numpy_dtype
-from prefixkv.paged.tiers import BlockKey, DiskTier, Namespace
+from prefixkv.paged.tiers import DiskTier
+from tier_helpers import ROW, redis_server_or_skip
+from tier_helpers import keys as _keys
+from tier_helpers import ns as _ns
+from tier_helpers import rows as _rows
+from tier_helpers import same as _same
 
 ROOT = Path(__file__).resolve().parents[1]
-ROW = (4, 3, 2, 5)
 NUM_SLOTS = 16
 MOONCAKE_SKIP = ("mooncake not installed (pip install mooncake-transfer-engine-non-cuda; "
                  "apt libibverbs1)")
-
-
-def _same(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
-
-
-def _ns(dtype="float32", salt=None):
-    return Namespace("tiny-model", dtype=dtype, salt=salt)
-
-
-def _keys(n, ns=None, start=0):
-    ns = ns or _ns()
-    return [BlockKey(i.to_bytes(4, "big"), ns) for i in range(start, start + n)]
-
-
-def _rows(n, dtype="float32", seed=0, shape=ROW):
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal(shape).astype(numpy_dtype(dtype)) for _ in range(n)]
 
 
 def _kinds(log):
@@ -176,22 +157,10 @@ def test_nixl_eviction_publishes_evicted(nixl_tier):
 
 # -- Redis -----------------------------------------------------------------------------------
 
-def _redis_server_or_skip():
-    from prefixkv.paged.tiers import LocalRedisServer
-
-    if shutil.which("redis-server") is None:
-        r = subprocess.run(["bash", str(ROOT / "scripts" / "services.sh"), "install"],
-                           capture_output=True, text=True, timeout=300)
-        if shutil.which("redis-server") is None:
-            pytest.skip(f"redis-server not installed and could not be installed: "
-                        f"{r.stderr.strip()[-300:]}")
-    return LocalRedisServer().start()
-
-
 @pytest.fixture(scope="module")
 def redis_server():
     pytest.importorskip("redis")
-    srv = _redis_server_or_skip()
+    srv = redis_server_or_skip()
     yield srv
     srv.stop()
 
