@@ -86,8 +86,9 @@ def test_nixl_stuck_transfer_is_a_miss_within_timeout(nixl_tier):
     assert nixl_tier.batch_get(ks) == [None, None]
     assert nixl_tier.batch_put(_keys(1, start=10), vals[:1]) == [False]
     elapsed = time.monotonic() - t0
-    # two transfers, each given up at timeout_s=0.3 (not waited out to the 3 s "DONE")
-    assert fake.transfers == 2 and elapsed < 2.0, elapsed
+    # two transfers, each given up at timeout_s=0.3 (waited out to the 3 s "DONE": >= 6 s,
+    # whatever the machine's load; the bound leaves a loaded CI room)
+    assert fake.transfers == 2 and elapsed < 5.0, elapsed
     assert nixl_tier.stats.errors == 2
 
 
