@@ -729,12 +729,16 @@ def test_input_checks_name_the_argument():
     before = [c.clone() for c in caches]
     with pytest.raises(ValueError, match=r"dst_caches\[1\]: shares memory with src_caches\[1\]"):
         tf.swap_blocks(caches, [before[0], caches[1], before[2]], *ids)  # a chain 0->1->2
+    with pytest.raises(ValueError, match=r"dst_caches\[1\]: shares memory with src_caches\[1\]"):
+        tf.swap_blocks(caches, [before[0], caches[1][:], before[2]], *ids)  # a view of it
     with pytest.raises(ValueError, match=r"dst_caches\[0\]: its blocks share memory \(a "
                                          r"stride-0 view"):
         tf.swap_blocks(caches[:1], [caches[0][:1].expand_as(caches[0])], *ids)
     assert all(torch.equal(c, b) for c, b in zip(caches, before, strict=True))
     with pytest.raises(ValueError, match=r"dst_caches\[1\]: shares memory with dst_caches\[0\]"):
         tf.swap_blocks(caches[:2], [before[0], before[0]], *ids)  # one cache, two sources
+    with pytest.raises(ValueError, match=r"dst_caches\[1\]: shares memory with dst_caches\[0\]"):
+        tf.swap_blocks(caches[:2], [before[0], before[0][:]], *ids)  # and a view of it
     # disjoint views of one buffer are fine: two pools interleaved along the block axis, the
     # K and V halves of two stacked caches, layers of a [blocks, layers, ...] buffer
     src_ids, dst_ids = torch.tensor([0, 2], dtype=torch.int32), torch.tensor([1, 3],
