@@ -31,6 +31,7 @@ import numpy as np
 from jax import lax
 
 from ..kernels._vma import match_varying
+from ..kernels.pallas._fp8 import fp8_e4m3_to_f32_via_f16
 
 #: Default number of KV tokens per loop step (rounded to whole blocks).
 DECODE_CHUNK_TOKENS = 128
@@ -97,28 +98,16 @@ def _cache_bits_in_step(k_cache, v_cache, dep):
     return _as_bits(k_bits), _as_bits(v_bits), dep
 
 
-def _e4m3fn_bits_to_f32(u8):
-    """float32 values of float8_e4m3fn bits (uint8), exact for all 256 (signed zeros,
-    subnormals, NaN): the 7 exponent-and-mantissa bits shifted into a float16's low exponent
-    and high mantissa bits give the value times 2**-8, subnormals included (both formats have
-    3 mantissa bits and float16's exponent range holds e4m3's); float16 -> float32 is one
-    vector instruction (F16C), times 2**8 exact. XLA:CPU's own float8 convert is scalar code:
-    the one-prefix cascade over float8 caches (32 x 2048 decode, bf16 queries, one thread)
-    spent ~5 of its ~18 ms converting. e4m3fn's only NaNs are S.1111.111."""
-    u = u8.astype(jnp.uint16)
-    mag = u & 0x7F
-    h = lax.bitcast_convert_type((mag << 7) | ((u & 0x80) << 8), jnp.float16)
-    return jnp.where(mag == 0x7F, jnp.nan, h.astype(jnp.float32) * 256.0)
-
-
 def _bits_to_f32(x, dtype, scale=None):
-    """float32 values of ``_as_bits`` output (bfloat16 upcast is a 16-bit shift, float8_e4m3fn
-    a shift into float16's bits), times ``scale`` when given (a float8 cache's k_scale /
-    v_scale)."""
+    """float32 values of ``_as_bits`` output (bfloat16 upcast is a 16-bit shift), times
+    ``scale`` when given (a float8 cache's k_scale / v_scale). float8_e4m3fn bytes decode as
+    the Triton kernel's do (bits shifted into a float16, which F16C converts): XLA:CPU's own
+    float8 convert is scalar code, ~5 of the ~18 ms of the one-prefix cascade over float8
+    caches (32 x 2048 decode, bf16 queries, one thread)."""
     if x.dtype == jnp.uint16 and dtype == jnp.bfloat16:
         x = lax.bitcast_convert_type(x.astype(jnp.uint32) << 16, jnp.float32)
     elif x.dtype == jnp.uint8 and dtype == jnp.float8_e4m3fn:
-        x = _e4m3fn_bits_to_f32(x)
+        x = fp8_e4m3_to_f32_via_f16(x)
     elif x.dtype in (jnp.uint16, jnp.uint8):
         x = lax.bitcast_convert_type(x, dtype).astype(jnp.float32)
     else:

@@ -152,8 +152,7 @@ def _overlaps(a: Tensor, b: Tensor) -> bool:
     decode step's write_kv asks four times."""
     if torch.compiler.is_compiling():
         return False
-    if (a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
-            or a.device != b.device or not a.numel() or not b.numel()):
+    if _storage_key(a) != _storage_key(b) or not a.numel() or not b.numel():
         return False
 
     def span(t):
