@@ -118,6 +118,14 @@ def test_a_row_with_fewer_cached_blocks_never_splits_a_deeper_group(perm):
         perm.index(i) for i in (0, 1))
 
 
+
+def test_a_row_with_fewer_cached_blocks_never_splits_rows_cached_to_their_end():
+    """Rows 0 and 2-4 have cached all their blocks (no query this step), row 1 the same blocks
+    but one fewer: the four share 3 blocks (9 reads saved), more than all five share 2 (8)."""
+    s = find_shared_prefixes([[0, 1, 2]] * 5, [12, 8, 12, 12, 12], [12, 9, 12, 12, 12], 4)
+    assert s.prefix_lens.tolist() == [12] and s.prefix_ids.tolist() == [0, -1, 0, 0, 0]
+    assert s.saved_block_reads == 9
+
 def test_prefix_only_over_cached_blocks():
     # same physical blocks, but seq 1 computes its tokens this step: it has no cached block
     assert find_shared_prefixes([[1, 2], [1, 2]], [8, 0], [9, 8], 4) is None
@@ -201,6 +209,78 @@ def test_shared_prefix_plan_matches_paged_attention(batch, seed):
     atol, rtol = spec.ATTENTION_TOLERANCE["float32"]
     np.testing.assert_allclose(got, want, atol=atol, rtol=rtol)
 
+
+
+@st.composite
+def tangled_batches(draw):
+    """Batches of rows drawn from a small trie of block ids, each row cached up to a point of
+    its own: the blocks a row has not cached yet may be ones its neighbours have cached, which
+    the planner's sort of whole rows cannot order (it then sorts by cached blocks only)."""
+    block_size = draw(st.sampled_from([1, 4]))
+    n = draw(st.integers(2, 9))
+    lists, ctx, q = [], [], []
+    for _ in range(n):
+        length = draw(st.integers(1, 7))
+        blocks = [draw(st.integers(0, 2)) * 10 + i for i in range(length)]  # 3 branches a level
+        cached = draw(st.integers(0, length))  # all of them: a row with no query (q 0)
+        lists.append(blocks)
+        ctx.append(cached * block_size + (draw(st.integers(0, block_size - 1))
+                                          if cached < length else 0))
+        q.append(draw(st.integers(0 if cached == length else 1, 3)))
+        lists[-1] = blocks + [100 + len(lists)] * (-(-(ctx[-1] + q[-1]) // block_size)
+                                                   - length)
+    return lists, ctx, q, block_size
+
+
+def _same_plan(a, b):
+    assert (a is None) == (b is None)
+    if a is not None:
+        for name in ("prefix_block_tables", "prefix_lens", "prefix_ids", "block_tables",
+                     "kv_lens"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+        assert a.saved_block_reads == b.saved_block_reads
+
+
+@given(tangled_batches(), st.integers(1, 3), st.integers(2, 3))
+def test_sorting_whole_rows_gives_the_plan_of_sorting_cached_blocks(batch, min_blocks,
+                                                                    min_group):
+    """The planner sorts the table's rows as they are when that order is exact, else by each
+    row's cached blocks alone: both give the same plan (the second forced here), from
+    plan_batch's zero-padded table and from a caller's table with other ids past each row."""
+    from prefixkv.paged import planner
+
+    lists, ctx, q, bs = batch
+    kv = [c + x for c, x in zip(ctx, q, strict=True)]
+    kw = dict(min_prefix_blocks=min_blocks, min_group_size=min_group)
+    got = plan_batch(lists, ctx, q, bs, **kw).shared
+    table = planner._table(lists)
+    padded = table.copy()  # with other block ids past each row's blocks
+    for i, row in enumerate(lists):
+        padded[i, len(row):] = 7
+    from_caller = find_shared_prefixes(lists, ctx, kv, bs, table=padded, **kw)
+    real = planner._past_cached
+    try:
+        planner._past_cached = lambda *args: True
+        want = find_shared_prefixes(lists, ctx, kv, bs, **kw)
+    finally:
+        planner._past_cached = real
+    _same_plan(got, want)
+    _same_plan(from_caller, want)
+
+
+def test_whole_rows_are_sorted_as_they_are_when_no_row_runs_past_its_cached_blocks(
+        monkeypatch):
+    """A decode batch's rows differ after their cached blocks (each writes its own block):
+    no sorted copy of the table is made."""
+    from prefixkv.paged import planner
+
+    def refuse(*args):
+        raise AssertionError("sorted a copy")
+
+    monkeypatch.setattr(planner, "_sentinel_order", refuse)
+    rows = [[1, 2, 3, 10 + i] for i in range(6)] + [[1, 2, 20 + i] for i in range(3)]
+    plan = plan_batch(rows, [12] * 6 + [8] * 3, [1] * 9, 4)
+    assert plan.shared.prefix_lens.tolist() == [12, 8] and plan.shared.saved_block_reads == 19
 
 def test_kv_splits_of_the_cascade_prefix_pass():
     """The prefix launch of 64 decode queries over one 32768-token prefix (32 q / 8 kv heads,
