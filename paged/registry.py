@@ -75,12 +75,17 @@ class Registry:
         self.env_var = f"PREFIXKV_{op.upper()}_BACKEND"
         self._backends: dict[str, Backend] = {}
         self._ordered: tuple[Backend, ...] = ()  # by priority, highest first
+        #: Backends selected, by (platform, requested, context): a decode step asks the same
+        #: question for every layer, and answering it again costs ~3 us of a ~40 us small
+        #: call. Errors are not kept; a registration clears it.
+        self._chosen: dict = {}
 
     def register(self, backend: Backend) -> Backend:
         if backend.name in self._backends:
             raise ValueError(f"{self.op}: backend {backend.name!r} registered twice")
         self._backends[backend.name] = backend
         self._ordered = tuple(sorted(self._backends.values(), key=lambda b: -b.priority))
+        self._chosen.clear()
         return backend
 
     def __iter__(self):
@@ -101,8 +106,22 @@ class Registry:
         return BackendError("\n".join(lines))
 
     def select(self, platform: str, backend: str | None = None, **context) -> Backend:
-        """The backend to run on ``platform`` for a request described by ``context``."""
+        """The backend to run on ``platform`` for a request described by ``context`` (whose
+        values a backend's ``supports`` answers from alone, as the installed packages)."""
         want = self.requested(backend)
+        try:
+            key = (platform, want, *sorted(context.items()))
+            return self._chosen[key]
+        except KeyError:
+            chosen = self._choose(platform, want, context)
+            if len(self._chosen) >= 1024:
+                self._chosen.clear()
+            self._chosen[key] = chosen
+            return chosen
+        except TypeError:  # an unhashable context value
+            return self._choose(platform, want, context)
+
+    def _choose(self, platform: str, want: str | None, context: dict) -> Backend:
         reasons = {b.name: b.refusal(platform, context) for b in self._ordered}
         if want is not None:
             if want not in self._backends:

@@ -313,6 +313,42 @@ def test_registry_names_missing_packages_and_asks_once(monkeypatch):
     registry.installed.cache_clear()
 
 
+
+def test_registry_keeps_each_answer_and_still_follows_every_input(monkeypatch):
+    """A selection is kept per (platform, requested backend, context) and asked of the
+    backends once; another platform, context value, argument or environment variable, and a
+    new registration, each get their own answer; a refusal is raised every time."""
+    from prefixkv.paged import registry
+
+    asked = []
+
+    def small_only(*, tokens, **_):
+        asked.append(tokens)
+        return (tokens <= 8, "needs tokens <= 8")
+
+    reg = registry.Registry("probe_op")
+    reg.register(registry.Backend("fast", ("cpu",), lambda: "fast", priority=10,
+                                  supports=small_only))
+    reg.register(registry.Backend("plain", ("cpu", "cuda"), lambda: "plain"))
+    for _ in range(3):
+        assert reg.select("cpu", tokens=4).name == "fast"
+    assert asked == [4]
+    assert reg.select("cpu", tokens=64).name == "plain" and asked == [4, 64]
+    assert reg.select("cuda", tokens=4).name == "plain"
+    assert reg.select("cpu", "plain", tokens=4).name == "plain"
+    monkeypatch.setenv("PREFIXKV_PROBE_OP_BACKEND", "plain")
+    assert reg.select("cpu", tokens=4).name == "plain"
+    monkeypatch.setenv("PREFIXKV_PROBE_OP_BACKEND", "fast")
+    for _ in range(2):
+        with pytest.raises(registry.BackendError, match="needs tokens <= 8"):
+            reg.select("cpu", tokens=64)
+    monkeypatch.delenv("PREFIXKV_PROBE_OP_BACKEND")
+    assert reg.select("cpu", tokens=4).name == "fast"
+    reg.register(registry.Backend("faster", ("cpu",), lambda: "faster", priority=20))
+    assert reg.select("cpu", tokens=4).name == "faster"
+    assert reg.select("cpu", tokens=64, note=[1]).name == "faster"  # unhashable: asked anew
+    assert asked[-1] == 64
+
 def test_dtype_names_are_cached_per_kind():
     """dtype_name caches by (type, dtype): a string that compares equal to a numpy dtype
     (np.dtype("float64") == "float") keeps its own name, in either order."""

@@ -781,7 +781,10 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
     _index_tensors(slot_mapping=slot_mapping)
     _static_check(validate.check_write_kv, key, value, k_cache, v_cache, slot_mapping,
                   k_scale=k_scale, v_scale=v_scale)
+    caches = (_storage_key(k_cache), _storage_key(v_cache))
     for name, rows in (("key", key), ("value", value)):
+        if _storage_key(rows) not in caches:  # most calls: four checks in two lookups
+            continue
         for cname, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
             if _overlaps(rows, cache):  # written while read: K then V would see the change
                 raise ValueError(f"{name}: shares memory with {cname}; pass a copy")
