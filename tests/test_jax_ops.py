@@ -217,13 +217,20 @@ FAST_PATH_CASES = {**{f"single_{n}": ("single_prefix_attention", c)
 
 @pytest.mark.parametrize("case", list(FAST_PATH_CASES))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_shared_prefix_attention_fast_paths(case, dtype, monkeypatch):
+def test_shared_prefix_attention_fast_paths(case, dtype, monkeypatch, request):
+    """Each cascade fast path, traced and run: the CPU rule's thresholds at 0 (else these
+    small batches run as paged attention over prefix then own blocks, the fast path only
+    traced in the other branch of the rule's cond)."""
     from prefixkv.jax_frontend import _xla
 
     path, (prefix_blocks, seqs, kw) = FAST_PATH_CASES[case]
     calls = []
     real = getattr(_xla, path)
     monkeypatch.setattr(_xla, path, lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(_xla, "CPU_CASCADE_MIN_ROWS", 0)
+    monkeypatch.setattr(_xla, "CPU_CASCADE_MIN_SCORES", 0)
+    jax.clear_caches()  # no trace of another test's rule here, none of this one's after it
+    request.addfinalizer(jax.clear_caches)
     rng = np.random.default_rng(11)
     batch = testing.make_shared_prefix_batch(rng, prefix_blocks, seqs, num_q_heads=8,
                                              num_kv_heads=2, block_size=8, dtype=dtype)
