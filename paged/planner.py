@@ -404,9 +404,9 @@ def _shared_prefixes(block_lists, context_lens, kv_lens, block_size: int, *,
     # its cached blocks (_sentinel_order), so a row whose cached blocks end sooner never sits
     # between two that share more.
     tab = np.ascontiguousarray(table, dtype=I32)
-    full = np.argsort(tab.view(np.dtype((np.void, 4 * tab.shape[1]))).reshape(n),
+    full = np.argsort(tab.view(np.dtype((np.void, 4 * tab.shape[1]))).reshape(len(tab)),
                       kind="stable")
-    pick = np.zeros(n, dtype=bool)
+    pick = np.zeros(len(tab), dtype=bool)
     pick[cand] = True
     order = full[pick[full]]
     lcp = _adjacent_lcp(tab, order, eligible)

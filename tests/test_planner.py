@@ -300,3 +300,14 @@ def test_kv_splits_of_the_cascade_prefix_pass():
                 s = prefix_kv_splits((-(-n // tile) + prefixes) * heads, max_kv, 132)
                 need = max(need, s * n if s > 1 else 0)
         assert rows == need, (tokens, heads, tile, max_kv)
+
+
+def test_a_callers_table_with_rows_past_the_batch():
+    """A caller's table may be a persistent buffer with more rows than the batch: only the
+    batch's rows are grouped."""
+    rows = [[1, 2, 3], [1, 2, 4], [5, 6, 7]]
+    table = np.array(rows + [[1, 2, 3], [1, 2, 3]], np.int32)
+    s = find_shared_prefixes(rows, [8] * 3, [9] * 3, 4, table=table)
+    assert s.prefix_lens.tolist() == [8] and s.prefix_ids.tolist() == [0, 0, -1]
+    assert s.block_tables.tolist() == [[3, 0, 0], [4, 0, 0], [5, 6, 7]]
+    assert s.kv_lens.tolist() == [1, 1, 9]
