@@ -76,8 +76,8 @@ class Registry:
         self._backends: dict[str, Backend] = {}
         self._ordered: tuple[Backend, ...] = ()  # by priority, highest first
         #: Backends selected, by (platform, requested, context): a decode step asks the same
-        #: question for every layer, and answering it again costs ~3 us of a ~40 us small
-        #: call. Errors are not kept; a registration clears it.
+        #: question for every layer (asked anew: 3.5 us; kept: 2.2 us, mostly the two
+        #: environment reads). Errors are not kept; a registration clears it.
         self._chosen: dict = {}
 
     def register(self, backend: Backend) -> Backend:
