@@ -807,10 +807,92 @@ def copy_blocks(caches, src, dst, *, backend=None) -> None:
     _tensors(caches=caches)
     _index_tensors(src=src, dst=dst)
     num_blocks = validate.check_copy_blocks(caches, src, dst)
-    if _want_values(src, dst):
+    checked = _want_values(src, dst)
+    if checked:
         validate.check_copy_blocks_values(num_blocks, src, dst)
+    caches = _distinct(caches)
+    if len(caches) > 1 and _may_chain(src, dst) and _any_blocks_overlap(caches):
+        # other views of one memory (another dtype or block shape, a part of a cache): each
+        # copied by itself, the later ones would read blocks the earlier ones wrote. All
+        # sources are read first, then written (the ids named here when they are on the host)
+        if not checked and src.device.type == "cpu" and dst.device.type == "cpu":
+            validate.check_copy_blocks_values(num_blocks, src, dst)
+        src, dst = _on(caches[0].device, src, dst)
+        staged = [_invoke("gather_blocks", ([c], src, backend)) for c in caches]
+        for c, blocks in zip(caches, staged, strict=True):
+            _invoke("scatter_blocks", ([c], blocks, dst, backend))
+        return
     src, dst = _on(caches[0].device, src, dst)
-    _invoke("copy_blocks", (_distinct(caches), src, dst, backend))
+    _invoke("copy_blocks", (caches, src, dst, backend))
+
+
+def _may_chain(src: Tensor, dst: Tensor) -> bool:
+    """Whether a block is both a source and a destination (then copying two views of one
+    memory one after the other chains); ids on a device: maybe (no sync to find out); never
+    while compiling (fake tensors have no storage to share: see _any_blocks_overlap)."""
+    if torch.compiler.is_compiling():
+        return False
+    if src.device.type != "cpu" or dst.device.type != "cpu":
+        return True
+    return not set(src.tolist()).isdisjoint(dst.tolist())
+
+
+def _any_blocks_overlap(caches) -> bool:
+    """Whether blocks of two of ``caches`` share bytes (never while compiling: fake tensors
+    have no storage). Caches of one storage only, linear after a sort for the layouts engines
+    use: caches whose whole byte spans are disjoint (layer-major buffers) pass at once, as do
+    caches of one block-major buffer that each hold one part of every block row (a
+    [num_blocks, layers, 2, ...] buffer); any other cluster of spans that meet is checked
+    pair by pair (_blocks_overlap). 64 caches in one buffer: 0.1-0.3 ms, where all pairs
+    took 13-67 ms; a tensor each: ~25 us."""
+    if torch.compiler.is_compiling():
+        return False
+    return any(len(g) > 1 and _spans_meet([caches[i] for i in g])
+               for g in _storages(caches).values())
+
+
+def _spans_meet(caches) -> bool:
+    """_any_blocks_overlap over caches of one storage."""
+    spans = sorted((*_span(c), i) for i, c in enumerate(caches) if c.numel())
+    cluster: list = []
+    end = 0
+    for item in spans + [None]:
+        if cluster and item is not None and item[0] < end:  # meets the cluster's spans
+            cluster.append(item)
+            end = max(end, item[1])
+            continue
+        if len(cluster) > 1 and _cluster_overlaps([caches[x[2]] for x in cluster]):
+            return True
+        cluster, end = ([item], item[1]) if item is not None else ([], 0)
+    return False
+
+
+def _span(t: Tensor) -> tuple[int, int]:
+    """[first, end) byte addresses a tensor reaches."""
+    es = t.element_size()
+    lo = hi = t.data_ptr()
+    if t.is_contiguous():
+        return lo, lo + t.numel() * es
+    for n, st in zip(t.shape, t.stride(), strict=True):
+        if st < 0:
+            lo += (n - 1) * st * es
+        else:
+            hi += (n - 1) * st * es
+    return lo, hi + es
+
+
+def _cluster_overlaps(cluster) -> bool:
+    """Whether blocks of two caches of ``cluster`` (whose spans meet) share bytes: no when
+    each is block-major with one block stride and block count and their first blocks tile
+    one block row without meeting (so every row's do), else pair by pair."""
+    parts = [_block_spans(c) for c in cluster]
+    if all(p is not None for p in parts) and len({(p[1], p[3]) for p in parts}) == 1:
+        step = parts[0][1]
+        first = sorted((c.data_ptr(), p[2]) for c, p in zip(cluster, parts, strict=True))
+        if (all(a + n <= b for (a, n), (b, _) in zip(first, first[1:], strict=False))
+                and first[-1][0] + first[-1][1] <= first[0][0] + step):
+            return False
+    return any(_blocks_overlap(a, b) for i, a in enumerate(cluster) for b in cluster[i + 1:])
 
 
 def gather_blocks(caches, block_ids, *, backend=None):
