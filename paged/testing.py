@@ -213,3 +213,16 @@ def assert_lse_close(got, want) -> None:
     assert (np.isneginf(got) == np.isneginf(want)).all(), "rows with no key differ"
     fin = np.isfinite(want)
     np.testing.assert_allclose(got[fin], want[fin], atol=1e-4, rtol=1e-5)
+
+
+def assert_nan_like_reference(out, lse, want, want_lse) -> None:
+    """An attention result over a NaN the reference reads: out and lse NaN exactly where the
+    reference's are (a case that reads no NaN fails), the rest within 1e-4."""
+    out, lse = np.asarray(out, np.float32), np.asarray(lse, np.float32)
+    assert np.isnan(want_lse).any() or np.isnan(want).any(), "the case reads no NaN"
+    np.testing.assert_array_equal(np.isnan(lse), np.isnan(want_lse))
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
+    ok = ~np.isnan(want)
+    np.testing.assert_allclose(out[ok], np.asarray(want)[ok], atol=1e-4, rtol=1e-4)
+    ok = ~np.isnan(want_lse)
+    np.testing.assert_allclose(lse[ok], np.asarray(want_lse)[ok], atol=1e-4, rtol=1e-4)

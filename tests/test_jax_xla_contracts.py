@@ -42,18 +42,6 @@ def cascade_always(monkeypatch):
     jax.clear_caches()
 
 
-def _assert_nan_like_reference(out, lse, want, want_lse):
-    """NaN exactly where the reference has it (out and lse), the rest close."""
-    out, lse = np.asarray(out, np.float32), np.asarray(lse, np.float32)
-    assert np.isnan(want_lse).any(), "the case reads no NaN"
-    np.testing.assert_array_equal(np.isnan(lse), np.isnan(want_lse))
-    np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
-    ok = ~np.isnan(want)
-    np.testing.assert_allclose(out[ok], want[ok], atol=1e-4, rtol=1e-4)
-    ok = ~np.isnan(want_lse)
-    np.testing.assert_allclose(lse[ok], want_lse[ok], atol=1e-4, rtol=1e-4)
-
-
 def _bits(x) -> np.ndarray:
     return np.asarray(x).view(np.uint8)
 
@@ -142,7 +130,7 @@ def test_cascade_fast_path_prefix_nan_key_gives_nan(prefixes, cascade_always):
     b.k_cache[int(b.prefix_block_tables[0, 0]), 0, 1, 3] = np.nan
     want, want_lse = ref.shared_prefix_attention_reference(*b.args(), return_lse=True)
     out, lse = jf.shared_prefix_attention(*b.args(), return_lse=True)
-    _assert_nan_like_reference(out, lse, want, want_lse)
+    testing.assert_nan_like_reference(out, lse, want, want_lse)
 
 
 def test_short_decode_own_nan_key_gives_nan(monkeypatch):
@@ -162,7 +150,7 @@ def test_short_decode_own_nan_key_gives_nan(monkeypatch):
         b.k_cache[int(b.block_tables[0, 0]), 0, 1, 3] = np.nan
         want, want_lse = ref.shared_prefix_attention_reference(*b.args(), return_lse=True)
         out, lse = jf.shared_prefix_attention(*b.args(), return_lse=True)
-        _assert_nan_like_reference(out, lse, want, want_lse)
+        testing.assert_nan_like_reference(out, lse, want, want_lse)
     finally:
         jax.clear_caches()
 

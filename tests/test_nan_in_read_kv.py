@@ -29,17 +29,6 @@ def _batch(head_dim=32, block_size=8, decode=False, where="k"):
     return b
 
 
-def _assert_nan_like_reference(out, lse, want, want_lse):
-    out, lse = np.asarray(out, np.float32), np.asarray(lse, np.float32)
-    assert np.isnan(want_lse).any() or np.isnan(want).any(), "the case reads no NaN"
-    np.testing.assert_array_equal(np.isnan(lse), np.isnan(want_lse))
-    np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
-    ok = ~np.isnan(want)
-    np.testing.assert_allclose(out[ok], want[ok], atol=1e-4, rtol=1e-4)
-    ok = ~np.isnan(want_lse)
-    np.testing.assert_allclose(lse[ok], want_lse[ok], atol=1e-4, rtol=1e-4)
-
-
 @pytest.mark.parametrize("where", ["k", "v"])
 def test_reference(where):
     b = _batch(where=where)
@@ -67,7 +56,7 @@ def test_jax_paged_attention(backend, decode, where):
     want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True)
     out, lse = jax.jit(lambda *a: jf.paged_attention(*a, return_lse=True, backend=backend))(
         *b.args())
-    _assert_nan_like_reference(out, lse, want, want_lse)
+    testing.assert_nan_like_reference(out, lse, want, want_lse)
 
 
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "mixed"])
@@ -82,7 +71,7 @@ def test_jax_shared_prefix_attention_merge_keeps_the_nan(decode):
     b.k_cache[int(b.prefix_block_tables[0, 0]), 0, 0, 3] = np.nan  # prefix 0, kv head 0
     want, want_lse = ref.shared_prefix_attention_reference(*b.args(), return_lse=True)
     out, lse = jf.shared_prefix_attention(*b.args(), return_lse=True, backend="xla")
-    _assert_nan_like_reference(out, lse, want, want_lse)
+    testing.assert_nan_like_reference(out, lse, want, want_lse)
 
 
 TORCH_CASES = [(False, "k", {}), (False, "v", {}), (True, "k", {}),
@@ -100,7 +89,7 @@ def test_torch_paged_attention(decode, where, opts):
     want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **opts)
     args = [None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for a in b.args()]
     out, lse = tf.paged_attention(*args, return_lse=True, **opts)
-    _assert_nan_like_reference(out.numpy(), lse.numpy(), want, want_lse)
+    testing.assert_nan_like_reference(out.numpy(), lse.numpy(), want, want_lse)
 
 
 @pytest.mark.parametrize("pos,where", [(0, "k"), (25, "k"), (25, "v"), (33, "k")])
@@ -128,7 +117,7 @@ def test_torch_long_prefill_flash_tiles(pos, where, monkeypatch):
     want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True)
     args = [None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for a in b.args()]
     out, lse = tf.paged_attention(*args, return_lse=True)
-    _assert_nan_like_reference(out.numpy(), lse.numpy(), want, want_lse)
+    testing.assert_nan_like_reference(out.numpy(), lse.numpy(), want, want_lse)
 
 
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "mixed"])
@@ -142,7 +131,7 @@ def test_torch_shared_prefix_attention_merge_keeps_the_nan(decode):
     want, want_lse = ref.shared_prefix_attention_reference(*b.args(), return_lse=True)
     args = [None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for a in b.args()]
     out, lse = tf.shared_prefix_attention(*args, return_lse=True)
-    _assert_nan_like_reference(out.numpy(), lse.numpy(), want, want_lse)
+    testing.assert_nan_like_reference(out.numpy(), lse.numpy(), want, want_lse)
 
 
 def _merge_case():
