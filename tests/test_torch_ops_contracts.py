@@ -349,3 +349,24 @@ def test_copy_blocks_chain_over_layers_of_one_buffer(layout, monkeypatch):
     for c, w in zip(caches, want, strict=True):
         np.testing.assert_array_equal(c.numpy(), w)
     assert not pairs
+
+
+@pytest.mark.parametrize("seqs,prefix_blocks,own_blocks", [(1, 512, 512), (1, 1024, 256),
+                                                           (2, 256, 1024)])
+def test_shared_prefix_workspace_covers_its_sliding_window_calls(seqs, prefix_blocks,
+                                                                 own_blocks):
+    """attention_workspace_size with prefix_block_tables (the triton backend, sized from meta
+    tensors) covers the calls with a sliding window, which run paged attention over
+    prefix-then-own tables: at least paged attention's size at the joined width (more than
+    the cascade itself needs for one sequence with a 512-block prefix)."""
+    pytest.importorskip("triton")
+
+    def meta(*shape, dtype=torch.bfloat16):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    q, k = meta(seqs, 32, 128), meta(65536, 16, 8, 128)
+    tables, prefix = meta(seqs, own_blocks, **I32), meta(1, prefix_blocks, **I32)
+    joined = meta(seqs, prefix_blocks + own_blocks, **I32)
+    shared = tf.attention_workspace_size(q, k, tables, prefix_block_tables=prefix,
+                                         backend="triton")
+    assert shared >= tf.attention_workspace_size(q, k, joined, backend="triton") > 0
