@@ -154,16 +154,22 @@ def _overlaps(a: Tensor, b: Tensor) -> bool:
         return False
     if _storage_key(a) != _storage_key(b) or not a.numel() or not b.numel():
         return False
-
-    def span(t):
-        lo = t.storage_offset()
-        hi = lo + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))
-        lo -= sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True)
-                  if st < 0)
-        return lo * t.element_size(), (hi + 1) * t.element_size()
-
-    (a0, a1), (b0, b1) = span(a), span(b)
+    (a0, a1), (b0, b1) = _span(a), _span(b)
     return a0 < b1 and b0 < a1
+
+
+def _span(t: Tensor) -> tuple[int, int]:
+    """[first, end) byte addresses a tensor reaches."""
+    es = t.element_size()
+    lo = hi = t.data_ptr()
+    if t.is_contiguous():
+        return lo, lo + t.numel() * es
+    for n, st in zip(t.shape, t.stride(), strict=True):
+        if st < 0:
+            lo += (n - 1) * st * es
+        else:
+            hi += (n - 1) * st * es
+    return lo, hi + es
 
 
 def _block_spans(t: Tensor):
@@ -845,8 +851,6 @@ def _any_blocks_overlap(caches) -> bool:
     [num_blocks, layers, 2, ...] buffer); any other cluster of spans that meet is checked
     pair by pair (_blocks_overlap). 64 caches in one buffer: 0.1-0.3 ms, where all pairs
     took 13-67 ms; a tensor each: ~25 us."""
-    if torch.compiler.is_compiling():
-        return False
     return any(len(g) > 1 and _spans_meet([caches[i] for i in g])
                for g in _storages(caches).values())
 
@@ -865,20 +869,6 @@ def _spans_meet(caches) -> bool:
             return True
         cluster, end = ([item], item[1]) if item is not None else ([], 0)
     return False
-
-
-def _span(t: Tensor) -> tuple[int, int]:
-    """[first, end) byte addresses a tensor reaches."""
-    es = t.element_size()
-    lo = hi = t.data_ptr()
-    if t.is_contiguous():
-        return lo, lo + t.numel() * es
-    for n, st in zip(t.shape, t.stride(), strict=True):
-        if st < 0:
-            lo += (n - 1) * st * es
-        else:
-            hi += (n - 1) * st * es
-    return lo, hi + es
 
 
 def _cluster_overlaps(cluster) -> bool:
