@@ -313,6 +313,71 @@ def test_cpu_shared_prefix_sizes(benchmark, machine_limits, impl, shape):
            note="bytes = unique KV (prefix once + own tokens)")
 
 
+#: Layers of a model step in test_cpu_plan_step (each with caches of its own).
+STEP_LAYERS = 4
+
+
+@pytest.mark.parametrize("shape", [(1, 128), (4, 512)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("impl", ["plan_then_run", "paged_attention", "baseline_sdpa"])
+def test_cpu_plan_step(benchmark, machine_limits, impl, shape):
+    """One decode step of STEP_LAYERS layers for a small batch (float32): a plan made once
+    per step (timed) and run per layer, against the wrapper per layer and the gather + SDPA
+    baseline per layer. At these sizes the per-call checks weigh as much as the kernel."""
+    seqs, context = shape
+    benchmark.group = f"cpu-plan-step-f32-{seqs}x{context}"
+    layers = [decode_batch(num_seqs=seqs, context=context, seed=i) for i in range(STEP_LAYERS)]
+    tables, kv_lens = layers[0][3], layers[0][4]  # the step's metadata, for every layer
+
+    def plan_then_run():
+        plan = tf.plan_paged_attention(tables, kv_lens, k_cache=layers[0][1], num_q_heads=HQ)
+        return [plan.run(q, k, v) for q, k, v, _, _ in layers]
+
+    fns = {"plan_then_run": plan_then_run,
+           "paged_attention": lambda: [tf.paged_attention(q, k, v, tables, kv_lens)
+                                       for q, k, v, _, _ in layers],
+           "baseline_sdpa": lambda: [baseline_paged_attention(q, k, v, tables, kv_lens)
+                                     for q, k, v, _, _ in layers]}
+    outs = fns[impl]()
+    for i in (0, STEP_LAYERS - 1):
+        _check(outs[i], DECODE_ROWS, _want(("plan-step", shape, i),
+                                           (*layers[i][:3], tables, kv_lens), DECODE_ROWS),
+               "float32")
+    benchmark.pedantic(fns[impl], rounds=200, iterations=5, warmup_rounds=20)
+    record(benchmark, machine_limits, bytes_read=STEP_LAYERS * _kv_bytes(layers[0][1], seqs,
+                                                                         context),
+           flops=STEP_LAYERS * 4 * seqs * HQ * context * HEAD_DIM, impl=impl, dtype="float32",
+           layers=STEP_LAYERS, baseline=impl == "baseline_sdpa")
+
+
+@pytest.mark.parametrize("impl", ["plan_then_run", "shared_prefix_attention",
+                                  "paged_attention"])
+def test_cpu_plan_step_shared_prefix(benchmark, machine_limits, impl):
+    """The same for 2 sequences sharing a 256-token prefix (128 own tokens each, float32,
+    STEP_LAYERS layers over one cache): a cascade plan against the cascade wrapper and paged
+    attention over the joined tables per layer. Groups this small are read through each
+    sequence's table on the CPU: the plan settles that once per step."""
+    benchmark.group = "cpu-plan-step-shared-prefix-f32-2x256"
+    sp_args, pa_args = shared_prefix_batch(seqs=2, prefix=256)
+    q, k, v = sp_args[:3]
+
+    def plan_then_run():
+        plan = tf.plan_shared_prefix_attention(*sp_args[3:], k_cache=k, num_q_heads=HQ)
+        return [plan.run(q, k, v) for _ in range(STEP_LAYERS)]
+
+    fns = {"plan_then_run": plan_then_run,
+           "shared_prefix_attention": lambda: [tf.shared_prefix_attention(*sp_args)
+                                               for _ in range(STEP_LAYERS)],
+           "paged_attention": lambda: [tf.paged_attention(*pa_args) for _ in range(STEP_LAYERS)]}
+    _check(fns[impl]()[-1], SHARED_ROWS, _want(("sizes", (2, 256)), pa_args, SHARED_ROWS),
+           "float32")
+    benchmark.pedantic(fns[impl], rounds=100, iterations=2, warmup_rounds=10)
+    record(benchmark, machine_limits,
+           bytes_read=STEP_LAYERS * (256 + 2 * SP_OWN) * HKV * HEAD_DIM * 2 * 4,
+           flops=STEP_LAYERS * 4 * 2 * HQ * (256 + SP_OWN) * HEAD_DIM, impl=impl,
+           dtype="float32", layers=STEP_LAYERS, baseline=impl == "paged_attention",
+           note="bytes = unique KV (prefix once + own tokens)")
+
+
 # ------------------------------------------- prefill: 512 new tokens over 4096 cached, f32
 
 PF_CACHED, PF_NEW = 4096, 512
@@ -601,6 +666,40 @@ def test_gpu_decode(benchmark, impl, dtype, shape):
         read_fraction=round(gbps / measured["read_gbps"], 3))
     if peak:
         benchmark.extra_info["hbm_fraction"] = round(gbps / peak, 3)  # of the datasheet peak
+
+
+# --------------------------- GPU model step: 32 layers' decode attention, plan vs wrapper
+
+@cuda
+@pytest.mark.parametrize("impl", ["plan_then_run", "paged_attention"])
+def test_gpu_plan_step(benchmark, impl):
+    """The attention calls of one decode step of a 32-layer model (8 sequences x 1024 cached,
+    bf16, one cache for every layer), host metadata as an engine builds it: a plan made once
+    per step (timed: the metadata copied to the GPU once) and run per layer, against the
+    wrapper per layer (the metadata checked and copied per call). Wall time of the step,
+    synced once at its end: where the host's per-call work outruns small kernels."""
+    benchmark.group = "gpu-plan-step-bf16-32x(8x1024)"
+    q, k, v, tables, kv_lens = decode_batch("cuda", torch.bfloat16, num_seqs=8, context=1024)
+    tables, kv_lens = tables.cpu(), kv_lens.cpu()
+    out = torch.empty_like(q)
+    ws = torch.empty(tf.attention_workspace_size(q, k, tables), dtype=torch.uint8,
+                     device="cuda")
+    if impl == "plan_then_run":
+        def fn():
+            plan = tf.plan_paged_attention(tables, kv_lens, k_cache=k, num_q_heads=HQ)
+            for _ in range(32):
+                plan.run(q, k, v, out=out, workspace=ws)
+            return out
+    else:
+        def fn():
+            for _ in range(32):
+                tf.paged_attention(q, k, v, tables, kv_lens, out=out, workspace=ws)
+            return out
+        benchmark.extra_info["baseline"] = True
+    _check(fn(), DECODE_ROWS, _want(("gpu-plan-step",), (q, k, v, tables, kv_lens),
+                                    DECODE_ROWS), "bfloat16")
+    t = cuda_benchmark(benchmark, fn, rounds=20, warmup_rounds=3)
+    benchmark.extra_info.update(impl=impl, gpu_s=t, layers=32)
 
 
 # ----------------------- GPU shared prefix: 64 decode queries over one 32768-token prefix

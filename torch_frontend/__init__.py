@@ -1,6 +1,8 @@
 """prefixkv.torch_frontend: every prefixkv op as a torch custom op (``torch.ops.prefixkv.<op>``)
 with a Python wrapper of the same name; backend by device (Triton / CUDA C on CUDA, vectorized
-torch on CPU), ``backend=`` or ``PREFIXKV_<OP>_BACKEND`` / ``PREFIXKV_BACKEND`` override."""
+torch on CPU), ``backend=`` or ``PREFIXKV_<OP>_BACKEND`` / ``PREFIXKV_BACKEND`` override.
+``plan_paged_attention`` / ``plan_shared_prefix_attention`` check a step's attention metadata
+once for the calls of every layer."""
 
 from ._hashing import hash_blocks as hash_blocks
 from ._host import gather_blocks_to_host as gather_blocks_to_host
@@ -15,4 +17,7 @@ from ._ops import scatter_blocks as scatter_blocks
 from ._ops import shared_prefix_attention as shared_prefix_attention
 from ._ops import swap_blocks as swap_blocks
 from ._ops import write_kv as write_kv
+from ._plan import AttentionPlan as AttentionPlan
+from ._plan import plan_paged_attention as plan_paged_attention
+from ._plan import plan_shared_prefix_attention as plan_shared_prefix_attention
 from ._registry import REGISTRIES as REGISTRIES

@@ -1171,6 +1171,26 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
         lse.copy_(merged_lse)
 
 
+def _plan_groups(num_q_heads: int, k_cache: torch.Tensor, logits_soft_cap: float | None,
+                 prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens):
+    """For an attention plan (torch_frontend._plan): the metadata shared_prefix_attention runs
+    with, (prefix tables, prefix lens, prefix ids, tables, kv lens), settled once per step
+    rather than per layer: on the CPU path (_host_path, metadata on the host) the groups
+    _cascade_groups dissolves are joined into their sequences' tables (no prefix left: the
+    plan runs paged_attention over the tables, as this backend would); elsewhere unchanged.
+    A kept group's metadata passes _cascade_groups again unchanged."""
+    meta = (prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens)
+    if (k_cache.device.type != "cpu" or logits_soft_cap is not None or _flash_cpu() is None
+            or not _on_host(*meta) or (cu_q_lens is not None and not _on_host(cu_q_lens))
+            or block_tables.shape[0] == 0):
+        return meta
+    return _cascade_groups(num_q_heads // k_cache.shape[2], k_cache.shape[1],
+                           k_cache.element_size(), *meta, cu_q_lens)
+
+
+shared_prefix_attention.plan_groups = _plan_groups
+
+
 # ------------------------------------------------------------------------------- cache ops
 #
 # On the CPU, torch's index_select has a memcpy path per row, but index_copy_ / index_put_

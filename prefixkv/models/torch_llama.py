@@ -3,7 +3,8 @@
 Same computation as :mod:`prefixkv.models.jax_llama` (same numpy weights): per layer RMSNorm,
 q/k/v projections, RoPE at absolute positions, ``write_kv`` (in place) of this step's keys and
 values, ``paged_attention`` over the paged cache (``shared_prefix_attention`` when the step has
-shared-prefix groups), output projection, SwiGLU MLP; logits of each sequence's last token.
+shared-prefix groups; planned once per step, run per layer), output projection, SwiGLU MLP;
+logits of each sequence's last token.
 """
 
 from __future__ import annotations
@@ -66,12 +67,15 @@ class TorchLlama:
         cfg, w, ops = self.config, self.w, self.ops
         t = batch.num_tokens
         slots, cu = self._t(batch.slot_mapping), self._t(batch.cu_q_lens)
+        # the step's attention metadata checked once, for every layer (torch_frontend._plan)
+        like = dict(k_cache=self.caches[0], num_q_heads=cfg.num_q_heads)
         if batch.shared:
-            shared_args = [self._t(getattr(batch, n)) for n in (
+            plan = ops.plan_shared_prefix_attention(*(self._t(getattr(batch, n)) for n in (
                 "prefix_block_tables", "prefix_lens", "prefix_ids", "suffix_block_tables",
-                "suffix_kv_lens")]
+                "suffix_kv_lens")), cu, **like)
         else:
-            tables, kv_lens = self._t(batch.block_tables), self._t(batch.kv_lens)
+            plan = ops.plan_paged_attention(self._t(batch.block_tables),
+                                            self._t(batch.kv_lens), cu, **like)
         positions = self._t(batch.positions).long()
         x = w["embed"][self._t(batch.token_ids).long()]
         cos, sin = w["rope_cos"][positions], w["rope_sin"][positions]
@@ -84,10 +88,7 @@ class TorchLlama:
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             kc, vc = self.caches[2 * i], self.caches[2 * i + 1]
             ops.write_kv(k, v, kc, vc, slots)  # in place
-            if batch.shared:
-                attn = ops.shared_prefix_attention(q, kc, vc, *shared_args, cu)
-            else:
-                attn = ops.paged_attention(q, kc, vc, tables, kv_lens, cu)
+            attn = plan.run(q, kc, vc)
             x = x + attn.reshape(t, -1) @ w[p + "wo"]
             h = _rms_norm(x, w[p + "mlp_norm"], cfg.rms_norm_eps)
             x = x + (F.silu(h @ w[p + "w_gate"]) * (h @ w[p + "w_up"])) @ w[p + "w_down"]

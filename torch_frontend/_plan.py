@@ -1,0 +1,260 @@
+"""Attention plans: a batch step's metadata checked once, for the attention call of every layer.
+
+A model calls attention once per layer with the same block tables, lengths and options; the
+wrappers of :mod:`._ops` check all of it on every call (on the CPU ~30 us of a small decode's
+~60 us). FlashInfer splits the same work into ``wrapper.plan(...)`` once per step and
+``wrapper.run(q, kv_cache)`` per layer; :func:`plan_paged_attention` and
+:func:`plan_shared_prefix_attention` do that for these ops:
+
+    plan = plan_paged_attention(block_tables, kv_lens, cu_q_lens, k_cache=k_caches[0],
+                                num_q_heads=32)
+    for layer in range(num_layers):
+        out = plan.run(q[layer], k_caches[layer], v_caches[layer])
+
+The plan runs the wrapper's static and value checks once, keeps its own copies of the
+metadata on the caches' device (changing the caller's tensors afterwards changes nothing) and
+picks the backend once. ``run`` checks only that q and the caches have the planned shapes,
+dtypes and device (else the wrapper's error for them), then calls the same custom op the
+wrapper calls, with the same arguments: the results are those of the wrapper, exactly. On
+the CPU, a shared-prefix plan also settles once which prefix groups the torch backend reads
+through each sequence's table (_native._cascade_groups): a batch whose groups all dissolve
+runs as paged attention over the joined tables, as that backend would.
+
+Plans are host-side objects, built once per step outside ``torch.compile`` and CUDA-graph
+capture (building one may read cu_q_lens on the host); ``run`` itself works in both (with
+``out=``, ``lse=`` and a ``workspace=``, it allocates nothing on the triton backend).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..paged import validate
+from ..paged.spec import dtype_name
+from ._ops import (
+    _at_most,
+    _index_tensors,
+    _on,
+    _op_scales,
+    _prefix_then_own_tables,
+    _run_attention,
+    _tensors,
+    _want_values,
+)
+from ._registry import platform_of, select
+
+Tensor = torch.Tensor
+
+
+def _cache_like(k_cache, num_q_heads, dtype) -> tuple[torch.dtype, tuple]:
+    """(q's dtype, q's shape without its token count) of a plan from its arguments."""
+    if not isinstance(k_cache, Tensor):
+        raise TypeError(f"k_cache: expected a torch.Tensor (one layer's key cache), got "
+                        f"{type(k_cache).__name__}")
+    if isinstance(num_q_heads, bool) or not isinstance(num_q_heads, int):
+        raise TypeError(f"num_q_heads: expected an int, got {type(num_q_heads).__name__}")
+    if dtype is None:
+        if validate.is_fp8(k_cache):
+            raise ValueError("dtype: required with float8_e4m3fn caches (q's dtype: "
+                             "torch.bfloat16, torch.float16 or torch.float32)")
+        dtype = k_cache.dtype
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype: expected a torch.dtype, got {type(dtype).__name__}")
+    head_dim = k_cache.shape[-1] if k_cache.dim() else 0
+    return dtype, (num_q_heads, head_dim)
+
+
+def _num_tokens(cu_q_lens, num_seqs: int) -> int:
+    """q's token count: num_seqs for a decode, else cu_q_lens's last entry (read on the host;
+    one sync when it lives on a device)."""
+    if cu_q_lens is None:
+        return num_seqs
+    if cu_q_lens.dim() != 1 or cu_q_lens.numel() == 0:
+        return 0  # the static check names cu_q_lens's shape
+    return int(cu_q_lens[-1])
+
+
+def _owned(tensors, sources):
+    """``tensors`` (the metadata as _on left them) as the plan's own: a tensor still sharing
+    memory with the caller's (on its device already) is cloned, so that the caller's later
+    writes to its buffers never reach a checked plan."""
+    out = []
+    for t, src in zip(tensors, sources, strict=True):
+        if t is not None and t.device == src.device:
+            t = t.clone()
+        out.append(t)
+    return tuple(out)
+
+
+class AttentionPlan:
+    """One step's attention metadata, checked and on the caches' device; :meth:`run` per
+    layer. Made by :func:`plan_paged_attention` or :func:`plan_shared_prefix_attention`."""
+
+    def __init__(self, op: str, meta: tuple, options: tuple, q_shape: tuple, dtype, k_cache,
+                 tokens_fixed: bool):
+        self._op = op
+        self._meta = meta
+        self._options = options
+        self._q_shape = torch.Size(q_shape)
+        self._dtype = dtype
+        self._k_shape = k_cache.shape
+        self._kv_dtype = k_cache.dtype
+        self._device = k_cache.device
+        self._fp8 = validate.is_fp8(k_cache)
+        # q's token count is the planned one (a decode, or a ragged batch whose cu_q_lens
+        # were value-checked); else any, as the wrapper with value checks off takes
+        self._tokens_fixed = tokens_fixed
+
+    @property
+    def op(self) -> str:
+        """The custom op each run calls: "paged_attention" or "shared_prefix_attention" (a
+        shared-prefix plan with a sliding window, or whose prefix groups the CPU backend
+        would all read through the sequences' tables, runs as paged attention)."""
+        return self._op
+
+    def __repr__(self) -> str:
+        return (f"AttentionPlan(op={self._op!r}, q={tuple(self._q_shape)} "
+                f"{dtype_name(self._dtype)}, caches={tuple(self._k_shape)} "
+                f"{dtype_name(self._kv_dtype)} on {self._device})")
+
+    def _check_inputs(self, q, k_cache, v_cache) -> None:
+        """The errors of a run whose q or caches are not the planned ones, by name."""
+        _tensors(q=q, k_cache=k_cache, v_cache=v_cache)
+        for name, t, shape, dtype in (("k_cache", k_cache, self._k_shape, self._kv_dtype),
+                                      ("v_cache", v_cache, self._k_shape, self._kv_dtype),
+                                      ("q", q, self._q_shape, self._dtype)):
+            if t.device != self._device:
+                raise ValueError(f"{name}: expected it on the planned device {self._device}, "
+                                 f"got {t.device}")
+            if t.dtype != dtype:
+                raise TypeError(f"{name}: expected the planned {dtype_name(dtype)}, got "
+                                f"{dtype_name(t.dtype)}")
+            if t.shape != shape and (name != "q" or t.shape[1:] != shape[1:]
+                                     or self._tokens_fixed):
+                raise ValueError(f"{name}: expected the planned shape {tuple(shape)}, got "
+                                 f"{tuple(t.shape)}")
+
+    def run(self, q, k_cache, v_cache, *, return_lse=False, sinks=None, k_scale=None,
+            v_scale=None, out=None, lse=None, workspace=None):
+        """The planned attention for one layer: the wrapper's result for (q, k_cache, v_cache)
+        with the planned metadata and options.
+
+        q: [num_tokens, num_q_heads, head_dim] of the planned dtype; k_cache, v_cache: the
+        planned shape and dtype, on the planned device. return_lse, sinks, k_scale, v_scale,
+        out, lse, workspace: as in :func:`~prefixkv.torch_frontend.paged_attention` (they may
+        differ per layer)."""
+        if not (type(q) is Tensor and type(k_cache) is Tensor and type(v_cache) is Tensor
+                and k_cache.shape == self._k_shape and v_cache.shape == self._k_shape
+                and q.shape == self._q_shape and q.dtype == self._dtype
+                and k_cache.dtype == self._kv_dtype and v_cache.dtype == self._kv_dtype
+                and q.device == self._device and k_cache.device == self._device
+                and v_cache.device == self._device):
+            self._check_inputs(q, k_cache, v_cache)
+        if not isinstance(return_lse, (bool, np.bool_)):
+            raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+        if sinks is not None:
+            _tensors(q=q, sinks=sinks)
+            validate.check_sinks(sinks, self._q_shape[1])
+        scales = ()
+        if self._fp8:
+            validate.check_kv_scale("k_scale", k_scale, k_cache)
+            validate.check_kv_scale("v_scale", v_scale, v_cache)
+            scales = _op_scales(k_scale, v_scale, k_cache, v_cache)
+        elif k_scale is not None or v_scale is not None:
+            validate.check_kv_scale("k_scale" if k_scale is not None else "v_scale",
+                                    k_scale if k_scale is not None else v_scale, k_cache)
+        return _run_attention(self._op, (q, k_cache, v_cache, *self._meta, *self._options), q,
+                              out, lse, workspace, return_lse, sinks, scales)
+
+    __call__ = run
+
+
+def plan_paged_attention(block_tables, kv_lens, cu_q_lens=None, *, k_cache, num_q_heads: int,
+                         dtype=None, scale=None, causal=True, sliding_window=None,
+                         logits_soft_cap=None, backend=None) -> AttentionPlan:
+    """A plan of :func:`~prefixkv.torch_frontend.paged_attention` for one batch step:
+    ``plan.run(q, k_cache, v_cache)`` per layer equals ``paged_attention(q, k_cache, v_cache,
+    block_tables, kv_lens, cu_q_lens, ...)`` with these options.
+
+    block_tables, kv_lens, cu_q_lens, scale, causal, sliding_window, logits_soft_cap, backend:
+    as in paged_attention (checked here, once). k_cache: one layer's key cache (every layer's
+    caches have its shape, dtype and device). num_q_heads: q's heads. dtype: q's dtype
+    (default k_cache's; required with float8_e4m3fn caches). q's token count is num_seqs for
+    a decode, else cu_q_lens's last entry (read here: one sync when it lives on a device).
+    """
+    q_dtype, q_tail = _cache_like(k_cache, num_q_heads, dtype)
+    _index_tensors(block_tables=block_tables, kv_lens=kv_lens, cu_q_lens=cu_q_lens)
+    num_seqs = block_tables.shape[0] if block_tables.dim() else 0
+    num_tokens = _num_tokens(cu_q_lens, num_seqs)
+    q = torch.empty((max(num_tokens, 0), *q_tail), dtype=q_dtype, device="meta")
+    dims = validate.check_paged_attention(
+        q, k_cache, k_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
+        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+    checked = _want_values(block_tables, kv_lens, cu_q_lens)
+    if checked:
+        validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
+    else:
+        kv_lens = _at_most(kv_lens, dims.max_blocks_per_seq * dims.block_size)
+    sources = (block_tables, kv_lens, cu_q_lens)
+    meta = _owned(_on(k_cache.device, *sources), sources)
+    select("paged_attention", platform_of(k_cache), backend)  # refused here, not per layer
+    options = (dims.scale, bool(causal), None if sliding_window is None else int(sliding_window),
+               None if logits_soft_cap is None else float(logits_soft_cap), backend)
+    return AttentionPlan("paged_attention", meta, options, q.shape, q_dtype, k_cache,
+                         checked or cu_q_lens is None)
+
+
+def plan_shared_prefix_attention(prefix_block_tables, prefix_lens, prefix_ids, block_tables,
+                                 kv_lens, cu_q_lens=None, *, k_cache, num_q_heads: int,
+                                 dtype=None, scale=None, logits_soft_cap=None,
+                                 sliding_window=None, backend=None) -> AttentionPlan:
+    """A plan of :func:`~prefixkv.torch_frontend.shared_prefix_attention` for one batch step:
+    ``plan.run(q, k_cache, v_cache)`` per layer equals ``shared_prefix_attention(q, k_cache,
+    v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens,
+    ...)`` with these options. Arguments as in :func:`plan_paged_attention`; the prefix ones
+    as in shared_prefix_attention."""
+    q_dtype, q_tail = _cache_like(k_cache, num_q_heads, dtype)
+    _index_tensors(prefix_block_tables=prefix_block_tables, prefix_lens=prefix_lens,
+                   prefix_ids=prefix_ids, block_tables=block_tables, kv_lens=kv_lens,
+                   cu_q_lens=cu_q_lens)
+    num_seqs = block_tables.shape[0] if block_tables.dim() else 0
+    num_tokens = _num_tokens(cu_q_lens, num_seqs)
+    q = torch.empty((max(num_tokens, 0), *q_tail), dtype=q_dtype, device="meta")
+    sdims = validate.check_shared_prefix_attention(
+        q, k_cache, k_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
+        cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap, sliding_window=sliding_window)
+    dims = sdims.attention
+    sources = (prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens)
+    checked = _want_values(*sources)
+    fixed = checked or cu_q_lens is None
+    if checked:
+        validate.check_shared_prefix_attention_values(sdims, *sources)
+    else:
+        prefix_lens = _at_most(prefix_lens, sdims.max_prefix_blocks * dims.block_size)
+        kv_lens = _at_most(kv_lens, dims.max_blocks_per_seq * dims.block_size)
+    meta = _owned(_on(k_cache.device, prefix_block_tables, prefix_lens, prefix_ids,
+                      block_tables, kv_lens, cu_q_lens), sources)
+    soft_cap = None if logits_soft_cap is None else float(logits_soft_cap)
+    platform = platform_of(k_cache)
+    if sliding_window is not None:  # as the wrapper: paged attention over the joined tables
+        select("paged_attention", platform, backend)
+        tables, lens = _prefix_then_own_tables(*meta[:5], dims.block_size)
+        options = (dims.scale, True, int(sliding_window), soft_cap, backend)
+        return AttentionPlan("paged_attention", (tables, lens, meta[5]), options, q.shape,
+                             q_dtype, k_cache, fixed)
+    fn = select("shared_prefix_attention", platform, backend)
+    groups = getattr(fn, "plan_groups", None)
+    if groups is not None and not validate.is_fp8(k_cache):
+        meta = (*groups(num_q_heads, k_cache, soft_cap, *meta[:5], meta[5]), meta[5])
+        if meta[0].shape[0] == 0:  # every group read through its sequences' tables
+            select("paged_attention", platform, backend)
+            options = (dims.scale, True, None, soft_cap, backend)
+            return AttentionPlan("paged_attention", meta[3:], options, q.shape, q_dtype,
+                                 k_cache, fixed)
+    options = (dims.scale, soft_cap, backend)
+    return AttentionPlan("shared_prefix_attention", meta, options, q.shape, q_dtype, k_cache,
+                         fixed)
+
+
+__all__ = ["AttentionPlan", "plan_paged_attention", "plan_shared_prefix_attention"]
