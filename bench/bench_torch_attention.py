@@ -314,7 +314,7 @@ def test_cpu_shared_prefix_sizes(benchmark, machine_limits, impl, shape):
 
 
 #: Layers of a model step in test_cpu_plan_step (each with caches of its own).
-STEP_LAYERS = 4
+STEP_LAYERS = 16
 
 
 @pytest.mark.parametrize("shape", [(1, 128), (4, 512)], ids=lambda s: f"{s[0]}x{s[1]}")
@@ -342,7 +342,8 @@ def test_cpu_plan_step(benchmark, machine_limits, impl, shape):
         _check(outs[i], DECODE_ROWS, _want(("plan-step", shape, i),
                                            (*layers[i][:3], tables, kv_lens), DECODE_ROWS),
                "float32")
-    benchmark.pedantic(fns[impl], rounds=200, iterations=5, warmup_rounds=20)
+    benchmark.pedantic(fns[impl], rounds=30 if impl == "baseline_sdpa" else 100,
+                       warmup_rounds=5)
     record(benchmark, machine_limits, bytes_read=STEP_LAYERS * _kv_bytes(layers[0][1], seqs,
                                                                          context),
            flops=STEP_LAYERS * 4 * seqs * HQ * context * HEAD_DIM, impl=impl, dtype="float32",
@@ -370,7 +371,7 @@ def test_cpu_plan_step_shared_prefix(benchmark, machine_limits, impl):
            "paged_attention": lambda: [tf.paged_attention(*pa_args) for _ in range(STEP_LAYERS)]}
     _check(fns[impl]()[-1], SHARED_ROWS, _want(("sizes", (2, 256)), pa_args, SHARED_ROWS),
            "float32")
-    benchmark.pedantic(fns[impl], rounds=100, iterations=2, warmup_rounds=10)
+    benchmark.pedantic(fns[impl], rounds=100, warmup_rounds=5)
     record(benchmark, machine_limits,
            bytes_read=STEP_LAYERS * (256 + 2 * SP_OWN) * HKV * HEAD_DIM * 2 * 4,
            flops=STEP_LAYERS * 4 * 2 * HQ * (256 + SP_OWN) * HEAD_DIM, impl=impl,

@@ -415,15 +415,16 @@ def test_torch_compile_fullgraph_gpu():
 
 def test_attention_plans_gpu():
     """Plans made from host metadata (copied to the GPU once) equal the wrappers on the
-    Triton backend, and a run with out=, lse= and workspace= allocates nothing and captures."""
+    Triton backend (a mixed batch, a ragged cascade), and decode plans run with out=, lse=
+    and workspace= allocate nothing and capture."""
     rng = np.random.default_rng(9)
     b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16), num_q_heads=8,
                                   num_kv_heads=2, head_dim=128, dtype="bfloat16", nan_fill=False)
     q, k, v = T(b.q), T(b.k_cache), T(b.v_cache)
     host = [_T(a) for a in b.args()[3:]]
     plan = tf.plan_paged_attention(*host, k_cache=k, num_q_heads=8)
-    want = tf.paged_attention(q, k, v, *host)
-    torch.testing.assert_close(plan.run(q, k, v), want, rtol=0, atol=0)
+    torch.testing.assert_close(plan.run(q, k, v), tf.paged_attention(q, k, v, *host), rtol=0,
+                               atol=0)
     sp = testing.make_shared_prefix_batch(rng, [128], [(0, 1, 40), (0, 3, 17), (-1, 1, 9)],
                                           num_q_heads=8, num_kv_heads=2, head_dim=128,
                                           dtype="bfloat16")
@@ -434,18 +435,30 @@ def test_attention_plans_gpu():
     torch.testing.assert_close(splan.run(*sa), tf.shared_prefix_attention(*sa, *sp_host),
                                rtol=0, atol=0)
     close(splan.run(*sa).float(), ref.shared_prefix_attention_reference(*sp.args()), "bfloat16")
-    ws = torch.empty(max(tf.attention_workspace_size(q, k, T(b.block_tables), T(b.cu_q_lens)),
-                         tf.attention_workspace_size(sa[0], sa[1], T(sp.block_tables),
-                                                     T(sp.cu_q_lens),
+    # decode plans (the shapes test_workspace_calls_allocate_nothing_and_capture captures)
+    d = testing.make_ragged_batch(rng, [(1, 4000), (1, 3000)], num_q_heads=8, num_kv_heads=2,
+                                  head_dim=128, dtype="bfloat16", nan_fill=False, decode=True)
+    dq, dk, dv = T(d.q), T(d.k_cache), T(d.v_cache)
+    dplan = tf.plan_paged_attention(_T(d.block_tables), _T(d.kv_lens), k_cache=dk,
+                                    num_q_heads=8)
+    ds = testing.make_shared_prefix_batch(rng, [128], [(0, 1, 40), (0, 1, 17), (-1, 1, 9)],
+                                          num_q_heads=8, num_kv_heads=2, head_dim=128,
+                                          dtype="bfloat16", decode=True)
+    dsa = [T(a) for a in ds.args()[:3]]
+    dsplan = tf.plan_shared_prefix_attention(*(_T(a) for a in ds.args()[3:]), k_cache=dsa[1],
+                                             num_q_heads=8)
+    ws = torch.empty(max(tf.attention_workspace_size(dq, dk, T(d.block_tables)),
+                         tf.attention_workspace_size(dsa[0], dsa[1], T(ds.block_tables),
                                                      prefix_block_tables=T(
-                                                         sp.prefix_block_tables))),
+                                                         ds.prefix_block_tables))),
                      dtype=torch.uint8, device=DEV)
-    out_p, lse_p = torch.empty_like(q), torch.empty(q.shape[:2], device=DEV)
-    out_s, lse_s = torch.empty_like(sa[0]), torch.empty(sa[0].shape[:2], device=DEV)
+    out_p, lse_p = torch.empty_like(dq), torch.empty(dq.shape[:2], device=DEV)
+    out_s, lse_s = torch.empty_like(dsa[0]), torch.empty(dsa[0].shape[:2], device=DEV)
 
     def step():
-        plan.run(q, k, v, out=out_p, lse=lse_p, workspace=ws)
-        splan.run(*sa, out=out_s, lse=lse_s, workspace=ws)
+        dplan.run(dq, dk, dv, out=out_p, lse=lse_p, workspace=ws)
+        dsplan.run(*dsa, out=out_s, lse=lse_s, workspace=ws)
 
     _allocates_nothing_and_replays(step, out_p, out_s)
-    torch.testing.assert_close(out_p, want, rtol=0, atol=0)
+    close(out_p.float(), ref.paged_attention_reference(*d.args()), "bfloat16")
+    close(out_s.float(), ref.shared_prefix_attention_reference(*ds.args()), "bfloat16")
