@@ -39,6 +39,7 @@ from ._ops import (
     _op_scales,
     _prefix_then_own_tables,
     _run_attention,
+    _static_check,
     _tensors,
     _want_values,
 )
@@ -188,9 +189,10 @@ def plan_paged_attention(block_tables, kv_lens, cu_q_lens=None, *, k_cache, num_
     num_seqs = block_tables.shape[0] if block_tables.dim() else 0
     num_tokens = _num_tokens(cu_q_lens, num_seqs)
     q = torch.empty((max(num_tokens, 0), *q_tail), dtype=q_dtype, device="meta")
-    dims = validate.check_paged_attention(
-        q, k_cache, k_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
-        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+    dims = _static_check(
+        validate.check_paged_attention, q, k_cache, k_cache, block_tables, kv_lens, cu_q_lens,
+        scale=scale, causal=causal, sliding_window=sliding_window,
+        logits_soft_cap=logits_soft_cap)
     checked = _want_values(block_tables, kv_lens, cu_q_lens)
     if checked:
         validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
@@ -221,9 +223,10 @@ def plan_shared_prefix_attention(prefix_block_tables, prefix_lens, prefix_ids, b
     num_seqs = block_tables.shape[0] if block_tables.dim() else 0
     num_tokens = _num_tokens(cu_q_lens, num_seqs)
     q = torch.empty((max(num_tokens, 0), *q_tail), dtype=q_dtype, device="meta")
-    sdims = validate.check_shared_prefix_attention(
-        q, k_cache, k_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
-        cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap, sliding_window=sliding_window)
+    sdims = _static_check(
+        validate.check_shared_prefix_attention, q, k_cache, k_cache, prefix_block_tables,
+        prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens, scale=scale,
+        logits_soft_cap=logits_soft_cap, sliding_window=sliding_window)
     dims = sdims.attention
     sources = (prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens)
     checked = _want_values(*sources)
