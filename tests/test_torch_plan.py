@@ -308,3 +308,36 @@ def test_plan_default_dtype_is_the_caches(dtype):
     assert f"{dtype}" in repr(plan)
     _same(plan.run(T(b.q), k, T(b.v_cache)),
           tf.paged_attention(T(b.q), k, T(b.v_cache), T(b.block_tables), T(b.kv_lens)))
+
+
+def test_plans_take_int64_metadata():
+    """int64 metadata (torch's default, SGLang's seq_lens), which the wrappers refuse, is cast
+    once by a plan after its values are checked to fit int32."""
+    rng = np.random.default_rng(14)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16))
+    q, k, v = T(b.q), T(b.k_cache), T(b.v_cache)
+    meta32 = [T(a) for a in b.args()[3:]]
+    meta64 = [t.long() for t in meta32]
+    with pytest.raises(TypeError, match="int32"):
+        tf.paged_attention(q, k, v, *meta64)
+    plan = tf.plan_paged_attention(*meta64, k_cache=k, num_q_heads=q.shape[1])
+    _same(plan.run(q, k, v), tf.paged_attention(q, k, v, *meta32))
+    wide = meta64[0].clone()
+    wide[1, 0] += 2**32  # would wrap to a valid id
+    with pytest.raises(ValueError, match=r"block_tables: expected values that fit int32 .*, got "
+                                         r"\d+ at index \(1, 0\)"):
+        tf.plan_paged_attention(wide, *meta64[1:], k_cache=k, num_q_heads=q.shape[1])
+    low = meta64[1].clone()
+    low[2] = -(2**31) - 1
+    with pytest.raises(ValueError, match=r"kv_lens: expected values that fit int32 .*, got "
+                                         r"-2147483649 at index \(2,\)"):
+        tf.plan_paged_attention(meta64[0], low, meta64[2], k_cache=k, num_q_heads=q.shape[1])
+    with pytest.raises(TypeError, match="kv_lens: expected int32"):
+        tf.plan_paged_attention(meta32[0], meta32[1].short(), meta32[2], k_cache=k,
+                                num_q_heads=q.shape[1])
+    sp = testing.small_shared_prefix_batch(rng, False)
+    sq, sk, sv = T(sp.q), T(sp.k_cache), T(sp.v_cache)
+    smeta = [T(a) for a in sp.args()[3:]]
+    splan = tf.plan_shared_prefix_attention(*(t.long() for t in smeta), k_cache=sk,
+                                            num_q_heads=sq.shape[1])
+    _same(splan.run(sq, sk, sv), tf.shared_prefix_attention(sq, sk, sv, *smeta))

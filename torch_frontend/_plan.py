@@ -76,14 +76,39 @@ def _num_tokens(cu_q_lens, num_seqs: int) -> int:
     return int(cu_q_lens[-1])
 
 
-def _owned(tensors, sources):
-    """``tensors`` (the metadata as _on left them) as the plan's own: a tensor still sharing
-    memory with the caller's (on its device already) is cloned, so that the caller's later
-    writes to its buffers never reach a checked plan."""
+def _owned(tensors, given):
+    """``tensors`` (the metadata as the plan left them) as the plan's own: one still sharing
+    memory with the caller's tensor (``given``) is cloned, so that the caller's later writes
+    to its buffers never reach a checked plan."""
     out = []
-    for t, src in zip(tensors, sources, strict=True):
-        if t is not None and t.device == src.device:
+    for t, src in zip(tensors, given, strict=True):
+        if (t is not None and t.device == src.device
+                and t.untyped_storage().data_ptr() == src.untyped_storage().data_ptr()):
             t = t.clone()
+        out.append(t)
+    return tuple(out)
+
+
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+def _as_int32(**named) -> tuple:
+    """The metadata with int64 tensors (torch's default integer dtype, SGLang's seq_lens) cast
+    to int32, prefixkv's index dtype: once per step here, where the wrappers refuse them rather
+    than cast on every call. A value outside int32 is named first (host tensors always; device
+    ones in checked mode, else cast as they are, as unchecked metadata is taken). Other dtypes
+    pass unchanged (the static checks name them)."""
+    out = []
+    for name, t in named.items():
+        if t is not None and t.dtype == torch.int64:
+            if t.numel() and _want_values(t):
+                lo, hi = int(t.min()), int(t.max())
+                bad = lo if lo < _INT32[0] else hi if hi > _INT32[1] else None
+                if bad is not None:
+                    i = tuple(int(x) for x in (t == bad).nonzero()[0])
+                    raise ValueError(f"{name}: expected values that fit int32 (prefixkv's "
+                                     f"index dtype), got {bad} at index {i}")
+            t = t.to(torch.int32)
         out.append(t)
     return tuple(out)
 
@@ -179,13 +204,17 @@ def plan_paged_attention(block_tables, kv_lens, cu_q_lens=None, *, k_cache, num_
     block_tables, kv_lens, cu_q_lens, ...)`` with these options.
 
     block_tables, kv_lens, cu_q_lens, scale, causal, sliding_window, logits_soft_cap, backend:
-    as in paged_attention (checked here, once). k_cache: one layer's key cache (every layer's
+    as in paged_attention (checked here, once); the index tensors may also be int64 (cast to
+    int32 here, once, after checking the values fit). k_cache: one layer's key cache (every layer's
     caches have its shape, dtype and device). num_q_heads: q's heads. dtype: q's dtype
     (default k_cache's; required with float8_e4m3fn caches). q's token count is num_seqs for
     a decode, else cu_q_lens's last entry (read here: one sync when it lives on a device).
     """
     q_dtype, q_tail = _cache_like(k_cache, num_q_heads, dtype)
     _index_tensors(block_tables=block_tables, kv_lens=kv_lens, cu_q_lens=cu_q_lens)
+    given = (block_tables, kv_lens, cu_q_lens)
+    block_tables, kv_lens, cu_q_lens = _as_int32(block_tables=block_tables, kv_lens=kv_lens,
+                                                 cu_q_lens=cu_q_lens)
     num_seqs = block_tables.shape[0] if block_tables.dim() else 0
     num_tokens = _num_tokens(cu_q_lens, num_seqs)
     q = torch.empty((max(num_tokens, 0), *q_tail), dtype=q_dtype, device="meta")
@@ -198,8 +227,7 @@ def plan_paged_attention(block_tables, kv_lens, cu_q_lens=None, *, k_cache, num_
         validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
     else:
         kv_lens = _at_most(kv_lens, dims.max_blocks_per_seq * dims.block_size)
-    sources = (block_tables, kv_lens, cu_q_lens)
-    meta = _owned(_on(k_cache.device, *sources), sources)
+    meta = _owned(_on(k_cache.device, block_tables, kv_lens, cu_q_lens), given)
     select("paged_attention", platform_of(k_cache), backend)  # refused here, not per layer
     options = (dims.scale, bool(causal), None if sliding_window is None else int(sliding_window),
                None if logits_soft_cap is None else float(logits_soft_cap), backend)
@@ -220,6 +248,11 @@ def plan_shared_prefix_attention(prefix_block_tables, prefix_lens, prefix_ids, b
     _index_tensors(prefix_block_tables=prefix_block_tables, prefix_lens=prefix_lens,
                    prefix_ids=prefix_ids, block_tables=block_tables, kv_lens=kv_lens,
                    cu_q_lens=cu_q_lens)
+    given = (prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens)
+    (prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
+     cu_q_lens) = _as_int32(prefix_block_tables=prefix_block_tables, prefix_lens=prefix_lens,
+                            prefix_ids=prefix_ids, block_tables=block_tables, kv_lens=kv_lens,
+                            cu_q_lens=cu_q_lens)
     num_seqs = block_tables.shape[0] if block_tables.dim() else 0
     num_tokens = _num_tokens(cu_q_lens, num_seqs)
     q = torch.empty((max(num_tokens, 0), *q_tail), dtype=q_dtype, device="meta")
@@ -237,7 +270,7 @@ def plan_shared_prefix_attention(prefix_block_tables, prefix_lens, prefix_ids, b
         prefix_lens = _at_most(prefix_lens, sdims.max_prefix_blocks * dims.block_size)
         kv_lens = _at_most(kv_lens, dims.max_blocks_per_seq * dims.block_size)
     meta = _owned(_on(k_cache.device, prefix_block_tables, prefix_lens, prefix_ids,
-                      block_tables, kv_lens, cu_q_lens), sources)
+                      block_tables, kv_lens, cu_q_lens), given)
     soft_cap = None if logits_soft_cap is None else float(logits_soft_cap)
     platform = platform_of(k_cache)
     if sliding_window is not None:  # as the wrapper: paged attention over the joined tables
