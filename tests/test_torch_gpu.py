@@ -462,3 +462,34 @@ def test_attention_plans_gpu():
     _allocates_nothing_and_replays(step, out_p, out_s)
     close(out_p.float(), ref.paged_attention_reference(*d.args()), "bfloat16")
     close(out_s.float(), ref.shared_prefix_attention_reference(*ds.args()), "bfloat16")
+
+
+def test_plan_update_replays_a_captured_graph():
+    """A CUDA graph captured over plan.run replays the next step's metadata after
+    plan.update (FlashInfer's CUDA-graph buffers): the plan's tensors keep their addresses."""
+    rng = np.random.default_rng(10)
+    b = testing.make_ragged_batch(rng, [(1, 4000), (1, 3000), (1, 77)], num_q_heads=8,
+                                  num_kv_heads=2, head_dim=128, dtype="bfloat16",
+                                  nan_fill=False, decode=True)
+    q, k, v = T(b.q), T(b.k_cache), T(b.v_cache)
+    plan = tf.plan_paged_attention(_T(b.block_tables), _T(b.kv_lens), k_cache=k,
+                                   num_q_heads=8)
+    ws = torch.empty(tf.attention_workspace_size(q, k, T(b.block_tables)), dtype=torch.uint8,
+                     device=DEV)
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:2], device=DEV)
+    plan.run(q, k, v, out=out, lse=lse, workspace=ws)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        plan.run(q, k, v, out=out, lse=lse, workspace=ws)
+    # the next step: rows moved, lengths changed, new queries (same shapes)
+    tables2 = np.ascontiguousarray(b.block_tables[[2, 0, 1]])
+    kv2 = (b.kv_lens[[2, 0, 1]] - np.array([0, 1, 1500])).astype(np.int32)
+    q2 = testing.random_values(rng, b.q.shape, "bfloat16")
+    q.copy_(T(q2))
+    plan.update(_T(tables2), _T(kv2))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = ref.paged_attention_reference(q2, b.k_cache, b.v_cache, tables2, kv2)
+    close(out.float(), want, "bfloat16")

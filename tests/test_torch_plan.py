@@ -341,3 +341,93 @@ def test_plans_take_int64_metadata():
     splan = tf.plan_shared_prefix_attention(*(t.long() for t in smeta), k_cache=sk,
                                             num_q_heads=sq.shape[1])
     _same(splan.run(sq, sk, sv), tf.shared_prefix_attention(sq, sk, sv, *smeta))
+
+
+def _ptrs(plan):
+    return [None if t is None else t.data_ptr() for t in plan._meta]
+
+
+def test_plan_update_replans_into_the_same_tensors():
+    """update(next step's metadata) checks it as plan_paged_attention does and copies it into
+    the plan's own tensors (the addresses a CUDA graph captured over run keeps reading)."""
+    rng = np.random.default_rng(15)
+    grid = testing.seq_grid("mixed", 16)
+    b1, b2 = (testing.make_ragged_batch(rng, grid, max_blocks_per_seq=12, nan_fill=False)
+              for _ in range(2))
+    meta1 = [T(a) for a in b1.args()[3:]]
+    meta2 = [T(a) for a in b2.args()[3:]]
+    q2, k2, v2 = T(b2.q), T(b2.k_cache), T(b2.v_cache)
+    plan = tf.plan_paged_attention(*meta1, k_cache=T(b1.k_cache), num_q_heads=b1.q.shape[1],
+                                   sliding_window=9)
+    want1 = plan.run(q2, k2, v2)
+    ptrs = _ptrs(plan)
+    assert plan.update(*meta2) is plan
+    assert _ptrs(plan) == ptrs
+    want2 = tf.paged_attention(q2, k2, v2, *meta2, sliding_window=9)
+    assert not torch.equal(want1, want2)
+    _same(plan.run(q2, k2, v2), want2)
+    bad = [t.clone() for t in meta1]
+    bad[0][0, 0] = k2.shape[0]
+    with pytest.raises(ValueError, match="block_tables: expected block ids"):
+        plan.update(*bad)
+    _same(plan.run(q2, k2, v2), want2)  # a refused update leaves the plan as it was
+    plan.update(*(t.long() for t in meta1))  # int64 metadata, cast as when planning
+    _same(plan.run(q2, k2, v2), want1)
+
+
+def test_plan_update_refuses_other_shapes():
+    rng = np.random.default_rng(16)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16))
+    meta = [T(a) for a in b.args()[3:]]
+    plan = tf.plan_paged_attention(*meta, k_cache=T(b.k_cache), num_q_heads=b.q.shape[1])
+    before = plan.run(T(b.q), T(b.k_cache), T(b.v_cache))
+    cu = meta[2].clone()
+    cu[-1] += 1
+    lens = meta[1].clone()
+    lens[-1] += 1
+    with pytest.raises(ValueError, match=r"cu_q_lens: plans \d+ query tokens, where the plan "
+                                         r"has \d+"):
+        plan.update(meta[0], lens, cu)
+    wide = torch.cat([meta[0], meta[0][:, :1]], dim=1)
+    with pytest.raises(ValueError, match=r"block_tables: plans shape \(\d+, \d+\), where the "
+                                         r"plan has"):
+        plan.update(wide, *meta[1:])
+    d = testing.make_ragged_batch(rng, [(1, 5)] * (b.block_tables.shape[0]), decode=False)
+    with pytest.raises(ValueError, match=r"query tokens"):
+        plan.update(*(T(a) for a in d.args()[3:]))
+    e = testing.make_ragged_batch(rng, testing.seq_grid("decode", 16))
+    emeta = [T(a) for a in e.args()[3:5]]
+    dplan = tf.plan_paged_attention(*emeta, k_cache=T(e.k_cache), num_q_heads=e.q.shape[1])
+    with pytest.raises(ValueError, match=r"cu_q_lens: given, where the plan was made without"):
+        dplan.update(*emeta, T(np.arange(emeta[0].shape[0] + 1, dtype=np.int32)))
+    lens = (emeta[1] - 1).clamp(min=1)
+    assert not torch.equal(lens, emeta[1])
+    dplan.update(emeta[0], lens)  # a decode plan's update takes no cu_q_lens
+    _same(dplan.run(T(e.q), T(e.k_cache), T(e.v_cache)),
+          tf.paged_attention(T(e.q), T(e.k_cache), T(e.v_cache), emeta[0], lens))
+    _same(plan.run(T(b.q), T(b.k_cache), T(b.v_cache)), before)
+
+
+@pytest.mark.parametrize("groups", ["dissolved", "kept"])
+def test_shared_prefix_plan_update(monkeypatch, groups):
+    from prefixkv.torch_frontend import _native
+
+    if groups == "kept":
+        monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", 0)
+        monkeypatch.setattr(_native, "CASCADE_MIN_SCORES", 0)
+    rng = np.random.default_rng(17)
+    s1, s2 = (testing.small_shared_prefix_batch(rng, False) for _ in range(2))
+    meta1 = [T(a) for a in s1.args()[3:]]
+    meta2 = [T(a) for a in s2.args()[3:]]
+    q, k, v = T(s2.q), T(s2.k_cache), T(s2.v_cache)
+    plan = tf.plan_shared_prefix_attention(*meta1, k_cache=k, num_q_heads=q.shape[1])
+    ptrs = _ptrs(plan)
+    plan.update(*meta2)
+    assert _ptrs(plan) == ptrs
+    _same(plan.run(q, k, v), tf.shared_prefix_attention(q, k, v, *meta2))
+    if groups == "dissolved":  # a group big enough for a pass of its own: another op
+        monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", 0)
+        monkeypatch.setattr(_native, "CASCADE_MIN_SCORES", 0)
+        with pytest.raises(ValueError, match="prefix_block_tables: this metadata plans "
+                                             "shared_prefix_attention"):
+            plan.update(*meta2)

@@ -27,6 +27,8 @@ capture (building one may read cu_q_lens on the host); ``run`` itself works in b
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -78,11 +80,11 @@ def _num_tokens(cu_q_lens, num_seqs: int) -> int:
 
 def _owned(tensors, given):
     """``tensors`` (the metadata as the plan left them) as the plan's own: one still sharing
-    memory with the caller's tensor (``given``) is cloned, so that the caller's later writes
-    to its buffers never reach a checked plan."""
+    memory with the caller's tensor (``given``; None: a tensor the plan made) is cloned, so
+    that the caller's later writes to its buffers never reach a checked plan."""
     out = []
     for t, src in zip(tensors, given, strict=True):
-        if (t is not None and t.device == src.device
+        if (t is not None and src is not None and t.device == src.device
                 and t.untyped_storage().data_ptr() == src.untyped_storage().data_ptr()):
             t = t.clone()
         out.append(t)
@@ -113,24 +115,67 @@ def _as_int32(**named) -> tuple:
     return tuple(out)
 
 
+#: The metadata parameters of each op a plan runs, in the op's order (for update's errors).
+_META_NAMES = {
+    "paged_attention": ("block_tables", "kv_lens", "cu_q_lens"),
+    "shared_prefix_attention": ("prefix_block_tables", "prefix_lens", "prefix_ids",
+                                "block_tables", "kv_lens", "cu_q_lens"),
+}
+
+
 class AttentionPlan:
     """One step's attention metadata, checked and on the caches' device; :meth:`run` per
-    layer. Made by :func:`plan_paged_attention` or :func:`plan_shared_prefix_attention`."""
+    layer, :meth:`update` for the next step's metadata of the same shapes. Made by
+    :func:`plan_paged_attention` or :func:`plan_shared_prefix_attention`."""
 
-    def __init__(self, op: str, meta: tuple, options: tuple, q_shape: tuple, dtype, k_cache,
-                 tokens_fixed: bool):
+    def __init__(self, make, metadata: tuple, k_cache):
+        # make(*metadata) -> (op, meta on the device, the caller's tensors, options, q shape,
+        # q dtype, tokens_fixed): the checks and routing of plan_*; kept for update
+        self._make = make
+        op, meta, given, self._options, q_shape, self._dtype, fixed = make(*metadata)
         self._op = op
-        self._meta = meta
-        self._options = options
+        self._meta = _owned(meta, given)
         self._q_shape = torch.Size(q_shape)
-        self._dtype = dtype
         self._k_shape = k_cache.shape
         self._kv_dtype = k_cache.dtype
         self._device = k_cache.device
         self._fp8 = validate.is_fp8(k_cache)
         # q's token count is the planned one (a decode, or a ragged batch whose cu_q_lens
         # were value-checked); else any, as the wrapper with value checks off takes
-        self._tokens_fixed = tokens_fixed
+        self._tokens_fixed = fixed
+
+    def update(self, *metadata) -> AttentionPlan:
+        """Plan the next step's metadata (the plan function's positional arguments, its
+        options kept) into this plan's own tensors, in place: a CUDA graph captured over
+        :meth:`run` replays with it (FlashInfer's CUDA-graph buffers). The metadata is checked
+        as when planning, and must plan to the same op and shapes (pad the batch, as for
+        the capture); else a ValueError naming the argument, and the plan is unchanged.
+        Copies run on the current stream, after the work already queued. Returns the plan."""
+        op, meta, _, _, q_shape, _, fixed = self._make(*metadata)
+        names = _META_NAMES[self._op]
+        if op != self._op:  # only a shared-prefix plan's route can change
+            raise ValueError(f"prefix_block_tables: this metadata plans {op}, where the plan runs "
+                             f"{self._op} (the CPU reads small prefix groups through each "
+                             f"sequence's table); make a new plan")
+        if q_shape != self._q_shape:
+            name = "cu_q_lens" if self._meta[-1] is not None else "block_tables"
+            raise ValueError(f"{name}: plans {q_shape[0]} query tokens, where the plan has "
+                             f"{self._q_shape[0]}; update keeps a plan's shapes (pad the "
+                             f"batch, or make a new plan)")
+        for name, old, new in zip(names, self._meta, meta, strict=True):
+            if (old is None) != (new is None):
+                raise ValueError(f"{name}: {'None' if new is None else 'given'}, where the "
+                                 f"plan was made {'without' if old is None else 'with'} it; "
+                                 f"make a new plan")
+            if old is not None and (old.shape != new.shape or old.dtype != new.dtype):
+                raise ValueError(f"{name}: plans shape {tuple(new.shape)}, where the plan has "
+                                 f"{tuple(old.shape)}; update keeps a plan's shapes (pad the "
+                                 f"batch, or make a new plan)")
+        for old, new in zip(self._meta, meta, strict=True):
+            if old is not None:
+                old.copy_(new)
+        self._tokens_fixed = fixed
+        return self
 
     @property
     def op(self) -> str:
@@ -209,7 +254,18 @@ def plan_paged_attention(block_tables, kv_lens, cu_q_lens=None, *, k_cache, num_
     caches have its shape, dtype and device). num_q_heads: q's heads. dtype: q's dtype
     (default k_cache's; required with float8_e4m3fn caches). q's token count is num_seqs for
     a decode, else cu_q_lens's last entry (read here: one sync when it lives on a device).
+    ``plan.update(block_tables, kv_lens, cu_q_lens)`` plans a later step of the same shapes
+    into the same tensors (CUDA graphs).
     """
+    make = functools.partial(_paged, k_cache=k_cache, num_q_heads=num_q_heads, dtype=dtype,
+                             scale=scale, causal=causal, sliding_window=sliding_window,
+                             logits_soft_cap=logits_soft_cap, backend=backend)
+    return AttentionPlan(make, (block_tables, kv_lens, cu_q_lens), k_cache)
+
+
+def _paged(block_tables, kv_lens, cu_q_lens=None, *, k_cache, num_q_heads, dtype, scale,
+           causal, sliding_window, logits_soft_cap, backend) -> tuple:
+    """plan_paged_attention's checks and metadata (AttentionPlan's ``make``)."""
     q_dtype, q_tail = _cache_like(k_cache, num_q_heads, dtype)
     _index_tensors(block_tables=block_tables, kv_lens=kv_lens, cu_q_lens=cu_q_lens)
     given = (block_tables, kv_lens, cu_q_lens)
@@ -227,12 +283,12 @@ def plan_paged_attention(block_tables, kv_lens, cu_q_lens=None, *, k_cache, num_
         validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
     else:
         kv_lens = _at_most(kv_lens, dims.max_blocks_per_seq * dims.block_size)
-    meta = _owned(_on(k_cache.device, block_tables, kv_lens, cu_q_lens), given)
+    meta = _on(k_cache.device, block_tables, kv_lens, cu_q_lens)
     select("paged_attention", platform_of(k_cache), backend)  # refused here, not per layer
     options = (dims.scale, bool(causal), None if sliding_window is None else int(sliding_window),
                None if logits_soft_cap is None else float(logits_soft_cap), backend)
-    return AttentionPlan("paged_attention", meta, options, q.shape, q_dtype, k_cache,
-                         checked or cu_q_lens is None)
+    return ("paged_attention", meta, given, options, q.shape, q_dtype,
+            checked or cu_q_lens is None)
 
 
 def plan_shared_prefix_attention(prefix_block_tables, prefix_lens, prefix_ids, block_tables,
@@ -243,7 +299,19 @@ def plan_shared_prefix_attention(prefix_block_tables, prefix_lens, prefix_ids, b
     ``plan.run(q, k_cache, v_cache)`` per layer equals ``shared_prefix_attention(q, k_cache,
     v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens,
     ...)`` with these options. Arguments as in :func:`plan_paged_attention`; the prefix ones
-    as in shared_prefix_attention."""
+    as in shared_prefix_attention. ``plan.update(prefix_block_tables, ..., cu_q_lens)`` as
+    in plan_paged_attention."""
+    make = functools.partial(_shared, k_cache=k_cache, num_q_heads=num_q_heads, dtype=dtype,
+                             scale=scale, logits_soft_cap=logits_soft_cap,
+                             sliding_window=sliding_window, backend=backend)
+    return AttentionPlan(make, (prefix_block_tables, prefix_lens, prefix_ids, block_tables,
+                                kv_lens, cu_q_lens), k_cache)
+
+
+def _shared(prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
+            cu_q_lens=None, *, k_cache, num_q_heads, dtype, scale, logits_soft_cap,
+            sliding_window, backend) -> tuple:
+    """plan_shared_prefix_attention's checks and metadata (AttentionPlan's ``make``)."""
     q_dtype, q_tail = _cache_like(k_cache, num_q_heads, dtype)
     _index_tensors(prefix_block_tables=prefix_block_tables, prefix_lens=prefix_lens,
                    prefix_ids=prefix_ids, block_tables=block_tables, kv_lens=kv_lens,
@@ -269,16 +337,16 @@ def plan_shared_prefix_attention(prefix_block_tables, prefix_lens, prefix_ids, b
     else:
         prefix_lens = _at_most(prefix_lens, sdims.max_prefix_blocks * dims.block_size)
         kv_lens = _at_most(kv_lens, dims.max_blocks_per_seq * dims.block_size)
-    meta = _owned(_on(k_cache.device, prefix_block_tables, prefix_lens, prefix_ids,
-                      block_tables, kv_lens, cu_q_lens), given)
+    meta = _on(k_cache.device, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
+               kv_lens, cu_q_lens)
     soft_cap = None if logits_soft_cap is None else float(logits_soft_cap)
     platform = platform_of(k_cache)
     if sliding_window is not None:  # as the wrapper: paged attention over the joined tables
         select("paged_attention", platform, backend)
         tables, lens = _prefix_then_own_tables(*meta[:5], dims.block_size)
         options = (dims.scale, True, int(sliding_window), soft_cap, backend)
-        return AttentionPlan("paged_attention", (tables, lens, meta[5]), options, q.shape,
-                             q_dtype, k_cache, fixed)
+        return ("paged_attention", (tables, lens, meta[5]), (None, None, given[5]), options,
+                q.shape, q_dtype, fixed)
     fn = select("shared_prefix_attention", platform, backend)
     groups = getattr(fn, "plan_groups", None)
     if groups is not None and not validate.is_fp8(k_cache):
@@ -286,11 +354,9 @@ def plan_shared_prefix_attention(prefix_block_tables, prefix_lens, prefix_ids, b
         if meta[0].shape[0] == 0:  # every group read through its sequences' tables
             select("paged_attention", platform, backend)
             options = (dims.scale, True, None, soft_cap, backend)
-            return AttentionPlan("paged_attention", meta[3:], options, q.shape, q_dtype,
-                                 k_cache, fixed)
+            return ("paged_attention", meta[3:], given[3:], options, q.shape, q_dtype, fixed)
     options = (dims.scale, soft_cap, backend)
-    return AttentionPlan("shared_prefix_attention", meta, options, q.shape, q_dtype, k_cache,
-                         fixed)
+    return ("shared_prefix_attention", meta, given, options, q.shape, q_dtype, fixed)
 
 
 __all__ = ["AttentionPlan", "plan_paged_attention", "plan_shared_prefix_attention"]
