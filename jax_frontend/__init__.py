@@ -6,7 +6,8 @@ platform: Pallas Mosaic kernels on TPU, Pallas GPU kernels on CUDA where registe
 compiled XLA composite elsewhere (the CPU path). ``backend=`` or ``PREFIXKV_<OP>_BACKEND`` /
 ``PREFIXKV_BACKEND`` override; an impossible request raises :class:`BackendError` listing every
 backend and why it was refused. Cache-updating ops return new caches: donate them under
-``jax.jit`` to update in place.
+``jax.jit`` to update in place. ``plan_paged_attention`` / ``plan_shared_prefix_attention``
+check a step's attention metadata once, on the host; the plan (a pytree) runs every layer.
 """
 
 from ..paged.registry import BackendError as BackendError
@@ -19,6 +20,9 @@ from ._ops import paged_attention as paged_attention
 from ._ops import scatter_blocks as scatter_blocks
 from ._ops import shared_prefix_attention as shared_prefix_attention
 from ._ops import write_kv as write_kv
+from ._plan import AttentionPlan as AttentionPlan
+from ._plan import plan_paged_attention as plan_paged_attention
+from ._plan import plan_shared_prefix_attention as plan_shared_prefix_attention
 from ._sharding import kv_head_specs as kv_head_specs
 from ._sharding import tensor_parallel_paged_attention as tensor_parallel_paged_attention
 from ._sharding import tensor_parallel_write_kv as tensor_parallel_write_kv

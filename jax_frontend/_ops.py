@@ -319,6 +319,19 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
         bs = sdims.attention.block_size
         prefix_lens = _at_most(prefix_lens, sdims.max_prefix_blocks * bs)
         kv_lens = _at_most(kv_lens, sdims.attention.max_blocks_per_seq * bs)
+    out, lse = _run_shared_prefix_attention(
+        sdims, q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
+        kv_lens, cu_q_lens, logits_soft_cap=logits_soft_cap, sinks=sinks,
+        sliding_window=sliding_window, backend=backend, k_scale=k_scale, v_scale=v_scale)
+    return (out, lse) if return_lse else out
+
+
+def _run_shared_prefix_attention(sdims, q, k_cache, v_cache, prefix_block_tables, prefix_lens,
+                                 prefix_ids, block_tables, kv_lens, cu_q_lens, *,
+                                 logits_soft_cap, sinks, sliding_window, backend, k_scale=None,
+                                 v_scale=None):
+    """(out, lse) of a checked shared_prefix_attention call (``sdims``: its
+    SharedPrefixDims)."""
     dims = sdims.attention
     if sliding_window is not None:  # checked above: paged attention over the joined tables
         tables, lens = _xla.prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids,
@@ -328,7 +341,7 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
             v_cache, tables, lens, cu_q_lens, causal=True, sliding_window=sliding_window,
             logits_soft_cap=logits_soft_cap, sinks=sinks, backend=backend, k_scale=k_scale,
             v_scale=v_scale)
-        return (out, lse) if return_lse else out
+        return out, lse
     config = dict(scale=dims.scale,
                   logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))
     context = _backends.attention_context(dims, max(
@@ -349,7 +362,7 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
                           block_tables, kv_lens, cu_q_lens))
     if sinks is not None:
         out, lse = _xla.apply_sinks(out, lse, sinks)
-    return (out, lse) if return_lse else out
+    return out, lse
 
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b, *, backend=None):

@@ -3,8 +3,9 @@
 One jitted forward per (bucketed) batch shape and attention variant: embed, then per layer
 RMSNorm, q/k/v projections, RoPE at each token's absolute position, ``write_kv`` of this step's
 keys and values into the paged cache, ``paged_attention`` over it (``shared_prefix_attention``
-when the step has shared-prefix groups), the output projection and a SwiGLU MLP; finally the
-logits of each sequence's last token. The caches are donated, so XLA updates them in place.
+when the step has shared-prefix groups; planned on the host each step, the plan passed into
+the jitted forward), the output projection and a SwiGLU MLP; finally the logits of each
+sequence's last token. The caches are donated, so XLA updates them in place.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def _rope(x, cos, sin):
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
-def forward(ops, cfg: LlamaConfig, shared: bool, w: dict, caches: list, a: dict):
-    """Pure forward: (logits f32[num_seqs, vocab], updated caches). ``a``: the batch arrays."""
+def forward(ops, cfg: LlamaConfig, shared: bool, w: dict, caches: list, a: dict, plan):
+    """Pure forward: (logits f32[num_seqs, vocab], updated caches). ``a``: the batch arrays;
+    ``plan``: the step's attention plan (its metadata checked on the host)."""
     t = a["token_ids"].shape[0]
     x = w["embed"][a["token_ids"]]
     cos, sin = w["rope_cos"][a["positions"]], w["rope_sin"][a["positions"]]
@@ -48,13 +50,7 @@ def forward(ops, cfg: LlamaConfig, shared: bool, w: dict, caches: list, a: dict)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         kc, vc = ops.write_kv(k, v, caches[2 * i], caches[2 * i + 1], a["slot_mapping"])
         new_caches += [kc, vc]
-        if shared:
-            attn = ops.shared_prefix_attention(
-                q, kc, vc, a["prefix_block_tables"], a["prefix_lens"], a["prefix_ids"],
-                a["suffix_block_tables"], a["suffix_kv_lens"], a["cu_q_lens"])
-        else:
-            attn = ops.paged_attention(q, kc, vc, a["block_tables"], a["kv_lens"],
-                                       a["cu_q_lens"])
+        attn = plan.run(q, kc, vc)
         x = x + attn.reshape(t, -1) @ w[p + "wo"]
         h = _rms_norm(x, w[p + "mlp_norm"], cfg.rms_norm_eps)
         x = x + (jax.nn.silu(h @ w[p + "w_gate"]) * (h @ w[p + "w_up"])) @ w[p + "w_down"]
@@ -62,8 +58,9 @@ def forward(ops, cfg: LlamaConfig, shared: bool, w: dict, caches: list, a: dict)
     return (last @ w["lm_head"]).astype(jnp.float32), new_caches
 
 
-_BATCH_FIELDS = ("token_ids", "positions", "slot_mapping", "cu_q_lens", "kv_lens",
-                 "block_tables", "logits_indices")
+#: The batch arrays of the forward besides the attention metadata (in the plan).
+_BATCH_FIELDS = ("token_ids", "positions", "slot_mapping", "logits_indices")
+#: The shared-prefix plan's metadata before cu_q_lens.
 _SHARED_FIELDS = ("prefix_block_tables", "prefix_lens", "prefix_ids", "suffix_block_tables",
                   "suffix_kv_lens")
 
@@ -107,9 +104,18 @@ class JaxLlama:
         return fn
 
     def forward(self, batch: StepBatch) -> np.ndarray:
-        names = _BATCH_FIELDS + (_SHARED_FIELDS if batch.shared else ())
-        arrays = jax.device_put({n: getattr(batch, n) for n in names}, self.device)  # one call
-        logits, self.caches = self._compiled(batch.shared)(self.w, self.caches, arrays)
+        arrays = jax.device_put({n: getattr(batch, n) for n in _BATCH_FIELDS},
+                                self.device)  # one call
+        # the attention metadata checked on the host once per step (traced inside the jitted
+        # forward, the ops could not check it), on the caches' device; a pytree argument
+        like = dict(k_cache=self.caches[0], num_q_heads=self.config.num_q_heads)
+        if batch.shared:
+            plan = self.ops.plan_shared_prefix_attention(
+                *(getattr(batch, n) for n in _SHARED_FIELDS), batch.cu_q_lens, **like)
+        else:
+            plan = self.ops.plan_paged_attention(batch.block_tables, batch.kv_lens,
+                                                 batch.cu_q_lens, **like)
+        logits, self.caches = self._compiled(batch.shared)(self.w, self.caches, arrays, plan)
         return np.asarray(logits)
 
     # Offload/onboard move a varying number of blocks; the ops run on fixed pieces of
