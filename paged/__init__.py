@@ -26,6 +26,8 @@ _EXPORTS = {
     "SharedPrefixPlan": ".planner",
     "plan_batch": ".planner",
     "find_shared_prefixes": ".planner",
+    "block_tables_from_csr": ".csr",
+    "csr_from_block_tables": ".csr",
     "Namespace": ".tiers",
     "BlockKey": ".tiers",
     "Tier": ".tiers",
