@@ -22,7 +22,9 @@ runs as paged attention over the joined tables, as that backend would.
 
 Plans are host-side objects, built once per step outside ``torch.compile`` and CUDA-graph
 capture (building one may read cu_q_lens on the host); ``run`` itself works in both (with
-``out=``, ``lse=`` and a ``workspace=``, it allocates nothing on the triton backend).
+``out=``, ``lse=`` and a ``workspace=``, it allocates nothing on the triton backend), and
+``update`` plans a later step of the same shapes into the same tensors, so a captured graph
+replays it. ``prefixkv.jax_frontend`` has plans of the same names and arguments.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def _cache_like(k_cache, num_q_heads, dtype) -> tuple[torch.dtype, tuple]:
     if not isinstance(k_cache, Tensor):
         raise TypeError(f"k_cache: expected a torch.Tensor (one layer's key cache), got "
                         f"{type(k_cache).__name__}")
-    if isinstance(num_q_heads, bool) or not isinstance(num_q_heads, int):
+    if isinstance(num_q_heads, bool) or not isinstance(num_q_heads, (int, np.integer)):
         raise TypeError(f"num_q_heads: expected an int, got {type(num_q_heads).__name__}")
     if dtype is None:
         if validate.is_fp8(k_cache):
@@ -65,7 +67,7 @@ def _cache_like(k_cache, num_q_heads, dtype) -> tuple[torch.dtype, tuple]:
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype: expected a torch.dtype, got {type(dtype).__name__}")
     head_dim = k_cache.shape[-1] if k_cache.dim() else 0
-    return dtype, (num_q_heads, head_dim)
+    return dtype, (int(num_q_heads), head_dim)
 
 
 def _num_tokens(cu_q_lens, num_seqs: int) -> int:
