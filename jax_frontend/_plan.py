@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from ..paged import validate
-from ..paged.spec import dtype_name
+from ..paged.spec import FLOAT_DTYPES, dtype_name
 from . import _xla
 from ._ops import (
     _at_most,
@@ -76,15 +76,21 @@ def _meta_q(k_cache, num_q_heads, dtype, cu_q_lens, num_seqs: int):
                         f"{type(k_cache).__name__}")
     if isinstance(num_q_heads, bool) or not isinstance(num_q_heads, (int, np.integer)):
         raise TypeError(f"num_q_heads: expected an int, got {type(num_q_heads).__name__}")
+    if num_q_heads < 1:
+        raise ValueError(f"num_q_heads: expected an int >= 1, got {num_q_heads}")
     if dtype is None:
         if validate.is_fp8(k_cache):
             raise ValueError("dtype: required with float8_e4m3fn caches (q's dtype: "
                              "jnp.bfloat16, jnp.float16 or jnp.float32)")
         dtype = k_cache.dtype
+    given = dtype
     try:
         dtype = np.dtype(dtype)
     except TypeError:
-        raise TypeError(f"dtype: expected a dtype, got {type(dtype).__name__}") from None
+        dtype = None
+    if dtype is None or dtype_name(dtype) not in FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected q's dtype, one of {', '.join(FLOAT_DTYPES)}, got "
+                        f"{given!r}")
     if cu_q_lens is None:
         num_tokens = num_seqs
     elif _is_traced(cu_q_lens):

@@ -103,6 +103,13 @@ def test_plan_refuses_bad_metadata_and_names_run_mismatches():
     with pytest.raises(TypeError, match="num_q_heads"):
         jf.plan_paged_attention(b.block_tables, b.kv_lens, b.cu_q_lens, k_cache=k,
                                 num_q_heads=4.0)
+    with pytest.raises(ValueError, match="num_q_heads: expected an int >= 1, got -2"):
+        jf.plan_paged_attention(b.block_tables, b.kv_lens, b.cu_q_lens, k_cache=k,
+                                num_q_heads=-2)
+    for bad in (np.int32, "nope"):
+        with pytest.raises(TypeError, match="dtype: expected q's dtype, one of float32"):
+            jf.plan_paged_attention(b.block_tables, b.kv_lens, b.cu_q_lens, k_cache=k,
+                                    num_q_heads=hq, dtype=bad)
     with pytest.raises(TypeError, match="k_cache"):
         jf.plan_paged_attention(b.block_tables, b.kv_lens, b.cu_q_lens, k_cache=[1],
                                 num_q_heads=hq)

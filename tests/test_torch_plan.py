@@ -125,6 +125,11 @@ def test_plan_refuses_bad_metadata_when_made():
     with pytest.raises(TypeError, match="dtype"):
         tf.plan_paged_attention(T(b.block_tables), T(b.kv_lens), k_cache=k, num_q_heads=4,
                                 dtype="float32")
+    with pytest.raises(TypeError, match="dtype: expected q's dtype, one of float32"):
+        tf.plan_paged_attention(T(b.block_tables), T(b.kv_lens), k_cache=k, num_q_heads=4,
+                                dtype=torch.int32)
+    with pytest.raises(ValueError, match="num_q_heads: expected an int >= 1, got 0"):
+        tf.plan_paged_attention(T(b.block_tables), T(b.kv_lens), k_cache=k, num_q_heads=0)
     with pytest.raises(ValueError, match="dtype: required"):
         tf.plan_paged_attention(T(b.block_tables), T(b.kv_lens),
                                 k_cache=k.to(torch.float8_e4m3fn), num_q_heads=4)
