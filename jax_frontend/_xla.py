@@ -914,8 +914,9 @@ def prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids, block_t
            if own_width else jnp.zeros((num_seqs, cols.shape[0]), i32))
     pre = (prefix_block_tables.astype(i32)[p][:, jnp.minimum(cols, width - 1)]
            if num_prefixes and width else own)
+    kv = jnp.maximum(kv_lens.astype(i32), 0)  # + plen saturating at int32's limit (unchecked)
     return (jnp.where(cols[None, :] < pblocks[:, None], pre, own),
-            jnp.maximum(kv_lens.astype(i32), 0) + plen)
+            kv + jnp.minimum(plen, jnp.iinfo(i32).max - kv))
 
 
 def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,

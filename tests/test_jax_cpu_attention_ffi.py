@@ -393,6 +393,11 @@ def test_joined_tables_of_unchecked_lengths_stay_key_counts():
         jnp.asarray([0, 1, -1], jnp.int32), jnp.zeros((3, 2), jnp.int32),
         jnp.asarray([-2**31, 5, -7], jnp.int32), 4)
     np.testing.assert_array_equal(np.asarray(kv), [0, 5 + 12, 0])
+    # a length near int32's limit plus a prefix saturates there, never wraps negative
+    _, kv = _xla.prefix_then_own_tables(
+        jnp.zeros((1, 3), jnp.int32), jnp.asarray([12], jnp.int32), jnp.asarray([0], jnp.int32),
+        jnp.zeros((1, 2), jnp.int32), jnp.asarray([2**31 - 5], jnp.int32), 4)
+    np.testing.assert_array_equal(np.asarray(kv), [2**31 - 1])
 
 
 def test_disabled_ffi_falls_back_to_xla(monkeypatch):

@@ -964,6 +964,9 @@ def _cascade_groups(group: int, block_size: int, itemsize: int, prefix_block_tab
     plens = prefix_lens.numpy().astype(np.int64)
     pid = prefix_ids.numpy().astype(np.int64)
     num_prefixes, num_seqs = plens.shape[0], pid.shape[0]
+    # an unchecked id past the prefixes reads no prefix, as the cascade's own path and the
+    # device route take it (the reference's joined tables would index past prefix_lens)
+    pid = np.where(pid < num_prefixes, pid, -1)
     more = 1 if itemsize >= 4 else CASCADE_16BIT_FACTOR
     # A batch too small for any group to pass (its rows, and its rows times the widest prefix
     # table's keys, bound every group's): every group dissolves, without counting them. Only
