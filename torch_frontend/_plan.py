@@ -120,6 +120,12 @@ def _as_int32(**named) -> tuple:
     return tuple(out)
 
 
+def _shapes(metadata, n: int) -> tuple:
+    """The shape of each of ``n`` metadata arguments (None for one not given, or None)."""
+    padded = (*metadata, *(None,) * (n - len(metadata)))
+    return tuple(None if t is None else tuple(t.shape) for t in padded)
+
+
 #: The metadata parameters of each op a plan runs, in the op's order (for update's errors).
 _META_NAMES = {
     "paged_attention": ("block_tables", "kv_lens", "cu_q_lens"),
@@ -133,11 +139,14 @@ class AttentionPlan:
     layer, :meth:`update` for the next step's metadata of the same shapes. Made by
     :func:`plan_paged_attention` or :func:`plan_shared_prefix_attention`."""
 
-    def __init__(self, make, metadata: tuple, k_cache):
+    def __init__(self, make, metadata: tuple, k_cache, names: tuple):
         # make(*metadata) -> (op, meta on the device, the caller's tensors, options, q shape,
         # q dtype, tokens_fixed): the checks and routing of plan_*; kept for update
         self._make = make
         op, meta, given, self._options, q_shape, self._dtype, fixed = make(*metadata)
+        # the names and shapes of the metadata as the caller passed it, for update's errors
+        self._names = names
+        self._given = _shapes(metadata, len(names))
         self._op = op
         self._meta = _owned(meta, given)
         self._q_shape = torch.Size(q_shape)
@@ -157,21 +166,28 @@ class AttentionPlan:
         the capture); else a ValueError naming the argument, and the plan is unchanged.
         Copies run on the current stream, after the work already queued. Returns the plan."""
         op, meta, _, _, q_shape, _, fixed = self._make(*metadata)
+        for name, old, new in zip(self._names, self._given, _shapes(metadata, len(self._names)),
+                                  strict=True):
+            if (old is None) != (new is None):
+                raise ValueError(f"{name}: {'None' if new is None else 'given'}, where the "
+                                 f"plan was made {'without' if old is None else 'with'} it; "
+                                 f"make a new plan")
+            if old != new:
+                raise ValueError(f"{name}: shape {new}, where the plan was made with {old}; "
+                                 f"update keeps a plan's shapes (pad the batch, or make a "
+                                 f"new plan)")
         names = _META_NAMES[self._op]
         if op != self._op:  # only a shared-prefix plan's route can change
             raise ValueError(f"prefix_block_tables: this metadata plans {op}, where the plan runs "
                              f"{self._op} (the CPU reads small prefix groups through each "
                              f"sequence's table); make a new plan")
-        if q_shape != self._q_shape:
-            name = "cu_q_lens" if self._meta[-1] is not None else "block_tables"
-            raise ValueError(f"{name}: plans {q_shape[0]} query tokens, where the plan has "
+        if q_shape != self._q_shape:  # the same shapes: a ragged batch's cu_q_lens[-1]
+            raise ValueError(f"cu_q_lens: plans {q_shape[0]} query tokens, where the plan has "
                              f"{self._q_shape[0]}; update keeps a plan's shapes (pad the "
                              f"batch, or make a new plan)")
         for name, old, new in zip(names, self._meta, meta, strict=True):
-            if (old is None) != (new is None):
-                raise ValueError(f"{name}: {'None' if new is None else 'given'}, where the "
-                                 f"plan was made {'without' if old is None else 'with'} it; "
-                                 f"make a new plan")
+            # the caller's shapes are the planned ones: what still differs comes from values
+            # (the prefix groups the CPU keeps)
             if old is not None and (old.shape != new.shape or old.dtype != new.dtype):
                 raise ValueError(f"{name}: plans shape {tuple(new.shape)}, where the plan has "
                                  f"{tuple(old.shape)}; update keeps a plan's shapes (pad the "
@@ -265,7 +281,8 @@ def plan_paged_attention(block_tables, kv_lens, cu_q_lens=None, *, k_cache, num_
     make = functools.partial(_paged, k_cache=k_cache, num_q_heads=num_q_heads, dtype=dtype,
                              scale=scale, causal=causal, sliding_window=sliding_window,
                              logits_soft_cap=logits_soft_cap, backend=backend)
-    return AttentionPlan(make, (block_tables, kv_lens, cu_q_lens), k_cache)
+    return AttentionPlan(make, (block_tables, kv_lens, cu_q_lens), k_cache,
+                         _META_NAMES["paged_attention"])
 
 
 def _paged(block_tables, kv_lens, cu_q_lens=None, *, k_cache, num_q_heads, dtype, scale,
@@ -310,7 +327,8 @@ def plan_shared_prefix_attention(prefix_block_tables, prefix_lens, prefix_ids, b
                              scale=scale, logits_soft_cap=logits_soft_cap,
                              sliding_window=sliding_window, backend=backend)
     return AttentionPlan(make, (prefix_block_tables, prefix_lens, prefix_ids, block_tables,
-                                kv_lens, cu_q_lens), k_cache)
+                                kv_lens, cu_q_lens), k_cache,
+                         _META_NAMES["shared_prefix_attention"])
 
 
 def _shared(prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
