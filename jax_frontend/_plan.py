@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from ..paged import validate
-from ..paged.spec import FLOAT_DTYPES, dtype_name
+from ..paged.spec import dtype_name
 from . import _xla
 from ._ops import (
     _at_most,
@@ -74,23 +74,11 @@ def _meta_q(k_cache, num_q_heads, dtype, cu_q_lens, num_seqs: int):
     if not hasattr(k_cache, "shape") or not hasattr(k_cache, "dtype"):
         raise TypeError(f"k_cache: expected an array (one layer's key cache), got "
                         f"{type(k_cache).__name__}")
-    if isinstance(num_q_heads, bool) or not isinstance(num_q_heads, (int, np.integer)):
-        raise TypeError(f"num_q_heads: expected an int, got {type(num_q_heads).__name__}")
-    if num_q_heads < 1:
-        raise ValueError(f"num_q_heads: expected an int >= 1, got {num_q_heads}")
-    if dtype is None:
-        if validate.is_fp8(k_cache):
-            raise ValueError("dtype: required with float8_e4m3fn caches (q's dtype: "
-                             "jnp.bfloat16, jnp.float16 or jnp.float32)")
-        dtype = k_cache.dtype
-    given = dtype
+    given = validate.check_plan_heads_and_dtype(k_cache, num_q_heads, dtype)
     try:
-        dtype = np.dtype(dtype)
+        dtype = np.dtype(given)
     except TypeError:
-        dtype = None
-    if dtype is None or dtype_name(dtype) not in FLOAT_DTYPES:
-        raise TypeError(f"dtype: expected q's dtype, one of {', '.join(FLOAT_DTYPES)}, got "
-                        f"{given!r}")
+        raise TypeError(f"dtype: expected a dtype, got {given!r}") from None
     if cu_q_lens is None:
         num_tokens = num_seqs
     elif _is_traced(cu_q_lens):

@@ -342,6 +342,29 @@ def check_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=
         decode=cu_q_lens is None)
 
 
+def check_plan_heads_and_dtype(k_cache, num_q_heads, dtype):
+    """Static checks of an attention plan's ``num_q_heads`` (an int >= 1) and ``dtype`` (q's:
+    a float dtype; default k_cache's, which a float8_e4m3fn cache cannot give). Returns the
+    dtype (the frontend checks its type)."""
+    if isinstance(num_q_heads, bool) or not isinstance(num_q_heads, (int, np.integer)):
+        raise TypeError(f"num_q_heads: expected an int, got {type(num_q_heads).__name__}")
+    if num_q_heads < 1:
+        raise ValueError(f"num_q_heads: expected an int >= 1, got {num_q_heads}")
+    if dtype is None:
+        if is_fp8(k_cache):
+            raise ValueError(f"dtype: required with float8_e4m3fn caches (q's dtype: "
+                             f"{', '.join(FLOAT_DTYPES)})")
+        return k_cache.dtype
+    try:
+        name = dtype_name(dtype)
+    except TypeError:
+        name = None
+    if name not in FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected q's dtype, one of {', '.join(FLOAT_DTYPES)}, got "
+                        f"{dtype!r}")
+    return dtype
+
+
 def check_sinks(sinks, num_q_heads: int) -> None:
     """sinks: None, or one logit per q head, float[num_q_heads] (gpt-oss's attention sinks)."""
     if sinks is None:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..paged import validate
-from ..paged.spec import FLOAT_DTYPES, dtype_name
+from ..paged.spec import dtype_name
 from ._ops import (
     _at_most,
     _index_tensors,
@@ -57,18 +57,9 @@ def _cache_like(k_cache, num_q_heads, dtype) -> tuple[torch.dtype, tuple]:
     if not isinstance(k_cache, Tensor):
         raise TypeError(f"k_cache: expected a torch.Tensor (one layer's key cache), got "
                         f"{type(k_cache).__name__}")
-    if isinstance(num_q_heads, bool) or not isinstance(num_q_heads, (int, np.integer)):
-        raise TypeError(f"num_q_heads: expected an int, got {type(num_q_heads).__name__}")
-    if num_q_heads < 1:
-        raise ValueError(f"num_q_heads: expected an int >= 1, got {num_q_heads}")
-    if dtype is None:
-        if validate.is_fp8(k_cache):
-            raise ValueError("dtype: required with float8_e4m3fn caches (q's dtype: "
-                             "torch.bfloat16, torch.float16 or torch.float32)")
-        dtype = k_cache.dtype
-    if not isinstance(dtype, torch.dtype) or dtype_name(dtype) not in FLOAT_DTYPES:
-        raise TypeError(f"dtype: expected q's dtype, one of {', '.join(FLOAT_DTYPES)}, got "
-                        f"{dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype!r}")
+    dtype = validate.check_plan_heads_and_dtype(k_cache, num_q_heads, dtype)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype: expected a torch.dtype, got {type(dtype).__name__}")
     head_dim = k_cache.shape[-1] if k_cache.dim() else 0
     return dtype, (int(num_q_heads), head_dim)
 
