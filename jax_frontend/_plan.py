@@ -38,8 +38,6 @@ from ._ops import (
     check_static,
 )
 
-_INT32 = (-(2**31), 2**31 - 1)
-
 
 def _device_of(k_cache):
     """The device of a concrete single-device k_cache, else None (jax's default)."""
@@ -58,12 +56,7 @@ def _as_int32(**named) -> tuple:
     for name, x in named.items():
         if x is not None and hasattr(x, "dtype") and dtype_name(x) == "int64":
             if int(np.prod(x.shape)) and _run_value_checks(x):
-                host = validate.to_host(x)
-                bad = (host < _INT32[0]) | (host > _INT32[1])
-                if bad.any():
-                    i = tuple(int(v) for v in np.argwhere(bad)[0])
-                    raise ValueError(f"{name}: expected values that fit int32 (prefixkv's "
-                                     f"index dtype), got {int(host[i])} at index {i}")
+                validate.check_fits_int32(name, x)
             x = x.astype(np.int32)
         out.append(x)
     return tuple(out)

@@ -24,6 +24,12 @@ def _int_array(name: str, x, ndim: int = 1) -> np.ndarray:
     return a.astype(np.int64)
 
 
+def _check_block_size(block_size) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) \
+            or block_size < 1:
+        raise ValueError(f"block_size: expected an int >= 1, got {block_size!r}")
+
+
 def block_tables_from_csr(kv_indptr, kv_indices, kv_last_page_len, block_size: int, *,
                           max_blocks_per_seq: int | None = None,
                           pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -31,9 +37,7 @@ def block_tables_from_csr(kv_indptr, kv_indices, kv_last_page_len, block_size: i
     CSR page table. ``block_size``: the page size. ``max_blocks_per_seq``: the table's width
     (default the most pages of a sequence; fixed, e.g. for CUDA graphs or jit buckets).
     Entries past a sequence's pages hold ``pad_id`` (never read as keys)."""
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) \
-            or block_size < 1:
-        raise ValueError(f"block_size: expected an int >= 1, got {block_size!r}")
+    _check_block_size(block_size)
     indices = _int_array("kv_indices", kv_indices)
     indptr = _int_array("kv_indptr", kv_indptr)
     if indptr.shape[0] == 0 or indptr[0] != 0 or (np.diff(indptr) < 0).any():
@@ -74,9 +78,7 @@ def csr_from_block_tables(block_tables, kv_lens,
                           block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(kv_indptr, kv_indices, kv_last_page_len), int32, of a padded block table: sequence s
     holds its first ceil(kv_lens[s] / block_size) entries."""
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) \
-            or block_size < 1:
-        raise ValueError(f"block_size: expected an int >= 1, got {block_size!r}")
+    _check_block_size(block_size)
     tables = _int_array("block_tables", block_tables, ndim=2)
     lens = _int_array("kv_lens", kv_lens)
     if lens.shape[0] != tables.shape[0]:

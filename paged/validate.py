@@ -342,6 +342,17 @@ def check_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=
         decode=cu_q_lens is None)
 
 
+def check_fits_int32(name: str, x) -> None:
+    """Host value check of int64 metadata about to be cast to int32 (prefixkv's index dtype):
+    a ValueError naming the first value outside int32 and its index."""
+    host = to_host(x)
+    bad = (host < -(2**31)) | (host > 2**31 - 1)
+    if bad.any():
+        i = tuple(int(v) for v in np.argwhere(bad)[0])
+        raise ValueError(f"{name}: expected values that fit int32 (prefixkv's index dtype), "
+                         f"got {int(host[i])} at index {i}")
+
+
 def check_plan_heads_and_dtype(k_cache, num_q_heads, dtype):
     """Static checks of an attention plan's ``num_q_heads`` (an int >= 1) and ``dtype`` (q's:
     a float dtype; default k_cache's, which a float8_e4m3fn cache cannot give). Returns the

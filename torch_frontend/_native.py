@@ -1183,9 +1183,8 @@ def _plan_groups(num_q_heads: int, k_cache: torch.Tensor, logits_soft_cap: float
     plan runs paged_attention over the tables, as this backend would); elsewhere unchanged.
     A kept group's metadata passes _cascade_groups again unchanged."""
     meta = (prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens)
-    if (k_cache.device.type != "cpu" or logits_soft_cap is not None or _flash_cpu() is None
-            or not _on_host(*meta) or (cu_q_lens is not None and not _on_host(cu_q_lens))
-            or block_tables.shape[0] == 0):
+    if not _host_path(k_cache, logits_soft_cap) or not _on_host(
+            *meta, *(() if cu_q_lens is None else (cu_q_lens,))):
         return meta
     return _cascade_groups(num_q_heads // k_cache.shape[2], k_cache.shape[1],
                            k_cache.element_size(), *meta, cu_q_lens)

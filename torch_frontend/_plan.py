@@ -87,9 +87,6 @@ def _owned(tensors, given):
     return tuple(out)
 
 
-_INT32 = (-(2**31), 2**31 - 1)
-
-
 def _as_int32(**named) -> tuple:
     """The metadata with int64 tensors (torch's default integer dtype, SGLang's seq_lens) cast
     to int32, prefixkv's index dtype: once per step here, where the wrappers refuse them rather
@@ -100,12 +97,7 @@ def _as_int32(**named) -> tuple:
     for name, t in named.items():
         if t is not None and t.dtype == torch.int64:
             if t.numel() and _want_values(t):
-                lo, hi = int(t.min()), int(t.max())
-                bad = lo if lo < _INT32[0] else hi if hi > _INT32[1] else None
-                if bad is not None:
-                    i = tuple(int(x) for x in (t == bad).nonzero()[0])
-                    raise ValueError(f"{name}: expected values that fit int32 (prefixkv's "
-                                     f"index dtype), got {bad} at index {i}")
+                validate.check_fits_int32(name, t)
             t = t.to(torch.int32)
         out.append(t)
     return tuple(out)
@@ -144,7 +136,6 @@ class AttentionPlan:
         self._k_shape = k_cache.shape
         self._kv_dtype = k_cache.dtype
         self._device = k_cache.device
-        self._fp8 = validate.is_fp8(k_cache)
         # q's token count is the planned one (a decode, or a ragged batch whose cu_q_lens
         # were value-checked); else any, as the wrapper with value checks off takes
         self._tokens_fixed = fixed
@@ -239,16 +230,11 @@ class AttentionPlan:
         if sinks is not None:
             _tensors(q=q, sinks=sinks)
             validate.check_sinks(sinks, self._q_shape[1])
-        scales = ()
-        if self._fp8:
-            validate.check_kv_scale("k_scale", k_scale, k_cache)
-            validate.check_kv_scale("v_scale", v_scale, v_cache)
-            scales = _op_scales(k_scale, v_scale, k_cache, v_cache)
-        elif k_scale is not None or v_scale is not None:
-            validate.check_kv_scale("k_scale" if k_scale is not None else "v_scale",
-                                    k_scale if k_scale is not None else v_scale, k_cache)
+        validate.check_kv_scale("k_scale", k_scale, k_cache)  # a scale of a float cache:
+        validate.check_kv_scale("v_scale", v_scale, v_cache)  # refused by name
         return _run_attention(self._op, (q, k_cache, v_cache, *self._meta, *self._options), q,
-                              out, lse, workspace, return_lse, sinks, scales)
+                              out, lse, workspace, return_lse, sinks,
+                              _op_scales(k_scale, v_scale, k_cache, v_cache))
 
     __call__ = run
 
