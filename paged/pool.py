@@ -36,8 +36,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from functools import partial
 from itertools import takewhile
-from operator import index, is_not
+from operator import is_not
 
+from . import validate
 from .events import CLEARED, EVICTED, REMOVED, STORED, EventBus, KVEvent, call_each
 from .spec import salt_bytes
 
@@ -45,16 +46,6 @@ NULL_BLOCK = 0
 
 _not_none = partial(is_not, None)
 
-
-def _count(value, name: str) -> int:
-    """``value`` as a Python int: an int or numpy integer (anything with ``__index__``), not a
-    bool; else a TypeError naming ``name``."""
-    if not isinstance(value, bool):
-        try:
-            return index(value)
-        except TypeError:
-            pass
-    raise TypeError(f"{name}: expected an int, got {value!r}")
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -81,11 +72,9 @@ class BlockPool:
 
     def __init__(self, num_blocks: int, block_size: int, *, tier: str = "device",
                  events: EventBus | None = None) -> None:
-        if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 2:
-            raise ValueError(f"num_blocks: expected an int >= 2 (block 0 is the null block), "
-                             f"got {num_blocks!r}")
-        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-            raise ValueError(f"block_size: expected an int >= 1, got {block_size!r}")
+        num_blocks = validate.check_int("num_blocks", num_blocks, 2,
+                                        " (block 0 is the null block)")
+        block_size = validate.check_int("block_size", block_size, 1)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.tier = tier
@@ -192,7 +181,7 @@ class BlockPool:
         out, so subscribers and the index agree).
         """
         if type(n) is not int:
-            n = _count(n, "n")
+            n = validate.check_int("n", n)
         empty = self._empty
         if n <= len(empty):
             if n <= 0:

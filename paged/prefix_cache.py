@@ -33,6 +33,7 @@ from collections.abc import Callable, Hashable, Iterable
 
 import numpy as np
 
+from . import validate
 from .planner import BatchPlan, plan_batch
 from .pool import BlockPool, NoFreeBlocksError, namespace_of
 
@@ -108,7 +109,11 @@ def _token_array(tokens, name: str = "tokens") -> np.ndarray:
                              f"{tokens.dtype}{list(tokens.shape)}")
         arr = tokens
     else:
-        out = list(tokens)
+        try:
+            out = list(tokens)
+        except TypeError:
+            raise TypeError(f"{name}: expected a sequence of int token ids or a 1-D integer "
+                            f"array, got {type(tokens).__name__}") from None
         if not set(map(type, out)) <= {int}:
             for i, t in enumerate(out):
                 if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
@@ -118,6 +123,24 @@ def _token_array(tokens, name: str = "tokens") -> np.ndarray:
         raise ValueError(f"{name}: expected token ids in [0, 2**31), got min {int(arr.min())} "
                          f"max {int(arr.max())}")
     return arr.astype(np.int32, copy=False)
+
+
+def _pairs(batch) -> tuple[list, list]:
+    """(the batch as a list, its request ids) of a step's [(request_id, num_new_tokens)];
+    TypeError naming the first entry that is no pair (a dict: its items were meant)."""
+    if isinstance(batch, dict):
+        raise TypeError("batch: expected (request_id, num_new_tokens) pairs, got a dict; pass "
+                        "list(batch.items())")
+    batch = list(batch)
+    try:
+        return batch, [rid for rid, _ in batch]
+    except (TypeError, ValueError):
+        i = next((i for i, item in enumerate(batch)
+                  if not isinstance(item, (tuple, list)) or len(item) != 2), None)
+        if i is None:
+            raise
+        raise TypeError(f"batch[{i}]: expected a (request_id, num_new_tokens) pair, got "
+                        f"{batch[i]!r}") from None
 
 
 def _token_list(tokens, name: str = "tokens") -> list[int]:
@@ -132,13 +155,6 @@ def _token_list(tokens, name: str = "tokens") -> list[int]:
             return list(tokens)
     return _token_array(tokens, name).tolist()
 
-
-def _count(value, name: str) -> int:
-    """``value`` as a count: a Python or numpy integer (not a bool), else a TypeError naming
-    ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}: expected an int, got {value!r}")
-    return int(value)
 
 
 class PrefixCache:
@@ -172,8 +188,8 @@ class PrefixCache:
         self.hash_fn = hash_fn if hash_fn is not None else default_hash_fn
         self.enable_caching = enable_caching
         self.shared_prefix = shared_prefix
-        self.min_prefix_blocks = min_prefix_blocks
-        self.min_group_size = min_group_size
+        self.min_prefix_blocks = validate.check_int("min_prefix_blocks", min_prefix_blocks, 0)
+        self.min_group_size = validate.check_int("min_group_size", min_group_size, 0)
         self._requests: dict[Hashable, _Request] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -246,8 +262,8 @@ class PrefixCache:
     def request_hashes(self, request_id, num_blocks: int | None = None) -> list[bytes]:
         """Hash chain of the request's first ``num_blocks`` full blocks (all full by default)."""
         req = self._get(request_id)
-        n = len(req.tokens) // self.block_size if num_blocks is None else _count(
-            num_blocks, "num_blocks")
+        n = (len(req.tokens) // self.block_size if num_blocks is None
+             else validate.check_int("num_blocks", num_blocks))
         if not 0 <= n <= len(req.tokens) // self.block_size:
             raise ValueError(f"num_blocks: expected 0 <= num_blocks <= "
                              f"{len(req.tokens) // self.block_size} (the request's full "
@@ -285,7 +301,7 @@ class PrefixCache:
         tier holds, register them and count them as computed. The caller must fill them
         (``scatter_blocks``) before the next step reads them. Returns the new block ids."""
         req = self._get(request_id)
-        num_blocks = _count(num_blocks, "num_blocks")
+        num_blocks = validate.check_int("num_blocks", num_blocks)
         bs = self.block_size
         if req.num_computed % bs or len(req.blocks) * bs != req.num_computed:
             raise ValueError("request_id: onboard needs a request whose computed tokens end at "
@@ -361,8 +377,8 @@ class PrefixCache:
 
     @staticmethod
     def _check_new(req: _Request, num_new_tokens: int) -> None:
-        if (isinstance(num_new_tokens, bool) or not isinstance(num_new_tokens, (int, np.integer))
-                or num_new_tokens < 0 or
+        num_new_tokens = validate.check_int("num_new_tokens", num_new_tokens)
+        if (num_new_tokens < 0 or
                 req.num_computed + num_new_tokens > len(req.tokens)):
             raise ValueError(f"num_new_tokens: expected 0 <= num_new_tokens <= "
                              f"{len(req.tokens) - req.num_computed} (known tokens not computed "
@@ -377,7 +393,7 @@ class PrefixCache:
         (what :meth:`step` checks first): each request's new blocks, plus one
         copy per write into a shared block while the block stays shared (k writers of a
         block held r times copy min(k, r - 1) times: the last holder writes in place)."""
-        return self._blocks_needed(self._checked(batch))
+        return self._blocks_needed(self._checked(_pairs(batch)[0]))
 
     def _checked(self, batch: Iterable[tuple[Hashable, int]]) -> list[tuple[_Request, int]]:
         """[(request, num_new_tokens as a Python int)] of ``batch``, each request looked up and
@@ -418,7 +434,7 @@ class PrefixCache:
         """The KV of the next ``num_new_tokens`` tokens is (or will be, this step) written:
         count them computed and register the blocks they filled."""
         req = self._get(request_id)
-        num_new_tokens = _count(num_new_tokens, "num_new_tokens")
+        num_new_tokens = validate.check_int("num_new_tokens", num_new_tokens)
         end = req.num_computed + num_new_tokens
         limit = min(len(req.blocks) * self.block_size, len(req.tokens))
         if num_new_tokens < 0 or end > limit:
@@ -450,8 +466,8 @@ class PrefixCache:
         """Metadata for ``batch`` = [(request_id, num_new_tokens)] after :meth:`allocate`
         (before :meth:`commit`), with the copy-on-write pairs of the allocations not committed
         yet in ``copy_src`` / ``copy_dst``."""
-        batch = list(batch)
-        return self._plan([rid for rid, _ in batch], [self._get(rid) for rid, _ in batch],
+        batch, request_ids = _pairs(batch)
+        return self._plan(request_ids, [self._get(rid) for rid, _ in batch],
                           [n for _, n in batch])
 
     def _plan(self, request_ids: list, reqs: list[_Request], q_lens: list[int]) -> BatchPlan:
@@ -471,8 +487,7 @@ class PrefixCache:
         """One engine step: allocate every request's new tokens, build the plan (with the
         copy-on-write pairs) and commit. Raises NoFreeBlocksError, changing nothing, when the
         batch needs more blocks than are free (the scheduler then preempts or waits)."""
-        batch = list(batch)
-        request_ids = [rid for rid, _ in batch]
+        batch, request_ids = _pairs(batch)
         if len(set(request_ids)) != len(batch):
             raise ValueError("batch: expected each request_id at most once")
         items = self._checked(batch)  # each request looked up and checked once
@@ -584,7 +599,7 @@ class PrefixCache:
         past them are freed. A registered block that is written again later is unregistered
         or copied first, never changed under its hash."""
         req = self._get(request_id)
-        num_tokens = _count(num_tokens, "num_tokens")
+        num_tokens = validate.check_int("num_tokens", num_tokens)
         if not 0 <= num_tokens <= len(req.tokens):
             raise ValueError(f"num_tokens: expected 0 <= num_tokens <= {len(req.tokens)}, "
                              f"got {num_tokens}")

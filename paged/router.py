@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import validate
 from .events import CLEARED, EVICTED, REMOVED, STORED, EventBus, KVEvent
 from .pool import namespace_of
 
@@ -60,20 +61,25 @@ class Router:
 
     def __init__(self, block_size: int, *, hash_fn: Callable | None = None,
                  overlap_weight: float = 1.0, tiers: Sequence[str] = ("device",)) -> None:
-        if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
-            raise TypeError(f"block_size: expected an int, got {block_size!r}")
-        if block_size < 1:
-            raise ValueError(f"block_size: expected >= 1, got {block_size}")
-        if overlap_weight < 0:
+        block_size = validate.check_int("block_size", block_size, 1)
+        if (isinstance(overlap_weight, bool)
+                or not isinstance(overlap_weight, (int, float, np.integer, np.floating))):
+            raise TypeError(f"overlap_weight: expected a number, got "
+                            f"{type(overlap_weight).__name__}")
+        if not overlap_weight >= 0:  # NaN too
             raise ValueError(f"overlap_weight: expected >= 0, got {overlap_weight}")
+        if isinstance(tiers, (str, bytes)):  # not its characters
+            raise TypeError(f"tiers: expected a sequence of tier names, got the string "
+                            f"{tiers!r}; pass ({tiers!r},)")
+        tiers = tuple(tiers)
         if not tiers:
             raise ValueError("tiers: expected at least one tier name")
         if hash_fn is None:
             from .prefix_cache import default_hash_fn as hash_fn
-        self.block_size = int(block_size)
+        self.block_size = block_size
         self.hash_fn = hash_fn
         self.overlap_weight = float(overlap_weight)
-        self.tiers = tuple(tiers)
+        self.tiers = tiers
         self._tier_slot = {t: i for i, t in enumerate(self.tiers)}
         self._index: dict[bytes, dict[bytes, int]] = {}
         # {bit: {namespace: hashes}}: what each (worker, tier) bit is set on in the index, so
@@ -113,6 +119,8 @@ class Router:
 
     def remove_worker(self, worker_id: Hashable) -> None:
         """Forget a worker and every block it reported."""
+        if worker_id not in self._workers:
+            raise KeyError(f"worker_id: unknown worker {worker_id!r}; known: {self.workers}")
         slot = self._workers.pop(worker_id)
         del self._slot_worker[slot]
         self._loads.pop(worker_id, None)

@@ -149,7 +149,11 @@ def salt_bytes(salt: str | bytes | bytearray | None) -> bytes:
     if salt is None:
         return b""
     if isinstance(salt, str):
-        return salt.encode("utf-8")
+        try:
+            return salt.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate (a bad decode upstream)
+            raise ValueError(f"salt: expected a str UTF-8 can encode ({e.reason} at index "
+                             f"{e.start}); pass bytes for arbitrary salts") from None
     if isinstance(salt, (bytes, bytearray, memoryview)):
         return bytes(salt)
     raise TypeError(f"salt: expected str, bytes or None, got {type(salt).__name__}")

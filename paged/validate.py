@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import operator
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -116,6 +117,22 @@ def check_same_dtype(name: str, x, ref_name: str, ref) -> None:
     if dtype_name(x) != dtype_name(ref):
         raise TypeError(f"{name}: expected the dtype of {ref_name} ({dtype_name(ref)}), "
                         f"got {dtype_name(x)}")
+
+
+def check_int(name: str, value, minimum: int | None = None, hint: str = "") -> int:
+    """``value`` as a Python int: an int or numpy integer (anything with ``__index__``: sizes
+    computed with numpy arrive as np.int64), not a bool; TypeError otherwise, ValueError below
+    ``minimum`` (``hint`` follows the bound in the message)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int, got {value!r}"
+                        ) from None
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}{hint}, got {value}")
+    return int(value)
 
 
 def check_optional_positive(name: str, value, *, integer: bool = False, none_is=None):

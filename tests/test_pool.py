@@ -1,6 +1,7 @@
 """BlockPool: allocation order, ref counts, LRU eviction (tail first), namespaced hash index,
 events and their replay, input checks."""
 
+import numpy as np
 import pytest
 from prefixkv.paged.events import EventBus, EventLog, KVEvent, replay
 from prefixkv.paged.pool import NULL_BLOCK, BlockPool, NoFreeBlocksError, namespace_of
@@ -202,14 +203,23 @@ def test_replay_rejects_unknown_kind():
         replay([KVEvent("moved", (h(1),), None, "device", b"", 4)])
 
 
-@pytest.mark.parametrize("num_blocks, block_size, match", [
-    (1, 4, "num_blocks: expected an int >= 2"),
-    (4.0, 4, "num_blocks: expected an int >= 2"),
-    (4, 0, "block_size: expected an int >= 1"),
-], ids=["one-block", "float", "block-size-0"])
-def test_constructor_checks(num_blocks, block_size, match):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("num_blocks, block_size, error, match", [
+    (1, 4, ValueError, "num_blocks: expected an int >= 2"),
+    (4.0, 4, TypeError, "num_blocks: expected an int, got 4.0"),
+    (True, 4, TypeError, "num_blocks: expected an int, got True"),
+    (4, 0, ValueError, "block_size: expected an int >= 1"),
+    (4, "4", TypeError, "block_size: expected an int, got '4'"),
+], ids=["one-block", "float", "bool", "block-size-0", "str"])
+def test_constructor_checks(num_blocks, block_size, error, match):
+    with pytest.raises(error, match=match):
         BlockPool(num_blocks, block_size)
+
+
+def test_constructor_takes_numpy_ints():
+    """Pool sizes computed from memory arithmetic arrive as np.int64."""
+    pool = BlockPool(np.int64(8), np.int32(4))
+    assert (pool.num_blocks, pool.block_size) == (8, 4)
+    assert type(pool.num_blocks) is int and type(pool.block_size) is int
 
 
 def test_check_blocks():

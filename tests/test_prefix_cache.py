@@ -451,7 +451,22 @@ def test_default_hash_is_prefixkv_v1():
     (lambda pc: pc.request_hashes("a", 2), r"num_blocks: expected 0 <= num_blocks <= 1"),
     (lambda pc: pc.request_hashes("a", -1), r"num_blocks: expected 0 <= num_blocks <= 1"),
     (lambda pc: pc.request_hashes("a", 1.0), r"num_blocks: expected an int, got 1.0"),
-    (lambda pc: pc.allocate("a", True), r"num_new_tokens: expected 0 <= num_new_tokens"),
+    (lambda pc: pc.allocate("a", True), r"num_new_tokens: expected an int, got True"),
+    (lambda pc: pc.step([("a", 1.0)]), r"num_new_tokens: expected an int, got 1.0"),
+    (lambda pc: pc.step({"a": 1}), r"batch: expected \(request_id, num_new_tokens\) pairs, got "
+     r"a dict; pass list\(batch.items\(\)\)"),
+    (lambda pc: pc.step(("a", 1)), r"batch\[0\]: expected a \(request_id, num_new_tokens\) "
+     r"pair, got 'a'"),
+    (lambda pc: pc.batch_blocks_needed([("a", 1), 3]),
+     r"batch\[1\]: expected a \(request_id, num_new_tokens\) pair, got 3"),
+    (lambda pc: pc.plan([["a", 1, 2]]),
+     r"batch\[0\]: expected a \(request_id, num_new_tokens\) pair, got \['a', 1, 2\]"),
+    (lambda pc: pc.add_request("b", None),
+     r"tokens: expected a sequence of int token ids or a 1-D integer array, got NoneType"),
+    (lambda pc: pc.append_tokens("a", 5),
+     r"token_ids: expected a sequence of int token ids or a 1-D integer array, got int"),
+    (lambda pc: pc.add_request("b", [1], salt="\udc80"),
+     r"salt: expected a str UTF-8 can encode \(surrogates not allowed at index 0\); pass bytes"),
     (lambda pc: (pc.allocate("a", 4), pc.commit("a", 2.5)),
      r"num_new_tokens: expected an int, got 2.5"),
     (lambda pc: pc.truncate("a", 2.5), r"num_tokens: expected an int, got 2.5"),
@@ -459,7 +474,9 @@ def test_default_hash_is_prefixkv_v1():
 ], ids=["dup-request", "unknown", "too-many", "negative", "commit-unallocated",
         "negative-token", "float-token", "2d-tokens", "salt-type", "dup-in-batch", "truncate",
         "fork-dup", "free-unknown", "hashes-too-many", "hashes-negative", "hashes-float",
-        "allocate-bool", "commit-float", "truncate-float", "onboard-float"])
+        "allocate-bool", "step-float", "step-dict", "step-pair-not-list", "needed-not-pair",
+        "plan-triple", "tokens-none", "append-int", "salt-surrogate", "commit-float",
+        "truncate-float", "onboard-float"])
 def test_input_checks(call, match):
     pc = make()
     pc.add_request("a", [1, 2, 3, 4, 5])
@@ -472,6 +489,17 @@ def test_constructor_needs_sizes_or_pool():
         PrefixCache(16)
     pool = BlockPool(16, 8)
     assert PrefixCache(pool=pool).block_size == 8
+
+
+def test_constructor_takes_numpy_sizes_and_checks_group_options():
+    """Sizes from memory arithmetic arrive as np.int64; the planner options are checked when
+    given, not at the first step."""
+    pc = PrefixCache(np.int64(16), np.int64(4), min_group_size=np.int64(3))
+    assert (pc.pool.num_blocks, pc.block_size, pc.min_group_size) == (16, 4, 3)
+    with pytest.raises(TypeError, match="min_group_size: expected an int, got 'x'"):
+        PrefixCache(16, 4, min_group_size="x")
+    with pytest.raises(ValueError, match="min_prefix_blocks: expected an int >= 0, got -1"):
+        PrefixCache(16, 4, min_prefix_blocks=-1)
 
 
 def test_onboard_never_takes_the_last_token():

@@ -160,14 +160,25 @@ def test_router_checks(call, exc, match):
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"block_size": 0}, "block_size: expected >= 1"),
+    ({"block_size": 0}, "block_size: expected an int >= 1, got 0"),
     ({"block_size": 4, "overlap_weight": -1}, "overlap_weight: expected >= 0"),
     ({"block_size": 4, "tiers": ()}, "tiers: expected at least one tier name"),
     ({"block_size": 2.5}, "block_size: expected an int, got 2.5"),
-], ids=["block-size", "weight", "tiers", "float-block-size"])
+    ({"block_size": 4, "overlap_weight": "x"}, "overlap_weight: expected a number, got str"),
+    ({"block_size": 4, "overlap_weight": float("nan")}, "overlap_weight: expected >= 0, got nan"),
+    ({"block_size": 4, "tiers": "device"},
+     r"tiers: expected a sequence of tier names, got the string 'device'; pass \('device',\)"),
+], ids=["block-size", "weight", "tiers", "float-block-size", "str-weight", "nan-weight",
+        "str-tiers"])
 def test_router_constructor_checks(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         Router(**kw)
+
+
+def test_remove_unknown_worker_names_it():
+    _, router = cluster(n=1)
+    with pytest.raises(KeyError, match=r"worker_id: unknown worker 'zz'; known: \['w0'\]"):
+        router.remove_worker("zz")
 
 
 def test_pick_without_workers():

@@ -195,8 +195,10 @@ def test_host_allocator_hook_and_adopt():
 
 
 def test_host_rejects_bad_budget_and_allocator():
-    with pytest.raises(ValueError, match="budget_bytes: expected a positive byte count"):
+    with pytest.raises(ValueError, match=r"budget_bytes: expected an int >= 1 \(a byte count\)"):
         HostTier(0)
+    with pytest.raises(TypeError, match="budget_bytes: expected an int, got '1MB'"):
+        HostTier("1MB")
     h = HostTier(1 << 20, allocator=lambda shape, dtype: np.empty(shape, dtype)[..., ::2])
     with pytest.raises(ValueError, match="allocator: expected a C-contiguous float32 array"):
         h.reserve(1, ROW, "float32")

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..spec import numpy_dtype
+from ..validate import check_int
 from .base import BlockKey, Tier, check_put_values, dtype_str, first_occurrences
 
 Allocator = Callable[[tuple, np.dtype], np.ndarray]
@@ -88,9 +89,7 @@ class HostTier(Tier):
 
     def __init__(self, budget_bytes: int, *, allocator: Allocator | None = None):
         super().__init__()
-        if int(budget_bytes) <= 0:
-            raise ValueError(f"budget_bytes: expected a positive byte count, got {budget_bytes}")
-        self.budget_bytes = int(budget_bytes)
+        self.budget_bytes = check_int("budget_bytes", budget_bytes, 1, " (a byte count)")
         self.allocator = allocator or _default_allocator
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self.used_bytes = 0
