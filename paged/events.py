@@ -129,7 +129,8 @@ class EventLog:
         self.events.clear()
 
     def replay(self, tier: str | None = None) -> dict[bytes, dict[bytes, int]]:
-        """``{namespace: {block_hash: block_id}}`` after applying every event (of ``tier``)."""
+        """``{namespace: {block_hash: block_id}}`` after applying every event (of ``tier``;
+        see :func:`replay`)."""
         return replay(self.events, tier=tier)
 
 
@@ -137,12 +138,20 @@ def replay(events: Iterable[KVEvent], tier: str | None = None) -> dict[bytes, di
     """Apply events in order to an empty index: ``{namespace: {block_hash: block_id}}``.
 
     Namespaces left empty are dropped, so the result compares equal to
-    :meth:`BlockPool.cached_hashes`.
+    :meth:`BlockPool.cached_hashes`. ``tier``: replay that tier's events only; needed when
+    the events come from several tiers (a TieredStore's bus): one index cannot hold two tiers
+    (a tier's "cleared" would wipe the others' blocks), so those raise a ValueError without it.
     """
     index: dict[bytes, dict[bytes, int]] = {}
+    seen = None
     for ev in events:
         if tier is not None and ev.tier != tier:
             continue
+        if tier is None and ev.tier != seen:
+            if seen is not None:
+                raise ValueError(f"tier: the events come from more than one tier ({seen!r} and "
+                                 f"{ev.tier!r}); replay one at a time, replay(tier=...)")
+            seen = ev.tier
         if ev.kind == CLEARED:
             index.clear()
             continue

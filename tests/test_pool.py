@@ -198,6 +198,20 @@ def test_event_bus_rejects_non_callable():
         EventBus().subscribe(3)
 
 
+def test_replay_of_several_tiers_needs_a_tier():
+    """A TieredStore's bus carries every tier's events: one index cannot hold them (the host's
+    "cleared" would wipe the disk's block), so replay asks for a tier."""
+    events = [KVEvent("stored", (h(1),), None, "disk", b"", 4),
+              KVEvent("stored", (h(1),), None, "host", b"", 4),
+              KVEvent("cleared", (), None, "host", b"", 4)]
+    with pytest.raises(ValueError, match=r"tier: the events come from more than one tier "
+                                         r"\('disk' and 'host'\); replay one at a time"):
+        replay(events)
+    assert replay(events, tier="disk") == {b"": {h(1): -1}}
+    assert replay(events, tier="host") == {}
+    assert replay(events[:1]) == {b"": {h(1): -1}}
+
+
 def test_replay_rejects_unknown_kind():
     with pytest.raises(ValueError, match="event.kind: expected one of"):
         replay([KVEvent("moved", (h(1),), None, "device", b"", 4)])
