@@ -95,13 +95,20 @@ class Registry:
         return [b.name for b in self]
 
     def requested(self, backend: str | None = None) -> str | None:
-        """The backend asked for by argument or environment variable, if any."""
+        """The backend asked for by argument or environment variable, if any: ``backend``,
+        else ``PREFIXKV_<OP>_BACKEND``, else ``PREFIXKV_BACKEND`` when this op has a backend
+        of that name (a global choice such as ``pallas_interpret`` leaves ops without one,
+        merge_attention_states or hash_blocks, to their own selection)."""
         if backend:
             return backend
-        return os.environ.get(self.env_var) or os.environ.get("PREFIXKV_BACKEND") or None
+        want = os.environ.get(self.env_var)
+        if want:
+            return want
+        want = os.environ.get("PREFIXKV_BACKEND")
+        return want if want in self._backends else None
 
     def _error(self, platform: str, reasons: dict[str, str], head: str) -> BackendError:
-        lines = [f"{self.op}: {head} on platform {platform!r}; backends:"]
+        lines = [f"{self.op} on platform {platform!r}: {head}; backends:"]
         lines += [f"  - {name}: {why}" for name, why in reasons.items()]
         return BackendError("\n".join(lines))
 
@@ -128,8 +135,9 @@ class Registry:
                 reasons = {k: (v or "could run") for k, v in reasons.items()}
                 raise self._error(platform, reasons, f"unknown backend {want!r}")
             if reasons[want] is not None:
+                why = reasons[want]
                 reasons = {k: (v or "could run") for k, v in reasons.items()}
-                raise self._error(platform, reasons, f"backend {want!r} cannot run")
+                raise self._error(platform, reasons, f"backend {want!r} cannot run: {why}")
             return self._backends[want]
         for b in self._ordered:
             if reasons[b.name] is None:

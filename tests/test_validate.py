@@ -349,6 +349,34 @@ def test_registry_keeps_each_answer_and_still_follows_every_input(monkeypatch):
     assert reg.select("cpu", tokens=64, note=[1]).name == "faster"  # unhashable: asked anew
     assert asked[-1] == 64
 
+def test_global_backend_variable_applies_to_the_ops_that_have_that_backend(monkeypatch):
+    """PREFIXKV_BACKEND names a backend for every op that has one of that name; an op without
+    it keeps its own selection (a global pallas_interpret broke merge_attention_states and
+    hash_blocks). The per-op variable and the argument stay strict, and a refused request
+    says why in its first line."""
+    from prefixkv.paged import registry
+
+    reg = registry.Registry("probe_op")
+    reg.register(registry.Backend("fast", ("cpu",), lambda: "fast", priority=10,
+                                  supports=lambda tokens: (tokens <= 8, "needs tokens <= 8")))
+    reg.register(registry.Backend("plain", ("cpu",), lambda: "plain"))
+    monkeypatch.setenv("PREFIXKV_BACKEND", "elsewhere_only")
+    assert reg.requested() is None and reg.select("cpu", tokens=4).name == "fast"
+    monkeypatch.setenv("PREFIXKV_BACKEND", "plain")
+    assert reg.requested() == "plain" and reg.select("cpu", tokens=4).name == "plain"
+    monkeypatch.setenv("PREFIXKV_BACKEND", "fast")
+    with pytest.raises(registry.BackendError,
+                       match=r"^probe_op on platform 'cpu': backend 'fast' cannot run: needs "
+                             r"tokens <= 8; backends:\n"):
+        reg.select("cpu", tokens=64)
+    monkeypatch.setenv("PREFIXKV_PROBE_OP_BACKEND", "elsewhere_only")
+    with pytest.raises(registry.BackendError, match="unknown backend 'elsewhere_only'"):
+        reg.select("cpu", tokens=4)
+    monkeypatch.delenv("PREFIXKV_PROBE_OP_BACKEND")
+    with pytest.raises(registry.BackendError, match="unknown backend 'elsewhere_only'"):
+        reg.select("cpu", "elsewhere_only", tokens=4)
+
+
 def test_dtype_names_are_cached_per_kind():
     """dtype_name caches by (type, dtype): a string that compares equal to a numpy dtype
     (np.dtype("float64") == "float") keeps its own name, in either order."""
