@@ -48,7 +48,7 @@ from ..paged.reference.hashing import (
 )
 from ..paged.registry import Backend, Registry
 from ..paged.validate import check_hash_blocks, check_hash_blocks_values, value_checks_enabled
-from ._ops import check_static
+from ._ops import _dispatch, check_static
 
 # ------------------------------------------------------------- lane-parallel BLAKE3 in jnp
 #
@@ -306,8 +306,6 @@ def hash_blocks(tokens, block_size: int, *, cu_lens=None, salt=None, extra=None,
     else:
         num_steps = dims.num_tokens // block_size
 
-    chosen = HASH_BLOCKS_BACKENDS.select(platform, backend, block_size=block_size,
-                                         has_extra=extra is not None)
     key_bytes = block_key(dims.salt, extra is not None)
     key = jnp.asarray(np.array(struct.unpack("<8I", key_bytes), dtype=np.uint32))
     if parent is None or isinstance(parent, (bytes, bytearray, memoryview, list, tuple)):
@@ -319,5 +317,10 @@ def hash_blocks(tokens, block_size: int, *, cu_lens=None, salt=None, extra=None,
     cu = (jnp.asarray(cu_host, dtype=jnp.int32) if cu_lens is None
           else jnp.asarray(cu_lens, dtype=jnp.int32))
     ext = None if extra is None else jnp.asarray(extra, dtype=jnp.uint32)
-    return chosen.load()(tok, cu, key, parents, ext, block_size=block_size, num_out=num_out,
-                         num_steps=num_steps)
+    # under tracing the backend is chosen per platform when lowering, as for the other ops
+    # (the CPU's pure_callback never lands in a TPU export)
+    return _dispatch("hash_blocks", backend, dict(block_size=block_size,
+                                                  has_extra=extra is not None),
+                     lambda impl: impl(tok, cu, key, parents, ext, block_size=block_size,
+                                       num_out=num_out, num_steps=num_steps),
+                     operands=(tokens, cu_lens, extra), registry=HASH_BLOCKS_BACKENDS)

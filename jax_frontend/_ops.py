@@ -98,15 +98,16 @@ def _current_platform(operands=()) -> str:
     return device.platform
 
 
-def _dispatch(op: str, backend: str | None, context: dict, call, operands=()):
-    """Run ``call(impl)`` with the backend chosen for ``op``.
+def _dispatch(op: str, backend: str | None, context: dict, call, operands=(), registry=None):
+    """Run ``call(impl)`` with the backend chosen for ``op`` (from ``registry``, default the
+    op's in _backends.REGISTRIES).
 
     ``call(impl)`` runs the op with one implementation. With an explicit request, or eagerly
     (no tracer among ``operands``: the platform is the default backend's), the registry picks
     one backend. Under tracing, TPU and CUDA get their best registered backend through
     ``platform_dependent``, so the traced function runs anywhere; others get "xla".
     """
-    reg = _backends.REGISTRIES[op]
+    reg = _backends.REGISTRIES[op] if registry is None else registry
     if reg.requested(backend) is not None or not _is_traced(*operands):
         chosen = reg.select(_current_platform(operands), backend, **context)
         return call(chosen.load())

@@ -141,3 +141,18 @@ def test_unknown_and_impossible_backend():
         hash_blocks(GOOD["tokens"], 16, backend="nope")
     with pytest.raises(BackendError, match="pallas_tpu.*runs on tpu"):
         hash_blocks(GOOD["tokens"], 16, backend="pallas_tpu")
+
+
+def test_jitted_hash_picks_its_backend_when_lowering():
+    """Under jax.jit the backend is chosen per platform when lowering (platform_dependent), as
+    for the other ops: a TPU export from this CPU host holds the Pallas kernel and not the CPU
+    pure_callback (chosen at trace time by jax.default_backend(), it failed to lower), and
+    the same jitted function still runs here with the CPU's backend."""
+    f = jax.jit(lambda t, c: hash_blocks(t, 16, cu_lens=c, salt="t"))
+    shapes = (jax.ShapeDtypeStruct((64,), jnp.int32), jax.ShapeDtypeStruct((3,), jnp.int32))
+    text = jax.export.export(f, platforms=["tpu"])(*shapes).mlir_module()
+    assert "tpu_custom_call" in text and "callback" not in text
+    tokens = np.arange(64, dtype=np.int32)
+    cu = np.array([0, 32, 64], np.int32)
+    want = hash_blocks_reference(tokens, 16, cu_lens=cu, salt="t")
+    np.testing.assert_array_equal(np.asarray(f(tokens, cu)), want)
