@@ -62,8 +62,9 @@ def _as_int32(**named) -> tuple:
     return tuple(out)
 
 
-def _meta_q(k_cache, num_q_heads, dtype, cu_q_lens, num_seqs: int):
-    """A shape-and-dtype stand-in for q, with the checks of k_cache, num_q_heads and dtype."""
+def _meta_q(k_cache, num_q_heads, dtype, cu_q_lens, num_seqs: int, num_tokens=None):
+    """A shape-and-dtype stand-in for q, with the checks of k_cache, num_q_heads, dtype and
+    num_tokens (q's token count when given; else read from cu_q_lens)."""
     if not hasattr(k_cache, "shape") or not hasattr(k_cache, "dtype"):
         raise TypeError(f"k_cache: expected an array (one layer's key cache), got "
                         f"{type(k_cache).__name__}")
@@ -72,11 +73,14 @@ def _meta_q(k_cache, num_q_heads, dtype, cu_q_lens, num_seqs: int):
         dtype = np.dtype(given)
     except TypeError:
         raise TypeError(f"dtype: expected a dtype, got {given!r}") from None
-    if cu_q_lens is None:
+    if num_tokens is not None:
+        num_tokens = validate.check_plan_num_tokens(num_tokens, cu_q_lens is None, num_seqs)
+    elif cu_q_lens is None:
         num_tokens = num_seqs
     elif _is_traced(cu_q_lens):
         raise TypeError("cu_q_lens: a plan is made outside jax.jit (its value checks read the "
-                        "metadata on the host), got a traced value")
+                        "metadata on the host), got a traced value; with num_tokens= (q's "
+                        "token count) it reads none, unchecked as the ops' traced metadata")
     elif len(cu_q_lens.shape) != 1 or cu_q_lens.shape[0] == 0:
         num_tokens = 0  # the static check names cu_q_lens's shape
     else:
@@ -165,7 +169,7 @@ def _static(op, options, q, k_cache, fixed) -> tuple:
 
 def plan_paged_attention(block_tables, kv_lens, cu_q_lens=None, *, k_cache, num_q_heads: int,
                          dtype=None, scale=None, causal=True, sliding_window=None,
-                         logits_soft_cap=None, backend=None) -> AttentionPlan:
+                         logits_soft_cap=None, backend=None, num_tokens=None) -> AttentionPlan:
     """A plan of :func:`~prefixkv.jax_frontend.paged_attention` for one batch step, made on
     the host (outside jax.jit): ``plan.run(q, k_cache, v_cache)`` per layer equals
     ``paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, ...)`` with these
@@ -176,15 +180,16 @@ def plan_paged_attention(block_tables, kv_lens, cu_q_lens=None, *, k_cache, num_
     that the values fit). k_cache: one layer's key cache, or a jax.ShapeDtypeStruct of it
     (every layer's caches have its shape and dtype; the metadata goes to its device).
     num_q_heads: q's heads. dtype: q's dtype (default k_cache's; required with
-    float8_e4m3fn caches). q's token count is num_seqs for a decode, else cu_q_lens's last
-    entry.
+    float8_e4m3fn caches). num_tokens: q's token count (a padded batch's bucket: a static
+    shape of the plan, so give it and a new cu_q_lens[-1] never retraces a jitted step);
+    default num_seqs for a decode, else cu_q_lens's last entry, read here.
     """
     check_static(scale=scale, causal=causal, sliding_window=sliding_window,
                  logits_soft_cap=logits_soft_cap)
     block_tables, kv_lens, cu_q_lens = _as_int32(block_tables=block_tables, kv_lens=kv_lens,
                                                  cu_q_lens=cu_q_lens)
     num_seqs = int(block_tables.shape[0]) if len(getattr(block_tables, "shape", ())) else 0
-    q = _meta_q(k_cache, num_q_heads, dtype, cu_q_lens, num_seqs)
+    q = _meta_q(k_cache, num_q_heads, dtype, cu_q_lens, num_seqs, num_tokens)
     dims = validate.check_paged_attention(
         q, k_cache, k_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
@@ -198,13 +203,14 @@ def plan_paged_attention(block_tables, kv_lens, cu_q_lens=None, *, k_cache, num_
     options = (dims.scale, bool(causal), None if sliding_window is None else int(sliding_window),
                None if logits_soft_cap is None else float(logits_soft_cap), backend)
     return AttentionPlan(meta, _static("paged_attention", options, q, k_cache,
-                                       checked or cu_q_lens is None))
+                                       checked or cu_q_lens is None or num_tokens is not None))
 
 
 def plan_shared_prefix_attention(prefix_block_tables, prefix_lens, prefix_ids, block_tables,
                                  kv_lens, cu_q_lens=None, *, k_cache, num_q_heads: int,
                                  dtype=None, scale=None, logits_soft_cap=None,
-                                 sliding_window=None, backend=None) -> AttentionPlan:
+                                 sliding_window=None, backend=None,
+                                 num_tokens=None) -> AttentionPlan:
     """A plan of :func:`~prefixkv.jax_frontend.shared_prefix_attention` for one batch step:
     ``plan.run(q, k_cache, v_cache)`` per layer equals ``shared_prefix_attention(q, k_cache,
     v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens,
@@ -215,7 +221,7 @@ def plan_shared_prefix_attention(prefix_block_tables, prefix_lens, prefix_ids, b
                      prefix_ids=prefix_ids, block_tables=block_tables, kv_lens=kv_lens,
                      cu_q_lens=cu_q_lens)
     num_seqs = int(meta[3].shape[0]) if len(getattr(meta[3], "shape", ())) else 0
-    q = _meta_q(k_cache, num_q_heads, dtype, meta[5], num_seqs)
+    q = _meta_q(k_cache, num_q_heads, dtype, meta[5], num_seqs, num_tokens)
     sdims = validate.check_shared_prefix_attention(
         q, k_cache, k_cache, *meta, scale=scale, logits_soft_cap=logits_soft_cap,
         sliding_window=sliding_window)
@@ -228,7 +234,7 @@ def plan_shared_prefix_attention(prefix_block_tables, prefix_lens, prefix_ids, b
         bs = dims.block_size
         meta = (meta[0], _at_most(meta[1], sdims.max_prefix_blocks * bs), meta[2], meta[3],
                 _at_most(meta[4], dims.max_blocks_per_seq * bs), meta[5])
-    fixed = checked or meta[5] is None
+    fixed = checked or meta[5] is None or num_tokens is not None
     soft_cap = None if logits_soft_cap is None else float(logits_soft_cap)
     if sliding_window is not None:  # as the wrapper: paged attention over the joined tables
         tables, lens = _xla.prefix_then_own_tables(*meta[:5], dims.block_size)

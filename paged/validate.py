@@ -190,8 +190,11 @@ def check_cumulative_lens(name: str, cu, num_tokens: int) -> np.ndarray:
         raise ValueError(f"{name}: expected non-decreasing values, got {int(cu[s])} then "
                          f"{int(cu[s + 1])} at index {s}")
     if cu[-1] != num_tokens:
+        pad = ("; rows padded past the batch (vLLM's num_actual_tokens): pass q[:cu_q_lens[-1]], "
+               "or give the padding rows to an extra last sequence (docs/host.md, padded "
+               "batches)" if name == "cu_q_lens" and 0 <= cu[-1] < num_tokens else "")
         raise ValueError(f"{name}: expected {name}[-1] == num_tokens ({num_tokens}), "
-                         f"got {int(cu[-1])}")
+                         f"got {int(cu[-1])}{pad}")
     return cu
 
 
@@ -391,6 +394,16 @@ def check_plan_heads_and_dtype(k_cache, num_q_heads, dtype):
         raise TypeError(f"dtype: expected q's dtype, one of {', '.join(FLOAT_DTYPES)}, got "
                         f"{dtype!r}")
     return dtype
+
+
+def check_plan_num_tokens(num_tokens, decode: bool, num_seqs: int) -> int:
+    """A plan's ``num_tokens`` (q's token count, given instead of read from cu_q_lens) as an
+    int; a decode plan's is its sequence count."""
+    num_tokens = check_int("num_tokens", num_tokens, 0)
+    if decode and num_tokens != num_seqs:
+        raise ValueError(f"num_tokens: a decode plan (cu_q_lens None) has one query token per "
+                         f"sequence ({num_seqs}), got {num_tokens}")
+    return num_tokens
 
 
 def check_sinks(sinks, num_q_heads: int) -> None:

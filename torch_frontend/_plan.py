@@ -64,9 +64,11 @@ def _cache_like(k_cache, num_q_heads, dtype) -> tuple[torch.dtype, tuple]:
     return dtype, (int(num_q_heads), head_dim)
 
 
-def _num_tokens(cu_q_lens, num_seqs: int) -> int:
-    """q's token count: num_seqs for a decode, else cu_q_lens's last entry (read on the host;
-    one sync when it lives on a device)."""
+def _num_tokens(cu_q_lens, num_seqs: int, num_tokens) -> int:
+    """q's token count: ``num_tokens`` when given (checked), else num_seqs for a decode, else
+    cu_q_lens's last entry (read on the host; one sync when it lives on a device)."""
+    if num_tokens is not None:
+        return validate.check_plan_num_tokens(num_tokens, cu_q_lens is None, num_seqs)
     if cu_q_lens is None:
         return num_seqs
     if cu_q_lens.dim() != 1 or cu_q_lens.numel() == 0:
@@ -241,7 +243,7 @@ class AttentionPlan:
 
 def plan_paged_attention(block_tables, kv_lens, cu_q_lens=None, *, k_cache, num_q_heads: int,
                          dtype=None, scale=None, causal=True, sliding_window=None,
-                         logits_soft_cap=None, backend=None) -> AttentionPlan:
+                         logits_soft_cap=None, backend=None, num_tokens=None) -> AttentionPlan:
     """A plan of :func:`~prefixkv.torch_frontend.paged_attention` for one batch step:
     ``plan.run(q, k_cache, v_cache)`` per layer equals ``paged_attention(q, k_cache, v_cache,
     block_tables, kv_lens, cu_q_lens, ...)`` with these options.
@@ -250,20 +252,22 @@ def plan_paged_attention(block_tables, kv_lens, cu_q_lens=None, *, k_cache, num_
     as in paged_attention (checked here, once); the index tensors may also be int64 (cast to
     int32 here, once, after checking the values fit). k_cache: one layer's key cache (every layer's
     caches have its shape, dtype and device). num_q_heads: q's heads. dtype: q's dtype
-    (default k_cache's; required with float8_e4m3fn caches). q's token count is num_seqs for
-    a decode, else cu_q_lens's last entry (read here: one sync when it lives on a device).
+    (default k_cache's; required with float8_e4m3fn caches). num_tokens: q's token count
+    (a padded batch's bucket); default num_seqs for a decode, else cu_q_lens's last entry,
+    read here (one sync when it lives on a device: give num_tokens to plan without one).
     ``plan.update(block_tables, kv_lens, cu_q_lens)`` plans a later step of the same shapes
     into the same tensors (CUDA graphs).
     """
     make = functools.partial(_paged, k_cache=k_cache, num_q_heads=num_q_heads, dtype=dtype,
                              scale=scale, causal=causal, sliding_window=sliding_window,
-                             logits_soft_cap=logits_soft_cap, backend=backend)
+                             logits_soft_cap=logits_soft_cap, backend=backend,
+                             num_tokens=num_tokens)
     return AttentionPlan(make, (block_tables, kv_lens, cu_q_lens), k_cache,
                          _META_NAMES["paged_attention"])
 
 
 def _paged(block_tables, kv_lens, cu_q_lens=None, *, k_cache, num_q_heads, dtype, scale,
-           causal, sliding_window, logits_soft_cap, backend) -> tuple:
+           causal, sliding_window, logits_soft_cap, backend, num_tokens) -> tuple:
     """plan_paged_attention's checks and metadata (AttentionPlan's ``make``)."""
     q_dtype, q_tail = _cache_like(k_cache, num_q_heads, dtype)
     _index_tensors(block_tables=block_tables, kv_lens=kv_lens, cu_q_lens=cu_q_lens)
@@ -271,8 +275,8 @@ def _paged(block_tables, kv_lens, cu_q_lens=None, *, k_cache, num_q_heads, dtype
     block_tables, kv_lens, cu_q_lens = _as_int32(block_tables=block_tables, kv_lens=kv_lens,
                                                  cu_q_lens=cu_q_lens)
     num_seqs = block_tables.shape[0] if block_tables.dim() else 0
-    num_tokens = _num_tokens(cu_q_lens, num_seqs)
-    q = torch.empty((max(num_tokens, 0), *q_tail), dtype=q_dtype, device="meta")
+    tokens = _num_tokens(cu_q_lens, num_seqs, num_tokens)
+    q = torch.empty((max(tokens, 0), *q_tail), dtype=q_dtype, device="meta")
     dims = _static_check(
         validate.check_paged_attention, q, k_cache, k_cache, block_tables, kv_lens, cu_q_lens,
         scale=scale, causal=causal, sliding_window=sliding_window,
@@ -287,13 +291,14 @@ def _paged(block_tables, kv_lens, cu_q_lens=None, *, k_cache, num_q_heads, dtype
     options = (dims.scale, bool(causal), None if sliding_window is None else int(sliding_window),
                None if logits_soft_cap is None else float(logits_soft_cap), backend)
     return ("paged_attention", meta, given, options, q.shape, q_dtype,
-            checked or cu_q_lens is None)
+            checked or cu_q_lens is None or num_tokens is not None)
 
 
 def plan_shared_prefix_attention(prefix_block_tables, prefix_lens, prefix_ids, block_tables,
                                  kv_lens, cu_q_lens=None, *, k_cache, num_q_heads: int,
                                  dtype=None, scale=None, logits_soft_cap=None,
-                                 sliding_window=None, backend=None) -> AttentionPlan:
+                                 sliding_window=None, backend=None,
+                                 num_tokens=None) -> AttentionPlan:
     """A plan of :func:`~prefixkv.torch_frontend.shared_prefix_attention` for one batch step:
     ``plan.run(q, k_cache, v_cache)`` per layer equals ``shared_prefix_attention(q, k_cache,
     v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens,
@@ -302,7 +307,8 @@ def plan_shared_prefix_attention(prefix_block_tables, prefix_lens, prefix_ids, b
     in plan_paged_attention."""
     make = functools.partial(_shared, k_cache=k_cache, num_q_heads=num_q_heads, dtype=dtype,
                              scale=scale, logits_soft_cap=logits_soft_cap,
-                             sliding_window=sliding_window, backend=backend)
+                             sliding_window=sliding_window, backend=backend,
+                             num_tokens=num_tokens)
     return AttentionPlan(make, (prefix_block_tables, prefix_lens, prefix_ids, block_tables,
                                 kv_lens, cu_q_lens), k_cache,
                          _META_NAMES["shared_prefix_attention"])
@@ -310,7 +316,7 @@ def plan_shared_prefix_attention(prefix_block_tables, prefix_lens, prefix_ids, b
 
 def _shared(prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
             cu_q_lens=None, *, k_cache, num_q_heads, dtype, scale, logits_soft_cap,
-            sliding_window, backend) -> tuple:
+            sliding_window, backend, num_tokens) -> tuple:
     """plan_shared_prefix_attention's checks and metadata (AttentionPlan's ``make``)."""
     q_dtype, q_tail = _cache_like(k_cache, num_q_heads, dtype)
     _index_tensors(prefix_block_tables=prefix_block_tables, prefix_lens=prefix_lens,
@@ -322,8 +328,8 @@ def _shared(prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
                             prefix_ids=prefix_ids, block_tables=block_tables, kv_lens=kv_lens,
                             cu_q_lens=cu_q_lens)
     num_seqs = block_tables.shape[0] if block_tables.dim() else 0
-    num_tokens = _num_tokens(cu_q_lens, num_seqs)
-    q = torch.empty((max(num_tokens, 0), *q_tail), dtype=q_dtype, device="meta")
+    tokens = _num_tokens(cu_q_lens, num_seqs, num_tokens)
+    q = torch.empty((max(tokens, 0), *q_tail), dtype=q_dtype, device="meta")
     sdims = _static_check(
         validate.check_shared_prefix_attention, q, k_cache, k_cache, prefix_block_tables,
         prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens, scale=scale,
@@ -331,7 +337,7 @@ def _shared(prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
     dims = sdims.attention
     sources = (prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens)
     checked = _want_values(*sources)
-    fixed = checked or cu_q_lens is None
+    fixed = checked or cu_q_lens is None or num_tokens is not None
     if checked:
         validate.check_shared_prefix_attention_values(sdims, *sources)
     else:
