@@ -1,7 +1,7 @@
 """Block copies between torch caches (any device) and host numpy arrays: the gather / scatter
 that :class:`prefixkv.paged.tiers.BlockOffloader` takes for torch caches (its tiers hold
-numpy rows), and the tensor <-> numpy conversions they rest on (bfloat16 through its 16-bit
-pattern as ml_dtypes bfloat16, which numpy and ``Tensor.numpy()`` lack)."""
+numpy rows), and the tensor <-> numpy conversions they rest on (bfloat16 and float8_e4m3fn
+through their bit patterns as the ml_dtypes types, which numpy and ``Tensor.numpy()`` lack)."""
 
 from __future__ import annotations
 
@@ -25,21 +25,30 @@ def _ids(block_ids, device: torch.device) -> torch.Tensor:
     return block_ids.to(device)
 
 
+#: dtypes numpy lacks (ml_dtypes has them) and Tensor.numpy() refuses: moved as their bits
+_BITS = {torch.bfloat16: (torch.int16, np.int16, "bfloat16"),
+         torch.float8_e4m3fn: (torch.uint8, np.uint8, "float8_e4m3fn")}
+_BITS_BY_NAME = {name: (dtype, np_bits) for dtype, (_, np_bits, name) in _BITS.items()}
+
+
 def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A tensor's values as a host numpy array (a copy off the CPU; bfloat16 as ml_dtypes
-    bfloat16, bit for bit)."""
+    """A tensor's values as a host numpy array (a copy off the CPU; bfloat16 and
+    float8_e4m3fn as their ml_dtypes types, bit for bit)."""
     t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(numpy_dtype("bfloat16"))
+    bits = _BITS.get(t.dtype)
+    if bits is not None:
+        return t.view(bits[0]).numpy().view(numpy_dtype(bits[2]))
     return t.numpy()
 
 
 def from_numpy(x: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A numpy array as a tensor on ``device`` (bfloat16 from ml_dtypes bfloat16, bit for
-    bit)."""
+    """A numpy array as a tensor on ``device`` (bfloat16 and float8_e4m3fn from their ml_dtypes
+    types, bit for bit)."""
     x = np.ascontiguousarray(x)
-    if dtype_name(x) == "bfloat16":
-        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).to(device)
+    found = _BITS_BY_NAME.get(dtype_name(x))
+    if found is not None:
+        dtype, np_bits = found
+        return torch.from_numpy(x.view(np_bits)).view(dtype).to(device)
     return torch.from_numpy(x).to(device)
 
 

@@ -3,7 +3,9 @@
 A tier stores one block's KV for every layer: one row of the ``gather_blocks`` buffer,
 ``value: [len(caches), *block_shape]`` (e.g. ``[2 * num_layers, block_size, num_kv_heads,
 head_dim]``), under a :class:`BlockKey` = block hash + :class:`Namespace` (model id, layout,
-dtype, tensor-parallel rank, salt). The interface follows SGLang's HiCacheStorage shape:
+dtype, tensor-parallel rank, salt; for float8_e4m3fn caches also the scales the bytes were
+quantized with: a tier stores and returns fp8 blocks as their bytes). The interface follows
+SGLang's HiCacheStorage shape:
 
     batch_exists(keys) -> int                    number of leading keys present
     batch_get(keys, shape=, dtype=) -> list      per key: the block (np.ndarray) or None
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import struct
 import zlib
 from abc import ABC, abstractmethod
@@ -30,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..spec import FLOAT_DTYPES, dtype_name, numpy_dtype, salt_bytes
+from ..spec import CACHE_DTYPES, FP8_DTYPES, dtype_name, numpy_dtype, salt_bytes
 
 #: Version of the record layout written by :func:`encode_record`. Records of another version
 #: decode as :class:`RecordError` (a miss): version 1 checksummed the payload only; version 2
@@ -64,14 +67,48 @@ def _field(b: bytes) -> bytes:
     return struct.pack("<I", len(b)) + b
 
 
+def _kv_scales(scales, dtype: str) -> tuple[float, ...] | None:
+    """A namespace's checked ``kv_scales`` for its ``dtype``: None for a float dtype, a
+    non-empty tuple of finite positive floats for float8_e4m3fn (ValueError naming kv_scales
+    otherwise)."""
+    if dtype not in FP8_DTYPES:
+        if scales is not None:
+            raise ValueError(f"kv_scales: only {', '.join(FP8_DTYPES)} namespaces carry scales "
+                             f"(a {dtype} cache holds its values), got {scales!r}")
+        return None
+    if scales is None:
+        raise ValueError(f"kv_scales: a {dtype} namespace needs the scales its bytes were "
+                         f"quantized with (k_scale, v_scale, or per layer): bytes quantized "
+                         f"with other scales would decode to wrong values")
+    bad = ValueError(f"kv_scales: expected a non-empty tuple of finite positive floats, got "
+                     f"{scales!r}")
+    if isinstance(scales, (str, bytes, bytearray)) or not hasattr(scales, "__len__"):
+        raise bad
+    try:
+        items = list(scales)
+    except TypeError:
+        raise bad from None
+    if not items or any(not isinstance(v, numbers.Real) or isinstance(v, (bool, np.bool_))
+                        for v in items):
+        raise bad
+    out = tuple(float(v) for v in items)
+    if not all(math.isfinite(v) and v > 0 for v in out):
+        raise bad
+    return out
+
+
 @dataclass(frozen=True)
 class Namespace:
     """Everything besides the block hash that decides whether stored KV may be reused.
 
     model_id: model (and revision) name; layout: cache layout name ("NHD", or a frontend's own
-    tag covering block_size and head layout); dtype: canonical KV dtype name; tp_rank /
-    tp_size: tensor-parallel shard; salt: the request's cache salt (None, str or bytes; kept as
-    bytes). Two namespaces that differ in any field never share a storage key.
+    tag covering block_size and head layout); dtype: canonical KV cache dtype name (a float
+    dtype, or float8_e4m3fn); tp_rank / tp_size: tensor-parallel shard; salt: the request's
+    cache salt (None, str or bytes; kept as bytes); kv_scales: float8_e4m3fn only, and required
+    there: the scales its bytes were quantized with (``(k_scale, v_scale)``, or per layer
+    ``(k0, v0, k1, v1, ...)``; finite positive numbers, kept as a tuple of floats), since the
+    same bytes under other scales decode to other values. Two namespaces that differ in any
+    field never share a storage key.
     """
 
     model_id: str
@@ -80,6 +117,7 @@ class Namespace:
     tp_rank: int = 0
     tp_size: int = 1
     salt: bytes = b""
+    kv_scales: tuple[float, ...] | None = None
     _encoded: bytes = field(init=False, repr=False, compare=False)
     _digest: str = field(init=False, repr=False, compare=False)
 
@@ -89,9 +127,10 @@ class Namespace:
         if not isinstance(self.layout, str):
             raise TypeError(f"layout: expected str, got {type(self.layout).__name__}")
         dt = dtype_name(self.dtype)
-        if dt not in FLOAT_DTYPES:
-            raise ValueError(f"dtype: expected one of {', '.join(FLOAT_DTYPES)}, got {dt!r}")
+        if dt not in CACHE_DTYPES:
+            raise ValueError(f"dtype: expected one of {', '.join(CACHE_DTYPES)}, got {dt!r}")
         object.__setattr__(self, "dtype", dt)
+        object.__setattr__(self, "kv_scales", _kv_scales(self.kv_scales, dt))
         object.__setattr__(self, "salt", salt_bytes(self.salt))
         for name in ("tp_rank", "tp_size"):
             v = getattr(self, name)
@@ -106,11 +145,15 @@ class Namespace:
         enc = b"".join([_NS_TAG, _field(self.model_id.encode()), _field(self.layout.encode()),
                         _field(self.dtype.encode()), struct.pack("<qq", self.tp_rank, self.tp_size),
                         _field(self.salt)])
+        if self.kv_scales is not None:  # only then: float namespaces keep their keys
+            n = len(self.kv_scales)
+            enc += struct.pack(f"<I{n}d", n, *self.kv_scales)
         object.__setattr__(self, "_encoded", enc)
         object.__setattr__(self, "_digest", hashlib.blake2b(enc, digest_size=16).hexdigest())
 
     def encode(self) -> bytes:
-        """Stable byte encoding (length-prefixed fields; salt included)."""
+        """Stable byte encoding (length-prefixed fields; salt included; kv_scales, where set,
+        as a count and their float64 bits)."""
         return self._encoded
 
     def digest(self) -> str:
@@ -118,7 +161,10 @@ class Namespace:
         return self._digest
 
     def with_salt(self, salt) -> Namespace:
-        return Namespace(self.model_id, self.layout, self.dtype, self.tp_rank, self.tp_size, salt)
+        """This namespace with another salt (a tenant's); every other field, scales included,
+        kept."""
+        return Namespace(self.model_id, self.layout, self.dtype, self.tp_rank, self.tp_size, salt,
+                         self.kv_scales)
 
 
 def hash_bytes(block_hash) -> bytes:

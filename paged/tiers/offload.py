@@ -17,11 +17,16 @@ per-layer arrays ``[num_blocks, *block_shape]`` that ``gather_blocks`` takes) an
 ``BlockKey(hash, namespace)``; ``onboard`` gets the leading hits, checks each against the
 expected shape and dtype (the tiers check hash, namespace and checksum) and scatters them
 into the destination blocks. The gather/scatter functions move blocks between the caches and
-host numpy rows: for torch caches (any device, bfloat16 included)
+host numpy rows: for torch caches (any device, bfloat16 and float8_e4m3fn included)
 ``prefixkv.torch_frontend.gather_blocks_to_host`` / ``scatter_blocks_from_host``; for JAX
 caches ``gather_blocks`` (its result converts to numpy) and a functional ``scatter_blocks``.
 By default numpy caches are copied in place; other caches without them raise a TypeError
 naming ``caches``.
+
+float8_e4m3fn caches move as their bytes (rows of ml_dtypes float8_e4m3fn, NaN patterns
+included) under a namespace that carries the scales they were quantized with
+(``Namespace(..., dtype="float8_e4m3fn", kv_scales=...)``): blocks written under other scales
+are misses.
 """
 
 from __future__ import annotations
@@ -261,9 +266,10 @@ class BlockOffloader:
     """Offload device blocks to a store and onboard them back, checked.
 
     namespace: the :class:`Namespace` every key of this model/rank/salt carries (its dtype
-    must be the caches' dtype). gather(caches, block_ids) -> buffer [n, len(caches),
-    *block_shape]; scatter(caches, buffer, block_ids) -> the updated caches (a functional op
-    such as ``scatter_blocks_reference``) or None (an in-place op). Both default to in-place
+    must be the caches' dtype; float8_e4m3fn: its kv_scales the caches' scales).
+    gather(caches, block_ids) -> buffer [n, len(caches), *block_shape]; scatter(caches,
+    buffer, block_ids) -> the updated caches (a functional op such as
+    ``scatter_blocks_reference``) or None (an in-place op). Both default to in-place
     numpy copies for numpy caches (offload then copies each block once, straight into the
     host tier's memory).
     null_block: the caches' padding block (0 for a :class:`~prefixkv.paged.pool.BlockPool`'s
