@@ -34,7 +34,9 @@ def block_tables_from_csr(kv_indptr, kv_indices, kv_last_page_len, block_size: i
                           max_blocks_per_seq: int | None = None,
                           pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(block_tables i32[num_seqs, max_blocks_per_seq], kv_lens i32[num_seqs]) of a FlashInfer
-    CSR page table. ``block_size``: the page size. ``max_blocks_per_seq``: the table's width
+    CSR page table (``kv_indices`` may be longer than ``kv_indptr[-1]``, as FlashInfer's
+    CUDA-graph buffers are: the rest is not read). ``block_size``: the page size.
+    ``max_blocks_per_seq``: the table's width
     (default the most pages of a sequence; fixed, e.g. for CUDA graphs or jit buckets).
     Entries past a sequence's pages hold ``pad_id`` (never read as keys)."""
     _check_block_size(block_size)
@@ -43,9 +45,10 @@ def block_tables_from_csr(kv_indptr, kv_indices, kv_last_page_len, block_size: i
     if indptr.shape[0] == 0 or indptr[0] != 0 or (np.diff(indptr) < 0).any():
         raise ValueError(f"kv_indptr: expected num_seqs + 1 non-decreasing offsets from 0, got "
                          f"{indptr.tolist()[:8]}{'...' if indptr.shape[0] > 8 else ''}")
-    if indptr[-1] != indices.shape[0]:
-        raise ValueError(f"kv_indptr: expected its last entry == len(kv_indices) "
+    if indptr[-1] > indices.shape[0]:
+        raise ValueError(f"kv_indptr: expected its last entry <= len(kv_indices) "
                          f"({indices.shape[0]}), got {int(indptr[-1])}")
+    indices = indices[:indptr[-1]]  # a CUDA-graph buffer has room past the batch's pages
     last = _int_array("kv_last_page_len", kv_last_page_len)
     num_seqs = indptr.shape[0] - 1
     if last.shape[0] != num_seqs:

@@ -381,6 +381,11 @@ def check_plan_heads_and_dtype(k_cache, num_q_heads, dtype):
         raise TypeError(f"num_q_heads: expected an int, got {type(num_q_heads).__name__}")
     if num_q_heads < 1:
         raise ValueError(f"num_q_heads: expected an int >= 1, got {num_q_heads}")
+    shape = getattr(k_cache, "shape", ())
+    if len(shape) == 4 and shape[2] > 0 and num_q_heads % shape[2]:
+        raise ValueError(f"num_q_heads: expected a multiple of k_cache's {shape[2]} kv heads "
+                         f"(each kv head serves num_q_heads / num_kv_heads q heads), got "
+                         f"{num_q_heads}")
     if dtype is None:
         if is_fp8(k_cache):
             raise ValueError(f"dtype: required with float8_e4m3fn caches (q's dtype: "

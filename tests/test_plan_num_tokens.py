@@ -112,3 +112,15 @@ def test_torch_wrapper_error_for_padded_rows_says_how_to_pad():
     with pytest.raises(ValueError, match=r"expected cu_q_lens\[-1\] == num_tokens \(5\), "
                                          r"got 6$"):
         tf.paged_attention(q, k, v, bt, kl, torch.tensor([0, 2, 6], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("frontend", ["jax", "torch"])
+def test_plan_names_num_q_heads_not_a_multiple_of_the_kv_heads(frontend):
+    """The plan has no q argument: the head-count error names num_q_heads, not q's layout."""
+    _, k, _, bt, kl, cu = _batch()
+    lib, kc = (jf, k) if frontend == "jax" else (tf, torch.from_numpy(k))
+    if frontend == "torch":
+        bt, kl, cu = map(torch.from_numpy, (bt, kl, cu))
+    with pytest.raises(ValueError, match=r"^num_q_heads: expected a multiple of k_cache's 2 kv "
+                                         r"heads .* got 3$"):
+        lib.plan_paged_attention(bt, kl, cu, k_cache=kc, num_q_heads=3)
