@@ -26,6 +26,18 @@ def kv_head_specs(axis: str) -> dict[str, P]:
             "replicated": P()}
 
 
+def _laid_out(mesh, pairs):
+    """Each (array, spec) of ``pairs`` as an array sharded by ``spec`` where the mesh has
+    Explicit axes (``jax.make_mesh``'s default from jax 0.7 on), whose shard_map takes only
+    inputs already sharded as its in_specs say; as it is otherwise (shard_map lays it out). A
+    None array stays None."""
+    explicit = getattr(jax.sharding.AxisType, "Explicit", None)
+    if explicit is None or explicit not in tuple(getattr(mesh, "axis_types", ())):
+        return [x for x, _ in pairs]
+    return [None if x is None else jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, s))
+            for x, s in pairs]
+
+
 def _check_heads(mesh, axis: str, num_kv_heads: int) -> None:
     if axis not in mesh.shape:
         raise ValueError(f"axis: expected one of the mesh axes {tuple(mesh.shape)}, got {axis!r}")
@@ -43,7 +55,8 @@ def tensor_parallel_paged_attention(mesh, axis: str = "tp", **config):
     arguments (scale, causal, sliding_window, logits_soft_cap, return_lse, sinks, backend);
     ``sinks`` (all q heads, float[num_q_heads]) is sharded with the q heads.
     num_kv_heads must be divisible by the axis size. Outputs are sharded like q (lse
-    P(None, axis)). Works under jax.jit; pass inputs already sharded to avoid re-layouts.
+    P(None, axis)). Works under jax.jit, over meshes of Auto or Explicit axes (inputs not yet
+    sharded so are laid out first); pass inputs already sharded to avoid re-layouts.
     """
     spec = kv_head_specs(axis)
     return_lse = bool(config.get("return_lse", False))
@@ -67,11 +80,11 @@ def tensor_parallel_paged_attention(mesh, axis: str = "tp", **config):
         if sinks is not None:  # a model parameter, given unsharded: laid out with the q heads
             sinks_spec = P(axis)
             sk = jax.device_put(sinks, jax.sharding.NamedSharding(mesh, sinks_spec))
-        return jax.shard_map(
-            local, mesh=mesh, out_specs=out_specs,
-            in_specs=(spec["q"], spec["cache"], spec["cache"], spec["replicated"],
-                      spec["replicated"], cu_spec, sinks_spec),
-        )(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, sk)
+        in_specs = (spec["q"], spec["cache"], spec["cache"], spec["replicated"],
+                    spec["replicated"], cu_spec, sinks_spec)
+        args = _laid_out(mesh, zip((q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, sk),
+                                   in_specs, strict=True))
+        return jax.shard_map(local, mesh=mesh, out_specs=out_specs, in_specs=in_specs)(*args)
 
     return run
 
@@ -88,9 +101,10 @@ def tensor_parallel_write_kv(mesh, axis: str = "tp", **config):
         def local(key, value, k, v, slots):
             return _ops.write_kv(key, value, k, v, slots, **config)
 
-        return jax.shard_map(
-            local, mesh=mesh, out_specs=(spec["cache"], spec["cache"]),
-            in_specs=(spec["q"], spec["q"], spec["cache"], spec["cache"], spec["replicated"]),
-        )(key, value, k_cache, v_cache, slot_mapping)
+        in_specs = (spec["q"], spec["q"], spec["cache"], spec["cache"], spec["replicated"])
+        args = _laid_out(mesh, zip((key, value, k_cache, v_cache, slot_mapping), in_specs,
+                                   strict=True))
+        return jax.shard_map(local, mesh=mesh, out_specs=(spec["cache"], spec["cache"]),
+                             in_specs=in_specs)(*args)
 
     return run

@@ -61,6 +61,7 @@ def main(backend: str | None) -> None:
     np.testing.assert_array_equal(np.asarray(nv), want_v)
     print("OK write_kv")
     user_shard_map_default_check_vma(mesh, spec, put, rng)
+    unsharded_inputs(b, key, slots, want_k, want_v)
     try:
         jf.tensor_parallel_paged_attention(jax.make_mesh((4,), ("tp",)), "tp")(
             b.q[:, :12], b.k_cache[:, :, :3], b.v_cache[:, :, :3], b.block_tables, b.kv_lens,
@@ -68,6 +69,26 @@ def main(backend: str | None) -> None:
     except ValueError as e:
         assert "num_kv_heads=3 must be divisible by the size of mesh axis 'tp' (4)" in str(e)
         print("OK error")
+
+
+def unsharded_inputs(b, key, slots, want_k, want_v) -> None:
+    """Inputs not laid out yet (plain arrays), over jax.make_mesh's default mesh (Explicit
+    axes from jax 0.7 on, whose shard_map refused them) and over an Auto one: the helpers
+    lay them out."""
+    kinds = {"default": None}
+    if hasattr(jax.sharding, "AxisType"):
+        kinds["auto"] = (jax.sharding.AxisType.Auto,)
+    want = ref.paged_attention_reference(*b.args(), sliding_window=11)
+    for name, axis_types in kinds.items():
+        mesh = jax.make_mesh((4,), ("tp",), axis_types=axis_types)
+        attn = jax.jit(jf.tensor_parallel_paged_attention(mesh, "tp", sliding_window=11))
+        out = attn(*map(jax.numpy.asarray, b.args()))
+        np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=2e-5)
+        write = jax.jit(jf.tensor_parallel_write_kv(mesh, "tp"))
+        nk, nv = write(key, key, b.k_cache, b.v_cache, slots)
+        np.testing.assert_array_equal(np.asarray(nk), want_k)
+        np.testing.assert_array_equal(np.asarray(nv), want_v)
+        print("OK unsharded", name)
 
 
 def user_shard_map_default_check_vma(mesh, spec, put, rng) -> None:

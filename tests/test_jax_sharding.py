@@ -30,6 +30,7 @@ def test_tensor_parallel_xla():
     assert "OK attention None" in out and "OK write_kv" in out and "OK error" in out
     assert "OK attention sinks" in out
     assert "OK check_vma" in out
+    assert "OK unsharded default" in out and "OK unsharded auto" in out
 
 
 def test_tensor_parallel_pallas_kernel_interpret():
