@@ -28,6 +28,7 @@ functionalization), the profiler, autograd or a tensor subclass they call
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 
@@ -298,13 +299,29 @@ _MUTATED: dict = {}
 
 
 def _op(name: str, mutates_args=()):
-    """torch.library.custom_op(prefixkv::name), keeping the undecorated function in _IMPL."""
+    """torch.library.custom_op(prefixkv::name), keeping the undecorated function in _IMPL. An op
+    returning tensors gets a backward that says it has none (the ops are inference kernels,
+    as FlashInfer's and vLLM's): torch's own error names no op and suggests writing one."""
     def register(fn):
         _IMPL[name] = fn
         params = list(inspect.signature(fn).parameters)
         _MUTATED[name] = tuple(params.index(a) for a in mutates_args)
-        return torch.library.custom_op(f"{_LIB}::{name}", mutates_args=mutates_args)(fn)
+        op = torch.library.custom_op(f"{_LIB}::{name}", mutates_args=mutates_args)(fn)
+        if not mutates_args:
+            op.register_autograd(functools.partial(_no_backward, name),
+                                 setup_context=_no_context)
+        return op
     return register
+
+
+def _no_context(ctx, inputs, output) -> None:
+    return None
+
+
+def _no_backward(name: str, ctx, *grads):
+    raise RuntimeError(f"prefixkv.{name} is forward-only (an inference kernel): it has no "
+                       f"gradient. Call it under torch.no_grad() or torch.inference_mode(), or "
+                       f"pass inputs that need no grad (.detach())")
 
 
 def _plain(args) -> bool:
