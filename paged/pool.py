@@ -146,6 +146,21 @@ class BlockPool:
         """A copy of the index, ``{namespace: {block_hash: block_id}}`` (empty ones dropped)."""
         return {ns: dict(d) for ns, d in self._index.items() if d}
 
+    def snapshot_events(self) -> list[KVEvent]:
+        """The index as it stands, as ``"stored"`` events (one per namespace, blocks by id,
+        ``parent_hash`` None: a set of hashes, not a chain). A subscriber that joins after
+        blocks were cached (a router added late, a restarted indexer) applies them to catch up,
+        as vLLM's event replay or Dynamo's indexer dump serve; later changes reach it as
+        events. Publishes nothing."""
+        out = []
+        bs = self.block_size
+        for ns, d in self._index.items():
+            if d:
+                items = sorted(d.items(), key=lambda hb: hb[1])
+                out.append(KVEvent(STORED, tuple(h for h, _ in items), None, self.tier, ns,
+                                   len(items) * bs, tuple(b for _, b in items)))
+        return out
+
     def check_blocks(self, blocks: Iterable[int], name: str = "blocks") -> list[int]:
         """Validate ids from outside the pool: ints in [1, num_blocks), no duplicates."""
         out = []

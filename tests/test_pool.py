@@ -260,3 +260,31 @@ def test_reset_returns_free_cached_blocks_to_the_free_pool():
     assert pool.num_free == 7 and pool.num_cached == 0
     pool.check_consistency()
     assert len(pool.allocate(7)) == 7
+
+
+def test_snapshot_events_catch_up_a_late_subscriber():
+    """A router (or an EventLog) added after blocks were cached learns them from the pool's
+    snapshot, then follows the events: its index equals the pool's, salts kept apart."""
+    from prefixkv.paged import PrefixCache, Router
+
+    pc = PrefixCache(num_blocks=16, block_size=4)
+    for rid, salt in (("a", None), ("b", "tenant")):
+        pc.add_request(rid, list(range(13)), salt=salt)
+        pc.step([(rid, 13)])
+        pc.free(rid)
+    snap = pc.pool.snapshot_events()
+    assert [(e.kind, e.namespace, len(e.block_hashes), e.parent_hash) for e in snap] == [
+        ("stored", b"", 3, None), ("stored", b"tenant", 3, None)]
+    assert replay(snap) == pc.pool.cached_hashes()
+    router = Router(4)
+    apply = router.add_worker("w", pc.events)
+    router.add_worker("empty")
+    assert router.pick(list(range(13))).overlaps == {"w": 0, "empty": 0}
+    for ev in snap:
+        apply(ev)
+    assert router.pick(list(range(13))).overlaps == {"w": 3, "empty": 0}
+    assert router.pick(list(range(13)), salt="tenant").overlaps == {"w": 3, "empty": 0}
+    assert router.pick(list(range(13)), salt="other").overlaps == {"w": 0, "empty": 0}
+    pc.pool.reset_prefix_cache()  # later changes arrive as events
+    assert router.pick(list(range(13))).overlaps == {"w": 0, "empty": 0}
+    assert pc.pool.snapshot_events() == []
