@@ -45,6 +45,10 @@ class KVEvent:
     namespace: the salt namespace bytes (b"" = the shared namespace).
     num_tokens: tokens covered, ``len(block_hashes) * block_size``.
     block_ids: the tier-local block ids, parallel to ``block_hashes`` (debugging, offload).
+    token_ids: for ``"stored"`` events of a :class:`~prefixkv.paged.PrefixCache`'s pool, the
+        blocks' tokens (``num_tokens`` of them), as vLLM's ``BlockStored.token_ids``: a
+        consumer keeping its own hashes (Dynamo's and llm-d's indexers hash tokens) computes
+        them from these, within ``namespace``; () where the publisher does not know them.
     """
 
     kind: str
@@ -54,6 +58,7 @@ class KVEvent:
     namespace: bytes
     num_tokens: int
     block_ids: tuple = ()
+    token_ids: tuple = ()
 
 
 Subscriber = Callable[[KVEvent], None]

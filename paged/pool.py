@@ -342,9 +342,11 @@ class BlockPool:
         self._num_lru += linked
 
     def register(self, blocks: Sequence[int], block_hashes: Sequence[bytes],
-                 namespace: bytes = b"", parent_hash: bytes | None = None) -> int:
+                 namespace: bytes = b"", parent_hash: bytes | None = None,
+                 token_ids: Sequence[int] | None = None) -> int:
         """Cache full blocks under their hashes (``blocks[i]`` holds the block whose hash is
-        ``block_hashes[i]``; ``parent_hash`` is the hash before ``block_hashes[0]``).
+        ``block_hashes[i]``; ``parent_hash`` is the hash before ``block_hashes[0]``;
+        ``token_ids``: the blocks' tokens, ``block_size`` per block, carried by the events).
 
         Blocks that already have a hash and hashes already cached in ``namespace`` (another
         block holds the same tokens) are skipped. Publishes one ``"stored"`` event per run of
@@ -359,11 +361,15 @@ class BlockPool:
         hashes = self._hash
         spaces = self._ns
         publish = bool(self.events)
-        runs: list[tuple[bytes | None, list, list]] = []
+        if token_ids is not None and len(token_ids) != len(blocks) * self.block_size:
+            raise ValueError(f"token_ids: expected {len(blocks) * self.block_size} tokens "
+                             f"(block_size per block), got {len(token_ids)}")
+        # runs of newly registered blocks: (parent, hashes, ids, index of the first block)
+        runs: list[tuple[bytes | None, list, list, int]] = []
         run = None
         prev = parent_hash
         count = 0
-        for b, h in zip(blocks, block_hashes, strict=True):
+        for i, (b, h) in enumerate(zip(blocks, block_hashes, strict=True)):
             if hashes[b] is None and h not in d:
                 d[h] = b
                 hashes[b] = h
@@ -371,7 +377,7 @@ class BlockPool:
                 count += 1
                 if publish:
                     if run is None:
-                        run = (prev, [], [])
+                        run = (prev, [], [], i)
                         runs.append(run)
                     run[1].append(h)
                     run[2].append(b)
@@ -382,8 +388,11 @@ class BlockPool:
             self._index[namespace] = d
         if publish and runs:
             bs = self.block_size
-            self._publish_all([KVEvent(STORED, tuple(hs), parent, self.tier, namespace,
-                                       len(hs) * bs, tuple(bl)) for parent, hs, bl in runs])
+            self._publish_all([
+                KVEvent(STORED, tuple(hs), parent, self.tier, namespace, len(hs) * bs,
+                        tuple(bl), () if token_ids is None
+                        else tuple(int(t) for t in token_ids[i * bs:(i + len(hs)) * bs]))
+                for parent, hs, bl, i in runs])
         return count
 
     def _unlink(self, b: int) -> None:

@@ -288,3 +288,21 @@ def test_snapshot_events_catch_up_a_late_subscriber():
     pc.pool.reset_prefix_cache()  # later changes arrive as events
     assert router.pick(list(range(13))).overlaps == {"w": 0, "empty": 0}
     assert pc.pool.snapshot_events() == []
+
+
+def test_stored_events_carry_the_blocks_tokens():
+    """register's token_ids reach each "stored" event, split with its run of new blocks (a
+    block already cached breaks the run), as vLLM's BlockStored.token_ids."""
+    pool = BlockPool(8, 2)
+    log = EventLog()
+    pool.events.subscribe(log)
+    a, b, c = pool.allocate(3)
+    pool.register([a], [h(2)], token_ids=[3, 4])
+    pool.register([b, a, c], [h(1), h(2), h(3)], token_ids=np.arange(1, 7))
+    got = [(e.block_hashes, e.parent_hash, e.token_ids, e.num_tokens) for e in log.events]
+    assert got == [((h(2),), None, (3, 4), 2), ((h(1),), None, (1, 2), 2),
+                   ((h(3),), h(2), (5, 6), 2)]
+    assert all(type(t) is int for e in log.events for t in e.token_ids)
+    with pytest.raises(ValueError, match=r"token_ids: expected 4 tokens \(block_size per "
+                                         r"block\), got 3"):
+        pool.register([b, c], [h(7), h(8)], token_ids=[1, 2, 3])
