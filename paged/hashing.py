@@ -30,14 +30,18 @@ from .validate import (
     check_hash_blocks_values,
 )
 
-__all__ = ["HASH_ALGOS", "VLLM_DEFAULT_SEED", "DYNAMO_ROUTER_SEED", "hash_blocks",
-           "hash_blocks_words", "digests_to_words", "words_to_digests", "block_key",
-           "vllm_none_hash", "host_backend", "check_prefix_chain"]
+__all__ = ["HASH_ALGOS", "VLLM_DEFAULT_SEED", "DYNAMO_ROUTER_SEED", "MM_EXTRA_CONTEXT",
+           "hash_blocks", "hash_blocks_words", "digests_to_words", "words_to_digests",
+           "block_key", "vllm_none_hash", "host_backend", "check_prefix_chain",
+           "check_mm_items", "mm_extra_words", "check_mm_hash_fn"]
 
 #: vLLM's NONE_HASH seed for the SHA-256 hash functions when PYTHONHASHSEED is unset.
 VLLM_DEFAULT_SEED = "vllm-none-hash"
 #: Dynamo KV router's xxh3 seed for local block hashes.
 DYNAMO_ROUTER_SEED = 1337
+
+#: BLAKE3 derive_key context of a block's multimodal extra words (docs/hashing.md).
+MM_EXTRA_CONTEXT = "prefixkv v1 multimodal block extra"
 
 _EXTRA_HINT = "pip install prefixkv[hash]"
 
@@ -201,19 +205,26 @@ def _per_seq(parent, num_seqs: int) -> list:
     return [parent] * num_seqs
 
 
-def _vllm_sha256_cbor(tokens, cu, block_size, salt, parent, seed, lora) -> list[bytes]:
+def _vllm_sha256_cbor(tokens, cu, block_size, salt, parent, seed, lora,
+                      mm: tuple = ()) -> list[bytes]:
     import hashlib
 
     cbor2 = _require("cbor2", "vllm-sha256-cbor")
     none_hash = vllm_none_hash(VLLM_DEFAULT_SEED if seed is None else seed)
     lora_key = None if lora is None else ("lora", lora[0], lora[1])
     parents = _per_seq(parent, len(cu) - 1)
+    # one sequence when mm is given: {block: [(identifier, offset from the block start)]}
+    mm_keys = {i: [(ident, off - i * block_size) for off, _, ident in its]
+               for i, its in _mm_by_block(mm, 0, (int(cu[-1]) - int(cu[0])) // block_size,
+                                          block_size).items()} if mm else {}
     out: list[bytes] = []
     for s, blocks in _sequences(tokens, cu, block_size):
         prev = none_hash if parents[s] is None else bytes(parents[s])
         first = parents[s] is None  # the request's block 0: where vLLM puts cache_salt
-        for block in blocks:
+        for j, block in enumerate(blocks):
             keys = [] if lora_key is None else [lora_key]
+            if mm_keys and j in mm_keys:
+                keys += mm_keys[j]
             if first and salt:
                 keys.append(("cache_salt", salt))
             extra_keys = tuple(keys) if keys else None
@@ -284,11 +295,177 @@ def _dynamo_kvbm(tokens, cu, block_size, salt, parent, seed) -> list[bytes]:
     return out
 
 
+# ------------------------------------------------------------------------ multimodal items
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def check_mm_items(mm_items, num_tokens: int | None = None, name: str = "mm_items") -> tuple:
+    """``mm_items`` (a sequence of ``(offset, length, identifier)``: an item's placeholder
+    tokens ``[offset, offset + length)`` and its content hash, bytes or str) as a tuple of
+    ``(int, int, bytes | str)`` sorted by offset; ``()`` for None or no items.
+
+    length >= 1, identifier non-empty, ranges disjoint. With ``num_tokens`` (a prompt's
+    length) each range must lie in ``[0, num_tokens)``; without it (``hash_blocks``: offsets
+    relative to the call's first token) offsets may be negative or run past the tokens.
+    Errors name ``name`` and the item."""
+    if mm_items is None:
+        return ()
+    if isinstance(mm_items, (str, bytes, bytearray, dict)) or not hasattr(mm_items, "__iter__"):
+        raise TypeError(f"{name}: expected a sequence of (offset, length, identifier) "
+                        f"triples, got {type(mm_items).__name__}")
+    items = []
+    for k, item in enumerate(mm_items):
+        if not isinstance(item, (tuple, list)) or len(item) != 3:
+            raise TypeError(f"{name}[{k}]: expected an (offset, length, identifier) triple, "
+                            f"got {item!r:.80}")
+        off, length, ident = item
+        if not _is_int(off):
+            raise TypeError(f"{name}[{k}]: offset: expected an int, got "
+                            f"{type(off).__name__}")
+        if not _is_int(length):
+            raise TypeError(f"{name}[{k}]: length: expected an int, got "
+                            f"{type(length).__name__}")
+        off, length = int(off), int(length)
+        if length < 1:
+            raise ValueError(f"{name}[{k}]: length: expected >= 1 (the item's placeholder "
+                             f"tokens), got {length}")
+        if num_tokens is not None and (off < 0 or off + length > num_tokens):
+            raise ValueError(f"{name}[{k}]: placeholder range [{off}, {off + length}) is not "
+                             f"inside the prompt's {num_tokens} tokens")
+        if isinstance(ident, (bytearray, memoryview)):
+            ident = bytes(ident)
+        if not isinstance(ident, (bytes, str)):
+            raise TypeError(f"{name}[{k}]: identifier: expected bytes or str (the item's "
+                            f"content hash), got {type(ident).__name__}")
+        if not ident:
+            raise ValueError(f"{name}[{k}]: identifier: expected a non-empty content hash")
+        items.append((off, length, ident))
+    items.sort(key=lambda it: it[0])
+    for a, b in zip(items, items[1:], strict=False):
+        if b[0] < a[0] + a[1]:
+            raise ValueError(f"{name}: placeholder ranges [{a[0]}, {a[0] + a[1]}) and "
+                             f"[{b[0]}, {b[0] + b[1]}) overlap")
+    return tuple(items)
+
+
+def _mm_by_block(items: tuple, first_block: int, num_blocks: int,
+                 block_size: int) -> dict[int, list]:
+    """{block index in [first_block, num_blocks): the items overlapping it, in offset order}."""
+    out: dict[int, list] = {}
+    for item in items:
+        off, length = item[0], item[1]
+        for i in range(max(off // block_size, first_block),
+                       min(-(-(off + length) // block_size), num_blocks)):
+            out.setdefault(i, []).append(item)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _mm_derive():
+    """BLAKE3 derive_key(MM_EXTRA_CONTEXT, material) by the fastest host path here."""
+    from prefixkv.kernels.cpu.hashing import derive_key, load_extension
+
+    if load_extension() is not None:
+        return lambda material: derive_key(MM_EXTRA_CONTEXT, material)
+    try:
+        import blake3
+    except ImportError:
+        from .reference.hashing import derive_key as ref_derive
+
+        return lambda material: ref_derive(MM_EXTRA_CONTEXT, material)
+    return lambda material: blake3.blake3(material,
+                                          derive_key_context=MM_EXTRA_CONTEXT).digest()
+
+
+def mm_extra_words(items: tuple, first_block: int, num_blocks: int,
+                   block_size: int) -> np.ndarray:
+    """prefixkv-v1 extra words ``u32[num_blocks - first_block, 4]`` of blocks
+    ``first_block .. num_blocks - 1`` for checked ``items`` (:func:`check_mm_items`; offsets
+    in the same frame as the block indices). A block no item overlaps gets 4 zero words;
+    block i with items gets the first 16 bytes of ``BLAKE3.derive_key(MM_EXTRA_CONTEXT,
+    concat over its items in offset order of le_i64(offset - i * block_size) ||
+    le_u64(length) || le_u64(len(id)) || id)`` (id: str as UTF-8) as 4 little-endian words."""
+    import struct
+
+    out = np.zeros((max(num_blocks - first_block, 0), 4), dtype=np.uint32)
+    by_block = _mm_by_block(items, first_block, num_blocks, block_size)
+    if not by_block:
+        return out
+    derive = _mm_derive()
+    for i, its in by_block.items():
+        start = i * block_size
+        parts = []
+        for off, length, ident in its:
+            data = ident.encode("utf-8") if isinstance(ident, str) else ident
+            parts.append(struct.pack("<qQQ", off - start, length, len(data)) + data)
+        out[i - first_block] = np.frombuffer(derive(b"".join(parts))[:16], dtype="<u4")
+    return out
+
+
+def _v1_mm_digests(tokens: np.ndarray, block_size: int, salt: bytes, parents: np.ndarray,
+                   items: tuple, num_full_blocks: int, backend: str) -> np.ndarray:
+    """prefixkv-v1 digests of one sequence with multimodal items: blocks before the first one
+    an item overlaps without extra words, the rest (chained on) with :func:`mm_extra_words`."""
+    m = min(max(items[0][0] // block_size, 0), num_full_blocks)
+    cut = m * block_size
+    head = _v1_digests(tokens[:cut], block_size, np.array([0, cut]), salt, None, parents, m,
+                       backend)
+    if m == num_full_blocks:
+        return head
+    if m:
+        parents = head[-1:].view("<u4").astype(np.uint32).reshape(1, 8)
+    rest = tokens[cut:]
+    extra = mm_extra_words(items, m, num_full_blocks, block_size)
+    tail = _v1_digests(rest, block_size, np.array([0, len(rest)]), salt, extra, parents,
+                       num_full_blocks - m, backend)
+    return np.concatenate([head, tail])
+
+
+def check_mm_hash_fn(hash_fn, block_size: int, name: str = "hash_fn") -> None:
+    """Check that ``hash_fn(tokens_i32, block_size, salt=None, parent=...,
+    mm_items=...)`` keys blocks by their multimodal items: other items give other hashes, no
+    items another hash again, and a chain continued with ``parent=`` (items shifted to the
+    call's first token, so earlier ones have negative offsets) gives the one-call hashes.
+    Raises a ValueError naming ``mm_items`` otherwise: a hash that drops the items would let
+    prompts with the same placeholder tokens but other images share KV."""
+    bs = int(block_size)
+    x, y = np.arange(bs, dtype=np.int32), np.arange(bs, 2 * bs, dtype=np.int32)
+    a, b = ((0, bs, "prefixkv-probe-a"),), ((0, bs, "prefixkv-probe-b"),)
+    try:
+        none = list(hash_fn(x, bs, salt=None, parent=None))
+        ha = list(hash_fn(x, bs, salt=None, parent=None, mm_items=a))
+        hb = list(hash_fn(x, bs, salt=None, parent=None, mm_items=b))
+        xy = list(hash_fn(np.concatenate([x, y]), bs, salt=None, parent=None, mm_items=a))
+        y_after = list(hash_fn(y, bs, salt=None, parent=ha[0] if ha else None,
+                               mm_items=((-bs, bs, a[0][2]),)))
+    except Exception as e:  # noqa: BLE001 - re-raised with the argument named
+        raise ValueError(f"mm_items: {name} cannot take multimodal items (calling "
+                         f"{name}(tokens_i32, block_size, salt=None, parent=None, "
+                         f"mm_items=[(offset, length, identifier)]) raised "
+                         f"{type(e).__name__}: {e}); without them prompts with the same "
+                         f"placeholder tokens but other images would share KV. Use the "
+                         f"default prefixkv-v1 hash or hash_blocks(algo='vllm-sha256-cbor'), "
+                         f"or give {name} an mm_items keyword (docs/host.md)") from e
+    if len(ha) != 1 or len(hb) != 1 or len(none) != 1 or ha in (hb, none):
+        raise ValueError(f"mm_items: {name} ignores mm_items (the same hash for other "
+                         f"items), so prompts with the same placeholder tokens but other "
+                         f"images would share KV; use the default prefixkv-v1 hash or "
+                         f"hash_blocks(algo='vllm-sha256-cbor')")
+    if len(xy) != 2 or y_after != xy[1:]:
+        raise ValueError(f"mm_items: {name} with parent=<the previous block's hash> and the "
+                         f"items shifted to the call's first token does not give the hash "
+                         f"the whole prefix gets, and a PrefixCache hashes blocks as they "
+                         f"fill")
+
+
 # ------------------------------------------------------------------------------------ the API
 
 
 def hash_blocks(tokens, block_size: int, *, cu_lens=None, salt=None, extra=None, parent=None,
-                algo: str = "prefixkv-v1", seed=None, lora=None) -> list[bytes]:
+                algo: str = "prefixkv-v1", seed=None, lora=None, mm_items=None) -> list[bytes]:
     """Hash every full block of one sequence or of a ragged batch, sequence by sequence.
 
     tokens: i32[num_tokens] (or a sequence of ints), token ids >= 0.
@@ -311,6 +488,15 @@ def hash_blocks(tokens, block_size: int, *, cu_lens=None, salt=None, extra=None,
       cache_salt (block 0 of a sequence that starts at NONE_HASH); lora: (name, path).
     * ``"sglang-sha256"``: SGLang HiCache page hash chain, 32-byte digests; parent = prior
       page digest.
+
+    mm_items (prefixkv-v1 and vllm-sha256-cbor, one sequence): ``[(offset, length,
+    identifier)]``, a multimodal item's placeholder tokens ``tokens[offset:offset + length]``
+    (offsets from this call's first token: negative for an item before it, when continuing a
+    chain with ``parent``) and its content hash (bytes or str; :func:`check_mm_items`).
+    prefixkv-v1: blocks before the first block an item overlaps hash as without items, later
+    ones with the extra words of :func:`mm_extra_words` (docs/hashing.md, "Multimodal
+    prompts"); vllm-sha256-cbor: vLLM's ``(identifier, offset - block start)`` extra keys on
+    each block an item overlaps.
     * ``"dynamo-xxh3"``: Dynamo router local block hash, xxh3_64 with seed (default 1337),
       each block alone; 8-byte little-endian digests (``int.from_bytes(d, "little")`` is
       Dynamo's u64).
@@ -329,18 +515,34 @@ def hash_blocks(tokens, block_size: int, *, cu_lens=None, salt=None, extra=None,
                              extra=extra if v1 else None, parent=parent if v1 else None)
     check_hash_algo(algo, num_seqs=dims.num_seqs, salt=salt, extra=extra, parent=parent,
                     seed=seed, lora=lora)
+    mm = check_mm_items(mm_items)
+    if mm:
+        if not v1 and algo != "vllm-sha256-cbor":
+            hint = (" (SGLang writes each item's hash-derived pad value into the placeholder "
+                    "token ids instead: hash those tokens)" if algo == "sglang-sha256" else "")
+            raise ValueError(f"mm_items: {algo} has no multimodal keys{hint}; use "
+                             f"prefixkv-v1 or vllm-sha256-cbor")
+        if cu_lens is not None:
+            raise ValueError("mm_items: expected one sequence (cu_lens=None): the items' "
+                             "offsets are positions in it")
+        if extra is not None:
+            raise ValueError("mm_items: pass extra (words per block) or mm_items, not both")
     cu, nfb = check_hash_blocks_values(dims, tokens, cu_lens=cu_lens,
                                        extra=extra if v1 else None)
     if v1:
         from prefixkv.kernels.cpu.hashing import split_digests
 
         parents = parent_words(parent, dims.num_seqs)
-        digests = _v1_digests(tokens, dims.block_size, cu, dims.salt, extra, parents, nfb,
-                              host_backend())
+        if mm:
+            digests = _v1_mm_digests(tokens, dims.block_size, dims.salt, parents, mm, nfb,
+                                     host_backend())
+        else:
+            digests = _v1_digests(tokens, dims.block_size, cu, dims.salt, extra, parents, nfb,
+                                  host_backend())
         return split_digests(digests)
     bs = dims.block_size
     if algo == "vllm-sha256-cbor":
-        return _vllm_sha256_cbor(tokens, cu, bs, salt, parent, seed, lora)
+        return _vllm_sha256_cbor(tokens, cu, bs, salt, parent, seed, lora, mm)
     if algo == "sglang-sha256":
         return _sglang_sha256(tokens, cu, bs, parent)
     if algo == "dynamo-xxh3":

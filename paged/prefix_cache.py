@@ -20,6 +20,12 @@ logits. Block hashes are ``hash_blocks(tokens, block_size, salt=salt, parent=...
 keeps its chain, so only newly-full blocks are hashed. The pool's index is keyed by the salt
 namespace as well, so hits never cross salts whatever the hash function.
 
+Multimodal prompts: ``add_request(..., mm_items=[(offset, length, identifier)])`` names each
+image's (audio's, ...) placeholder tokens and content hash; the blocks from the first one an
+item overlaps on are hashed with the items' identity (``hash_blocks(..., mm_items=)``,
+docs/hashing.md), so prompts with the same placeholder tokens but other images share only
+the blocks before the first image.
+
 Copy-on-write: before this step's tokens are written into an existing block, a block held by
 another request too (ref_count > 1, after :meth:`fork`) is replaced by a fresh copy (the
 ``(src, dst)`` pair is returned / put in the plan), and a registered block held only by this
@@ -42,23 +48,32 @@ _ZERO_PARENT = bytes(32)  # prefixkv-v1's parent of a sequence's first block (pa
 
 
 def default_hash_fn(tokens: np.ndarray, block_size: int, *, salt=None,
-                    parent: bytes | None = None) -> list[bytes]:
-    """prefixkv-v1 hashes of the full blocks of ``tokens`` (i32), continuing from ``parent``."""
+                    parent: bytes | None = None, mm_items=None) -> list[bytes]:
+    """prefixkv-v1 hashes of the full blocks of ``tokens`` (i32), continuing from ``parent``;
+    ``mm_items``: multimodal items, offsets from ``tokens[0]`` (``hash_blocks``)."""
     from .hashing import hash_blocks
 
-    return list(hash_blocks(tokens, block_size, salt=salt, parent=parent))
+    if mm_items is None:
+        return list(hash_blocks(tokens, block_size, salt=salt, parent=parent))
+    return list(hash_blocks(tokens, block_size, salt=salt, parent=parent, mm_items=mm_items))
+
+
+def _shift_mm(mm: tuple, base: int) -> tuple:
+    """Checked items with offsets from token ``base`` (earlier items: negative offsets)."""
+    return tuple((off - base, n, ident) for off, n, ident in mm) if base else mm
 
 
 class _Request:
-    __slots__ = ("tokens", "array", "salt", "namespace", "blocks", "num_computed", "hashes",
-                 "num_registered", "_row", "_row_len", "copies")
+    __slots__ = ("tokens", "array", "salt", "namespace", "mm", "blocks", "num_computed",
+                 "hashes", "num_registered", "_row", "_row_len", "copies")
 
     def __init__(self, tokens: np.ndarray, salt, namespace: bytes,
-                 token_list: list[int] | None = None) -> None:
+                 token_list: list[int] | None = None, mm: tuple | None = None) -> None:
         self.array = tokens             # int32; a prefix of self.tokens (hashing reads it)
         self.tokens = tokens.tolist() if token_list is None else token_list
         self.salt = salt
         self.namespace = namespace
+        self.mm = mm                    # checked multimodal items (sorted), None = text only
         self.blocks: list[int] = []
         self.num_computed = 0          # tokens whose KV is in blocks
         self.hashes: list[bytes] = []  # hash chain of the first len(hashes) full blocks
@@ -93,7 +108,7 @@ class _Request:
         return row[:n]
 
     def copy(self) -> _Request:
-        r = _Request(self.array, self.salt, self.namespace, list(self.tokens))
+        r = _Request(self.array, self.salt, self.namespace, list(self.tokens), self.mm)
         r.blocks = list(self.blocks)
         r.num_computed = self.num_computed
         r.hashes = list(self.hashes)
@@ -166,7 +181,10 @@ class PrefixCache:
         prefixkv-v1 ``hash_blocks`` by default. A compatibility hash works when it is a prefix
         chain that continues from ``parent`` (checked here,
         :func:`~prefixkv.paged.hashing.check_prefix_chain`); the salt may be ignored, the index
-        is namespaced by salt anyway.
+        is namespaced by salt anyway. Requests with multimodal items call it with
+        ``mm_items=`` too (offsets from ``tokens[0]``), which it must honour
+        (:func:`~prefixkv.paged.hashing.check_mm_hash_fn`, at the first such request):
+        ``hash_blocks(..., algo="vllm-sha256-cbor")`` does; one that cannot is refused then.
     enable_caching: False turns hits and registration off (a plain paged allocator).
     shared_prefix / min_prefix_blocks / min_group_size: passed to :func:`plan_batch`.
     """
@@ -186,6 +204,7 @@ class PrefixCache:
 
             check_prefix_chain(hash_fn, self.block_size)
         self.hash_fn = hash_fn if hash_fn is not None else default_hash_fn
+        self._mm_ok = hash_fn is None  # hash_fn takes mm_items (checked at first use)
         self.enable_caching = enable_caching
         self.shared_prefix = shared_prefix
         self.min_prefix_blocks = validate.check_int("min_prefix_blocks", min_prefix_blocks, 0)
@@ -198,10 +217,30 @@ class PrefixCache:
         """The pool's :class:`~prefixkv.paged.events.EventBus`."""
         return self.pool.events
 
-    def _hash(self, tokens: np.ndarray, salt, parent: bytes | None) -> list[bytes]:
+    def _hash(self, tokens: np.ndarray, salt, parent: bytes | None, mm: tuple | None = None,
+              base: int = 0) -> list[bytes]:
+        """hash_fn of ``tokens`` (token ``base`` of its request onwards) under ``mm``."""
         if len(tokens) < self.block_size:
             return []
-        return self.hash_fn(tokens, self.block_size, salt=salt, parent=parent)
+        if mm is None:
+            return self.hash_fn(tokens, self.block_size, salt=salt, parent=parent)
+        return self.hash_fn(tokens, self.block_size, salt=salt, parent=parent,
+                            mm_items=_shift_mm(mm, base))
+
+    def _check_mm(self, mm_items, num_tokens: int) -> tuple | None:
+        """Checked items of a prompt of ``num_tokens`` (None: none); ValueError naming
+        mm_items when hash_fn cannot take them (never dropped silently)."""
+        if mm_items is None:
+            return None
+        from .hashing import check_mm_hash_fn, check_mm_items
+
+        mm = check_mm_items(mm_items, num_tokens)
+        if not mm:
+            return None
+        if not self._mm_ok:
+            check_mm_hash_fn(self.hash_fn, self.block_size)
+            self._mm_ok = True
+        return mm
 
     def _extend_hashes(self, req: _Request, num_blocks: int) -> None:
         """Hash req's full blocks up to ``num_blocks`` (only the ones not hashed yet)."""
@@ -215,7 +254,7 @@ class PrefixCache:
             chunk = req.array[lo:hi]
         else:
             chunk = np.asarray(req.tokens[lo:hi], dtype=np.int32)
-        req.hashes.extend(self._hash(chunk, req.salt, parent))
+        req.hashes.extend(self._hash(chunk, req.salt, parent, req.mm, lo))
 
     def _get(self, request_id) -> _Request:
         try:
@@ -223,22 +262,26 @@ class PrefixCache:
         except KeyError:
             raise KeyError(f"request_id: no request {request_id!r}") from None
 
-    def block_hashes(self, tokens, salt=None) -> list[bytes]:
-        """The hash chain of every full block of ``tokens`` under ``salt``."""
-        return self._hash(_token_array(tokens), salt, None)
+    def block_hashes(self, tokens, salt=None, *, mm_items=None) -> list[bytes]:
+        """The hash chain of every full block of ``tokens`` under ``salt`` (and
+        ``mm_items``, as :meth:`add_request`)."""
+        toks = _token_array(tokens)
+        return self._hash(toks, salt, None, self._check_mm(mm_items, len(toks)))
 
     # ------------------------------------------------------------------ queries
-    def match(self, tokens, salt=None) -> tuple[list[int], int]:
-        """Longest cached prefix of ``tokens`` in full blocks, never the last token.
+    def match(self, tokens, salt=None, *, mm_items=None) -> tuple[list[int], int]:
+        """Longest cached prefix of ``tokens`` (with ``mm_items``, as :meth:`add_request`)
+        in full blocks, never the last token.
 
         Returns (blocks, num_cached_tokens); takes no references (see :meth:`add_request`).
         """
         toks = _token_array(tokens)
         ns = namespace_of(salt)
+        mm = self._check_mm(mm_items, len(toks))
         if not self.enable_caching or len(toks) <= self.block_size:
             return [], 0
         cap = (len(toks) - 1) // self.block_size
-        blocks = self.pool.lookup(self._hash(toks[:cap * self.block_size], salt, None), ns)
+        blocks = self.pool.lookup(self._hash(toks[:cap * self.block_size], salt, None, mm), ns)
         return blocks, len(blocks) * self.block_size
 
     def __contains__(self, request_id) -> bool:
@@ -274,13 +317,25 @@ class PrefixCache:
     def namespace(self, request_id) -> bytes:
         return self._get(request_id).namespace
 
+    def mm_items(self, request_id) -> tuple:
+        """The request's multimodal items, checked and sorted (``()`` for none): pass them to
+        :meth:`add_request` again with :meth:`tokens` after a preemption."""
+        return self._get(request_id).mm or ()
+
     # ------------------------------------------------------------------ request life
-    def add_request(self, request_id: Hashable, tokens, salt=None) -> int:
-        """Start a request: take the longest cached prefix (refs +1). Returns cached tokens."""
+    def add_request(self, request_id: Hashable, tokens, salt=None, *, mm_items=None) -> int:
+        """Start a request: take the longest cached prefix (refs +1). Returns cached tokens.
+
+        mm_items: the prompt's multimodal items, ``[(offset, length, identifier)]``: an
+        item's placeholder tokens ``tokens[offset:offset + length]`` and its content hash
+        (bytes or str, e.g. vLLM's mm hash), as many as the prompt has. Blocks before the first
+        one an item overlaps hit as for a text prompt; later ones only for the same items at
+        the same positions. Kept for the request's life (forks too)."""
         if request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is already running")
         toks = _token_array(tokens)
-        req = _Request(toks, salt, namespace_of(salt))
+        mm = None if mm_items is None else self._check_mm(mm_items, len(toks))
+        req = _Request(toks, salt, namespace_of(salt), mm=mm)
         if self.enable_caching and len(toks) > self.block_size:
             cap = (len(toks) - 1) // self.block_size
             self._extend_hashes(req, len(toks) // self.block_size)
@@ -525,20 +580,28 @@ class PrefixCache:
         """:meth:`_extend_hashes` of each (request, num_blocks) of ``todo``. With the default
         hash, the requests of one salt are hashed in one ``hash_blocks`` call (a ragged batch,
         each continuing its own chain): its per-call cost, ~0.1 ms, was paid by each request
-        that filled a block, 1 in block_size of a decode batch every step."""
+        that filled a block, 1 in block_size of a decode batch every step. Requests with
+        multimodal items whose new blocks all come at or after their first item's block (the
+        decode blocks) make a batch of their own, with extra words; others are hashed alone."""
         if self.hash_fn is not default_hash_fn or len(todo) < 2:
             for req, num_blocks in todo:
                 self._extend_hashes(req, num_blocks)
             return
-        from .hashing import hash_blocks
+        from .hashing import hash_blocks, mm_extra_words
 
-        # by namespace, the salt's bytes (what the default hash reads of a salt): a bytearray or
-        # memoryview salt is no dict key
-        groups: dict[bytes, list[tuple[_Request, int]]] = {}
-        for item in todo:
-            groups.setdefault(item[0].namespace, []).append(item)
         bs = self.block_size
-        for salt, group in groups.items():
+        # by namespace, the salt's bytes (what the default hash reads of a salt): a bytearray or
+        # memoryview salt is no dict key; and by whether the blocks take extra words
+        groups: dict[tuple[bytes, bool], list[tuple[_Request, int]]] = {}
+        for item in todo:
+            req = item[0]
+            if req.mm is None:
+                groups.setdefault((req.namespace, False), []).append(item)
+            elif len(req.hashes) >= req.mm[0][0] // bs:
+                groups.setdefault((req.namespace, True), []).append(item)
+            else:  # blocks before the first item's: the switch is inside this chunk
+                self._extend_hashes(*item)
+        for (salt, with_extra), group in groups.items():
             if len(group) == 1:
                 self._extend_hashes(*group[0])
                 continue
@@ -560,8 +623,12 @@ class PrefixCache:
                 chunks.append(np.array(tail, dtype=np.int32))
             # parents as u32[num_seqs, 8] (32 zero bytes = none): no conversion per sequence
             words = np.frombuffer(b"".join(parents), dtype="<u4").astype(np.uint32)
+            extra = None
+            if with_extra:
+                extra = np.concatenate([mm_extra_words(req.mm, len(req.hashes), num_blocks, bs)
+                                        for req, num_blocks in group])
             digests = hash_blocks(np.concatenate(chunks), bs, cu_lens=np.asarray(cu, np.int32),
-                                  salt=salt, parent=words.reshape(len(group), 8))
+                                  salt=salt, parent=words.reshape(len(group), 8), extra=extra)
             k = 0
             for req, num_blocks in group:
                 m = num_blocks - len(req.hashes)

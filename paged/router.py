@@ -21,6 +21,9 @@ as blocks x overlap_weight).
 
 Isolation: the namespace (salt) is part of every index key and of every event, so a request
 under one salt never counts blocks stored under another, even with a hash that ignores salts.
+A multimodal request passes its items (``mm_items=``, as ``PrefixCache.add_request``), so its
+hashes are the ones its worker registers: without them, a prompt whose image differs from a
+cached one's would count that image's blocks as overlap.
 """
 
 from __future__ import annotations
@@ -51,9 +54,11 @@ class Router:
 
     block_size: the workers' block size.
     hash_fn: the workers' hash function (prefixkv-v1 ``hash_blocks`` by default), called as
-        ``hash_fn(tokens_i32, block_size, salt=salt, parent=None) -> list[bytes]``. It must
-        be a prefix chain (each block's hash depends on the blocks before it, as the
-        workers' PrefixCache checks), or leading overlaps count blocks of other prefixes.
+        ``hash_fn(tokens_i32, block_size, salt=salt, parent=None) -> list[bytes]``, plus
+        ``mm_items=`` for a request with multimodal items (refused, naming mm_items, when it
+        cannot take them). It must be a prefix chain (each block's hash depends on the blocks
+        before it, as the workers' PrefixCache checks), or leading overlaps count blocks of
+        other prefixes.
     overlap_weight: weight of the blocks to prefill against the load (see module docstring).
     tiers: tier names whose events count ("device" only by default; add "host" etc. when a
         worker can onboard from them cheaply).
@@ -74,6 +79,7 @@ class Router:
         tiers = tuple(tiers)
         if not tiers:
             raise ValueError("tiers: expected at least one tier name")
+        self._mm_ok = hash_fn is None  # hash_fn takes mm_items (checked at first use)
         if hash_fn is None:
             from .prefix_cache import default_hash_fn as hash_fn
         self.block_size = block_size
@@ -223,19 +229,31 @@ class Router:
             raise ValueError(f"event.kind: expected stored/removed/evicted/cleared, got {kind!r}")
 
     # ------------------------------------------------------------------ queries
-    def request_hashes(self, tokens, salt=None) -> list[bytes]:
-        """Hashes of the blocks a worker could hit: full blocks, never the last token."""
+    def request_hashes(self, tokens, salt=None, *, mm_items=None) -> list[bytes]:
+        """Hashes of the blocks a worker could hit: full blocks, never the last token.
+        mm_items: the prompt's multimodal items, as ``PrefixCache.add_request``."""
         from .prefix_cache import _token_array
 
         # ints in [0, 2**31), never silently truncated floats
-        return self._request_hashes(_token_array(tokens), salt)
+        return self._request_hashes(_token_array(tokens), salt, mm_items)
 
-    def _request_hashes(self, toks: np.ndarray, salt) -> list[bytes]:
+    def _request_hashes(self, toks: np.ndarray, salt, mm_items=None) -> list[bytes]:
+        mm = None
+        if mm_items is not None:  # checked against the whole prompt, even with cap == 0
+            from .hashing import check_mm_hash_fn, check_mm_items
+
+            mm = check_mm_items(mm_items, len(toks))
+            if mm and not self._mm_ok:
+                check_mm_hash_fn(self.hash_fn, self.block_size)
+                self._mm_ok = True
         cap = max(len(toks) - 1, 0) // self.block_size
         if cap == 0:
             return []
+        if not mm:
+            return list(self.hash_fn(toks[:cap * self.block_size], self.block_size, salt=salt,
+                                     parent=None))
         return list(self.hash_fn(toks[:cap * self.block_size], self.block_size, salt=salt,
-                                 parent=None))
+                                 parent=None, mm_items=mm))
 
     def overlaps_for_hashes(self, block_hashes: Sequence[bytes], namespace: bytes = b""
                             ) -> dict:
@@ -274,19 +292,22 @@ class Router:
                 mask ^= low
         return out
 
-    def overlaps(self, tokens, salt=None) -> dict:
-        """{worker: leading blocks of ``tokens`` cached on it under ``salt``}."""
-        return self.overlaps_for_hashes(self.request_hashes(tokens, salt), namespace_of(salt))
+    def overlaps(self, tokens, salt=None, *, mm_items=None) -> dict:
+        """{worker: leading blocks of ``tokens`` (with ``mm_items``) cached on it under
+        ``salt``}."""
+        return self.overlaps_for_hashes(self.request_hashes(tokens, salt, mm_items=mm_items),
+                                        namespace_of(salt))
 
-    def pick(self, tokens, salt=None) -> RouteDecision:
-        """Choose a worker for a request (see the module docstring for the cost)."""
+    def pick(self, tokens, salt=None, *, mm_items=None) -> RouteDecision:
+        """Choose a worker for a request (see the module docstring for the cost); pass the
+        prompt's ``mm_items`` as to the worker's ``PrefixCache.add_request``."""
         if not self._workers:
             raise ValueError("Router: no workers added")
         from .prefix_cache import _token_array
 
         toks = _token_array(tokens)  # converted once (a list was converted twice)
         num_blocks = -(-len(toks) // self.block_size)
-        overlaps = self.overlaps_for_hashes(self._request_hashes(toks, salt),
+        overlaps = self.overlaps_for_hashes(self._request_hashes(toks, salt, mm_items),
                                             namespace_of(salt))
         costs = {w: self.overlap_weight * (num_blocks - o) + self._loads[w]
                  for w, o in overlaps.items()}
