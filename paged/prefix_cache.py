@@ -514,7 +514,10 @@ class PrefixCache:
         self._extend_hashes(req, full)
         lo = req.num_registered
         parent = req.hashes[lo - 1] if lo else None
-        self.pool.register(req.blocks[lo:full], req.hashes[lo:full], req.namespace, parent)
+        bs = self.block_size
+        tokens = req.tokens[lo * bs:full * bs] if self.pool.events else None  # for the events
+        self.pool.register(req.blocks[lo:full], req.hashes[lo:full], req.namespace, parent,
+                           tokens)
         req.num_registered = full
 
     def plan(self, batch: Iterable[tuple[Hashable, int]]) -> BatchPlan:

@@ -306,3 +306,22 @@ def test_stored_events_carry_the_blocks_tokens():
     with pytest.raises(ValueError, match=r"token_ids: expected 4 tokens \(block_size per "
                                          r"block\), got 3"):
         pool.register([b, c], [h(7), h(8)], token_ids=[1, 2, 3])
+
+
+def test_prefix_cache_events_carry_the_tokens_of_each_stored_block():
+    """A PrefixCache's "stored" events hold the tokens of their blocks (prefill, then the
+    blocks decode fills), so an indexer hashing tokens rebuilds the same blocks."""
+    from prefixkv.paged import PrefixCache
+
+    pc = PrefixCache(num_blocks=16, block_size=4)
+    log = EventLog()
+    pc.events.subscribe(log)
+    pc.add_request("a", list(range(100, 110)))
+    pc.step([("a", 10)])
+    pc.append_tokens("a", [7, 8])
+    pc.step([("a", 2)])
+    stored = [e for e in log.events if e.kind == "stored"]
+    assert [e.token_ids for e in stored] == [tuple(range(100, 108)),
+                                             (108, 109, 7, 8)]
+    assert all(len(e.token_ids) == e.num_tokens for e in stored)
+    assert stored[1].parent_hash == stored[0].block_hashes[-1]
