@@ -160,12 +160,13 @@ def _quantize_fp8(x, scale):
 
 
 def _dequantize(cache, scale, dtype):
+    """float32(cache) * scale rounded to ``dtype``; with ``scale`` None the e4m3 values
+    themselves, exact in every float dtype."""
     import jax.numpy as jnp
 
-    x = cache.astype(jnp.float32)
-    if scale is not None:
-        x = x * scale
-    return x.astype(dtype)
+    if scale is None:
+        return cache.astype(dtype)  # exact: every e4m3 value is one of dtype's
+    return (cache.astype(jnp.float32) * scale).astype(dtype)
 
 
 def _dequantized_blocks(q, k_cache, v_cache, k_scale, v_scale, *tables):
@@ -173,7 +174,8 @@ def _dequantized_blocks(q, k_cache, v_cache, k_scale, v_scale, *tables):
     the dequantized blocks the tables name, in table order, and the tables remapped to them
     (static shapes: jit-friendly); when the tables name at least as many entries as the cache
     has blocks, the whole cache dequantized and the tables unchanged. Entries past a row's
-    blocks (never read) are clamped into range before the gather."""
+    blocks (never read) are clamped into range before the gather. A scale None: that cache's
+    exact e4m3 values (_fp8_call then folds k_scale into the logits' scale)."""
     import jax.numpy as jnp
 
     k_scale, v_scale = _kv_scales(k_scale, v_scale)
@@ -247,14 +249,38 @@ def _reads_fp8(impl, context) -> bool:
     return bool(reads is not None and reads(**context))
 
 
-def _fp8_call(impl, context, q, k_cache, v_cache, k_scale, v_scale, tables, run):
-    """``run(k_cache, v_cache, *tables, **scales)`` for fp8 caches: the raw caches and the
+def _concrete_scale(scale) -> float | None:
+    """A k_scale given on the host as a Python float (None: 1.0); None for a JAX array, traced
+    (no value yet) or on a device (its value would be a host read each call, and each value
+    another compile of the kernel it becomes a static argument of)."""
+    if scale is None:
+        return 1.0
+    if isinstance(scale, jax.Array):
+        return None
+    return float(np.asarray(scale, dtype=np.float32).reshape(()))
+
+
+def _fp8_call(impl, context, q, k_cache, v_cache, k_scale, v_scale, tables, run, scale):
+    """``run(k_cache, v_cache, *tables, **kwargs)`` for fp8 caches: the raw caches and the
     scales (0-d float32 arrays or None) when ``impl`` reads fp8 (the Pallas kernels), else the
-    blocks the tables name dequantized into q's dtype (tables remapped) and no scales."""
+    blocks the tables name dequantized into q's dtype (tables remapped) and no scales.
+
+    Dequantized there, the keys are their exact e4m3 values and k_scale is folded into the
+    logits' scale (``scale=scale * k_scale``, a static float: k_scale given on the host), as
+    the kernels that read fp8 do: keys rounded to a 16-bit q's dtype after the scale put a
+    bfloat16 q outside ATTENTION_TOLERANCE (logits ~30 moved by ~0.06). A k_scale that is a
+    JAX array (traced, or on a device) keeps the keys scaled, rounded to q's dtype. The values stay
+    float32(cache) * v_scale rounded to q's dtype: the kernel rounds its output to q's dtype
+    already, and a v_scale applied after it would round twice."""
     if _reads_fp8(impl, context):
         ks, vs = _kv_scales(k_scale, v_scale)
         return run(k_cache, v_cache, *tables, k_scale=ks, v_scale=vs)
-    return run(*_dequantized_blocks(q, k_cache, v_cache, k_scale, v_scale, *tables))
+    ks = _concrete_scale(k_scale)
+    if ks is None:
+        return run(*_dequantized_blocks(q, k_cache, v_cache, k_scale, v_scale, *tables))
+    _kv_scales(k_scale, None)  # its value checks (_dequantized_blocks checks v_scale's)
+    return run(*_dequantized_blocks(q, k_cache, v_cache, None, v_scale, *tables),
+               scale=scale * ks)
 
 
 def _run_paged_attention(dims, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *, causal,
@@ -268,13 +294,13 @@ def _run_paged_attention(dims, q, k_cache, v_cache, block_tables, kv_lens, cu_q_
     context = _backends.attention_context(dims)
 
     def call(impl):
-        def run(k_cache, v_cache, block_tables, **scales):
-            return impl(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, **config,
-                        **scales)
+        def run(k_cache, v_cache, block_tables, **kwargs):  # scales, or a folded scale
+            return impl(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
+                        **{**config, **kwargs})
 
         if validate.is_fp8(k_cache):
             return _fp8_call(impl, context, q, k_cache, v_cache, k_scale, v_scale,
-                             (block_tables,), run)
+                             (block_tables,), run, config["scale"])
         return run(k_cache, v_cache, block_tables)
 
     out, lse = _dispatch("paged_attention", backend, context, call,
@@ -349,13 +375,13 @@ def _run_shared_prefix_attention(sdims, q, k_cache, v_cache, prefix_block_tables
         dims.num_seqs * dims.max_blocks_per_seq, sdims.num_prefixes * sdims.max_prefix_blocks))
 
     def call(impl):
-        def run(k_cache, v_cache, prefix_block_tables, block_tables, **scales):
+        def run(k_cache, v_cache, prefix_block_tables, block_tables, **kwargs):
             return impl(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
-                        block_tables, kv_lens, cu_q_lens, **config, **scales)
+                        block_tables, kv_lens, cu_q_lens, **{**config, **kwargs})
 
         if validate.is_fp8(k_cache):
             return _fp8_call(impl, context, q, k_cache, v_cache, k_scale, v_scale,
-                             (prefix_block_tables, block_tables), run)
+                             (prefix_block_tables, block_tables), run, config["scale"])
         return run(k_cache, v_cache, prefix_block_tables, block_tables)
 
     out, lse = _dispatch("shared_prefix_attention", backend, context, call,

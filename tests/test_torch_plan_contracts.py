@@ -363,8 +363,8 @@ def test_plan_run_refuses_sinks_on_another_device():
 @pytest.mark.parametrize("decode", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_shared_prefix_plan_equals_the_wrapper(decode, dtype):
-    """fp8 caches: the op dequantizes the blocks into q's dtype before the backend settles the
-    groups, so the plan leaves them to it; the wrapper's result bit for bit."""
+    """fp8 caches: the plan leaves the prefix groups to the backend, which settles them per
+    call (dequantizing the blocks it reads); the wrapper's result bit for bit."""
     sp, _, _, _, meta = _shared(25, decode=decode)
     q = T(sp.q).to(dtype)
     k8, v8 = (T(x).nan_to_num().to(torch.float8_e4m3fn) for x in (sp.k_cache, sp.v_cache))

@@ -84,12 +84,15 @@ def _attend_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                    tables: torch.Tensor, kv_lens: torch.Tensor, q_lens: torch.Tensor, *,
                    scale: float, causal: bool, sliding_window: int | None,
                    logits_soft_cap: float | None,
-                   max_kv: int | None, min_end: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                   max_kv: int | None, min_end: int | None,
+                   out_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a padded batch. q: [S, Qm, Hq, D] (row j of sequence s valid for j < q_lens[s]).
 
     Returns out f32 [S, Qm, Hq, D] and lse f32 [S, Qm, Hq]. ``max_kv`` bounds the keys read
     (None: the table width); ``min_end``: every live row sees all keys below it (masking
-    is skipped for chunks that end there; None: always mask).
+    is skipped for chunks that end there; None: always mask). ``scale`` a float or a 0-d
+    float32 tensor; ``out_scale`` (None, a float or a 0-d float32 tensor): out times it (the
+    v_scale of fp8 blocks read unscaled, _fp8_scales), folded into the softmax denominator.
     """
     num_seqs, q_max, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -178,7 +181,8 @@ def _attend_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                 acc[h].baddbmm_(p[h], v[:, :, h])
             m = m_new
         seen = ~(den <= 0)  # a NaN sum (a NaN in the KV read) counts: out and lse NaN
-        out = acc / torch.where(seen, den, 1.0)
+        div = torch.where(seen, den, 1.0)
+        out = acc / (div if out_scale is None else div / out_scale)
         m = torch.where(seen, m + torch.log(torch.where(seen, den, 1.0)), float("-inf"))
     lse = m[..., 0]
     out = (out.view(num_kv_heads, num_seqs, group, q_max, head_dim).permute(1, 3, 0, 2, 4)
@@ -378,17 +382,19 @@ DEQUANTIZE_CHUNK_BYTES = 1 << 20
 
 def _dequantize(cache: torch.Tensor, scale: torch.Tensor | None,
                 dtype: torch.dtype) -> torch.Tensor:
-    """float32(cache) * scale in ``dtype`` (q's: rounded there, as vLLM's fp8 kernels do).
+    """float32(cache) * scale in ``dtype``; with ``scale`` None the e4m3 values themselves,
+    exact in every float dtype (what the attention paths read: _fp8_scales). With a scale,
+    the value is rounded to ``dtype`` (q's) after the multiply: what the custom ops still hand
+    a backend that reads no fp8 (torch_frontend._ops), not exact for 16-bit dtypes.
 
     On the CPU by a table of that value for each of the 256 bytes (the same arithmetic, once
     per byte value), looked up with index_select in chunks: torch's CPU float8 conversion is
     scalar code, ~3 ns an element here against ~0.8 for the lookup (one thread; the three
     passes convert, scale, round took ~34 ms of a 512-token fp8 prefill over 4096 cached)."""
     if cache.device.type != "cpu":
-        x = cache.to(torch.float32)
-        if scale is not None:
-            x = x * scale
-        return x.to(dtype)
+        if scale is None:
+            return cache.to(dtype)  # exact: every e4m3 value is one of dtype's
+        return (cache.to(torch.float32) * scale).to(dtype)
     table = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
     if scale is not None:
         table = table * scale
@@ -407,10 +413,12 @@ def _dequantize(cache: torch.Tensor, scale: torch.Tensor | None,
 def _dequantized_blocks(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         k_scale, v_scale, *tables: torch.Tensor):
     """fp8 caches as caches in q's dtype for the attention backends: (k, v, tables) where k, v
-    hold the dequantized blocks the tables name, in table order, and each table is remapped
-    to them (no host sync: fixed shapes, graph-safe); when the tables name at least as many
-    entries as the cache has blocks, the whole cache dequantized and the tables unchanged.
-    Entries past a row's blocks (never read) are clamped into range before the gather."""
+    hold the dequantized blocks the tables name (_dequantize; this module's attention paths
+    pass k_scale, v_scale None, the exact e4m3 values, and apply the scales by _fp8_scales),
+    in table order, and each table is remapped to them (no host sync: fixed shapes,
+    graph-safe); when the tables name at least as many entries as the cache has blocks, the
+    whole cache dequantized and the tables unchanged. Entries past a row's blocks (never read)
+    are clamped into range before the gather."""
     num_blocks = k_cache.shape[0]
     total = sum(t.numel() for t in tables)
     if 0 < total < num_blocks:
@@ -425,6 +433,25 @@ def _dequantized_blocks(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         tables = tuple(remapped)
     return (_dequantize(k_cache, k_scale, q.dtype), _dequantize(v_cache, v_scale, q.dtype),
             *tables)
+
+
+def _fp8_scales(scale: float, k_scale, v_scale):
+    """(logits' scale, output scale) of attention over fp8 blocks dequantized without their
+    scales (_dequantized_blocks with None: the e4m3 values, exact in q's dtype), as the
+    Triton kernel reads them: q.(k * k_scale) * scale = (q.k) * (scale * k_scale) (soft cap
+    and window see the same logits), and sum p (v * v_scale) = v_scale * sum p v, applied to
+    the float32 output before its one rounding to q's dtype (lse unchanged). Dequantizing
+    into q's dtype with the scales rounded every scaled key: a bfloat16 q fell outside
+    ATTENTION_TOLERANCE (logits ~30 moved by ~0.06). k_scale, v_scale: None (1.0), floats or
+    0-d float32 tensors; CPU tensors become floats (no sync there), device ones stay 0-d
+    tensors (no host sync: CUDA graphs) and so does the logits' scale then."""
+    if isinstance(k_scale, torch.Tensor) and k_scale.device.type != "cpu":
+        scale = k_scale * scale  # a 0-d float32 tensor on the device
+    elif k_scale is not None:
+        scale = scale * float(k_scale)
+    if isinstance(v_scale, torch.Tensor) and v_scale.device.type == "cpu":
+        v_scale = float(v_scale)
+    return scale, v_scale
 
 
 def _host_scales(k_scale, v_scale) -> tuple[float, float] | None:
@@ -576,14 +603,15 @@ def _long_prefill_min(q: torch.Tensor, sliding_window: int | None,
 
 def _flash_prefill_tile(out: torch.Tensor, lse: torch.Tensor | None, q: torch.Tensor,
                         k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
-                        before: int, scale: float) -> None:
+                        before: int, scale: float, out_scale=None) -> None:
     """Causal attention of n consecutive query tokens of one sequence whose first sees keys
     [0, before] (host ints, CPU tensors): every row sees the ``before`` keys in front of the
     tile, and row j the tile's own keys before + 0 .. before + j. Two passes of torch's fused
     CPU kernel, merged by LSE: the keys in front with no mask (the kv head's q heads x tokens
     as one row block each: K and V read once per kv head; _attend_host), and the tile's own
     square with ``is_causal`` (its kernel skips the blocks above the diagonal; K and V of n
-    tokens expanded to the q heads). out: q's shape and dtype; lse float32 or None.
+    tokens expanded to the q heads). out: q's shape and dtype; lse float32 or None;
+    ``out_scale``: as _merge_states' (fp8 blocks read unscaled).
 
     In place of the masked online softmax of _attend_padded for such tiles. Measured here (one
     thread, float32, 32 q / 8 kv heads, head_dim 128; bench_torch_attention.py): 512 tokens
@@ -619,12 +647,12 @@ def _flash_prefill_tile(out: torch.Tensor, lse: torch.Tensor | None, q: torch.Te
     ob, lb = _flash_cpu()(qf.permute(1, 0, 2)[None], own(k_cache), own(v_cache),
                           is_causal=True, scale=scale)[:2]
     lse_buf = lse if lse is not None else torch.empty((n, num_q_heads), dtype=torch.float32)
-    merge_attention_states(
+    _merge_states(
         out, lse_buf,
         oa.view(num_kv_heads, group, n, head_dim).permute(2, 0, 1, 3).reshape(
             n, num_q_heads, head_dim),
         la.view(num_kv_heads, group, n).permute(2, 0, 1).reshape(n, num_q_heads),
-        ob[0].permute(1, 0, 2), lb[0].permute(1, 0))
+        ob[0].permute(1, 0, 2), lb[0].permute(1, 0), out_scale=out_scale)
 
 
 #: Query tokens per tile of a long causal prefill on the host path (see _tiled_prefill).
@@ -682,8 +710,10 @@ def _tiled_prefill(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_ca
         if n_seq < long_min:
             continue
         kc, vc, table = k_cache, v_cache, block_tables[s:s + 1]
+        tile_scale, out_scale = scale, None
         if kc.dtype == torch.float8_e4m3fn:  # this sequence's blocks, dequantized once
-            kc, vc, table = _dequantized_blocks(q, kc, vc, k_scale, v_scale, table)
+            kc, vc, table = _dequantized_blocks(q, kc, vc, None, None, table)
+            tile_scale, out_scale = _fp8_scales(scale, k_scale, v_scale)
         for j0 in range(0, n_seq, tile):
             j1 = min(n_seq, j0 + tile)
             n = j1 - j0
@@ -691,14 +721,14 @@ def _tiled_prefill(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_ca
             rows = slice(cu[s] + j0, cu[s] + j1)
             if flash:
                 _flash_prefill_tile(out[rows], None if lse is None else lse[rows], q[rows],
-                                    kc, vc, table, seen - n, scale)
+                                    kc, vc, table, seen - n, tile_scale, out_scale)
                 continue
             o, lg = _attend_padded(
                 q[rows].unsqueeze(0), kc, vc, table,
                 torch.tensor([seen], device=meta), torch.tensor([n], device=meta),
-                scale=scale, causal=True,
+                scale=tile_scale, causal=True,
                 sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
-                max_kv=seen, min_end=seen - n + 1)
+                max_kv=seen, min_end=seen - n + 1, out_scale=out_scale)
             out[rows].copy_(o[0])
             if lse is not None:
                 lse[rows].copy_(lg[0])
@@ -790,7 +820,9 @@ def paged_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_c
 
     float8_e4m3fn caches (k_scale, v_scale: None or 0-d float32 tensors on the caches' device):
     the compiled decode kernel reads their bytes (the decodes of a ragged batch too); every
-    other path dequantizes the blocks its own sequences name first (_dequantized_blocks)."""
+    other path dequantizes the blocks its own sequences name first (_dequantized_blocks),
+    into their exact e4m3 values, with k_scale folded into the logits' scale and the float32
+    output times v_scale (_fp8_scales), as the Triton kernel reads them."""
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     if (cu_q_lens is not None and q.shape[0] == block_tables.shape[0]
             and cu_q_lens.device.type == "cpu"
@@ -858,13 +890,16 @@ def paged_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_c
         qp = q.new_zeros((num_seqs * q_max, num_q_heads, head_dim))
         qp.index_copy_(0, rows, q)
         qp = qp.view(num_seqs, q_max, num_q_heads, head_dim)
-    if fp8:  # a leaf: the blocks this call's sequences name, dequantized
-        k_cache, v_cache, block_tables = _dequantized_blocks(q, k_cache, v_cache, k_scale,
-                                                             v_scale, block_tables)
+    out_scale = None
+    if fp8:  # a leaf: the blocks this call's sequences name, dequantized (exact, unscaled)
+        k_cache, v_cache, block_tables = _dequantized_blocks(q, k_cache, v_cache, None, None,
+                                                             block_tables)
+        scale, out_scale = _fp8_scales(scale, k_scale, v_scale)
     max_kv, min_end = _bounds(kv_host, q_lens_host, causal)
     o, l_ = _attend_padded(qp, k_cache, v_cache, block_tables, kv_lens, q_lens, scale=scale,
                            causal=causal, sliding_window=sliding_window,
-                           logits_soft_cap=logits_soft_cap, max_kv=max_kv, min_end=min_end)
+                           logits_soft_cap=logits_soft_cap, max_kv=max_kv, min_end=min_end,
+                           out_scale=out_scale)
     o = o.reshape(-1, num_q_heads, head_dim)
     l_ = l_.reshape(-1, num_q_heads)
     if rows is not None:
@@ -883,6 +918,12 @@ MERGE_CHUNK_BYTES = 2 << 20
 
 def merge_attention_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, out_b,
                            lse_b) -> None:
+    """out = c_a out_a + c_b out_b with c = e^(lse - m) / sum (_merge_states)."""
+    _merge_states(out, lse, out_a, lse_a, out_b, lse_b)
+
+
+def _merge_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, out_b, lse_b,
+                  out_scale=None) -> None:
     """out = c_a out_a + c_b out_b with c = e^(lse - m) / sum; rows empty on both sides
     (lse -inf, or +inf: FlashAttention-2's empty rows) get c = 0, so out 0 and lse -inf. An
     empty state's out is not read (its rows may hold anything: 0 * NaN would be NaN).
@@ -891,7 +932,9 @@ def merge_attention_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, o
     multiply-add on the same chunk while it is in cache, into a float32 output itself, else
     into a reused float32 buffer then converted; inputs that are not float32 are converted
     into reused float32 buffers first (torch's conversion copies are fast; mixed-dtype
-    arithmetic and fresh full-size temporaries are not).
+    arithmetic and fresh full-size temporaries are not). ``out_scale`` (None, a float or a
+    0-d float32 tensor): out times it, folded into c_a and c_b (the v_scale of fp8 blocks
+    read unscaled, _fp8_scales; lse unchanged).
     """
     inf = float("inf")
     lse_a, lse_b = (torch.where(x == inf, -inf, x) for x in (lse_a, lse_b))  # +inf: FA2's empty
@@ -901,6 +944,8 @@ def merge_attention_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, o
     wa, wb = torch.exp(lse_a - m0), torch.exp(lse_b - m0)  # e^-inf = 0 for an empty side
     den = wa + wb
     inv = torch.where(seen, den.reciprocal(), 0.0)
+    if out_scale is not None:
+        inv = inv * out_scale
     ca, cb = (wa * inv).unsqueeze(-1), (wb * inv).unsqueeze(-1)
     empty_a, empty_b = ((x == -inf).unsqueeze(-1) for x in (lse_a, lse_b))
     num_tokens = out.shape[0]
@@ -1050,9 +1095,14 @@ def _joined_tables(pre: np.ndarray, plens: np.ndarray, pid: np.ndarray, own: np.
 def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_cache, v_cache,
                             prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
                             cu_q_lens, *, scale: float, logits_soft_cap: float | None,
-                            workspace=None) -> None:
+                            workspace=None, k_scale=None, v_scale=None) -> None:
     """Each prefix's KV read once for all its queries, the own tokens by paged attention, then
     the log-sum-exp merge (``workspace`` is not used).
+
+    float8_e4m3fn caches (k_scale, v_scale as paged_attention's): a call that runs as one
+    paged pass hands them to paged_attention; otherwise the blocks both passes' tables name
+    are dequantized into their exact e4m3 values, k_scale folded into the logits' scale and
+    v_scale into the final merge (_fp8_scales), as the Triton kernel reads them.
 
     With the metadata on the host and no soft cap (the CPU path), both parts go through
     _attend_host: a decode batch's own tokens through torch's fused CPU kernel (the q heads of
@@ -1061,10 +1111,11 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = block_tables.shape[0]
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
     if num_seqs == 0:  # tokens of no sequence (unchecked cu_q_lens): paged_attention's case
         paged_attention(out, lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
                         scale=scale, causal=True, sliding_window=None,
-                        logits_soft_cap=logits_soft_cap)
+                        logits_soft_cap=logits_soft_cap, k_scale=k_scale, v_scale=v_scale)
         return
     num_prefixes = prefix_block_tables.shape[0]
     dev = q.device
@@ -1074,16 +1125,23 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
     group = num_q_heads // num_kv_heads
     fused = host and _host_path(q, logits_soft_cap)
     if fused:
+        # fp8: the element size of the dequantized blocks the passes read (q's dtype)
         (prefix_block_tables, prefix_lens, prefix_ids, block_tables,
-         kv_lens) = _cascade_groups(group, k_cache.shape[1], k_cache.element_size(),
+         kv_lens) = _cascade_groups(group, k_cache.shape[1],
+                                    (q if fp8 else k_cache).element_size(),
                                     prefix_block_tables, prefix_lens, prefix_ids, block_tables,
                                     kv_lens, cu_q_lens)
         num_prefixes = prefix_block_tables.shape[0]
         if num_prefixes == 0:  # every group dissolved: one paged pass
             paged_attention(out, lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
                             scale=scale, causal=True, sliding_window=None,
-                            logits_soft_cap=None)
+                            logits_soft_cap=None, k_scale=k_scale, v_scale=v_scale)
             return
+    out_scale = None
+    if fp8:  # the blocks both passes name, dequantized (exact, unscaled)
+        k_cache, v_cache, prefix_block_tables, block_tables = _dequantized_blocks(
+            q, k_cache, v_cache, None, None, prefix_block_tables, block_tables)
+        scale, out_scale = _fp8_scales(scale, k_scale, v_scale)
     # suffix: the sequences' own tokens (causal; positions shift uniformly by the prefix)
     own_out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=torch.float32, device=dev)
     own_lse = torch.empty((num_tokens, num_q_heads), dtype=torch.float32, device=dev)
@@ -1168,8 +1226,8 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
     pre_out.index_copy_(0, tok_idx, got_out)
     pre_lse.index_copy_(0, tok_idx, got_lse)
     merged_lse = torch.empty_like(own_lse)
-    merge_attention_states(out, merged_lse, pre_out, pre_lse,
-                           own_out if own_c is None else own_c, own_lse)
+    _merge_states(out, merged_lse, pre_out, pre_lse, own_out if own_c is None else own_c,
+                  own_lse, out_scale=out_scale)
     if lse is not None:
         lse.copy_(merged_lse)
 
@@ -1191,6 +1249,7 @@ def _plan_groups(num_q_heads: int, k_cache: torch.Tensor, logits_soft_cap: float
 
 
 shared_prefix_attention.plan_groups = _plan_groups
+shared_prefix_attention.reads_fp8 = True
 
 
 # ------------------------------------------------------------------------------- cache ops

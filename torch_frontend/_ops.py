@@ -376,8 +376,9 @@ def _with_sinks(fn, out: Tensor, lse: Tensor | None, sinks: Tensor | None, run) 
 
 def _fp8_kwargs(fn, k_cache: Tensor, k_scale: Tensor | None, v_scale: Tensor | None) -> dict:
     """The scales as keyword arguments of backend entry ``fn`` when it reads float8_e4m3fn
-    caches itself (``fn.reads_fp8``: the Triton kernels, the torch backend's paged attention)
-    and the caches are fp8; else {} (the caller dequantizes the named blocks first)."""
+    caches itself (``fn.reads_fp8``: the Triton kernels, the torch backend's paged and
+    shared-prefix attention) and the caches are fp8; else {} (the caller dequantizes the named
+    blocks first)."""
     if validate.is_fp8(k_cache) and getattr(fn, "reads_fp8", False):
         return {"k_scale": k_scale, "v_scale": v_scale}
     return {}
