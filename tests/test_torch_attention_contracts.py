@@ -137,7 +137,7 @@ def test_shared_prefix_nan_in_own_key_of_a_sequence_with_no_prefix_stays_nan(mon
 
     monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", 0)
     monkeypatch.setattr(_native, "CASCADE_MIN_SCORES", 0)
-    calls = _spy(monkeypatch, "merge_attention_states")
+    calls = _spy(monkeypatch, "_merge_states")
     rng = np.random.default_rng(5)
     b = testing.small_shared_prefix_batch(rng, False)  # sequence 2 has no prefix
     b.k_cache[int(b.block_tables[2, 0]), 0, 0, 3] = np.nan
