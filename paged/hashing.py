@@ -11,6 +11,7 @@ Only numpy is imported here; the compiled kernel (``prefixkv.kernels.cpu._blake3
 from __future__ import annotations
 
 import functools
+import weakref
 
 import numpy as np
 
@@ -28,12 +29,13 @@ from .validate import (
     check_hash_algo,
     check_hash_blocks,
     check_hash_blocks_values,
+    check_int,
 )
 
 __all__ = ["HASH_ALGOS", "VLLM_DEFAULT_SEED", "DYNAMO_ROUTER_SEED", "MM_EXTRA_CONTEXT",
            "hash_blocks", "hash_blocks_words", "digests_to_words", "words_to_digests",
            "block_key", "vllm_none_hash", "host_backend", "check_prefix_chain",
-           "check_mm_items", "mm_extra_words", "check_mm_hash_fn"]
+           "check_mm_items", "mm_extra_words", "check_mm_hash_fn", "request_mm_items"]
 
 #: vLLM's NONE_HASH seed for the SHA-256 hash functions when PYTHONHASHSEED is unset.
 VLLM_DEFAULT_SEED = "vllm-none-hash"
@@ -298,10 +300,6 @@ def _dynamo_kvbm(tokens, cu, block_size, salt, parent, seed) -> list[bytes]:
 # ------------------------------------------------------------------------ multimodal items
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
 def check_mm_items(mm_items, num_tokens: int | None = None, name: str = "mm_items") -> tuple:
     """``mm_items`` (a sequence of ``(offset, length, identifier)``: an item's placeholder
     tokens ``[offset, offset + length)`` and its content hash, bytes or str) as a tuple of
@@ -322,13 +320,8 @@ def check_mm_items(mm_items, num_tokens: int | None = None, name: str = "mm_item
             raise TypeError(f"{name}[{k}]: expected an (offset, length, identifier) triple, "
                             f"got {item!r:.80}")
         off, length, ident = item
-        if not _is_int(off):
-            raise TypeError(f"{name}[{k}]: offset: expected an int, got "
-                            f"{type(off).__name__}")
-        if not _is_int(length):
-            raise TypeError(f"{name}[{k}]: length: expected an int, got "
-                            f"{type(length).__name__}")
-        off, length = int(off), int(length)
+        off = check_int(f"{name}[{k}]: offset", off)
+        length = check_int(f"{name}[{k}]: length", length)
         if length < 1:
             raise ValueError(f"{name}[{k}]: length: expected >= 1 (the item's placeholder "
                              f"tokens), got {length}")
@@ -422,6 +415,29 @@ def _v1_mm_digests(tokens: np.ndarray, block_size: int, salt: bytes, parents: np
     tail = _v1_digests(rest, block_size, np.array([0, len(rest)]), salt, extra, parents,
                        num_full_blocks - m, backend)
     return np.concatenate([head, tail])
+
+
+#: {hash_fn: block sizes check_mm_hash_fn passed}: each probed once (request_mm_items)
+_MM_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def request_mm_items(mm_items, num_tokens: int, hash_fn, block_size: int) -> tuple:
+    """A prompt's items (:func:`check_mm_items` against its ``num_tokens``; ``()`` for none)
+    for blocks ``hash_fn`` hashes: a ValueError naming mm_items when it cannot take them
+    (:func:`check_mm_hash_fn`, probed once per hash_fn and block size), so items are never
+    dropped silently. PrefixCache's and Router's entry for a request's items."""
+    mm = check_mm_items(mm_items, num_tokens)
+    if not mm:
+        return mm
+    try:
+        checked = block_size in _MM_CHECKED.get(hash_fn, ())
+    except TypeError:  # a hash_fn no weak reference can key: probed every time
+        check_mm_hash_fn(hash_fn, block_size)
+        return mm
+    if not checked:
+        check_mm_hash_fn(hash_fn, block_size)
+        _MM_CHECKED.setdefault(hash_fn, set()).add(block_size)
+    return mm
 
 
 def check_mm_hash_fn(hash_fn, block_size: int, name: str = "hash_fn") -> None:

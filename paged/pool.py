@@ -346,7 +346,8 @@ class BlockPool:
                  token_ids: Sequence[int] | None = None) -> int:
         """Cache full blocks under their hashes (``blocks[i]`` holds the block whose hash is
         ``block_hashes[i]``; ``parent_hash`` is the hash before ``block_hashes[0]``;
-        ``token_ids``: the blocks' tokens, ``block_size`` per block, carried by the events).
+        ``token_ids``: the blocks' tokens, ``block_size`` per block, carried by the events: a
+        list of Python ints as it is, another int sequence converted).
 
         Blocks that already have a hash and hashes already cached in ``namespace`` (another
         block holds the same tokens) are skipped. Publishes one ``"stored"`` event per run of
@@ -361,9 +362,12 @@ class BlockPool:
         hashes = self._hash
         spaces = self._ns
         publish = bool(self.events)
-        if token_ids is not None and len(token_ids) != len(blocks) * self.block_size:
-            raise ValueError(f"token_ids: expected {len(blocks) * self.block_size} tokens "
-                             f"(block_size per block), got {len(token_ids)}")
+        if token_ids is not None:
+            if len(token_ids) != len(blocks) * self.block_size:
+                raise ValueError(f"token_ids: expected {len(blocks) * self.block_size} tokens "
+                                 f"(block_size per block), got {len(token_ids)}")
+            if type(token_ids) is not list:  # a list holds Python ints (PrefixCache's does)
+                token_ids = [int(t) for t in token_ids]
         # runs of newly registered blocks: (parent, hashes, ids, index of the first block)
         runs: list[tuple[bytes | None, list, list, int]] = []
         run = None
@@ -391,7 +395,7 @@ class BlockPool:
             self._publish_all([
                 KVEvent(STORED, tuple(hs), parent, self.tier, namespace, len(hs) * bs,
                         tuple(bl), () if token_ids is None
-                        else tuple(int(t) for t in token_ids[i * bs:(i + len(hs)) * bs]))
+                        else tuple(token_ids[i * bs:(i + len(hs)) * bs]))
                 for parent, hs, bl, i in runs])
         return count
 

@@ -204,7 +204,6 @@ class PrefixCache:
 
             check_prefix_chain(hash_fn, self.block_size)
         self.hash_fn = hash_fn if hash_fn is not None else default_hash_fn
-        self._mm_ok = hash_fn is None  # hash_fn takes mm_items (checked at first use)
         self.enable_caching = enable_caching
         self.shared_prefix = shared_prefix
         self.min_prefix_blocks = validate.check_int("min_prefix_blocks", min_prefix_blocks, 0)
@@ -232,15 +231,9 @@ class PrefixCache:
         mm_items when hash_fn cannot take them (never dropped silently)."""
         if mm_items is None:
             return None
-        from .hashing import check_mm_hash_fn, check_mm_items
+        from .hashing import request_mm_items
 
-        mm = check_mm_items(mm_items, num_tokens)
-        if not mm:
-            return None
-        if not self._mm_ok:
-            check_mm_hash_fn(self.hash_fn, self.block_size)
-            self._mm_ok = True
-        return mm
+        return request_mm_items(mm_items, num_tokens, self.hash_fn, self.block_size) or None
 
     def _extend_hashes(self, req: _Request, num_blocks: int) -> None:
         """Hash req's full blocks up to ``num_blocks`` (only the ones not hashed yet)."""

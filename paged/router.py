@@ -79,7 +79,6 @@ class Router:
         tiers = tuple(tiers)
         if not tiers:
             raise ValueError("tiers: expected at least one tier name")
-        self._mm_ok = hash_fn is None  # hash_fn takes mm_items (checked at first use)
         if hash_fn is None:
             from .prefix_cache import default_hash_fn as hash_fn
         self.block_size = block_size
@@ -240,12 +239,9 @@ class Router:
     def _request_hashes(self, toks: np.ndarray, salt, mm_items=None) -> list[bytes]:
         mm = None
         if mm_items is not None:  # checked against the whole prompt, even with cap == 0
-            from .hashing import check_mm_hash_fn, check_mm_items
+            from .hashing import request_mm_items
 
-            mm = check_mm_items(mm_items, len(toks))
-            if mm and not self._mm_ok:
-                check_mm_hash_fn(self.hash_fn, self.block_size)
-                self._mm_ok = True
+            mm = request_mm_items(mm_items, len(toks), self.hash_fn, self.block_size)
         cap = max(len(toks) - 1, 0) // self.block_size
         if cap == 0:
             return []

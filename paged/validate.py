@@ -175,9 +175,16 @@ def _ids_ok(ids: list[int], num_blocks: int) -> bool:
     return not ids or (min(ids) >= 0 and max(ids) < num_blocks)
 
 
-def check_cumulative_lens(name: str, cu, num_tokens: int) -> np.ndarray:
+#: check_cumulative_lens's hint for q rows past cu_q_lens[-1]
+_PADDED_ROWS_HINT = ("; rows padded past the batch (vLLM's num_actual_tokens): pass "
+                     "q[:cu_q_lens[-1]], or give the padding rows to an extra last sequence "
+                     "(docs/host.md, padded batches)")
+
+
+def check_cumulative_lens(name: str, cu, num_tokens: int, short_hint: str = "") -> np.ndarray:
     """Host check of cumulative lengths (cu_q_lens, cu_lens): starts at 0, never decreases,
-    ends at num_tokens. Returns them as int64 numpy."""
+    ends at num_tokens (``short_hint`` follows the error of one that ends short of it).
+    Returns them as int64 numpy."""
     cu = to_host(cu).astype(np.int64)
     # the verdict from a list (numpy: ~1 us an operation)
     if 0 < cu.size <= SMALL_BATCH_ENTRIES and cumulative_ok(cu.tolist(), num_tokens):
@@ -190,11 +197,9 @@ def check_cumulative_lens(name: str, cu, num_tokens: int) -> np.ndarray:
         raise ValueError(f"{name}: expected non-decreasing values, got {int(cu[s])} then "
                          f"{int(cu[s + 1])} at index {s}")
     if cu[-1] != num_tokens:
-        pad = ("; rows padded past the batch (vLLM's num_actual_tokens): pass q[:cu_q_lens[-1]], "
-               "or give the padding rows to an extra last sequence (docs/host.md, padded "
-               "batches)" if name == "cu_q_lens" and 0 <= cu[-1] < num_tokens else "")
+        hint = short_hint if 0 <= cu[-1] < num_tokens else ""
         raise ValueError(f"{name}: expected {name}[-1] == num_tokens ({num_tokens}), "
-                         f"got {int(cu[-1])}{pad}")
+                         f"got {int(cu[-1])}{hint}")
     return cu
 
 
@@ -429,7 +434,7 @@ def check_ragged_values(dims: AttentionDims, block_tables, kv_lens, cu_q_lens=No
     if cu_q_lens is None:
         cu = np.arange(dims.num_seqs + 1, dtype=np.int64)
     else:
-        cu = check_cumulative_lens("cu_q_lens", cu_q_lens, dims.num_tokens)
+        cu = check_cumulative_lens("cu_q_lens", cu_q_lens, dims.num_tokens, _PADDED_ROWS_HINT)
     if _small_ragged_ok(kv, cu, table, dims):
         return kv, cu
     if (kv < 0).any():
