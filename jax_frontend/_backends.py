@@ -11,7 +11,9 @@ per op.
 
 An attention backend whose impl has ``reads_fp8(**context) -> bool`` answering True gets
 float8_e4m3fn caches as they are, with ``k_scale``/``v_scale`` keywords (0-d float32 arrays or
-None); the others get the blocks the tables name dequantized into q's dtype (frontend).
+None); the others get the blocks the tables name dequantized into q's dtype (frontend). One
+whose impl lists "HND" in ``kv_layouts`` gets HND caches as they are, with a ``kv_layout``
+keyword; the others get the blocks the tables name transposed to NHD (frontend).
 
 Only kernels that are implemented and tested are registered.
 """
@@ -38,12 +40,23 @@ def attention_context(dims, table_entries: int | None = None) -> dict:
     entries = dims.num_seqs * dims.max_blocks_per_seq if table_entries is None else table_entries
     return dict(dtype=dims.dtype, head_dim=dims.head_dim, block_size=dims.block_size,
                 num_q_heads=dims.num_q_heads, num_kv_heads=dims.num_kv_heads,
-                table_entries=int(entries))
+                table_entries=int(entries), kv_layout=dims.kv_layout)
 
 
-def cache_context(caches) -> dict:
-    return dict(dtype=dtype_name(caches[0]),
-                block_shapes=tuple(tuple(int(d) for d in c.shape[1:]) for c in caches))
+def cache_context(caches, kv_layout: str | None = None) -> dict:
+    """What cache ops' ``supports`` see: dtype, block shapes and (write_kv) the layout."""
+    context = dict(dtype=dtype_name(caches[0]),
+                   block_shapes=tuple(tuple(int(d) for d in c.shape[1:]) for c in caches))
+    if kv_layout is not None:
+        context["kv_layout"] = kv_layout
+    return context
+
+
+def reads_layout(impl, kv_layout: str) -> bool:
+    """Whether attention backend ``impl`` reads caches of ``kv_layout`` itself (its
+    ``kv_layouts`` attribute; default NHD only). The frontend gives the others the blocks the
+    tables name, transposed to NHD."""
+    return kv_layout in getattr(impl, "kv_layouts", ("NHD",))
 
 
 # ------------------------------------------------------------------ XLA composite backend
@@ -94,7 +107,7 @@ shared_prefix_attention_xla.reads_fp8 = lambda **context: True
 
 
 merge_attention_states_xla = jax.jit(_xla.merge_attention_states)
-write_kv_xla = jax.jit(_xla.write_kv)
+write_kv_xla = jax.jit(_xla.write_kv, static_argnames=("kv_layout",))
 copy_blocks_xla = jax.jit(_xla.copy_blocks)
 gather_blocks_xla = jax.jit(_xla.gather_blocks)
 scatter_blocks_xla = jax.jit(_xla.scatter_blocks)
@@ -137,23 +150,35 @@ def _pallas_cache_op(name: str, interpret: bool):
     return impl
 
 
+def _nhd_rows_only(kv_layout: str = "NHD", **_):
+    """write_kv's kernel DMAs a token's [heads, head_dim] row whole: NHD caches only (an HND
+    token row is one sublane of each head's tiles)."""
+    if kv_layout != "NHD":
+        return False, ("kv_layout='HND': a token's row is one row of each head's (8 x 128) "
+                       "tiles, not one DMA (XLA's scatter writes it)")
+    return True, ""
+
+
 _PALLAS_REQ = ("jax", "jax.experimental.pallas")
 for _op in ("write_kv", "copy_blocks", "gather_blocks", "scatter_blocks"):
+    _rule = _nhd_rows_only if _op == "write_kv" else None
     REGISTRIES[_op].register(Backend(
         "pallas_tpu", ("tpu",), _pallas_cache_op(_op, False), priority=10, requires=_PALLAS_REQ,
+        supports=_rule,
         doc="Pallas Mosaic TPU kernel: scalar-prefetched ids, HBM-to-HBM DMAs, aliased caches"))
     REGISTRIES[_op].register(Backend(
         "pallas_interpret", ("cpu",), _pallas_cache_op(_op, True), priority=-10,
-        requires=_PALLAS_REQ,
+        requires=_PALLAS_REQ, supports=_rule,
         doc="the pallas_tpu kernel run by Pallas's TPU interpret mode (tests; slow)"))
 
 
 def _pallas_attention(op: str, interpret: bool):
-    def impl(*args, k_scale=None, v_scale=None, **config):
+    def impl(*args, k_scale=None, v_scale=None, kv_layout="NHD", **config):
         from ..kernels.pallas import paged_attention as pa
 
         kernel = functools.partial(pa.paged_attention_tpu, k_scale=k_scale, v_scale=v_scale,
-                                   interpret=tpu_interpret_params() if interpret else False)
+                                   interpret=tpu_interpret_params() if interpret else False,
+                                   kv_layout=kv_layout)
         if op == "paged_attention":
             return kernel(*args, **config)
         return _xla.shared_prefix_attention(*args, **config, attention_fn=kernel)
@@ -165,6 +190,7 @@ def _pallas_attention(op: str, interpret: bool):
 
     impl.__name__ = f"{op}_{'pallas_interpret' if interpret else 'pallas_tpu'}"
     impl.reads_fp8 = reads_fp8
+    impl.kv_layouts = ("NHD", "HND")
     return impl
 
 

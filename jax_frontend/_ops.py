@@ -169,16 +169,13 @@ def _dequantize(cache, scale, dtype):
     return (cache.astype(jnp.float32) * scale).astype(dtype)
 
 
-def _dequantized_blocks(q, k_cache, v_cache, k_scale, v_scale, *tables):
-    """fp8 caches as caches in q's dtype for every attention backend: (k, v, *tables) with k, v
-    the dequantized blocks the tables name, in table order, and the tables remapped to them
-    (static shapes: jit-friendly); when the tables name at least as many entries as the cache
-    has blocks, the whole cache dequantized and the tables unchanged. Entries past a row's
-    blocks (never read) are clamped into range before the gather. A scale None: that cache's
-    exact e4m3 values (_fp8_call then folds k_scale into the logits' scale)."""
+def _named_blocks(k_cache, v_cache, *tables):
+    """(k, v, *tables): the blocks the tables name, in table order, and the tables remapped to
+    them (static shapes: jit-friendly); when the tables name at least as many entries as the
+    cache has blocks, the caches and tables unchanged. Entries past a row's blocks (never
+    read) are clamped into range before the gather."""
     import jax.numpy as jnp
 
-    k_scale, v_scale = _kv_scales(k_scale, v_scale)
     num_blocks = int(k_cache.shape[0])
     total = sum(int(np.prod(t.shape)) for t in tables)
     if 0 < total < num_blocks:
@@ -190,8 +187,35 @@ def _dequantized_blocks(q, k_cache, v_cache, k_scale, v_scale, *tables):
             remapped.append((jnp.arange(n, dtype=jnp.int32) + start).reshape(t.shape))
             start += n
         tables = tuple(remapped)
+    return (k_cache, v_cache, *tables)
+
+
+def _dequantized_blocks(q, k_cache, v_cache, k_scale, v_scale, *tables):
+    """fp8 caches as caches in q's dtype for every attention backend: the dequantized blocks
+    the tables name (:func:`_named_blocks`). A scale None: that cache's exact e4m3 values
+    (_fp8_call then folds k_scale into the logits' scale)."""
+    k_scale, v_scale = _kv_scales(k_scale, v_scale)
+    k_cache, v_cache, *tables = _named_blocks(k_cache, v_cache, *tables)
     return (_dequantize(k_cache, k_scale, q.dtype), _dequantize(v_cache, v_scale, q.dtype),
             *tables)
+
+
+def _layout_call(impl, context, k_cache, v_cache, tables):
+    """(context, k_cache, v_cache, tables, kwargs) for attention backend ``impl``: caches of
+    the call's layout as they are when the backend reads that layout (kwargs then pass
+    ``kv_layout``), else HND caches given as NHD ones: the blocks the tables name
+    (:func:`_named_blocks`) with their head and token dims swapped, a copy of what the call
+    reads (the XLA path, the GPU kernel, and the TPU kernel's fallbacks)."""
+    import jax.numpy as jnp
+
+    layout = context["kv_layout"]
+    if layout == "NHD":
+        return context, k_cache, v_cache, tables, {}
+    if _backends.reads_layout(impl, layout):
+        return context, k_cache, v_cache, tables, {"kv_layout": layout}
+    k_cache, v_cache, *tables = _named_blocks(k_cache, v_cache, *tables)
+    return ({**context, "kv_layout": "NHD"}, jnp.swapaxes(k_cache, 1, 2),
+            jnp.swapaxes(v_cache, 1, 2), tuple(tables), {})
 
 
 # ------------------------------------------------------------------------------- attention
@@ -199,7 +223,7 @@ def _dequantized_blocks(q, k_cache, v_cache, k_scale, v_scale, *tables):
 
 def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale=None,
                     causal=True, sliding_window=None, logits_soft_cap=None, return_lse=False,
-                    sinks=None, k_scale=None, v_scale=None, backend=None):
+                    sinks=None, k_scale=None, v_scale=None, kv_layout="NHD", backend=None):
     """Ragged paged attention over cached prefixes: decode, prefill, chunked prefill, mixed.
 
     q: [num_tokens, num_q_heads, head_dim] float32|float16|bfloat16.
@@ -219,6 +243,10 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     sinks: None or float[num_q_heads] (an array, may be traced), attention sinks (gpt-oss):
     one logit per q head added to the softmax denominator (applied after the kernel, see
     docs/ops.md).
+    kv_layout: "NHD" (the caches as above, vLLM's) or "HND": caches [num_blocks, num_kv_heads,
+    block_size, head_dim], whose minor dims a TPU tiles with no padding whatever the head
+    count (the TPU kernel reads them for any num_kv_heads; other backends get the blocks the
+    tables name transposed, docs/ops.md).
     backend: None (per platform), "xla", "pallas_tpu", "pallas_gpu", "pallas_interpret" or
     "pallas_gpu_interpret" (the TPU / GPU kernel run by the Pallas interpreter on CPU).
 
@@ -231,7 +259,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     dims = validate.check_paged_attention(
         q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
-        sinks=sinks, k_scale=k_scale, v_scale=v_scale)
+        sinks=sinks, k_scale=k_scale, v_scale=v_scale, kv_layout=kv_layout)
     if _run_value_checks(block_tables, kv_lens, cu_q_lens):
         validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
     else:
@@ -294,14 +322,17 @@ def _run_paged_attention(dims, q, k_cache, v_cache, block_tables, kv_lens, cu_q_
     context = _backends.attention_context(dims)
 
     def call(impl):
+        ctx, kc, vc, tables, layout = _layout_call(impl, context, k_cache, v_cache,
+                                                   (block_tables,))
+
         def run(k_cache, v_cache, block_tables, **kwargs):  # scales, or a folded scale
             return impl(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
-                        **{**config, **kwargs})
+                        **{**config, **layout, **kwargs})
 
-        if validate.is_fp8(k_cache):
-            return _fp8_call(impl, context, q, k_cache, v_cache, k_scale, v_scale,
-                             (block_tables,), run, config["scale"])
-        return run(k_cache, v_cache, block_tables)
+        if validate.is_fp8(kc):
+            return _fp8_call(impl, ctx, q, kc, vc, k_scale, v_scale, tables, run,
+                             config["scale"])
+        return run(kc, vc, *tables)
 
     out, lse = _dispatch("paged_attention", backend, context, call,
                          (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens))
@@ -313,7 +344,8 @@ def _run_paged_attention(dims, q, k_cache, v_cache, block_tables, kv_lens, cu_q_
 def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
                             block_tables, kv_lens, cu_q_lens=None, *, scale=None,
                             logits_soft_cap=None, return_lse=False, sinks=None,
-                            sliding_window=None, k_scale=None, v_scale=None, backend=None):
+                            sliding_window=None, k_scale=None, v_scale=None, kv_layout="NHD",
+                            backend=None):
     """Causal attention of sequences that share cached prefixes (cascade attention).
 
     q, k_cache, v_cache, cu_q_lens: as :func:`paged_attention`.
@@ -328,15 +360,16 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     sinks: as paged_attention (each row's sink counted once). sliding_window: as
     paged_attention, counted over prefix then own tokens; with a window the call runs as
     paged_attention over each sequence's prefix then own blocks (a window gives each query its
-    own part of the prefix: nothing to share). k_scale, v_scale: as paged_attention
-    (float8_e4m3fn caches). Returns out (and lse) as paged_attention.
+    own part of the prefix: nothing to share). k_scale, v_scale, kv_layout: as paged_attention.
+    Returns out (and lse) as paged_attention.
     """
     check_static(scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
                  sliding_window=sliding_window)
     sdims = validate.check_shared_prefix_attention(
         q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
         kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
-        sinks=sinks, sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale)
+        sinks=sinks, sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale,
+        kv_layout=kv_layout)
     if _run_value_checks(prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
                          cu_q_lens):
         validate.check_shared_prefix_attention_values(
@@ -375,14 +408,17 @@ def _run_shared_prefix_attention(sdims, q, k_cache, v_cache, prefix_block_tables
         dims.num_seqs * dims.max_blocks_per_seq, sdims.num_prefixes * sdims.max_prefix_blocks))
 
     def call(impl):
+        ctx, kc, vc, tables, layout = _layout_call(impl, context, k_cache, v_cache,
+                                                   (prefix_block_tables, block_tables))
+
         def run(k_cache, v_cache, prefix_block_tables, block_tables, **kwargs):
             return impl(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
-                        block_tables, kv_lens, cu_q_lens, **{**config, **kwargs})
+                        block_tables, kv_lens, cu_q_lens, **{**config, **layout, **kwargs})
 
-        if validate.is_fp8(k_cache):
-            return _fp8_call(impl, context, q, k_cache, v_cache, k_scale, v_scale,
-                             (prefix_block_tables, block_tables), run, config["scale"])
-        return run(k_cache, v_cache, prefix_block_tables, block_tables)
+        if validate.is_fp8(kc):
+            return _fp8_call(impl, ctx, q, kc, vc, k_scale, v_scale, tables, run,
+                             config["scale"])
+        return run(kc, vc, *tables)
 
     out, lse = _dispatch("shared_prefix_attention", backend, context, call,
                          (q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
@@ -410,7 +446,7 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, backend=None):
 
 
 def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None,
-             backend=None):
+             kv_layout="NHD", backend=None):
     """Write this step's keys and values into the paged caches; returns (k_cache, v_cache).
 
     key, value: [num_tokens, num_kv_heads, head_dim], the caches' dtype, or any float dtype
@@ -418,7 +454,8 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
     k_scale, v_scale: None (1.0), a positive float or a float32 array of one element, may be
     traced (fp8 caches only; docs/ops.md). The rows are quantized by XLA ops, then the chosen
     backend moves their bytes.
-    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim].
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]; kv_layout "HND":
+    [num_blocks, num_kv_heads, block_size, head_dim] (as paged_attention).
     slot_mapping: i32[n] or i64[n] (vLLM's and SGLang's dtype; with x64), n <= num_tokens;
     slot = block * block_size + offset; negative slots are skipped, as are slots past the
     cache (an int64 slot never wraps into the cache as int32); rows of key/value past n are
@@ -427,16 +464,20 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
     place with no copy.
     """
     validate.check_write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=k_scale,
-                            v_scale=v_scale)
+                            v_scale=v_scale, kv_layout=kv_layout)
     if _run_value_checks(slot_mapping):
-        validate.check_write_kv_values(k_cache, slot_mapping)
-    slot_mapping = _int32_ids(slot_mapping, int(k_cache.shape[0]) * int(k_cache.shape[1]))
+        validate.check_write_kv_values(k_cache, slot_mapping, kv_layout)
+    hnd = kv_layout == "HND"
+    slot_mapping = _int32_ids(slot_mapping,
+                              int(k_cache.shape[0]) * int(k_cache.shape[2 if hnd else 1]))
     if validate.is_fp8(k_cache):
         ks, vs = _kv_scales(k_scale, v_scale)
         n = int(slot_mapping.shape[0])  # rows past the mapping: never quantized
         key, value = _quantize_fp8(key[:n], ks), _quantize_fp8(value[:n], vs)
-    return _dispatch("write_kv", backend, _backends.cache_context([k_cache]),
-                     lambda impl: tuple(impl(key, value, k_cache, v_cache, slot_mapping)),
+    layout = {"kv_layout": kv_layout} if hnd else {}  # the NHD-only kernels refuse HND
+    return _dispatch("write_kv", backend, _backends.cache_context([k_cache], kv_layout),
+                     lambda impl: tuple(impl(key, value, k_cache, v_cache, slot_mapping,
+                                             **layout)),
                      (key, value, k_cache, v_cache, slot_mapping))
 
 
@@ -505,9 +546,9 @@ def explain_backends(op: str, platform: str | None = None, **context) -> dict[st
     """name -> "ok" or why each backend of ``op`` (any op of this module, ``hash_blocks``
     included) is refused on ``platform`` (default: the default device's), highest priority
     first. Shape rules need the call's shapes as keywords, e.g. for attention ``dtype``,
-    ``head_dim``, ``block_size``, ``num_q_heads``, ``num_kv_heads``, ``table_entries``
-    (``_backends.attention_context`` builds them); a backend whose answer depends on a shape
-    not given says so."""
+    ``head_dim``, ``block_size``, ``num_q_heads``, ``num_kv_heads``, ``table_entries``,
+    ``kv_layout`` (``_backends.attention_context`` builds them); a backend whose answer
+    depends on a shape not given says so."""
     if op == "hash_blocks":
         from ._hashing import HASH_BLOCKS_BACKENDS as registry
     elif op in _backends.REGISTRIES:

@@ -62,13 +62,14 @@ def _as_int32(**named) -> tuple:
     return tuple(out)
 
 
-def _meta_q(k_cache, num_q_heads, dtype, cu_q_lens, num_seqs: int, num_tokens=None):
+def _meta_q(k_cache, num_q_heads, dtype, cu_q_lens, num_seqs: int, num_tokens=None,
+            kv_layout="NHD"):
     """A shape-and-dtype stand-in for q, with the checks of k_cache, num_q_heads, dtype and
     num_tokens (q's token count when given; else read from cu_q_lens)."""
     if not hasattr(k_cache, "shape") or not hasattr(k_cache, "dtype"):
         raise TypeError(f"k_cache: expected an array (one layer's key cache), got "
                         f"{type(k_cache).__name__}")
-    given = validate.check_plan_heads_and_dtype(k_cache, num_q_heads, dtype)
+    given = validate.check_plan_heads_and_dtype(k_cache, num_q_heads, dtype, kv_layout)
     try:
         dtype = np.dtype(given)
     except TypeError:
@@ -140,20 +141,21 @@ class AttentionPlan:
         check_static(return_lse=return_lse)
         self._check_inputs(q, k_cache, v_cache)
         if op == "paged_attention":
-            scale, causal, window, soft_cap, backend = options
+            scale, causal, window, soft_cap, backend, layout = options
             dims = validate.check_paged_attention(
                 q, k_cache, v_cache, *self._meta, scale=scale, causal=causal,
                 sliding_window=window, logits_soft_cap=soft_cap, return_lse=return_lse,
-                sinks=sinks, k_scale=k_scale, v_scale=v_scale)
+                sinks=sinks, k_scale=k_scale, v_scale=v_scale, kv_layout=layout)
             out, lse = _run_paged_attention(
                 dims, q, k_cache, v_cache, *self._meta, causal=causal, sliding_window=window,
                 logits_soft_cap=soft_cap, sinks=sinks, backend=backend, k_scale=k_scale,
                 v_scale=v_scale)
         else:
-            scale, soft_cap, backend = options
+            scale, soft_cap, backend, layout = options
             sdims = validate.check_shared_prefix_attention(
                 q, k_cache, v_cache, *self._meta, scale=scale, logits_soft_cap=soft_cap,
-                return_lse=return_lse, sinks=sinks, k_scale=k_scale, v_scale=v_scale)
+                return_lse=return_lse, sinks=sinks, k_scale=k_scale, v_scale=v_scale,
+                kv_layout=layout)
             out, lse = _run_shared_prefix_attention(
                 sdims, q, k_cache, v_cache, *self._meta, logits_soft_cap=soft_cap, sinks=sinks,
                 sliding_window=None, backend=backend, k_scale=k_scale, v_scale=v_scale)
@@ -169,16 +171,18 @@ def _static(op, options, q, k_cache, fixed) -> tuple:
 
 def plan_paged_attention(block_tables, kv_lens, cu_q_lens=None, *, k_cache, num_q_heads: int,
                          dtype=None, scale=None, causal=True, sliding_window=None,
-                         logits_soft_cap=None, backend=None, num_tokens=None) -> AttentionPlan:
+                         logits_soft_cap=None, kv_layout="NHD", backend=None,
+                         num_tokens=None) -> AttentionPlan:
     """A plan of :func:`~prefixkv.jax_frontend.paged_attention` for one batch step, made on
     the host (outside jax.jit): ``plan.run(q, k_cache, v_cache)`` per layer equals
     ``paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, ...)`` with these
     options.
 
-    block_tables, kv_lens, cu_q_lens, scale, causal, sliding_window, logits_soft_cap, backend:
-    as in paged_attention (checked here, once; int64 metadata is cast to int32 after a check
-    that the values fit). k_cache: one layer's key cache, or a jax.ShapeDtypeStruct of it
-    (every layer's caches have its shape and dtype; the metadata goes to its device).
+    block_tables, kv_lens, cu_q_lens, scale, causal, sliding_window, logits_soft_cap,
+    kv_layout, backend: as in paged_attention (checked here, once; int64 metadata is cast to
+    int32 after a check that the values fit). k_cache: one layer's key cache, or a
+    jax.ShapeDtypeStruct of it (every layer's caches have its shape and dtype; the metadata
+    goes to its device).
     num_q_heads: q's heads. dtype: q's dtype (default k_cache's; required with
     float8_e4m3fn caches). num_tokens: q's token count (a padded batch's bucket: a static
     shape of the plan, so give it and a new cu_q_lens[-1] never retraces a jitted step);
@@ -189,10 +193,10 @@ def plan_paged_attention(block_tables, kv_lens, cu_q_lens=None, *, k_cache, num_
     block_tables, kv_lens, cu_q_lens = _as_int32(block_tables=block_tables, kv_lens=kv_lens,
                                                  cu_q_lens=cu_q_lens)
     num_seqs = int(block_tables.shape[0]) if len(getattr(block_tables, "shape", ())) else 0
-    q = _meta_q(k_cache, num_q_heads, dtype, cu_q_lens, num_seqs, num_tokens)
+    q = _meta_q(k_cache, num_q_heads, dtype, cu_q_lens, num_seqs, num_tokens, kv_layout)
     dims = validate.check_paged_attention(
         q, k_cache, k_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
-        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, kv_layout=kv_layout)
     checked = _run_value_checks(block_tables, kv_lens, cu_q_lens)
     if checked:
         validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
@@ -201,7 +205,7 @@ def plan_paged_attention(block_tables, kv_lens, cu_q_lens=None, *, k_cache, num_
     if not checked:
         meta = (meta[0], _at_most(meta[1], dims.max_blocks_per_seq * dims.block_size), meta[2])
     options = (dims.scale, bool(causal), None if sliding_window is None else int(sliding_window),
-               None if logits_soft_cap is None else float(logits_soft_cap), backend)
+               None if logits_soft_cap is None else float(logits_soft_cap), backend, kv_layout)
     return AttentionPlan(meta, _static("paged_attention", options, q, k_cache,
                                        checked or cu_q_lens is None or num_tokens is not None))
 
@@ -209,7 +213,7 @@ def plan_paged_attention(block_tables, kv_lens, cu_q_lens=None, *, k_cache, num_
 def plan_shared_prefix_attention(prefix_block_tables, prefix_lens, prefix_ids, block_tables,
                                  kv_lens, cu_q_lens=None, *, k_cache, num_q_heads: int,
                                  dtype=None, scale=None, logits_soft_cap=None,
-                                 sliding_window=None, backend=None,
+                                 sliding_window=None, kv_layout="NHD", backend=None,
                                  num_tokens=None) -> AttentionPlan:
     """A plan of :func:`~prefixkv.jax_frontend.shared_prefix_attention` for one batch step:
     ``plan.run(q, k_cache, v_cache)`` per layer equals ``shared_prefix_attention(q, k_cache,
@@ -221,10 +225,10 @@ def plan_shared_prefix_attention(prefix_block_tables, prefix_lens, prefix_ids, b
                      prefix_ids=prefix_ids, block_tables=block_tables, kv_lens=kv_lens,
                      cu_q_lens=cu_q_lens)
     num_seqs = int(meta[3].shape[0]) if len(getattr(meta[3], "shape", ())) else 0
-    q = _meta_q(k_cache, num_q_heads, dtype, meta[5], num_seqs, num_tokens)
+    q = _meta_q(k_cache, num_q_heads, dtype, meta[5], num_seqs, num_tokens, kv_layout)
     sdims = validate.check_shared_prefix_attention(
         q, k_cache, k_cache, *meta, scale=scale, logits_soft_cap=logits_soft_cap,
-        sliding_window=sliding_window)
+        sliding_window=sliding_window, kv_layout=kv_layout)
     dims = sdims.attention
     checked = _run_value_checks(*meta)
     if checked:
@@ -239,10 +243,10 @@ def plan_shared_prefix_attention(prefix_block_tables, prefix_lens, prefix_ids, b
     if sliding_window is not None:  # as the wrapper: paged attention over the joined tables
         tables, lens = _xla.prefix_then_own_tables(*meta[:5], dims.block_size)
         dims = dataclasses.replace(dims, max_blocks_per_seq=int(tables.shape[1]))
-        options = (dims.scale, True, int(sliding_window), soft_cap, backend)
+        options = (dims.scale, True, int(sliding_window), soft_cap, backend, kv_layout)
         return AttentionPlan((tables, lens, meta[5]),
                              _static("paged_attention", options, q, k_cache, fixed))
-    options = (dims.scale, soft_cap, backend)
+    options = (dims.scale, soft_cap, backend, kv_layout)
     return AttentionPlan(meta, _static("shared_prefix_attention", options, q, k_cache, fixed))
 
 

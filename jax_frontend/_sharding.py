@@ -10,6 +10,10 @@ Example (4 devices, 8 kv heads: 2 per device)::
     attn = tensor_parallel_paged_attention(mesh, "tp", sliding_window=4096)
     out = jax.jit(attn)(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens)
     # q: P(None, "tp", None); k_cache, v_cache: P(None, None, "tp", None); the rest replicated
+
+With ``kv_layout="HND"`` in the config the caches are [num_blocks, num_kv_heads, block_size,
+head_dim], sharded P(None, "tp", None, None): 1 or 2 kv heads per TPU chip read by the Pallas
+kernel with no tile padding.
 """
 
 from __future__ import annotations
@@ -20,10 +24,18 @@ from jax.sharding import PartitionSpec as P
 from . import _ops
 
 
-def kv_head_specs(axis: str) -> dict[str, P]:
-    """PartitionSpecs of the tensor-parallel layout: heads sharded over ``axis``."""
-    return {"q": P(None, axis, None), "cache": P(None, None, axis, None), "lse": P(None, axis),
-            "replicated": P()}
+def kv_head_specs(axis: str, kv_layout: str = "NHD") -> dict[str, P]:
+    """PartitionSpecs of the tensor-parallel layout: heads sharded over ``axis`` (the caches'
+    dim 2, or dim 1 for ``kv_layout="HND"``)."""
+    cache = P(None, axis, None, None) if kv_layout == "HND" else P(None, None, axis, None)
+    return {"q": P(None, axis, None), "cache": cache, "lse": P(None, axis), "replicated": P()}
+
+
+def _heads_dim(config) -> int:
+    """The caches' kv-heads dim for a config's ``kv_layout`` (checked)."""
+    from ..paged import validate
+
+    return 1 if validate.check_kv_layout(config.get("kv_layout", "NHD")) == "HND" else 2
 
 
 def _laid_out(mesh, pairs):
@@ -52,13 +64,15 @@ def tensor_parallel_paged_attention(mesh, axis: str = "tp", **config):
 
     Returns ``f(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None)`` with the
     shapes of :func:`prefixkv.jax_frontend.paged_attention`; ``config`` holds its keyword
-    arguments (scale, causal, sliding_window, logits_soft_cap, return_lse, sinks, backend);
+    arguments (scale, causal, sliding_window, logits_soft_cap, return_lse, sinks, kv_layout,
+    backend);
     ``sinks`` (all q heads, float[num_q_heads]) is sharded with the q heads.
     num_kv_heads must be divisible by the axis size. Outputs are sharded like q (lse
     P(None, axis)). Works under jax.jit, over meshes of Auto or Explicit axes (inputs not yet
     sharded so are laid out first); pass inputs already sharded to avoid re-layouts.
     """
-    spec = kv_head_specs(axis)
+    heads_dim = _heads_dim(config)
+    spec = kv_head_specs(axis, config.get("kv_layout", "NHD"))
     return_lse = bool(config.get("return_lse", False))
     config = dict(config)
     sinks = config.pop("sinks", None)
@@ -66,7 +80,7 @@ def tensor_parallel_paged_attention(mesh, axis: str = "tp", **config):
         config["_default_scale"] = True
 
     def run(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None):
-        _check_heads(mesh, axis, int(k_cache.shape[2]))
+        _check_heads(mesh, axis, int(k_cache.shape[heads_dim]))
         kw = {k: v for k, v in config.items() if k != "_default_scale"}
         if config.get("_default_scale"):
             kw["scale"] = float(q.shape[-1]) ** -0.5
@@ -92,11 +106,13 @@ def tensor_parallel_paged_attention(mesh, axis: str = "tp", **config):
 def tensor_parallel_write_kv(mesh, axis: str = "tp", **config):
     """``write_kv`` with the kv heads of key/value and the caches sharded over ``axis``;
     returns ``f(key, value, k_cache, v_cache, slot_mapping) -> (k_cache, v_cache)``.
-    Donate the caches to the jitted caller for in-place updates on every device."""
-    spec = kv_head_specs(axis)
+    Donate the caches to the jitted caller for in-place updates on every device. ``config``:
+    write_kv's keyword arguments (k_scale, v_scale, kv_layout, backend)."""
+    heads_dim = _heads_dim(config)
+    spec = kv_head_specs(axis, config.get("kv_layout", "NHD"))
 
     def run(key, value, k_cache, v_cache, slot_mapping):
-        _check_heads(mesh, axis, int(k_cache.shape[2]))
+        _check_heads(mesh, axis, int(k_cache.shape[heads_dim]))
 
         def local(key, value, k, v, slots):
             return _ops.write_kv(key, value, k, v, slots, **config)

@@ -1067,27 +1067,32 @@ def _cascade_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, pr
 # ------------------------------------------------------------------------------- cache ops
 
 
-def write_kv(key, value, k_cache, v_cache, slot_mapping):
+def write_kv(key, value, k_cache, v_cache, slot_mapping, kv_layout: str = "NHD"):
     """Scatter rows into the caches at slot_mapping (negative slots dropped). Donation-friendly:
-    one scatter per cache into the caller's (donated) buffer."""
+    one scatter per cache into the caller's (donated) buffer. ``kv_layout`` "HND": caches
+    [num_blocks, heads, block_size, head_dim]."""
+    hnd = kv_layout == "HND"
     n = slot_mapping.shape[0]
-    num_blocks, block_size = k_cache.shape[:2]
+    num_blocks, block_size = k_cache.shape[0], k_cache.shape[2 if hnd else 1]
     num_slots = num_blocks * block_size
     slots = slot_mapping.astype(jnp.int32)
     slots = jnp.where(slots < 0, num_slots, slots)  # out of range: dropped
     blk, off = slots // block_size, slots % block_size
 
     def put(cache, rows):
-        return cache.at[blk, off].set(rows[:n], mode="drop", unique_indices=True)
+        # HND: .at[blk, :, off] takes [n, heads, head_dim] rows (the indexed dims first)
+        at = cache.at[blk, :, off] if hnd else cache.at[blk, off]
+        return at.set(rows[:n], mode="drop", unique_indices=True)
 
     def xla_path():
         return put(k_cache, key), put(v_cache, value)
 
     # XLA:CPU scatters bf16 through a whole-cache f32 round trip: on CPU, in-place byte
-    # copies by an FFI custom call instead (when it builds; see kernels/cpu/xla_ffi.py).
+    # copies by an FFI custom call instead (when it builds; see kernels/cpu/xla_ffi.py),
+    # for NHD caches, whose token rows are contiguous.
     from ..kernels.cpu import xla_ffi
 
-    if not xla_ffi.use_for(key, value, k_cache, v_cache):
+    if hnd or not xla_ffi.use_for(key, value, k_cache, v_cache):
         return xla_path()
 
     def cpu_path():

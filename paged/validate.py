@@ -242,6 +242,7 @@ class AttentionDims:
     dtype: str
     scale: float
     decode: bool  # cu_q_lens is None: one query token per sequence
+    kv_layout: str = "NHD"  # the caches' layout (KV_LAYOUTS)
 
     @property
     def group_size(self) -> int:
@@ -254,9 +255,33 @@ def is_fp8(x) -> bool:
     return dtype_name(x) in FP8_DTYPES
 
 
-def check_kv_caches(k_cache, v_cache) -> tuple[int, int, int, int]:
-    """k_cache/v_cache: [num_blocks, block_size, num_kv_heads, head_dim], same shape and dtype
-    (float32|float16|bfloat16, or float8_e4m3fn read and written through k_scale/v_scale)."""
+#: Cache layouts a frontend without strides (JAX) takes: "NHD" [num_blocks, block_size,
+#: num_kv_heads, head_dim] (vLLM's, the default) and "HND" [num_blocks, num_kv_heads,
+#: block_size, head_dim] (FlashInfer's other layout: a block's tokens of one head contiguous,
+#: so a TPU's (8 x 128) tiling of the two minor dims pads nothing whatever the head count).
+#: numpy and torch take an HND cache as its strided NHD view, cache.transpose(0, 2, 1, 3).
+KV_LAYOUTS = ("NHD", "HND")
+
+
+def check_kv_layout(kv_layout) -> str:
+    if not isinstance(kv_layout, str) or kv_layout not in KV_LAYOUTS:
+        raise ValueError(f"kv_layout: expected one of {', '.join(map(repr, KV_LAYOUTS))}, got "
+                         f"{kv_layout!r}")
+    return kv_layout
+
+
+def layout_dims(kv_layout: str) -> str:
+    """The cache's dims in words, for errors."""
+    return ("[num_blocks, num_kv_heads, block_size, head_dim]" if kv_layout == "HND"
+            else "[num_blocks, block_size, num_kv_heads, head_dim]")
+
+
+def check_kv_caches(k_cache, v_cache, kv_layout: str = "NHD") -> tuple[int, int, int, int]:
+    """k_cache/v_cache: [num_blocks, block_size, num_kv_heads, head_dim] (``kv_layout`` "HND":
+    [num_blocks, num_kv_heads, block_size, head_dim]), same shape and dtype (float32|float16|
+    bfloat16, or float8_e4m3fn read and written through k_scale/v_scale). Returns
+    (num_blocks, block_size, num_kv_heads, head_dim) whatever the layout."""
+    check_kv_layout(kv_layout)
     if hasattr(k_cache, "shape") and len(k_cache.shape) == 5 and 2 in tuple(k_cache.shape[:2]):
         views = {0: "kv[0], kv[1]", 1: "kv[:, 0], kv[:, 1]"}
         view = " or ".join(views[a] for a in (0, 1) if int(k_cache.shape[a]) == 2)
@@ -268,10 +293,12 @@ def check_kv_caches(k_cache, v_cache) -> tuple[int, int, int, int]:
     check_same_shape("v_cache", v_cache, "k_cache", k_cache)
     check_same_dtype("v_cache", v_cache, "k_cache", k_cache)
     num_blocks, block_size, num_kv_heads, head_dim = shape
+    if kv_layout == "HND":
+        block_size, num_kv_heads = num_kv_heads, block_size
     if num_blocks < 1 or block_size < 1 or num_kv_heads < 1 or head_dim < 1:
-        raise ValueError(f"k_cache: expected non-empty [num_blocks, block_size, num_kv_heads, "
-                         f"head_dim], got shape {shape}")
-    return shape
+        raise ValueError(f"k_cache: expected non-empty {layout_dims(kv_layout)} "
+                         f"(kv_layout={kv_layout!r}), got shape {shape}")
+    return num_blocks, block_size, num_kv_heads, head_dim
 
 
 def check_kv_scale(name: str, scale, cache) -> float | None:
@@ -318,10 +345,12 @@ def check_kv_scale_values(k_scale, v_scale) -> None:
 def check_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *,
                           scale=None, causal=True, sliding_window=None, logits_soft_cap=None,
                           return_lse=False, sinks=None, k_scale=None,
-                          v_scale=None) -> AttentionDims:
+                          v_scale=None, kv_layout: str = "NHD") -> AttentionDims:
     """Static checks of a paged_attention call; returns its sizes. The caches hold q's dtype,
-    or float8_e4m3fn (then read as float32(cache) * k_scale / v_scale)."""
-    num_blocks, block_size, num_kv_heads, head_dim = check_kv_caches(k_cache, v_cache)
+    or float8_e4m3fn (then read as float32(cache) * k_scale / v_scale); ``kv_layout``: as
+    :data:`KV_LAYOUTS`."""
+    num_blocks, block_size, num_kv_heads, head_dim = check_kv_caches(k_cache, v_cache,
+                                                                     kv_layout)
     num_tokens, num_q_heads, q_head_dim = check_array("q", q, ndim=3, dtypes=FLOAT_DTYPES)
     if not is_fp8(k_cache):
         check_same_dtype("k_cache", k_cache, "q", q)
@@ -330,11 +359,14 @@ def check_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=
     if q_head_dim != head_dim:
         raise ValueError(f"q: expected head_dim {head_dim} (from k_cache), got {q_head_dim}")
     if num_q_heads < 1 or num_q_heads % num_kv_heads:
+        if kv_layout == "HND":
+            raise ValueError(f"q: {num_q_heads=} must be divisible by {num_kv_heads=} (dim 1 of "
+                             f"k_cache: kv_layout='HND' caches are {layout_dims('HND')})")
         raise ValueError(f"q: {num_q_heads=} must be divisible by {num_kv_heads=} (dim 2 of "
                          f"k_cache: caches are [num_blocks, block_size, num_kv_heads, "
-                         f"head_dim], vLLM's NHD; a torch HND cache [num_blocks, "
-                         f"num_kv_heads, block_size, head_dim] is taken as the view "
-                         f"cache.permute(0, 2, 1, 3), no copy)")
+                         f"head_dim], vLLM's NHD; an HND cache [num_blocks, num_kv_heads, "
+                         f"block_size, head_dim] is taken as the view cache.permute(0, 2, 1, "
+                         f"3) in torch, or with kv_layout='HND' in JAX)")
     num_seqs, max_blocks_per_seq = check_index("block_tables", block_tables, ndim=2)
     (n_kv,) = check_index("kv_lens", kv_lens)
     if n_kv != num_seqs:
@@ -364,7 +396,7 @@ def check_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=
         head_dim=head_dim, num_blocks=num_blocks, block_size=block_size, num_seqs=num_seqs,
         max_blocks_per_seq=max_blocks_per_seq, dtype=dtype_name(q),
         scale=scale_value if scale_value is not None else float(head_dim) ** -0.5,
-        decode=cu_q_lens is None)
+        decode=cu_q_lens is None, kv_layout=kv_layout)
 
 
 def check_fits_int32(name: str, x) -> None:
@@ -378,7 +410,7 @@ def check_fits_int32(name: str, x) -> None:
                          f"got {int(host[i])} at index {i}")
 
 
-def check_plan_heads_and_dtype(k_cache, num_q_heads, dtype):
+def check_plan_heads_and_dtype(k_cache, num_q_heads, dtype, kv_layout: str = "NHD"):
     """Static checks of an attention plan's ``num_q_heads`` (an int >= 1) and ``dtype`` (q's:
     a float dtype; default k_cache's, which a float8_e4m3fn cache cannot give). Returns the
     dtype (the frontend checks its type)."""
@@ -387,8 +419,9 @@ def check_plan_heads_and_dtype(k_cache, num_q_heads, dtype):
     if num_q_heads < 1:
         raise ValueError(f"num_q_heads: expected an int >= 1, got {num_q_heads}")
     shape = getattr(k_cache, "shape", ())
-    if len(shape) == 4 and shape[2] > 0 and num_q_heads % shape[2]:
-        raise ValueError(f"num_q_heads: expected a multiple of k_cache's {shape[2]} kv heads "
+    heads = int(shape[1 if check_kv_layout(kv_layout) == "HND" else 2]) if len(shape) == 4 else 0
+    if heads > 0 and num_q_heads % heads:
+        raise ValueError(f"num_q_heads: expected a multiple of k_cache's {heads} kv heads "
                          f"(each kv head serves num_q_heads / num_kv_heads q heads), got "
                          f"{num_q_heads}")
     if dtype is None:
@@ -504,13 +537,13 @@ def check_shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, pref
                                   scale=None, logits_soft_cap=None,
                                   return_lse=False, sinks=None,
                                   sliding_window=None, k_scale=None,
-                                  v_scale=None) -> SharedPrefixDims:
+                                  v_scale=None, kv_layout: str = "NHD") -> SharedPrefixDims:
     """Static checks of a shared_prefix_attention call."""
     dims = check_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
                                  scale=scale, logits_soft_cap=logits_soft_cap,
                                  return_lse=return_lse, sinks=sinks,
                                  sliding_window=sliding_window, k_scale=k_scale,
-                                 v_scale=v_scale)
+                                 v_scale=v_scale, kv_layout=kv_layout)
     num_prefixes, max_prefix_blocks = check_index("prefix_block_tables", prefix_block_tables,
                                                   ndim=2)
     (n_lens,) = check_index("prefix_lens", prefix_lens)
@@ -589,15 +622,15 @@ def check_merge_attention_states(out_a, lse_a, out_b, lse_b) -> tuple[int, int, 
 
 
 def check_write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None,
-                   v_scale=None) -> int:
+                   v_scale=None, kv_layout: str = "NHD") -> int:
     """Static checks of write_kv; returns the number of tokens written (len(slot_mapping)).
 
     key/value may hold more rows than slot_mapping (CUDA-graph padding); the extra rows are
     ignored, as in vLLM's reshape_and_cache_flash. key/value hold the caches' dtype, or any
     float dtype (both the same) for float8_e4m3fn caches, which store them through
-    k_scale/v_scale.
+    k_scale/v_scale. ``kv_layout``: as :data:`KV_LAYOUTS`.
     """
-    _, _, num_kv_heads, head_dim = check_kv_caches(k_cache, v_cache)
+    _, _, num_kv_heads, head_dim = check_kv_caches(k_cache, v_cache, kv_layout)
     shape = check_array("key", key, ndim=3, dtypes=FLOAT_DTYPES)
     check_array("value", value, ndim=3, dtypes=FLOAT_DTYPES)
     check_same_shape("value", value, "key", key)
@@ -618,8 +651,8 @@ def check_write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None,
     return n
 
 
-def check_write_kv_values(k_cache, slot_mapping) -> np.ndarray:
-    num_slots = int(k_cache.shape[0]) * int(k_cache.shape[1])
+def check_write_kv_values(k_cache, slot_mapping, kv_layout: str = "NHD") -> np.ndarray:
+    num_slots = int(k_cache.shape[0]) * int(k_cache.shape[2 if kv_layout == "HND" else 1])
     if getattr(slot_mapping, "ndim", None) == 1 and len(slot_mapping) <= SMALL_BATCH_ENTRIES:
         # a decode step's few slots: the verdict from a list (read straight from a torch or
         # jax array: 3.1 -> 2.3 us a call, its numpy copy gone)

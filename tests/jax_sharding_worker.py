@@ -140,5 +140,41 @@ def user_shard_map_default_check_vma(mesh, spec, put, rng) -> None:
     print("OK check_vma")
 
 
+def hnd() -> None:
+    """HND caches sharded on their dim 1: one kv head per device (TPU tensor parallelism), the
+    TPU kernel (interpret mode) and the XLA path; write_kv donated, in place."""
+    mesh = jax.make_mesh((4,), ("tp",))
+    spec = jf.kv_head_specs("tp", "HND")
+    assert spec["cache"] == jax.sharding.PartitionSpec(None, "tp", None, None)
+    rng = np.random.default_rng(1)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 8)[:4], num_q_heads=8,
+                                  num_kv_heads=4, head_dim=128, block_size=8)
+    put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
+    swap = lambda c: np.ascontiguousarray(np.swapaxes(c, 1, 2))  # noqa: E731
+    kc, vc = put(swap(b.k_cache), spec["cache"]), put(swap(b.v_cache), spec["cache"])
+    q = put(b.q, spec["q"])
+    want = ref.paged_attention_reference(*b.args())
+    for backend in ("pallas_interpret", "xla"):
+        attn = jax.jit(jf.tensor_parallel_paged_attention(mesh, "tp", kv_layout="HND",
+                                                          backend=backend))
+        out = attn(q, kc, vc, b.block_tables, b.kv_lens, b.cu_q_lens)
+        np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=2e-5)
+        print("OK hnd attention", backend)
+    key = testing.random_values(rng, (3, 4, 128), "float32")
+    slots = np.array([9, -1, 30], np.int32)
+    want_k, want_v = ref.write_kv_reference(key, key, b.k_cache, b.v_cache, slots)
+    write = jax.jit(jf.tensor_parallel_write_kv(mesh, "tp", kv_layout="HND"),
+                    donate_argnums=(2, 3))
+    ptrs = [s.data.unsafe_buffer_pointer() for s in kc.addressable_shards]
+    nk, nv = write(put(key, spec["q"]), put(key, spec["q"]), kc, vc, slots)
+    assert [s.data.unsafe_buffer_pointer() for s in nk.addressable_shards] == ptrs
+    np.testing.assert_array_equal(np.asarray(nk), swap(want_k))
+    np.testing.assert_array_equal(np.asarray(nv), swap(want_v))
+    print("OK hnd write_kv")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else None)
+    if sys.argv[1:] == ["hnd"]:
+        hnd()
+    else:
+        main(sys.argv[1] if len(sys.argv) > 1 else None)

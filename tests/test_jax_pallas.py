@@ -376,9 +376,12 @@ def test_tpu_backend_refuses_untileable_shapes():
     assert pa.tpu_supports(head_dim=128, block_size=16, num_kv_heads=4) == (
         False, "num_kv_heads 4 is not a multiple of 8: XLA pads the cache's heads to its TPU "
                "tiles, so the kernel's [blocks, block_size * heads, head_dim] view would copy "
-               "both caches on every call")
+               "both caches on every call (kv_layout='HND' caches take any head count)")
     assert pa.tpu_supports(head_dim=128, block_size=16, num_kv_heads=4, xla_layout=False) == (
         True, "")
+    for heads in (1, 2, 3):  # HND: no head-count rule (its minor dims are (block_size, D))
+        assert pa.tpu_supports(head_dim=128, block_size=16, num_kv_heads=heads,
+                               kv_layout="HND") == (True, "")
     assert pa.tpu_supports(head_dim=256, block_size=256, dtype="float32", num_kv_heads=8) == (
         False, "a block of 8 kv heads is 2048 KiB, over the 512 KiB a chunk of VMEM takes "
                "(smaller blocks, or fewer kv heads per device)")

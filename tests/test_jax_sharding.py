@@ -35,3 +35,9 @@ def test_tensor_parallel_xla():
 
 def test_tensor_parallel_pallas_kernel_interpret():
     assert "OK attention pallas_interpret" in _run("pallas_interpret")
+
+
+def test_tensor_parallel_hnd_one_kv_head_per_device():
+    out = _run("hnd")
+    assert "OK hnd attention pallas_interpret" in out and "OK hnd attention xla" in out
+    assert "OK hnd write_kv" in out

@@ -36,7 +36,7 @@ ATTENTION_CASES = [
     ({"q": RB.q.astype(np.float64)}, {}, TypeError, r"q: expected float32 or float16 or bfloat16, got float64"),
     ({"q": RB.q.astype(np.float16)}, {}, TypeError, r"k_cache: expected the dtype of q \(float16\), got float32"),
     ({"q": RB.q[:, :, :32]}, {}, ValueError, r"q: expected head_dim 64 \(from k_cache\), got 32"),
-    ({"q": RB.q[:, :3]}, {}, ValueError, r"q: num_q_heads=3 must be divisible by num_kv_heads=2 .*NHD; a torch HND cache .* cache\.permute\(0, 2, 1, 3\), no copy"),
+    ({"q": RB.q[:, :3]}, {}, ValueError, r"q: num_q_heads=3 must be divisible by num_kv_heads=2 .*NHD; an HND cache .* cache\.permute\(0, 2, 1, 3\) in torch, or with kv_layout='HND' in JAX"),
     ({"k_cache": RB.k_cache[0]}, {}, ValueError, r"k_cache: expected 4 dimensions"),
     ({"k_cache": np.zeros(RB.k_cache.shape, np.int32)}, {}, TypeError, r"k_cache: expected float32"),
     ({"v_cache": RB.v_cache[:, :2]}, {}, ValueError, r"v_cache: expected the shape of k_cache"),

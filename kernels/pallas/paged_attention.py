@@ -27,6 +27,13 @@ KiB per DMA wait.
 float8_e4m3fn caches (:func:`tpu_reads_fp8` shapes) are copied to VMEM as their bytes (an int8
 view) and decoded exactly into the float32 pieces (``_fp8``), the scales an SMEM f32[2].
 
+``kv_layout="HND"`` caches ``[num_blocks, num_kv_heads, block_size, head_dim]`` (the layout for
+the 1-2 kv heads per chip of tensor-parallel serving): the two minor dims (block_size, head_dim)
+fill whole tiles whatever the head count, so XLA pads nothing and the kernel takes any
+num_kv_heads. A block is one contiguous DMA into a chunk buffer [pages, heads, block_size,
+head_dim]; head h's keys are ``buf[:, h]``, whole tiles (no strided loads, no float32 copy:
+bfloat16 goes to the MXU as it is), and the dots run over the whole head_dim.
+
 ``interpret``: False for the TPU, or ``pltpu.InterpretParams(...)`` for TPU interpret mode.
 """
 
@@ -91,14 +98,14 @@ def tpu_plan(*, num_kv_heads: int, head_dim: int, block_size: int, itemsize: int
     return TpuPlan(max(1, min(pages, max_blocks)))
 
 
-def widened(itemsize: int, head_dim: int) -> bool:
+def widened(itemsize: int, head_dim: int, kv_layout: str = "NHD") -> bool:
     """Whether a chunk is first copied as float32 into 128-lane pieces: Mosaic's strided loads
-    read 32-bit rows of exactly LANES lanes."""
-    return itemsize < 4 or head_dim != LANES
+    (NHD) read 32-bit rows of exactly LANES lanes; HND needs no strided load."""
+    return kv_layout == "NHD" and (itemsize < 4 or head_dim != LANES)
 
 
 def vmem_bytes(plan: TpuPlan, *, num_kv_heads: int, head_dim: int, block_size: int,
-               itemsize: int, rows: int) -> int:
+               itemsize: int, rows: int, kv_layout: str = "NHD") -> int:
     """VMEM one step takes: the K/V double buffers and (16-bit, or head_dim over 128) their
     float32 copies, the
     pipelined q/out/lse blocks (two of each), the float32 scratch (m and l pad to 128 lanes)
@@ -106,7 +113,7 @@ def vmem_bytes(plan: TpuPlan, *, num_kv_heads: int, head_dim: int, block_size: i
     V)."""
     tokens, heads = plan.pages * block_size, num_kv_heads
     kv = 2 * 2 * tokens * heads * head_dim * itemsize
-    if widened(itemsize, head_dim):
+    if widened(itemsize, head_dim, kv_layout):
         kv += 2 * tokens * heads * head_dim * 4
     blocks = 2 * (2 * heads * rows * head_dim * itemsize + heads * rows * 128 * 4)
     scratch = heads * rows * (head_dim + 2 * 128) * 4
@@ -118,16 +125,19 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
                             q_ref, k_hbm, v_hbm, *refs, scale: float, block_size: int,
                             group: int, causal: bool, sliding_window: int | None,
                             logits_soft_cap: float | None, pages: int, max_blocks: int,
-                            fp8: bool = False):
+                            fp8: bool = False, hnd: bool = False):
     """``fp8``: the caches are float8_e4m3fn bytes (int8), copied to VMEM as bytes and decoded
     exactly into the float32 pieces; ``scales_ref`` (SMEM f32[2]: k_scale, v_scale) follows
-    v_hbm, k_scale folded into the logits' scale, v_scale applied to the output."""
+    v_hbm, k_scale folded into the logits' scale, v_scale applied to the output. ``hnd``: the
+    caches are [num_blocks, heads, block_size, head_dim] and the buffers [2, pages, heads,
+    block_size, head_dim] (one piece: the whole head_dim)."""
     if fp8:
         scales_ref, *refs = refs
     o_ref, lse_ref, k_buf, v_buf, sem, m_sc, l_sc, acc_sc, *wide = refs
     i = pl.program_id(0)
     heads, rows, head_dim = q_ref.shape
-    pieces = head_dim // LANES
+    width = head_dim if hnd else LANES                    # lanes of one dot's piece
+    pieces = head_dim // width
     tokens = pages * block_size
     block_rows = block_size * heads                       # buffer rows of one block
     n, lo, hi = nblk_ref[i], lo_ref[i], hi_ref[i]
@@ -140,9 +150,10 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
         def block(p: int) -> None:
             col = jnp.minimum(lo + c * pages + p, max_blocks - 1)
             blk = tables_ref[row0 + col]
-            dst = pl.ds(p * block_rows, block_rows)
             for src, buf, k in ((k_hbm, k_buf, 0), (v_hbm, v_buf, 1)):
-                cp = pltpu.make_async_copy(src.at[blk], buf.at[slot, dst], sem.at[k, slot])
+                dst = (buf.at[slot, p] if hnd
+                       else buf.at[slot, pl.ds(p * block_rows, block_rows)])
+                cp = pltpu.make_async_copy(src.at[blk], dst, sem.at[k, slot])
                 getattr(cp, action)()
 
         for p in range(pages):
@@ -171,10 +182,18 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
             chunk_dmas(c + 1, 1 - slot, "start")
 
         chunk_dmas(c, slot, "wait")
-        # head h's rows h, h + H, ... by strided loads, which Mosaic does on 32-bit rows of
-        # exactly 128 lanes: a float32 cache of head_dim 128 is read in place; otherwise the
-        # chunk is first copied, as float32, into 128-lane pieces [D // 128, rows, 128]
-        if wide:
+        # NHD: head h's rows h, h + H, ... by strided loads, which Mosaic does on 32-bit rows
+        # of exactly 128 lanes: a float32 cache of head_dim 128 is read in place; otherwise the
+        # chunk is first copied, as float32, into 128-lane pieces [D // 128, rows, 128].
+        # HND: head h's [pages, block_size, D] tiles, its blocks' tokens in order
+        if hnd:
+            def head_rows(h):
+                def rows_of(buf):
+                    x = buf[slot, :, h].reshape(tokens, head_dim)
+                    return [widen(x) if fp8 else x]
+
+                return rows_of(k_buf), rows_of(v_buf)
+        elif wide:
             k_wide, v_wide = wide
             for j in range(pieces):
                 lanes = pl.ds(j * LANES, LANES)
@@ -205,7 +224,7 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
             ks, vs = head_rows(h)                                     # pieces of [tokens, 128]
             s = None
             for j in range(pieces):
-                q, k = q_ref[h, :, pl.ds(j * LANES, LANES)], ks[j]
+                q, k = q_ref[h, :, pl.ds(j * width, width)], ks[j]
                 if native:
                     k = k.astype(jnp.bfloat16)
                 else:
@@ -227,7 +246,7 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
                 v = jnp.where(key_ok, vs[j].astype(jnp.float32), 0.0)
                 if native:
                     v = v.astype(jnp.bfloat16)
-                lanes = pl.ds(j * LANES, LANES)
+                lanes = pl.ds(j * width, width)
                 acc_sc[h, :, lanes] = acc_sc[h, :, lanes] * alpha + lax.dot_general(
                     p, v, (((1,), (0,)), ((), ())), precision=prec,
                     preferred_element_type=jnp.float32)
@@ -268,15 +287,15 @@ def xla_tile_rows(itemsize: int) -> int:
 
 def tpu_supports(*, head_dim: int, block_size: int, table_entries: int = 0,
                  dtype: str = "float32", num_kv_heads: int = 1, xla_layout: bool = True,
-                 **_) -> tuple[bool, str]:
+                 kv_layout: str = "NHD", **_) -> tuple[bool, str]:
     """Shapes the Mosaic kernel lowers for: bfloat16 or float32; each block lands in a VMEM
     buffer at a row offset of a multiple of block_size, so block_size must fill whole
     (sublane x 128) tiles (8 rows of 32-bit values, 16 of 16-bit), and head_dim whole 128-lane
     columns; a block within MAX_BLOCK_BYTES; the block table, prefetched into SMEM, within
-    MAX_SMEM_TABLE_BYTES. ``xla_layout`` (a real TPU, not interpret mode): num_kv_heads a
-    multiple of xla_tile_rows(), so the caches' merged-heads view is free; otherwise it would
-    copy both whole caches every call, and the XLA path, which reads only the blocks it
-    needs, is the better choice."""
+    MAX_SMEM_TABLE_BYTES. ``xla_layout`` (a real TPU, not interpret mode), NHD caches:
+    num_kv_heads a multiple of xla_tile_rows(), so the caches' merged-heads view is free;
+    otherwise it would copy both whole caches every call, and the XLA path, which reads only
+    the blocks it needs, is the better choice. HND caches take any num_kv_heads."""
     if head_dim % 128:
         return False, f"head_dim {head_dim} is not a multiple of 128 (Mosaic tiling)"
     if jnp.dtype(dtype) == jnp.float16:
@@ -287,12 +306,12 @@ def tpu_supports(*, head_dim: int, block_size: int, table_entries: int = 0,
     if block_size % rows:
         return False, (f"block_size {block_size} is not a multiple of {rows} (Mosaic tiling of "
                        f"{8 * itemsize}-bit values)")
-    tile = xla_tile_rows(itemsize) if xla_layout else 1
+    tile = xla_tile_rows(itemsize) if xla_layout and kv_layout == "NHD" else 1
     if num_kv_heads % tile:
         return False, (f"num_kv_heads {num_kv_heads} is not a multiple of {tile}: "
                        f"XLA pads the cache's heads to its TPU tiles, so the kernel's "
                        f"[blocks, block_size * heads, head_dim] view would copy both caches "
-                       f"on every call")
+                       f"on every call (kv_layout='HND' caches take any head count)")
     block_bytes = block_size * num_kv_heads * head_dim * itemsize
     if block_bytes > MAX_BLOCK_BYTES:
         return False, (f"a block of {num_kv_heads} kv heads is {block_bytes // 1024} KiB, over "
@@ -306,11 +325,14 @@ def tpu_supports(*, head_dim: int, block_size: int, table_entries: int = 0,
 
 
 def tpu_reads_fp8(*, num_kv_heads: int, block_size: int, xla_layout: bool = True,
-                  **_) -> bool:
+                  kv_layout: str = "NHD", **_) -> bool:
     """Whether the kernel reads a float8_e4m3fn cache as bytes (else the frontend dequantizes
     the blocks the tables name): a block's rows (block_size * num_kv_heads) fill whole 8-bit
     (32 x 128) VMEM tiles, and (``xla_layout``, a real TPU) num_kv_heads is a multiple of
-    xla_tile_rows(1) = 32, so the merged-heads view of the 8-bit cache is free."""
+    xla_tile_rows(1) = 32, so the merged-heads view of the 8-bit cache is free. HND: each
+    head's block_size rows fill whole 8-bit tiles."""
+    if kv_layout == "HND":
+        return block_size % sublane_rows(1) == 0
     if (block_size * num_kv_heads) % sublane_rows(1):
         return False
     return not xla_layout or num_kv_heads % xla_tile_rows(1) == 0
@@ -318,9 +340,11 @@ def tpu_reads_fp8(*, num_kv_heads: int, block_size: int, xla_layout: bool = True
 
 def paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale,
                         causal=True, sliding_window=None, logits_soft_cap=None,
-                        q_tile=None, interpret=False, pages=None, k_scale=None, v_scale=None):
+                        q_tile=None, interpret=False, pages=None, k_scale=None, v_scale=None,
+                        kv_layout="NHD"):
     """Same contract as prefixkv.jax_frontend.paged_attention (validated inputs, static
-    config); returns (out [num_tokens, num_q_heads, head_dim] in q's dtype, lse f32).
+    config, ``kv_layout`` "NHD" or "HND"); returns (out [num_tokens, num_q_heads, head_dim] in
+    q's dtype, lse f32).
     ``pages``: override the plan's blocks per chunk (tests). float8_e4m3fn caches (shapes
     :func:`tpu_reads_fp8` accepts) are read as their bytes and decoded in the kernel; k_scale,
     v_scale: None (1.0) or 0-d float32 arrays, may be traced (fp8 only)."""
@@ -330,7 +354,7 @@ def paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     return _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scales,
                                 scale=scale, causal=causal, sliding_window=sliding_window,
                                 logits_soft_cap=logits_soft_cap, q_tile=q_tile,
-                                interpret=interpret, pages=pages)
+                                interpret=interpret, pages=pages, kv_layout=kv_layout)
 
 
 def _q_tile(num_tokens: int, num_seqs: int, decode: bool, block_size: int, group: int,
@@ -347,13 +371,17 @@ def _q_tile(num_tokens: int, num_seqs: int, decode: bool, block_size: int, group
 
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "sliding_window",
                                              "logits_soft_cap", "q_tile", "interpret",
-                                             "pages"))
+                                             "pages", "kv_layout"))
 def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scales, *,
-                         scale,
-                         causal, sliding_window, logits_soft_cap, q_tile, interpret, pages):
+                         scale, causal, sliding_window, logits_soft_cap, q_tile, interpret,
+                         pages, kv_layout):
     operands = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens)
     num_tokens, num_q_heads, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    hnd = kv_layout == "HND"
+    if hnd:
+        num_blocks, num_kv_heads, block_size, _ = k_cache.shape
+    else:
+        num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs, max_blocks = block_tables.shape
     group = num_q_heads // num_kv_heads
     decode = cu_q_lens is None
@@ -375,7 +403,8 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
     plan = tpu_plan(num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
                     itemsize=itemsize, rows=rows_p, max_blocks=max_blocks, pages=pages)
     vmem = vmem_bytes(plan, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                      block_size=block_size, itemsize=itemsize, rows=rows_p)
+                      block_size=block_size, itemsize=itemsize, rows=rows_p,
+                      kv_layout=kv_layout)
     seq, tok, lo, nblk, hi, first_pos = _xla.kernel_tile_plan(
         kv_lens, cu_q_lens, num_tokens=num_tokens, num_tiles=nt, q_tile=tq,
         block_size=block_size, causal=causal, sliding_window=sliding_window)
@@ -391,16 +420,20 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
     kernel = functools.partial(
         _paged_attention_kernel, scale=scale, block_size=block_size, group=group, causal=causal,
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, pages=plan.pages,
-        max_blocks=max_blocks, fp8=fp8)
-    # block and head dims merged: XLA's tiling of the two minor dims (heads, head_dim) is kept
-    # (see the module docstring); one block is `block_size * num_kv_heads` contiguous rows
-    k_rows = k_cache.reshape(num_blocks, block_size * num_kv_heads, head_dim)
-    v_rows = v_cache.reshape(num_blocks, block_size * num_kv_heads, head_dim)
+        max_blocks=max_blocks, fp8=fp8, hnd=hnd)
     any_spec = pl.BlockSpec(memory_space=_ANY)
     chunk_rows = plan.pages * block_size * num_kv_heads
-    buf = pltpu.VMEM((2, chunk_rows, head_dim), k_cache.dtype)
+    if hnd:  # the caches as they are; a block lands whole in buf[slot, page]
+        k_rows, v_rows = k_cache, v_cache
+        buf = pltpu.VMEM((2, plan.pages, num_kv_heads, block_size, head_dim), k_cache.dtype)
+    else:
+        # block and head dims merged: XLA's tiling of the two minor dims (heads, head_dim) is
+        # kept (see the module docstring); one block is `block_size * num_kv_heads` rows
+        k_rows = k_cache.reshape(num_blocks, block_size * num_kv_heads, head_dim)
+        v_rows = v_cache.reshape(num_blocks, block_size * num_kv_heads, head_dim)
+        buf = pltpu.VMEM((2, chunk_rows, head_dim), k_cache.dtype)
     wide = ([pltpu.VMEM((head_dim // LANES, chunk_rows, LANES), jnp.float32)] * 2
-            if widened(itemsize, head_dim) else [])
+            if widened(itemsize, head_dim, kv_layout) else [])
     q_spec = pl.BlockSpec((None, num_kv_heads, rows_p, head_dim), q_map)
     out, lse = pl.pallas_call(
         kernel,
