@@ -124,6 +124,31 @@ def test_decode_8x4096(benchmark, machine_limits, impl, dtype):
            baseline=impl == "jnp_gather_baseline")
 
 
+@functools.cache
+def _hnd_decode_inputs():
+    q, k, v, tables, kv_lens = _decode_inputs("bfloat16")
+    return q, jnp.swapaxes(k, 1, 2).copy(), jnp.swapaxes(v, 1, 2).copy(), tables, kv_lens
+
+
+@pytest.mark.parametrize("impl", ["prefixkv_hnd", "prefixkv_nhd"])
+def test_decode_8x4096_hnd(benchmark, machine_limits, impl):
+    """kv_layout="HND" caches where no kernel reads HND (a CPU: the XLA path and its CPU
+    decode kernel): the frontend's transposed copy of the named blocks, against the same
+    decode over NHD caches (the baseline: what the call costs without it). On a TPU the
+    kernel reads HND itself."""
+    benchmark.group = "jax decode 8x4096 bfloat16 HND"
+    if impl == "prefixkv_hnd":
+        args = _hnd_decode_inputs()
+        fn = jax.jit(lambda q, k, v, t, n: jf.paged_attention(q, k, v, t, n, kv_layout="HND"))
+    else:
+        args = _decode_inputs("bfloat16")
+        fn = jax.jit(lambda q, k, v, t, n: jf.paged_attention(q, k, v, t, n))
+    _run(benchmark, fn, args, rounds=5, check=lambda out: check_decode(out, "bfloat16"))
+    nbytes, flops = _decode_cost("bfloat16")
+    record(benchmark, machine_limits, bytes_read=nbytes, flops=flops, impl=impl,
+           baseline=impl == "prefixkv_nhd")
+
+
 #: fp8 decode: the bf16 caches quantized with this scale (a power of two: the dequantized
 #: values the reference reads are exact in float32).
 FP8_SCALE = 2.0 ** -5

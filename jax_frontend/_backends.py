@@ -190,6 +190,7 @@ def _pallas_attention(op: str, interpret: bool):
 
     impl.__name__ = f"{op}_{'pallas_interpret' if interpret else 'pallas_tpu'}"
     impl.reads_fp8 = reads_fp8
+    impl.takes_scales = True  # on dequantized e4m3 values too, in float32 (SMEM scales)
     impl.kv_layouts = ("NHD", "HND")
     return impl
 

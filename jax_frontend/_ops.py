@@ -291,18 +291,25 @@ def _concrete_scale(scale) -> float | None:
 def _fp8_call(impl, context, q, k_cache, v_cache, k_scale, v_scale, tables, run, scale):
     """``run(k_cache, v_cache, *tables, **kwargs)`` for fp8 caches: the raw caches and the
     scales (0-d float32 arrays or None) when ``impl`` reads fp8 (the Pallas kernels), else the
-    blocks the tables name dequantized into q's dtype (tables remapped) and no scales.
+    blocks the tables name dequantized into q's dtype (tables remapped).
 
-    Dequantized there, the keys are their exact e4m3 values and k_scale is folded into the
-    logits' scale (``scale=scale * k_scale``, a static float: k_scale given on the host), as
-    the kernels that read fp8 do: keys rounded to a 16-bit q's dtype after the scale put a
-    bfloat16 q outside ATTENTION_TOLERANCE (logits ~30 moved by ~0.06). A k_scale that is a
-    JAX array (traced, or on a device) keeps the keys scaled, rounded to q's dtype. The values stay
-    float32(cache) * v_scale rounded to q's dtype: the kernel rounds its output to q's dtype
-    already, and a v_scale applied after it would round twice."""
+    Dequantized there, the keys are their exact e4m3 values, as the kernels that read fp8
+    decode them: keys rounded to a 16-bit q's dtype after the scale put a bfloat16 q outside
+    ATTENTION_TOLERANCE (logits ~30 moved by ~0.06). A backend that applies scales to caches
+    in q's dtype (``impl.takes_scales``: the TPU kernel, SMEM scales) gets both scales, traced
+    or not, as for fp8 bytes: k_scale on the logits, v_scale on the float32 output before its
+    rounding. Otherwise k_scale is folded into the logits' scale (``scale=scale * k_scale``, a
+    static float: k_scale given on the host); a k_scale that is a JAX array (traced, or on a
+    device) keeps the keys scaled, rounded to q's dtype. The values stay float32(cache) *
+    v_scale rounded to q's dtype: the kernel rounds its output to q's dtype already, and a
+    v_scale applied after it would round twice."""
     if _reads_fp8(impl, context):
         ks, vs = _kv_scales(k_scale, v_scale)
         return run(k_cache, v_cache, *tables, k_scale=ks, v_scale=vs)
+    if getattr(impl, "takes_scales", False):
+        ks, vs = _kv_scales(k_scale, v_scale)
+        return run(*_dequantized_blocks(q, k_cache, v_cache, None, None, *tables),
+                   k_scale=ks, v_scale=vs)
     ks = _concrete_scale(k_scale)
     if ks is None:
         return run(*_dequantized_blocks(q, k_cache, v_cache, k_scale, v_scale, *tables))

@@ -267,12 +267,14 @@ def test_jax_xla_fp8_shared_prefix_within_tolerance(decode):
     assert not failures, failures
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["host_scales", "traced_scales"])
 @pytest.mark.parametrize("op", ["paged", "shared_prefix"])
-def test_jax_dequantizing_fallback_within_tolerance(op, monkeypatch):
+def test_jax_dequantizing_fallback_within_tolerance(op, traced, monkeypatch):
     """The TPU kernel's shapes that read no fp8 (block_size * num_kv_heads not whole 32-row
-    8-bit tiles: 16 x 1 here) get the named blocks dequantized by the frontend: with concrete
-    scales (floats, under jit too) the keys are their exact e4m3 values and k_scale is folded
-    into the kernel's logits scale. Run by the TPU interpreter (backend pallas_interpret)."""
+    8-bit tiles: 16 x 1 here) get the named blocks dequantized by the frontend as their exact
+    e4m3 values; the kernel applies k_scale and v_scale in float32 (SMEM scales), given as
+    floats or traced (a jitted model's parameters). Run by the TPU interpreter (backend
+    pallas_interpret)."""
     jax = pytest.importorskip("jax")
     pytest.importorskip("jax.experimental.pallas.tpu")
     import jax.numpy as jnp
@@ -306,9 +308,16 @@ def test_jax_dequantizing_fallback_within_tolerance(op, monkeypatch):
                      else ref.shared_prefix_attention_reference)
         want, want_lse = reference(b.q, kq, vq, *tail, k_scale=K_SCALE, v_scale=V_SCALE,
                                    return_lse=True)
-        out, lse = jax.jit(lambda q, k, v, tail=tail, fn=fn: fn(
-            q, k, v, *tail, k_scale=K_SCALE, v_scale=V_SCALE, return_lse=True,
-            backend="pallas_interpret"))(b.q, kq, vq)
+        scales = (np.float32(K_SCALE), np.float32(V_SCALE))
+        if traced:
+            run = jax.jit(lambda q, k, v, ks, vs, tail=tail, fn=fn: fn(
+                q, k, v, *tail, k_scale=ks, v_scale=vs, return_lse=True,
+                backend="pallas_interpret"))
+        else:
+            run = jax.jit(lambda q, k, v, ks, vs, tail=tail, fn=fn: fn(
+                q, k, v, *tail, k_scale=K_SCALE, v_scale=V_SCALE, return_lse=True,
+                backend="pallas_interpret"))
+        out, lse = run(b.q, kq, vq, *scales)
         _check(np.asarray(out.astype(jnp.float32)), lse, want, want_lse, "bfloat16", failures,
                f"seed {seed}")
     assert calls, "expected the dequantizing path"

@@ -116,6 +116,33 @@ def test_shared_prefix_long_prefix_on_device(decode):
     _close(got, ref.shared_prefix_attention_reference(*batch.args()), "bfloat16")
 
 
+@pytest.mark.parametrize("kv_heads", [1, 2])
+@pytest.mark.parametrize("grid", ["decode", "mixed"])
+def test_hnd_caches_on_device(grid, kv_heads):
+    """kv_layout="HND" with the 1-2 kv heads of a tensor-parallel chip: the Mosaic kernel reads
+    them on a TPU (whose tiling pads NHD heads); a GPU gets the named blocks transposed for its
+    kernel. write_kv into HND caches exact."""
+    rng = np.random.default_rng(6)
+    b = testing.make_ragged_batch(rng, testing.seq_grid(grid, 16), num_q_heads=8 * kv_heads,
+                                  num_kv_heads=kv_heads, head_dim=128, block_size=16,
+                                  dtype="bfloat16")
+    swap = lambda c: jnp.asarray(np.ascontiguousarray(np.swapaxes(c, 1, 2)))  # noqa: E731
+    q, kc, vc = jnp.asarray(b.q), swap(b.k_cache), swap(b.v_cache)
+    rest = [None if a is None else jnp.asarray(a) for a in b.args()[3:]]
+    got, lse = _run_kernel(lambda *a: jf.paged_attention(*a, return_lse=True, kv_layout="HND"),
+                           q, kc, vc, *rest)
+    want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True)
+    _close(got, want, "bfloat16")
+    testing.assert_lse_close(np.asarray(lse), want_lse)
+    key = testing.random_values(rng, (3, kv_heads, 128), "bfloat16")
+    slots = np.array([5, -1, 40], np.int32)
+    nk, _ = jax.jit(lambda *a: jf.write_kv(*a, kv_layout="HND"))(
+        jnp.asarray(key), jnp.asarray(key), kc, vc, jnp.asarray(slots))
+    want_k, _ = ref.write_kv_reference(key, key, b.k_cache, b.v_cache, slots)
+    np.testing.assert_array_equal(np.asarray(nk).view(np.uint16),
+                                  np.asarray(swap(want_k)).view(np.uint16))
+
+
 def test_cache_ops_on_device_exact_and_in_place():
     rng = np.random.default_rng(2)
     kc, vc = (testing.random_values(rng, (32, 16, 4, 128), "bfloat16") for _ in range(2))

@@ -125,13 +125,15 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
                             q_ref, k_hbm, v_hbm, *refs, scale: float, block_size: int,
                             group: int, causal: bool, sliding_window: int | None,
                             logits_soft_cap: float | None, pages: int, max_blocks: int,
-                            fp8: bool = False, hnd: bool = False):
+                            fp8: bool = False, scaled: bool = False, hnd: bool = False):
     """``fp8``: the caches are float8_e4m3fn bytes (int8), copied to VMEM as bytes and decoded
-    exactly into the float32 pieces; ``scales_ref`` (SMEM f32[2]: k_scale, v_scale) follows
-    v_hbm, k_scale folded into the logits' scale, v_scale applied to the output. ``hnd``: the
+    exactly into the float32 pieces. ``scaled``: ``scales_ref`` (SMEM f32[2]: k_scale,
+    v_scale) follows v_hbm, k_scale folded into the logits' scale, v_scale applied to the
+    float32 output before its rounding (fp8 caches, or their exact e4m3 values dequantized
+    into q's dtype by the frontend). ``hnd``: the
     caches are [num_blocks, heads, block_size, head_dim] and the buffers [2, pages, heads,
     block_size, head_dim] (one piece: the whole head_dim)."""
-    if fp8:
+    if scaled:
         scales_ref, *refs = refs
     o_ref, lse_ref, k_buf, v_buf, sem, m_sc, l_sc, acc_sc, *wide = refs
     i = pl.program_id(0)
@@ -171,7 +173,7 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
     # (Mosaic's fp32 contraction); float16 is refused by tpu_supports
     native = q_ref.dtype == jnp.bfloat16
     prec = None if native else lax.Precision.HIGHEST
-    logit_scale = scale * scales_ref[0] if fp8 else scale
+    logit_scale = scale * scales_ref[0] if scaled else scale
     widen = fp8_e4m3_to_f32 if fp8 else (lambda x: x.astype(jnp.float32))
 
     def chunk(c, carry):
@@ -259,7 +261,7 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
         l_sum = l_sc[h]
         seen = ~(l_sum <= 0)  # a NaN sum (a NaN in the KV read) counts: out and lse NaN
         out = acc_sc[h] / jnp.where(seen, l_sum, 1.0)
-        o_ref[h] = (out * scales_ref[1] if fp8 else out).astype(o_ref.dtype)
+        o_ref[h] = (out * scales_ref[1] if scaled else out).astype(o_ref.dtype)
         lse_ref[h] = jnp.where(seen, m_sc[h] + jnp.log(jnp.where(seen, l_sum, 1.0)), -jnp.inf)
 
 
@@ -347,9 +349,11 @@ def paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     q's dtype, lse f32).
     ``pages``: override the plan's blocks per chunk (tests). float8_e4m3fn caches (shapes
     :func:`tpu_reads_fp8` accepts) are read as their bytes and decoded in the kernel; k_scale,
-    v_scale: None (1.0) or 0-d float32 arrays, may be traced (fp8 only)."""
+    v_scale: None (1.0) or 0-d float32 arrays, may be traced: fp8 caches, or caches in q's
+    dtype holding an fp8 cache's exact e4m3 values (the frontend's dequantized blocks, whose
+    scales the kernel applies in float32 as it does for fp8 bytes)."""
     scales = None
-    if k_cache.dtype == jnp.float8_e4m3fn:
+    if k_cache.dtype == jnp.float8_e4m3fn or k_scale is not None or v_scale is not None:
         scales = scale_pair(k_scale, v_scale)
     return _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scales,
                                 scale=scale, causal=causal, sliding_window=sliding_window,
@@ -396,7 +400,8 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
     # vector and dot of the kernel then has tile-aligned shapes; the padding rows are dropped
     tile_rows = sublane_rows(q.dtype.itemsize)
     rows_p = -(-rows // tile_rows) * tile_rows
-    fp8 = scales is not None
+    scaled = scales is not None
+    fp8 = k_cache.dtype == jnp.float8_e4m3fn
     if fp8:  # the bytes, decoded in the kernel
         k_cache, v_cache = as_bytes(k_cache), as_bytes(v_cache)
     itemsize = k_cache.dtype.itemsize
@@ -420,7 +425,7 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
     kernel = functools.partial(
         _paged_attention_kernel, scale=scale, block_size=block_size, group=group, causal=causal,
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, pages=plan.pages,
-        max_blocks=max_blocks, fp8=fp8, hnd=hnd)
+        max_blocks=max_blocks, fp8=fp8, scaled=scaled, hnd=hnd)
     any_spec = pl.BlockSpec(memory_space=_ANY)
     chunk_rows = plan.pages * block_size * num_kv_heads
     if hnd:  # the caches as they are; a block lands whole in buf[slot, page]
@@ -442,7 +447,7 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=6, grid=(nt,),
             in_specs=[q_spec, any_spec, any_spec,
-                      *([pl.BlockSpec(memory_space=pltpu.SMEM)] if fp8 else [])],
+                      *([pl.BlockSpec(memory_space=pltpu.SMEM)] if scaled else [])],
             out_specs=[q_spec, pl.BlockSpec((None, num_kv_heads, rows_p, 1), q_map)],
             scratch_shapes=[buf, buf, pltpu.SemaphoreType.DMA((2, 2)),
                             pltpu.VMEM((num_kv_heads, rows_p, 1), jnp.float32),
@@ -454,5 +459,6 @@ def _paged_attention_tpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
             # default plans stay within VMEM_BUDGET (test); an override past it asks for room
             vmem_limit_bytes=None if vmem <= VMEM_BUDGET else vmem + VMEM_BUDGET),
         interpret=interpret,
-    )(seq, lo, nblk, hi, first_pos, tables, qt, k_rows, v_rows, *([scales] if fp8 else []))
+    )(seq, lo, nblk, hi, first_pos, tables, qt, k_rows, v_rows,
+      *([scales] if scaled else []))
     return _xla.tiles_to_tokens(out[:, :, :rows], lse[:, :, :rows, 0], tok, num_tokens)
