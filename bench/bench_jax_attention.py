@@ -132,10 +132,9 @@ def _hnd_decode_inputs():
 
 @pytest.mark.parametrize("impl", ["prefixkv_hnd", "prefixkv_nhd"])
 def test_decode_8x4096_hnd(benchmark, machine_limits, impl):
-    """kv_layout="HND" caches where no kernel reads HND (a CPU: the XLA path and its CPU
-    decode kernel): the frontend's transposed copy of the named blocks, against the same
-    decode over NHD caches (the baseline: what the call costs without it). On a TPU the
-    kernel reads HND itself."""
+    """kv_layout="HND" caches: the CPU decode kernel reads them at their strides, against
+    the same decode over NHD caches (the baseline). Before it did, the frontend's transposed
+    copy of the named blocks cost 7.6x."""
     benchmark.group = "jax decode 8x4096 bfloat16 HND"
     if impl == "prefixkv_hnd":
         args = _hnd_decode_inputs()

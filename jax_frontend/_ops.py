@@ -169,33 +169,12 @@ def _dequantize(cache, scale, dtype):
     return (cache.astype(jnp.float32) * scale).astype(dtype)
 
 
-def _named_blocks(k_cache, v_cache, *tables):
-    """(k, v, *tables): the blocks the tables name, in table order, and the tables remapped to
-    them (static shapes: jit-friendly); when the tables name at least as many entries as the
-    cache has blocks, the caches and tables unchanged. Entries past a row's blocks (never
-    read) are clamped into range before the gather."""
-    import jax.numpy as jnp
-
-    num_blocks = int(k_cache.shape[0])
-    total = sum(int(np.prod(t.shape)) for t in tables)
-    if 0 < total < num_blocks:
-        ids = jnp.concatenate([jnp.asarray(t).reshape(-1) for t in tables])
-        k_cache, v_cache = (jnp.take(c, ids, axis=0, mode="clip") for c in (k_cache, v_cache))
-        remapped, start = [], 0
-        for t in tables:
-            n = int(np.prod(t.shape))
-            remapped.append((jnp.arange(n, dtype=jnp.int32) + start).reshape(t.shape))
-            start += n
-        tables = tuple(remapped)
-    return (k_cache, v_cache, *tables)
-
-
 def _dequantized_blocks(q, k_cache, v_cache, k_scale, v_scale, *tables):
     """fp8 caches as caches in q's dtype for every attention backend: the dequantized blocks
-    the tables name (:func:`_named_blocks`). A scale None: that cache's exact e4m3 values
+    the tables name (:func:`_xla.named_blocks`). A scale None: that cache's exact e4m3 values
     (_fp8_call then folds k_scale into the logits' scale)."""
     k_scale, v_scale = _kv_scales(k_scale, v_scale)
-    k_cache, v_cache, *tables = _named_blocks(k_cache, v_cache, *tables)
+    k_cache, v_cache, *tables = _xla.named_blocks(k_cache, v_cache, *tables)
     return (_dequantize(k_cache, k_scale, q.dtype), _dequantize(v_cache, v_scale, q.dtype),
             *tables)
 
@@ -203,19 +182,15 @@ def _dequantized_blocks(q, k_cache, v_cache, k_scale, v_scale, *tables):
 def _layout_call(impl, context, k_cache, v_cache, tables):
     """(context, k_cache, v_cache, tables, kwargs) for attention backend ``impl``: caches of
     the call's layout as they are when the backend reads that layout (kwargs then pass
-    ``kv_layout``), else HND caches given as NHD ones: the blocks the tables name
-    (:func:`_named_blocks`) with their head and token dims swapped, a copy of what the call
-    reads (the XLA path, the GPU kernel, and the TPU kernel's fallbacks)."""
-    import jax.numpy as jnp
-
+    ``kv_layout``), else HND caches given as NHD ones (:func:`_xla.nhd_blocks`: a copy of
+    the blocks the call reads)."""
     layout = context["kv_layout"]
     if layout == "NHD":
         return context, k_cache, v_cache, tables, {}
     if _backends.reads_layout(impl, layout):
         return context, k_cache, v_cache, tables, {"kv_layout": layout}
-    k_cache, v_cache, *tables = _named_blocks(k_cache, v_cache, *tables)
-    return ({**context, "kv_layout": "NHD"}, jnp.swapaxes(k_cache, 1, 2),
-            jnp.swapaxes(v_cache, 1, 2), tuple(tables), {})
+    k_cache, v_cache, *tables = _xla.nhd_blocks(k_cache, v_cache, *tables)
+    return {**context, "kv_layout": "NHD"}, k_cache, v_cache, tuple(tables), {}
 
 
 # ------------------------------------------------------------------------------- attention

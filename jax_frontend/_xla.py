@@ -699,6 +699,34 @@ def short_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
 
 
 
+def named_blocks(k_cache, v_cache, *tables):
+    """(k, v, *tables): the blocks the tables name, in table order, and the tables remapped to
+    them (static shapes: jit-friendly); when the tables name at least as many entries as the
+    cache has blocks, the caches and tables unchanged. Entries past a row's blocks (never
+    read) are clamped into range before the gather."""
+    num_blocks = int(k_cache.shape[0])
+    total = sum(int(np.prod(t.shape)) for t in tables)
+    if 0 < total < num_blocks:
+        ids = jnp.concatenate([jnp.asarray(t).reshape(-1) for t in tables])
+        k_cache, v_cache = (jnp.take(c, ids, axis=0, mode="clip") for c in (k_cache, v_cache))
+        remapped, start = [], 0
+        for t in tables:
+            n = int(np.prod(t.shape))
+            remapped.append((jnp.arange(n, dtype=jnp.int32) + start).reshape(t.shape))
+            start += n
+        tables = tuple(remapped)
+    return (k_cache, v_cache, *tables)
+
+
+def nhd_blocks(k_cache, v_cache, *tables):
+    """HND caches [num_blocks, heads, block_size, head_dim] as NHD ones for a path that reads
+    NHD: (k, v, *tables), the blocks the tables name (:func:`named_blocks`) with their head
+    and token dims swapped, a copy of what the call reads (the XLA loops, the GPU kernel, the
+    TPU kernel's fallbacks)."""
+    k_cache, v_cache, *tables = named_blocks(k_cache, v_cache, *tables)
+    return (jnp.swapaxes(k_cache, 1, 2), jnp.swapaxes(v_cache, 1, 2), *tables)
+
+
 def _cpu_kernel_takes(q, k_cache, v_cache) -> bool:
     """Whether the CPU decode kernel takes these inputs (caches of q's dtype, or float8)."""
     from ..kernels.cpu import xla_ffi
@@ -710,14 +738,17 @@ def _cpu_kernel_takes(q, k_cache, v_cache) -> bool:
 
 def decode_on_cpu_kernel(xla_fn, q, k_cache, v_cache, block_tables, kv_lens, *, scale: float,
                          sliding_window: int | None = None,
-                         logits_soft_cap: float | None = None, k_scale=None, v_scale=None):
+                         logits_soft_cap: float | None = None, k_scale=None, v_scale=None,
+                         kv_layout: str = "NHD"):
     """Decode attention (one query per sequence, at its kv_len - 1), (out in q's dtype, lse
     f32): ``xla_fn()``, except on CPU when the compiled FFI kernels build, where the decode
     handler of ``kernels/cpu`` reads each sequence's blocks once, all kv heads and the group's
     q heads per K/V row (measured one thread: decode 8 x 4096 f32 ~2x the ragged loop; the
     cascade's own part, 32 seqs x 128 tokens, f32 4.5 vs 5.0 ms for
     :func:`short_decode_attention`, bf16 2.8 vs 4.7 ms). float8_e4m3fn caches: the kernel
-    reads their bytes, the scales (None or float32 scalars, may be traced) an operand."""
+    reads their bytes, the scales (None or float32 scalars, may be traced) an operand.
+    ``kv_layout`` "HND": the kernel reads HND caches in place (``xla_fn`` reads them as it
+    does)."""
     from ..kernels.cpu import xla_ffi
 
     if q.shape[0] == 0 or not _cpu_kernel_takes(q, k_cache, v_cache):
@@ -727,7 +758,8 @@ def decode_on_cpu_kernel(xla_fn, q, k_cache, v_cache, block_tables, kv_lens, *, 
         return xla_ffi.paged_attention_decode(q, k_cache, v_cache, block_tables, kv_lens,
                                               scale=scale, sliding_window=sliding_window,
                                               logits_soft_cap=logits_soft_cap,
-                                              k_scale=k_scale, v_scale=v_scale)
+                                              k_scale=k_scale, v_scale=v_scale,
+                                              kv_layout=kv_layout)
 
     return lax.platform_dependent(cpu=cpu_path, default=xla_fn)
 

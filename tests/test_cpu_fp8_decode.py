@@ -222,7 +222,7 @@ def test_ffi_handler_refuses_float_caches_on_the_fp8_target():
         jax.block_until_ready(call(
             jnp.asarray(q), kf, kf, jnp.asarray(tables), jnp.asarray(kv_lens),
             jnp.ones(2, jnp.float32), scale=np.float32(1), sliding_window=np.int64(0),
-            logits_soft_cap=np.float32(0), portable=np.int64(0)))
+            logits_soft_cap=np.float32(0), portable=np.int64(0), hnd=np.int64(0)))
 
 
 @pytest.mark.parametrize("portable", [False, True], ids=["avx2", "portable"])

@@ -597,3 +597,47 @@ def test_ffi_decode_pool_split_with_one_heavy_last_sequence():
     proc = subprocess.run([sys.executable, "-c", _HEAVY_LAST_SCRIPT], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------- HND caches
+
+
+def _hnd(cache):
+    return jnp.asarray(np.ascontiguousarray(np.swapaxes(np.asarray(cache), 1, 2)))
+
+
+@pytest.mark.parametrize("path", ["avx2", "avx512_or_avx2", "portable"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,head_dim", [((8, 2), 128), ((6, 2), 80), ((8, 1), 64),
+                                            ((4, 4), 32)], ids=["gqa4", "gqa3", "mqa", "mha"])
+def test_kernel_reads_hnd_caches(monkeypatch, path, dtype, heads, head_dim):
+    """kv_layout="HND" ([num_blocks, heads, block_size, head_dim]): the kernel reads each
+    head's rows at its head stride (block_size * head_dim), every inner loop (AVX512-BF16 dot
+    products where the CPU has them, AVX2, portable), window and soft cap included."""
+    monkeypatch.setenv("PREFIXKV_CPU_AVX512", "0" if path == "avx2" else "1")
+    batch = _decode_batch(31, block_size=16, num_q_heads=heads[0], num_kv_heads=heads[1],
+                          head_dim=head_dim, dtype=dtype, extra=[(1, 70)], sliding_window=50)
+    scale = head_dim ** -0.5
+    want, want_lse = paged_attention_reference(*batch.args(), scale=scale, return_lse=True,
+                                               sliding_window=50, logits_soft_cap=5.0)
+    q, k, v, tables, kv_lens = _jnp(batch)
+    out, lse = jax.jit(lambda *a: xla_ffi.paged_attention_decode(
+        *a, scale=scale, sliding_window=50, logits_soft_cap=5.0, portable=path == "portable",
+        kv_layout="HND"))(q, _hnd(k), _hnd(v), tables, kv_lens)
+    _close(out, want, dtype)
+    _close_lse(lse, want_lse, dtype)
+
+
+def test_frontend_decodes_hnd_in_place():
+    """The xla backend's decode on CPU hands HND caches to the kernel as they are: no
+    transpose and no gather of the blocks in the compiled program."""
+    batch = _decode_batch(32, block_size=16, num_q_heads=8, num_kv_heads=2, head_dim=64,
+                          dtype="bfloat16")
+    q, k, v, tables, kv_lens = _jnp(batch)
+    fn = jax.jit(lambda *a: jf.paged_attention(*a, kv_layout="HND", backend="xla"))
+    args = (q, _hnd(k), _hnd(v), tables, kv_lens)
+    text = fn.lower(*args).as_text()
+    assert TARGET in text and "transpose" not in text and "gather" not in text
+    _close(fn(*args), paged_attention_reference(*batch.args()), "bfloat16")
+    nhd = jax.jit(lambda *a: jf.paged_attention(*a, backend="xla")).lower(*_jnp(batch))
+    assert TARGET in nhd.as_text()

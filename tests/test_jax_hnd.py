@@ -2,9 +2,9 @@
 head_dim]): every op that reads or writes tokens of a cache against the numpy reference given
 the same values as NHD caches (its strided view), on every backend this machine runs.
 
-The TPU kernel reads HND itself (TPU interpret mode: no transposed copy in the traced call),
-for any number of kv heads, 1 and 2 included (the tensor-parallel head counts it refuses in
-NHD); the other backends get the blocks the tables name transposed by the frontend. The slots
+The TPU kernel reads HND itself for any number of kv heads, 1 and 2 included (the
+tensor-parallel head counts it refuses in NHD), as does the CPU decode kernel; the other paths
+get the blocks the tables name transposed. The slots
 no query may read hold NaN (the batches' padding), so a misread shows."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 jax = pytest.importorskip("jax")
 pytest.importorskip("jax.experimental.pallas.tpu")
 import jax.numpy as jnp  # noqa: E402
-from prefixkv.jax_frontend import _backends, _ops  # noqa: E402
+from prefixkv.jax_frontend import _backends, _xla  # noqa: E402
 from prefixkv.kernels.pallas import paged_attention as pa  # noqa: E402
 from prefixkv.paged import reference as ref  # noqa: E402
 from prefixkv.paged import testing  # noqa: E402
@@ -70,18 +70,19 @@ def test_paged_attention_hnd(backend, grid, dtype, block_size, kv_heads, head_di
     testing.assert_lse_close(lse, want_lse)
 
 
-def test_tpu_kernel_reads_hnd_itself_and_others_get_nhd_blocks(monkeypatch):
-    """The TPU kernel (interpret mode) is handed the HND caches, not the frontend's copy of
-    the named blocks transposed; the XLA path gets that copy."""
+def test_tpu_kernel_reads_hnd_itself_and_the_gpu_kernel_gets_nhd_blocks(monkeypatch):
+    """The TPU kernel (interpret mode) is handed the HND caches; the GPU kernel, which reads
+    NHD, the frontend's transposed copy of the named blocks (the XLA backend's CPU decode
+    reads HND in place: tests/test_jax_cpu_attention_ffi.py)."""
     rng = np.random.default_rng(12)
-    b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 8), num_q_heads=2,
-                                  num_kv_heads=1, head_dim=128, block_size=8)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16), num_q_heads=2,
+                                  num_kv_heads=1, head_dim=128, block_size=16)
     args = _hnd_args(b.args())
     copies = []
-    named = _ops._named_blocks
-    monkeypatch.setattr(_ops, "_named_blocks", lambda *a: copies.append(1) or named(*a))
+    real = _xla.nhd_blocks
+    monkeypatch.setattr(_xla, "nhd_blocks", lambda *a: copies.append(1) or real(*a))
     want = ref.paged_attention_reference(*b.args())
-    for backend, copied in (("pallas_interpret", 0), ("xla", 1)):
+    for backend, copied in (("pallas_interpret", 0), ("pallas_gpu_interpret", 1)):
         got = jf.paged_attention(*args, kv_layout="HND", backend=backend)
         testing.assert_attention_close(got, want, "float32")
         assert len(copies) == copied

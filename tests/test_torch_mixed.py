@@ -84,7 +84,7 @@ def test_mixed_batch_layouts_the_kernel_does_not_take(layout, route, monkeypatch
         assert not q.is_contiguous()
     elif layout == "k_v_strides_differ":
         k = torch.stack([k, v], dim=1)[:, 0]
-        assert _native._block_stride(k, v) is None
+        assert _native._cache_strides(k, v) is None
     else:
         monkeypatch.setattr(_native, "_c_decode", lambda *a, **kw: False)
     got, got_lse = tf.paged_attention(q, k, v, tables, kv_lens, cu, return_lse=True, **opts)

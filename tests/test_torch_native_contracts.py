@@ -90,8 +90,8 @@ def test_swap_blocks_between_pools_of_different_sizes(direction):
 def test_cpu_decode_of_caches_with_non_dense_blocks(dtype):
     """A decode over K and V views whose blocks are not dense (head_dim and kv heads swapped
     in memory: a transposed view) gives the reference's answer: such caches must not reach
-    the compiled decode kernel, which reads each block as [block_size, num_kv_heads,
-    head_dim] rows from the block stride."""
+    the compiled decode kernel, which reads each head's head_dim elements dense (any block,
+    token and head strides)."""
     rng = np.random.default_rng(103)
     b = testing.make_ragged_batch(rng, [(1, 21), (1, 9), (1, 33)], num_q_heads=4,
                                   num_kv_heads=2, head_dim=16, block_size=8, dtype=dtype,

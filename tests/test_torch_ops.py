@@ -289,12 +289,15 @@ def test_noncontiguous_stacked_cache_and_garbage_table_entries():
     close(got, ref.paged_attention_reference(*b.args()), "float32")
 
 
-@pytest.mark.parametrize("layout", ["blocks_2", "blocks_layers_2", "k_only_view"])
+@pytest.mark.parametrize("layout", ["blocks_2", "blocks_layers_2", "hnd_view", "hnd_stacked",
+                                    "k_only_view", "expanded_heads"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_cpu_decode_kernel_takes_stacked_caches(monkeypatch, dtype, layout):
     """A decode over K and V views of a stacked cache ([num_blocks, 2, ...], FlashInfer's
-    layout, or [num_blocks, layers, 2, ...]) runs in the compiled kernel with the block stride
-    (no copy); K and V of different strides take the other path. Both match the reference."""
+    layout, or [num_blocks, layers, 2, ...]) or of HND caches ([num_blocks, heads,
+    block_size, head_dim] as their NHD views, alone or stacked) runs in the compiled kernel
+    with the views' strides (no copy); K and V of different strides, or a zero stride, take
+    the other path. Both match the reference."""
     from prefixkv.kernels.cpu import decode
     from prefixkv.torch_frontend import _native
 
@@ -304,7 +307,7 @@ def test_cpu_decode_kernel_takes_stacked_caches(monkeypatch, dtype, layout):
     real = decode.decode_attention
 
     def spy(dt, dims, *args, **kw):
-        strides.append(tuple(dims)[7:])
+        strides.append(tuple(dims)[7:])  # block, token, head
         return real(dt, dims, *args, **kw)
 
     monkeypatch.setattr(decode, "decode_attention", spy)
@@ -319,15 +322,26 @@ def test_cpu_decode_kernel_takes_stacked_caches(monkeypatch, dtype, layout):
         stacked = torch.stack([torch.stack([torch.zeros_like(k), torch.zeros_like(v)], 1),
                                torch.stack([k, v], 1)], dim=1)  # [blocks, 2 layers, 2, ...]
         k, v = stacked[:, 1, 0], stacked[:, 1, 1]
+    elif layout == "hnd_view":
+        k, v = (c.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3) for c in (k, v))
+    elif layout == "hnd_stacked":  # [blocks, 2, heads, block_size, head_dim]
+        stacked = torch.stack([k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)], dim=1)
+        k, v = stacked[:, 0].permute(0, 2, 1, 3), stacked[:, 1].permute(0, 2, 1, 3)
+    elif layout == "expanded_heads":  # one kv head's values broadcast to both: stride 0
+        b.k_cache[:, :, 1] = b.k_cache[:, :, 0]
+        b.v_cache[:, :, 1] = b.v_cache[:, :, 0]
+        k, v = (T(c[:, :, :1]).expand(-1, -1, 2, -1) for c in (b.k_cache, b.v_cache))
     else:
         k = torch.stack([k, v], dim=1)[:, 0]  # v stays contiguous
     assert not k.is_contiguous()
     got = tf.paged_attention(T(b.q), k, v, *(T(a) for a in b.args()[3:5]))
     close(got, ref.paged_attention_reference(*b.args()), dtype)
     block = 8 * 2 * 32
-    want = {"blocks_2": [(2 * block,)], "blocks_layers_2": [(4 * block,)], "k_only_view": []}
+    want = {"blocks_2": [(2 * block, 64, 32)], "blocks_layers_2": [(4 * block, 64, 32)],
+            "hnd_view": [(block, 32, 8 * 32)], "hnd_stacked": [(2 * block, 32, 8 * 32)],
+            "k_only_view": [], "expanded_heads": []}
     assert strides == want[layout]
-    assert _native._block_stride(T(b.k_cache), T(b.v_cache)) == block
+    assert _native._cache_strides(T(b.k_cache), T(b.v_cache)) == (block, 64, 32)
 
 
 SP_CASES = [

@@ -471,30 +471,29 @@ def _host_scales(k_scale, v_scale) -> tuple[float, float] | None:
 _C_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def _block_stride(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int | None:
-    """The elements from one block to the next that both caches share when each block is
-    dense (a contiguous cache, or a view such as ``kv[:, 0]`` of a stacked [num_blocks, 2, ...]
-    cache: FlashInfer's layout); None otherwise."""
-    if k_cache.shape != v_cache.shape or k_cache.stride(0) != v_cache.stride(0):
+def _cache_strides(k_cache: torch.Tensor,
+                   v_cache: torch.Tensor) -> tuple[int, int, int] | None:
+    """The strides in elements (block, token of a block, kv head of a token) that both caches
+    share when each head's head_dim elements are dense: a contiguous cache, a view such as
+    ``kv[:, 0]`` of a stacked [num_blocks, 2, ...] cache (FlashInfer's layout) or an HND cache's
+    NHD view ``cache.permute(0, 2, 1, 3)``, read in place; None otherwise (a zero stride of an
+    expanded dim included). A dim of size 1 takes its dense stride."""
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
         return None
-    if k_cache.is_contiguous() and v_cache.is_contiguous():
-        return math.prod(k_cache.shape[1:])
-    dims = list(k_cache.shape[1:])
-    dense = [math.prod(dims[i + 1:]) for i in range(len(dims))]  # a dense block's strides
-    block = math.prod(dims)
-    for c in (k_cache, v_cache):
-        if c.shape[0] > 1 and c.stride(0) < block:
-            return None
-        if any(n > 1 and st != want
-               for n, st, want in zip(dims, c.stride()[1:], dense, strict=True)):
-            return None
-    return int(k_cache.stride(0)) if k_cache.shape[0] > 1 else block
+    num_blocks, block_size, heads, head_dim = k_cache.shape
+    *outer, inner = k_cache.stride()
+    if head_dim > 1 and inner != 1:
+        return None
+    dense = (block_size * heads * head_dim, heads * head_dim, head_dim)
+    strides = tuple(int(st) if n > 1 else want for n, st, want
+                    in zip((num_blocks, block_size, heads), outer, dense, strict=True))
+    return strides if min(strides) >= 1 else None
 
 
 def _c_decode(out, lse, q, k_cache, v_cache, block_tables, kv_lens, scale, window,
               soft_cap, *, k_scale: float = 1.0, v_scale: float = 1.0) -> bool:
     """Decode attention by the compiled CPU kernel (kernels/cpu/decode.py) when every tensor is
-    a CPU tensor it takes (contiguous; the caches with dense blocks, see _block_stride); False
+    a CPU tensor it takes (contiguous; the caches with dense heads, see _cache_strides); False
     (nothing written) otherwise. The caches hold q's
     dtype, or float8_e4m3fn read as value * k_scale / v_scale (host floats). The sequences
     are split over torch.get_num_threads() threads. Measured decode 8 x 4096, 32/8 heads,
@@ -509,9 +508,9 @@ def _c_decode(out, lse, q, k_cache, v_cache, block_tables, kv_lens, scale, windo
     tensors = (q, k_cache, v_cache, block_tables, kv_lens, out) + (() if lse is None else (lse,))
     if not all(t.device.type == "cpu" for t in tensors):
         return False
-    block_stride = _block_stride(k_cache, v_cache)
+    strides = _cache_strides(k_cache, v_cache)
     others = (q, block_tables, kv_lens, out) + (() if lse is None else (lse,))
-    if block_stride is None or not all(t.is_contiguous() for t in others):
+    if strides is None or not all(t.is_contiguous() for t in others):
         return False
     from ..kernels.cpu import decode
 
@@ -522,7 +521,7 @@ def _c_decode(out, lse, q, k_cache, v_cache, block_tables, kv_lens, scale, windo
     num_seqs, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     dims = (num_seqs, num_q_heads, head_dim, num_blocks, block_size, num_kv_heads,
-            block_tables.shape[1], block_stride)
+            block_tables.shape[1], *strides)
     decode.decode_attention(dtype, dims, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                             block_tables.data_ptr(), kv_lens.data_ptr(), out.data_ptr(),
                             lse.data_ptr(), scale=scale, sliding_window=window,

@@ -1,6 +1,7 @@
 """Decode paged attention on the CPU for the PyTorch frontend: the kernel of
 ``xla_attention.cc`` built without XLA (``-DPREFIXKV_NO_XLA_FFI``) and called through ctypes
-on raw buffers (the caches may be views with a block stride, e.g. of a stacked cache).
+on raw buffers (the caches may be views with any block, token and head strides: a stacked
+cache, HND caches as their NHD views).
 
 Built on first use with the system C++ compiler into the cache directory of
 :mod:`.xla_ffi` (no jax needed); ``PREFIXKV_DISABLE_CPU_FFI=1``, no compiler or a failed build
@@ -69,10 +70,12 @@ def decode_attention(dtype: str, dims, q: int, k_cache: int, v_cache: int, block
     """Run the kernel on contiguous buffers given by address.
 
     dims: (num_seqs, num_q_heads, head_dim, num_blocks, block_size, num_kv_heads, max_blocks)
-    and optionally block_stride (elements from one block of a cache to the next; 0 or absent:
-    dense). q, out: [num_seqs, num_q_heads, head_dim] of ``dtype``; caches [num_blocks,
-    block_size, num_kv_heads, head_dim] of ``kv_dtype`` (each block dense; None: ``dtype``;
-    or "float8_e4m3fn", read as value * k_scale, value * v_scale); block_tables
+    and optionally block_stride, then token_stride and head_stride (the caches' strides in
+    elements from one block to the next, one token of a block to the next, one kv head of a
+    token to the next; 0 or absent: dense NHD). q, out: [num_seqs, num_q_heads, head_dim] of
+    ``dtype``; caches [num_blocks, block_size, num_kv_heads, head_dim] by those strides (each
+    head's head_dim elements dense: an HND cache is its NHD view) of ``kv_dtype`` (None:
+    ``dtype``; or "float8_e4m3fn", read as value * k_scale, value * v_scale); block_tables
     i32[num_seqs, max_blocks]; kv_lens i32[num_seqs]; lse f32[num_seqs, num_q_heads]. The
     caller keeps the buffers alive.
     threads: the sequences are split over up to this many threads (ranges of about equal keys;
@@ -84,9 +87,9 @@ def decode_attention(dtype: str, dims, q: int, k_cache: int, v_cache: int, block
             raise RuntimeError(f"the CPU decode kernel is not available: {status()}")
         fn = _state["fn"]
     dims = tuple(map(int, dims))
-    if len(dims) not in (7, 8):
-        raise ValueError(f"decode_attention: dims must have 7 or 8 entries, got {dims}")
-    arr = (ctypes.c_int64 * 8)(*dims, *((0,) if len(dims) == 7 else ()))
+    if len(dims) not in (7, 8, 10):
+        raise ValueError(f"decode_attention: dims must have 7, 8 or 10 entries, got {dims}")
+    arr = (ctypes.c_int64 * 10)(*dims, *((0,) * (10 - len(dims))))
     kv_dtype = dtype if kv_dtype is None else kv_dtype
     if dtype not in DTYPES or kv_dtype not in DTYPES:
         raise ValueError(f"decode_attention: unsupported dtype {dtype!r} / kv_dtype "

@@ -1,7 +1,9 @@
 // Decode paged attention for XLA:CPU, as an XLA FFI custom call (one thread).
 //
 // q: [num_seqs, num_q_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size,
-// num_kv_heads, head_dim] (float32, bfloat16 or float16, q's dtype; or float8_e4m3fn with q
+// num_kv_heads, head_dim] (NHD; or any strides between blocks, tokens and heads with each
+// head's head_dim elements dense: HND [num_blocks, num_kv_heads, block_size, head_dim], views)
+// (float32, bfloat16 or float16, q's dtype; or float8_e4m3fn with q
 // float32, bfloat16 or float16, read as float32(cache) * k_scale or v_scale, vLLM's fp8 KV
 // cache: k_scale folds into q's scale, v_scale into the final 1 / sum); block_tables:
 // s32[num_seqs, max_blocks]; kv_lens: s32[num_seqs]. Returns out (q's dtype, same shape as q)
@@ -95,38 +97,49 @@ constexpr int kChunk = 64;
 template <class S>
 constexpr int64_t kChunkBytes = sizeof(S) == 4 ? int64_t{32} << 10 : int64_t{64} << 10;
 
-// The cache lines of a list of rows (each `row_bytes` long), prefetched a few at a time:
-// Issue(m) prefetches the next m lines into L2 (prefetcht1; see above), in row order.
+// The cache lines of a list of rows, prefetched a few at a time: Issue(m) prefetches the next
+// m lines into L2 (prefetcht1; see above), in row order. A row is `segs` segments of
+// `seg_bytes`, `seg_stride` bytes apart (a key's kv heads: one dense segment in NHD, one per
+// head in HND).
 class Prefetch {
  public:
   template <class S>
-  void Reset(const S* const* rows, int nrows, int64_t row_bytes) {
+  void Reset(const S* const* rows, int nrows, int64_t seg_bytes, int64_t segs = 1,
+             int64_t seg_stride = 0) {
     rows_ = reinterpret_cast<const char* const*>(rows);
-    lines_per_row_ = (row_bytes + 63) / 64;
-    total_ = lines_per_row_ * nrows;
-    next_ = row_ = line_ = 0;
+    lines_per_seg_ = (seg_bytes + 63) / 64;
+    segs_ = std::max<int64_t>(1, segs);
+    seg_stride_ = seg_stride;
+    total_ = lines_per_seg_ * segs_ * nrows;
+    next_ = row_ = seg_ = line_ = 0;
   }
   // Lines still to issue.
   int64_t left() const { return total_ - next_; }
   void Issue(int64_t m) {
     const int64_t end = std::min(total_, next_ + m);
-    // the position as (row, line) in locals: no division per line, no store per line
-    int64_t row = row_, line = line_;
+    // the position as (row, segment, line) in locals: no division or store per line
+    int64_t row = row_, seg = seg_, line = line_;
     for (int64_t i = next_; i < end; ++i) {
-      __builtin_prefetch(rows_[row] + line * 64, 0, 2);  // locality 2: prefetcht1
-      if (++line == lines_per_row_) {
+      // locality 2: prefetcht1
+      __builtin_prefetch(rows_[row] + seg * seg_stride_ + line * 64, 0, 2);
+      if (++line == lines_per_seg_) {
         line = 0;
-        ++row;
+        if (++seg == segs_) {
+          seg = 0;
+          ++row;
+        }
       }
     }
     row_ = row;
+    seg_ = seg;
     line_ = line;
     next_ = std::max(next_, end);
   }
 
  private:
   const char* const* rows_ = nullptr;
-  int64_t lines_per_row_ = 1, total_ = 0, next_ = 0, row_ = 0, line_ = 0;
+  int64_t lines_per_seg_ = 1, segs_ = 1, seg_stride_ = 0, total_ = 0, next_ = 0, row_ = 0,
+          seg_ = 0, line_ = 0;
 };
 
 // ------------------------------------------------------------------ scalar conversions
@@ -263,14 +276,14 @@ struct Portable {
   }
 
   template <class Tag>
-  static void QkAll(const float* q, int num_kv_heads, int group, int d,
+  static void QkAll(const float* q, int num_kv_heads, int group, int d, int64_t head_stride,
                     const typename Tag::Storage* const* rows, int n, float* s, float* row,
                     Prefetch* pf) {
     const int64_t per = (pf->left() + num_kv_heads - 1) / num_kv_heads;
     for (int h = 0; h < num_kv_heads; ++h) {
       pf->Issue(per);
-      Qk<Tag>(q + static_cast<int64_t>(h) * group * d, group, d, rows,
-              static_cast<int64_t>(h) * d, n, s + static_cast<int64_t>(h) * group * kChunk, row);
+      Qk<Tag>(q + static_cast<int64_t>(h) * group * d, group, d, rows, h * head_stride, n,
+              s + static_cast<int64_t>(h) * group * kChunk, row);
     }
   }
 
@@ -455,13 +468,14 @@ PREFIXKV_AVX2 inline void QkTile(const float* q, int d, const typename Tag::Stor
 }
 
 // q.k of every kv head's group, key tile by key tile: the chunk's K rows are read front to back
-// (all kv heads of a row in order) instead of one head's slice of every row at a time.
+// (all kv heads of a row in order) instead of one head's slice of every row at a time. Head h
+// of key row t is at key_rows[t] + h * head_stride.
 // pf's lines are issued spread over the key tiles. Tile::Run(q of kNH heads, d, kNK key rows,
 // out) writes the kNH x kNK dot products; the logits are those times `scale`. (No target
 // attribute here: Tile::Run carries its instruction set, a call per tile.)
 template <class Tile, class Q, class S>
-void QkWalk(const Q* q, int num_kv_heads, int group, int d, const S* const* key_rows, int n,
-            float* s, Prefetch* pf, float scale) {
+void QkWalk(const Q* q, int num_kv_heads, int group, int d, int64_t head_stride,
+            const S* const* key_rows, int n, float* s, Prefetch* pf, float scale) {
   constexpr int NH = Tile::kNH, NK = Tile::kNK;
   float out[NH * NK];
   const S* rows[NK];
@@ -470,11 +484,11 @@ void QkWalk(const Q* q, int num_kv_heads, int group, int d, const S* const* key_
   for (int t = 0; t < n; t += NK) {
     for (int h = 0; h < num_kv_heads; ++h) {
       pf->Issue(per);
-      const int64_t head_off = static_cast<int64_t>(h) * d;
+      const int64_t head_off = h * head_stride;
       // a key tile past n repeats the last key (read, never stored)
       for (int k = 0; k < NK; ++k) rows[k] = key_rows[std::min(t + k, n - 1)] + head_off;
       for (int g = 0; g < group; g += NH) {
-        Tile::Run(q + head_off * group + static_cast<int64_t>(g) * d, d, rows, out);
+        Tile::Run(q + (static_cast<int64_t>(h) * group + g) * d, d, rows, out);
         float* sg = s + (static_cast<int64_t>(h) * group + g) * kChunk;
         for (int hh = 0; hh < NH; ++hh)
           for (int k = 0; k < NK && t + k < n; ++k)
@@ -541,17 +555,17 @@ struct Avx2 {
   static bool Interleaved(int group, int d) { return AvxLoad16<Tag>::kPairs && Wide(group, d); }
 
   template <class Tag>
-  static void QkAll(const float* q, int num_kv_heads, int group, int d,
+  static void QkAll(const float* q, int num_kv_heads, int group, int d, int64_t hs,
                     const typename Tag::Storage* const* rows, int n, float* s, float*,
                     Prefetch* pf) {
     if (Wide(group, d))
-      QkWalk<Avx2QkTile<Tag, 4, 2, true>>(q, num_kv_heads, group, d, rows, n, s, pf, 1.0f);
+      QkWalk<Avx2QkTile<Tag, 4, 2, true>>(q, num_kv_heads, group, d, hs, rows, n, s, pf, 1.0f);
     else if (group % 4 == 0)
-      QkWalk<Avx2QkTile<Tag, 4, 2>>(q, num_kv_heads, group, d, rows, n, s, pf, 1.0f);
+      QkWalk<Avx2QkTile<Tag, 4, 2>>(q, num_kv_heads, group, d, hs, rows, n, s, pf, 1.0f);
     else if (group % 2 == 0)
-      QkWalk<Avx2QkTile<Tag, 2, 4>>(q, num_kv_heads, group, d, rows, n, s, pf, 1.0f);
+      QkWalk<Avx2QkTile<Tag, 2, 4>>(q, num_kv_heads, group, d, hs, rows, n, s, pf, 1.0f);
     else
-      QkWalk<Avx2QkTile<Tag, 1, 8>>(q, num_kv_heads, group, d, rows, n, s, pf, 1.0f);
+      QkWalk<Avx2QkTile<Tag, 1, 8>>(q, num_kv_heads, group, d, hs, rows, n, s, pf, 1.0f);
   }
 
   template <class Tag>
@@ -678,10 +692,12 @@ struct DpQkTile {
 // head_dim % 32 == 0 only.
 struct Avx512Bf16 : Avx2 {
   static constexpr bool kDp = true;
-  static void QkDp(const uint16_t* q, int num_kv_heads, int group, int d,
+  static void QkDp(const uint16_t* q, int num_kv_heads, int group, int d, int64_t hs,
                    const uint16_t* const* rows, int n, float* s, Prefetch* pf, float scale) {
-    if (group % 2 == 0) QkWalk<DpQkTile<2, 4>>(q, num_kv_heads, group, d, rows, n, s, pf, scale);
-    else QkWalk<DpQkTile<1, 8>>(q, num_kv_heads, group, d, rows, n, s, pf, scale);
+    if (group % 2 == 0)
+      QkWalk<DpQkTile<2, 4>>(q, num_kv_heads, group, d, hs, rows, n, s, pf, scale);
+    else
+      QkWalk<DpQkTile<1, 8>>(q, num_kv_heads, group, d, hs, rows, n, s, pf, scale);
   }
 };
 
@@ -705,9 +721,12 @@ bool CpuHasAvx2() { return false; }
 struct Shape {
   int64_t num_seqs, num_q_heads, head_dim, num_blocks, block_size, num_kv_heads, max_blocks;
   // Elements from one block of a cache to the next (0: block_size * num_kv_heads * head_dim,
-  // a dense cache; more for a view of a stacked [num_blocks, 2, ...] cache). A block's rows
-  // are dense either way.
+  // a dense cache; more for a view of a stacked [num_blocks, 2, ...] cache).
   int64_t block_stride = 0;
+  // Elements from one token of a block to the next and from one kv head of a token to the
+  // next (0: NHD's num_kv_heads * head_dim and head_dim; HND: head_dim and block_size *
+  // head_dim). A head's head_dim elements are dense.
+  int64_t token_stride = 0, head_stride = 0;
 };
 
 // Scalar arguments of a call: the logits' scale, the sliding window (0: none), the soft cap
@@ -756,9 +775,11 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
   const int d = static_cast<int>(sh.head_dim);
   const int group = hq / hkv;
   const int64_t bs = sh.block_size;
-  const int64_t row_stride = sh.num_kv_heads * sh.head_dim;  // elements between key rows
-  const int64_t block_elems = bs * row_stride;
-  const int64_t block_step = sh.block_stride > 0 ? sh.block_stride : block_elems;
+  const int64_t row_elems = sh.num_kv_heads * sh.head_dim;  // a key's elements, all heads
+  // elements between key rows (tokens) and between a key's heads
+  const int64_t row_stride = sh.token_stride > 0 ? sh.token_stride : row_elems;
+  const int64_t head_stride = sh.head_stride > 0 ? sh.head_stride : sh.head_dim;
+  const int64_t block_step = sh.block_stride > 0 ? sh.block_stride : bs * row_elems;
   std::vector<float> qf(static_cast<size_t>(hq) * d), acc(static_cast<size_t>(hq) * d);
   std::vector<float> m(hq), l(hq), s(static_cast<size_t>(hq) * kChunk), row(d);
   // this chunk's rows and the next one's
@@ -766,9 +787,18 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
   Prefetch pf;
   // Keys per chunk: the chunk's K rows (all kv heads) span about kChunkBytes<S>; the chunk is
   // walked once per kv head.
-  const int64_t key_row_bytes = std::max<int64_t>(1, row_stride * static_cast<int64_t>(sizeof(S)));
+  const int64_t key_row_bytes = std::max<int64_t>(1, row_elems * static_cast<int64_t>(sizeof(S)));
   const int64_t chunk =
       std::max<int64_t>(1, std::min<int64_t>(kChunk, kChunkBytes<S> / key_row_bytes));
+  // a key row's bytes as the prefetcher walks them: one segment when its heads are dense
+  const bool dense_heads = head_stride == sh.head_dim;
+  auto prefetch_rows = [&](const S* const* rows, int n) {
+    if (dense_heads)
+      pf.Reset(rows, n, key_row_bytes);
+    else
+      pf.Reset(rows, n, sh.head_dim * static_cast<int64_t>(sizeof(S)), hkv,
+               head_stride * static_cast<int64_t>(sizeof(S)));
+  };
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const bool interleaved = Ops::template Interleaved<KvTag>(group, d);
   // q.k by AVX512-BF16 dot products from the bfloat16 q itself (Avx512Bf16)
@@ -819,20 +849,20 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
     // chunks of kChunk consecutive keys [c, c + n), across block boundaries
     for (int64_t c = lo; c < kv_len; c += chunk) {
       const int n = static_cast<int>(std::min<int64_t>(chunk, kv_len - c));
-      pf.Reset(vrows.data(), n, key_row_bytes);  // this chunk's V rows, during q.k
+      prefetch_rows(vrows.data(), n);  // this chunk's V rows, during q.k
       if constexpr (dp)
-        Ops::QkDp(qs, hkv, group, d, krows.data(), n, s.data(), &pf, scale);
+        Ops::QkDp(qs, hkv, group, d, head_stride, krows.data(), n, s.data(), &pf, scale);
       else
-        Ops::template QkAll<KvTag>(qf.data(), hkv, group, d, krows.data(), n, s.data(),
-                                   row.data(), &pf);
+        Ops::template QkAll<KvTag>(qf.data(), hkv, group, d, head_stride, krows.data(), n,
+                                   s.data(), row.data(), &pf);
       const int next_n = static_cast<int>(std::max<int64_t>(
           0, std::min<int64_t>(chunk, kv_len - c - chunk)));
       fill_rows(c + chunk, next_n, next_krows.data(), next_vrows.data());
-      pf.Reset(next_krows.data(), next_n, key_row_bytes);  // the next chunk's K, during p.V
+      prefetch_rows(next_krows.data(), next_n);  // the next chunk's K, during p.V
       const int64_t per_head = (pf.left() + hkv - 1) / hkv;
       for (int h = 0; h < hkv; ++h) {
-        const int64_t head_off = static_cast<int64_t>(h) * d;
-        float* ah = acc.data() + head_off * group;
+        const int64_t head_off = h * head_stride;  // in the cache
+        float* ah = acc.data() + static_cast<int64_t>(h) * d * group;
         float* mh = m.data() + h * group;
         float* lh = l.data() + h * group;
         float* sh_ = s.data() + static_cast<int64_t>(h) * group * kChunk;
@@ -1021,7 +1051,7 @@ ffi::Error DecodeImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache, ffi::AnyBuffer v
                       const float* kv_scales, ffi::Result<ffi::AnyBuffer> out,
                       ffi::Result<ffi::Buffer<ffi::F32>> lse, float scale,
                       int64_t sliding_window, float logits_soft_cap, int64_t portable,
-                      ffi::ThreadPool pool) {
+                      int64_t hnd, ffi::ThreadPool pool) {
   auto qd = q.dimensions();
   auto kd = k_cache.dimensions();
   auto td = block_tables.dimensions();
@@ -1035,7 +1065,12 @@ ffi::Error DecodeImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache, ffi::AnyBuffer v
     return ffi::Error::InvalidArgument(
         fp8 ? "paged_attention_decode_fp8: caches must be float8_e4m3fn, out q's dtype"
             : "paged_attention_decode: dtypes differ");
-  Shape sh{qd[0], qd[1], qd[2], kd[0], kd[1], kd[2], td[1]};
+  // hnd: caches [num_blocks, num_kv_heads, block_size, head_dim]
+  Shape sh{qd[0], qd[1], qd[2], kd[0], hnd ? kd[2] : kd[1], hnd ? kd[1] : kd[2], td[1]};
+  if (hnd) {
+    sh.token_stride = kd[3];
+    sh.head_stride = kd[2] * kd[3];
+  }
   auto vd = v_cache.dimensions();
   for (size_t i = 0; i < 4; ++i)
     if (vd[i] != kd[i])
@@ -1081,9 +1116,9 @@ ffi::Error PagedAttentionDecodeImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
                                     ffi::Result<ffi::AnyBuffer> out,
                                     ffi::Result<ffi::Buffer<ffi::F32>> lse, float scale,
                                     int64_t sliding_window, float logits_soft_cap,
-                                    int64_t portable, ffi::ThreadPool pool) {
+                                    int64_t portable, int64_t hnd, ffi::ThreadPool pool) {
   return DecodeImpl(q, k_cache, v_cache, block_tables, kv_lens, nullptr, out, lse, scale,
-                    sliding_window, logits_soft_cap, portable, pool);
+                    sliding_window, logits_soft_cap, portable, hnd, pool);
 }
 
 // The same over float8_e4m3fn caches, their scales in a f32[2] operand (traced values).
@@ -1095,11 +1130,12 @@ ffi::Error PagedAttentionDecodeFp8Impl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
                                        ffi::Result<ffi::AnyBuffer> out,
                                        ffi::Result<ffi::Buffer<ffi::F32>> lse, float scale,
                                        int64_t sliding_window, float logits_soft_cap,
-                                       int64_t portable, ffi::ThreadPool pool) {
+                                       int64_t portable, int64_t hnd,
+                                       ffi::ThreadPool pool) {
   if (kv_scales.element_count() != 2)
     return ffi::Error::InvalidArgument("paged_attention_decode_fp8: kv_scales must be f32[2]");
   return DecodeImpl(q, k_cache, v_cache, block_tables, kv_lens, kv_scales.typed_data(), out,
-                    lse, scale, sliding_window, logits_soft_cap, portable, pool);
+                    lse, scale, sliding_window, logits_soft_cap, portable, hnd, pool);
 }
 
 #endif  // PREFIXKV_NO_XLA_FFI
@@ -1108,8 +1144,10 @@ ffi::Error PagedAttentionDecodeFp8Impl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
 
 // Plain C entry (no XLA): the same kernel on raw buffers, for the PyTorch CPU path
 // (kernels/cpu/decode.py, through ctypes). dims: num_seqs, num_q_heads, head_dim, num_blocks,
-// block_size, num_kv_heads, max_blocks, block_stride (elements between two blocks of a cache,
-// 0: dense; at least a block's elements; each block dense); dtype (q's and out's): 0 float32, 1 bfloat16,
+// block_size, num_kv_heads, max_blocks, block_stride, token_stride, head_stride (the caches'
+// strides in elements between blocks, a block's tokens, a token's kv heads; 0: NHD's dense
+// ones; with token_stride and head_stride 0, block_stride is 0 or at least a block's
+// elements; each head's head_dim elements dense); dtype (q's and out's): 0 float32, 1 bfloat16,
 // 2 float16; kv_dtype (the caches'): dtype, or 3 float8_e4m3fn read as value * k_scale
 // (v_scale); threads: the most threads to split the sequences over. Returns 0, or 1 for a bad
 // dtype or shape.
@@ -1120,11 +1158,14 @@ extern "C" int PrefixkvDecodeAttentionRaw(int dtype, const int64_t* dims, const 
                                           int64_t sliding_window, float logits_soft_cap,
                                           int portable, int threads, int kv_dtype,
                                           float k_scale, float v_scale) {
-  Shape sh{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7]};
+  Shape sh{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], dims[8],
+           dims[9]};
   if (sh.num_kv_heads < 1 || sh.num_q_heads % sh.num_kv_heads != 0 || sh.head_dim < 1)
     return 1;
-  if (sh.block_stride != 0 && sh.block_stride < sh.block_size * sh.num_kv_heads * sh.head_dim)
-    return 1;  // blocks would overlap
+  if (sh.block_stride < 0 || sh.token_stride < 0 || sh.head_stride < 0) return 1;
+  if (sh.token_stride == 0 && sh.head_stride == 0 && sh.block_stride != 0 &&
+      sh.block_stride < sh.block_size * sh.num_kv_heads * sh.head_dim)
+    return 1;  // dense blocks would overlap
   if (kv_dtype != dtype && kv_dtype != 3) return 1;
   const bool fp8 = kv_dtype == 3;
   const bool port = portable != 0;
@@ -1165,6 +1206,7 @@ auto DecodeResultsAndAttrs(Binding b) {
       .template Attr<int64_t>("sliding_window")
       .template Attr<float>("logits_soft_cap")
       .template Attr<int64_t>("portable")
+      .template Attr<int64_t>("hnd")
       .template Ctx<ffi::ThreadPool>();
 }
 

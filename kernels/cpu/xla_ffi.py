@@ -267,11 +267,12 @@ def use_for_attention_fp8(q, k_cache, v_cache) -> bool:
 def paged_attention_decode(q, k_cache, v_cache, block_tables, kv_lens, *, scale: float,
                            sliding_window: int | None = None,
                            logits_soft_cap: float | None = None, portable: bool = False,
-                           k_scale=None, v_scale=None):
+                           k_scale=None, v_scale=None, kv_layout: str = "NHD"):
     """Decode paged attention by the compiled handler of ``xla_attention.cc``; (out, lse).
 
     q: [num_seqs, num_q_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads,
-    head_dim], q's dtype (float32, bfloat16, float16); block_tables i32[num_seqs, max_blocks];
+    head_dim] (``kv_layout`` "HND": [num_blocks, num_kv_heads, block_size, head_dim]), q's
+    dtype (float32, bfloat16, float16); block_tables i32[num_seqs, max_blocks];
     kv_lens i32[num_seqs]. One query per sequence at position kv_len - 1 (causal, optional
     sliding window and soft cap). Returns out in q's dtype and lse f32[num_seqs, num_q_heads]
     (natural log; -inf and out 0 where no key is seen). ``portable``: the handler's portable
@@ -303,7 +304,7 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
     out = call(q, k_cache, v_cache, block_tables.astype(jnp.int32), kv_lens.astype(jnp.int32),
                *scales, scale=np.float32(scale), sliding_window=np.int64(sliding_window or 0),
                logits_soft_cap=np.float32(logits_soft_cap or 0.0),
-               portable=np.int64(bool(portable)))
+               portable=np.int64(bool(portable)), hnd=np.int64(kv_layout == "HND"))
     return match_varying(out, q, k_cache, v_cache, block_tables, kv_lens)
 
 
