@@ -119,6 +119,19 @@ class Prefetch {
     const int64_t end = std::min(total_, next_ + m);
     // the position as (row, segment, line) in locals: no division or store per line
     int64_t row = row_, seg = seg_, line = line_;
+    if (segs_ == 1) {  // dense rows (NHD): the loop without the segment step
+      for (int64_t i = next_; i < end; ++i) {
+        __builtin_prefetch(rows_[row] + line * 64, 0, 2);
+        if (++line == lines_per_seg_) {
+          line = 0;
+          ++row;
+        }
+      }
+      row_ = row;
+      line_ = line;
+      next_ = std::max(next_, end);
+      return;
+    }
     for (int64_t i = next_; i < end; ++i) {
       // locality 2: prefetcht1
       __builtin_prefetch(rows_[row] + seg * seg_stride_ + line * 64, 0, 2);
