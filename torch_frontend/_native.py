@@ -478,16 +478,23 @@ def _cache_strides(k_cache: torch.Tensor,
     ``kv[:, 0]`` of a stacked [num_blocks, 2, ...] cache (FlashInfer's layout) or an HND cache's
     NHD view ``cache.permute(0, 2, 1, 3)``, read in place; None otherwise (a zero stride of an
     expanded dim included). A dim of size 1 takes its dense stride."""
-    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+    stride = k_cache.stride()
+    if k_cache.shape != v_cache.shape or stride != v_cache.stride():
         return None
     num_blocks, block_size, heads, head_dim = k_cache.shape
-    *outer, inner = k_cache.stride()
-    if head_dim > 1 and inner != 1:
+    sb, st, sh, sd = stride
+    if head_dim > 1 and sd != 1:
         return None
-    dense = (block_size * heads * head_dim, heads * head_dim, head_dim)
-    strides = tuple(int(st) if n > 1 else want for n, st, want
-                    in zip((num_blocks, block_size, heads), outer, dense, strict=True))
-    return strides if min(strides) >= 1 else None
+    if heads <= 1:
+        sh = head_dim
+    if block_size <= 1:
+        st = heads * head_dim
+    if num_blocks <= 1:
+        sb = block_size * heads * head_dim
+    return (sb, st, sh) if sb >= 1 and st >= 1 and sh >= 1 else None
+
+
+_DECODE: dict = {}  # the kernels.cpu.decode module, imported on the first decode
 
 
 def _c_decode(out, lse, q, k_cache, v_cache, block_tables, kv_lens, scale, window,
@@ -505,15 +512,16 @@ def _c_decode(out, lse, q, k_cache, v_cache, block_tables, kv_lens, scale, windo
             or block_tables.dtype != torch.int32 or kv_lens.dtype != torch.int32
             or (lse is not None and lse.dtype != torch.float32)):
         return False
-    tensors = (q, k_cache, v_cache, block_tables, kv_lens, out) + (() if lse is None else (lse,))
-    if not all(t.device.type == "cpu" for t in tensors):
+    others = (q, block_tables, kv_lens, out) + (() if lse is None else (lse,))
+    if not (k_cache.is_cpu and v_cache.is_cpu and all(t.is_cpu for t in others)):
         return False
     strides = _cache_strides(k_cache, v_cache)
-    others = (q, block_tables, kv_lens, out) + (() if lse is None else (lse,))
     if strides is None or not all(t.is_contiguous() for t in others):
         return False
-    from ..kernels.cpu import decode
-
+    decode = _DECODE.get("module")
+    if decode is None:
+        from ..kernels.cpu import decode
+        _DECODE["module"] = decode
     if not decode.available():
         return False
     if lse is None:

@@ -324,12 +324,19 @@ def _no_backward(name: str, ctx, *grads):
                        f"pass inputs that need no grad (.detach())")
 
 
+#: Argument types that hold no tensor (skipped by _plain without an isinstance check).
+_SCALAR_TYPES = frozenset({type(None), bool, int, float, str})
+
+
 def _plain(args) -> bool:
     """Every tensor argument (also inside lists) a plain torch.Tensor needing no grad."""
     for a in args:
-        if type(a) is torch.Tensor:
+        t = type(a)
+        if t is torch.Tensor:
             if a.requires_grad:
                 return False
+        elif t in _SCALAR_TYPES:
+            continue
         elif isinstance(a, (list, tuple)):
             if not _plain(a):
                 return False
@@ -379,7 +386,7 @@ def _fp8_kwargs(fn, k_cache: Tensor, k_scale: Tensor | None, v_scale: Tensor | N
     caches itself (``fn.reads_fp8``: the Triton kernels, the torch backend's paged and
     shared-prefix attention) and the caches are fp8; else {} (the caller dequantizes the named
     blocks first)."""
-    if validate.is_fp8(k_cache) and getattr(fn, "reads_fp8", False):
+    if k_cache.dtype == torch.float8_e4m3fn and getattr(fn, "reads_fp8", False):
         return {"k_scale": k_scale, "v_scale": v_scale}
     return {}
 
@@ -401,7 +408,7 @@ def _paged_attention_out(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tabl
                          v_scale: Tensor | None = None, sinks: Tensor | None = None) -> None:
     fn = select("paged_attention", platform_of(q), backend)
     fp8 = _fp8_kwargs(fn, k_cache, k_scale, v_scale)
-    if validate.is_fp8(k_cache) and not fp8:
+    if not fp8 and k_cache.dtype == torch.float8_e4m3fn:
         k_cache, v_cache, block_tables = _dequantized_blocks(q, k_cache, v_cache, k_scale,
                                                              v_scale, block_tables)
     _with_sinks(fn, out, lse, sinks, lambda lse_, **kw: fn(
@@ -447,7 +454,7 @@ def _shared_prefix_attention_out(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                                  sinks: Tensor | None = None) -> None:
     fn = select("shared_prefix_attention", platform_of(q), backend)
     fp8 = _fp8_kwargs(fn, k_cache, k_scale, v_scale)
-    if validate.is_fp8(k_cache) and not fp8:
+    if not fp8 and k_cache.dtype == torch.float8_e4m3fn:
         k_cache, v_cache, prefix_block_tables, block_tables = _dequantized_blocks(
             q, k_cache, v_cache, k_scale, v_scale, prefix_block_tables, block_tables)
     _with_sinks(fn, out, lse, sinks, lambda lse_, **kw: fn(
@@ -546,7 +553,7 @@ def _op_scales(k_scale, v_scale, k_cache: Tensor, v_cache: Tensor) -> tuple:
     (0-d float32 tensors on the caches' device, or None): the op hands the fp8 caches and
     these to a backend that reads fp8 (Triton), or dequantizes the named blocks for the
     others. () for other caches: their calls stay as they were."""
-    if not validate.is_fp8(k_cache):
+    if k_cache.dtype != torch.float8_e4m3fn:
         return ()
     return _kv_scales(k_scale, v_scale, k_cache, v_cache)
 

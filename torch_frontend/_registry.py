@@ -71,6 +71,8 @@ _register_all()
 
 def platform_of(*tensors: torch.Tensor) -> str:
     """'cuda' when any tensor lives on a CUDA device, else that device's type."""
+    if len(tensors) == 1:
+        return tensors[0].device.type
     types = {t.device.type for t in tensors}
     return "cuda" if "cuda" in types else next(iter(types), "cpu")
 
