@@ -67,3 +67,40 @@ def test_write_kv_into_hnd_views_bit_exact():
                 T(slots))
     np.testing.assert_array_equal(np.swapaxes(k_hnd.numpy(), 1, 2), want_k)
     np.testing.assert_array_equal(np.swapaxes(v_hnd.numpy(), 1, 2), want_v)
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["hnd", "hnd_stacked"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_write_kv_many_rows_into_hnd_views(stacked, dtype, monkeypatch):
+    """A prefill's rows (more than SMALL_WRITE_ROWS) into HND views, alone or the halves of a
+    stacked [num_blocks, 2, heads, block_size, head_dim] cache: one index_copy_ over rows of
+    one head's head_dim elements (_head_rows), bit-exact; the other half untouched."""
+    from prefixkv.torch_frontend import _native
+
+    used = []
+    real = _native._head_rows
+    monkeypatch.setattr(_native, "_head_rows", lambda *a: used.append(1) or real(*a))
+    rng = np.random.default_rng(44)
+    nb, bs, heads, d = 12, 8, 3, 16
+    store = testing.numpy_dtype(dtype)
+    kc = rng.standard_normal((nb, bs, heads, d)).astype(store)
+    vc = rng.standard_normal(kc.shape).astype(store)
+    n = 90
+    key = rng.standard_normal((n, heads, d)).astype(store)
+    slots = rng.permutation(nb * bs)[:n].astype(np.int64)
+    slots[::7] = -1  # skipped
+    want_k, want_v = ref.write_kv_reference(key, key, kc.copy(), vc.copy(), slots)
+
+    def tt(a):
+        return T(a.view(np.uint16)).view(torch.bfloat16) if dtype == "bfloat16" else T(a)
+
+    k_hnd, v_hnd = (tt(c).permute(0, 2, 1, 3).contiguous() for c in (kc, vc))  # HND storage
+    if stacked:
+        both = torch.stack([k_hnd, v_hnd], dim=1)
+        k_hnd, v_hnd = both[:, 0], both[:, 1]
+    tf.write_kv(tt(key), tt(key), k_hnd.permute(0, 2, 1, 3), v_hnd.permute(0, 2, 1, 3),
+                T(slots))
+    assert used
+    for got, want in ((k_hnd, want_k), (v_hnd, want_v)):
+        nhd = got.permute(0, 2, 1, 3).contiguous()
+        np.testing.assert_array_equal(nhd.view(torch.uint8).numpy(), want.view(np.uint8))
