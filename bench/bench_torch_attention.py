@@ -172,6 +172,56 @@ def _cpu_decode(benchmark, machine_limits, impl, dtype, *, sinks, baseline):
            impl=impl, dtype=dtype, sinks=sinks is not None, baseline=baseline)
 
 
+@pytest.mark.parametrize("impl", ["prefixkv_hnd_view", "prefixkv_nhd"])
+def test_cpu_decode_hnd_view(benchmark, machine_limits, impl):
+    """HND caches ([num_blocks, heads, block_size, head_dim], FlashInfer's other layout) given
+    as their NHD views: the compiled decode kernel reads them at their strides, against the
+    same decode over NHD caches (the baseline). bfloat16."""
+    benchmark.group = "cpu-decode-bfloat16-hnd-view"
+    q, k, v, tables, kv_lens = decode_batch(dtype=torch.bfloat16)
+    if impl == "prefixkv_hnd_view":
+        k, v = (c.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3) for c in (k, v))
+
+    def fn():
+        return tf.paged_attention(q, k, v, tables, kv_lens)
+
+    _check(fn(), DECODE_ROWS, _want(("decode", "bfloat16", False), (q, k, v, tables, kv_lens),
+                                    DECODE_ROWS), "bfloat16")
+    benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    record(benchmark, machine_limits, bytes_read=_kv_bytes(k, NUM_SEQS, CONTEXT),
+           flops=4 * NUM_SEQS * HQ * CONTEXT * HEAD_DIM, impl=impl, dtype="bfloat16",
+           baseline=impl == "prefixkv_nhd")
+
+
+@pytest.mark.parametrize("impl", ["prefixkv_hnd_view", "prefixkv_nhd"])
+def test_cpu_write_kv_prefill_hnd_view(benchmark, machine_limits, impl):
+    """A 512-token prefill's write_kv into bfloat16 caches (8 heads x 128, 16-token blocks):
+    HND caches as their NHD views (rows of one head, one index_copy_) against NHD caches
+    (the baseline: token rows)."""
+    benchmark.group = "cpu-write_kv-512-bfloat16-hnd-view"
+    g = torch.Generator().manual_seed(5)
+    num_blocks, n = 2048, 512
+    k, v = (torch.zeros(num_blocks, BLOCK, HKV, HEAD_DIM, dtype=torch.bfloat16)
+            for _ in range(2))
+    if impl == "prefixkv_hnd_view":
+        k, v = (c.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3) for c in (k, v))
+    key = torch.randn(n, HKV, HEAD_DIM, generator=g).to(torch.bfloat16)
+    slots = torch.randperm(num_blocks * BLOCK, generator=g)[:n]
+
+    def fn():
+        tf.write_kv(key, key, k, v, slots)
+
+    fn()
+    for i in (0, n - 1):
+        row = int(slots[i])
+        assert torch.equal(k[row // BLOCK, row % BLOCK], key[i])
+        assert torch.equal(v[row // BLOCK, row % BLOCK], key[i])
+    benchmark.pedantic(fn, rounds=20, iterations=5, warmup_rounds=1)
+    nbytes = 2 * key.numel() * key.element_size()  # key and value, read then written
+    record(benchmark, machine_limits, bytes_read=nbytes, bytes_written=nbytes, impl=impl,
+           dtype="bfloat16", baseline=impl == "prefixkv_nhd")
+
+
 #: fp8 decode: the caches hold the bf16 draws quantized with this scale (a power of two, so
 #: the dequantized values the reference reads are exact in float32); values up to ~5 / 2^-5.
 FP8_SCALE = 2.0 ** -5
