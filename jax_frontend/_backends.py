@@ -231,17 +231,18 @@ for _op in ("paged_attention", "shared_prefix_attention"):
 
 
 def _pallas_gpu_attention(op: str, interpret: bool):
-    def impl(*args, k_scale=None, v_scale=None, **config):
+    def impl(*args, k_scale=None, v_scale=None, kv_layout="NHD", **config):
         from ..kernels.pallas import paged_attention_gpu as pg
 
         kernel = functools.partial(pg.paged_attention_gpu, interpret=interpret,
-                                   k_scale=k_scale, v_scale=v_scale)
+                                   k_scale=k_scale, v_scale=v_scale, kv_layout=kv_layout)
         if op == "paged_attention":
             return kernel(*args, **config)
         return _xla.shared_prefix_attention(*args, **config, attention_fn=kernel)
 
     impl.__name__ = f"{op}_{'pallas_gpu_interpret' if interpret else 'pallas_gpu'}"
     impl.reads_fp8 = lambda **context: True  # int8 loads, decoded in the kernel
+    impl.kv_layouts = ("NHD", "HND")  # rows of keys addressed per layout
     return impl
 
 

@@ -3,8 +3,8 @@ head_dim]): every op that reads or writes tokens of a cache against the numpy re
 the same values as NHD caches (its strided view), on every backend this machine runs.
 
 The TPU kernel reads HND itself for any number of kv heads, 1 and 2 included (the
-tensor-parallel head counts it refuses in NHD), as does the CPU decode kernel; the other paths
-get the blocks the tables name transposed. The slots
+tensor-parallel head counts it refuses in NHD), as do the GPU kernel and the CPU decode
+kernel; the XLA loops get the blocks the tables name transposed. The slots
 no query may read hold NaN (the batches' padding), so a misread shows."""
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ ATTENTION = [
     ("pallas_interpret", "prefill_with_prefix", "float32", 8, 3, 256,
      dict(sliding_window=11)),
     ("pallas_gpu_interpret", "mixed", "float32", 16, 2, 32, {}),
+    ("pallas_gpu_interpret", "decode", "bfloat16", 32, 1, 64, dict(logits_soft_cap=3.0)),
 ]
 
 
@@ -70,10 +71,10 @@ def test_paged_attention_hnd(backend, grid, dtype, block_size, kv_heads, head_di
     testing.assert_lse_close(lse, want_lse)
 
 
-def test_tpu_kernel_reads_hnd_itself_and_the_gpu_kernel_gets_nhd_blocks(monkeypatch):
-    """The TPU kernel (interpret mode) is handed the HND caches; the GPU kernel, which reads
-    NHD, the frontend's transposed copy of the named blocks (the XLA backend's CPU decode
-    reads HND in place: tests/test_jax_cpu_attention_ffi.py)."""
+def test_kernels_read_hnd_themselves_the_xla_loops_get_nhd_blocks(monkeypatch):
+    """The TPU and GPU kernels (interpret modes) are handed the HND caches; the XLA backend's
+    loops of a mixed batch get the named blocks transposed (its CPU decode reads HND in
+    place: tests/test_jax_cpu_attention_ffi.py)."""
     rng = np.random.default_rng(12)
     b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16), num_q_heads=2,
                                   num_kv_heads=1, head_dim=128, block_size=16)
@@ -82,10 +83,49 @@ def test_tpu_kernel_reads_hnd_itself_and_the_gpu_kernel_gets_nhd_blocks(monkeypa
     real = _xla.nhd_blocks
     monkeypatch.setattr(_xla, "nhd_blocks", lambda *a: copies.append(1) or real(*a))
     want = ref.paged_attention_reference(*b.args())
-    for backend, copied in (("pallas_interpret", 0), ("pallas_gpu_interpret", 1)):
+    for backend, copied in (("pallas_interpret", 0), ("pallas_gpu_interpret", 0),
+                            ("xla", 1)):
         got = jf.paged_attention(*args, kv_layout="HND", backend=backend)
         testing.assert_attention_close(got, want, "float32")
         assert len(copies) == copied
+
+
+# (grid, dtype, kv heads, options of the kernel): the GPU kernel's variants over HND rows
+GPU_CASES = [
+    ("decode", "bfloat16", 2, dict(num_splits=3)),           # split-KV, merged by LSE
+    ("mixed", "float32", 3, dict(kv_gather=False)),          # block by block
+    ("prefill_with_prefix", "float32", 2, dict(blocks_per_step=4)),  # gathered tiles
+]
+
+
+@pytest.mark.parametrize("grid,dtype,kv_heads,kw", GPU_CASES,
+                         ids=[f"{g}-{d}-h{h}" for g, d, h, _ in GPU_CASES])
+def test_gpu_kernel_hnd_variants(grid, dtype, kv_heads, kw):
+    from prefixkv.kernels.pallas import paged_attention_gpu as pg
+
+    rng = np.random.default_rng(17)
+    b = testing.make_ragged_batch(rng, testing.seq_grid(grid, 16), num_q_heads=4 * kv_heads,
+                                  num_kv_heads=kv_heads, head_dim=32, block_size=16,
+                                  dtype=dtype, sliding_window=20)
+    want, want_lse = ref.paged_attention_reference(*b.args(), scale=32 ** -0.5,
+                                                   sliding_window=20, return_lse=True)
+    out, lse = pg.paged_attention_gpu(*_hnd_args(b.args()), scale=32 ** -0.5,
+                                      sliding_window=20, kv_layout="HND", interpret=True, **kw)
+    testing.assert_attention_close(out, want, dtype)
+    testing.assert_lse_close(lse, want_lse)
+
+
+def test_gpu_kernel_lowers_hnd_for_cuda():
+    """HND caches lower to the Triton kernel, read in place: no NHD-shaped copy of their
+    blocks ([.., 16, 2, 128]) anywhere in the exported program."""
+    from test_jax_pallas import _export_for_h100
+
+    S = jax.ShapeDtypeStruct
+    args = [S((4, 16, 128), "bfloat16"), S((64, 2, 16, 128), "bfloat16"),
+            S((64, 2, 16, 128), "bfloat16"), S((4, 8), jnp.int32), S((4,), jnp.int32), None]
+    fn = jax.jit(lambda *a: jf.paged_attention(*a, kv_layout="HND"))
+    text = _export_for_h100(fn, args)
+    assert "xla.gpu.triton" in text and "x16x2x128x" not in text
 
 
 @pytest.mark.parametrize("grid,kv_heads,dtype,pages", [
@@ -125,8 +165,9 @@ def test_shared_prefix_attention_hnd(backend, decode):
 
 
 @pytest.mark.parametrize("backend,block_size", [("pallas_interpret", 32),
-                                                ("pallas_interpret", 16), ("xla", 16)],
-                         ids=["tpu-reads-fp8", "tpu-dequantized", "xla"])
+                                                ("pallas_interpret", 16), ("xla", 16),
+                                                ("pallas_gpu_interpret", 16)],
+                         ids=["tpu-reads-fp8", "tpu-dequantized", "xla", "gpu"])
 def test_fp8_hnd(backend, block_size):
     """fp8 HND caches: the TPU kernel reads the bytes when a head's block fills whole 8-bit
     tiles (block_size 32), else gets the named blocks dequantized; the XLA path reads the

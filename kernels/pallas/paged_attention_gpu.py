@@ -121,7 +121,8 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, *refs
                                 head_splits: int, max_blocks: int, num_blocks: int,
                                 blocks_per_step: int,
                                 kv_gather: bool, causal: bool,
-                                sliding_window: int | None, logits_soft_cap: float | None):
+                                sliding_window: int | None, logits_soft_cap: float | None,
+                                hnd: bool = False, num_kv_heads: int = 1):
     """One (tile, q-head slice) program: ``group`` q heads (a kv head's whole group, or one
     of its ``head_splits`` slices) x the tile's tokens as rows. Each loop step covers
     ``blocks_per_step`` blocks: one (block_size, head_dim) load of K and of V per block, or
@@ -131,7 +132,11 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, *refs
     block of the cache, whose keys are masked). ``fp8``: the caches are float8_e4m3fn bytes
     (int8), decoded as the Triton kernel does (exact; then q's dtype, exact too) and
     ``scales_ref`` f32[2] (k_scale, v_scale) follows v_ref: k_scale folded into the logits'
-    scale, v_scale applied to the output (a partial's too: the split merge is linear)."""
+    scale, v_scale applied to the output (a partial's too: the split merge is linear).
+    ``hnd``: k_ref / v_ref are HND caches as rows [num_blocks * num_kv_heads * block_size,
+    head_dim] (a block's kv head h: block_size rows from (block * num_kv_heads + h) *
+    block_size); else NHD as [num_blocks * block_size, num_kv_heads * head_dim], head h the
+    columns h * head_dim onwards."""
     if fp8:
         scales_ref, o_ref, lse_ref = refs
     else:
@@ -155,7 +160,10 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, *refs
                                   jnp.int32(group))
     col = lax.broadcasted_iota(jnp.int32, (rows, width), 1)
     key_col = lax.broadcasted_iota(jnp.int32, (width, head_dim), 0)
-    heads = pl.ds(h * head_dim, head_dim)
+    heads = pl.ds(0 if hnd else h * head_dim, head_dim)
+
+    def first_row(blk):  # the row of a block's first key, for kv head h
+        return (blk * num_kv_heads + h) * block_size if hnd else blk * block_size
 
     def keys_ok(t, upper):  # V rows kept: below upper and, with a window, past the window
         ok = t < upper      # of the first query (earlier slots may hold NaN: a freed block)
@@ -185,7 +193,7 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, *refs
         scores, values = [], []
         if kv_gather:  # one tile of the step's keys, rows addressed through the block table
             j = step * blocks_per_step + key_blk
-            kv_rows = block_id(j) * block_size + key_off                     # [W]
+            kv_rows = first_row(block_id(j)) + key_off                      # [W]
             k, v = kv(k_ref[kv_rows, heads]), kv(v_ref[kv_rows, heads])
             t0 = (lo + step * blocks_per_step) * block_size
             values.append(jnp.where(keys_ok(t0 + key_col, end), v, jnp.zeros((), v.dtype)))
@@ -195,7 +203,7 @@ def _paged_attention_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, *refs
             # past the program's nblk (the last step) read a block of the row and count 0
             j = step * blocks_per_step + u
             live = j < nblk
-            start = block_id(j) * block_size
+            start = first_row(block_id(j))
             k = kv(k_ref[pl.ds(start, block_size), heads])
             v = kv(v_ref[pl.ds(start, block_size), heads])
             t0 = (lo + j) * block_size
@@ -267,13 +275,15 @@ def _merge_splits(out, lse, num_splits: int):
 
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "sliding_window",
                                              "logits_soft_cap", "q_tile", "num_splits",
-                                             "blocks_per_step", "kv_gather", "interpret"))
+                                             "blocks_per_step", "kv_gather", "interpret",
+                                             "kv_layout"))
 def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale,
                         causal=True, sliding_window=None, logits_soft_cap=None, q_tile=None,
                         num_splits=None, blocks_per_step=None, kv_gather=True,
-                        interpret=False, k_scale=None, v_scale=None):
+                        interpret=False, k_scale=None, v_scale=None, kv_layout="NHD"):
     """Same contract as prefixkv.jax_frontend.paged_attention (validated inputs, static
-    config); returns (out [num_tokens, num_q_heads, head_dim] in q's dtype, lse f32).
+    config, ``kv_layout`` "NHD" or "HND": both read in place); returns (out [num_tokens,
+    num_q_heads, head_dim] in q's dtype, lse f32).
 
     Decode with few (sequence, kv head) programs for the GPU's multiprocessors splits each
     sequence's blocks into ``num_splits`` contiguous ranges (default
@@ -293,7 +303,11 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     kernel; k_scale, v_scale: None (1.0) or 0-d float32 arrays, may be traced (fp8 only)."""
     operands = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens)
     num_tokens, num_q_heads, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    hnd = kv_layout == "HND"
+    if hnd:
+        num_blocks, num_kv_heads, block_size, _ = k_cache.shape
+    else:
+        num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs, max_blocks = block_tables.shape
     decode = cu_q_lens is None
     if num_tokens == 0 or num_seqs == 0:
@@ -353,8 +367,11 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     if fp8:  # the bytes (decoded in the kernel), the scales an f32[2] input
         k_cache, v_cache = as_bytes(k_cache), as_bytes(v_cache)
         scales = scale_pair(k_scale, v_scale)
-    k_flat = k_cache.reshape(num_blocks * block_size, num_kv_heads * head_dim)
-    v_flat = v_cache.reshape(num_blocks * block_size, num_kv_heads * head_dim)
+    # rows of keys (free reshapes): NHD [blocks * block_size, heads * D], HND [blocks *
+    # heads * block_size, D]
+    flat = ((num_blocks * num_kv_heads * block_size, head_dim) if hnd
+            else (num_blocks * block_size, num_kv_heads * head_dim))
+    k_flat, v_flat = k_cache.reshape(flat), v_cache.reshape(flat)
 
     per_step = int(blocks_per_step or gpu_blocks_per_step(head_dim, q.dtype, block_size,
                                                           rows_pad))
@@ -365,7 +382,7 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
         group=group, head_splits=head_splits, max_blocks=max_blocks, num_blocks=num_blocks,
         blocks_per_step=per_step, fp8=fp8,
         kv_gather=bool(kv_gather), causal=causal, sliding_window=sliding_window,
-        logits_soft_cap=logits_soft_cap)
+        logits_soft_cap=logits_soft_cap, hnd=hnd, num_kv_heads=num_kv_heads)
     whole = lambda x: pl.BlockSpec(x.shape, lambda i, h: (0,) * x.ndim)  # noqa: E731
     q_spec = pl.BlockSpec((None, None, rows_pad, head_dim), lambda i, h: (i // ns, h, 0, 0))
     o_spec = pl.BlockSpec((None, None, rows_pad, head_dim), lambda i, h: (i, h, 0, 0))
