@@ -203,6 +203,39 @@ def test_jax_write_kv(benchmark, machine_limits, impl, dtype):
 
 
 @needs_jax
+@pytest.mark.parametrize("impl", ["prefixkv_hnd", "jnp_at_set_hnd_baseline"])
+def test_jax_write_kv_hnd(benchmark, machine_limits, impl):
+    """kv_layout="HND" caches ([num_blocks, heads, block_size, head_dim]), bfloat16: the CPU
+    handler's per-head row copies against what a user writes, .at[blocks, :, offsets].set
+    (XLA:CPU converts the whole bf16 cache to float32 and back)."""
+    dtype = "bfloat16"
+    benchmark.group = f"jax write_kv {WRITE_TOKENS} tokens into {NUM_BLOCKS} HND blocks, {dtype}"
+    k, v = (c.transpose(0, 2, 1, 3) for c in _jax_caches(2, dtype))
+    rng = np.random.default_rng(1)
+    key, value = (jnp.asarray(rng.standard_normal((WRITE_TOKENS, HKV, D), dtype=np.float32))
+                  .astype(dtype) for _ in range(2))
+    slots = jnp.asarray(_write_slots())
+    bs = k.shape[2]
+    blk, off = slots // bs, slots % bs
+    if impl == "prefixkv_hnd":
+        fn = jax.jit(lambda kv, key, value, s: jf.write_kv(key, value, kv[0], kv[1], s,
+                                                           kv_layout="HND"),
+                     donate_argnums=0)
+    else:
+        def baseline(kv, key, value, s):
+            return [c.at[s // bs, :, s % bs].set(x) for c, x in zip(kv, (key, value),
+                                                                    strict=True)]
+        fn = jax.jit(baseline, donate_argnums=0)
+
+    def check(kv):
+        for c, x in zip(kv, (key, value), strict=True):
+            _assert_same(c[blk, :, off], x)
+
+    _bench_donating(benchmark, fn, (k, v), key, value, slots, check=check)
+    _finish(benchmark, machine_limits, _write_bytes(dtype), impl=impl, dtype=dtype)
+
+
+@needs_jax
 @pytest.mark.parametrize("impl", ["prefixkv_xla", "jnp_at_set_baseline"])
 def test_jax_copy_blocks(benchmark, machine_limits, impl):
     benchmark.group = f"jax copy_blocks {MOVE} pairs x {COPY_LAYERS} layers K,V, bfloat16"

@@ -1119,17 +1119,18 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, kv_layout: str = "NHD")
     def xla_path():
         return put(k_cache, key), put(v_cache, value)
 
-    # XLA:CPU scatters bf16 through a whole-cache f32 round trip: on CPU, in-place byte
-    # copies by an FFI custom call instead (when it builds; see kernels/cpu/xla_ffi.py),
-    # for NHD caches, whose token rows are contiguous.
+    # XLA:CPU scatters bf16 through a whole-cache f32 round trip (an HND cache's too; as
+    # uint16 bits, or through a reshape around the NHD handler, still a whole-cache copy): on
+    # CPU, in-place byte copies by an FFI custom call instead (when it builds; see
+    # kernels/cpu/xla_ffi.py), a row per token (NHD) or per token and head (HND).
     from ..kernels.cpu import xla_ffi
 
-    if hnd or not xla_ffi.use_for(key, value, k_cache, v_cache):
+    if not xla_ffi.use_for(key, value, k_cache, v_cache):
         return xla_path()
 
     def cpu_path():
-        return (xla_ffi.write_kv(key, slot_mapping, k_cache),
-                xla_ffi.write_kv(value, slot_mapping, v_cache))
+        return (xla_ffi.write_kv(key, slot_mapping, k_cache, kv_layout=kv_layout),
+                xla_ffi.write_kv(value, slot_mapping, v_cache, kv_layout=kv_layout))
 
     return lax.platform_dependent(cpu=cpu_path, default=xla_path)
 

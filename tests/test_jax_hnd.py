@@ -239,6 +239,33 @@ def test_write_kv_hnd_bit_exact(dtype):
                                       np.asarray(hnd(want_v)).view(np.uint8))
 
 
+def test_write_kv_hnd_on_cpu_in_place(monkeypatch):
+    """On the CPU the HND write is the FFI handler's per-head row copies into the donated
+    caches (no whole-cache copy: XLA:CPU's scatter converts a bf16 cache to float32 and
+    back); without the handler, XLA's scatter writes the same bytes."""
+    from prefixkv.kernels.cpu import xla_ffi
+
+    if not xla_ffi.available():
+        pytest.skip("CPU FFI not built")
+    rng = np.random.default_rng(18)
+    kc = rng.standard_normal((64, 16, 2, 128)).astype(np.float32).astype(jnp.bfloat16)
+    key = rng.standard_normal((5, 2, 128)).astype(np.float32).astype(jnp.bfloat16)
+    slots = np.array([3, -1, 700, 1023, 40], np.int32)
+    want_k, _ = ref.write_kv_reference(key, key, kc.copy(), kc.copy(), slots)
+    step = jax.jit(lambda *a: jf.write_kv(*a, kv_layout="HND"), donate_argnums=(2, 3))
+    args = (jnp.asarray(key), jnp.asarray(key), hnd(kc), hnd(kc), jnp.asarray(slots))
+    text = step.lower(*args).compile().as_text()
+    assert "prefixkv_cpu_write_kv_hnd" in text and "bf16[64,2,16,128]{3,2,1,0} copy(" not in text
+    got, _ = step(*args)
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint16),
+                                  np.asarray(hnd(want_k)).view(np.uint16))
+    monkeypatch.setattr(xla_ffi, "use_for", lambda *a: False)  # the XLA scatter
+    args = (jnp.asarray(key), jnp.asarray(key), hnd(kc), hnd(kc), jnp.asarray(slots))
+    got, _ = jax.jit(lambda *a: jf.write_kv(*a, kv_layout="HND"))(*args)
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint16),
+                                  np.asarray(hnd(want_k)).view(np.uint16))
+
+
 def test_write_kv_hnd_backends():
     """The TPU write_kv kernel (one DMA per token row) is NHD only: asked for HND it says why;
     unasked, the XLA scatter writes HND caches."""

@@ -94,6 +94,38 @@ ffi::Error WriteKvImpl(ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> slots, ffi::An
   return ffi::Error::Success();
 }
 
+// rows: [num_tokens, heads, head_dim]; slots: s32[n], n <= num_tokens; cache: [num_blocks,
+// heads, block_size, head_dim] (HND). Each head's row of rows[i] to cache[slot / block_size,
+// head, slot % block_size].
+ffi::Error WriteKvHndImpl(ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> slots,
+                          ffi::AnyBuffer cache, ffi::Result<ffi::AnyBuffer> out) {
+  auto dims = cache.dimensions();
+  auto rd = rows.dimensions();
+  if (dims.size() != 4 || rd.size() != 3)
+    return ffi::Error::InvalidArgument("write_kv_hnd: expected a 4-D cache and 3-D rows");
+  if (rows.element_type() != cache.element_type())
+    return ffi::Error::InvalidArgument("write_kv_hnd: rows and cache dtypes differ");
+  const int64_t heads = dims[1], block_size = dims[2];
+  const int64_t n = static_cast<int64_t>(slots.element_count());
+  if (rd[0] < n || rd[1] != heads || rd[2] != dims[3])
+    return ffi::Error::InvalidArgument("write_kv_hnd: rows do not match the cache heads");
+  const int64_t head_bytes = dims[3] * ByteWidthOf(cache);
+  const int64_t num_slots = dims[0] * block_size;
+  AliasOrCopy(cache, *out);
+  auto* dst = static_cast<char*>(out->untyped_data());
+  const auto* src = static_cast<const char*>(rows.untyped_data());
+  const int32_t* slot = slots.typed_data();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t s = slot[i];
+    if (s < 0 || s >= num_slots) continue;
+    const int64_t b = s / block_size, t = s % block_size;
+    for (int64_t h = 0; h < heads; ++h)
+      std::memcpy(dst + ((b * heads + h) * block_size + t) * head_bytes,
+                  src + (i * heads + h) * head_bytes, head_bytes);
+  }
+  return ffi::Error::Success();
+}
+
 // src, dst: s32[n]; cache: [num_blocks, *block_shape]. All reads happen before any write.
 ffi::Error CopyBlocksImpl(ffi::Buffer<ffi::S32> src, ffi::Buffer<ffi::S32> dst,
                           ffi::AnyBuffer cache, ffi::Result<ffi::AnyBuffer> out) {
@@ -210,6 +242,13 @@ ffi::Error GatherBlocksImpl(ffi::Buffer<ffi::S32> ids, ffi::RemainingArgs caches
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PrefixkvWriteKv, WriteKvImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PrefixkvWriteKvHnd, WriteKvHndImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()

@@ -48,6 +48,7 @@ CACHE_ENV = "PREFIXKV_CACHE_DIR"
 #: name of the registered FFI target -> exported handler symbol.
 TARGETS = {
     "prefixkv_cpu_write_kv": "PrefixkvWriteKv",
+    "prefixkv_cpu_write_kv_hnd": "PrefixkvWriteKvHnd",
     "prefixkv_cpu_copy_blocks": "PrefixkvCopyBlocks",
     "prefixkv_cpu_scatter_blocks": "PrefixkvScatterBlocks",
     "prefixkv_cpu_gather_blocks": "PrefixkvGatherBlocks",
@@ -204,11 +205,14 @@ def _aliased_call(target: str, cache, *operands, **attrs):
     return match_varying(call(*operands, cache, **attrs), *operands, cache)
 
 
-def write_kv(rows, slots, cache):
-    """cache with cache.row(slots[i]) = rows[i] (negative / out-of-range slots skipped)."""
+def write_kv(rows, slots, cache, kv_layout: str = "NHD"):
+    """cache with cache.row(slots[i]) = rows[i] (negative / out-of-range slots skipped);
+    ``kv_layout`` "HND": cache [num_blocks, heads, block_size, head_dim], rows [n, heads,
+    head_dim], each head's row to its place."""
     import jax.numpy as jnp
 
-    return _aliased_call("prefixkv_cpu_write_kv", cache, rows, slots.astype(jnp.int32))
+    target = "prefixkv_cpu_write_kv_hnd" if kv_layout == "HND" else "prefixkv_cpu_write_kv"
+    return _aliased_call(target, cache, rows, slots.astype(jnp.int32))
 
 
 def copy_blocks(cache, src, dst):
