@@ -68,37 +68,29 @@ _ATTN_STATIC = ("scale", "causal", "sliding_window", "logits_soft_cap")
 def paged_attention_xla(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale,
                         causal=True, sliding_window=None, logits_soft_cap=None, k_scale=None,
                         v_scale=None, kv_layout="NHD"):
-    scales = dict(k_scale=k_scale, v_scale=v_scale)
-
-    def nhd():  # HND: the blocks the tables name, transposed (the loops read NHD)
-        if kv_layout == "NHD":
-            return k_cache, v_cache, block_tables
-        return _xla.nhd_blocks(k_cache, v_cache, block_tables)
+    scales = dict(k_scale=k_scale, v_scale=v_scale, kv_layout=kv_layout)
 
     def xla_path():
-        k, v, tables = nhd()
         return _xla.ragged_paged_attention(
-            q, k, v, tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
+            q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
             sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, **scales)
 
     if cu_q_lens is not None:  # on CPU its decodes through the compiled kernel
-        k, v, tables = nhd()
         return _xla.ragged_on_cpu_kernel(
-            q, k, v, tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
+            q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale, causal=causal,
             sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, **scales)
-    # decode on CPU: the compiled kernel (PREFIXKV_DISABLE_CPU_FFI=1 keeps the XLA path),
-    # which reads HND caches in place; the query sits at kv_len - 1, so causal masks nothing
-    # more and the window needs it
+    # decode on CPU: the compiled kernel (PREFIXKV_DISABLE_CPU_FFI=1 keeps the XLA path); the
+    # query sits at kv_len - 1, so causal masks nothing more and the window needs it
     return _xla.decode_on_cpu_kernel(
         xla_path, q, k_cache, v_cache, block_tables, kv_lens, scale=scale,
         sliding_window=sliding_window if causal else None, logits_soft_cap=logits_soft_cap,
-        kv_layout=kv_layout, **scales)
+        **scales)
 
 
 # float8 caches: the loop converts the blocks each step gathers, the CPU decode kernel reads
 # the bytes (no dequantized copy of the cache)
 paged_attention_xla.reads_fp8 = lambda **context: True
-# HND: decodes on CPU read it in place; the other paths take the named blocks transposed
+# HND: the CPU decode kernel reads it in place, the loop transposes each step's gathered blocks
 paged_attention_xla.kv_layouts = ("NHD", "HND")
 
 

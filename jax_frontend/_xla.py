@@ -248,7 +248,7 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
                            logits_soft_cap: float | None = None, q_tile: int | None = None,
                            chunk_tokens: int | None = None,
                            heads_in_sequence: bool | None = None, num_tiles: int | None = None,
-                           k_scale=None, v_scale=None):
+                           k_scale=None, v_scale=None, kv_layout: str = "NHD"):
     """Paged attention of a ragged batch; returns (out in q's dtype, lse f32).
 
     float8_e4m3fn caches are read as float32(cache) * k_scale (v_scale): each loop step
@@ -259,9 +259,11 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
     of a ``num_tiles`` guarantees sum over sequences of ceil(q_len / q_tile) <= num_tiles.
 
     q: [num_tokens, num_q_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads,
-    head_dim]; block_tables i32[num_seqs, max_blocks_per_seq]; kv_lens i32[num_seqs];
-    cu_q_lens i32[num_seqs + 1] or None (decode). Tokens past cu_q_lens[-1] (allowed here,
-    not in the public op) belong to no sequence and get out 0, lse -inf.
+    head_dim] (``kv_layout`` "HND": [num_blocks, num_kv_heads, block_size, head_dim], each
+    step's gathered blocks transposed); block_tables i32[num_seqs, max_blocks_per_seq];
+    kv_lens i32[num_seqs]; cu_q_lens i32[num_seqs + 1] or None (decode). Tokens past
+    cu_q_lens[-1] (allowed here, not in the public op) belong to no sequence and get out 0,
+    lse -inf.
 
     Query tiles of many rows (prefill) run one (kv head, tile) at a time on CPU
     (``heads_in_sequence`` None: chosen by platform; True / False force it): a step's score
@@ -271,7 +273,11 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
     measured slower), run all tiles and kv heads in each step.
     """
     num_tokens, num_q_heads, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    hnd = kv_layout == "HND"
+    if hnd:
+        num_blocks, num_kv_heads, block_size, _ = k_cache.shape
+    else:
+        num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs, max_blocks = block_tables.shape
     group = num_q_heads // num_kv_heads
     decode = cu_q_lens is None
@@ -326,7 +332,11 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
 
             def load(cache, scale):
                 flat = ids.reshape(-1)                     # [n*cb, B, Hh, D]
-                x = jnp.take(cache, flat, axis=0) if h is None else cache[flat, :, h, :]
+                if hnd:  # a step's blocks, transposed as they are gathered
+                    x = (jnp.take(cache, flat, axis=0).transpose(0, 2, 1, 3) if h is None
+                         else cache[flat, h, :, :])
+                else:
+                    x = jnp.take(cache, flat, axis=0) if h is None else cache[flat, :, h, :]
                 x = _bits_to_f32(x.reshape(n, ct, hh, head_dim), dtype, scale)
                 x = jnp.where(tv[:, :, None, None], x, 0.0)    # padding slots may hold NaN
                 return x.transpose(0, 2, 1, 3)                 # [n, Hh, ct, D]
@@ -787,7 +797,8 @@ def cpu_ragged_decode_max_q(cache_dtype) -> int:
 
 def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *,
                          scale: float, causal: bool = True, sliding_window: int | None = None,
-                         logits_soft_cap: float | None = None, k_scale=None, v_scale=None):
+                         logits_soft_cap: float | None = None, k_scale=None, v_scale=None,
+                         kv_layout: str = "NHD"):
     """:func:`ragged_paged_attention` of a ragged batch, except on CPU when the compiled FFI
     kernels build: there the tokens of the sequences of up to CPU_RAGGED_DECODE_*MAX_Q tokens
     (the decodes among them) run through the decode handler of ``kernels/cpu``, each token a
@@ -796,14 +807,15 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
     batch's decodes took query tiles as long as the prefill chunks' (the tile length is
     static: the batch's mean tokens per sequence), each computed for all its rows. Measured,
     one thread, 31 decodes at 2048 keys + a 256-token chunk over 2048 cached, 32/8 heads x
-    128, bf16: 873 ms in one loop; decodes alone 37 ms, the chunk alone 129 ms."""
+    128, bf16: 873 ms in one loop; decodes alone 37 ms, the chunk alone 129 ms. ``kv_layout``:
+    as ragged_paged_attention (the decode handler reads HND in place)."""
     from ..kernels.cpu import xla_ffi
 
     def xla_path():
         return ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
                                       scale=scale, causal=causal, sliding_window=sliding_window,
                                       logits_soft_cap=logits_soft_cap, k_scale=k_scale,
-                                      v_scale=v_scale)
+                                      v_scale=v_scale, kv_layout=kv_layout)
 
     num_tokens = q.shape[0]
     num_seqs = block_tables.shape[0]
@@ -832,7 +844,7 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
         out, lse = xla_ffi.paged_attention_decode(
             q, k_cache, v_cache, block_tables[seq], kv, scale=scale,
             sliding_window=sliding_window if causal else None, logits_soft_cap=logits_soft_cap,
-            k_scale=k_scale, v_scale=v_scale)
+            k_scale=k_scale, v_scale=v_scale, kv_layout=kv_layout)
         return out, lse, mine
 
     def cpu_path():
@@ -866,7 +878,8 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
             return ragged_paged_attention(
                 q[order], k_cache, v_cache, block_tables, kv_lens, rest_cu, scale=scale,
                 causal=causal, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
-                q_tile=q_tile, num_tiles=num_tiles, k_scale=k_scale, v_scale=v_scale)
+                q_tile=q_tile, num_tiles=num_tiles, k_scale=k_scale, v_scale=v_scale,
+                kv_layout=kv_layout)
 
         # The loop's static tile length is the batch's mean tokens per sequence, the short
         # sequences included: a long chunk next to many decodes would run in short tiles, each
@@ -875,7 +888,8 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
         # instead. (Tiles of the largest power of two up to thr, which every loop sequence
         # passes, ran 1.2-1.3x slower for a 40-token chunk next to 8 decodes: a 32-token
         # tile computes all its rows.)
-        mean = choose_tiling(num_tokens, num_seqs, False, k_cache.shape[1])[0]
+        block_size = k_cache.shape[2 if kv_layout == "HND" else 1]
+        mean = choose_tiling(num_tokens, num_seqs, False, block_size)[0]
         if mean < LONG_TILE <= num_tokens:
             long_tiles = -(-num_tokens // LONG_TILE) + num_tokens // LONG_TILE
             out, lse = lax.cond(

@@ -71,10 +71,11 @@ def test_paged_attention_hnd(backend, grid, dtype, block_size, kv_heads, head_di
     testing.assert_lse_close(lse, want_lse)
 
 
-def test_kernels_read_hnd_themselves_the_xla_loops_get_nhd_blocks(monkeypatch):
-    """The TPU and GPU kernels (interpret modes) are handed the HND caches; the XLA backend's
-    loops of a mixed batch get the named blocks transposed (its CPU decode reads HND in
-    place: tests/test_jax_cpu_attention_ffi.py)."""
+def test_every_backend_reads_hnd_in_place(monkeypatch):
+    """The TPU and GPU kernels (interpret modes) and the XLA backend (its loop transposes
+    each step's gathered blocks; its CPU decode kernel reads HND at its strides) are handed
+    the HND caches: no copy of the named blocks by the frontend. The shared-prefix XLA
+    backend gets that copy."""
     rng = np.random.default_rng(12)
     b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16), num_q_heads=2,
                                   num_kv_heads=1, head_dim=128, block_size=16)
@@ -83,11 +84,42 @@ def test_kernels_read_hnd_themselves_the_xla_loops_get_nhd_blocks(monkeypatch):
     real = _xla.nhd_blocks
     monkeypatch.setattr(_xla, "nhd_blocks", lambda *a: copies.append(1) or real(*a))
     want = ref.paged_attention_reference(*b.args())
-    for backend, copied in (("pallas_interpret", 0), ("pallas_gpu_interpret", 0),
-                            ("xla", 1)):
+    for backend in ("pallas_interpret", "pallas_gpu_interpret", "xla"):
         got = jf.paged_attention(*args, kv_layout="HND", backend=backend)
         testing.assert_attention_close(got, want, "float32")
-        assert len(copies) == copied
+    assert not copies
+    sb = testing.small_shared_prefix_batch(rng, decode=False)
+    got = jf.shared_prefix_attention(*_hnd_args(sb.args()), kv_layout="HND", backend="xla")
+    testing.assert_attention_close(got, ref.shared_prefix_attention_reference(*sb.args()),
+                                   "float32")
+    assert copies
+
+
+@pytest.mark.parametrize("disable_ffi", [False, True], ids=["cpu_kernels", "xla_loop_only"])
+@pytest.mark.parametrize("grid", ["mixed", "decode"])
+def test_xla_backend_hnd_paths(monkeypatch, grid, disable_ffi):
+    """The XLA backend over HND caches: the ragged loop alone (no CPU kernels) or with the
+    CPU decode kernel taking a mixed batch's short sequences, bf16 with a window and a cap."""
+    from prefixkv.kernels.cpu import xla_ffi
+
+    if disable_ffi:  # traces made with the kernels must not serve this call, nor its others
+        monkeypatch.setattr(xla_ffi, "available", lambda: False)
+        jax.clear_caches()
+    rng = np.random.default_rng(19)
+    seqs = testing.seq_grid(grid, 16) + [(60, 90)]  # a chunk longer than the kernel's share
+    b = testing.make_ragged_batch(rng, seqs, num_q_heads=8, num_kv_heads=2, head_dim=64,
+                                  block_size=16, dtype="bfloat16", sliding_window=21,
+                                  decode=False)
+    kw = dict(sliding_window=21, logits_soft_cap=4.0)
+    want, want_lse = ref.paged_attention_reference(*b.args(), return_lse=True, **kw)
+    try:
+        out, lse = jax.jit(lambda *a: jf.paged_attention(
+            *a, return_lse=True, kv_layout="HND", backend="xla", **kw))(*_hnd_args(b.args()))
+    finally:
+        if disable_ffi:
+            jax.clear_caches()
+    testing.assert_attention_close(out, want, "bfloat16")
+    testing.assert_lse_close(lse, want_lse)
 
 
 # (grid, dtype, kv heads, options of the kernel): the GPU kernel's variants over HND rows
