@@ -458,6 +458,28 @@ def test_mixed_decode_prefill(benchmark, machine_limits, impl):
            impl=impl, baseline=impl == "prefixkv_two_calls")
 
 
+@pytest.mark.parametrize("impl", ["prefixkv_hnd", "prefixkv_nhd"])
+def test_mixed_decode_prefill_hnd(benchmark, machine_limits, impl):
+    """The mixed batch above over kv_layout="HND" caches (the XLA loop transposes the blocks
+    each step gathers; the CPU decode kernel reads HND at its strides) against NHD caches
+    (the baseline)."""
+    benchmark.group = (f"jax mixed {MX_DECODES}x{MX_CONTEXT} decodes + {MX_CHUNK}-token "
+                       "chunk, f32, HND")
+    one, _, _ = _mixed_inputs()
+    if impl == "prefixkv_hnd":
+        q, k, v, *rest = one
+        args = (q, jnp.swapaxes(k, 1, 2).copy(), jnp.swapaxes(v, 1, 2).copy(), *rest)
+        fn = jax.jit(functools.partial(jf.paged_attention, kv_layout="HND"))
+    else:
+        args, fn = one, jax.jit(jf.paged_attention)
+    rows = (0, MX_DECODES - 1, MX_DECODES, MX_DECODES + MX_CHUNK // 2, -1)
+    _run(benchmark, fn, args, rounds=2,
+         check=lambda out: _check(out, rows, _want(one, rows), "float32"))
+    keys = MX_DECODES * MX_CONTEXT + MX_CACHED + MX_CHUNK
+    record(benchmark, machine_limits, bytes_read=2 * keys * HKV * D * 4, impl=impl,
+           baseline=impl == "prefixkv_nhd")
+
+
 # -------------------- a small deployment's step: decodes + a short chunk, one call, f32 / bf16
 
 SM_DECODES, SM_CONTEXT, SM_CHUNK = 8, 512, 8
