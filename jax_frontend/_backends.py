@@ -13,7 +13,8 @@ An attention backend whose impl has ``reads_fp8(**context) -> bool`` answering T
 float8_e4m3fn caches as they are, with ``k_scale``/``v_scale`` keywords (0-d float32 arrays or
 None); the others get the blocks the tables name dequantized into q's dtype (frontend). One
 whose impl lists "HND" in ``kv_layouts`` gets HND caches as they are, with a ``kv_layout``
-keyword; the others get the blocks the tables name transposed to NHD (frontend).
+keyword (every backend here); the others get the blocks the tables name transposed to NHD
+(frontend).
 
 Only kernels that are implemented and tested are registered.
 """
@@ -94,18 +95,21 @@ paged_attention_xla.reads_fp8 = lambda **context: True
 paged_attention_xla.kv_layouts = ("NHD", "HND")
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "logits_soft_cap"))
+@functools.partial(jax.jit, static_argnames=("scale", "logits_soft_cap", "kv_layout"))
 def shared_prefix_attention_xla(q, k_cache, v_cache, prefix_block_tables, prefix_lens,
                                 prefix_ids, block_tables, kv_lens, cu_q_lens=None, *, scale,
-                                logits_soft_cap=None, k_scale=None, v_scale=None):
+                                logits_soft_cap=None, k_scale=None, v_scale=None,
+                                kv_layout="NHD"):
     return _xla.shared_prefix_attention(
         q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
         kv_lens, cu_q_lens, scale=scale, logits_soft_cap=logits_soft_cap, k_scale=k_scale,
-        v_scale=v_scale)
+        v_scale=v_scale, kv_layout=kv_layout)
 
 
 # float8 caches: every part of the cascade converts the blocks it gathers (no dequantized copy)
 shared_prefix_attention_xla.reads_fp8 = lambda **context: True
+# HND: every part reads the blocks it gathers in place
+shared_prefix_attention_xla.kv_layouts = ("NHD", "HND")
 
 
 merge_attention_states_xla = jax.jit(_xla.merge_attention_states)
@@ -183,7 +187,8 @@ def _pallas_attention(op: str, interpret: bool):
                                    kv_layout=kv_layout)
         if op == "paged_attention":
             return kernel(*args, **config)
-        return _xla.shared_prefix_attention(*args, **config, attention_fn=kernel)
+        return _xla.shared_prefix_attention(*args, **config, attention_fn=kernel,
+                                            kv_layout=kv_layout)
 
     def reads_fp8(**context) -> bool:
         from ..kernels.pallas import paged_attention as pa
@@ -230,7 +235,8 @@ def _pallas_gpu_attention(op: str, interpret: bool):
                                    k_scale=k_scale, v_scale=v_scale, kv_layout=kv_layout)
         if op == "paged_attention":
             return kernel(*args, **config)
-        return _xla.shared_prefix_attention(*args, **config, attention_fn=kernel)
+        return _xla.shared_prefix_attention(*args, **config, attention_fn=kernel,
+                                            kv_layout=kv_layout)
 
     impl.__name__ = f"{op}_{'pallas_gpu_interpret' if interpret else 'pallas_gpu'}"
     impl.reads_fp8 = lambda **context: True  # int8 loads, decoded in the kernel

@@ -220,8 +220,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     docs/ops.md).
     kv_layout: "NHD" (the caches as above, vLLM's) or "HND": caches [num_blocks, num_kv_heads,
     block_size, head_dim], whose minor dims a TPU tiles with no padding whatever the head
-    count (the TPU kernel reads them for any num_kv_heads; other backends get the blocks the
-    tables name transposed, docs/ops.md).
+    count (the TPU kernel reads them for any num_kv_heads; every backend reads them in
+    place, docs/ops.md).
     backend: None (per platform), "xla", "pallas_tpu", "pallas_gpu", "pallas_interpret" or
     "pallas_gpu_interpret" (the TPU / GPU kernel run by the Pallas interpreter on CPU).
 

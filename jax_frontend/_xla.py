@@ -243,6 +243,12 @@ def tiles_to_tokens(out, lse, tok, num_tokens: int, in_order: bool = False):
     return out_full, lse_full
 
 
+def cache_dims(cache, kv_layout: str = "NHD") -> tuple[int, int, int, int]:
+    """(num_blocks, block_size, num_kv_heads, head_dim) of a cache in ``kv_layout``."""
+    num_blocks, a, b, head_dim = cache.shape
+    return (num_blocks, b, a, head_dim) if kv_layout == "HND" else (num_blocks, a, b, head_dim)
+
+
 def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *,
                            scale: float, causal: bool = True, sliding_window: int | None = None,
                            logits_soft_cap: float | None = None, q_tile: int | None = None,
@@ -274,10 +280,7 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
     """
     num_tokens, num_q_heads, head_dim = q.shape
     hnd = kv_layout == "HND"
-    if hnd:
-        num_blocks, num_kv_heads, block_size, _ = k_cache.shape
-    else:
-        num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    num_blocks, block_size, num_kv_heads, _ = cache_dims(k_cache, kv_layout)
     num_seqs, max_blocks = block_tables.shape
     group = num_q_heads // num_kv_heads
     decode = cu_q_lens is None
@@ -457,7 +460,8 @@ def _single_prefix_chunk_blocks(rows: int, max_prefix_blocks: int, block_size: i
 
 def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_prefix, *,
                             scale: float, logits_soft_cap: float | None = None,
-                            chunk_blocks: int | None = None, k_scale=None, v_scale=None):
+                            chunk_blocks: int | None = None, k_scale=None, v_scale=None,
+                            kv_layout: str = "NHD"):
     """Non-causal attention of every query token over one prefix; returns (out f32, lse f32).
 
     q: [num_tokens, num_q_heads, head_dim]; block_table i32[max_prefix_blocks]; prefix_len
@@ -479,10 +483,12 @@ def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_pr
     chunk gathered at once (one pass over whole blocks) or 2 / 4 heads per gather; QK with the
     keys as rows (84 GFLOP/s alone, but PV then needs p as [rows, keys]: the transpose, in
     the exp pass or behind a barrier, costs what the dot saves; PV on p as [keys, rows] is
-    not a YNN dot here, 58 GFLOP/s).
+    not a YNN dot here, 58 GFLOP/s). ``kv_layout`` "HND": a head's chunk is read as its blocks'
+    [block_size, head_dim] slabs.
     """
     num_tokens, num_q_heads, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    num_blocks, block_size, num_kv_heads, _ = cache_dims(k_cache, kv_layout)
+    hnd = kv_layout == "HND"
     group = num_q_heads // num_kv_heads
     rows = num_tokens * group
     max_blocks = block_table.shape[0]
@@ -520,8 +526,9 @@ def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_pr
             ids = lax.dynamic_slice(table, (j * cb,), (cb,))
             ids = jnp.where(j * cb + blk_in_chunk < prefix_blocks, ids, first_block)
             tv = j * ct + in_chunk < prefix_len
-            k = _bits_to_f32(k_bits[ids, :, hh, :].reshape(ct, head_dim), dtype, k_scale)
-            v = _bits_to_f32(v_bits[ids, :, hh, :].reshape(ct, head_dim), dtype, v_scale)
+            k, v = ((bits[ids, hh] if hnd else bits[ids, :, hh]).reshape(ct, head_dim)
+                    for bits in (k_bits, v_bits))
+            k, v = _bits_to_f32(k, dtype, k_scale), _bits_to_f32(v, dtype, v_scale)
             s = jnp.einsum("rd,td->rt", qh, k, preferred_element_type=jnp.float32, precision=prec)
             s = soft_cap(s, logits_soft_cap)
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -571,7 +578,8 @@ def _multi_prefix_q_tile(num_tokens: int, num_prefixes: int, group: int,
 
 def multi_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, tok_pid, *,
                            scale: float, logits_soft_cap: float | None = None,
-                           q_tile: int | None = None, k_scale=None, v_scale=None):
+                           q_tile: int | None = None, k_scale=None, v_scale=None,
+                           kv_layout: str = "NHD"):
     """Non-causal attention of each query token over its prefix; returns (out f32, lse f32).
 
     q: [num_tokens, num_q_heads, head_dim]; prefix_block_tables i32[num_prefixes,
@@ -587,10 +595,11 @@ def multi_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_prefixes, max_blocks = prefix_block_tables.shape
-    group = num_q_heads // k_cache.shape[2]
+    _, block_size, num_kv_heads, _ = cache_dims(k_cache, kv_layout)
+    group = num_q_heads // num_kv_heads
     if q_tile is None:
         q_tile = _multi_prefix_q_tile(num_tokens, num_prefixes, group, max_blocks,
-                                      k_cache.shape[1]) or 1
+                                      block_size) or 1
     tok_pid = tok_pid.astype(jnp.int32)
     order = jnp.argsort(tok_pid, stable=True).astype(jnp.int32)
     counts = jnp.zeros((num_prefixes + 1,), jnp.int32).at[tok_pid].add(1)[:num_prefixes]
@@ -608,7 +617,8 @@ def multi_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens
             o, lg = single_prefix_attention(
                 lax.dynamic_slice_in_dim(qs, lo, q_tile, 0), k_cache, v_cache,
                 prefix_block_tables[p], lens[p], live, scale=scale,
-                logits_soft_cap=logits_soft_cap, k_scale=k_scale, v_scale=v_scale)
+                logits_soft_cap=logits_soft_cap, k_scale=k_scale, v_scale=v_scale,
+                kv_layout=kv_layout)
             # rows past this prefix's tokens get out 0, lse -inf: they belong to a later
             # window or prefix (written after this one) or to tokens of no prefix (whose
             # result that is), so the whole window is written
@@ -638,12 +648,13 @@ SHORT_DECODE_STEP_BYTES = 2 << 20
 
 def short_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, *, scale: float,
                            logits_soft_cap: float | None = None, seqs_per_step: int | None = None,
-                           k_scale=None, v_scale=None):
+                           k_scale=None, v_scale=None, kv_layout: str = "NHD"):
     """Decode attention (one query per sequence, sees its kv_len keys) over short KV; returns
     (out in q's dtype, lse f32).
 
     q: [num_seqs, num_q_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads,
-    head_dim]; block_tables i32[num_seqs, max_blocks_per_seq]; kv_lens i32[num_seqs].
+    head_dim] (``kv_layout`` "HND": [num_blocks, num_kv_heads, block_size, head_dim]);
+    block_tables i32[num_seqs, max_blocks_per_seq]; kv_lens i32[num_seqs].
 
     The own part of cascade attention: every sequence's whole KV (max_blocks_per_seq blocks,
     static and short) is gathered at once, ``seqs_per_step`` sequences per ``lax.map`` step,
@@ -652,7 +663,7 @@ def short_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
     thread: 4.5 ms min; the generic loop of one-block steps 6.3 ms).
     """
     num_seqs, num_q_heads, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    num_blocks, block_size, num_kv_heads, _ = cache_dims(k_cache, kv_layout)
     max_blocks = block_tables.shape[1]
     group = num_q_heads // num_kv_heads
     ct = max_blocks * block_size
@@ -677,6 +688,9 @@ def short_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
 
         def load(cache, mask, cache_scale):
             x = jnp.take(cache, tb.reshape(-1), axis=0)
+            if kv_layout == "HND":  # [g * MB, Hkv, B, D] -> [g, ct, Hkv, D]
+                x = x.reshape(g, max_blocks, num_kv_heads, block_size, head_dim)
+                x = x.transpose(0, 1, 3, 2, 4)
             x = _bits_to_f32(x.reshape(g, ct, num_kv_heads, head_dim), dtype, cache_scale)
             if mask:  # padding slots may hold NaN (in K they only reach masked logits)
                 x = jnp.where(ok[:, :, None, None], x, 0.0)
@@ -729,10 +743,10 @@ def named_blocks(k_cache, v_cache, *tables):
 
 
 def nhd_blocks(k_cache, v_cache, *tables):
-    """HND caches [num_blocks, heads, block_size, head_dim] as NHD ones for a path that reads
-    NHD: (k, v, *tables), the blocks the tables name (:func:`named_blocks`) with their head
-    and token dims swapped, a copy of what the call reads (the XLA loops, the GPU kernel, the
-    TPU kernel's fallbacks)."""
+    """HND caches [num_blocks, heads, block_size, head_dim] as NHD ones for a backend that
+    reads NHD only (registered without HND in its ``kv_layouts``; none of this package's):
+    (k, v, *tables), the blocks the tables name (:func:`named_blocks`) with their head and
+    token dims swapped, a copy of what the call reads."""
     k_cache, v_cache, *tables = named_blocks(k_cache, v_cache, *tables)
     return (jnp.swapaxes(k_cache, 1, 2), jnp.swapaxes(v_cache, 1, 2), *tables)
 
@@ -888,8 +902,7 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
         # instead. (Tiles of the largest power of two up to thr, which every loop sequence
         # passes, ran 1.2-1.3x slower for a 40-token chunk next to 8 decodes: a 32-token
         # tile computes all its rows.)
-        block_size = k_cache.shape[2 if kv_layout == "HND" else 1]
-        mean = choose_tiling(num_tokens, num_seqs, False, block_size)[0]
+        mean = choose_tiling(num_tokens, num_seqs, False, cache_dims(k_cache, kv_layout)[1])[0]
         if mean < LONG_TILE <= num_tokens:
             long_tiles = -(-num_tokens // LONG_TILE) + num_tokens // LONG_TILE
             out, lse = lax.cond(
@@ -922,11 +935,11 @@ CPU_CASCADE_MIN_ROWS = 32
 CPU_CASCADE_MIN_SCORES = 1 << 16
 
 
-def _cascade_pays(q, k_cache, prefix_lens, prefix_ids, cu):
+def _cascade_pays(q, k_cache, prefix_lens, prefix_ids, cu, kv_layout: str = "NHD"):
     """Whether some prefix group reaches CPU_CASCADE_MIN_ROWS / CPU_CASCADE_MIN_SCORES (a bool
     array; cu i32[num_seqs + 1])."""
     num_prefixes = prefix_lens.shape[0]
-    group = q.shape[1] // k_cache.shape[2]
+    group = q.shape[1] // cache_dims(k_cache, kv_layout)[2]
     more = max(1, 4 // jnp.dtype(k_cache.dtype).itemsize)
     pid = prefix_ids.astype(jnp.int32)
     pid = jnp.where((pid >= 0) & (pid < num_prefixes), pid, num_prefixes)
@@ -968,18 +981,20 @@ def prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids, block_t
 def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
                             block_tables, kv_lens, cu_q_lens, *, scale: float,
                             logits_soft_cap: float | None = None, attention_fn=None,
-                            k_scale=None, v_scale=None):
+                            k_scale=None, v_scale=None, kv_layout: str = "NHD"):
     """Cascade attention (see :func:`_cascade_attention`); on a CPU, the XLA path runs it only
     when some prefix group is big enough to gain from it (CPU_CASCADE_MIN_SCORES), else paged
     attention over each sequence's prefix then own blocks, chosen per call by ``lax.cond``.
     Returns (out in q's dtype, lse f32). float8_e4m3fn caches: every part reads their bytes
     (scales None or float32 scalars, may be traced; with ``attention_fn`` that function reads
-    them, and k_scale / v_scale must be None here)."""
+    them, and k_scale / v_scale must be None here). ``kv_layout``: the caches' (this module's
+    parts read HND in place; an ``attention_fn`` is given its layout already)."""
     if attention_fn is not None and (k_scale is not None or v_scale is not None):
         raise ValueError("shared_prefix_attention: k_scale / v_scale go to attention_fn, "
                          "not here")
     kw = dict(scale=scale, logits_soft_cap=logits_soft_cap, attention_fn=attention_fn,
-              k_scale=k_scale, v_scale=v_scale)
+              k_scale=k_scale, v_scale=v_scale, kv_layout=kv_layout)
+    block_size = cache_dims(k_cache, kv_layout)[1]
 
     def cascade():
         out, lse = _cascade_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens,
@@ -992,7 +1007,7 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
 
     def flat():
         tables, kv = prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids,
-                                            block_tables, kv_lens, k_cache.shape[1])
+                                            block_tables, kv_lens, block_size)
         out, lse = _cascade_attention(q, k_cache, v_cache, prefix_block_tables[:0],
                                       prefix_lens[:0], jnp.full_like(prefix_ids, -1), tables,
                                       kv, cu_q_lens, **kw)
@@ -1002,7 +1017,8 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
           else cu_q_lens.astype(jnp.int32))
 
     def on_cpu():
-        return lax.cond(_cascade_pays(q, k_cache, prefix_lens, prefix_ids, cu), cascade, flat)
+        return lax.cond(_cascade_pays(q, k_cache, prefix_lens, prefix_ids, cu, kv_layout),
+                        cascade, flat)
 
     return lax.platform_dependent(cpu=on_cpu, default=cascade)
 
@@ -1010,7 +1026,7 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
 def _cascade_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
                        block_tables, kv_lens, cu_q_lens, *, scale: float,
                        logits_soft_cap: float | None = None, attention_fn=None, k_scale=None,
-                       v_scale=None):
+                       v_scale=None, kv_layout: str = "NHD"):
     """Cascade attention: each prefix's KV is read once for all the tokens that share it.
 
     The tokens are sorted by prefix id so the tokens of one prefix form one ragged "sequence"
@@ -1021,14 +1037,17 @@ def _cascade_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, pr
     (this module's parts only).
     """
     attn = ragged_paged_attention if attention_fn is None else attention_fn
-    scales = dict(k_scale=k_scale, v_scale=v_scale) if attention_fn is None else {}
+    # this module's parts: the scales and the layout (an attention_fn has its own)
+    scales = (dict(k_scale=k_scale, v_scale=v_scale, kv_layout=kv_layout)
+              if attention_fn is None else {})
+    _, block_size, num_kv_heads, _ = cache_dims(k_cache, kv_layout)
     num_tokens = q.shape[0]
     num_seqs = block_tables.shape[0]
     num_prefixes = prefix_block_tables.shape[0]
     decode = cu_q_lens is None
     cu = jnp.arange(num_seqs + 1, dtype=jnp.int32) if decode else cu_q_lens.astype(jnp.int32)
     if (attention_fn is None and decode
-            and block_tables.shape[1] * k_cache.shape[1] <= SHORT_DECODE_MAX_TOKENS):
+            and block_tables.shape[1] * block_size <= SHORT_DECODE_MAX_TOKENS):
         def own_xla():
             return short_decode_attention(q, k_cache, v_cache, block_tables, kv_lens,
                                           scale=scale, logits_soft_cap=logits_soft_cap,
@@ -1054,10 +1073,10 @@ def _cascade_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, pr
     pid = jnp.where(pid < 0, num_prefixes, pid)
     tok_pid = jnp.where(tok_seq < num_seqs, pid[jnp.minimum(tok_seq, num_seqs - 1)],
                         num_prefixes)
-    group = q.shape[1] // k_cache.shape[2]
+    group = q.shape[1] // num_kv_heads
     if (attention_fn is None and num_prefixes == 1 and prefix_block_tables.shape[1] > 0
             and _single_prefix_chunk_blocks(num_tokens * group, prefix_block_tables.shape[1],
-                                            k_cache.shape[1])):
+                                            block_size)):
         # one prefix (chosen statically): every token against it, no sort
         pre_out, pre_lse = single_prefix_attention(
             q, k_cache, v_cache, prefix_block_tables[0], prefix_lens[0], tok_pid == 0,
@@ -1065,7 +1084,7 @@ def _cascade_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, pr
         return merge_attention_states(own_out, own_lse, pre_out, pre_lse)
     if (attention_fn is None and prefix_block_tables.shape[1] > 0
             and _multi_prefix_q_tile(num_tokens, num_prefixes, group,
-                                     prefix_block_tables.shape[1], k_cache.shape[1])):
+                                     prefix_block_tables.shape[1], block_size)):
         # several prefixes (chosen statically): per prefix, windows of its sorted tokens
         pre_out, pre_lse = multi_prefix_attention(
             q, k_cache, v_cache, prefix_block_tables, prefix_lens, tok_pid, scale=scale,

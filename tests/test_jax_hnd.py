@@ -72,27 +72,74 @@ def test_paged_attention_hnd(backend, grid, dtype, block_size, kv_heads, head_di
 
 
 def test_every_backend_reads_hnd_in_place(monkeypatch):
-    """The TPU and GPU kernels (interpret modes) and the XLA backend (its loop transposes
-    each step's gathered blocks; its CPU decode kernel reads HND at its strides) are handed
-    the HND caches: no copy of the named blocks by the frontend. The shared-prefix XLA
-    backend gets that copy."""
+    """Every attention backend is handed the HND caches: the TPU and GPU kernels (interpret
+    modes), the XLA backend's paged attention and cascade (its loops transpose the blocks
+    each step gathers; its CPU decode kernel reads HND at its strides). A backend that reads
+    NHD only (no ``kv_layouts``: the XLA one with its attribute removed, as an outside
+    backend would be) gets the frontend's transposed copy of the named blocks."""
     rng = np.random.default_rng(12)
     b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 16), num_q_heads=2,
                                   num_kv_heads=1, head_dim=128, block_size=16)
     args = _hnd_args(b.args())
+    sb = testing.small_shared_prefix_batch(rng, decode=False)
     copies = []
     real = _xla.nhd_blocks
     monkeypatch.setattr(_xla, "nhd_blocks", lambda *a: copies.append(1) or real(*a))
     want = ref.paged_attention_reference(*b.args())
-    for backend in ("pallas_interpret", "pallas_gpu_interpret", "xla"):
-        got = jf.paged_attention(*args, kv_layout="HND", backend=backend)
-        testing.assert_attention_close(got, want, "float32")
+    want_sp = ref.shared_prefix_attention_reference(*sb.args())
+
+    def check():
+        for backend in ("pallas_interpret", "pallas_gpu_interpret", "xla"):
+            got = jf.paged_attention(*args, kv_layout="HND", backend=backend)
+            testing.assert_attention_close(got, want, "float32")
+        got = jf.shared_prefix_attention(*_hnd_args(sb.args()), kv_layout="HND",
+                                         backend="xla")
+        testing.assert_attention_close(got, want_sp, "float32")
+
+    check()
     assert not copies
-    sb = testing.small_shared_prefix_batch(rng, decode=False)
-    got = jf.shared_prefix_attention(*_hnd_args(sb.args()), kv_layout="HND", backend="xla")
-    testing.assert_attention_close(got, ref.shared_prefix_attention_reference(*sb.args()),
-                                   "float32")
-    assert copies
+    monkeypatch.delattr(_backends.paged_attention_xla, "kv_layouts")
+    monkeypatch.delattr(_backends.shared_prefix_attention_xla, "kv_layouts")
+    check()
+    assert len(copies) == 2  # the XLA backend's two calls
+
+
+CASCADE_CASES = {  # (prefix blocks, seqs (prefix id, q_len, own kv_len), options)
+    "one_prefix_decode": ([3], [(0, 1, 5), (0, 1, 1), (-1, 1, 9), (0, 1, 12)],
+                          dict(logits_soft_cap=3.0)),
+    "several_prefixes_decode": ([2, 1, 3], [(2, 1, 5), (0, 1, 3), (-1, 1, 7), (1, 1, 12)], {}),
+    "long_own_kv_decode": ([2], [(0, 1, 4 * 130 + 3), (0, 1, 2), (-1, 1, 9)], {}),
+    "prefill": ([2, 3], [(0, 5, 9), (1, 3, 4), (-1, 2, 2), (1, 7, 7)], {}),
+}
+
+
+@pytest.mark.parametrize("ffi", [True, False], ids=["cpu_kernels", "xla_only"])
+@pytest.mark.parametrize("case", list(CASCADE_CASES))
+def test_xla_cascade_hnd_paths(monkeypatch, case, ffi):
+    """The XLA cascade over HND caches, forced to run as a cascade on the CPU: one prefix
+    (single_prefix_attention), several (multi_prefix_attention), own KV read whole
+    (short_decode_attention) or by the loop, prefill; with the CPU decode kernel and
+    without. bf16, NaN in every slot no query may read."""
+    from prefixkv.kernels.cpu import xla_ffi
+
+    monkeypatch.setattr(_xla, "CPU_CASCADE_MIN_ROWS", 0)
+    monkeypatch.setattr(_xla, "CPU_CASCADE_MIN_SCORES", 0)
+    if not ffi:
+        monkeypatch.setattr(xla_ffi, "use_for_attention", lambda *a: False)
+    jax.clear_caches()  # the jitted op traces again under the patches
+    prefix_blocks, seqs, kw = CASCADE_CASES[case]
+    rng = np.random.default_rng(20)
+    b = testing.make_shared_prefix_batch(rng, prefix_blocks, seqs, num_q_heads=8,
+                                         num_kv_heads=2, head_dim=32, block_size=4,
+                                         dtype="bfloat16")
+    want, want_lse = ref.shared_prefix_attention_reference(*b.args(), return_lse=True, **kw)
+    try:
+        out, lse = jf.shared_prefix_attention(*_hnd_args(b.args()), return_lse=True,
+                                              kv_layout="HND", backend="xla", **kw)
+    finally:
+        jax.clear_caches()
+    testing.assert_attention_close(out, want, "bfloat16")
+    testing.assert_lse_close(lse, want_lse)
 
 
 @pytest.mark.parametrize("disable_ffi", [False, True], ids=["cpu_kernels", "xla_loop_only"])

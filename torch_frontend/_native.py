@@ -1362,6 +1362,15 @@ def _head_rows(cache: torch.Tensor, slots: torch.Tensor):
     if any(stride % head_dim or stride < 0 for stride in (sb, st, sh)):
         return None, None
     sb, st, sh = sb // head_dim, st // head_dim, sh // head_dim
+    # distinct rows for distinct (block, token, head): by increasing stride, each dim's stride
+    # passes the rows the smaller ones span (an expanded or overlapping view takes index_put_)
+    span = 0
+    for size, stride in sorted(((num_blocks, sb), (block_size, st), (heads, sh)),
+                               key=lambda d: d[1]):
+        if size > 1:
+            if stride <= span:
+                return None, None
+            span += (size - 1) * stride
     count = (num_blocks - 1) * sb + (block_size - 1) * st + (heads - 1) * sh + 1
     rows = cache.as_strided((count, head_dim), (head_dim, 1), cache.storage_offset())
     token = (slots // block_size) * sb + (slots % block_size) * st

@@ -130,9 +130,9 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
     exactly into the float32 pieces. ``scaled``: ``scales_ref`` (SMEM f32[2]: k_scale,
     v_scale) follows v_hbm, k_scale folded into the logits' scale, v_scale applied to the
     float32 output before its rounding (fp8 caches, or their exact e4m3 values dequantized
-    into q's dtype by the frontend). ``hnd``: the
-    caches are [num_blocks, heads, block_size, head_dim] and the buffers [2, pages, heads,
-    block_size, head_dim] (one piece: the whole head_dim)."""
+    into q's dtype by the frontend). ``hnd``: the caches are [num_blocks, heads, block_size,
+    head_dim] and the buffers [2, pages, heads, block_size, head_dim] (one piece: the whole
+    head_dim)."""
     if scaled:
         scales_ref, *refs = refs
     o_ref, lse_ref, k_buf, v_buf, sem, m_sc, l_sc, acc_sc, *wide = refs
