@@ -68,49 +68,29 @@ void AdviseHugePages(void* data, int64_t bytes) {
 #endif
 }
 
-// rows: [num_tokens, *row_shape]; slots: s32[n], n <= num_tokens;
-// cache: [num_blocks, block_size, *row_shape]. cache.row(slot[i]) = rows[i].
-ffi::Error WriteKvImpl(ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> slots, ffi::AnyBuffer cache,
-                       ffi::Result<ffi::AnyBuffer> out) {
-  auto dims = cache.dimensions();
-  if (dims.size() < 2) return ffi::Error::InvalidArgument("write_kv: cache rank < 2");
-  if (rows.element_type() != cache.element_type())
-    return ffi::Error::InvalidArgument("write_kv: rows and cache dtypes differ");
-  const int64_t row_bytes = TrailingCount(dims, 2) * ByteWidthOf(cache);
-  const int64_t num_slots = dims[0] * dims[1];
-  const int64_t n = static_cast<int64_t>(slots.element_count());
-  if (rows.dimensions().size() < 1 || rows.dimensions()[0] < n ||
-      TrailingCount(rows.dimensions(), 1) * ByteWidthOf(rows) != row_bytes)
-    return ffi::Error::InvalidArgument("write_kv: rows do not match the cache rows");
-  AliasOrCopy(cache, *out);
-  auto* dst = static_cast<char*>(out->untyped_data());
-  const auto* src = static_cast<const char*>(rows.untyped_data());
-  const int32_t* slot = slots.typed_data();
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t s = slot[i];
-    if (s < 0 || s >= num_slots) continue;
-    std::memcpy(dst + s * row_bytes, src + i * row_bytes, row_bytes);
-  }
-  return ffi::Error::Success();
-}
-
-// rows: [num_tokens, heads, head_dim]; slots: s32[n], n <= num_tokens; cache: [num_blocks,
-// heads, block_size, head_dim] (HND). Each head's row of rows[i] to cache[slot / block_size,
-// head, slot % block_size].
-ffi::Error WriteKvHndImpl(ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> slots,
-                          ffi::AnyBuffer cache, ffi::Result<ffi::AnyBuffer> out) {
+// slots: s32[n], n <= num_tokens. NHD (hnd false): rows [num_tokens, *row_shape], cache
+// [num_blocks, block_size, *row_shape], cache.row(slot[i]) = rows[i]. HND: rows [num_tokens,
+// heads, head_dim], cache [num_blocks, heads, block_size, head_dim], each head's row of
+// rows[i] to cache[slot / block_size, head, slot % block_size]. A slot's destination is
+// `heads` pieces (one in NHD) of `piece` bytes.
+ffi::Error WriteRows(ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> slots, ffi::AnyBuffer cache,
+                     ffi::Result<ffi::AnyBuffer> out, bool hnd) {
   auto dims = cache.dimensions();
   auto rd = rows.dimensions();
-  if (dims.size() != 4 || rd.size() != 3)
-    return ffi::Error::InvalidArgument("write_kv_hnd: expected a 4-D cache and 3-D rows");
+  if (hnd ? dims.size() != 4 : dims.size() < 2)
+    return ffi::Error::InvalidArgument(hnd ? "write_kv_hnd: expected a 4-D cache"
+                                           : "write_kv: cache rank < 2");
   if (rows.element_type() != cache.element_type())
-    return ffi::Error::InvalidArgument("write_kv_hnd: rows and cache dtypes differ");
-  const int64_t heads = dims[1], block_size = dims[2];
-  const int64_t n = static_cast<int64_t>(slots.element_count());
-  if (rd[0] < n || rd[1] != heads || rd[2] != dims[3])
-    return ffi::Error::InvalidArgument("write_kv_hnd: rows do not match the cache heads");
-  const int64_t head_bytes = dims[3] * ByteWidthOf(cache);
+    return ffi::Error::InvalidArgument("write_kv: rows and cache dtypes differ");
+  const int64_t heads = hnd ? dims[1] : 1;
+  const int64_t block_size = hnd ? dims[2] : dims[1];
+  const int64_t piece = (hnd ? dims[3] : TrailingCount(dims, 2)) * ByteWidthOf(cache);
   const int64_t num_slots = dims[0] * block_size;
+  const int64_t n = static_cast<int64_t>(slots.element_count());
+  if (rd.size() < 1 || rd[0] < n ||
+      TrailingCount(rd, 1) * ByteWidthOf(rows) != heads * piece ||
+      (hnd && (rd.size() != 3 || rd[1] != heads)))
+    return ffi::Error::InvalidArgument("write_kv: rows do not match the cache rows");
   AliasOrCopy(cache, *out);
   auto* dst = static_cast<char*>(out->untyped_data());
   const auto* src = static_cast<const char*>(rows.untyped_data());
@@ -120,10 +100,20 @@ ffi::Error WriteKvHndImpl(ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> slots,
     if (s < 0 || s >= num_slots) continue;
     const int64_t b = s / block_size, t = s % block_size;
     for (int64_t h = 0; h < heads; ++h)
-      std::memcpy(dst + ((b * heads + h) * block_size + t) * head_bytes,
-                  src + (i * heads + h) * head_bytes, head_bytes);
+      std::memcpy(dst + ((b * heads + h) * block_size + t) * piece,
+                  src + (i * heads + h) * piece, piece);
   }
   return ffi::Error::Success();
+}
+
+ffi::Error WriteKvImpl(ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> slots, ffi::AnyBuffer cache,
+                       ffi::Result<ffi::AnyBuffer> out) {
+  return WriteRows(rows, slots, cache, out, /*hnd=*/false);
+}
+
+ffi::Error WriteKvHndImpl(ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> slots,
+                          ffi::AnyBuffer cache, ffi::Result<ffi::AnyBuffer> out) {
+  return WriteRows(rows, slots, cache, out, /*hnd=*/true);
 }
 
 // src, dst: s32[n]; cache: [num_blocks, *block_shape]. All reads happen before any write.
