@@ -449,14 +449,14 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
                             v_scale=v_scale, kv_layout=kv_layout)
     if _run_value_checks(slot_mapping):
         validate.check_write_kv_values(k_cache, slot_mapping, kv_layout)
-    hnd = kv_layout == "HND"
-    slot_mapping = _int32_ids(slot_mapping,
-                              int(k_cache.shape[0]) * int(k_cache.shape[2 if hnd else 1]))
+    num_blocks, block_size = validate.cache_dims(k_cache, kv_layout)[:2]
+    slot_mapping = _int32_ids(slot_mapping, num_blocks * block_size)
     if validate.is_fp8(k_cache):
         ks, vs = _kv_scales(k_scale, v_scale)
         n = int(slot_mapping.shape[0])  # rows past the mapping: never quantized
         key, value = _quantize_fp8(key[:n], ks), _quantize_fp8(value[:n], vs)
-    layout = {"kv_layout": kv_layout} if hnd else {}  # the NHD-only kernels refuse HND
+    # the NHD-only kernels refuse HND (and take no kv_layout)
+    layout = {"kv_layout": kv_layout} if kv_layout == "HND" else {}
     return _dispatch("write_kv", backend, _backends.cache_context([k_cache], kv_layout),
                      lambda impl: tuple(impl(key, value, k_cache, v_cache, slot_mapping,
                                              **layout)),

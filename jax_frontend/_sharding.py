@@ -31,11 +31,17 @@ def kv_head_specs(axis: str, kv_layout: str = "NHD") -> dict[str, P]:
     return {"q": P(None, axis, None), "cache": cache, "lse": P(None, axis), "replicated": P()}
 
 
-def _heads_dim(config) -> int:
-    """The caches' kv-heads dim for a config's ``kv_layout`` (checked)."""
+def _layout(config) -> str:
+    """A config's ``kv_layout`` (checked)."""
     from ..paged import validate
 
-    return 1 if validate.check_kv_layout(config.get("kv_layout", "NHD")) == "HND" else 2
+    return validate.check_kv_layout(config.get("kv_layout", "NHD"))
+
+
+def _num_kv_heads(k_cache, layout: str) -> int:
+    from ..paged import validate
+
+    return validate.cache_dims(k_cache, layout)[2]
 
 
 def _laid_out(mesh, pairs):
@@ -71,8 +77,8 @@ def tensor_parallel_paged_attention(mesh, axis: str = "tp", **config):
     P(None, axis)). Works under jax.jit, over meshes of Auto or Explicit axes (inputs not yet
     sharded so are laid out first); pass inputs already sharded to avoid re-layouts.
     """
-    heads_dim = _heads_dim(config)
-    spec = kv_head_specs(axis, config.get("kv_layout", "NHD"))
+    layout = _layout(config)
+    spec = kv_head_specs(axis, layout)
     return_lse = bool(config.get("return_lse", False))
     config = dict(config)
     sinks = config.pop("sinks", None)
@@ -80,7 +86,7 @@ def tensor_parallel_paged_attention(mesh, axis: str = "tp", **config):
         config["_default_scale"] = True
 
     def run(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None):
-        _check_heads(mesh, axis, int(k_cache.shape[heads_dim]))
+        _check_heads(mesh, axis, _num_kv_heads(k_cache, layout))
         kw = {k: v for k, v in config.items() if k != "_default_scale"}
         if config.get("_default_scale"):
             kw["scale"] = float(q.shape[-1]) ** -0.5
@@ -108,11 +114,11 @@ def tensor_parallel_write_kv(mesh, axis: str = "tp", **config):
     returns ``f(key, value, k_cache, v_cache, slot_mapping) -> (k_cache, v_cache)``.
     Donate the caches to the jitted caller for in-place updates on every device. ``config``:
     write_kv's keyword arguments (k_scale, v_scale, kv_layout, backend)."""
-    heads_dim = _heads_dim(config)
-    spec = kv_head_specs(axis, config.get("kv_layout", "NHD"))
+    layout = _layout(config)
+    spec = kv_head_specs(axis, layout)
 
     def run(key, value, k_cache, v_cache, slot_mapping):
-        _check_heads(mesh, axis, int(k_cache.shape[heads_dim]))
+        _check_heads(mesh, axis, _num_kv_heads(k_cache, layout))
 
         def local(key, value, k, v, slots):
             return _ops.write_kv(key, value, k, v, slots, **config)

@@ -32,6 +32,7 @@ from jax import lax
 
 from ..kernels._vma import match_varying
 from ..kernels.pallas._fp8 import fp8_e4m3_to_f32_via_f16
+from ..paged.validate import cache_dims
 
 #: Default number of KV tokens per loop step (rounded to whole blocks).
 DECODE_CHUNK_TOKENS = 128
@@ -241,12 +242,6 @@ def tiles_to_tokens(out, lse, tok, num_tokens: int, in_order: bool = False):
     lse_full = jnp.full((num_tokens, num_q_heads), -jnp.inf, jnp.float32)
     lse_full = lse_full.at[flat].set(lse, mode="drop", unique_indices=True)
     return out_full, lse_full
-
-
-def cache_dims(cache, kv_layout: str = "NHD") -> tuple[int, int, int, int]:
-    """(num_blocks, block_size, num_kv_heads, head_dim) of a cache in ``kv_layout``."""
-    num_blocks, a, b, head_dim = cache.shape
-    return (num_blocks, b, a, head_dim) if kv_layout == "HND" else (num_blocks, a, b, head_dim)
 
 
 def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *,
@@ -1138,7 +1133,7 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, kv_layout: str = "NHD")
     [num_blocks, heads, block_size, head_dim]."""
     hnd = kv_layout == "HND"
     n = slot_mapping.shape[0]
-    num_blocks, block_size = k_cache.shape[0], k_cache.shape[2 if hnd else 1]
+    num_blocks, block_size = cache_dims(k_cache, kv_layout)[:2]
     num_slots = num_blocks * block_size
     slots = slot_mapping.astype(jnp.int32)
     slots = jnp.where(slots < 0, num_slots, slots)  # out of range: dropped

@@ -270,6 +270,13 @@ def check_kv_layout(kv_layout) -> str:
     return kv_layout
 
 
+def cache_dims(cache, kv_layout: str = "NHD") -> tuple[int, int, int, int]:
+    """(num_blocks, block_size, num_kv_heads, head_dim) of a 4-D cache (an array or its shape)
+    in ``kv_layout``."""
+    num_blocks, a, b, head_dim = (int(d) for d in getattr(cache, "shape", cache))
+    return (num_blocks, b, a, head_dim) if kv_layout == "HND" else (num_blocks, a, b, head_dim)
+
+
 def layout_dims(kv_layout: str) -> str:
     """The cache's dims in words, for errors."""
     return ("[num_blocks, num_kv_heads, block_size, head_dim]" if kv_layout == "HND"
@@ -292,9 +299,7 @@ def check_kv_caches(k_cache, v_cache, kv_layout: str = "NHD") -> tuple[int, int,
     check_array("v_cache", v_cache, ndim=4, dtypes=CACHE_DTYPES)
     check_same_shape("v_cache", v_cache, "k_cache", k_cache)
     check_same_dtype("v_cache", v_cache, "k_cache", k_cache)
-    num_blocks, block_size, num_kv_heads, head_dim = shape
-    if kv_layout == "HND":
-        block_size, num_kv_heads = num_kv_heads, block_size
+    num_blocks, block_size, num_kv_heads, head_dim = cache_dims(shape, kv_layout)
     if num_blocks < 1 or block_size < 1 or num_kv_heads < 1 or head_dim < 1:
         raise ValueError(f"k_cache: expected non-empty {layout_dims(kv_layout)} "
                          f"(kv_layout={kv_layout!r}), got shape {shape}")
@@ -419,7 +424,7 @@ def check_plan_heads_and_dtype(k_cache, num_q_heads, dtype, kv_layout: str = "NH
     if num_q_heads < 1:
         raise ValueError(f"num_q_heads: expected an int >= 1, got {num_q_heads}")
     shape = getattr(k_cache, "shape", ())
-    heads = int(shape[1 if check_kv_layout(kv_layout) == "HND" else 2]) if len(shape) == 4 else 0
+    heads = cache_dims(shape, check_kv_layout(kv_layout))[2] if len(shape) == 4 else 0
     if heads > 0 and num_q_heads % heads:
         raise ValueError(f"num_q_heads: expected a multiple of k_cache's {heads} kv heads "
                          f"(each kv head serves num_q_heads / num_kv_heads q heads), got "
@@ -652,7 +657,8 @@ def check_write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None,
 
 
 def check_write_kv_values(k_cache, slot_mapping, kv_layout: str = "NHD") -> np.ndarray:
-    num_slots = int(k_cache.shape[0]) * int(k_cache.shape[2 if kv_layout == "HND" else 1])
+    num_blocks, block_size = cache_dims(k_cache, kv_layout)[:2]
+    num_slots = num_blocks * block_size
     if getattr(slot_mapping, "ndim", None) == 1 and len(slot_mapping) <= SMALL_BATCH_ENTRIES:
         # a decode step's few slots: the verdict from a list (read straight from a torch or
         # jax array: 3.1 -> 2.3 us a call, its numpy copy gone)

@@ -304,10 +304,7 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     operands = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens)
     num_tokens, num_q_heads, head_dim = q.shape
     hnd = kv_layout == "HND"
-    if hnd:
-        num_blocks, num_kv_heads, block_size, _ = k_cache.shape
-    else:
-        num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    num_blocks, block_size, num_kv_heads, _ = _xla.cache_dims(k_cache, kv_layout)
     num_seqs, max_blocks = block_tables.shape
     decode = cu_q_lens is None
     if num_tokens == 0 or num_seqs == 0:
