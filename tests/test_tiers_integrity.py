@@ -318,10 +318,52 @@ def test_old_format_record_reads_as_a_miss(tmp_path):
     fresh = DiskTier(tmp_path)
     log = EventLog()
     fresh.events.subscribe(log)
+    assert fresh.batch_exists([k]) == 0  # not a hit that every batch_get then misses
     assert fresh.batch_get([k]) == [None] and fresh.stats.corrupt == 1
     assert os.path.exists(p) and log.events == []  # kept, nothing "removed"
     assert fresh.batch_put([k], [_full(2)]) == [True]
+    assert fresh.batch_exists([k]) == 1
     assert (fresh.batch_get([k])[0] == 2).all()
+
+
+@pytest.mark.parametrize("where", ["version", "magic", "checksum_alg", "short"])
+def test_disk_batch_exists_counts_only_records_readable_here(tmp_path, where):
+    """batch_exists stops at the first file whose header this process cannot read (a flipped
+    version byte, another magic, an unknown checksum id, a truncated header), so a lookup
+    never reports a prefix that batch_get then misses block by block."""
+    ks = _keys(3)
+    d = DiskTier(tmp_path)
+    assert d.batch_put(ks, [_full(i) for i in range(3)]) == [True] * 3
+    assert d.batch_exists(ks) == 3
+    p = d.path(ks[1])
+    with open(p, "rb") as f:
+        data = bytearray(f.read())
+    if where == "version":
+        data[4] ^= 0x01
+    elif where == "magic":
+        data[0] ^= 0x20
+    elif where == "checksum_alg":
+        data[6] = 7
+    else:
+        data = data[:10]
+    with open(p, "wb") as f:
+        f.write(data)
+    assert d.batch_exists(ks) == 1 and d.batch_exists(ks[:1]) == 1
+    assert d.batch_exists(ks[2:]) == 1
+
+
+def test_disk_batch_exists_without_the_writers_checksum(tmp_path, monkeypatch):
+    """A worker without xxhash cannot verify another worker's xxh3_128 records: not hits."""
+    pytest.importorskip("xxhash")
+    from prefixkv.paged.tiers import base
+
+    ks = _keys(2)
+    a = DiskTier(tmp_path, checksum="xxh3_128")
+    assert a.batch_put(ks, [_full(0), _full(1)]) == [True, True]
+    monkeypatch.setattr(base, "_xxhash", lambda: None)
+    assert DiskTier(tmp_path).batch_exists(ks) == 0
+    monkeypatch.undo()
+    assert a.batch_exists(ks) == 2
 
 
 def test_a_reader_without_the_writers_checksum_keeps_the_record(tmp_path, monkeypatch):

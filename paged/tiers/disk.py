@@ -35,6 +35,8 @@ from .base import (
     decode_record,
     encode_record,
     first_occurrences,
+    readable_here,
+    record_head_size,
 )
 
 SUFFIX = ".kvb"
@@ -125,9 +127,22 @@ class DiskTier(Tier):
             os.unlink(path)
 
     def batch_exists(self, keys: Sequence[BlockKey]) -> int:
+        """Leading keys whose file holds a record this process can read: the fixed header is
+        read and checked (magic, format version, checksum algorithm), so a file left by
+        another version, or whose version field flipped, is not counted as a hit that every
+        ``batch_get`` then misses. The payload is verified by ``batch_get``."""
         n = 0
+        size = record_head_size()
         for k in keys:
-            if not os.path.isfile(self.path(k)):
+            try:
+                with open(self.path(k), "rb") as f:
+                    head = f.read(size)
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                break
+            except OSError:
+                self.stats.errors += 1
+                break
+            if not readable_here(head):
                 break
             n += 1
         return n
