@@ -21,6 +21,8 @@ _EXPORTS = {
     "EventBus": ".events",
     "EventLog": ".events",
     "Router": ".router",
+    "VllmEventEncoder": ".vllm_events",
+    "VllmEventDecoder": ".vllm_events",
     "RouteDecision": ".router",
     "BatchPlan": ".planner",
     "SharedPrefixPlan": ".planner",
