@@ -22,7 +22,7 @@ import numpy as np
 from ..paged import validate
 from ..paged.registry import BackendError
 from ..paged.spec import FP8_MAX
-from . import _backends, _xla
+from . import _backends, _partition, _xla
 
 __all__ = ["paged_attention", "shared_prefix_attention", "merge_attention_states", "write_kv",
            "copy_blocks", "gather_blocks", "scatter_blocks", "BackendError"]
@@ -246,6 +246,14 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     return (out, lse) if return_lse else out
 
 
+def _local_dims(dims, q, k_cache):
+    """``dims`` for the heads of ``q`` and ``k_cache`` (fewer on a device of a sharded call)."""
+    hq, hk = int(q.shape[1]), validate.cache_dims(k_cache, dims.kv_layout)[2]
+    if (hq, hk) == (dims.num_q_heads, dims.num_kv_heads):
+        return dims
+    return dataclasses.replace(dims, num_q_heads=hq, num_kv_heads=hk)
+
+
 def _reads_fp8(impl, context) -> bool:
     """Whether backend ``impl`` reads float8_e4m3fn caches itself for a call of ``context``."""
     reads = getattr(impl, "reads_fp8", None)
@@ -301,23 +309,32 @@ def _run_paged_attention(dims, q, k_cache, v_cache, block_tables, kv_lens, cu_q_
     config = dict(scale=dims.scale, causal=bool(causal),
                   sliding_window=None if sliding_window is None else int(sliding_window),
                   logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))
-    context = _backends.attention_context(dims)
 
-    def call(impl):
-        ctx, kc, vc, tables, layout = _layout_call(impl, context, k_cache, v_cache,
-                                                   (block_tables,))
+    def heads(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, k_scale, v_scale):
+        context = _backends.attention_context(_local_dims(dims, q, k_cache))
 
-        def run(k_cache, v_cache, block_tables, **kwargs):  # scales, or a folded scale
-            return impl(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
-                        **{**config, **layout, **kwargs})
+        def call(impl):
+            ctx, kc, vc, tables, layout = _layout_call(impl, context, k_cache, v_cache,
+                                                       (block_tables,))
 
-        if validate.is_fp8(kc):
-            return _fp8_call(impl, ctx, q, kc, vc, k_scale, v_scale, tables, run,
-                             config["scale"])
-        return run(kc, vc, *tables)
+            def run(k_cache, v_cache, block_tables, **kwargs):  # scales, or a folded scale
+                return impl(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
+                            **{**config, **layout, **kwargs})
 
-    out, lse = _dispatch("paged_attention", backend, context, call,
-                         (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens))
+            if validate.is_fp8(kc):
+                return _fp8_call(impl, ctx, q, kc, vc, k_scale, v_scale, tables, run,
+                                 config["scale"])
+            return run(kc, vc, *tables)
+
+        return tuple(_dispatch("paged_attention", backend, context, call,
+                               (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens)))
+
+    R = _partition.REP
+    out, lse = _partition.by_heads(
+        heads, (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, k_scale, v_scale),
+        (_partition.Q, _partition.CACHE, _partition.CACHE, R, R, R, R, R),
+        (_partition.Q, _partition.LSE), layout=dims.kv_layout,
+        num_kv_heads=dims.num_kv_heads, num_q_heads=dims.num_q_heads)
     if sinks is not None:
         out, lse = _xla.apply_sinks(out, lse, sinks)
     return out, lse
@@ -386,25 +403,38 @@ def _run_shared_prefix_attention(sdims, q, k_cache, v_cache, prefix_block_tables
         return out, lse
     config = dict(scale=dims.scale,
                   logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))
-    context = _backends.attention_context(dims, max(
-        dims.num_seqs * dims.max_blocks_per_seq, sdims.num_prefixes * sdims.max_prefix_blocks))
+    entries = max(dims.num_seqs * dims.max_blocks_per_seq,
+                  sdims.num_prefixes * sdims.max_prefix_blocks)
 
-    def call(impl):
-        ctx, kc, vc, tables, layout = _layout_call(impl, context, k_cache, v_cache,
-                                                   (prefix_block_tables, block_tables))
+    def heads(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
+              kv_lens, cu_q_lens, k_scale, v_scale):
+        context = _backends.attention_context(_local_dims(dims, q, k_cache), entries)
 
-        def run(k_cache, v_cache, prefix_block_tables, block_tables, **kwargs):
-            return impl(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
-                        block_tables, kv_lens, cu_q_lens, **{**config, **layout, **kwargs})
+        def call(impl):
+            ctx, kc, vc, tables, layout = _layout_call(impl, context, k_cache, v_cache,
+                                                       (prefix_block_tables, block_tables))
 
-        if validate.is_fp8(kc):
-            return _fp8_call(impl, ctx, q, kc, vc, k_scale, v_scale, tables, run,
-                             config["scale"])
-        return run(kc, vc, *tables)
+            def run(k_cache, v_cache, prefix_block_tables, block_tables, **kwargs):
+                return impl(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
+                            block_tables, kv_lens, cu_q_lens,
+                            **{**config, **layout, **kwargs})
 
-    out, lse = _dispatch("shared_prefix_attention", backend, context, call,
-                         (q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
-                          block_tables, kv_lens, cu_q_lens))
+            if validate.is_fp8(kc):
+                return _fp8_call(impl, ctx, q, kc, vc, k_scale, v_scale, tables, run,
+                                 config["scale"])
+            return run(kc, vc, *tables)
+
+        return tuple(_dispatch("shared_prefix_attention", backend, context, call,
+                               (q, k_cache, v_cache, prefix_block_tables, prefix_lens,
+                                prefix_ids, block_tables, kv_lens, cu_q_lens)))
+
+    R = _partition.REP
+    out, lse = _partition.by_heads(
+        heads, (q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
+                kv_lens, cu_q_lens, k_scale, v_scale),
+        (_partition.Q, _partition.CACHE, _partition.CACHE) + (R,) * 8,
+        (_partition.Q, _partition.LSE), layout=dims.kv_layout,
+        num_kv_heads=dims.num_kv_heads, num_q_heads=dims.num_q_heads)
     if sinks is not None:
         out, lse = _xla.apply_sinks(out, lse, sinks)
     return out, lse
@@ -457,10 +487,18 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
         key, value = _quantize_fp8(key[:n], ks), _quantize_fp8(value[:n], vs)
     # the NHD-only kernels refuse HND (and take no kv_layout)
     layout = {"kv_layout": kv_layout} if kv_layout == "HND" else {}
-    return _dispatch("write_kv", backend, _backends.cache_context([k_cache], kv_layout),
-                     lambda impl: tuple(impl(key, value, k_cache, v_cache, slot_mapping,
-                                             **layout)),
-                     (key, value, k_cache, v_cache, slot_mapping))
+
+    def heads(key, value, k_cache, v_cache, slot_mapping):
+        return tuple(_dispatch("write_kv", backend, _backends.cache_context([k_cache], kv_layout),
+                               lambda impl: tuple(impl(key, value, k_cache, v_cache,
+                                                       slot_mapping, **layout)),
+                               (key, value, k_cache, v_cache, slot_mapping)))
+
+    kv, cache = _partition.KV, _partition.CACHE
+    return _partition.by_heads(heads, (key, value, k_cache, v_cache, slot_mapping),
+                               (kv, kv, cache, cache, _partition.REP), (cache, cache),
+                               layout=kv_layout,
+                               num_kv_heads=validate.cache_dims(k_cache, kv_layout)[2])
 
 
 def _int32_ids(ids, upper: int):
@@ -486,9 +524,16 @@ def copy_blocks(caches, src, dst, *, backend=None):
     if _run_value_checks(src, dst):
         validate.check_copy_blocks_values(num_blocks, src, dst)
     src, dst = _int32_ids(src, num_blocks), _int32_ids(dst, num_blocks)
-    caches = list(caches)
-    return _dispatch("copy_blocks", backend, _backends.cache_context(caches),
-                     lambda impl: list(impl(caches, src, dst)), (caches, src, dst))
+    n = len(caches)
+
+    def blocks(*ops):
+        caches, src, dst = list(ops[:n]), ops[n], ops[n + 1]
+        return tuple(_dispatch("copy_blocks", backend, _backends.cache_context(caches),
+                               lambda impl: list(impl(caches, src, dst)), (caches, src, dst)))
+
+    B = _partition.BLOCKS
+    return list(_partition.by_blocks(blocks, (*caches, src, dst), (B,) * n + (None, None),
+                                     (B,) * n))
 
 
 def gather_blocks(caches, block_ids, *, backend=None):
@@ -502,9 +547,15 @@ def gather_blocks(caches, block_ids, *, backend=None):
     if _run_value_checks(block_ids):
         validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=False)
     block_ids = _int32_ids(block_ids, int(caches[0].shape[0]))
-    caches = list(caches)
-    return _dispatch("gather_blocks", backend, _backends.cache_context(caches),
-                     lambda impl: impl(caches, block_ids), (caches, block_ids))
+    n = len(caches)
+
+    def blocks(*ops):
+        caches, block_ids = list(ops[:n]), ops[n]
+        return (_dispatch("gather_blocks", backend, _backends.cache_context(caches),
+                          lambda impl: impl(caches, block_ids), (caches, block_ids)),)
+
+    return _partition.by_blocks(blocks, (*caches, block_ids), (_partition.BLOCKS,) * n + (None,),
+                                (_partition.BUFFER,))[0]
 
 
 def scatter_blocks(caches, buffer, block_ids, *, backend=None):
@@ -518,10 +569,17 @@ def scatter_blocks(caches, buffer, block_ids, *, backend=None):
     if _run_value_checks(block_ids):
         validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=True)
     block_ids = _int32_ids(block_ids, int(caches[0].shape[0]))
-    caches = list(caches)
-    return _dispatch("scatter_blocks", backend, _backends.cache_context(caches),
-                     lambda impl: list(impl(caches, buffer, block_ids)),
-                     (caches, buffer, block_ids))
+    n = len(caches)
+
+    def blocks(*ops):
+        caches, buffer, block_ids = list(ops[:n]), ops[n], ops[n + 1]
+        return tuple(_dispatch("scatter_blocks", backend, _backends.cache_context(caches),
+                               lambda impl: list(impl(caches, buffer, block_ids)),
+                               (caches, buffer, block_ids)))
+
+    B = _partition.BLOCKS
+    return list(_partition.by_blocks(blocks, (*caches, buffer, block_ids),
+                                     (B,) * n + (_partition.BUFFER, None), (B,) * n))
 
 
 def explain_backends(op: str, platform: str | None = None, **context) -> dict[str, str]:

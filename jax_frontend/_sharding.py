@@ -11,6 +11,10 @@ Example (4 devices, 8 kv heads: 2 per device)::
     out = jax.jit(attn)(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens)
     # q: P(None, "tp", None); k_cache, v_cache: P(None, None, "tp", None); the rest replicated
 
+Under plain ``jax.jit`` the ops on head-sharded arrays split themselves the same way
+(``_partition.py``): these helpers are for laying out inputs not yet sharded, and for code that
+wants the shard_map explicit.
+
 With ``kv_layout="HND"`` in the config the caches are [num_blocks, num_kv_heads, block_size,
 head_dim], sharded P(None, "tp", None, None): 1 or 2 kv heads per TPU chip read by the Pallas
 kernel with no tile padding.

@@ -173,8 +173,131 @@ def hnd() -> None:
     print("OK hnd write_kv")
 
 
+def plain_jit() -> None:
+    """The ops under plain jax.jit (no shard_map) with caches sharded over their kv heads, on
+    meshes of Auto axes (custom_partitioning) and Explicit ones (shard_map from the types):
+    results right, sharded like q, and no all-gather in the compiled program (the caches are
+    never gathered onto one device); write_kv donated updates every device's shard in place."""
+    from jax.sharding import PartitionSpec as P
+
+    rng = np.random.default_rng(2)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 8), num_q_heads=16,
+                                  num_kv_heads=4, head_dim=32, block_size=8, sliding_window=11)
+    sinks = (3 * rng.standard_normal(16)).astype(np.float32)
+    want, want_lse = ref.paged_attention_reference(*b.args(), sliding_window=11,
+                                                   return_lse=True, sinks=sinks)
+    sp = testing.make_shared_prefix_batch(rng, [3, 2], [(0, 1, 5), (1, 3, 9), (-1, 2, 4),
+                                                        (0, 1, 1)],
+                                          num_q_heads=16, num_kv_heads=4, head_dim=32,
+                                          block_size=8)
+    want_sp = ref.shared_prefix_attention_reference(*sp.args())
+    key = testing.random_values(rng, (3, 4, 32), "float32")
+    slots = np.array([9, -1, 30], np.int32)
+    want_k, want_v = ref.write_kv_reference(key, key, b.k_cache, b.v_cache, slots)
+    kinds = {"auto": jax.sharding.AxisType.Auto, "explicit": jax.sharding.AxisType.Explicit}
+    for name, axis_type in kinds.items():
+        mesh = jax.make_mesh((4,), ("tp",), axis_types=(axis_type,))
+        for layout in ("NHD", "HND"):
+            spec = jf.kv_head_specs("tp", layout)
+            put = lambda x, s, mesh=mesh: jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
+            lay = (lambda c: np.ascontiguousarray(np.swapaxes(c, 1, 2))) if layout == "HND" \
+                else (lambda c: c)
+            q, kc, vc = put(b.q, spec["q"]), put(lay(b.k_cache), spec["cache"]), put(
+                lay(b.v_cache), spec["cache"])
+            rep = [put(x, P()) for x in (b.block_tables, b.kv_lens, b.cu_q_lens)]
+            attn = jax.jit(lambda *a, layout=layout: jf.paged_attention(
+                *a, sliding_window=11, return_lse=True, sinks=sinks, kv_layout=layout))
+            with jax.set_mesh(mesh):
+                out, lse = attn(q, kc, vc, *rep)
+                hlo = attn.lower(q, kc, vc, *rep).compile().as_text()
+            assert "all-gather" not in hlo, (name, layout)
+            assert out.sharding.spec[1] == "tp", out.sharding
+            np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=2e-5)
+            np.testing.assert_allclose(np.asarray(lse), want_lse, atol=1e-4, rtol=1e-5)
+            a = sp.args()
+            shared = jax.jit(lambda *a, layout=layout: jf.shared_prefix_attention(
+                *a, kv_layout=layout))
+            sargs = (put(a[0], spec["q"]), put(lay(a[1]), spec["cache"]),
+                     put(lay(a[2]), spec["cache"]), *(put(x, P()) for x in a[3:]))
+            with jax.set_mesh(mesh):
+                got = shared(*sargs)
+                hlo = shared.lower(*sargs).compile().as_text()
+            assert "all-gather" not in hlo, (name, layout)
+            np.testing.assert_allclose(np.asarray(got), want_sp, atol=2e-5, rtol=2e-5)
+            write = jax.jit(lambda *a, layout=layout: jf.write_kv(*a, kv_layout=layout),
+                            donate_argnums=(2, 3))
+            kc2, vc2 = put(lay(b.k_cache), spec["cache"]), put(lay(b.v_cache), spec["cache"])
+            ptrs = [s.data.unsafe_buffer_pointer() for s in kc2.addressable_shards]
+            with jax.set_mesh(mesh):
+                nk, nv = write(put(key, spec["q"]), put(key, spec["q"]), kc2, vc2,
+                               put(slots, P()))
+            assert nk.sharding.is_equivalent_to(NamedSharding(mesh, spec["cache"]), 4), (
+                nk.sharding)
+            assert [s.data.unsafe_buffer_pointer() for s in nk.addressable_shards] == ptrs
+            np.testing.assert_array_equal(np.asarray(nk), lay(want_k))
+            np.testing.assert_array_equal(np.asarray(nv), lay(want_v))
+            # block copies: a block's elements copy independently, so each device copies
+            # its heads' part of the blocks
+            ids, dst = np.array([2, 0], np.int32), np.array([5, 6], np.int32)
+            ops = jax.jit(lambda cs, i, d: (jf.gather_blocks(cs, i), jf.copy_blocks(cs, i, d),
+                                            jf.scatter_blocks(cs, jf.gather_blocks(cs, d), i)))
+            caches = [put(lay(b.k_cache), spec["cache"]), put(lay(b.v_cache), spec["cache"])]
+            bargs = (caches, put(ids, P()), put(dst, P()))
+            with jax.set_mesh(mesh):
+                buf, copied, scattered = ops(*bargs)
+                hlo = ops.lower(*bargs).compile().as_text()
+            assert "all-gather" not in hlo, (name, layout)
+            assert buf.sharding.spec[3 if layout == "NHD" else 2] == "tp", buf.sharding
+            host = [lay(b.k_cache), lay(b.v_cache)]
+            np.testing.assert_array_equal(np.asarray(buf), ref.gather_blocks_reference(host, ids))
+            for g, w in zip(copied, ref.copy_blocks_reference(host, ids, dst), strict=True):
+                np.testing.assert_array_equal(np.asarray(g), w)
+            moved = ref.scatter_blocks_reference(host, ref.gather_blocks_reference(host, dst),
+                                                 ids)
+            for g, w in zip(scattered, moved, strict=True):
+                np.testing.assert_array_equal(np.asarray(g), w)
+            print("OK plain jit", name, layout)
+    # a 2 x 2 mesh, the heads over "tp" only, q given unsharded: each device runs its 2 kv
+    # heads, q is sliced (not gathered), the output comes back sharded over "tp"
+    mesh = jax.make_mesh((2, 2), ("dp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    cache_spec = NamedSharding(mesh, P(None, None, "tp", None))
+    attn = jax.jit(lambda *a: jf.paged_attention(*a, sliding_window=11))
+    args = (b.q, jax.device_put(b.k_cache, cache_spec), jax.device_put(b.v_cache, cache_spec),
+            *b.args()[3:])
+    out = attn(*args)  # no mesh set: the arrays' shardings alone
+    hlo = attn.lower(*args).compile().as_text()
+    assert "all-gather" not in hlo and out.sharding.spec[1] == "tp", out.sharding
+    np.testing.assert_allclose(np.asarray(out), ref.paged_attention_reference(
+        *b.args(), sliding_window=11), atol=2e-5, rtol=2e-5)
+    print("OK plain jit 2d mesh")
+    # a plan run under plain jit: the same partitioned path
+    plan = jf.plan_paged_attention(b.block_tables, b.kv_lens, b.cu_q_lens, k_cache=b.k_cache,
+                                   num_q_heads=16, sliding_window=11)
+    run = jax.jit(lambda p, q, k, v: p.run(q, k, v))
+    args = (plan, b.q, jax.device_put(b.k_cache, cache_spec),
+            jax.device_put(b.v_cache, cache_spec))
+    with jax.set_mesh(mesh):
+        got = run(*args)
+        hlo = run.lower(*args).compile().as_text()
+    assert "all-gather" not in hlo
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(out))
+    print("OK plain jit plan")
+    # jax.export cannot serialize a custom_partitioning; PREFIXKV_JAX_PARTITION=0 exports
+    shaped = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in args[2:]]
+    tables = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in b.args()[3:]]
+    export = jax.export.export(jax.jit(jf.paged_attention), platforms=["tpu"])
+    os.environ["PREFIXKV_JAX_PARTITION"] = "0"
+    try:
+        assert export(jax.ShapeDtypeStruct(b.q.shape, b.q.dtype), *shaped, *tables).out_avals
+    finally:
+        del os.environ["PREFIXKV_JAX_PARTITION"]
+    print("OK plain jit export")
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["hnd"]:
         hnd()
+    elif sys.argv[1:] == ["plain_jit"]:
+        plain_jit()
     else:
         main(sys.argv[1] if len(sys.argv) > 1 else None)

@@ -41,3 +41,14 @@ def test_tensor_parallel_hnd_one_kv_head_per_device():
     out = _run("hnd")
     assert "OK hnd attention pallas_interpret" in out and "OK hnd attention xla" in out
     assert "OK hnd write_kv" in out
+
+
+def test_plain_jit_partitions_over_the_heads():
+    """No shard_map: the ops on head-sharded arrays under plain jit, Auto and Explicit mesh
+    axes, both cache layouts; no all-gather in the compiled programs."""
+    out = _run("plain_jit")
+    for kind in ("auto", "explicit"):
+        for layout in ("NHD", "HND"):
+            assert f"OK plain jit {kind} {layout}" in out
+    assert "OK plain jit 2d mesh" in out and "OK plain jit plan" in out
+    assert "OK plain jit export" in out
