@@ -27,6 +27,7 @@ import os
 import threading
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -60,15 +61,23 @@ def _head_dim(role, layout: str) -> int | None:
 
 
 def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, jax.core.Tracer))
+    return isinstance(x, (jax.Array, jax.core.Tracer, np.ndarray))
+
+
+def _jax_array(x):
+    """numpy operands as JAX arrays: a custom_partitioning takes no closed-over constants."""
+    return jax.numpy.asarray(x) if isinstance(x, np.ndarray) else x
 
 
 def _mode(operands) -> str | None:
     """"explicit", "auto" or None (run the op as it is) for a call with ``operands``."""
     if getattr(_state, "local", False) or os.environ.get("PREFIXKV_JAX_PARTITION", "1") == "0":
         return None
-    if not any(isinstance(x, jax.core.Tracer) for x in operands):
+    tracers = [x for x in operands if isinstance(x, jax.core.Tracer)]
+    if not tracers:
         return None  # eager: each array's own placement
+    if any(type(x).__name__ != "DynamicJaxprTracer" for x in tracers):
+        return None  # under vmap or jvp: custom_partitioning has no batching or jvp rule
     if jax.device_count() == 1:
         return None
     mesh = jax.sharding.get_abstract_mesh()
@@ -154,7 +163,7 @@ def by_heads(fn, operands, roles, out_roles, *, layout: str, num_kv_heads: int,
 
 def _explicit(call: _Call):
     idx = call.arrays
-    arrays = [call.operands[i] for i in idx]
+    arrays = [_jax_array(call.operands[i]) for i in idx]
     roles = [call.roles[i] for i in idx]
     types = [jax.typeof(a) for a in arrays]
     mesh = next(t.sharding.mesh for t in types if getattr(t.sharding, "mesh", None) is not None
@@ -197,7 +206,7 @@ def _custom_partitioned(call: _Call):
     from jax.experimental.custom_partitioning import custom_partitioning
 
     idx = call.arrays
-    arrays = [call.operands[i] for i in idx]
+    arrays = [_jax_array(call.operands[i]) for i in idx]
     roles = [call.roles[i] for i in idx]
     out_ranks = {Q: 3, LSE: 2, KV: 3, CACHE: 4}
 
@@ -243,7 +252,7 @@ def by_blocks(fn, operands, roles, out_roles):
         return fn(*operands)
     call = _Call(fn, tuple(operands), tuple(roles), tuple(out_roles), "", 0, 1)
     idx = call.arrays
-    arrays = [operands[i] for i in idx]
+    arrays = [_jax_array(operands[i]) for i in idx]
     aroles = [roles[i] for i in idx]
     rank = len(next(iter(shapes)))
 

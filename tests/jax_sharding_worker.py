@@ -292,6 +292,27 @@ def plain_jit() -> None:
     finally:
         del os.environ["PREFIXKV_JAX_PARTITION"]
     print("OK plain jit export")
+    # vmap under jit on several devices: custom_partitioning has no batching rule, so a
+    # batched call runs as it is (it did before)
+    stacked = [np.stack([x] * 2) for x in b.args()[:6]]
+    got = jax.jit(jax.vmap(lambda *x: jf.paged_attention(*x, sliding_window=11)))(*stacked)
+    np.testing.assert_allclose(np.asarray(got[1]), ref.paged_attention_reference(
+        *b.args(), sliding_window=11), atol=2e-5, rtol=2e-5)
+    print("OK plain jit vmap")
+    # layers under lax.scan (stacked caches, metadata as numpy constants): partitioned too
+    layers = NamedSharding(mesh, P(None, None, None, "tp", None))
+    kcs = jax.device_put(np.stack([b.k_cache] * 2), layers)
+    vcs = jax.device_put(np.stack([b.v_cache] * 2), layers)
+
+    def layer(q, kv):
+        return q, jf.paged_attention(q, *kv, *b.args()[3:6], sliding_window=11)
+
+    scan = jax.jit(lambda q, k, v: jax.lax.scan(layer, q, (k, v))[1])
+    got = scan(b.q, kcs, vcs)
+    assert "all-gather" not in scan.lower(b.q, kcs, vcs).compile().as_text()
+    np.testing.assert_allclose(np.asarray(got[1]), ref.paged_attention_reference(
+        *b.args(), sliding_window=11), atol=2e-5, rtol=2e-5)
+    print("OK plain jit scan")
 
 
 if __name__ == "__main__":
