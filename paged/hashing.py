@@ -26,6 +26,7 @@ from .reference.hashing import (
 )
 from .validate import (
     HASH_ALGOS,
+    VLLM_ALGOS,
     check_hash_algo,
     check_hash_blocks,
     check_hash_blocks_values,
@@ -181,16 +182,33 @@ def hash_blocks_words(tokens, block_size: int, *, cu_lens=None, salt=None, extra
 # ------------------------------------------------------------------------- compatibility modes
 
 
-def vllm_none_hash(seed: str = VLLM_DEFAULT_SEED) -> bytes:
-    """vLLM's NONE_HASH for sha256_cbor: SHA-256 of the canonical CBOR of the seed (the value
-    of PYTHONHASHSEED there, a str, else "vllm-none-hash")."""
+#: The pickle protocol of vLLM's sha256 (``pickle.HIGHEST_PROTOCOL`` of its Python: 5 on every
+#: CPython vLLM runs on).
+VLLM_PICKLE_PROTOCOL = 5
+
+
+def _vllm_serializer(algo: str):
+    """The bytes vLLM's hash function ``algo`` takes the SHA-256 of, for an object."""
+    if algo == "vllm-sha256":
+        import pickle
+
+        return lambda obj: pickle.dumps(obj, protocol=VLLM_PICKLE_PROTOCOL)
+    cbor2 = _require("cbor2", algo)
+    return lambda obj: cbor2.dumps(obj, canonical=True)
+
+
+def vllm_none_hash(seed: str = VLLM_DEFAULT_SEED, algo: str = "vllm-sha256-cbor") -> bytes:
+    """vLLM's NONE_HASH: SHA-256 of the seed (the value of PYTHONHASHSEED there, a str, else
+    "vllm-none-hash") as canonical CBOR (sha256_cbor, the default) or as pickle
+    (``algo="vllm-sha256"``, vLLM's sha256)."""
     import hashlib
 
     if not isinstance(seed, str):
         raise TypeError(f"seed: expected a str (vLLM's seed is the string value of "
                         f"PYTHONHASHSEED, e.g. '0'), got {type(seed).__name__}")
-    cbor2 = _require("cbor2", "vllm-sha256-cbor")
-    return hashlib.sha256(cbor2.dumps(seed, canonical=True)).digest()
+    if algo not in ("vllm-sha256-cbor", "vllm-sha256"):
+        raise ValueError(f"algo: expected 'vllm-sha256-cbor' or 'vllm-sha256', got {algo!r}")
+    return hashlib.sha256(_vllm_serializer(algo)(seed)).digest()
 
 
 def _sequences(tokens: np.ndarray, cu: np.ndarray, block_size: int):
@@ -207,12 +225,12 @@ def _per_seq(parent, num_seqs: int) -> list:
     return [parent] * num_seqs
 
 
-def _vllm_sha256_cbor(tokens, cu, block_size, salt, parent, seed, lora,
-                      mm: tuple = ()) -> list[bytes]:
+def _vllm_sha256(algo, tokens, cu, block_size, salt, parent, seed, lora,
+                 mm: tuple = ()) -> list[bytes]:
     import hashlib
 
-    cbor2 = _require("cbor2", "vllm-sha256-cbor")
-    none_hash = vllm_none_hash(VLLM_DEFAULT_SEED if seed is None else seed)
+    dumps = _vllm_serializer(algo)
+    none_hash = vllm_none_hash(VLLM_DEFAULT_SEED if seed is None else seed, algo)
     lora_key = None if lora is None else ("lora", lora[0], lora[1])
     parents = _per_seq(parent, len(cu) - 1)
     # one sequence when mm is given: {block: [(identifier, offset from the block start)]}
@@ -230,8 +248,7 @@ def _vllm_sha256_cbor(tokens, cu, block_size, salt, parent, seed, lora,
             if first and salt:
                 keys.append(("cache_salt", salt))
             extra_keys = tuple(keys) if keys else None
-            prev = hashlib.sha256(cbor2.dumps((prev, tuple(block), extra_keys),
-                                              canonical=True)).digest()
+            prev = hashlib.sha256(dumps((prev, tuple(block), extra_keys))).digest()
             out.append(prev)
             first = False
     return out
@@ -502,6 +519,8 @@ def hash_blocks(tokens, block_size: int, *, cu_lens=None, salt=None, extra=None,
     * ``"vllm-sha256-cbor"``: vLLM's sha256_cbor block hash, 32-byte digests. seed: NONE_HASH
       seed (default "vllm-none-hash", vLLM's value without PYTHONHASHSEED); salt: its
       cache_salt (block 0 of a sequence that starts at NONE_HASH); lora: (name, path).
+    * ``"vllm-sha256"``: vLLM's sha256 (its default ``--prefix-caching-hash-algo``): the same
+      chain and keys with pickle (protocol 5) in place of CBOR.
     * ``"sglang-sha256"``: SGLang HiCache page hash chain, 32-byte digests; parent = prior
       page digest.
 
@@ -533,11 +552,11 @@ def hash_blocks(tokens, block_size: int, *, cu_lens=None, salt=None, extra=None,
                     seed=seed, lora=lora)
     mm = check_mm_items(mm_items)
     if mm:
-        if not v1 and algo != "vllm-sha256-cbor":
+        if not v1 and algo not in VLLM_ALGOS:
             hint = (" (SGLang writes each item's hash-derived pad value into the placeholder "
                     "token ids instead: hash those tokens)" if algo == "sglang-sha256" else "")
             raise ValueError(f"mm_items: {algo} has no multimodal keys{hint}; use "
-                             f"prefixkv-v1 or vllm-sha256-cbor")
+                             f"prefixkv-v1, vllm-sha256-cbor or vllm-sha256")
         if cu_lens is not None:
             raise ValueError("mm_items: expected one sequence (cu_lens=None): the items' "
                              "offsets are positions in it")
@@ -557,8 +576,8 @@ def hash_blocks(tokens, block_size: int, *, cu_lens=None, salt=None, extra=None,
                                   host_backend())
         return split_digests(digests)
     bs = dims.block_size
-    if algo == "vllm-sha256-cbor":
-        return _vllm_sha256_cbor(tokens, cu, bs, salt, parent, seed, lora, mm)
+    if algo in VLLM_ALGOS:
+        return _vllm_sha256(algo, tokens, cu, bs, salt, parent, seed, lora, mm)
     if algo == "sglang-sha256":
         return _sglang_sha256(tokens, cu, bs, parent)
     if algo == "dynamo-xxh3":

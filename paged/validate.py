@@ -900,7 +900,10 @@ def check_hash_blocks_values(dims: HashBlocksDims, tokens, *, cu_lens=None,
 
 
 #: Block-hash algorithms of prefixkv.paged.hashing.hash_blocks (docs/hashing.md).
-HASH_ALGOS = ("prefixkv-v1", "vllm-sha256-cbor", "sglang-sha256", "dynamo-xxh3", "dynamo-kvbm")
+HASH_ALGOS = ("prefixkv-v1", "vllm-sha256-cbor", "vllm-sha256", "sglang-sha256", "dynamo-xxh3",
+              "dynamo-kvbm")
+#: vLLM's SHA-256 block hashes: of canonical CBOR (sha256_cbor) and of pickle (sha256).
+VLLM_ALGOS = ("vllm-sha256-cbor", "vllm-sha256")
 
 
 def _check_u64(name: str, value) -> int:
@@ -914,8 +917,9 @@ def _check_u64(name: str, value) -> int:
 def check_hash_algo(algo, *, num_seqs: int, salt=None, extra=None, parent=None, seed=None,
                     lora=None) -> None:
     """The arguments each algorithm accepts (static). prefixkv-v1: salt, extra, parent (as in
-    check_hash_blocks), no seed/lora. vllm-sha256-cbor: seed str, salt str (its
-    cache_salt), lora (name, path), parent 32 bytes or a list of num_seqs (32 bytes or None).
+    check_hash_blocks), no seed/lora. vllm-sha256-cbor and vllm-sha256: seed str, salt str
+    (its cache_salt), lora (name, path), parent 32 bytes or a list of num_seqs (32 bytes or
+    None).
     sglang-sha256: parent as for vllm. dynamo-xxh3: seed u64 only. dynamo-kvbm: seed u64 (its
     salt_hash) or salt str|bytes (not both), parent u64 or a list of num_seqs (u64 or None).
     """
@@ -930,18 +934,19 @@ def check_hash_algo(algo, *, num_seqs: int, salt=None, extra=None, parent=None, 
         return
     if extra is not None:
         raise ValueError(f"extra: only prefixkv-v1 takes extra, got it with algo={algo!r}")
-    if lora is not None and algo != "vllm-sha256-cbor":
-        raise ValueError(f"lora: only vllm-sha256-cbor takes lora, got it with algo={algo!r}")
+    if lora is not None and algo not in VLLM_ALGOS:
+        raise ValueError(f"lora: only {' and '.join(VLLM_ALGOS)} take lora, got it with "
+                         f"algo={algo!r}")
     if salt is not None and algo in ("sglang-sha256", "dynamo-xxh3"):
         raise ValueError(f"salt: {algo} has no salt, got {salt!r}")
     if parent is not None and algo == "dynamo-xxh3":
         raise ValueError("parent: dynamo-xxh3 hashes each block alone (no chain), got a parent")
-    if algo == "vllm-sha256-cbor":
+    if algo in VLLM_ALGOS:
         if seed is not None and not isinstance(seed, str):
             raise TypeError(f"seed: expected a str (vLLM's seed is the string value of "
                             f"PYTHONHASHSEED, e.g. '0') or None, got {type(seed).__name__}")
         if salt is not None and not isinstance(salt, str):
-            raise TypeError(f"salt: vllm-sha256-cbor takes a str cache_salt, got "
+            raise TypeError(f"salt: {algo} takes a str cache_salt, got "
                             f"{type(salt).__name__}")
         if lora is not None and (not isinstance(lora, (tuple, list)) or len(lora) != 2
                                  or not all(isinstance(x, str) for x in lora)):

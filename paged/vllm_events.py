@@ -116,22 +116,28 @@ def _plain(obj):
     raise TypeError(f"cannot encode {type(obj).__name__} in a vLLM event")
 
 
-def vllm_hash_fn(*, seed: str | None = None, lora=None, int_hashes: bool = True):
+def vllm_hash_fn(*, algo: str = "vllm-sha256", seed: str | None = None, lora=None,
+                 int_hashes: bool = True):
     """A :class:`~prefixkv.paged.router.Router` ``hash_fn`` giving the hashes a vLLM engine's
-    events carry: ``hash_blocks(algo="vllm-sha256-cbor", seed=seed, lora=lora)`` (the engine's
-    ``--prefix-caching-hash-algo sha256_cbor`` and its PYTHONHASHSEED, if set, as ``seed``), cut
-    to the 8 bytes :class:`VllmEventDecoder` makes of an int hash when ``int_hashes``. With
+    events carry: ``hash_blocks(algo=algo, seed=seed, lora=lora)``. algo: "vllm-sha256" for
+    the engine's default ``--prefix-caching-hash-algo sha256``, "vllm-sha256-cbor" for
+    ``sha256_cbor``; seed: its PYTHONHASHSEED, if set. The hashes are cut to the 8 bytes
+    :class:`VllmEventDecoder` makes of an int hash when ``int_hashes``. With
     ``int_hashes=False`` it continues chains (``parent=``), so a
     :class:`~prefixkv.paged.PrefixCache` keyed by it publishes vLLM's own hashes."""
     from .hashing import hash_blocks
+    from .validate import VLLM_ALGOS
+
+    if algo not in VLLM_ALGOS:
+        raise ValueError(f"algo: expected one of {VLLM_ALGOS}, got {algo!r}")
 
     def hash_fn(tokens, block_size, *, salt=None, parent=None, mm_items=None):
         if parent is not None and int_hashes:
             raise ValueError("parent: continuing a vLLM chain needs the parent's full digest, "
                              "which int hashes cut; hash the whole prefix (parent=None), or "
                              "use int_hashes=False")
-        hashes = hash_blocks(tokens, block_size, salt=salt, parent=parent,
-                             algo="vllm-sha256-cbor", seed=seed, lora=lora, mm_items=mm_items)
+        hashes = hash_blocks(tokens, block_size, salt=salt, parent=parent, algo=algo,
+                             seed=seed, lora=lora, mm_items=mm_items)
         return [h[-8:] for h in hashes] if int_hashes else hashes
 
     return hash_fn

@@ -55,6 +55,45 @@ def test_vllm_chain_salt_and_lora():
             == hash_blocks(tokens, 16, algo="vllm-sha256-cbor"))
 
 
+def _sha256_pickle(obj) -> bytes:
+    import pickle
+
+    return hashlib.sha256(pickle.dumps(obj, protocol=5)).digest()
+
+
+def test_vllm_sha256_pickle_chain():
+    """vLLM's default hash (sha256: SHA-256 of pickle, protocol 5 = HIGHEST_PROTOCOL of every
+    CPython it runs on): NONE_HASH of the seed, then the same (parent, tokens, extra_keys)
+    chain as sha256_cbor; numpy token ids hash as the Python ints vLLM pickles."""
+    assert vllm_none_hash(algo="vllm-sha256") == _sha256_pickle("vllm-none-hash")
+    assert vllm_none_hash("0", algo="vllm-sha256") == _sha256_pickle("0")
+    assert vllm_none_hash(algo="vllm-sha256") != vllm_none_hash()
+    # the pickle written out by hand (PROTO 5, FRAME, SHORT_BINUNICODE, MEMOIZE, STOP): the
+    # encoding of a str does not depend on the Python release
+    seed = b"vllm-none-hash"
+    body = b"\x8c" + bytes([len(seed)]) + seed + b"\x94."
+    manual = b"\x80\x05\x95" + len(body).to_bytes(8, "little") + body
+    assert vllm_none_hash(algo="vllm-sha256") == hashlib.sha256(manual).digest()
+    assert vllm_none_hash(algo="vllm-sha256").hex() == (
+        "066b1e8987e027138e98701c46128929378935f9b6cd1549105ae6b4f0d71198")
+    tokens = np.arange(40, dtype=np.int32)
+    none = vllm_none_hash(algo="vllm-sha256")
+    lora = ("ad", "/adapters/ad")
+    b0 = _sha256_pickle((none, tuple(range(16)), (("lora", "ad", "/adapters/ad"),
+                                                  ("cache_salt", "s1"))))
+    b1 = _sha256_pickle((b0, tuple(range(16, 32)), (("lora", "ad", "/adapters/ad"),)))
+    assert hash_blocks(tokens, 16, algo="vllm-sha256", salt="s1", lora=lora) == [b0, b1]
+    c0 = _sha256_pickle((none, tuple(range(16)), None))
+    assert hash_blocks(tokens, 16, algo="vllm-sha256") == [
+        c0, _sha256_pickle((c0, tuple(range(16, 32)), None))]
+    assert hash_blocks(tokens[16:], 16, algo="vllm-sha256", parent=c0) == hash_blocks(
+        tokens, 16, algo="vllm-sha256")[1:]
+    mm = hash_blocks(tokens, 16, algo="vllm-sha256", mm_items=[(20, 8, "img")])
+    assert mm[1] == _sha256_pickle((c0, tuple(range(16, 32)), (("img", 4),)))
+    assert hash_blocks(tokens, 16, algo="vllm-sha256") == hash_blocks(
+        list(range(40)), 16, algo="vllm-sha256")
+
+
 def test_vllm_continuation_and_ragged():
     tokens = np.arange(64, dtype=np.int32)
     whole = hash_blocks(tokens, 16, algo="vllm-sha256-cbor", salt="s")
@@ -149,6 +188,9 @@ BAD = [
     ("sglang-sha256", {"salt": "x"}, ValueError, "salt: sglang-sha256 has no salt"),
     ("sglang-sha256", {"seed": 3}, ValueError, "seed: sglang-sha256 has no seed"),
     ("sglang-sha256", {"lora": ("a", "b")}, ValueError, "lora: only vllm-sha256-cbor"),
+    ("vllm-sha256", {"salt": b"x"}, TypeError, "salt: vllm-sha256 takes a str"),
+    ("vllm-sha256", {"seed": 0}, TypeError, r"seed: expected a str \(vLLM's seed is the"),
+    ("vllm-sha256", {"parent": b"x" * 8}, ValueError, "parent: expected 32 bytes, got 8"),
     ("dynamo-xxh3", {"parent": 5}, ValueError, "parent: dynamo-xxh3 hashes each block alone"),
     ("dynamo-xxh3", {"seed": -1}, ValueError, r"seed: expected an int in \[0, 2\*\*64\)"),
     ("dynamo-kvbm", {"seed": 1, "salt": "a"}, ValueError, "salt: dynamo-kvbm takes salt or seed"),

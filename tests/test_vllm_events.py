@@ -248,7 +248,7 @@ def test_router_routes_over_vllm_events_end_to_end(wire):
     assert router.pick(doc + [5], salt="tenant").overlaps == {"w0": 4, "w1": 0}
     assert router.pick(doc, salt="other").overlaps == {"w0": 0, "w1": 0}
     # vLLM's own hashes: what a vLLM engine with sha256_cbor publishes for the same prompt
-    want = [external_hash(h) for h in hash_blocks(doc[:4 * bs], bs, algo="vllm-sha256-cbor")]
+    want = [external_hash(h) for h in hash_blocks(doc[:4 * bs], bs, algo="vllm-sha256")]
     assert router.request_hashes(doc) == [x.to_bytes(8, "big") for x in want]
     # evict w1's blocks: free them and make the pool reuse every block
     pc1 = workers["w1"][0]
@@ -266,6 +266,12 @@ def test_vllm_hash_fn_continues_chains_only_with_full_digests():
     assert vllm_hash_fn()(toks, 4) == [h[-8:] for h in whole]
     with pytest.raises(ValueError, match="parent"):
         vllm_hash_fn()(toks[8:], 4, parent=whole[1][-8:])
+    # vLLM's default sha256 (pickle) unless told sha256_cbor
+    assert whole == hash_blocks(toks, 4, algo="vllm-sha256")
+    assert vllm_hash_fn(algo="vllm-sha256-cbor", int_hashes=False)(toks, 4) == hash_blocks(
+        toks, 4, algo="vllm-sha256-cbor") != whole
+    with pytest.raises(ValueError, match="algo"):
+        vllm_hash_fn(algo="xxhash")
 
 
 def test_frames_over_zmq_pub_sub():
