@@ -121,7 +121,9 @@ def vllm_hash_fn(*, algo: str = "vllm-sha256", seed: str | None = None, lora=Non
     """A :class:`~prefixkv.paged.router.Router` ``hash_fn`` giving the hashes a vLLM engine's
     events carry: ``hash_blocks(algo=algo, seed=seed, lora=lora)``. algo: "vllm-sha256" for
     the engine's default ``--prefix-caching-hash-algo sha256``, "vllm-sha256-cbor" for
-    ``sha256_cbor``; seed: its PYTHONHASHSEED, if set. The hashes are cut to the 8 bytes
+    ``sha256_cbor``; seed: the engines' PYTHONHASHSEED (None: "vllm-none-hash", vLLM 0.33's
+    seed without it; earlier releases draw a random NONE_HASH per process unless
+    PYTHONHASHSEED is set, so set it on every engine). The hashes are cut to the 8 bytes
     :class:`VllmEventDecoder` makes of an int hash when ``int_hashes``. With
     ``int_hashes=False`` it continues chains (``parent=``), so a
     :class:`~prefixkv.paged.PrefixCache` keyed by it publishes vLLM's own hashes."""
