@@ -8,9 +8,12 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prefixkv.paged import PrefixCache, Router
 from prefixkv.paged.events import KVEvent
 from prefixkv.paged.hashing import hash_blocks
+from prefixkv.paged.pool import NoFreeBlocksError
 from prefixkv.paged.vllm_events import (
     VllmEventDecoder,
     VllmEventEncoder,
@@ -304,3 +307,45 @@ def test_frames_over_zmq_pub_sub():
         pub.close(0)
         sub.close(0)
         ctx.term()
+
+
+@settings(max_examples=25, deadline=None)
+@given(ops=st.lists(st.tuples(st.integers(0, 5), st.sampled_from([None, "a", "b"]),
+                              st.integers(0, 40), st.booleans()), min_size=1, max_size=25),
+       wire=st.sampled_from(["map", "array"]), int_hashes=st.booleans())
+def test_wire_is_lossless_for_a_router(ops, wire, int_hashes):
+    """Random requests (shared prefixes, three salts, frees, evictions of a small pool): a
+    Router fed through the wire (encode, decode) holds what one fed the PrefixCache's events
+    directly holds (hashes cut to vLLM's 64 bits when int), namespaces included."""
+    bs = 4
+    pc = PrefixCache(num_blocks=24, block_size=bs, hash_fn=vllm_hash_fn(int_hashes=False))
+    enc, dec = VllmEventEncoder(bs, wire=wire, int_hashes=int_hashes), VllmEventDecoder()
+    direct = Router(bs, hash_fn=vllm_hash_fn(int_hashes=False))
+    direct.add_worker("w", pc.events)
+    pc.events.subscribe(enc)
+    wired = Router(bs, hash_fn=vllm_hash_fn(int_hashes=int_hashes))
+    wired.add_worker("w")
+    prefixes = [list(range(p * 100, p * 100 + 12)) for p in range(3)]
+    live = []
+    for i, (p, salt, extra, free) in enumerate(ops):
+        prompt = prefixes[p % 3] + list(range(1000 + i * 50, 1000 + i * 50 + extra))
+        try:
+            done = pc.add_request(i, prompt, salt=salt)
+            pc.step([(i, len(prompt) - done)])
+            live.append(i)
+        except NoFreeBlocksError:
+            pc.free(i)
+        if free and live:
+            pc.free(live.pop(0))
+        payload = enc.take(ts=float(i))
+        if payload is not None:
+            for ev in dec.decode(payload).events:
+                wired.apply("w", ev)
+    cut = (lambda h: h[-8:]) if int_hashes else (lambda h: h)
+    want = {ns: {cut(h) for h in hs} for ns, hs in direct.cached_hashes("w").items()}
+    assert wired.cached_hashes("w") == want
+    for p in range(3):
+        for salt in (None, "a", "b"):
+            prompt = prefixes[p] + [1]
+            assert (wired.pick(prompt, salt=salt).overlaps
+                    == direct.pick(prompt, salt=salt).overlaps)
