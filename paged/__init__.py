@@ -23,6 +23,8 @@ _EXPORTS = {
     "Router": ".router",
     "VllmEventEncoder": ".vllm_events",
     "VllmEventDecoder": ".vllm_events",
+    "VllmEventPublisher": ".vllm_zmq",
+    "VllmEventSubscriber": ".vllm_zmq",
     "RouteDecision": ".router",
     "BatchPlan": ".planner",
     "SharedPrefixPlan": ".planner",

@@ -322,6 +322,11 @@ class VllmEventDecoder:
         self._block_size = 0  # the stream's, from its stores (num_tokens of removals)
         self._msgpack = _msgpack()
 
+    @property
+    def seen_tiers(self) -> tuple:
+        """The tiers this stream has stored blocks in."""
+        return tuple(self._ns)
+
     def decode(self, payload: bytes) -> VllmEventBatch:
         """The batch in ``payload``; a malformed payload raises ValueError naming what is
         wrong (a consumer skips it; the decoder's state is unchanged)."""

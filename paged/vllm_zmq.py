@@ -1,0 +1,276 @@
+"""vLLM's KV event transport over ZMQ, both ends (needs ``pyzmq``; the payloads are
+:mod:`prefixkv.paged.vllm_events`').
+
+vLLM's engine (``ZmqEventPublisher``) sends each step's batch on a PUB socket as the frames
+``(topic, sequence number as 8 bytes big-endian, payload)`` and keeps the last batches for a
+ROUTER replay endpoint: a client sends ``(b"", start_seq as 8 bytes big-endian)`` and gets every
+buffered ``(b"", seq, payload)`` from ``start_seq`` on, then ``(b"", -1 as 8 signed bytes, b"")``.
+
+- :class:`VllmEventPublisher`: an engine built on prefixkv publishing its event bus that way,
+  so llm-d's indexer, Dynamo's router or vLLM's subscriber example read it as a vLLM engine's.
+- :class:`VllmEventSubscriber`: a consumer of several engines' streams (vLLM's or the
+  publisher's) feeding their events to a :class:`~prefixkv.paged.router.Router`. PUB drops
+  messages (a subscriber joining late, a full queue), so it follows each engine's sequence
+  numbers: a gap is filled from the engine's replay endpoint, and when it cannot be (no
+  endpoint, the batches no longer buffered, a timeout) the engine's blocks are forgotten
+  (a ``"cleared"`` event), so the router misses where it would otherwise route on blocks
+  the engine may no longer hold. Duplicates (seq already applied) are skipped.
+
+Sockets bind or connect to the endpoints as given; use ``tcp://127.0.0.1:<port>`` on one host.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+from .events import CLEARED, KVEvent
+from .vllm_events import VllmEventDecoder, VllmEventEncoder, decode_frames, encode_frames
+
+END_SEQ = (-1).to_bytes(8, "big", signed=True)
+
+
+def _zmq():
+    try:
+        import zmq
+    except ImportError:
+        raise ImportError("the ZMQ event transport needs the pyzmq package (pip install "
+                          "pyzmq)") from None
+    return zmq
+
+
+class VllmEventPublisher:
+    """Publishes KV events as a vLLM engine does (module doc).
+
+    ``pub = VllmEventPublisher(16, "tcp://127.0.0.1:5557", replay_endpoint=
+    "tcp://127.0.0.1:5558"); cache.events.subscribe(pub)``; after each engine step
+    ``pub.publish()`` sends the step's batch (if any) and answers pending replay requests.
+
+    block_size: the pool's. endpoint: the PUB socket's address (bound). replay_endpoint: the
+    ROUTER socket's (bound), or None. topic: the frames' topic. buffer_steps: batches kept for
+    replay. encoder_kwargs: :class:`~prefixkv.paged.vllm_events.VllmEventEncoder`'s (wire,
+    int_hashes, media, data_parallel_rank).
+    """
+
+    def __init__(self, block_size: int, endpoint: str, *, replay_endpoint: str | None = None,
+                 topic: str = "", buffer_steps: int = 10_000, **encoder_kwargs) -> None:
+        zmq = _zmq()
+        if isinstance(buffer_steps, bool) or not isinstance(buffer_steps, int) or (
+                buffer_steps < 1):
+            raise ValueError(f"buffer_steps: expected an int >= 1, got {buffer_steps!r}")
+        self.encoder = VllmEventEncoder(block_size, **encoder_kwargs)
+        self.topic = topic
+        self._ctx = zmq.Context.instance()
+        self._pub = self._ctx.socket(zmq.PUB)
+        self._replay = None
+        try:
+            self._pub.bind(endpoint)
+            if replay_endpoint is not None:
+                self._replay = self._ctx.socket(zmq.ROUTER)
+                self._replay.bind(replay_endpoint)
+        except Exception:
+            self.close()
+            raise
+        self._buffer: deque = deque(maxlen=buffer_steps)  # (seq, payload)
+        self._seq = 0
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence number of the next batch."""
+        return self._seq
+
+    def __call__(self, event: KVEvent) -> None:
+        self.encoder(event)
+
+    def publish(self, ts: float | None = None) -> int | None:
+        """Send the events received since the last call as one batch; returns its sequence
+        number (None when there were none). Serves pending replay requests too."""
+        payload = self.encoder.take(ts)
+        seq = None
+        if payload is not None:
+            seq, self._seq = self._seq, self._seq + 1
+            self._pub.send_multipart(encode_frames(seq, payload, self.topic))
+            self._buffer.append((seq, payload))
+        self.serve_replay()
+        return seq
+
+    def serve_replay(self) -> int:
+        """Answer the replay requests waiting (no blocking); returns how many."""
+        if self._replay is None:
+            return 0
+        zmq = _zmq()
+        served = 0
+        while self._replay.poll(0):
+            frames = self._replay.recv_multipart()
+            if len(frames) != 3 or len(frames[2]) != 8:
+                continue  # not a replay request
+            client, start = frames[0], int.from_bytes(frames[2], "big")
+            for seq, payload in self._buffer:
+                if seq >= start:
+                    self._replay.send_multipart((client, b"", seq.to_bytes(8, "big"), payload),
+                                                flags=zmq.NOBLOCK)
+            self._replay.send_multipart((client, b"", END_SEQ, b""), flags=zmq.NOBLOCK)
+            served += 1
+        return served
+
+    def close(self) -> None:
+        for s in (self._pub, self._replay):
+            if s is not None:
+                s.close(linger=0)
+
+
+@dataclass
+class _Engine:
+    worker: Hashable
+    sub: object
+    replay_endpoint: str | None
+    decoder: VllmEventDecoder
+    expected: int | None = None  # the next sequence number to apply; None before the first
+    stats: dict = field(default_factory=lambda: {"batches": 0, "replayed": 0, "duplicates": 0,
+                                                 "gaps": 0, "cleared": 0})
+
+
+class VllmEventSubscriber:
+    """KV events of vLLM engines' ZMQ streams, decoded in order per engine (module doc).
+
+    ``sub = VllmEventSubscriber(router.apply)``; ``sub.add_engine("w0", "tcp://host:5557",
+    replay_endpoint="tcp://host:5558")`` (after ``router.add_worker("w0")``); then
+    ``sub.poll(timeout_ms)`` in the router's loop applies what arrived.
+
+    apply: called as ``apply(worker_id, event)`` for each decoded event (``Router.apply``).
+    replay_timeout: seconds to wait for a replay before forgetting the engine's blocks.
+    decoder_kwargs: :class:`~prefixkv.paged.vllm_events.VllmEventDecoder`'s (tiers,
+    group_idx), for every engine.
+    """
+
+    def __init__(self, apply: Callable[[Hashable, KVEvent], None], *,
+                 replay_timeout: float = 2.0, **decoder_kwargs) -> None:
+        if not callable(apply):
+            raise TypeError(f"apply: expected a callable(worker_id, event), got "
+                            f"{type(apply).__name__}")
+        zmq = _zmq()
+        self.apply = apply
+        self.replay_timeout = float(replay_timeout)
+        self._decoder_kwargs = decoder_kwargs
+        self._ctx = zmq.Context.instance()
+        self._poller = zmq.Poller()
+        self._engines: dict[Hashable, _Engine] = {}
+        self._by_socket: dict = {}
+
+    def add_engine(self, worker_id: Hashable, endpoint: str, *,
+                   replay_endpoint: str | None = None, topic: str = "") -> None:
+        """Subscribe to an engine's PUB ``endpoint`` (connected) under ``topic``."""
+        if worker_id in self._engines:
+            raise ValueError(f"worker_id: {worker_id!r} is already added")
+        zmq = _zmq()
+        sub = self._ctx.socket(zmq.SUB)
+        sub.connect(endpoint)
+        sub.setsockopt(zmq.SUBSCRIBE, topic.encode("utf-8"))
+        eng = _Engine(worker_id, sub, replay_endpoint,
+                      VllmEventDecoder(**self._decoder_kwargs))
+        self._engines[worker_id] = eng
+        self._by_socket[sub] = eng
+        self._poller.register(sub, zmq.POLLIN)
+
+    def stats(self, worker_id: Hashable) -> dict:
+        """Counts for one engine: batches applied, replayed, duplicates skipped, gaps seen and
+        times its blocks were forgotten."""
+        return dict(self._engines[worker_id].stats)
+
+    def poll(self, timeout_ms: int = 0) -> int:
+        """Apply every batch that arrives within ``timeout_ms`` (0: those already there);
+        returns the number applied."""
+        zmq = _zmq()
+        applied = 0
+        for sock, _ in self._poller.poll(timeout_ms):
+            eng = self._by_socket[sock]
+            while True:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                applied += self._receive(eng, frames)
+        return applied
+
+    # ------------------------------------------------------------------------------ internals
+    def _receive(self, eng: _Engine, frames) -> int:
+        try:
+            seq, payload = decode_frames(frames)
+        except ValueError:
+            return 0  # not one of the engine's messages
+        if eng.expected is not None and seq < eng.expected:
+            eng.stats["duplicates"] += 1
+            return 0
+        start = 0 if eng.expected is None else eng.expected
+        applied = 0
+        if seq > start:  # batches start..seq-1 were missed (or precede our subscription)
+            eng.stats["gaps"] += 1
+            applied += self._fill(eng, start, seq)
+        applied += self._apply(eng, seq, payload)
+        return applied
+
+    def _apply(self, eng: _Engine, seq: int, payload: bytes) -> int:
+        try:
+            batch = eng.decoder.decode(payload)
+        except ValueError:
+            self._forget(eng)  # a batch we cannot read: its blocks are unknown
+            eng.expected = seq + 1
+            return 0
+        for ev in batch.events:
+            self.apply(eng.worker, ev)
+        eng.expected = seq + 1
+        eng.stats["batches"] += 1
+        return 1
+
+    def _forget(self, eng: _Engine) -> None:
+        for tier in dict.fromkeys(("device", *eng.decoder.seen_tiers)):
+            self.apply(eng.worker, KVEvent(CLEARED, (), None, tier, b"", 0))
+        eng.decoder = VllmEventDecoder(**self._decoder_kwargs)
+        eng.stats["cleared"] += 1
+
+    def _fill(self, eng: _Engine, start: int, stop: int) -> int:
+        """Apply batches [start, stop) from the replay endpoint. When some cannot be had, a
+        gap in a followed stream forgets the engine's blocks (its missed removals would leave
+        hits that are not there); batches before a late subscription are skipped (their blocks
+        stay unknown: misses)."""
+        got = self._replay(eng, start) if eng.replay_endpoint is not None else None
+        have = dict(got or ())
+        if any(s not in have for s in range(start, stop)):
+            if eng.expected is not None:
+                self._forget(eng)
+            return 0
+        for s in range(start, stop):
+            self._apply(eng, s, have[s])
+            eng.stats["replayed"] += 1
+        return stop - start
+
+    def _replay(self, eng: _Engine, start: int):
+        """[(seq, payload)] the engine's replay endpoint sends from ``start``, or None."""
+        zmq = _zmq()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        out = []
+        try:
+            sock.connect(eng.replay_endpoint)
+            sock.send_multipart((b"", start.to_bytes(8, "big")))
+            deadline = time.monotonic() + self.replay_timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sock.poll(int(left * 1000) + 1):
+                    return None
+                frames = sock.recv_multipart()
+                if len(frames) != 3:
+                    continue
+                if frames[1] == END_SEQ:
+                    return out
+                out.append((int.from_bytes(frames[1], "big"), bytes(frames[2])))
+        finally:
+            sock.close(linger=0)
+
+    def close(self) -> None:
+        for eng in self._engines.values():
+            eng.sub.close(linger=0)
+        self._engines.clear()
+        self._by_socket.clear()

@@ -1,0 +1,215 @@
+"""vLLM's KV event transport over ZMQ on 127.0.0.1 (prefixkv.paged.vllm_zmq): an engine on
+prefixkv publishing as vLLM does, a Router fed by the subscriber; late joins and lost batches
+filled from the replay endpoint, or the engine's blocks forgotten when they cannot be."""
+
+import socket
+import threading
+import time
+
+import pytest
+from prefixkv.paged import PrefixCache, Router
+from prefixkv.paged.vllm_events import VllmEventEncoder, encode_frames, vllm_hash_fn
+
+zmq = pytest.importorskip("zmq")
+pytest.importorskip("msgpack")
+
+from prefixkv.paged.events import KVEvent  # noqa: E402
+from prefixkv.paged.vllm_zmq import VllmEventPublisher, VllmEventSubscriber  # noqa: E402
+
+BS = 4
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _endpoint() -> str:
+    return f"tcp://127.0.0.1:{_port()}"
+
+
+def _engine():
+    pc = PrefixCache(num_blocks=64, block_size=BS, hash_fn=vllm_hash_fn(int_hashes=False))
+    direct = Router(BS, hash_fn=vllm_hash_fn(int_hashes=False))
+    direct.add_worker("w", pc.events)
+    return pc, direct
+
+
+def _run(pc, rid, tokens, salt=None):
+    done = pc.add_request(rid, tokens, salt=salt)
+    pc.step([(rid, len(tokens) - done)])
+
+
+def _want(direct):
+    return {ns: {h[-8:] for h in hs} for ns, hs in direct.cached_hashes("w").items()}
+
+
+def _poll_until(sub, router, want, rounds=100):
+    for _ in range(rounds):
+        sub.poll(50)
+        if router.cached_hashes("w") == want:
+            return True
+    return False
+
+
+def test_late_subscriber_catches_up_by_replay_then_follows():
+    pc, direct = _engine()
+    pub = VllmEventPublisher(BS, _endpoint(), replay_endpoint=_endpoint(), topic="kv")
+    pub_ep = pub._pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+    rep_ep = pub._replay.getsockopt(zmq.LAST_ENDPOINT).decode()
+    pc.events.subscribe(pub)
+    router = Router(BS, hash_fn=vllm_hash_fn())
+    router.add_worker("w")
+    sub = VllmEventSubscriber(router.apply, replay_timeout=5.0)
+    try:
+        # three steps before anyone subscribes: only the replay buffer has them
+        for i in range(3):
+            _run(pc, f"r{i}", list(range(i * 100, i * 100 + 13)), salt="t" if i else None)
+            assert pub.publish() == i
+        sub.add_engine("w", pub_ep, replay_endpoint=rep_ep, topic="kv")
+        # the engine is another process in a deployment: here a thread serves its replay
+        # endpoint while the subscriber waits (one thread at a time on the sockets)
+        lock, stop = threading.Lock(), threading.Event()
+
+        def serve():
+            while not stop.is_set():
+                with lock:
+                    pub.serve_replay()
+                time.sleep(0.005)
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        # the SUB connects asynchronously: publish until a live batch arrives; every batch it
+        # missed comes from the replay endpoint
+        i = 3
+        while sub.stats("w")["batches"] == 0:
+            with lock:
+                _run(pc, f"r{i}", list(range(i * 100, i * 100 + 9)))
+                pub.publish()
+            sub.poll(20)
+            i += 1
+            assert i < 200
+        with lock:
+            pc.free("r0")
+            _run(pc, "big", list(range(5000, 5000 + 40 * BS + 1)))  # evicts r0's blocks
+            pub.publish()
+        assert _poll_until(sub, router, _want(direct))
+        stop.set()
+        server.join()
+        st = sub.stats("w")
+        assert st["replayed"] >= 3 and st["cleared"] == 0
+        assert router.pick(list(range(100, 113)), salt="t").overlaps["w"] == 3
+        assert router.pick(list(range(100, 113))).overlaps["w"] == 0  # another namespace
+    finally:
+        sub.close()
+        pub.close()
+
+
+def _raw_pub():
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    return pub, f"tcp://127.0.0.1:{port}"
+
+
+def _connected(pub, sub, enc):
+    """Send seq 0 until the subscriber has it (PUB drops messages before the SUB connects)."""
+    for _ in range(200):
+        pub.send_multipart(encode_frames(0, enc.encode([_stored(b"\1" * 32)], ts=0.0)))
+        if sub.poll(20):
+            return
+    raise AssertionError("the subscriber never connected")
+
+
+def _stored(h, parent=None):
+    return KVEvent("stored", (h,), parent, "device", b"", BS, token_ids=(1, 2, 3, 4))
+
+
+def test_gap_without_replay_forgets_the_engines_blocks_and_duplicates_are_skipped():
+    pub, ep = _raw_pub()
+    router = Router(BS)
+    router.add_worker("w")
+    sub = VllmEventSubscriber(router.apply)
+    enc = VllmEventEncoder(BS, int_hashes=False)
+    try:
+        sub.add_engine("w", ep)
+        _connected(pub, sub, enc)
+        assert router.cached_hashes("w") == {b"": {b"\1" * 32}}
+        pub.send_multipart(encode_frames(0, enc.encode([_stored(b"\2" * 32)], ts=0.0)))
+        sub.poll(200)
+        assert sub.stats("w")["duplicates"] >= 1
+        assert router.cached_hashes("w") == {b"": {b"\1" * 32}}
+        pub.send_multipart(encode_frames(1, enc.encode([_stored(b"\3" * 32)], ts=1.0)))
+        sub.poll(200)
+        assert router.cached_hashes("w") == {b"": {b"\1" * 32, b"\3" * 32}}
+        # seq 2 lost: batch 3 arrives, nothing can replay 2 (it may have removed blocks)
+        pub.send_multipart(encode_frames(3, enc.encode([_stored(b"\4" * 32)], ts=3.0)))
+        sub.poll(200)
+        st = sub.stats("w")
+        assert st["gaps"] == 1 and st["cleared"] == 1
+        assert router.cached_hashes("w") == {b"": {b"\4" * 32}}  # forgotten, then batch 3
+    finally:
+        sub.close()
+        pub.close(0)
+
+
+def test_replay_timeout_forgets_the_engines_blocks():
+    pub, ep = _raw_pub()
+    mute = zmq.Context.instance().socket(zmq.ROUTER)  # a replay endpoint that never answers
+    mport = mute.bind_to_random_port("tcp://127.0.0.1")
+    router = Router(BS)
+    router.add_worker("w")
+    sub = VllmEventSubscriber(router.apply, replay_timeout=0.2)
+    enc = VllmEventEncoder(BS, int_hashes=False)
+    try:
+        sub.add_engine("w", ep, replay_endpoint=f"tcp://127.0.0.1:{mport}")
+        _connected(pub, sub, enc)
+        pub.send_multipart(encode_frames(5, enc.encode([_stored(b"\5" * 32)], ts=5.0)))
+        sub.poll(2000)
+        assert sub.stats("w")["cleared"] == 1
+        assert router.cached_hashes("w") == {b"": {b"\5" * 32}}
+    finally:
+        sub.close()
+        pub.close(0)
+        mute.close(0)
+
+
+def test_replay_answers_vllms_request_frames():
+    """A client speaking vLLM's replay protocol (DEALER: b"", start seq) gets every buffered
+    batch from there and the end marker."""
+    pub = VllmEventPublisher(BS, _endpoint(), replay_endpoint=_endpoint(), buffer_steps=2)
+    rep_ep = pub._replay.getsockopt(zmq.LAST_ENDPOINT).decode()
+    client = zmq.Context.instance().socket(zmq.DEALER)
+    try:
+        for i in range(3):
+            pub(_stored(bytes([i]) * 32))
+            pub.publish(ts=float(i))
+        client.connect(rep_ep)
+        client.send_multipart((b"", (0).to_bytes(8, "big")))
+        got = []
+        for _ in range(100):
+            pub.serve_replay()
+            if client.poll(20):
+                frames = client.recv_multipart()
+                got.append(frames)
+                if frames[1] == (-1).to_bytes(8, "big", signed=True):
+                    break
+        seqs = [int.from_bytes(f[1], "big", signed=True) for f in got]
+        assert seqs == [1, 2, -1]  # batch 0 left the 2-batch buffer
+        assert all(f[0] == b"" for f in got) and got[-1][2] == b""
+    finally:
+        client.close(0)
+        pub.close()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="buffer_steps"):
+        VllmEventPublisher(BS, _endpoint(), buffer_steps=0)
+    with pytest.raises(TypeError, match="apply"):
+        VllmEventSubscriber(None)
+    sub = VllmEventSubscriber(lambda w, e: None)
+    sub.add_engine("w", _endpoint())
+    with pytest.raises(ValueError, match="already added"):
+        sub.add_engine("w", _endpoint())
+    sub.close()
