@@ -192,6 +192,19 @@ class _Blocks:
         return ", ".join(ins) + " -> " + ", ".join(outs), {}
 
 
+class _Whole:
+    """No split: every operand and output whole on every device. Over Explicit axes the op
+    still runs in a shard_map (the kernels need Manual axes); over Auto ones it runs as is."""
+
+    def plan(self, specs, roles, mesh_shape) -> None:
+        return None
+
+    def spec(self, role, ndim: int | None, plan) -> P:
+        return P()
+
+    rule = None
+
+
 def by_heads(fn, operands, roles, out_roles, *, layout: str, num_kv_heads: int,
              num_q_heads: int | None = None):
     """``fn(*operands)`` split over the kv heads when traced on several devices (module doc).
@@ -204,11 +217,11 @@ def by_heads(fn, operands, roles, out_roles, *, layout: str, num_kv_heads: int,
 def by_blocks(fn, operands, roles, out_roles):
     """``fn(*operands)`` for a block copy, split over the block dims as the first cache is.
     roles: BLOCKS, BUFFER or REP per operand; out_roles: per output of ``fn`` (a tuple).
-    Caches of differing block shapes run as they are."""
+    Caches of differing block shapes are not split (whole on every device)."""
     shapes = {tuple(x.shape[_Blocks.lead[r]:]) for x, r in zip(operands, roles, strict=True)
               if r is not REP and _is_array(x)}
     if len(shapes) != 1:
-        return fn(*operands)
+        return _split(fn, operands, roles, out_roles, _Whole())
     return _split(fn, operands, roles, out_roles, _Blocks(len(next(iter(shapes)))))
 
 
@@ -243,6 +256,8 @@ def _split(fn, operands, roles, out_roles, how):
         return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                              check_vma=False)(*laid)
 
+    if how.rule is None:
+        return fn(*operands)
     from jax.experimental.custom_partitioning import custom_partitioning
 
     def shardings(mesh, arg_shapes):

@@ -313,6 +313,20 @@ def plain_jit() -> None:
     np.testing.assert_allclose(np.asarray(got[1]), ref.paged_attention_reference(
         *b.args(), sliding_window=11), atol=2e-5, rtol=2e-5)
     print("OK plain jit scan")
+    # caches of differing block shapes: not split (whole on every device), still right; over
+    # Explicit axes inside a shard_map all the same (the TPU branch's kernels need Manual axes)
+    other = testing.random_values(rng, (b.k_cache.shape[0], 4, 4, 8), "float32")
+    ids, dst = np.array([1, 2], np.int32), np.array([5, 6], np.int32)
+    want = ref.copy_blocks_reference([b.k_cache, other], ids, dst)
+    for axis_type in (jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit):
+        mesh = jax.make_mesh((4,), ("tp",), axis_types=(axis_type,))
+        heads = NamedSharding(mesh, P(None, None, "tp", None))
+        with jax.set_mesh(mesh):
+            got = jax.jit(lambda a, c: jf.copy_blocks([a, c], ids, dst))(
+                jax.device_put(b.k_cache, heads), jax.device_put(other, heads))
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), w)
+    print("OK plain jit mixed block shapes")
 
 
 if __name__ == "__main__":

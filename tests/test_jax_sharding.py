@@ -52,4 +52,4 @@ def test_plain_jit_partitions_over_the_heads():
             assert f"OK plain jit {kind} {layout}" in out
     assert "OK plain jit 2d mesh" in out and "OK plain jit plan" in out
     assert "OK plain jit export" in out and "OK plain jit vmap" in out
-    assert "OK plain jit scan" in out
+    assert "OK plain jit scan" in out and "OK plain jit mixed block shapes" in out
