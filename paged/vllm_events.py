@@ -103,7 +103,7 @@ def _hashes_bytes(hashes, name: str) -> tuple:
         except struct.error:  # signed (negative) ints, or out of range: one by one
             pass
         else:
-            return tuple(packed[i:i + 8] for i in range(0, len(packed), 8))
+            return struct.unpack("8s" * len(hashes), packed)  # 8-byte slices, in one call
     return tuple(_hash_bytes(h, name) for h in hashes)
 
 
@@ -398,7 +398,8 @@ class VllmEventDecoder:
         try:
             if tokens and isinstance(tokens[0], (list, tuple)):  # EAGLE bigrams (a, b)
                 tokens = [p[0] for p in tokens] + [tokens[-1][1]]
-            ok = isinstance(tokens, (list, tuple)) and set(map(type, tokens)) <= {int}
+            # ints only: a float anywhere makes the sum a float, any other type raises
+            ok = isinstance(tokens, (list, tuple)) and type(sum(tokens)) is int
         except (TypeError, IndexError, KeyError):
             ok = False
         if not ok:
