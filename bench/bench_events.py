@@ -4,9 +4,10 @@ encoded and decoded, against what a user would otherwise write with msgspec and 
 The batch: 32 prefills of 2048 tokens (128 blocks of 16) stored in one step, so 32
 ``BlockStored`` events, 4096 int block hashes and 65536 token ids (a 400 KB payload).
 
-- ``events-encode``: ``VllmEventEncoder.encode`` of the 32 ``KVEvent`` objects, against
-  building vLLM's msgspec structs from them (the int hash of each digest, the tokens) and
-  ``msgspec.msgpack.encode`` (baseline). The two payloads are checked equal first.
+- ``events-encode``: ``VllmEventEncoder.encode`` of the 32 ``KVEvent`` objects (packed by
+  msgspec, installed with vLLM; msgpack's Packer otherwise), against building vLLM's msgspec
+  structs from them (the int hash of each digest, the tokens) and ``msgspec.msgpack.encode``
+  (baseline). The two payloads are checked equal first.
 - ``events-decode``: ``VllmEventDecoder.decode`` (msgpack, checks of every field, the namespace
   of each block, ``KVEvent`` objects a Router applies), against ``msgspec.msgpack.decode`` of the
   payload into vLLM's structs (baseline: typed and checked, but no namespaces, no events).

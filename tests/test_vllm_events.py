@@ -35,11 +35,17 @@ def _stored(hashes, parent=None, ns=b"", tier="device", bs=4):
     return KVEvent("stored", tuple(hashes), parent, tier, ns, len(hashes) * bs, token_ids=toks)
 
 
+@pytest.mark.parametrize("packer", ["msgspec", "msgpack"])
 @pytest.mark.parametrize("wire", ["map", "array"])
 @pytest.mark.parametrize("int_hashes", [True, False])
-def test_encoder_bytes_equal_vllms_own_encoding(wire, int_hashes):
+def test_encoder_bytes_equal_vllms_own_encoding(wire, int_hashes, packer, monkeypatch):
     """Unsalted events encode to exactly the bytes msgspec gives vLLM's structs: a consumer of
-    vLLM's stream cannot tell the publisher apart."""
+    vLLM's stream cannot tell the publisher apart. The encoder packs with msgspec where it is
+    installed, else with msgpack's Packer: the same bytes."""
+    if packer == "msgpack":
+        from prefixkv.paged import vllm_events
+
+        monkeypatch.setattr(vllm_events, "_msgspec", lambda: None)
     Batch, Stored, Removed, Cleared = _schema(wire == "array")
     x = external_hash if int_hashes else bytes
     evs = [_stored(H[:2]), _stored(H[2:3], parent=H[1], tier="host"),
@@ -58,7 +64,12 @@ def test_encoder_bytes_equal_vllms_own_encoding(wire, int_hashes):
     assert got == msgspec.msgpack.encode(want)
 
 
-def test_numpy_token_ids_encode_as_ints():
+@pytest.mark.parametrize("packer", ["msgspec", "msgpack"])
+def test_numpy_token_ids_encode_as_ints(packer, monkeypatch):
+    if packer == "msgpack":
+        from prefixkv.paged import vllm_events
+
+        monkeypatch.setattr(vllm_events, "_msgspec", lambda: None)
     toks = np.arange(8, dtype=np.int32)
     evs = [KVEvent("stored", tuple(H[:2]), None, "device", b"", 8, token_ids=toks),
            KVEvent("stored", (H[2],), H[1], "device", b"", 4, token_ids=tuple(toks[:4]))]
