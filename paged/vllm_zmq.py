@@ -21,6 +21,7 @@ Sockets bind or connect to the endpoints as given; use ``tcp://127.0.0.1:<port>`
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -46,22 +47,27 @@ class VllmEventPublisher:
 
     ``pub = VllmEventPublisher(16, "tcp://127.0.0.1:5557", replay_endpoint=
     "tcp://127.0.0.1:5558"); cache.events.subscribe(pub)``; after each engine step
-    ``pub.publish()`` sends the step's batch (if any) and answers pending replay requests.
+    ``pub.publish()`` sends the step's batch (if any); ``pub.close()`` at the end.
 
     block_size: the pool's. endpoint: the PUB socket's address (bound). replay_endpoint: the
     ROUTER socket's (bound), or None. topic: the frames' topic. buffer_steps: batches kept for
-    replay. encoder_kwargs: :class:`~prefixkv.paged.vllm_events.VllmEventEncoder`'s (wire,
-    int_hashes, media, data_parallel_rank).
+    replay. replay_thread: answer replay requests from a thread of its own (as vLLM's publisher
+    does), so an idle engine answers too; False: ``publish()`` and ``serve_replay()`` answer
+    the requests waiting. encoder_kwargs: :class:`~prefixkv.paged.vllm_events.
+    VllmEventEncoder`'s (wire, int_hashes, media, data_parallel_rank).
     """
 
     def __init__(self, block_size: int, endpoint: str, *, replay_endpoint: str | None = None,
-                 topic: str = "", buffer_steps: int = 10_000, **encoder_kwargs) -> None:
+                 topic: str = "", buffer_steps: int = 10_000, replay_thread: bool = True,
+                 **encoder_kwargs) -> None:
         zmq = _zmq()
         if isinstance(buffer_steps, bool) or not isinstance(buffer_steps, int) or (
                 buffer_steps < 1):
             raise ValueError(f"buffer_steps: expected an int >= 1, got {buffer_steps!r}")
         self.encoder = VllmEventEncoder(block_size, **encoder_kwargs)
         self.topic = topic
+        self._stop = threading.Event()
+        self._thread = None
         self._ctx = zmq.Context.instance()
         self._pub = self._ctx.socket(zmq.PUB)
         self._replay = None
@@ -74,7 +80,12 @@ class VllmEventPublisher:
             self.close()
             raise
         self._buffer: deque = deque(maxlen=buffer_steps)  # (seq, payload)
+        self._lock = threading.Lock()  # the buffer, between publish and the replay thread
         self._seq = 0
+        if self._replay is not None and replay_thread:
+            self._thread = threading.Thread(target=self._serve_forever, daemon=True,
+                                            name="prefixkv-kv-events-replay")
+            self._thread.start()
 
     @property
     def next_seq(self) -> int:
@@ -92,30 +103,50 @@ class VllmEventPublisher:
         if payload is not None:
             seq, self._seq = self._seq, self._seq + 1
             self._pub.send_multipart(encode_frames(seq, payload, self.topic))
-            self._buffer.append((seq, payload))
-        self.serve_replay()
+            with self._lock:
+                self._buffer.append((seq, payload))
+        if self._thread is None:
+            self.serve_replay()
         return seq
 
-    def serve_replay(self) -> int:
-        """Answer the replay requests waiting (no blocking); returns how many."""
-        if self._replay is None:
+    def serve_replay(self, timeout_ms: int = 0) -> int:
+        """Answer the replay requests that arrive within ``timeout_ms``; returns how many.
+        (With the replay thread, it does this and this returns 0.)"""
+        if self._replay is None or self._thread is not None:
             return 0
+        return self._serve(timeout_ms)
+
+    def _serve(self, timeout_ms: int) -> int:
         zmq = _zmq()
         served = 0
-        while self._replay.poll(0):
+        while self._replay.poll(timeout_ms):
+            timeout_ms = 0
             frames = self._replay.recv_multipart()
             if len(frames) != 3 or len(frames[2]) != 8:
                 continue  # not a replay request
             client, start = frames[0], int.from_bytes(frames[2], "big")
-            for seq, payload in self._buffer:
-                if seq >= start:
-                    self._replay.send_multipart((client, b"", seq.to_bytes(8, "big"), payload),
-                                                flags=zmq.NOBLOCK)
+            with self._lock:
+                batches = [(seq, p) for seq, p in self._buffer if seq >= start]
+            for seq, payload in batches:
+                self._replay.send_multipart((client, b"", seq.to_bytes(8, "big"), payload),
+                                            flags=zmq.NOBLOCK)
             self._replay.send_multipart((client, b"", END_SEQ, b""), flags=zmq.NOBLOCK)
             served += 1
         return served
 
+    def _serve_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._serve(50)
+            except Exception:  # noqa: BLE001 - closed under it, or a client gone: go on
+                if self._stop.is_set():
+                    return
+
     def close(self) -> None:
+        """Stop the replay thread and close the sockets."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
         for s in (self._pub, self._replay):
             if s is not None:
                 s.close(linger=0)

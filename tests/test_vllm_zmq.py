@@ -3,8 +3,6 @@ prefixkv publishing as vLLM does, a Router fed by the subscriber; late joins and
 filled from the replay endpoint, or the engine's blocks forgotten when they cannot be."""
 
 import socket
-import threading
-import time
 
 import pytest
 from prefixkv.paged import PrefixCache, Router
@@ -68,35 +66,20 @@ def test_late_subscriber_catches_up_by_replay_then_follows():
             _run(pc, f"r{i}", list(range(i * 100, i * 100 + 13)), salt="t" if i else None)
             assert pub.publish() == i
         sub.add_engine("w", pub_ep, replay_endpoint=rep_ep, topic="kv")
-        # the engine is another process in a deployment: here a thread serves its replay
-        # endpoint while the subscriber waits (one thread at a time on the sockets)
-        lock, stop = threading.Lock(), threading.Event()
-
-        def serve():
-            while not stop.is_set():
-                with lock:
-                    pub.serve_replay()
-                time.sleep(0.005)
-
-        server = threading.Thread(target=serve, daemon=True)
-        server.start()
         # the SUB connects asynchronously: publish until a live batch arrives; every batch it
-        # missed comes from the replay endpoint
+        # missed comes from the replay endpoint (the publisher's replay thread answers while
+        # this thread waits in the subscriber)
         i = 3
         while sub.stats("w")["batches"] == 0:
-            with lock:
-                _run(pc, f"r{i}", list(range(i * 100, i * 100 + 9)))
-                pub.publish()
+            _run(pc, f"r{i}", list(range(i * 100, i * 100 + 9)))
+            pub.publish()
             sub.poll(20)
             i += 1
             assert i < 200
-        with lock:
-            pc.free("r0")
-            _run(pc, "big", list(range(5000, 5000 + 40 * BS + 1)))  # evicts r0's blocks
-            pub.publish()
+        pc.free("r0")
+        _run(pc, "big", list(range(5000, 5000 + 40 * BS + 1)))  # evicts r0's blocks
+        pub.publish()
         assert _poll_until(sub, router, _want(direct))
-        stop.set()
-        server.join()
         st = sub.stats("w")
         assert st["replayed"] >= 3 and st["cleared"] == 0
         assert router.pick(list(range(100, 113)), salt="t").overlaps["w"] == 3
@@ -175,10 +158,12 @@ def test_replay_timeout_forgets_the_engines_blocks():
         mute.close(0)
 
 
-def test_replay_answers_vllms_request_frames():
+@pytest.mark.parametrize("replay_thread", [True, False])
+def test_replay_answers_vllms_request_frames(replay_thread):
     """A client speaking vLLM's replay protocol (DEALER: b"", start seq) gets every buffered
-    batch from there and the end marker."""
-    pub = VllmEventPublisher(BS, _endpoint(), replay_endpoint=_endpoint(), buffer_steps=2)
+    batch from there and the end marker, from the replay thread or from serve_replay."""
+    pub = VllmEventPublisher(BS, _endpoint(), replay_endpoint=_endpoint(), buffer_steps=2,
+                             replay_thread=replay_thread)
     rep_ep = pub._replay.getsockopt(zmq.LAST_ENDPOINT).decode()
     client = zmq.Context.instance().socket(zmq.DEALER)
     try:
