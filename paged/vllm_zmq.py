@@ -14,7 +14,9 @@ buffered ``(b"", seq, payload)`` from ``start_seq`` on, then ``(b"", -1 as 8 sig
   numbers: a gap is filled from the engine's replay endpoint, and when it cannot be (no
   endpoint, the batches no longer buffered, a timeout) the engine's blocks are forgotten
   (a ``"cleared"`` event), so the router misses where it would otherwise route on blocks
-  the engine may no longer hold. Duplicates (seq already applied) are skipped.
+  the engine may no longer hold. A sequence number below the next one expected is a restarted
+  engine (vLLM numbers batches from 0 at start, and its cache starts empty): its blocks are
+  forgotten and its new stream followed from there.
 
 Sockets bind or connect to the endpoints as given; use ``tcp://127.0.0.1:<port>`` on one host.
 """
@@ -159,7 +161,7 @@ class _Engine:
     replay_endpoint: str | None
     decoder: VllmEventDecoder
     expected: int | None = None  # the next sequence number to apply; None before the first
-    stats: dict = field(default_factory=lambda: {"batches": 0, "replayed": 0, "duplicates": 0,
+    stats: dict = field(default_factory=lambda: {"batches": 0, "replayed": 0, "restarts": 0,
                                                  "gaps": 0, "cleared": 0})
 
 
@@ -206,8 +208,8 @@ class VllmEventSubscriber:
         self._poller.register(sub, zmq.POLLIN)
 
     def stats(self, worker_id: Hashable) -> dict:
-        """Counts for one engine: batches applied, replayed, duplicates skipped, gaps seen and
-        times its blocks were forgotten."""
+        """Counts for one engine: batches applied, replayed, restarts and gaps seen, and times
+        its blocks were forgotten."""
         return dict(self._engines[worker_id].stats)
 
     def poll(self, timeout_ms: int = 0) -> int:
@@ -232,8 +234,11 @@ class VllmEventSubscriber:
         except ValueError:
             return 0  # not one of the engine's messages
         if eng.expected is not None and seq < eng.expected:
-            eng.stats["duplicates"] += 1
-            return 0
+            # batches are never sent twice: a lower number is the engine started again, its
+            # cache empty and its numbering from 0
+            eng.stats["restarts"] += 1
+            self._forget(eng)
+            eng.expected = None
         start = 0 if eng.expected is None else eng.expected
         applied = 0
         if seq > start:  # batches start..seq-1 were missed (or precede our subscription)

@@ -109,7 +109,7 @@ def _stored(h, parent=None):
     return KVEvent("stored", (h,), parent, "device", b"", BS, token_ids=(1, 2, 3, 4))
 
 
-def test_gap_without_replay_forgets_the_engines_blocks_and_duplicates_are_skipped():
+def test_gap_without_replay_forgets_the_engines_blocks_and_a_restart_starts_over():
     pub, ep = _raw_pub()
     router = Router(BS)
     router.add_worker("w")
@@ -119,19 +119,24 @@ def test_gap_without_replay_forgets_the_engines_blocks_and_duplicates_are_skippe
         sub.add_engine("w", ep)
         _connected(pub, sub, enc)
         assert router.cached_hashes("w") == {b"": {b"\1" * 32}}
-        pub.send_multipart(encode_frames(0, enc.encode([_stored(b"\2" * 32)], ts=0.0)))
+        pub.send_multipart(encode_frames(1, enc.encode([_stored(b"\2" * 32)], ts=1.0)))
         sub.poll(200)
-        assert sub.stats("w")["duplicates"] >= 1
-        assert router.cached_hashes("w") == {b"": {b"\1" * 32}}
-        pub.send_multipart(encode_frames(1, enc.encode([_stored(b"\3" * 32)], ts=1.0)))
+        while sub.poll(50):  # the seq-0 copies _connected sent last: each a restart, then 1
+            pass
+        assert router.cached_hashes("w") == {b"": {b"\1" * 32, b"\2" * 32}}
+        # the engine starts again: seq 0, its cache empty; what it held is forgotten
+        restarts = sub.stats("w")["restarts"]
+        pub.send_multipart(encode_frames(0, enc.encode([_stored(b"\3" * 32)], ts=0.0)))
         sub.poll(200)
-        assert router.cached_hashes("w") == {b"": {b"\1" * 32, b"\3" * 32}}
-        # seq 2 lost: batch 3 arrives, nothing can replay 2 (it may have removed blocks)
-        pub.send_multipart(encode_frames(3, enc.encode([_stored(b"\4" * 32)], ts=3.0)))
+        assert sub.stats("w")["restarts"] == restarts + 1
+        assert router.cached_hashes("w") == {b"": {b"\3" * 32}}
+        # seq 1 lost: batch 2 arrives, nothing can replay 1 (it may have removed blocks)
+        cleared = sub.stats("w")["cleared"]
+        pub.send_multipart(encode_frames(2, enc.encode([_stored(b"\4" * 32)], ts=2.0)))
         sub.poll(200)
         st = sub.stats("w")
-        assert st["gaps"] == 1 and st["cleared"] == 1
-        assert router.cached_hashes("w") == {b"": {b"\4" * 32}}  # forgotten, then batch 3
+        assert st["gaps"] == 1 and st["cleared"] == cleared + 1
+        assert router.cached_hashes("w") == {b"": {b"\4" * 32}}  # forgotten, then batch 2
     finally:
         sub.close()
         pub.close(0)
