@@ -226,6 +226,40 @@ def test_disk_get(benchmark, machine_limits, caches, tmp_path):
            op="disk get (page cache, verified)")
 
 
+EXISTS_KEYS = 256
+
+
+@pytest.mark.benchmark(group="disk-exists")
+@pytest.mark.parametrize("name", ["isfile-loop", "prefixkv"])
+def test_disk_batch_exists(benchmark, caches, tmp_path, name):
+    """A prefix lookup's ``batch_exists`` of 256 stored blocks: prefixkv reads each file's fixed
+    header (records of another format version or checksum are not hits), against the stat per
+    key a user would write (``os.path.isfile``, what DiskTier did before; baseline)."""
+    import os
+
+    disk = DiskTier(tmp_path)
+    keys = [BlockKey(h, NS) for h in _fresh_hashes(EXISTS_KEYS)]
+    row = _rows(caches, 1)
+    assert all(disk.batch_put(keys, [row[0]] * EXISTS_KEYS))
+
+    def isfile_loop():
+        n = 0
+        for k in keys:
+            if not os.path.isfile(disk.path(k)):
+                break
+            n += 1
+        return n
+
+    run = isfile_loop if name == "isfile-loop" else (lambda: disk.batch_exists(keys))
+    assert run() == EXISTS_KEYS
+    benchmark.pedantic(run, rounds=20, warmup_rounds=2)
+    info = benchmark.extra_info
+    info["keys_per_s"] = EXISTS_KEYS / seconds(benchmark, "min")
+    if name == "isfile-loop":
+        info["baseline"] = True
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 # -- Redis -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

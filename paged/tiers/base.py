@@ -314,6 +314,10 @@ class UnreadableHere(UnexpectedLayout):
     another version, or with the package, reads it (a shared disk or store)."""
 
 
+_CRC32_LEAD = RECORD_MAGIC + struct.pack("<HB", FORMAT_VERSION, CHECKSUM_CRC32)
+_XXH3_LEAD = RECORD_MAGIC + struct.pack("<HB", FORMAT_VERSION, CHECKSUM_XXH3_128)
+
+
 def record_head_size() -> int:
     """Bytes of a record's fixed header: what :func:`readable_here` needs."""
     return _FIXED.size
@@ -324,13 +328,12 @@ def readable_here(head) -> bool:
     more) is one this process can verify: prefixkv's magic, this format version and a checksum
     algorithm available here. A cheap check for ``batch_exists``: a record of another version
     is kept for the workers that read it, but is not a hit here."""
-    mv = memoryview(head).cast("B")
-    if len(mv) < _FIXED.size:
+    if len(head) < _FIXED.size:
         return False
-    magic, version, alg = _FIXED.unpack_from(mv, 0)[:3]
-    if magic != RECORD_MAGIC or version != FORMAT_VERSION:
-        return False
-    return alg == CHECKSUM_CRC32 or (alg == CHECKSUM_XXH3_128 and _xxhash() is not None)
+    lead = bytes(head[:7])  # magic, version, checksum algorithm
+    if lead == _CRC32_LEAD:
+        return True
+    return lead == _XXH3_LEAD and _xxhash() is not None
 
 
 def decode_record(key: BlockKey, data, *, shape: Sequence[int] | None = None,
