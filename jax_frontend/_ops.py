@@ -524,16 +524,8 @@ def copy_blocks(caches, src, dst, *, backend=None):
     if _run_value_checks(src, dst):
         validate.check_copy_blocks_values(num_blocks, src, dst)
     src, dst = _int32_ids(src, num_blocks), _int32_ids(dst, num_blocks)
-    n = len(caches)
-
-    def blocks(*ops):
-        caches, src, dst = list(ops[:n]), ops[n], ops[n + 1]
-        return tuple(_dispatch("copy_blocks", backend, _backends.cache_context(caches),
-                               lambda impl: list(impl(caches, src, dst)), (caches, src, dst)))
-
-    B = _partition.BLOCKS
-    return list(_partition.by_blocks(blocks, (*caches, src, dst), (B,) * n + (None, None),
-                                     (B,) * n))
+    return list(_block_op("copy_blocks", backend, caches, (src, dst), (None, None),
+                          (_partition.BLOCKS,) * len(caches)))
 
 
 def gather_blocks(caches, block_ids, *, backend=None):
@@ -547,15 +539,8 @@ def gather_blocks(caches, block_ids, *, backend=None):
     if _run_value_checks(block_ids):
         validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=False)
     block_ids = _int32_ids(block_ids, int(caches[0].shape[0]))
-    n = len(caches)
-
-    def blocks(*ops):
-        caches, block_ids = list(ops[:n]), ops[n]
-        return (_dispatch("gather_blocks", backend, _backends.cache_context(caches),
-                          lambda impl: impl(caches, block_ids), (caches, block_ids)),)
-
-    return _partition.by_blocks(blocks, (*caches, block_ids), (_partition.BLOCKS,) * n + (None,),
-                                (_partition.BUFFER,))[0]
+    return _block_op("gather_blocks", backend, caches, (block_ids,), (None,),
+                     (_partition.BUFFER,))[0]
 
 
 def scatter_blocks(caches, buffer, block_ids, *, backend=None):
@@ -569,17 +554,23 @@ def scatter_blocks(caches, buffer, block_ids, *, backend=None):
     if _run_value_checks(block_ids):
         validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=True)
     block_ids = _int32_ids(block_ids, int(caches[0].shape[0]))
+    return list(_block_op("scatter_blocks", backend, caches, (buffer, block_ids),
+                          (_partition.BUFFER, None), (_partition.BLOCKS,) * len(caches)))
+
+
+def _block_op(op, backend, caches, rest, rest_roles, out_roles) -> tuple:
+    """``impl(caches, *rest)`` of block copy ``op`` with its backend, split over the block
+    dims as the first cache is (``_partition.by_blocks``); its outputs as a tuple."""
     n = len(caches)
 
     def blocks(*ops):
-        caches, buffer, block_ids = list(ops[:n]), ops[n], ops[n + 1]
-        return tuple(_dispatch("scatter_blocks", backend, _backends.cache_context(caches),
-                               lambda impl: list(impl(caches, buffer, block_ids)),
-                               (caches, buffer, block_ids)))
+        caches, rest = list(ops[:n]), ops[n:]
+        out = _dispatch(op, backend, _backends.cache_context(caches),
+                        lambda impl: impl(caches, *rest), (caches, *rest))
+        return tuple(out) if isinstance(out, (list, tuple)) else (out,)
 
-    B = _partition.BLOCKS
-    return list(_partition.by_blocks(blocks, (*caches, buffer, block_ids),
-                                     (B,) * n + (_partition.BUFFER, None), (B,) * n))
+    return _partition.by_blocks(blocks, (*caches, *rest), (_partition.BLOCKS,) * n + rest_roles,
+                                out_roles)
 
 
 def explain_backends(op: str, platform: str | None = None, **context) -> dict[str, str]:

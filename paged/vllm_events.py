@@ -63,6 +63,11 @@ MEDIA = {"device": "GPU", "host": "CPU", "disk": "DISK"}
 
 WIRES = ("map", "array")
 
+# the array wire's field order after the tag, of the fields the decoder reads
+_ARRAY_FIELDS = {"BlockStored": ("block_hashes", "parent_block_hash", "token_ids", "block_size",
+                                 "lora_id", "medium", "lora_name", "extra_keys", "group_idx"),
+                 "BlockRemoved": ("block_hashes", "medium", "group_idx")}
+
 # BlockStored / BlockRemoved fields with a default (None): left out of the map wire when None
 _OPTIONAL = frozenset({"extra_keys", "group_idx", "kv_cache_spec_kind",
                        "kv_cache_spec_sliding_window"})
@@ -279,12 +284,12 @@ class VllmEventEncoder:
         if not isinstance(event, KVEvent):
             raise TypeError(f"event: expected a KVEvent, got {type(event).__name__}")
         salt = self._salt(event)
+        medium = self.media.get(event.tier, event.tier.upper())
         if event.kind == CLEARED:
-            if self.media.get(event.tier, event.tier.upper()) != MEDIA["device"]:
+            if medium != MEDIA["device"]:
                 return None  # vLLM's AllBlocksCleared is the GPU cache's: see the class doc
             fields = [("type", "AllBlocksCleared")]
         elif event.kind == STORED:
-            medium = self.media.get(event.tier, event.tier.upper())
             parent = event.parent_hash
             if parent is not None:
                 parent = external_hash(parent) if self.int_hashes else bytes(parent)
@@ -301,7 +306,6 @@ class VllmEventEncoder:
             fields += [("extra_keys", extra), ("group_idx", None), ("kv_cache_spec_kind", None),
                        ("kv_cache_spec_sliding_window", None)]
         elif event.kind in (REMOVED, EVICTED):
-            medium = self.media.get(event.tier, event.tier.upper())
             fields = [("type", "BlockRemoved"),
                       ("block_hashes", self._hashes(event.block_hashes)), ("medium", medium),
                       ("group_idx", None)]
@@ -380,11 +384,7 @@ class VllmEventDecoder:
             get = e.get
         elif isinstance(e, (list, tuple)) and e:
             tag = e[0]
-            order = {"BlockStored": ("block_hashes", "parent_block_hash", "token_ids",
-                                     "block_size", "lora_id", "medium", "lora_name",
-                                     "extra_keys", "group_idx"),
-                     "BlockRemoved": ("block_hashes", "medium", "group_idx")}.get(tag, ())
-            vals = dict(zip(order, e[1:], strict=False))
+            vals = dict(zip(_ARRAY_FIELDS.get(tag, ()), e[1:], strict=False))
             get = vals.get
         else:
             raise ValueError(f"{name}: expected a tagged map or array, got {e!r}")
