@@ -28,6 +28,7 @@ cached one's would count that image's blocks as overlap.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,16 @@ import numpy as np
 from . import validate
 from .events import CLEARED, EVICTED, REMOVED, STORED, EventBus, KVEvent
 from .pool import namespace_of
+
+
+def _finite(name: str, value) -> float:
+    """A load (or its change) as a float: a finite real number, else an error naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,9 @@ class Router:
         that applies one of its events (to feed events that arrive by other means)."""
         if worker_id in self._workers:
             raise ValueError(f"worker_id: {worker_id!r} is already added")
+        if events is not None and not callable(getattr(events, "subscribe", None)):
+            raise TypeError(f"events: expected an EventBus (with subscribe) or None, got "
+                            f"{type(events).__name__}")
         slot = self._free_slots.pop() if self._free_slots else self._next_slot
         if slot == self._next_slot:
             self._next_slot += 1
@@ -119,7 +133,11 @@ class Router:
             self.apply(worker_id, event)
 
         if events is not None:
-            self._unsubscribe[worker_id] = events.subscribe(apply)
+            try:
+                self._unsubscribe[worker_id] = events.subscribe(apply)
+            except BaseException:
+                self.remove_worker(worker_id)  # not half added
+                raise
         return apply
 
     def remove_worker(self, worker_id: Hashable) -> None:
@@ -139,11 +157,14 @@ class Router:
 
     def set_load(self, worker_id: Hashable, load: float) -> None:
         self._check_worker(worker_id)
-        self._loads[worker_id] = float(load)
+        self._loads[worker_id] = _finite("load", load)
 
     def add_load(self, worker_id: Hashable, delta: float) -> None:
         self._check_worker(worker_id)
-        self._loads[worker_id] += float(delta)
+        total = self._loads[worker_id] + _finite("delta", delta)
+        if not math.isfinite(total):
+            raise ValueError(f"delta: {delta} takes {worker_id!r}'s load past a finite value")
+        self._loads[worker_id] = total
 
     def load(self, worker_id: Hashable) -> float:
         self._check_worker(worker_id)
@@ -314,5 +335,7 @@ class Router:
     def cached_hashes(self, worker_id: Hashable, tier: str = "device") -> dict:
         """{namespace: set of hashes} the router believes ``worker_id`` holds in ``tier``."""
         self._check_worker(worker_id)
+        if tier not in self._tier_slot:
+            raise KeyError(f"tier: {tier!r} is not one of the router's tiers {self.tiers}")
         pos = self._workers[worker_id] * len(self.tiers) + self._tier_slot[tier]
         return {ns: set(hs) for ns, hs in self._held.get(pos, {}).items() if hs}

@@ -42,13 +42,17 @@ every event, and the encoder keeps it on the wire:
 
 The decoder takes the namespace from ``"cache_salt"``, else from a ``("cache_salt", salt)``
 extra key, else from the parent block's (it remembers the namespace of every live block, as
-Dynamo's indexer does), else the shared namespace b"". Only the salt's own extra key is written
-or read: a LoRA adapter's or a multimodal item's keys are in the hashes already, and the
-encoder's events do not know them.
+Dynamo's indexer does), else the shared namespace b"" (always, once the stream has shown
+it marks salted events with ``"cache_salt"``). A hash that ignores salts can be live under
+several namespaces: a continuation the wire leaves ambiguous is left out and such a removal
+goes to each of them (the router misses rather than crossing tenants). Only the salt's own
+extra key is written or read: a LoRA adapter's or a multimodal item's keys are in the hashes
+already, and the encoder's events do not know them.
 """
 
 from __future__ import annotations
 
+import operator
 import struct
 import time
 from collections.abc import Iterable, Mapping
@@ -137,6 +141,18 @@ def _plain(obj):
     if isinstance(obj, np.ndarray) and obj.dtype.kind in "iu":
         return obj.tolist()
     raise TypeError(f"cannot encode {type(obj).__name__} in a vLLM event")
+
+
+def _token_ids(tokens) -> tuple:
+    """A stored event's token ids as Python ints (a tuple packs as an array); anything else
+    raises naming them, at the event's source rather than when its batch is packed."""
+    try:
+        if type(sum(tokens, 0)) is int:  # Python ints (the pool's): no copy
+            return tokens
+        return tuple(operator.index(t) for t in tokens)  # numpy ints
+    except TypeError:
+        raise TypeError(f"event.token_ids: expected integers, got "
+                        f"{type(tokens).__name__} {tokens!r:.80}") from None
 
 
 def vllm_hash_fn(*, algo: str = "vllm-sha256", seed: str | None = None, lora=None,
@@ -240,11 +256,13 @@ class VllmEventEncoder:
 
     def take(self, ts: float | None = None) -> bytes | None:
         """The payload of the events received since the last call (None when there were
-        none); ``ts``: the batch time (default ``time.time()``)."""
+        none); ``ts``: the batch time (default ``time.time()``; a bad one raises and keeps the
+        events)."""
         if not self._pending:
             return None
-        events, self._pending = self._pending, []
-        return self._batch(events, ts)
+        payload = self._batch(self._pending, ts)
+        self._pending = []
+        return payload
 
     def encode(self, events: Iterable[KVEvent], ts: float | None = None) -> bytes:
         """One payload of ``events`` (empty: a batch with no events)."""
@@ -253,7 +271,12 @@ class VllmEventEncoder:
 
     # ---------------------------------------------------------------------- wire objects
     def _batch(self, events: list, ts) -> bytes:
-        ts = time.time() if ts is None else float(ts)
+        if ts is None:
+            ts = time.time()
+        elif isinstance(ts, bool) or not isinstance(ts, (int, float, np.integer, np.floating)):
+            raise TypeError(f"ts: expected a number of seconds or None, got {ts!r}")
+        else:
+            ts = float(ts)
         rank = self.data_parallel_rank
         if self.wire == "map":
             obj = {"ts": ts, "events": events}
@@ -297,7 +320,7 @@ class VllmEventEncoder:
             fields = [("type", "BlockStored"),
                       ("block_hashes", self._hashes(event.block_hashes)),
                       ("parent_block_hash", parent),
-                      ("token_ids", event.token_ids),  # a tuple packs as an array
+                      ("token_ids", _token_ids(event.token_ids)),
                       ("block_size", self.block_size),
                       ("lora_id", None), ("medium", medium), ("lora_name", None)]
             extra = None
@@ -338,11 +361,27 @@ class VllmEventDecoder:
     """
 
     def __init__(self, *, tiers: Mapping[str, str] | None = None, group_idx: int = 0) -> None:
+        if tiers is not None and not (isinstance(tiers, Mapping) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in tiers.items())):
+            raise TypeError(f"tiers: expected a mapping of vLLM medium (str) to tier name "
+                            f"(str), got {tiers!r}")
+        if isinstance(group_idx, bool) or not isinstance(group_idx, int):
+            raise TypeError(f"group_idx: expected an int, got {group_idx!r}")
         self.tiers = {v: k for k, v in MEDIA.items()} if tiers is None else dict(tiers)
         self.group_idx = group_idx
-        self._ns: dict[str, dict[bytes, bytes]] = {}  # tier -> {live block hash: namespace}
+        # tier -> {live block hash: its namespace, or the set of them when a hash that
+        # ignores salts stores one hash under several}
+        self._ns: dict[str, dict[bytes, bytes | set]] = {}
+        # the stream marks every salted event with a top-level "cache_salt" (prefixkv's map
+        # wire): an event without one is the shared namespace's, whatever its parent's
+        self._marked = False
         self._block_size = 0  # the stream's, from its stores (num_tokens of removals)
         self._msgpack = _msgpack()
+
+    @property
+    def gpu_tier(self) -> str:
+        """The tier vLLM's GPU cache maps to (``AllBlocksCleared`` clears it)."""
+        return self.tiers.get(MEDIA["device"], "device")
 
     @property
     def seen_tiers(self) -> tuple:
@@ -370,6 +409,8 @@ class VllmEventDecoder:
         if not isinstance(events, (list, tuple)):
             raise ValueError(f"payload: events must be an array, got {type(events).__name__}")
         parsed = [self._parse(i, e) for i, e in enumerate(events)]  # all checked, then applied
+        if not self._marked:
+            self._marked = any(p is not None and p[-1] for p in parsed)
         out: list[KVEvent] = []
         for p in parsed:
             if p is not None:
@@ -384,12 +425,15 @@ class VllmEventDecoder:
             get = e.get
         elif isinstance(e, (list, tuple)) and e:
             tag = e[0]
-            vals = dict(zip(_ARRAY_FIELDS.get(tag, ()), e[1:], strict=False))
-            get = vals.get
+            get = None
         else:
             raise ValueError(f"{name}: expected a tagged map or array, got {e!r}")
-        if tag == "AllBlocksCleared":
-            return (CLEARED, (), None, None, 0, (), None)
+        if not isinstance(tag, str):
+            raise ValueError(f"{name}: expected an event type (a str), got {tag!r}")
+        if get is None:
+            get = dict(zip(_ARRAY_FIELDS.get(tag, ()), e[1:], strict=False)).get
+        if tag == "AllBlocksCleared":  # the GPU cache's
+            return (CLEARED, (), None, self.gpu_tier, 0, (), None, False)
         if tag not in ("BlockStored", "BlockRemoved"):
             raise ValueError(f"{name}: unknown event type {tag!r}; expected BlockStored, "
                              f"BlockRemoved or AllBlocksCleared")
@@ -401,12 +445,15 @@ class VllmEventDecoder:
             raise ValueError(f"{name}.block_hashes: expected an array, got {hashes!r}")
         hashes = _hashes_bytes(hashes, f"{name}.block_hashes")
         medium = get("medium")
-        tier = "device" if medium is None else self.tiers.get(medium, str(medium).lower())
+        if medium is not None and not isinstance(medium, str):
+            raise ValueError(f"{name}.medium: expected a str or nil, got {medium!r}")
+        tier = "device" if medium is None else self.tiers.get(medium, medium.lower())
         salt = get("cache_salt")
         if salt is not None and not isinstance(salt, str):
             raise ValueError(f"{name}.cache_salt: expected a str, got {salt!r}")
+        marked = salt is not None
         if tag == "BlockRemoved":
-            return (REMOVED, hashes, None, tier, 0, (), salt)
+            return (REMOVED, hashes, None, tier, 0, (), salt, marked)
         parent = get("parent_block_hash")
         parent = None if parent is None else _hash_bytes(parent, f"{name}.parent_block_hash")
         block_size = get("block_size")
@@ -423,44 +470,78 @@ class VllmEventDecoder:
         if not ok:
             raise ValueError(f"{name}.token_ids: expected an array of ints (or EAGLE pairs)")
         tokens = tuple(tokens)
-        if salt is None:
-            salt = self._extra_key_salt(get("extra_keys"))
-        return (STORED, hashes, parent, tier, block_size, tokens, salt)
+        extra = self._extra_key_salt(get("extra_keys"), f"{name}.extra_keys")
+        return (STORED, hashes, parent, tier, block_size, tokens,
+                extra if salt is None else salt, marked)
 
     @staticmethod
-    def _extra_key_salt(extra_keys) -> str | None:
+    def _extra_key_salt(extra_keys, name: str) -> str | None:
         """The salt of a ``("cache_salt", salt)`` extra key on any block, else None."""
-        for keys in extra_keys or ():
-            for k in keys or ():
+        if extra_keys is None:
+            return None
+        if not isinstance(extra_keys, (list, tuple)):
+            raise ValueError(f"{name}: expected an array (one entry per block) or nil, got "
+                             f"{extra_keys!r}")
+        for i, keys in enumerate(extra_keys):
+            if keys is None:
+                continue
+            if not isinstance(keys, (list, tuple)):
+                raise ValueError(f"{name}[{i}]: expected an array of keys or nil, got {keys!r}")
+            for k in keys:
                 if (isinstance(k, (list, tuple)) and len(k) == 2 and k[0] == "cache_salt"
                         and isinstance(k[1], str)):
                     return k[1]
         return None
 
-    def _apply(self, kind, hashes, parent, tier, block_size, tokens, salt) -> list[KVEvent]:
+    def _apply(self, kind, hashes, parent, tier, block_size, tokens, salt,
+               marked) -> list[KVEvent]:
         if kind == CLEARED:
-            self._ns.pop("device", None)
-            return [KVEvent(CLEARED, (), None, "device", b"", 0)]
+            self._ns.pop(tier, None)
+            return [KVEvent(CLEARED, (), None, tier, b"", 0)]
         live = self._ns.setdefault(tier, {})
         if kind == STORED:
             if salt is not None:
                 ns = salt.encode("utf-8")
-            elif parent is not None:
-                ns = live.get(parent, b"")
-            else:
+            elif parent is None or self._marked:
                 ns = b""
+            else:
+                ns = live.get(parent, b"")
+                if isinstance(ns, set):
+                    # the parent's hash is live under several namespaces (a hash that ignores
+                    # salts) and nothing on the wire says which this chain is: leave the
+                    # blocks out (the router misses them) rather than count them for a
+                    # tenant that may not hold them
+                    return []
             for h in hashes:
-                live[h] = ns
+                had = live.setdefault(h, ns)
+                if had != ns:
+                    if isinstance(had, set):
+                        had.add(ns)
+                    else:
+                        live[h] = {had, ns}
             self._block_size = block_size
             return [KVEvent(STORED, hashes, parent, tier, ns, len(hashes) * block_size,
                             token_ids=tokens)]
-        # removed: each hash in the namespace it was stored under (or the event's own salt)
+        # removed: each hash in the namespace the event names (its salt; none on a marked
+        # stream: the shared one), else in those it was stored under (all of them when the
+        # hash is live under several: the router misses rather than keeps a removed block)
         groups: dict[bytes, list[bytes]] = {}
-        fixed = None if salt is None else salt.encode("utf-8")
+        fixed = (salt.encode("utf-8") if salt is not None else b"" if self._marked else None)
         for h in hashes:
-            ns = live.pop(h, b"")
+            had = live.get(h)
             if fixed is not None:
-                ns = fixed
-            groups.setdefault(ns, []).append(h)
+                if isinstance(had, set):
+                    had.discard(fixed)
+                    if len(had) == 1:
+                        live[h] = next(iter(had))
+                elif had == fixed:
+                    del live[h]
+                spaces = (fixed,)
+            else:
+                live.pop(h, None)
+                spaces = (b"",) if had is None else sorted(had) if isinstance(had, set) else (
+                    had,)
+            for ns in spaces:
+                groups.setdefault(ns, []).append(h)
         return [KVEvent(REMOVED, tuple(hs), None, tier, ns, len(hs) * self._block_size)
                 for ns, hs in groups.items()]

@@ -66,6 +66,8 @@ class VllmEventPublisher:
         if isinstance(buffer_steps, bool) or not isinstance(buffer_steps, int) or (
                 buffer_steps < 1):
             raise ValueError(f"buffer_steps: expected an int >= 1, got {buffer_steps!r}")
+        if not isinstance(topic, str):
+            raise TypeError(f"topic: expected a str, got {topic!r}")
         self.encoder = VllmEventEncoder(block_size, **encoder_kwargs)
         self.topic = topic
         self._stop = threading.Event()
@@ -103,8 +105,9 @@ class VllmEventPublisher:
         payload = self.encoder.take(ts)
         seq = None
         if payload is not None:
+            frames = encode_frames(self._seq, payload, self.topic)
             seq, self._seq = self._seq, self._seq + 1
-            self._pub.send_multipart(encode_frames(seq, payload, self.topic))
+            self._pub.send_multipart(frames)
             with self._lock:
                 self._buffer.append((seq, payload))
         if self._thread is None:
@@ -183,6 +186,11 @@ class VllmEventSubscriber:
         if not callable(apply):
             raise TypeError(f"apply: expected a callable(worker_id, event), got "
                             f"{type(apply).__name__}")
+        if (isinstance(replay_timeout, bool) or not isinstance(replay_timeout, (int, float))
+                or not 0 <= replay_timeout < float("inf")):
+            raise ValueError(f"replay_timeout: expected a finite number of seconds >= 0, got "
+                             f"{replay_timeout!r}")
+        VllmEventDecoder(**decoder_kwargs)  # its arguments refused here, by name
         zmq = _zmq()
         self.apply = apply
         self.replay_timeout = float(replay_timeout)
@@ -206,6 +214,20 @@ class VllmEventSubscriber:
         self._engines[worker_id] = eng
         self._by_socket[sub] = eng
         self._poller.register(sub, zmq.POLLIN)
+
+    def remove_engine(self, worker_id: Hashable) -> None:
+        """Stop following an engine (before ``router.remove_worker``): its socket closed, its
+        batches no longer applied."""
+        eng = self._engines.pop(worker_id, None)
+        if eng is None:
+            raise KeyError(f"worker_id: unknown engine {worker_id!r}; known: "
+                           f"{list(self._engines)}")
+        self._close(eng)
+
+    def _close(self, eng: _Engine) -> None:
+        self._poller.unregister(eng.sub)
+        del self._by_socket[eng.sub]
+        eng.sub.close(linger=0)
 
     def stats(self, worker_id: Hashable) -> dict:
         """Counts for one engine: batches applied, replayed, restarts and gaps seen, and times
@@ -250,7 +272,7 @@ class VllmEventSubscriber:
     def _apply(self, eng: _Engine, seq: int, payload: bytes) -> int:
         try:
             batch = eng.decoder.decode(payload)
-        except ValueError:
+        except Exception:  # noqa: BLE001 - whatever a malformed batch raises: skip it
             self._forget(eng)  # a batch we cannot read: its blocks are unknown
             eng.expected = seq + 1
             return 0
@@ -261,7 +283,7 @@ class VllmEventSubscriber:
         return 1
 
     def _forget(self, eng: _Engine) -> None:
-        for tier in dict.fromkeys(("device", *eng.decoder.seen_tiers)):
+        for tier in dict.fromkeys((eng.decoder.gpu_tier, *eng.decoder.seen_tiers)):
             self.apply(eng.worker, KVEvent(CLEARED, (), None, tier, b"", 0))
         eng.decoder = VllmEventDecoder(**self._decoder_kwargs)
         eng.stats["cleared"] += 1
@@ -306,7 +328,7 @@ class VllmEventSubscriber:
             sock.close(linger=0)
 
     def close(self) -> None:
+        """Close every engine's socket (``poll`` then applies nothing)."""
         for eng in self._engines.values():
-            eng.sub.close(linger=0)
+            self._close(eng)
         self._engines.clear()
-        self._by_socket.clear()

@@ -152,7 +152,14 @@ def test_router_matches_workers_under_random_traffic():
     (lambda r: r.pick([1.7] * 9), TypeError, r"tokens\[0\]: expected an int token id"),
     (lambda r: r.request_hashes([5] * 8 + [-1]), ValueError,
      r"tokens: expected token ids in \[0, 2\*\*31\)"),
-], ids=["dup", "unknown-load", "unknown-apply", "bad-kind", "float-tokens", "negative-token"])
+    (lambda r: r.set_load("w0", float("nan")), ValueError, "load: expected a finite number"),
+    (lambda r: r.set_load("w0", "abc"), TypeError, "load: expected a number, got str"),
+    (lambda r: r.add_load("w0", None), TypeError, "delta: expected a number, got NoneType"),
+    (lambda r: r.add_load("w0", float("inf")), ValueError, "delta: expected a finite"),
+    (lambda r: r.cached_hashes("w0", tier="host"), KeyError,
+     r"tier: 'host' is not one of the router's tiers \('device',\)"),
+], ids=["dup", "unknown-load", "unknown-apply", "bad-kind", "float-tokens", "negative-token",
+        "nan-load", "str-load", "none-delta", "inf-delta", "unknown-tier"])
 def test_router_checks(call, exc, match):
     _, router = cluster(n=1)
     with pytest.raises(exc, match=match):
@@ -173,6 +180,23 @@ def test_router_checks(call, exc, match):
 def test_router_constructor_checks(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         Router(**kw)
+
+
+def test_add_worker_with_a_bad_bus_adds_nothing():
+    router = Router(BS)
+    with pytest.raises(TypeError, match="events: expected an EventBus"):
+        router.add_worker("w0", "not a bus")
+
+    class Failing:
+        def subscribe(self, fn):
+            raise RuntimeError("bus closed")
+
+    with pytest.raises(RuntimeError, match="bus closed"):
+        router.add_worker("w0", Failing())
+    assert router.workers == []
+    router.add_worker("w0")  # not "already added"
+    router.set_load("w0", 3)
+    assert router.pick([1, 2, 3]).worker == "w0" and router.load("w0") == 3.0
 
 
 def test_remove_unknown_worker_names_it():

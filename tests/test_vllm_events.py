@@ -76,7 +76,7 @@ def test_numpy_token_ids_encode_as_ints(packer, monkeypatch):
     raw = msgpack.unpackb(VllmEventEncoder(4).encode(evs, ts=0.0))
     assert [e["token_ids"] for e in raw["events"]] == [list(range(8)), list(range(4))]
     bad = KVEvent("stored", (H[0],), None, "device", b"", 4, token_ids=np.zeros(4))
-    with pytest.raises(TypeError, match="cannot encode"):
+    with pytest.raises(TypeError, match="event.token_ids: expected integers"):
         VllmEventEncoder(4).encode([bad])
 
 
@@ -192,6 +192,13 @@ def test_decoder_reads_older_and_eagle_payloads():
     (msgpack.packb({"ts": 1.0, "events": [{"type": "BlockRemoved", "block_hashes": [1],
                                            "medium": None, "cache_salt": 5}]}),
      r"events\[0\].cache_salt"),
+    # a wrong type anywhere is a ValueError naming the field too, never a TypeError
+    (msgpack.packb([1.0, [[{"a": 1}, [1], None]]]), r"events\[0\]: expected an event type"),
+    (msgpack.packb([1.0, [["BlockRemoved", [1], {"a": 1}]]]), r"events\[0\].medium"),
+    (msgpack.packb([1.0, [["BlockStored", [1], None, [1, 2], 2, None, None, None, 7]]]),
+     r"events\[0\].extra_keys: expected an array"),
+    (msgpack.packb([1.0, [["BlockStored", [1], None, [1, 2], 2, None, None, None, [7]]]]),
+     r"events\[0\].extra_keys\[0\]: expected an array of keys"),
 ])
 def test_decoder_names_what_is_malformed_and_keeps_its_state(payload, match):
     dec = VllmEventDecoder()
@@ -213,6 +220,88 @@ def test_a_bad_event_applies_none_of_its_batch():
         dec.decode(bad)
     (ev,) = dec.decode(msgpack.packb([2.0, [["BlockStored", [2], 1, [3, 4], 2, None]]])).events
     assert ev.namespace == b""  # block 1 was never applied
+
+
+def test_cleared_goes_to_the_tier_the_gpu_maps_to():
+    """AllBlocksCleared empties the tier "GPU" maps to under custom ``tiers``, not "device"."""
+    dec = VllmEventDecoder(tiers={"GPU": "gpu", "CPU": "cpu"})
+    router = Router(2, tiers=("gpu",),
+                    hash_fn=lambda t, bs, salt=None, parent=None: [(1).to_bytes(8, "big")])
+    router.add_worker("w")
+    for ev in dec.decode(msgpack.packb([1.0, [["BlockStored", [1], None, [1, 2], 2, None,
+                                                "GPU", None]]])).events:
+        router.apply("w", ev)
+    assert dec.gpu_tier == "gpu" and router.overlaps([5, 6, 7]) == {"w": 1}
+    (ev,) = dec.decode(msgpack.packb([2.0, [["AllBlocksCleared"]]])).events
+    assert (ev.kind, ev.tier) == ("cleared", "gpu")
+    router.apply("w", ev)
+    assert router.overlaps([5, 6, 7]) == {"w": 0} and dec.seen_tiers == ()
+
+
+def test_decoder_and_encoder_arguments_are_checked():
+    with pytest.raises(TypeError, match="group_idx: expected an int"):
+        VllmEventDecoder(group_idx="0")  # would have dropped every group-0 event
+    with pytest.raises(TypeError, match="tiers: expected a mapping"):
+        VllmEventDecoder(tiers={"GPU": 1})
+    enc = VllmEventEncoder(2)
+    enc(KVEvent("stored", (H[0],), None, "device", b"", 2, token_ids=(1, 2)))
+    with pytest.raises(TypeError, match="event.token_ids: expected integers"):
+        enc(KVEvent("stored", (H[1],), None, "device", b"", 2, token_ids=(1.0, 2.0)))
+    with pytest.raises(TypeError, match="event.token_ids: expected integers"):
+        enc(KVEvent("stored", (H[1],), None, "device", b"", 2,
+                    token_ids=(np.float32(1), np.float32(2))))
+    with pytest.raises(TypeError, match="ts: expected a number"):
+        enc.take(ts="now")
+    # the refused calls lost nothing: the good event is still there, alone
+    (ev,) = msgpack.unpackb(enc.take(ts=1.0))["events"]
+    assert ev["token_ids"] == [1, 2]
+    assert enc.take() is None
+
+
+def _saltless(tokens, block_size, *, salt=None, parent=None):
+    return hash_blocks(np.asarray(tokens, np.int32), block_size, parent=parent,
+                       algo="sglang-sha256")
+
+
+@pytest.mark.parametrize("wire", ["map", "array"])
+def test_a_hash_that_ignores_salts_never_crosses_namespaces_on_the_wire(wire):
+    """With a hash that ignores salts, one hash is live under two namespaces. The map wire
+    marks every salted event, so a router fed through it holds what the direct one does; the
+    array wire cannot tell whose a continuation of such a hash is, so the decoder leaves it
+    out: the router misses it, never counts it for the other tenant."""
+    bs = 4
+    pc = PrefixCache(num_blocks=32, block_size=bs, hash_fn=_saltless)
+    direct = Router(bs, hash_fn=_saltless)
+    direct.add_worker("w", pc.events)
+    enc, dec = VllmEventEncoder(bs, wire=wire, int_hashes=False), VllmEventDecoder()
+    pc.events.subscribe(enc)
+    wired = Router(bs, hash_fn=_saltless)
+    wired.add_worker("w")
+
+    def run(rid, toks, salt):
+        done = pc.add_request(rid, toks, salt=salt)
+        pc.step([(rid, len(toks) - done)])
+        for ev in dec.decode(enc.take(ts=0.0)).events:
+            wired.apply("w", ev)
+
+    head, tail = list(range(4)), list(range(50, 54))
+    run("u0", head + [99], None)  # block H0 in the shared namespace
+    run("t0", head + [99], "t")  # the same H0 under tenant t
+    run("u1", head + tail + [99], None)  # the shared chain goes on: H1, parent H0
+    q = head + tail + [99]
+    assert direct.pick(q, salt="t").overlaps == {"w": 1}
+    assert wired.pick(q, salt="t").overlaps == {"w": 1}  # never 2: H1 is not tenant t's
+    assert wired.pick(q).overlaps == ({"w": 2} if wire == "map" else {"w": 1})
+    # the shared H0 removed: the map wire says whose; the array wire's removal goes to every
+    # namespace the hash is live under (a miss for tenant t, never a stale hit)
+    h0 = _saltless(head, bs)[0]
+    removed = dec.decode(enc.encode([KVEvent("removed", (h0,), None, "device", b"", bs)]))
+    assert sorted(e.namespace for e in removed.events) == (
+        [b""] if wire == "map" else [b"", b"t"])
+    assert all(e.block_hashes == (h0,) for e in removed.events)
+    for ev in removed.events:
+        wired.apply("w", ev)
+    assert wired.pick(q, salt="t").overlaps == {"w": 0 if wire == "array" else 1}
 
 
 def test_frames():

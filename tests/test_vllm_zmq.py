@@ -192,8 +192,56 @@ def test_bad_arguments():
         VllmEventPublisher(BS, _endpoint(), buffer_steps=0)
     with pytest.raises(TypeError, match="apply"):
         VllmEventSubscriber(None)
+    with pytest.raises(TypeError, match="topic: expected a str"):
+        VllmEventPublisher(BS, _endpoint(), topic=b"kv")
+    for bad in (float("nan"), -1.0, float("inf"), "2"):
+        with pytest.raises(ValueError, match="replay_timeout"):
+            VllmEventSubscriber(lambda w, e: None, replay_timeout=bad)
+    with pytest.raises(TypeError, match="group_ix"):  # the decoder's, refused up front
+        VllmEventSubscriber(lambda w, e: None, group_ix=0)
     sub = VllmEventSubscriber(lambda w, e: None)
     sub.add_engine("w", "tcp://127.0.0.1:9")  # connecting is asynchronous: nothing listens
     with pytest.raises(ValueError, match="already added"):
         sub.add_engine("w", "tcp://127.0.0.1:9")
+    with pytest.raises(KeyError, match="worker_id: unknown engine 'v'"):
+        sub.remove_engine("v")
     sub.close()
+    assert sub.poll(0) == 0  # closed: nothing left to poll
+
+
+def test_a_batch_the_decoder_cannot_read_forgets_and_the_stream_goes_on(monkeypatch):
+    """Whatever a malformed batch raises, the engine's blocks are forgotten and the following
+    batches apply (it had stopped the stream for good: every batch a gap, refilled with the
+    bad one); a removed engine's batches no longer reach the router."""
+    pub, ep = _raw_pub()
+    router = Router(BS)
+    router.add_worker("w")
+    sub = VllmEventSubscriber(router.apply)
+    enc = VllmEventEncoder(BS, int_hashes=False)
+    try:
+        sub.add_engine("w", ep)
+        _connected(pub, sub, enc)
+        from prefixkv.paged import vllm_events
+
+        real = vllm_events.VllmEventDecoder.decode
+
+        def decode(self, payload):
+            if payload == b"boom":
+                raise RuntimeError("not a ValueError")
+            return real(self, payload)
+
+        monkeypatch.setattr(vllm_events.VllmEventDecoder, "decode", decode)
+        cleared = sub.stats("w")["cleared"]
+        pub.send_multipart(encode_frames(1, b"boom"))
+        _until(sub, lambda: sub.stats("w")["cleared"] == cleared + 1)
+        assert router.cached_hashes("w") == {}
+        pub.send_multipart(encode_frames(2, enc.encode([_stored(b"\2" * 32)], ts=2.0)))
+        _until(sub, lambda: router.cached_hashes("w") == {b"": {b"\2" * 32}})
+        assert sub.stats("w")["gaps"] == 0
+        sub.remove_engine("w")
+        router.remove_worker("w")
+        pub.send_multipart(encode_frames(3, enc.encode([_stored(b"\3" * 32)], ts=3.0)))
+        assert sub.poll(100) == 0  # no KeyError from the router
+    finally:
+        sub.close()
+        pub.close(0)
