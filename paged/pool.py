@@ -279,6 +279,10 @@ class BlockPool:
     def touch(self, blocks: Iterable[int]) -> None:
         """Take one more reference on each block (a hit): a free cached block leaves the queue.
         """
+        if type(blocks) is not list:
+            blocks = list(blocks)
+        if blocks and min(blocks) < 0:  # a list would index it from its end
+            raise IndexError(f"blocks: expected block ids >= 0, got {min(blocks)}")
         ref = self.ref_counts
         prev = self._prev
         nxt = self._next
@@ -302,6 +306,8 @@ class BlockPool:
         All or nothing: a block freed more often than referenced (the null block included)
         raises ValueError with every block unchanged, as does a bad id (IndexError/TypeError).
         """
+        if blocks and min(blocks) < 0:  # a list would index it from its end
+            raise IndexError(f"blocks: expected block ids >= 0, got {min(blocks)}")
         ref = self.ref_counts
         hashes = self._hash
         empty = self._empty

@@ -35,6 +35,7 @@ KV never changes under its hash.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Hashable, Iterable
 
 import numpy as np
@@ -133,11 +134,17 @@ def _token_array(tokens, name: str = "tokens") -> np.ndarray:
             for i, t in enumerate(out):
                 if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
                     raise TypeError(f"{name}[{i}]: expected an int token id, got {t!r}")
-        arr = np.array(out, dtype=np.int64) if out else np.zeros(0, np.int64)
+        try:
+            arr = np.array(out, dtype=np.int64) if out else np.zeros(0, np.int64)
+        except OverflowError:  # a Python int past 64 bits
+            raise ValueError(f"{name}: expected token ids in [0, 2**31), got "
+                             f"{max(out)}") from None
     if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 0x7FFFFFFF):
         raise ValueError(f"{name}: expected token ids in [0, 2**31), got min {int(arr.min())} "
                          f"max {int(arr.max())}")
-    return arr.astype(np.int32, copy=False)
+    # a copy, also of a caller's int32 array: a request keeps it and hashes its blocks from
+    # it later, after the caller may have reused the buffer
+    return arr.astype(np.int32, copy=arr is tokens)
 
 
 def _pairs(batch) -> tuple[list, list]:
@@ -350,6 +357,8 @@ class PrefixCache:
         (``scatter_blocks``) before the next step reads them. Returns the new block ids."""
         req = self._get(request_id)
         num_blocks = validate.check_int("num_blocks", num_blocks)
+        if num_blocks == 0:
+            return []
         bs = self.block_size
         if req.num_computed % bs or len(req.blocks) * bs != req.num_computed:
             raise ValueError("request_id: onboard needs a request whose computed tokens end at "
@@ -564,13 +573,34 @@ class PrefixCache:
             self._undo_allocate(before)
             raise
         caching = self.enable_caching
-        for req, n in items:  # commit (hashed above)
-            req.num_computed += n
-            if req.copies:
-                req.copies = []
-            if caching and req.num_computed // bs > req.num_registered:
-                self._register(req)
+        done = []  # (request, num_computed, num_registered) before its commit
+        try:
+            for req, n in items:  # commit (hashed above)
+                done.append((req, req.num_computed, req.num_registered))
+                req.num_computed += n
+                if req.copies:
+                    req.copies = []
+                if caching and req.num_computed // bs > req.num_registered:
+                    self._register(req)
+        except BaseException:  # a "stored" subscriber raised: the step changes no request
+            self._undo_commit(done)
+            self._undo_allocate(before)
+            raise
         return plan
+
+    def _undo_commit(self, done: list) -> None:
+        """Take back the commits of a step that raised while registering: the blocks it
+        registered (none held a hash before: blocks past a request's registered ones are its
+        own, unregistered) are unregistered (``"removed"`` events), the counts restored. A
+        subscriber raising again here is not raised (the step's first error is)."""
+        bs = self.block_size
+        blocks = []
+        for req, computed, registered in done:
+            blocks += req.blocks[registered:req.num_computed // bs]
+            req.num_computed = computed
+            req.num_registered = registered
+        with contextlib.suppress(Exception):  # the pool is consistent; the first error wins
+            self.pool.unregister(blocks)
 
     def _hash_filled(self, todo: list[tuple[_Request, int]]) -> None:
         """:meth:`_extend_hashes` of each (request, num_blocks) of ``todo``. With the default
@@ -691,6 +721,8 @@ class PrefixCache:
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash (running requests keep their blocks)."""
-        self.pool.reset_prefix_cache()
-        for req in self._requests.values():
-            req.num_registered = 0  # their KV is still valid: the next commit registers again
+        try:
+            self.pool.reset_prefix_cache()  # a "cleared" subscriber may raise: done anyway
+        finally:
+            for req in self._requests.values():
+                req.num_registered = 0  # their KV is still valid: the next commit registers

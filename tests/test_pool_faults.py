@@ -104,7 +104,7 @@ def test_register_publishes_every_run_when_a_subscriber_raises():
     pool.check_consistency()
 
 
-@pytest.mark.parametrize("case", ["null block", "twice", "out of range"])
+@pytest.mark.parametrize("case", ["null block", "twice", "out of range", "negative"])
 def test_free_is_all_or_nothing(case):
     pool = BlockPool(8, 4)
     a = pool.allocate(4)
@@ -117,7 +117,9 @@ def test_free_is_all_or_nothing(case):
     # the bad block is freed last (free walks the list tail first)
     blocks, err = {"null block": ([0, *a], ValueError),
                    "twice": ([a[0], *a], ValueError),
-                   "out of range": ([99, *a], IndexError)}[case]
+                   "out of range": ([99, *a], IndexError),
+                   # a list indexes -1 from its end: it had dropped a ref of the last block
+                   "negative": ([*a[:1], -1, *a[1:]], IndexError)}[case]
     with pytest.raises(err):
         pool.free(blocks)
     assert _state(pool) == before
@@ -171,3 +173,67 @@ def test_a_step_whose_eviction_subscriber_raises_changes_no_request():
     pc.step([("b", 7)])
     assert sorted(pc.blocks("b")) == [1, 2, 3, 4] and pc.num_computed("b") == 7
     pc.pool.check_consistency()
+
+
+def test_touch_refuses_a_negative_block_and_changes_nothing():
+    pool = BlockPool(4, 4)
+    a = pool.allocate(3)
+    before = _state(pool)
+    with pytest.raises(IndexError, match="blocks: expected block ids >= 0, got -1"):
+        pool.touch([a[0], -1])
+    assert _state(pool) == before
+    pool.check_consistency()
+
+
+def test_a_step_whose_stored_subscriber_raises_changes_no_request():
+    """The commit's "stored" subscriber raising (the second request's, after the first's
+    blocks were registered): the step is taken back whole, its registrations undone (so no
+    request hits blocks no forward pass wrote), and the same step runs again once the
+    subscriber is gone."""
+    from prefixkv.paged.prefix_cache import PrefixCache
+
+    pc = PrefixCache(num_blocks=16, block_size=4)
+    pc.add_request("a", list(range(100, 109)))
+    pc.add_request("b", list(range(200, 209)))
+    log = EventLog()
+    pc.events.subscribe(log)
+    seen = []
+
+    def second_raises(ev):
+        if ev.kind == STORED:
+            seen.append(ev)
+            if len(seen) == 2:
+                raise Boom("stored")
+
+    unsubscribe = pc.events.subscribe(second_raises)
+    with pytest.raises(Boom):
+        pc.step([("a", 9), ("b", 9)])
+    pc.pool.check_consistency()
+    assert [pc.num_computed(r) for r in "ab"] == [0, 0]
+    assert pc.blocks("a") == [] and pc.blocks("b") == [] and pc.pool.num_free == 15
+    assert pc.pool.cached_hashes() == {} and log.replay() == {}  # stored, then removed
+    assert pc.match(list(range(100, 109)))[1] == 0
+    unsubscribe()
+    pc.step([("a", 9), ("b", 9)])
+    assert [pc.num_computed(r) for r in "ab"] == [9, 9]
+    assert log.replay() == pc.pool.cached_hashes() and len(pc.pool.cached_hashes()[b""]) == 4
+    pc.pool.check_consistency()
+
+
+def test_a_reset_whose_cleared_subscriber_raises_still_re_registers_the_requests():
+    from prefixkv.paged.events import CLEARED
+    from prefixkv.paged.prefix_cache import PrefixCache
+
+    pc = PrefixCache(num_blocks=16, block_size=4)
+    prompt = list(range(100, 110))
+    pc.add_request("r", prompt)
+    pc.step([("r", len(prompt))])
+    unsubscribe = pc.events.subscribe(_raise_on(CLEARED))
+    with pytest.raises(Boom):
+        pc.reset_prefix_cache()
+    unsubscribe()
+    assert pc.pool.cached_hashes() == {}
+    pc.append_tokens("r", [1, 2])
+    pc.step([("r", 2)])  # registers the running request's blocks again
+    pc.add_request("s", prompt)
+    assert pc.num_computed("s") == 8

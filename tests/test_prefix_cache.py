@@ -760,3 +760,35 @@ def test_decode_step_hashes_the_filled_blocks_in_one_call_per_salt(monkeypatch):
         assert pc.request_hashes(rid) == list(real(toks, 4, salt=salt))
         assert pc.pool.lookup(pc.request_hashes(rid), pc.namespace(rid)) == pc.blocks(rid)
     pc.pool.check_consistency()
+
+
+def test_a_callers_int32_prompt_array_is_copied_not_hashed_later():
+    """A prompt of exactly block_size tokens is hashed at commit: from a copy, not from the
+    caller's array, which the caller may have refilled by then (its block was registered
+    under the new contents' hash and served to another prompt)."""
+    pc = PrefixCache(num_blocks=16, block_size=4)
+    buf = np.arange(10, 14, dtype=np.int32)
+    pc.add_request("r", buf)
+    buf[:] = [20, 21, 22, 23]  # the caller reuses its buffer
+    pc.step([("r", 4)])
+    assert set(pc.pool.cached_hashes()[b""]) == {pc.block_hashes([10, 11, 12, 13])[0]}
+    assert pc.match([20, 21, 22, 23, 5])[1] == 0
+    assert pc.match([10, 11, 12, 13, 5])[1] == 4
+
+
+@pytest.mark.parametrize("bad", [2**63, 2**70])
+def test_token_ids_past_64_bits_are_named(bad):
+    pc = PrefixCache(num_blocks=4, block_size=4)
+    with pytest.raises(ValueError, match=r"tokens: expected token ids in \[0, 2\*\*31\)"):
+        pc.add_request("r", [1, bad])
+    pc.add_request("r", [1, 2])
+    with pytest.raises(ValueError, match=r"token_ids: expected token ids in \[0, 2\*\*31\)"):
+        pc.append_tokens("r", [bad])
+
+
+def test_onboard_of_no_blocks_is_a_no_op():
+    pc = PrefixCache(num_blocks=8, block_size=4)
+    pc.add_request("r", list(range(8)))
+    pc.step([("r", 8)])  # every token computed
+    assert pc.onboard("r", 0) == [] and pc.num_computed("r") == 8
+
