@@ -245,7 +245,8 @@ def _run_host(tok, cu, key, parents, extra, *, block_size, num_out, num_steps):
     del num_steps
     fn = functools.partial(_host_chain, block_size=block_size, num_out=num_out)
     args = (tok, cu, key, parents) + (() if extra is None else (extra,))
-    return jax.pure_callback(fn, jax.ShapeDtypeStruct((num_out, 8), jnp.uint32), *args)
+    return jax.pure_callback(fn, jax.ShapeDtypeStruct((num_out, 8), jnp.uint32), *args,
+                             vmap_method="sequential")
 
 
 def _run_pallas(tok, cu, key, parents, extra, *, block_size, num_out, num_steps):

@@ -25,6 +25,8 @@ Functions here take validated arguments and static Python config; the public ops
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,6 +87,16 @@ def _as_bits(x):
     if x.dtype.itemsize == 1 and jnp.issubdtype(x.dtype, jnp.floating):
         return lax.bitcast_convert_type(x, jnp.uint8)
     return x
+
+
+def _bits_set(cache, rows, index, bits: bool):
+    """``cache.at[index].set(rows, mode="drop", unique_indices=True)``; with ``bits``, 16-bit
+    (8-bit) floats as their unsigned bits when rows have the cache's dtype: XLA:CPU scatters
+    bfloat16 through float32, which quiets NaN payloads in every block, written or not."""
+    if bits and rows.dtype == cache.dtype and _as_bits(cache) is not cache:
+        out = _as_bits(cache).at[index].set(_as_bits(rows), mode="drop", unique_indices=True)
+        return lax.bitcast_convert_type(out, cache.dtype)
+    return cache.at[index].set(rows, mode="drop", unique_indices=True)
 
 
 def _cache_bits_in_step(k_cache, v_cache, dep):
@@ -1139,13 +1151,13 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, kv_layout: str = "NHD")
     slots = jnp.where(slots < 0, num_slots, slots)  # out of range: dropped
     blk, off = slots // block_size, slots % block_size
 
-    def put(cache, rows):
-        # HND: .at[blk, :, off] takes [n, heads, head_dim] rows (the indexed dims first)
-        at = cache.at[blk, :, off] if hnd else cache.at[blk, off]
-        return at.set(rows[:n], mode="drop", unique_indices=True)
+    def put(cache, rows, bits):
+        # HND: [blk, :, off] takes [n, heads, head_dim] rows (the indexed dims first)
+        index = (blk, slice(None), off) if hnd else (blk, off)
+        return _bits_set(cache, rows[:n], index, bits)
 
-    def xla_path():
-        return put(k_cache, key), put(v_cache, value)
+    def xla_path(bits=False):
+        return put(k_cache, key, bits), put(v_cache, value, bits)
 
     # XLA:CPU scatters bf16 through a whole-cache f32 round trip (an HND cache's too; as
     # uint16 bits, or through a reshape around the NHD handler, still a whole-cache copy): on
@@ -1153,12 +1165,12 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, kv_layout: str = "NHD")
     # kernels/cpu/xla_ffi.py), a row per token (NHD) or per token and head (HND).
     from ..kernels.cpu import xla_ffi
 
-    if not xla_ffi.use_for(key, value, k_cache, v_cache):
-        return xla_path()
-
     def cpu_path():
         return (xla_ffi.write_kv(key, slot_mapping, k_cache, kv_layout=kv_layout),
                 xla_ffi.write_kv(value, slot_mapping, v_cache, kv_layout=kv_layout))
+
+    if not xla_ffi.use_for(key, value, k_cache, v_cache):
+        cpu_path = functools.partial(xla_path, True)
 
     return lax.platform_dependent(cpu=cpu_path, default=xla_path)
 
@@ -1173,21 +1185,22 @@ def _outside_dropped(ids, num_blocks: int):
 
 def copy_blocks(caches, src, dst):
     """cache[dst[i]] = cache[src[i]] for every cache; reads happen before writes."""
-    def xla_path():
+    def xla_path(bits=False):
         out = []
         for c in caches:
-            rows = jnp.take(c, src, axis=0, mode="clip")
-            out.append(c.at[_outside_dropped(dst, c.shape[0])].set(rows, mode="drop",
-                                                                   unique_indices=True))
+            rows = jnp.take(_as_bits(c) if bits else c, src, axis=0, mode="clip")
+            if bits:
+                rows = lax.bitcast_convert_type(rows, c.dtype)
+            out.append(_bits_set(c, rows, _outside_dropped(dst, c.shape[0]), bits))
         return out
 
     from ..kernels.cpu import xla_ffi  # in-place on CPU, see write_kv
 
-    if not xla_ffi.use_for(*caches):
-        return xla_path()
-
     def cpu_path():
         return [xla_ffi.copy_blocks(c, src, dst) for c in caches]
+
+    if not xla_ffi.use_for(*caches):
+        cpu_path = functools.partial(xla_path, True)
 
     return lax.platform_dependent(cpu=cpu_path, default=xla_path)
 
@@ -1220,18 +1233,17 @@ def gather_blocks(caches, block_ids):
 
 def scatter_blocks(caches, buffer, block_ids):
     """caches[c][block_ids[i]] = buffer[i, c]."""
-    def xla_path():
-        return [c.at[_outside_dropped(block_ids, c.shape[0])].set(buffer[:, i], mode="drop",
-                                                                  unique_indices=True)
+    def xla_path(bits=False):
+        return [_bits_set(c, buffer[:, i], _outside_dropped(block_ids, c.shape[0]), bits)
                 for i, c in enumerate(caches)]
 
     from ..kernels.cpu import xla_ffi  # in-place on CPU, see write_kv
 
-    if not xla_ffi.use_for(buffer, *caches):
-        return xla_path()
-
     def cpu_path():
         return [xla_ffi.scatter_blocks(c, buffer, block_ids, i) for i, c in enumerate(caches)]
+
+    if not xla_ffi.use_for(buffer, *caches):
+        cpu_path = functools.partial(xla_path, True)
 
     return lax.platform_dependent(cpu=cpu_path, default=xla_path)
 

@@ -135,10 +135,15 @@ def check_int(name: str, value, minimum: int | None = None, hint: str = "") -> i
     return int(value)
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 def check_optional_positive(name: str, value, *, integer: bool = False, none_is=None):
-    """None, or a finite number > 0 (an int >= 1 when ``integer``). ``none_is``: the value
-    other libraries use for "off" (FlashAttention's window -1, FlashInfer's soft cap 0), named
-    in the error."""
+    """None, or a finite number > 0 and at most float32's largest (the kernels compute in
+    float32: a larger soft cap rounds to inf, and inf * tanh(0) is NaN), or an int in
+    [1, 2**31) when ``integer`` (positions are int32). ``none_is``: the value other libraries
+    use for "off" (FlashAttention's window -1, FlashInfer's soft cap 0), named in the
+    error."""
     if value is None:
         return None
     off = "" if none_is is None else f" (None turns it off, where others pass {none_is})"
@@ -147,11 +152,17 @@ def check_optional_positive(name: str, value, *, integer: bool = False, none_is=
             raise TypeError(f"{name}: expected an int or None, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"{name}: expected >= 1, got {value}{off}")
+        if value > 0x7FFFFFFF:
+            raise ValueError(f"{name}: expected at most 2**31 - 1 (int32 positions), got "
+                             f"{value}")
         return int(value)
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise TypeError(f"{name}: expected a float or None, got {type(value).__name__}")
     if not math.isfinite(float(value)) or float(value) <= 0:
         raise ValueError(f"{name}: expected a finite value > 0, got {value}{off}")
+    if float(value) > _F32_MAX:
+        raise ValueError(f"{name}: expected at most {_F32_MAX:.8g} (float32's largest: the "
+                         f"kernels compute in float32), got {value}")
     return float(value)
 
 

@@ -67,6 +67,16 @@ def test_under_jit_traced_cu_lens(backend):
     assert not got[len(exp):].any()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_under_vmap_each_row_hashes_alone(backend):
+    """vmap over sequences (the host backend's callback had no vmap rule: the default CPU
+    backend raised NotImplementedError)."""
+    toks = np.arange(48, dtype=np.int32).reshape(3, 16)
+    want = np.stack([hash_blocks_reference(toks[i], 4, salt="v") for i in range(3)])
+    got = jax.vmap(lambda t: hash_blocks(t, 4, salt="v", backend=backend))(jnp.asarray(toks))
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
 @pytest.mark.skipif("host" not in BACKENDS, reason="C extension not built")
 def test_host_callback_checks_traced_cu_lens():
     f = jax.jit(lambda t, cu: hash_blocks(t, 16, cu_lens=cu, backend="host"))

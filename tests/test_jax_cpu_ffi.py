@@ -276,25 +276,37 @@ def test_other_platforms_lower_without_the_custom_call():
 
 @on_cpu
 def test_fallback_when_disabled(monkeypatch):
-    """PREFIXKV_DISABLE_CPU_FFI=1: the XLA scatter path runs, with the same results."""
+    """PREFIXKV_DISABLE_CPU_FFI=1: the XLA scatter path runs, with the same results, bit for
+    bit: 16-bit and 8-bit floats move as their bits (XLA:CPU scatters bfloat16 through
+    float32, which had quieted NaN payloads in blocks the op never named)."""
     monkeypatch.setenv(xla_ffi.DISABLE_ENV, "1")
     xla_ffi._reset_for_tests()
     try:
         assert xla_ffi.cpu_cache_ops_path() == f"xla (disabled by {xla_ffi.DISABLE_ENV})"
-        # finite values: the XLA bf16 path goes through float32 (NaN payloads may change)
-        rng = np.random.default_rng(21)
-        k = rng.standard_normal((NUM_BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM)).astype(
-            ml_dtypes.bfloat16)
-        key = rng.standard_normal((4, HEADS, HEAD_DIM)).astype(ml_dtypes.bfloat16)
         slots = np.array([1, -1, 44, 8], np.int32)
-        args = [jnp.asarray(a) for a in (key, key, k, k, slots)]
-        assert not _uses_ffi(_xla.write_kv, *args)
-        got_k, _ = _fresh_jit(_xla.write_kv)(*args)
-        _same_bits(got_k, ref.write_kv_reference(key, key, k, k, slots)[0])
-        src, dst = jnp.asarray(np.array([2], np.int32)), jnp.asarray(np.array([3], np.int32))
-        assert not _uses_ffi(_xla.copy_blocks, [args[2]], src, dst)
-        buf = jnp.zeros((1, 1, BLOCK_SIZE, HEADS, HEAD_DIM), jnp.bfloat16)
-        assert not _uses_ffi(_xla.scatter_blocks, [args[2]], buf, src)
+        src, dst = np.array([2, 5], np.int32), np.array([3, 2], np.int32)
+        ids = np.array([7, 0], np.int32)
+        for dtype in DTYPES:
+            k, v = _cache(dtype, 11), _cache(dtype, 12)
+            key, value = (_bits((4, HEADS, HEAD_DIM), dtype, s) for s in (13, 14))
+            if dtype in FLOAT_DTYPES:  # write_kv takes float keys (fp8: quantized, elsewhere)
+                args = [jnp.asarray(a) for a in (key, value, k, v, slots)]
+                assert not _uses_ffi(_xla.write_kv, *args)
+                for got, want in zip(_fresh_jit(_xla.write_kv)(*args),
+                                     ref.write_kv_reference(key, value, k, v, slots),
+                                     strict=True):
+                    _same_bits(got, want)
+            cargs = ([jnp.asarray(k), jnp.asarray(v)], jnp.asarray(src), jnp.asarray(dst))
+            assert not _uses_ffi(_xla.copy_blocks, *cargs)
+            for got, want in zip(_fresh_jit(_xla.copy_blocks)(*cargs),
+                                 ref.copy_blocks_reference([k, v], src, dst), strict=True):
+                _same_bits(got, want)
+            buf = _bits((2, 2, BLOCK_SIZE, HEADS, HEAD_DIM), dtype, 15)
+            sargs = ([jnp.asarray(k), jnp.asarray(v)], jnp.asarray(buf), jnp.asarray(ids))
+            assert not _uses_ffi(_xla.scatter_blocks, *sargs)
+            for got, want in zip(_fresh_jit(_xla.scatter_blocks)(*sargs),
+                                 ref.scatter_blocks_reference([k, v], buf, ids), strict=True):
+                _same_bits(got, want)
         # gather_blocks: the XLA take + stack on uint16 bits, bit-exact (NaN payloads kept),
         # repeats and empty
         # (the raw _xla function: jf.gather_blocks's jit may hold a trace of the FFI path)

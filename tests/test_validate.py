@@ -67,6 +67,11 @@ ATTENTION_CASES = [
     ({}, {"sliding_window": 2.5}, TypeError, r"sliding_window: expected an int or None"),
     ({}, {"sliding_window": 4, "causal": False}, ValueError, r"sliding_window: only defined for causal=True"),
     ({}, {"logits_soft_cap": float("inf")}, ValueError, r"logits_soft_cap: expected a finite value > 0"),
+    # float32 kernels: a larger cap rounds to inf (inf * tanh(0) is NaN in every row)
+    ({}, {"logits_soft_cap": 1e39}, ValueError, r"logits_soft_cap: expected at most 3.4028235e\+38 \(float32's largest"),
+    ({}, {"scale": 1e39}, ValueError, r"scale: expected at most 3.4028235e\+38"),
+    # int32 positions: a larger window overflowed when passed into a jitted computation
+    ({}, {"sliding_window": 2**31}, ValueError, r"sliding_window: expected at most 2\*\*31 - 1 \(int32 positions\), got 2147483648"),
     ({}, {"causal": 1}, TypeError, r"causal: expected a bool"),
     ({}, {"return_lse": "yes"}, TypeError, r"return_lse: expected a bool"),
     ({"q": [[[1.0]]]}, {}, TypeError, r"q: expected an array, got list"),
