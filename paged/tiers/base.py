@@ -67,6 +67,16 @@ def _field(b: bytes) -> bytes:
     return struct.pack("<I", len(b)) + b
 
 
+def _utf8(name: str, s: str) -> bytes:
+    """A namespace's str field as UTF-8, else a ValueError naming the field (a lone surrogate:
+    a bad decode upstream), as a str salt gets."""
+    try:
+        return s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name}: expected a str UTF-8 can encode ({e.reason} at index "
+                         f"{e.start})") from None
+
+
 def _kv_scales(scales, dtype: str) -> tuple[float, ...] | None:
     """A namespace's checked ``kv_scales`` for its ``dtype``: None for a float dtype, a
     non-empty tuple of finite positive floats for float8_e4m3fn (ValueError naming kv_scales
@@ -126,6 +136,7 @@ class Namespace:
             raise TypeError(f"model_id: expected str, got {type(self.model_id).__name__}")
         if not isinstance(self.layout, str):
             raise TypeError(f"layout: expected str, got {type(self.layout).__name__}")
+        model_id, layout = _utf8("model_id", self.model_id), _utf8("layout", self.layout)
         dt = dtype_name(self.dtype)
         if dt not in CACHE_DTYPES:
             raise ValueError(f"dtype: expected one of {', '.join(CACHE_DTYPES)}, got {dt!r}")
@@ -142,7 +153,7 @@ class Namespace:
         if not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"tp_rank: expected 0 <= tp_rank < tp_size, got "
                              f"tp_rank={self.tp_rank}, tp_size={self.tp_size}")
-        enc = b"".join([_NS_TAG, _field(self.model_id.encode()), _field(self.layout.encode()),
+        enc = b"".join([_NS_TAG, _field(model_id), _field(layout),
                         _field(self.dtype.encode()), struct.pack("<qq", self.tp_rank, self.tp_size),
                         _field(self.salt)])
         if self.kv_scales is not None:  # only then: float namespaces keep their keys
@@ -230,6 +241,26 @@ def _xxhash():
     return xxhash
 
 
+def check_checksum(value) -> str | None:
+    """A tier's ``checksum`` argument, checked when the tier is made: None (the default,
+    :func:`default_checksum`) or the name of an algorithm available here ("crc32";
+    "xxh3_128" needs the xxhash package). TypeError / ValueError naming ``checksum``
+    otherwise: an unknown name used to fail every put later, which a :class:`TieredStore`
+    counts as a tier fault (the tier silently stored nothing)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"checksum: expected None or one of {', '.join(_CHECKSUM_NAMES)}, got "
+                        f"{type(value).__name__} {value!r}")
+    if value not in _CHECKSUM_NAMES:
+        raise ValueError(f"checksum: expected None or one of {', '.join(_CHECKSUM_NAMES)}, got "
+                         f"{value!r}")
+    if _CHECKSUM_NAMES[value] == CHECKSUM_XXH3_128 and _xxhash() is None:
+        raise ValueError("checksum: 'xxh3_128' needs the xxhash package (pip install xxhash); "
+                         "pass 'crc32' or None (the default picks what is available)")
+    return value
+
+
 def default_checksum() -> str:
     """"xxh3_128" where the xxhash package is installed (many GB/s), else "crc32" (zlib)."""
     return "xxh3_128" if _xxhash() is not None else "crc32"
@@ -277,7 +308,10 @@ def encode_record(key: BlockKey, value: np.ndarray, *, checksum_alg: str | None 
     value = np.asarray(value)
     payload = _payload_view(value)
     alg_name = checksum_alg or default_checksum()
-    alg = _CHECKSUM_NAMES[alg_name]
+    alg = _CHECKSUM_NAMES.get(alg_name) if isinstance(alg_name, str) else None
+    if alg is None:
+        raise ValueError(f"checksum_alg: expected None or one of {', '.join(_CHECKSUM_NAMES)}, "
+                         f"got {alg_name!r}")
     kb = key.encode()
     db = dtype_str(value).encode()
     fields = b"".join([
@@ -405,12 +439,23 @@ class TierStats:
     bytes_written: int = 0
 
 
-def check_values(keys: Sequence[BlockKey], values: Sequence) -> None:
-    if len(values) != len(keys):
-        raise ValueError(f"values: expected {len(keys)} values (one per key), got {len(values)}")
+def check_keys(keys) -> Sequence[BlockKey]:
+    """``keys`` (a list or tuple as is, another iterable as a list) once every one is a
+    :class:`BlockKey`, else a TypeError naming ``keys[i]``. Every tier's read, put and remove
+    runs it first: a raw hash or a str was an AttributeError deep in a tier, which a
+    :class:`TieredStore` took for a storage fault (a miss) instead of the caller's error."""
+    if not isinstance(keys, (list, tuple)):
+        keys = list(keys)
     for i, k in enumerate(keys):
         if not isinstance(k, BlockKey):
             raise TypeError(f"keys[{i}]: expected BlockKey, got {type(k).__name__}")
+    return keys
+
+
+def check_values(keys: Sequence[BlockKey], values: Sequence) -> None:
+    if len(values) != len(keys):
+        raise ValueError(f"values: expected {len(keys)} values (one per key), got {len(values)}")
+    check_keys(keys)
 
 
 def check_put_values(keys: Sequence[BlockKey], values: Sequence) -> list[np.ndarray]:

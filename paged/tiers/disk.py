@@ -26,11 +26,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..validate import check_int
 from .base import (
     BlockKey,
     RecordError,
     Tier,
     UnexpectedLayout,
+    check_checksum,
+    check_keys,
     check_put_values,
     decode_record,
     encode_record,
@@ -59,13 +62,11 @@ class DiskTier(Tier):
     def __init__(self, root: str | os.PathLike, *, budget_bytes: int | None = None,
                  fsync: bool = False, checksum: str | None = None):
         super().__init__()
-        if budget_bytes is not None and int(budget_bytes) <= 0:
-            raise ValueError(f"budget_bytes: expected a positive byte count or None, "
-                             f"got {budget_bytes}")
+        self.budget_bytes = (None if budget_bytes is None else
+                             check_int("budget_bytes", budget_bytes, 1, " (a byte count) or None"))
+        self.checksum = check_checksum(checksum)
         self.root = os.fspath(root)
-        self.budget_bytes = None if budget_bytes is None else int(budget_bytes)
         self.fsync = bool(fsync)
-        self.checksum = checksum
         os.makedirs(self.root, exist_ok=True)
         self._sizes: OrderedDict[str, int] = OrderedDict()  # path -> bytes, LRU first
         self._known: dict[str, BlockKey] = {}  # path -> key, for events (files seen this run)
@@ -131,6 +132,7 @@ class DiskTier(Tier):
         read and checked (magic, format version, checksum algorithm), so a file left by
         another version, or whose version field flipped, is not counted as a hit that every
         ``batch_get`` then misses. The payload is verified by ``batch_get``."""
+        keys = check_keys(keys)
         n = 0
         size = record_head_size()
         for k in keys:
@@ -151,23 +153,31 @@ class DiskTier(Tier):
         return n
 
     def _read(self, path: str) -> bytes | None:
+        """The file's bytes; None when it is gone (then no longer indexed). Any other OSError
+        (EMFILE, EIO, EACCES) propagates: the file may well be there, so it stays indexed."""
         try:
             with open(path, "rb") as f:
                 return f.read()
-        except FileNotFoundError:
-            return None
-        except OSError:
-            self.stats.errors += 1
+        except (FileNotFoundError, NotADirectoryError):
+            self._forget(path)
             return None
 
     def batch_get(self, keys, *, shape=None, dtype=None):
+        """A file that is gone is forgotten; one that fails verification is deleted (another
+        shape or dtype than asked, or a record this process cannot verify: kept). A read that
+        fails otherwise (too many open files, an I/O error) is a miss that keeps the file
+        indexed: it is still on disk, under the budget and ``clear()``."""
+        keys = check_keys(keys)
         out: list[np.ndarray | None] = []
         for k in keys:
             p = self.path(k)
-            data = self._read(p)
+            try:
+                data = self._read(p)
+            except OSError:
+                self.stats.errors += 1
+                data = None
             if data is None:
                 self.stats.misses += 1
-                self._forget(p)
                 out.append(None)
                 continue
             try:
@@ -198,24 +208,31 @@ class DiskTier(Tier):
             out.append(arr)
         return out
 
-    def _make_room(self, nbytes: int, protect: set[str] | frozenset = frozenset()) -> bool:
-        """Evict LRU files not in ``protect`` (this put's own files) until ``nbytes`` fit."""
+    def _make_room(self, nbytes: int, protect: set[str] | frozenset = frozenset(),
+                   replacing: str | None = None) -> bool:
+        """Evict LRU files not in ``protect`` (this put's own files) until ``nbytes`` fit.
+        ``replacing``: the indexed file the new one will replace (its bytes count as freed;
+        never evicted: it stays indexed until its replacement is written)."""
         if self.budget_bytes is None:
             return True
         if nbytes > self.budget_bytes:
             return False
+        kept = frozenset(protect)
+        if replacing is not None and replacing in self._sizes:
+            nbytes -= self._sizes[replacing]
+            kept = kept | {replacing}
         evicted = []
         if self.used_bytes + nbytes > self.budget_bytes and self._stored:
             # events stay in order: this call's earlier stores come before these evictions
             stored, self._stored = self._stored, []
             self._publish("stored", stored)
         while self.used_bytes + nbytes > self.budget_bytes:
-            # ``protect`` names files this put wrote, all indexed and newest: as many of them
-            # as indexed files means nothing can go (known without a scan, so a put over the
-            # budget refuses each further block in O(1))
-            if len(protect) >= len(self._sizes):
+            # ``kept`` names files this put wrote (and the one it replaces), all indexed and
+            # newest: as many of them as indexed files means nothing can go (known without a
+            # scan, so a put over the budget refuses each further block in O(1))
+            if len(kept) >= len(self._sizes):
                 break
-            oldest = next(p for p in self._sizes if p not in protect)
+            oldest = next(p for p in self._sizes if p not in kept)
             key = self._known.get(oldest)
             self._drop(oldest)
             self.stats.evictions += 1
@@ -257,7 +274,13 @@ class DiskTier(Tier):
         """Every value's dtype is checked against its key's namespace before anything is
         written (ValueError, as :class:`HostTier`). Making room never evicts a block this put
         wrote: a block the budget cannot hold besides them reports ``False``. A key repeated
-        in the batch is written once; each of its positions reports that result."""
+        in the batch is written once; each of its positions reports that result.
+
+        A key whose file exists is written again (its old bytes count as room). The old file
+        stays indexed until the new one replaces it: a write that fails (no space, the budget)
+        leaves it served, counted and evicted as before, and the key then reports whether that
+        file holds this very value (a valid record of its shape, dtype and bytes: the usual
+        case, a key naming its content)."""
         values = check_put_values(keys, values)
         results = [False] * len(values)
         protect: set[str] = set()  # files written by this put
@@ -269,18 +292,19 @@ class DiskTier(Tier):
                 p = self.path(k)
                 header, payload = encode_record(k, v, checksum_alg=self.checksum)
                 nbytes = len(header) + payload.nbytes
-                self._forget(p)
-                if not self._make_room(nbytes, protect):
-                    self.stats.rejected += 1
+                if not (self._make_room(nbytes, protect, replacing=p)
+                        and self._write(p, header, payload)):
+                    results[i] = self._holds(p, k, v, payload)
+                    if results[i]:
+                        protect.add(p)  # held now: the rest of this put keeps it
+                    else:
+                        self.stats.rejected += 1
                     continue
-                if not self._write(p, header, payload):
-                    self.stats.rejected += 1
-                    continue
-                self._sizes[p] = nbytes
+                self.used_bytes += nbytes - self._sizes.pop(p, 0)
+                self._sizes[p] = nbytes  # the newest
                 self._known[p] = k
                 self._stored.append(k)
                 protect.add(p)
-                self.used_bytes += nbytes
                 self.stats.puts += 1
                 self.stats.bytes_written += nbytes
                 results[i] = True
@@ -291,7 +315,31 @@ class DiskTier(Tier):
             self._publish("stored", stored)
         return results
 
+    def _holds(self, path: str, key: BlockKey, value: np.ndarray, payload: memoryview) -> bool:
+        """Whether the file ``path`` holds a valid record of ``key`` with ``value`` itself (its
+        shape, dtype and bytes ``payload``), asked after a failed write: the file already
+        there stays. Such a file is indexed and made the most recently used, as a hit is."""
+        try:
+            data = self._read(path)
+            if data is None:
+                return False
+            arr = decode_record(key, data, shape=value.shape, dtype=value.dtype)
+        except (OSError, RecordError):
+            return False
+        if not np.array_equal(arr.reshape(-1).view(np.uint8), np.frombuffer(payload, np.uint8)):
+            return False
+        self._known[path] = key
+        if path in self._sizes:
+            self._sizes.move_to_end(path)
+        else:
+            self._sizes[path] = len(data)
+            self.used_bytes += len(data)
+        with contextlib.suppress(OSError):
+            os.utime(path)
+        return True
+
     def batch_remove(self, keys):
+        keys = check_keys(keys)
         removed = []
         for k in keys:
             p = self.path(k)

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..spec import numpy_dtype
 from ..validate import check_int
-from .base import BlockKey, Tier, check_put_values, dtype_str, first_occurrences
+from .base import BlockKey, Tier, check_keys, check_put_values, dtype_str, first_occurrences
 
 Allocator = Callable[[tuple, np.dtype], np.ndarray]
 
@@ -118,7 +118,7 @@ class HostTier(Tier):
         the most recently used. A block offloaded again (onboarded, then evicted from the
         device once more) needs no copy and evicts nothing."""
         out = []
-        for k in keys:
+        for k in check_keys(keys):
             e = self._lookup(k)
             held = e is not None and (shape is None or e.array.shape == tuple(shape))
             if held:
@@ -127,6 +127,7 @@ class HostTier(Tier):
         return out
 
     def batch_exists(self, keys: Sequence[BlockKey]) -> int:
+        keys = check_keys(keys)
         n = 0
         for k in keys:
             if self._lookup(k) is None:
@@ -138,7 +139,7 @@ class HostTier(Tier):
         want_shape = None if shape is None else tuple(int(s) for s in shape)
         want_dtype = None if dtype is None else dtype_str(dtype)
         out: list[np.ndarray | None] = []
-        for k in keys:
+        for k in check_keys(keys):
             e = self._lookup(k)
             if e is None:
                 self.stats.misses += 1
@@ -302,7 +303,7 @@ class HostTier(Tier):
 
     def batch_remove(self, keys):
         removed = []
-        for k in keys:
+        for k in check_keys(keys):
             if self._lookup(k) is not None:
                 e = self._entries.pop(k.storage_key())
                 self.used_bytes -= e.nbytes

@@ -46,11 +46,14 @@ from pathlib import Path
 import numpy as np
 
 from ..spec import numpy_dtype
+from ..validate import check_int
 from .base import (
     BlockKey,
     RecordError,
     Tier,
     UnexpectedLayout,
+    check_checksum,
+    check_keys,
     check_put_values,
     decode_record,
     encode_record,
@@ -90,7 +93,8 @@ class MooncakeTier(Tier):
     transfer batch goes through (a record larger than it is refused). local_buffer_bytes: the
     Mooncake client's own buffer (used by gets without an expected shape). prefix: object name
     prefix. retry_interval / connect_timeout: see the module docstring. checksum: "crc32" or
-    "xxh3_128" (default: xxh3_128 when available). max_batch: keys per master RPC.
+    "xxh3_128" (default: xxh3_128 when available). max_batch: keys per master RPC (an int >= 1;
+    both checked before the client is imported, a ValueError naming them).
     overwrite: a put replaces an existing object (True: per-key ``True`` means this value is
     stored) or keeps it (False: cheaper re-offload of blocks already there; content-addressed
     keys make them equal, and a stale one is still never served, only missed).
@@ -107,6 +111,8 @@ class MooncakeTier(Tier):
                  connect_timeout: float = 0.5, checksum: str | None = None,
                  max_batch: int = 256, overwrite: bool = True):
         super().__init__()
+        self.checksum = check_checksum(checksum)
+        self.max_batch = check_int("max_batch", max_batch, 1, " (keys per master RPC)")
         self._store_cls = _import_mooncake()
         self.master = str(master)
         self._master_addr = _split_addr(self.master)
@@ -121,8 +127,6 @@ class MooncakeTier(Tier):
         self.prefix = str(prefix)
         self.retry_interval = float(retry_interval)
         self.connect_timeout = float(connect_timeout)
-        self.checksum = checksum
-        self.max_batch = max(1, int(max_batch))
         self.overwrite = bool(overwrite)
         self.store = None
         self._down_until = 0.0
@@ -190,7 +194,7 @@ class MooncakeTier(Tier):
 
     # -- interface -----------------------------------------------------------------------------
     def batch_exists(self, keys):
-        keys = list(keys)
+        keys = list(check_keys(keys))
         if not keys or not self._usable():
             return 0
         n = 0
@@ -209,7 +213,7 @@ class MooncakeTier(Tier):
         return n
 
     def batch_get(self, keys, *, shape=None, dtype=None):
-        keys = list(keys)
+        keys = list(check_keys(keys))
         out: list[np.ndarray | None] = [None] * len(keys)
         if keys and self._usable():
             if shape is None:
@@ -350,7 +354,7 @@ class MooncakeTier(Tier):
                 return
 
     def batch_remove(self, keys):
-        keys = list(keys)
+        keys = list(check_keys(keys))
         if not keys or not self._usable():
             return 0
         try:

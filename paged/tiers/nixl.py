@@ -32,9 +32,12 @@ from collections import OrderedDict
 
 import numpy as np
 
+from ..validate import check_int
 from .base import (
     RecordError,
     Tier,
+    check_checksum,
+    check_keys,
     check_put_values,
     decode_record,
     encode_record,
@@ -100,8 +103,9 @@ class NixlTier(Tier):
     """Client of a :class:`NixlPeer`'s slab.
 
     peer: a ``NixlPeer.descriptor()`` dict (or the peer object). staging_slots: blocks per
-    transfer batch (the registered staging buffer holds this many slots). timeout_s: bound on
-    one transfer. checksum: "crc32" or "xxh3_128" (default: xxh3_128 when available).
+    transfer batch (an int >= 1: the registered staging buffer holds this many slots).
+    timeout_s: bound on one transfer. checksum: "crc32" or "xxh3_128" (default: xxh3_128 when
+    available). Both are checked before any agent is made (a ValueError naming them).
     """
 
     name = "nixl"
@@ -109,13 +113,14 @@ class NixlTier(Tier):
     def __init__(self, peer, *, staging_slots: int = 32, timeout_s: float = 2.0,
                  backend: str = "UCX", checksum: str | None = None):
         super().__init__()
+        self.staging_slots = check_int("staging_slots", staging_slots, 1,
+                                       " (blocks per transfer)")
+        self.checksum = check_checksum(checksum)
         desc = peer.descriptor() if isinstance(peer, NixlPeer) else dict(peer)
         self.peer_name = desc["name"]
         self.num_slots, self.slot_bytes = int(desc["num_slots"]), int(desc["slot_bytes"])
         self.timeout_s = float(timeout_s)
-        self.checksum = checksum
         self.agent_name, self.agent = _agent("prefixkv-tier", backend)
-        self.staging_slots = int(staging_slots)
         self.staging = np.zeros((self.staging_slots, self.slot_bytes), dtype=np.uint8)
         self._reg = self.agent.register_memory(
             [(self.staging.ctypes.data, self.staging.nbytes, 0, "")], "DRAM")
@@ -165,14 +170,14 @@ class NixlTier(Tier):
     # -- interface -----------------------------------------------------------------------------
     def batch_exists(self, keys):
         n = 0
-        for k in keys:
+        for k in check_keys(keys):
             if self._lookup(k) is None:
                 break
             n += 1
         return n
 
     def batch_get(self, keys, *, shape=None, dtype=None):
-        keys = list(keys)
+        keys = list(check_keys(keys))
         out: list[np.ndarray | None] = [None] * len(keys)
         found = [(i, e) for i, k in enumerate(keys) if (e := self._lookup(k)) is not None]
         for c in range(0, len(found), self.staging_slots):
@@ -268,7 +273,7 @@ class NixlTier(Tier):
 
     def batch_remove(self, keys):
         removed = []
-        for k in keys:
+        for k in check_keys(keys):
             if self._lookup(k) is not None:
                 self._free.append(self._index.pop(k.storage_key())[1])
                 removed.append(k)

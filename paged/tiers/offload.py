@@ -9,7 +9,10 @@
   the faster tiers that missed it.
 - ``batch_exists`` counts leading keys present in *some* tier.
 - A tier that raises is counted (``errors``) and treated as a miss / False: a failing tier
-  degrades the chain, never breaks it.
+  degrades the chain, never breaks it. A put that raises part-way (a host tier's allocator
+  failing on a later block) then asks the tier which of the keys it holds, so the answer
+  stays per key whether some tier holds it. TypeError / ValueError from bad input (keys that
+  are not :class:`BlockKey`, checked before any tier is asked) still raise.
 
 :class:`BlockOffloader` moves whole blocks between KV caches (``caches``: the list of
 per-layer arrays ``[num_blocks, *block_shape]`` that ``gather_blocks`` takes) and a store:
@@ -44,6 +47,7 @@ from .base import (
     RecordError,
     Tier,
     TierStats,
+    check_keys,
     check_values,
     dtype_str,
     first_occurrences,
@@ -105,6 +109,27 @@ class TieredStore(Tier):
             self.tier_errors[tier.name] = self.tier_errors.get(tier.name, 0) + 1
             return default
 
+    def _put_guarded(self, tier: Tier, call, keys: list, known: list[bool]) -> list:
+        """``call()`` (a put of ``keys`` into ``tier``) under :meth:`_guard`. When it raises
+        (counted), the tier may have stored some keys before the fault (a host tier whose
+        allocator fails on a later block): those not already ``known`` held are asked of the
+        tier, one key at a time, until an answer fails, so a key the tier holds reports True."""
+        failed = []
+        res = self._guard(tier, call, failed)
+        if res is not failed:
+            return res
+        out = [False] * len(keys)
+        for i, k in enumerate(keys):
+            if known[i]:
+                continue
+            try:
+                out[i] = tier.batch_exists([k]) == 1
+            except Exception as e:  # noqa: BLE001 - the tier is failing: the rest are misses
+                if isinstance(e, (TypeError, ValueError)) and not isinstance(e, RecordError):
+                    raise
+                break
+        return out
+
     #: Keys in the first window :meth:`batch_exists` asks a tier about; the window doubles
     #: while the tier holds all of it.
     EXISTS_WINDOW = 32
@@ -125,7 +150,7 @@ class TieredStore(Tier):
         return run
 
     def batch_exists(self, keys):
-        keys = list(keys)
+        keys = list(check_keys(keys))
         pos = 0
         while pos < len(keys):
             best = 0
@@ -139,7 +164,7 @@ class TieredStore(Tier):
         return pos
 
     def batch_get(self, keys, *, shape=None, dtype=None):
-        keys = list(keys)
+        keys = list(check_keys(keys))
         out: list[np.ndarray | None] = [None] * len(keys)
         missing = list(range(len(keys)))
         for level, t in enumerate(self.tiers):
@@ -184,13 +209,14 @@ class TieredStore(Tier):
             else:
                 def call(t=t):
                     return (t.batch_put(keys, values))
-            res = self._guard(t, call, [False] * len(keys))
+            res = self._put_guarded(t, call, keys, stored)
             stored = [a or bool(b) for a, b in zip(stored, res, strict=False)]
         self.stats.puts += sum(stored)
         self.stats.rejected += len(keys) - sum(stored)
         return stored
 
     def batch_remove(self, keys):
+        keys = list(check_keys(keys))
         return max([self._guard(t, lambda t=t: t.batch_remove(keys), 0) for t in self.tiers])
 
     def clear(self):
@@ -305,6 +331,10 @@ class BlockOffloader:
         self.onboard_errors = 0
         #: the exception of the last failure counted above (None: none yet).
         self.last_error: BaseException | None = None
+        #: ``(salt bytes) -> Namespace``: where the pool glue files a request's blocks, for
+        #: :meth:`offload_on_evict` and :meth:`onboard_request` alike; None: ``namespace``
+        #: with the salt. ``offload_on_evict(namespace_for=)`` sets it.
+        self.namespace_for: Callable[[bytes], Namespace] | None = None
         self._warned: set[str] = set()
 
     def _failed(self, kind: str, e: BaseException) -> None:
@@ -316,6 +346,18 @@ class BlockOffloader:
             warnings.warn(f"BlockOffloader: {kind} failed and was counted as a miss "
                           f"({type(e).__name__}: {e}); later failures are only counted in "
                           f"{kind}_errors", RuntimeWarning, stacklevel=3)
+
+    def _salted(self, salt: bytes) -> Namespace:
+        """The Namespace of a pool's salt namespace: ``namespace_for(salt)``, or this
+        offloader's namespace with that salt (TypeError naming namespace_for for an answer
+        that is not a Namespace)."""
+        if self.namespace_for is None:
+            return self.namespace.with_salt(salt)
+        ns = self.namespace_for(salt)
+        if not isinstance(ns, Namespace):
+            raise TypeError(f"namespace_for: expected a Namespace for salt {salt!r}, got "
+                            f"{type(ns).__name__}")
+        return ns
 
     def keys(self, block_hashes: Sequence, namespace: Namespace | None = None) -> list[BlockKey]:
         ns = namespace or self.namespace
@@ -621,6 +663,11 @@ class BlockOffloader:
         registered block never lacks its KV. (KeyboardInterrupt and other BaseExceptions are
         rolled back the same way, then re-raised; so is an error raised before any block was
         allocated, such as a request whose computed tokens do not end at a block boundary.)
+
+        The blocks are looked up where :meth:`offload_on_evict` files them: under
+        ``namespace_for(salt)`` when it was given one (:attr:`namespace_for`), else this
+        offloader's namespace with the request's salt. A ``namespace_for`` that raises is a
+        miss, counted in ``onboard_errors`` (on eviction it is an offload error).
         """
         from ..pool import NoFreeBlocksError
 
@@ -630,7 +677,11 @@ class BlockOffloader:
         cap = (len(pc.tokens(request_id)) - 1) // bs
         if cap <= first:
             return caches, 0
-        ns = self.namespace.with_salt(pc.namespace(request_id))
+        try:
+            ns = self._salted(pc.namespace(request_id))
+        except Exception as e:  # noqa: BLE001 - the user's mapping: a miss, as on eviction
+            self._failed("onboard", e)
+            return caches, 0
         # what the pool can take (evicting cached blocks): no block past it is read
         hashes = pc.request_hashes(request_id)[first:min(cap, first + pc.pool.num_free)]
         if not hashes:
@@ -680,18 +731,26 @@ class BlockOffloader:
         memory is reused (the pool publishes "evicted" with the KV still intact).
 
         caches: the cache list, or a callable returning the current one (functional caches).
-        namespace_for: maps an event's salt namespace (bytes) to a tier Namespace; default:
-        this offloader's namespace with that salt. Returns the unsubscribe function.
+        namespace_for: maps an event's salt namespace (bytes) to a tier Namespace; it becomes
+        this offloader's :attr:`namespace_for`, so :meth:`onboard_request` looks the blocks
+        up under the same namespaces (None: keep the current one, by default this
+        offloader's namespace with that salt). Returns the unsubscribe function.
 
         A failing offload (a tier, the pinned allocator, ``gather``, ``caches()`` or
         ``namespace_for`` raising) is a miss: counted in ``offload_errors`` (and
         ``last_error``), never raised through the pool's allocation.
         """
+        if namespace_for is not None:
+            if not callable(namespace_for):
+                raise TypeError(f"namespace_for: expected None or a callable (salt bytes) -> "
+                                f"Namespace, got {type(namespace_for).__name__}")
+            self.namespace_for = namespace_for
+
         def on_event(ev):
             if ev.kind != "evicted" or not ev.block_ids:
                 return
             try:
-                ns = (namespace_for or self.namespace.with_salt)(ev.namespace)
+                ns = self._salted(ev.namespace)
                 cs = caches() if callable(caches) else caches
                 self.offload(cs, np.asarray(ev.block_ids, dtype=np.int32),
                              list(ev.block_hashes), namespace=ns)

@@ -23,10 +23,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..validate import check_int
 from .base import (
     BlockKey,
     RecordError,
     Tier,
+    check_checksum,
+    check_keys,
     check_put_values,
     decode_record,
     encode_record,
@@ -50,7 +53,8 @@ class RedisTier(Tier):
 
     socket_timeout / connect_timeout: seconds per command / connect. retry_interval: seconds a
     failed server is left alone. ttl_s: optional expiry of stored blocks. max_batch: keys per
-    pipeline round trip. checksum: "crc32" or "xxh3_128" (default: xxh3_128 when available).
+    pipeline round trip (an int >= 1). checksum: "crc32" or "xxh3_128" (default: xxh3_128 when
+    available). Both are checked here (a ValueError naming them), not at the first call.
     """
 
     name = "redis"
@@ -61,13 +65,13 @@ class RedisTier(Tier):
                  ttl_s: float | None = None, max_batch: int = 64, checksum: str | None = None,
                  client=None):
         super().__init__()
+        self.max_batch = check_int("max_batch", max_batch, 1, " (keys per round trip)")
+        self.checksum = check_checksum(checksum)
         redis, Retry, NoBackoff = _import_redis()
         self._errors = (redis.exceptions.RedisError, OSError)
         self.host, self.port, self.prefix = host, int(port), prefix
         self.retry_interval = float(retry_interval)
         self.ttl_ms = None if ttl_s is None else max(1, int(ttl_s * 1000))
-        self.max_batch = int(max_batch)
-        self.checksum = checksum
         self._down_until = 0.0
         self.client = client if client is not None else redis.Redis(
             host=host, port=self.port, db=db, socket_timeout=socket_timeout,
@@ -104,6 +108,7 @@ class RedisTier(Tier):
             return False
 
     def batch_exists(self, keys):
+        keys = check_keys(keys)
         if not keys or not self.available:
             return 0
         n = 0
@@ -121,7 +126,7 @@ class RedisTier(Tier):
         return n
 
     def batch_get(self, keys, *, shape=None, dtype=None):
-        keys = list(keys)
+        keys = list(check_keys(keys))
         out: list[np.ndarray | None] = [None] * len(keys)
         if not keys:
             return out
@@ -186,6 +191,7 @@ class RedisTier(Tier):
         return results
 
     def batch_remove(self, keys):
+        keys = check_keys(keys)
         if not keys or not self.available:
             return 0
         try:
