@@ -32,6 +32,7 @@ from . import _xla
 from ._ops import (
     _at_most,
     _is_traced,
+    _on_host,
     _run_paged_attention,
     _run_shared_prefix_attention,
     _run_value_checks,
@@ -55,7 +56,8 @@ def _as_int32(**named) -> tuple:
     out = []
     for name, x in named.items():
         if x is not None and hasattr(x, "dtype") and dtype_name(x) == "int64":
-            if int(np.prod(x.shape)) and _run_value_checks(x):
+            if int(np.prod(x.shape)) and (_run_value_checks(x) or (
+                    not _is_traced(x) and _on_host(x))):  # on the host: always checked
                 validate.check_fits_int32(name, x)
             x = x.astype(np.int32)
         out.append(x)
@@ -82,8 +84,9 @@ def _meta_q(k_cache, num_q_heads, dtype, cu_q_lens, num_seqs: int, num_tokens=No
         raise TypeError("cu_q_lens: a plan is made outside jax.jit (its value checks read the "
                         "metadata on the host), got a traced value; with num_tokens= (q's "
                         "token count) it reads none, unchecked as the ops' traced metadata")
-    elif len(cu_q_lens.shape) != 1 or cu_q_lens.shape[0] == 0:
-        num_tokens = 0  # the static check names cu_q_lens's shape
+    elif not hasattr(cu_q_lens, "shape") or len(cu_q_lens.shape) != 1 or (
+            cu_q_lens.shape[0] == 0):
+        num_tokens = 0  # the static check names cu_q_lens's type or shape
     else:
         num_tokens = max(int(np.asarray(cu_q_lens[-1])), 0)
     head_dim = int(k_cache.shape[-1]) if len(k_cache.shape) else 0

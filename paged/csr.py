@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .validate import to_host
+from .validate import check_int, to_host
 
 
 def _int_array(name: str, x, ndim: int = 1) -> np.ndarray:
@@ -40,6 +40,11 @@ def block_tables_from_csr(kv_indptr, kv_indices, kv_last_page_len, block_size: i
     (default the most pages of a sequence; fixed, e.g. for CUDA graphs or jit buckets).
     Entries past a sequence's pages hold ``pad_id`` (never read as keys)."""
     _check_block_size(block_size)
+    if max_blocks_per_seq is not None:
+        max_blocks_per_seq = check_int("max_blocks_per_seq", max_blocks_per_seq, 0)
+    pad_id = check_int("pad_id", pad_id, -(2**31))
+    if pad_id >= 2**31:
+        raise ValueError(f"pad_id: expected a block id that fits int32, got {pad_id}")
     indices = _int_array("kv_indices", kv_indices)
     indptr = _int_array("kv_indptr", kv_indptr)
     if indptr.shape[0] == 0 or indptr[0] != 0 or (np.diff(indptr) < 0).any():
@@ -61,12 +66,13 @@ def block_tables_from_csr(kv_indptr, kv_indices, kv_last_page_len, block_size: i
         want = f"1..{block_size}" if pages[s] else "0 (no pages)"
         raise ValueError(f"kv_last_page_len: expected {want} for sequence {s}, got "
                          f"{int(last[s])}")
-    width = int(pages.max(initial=0)) if max_blocks_per_seq is None else int(max_blocks_per_seq)
+    width = int(pages.max(initial=0)) if max_blocks_per_seq is None else max_blocks_per_seq
     if width < int(pages.max(initial=0)):
         raise ValueError(f"max_blocks_per_seq: {width} is less than the {int(pages.max())} "
                          f"pages of sequence {int(np.argmax(pages))}")
-    if indices.size and (indices.min() < -(2**31) or indices.max() >= 2**31):
-        raise ValueError("kv_indices: expected page ids that fit int32")
+    if indices.size and (indices.min() < 0 or indices.max() >= 2**31):
+        raise ValueError(f"kv_indices: expected page ids in [0, 2**31), got "
+                         f"{int(indices.min() if indices.min() < 0 else indices.max())}")
     tables = np.full((num_seqs, width), pad_id, np.int32)
     rows = np.repeat(np.arange(num_seqs), pages)
     cols = np.arange(indices.shape[0]) - np.repeat(indptr[:-1], pages)
@@ -95,7 +101,12 @@ def csr_from_block_tables(block_tables, kv_lens,
     indptr = np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)
     used = np.arange(tables.shape[1])[None, :] < pages[:, None]
     last = np.where(pages > 0, lens - (pages - 1) * block_size, 0)
-    return indptr, tables[used].astype(np.int32), last.astype(np.int32)
+    ids = tables[used]
+    if ids.size and (ids.min() < 0 or ids.max() >= 2**31):
+        bad = ids.min() if ids.min() < 0 else ids.max()
+        raise ValueError(f"block_tables: expected block ids in [0, 2**31) in the blocks in use, "
+                         f"got {int(bad)}")
+    return indptr, ids.astype(np.int32), last.astype(np.int32)
 
 
 __all__ = ["block_tables_from_csr", "csr_from_block_tables"]

@@ -69,7 +69,10 @@ def _as_index_array(name: str, x):
                        or isinstance(v, bool))
             raise TypeError(f"{name}: expected a sequence of ints, got an item of type "
                             f"{type(bad).__name__} ({bad!r:.40})")
-        a = np.asarray(x, dtype=np.int64).reshape(-1)
+        try:
+            a = np.asarray(x, dtype=np.int64).reshape(-1)
+        except OverflowError:  # past 64 bits: the range check's error
+            a = np.array([min(map(int, x)), max(map(int, x))], dtype=object)
         if a.size and (a.min() < -2**31 or a.max() >= 2**31):
             raise ValueError(f"{name}: expected values that fit int32, got "
                              f"{int(a.min())}..{int(a.max())}")
@@ -342,6 +345,9 @@ def check_mm_items(mm_items, num_tokens: int | None = None, name: str = "mm_item
         if length < 1:
             raise ValueError(f"{name}[{k}]: length: expected >= 1 (the item's placeholder "
                              f"tokens), got {length}")
+        if not -2**63 <= off < 2**63 or length >= 2**64:  # hashed as 64-bit words
+            raise ValueError(f"{name}[{k}]: offset and length: expected 64-bit values, got "
+                             f"{off} and {length}")
         if num_tokens is not None and (off < 0 or off + length > num_tokens):
             raise ValueError(f"{name}[{k}]: placeholder range [{off}, {off + length}) is not "
                              f"inside the prompt's {num_tokens} tokens")
@@ -352,6 +358,12 @@ def check_mm_items(mm_items, num_tokens: int | None = None, name: str = "mm_item
                             f"content hash), got {type(ident).__name__}")
         if not ident:
             raise ValueError(f"{name}[{k}]: identifier: expected a non-empty content hash")
+        if isinstance(ident, str):
+            try:
+                ident.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{name}[{k}]: identifier: expected a str UTF-8 can encode, "
+                                 f"got {ident!r:.40}") from None
         items.append((off, length, ident))
     items.sort(key=lambda it: it[0])
     for a, b in zip(items, items[1:], strict=False):

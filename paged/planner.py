@@ -27,6 +27,7 @@ from itertools import chain
 import numpy as np
 
 from .spec import query_positions
+from .validate import check_int
 
 I32 = np.int32
 
@@ -176,14 +177,23 @@ def _table(rows: Sequence[Sequence[int]], width: int | None = None) -> np.ndarra
     w = max(max(lens, default=0), 1) if width is None else width
     out = np.zeros((len(rows), w), dtype=I32)
     total = sum(lens)
-    if len(rows) == 1:
-        out[0, :total] = rows[0]
-    elif total and isinstance(rows[0], np.ndarray):
-        for i, r in enumerate(rows):
-            out[i, :len(r)] = r
-    elif total:
-        flat = np.fromiter(chain.from_iterable(rows), dtype=I32, count=total)
-        out[np.arange(w)[None, :] < np.asarray(lens)[:, None]] = flat
+    try:
+        if total and isinstance(rows[0], np.ndarray):  # PrefixCache's rows
+            for i, r in enumerate(rows):
+                if r.dtype.kind not in "iu" and r.size:
+                    raise TypeError(f"block_lists[{i}]: expected integer block ids, got "
+                                    f"{r.dtype}")
+                out[i, :len(r)] = r
+        elif total:
+            flat = np.array(list(chain.from_iterable(rows)))
+            if flat.dtype.kind not in "iu":
+                raise TypeError(f"block_lists: expected integer block ids, got {flat.dtype} "
+                                f"values")
+            if flat.min() < 0 or flat.max() >= 2**31:
+                raise OverflowError
+            out[np.arange(w)[None, :] < np.asarray(lens)[:, None]] = flat
+    except OverflowError:
+        raise ValueError("block_lists: expected block ids in [0, 2**31)") from None
     return out
 
 
@@ -206,6 +216,17 @@ def _gather_rows(out: np.ndarray, table: np.ndarray, rows: np.ndarray, width: in
             out[out_rows[i:i + GATHER_ROWS], :width] = part
 
 
+def _lens(name: str, lens, n: int) -> np.ndarray:
+    """int64[n] of a sequence of lengths: integers >= 0, else an error naming ``name``."""
+    a = np.asarray(lens)
+    if a.size and a.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected integer lengths, got {a.dtype} values")
+    a = a.astype(np.int64).reshape(n)
+    if (a < 0).any():
+        raise ValueError(f"{name}: expected values >= 0, got {int(a.min())}")
+    return a
+
+
 def plan_batch(block_lists: Sequence[Sequence[int]], context_lens: Sequence[int],
                q_lens: Sequence[int], block_size: int, *, shared_prefix: bool = True,
                min_prefix_blocks: int = 1, min_group_size: int = 2) -> BatchPlan:
@@ -221,12 +242,9 @@ def plan_batch(block_lists: Sequence[Sequence[int]], context_lens: Sequence[int]
     if len(context_lens) != n or len(q_lens) != n:
         raise ValueError(f"context_lens/q_lens: expected {n} entries (one per sequence), got "
                          f"{len(context_lens)} and {len(q_lens)}")
-    if block_size < 1:
-        raise ValueError(f"block_size: expected >= 1, got {block_size}")
-    ctx = np.asarray(context_lens, dtype=np.int64).reshape(n)
-    ql = np.asarray(q_lens, dtype=np.int64).reshape(n)
-    if (ctx < 0).any() or (ql < 0).any():
-        raise ValueError("context_lens/q_lens: expected values >= 0")
+    block_size = check_int("block_size", block_size, 1)
+    ctx = _lens("context_lens", context_lens, n)
+    ql = _lens("q_lens", q_lens, n)
     kv = ctx + ql
     nblk = np.fromiter((len(b) for b in block_lists), dtype=np.int64, count=n)
     need = (kv + block_size - 1) // block_size
@@ -239,6 +257,12 @@ def plan_batch(block_lists: Sequence[Sequence[int]], context_lens: Sequence[int]
     np.cumsum(ql, out=cu[1:])
     seq, pos = query_positions(kv, cu)
     slots = tables[seq, pos // block_size].astype(np.int64) * block_size + pos % block_size
+    if kv.size and kv.max() >= 2**31:
+        raise ValueError(f"context_lens/q_lens: a sequence of {int(kv.max())} tokens does not "
+                         f"fit int32")
+    if slots.size and slots.max() >= 2**31:
+        raise ValueError(f"block_lists: slot {int(slots.max())} (block id * block_size + "
+                         f"offset) does not fit int32")
     plan = BatchPlan(block_tables=tables, kv_lens=kv.astype(I32), cu_q_lens=cu.astype(I32),
                      slot_mapping=slots.astype(I32), positions=pos)
     if shared_prefix and n >= min_group_size:

@@ -962,6 +962,15 @@ def check_hash_algo(algo, *, num_seqs: int, salt=None, extra=None, parent=None, 
         if lora is not None and (not isinstance(lora, (tuple, list)) or len(lora) != 2
                                  or not all(isinstance(x, str) for x in lora)):
             raise TypeError(f"lora: expected a (name, path) pair of str, got {lora!r}")
+        if algo == "vllm-sha256-cbor":  # CBOR text strings are UTF-8 (pickle takes any str)
+            for name, text in (("seed", seed), ("salt", salt), *(
+                    (f"lora[{i}]", x) for i, x in enumerate(lora or ()))):
+                try:
+                    if text is not None:
+                        text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"{name}: expected a str UTF-8 can encode (CBOR text), "
+                                     f"got {text!r:.40}") from None
     elif algo == "dynamo-xxh3" or algo == "dynamo-kvbm":
         if seed is not None:
             _check_u64("seed", seed)

@@ -65,7 +65,8 @@ def test_round_trip_and_same_attention(lens, block_size, seed):
     (([0, 2, 1], [1, 2], [1, 1], 4), r"kv_indptr: expected num_seqs \+ 1 non-decreasing"),
     (([], [], [], 4), r"kv_indptr: expected num_seqs \+ 1"),
     (([0, 1], [1], [1], 0), r"block_size: expected an int >= 1"),
-    (([0, 1], [2**31], [1], 4), r"kv_indices: expected page ids that fit int32"),
+    (([0, 1], [2**31], [1], 4), r"kv_indices: expected page ids in \[0, 2\*\*31\), got 2147483648"),
+    (([0, 1], [-5], [1], 4), r"kv_indices: expected page ids in \[0, 2\*\*31\), got -5"),
 ])
 def test_block_tables_from_csr_names_bad_input(args, match):
     with pytest.raises(ValueError, match=match):
@@ -91,3 +92,14 @@ def test_bad_input_named():
         csr_from_block_tables(np.zeros((1, 2), np.int32), [1, 1], 4)
     with pytest.raises(TypeError, match="block_tables: expected a 2-D integer array"):
         csr_from_block_tables(np.zeros(2, np.int32), [1], 4)
+    # int64 tables: the ids in use had been cast to int32 unchecked (wrapped negative)
+    with pytest.raises(ValueError, match=r"block_tables: expected block ids in \[0, 2\*\*31\) "
+                                         r"in the blocks in use, got 2147483653"):
+        csr_from_block_tables(np.array([[2**31 + 5, 7]]), [5], 4)
+    tables = np.array([[3, -1], [4, 2**40]])  # padding past the blocks in use: not read
+    indptr, indices, last = csr_from_block_tables(tables, [4, 3], 4)
+    assert indices.tolist() == [3, 4] and last.tolist() == [4, 3]
+    with pytest.raises(ValueError, match="pad_id: expected a block id that fits int32"):
+        block_tables_from_csr([0, 1], [1], [1], 4, pad_id=2**40)
+    with pytest.raises(TypeError, match="max_blocks_per_seq: expected an int, got 2.7"):
+        block_tables_from_csr([0, 1], [1], [1], 4, max_blocks_per_seq=2.7)

@@ -200,6 +200,12 @@ BAD = [
     ("dynamo-kvbm", {"parent": [1, 2]}, ValueError, r"parent: expected a list of num_seqs \(1\)"),
     ("dynamo-kvbm", {"tokens": np.array([-1, 2], np.int32)}, ValueError,
      "tokens: expected token ids >= 0"),
+    # CBOR text is UTF-8: a lone surrogate had failed inside cbor2, naming nothing
+    ("vllm-sha256-cbor", {"lora": ("a\ud800", "p")}, ValueError,
+     r"lora\[0\]: expected a str UTF-8 can encode"),
+    ("vllm-sha256-cbor", {"salt": "s\udfff"}, ValueError, "salt: expected a str UTF-8 can"),
+    ("vllm-sha256-cbor", {"mm_items": [(0, 4, "\ud800")]}, ValueError,
+     r"mm_items\[0\]: identifier: expected a str UTF-8 can encode"),
 ]
 
 

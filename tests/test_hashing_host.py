@@ -220,6 +220,18 @@ BAD = [
     ({"tokens": [True, 1]}, TypeError, "tokens: expected a sequence of ints"),
     ({"tokens": list(range(32)), "cu_lens": [0, 8.9, 32]}, TypeError,
      "cu_lens: expected a sequence of ints"),
+    # past 64 bits: the range error, not numpy's OverflowError naming nothing
+    ({"tokens": [2**63, 1]}, ValueError, "tokens: expected values that fit int32"),
+    ({"tokens": [np.uint64(2**64 - 1)]}, ValueError, "tokens: expected values that fit int32"),
+    ({"tokens": list(range(32)), "cu_lens": [0, 2**63]}, ValueError,
+     "cu_lens: expected values that fit int32"),
+    # multimodal items that could not be hashed: named when checked
+    ({"mm_items": [(0, 4, "\ud800")]}, ValueError,
+     r"mm_items\[0\]: identifier: expected a str UTF-8 can encode"),
+    ({"mm_items": [(0, 2**64, "a")]}, ValueError,
+     r"mm_items\[0\]: offset and length: expected 64-bit values"),
+    ({"mm_items": [(-2**63 - 1, 4, "a")]}, ValueError,
+     r"mm_items\[0\]: offset and length: expected 64-bit values"),
 ]
 
 

@@ -47,13 +47,36 @@ def test_empty_batch_and_zero_q():
 
 
 @pytest.mark.parametrize("args, match", [
-    (([[1]], [0, 1], [1]), "context_lens/q_lens: expected 1 entries"),
-    (([[1]], [-1], [1]), "context_lens/q_lens: expected values >= 0"),
-    (([[1]], [3], [2]), "block_lists: sequence 0 has 1 blocks, needs 2 for kv_len 5"),
-], ids=["count", "negative", "short"])
+    (([[1]], [0, 1], [1], 4), "context_lens/q_lens: expected 1 entries"),
+    (([[1]], [-1], [1], 4), "context_lens: expected values >= 0, got -1"),
+    (([[1]], [3], [2], 4), "block_lists: sequence 0 has 1 blocks, needs 2 for kv_len 5"),
+    # int32 metadata: values past it had wrapped (a negative slot: the write dropped)
+    (([[2**28]], [3], [1], 8), r"block_lists: slot 2147483651 \(block id \* block_size"),
+    (([[2**31 + 5]], [1], [1], 4), r"block_lists: expected block ids in \[0, 2\*\*31\)"),
+    (([[-1]], [1], [1], 4), r"block_lists: expected block ids in \[0, 2\*\*31\)"),
+    (([list(range(1025))], [2**31], [1], 2**21),
+     "context_lens/q_lens: a sequence of 2147483649 tokens does not fit int32"),
+], ids=["count", "negative", "short", "slot-past-int32", "id-past-int32", "negative-id",
+        "kv-past-int32"])
 def test_plan_checks(args, match):
     with pytest.raises(ValueError, match=match):
-        plan_batch(*args, 4)
+        plan_batch(*args)
+
+
+@pytest.mark.parametrize("args, exc, match", [
+    (([[1]], [1], [1], 4.0), TypeError, "block_size: expected an int, got 4.0"),
+    (([[1]], [1], [1], None), TypeError, "block_size: expected an int, got None"),
+    (([[1]], [1], [1], True), TypeError, "block_size: expected an int, got True"),
+    (([[1]], [4.9], [1], 8), TypeError, "context_lens: expected integer lengths, got float64"),
+    (([[1]], [1], [1.9], 8), TypeError, "q_lens: expected integer lengths, got float64"),
+    (([[1.7, 2.9]], [9], [1], 8), TypeError, "block_lists: expected integer block ids"),
+    (([np.array([1.5])], [1], [1], 8), TypeError,
+     r"block_lists\[0\]: expected integer block ids, got float64"),
+], ids=["float-bs", "none-bs", "bool-bs", "float-ctx", "float-q", "float-ids", "float-array"])
+def test_plan_argument_types(args, exc, match):
+    """Floats had been truncated silently (block ids 1.7 -> 1, lengths 4.9 -> 4)."""
+    with pytest.raises(exc, match=match):
+        plan_batch(*args)
 
 
 def test_one_group():
