@@ -39,7 +39,7 @@ from torch.autograd.graph import increment_version
 from ..kernels.cuda.transfer import upload
 from ..paged import validate
 from ..paged.spec import WORKSPACE_ALIGN, dtype_name, register_dtype_names
-from ._native import _dequantized_blocks
+from ._native import _dequantized_blocks, _host_ids
 from ._registry import platform_of, select
 
 Tensor = torch.Tensor
@@ -222,7 +222,8 @@ def _blocks_overlap(a: Tensor, b: Tensor) -> bool:
 def _distinct(caches) -> list:
     """The caches with a tensor listed again (the same object, or the same memory, shape and
     strides: layers sharing one KV cache) dropped: copied once, a chained copy would
-    otherwise read what its first pass already wrote."""
+    otherwise read what its first pass already wrote. While compiling the same object only
+    (fake tensors have no memory): the op drops the others when it runs (_copy_blocks)."""
     out: list = []
     seen = set()
     compiling = torch.compiler.is_compiling()
@@ -233,6 +234,25 @@ def _distinct(caches) -> list:
             seen.add(key)
             out.append(c)
     return out
+
+
+def _no_stride0(name: str, caches) -> None:
+    """A ValueError naming the first cache (``name[i]``, or ``name`` for one tensor) that
+    reaches one memory location from two indices (a stride-0 view, e.g. from expand()), before
+    anything is written: torch refused such a destination only after the caches listed before
+    it were written, naming none, and write_kv's row writes went in unchecked (the last write
+    to each location won)."""
+    items = enumerate(caches) if isinstance(caches, (list, tuple)) else [(None, caches)]
+    for i, c in items:
+        strides = c.stride()
+        if 0 not in strides or not any(n > 1 and st == 0
+                                       for n, st in zip(c.shape, strides, strict=True)):
+            continue
+        label = name if i is None else f"{name}[{i}]"
+        what = ("its blocks share memory", "each block") if c.shape[0] > 1 else (
+            "its elements share memory", "each element")
+        raise ValueError(f"{label}: {what[0]} (a stride-0 view, e.g. from expand()); pass a "
+                         f"cache that holds {what[1]} once")
 
 
 def _check_out(name: str, buf, shape, dtype, device) -> None:
@@ -739,7 +759,21 @@ def _(*args):
 
 
 @_op("copy_blocks", mutates_args=("caches",))
-def _copy_blocks(caches: list[Tensor], src: Tensor, dst: Tensor, backend: str | None) -> None:
+def _copy_blocks(caches: list[Tensor], src: Tensor, dst: Tensor, backend: str | None,
+                 resolved: bool = False) -> None:
+    # ``resolved``: the eager wrapper dropped repeated caches and settled whether the caches'
+    # memory chains (it saw real tensors). Else (traced by torch.compile, which gives them no
+    # memory, or torch.ops.prefixkv.copy_blocks called directly) it is settled here, on the
+    # tensors the op runs on: views of one memory copied one after another chain.
+    if not resolved:
+        caches = _distinct(caches)
+        if _chains(caches, src, dst):
+            for name, ids in (("src", src), ("dst", dst)):  # named, before any read or write
+                _host_ids(name, ids, caches[0].shape[0])
+            staged = [_IMPL["gather_blocks"]([c], src, backend) for c in caches]
+            for c, blocks in zip(caches, staged, strict=True):
+                _IMPL["scatter_blocks"]([c], blocks, dst, backend)
+            return
     select("copy_blocks", platform_of(*caches), backend,
            block_contiguous=_block_contiguous(caches))(caches, src, dst)
 
@@ -768,6 +802,15 @@ def _(caches, block_ids, backend):
 @_op("scatter_blocks", mutates_args=("caches",))
 def _scatter_blocks(caches: list[Tensor], buffer: Tensor, block_ids: Tensor,
                     backend: str | None) -> None:
+    # Here, not in the wrapper: under torch.compile only the op sees the memory it runs on.
+    # A cache that starts inside the buffer's storage is of that storage (storages do not
+    # overlap): one data_ptr a cache, where a storage key each cost ~0.5 us (64 caches: 30 us)
+    storage = buffer.untyped_storage()
+    lo = storage.data_ptr()
+    hi = lo + storage.nbytes()
+    for i, c in enumerate(caches):
+        if lo <= c.data_ptr() < hi and _blocks_overlap(buffer, c):  # read while written
+            raise ValueError(f"buffer: shares memory with caches[{i}]; pass a copy")
     select("scatter_blocks", platform_of(*caches), backend,
            block_contiguous=_block_contiguous(caches))(caches, buffer, block_ids)
 
@@ -812,6 +855,8 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
     _index_tensors(slot_mapping=slot_mapping)
     _static_check(validate.check_write_kv, key, value, k_cache, v_cache, slot_mapping,
                   k_scale=k_scale, v_scale=v_scale)
+    _no_stride0("k_cache", k_cache)
+    _no_stride0("v_cache", v_cache)
     caches = (_storage_key(k_cache), _storage_key(v_cache))
     for name, rows in (("key", key), ("value", value)):
         if _storage_key(rows) not in caches:  # most calls: four checks in two lookups
@@ -838,11 +883,16 @@ def copy_blocks(caches, src, dst, *, backend=None) -> None:
     _tensors(caches=caches)
     _index_tensors(src=src, dst=dst)
     num_blocks = validate.check_copy_blocks(caches, src, dst)
+    _no_stride0("caches", caches)
     checked = _want_values(src, dst)
     if checked:
         validate.check_copy_blocks_values(num_blocks, src, dst)
     caches = _distinct(caches)
-    if len(caches) > 1 and _may_chain(src, dst) and _any_blocks_overlap(caches):
+    if torch.compiler.is_compiling():  # no memory to compare: the op settles it (_copy_blocks)
+        src, dst = _on(caches[0].device, src, dst)
+        _invoke("copy_blocks", (caches, src, dst, backend, False))
+        return
+    if _chains(caches, src, dst):
         # other views of one memory (another dtype or block shape, a part of a cache): each
         # copied by itself, the later ones would read blocks the earlier ones wrote. All
         # sources are read first, then written (the ids named here when they are on the host)
@@ -854,15 +904,19 @@ def copy_blocks(caches, src, dst, *, backend=None) -> None:
             _invoke("scatter_blocks", ([c], blocks, dst, backend))
         return
     src, dst = _on(caches[0].device, src, dst)
-    _invoke("copy_blocks", (caches, src, dst, backend))
+    _invoke("copy_blocks", (caches, src, dst, backend, True))
+
+
+def _chains(caches, src: Tensor, dst: Tensor) -> bool:
+    """Whether copying ``caches`` (distinct) one after another can chain: two of them views of
+    one memory whose blocks meet, and a block both a source and a destination. Real tensors
+    only (eager, or inside the op): fake ones have no memory (_any_blocks_overlap is False)."""
+    return len(caches) > 1 and _may_chain(src, dst) and _any_blocks_overlap(caches)
 
 
 def _may_chain(src: Tensor, dst: Tensor) -> bool:
     """Whether a block is both a source and a destination (then copying two views of one
-    memory one after the other chains); ids on a device: maybe (no sync to find out); never
-    while compiling (fake tensors have no storage to share: see _any_blocks_overlap)."""
-    if torch.compiler.is_compiling():
-        return False
+    memory one after the other chains); ids on a device: maybe (no sync to find out)."""
     if src.device.type != "cpu" or dst.device.type != "cpu":
         return True
     return not set(src.tolist()).isdisjoint(dst.tolist())
@@ -924,10 +978,11 @@ def gather_blocks(caches, block_ids, *, backend=None):
 
 def scatter_blocks(caches, buffer, block_ids, *, backend=None) -> None:
     """caches[c][block_ids[i]] = buffer[i, c] in place (block_ids i32[n] or i64[n],
-    distinct)."""
+    distinct). buffer shares no memory with a cache (a view of one is refused: pass a copy)."""
     _tensors(caches=caches)
     _index_tensors(buffer=buffer, block_ids=block_ids)
     validate.check_scatter_blocks(caches, buffer, block_ids)
+    _no_stride0("caches", caches)
     if _want_values(block_ids):
         validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=True)
     buffer, block_ids = _on(caches[0].device, buffer, block_ids)
@@ -952,11 +1007,8 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids, *, backend=None) -> No
     # Pairs are compared only within one storage (a dict of storages first): every layer's
     # K and V both ways made ~1,500 pair checks, ~1 ms of host time a call (64 caches).
     src_at, dst_at = _storages(src_caches), _storages(dst_caches)
+    _no_stride0("dst_caches", dst_caches)
     for j, dst in enumerate(dst_caches):
-        if dst.shape[0] > 1 and any(n > 1 and st == 0 for n, st in zip(dst.shape, dst.stride(),
-                                                                         strict=True)):
-            raise ValueError(f"dst_caches[{j}]: its blocks share memory (a stride-0 view, e.g. "
-                             f"from expand()); pass a cache that holds each block once")
         for i in src_at.get(_storage_key(dst), ()):
             if _blocks_overlap(src_caches[i], dst):  # the copies of one call run in no order
                 raise ValueError(f"dst_caches[{j}]: shares memory with src_caches[{i}]; "
