@@ -8,6 +8,9 @@
 - copy_blocks / scatter_blocks / write_kv into a stride-0 (expand()ed) cache: refused by name
   before anything is written (copy and scatter wrote the caches before it, write_kv wrote
   silently over itself).
+- gather_blocks_to_host / scatter_blocks_from_host with an empty list of ids (numpy: float64).
+- hash_blocks under torch.compile(fullgraph=True): it value-checked traced tensors and hashed
+  the salt's key in traced Python.
 The numpy reference is the oracle; compiled calls use the aot_eager backend (no C++ build)."""
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from prefixkv.paged import reference as ref  # noqa: E402
+from prefixkv.paged.reference.hashing import hash_blocks_reference  # noqa: E402
+from prefixkv.paged.validate import value_checks  # noqa: E402
 
 from prefixkv import torch_frontend as tf  # noqa: E402
 
@@ -122,3 +127,53 @@ def test_write_kv_refuses_a_stride0_cache(rows):
     with pytest.raises(ValueError, match=r"^k_cache: its blocks share memory"):
         tf.write_kv(key, val, v, k, slots)
     assert torch.equal(k, before)
+
+
+# ------------------------------------------------------------------ host copies, empty ids
+
+
+@pytest.mark.parametrize("ids", [[], ()], ids=["list", "tuple"])
+def test_host_copies_take_an_empty_list_of_ids(ids):
+    k, v = torch.randn(4, 2, 2, 8), torch.randn(4, 2, 2, 8)
+    before = [k.clone(), v.clone()]
+    assert tf.gather_blocks_to_host([k, v], ids).shape == (0, 2, 2, 2, 8)
+    tf.scatter_blocks_from_host([k, v], np.zeros((0, 2, 2, 2, 8), np.float32), ids)
+    assert torch.equal(k, before[0]) and torch.equal(v, before[1])
+    with pytest.raises(TypeError, match="block_ids: expected int32 or int64, got float64"):
+        tf.gather_blocks_to_host([k, v], np.zeros(0))  # an explicit float array stays refused
+
+
+# ------------------------------------------------------------------ hash_blocks, compiled
+
+
+def test_compiled_hash_blocks_equals_eager_and_the_reference():
+    """torch.compile(fullgraph=True) of the wrapper: it value-checked the traced tokens and
+    cu_lens (data-dependent guards) and derived the salt's key in traced Python."""
+    tokens = torch.randint(0, 1000, (40,), dtype=torch.int32)
+    cu = torch.tensor([0, 17, 40], dtype=torch.int32)
+    extra = torch.randint(0, 2**31 - 1, (4, 4), dtype=torch.int32).view(torch.uint32)
+    parent = [bytes(range(32)), None]
+
+    def step(tokens, cu, extra):
+        return tf.hash_blocks(tokens, 8, cu_lens=cu, salt=b"tenant", extra=extra,
+                              parent=parent)
+
+    def one(tokens):
+        return tf.hash_blocks(tokens, 8, salt="s")
+
+    want = hash_blocks_reference(tokens.numpy(), 8, cu_lens=cu.numpy(), salt=b"tenant",
+                                 extra=extra.numpy(), parent=parent)
+    with value_checks():  # checked mode: still nothing traced is value-checked
+        got = _compiled(step)(tokens, cu, extra)
+        got_one = _compiled(one)(tokens)
+    np.testing.assert_array_equal(got.numpy(), want)
+    np.testing.assert_array_equal(got_one.numpy(), one(tokens).numpy())
+
+
+def test_compiled_hash_blocks_still_checks_cu_lens_when_it_runs():
+    """The op reads cu_lens on the host anyway: it checks it there (a kernel must never read
+    past the tokens), compiled or not."""
+    tokens = torch.randint(0, 1000, (40,), dtype=torch.int32)
+    f = _compiled(lambda t, c: tf.hash_blocks(t, 8, cu_lens=c))
+    with pytest.raises(ValueError, match=r"cu_lens: expected cu_lens\[-1\] == num_tokens"):
+        f(tokens, torch.tensor([0, 17, 41], dtype=torch.int32))

@@ -43,7 +43,12 @@ from ..paged.reference.hashing import (
     parent_words,
 )
 from ..paged.registry import Backend, Registry
-from ..paged.validate import check_hash_blocks, check_hash_blocks_values, value_checks_enabled
+from ..paged.validate import (
+    check_cumulative_lens,
+    check_hash_blocks,
+    check_hash_blocks_values,
+    value_checks_enabled,
+)
 
 MASK = 0xFFFFFFFF
 
@@ -228,8 +233,31 @@ HASH_BLOCKS_BACKENDS.register(Backend(
 def _key_tensor(salt: bytes, extra: bool) -> torch.Tensor:
     """The salt's prefixkv-v1 key (of calls with extra words when ``extra``) as int32[8]
     (uint32 bit patterns, little-endian words)."""
-    words = np.array(struct.unpack("<8I", block_key(salt, extra)), dtype=np.uint32)
-    return torch.from_numpy(words.view(np.int32).copy())
+    return torch.tensor(_key_words(salt, extra), dtype=torch.int32)
+
+
+@torch.compiler.assume_constant_result
+def _key_words(salt: bytes, extra: bool) -> tuple[int, ...]:
+    """The key's 8 words as int32 values (uint32 bit patterns). A constant to torch.compile:
+    run on the host when tracing (BLAKE3 in Python is not traceable); a call with another salt
+    traces again (the salt is a guarded Python constant)."""
+    return struct.unpack("<8i", block_key(salt, extra))
+
+
+@torch.compiler.assume_constant_result
+def _checked_salt(salt, parent, num_seqs: int) -> bytes:
+    """check_hash_blocks' checks of salt and a host parent (bytes or a list) of a call of
+    ``num_seqs`` sequences; returns the salt's bytes. A constant to torch.compile, which
+    cannot trace those checks (``bytes(...)``): run on the host when tracing."""
+    cu = np.zeros(num_seqs + 1, dtype=np.int32)
+    return check_hash_blocks(cu[:0], 1, cu_lens=cu, salt=salt, parent=parent).salt
+
+
+@torch.compiler.assume_constant_result
+def _parent_rows(parent, num_seqs: int) -> tuple[tuple[int, ...], ...]:
+    """parent_words of a host parent (bytes or a list; validated) as int32 values, a constant
+    to torch.compile as :func:`_key_words` is."""
+    return tuple(map(tuple, _u32_to_i32(parent_words(parent, num_seqs)).tolist()))
 
 
 def _geometry(cu_host: np.ndarray, block_size: int) -> tuple[np.ndarray, int, int]:
@@ -247,9 +275,17 @@ def hash_blocks_v1(tokens: torch.Tensor, block_size: int, cu_lens: torch.Tensor,
                    backend: str | None = None) -> torch.Tensor:
     """prefixkv-v1 chains. tokens i32[num_tokens]; cu_lens i32[num_seqs + 1] (validated);
     key i32[8] (the salt's key words as int32 bit patterns); parents i32[num_seqs, 8];
-    extra i32[num_out, 4] | None. Returns i32[num_out, 8] (uint32 bit patterns)."""
-    cu_host = cu_lens.detach().cpu().numpy().astype(np.int64)
+    extra i32[num_out, 4] | None. Returns i32[num_out, 8] (uint32 bit patterns).
+
+    cu_lens (read on the host here anyway: it sizes the output) and the rows of extra are
+    checked on every call, whoever called (a ValueError naming them): the wrapper checks no
+    values while torch.compile traces, and a kernel must never read past the tokens."""
+    cu_host = check_cumulative_lens("cu_lens", cu_lens.detach().cpu().numpy(),
+                                    tokens.shape[0])
     boff, num_out, num_steps = _geometry(cu_host, block_size)
+    if extra is not None and extra.shape[0] != num_out:
+        raise ValueError(f"extra: expected {num_out} rows (the full blocks of all sequences), "
+                         f"got {extra.shape[0]}")
     platform = "cuda" if tokens.device.type == "cuda" else tokens.device.type
     impl = HASH_BLOCKS_BACKENDS.select(platform, backend, block_size=block_size,
                                        has_extra=extra is not None).load()
@@ -281,7 +317,11 @@ def hash_blocks(tokens: torch.Tensor, block_size: int, *, cu_lens: torch.Tensor 
     backend: "triton" | "cuda" | "host" | "torch" | None (env, then priority).
 
     Returns uint32[num_full_blocks, 8] on the tokens' device, sequence by sequence; word k =
-    digest bytes 4k..4k+3 little-endian. cu_lens is read on the host (a sync on CUDA).
+    digest bytes 4k..4k+3 little-endian. cu_lens is read on the host (a sync on CUDA) and
+    checked there on every call; token ids are value-checked as the other ops' values are
+    (host tensors by default, device ones in checked mode), never while torch.compile traces.
+    Under ``torch.compile(fullgraph=True)`` the salt's key and a bytes/list parent are traced
+    as constants (computed on the host; another salt or parent traces again).
     """
     for name, t in (("tokens", tokens), ("cu_lens", cu_lens), ("extra", extra)):
         if t is not None and not isinstance(t, torch.Tensor):
@@ -290,22 +330,32 @@ def hash_blocks(tokens: torch.Tensor, block_size: int, *, cu_lens: torch.Tensor 
                                                   torch.Tensor))):
         raise TypeError(f"parent: expected None, 32 bytes, a list or a torch.Tensor, got "
                         f"{type(parent).__name__}")
-    dims = check_hash_blocks(tokens, block_size, cu_lens=cu_lens, salt=salt, extra=extra,
-                             parent=parent)
-    dev = tokens.device
-    if value_checks_enabled(host_inputs=dev.type == "cpu"):
-        check_hash_blocks_values(dims, tokens, cu_lens=cu_lens, extra=extra)
-    elif cu_lens is not None:
-        # cu_lens is read on the host anyway (it sizes the output): always check it, so a
-        # kernel never reads past the tokens; token ids only in checked mode (a device sync)
-        check_hash_blocks_values(dims, tokens[:0], cu_lens=cu_lens.cpu(), extra=extra)
-    cu = torch.tensor([0, dims.num_tokens], dtype=torch.int32) if cu_lens is None else cu_lens
-    if parent is None or isinstance(parent, (bytes, bytearray, memoryview, list, tuple)):
-        parents = torch.from_numpy(_u32_to_i32(parent_words(parent, dims.num_seqs)))
+    host_parent = parent is not None and not isinstance(parent, torch.Tensor)
+    if torch.compiler.is_compiling():  # the host arguments' checks as a traced constant
+        dims = check_hash_blocks(tokens, block_size, cu_lens=cu_lens, extra=extra,
+                                 parent=None if host_parent else parent)
+        salt_b = _checked_salt(salt, parent if host_parent else None, dims.num_seqs)
     else:
+        dims = check_hash_blocks(tokens, block_size, cu_lens=cu_lens, salt=salt, extra=extra,
+                                 parent=parent)
+        salt_b = dims.salt
+    dev = tokens.device
+    # Traced inputs have no values: nothing is value-checked while torch.compile traces (the
+    # op checks cu_lens and extra's rows itself when it runs); token ids in checked mode only
+    if not torch.compiler.is_compiling() and value_checks_enabled(
+            host_inputs=dev.type == "cpu"):
+        check_hash_blocks_values(dims, tokens, cu_lens=cu_lens, extra=extra)
+    cu = torch.tensor([0, dims.num_tokens], dtype=torch.int32) if cu_lens is None else cu_lens
+    if parent is None:
+        parents = torch.zeros((dims.num_seqs, 8), dtype=torch.int32)
+    elif not host_parent:
         parents = parent.reshape(-1, 8).view(torch.int32).expand(dims.num_seqs, 8)
+    elif torch.compiler.is_compiling():
+        parents = torch.tensor(_parent_rows(parent, dims.num_seqs), dtype=torch.int32)
+    else:
+        parents = torch.from_numpy(_u32_to_i32(parent_words(parent, dims.num_seqs)))
     ext = None if extra is None else extra.view(torch.int32)
-    key = _key_tensor(dims.salt, extra is not None)
+    key = _key_tensor(salt_b, extra is not None)
     out = torch.ops.prefixkv.hash_blocks_v1(tokens, dims.block_size, cu, key,
                                             parents.contiguous(), ext, backend)
     return out.view(torch.uint32)

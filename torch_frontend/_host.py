@@ -13,10 +13,13 @@ from ._ops import gather_blocks, scatter_blocks
 
 
 def _ids(block_ids, device: torch.device) -> torch.Tensor:
-    """Block ids as a tensor on ``device``; host integers as int32 (the ops check the rest:
-    dtype, range, naming block_ids)."""
+    """Block ids as a tensor on ``device``; host integers as int32, as is an empty list or
+    tuple (numpy makes float64 of it) (the ops check the rest: dtype, range, naming
+    block_ids)."""
     if not isinstance(block_ids, torch.Tensor):
         a = np.asarray(block_ids)
+        if a.size == 0 and not isinstance(block_ids, np.ndarray):
+            a = a.astype(np.int32)
         if a.dtype.kind in "iu":
             if a.size and (int(a.min()) < -2**31 or int(a.max()) >= 2**31):
                 raise ValueError(f"block_ids: values must fit int32, got {a.min()}..{a.max()}")
