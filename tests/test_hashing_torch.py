@@ -147,3 +147,12 @@ def test_backend_errors():
         hash_blocks(GOOD["tokens"], 16, backend="triton")
     ok, why = HASH_BLOCKS_BACKENDS._backends["triton"].supports(block_size=249)
     assert not ok and "block_size <= 248" in why
+
+
+@pytest.mark.parametrize("backend", [b for b, why in HASH_BLOCKS_BACKENDS.explain("cpu").items()
+                                     if why == "ok"])
+def test_no_full_block_with_a_huge_block_size(backend):
+    """Zero full blocks: an empty result (the C chain had sized its buffers by block_size,
+    a MemoryError for 2**40)."""
+    out = hash_blocks(torch.arange(4, dtype=torch.int32), 2**40, backend=backend)
+    assert tuple(out.shape) == (0, 8)

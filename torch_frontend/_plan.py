@@ -98,7 +98,7 @@ def _as_int32(**named) -> tuple:
     out = []
     for name, t in named.items():
         if t is not None and t.dtype == torch.int64:
-            if t.numel() and _want_values(t):
+            if t.numel() and (t.device.type == "cpu" or _want_values(t)):
                 validate.check_fits_int32(name, t)
             t = t.to(torch.int32)
         out.append(t)

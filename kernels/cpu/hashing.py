@@ -59,6 +59,8 @@ def chain_digests(tokens: np.ndarray, block_size: int, cu_lens: np.ndarray, key:
     if ext is None:
         raise ImportError("prefixkv.kernels.cpu._blake3 is not built")
     out = np.empty((num_full_blocks, 32), dtype=np.uint8)
+    if num_full_blocks == 0:  # the C chain sizes its buffers by block_size: none needed
+        return out
     ext.chain(np.ascontiguousarray(tokens, dtype=np.int32), int(block_size),
               np.ascontiguousarray(cu_lens, dtype=np.int64), bytes(key),
               None if extra is None else np.ascontiguousarray(extra, dtype=np.uint32),
