@@ -14,10 +14,16 @@ cache included. So, when a traced call runs with more than one device:
   ``custom_partitioning`` with the same layout, as a callback and as a Shardy rule, so each
   device runs the op on its own part with no communication.
 
-Heads whose count the mesh axes do not divide run replicated (gathered), as XLA would. Calls
-under ``vmap`` or ``jvp`` run as they are (custom_partitioning has no rules for them). Set
-``PREFIXKV_JAX_PARTITION=0`` to turn all this off: ``jax.export`` of a function whose inputs
-are sharded over several devices needs it (it cannot serialize a custom_partitioning).
+Heads whose count the mesh axes do not divide run replicated (gathered), as XLA would, and so
+does a single kv head (MQA: nothing to split). Over Auto axes a call traced under ``vmap`` or
+``jvp`` runs as it is (custom_partitioning has no rules for them), and a split call that a
+``vmap`` reaches later (``vmap(jit(op))``) runs unsplit under it (a custom_vmap rule); over
+Explicit axes the ``shard_map`` takes both. Set ``PREFIXKV_JAX_PARTITION=0`` to turn the Auto
+path off: ``jax.export`` of a function whose inputs are sharded over several devices on Auto
+axes needs it (it cannot serialize a custom_partitioning). It is read when a function is
+traced: set it before the first trace (``jax.clear_caches()`` drops traces made before).
+Inside a ``shard_map`` the operands are taken as local: one manual over only some mesh axes
+gathers operands still sharded over the others (run the op under a shard_map over all of them).
 """
 
 from __future__ import annotations
@@ -67,23 +73,27 @@ def _jax_array(x):
 
 def _mode(operands) -> str | None:
     """"explicit", "auto" or None (run the op as it is) for a call with ``operands``."""
-    if getattr(_state, "local", False) or os.environ.get("PREFIXKV_JAX_PARTITION", "1") == "0":
+    if getattr(_state, "local", False):
         return None
     tracers = [x for x in operands if isinstance(x, jax.core.Tracer)]
     if not tracers:
         return None  # eager: each array's own placement
-    if any(type(x).__name__ != "DynamicJaxprTracer" for x in tracers):
-        return None  # under vmap or jvp: custom_partitioning has no batching or jvp rule
     if jax.device_count() == 1:
         return None
     if tuple(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ())):
         return None  # inside shard_map: the operands are local already
+    # Explicit axes first: their sharded operands cannot run as they are (a reshape of a
+    # sharded cache is a ShardingTypeError), and a shard_map takes vmap, jvp and export
     explicit = getattr(jax.sharding.AxisType, "Explicit", None)
     for x in operands:
         if _is_array(x):
             mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
             if explicit is not None and explicit in tuple(getattr(mesh, "axis_types", ())):
                 return "explicit"
+    if os.environ.get("PREFIXKV_JAX_PARTITION", "1") == "0":
+        return None
+    if any(type(x).__name__ != "DynamicJaxprTracer" for x in tracers):
+        return None  # under vmap or jvp: custom_partitioning has no batching or jvp rule
     return "auto"
 
 
@@ -211,6 +221,8 @@ def by_heads(fn, operands, roles, out_roles, *, layout: str, num_kv_heads: int,
     roles: Q, KV, CACHE or REP per operand (arrays only are split; other operands pass as they
     are); out_roles: per output of ``fn`` (a tuple)."""
     group = 1 if num_q_heads is None else num_q_heads // num_kv_heads
+    if num_kv_heads == 1:  # MQA: nothing to split (and Shardy takes no size-1 factor in (k g))
+        return _split(fn, operands, roles, out_roles, _Whole())
     return _split(fn, operands, roles, out_roles, _Heads(layout, num_kv_heads, group))
 
 
@@ -275,4 +287,17 @@ def _split(fn, operands, roles, out_roles, how):
     op.def_partition(partition=partition,
                      infer_sharding_from_operands=lambda m, a, r: shardings(m, a)[1],
                      sharding_rule=rule, **sizes)
-    return op(*arrays)
+
+    # custom_partitioning has no batching rule: a vmap reaching the traced call later
+    # (vmap(jit(op))) runs the op unsplit, batched as the op itself is
+    @jax.custom_batching.custom_vmap
+    def call(*parts):
+        return op(*parts)
+
+    @call.def_vmap
+    def _batched(axis_size, in_batched, *parts):
+        del axis_size
+        out = jax.vmap(local, in_axes=tuple(0 if b else None for b in in_batched))(*parts)
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return call(*arrays)

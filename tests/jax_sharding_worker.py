@@ -327,6 +327,53 @@ def plain_jit() -> None:
         for g, w in zip(got, want, strict=True):
             np.testing.assert_array_equal(np.asarray(g), w)
     print("OK plain jit mixed block shapes")
+    plain_jit_edges()
+
+
+def plain_jit_edges() -> None:
+    """What the split had failed on: MQA over Auto axes (a size-1 kv-head factor inside the
+    q heads' (k g) Shardy rejected), vmap reaching a jitted op (custom_partitioning has no
+    batching rule), and over Explicit axes the paths that ran the op unsplit on sharded
+    operands (PREFIXKV_JAX_PARTITION=0, vmap under jit: a ShardingTypeError) and export."""
+    from jax.sharding import PartitionSpec as P
+
+    rng = np.random.default_rng(3)
+    mqa = testing.make_ragged_batch(rng, [(3, 7), (1, 5)], num_q_heads=8, num_kv_heads=1,
+                                    head_dim=8, block_size=4)
+    mesh = jax.make_mesh((4,), ("tp",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        got = jax.jit(jf.paged_attention)(
+            jax.device_put(mqa.q, NamedSharding(mesh, P(None, "tp", None))), *mqa.args()[1:])
+    np.testing.assert_allclose(np.asarray(got), ref.paged_attention_reference(*mqa.args()),
+                               atol=2e-5, rtol=2e-5)
+    print("OK plain jit mqa")
+    b = testing.make_ragged_batch(rng, [(3, 7), (1, 5)], num_q_heads=8, num_kv_heads=4,
+                                  head_dim=8, block_size=4)
+    want = ref.paged_attention_reference(*b.args())
+    specs = [P(None, "tp", None), P(None, None, "tp", None), P(None, None, "tp", None)]
+    stacked = [np.stack([x, x]) for x in b.args()]
+    with jax.set_mesh(mesh):
+        heads = [jax.device_put(x, NamedSharding(mesh, P(None, *s)))
+                 for x, s in zip(stacked, specs, strict=False)]
+        got = jax.vmap(jax.jit(jf.paged_attention))(*heads, *stacked[3:])
+    np.testing.assert_allclose(np.asarray(got[1]), want, atol=2e-5, rtol=2e-5)
+    print("OK plain jit vmap of jit")
+    mesh = jax.make_mesh((4,), ("tp",), axis_types=(jax.sharding.AxisType.Explicit,))
+    args = [jax.device_put(x, NamedSharding(mesh, s))
+            for x, s in zip(b.args(), specs + [P()] * 3, strict=True)]
+    avals = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in args]
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda *a: jax.vmap(jf.paged_attention)(
+            *[jax.numpy.stack([x, x]) for x in a])[1])(*args)
+        np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
+        assert jax.export.export(jax.jit(jf.paged_attention), platforms=["tpu"])(*avals)
+        os.environ["PREFIXKV_JAX_PARTITION"] = "0"
+        try:
+            got = jax.jit(lambda *a: jf.paged_attention(*a))(*args)
+        finally:
+            del os.environ["PREFIXKV_JAX_PARTITION"]
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
+    print("OK plain jit explicit vmap export")
 
 
 if __name__ == "__main__":

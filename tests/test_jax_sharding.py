@@ -53,3 +53,5 @@ def test_plain_jit_partitions_over_the_heads():
     assert "OK plain jit 2d mesh" in out and "OK plain jit plan" in out
     assert "OK plain jit export" in out and "OK plain jit vmap" in out
     assert "OK plain jit scan" in out and "OK plain jit mixed block shapes" in out
+    assert "OK plain jit mqa" in out and "OK plain jit vmap of jit" in out
+    assert "OK plain jit explicit vmap export" in out
