@@ -385,3 +385,165 @@ def test_redis_max_batch_zero_is_refused_and_one_works():
     ks, vs = keys(3), rows(3)
     assert t.batch_put(ks, vs) == [True] * 3 and t.batch_exists(ks) == 3
     assert all(same(a, b) for a, b in zip(t.batch_get(ks), vs, strict=True))
+
+
+# -- batch_get's shape= and dtype=, iterables of keys, the offloader's arguments ------------
+
+
+def _fake_mooncake():
+    from prefixkv.paged.tiers import MooncakeTier
+
+    t = object.__new__(MooncakeTier)  # batch_get checks its arguments before the store
+    Tier.__init__(t)
+    return t
+
+
+@pytest.mark.parametrize(("shape", "dtype", "exc", "msg"), [
+    (5, None, TypeError, "shape: expected a sequence of ints or None, got 5"),
+    ("4325", None, TypeError, "shape: expected a sequence of ints or None, got '4325'"),
+    ((4.0, 3, 2, 5), None, TypeError, r"shape: expected a sequence of ints or None"),
+    ((True, 3), None, TypeError, r"shape: expected a sequence of ints or None"),
+    ((-4, 3, 2, 5), None, ValueError, r"shape: expected dims >= 0, got \(-4, 3, 2, 5\)"),
+    (None, 5, TypeError, "dtype: expected None or a dtype, got int 5"),
+    (None, [np.float32], TypeError, "dtype: expected None or a dtype, got list"),
+])
+def test_batch_get_names_a_bad_shape_or_dtype(tmp_path, shape, dtype, exc, msg):
+    """shape=5 was "'int' object is not iterable" (a TieredStore counted it as a fault of each
+    tier: a miss); dtype=5 a miss. Checked once per call, before any tier is asked."""
+    ks, vs = keys(2), rows(2)
+    tiers = {**_tiers(tmp_path), "mooncake": _fake_mooncake()}
+    for name, t in tiers.items():
+        if name not in ("nixl", "mooncake"):
+            assert t.batch_put(ks, vs) == [True, True], name
+        with pytest.raises(exc, match=msg):
+            t.batch_get(ks, shape=shape, dtype=dtype)
+        assert t.stats.errors == 0, name
+        if isinstance(t, TieredStore):
+            assert t.tier_errors == {"host": 0, "disk": 0}
+        if name not in ("nixl", "mooncake"):  # good layouts of any spelling still hit
+            for good in (list(ROW), np.array(ROW), tuple(np.int64(d) for d in ROW)):
+                got = t.batch_get(ks, shape=good, dtype=np.dtype(np.float32))
+                assert all(same(a, b) for a, b in zip(got, vs, strict=True)), name
+            # a dtype name no namespace holds is a miss, as before (nothing stored matches)
+            assert t.batch_get(ks, dtype="no-such-dtype") == [None, None], name
+
+
+def test_batch_calls_take_any_iterable_of_keys_and_values(tmp_path):
+    """HostTier.batch_put(iter(keys), values) was "object of type 'list_iterator' has no
+    len()"; a generator of values the same."""
+    ks, vs = keys(3), rows(3)
+    for name, t in _tiers(tmp_path).items():
+        if name == "nixl":
+            continue
+        assert t.batch_put(iter(ks), (v for v in vs)) == [True] * 3, name
+        assert t.batch_exists(iter(ks)) == 3, name
+        got = t.batch_get(iter(ks), shape=ROW, dtype="float32")
+        assert all(same(a, b) for a, b in zip(got, vs, strict=True)), name
+        assert t.batch_remove(k for k in ks[:2]) == 2, name
+        assert t.batch_exists(ks[2:]) == 1 and t.batch_exists(ks) == 0, name
+        with pytest.raises(ValueError, match="values: expected 2 values"):
+            t.batch_put(iter(ks[:2]), iter(vs[:1]))
+        with pytest.raises(TypeError, match="values: expected a sequence of arrays, got int"):
+            t.batch_put(ks[:1], 5)
+    t = HostTier(1 << 20)
+    assert t.touch(iter(ks), shape=list(ROW)) == [False] * 3
+    t.batch_put(ks, vs)
+    assert t.touch(iter(ks), shape=np.array(ROW)) == [True] * 3
+    with pytest.raises(TypeError, match="shape: expected a sequence of ints or None, got 5"):
+        t.touch(ks, shape=5)
+
+
+class _DuckStore:
+    """No Tier subclass: the three methods the offloader calls, over a HostTier."""
+
+    def __init__(self):
+        self.inner = HostTier(1 << 20)
+
+    def batch_exists(self, keys):
+        return self.inner.batch_exists(keys)
+
+    def batch_get(self, keys, *, shape=None, dtype=None):
+        return self.inner.batch_get(keys, shape=shape, dtype=dtype)
+
+    def batch_put(self, keys, values):
+        return self.inner.batch_put(keys, values)
+
+
+@pytest.mark.parametrize("store", [None, object(), "host", HostTier])
+def test_block_offloader_store_must_be_a_tier(store):
+    """BlockOffloader(None, ns) was accepted, then failed at the first offload with an
+    AttributeError (an offload on eviction: a counted miss, forever)."""
+    name = store.__name__ if isinstance(store, type) else type(store).__name__
+    with pytest.raises(TypeError, match=f"store: expected a Tier, got (the class )?{name}"):
+        BlockOffloader(store, Namespace("m"))
+
+
+def test_block_offloader_takes_a_store_with_the_tier_methods():
+    caches = [np.arange(4 * 4 * 8, dtype=np.float32).reshape(4, 4, 1, 8) + i for i in range(2)]
+    off = BlockOffloader(_DuckStore(), Namespace("m"))
+    assert off.offload(caches, [1, 2], [b"a", b"b"]) == [True, True]
+    assert off.lookup([b"a", b"b", b"c"]) == 2
+    dst = [np.zeros_like(c) for c in caches]
+    _, n = off.onboard(dst, [0, 3], [b"a", b"b"])
+    assert n == 2 and all(same(d[[0, 3]], c[[1, 2]]) for d, c in zip(dst, caches, strict=True))
+
+
+def test_host_reserve_names_n_shape_and_dtype():
+    """reserve(-1, ...) returned [] (as if the budget were full)."""
+    h = HostTier(1 << 20)
+    with pytest.raises(ValueError, match="n: expected an int >= 0, got -1"):
+        h.reserve(-1, ROW, "float32")
+    with pytest.raises(TypeError, match="n: expected an int, got 1.5"):
+        h.reserve(1.5, ROW, "float32")
+    with pytest.raises(TypeError, match="shape: expected a sequence of ints, got 5"):
+        h.reserve(1, 5, "float32")
+    with pytest.raises(TypeError, match="dtype: expected a dtype, got 'foo'"):
+        h.reserve(1, ROW, "foo")
+    with pytest.raises(TypeError, match="shape: expected a sequence of ints, got 5"):
+        h.allocate(5, "float32")
+    assert h.reserve(0, ROW, "float32") == []
+    (buf,) = h.reserve(np.int64(1), list(ROW), np.float32)
+    assert buf.shape == ROW and buf.dtype == np.float32
+
+
+def _two_blocks():
+    caches = [np.arange(4 * 4 * 8, dtype=np.float32).reshape(4, 4, 1, 8) + i for i in range(2)]
+    return caches, BlockOffloader(HostTier(1 << 20), Namespace("m"))
+
+
+def test_offload_and_onboard_take_any_iterable_of_hashes():
+    """A generator of hashes was "object of type 'generator' has no len()"."""
+    caches, off = _two_blocks()
+    assert off.offload(caches, [1, 2], (h for h in [b"a", b"b"])) == [True, True]
+    assert off.lookup(h for h in [b"a", b"b"]) == 2
+    dst = [np.zeros_like(c) for c in caches]
+    _, n = off.onboard(dst, [2, 3], iter([b"a", b"b"]))
+    assert n == 2 and same(dst[1][[2, 3]], caches[1][[1, 2]])
+    assert len(off.fetch(iter([b"a", b"b"]), (2, 4, 1, 8), np.float32)) == 2
+
+
+@pytest.mark.parametrize("method", ["offload", "onboard", "lookup", "fetch"])
+@pytest.mark.parametrize("bad", [b"ab", "ab", 5])
+def test_block_hashes_that_are_one_hash_or_no_sequence_are_named(method, bad):
+    """bytes were taken as a sequence of int hashes (one per byte)."""
+    caches, off = _two_blocks()
+    call = {"offload": lambda: off.offload(caches, [1, 2], bad),
+            "onboard": lambda: off.onboard(caches, [1, 2], bad),
+            "lookup": lambda: off.lookup(bad),
+            "fetch": lambda: off.fetch(bad, (2, 4, 1, 8), np.float32)}[method]
+    with pytest.raises(TypeError, match="block_hashes: expected a sequence of block hashes"):
+        call()
+
+
+def test_fetch_names_row_shape_and_dtype():
+    """row_shape=5 was "'int' object is not iterable"."""
+    caches, off = _two_blocks()
+    off.offload(caches, [1], [b"a"])
+    with pytest.raises(TypeError, match="row_shape: expected a sequence of ints, got 5"):
+        off.fetch([b"a"], 5, np.float32)
+    with pytest.raises(TypeError, match="row_shape: expected a sequence of ints"):
+        off.fetch([b"a"], (2.0, 4, 1, 8), np.float32)
+    with pytest.raises(TypeError, match="dtype: expected a dtype, got NoneType None"):
+        off.fetch([b"a"], (2, 4, 1, 8), None)
+    (row,) = off.fetch([b"a"], np.array([2, 4, 1, 8]), "float32")
+    assert same(row, np.stack([c[1] for c in caches]))

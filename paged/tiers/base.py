@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
+import operator
 import struct
 import zlib
 from abc import ABC, abstractmethod
@@ -452,17 +453,27 @@ def check_keys(keys) -> Sequence[BlockKey]:
     return keys
 
 
-def check_values(keys: Sequence[BlockKey], values: Sequence) -> None:
+def check_values(keys, values) -> tuple[Sequence[BlockKey], Sequence]:
+    """``(keys, values)`` checked: the keys by :func:`check_keys` (any iterable, as a list), the
+    values as they are when they have a length (a list, a tuple, a stacked array) and as a
+    list otherwise (a generator), one per key (ValueError naming ``values`` otherwise)."""
+    keys = check_keys(keys)
+    if not hasattr(values, "__len__"):
+        try:
+            values = list(values)
+        except TypeError:
+            raise TypeError(f"values: expected a sequence of arrays, got "
+                            f"{type(values).__name__}") from None
     if len(values) != len(keys):
         raise ValueError(f"values: expected {len(keys)} values (one per key), got {len(values)}")
-    check_keys(keys)
+    return keys, values
 
 
-def check_put_values(keys: Sequence[BlockKey], values: Sequence) -> list[np.ndarray]:
+def check_put_values(keys, values) -> tuple[Sequence[BlockKey], list[np.ndarray]]:
     """:func:`check_values`, then every value as an array whose dtype is its key's namespace
-    dtype (ValueError naming ``values[i]``). A put runs this before storing anything, so a
-    batch with one bad value stores none of it."""
-    check_values(keys, values)
+    dtype (ValueError naming ``values[i]``): ``(keys, arrays)``. A put runs this before
+    storing anything, so a batch with one bad value stores none of it."""
+    keys, values = check_values(keys, values)
     out = []
     for i, (k, v) in enumerate(zip(keys, values, strict=True)):
         v = np.asarray(v)
@@ -470,7 +481,58 @@ def check_put_values(keys: Sequence[BlockKey], values: Sequence) -> list[np.ndar
             raise ValueError(f"values[{i}]: dtype {dtype_str(v)} does not match the key's "
                              f"namespace dtype {k.namespace.dtype}")
         out.append(v)
-    return out
+    return keys, out
+
+
+def check_shape(name: str, shape, *, optional: bool = False) -> tuple[int, ...] | None:
+    """``shape`` (a tuple, list or 1-d integer array of ints >= 0) as a tuple of Python ints;
+    None as is when ``optional``. A TypeError naming ``name`` otherwise (an int, a str, floats,
+    bools: ``shape=5`` was "'int' object is not iterable" deep in a tier, which a
+    :class:`TieredStore` took for a storage fault), a ValueError for a negative dim."""
+    if shape is None and optional:
+        return None
+    if type(shape) is tuple and all(type(s) is int and s >= 0 for s in shape):
+        return shape  # the usual case (an array's .shape): no copy
+    what = "a sequence of ints or None" if optional else "a sequence of ints"
+    try:
+        if isinstance(shape, (str, bytes, bytearray, memoryview)):
+            raise TypeError
+        dims = []
+        for s in shape:
+            if isinstance(s, (bool, np.bool_)):
+                raise TypeError
+            dims.append(operator.index(s))
+    except TypeError:
+        raise TypeError(f"{name}: expected {what}, got {shape!r}") from None
+    if any(d < 0 for d in dims):
+        raise ValueError(f"{name}: expected dims >= 0, got {tuple(dims)}")
+    return tuple(dims)
+
+
+def check_dtype(name: str, dtype, *, optional: bool = False) -> str | None:
+    """``dtype`` (a dtype name, numpy dtype or scalar type, torch dtype, array) as its canonical
+    name; None as is when ``optional``. A TypeError naming ``name`` for an object that names no
+    dtype (``dtype=5``). A str is a name whatever it names: a tier holds blocks of namespace
+    dtypes only, so a get asking for another dtype is a miss."""
+    if dtype is None and optional:
+        return None
+    dt = dtype_str(dtype)
+    if dt in CACHE_DTYPES or isinstance(dtype, str):
+        return dt
+    try:
+        numpy_dtype(dt)
+    except Exception:  # noqa: BLE001 - re-raised naming the argument
+        raise TypeError(f"{name}: expected {'None or ' if optional else ''}a dtype, got "
+                        f"{type(dtype).__name__} {dtype!r}") from None
+    return dt
+
+
+def check_get_layout(shape, dtype) -> tuple[tuple[int, ...] | None, str | None]:
+    """A ``batch_get``'s ``shape=`` and ``dtype=``, checked once per call by every tier:
+    ``(shape as a tuple of ints or None, dtype's canonical name or None)``
+    (:func:`check_shape`, :func:`check_dtype`)."""
+    return (check_shape("shape", shape, optional=True),
+            check_dtype("dtype", dtype, optional=True))
 
 
 def first_occurrences(keys: Sequence[BlockKey]) -> tuple[list[int], list[tuple[int, int]]]:

@@ -33,6 +33,7 @@ from .base import (
     Tier,
     UnexpectedLayout,
     check_checksum,
+    check_get_layout,
     check_keys,
     check_put_values,
     decode_record,
@@ -168,6 +169,7 @@ class DiskTier(Tier):
         fails otherwise (too many open files, an I/O error) is a miss that keeps the file
         indexed: it is still on disk, under the budget and ``clear()``."""
         keys = check_keys(keys)
+        shape, dtype = check_get_layout(shape, dtype)
         out: list[np.ndarray | None] = []
         for k in keys:
             p = self.path(k)
@@ -281,7 +283,7 @@ class DiskTier(Tier):
         leaves it served, counted and evicted as before, and the key then reports whether that
         file holds this very value (a valid record of its shape, dtype and bytes: the usual
         case, a key naming its content)."""
-        values = check_put_values(keys, values)
+        keys, values = check_put_values(keys, values)
         results = [False] * len(values)
         protect: set[str] = set()  # files written by this put
         firsts, repeats = first_occurrences(keys)

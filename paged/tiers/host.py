@@ -30,7 +30,17 @@ import numpy as np
 
 from ..spec import numpy_dtype
 from ..validate import check_int
-from .base import BlockKey, Tier, check_keys, check_put_values, dtype_str, first_occurrences
+from .base import (
+    BlockKey,
+    Tier,
+    check_dtype,
+    check_get_layout,
+    check_keys,
+    check_put_values,
+    check_shape,
+    dtype_str,
+    first_occurrences,
+)
 
 Allocator = Callable[[tuple, np.dtype], np.ndarray]
 
@@ -117,10 +127,11 @@ class HostTier(Tier):
         """Per key whether this tier holds it (of ``shape`` when given); the held ones become
         the most recently used. A block offloaded again (onboarded, then evicted from the
         device once more) needs no copy and evicts nothing."""
+        shape = check_shape("shape", shape, optional=True)
         out = []
         for k in check_keys(keys):
             e = self._lookup(k)
-            held = e is not None and (shape is None or e.array.shape == tuple(shape))
+            held = e is not None and (shape is None or e.array.shape == shape)
             if held:
                 self._entries.move_to_end(k.storage_key())
             out.append(held)
@@ -136,8 +147,7 @@ class HostTier(Tier):
         return n
 
     def batch_get(self, keys, *, shape=None, dtype=None):
-        want_shape = None if shape is None else tuple(int(s) for s in shape)
-        want_dtype = None if dtype is None else dtype_str(dtype)
+        want_shape, want_dtype = check_get_layout(shape, dtype)
         out: list[np.ndarray | None] = []
         for k in check_keys(keys):
             e = self._lookup(k)
@@ -192,7 +202,17 @@ class HostTier(Tier):
         for them in the budget (evicting LRU blocks, whose unreferenced arrays are reused: no
         allocation or page faults when the tier is full). Fewer than ``n`` when the budget
         holds fewer. Fill them and hand them over with ``batch_put(..., copy=False)`` before
-        any other call on this tier."""
+        any other call on this tier.
+
+        TypeError / ValueError naming ``n``, ``shape`` or ``dtype`` for a bad one (a negative
+        ``n`` was an empty list)."""
+        n = check_int("n", n, 0)
+        shape = check_shape("shape", shape)
+        dt = check_dtype("dtype", dtype)
+        try:
+            numpy_dtype(dt)
+        except TypeError:
+            raise TypeError(f"dtype: expected a dtype, got {dtype!r}") from None
         if protect:  # only the names of held entries protect anything (see _pop_lru)
             protect = {sk for sk in protect if sk in self._entries}
         return self._reserve(n, shape, dtype, protect)
@@ -252,7 +272,7 @@ class HostTier(Tier):
         (a bad batch stores nothing). A key repeated in the batch is stored once; each of its
         positions reports that result. Events ("evicted", "stored") go out even when the
         allocator raises part-way."""
-        values = check_put_values(keys, values)
+        keys, values = check_put_values(keys, values)
         results = [False] * len(values)
         stored: list[BlockKey] = []
         protect: set[str] = set()

@@ -53,6 +53,7 @@ from .base import (
     Tier,
     UnexpectedLayout,
     check_checksum,
+    check_get_layout,
     check_keys,
     check_put_values,
     decode_record,
@@ -214,12 +215,13 @@ class MooncakeTier(Tier):
 
     def batch_get(self, keys, *, shape=None, dtype=None):
         keys = list(check_keys(keys))
+        shape, dtype = check_get_layout(shape, dtype)
         out: list[np.ndarray | None] = [None] * len(keys)
         if keys and self._usable():
             if shape is None:
                 self._get_unsized(keys, out, dtype)
             else:
-                self._get_into(keys, out, tuple(int(s) for s in shape), dtype)
+                self._get_into(keys, out, shape, dtype)
         hits = sum(a is not None for a in out)
         self.stats.hits += hits
         self.stats.misses += len(keys) - hits
@@ -296,8 +298,7 @@ class MooncakeTier(Tier):
         posted twice in one batch, the store kept a second copy that no remove ever freed),
         and each of its positions reports that result. "stored" goes out once, after the
         bookkeeping, even when the store fails midway."""
-        keys = list(keys)
-        values = check_put_values(keys, values)
+        keys, values = check_put_values(keys, values)
         results = [False] * len(keys)
         todo, repeats = first_occurrences(keys)
         if not todo:

@@ -37,6 +37,7 @@ from .base import (
     RecordError,
     Tier,
     check_checksum,
+    check_get_layout,
     check_keys,
     check_put_values,
     decode_record,
@@ -177,7 +178,8 @@ class NixlTier(Tier):
         return n
 
     def batch_get(self, keys, *, shape=None, dtype=None):
-        keys = list(check_keys(keys))
+        keys = check_keys(keys)
+        shape, dtype = check_get_layout(shape, dtype)
         out: list[np.ndarray | None] = [None] * len(keys)
         found = [(i, e) for i, k in enumerate(keys) if (e := self._lookup(k)) is not None]
         for c in range(0, len(found), self.staging_slots):
@@ -218,8 +220,7 @@ class NixlTier(Tier):
         """Every value's dtype is checked against its key's namespace before anything is
         stored. A key repeated in the batch is written once (one slot); each of its positions
         reports that result."""
-        keys = list(keys)
-        values = check_put_values(keys, values)
+        keys, values = check_put_values(keys, values)
         results = [False] * len(keys)
         protect: set[str] = set()
         firsts, repeats = first_occurrences(keys)

@@ -47,7 +47,10 @@ from .base import (
     RecordError,
     Tier,
     TierStats,
+    check_dtype,
+    check_get_layout,
     check_keys,
+    check_shape,
     check_values,
     dtype_str,
     first_occurrences,
@@ -56,14 +59,49 @@ from .base import (
 from .host import HostTier
 
 
-def _fits(a, key: BlockKey, shape, dtype) -> bool:
+def _fits(a, key: BlockKey, shape: tuple[int, ...] | None, dtype: str | None) -> bool:
     """Whether a tier's answer may be served: an array of the key's dtype and of the asked
-    shape and dtype (a misbehaving tier's other answers are misses, never served)."""
+    shape and dtype (checked by :func:`check_get_layout`; a misbehaving tier's other answers
+    are misses, never served)."""
     if not isinstance(a, np.ndarray) or dtype_str(a) != key.namespace.dtype:
         return False
-    if shape is not None and a.shape != tuple(int(s) for s in shape):
+    if shape is not None and a.shape != shape:
         return False
-    return dtype is None or dtype_str(a) == dtype_str(dtype)
+    return dtype is None or dtype_str(a) == dtype
+
+
+#: The methods :class:`BlockOffloader` calls on its store.
+_STORE_METHODS = ("batch_exists", "batch_get", "batch_put")
+
+
+def _check_store(store) -> None:
+    """A :class:`Tier`, or an object with the tier methods the offloader calls; else a
+    TypeError naming ``store`` (None was taken, then failed at the first offload)."""
+    if isinstance(store, Tier):
+        return
+    if isinstance(store, type):  # a class (HostTier): its methods are unbound
+        raise TypeError(f"store: expected a Tier, got the class {store.__name__} (an instance "
+                        f"of it is one)")
+    missing = [m for m in _STORE_METHODS if not callable(getattr(store, m, None))]
+    if missing:
+        raise TypeError(f"store: expected a Tier, got {type(store).__name__} (an object "
+                        f"without {', '.join(missing)})")
+
+
+def _hash_list(block_hashes) -> list | tuple:
+    """``block_hashes`` as a list or tuple (any other iterable listed: a generator had no
+    len()); a TypeError naming ``block_hashes`` for one hash (bytes, a str) or a
+    non-iterable."""
+    if isinstance(block_hashes, (list, tuple)):
+        return block_hashes
+    bad = isinstance(block_hashes, (str, bytes, bytearray, memoryview))
+    if not bad:
+        try:
+            return list(block_hashes)
+        except TypeError:
+            pass
+    raise TypeError(f"block_hashes: expected a sequence of block hashes, got "
+                    f"{type(block_hashes).__name__}")
 
 
 class TieredStore(Tier):
@@ -165,6 +203,7 @@ class TieredStore(Tier):
 
     def batch_get(self, keys, *, shape=None, dtype=None):
         keys = list(check_keys(keys))
+        shape, dtype = check_get_layout(shape, dtype)
         out: list[np.ndarray | None] = [None] * len(keys)
         missing = list(range(len(keys)))
         for level, t in enumerate(self.tiers):
@@ -193,7 +232,7 @@ class TieredStore(Tier):
     def batch_put(self, keys, values, *, copy: bool = True):
         """copy=False: values are fresh C-contiguous arrays the first tier may adopt when it is
         a :class:`HostTier` (see :meth:`HostTier.batch_put`)."""
-        check_values(keys, values)
+        keys, values = check_values(keys, values)
         return self._put_from(0, list(keys), list(values), copy=copy)
 
     def _put_from(self, start: int, keys: list, values: list, *, copy: bool = True,
@@ -311,6 +350,7 @@ class BlockOffloader:
 
     def __init__(self, store: Tier, namespace: Namespace, *, gather: Gather | None = None,
                  scatter: Scatter | None = None, null_block: int | None = None):
+        _check_store(store)
         if not isinstance(namespace, Namespace):
             raise TypeError(f"namespace: expected Namespace, got {type(namespace).__name__}")
         if null_block is not None and (isinstance(null_block, bool)
@@ -396,6 +436,7 @@ class BlockOffloader:
         repeat of a block the host tier held already is a refresh, like its first: not
         counted)."""
         ns = namespace or self.namespace
+        block_hashes = _hash_list(block_hashes)
         ids = np.asarray(self._check(caches, block_ids, block_hashes, ns), dtype=np.int32)
         keys = self.keys(block_hashes, ns)
         firsts, repeats = first_occurrences(keys)
@@ -581,7 +622,7 @@ class BlockOffloader:
 
     def lookup(self, block_hashes: Sequence, *, namespace: Namespace | None = None) -> int:
         """Number of leading blocks some tier holds."""
-        return self.store.batch_exists(self.keys(block_hashes, namespace))
+        return self.store.batch_exists(self.keys(_hash_list(block_hashes), namespace))
 
     def fetch(self, block_hashes: Sequence, row_shape, dtype, *,
               namespace: Namespace | None = None) -> list[np.ndarray]:
@@ -591,9 +632,9 @@ class BlockOffloader:
         (``batch_exists``) are read, so a missing block is never followed by reads (nor
         promotions) of blocks that could not be used."""
         ns = namespace or self.namespace
-        row_shape = tuple(int(d) for d in row_shape)
-        want = dtype_str(dtype)
-        block_hashes = list(block_hashes)
+        row_shape = check_shape("row_shape", row_shape)
+        want = check_dtype("dtype", dtype)
+        block_hashes = _hash_list(block_hashes)
         for h in block_hashes:  # every hash checked (bytes: no call), though keys stop early
             if type(h) is not bytes or not h:
                 hash_bytes(h)
@@ -640,6 +681,7 @@ class BlockOffloader:
         written in place, by default).
         """
         ns = namespace or self.namespace
+        block_hashes = _hash_list(block_hashes)
         ids = self._check(caches, block_ids, block_hashes, ns)
         validate.check_block_ids_values(int(caches[0].shape[0]), ids, distinct=True)
         if len(ids) == 0:

@@ -29,6 +29,7 @@ from .base import (
     RecordError,
     Tier,
     check_checksum,
+    check_get_layout,
     check_keys,
     check_put_values,
     decode_record,
@@ -126,7 +127,8 @@ class RedisTier(Tier):
         return n
 
     def batch_get(self, keys, *, shape=None, dtype=None):
-        keys = list(check_keys(keys))
+        keys = check_keys(keys)
+        shape, dtype = check_get_layout(shape, dtype)
         out: list[np.ndarray | None] = [None] * len(keys)
         if not keys:
             return out
@@ -157,8 +159,7 @@ class RedisTier(Tier):
         (ValueError, nothing stored). A key repeated in the batch is sent once (the first
         value; stats and the "stored" event count it once); each of its positions reports that
         result. "stored" goes out after the bookkeeping, even when the server fails midway."""
-        keys = list(keys)
-        values = check_put_values(keys, values)
+        keys, values = check_put_values(keys, values)
         results = [False] * len(keys)
         todo, repeats = first_occurrences(keys)
         if not todo:
