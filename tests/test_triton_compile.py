@@ -250,7 +250,11 @@ KNOWN_STACK = {("attn-prefill-fp8-f32-d80-g4-window", 80): 256,
                ("attn-prefill-fp8-bf16-d256-g128-window-cap", 80): 128,
                # FULL_TILES (off as shipped) over the float32 tf32x3 decode tile, at 255
                # registers without it: 8 B on sm_80
-               ("attn-decode-f32-d128-g4-full-tiles", 80): 8}
+               ("attn-decode-f32-d128-g4-full-tiles", 80): 8,
+               # the soft cap's tanh near 0 (a Taylor polynomial beside the exp form, which
+               # cancels there: 6.5e-4 off at a cap of 1e4) in the non-causal float16 prefill
+               # tile: 16 B on sm_80 (libdevice's tanh spilled 232-296 B in two others)
+               ("attn-prefill-f16-d64-g8-noncausal-cap", 80): 16}
 
 
 @pytest.mark.parametrize("cc", [80, 90])
