@@ -1,5 +1,5 @@
-"""prefixkv.torch_frontend: every prefixkv op as a torch custom op (``torch.ops.prefixkv.<op>``)
-with a Python wrapper of the same name; backend by device (Triton / CUDA C on CUDA, vectorized
+"""prefixkv.torch_frontend: every prefixkv op as a torch custom op (``torch.ops.prefixkv.<op>``;
+hashing's is ``hash_blocks_v1``, the spec's version) with a Python wrapper of the same name; backend by device (Triton / CUDA C on CUDA, vectorized
 torch on CPU), ``backend=`` or ``PREFIXKV_<OP>_BACKEND`` / ``PREFIXKV_BACKEND`` override.
 ``plan_paged_attention`` / ``plan_shared_prefix_attention`` check a step's attention metadata
 once for the calls of every layer."""
