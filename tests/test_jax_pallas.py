@@ -573,6 +573,21 @@ def test_shared_prefix_attention_pallas_gpu_interpret(prefixes, seqs):
     np.testing.assert_allclose(np.asarray(lse), want_lse, atol=2e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["pallas_interpret", "pallas_gpu_interpret"])
+def test_shared_prefix_attention_with_an_empty_prefix_table(backend):
+    """A prefix table of width 0 (prefix_lens 0): the GPU kernel had indexed the empty table
+    while tracing (the TPU wrapper returned early for no columns, the GPU one did not)."""
+    rng = np.random.default_rng(0)
+    b = testing.make_shared_prefix_batch(rng, [0], [(0, 1, 5), (-1, 1, 9)], num_q_heads=4,
+                                         num_kv_heads=2, head_dim=128, block_size=16)
+    args = list(b.args())
+    args[3] = args[3][:, :0]
+    out, lse = jf.shared_prefix_attention(*args, return_lse=True, backend=backend)
+    want, want_lse = ref.shared_prefix_attention_reference(*args, return_lse=True)
+    _close(out, want, "float32")
+    np.testing.assert_allclose(np.asarray(lse), want_lse, atol=2e-3, rtol=1e-4)
+
+
 def test_one_prefix_kernel_cascade_skips_chunks_with_no_prefix_token():
     """The kernels' one-prefix cascade (tokens in order, no sort) reads the prefix only for
     chunks of tokens with one of its tokens: 256 prefill tokens of no prefix beside 8 decode

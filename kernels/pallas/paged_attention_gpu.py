@@ -307,7 +307,7 @@ def paged_attention_gpu(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=No
     num_blocks, block_size, num_kv_heads, _ = _xla.cache_dims(k_cache, kv_layout)
     num_seqs, max_blocks = block_tables.shape
     decode = cu_q_lens is None
-    if num_tokens == 0 or num_seqs == 0:
+    if num_tokens == 0 or num_seqs == 0 or max_blocks == 0:  # no key (no table to index)
         return (jnp.zeros(q.shape, q.dtype),
                 jnp.full((num_tokens, num_q_heads), -jnp.inf, jnp.float32))
     # a group too big for one program's registers runs as head_splits programs of ``group``
