@@ -32,7 +32,6 @@ from . import _xla
 from ._ops import (
     _at_most,
     _is_traced,
-    _on_host,
     _run_paged_attention,
     _run_shared_prefix_attention,
     _run_value_checks,
@@ -50,14 +49,14 @@ def _device_of(k_cache):
 
 
 def _as_int32(**named) -> tuple:
-    """int64 metadata (x64) as int32 after a host check that the values fit (host arrays
-    always; device ones in checked mode); other dtypes unchanged (the static checks name
-    them)."""
+    """int64 metadata (x64) as int32 after a host check that the values fit, when values are
+    checked (host arrays unless PREFIXKV_VALUE_CHECKS=0; device ones in checked mode): with
+    checks off they are cast as given, as unchecked metadata is taken (a table's unused
+    entries may hold anything); other dtypes unchanged (the static checks name them)."""
     out = []
     for name, x in named.items():
         if x is not None and hasattr(x, "dtype") and dtype_name(x) == "int64":
-            if int(np.prod(x.shape)) and (_run_value_checks(x) or (
-                    not _is_traced(x) and _on_host(x))):  # on the host: always checked
+            if int(np.prod(x.shape)) and _run_value_checks(x):
                 validate.check_fits_int32(name, x)
             x = x.astype(np.int32)
         out.append(x)

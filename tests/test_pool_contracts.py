@@ -270,5 +270,5 @@ def test_kv_splits_capped():
 
 
 def test_plan_batch_refuses_negative_q_lens():
-    with pytest.raises(ValueError, match=r"context_lens/q_lens: expected values >= 0"):
+    with pytest.raises(ValueError, match=r"q_lens: expected values >= 0, got -1"):
         plan_batch([[1, 2]], [8], [-1], BS)

@@ -340,13 +340,6 @@ def test_plans_take_int64_metadata():
     with pytest.raises(TypeError, match="kv_lens: expected int32"):
         tf.plan_paged_attention(meta32[0], meta32[1].short(), meta32[2], k_cache=k,
                                 num_q_heads=q.shape[1])
-    # host tensors are checked whatever the mode (with checks off a kv_len of 2**32 + 1 had
-    # been planned as 1)
-    big = meta64[1].clone()
-    big[0] += 2**32
-    with validate.value_checks(False), pytest.raises(
-            ValueError, match=r"kv_lens: expected values that fit int32"):
-        tf.plan_paged_attention(meta64[0], big, meta64[2], k_cache=k, num_q_heads=q.shape[1])
     sp = testing.small_shared_prefix_batch(rng, False)
     sq, sk, sv = T(sp.q), T(sp.k_cache), T(sp.v_cache)
     smeta = [T(a) for a in sp.args()[3:]]

@@ -1,8 +1,9 @@
 """prefixkv.torch_frontend: every prefixkv op as a torch custom op (``torch.ops.prefixkv.<op>``;
-hashing's is ``hash_blocks_v1``, the spec's version) with a Python wrapper of the same name; backend by device (Triton / CUDA C on CUDA, vectorized
-torch on CPU), ``backend=`` or ``PREFIXKV_<OP>_BACKEND`` / ``PREFIXKV_BACKEND`` override.
-``plan_paged_attention`` / ``plan_shared_prefix_attention`` check a step's attention metadata
-once for the calls of every layer."""
+hashing's is ``hash_blocks_v1``, the spec's version) with a Python wrapper of the same name;
+backend by device (Triton / CUDA C on CUDA, vectorized torch on CPU), ``backend=`` or
+``PREFIXKV_<OP>_BACKEND`` / ``PREFIXKV_BACKEND`` override. ``plan_paged_attention`` /
+``plan_shared_prefix_attention`` check a step's attention metadata once for the calls of every
+layer."""
 
 from ._hashing import hash_blocks as hash_blocks
 from ._host import gather_blocks_to_host as gather_blocks_to_host

@@ -92,13 +92,14 @@ def _owned(tensors, given):
 def _as_int32(**named) -> tuple:
     """The metadata with int64 tensors (torch's default integer dtype, SGLang's seq_lens) cast
     to int32, prefixkv's index dtype: once per step here, where the wrappers refuse them rather
-    than cast on every call. A value outside int32 is named first (host tensors always; device
-    ones in checked mode, else cast as they are, as unchecked metadata is taken). Other dtypes
-    pass unchanged (the static checks name them)."""
+    than cast on every call. A value outside int32 is named first when values are checked (host
+    tensors unless PREFIXKV_VALUE_CHECKS=0, device ones in checked mode); else it is cast as
+    given, as unchecked metadata is taken. Other dtypes pass unchanged (the static checks name
+    them)."""
     out = []
     for name, t in named.items():
         if t is not None and t.dtype == torch.int64:
-            if t.numel() and (t.device.type == "cpu" or _want_values(t)):
+            if t.numel() and _want_values(t):
                 validate.check_fits_int32(name, t)
             t = t.to(torch.int32)
         out.append(t)
