@@ -212,6 +212,51 @@ REFUSALS = {  # name -> (memory of each (src, dst) cache pair, (side, index) mad
 }
 
 
+def test_swap_blocks_on_two_gpus_goes_to_the_torch_backend(monkeypatch):
+    """Caches on two CUDA devices: the launcher (one launch on one device, raw pointers into
+    the other's memory) refuses them before writing, and the frontend picks the torch backend
+    instead (it had launched on cuda:0 writing cuda:1's memory)."""
+    from prefixkv import torch_frontend as tf
+
+    src = to_device(torch.arange(4 * 16, dtype=torch.float32).view(4, 16))
+    dst = to_device(torch.zeros(6, 16))
+    on_1 = {dst.untyped_storage().data_ptr()}
+    real = torch.Tensor.device
+
+    def device(self):
+        if self.untyped_storage().data_ptr() in on_1:
+            return torch.device("cuda", 1)
+        return real.__get__(self)
+
+    monkeypatch.setattr(torch.Tensor, "device", property(device))
+    import importlib.machinery
+
+    # the registry finds cuda-c's requirement by importlib.util.find_spec("cupy")
+    monkeypatch.setattr(sys.modules["cupy"], "__spec__",
+                        importlib.machinery.ModuleSpec("cupy", None), raising=False)
+    n_before = len(LAUNCHES)
+    with pytest.raises(ValueError, match=r"needs the CUDA caches on one device, got "
+                                         r"cuda:\[0, 1\]"):
+        cuda_swap.swap_blocks([src], [dst], ids_tensor([1, 2], "host"),
+                              ids_tensor([0, 5], "host"))
+    assert len(LAUNCHES) == n_before
+    tf.swap_blocks([src], [dst], torch.tensor([1, 2]), torch.tensor([0, 5]))
+    assert len(LAUNCHES) == n_before  # not the cuda-c launch
+
+
+def test_host_block_copies_check_host_ids_for_gpu_caches():
+    """gather_blocks_to_host / scatter_blocks_from_host keep host ids on the host, where the
+    ops check them by default (moved to the device first, they had gone unchecked)."""
+    from prefixkv import torch_frontend as tf
+
+    caches = [to_device(torch.zeros(4, 2, 1, 4)), to_device(torch.zeros(4, 2, 1, 4))]
+    buf = np.zeros((2, 2, 2, 1, 4), np.float32)
+    with pytest.raises(ValueError, match="block_ids: expected distinct destinations"):
+        tf.scatter_blocks_from_host(caches, buf, [2, 2])
+    with pytest.raises(ValueError, match=r"block_ids: expected values in \[0, 4\), got 7"):
+        tf.gather_blocks_to_host(caches, [0, 7])
+
+
 @pytest.mark.parametrize("name", REFUSALS)
 def test_swap_blocks_refuses_before_writing(name):
     kinds, spoil, match = REFUSALS[name]

@@ -12,10 +12,12 @@ from ..paged.spec import dtype_name, numpy_dtype
 from ._ops import gather_blocks, scatter_blocks
 
 
-def _ids(block_ids, device: torch.device) -> torch.Tensor:
-    """Block ids as a tensor on ``device``; host integers as int32, as is an empty list or
-    tuple (numpy makes float64 of it) (the ops check the rest: dtype, range, naming
-    block_ids)."""
+def _ids(block_ids) -> torch.Tensor:
+    """Block ids as a tensor; host integers as an int32 host tensor, as is an empty list or
+    tuple (numpy makes float64 of it). Left on the host: the ops check host ids' values by
+    default (range, distinct destinations) and then move them to the caches' device (moved
+    first, GPU caches' ids had gone unchecked: a repeated destination written twice, an id
+    past the cache clamped). The ops check the rest: dtype, naming block_ids."""
     if not isinstance(block_ids, torch.Tensor):
         a = np.asarray(block_ids)
         if a.size == 0 and not isinstance(block_ids, np.ndarray):
@@ -25,7 +27,7 @@ def _ids(block_ids, device: torch.device) -> torch.Tensor:
                 raise ValueError(f"block_ids: values must fit int32, got {a.min()}..{a.max()}")
             a = a.astype(np.int32)
         block_ids = torch.from_numpy(np.ascontiguousarray(a))
-    return block_ids.to(device)
+    return block_ids
 
 
 #: dtypes numpy lacks (ml_dtypes has them) and Tensor.numpy() refuses: moved as their bits
@@ -58,7 +60,7 @@ def from_numpy(x: np.ndarray, device: torch.device | str = "cpu") -> torch.Tenso
 def gather_blocks_to_host(caches, block_ids) -> np.ndarray:
     """``gather_blocks`` into a host numpy array ``[n, len(caches), *block_shape]`` (block ids
     a tensor, numpy array or list). ``BlockOffloader(..., gather=gather_blocks_to_host)``."""
-    return to_numpy(gather_blocks(caches, _ids(block_ids, caches[0].device)))
+    return to_numpy(gather_blocks(caches, _ids(block_ids)))
 
 
 def scatter_blocks_from_host(caches, buffer, block_ids) -> None:
@@ -68,7 +70,7 @@ def scatter_blocks_from_host(caches, buffer, block_ids) -> None:
     dev = caches[0].device
     if not isinstance(buffer, torch.Tensor):
         buffer = from_numpy(np.asarray(buffer), dev)
-    scatter_blocks(caches, buffer.to(dev), _ids(block_ids, dev))
+    scatter_blocks(caches, buffer.to(dev), _ids(block_ids))
 
 
 __all__ = ["from_numpy", "gather_blocks_to_host", "scatter_blocks_from_host", "to_numpy"]

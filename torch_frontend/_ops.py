@@ -826,9 +826,11 @@ def _swap_blocks(src_caches: list[Tensor], dst_caches: list[Tensor], src_ids: Te
     host = [c for c in (*src_caches, *dst_caches) if c.device.type == "cpu"]
     pinned = all(c.is_pinned() for c in host) if platform_of(*src_caches, *dst_caches) == \
         "cuda" else True
+    devices = {c.device.index for c in (*src_caches, *dst_caches) if c.device.type == "cuda"}
     fn = select("swap_blocks", platform_of(*src_caches, *dst_caches), backend,
                 pinned_host=pinned, block_contiguous=_block_contiguous([*src_caches,
-                                                                        *dst_caches]))
+                                                                        *dst_caches]),
+                one_gpu=len(devices) <= 1)
     fn(src_caches, dst_caches, src_ids, dst_ids)
 
 

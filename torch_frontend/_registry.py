@@ -63,6 +63,8 @@ def _cuda_c_swap_supports(**ctx) -> tuple[bool, str]:
         return False, "needs the host side in pinned memory (tensor.pin_memory())"
     if not ctx.get("block_contiguous", True):
         return False, "needs each cache block contiguous (cache[b].is_contiguous())"
+    if not ctx.get("one_gpu", True):  # one launch on one device, raw pointers in its table
+        return False, "needs the CUDA caches on one device (these span several GPUs)"
     return True, ""
 
 

@@ -29,10 +29,17 @@ def _kernel(device_index: int):
 
 
 def _device_index(src_caches, dst_caches) -> int:
-    for t in (*src_caches, *dst_caches):
-        if t.device.type == "cuda":
-            return t.device.index if t.device.index is not None else torch.cuda.current_device()
-    raise ValueError("swap_blocks: the cuda-c backend needs a cache on a CUDA device")
+    """The one CUDA device of the caches: one launch there reads and writes every cache
+    through raw pointers, so caches on another GPU are refused (no peer access is assumed,
+    and its stream would not order the copy)."""
+    found = {t.device.index if t.device.index is not None else torch.cuda.current_device()
+             for t in (*src_caches, *dst_caches) if t.device.type == "cuda"}
+    if not found:
+        raise ValueError("swap_blocks: the cuda-c backend needs a cache on a CUDA device")
+    if len(found) > 1:
+        raise ValueError(f"swap_blocks: the cuda-c backend needs the CUDA caches on one "
+                         f"device, got cuda:{sorted(found)}")
+    return found.pop()
 
 
 def swap_blocks(src_caches, dst_caches, src_ids, dst_ids) -> None:
