@@ -105,15 +105,27 @@ def _stored(h, parent=None):
     return KVEvent("stored", (h,), parent, "device", b"", BS, token_ids=(1, 2, 3, 4))
 
 
-def test_gap_without_replay_forgets_the_engines_blocks_and_a_restart_starts_over():
+def _following(**subscriber_kwargs):
+    """(pub, router, sub, enc): a raw PUB socket whose engine "w" the subscriber follows (seq 0
+    received), feeding a Router."""
     pub, ep = _raw_pub()
     router = Router(BS)
     router.add_worker("w")
-    sub = VllmEventSubscriber(router.apply)
+    sub = VllmEventSubscriber(router.apply, **subscriber_kwargs)
     enc = VllmEventEncoder(BS, int_hashes=False)
     try:
         sub.add_engine("w", ep)
         _connected(pub, sub, enc)
+    except BaseException:
+        sub.close()
+        pub.close(0)
+        raise
+    return pub, router, sub, enc
+
+
+def test_gap_without_replay_forgets_the_engines_blocks_and_a_restart_starts_over():
+    pub, router, sub, enc = _following()
+    try:
         assert router.cached_hashes("w") == {b"": {b"\1" * 32}}
         # seq 1 follows the seq-0 copies _connected sent (each copy after the first a restart)
         pub.send_multipart(encode_frames(1, enc.encode([_stored(b"\2" * 32)], ts=1.0)))
@@ -213,14 +225,8 @@ def test_a_batch_the_decoder_cannot_read_forgets_and_the_stream_goes_on(monkeypa
     """Whatever a malformed batch raises, the engine's blocks are forgotten and the following
     batches apply (it had stopped the stream for good: every batch a gap, refilled with the
     bad one); a removed engine's batches no longer reach the router."""
-    pub, ep = _raw_pub()
-    router = Router(BS)
-    router.add_worker("w")
-    sub = VllmEventSubscriber(router.apply)
-    enc = VllmEventEncoder(BS, int_hashes=False)
+    pub, router, sub, enc = _following()
     try:
-        sub.add_engine("w", ep)
-        _connected(pub, sub, enc)
         from prefixkv.paged import vllm_events
 
         real = vllm_events.VllmEventDecoder.decode
