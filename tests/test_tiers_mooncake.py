@@ -383,6 +383,43 @@ def test_master_killed_then_back():
     assert t.batch_get(ks) == [None] * 4 and t.batch_put(ks, vals) == [False] * 4  # closed
 
 
+def test_master_killed_unsized_get_marks_the_store_down():
+    # get_batch answers b"" per key for a dead master (after the client's ~4 s timeout, no
+    # error): batch_get without shape= never marked the store down and every call waited again
+    from prefixkv.paged.tiers import MooncakeTier
+
+    st = _local_store()
+    t = MooncakeTier(st.master, st.metadata_server, staging_bytes=1 << 20, retry_interval=60)
+    try:
+        ks, vals = _keys(4), _rows(4, seed=5)
+        assert t.batch_put(ks, vals) == [True] * 4
+        got = t.batch_get(ks)  # unsized, master up: the objects held are fetched
+        assert all(_same(g, v) for g, v in zip(got, vals, strict=True))
+        assert t.batch_get(_keys(2, start=50)) == [None, None] and t.stats.errors == 0
+        st.kill_master()
+        assert t.batch_get(ks) == [None] * 4
+        assert t.stats.errors == 1 and not t.available
+        t0 = time.monotonic()
+        assert t.batch_get(ks) == [None] * 4 and t.batch_get(ks, shape=ROW) == [None] * 4
+        assert time.monotonic() - t0 < 0.5 and t.stats.errors == 1
+    finally:
+        t.close()
+        st.stop()
+
+
+def test_shape_overflowing_int64_is_a_miss_not_a_fault(tier):
+    # np.prod wrapped (2**62 * 3): a negative size the client refused with a TypeError,
+    # taken for a store fault that marked the store down
+    ks, vals = _keys(2), _rows(2, seed=6)
+    assert tier.batch_put(ks, vals) == [True, True]
+    for shape in ((2**62, 3), (2**40, 2**40), (1 << 20, 1 << 20)):
+        assert tier.batch_get(ks, shape=shape) == [None, None]
+    assert tier.available and tier.stats.errors == 0
+    got = tier.batch_get(ks, shape=ROW)
+    assert all(_same(g, v) for g, v in zip(got, vals, strict=True))
+    assert tier.batch_put(_keys(1, start=5), vals[:1]) == [True]
+
+
 def test_master_down_at_start_is_a_miss():
     from prefixkv.paged.tiers import MooncakeTier
 

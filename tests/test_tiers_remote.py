@@ -190,6 +190,59 @@ def test_redis_server_down_repeated_keys_are_misses_and_bad_dtype_still_raises()
     t.close()
 
 
+def test_redis_refused_set_is_false_for_that_key_only(redis_server):
+    # one SET refused at maxmemory (OOM, noeviction) made pipe.execute() raise: the whole
+    # chunk reported False though earlier SETs were stored, and a healthy server was marked
+    # down
+    from prefixkv.paged.events import EventLog
+    from prefixkv.paged.tiers import RedisTier
+
+    t = RedisTier(port=redis_server.port, prefix="oom:", max_batch=64, retry_interval=60.0)
+    c = t.client
+    log = EventLog()
+    t.events.subscribe(log)
+    ks, vals = _keys(8), _rows(8, shape=(64, 64, 16))  # 256 KiB rows
+    try:
+        c.config_set("maxmemory-policy", "noeviction")
+        c.config_set("maxmemory", str(c.info("memory")["used_memory"] + 900 * 1024))
+        res = t.batch_put(ks, vals)
+        assert res == [bool(c.exists(t._rkey(k))) for k in ks]
+        assert 0 < sum(res) < len(ks) and res == sorted(res, reverse=True)
+        assert t.available and t.stats.errors == 0
+        assert t.stats.puts == sum(res) and t.stats.rejected == len(ks) - sum(res)
+        assert [e.block_hashes for e in log.events if e.kind == "stored"] == [
+            tuple(k.block_hash for k, r in zip(ks, res, strict=True) if r)]
+        got = t.batch_get(ks[:1])
+        assert _same(got[0], vals[0])
+    finally:
+        c.config_set("maxmemory", "0")
+        t.clear()
+        t.close()
+
+
+def test_redis_record_failing_verification_is_deleted(redis_tier):
+    # such records were kept: batch_exists counted them for good
+    from prefixkv.paged.events import EventLog
+    from prefixkv.paged.tiers.base import record_bytes
+
+    log = EventLog()
+    redis_tier.events.subscribe(log)
+    ks, vals = _keys(3), _rows(3)
+    c = redis_tier.client
+    c.set(redis_tier._rkey(ks[0]), b"x" * 100)  # garbage
+    c.set(redis_tier._rkey(ks[1]), record_bytes(_keys(1, _ns(salt="x"))[0], vals[1]))  # other key
+    c.set(redis_tier._rkey(ks[2]), record_bytes(ks[2], vals[2].reshape(2, 2, 3, 2, 5)))
+    assert redis_tier.batch_get(ks, shape=ROW) == [None] * 3
+    assert redis_tier.stats.corrupt == 3
+    assert [c.exists(redis_tier._rkey(k)) for k in ks] == [0, 0, 1]  # another layout: kept
+    assert [(e.kind, e.block_hashes) for e in log.events] == [
+        ("removed", (ks[0].block_hash, ks[1].block_hash))]
+    assert redis_tier.batch_exists(ks[2:]) == 1 and redis_tier.batch_exists(ks) == 0
+    assert redis_tier.batch_put(ks[:2], vals[:2]) == [True, True]
+    got = redis_tier.batch_get(ks[:2], shape=ROW)
+    assert all(_same(g, v) for g, v in zip(got, vals[:2], strict=True))
+
+
 def test_redis_import_error_names_the_extra(monkeypatch):
     import builtins
 
@@ -279,6 +332,47 @@ def test_nixl_peer_gone_is_a_miss(nixl_peer):
     assert t.batch_put(_keys(1, start=301), vals) == [False]
     assert t.stats.errors >= 2
 
+
+
+def test_nixl_corrupt_slot_is_dropped_and_a_reput_rewrites_it(nixl_peer, nixl_tier):
+    # a record failing verification stayed indexed: batch_exists counted it and a re-put
+    # answered True without writing, so the block stayed a miss for good
+    from prefixkv.paged.events import EventLog
+
+    log = EventLog()
+    nixl_tier.events.subscribe(log)
+    ks, vals = _keys(2, start=220), _rows(2, seed=5)
+    assert nixl_tier.batch_put(ks, vals) == [True, True]
+    free_before = len(nixl_tier._free)
+    assert nixl_tier.batch_get(ks[1:], shape=(2, *ROW)) == [None]  # another layout: kept
+    assert nixl_tier.batch_exists(ks[1:]) == 1
+    slot = nixl_tier._index[ks[0].storage_key()][1]
+    nixl_peer.slot(slot)[200] ^= 0xFF
+    assert nixl_tier.batch_get([ks[0], ks[0]]) == [None, None]  # repeated: dropped once
+    assert nixl_tier.batch_exists(ks) == 0 and len(nixl_tier._free) == free_before + 1
+    assert [(e.kind, e.block_hashes) for e in log.events][-1] == ("removed", (ks[0].block_hash,))
+    assert nixl_tier.batch_put(ks, vals) == [True, True]
+    got = nixl_tier.batch_get(ks)
+    assert all(_same(g, v) for g, v in zip(got, vals, strict=True))
+
+
+def test_nixl_closed_tier_answers_miss_false_and_zero(nixl_peer):
+    # close() kept the index: batch_exists counted the keys and batch_put reported True
+    # without a transfer, while batch_get missed
+    from prefixkv.paged.tiers import NixlTier
+
+    t = NixlTier(nixl_peer, staging_slots=4)
+    ks, vals = _keys(3, start=240), _rows(3, seed=6)
+    assert t.batch_put(ks, vals) == [True] * 3
+    t.close()
+    assert t.batch_exists(ks) == 0
+    assert t.batch_get(ks) == [None] * 3
+    assert t.batch_put(ks, vals) == [False] * 3
+    assert t.batch_put(_keys(1, start=250), vals[:1]) == [False]
+    assert t.batch_remove(ks) == 0
+    t.clear()
+    t.close()  # twice is fine
+    assert t.stats.puts == 3 and t.stats.rejected == 4
 
 # -- isolation across salts, every tier ------------------------------------------------------
 

@@ -52,7 +52,7 @@ class _FakeRedis:
             def delete(self, k):
                 ops.append(lambda: int(client.data.pop(k, None) is not None))
 
-            def execute(self):
+            def execute(self, raise_on_error=True):
                 return [op() for op in ops]
 
         return Pipe()

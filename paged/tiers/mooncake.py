@@ -35,6 +35,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib.util
+import math
 import re
 import socket
 import subprocess
@@ -190,7 +191,9 @@ class MooncakeTier(Tier):
 
     def _record_size(self, key: BlockKey, shape, dtype) -> int:
         dt = dtype if dtype is not None else key.namespace.dtype
-        nbytes = int(np.prod(shape, dtype=np.int64)) * numpy_dtype(dt).itemsize
+        # Python ints: np.prod wrapped past int64 (shape (2**62, 3)), a negative size the
+        # client refused with a TypeError, taken for a store fault
+        nbytes = math.prod(int(d) for d in shape) * numpy_dtype(dt).itemsize
         return record_header_size(key, len(shape), dt) + nbytes
 
     # -- interface -----------------------------------------------------------------------------
@@ -256,7 +259,7 @@ class MooncakeTier(Tier):
             idx, offs, used = [], [], 0
             while (pos < len(keys) and len(idx) < self.max_batch
                    and (not idx or used + sizes[pos] <= cap)):
-                if sizes[pos] > cap:  # never fits: a miss
+                if not 0 < sizes[pos] <= cap:  # never fits: a miss
                     pos += 1
                     continue
                 idx.append(pos)
@@ -281,16 +284,33 @@ class MooncakeTier(Tier):
                 return
 
     def _get_unsized(self, keys, out, dtype) -> None:
+        """``get_batch`` answers ``b""`` per key for a missing object and for a dead master
+        alike (after the client's ~4 s RPC timeout, no error): ``batch_is_exist`` first (a
+        dead master is -900 at once; only the objects it holds are fetched), and a fetch of
+        held objects that comes back empty probes the master."""
         for c in range(0, len(keys), self.max_batch):
             chunk = keys[c:c + self.max_batch]
             try:
-                raw = self.store.get_batch([self._name(k) for k in chunk])
+                held = self.store.batch_is_exist([self._name(k) for k in chunk])
+            except Exception:  # noqa: BLE001 - any client fault is a miss
+                held = [RPC_FAIL]
+            if any(r < 0 for r in held):
+                self._fail()
+                return
+            pos = [j for j, r in enumerate(held) if r == 1]
+            if not pos:
+                continue
+            try:
+                raw = self.store.get_batch([self._name(chunk[j]) for j in pos])
             except Exception:  # noqa: BLE001 - any client fault is a miss
                 self._fail()
                 return
-            for j, (k, data) in enumerate(zip(chunk, raw, strict=True)):
+            for j, data in zip(pos, raw, strict=True):
                 if data:
-                    self._verify(k, data, None, dtype, out, c + j)
+                    self._verify(chunk[j], data, None, dtype, out, c + j)
+            if not any(raw) and not self._master_reachable():
+                self._fail()
+                return
 
     def batch_put(self, keys, values):
         """Every value's dtype is checked against its key's namespace before anything is staged

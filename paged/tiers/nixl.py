@@ -13,8 +13,9 @@ a CUDA torch), imported when a peer or tier is made.
   KVBM G4 / disaggregated prefill pool), LRU over slots. ``batch_put`` encodes records into
   staging and WRITEs them to free slots; ``batch_get`` READs slots back into staging and
   verifies each record (format version, key, dtype, shape, checksum): a slot overwritten or
-  corrupted on the peer is a miss, never a wrong block. A transfer error or timeout is a miss
-  / ``False``, never an exception.
+  corrupted on the peer is a miss, never a wrong block, and its slot is freed (a re-put
+  rewrites it). A transfer error or timeout is a miss / ``False``, never an exception; after
+  ``close()`` every call is a miss / ``False`` / 0.
 
 On a machine with the system libibverbs installed, set ``UCX_MODULES=^ib`` unless RDMA is
 wanted: the UCX bundled with the nixl wheels then loads a second libnl-route, and the two clash
@@ -36,6 +37,7 @@ from ..validate import check_int
 from .base import (
     RecordError,
     Tier,
+    UnexpectedLayout,
     check_checksum,
     check_get_layout,
     check_keys,
@@ -110,6 +112,7 @@ class NixlTier(Tier):
     """
 
     name = "nixl"
+    _closed = False  # close() sets it: every later call is a miss / False / 0
 
     def __init__(self, peer, *, staging_slots: int = 32, timeout_s: float = 2.0,
                  backend: str = "UCX", checksum: str | None = None):
@@ -171,7 +174,10 @@ class NixlTier(Tier):
     # -- interface -----------------------------------------------------------------------------
     def batch_exists(self, keys):
         n = 0
-        for k in check_keys(keys):
+        keys = check_keys(keys)
+        if self._closed:
+            return 0
+        for k in keys:
             if self._lookup(k) is None:
                 break
             n += 1
@@ -181,7 +187,8 @@ class NixlTier(Tier):
         keys = check_keys(keys)
         shape, dtype = check_get_layout(shape, dtype)
         out: list[np.ndarray | None] = [None] * len(keys)
-        found = [(i, e) for i, k in enumerate(keys) if (e := self._lookup(k)) is not None]
+        found = ([] if self._closed else
+                 [(i, e) for i, k in enumerate(keys) if (e := self._lookup(k)) is not None])
         for c in range(0, len(found), self.staging_slots):
             chunk = found[c:c + self.staging_slots]
             if not self._transfer("READ", [e[1] for _, e in chunk]):
@@ -189,8 +196,12 @@ class NixlTier(Tier):
             for j, (i, (key, _slot, length)) in enumerate(chunk):
                 try:
                     arr = decode_record(key, self.staging[j, :length], shape=shape, dtype=dtype)
-                except RecordError:
+                except UnexpectedLayout:  # a good record the caller did not expect: keep it
                     self.stats.corrupt += 1
+                    continue
+                except RecordError:  # corrupt or overwritten: drop it so a re-put rewrites it
+                    self.stats.corrupt += 1
+                    self._drop(key, (key, _slot, length))
                     continue
                 arr = arr.copy()  # staging is reused by the next transfer
                 arr.flags.writeable = False  # read-only, as Tier.batch_get promises
@@ -201,6 +212,15 @@ class NixlTier(Tier):
         self.stats.hits += hits
         self.stats.misses += len(keys) - hits
         return out
+
+    def _drop(self, key, entry) -> None:
+        """Forget ``key``'s slot (a record that failed verification), once: a key repeated in
+        one get reads the same slot twice."""
+        sk = key.storage_key()
+        if self._index.get(sk) == entry:
+            del self._index[sk]
+            self._free.append(entry[1])
+            self._publish("removed", [key])
 
     def _take_slot(self, protect: set[str]) -> int | None:
         """A free slot, else the least recently used entry's, else None. The entries a put
@@ -222,6 +242,9 @@ class NixlTier(Tier):
         reports that result."""
         keys, values = check_put_values(keys, values)
         results = [False] * len(keys)
+        if self._closed:
+            self.stats.rejected += len(first_occurrences(keys)[0])
+            return results
         protect: set[str] = set()
         firsts, repeats = first_occurrences(keys)
         todo = []  # positions to write: first occurrences of keys not stored yet
@@ -274,7 +297,10 @@ class NixlTier(Tier):
 
     def batch_remove(self, keys):
         removed = []
-        for k in check_keys(keys):
+        keys = check_keys(keys)
+        if self._closed:
+            return 0
+        for k in keys:
             if self._lookup(k) is not None:
                 self._free.append(self._index.pop(k.storage_key())[1])
                 removed.append(k)
@@ -282,11 +308,19 @@ class NixlTier(Tier):
         return len(removed)
 
     def clear(self):
+        if self._closed:
+            return
         self._publish_cleared()
         self._index.clear()
         self._free = list(range(self.num_slots - 1, -1, -1))
 
     def close(self):
+        """Release the agent's handles and registrations. The index goes too (the slots are
+        out of reach): every later call is a miss / ``False`` / 0."""
+        self._closed = True
+        if getattr(self, "_index", None):
+            self._index.clear()
+        self._free = []
         for h in (getattr(self, "_local_h", None), getattr(self, "_remote_h", None)):
             if h is not None:
                 with contextlib.suppress(Exception):  # best effort cleanup

@@ -8,8 +8,11 @@ verified on every get.
 Faults: every call has connect and read timeouts and no client-side retries. A connection
 error or timeout turns the whole batch into misses / ``False`` and marks the server down for
 ``retry_interval`` seconds, during which calls answer at once without touching the network;
-the next call after that reconnects (redis-py reconnects its pool lazily). The caller never
-sees an exception from the server and never gets a block that fails verification.
+the next call after that reconnects (redis-py reconnects its pool lazily). A command the
+server refuses (a SET at ``maxmemory`` with ``noeviction``) is ``False`` for that key only; the
+rest of its pipeline stands and the server is not marked down. The caller never sees an
+exception from the server and never gets a block that fails verification; a record that is
+corrupt or stored under another key is deleted (another shape or dtype is kept).
 
 Events: "stored" / "removed" / "cleared" for this client's own calls; the server's own
 evictions (maxmemory policy) and TTL expiries are not observed (they show up as misses).
@@ -28,6 +31,7 @@ from .base import (
     BlockKey,
     RecordError,
     Tier,
+    UnexpectedLayout,
     check_checksum,
     check_get_layout,
     check_keys,
@@ -70,6 +74,7 @@ class RedisTier(Tier):
         self.checksum = check_checksum(checksum)
         redis, Retry, NoBackoff = _import_redis()
         self._errors = (redis.exceptions.RedisError, OSError)
+        self._refused = redis.exceptions.ResponseError  # the server's answer to one command
         self.host, self.port, self.prefix = host, int(port), prefix
         self.retry_interval = float(retry_interval)
         self.ttl_ms = None if ttl_s is None else max(1, int(ttl_s * 1000))
@@ -136,6 +141,7 @@ class RedisTier(Tier):
             self.stats.misses += len(keys)
             return out
         pos = 0
+        bad: dict[str, tuple[BlockKey, bytes]] = {}  # records failing verification
         try:
             for chunk in self._chunks(keys):
                 raw = self.client.mget([self._rkey(k) for k in chunk])
@@ -144,15 +150,37 @@ class RedisTier(Tier):
                         try:
                             out[pos] = decode_record(k, data, shape=shape, dtype=dtype)
                             self.stats.bytes_read += len(data)
+                        except UnexpectedLayout:  # a good record of another layout: kept
+                            self.stats.corrupt += 1
                         except RecordError:
                             self.stats.corrupt += 1
+                            bad[self._rkey(k)] = (k, data)
                     pos += 1
         except self._errors:
             self._fail()
+        if bad:
+            self._drop_bad(bad)
         hits = sum(a is not None for a in out)
         self.stats.hits += hits
         self.stats.misses += len(keys) - hits
         return out
+
+    def _drop_bad(self, bad: dict[str, tuple[BlockKey, bytes]]) -> None:
+        """Delete records that failed verification (so ``batch_exists`` stops counting them and
+        the next put replaces them), each only while it still holds the bytes read: a put
+        racing in between keeps its value."""
+        script = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
+                  "return redis.call('DEL', KEYS[1]) else return 0 end")
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for rkey, (_k, data) in bad.items():
+                pipe.eval(script, 1, rkey, data)
+            done = pipe.execute(raise_on_error=False)
+        except self._errors:
+            self._fail()
+            return
+        self._publish("removed", [k for (k, _d), n in zip(bad.values(), done, strict=True)
+                                  if n == 1])
 
     def batch_put(self, keys, values):
         """Every value's dtype is checked against its key's namespace before anything is sent
@@ -178,9 +206,15 @@ class RedisTier(Tier):
                     data = header + payload
                     sizes.append(len(data))
                     pipe.set(self._rkey(keys[i]), data, px=self.ttl_ms)
-                done = pipe.execute()
+                # a SET the server refuses (OOM at maxmemory with noeviction) is that key's
+                # False: the others in the pipeline are stored, and the server is up
+                done = pipe.execute(raise_on_error=False)
                 for i, ok, size in zip(chunk, done, sizes, strict=True):
-                    if ok:
+                    if isinstance(ok, self._refused):
+                        continue  # False, counted rejected by _end_put
+                    if isinstance(ok, BaseException):
+                        raise ok
+                    elif ok:
                         results[i] = True
                         stored.append(keys[i])
                         self.stats.puts += 1
