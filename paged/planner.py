@@ -30,6 +30,7 @@ from .spec import query_positions
 from .validate import check_int
 
 I32 = np.int32
+_I32_DTYPE = np.dtype(I32)
 
 #: Multiprocessors assumed where no GPU can be asked (an H100 SXM's 132).
 DEFAULT_SMS = 132
@@ -180,9 +181,9 @@ def _table(rows: Sequence[Sequence[int]], width: int | None = None) -> np.ndarra
     try:
         if total and isinstance(rows[0], np.ndarray):  # PrefixCache's rows
             for i, r in enumerate(rows):
-                if r.dtype.kind not in "iu" and r.size:
-                    raise TypeError(f"block_lists[{i}]: expected integer block ids, got "
-                                    f"{r.dtype}")
+                dt = r.dtype
+                if dt is not _I32_DTYPE and dt.kind not in "iu" and r.size:  # int32: no more
+                    raise TypeError(f"block_lists[{i}]: expected integer block ids, got {dt}")
                 out[i, :len(r)] = r
         elif total:
             flat = np.array(list(chain.from_iterable(rows)))
