@@ -209,16 +209,20 @@ def test_kernel_avx512_bf16_dot_products(monkeypatch, heads, head_dim):
     assert (not np.array_equal(outs[0], outs[1])) == dp
 
 
-def test_kernel_refuses_head_dim_0():
-    """head_dim 0 called on the FFI kernel directly (the frontends refuse it before): an
-    error, not a division by zero that kills the process (run in a child process)."""
+@pytest.mark.parametrize("q_shape, cache_shape", [((1, 8, 0), (2, 16, 2, 0)),
+                                                   ((1, 8, 16), (2, 0, 2, 16))],
+                         ids=["head_dim-0", "block_size-0"])
+def test_kernel_refuses_head_dim_or_block_size_0(q_shape, cache_shape):
+    """head_dim 0 or block_size 0 called on the FFI kernel directly (the frontends refuse them
+    before): an error, not a division by zero that kills the process (run in a child
+    process; block_size 0 had died of SIGFPE)."""
     import subprocess
     import sys
 
     code = (
         "import jax, jax.numpy as jnp\n"
         "from prefixkv.kernels.cpu import xla_ffi\n"
-        "q = jnp.zeros((1, 8, 0), jnp.bfloat16); c = jnp.zeros((2, 16, 2, 0), jnp.bfloat16)\n"
+        f"q = jnp.zeros({q_shape}, jnp.bfloat16); c = jnp.zeros({cache_shape}, jnp.bfloat16)\n"
         "t = jnp.zeros((1, 1), jnp.int32); n = jnp.ones((1,), jnp.int32)\n"
         "try:\n"
         "    jax.block_until_ready(xla_ffi.paged_attention_decode(q, c, c, t, n, scale=1.0))\n"

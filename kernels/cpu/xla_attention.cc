@@ -1088,7 +1088,7 @@ ffi::Error DecodeImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache, ffi::AnyBuffer v
   for (size_t i = 0; i < 4; ++i)
     if (vd[i] != kd[i])
       return ffi::Error::InvalidArgument("paged_attention_decode: k and v caches differ");
-  if (kd[3] != sh.head_dim || sh.head_dim < 1 || sh.num_kv_heads < 1 ||
+  if (kd[3] != sh.head_dim || sh.head_dim < 1 || sh.num_kv_heads < 1 || sh.block_size < 1 ||
       sh.num_q_heads % sh.num_kv_heads != 0 || td[0] != sh.num_seqs || static_cast<int64_t>(kv_lens.element_count()) != sh.num_seqs ||
       out->element_count() != q.element_count() ||
       static_cast<int64_t>(lse->element_count()) != sh.num_seqs * sh.num_q_heads)
@@ -1173,7 +1173,8 @@ extern "C" int PrefixkvDecodeAttentionRaw(int dtype, const int64_t* dims, const 
                                           float k_scale, float v_scale) {
   Shape sh{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], dims[8],
            dims[9]};
-  if (sh.num_kv_heads < 1 || sh.num_q_heads % sh.num_kv_heads != 0 || sh.head_dim < 1)
+  if (sh.num_kv_heads < 1 || sh.num_q_heads % sh.num_kv_heads != 0 || sh.head_dim < 1 ||
+      sh.block_size < 1)  // positions divide by it
     return 1;
   if (sh.block_stride < 0 || sh.token_stride < 0 || sh.head_stride < 0) return 1;
   if (sh.token_stride == 0 && sh.head_stride == 0 && sh.block_stride != 0 &&
