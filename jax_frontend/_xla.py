@@ -1188,10 +1188,10 @@ def copy_blocks(caches, src, dst):
     def xla_path(bits=False):
         out = []
         for c in caches:
-            rows = jnp.take(_as_bits(c) if bits else c, src, axis=0, mode="clip")
-            if bits:
-                rows = lax.bitcast_convert_type(rows, c.dtype)
-            out.append(_bits_set(c, rows, _outside_dropped(dst, c.shape[0]), bits))
+            b = _as_bits(c) if bits else c  # taken and set as its bits (see _bits_set)
+            moved = b.at[_outside_dropped(dst, c.shape[0])].set(
+                jnp.take(b, src, axis=0, mode="clip"), mode="drop", unique_indices=True)
+            out.append(moved if b is c else lax.bitcast_convert_type(moved, c.dtype))
         return out
 
     from ..kernels.cpu import xla_ffi  # in-place on CPU, see write_kv

@@ -4,6 +4,7 @@ worth of client (no memory of its own), so every block crosses the TCP transport
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -309,23 +310,31 @@ def test_bad_master_address_is_named():
 
 # -- faults: servers killed mid-run (a private store per test) --------------------------------
 
-def test_storage_node_killed_is_a_miss():
+@contextlib.contextmanager
+def _private_store(seed: int, **tier_kwargs):
+    """(store, tier, keys, rows): a store of its own (the test kills its servers) whose tier
+    holds 4 blocks; the tier closed and the store stopped afterwards."""
     from prefixkv.paged.tiers import MooncakeTier
 
     st = _local_store()
-    t = MooncakeTier(st.master, st.metadata_server, staging_bytes=1 << 20)
+    t = MooncakeTier(st.master, st.metadata_server, staging_bytes=1 << 20, **tier_kwargs)
     try:
-        ks, vals = _keys(4), _rows(4, seed=2)
+        ks, vals = _keys(4), _rows(4, seed=seed)
         assert t.batch_put(ks, vals) == [True] * 4
+        yield st, t, ks, vals
+    finally:
+        t.close()
+        st.stop()
+
+
+def test_storage_node_killed_is_a_miss():
+    with _private_store(2) as (st, t, ks, vals):
         st.kill_storage()  # the memory holding every block is gone
         t0 = time.monotonic()
         assert t.batch_get(ks, shape=ROW) == [None] * 4
         assert t.batch_put(_keys(2, start=10), vals[:2]) == [False, False]
         assert time.monotonic() - t0 < 5
         assert t.stats.errors >= 1
-    finally:
-        t.close()
-        st.stop()
 
 
 def test_full_store_refuses_puts_and_serves_nothing_wrong():
@@ -351,13 +360,7 @@ def test_full_store_refuses_puts_and_serves_nothing_wrong():
 
 
 def test_master_killed_then_back():
-    from prefixkv.paged.tiers import MooncakeTier
-
-    st = _local_store()
-    t = MooncakeTier(st.master, st.metadata_server, staging_bytes=1 << 20, retry_interval=0.3)
-    try:
-        ks, vals = _keys(4), _rows(4, seed=3)
-        assert t.batch_put(ks, vals) == [True] * 4
+    with _private_store(3, retry_interval=0.3) as (st, t, ks, vals):
         st.kill_master()
         t0 = time.monotonic()
         for _ in range(3):  # the first call fails fast, then the tier answers at once
@@ -377,22 +380,13 @@ def test_master_killed_then_back():
         assert t.batch_put(ks, vals) == [True] * 4
         got = t.batch_get(ks, shape=ROW)
         assert all(_same(g, v) for g, v in zip(got, vals, strict=True))
-    finally:
-        t.close()
-        st.stop()
     assert t.batch_get(ks) == [None] * 4 and t.batch_put(ks, vals) == [False] * 4  # closed
 
 
 def test_master_killed_unsized_get_marks_the_store_down():
     # get_batch answers b"" per key for a dead master (after the client's ~4 s timeout, no
     # error): batch_get without shape= never marked the store down and every call waited again
-    from prefixkv.paged.tiers import MooncakeTier
-
-    st = _local_store()
-    t = MooncakeTier(st.master, st.metadata_server, staging_bytes=1 << 20, retry_interval=60)
-    try:
-        ks, vals = _keys(4), _rows(4, seed=5)
-        assert t.batch_put(ks, vals) == [True] * 4
+    with _private_store(5, retry_interval=60) as (st, t, ks, vals):
         got = t.batch_get(ks)  # unsized, master up: the objects held are fetched
         assert all(_same(g, v) for g, v in zip(got, vals, strict=True))
         assert t.batch_get(_keys(2, start=50)) == [None, None] and t.stats.errors == 0
@@ -402,9 +396,6 @@ def test_master_killed_unsized_get_marks_the_store_down():
         t0 = time.monotonic()
         assert t.batch_get(ks) == [None] * 4 and t.batch_get(ks, shape=ROW) == [None] * 4
         assert time.monotonic() - t0 < 0.5 and t.stats.errors == 1
-    finally:
-        t.close()
-        st.stop()
 
 
 def test_shape_overflowing_int64_is_a_miss_not_a_fault(tier):
