@@ -36,12 +36,14 @@ ALL_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
 def attention_context(dims, table_entries: int | None = None) -> dict:
-    """What backends' ``supports`` see of an attention call: shapes and dtype, and the most
-    block-table entries one kernel call reads (``table_entries``, default the batch's)."""
+    """What backends' ``supports`` see of an attention call: shapes and dtype, the caches'
+    blocks, and the most block-table entries one kernel call reads (``table_entries``, default
+    the batch's)."""
     entries = dims.num_seqs * dims.max_blocks_per_seq if table_entries is None else table_entries
     return dict(dtype=dims.dtype, head_dim=dims.head_dim, block_size=dims.block_size,
                 num_q_heads=dims.num_q_heads, num_kv_heads=dims.num_kv_heads,
-                table_entries=int(entries), kv_layout=dims.kv_layout)
+                num_blocks=dims.num_blocks, table_entries=int(entries),
+                kv_layout=dims.kv_layout)
 
 
 def cache_context(caches, kv_layout: str | None = None) -> dict:
@@ -239,7 +241,12 @@ def _pallas_gpu_attention(op: str, interpret: bool):
                                             kv_layout=kv_layout)
 
     impl.__name__ = f"{op}_{'pallas_gpu_interpret' if interpret else 'pallas_gpu'}"
-    impl.reads_fp8 = lambda **context: True  # int8 loads, decoded in the kernel
+    def reads_fp8(**context) -> bool:  # int8 loads, decoded in the kernel
+        from ..kernels.pallas import paged_attention_gpu as pg
+
+        return pg.gpu_reads_fp8(**context)
+
+    impl.reads_fp8 = reads_fp8
     impl.kv_layouts = ("NHD", "HND")  # rows of keys addressed per layout
     return impl
 

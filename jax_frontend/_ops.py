@@ -206,7 +206,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     float8_e4m3fn read as float32(cache) * k_scale (v_scale): k_scale, v_scale None (1.0), a
     positive float or a float32 array of one element, may be traced (fp8 caches only; every
     backend of paged_attention reads the fp8 bytes itself, but for the TPU kernel's shapes
-    that docs/ops.md lists, where the blocks the tables name are dequantized into q's dtype).
+    and the GPU kernel's cache sizes that docs/ops.md lists, where the blocks the tables name
+    are dequantized into q's dtype).
     block_tables: i32[num_seqs, max_blocks_per_seq]; entries in [0, num_blocks) for the blocks
     holding tokens (others are never read as keys).
     kv_lens: i32[num_seqs], cached prefix + this step's tokens.

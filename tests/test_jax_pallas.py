@@ -758,6 +758,72 @@ def test_gpu_single_prefix_cascade_lowering_has_no_sort():
         jax.jit(lambda *a: jf.shared_prefix_attention(*a)), two)
 
 
+def _triton_cache_loads(text: str) -> set[str]:
+    """(element type, offset type) of every tensor pointer the Triton kernels in exported
+    StableHLO ``text`` form from a cache-sized load: their IR, MLIR bytecode in each
+    custom call's backend config, parsed back."""
+    from jax._src.interpreters import mlir
+    from jax._src.lib.mlir import ir
+    from jax._src.pallas.triton import lowering
+
+    ctx = mlir.make_ir_context()
+    lowering.tt_dialect.register_dialect(ctx)
+    ctx.load_all_available_dialects()
+    found = set()
+    with ctx:
+        def walk(op):
+            for region in op.regions:
+                for block in region.blocks:
+                    for child in block.operations:
+                        name = str(child.attributes["call_target_name"]) \
+                            if "call_target_name" in child.attributes else ""
+                        if "xla.gpu.triton" in name:
+                            config = child.attributes["mhlo.backend_config"]
+                            kernel = ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes)
+                            for line in str(kernel).splitlines():
+                                if "tt.addptr" in line and "tensor<" in line:
+                                    ptr, off = line.rsplit(":", 1)[1].split(", ")
+                                    found.add((ptr.split("!tt.ptr<")[1].split(">")[0],
+                                               off.rsplit("x", 1)[1].rstrip(">").strip()))
+                        walk(child.operation)
+        walk(ir.Module.parse(text).operation)
+    return found
+
+
+@pytest.mark.parametrize("op", ["paged_attention", "shared_prefix_attention"])
+def test_gpu_fp8_caches_of_2_to_4_gib_are_dequantized(op):
+    """Pallas' Triton lowering addresses a ref with 32-bit offsets unless it is over 2**32
+    bytes: an fp8 cache of more than 2**31 bytes, up to 2**32, read as its bytes, would have
+    its later blocks' offsets wrap negative. Such caches reach the kernel as the blocks the
+    tables name, dequantized (no int8 load with 32-bit offsets); smaller ones as bytes, larger
+    ones as bytes with 64-bit offsets. Exported only (abstract shapes; nothing allocated)."""
+    S = jax.ShapeDtypeStruct
+    block = 16 * 8 * 128  # bytes of one block of fp8 K
+
+    def loads(num_blocks):
+        kc = S((num_blocks, 16, 8, 128), jnp.float8_e4m3fn)
+        tables = (S((4, 64), jnp.int32), S((4,), jnp.int32))
+        if op == "paged_attention":
+            args = (S((4, 32, 128), jnp.bfloat16), kc, kc, *tables)
+        else:
+            args = (S((4, 32, 128), jnp.bfloat16), kc, kc, S((1, 8), jnp.int32),
+                    S((1,), jnp.int32), S((4,), jnp.int32), *tables)
+        return _triton_cache_loads(_export_for_h100(
+            jax.jit(lambda *a: getattr(jf, op)(*a)), args))
+
+    assert ("i8", "i32") in loads(2**31 // block)          # 2 GiB: bytes, offsets < 2**31
+    for num_blocks in (2**31 // block + 1, 2**32 // block):
+        found = loads(num_blocks)
+        assert not any(t == "i8" for t, _ in found), (num_blocks, found)
+        assert ("bf16", "i32") in found
+    found = loads(2**32 // block + 1)                       # past 4 GiB: 64-bit offsets
+    assert ("i8", "i64") in found and ("i8", "i32") not in found
+    assert pg.gpu_reads_fp8(num_blocks=2**31 // block, block_size=16, num_kv_heads=8,
+                            head_dim=128)
+    assert not pg.gpu_reads_fp8(num_blocks=2**31 // block + 1, block_size=16, num_kv_heads=8,
+                                head_dim=128)
+
+
 @pytest.mark.parametrize("num_seqs,context,window", [(8, 4096, None), (32, 8192, None),
                                                    (4, 16384, 1000)])
 def test_gpu_decode_lowering_has_no_gather_scatter_or_loop(num_seqs, context, window):

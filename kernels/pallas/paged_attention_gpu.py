@@ -14,7 +14,8 @@ block_size a power of two >= 16; the rows (q_tile x group) are padded to >= 16. 
 must fit shared memory and the scores of 16 rows registers (:func:`gpu_supports`); other
 shapes run the XLA path on GPU. float8_e4m3fn caches are read as their bytes (an int8 view)
 and decoded in the kernel as the torch frontend's Triton kernel does (``_fp8``), the scales an
-f32[2] input.
+f32[2] input; but for caches of more than 2**31 and at most 2**32 bytes
+(:func:`gpu_reads_fp8`), which the frontend dequantizes first.
 """
 
 from __future__ import annotations
@@ -43,6 +44,18 @@ def _register_elems(dtype) -> int:
 #: Triton stages K and V in shared memory (two pipeline stages). Compiled for sm_90, bf16
 #: head_dim 256 x block 256 asks 400 KiB (an H100 has 227 KiB); float32 64 x 128 spills 1.5 KB.
 MAX_TILE_BYTES = {2: 32 * 1024, 4: 16 * 1024}
+
+
+def gpu_reads_fp8(*, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                  **_) -> bool:
+    """Whether the kernel reads a float8_e4m3fn cache as its bytes (else the frontend gives it
+    the blocks the tables name, dequantized into q's dtype). Pallas' Triton lowering addresses
+    a ref with 32-bit element offsets unless the array is over 2**32 bytes (jax 0.11); one
+    byte an element, a cache of more than 2**31 bytes, up to 2**32, would have its offsets
+    past 2**31 wrap negative: the keys of its later blocks read from before the cache. A
+    16-bit or float32 cache of at most 2**32 bytes has fewer than 2**31 elements."""
+    size = num_blocks * block_size * num_kv_heads * head_dim
+    return not 2**31 < size <= 2**32
 
 
 def gpu_supports(*, head_dim: int, block_size: int, dtype: str = "float32",
