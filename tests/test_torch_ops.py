@@ -1817,3 +1817,30 @@ def test_lengths_read_back_from_a_device_count_at_most_the_tables_keys(monkeypat
         _native.paged_attention(out, None, q, k, v, bt, kv_bad, cu, scale=0.25, causal=True,
                                 sliding_window=None, logits_soft_cap=None)
         close(out, want, "float32")
+
+
+def test_memory_shared_across_two_storages_is_refused():
+    """Tensors of two storages over one memory (``torch.from_numpy`` of two views of one
+    array; the storages start at different addresses): the overlap checks compare addresses,
+    not storages. Each had passed: swap_blocks copied a chain in no order, scatter_blocks
+    read blocks it had written, write_kv wrote K rows that V's read."""
+    base = np.random.default_rng(0).standard_normal((2, 6, 4, 2, 8)).astype(np.float32)
+    before = base.copy()
+    ids = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([1, 2], dtype=torch.int32)
+    src, dst = torch.from_numpy(base[0, :5]), torch.from_numpy(base[0, 1:])  # blocks 0-4, 1-5
+    assert src.untyped_storage().data_ptr() != dst.untyped_storage().data_ptr()
+    with pytest.raises(ValueError, match=r"dst_caches\[0\]: shares memory with src_caches\[0\]"):
+        tf.swap_blocks([src], [dst], *ids)
+    with pytest.raises(ValueError, match=r"dst_caches\[1\]: shares memory with dst_caches\[0\]"):
+        tf.swap_blocks([src.clone(), src.clone()], [src, dst], *ids)
+    buffer = torch.from_numpy(base[0, 1:3, None])  # [2, 1, ...]: blocks 1 and 2 of the cache
+    with pytest.raises(ValueError, match=r"buffer: shares memory with caches\[0\]"):
+        tf.scatter_blocks([torch.from_numpy(base[0])], buffer, ids[1])
+    rows = torch.from_numpy(base[0, 1])  # [4 tokens, 2 heads, 8]: block 1 of k_cache
+    with pytest.raises(ValueError, match=r"key: shares memory with k_cache"):
+        tf.write_kv(rows, rows.clone(), torch.from_numpy(base[0]), torch.from_numpy(base[1]),
+                    torch.tensor([16, 17, 18, 19], dtype=torch.int32))
+    np.testing.assert_array_equal(base, before)
+    # disjoint memory of one array in two storages is fine
+    tf.swap_blocks([torch.from_numpy(base[0])], [torch.from_numpy(base[1])], *ids)
+    np.testing.assert_array_equal(base[1, 1:3], before[0, 0:2])

@@ -148,15 +148,13 @@ def _index_tensors(**named) -> None:
 
 
 def _overlaps(a: Tensor, b: Tensor) -> bool:
-    """Whether a and b share storage over intersecting byte ranges (not while compiling:
-    fake tensors have no storage). The storage pointers first: most pairs differ there, and a
-    decode step's write_kv asks four times."""
-    if torch.compiler.is_compiling():
-        return False
-    if _storage_key(a) != _storage_key(b) or not a.numel() or not b.numel():
+    """Whether a and b reach intersecting byte ranges of one device's memory (not while
+    compiling: fake tensors have no memory). By address, not by storage: two storages may
+    hold one memory (``torch.from_numpy`` of two views of one array, DLPack imports)."""
+    if torch.compiler.is_compiling() or not a.numel() or not b.numel():
         return False
     (a0, a1), (b0, b1) = _span(a), _span(b)
-    return a0 < b1 and b0 < a1
+    return a0 < b1 and b0 < a1 and a.device == b.device
 
 
 def _span(t: Tensor) -> tuple[int, int]:
@@ -174,7 +172,8 @@ def _span(t: Tensor) -> tuple[int, int]:
 
 
 def _block_spans(t: Tensor):
-    """(first byte, block stride, bytes spanned by one block, num_blocks) of a cache whose
+    """(first byte's address, block stride, bytes spanned by one block, num_blocks) of a cache
+    whose
     block i lies within [first + i * stride, + span) and spans no more than its stride (block-
     major caches, their halves or layers in one stacked buffer); None for other layouts."""
     es = t.element_size()
@@ -183,25 +182,28 @@ def _block_spans(t: Tensor):
         return None
     span = (sum((n - 1) * st for n, st in inner) + 1) * es
     step = t.stride(0) * es if t.shape[0] > 1 else span
-    return (t.storage_offset() * es, step, span, t.shape[0]) if span <= step else None
+    return (t.data_ptr(), step, span, t.shape[0]) if span <= step else None
 
 
-def _storage_key(t: Tensor):
-    """(device, storage address) of a tensor: tensors of different keys share no memory. None
-    while compiling (fake tensors have no storage; _overlaps answers False there)."""
+def _meeting_pairs(first, second) -> list[tuple[int, int]]:
+    """(i, j) for every ``first[i]`` and ``second[j]`` on one device whose byte spans
+    intersect, whatever their storages (none while compiling: fake tensors have no memory).
+    One sweep over the sorted spans: disjoint caches (a device's and a host's, or layers of
+    one buffer) cost what their spans do."""
     if torch.compiler.is_compiling():
-        return None
-    return t.device, t.untyped_storage().data_ptr()
-
-
-def _storages(tensors) -> dict:
-    """{_storage_key: [positions in ``tensors``, ascending]} (nothing while compiling)."""
-    out: dict = {}
-    for i, t in enumerate(tensors):
-        key = _storage_key(t)
-        if key is not None:
-            out.setdefault(key, []).append(i)
-    return out
+        return []
+    spans = sorted((*_span(t), side, i) for side, group in enumerate((first, second))
+                   for i, t in enumerate(group) if t.numel())
+    pairs, live = [], []
+    for lo, hi, side, i in spans:
+        live = [x for x in live if x[0] > lo]  # spans still open at lo
+        for _, other, k in live:
+            if other != side:
+                pair = (i, k) if side == 0 else (k, i)
+                if first[pair[0]].device == second[pair[1]].device:
+                    pairs.append(pair)
+        live.append((hi, side, i))
+    return sorted(pairs)
 
 
 def _blocks_overlap(a: Tensor, b: Tensor) -> bool:
@@ -803,13 +805,9 @@ def _(caches, block_ids, backend):
 def _scatter_blocks(caches: list[Tensor], buffer: Tensor, block_ids: Tensor,
                     backend: str | None) -> None:
     # Here, not in the wrapper: under torch.compile only the op sees the memory it runs on.
-    # A cache that starts inside the buffer's storage is of that storage (storages do not
-    # overlap): one data_ptr a cache, where a storage key each cost ~0.5 us (64 caches: 30 us)
-    storage = buffer.untyped_storage()
-    lo = storage.data_ptr()
-    hi = lo + storage.nbytes()
+    # By address (_overlaps): a storage key each cost ~0.5 us (64 caches: 30 us)
     for i, c in enumerate(caches):
-        if lo <= c.data_ptr() < hi and _blocks_overlap(buffer, c):  # read while written
+        if _blocks_overlap(buffer, c):  # read while written
             raise ValueError(f"buffer: shares memory with caches[{i}]; pass a copy")
     select("scatter_blocks", platform_of(*caches), backend,
            block_contiguous=_block_contiguous(caches))(caches, buffer, block_ids)
@@ -859,10 +857,7 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
                   k_scale=k_scale, v_scale=v_scale)
     _no_stride0("k_cache", k_cache)
     _no_stride0("v_cache", v_cache)
-    caches = (_storage_key(k_cache), _storage_key(v_cache))
     for name, rows in (("key", key), ("value", value)):
-        if _storage_key(rows) not in caches:  # most calls: four checks in two lookups
-            continue
         for cname, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
             if _overlaps(rows, cache):  # written while read: K then V would see the change
                 raise ValueError(f"{name}: shares memory with {cname}; pass a copy")
@@ -926,18 +921,22 @@ def _may_chain(src: Tensor, dst: Tensor) -> bool:
 
 def _any_blocks_overlap(caches) -> bool:
     """Whether blocks of two of ``caches`` share bytes (never while compiling: fake tensors
-    have no storage). Caches of one storage only, linear after a sort for the layouts engines
-    use: caches whose whole byte spans are disjoint (layer-major buffers) pass at once, as do
-    caches of one block-major buffer that each hold one part of every block row (a
+    have no memory). Caches of one device, by address, linear after a sort for the layouts
+    engines use: caches whose whole byte spans are disjoint (layer-major buffers) pass at
+    once, as do caches of one block-major buffer that each hold one part of every block row (a
     [num_blocks, layers, 2, ...] buffer); any other cluster of spans that meet is checked
     pair by pair (_blocks_overlap). 64 caches in one buffer: 0.1-0.3 ms, where all pairs
     took 13-67 ms; a tensor each: ~25 us."""
-    return any(len(g) > 1 and _spans_meet([caches[i] for i in g])
-               for g in _storages(caches).values())
+    if torch.compiler.is_compiling():
+        return False
+    devices: dict = {}
+    for c in caches:
+        devices.setdefault(c.device, []).append(c)
+    return any(len(g) > 1 and _spans_meet(g) for g in devices.values())
 
 
 def _spans_meet(caches) -> bool:
-    """_any_blocks_overlap over caches of one storage."""
+    """_any_blocks_overlap over caches of one device."""
     spans = sorted((*_span(c), i) for i, c in enumerate(caches) if c.numel())
     cluster: list = []
     end = 0
@@ -1006,23 +1005,26 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids, *, backend=None) -> No
     validate.check_swap_blocks(src_caches, dst_caches, src_ids, dst_ids)
     if _want_values(src_ids, dst_ids):
         validate.check_swap_blocks_values(src_caches, dst_caches, src_ids, dst_ids)
-    # Pairs are compared only within one storage (a dict of storages first): every layer's
-    # K and V both ways made ~1,500 pair checks, ~1 ms of host time a call (64 caches).
-    src_at, dst_at = _storages(src_caches), _storages(dst_caches)
+    # By address, not storage (two storages may hold one memory), and pairs compared only
+    # where their byte spans meet: every layer's K and V both ways made ~1,500 pair checks,
+    # ~1 ms of host time a call (64 caches).
     _no_stride0("dst_caches", dst_caches)
-    for j, dst in enumerate(dst_caches):
-        for i in src_at.get(_storage_key(dst), ()):
-            if _blocks_overlap(src_caches[i], dst):  # the copies of one call run in no order
-                raise ValueError(f"dst_caches[{j}]: shares memory with src_caches[{i}]; "
-                                 f"copy_blocks copies blocks within the same caches (all reads "
-                                 f"before any write)")
-        for i in dst_at.get(_storage_key(dst), ()):
-            if i >= j:  # one cache written from two sources: the last writer would win
-                break
-            if (_blocks_overlap(dst_caches[i], dst) and not (
-                    dst_caches[i] is dst and src_caches[i] is src_caches[j])):
-                raise ValueError(f"dst_caches[{j}]: shares memory with dst_caches[{i}]; each "
-                                 f"destination cache once")
+    clashes = [(j, i) for i, j in _meeting_pairs(src_caches, dst_caches)
+               if _blocks_overlap(src_caches[i], dst_caches[j])]
+    if clashes:  # the copies of one call run in no order
+        j, i = min(clashes)
+        raise ValueError(f"dst_caches[{j}]: shares memory with src_caches[{i}]; copy_blocks "
+                         f"copies blocks within the same caches (all reads before any write)")
+    # one cache written from two sources: the last writer would win (a pair listed again is
+    # copied twice, the same bytes)
+    pairs = {(id(dst), id(src)): j for j, (src, dst) in reversed(list(enumerate(
+        zip(src_caches, dst_caches, strict=True))))}
+    once = sorted(pairs.values())
+    if _any_blocks_overlap([dst_caches[j] for j in once]):
+        j, i = min((j, i) for x, i in enumerate(once) for j in once[x + 1:]
+                   if _blocks_overlap(dst_caches[i], dst_caches[j]))
+        raise ValueError(f"dst_caches[{j}]: shares memory with dst_caches[{i}]; each "
+                         f"destination cache once")
     _invoke("swap_blocks", (list(src_caches), list(dst_caches), src_ids, dst_ids, backend))
 
 
