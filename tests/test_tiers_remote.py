@@ -469,3 +469,46 @@ def test_nixl_peer_in_another_process_then_killed():
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_redis_closed_tier_answers_miss_false_and_zero(redis_server):
+    # redis-py reconnects on the next call: a closed tier had gone on storing and serving
+    from prefixkv.paged.events import EventLog
+    from prefixkv.paged.tiers import RedisTier
+
+    t = RedisTier(port=redis_server.port, prefix="t-closed:")
+    other = RedisTier(port=redis_server.port, prefix="t-closed:")
+    log = EventLog()
+    t.events.subscribe(log)
+    ks, vals = _keys(3, start=260), _rows(3, seed=7)
+    try:
+        assert t.batch_put(ks[:2], vals[:2]) == [True, True]
+        t.close()
+        assert not t.available and not t.ping()
+        assert t.batch_exists(ks) == 0 and t.batch_get(ks) == [None] * 3
+        assert t.batch_put(ks[2:], vals[2:]) == [False]
+        assert t.batch_remove(ks) == 0
+        t.clear()
+        t.close()  # twice is fine
+        assert [e.kind for e in log.events] == ["stored"]  # the records stay on the server
+        assert other.batch_exists(ks) == 2  # for other clients, and nothing more came
+    finally:
+        other.clear()
+        other.close()
+
+
+def test_nixl_close_publishes_cleared_once_when_it_held_blocks(nixl_peer):
+    # the index goes with close(): subscribers tracking where blocks live had kept them
+    from prefixkv.paged.events import EventLog
+    from prefixkv.paged.tiers import NixlTier
+
+    for held in (True, False):
+        t = NixlTier(nixl_peer, staging_slots=4)
+        log = EventLog()
+        t.events.subscribe(log)
+        if held:
+            assert t.batch_put(_keys(2, start=270), _rows(2, seed=8)) == [True, True]
+        t.close()
+        t.close()
+        kinds = [e.kind for e in log.events]
+        assert kinds == (["stored", "cleared"] if held else []), kinds

@@ -316,9 +316,11 @@ class NixlTier(Tier):
 
     def close(self):
         """Release the agent's handles and registrations. The index goes too (the slots are
-        out of reach): every later call is a miss / ``False`` / 0."""
+        out of reach): every later call is a miss / ``False`` / 0, and a "cleared" event
+        tells subscribers (an index of where blocks live) when it held any block."""
+        held = not self._closed and bool(getattr(self, "_index", None))
         self._closed = True
-        if getattr(self, "_index", None):
+        if held:
             self._index.clear()
         self._free = []
         for h in (getattr(self, "_local_h", None), getattr(self, "_remote_h", None)):
@@ -332,3 +334,5 @@ class NixlTier(Tier):
             self._reg = None
         with contextlib.suppress(Exception):  # best effort cleanup
             self.agent.remove_remote_agent(self._remote)
+        if held:  # last: a subscriber that raises leaves nothing unreleased
+            self._publish_cleared()

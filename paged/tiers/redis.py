@@ -261,6 +261,10 @@ class RedisTier(Tier):
             self._fail()
 
     def close(self):
+        """Release the connections. Every later call is a miss / ``False`` / 0 (redis-py had
+        reconnected on the next call, so a closed tier went on storing and serving); the
+        server keeps the records for other clients, so no "cleared" goes out."""
+        self._down_until = float("inf")
         with contextlib.suppress(Exception):  # best effort cleanup
             self.client.close()
 
