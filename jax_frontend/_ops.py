@@ -102,13 +102,19 @@ def _dispatch(op: str, backend: str | None, context: dict, call, operands=(), re
     """Run ``call(impl)`` with the backend chosen for ``op`` (from ``registry``, default the
     op's in _backends.REGISTRIES).
 
-    ``call(impl)`` runs the op with one implementation. With an explicit request, or eagerly
-    (no tracer among ``operands``: the platform is the default backend's), the registry picks
-    one backend. Under tracing, TPU and CUDA get their best registered backend through
-    ``platform_dependent``, so the traced function runs anywhere; others get "xla".
+    ``call(impl)`` runs the op with one implementation. Eagerly (no tracer among
+    ``operands``: the platform is the default backend's) the registry picks one backend. Under
+    tracing, TPU and CUDA get their best registered backend through ``platform_dependent``, so
+    the traced function runs anywhere; others get "xla". An explicit request (argument or
+    environment variable) runs that backend where it can run here; one for other platforms
+    only (``backend="pallas_tpu"`` traced on a CPU host, to export for a TPU) is staged for
+    those platforms, and lowering for any other fails with the registry's error.
     """
     reg = _backends.REGISTRIES[op] if registry is None else registry
-    if reg.requested(backend) is not None or not _is_traced(*operands):
+    traced = _is_traced(*operands)
+    if reg.requested(backend) is not None and traced:
+        return _requested_elsewhere(reg, backend, context, call, operands)
+    if not traced:
         chosen = reg.select(_current_platform(operands), backend, **context)
         return call(chosen.load())
     default = reg.select("cpu", **context).load()
@@ -126,6 +132,67 @@ def _dispatch(op: str, backend: str | None, context: dict, call, operands=(), re
     # close over their operands, so the branches take none.
     per_platform = {plat: (lambda impl=impl: call(impl)) for plat, impl in branches.items()}
     return jax.lax.platform_dependent(default=lambda: call(default), **per_platform)
+
+
+def _requested_elsewhere(reg, backend, context: dict, call, operands):
+    """A traced call with a backend requested: run here when it can, else staged with
+    ``platform_dependent`` for the platforms it runs on, the others a branch whose lowering
+    raises the registry's BackendError for the platform lowered for."""
+    here = _current_platform(operands)
+    try:
+        return call(reg.select(here, backend, **context).load())
+    except BackendError as err:
+        refusal = err
+    impls, refusals = {}, {}
+    for plat in _backends.ALL_PLATFORMS:
+        try:
+            impls[plat] = reg.select(plat, backend, **context).load()
+        except BackendError as err:
+            refusals[plat] = str(err)
+    if not impls:  # refused everywhere: the reason on its own platform says most
+        own = [b.platforms for b in reg if b.name == reg.requested(backend)]
+        for plat in own[0] if own else ():
+            if plat in refusals:
+                raise BackendError(refusals[plat])
+        raise refusal
+    outs: list = []
+
+    def run(impl):
+        out = call(impl)
+        outs.append(out)
+        return out
+
+    def refused():  # outputs of the staged branches' types, from a primitive that cannot lower
+        out = outs[0] if outs else jax.eval_shape(lambda: call(next(iter(impls.values()))))
+        leaves, tree = jax.tree_util.tree_flatten(out)
+        avals = tuple(jax.core.ShapedArray(x.shape, x.dtype) for x in leaves)
+        return jax.tree_util.tree_unflatten(tree, _refused_p().bind(
+            avals=avals, refusals=tuple(sorted(refusals.items()))))
+
+    per_platform = {plat: functools.partial(run, impl) for plat, impl in impls.items()}
+    return jax.lax.platform_dependent(default=refused, **per_platform)
+
+
+@functools.cache
+def _refused_p():
+    """A primitive of no inputs standing for a backend requested on a platform it cannot run
+    on: abstract evaluation gives the outputs' types, lowering raises the BackendError."""
+    from jax.extend.core import Primitive
+    from jax.interpreters import mlir
+
+    p = Primitive("prefixkv_backend_refused")
+    p.multiple_results = True
+    p.def_abstract_eval(lambda *, avals, refusals: list(avals))
+
+    def lower(ctx, *, avals, refusals):
+        messages = dict(refusals)
+        for plat in ctx.module_context.platforms:
+            if plat in messages:
+                raise BackendError(messages[plat])
+        raise BackendError(next(iter(messages.values())))
+
+    mlir.register_lowering(p, lower)
+    return p
 
 
 # ----------------------------------------------------------------------------- fp8 caches

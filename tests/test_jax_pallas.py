@@ -1146,3 +1146,38 @@ def test_pallas_gather_blocks_clamps_out_of_range_ids_under_jit():
     xla = jax.jit(lambda cs, i: jf.gather_blocks(cs, i, backend="xla"))(
         [jnp.asarray(c) for c in caches], jnp.asarray(ids))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(xla))
+
+
+def test_explicit_backend_of_another_platform_exports_for_it(monkeypatch):
+    """backend="pallas_tpu" (or its environment variable) traced on this CPU host: staged for
+    the TPU, so a TPU export holds the Mosaic kernel; lowering for the CPU (a jitted call
+    here, or an export listing "cpu") raises the registry's error naming every backend. It
+    had raised at trace time, so no explicit backend could export for another platform."""
+    S = jax.ShapeDtypeStruct
+    kc = S((64, 16, 8, 128), jnp.bfloat16)
+    args = (S((4, 16, 128), jnp.bfloat16), kc, kc, S((4, 8), jnp.int32), S((4,), jnp.int32))
+    fn = jax.jit(lambda *a: jf.paged_attention(*a, backend="pallas_tpu"))
+    text = jax.export.export(fn, platforms=["tpu"])(*args).mlir_module()
+    assert "tpu_custom_call" in text
+    assert "xla.gpu.triton" in _export_for_h100(
+        jax.jit(lambda *a: jf.paged_attention(*a, backend="pallas_gpu")), args)
+    refused = r"platform 'cpu': backend 'pallas_tpu' cannot run: runs on tpu, not cpu"
+    with pytest.raises(jf.BackendError, match=refused) as err:
+        jax.export.export(fn, platforms=["cpu", "tpu"])(*args)
+    assert "  - xla: could run" in str(err.value)
+    concrete = [jnp.ones(a.shape, a.dtype) for a in args]
+    with pytest.raises(jf.BackendError, match=refused):
+        fn(*concrete)
+    with pytest.raises(jf.BackendError, match=refused):  # eager: at the call, as before
+        jf.paged_attention(*concrete, backend="pallas_tpu")
+    # the environment variable, and a cache op (its DMA kernel)
+    monkeypatch.setenv("PREFIXKV_WRITE_KV_BACKEND", "pallas_tpu")
+    rows = S((4, 8, 128), jnp.bfloat16)
+    text = jax.export.export(jax.jit(jf.write_kv), platforms=["tpu"])(
+        rows, rows, kc, kc, S((4,), jnp.int32)).mlir_module()
+    assert "tpu_custom_call" in text
+    # a backend refused on every platform still raises at trace time
+    with pytest.raises(jf.BackendError, match="num_kv_heads 4 is not a multiple of 8"):
+        jax.export.export(fn, platforms=["tpu"])(
+            args[0], S((64, 16, 4, 128), jnp.bfloat16), S((64, 16, 4, 128), jnp.bfloat16),
+            *args[3:])
