@@ -223,7 +223,13 @@ def _quantize_fp8(x, scale):
         # XLA rewrites x / broadcast(s) as x * broadcast(1 / s), which rounds differently
         # (about 1 in 8 random values): divide by a full-shape operand behind a barrier
         y = y / jax.lax.optimization_barrier(jnp.broadcast_to(scale, y.shape))
-    return jnp.clip(y, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+    q = jax.lax.bitcast_convert_type(jnp.clip(y, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn),
+                                     jnp.uint8)
+    # a NaN keeps x's sign, from x's bits: XLA:CPU's fused clip and conversion, and a GPU's
+    # division, give every NaN one sign
+    bits = jax.lax.bitcast_convert_type(x, jnp.int16 if x.dtype.itemsize == 2 else jnp.int32)
+    nan = jnp.where(bits < 0, jnp.uint8(0xFF), jnp.uint8(0x7F))
+    return jax.lax.bitcast_convert_type(jnp.where(jnp.isnan(y), nan, q), jnp.float8_e4m3fn)
 
 
 def _dequantize(cache, scale, dtype):

@@ -39,6 +39,8 @@ QUANT_CASES = [
     (np.inf, None, 0x7E, "+inf saturates to +448 (__NV_SATFINITE)"),
     (-np.inf, None, 0xFE, "-inf saturates to -448"),
     (np.nan, None, 0x7F, "NaN stays NaN"),
+    (-np.nan, None, 0xFF, "a negative NaN keeps its sign (torch's CPU float16 -> float32 "
+                          "conversion had dropped it)"),
     (1.0625, None, 0x38, "1 + 1/16, halfway between 1 and 1.125: ties to even (mantissa 0)"),
     (1.1875, None, 0x3A, "halfway between 1.125 and 1.25: ties to even (1.25, mantissa 2)"),
     (1.0625 + 2.0**-12, None, 0x39, "just above the tie: 1.125 (a float16 step would round "

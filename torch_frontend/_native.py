@@ -1462,11 +1462,16 @@ def _drop_out_of_range(cache: torch.Tensor, ids: torch.Tensor, rows: torch.Tenso
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """float8_e4m3fn(sat(x / scale)): float32(x) divided by the 0-d float32 ``scale`` tensor
     (a tensor on x's device: a true division, never a multiply by the reciprocal), clamped to
-    +-448 (NaN stays NaN), rounded to nearest even by the conversion."""
+    +-448, rounded to nearest even by the conversion. A NaN stays NaN with x's sign (0xff
+    for a negative one, as the reference): from x's bits, as torch's CPU float16 -> float32
+    conversion and a GPU's division give every NaN one sign."""
     y = x.to(torch.float32)
     if scale is not None:
         y = y / scale
-    return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    q = y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    negative = x.view(torch.int16 if x.element_size() == 2 else torch.int32) < 0
+    nan = torch.where(negative, 0xFF, 0x7F).to(torch.uint8)
+    return torch.where(torch.isnan(y), nan, q).view(torch.float8_e4m3fn)
 
 
 def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None) -> None:

@@ -29,23 +29,30 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _load_f32(ptr, mask, IN_BF16: tl.constexpr):
-    """float32 of a float32/float16 element, or of a bfloat16 one given as its int16 bits (a
-    16-bit shift: exact, and the interpreter's bf16 handling never matters)."""
+    """(float32 of a float32/float16 element, or of a bfloat16 one given as its int16 bits (a
+    16-bit shift: exact, and the interpreter's bf16 handling never matters); its sign bit as
+    0x80 or 0, from its own bits: a GPU's division gives every NaN one sign)."""
+    raw = tl.load(ptr, mask=mask)
     if IN_BF16:
-        return (tl.load(ptr, mask=mask).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-    return tl.load(ptr, mask=mask).to(tl.float32)
+        bits = raw.to(tl.int32) << 16
+        return bits.to(tl.float32, bitcast=True), (bits >> 24) & 0x80
+    if raw.dtype.primitive_bitwidth == 16:
+        sign = (raw.to(tl.int16, bitcast=True).to(tl.int32) >> 8) & 0x80
+    else:
+        sign = (raw.to(tl.int32, bitcast=True) >> 24) & 0x80
+    return raw.to(tl.float32), sign
 
 
 @triton.jit
-def _e4m3_bits(x, scale):
+def _e4m3_bits(x, scale, sign):
     """float8_e4m3fn bits (int8) of sat(x / scale), x and scale float32: IEEE division
     (div_rn, never the approximate division of ``/``), then the rounding done on the float32
     bits with integer ops, ties to even (bit-exact with quantize_fp8_reference on any GPU and
     in the interpreter, whose own float8 conversion does not round to nearest even): normals
     keep 3 of 23 mantissa bits, subnormals (|y| < 2^-6) round |y| * 2^9 to an integer,
-    |y| >= 448 and +-inf saturate to 0x7e, NaN gives 0x7f; the sign bit is copied."""
+    |y| >= 448 and +-inf saturate to 0x7e, NaN gives 0x7f; ``sign`` (x's sign bit as 0x80 or
+    0: the quotient's, scale > 0, but for a NaN, whose sign a GPU's division drops) is set."""
     u = tl.math.div_rn(x, scale).to(tl.int32, bitcast=True)
-    sign = (u >> 24) & 0x80
     a_bits = u & 0x7FFFFFFF
     a = a_bits.to(tl.float32, bitcast=True)
     keep = (a_bits >> 20) & 0x7
@@ -89,8 +96,10 @@ def _write_kv_kernel(key_ptr, value_ptr, k_ptr, v_ptr, slots_ptr, ks_ptr, vs_ptr
         k_src = key_ptr + tok * stride_kt + h[:, None] * stride_kh + d[None, :] * stride_kd
         v_src = value_ptr + tok * stride_vt + h[:, None] * stride_vh + d[None, :] * stride_vd
         if FP8:
-            kx = _e4m3_bits(_load_f32(k_src, mask, IN_BF16), tl.load(ks_ptr))
-            vx = _e4m3_bits(_load_f32(v_src, mask, IN_BF16), tl.load(vs_ptr))
+            kf, k_sign = _load_f32(k_src, mask, IN_BF16)
+            vf, v_sign = _load_f32(v_src, mask, IN_BF16)
+            kx = _e4m3_bits(kf, tl.load(ks_ptr), k_sign)
+            vx = _e4m3_bits(vf, tl.load(vs_ptr), v_sign)
         else:
             kx = tl.load(k_src, mask=mask)
             vx = tl.load(v_src, mask=mask)

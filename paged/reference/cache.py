@@ -26,12 +26,21 @@ def quantize_fp8_reference(x, scale=None) -> np.ndarray:
     x: float32|float16|bfloat16 array; scale: None (1.0), a float or a one-element array, used
     as float32. In float32: x converted exactly, divided by the scale (IEEE division, rounded
     to nearest even: never a multiply by 1 / scale), clipped to [-448, 448] (CUDA's
-    __NV_SATFINITE: out-of-range values and +-inf saturate, NaN stays NaN), then rounded to
-    the nearest float8_e4m3fn, ties to even (subnormals down to 2^-9 included).
+    __NV_SATFINITE: out-of-range values and +-inf saturate), then rounded to the nearest
+    float8_e4m3fn, ties to even (subnormals down to 2^-9 included). A NaN stays NaN with x's
+    sign: 0x7f, or 0xff for a negative one (x's bit, not the quotient's: a GPU's division and
+    torch's CPU float16 conversion give every NaN one sign).
     """
-    y = np.asarray(x).astype(np.float32) / kv_scale_value(scale)
-    return np.clip(y, np.float32(-FP8_MAX), np.float32(FP8_MAX)).astype(
+    x = np.asarray(x)
+    y = x.astype(np.float32) / kv_scale_value(scale)
+    q = np.clip(y, np.float32(-FP8_MAX), np.float32(FP8_MAX)).astype(
         numpy_dtype("float8_e4m3fn"))
+    nan = np.isnan(y)
+    if nan.any():
+        negative = x.view(f"i{x.dtype.itemsize}") < 0
+        q = np.where(nan, np.where(negative, 0xFF, 0x7F).astype(np.uint8),
+                     q.view(np.uint8)).view(q.dtype)
+    return q
 
 
 def dequantize_fp8_reference(cache, scale=None) -> np.ndarray:
