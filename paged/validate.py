@@ -321,7 +321,8 @@ def check_kv_scale(name: str, scale, cache) -> float | None:
     """Static check of k_scale / v_scale (vLLM's per-tensor KV-cache scales).
 
     None (1.0 for a float8_e4m3fn cache), or for a float8_e4m3fn ``cache`` only: a Python
-    float, or a float32 array of one element (shape () or (1,); may be traced or on a device:
+    float (a weakly typed JAX scalar too), or a float32 array of one element (shape () or
+    (1,); may be traced or on a device:
     :func:`check_kv_scale_values` checks its value on the host). A scale with a float cache is
     refused (it would be silently ignored). Returns the Python float when one was given.
     """
@@ -340,7 +341,10 @@ def check_kv_scale(name: str, scale, cache) -> float | None:
     if not hasattr(scale, "shape") or not hasattr(scale, "dtype"):
         raise TypeError(f"{name}: expected a float or a float32 array of one element, got "
                         f"{type(scale).__name__}")
-    if dtype_name(scale) != "float32":
+    # a weakly typed float64 (JAX's Python float passed to a jitted function under x64) is a
+    # Python float: taken as float32 (the frontend converts it)
+    weak = getattr(scale, "weak_type", False) is True and dtype_name(scale) == "float64"
+    if dtype_name(scale) != "float32" and not weak:
         raise TypeError(f"{name}: expected float32, got {dtype_name(scale)}")
     if _shape(scale) not in ((), (1,)):
         raise ValueError(f"{name}: expected one element (shape () or (1,)), got shape "

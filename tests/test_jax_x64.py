@@ -74,6 +74,19 @@ for backend in (None, "pallas_interpret", "pallas_gpu_interpret"):
         close(f(lambda *a: jf.paged_attention(*a, sliding_window=9, **b))(*args), want)
         close(f(lambda *a: jf.paged_attention(*a, **b))(*dargs), dwant)
         print("attention", backend, mode)
+# fp8 caches with a Python float scale passed to the jitted function: weakly typed float64
+# under x64, taken as float32 (it was refused: "k_scale: expected float32, got float64")
+k8 = ref.quantize_fp8_reference(kc, 0.5)
+f8_want = ref.write_kv_reference(key, key, k8, k8, slots, k_scale=0.5, v_scale=0.5)
+same(jax.jit(lambda *a, s: jf.write_kv(*a, k_scale=s, v_scale=s))(
+    *J(key, key, k8, k8, slots), s=0.5), f8_want)
+close(jax.jit(lambda *a, s: jf.paged_attention(*a, k_scale=s, v_scale=s))(
+    *J(*dec.args()[:1]), *J(*(ref.quantize_fp8_reference(c, 0.5) for c in dec.args()[1:3])),
+    *J(*dec.args()[3:5]), s=0.5),
+    ref.paged_attention_reference(dec.args()[0],
+                                  *(ref.quantize_fp8_reference(c, 0.5) for c in dec.args()[1:3]),
+                                  *dec.args()[3:5], k_scale=0.5, v_scale=0.5))
+print("fp8 scales")
 for mode, f in (("eager", lambda g: g), ("jit", jax.jit)):
     assert np.array_equal(np.asarray(f(lambda t: jf.hash_blocks(t, bs, salt="s"))(
         jnp.asarray(tokens))), np.asarray(h_want))
