@@ -1844,3 +1844,37 @@ def test_memory_shared_across_two_storages_is_refused():
     # disjoint memory of one array in two storages is fine
     tf.swap_blocks([torch.from_numpy(base[0])], [torch.from_numpy(base[1])], *ids)
     np.testing.assert_array_equal(base[1, 1:3], before[0, 0:2])
+
+
+@pytest.mark.parametrize("path", ["host", "device"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_shared_prefix_attention_without_prefixes_is_paged_attention(dtype, path, monkeypatch):
+    """No prefix (prefix_block_tables [0, w], every prefix id -1): paged attention over each
+    sequence's own keys, bit for bit, as its plan runs it. With a soft cap the cascade's merge
+    had rounded differently from the plan (lse 4.8e-7 off, 16-bit out up to 4.9e-4), and with
+    the metadata on a device its prefix pass had failed in index_select (found by a fuzzer)."""
+    from prefixkv.torch_frontend import _native
+
+    if path == "device":
+        monkeypatch.setattr(_native, "_on_host", lambda *t: False)
+    rng = np.random.default_rng(1)
+    dt = TORCH_DTYPE[dtype]
+    k, v = (torch.from_numpy(rng.standard_normal((8, 8, 2, 32)).astype(np.float32)).to(dt)
+            for _ in range(2))
+    q = torch.from_numpy(rng.standard_normal((12, 4, 32)).astype(np.float32)).to(dt)
+    meta = (torch.zeros((0, 1), dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
+            torch.tensor([-1, -1], dtype=torch.int32))
+    tables = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
+    kv, cu = torch.tensor([20, 7], dtype=torch.int32), torch.tensor([0, 5, 12], dtype=torch.int32)
+    opts = dict(logits_soft_cap=5.0, return_lse=True)
+    out, lse = tf.shared_prefix_attention(q, k, v, *meta, tables, kv, cu, **opts)
+    want, want_lse = tf.paged_attention(q, k, v, tables, kv, cu, **opts)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    plan = tf.plan_shared_prefix_attention(*meta, tables, kv, cu, k_cache=k, num_q_heads=4,
+                                           logits_soft_cap=5.0)
+    p_out, p_lse = plan.run(q, k, v, return_lse=True)
+    assert torch.equal(out, p_out) and torch.equal(lse, p_lse)
+    ref_out = ref.shared_prefix_attention_reference(
+        *(t.float().numpy() for t in (q, k, v)), *(t.numpy() for t in (*meta, tables, kv, cu)),
+        logits_soft_cap=5.0)
+    close(out, ref_out, dtype)

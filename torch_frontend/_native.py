@@ -1125,6 +1125,13 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
                         logits_soft_cap=logits_soft_cap, k_scale=k_scale, v_scale=v_scale)
         return
     num_prefixes = prefix_block_tables.shape[0]
+    if num_prefixes == 0:  # no prefix: every sequence its own keys, as a plan runs it (bit
+        # for bit), where the cascade's merge rounded differently and, metadata on a device,
+        # the prefix pass indexed an empty row set
+        paged_attention(out, lse, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
+                        scale=scale, causal=True, sliding_window=None,
+                        logits_soft_cap=logits_soft_cap, k_scale=k_scale, v_scale=v_scale)
+        return
     dev = q.device
     host = _on_host(kv_lens, block_tables, prefix_ids, prefix_lens, prefix_block_tables) and (
         cu_q_lens is None or _on_host(cu_q_lens))
