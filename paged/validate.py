@@ -136,6 +136,7 @@ def check_int(name: str, value, minimum: int | None = None, hint: str = "") -> i
 
 
 _F32_MAX = float(np.finfo(np.float32).max)
+_F32_MIN_NORMAL = float(np.finfo(np.float32).tiny)  # 2**-126
 
 
 def check_optional_positive(name: str, value, *, integer: bool = False, none_is=None):
@@ -409,7 +410,13 @@ def check_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=
         raise ValueError("sliding_window: only defined for causal=True, got causal=False")
     scale_value = check_optional_positive("scale", scale)
     check_optional_positive("sliding_window", sliding_window, integer=True, none_is=-1)
-    check_optional_positive("logits_soft_cap", logits_soft_cap, none_is=0)
+    cap = check_optional_positive("logits_soft_cap", logits_soft_cap, none_is=0)
+    if cap is not None and cap < _F32_MIN_NORMAL:
+        # XLA:CPU runs kernels with subnormals flushed to zero: such a cap compared as 0 there
+        # and the CPU decode kernel applied none
+        raise ValueError(f"logits_soft_cap: expected at least {_F32_MIN_NORMAL:.8g} (float32's "
+                         f"smallest normal: kernels may flush subnormals to zero), got "
+                         f"{logits_soft_cap}")
     check_sinks(sinks, num_q_heads)
     return AttentionDims(
         num_tokens=num_tokens, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,

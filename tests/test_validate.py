@@ -70,6 +70,8 @@ ATTENTION_CASES = [
     # float32 kernels: a larger cap rounds to inf (inf * tanh(0) is NaN in every row)
     ({}, {"logits_soft_cap": 1e39}, ValueError, r"logits_soft_cap: expected at most 3.4028235e\+38 \(float32's largest"),
     ({}, {"scale": 1e39}, ValueError, r"scale: expected at most 3.4028235e\+38"),
+    # XLA:CPU flushes subnormals to zero: the CPU decode kernel saw such a cap as 0 (none)
+    ({}, {"logits_soft_cap": 1e-39}, ValueError, r"logits_soft_cap: expected at least 1.1754944e-38 \(float32's smallest normal"),
     # int32 positions: a larger window overflowed when passed into a jitted computation
     ({}, {"sliding_window": 2**31}, ValueError, r"sliding_window: expected at most 2\*\*31 - 1 \(int32 positions\), got 2147483648"),
     ({}, {"causal": 1}, TypeError, r"causal: expected a bool"),
