@@ -375,6 +375,9 @@ class VllmEventDecoder:
         # the stream marks every salted event with a top-level "cache_salt" (prefixkv's map
         # wire): an event without one is the shared namespace's, whatever its parent's
         self._marked = False
+        # a salted store has been seen (unmarked stream): a continuation whose parent is not
+        # live may then be any tenant's
+        self._salted = False
         self._block_size = 0  # the stream's, from its stores (num_tokens of removals)
         self._msgpack = _msgpack()
 
@@ -502,15 +505,17 @@ class VllmEventDecoder:
         if kind == STORED:
             if salt is not None:
                 ns = salt.encode("utf-8")
+                self._salted = True
             elif parent is None or self._marked:
                 ns = b""
             else:
-                ns = live.get(parent, b"")
-                if isinstance(ns, set):
+                ns = live.get(parent, b"" if not self._salted else None)
+                if ns is None or isinstance(ns, set):
                     # the parent's hash is live under several namespaces (a hash that ignores
-                    # salts) and nothing on the wire says which this chain is: leave the
-                    # blocks out (the router misses them) rather than count them for a
-                    # tenant that may not hold them
+                    # salts), or no longer live on a stream that carries salts, and nothing
+                    # on the wire says which tenant this chain is: leave the blocks out (the
+                    # router misses them) rather than count them for a tenant that may not
+                    # hold them
                     return []
             for h in hashes:
                 had = live.setdefault(h, ns)

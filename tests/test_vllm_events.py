@@ -304,6 +304,51 @@ def test_a_hash_that_ignores_salts_never_crosses_namespaces_on_the_wire(wire):
     assert wired.pick(q, salt="t").overlaps == {"w": 0 if wire == "array" else 1}
 
 
+def test_a_continuation_of_a_removed_parent_is_left_out_on_a_salted_array_stream():
+    """The array wire carries a salt on a chain's first block only. Once the stream has
+    carried salts, a continuation whose parent is no longer live may be any tenant's: the
+    decoder leaves it out. It had put it in the shared namespace, so with a hash that ignores
+    salts the router counted tenant "a"'s block for tenant "" (found by a fuzzer). A stream
+    that never carried a salt keeps such continuations in the shared namespace."""
+    bs = 2
+    for salted in (True, False):
+        pc = PrefixCache(num_blocks=6, block_size=bs, hash_fn=_saltless)
+        enc, dec = VllmEventEncoder(bs, wire="array", int_hashes=False), VllmEventDecoder()
+        pc.events.subscribe(enc)
+        router = Router(bs, hash_fn=_saltless)
+        router.add_worker("w")
+
+        def pump(enc=enc, dec=dec, router=router):
+            payload = enc.take()
+            if payload is not None:
+                for ev in dec.decode(payload).events:
+                    router.apply("w", ev)
+
+        salt = "a" if salted else None
+        pc.add_request("r1", [1, 2, 9], salt=salt)
+        pc.add_request("r2", [1, 2, 9], salt=salt)  # a duplicate of r1's block, unregistered
+        pc.step([("r1", 3), ("r2", 3)])
+        pump()
+        pc.free("r1")
+        pc.add_request("x", [7, 7, 7, 7, 7], salt=salt)  # evicts r1's block: its hash removed
+        pc.step([("x", 5)])
+        pump()
+        pc.free("x")
+        pc.append_tokens("r2", [5, 6])  # r2's next block: stored with the removed parent
+        pc.step([("r2", 2)])
+        pump()
+        q = [1, 2, 9, 5, 6]
+        if salted:
+            pc.add_request("s", [1, 2, 3])  # the first block again, for tenant ""
+            pc.step([("s", 3)])
+            pump()
+            assert len(pc.match(q)[0]) == 1
+            assert router.overlaps(q)["w"] == 1  # never 2: the continuation is tenant a's
+        else:
+            assert router.overlaps(q)["w"] == 0  # the parent is gone: no chain to count
+            assert _saltless(q, bs)[1] in router.cached_hashes("w")[b""]
+
+
 def test_frames():
     frames = encode_frames(7, b"payload", topic="kv")
     assert frames == (b"kv", (7).to_bytes(8, "big"), b"payload")
