@@ -399,7 +399,8 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
         def head_fn(h):
             def tile_fn(i):
                 one = tuple(lax.dynamic_slice_in_dim(x, i, 1) for x in all_tiles)
-                qh = lax.dynamic_slice(qf, (i, h, 0, 0), (1, 1, rows, head_dim))
+                zero = jnp.int32(0)  # a Python 0 is int64 under x64: mixed index dtypes
+                qh = lax.dynamic_slice(qf, (i, h, zero, zero), (1, 1, rows, head_dim))
                 return tuple(x[0, 0] for x in run(qh, h, one))
             return lax.map(tile_fn, jnp.arange(nt, dtype=jnp.int32))
         parts = lax.map(head_fn, jnp.arange(num_kv_heads, dtype=jnp.int32))

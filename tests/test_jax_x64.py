@@ -87,6 +87,13 @@ close(jax.jit(lambda *a, s: jf.paged_attention(*a, k_scale=s, v_scale=s))(
                                   *(ref.quantize_fp8_reference(c, 0.5) for c in dec.args()[1:3]),
                                   *dec.args()[3:5], k_scale=0.5, v_scale=0.5))
 print("fp8 scales")
+# a prefill long enough for the CPU's per-(kv head, tile) loop, whose dynamic_slice had mixed
+# int32 loop indices with Python 0s (int64 under x64) and failed to trace (found by a fuzzer)
+pf = testing.make_ragged_batch(rng, [(64, 64)], num_q_heads=1, num_kv_heads=1, head_dim=8,
+                               block_size=bs)
+for mode, f in (("eager", lambda g: g), ("jit", jax.jit)):
+    close(f(jf.paged_attention)(*J(*pf.args())), ref.paged_attention_reference(*pf.args()))
+print("x64 prefill")
 for mode, f in (("eager", lambda g: g), ("jit", jax.jit)):
     assert np.array_equal(np.asarray(f(lambda t: jf.hash_blocks(t, bs, salt="s"))(
         jnp.asarray(tokens))), np.asarray(h_want))
