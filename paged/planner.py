@@ -173,7 +173,11 @@ class BatchPlan:
         return int(self.cu_q_lens[-1])
 
 
-def _table(rows: Sequence[Sequence[int]], width: int | None = None) -> np.ndarray:
+def _table(rows: Sequence[Sequence[int]], width: int | None = None, *,
+           checked_rows: bool = False) -> np.ndarray:
+    """The rows as a zero-padded int32 table; ids outside [0, 2**31) refused (ValueError
+    naming block_lists). ``checked_rows``: int32 array rows known to hold valid ids
+    (PrefixCache's), whose negatives are not looked for (a pass over the table)."""
     lens = list(map(len, rows))
     w = max(max(lens, default=0), 1) if width is None else width
     out = np.zeros((len(rows), w), dtype=I32)
@@ -181,10 +185,19 @@ def _table(rows: Sequence[Sequence[int]], width: int | None = None) -> np.ndarra
     try:
         if total and isinstance(rows[0], np.ndarray):  # PrefixCache's rows
             for i, r in enumerate(rows):
-                dt = r.dtype
-                if dt is not _I32_DTYPE and dt.kind not in "iu" and r.size:  # int32: no more
-                    raise TypeError(f"block_lists[{i}]: expected integer block ids, got {dt}")
+                dt = getattr(r, "dtype", None)
+                if dt is not _I32_DTYPE and r is not None and len(r):
+                    # other integer dtypes are range checked before the cast to int32: an
+                    # int64 id of 2**32 + 5 had wrapped to block 5
+                    a = np.asarray(r)
+                    if a.dtype.kind not in "iu":
+                        raise TypeError(f"block_lists[{i}]: expected integer block ids, got "
+                                        f"{a.dtype}")
+                    if a.min() < 0 or a.max() >= 2**31:
+                        raise OverflowError
                 out[i, :len(r)] = r
+            if not checked_rows and out.size and out.min() < 0:  # int32 rows' negatives
+                raise OverflowError
         elif total:
             flat = np.array(list(chain.from_iterable(rows)))
             if flat.dtype.kind not in "iu":
@@ -230,7 +243,8 @@ def _lens(name: str, lens, n: int) -> np.ndarray:
 
 def plan_batch(block_lists: Sequence[Sequence[int]], context_lens: Sequence[int],
                q_lens: Sequence[int], block_size: int, *, shared_prefix: bool = True,
-               min_prefix_blocks: int = 1, min_group_size: int = 2) -> BatchPlan:
+               min_prefix_blocks: int = 1, min_group_size: int = 2,
+               _checked_rows: bool = False) -> BatchPlan:
     """Metadata of a step.
 
     block_lists: per sequence, its block ids in order (at least ceil(kv_len / block_size)).
@@ -239,11 +253,16 @@ def plan_batch(block_lists: Sequence[Sequence[int]], context_lens: Sequence[int]
     shared_prefix: look for shared-prefix groups (``BatchPlan.shared``).
     min_prefix_blocks / min_group_size: the smallest prefix (blocks) and group worth a group.
     """
+    min_prefix_blocks = check_int("min_prefix_blocks", min_prefix_blocks, 1)
+    min_group_size = check_int("min_group_size", min_group_size, 2)
     n = len(block_lists)
     if len(context_lens) != n or len(q_lens) != n:
         raise ValueError(f"context_lens/q_lens: expected {n} entries (one per sequence), got "
                          f"{len(context_lens)} and {len(q_lens)}")
     block_size = check_int("block_size", block_size, 1)
+    if block_size > 0x7FFFFFFF:
+        raise ValueError(f"block_size: expected at most 2**31 - 1 (int32 slots), got "
+                         f"{block_size}")
     ctx = _lens("context_lens", context_lens, n)
     ql = _lens("q_lens", q_lens, n)
     kv = ctx + ql
@@ -253,7 +272,7 @@ def plan_batch(block_lists: Sequence[Sequence[int]], context_lens: Sequence[int]
         s = int(np.argmax(nblk < need))
         raise ValueError(f"block_lists: sequence {s} has {int(nblk[s])} blocks, needs "
                          f"{int(need[s])} for kv_len {int(kv[s])}")
-    tables = _table(block_lists)
+    tables = _table(block_lists, checked_rows=_checked_rows)
     cu = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(ql, out=cu[1:])
     seq, pos = query_positions(kv, cu)
@@ -394,8 +413,10 @@ def find_shared_prefixes(block_lists: Sequence[Sequence[int]], context_lens, kv_
     lies past a row's blocks is not read into the plan.
     """
     return _shared_prefixes(block_lists, context_lens, kv_lens, block_size,
-                            min_prefix_blocks=min_prefix_blocks,
-                            min_group_size=min_group_size, table=table, zero_padded=False)
+                            min_prefix_blocks=check_int("min_prefix_blocks", min_prefix_blocks,
+                                                        1),
+                            min_group_size=check_int("min_group_size", min_group_size, 2),
+                            table=table, zero_padded=False)
 
 
 def _shared_prefixes(block_lists, context_lens, kv_lens, block_size: int, *,

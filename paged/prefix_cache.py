@@ -535,7 +535,7 @@ class PrefixCache:
                           q_lens, self.block_size,
                           shared_prefix=self.shared_prefix,
                           min_prefix_blocks=self.min_prefix_blocks,
-                          min_group_size=self.min_group_size)
+                          min_group_size=self.min_group_size, _checked_rows=True)
         plan.request_ids = request_ids
         pairs = [p for r in reqs if r.copies for p in r.copies]
         if pairs:

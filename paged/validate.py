@@ -847,6 +847,9 @@ def check_hash_blocks(tokens, block_size, *, cu_lens=None, salt=None, extra=None
         raise TypeError(f"block_size: expected an int, got {type(block_size).__name__}")
     if block_size < 1:
         raise ValueError(f"block_size: expected >= 1, got {block_size}")
+    if block_size > 0x7FFFFFFF:
+        raise ValueError(f"block_size: expected at most 2**31 - 1 (int32 positions), got "
+                         f"{block_size}")
     block_size = int(block_size)
     if cu_lens is None:
         num_seqs = 1

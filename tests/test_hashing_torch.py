@@ -153,6 +153,10 @@ def test_backend_errors():
                                      if why == "ok"])
 def test_no_full_block_with_a_huge_block_size(backend):
     """Zero full blocks: an empty result (the C chain had sized its buffers by block_size,
-    a MemoryError for 2**40)."""
-    out = hash_blocks(torch.arange(4, dtype=torch.int32), 2**40, backend=backend)
+    a MemoryError for 2**40). Past int32 a block size is refused by name (2**63 had raised an
+    OverflowError naming nothing)."""
+    out = hash_blocks(torch.arange(4, dtype=torch.int32), 2**30, backend=backend)
     assert tuple(out.shape) == (0, 8)
+    for huge in (2**31, 2**40, 2**63):
+        with pytest.raises(ValueError, match=r"block_size: expected at most 2\*\*31 - 1"):
+            hash_blocks(torch.arange(4, dtype=torch.int32), huge, backend=backend)

@@ -7,6 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from prefixkv.paged import spec, validate
+from prefixkv.paged.csr import block_tables_from_csr, csr_from_block_tables
+from prefixkv.paged.hashing import hash_blocks
 from prefixkv.paged.planner import (
     find_shared_prefixes,
     kv_splits,
@@ -334,3 +336,46 @@ def test_a_callers_table_with_rows_past_the_batch():
     assert s.prefix_lens.tolist() == [8] and s.prefix_ids.tolist() == [0, 0, -1]
     assert s.block_tables.tolist() == [[3, 0, 0], [4, 0, 0], [5, 6, 7]]
     assert s.kv_lens.tolist() == [1, 1, 9]
+
+
+def test_array_rows_are_range_checked_as_lists_are():
+    """Array rows (numpy, any integer dtype) are refused by name outside [0, 2**31), as list
+    rows are. They had been cast to int32 as they were: -5 gave negative slots (write_kv skips
+    them: KV silently lost), 2**31 wrapped to a slot of block 0, and 2**32 + 5 and 5 formed a
+    shared-prefix group over two different blocks (found by a fuzzer)."""
+    bad = [[np.array([-5, 1])], [np.array([2**31, 1], np.int64)],
+           [np.array([2**32 + 5, 7], np.int64), np.array([5, 8], np.int64)],
+           [np.array([1, 2], np.int32), np.array([-1, 3], np.int32)],
+           [np.array([3, 2**31], np.uint32)]]
+    for rows in bad:
+        with pytest.raises(ValueError, match=r"block_lists: expected block ids in \[0, 2\*\*31\)"):
+            plan_batch(rows, [0] * len(rows), [2] * len(rows), 2)
+    plan = plan_batch([np.array([2**31 - 1], np.int64), np.array([4], np.uint8)], [0, 0],
+                      [1, 1], 1)
+    assert plan.block_tables[:, 0].tolist() == [2**31 - 1, 4]
+
+
+def test_plan_arguments_are_checked_by_name():
+    """min_prefix_blocks / min_group_size had been passed through max() (a str raised a bare
+    TypeError, -5 and 1.5 passed); a block_size past int32 raised an OverflowError naming
+    nothing (found by a fuzzer)."""
+    args = ([[1, 2], [1, 3]], [2, 2], [1, 1], 1)
+    cases = (({"min_prefix_blocks": "2"}, TypeError, "min_prefix_blocks: expected an int"),
+             ({"min_prefix_blocks": 0}, ValueError, "min_prefix_blocks: expected an int >= 1"),
+             ({"min_group_size": None}, TypeError, "min_group_size: expected an int"),
+             ({"min_group_size": 1}, ValueError, "min_group_size: expected an int >= 2"),
+             ({"min_group_size": 2.5}, TypeError, "min_group_size: expected an int"))
+    for kw, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            plan_batch(*args, **kw)
+        with pytest.raises(exc, match=match):
+            find_shared_prefixes(args[0], [2, 2], [3, 3], 1, **kw)
+    for huge in (2**31, 2**63):
+        with pytest.raises(ValueError, match=r"block_size: expected at most 2\*\*31 - 1"):
+            plan_batch([[1]], [0], [1], huge)
+        with pytest.raises(ValueError, match=r"block_size: expected at most 2\*\*31 - 1"):
+            csr_from_block_tables(np.zeros((1, 1), np.int32), np.array([1], np.int32), huge)
+        with pytest.raises(ValueError, match=r"block_size: expected at most 2\*\*31 - 1"):
+            block_tables_from_csr([0, 1], [3], [1], huge)
+        with pytest.raises(ValueError, match=r"block_size: expected at most 2\*\*31 - 1"):
+            hash_blocks(np.arange(4, dtype=np.int32), huge)
