@@ -76,11 +76,10 @@ def test_cpu_gather_blocks(benchmark, machine_limits, impl):
            baseline=impl == "loop_baseline")
 
 
-@pytest.mark.parametrize("impl", ["prefixkv", "loop_baseline"])
-def test_cpu_swap_blocks(benchmark, machine_limits, impl):
-    benchmark.group = "cpu-swap-blocks"
+def _cpu_swap(benchmark, machine_limits, impl: str, dst) -> None:
+    """swap_blocks of MOVE blocks of every layer's K and V into ``dst`` (MOVE * 2 zeroed blocks
+    each), or the loop a user would write, checked then timed."""
     src = _caches()
-    dst = [torch.zeros(MOVE * 2, *BLOCK_SHAPE, dtype=torch.bfloat16) for _ in src]
     src_ids, dst_ids = _ids(), _ids(num_blocks=MOVE * 2, seed=2)
     pairs = list(zip(src_ids.tolist(), dst_ids.tolist(), strict=True))
 
@@ -103,31 +102,21 @@ def test_cpu_swap_blocks(benchmark, machine_limits, impl):
 
 
 @pytest.mark.parametrize("impl", ["prefixkv", "loop_baseline"])
+def test_cpu_swap_blocks(benchmark, machine_limits, impl):
+    benchmark.group = "cpu-swap-blocks"
+    _cpu_swap(benchmark, machine_limits, impl,
+              [torch.zeros(MOVE * 2, *BLOCK_SHAPE, dtype=torch.bfloat16)
+               for _ in range(2 * LAYERS)])
+
+
+@pytest.mark.parametrize("impl", ["prefixkv", "loop_baseline"])
 def test_cpu_swap_blocks_into_one_buffer(benchmark, machine_limits, impl):
     """Into every layer's K and V as views of one block-major host buffer [blocks, layers * 2,
     *block] (a block's data for all layers together, the offload staging layout): every view
     spans the whole buffer, so the overlap checks must tell apart views that interleave."""
     benchmark.group = "cpu-swap-blocks-one-buffer"
-    src = _caches()
-    buf = torch.zeros(MOVE * 2, len(src), *BLOCK_SHAPE, dtype=torch.bfloat16)
-    dst = [buf[:, i] for i in range(len(src))]
-    src_ids, dst_ids = _ids(), _ids(num_blocks=MOVE * 2, seed=2)
-    pairs = list(zip(src_ids.tolist(), dst_ids.tolist(), strict=True))
-
-    def loop():
-        for a, b in zip(src, dst, strict=True):
-            for s, d in pairs:
-                b[d].copy_(a[s])
-
-    fn = (lambda: tf.swap_blocks(src, dst, src_ids, dst_ids)) if impl == "prefixkv" else loop
-    fn()
-    s64, d64 = src_ids.long(), dst_ids.long()
-    for a, b in zip(src, dst, strict=True):
-        assert torch.equal(b[d64], a[s64])
-    benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
-    nbytes = _moved_bytes(src)
-    record(benchmark, machine_limits, bytes_read=nbytes, bytes_written=nbytes, impl=impl,
-           baseline=impl == "loop_baseline")
+    buf = torch.zeros(MOVE * 2, 2 * LAYERS, *BLOCK_SHAPE, dtype=torch.bfloat16)
+    _cpu_swap(benchmark, machine_limits, impl, [buf[:, i] for i in range(2 * LAYERS)])
 
 
 # ----------------------------------------------------------------------------------- GPU

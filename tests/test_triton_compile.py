@@ -95,6 +95,16 @@ def _attention_variant(dtype, head_dim, num_q_heads, num_kv_heads, decode, causa
 #: write_kv moving bits (caches of the rows' dtype); ks_ptr / vs_ptr then unread
 WRITE_BITS = {"FP8": False, "IN_BF16": False}
 
+
+def _fp8_write_variant(in_bf16: bool, rows_ptr: str) -> tuple:
+    """write_kv of 8 heads x 128 into float8_e4m3fn caches (int8), int64 slots, rows of
+    ``rows_ptr`` (bfloat16 rows as their int16 bits with ``in_bf16``)."""
+    return (tcache._write_kv_kernel,
+            {"NUM_HEADS": 8, "HEAD_DIM": 128, "BLOCK_H": 8, "BLOCK_D": 128, "BLOCK_SIZE": 16,
+             "FP8": True, "IN_BF16": in_bf16},
+            {"k_ptr": "*i8", "v_ptr": "*i8", "slots_ptr": "*i64", "ks_ptr": "*fp32",
+             "vs_ptr": "*fp32"}, rows_ptr)
+
 VARIANTS = {
     "attn-decode-bf16-d128-g4": _attention_variant("bfloat16", 128, 32, 8, True, True, False,
                                                    False, 1),
@@ -202,26 +212,11 @@ VARIANTS = {
                                "BLOCK_H": tcache.write_kv_heads_per_program(64, 256),
                                "BLOCK_D": 256, "BLOCK_SIZE": 16, **WRITE_BITS},
                               {"slots_ptr": "*i32"}, "*i32"),
-    # into float8_e4m3fn caches (int8) from bfloat16 rows (int16 bits), as vLLM's fp8 caches
-    "write-kv-h8-d128-fp8-bf16": (tcache._write_kv_kernel,
-                                  {"NUM_HEADS": 8, "HEAD_DIM": 128, "BLOCK_H": 8,
-                                   "BLOCK_D": 128, "BLOCK_SIZE": 16, "FP8": True,
-                                   "IN_BF16": True},
-                                  {"k_ptr": "*i8", "v_ptr": "*i8", "slots_ptr": "*i64",
-                                   "ks_ptr": "*fp32", "vs_ptr": "*fp32"}, "*i16"),
-    # from float16 and float32 rows (their sign bits read as 16- and 32-bit integers)
-    "write-kv-h8-d128-fp8-f16": (tcache._write_kv_kernel,
-                                 {"NUM_HEADS": 8, "HEAD_DIM": 128, "BLOCK_H": 8,
-                                  "BLOCK_D": 128, "BLOCK_SIZE": 16, "FP8": True,
-                                  "IN_BF16": False},
-                                 {"k_ptr": "*i8", "v_ptr": "*i8", "slots_ptr": "*i64",
-                                  "ks_ptr": "*fp32", "vs_ptr": "*fp32"}, "*fp16"),
-    "write-kv-h8-d128-fp8-f32": (tcache._write_kv_kernel,
-                                 {"NUM_HEADS": 8, "HEAD_DIM": 128, "BLOCK_H": 8,
-                                  "BLOCK_D": 128, "BLOCK_SIZE": 16, "FP8": True,
-                                  "IN_BF16": False},
-                                 {"k_ptr": "*i8", "v_ptr": "*i8", "slots_ptr": "*i64",
-                                  "ks_ptr": "*fp32", "vs_ptr": "*fp32"}, "*fp32"),
+    # into float8_e4m3fn caches (int8) from bfloat16 rows (int16 bits), as vLLM's fp8 caches,
+    # and from float16 and float32 rows (their sign bits read as 16- and 32-bit integers)
+    "write-kv-h8-d128-fp8-bf16": _fp8_write_variant(True, "*i16"),
+    "write-kv-h8-d128-fp8-f16": _fp8_write_variant(False, "*fp16"),
+    "write-kv-h8-d128-fp8-f32": _fp8_write_variant(False, "*fp32"),
     "cascade-order-decode-ids64": (tattn._cascade_order_kernel,
                                    {"DECODE": True, "BLOCK_S": tattn.CASCADE_BLOCK_S,
                                     "BLOCK_T": tattn.CASCADE_BLOCK_T},
