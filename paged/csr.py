@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .validate import check_int, to_host
+from .validate import check_int, check_int32, to_host
 
 
 def _int_array(name: str, x, ndim: int = 1) -> np.ndarray:
@@ -28,9 +28,7 @@ def _check_block_size(block_size) -> None:
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) \
             or block_size < 1:
         raise ValueError(f"block_size: expected an int >= 1, got {block_size!r}")
-    if block_size > 0x7FFFFFFF:
-        raise ValueError(f"block_size: expected at most 2**31 - 1 (int32 lengths), got "
-                         f"{block_size}")
+    check_int32("block_size", block_size, "int32 lengths")
 
 
 def block_tables_from_csr(kv_indptr, kv_indices, kv_last_page_len, block_size: int, *,

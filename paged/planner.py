@@ -27,7 +27,7 @@ from itertools import chain
 import numpy as np
 
 from .spec import query_positions
-from .validate import check_int
+from .validate import check_int, check_int32
 
 I32 = np.int32
 _I32_DTYPE = np.dtype(I32)
@@ -185,8 +185,7 @@ def _table(rows: Sequence[Sequence[int]], width: int | None = None, *,
     try:
         if total and isinstance(rows[0], np.ndarray):  # PrefixCache's rows
             for i, r in enumerate(rows):
-                dt = getattr(r, "dtype", None)
-                if dt is not _I32_DTYPE and r is not None and len(r):
+                if getattr(r, "dtype", None) is not _I32_DTYPE and len(r):  # a list row too
                     # other integer dtypes are range checked before the cast to int32: an
                     # int64 id of 2**32 + 5 had wrapped to block 5
                     a = np.asarray(r)
@@ -260,9 +259,7 @@ def plan_batch(block_lists: Sequence[Sequence[int]], context_lens: Sequence[int]
         raise ValueError(f"context_lens/q_lens: expected {n} entries (one per sequence), got "
                          f"{len(context_lens)} and {len(q_lens)}")
     block_size = check_int("block_size", block_size, 1)
-    if block_size > 0x7FFFFFFF:
-        raise ValueError(f"block_size: expected at most 2**31 - 1 (int32 slots), got "
-                         f"{block_size}")
+    check_int32("block_size", block_size, "int32 slots")
     ctx = _lens("context_lens", context_lens, n)
     ql = _lens("q_lens", q_lens, n)
     kv = ctx + ql

@@ -135,6 +135,12 @@ def check_int(name: str, value, minimum: int | None = None, hint: str = "") -> i
     return int(value)
 
 
+def check_int32(name: str, value: int, use: str = "int32 positions") -> None:
+    """A ValueError naming ``name`` for an int past int32 (``use``: what needs it to fit)."""
+    if value > 0x7FFFFFFF:
+        raise ValueError(f"{name}: expected at most 2**31 - 1 ({use}), got {value}")
+
+
 _F32_MAX = float(np.finfo(np.float32).max)
 _F32_MIN_NORMAL = float(np.finfo(np.float32).tiny)  # 2**-126
 
@@ -153,9 +159,7 @@ def check_optional_positive(name: str, value, *, integer: bool = False, none_is=
             raise TypeError(f"{name}: expected an int or None, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"{name}: expected >= 1, got {value}{off}")
-        if value > 0x7FFFFFFF:
-            raise ValueError(f"{name}: expected at most 2**31 - 1 (int32 positions), got "
-                             f"{value}")
+        check_int32(name, value)
         return int(value)
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise TypeError(f"{name}: expected a float or None, got {type(value).__name__}")
@@ -847,9 +851,7 @@ def check_hash_blocks(tokens, block_size, *, cu_lens=None, salt=None, extra=None
         raise TypeError(f"block_size: expected an int, got {type(block_size).__name__}")
     if block_size < 1:
         raise ValueError(f"block_size: expected >= 1, got {block_size}")
-    if block_size > 0x7FFFFFFF:
-        raise ValueError(f"block_size: expected at most 2**31 - 1 (int32 positions), got "
-                         f"{block_size}")
+    check_int32("block_size", block_size)
     block_size = int(block_size)
     if cu_lens is None:
         num_seqs = 1
