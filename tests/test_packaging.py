@@ -61,10 +61,11 @@ def test_wheel_holds_every_module_and_kernel_source(wheel_names):
 
 def test_wheel_holds_the_sources_the_kernels_open(wheel_names):
     """The paths the kernel modules read at runtime, named by the modules themselves."""
-    from prefixkv.kernels.cpu import decode, xla_ffi
+    from prefixkv.kernels.cpu import block_copy, decode, xla_ffi
     from prefixkv.kernels.cuda import hashing, swap
 
-    paths = [*xla_ffi.SOURCES, decode.SOURCE, hashing.SOURCE, swap.SOURCE]
+    paths = [*xla_ffi.SOURCES, *xla_ffi.HEADERS, decode.SOURCE, block_copy.SOURCE,
+             hashing.SOURCE, swap.SOURCE]
     for p in paths:
         rel = Path(p).resolve().relative_to(ROOT).as_posix()
         assert _installed_name(rel) in wheel_names, rel

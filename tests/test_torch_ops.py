@@ -1146,11 +1146,15 @@ def test_copy_scatter_bits_layouts_overlap(dtype, layout, small_bytes, monkeypat
 
 
 def test_few_big_blocks_move_through_wide_views(monkeypatch):
-    """swap_blocks and scatter_blocks of 5 blocks of 32 KiB (fewer rows than
-    SMALL_WRITE_ROWS, more bytes than SMALL_WRITE_BYTES) index_copy_ them as complex128 rows
-    (torch's CPU index_copy_ moves element by element: ~7x slower as bfloat16); exact."""
+    """Without the compiled block copy, swap_blocks and scatter_blocks of 5 blocks of 32 KiB
+    (fewer rows than SMALL_WRITE_ROWS, more bytes than SMALL_WRITE_BYTES) index_copy_ them as
+    complex128 rows (torch's CPU index_copy_ moves element by element: ~7x slower as
+    bfloat16); exact."""
+    from prefixkv.kernels.cpu import block_copy
     from prefixkv.torch_frontend import _native
 
+    monkeypatch.setenv("PREFIXKV_DISABLE_CPU_FFI", "1")
+    monkeypatch.setattr(block_copy, "_state", {})
     seen = []
     wide = _native._wide
 

@@ -1540,6 +1540,88 @@ def _bytes(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in tensors]
 
 
+#: The compiled one-pass block copy (kernels/cpu/block_copy.py): imported on first use.
+_BLOCK_COPY: dict = {}
+#: Host block copies of at least this many bytes write with non-temporal stores (the
+#: destination, a host tier or a staging buffer, is not read back soon; a copy that fits the
+#: core's caches keeps them) ...
+STREAM_MIN_BYTES = 2 << 20
+#: ... and run on up to torch.get_num_threads() threads, each with this many bytes at least.
+THREAD_MIN_BYTES = 4 << 20
+
+
+def _block_layout(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(address of block 0, bytes from one block to the next, bytes of a block) of a CPU
+    tensor whose blocks are each contiguous, else None."""
+    if t.device.type != "cpu":
+        return None
+    size = t.element_size()
+    want = 1
+    for n, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:]), strict=True):
+        if n != 1 and stride != want:
+            return None
+        want *= n
+    return t.data_ptr(), t.stride(0) * size, want * size
+
+
+def _part_layouts(buffer: torch.Tensor) -> list[tuple[int, int, int]] | None:
+    """_block_layout of each buffer[:, i] of a [n, parts, *block] CPU buffer, from the first
+    part's (no view per part)."""
+    if buffer.device.type != "cpu" or buffer.dim() < 2 or not buffer.shape[1]:
+        return None
+    part = _block_layout(buffer.select(1, 0))
+    if part is None:
+        return None
+    step = buffer.stride(1) * buffer.element_size()
+    return [(part[0] + i * step, part[1], part[2]) for i in range(buffer.shape[1])]
+
+
+def _c_copy(src, dst, src_ids: torch.Tensor | None, dst_ids: torch.Tensor | None, n: int,
+            src_blocks: int, dst_blocks: int, new: torch.Tensor | None = None) -> bool:
+    """Block dst_ids[i] of every dst = block src_ids[i] of its src, one pass, by the compiled
+    copy: src, dst lists of _block_layout triples (None: some tensor has no such layout);
+    ids host int64 tensors in range (None: 0..n-1). False (nothing copied) when the copy
+    cannot run here; the caller then takes the torch path. No dst block may share bytes with
+    a src block or another dst block (the ops' overlap checks). ``new``: the destination, a
+    new tensor never written, gets huge pages when large (faulting a new 64 MiB gather output
+    in 4 KiB pages cost ~6x the copy: bench/bench_torch_copy.py)."""
+    if src is None or dst is None or any(x is None for x in (*src, *dst)):
+        return False
+    mod = _BLOCK_COPY.get("module")
+    if mod is None:
+        from ..kernels.cpu import block_copy as mod
+        _BLOCK_COPY["module"] = mod
+    if not mod.available():
+        return False
+    ids = [None if x is None else x.contiguous() for x in (src_ids, dst_ids)]
+    total = n * sum(b for _, _, b in src)
+    threads = max(1, min(torch.get_num_threads(), total // THREAD_MIN_BYTES))
+    if new is not None:
+        mod.advise_new_output(new.data_ptr(), new.numel() * new.element_size())
+    mod.copy_blocks([a for a, _, _ in src], [a for a, _, _ in dst], [s for _, s, _ in src],
+                    [s for _, s, _ in dst], [b for _, _, b in src], n,
+                    *(None if x is None else x.data_ptr() for x in ids), src_blocks,
+                    dst_blocks, streaming=total >= STREAM_MIN_BYTES, threads=threads)
+    return True
+
+
+def _layouts(tensors) -> list | None:
+    out = []
+    for t in tensors:
+        layout = _block_layout(t)
+        if layout is None:
+            return None
+        out.append(layout)
+    return out
+
+
+def _sources_written(s: torch.Tensor, d: torch.Tensor) -> bool:
+    """Whether a block is read by one pair and written by another (host int64 ids): then a
+    one-pass copy could read a block already overwritten."""
+    s_np, d_np = s.numpy(), d.numpy()
+    return bool(np.isin(d_np[s_np != d_np], s_np).any())
+
+
 def _host_ids(name: str, ids: torch.Tensor, upper: int) -> bool:
     """Whether ``ids`` are on the host, after _host_bounds' guard there (a device's are bounded
     by the op itself: reads clamped, writes out of range dropped, no sync)."""
@@ -1558,6 +1640,10 @@ def copy_blocks(caches, src, dst) -> None:
     host = _host_ids("src", s, num_blocks) & _host_ids("dst", d, num_blocks)
     if not host:
         s = s.clamp(0, num_blocks - 1)
+    elif not _sources_written(s, d):  # one pass: no block read after it was written
+        layouts = _layouts(caches)
+        if _c_copy(layouts, layouts, s, d, s.shape[0], num_blocks, num_blocks):
+            return
     stage = _staging(caches, s.shape[0])
     for c in caches:
         tmp = stage(c)
@@ -1587,6 +1673,9 @@ def gather_blocks(buffer: torch.Tensor, caches, block_ids) -> None:
     buffer, *caches = _bytes(buffer, *caches)
     if not _host_ids("block_ids", ids, caches[0].shape[0]):
         ids = ids.clamp(0, caches[0].shape[0] - 1)
+    elif _c_copy(_layouts(caches), _part_layouts(buffer), ids, None, ids.shape[0],
+                 caches[0].shape[0], buffer.shape[0], new=buffer):  # the op's new output
+        return
     if buffer.is_contiguous() and len(caches) == 1:
         torch.index_select(caches[0], 0, ids.to(caches[0].device), out=buffer[:, 0])
         return
@@ -1605,6 +1694,9 @@ def scatter_blocks(caches, buffer, block_ids) -> None:
     ids = block_ids.to(torch.int64)
     buffer, *caches = _bytes(buffer, *caches)
     host = _host_ids("block_ids", ids, caches[0].shape[0])
+    if host and _c_copy(_part_layouts(buffer), _layouts(caches), None, ids, ids.shape[0],
+                        buffer.shape[0], caches[0].shape[0]):
+        return
     for i, c in enumerate(caches):
         rows = buffer[:, i].to(c.device)
         if host:
@@ -1616,9 +1708,14 @@ def scatter_blocks(caches, buffer, block_ids) -> None:
 def swap_blocks(src_caches, dst_caches, src_ids, dst_ids) -> None:
     s, d = src_ids.to(torch.int64), dst_ids.to(torch.int64)
     src_caches, dst_caches = _bytes(*src_caches), _bytes(*dst_caches)
-    if not _host_ids("src_ids", s, src_caches[0].shape[0]):
+    s_host = _host_ids("src_ids", s, src_caches[0].shape[0])
+    if not s_host:
         s = s.clamp(0, src_caches[0].shape[0] - 1)
     d_host = _host_ids("dst_ids", d, dst_caches[0].shape[0])
+    if s_host and d_host and _c_copy(_layouts(src_caches), _layouts(dst_caches), s, d,
+                                     s.shape[0], src_caches[0].shape[0],
+                                     dst_caches[0].shape[0]):
+        return  # host to host, one pass
     moved: dict = {}
 
     def on(ids, device):  # each id tensor moved to each device once, not once per cache

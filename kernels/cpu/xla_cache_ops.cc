@@ -18,8 +18,7 @@
 #include <cstring>
 #include <vector>
 
-#include <sys/mman.h>
-
+#include "huge_pages.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -43,29 +42,6 @@ void AliasOrCopy(const ffi::AnyBuffer& in, ffi::AnyBuffer out) {
   if (in.untyped_data() != out.untyped_data()) {
     std::memcpy(out.untyped_data(), in.untyped_data(), out.size_bytes());
   }
-}
-
-// A new output at least this large gets the huge-page advice below (glibc malloc serves
-// allocations above its mmap threshold, at most 32 MiB, with a fresh mmap on every call).
-constexpr int64_t kLargeOutputBytes = int64_t{4} << 20;
-
-// Ask the kernel for transparent huge pages over the 2 MiB-aligned part of a new output,
-// before its first write: faulting 32 MiB in 4 KiB pages (8192 faults) took ~18 ms here, five
-// times the copy itself; with the advice, ~6.4 ms all told (about 500 faults, and the kernel
-// zeroing the huge pages). Advice only: a failure changes nothing.
-void AdviseHugePages(void* data, int64_t bytes) {
-#if defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(data);
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t hi = (begin + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
-  if (hi <= lo) return;
-  // Memory the allocator handed back already mapped (its first huge-page-aligned page is
-  // resident) has nothing left to fault: leave it as it is.
-  unsigned char resident = 0;
-  if (mincore(reinterpret_cast<void*>(lo), 4096, &resident) == 0 && (resident & 1)) return;
-  madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#endif
 }
 
 // slots: s32[n], n <= num_tokens. NHD (hnd false): rows [num_tokens, *row_shape], cache
@@ -219,7 +195,7 @@ ffi::Error GatherBlocksImpl(ffi::Buffer<ffi::S32> ids, ffi::RemainingArgs caches
   if (num_blocks == 0) return ffi::Error::InvalidArgument("gather_blocks: empty caches");
   auto* dst = static_cast<char*>(out->untyped_data());
   const int64_t out_bytes = n * num_caches * block_bytes;
-  if (out_bytes >= kLargeOutputBytes) AdviseHugePages(dst, out_bytes);
+  if (out_bytes >= prefixkv::kLargeOutputBytes) prefixkv::AdviseHugePages(dst, out_bytes);
   const int32_t* id = ids.typed_data();
   for (int64_t i = 0; i < n; ++i) {
     const int64_t b = id[i] < 0 ? 0 : (id[i] >= num_blocks ? num_blocks - 1 : id[i]);

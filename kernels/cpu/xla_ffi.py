@@ -43,6 +43,8 @@ import numpy as np
 SOURCE = Path(__file__).with_name("xla_cache_ops.cc")
 #: every source built into the one library (cache ops, decode attention).
 SOURCES = (SOURCE, Path(__file__).with_name("xla_attention.cc"))
+#: headers the sources include (hashed into the build's key, not compiled by themselves).
+HEADERS = (Path(__file__).with_name("huge_pages.h"),)
 DISABLE_ENV = "PREFIXKV_DISABLE_CPU_FFI"
 CACHE_ENV = "PREFIXKV_CACHE_DIR"
 #: name of the registered FFI target -> exported handler symbol.
@@ -83,18 +85,20 @@ def _build_command(cxx: str, include_dir: str, out: str) -> list[str]:
             *(str(s) for s in SOURCES), "-o", out]
 
 
-def build_library(stem: str, command, sources, key_extra: str = "", force: bool = False) -> Path:
+def build_library(stem: str, command, sources, key_extra: str = "", force: bool = False,
+                  depends=()) -> Path:
     """Compile ``sources`` with ``command(cxx, out_path)`` into the cache directory as
-    ``<stem>_<hash>.so`` (hash of the sources, ``key_extra`` and the command), or reuse that
-    build; a file lock guards it against concurrent processes. Raises RuntimeError with the
-    compiler output when it cannot be built."""
+    ``<stem>_<hash>.so`` (hash of the sources, the headers they include (``depends``),
+    ``key_extra`` and the command), or reuse that build; a file lock guards it against
+    concurrent processes. Raises RuntimeError with the compiler output when it cannot be
+    built."""
     import fcntl
 
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (tried $CXX, c++, g++, clang++)")
     key = hashlib.sha256()
-    for source in sources:
+    for source in (*sources, *depends):
         key.update(source.read_bytes())
     key.update(key_extra.encode())
     key.update(" ".join(command(cxx, "")).encode())
@@ -133,7 +137,8 @@ def build(force: bool = False) -> Path:
 
     include_dir = jax.ffi.include_dir()
     return build_library("xla_cache_ops", lambda cxx, out: _build_command(cxx, include_dir, out),
-                         SOURCES, key_extra=jaxlib.__version__, force=force)
+                         SOURCES, key_extra=jaxlib.__version__, force=force,
+                         depends=HEADERS)
 
 
 def _load() -> None:

@@ -1,0 +1,275 @@
+"""The compiled one-pass host block copy (kernels/cpu/block_copy.cc) and the PyTorch CPU cache
+ops that run on it: swap_blocks, copy_blocks, gather_blocks, scatter_blocks.
+
+The raw copy is checked byte for byte against a numpy model (odd block sizes, block strides
+wider than a block, unaligned destinations, streaming stores, several threads, ids out of
+range); the ops against the expected blocks, with every other block bit-identical, through
+the compiled copy and with it turned off (PREFIXKV_DISABLE_CPU_FFI), which must agree.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from prefixkv.kernels.cpu import block_copy  # noqa: E402
+from prefixkv.torch_frontend import _native  # noqa: E402
+
+from prefixkv import torch_frontend as tf  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not block_copy.available(),
+                                reason=f"CPU block copy: {block_copy.status()}")
+
+
+def _off(monkeypatch) -> None:
+    """The compiled copy turned off for the rest of the test: the torch path runs."""
+    monkeypatch.setenv("PREFIXKV_DISABLE_CPU_FFI", "1")
+    monkeypatch.setattr(block_copy, "_state", {})
+    assert not block_copy.available() and "disabled" in block_copy.status()
+
+
+def _spy(monkeypatch) -> list:
+    calls = []
+    real = block_copy.copy_blocks
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(block_copy, "copy_blocks", spy)
+    return calls
+
+
+# ------------------------------------------------------------------------- the raw copy
+
+#: (block bytes, src block stride, dst block stride, dst offset in bytes): odd sizes around
+#: the 16- and 128-byte steps of the streaming loops, strides wider than a block (a half of a
+#: stacked cache), destinations 1, 3 and 8 bytes past an alignment.
+RAW_CASES = [(1, 1, 1, 0), (7, 9, 7, 1), (16, 16, 48, 0), (127, 130, 127, 3),
+             (128, 256, 128, 8), (1000, 1000, 1013, 5), (4096, 8192, 4096, 0),
+             (32768 + 24, 32768 + 40, 32768 + 24, 1)]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("case", RAW_CASES, ids=str)
+def test_raw_copy_matches_numpy(case, streaming, threads):
+    """Two caches (the second's blocks 3 bytes shorter), ids with a repeat-free destination
+    set, a source past the end (clamped to the last block) and a destination past the end and
+    one negative (skipped): the named blocks copied, every other byte as it was."""
+    block, s_stride, d_stride, offset = case
+    rng = np.random.default_rng(block)
+    src_blocks, dst_blocks, n = 6, 7, 5
+    src_ids = np.array([5, 0, 9, 3, 2], np.int64)  # 9 -> 5
+    dst_ids = np.array([6, 1, 0, 7, -1], np.int64)  # 7, -1 skipped
+    sizes = [block, max(0, block - 3)]
+    srcs = [rng.integers(0, 256, src_blocks * s_stride, dtype=np.uint8) for _ in sizes]
+    dsts = [rng.integers(0, 256, offset + dst_blocks * d_stride, dtype=np.uint8)
+            for _ in sizes]
+    want = [d.copy() for d in dsts]
+    for w, s, size in zip(want, srcs, sizes, strict=True):
+        for a, b in zip(src_ids, dst_ids, strict=True):
+            if 0 <= b < dst_blocks:
+                a = min(a, src_blocks - 1)
+                w[offset + b * d_stride:offset + b * d_stride + size] = \
+                    s[a * s_stride:a * s_stride + size]
+    block_copy.copy_blocks([s.ctypes.data for s in srcs], [d.ctypes.data + offset for d in dsts],
+                           [s_stride] * 2, [d_stride] * 2, sizes, n, src_ids.ctypes.data,
+                           dst_ids.ctypes.data, src_blocks, dst_blocks, streaming=streaming,
+                           threads=threads)
+    for got, w in zip(dsts, want, strict=True):
+        np.testing.assert_array_equal(got, w)
+
+
+def test_raw_copy_identity_ids_and_argument_checks():
+    """None ids stand for 0..n-1 (a gather's output, a scatter's input); mismatched lists and
+    negative sizes are refused with nothing copied."""
+    src = np.arange(4 * 8, dtype=np.uint8)
+    dst = np.zeros(3 * 8, np.uint8)
+    block_copy.copy_blocks([src.ctypes.data], [dst.ctypes.data], [8], [8], [8], 3, None, None,
+                           4, 3)
+    np.testing.assert_array_equal(dst, src[:24])
+    dst[:] = 0
+    with pytest.raises(ValueError, match="one entry per cache"):
+        block_copy.copy_blocks([src.ctypes.data], [dst.ctypes.data], [8], [8], [8, 8], 3, None,
+                               None, 4, 3)
+    with pytest.raises(ValueError, match="out of range"):
+        block_copy.copy_blocks([src.ctypes.data], [dst.ctypes.data], [8], [8], [-8], 3, None,
+                               None, 4, 3)
+    with pytest.raises(ValueError, match="out of range"):
+        block_copy.copy_blocks([src.ctypes.data], [dst.ctypes.data], [8], [8], [8], 3, None,
+                               None, 0, 3)
+    assert not dst.any()
+
+
+# -------------------------------------------------------------------------- the ops
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float8_e4m3fn]
+#: how the caches are laid out: a tensor each; K and V halves of one stacked [blocks, 2, ...]
+#: cache; every cache a view of one block-major buffer [blocks, caches, ...].
+LAYOUTS = ["tensors", "stacked", "one_buffer"]
+
+
+def _draw(shape, dtype, g):
+    x = torch.randn(shape, generator=g)
+    return x.to(dtype)
+
+
+def _caches(layout, num_blocks, dtype, g, count=4, block=(4, 2, 8)):
+    if layout == "tensors":
+        return [_draw((num_blocks, *block), dtype, g) for _ in range(count)]
+    if layout == "stacked":
+        return [half for _ in range(count // 2)
+                for half in _draw((num_blocks, 2, *block), dtype, g).unbind(1)]
+    buf = _draw((num_blocks, count, *block), dtype, g)
+    return list(buf.unbind(1))
+
+
+def _bits(t):
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _same(a, b) -> bool:
+    return torch.equal(_bits(a), _bits(b))
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def path(request, monkeypatch):
+    """Each op test runs through the compiled copy (which must be called) and with it off."""
+    if request.param == "torch":
+        _off(monkeypatch)
+        return None
+    return _spy(monkeypatch)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_swap_blocks(path, layout, dtype):
+    g = torch.Generator().manual_seed(1)
+    src, dst = _caches(layout, 9, dtype, g), _caches(layout, 7, dtype, g)
+    before = [d.clone() for d in dst]
+    mapping = torch.tensor([[8, 3], [0, 6], [4, 0], [2, 2]])  # columns: strided int64 ids
+    tf.swap_blocks(src, dst, mapping[:, 0], mapping[:, 1].to(torch.int32))
+    for a, b, old in zip(src, dst, before, strict=True):
+        want = old.clone()
+        want[mapping[:, 1]] = a[mapping[:, 0]]
+        assert _same(b, want)
+    assert path is None or len(path) == 1
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gather_then_scatter_blocks(path, layout, dtype):
+    g = torch.Generator().manual_seed(2)
+    caches = _caches(layout, 9, dtype, g)
+    ids = torch.tensor([7, 0, 3, 7, 5], dtype=torch.int32)  # a gather may repeat an id
+    got = tf.gather_blocks(caches, ids)
+    assert _same(got, torch.stack([c[ids.long()] for c in caches], 1))
+    others = _caches(layout, 9, dtype, g)
+    before = [c.clone() for c in others]
+    dst = torch.tensor([8, 1, 4, 2, 0])
+    tf.scatter_blocks(others, got, dst)
+    for i, (c, old) in enumerate(zip(others, before, strict=True)):
+        want = old.clone()
+        want[dst] = got[:, i]
+        assert _same(c, want)
+    assert path is None or len(path) == 2
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_copy_blocks(path, layout, dtype):
+    """Disjoint sources and destinations, and a block copied onto itself: one pass."""
+    g = torch.Generator().manual_seed(3)
+    caches = _caches(layout, 9, dtype, g)
+    before = [c.clone() for c in caches]
+    mapping = torch.tensor([[1, 5], [2, 6], [4, 4], [0, 8]])
+    tf.copy_blocks(caches, mapping[:, 0], mapping[:, 1])
+    for c, old in zip(caches, before, strict=True):
+        want = old.clone()
+        want[mapping[:, 1]] = old[mapping[:, 0]]
+        assert _same(c, want)
+    assert path is None or len(path) == 1
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_copy_blocks_reading_a_written_block_stages(monkeypatch, layout):
+    """A block both read and written by different pairs (1 -> 2, 2 -> 3, 3 -> 1): every read
+    before any write, so not the one-pass copy."""
+    calls = _spy(monkeypatch)
+    g = torch.Generator().manual_seed(4)
+    caches = _caches(layout, 5, torch.bfloat16, g)
+    before = [c.clone() for c in caches]
+    src, dst = torch.tensor([1, 2, 3]), torch.tensor([2, 3, 1])
+    tf.copy_blocks(caches, src, dst)
+    for c, old in zip(caches, before, strict=True):
+        want = old.clone()
+        want[dst] = old[src]
+        assert torch.equal(c, want)
+    assert not calls
+
+
+def test_sources_written():
+    t = torch.tensor
+    assert not _native._sources_written(t([1, 2]), t([3, 4]))
+    assert not _native._sources_written(t([1, 2]), t([1, 4]))  # 1 onto itself
+    assert not _native._sources_written(t([1, 1]), t([1, 4]))  # 1 read twice, "written" as it is
+    assert _native._sources_written(t([1, 2]), t([2, 4]))
+    assert _native._sources_written(t([1, 2]), t([3, 1]))
+
+
+def test_blocks_not_contiguous_take_the_torch_path(monkeypatch):
+    """Caches whose blocks are not one run of bytes (an HND cache's NHD view) are copied by
+    torch, exactly."""
+    calls = _spy(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    src = [torch.randn(6, 2, 4, 8, generator=g).transpose(1, 2) for _ in range(2)]
+    dst = [torch.zeros(6, 2, 4, 8).transpose(1, 2) for _ in range(2)]
+    si, di = torch.tensor([5, 1]), torch.tensor([0, 3])
+    tf.swap_blocks(src, dst, si, di)
+    for a, b in zip(src, dst, strict=True):
+        assert torch.equal(b[di], a[si]) and not b[[1, 2, 4, 5]].any()
+    assert _native._block_layout(src[0]) is None and not calls
+
+
+def test_large_copies_stream_and_split_over_threads(monkeypatch):
+    """Past STREAM_MIN_BYTES the copy streams, past THREAD_MIN_BYTES per thread it splits
+    over torch's threads; the bytes are the same."""
+    calls = _spy(monkeypatch)
+    monkeypatch.setattr(_native, "STREAM_MIN_BYTES", 4096)
+    monkeypatch.setattr(_native, "THREAD_MIN_BYTES", 4096)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(6)
+        src = _caches("one_buffer", 40, torch.bfloat16, g, count=6, block=(16, 2, 33))
+        dst = [torch.zeros(50, 16, 2, 33, dtype=torch.bfloat16) for _ in range(6)]
+        si = torch.randperm(40, generator=g)[:30]
+        di = torch.randperm(50, generator=g)[:30]
+        tf.swap_blocks(src, dst, si, di)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(src, dst, strict=True):
+        want = torch.zeros_like(b)
+        want[di] = a[si]
+        assert torch.equal(b, want)
+    assert calls[0][1] == {"streaming": True, "threads": 2}
+
+
+def test_gather_advises_huge_pages_on_its_new_output(monkeypatch):
+    """gather_blocks asks for huge pages over its new buffer (the other ops write into the
+    caller's memory and do not)."""
+    seen = []
+    real = block_copy.advise_new_output
+    monkeypatch.setattr(block_copy, "advise_new_output",
+                        lambda address, nbytes: (seen.append((address, nbytes)),
+                                                 real(address, nbytes)))
+    g = torch.Generator().manual_seed(7)
+    caches = _caches("tensors", 9, torch.float32, g)
+    ids = torch.tensor([3, 1])
+    got = tf.gather_blocks(caches, ids)
+    assert seen == [(got.data_ptr(), got.numel() * 4)]
+    tf.scatter_blocks(caches, got.clone(), torch.tensor([4, 5]))
+    tf.swap_blocks(caches[:1], caches[1:2], ids, torch.tensor([0, 2]))
+    assert len(seen) == 1
