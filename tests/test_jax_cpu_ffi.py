@@ -162,6 +162,36 @@ def test_gather_blocks_large_output_and_one_cache():
 
 
 @on_cpu
+def test_large_moves_stream_bit_exact():
+    """Calls that move 2 MiB or more (kStreamMinBytes) write with streaming stores: odd block
+    and row sizes (210-byte blocks, 30-byte rows), so most destinations start off any 16- or
+    32-byte boundary and every copy has a tail; write_kv, copy_blocks (one pass and staged),
+    scatter_blocks and gather_blocks, bit-exact."""
+    rng = np.random.default_rng(43)
+    num_blocks, block = 24000, (7, 3, 5)  # float16: 210-byte blocks, 30-byte token rows
+    cache = _bits((num_blocks, *block), "float16", 44)
+    n = 11000  # 2.2 MiB of blocks a call
+    perm = rng.permutation(num_blocks).astype(np.int32)
+    src = perm[:n]
+    half = rng.permutation(perm[n // 2:n // 2 + n])  # half of them sources too
+    for s, d in ((src, perm[n:2 * n]), (src, half)):  # one pass / staged
+        got = jf.copy_blocks([jnp.asarray(cache)], jnp.asarray(s), jnp.asarray(d))
+        _same_bits(got[0], ref.copy_blocks_reference([cache], s, d)[0])
+    buffer = _bits((n, 1, *block), "float16", 45)
+    got = jf.scatter_blocks([jnp.asarray(cache)], jnp.asarray(buffer), jnp.asarray(src))
+    _same_bits(got[0], ref.scatter_blocks_reference([cache], buffer, src)[0])
+    _same_bits(jf.gather_blocks([jnp.asarray(cache)], jnp.asarray(src)),
+               ref.gather_blocks_reference([cache], src))
+    tokens = 80000  # 2.3 MiB of 30-byte rows
+    rows = _bits((tokens, 3, 5), "float16", 46)
+    slots = rng.permutation(num_blocks * 7)[:tokens].astype(np.int32)
+    got = jf.write_kv(*(jnp.asarray(a) for a in (rows, rows, cache, cache, slots)))
+    want = ref.write_kv_reference(rows, rows, cache, cache, slots)
+    _same_bits(got[0], want[0])
+    _same_bits(got[1], want[1])
+
+
+@on_cpu
 def test_gather_blocks_inside_a_jitted_function():
     """The custom call composes with other ops under jit (ids computed in the graph)."""
     rng = np.random.default_rng(42)

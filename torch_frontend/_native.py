@@ -1544,7 +1544,7 @@ def _bytes(*tensors: torch.Tensor) -> list[torch.Tensor]:
 _BLOCK_COPY: dict = {}
 #: Host block copies of at least this many bytes write with non-temporal stores (the
 #: destination, a host tier or a staging buffer, is not read back soon; a copy that fits the
-#: core's caches keeps them) ...
+#: core's caches keeps them; kStreamMinBytes of kernels/cpu/host_memory.h, as the JAX CPU ops)
 STREAM_MIN_BYTES = 2 << 20
 #: ... and run on up to torch.get_num_threads() threads, each with this many bytes at least.
 THREAD_MIN_BYTES = 4 << 20

@@ -10,11 +10,8 @@
 // staging buffer and scattered from it (twice the traffic), and its index_copy_ moves element
 // by element.
 //
-// With `streaming`, the destination is written with non-temporal stores (x86-64: AVX2 when the
-// CPU has it, SSE2 otherwise; a plain memcpy elsewhere): a block written to a host tier or a
-// staging buffer is not read back soon, and a store that bypasses the cache skips reading the
-// destination line first (measured on one core, 64 MiB of 32 KiB blocks: memcpy ~9-10 ms,
-// AVX2 streaming ~5-7 ms; bench/bench_torch_copy.py). The caller picks it for large copies.
+// With `streaming`, the destination is written with non-temporal stores (host_memory.h; the
+// caller picks them for large copies).
 //
 // The caller validates the ids and guarantees that no destination block shares memory with a
 // source block or with another destination block; here nothing is touched outside the
@@ -27,83 +24,11 @@
 #include <thread>
 #include <vector>
 
-#include "huge_pages.h"
-
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define PREFIXKV_X86 1
-#else
-#define PREFIXKV_X86 0
-#endif
+#include "host_memory.h"
 
 namespace {
 
-#if PREFIXKV_X86
-// Bytes before the destination reaches an `align`-byte boundary, copied by memcpy, so the
-// streaming stores below are aligned (they must be).
-inline int64_t HeadBytes(const char* dst, int64_t align, int64_t bytes) {
-  const int64_t head =
-      (align - static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) & (align - 1))) &
-      (align - 1);
-  return head < bytes ? head : bytes;
-}
-
-__attribute__((target("avx2"))) void StreamCopyAvx2(char* dst, const char* src,
-                                                   int64_t bytes) {
-  const int64_t head = HeadBytes(dst, 32, bytes);
-  std::memcpy(dst, src, head);
-  dst += head;
-  src += head;
-  bytes -= head;
-  int64_t i = 0;
-  for (; i + 128 <= bytes; i += 128) {
-    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 32));
-    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 64));
-    const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 96));
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i), a);
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i + 32), b);
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i + 64), c);
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i + 96), d);
-  }
-  std::memcpy(dst + i, src + i, bytes - i);
-}
-
-void StreamCopySse2(char* dst, const char* src, int64_t bytes) {
-  const int64_t head = HeadBytes(dst, 16, bytes);
-  std::memcpy(dst, src, head);
-  dst += head;
-  src += head;
-  bytes -= head;
-  int64_t i = 0;
-  for (; i + 64 <= bytes; i += 64) {
-    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16));
-    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 32));
-    const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 48));
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), a);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 16), b);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 32), c);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 48), d);
-  }
-  std::memcpy(dst + i, src + i, bytes - i);
-}
-#endif
-
-using CopyFn = void (*)(char*, const char*, int64_t);
-
-void PlainCopy(char* dst, const char* src, int64_t bytes) { std::memcpy(dst, src, bytes); }
-
-CopyFn PickCopy(bool streaming) {
-#if PREFIXKV_X86
-  if (streaming) {
-    static const bool avx2 = __builtin_cpu_supports("avx2");
-    return avx2 ? StreamCopyAvx2 : StreamCopySse2;
-  }
-#endif
-  (void)streaming;
-  return PlainCopy;
-}
+using prefixkv::CopyFn;
 
 struct Job {
   const int64_t* src_base;
@@ -130,9 +55,7 @@ struct Job {
       const char* from = reinterpret_cast<const char*>(src_base[c]) + s * src_stride[c];
       if (to != from) copy(to, from, block_bytes[c]);  // a block onto itself: nothing to do
     }
-#if PREFIXKV_X86
-    _mm_sfence();  // the streaming stores of this thread visible before it returns
-#endif
+    prefixkv::StoreFence();  // the streaming stores of this thread before it returns
   }
 };
 
@@ -151,7 +74,7 @@ extern "C" int PrefixkvCopyBlocksRaw(int64_t num_caches, const int64_t* src_base
   for (int64_t c = 0; c < num_caches; ++c)
     if (block_bytes[c] < 0) return 1;
   const Job job{src_base, dst_base, src_stride, dst_stride, block_bytes, n,
-                src_ids,  dst_ids,  src_blocks, dst_blocks, PickCopy(streaming != 0)};
+                src_ids,  dst_ids,  src_blocks, dst_blocks, prefixkv::PickCopy(streaming != 0)};
   const int64_t items = num_caches * n;
   const int64_t workers = threads < items ? threads : items;
   if (workers <= 1) {
@@ -178,7 +101,7 @@ extern "C" int PrefixkvCopyBlocksRaw(int64_t num_caches, const int64_t* src_base
 }
 
 // Huge-page advice for a new output of `bytes` bytes at `data`, before its first write (see
-// huge_pages.h): a gather's fresh 64 MiB buffer faulted in 4 KiB pages cost ~6x the copy.
+// host_memory.h): a gather's fresh 64 MiB buffer faulted in 4 KiB pages cost ~6x the copy.
 extern "C" void PrefixkvAdviseHugePages(void* data, int64_t bytes) {
   if (bytes >= prefixkv::kLargeOutputBytes) prefixkv::AdviseHugePages(data, bytes);
 }

@@ -65,7 +65,7 @@ def status() -> str:
 
 def advise_new_output(address: int, nbytes: int) -> None:
     """Ask for transparent huge pages over a new (not yet written) output of ``nbytes`` bytes
-    at ``address`` when it is large (advice only; see huge_pages.h)."""
+    at ``address`` when it is large (advice only; see host_memory.h)."""
     if available():
         _state["advise"](address, int(nbytes))
 

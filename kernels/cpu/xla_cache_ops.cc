@@ -8,6 +8,9 @@
 // takes the same path (XLA:CPU scatters bfloat16 by converting the whole cache to float32 and
 // back).
 //
+// A call that moves prefixkv::kStreamMinBytes or more writes with streaming stores
+// (host_memory.h).
+//
 // Ids are validated by the frontend; here an id outside the cache is still never written:
 // write_kv skips slots outside [0, num_slots), copy_blocks skips dst outside [0, num_blocks)
 // and clamps src into it (like the XLA path's take(mode="clip")), scatter_blocks skips ids
@@ -18,7 +21,7 @@
 #include <cstring>
 #include <vector>
 
-#include "huge_pages.h"
+#include "host_memory.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -71,14 +74,17 @@ ffi::Error WriteRows(ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> slots, ffi::AnyB
   auto* dst = static_cast<char*>(out->untyped_data());
   const auto* src = static_cast<const char*>(rows.untyped_data());
   const int32_t* slot = slots.typed_data();
+  const prefixkv::CopyFn copy =
+      prefixkv::PickCopy(n * heads * piece >= prefixkv::kStreamMinBytes);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t s = slot[i];
     if (s < 0 || s >= num_slots) continue;
     const int64_t b = s / block_size, t = s % block_size;
     for (int64_t h = 0; h < heads; ++h)
-      std::memcpy(dst + ((b * heads + h) * block_size + t) * piece,
-                  src + (i * heads + h) * piece, piece);
+      copy(dst + ((b * heads + h) * block_size + t) * piece, src + (i * heads + h) * piece,
+           piece);
   }
+  prefixkv::StoreFence();
   return ffi::Error::Success();
 }
 
@@ -117,12 +123,15 @@ ffi::Error CopyBlocksImpl(ffi::Buffer<ffi::S32> src, ffi::Buffer<ffi::S32> dst,
   bool overlap = false;
   for (int64_t i = 0; i < n && !overlap; ++i)
     overlap = valid_dst(d[i]) && written[clamp(s[i])] && clamp(s[i]) != d[i];
+  const prefixkv::CopyFn copy =
+      prefixkv::PickCopy(n * block_bytes >= prefixkv::kStreamMinBytes);
   if (!overlap) {
     for (int64_t i = 0; i < n; ++i) {
       const int64_t sb = clamp(s[i]);
       if (!valid_dst(d[i]) || sb == d[i]) continue;
-      std::memcpy(base + d[i] * block_bytes, base + sb * block_bytes, block_bytes);
+      copy(base + d[i] * block_bytes, base + sb * block_bytes, block_bytes);
     }
+    prefixkv::StoreFence();
     return ffi::Error::Success();
   }
   std::vector<char> staged(static_cast<size_t>(n * block_bytes));
@@ -132,7 +141,8 @@ ffi::Error CopyBlocksImpl(ffi::Buffer<ffi::S32> src, ffi::Buffer<ffi::S32> dst,
                   block_bytes);
   for (int64_t i = 0; i < n; ++i)
     if (valid_dst(d[i]))
-      std::memcpy(base + d[i] * block_bytes, staged.data() + i * block_bytes, block_bytes);
+      copy(base + d[i] * block_bytes, staged.data() + i * block_bytes, block_bytes);
+  prefixkv::StoreFence();
   return ffi::Error::Success();
 }
 
@@ -158,12 +168,14 @@ ffi::Error ScatterBlocksImpl(ffi::AnyBuffer buffer, ffi::Buffer<ffi::S32> ids,
   auto* base = static_cast<char*>(out->untyped_data());
   const auto* src = static_cast<const char*>(buffer.untyped_data());
   const int32_t* id = ids.typed_data();
+  const prefixkv::CopyFn copy =
+      prefixkv::PickCopy(n * block_bytes >= prefixkv::kStreamMinBytes);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t b = id[i];
     if (b < 0 || b >= num_blocks) continue;
-    std::memcpy(base + b * block_bytes, src + (i * num_caches + index) * block_bytes,
-                block_bytes);
+    copy(base + b * block_bytes, src + (i * num_caches + index) * block_bytes, block_bytes);
   }
+  prefixkv::StoreFence();
   return ffi::Error::Success();
 }
 
@@ -197,11 +209,13 @@ ffi::Error GatherBlocksImpl(ffi::Buffer<ffi::S32> ids, ffi::RemainingArgs caches
   const int64_t out_bytes = n * num_caches * block_bytes;
   if (out_bytes >= prefixkv::kLargeOutputBytes) prefixkv::AdviseHugePages(dst, out_bytes);
   const int32_t* id = ids.typed_data();
+  const prefixkv::CopyFn copy = prefixkv::PickCopy(out_bytes >= prefixkv::kStreamMinBytes);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t b = id[i] < 0 ? 0 : (id[i] >= num_blocks ? num_blocks - 1 : id[i]);
     for (int64_t c = 0; c < num_caches; ++c, dst += block_bytes)
-      std::memcpy(dst, base[c] + b * block_bytes, block_bytes);
+      copy(dst, base[c] + b * block_bytes, block_bytes);
   }
+  prefixkv::StoreFence();
   return ffi::Error::Success();
 }
 

@@ -44,7 +44,7 @@ SOURCE = Path(__file__).with_name("xla_cache_ops.cc")
 #: every source built into the one library (cache ops, decode attention).
 SOURCES = (SOURCE, Path(__file__).with_name("xla_attention.cc"))
 #: headers the sources include (hashed into the build's key, not compiled by themselves).
-HEADERS = (Path(__file__).with_name("huge_pages.h"),)
+HEADERS = (Path(__file__).with_name("host_memory.h"),)
 DISABLE_ENV = "PREFIXKV_DISABLE_CPU_FFI"
 CACHE_ENV = "PREFIXKV_CACHE_DIR"
 #: name of the registered FFI target -> exported handler symbol.
