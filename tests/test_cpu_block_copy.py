@@ -257,6 +257,28 @@ def test_large_copies_stream_and_split_over_threads(monkeypatch):
     assert calls[0][1] == {"streaming": True, "threads": 2}
 
 
+def test_threads_keep_the_last_of_caches_sharing_memory(monkeypatch):
+    """scatter_blocks into one cache listed twice (layers sharing a KV cache) leaves the last
+    part's bytes, as one thread does: threads split the blocks, not the caches (split by
+    cache, two threads raced over every block)."""
+    calls = _spy(monkeypatch)
+    monkeypatch.setattr(_native, "THREAD_MIN_BYTES", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(8)
+        cache = torch.zeros(512, 64, 8, 16)
+        buffer = torch.randn(400, 2, 64, 8, 16, generator=g)
+        ids = torch.randperm(512, generator=g)[:400]
+        for _ in range(3):
+            tf.scatter_blocks([cache, cache], buffer, ids)
+            assert torch.equal(cache[ids], buffer[:, 1])
+            cache.zero_()
+    finally:
+        torch.set_num_threads(threads)
+    assert all(kwargs["threads"] == 2 for _, kwargs in calls) and len(calls) == 3
+
+
 def test_gather_advises_huge_pages_on_its_new_output(monkeypatch):
     """gather_blocks asks for huge pages over its new buffer (the other ops write into the
     caller's memory and do not)."""

@@ -1585,7 +1585,8 @@ def _c_copy(src, dst, src_ids: torch.Tensor | None, dst_ids: torch.Tensor | None
     a src block or another dst block (the ops' overlap checks). ``new``: the destination, a
     new tensor never written, gets huge pages when large (faulting a new 64 MiB gather output
     in 4 KiB pages cost ~6x the copy: bench/bench_torch_copy.py)."""
-    if src is None or dst is None or any(x is None for x in (*src, *dst)):
+    if (src is None or dst is None or any(x is None for x in (*src, *dst))
+            or any(a[2] != b[2] for a, b in zip(src, dst, strict=True))):
         return False
     mod = _BLOCK_COPY.get("module")
     if mod is None:

@@ -16,8 +16,8 @@
 // The caller validates the ids and guarantees that no destination block shares memory with a
 // source block or with another destination block; here nothing is touched outside the
 // buffers anyway: a source id is clamped into [0, src_blocks), a destination id outside
-// [0, dst_blocks) is skipped. `threads` > 1 splits the (cache, pair) copies into that many
-// contiguous ranges, one thread each; the bytes written do not depend on it.
+// [0, dst_blocks) is skipped. `threads` > 1 splits the pairs into that many contiguous
+// ranges, one thread each; the bytes written do not depend on it.
 
 #include <cstdint>
 #include <cstring>
@@ -31,29 +31,30 @@ namespace {
 using prefixkv::CopyFn;
 
 struct Job {
+  int64_t num_caches;
   const int64_t* src_base;
   const int64_t* dst_base;
   const int64_t* src_stride;
   const int64_t* dst_stride;
   const int64_t* block_bytes;
-  int64_t n;
   const int64_t* src_ids;
   const int64_t* dst_ids;
   int64_t src_blocks;
   int64_t dst_blocks;
   CopyFn copy;
 
-  // Copies items [begin, end) of the num_caches * n (cache-major) copies.
+  // Copies pairs [begin, end) of every cache, cache after cache.
   void Run(int64_t begin, int64_t end) const {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t c = item / n, i = item % n;
-      int64_t s = src_ids ? src_ids[i] : i;
-      const int64_t d = dst_ids ? dst_ids[i] : i;
-      if (d < 0 || d >= dst_blocks) continue;
-      s = s < 0 ? 0 : (s >= src_blocks ? src_blocks - 1 : s);
-      char* to = reinterpret_cast<char*>(dst_base[c]) + d * dst_stride[c];
-      const char* from = reinterpret_cast<const char*>(src_base[c]) + s * src_stride[c];
-      if (to != from) copy(to, from, block_bytes[c]);  // a block onto itself: nothing to do
+    for (int64_t c = 0; c < num_caches; ++c) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t d = dst_ids ? dst_ids[i] : i;
+        if (d < 0 || d >= dst_blocks) continue;
+        int64_t s = src_ids ? src_ids[i] : i;
+        s = s < 0 ? 0 : (s >= src_blocks ? src_blocks - 1 : s);
+        char* to = reinterpret_cast<char*>(dst_base[c]) + d * dst_stride[c];
+        const char* from = reinterpret_cast<const char*>(src_base[c]) + s * src_stride[c];
+        if (to != from) copy(to, from, block_bytes[c]);  // a block onto itself: nothing to do
+      }
     }
     prefixkv::StoreFence();  // the streaming stores of this thread before it returns
   }
@@ -73,12 +74,15 @@ extern "C" int PrefixkvCopyBlocksRaw(int64_t num_caches, const int64_t* src_base
   if (src_blocks < 1 || dst_blocks < 0) return 1;
   for (int64_t c = 0; c < num_caches; ++c)
     if (block_bytes[c] < 0) return 1;
-  const Job job{src_base, dst_base, src_stride, dst_stride, block_bytes, n,
-                src_ids,  dst_ids,  src_blocks, dst_blocks, prefixkv::PickCopy(streaming != 0)};
-  const int64_t items = num_caches * n;
-  const int64_t workers = threads < items ? threads : items;
+  const Job job{num_caches, src_base,   dst_base,   src_stride,
+                dst_stride, block_bytes, src_ids,    dst_ids,
+                src_blocks, dst_blocks,  prefixkv::PickCopy(streaming != 0)};
+  // Threads split the pairs, not the caches: a block named once is written by one thread,
+  // its caches in order, so where two caches are one memory (layers sharing a cache) the last
+  // one's bytes win, as with one thread.
+  const int64_t workers = threads < n ? threads : n;
   if (workers <= 1) {
-    job.Run(0, items);
+    job.Run(0, n);
     return 0;
   }
   std::vector<std::thread> pool;
@@ -87,15 +91,15 @@ extern "C" int PrefixkvCopyBlocksRaw(int64_t num_caches, const int64_t* src_base
     pool.reserve(static_cast<size_t>(workers - 1));
     for (; started < workers; ++started) {
       const int64_t w = started;
-      pool.emplace_back([&job, w, workers, items] {
-        job.Run(items * w / workers, items * (w + 1) / workers);
+      pool.emplace_back([&job, w, workers, n] {
+        job.Run(n * w / workers, n * (w + 1) / workers);
       });
     }
   } catch (...) {  // no thread to be had: this one copies what is left
   }
-  job.Run(0, items / workers);
+  job.Run(0, n / workers);
   for (int64_t w = started; w < workers; ++w)
-    job.Run(items * w / workers, items * (w + 1) / workers);
+    job.Run(n * w / workers, n * (w + 1) / workers);
   for (auto& t : pool) t.join();
   return 0;
 }
