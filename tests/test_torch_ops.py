@@ -1506,6 +1506,29 @@ def test_torch_cpu_unchecked_bad_ids_named_before_any_write(monkeypatch, mode):
         tf.gather_blocks(caches, torch.tensor([0, 5], **i32))
 
 
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_block_ops_on_caches_made_inside(backend):
+    """copy_blocks (one cache listed twice) and swap_blocks on caches created inside the
+    compiled function: torch 2.11's dynamo refuses id() of such tensors, which the overlap
+    and duplicate checks had called (a fullgraph error there, none on older torch)."""
+    x = torch.randn(4, 8, 2, 16)
+
+    def step(x):
+        a, b = x.clone(), x.clone() * 2
+        tf.copy_blocks([a, b, a], torch.tensor([0]), torch.tensor([3]))
+        dst = torch.zeros_like(x)
+        tf.swap_blocks([b], [dst], torch.tensor([3, 1]), torch.tensor([0, 2]))
+        return a, dst
+
+    a, dst = torch.compile(step, fullgraph=True, backend=backend)(x)
+    want_a = x.clone()
+    want_a[3] = x[0]
+    assert torch.equal(a, want_a)
+    want = torch.zeros_like(x)
+    want[0], want[2] = x[0] * 2, x[1] * 2
+    assert torch.equal(dst, want)
+
+
 def test_torch_cpu_unchecked_attention_reads_stay_in_the_cache(monkeypatch):
     """Unchecked block-table ids out of range are clamped into the cache on every CPU route
     (compiled decode kernel, padded and fused host paths): a result, no IndexError."""

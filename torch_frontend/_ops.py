@@ -225,13 +225,17 @@ def _distinct(caches) -> list:
     """The caches with a tensor listed again (the same object, or the same memory, shape and
     strides: layers sharing one KV cache) dropped: copied once, a chained copy would
     otherwise read what its first pass already wrote. While compiling the same object only
-    (fake tensors have no memory): the op drops the others when it runs (_copy_blocks)."""
+    (fake tensors have no memory), by ``is`` (torch 2.11's dynamo refuses id() of a tensor
+    made inside the compiled function): the op drops the others when it runs (_copy_blocks)."""
     out: list = []
+    if torch.compiler.is_compiling():
+        for c in caches:
+            if not any(c is o for o in out):
+                out.append(c)
+        return out
     seen = set()
-    compiling = torch.compiler.is_compiling()
     for c in caches:
-        key = (id(c) if compiling else
-               (c.device, c.data_ptr(), tuple(c.shape), c.stride(), c.dtype))
+        key = (c.device, c.data_ptr(), tuple(c.shape), c.stride(), c.dtype)
         if key not in seen:
             seen.add(key)
             out.append(c)
@@ -1016,10 +1020,11 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids, *, backend=None) -> No
         raise ValueError(f"dst_caches[{j}]: shares memory with src_caches[{i}]; copy_blocks "
                          f"copies blocks within the same caches (all reads before any write)")
     # one cache written from two sources: the last writer would win (a pair listed again is
-    # copied twice, the same bytes)
-    pairs = {(id(dst), id(src)): j for j, (src, dst) in reversed(list(enumerate(
-        zip(src_caches, dst_caches, strict=True))))}
-    once = sorted(pairs.values())
+    # copied twice, the same bytes). Not while compiling: fake tensors have no memory, and
+    # torch 2.11's dynamo refuses id() of a tensor made inside the compiled function
+    once = [] if torch.compiler.is_compiling() else sorted({
+        (id(dst), id(src)): j for j, (src, dst) in reversed(list(enumerate(
+            zip(src_caches, dst_caches, strict=True))))}.values())
     if _any_blocks_overlap([dst_caches[j] for j in once]):
         j, i = min((j, i) for x, i in enumerate(once) for j in once[x + 1:]
                    if _blocks_overlap(dst_caches[i], dst_caches[j]))
