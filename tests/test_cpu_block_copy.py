@@ -295,3 +295,87 @@ def test_gather_advises_huge_pages_on_its_new_output(monkeypatch):
     tf.scatter_blocks(caches, got.clone(), torch.tensor([4, 5]))
     tf.swap_blocks(caches[:1], caches[1:2], ids, torch.tensor([0, 2]))
     assert len(seen) == 1
+
+
+# ----------------------------------------------- tensors whose bytes are not just their values
+# (found by fuzzing the compiled copy against the torch path)
+
+
+def test_conjugate_and_negative_views_keep_their_values():
+    """A lazily conjugated (or negated) view's bytes are not its values: such sources and
+    destinations take the torch path, which resolves the bit."""
+    z = torch.tensor([[1 + 1j, 2 + 2j], [3 + 3j, 4 + 4j], [5 + 5j, 6 + 6j]], dtype=torch.complex64)
+    src = z.conj()
+    dst = torch.zeros(3, 2, dtype=torch.complex64)
+    tf.swap_blocks([src], [dst], torch.tensor([0, 2]), torch.tensor([1, 0]))
+    assert torch.equal(dst, torch.stack([src[2], src[0], torch.zeros(2)]).resolve_conj())
+    assert torch.equal(tf.gather_blocks([src], torch.tensor([1]))[:, 0], src[1:2].resolve_conj())
+    target = torch.zeros(3, 2, dtype=torch.complex64)
+    view = target.conj()
+    tf.scatter_blocks([view], z[:1, None], torch.tensor([2]))
+    assert torch.equal(view[2].resolve_conj(), z[0])
+    neg = z.conj().imag  # a negative-bit view
+    assert neg.is_neg()
+    out = torch.zeros(3, 2)
+    tf.swap_blocks([neg], [out], torch.tensor([1]), torch.tensor([0]))
+    assert torch.equal(out[0], neg[1].resolve_neg())
+
+
+def test_inference_tensors_written_only_in_inference_mode():
+    """Writing an inference tensor outside inference mode raises a RuntimeError (torch's type
+    for it) naming the cache, before any write (torch's own error came after the write, the
+    compiled copy wrote silently); inside inference mode it is written."""
+    with torch.inference_mode():
+        c = torch.arange(12.0).view(4, 3)
+    before = c.clone()
+    for call in (lambda: tf.copy_blocks([c], torch.tensor([0]), torch.tensor([1])),
+                 lambda: tf.swap_blocks([torch.ones(4, 3)], [c], torch.tensor([0]),
+                                        torch.tensor([2])),
+                 lambda: tf.scatter_blocks([c], torch.full((1, 1, 3), 7.0), torch.tensor([3])),
+                 lambda: tf.write_kv(torch.ones(1, 1, 3), torch.ones(1, 1, 3), c.view(4, 1, 1, 3),
+                                     c.view(4, 1, 1, 3).clone(), torch.tensor([2]))):
+        with pytest.raises(RuntimeError,
+                           match=r"^(dst_caches|caches|k_cache)(\[0\])?: an inference tensor"):
+            call()
+        assert torch.equal(c, before)
+    with torch.inference_mode():
+        tf.copy_blocks([c], torch.tensor([0]), torch.tensor([1]))
+    assert torch.equal(c[1], before[0])
+
+
+def test_blocks_that_overlap_each_other_read_before_written():
+    """A cache whose block stride is under a block's size (block i = base[2i:2i+4]): every
+    read before any write, as the contract says (one pass read a block half overwritten)."""
+    base = torch.arange(20, dtype=torch.float32)
+    c = base.as_strided((4, 4), (2, 1))
+    tf.copy_blocks([c], torch.tensor([3, 0]), torch.tensor([1, 2]))
+    assert base[:10].tolist() == [0, 1, 6, 7, 0, 1, 2, 3, 8, 9]
+
+
+def test_ids_that_are_a_view_of_the_written_cache():
+    """dst ids read from the cache being written: the blocks named when the call began are
+    written (the one-pass copy re-read the ids as it overwrote them)."""
+    c = torch.arange(32, dtype=torch.int64).view(8, 4) + 100
+    c[5] = torch.tensor([5, 6, 7, 3])
+    c[0] = 0
+    before = c.clone()
+    tf.copy_blocks([c], torch.tensor([0, 1, 2, 1]), c[5])
+    want = before.clone()
+    want[[5, 6, 7, 3]] = before[[0, 1, 2, 1]]
+    assert torch.equal(c, want)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_views_shifted_by_a_block_do_not_chain(monkeypatch, threads):
+    """copy_blocks over base[0:7] and base[1:8] (B's block i is A's block i + 1): no id is both
+    a source and a destination, yet B's source is A's destination; every read comes first
+    (both paths had chained: base[3] got A's new block)."""
+    monkeypatch.setattr(_native, "THREAD_MIN_BYTES", 1)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        base = torch.arange(8, dtype=torch.float32).repeat_interleave(64).view(8, 64)
+        tf.copy_blocks([base[0:7], base[1:8]], torch.tensor([1]), torch.tensor([2]))
+    finally:
+        torch.set_num_threads(old)
+    assert base[:, 0].tolist() == [0, 1, 1, 2, 4, 5, 6, 7]

@@ -1550,10 +1550,16 @@ STREAM_MIN_BYTES = 2 << 20
 THREAD_MIN_BYTES = 4 << 20
 
 
-def _block_layout(t: torch.Tensor) -> tuple[int, int, int] | None:
+def _block_layout(t: torch.Tensor, written: bool = False) -> tuple[int, int, int] | None:
     """(address of block 0, bytes from one block to the next, bytes of a block) of a CPU
-    tensor whose blocks are each contiguous, else None."""
-    if t.device.type != "cpu":
+    tensor whose bytes are its values (strided, not quantized, no lazy conjugate or negation
+    bit) and whose blocks are each contiguous and apart (a block stride under a block's size
+    overlaps them), else None: the torch path copies those (or refuses them, as it refuses to
+    write an inference tensor outside inference mode, ``written``)."""
+    if (t.device.type != "cpu" or t.layout != torch.strided or t.is_quantized or t.is_conj()
+            or t.is_neg()):
+        return None
+    if written and t.is_inference() and not torch.is_inference_mode_enabled():
         return None
     size = t.element_size()
     want = 1
@@ -1561,15 +1567,18 @@ def _block_layout(t: torch.Tensor) -> tuple[int, int, int] | None:
         if n != 1 and stride != want:
             return None
         want *= n
+    if t.shape[0] > 1 and t.stride(0) < want:
+        return None
     return t.data_ptr(), t.stride(0) * size, want * size
 
 
-def _part_layouts(buffer: torch.Tensor) -> list[tuple[int, int, int]] | None:
+def _part_layouts(buffer: torch.Tensor, written: bool = False
+                  ) -> list[tuple[int, int, int]] | None:
     """_block_layout of each buffer[:, i] of a [n, parts, *block] CPU buffer, from the first
     part's (no view per part)."""
     if buffer.device.type != "cpu" or buffer.dim() < 2 or not buffer.shape[1]:
         return None
-    part = _block_layout(buffer.select(1, 0))
+    part = _block_layout(buffer.select(1, 0), written)
     if part is None:
         return None
     step = buffer.stride(1) * buffer.element_size()
@@ -1594,7 +1603,9 @@ def _c_copy(src, dst, src_ids: torch.Tensor | None, dst_ids: torch.Tensor | None
         _BLOCK_COPY["module"] = mod
     if not mod.available():
         return False
-    ids = [None if x is None else x.contiguous() for x in (src_ids, dst_ids)]
+    # private copies: an id tensor may be a view of a cache being written
+    ids = [None if x is None else x.clone(memory_format=torch.contiguous_format)
+           for x in (src_ids, dst_ids)]
     total = n * sum(b for _, _, b in src)
     threads = max(1, min(torch.get_num_threads(), total // THREAD_MIN_BYTES))
     if new is not None:
@@ -1606,10 +1617,10 @@ def _c_copy(src, dst, src_ids: torch.Tensor | None, dst_ids: torch.Tensor | None
     return True
 
 
-def _layouts(tensors) -> list | None:
+def _layouts(tensors, written: bool = False) -> list | None:
     out = []
     for t in tensors:
-        layout = _block_layout(t)
+        layout = _block_layout(t, written)
         if layout is None:
             return None
         out.append(layout)
@@ -1642,7 +1653,7 @@ def copy_blocks(caches, src, dst) -> None:
     if not host:
         s = s.clamp(0, num_blocks - 1)
     elif not _sources_written(s, d):  # one pass: no block read after it was written
-        layouts = _layouts(caches)
+        layouts = _layouts(caches, written=True)
         if _c_copy(layouts, layouts, s, d, s.shape[0], num_blocks, num_blocks):
             return
     stage = _staging(caches, s.shape[0])
@@ -1674,8 +1685,9 @@ def gather_blocks(buffer: torch.Tensor, caches, block_ids) -> None:
     buffer, *caches = _bytes(buffer, *caches)
     if not _host_ids("block_ids", ids, caches[0].shape[0]):
         ids = ids.clamp(0, caches[0].shape[0] - 1)
-    elif _c_copy(_layouts(caches), _part_layouts(buffer), ids, None, ids.shape[0],
-                 caches[0].shape[0], buffer.shape[0], new=buffer):  # the op's new output
+    elif _c_copy(_layouts(caches), _part_layouts(buffer, written=True), ids, None,
+                 ids.shape[0], caches[0].shape[0], buffer.shape[0],
+                 new=buffer):  # the op's new output
         return
     if buffer.is_contiguous() and len(caches) == 1:
         torch.index_select(caches[0], 0, ids.to(caches[0].device), out=buffer[:, 0])
@@ -1695,8 +1707,8 @@ def scatter_blocks(caches, buffer, block_ids) -> None:
     ids = block_ids.to(torch.int64)
     buffer, *caches = _bytes(buffer, *caches)
     host = _host_ids("block_ids", ids, caches[0].shape[0])
-    if host and _c_copy(_part_layouts(buffer), _layouts(caches), None, ids, ids.shape[0],
-                        buffer.shape[0], caches[0].shape[0]):
+    if host and _c_copy(_part_layouts(buffer), _layouts(caches, written=True), None, ids,
+                        ids.shape[0], buffer.shape[0], caches[0].shape[0]):
         return
     for i, c in enumerate(caches):
         rows = buffer[:, i].to(c.device)
@@ -1713,8 +1725,8 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids) -> None:
     if not s_host:
         s = s.clamp(0, src_caches[0].shape[0] - 1)
     d_host = _host_ids("dst_ids", d, dst_caches[0].shape[0])
-    if s_host and d_host and _c_copy(_layouts(src_caches), _layouts(dst_caches), s, d,
-                                     s.shape[0], src_caches[0].shape[0],
+    if s_host and d_host and _c_copy(_layouts(src_caches), _layouts(dst_caches, written=True),
+                                     s, d, s.shape[0], src_caches[0].shape[0],
                                      dst_caches[0].shape[0]):
         return  # host to host, one pass
     moved: dict = {}

@@ -242,19 +242,30 @@ def _distinct(caches) -> list:
     return out
 
 
-def _no_stride0(name: str, caches) -> None:
-    """A ValueError naming the first cache (``name[i]``, or ``name`` for one tensor) that
-    reaches one memory location from two indices (a stride-0 view, e.g. from expand()), before
-    anything is written: torch refused such a destination only after the caches listed before
-    it were written, naming none, and write_kv's row writes went in unchecked (the last write
-    to each location won)."""
+def _writable(name: str, caches) -> None:
+    """Before anything is written, an error naming the first cache (``name[i]``, or ``name``
+    for one tensor) that cannot be written in place:
+
+    - a ValueError for one that reaches one memory location from two indices (a stride-0
+      view, e.g. from expand()): torch refused such a destination only after the caches
+      listed before it were written, naming none, and write_kv's row writes went in
+      unchecked (the last write to each location won);
+    - a RuntimeError (torch's type for it) for an inference tensor outside inference mode:
+      torch refused it only after the write (the version bump raises), and the compiled
+      host copy and the GPU kernels write through raw pointers, unchecked.
+    """
     items = enumerate(caches) if isinstance(caches, (list, tuple)) else [(None, caches)]
+    inference_ok = torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
     for i, c in items:
+        label = name if i is None else f"{name}[{i}]"
+        if not inference_ok and c.is_inference():
+            raise RuntimeError(f"{label}: an inference tensor (made under "
+                               f"torch.inference_mode()) is written in place only inside "
+                               f"inference_mode; call the op there, or pass a clone")
         strides = c.stride()
         if 0 not in strides or not any(n > 1 and st == 0
                                        for n, st in zip(c.shape, strides, strict=True)):
             continue
-        label = name if i is None else f"{name}[{i}]"
         what = ("its blocks share memory", "each block") if c.shape[0] > 1 else (
             "its elements share memory", "each element")
         raise ValueError(f"{label}: {what[0]} (a stride-0 view, e.g. from expand()); pass a "
@@ -773,7 +784,7 @@ def _copy_blocks(caches: list[Tensor], src: Tensor, dst: Tensor, backend: str | 
     # tensors the op runs on: views of one memory copied one after another chain.
     if not resolved:
         caches = _distinct(caches)
-        if _chains(caches, src, dst):
+        if _chains(caches):
             for name, ids in (("src", src), ("dst", dst)):  # named, before any read or write
                 _host_ids(name, ids, caches[0].shape[0])
             staged = [_IMPL["gather_blocks"]([c], src, backend) for c in caches]
@@ -859,8 +870,8 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
     _index_tensors(slot_mapping=slot_mapping)
     _static_check(validate.check_write_kv, key, value, k_cache, v_cache, slot_mapping,
                   k_scale=k_scale, v_scale=v_scale)
-    _no_stride0("k_cache", k_cache)
-    _no_stride0("v_cache", v_cache)
+    _writable("k_cache", k_cache)
+    _writable("v_cache", v_cache)
     for name, rows in (("key", key), ("value", value)):
         for cname, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
             if _overlaps(rows, cache):  # written while read: K then V would see the change
@@ -884,7 +895,7 @@ def copy_blocks(caches, src, dst, *, backend=None) -> None:
     _tensors(caches=caches)
     _index_tensors(src=src, dst=dst)
     num_blocks = validate.check_copy_blocks(caches, src, dst)
-    _no_stride0("caches", caches)
+    _writable("caches", caches)
     checked = _want_values(src, dst)
     if checked:
         validate.check_copy_blocks_values(num_blocks, src, dst)
@@ -893,7 +904,7 @@ def copy_blocks(caches, src, dst, *, backend=None) -> None:
         src, dst = _on(caches[0].device, src, dst)
         _invoke("copy_blocks", (caches, src, dst, backend, False))
         return
-    if _chains(caches, src, dst):
+    if _chains(caches):
         # other views of one memory (another dtype or block shape, a part of a cache): each
         # copied by itself, the later ones would read blocks the earlier ones wrote. All
         # sources are read first, then written (the ids named here when they are on the host)
@@ -908,19 +919,13 @@ def copy_blocks(caches, src, dst, *, backend=None) -> None:
     _invoke("copy_blocks", (caches, src, dst, backend, True))
 
 
-def _chains(caches, src: Tensor, dst: Tensor) -> bool:
+def _chains(caches) -> bool:
     """Whether copying ``caches`` (distinct) one after another can chain: two of them views of
-    one memory whose blocks meet, and a block both a source and a destination. Real tensors
-    only (eager, or inside the op): fake ones have no memory (_any_blocks_overlap is False)."""
-    return len(caches) > 1 and _may_chain(src, dst) and _any_blocks_overlap(caches)
-
-
-def _may_chain(src: Tensor, dst: Tensor) -> bool:
-    """Whether a block is both a source and a destination (then copying two views of one
-    memory one after the other chains); ids on a device: maybe (no sync to find out)."""
-    if src.device.type != "cpu" or dst.device.type != "cpu":
-        return True
-    return not set(src.tolist()).isdisjoint(dst.tolist())
+    one memory whose blocks meet. Whatever the ids: two views shifted by a block (base[0:7],
+    base[1:8]) chain with no id both a source and a destination (B's source block 1 is A's
+    destination block 2). Real tensors only (eager, or inside the op): fake ones have no
+    memory (_any_blocks_overlap is False)."""
+    return len(caches) > 1 and _any_blocks_overlap(caches)
 
 
 def _any_blocks_overlap(caches) -> bool:
@@ -987,7 +992,7 @@ def scatter_blocks(caches, buffer, block_ids, *, backend=None) -> None:
     _tensors(caches=caches)
     _index_tensors(buffer=buffer, block_ids=block_ids)
     validate.check_scatter_blocks(caches, buffer, block_ids)
-    _no_stride0("caches", caches)
+    _writable("caches", caches)
     if _want_values(block_ids):
         validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=True)
     buffer, block_ids = _on(caches[0].device, buffer, block_ids)
@@ -1012,7 +1017,7 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids, *, backend=None) -> No
     # By address, not storage (two storages may hold one memory), and pairs compared only
     # where their byte spans meet: every layer's K and V both ways made ~1,500 pair checks,
     # ~1 ms of host time a call (64 caches).
-    _no_stride0("dst_caches", dst_caches)
+    _writable("dst_caches", dst_caches)
     clashes = [(j, i) for i, j in _meeting_pairs(src_caches, dst_caches)
                if _blocks_overlap(src_caches[i], dst_caches[j])]
     if clashes:  # the copies of one call run in no order
