@@ -1,6 +1,7 @@
 """Block copies through prefixkv.torch_frontend vs what a user writes without them.
 
-CPU (one thread): gather_blocks / swap_blocks of every layer's K and V of a model-shaped
+CPU (one thread): gather_blocks (into a new buffer, and into the caller's with out=) /
+swap_blocks of every layer's K and V of a model-shaped
 cache (16 layers x K,V, blocks [16, 8, 128] bf16; copy_blocks is in bench_cache_ops.py) vs a
 Python loop of per-block copies (the baseline), against the measured copy bandwidth. GPU
 (skipped without CUDA): device <-> pinned host swap of all layers' blocks, the CUDA C kernel
@@ -68,6 +69,30 @@ def test_cpu_gather_blocks(benchmark, machine_limits, impl):
         return buf
 
     fn = (lambda: tf.gather_blocks(caches, ids)) if impl == "prefixkv" else loop
+    want = torch.stack([torch.stack([c[b] for c in caches]) for b in id_list])
+    assert torch.equal(fn(), want)
+    benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
+    nbytes = _moved_bytes(caches)
+    record(benchmark, machine_limits, bytes_read=nbytes, bytes_written=nbytes, impl=impl,
+           baseline=impl == "loop_baseline")
+
+
+@pytest.mark.parametrize("impl", ["prefixkv_out", "loop_baseline"])
+def test_cpu_gather_blocks_into_buffer(benchmark, machine_limits, impl):
+    """Into the caller's staging buffer, reused call after call (gather_blocks(out=)), vs the
+    loop of per-block copies into that buffer: no page faults of a new output either way."""
+    benchmark.group = "cpu-gather-blocks-into-buffer"
+    caches, ids = _caches(), _ids()
+    id_list = ids.tolist()
+    buf = torch.zeros((len(id_list), len(caches), *BLOCK_SHAPE), dtype=torch.bfloat16)
+
+    def loop():
+        for i, b in enumerate(id_list):
+            for c, cache in enumerate(caches):
+                buf[i, c].copy_(cache[b])
+        return buf
+
+    fn = (lambda: tf.gather_blocks(caches, ids, out=buf)) if impl == "prefixkv_out" else loop
     want = torch.stack([torch.stack([c[b] for c in caches]) for b in id_list])
     assert torch.equal(fn(), want)
     benchmark.pedantic(fn, rounds=5, warmup_rounds=1)

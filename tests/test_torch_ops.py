@@ -832,6 +832,8 @@ def test_opcheck_every_op():
         (ops.copy_blocks, ([k.clone(), v.clone()], torch.tensor([0, 1], dtype=torch.int32),
                            torch.tensor([2, 3], dtype=torch.int32), None)),
         (ops.gather_blocks, ([k, v], torch.tensor([3, 0], dtype=torch.int32), None)),
+        (ops.gather_blocks_into, (torch.empty(2, 2, *k.shape[1:]), [k, v],
+                                  torch.tensor([3, 0], dtype=torch.int32), None)),
         (ops.scatter_blocks, ([k.clone(), v.clone()], torch.randn(2, 2, *k.shape[1:]),
                               torch.tensor([3, 0], dtype=torch.int32), None)),
         (ops.swap_blocks, ([k, v], [k.clone(), v.clone()], torch.tensor([1], dtype=torch.int32),
@@ -1504,6 +1506,50 @@ def test_torch_cpu_unchecked_bad_ids_named_before_any_write(monkeypatch, mode):
             assert torch.equal(c, b), name
     with pytest.raises(ValueError, match=r"^block_ids: expected values in \[0, 4\), got 5"):
         tf.gather_blocks(caches, torch.tensor([0, 5], **i32))
+
+
+def test_gather_blocks_into_out():
+    """out=: the caller's buffer written and returned (the same object, call after call),
+    bit-equal to a new buffer's gather; compiled with fullgraph too."""
+    g = torch.Generator().manual_seed(20)
+    caches = [torch.randn(6, 4, 2, 8, generator=g) for _ in range(3)]
+    ids = torch.tensor([5, 0, 5, 2], dtype=torch.int32)
+    out = torch.full((4, 3, 4, 2, 8), float("nan"))
+    assert tf.gather_blocks(caches, ids, out=out) is out
+    assert torch.equal(out, tf.gather_blocks(caches, ids))
+    assert torch.equal(tf.gather_blocks(caches, ids[:2], out=out[:2]), out[:2])
+    buf = torch.zeros(2, 3, 4, 2, 8)
+
+    def step(cs, i, o):
+        return tf.gather_blocks(cs, i, out=o).sum()
+
+    total = torch.compile(step, fullgraph=True, backend="aot_eager")(caches, ids[1:3], buf)
+    assert torch.equal(buf, tf.gather_blocks(caches, ids[1:3]))
+    assert torch.equal(total, buf.sum())
+
+
+def test_gather_blocks_out_refused_by_name():
+    caches = [torch.randn(6, 4, 2, 8) for _ in range(2)]
+    ids = torch.tensor([1, 3])
+    shape = (2, 2, 4, 2, 8)
+    for out, err, match in [
+            (np.zeros(shape, np.float32), TypeError, r"^out: expected a torch.Tensor, got"),
+            (torch.empty(3, 2, 4, 2, 8), ValueError, r"^out: expected shape \(2, 2, 4, 2, 8\)"),
+            (torch.empty(shape, dtype=torch.float16), TypeError,
+             r"^out: expected float32 \(the caches' dtype\), got float16"),
+            (torch.empty(2, 2, 4, 8, 2).transpose(3, 4), ValueError,
+             r"^out: expected a contiguous tensor"),
+            (torch.empty(2, 1, 4, 2, 8).expand(shape), ValueError, r"^out: expected a contiguous"),
+    ]:
+        with pytest.raises(err, match=match):
+            tf.gather_blocks(caches, ids, out=out)
+    whole = torch.zeros(3, 2, 4, 2, 8)  # a cache of 6 blocks whose first 4 are out
+    with pytest.raises(ValueError, match=r"^out: shares memory with caches\[1\]"):
+        tf.gather_blocks([caches[0], whole.view(6, 4, 2, 8)], ids, out=whole[:2])
+    with torch.inference_mode():
+        frozen = torch.empty(shape)
+    with pytest.raises(RuntimeError, match=r"^out: an inference tensor"):
+        tf.gather_blocks(caches, ids, out=frozen)
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])

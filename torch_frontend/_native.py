@@ -1687,7 +1687,7 @@ def gather_blocks(buffer: torch.Tensor, caches, block_ids) -> None:
         ids = ids.clamp(0, caches[0].shape[0] - 1)
     elif _c_copy(_layouts(caches), _part_layouts(buffer, written=True), ids, None,
                  ids.shape[0], caches[0].shape[0], buffer.shape[0],
-                 new=buffer):  # the op's new output
+                 new=buffer):  # the op's new output, or out= (advised if not yet faulted)
         return
     if buffer.is_contiguous() and len(caches) == 1:
         torch.index_select(caches[0], 0, ids.to(caches[0].device), out=buffer[:, 0])

@@ -816,6 +816,22 @@ def _(caches, block_ids, backend):
     return c0.new_empty((block_ids.shape[0], len(caches), *c0.shape[1:]))
 
 
+@_op("gather_blocks_into", mutates_args=("out",))
+def _gather_blocks_into(out: Tensor, caches: list[Tensor], block_ids: Tensor,
+                        backend: str | None) -> None:
+    # Here, not in the wrapper: under torch.compile only the op sees the memory it runs on
+    for i, c in enumerate(caches):
+        if _overlaps(out, c):  # written while read
+            raise ValueError(f"out: shares memory with caches[{i}]; pass a buffer of its own")
+    select("gather_blocks", platform_of(*caches), backend,
+           block_contiguous=_block_contiguous(caches))(out, caches, block_ids)
+
+
+@_gather_blocks_into.register_fake
+def _(*args):
+    return None
+
+
 @_op("scatter_blocks", mutates_args=("caches",))
 def _scatter_blocks(caches: list[Tensor], buffer: Tensor, block_ids: Tensor,
                     backend: str | None) -> None:
@@ -974,16 +990,47 @@ def _cluster_overlaps(cluster) -> bool:
     return any(_blocks_overlap(a, b) for i, a in enumerate(cluster) for b in cluster[i + 1:])
 
 
-def gather_blocks(caches, block_ids, *, backend=None):
-    """Blocks into one new contiguous buffer [n, len(caches), *block_shape]; block_ids i32[n]
-    or i64[n]."""
+def gather_blocks(caches, block_ids, *, out=None, backend=None):
+    """Blocks into one contiguous buffer [n, len(caches), *block_shape], buffer[i, c] =
+    caches[c][block_ids[i]]; block_ids i32[n] or i64[n].
+
+    out: None (a new buffer), or the caller's contiguous tensor of that shape, the caches'
+    dtype and device, sharing no memory with them, written and returned: a staging buffer
+    reused call after call (no allocation; a new host buffer's first write faults its pages
+    in, which cost more than the copy: bench/bench_torch_copy.py), and a fixed address for a
+    captured CUDA graph.
+    """
     _tensors(caches=caches)
     _index_tensors(block_ids=block_ids)
     validate.check_gather_blocks(caches, block_ids)
+    if out is not None:
+        _gather_out(out, caches, block_ids)
     if _want_values(block_ids):
         validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=False)
     (block_ids,) = _on(caches[0].device, block_ids)
-    return _invoke("gather_blocks", (list(caches), block_ids, backend))
+    if out is None:
+        return _invoke("gather_blocks", (list(caches), block_ids, backend))
+    _invoke("gather_blocks_into", (out, list(caches), block_ids, backend))
+    return out
+
+
+def _gather_out(out, caches, block_ids) -> None:
+    """gather_blocks' out=: an error naming it unless it can take the gathered blocks."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
+    c0 = caches[0]
+    shape = (block_ids.shape[0], len(caches), *c0.shape[1:])
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out: expected shape {shape}, got {tuple(out.shape)}")
+    if out.dtype != c0.dtype:
+        raise TypeError(f"out: expected {dtype_name(c0.dtype)} (the caches' dtype), got "
+                        f"{dtype_name(out)}")
+    if out.device != c0.device:
+        raise ValueError(f"out: expected it on the caches' device {c0.device}, got "
+                         f"{out.device}")
+    if not out.is_contiguous():
+        raise ValueError("out: expected a contiguous tensor")
+    _writable("out", out)
 
 
 def scatter_blocks(caches, buffer, block_ids, *, backend=None) -> None:
