@@ -827,6 +827,9 @@ def test_opcheck_every_op():
                                    torch.empty_like(q), None, torch.empty(256, dtype=torch.uint8))),
         (ops.merge_attention_states, (q, torch.randn(q.shape[:2]), q * 2,
                                       torch.randn(q.shape[:2]), None)),
+        (ops.merge_attention_states_out, (q, torch.randn(q.shape[:2]), q * 2,
+                                          torch.randn(q.shape[:2]), torch.empty_like(q),
+                                          torch.empty(q.shape[:2]), None)),
         (ops.write_kv, (torch.randn(3, 2, 8), torch.randn(3, 2, 8), k.clone(), v.clone(),
                         torch.tensor([0, -1, 5], dtype=torch.int32), None)),
         (ops.copy_blocks, ([k.clone(), v.clone()], torch.tensor([0, 1], dtype=torch.int32),
@@ -1526,6 +1529,55 @@ def test_gather_blocks_into_out():
     total = torch.compile(step, fullgraph=True, backend="aot_eager")(caches, ids[1:3], buf)
     assert torch.equal(buf, tf.gather_blocks(caches, ids[1:3]))
     assert torch.equal(total, buf.sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_attention_states_into_out(dtype):
+    """out=, lse= (vLLM's merge_attn_states(output, ..., output_lse)): written in place,
+    returned, bit-equal to the allocating call; a strided out (a slice of a wider buffer) and
+    out alone (lse made) too; compiled with fullgraph."""
+    g = torch.Generator().manual_seed(21)
+    oa, ob = (torch.randn(5, 4, 8, generator=g).to(dtype) for _ in range(2))
+    la, lb = (torch.randn(5, 4, generator=g) for _ in range(2))
+    la[0, 0], lb[1, 1] = float("-inf"), float("-inf")
+    want_o, want_l = tf.merge_attention_states(oa, la, ob, lb)
+    out = torch.full((5, 4, 8), float("nan"), dtype=dtype)
+    lse = torch.full((5, 4), float("nan"))
+    got = tf.merge_attention_states(oa, la, ob, lb, out=out, lse=lse)
+    assert got[0] is out and got[1] is lse
+    assert torch.equal(out, want_o) and torch.equal(lse, want_l)
+    wide = torch.zeros(5, 4, 16, dtype=dtype)
+    o2, l2 = tf.merge_attention_states(oa, la, ob, lb, out=wide[..., 4:12])
+    assert torch.equal(o2, want_o) and torch.equal(l2, want_l)
+    assert not wide[..., :4].any() and not wide[..., 12:].any()
+    o3, l3 = torch.empty_like(out), torch.empty_like(lse)
+
+    def step(a, b, o, s):
+        return tf.merge_attention_states(a, la, b, lb, out=o, lse=s)[0].float().sum()
+
+    total = torch.compile(step, fullgraph=True, backend="aot_eager")(oa, ob, o3, l3)
+    assert torch.equal(o3, want_o) and torch.equal(l3, want_l)
+    assert torch.equal(total, want_o.float().sum())
+
+
+def test_merge_attention_states_out_refused_by_name():
+    oa, ob = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    la, lb = torch.randn(3, 2), torch.randn(3, 2)
+    for kwargs, err, match in [
+            (dict(out=torch.empty(3, 2, 4)), ValueError, r"^out: expected shape \(3, 2, 8\)"),
+            (dict(out=torch.empty(3, 2, 8, dtype=torch.float16)), TypeError,
+             r"^out: expected float32, got float16"),
+            (dict(lse=torch.empty(3, 2, dtype=torch.float64)), TypeError,
+             r"^lse: expected float32, got float64"),
+            (dict(out=torch.empty(3, 2, 8, device="meta")), ValueError,
+             r"^out: expected it on out_a's device cpu, got meta"),
+            (dict(out=torch.empty(1, 2, 8).expand(3, 2, 8)), ValueError,
+             r"^out: its blocks share memory"),
+            (dict(out=oa), ValueError, r"^out: shares memory with out_a"),
+            (dict(lse=lb), ValueError, r"^lse: shares memory with lse_b"),
+    ]:
+        with pytest.raises(err, match=match):
+            tf.merge_attention_states(oa, la, ob, lb, **kwargs)
 
 
 def test_gather_blocks_out_refused_by_name():

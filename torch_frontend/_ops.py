@@ -272,7 +272,7 @@ def _writable(name: str, caches) -> None:
                          f"cache that holds {what[1]} once")
 
 
-def _check_out(name: str, buf, shape, dtype, device) -> None:
+def _check_out(name: str, buf, shape, dtype, device, owner: str = "q") -> None:
     if buf is None:
         return
     if not isinstance(buf, torch.Tensor):
@@ -282,7 +282,7 @@ def _check_out(name: str, buf, shape, dtype, device) -> None:
     if buf.dtype != dtype:
         raise TypeError(f"{name}: expected {dtype_name(dtype)}, got {dtype_name(buf)}")
     if buf.device != device:
-        raise ValueError(f"{name}: expected it on q's device {device}, got {buf.device}")
+        raise ValueError(f"{name}: expected it on {owner}'s device {device}, got {buf.device}")
 
 
 def _check_workspace(workspace, q) -> None:
@@ -540,6 +540,25 @@ def _(out_a, lse_a, out_b, lse_b, backend):
     return out_a.new_empty(out_a.shape), out_a.new_empty(out_a.shape[:2], dtype=torch.float32)
 
 
+@_op("merge_attention_states_out", mutates_args=("out", "lse"))
+def _merge_attention_states_out(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor,
+                                out: Tensor, lse: Tensor, backend: str | None) -> None:
+    # Here, not in the wrapper: under torch.compile only the op sees the memory it runs on
+    for name, buf in (("out", out), ("lse", lse)):
+        for other, t in (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b),
+                         ("lse_b", lse_b), *((("out", out),) if name == "lse" else ())):
+            if _overlaps(buf, t):
+                raise ValueError(f"{name}: shares memory with {other}; pass a buffer of its "
+                                 f"own")
+    select("merge_attention_states", platform_of(out_a), backend)(out, lse, out_a, lse_a,
+                                                                   out_b, lse_b)
+
+
+@_merge_attention_states_out.register_fake
+def _(*args):
+    return None
+
+
 def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, *, scale=None,
                     causal=True, sliding_window=None, logits_soft_cap=None, return_lse=False,
                     sinks=None, k_scale=None, v_scale=None, out=None, lse=None, workspace=None,
@@ -740,16 +759,30 @@ def attention_workspace_size(q, k_cache, block_tables, cu_q_lens=None, *,
     return max(shared, int(paged(q, k_cache, wide, cu_q_lens)))
 
 
-def merge_attention_states(out_a, lse_a, out_b, lse_b, *, backend=None):
+def merge_attention_states(out_a, lse_a, out_b, lse_b, *, out=None, lse=None, backend=None):
     """Log-sum-exp merge of two partial attentions over disjoint key sets.
 
     out_a, out_b: [num_tokens, num_heads, head_dim] float; lse_a, lse_b: f32[num_tokens,
     num_heads] (natural log). Returns (out in out_a's dtype, lse f32). Two empty states (lse
-    -inf) merge to out 0, lse -inf.
+    -inf) merge to out 0, lse -inf. out, lse: optional buffers of those shapes and dtypes on
+    out_a's device, written in place and returned (vLLM's ``merge_attn_states(output, ...,
+    output_lse)``), sharing no memory with the inputs or each other; with both given nothing
+    is allocated (out alone: lse is made).
     """
     _tensors(out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
     validate.check_merge_attention_states(out_a, lse_a, out_b, lse_b)
-    return _invoke("merge_attention_states", (out_a, lse_a, out_b, lse_b, backend))
+    if out is None and lse is None:
+        return _invoke("merge_attention_states", (out_a, lse_a, out_b, lse_b, backend))
+    _check_out("out", out, out_a.shape, out_a.dtype, out_a.device, owner="out_a")
+    _check_out("lse", lse, out_a.shape[:2], torch.float32, out_a.device, owner="out_a")
+    if out is None:
+        out = torch.empty_like(out_a, memory_format=torch.contiguous_format)
+    if lse is None:
+        lse = torch.empty(out_a.shape[:2], dtype=torch.float32, device=out_a.device)
+    _writable("out", out)
+    _writable("lse", lse)
+    _invoke("merge_attention_states_out", (out_a, lse_a, out_b, lse_b, out, lse, backend))
+    return out, lse
 
 
 # ---------------------------------------------------------------------------------- cache ops
