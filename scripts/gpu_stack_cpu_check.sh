@@ -19,7 +19,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
   # The GPU image's versions; the rest at the project's pins where they exist.
   "$VENV/bin/python" -m pip install -q "jax==0.11.2" "jaxlib==0.11.2" "torch==2.11.0" \
-    "triton==3.6.0" numpy ml_dtypes blake3 xxhash cbor2 redis hiredis matplotlib hypothesis \
+    "triton==3.6.0" numpy ml_dtypes blake3 xxhash cbor2 redis hiredis msgpack msgspec pyzmq \
+    matplotlib hypothesis \
     pytest pytest-xdist pytest-benchmark scipy
   "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
 fi

@@ -19,4 +19,6 @@ def test_readme_example_runs(code, path):
         pytest.importorskip("jax")
     if "torch_frontend" in code:
         pytest.importorskip("torch")
+    if "vllm_events" in code or "Vllm" in code:  # prefixkv[events]
+        pytest.importorskip("msgpack")
     exec(compile(code, str(path), "exec"), {"__name__": "readme_example"})
