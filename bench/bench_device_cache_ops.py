@@ -140,11 +140,13 @@ def test_gpu_cache_torch_write_kv(benchmark, impl):
 
 @cuda
 @pytest.mark.parametrize("op", ["copy_blocks", "gather_blocks", "scatter_blocks"])
-@pytest.mark.parametrize("impl", ["triton", "index_baseline"])
+@pytest.mark.parametrize("impl", ["triton", "triton_out", "index_baseline"])
 def test_gpu_cache_torch_moves(benchmark, impl, op):
     """copy_blocks: src -> dst in every cache; gather_blocks: into a new [n, caches, block]
-    buffer; scatter_blocks: that buffer back to other blocks. Baselines: index_select /
-    index_copy_ per cache (torch.stack for the gather)."""
+    buffer (triton_out: into the caller's, out=); scatter_blocks: that buffer back to other
+    blocks. Baselines: index_select / index_copy_ per cache (torch.stack for the gather)."""
+    if impl == "triton_out" and op != "gather_blocks":
+        pytest.skip("out= is gather_blocks'")
     from prefixkv import torch_frontend as tf
 
     benchmark.group = f"gpu {op} {MOVE} blocks x {CACHES} caches bf16"
@@ -163,8 +165,11 @@ def test_gpu_cache_torch_moves(benchmark, impl, op):
                              for c in caches]))
     elif op == "gather_blocks":
         want = None
-        fn = ((lambda: tf.gather_blocks(caches, src, backend="triton")) if impl == "triton"
-              else (lambda: torch.stack([c.index_select(0, src64) for c in caches], dim=1)))
+        out = torch.empty_like(buffer)
+        fn = {"triton": lambda: tf.gather_blocks(caches, src, backend="triton"),
+              "triton_out": lambda: tf.gather_blocks(caches, src, out=out, backend="triton"),
+              }.get(impl, lambda: torch.stack([c.index_select(0, src64) for c in caches],
+                                              dim=1))
         assert torch.equal(fn(), buffer)
     else:
         want = [buffer[:, i] for i in range(CACHES)]
@@ -179,6 +184,45 @@ def test_gpu_cache_torch_moves(benchmark, impl, op):
     _assert_untouched(caches, other, before)  # the gather too: it must not write the caches
     t = cuda_benchmark(benchmark, fn, iters=CALLS)
     _finish(benchmark, t, MOVE_BYTES, cuda_memory_limits()["copy_gbps"], impl=impl, op=op)
+
+
+MERGE_TOKENS, MERGE_HEADS = 65536, 32  # two bf16 partial states of 512 MiB each
+
+
+@cuda
+@pytest.mark.parametrize("impl", ["triton_out", "triton", "formula_baseline"])
+def test_gpu_merge_attention_states(benchmark, impl):
+    """merge_attention_states of two bf16 states [65536, 32, 128] (f32 lse): the Triton kernel
+    reading each input where it is, into the caller's out=/lse= and into new buffers, against
+    the formula a user writes in torch. Bytes: both states read, out written (lse included)."""
+    from prefixkv import torch_frontend as tf
+
+    benchmark.group = f"gpu merge_attention_states [{MERGE_TOKENS}, {MERGE_HEADS}, {D}] bf16"
+    g = torch.Generator(device="cuda").manual_seed(6)
+    oa, ob = (torch.randn(MERGE_TOKENS, MERGE_HEADS, D, generator=g, device="cuda")
+              .to(torch.bfloat16) for _ in range(2))
+    la, lb = (torch.randn(MERGE_TOKENS, MERGE_HEADS, generator=g, device="cuda")
+              for _ in range(2))
+    out, lse = torch.empty_like(oa), torch.empty_like(la)
+
+    def formula():
+        m = torch.maximum(la, lb)
+        wa, wb = torch.exp(la - m), torch.exp(lb - m)
+        s = wa + wb
+        o = (oa.float() * (wa / s)[..., None] + ob.float() * (wb / s)[..., None])
+        return o.to(oa.dtype), m + torch.log(s)
+
+    fn = {"triton_out": lambda: tf.merge_attention_states(oa, la, ob, lb, out=out, lse=lse,
+                                                          backend="triton"),
+          "triton": lambda: tf.merge_attention_states(oa, la, ob, lb, backend="triton"),
+          "formula_baseline": formula}[impl]
+    got_o, got_l = fn()
+    want_o, want_l = formula()
+    assert torch.allclose(got_o.float(), want_o.float(), atol=2e-2, rtol=2e-2)
+    assert torch.allclose(got_l, want_l, atol=1e-5, rtol=1e-5)
+    t = cuda_benchmark(benchmark, fn, iters=CALLS)
+    state = MERGE_TOKENS * MERGE_HEADS * (D * 2 + 4)
+    _finish(benchmark, t, 3 * state, cuda_memory_limits()["copy_gbps"], impl=impl)
 
 
 # --------------------------------------------------------------------------------- JAX

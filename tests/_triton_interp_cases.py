@@ -914,6 +914,24 @@ def test_nan_in_a_read_slot_gives_nan(splits, full_tiles):
     np.testing.assert_allclose(N(out)[ok], want[ok], atol=1e-5, rtol=1e-5)
 
 
+def test_merge_strided_inputs_and_outputs():
+    """The public merge's kernel reads each input where it is: slices of wider buffers (any
+    strides) in, a transposed view out; NaN in an empty state's row stays out of the result."""
+    rng = np.random.default_rng(8)
+    wide = torch.from_numpy(rng.standard_normal((2, 5, 3, 40)).astype(np.float32))
+    oa, ob = wide[0, :, :, 3:23], wide[1, :, :, 10:30]
+    lw = torch.from_numpy(rng.standard_normal((3, 5, 2)).astype(np.float32))
+    la, lb = lw[:, :, 0].t(), lw[:, :, 1].t()
+    la[1, 2], lb[3, 0] = float("-inf"), float("inf")
+    oa[1, 2], ob[3, 0] = float("nan"), float("nan")  # empty states' rows: never used
+    want, want_lse = ref.merge_attention_states_reference(*(x.numpy() for x in (oa, la, ob, lb)))
+    out = torch.full((3, 5, 20), float("nan")).transpose(0, 1)
+    lse = torch.full((3, 5), float("nan")).t()
+    tattn.merge_attention_states(out, lse, oa, la, ob, lb)
+    np.testing.assert_allclose(N(out), want, atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(N(lse), want_lse, atol=1e-6, rtol=1e-6)
+
+
 def test_merge_keeps_a_nan_state():
     oa, ob = np.ones((2, 2, 1, 4), np.float32)
     la = np.array([[np.nan], [0.5]], np.float32)

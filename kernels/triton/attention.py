@@ -355,6 +355,49 @@ def _merge_states_kernel(out_ptr, lse_ptr, o_ptr, l_ptr, num_heads, stride_ot, s
 
 
 @triton.jit
+def _merge_two_kernel(out_ptr, lse_ptr, oa_ptr, la_ptr, ob_ptr, lb_ptr, num_heads, stride_ot,
+                      stride_oh, stride_od, stride_lt, stride_lh, stride_at, stride_ah,
+                      stride_ad, stride_lat, stride_lah, stride_bt, stride_bh, stride_bd,
+                      stride_lbt, stride_lbh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """_merge_states_kernel for two states given as two tensors (the public
+    merge_attention_states): each input read once where it is, nothing stacked. The same
+    arithmetic: +inf lse (FlashAttention-2's empty rows) is empty, an empty state weighs 0
+    and its out is not used, a NaN state gives NaN."""
+    row = tl.program_id(0)
+    t = (row // num_heads).to(tl.int64)
+    h = (row % num_heads).to(tl.int64)
+    la = tl.load(la_ptr + t * stride_lat + h * stride_lah)
+    lb = tl.load(lb_ptr + t * stride_lbt + h * stride_lbh)
+    la = tl.where(la == float("inf"), float("-inf"), la)
+    lb = tl.where(lb == float("inf"), float("-inf"), lb)
+    # the larger lse; a NaN on either side makes every weight NaN below (as tl.max over the
+    # stacked states would)
+    m = tl.where(la > lb, la, lb)
+    m = tl.where((la != la) | (lb != lb), la + lb, m)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    wa = tl.exp(la - m_safe)
+    wb = tl.exp(lb - m_safe)
+    den = wa + wb
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    live_a = (la > float("-inf")) | (la != la)
+    live_b = (lb > float("-inf")) | (lb != lb)
+    # an empty state's row is read (it is inside its tensor) but never used: where, not a
+    # product with weight 0 (0 * NaN is NaN)
+    oa = tl.load(oa_ptr + t * stride_at + h * stride_ah + d * stride_ad, mask=d_ok,
+                 other=0.0).to(tl.float32)
+    ob = tl.load(ob_ptr + t * stride_bt + h * stride_bh + d * stride_bd, mask=d_ok,
+                 other=0.0).to(tl.float32)
+    acc = tl.where(live_a, oa * wa, 0.0) + tl.where(live_b, ob * wb, 0.0)
+    seen = (den > 0) | (den != den)
+    res = tl.where(seen, acc / tl.where(seen, den, 1.0), 0.0)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + d * stride_od,
+             res.to(out_ptr.dtype.element_ty), mask=d_ok)
+    tl.store(lse_ptr + t * stride_lt + h * stride_lh,
+             tl.where(seen, m_safe + tl.log(tl.where(seen, den, 1.0)), float("-inf")))
+
+
+@triton.jit
 def _prefix_key(pid, num_prefixes):
     """A sequence's sort key: its prefix row, or num_prefixes (last) for -1 or any id that
     names no row (never a position outside the order)."""
@@ -854,7 +897,15 @@ paged_attention.reads_sinks = True
 
 
 def merge_attention_states(out, lse, out_a, lse_a, out_b, lse_b) -> None:
-    _merge(out, lse, torch.stack([out_a, out_b]), torch.stack([lse_a, lse_b]))
+    """Backend entry: out/lse <- the merge of (out_a, lse_a) and (out_b, lse_b), any strides,
+    each input read where it is (no stacked copy, nothing allocated)."""
+    num_tokens, num_heads, head_dim = out.shape
+    if num_tokens * num_heads == 0:
+        return
+    _merge_two_kernel[(num_tokens * num_heads,)](
+        out, lse, out_a, lse_a, out_b, lse_b, num_heads, *out.stride(), *lse.stride(),
+        *out_a.stride(), *lse_a.stride(), *out_b.stride(), *lse_b.stride(), HEAD_DIM=head_dim,
+        BLOCK_D=max(16, _p2(head_dim)))
 
 
 def shared_prefix_attention(out, lse, q, k_cache, v_cache, prefix_block_tables, prefix_lens,
