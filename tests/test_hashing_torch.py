@@ -102,6 +102,22 @@ def test_custom_op_opcheck_and_compile():
     np.testing.assert_array_equal(got, exp)
 
 
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compiled_with_a_salt_over_any_number_of_sequences(dynamic):
+    """hash_blocks with a salt, compiled with fullgraph, called for 2 then 3 sequences (a
+    recompile with a symbolic sequence count, or dynamic=True at once): the same digests as
+    eager (the salt's traced checks had taken the symbolic count as a constant's argument)."""
+    def fn(tokens, cu_lens):
+        return hash_blocks(tokens, 4, cu_lens=cu_lens, salt="x")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="eager", dynamic=dynamic)
+    tokens = torch.arange(40, dtype=torch.int32)
+    for cu in ([0, 9, 40], [0, 4, 12, 40]):
+        cu = torch.tensor(cu, dtype=torch.int32)
+        assert torch.equal(compiled(tokens, cu), fn(tokens, cu))
+
+
 GOOD = dict(tokens=torch.arange(32, dtype=torch.int32), block_size=16)
 
 

@@ -1604,6 +1604,62 @@ def test_gather_blocks_out_refused_by_name():
         tf.gather_blocks(caches, ids, out=frozen)
 
 
+def test_compiled_float_options_with_specialized_floats():
+    """The documented way to compile with changing float options (docs/ops.md): with
+    torch._dynamo.config.specialize_float each value traces once and fullgraph holds, under
+    dynamic=True too; results equal eager."""
+    rng = np.random.default_rng(22)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 4), block_size=4,
+                                  num_q_heads=4, num_kv_heads=2, head_dim=16, nan_fill=False)
+    q, k, v, bt, kv, cu = (T(a) for a in b.args())
+
+    def fn(scale):
+        return tf.paged_attention(q, k, v, bt, kv, cu, scale=scale, logits_soft_cap=scale * 8)
+
+    with torch._dynamo.config.patch(specialize_float=True):
+        for dynamic in (None, True):
+            torch._dynamo.reset()
+            compiled = torch.compile(fn, fullgraph=True, backend="eager", dynamic=dynamic)
+            for scale in (0.25, 0.3):
+                torch.testing.assert_close(compiled(scale), fn(scale))
+
+
+def test_compiled_memory_checks_run_in_the_ops():
+    """The checks that need memory (a destination sharing it with a source, rows that are a
+    view of the cache written, an inference tensor written outside inference mode) run in the
+    ops, so a compiled step (dynamo's eager backend: the op bodies run as written) names the
+    argument as eager does, before any write; the wrapper had skipped them while compiling
+    (fake tensors have no memory). (aot_eager functionalizes: the ops then run on copies, and
+    read every source before any write.)"""
+    ids = torch.tensor([0, 1]), torch.tensor([2, 3])
+
+    def swap_onto_itself(k):
+        tf.swap_blocks([k], [k], *ids)
+
+    def write_own_rows(k, v):
+        tf.write_kv(k.view(-1, 2, 8)[:2], k.view(-1, 2, 8)[:2], k, v, torch.tensor([1, 2]))
+
+    k, v = torch.randn(6, 4, 2, 8), torch.randn(6, 4, 2, 8)
+    before = k.clone()
+    for fn, args, match in (
+            (swap_onto_itself, (k,), r"^dst_caches\[0\]: shares memory with src_caches\[0\]"),
+            (write_own_rows, (k, v), r"^key: shares memory with k_cache")):
+        for run in (fn, torch.compile(fn, fullgraph=True, backend="eager")):
+            with pytest.raises(ValueError, match=match):
+                run(*args)
+            assert torch.equal(k, before)
+    with torch.inference_mode():
+        frozen = torch.zeros(6, 4, 2, 8)
+
+    def write(key, kc, vc):
+        tf.write_kv(key, key, kc, vc, torch.tensor([5]))
+
+    for run in (write, torch.compile(write, fullgraph=True, backend="eager")):
+        with pytest.raises(RuntimeError, match=r"^k_cache: an inference tensor"):
+            run(torch.ones(1, 2, 8), frozen, v)
+        assert not frozen.any()
+
+
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_compiled_block_ops_on_caches_made_inside(backend):
     """copy_blocks (one cache listed twice) and swap_blocks on caches created inside the

@@ -334,7 +334,10 @@ def hash_blocks(tokens: torch.Tensor, block_size: int, *, cu_lens: torch.Tensor 
     if torch.compiler.is_compiling():  # the host arguments' checks as a traced constant
         dims = check_hash_blocks(tokens, block_size, cu_lens=cu_lens, extra=extra,
                                  parent=None if host_parent else parent)
-        salt_b = _checked_salt(salt, parent if host_parent else None, dims.num_seqs)
+        # the salt's checks need no sequence count: 1 unless a host parent is checked against
+        # it (a symbolic count, from dynamic shapes, is no constant)
+        salt_b = (_checked_salt(salt, parent, dims.num_seqs) if host_parent
+                  else _checked_salt(salt, None, 1))
     else:
         dims = check_hash_blocks(tokens, block_size, cu_lens=cu_lens, salt=salt, extra=extra,
                                  parent=parent)

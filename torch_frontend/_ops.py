@@ -243,33 +243,42 @@ def _distinct(caches) -> list:
 
 
 def _writable(name: str, caches) -> None:
-    """Before anything is written, an error naming the first cache (``name[i]``, or ``name``
-    for one tensor) that cannot be written in place:
-
-    - a ValueError for one that reaches one memory location from two indices (a stride-0
-      view, e.g. from expand()): torch refused such a destination only after the caches
-      listed before it were written, naming none, and write_kv's row writes went in
-      unchecked (the last write to each location won);
-    - a RuntimeError (torch's type for it) for an inference tensor outside inference mode:
-      torch refused it only after the write (the version bump raises), and the compiled
-      host copy and the GPU kernels write through raw pointers, unchecked.
-    """
+    """A ValueError naming the first cache (``name[i]``, or ``name`` for one tensor) that
+    reaches one memory location from two indices (a stride-0 view, e.g. from expand()), before
+    anything is written: torch refused such a destination only after the caches listed before
+    it were written, naming none, and write_kv's row writes went in unchecked (the last write
+    to each location won)."""
     items = enumerate(caches) if isinstance(caches, (list, tuple)) else [(None, caches)]
-    inference_ok = torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
     for i, c in items:
-        label = name if i is None else f"{name}[{i}]"
-        if not inference_ok and c.is_inference():
-            raise RuntimeError(f"{label}: an inference tensor (made under "
-                               f"torch.inference_mode()) is written in place only inside "
-                               f"inference_mode; call the op there, or pass a clone")
         strides = c.stride()
         if 0 not in strides or not any(n > 1 and st == 0
                                        for n, st in zip(c.shape, strides, strict=True)):
             continue
+        label = name if i is None else f"{name}[{i}]"
         what = ("its blocks share memory", "each block") if c.shape[0] > 1 else (
             "its elements share memory", "each element")
         raise ValueError(f"{label}: {what[0]} (a stride-0 view, e.g. from expand()); pass a "
                          f"cache that holds {what[1]} once")
+
+
+def _not_inference(**named) -> None:
+    """A RuntimeError (torch's type for it) naming the first tensor (``name[i]`` in a list)
+    that is an inference tensor (made under torch.inference_mode()) while inference mode is
+    off, before anything is written: torch refused it only after the write (the version bump
+    raises), and the compiled host copy and the GPU kernels write through raw pointers,
+    unchecked. Run by the mutating ops themselves, so a compiled step is checked when it runs
+    (eager: the same call)."""
+    if torch.is_inference_mode_enabled():
+        return
+    for name, value in named.items():
+        items = (list(enumerate(value)) if isinstance(value, (list, tuple))
+                 else [(None, value)])
+        for i, t in items:
+            if t.is_inference():
+                label = name if i is None else f"{name}[{i}]"
+                raise RuntimeError(f"{label}: an inference tensor (made under "
+                                   f"torch.inference_mode()) is written in place only inside "
+                                   f"inference_mode; call the op there, or pass a clone")
 
 
 def _check_out(name: str, buf, shape, dtype, device, owner: str = "q") -> None:
@@ -543,6 +552,7 @@ def _(out_a, lse_a, out_b, lse_b, backend):
 @_op("merge_attention_states_out", mutates_args=("out", "lse"))
 def _merge_attention_states_out(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor,
                                 out: Tensor, lse: Tensor, backend: str | None) -> None:
+    _not_inference(out=out, lse=lse)
     # Here, not in the wrapper: under torch.compile only the op sees the memory it runs on
     for name, buf in (("out", out), ("lse", lse)):
         for other, t in (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b),
@@ -627,7 +637,14 @@ def _run_attention(op, args, q, out, lse, workspace, return_lse, sinks, scales=(
         l_ = lse  # None and not returned: the backend keeps it in the workspace
         if l_ is None and return_lse:
             l_ = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-        _invoke(f"{op}_out", (*args, o, l_, workspace, *scales))
+        if (not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
+                and any(b is not None and b.is_inference() for b in (o, l_, workspace))):
+            # buffers made under inference_mode, used outside it (tests/test_sinks.py): all
+            # their writes inside it (a strided out had been written, then torch raised)
+            with torch.inference_mode():
+                _invoke(f"{op}_out", (*args, o, l_, workspace, *scales))
+        else:
+            _invoke(f"{op}_out", (*args, o, l_, workspace, *scales))
     return (o, l_) if return_lse else o
 
 
@@ -796,6 +813,12 @@ def _block_contiguous(caches) -> bool:
 def _write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
               slot_mapping: Tensor, backend: str | None, k_scale: Tensor | None = None,
               v_scale: Tensor | None = None) -> None:
+    _not_inference(k_cache=k_cache, v_cache=v_cache)
+    # Here, not in the wrapper: under torch.compile only the op sees the memory it runs on
+    for name, rows in (("key", key), ("value", value)):
+        for cname, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if _overlaps(rows, cache):  # written while read: K then V would see the change
+                raise ValueError(f"{name}: shares memory with {cname}; pass a copy")
     if validate.is_fp8(k_cache):  # every backend quantizes (bit-exact, docs/ops.md)
         select("write_kv", platform_of(k_cache), backend)(
             key, value, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
@@ -811,6 +834,7 @@ def _(*args):
 @_op("copy_blocks", mutates_args=("caches",))
 def _copy_blocks(caches: list[Tensor], src: Tensor, dst: Tensor, backend: str | None,
                  resolved: bool = False) -> None:
+    _not_inference(caches=caches)
     # ``resolved``: the eager wrapper dropped repeated caches and settled whether the caches'
     # memory chains (it saw real tensors). Else (traced by torch.compile, which gives them no
     # memory, or torch.ops.prefixkv.copy_blocks called directly) it is settled here, on the
@@ -852,6 +876,7 @@ def _(caches, block_ids, backend):
 @_op("gather_blocks_into", mutates_args=("out",))
 def _gather_blocks_into(out: Tensor, caches: list[Tensor], block_ids: Tensor,
                         backend: str | None) -> None:
+    _not_inference(out=out)
     # Here, not in the wrapper: under torch.compile only the op sees the memory it runs on
     for i, c in enumerate(caches):
         if _overlaps(out, c):  # written while read
@@ -868,6 +893,7 @@ def _(*args):
 @_op("scatter_blocks", mutates_args=("caches",))
 def _scatter_blocks(caches: list[Tensor], buffer: Tensor, block_ids: Tensor,
                     backend: str | None) -> None:
+    _not_inference(caches=caches)
     # Here, not in the wrapper: under torch.compile only the op sees the memory it runs on.
     # By address (_overlaps): a storage key each cost ~0.5 us (64 caches: 30 us)
     for i, c in enumerate(caches):
@@ -882,9 +908,34 @@ def _(*args):
     return None
 
 
+def _swap_memory_checks(src_caches, dst_caches) -> None:
+    """A ValueError naming the caches when a destination shares memory with a source (the
+    copies of one call run in no order) or with another destination (the last writer would
+    win; a pair listed again is copied twice, the same bytes). By address, not storage (two
+    storages may hold one memory), and pairs compared only where their byte spans meet:
+    every layer's K and V both ways made ~1,500 pair checks, ~1 ms of host time a call (64
+    caches). Run by the op, on the tensors it runs on (under torch.compile the wrapper sees
+    fake tensors, which have no memory)."""
+    clashes = [(j, i) for i, j in _meeting_pairs(src_caches, dst_caches)
+               if _blocks_overlap(src_caches[i], dst_caches[j])]
+    if clashes:
+        j, i = min(clashes)
+        raise ValueError(f"dst_caches[{j}]: shares memory with src_caches[{i}]; copy_blocks "
+                         f"copies blocks within the same caches (all reads before any write)")
+    once = sorted({(id(dst), id(src)): j for j, (src, dst) in reversed(list(enumerate(
+        zip(src_caches, dst_caches, strict=True))))}.values())
+    if _any_blocks_overlap([dst_caches[j] for j in once]):
+        j, i = min((j, i) for x, i in enumerate(once) for j in once[x + 1:]
+                   if _blocks_overlap(dst_caches[i], dst_caches[j]))
+        raise ValueError(f"dst_caches[{j}]: shares memory with dst_caches[{i}]; each "
+                         f"destination cache once")
+
+
 @_op("swap_blocks", mutates_args=("dst_caches",))
 def _swap_blocks(src_caches: list[Tensor], dst_caches: list[Tensor], src_ids: Tensor,
                  dst_ids: Tensor, backend: str | None) -> None:
+    _not_inference(dst_caches=dst_caches)
+    _swap_memory_checks(src_caches, dst_caches)
     host = [c for c in (*src_caches, *dst_caches) if c.device.type == "cpu"]
     pinned = all(c.is_pinned() for c in host) if platform_of(*src_caches, *dst_caches) == \
         "cuda" else True
@@ -921,10 +972,6 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
                   k_scale=k_scale, v_scale=v_scale)
     _writable("k_cache", k_cache)
     _writable("v_cache", v_cache)
-    for name, rows in (("key", key), ("value", value)):
-        for cname, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if _overlaps(rows, cache):  # written while read: K then V would see the change
-                raise ValueError(f"{name}: shares memory with {cname}; pass a copy")
     if _want_values(slot_mapping):
         validate.check_write_kv_values(k_cache, slot_mapping)
     (slot_mapping,) = _on(k_cache.device, slot_mapping)
@@ -1094,27 +1141,7 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids, *, backend=None) -> No
     validate.check_swap_blocks(src_caches, dst_caches, src_ids, dst_ids)
     if _want_values(src_ids, dst_ids):
         validate.check_swap_blocks_values(src_caches, dst_caches, src_ids, dst_ids)
-    # By address, not storage (two storages may hold one memory), and pairs compared only
-    # where their byte spans meet: every layer's K and V both ways made ~1,500 pair checks,
-    # ~1 ms of host time a call (64 caches).
     _writable("dst_caches", dst_caches)
-    clashes = [(j, i) for i, j in _meeting_pairs(src_caches, dst_caches)
-               if _blocks_overlap(src_caches[i], dst_caches[j])]
-    if clashes:  # the copies of one call run in no order
-        j, i = min(clashes)
-        raise ValueError(f"dst_caches[{j}]: shares memory with src_caches[{i}]; copy_blocks "
-                         f"copies blocks within the same caches (all reads before any write)")
-    # one cache written from two sources: the last writer would win (a pair listed again is
-    # copied twice, the same bytes). Not while compiling: fake tensors have no memory, and
-    # torch 2.11's dynamo refuses id() of a tensor made inside the compiled function
-    once = [] if torch.compiler.is_compiling() else sorted({
-        (id(dst), id(src)): j for j, (src, dst) in reversed(list(enumerate(
-            zip(src_caches, dst_caches, strict=True))))}.values())
-    if _any_blocks_overlap([dst_caches[j] for j in once]):
-        j, i = min((j, i) for x, i in enumerate(once) for j in once[x + 1:]
-                   if _blocks_overlap(dst_caches[i], dst_caches[j]))
-        raise ValueError(f"dst_caches[{j}]: shares memory with dst_caches[{i}]; each "
-                         f"destination cache once")
     _invoke("swap_blocks", (list(src_caches), list(dst_caches), src_ids, dst_ids, backend))
 
 
