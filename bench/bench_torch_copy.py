@@ -55,50 +55,44 @@ def _moved_bytes(caches, n=MOVE):
     return n * sum(c[0].numel() * c.element_size() for c in caches)
 
 
-@pytest.mark.parametrize("impl", ["prefixkv", "loop_baseline"])
-def test_cpu_gather_blocks(benchmark, machine_limits, impl):
-    benchmark.group = "cpu-gather-blocks"
+def _cpu_gather(benchmark, machine_limits, impl: str, reuse: bool) -> None:
+    """gather_blocks of MOVE blocks of every layer's K and V, or the loop of per-block copies a
+    user would write, checked then timed: into a new buffer each call, or (``reuse``) into
+    one staging buffer reused call after call (gather_blocks(out=)), where neither pays the
+    page faults of a new output."""
     caches, ids = _caches(), _ids()
     id_list = ids.tolist()
+    shape = (len(id_list), len(caches), *BLOCK_SHAPE)
+    staging = torch.zeros(shape, dtype=torch.bfloat16) if reuse else None
 
     def loop():
-        buf = torch.empty((len(id_list), len(caches), *BLOCK_SHAPE), dtype=torch.bfloat16)
+        buf = staging if reuse else torch.empty(shape, dtype=torch.bfloat16)
         for i, b in enumerate(id_list):
             for c, cache in enumerate(caches):
                 buf[i, c].copy_(cache[b])
         return buf
 
-    fn = (lambda: tf.gather_blocks(caches, ids)) if impl == "prefixkv" else loop
+    fn = loop if impl == "loop_baseline" else (lambda: tf.gather_blocks(caches, ids,
+                                                                        out=staging))
     want = torch.stack([torch.stack([c[b] for c in caches]) for b in id_list])
     assert torch.equal(fn(), want)
     benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
     nbytes = _moved_bytes(caches)
     record(benchmark, machine_limits, bytes_read=nbytes, bytes_written=nbytes, impl=impl,
            baseline=impl == "loop_baseline")
+
+
+@pytest.mark.parametrize("impl", ["prefixkv", "loop_baseline"])
+def test_cpu_gather_blocks(benchmark, machine_limits, impl):
+    benchmark.group = "cpu-gather-blocks"
+    _cpu_gather(benchmark, machine_limits, impl, reuse=False)
 
 
 @pytest.mark.parametrize("impl", ["prefixkv_out", "loop_baseline"])
 def test_cpu_gather_blocks_into_buffer(benchmark, machine_limits, impl):
-    """Into the caller's staging buffer, reused call after call (gather_blocks(out=)), vs the
-    loop of per-block copies into that buffer: no page faults of a new output either way."""
+    """Into the caller's staging buffer, reused call after call (gather_blocks(out=))."""
     benchmark.group = "cpu-gather-blocks-into-buffer"
-    caches, ids = _caches(), _ids()
-    id_list = ids.tolist()
-    buf = torch.zeros((len(id_list), len(caches), *BLOCK_SHAPE), dtype=torch.bfloat16)
-
-    def loop():
-        for i, b in enumerate(id_list):
-            for c, cache in enumerate(caches):
-                buf[i, c].copy_(cache[b])
-        return buf
-
-    fn = (lambda: tf.gather_blocks(caches, ids, out=buf)) if impl == "prefixkv_out" else loop
-    want = torch.stack([torch.stack([c[b] for c in caches]) for b in id_list])
-    assert torch.equal(fn(), want)
-    benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
-    nbytes = _moved_bytes(caches)
-    record(benchmark, machine_limits, bytes_read=nbytes, bytes_written=nbytes, impl=impl,
-           baseline=impl == "loop_baseline")
+    _cpu_gather(benchmark, machine_limits, impl, reuse=True)
 
 
 def _cpu_swap(benchmark, machine_limits, impl: str, dst) -> None:
