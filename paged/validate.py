@@ -163,9 +163,9 @@ def check_optional_positive(name: str, value, *, integer: bool = False, none_is=
         return int(value)
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise TypeError(f"{name}: expected a float or None, got {type(value).__name__}")
-    if not math.isfinite(float(value)) or float(value) <= 0:
+    if not (value > 0 and value < math.inf):  # comparisons: a SymFloat stays symbolic
         raise ValueError(f"{name}: expected a finite value > 0, got {value}{off}")
-    if float(value) > _F32_MAX:
+    if value > _F32_MAX:
         raise ValueError(f"{name}: expected at most {_F32_MAX:.8g} (float32's largest: the "
                          f"kernels compute in float32), got {value}")
     return float(value)
@@ -339,10 +339,9 @@ def check_kv_scale(name: str, scale, cache) -> float | None:
     if isinstance(scale, bool):
         raise TypeError(f"{name}: expected a float or a float32 array of one element, got bool")
     if isinstance(scale, (int, float, np.integer, np.floating)):
-        value = float(scale)
-        if not math.isfinite(value) or value <= 0:
+        if not (scale > 0 and scale < math.inf):  # comparisons: a SymFloat stays symbolic
             raise ValueError(f"{name}: expected a finite value > 0, got {scale}")
-        return value
+        return float(scale)
     if not hasattr(scale, "shape") or not hasattr(scale, "dtype"):
         raise TypeError(f"{name}: expected a float or a float32 array of one element, got "
                         f"{type(scale).__name__}")

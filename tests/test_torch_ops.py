@@ -1604,24 +1604,45 @@ def test_gather_blocks_out_refused_by_name():
         tf.gather_blocks(caches, ids, out=frozen)
 
 
-def test_compiled_float_options_with_specialized_floats():
-    """The documented way to compile with changing float options (docs/ops.md): with
-    torch._dynamo.config.specialize_float each value traces once and fullgraph holds, under
-    dynamic=True too; results equal eager."""
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+@pytest.mark.parametrize("specialize", [False, True], ids=["symfloat", "specialize_float"])
+def test_compiled_float_options(backend, specialize):
+    """Float options that change between calls under torch.compile(fullgraph=True): dynamo
+    makes them SymFloats (automatic dynamic, or dynamic=True) unless specialize_float is set,
+    and the option checks had failed the graph on them (math.isfinite of a SymFloat: "torch.*
+    op returned non-Tensor"). scale, logits_soft_cap and float k_scale / v_scale of
+    paged_attention, shared_prefix_attention and write_kv; results equal eager's, and a bad
+    value is still refused by name. (The custom ops take a float: each value traces once, as
+    with specialize_float.)"""
     rng = np.random.default_rng(22)
     b = testing.make_ragged_batch(rng, testing.seq_grid("mixed", 4), block_size=4,
                                   num_q_heads=4, num_kv_heads=2, head_dim=16, nan_fill=False)
     q, k, v, bt, kv, cu = (T(a) for a in b.args())
+    k8, v8 = (c.to(torch.float8_e4m3fn) for c in (k, v))
+    slots = torch.tensor([5, 2], dtype=torch.int32)
+    rows = torch.randn(2, 2, 16)
+    no_prefix = torch.zeros((0, 1), dtype=torch.int32), torch.zeros(0, dtype=torch.int32)
+    pids = torch.full((kv.shape[0],), -1, dtype=torch.int32)
 
     def fn(scale):
-        return tf.paged_attention(q, k, v, bt, kv, cu, scale=scale, logits_soft_cap=scale * 8)
+        kc, vc = k8.clone(), v8.clone()
+        tf.write_kv(rows, rows, kc, vc, slots, k_scale=scale * 2, v_scale=scale)
+        return (tf.paged_attention(q, k, v, bt, kv, cu, scale=scale, logits_soft_cap=scale * 8),
+                tf.paged_attention(q, kc, vc, bt, kv, cu, k_scale=scale * 2, v_scale=scale),
+                tf.shared_prefix_attention(q, k, v, *no_prefix, pids, bt, kv, cu, scale=scale,
+                                           logits_soft_cap=scale * 4))
 
-    with torch._dynamo.config.patch(specialize_float=True):
+    with torch._dynamo.config.patch(specialize_float=specialize, error_on_recompile=False):
         for dynamic in (None, True):
             torch._dynamo.reset()
-            compiled = torch.compile(fn, fullgraph=True, backend="eager", dynamic=dynamic)
-            for scale in (0.25, 0.3):
-                torch.testing.assert_close(compiled(scale), fn(scale))
+            compiled = torch.compile(fn, fullgraph=True, backend=backend, dynamic=dynamic)
+            for scale in (0.25, 0.3, 0.35):
+                for got, want in zip(compiled(scale), fn(scale), strict=True):
+                    torch.testing.assert_close(got, want)
+            for bad in (-0.5, float("nan")):  # raised while tracing: dynamo wraps it
+                with pytest.raises((ValueError, torch._dynamo.exc.Unsupported),
+                                   match=r"k_scale: expected a finite value > 0"):
+                    compiled(bad)
 
 
 def test_compiled_memory_checks_run_in_the_ops():
