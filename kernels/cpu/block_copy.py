@@ -11,7 +11,6 @@ its torch path (index_select into a staging buffer, index_copy_ out of it).
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,32 +28,24 @@ def _command(cxx: str, out: str) -> list[str]:
     return [cxx, "-O3", "-shared", "-fPIC", "-std=c++17", "-pthread", str(SOURCE), "-o", out]
 
 
-def _load() -> None:
-    if os.environ.get(xla_ffi.DISABLE_ENV, "") not in ("", "0"):
-        _state["error"] = f"disabled by {xla_ffi.DISABLE_ENV}"
-        return
-    try:
-        lib = ctypes.CDLL(str(xla_ffi.build_library("block_copy", _command, (SOURCE,),
-                                                    depends=xla_ffi.HEADERS)))
-        fn = lib.PrefixkvCopyBlocksRaw
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int64] + [_I64P] * 5 + [ctypes.c_int64, ctypes.c_void_p,
-                                                         ctypes.c_void_p, ctypes.c_int64,
-                                                         ctypes.c_int64, ctypes.c_int,
-                                                         ctypes.c_int]
-        advise = lib.PrefixkvAdviseHugePages
-        advise.restype = None
-        advise.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-        _state["fn"], _state["advise"] = fn, advise
-    except (RuntimeError, OSError, AttributeError) as e:
-        _state["error"] = str(e)
+def _bind(lib) -> dict:
+    fn = lib.PrefixkvCopyBlocksRaw
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int64] + [_I64P] * 5 + [ctypes.c_int64, ctypes.c_void_p,
+                                                     ctypes.c_void_p, ctypes.c_int64,
+                                                     ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    advise = lib.PrefixkvAdviseHugePages
+    advise.restype = None
+    advise.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    return {"fn": fn, "advise": advise}
 
 
 def available() -> bool:
     """Whether the kernel is built and loaded (built on the first call)."""
     with _lock:
         if not _state:
-            _load()
+            xla_ffi.load_ctypes(_state, "block_copy", _command, (SOURCE,), _bind,
+                                depends=xla_ffi.HEADERS)
     return "fn" in _state
 
 

@@ -14,7 +14,6 @@ caches of q's dtype or float8_e4m3fn (read as value * k_scale, value * v_scale).
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 from pathlib import Path
 
@@ -33,27 +32,20 @@ def _command(cxx: str, out: str) -> list[str]:
             str(SOURCE), "-o", out]
 
 
-def _load() -> None:
-    if os.environ.get(xla_ffi.DISABLE_ENV, "") not in ("", "0"):
-        _state["error"] = f"disabled by {xla_ffi.DISABLE_ENV}"
-        return
-    try:
-        lib = ctypes.CDLL(str(xla_ffi.build_library("decode_attention", _command, (SOURCE,))))
-        fn = lib.PrefixkvDecodeAttentionRaw
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64)] + [ctypes.c_void_p] * 7 + [
-            ctypes.c_float, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int,
-            ctypes.c_int, ctypes.c_float, ctypes.c_float]
-        _state["fn"] = fn
-    except (RuntimeError, OSError, AttributeError) as e:
-        _state["error"] = str(e)
+def _bind(lib) -> dict:
+    fn = lib.PrefixkvDecodeAttentionRaw
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64)] + [ctypes.c_void_p] * 7 + [
+        ctypes.c_float, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int,
+        ctypes.c_int, ctypes.c_float, ctypes.c_float]
+    return {"fn": fn}
 
 
 def available() -> bool:
     """Whether the kernel is built and loaded (built on the first call)."""
     with _lock:
         if not _state:
-            _load()
+            xla_ffi.load_ctypes(_state, "decode_attention", _command, (SOURCE,), _bind)
     return "fn" in _state
 
 

@@ -129,6 +129,21 @@ def build_library(stem: str, command, sources, key_extra: str = "", force: bool 
     return lib
 
 
+def load_ctypes(state: dict, stem: str, command, sources, bind, depends=()) -> None:
+    """Fill ``state`` for a host library called through ctypes (the PyTorch frontend's CPU
+    kernels): build it as :func:`build_library` does and ``state.update(bind(lib))`` (bind
+    sets the functions' argtypes and names them), or set ``state["error"]`` to why it is
+    off (:data:`DISABLE_ENV`, no compiler, a failed build or a missing symbol)."""
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        state["error"] = f"disabled by {DISABLE_ENV}"
+        return
+    try:
+        state.update(bind(ctypes.CDLL(str(build_library(stem, command, sources,
+                                                        depends=depends)))))
+    except (RuntimeError, OSError, AttributeError) as e:
+        state["error"] = str(e)
+
+
 def build(force: bool = False) -> Path:
     """Compile the handlers (or reuse the cached build); returns the library path. Raises
     RuntimeError with the compiler output when it cannot be built."""
