@@ -318,6 +318,16 @@ def _paged_attention_kernel(
 
 
 @triton.jit
+def _store_merged(out_ptrs, lse_ptr, acc, den, m_safe, d_ok):
+    """The merge kernels' epilogue: out = acc / den (0 where no state saw a key), lse =
+    m_safe + log(den) (-inf there); a NaN den (a NaN state) stays NaN."""
+    seen = (den > 0) | (den != den)
+    res = tl.where(seen, acc / tl.where(seen, den, 1.0), 0.0)
+    tl.store(out_ptrs, res.to(out_ptrs.dtype.element_ty), mask=d_ok)
+    tl.store(lse_ptr, tl.where(seen, m_safe + tl.log(tl.where(seen, den, 1.0)), float("-inf")))
+
+
+@triton.jit
 def _merge_states_kernel(out_ptr, lse_ptr, o_ptr, l_ptr, num_heads, stride_ot, stride_oh,
                          stride_od, stride_lt, stride_lh, stride_so, stride_st, stride_sh,
                          stride_sd, stride_sl, stride_slt, stride_slh,
@@ -346,12 +356,8 @@ def _merge_states_kernel(out_ptr, lse_ptr, o_ptr, l_ptr, num_heads, stride_ot, s
     o = o.to(tl.float32)
     w = tl.where(live, w, 0.0)
     acc = tl.sum(o * w[:, None], 0)
-    seen = (den > 0) | (den != den)
-    res = tl.where(seen, acc / tl.where(seen, den, 1.0), 0.0)
-    tl.store(out_ptr + t * stride_ot + h * stride_oh + d * stride_od,
-             res.to(out_ptr.dtype.element_ty), mask=d_ok)
-    tl.store(lse_ptr + t * stride_lt + h * stride_lh,
-             tl.where(seen, m_safe + tl.log(tl.where(seen, den, 1.0)), float("-inf")))
+    _store_merged(out_ptr + t * stride_ot + h * stride_oh + d * stride_od,
+                  lse_ptr + t * stride_lt + h * stride_lh, acc, den, m_safe, d_ok)
 
 
 @triton.jit
@@ -389,12 +395,8 @@ def _merge_two_kernel(out_ptr, lse_ptr, oa_ptr, la_ptr, ob_ptr, lb_ptr, num_head
     ob = tl.load(ob_ptr + t * stride_bt + h * stride_bh + d * stride_bd, mask=d_ok,
                  other=0.0).to(tl.float32)
     acc = tl.where(live_a, oa * wa, 0.0) + tl.where(live_b, ob * wb, 0.0)
-    seen = (den > 0) | (den != den)
-    res = tl.where(seen, acc / tl.where(seen, den, 1.0), 0.0)
-    tl.store(out_ptr + t * stride_ot + h * stride_oh + d * stride_od,
-             res.to(out_ptr.dtype.element_ty), mask=d_ok)
-    tl.store(lse_ptr + t * stride_lt + h * stride_lh,
-             tl.where(seen, m_safe + tl.log(tl.where(seen, den, 1.0)), float("-inf")))
+    _store_merged(out_ptr + t * stride_ot + h * stride_oh + d * stride_od,
+                  lse_ptr + t * stride_lt + h * stride_lh, acc, den, m_safe, d_ok)
 
 
 @triton.jit
