@@ -16,7 +16,12 @@ buffered ``(b"", seq, payload)`` from ``start_seq`` on, then ``(b"", -1 as 8 sig
   (a ``"cleared"`` event), so the router misses where it would otherwise route on blocks
   the engine may no longer hold. A sequence number below the next one expected is a restarted
   engine (vLLM numbers batches from 0 at start, and its cache starts empty): its blocks are
-  forgotten and its new stream followed from there.
+  forgotten and its new stream followed from there. A restarted engine may also go on past
+  the number expected (its first batches lost while the subscriber reconnected): after a
+  gap, or after the connection dropped (a ZMQ socket monitor sees it), the subscriber asks the
+  replay endpoint for the last batch it applied and compares the bytes. The same batch: the
+  stream goes on, the gap filled. Another one, or none: the engine's blocks are forgotten and
+  rebuilt from its batches since 0 when its replay buffer still holds them all.
 
 Sockets bind or connect to the endpoints as given; use ``tcp://127.0.0.1:<port>`` on one host.
 """
@@ -163,9 +168,12 @@ class _Engine:
     sub: object
     replay_endpoint: str | None
     decoder: VllmEventDecoder
+    monitor: object = None  # the PAIR socket of the SUB's monitor (disconnections)
+    dropped: bool = False  # the connection dropped since the last batch
     expected: int | None = None  # the next sequence number to apply; None before the first
+    last: tuple[int, bytes] | None = None  # (seq, payload) of the last batch applied
     stats: dict = field(default_factory=lambda: {"batches": 0, "replayed": 0, "restarts": 0,
-                                                 "gaps": 0, "cleared": 0})
+                                                 "gaps": 0, "cleared": 0, "disconnects": 0})
 
 
 class VllmEventSubscriber:
@@ -210,7 +218,8 @@ class VllmEventSubscriber:
         sub.connect(endpoint)
         sub.setsockopt(zmq.SUBSCRIBE, topic.encode("utf-8"))
         eng = _Engine(worker_id, sub, replay_endpoint,
-                      VllmEventDecoder(**self._decoder_kwargs))
+                      VllmEventDecoder(**self._decoder_kwargs),
+                      monitor=sub.get_monitor_socket(zmq.EVENT_DISCONNECTED))
         self._engines[worker_id] = eng
         self._by_socket[sub] = eng
         self._poller.register(sub, zmq.POLLIN)
@@ -227,11 +236,13 @@ class VllmEventSubscriber:
     def _close(self, eng: _Engine) -> None:
         self._poller.unregister(eng.sub)
         del self._by_socket[eng.sub]
+        eng.sub.disable_monitor()
+        eng.monitor.close(linger=0)
         eng.sub.close(linger=0)
 
     def stats(self, worker_id: Hashable) -> dict:
-        """Counts for one engine: batches applied, replayed, restarts and gaps seen, and times
-        its blocks were forgotten."""
+        """Counts for one engine: batches applied, replayed, restarts, gaps and disconnections
+        seen, and times its blocks were forgotten."""
         return dict(self._engines[worker_id].stats)
 
     def poll(self, timeout_ms: int = 0) -> int:
@@ -246,39 +257,100 @@ class VllmEventSubscriber:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
+                # after the batch: a disconnection that came before it is queued by then
+                self._disconnected(eng)
                 applied += self._receive(eng, frames)
         return applied
 
     # ------------------------------------------------------------------------------ internals
+    def _disconnected(self, eng: _Engine) -> bool:
+        """Drain the monitor's events: whether the engine's connection dropped since the last
+        batch (``eng.dropped``, cleared by the next batch)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        zmq = _zmq()
+        while eng.monitor.poll(0):
+            if recv_monitor_message(eng.monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                eng.stats["disconnects"] += 1
+                eng.dropped = True
+        return eng.dropped
+
     def _receive(self, eng: _Engine, frames) -> int:
         try:
             seq, payload = decode_frames(frames)
         except ValueError:
             return 0  # not one of the engine's messages
+        disconnected, eng.dropped = eng.dropped, False
         if eng.expected is not None and seq < eng.expected:
             # batches are never sent twice: a lower number is the engine started again, its
             # cache empty and its numbering from 0
             eng.stats["restarts"] += 1
             self._forget(eng)
             eng.expected = None
-        start = 0 if eng.expected is None else eng.expected
+        elif eng.expected is not None and (seq > eng.expected or disconnected):
+            return self._resync(eng, seq, payload)
         applied = 0
-        if seq > start:  # batches start..seq-1 were missed (or precede our subscription)
+        if eng.expected is None and seq > 0:
+            # batches 0..seq-1 precede our subscription: from the replay endpoint, or unknown
+            # (their blocks stay unknown: misses)
             eng.stats["gaps"] += 1
-            applied += self._fill(eng, start, seq)
-        applied += self._apply(eng, seq, payload)
-        return applied
+            got = self._replay(eng, 0) if eng.replay_endpoint is not None else None
+            have = dict(got or ())
+            if all(s in have for s in range(seq)):
+                applied += self._apply_replayed(eng, have, 0, seq)
+        return applied + self._apply(eng, seq, payload)
+
+    def _resync(self, eng: _Engine, seq: int, payload: bytes) -> int:
+        """Batch ``seq`` after a gap or a dropped connection: the engine is the one followed
+        if its replay of our last batch has the same bytes (then the gap is filled from the
+        replay, or the blocks forgotten when it cannot be); otherwise (another batch there, or
+        none: a restarted engine, or ours past its buffer) its blocks are forgotten and
+        rebuilt from its batches since 0 when it still holds them all."""
+        if seq > eng.expected:
+            eng.stats["gaps"] += 1
+        last_seq, last_payload = eng.last
+        got = self._replay(eng, last_seq) if eng.replay_endpoint is not None else None
+        have = dict(got or ())
+        if have.get(last_seq) == last_payload:  # the same engine
+            if all(s in have for s in range(eng.expected, seq)):
+                return self._apply_replayed(eng, have, eng.expected, seq) + self._apply(
+                    eng, seq, payload)
+            self._forget(eng)  # batches lost for good: they may have removed blocks
+            return self._apply(eng, seq, payload)
+        self._forget(eng)
+        eng.expected = None
+        if got is None:  # no replay endpoint, or no answer: cannot tell; its blocks unknown
+            return self._apply(eng, seq, payload)
+        eng.stats["restarts"] += 1
+        have = dict(self._replay(eng, 0) or ())
+        applied = 0
+        if 0 in have:  # rebuild from the engine's start (its cache was empty then)
+            stop = 0
+            while stop in have:
+                stop += 1
+            applied = self._apply_replayed(eng, have, 0, stop)
+            if seq < stop:  # the batch is in the replay (or an old engine's, late): done
+                return applied
+            if seq > stop:  # batches between are lost: what they removed is unknown
+                self._forget(eng)
+        return applied + self._apply(eng, seq, payload)
+
+    def _apply_replayed(self, eng: _Engine, have: dict, start: int, stop: int) -> int:
+        for s in range(start, stop):
+            self._apply(eng, s, have[s])
+            eng.stats["replayed"] += 1
+        return stop - start
 
     def _apply(self, eng: _Engine, seq: int, payload: bytes) -> int:
+        eng.expected = seq + 1
+        eng.last = (seq, bytes(payload))
         try:
             batch = eng.decoder.decode(payload)
         except Exception:  # noqa: BLE001 - whatever a malformed batch raises: skip it
             self._forget(eng)  # a batch we cannot read: its blocks are unknown
-            eng.expected = seq + 1
             return 0
         for ev in batch.events:
             self.apply(eng.worker, ev)
-        eng.expected = seq + 1
         eng.stats["batches"] += 1
         return 1
 
@@ -287,22 +359,6 @@ class VllmEventSubscriber:
             self.apply(eng.worker, KVEvent(CLEARED, (), None, tier, b"", 0))
         eng.decoder = VllmEventDecoder(**self._decoder_kwargs)
         eng.stats["cleared"] += 1
-
-    def _fill(self, eng: _Engine, start: int, stop: int) -> int:
-        """Apply batches [start, stop) from the replay endpoint. When some cannot be had, a
-        gap in a followed stream forgets the engine's blocks (its missed removals would leave
-        hits that are not there); batches before a late subscription are skipped (their blocks
-        stay unknown: misses)."""
-        got = self._replay(eng, start) if eng.replay_endpoint is not None else None
-        have = dict(got or ())
-        if any(s not in have for s in range(start, stop)):
-            if eng.expected is not None:
-                self._forget(eng)
-            return 0
-        for s in range(start, stop):
-            self._apply(eng, s, have[s])
-            eng.stats["replayed"] += 1
-        return stop - start
 
     def _replay(self, eng: _Engine, start: int):
         """[(seq, payload)] the engine's replay endpoint sends from ``start``, or None."""

@@ -251,3 +251,143 @@ def test_a_batch_the_decoder_cannot_read_forgets_and_the_stream_goes_on(monkeypa
     finally:
         sub.close()
         pub.close(0)
+
+
+def _publishing_engine(pub_ep, rep_ep):
+    """(cache, direct router, publisher): an engine on prefixkv publishing on the endpoints."""
+    pc, direct = _engine()
+    pub = VllmEventPublisher(BS, pub_ep, replay_endpoint=rep_ep, topic="kv")
+    pc.events.subscribe(pub)
+    return pc, direct, pub
+
+
+def _followed_engine(sub, router):
+    """An engine "w" the subscriber follows live (a batch received, not replayed)."""
+    pc, direct, pub = _publishing_engine(_endpoint(), _endpoint())
+    eps = [s.getsockopt(zmq.LAST_ENDPOINT).decode() for s in (pub._pub, pub._replay)]
+    sub.add_engine("w", eps[0], replay_endpoint=eps[1], topic="kv")
+    i, deadline = 0, time.monotonic() + 20
+    while sub.stats("w")["batches"] == sub.stats("w")["replayed"]:
+        _run(pc, f"a{i}", list(range(i * 100, i * 100 + 9)))
+        pc.free(f"a{i}")  # cached, evictable: the pool never runs out
+        pub.publish()
+        sub.poll(20)
+        i += 1
+        assert time.monotonic() < deadline, "the subscriber never got a batch"
+    _until(sub, lambda: router.cached_hashes("w") == _want(direct))
+    return pc, direct, pub, eps
+
+
+def test_restarted_engine_numbering_past_the_expected_batch_is_detected():
+    """An engine restarted on the same endpoints whose first batches the subscriber misses
+    while it reconnects goes on at or past the number expected, where only a lower number had
+    told a restart. The subscriber saw the connection drop and the engine's replay of the last
+    batch applied differs: the old engine's blocks are forgotten and the new one's rebuilt
+    from its replay since batch 0."""
+    router = Router(BS, hash_fn=vllm_hash_fn())
+    router.add_worker("w")
+    sub = VllmEventSubscriber(router.apply, replay_timeout=5.0)
+    pubs = []
+    try:
+        _, _, pub, eps = _followed_engine(sub, router)
+        pubs.append(pub)
+        # reconnect after a second: the new engine's first batches are surely lost
+        sub._engines["w"].sub.setsockopt(zmq.RECONNECT_IVL, 1000)
+        expected = pub.next_seq
+        pub.close()
+        deadline = time.monotonic() + 20
+        while True:  # the engine again, its cache empty (the old sockets close asynchronously)
+            try:
+                pc, direct, pub = _publishing_engine(*eps)
+                break
+            except zmq.ZMQError:
+                assert time.monotonic() < deadline, "the endpoints were never free again"
+                time.sleep(0.05)
+        pubs.append(pub)
+        for i in range(expected + 1):
+            _run(pc, f"b{i}", list(range(50_000 + i * 100, 50_000 + i * 100 + 9)))
+            pc.free(f"b{i}")  # cached, evictable: the pool never runs out
+            pub.publish()
+        i, deadline = expected + 1, time.monotonic() + 20
+        while router.cached_hashes("w") != _want(direct):
+            _run(pc, f"b{i}", list(range(50_000 + i * 100, 50_000 + i * 100 + 9)))
+            pc.free(f"b{i}")  # cached, evictable: the pool never runs out
+            pub.publish()
+            sub.poll(50)
+            i += 1
+            assert time.monotonic() < deadline, "the old engine's blocks were kept"
+        st = sub.stats("w")
+        assert st["disconnects"] >= 1 and st["restarts"] == 1
+        assert router.pick(list(range(9))).overlaps["w"] == 0  # the old engine's prompt
+        assert router.pick(list(range(50_000, 50_009))).overlaps["w"] == 2
+    finally:
+        sub.close()
+        for p in pubs:
+            p.close()
+
+
+def test_dropped_connection_to_the_same_engine_fills_the_gap():
+    """The connection drops while the engine goes on (its PUB socket closed and another
+    bound later, the numbering and the replay buffer kept; batches sent meanwhile are lost):
+    the engine's replay of the last batch applied is the same, so the gap is filled from it
+    and nothing is forgotten."""
+    router = Router(BS, hash_fn=vllm_hash_fn())
+    router.add_worker("w")
+    sub = VllmEventSubscriber(router.apply, replay_timeout=5.0)
+    pub = None
+    try:
+        pc, direct, pub, eps = _followed_engine(sub, router)
+        pub._pub.close(linger=0)
+        _until(sub, lambda: sub._disconnected(sub._engines["w"]))
+        pub._pub = zmq.Context.instance().socket(zmq.PUB)
+        for i in range(3):  # lost: the socket is not bound
+            _run(pc, f"c{i}", list(range(70_000 + i * 100, 70_000 + i * 100 + 9)))
+            pc.free(f"c{i}")  # cached, evictable: the pool never runs out
+            pub.publish()
+        pub._pub.bind(eps[0])
+        i, deadline = 3, time.monotonic() + 20
+        while router.cached_hashes("w") != _want(direct):
+            _run(pc, f"c{i}", list(range(70_000 + i * 100, 70_000 + i * 100 + 9)))
+            pc.free(f"c{i}")  # cached, evictable: the pool never runs out
+            pub.publish()
+            sub.poll(50)
+            i += 1
+            assert time.monotonic() < deadline, "the gap was not filled"
+        st = sub.stats("w")
+        assert st["disconnects"] == 1 and st["cleared"] == 0 and st["restarts"] == 0
+        assert st["replayed"] >= 3
+        assert router.pick(list(range(70_000, 70_009))).overlaps["w"] == 2
+    finally:
+        sub.close()
+        if pub is not None:
+            pub.close()
+
+
+def test_dropped_connection_without_replay_forgets_the_engines_blocks():
+    """With no replay endpoint nothing tells a restarted engine numbering on from ours: after
+    the connection drops, the next batch (even the number expected) forgets the blocks."""
+    pub, router, sub, enc = _following()
+    try:
+        ep = pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+        pub.close(0)
+        _until(sub, lambda: sub._disconnected(sub._engines["w"]))
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                pub = zmq.Context.instance().socket(zmq.PUB)
+                pub.bind(ep)
+                break
+            except zmq.ZMQError:
+                pub.close(0)
+                assert time.monotonic() < deadline, "the endpoint was never free again"
+                time.sleep(0.05)
+        cleared = sub.stats("w")["cleared"]
+        for _ in range(1000):  # seq 1 follows the last batch applied; resent until received
+            pub.send_multipart(encode_frames(1, enc.encode([_stored(b"\2" * 32)], ts=1.0)))
+            if sub.poll(20):
+                break
+        assert sub.stats("w")["cleared"] == cleared + 1
+        assert router.cached_hashes("w") == {b"": {b"\2" * 32}}
+    finally:
+        sub.close()
+        pub.close(0)
