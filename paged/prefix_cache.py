@@ -354,27 +354,48 @@ class PrefixCache:
     def onboard(self, request_id, num_blocks: int) -> list[int]:
         """Allocate ``num_blocks`` blocks for the request's next full blocks, whose KV a lower
         tier holds, register them and count them as computed. The caller must fill them
-        (``scatter_blocks``) before the next step reads them. Returns the new block ids."""
-        req = self._get(request_id)
-        num_blocks = validate.check_int("num_blocks", num_blocks)
-        if num_blocks == 0:
+        (``scatter_blocks``) before the next step reads them. Returns the new block ids.
+        Raises NoFreeBlocksError when the pool is short; a raising hash_fn or "stored"
+        subscriber takes the call back too (as in :meth:`step`): a failed call changes
+        nothing."""
+        req, first, last = self._check_onboard(request_id, num_blocks)
+        if first == last:
             return []
         bs = self.block_size
+        if self.enable_caching:  # hash first: a hash_fn that raises leaves nothing changed
+            self._extend_hashes(req, last)
+        new = self.pool.allocate(num_blocks)
+        req.blocks.extend(new)  # appended: row() copies them in
+        done = [(req, req.num_computed, req.num_registered)]
+        req.num_computed = last * bs
+        try:
+            if self.enable_caching:
+                self._register(req)
+        except BaseException:  # a "stored" subscriber raised: as step, the call changes
+            # nothing (the caller, seeing it fail, never fills the blocks)
+            self._undo_commit(done)
+            self._undo_allocate([(req, first, first, [])])
+            raise
+        return new
+
+    def _check_onboard(self, request_id, num_blocks: int) -> tuple[_Request, int, int]:
+        """:meth:`onboard`'s checks: (request, first block, end block) or the error naming
+        the argument."""
+        req = self._get(request_id)
+        num_blocks = validate.check_int("num_blocks", num_blocks)
+        bs = self.block_size
+        first = req.num_computed // bs
+        if num_blocks == 0:
+            return req, first, first
         if req.num_computed % bs or len(req.blocks) * bs != req.num_computed:
             raise ValueError("request_id: onboard needs a request whose computed tokens end at "
                              "a block boundary with no block allocated beyond them")
-        first = req.num_computed // bs
         last = first + num_blocks
         if num_blocks < 0 or last * bs > len(req.tokens) - 1:
             raise ValueError(f"num_blocks: expected 0 <= num_blocks <= "
                              f"{max((len(req.tokens) - 1) // bs - first, 0)} (full blocks, not "
                              f"the last token), got {num_blocks}")
-        new = self.pool.allocate(num_blocks)
-        req.blocks.extend(new)  # appended: row() copies them in
-        req.num_computed = last * bs
-        if self.enable_caching:
-            self._register(req)
-        return new
+        return req, first, last
 
     def allocate(self, request_id, num_new_tokens: int) -> list[tuple[int, int]]:
         """Make room for the next ``num_new_tokens`` tokens (which must be known tokens).

@@ -220,6 +220,38 @@ def test_a_step_whose_stored_subscriber_raises_changes_no_request():
     pc.pool.check_consistency()
 
 
+def test_an_onboard_whose_stored_subscriber_raises_changes_nothing():
+    """onboard's "stored" subscriber raising: as a step, the call is taken back (the blocks
+    freed, their registration undone, the request's counts as before), so the caller, who
+    then fills nothing, leaves no other request a hit on blocks never written; once the
+    subscriber is gone the same onboard runs."""
+    from prefixkv.paged.prefix_cache import PrefixCache
+
+    pc = PrefixCache(num_blocks=16, block_size=4)
+    prompt = list(range(100, 113))  # 3 full blocks before the last token
+    log = EventLog()
+    pc.events.subscribe(log)
+
+    def raises(ev):
+        if ev.kind == STORED:
+            raise Boom("stored")
+
+    unsubscribe = pc.events.subscribe(raises)
+    pc.add_request("a", prompt)
+    free = pc.pool.num_free
+    with pytest.raises(Boom):
+        pc.onboard("a", 3)
+    pc.pool.check_consistency()
+    assert pc.num_computed("a") == 0 and pc.blocks("a") == [] and pc.pool.num_free == free
+    assert pc.pool.cached_hashes() == {} and log.replay() == {}  # stored, then removed
+    assert pc.match(prompt)[1] == 0
+    unsubscribe()
+    new = pc.onboard("a", 3)
+    assert len(new) == 3 and pc.blocks("a") == new and pc.num_computed("a") == 12
+    assert log.replay() == pc.pool.cached_hashes() and len(pc.pool.cached_hashes()[b""]) == 3
+    pc.pool.check_consistency()
+
+
 def test_a_reset_whose_cleared_subscriber_raises_still_re_registers_the_requests():
     from prefixkv.paged.events import CLEARED
     from prefixkv.paged.prefix_cache import PrefixCache

@@ -323,6 +323,69 @@ def test_chain_never_serves_a_misbehaving_tiers_answer(mode):
         assert got == [None] * 3
 
 
+class _BadCount(HostTier):
+    """A host tier whose batch_exists answers ``answer`` (or raises it) instead of a count,
+    and whose batch_get may raise too."""
+
+    name = "bad-count"
+
+    def __init__(self, answer, get_raises=False):
+        super().__init__(1 << 20)
+        self.answer, self.get_raises = answer, get_raises
+
+    def batch_exists(self, keys):
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer if self.answer != "real" else super().batch_exists(keys)
+
+    def batch_get(self, keys, *, shape=None, dtype=None):
+        if self.get_raises:
+            raise ConnectionError("down")
+        return super().batch_get(keys, shape=shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("answer", [None, 1.5, True, -3, "3"])
+def test_a_misbehaving_count_from_a_tier_is_a_miss(answer):
+    """A tier's batch_exists answering something other than a count (None, a float, a bool,
+    a negative number, a str): the chain takes it as holding nothing (it had raised TypeError
+    out of batch_exists and BlockOffloader.onboard_request), and the next tier still
+    answers."""
+    host = HostTier(1 << 20)
+    ks, rows = _keys(3), _rows(3)
+    assert host.batch_put(ks, rows) == [True] * 3
+    assert TieredStore([_BadCount(answer)]).batch_exists(ks) == 0
+    assert TieredStore([_BadCount(answer), host]).batch_exists(ks) == 3
+    off = BlockOffloader(TieredStore([_BadCount(answer)]), _ns())
+    caches = [np.zeros((6, *ROW[1:]), np.float32) for _ in range(ROW[0])]
+    assert off.fetch([k.block_hash for k in ks], ROW, "float32") == []
+    assert off.onboard(caches, np.arange(3, dtype=np.int32),
+                       [k.block_hash for k in ks])[1] == 0
+
+
+@pytest.mark.parametrize("fault", ["exists raises", "get raises"])
+def test_a_lone_tier_that_raises_is_an_onboard_miss(fault):
+    """An offloader over one tier (no TieredStore to guard it) whose calls raise, breaking the
+    Tier contract: onboard_request is a miss, counted in onboard_errors, the request as it
+    was; it had raised the tier's ConnectionError into the engine's step."""
+    from prefixkv.paged import PrefixCache
+
+    tier = _BadCount(ConnectionError("down") if fault == "exists raises" else "real",
+                     get_raises=fault == "get raises")
+    off = BlockOffloader(tier, _ns())
+    caches = [np.zeros((8, *ROW[1:]), np.float32) for _ in range(ROW[0])]
+    pc = PrefixCache(8, ROW[1])
+    tokens = list(range(3 * ROW[1] + 1))
+    pc.add_request("r", tokens)
+    hashes = pc.request_hashes("r")[:3]
+    assert HostTier.batch_put(tier, off.keys(hashes, _ns()), _rows(3)) == [True] * 3
+    with pytest.warns(RuntimeWarning, match="onboard failed"):
+        got, n = off.onboard_request(pc, "r", caches)
+    assert n == 0 and got is caches and off.onboard_errors == 1
+    assert isinstance(off.last_error, ConnectionError)
+    assert pc.num_computed("r") == 0 and pc.blocks("r") == []
+    pc.pool.check_consistency()
+
+
 def test_chain_raises_a_callers_bad_input_instead_of_counting_a_tier_fault():
     """A put whose value has another dtype than its key's namespace is the caller's bug: it
     raises ValueError, it is not a tier fault swallowed into [False]."""

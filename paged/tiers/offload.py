@@ -59,6 +59,15 @@ from .base import (
 from .host import HostTier
 
 
+def _held(n, limit: int) -> int:
+    """A tier's ``batch_exists`` answer for ``limit`` keys as a count: a misbehaving tier's
+    answer that is not an int (None, a float, a bool) is 0, a miss; it is capped at
+    ``limit``."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        return 0
+    return max(0, min(int(n), limit))
+
+
 def _fits(a, key: BlockKey, shape: tuple[int, ...] | None, dtype: str | None) -> bool:
     """Whether a tier's answer may be served: an array of the key's dtype and of the asked
     shape and dtype (checked by :func:`check_get_layout`; a misbehaving tier's other answers
@@ -161,7 +170,7 @@ class TieredStore(Tier):
             if known[i]:
                 continue
             try:
-                out[i] = tier.batch_exists([k]) == 1
+                out[i] = _held(tier.batch_exists([k]), 1) == 1
             except Exception as e:  # noqa: BLE001 - the tier is failing: the rest are misses
                 if isinstance(e, (TypeError, ValueError)) and not isinstance(e, RecordError):
                     raise
@@ -179,8 +188,8 @@ class TieredStore(Tier):
         run, w = 0, self.EXISTS_WINDOW
         while pos + run < len(keys):
             window = keys[pos + run:pos + run + w]
-            got = min(self._guard(t, lambda t=t, window=window: t.batch_exists(window), 0),
-                      len(window))
+            got = _held(self._guard(t, lambda t=t, window=window: t.batch_exists(window), 0),
+                        len(window))
             run += got
             if got < len(window):
                 break
@@ -645,15 +654,17 @@ class BlockOffloader:
         while n == len(keys) < len(block_hashes):
             more = self.keys(block_hashes[n:n + w], ns)
             keys += more
-            n += min(self.store.batch_exists(more), len(more))
+            n += _held(self.store.batch_exists(more), len(more))
             w *= 2
         if n <= 0:
             return []
         got = self.store.batch_get(keys[:n], shape=row_shape, dtype=want)
+        if not isinstance(got, list):  # a misbehaving store (a tier of the user's): a miss
+            return []
         rows = []
         for a in got:
             # Belt and braces: the tiers verified key, namespace and checksum; re-check layout.
-            if a is None or a.shape != row_shape or dtype_str(a) != want:
+            if not isinstance(a, np.ndarray) or a.shape != row_shape or dtype_str(a) != want:
                 break
             rows.append(a)
         return rows
@@ -728,20 +739,29 @@ class BlockOffloader:
         hashes = pc.request_hashes(request_id)[first:min(cap, first + pc.pool.num_free)]
         if not hashes:
             return caches, 0
-        rows = self.fetch(hashes, (len(caches), *caches[0].shape[1:]), caches[0].dtype,
-                          namespace=ns)
+        try:
+            rows = self.fetch(hashes, (len(caches), *caches[0].shape[1:]), caches[0].dtype,
+                              namespace=ns)
+        except Exception as e:  # noqa: BLE001 - a store that raises (a lone tier, not a
+            # TieredStore, breaking the Tier contract): a miss; bad input is still raised
+            if isinstance(e, (TypeError, ValueError)) and not isinstance(e, RecordError):
+                raise
+            self._failed("onboard", e)
+            return caches, 0
         if not rows:
             return caches, 0
         held = len(pc.blocks(request_id))
+        pc._check_onboard(request_id, len(rows))  # a request onboard refuses: raised
         try:
+            # onboard takes itself back when it raises (a hash_fn or "stored" subscriber)
             new = pc.onboard(request_id, len(rows))
             out = self.scatter_rows(caches, np.asarray(new, dtype=np.int32), rows)
         except BaseException as e:
-            undone = self._undo_onboard(pc, request_id, held, first)
+            self._undo_onboard(pc, request_id, held, first)
             if isinstance(e, NoFreeBlocksError):
                 return caches, 0
-            if not undone or not isinstance(e, Exception):
-                raise  # nothing was registered (e.g. a request not at a block boundary)
+            if not isinstance(e, Exception):
+                raise
             self._failed("onboard", e)
             return caches, 0
         return out, len(rows)
