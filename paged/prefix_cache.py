@@ -213,8 +213,8 @@ class PrefixCache:
         self.hash_fn = hash_fn if hash_fn is not None else default_hash_fn
         self.enable_caching = enable_caching
         self.shared_prefix = shared_prefix
-        self.min_prefix_blocks = validate.check_int("min_prefix_blocks", min_prefix_blocks, 0)
-        self.min_group_size = validate.check_int("min_group_size", min_group_size, 0)
+        self.min_prefix_blocks = validate.check_int("min_prefix_blocks", min_prefix_blocks, 1)
+        self.min_group_size = validate.check_int("min_group_size", min_group_size, 2)
         self._requests: dict[Hashable, _Request] = {}
 
     # ------------------------------------------------------------------ helpers

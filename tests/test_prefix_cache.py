@@ -498,8 +498,13 @@ def test_constructor_takes_numpy_sizes_and_checks_group_options():
     assert (pc.pool.num_blocks, pc.block_size, pc.min_group_size) == (16, 4, 3)
     with pytest.raises(TypeError, match="min_group_size: expected an int, got 'x'"):
         PrefixCache(16, 4, min_group_size="x")
-    with pytest.raises(ValueError, match="min_prefix_blocks: expected an int >= 0, got -1"):
-        PrefixCache(16, 4, min_prefix_blocks=-1)
+    # the planner's bounds: 0 and 1 had been taken here, then every step refused them
+    for kw, match in ((dict(min_prefix_blocks=-1), "min_prefix_blocks: expected an int >= 1"),
+                      (dict(min_prefix_blocks=0), "min_prefix_blocks: expected an int >= 1"),
+                      (dict(min_group_size=1), "min_group_size: expected an int >= 2"),
+                      (dict(min_group_size=0), "min_group_size: expected an int >= 2")):
+        with pytest.raises(ValueError, match=match):
+            PrefixCache(16, 4, **kw)
 
 
 def test_onboard_never_takes_the_last_token():
