@@ -515,7 +515,16 @@ class VllmEventDecoder:
                     # salts), or no longer live on a stream that carries salts, and nothing
                     # on the wire says which tenant this chain is: leave the blocks out (the
                     # router misses them) rather than count them for a tenant that may not
-                    # hold them
+                    # hold them; their hashes are marked live under an unknown namespace
+                    # (None), so the chain's later blocks are left out too
+                    for h in hashes:
+                        had = live.get(h)
+                        if isinstance(had, set):
+                            had.add(None)
+                        elif had is not None:
+                            live[h] = {had, None}
+                        else:
+                            live[h] = None
                     return []
             for h in hashes:
                 had = live.setdefault(h, ns)
@@ -544,8 +553,8 @@ class VllmEventDecoder:
                 spaces = (fixed,)
             else:
                 live.pop(h, None)
-                spaces = (b"",) if had is None else sorted(had) if isinstance(had, set) else (
-                    had,)
+                spaces = ((b"",) if had is None else sorted(x for x in had if x is not None)
+                          if isinstance(had, set) else (had,))
             for ns in spaces:
                 groups.setdefault(ns, []).append(h)
         return [KVEvent(REMOVED, tuple(hs), None, tier, ns, len(hs) * self._block_size)

@@ -304,6 +304,45 @@ def test_a_hash_that_ignores_salts_never_crosses_namespaces_on_the_wire(wire):
     assert wired.pick(q, salt="t").overlaps == {"w": 0 if wire == "array" else 1}
 
 
+def test_a_chain_left_out_on_the_array_wire_stays_out():
+    """The array wire, a hash that ignores salts: tenant "b" stores blocks A, B, C that the
+    shared namespace holds as A, B (same hashes). b's A is marked (the chain's first block);
+    its B is left out (A is live under two namespaces); its C, whose parent B the decoder
+    knew only as the shared namespace's, had been counted for the shared namespace, which
+    never held it (a fuzzer's find). A left-out store marks its hashes of an unknown
+    namespace, so the chain's later blocks stay out too, and a removal still reaches the
+    known ones."""
+    bs = 2
+    pc = PrefixCache(num_blocks=32, block_size=bs, hash_fn=_saltless)
+    enc, dec = VllmEventEncoder(bs, wire="array", int_hashes=False), VllmEventDecoder()
+    pc.events.subscribe(enc)
+    router = Router(bs, hash_fn=_saltless)
+    router.add_worker("w")
+
+    def pump():
+        payload = enc.take()
+        if payload is not None:
+            for ev in dec.decode(payload).events:
+                router.apply("w", ev)
+
+    pc.add_request("x", [1, 2, 3, 4, 5])  # the shared namespace: A = [1, 2], B = [3, 4]
+    pc.step([("x", 5)])
+    pump()
+    pc.add_request("y", [1, 2, 3, 4, 5, 6, 7], salt="b")  # tenant b: A, B, then C = [5, 6]
+    for _ in range(3):
+        pc.step([("y", 2)])
+        pump()
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8]
+    truth = {ns: set(hs) for ns, hs in pc.pool.cached_hashes().items()}
+    seen = router.cached_hashes("w")
+    assert all(seen[ns] <= truth.get(ns, set()) for ns in seen)  # never a block not held
+    assert router.pick(prompt).overlaps["w"] == len(pc.match(prompt)[0]) == 2
+    # the shared B removed (nothing on the wire says whose): every known namespace misses it
+    b_hash = _saltless([1, 2, 3, 4], bs)[1]
+    removed = dec.decode(enc.encode([KVEvent("removed", (b_hash,), None, "device", b"", bs)]))
+    assert [(e.namespace, e.block_hashes) for e in removed.events] == [(b"", (b_hash,))]
+
+
 def test_a_continuation_of_a_removed_parent_is_left_out_on_a_salted_array_stream():
     """The array wire carries a salt on a chain's first block only. Once the stream has
     carried salts, a continuation whose parent is no longer live may be any tenant's: the
