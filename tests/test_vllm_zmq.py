@@ -261,6 +261,25 @@ def _publishing_engine(pub_ep, rep_ep):
     return pc, direct, pub
 
 
+def _serve(pc, pub, rid, start):
+    """A 9-token request from token ``start`` run, freed (its blocks cached, evictable: the
+    pool never runs out) and the step's batch published."""
+    _run(pc, rid, list(range(start, start + 9)))
+    pc.free(rid)
+    pub.publish()
+
+
+def _serve_until_same(sub, pc, pub, router, direct, tag, base, i, what):
+    """Serve requests ``tag{i}``, ``tag{i+1}``... until the router holds what the engine's
+    direct router does."""
+    deadline = time.monotonic() + 20
+    while router.cached_hashes("w") != _want(direct):
+        _serve(pc, pub, f"{tag}{i}", base + i * 100)
+        sub.poll(50)
+        i += 1
+        assert time.monotonic() < deadline, what
+
+
 def _followed_engine(sub, router):
     """An engine "w" the subscriber follows live (a batch received, not replayed)."""
     pc, direct, pub = _publishing_engine(_endpoint(), _endpoint())
@@ -268,9 +287,7 @@ def _followed_engine(sub, router):
     sub.add_engine("w", eps[0], replay_endpoint=eps[1], topic="kv")
     i, deadline = 0, time.monotonic() + 20
     while sub.stats("w")["batches"] == sub.stats("w")["replayed"]:
-        _run(pc, f"a{i}", list(range(i * 100, i * 100 + 9)))
-        pc.free(f"a{i}")  # cached, evictable: the pool never runs out
-        pub.publish()
+        _serve(pc, pub, f"a{i}", i * 100)
         sub.poll(20)
         i += 1
         assert time.monotonic() < deadline, "the subscriber never got a batch"
@@ -305,17 +322,9 @@ def test_restarted_engine_numbering_past_the_expected_batch_is_detected():
                 time.sleep(0.05)
         pubs.append(pub)
         for i in range(expected + 1):
-            _run(pc, f"b{i}", list(range(50_000 + i * 100, 50_000 + i * 100 + 9)))
-            pc.free(f"b{i}")  # cached, evictable: the pool never runs out
-            pub.publish()
-        i, deadline = expected + 1, time.monotonic() + 20
-        while router.cached_hashes("w") != _want(direct):
-            _run(pc, f"b{i}", list(range(50_000 + i * 100, 50_000 + i * 100 + 9)))
-            pc.free(f"b{i}")  # cached, evictable: the pool never runs out
-            pub.publish()
-            sub.poll(50)
-            i += 1
-            assert time.monotonic() < deadline, "the old engine's blocks were kept"
+            _serve(pc, pub, f"b{i}", 50_000 + i * 100)
+        _serve_until_same(sub, pc, pub, router, direct, "b", 50_000, expected + 1,
+                          "the old engine's blocks were kept")
         st = sub.stats("w")
         assert st["disconnects"] >= 1 and st["restarts"] == 1
         assert router.pick(list(range(9))).overlaps["w"] == 0  # the old engine's prompt
@@ -341,18 +350,9 @@ def test_dropped_connection_to_the_same_engine_fills_the_gap():
         _until(sub, lambda: sub._disconnected(sub._engines["w"]))
         pub._pub = zmq.Context.instance().socket(zmq.PUB)
         for i in range(3):  # lost: the socket is not bound
-            _run(pc, f"c{i}", list(range(70_000 + i * 100, 70_000 + i * 100 + 9)))
-            pc.free(f"c{i}")  # cached, evictable: the pool never runs out
-            pub.publish()
+            _serve(pc, pub, f"c{i}", 70_000 + i * 100)
         pub._pub.bind(eps[0])
-        i, deadline = 3, time.monotonic() + 20
-        while router.cached_hashes("w") != _want(direct):
-            _run(pc, f"c{i}", list(range(70_000 + i * 100, 70_000 + i * 100 + 9)))
-            pc.free(f"c{i}")  # cached, evictable: the pool never runs out
-            pub.publish()
-            sub.poll(50)
-            i += 1
-            assert time.monotonic() < deadline, "the gap was not filled"
+        _serve_until_same(sub, pc, pub, router, direct, "c", 70_000, 3, "the gap was not filled")
         st = sub.stats("w")
         assert st["disconnects"] == 1 and st["cleared"] == 0 and st["restarts"] == 0
         assert st["replayed"] >= 3
