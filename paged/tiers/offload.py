@@ -766,15 +766,15 @@ class BlockOffloader:
             return caches, 0
         return out, len(rows)
 
-    def _undo_onboard(self, pc, request_id, held: int, first: int) -> bool:
-        """Roll back a :meth:`PrefixCache.onboard` that got as far as allocating: the request
+    def _undo_onboard(self, pc, request_id, held: int, first: int) -> None:
+        """Roll back a :meth:`PrefixCache.onboard` whose blocks were not filled: the request
         held ``held`` blocks before it, ``first`` full ones computed (then ``held == first``,
         which onboard checks). The blocks past them lose their hashes (``"removed"`` events)
         and go back to the pool, through PrefixCache's public calls (truncate, then the tokens
-        appended again). Returns whether there was anything to roll back."""
+        appended again); nothing when it allocated nothing (it takes itself back)."""
         new = pc.blocks(request_id)[held:]
         if not new:
-            return False  # nothing was allocated (a full pool, bad input, an undone allocation)
+            return  # nothing was allocated (a full pool, bad input, an undone allocation)
         bs = pc.block_size
         tail = pc.tokens(request_id)[first * bs:]
         try:
@@ -784,7 +784,6 @@ class BlockOffloader:
         finally:
             pc.truncate(request_id, first * bs)
             pc.append_tokens(request_id, tail)
-        return True
 
     # -- wiring to the device pool (paged/pool.py events) --------------------------------------
     def offload_on_evict(self, events, caches: Callable[[], list] | list,
