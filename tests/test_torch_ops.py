@@ -1572,7 +1572,7 @@ def test_merge_attention_states_out_refused_by_name():
             (dict(out=torch.empty(3, 2, 8, device="meta")), ValueError,
              r"^out: expected it on out_a's device cpu, got meta"),
             (dict(out=torch.empty(1, 2, 8).expand(3, 2, 8)), ValueError,
-             r"^out: its blocks share memory"),
+             r"^out: its elements share memory .* pass a buffer"),
             (dict(out=oa), ValueError, r"^out: shares memory with out_a"),
             (dict(lse=lb), ValueError, r"^lse: shares memory with lse_b"),
     ]:
@@ -1721,6 +1721,76 @@ def test_torch_cpu_unchecked_attention_reads_stay_in_the_cache(monkeypatch):
     got = tf.paged_attention(q, k, v, tables, lens, cu, logits_soft_cap=50.0)
     torch.testing.assert_close(got, tf.paged_attention(q, k, v, clamped, lens, cu,
                                                        logits_soft_cap=50.0))
+
+
+def test_torch_cpu_unchecked_negative_lengths_are_clipped(monkeypatch):
+    """Unchecked lengths on the host are clipped to [0, the table's keys] (docs/ops.md,
+    Errors): negative kv_lens had reached torch.arange (RuntimeError), a prefix length of
+    -2**31 wrapped to 2**31 - 1 in the cascade's joined tables (a 2-sequence call looped over
+    2**31 keys, as did a plan), and a prefill over a table of no column indexed it
+    (IndexError). Each call now returns, as fast as a valid one; the plan runs too."""
+    import time
+
+    monkeypatch.setenv("PREFIXKV_VALUE_CHECKS", "0")
+    rng = np.random.default_rng(95)
+    k, v = _unchecked_caches(rng)  # 4 blocks of 4 tokens, 1 kv head
+    i32 = dict(dtype=torch.int32)
+    start = time.monotonic()
+    q = T(testing.random_values(rng, (21, 2, 16), "float32"))
+    tables = torch.tensor([[0], [1]], **i32)
+    for lens in ([-1, -5], [-(2**31), 3]):
+        tf.paged_attention(q, k, v, tables, torch.tensor(lens, **i32),
+                           torch.tensor([0, 1, 21], **i32))
+    q40 = T(testing.random_values(rng, (40, 2, 16), "float32"))
+    tf.paged_attention(q40, k, v, torch.zeros((1, 0), **i32), torch.tensor([40], **i32),
+                       torch.tensor([0, 40], **i32))
+    q1 = T(testing.random_values(rng, (1, 2, 16), "float32"))
+    sp_args = (q1, k, v, torch.tensor([[0, 1, 2]], **i32), torch.tensor([-(2**31)], **i32),
+               torch.tensor([0], **i32), torch.zeros((1, 1), **i32), torch.tensor([0], **i32))
+    tf.shared_prefix_attention(*sp_args)
+    plan = tf.plan_shared_prefix_attention(*sp_args[3:], k_cache=k, num_q_heads=2)
+    plan.run(q1, k, v)
+    assert time.monotonic() - start < 30  # each call milliseconds; 2**31 keys took minutes
+
+
+def test_torch_cpu_sliced_table_runs_the_compiled_decode_kernel(monkeypatch):
+    """A column slice of a wider block table (unit last stride, accepted as it is): the
+    compiled decode kernel runs it (the table copied), so the wrapper's result is a plan's
+    bit for bit; it had fallen back to the torch path (another rounding)."""
+    from prefixkv.torch_frontend import _native
+
+    rng = np.random.default_rng(96)
+    b = testing.make_ragged_batch(rng, testing.seq_grid("decode", 4), num_q_heads=4,
+                                  num_kv_heads=2, head_dim=16, block_size=4, decode=True)
+    q, k, v, bt, kv, _ = (T(a) for a in b.args())
+    wide = torch.cat([bt, torch.zeros_like(bt)], dim=1)[:, :bt.shape[1]]
+    assert not wide.is_contiguous()
+    ran = []
+    real = _native._c_decode
+    monkeypatch.setattr(_native, "_c_decode", lambda *a, **kw: ran.append(real(*a, **kw))
+                        or ran[-1])
+    got = tf.paged_attention(q, k, v, wide, kv)
+    plan = tf.plan_paged_attention(wide, kv, k_cache=k, num_q_heads=4)
+    assert ran == [True] and torch.equal(got, plan.run(q, k, v))
+    assert torch.equal(got, tf.paged_attention(q, k, v, bt, kv))
+
+
+def test_attention_stride0_out_and_lse_are_refused_by_name():
+    """An out= or lse= that reaches one element from two indices (expand()):
+    a ValueError naming it before any write, as the merge gives; it had been torch's
+    RuntimeError naming nothing."""
+    q, k, v = torch.randn(2, 2, 8), torch.randn(4, 4, 1, 8), torch.randn(4, 4, 1, 8)
+    tables = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    kv_lens = torch.tensor([5, 7], dtype=torch.int32)
+    for name, kw in (("out", dict(out=torch.zeros(1, 1, 8).expand(2, 2, 8))),
+                     ("lse", dict(lse=torch.zeros(1, 1).expand(2, 2), return_lse=True))):
+        with pytest.raises(ValueError, match=rf"^{name}: its elements share memory \(a "
+                                             r"stride-0 view, e\.g\. from expand\(\)\); pass "
+                                             r"a buffer"):
+            tf.paged_attention(q, k, v, tables, kv_lens, **kw)
+    with pytest.raises(ValueError, match=r"^out: its elements share memory .* pass a buffer"):
+        tf.merge_attention_states(q, torch.zeros(2, 2), q, torch.zeros(2, 2),
+                                  out=torch.zeros(1, 1, 8).expand(2, 2, 8))
 
 
 def test_torch_device_route_unchecked_metadata_never_faults(monkeypatch):

@@ -516,8 +516,11 @@ def _c_decode(out, lse, q, k_cache, v_cache, block_tables, kv_lens, scale, windo
     if not (k_cache.is_cpu and v_cache.is_cpu and all(t.is_cpu for t in others)):
         return False
     strides = _cache_strides(k_cache, v_cache)
-    if strides is None or not all(t.is_contiguous() for t in others):
+    if strides is None or not all(t.is_contiguous() for t in (q, out, lse) if t is not None):
         return False
+    # a column slice of a wider table (or a strided kv_lens) copied, as a plan owns its
+    # metadata: the kernel, not the torch path, runs it, bit for bit the plan's result
+    block_tables, kv_lens = block_tables.contiguous(), kv_lens.contiguous()
     decode = _DECODE.get("module")
     if decode is None:
         from ..kernels.cpu import decode
@@ -640,7 +643,10 @@ def _flash_prefill_tile(out: torch.Tensor, lse: torch.Tensor | None, q: torch.Te
     front = min(max(before, 0), table.shape[1] * block_size)
     _attend_host(oa, la, qa, k_cache, v_cache, table, [front], scale, dense=False,
                  chunk_bytes=FLASH_PREFILL_CHUNK_BYTES)
-    # the tile's own keys (columns and block ids kept inside the table and the cache)
+    # the tile's own keys (columns and block ids kept inside the table and the cache; a
+    # table of no column, unchecked metadata, reads block 0)
+    if table.shape[1] == 0:
+        table = table.new_zeros((1, 1))
     pos = torch.arange(before, before + n)
     col = torch.div(pos, block_size, rounding_mode="floor").clamp(0, table.shape[1] - 1)
     blk = table[0, col].to(torch.int64).clamp(0, k_cache.shape[0] - 1)

@@ -55,14 +55,16 @@ def _want_values(*tensors) -> bool:
 
 
 def _at_most(lens: Tensor, capacity: int) -> Tensor:
-    """Unchecked lengths on the host (value checks off) clipped to ``capacity`` keys, the most
-    the value checks allow (valid lengths pass unchanged): the CPU paths loop over a
-    sequence's kv_len keys, so one garbage length near 2**31 hung a 2-sequence call. Lengths
-    on a device pass as they are (a clamp here would allocate inside a captured graph): the
-    triton kernels clip them themselves, and the torch paths' padding is the table's width."""
-    if lens.device.type != "cpu" or capacity >= 2**31 - 1:
+    """Unchecked lengths on the host (value checks off) clipped to [0, ``capacity``] keys,
+    what the value checks allow (valid lengths pass unchanged): the CPU paths loop over a
+    sequence's kv_len keys, so one garbage length near 2**31 hung a 2-sequence call, and a
+    negative one reached torch.arange (or, as a prefix length, wrapped to 2**31 - 1 in the
+    cascade's joined tables). Lengths on a device pass as they are (a clamp here would
+    allocate inside a captured graph): the triton kernels clip them themselves, and the torch
+    paths' padding is the table's width."""
+    if lens.device.type != "cpu":
         return lens
-    return lens.clamp(max=capacity)
+    return lens.clamp(0, min(capacity, 2**31 - 1))
 
 
 def _on(device: torch.device, *tensors):
@@ -242,7 +244,7 @@ def _distinct(caches) -> list:
     return out
 
 
-def _writable(name: str, caches) -> None:
+def _writable(name: str, caches, kind: str = "cache") -> None:
     """A ValueError naming the first cache (``name[i]``, or ``name`` for one tensor) that
     reaches one memory location from two indices (a stride-0 view, e.g. from expand()), before
     anything is written: torch refused such a destination only after the caches listed before
@@ -257,8 +259,10 @@ def _writable(name: str, caches) -> None:
         label = name if i is None else f"{name}[{i}]"
         what = ("its blocks share memory", "each block") if c.shape[0] > 1 else (
             "its elements share memory", "each element")
+        if kind != "cache":
+            what = ("its elements share memory", "each element")
         raise ValueError(f"{label}: {what[0]} (a stride-0 view, e.g. from expand()); pass a "
-                         f"cache that holds {what[1]} once")
+                         f"{kind} that holds {what[1]} once")
 
 
 def _not_inference(**named) -> None:
@@ -633,6 +637,9 @@ def _run_attention(op, args, q, out, lse, workspace, return_lse, sinks, scales=(
         _check_out("out", out, q.shape, q.dtype, q.device)
         _check_out("lse", lse, q.shape[:2], torch.float32, q.device)
         _check_workspace(workspace, q)
+        for name, buf in (("out", out), ("lse", lse)):
+            if buf is not None:
+                _writable(name, buf, "buffer")
         o = out if out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
         l_ = lse  # None and not returned: the backend keeps it in the workspace
         if l_ is None and return_lse:
@@ -796,8 +803,8 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, out=None, lse=None, ba
         out = torch.empty_like(out_a, memory_format=torch.contiguous_format)
     if lse is None:
         lse = torch.empty(out_a.shape[:2], dtype=torch.float32, device=out_a.device)
-    _writable("out", out)
-    _writable("lse", lse)
+    _writable("out", out, "buffer")
+    _writable("lse", lse, "buffer")
     _invoke("merge_attention_states_out", (out_a, lse_a, out_b, lse_b, out, lse, backend))
     return out, lse
 
@@ -1110,7 +1117,7 @@ def _gather_out(out, caches, block_ids) -> None:
                          f"{out.device}")
     if not out.is_contiguous():
         raise ValueError("out: expected a contiguous tensor")
-    _writable("out", out)
+    _writable("out", out, "buffer")
 
 
 def scatter_blocks(caches, buffer, block_ids, *, backend=None) -> None:
