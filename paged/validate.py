@@ -720,12 +720,22 @@ def check_caches(caches, name: str = "caches") -> list:
     return list(caches)
 
 
+def _no_ids_over_no_blocks(name: str, n: int, num_blocks: int, caches: str = "caches") -> None:
+    """Ids over caches of no block are out of range whatever their values: refused statically
+    (traced ids too; the XLA path's take from an empty axis raised an IndexError naming
+    nothing)."""
+    if n and not num_blocks:
+        raise ValueError(f"{name}: expected values in [0, 0) ({caches} hold no block), got "
+                         f"{n} ids")
+
+
 def check_copy_blocks(caches, src, dst) -> int:
     caches = check_caches(caches)
     (n,) = check_ids("src", src)
     (n_dst,) = check_ids("dst", dst)
     if n_dst != n:
         raise ValueError(f"dst: expected shape ({n},) (the shape of src), got ({n_dst},)")
+    _no_ids_over_no_blocks("src", n, _shape(caches[0])[0])
     return int(caches[0].shape[0])
 
 
@@ -752,12 +762,14 @@ def check_gather_blocks(caches, block_ids) -> tuple[int, ...]:
     """Returns the buffer shape [n, len(caches), *block_shape]."""
     block_shape, _ = _check_uniform_caches(caches)
     (n,) = check_ids("block_ids", block_ids)
+    _no_ids_over_no_blocks("block_ids", n, _shape(caches[0])[0])
     return (n, len(caches), *block_shape)
 
 
 def check_scatter_blocks(caches, buffer, block_ids) -> tuple[int, ...]:
     block_shape, _ = _check_uniform_caches(caches)
     (n,) = check_ids("block_ids", block_ids)
+    _no_ids_over_no_blocks("block_ids", n, _shape(caches[0])[0])
     want = (n, len(caches), *block_shape)
     check_array("buffer", buffer)
     if _shape(buffer) != want:
@@ -794,6 +806,8 @@ def check_swap_blocks(src_caches, dst_caches, src_ids, dst_ids) -> int:
     (n_dst,) = check_ids("dst_ids", dst_ids)
     if n_dst != n:
         raise ValueError(f"dst_ids: expected shape ({n},) (the shape of src_ids), got ({n_dst},)")
+    _no_ids_over_no_blocks("src_ids", n, _shape(src[0])[0], "src_caches")
+    _no_ids_over_no_blocks("dst_ids", n, _shape(dst[0])[0], "dst_caches")
     return n
 
 

@@ -83,6 +83,24 @@ def test_copy_and_scatter_destinations_are_value_checked():
     _same_bits([got], [ref.gather_blocks_reference(caches, i32([3, 3]))])
 
 
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_ids_over_caches_of_no_block_are_refused_statically(jit):
+    """Ids over caches of no block are out of range whatever their values: refused by name
+    while tracing too (a jitted gather or copy had raised jnp.take's IndexError from an empty
+    axis, naming nothing); empty ids over such caches are fine."""
+    i32 = functools.partial(np.array, dtype=np.int32)
+    empty = [np.zeros((0, 4), np.float32)]
+    wrap = jax.jit if jit else (lambda f: f)
+    for fn, args, name in (
+            (jf.gather_blocks, (empty, i32([0, 1])), "block_ids"),
+            (jf.copy_blocks, (empty, i32([0]), i32([1])), "src"),
+            (jf.scatter_blocks, (empty, np.zeros((1, 1, 4), np.float32), i32([0])),
+             "block_ids")):
+        with pytest.raises(ValueError, match=rf"^{name}: expected values in \[0, 0\) "):
+            wrap(fn)(*args)
+    assert wrap(jf.gather_blocks)(empty, i32([])).shape == (0, 1, 4)
+
+
 # ------------------------------------------------------------------------- int64 narrowing
 
 

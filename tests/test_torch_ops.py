@@ -1775,6 +1775,18 @@ def test_torch_cpu_sliced_table_runs_the_compiled_decode_kernel(monkeypatch):
     assert torch.equal(got, tf.paged_attention(q, k, v, bt, kv))
 
 
+def test_swap_ids_over_caches_of_no_block_are_refused_statically():
+    """swap_blocks' ids over a side whose caches hold no block: refused by name from the
+    shapes alone (validate's static check, as the JAX block ops under jit)."""
+    empty, full = [torch.zeros(0, 4)], [torch.zeros(3, 4)]
+    ids = torch.tensor([0], dtype=torch.int32), torch.tensor([1], dtype=torch.int32)
+    for src, dst, name, side in ((empty, full, "src_ids", "src_caches"),
+                                 (full, empty, "dst_ids", "dst_caches")):
+        with pytest.raises(ValueError, match=rf"^{name}: expected values in \[0, 0\) "
+                                             rf"\({side} hold no block\)"):
+            tf.swap_blocks(src, dst, *ids)
+
+
 def test_attention_stride0_out_and_lse_are_refused_by_name():
     """An out= or lse= that reaches one element from two indices (expand()):
     a ValueError naming it before any write, as the merge gives; it had been torch's
