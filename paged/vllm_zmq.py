@@ -21,7 +21,9 @@ buffered ``(b"", seq, payload)`` from ``start_seq`` on, then ``(b"", -1 as 8 sig
   gap, or after the connection dropped (a ZMQ socket monitor sees it), the subscriber asks the
   replay endpoint for the last batch it applied and compares the bytes. The same batch: the
   stream goes on, the gap filled. Another one, or none: the engine's blocks are forgotten and
-  rebuilt from its batches since 0 when its replay buffer still holds them all.
+  rebuilt from its batches since 0 when its replay buffer still holds them all. The batch
+  itself is checked against that replay too: one the engine answering lacks or holds with
+  other bytes is an engine's gone, still queued in the socket, and is dropped.
 
 Sockets bind or connect to the endpoints as given; use ``tcp://127.0.0.1:<port>`` on one host.
 """
@@ -173,7 +175,8 @@ class _Engine:
     expected: int | None = None  # the next sequence number to apply; None before the first
     last: tuple[int, bytes] | None = None  # (seq, payload) of the last batch applied
     stats: dict = field(default_factory=lambda: {"batches": 0, "replayed": 0, "restarts": 0,
-                                                 "gaps": 0, "cleared": 0, "disconnects": 0})
+                                                 "gaps": 0, "cleared": 0, "disconnects": 0,
+                                                 "stale": 0})
 
 
 class VllmEventSubscriber:
@@ -242,7 +245,7 @@ class VllmEventSubscriber:
 
     def stats(self, worker_id: Hashable) -> dict:
         """Counts for one engine: batches applied, replayed, restarts, gaps and disconnections
-        seen, and times its blocks were forgotten."""
+        seen, stale batches dropped, and times its blocks were forgotten."""
         return dict(self._engines[worker_id].stats)
 
     def poll(self, timeout_ms: int = 0) -> int:
@@ -280,58 +283,66 @@ class VllmEventSubscriber:
             seq, payload = decode_frames(frames)
         except ValueError:
             return 0  # not one of the engine's messages
-        disconnected, eng.dropped = eng.dropped, False
-        if eng.expected is not None and seq < eng.expected:
-            # batches are never sent twice: a lower number is the engine started again, its
-            # cache empty and its numbering from 0
-            eng.stats["restarts"] += 1
-            self._forget(eng)
-            eng.expected = None
-        elif eng.expected is not None and (seq > eng.expected or disconnected):
-            return self._resync(eng, seq, payload)
-        applied = 0
+        check = eng.dropped or (eng.expected is not None and seq != eng.expected)
+        have = None
+        if check and eng.replay_endpoint is not None:
+            # after a dropped connection, or off the number expected: the engine's replay,
+            # asked for after this batch arrived, from the last batch applied on
+            got = self._replay(eng, seq if eng.last is None else min(seq, eng.last[0]))
+            if got is not None:
+                have = dict(got)
+                if have.get(seq) != payload:
+                    # the engine answering has no such batch, or another one: this one is
+                    # an engine's gone (queued in the socket before it restarted): dropped
+                    eng.stats["stale"] += 1
+                    return 0
+        eng.dropped = False
+        if eng.expected is not None and check:
+            if seq > eng.expected:
+                eng.stats["gaps"] += 1
+            if have is None:  # no replay endpoint, or no answer: cannot tell
+                self._forget(eng)  # what was missed (or the engine restarted) is unknown
+                if seq >= eng.expected:
+                    return self._apply(eng, seq, payload)
+                # a lower number: the engine started again, its cache empty (vLLM numbers
+                # batches from 0 at start)
+                eng.stats["restarts"] += 1
+                eng.expected = None
+            else:
+                last_seq, last_payload = eng.last
+                if have.get(last_seq) == last_payload:  # the engine followed: fill the gap
+                    if seq < eng.expected:
+                        return 0  # applied already (a rebuild went past it)
+                    return self._apply_replayed(eng, have, eng.expected, seq) + self._apply(
+                        eng, seq, payload)
+                # another batch where ours was: a restarted engine (or ours past its buffer)
+                eng.stats["restarts"] += 1
+                self._forget(eng)
+                eng.expected = None
+                return self._rebuild(eng, have, seq, payload)
         if eng.expected is None and seq > 0:
             # batches 0..seq-1 precede our subscription: from the replay endpoint, or unknown
             # (their blocks stay unknown: misses)
             eng.stats["gaps"] += 1
-            got = self._replay(eng, 0) if eng.replay_endpoint is not None else None
-            have = dict(got or ())
-            if all(s in have for s in range(seq)):
-                applied += self._apply_replayed(eng, have, 0, seq)
-        return applied + self._apply(eng, seq, payload)
+            return self._rebuild(eng, have, seq, payload)
+        return self._apply(eng, seq, payload)
 
-    def _resync(self, eng: _Engine, seq: int, payload: bytes) -> int:
-        """Batch ``seq`` after a gap or a dropped connection: the engine is the one followed
-        if its replay of our last batch has the same bytes (then the gap is filled from the
-        replay, or the blocks forgotten when it cannot be); otherwise (another batch there, or
-        none: a restarted engine, or ours past its buffer) its blocks are forgotten and
-        rebuilt from its batches since 0 when it still holds them all."""
-        if seq > eng.expected:
-            eng.stats["gaps"] += 1
-        last_seq, last_payload = eng.last
-        got = self._replay(eng, last_seq) if eng.replay_endpoint is not None else None
-        have = dict(got or ())
-        if have.get(last_seq) == last_payload:  # the same engine
-            if all(s in have for s in range(eng.expected, seq)):
-                return self._apply_replayed(eng, have, eng.expected, seq) + self._apply(
-                    eng, seq, payload)
-            self._forget(eng)  # batches lost for good: they may have removed blocks
-            return self._apply(eng, seq, payload)
-        self._forget(eng)
-        eng.expected = None
-        if got is None:  # no replay endpoint, or no answer: cannot tell; its blocks unknown
-            return self._apply(eng, seq, payload)
-        eng.stats["restarts"] += 1
-        have = dict(self._replay(eng, 0) or ())
-        applied = 0
-        if 0 in have:  # rebuild from the engine's start (its cache was empty then)
-            stop = 0
+    def _rebuild(self, eng: _Engine, have: dict | None, seq: int, payload: bytes) -> int:
+        """Follow an engine from its start (its cache empty then) up to batch ``seq``: its
+        batches from 0 on from the replay endpoint (``have`` when it starts at 0), as far as
+        they run without a gap, then the batch itself unless they held it. When they do not
+        reach it, what the missing batches removed is unknown: the blocks are forgotten and
+        the batch applied alone."""
+        if (have is None or 0 not in have) and eng.replay_endpoint is not None:
+            have = dict(self._replay(eng, 0) or ())
+        applied, stop = 0, 0
+        if have and 0 in have:
             while stop in have:
                 stop += 1
             applied = self._apply_replayed(eng, have, 0, stop)
-            if seq < stop:  # the batch is in the replay (or an old engine's, late): done
+            if seq < stop:
                 return applied
-            if seq > stop:  # batches between are lost: what they removed is unknown
+            if seq > stop:
                 self._forget(eng)
         return applied + self._apply(eng, seq, payload)
 

@@ -391,3 +391,56 @@ def test_dropped_connection_without_replay_forgets_the_engines_blocks():
     finally:
         sub.close()
         pub.close(0)
+
+
+@pytest.mark.parametrize("following", [False, True], ids=["joining", "following"])
+def test_batches_of_an_engine_gone_still_queued_are_dropped(following):
+    """Batches the old engine sent before it restarted may still sit in the subscriber's
+    socket when the new engine's arrive (a busy router loop). After the dropped connection,
+    each batch is checked against the engine's replay, asked for after it arrived: the old
+    engine's are dropped ("stale"), never applied to the new engine's blocks (they had been,
+    and the new engine's first live batch, at the number expected, kept them for good); a
+    rebuild that went past queued live batches does not count a second restart. The
+    subscriber's receive is driven directly with the batches' frames, in the order a socket
+    would deliver them."""
+    router = Router(BS, hash_fn=vllm_hash_fn())
+    router.add_worker("w")
+    sub = VllmEventSubscriber(router.apply, replay_timeout=5.0)
+    pubs = []
+    try:
+        pc, _, pub = _publishing_engine(_endpoint(), _endpoint())
+        pubs.append(pub)
+        eps = [s_.getsockopt(zmq.LAST_ENDPOINT).decode() for s_ in (pub._pub, pub._replay)]
+        sub.add_engine("w", eps[0], replay_endpoint=eps[1], topic="kv")
+        eng = sub._engines["w"]
+        for i in range(3):
+            _serve(pc, pub, f"a{i}", 100 * i)
+        old = [encode_frames(s_, p_, "kv") for s_, p_ in pub._buffer]
+        applied_before = 2 if following else 0
+        for frames in old[:applied_before]:  # followed live
+            assert sub._receive(eng, frames) == 1
+        pub.close()
+        deadline = time.monotonic() + 20
+        while True:  # the engine again on the same endpoints, its cache empty
+            try:
+                pc, direct, pub = _publishing_engine(*eps)
+                break
+            except zmq.ZMQError:
+                assert time.monotonic() < deadline, "the endpoints were never free again"
+                time.sleep(0.05)
+        pubs.append(pub)
+        for i in range(4):  # batches 0..3, the first three missed while reconnecting
+            _serve(pc, pub, f"b{i}", 50_000 + 100 * i)
+        new = [encode_frames(s_, p_, "kv") for s_, p_ in pub._buffer]
+        eng.dropped = True  # what the socket monitor reports
+        for frames in old[applied_before:] + new[3:]:
+            sub._receive(eng, frames)
+        assert router.cached_hashes("w") == _want(direct)
+        st = sub.stats("w")
+        assert st["stale"] == 3 - applied_before
+        assert st["restarts"] == (1 if following else 0)
+        assert router.pick(list(range(9))).overlaps["w"] == 0  # the old engine's prompt
+    finally:
+        sub.close()
+        for p_ in pubs:
+            p_.close()
