@@ -280,6 +280,18 @@ def _serve_until_same(sub, pc, pub, router, direct, tag, base, i, what):
         assert time.monotonic() < deadline, what
 
 
+def _restarted_engine(eps):
+    """The engine again on the endpoints ``eps``, its cache empty: (cache, direct router,
+    publisher), binding retried while the old sockets close (asynchronously)."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return _publishing_engine(*eps)
+        except zmq.ZMQError:
+            assert time.monotonic() < deadline, "the endpoints were never free again"
+            time.sleep(0.05)
+
+
 def _followed_engine(sub, router):
     """An engine "w" the subscriber follows live (a batch received, not replayed)."""
     pc, direct, pub = _publishing_engine(_endpoint(), _endpoint())
@@ -312,14 +324,7 @@ def test_restarted_engine_numbering_past_the_expected_batch_is_detected():
         sub._engines["w"].sub.setsockopt(zmq.RECONNECT_IVL, 1000)
         expected = pub.next_seq
         pub.close()
-        deadline = time.monotonic() + 20
-        while True:  # the engine again, its cache empty (the old sockets close asynchronously)
-            try:
-                pc, direct, pub = _publishing_engine(*eps)
-                break
-            except zmq.ZMQError:
-                assert time.monotonic() < deadline, "the endpoints were never free again"
-                time.sleep(0.05)
+        pc, direct, pub = _restarted_engine(eps)
         pubs.append(pub)
         for i in range(expected + 1):
             _serve(pc, pub, f"b{i}", 50_000 + i * 100)
@@ -420,14 +425,7 @@ def test_batches_of_an_engine_gone_still_queued_are_dropped(following):
         for frames in old[:applied_before]:  # followed live
             assert sub._receive(eng, frames) == 1
         pub.close()
-        deadline = time.monotonic() + 20
-        while True:  # the engine again on the same endpoints, its cache empty
-            try:
-                pc, direct, pub = _publishing_engine(*eps)
-                break
-            except zmq.ZMQError:
-                assert time.monotonic() < deadline, "the endpoints were never free again"
-                time.sleep(0.05)
+        pc, direct, pub = _restarted_engine(eps)
         pubs.append(pub)
         for i in range(4):  # batches 0..3, the first three missed while reconnecting
             _serve(pc, pub, f"b{i}", 50_000 + 100 * i)
