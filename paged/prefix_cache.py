@@ -358,13 +358,16 @@ class PrefixCache:
         Raises NoFreeBlocksError when the pool is short; a raising hash_fn or "stored"
         subscriber takes the call back too (as in :meth:`step`): a failed call changes
         nothing."""
-        req, first, last = self._check_onboard(request_id, num_blocks)
+        return self._onboard(*self._check_onboard(request_id, num_blocks))
+
+    def _onboard(self, req: _Request, first: int, last: int) -> list[int]:
+        """:meth:`onboard` of blocks [first, last) of a checked request."""
         if first == last:
             return []
         bs = self.block_size
         if self.enable_caching:  # hash first: a hash_fn that raises leaves nothing changed
             self._extend_hashes(req, last)
-        new = self.pool.allocate(num_blocks)
+        new = self.pool.allocate(last - first)
         req.blocks.extend(new)  # appended: row() copies them in
         done = [(req, req.num_computed, req.num_registered)]
         req.num_computed = last * bs

@@ -751,10 +751,10 @@ class BlockOffloader:
         if not rows:
             return caches, 0
         held = len(pc.blocks(request_id))
-        pc._check_onboard(request_id, len(rows))  # a request onboard refuses: raised
+        checked = pc._check_onboard(request_id, len(rows))  # a request onboard refuses: raised
         try:
             # onboard takes itself back when it raises (a hash_fn or "stored" subscriber)
-            new = pc.onboard(request_id, len(rows))
+            new = pc._onboard(*checked)
             out = self.scatter_rows(caches, np.asarray(new, dtype=np.int32), rows)
         except BaseException as e:
             self._undo_onboard(pc, request_id, held, first)
