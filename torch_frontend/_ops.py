@@ -257,10 +257,8 @@ def _writable(name: str, caches, kind: str = "cache") -> None:
                                        for n, st in zip(c.shape, strides, strict=True)):
             continue
         label = name if i is None else f"{name}[{i}]"
-        what = ("its blocks share memory", "each block") if c.shape[0] > 1 else (
-            "its elements share memory", "each element")
-        if kind != "cache":
-            what = ("its elements share memory", "each element")
+        what = (("its blocks share memory", "each block") if kind == "cache" and c.shape[0] > 1
+                else ("its elements share memory", "each element"))
         raise ValueError(f"{label}: {what[0]} (a stride-0 view, e.g. from expand()); pass a "
                          f"{kind} that holds {what[1]} once")
 
