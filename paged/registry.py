@@ -98,14 +98,23 @@ class Registry:
         """The backend asked for by argument or environment variable, if any: ``backend``,
         else ``PREFIXKV_<OP>_BACKEND``, else ``PREFIXKV_BACKEND`` when this op has a backend
         of that name (a global choice such as ``pallas_interpret`` leaves ops without one,
-        merge_attention_states or hash_blocks, to their own selection)."""
-        if backend:
+        merge_attention_states or hash_blocks, to their own selection). A ``backend`` given
+        is a request, "" too (an unknown name); an empty environment variable is unset."""
+        if backend is not None:
             return backend
         want = os.environ.get(self.env_var)
         if want:
             return want
         want = os.environ.get("PREFIXKV_BACKEND")
         return want if want in self._backends else None
+
+    def check_known(self, platform: str, backend: str | None = None) -> None:
+        """select's BackendError when ``backend`` (or the environment variable) names no
+        backend of this op, without choosing one (a plan made before the call's shapes and
+        platform are all known: the choice is made when it runs)."""
+        want = self.requested(backend)
+        if want is not None and want not in self._backends:
+            raise self._error(platform, self.explain(platform), f"unknown backend {want!r}")
 
     def _error(self, platform: str, reasons: dict[str, str], head: str) -> BackendError:
         lines = [f"{self.op} on platform {platform!r}: {head}; backends:"]

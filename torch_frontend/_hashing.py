@@ -49,6 +49,7 @@ from ..paged.validate import (
     check_hash_blocks_values,
     value_checks_enabled,
 )
+from ._ops import _has_data
 
 MASK = 0xFFFFFFFF
 
@@ -326,11 +327,15 @@ def hash_blocks(tokens: torch.Tensor, block_size: int, *, cu_lens: torch.Tensor 
     for name, t in (("tokens", tokens), ("cu_lens", cu_lens), ("extra", extra)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t is not None:
+            _has_data(name, t)
     if not (parent is None or isinstance(parent, (bytes, bytearray, memoryview, list, tuple,
                                                   torch.Tensor))):
         raise TypeError(f"parent: expected None, 32 bytes, a list or a torch.Tensor, got "
                         f"{type(parent).__name__}")
     host_parent = parent is not None and not isinstance(parent, torch.Tensor)
+    if not host_parent and parent is not None:
+        _has_data("parent", parent)
     if torch.compiler.is_compiling():  # the host arguments' checks as a traced constant
         dims = check_hash_blocks(tokens, block_size, cu_lens=cu_lens, extra=extra,
                                  parent=None if host_parent else parent)

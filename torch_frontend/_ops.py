@@ -4,10 +4,12 @@ its Python wrapper of the same name.
 The custom ops pick the backend at run time by device (:mod:`._registry`); the wrappers run the
 static input checks of :mod:`prefixkv.paged.validate` always, the host value checks when
 :func:`~prefixkv.paged.validate.value_checks_enabled` says so (index tensors on the CPU, or
-checked mode), never while ``torch.compile`` traces. Cache ops mutate their caches in place and
-declare it in ``mutates_args``; no op returns an input or a view of one. Index tensors (block
-tables, lengths, slot mappings, block ids) may stay on the CPU with the data on a GPU: checked
-on the host, then copied over on every call; on the GPU already they are used as they are (no
+checked mode), never while ``torch.compile`` traces. The custom ops run the same checks when
+the dispatcher runs them (called directly, or in a compiled graph: see ``_op``'s guards).
+Cache ops mutate their caches in place and declare it in ``mutates_args``; no op returns an
+input or a view of one. Index tensors (block tables, lengths, slot mappings, block ids) may
+stay on the CPU with the data on a GPU in the wrappers: checked on the host, then copied over
+on every call; on the GPU already they are used as they are (no
 copy, no sync: what CUDA-graph capture needs). The CUDA tensors of a call live on one device,
 which must be the current one (``torch.cuda.set_device``, or ``with torch.cuda.device(d):``),
 as in vLLM's and SGLang's one-process-per-GPU workers: the Triton and CuPy launches go to the
@@ -101,10 +103,13 @@ def _tensors(same_device: bool = True, **named) -> torch.device | None:
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{label}: expected a torch.Tensor, got {type(t).__name__}")
             if device is None:
+                _has_data(label, t)  # the others: on its device (or each checked)
                 device, first = t.device, label
             elif same_device and t.device != device:
                 raise ValueError(f"{label}: expected it on {first}'s device {device}, got "
                                  f"{t.device}")
+            elif not same_device:
+                _has_data(label, t)
     return device
 
 
@@ -143,10 +148,33 @@ def _static_check(check, *args, **kwargs):
 
 
 def _index_tensors(**named) -> None:
-    """Each index argument a torch.Tensor (None skipped), else a TypeError naming it."""
+    """Each index argument a torch.Tensor with data (None skipped), else an error naming it."""
     for name, t in named.items():
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t is not None:
+            _has_data(name, t)
+
+
+def _has_data(name: str, t: Tensor) -> None:
+    """A ValueError naming a tensor on the meta device (shapes only: nothing to read or
+    write); it had failed deep inside (torch's "Cannot copy out of meta tensor", or a backend
+    error naming the platform, not the argument)."""
+    if t.device.type == "meta":
+        raise ValueError(f"{name}: a tensor on the meta device has no data to run on; pass it "
+                         f"on the CPU or a CUDA device")
+
+
+def _on_device(device: torch.device, **index) -> None:
+    """A custom op called directly: each index tensor (None skipped) on ``device``, the data's,
+    where the kernels read it (the wrappers copy host index tensors over), else a ValueError
+    naming it: a GPU kernel handed a host pointer faults."""
+    for name, t in index.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name}: expected it on the data's device {device} (the op reads "
+                             f"it there; the wrapper of the same name in "
+                             f"prefixkv.torch_frontend copies host index tensors over), got "
+                             f"{t.device}")
 
 
 def _overlaps(a: Tensor, b: Tensor) -> bool:
@@ -246,21 +274,132 @@ def _distinct(caches) -> list:
 
 def _writable(name: str, caches, kind: str = "cache") -> None:
     """A ValueError naming the first cache (``name[i]``, or ``name`` for one tensor) that
-    reaches one memory location from two indices (a stride-0 view, e.g. from expand()), before
-    anything is written: torch refused such a destination only after the caches listed before
-    it were written, naming none, and write_kv's row writes went in unchecked (the last write
-    to each location won)."""
+    reaches one memory location from two indices (a stride-0 view, e.g. from expand(), or an
+    as_strided view whose blocks or rows overlap), before anything is written: torch refused
+    such a destination only after the caches listed before it were written, naming none, and
+    write_kv's row writes and the block copies went in unchecked (the last write to each
+    location won). While torch.compile traces, stride-0 views only (the op checks the rest
+    when it runs)."""
     items = enumerate(caches) if isinstance(caches, (list, tuple)) else [(None, caches)]
     for i, c in items:
         strides = c.stride()
-        if 0 not in strides or not any(n > 1 and st == 0
-                                       for n, st in zip(c.shape, strides, strict=True)):
+        if 0 in strides and any(n > 1 and st == 0
+                                for n, st in zip(c.shape, strides, strict=True)):
+            why = "a stride-0 view, e.g. from expand()"
+        elif torch.compiler.is_compiling() or not _self_aliases(c):
             continue
+        else:
+            why = "an overlapping view, e.g. from as_strided()"
         label = name if i is None else f"{name}[{i}]"
         what = (("its blocks share memory", "each block") if kind == "cache" and c.shape[0] > 1
                 else ("its elements share memory", "each element"))
-        raise ValueError(f"{label}: {what[0]} (a stride-0 view, e.g. from expand()); pass a "
-                         f"{kind} that holds {what[1]} once")
+        raise ValueError(f"{label}: {what[0]} ({why}); pass a {kind} that holds {what[1]} "
+                         f"once")
+
+
+def _one_to_one(shape, strides) -> bool:
+    """Whether a layout provably reaches each element once: its axes of more than one
+    element, by stride, each stride past the reach of the smaller ones (any permutation of a
+    dense layout, padded or not: a stacked cache's halves, HND views, column slices)."""
+    reach = 0
+    for st, n in sorted((st, n) for n, st in zip(shape, strides, strict=True) if n > 1):
+        if st <= reach:
+            return False
+        reach += (n - 1) * st
+    return True
+
+
+#: Element offsets of one block past which the exact alias checks give up (and accept).
+_ALIAS_MAX_ELEMENTS = 1 << 22
+#: Block distances past which the exact alias checks give up (and accept).
+_ALIAS_MAX_SHIFTS = 4096
+
+
+def _block_offsets(t: Tensor) -> np.ndarray | None:
+    """The element offsets (from its first) of one block of t (axis 0 the block axis), or
+    None when they are more than _ALIAS_MAX_ELEMENTS."""
+    if int(np.prod(t.shape[1:], dtype=np.int64)) > _ALIAS_MAX_ELEMENTS:
+        return None
+    off = np.zeros(1, dtype=np.int64)
+    for n, st in zip(t.shape[1:], t.stride()[1:], strict=True):
+        off = (off[:, None] + np.arange(n, dtype=np.int64) * st).ravel()
+    return off
+
+
+def _shifts_meet(off: np.ndarray, other: np.ndarray, shift: int, stride: int,
+                 shifts: range) -> bool:
+    """Whether ``off + k * stride`` meets ``other + shift`` for a k in ``shifts``."""
+    for k in shifts:
+        if np.intersect1d(off + k * stride, other + shift, assume_unique=True).size:
+            return True
+    return False
+
+
+def _self_aliases(t: Tensor) -> bool:
+    """Whether two indices of t reach one element, for a layout _one_to_one cannot vouch for:
+    exactly, by one block's offsets against themselves and the blocks near it (accepted when
+    that takes more than _ALIAS_MAX_ELEMENTS offsets or _ALIAS_MAX_SHIFTS blocks)."""
+    if t.numel() <= 1 or _one_to_one(t.shape, t.stride()):
+        return False
+    if t.dim() == 1:
+        return True  # one axis of several elements, stride 0
+    off = _block_offsets(t)
+    if off is None:
+        return False
+    if np.unique(off).size < off.size:
+        return True
+    n, s0 = t.shape[0], t.stride(0)  # torch strides are never negative
+    if n <= 1:
+        return False
+    if s0 == 0:
+        return True
+    reach = int(off.max() - off.min())
+    last = min(n - 1, reach // s0)
+    if last > _ALIAS_MAX_SHIFTS:
+        return False
+    return _shifts_meet(off, off, 0, s0, range(1, last + 1))
+
+
+#: _share_elements' answers, by the two tensors' memory and layout.
+_SHARED: dict = {}
+
+
+def _share_elements(a: Tensor, b: Tensor) -> bool:
+    """Whether views a and b reach a common element: exact for two views of one layout (the
+    halves of a stacked cache, however interleaved), else whether their blocks' byte spans
+    meet (_blocks_overlap). Answers are kept: engines pass the same caches every call."""
+    if not _overlaps(a, b):
+        return False
+    key = (a.device, a.data_ptr(), b.data_ptr(), tuple(a.shape), tuple(b.shape), a.stride(),
+           b.stride(), a.dtype, b.dtype)
+    hit = _SHARED.get(key)
+    if hit is None:
+        hit = _SHARED[key] = _layouts_share(a, b)
+        if len(_SHARED) > 1024:
+            _SHARED.clear()
+    return hit
+
+
+def _layouts_share(a: Tensor, b: Tensor) -> bool:
+    """_share_elements, uncached (spans that meet)."""
+    if a.dim() == 0 or b.dim() == 0 or not _cluster_overlaps([a, b]):
+        return a.dim() == 0 or b.dim() == 0
+    es = a.element_size()
+    shift, rest = divmod(b.data_ptr() - a.data_ptr(), es)
+    if a.shape != b.shape or a.stride() != b.stride() or es != b.element_size() or rest:
+        return True  # _cluster_overlaps: their blocks' spans meet
+    off = _block_offsets(a)
+    if off is None:
+        return True
+    n, s0 = a.shape[0], a.stride(0)  # torch strides are never negative
+    if n <= 1 or s0 == 0:
+        return _shifts_meet(off, off, shift, 0, range(1))
+    # a's block i meets b's block j where (i - j) * s0 = shift + (a difference of offsets)
+    reach = int(off.max() - off.min())
+    lo, hi = max(-((reach - shift) // s0), -(n - 1)), min((shift + reach) // s0, n - 1)
+    if hi - lo > _ALIAS_MAX_SHIFTS:
+        return True
+    return _shifts_meet(off, off, shift, s0, range(lo, hi + 1))
 
 
 def _not_inference(**named) -> None:
@@ -333,6 +472,9 @@ def _scale_tensor(name: str, scale, cache: Tensor) -> Tensor | None:
 def _kv_scales(k_scale, v_scale, k_cache: Tensor, v_cache: Tensor):
     """(k_scale, v_scale) as 0-d tensors on the caches' device after their value checks
     (host tensors always; device tensors in checked mode)."""
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if isinstance(scale, torch.Tensor):
+            _has_data(name, scale)
     if _want_values(*(s for s in (k_scale, v_scale) if isinstance(s, torch.Tensor))):
         validate.check_kv_scale_values(k_scale, v_scale)
     return _scale_tensor("k_scale", k_scale, k_cache), _scale_tensor("v_scale", v_scale, v_cache)
@@ -346,20 +488,66 @@ _IMPL: dict = {}
 _MUTATED: dict = {}
 
 
-def _op(name: str, mutates_args=()):
+def _op(name: str, mutates_args=(), guard=None):
     """torch.library.custom_op(prefixkv::name), keeping the undecorated function in _IMPL. An op
     returning tensors gets a backward that says it has none (the ops are inference kernels,
-    as FlashInfer's and vLLM's): torch's own error names no op and suggests writing one."""
+    as FlashInfer's and vLLM's): torch's own error names no op and suggests writing one.
+
+    ``guard``: the input checks of the op as the dispatcher runs it (``torch.ops.prefixkv.<op>``
+    called directly, a torch.compile graph, a dispatch mode), with the op's signature; returns
+    its arguments, unchecked host lengths clipped (_at_most). The wrappers run the same checks
+    before they call the op, and in plain eager mode run _IMPL directly (checked once);
+    called directly, an op without them crashed on caches of two block counts, wrote past a
+    cache, left one half-written or looped on a garbage length."""
     def register(fn):
         _IMPL[name] = fn
         params = list(inspect.signature(fn).parameters)
         _MUTATED[name] = tuple(params.index(a) for a in mutates_args)
-        op = torch.library.custom_op(f"{_LIB}::{name}", mutates_args=mutates_args)(fn)
+        entry = fn
+        if guard is not None:
+            @functools.wraps(fn)
+            def entry(*args, **kwargs):
+                return fn(*guard(*args, **kwargs))
+        op = torch.library.custom_op(f"{_LIB}::{name}", mutates_args=mutates_args)(entry)
         if not mutates_args:
             op.register_autograd(functools.partial(_no_backward, name),
                                  setup_context=_no_context)
         return op
     return register
+
+
+def _fake(op, name: str):
+    """``op.register_fake(fn)``, the fake run after _fake_devices' check."""
+    def register(fn):
+        @functools.wraps(fn)
+        def fake(*args, **kwargs):
+            _fake_devices(name, *args, **kwargs)
+            return fn(*args, **kwargs)
+        op.register_fake(fake)
+        return fake
+    return register
+
+
+def _fake_devices(name: str, *args, **kwargs) -> None:
+    """A ValueError naming the first tensor argument of op ``name`` (``name[i]`` in a list)
+    not on the first one's device: called directly with one index tensor on the meta device
+    and the rest on the CPU, the op is dispatched to its fake implementation, which returned
+    uninitialized outputs or wrote nothing, without an error. (The wrappers and a traced graph
+    hand every tensor on the data's device: swap_blocks alone mixes devices, and keeps its
+    plain fake.)"""
+    bound = inspect.signature(_IMPL[name]).bind(*args, **kwargs)
+    device = first = None
+    for pname, value in bound.arguments.items():
+        items = list(enumerate(value)) if isinstance(value, (list, tuple)) else [(None, value)]
+        for i, t in items:
+            if not isinstance(t, torch.Tensor):
+                continue
+            label = pname if i is None else f"{pname}[{i}]"
+            if device is None:
+                device, first = t.device, label
+            elif t.device != device:
+                raise ValueError(f"{label}: expected it on {first}'s device {device}, got "
+                                 f"{t.device}")
 
 
 def _no_context(ctx, inputs, output) -> None:
@@ -445,9 +633,109 @@ def _attn_buffers(q: Tensor) -> tuple[Tensor, Tensor]:
     return out, lse
 
 
+def _paged_lens(dims, block_tables, kv_lens, cu_q_lens) -> Tensor:
+    """paged attention's host value checks when they run (_want_values), else kv_lens clipped
+    to the table (_at_most): the kv_lens to use."""
+    if _want_values(block_tables, kv_lens, cu_q_lens):
+        validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
+        return kv_lens
+    return _at_most(kv_lens, dims.max_blocks_per_seq * dims.block_size)
+
+
+def _shared_lens(sdims, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
+                 cu_q_lens) -> tuple[Tensor, Tensor]:
+    """shared-prefix attention's host value checks when they run, else its lengths clipped
+    to the tables: the (prefix_lens, kv_lens) to use."""
+    if _want_values(prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
+                    cu_q_lens):
+        validate.check_shared_prefix_attention_values(
+            sdims, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens)
+        return prefix_lens, kv_lens
+    bs = sdims.attention.block_size
+    return (_at_most(prefix_lens, sdims.max_prefix_blocks * bs),
+            _at_most(kv_lens, sdims.attention.max_blocks_per_seq * bs))
+
+
+def _op_scale_values(k_scale, v_scale) -> None:
+    """The value checks of an op's 0-d k_scale / v_scale tensors, where they run."""
+    if _want_values(*(t for t in (k_scale, v_scale) if t is not None)):
+        validate.check_kv_scale_values(k_scale, v_scale)
+
+
+def _guard_paged(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale, causal,
+                 sliding_window, logits_soft_cap, backend, k_scale=None, v_scale=None,
+                 sinks=None) -> tuple:
+    """paged_attention's checks as the op runs them (_op's guard)."""
+    _tensors(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks, k_scale=k_scale,
+             v_scale=v_scale)
+    _index_tensors(block_tables=block_tables, kv_lens=kv_lens, cu_q_lens=cu_q_lens)
+    _on_device(q.device, block_tables=block_tables, kv_lens=kv_lens, cu_q_lens=cu_q_lens)
+    dims = _static_check(
+        validate.check_paged_attention, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
+        scale=scale, causal=causal, sliding_window=sliding_window,
+        logits_soft_cap=logits_soft_cap, sinks=sinks, k_scale=k_scale, v_scale=v_scale)
+    kv_lens = _paged_lens(dims, block_tables, kv_lens, cu_q_lens)
+    _op_scale_values(k_scale, v_scale)
+    return (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale, causal,
+            sliding_window, logits_soft_cap, backend, k_scale, v_scale, sinks)
+
+
+def _guard_buffers(q, out, lse, workspace) -> None:
+    """The checks of an attention call's out=, lse= and workspace= buffers."""
+    _check_out("out", out, q.shape, q.dtype, q.device)
+    _check_out("lse", lse, q.shape[:2], torch.float32, q.device)
+    _check_workspace(workspace, q)
+    for name, buf in (("out", out), ("lse", lse)):
+        if buf is not None:
+            _writable(name, buf, "buffer")
+
+
+def _guard_paged_out(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale, causal,
+                     sliding_window, logits_soft_cap, backend, out, lse, workspace,
+                     k_scale=None, v_scale=None, sinks=None) -> tuple:
+    """paged_attention_out's checks as the op runs them (_op's guard)."""
+    args = _guard_paged(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale, causal,
+                        sliding_window, logits_soft_cap, backend, k_scale, v_scale, sinks)
+    _guard_buffers(q, out, lse, workspace)
+    return (*args[:11], out, lse, workspace, *args[11:])
+
+
+def _guard_shared(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
+                  block_tables, kv_lens, cu_q_lens, scale, logits_soft_cap, backend,
+                  k_scale=None, v_scale=None, sinks=None) -> tuple:
+    """shared_prefix_attention's checks as the op runs them (_op's guard)."""
+    _tensors(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks, k_scale=k_scale,
+             v_scale=v_scale)
+    index = {"prefix_block_tables": prefix_block_tables, "prefix_lens": prefix_lens,
+             "prefix_ids": prefix_ids, "block_tables": block_tables, "kv_lens": kv_lens,
+             "cu_q_lens": cu_q_lens}
+    _index_tensors(**index)
+    _on_device(q.device, **index)
+    sdims = _static_check(
+        validate.check_shared_prefix_attention, q, k_cache, v_cache, prefix_block_tables,
+        prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens, scale=scale,
+        logits_soft_cap=logits_soft_cap, sinks=sinks, k_scale=k_scale, v_scale=v_scale)
+    prefix_lens, kv_lens = _shared_lens(sdims, prefix_block_tables, prefix_lens, prefix_ids,
+                                        block_tables, kv_lens, cu_q_lens)
+    _op_scale_values(k_scale, v_scale)
+    return (q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
+            kv_lens, cu_q_lens, scale, logits_soft_cap, backend, k_scale, v_scale, sinks)
+
+
+def _guard_shared_out(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
+                      block_tables, kv_lens, cu_q_lens, scale, logits_soft_cap, backend, out,
+                      lse, workspace, k_scale=None, v_scale=None, sinks=None) -> tuple:
+    """shared_prefix_attention_out's checks as the op runs them (_op's guard)."""
+    args = _guard_shared(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
+                         block_tables, kv_lens, cu_q_lens, scale, logits_soft_cap, backend,
+                         k_scale, v_scale, sinks)
+    _guard_buffers(q, out, lse, workspace)
+    return (*args[:12], out, lse, workspace, *args[12:])
+
+
 # The mutated arguments of the *_out ops have no defaults: torch 2.11's ADInplaceOrView kernel
 # looks them up by position and raises IndexError when a caller omits one.
-@_op("paged_attention_out", mutates_args=("out", "lse", "workspace"))
+@_op("paged_attention_out", mutates_args=("out", "lse", "workspace"), guard=_guard_paged_out)
 def _paged_attention_out(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                          kv_lens: Tensor, cu_q_lens: Tensor | None, scale: float, causal: bool,
                          sliding_window: int | None, logits_soft_cap: float | None,
@@ -465,7 +753,7 @@ def _paged_attention_out(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tabl
         workspace=workspace, **fp8, **kw))
 
 
-@_op("paged_attention")
+@_op("paged_attention", guard=_guard_paged)
 def _paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                      kv_lens: Tensor, cu_q_lens: Tensor | None, scale: float, causal: bool,
                      sliding_window: int | None, logits_soft_cap: float | None,
@@ -479,18 +767,19 @@ def _paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: 
     return out, lse
 
 
-@_paged_attention.register_fake
+@_fake(_paged_attention, "paged_attention")
 def _(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale, causal, sliding_window,
       logits_soft_cap, backend, k_scale=None, v_scale=None, sinks=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
-@_paged_attention_out.register_fake
+@_fake(_paged_attention_out, "paged_attention_out")
 def _(*args):
     return None
 
 
-@_op("shared_prefix_attention_out", mutates_args=("out", "lse", "workspace"))
+@_op("shared_prefix_attention_out", mutates_args=("out", "lse", "workspace"),
+     guard=_guard_shared_out)
 def _shared_prefix_attention_out(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                                  prefix_block_tables: Tensor, prefix_lens: Tensor,
                                  prefix_ids: Tensor, block_tables: Tensor, kv_lens: Tensor,
@@ -511,7 +800,7 @@ def _shared_prefix_attention_out(q: Tensor, k_cache: Tensor, v_cache: Tensor,
         workspace=workspace, **fp8, **kw))
 
 
-@_op("shared_prefix_attention")
+@_op("shared_prefix_attention", guard=_guard_shared)
 def _shared_prefix_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                              prefix_block_tables: Tensor, prefix_lens: Tensor, prefix_ids: Tensor,
                              block_tables: Tensor, kv_lens: Tensor, cu_q_lens: Tensor | None,
@@ -527,17 +816,34 @@ def _shared_prefix_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     return out, lse
 
 
-@_shared_prefix_attention.register_fake
+@_fake(_shared_prefix_attention, "shared_prefix_attention")
 def _(q, *args):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
-@_shared_prefix_attention_out.register_fake
+@_fake(_shared_prefix_attention_out, "shared_prefix_attention_out")
 def _(*args):
     return None
 
 
-@_op("merge_attention_states")
+def _guard_merge(out_a, lse_a, out_b, lse_b, backend) -> tuple:
+    """merge_attention_states' checks as the op runs them (_op's guard)."""
+    _tensors(out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
+    _static_check(validate.check_merge_attention_states, out_a, lse_a, out_b, lse_b)
+    return out_a, lse_a, out_b, lse_b, backend
+
+
+def _guard_merge_out(out_a, lse_a, out_b, lse_b, out, lse, backend) -> tuple:
+    """merge_attention_states_out's checks as the op runs them (_op's guard)."""
+    _guard_merge(out_a, lse_a, out_b, lse_b, backend)
+    _check_out("out", out, out_a.shape, out_a.dtype, out_a.device, owner="out_a")
+    _check_out("lse", lse, out_a.shape[:2], torch.float32, out_a.device, owner="out_a")
+    _writable("out", out, "buffer")
+    _writable("lse", lse, "buffer")
+    return out_a, lse_a, out_b, lse_b, out, lse, backend
+
+
+@_op("merge_attention_states", guard=_guard_merge)
 def _merge_attention_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor,
                             backend: str | None) -> tuple[Tensor, Tensor]:
     out, lse = _attn_buffers(out_a)
@@ -546,12 +852,12 @@ def _merge_attention_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: 
     return out, lse
 
 
-@_merge_attention_states.register_fake
+@_fake(_merge_attention_states, "merge_attention_states")
 def _(out_a, lse_a, out_b, lse_b, backend):
     return out_a.new_empty(out_a.shape), out_a.new_empty(out_a.shape[:2], dtype=torch.float32)
 
 
-@_op("merge_attention_states_out", mutates_args=("out", "lse"))
+@_op("merge_attention_states_out", mutates_args=("out", "lse"), guard=_guard_merge_out)
 def _merge_attention_states_out(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor,
                                 out: Tensor, lse: Tensor, backend: str | None) -> None:
     _not_inference(out=out, lse=lse)
@@ -566,7 +872,7 @@ def _merge_attention_states_out(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse
                                                                    out_b, lse_b)
 
 
-@_merge_attention_states_out.register_fake
+@_fake(_merge_attention_states_out, "merge_attention_states_out")
 def _(*args):
     return None
 
@@ -604,10 +910,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
         scale=scale, causal=causal, sliding_window=sliding_window,
         logits_soft_cap=logits_soft_cap, return_lse=return_lse, sinks=sinks, k_scale=k_scale,
         v_scale=v_scale)
-    if _want_values(block_tables, kv_lens, cu_q_lens):
-        validate.check_paged_attention_values(dims, block_tables, kv_lens, cu_q_lens)
-    else:
-        kv_lens = _at_most(kv_lens, dims.max_blocks_per_seq * dims.block_size)
+    kv_lens = _paged_lens(dims, block_tables, kv_lens, cu_q_lens)
     block_tables, kv_lens, cu_q_lens = _on(q.device, block_tables, kv_lens, cu_q_lens)
     args = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, dims.scale, bool(causal),
             None if sliding_window is None else int(sliding_window),
@@ -632,12 +935,7 @@ def _run_attention(op, args, q, out, lse, workspace, return_lse, sinks, scales=(
     if out is None and lse is None and workspace is None:
         o, l_ = _invoke(op, (*args, *scales))
     else:
-        _check_out("out", out, q.shape, q.dtype, q.device)
-        _check_out("lse", lse, q.shape[:2], torch.float32, q.device)
-        _check_workspace(workspace, q)
-        for name, buf in (("out", out), ("lse", lse)):
-            if buf is not None:
-                _writable(name, buf, "buffer")
+        _guard_buffers(q, out, lse, workspace)
         o = out if out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
         l_ = lse  # None and not returned: the backend keeps it in the workspace
         if l_ is None and return_lse:
@@ -681,14 +979,8 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
         prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens, scale=scale,
         logits_soft_cap=logits_soft_cap, return_lse=return_lse, sinks=sinks,
         sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale)
-    if _want_values(prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
-                    cu_q_lens):
-        validate.check_shared_prefix_attention_values(
-            sdims, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens)
-    else:
-        bs = sdims.attention.block_size
-        prefix_lens = _at_most(prefix_lens, sdims.max_prefix_blocks * bs)
-        kv_lens = _at_most(kv_lens, sdims.attention.max_blocks_per_seq * bs)
+    prefix_lens, kv_lens = _shared_lens(sdims, prefix_block_tables, prefix_lens, prefix_ids,
+                                        block_tables, kv_lens, cu_q_lens)
     prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens = _on(
         q.device, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens)
     scales = _op_scales(k_scale, v_scale, k_cache, v_cache)
@@ -814,7 +1106,24 @@ def _block_contiguous(caches) -> bool:
     return all(c.shape[0] == 0 or c[0].is_contiguous() for c in caches)
 
 
-@_op("write_kv", mutates_args=("k_cache", "v_cache"))
+def _guard_write_kv(key, value, k_cache, v_cache, slot_mapping, backend, k_scale=None,
+                    v_scale=None) -> tuple:
+    """write_kv's checks as the op runs them (_op's guard)."""
+    _tensors(key=key, value=value, k_cache=k_cache, v_cache=v_cache, k_scale=k_scale,
+             v_scale=v_scale)
+    _index_tensors(slot_mapping=slot_mapping)
+    _on_device(k_cache.device, slot_mapping=slot_mapping)
+    _static_check(validate.check_write_kv, key, value, k_cache, v_cache, slot_mapping,
+                  k_scale=k_scale, v_scale=v_scale)
+    _writable("k_cache", k_cache)
+    _writable("v_cache", v_cache)
+    if _want_values(slot_mapping):
+        validate.check_write_kv_values(k_cache, slot_mapping)
+    _op_scale_values(k_scale, v_scale)
+    return key, value, k_cache, v_cache, slot_mapping, backend, k_scale, v_scale
+
+
+@_op("write_kv", mutates_args=("k_cache", "v_cache"), guard=_guard_write_kv)
 def _write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
               slot_mapping: Tensor, backend: str | None, k_scale: Tensor | None = None,
               v_scale: Tensor | None = None) -> None:
@@ -824,6 +1133,9 @@ def _write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
         for cname, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
             if _overlaps(rows, cache):  # written while read: K then V would see the change
                 raise ValueError(f"{name}: shares memory with {cname}; pass a copy")
+    if _share_elements(k_cache, v_cache):  # the values would overwrite the keys
+        raise ValueError("v_cache: shares memory with k_cache; the keys and the values each "
+                         "need a cache of their own")
     if validate.is_fp8(k_cache):  # every backend quantizes (bit-exact, docs/ops.md)
         select("write_kv", platform_of(k_cache), backend)(
             key, value, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
@@ -831,12 +1143,24 @@ def _write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
     select("write_kv", platform_of(k_cache), backend)(key, value, k_cache, v_cache, slot_mapping)
 
 
-@_write_kv.register_fake
+@_fake(_write_kv, "write_kv")
 def _(*args):
     return None
 
 
-@_op("copy_blocks", mutates_args=("caches",))
+def _guard_copy(caches, src, dst, backend, resolved=False) -> tuple:
+    """copy_blocks' checks as the op runs them (_op's guard)."""
+    _tensors(caches=caches)
+    _index_tensors(src=src, dst=dst)
+    _on_device(caches[0].device, src=src, dst=dst)
+    num_blocks = _static_check(validate.check_copy_blocks, caches, src, dst)
+    _writable("caches", caches)
+    if _want_values(src, dst):
+        validate.check_copy_blocks_values(num_blocks, src, dst)
+    return caches, src, dst, backend, resolved
+
+
+@_op("copy_blocks", mutates_args=("caches",), guard=_guard_copy)
 def _copy_blocks(caches: list[Tensor], src: Tensor, dst: Tensor, backend: str | None,
                  resolved: bool = False) -> None:
     _not_inference(caches=caches)
@@ -857,12 +1181,30 @@ def _copy_blocks(caches: list[Tensor], src: Tensor, dst: Tensor, backend: str | 
            block_contiguous=_block_contiguous(caches))(caches, src, dst)
 
 
-@_copy_blocks.register_fake
+@_fake(_copy_blocks, "copy_blocks")
 def _(*args):
     return None
 
 
-@_op("gather_blocks")
+def _guard_gather(caches, block_ids, backend) -> tuple:
+    """gather_blocks' checks as the op runs them (_op's guard)."""
+    _tensors(caches=caches)
+    _index_tensors(block_ids=block_ids)
+    _on_device(caches[0].device, block_ids=block_ids)
+    _static_check(validate.check_gather_blocks, caches, block_ids)
+    if _want_values(block_ids):
+        validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=False)
+    return caches, block_ids, backend
+
+
+def _guard_gather_into(out, caches, block_ids, backend) -> tuple:
+    """gather_blocks_into's checks as the op runs them (_op's guard)."""
+    _guard_gather(caches, block_ids, backend)
+    _gather_out(out, caches, block_ids)
+    return out, caches, block_ids, backend
+
+
+@_op("gather_blocks", guard=_guard_gather)
 def _gather_blocks(caches: list[Tensor], block_ids: Tensor, backend: str | None) -> Tensor:
     c0 = caches[0]
     buffer = torch.empty((block_ids.shape[0], len(caches), *c0.shape[1:]), dtype=c0.dtype,
@@ -872,13 +1214,13 @@ def _gather_blocks(caches: list[Tensor], block_ids: Tensor, backend: str | None)
     return buffer
 
 
-@_gather_blocks.register_fake
+@_fake(_gather_blocks, "gather_blocks")
 def _(caches, block_ids, backend):
     c0 = caches[0]
     return c0.new_empty((block_ids.shape[0], len(caches), *c0.shape[1:]))
 
 
-@_op("gather_blocks_into", mutates_args=("out",))
+@_op("gather_blocks_into", mutates_args=("out",), guard=_guard_gather_into)
 def _gather_blocks_into(out: Tensor, caches: list[Tensor], block_ids: Tensor,
                         backend: str | None) -> None:
     _not_inference(out=out)
@@ -890,12 +1232,24 @@ def _gather_blocks_into(out: Tensor, caches: list[Tensor], block_ids: Tensor,
            block_contiguous=_block_contiguous(caches))(out, caches, block_ids)
 
 
-@_gather_blocks_into.register_fake
+@_fake(_gather_blocks_into, "gather_blocks_into")
 def _(*args):
     return None
 
 
-@_op("scatter_blocks", mutates_args=("caches",))
+def _guard_scatter(caches, buffer, block_ids, backend) -> tuple:
+    """scatter_blocks' checks as the op runs them (_op's guard)."""
+    _tensors(caches=caches)
+    _index_tensors(buffer=buffer, block_ids=block_ids)
+    _on_device(caches[0].device, buffer=buffer, block_ids=block_ids)
+    _static_check(validate.check_scatter_blocks, caches, buffer, block_ids)
+    _writable("caches", caches)
+    if _want_values(block_ids):
+        validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=True)
+    return caches, buffer, block_ids, backend
+
+
+@_op("scatter_blocks", mutates_args=("caches",), guard=_guard_scatter)
 def _scatter_blocks(caches: list[Tensor], buffer: Tensor, block_ids: Tensor,
                     backend: str | None) -> None:
     _not_inference(caches=caches)
@@ -908,7 +1262,7 @@ def _scatter_blocks(caches: list[Tensor], buffer: Tensor, block_ids: Tensor,
            block_contiguous=_block_contiguous(caches))(caches, buffer, block_ids)
 
 
-@_scatter_blocks.register_fake
+@_fake(_scatter_blocks, "scatter_blocks")
 def _(*args):
     return None
 
@@ -936,7 +1290,18 @@ def _swap_memory_checks(src_caches, dst_caches) -> None:
                          f"destination cache once")
 
 
-@_op("swap_blocks", mutates_args=("dst_caches",))
+def _guard_swap(src_caches, dst_caches, src_ids, dst_ids, backend) -> tuple:
+    """swap_blocks' checks as the op runs them (_op's guard): ids on either device."""
+    _index_tensors(src_ids=src_ids, dst_ids=dst_ids)
+    _tensors(src_caches=src_caches, dst_caches=dst_caches, same_device=False)
+    _static_check(validate.check_swap_blocks, src_caches, dst_caches, src_ids, dst_ids)
+    if _want_values(src_ids, dst_ids):
+        validate.check_swap_blocks_values(src_caches, dst_caches, src_ids, dst_ids)
+    _writable("dst_caches", dst_caches)
+    return src_caches, dst_caches, src_ids, dst_ids, backend
+
+
+@_op("swap_blocks", mutates_args=("dst_caches",), guard=_guard_swap)
 def _swap_blocks(src_caches: list[Tensor], dst_caches: list[Tensor], src_ids: Tensor,
                  dst_ids: Tensor, backend: str | None) -> None:
     _not_inference(dst_caches=dst_caches)

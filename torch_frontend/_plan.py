@@ -196,8 +196,11 @@ class AttentionPlan:
                 f"{dtype_name(self._kv_dtype)} on {self._device})")
 
     def _check_inputs(self, q, k_cache, v_cache) -> None:
-        """The errors of a run whose q or caches are not the planned ones, by name."""
-        _tensors(q=q, k_cache=k_cache, v_cache=v_cache)
+        """The errors of a run whose q or caches are not the planned ones, by name (the
+        planned device first: the meta device's error then names a tensor elsewhere)."""
+        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         for name, t, shape, dtype in (("k_cache", k_cache, self._k_shape, self._kv_dtype),
                                       ("v_cache", v_cache, self._k_shape, self._kv_dtype),
                                       ("q", q, self._q_shape, self._dtype)):
@@ -211,6 +214,7 @@ class AttentionPlan:
                                      or self._tokens_fixed):
                 raise ValueError(f"{name}: expected the planned shape {tuple(shape)}, got "
                                  f"{tuple(t.shape)}")
+        _tensors(q=q, k_cache=k_cache, v_cache=v_cache)
 
     def run(self, q, k_cache, v_cache, *, return_lse=False, sinks=None, k_scale=None,
             v_scale=None, out=None, lse=None, workspace=None):
