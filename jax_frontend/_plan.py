@@ -28,7 +28,7 @@ import numpy as np
 
 from ..paged import validate
 from ..paged.spec import dtype_name
-from . import _xla
+from . import _backends, _xla
 from ._ops import (
     _at_most,
     _is_traced,
@@ -46,6 +46,14 @@ def _device_of(k_cache):
         if len(devices) == 1:
             return next(iter(devices))
     return None
+
+
+def _check_backend(op: str, backend, k_cache) -> None:
+    """The wrapper's error for a backend name the op lacks, when the plan is made (not at its
+    first run): the platform of k_cache's device (jax's default device for an abstract one)."""
+    device = _device_of(k_cache)
+    platform = device.platform if device is not None else jax.default_backend()
+    _backends.REGISTRIES[op].check_known(platform, backend)
 
 
 def _as_int32(**named) -> tuple:
@@ -192,6 +200,7 @@ def plan_paged_attention(block_tables, kv_lens, cu_q_lens=None, *, k_cache, num_
     """
     check_static(scale=scale, causal=causal, sliding_window=sliding_window,
                  logits_soft_cap=logits_soft_cap)
+    _check_backend("paged_attention", backend, k_cache)
     block_tables, kv_lens, cu_q_lens = _as_int32(block_tables=block_tables, kv_lens=kv_lens,
                                                  cu_q_lens=cu_q_lens)
     num_seqs = int(block_tables.shape[0]) if len(getattr(block_tables, "shape", ())) else 0
@@ -223,6 +232,8 @@ def plan_shared_prefix_attention(prefix_block_tables, prefix_lens, prefix_ids, b
     ...)`` with these options. Arguments as in :func:`plan_paged_attention`; the prefix ones
     as in shared_prefix_attention."""
     check_static(scale=scale, logits_soft_cap=logits_soft_cap, sliding_window=sliding_window)
+    _check_backend("shared_prefix_attention" if sliding_window is None else "paged_attention",
+                   backend, k_cache)
     meta = _as_int32(prefix_block_tables=prefix_block_tables, prefix_lens=prefix_lens,
                      prefix_ids=prefix_ids, block_tables=block_tables, kv_lens=kv_lens,
                      cu_q_lens=cu_q_lens)

@@ -31,6 +31,11 @@ from . import _ops
 def kv_head_specs(axis: str, kv_layout: str = "NHD") -> dict[str, P]:
     """PartitionSpecs of the tensor-parallel layout: heads sharded over ``axis`` (the caches'
     dim 2, or dim 1 for ``kv_layout="HND"``)."""
+    from ..paged import validate
+
+    if not isinstance(axis, str):
+        raise TypeError(f"axis: expected a mesh axis name (str), got {type(axis).__name__}")
+    kv_layout = validate.check_kv_layout(kv_layout)
     cache = P(None, axis, None, None) if kv_layout == "HND" else P(None, None, axis, None)
     return {"q": P(None, axis, None), "cache": cache, "lse": P(None, axis), "replicated": P()}
 
@@ -60,9 +65,17 @@ def _laid_out(mesh, pairs):
             for x, s in pairs]
 
 
-def _check_heads(mesh, axis: str, num_kv_heads: int) -> None:
+def _check_mesh(mesh, axis) -> None:
+    """A TypeError naming ``mesh`` unless it is a jax Mesh (an error when the returned
+    function first ran, naming nothing), a ValueError naming ``axis`` unless it is one of its
+    axes."""
+    if not isinstance(mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh)):
+        raise TypeError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
     if axis not in mesh.shape:
         raise ValueError(f"axis: expected one of the mesh axes {tuple(mesh.shape)}, got {axis!r}")
+
+
+def _check_heads(mesh, axis: str, num_kv_heads: int) -> None:
     n = mesh.shape[axis]
     if num_kv_heads % n:
         raise ValueError(f"num_kv_heads={num_kv_heads} must be divisible by the size of mesh "
@@ -83,6 +96,7 @@ def tensor_parallel_paged_attention(mesh, axis: str = "tp", **config):
     """
     layout = _layout(config)
     spec = kv_head_specs(axis, layout)
+    _check_mesh(mesh, axis)
     return_lse = bool(config.get("return_lse", False))
     config = dict(config)
     sinks = config.pop("sinks", None)
@@ -120,6 +134,7 @@ def tensor_parallel_write_kv(mesh, axis: str = "tp", **config):
     write_kv's keyword arguments (k_scale, v_scale, kv_layout, backend)."""
     layout = _layout(config)
     spec = kv_head_specs(axis, layout)
+    _check_mesh(mesh, axis)
 
     def run(key, value, k_cache, v_cache, slot_mapping):
         _check_heads(mesh, axis, _num_kv_heads(k_cache, layout))

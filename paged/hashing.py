@@ -364,13 +364,15 @@ def check_mm_items(mm_items, num_tokens: int | None = None, name: str = "mm_item
             except UnicodeEncodeError:
                 raise ValueError(f"{name}[{k}]: identifier: expected a str UTF-8 can encode, "
                                  f"got {ident!r:.40}") from None
-        items.append((off, length, ident))
+        items.append((off, length, ident, k))
     items.sort(key=lambda it: it[0])
     for a, b in zip(items, items[1:], strict=False):
         if b[0] < a[0] + a[1]:
-            raise ValueError(f"{name}: placeholder ranges [{a[0]}, {a[0] + a[1]}) and "
-                             f"[{b[0]}, {b[0] + b[1]}) overlap")
-    return tuple(items)
+            first, second = sorted((a, b), key=lambda it: it[3])
+            raise ValueError(f"{name}[{second[3]}]: placeholder range [{second[0]}, "
+                             f"{second[0] + second[1]}) overlaps {name}[{first[3]}]'s "
+                             f"[{first[0]}, {first[0] + first[1]})")
+    return tuple(it[:3] for it in items)
 
 
 def _mm_by_block(items: tuple, first_block: int, num_blocks: int,

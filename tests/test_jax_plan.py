@@ -214,3 +214,40 @@ def test_plan_per_layer_fp8_scales_and_sinks():
         want = jf.paged_attention(q, k8, v8, *b.args()[3:], k_scale=ks, v_scale=vs,
                                   sinks=sinks)
         _same(plan.run(q, k8, v8, k_scale=ks, v_scale=vs, sinks=sinks), want)
+
+
+@pytest.mark.parametrize("backend", ["nope", ""])
+def test_plans_refuse_an_unknown_backend_when_made(backend):
+    """A plan took any backend name and failed at its first run (in a jitted step, far from
+    where the name was given); "" was taken as no request."""
+    from prefixkv.paged.registry import BackendError
+
+    k = jnp.zeros((8, 4, 2, 16), jnp.float32)
+    tables, lens = np.array([[0, 1], [2, 3]], np.int32), np.array([5, 6], np.int32)
+    with pytest.raises(BackendError, match=rf"^paged_attention on platform 'cpu': unknown "
+                                           rf"backend '{backend}'"):
+        jf.plan_paged_attention(tables, lens, None, k_cache=k, num_q_heads=4, backend=backend)
+    with pytest.raises(BackendError, match=r"^shared_prefix_attention .*unknown backend"):
+        jf.plan_shared_prefix_attention(
+            np.array([[0]], np.int32), np.array([4], np.int32), np.array([0, 0], np.int32),
+            tables, lens, None, k_cache=k, num_q_heads=4, backend=backend)
+
+
+def test_tensor_parallel_helpers_check_their_mesh_and_layout():
+    """A None mesh failed when the returned function first ran (AttributeError, naming
+    nothing); kv_head_specs took any layout and axis."""
+    from jax.sharding import Mesh
+
+    with pytest.raises(TypeError, match=r"^mesh: expected a jax.sharding.Mesh, got NoneType"):
+        jf.tensor_parallel_paged_attention(None)
+    with pytest.raises(TypeError, match=r"^mesh: expected a jax.sharding.Mesh"):
+        jf.tensor_parallel_write_kv("tp")
+    mesh = Mesh(np.array(jax.devices()[:1]), ("tp",))
+    with pytest.raises(ValueError, match=r"^axis: expected one of the mesh axes \('tp',\)"):
+        jf.tensor_parallel_write_kv(mesh, axis="x")
+    with pytest.raises(ValueError, match=r"^kv_layout: expected one of 'NHD', 'HND', got 'XYZ'"):
+        jf.kv_head_specs("tp", kv_layout="XYZ")
+    with pytest.raises(TypeError, match=r"^axis: expected a mesh axis name \(str\), got int"):
+        jf.kv_head_specs(3)
+    assert jf.kv_head_specs("tp", kv_layout="HND")["cache"] == jax.sharding.PartitionSpec(
+        None, "tp", None, None)

@@ -325,7 +325,7 @@ BAD = [
     ([(20, 8, 7)], TypeError, r"mm_items\[0\]: identifier: expected bytes or str"),
     ([(20, 8, b"")], ValueError, r"mm_items\[0\]: identifier: expected a non-empty"),
     ([(20, 8, "a"), (16, 5, "b")], ValueError,
-     r"mm_items: placeholder ranges \[16, 21\) and \[20, 28\) overlap"),
+     r"mm_items\[1\]: placeholder range \[16, 21\) overlaps mm_items\[0\]'s \[20, 28\)"),
 ]
 
 
