@@ -297,10 +297,12 @@ def _writable(name: str, caches, kind: str = "cache") -> None:
                          f"once")
 
 
+@functools.lru_cache(maxsize=1024)
 def _one_to_one(shape, strides) -> bool:
     """Whether a layout provably reaches each element once: its axes of more than one
     element, by stride, each stride past the reach of the smaller ones (any permutation of a
-    dense layout, padded or not: a stacked cache's halves, HND views, column slices)."""
+    dense layout, padded or not: a stacked cache's halves, HND views, column slices). Kept
+    by layout: every layer and step passes the same ones."""
     reach = 0
     for st, n in sorted((st, n) for n, st in zip(shape, strides, strict=True) if n > 1):
         if st <= reach:
@@ -339,7 +341,7 @@ def _self_aliases(t: Tensor) -> bool:
     """Whether two indices of t reach one element, for a layout _one_to_one cannot vouch for:
     exactly, by one block's offsets against themselves and the blocks near it (accepted when
     that takes more than _ALIAS_MAX_ELEMENTS offsets or _ALIAS_MAX_SHIFTS blocks)."""
-    if t.numel() <= 1 or _one_to_one(t.shape, t.stride()):
+    if t.numel() <= 1 or _one_to_one(tuple(t.shape), t.stride()):
         return False
     if t.dim() == 1:
         return True  # one axis of several elements, stride 0
@@ -658,6 +660,8 @@ def _shared_lens(sdims, prefix_block_tables, prefix_lens, prefix_ids, block_tabl
 
 def _op_scale_values(k_scale, v_scale) -> None:
     """The value checks of an op's 0-d k_scale / v_scale tensors, where they run."""
+    if k_scale is None and v_scale is None:
+        return
     if _want_values(*(t for t in (k_scale, v_scale) if t is not None)):
         validate.check_kv_scale_values(k_scale, v_scale)
 
