@@ -444,9 +444,15 @@ def check_keys(keys) -> Sequence[BlockKey]:
     """``keys`` (a list or tuple as is, another iterable as a list) once every one is a
     :class:`BlockKey`, else a TypeError naming ``keys[i]``. Every tier's read, put and remove
     runs it first: a raw hash or a str was an AttributeError deep in a tier, which a
-    :class:`TieredStore` took for a storage fault (a miss) instead of the caller's error."""
+    :class:`TieredStore` took for a storage fault (a miss) instead of the caller's error.
+    ``keys`` that cannot be iterated (one key, an int) is a TypeError naming ``keys``, not
+    "'int' object is not iterable"."""
     if not isinstance(keys, (list, tuple)):
-        keys = list(keys)
+        try:
+            keys = list(keys)
+        except TypeError:
+            raise TypeError(f"keys: expected a sequence of BlockKey, got "
+                            f"{type(keys).__name__} {keys!r}") from None
     for i, k in enumerate(keys):
         if not isinstance(k, BlockKey):
             raise TypeError(f"keys[{i}]: expected BlockKey, got {type(k).__name__}")
@@ -456,14 +462,19 @@ def check_keys(keys) -> Sequence[BlockKey]:
 def check_values(keys, values) -> tuple[Sequence[BlockKey], Sequence]:
     """``(keys, values)`` checked: the keys by :func:`check_keys` (any iterable, as a list), the
     values as they are when they have a length (a list, a tuple, a stacked array) and as a
-    list otherwise (a generator), one per key (ValueError naming ``values`` otherwise)."""
+    list otherwise (a generator), one per key (ValueError naming ``values`` otherwise). Values
+    with neither a length nor items (a 0-d array, a scalar) are a TypeError naming ``values``:
+    a 0-d array has ``__len__`` yet ``len()`` raises."""
     keys = check_keys(keys)
-    if not hasattr(values, "__len__"):
+    try:
+        len(values)
+    except TypeError:
         try:
             values = list(values)
         except TypeError:
-            raise TypeError(f"values: expected a sequence of arrays, got "
-                            f"{type(values).__name__}") from None
+            shape = getattr(values, "shape", None)
+            what = type(values).__name__ + ("" if shape is None else f" of shape {shape}")
+            raise TypeError(f"values: expected a sequence of arrays, got {what}") from None
     if len(values) != len(keys):
         raise ValueError(f"values: expected {len(keys)} values (one per key), got {len(values)}")
     return keys, values

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 import time
 from collections import OrderedDict
@@ -72,6 +73,9 @@ class DiskTier(Tier):
         self._sizes: OrderedDict[str, int] = OrderedDict()  # path -> bytes, LRU first
         self._known: dict[str, BlockKey] = {}  # path -> key, for events (files seen this run)
         self._stored: list[BlockKey] = []  # stores of the current put not yet published
+        # path -> _identity of a file that failed verification and could not be deleted (a
+        # read-only directory): batch_exists must not count it while that very file is there
+        self._bad: dict[str, tuple[int, int, int, int]] = {}
         self.used_bytes = 0
         self._scan()
 
@@ -119,14 +123,48 @@ class DiskTier(Tier):
 
     def _forget(self, path: str) -> None:
         self._known.pop(path, None)
+        self._bad.pop(path, None)
         size = self._sizes.pop(path, None)
         if size is not None:
             self.used_bytes -= size
 
-    def _drop(self, path: str) -> None:
-        self._forget(path)
-        with contextlib.suppress(OSError):
+    def _drop(self, path: str) -> bool:
+        """Delete a block file and stop indexing it: True once it is gone (deleted, or gone
+        already). A file that cannot be deleted (a read-only directory: EACCES, EROFS) is
+        counted in ``errors`` and False: it is still on disk and served, so it stays indexed
+        (under the budget and ``clear()``), and no removal may be reported for it."""
+        try:
             os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            self.stats.errors += 1
+            return False
+        self._forget(path)
+        return True
+
+    @staticmethod
+    def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+        """Which file a path names now: another file put there since (renamed over it) differs."""
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _open(self, path: str) -> tuple[int, os.stat_result] | None:
+        """``(fd, stat)`` of the regular file at ``path`` opened for reading; None (nothing
+        open, counted in ``errors``: a storage fault) when something else is there. Opened
+        with O_NONBLOCK: a FIFO at a block's path made ``open`` wait forever for a writer (a
+        device could block too); on a regular file the flag changes nothing. OSError from
+        ``open`` (FileNotFoundError included) propagates."""
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if stat.S_ISREG(st.st_mode):
+            return fd, st
+        os.close(fd)
+        self.stats.errors += 1
+        return None
 
     def batch_exists(self, keys: Sequence[BlockKey]) -> int:
         """Leading keys whose file holds a record this process can read: the fixed header is
@@ -137,31 +175,49 @@ class DiskTier(Tier):
         n = 0
         size = record_head_size()
         for k in keys:
+            p = self.path(k)
             try:  # os-level open/read: a buffered file object costs twice the read
-                fd = os.open(self.path(k), os.O_RDONLY)
+                opened = self._open(p)
+                if opened is None:  # not a regular file (a FIFO, a directory): a miss
+                    break
+                fd, st = opened
                 try:
                     head = os.read(fd, size)
                 finally:
                     os.close(fd)
-            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            except (FileNotFoundError, NotADirectoryError):
                 break
             except OSError:
                 self.stats.errors += 1
                 break
             if not readable_here(head):
                 break
+            if self._bad and self._bad.get(p) == self._identity(st):
+                break  # failed verification and could not be deleted: not a hit
             n += 1
         return n
 
-    def _read(self, path: str) -> bytes | None:
-        """The file's bytes; None when it is gone (then no longer indexed). Any other OSError
-        (EMFILE, EIO, EACCES) propagates: the file may well be there, so it stays indexed."""
+    def _read(self, path: str) -> tuple[bytes, os.stat_result] | None:
+        """The file's bytes and stat; None when it is gone (then no longer indexed) or is not a
+        regular file (a FIFO, a directory: counted in ``errors``; not a block file, so not
+        indexed either, and left where it is). Any other OSError (EMFILE, EIO, EACCES)
+        propagates: the file may well be there, so it stays indexed."""
         try:
-            with open(path, "rb") as f:
-                return f.read()
+            opened = self._open(path)
         except (FileNotFoundError, NotADirectoryError):
             self._forget(path)
             return None
+        if opened is None:
+            self._forget(path)
+            return None
+        fd, st = opened
+        try:
+            f = open(fd, "rb")  # noqa: SIM115 - it owns fd once made; until then we do
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
+            return f.read(), st
 
     def batch_get(self, keys, *, shape=None, dtype=None):
         """A file that is gone is forgotten; one that fails verification is deleted (another
@@ -174,14 +230,15 @@ class DiskTier(Tier):
         for k in keys:
             p = self.path(k)
             try:
-                data = self._read(p)
+                read = self._read(p)
             except OSError:
                 self.stats.errors += 1
-                data = None
-            if data is None:
+                read = None
+            if read is None:
                 self.stats.misses += 1
                 out.append(None)
                 continue
+            data, st = read
             try:
                 arr = decode_record(k, data, shape=shape, dtype=dtype)
             except RecordError as e:
@@ -189,10 +246,14 @@ class DiskTier(Tier):
                 self.stats.misses += 1
                 # A corrupt/truncated file is deleted; a shape/dtype the caller did not expect
                 # (a valid record of this key), another format version or a checksum this
-                # process cannot compute (another worker reads it) stays.
+                # process cannot compute (another worker reads it) stays. One that cannot be
+                # deleted (a read-only directory) is not reported removed; it is remembered,
+                # so batch_exists stops counting it all the same.
                 if not isinstance(e, UnexpectedLayout):
-                    self._drop(p)
-                    self._publish("removed", [k])
+                    if self._drop(p):
+                        self._publish("removed", [k])
+                    else:
+                        self._bad[p] = self._identity(st)
                 out.append(None)
                 continue
             self.stats.hits += 1
@@ -224,6 +285,7 @@ class DiskTier(Tier):
             nbytes -= self._sizes[replacing]
             kept = kept | {replacing}
         evicted = []
+        stuck: set[str] = set()  # files this call failed to delete
         if self.used_bytes + nbytes > self.budget_bytes and self._stored:
             # events stay in order: this call's earlier stores come before these evictions
             stored, self._stored = self._stored, []
@@ -231,12 +293,15 @@ class DiskTier(Tier):
         while self.used_bytes + nbytes > self.budget_bytes:
             # ``kept`` names files this put wrote (and the one it replaces), all indexed and
             # newest: as many of them as indexed files means nothing can go (known without a
-            # scan, so a put over the budget refuses each further block in O(1))
-            if len(kept) >= len(self._sizes):
+            # scan, so a put over the budget refuses each further block in O(1)); nor can the
+            # files this call failed to delete (a read-only directory)
+            if len(kept) + len(stuck) >= len(self._sizes):
                 break
-            oldest = next(p for p in self._sizes if p not in kept)
+            oldest = next(p for p in self._sizes if p not in kept and p not in stuck)
             key = self._known.get(oldest)
-            self._drop(oldest)
+            if not self._drop(oldest):  # still there, still indexed: no room made
+                stuck.add(oldest)
+                continue
             self.stats.evictions += 1
             if key is not None:  # files from an earlier run: key unknown, no event
                 evicted.append(key)
@@ -304,6 +369,7 @@ class DiskTier(Tier):
                     continue
                 self.used_bytes += nbytes - self._sizes.pop(p, 0)
                 self._sizes[p] = nbytes  # the newest
+                self._bad.pop(p, None)  # renamed over whatever failed verification there
                 self._known[p] = k
                 self._stored.append(k)
                 protect.add(p)
@@ -322,9 +388,10 @@ class DiskTier(Tier):
         shape, dtype and bytes ``payload``), asked after a failed write: the file already
         there stays. Such a file is indexed and made the most recently used, as a hit is."""
         try:
-            data = self._read(path)
-            if data is None:
+            read = self._read(path)
+            if read is None:
                 return False
+            data = read[0]
             arr = decode_record(key, data, shape=value.shape, dtype=value.dtype)
         except (OSError, RecordError):
             return False
@@ -341,18 +408,39 @@ class DiskTier(Tier):
         return True
 
     def batch_remove(self, keys):
+        """Delete the keys' files; returns (and publishes "removed" for) those deleted. A file
+        that cannot be deleted (a read-only directory) is counted in ``errors``, stays indexed
+        and served, and is not reported removed."""
         keys = check_keys(keys)
         removed = []
         for k in keys:
             p = self.path(k)
-            if os.path.exists(p):
-                self._drop(p)
-                removed.append(k)
+            try:
+                os.unlink(p)
+            except (FileNotFoundError, NotADirectoryError):
+                self._forget(p)  # not there: nothing removed
+                continue
+            except OSError:  # EACCES, EROFS; EISDIR: not a block file
+                self.stats.errors += 1
+                continue
+            self._forget(p)
+            removed.append(k)
         self._publish("removed", removed)
         return len(removed)
 
     def clear(self):
-        """Delete the block files this tier indexes (those found at start and written since)."""
-        self._publish_cleared()
+        """Delete the block files this tier indexes (those found at start and written since),
+        then publish "cleared". Files that cannot be deleted (a read-only directory) stay
+        indexed, in ``used_bytes``, and counted in ``errors``; then "removed" goes out for the
+        deleted blocks whose keys are known, instead of a "cleared" that would be untrue."""
+        gone, stuck = [], False
         for p in list(self._sizes):
-            self._drop(p)
+            key = self._known.get(p)
+            if not self._drop(p):
+                stuck = True
+            elif key is not None:
+                gone.append(key)
+        if stuck:
+            self._publish("removed", gone)
+        else:
+            self._publish_cleared()

@@ -97,6 +97,26 @@ def _check_store(store) -> None:
                         f"without {', '.join(missing)})")
 
 
+_INT32 = np.iinfo(np.int32)
+
+
+def _id_list(block_ids: list | tuple) -> np.ndarray:
+    """A list or tuple of block ids as int32, every item checked first: an int or numpy
+    integer (not a bool, a float, a str, None: a TypeError naming ``block_ids[i]``; the list
+    was cast with ``np.asarray(dtype=np.int32)``, which truncated ``[1.9]`` to block 1 and took
+    ``True`` for block 1, where a float array is refused) that fits int32 (a ValueError naming
+    ``block_ids[i]``, not an OverflowError from the cast)."""
+    for i, b in enumerate(block_ids):
+        if type(b) is int and _INT32.min <= b <= _INT32.max:
+            continue  # the usual case
+        if isinstance(b, (bool, np.bool_)) or not isinstance(b, (int, np.integer)):
+            raise TypeError(f"block_ids[{i}]: expected an int block id, got "
+                            f"{type(b).__name__} {b!r}")
+        if not _INT32.min <= int(b) <= _INT32.max:
+            raise ValueError(f"block_ids[{i}]: expected a block id that fits int32, got {b}")
+    return np.asarray(block_ids, dtype=np.int32)
+
+
 def _hash_list(block_hashes) -> list | tuple:
     """``block_hashes`` as a list or tuple (any other iterable listed: a generator had no
     len()); a TypeError naming ``block_hashes`` for one hash (bytes, a str) or a
@@ -376,7 +396,8 @@ class BlockOffloader:
         self.overflow_chunk_bytes = 64 << 20
         #: offloads on eviction that failed (the blocks were not offloaded: a later miss).
         self.offload_errors = 0
-        #: onboard_request calls whose load failed and were rolled back to a miss.
+        #: loads that failed and were a miss: onboard_request calls rolled back, and a store's
+        #: batch_get answer :meth:`fetch` could not use (not a list of one entry per key).
         self.onboard_errors = 0
         #: the exception of the last failure counted above (None: none yet).
         self.last_error: BaseException | None = None
@@ -414,7 +435,7 @@ class BlockOffloader:
 
     def _check(self, caches, block_ids, block_hashes, ns: Namespace):
         if isinstance(block_ids, (list, tuple)):  # host-side convenience: plain int lists
-            block_ids = np.asarray(block_ids, dtype=np.int32)
+            block_ids = _id_list(block_ids)
         validate.check_gather_blocks(caches, block_ids)
         ids = validate.check_block_ids_values(int(caches[0].shape[0]), block_ids,
                                               distinct=False)
@@ -491,11 +512,14 @@ class BlockOffloader:
         return out, todo
 
     def _held_below(self, key: BlockKey) -> bool:
-        """Whether a tier below the host tier holds ``key``."""
+        """Whether a tier below the host tier holds ``key`` (its ``batch_exists`` answer read
+        as a count, as :meth:`TieredStore.batch_exists` reads it)."""
         store = self.store
         if not isinstance(store, TieredStore):
             return False
-        return any(store._guard(t, lambda t=t: t.batch_exists([key]), 0)
+        # normalised as the chain's own batch_exists does (_held): a tier answering True,
+        # -3 or "2" for a key it does not hold must not make offload report the block held
+        return any(_held(store._guard(t, lambda t=t: t.batch_exists([key]), 0), 1) == 1
                    for t in store.tiers[1:])
 
     def _put(self, caches, ids: np.ndarray, keys: list[BlockKey], host: HostTier | None,
@@ -659,7 +683,15 @@ class BlockOffloader:
         if n <= 0:
             return []
         got = self.store.batch_get(keys[:n], shape=row_shape, dtype=want)
-        if not isinstance(got, list):  # a misbehaving store (a tier of the user's): a miss
+        if not isinstance(got, list) or len(got) != n:
+            # A misbehaving store (a tier of the user's): its answer is not one entry per key
+            # asked, so no entry can be matched to a key (an extra row would be onboarded
+            # under a hash no tier holds). The whole answer is a miss, counted as TieredStore
+            # drops such an answer from one of its tiers.
+            what = (f"{len(got)} entries" if isinstance(got, list)
+                    else f"a {type(got).__name__}")
+            self._failed("onboard", RuntimeError(
+                f"store: batch_get of {n} keys answered {what}, not a list of {n}"))
             return []
         rows = []
         for a in got:

@@ -96,6 +96,17 @@ class RedisTier(Tier):
         with contextlib.suppress(Exception):  # best effort cleanup
             self.client.connection_pool.disconnect()
 
+    def _answer(self, got, n: int) -> list | None:
+        """A pipeline's or MGET's answer ``got`` for ``n`` commands / keys as a list, or None
+        (counted in ``errors``) when it is not one entry per command: a nonstandard client or
+        proxy answering short (or long) would put each entry at another key's position, and a
+        key would be answered with another key's block. The caller makes those keys misses /
+        ``False``; the server is not marked down (it answered)."""
+        if isinstance(got, (list, tuple)) and len(got) == n:
+            return list(got)
+        self.stats.errors += 1
+        return None
+
     def _rkey(self, key: BlockKey) -> str:
         return self.prefix + key.storage_key()
 
@@ -123,7 +134,10 @@ class RedisTier(Tier):
                 pipe = self.client.pipeline(transaction=False)
                 for k in chunk:
                     pipe.exists(self._rkey(k))
-                for r in pipe.execute():
+                got = self._answer(pipe.execute(), len(chunk))
+                if got is None:  # not one answer per key: none can be trusted
+                    return n
+                for r in got:
                     if not r:
                         return n
                     n += 1
@@ -144,8 +158,12 @@ class RedisTier(Tier):
         bad: dict[str, tuple[BlockKey, bytes]] = {}  # records failing verification
         try:
             for chunk in self._chunks(keys):
-                raw = self.client.mget([self._rkey(k) for k in chunk])
-                for k, data in zip(chunk, raw, strict=False):
+                raw = self._answer(self.client.mget([self._rkey(k) for k in chunk]),
+                                   len(chunk))
+                if raw is None:  # not one value per key: this chunk's keys are misses
+                    pos += len(chunk)
+                    continue
+                for k, data in zip(chunk, raw, strict=True):
                     if data is not None:
                         try:
                             out[pos] = decode_record(k, data, shape=shape, dtype=dtype)
@@ -175,9 +193,11 @@ class RedisTier(Tier):
             pipe = self.client.pipeline(transaction=False)
             for rkey, (_k, data) in bad.items():
                 pipe.eval(script, 1, rkey, data)
-            done = pipe.execute(raise_on_error=False)
+            done = self._answer(pipe.execute(raise_on_error=False), len(bad))
         except self._errors:
             self._fail()
+            return
+        if done is None:  # not one answer per record: which went is unknown, none reported
             return
         self._publish("removed", [k for (k, _d), n in zip(bad.values(), done, strict=True)
                                   if n == 1])
@@ -208,7 +228,9 @@ class RedisTier(Tier):
                     pipe.set(self._rkey(keys[i]), data, px=self.ttl_ms)
                 # a SET the server refuses (OOM at maxmemory with noeviction) is that key's
                 # False: the others in the pipeline are stored, and the server is up
-                done = pipe.execute(raise_on_error=False)
+                done = self._answer(pipe.execute(raise_on_error=False), len(chunk))
+                if done is None:  # not one answer per SET: this chunk's keys report False
+                    continue
                 for i, ok, size in zip(chunk, done, sizes, strict=True):
                     if isinstance(ok, self._refused):
                         continue  # False, counted rejected by _end_put
@@ -233,7 +255,9 @@ class RedisTier(Tier):
             pipe = self.client.pipeline(transaction=False)
             for k in keys:
                 pipe.delete(self._rkey(k))
-            gone = [k for k, n in zip(keys, pipe.execute(), strict=True) if n]
+            done = self._answer(pipe.execute(), len(keys))
+            # not one answer per DEL: which keys went is unknown, so none is reported removed
+            gone = [] if done is None else [k for k, n in zip(keys, done, strict=True) if n]
         except self._errors:
             self._fail()
             return 0

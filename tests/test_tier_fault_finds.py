@@ -1,0 +1,494 @@
+"""Finds of a fault-injection run over the storage tiers, each pinned by the tests below.
+
+1. ``BlockOffloader.fetch`` took a store's ``batch_get`` answer of another length than the
+   keys asked: an extra row was onboarded and registered under a hash no tier holds (or
+   ``onboard_request`` raised ValueError). An answer of the wrong length is now a miss for the
+   whole answer, counted in ``onboard_errors``.
+2. ``RedisTier`` zipped an MGET answer with the chunk's keys unchecked: a short answer (a
+   nonstandard client or proxy) served a key another key's block. A wrong-length answer now
+   makes that chunk's keys misses (``errors`` + 1); the EXISTS / SET / DEL / drop pipelines
+   likewise (they counted past the keys asked, or raised ValueError out of the tier).
+3. ``BlockOffloader._held_below`` took any truthy ``batch_exists`` answer (True, -3, "2") as
+   held, so an offload reported blocks no tier holds; it now reads it as the chain does.
+4. A FIFO at a block's path hung ``DiskTier.batch_exists`` / ``batch_get`` in ``open``; a
+   non-regular file is now a miss (opened O_NONBLOCK, then fstat).
+5. ``BlockOffloader.offload`` / ``onboard`` truncated a list of float block ids (``[1.9]`` was
+   block 1, ``True`` block 1); non-int items are a TypeError naming ``block_ids[i]``, ids past
+   int32 a ValueError naming it (not an OverflowError).
+6. Tier calls given keys that cannot be iterated, values that are a 0-d array, or block ids
+   that are a str / None raised errors naming no argument ("'int' object is not iterable").
+7. ``DiskTier`` in a directory where unlink fails (read-only): ``batch_remove`` reported and
+   published removals that did not happen, a corrupt record that could not be deleted kept
+   being counted by ``batch_exists``, ``clear()`` zeroed ``used_bytes`` while the files stayed
+   (and published "cleared"), and a budget eviction reported "evicted" for a file still there.
+
+tmp_path and fakes only: no servers. The read-only directory is simulated by an ``os.unlink``
+that fails with EACCES (the tests may run as root, whom a 0555 directory does not stop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+
+import numpy as np
+import pytest
+from prefixkv.paged import PrefixCache
+from prefixkv.paged.tiers import (
+    BlockOffloader,
+    DiskTier,
+    HostTier,
+    Namespace,
+    RedisTier,
+    TieredStore,
+    encode_record,
+)
+from tier_helpers import ROW, keys, rows, same
+
+# -- 1. BlockOffloader.fetch: a store answering another number of rows than keys asked -------
+
+BS, NB = 2, 10
+OFF_ROW = (2, BS, 1, 4)
+
+
+class _WrongLength(HostTier):
+    """A store whose batch_get answers ``extra`` more arrays than keys asked (fewer when
+    negative)."""
+
+    name = "wrong-length"
+
+    def __init__(self, extra: int):
+        super().__init__(1 << 20)
+        self.extra = extra
+
+    def batch_get(self, keys, *, shape=None, dtype=None):
+        out = super().batch_get(keys, shape=shape, dtype=dtype)
+        if self.extra < 0:
+            return out[:self.extra]
+        return out + [np.full(shape, 666.0, np.float32)] * self.extra
+
+
+def _one_block_stored(extra: int):
+    ns = Namespace("m", layout="bs2")
+    store = _WrongLength(extra)
+    off = BlockOffloader(store, ns, null_block=0)
+    pc = PrefixCache(num_blocks=NB, block_size=BS)
+    toks = list(range(100, 109))  # 4 full blocks can hit (never the last token)
+    h = pc.block_hashes(toks)
+    assert store.batch_put(off.keys(h[:2]), [np.ones(OFF_ROW, np.float32)] * 2) == [True] * 2
+    return off, pc, toks, h
+
+
+@pytest.mark.parametrize("extra", [1, 4, -1], ids=["one-extra", "four-extra", "one-short"])
+def test_onboard_request_takes_a_wrong_length_answer_as_a_counted_miss(extra):
+    off, pc, toks, _ = _one_block_stored(extra)
+    pc.add_request("a", toks)
+    caches = [np.zeros((NB, BS, 1, 4), np.float32) for _ in range(2)]
+    with pytest.warns(RuntimeWarning, match="batch_get of 2 keys answered"):
+        _, n = off.onboard_request(pc, "a", caches)
+    assert n == 0 and off.onboard_errors == 1
+    assert pc.num_computed("a") == 0 and not any(c.any() for c in caches)
+
+
+def test_onboard_takes_an_extra_row_as_a_counted_miss():
+    off, _, _, h = _one_block_stored(1)
+    caches = [np.zeros((NB, BS, 1, 4), np.float32) for _ in range(2)]
+    with pytest.warns(RuntimeWarning):
+        _, n = off.onboard(caches, [1, 2, 3], h[:3])
+    assert n == 0 and off.onboard_errors == 1 and not any(c.any() for c in caches)
+    off.store.extra = 0  # the same store answering one entry per key: both leading blocks
+    _, n = off.onboard(caches, [1, 2, 3], h[:3])
+    assert n == 2 and off.onboard_errors == 1
+
+
+# -- 2. RedisTier: a client answering another number of values than keys ---------------------
+
+
+class _SkewedRedis:
+    """A dict-backed client (no server) whose answers to the commands in ``skew`` drop their
+    last entry ("short") or carry one more ("long")."""
+
+    def __init__(self, skew: dict[str, str] | None = None):
+        self.d: dict[str, bytes] = {}
+        self.skew = skew or {}
+
+    def _skewed(self, op: str, out: list) -> list:
+        how = self.skew.get(op)
+        if how == "short":
+            return out[:-1]
+        if how == "long":
+            return out + [1]
+        return out
+
+    def pipeline(self, transaction=False):
+        return _SkewedPipe(self)
+
+    def mget(self, ks):
+        return self._skewed("mget", [self.d.get(k) for k in ks])
+
+
+class _SkewedPipe:
+    def __init__(self, c: _SkewedRedis):
+        self.c, self.ops = c, []
+
+    def set(self, k, v, px=None):
+        self.ops.append(("set", k, bytes(v)))
+
+    def exists(self, k):
+        self.ops.append(("exists", k, None))
+
+    def delete(self, k):
+        self.ops.append(("delete", k, None))
+
+    def eval(self, script, numkeys, k, data):
+        self.ops.append(("eval", k, bytes(data)))
+
+    def execute(self, raise_on_error=True):
+        d, out = self.c.d, []
+        for op, k, v in self.ops:
+            if op == "set":
+                d[k] = v
+                out.append(True)
+            elif op == "exists":
+                out.append(int(k in d))
+            elif op == "delete":
+                out.append(int(d.pop(k, None) is not None))
+            else:  # the drop script: DEL while it holds the bytes read
+                hit = d.get(k) == v
+                if hit:
+                    del d[k]
+                out.append(int(hit))
+        return self.c._skewed(self.ops[0][0], out) if self.ops else out
+
+
+def _redis(skew=None, max_batch=2):
+    client = _SkewedRedis(skew)
+    return RedisTier(client=client, max_batch=max_batch), client
+
+
+def test_redis_short_mget_is_a_miss_never_another_keys_block():
+    t, client = _redis()
+    ks, vs = keys(4), rows(4)
+    assert t.batch_put(ks, vs) == [True] * 4
+    client.skew = {"mget": "short"}
+    got = t.batch_get(ks, shape=ROW, dtype="float32")
+    assert got == [None] * 4  # each chunk of 2 answered 1 value: none can be placed
+    assert t.stats.errors == 2 and t.stats.misses == 4 and t.stats.hits == 0
+    assert t.available  # the server answered: not marked down
+    client.skew = {}
+    got = t.batch_get(ks, shape=ROW, dtype="float32")
+    assert all(same(a, v) for a, v in zip(got, vs, strict=True))
+
+
+def test_redis_long_mget_is_a_miss():
+    t, client = _redis({"mget": "long"})
+    ks, vs = keys(2), rows(2)
+    assert t.batch_put(ks, vs) == [True] * 2
+    assert t.batch_get(ks, shape=ROW, dtype="float32") == [None, None]
+
+
+@pytest.mark.parametrize("how", ["short", "long"])
+def test_redis_wrong_length_exists_counts_no_key_of_that_chunk(how):
+    t, client = _redis(max_batch=4)
+    ks = keys(2)
+    assert t.batch_put(ks, rows(2)) == [True] * 2
+    client.skew = {"exists": how}
+    assert t.batch_exists(ks) == 0  # a long answer counted 3 of 2 keys
+    assert t.stats.errors == 1
+
+
+@pytest.mark.parametrize("how", ["short", "long"])
+def test_redis_wrong_length_set_answer_reports_false_and_does_not_raise(how):
+    t, _ = _redis({"set": how})
+    ks = keys(3)
+    assert t.batch_put(ks, rows(3)) == [False] * 3  # it raised ValueError (zip strict)
+    assert t.stats.errors == 2 and t.stats.rejected == 3 and t.stats.puts == 0
+
+
+@pytest.mark.parametrize("how", ["short", "long"])
+def test_redis_wrong_length_del_answer_reports_nothing_removed(how):
+    t, client = _redis()
+    ks = keys(2)
+    assert t.batch_put(ks, rows(2)) == [True] * 2
+    client.skew = {"delete": how}
+    seen = []
+    t.events.subscribe(seen.append)
+    assert t.batch_remove(ks) == 0 and seen == [] and t.stats.errors == 1
+
+
+def test_redis_wrong_length_drop_answer_does_not_raise_out_of_batch_get():
+    t, client = _redis({"eval": "short"})
+    (k,) = keys(1)
+    header, payload = encode_record(k, rows(1)[0])
+    rec = bytearray(header + payload)
+    rec[-1] ^= 0xFF  # a corrupt record
+    client.d[t._rkey(k)] = bytes(rec)
+    seen = []
+    t.events.subscribe(seen.append)
+    assert t.batch_get([k], shape=ROW, dtype="float32") == [None]
+    assert t.stats.corrupt == 1 and t.stats.errors == 1 and seen == []
+
+
+# -- 3. BlockOffloader._held_below: a tier's count read as the chain reads it ----------------
+
+
+class _TruthyCount(HostTier):
+    """A tier below the host whose batch_exists answers ``answer`` when it holds nothing."""
+
+    name = "truthy-count"
+
+    def __init__(self, budget: int, answer):
+        super().__init__(budget)
+        self.answer = answer
+
+    def batch_exists(self, keys):
+        n = super().batch_exists(keys)
+        return self.answer if n == 0 else n
+
+
+@pytest.mark.parametrize("answer", [True, -3, "2", 1.0], ids=repr)
+def test_offload_reports_held_only_what_a_tier_holds(answer):
+    row = (2, 2, 1, 4)
+    rb = int(np.prod(row)) * 4
+    host, below = HostTier(rb), _TruthyCount(2 * rb, answer)  # 1 block; 2 blocks
+    off = BlockOffloader(TieredStore([host, below]), Namespace("m"))
+    off.overflow_chunk_bytes = rb  # one block per chunk below the host
+    caches = [np.arange(6 * 8, dtype=np.float32).reshape(6, 2, 1, 4) + 100 * i
+              for i in range(2)]
+    hashes = [bytes([i]) * 8 for i in range(5)]
+    got = off.offload(caches, list(range(5)), hashes)
+    held = [k in host or k in below for k in off.keys(hashes)]
+    assert held == [True, False, False, True, True]
+    assert got == held
+
+
+# -- 4. DiskTier: a FIFO (a non-regular file) at a block's path -------------------------------
+
+
+class _Hung(Exception):
+    """Raised by the alarm: not an OSError, so no tier takes it for a storage fault."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int):
+    def on_alarm(signum, frame):
+        raise _Hung(f"still blocked after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_disk_fifo_at_a_block_path_is_a_miss_not_a_hang(tmp_path):
+    t = DiskTier(tmp_path)
+    k, k2 = keys(2)
+    assert t.batch_put([k2], rows(1)) == [True]
+    os.makedirs(os.path.dirname(t.path(k)), exist_ok=True)
+    os.mkfifo(t.path(k))
+    with _deadline(5):
+        assert t.batch_exists([k, k2]) == 0
+        assert t.batch_get([k, k2], shape=ROW, dtype="float32")[0] is None
+    assert t.stats.errors == 2 and t.stats.misses == 1 and t.stats.hits == 1
+    assert os.path.exists(t.path(k))  # not a block file of this tier: left where it is
+
+
+def test_disk_directory_at_a_block_path_is_a_miss(tmp_path):
+    t = DiskTier(tmp_path)
+    (k,) = keys(1)
+    os.makedirs(t.path(k))
+    assert t.batch_exists([k]) == 0
+    assert t.batch_get([k]) == [None]
+    assert t.used_bytes == 0
+
+
+# -- 5. block ids: a list of floats or bools is not truncated --------------------------------
+
+
+def _offloader():
+    caches = [np.arange(4 * 8, dtype=np.float32).reshape(4, 2, 1, 4) + 100 * i
+              for i in range(2)]
+    return BlockOffloader(HostTier(1 << 16), Namespace("b")), caches
+
+
+@pytest.mark.parametrize("ids", [[1.9], [True], [np.float64(1.0)], [np.bool_(True)], (2.0,)],
+                         ids=repr)
+def test_offload_refuses_non_int_block_ids_by_name(ids):
+    off, caches = _offloader()
+    with pytest.raises(TypeError, match=r"block_ids\[0\]: expected an int block id, got"):
+        off.offload(caches, ids, [b"\x07" * 8])
+    assert off.store.batch_exists(off.keys([b"\x07" * 8])) == 0
+
+
+def test_onboard_refuses_float_block_ids_by_name():
+    off, caches = _offloader()
+    assert off.offload(caches, [1], [b"\x07" * 8]) == [True]
+    dst = [np.zeros_like(c) for c in caches]
+    with pytest.raises(TypeError, match=r"block_ids\[0\]: expected an int block id, got float"):
+        off.onboard(dst, [2.5], [b"\x07" * 8])
+    assert not any(c.any() for c in dst)
+    _, n = off.onboard(dst, [np.int64(2)], [b"\x07" * 8])  # numpy ints in a list: taken
+    assert n == 1 and same(dst[0][2], caches[0][1])
+
+
+@pytest.mark.parametrize("bad", [2 ** 40, -2 ** 31 - 1, 2 ** 70], ids=str)
+def test_block_ids_past_int32_are_a_value_error_naming_block_ids(bad):
+    off, caches = _offloader()
+    with pytest.raises(ValueError, match=r"block_ids\[1\]: expected a block id that fits int32"):
+        off.offload(caches, [1, bad], [b"\x07" * 8, b"\x08" * 8])
+    with pytest.raises(ValueError, match=r"block_ids\[0\]: expected a block id that fits int32"):
+        off.onboard(caches, [bad], [b"\x07" * 8])
+
+
+# -- 6. bad input names the argument ---------------------------------------------------------
+
+
+def _tiers(tmp_path):
+    return {"host": HostTier(1 << 16), "disk": DiskTier(tmp_path),
+            "redis": _redis()[0], "tiered": TieredStore([HostTier(1 << 16)])}
+
+
+@pytest.mark.parametrize("tier", ["host", "disk", "redis", "tiered"])
+@pytest.mark.parametrize("bad", [5, object(), 1.5, True, np.float64(1)], ids=repr)
+def test_keys_that_cannot_be_iterated_name_keys(tmp_path, tier, bad):
+    t = _tiers(tmp_path)[tier]
+    match = r"keys: expected a sequence of BlockKey, got "
+    with pytest.raises(TypeError, match=match):
+        t.batch_exists(bad)
+    with pytest.raises(TypeError, match=match):
+        t.batch_get(bad)
+    with pytest.raises(TypeError, match=match):
+        t.batch_put(bad, rows(1))
+    with pytest.raises(TypeError, match=match):
+        t.batch_remove(bad)
+
+
+def test_host_touch_names_keys():
+    with pytest.raises(TypeError, match=r"keys: expected a sequence of BlockKey, got float64"):
+        HostTier(1 << 16).touch(np.float64(1))
+
+
+@pytest.mark.parametrize("tier", ["host", "disk", "redis", "tiered"])
+@pytest.mark.parametrize("bad", [np.array(3.0, np.float32), 3.0], ids=repr)
+def test_values_without_items_name_values(tmp_path, tier, bad):
+    t = _tiers(tmp_path)[tier]
+    with pytest.raises(TypeError, match=r"values: expected a sequence of arrays, got "):
+        t.batch_put(keys(1), bad)
+
+
+@pytest.mark.parametrize("ids", [["s"], [None], [[1]], [b"\x01"]], ids=repr)
+def test_block_ids_of_other_types_name_block_ids(ids):
+    off, caches = _offloader()
+    with pytest.raises(TypeError, match=r"block_ids\[0\]: expected an int block id, got"):
+        off.offload(caches, ids, [b"\x01" * 8])
+    with pytest.raises(TypeError, match=r"block_ids\[0\]: expected an int block id, got"):
+        off.onboard(caches, ids, [b"\x01" * 8])
+
+
+# -- 7. DiskTier where files cannot be deleted (a read-only directory) -----------------------
+
+
+@pytest.fixture
+def no_unlink(monkeypatch, tmp_path):
+    """os.unlink of anything under tmp_path fails with EACCES while ``state["on"]``."""
+    real = os.unlink
+    state = {"on": False}
+
+    def unlink(path, *a, **kw):
+        if state["on"] and os.fspath(path).startswith(os.fspath(tmp_path)):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    return state
+
+
+def _events(t):
+    seen = []
+    t.events.subscribe(lambda e: seen.append((e.kind, e.block_hashes)))
+    return seen
+
+
+def test_disk_remove_that_fails_is_not_reported(tmp_path, no_unlink):
+    t = DiskTier(tmp_path)
+    ks, vs = keys(2), rows(2)
+    assert t.batch_put(ks, vs) == [True, True]
+    used = t.used_bytes
+    seen = _events(t)
+    no_unlink["on"] = True
+    assert t.batch_remove(ks[:1]) == 0 and seen == [] and t.stats.errors == 1
+    assert os.path.exists(t.path(ks[0])) and t.used_bytes == used
+    assert t.batch_exists(ks) == 2
+    assert same(t.batch_get(ks[:1], shape=ROW, dtype="float32")[0], vs[0])
+    no_unlink["on"] = False
+    assert t.batch_remove(ks[:1]) == 1 and seen == [("removed", (ks[0].block_hash,))]
+    assert not os.path.exists(t.path(ks[0])) and t.used_bytes == used // 2
+
+
+def _corrupt(path):
+    with open(path, "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 0xFF]))
+
+
+def test_disk_corrupt_record_that_cannot_be_deleted_is_not_counted(tmp_path, no_unlink):
+    t = DiskTier(tmp_path)
+    ks, vs = keys(2), rows(2)
+    assert t.batch_put(ks, vs) == [True, True]
+    _corrupt(t.path(ks[0]))
+    seen = _events(t)
+    no_unlink["on"] = True
+    assert t.batch_get(ks[:1], shape=ROW, dtype="float32") == [None]
+    assert seen == [] and t.stats.corrupt == 1 and os.path.exists(t.path(ks[0]))
+    assert t.batch_exists(ks) == 0  # it counted the corrupt record as a hit
+    assert t.batch_exists(ks[1:]) == 1
+    # a good record renamed over it (a put of another process, here of this tier) counts again
+    assert t.batch_put(ks[:1], vs[:1]) == [True]
+    assert t.batch_exists(ks) == 2
+    assert same(t.batch_get(ks[:1], shape=ROW, dtype="float32")[0], vs[0])
+    # and once it can be deleted, a corrupt record is, as before
+    no_unlink["on"] = False
+    _corrupt(t.path(ks[0]))
+    assert t.batch_get(ks[:1], shape=ROW, dtype="float32") == [None]
+    h = (ks[0].block_hash,)
+    assert seen == [("stored", h), ("removed", h)] and not os.path.exists(t.path(ks[0]))
+
+
+def test_disk_clear_that_cannot_delete_keeps_the_files_counted(tmp_path, no_unlink):
+    t = DiskTier(tmp_path)
+    ks = keys(2)
+    assert t.batch_put(ks, rows(2)) == [True, True]
+    used = t.used_bytes
+    seen = _events(t)
+    no_unlink["on"] = True
+    t.clear()
+    assert t.used_bytes == used and t.batch_exists(ks) == 2
+    assert ("cleared", ()) not in seen and t.stats.errors == 2
+    no_unlink["on"] = False
+    t.clear()
+    assert t.used_bytes == 0 and t.batch_exists(ks) == 0 and seen == [("cleared", ())]
+
+
+def test_disk_eviction_that_cannot_delete_makes_no_room(tmp_path, no_unlink):
+    ks, vs = keys(2), rows(2)
+    t = DiskTier(tmp_path / "probe")
+    assert t.batch_put(ks[:1], vs[:1]) == [True]
+    one = t.used_bytes
+    t = DiskTier(tmp_path / "t", budget_bytes=one)
+    assert t.batch_put(ks[:1], vs[:1]) == [True]
+    seen = _events(t)
+    no_unlink["on"] = True
+    assert t.batch_put(ks[1:], vs[1:]) == [False]  # it evicted (in name) a file still there
+    assert seen == [] and t.stats.evictions == 0 and t.used_bytes == one
+    assert same(t.batch_get(ks[:1], shape=ROW, dtype="float32")[0], vs[0])
+    no_unlink["on"] = False
+    assert t.batch_put(ks[1:], vs[1:]) == [True]
+    assert [e[0] for e in seen] == ["evicted", "stored"] and t.used_bytes == one
