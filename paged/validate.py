@@ -76,9 +76,12 @@ def _shape(x) -> tuple[int, ...]:
 
 
 def check_array(name: str, x, *, ndim: int | None = None, dtypes: Sequence[str] | None = None):
-    """x has ``.shape``/``.dtype``, the given rank and one of the given dtypes."""
-    if x is None or not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
+    """x has ``.shape``/``.dtype``, the given rank and one of the given dtypes. A class (an
+    array type such as ``np.float32``, whose ``shape`` is a descriptor) is no array."""
+    if (x is None or isinstance(x, type) or not hasattr(x, "shape")
+            or not hasattr(x, "dtype")):
+        what = f"the type {x.__name__}" if isinstance(x, type) else type(x).__name__
+        raise TypeError(f"{name}: expected an array, got {what}")
     if dtypes is not None and dtype_name(x) not in dtypes:
         want = dtypes[0] if len(dtypes) == 1 else " or ".join(dtypes)
         hint = ""

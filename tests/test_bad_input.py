@@ -228,3 +228,18 @@ def test_torch_copy_blocks_same_cache_twice_is_one_cache():
     want = ref.copy_blocks_reference([k.numpy().copy()], src, dst)[0]
     tf.copy_blocks([k, k], torch.from_numpy(src), torch.from_numpy(dst))
     np.testing.assert_array_equal(k.numpy(), want)
+
+
+def test_an_array_type_in_place_of_an_array_is_named():
+    """``np.float32`` (the class) in a cache list: its ``shape`` is a descriptor, and the
+    check raised "'getset_descriptor' object is not iterable" (a tier fuzzer's find, through
+    BlockOffloader.offload)."""
+    from prefixkv.paged import validate
+
+    with pytest.raises(TypeError, match=r"^caches\[1\]: expected an array, got the type "
+                                        r"float32$"):
+        validate.check_caches([np.zeros((2, 3), np.float32), np.float32])
+    with pytest.raises(TypeError, match=r"^key: expected an array, got the type ndarray$"):
+        validate.check_write_kv(np.ndarray, np.zeros((1, 2, 8), np.float32),
+                                *([np.zeros((4, 4, 2, 8), np.float32)] * 2),
+                                np.zeros(1, np.int32))
