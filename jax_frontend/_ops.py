@@ -647,13 +647,31 @@ def _block_op(op, backend, caches, rest, rest_roles, out_roles) -> tuple:
                                 out_roles)
 
 
+#: The platforms JAX backends run on (explain_backends' ``platform``).
+_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+#: What backends' ``supports`` rules read of a call (_backends.attention_context,
+#: _backends.cache_context, hashing's block_size and has_extra).
+_CONTEXT_KEYS = frozenset({"dtype", "head_dim", "block_size", "num_q_heads", "num_kv_heads",
+                           "num_blocks", "table_entries", "kv_layout", "block_shapes",
+                           "has_extra"})
+
+
 def explain_backends(op: str, platform: str | None = None, **context) -> dict[str, str]:
     """name -> "ok" or why each backend of ``op`` (any op of this module, ``hash_blocks``
     included) is refused on ``platform`` (default: the default device's), highest priority
     first. Shape rules need the call's shapes as keywords, e.g. for attention ``dtype``,
     ``head_dim``, ``block_size``, ``num_q_heads``, ``num_kv_heads``, ``table_entries``,
     ``kv_layout`` (``_backends.attention_context`` builds them); a backend whose answer
-    depends on a shape not given says so."""
+    depends on a shape not given says so. An unknown platform or keyword is a ValueError
+    naming it (either was ignored: every backend then read "runs on ..., not bogus", or
+    answered as if the keyword were not given)."""
+    if platform is not None and platform not in _PLATFORMS:
+        raise ValueError(f"platform: expected one of {', '.join(_PLATFORMS)} or None, got "
+                         f"{platform!r}")
+    unknown = sorted(set(context) - _CONTEXT_KEYS)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not a keyword explain_backends takes; they are "
+                         f"{', '.join(sorted(_CONTEXT_KEYS))}")
     if op == "hash_blocks":
         from ._hashing import HASH_BLOCKS_BACKENDS as registry
     elif op in _backends.REGISTRIES:

@@ -75,6 +75,29 @@ def _check_mesh(mesh, axis) -> None:
         raise ValueError(f"axis: expected one of the mesh axes {tuple(mesh.shape)}, got {axis!r}")
 
 
+def _check_config(op, config: dict) -> None:
+    """``config`` checked when the helper is made, not at its first call (inside a jitted
+    step, far from where it was given): keywords ``op`` takes (a TypeError naming the first
+    other one), and the attention options' values (validate's errors, by name)."""
+    import inspect
+
+    from ..paged import validate
+
+    keywords = {p.name for p in inspect.signature(op).parameters.values()
+                if p.kind == p.KEYWORD_ONLY}
+    for key in config:
+        if key not in keywords:
+            raise TypeError(f"{key}: not a keyword argument of {op.__name__}; it takes "
+                            f"{', '.join(sorted(keywords))}")
+    if "causal" in config and not isinstance(config["causal"], bool):
+        raise TypeError(f"causal: expected a bool, got {type(config['causal']).__name__}")
+    validate.check_optional_positive("scale", config.get("scale"))
+    validate.check_optional_positive("sliding_window", config.get("sliding_window"),
+                                     integer=True, none_is=-1)
+    validate.check_optional_positive("logits_soft_cap", config.get("logits_soft_cap"),
+                                     none_is=0)
+
+
 def _check_heads(mesh, axis: str, num_kv_heads: int) -> None:
     n = mesh.shape[axis]
     if num_kv_heads % n:
@@ -97,6 +120,7 @@ def tensor_parallel_paged_attention(mesh, axis: str = "tp", **config):
     layout = _layout(config)
     spec = kv_head_specs(axis, layout)
     _check_mesh(mesh, axis)
+    _check_config(_ops.paged_attention, config)
     return_lse = bool(config.get("return_lse", False))
     config = dict(config)
     sinks = config.pop("sinks", None)
@@ -135,6 +159,7 @@ def tensor_parallel_write_kv(mesh, axis: str = "tp", **config):
     layout = _layout(config)
     spec = kv_head_specs(axis, layout)
     _check_mesh(mesh, axis)
+    _check_config(_ops.write_kv, config)
 
     def run(key, value, k_cache, v_cache, slot_mapping):
         _check_heads(mesh, axis, _num_kv_heads(k_cache, layout))

@@ -251,3 +251,28 @@ def test_tensor_parallel_helpers_check_their_mesh_and_layout():
         jf.kv_head_specs(3)
     assert jf.kv_head_specs("tp", kv_layout="HND")["cache"] == jax.sharding.PartitionSpec(
         None, "tp", None, None)
+
+
+def test_tensor_parallel_helpers_check_their_config_when_made():
+    """A misspelt keyword or a NaN scale failed only at the helper's first call."""
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("tp",))
+    with pytest.raises(TypeError, match=r"^scalee: not a keyword argument of paged_attention"):
+        jf.tensor_parallel_paged_attention(mesh, scalee=0.5)
+    with pytest.raises(ValueError, match=r"^scale: expected a finite value > 0, got nan"):
+        jf.tensor_parallel_paged_attention(mesh, scale=float("nan"))
+    with pytest.raises(TypeError, match=r"^causal: expected a bool, got NoneType"):
+        jf.tensor_parallel_paged_attention(mesh, causal=None)
+    with pytest.raises(TypeError, match=r"^scale: not a keyword argument of write_kv"):
+        jf.tensor_parallel_write_kv(mesh, scale=0.5)
+
+
+def test_explain_backends_names_an_unknown_platform_or_keyword():
+    """Both were ignored: "runs on tpu, not bogus" for every backend, or an answer as if the
+    keyword were not given."""
+    with pytest.raises(ValueError, match=r"^platform: expected one of cpu, cuda, rocm, tpu"):
+        jf.explain_backends("paged_attention", platform="bogus")
+    with pytest.raises(ValueError, match=r"^headdim: not a keyword explain_backends takes"):
+        jf.explain_backends("paged_attention", "tpu", headdim=128)
+    assert jf.explain_backends("hash_blocks", "tpu", block_size=16)["pallas_tpu"] == "ok"

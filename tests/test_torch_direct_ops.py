@@ -274,3 +274,44 @@ def test_an_empty_backend_name_is_an_unknown_backend(call):
             tf.paged_attention(q, k, v, i32([[0, 1], [2, 3]]), i32([5, 6]), backend="")
         else:
             tf.write_kv(q[:1, :2], q[:1, :2], k, v, i32([3]), backend="")
+
+
+def test_direct_ops_name_a_missing_tensor_and_an_empty_cache_list():
+    """A second sweep's finds: q or k_cache None raised "'NoneType' object has no attribute
+    'device'", an empty cache list an IndexError (the device checks ran before the static
+    ones)."""
+    q, (k, v) = torch.randn(2, 4, 16), _caches()
+    with pytest.raises(TypeError, match=r"^q: expected an array, got NoneType"):
+        OPS.paged_attention(None, k, v, i32([[0, 1], [2, 3]]), i32([5, 6]), None, 0.25, True,
+                            None, None, None)
+    with pytest.raises(TypeError, match=r"^k_cache: expected an array, got NoneType"):
+        OPS.write_kv(q[:1, :2], q[:1, :2], None, v, i32([3]), None)
+    for call in (lambda: OPS.copy_blocks([], i32([0]), i32([1]), None),
+                 lambda: OPS.gather_blocks([], i32([0]), None),
+                 lambda: OPS.scatter_blocks([], torch.zeros(1, 0), i32([0]), None)):
+        with pytest.raises(ValueError, match=r"^caches: expected at least one cache"):
+            call()
+
+
+@pytest.mark.parametrize("where", ["src_ids", "dst_caches"])
+def test_direct_swap_blocks_names_a_meta_tensor(where):
+    """swap_blocks mixes devices, so its fake checks none: with one tensor on the meta device
+    the op was dispatched to it and copied nothing, without an error."""
+    src, dst = _caches(), [torch.zeros(8, 4, 2, 16) for _ in range(2)]
+    src_ids = i32([1])
+    label = where
+    if where == "src_ids":
+        src_ids = torch.empty(1, dtype=torch.int32, device="meta")
+    else:
+        dst[1], label = torch.empty_like(dst[1], device="meta"), r"dst_caches\[1\]"
+    with pytest.raises(ValueError, match=rf"^{label}: a tensor on the meta device"):
+        OPS.swap_blocks(src, dst, src_ids, i32([2]), None)
+    assert not dst[0].any()
+
+
+def test_direct_paged_attention_refuses_causal_none():
+    """A bool schema turned causal=None into False: a non-causal call."""
+    q, (k, v) = torch.randn(2, 4, 16), _caches()
+    with pytest.raises(TypeError, match=r"^causal: expected a bool, got NoneType"):
+        OPS.paged_attention(q, k, v, i32([[0, 1], [2, 3]]), i32([5, 6]), None, 0.25, None,
+                            None, None, None)

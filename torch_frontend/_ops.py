@@ -537,19 +537,23 @@ def _fake_devices(name: str, *args, **kwargs) -> None:
     uninitialized outputs or wrote nothing, without an error. (The wrappers and a traced graph
     hand every tensor on the data's device: swap_blocks alone mixes devices, and keeps its
     plain fake.)"""
-    bound = inspect.signature(_IMPL[name]).bind(*args, **kwargs)
     device = first = None
+    for label, t in _labelled(name, *args, **kwargs):
+        if device is None:
+            device, first = t.device, label
+        elif t.device != device:
+            raise ValueError(f"{label}: expected it on {first}'s device {device}, got "
+                             f"{t.device}")
+
+
+def _labelled(name: str, *args, **kwargs):
+    """(label, tensor) of every tensor argument of op ``name`` (``name[i]`` in a list)."""
+    bound = inspect.signature(_IMPL[name]).bind(*args, **kwargs)
     for pname, value in bound.arguments.items():
         items = list(enumerate(value)) if isinstance(value, (list, tuple)) else [(None, value)]
         for i, t in items:
-            if not isinstance(t, torch.Tensor):
-                continue
-            label = pname if i is None else f"{pname}[{i}]"
-            if device is None:
-                device, first = t.device, label
-            elif t.device != device:
-                raise ValueError(f"{label}: expected it on {first}'s device {device}, got "
-                                 f"{t.device}")
+            if isinstance(t, torch.Tensor):
+                yield (pname if i is None else f"{pname}[{i}]"), t
 
 
 def _no_context(ctx, inputs, output) -> None:
@@ -673,11 +677,11 @@ def _guard_paged(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale, c
     _tensors(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks, k_scale=k_scale,
              v_scale=v_scale)
     _index_tensors(block_tables=block_tables, kv_lens=kv_lens, cu_q_lens=cu_q_lens)
-    _on_device(q.device, block_tables=block_tables, kv_lens=kv_lens, cu_q_lens=cu_q_lens)
     dims = _static_check(
         validate.check_paged_attention, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
         scale=scale, causal=causal, sliding_window=sliding_window,
         logits_soft_cap=logits_soft_cap, sinks=sinks, k_scale=k_scale, v_scale=v_scale)
+    _on_device(q.device, block_tables=block_tables, kv_lens=kv_lens, cu_q_lens=cu_q_lens)
     kv_lens = _paged_lens(dims, block_tables, kv_lens, cu_q_lens)
     _op_scale_values(k_scale, v_scale)
     return (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale, causal,
@@ -714,11 +718,11 @@ def _guard_shared(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_
              "prefix_ids": prefix_ids, "block_tables": block_tables, "kv_lens": kv_lens,
              "cu_q_lens": cu_q_lens}
     _index_tensors(**index)
-    _on_device(q.device, **index)
     sdims = _static_check(
         validate.check_shared_prefix_attention, q, k_cache, v_cache, prefix_block_tables,
         prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens, scale=scale,
         logits_soft_cap=logits_soft_cap, sinks=sinks, k_scale=k_scale, v_scale=v_scale)
+    _on_device(q.device, **index)
     prefix_lens, kv_lens = _shared_lens(sdims, prefix_block_tables, prefix_lens, prefix_ids,
                                         block_tables, kv_lens, cu_q_lens)
     _op_scale_values(k_scale, v_scale)
@@ -738,11 +742,14 @@ def _guard_shared_out(q, k_cache, v_cache, prefix_block_tables, prefix_lens, pre
 
 
 # The mutated arguments of the *_out ops have no defaults: torch 2.11's ADInplaceOrView kernel
-# looks them up by position and raises IndexError when a caller omits one.
+# looks them up by position and raises IndexError when a caller omits one. ``causal`` is
+# optional in the schema so that the guard sees a None and refuses it by name: a plain bool
+# schema turned None into False, a non-causal call.
 @_op("paged_attention_out", mutates_args=("out", "lse", "workspace"), guard=_guard_paged_out)
 def _paged_attention_out(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
-                         kv_lens: Tensor, cu_q_lens: Tensor | None, scale: float, causal: bool,
-                         sliding_window: int | None, logits_soft_cap: float | None,
+                         kv_lens: Tensor, cu_q_lens: Tensor | None, scale: float,
+                         causal: bool | None, sliding_window: int | None,
+                         logits_soft_cap: float | None,
                          backend: str | None, out: Tensor, lse: Tensor | None,
                          workspace: Tensor | None, k_scale: Tensor | None = None,
                          v_scale: Tensor | None = None, sinks: Tensor | None = None) -> None:
@@ -759,8 +766,9 @@ def _paged_attention_out(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tabl
 
 @_op("paged_attention", guard=_guard_paged)
 def _paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
-                     kv_lens: Tensor, cu_q_lens: Tensor | None, scale: float, causal: bool,
-                     sliding_window: int | None, logits_soft_cap: float | None,
+                     kv_lens: Tensor, cu_q_lens: Tensor | None, scale: float,
+                     causal: bool | None, sliding_window: int | None,
+                     logits_soft_cap: float | None,
                      backend: str | None, k_scale: Tensor | None = None,
                      v_scale: Tensor | None = None,
                      sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -1116,9 +1124,9 @@ def _guard_write_kv(key, value, k_cache, v_cache, slot_mapping, backend, k_scale
     _tensors(key=key, value=value, k_cache=k_cache, v_cache=v_cache, k_scale=k_scale,
              v_scale=v_scale)
     _index_tensors(slot_mapping=slot_mapping)
-    _on_device(k_cache.device, slot_mapping=slot_mapping)
     _static_check(validate.check_write_kv, key, value, k_cache, v_cache, slot_mapping,
                   k_scale=k_scale, v_scale=v_scale)
+    _on_device(k_cache.device, slot_mapping=slot_mapping)
     _writable("k_cache", k_cache)
     _writable("v_cache", v_cache)
     if _want_values(slot_mapping):
@@ -1156,8 +1164,8 @@ def _guard_copy(caches, src, dst, backend, resolved=False) -> tuple:
     """copy_blocks' checks as the op runs them (_op's guard)."""
     _tensors(caches=caches)
     _index_tensors(src=src, dst=dst)
-    _on_device(caches[0].device, src=src, dst=dst)
     num_blocks = _static_check(validate.check_copy_blocks, caches, src, dst)
+    _on_device(caches[0].device, src=src, dst=dst)
     _writable("caches", caches)
     if _want_values(src, dst):
         validate.check_copy_blocks_values(num_blocks, src, dst)
@@ -1194,8 +1202,8 @@ def _guard_gather(caches, block_ids, backend) -> tuple:
     """gather_blocks' checks as the op runs them (_op's guard)."""
     _tensors(caches=caches)
     _index_tensors(block_ids=block_ids)
-    _on_device(caches[0].device, block_ids=block_ids)
     _static_check(validate.check_gather_blocks, caches, block_ids)
+    _on_device(caches[0].device, block_ids=block_ids)
     if _want_values(block_ids):
         validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=False)
     return caches, block_ids, backend
@@ -1245,8 +1253,8 @@ def _guard_scatter(caches, buffer, block_ids, backend) -> tuple:
     """scatter_blocks' checks as the op runs them (_op's guard)."""
     _tensors(caches=caches)
     _index_tensors(buffer=buffer, block_ids=block_ids)
-    _on_device(caches[0].device, buffer=buffer, block_ids=block_ids)
     _static_check(validate.check_scatter_blocks, caches, buffer, block_ids)
+    _on_device(caches[0].device, buffer=buffer, block_ids=block_ids)
     _writable("caches", caches)
     if _want_values(block_ids):
         validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=True)
@@ -1323,6 +1331,12 @@ def _swap_blocks(src_caches: list[Tensor], dst_caches: list[Tensor], src_ids: Te
 
 @_swap_blocks.register_fake
 def _(*args):
+    """Devices may mix (device and host caches), but not the meta device with real ones:
+    called directly with one tensor there, the op came here and copied nothing."""
+    tensors = list(_labelled("swap_blocks", *args))
+    if any(t.device.type != "meta" for _, t in tensors):
+        for label, t in tensors:
+            _has_data(label, t)
     return None
 
 
