@@ -355,7 +355,8 @@ def _tiers(tmp_path):
 
 
 @pytest.mark.parametrize("tier", ["host", "disk", "redis", "tiered"])
-@pytest.mark.parametrize("bad", [5, object(), 1.5, True, np.float64(1)], ids=repr)
+@pytest.mark.parametrize("bad", [5, object(), 1.5, True, np.float64(1)],
+                         ids=["int", "object", "float", "bool", "float64"])
 def test_keys_that_cannot_be_iterated_name_keys(tmp_path, tier, bad):
     t = _tiers(tmp_path)[tier]
     match = r"keys: expected a sequence of BlockKey, got "
