@@ -146,6 +146,10 @@ def check_int32(name: str, value: int, use: str = "int32 positions") -> None:
 
 _F32_MAX = float(np.finfo(np.float32).max)
 _F32_MIN_NORMAL = float(np.finfo(np.float32).tiny)  # 2**-126
+#: The largest logits_soft_cap: x / cap of a logit x above 2**-26 stays a float32 normal.
+#: Past it kernels that flush subnormals to zero (XLA:CPU, TPUs, GPUs) read small logits as 0
+#: (a cap of 3e38 flattened attention to uniform); a cap that large caps nothing anyway.
+SOFT_CAP_MAX = 2.0**100
 
 
 def check_optional_positive(name: str, value, *, integer: bool = False, none_is=None):
@@ -423,6 +427,11 @@ def check_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=
         raise ValueError(f"logits_soft_cap: expected at least {_F32_MIN_NORMAL:.8g} (float32's "
                          f"smallest normal: kernels may flush subnormals to zero), got "
                          f"{logits_soft_cap}")
+    if cap is not None and cap > SOFT_CAP_MAX:
+        raise ValueError(f"logits_soft_cap: expected at most 2**100 ({SOFT_CAP_MAX:.8g}: logits "
+                         f"divided by a larger cap become float32 subnormals, which kernels may "
+                         f"flush to zero), got {logits_soft_cap}; a cap that large caps "
+                         f"nothing, pass None")
     check_sinks(sinks, num_q_heads)
     return AttentionDims(
         num_tokens=num_tokens, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,

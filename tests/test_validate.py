@@ -69,6 +69,7 @@ ATTENTION_CASES = [
     ({}, {"logits_soft_cap": float("inf")}, ValueError, r"logits_soft_cap: expected a finite value > 0"),
     # float32 kernels: a larger cap rounds to inf (inf * tanh(0) is NaN in every row)
     ({}, {"logits_soft_cap": 1e39}, ValueError, r"logits_soft_cap: expected at most 3.4028235e\+38 \(float32's largest"),
+    ({}, {"logits_soft_cap": 1e37}, ValueError, r"logits_soft_cap: expected at most 2\*\*100 \(1.2676506e\+30: logits divided"),
     ({}, {"scale": 1e39}, ValueError, r"scale: expected at most 3.4028235e\+38"),
     # XLA:CPU flushes subnormals to zero: the CPU decode kernel saw such a cap as 0 (none)
     ({}, {"logits_soft_cap": 1e-39}, ValueError, r"logits_soft_cap: expected at least 1.1754944e-38 \(float32's smallest normal"),
