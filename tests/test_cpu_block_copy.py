@@ -343,13 +343,17 @@ def test_inference_tensors_written_only_in_inference_mode():
     assert torch.equal(c[1], before[0])
 
 
-def test_blocks_that_overlap_each_other_read_before_written():
-    """A cache whose block stride is under a block's size (block i = base[2i:2i+4]): every
-    read before any write, as the contract says (one pass read a block half overwritten)."""
+def test_blocks_that_overlap_each_other_are_refused():
+    """A cache whose block stride is under a block's size (block i = base[2i:2i+4]) reaches
+    one memory location from two indices: refused by name before anything is written, as a
+    stride-0 cache is (it had been copied with every read first, and the destinations that
+    overlap written in order, the last one winning)."""
     base = torch.arange(20, dtype=torch.float32)
     c = base.as_strided((4, 4), (2, 1))
-    tf.copy_blocks([c], torch.tensor([3, 0]), torch.tensor([1, 2]))
-    assert base[:10].tolist() == [0, 1, 6, 7, 0, 1, 2, 3, 8, 9]
+    with pytest.raises(ValueError, match=r"^caches\[0\]: its blocks share memory \(an "
+                                         r"overlapping view"):
+        tf.copy_blocks([c], torch.tensor([3, 0]), torch.tensor([1, 2]))
+    assert base.tolist() == list(range(20))
 
 
 def test_ids_that_are_a_view_of_the_written_cache():

@@ -320,19 +320,27 @@ def test_jax_plan_made_inside_jit_with_a_traced_cache():
 
 @pytest.mark.parametrize("route", ["paged", "shared", "shared_window"])
 def test_jax_plan_runs_the_backend_it_was_given(route):
-    """The backend option reaches the op on every route: an unknown one is refused by run."""
+    """The backend option reaches the op on every route: one that cannot run on this platform
+    is refused by run; an unknown name already when the plan is made."""
     rng = np.random.default_rng(51)
     if route == "paged":
         b, (q, k, v) = _jax_batch(51)
-        plan = jf.plan_paged_attention(*b.args()[3:], k_cache=k, num_q_heads=b.q.shape[1],
-                                       backend="nope")
+
+        def make(backend):
+            return jf.plan_paged_attention(*b.args()[3:], k_cache=k,
+                                           num_q_heads=b.q.shape[1], backend=backend)
     else:
         sp = testing.small_shared_prefix_batch(rng, False)
         q, k, v = (jnp.asarray(x) for x in sp.args()[:3])
-        plan = jf.plan_shared_prefix_attention(
-            *sp.args()[3:], k_cache=k, num_q_heads=sp.q.shape[1], backend="nope",
-            sliding_window=6 if route == "shared_window" else None)
+
+        def make(backend):
+            return jf.plan_shared_prefix_attention(
+                *sp.args()[3:], k_cache=k, num_q_heads=sp.q.shape[1], backend=backend,
+                sliding_window=6 if route == "shared_window" else None)
     with pytest.raises(BackendError, match="unknown backend 'nope'"):
+        make("nope")
+    plan = make("pallas_tpu")
+    with pytest.raises(BackendError, match="backend 'pallas_tpu' cannot run: runs on tpu"):
         plan.run(q, k, v)
 
 
