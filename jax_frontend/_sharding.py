@@ -89,13 +89,8 @@ def _check_config(op, config: dict) -> None:
         if key not in keywords:
             raise TypeError(f"{key}: not a keyword argument of {op.__name__}; it takes "
                             f"{', '.join(sorted(keywords))}")
-    if "causal" in config and not isinstance(config["causal"], bool):
-        raise TypeError(f"causal: expected a bool, got {type(config['causal']).__name__}")
-    validate.check_optional_positive("scale", config.get("scale"))
-    validate.check_optional_positive("sliding_window", config.get("sliding_window"),
-                                     integer=True, none_is=-1)
-    validate.check_optional_positive("logits_soft_cap", config.get("logits_soft_cap"),
-                                     none_is=0)
+    options = ("scale", "causal", "sliding_window", "logits_soft_cap")
+    validate.check_attention_options(**{k: config[k] for k in options if k in config})
 
 
 def _check_heads(mesh, axis: str, num_kv_heads: int) -> None:

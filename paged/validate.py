@@ -412,10 +412,26 @@ def check_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=
         if n_cu != num_seqs + 1:
             raise ValueError(f"cu_q_lens: expected shape ({num_seqs + 1},) (num_seqs + 1), "
                              f"got ({n_cu},)")
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     if not isinstance(return_lse, (bool, np.bool_)):
         raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+    scale_value = check_attention_options(scale=scale, causal=causal,
+                                          sliding_window=sliding_window,
+                                          logits_soft_cap=logits_soft_cap)
+    check_sinks(sinks, num_q_heads)
+    return AttentionDims(
+        num_tokens=num_tokens, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+        head_dim=head_dim, num_blocks=num_blocks, block_size=block_size, num_seqs=num_seqs,
+        max_blocks_per_seq=max_blocks_per_seq, dtype=dtype_name(q),
+        scale=scale_value if scale_value is not None else float(head_dim) ** -0.5,
+        decode=cu_q_lens is None, kv_layout=kv_layout)
+
+
+def check_attention_options(*, scale=None, causal=True, sliding_window=None,
+                            logits_soft_cap=None) -> float | None:
+    """The attention options alone (also before the shapes are known: the tensor-parallel
+    helpers check theirs when made); returns scale as a float, None for the default."""
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     if sliding_window is not None and not causal:
         raise ValueError("sliding_window: only defined for causal=True, got causal=False")
     scale_value = check_optional_positive("scale", scale)
@@ -432,13 +448,7 @@ def check_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=
                          f"divided by a larger cap become float32 subnormals, which kernels may "
                          f"flush to zero), got {logits_soft_cap}; a cap that large caps "
                          f"nothing, pass None")
-    check_sinks(sinks, num_q_heads)
-    return AttentionDims(
-        num_tokens=num_tokens, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-        head_dim=head_dim, num_blocks=num_blocks, block_size=block_size, num_seqs=num_seqs,
-        max_blocks_per_seq=max_blocks_per_seq, dtype=dtype_name(q),
-        scale=scale_value if scale_value is not None else float(head_dim) ** -0.5,
-        decode=cu_q_lens is None, kv_layout=kv_layout)
+    return scale_value
 
 
 def check_fits_int32(name: str, x) -> None:

@@ -670,19 +670,26 @@ def _op_scale_values(k_scale, v_scale) -> None:
         validate.check_kv_scale_values(k_scale, v_scale)
 
 
+def _paged_checks(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *, sinks=None,
+                  **options):
+    """paged_attention's checks, the wrapper's and the op's: (dims, the kv_lens to use)."""
+    _tensors(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks)
+    _index_tensors(block_tables=block_tables, kv_lens=kv_lens, cu_q_lens=cu_q_lens)
+    dims = _static_check(validate.check_paged_attention, q, k_cache, v_cache, block_tables,
+                         kv_lens, cu_q_lens, sinks=sinks, **options)
+    return dims, _paged_lens(dims, block_tables, kv_lens, cu_q_lens)
+
+
 def _guard_paged(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale, causal,
                  sliding_window, logits_soft_cap, backend, k_scale=None, v_scale=None,
                  sinks=None) -> tuple:
     """paged_attention's checks as the op runs them (_op's guard)."""
-    _tensors(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks, k_scale=k_scale,
-             v_scale=v_scale)
-    _index_tensors(block_tables=block_tables, kv_lens=kv_lens, cu_q_lens=cu_q_lens)
-    dims = _static_check(
-        validate.check_paged_attention, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
-        scale=scale, causal=causal, sliding_window=sliding_window,
-        logits_soft_cap=logits_soft_cap, sinks=sinks, k_scale=k_scale, v_scale=v_scale)
-    _on_device(q.device, block_tables=block_tables, kv_lens=kv_lens, cu_q_lens=cu_q_lens)
-    kv_lens = _paged_lens(dims, block_tables, kv_lens, cu_q_lens)
+    _, kv_lens = _paged_checks(
+        q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, sinks=sinks, scale=scale,
+        causal=causal, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+        k_scale=k_scale, v_scale=v_scale)
+    _on_device(q.device, block_tables=block_tables, kv_lens=kv_lens, cu_q_lens=cu_q_lens,
+               k_scale=k_scale, v_scale=v_scale)
     _op_scale_values(k_scale, v_scale)
     return (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale, causal,
             sliding_window, logits_soft_cap, backend, k_scale, v_scale, sinks)
@@ -708,23 +715,32 @@ def _guard_paged_out(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scal
     return (*args[:11], out, lse, workspace, *args[11:])
 
 
+def _shared_checks(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
+                   block_tables, kv_lens, cu_q_lens, *, sinks=None, **options):
+    """shared_prefix_attention's checks, the wrapper's and the op's: (sdims, the prefix_lens
+    and kv_lens to use)."""
+    _tensors(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks)
+    _index_tensors(prefix_block_tables=prefix_block_tables, prefix_lens=prefix_lens,
+                   prefix_ids=prefix_ids, block_tables=block_tables, kv_lens=kv_lens,
+                   cu_q_lens=cu_q_lens)
+    sdims = _static_check(validate.check_shared_prefix_attention, q, k_cache, v_cache,
+                          prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
+                          cu_q_lens, sinks=sinks, **options)
+    return (sdims, *_shared_lens(sdims, prefix_block_tables, prefix_lens, prefix_ids,
+                                 block_tables, kv_lens, cu_q_lens))
+
+
 def _guard_shared(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
                   block_tables, kv_lens, cu_q_lens, scale, logits_soft_cap, backend,
                   k_scale=None, v_scale=None, sinks=None) -> tuple:
     """shared_prefix_attention's checks as the op runs them (_op's guard)."""
-    _tensors(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks, k_scale=k_scale,
-             v_scale=v_scale)
-    index = {"prefix_block_tables": prefix_block_tables, "prefix_lens": prefix_lens,
-             "prefix_ids": prefix_ids, "block_tables": block_tables, "kv_lens": kv_lens,
-             "cu_q_lens": cu_q_lens}
-    _index_tensors(**index)
-    sdims = _static_check(
-        validate.check_shared_prefix_attention, q, k_cache, v_cache, prefix_block_tables,
-        prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens, scale=scale,
-        logits_soft_cap=logits_soft_cap, sinks=sinks, k_scale=k_scale, v_scale=v_scale)
-    _on_device(q.device, **index)
-    prefix_lens, kv_lens = _shared_lens(sdims, prefix_block_tables, prefix_lens, prefix_ids,
-                                        block_tables, kv_lens, cu_q_lens)
+    _, prefix_lens, kv_lens = _shared_checks(
+        q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
+        kv_lens, cu_q_lens, sinks=sinks, scale=scale, logits_soft_cap=logits_soft_cap,
+        k_scale=k_scale, v_scale=v_scale)
+    _on_device(q.device, prefix_block_tables=prefix_block_tables, prefix_lens=prefix_lens,
+               prefix_ids=prefix_ids, block_tables=block_tables, kv_lens=kv_lens,
+               cu_q_lens=cu_q_lens, k_scale=k_scale, v_scale=v_scale)
     _op_scale_values(k_scale, v_scale)
     return (q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
             kv_lens, cu_q_lens, scale, logits_soft_cap, backend, k_scale, v_scale, sinks)
@@ -839,19 +855,25 @@ def _(*args):
 
 
 def _guard_merge(out_a, lse_a, out_b, lse_b, backend) -> tuple:
-    """merge_attention_states' checks as the op runs them (_op's guard)."""
+    """merge_attention_states' checks, the wrapper's and (as _op's guard) the op's."""
     _tensors(out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
     _static_check(validate.check_merge_attention_states, out_a, lse_a, out_b, lse_b)
     return out_a, lse_a, out_b, lse_b, backend
 
 
+def _merge_buffers(out_a, out, lse) -> None:
+    """The checks of a merge's out= and lse= buffers (None skipped)."""
+    _check_out("out", out, out_a.shape, out_a.dtype, out_a.device, owner="out_a")
+    _check_out("lse", lse, out_a.shape[:2], torch.float32, out_a.device, owner="out_a")
+    for name, buf in (("out", out), ("lse", lse)):
+        if buf is not None:
+            _writable(name, buf, "buffer")
+
+
 def _guard_merge_out(out_a, lse_a, out_b, lse_b, out, lse, backend) -> tuple:
     """merge_attention_states_out's checks as the op runs them (_op's guard)."""
     _guard_merge(out_a, lse_a, out_b, lse_b, backend)
-    _check_out("out", out, out_a.shape, out_a.dtype, out_a.device, owner="out_a")
-    _check_out("lse", lse, out_a.shape[:2], torch.float32, out_a.device, owner="out_a")
-    _writable("out", out, "buffer")
-    _writable("lse", lse, "buffer")
+    _merge_buffers(out_a, out, lse)
     return out_a, lse_a, out_b, lse_b, out, lse, backend
 
 
@@ -915,14 +937,10 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     Returns out (q's dtype), and lse f32[num_tokens, num_q_heads] with ``return_lse``.
     Semantics: docs/ops.md and :func:`prefixkv.paged.reference.paged_attention_reference`.
     """
-    _tensors(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks)
-    _index_tensors(block_tables=block_tables, kv_lens=kv_lens, cu_q_lens=cu_q_lens)
-    dims = _static_check(
-        validate.check_paged_attention, q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens,
-        scale=scale, causal=causal, sliding_window=sliding_window,
-        logits_soft_cap=logits_soft_cap, return_lse=return_lse, sinks=sinks, k_scale=k_scale,
-        v_scale=v_scale)
-    kv_lens = _paged_lens(dims, block_tables, kv_lens, cu_q_lens)
+    dims, kv_lens = _paged_checks(
+        q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, sinks=sinks, scale=scale,
+        causal=causal, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+        return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
     block_tables, kv_lens, cu_q_lens = _on(q.device, block_tables, kv_lens, cu_q_lens)
     args = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, dims.scale, bool(causal),
             None if sliding_window is None else int(sliding_window),
@@ -982,17 +1000,11 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     query sees its own part of the prefix: nothing to share). k_scale, v_scale: as in
     :func:`paged_attention` (float8_e4m3fn caches).
     """
-    _tensors(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks)
-    _index_tensors(prefix_block_tables=prefix_block_tables, prefix_lens=prefix_lens,
-                   prefix_ids=prefix_ids, block_tables=block_tables, kv_lens=kv_lens,
-                   cu_q_lens=cu_q_lens)
-    sdims = _static_check(
-        validate.check_shared_prefix_attention, q, k_cache, v_cache, prefix_block_tables,
-        prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens, scale=scale,
-        logits_soft_cap=logits_soft_cap, return_lse=return_lse, sinks=sinks,
-        sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale)
-    prefix_lens, kv_lens = _shared_lens(sdims, prefix_block_tables, prefix_lens, prefix_ids,
-                                        block_tables, kv_lens, cu_q_lens)
+    sdims, prefix_lens, kv_lens = _shared_checks(
+        q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
+        kv_lens, cu_q_lens, sinks=sinks, scale=scale, logits_soft_cap=logits_soft_cap,
+        return_lse=return_lse, sliding_window=sliding_window, k_scale=k_scale,
+        v_scale=v_scale)
     prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens = _on(
         q.device, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens)
     scales = _op_scales(k_scale, v_scale, k_cache, v_cache)
@@ -1095,18 +1107,14 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, out=None, lse=None, ba
     output_lse)``), sharing no memory with the inputs or each other; with both given nothing
     is allocated (out alone: lse is made).
     """
-    _tensors(out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
-    validate.check_merge_attention_states(out_a, lse_a, out_b, lse_b)
+    _guard_merge(out_a, lse_a, out_b, lse_b, backend)
     if out is None and lse is None:
         return _invoke("merge_attention_states", (out_a, lse_a, out_b, lse_b, backend))
-    _check_out("out", out, out_a.shape, out_a.dtype, out_a.device, owner="out_a")
-    _check_out("lse", lse, out_a.shape[:2], torch.float32, out_a.device, owner="out_a")
+    _merge_buffers(out_a, out, lse)  # a buffer made here needs no check
     if out is None:
         out = torch.empty_like(out_a, memory_format=torch.contiguous_format)
     if lse is None:
         lse = torch.empty(out_a.shape[:2], dtype=torch.float32, device=out_a.device)
-    _writable("out", out, "buffer")
-    _writable("lse", lse, "buffer")
     _invoke("merge_attention_states_out", (out_a, lse_a, out_b, lse_b, out, lse, backend))
     return out, lse
 
@@ -1118,19 +1126,23 @@ def _block_contiguous(caches) -> bool:
     return all(c.shape[0] == 0 or c[0].is_contiguous() for c in caches)
 
 
-def _guard_write_kv(key, value, k_cache, v_cache, slot_mapping, backend, k_scale=None,
-                    v_scale=None) -> tuple:
-    """write_kv's checks as the op runs them (_op's guard)."""
-    _tensors(key=key, value=value, k_cache=k_cache, v_cache=v_cache, k_scale=k_scale,
-             v_scale=v_scale)
+def _write_kv_checks(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
+    """write_kv's checks, the wrapper's and the op's."""
+    _tensors(key=key, value=value, k_cache=k_cache, v_cache=v_cache)
     _index_tensors(slot_mapping=slot_mapping)
     _static_check(validate.check_write_kv, key, value, k_cache, v_cache, slot_mapping,
                   k_scale=k_scale, v_scale=v_scale)
-    _on_device(k_cache.device, slot_mapping=slot_mapping)
     _writable("k_cache", k_cache)
     _writable("v_cache", v_cache)
     if _want_values(slot_mapping):
         validate.check_write_kv_values(k_cache, slot_mapping)
+
+
+def _guard_write_kv(key, value, k_cache, v_cache, slot_mapping, backend, k_scale=None,
+                    v_scale=None) -> tuple:
+    """write_kv's checks as the op runs them (_op's guard)."""
+    _write_kv_checks(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    _on_device(k_cache.device, slot_mapping=slot_mapping, k_scale=k_scale, v_scale=v_scale)
     _op_scale_values(k_scale, v_scale)
     return key, value, k_cache, v_cache, slot_mapping, backend, k_scale, v_scale
 
@@ -1160,15 +1172,23 @@ def _(*args):
     return None
 
 
-def _guard_copy(caches, src, dst, backend, resolved=False) -> tuple:
-    """copy_blocks' checks as the op runs them (_op's guard)."""
+def _copy_checks(caches, src, dst) -> tuple[int, bool]:
+    """copy_blocks' checks, the wrapper's and the op's: (num_blocks, whether the ids were
+    value-checked)."""
     _tensors(caches=caches)
     _index_tensors(src=src, dst=dst)
-    num_blocks = _static_check(validate.check_copy_blocks, caches, src, dst)
-    _on_device(caches[0].device, src=src, dst=dst)
+    num_blocks = validate.check_copy_blocks(caches, src, dst)
     _writable("caches", caches)
-    if _want_values(src, dst):
+    checked = _want_values(src, dst)
+    if checked:
         validate.check_copy_blocks_values(num_blocks, src, dst)
+    return num_blocks, checked
+
+
+def _guard_copy(caches, src, dst, backend, resolved=False) -> tuple:
+    """copy_blocks' checks as the op runs them (_op's guard)."""
+    _copy_checks(caches, src, dst)
+    _on_device(caches[0].device, src=src, dst=dst)
     return caches, src, dst, backend, resolved
 
 
@@ -1198,21 +1218,28 @@ def _(*args):
     return None
 
 
-def _guard_gather(caches, block_ids, backend) -> tuple:
-    """gather_blocks' checks as the op runs them (_op's guard)."""
+def _gather_checks(caches, block_ids, out=None) -> None:
+    """gather_blocks' checks (with its ``out=`` unless None), the wrapper's and the op's."""
     _tensors(caches=caches)
     _index_tensors(block_ids=block_ids)
-    _static_check(validate.check_gather_blocks, caches, block_ids)
-    _on_device(caches[0].device, block_ids=block_ids)
+    validate.check_gather_blocks(caches, block_ids)
+    if out is not None:
+        _gather_out(out, caches, block_ids)
     if _want_values(block_ids):
         validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=False)
+
+
+def _guard_gather(caches, block_ids, backend) -> tuple:
+    """gather_blocks' checks as the op runs them (_op's guard)."""
+    _gather_checks(caches, block_ids)
+    _on_device(caches[0].device, block_ids=block_ids)
     return caches, block_ids, backend
 
 
 def _guard_gather_into(out, caches, block_ids, backend) -> tuple:
     """gather_blocks_into's checks as the op runs them (_op's guard)."""
-    _guard_gather(caches, block_ids, backend)
-    _gather_out(out, caches, block_ids)
+    _gather_checks(caches, block_ids, out)
+    _on_device(caches[0].device, block_ids=block_ids)
     return out, caches, block_ids, backend
 
 
@@ -1249,15 +1276,20 @@ def _(*args):
     return None
 
 
-def _guard_scatter(caches, buffer, block_ids, backend) -> tuple:
-    """scatter_blocks' checks as the op runs them (_op's guard)."""
+def _scatter_checks(caches, buffer, block_ids) -> None:
+    """scatter_blocks' checks, the wrapper's and the op's."""
     _tensors(caches=caches)
     _index_tensors(buffer=buffer, block_ids=block_ids)
-    _static_check(validate.check_scatter_blocks, caches, buffer, block_ids)
-    _on_device(caches[0].device, buffer=buffer, block_ids=block_ids)
+    validate.check_scatter_blocks(caches, buffer, block_ids)
     _writable("caches", caches)
     if _want_values(block_ids):
         validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=True)
+
+
+def _guard_scatter(caches, buffer, block_ids, backend) -> tuple:
+    """scatter_blocks' checks as the op runs them (_op's guard)."""
+    _scatter_checks(caches, buffer, block_ids)
+    _on_device(caches[0].device, buffer=buffer, block_ids=block_ids)
     return caches, buffer, block_ids, backend
 
 
@@ -1303,10 +1335,11 @@ def _swap_memory_checks(src_caches, dst_caches) -> None:
 
 
 def _guard_swap(src_caches, dst_caches, src_ids, dst_ids, backend) -> tuple:
-    """swap_blocks' checks as the op runs them (_op's guard): ids on either device."""
+    """swap_blocks' checks, the wrapper's and (as _op's guard) the op's: ids on either
+    device."""
     _index_tensors(src_ids=src_ids, dst_ids=dst_ids)
     _tensors(src_caches=src_caches, dst_caches=dst_caches, same_device=False)
-    _static_check(validate.check_swap_blocks, src_caches, dst_caches, src_ids, dst_ids)
+    validate.check_swap_blocks(src_caches, dst_caches, src_ids, dst_ids)
     if _want_values(src_ids, dst_ids):
         validate.check_swap_blocks_values(src_caches, dst_caches, src_ids, dst_ids)
     _writable("dst_caches", dst_caches)
@@ -1354,14 +1387,7 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
     bit-exact with :func:`prefixkv.paged.reference.quantize_fp8_reference` on the torch and
     triton backends).
     """
-    _tensors(key=key, value=value, k_cache=k_cache, v_cache=v_cache)
-    _index_tensors(slot_mapping=slot_mapping)
-    _static_check(validate.check_write_kv, key, value, k_cache, v_cache, slot_mapping,
-                  k_scale=k_scale, v_scale=v_scale)
-    _writable("k_cache", k_cache)
-    _writable("v_cache", v_cache)
-    if _want_values(slot_mapping):
-        validate.check_write_kv_values(k_cache, slot_mapping)
+    _write_kv_checks(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     (slot_mapping,) = _on(k_cache.device, slot_mapping)
     if validate.is_fp8(k_cache):
         _invoke("write_kv", (key, value, k_cache, v_cache, slot_mapping, backend,
@@ -1376,13 +1402,7 @@ def copy_blocks(caches, src, dst, *, backend=None) -> None:
     caches: sequence of tensors with the block axis first. src, dst: i32[n] or i64[n] (the
     columns of vLLM's [n, 2] block_mapping as they are); dst distinct.
     """
-    _tensors(caches=caches)
-    _index_tensors(src=src, dst=dst)
-    num_blocks = validate.check_copy_blocks(caches, src, dst)
-    _writable("caches", caches)
-    checked = _want_values(src, dst)
-    if checked:
-        validate.check_copy_blocks_values(num_blocks, src, dst)
+    num_blocks, checked = _copy_checks(caches, src, dst)
     caches = _distinct(caches)
     if torch.compiler.is_compiling():  # no memory to compare: the op settles it (_copy_blocks)
         src, dst = _on(caches[0].device, src, dst)
@@ -1468,13 +1488,7 @@ def gather_blocks(caches, block_ids, *, out=None, backend=None):
     in, which cost more than the copy: bench/bench_torch_copy.py), and a fixed address for a
     captured CUDA graph.
     """
-    _tensors(caches=caches)
-    _index_tensors(block_ids=block_ids)
-    validate.check_gather_blocks(caches, block_ids)
-    if out is not None:
-        _gather_out(out, caches, block_ids)
-    if _want_values(block_ids):
-        validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=False)
+    _gather_checks(caches, block_ids, out)
     (block_ids,) = _on(caches[0].device, block_ids)
     if out is None:
         return _invoke("gather_blocks", (list(caches), block_ids, backend))
@@ -1504,12 +1518,7 @@ def _gather_out(out, caches, block_ids) -> None:
 def scatter_blocks(caches, buffer, block_ids, *, backend=None) -> None:
     """caches[c][block_ids[i]] = buffer[i, c] in place (block_ids i32[n] or i64[n],
     distinct). buffer shares no memory with a cache (a view of one is refused: pass a copy)."""
-    _tensors(caches=caches)
-    _index_tensors(buffer=buffer, block_ids=block_ids)
-    validate.check_scatter_blocks(caches, buffer, block_ids)
-    _writable("caches", caches)
-    if _want_values(block_ids):
-        validate.check_block_ids_values(int(caches[0].shape[0]), block_ids, distinct=True)
+    _scatter_checks(caches, buffer, block_ids)
     buffer, block_ids = _on(caches[0].device, buffer, block_ids)
     _invoke("scatter_blocks", (list(caches), buffer, block_ids, backend))
 
@@ -1524,12 +1533,7 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids, *, backend=None) -> No
     that stream passes the call, do not read a host dst cache nor change a host src cache or
     pinned host ids. src_ids, dst_ids: i32[n] or i64[n] on either device; dst_ids distinct.
     """
-    _index_tensors(src_ids=src_ids, dst_ids=dst_ids)
-    _tensors(src_caches=src_caches, dst_caches=dst_caches, same_device=False)  # device, host
-    validate.check_swap_blocks(src_caches, dst_caches, src_ids, dst_ids)
-    if _want_values(src_ids, dst_ids):
-        validate.check_swap_blocks_values(src_caches, dst_caches, src_ids, dst_ids)
-    _writable("dst_caches", dst_caches)
+    _guard_swap(src_caches, dst_caches, src_ids, dst_ids, backend)
     _invoke("swap_blocks", (list(src_caches), list(dst_caches), src_ids, dst_ids, backend))
 
 
