@@ -72,7 +72,11 @@ def to_host(x) -> np.ndarray:
 
 
 def _shape(x) -> tuple[int, ...]:
-    return tuple(map(int, x.shape))
+    """x's shape as ints, a torch.SymInt kept: int() of one pins it, so torch.export (its
+    default, non-strict mode) of a model calling the torch wrappers had every dynamic size
+    fixed to the example's (dynamo's own tracing keeps it symbolic either way)."""
+    return tuple(d if type(d) is int or type(d).__name__ == "SymInt" else int(d)
+                 for d in x.shape)
 
 
 def check_array(name: str, x, *, ndim: int | None = None, dtypes: Sequence[str] | None = None):

@@ -102,6 +102,7 @@ def _tensors(same_device: bool = True, **named) -> torch.device | None:
                 continue
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{label}: expected a torch.Tensor, got {type(t).__name__}")
+            _dense(label, t)
             if device is None:
                 _has_data(label, t)  # the others: on its device (or each checked)
                 device, first = t.device, label
@@ -153,7 +154,34 @@ def _index_tensors(**named) -> None:
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t is not None:
+            _dense(name, t)
+            if not torch.compiler.is_compiling() and t.is_neg():  # read raw, or via numpy
+                raise ValueError(f"{name}: a negative-bit view (torch._neg_view); pass "
+                                 f"{name}.resolve_neg()")
             _has_data(name, t)
+
+
+def _dense(name: str, t: Tensor) -> None:
+    """A TypeError naming a sparse or nested tensor: the ops read dense (strided) memory, and
+    such a tensor failed deep inside torch (an error naming no argument, or the stride-0
+    refusal of a sparse cache)."""
+    if t.is_nested:
+        raise TypeError(f"{name}: expected a dense tensor, got a nested tensor")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
+
+
+def _no_neg_bits(**named) -> None:
+    """A ValueError naming the first tensor that is a negative-bit view (None skipped): the
+    attention kernels read and write raw memory, so such a view was read as its negation
+    (the block ops and the merge honour the bit). Not while compiling (dynamo cannot trace
+    is_neg): the op's guard checks the real tensors."""
+    if torch.compiler.is_compiling():
+        return
+    for name, t in named.items():
+        if t is not None and t.is_neg():
+            raise ValueError(f"{name}: a negative-bit view (torch._neg_view, or a real view of "
+                             f"a conjugated complex tensor); pass {name}.resolve_neg()")
 
 
 def _has_data(name: str, t: Tensor) -> None:
@@ -429,6 +457,7 @@ def _check_out(name: str, buf, shape, dtype, device, owner: str = "q") -> None:
         return
     if not isinstance(buf, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(buf).__name__}")
+    _dense(name, buf)
     if tuple(buf.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(buf.shape)}")
     if buf.dtype != dtype:
@@ -488,6 +517,8 @@ def _kv_scales(k_scale, v_scale, k_cache: Tensor, v_cache: Tensor):
 _IMPL: dict = {}
 #: Positions of each op's mutated arguments (its ``mutates_args``), by op name.
 _MUTATED: dict = {}
+#: The parameter names of each op, by op name.
+_PARAMS: dict = {}
 
 
 def _op(name: str, mutates_args=(), guard=None):
@@ -505,6 +536,7 @@ def _op(name: str, mutates_args=(), guard=None):
         _IMPL[name] = fn
         params = list(inspect.signature(fn).parameters)
         _MUTATED[name] = tuple(params.index(a) for a in mutates_args)
+        _PARAMS[name] = tuple(params)
         entry = fn
         if guard is not None:
             @functools.wraps(fn)
@@ -556,6 +588,24 @@ def _labelled(name: str, *args, **kwargs):
                 yield (pname if i is None else f"{pname}[{i}]"), t
 
 
+def _no_grad_writes(name: str, args: tuple) -> None:
+    """In grad mode, a RuntimeError naming the first tensor argument of op ``name`` (one that
+    writes in place: a cache or an ``out=`` buffer) that requires grad, as torch's own
+    ``out=`` functions refuse: the written tensor got no gradient, so a loss through it
+    backpropagated incomplete gradients without an error, and a leaf parameter was written in
+    place. The wrappers check (_invoke): under the dispatcher a custom op runs with grad mode
+    off, so the op cannot tell."""
+    for pname, value in zip(_PARAMS[name], args, strict=False):  # defaults unpassed
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        for i, t in enumerate(items):
+            if isinstance(t, Tensor) and t.requires_grad:
+                label = pname if value is t else f"{pname}[{i}]"
+                raise RuntimeError(
+                    f"{label}: requires grad, but prefixkv.{name} writes in place and has no "
+                    f"gradient (an inference kernel). Call it under torch.no_grad() or "
+                    f"torch.inference_mode(), or pass {pname} detached (.detach())")
+
+
 def _no_context(ctx, inputs, output) -> None:
     return None
 
@@ -590,7 +640,10 @@ def _plain(args) -> bool:
 def _invoke(name: str, args: tuple):
     """``torch.ops.prefixkv.<name>(*args)``; in plain eager mode (not compiling, no dispatch or
     function mode, no profiler, plain tensors without grad) its implementation directly, with
-    the version bump of its mutated arguments that the dispatcher would have made."""
+    the version bump of its mutated arguments that the dispatcher would have made. An op that
+    writes in place refuses, in grad mode, tensors that require grad (_no_grad_writes)."""
+    if _MUTATED[name] and torch.is_grad_enabled():
+        _no_grad_writes(name, args)
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled()
             or torch._C._autograd._profiler_enabled() or not _plain(args)):
@@ -674,6 +727,7 @@ def _paged_checks(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *, sink
                   **options):
     """paged_attention's checks, the wrapper's and the op's: (dims, the kv_lens to use)."""
     _tensors(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks)
+    _no_neg_bits(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks)
     _index_tensors(block_tables=block_tables, kv_lens=kv_lens, cu_q_lens=cu_q_lens)
     dims = _static_check(validate.check_paged_attention, q, k_cache, v_cache, block_tables,
                          kv_lens, cu_q_lens, sinks=sinks, **options)
@@ -700,6 +754,7 @@ def _guard_buffers(q, out, lse, workspace) -> None:
     _check_out("out", out, q.shape, q.dtype, q.device)
     _check_out("lse", lse, q.shape[:2], torch.float32, q.device)
     _check_workspace(workspace, q)
+    _no_neg_bits(out=out, lse=lse)
     for name, buf in (("out", out), ("lse", lse)):
         if buf is not None:
             _writable(name, buf, "buffer")
@@ -720,6 +775,7 @@ def _shared_checks(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix
     """shared_prefix_attention's checks, the wrapper's and the op's: (sdims, the prefix_lens
     and kv_lens to use)."""
     _tensors(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks)
+    _no_neg_bits(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks)
     _index_tensors(prefix_block_tables=prefix_block_tables, prefix_lens=prefix_lens,
                    prefix_ids=prefix_ids, block_tables=block_tables, kv_lens=kv_lens,
                    cu_q_lens=cu_q_lens)
@@ -865,6 +921,7 @@ def _merge_buffers(out_a, out, lse) -> None:
     """The checks of a merge's out= and lse= buffers (None skipped)."""
     _check_out("out", out, out_a.shape, out_a.dtype, out_a.device, owner="out_a")
     _check_out("lse", lse, out_a.shape[:2], torch.float32, out_a.device, owner="out_a")
+    _no_neg_bits(out=out, lse=lse)
     for name, buf in (("out", out), ("lse", lse)):
         if buf is not None:
             _writable(name, buf, "buffer")
