@@ -63,6 +63,24 @@ def _progress(total: int, desc: str):
     return update_plain, close_plain
 
 
+# EngineConfig's fields and the flags that set them: a value EngineConfig refuses is reported
+# as a usage error under its flag (a bad --min-token-bucket had hung the engine)
+_ENGINE_FLAGS = {"block_size": "--block-size", "num_blocks": "--num-blocks",
+                 "host_blocks": "--host-blocks", "max_num_seqs": "--max-num-seqs",
+                 "max_num_batched_tokens": "--max-batched-tokens",
+                 "min_token_bucket": "--min-token-bucket", "max_model_len": "--max-model-len"}
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine's configuration from the parsed flags (caching on; the demo toggles it)."""
+    return EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
+                        max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_batched_tokens,
+                        max_model_len=args.max_model_len, host_blocks=args.host_blocks,
+                        min_token_bucket=args.min_token_bucket,
+                        shared_prefix=not args.no_shared_prefix)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m prefixkv.demo",
                                 description=__doc__.split("\n\n")[0],
@@ -131,6 +149,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"{args.burstiness}")
     if args.burstiness != 1.0 and args.request_rate is None:
         p.error("--burstiness: shapes the open loop's arrivals; give --request-rate too")
+    try:
+        engine_config(args)
+    except (TypeError, ValueError) as e:  # its messages start with the field's name
+        field, _, reason = str(e).partition(": ")
+        p.error(f"{_ENGINE_FLAGS.get(field, field)}: {reason}")
     return args
 
 
@@ -225,12 +248,7 @@ def main(argv=None) -> dict:
                           chats_per_tenant=args.chats, turns=args.turns,
                           num_unique=args.unique, max_new_tokens=args.max_new_tokens,
                           seed=args.seed)
-    engine_cfg = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
-                              max_num_seqs=args.max_num_seqs,
-                              max_num_batched_tokens=args.max_batched_tokens,
-                              max_model_len=model.max_model_len, host_blocks=args.host_blocks,
-                              min_token_bucket=args.min_token_bucket,
-                              shared_prefix=not args.no_shared_prefix)
+    engine_cfg = engine_config(args)
     requests = make_workload(work, model.vocab_size, args.requests)
     weights = init_weights(model, args.seed)
     frameworks = ["jax", "torch"] if args.frontend == "both" else [args.frontend]

@@ -79,6 +79,7 @@ from ..paged.planner import plan_batch
 from ..paged.prefix_cache import PrefixCache
 from ..paged.spec import dtype_name, numpy_dtype
 from ..paged.tiers import BlockOffloader, HostTier, Namespace
+from ..paged.validate import check_int
 from .batch import StepBatch
 from .workload import Request
 
@@ -99,6 +100,30 @@ class EngineConfig:
     host_blocks: int = 512           # host tier capacity in blocks (0: no offload)
     min_token_bucket: int = 16
     bucket_growth: int = 4           # token buckets 16, 64, 256, ...: few compiled shapes
+
+    def __post_init__(self) -> None:
+        # Checked when made (replace() makes a new one, so it is checked too): a bad value
+        # fails here, naming its field, instead of hanging (token_buckets never reaches the
+        # token budget when min_token_bucket < 1 or bucket_growth < 2) or failing later under
+        # another argument's name (a step that schedules nothing read as "num_blocks: the
+        # pool cannot hold one sequence"; host_blocks < 0 as the tier's budget_bytes).
+        # numpy ints are stored as Python ints, so equal configs hash alike.
+        for name, minimum, hint in (
+                ("block_size", 1, ""),
+                ("num_blocks", 2, " (block 0 is the null block)"),
+                ("max_num_seqs", 1, ""),
+                ("max_num_batched_tokens", 1, " (tokens a step may compute)"),
+                ("max_model_len", 1, ""),
+                ("host_blocks", 0, " (0: no offload)"),
+                ("min_token_bucket", 1, " (the smallest padded step)"),
+                # an int: buckets are token counts (array sizes); 1 would never grow
+                ("bucket_growth", 2, " (each token bucket this many times the last)")):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), minimum, hint))
+        for name in ("enable_caching", "shared_prefix"):  # a truthy string would pass silently
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{name}: expected a bool, got {value!r}")
+            object.__setattr__(self, name, bool(value))
 
     def replace(self, **changes) -> EngineConfig:
         from dataclasses import replace
@@ -377,6 +402,11 @@ class Engine:
         if offloader is not None:  # evicted blocks go to the host tier before their reuse
             offloader.offload_on_evict(pc.events, lambda: adapter.caches)
         for r in requests:
+            if not len(r.prompt):  # the first token is sampled at the last prompt token: an
+                # empty prompt has nothing to compute, and a step with nothing scheduled
+                # would be blamed on num_blocks
+                raise ValueError(f"requests: request {r.request_id} has an empty prompt, "
+                                 f"expected at least one token")
             if len(r.prompt) + r.max_new_tokens > c.max_model_len:
                 raise ValueError(f"requests: request {r.request_id} needs "
                                  f"{len(r.prompt) + r.max_new_tokens} tokens, max_model_len is "

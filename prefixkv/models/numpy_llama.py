@@ -15,8 +15,14 @@ from .config import LlamaConfig
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    var = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)
-    return (x / np.sqrt(var + eps)) * w
+    """x: [..., hidden_size] float32|float16|bfloat16, returned in x's dtype.
+
+    Normalized in float32, then cast back before the weight, as the torch and JAX models do:
+    left in float32, a bf16/f16 model's K and V reached write_kv as float32 and were refused
+    against its bf16/f16 caches."""
+    xf = x.astype(np.float32)
+    var = np.mean(np.square(xf), axis=-1, keepdims=True)
+    return (xf / np.sqrt(var + eps)).astype(x.dtype) * w
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -28,7 +34,15 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    return x / (1.0 + np.exp(-x))
+    """In float32, returned in x's dtype (ml_dtypes promotes ``1.0 + bf16`` to float32)."""
+    xf = x.astype(np.float32)
+    return (xf / (1.0 + np.exp(-xf))).astype(x.dtype)
+
+
+def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x @ w in x's dtype: ml_dtypes' bfloat16 matmul returns float32 (its accumulator); torch
+    and JAX round the product to bf16, and write_kv needs K and V in the caches' dtype."""
+    return (x @ w).astype(x.dtype, copy=False)
 
 
 class NumpyLlama:
@@ -58,9 +72,9 @@ class NumpyLlama:
         for i in range(c.num_layers):
             p = f"layers.{i}."
             h = rms_norm(x, w[p + "attn_norm"], c.rms_norm_eps)
-            q = (h @ w[p + "wq"]).reshape(t, c.num_q_heads, c.head_dim)
-            k = (h @ w[p + "wk"]).reshape(t, c.num_kv_heads, c.head_dim)
-            v = (h @ w[p + "wv"]).reshape(t, c.num_kv_heads, c.head_dim)
+            q = matmul(h, w[p + "wq"]).reshape(t, c.num_q_heads, c.head_dim)
+            k = matmul(h, w[p + "wk"]).reshape(t, c.num_kv_heads, c.head_dim)
+            v = matmul(h, w[p + "wv"]).reshape(t, c.num_kv_heads, c.head_dim)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             kc, vc = ref.write_kv_reference(k, v, self.caches[2 * i], self.caches[2 * i + 1],
                                             batch.slot_mapping)
@@ -72,11 +86,12 @@ class NumpyLlama:
             else:
                 attn = ref.paged_attention_reference(q, kc, vc, batch.block_tables,
                                                      batch.kv_lens, batch.cu_q_lens)
-            x = x + attn.reshape(t, -1) @ w[p + "wo"]
+            x = x + matmul(attn.reshape(t, -1), w[p + "wo"])
             h = rms_norm(x, w[p + "mlp_norm"], c.rms_norm_eps)
-            x = x + (silu(h @ w[p + "w_gate"]) * (h @ w[p + "w_up"])) @ w[p + "w_down"]
+            x = x + matmul(silu(matmul(h, w[p + "w_gate"])) * matmul(h, w[p + "w_up"]),
+                           w[p + "w_down"])
         last = rms_norm(x[batch.logits_indices], w["final_norm"], c.rms_norm_eps)
-        return (last @ w["lm_head"]).astype(np.float32)
+        return matmul(last, w["lm_head"]).astype(np.float32)
 
     def gather_blocks(self, block_ids: np.ndarray) -> np.ndarray:
         """[n, 2 * num_layers, block_size, num_kv_heads, head_dim] host copy (for offload)."""
