@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ..kernels._vma import match_varying
 from ..paged.hashing import host_supports, kernel_supports
 from ..paged.reference.hashing import (
     BLOCK_LEN,
@@ -103,7 +104,10 @@ def compress_rows(cv, m, counter: int, block_len, flags):
         a, b, c, d = _round(a, b, c, d, m)
         return a, b, c, d, m[_PERM]
 
-    a, b, c, d, _ = lax.fori_loop(0, 7, body, (a, b, c, d, m))
+    # inside shard_map the carry must vary over the mesh axes its updates do (those of the
+    # message words, the chain value and the traced block_len / flags)
+    init = match_varying((a, b, c, d, m), cv, m, block_len, flags)
+    a, b, c, d, _ = lax.fori_loop(0, 7, body, init)
     return jnp.concatenate([a ^ c, b ^ d])
 
 
@@ -181,7 +185,8 @@ def hash_chain_xla(tok, cu, key, parents, extra, *, block_size: int, num_out: in
         out = out.at[row].set(new.T, mode="drop")
         return h, out
 
-    _, out = lax.fori_loop(0, jnp.max(nb), body, (parents.T, out))
+    init = match_varying((parents.T, out), tok, cu, key, parents, extra)  # inside shard_map
+    _, out = lax.fori_loop(0, jnp.max(nb), body, init)
     return out
 
 
@@ -241,12 +246,21 @@ def _host_chain(tok, cu, key, parents, *extra, block_size: int, num_out: int) ->
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def _host_callback(block_size: int, num_out: int):
+    """One callable per static config: eager pure_callback dispatch caches its compiled call by
+    the callback's identity, so a fresh partial per call compiled every call. Only the static
+    shape parameters are bound; tokens, lengths, key, parents and extra are operands."""
+    return functools.partial(_host_chain, block_size=block_size, num_out=num_out)
+
+
 def _run_host(tok, cu, key, parents, extra, *, block_size, num_out, num_steps):
     del num_steps
-    fn = functools.partial(_host_chain, block_size=block_size, num_out=num_out)
     args = (tok, cu, key, parents) + (() if extra is None else (extra,))
-    return jax.pure_callback(fn, jax.ShapeDtypeStruct((num_out, 8), jnp.uint32), *args,
-                             vmap_method="sequential")
+    out = jax.pure_callback(_host_callback(block_size, num_out),
+                            jax.ShapeDtypeStruct((num_out, 8), jnp.uint32), *args,
+                            vmap_method="sequential")
+    return match_varying(out, *args)  # inside shard_map: vary like the inputs
 
 
 def _run_pallas(tok, cu, key, parents, extra, *, block_size, num_out, num_steps):

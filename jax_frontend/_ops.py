@@ -19,6 +19,7 @@ import os
 import jax
 import numpy as np
 
+from ..kernels._vma import match_varying
 from ..paged import validate
 from ..paged.registry import BackendError
 from ..paged.spec import FP8_MAX
@@ -166,8 +167,12 @@ def _requested_elsewhere(reg, backend, context: dict, call, operands):
         out = outs[0] if outs else jax.eval_shape(lambda: call(next(iter(impls.values()))))
         leaves, tree = jax.tree_util.tree_flatten(out)
         avals = tuple(jax.core.ShapedArray(x.shape, x.dtype) for x in leaves)
-        return jax.tree_util.tree_unflatten(tree, _refused_p().bind(
-            avals=avals, refusals=tuple(sorted(refusals.items()))))
+        made = _refused_p().bind(avals=avals, refusals=tuple(sorted(refusals.items())))
+        # inside shard_map the branches' types include the mesh axes they vary over, and
+        # the primitive's outputs vary over none: each as its staged twin (or the operands)
+        made = [match_varying(m, leaf if outs else operands) for m, leaf in
+                zip(made, leaves, strict=True)]
+        return jax.tree_util.tree_unflatten(tree, made)
 
     per_platform = {plat: functools.partial(run, impl) for plat, impl in impls.items()}
     return jax.lax.platform_dependent(default=refused, **per_platform)

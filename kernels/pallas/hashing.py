@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -34,6 +33,7 @@ from ...paged.reference.hashing import (
     ROOT,
     one_chunk_blocks,
 )
+from .._vma import out_struct
 
 LANES = 128
 
@@ -137,7 +137,7 @@ def chain_call(nb, key, parents, msg, *, nblk: int, last_len: int, interpret=Fal
             pl.BlockSpec((1, width, 1, sub, lanes), lambda r, t: (t, 0, r, 0, 0)),
         ],
         out_specs=pl.BlockSpec((1, 8, 1, sub, lanes), lambda r, t: (t, 0, r, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((num_steps, 8, rows, sub, lanes), jnp.int32),
+        out_shape=out_struct((num_steps, 8, rows, sub, lanes), jnp.int32, nb, key, parents, msg),
         scratch_shapes=[pltpu.VMEM((8, sub, lanes), jnp.int32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=interpret,
