@@ -385,10 +385,11 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
         m0 = jnp.full((n, hh, rows), -jnp.inf, jnp.float32)
         l0 = jnp.zeros((n, hh, rows), jnp.float32)
         a0 = jnp.zeros((n, hh, rows, head_dim), jnp.float32)
-        m0, l0, a0 = match_varying((m0, l0, a0), q, k_cache, v_cache, block_tables, kv_lens,
-                                   cu_q_lens, head)
-        _, m, l_sum, acc = lax.while_loop(lambda st: st[0] < steps, body,
-                                          (jnp.int32(0), m0, l0, a0))
+        # the step counter too: a 16-bit or fp8 cache's step ties it to the caches
+        # (_cache_bits_in_step), so inside shard_map it varies as they do
+        state = match_varying((jnp.int32(0), m0, l0, a0), q, k_cache, v_cache, block_tables,
+                              kv_lens, cu_q_lens, head)
+        _, m, l_sum, acc = lax.while_loop(lambda st: st[0] < steps, body, state)
         return m, l_sum, acc
 
     all_tiles = (lo_blk, tables, hi, row_pos)
@@ -552,10 +553,10 @@ def single_prefix_attention(q, k_cache, v_cache, block_table, prefix_len, has_pr
             pv = jnp.einsum("rt,td->rd", p, v, preferred_element_type=jnp.float32, precision=prec)
             return j + 1, m_new, l_sum, acc * alpha[:, None] + pv
 
-        state = (jnp.int32(0), *match_varying(
-            (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
-             jnp.zeros((rows, head_dim), jnp.float32)),
-            qh, h, k_cache, v_cache, table, prefix_len, has_prefix))
+        state = match_varying(  # the counter too, as in the paged loop
+            (jnp.int32(0), jnp.full((rows,), -jnp.inf, jnp.float32),
+             jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, head_dim), jnp.float32)),
+            qh, h, k_cache, v_cache, table, prefix_len, has_prefix)
         if n_pad == cb:  # the whole table in one step (static): no loop
             _, m, l_sum, acc = body(state)
         else:

@@ -376,8 +376,58 @@ def plain_jit_edges() -> None:
     print("OK plain jit explicit vmap export")
 
 
+def dtypes() -> None:
+    """tensor_parallel_paged_attention and shared_prefix_attention in a user's shard_map
+    (check_vma) over 16-bit and fp8 caches, prefill and decode: the XLA loops tie their step
+    counter to such caches, and its initial value had declared no varying mesh axes (a trace
+    error: "carry input and carry output must have equal types"; float32 ran)."""
+    mesh = jax.make_mesh((4,), ("tp",))
+    spec = jf.kv_head_specs("tp")
+    rep = spec["replicated"]
+    put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
+    rng = np.random.default_rng(1)
+    for dtype, cache_dtype in (("bfloat16", "bfloat16"), ("float16", "float16"),
+                               ("float32", "float8_e4m3fn")):
+        for seqs in ([(40, 40), (3, 9)], [(1, 20), (1, 7)]):
+            b = testing.make_ragged_batch(rng, seqs, num_q_heads=8, num_kv_heads=4, head_dim=32,
+                                          block_size=8, dtype=dtype,
+                                          decode=seqs[0][0] == 1)
+            kc, vc, scales = b.k_cache, b.v_cache, {}
+            if cache_dtype != dtype:  # fp8 caches with per-tensor scales, read dequantized
+                scales = dict(k_scale=0.5, v_scale=0.25)
+                kc = ref.quantize_fp8_reference(kc, 0.5)
+                vc = ref.quantize_fp8_reference(vc, 0.25)
+            attn = jax.jit(jf.tensor_parallel_paged_attention(mesh, "tp", **scales))
+            extra = () if b.cu_q_lens is None else (b.cu_q_lens,)
+            got = attn(put(b.q, spec["q"]), put(kc, spec["cache"]), put(vc, spec["cache"]),
+                       b.block_tables, b.kv_lens, *extra)
+            want = ref.paged_attention_reference(b.q, kc, vc, b.block_tables, b.kv_lens,
+                                                 b.cu_q_lens, **scales)
+            testing.assert_attention_close(np.asarray(got), want, dtype)
+        sp = testing.make_shared_prefix_batch(rng, [3, 2], [(0, 2, 5), (1, 3, 9), (-1, 1, 4)],
+                                              num_q_heads=8, num_kv_heads=4, head_dim=32,
+                                              block_size=8, dtype=dtype)
+        a = list(sp.args())
+        scales = {}
+        if cache_dtype != dtype:
+            scales = dict(k_scale=0.5, v_scale=0.25)
+            a[1], a[2] = ref.quantize_fp8_reference(a[1], 0.5), ref.quantize_fp8_reference(
+                a[2], 0.25)
+        shared = jax.jit(jax.shard_map(
+            lambda q, k, v, *rest, s=scales: jf.shared_prefix_attention(q, k, v, *rest, **s),
+            mesh=mesh, in_specs=(spec["q"], spec["cache"], spec["cache"], *[rep] * 6),
+            out_specs=spec["q"]))
+        got = shared(put(a[0], spec["q"]), put(a[1], spec["cache"]), put(a[2], spec["cache"]),
+                     *(put(x, rep) for x in a[3:9]))
+        testing.assert_attention_close(
+            np.asarray(got), ref.shared_prefix_attention_reference(*a, **scales), dtype)
+        print("OK dtypes", cache_dtype)
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] == ["hnd"]:
+    if sys.argv[1:] == ["dtypes"]:
+        dtypes()
+    elif sys.argv[1:] == ["hnd"]:
         hnd()
     elif sys.argv[1:] == ["plain_jit"]:
         plain_jit()

@@ -33,6 +33,12 @@ def test_tensor_parallel_xla():
     assert "OK unsharded default" in out and "OK unsharded auto" in out
 
 
+def test_tensor_parallel_16bit_and_fp8_caches():
+    out = _run("dtypes")
+    for dtype in ("bfloat16", "float16", "float8_e4m3fn"):
+        assert f"OK dtypes {dtype}" in out, out
+
+
 def test_tensor_parallel_pallas_kernel_interpret():
     assert "OK attention pallas_interpret" in _run("pallas_interpret")
 
