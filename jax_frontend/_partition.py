@@ -14,6 +14,11 @@ cache included. So, when a traced call runs with more than one device:
   ``custom_partitioning`` with the same layout, as a callback and as a Shardy rule, so each
   device runs the op on its own part with no communication.
 
+Either way a returned cache has its input cache's sharding (a loop carries it, a donated one
+is updated in place): a cache sharded otherwise than the op splits (over its blocks, its
+head_dim, heads the axes do not divide) is gathered for the op and its result sliced back, and
+write_kv's keys follow the cache (a replicated cache stays replicated, its keys gathered).
+
 Heads whose count the mesh axes do not divide run replicated (gathered), as XLA would, and so
 does a single kv head (MQA: nothing to split). Over Auto axes a call traced under ``vmap`` or
 ``jvp`` runs as it is (custom_partitioning has no rules for them), and a split call that a
@@ -122,9 +127,11 @@ class _Heads:
         return None if role is REP else 1
 
     def plan(self, specs, roles, mesh_shape) -> tuple:
-        """The first cache's head-dim axes (else a key's or q's) when their sizes divide the
-        kv heads; () otherwise (replicated)."""
-        for want in (CACHE, KV, Q):
+        """The first cache's head-dim axes (else q's: attention slices a replicated cache for
+        free) when their sizes divide the kv heads; () otherwise (replicated). Never a key's:
+        write_kv returns the caches, which keep their layout (a head-sharded result of a
+        replicated cache would have to be gathered back)."""
+        for want in (CACHE, Q):
             for spec, role in zip(specs, roles, strict=True):
                 if role != want or spec is None:
                     continue
@@ -143,19 +150,23 @@ class _Heads:
 
     def rule(self, roles, ranks, out_roles) -> tuple[str, dict]:
         """The Shardy rule: the kv heads one factor ``k`` (q heads ``(k g)``), every other dim
-        a factor of its own; outputs share their inputs' factors (lse: q's first two)."""
+        a factor of its own; outputs share their inputs' factors (lse: q's first two). An op
+        returning caches (write_kv) shares no factor between operands: each cache result
+        has its own cache's factors, so it keeps that cache's sharding, not the keys'."""
         qh = "(k g)" if self.group > 1 else "k"
-        heads = {Q: qh, LSE: qh, KV: "k", CACHE: "k"}
+        heads = {} if CACHE in out_roles else {Q: qh, LSE: qh, KV: "k", CACHE: "k"}
         names = (f"x{i}" for i in count())
-        ins, first = [], {}
+        ins, seen = [], {}
         for role, rank in zip(roles, ranks, strict=True):
             d = self.head_dim(role)
-            dims = [heads[role] if j == d else next(names) for j in range(rank)]
-            first.setdefault(role, dims)
+            dims = [heads[role] if j == d and role in heads else next(names)
+                    for j in range(rank)]
+            seen.setdefault(role, []).append(dims)
             ins.append(" ".join(dims))
-        outs = [" ".join(first[Q][:2] if r == LSE else first[r]) for r in out_roles]
+        outs = [" ".join(seen[Q][0][:2] if r == LSE else seen[Q][0] if r == Q else given)
+                for r, given in zip(out_roles, _results(seen, out_roles), strict=True)]
         return ", ".join(ins) + " -> " + ", ".join(outs), (
-            {"g": self.group} if self.group > 1 else {})
+            {"g": self.group} if heads and self.group > 1 else {})
 
 
 class _Blocks:
@@ -181,30 +192,31 @@ class _Blocks:
         return P(*([None] * self.lead[role]), *block)
 
     def rule(self, roles, ranks, out_roles) -> tuple[str, dict]:
-        """The Shardy rule: the block dims shared by every cache and buffer; a cache output
-        keeps its input cache's block axis, a buffer's leading dims are its own."""
+        """The Shardy rule: gather_blocks' block dims shared by every cache and its buffer
+        (whose leading dims are its own). An op returning caches shares no factor between
+        operands: each cache result has its own cache's factors, so keeps its sharding."""
         dims = [f"e{j}" for j in range(self.block_rank)]
         names = (f"x{i}" for i in count())
-        ins, caches = [], []
+        shared = BLOCKS not in out_roles
+        ins, seen = [], {}
         for role, rank in zip(roles, ranks, strict=True):
             if role is REP:
                 ins.append(" ".join(next(names) for _ in range(rank)))
                 continue
             lead = [next(names) for _ in range(self.lead[role])]
-            if role == BLOCKS:
-                caches.append(lead)
-            ins.append(" ".join(lead + dims))
-        outs = []
-        for j, role in enumerate(out_roles):
-            lead = (caches[j] if role == BLOCKS and j < len(caches)
-                    else [next(names) for _ in range(self.lead[role])])
-            outs.append(" ".join(lead + dims))
+            block = dims if shared else [next(names) for _ in dims]
+            seen.setdefault(role, []).append(lead + block)
+            ins.append(" ".join(lead + block))
+        outs = [" ".join(given or [next(names) for _ in range(self.lead[role])] + dims)
+                for role, given in zip(out_roles, _results(seen, out_roles), strict=True)]
         return ", ".join(ins) + " -> " + ", ".join(outs), {}
 
 
 class _Whole:
     """No split: every operand and output whole on every device. Over Explicit axes the op
-    still runs in a shard_map (the kernels need Manual axes); over Auto ones it runs as is."""
+    still runs in a shard_map (the kernels need Manual axes); over Auto ones it runs as is,
+    except an op returning only caches: a custom_partitioning, so each cache keeps its
+    sharding (run as is, a kernel's result would come back replicated)."""
 
     def plan(self, specs, roles, mesh_shape) -> None:
         return None
@@ -212,7 +224,36 @@ class _Whole:
     def spec(self, role, ndim: int | None, plan) -> P:
         return P()
 
-    rule = None
+    def rule(self, roles, ranks, out_roles) -> tuple[str, dict] | None:
+        """The Shardy rule: no factor shared, a cache result its own cache's; None (run as
+        is) unless every result is a cache."""
+        if not all(r in (CACHE, BLOCKS) for r in out_roles):
+            return None
+        names = (f"x{i}" for i in count())
+        ins, seen = [], {}
+        for role, rank in zip(roles, ranks, strict=True):
+            dims = [next(names) for _ in range(rank)]
+            seen.setdefault(role, []).append(dims)
+            ins.append(" ".join(dims))
+        outs = [" ".join(given) for given in _results(seen, out_roles)]
+        return ", ".join(ins) + " -> " + ", ".join(outs), {}
+
+
+def _results(seen: dict, out_roles) -> list:
+    """Per output: the j-th cache result (role CACHE or BLOCKS) gets the j-th operand of its
+    role (``seen``: per role, its operands in order), any other output None."""
+    taken: dict = {}
+    out = []
+    for r in out_roles:
+        j = taken[r] = taken.get(r, -1) + 1
+        given = seen.get(r, []) if r in (CACHE, BLOCKS) else []
+        out.append(given[j] if j < len(given) else None)
+    return out
+
+
+def _padded(spec, ndim: int) -> tuple:
+    """A PartitionSpec's entries to rank ``ndim`` (P("a") and P("a", None) compare unequal)."""
+    return tuple(spec) + (None,) * (ndim - len(tuple(spec)))
 
 
 def by_heads(fn, operands, roles, out_roles, *, layout: str, num_kv_heads: int,
@@ -258,6 +299,10 @@ def _split(fn, operands, roles, out_roles, how):
         return (tuple(how.spec(r, n, plan) for r, n in zip(aroles, ndims, strict=True)),
                 tuple(how.spec(r, None, plan) for r in out_roles))
 
+    # per output: the array index of the cache it returns (its sharding kept), else None
+    sources = _results({r: [i for i, x in enumerate(aroles) if x == r] for r in (CACHE, BLOCKS)},
+                       out_roles)
+
     if mode == "explicit":
         types = [jax.typeof(a) for a in arrays]
         mesh = next(t.sharding.mesh for t in types if not t.sharding.mesh.empty)
@@ -265,10 +310,19 @@ def _split(fn, operands, roles, out_roles, how):
                                     [a.ndim for a in arrays])
         laid = [a if s == t.sharding.spec else jax.sharding.reshard(a, NamedSharding(mesh, s))
                 for a, s, t in zip(arrays, in_specs, types, strict=True)]
-        return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+        outs = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                              check_vma=False)(*laid)
+        back = []
+        for o, i in zip(outs, sources, strict=True):
+            want = None if i is None else types[i].sharding.spec
+            if want is not None and _padded(want, o.ndim) != _padded(
+                    jax.typeof(o).sharding.spec, o.ndim):
+                o = jax.sharding.reshard(o, NamedSharding(mesh, want))
+            back.append(o)
+        return tuple(back)
 
-    if how.rule is None:
+    rule = how.rule(aroles, [a.ndim for a in arrays], out_roles)
+    if rule is None:
         return fn(*operands)
     from jax.experimental.custom_partitioning import custom_partitioning
 
@@ -280,13 +334,17 @@ def _split(fn, operands, roles, out_roles, how):
 
     def partition(mesh, arg_shapes, result_shape):
         args, outs = shardings(mesh, arg_shapes)
-        return mesh, local, outs, args
+        return mesh, local, outs, args  # a cache result laid out otherwise is resharded back
+
+    def infer(mesh, arg_shapes, result_shape):
+        """(GSPMD) the results' shardings: a cache result its input cache's."""
+        outs = shardings(mesh, arg_shapes)[1]
+        return tuple(o if i is None or getattr(arg_shapes[i], "sharding", None) is None
+                     else arg_shapes[i].sharding for o, i in zip(outs, sources, strict=True))
 
     op = custom_partitioning(local)
-    rule, sizes = how.rule(aroles, [a.ndim for a in arrays], out_roles)
-    op.def_partition(partition=partition,
-                     infer_sharding_from_operands=lambda m, a, r: shardings(m, a)[1],
-                     sharding_rule=rule, **sizes)
+    op.def_partition(partition=partition, infer_sharding_from_operands=infer,
+                     sharding_rule=rule[0], **rule[1])
 
     # custom_partitioning has no batching rule: a vmap reaching the traced call later
     # (vmap(jit(op))) runs the op unsplit, batched as the op itself is
