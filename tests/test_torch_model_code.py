@@ -166,3 +166,21 @@ def test_sparse_and_nested_tensors_are_named():
     for name, call in cases:
         with pytest.raises(TypeError, match=rf"^{name}: expected a dense"):
             call()
+
+
+def test_grad_refusal_under_compile():
+    """A compiled step refuses too (dynamo traces the wrappers' check); under fullgraph torch
+    wraps the error, whose text still names the argument."""
+    key, value, kc, vc, slots = _kv_write_args()
+
+    def step(k):
+        tf.write_kv(k, value, kc, vc, slots)
+
+    with pytest.raises(RuntimeError, match=r"^key: requires grad"):
+        torch.compile(step, backend="eager")(key)
+    with pytest.raises(Exception, match=r"key: requires grad"):
+        torch.compile(step, backend="eager", fullgraph=True)(key)
+    assert not kc.any()
+    with torch.no_grad():
+        torch.compile(step, backend="eager", fullgraph=True)(key)
+    np.testing.assert_array_equal(kc.reshape(-1, 2, 16)[:3].numpy(), key.detach().numpy())

@@ -641,12 +641,13 @@ def _invoke(name: str, args: tuple):
     """``torch.ops.prefixkv.<name>(*args)``; in plain eager mode (not compiling, no dispatch or
     function mode, no profiler, plain tensors without grad) its implementation directly, with
     the version bump of its mutated arguments that the dispatcher would have made. An op that
-    writes in place refuses, in grad mode, tensors that require grad (_no_grad_writes)."""
-    if _MUTATED[name] and torch.is_grad_enabled():
-        _no_grad_writes(name, args)
+    writes in place refuses, in grad mode, tensors that require grad (_no_grad_writes: such a
+    tensor is never _plain, so the direct path pays nothing for the check)."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled()
             or torch._C._autograd._profiler_enabled() or not _plain(args)):
+        if _MUTATED[name] and torch.is_grad_enabled():
+            _no_grad_writes(name, args)
         return getattr(torch.ops.prefixkv, name)(*args)
     result = _IMPL[name](*args)
     mutated = []
