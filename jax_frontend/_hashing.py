@@ -49,7 +49,7 @@ from ..paged.reference.hashing import (
 )
 from ..paged.registry import Backend, Registry
 from ..paged.validate import check_hash_blocks, check_hash_blocks_values, value_checks_enabled
-from ._ops import _dispatch, check_static
+from ._ops import _dispatch, _on_host, check_static
 
 # ------------------------------------------------------------- lane-parallel BLAKE3 in jnp
 #
@@ -211,14 +211,6 @@ def _is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def _platform(tokens) -> str:
-    if isinstance(tokens, jax.Array) and not _is_tracer(tokens):
-        platform = next(iter(tokens.devices())).platform
-    else:
-        platform = jax.default_backend()
-    return "cuda" if platform == "gpu" else platform
-
-
 def _run_xla(tok, cu, key, parents, extra, *, block_size, num_out, num_steps):
     del num_steps
     return hash_chain_xla(tok, cu, key, parents, extra, block_size=block_size, num_out=num_out)
@@ -298,9 +290,10 @@ def hash_blocks(tokens, block_size: int, *, cu_lens=None, salt=None, extra=None,
     cu_host = None
     if cu_lens is not None and not _is_tracer(cu_lens):
         cu_host = np.asarray(cu_lens).astype(np.int64)
-    platform = _platform(tokens)
-    if concrete and value_checks_enabled(host_inputs=platform == "cpu"):
-        check_hash_blocks_values(dims, tokens, cu_lens=cu_lens, extra=extra)
+    # by where the inputs are, as the other ops decide (numpy tokens are on the host, also on
+    # a TPU or GPU machine: jax's default backend had skipped their checks there)
+    if concrete and value_checks_enabled(host_inputs=_on_host(tokens, cu_lens, extra)):
+        check_hash_blocks_values(dims, tokens, cu_lens=cu_host, extra=extra)
     elif cu_lens is None or cu_host is not None:
         # the lengths (and so extra's row count) are known here whatever tokens is (traced,
         # or on a device): checked at no cost, so no call hashes past its tokens; token ids
@@ -338,4 +331,5 @@ def hash_blocks(tokens, block_size: int, *, cu_lens=None, salt=None, extra=None,
                                                   has_extra=extra is not None),
                      lambda impl: impl(tok, cu, key, parents, ext, block_size=block_size,
                                        num_out=num_out, num_steps=num_steps),
-                     operands=(tokens, cu_lens, extra), registry=HASH_BLOCKS_BACKENDS)
+                     operands=(tokens, cu_lens, extra, parent),  # a traced parent stages
+                     registry=HASH_BLOCKS_BACKENDS)

@@ -31,6 +31,7 @@ from ..paged.spec import dtype_name
 from . import _backends, _xla
 from ._ops import (
     _at_most,
+    _current_platform,
     _is_traced,
     _run_paged_attention,
     _run_shared_prefix_attention,
@@ -50,10 +51,9 @@ def _device_of(k_cache):
 
 def _check_backend(op: str, backend, k_cache) -> None:
     """The wrapper's error for a backend name the op lacks, when the plan is made (not at its
-    first run): the platform of k_cache's device (jax's default device for an abstract one)."""
-    device = _device_of(k_cache)
-    platform = device.platform if device is not None else jax.default_backend()
-    _backends.REGISTRIES[op].check_known(platform, backend)
+    first run): the platform of k_cache's device (jax's default device for an abstract one),
+    as the registry names it (a GPU's device platform "gpu" is "cuda" or "rocm" there)."""
+    _backends.REGISTRIES[op].check_known(_current_platform((k_cache,)), backend)
 
 
 def _as_int32(**named) -> tuple:

@@ -92,3 +92,24 @@ def test_in_shard_map_with_check_vma(shard_map_run, section):
 
 def test_in_shard_map_requested_pallas_tpu_exports_for_tpu(shard_map_run):
     assert "OK export_tpu_requested\n" in shard_map_run, shard_map_run
+
+
+def test_numpy_tokens_are_value_checked_on_an_accelerator_host(monkeypatch):
+    """Host inputs are value-checked by default wherever jax's default backend is: numpy
+    tokens on a TPU or GPU machine had skipped the check (the decision read the default
+    backend, not where the tokens are), so a negative id was hashed."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    tokens = np.array([-5, 1, 2, 3, 4, 5, 6, 7], np.int32)
+    with pytest.raises(ValueError, match=r"^tokens"):
+        hash_blocks(tokens, 4)
+
+
+def test_a_traced_parent_alone_stages_the_requested_backend():
+    """A parent traced while the tokens are concrete: the call is traced, so a backend of
+    another platform is staged for it (exported for the TPU here), not refused on the CPU."""
+    tokens = np.arange(8, dtype=np.int32)
+    parent = jax.numpy.zeros(8, jax.numpy.uint32)
+    exported = jax.export.export(
+        jax.jit(lambda p: hash_blocks(tokens, 4, parent=p, backend="pallas_tpu")),
+        platforms=["tpu"])(parent)
+    assert "tpu_custom_call" in exported.mlir_module()

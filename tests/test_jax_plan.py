@@ -276,3 +276,15 @@ def test_explain_backends_names_an_unknown_platform_or_keyword():
     with pytest.raises(ValueError, match=r"^headdim: not a keyword explain_backends takes"):
         jf.explain_backends("paged_attention", "tpu", headdim=128)
     assert jf.explain_backends("hash_blocks", "tpu", block_size=16)["pallas_tpu"] == "ok"
+
+
+def test_unknown_backend_names_the_registry_platform_of_a_gpu():
+    """A plan's unknown-backend error reasons about the registry's platform: a GPU device's
+    platform is "gpu" to JAX and "cuda" / "rocm" to the registry, so every backend was
+    refused as "not gpu" (xla too), and an abstract cache took jax's default backend, not its
+    default device."""
+    kc = jax.ShapeDtypeStruct((8, 16, 2, 64), np.float32)
+    with jax.default_device("gpu"), pytest.raises(jf.BackendError) as err:
+        jf.plan_paged_attention(np.zeros((1, 1), np.int32), np.ones(1, np.int32), k_cache=kc,
+                                num_q_heads=4, backend="bogus")
+    assert "on platform 'cuda'" in str(err.value) and "not gpu" not in str(err.value)
