@@ -8,10 +8,14 @@ per op.
 - ``pallas_gpu``: Pallas kernels lowered through Triton; CUDA only.
 - ``pallas_interpret``: the Pallas kernels run by the Pallas interpreter on CPU (slow; for
   testing the kernels' logic anywhere; never chosen unless asked for).
+- ``pallas_gpu_interpret``: the GPU (Triton-lowered) attention kernels in the Pallas
+  interpreter on CPU, likewise.
 
 An attention backend whose impl has ``reads_fp8(**context) -> bool`` answering True gets
 float8_e4m3fn caches as they are, with ``k_scale``/``v_scale`` keywords (0-d float32 arrays or
-None); the others get the blocks the tables name dequantized into q's dtype (frontend). One
+None); the others get the blocks the tables name dequantized, in the exact e4m3 values (q's
+dtype), with both scales when the impl ``takes_scales`` (the TPU kernel), else k_scale folded
+into the logits' scale (``_ops._fp8_call``). One
 whose impl lists "HND" in ``kv_layouts`` gets HND caches as they are, with a ``kv_layout``
 keyword (every backend here); the others get the blocks the tables name transposed to NHD
 (frontend).

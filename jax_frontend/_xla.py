@@ -932,7 +932,8 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
 
 #: On a CPU the XLA cascade runs only when some prefix group reaches CPU_CASCADE_MIN_ROWS query
 #: rows per kv head (its tokens x q heads of a kv head) and CPU_CASCADE_MIN_SCORES score
-#: elements (rows x prefix keys) over a float32 cache, twice both over a 16-bit one; else the
+#: elements (rows x prefix keys) over a float32 cache, twice both over a 16-bit one and 4 times
+#: over fp8; else the
 #: batch runs as paged attention over each sequence's prefix then own blocks (the same result;
 #: each prefix read once per sequence). Measured here (one thread, 32 q / 8 kv heads, head_dim
 #: 128, decode, 128 own tokens; cascade over paged attention, min of 14 calls; the ~1 ms cases
@@ -1276,4 +1277,3 @@ __all__ = ["ragged_paged_attention", "merge_attention_states", "shared_prefix_at
            "write_kv", "copy_blocks", "gather_blocks", "scatter_blocks", "choose_tiling",
            "dense_gather_paged_attention"]
 
-_ = np  # numpy kept for static helpers

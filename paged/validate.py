@@ -91,8 +91,8 @@ def check_array(name: str, x, *, ndim: int | None = None, dtypes: Sequence[str] 
         hint = ""
         if tuple(dtypes) == (INDEX_DTYPE,) and dtype_name(x).startswith(("int", "uint")):
             # SGLang's int64 seq_lens, torch's default integer dtype, JAX with x64
-            hint = (" (indices are int32 in prefixkv: cast with .to(torch.int32) or "
-                    ".astype(np.int32))")
+            hint = (" (indices are int32 in prefixkv: cast with .astype(np.int32) or, in "
+                    "torch, .to(torch.int32); the plans take int64 and cast once)")
         raise TypeError(f"{name}: expected {want}, got {dtype_name(x)}{hint}")
     if ndim is not None and len(x.shape) != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {_shape(x)}")

@@ -184,3 +184,32 @@ def test_grad_refusal_under_compile():
     with torch.no_grad():
         torch.compile(step, backend="eager", fullgraph=True)(key)
     np.testing.assert_array_equal(kc.reshape(-1, 2, 16)[:3].numpy(), key.detach().numpy())
+
+
+def test_negative_bit_views_elsewhere():
+    """The same refusal where a review found the bit read raw: a plan's run (its fast path
+    skipped the wrapper's checks), the merge (the Triton kernel reads raw), write_kv (its
+    Triton kernel too) and gather_blocks' out=; block ops route such caches to the torch
+    backend, which resolves the bit (the Triton and CUDA C copies move raw bytes)."""
+    from prefixkv.torch_frontend import _ops
+
+    neg = torch._neg_view
+    q, k, v, bt, kv = _attention_inputs(3)
+    plan = tf.plan_paged_attention(bt, kv, k_cache=k, num_q_heads=4)
+    with pytest.raises(ValueError, match=r"^q: a negative-bit view"):
+        plan.run(neg(q), k, v)
+    np.testing.assert_allclose(plan.run(q, k, v).numpy(), _reference(q, k, v, bt, kv),
+                               rtol=1e-5, atol=1e-5)
+    a, la = torch.randn(3, 4, 16), torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"^out_b: a negative-bit view"):
+        tf.merge_attention_states(a, la, neg(a), la)
+    key, value, kc, vc, slots = _kv_write_args(requires_grad_key=False)
+    with pytest.raises(ValueError, match=r"^value: a negative-bit view"):
+        tf.write_kv(key, neg(value), kc, vc, slots)
+    assert not kc.any()
+    with pytest.raises(ValueError, match=r"^out: a negative-bit view"):
+        tf.gather_blocks([k], i32([1]), out=neg(torch.empty(1, 1, 4, 2, 16)))
+    with pytest.raises(TypeError, match=r"^out: expected a dense"):
+        tf.gather_blocks([k], i32([1]), out=torch.empty(1, 1, 4, 2, 16).to_sparse())
+    assert _ops._block_contiguous([k, v]) and not _ops._block_contiguous([k, neg(v)])
+    assert not _ops._block_contiguous([torch.zeros(2, 3, dtype=torch.complex64).conj()])

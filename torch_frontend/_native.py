@@ -11,8 +11,9 @@ long causal prefill runs in query tiles (_tiled_prefill). With it on a device (t
 on CUDA) there is no host sync: every sequence pads to the batch's token count, unless that
 passes PAD_SYNC_BYTES, when the lengths are read back (a sync) and the host's rules apply.
 
-With the ragged metadata on the host (the CPU path) shared_prefix_attention uses
-_attend_host instead: whole blocks gathered a few MB at a time, then torch's fused CPU
+With the ragged metadata on the host (the CPU path) shared_prefix_attention reads a decode
+batch's own tokens with the compiled decode kernel (_c_decode) when it builds, else, as each
+prefix, through _attend_host: whole blocks gathered a few MB at a time, then torch's fused CPU
 attention kernel (decode: few rows per kv head) or one large matmul per kv head (a prefix
 read by many queries), key chunks merged by LSE.
 
@@ -1117,9 +1118,10 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
     are dequantized into their exact e4m3 values, k_scale folded into the logits' scale and
     v_scale into the final merge (_fp8_scales), as the Triton kernel reads them.
 
-    With the metadata on the host and no soft cap (the CPU path), both parts go through
-    _attend_host: a decode batch's own tokens through torch's fused CPU kernel (the q heads of
-    a kv head are its rows), each prefix through large per-head matmuls over all its queries.
+    With the metadata on the host and no soft cap (the CPU path): a decode batch's own tokens
+    through the compiled decode kernel (_c_decode) when it builds, else _attend_host's fused
+    CPU kernel (the q heads of a kv head are its rows); each prefix through _attend_host's
+    large per-head matmuls over all its queries.
     Otherwise (a device, a soft cap) the padded online-softmax path of paged_attention.
     """
     num_tokens, num_q_heads, head_dim = q.shape
@@ -1419,8 +1421,9 @@ def _host_bounds(name: str, ids: torch.Tensor, upper: int, *,
     """(least, greatest) of host ``ids`` ((0, 0) when empty), after a ValueError naming
     ``name`` unless every id lies in [0, upper) (or is negative, with ``negative_skips``).
 
-    The torch path's own bounds guard, for calls whose values nobody checked (under
-    torch.compile, or with PREFIXKV_VALUE_CHECKS=0): run before anything is written, so a
+    The torch path's own bounds guard, run on every call with host ids (a few integer ops;
+    it is what stands when nobody checked the values: under torch.compile, or with
+    PREFIXKV_VALUE_CHECKS=0): run before anything is written, so a
     bad id never leaves a cache half-written; a few ids are read as a Python list, not by
     reduction ops (a decode step's write_kv is one token)."""
     n = ids.shape[0]

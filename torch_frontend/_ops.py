@@ -173,9 +173,10 @@ def _dense(name: str, t: Tensor) -> None:
 
 def _no_neg_bits(**named) -> None:
     """A ValueError naming the first tensor that is a negative-bit view (None skipped): the
-    attention kernels read and write raw memory, so such a view was read as its negation
-    (the block ops and the merge honour the bit). Not while compiling (dynamo cannot trace
-    is_neg): the op's guard checks the real tensors."""
+    compiled and Triton kernels of attention, the merge and write_kv read and write raw
+    memory, so such a view was read as its negation (the block ops route such caches to the
+    torch backend, which resolves the bit: _block_contiguous). Not while compiling (dynamo
+    cannot trace is_neg): the op's guard checks the real tensors."""
     if torch.compiler.is_compiling():
         return
     for name, t in named.items():
@@ -477,7 +478,8 @@ def _check_workspace(workspace, q) -> None:
     if workspace.device != q.device:
         raise ValueError(f"workspace: expected it on q's device {q.device}, got "
                          f"{workspace.device}")
-    # storage_offset() is not traceable: under torch.compile the Triton launcher checks it
+    # storage_offset() is not traceable: under torch.compile the op's guard checks it when the
+    # graph runs (and the Triton launcher's _carve)
     if not torch.compiler.is_compiling() and workspace.storage_offset() % WORKSPACE_ALIGN:
         raise ValueError(f"workspace: must start {WORKSPACE_ALIGN}-byte aligned (a fresh "
                          f"tensor, or a slice at a multiple of {WORKSPACE_ALIGN})")
@@ -914,6 +916,7 @@ def _(*args):
 def _guard_merge(out_a, lse_a, out_b, lse_b, backend) -> tuple:
     """merge_attention_states' checks, the wrapper's and (as _op's guard) the op's."""
     _tensors(out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
+    _no_neg_bits(out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
     _static_check(validate.check_merge_attention_states, out_a, lse_a, out_b, lse_b)
     return out_a, lse_a, out_b, lse_b, backend
 
@@ -1181,12 +1184,17 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, out=None, lse=None, ba
 
 
 def _block_contiguous(caches) -> bool:
-    return all(c.shape[0] == 0 or c[0].is_contiguous() for c in caches)
+    """Each cache's blocks contiguous, their bytes their values: the Triton and CUDA C block
+    copies move raw bytes, so a conjugate or negative-bit view takes the torch backend (which
+    resolves the bit) as a strided one does."""
+    return all(c.shape[0] == 0 or (c[0].is_contiguous() and not (c.is_conj() or c.is_neg()))
+               for c in caches)
 
 
 def _write_kv_checks(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
     """write_kv's checks, the wrapper's and the op's."""
     _tensors(key=key, value=value, k_cache=k_cache, v_cache=v_cache)
+    _no_neg_bits(key=key, value=value, k_cache=k_cache, v_cache=v_cache)
     _index_tensors(slot_mapping=slot_mapping)
     _static_check(validate.check_write_kv, key, value, k_cache, v_cache, slot_mapping,
                   k_scale=k_scale, v_scale=v_scale)
@@ -1409,14 +1417,13 @@ def _swap_blocks(src_caches: list[Tensor], dst_caches: list[Tensor], src_ids: Te
                  dst_ids: Tensor, backend: str | None) -> None:
     _not_inference(dst_caches=dst_caches)
     _swap_memory_checks(src_caches, dst_caches)
-    host = [c for c in (*src_caches, *dst_caches) if c.device.type == "cpu"]
-    pinned = all(c.is_pinned() for c in host) if platform_of(*src_caches, *dst_caches) == \
-        "cuda" else True
-    devices = {c.device.index for c in (*src_caches, *dst_caches) if c.device.type == "cuda"}
-    fn = select("swap_blocks", platform_of(*src_caches, *dst_caches), backend,
-                pinned_host=pinned, block_contiguous=_block_contiguous([*src_caches,
-                                                                        *dst_caches]),
-                one_gpu=len(devices) <= 1)
+    caches = (*src_caches, *dst_caches)
+    platform = platform_of(*caches)  # once: ~80 us over 128 caches
+    host = [c for c in caches if c.device.type == "cpu"]
+    pinned = all(c.is_pinned() for c in host) if platform == "cuda" else True
+    devices = {c.device.index for c in caches if c.device.type == "cuda"}
+    fn = select("swap_blocks", platform, backend, pinned_host=pinned,
+                block_contiguous=_block_contiguous(caches), one_gpu=len(devices) <= 1)
     fn(src_caches, dst_caches, src_ids, dst_ids)
 
 
@@ -1558,6 +1565,8 @@ def _gather_out(out, caches, block_ids) -> None:
     """gather_blocks' out=: an error naming it unless it can take the gathered blocks."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
+    _dense("out", out)
+    _no_neg_bits(out=out)
     c0 = caches[0]
     shape = (block_ids.shape[0], len(caches), *c0.shape[1:])
     if tuple(out.shape) != shape:

@@ -39,6 +39,7 @@ from ..paged.spec import dtype_name
 from ._ops import (
     _at_most,
     _index_tensors,
+    _no_neg_bits,
     _on,
     _op_scales,
     _prefix_then_own_tables,
@@ -232,10 +233,12 @@ class AttentionPlan:
                 and q.device == self._device and k_cache.device == self._device
                 and v_cache.device == self._device):
             self._check_inputs(q, k_cache, v_cache)
+        _no_neg_bits(q=q, k_cache=k_cache, v_cache=v_cache)  # as the wrapper
         if not isinstance(return_lse, (bool, np.bool_)):
             raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
         if sinks is not None:
             _tensors(q=q, sinks=sinks)
+            _no_neg_bits(sinks=sinks)
             validate.check_sinks(sinks, self._q_shape[1])
         validate.check_kv_scale("k_scale", k_scale, k_cache)  # a scale of a float cache:
         validate.check_kv_scale("v_scale", v_scale, v_cache)  # refused by name
