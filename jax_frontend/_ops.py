@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import numpy as np
@@ -104,12 +103,14 @@ def _dispatch(op: str, backend: str | None, context: dict, call, operands=(), re
     op's in _backends.REGISTRIES).
 
     ``call(impl)`` runs the op with one implementation. Eagerly (no tracer among
-    ``operands``: the platform is the default backend's) the registry picks one backend. Under
-    tracing, TPU and CUDA get their best registered backend through ``platform_dependent``, so
-    the traced function runs anywhere; others get "xla". An explicit request (argument or
-    environment variable) runs that backend where it can run here; one for other platforms
-    only (``backend="pallas_tpu"`` traced on a CPU host, to export for a TPU) is staged for
-    those platforms, and lowering for any other fails with the registry's error.
+    ``operands``: the platform is that of the first concrete JAX array among them, else the
+    default device's) the registry picks one backend. Under tracing, TPU and CUDA get their
+    best registered backend through ``platform_dependent`` (a branch only where it differs
+    from the CPU's), so the traced function runs anywhere; others get the CPU's. An
+    explicit request (argument or environment variable) runs that backend where it can run
+    here; one for other platforms only (``backend="pallas_tpu"`` traced on a CPU host, to
+    export for a TPU) is staged for those platforms, and lowering for any other fails with
+    the registry's error.
     """
     reg = _backends.REGISTRIES[op] if registry is None else registry
     traced = _is_traced(*operands)
@@ -687,4 +688,3 @@ def explain_backends(op: str, platform: str | None = None, **context) -> dict[st
     return registry.explain(platform or _current_platform(), **context)
 
 
-_ = (functools, os, np)
