@@ -42,7 +42,7 @@ ATTENTION_CASES = [
     ({"v_cache": RB.v_cache[:, :2]}, {}, ValueError, r"v_cache: expected the shape of k_cache"),
     ({"v_cache": RB.v_cache.astype(np.float16)}, {}, TypeError, r"v_cache: expected the dtype of k_cache"),
     ({"k_cache": RB.k_cache[:0], "v_cache": RB.v_cache[:0]}, {}, ValueError, r"k_cache: expected non-empty"),
-    ({"block_tables": RB.block_tables.astype(np.int64)}, {}, TypeError, r"block_tables: expected int32, got int64 \(indices are int32 in prefixkv: cast with \.to\(torch\.int32\) or \.astype\(np\.int32\)\)"),
+    ({"block_tables": RB.block_tables.astype(np.int64)}, {}, TypeError, r"block_tables: expected int32, got int64 \(indices are int32 in prefixkv: cast with \.astype\(np\.int32\) or, in torch, \.to\(torch\.int32\); the plans take int64 and cast once\)"),
     ({"k_cache": np.stack([RB.k_cache, RB.v_cache], 1)}, {}, ValueError, r"k_cache: expected 4 dimensions, got shape \(\d+, 2, 4, 2, 64\): a stacked K/V cache\? pass its halves, k_cache, v_cache = kv\[:, 0\], kv\[:, 1\] \(torch views: no copy\)"),
     ({"k_cache": np.stack([RB.k_cache, RB.v_cache])}, {}, ValueError, r"k_cache: expected 4 dimensions, got shape \(2, \d+, 4, 2, 64\): a stacked K/V cache\? pass its halves, k_cache, v_cache = kv\[0\], kv\[1\]"),
     ({"block_tables": RB.block_tables[0]}, {}, ValueError, r"block_tables: expected 2 dimensions"),

@@ -155,9 +155,7 @@ def _index_tensors(**named) -> None:
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t is not None:
             _dense(name, t)
-            if not torch.compiler.is_compiling() and t.is_neg():  # read raw, or via numpy
-                raise ValueError(f"{name}: a negative-bit view (torch._neg_view); pass "
-                                 f"{name}.resolve_neg()")
+            _no_neg_bits(**{name: t})  # ids are read raw, or through numpy
             _has_data(name, t)
 
 
