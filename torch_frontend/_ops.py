@@ -85,13 +85,14 @@ def _unit_last_stride(t: Tensor) -> bool:
     return t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1
 
 
-def _tensors(same_device: bool = True, **named) -> torch.device | None:
+def _tensors(same_device: bool = True, raw: bool = False, **named) -> torch.device | None:
     """Each argument a torch.Tensor (a list or tuple: each item; None skipped), else a
     TypeError naming it, before anything runs: a numpy array or list reached a torch call
     deep inside (an error naming nothing, or a cache half-written). The data tensors (those
     named here) on one device unless ``same_device`` is False, else a ValueError naming the
-    first elsewhere (the index tensors may stay on the CPU: see the module docstring). Returns
-    the first one's device."""
+    first elsewhere (the index tensors may stay on the CPU: see the module docstring). ``raw``:
+    the kernels read them as raw memory, so a negative-bit view is refused (_no_neg_bits).
+    Returns the first one's device."""
     device = first = None
     for name, value in named.items():
         items = (list(enumerate(value)) if isinstance(value, (list, tuple))
@@ -103,6 +104,8 @@ def _tensors(same_device: bool = True, **named) -> torch.device | None:
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{label}: expected a torch.Tensor, got {type(t).__name__}")
             _dense(label, t)
+            if raw:
+                _no_neg_bits(**{label: t})
             if device is None:
                 _has_data(label, t)  # the others: on its device (or each checked)
                 device, first = t.device, label
@@ -457,6 +460,7 @@ def _check_out(name: str, buf, shape, dtype, device, owner: str = "q") -> None:
     if not isinstance(buf, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(buf).__name__}")
     _dense(name, buf)
+    _no_neg_bits(**{name: buf})  # written as raw memory
     if tuple(buf.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(buf.shape)}")
     if buf.dtype != dtype:
@@ -727,8 +731,7 @@ def _op_scale_values(k_scale, v_scale) -> None:
 def _paged_checks(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *, sinks=None,
                   **options):
     """paged_attention's checks, the wrapper's and the op's: (dims, the kv_lens to use)."""
-    _tensors(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks)
-    _no_neg_bits(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks)
+    _tensors(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks, raw=True)
     _index_tensors(block_tables=block_tables, kv_lens=kv_lens, cu_q_lens=cu_q_lens)
     dims = _static_check(validate.check_paged_attention, q, k_cache, v_cache, block_tables,
                          kv_lens, cu_q_lens, sinks=sinks, **options)
@@ -755,7 +758,6 @@ def _guard_buffers(q, out, lse, workspace) -> None:
     _check_out("out", out, q.shape, q.dtype, q.device)
     _check_out("lse", lse, q.shape[:2], torch.float32, q.device)
     _check_workspace(workspace, q)
-    _no_neg_bits(out=out, lse=lse)
     for name, buf in (("out", out), ("lse", lse)):
         if buf is not None:
             _writable(name, buf, "buffer")
@@ -775,8 +777,7 @@ def _shared_checks(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix
                    block_tables, kv_lens, cu_q_lens, *, sinks=None, **options):
     """shared_prefix_attention's checks, the wrapper's and the op's: (sdims, the prefix_lens
     and kv_lens to use)."""
-    _tensors(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks)
-    _no_neg_bits(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks)
+    _tensors(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks, raw=True)
     _index_tensors(prefix_block_tables=prefix_block_tables, prefix_lens=prefix_lens,
                    prefix_ids=prefix_ids, block_tables=block_tables, kv_lens=kv_lens,
                    cu_q_lens=cu_q_lens)
@@ -913,8 +914,7 @@ def _(*args):
 
 def _guard_merge(out_a, lse_a, out_b, lse_b, backend) -> tuple:
     """merge_attention_states' checks, the wrapper's and (as _op's guard) the op's."""
-    _tensors(out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
-    _no_neg_bits(out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
+    _tensors(out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b, raw=True)
     _static_check(validate.check_merge_attention_states, out_a, lse_a, out_b, lse_b)
     return out_a, lse_a, out_b, lse_b, backend
 
@@ -923,7 +923,6 @@ def _merge_buffers(out_a, out, lse) -> None:
     """The checks of a merge's out= and lse= buffers (None skipped)."""
     _check_out("out", out, out_a.shape, out_a.dtype, out_a.device, owner="out_a")
     _check_out("lse", lse, out_a.shape[:2], torch.float32, out_a.device, owner="out_a")
-    _no_neg_bits(out=out, lse=lse)
     for name, buf in (("out", out), ("lse", lse)):
         if buf is not None:
             _writable(name, buf, "buffer")
@@ -1191,8 +1190,7 @@ def _block_contiguous(caches) -> bool:
 
 def _write_kv_checks(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
     """write_kv's checks, the wrapper's and the op's."""
-    _tensors(key=key, value=value, k_cache=k_cache, v_cache=v_cache)
-    _no_neg_bits(key=key, value=value, k_cache=k_cache, v_cache=v_cache)
+    _tensors(key=key, value=value, k_cache=k_cache, v_cache=v_cache, raw=True)
     _index_tensors(slot_mapping=slot_mapping)
     _static_check(validate.check_write_kv, key, value, k_cache, v_cache, slot_mapping,
                   k_scale=k_scale, v_scale=v_scale)

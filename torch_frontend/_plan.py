@@ -237,8 +237,7 @@ class AttentionPlan:
         if not isinstance(return_lse, (bool, np.bool_)):
             raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
         if sinks is not None:
-            _tensors(q=q, sinks=sinks)
-            _no_neg_bits(sinks=sinks)
+            _tensors(q=q, sinks=sinks, raw=True)
             validate.check_sinks(sinks, self._q_shape[1])
         validate.check_kv_scale("k_scale", k_scale, k_cache)  # a scale of a float cache:
         validate.check_kv_scale("v_scale", v_scale, v_cache)  # refused by name
