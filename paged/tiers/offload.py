@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -151,8 +152,12 @@ class TieredStore(Tier):
             if not isinstance(t, Tier):
                 raise TypeError(f"tiers[{i}]: expected a Tier, got {type(t).__name__}")
         self.tiers = tiers
-        for t in tiers:
-            t.events.subscribe(self.events.publish)
+        # a tier may outlive the store (one tier shared by the stores of successive runs):
+        # close() unsubscribes, and so does a store dropped unclosed, else each old store's
+        # bus (and every Router or EventLog subscribed to it) stayed alive and was fed the
+        # shared tier's events (the callbacks hold the bus, never the store)
+        self._unsubscribe = [t.events.subscribe(self.events.publish) for t in tiers]
+        weakref.finalize(self, _call_each, self._unsubscribe)
         self.promote = bool(promote)
         self.tier_errors = {t.name: 0 for t in tiers}
 
@@ -294,9 +299,16 @@ class TieredStore(Tier):
     def close(self):
         for t in self.tiers:
             self._guard(t, t.close, None)
+        _call_each(self._unsubscribe)  # after the tiers' own close events
 
     def tier_stats(self) -> dict[str, TierStats]:
         return {t.name: t.stats for t in self.tiers}
+
+
+def _call_each(fns: list) -> None:
+    """Call and forget each of ``fns`` (unsubscribe handles: a second call does nothing)."""
+    while fns:
+        fns.pop()()
 
 
 Gather = Callable[[list, np.ndarray], np.ndarray]
