@@ -374,6 +374,35 @@ def test_nixl_closed_tier_answers_miss_false_and_zero(nixl_peer):
     t.close()  # twice is fine
     assert t.stats.puts == 3 and t.stats.rejected == 4
 
+
+def _os_threads() -> int:
+    return len(list(Path("/proc/self/task").iterdir()))
+
+
+def test_nixl_close_releases_the_agent_while_the_tier_is_referenced():
+    # close() kept the agent: a closed tier still referenced (by a closed TieredStore, an
+    # offloader) kept its UCX progress thread and sockets for the life of the process
+    pytest.importorskip("nixl", reason="nixl not installed (pip install --no-deps nixl nixl-cu12)")
+    from prefixkv.paged.tiers import NixlPeer, NixlTier
+
+    peer = NixlPeer(num_slots=4, slot_bytes=4096)
+    before = _os_threads()
+    tiers = [NixlTier(peer, staging_slots=2) for _ in range(3)]
+    store = TieredStore([HostTier(1 << 16), *tiers])
+    grown = _os_threads()
+    assert grown > before  # each agent runs a progress thread
+    store.close()
+    assert all(t.agent is None for t in tiers)
+    deadline = time.monotonic() + 5
+    while _os_threads() >= grown and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _os_threads() < grown, "closed tiers (still referenced) kept their agents' threads"
+    assert tiers[0].batch_get(_keys(1)) == [None]  # a closed tier: a miss, not an error
+    peer.close()
+    peer.close()  # twice is fine
+    with pytest.raises(RuntimeError, match="NixlPeer: closed"):
+        peer.descriptor()
+
 # -- isolation across salts, every tier ------------------------------------------------------
 
 @pytest.fixture(params=["host", "disk", "redis", "nixl", "chain"])

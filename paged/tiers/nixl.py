@@ -87,6 +87,8 @@ class NixlPeer:
 
     def descriptor(self) -> dict:
         """What a client needs (picklable: could cross a process boundary by any channel)."""
+        if self.agent is None:
+            raise RuntimeError("NixlPeer: closed (its agent and registered slab are released)")
         return {"name": self.name, "metadata": self.agent.get_agent_metadata(),
                 "base": int(self.slab.ctypes.data), "num_slots": self.num_slots,
                 "slot_bytes": self.slot_bytes}
@@ -96,10 +98,14 @@ class NixlPeer:
         return self.slab[i * self.slot_bytes:(i + 1) * self.slot_bytes]
 
     def close(self) -> None:
+        """Deregister the slab and drop the agent: its UCX progress thread and sockets go
+        with it (held until the peer was collected: a closed peer still referenced kept
+        them for the life of the process)."""
         if self._reg is not None:
             with contextlib.suppress(Exception):  # best effort cleanup
                 self.agent.deregister_memory(self._reg)
             self._reg = None
+        self.agent = None
 
 
 class NixlTier(Tier):
@@ -315,9 +321,14 @@ class NixlTier(Tier):
         self._free = list(range(self.num_slots - 1, -1, -1))
 
     def close(self):
-        """Release the agent's handles and registrations. The index goes too (the slots are
-        out of reach): every later call is a miss / ``False`` / 0, and a "cleared" event
+        """Release the agent's handles and registrations, then the agent itself (its UCX
+        progress thread and sockets: a closed tier still referenced, e.g. by a closed
+        TieredStore, kept them for the life of the process). The index goes too (the slots
+        are out of reach): every later call is a miss / ``False`` / 0, and a "cleared" event
         tells subscribers (an index of where blocks live) when it held any block."""
+        if getattr(self, "agent", None) is None:  # closed already (or never made)
+            self._closed = True
+            return
         held = not self._closed and bool(getattr(self, "_index", None))
         self._closed = True
         if held:
@@ -334,5 +345,6 @@ class NixlTier(Tier):
             self._reg = None
         with contextlib.suppress(Exception):  # best effort cleanup
             self.agent.remove_remote_agent(self._remote)
+        self.agent = None
         if held:  # last: a subscriber that raises leaves nothing unreleased
             self._publish_cleared()
