@@ -40,8 +40,6 @@ def _blocks_supported(**ctx) -> tuple[bool, str]:
         return False, "needs each cache block contiguous (cache[b].is_contiguous())"
     return True, ""
 
-_CUDA_C_SWAP = True
-
 
 def _register_all() -> None:
     for op, reg in REGISTRIES.items():
@@ -51,11 +49,10 @@ def _register_all() -> None:
             reg.register(Backend("triton", ("cuda",), _TRITON_IMPL[op], priority=10,
                                  requires=("triton",), doc="Triton kernels",
                                  supports=_blocks_supported if op in _BLOCK_OPS else None))
-    if _CUDA_C_SWAP:
-        REGISTRIES["swap_blocks"].register(Backend(
-            "cuda-c", ("cuda",), "prefixkv.kernels.cuda.swap:swap_blocks", priority=20,
-            requires=("cupy",), supports=_cuda_c_swap_supports,
-            doc="CUDA C batched block copies (CuPy RawModule), all caches in one launch"))
+    REGISTRIES["swap_blocks"].register(Backend(
+        "cuda-c", ("cuda",), "prefixkv.kernels.cuda.swap:swap_blocks", priority=20,
+        requires=("cupy",), supports=_cuda_c_swap_supports,
+        doc="CUDA C batched block copies (CuPy RawModule), all caches in one launch"))
 
 
 def _cuda_c_swap_supports(**ctx) -> tuple[bool, str]:
