@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -51,32 +52,100 @@ def _zmq():
     return zmq
 
 
+def _serve_replay(replay, lock: threading.Lock, buffer: deque, timeout_ms: int) -> int:
+    """Answer the replay requests that arrive on ``replay`` within ``timeout_ms``; returns how
+    many. A function of the sockets and buffer only, not of the publisher: the replay thread
+    runs it, and a thread holding the publisher would keep a dropped one (its thread, sockets
+    and bound ports) alive for good."""
+    zmq = _zmq()
+    served = 0
+    while replay.poll(timeout_ms):
+        timeout_ms = 0
+        frames = replay.recv_multipart()
+        if len(frames) != 3 or len(frames[2]) != 8:
+            continue  # not a replay request
+        client, start = frames[0], int.from_bytes(frames[2], "big")
+        with lock:
+            batches = [(seq, p) for seq, p in buffer if seq >= start]
+        for seq, payload in batches:
+            replay.send_multipart((client, b"", seq.to_bytes(8, "big"), payload),
+                                  flags=zmq.NOBLOCK)
+        replay.send_multipart((client, b"", END_SEQ, b""), flags=zmq.NOBLOCK)
+        served += 1
+    return served
+
+
+def _serve_replay_forever(replay, lock: threading.Lock, buffer: deque,
+                          stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            _serve_replay(replay, lock, buffer, 50)
+        except Exception:  # noqa: BLE001 - closed under it, or a client gone: go on
+            if stop.is_set():
+                return
+
+
+def _shut_down(stop: threading.Event, thread: threading.Thread | None, sockets: tuple,
+               unsubscribe: list) -> None:
+    """Stop the replay thread, close the sockets (their ports unbound) and leave the bus:
+    ``close()``, or the publisher's finalizer when it is collected without one."""
+    stop.set()
+    if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+        thread.join()
+    for s in sockets:
+        if s is not None:
+            s.close(linger=0)
+    while unsubscribe:
+        unsubscribe.pop()()
+
+
+def _forward_to(ref: weakref.ref) -> Callable[[KVEvent], None]:
+    """A bus subscriber passing events on to the publisher ``ref`` names while it lives: the
+    bus does not keep a dropped publisher alive (its finalizer then unsubscribes)."""
+    def forward(event: KVEvent) -> None:
+        pub = ref()
+        if pub is not None:
+            pub(event)
+
+    return forward
+
+
 class VllmEventPublisher:
     """Publishes KV events as a vLLM engine does (module doc).
 
     ``pub = VllmEventPublisher(16, "tcp://127.0.0.1:5557", replay_endpoint=
     "tcp://127.0.0.1:5558"); cache.events.subscribe(pub)``; after each engine step
-    ``pub.publish()`` sends the step's batch (if any); ``pub.close()`` at the end.
+    ``pub.publish()`` sends the step's batch (if any); ``pub.close()`` at the end (or ``with
+    VllmEventPublisher(...) as pub:``). One dropped without ``close()`` is closed when it is
+    garbage-collected: its replay thread stopped, its sockets closed and its ports unbound.
 
     block_size: the pool's. endpoint: the PUB socket's address (bound). replay_endpoint: the
     ROUTER socket's (bound), or None. topic: the frames' topic. buffer_steps: batches kept for
     replay. replay_thread: answer replay requests from a thread of its own (as vLLM's publisher
     does), so an idle engine answers too; False: ``publish()`` and ``serve_replay()`` answer
-    the requests waiting. encoder_kwargs: :class:`~prefixkv.paged.vllm_events.
-    VllmEventEncoder`'s (wire, int_hashes, media, data_parallel_rank).
+    the requests waiting. events: an event bus to subscribe to (``cache.events``), left by
+    ``close()``; None: subscribe it yourself (a closed publisher then drops what the bus
+    sends). encoder_kwargs: :class:`~prefixkv.paged.vllm_events.VllmEventEncoder`'s (wire,
+    int_hashes, media, data_parallel_rank).
     """
 
     def __init__(self, block_size: int, endpoint: str, *, replay_endpoint: str | None = None,
                  topic: str = "", buffer_steps: int = 10_000, replay_thread: bool = True,
-                 **encoder_kwargs) -> None:
+                 events=None, **encoder_kwargs) -> None:
         zmq = _zmq()
         if isinstance(buffer_steps, bool) or not isinstance(buffer_steps, int) or (
                 buffer_steps < 1):
             raise ValueError(f"buffer_steps: expected an int >= 1, got {buffer_steps!r}")
         if not isinstance(topic, str):
             raise TypeError(f"topic: expected a str, got {topic!r}")
+        if events is not None and not callable(getattr(events, "subscribe", None)):
+            raise TypeError(f"events: expected an EventBus (with subscribe) or None, got "
+                            f"{type(events).__name__}")
         self.encoder = VllmEventEncoder(block_size, **encoder_kwargs)
         self.topic = topic
+        self.endpoint = endpoint
+        self._closed = False
+        self._finalizer = None
         self._stop = threading.Event()
         self._thread = None
         self._ctx = zmq.Context.instance()
@@ -93,75 +162,95 @@ class VllmEventPublisher:
         self._buffer: deque = deque(maxlen=buffer_steps)  # (seq, payload)
         self._lock = threading.Lock()  # the buffer, between publish and the replay thread
         self._seq = 0
+        self._unsent: bytes | None = None  # a batch whose send failed: sent first next time
         if self._replay is not None and replay_thread:
-            self._thread = threading.Thread(target=self._serve_forever, daemon=True,
-                                            name="prefixkv-kv-events-replay")
-            self._thread.start()
+            self._thread = threading.Thread(
+                target=_serve_replay_forever, daemon=True, name="prefixkv-kv-events-replay",
+                args=(self._replay, self._lock, self._buffer, self._stop))
+        # holds what the shutdown needs, never the publisher: collected, it runs (once)
+        self._unsubscribe: list = []
+        self._finalizer = weakref.finalize(self, _shut_down, self._stop, self._thread,
+                                           (self._pub, self._replay), self._unsubscribe)
+        try:
+            if self._thread is not None:
+                self._thread.start()
+            if events is not None:
+                self._unsubscribe.append(events.subscribe(_forward_to(weakref.ref(self))))
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def next_seq(self) -> int:
         """The sequence number of the next batch."""
         return self._seq
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
     def __call__(self, event: KVEvent) -> None:
+        if self._closed:
+            return  # nothing will send it: kept, it would pile up for as long as the bus runs
         self.encoder(event)
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"{what}: this VllmEventPublisher ({self.endpoint}) is closed")
 
     def publish(self, ts: float | None = None) -> int | None:
         """Send the events received since the last call as one batch; returns its sequence
-        number (None when there were none). Serves pending replay requests too."""
-        payload = self.encoder.take(ts)
+        number (None when there were none). Serves pending replay requests too.
+
+        A batch is numbered and kept for replay once sent: when the send raises, the batch
+        and the number stay, and the next call sends it first (a lost batch would be a gap
+        that subscribers answer by forgetting the engine's blocks)."""
+        self._check_open("publish")
         seq = None
+        if self._unsent is not None:
+            seq = self._send(self._unsent)
+        payload = self.encoder.take(ts)
         if payload is not None:
-            frames = encode_frames(self._seq, payload, self.topic)
-            seq, self._seq = self._seq, self._seq + 1
-            self._pub.send_multipart(frames)
-            with self._lock:
-                self._buffer.append((seq, payload))
+            self._unsent = payload
+            seq = self._send(payload)
         if self._thread is None:
             self.serve_replay()
+        return seq
+
+    def _send(self, payload: bytes) -> int:
+        """Send ``payload`` (``self._unsent``) as batch ``next_seq``; returns its number."""
+        seq = self._seq
+        self._pub.send_multipart(encode_frames(seq, payload, self.topic))
+        with self._lock:
+            self._buffer.append((seq, payload))
+        self._seq, self._unsent = seq + 1, None
         return seq
 
     def serve_replay(self, timeout_ms: int = 0) -> int:
         """Answer the replay requests that arrive within ``timeout_ms``; returns how many.
         (With the replay thread, it does this and this returns 0.)"""
+        self._check_open("serve_replay")
         if self._replay is None or self._thread is not None:
             return 0
-        return self._serve(timeout_ms)
-
-    def _serve(self, timeout_ms: int) -> int:
-        zmq = _zmq()
-        served = 0
-        while self._replay.poll(timeout_ms):
-            timeout_ms = 0
-            frames = self._replay.recv_multipart()
-            if len(frames) != 3 or len(frames[2]) != 8:
-                continue  # not a replay request
-            client, start = frames[0], int.from_bytes(frames[2], "big")
-            with self._lock:
-                batches = [(seq, p) for seq, p in self._buffer if seq >= start]
-            for seq, payload in batches:
-                self._replay.send_multipart((client, b"", seq.to_bytes(8, "big"), payload),
-                                            flags=zmq.NOBLOCK)
-            self._replay.send_multipart((client, b"", END_SEQ, b""), flags=zmq.NOBLOCK)
-            served += 1
-        return served
-
-    def _serve_forever(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._serve(50)
-            except Exception:  # noqa: BLE001 - closed under it, or a client gone: go on
-                if self._stop.is_set():
-                    return
+        return _serve_replay(self._replay, self._lock, self._buffer, timeout_ms)
 
     def close(self) -> None:
-        """Stop the replay thread and close the sockets."""
+        """Stop the replay thread, close the sockets and leave the bus given as ``events``
+        (again: nothing). Events received later are dropped; ``publish()`` raises."""
+        self._closed = True
+        if self._finalizer is not None:
+            self._finalizer()
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        for s in (self._pub, self._replay):
+        for s in (self._pub, self._replay):  # those in place now, maybe not the first ones
             if s is not None:
                 s.close(linger=0)
+
+    def __enter__(self) -> VllmEventPublisher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @dataclass
