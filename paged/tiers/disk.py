@@ -13,6 +13,10 @@ The blocks survive the process: a new ``DiskTier`` on the same root finds them (
 across model reloads). ``budget_bytes`` (optional) bounds the files this tier object knows,
 evicting least-recently-used ones (mtime, refreshed on every hit) when a put needs room; a put
 never evicts the files it wrote itself.
+
+A namespace directory is removed once its last file goes (eviction, removal, ``clear()``; the
+start-up scan removes those it finds empty): with per-tenant salts the directories are as many
+as the tenants ever seen, and left behind they took inodes and slowed every start-up scan.
 """
 
 from __future__ import annotations
@@ -48,6 +52,24 @@ SUFFIX = ".kvb"
 #: Temporary files (``.tmp-*.part``) older than this are a writer killed mid-write: the start-up
 #: scan deletes them (a live writer's file is seconds old).
 STALE_PART_SECONDS = 3600
+_HEX = frozenset("0123456789abcdef")
+
+
+def _is_namespace_dir(name: str) -> bool:
+    """Whether ``name`` is a namespace directory of this layout (a 32-hex-char digest): the
+    only directories under root that this tier ever removes."""
+    return len(name) == 32 and _HEX.issuperset(name)
+
+
+def _prune(d: str) -> None:
+    """Remove the namespace directory ``d`` if it is empty. Not empty (another file, another
+    process's write in progress), gone already, or not removable: left as it is. A directory
+    not named as a namespace (a file the scan found elsewhere under root) is never removed. A
+    writer that loses its directory to this between ``makedirs`` and ``mkstemp`` makes it
+    again (:meth:`DiskTier._mkstemp`)."""
+    if _is_namespace_dir(os.path.basename(d)):
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
 
 
 class DiskTier(Tier):
@@ -81,14 +103,17 @@ class DiskTier(Tier):
 
     def _scan(self) -> None:
         """Index the block files already under root, oldest mtime first, entry by entry (a
-        file another process deletes meanwhile is skipped, not the rest of the scan), and
-        delete temporary files older than STALE_PART_SECONDS (a writer killed mid-write)."""
+        file another process deletes meanwhile is skipped, not the rest of the scan), delete
+        temporary files older than STALE_PART_SECONDS (a writer killed mid-write), and remove
+        the namespace directories left empty (by an earlier run, or by those deletions)."""
         found = []
         stale = time.time() - STALE_PART_SECONDS
         for d in self._entries(self.root):
             if not d.is_dir(follow_symlinks=False):
                 continue
-            for f in self._entries(d.path):
+            entries = self._entries(d.path)
+            left = len(entries)  # entries still there
+            for f in entries:
                 try:
                     if not f.is_file(follow_symlinks=False):
                         continue
@@ -98,10 +123,14 @@ class DiskTier(Tier):
                     elif f.name.startswith(".tmp-") and f.name.endswith(".part") and (
                             st.st_mtime < stale):
                         os.unlink(f.path)
+                        left -= 1
                 except FileNotFoundError:  # gone meanwhile (another process evicted it)
+                    left -= 1
                     continue
                 except OSError:
                     self.stats.errors += 1
+            if not left:
+                _prune(d.path)
         for _, path, size in sorted(found):
             self._sizes[path] = size
             self.used_bytes += size
@@ -128,11 +157,14 @@ class DiskTier(Tier):
         if size is not None:
             self.used_bytes -= size
 
-    def _drop(self, path: str) -> bool:
+    def _drop(self, path: str, prune: bool = True) -> bool:
         """Delete a block file and stop indexing it: True once it is gone (deleted, or gone
         already). A file that cannot be deleted (a read-only directory: EACCES, EROFS) is
         counted in ``errors`` and False: it is still on disk and served, so it stays indexed
-        (under the budget and ``clear()``), and no removal may be reported for it."""
+        (under the budget and ``clear()``), and no removal may be reported for it.
+        ``prune``: then remove its directory if that left it empty (one rmdir, failing with
+        ENOTEMPTY while other files are there: cheaper than keeping per-directory counts
+        that other processes' files would make wrong anyway)."""
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -141,6 +173,8 @@ class DiskTier(Tier):
             self.stats.errors += 1
             return False
         self._forget(path)
+        if prune:
+            _prune(os.path.dirname(path))
         return True
 
     @staticmethod
@@ -308,12 +342,23 @@ class DiskTier(Tier):
         self._publish("evicted", evicted)
         return self.used_bytes + nbytes <= self.budget_bytes
 
+    @staticmethod
+    def _mkstemp(d: str) -> tuple[int, str]:
+        """A new temporary file in the namespace directory ``d``, made first if missing. Once
+        more when ``d`` went between ``makedirs`` and ``mkstemp``: another process (or thread)
+        removed it as empty (its last file evicted); the file in it then keeps it."""
+        try:
+            os.makedirs(d, exist_ok=True)
+            return tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=d)
+        except FileNotFoundError:
+            os.makedirs(d, exist_ok=True)
+            return tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=d)
+
     def _write(self, path: str, header: bytes, payload: memoryview) -> bool:
         d = os.path.dirname(path)
         tmp = None
         try:
-            os.makedirs(d, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=d)
+            fd, tmp = self._mkstemp(d)
             with os.fdopen(fd, "wb") as f:
                 f.write(header)
                 f.write(payload)
@@ -424,6 +469,7 @@ class DiskTier(Tier):
                 self.stats.errors += 1
                 continue
             self._forget(p)
+            _prune(os.path.dirname(p))
             removed.append(k)
         self._publish("removed", removed)
         return len(removed)
@@ -432,14 +478,19 @@ class DiskTier(Tier):
         """Delete the block files this tier indexes (those found at start and written since),
         then publish "cleared". Files that cannot be deleted (a read-only directory) stay
         indexed, in ``used_bytes``, and counted in ``errors``; then "removed" goes out for the
-        deleted blocks whose keys are known, instead of a "cleared" that would be untrue."""
+        deleted blocks whose keys are known, instead of a "cleared" that would be untrue.
+        Each namespace directory is then removed if that left it empty (one rmdir each)."""
         gone, stuck = [], False
+        dirs = set()
         for p in list(self._sizes):
             key = self._known.get(p)
-            if not self._drop(p):
+            dirs.add(os.path.dirname(p))
+            if not self._drop(p, prune=False):
                 stuck = True
             elif key is not None:
                 gone.append(key)
+        for d in dirs:
+            _prune(d)
         if stuck:
             self._publish("removed", gone)
         else:

@@ -60,6 +60,10 @@ class RedisTier(Tier):
     failed server is left alone. ttl_s: optional expiry of stored blocks. max_batch: keys per
     pipeline round trip (an int >= 1). checksum: "crc32" or "xxh3_128" (default: xxh3_128 when
     available). Both are checked here (a ValueError naming them), not at the first call.
+
+    There is no byte budget: every block stays until ``ttl_s`` expires it or the server evicts
+    it, and a :class:`TieredStore` writes through to this tier, so a long-running deployment
+    sets ``ttl_s`` or runs the server with ``maxmemory`` and ``maxmemory-policy allkeys-lru``.
     """
 
     name = "redis"
@@ -79,6 +83,7 @@ class RedisTier(Tier):
         self.retry_interval = float(retry_interval)
         self.ttl_ms = None if ttl_s is None else max(1, int(ttl_s * 1000))
         self._down_until = 0.0
+        self._closed = False
         self.client = client if client is not None else redis.Redis(
             host=host, port=self.port, db=db, socket_timeout=socket_timeout,
             socket_connect_timeout=connect_timeout, retry=Retry(NoBackoff(), 0),
@@ -265,8 +270,11 @@ class RedisTier(Tier):
         return len(gone)
 
     def clear(self):
-        """Delete every key under this tier's prefix."""
-        if not self.available:
+        """Delete every key under this tier's prefix. Tried even while the server is marked
+        down (an operator's explicit request: skipped during the back-off, it was silently
+        lost); a server still unreachable is counted in ``errors``, as any failed call. A
+        closed tier does nothing (no reconnect)."""
+        if self._closed:
             return
         self._publish_cleared()
         try:
@@ -289,6 +297,7 @@ class RedisTier(Tier):
         reconnected on the next call, so a closed tier went on storing and serving); the
         server keeps the records for other clients, so no "cleared" goes out."""
         self._down_until = float("inf")
+        self._closed = True
         with contextlib.suppress(Exception):  # best effort cleanup
             self.client.close()
 
