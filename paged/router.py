@@ -29,12 +29,14 @@ cached one's would count that image's blocks as overlap.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import validate
+from ._locking import locked
 from .events import CLEARED, EVICTED, REMOVED, STORED, EventBus, KVEvent
 from .pool import namespace_of
 
@@ -73,6 +75,10 @@ class Router:
     overlap_weight: weight of the blocks to prefill against the load (see module docstring).
     tiers: tier names whose events count ("device" only by default; add "host" etc. when a
         worker can onboard from them cheaply).
+
+    Threads: each call holds the router's lock (reentrant), so events applied from a
+    subscriber's thread and picks from request threads may run at once (two threads applying
+    events raised KeyError from inside the index); ``pick`` hashes the prompt outside it.
     """
 
     def __init__(self, block_size: int, *, hash_fn: Callable | None = None,
@@ -107,12 +113,15 @@ class Router:
         self._loads: dict[Hashable, float] = {}
         self._free_slots: list[int] = []
         self._next_slot = 0
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ workers
     @property
+    @locked
     def workers(self) -> list:
         return list(self._workers)
 
+    @locked
     def add_worker(self, worker_id: Hashable, events: EventBus | None = None
                    ) -> Callable[[KVEvent], None]:
         """Register a worker; subscribe to its ``events`` bus when given. Returns the callable
@@ -140,6 +149,7 @@ class Router:
                 raise
         return apply
 
+    @locked
     def remove_worker(self, worker_id: Hashable) -> None:
         """Forget a worker and every block it reported."""
         if worker_id not in self._workers:
@@ -155,10 +165,12 @@ class Router:
             self._clear_bit(pos)
         self._free_slots.append(slot)
 
+    @locked
     def set_load(self, worker_id: Hashable, load: float) -> None:
         self._check_worker(worker_id)
         self._loads[worker_id] = _finite("load", load)
 
+    @locked
     def add_load(self, worker_id: Hashable, delta: float) -> None:
         self._check_worker(worker_id)
         total = self._loads[worker_id] + _finite("delta", delta)
@@ -166,6 +178,7 @@ class Router:
             raise ValueError(f"delta: {delta} takes {worker_id!r}'s load past a finite value")
         self._loads[worker_id] = total
 
+    @locked
     def load(self, worker_id: Hashable) -> float:
         self._check_worker(worker_id)
         return self._loads[worker_id]
@@ -195,58 +208,60 @@ class Router:
     # ------------------------------------------------------------------ events
     def apply(self, worker_id: Hashable, event: KVEvent) -> None:
         """Apply one KV event of ``worker_id`` to the global index."""
-        slot = self._workers.get(worker_id)
-        if slot is None:
-            raise KeyError(f"worker_id: unknown worker {worker_id!r}; known: {self.workers}")
-        t = self._tier_slot.get(event.tier)
-        if t is None:
-            return
-        pos = slot * len(self.tiers) + t
-        bit = 1 << pos
-        kind = event.kind
-        ns = event.namespace
-        if kind == STORED:
-            if not event.block_hashes:
+        with self._lock:  # inline, not @locked: the hot path of an event stream
+            slot = self._workers.get(worker_id)
+            if slot is None:
+                raise KeyError(f"worker_id: unknown worker {worker_id!r}; known: {self.workers}")
+            t = self._tier_slot.get(event.tier)
+            if t is None:
                 return
-            d = self._index.get(ns)
-            if d is None:
-                d = self._index[ns] = {}
-            get = d.get
-            for h in event.block_hashes:
-                d[h] = get(h, 0) | bit
-            held = self._held.get(pos)
-            if held is None:
-                held = self._held[pos] = {}
-            hs = held.get(ns)
-            if hs is None:
-                held[ns] = set(event.block_hashes)
+            pos = slot * len(self.tiers) + t
+            bit = 1 << pos
+            kind = event.kind
+            ns = event.namespace
+            if kind == STORED:
+                if not event.block_hashes:
+                    return
+                d = self._index.get(ns)
+                if d is None:
+                    d = self._index[ns] = {}
+                get = d.get
+                for h in event.block_hashes:
+                    d[h] = get(h, 0) | bit
+                held = self._held.get(pos)
+                if held is None:
+                    held = self._held[pos] = {}
+                hs = held.get(ns)
+                if hs is None:
+                    held[ns] = set(event.block_hashes)
+                else:
+                    hs.update(event.block_hashes)
+            elif kind in (REMOVED, EVICTED):
+                held = self._held.get(pos)
+                hs = None if held is None else held.get(ns)
+                if not hs:
+                    return  # none of its hashes is set for this worker's tier
+                d = self._index[ns]
+                keep = ~bit
+                for h in event.block_hashes:
+                    if h in hs:
+                        hs.remove(h)
+                        m = d[h] & keep
+                        if m:
+                            d[h] = m
+                        else:
+                            del d[h]
+                if not hs:
+                    del held[ns]
+                    if not held:
+                        del self._held[pos]
+                if not d:
+                    del self._index[ns]
+            elif kind == CLEARED:
+                self._clear_bit(pos)
             else:
-                hs.update(event.block_hashes)
-        elif kind in (REMOVED, EVICTED):
-            held = self._held.get(pos)
-            hs = None if held is None else held.get(ns)
-            if not hs:
-                return  # none of its hashes is set for this worker's tier
-            d = self._index[ns]
-            keep = ~bit
-            for h in event.block_hashes:
-                if h in hs:
-                    hs.remove(h)
-                    m = d[h] & keep
-                    if m:
-                        d[h] = m
-                    else:
-                        del d[h]
-            if not hs:
-                del held[ns]
-                if not held:
-                    del self._held[pos]
-            if not d:
-                del self._index[ns]
-        elif kind == CLEARED:
-            self._clear_bit(pos)
-        else:
-            raise ValueError(f"event.kind: expected stored/removed/evicted/cleared, got {kind!r}")
+                raise ValueError(f"event.kind: expected stored/removed/evicted/cleared, got "
+                                 f"{kind!r}")
 
     # ------------------------------------------------------------------ queries
     def request_hashes(self, tokens, salt=None, *, mm_items=None) -> list[bytes]:
@@ -272,6 +287,7 @@ class Router:
         return list(self.hash_fn(toks[:cap * self.block_size], self.block_size, salt=salt,
                                  parent=None, mm_items=mm))
 
+    @locked
     def overlaps_for_hashes(self, block_hashes: Sequence[bytes], namespace: bytes = b""
                             ) -> dict:
         """{worker: number of leading ``block_hashes`` cached on it} in ``namespace``."""
@@ -324,14 +340,19 @@ class Router:
 
         toks = _token_array(tokens)  # converted once (a list was converted twice)
         num_blocks = -(-len(toks) // self.block_size)
-        overlaps = self.overlaps_for_hashes(self._request_hashes(toks, salt, mm_items),
-                                            namespace_of(salt))
-        costs = {w: self.overlap_weight * (num_blocks - o) + self._loads[w]
+        hashes = self._request_hashes(toks, salt, mm_items)  # outside the lock
+        with self._lock:
+            if not self._workers:
+                raise ValueError("Router: no workers added")
+            overlaps = self.overlaps_for_hashes(hashes, namespace_of(salt))
+            loads = dict(self._loads)
+            order = {w: i for i, w in enumerate(self._workers)}
+        costs = {w: self.overlap_weight * (num_blocks - o) + loads[w]
                  for w, o in overlaps.items()}
-        order = {w: i for i, w in enumerate(self._workers)}
-        best = min(costs, key=lambda w: (costs[w], -overlaps[w], self._loads[w], order[w]))
+        best = min(costs, key=lambda w: (costs[w], -overlaps[w], loads[w], order[w]))
         return RouteDecision(best, overlaps, costs, num_blocks)
 
+    @locked
     def cached_hashes(self, worker_id: Hashable, tier: str = "device") -> dict:
         """{namespace: set of hashes} the router believes ``worker_id`` holds in ``tier``."""
         self._check_worker(worker_id)

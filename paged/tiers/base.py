@@ -27,6 +27,7 @@ import math
 import numbers
 import operator
 import struct
+import threading
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._locking import locked
 from ..spec import CACHE_DTYPES, FP8_DTYPES, dtype_name, numpy_dtype, salt_bytes
 
 #: Version of the record layout written by :func:`encode_record`. Records of another version
@@ -571,14 +573,33 @@ class Tier(ABC):
     ``tier=self.name`` and the key's salt as namespace: "stored" (new blocks of a put),
     "evicted" (dropped for room), "removed" (removed, or dropped as corrupt), "cleared".
     ``block_size`` (tokens per block, 0 = unknown) only feeds ``KVEvent.num_tokens``.
-    Tier objects are not thread-safe: one per thread, or a lock around calls.
+
+    Threads: each call of a method in ``_LOCKED`` holds the tier's lock (reentrant, one per
+    tier object, events published inside it), in every subclass (``__init_subclass__`` wraps
+    the ones it defines). An engine's scheduler thread onboarding and offloading while a
+    prefetch or write-back thread uses the same store (SGLang HiCache's, LMCache's layout)
+    is then safe: unlocked, two NIXL readers verified a record in the shared staging
+    buffer, then copied out another thread's (another tenant's block served), and racing
+    puts left a host tier "full" of nothing. A sequence of calls is not atomic: a block
+    found by ``batch_exists`` may be evicted before the ``batch_get``, which then misses.
     """
 
     name: str = "tier"
+    #: The methods that run under the tier's lock (those a subclass defines are wrapped).
+    _LOCKED = ("batch_exists", "batch_get", "batch_put", "batch_remove", "clear", "close",
+               "touch", "reserve", "allocate")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in cls._LOCKED:
+            fn = cls.__dict__.get(name)
+            if callable(fn) and not getattr(fn, "locked", False):
+                setattr(cls, name, locked(fn))
 
     def __init__(self):
         from ..events import EventBus
 
+        self._lock = threading.RLock()
         self.stats = TierStats()
         self.events = EventBus()
         self.block_size = 0
