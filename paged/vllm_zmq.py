@@ -219,11 +219,15 @@ class VllmEventPublisher:
         return seq
 
     def _send(self, payload: bytes) -> int:
-        """Send ``payload`` (``self._unsent``) as batch ``next_seq``; returns its number."""
+        """Send ``payload`` (``self._unsent``) as batch ``next_seq``; returns its number. Kept
+        for replay before it goes out: a subscriber that asks for it as soon as it arrives
+        (the replay thread answering at once) found it missing about half the time. A send
+        that raises leaves it kept under its number, which the next call sends again."""
         seq = self._seq
-        self._pub.send_multipart(encode_frames(seq, payload, self.topic))
         with self._lock:
-            self._buffer.append((seq, payload))
+            if not self._buffer or self._buffer[-1][0] != seq:
+                self._buffer.append((seq, payload))
+        self._pub.send_multipart(encode_frames(seq, payload, self.topic))
         self._seq, self._unsent = seq + 1, None
         return seq
 

@@ -164,8 +164,10 @@ def test_a_failed_send_keeps_the_batch_and_its_number(monkeypatch):
         pub(_stored(b"\2" * 32))
         with pytest.raises(zmq.ZMQError):
             pub.publish()
-        assert pub.next_seq == seq and all(s < seq for s, _ in pub._buffer)
+        # kept for replay under its number (once), not yet counted as sent
+        assert pub.next_seq == seq and [s for s, _ in pub._buffer if s >= seq] == [seq]
         assert pub.publish() == seq and pub.next_seq == seq + 1
+        assert [s for s, _ in pub._buffer if s >= seq] == [seq]
         assert calls[0] == calls[1]  # the same frames: the same number and payload
         while b"\2" * 32 not in router.cached_hashes("w").get(b"", ()):
             sub.poll(20)
@@ -177,3 +179,62 @@ def test_a_failed_send_keeps_the_batch_and_its_number(monkeypatch):
     finally:
         sub.close()
         pub.close()
+
+
+def test_a_batch_is_replayable_as_soon_as_it_arrives():
+    # the batch went out before it was kept for replay: a subscriber asking for it as soon
+    # as it arrived (the replay thread answering at once) found it missing about half the
+    # time, and prefixkv's subscriber would have dropped the engine's blocks
+    import sys
+
+    from prefixkv.paged.vllm_zmq import END_SEQ
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    stop, seen = threading.Event(), {"asked": 0, "missing": []}
+    with VllmEventPublisher(BS, ANY, replay_endpoint=ANY) as pub:
+        pub_ep, replay_ep = _eps(pub)
+        ctx = zmq.Context.instance()
+
+        def client():  # a batch received on PUB: asked for at once
+            sub, dealer = ctx.socket(zmq.SUB), ctx.socket(zmq.DEALER)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.connect(pub_ep)
+            dealer.connect(replay_ep)
+            try:
+                while not stop.is_set():
+                    if not sub.poll(50):
+                        continue
+                    seq = int.from_bytes(sub.recv_multipart()[1], "big")
+                    dealer.send_multipart((b"", seq.to_bytes(8, "big")))
+                    got = []
+                    while dealer.poll(2000):
+                        frames = dealer.recv_multipart()
+                        if frames[1] == END_SEQ:
+                            break
+                        got.append(int.from_bytes(frames[1], "big"))
+                    seen["asked"] += 1
+                    if seq not in got:
+                        seen["missing"].append(seq)
+                    while sub.poll(0):  # the next fresh one
+                        sub.recv_multipart()
+            finally:
+                sub.close(linger=0)
+                dealer.close(linger=0)
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        try:
+            deadline, i = time.monotonic() + 1.5, 0
+            while time.monotonic() < deadline:
+                pub(_stored(i.to_bytes(32, "big")))
+                pub.publish()
+                i += 1
+                time.sleep(0.0005)
+        finally:
+            stop.set()
+            thread.join()
+            sys.setswitchinterval(old)
+    assert seen["asked"] >= 20
+    assert not seen["missing"], (f"{len(seen['missing'])} of {seen['asked']} batches not yet "
+                                 f"replayable when they arrived")
