@@ -19,6 +19,7 @@ from .reference.hashing import (
     block_key,
     digests_to_words,
     hash_blocks_reference,
+    keyed_hash,
     one_chunk_blocks,
     parent_words,
     v1_context,
@@ -95,8 +96,22 @@ def host_backend() -> str:
     try:
         import blake3  # noqa: F401
     except ImportError:
+        _warn_pure_python()
         return "reference"
     return "blake3"
+
+
+@functools.cache
+def _warn_pure_python() -> None:
+    """Once per process: hashing runs in pure Python, ~40x slower than the blake3 package and
+    ~150x slower than the compiled kernel (an install with no C compiler and no ``hash``
+    extra; it had been silent)."""
+    import warnings
+
+    warnings.warn("prefixkv: block hashing runs in pure Python (the C extension "
+                  "prefixkv.kernels.cpu._blake3 is not built and the blake3 package is not "
+                  "installed), ~40x slower: pip install 'prefixkv[hash]'", RuntimeWarning,
+                  stacklevel=3)
 
 
 def kernel_supports(block_size: int, has_extra: bool = False, **_) -> tuple[bool, str]:
@@ -132,7 +147,26 @@ def _v1_digests(tokens, block_size: int, cu: np.ndarray, salt: bytes, extra, par
     """u8[num_full_blocks, 32] prefixkv-v1 digests by the chosen host backend."""
     if num_full_blocks == 0:
         return np.zeros((0, 32), dtype=np.uint8)
-    key = _v1_key(salt, extra is not None)
+    if backend == "reference":  # the spec's own function
+        words = hash_blocks_reference(tokens, block_size, cu_lens=cu.astype(np.int32),
+                                      salt=salt, extra=extra, parent=parents)
+        return np.ascontiguousarray(words.astype("<u4")).view(np.uint8).reshape(-1, 32)
+    return keyed_chain_digests(tokens, block_size, cu, _v1_key(salt, extra is not None), extra,
+                               parents, num_full_blocks, backend)
+
+
+def keyed_chain_digests(tokens, block_size: int, cu: np.ndarray, key: bytes, extra, parents,
+                        num_full_blocks: int, backend: str | None = None) -> np.ndarray:
+    """u8[num_full_blocks, 32]: the prefixkv-v1 chains of the sequences ``cu`` delimits, under
+    the derived ``key`` (32 bytes), by host path ``backend`` ("c", "blake3", or "reference":
+    keyed BLAKE3 in pure Python; default :func:`host_backend`). parents: u32[num_seqs, 8]
+    words; extra: u32 words, 4 per full block, or None. The frontends' CPU host backends,
+    which hold the key, not the salt, call this: it takes every path the host has (the
+    compiled kernel alone, before, left the torch frontend on its vectorized ops, ~2000x
+    slower than this without the kernel)."""
+    if num_full_blocks == 0:
+        return np.zeros((0, 32), dtype=np.uint8)
+    backend = backend or host_backend()
     if backend == "c":
         from prefixkv.kernels.cpu.hashing import chain_digests
 
@@ -140,23 +174,25 @@ def _v1_digests(tokens, block_size: int, cu: np.ndarray, salt: bytes, extra, par
     if backend == "blake3":
         import blake3
 
-        tok = np.asarray(tokens).astype("<u4").tobytes()
-        ext = None if extra is None else np.asarray(extra).astype("<u4").tobytes()
-        starts = words_to_digests(parents)
-        out, row, b = bytearray(32 * num_full_blocks), 0, 4 * block_size
-        for s in range(len(cu) - 1):
-            prev = starts[s]
-            for lo in range(int(cu[s]), int(cu[s + 1]) - block_size + 1, block_size):
-                msg = prev + tok[4 * lo:4 * lo + b]
-                if ext is not None:
-                    msg += ext[16 * row:16 * row + 16]
-                prev = blake3.blake3(msg, key=key).digest()
-                out[32 * row:32 * row + 32] = prev
-                row += 1
-        return np.frombuffer(bytes(out), dtype=np.uint8).reshape(-1, 32)
-    words = hash_blocks_reference(tokens, block_size, cu_lens=cu.astype(np.int32), salt=salt,
-                                  extra=extra, parent=parents)
-    return np.ascontiguousarray(words.astype("<u4")).view(np.uint8).reshape(-1, 32)
+        def keyed(msg: bytes) -> bytes:
+            return blake3.blake3(msg, key=key).digest()
+    else:
+        def keyed(msg: bytes) -> bytes:
+            return keyed_hash(key, msg)
+    tok = np.asarray(tokens).astype("<u4").tobytes()
+    ext = None if extra is None else np.asarray(extra).astype("<u4").tobytes()
+    starts = words_to_digests(parents)
+    out, row, b = bytearray(32 * num_full_blocks), 0, 4 * block_size
+    for s in range(len(cu) - 1):
+        prev = starts[s]
+        for lo in range(int(cu[s]), int(cu[s + 1]) - block_size + 1, block_size):
+            msg = prev + tok[4 * lo:4 * lo + b]
+            if ext is not None:
+                msg += ext[16 * row:16 * row + 16]
+            prev = keyed(msg)
+            out[32 * row:32 * row + 32] = prev
+            row += 1
+    return np.frombuffer(bytes(out), dtype=np.uint8).reshape(-1, 32)
 
 
 def _prepare_v1(tokens, block_size, cu_lens, salt, extra, parent):

@@ -177,3 +177,38 @@ def test_no_full_block_with_a_huge_block_size(backend):
     for huge in (2**31, 2**40, 2**63):
         with pytest.raises(ValueError, match=r"block_size: expected at most 2\*\*31 - 1"):
             hash_blocks(torch.arange(4, dtype=torch.int32), huge, backend=backend)
+
+
+@pytest.mark.parametrize("missing", ["extension", "extension_and_blake3"])
+def test_cpu_host_path_without_the_extension(monkeypatch, missing):
+    """Without the compiled kernel the torch CPU default stays on the host path (the blake3
+    package, else keyed BLAKE3 in Python): it had fallen to the vectorized torch ops, ~2000x
+    slower than the kernel and ~12x slower than pure Python. Pure Python warns, once."""
+    import sys
+    import warnings
+
+    from prefixkv.kernels.cpu import hashing as cpu
+    from prefixkv.paged import hashing as host
+
+    case = make_case(np.random.default_rng(7), 16, [40, 33, 5], salt="x", with_extra=True,
+                     parent=None)
+    want = oracle(**case)
+    monkeypatch.setattr(cpu, "load_extension", lambda: None)
+    if missing == "extension_and_blake3":
+        monkeypatch.setitem(sys.modules, "blake3", None)
+        host._warn_pure_python.cache_clear()
+    assert HASH_BLOCKS_BACKENDS.explain("cpu")["host"] == "ok"
+    calls = []
+    real = host.keyed_chain_digests
+    monkeypatch.setattr(sys.modules["prefixkv.torch_frontend._hashing"], "keyed_chain_digests",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            args = _torch_case(case, "cpu")
+            got = hash_blocks(args.pop("tokens"), 16, salt="x", **args)
+            np.testing.assert_array_equal(_words(got), want)
+    assert calls == [1, 1]  # the host backend ran, not the torch ops
+    slow = [w for w in seen if "pure Python" in str(w.message)]
+    assert len(slow) == (1 if missing == "extension_and_blake3" else 0)
+    assert all("pip install 'prefixkv[hash]'" in str(w.message) for w in slow)

@@ -2,7 +2,7 @@
 
 The extension is optional at install time (setup.py builds it where a C compiler exists);
 :func:`load_extension` returns None when it is missing, and ``prefixkv.paged.hashing`` then
-falls back to the ``blake3`` package.
+falls back to the ``blake3`` package (the ``hash`` extra), else to pure Python (which warns).
 """
 
 from __future__ import annotations
