@@ -10,6 +10,12 @@ backend and why it was refused. Cache-updating ops return new caches: donate the
 check a step's attention metadata once, on the host; the plan (a pytree) runs every layer.
 """
 
+try:  # without JAX the first import below fails deep inside; say which extra brings it
+    import jax  # noqa: F401
+except ImportError as e:
+    raise ImportError("prefixkv.jax_frontend needs JAX: pip install 'prefixkv[jax]' (on TPU: "
+                      "'prefixkv[tpu]')") from e
+
 from ..paged.registry import BackendError as BackendError
 from ._hashing import hash_blocks as hash_blocks
 from ._ops import copy_blocks as copy_blocks

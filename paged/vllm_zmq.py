@@ -47,8 +47,9 @@ def _zmq():
     try:
         import zmq
     except ImportError:
-        raise ImportError("the ZMQ event transport needs the pyzmq package (pip install "
-                          "pyzmq)") from None
+        # the extra, not pyzmq alone: the payloads need msgpack too (vllm_events)
+        raise ImportError("the ZMQ event transport needs the pyzmq package "
+                          "(pip install 'prefixkv[events]')") from None
     return zmq
 
 

@@ -1,7 +1,7 @@
 """The main job: serve a stream of requests with shared prefixes through prefixkv, with prefix
 caching off and on, in JAX and in PyTorch, and report what caching bought.
 
-    python -m prefixkv.demo                      # both frameworks, embedded defaults (~1 min)
+    python -m prefixkv.demo                      # both frameworks (those installed), ~1 min
     python -m prefixkv.demo --frontend torch --device cuda --plot ttft.png
     python -m prefixkv.demo --frontend torch --request-rate 5   # open loop, Poisson 5 req/s
 
@@ -81,12 +81,27 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         shared_prefix=not args.no_shared_prefix)
 
 
+# the frameworks --frontend runs beyond numpy (a base dependency): name, extra that brings it
+_FRAMEWORKS = {"jax": ("JAX", "prefixkv[jax]"), "torch": ("PyTorch", "prefixkv[torch]")}
+
+
+def select_frameworks(frontend: str) -> tuple[list[str], list[str]]:
+    """(the frameworks ``--frontend`` runs, those it asks for that are not installed), decided
+    before any work: a framework found missing at its turn failed the run with a bare
+    ModuleNotFoundError, after the frameworks before it had run (``both`` on a torch-only
+    install died on jax at once, on a jax-only one after the whole JAX half)."""
+    wanted = ["jax", "torch"] if frontend == "both" else [frontend]
+    found = [fw for fw in wanted if fw not in _FRAMEWORKS or _has(fw)]
+    return found, [fw for fw in wanted if fw not in found]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m prefixkv.demo",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d_model, d_engine, d_work = LlamaConfig(), EngineConfig(), WorkloadConfig()
-    p.add_argument("--frontend", choices=("jax", "torch", "both", "numpy"), default="both")
+    p.add_argument("--frontend", choices=("jax", "torch", "both", "numpy"), default="both",
+                   help="both: jax and torch, those of them installed")
     p.add_argument("--device", default=None,
                    help="framework device: cpu, gpu/cuda, tpu (default: the framework's)")
     p.add_argument("--requests", type=int, default=None,
@@ -149,6 +164,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"{args.burstiness}")
     if args.burstiness != 1.0 and args.request_rate is None:
         p.error("--burstiness: shapes the open loop's arrivals; give --request-rate too")
+    # both runs those of jax and torch installed (one at least); a named one must be installed
+    args.frameworks, args.skipped = select_frameworks(args.frontend)
+    if not args.frameworks:
+        names = " or ".join(_FRAMEWORKS[fw][0] for fw in args.skipped)
+        extras = " or ".join(f"'{_FRAMEWORKS[fw][1]}'" for fw in args.skipped)
+        p.error(f"--frontend {args.frontend} needs {names}: pip install {extras} "
+                f"(or --frontend numpy)")
+    if args.plot and not _has("matplotlib"):  # else found missing only after every run
+        p.error("--plot needs matplotlib: pip install matplotlib (it is in 'prefixkv[bench]')")
     try:
         engine_config(args)
     except (TypeError, ValueError) as e:  # its messages start with the field's name
@@ -238,7 +262,7 @@ def _has(module: str) -> bool:
 def main(argv=None) -> dict:
     """Run the demo; returns ``{framework: (result caching off, result caching on)}``."""
     args = parse_args(argv)
-    _set_threads(args.threads, args.compile_cache if args.frontend in ("jax", "both") else "")
+    _set_threads(args.threads, args.compile_cache if "jax" in args.frameworks else "")
     model = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
                         num_layers=args.layers, num_q_heads=args.q_heads,
                         num_kv_heads=args.kv_heads, head_dim=args.head_dim,
@@ -251,7 +275,6 @@ def main(argv=None) -> dict:
     engine_cfg = engine_config(args)
     requests = make_workload(work, model.vocab_size, args.requests)
     weights = init_weights(model, args.seed)
-    frameworks = ["jax", "torch"] if args.frontend == "both" else [args.frontend]
     n_prompt = sum(len(r.prompt) for r in requests)
     arrivals = None
     if args.request_rate is not None:
@@ -276,8 +299,12 @@ def main(argv=None) -> dict:
         print(f"arrivals: open loop, {kind} at {args.request_rate:g} requests/s (seed "
               f"{args.seed}; last at {arrivals[-1]:.2f} s; TTFT from arrival, queueing "
               f"included)")
+    for fw in args.skipped:  # only with both: a framework asked for by name is installed
+        name, extra = _FRAMEWORKS[fw]
+        print(f"{name} is not installed, so --frontend both runs {args.frameworks[0]} only "
+              f"(pip install '{extra}' to run it too)")
     results = {}
-    for fw in frameworks:
+    for fw in args.frameworks:
         adapter = make_adapter(fw, model, weights, num_blocks=engine_cfg.num_blocks,
                                block_size=engine_cfg.block_size, device=args.device)
         device = str(getattr(adapter, "device", "cpu"))

@@ -5,6 +5,12 @@ backend by device (Triton / CUDA C on CUDA, vectorized torch on CPU), ``backend=
 ``plan_shared_prefix_attention`` check a step's attention metadata once for the calls of every
 layer."""
 
+try:  # without torch the first import below fails deep inside; say which extra brings it
+    import torch  # noqa: F401
+except ImportError as e:
+    raise ImportError("prefixkv.torch_frontend needs PyTorch: pip install 'prefixkv[torch]' "
+                      "(for the CPU-only build see the README)") from e
+
 from ._hashing import hash_blocks as hash_blocks
 from ._host import gather_blocks_to_host as gather_blocks_to_host
 from ._host import scatter_blocks_from_host as scatter_blocks_from_host
