@@ -62,6 +62,18 @@ class RouteDecision:
     num_blocks: int
 
 
+def _probe_hash_fn(hash_fn, block_size: int) -> None:
+    """Call ``hash_fn`` once, as :meth:`Router.pick` will, on two blocks of token ids: one
+    that cannot run (a compatibility mode whose package is missing, cbor2 or xxhash; another
+    signature) fails here, naming hash_fn, not at the first request mid-serving."""
+    toks = np.arange(2 * block_size, dtype=np.int32)
+    try:
+        list(hash_fn(toks, block_size, salt=None, parent=None))
+    except Exception as e:  # noqa: BLE001 - re-raised with the argument named
+        raise ValueError(f"hash_fn: calling it as hash_fn(tokens_i32, block_size, salt=None, "
+                         f"parent=None) failed ({type(e).__name__}: {e})") from e
+
+
 class Router:
     """Global prefix index over several workers' KV events and a hit-vs-load scorer.
 
@@ -98,6 +110,8 @@ class Router:
             raise ValueError("tiers: expected at least one tier name")
         if hash_fn is None:
             from .prefix_cache import default_hash_fn as hash_fn
+        else:
+            _probe_hash_fn(hash_fn, block_size)
         self.block_size = block_size
         self.hash_fn = hash_fn
         self.overlap_weight = float(overlap_weight)

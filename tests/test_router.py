@@ -331,3 +331,17 @@ def test_overlaps_of_many_workers_with_different_prefixes():
     assert router.overlaps_for_hashes(hs) == want
     assert router.pick(np.arange(40 * BS + 1, dtype=np.int32)).num_blocks == 41
     _check_index(router)
+
+
+def test_a_hash_fn_that_cannot_run_fails_when_given(monkeypatch):
+    # a compatibility mode whose package is missing built a Router that failed at its first
+    # pick, mid-serving; now the Router calls hash_fn once when it is made
+    import sys
+
+    from prefixkv.paged.vllm_events import vllm_hash_fn
+
+    monkeypatch.setitem(sys.modules, "cbor2", None)
+    with pytest.raises(ValueError, match=r"hash_fn: calling it as .*cbor2"):
+        Router(4, hash_fn=vllm_hash_fn(algo="vllm-sha256-cbor", seed="0"))
+    with pytest.raises(ValueError, match="hash_fn: calling it"):
+        Router(4, hash_fn=lambda tokens, block_size: [])  # another signature
