@@ -22,6 +22,7 @@ a valid record of another shape), then re-checks the key, dtype and shape.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import numbers
@@ -436,6 +437,7 @@ class TierStats:
     puts: int = 0
     rejected: int = 0      # puts refused (too big, budget, server down)
     corrupt: int = 0       # records that failed verification (served as misses)
+    unreadable: int = 0    # records this process cannot verify (kept; served as misses)
     errors: int = 0        # storage faults caught (I/O, connection, timeout)
     evictions: int = 0
     bytes_read: int = 0
@@ -566,6 +568,19 @@ def first_occurrences(keys: Sequence[BlockKey]) -> tuple[list[int], list[tuple[i
     return todo, repeats
 
 
+@functools.cache
+def _warn_unreadable(tier: str, reason: str) -> None:
+    """Tier._layout_miss's warning, once per (tier kind, reason)."""
+    import warnings
+
+    fix = ("install xxhash (pip install 'prefixkv[hash]') to read them, or give every worker "
+           "the same checksum=" if "checksum" in reason else
+           "they were written by another prefixkv release")
+    warnings.warn(f"prefixkv {tier} tier: records this process cannot verify ({reason}) are "
+                  f"misses here, kept for the workers that can: {fix}", RuntimeWarning,
+                  stacklevel=4)
+
+
 class Tier(ABC):
     """A KV block store. Never raises on storage faults: a fault is a miss / ``False``.
 
@@ -625,6 +640,18 @@ class Tier(ABC):
             results[i] = results[j]
         self.stats.rejected += len(todo) - len(stored)
         self._publish("stored", stored)
+
+    def _layout_miss(self, e: UnexpectedLayout) -> None:
+        """Count a good record that a get cannot serve: one of another shape or dtype in
+        ``corrupt``; one this process cannot verify (another format version, xxh3_128 without
+        xxhash: a worker with other extras shares the store) in ``unreadable``, with a
+        RuntimeWarning once per process and reason (every hit on another worker's records was
+        lost as if they were corrupt, silently)."""
+        if isinstance(e, UnreadableHere):
+            self.stats.unreadable += 1
+            _warn_unreadable(self.name, str(e))
+        else:
+            self.stats.corrupt += 1
 
     def _publish_cleared(self) -> None:
         if self.events:

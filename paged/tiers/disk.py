@@ -276,7 +276,10 @@ class DiskTier(Tier):
             try:
                 arr = decode_record(k, data, shape=shape, dtype=dtype)
             except RecordError as e:
-                self.stats.corrupt += 1
+                if isinstance(e, UnexpectedLayout):
+                    self._layout_miss(e)
+                else:
+                    self.stats.corrupt += 1
                 self.stats.misses += 1
                 # A corrupt/truncated file is deleted; a shape/dtype the caller did not expect
                 # (a valid record of this key), another format version or a checksum this

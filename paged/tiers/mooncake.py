@@ -233,8 +233,8 @@ class MooncakeTier(Tier):
     def _verify(self, key, data, shape, dtype, out, i) -> None:
         try:
             arr = decode_record(key, data, shape=shape, dtype=dtype)
-        except UnexpectedLayout:  # a good record the caller did not expect: keep it
-            self.stats.corrupt += 1
+        except UnexpectedLayout as e:  # a good record the caller did not expect: keep it
+            self._layout_miss(e)
             return
         except RecordError:
             self.stats.corrupt += 1

@@ -202,8 +202,8 @@ class NixlTier(Tier):
             for j, (i, (key, _slot, length)) in enumerate(chunk):
                 try:
                     arr = decode_record(key, self.staging[j, :length], shape=shape, dtype=dtype)
-                except UnexpectedLayout:  # a good record the caller did not expect: keep it
-                    self.stats.corrupt += 1
+                except UnexpectedLayout as e:  # a good record the caller did not expect: kept
+                    self._layout_miss(e)
                     continue
                 except RecordError:  # corrupt or overwritten: drop it so a re-put rewrites it
                     self.stats.corrupt += 1

@@ -173,8 +173,8 @@ class RedisTier(Tier):
                         try:
                             out[pos] = decode_record(k, data, shape=shape, dtype=dtype)
                             self.stats.bytes_read += len(data)
-                        except UnexpectedLayout:  # a good record of another layout: kept
-                            self.stats.corrupt += 1
+                        except UnexpectedLayout as e:  # a good record of another layout: kept
+                            self._layout_miss(e)
                         except RecordError:
                             self.stats.corrupt += 1
                             bad[self._rkey(k)] = (k, data)
