@@ -172,7 +172,11 @@ def keyed_chain_digests(tokens, block_size: int, cu: np.ndarray, key: bytes, ext
 
         return chain_digests(tokens, block_size, cu, key, extra, parents, num_full_blocks)
     if backend == "blake3":
-        import blake3
+        try:
+            import blake3
+        except ImportError as e:  # asked for by name (backend="blake3")
+            raise ImportError("backend: 'blake3' needs the blake3 package (pip install "
+                              "'prefixkv[hash]')") from e
 
         def keyed(msg: bytes) -> bytes:
             return blake3.blake3(msg, key=key).digest()

@@ -265,3 +265,6 @@ def test_fallbacks_without_the_extension(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "blake3", None)
     assert host_backend() == "reference"
     assert hash_blocks(tokens, 16, cu_lens=cu, salt="f") == want
+    # asked for by name without the package: the extra named (was a bare ModuleNotFoundError)
+    with pytest.raises(ImportError, match=r"backend: 'blake3' needs .*prefixkv\[hash\]"):
+        hash_blocks_words(tokens, 16, cu_lens=cu, salt="f", backend="blake3")
