@@ -852,25 +852,41 @@ def ragged_on_cpu_kernel(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, 
     cu = cu_q_lens.astype(jnp.int32)
     q_lens = cu[1:] - cu[:-1]
 
+    # Tokens token_decodes computes: those of sequences of at most thr tokens, so at most
+    # num_seqs * thr of them. Sized by that bound, not by the batch, the per-token block tables
+    # it gathers ([rows, max_blocks]) stay small next to a long chunk: sized by the batch they
+    # were num_tokens x max_blocks int32, which XLA reserved in every prefill and mixed call
+    # (a 32k-token chunk over 128k keys: 1.29 GB of temp) and a mixed batch wrote.
+    rows = min(num_tokens, num_seqs * thr)
+
     def token_decodes(take):
         """The decode kernel over the tokens, each a sequence of its own: token t of sequence
         s sees the first kv_lens[s] - (cu[s + 1] - 1 - t) keys of s's blocks (kv_lens[s]
-        without causal). Tokens outside ``take`` (a mask over the batch's sequences), and a
-        token past cu[-1] (unchecked padding), read nothing (out 0, lse -inf). Returns (out,
-        lse, the mask of the tokens it computed)."""
+        without causal). Tokens outside ``take`` (a mask over the batch's sequences, of at most
+        thr tokens each), and a token past cu[-1] (unchecked padding), read nothing (out 0,
+        lse -inf). Returns (out, lse, the mask of the tokens it computed)."""
         t = jnp.arange(num_tokens, dtype=jnp.int32)
         seq = jnp.clip(jnp.searchsorted(cu[1:], t, side="right"), 0, num_seqs - 1)
         mine = (t >= cu[seq]) & (t < cu[seq + 1]) & take[seq]
+        # the computed tokens' indices, padded with num_tokens (dropped by the scatters below)
+        idx = (t if rows == num_tokens else
+               jnp.nonzero(mine, size=rows, fill_value=num_tokens)[0].astype(jnp.int32))
+        at = jnp.minimum(idx, num_tokens - 1)
+        s, on = seq[at], mine[at] & (idx < num_tokens)
         # from kv_len >= 0: unchecked, a kv_len near -2**31 minus the token's offset wrapped
         # to a count near 2**31 keys (a call of minutes)
-        kv = jnp.maximum(kv_lens.astype(jnp.int32)[seq], 0)
+        kv = jnp.maximum(kv_lens.astype(jnp.int32)[s], 0)
         if causal:
-            kv = kv - (cu[seq + 1] - 1 - t)
-        kv = jnp.where(mine, jnp.clip(kv, 0, None), 0)
+            kv = kv - (cu[s + 1] - 1 - idx)
+        kv = jnp.where(on, jnp.clip(kv, 0, None), 0)
         out, lse = xla_ffi.paged_attention_decode(
-            q, k_cache, v_cache, block_tables[seq], kv, scale=scale,
-            sliding_window=sliding_window if causal else None, logits_soft_cap=logits_soft_cap,
-            k_scale=k_scale, v_scale=v_scale, kv_layout=kv_layout)
+            q if rows == num_tokens else q[at], k_cache, v_cache, block_tables[s], kv,
+            scale=scale, sliding_window=sliding_window if causal else None,
+            logits_soft_cap=logits_soft_cap, k_scale=k_scale, v_scale=v_scale,
+            kv_layout=kv_layout)
+        if rows < num_tokens:
+            out = jnp.zeros(q.shape, out.dtype).at[idx].set(out, mode="drop")
+            lse = jnp.full(q.shape[:2], -jnp.inf, lse.dtype).at[idx].set(lse, mode="drop")
         return out, lse, mine
 
     def cpu_path():
