@@ -36,6 +36,17 @@ def fast_switches():
     sys.setswitchinterval(old)
 
 
+def _run_for(targets, stop: threading.Event) -> None:
+    """Run each of ``targets`` in a thread of its own for SECONDS, then set ``stop`` and join."""
+    threads = [threading.Thread(target=f) for f in targets]
+    for t in threads:
+        t.start()
+    time.sleep(SECONDS)
+    stop.set()
+    for t in threads:
+        t.join()
+
+
 def _stress(tier, *, clear: bool = True) -> list:
     """Two writers, a reader and (``clear``) a clearer on ``tier`` for SECONDS; returns the
     problems seen (wrong rows served, exceptions)."""
@@ -75,13 +86,7 @@ def _stress(tier, *, clear: bool = True) -> list:
         tier.clear()
 
     fns = [writer(1), writer(2), reader] + ([clearer] if clear else [])
-    threads = [threading.Thread(target=guarded(f)) for f in fns]
-    for t in threads:
-        t.start()
-    time.sleep(SECONDS)
-    stop.set()
-    for t in threads:
-        t.join()
+    _run_for([guarded(f) for f in fns], stop)
     return problems
 
 
@@ -141,14 +146,7 @@ def test_nixl_tier_two_readers(fast_switches):
                         problems.append((k.namespace.salt, k.block_hash, None if a is None
                                          else float(a.flat[0])))
 
-        threads = [threading.Thread(target=read, args=(KEYS[:12],)),
-                   threading.Thread(target=read, args=(KEYS[12:],))]
-        for t in threads:
-            t.start()
-        time.sleep(SECONDS)
-        stop.set()
-        for t in threads:
-            t.join()
+        _run_for([lambda: read(KEYS[:12]), lambda: read(KEYS[12:])], stop)
         assert not problems, problems[:5]
         assert tier.stats.corrupt == 0
         assert tier.batch_exists(KEYS) == len(KEYS)
@@ -175,14 +173,8 @@ def test_router_applies_events_from_two_threads(fast_switches):
             except Exception as e:  # noqa: BLE001 - what the test looks for
                 problems.append(f"{type(e).__name__}: {e}")
 
-    threads = [threading.Thread(target=feed, args=(w, s))
-               for w, s in (("w0", 1), ("w1", 2), ("w0", 3), ("w1", 4))]
-    for t in threads:
-        t.start()
-    time.sleep(SECONDS)
-    stop.set()
-    for t in threads:
-        t.join()
+    _run_for([lambda w=w, s=s: feed(w, s)
+              for w, s in (("w0", 1), ("w1", 2), ("w0", 3), ("w1", 4))], stop)
     assert not problems, problems[:5]
     for w in ("w0", "w1"):  # the index agrees with what each worker is said to hold
         held = router.cached_hashes(w).get(b"", set())
