@@ -1224,8 +1224,10 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
         p_lse = torch.empty((num_prefixes, num_kv_heads, rows), dtype=torch.float32, device=dev)
         q4 = (qp.view(num_prefixes, q_max, num_kv_heads, group, head_dim).transpose(1, 2)
               .reshape(num_prefixes, num_kv_heads, rows, head_dim).to(torch.float32))
+        del qp  # each q-sized buffer let go once used: long own chunks held about eight
         _attend_host(p_out, p_lse, q4, k_cache, v_cache, prefix_block_tables,
                      torch.where(counts > 0, plens, 0).tolist(), scale)
+        del q4
         p_out = (p_out.view(num_prefixes, num_kv_heads, q_max, group, head_dim).transpose(1, 2)
                  .reshape(num_prefixes, q_max, num_q_heads, head_dim))
         p_lse = (p_lse.view(num_prefixes, num_kv_heads, q_max, group).transpose(1, 2)
@@ -1236,17 +1238,19 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
             qp, k_cache, v_cache, prefix_block_tables, plens, counts, scale=scale,
             causal=False, sliding_window=None, logits_soft_cap=logits_soft_cap, max_kv=max_kv,
             min_end=int(plens.min()) if (host and num_prefixes) else None)
-    pre_out = torch.zeros((num_tokens, num_q_heads, head_dim), dtype=torch.float32, device=dev)
-    pre_lse = torch.full((num_tokens, num_q_heads), float("-inf"), dtype=torch.float32,
-                         device=dev)
     src = torch.where(live, rows_sorted, 0) if not host else row_idx
     got_out = p_out.reshape(-1, num_q_heads, head_dim).index_select(0, src)
     got_lse = p_lse.reshape(-1, num_q_heads).index_select(0, src)
+    del p_out, p_lse
     if not host:
         got_out = torch.where(live[:, None, None], got_out, 0.0)
         got_lse = torch.where(live[:, None], got_lse, float("-inf"))
+    pre_out = torch.zeros((num_tokens, num_q_heads, head_dim), dtype=torch.float32, device=dev)
+    pre_lse = torch.full((num_tokens, num_q_heads), float("-inf"), dtype=torch.float32,
+                         device=dev)
     pre_out.index_copy_(0, tok_idx, got_out)
     pre_lse.index_copy_(0, tok_idx, got_lse)
+    del got_out, got_lse
     merged_lse = torch.empty_like(own_lse)
     _merge_states(out, merged_lse, pre_out, pre_lse, own_out if own_c is None else own_c,
                   own_lse, out_scale=out_scale)
