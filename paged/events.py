@@ -78,6 +78,13 @@ def call_each(fn, items) -> None:
         raise error
 
 
+def unsubscribe_all(handles: list) -> None:
+    """Call and forget each of ``handles`` (what :meth:`EventBus.subscribe` returned): a
+    second call does nothing."""
+    while handles:
+        handles.pop()()
+
+
 class EventBus:
     """Synchronous publish/subscribe of :class:`KVEvent`.
 

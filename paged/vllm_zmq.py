@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-from .events import CLEARED, KVEvent
+from .events import CLEARED, KVEvent, unsubscribe_all
 from .vllm_events import VllmEventDecoder, VllmEventEncoder, decode_frames, encode_frames
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
@@ -96,8 +96,7 @@ def _shut_down(stop: threading.Event, thread: threading.Thread | None, sockets: 
     for s in sockets:
         if s is not None:
             s.close(linger=0)
-    while unsubscribe:
-        unsubscribe.pop()()
+    unsubscribe_all(unsubscribe)
 
 
 def _forward_to(ref: weakref.ref) -> Callable[[KVEvent], None]:
@@ -204,9 +203,9 @@ class VllmEventPublisher:
         """Send the events received since the last call as one batch; returns its sequence
         number (None when there were none). Serves pending replay requests too.
 
-        A batch is numbered and kept for replay once sent: when the send raises, the batch
-        and the number stay, and the next call sends it first (a lost batch would be a gap
-        that subscribers answer by forgetting the engine's blocks)."""
+        A batch is numbered once sent: when the send raises, the batch and its number stay
+        (kept for replay already), and the next call sends it first (a lost batch would be a
+        gap that subscribers answer by forgetting the engine's blocks)."""
         self._check_open("publish")
         seq = None
         if self._unsent is not None:
@@ -245,8 +244,7 @@ class VllmEventPublisher:
         (again: nothing). Events received later are dropped; ``publish()`` raises."""
         self._closed = True
         if self._finalizer is not None:
-            self._finalizer()
-        self._stop.set()
+            self._finalizer()  # the thread stopped, the first sockets closed, the bus left
         for s in (self._pub, self._replay):  # those in place now, maybe not the first ones
             if s is not None:
                 s.close(linger=0)

@@ -42,6 +42,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .. import validate
+from ..events import unsubscribe_all
 from .base import (
     BlockKey,
     Namespace,
@@ -157,7 +158,7 @@ class TieredStore(Tier):
         # bus (and every Router or EventLog subscribed to it) stayed alive and was fed the
         # shared tier's events (the callbacks hold the bus, never the store)
         self._unsubscribe = [t.events.subscribe(self.events.publish) for t in tiers]
-        weakref.finalize(self, _call_each, self._unsubscribe)
+        weakref.finalize(self, unsubscribe_all, self._unsubscribe)
         self.promote = bool(promote)
         self.tier_errors = {t.name: 0 for t in tiers}
 
@@ -299,16 +300,10 @@ class TieredStore(Tier):
     def close(self):
         for t in self.tiers:
             self._guard(t, t.close, None)
-        _call_each(self._unsubscribe)  # after the tiers' own close events
+        unsubscribe_all(self._unsubscribe)  # after the tiers' own close events
 
     def tier_stats(self) -> dict[str, TierStats]:
         return {t.name: t.stats for t in self.tiers}
-
-
-def _call_each(fns: list) -> None:
-    """Call and forget each of ``fns`` (unsubscribe handles: a second call does nothing)."""
-    while fns:
-        fns.pop()()
 
 
 Gather = Callable[[list, np.ndarray], np.ndarray]
