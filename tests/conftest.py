@@ -18,6 +18,17 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests marked slow first, the longest first (``seconds``: about what one takes on
+    one core of the CI machine): under ``pytest -n 2`` xdist hands them out alternately, so
+    the two workers start on them and the short tests fill in around them. Collected in file
+    order, the longest (~130 s alone, ~200 s beside the other worker) had started late and
+    kept one worker busy after the other had finished."""
+    def key(item):
+        mark = item.get_closest_marker("slow")
+        return (0, -mark.kwargs.get("seconds", 0)) if mark else (1, 0)
+    items.sort(key=key)
+
 
 @pytest.fixture
 def pallas_races(monkeypatch):

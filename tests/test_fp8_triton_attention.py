@@ -12,6 +12,7 @@ pytest.importorskip("triton")
 pytest.importorskip("torch")
 
 
+@pytest.mark.slow(seconds=100)
 def test_triton_attention_reads_fp8_under_interpreter():
     run_cases("test_fp8_triton_attention_cases.py", {"TRITON_INTERPRET": "1"},
               "an out-of-bounds access?", timeout=900)

@@ -68,6 +68,7 @@ for name in KERNEL_CASES:
 """
 
 
+@pytest.mark.slow(seconds=20)
 def test_triton_interpreted_matches_blake3():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}

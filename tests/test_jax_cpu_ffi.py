@@ -353,6 +353,7 @@ def test_fallback_when_disabled(monkeypatch):
     assert xla_ffi.cpu_cache_ops_path() == "ffi"
 
 
+@pytest.mark.slow(seconds=30)
 def test_build_from_scratch_and_failure(tmp_path, monkeypatch):
     monkeypatch.setenv(xla_ffi.CACHE_ENV, str(tmp_path))
     lib = xla_ffi.build()

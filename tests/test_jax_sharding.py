@@ -25,6 +25,7 @@ def _run(*args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow(seconds=25)
 def test_tensor_parallel_xla():
     out = _run()
     assert "OK attention None" in out and "OK write_kv" in out and "OK error" in out
@@ -33,6 +34,7 @@ def test_tensor_parallel_xla():
     assert "OK unsharded default" in out and "OK unsharded auto" in out
 
 
+@pytest.mark.slow(seconds=25)
 def test_tensor_parallel_16bit_and_fp8_caches():
     out = _run("dtypes")
     for dtype in ("bfloat16", "float16", "float8_e4m3fn"):
@@ -49,6 +51,7 @@ def test_tensor_parallel_hnd_one_kv_head_per_device():
     assert "OK hnd write_kv" in out
 
 
+@pytest.mark.slow(seconds=60)
 def test_plain_jit_partitions_over_the_heads():
     """No shard_map: the ops on head-sharded arrays under plain jit, Auto and Explicit mesh
     axes, both cache layouts; no all-gather in the compiled programs."""

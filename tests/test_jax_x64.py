@@ -101,6 +101,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow(seconds=35)
 def test_every_op_with_x64_enabled():
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True,
                           timeout=600)

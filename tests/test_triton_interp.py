@@ -18,6 +18,7 @@ pytest.importorskip("torch")
 HERE = Path(__file__).parent
 
 
+@pytest.mark.slow(seconds=130)
 def test_triton_kernels_under_interpreter():
     run_cases("_triton_interp_cases.py", {"TRITON_INTERPRET": "1"},
               "an out-of-bounds access?", timeout=900)
