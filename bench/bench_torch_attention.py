@@ -639,14 +639,19 @@ def _one_token_write(device):
 
 
 def _call_overhead(benchmark, device, impl):
-    """One decode token's write_kv: the wrapper's direct eager call of the implementation vs
+    """One decode token's write_kv: the wrapper as a model calls it (tf.write_kv: its checks,
+    the layout ones kept per layout, then the direct eager call), that direct call alone,
     the same implementation through the dispatcher (torch.ops.prefixkv.write_kv, the
-    baseline)."""
+    baseline), and the two raw index_copy_ a user would write unchecked."""
     from prefixkv.torch_frontend import _ops
     args = _one_token_write(device)
-    fn = {"eager_direct": lambda: _ops._invoke("write_kv", args),
-          "custom_op_dispatch": lambda: torch.ops.prefixkv.write_kv(*args)}[impl]
     key, _, k, v, slots, _ = args
+    rows = slots.long()
+    fn = {"wrapper": lambda: tf.write_kv(*args[:5]),
+          "eager_direct": lambda: _ops._invoke("write_kv", args),
+          "custom_op_dispatch": lambda: torch.ops.prefixkv.write_kv(*args),
+          "raw_index_copy": lambda: (k.view(-1, HKV, HEAD_DIM).index_copy_(0, rows, key),
+                                     v.view(-1, HKV, HEAD_DIM).index_copy_(0, rows, key))}[impl]
     fn()
     row = int(slots[0])
     assert torch.equal(k[row // BLOCK, row % BLOCK], key[0])
@@ -657,10 +662,45 @@ def _call_overhead(benchmark, device, impl):
         benchmark.extra_info["baseline"] = True
 
 
-@pytest.mark.parametrize("impl", ["eager_direct", "custom_op_dispatch"])
+@pytest.mark.parametrize("impl", ["wrapper", "eager_direct", "custom_op_dispatch",
+                                  "raw_index_copy"])
 def test_cpu_call_overhead_write_kv(benchmark, impl):
     benchmark.group = "cpu-call-overhead-write_kv-1-token"
     _call_overhead(benchmark, "cpu", impl)
+
+
+def _decode_overhead(benchmark, device, impl):
+    """One decode token over 64 cached keys (4 blocks), with out= and lse= buffers: the
+    wrapper (its checks, the layout ones kept per layout) vs the backend's function called
+    unchecked (the baseline: what the wrapper adds is the difference)."""
+    from prefixkv.torch_frontend import _ops
+    g = torch.Generator().manual_seed(4)
+    k = torch.randn(64, BLOCK, HKV, HEAD_DIM, generator=g).to(device)
+    v = torch.randn(64, BLOCK, HKV, HEAD_DIM, generator=g).to(device)
+    q = torch.randn(1, HQ, HEAD_DIM, generator=g).to(device)
+    tables = torch.arange(4, dtype=torch.int32, device=device).view(1, 4)
+    kv_lens = torch.tensor([64], dtype=torch.int32, device=device)
+    out, lse = torch.empty_like(q), torch.empty(1, HQ, device=device)
+    scale = HEAD_DIM ** -0.5
+    kernel = _ops.select("paged_attention", device, None)
+    fn = {"wrapper": lambda: tf.paged_attention(q, k, v, tables, kv_lens, out=out, lse=lse),
+          "backend_unchecked": lambda: kernel(
+              out, lse, q, k, v, tables, kv_lens, None, scale=scale, causal=True,
+              sliding_window=None, logits_soft_cap=None, workspace=None)}[impl]
+    fn()
+    want = baseline_paged_attention(q, k, v, tables, kv_lens)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    benchmark.pedantic(fn, rounds=20, iterations=20, warmup_rounds=1)
+    benchmark.extra_info.update(impl=impl, device=device)
+    if impl == "backend_unchecked":
+        benchmark.extra_info["baseline"] = True
+
+
+@pytest.mark.parametrize("impl", ["wrapper", "backend_unchecked"])
+def test_cpu_call_overhead_decode(benchmark, impl):
+    benchmark.group = "cpu-call-overhead-paged_attention-1-token-64-keys"
+    with torch.inference_mode():
+        _decode_overhead(benchmark, "cpu", impl)
 
 
 # ----------------------------------------------------------------------------------- GPU
@@ -670,7 +710,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @cuda
-@pytest.mark.parametrize("impl", ["eager_direct", "custom_op_dispatch"])
+@pytest.mark.parametrize("impl", ["wrapper", "eager_direct", "custom_op_dispatch",
+                                  "raw_index_copy"])
 def test_gpu_call_overhead_write_kv(benchmark, impl):
     """Host time per call (kernel launches are asynchronous): what an eager decode step pays
     per layer and op before the GPU work."""

@@ -2005,6 +2005,7 @@ def test_static_checks_kept_per_signature_still_refuse():
     ran = []
     real = validate.check_paged_attention
     _ops._PASSED.clear()
+    _ops._VOUCHED.clear()  # the layout checks of an earlier test's call at these addresses
     try:
         validate.check_paged_attention = lambda *a, **kw: ran.append(1) or real(*a, **kw)
         for _ in range(3):
@@ -2039,6 +2040,7 @@ def test_static_checks_kept_per_signature_still_refuse():
     finally:
         validate.check_paged_attention = real
         _ops._PASSED.clear()
+        _ops._VOUCHED.clear()
 
 
 def test_unchecked_host_lengths_count_at_most_the_tables_keys(monkeypatch):

@@ -20,7 +20,9 @@ Attention ops come twice: ``prefixkv::paged_attention`` returns fresh ``(out, ls
 ``workspace=`` of :func:`attention_workspace_size` bytes the triton backend allocates nothing
 (CUDA-graph capture, a fixed memory budget); the CPU path ignores the workspace.
 
-A wrapper called in plain eager mode runs the op's implementation directly (:func:`_invoke`):
+A wrapper called in plain eager mode runs its layout checks (all but the value checks) once
+per layout of its arguments (:func:`_layout_key`), and the op's implementation directly
+(:func:`_invoke`):
 the dispatcher round trip of a ``custom_op`` costs about 50-120 us a call in torch's Python
 (its ADInplaceOrView kernel rebuilds the schema's argument list per argument), more than a
 small decode kernel. Under ``torch.compile``, a dispatch mode (fake tensors, export,
@@ -149,6 +151,81 @@ def _static_check(check, *args, **kwargs):
         _PASSED.clear()
     _PASSED[key] = result
     return result
+
+
+#: Eager calls whose layout checks passed, by _layout_key: what those checks returned.
+_VOUCHED: dict = {}
+
+
+def _direct() -> bool:
+    """Whether a wrapper call runs in plain eager mode: not while torch.compile traces, and no
+    dispatch or function mode (fake tensors, export, functionalization) or profiler on (those
+    see the call through ``torch.ops.prefixkv.<op>``)."""
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._is_torch_function_mode_enabled()
+                or torch._C._autograd._profiler_enabled())
+
+
+def _layout_key(op: str, data: tuple, index: tuple = (), options: tuple = ()) -> tuple | None:
+    """What the layout checks of an eager call of ``op`` (every check but the host value
+    checks) read of its arguments: of each ``data`` tensor (None skipped) its address,
+    storage offset, shape, strides, dtype, device and its inference and negative bits; of
+    each ``index`` tensor (None skipped) its shape, dtype, device and negative bit (the
+    checks read no index tensor's memory, so each step's new tensors of last step's shapes
+    match); each option's type and value; whether inference mode is on. Those checks read
+    nothing else, so equal keys get equal answers, also when a tensor was freed and another
+    one made at its address with its layout. An engine repeats each layer's call every step:
+    the attention, merge and write_kv wrappers run their layout checks once per key
+    (_VOUCHED).
+
+    None (the checks run every call) outside plain eager mode (_direct), or when an argument
+    is anything else: a list, a numpy value, a tensor subclass, one that requires grad, a
+    sparse or nested tensor (which have no strides)."""
+    if not _direct():
+        return None
+    key: list = [op, torch.is_inference_mode_enabled()]
+    try:
+        for a in data:
+            if type(a) is Tensor and not a.requires_grad:
+                key.append((a.data_ptr(), a.storage_offset(), a.shape, a.stride(), a.dtype,
+                            a.device, a.is_inference(), a.is_neg()))
+            elif a is not None:
+                return None
+        for a in index:
+            if type(a) is Tensor and not a.requires_grad and a.layout == torch.strided:
+                key.append((a.shape, a.dtype, a.device, a.is_neg(), a.is_nested))
+            elif a is not None:
+                return None
+    except (RuntimeError, NotImplementedError):  # no strides, no data pointer
+        return None
+    for a in options:
+        kind = type(a)
+        if kind not in _SCALAR_TYPES:
+            return None
+        key.append((kind, a))
+    return tuple(key)
+
+
+def _scale_tensors(k_scale, v_scale) -> tuple:
+    """The k_scale / v_scale given as tensors (for _layout_key's index tensors: their checks
+    read their shapes and values, not their memory)."""
+    return tuple(s for s in (k_scale, v_scale) if isinstance(s, Tensor))
+
+
+def _scale_floats(k_scale, v_scale) -> tuple:
+    """The k_scale / v_scale not given as tensors (None, floats, or what the checks refuse):
+    _layout_key's options."""
+    return tuple(s for s in (k_scale, v_scale) if not isinstance(s, Tensor))
+
+
+def _vouch(key: tuple | None, result) -> None:
+    """Keep ``result``, the passed layout checks' answer, for ``key`` (None: not kept; at most
+    _PASSED_MAX answers, then cleared)."""
+    if key is None:
+        return
+    if len(_VOUCHED) >= _PASSED_MAX:
+        _VOUCHED.clear()
+    _VOUCHED[key] = result
 
 
 def _index_tensors(**named) -> None:
@@ -647,9 +724,7 @@ def _invoke(name: str, args: tuple):
     the version bump of its mutated arguments that the dispatcher would have made. An op that
     writes in place refuses, in grad mode, tensors that require grad (_no_grad_writes: such a
     tensor is never _plain, so the direct path pays nothing for the check)."""
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled()
-            or torch._C._autograd._profiler_enabled() or not _plain(args)):
+    if not _direct() or not _plain(args):
         if _MUTATED[name] and torch.is_grad_enabled():
             _no_grad_writes(name, args)
         return getattr(torch.ops.prefixkv, name)(*args)
@@ -728,13 +803,20 @@ def _op_scale_values(k_scale, v_scale) -> None:
         validate.check_kv_scale_values(k_scale, v_scale)
 
 
-def _paged_checks(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *, sinks=None,
+def _paged_layout(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *, sinks=None,
                   **options):
-    """paged_attention's checks, the wrapper's and the op's: (dims, the kv_lens to use)."""
+    """paged_attention's checks but the value checks, the wrapper's and the op's: dims."""
     _tensors(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks, raw=True)
     _index_tensors(block_tables=block_tables, kv_lens=kv_lens, cu_q_lens=cu_q_lens)
-    dims = _static_check(validate.check_paged_attention, q, k_cache, v_cache, block_tables,
+    return _static_check(validate.check_paged_attention, q, k_cache, v_cache, block_tables,
                          kv_lens, cu_q_lens, sinks=sinks, **options)
+
+
+def _paged_checks(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, *, sinks=None,
+                  **options):
+    """paged_attention's checks as the op runs them: (dims, the kv_lens to use)."""
+    dims = _paged_layout(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, sinks=sinks,
+                         **options)
     return dims, _paged_lens(dims, block_tables, kv_lens, cu_q_lens)
 
 
@@ -773,17 +855,25 @@ def _guard_paged_out(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scal
     return (*args[:11], out, lse, workspace, *args[11:])
 
 
-def _shared_checks(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
+def _shared_layout(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
                    block_tables, kv_lens, cu_q_lens, *, sinks=None, **options):
-    """shared_prefix_attention's checks, the wrapper's and the op's: (sdims, the prefix_lens
-    and kv_lens to use)."""
+    """shared_prefix_attention's checks but the value checks, the wrapper's and the op's:
+    sdims."""
     _tensors(q=q, k_cache=k_cache, v_cache=v_cache, sinks=sinks, raw=True)
     _index_tensors(prefix_block_tables=prefix_block_tables, prefix_lens=prefix_lens,
                    prefix_ids=prefix_ids, block_tables=block_tables, kv_lens=kv_lens,
                    cu_q_lens=cu_q_lens)
-    sdims = _static_check(validate.check_shared_prefix_attention, q, k_cache, v_cache,
-                          prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
-                          cu_q_lens, sinks=sinks, **options)
+    return _static_check(validate.check_shared_prefix_attention, q, k_cache, v_cache,
+                         prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
+                         cu_q_lens, sinks=sinks, **options)
+
+
+def _shared_checks(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
+                   block_tables, kv_lens, cu_q_lens, *, sinks=None, **options):
+    """shared_prefix_attention's checks as the op runs them: (sdims, the prefix_lens and
+    kv_lens to use)."""
+    sdims = _shared_layout(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
+                           block_tables, kv_lens, cu_q_lens, sinks=sinks, **options)
     return (sdims, *_shared_lens(sdims, prefix_block_tables, prefix_lens, prefix_ids,
                                  block_tables, kv_lens, cu_q_lens))
 
@@ -928,10 +1018,28 @@ def _merge_buffers(out_a, out, lse) -> None:
             _writable(name, buf, "buffer")
 
 
+def _merge_memory(out_a, lse_a, out_b, lse_b, out, lse) -> None:
+    """The merge's given out= and lse= buffers (None skipped) writable here and sharing no
+    memory with the inputs or each other (not while torch.compile traces: the op checks the
+    tensors it runs on, traced ones have no memory)."""
+    if torch.compiler.is_compiling():
+        return
+    _not_inference(**{n: b for n, b in (("out", out), ("lse", lse)) if b is not None})
+    for name, buf in (("out", out), ("lse", lse)):
+        if buf is None:
+            continue
+        for other, t in (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b),
+                         ("lse_b", lse_b), *((("out", out),) if name == "lse" else ())):
+            if t is not None and _overlaps(buf, t):
+                raise ValueError(f"{name}: shares memory with {other}; pass a buffer of its "
+                                 f"own")
+
+
 def _guard_merge_out(out_a, lse_a, out_b, lse_b, out, lse, backend) -> tuple:
     """merge_attention_states_out's checks as the op runs them (_op's guard)."""
     _guard_merge(out_a, lse_a, out_b, lse_b, backend)
     _merge_buffers(out_a, out, lse)
+    _merge_memory(out_a, lse_a, out_b, lse_b, out, lse)
     return out_a, lse_a, out_b, lse_b, out, lse, backend
 
 
@@ -952,14 +1060,7 @@ def _(out_a, lse_a, out_b, lse_b, backend):
 @_op("merge_attention_states_out", mutates_args=("out", "lse"), guard=_guard_merge_out)
 def _merge_attention_states_out(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor,
                                 out: Tensor, lse: Tensor, backend: str | None) -> None:
-    _not_inference(out=out, lse=lse)
-    # Here, not in the wrapper: under torch.compile only the op sees the memory it runs on
-    for name, buf in (("out", out), ("lse", lse)):
-        for other, t in (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b),
-                         ("lse_b", lse_b), *((("out", out),) if name == "lse" else ())):
-            if _overlaps(buf, t):
-                raise ValueError(f"{name}: shares memory with {other}; pass a buffer of its "
-                                 f"own")
+    # checked by the guard, or by the wrapper that calls this directly (_invoke)
     select("merge_attention_states", platform_of(out_a), backend)(out, lse, out_a, lse_a,
                                                                    out_b, lse_b)
 
@@ -995,16 +1096,26 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     Returns out (q's dtype), and lse f32[num_tokens, num_q_heads] with ``return_lse``.
     Semantics: docs/ops.md and :func:`prefixkv.paged.reference.paged_attention_reference`.
     """
-    dims, kv_lens = _paged_checks(
-        q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, sinks=sinks, scale=scale,
-        causal=causal, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
-        return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
+    layout = _layout_key(
+        "paged_attention", (q, k_cache, v_cache, sinks, out, lse, workspace),
+        (block_tables, kv_lens, cu_q_lens, *_scale_tensors(k_scale, v_scale)),
+        (scale, causal, sliding_window, logits_soft_cap, return_lse,
+         *_scale_floats(k_scale, v_scale)))
+    dims = _VOUCHED.get(layout)
+    if dims is None:
+        dims = _paged_layout(
+            q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, sinks=sinks, scale=scale,
+            causal=causal, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+            return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
+        _guard_buffers(q, out, lse, workspace)
+        _vouch(layout, dims)
+    kv_lens = _paged_lens(dims, block_tables, kv_lens, cu_q_lens)
     block_tables, kv_lens, cu_q_lens = _on(q.device, block_tables, kv_lens, cu_q_lens)
     args = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, dims.scale, bool(causal),
             None if sliding_window is None else int(sliding_window),
             None if logits_soft_cap is None else float(logits_soft_cap), backend)
     return _run_attention("paged_attention", args, q, out, lse, workspace, return_lse, sinks,
-                          _op_scales(k_scale, v_scale, k_cache, v_cache))
+                          _op_scales(k_scale, v_scale, k_cache, v_cache), buffers_checked=True)
 
 
 def _op_scales(k_scale, v_scale, k_cache: Tensor, v_cache: Tensor) -> tuple:
@@ -1017,13 +1128,18 @@ def _op_scales(k_scale, v_scale, k_cache: Tensor, v_cache: Tensor) -> tuple:
     return _kv_scales(k_scale, v_scale, k_cache, v_cache)
 
 
-def _run_attention(op, args, q, out, lse, workspace, return_lse, sinks, scales=()):
+def _run_attention(op, args, q, out, lse, workspace, return_lse, sinks, scales=(),
+                   buffers_checked=False):
+    """The attention op ``op`` (or its ``_out`` form, with caller buffers) on ``args``, its
+    buffers checked first unless ``buffers_checked`` (the wrappers check them with their
+    layout checks)."""
     if sinks is not None:  # the op's trailing (k_scale, v_scale, sinks)
         scales = (*(scales or (None, None)), sinks.detach())  # the ops are forward-only
     if out is None and lse is None and workspace is None:
         o, l_ = _invoke(op, (*args, *scales))
     else:
-        _guard_buffers(q, out, lse, workspace)
+        if not buffers_checked:
+            _guard_buffers(q, out, lse, workspace)
         o = out if out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
         l_ = lse  # None and not returned: the backend keeps it in the workspace
         if l_ is None and return_lse:
@@ -1058,11 +1174,22 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     query sees its own part of the prefix: nothing to share). k_scale, v_scale: as in
     :func:`paged_attention` (float8_e4m3fn caches).
     """
-    sdims, prefix_lens, kv_lens = _shared_checks(
-        q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
-        kv_lens, cu_q_lens, sinks=sinks, scale=scale, logits_soft_cap=logits_soft_cap,
-        return_lse=return_lse, sliding_window=sliding_window, k_scale=k_scale,
-        v_scale=v_scale)
+    layout = _layout_key(
+        "shared_prefix_attention", (q, k_cache, v_cache, sinks, out, lse, workspace),
+        (prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens,
+         *_scale_tensors(k_scale, v_scale)),
+        (scale, logits_soft_cap, return_lse, sliding_window, *_scale_floats(k_scale, v_scale)))
+    sdims = _VOUCHED.get(layout)
+    if sdims is None:
+        sdims = _shared_layout(
+            q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
+            kv_lens, cu_q_lens, sinks=sinks, scale=scale, logits_soft_cap=logits_soft_cap,
+            return_lse=return_lse, sliding_window=sliding_window, k_scale=k_scale,
+            v_scale=v_scale)
+        _guard_buffers(q, out, lse, workspace)
+        _vouch(layout, sdims)
+    prefix_lens, kv_lens = _shared_lens(sdims, prefix_block_tables, prefix_lens, prefix_ids,
+                                        block_tables, kv_lens, cu_q_lens)
     prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens = _on(
         q.device, prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens)
     scales = _op_scales(k_scale, v_scale, k_cache, v_cache)
@@ -1074,11 +1201,11 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
         args = (q, k_cache, v_cache, tables, lens, cu_q_lens, sdims.attention.scale, True,
                 int(sliding_window), soft_cap, backend)
         return _run_attention("paged_attention", args, q, out, lse, workspace, return_lse,
-                              sinks, scales)
+                              sinks, scales, buffers_checked=True)
     args = (q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
             kv_lens, cu_q_lens, sdims.attention.scale, soft_cap, backend)
     return _run_attention("shared_prefix_attention", args, q, out, lse, workspace, return_lse,
-                          sinks, scales)
+                          sinks, scales, buffers_checked=True)
 
 
 def _prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
@@ -1165,10 +1292,14 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, out=None, lse=None, ba
     output_lse)``), sharing no memory with the inputs or each other; with both given nothing
     is allocated (out alone: lse is made).
     """
-    _guard_merge(out_a, lse_a, out_b, lse_b, backend)
+    layout = _layout_key("merge_attention_states", (out_a, lse_a, out_b, lse_b, out, lse))
+    if layout is None or layout not in _VOUCHED:
+        _guard_merge(out_a, lse_a, out_b, lse_b, backend)
+        _merge_buffers(out_a, out, lse)  # a buffer made here needs no check
+        _merge_memory(out_a, lse_a, out_b, lse_b, out, lse)
+        _vouch(layout, True)
     if out is None and lse is None:
         return _invoke("merge_attention_states", (out_a, lse_a, out_b, lse_b, backend))
-    _merge_buffers(out_a, out, lse)  # a buffer made here needs no check
     if out is None:
         out = torch.empty_like(out_a, memory_format=torch.contiguous_format)
     if lse is None:
@@ -1188,22 +1319,33 @@ def _block_contiguous(caches) -> bool:
                for c in caches)
 
 
-def _write_kv_checks(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
-    """write_kv's checks, the wrapper's and the op's."""
+def _write_kv_layout(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
+    """write_kv's checks but the value checks, the wrapper's (once per _layout_key) and the
+    op's."""
     _tensors(key=key, value=value, k_cache=k_cache, v_cache=v_cache, raw=True)
     _index_tensors(slot_mapping=slot_mapping)
     _static_check(validate.check_write_kv, key, value, k_cache, v_cache, slot_mapping,
                   k_scale=k_scale, v_scale=v_scale)
     _writable("k_cache", k_cache)
     _writable("v_cache", v_cache)
-    if _want_values(slot_mapping):
-        validate.check_write_kv_values(k_cache, slot_mapping)
+    if torch.compiler.is_compiling():
+        return  # the op checks the memory when the graph runs: traced tensors have none
+    _not_inference(k_cache=k_cache, v_cache=v_cache)
+    for name, rows in (("key", key), ("value", value)):
+        for cname, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if _overlaps(rows, cache):  # written while read: K then V would see the change
+                raise ValueError(f"{name}: shares memory with {cname}; pass a copy")
+    if _share_elements(k_cache, v_cache):  # the values would overwrite the keys
+        raise ValueError("v_cache: shares memory with k_cache; the keys and the values each "
+                         "need a cache of their own")
 
 
 def _guard_write_kv(key, value, k_cache, v_cache, slot_mapping, backend, k_scale=None,
                     v_scale=None) -> tuple:
     """write_kv's checks as the op runs them (_op's guard)."""
-    _write_kv_checks(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    _write_kv_layout(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    if _want_values(slot_mapping):
+        validate.check_write_kv_values(k_cache, slot_mapping)
     _on_device(k_cache.device, slot_mapping=slot_mapping, k_scale=k_scale, v_scale=v_scale)
     _op_scale_values(k_scale, v_scale)
     return key, value, k_cache, v_cache, slot_mapping, backend, k_scale, v_scale
@@ -1213,15 +1355,7 @@ def _guard_write_kv(key, value, k_cache, v_cache, slot_mapping, backend, k_scale
 def _write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
               slot_mapping: Tensor, backend: str | None, k_scale: Tensor | None = None,
               v_scale: Tensor | None = None) -> None:
-    _not_inference(k_cache=k_cache, v_cache=v_cache)
-    # Here, not in the wrapper: under torch.compile only the op sees the memory it runs on
-    for name, rows in (("key", key), ("value", value)):
-        for cname, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if _overlaps(rows, cache):  # written while read: K then V would see the change
-                raise ValueError(f"{name}: shares memory with {cname}; pass a copy")
-    if _share_elements(k_cache, v_cache):  # the values would overwrite the keys
-        raise ValueError("v_cache: shares memory with k_cache; the keys and the values each "
-                         "need a cache of their own")
+    # checked by the guard, or by the wrapper that calls this directly (_invoke)
     if validate.is_fp8(k_cache):  # every backend quantizes (bit-exact, docs/ops.md)
         select("write_kv", platform_of(k_cache), backend)(
             key, value, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
@@ -1448,7 +1582,14 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
     bit-exact with :func:`prefixkv.paged.reference.quantize_fp8_reference` on the torch and
     triton backends).
     """
-    _write_kv_checks(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    layout = _layout_key("write_kv", (key, value, k_cache, v_cache),
+                         (slot_mapping, *_scale_tensors(k_scale, v_scale)),
+                         _scale_floats(k_scale, v_scale))
+    if layout is None or layout not in _VOUCHED:
+        _write_kv_layout(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        _vouch(layout, True)
+    if _want_values(slot_mapping):
+        validate.check_write_kv_values(k_cache, slot_mapping)
     (slot_mapping,) = _on(k_cache.device, slot_mapping)
     if validate.is_fp8(k_cache):
         _invoke("write_kv", (key, value, k_cache, v_cache, slot_mapping, backend,
