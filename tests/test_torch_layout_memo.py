@@ -182,3 +182,27 @@ def test_no_layout_kept_while_compiling_or_with_grad(monkeypatch):
     assert not _ops._VOUCHED
     tf.paged_attention(*args)
     assert len(_ops._VOUCHED) == 1
+
+
+def test_a_tensor_kept_in_one_slot_is_checked_in_another(spy):
+    """An unused slot (None) keeps its place in the key: an lse= buffer (or sinks) kept, then
+    passed as out= (or workspace=) with the slots before it empty, was taken unchecked (a
+    [tokens, heads] buffer written as out, a float tensor as the workspace)."""
+    b, args = _paged()
+    tokens, heads = args[0].shape[:2]
+    lse, sinks = torch.empty(tokens, heads), torch.zeros(heads)
+    tf.paged_attention(*args, lse=lse)
+    tf.paged_attention(*args, sinks=sinks)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="out: expected shape"):
+            tf.paged_attention(*args, out=lse)
+        with pytest.raises(ValueError, match="workspace: expected a contiguous 1-D uint8"):
+            tf.paged_attention(*args, workspace=sinks)
+    g = torch.Generator().manual_seed(3)
+    out_a, out_b = torch.randn(3, 2, 16, generator=g), torch.randn(3, 2, 16, generator=g)
+    lse_a, lse_b = torch.randn(3, 2, generator=g), torch.randn(3, 2, generator=g)
+    buf = torch.zeros(3, 2)
+    tf.merge_attention_states(out_a, lse_a, out_b, lse_b, lse=buf)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="out: expected shape"):
+            tf.merge_attention_states(out_a, lse_a, out_b, lse_b, out=buf)

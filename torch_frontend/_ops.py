@@ -168,9 +168,9 @@ def _direct() -> bool:
 
 def _layout_key(op: str, data: tuple, index: tuple = (), options: tuple = ()) -> tuple | None:
     """What the layout checks of an eager call of ``op`` (every check but the host value
-    checks) read of its arguments: of each ``data`` tensor (None skipped) its address,
+    checks) read of its arguments: of each ``data`` tensor (None kept as None) its address,
     storage offset, shape, strides, dtype, device and its inference and negative bits; of
-    each ``index`` tensor (None skipped) its shape, dtype, device and negative bit (the
+    each ``index`` tensor (None kept) its shape, dtype, device and negative bit (the
     checks read no index tensor's memory, so each step's new tensors of last step's shapes
     match); each option's type and value; whether inference mode is on. Those checks read
     nothing else, so equal keys get equal answers, also when a tensor was freed and another
@@ -189,12 +189,16 @@ def _layout_key(op: str, data: tuple, index: tuple = (), options: tuple = ()) ->
             if type(a) is Tensor and not a.requires_grad:
                 key.append((a.data_ptr(), a.storage_offset(), a.shape, a.stride(), a.dtype,
                             a.device, a.is_inference(), a.is_neg()))
-            elif a is not None:
+            elif a is None:  # kept in its place: a tensor in the next slot is another call
+                key.append(None)
+            else:
                 return None
         for a in index:
             if type(a) is Tensor and not a.requires_grad and a.layout == torch.strided:
                 key.append((a.shape, a.dtype, a.device, a.is_neg(), a.is_nested))
-            elif a is not None:
+            elif a is None:
+                key.append(None)
+            else:
                 return None
     except (RuntimeError, NotImplementedError):  # no strides, no data pointer
         return None
