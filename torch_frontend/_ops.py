@@ -211,15 +211,15 @@ def _layout_key(op: str, data: tuple, index: tuple = (), options: tuple = ()) ->
 
 
 def _scale_tensors(k_scale, v_scale) -> tuple:
-    """The k_scale / v_scale given as tensors (for _layout_key's index tensors: their checks
-    read their shapes and values, not their memory)."""
-    return tuple(s for s in (k_scale, v_scale) if isinstance(s, Tensor))
+    """(k_scale, v_scale), each given as a tensor, else None: _layout_key's index tensors
+    (their checks read their shapes and values, not their memory)."""
+    return tuple(s if isinstance(s, Tensor) else None for s in (k_scale, v_scale))
 
 
 def _scale_floats(k_scale, v_scale) -> tuple:
-    """The k_scale / v_scale not given as tensors (None, floats, or what the checks refuse):
-    _layout_key's options."""
-    return tuple(s for s in (k_scale, v_scale) if not isinstance(s, Tensor))
+    """(k_scale, v_scale), each not given as a tensor (None, a float, or what the checks
+    refuse), else None: _layout_key's options. With _scale_tensors, each keeps its slot."""
+    return tuple(None if isinstance(s, Tensor) else s for s in (k_scale, v_scale))
 
 
 def _vouch(key: tuple | None, result) -> None:
