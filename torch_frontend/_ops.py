@@ -222,6 +222,12 @@ def _scale_floats(k_scale, v_scale) -> tuple:
     return tuple(None if isinstance(s, Tensor) else s for s in (k_scale, v_scale))
 
 
+def _vouched(key: tuple | None):
+    """The kept answer for ``key``, or None (never reading _VOUCHED for a None key: dynamo,
+    tracing a wrapper, built a variable of every kept key, minutes of a compile)."""
+    return None if key is None else _VOUCHED.get(key)
+
+
 def _vouch(key: tuple | None, result) -> None:
     """Keep ``result``, the passed layout checks' answer, for ``key`` (None: not kept; at most
     _PASSED_MAX answers, then cleared)."""
@@ -1105,7 +1111,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
         (block_tables, kv_lens, cu_q_lens, *_scale_tensors(k_scale, v_scale)),
         (scale, causal, sliding_window, logits_soft_cap, return_lse,
          *_scale_floats(k_scale, v_scale)))
-    dims = _VOUCHED.get(layout)
+    dims = _vouched(layout)
     if dims is None:
         dims = _paged_layout(
             q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, sinks=sinks, scale=scale,
@@ -1183,7 +1189,7 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
         (prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens,
          *_scale_tensors(k_scale, v_scale)),
         (scale, logits_soft_cap, return_lse, sliding_window, *_scale_floats(k_scale, v_scale)))
-    sdims = _VOUCHED.get(layout)
+    sdims = _vouched(layout)
     if sdims is None:
         sdims = _shared_layout(
             q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
@@ -1297,7 +1303,7 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, out=None, lse=None, ba
     is allocated (out alone: lse is made).
     """
     layout = _layout_key("merge_attention_states", (out_a, lse_a, out_b, lse_b, out, lse))
-    if layout is None or layout not in _VOUCHED:
+    if _vouched(layout) is None:
         _guard_merge(out_a, lse_a, out_b, lse_b, backend)
         _merge_buffers(out_a, out, lse)  # a buffer made here needs no check
         _merge_memory(out_a, lse_a, out_b, lse_b, out, lse)
@@ -1589,7 +1595,7 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
     layout = _layout_key("write_kv", (key, value, k_cache, v_cache),
                          (slot_mapping, *_scale_tensors(k_scale, v_scale)),
                          _scale_floats(k_scale, v_scale))
-    if layout is None or layout not in _VOUCHED:
+    if _vouched(layout) is None:
         _write_kv_layout(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
         _vouch(layout, True)
     if _want_values(slot_mapping):
