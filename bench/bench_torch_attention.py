@@ -638,16 +638,26 @@ def _one_token_write(device):
     return (key, key, k, v, torch.tensor([37], dtype=torch.int32, device=device), None)
 
 
+def _no_memo(monkeypatch, impl):
+    """The wrappers with every layout check run on every call (no layout kept: the
+    ``wrapper_no_memo`` rows, what the wrapper cost before its layout checks were kept)."""
+    if impl == "wrapper_no_memo":
+        from prefixkv.torch_frontend import _ops
+        monkeypatch.setattr(_ops, "_layout_key", lambda *a, **k: None)
+
+
 def _call_overhead(benchmark, device, impl):
     """One decode token's write_kv: the wrapper as a model calls it (tf.write_kv: its checks,
-    the layout ones kept per layout, then the direct eager call), that direct call alone,
-    the same implementation through the dispatcher (torch.ops.prefixkv.write_kv, the
-    baseline), and the two raw index_copy_ a user would write unchecked."""
+    the layout ones kept per layout, then the direct eager call), the wrapper checking its
+    layout every call, the direct call alone, the same implementation through the dispatcher
+    (torch.ops.prefixkv.write_kv, the baseline), and the two raw index_copy_ a user would
+    write unchecked."""
     from prefixkv.torch_frontend import _ops
     args = _one_token_write(device)
     key, _, k, v, slots, _ = args
     rows = slots.long()
     fn = {"wrapper": lambda: tf.write_kv(*args[:5]),
+          "wrapper_no_memo": lambda: tf.write_kv(*args[:5]),
           "eager_direct": lambda: _ops._invoke("write_kv", args),
           "custom_op_dispatch": lambda: torch.ops.prefixkv.write_kv(*args),
           "raw_index_copy": lambda: (k.view(-1, HKV, HEAD_DIM).index_copy_(0, rows, key),
@@ -662,17 +672,19 @@ def _call_overhead(benchmark, device, impl):
         benchmark.extra_info["baseline"] = True
 
 
-@pytest.mark.parametrize("impl", ["wrapper", "eager_direct", "custom_op_dispatch",
-                                  "raw_index_copy"])
-def test_cpu_call_overhead_write_kv(benchmark, impl):
+@pytest.mark.parametrize("impl", ["wrapper", "wrapper_no_memo", "eager_direct",
+                                  "custom_op_dispatch", "raw_index_copy"])
+def test_cpu_call_overhead_write_kv(benchmark, impl, monkeypatch):
     benchmark.group = "cpu-call-overhead-write_kv-1-token"
+    _no_memo(monkeypatch, impl)
     _call_overhead(benchmark, "cpu", impl)
 
 
 def _decode_overhead(benchmark, device, impl):
     """One decode token over 64 cached keys (4 blocks), with out= and lse= buffers: the
-    wrapper (its checks, the layout ones kept per layout) vs the backend's function called
-    unchecked (the baseline: what the wrapper adds is the difference)."""
+    wrapper (its checks, the layout ones kept per layout), the wrapper checking its layout
+    every call, and the backend's function called unchecked (the baseline: what the wrapper
+    adds is the difference)."""
     from prefixkv.torch_frontend import _ops
     g = torch.Generator().manual_seed(4)
     k = torch.randn(64, BLOCK, HKV, HEAD_DIM, generator=g).to(device)
@@ -683,7 +695,11 @@ def _decode_overhead(benchmark, device, impl):
     out, lse = torch.empty_like(q), torch.empty(1, HQ, device=device)
     scale = HEAD_DIM ** -0.5
     kernel = _ops.select("paged_attention", device, None)
-    fn = {"wrapper": lambda: tf.paged_attention(q, k, v, tables, kv_lens, out=out, lse=lse),
+
+    def wrapped():
+        return tf.paged_attention(q, k, v, tables, kv_lens, out=out, lse=lse)
+
+    fn = {"wrapper": wrapped, "wrapper_no_memo": wrapped,
           "backend_unchecked": lambda: kernel(
               out, lse, q, k, v, tables, kv_lens, None, scale=scale, causal=True,
               sliding_window=None, logits_soft_cap=None, workspace=None)}[impl]
@@ -696,9 +712,10 @@ def _decode_overhead(benchmark, device, impl):
         benchmark.extra_info["baseline"] = True
 
 
-@pytest.mark.parametrize("impl", ["wrapper", "backend_unchecked"])
-def test_cpu_call_overhead_decode(benchmark, impl):
+@pytest.mark.parametrize("impl", ["wrapper", "wrapper_no_memo", "backend_unchecked"])
+def test_cpu_call_overhead_decode(benchmark, impl, monkeypatch):
     benchmark.group = "cpu-call-overhead-paged_attention-1-token-64-keys"
+    _no_memo(monkeypatch, impl)
     with torch.inference_mode():
         _decode_overhead(benchmark, "cpu", impl)
 
@@ -710,12 +727,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @cuda
-@pytest.mark.parametrize("impl", ["wrapper", "eager_direct", "custom_op_dispatch",
-                                  "raw_index_copy"])
-def test_gpu_call_overhead_write_kv(benchmark, impl):
+@pytest.mark.parametrize("impl", ["wrapper", "wrapper_no_memo", "eager_direct",
+                                  "custom_op_dispatch", "raw_index_copy"])
+def test_gpu_call_overhead_write_kv(benchmark, impl, monkeypatch):
     """Host time per call (kernel launches are asynchronous): what an eager decode step pays
     per layer and op before the GPU work."""
     benchmark.group = "gpu-call-overhead-write_kv-1-token"
+    _no_memo(monkeypatch, impl)
     _call_overhead(benchmark, "cuda", impl)
 
 
