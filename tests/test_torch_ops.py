@@ -2063,11 +2063,11 @@ def test_unchecked_host_lengths_count_at_most_the_tables_keys(monkeypatch):
     handed = []
     real = _ops._invoke
 
-    def spy(name, args):
+    def spy(name, args, direct=False):
         lens = (args[4], args[7]) if name.startswith("shared_prefix") else (args[4],)
         handed.append([int(x.max()) for x in lens])
         assert handed[-1][-1] <= own_cap and handed[-1][0] <= max(own_cap, pre_cap), handed
-        return real(name, args)
+        return real(name, args, direct)
 
     monkeypatch.setattr(_ops, "_invoke", spy)
     for past in (1, 2**31 - 1 - own_cap):

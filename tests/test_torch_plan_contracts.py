@@ -44,7 +44,7 @@ def _op_calls(monkeypatch):
     """Record (op name, arguments) of every attention op call, without running it."""
     calls = []
 
-    def spy(name, args):
+    def spy(name, args, direct=False):
         calls.append((name, args))
         raise _Stop
 

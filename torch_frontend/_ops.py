@@ -728,13 +728,15 @@ def _plain(args) -> bool:
     return True
 
 
-def _invoke(name: str, args: tuple):
+def _invoke(name: str, args: tuple, direct: bool = False):
     """``torch.ops.prefixkv.<name>(*args)``; in plain eager mode (not compiling, no dispatch or
     function mode, no profiler, plain tensors without grad) its implementation directly, with
     the version bump of its mutated arguments that the dispatcher would have made. An op that
     writes in place refuses, in grad mode, tensors that require grad (_no_grad_writes: such a
-    tensor is never _plain, so the direct path pays nothing for the check)."""
-    if not _direct() or not _plain(args):
+    tensor is never _plain, so the direct path pays nothing for the check). ``direct``: the
+    caller knows the call is direct (its _layout_key was not None, and every tensor of
+    ``args`` is one of that key's tensors or made from them here)."""
+    if not direct and (not _direct() or not _plain(args)):
         if _MUTATED[name] and torch.is_grad_enabled():
             _no_grad_writes(name, args)
         return getattr(torch.ops.prefixkv, name)(*args)
@@ -1039,8 +1041,9 @@ def _merge_memory(out_a, lse_a, out_b, lse_b, out, lse) -> None:
         if buf is None:
             continue
         for other, t in (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b),
-                         ("lse_b", lse_b), *((("out", out),) if name == "lse" else ())):
-            if t is not None and _overlaps(buf, t):
+                         ("lse_b", lse_b),
+                         *((("out", out),) if name == "lse" and out is not None else ())):
+            if _overlaps(buf, t):
                 raise ValueError(f"{name}: shares memory with {other}; pass a buffer of its "
                                  f"own")
 
@@ -1111,21 +1114,29 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
         (block_tables, kv_lens, cu_q_lens, *_scale_tensors(k_scale, v_scale)),
         (scale, causal, sliding_window, logits_soft_cap, return_lse,
          *_scale_floats(k_scale, v_scale)))
-    dims = _vouched(layout)
-    if dims is None:
-        dims = _paged_layout(
-            q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, sinks=sinks, scale=scale,
-            causal=causal, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
-            return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
-        _guard_buffers(q, out, lse, workspace)
-        _vouch(layout, dims)
+    dims = _attention_dims(layout, lambda: _paged_layout(
+        q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, sinks=sinks, scale=scale,
+        causal=causal, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+        return_lse=return_lse, k_scale=k_scale, v_scale=v_scale), q, out, lse, workspace)
     kv_lens = _paged_lens(dims, block_tables, kv_lens, cu_q_lens)
     block_tables, kv_lens, cu_q_lens = _on(q.device, block_tables, kv_lens, cu_q_lens)
     args = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, dims.scale, bool(causal),
             None if sliding_window is None else int(sliding_window),
             None if logits_soft_cap is None else float(logits_soft_cap), backend)
     return _run_attention("paged_attention", args, q, out, lse, workspace, return_lse, sinks,
-                          _op_scales(k_scale, v_scale, k_cache, v_cache), buffers_checked=True)
+                          _op_scales(k_scale, v_scale, k_cache, v_cache), buffers_checked=True,
+                          direct=layout is not None)
+
+
+def _attention_dims(layout: tuple | None, check, q, out, lse, workspace):
+    """The layout checks' answer for an attention call with _layout_key ``layout``: kept, or
+    ``check()`` and the out=/lse=/workspace= checks run now (and the answer kept)."""
+    dims = _vouched(layout)
+    if dims is None:
+        dims = check()
+        _guard_buffers(q, out, lse, workspace)
+        _vouch(layout, dims)
+    return dims
 
 
 def _op_scales(k_scale, v_scale, k_cache: Tensor, v_cache: Tensor) -> tuple:
@@ -1139,14 +1150,14 @@ def _op_scales(k_scale, v_scale, k_cache: Tensor, v_cache: Tensor) -> tuple:
 
 
 def _run_attention(op, args, q, out, lse, workspace, return_lse, sinks, scales=(),
-                   buffers_checked=False):
+                   buffers_checked=False, direct=False):
     """The attention op ``op`` (or its ``_out`` form, with caller buffers) on ``args``, its
     buffers checked first unless ``buffers_checked`` (the wrappers check them with their
-    layout checks)."""
+    layout checks). ``direct``: as in :func:`_invoke`."""
     if sinks is not None:  # the op's trailing (k_scale, v_scale, sinks)
         scales = (*(scales or (None, None)), sinks.detach())  # the ops are forward-only
     if out is None and lse is None and workspace is None:
-        o, l_ = _invoke(op, (*args, *scales))
+        o, l_ = _invoke(op, (*args, *scales), direct)
     else:
         if not buffers_checked:
             _guard_buffers(q, out, lse, workspace)
@@ -1159,9 +1170,9 @@ def _run_attention(op, args, q, out, lse, workspace, return_lse, sinks, scales=(
             # buffers made under inference_mode, used outside it (tests/test_sinks.py): all
             # their writes inside it (a strided out had been written, then torch raised)
             with torch.inference_mode():
-                _invoke(f"{op}_out", (*args, o, l_, workspace, *scales))
+                _invoke(f"{op}_out", (*args, o, l_, workspace, *scales), direct)
         else:
-            _invoke(f"{op}_out", (*args, o, l_, workspace, *scales))
+            _invoke(f"{op}_out", (*args, o, l_, workspace, *scales), direct)
     return (o, l_) if return_lse else o
 
 
@@ -1189,15 +1200,11 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
         (prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens,
          *_scale_tensors(k_scale, v_scale)),
         (scale, logits_soft_cap, return_lse, sliding_window, *_scale_floats(k_scale, v_scale)))
-    sdims = _vouched(layout)
-    if sdims is None:
-        sdims = _shared_layout(
-            q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
-            kv_lens, cu_q_lens, sinks=sinks, scale=scale, logits_soft_cap=logits_soft_cap,
-            return_lse=return_lse, sliding_window=sliding_window, k_scale=k_scale,
-            v_scale=v_scale)
-        _guard_buffers(q, out, lse, workspace)
-        _vouch(layout, sdims)
+    sdims = _attention_dims(layout, lambda: _shared_layout(
+        q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
+        kv_lens, cu_q_lens, sinks=sinks, scale=scale, logits_soft_cap=logits_soft_cap,
+        return_lse=return_lse, sliding_window=sliding_window, k_scale=k_scale,
+        v_scale=v_scale), q, out, lse, workspace)
     prefix_lens, kv_lens = _shared_lens(sdims, prefix_block_tables, prefix_lens, prefix_ids,
                                         block_tables, kv_lens, cu_q_lens)
     prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens = _on(
@@ -1211,11 +1218,11 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
         args = (q, k_cache, v_cache, tables, lens, cu_q_lens, sdims.attention.scale, True,
                 int(sliding_window), soft_cap, backend)
         return _run_attention("paged_attention", args, q, out, lse, workspace, return_lse,
-                              sinks, scales, buffers_checked=True)
+                              sinks, scales, buffers_checked=True, direct=layout is not None)
     args = (q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
             kv_lens, cu_q_lens, sdims.attention.scale, soft_cap, backend)
     return _run_attention("shared_prefix_attention", args, q, out, lse, workspace, return_lse,
-                          sinks, scales, buffers_checked=True)
+                          sinks, scales, buffers_checked=True, direct=layout is not None)
 
 
 def _prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,
@@ -1309,12 +1316,14 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, out=None, lse=None, ba
         _merge_memory(out_a, lse_a, out_b, lse_b, out, lse)
         _vouch(layout, True)
     if out is None and lse is None:
-        return _invoke("merge_attention_states", (out_a, lse_a, out_b, lse_b, backend))
+        return _invoke("merge_attention_states", (out_a, lse_a, out_b, lse_b, backend),
+                       layout is not None)
     if out is None:
         out = torch.empty_like(out_a, memory_format=torch.contiguous_format)
     if lse is None:
         lse = torch.empty(out_a.shape[:2], dtype=torch.float32, device=out_a.device)
-    _invoke("merge_attention_states_out", (out_a, lse_a, out_b, lse_b, out, lse, backend))
+    _invoke("merge_attention_states_out", (out_a, lse_a, out_b, lse_b, out, lse, backend),
+            layout is not None)
     return out, lse
 
 
@@ -1350,12 +1359,21 @@ def _write_kv_layout(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scal
                          "need a cache of their own")
 
 
+def _write_kv_checks(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale,
+                     layout: tuple | None = None) -> None:
+    """write_kv's layout checks (once per _layout_key ``layout``, every call for None), then
+    its host value checks of slot_mapping."""
+    if _vouched(layout) is None:
+        _write_kv_layout(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        _vouch(layout, True)
+    if _want_values(slot_mapping):
+        validate.check_write_kv_values(k_cache, slot_mapping)
+
+
 def _guard_write_kv(key, value, k_cache, v_cache, slot_mapping, backend, k_scale=None,
                     v_scale=None) -> tuple:
     """write_kv's checks as the op runs them (_op's guard)."""
-    _write_kv_layout(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-    if _want_values(slot_mapping):
-        validate.check_write_kv_values(k_cache, slot_mapping)
+    _write_kv_checks(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     _on_device(k_cache.device, slot_mapping=slot_mapping, k_scale=k_scale, v_scale=v_scale)
     _op_scale_values(k_scale, v_scale)
     return key, value, k_cache, v_cache, slot_mapping, backend, k_scale, v_scale
@@ -1595,17 +1613,14 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
     layout = _layout_key("write_kv", (key, value, k_cache, v_cache),
                          (slot_mapping, *_scale_tensors(k_scale, v_scale)),
                          _scale_floats(k_scale, v_scale))
-    if _vouched(layout) is None:
-        _write_kv_layout(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-        _vouch(layout, True)
-    if _want_values(slot_mapping):
-        validate.check_write_kv_values(k_cache, slot_mapping)
+    _write_kv_checks(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale, layout)
     (slot_mapping,) = _on(k_cache.device, slot_mapping)
+    direct = layout is not None
     if validate.is_fp8(k_cache):
         _invoke("write_kv", (key, value, k_cache, v_cache, slot_mapping, backend,
-                             *_kv_scales(k_scale, v_scale, k_cache, v_cache)))
+                             *_kv_scales(k_scale, v_scale, k_cache, v_cache)), direct)
         return
-    _invoke("write_kv", (key, value, k_cache, v_cache, slot_mapping, backend))
+    _invoke("write_kv", (key, value, k_cache, v_cache, slot_mapping, backend), direct)
 
 
 def copy_blocks(caches, src, dst, *, backend=None) -> None:
