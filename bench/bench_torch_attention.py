@@ -363,6 +363,63 @@ def test_cpu_shared_prefix_sizes(benchmark, machine_limits, impl, shape):
            note="bytes = unique KV (prefix once + own tokens)")
 
 
+#: test_cpu_shared_prefix_mixed_step: SPM_PREFIXES system prompts of SP_PREFIX tokens, each
+#: shared by SPM_DECODES decodes (SP_OWN own tokens), and one SPM_CHUNK-token prefill chunk of
+#: a new request on prompt 0.
+SPM_PREFIXES, SPM_DECODES, SPM_CHUNK = 4, 16, 512
+
+
+def shared_prefix_mixed_batch():
+    """(shared_prefix_attention args, paged_attention args over the same batch) of
+    test_cpu_shared_prefix_mixed_step, float32 on the CPU: the decodes first, then the chunk
+    (its own keys are its tokens: nothing cached past the prompt)."""
+    g = torch.Generator().manual_seed(5)
+    pb, ob, cb = SP_PREFIX // BLOCK, SP_OWN // BLOCK, SPM_CHUNK // BLOCK
+    decodes = SPM_PREFIXES * SPM_DECODES
+    num_blocks = SPM_PREFIXES * pb + decodes * ob + cb + 1
+    k, v = (torch.randn(num_blocks, BLOCK, HKV, HEAD_DIM, generator=g) for _ in range(2))
+    ids = torch.randperm(num_blocks - 1, generator=g).to(torch.int32)
+    prefix_tables = ids[:SPM_PREFIXES * pb].view(SPM_PREFIXES, pb).contiguous()
+    own_ids = ids[SPM_PREFIXES * pb:]
+    own = torch.zeros(decodes + 1, cb, dtype=torch.int32)
+    own[:decodes, :ob] = own_ids[:decodes * ob].view(decodes, ob)
+    own[decodes] = own_ids[decodes * ob:decodes * ob + cb]
+    i32 = dict(dtype=torch.int32)
+    pids = torch.tensor([p for p in range(SPM_PREFIXES) for _ in range(SPM_DECODES)] + [0],
+                        **i32)
+    kv = torch.tensor([SP_OWN] * decodes + [SPM_CHUNK], **i32)
+    cu = torch.tensor(list(range(decodes + 1)) + [decodes + SPM_CHUNK], **i32)
+    q = torch.randn(decodes + SPM_CHUNK, HQ, HEAD_DIM, generator=g)
+    sp_args = (q, k, v, prefix_tables, torch.full((SPM_PREFIXES,), SP_PREFIX, **i32), pids,
+               own, kv, cu)
+    full_tables = torch.cat([prefix_tables[pids.long()], own], dim=1).contiguous()
+    return sp_args, (q, k, v, full_tables, kv + SP_PREFIX, cu)
+
+
+@pytest.mark.parametrize("impl", ["shared_prefix_attention", "paged_attention"])
+def test_cpu_shared_prefix_mixed_step(benchmark, machine_limits, impl):
+    """A chunked-prefill step over shared prompts: SPM_PREFIXES x SPM_DECODES decodes, each
+    group on its prompt, and a SPM_CHUNK-token chunk on prompt 0, the cascade against paged
+    attention over the joined tables (the baseline). Each prefix's tokens run in tiles of
+    their own (_native._host_prefix_pass): padded to the chunk, every prompt's pass did the
+    chunk's work (4 x 528 query tokens for 576)."""
+    benchmark.group = (f"cpu-shared-prefix-mixed-{SPM_PREFIXES}x{SPM_DECODES}-decodes+"
+                       f"{SPM_CHUNK}-chunk-f32")
+    sp_args, pa_args = shared_prefix_mixed_batch()
+    fns = {"shared_prefix_attention": lambda: tf.shared_prefix_attention(*sp_args),
+           "paged_attention": lambda: tf.paged_attention(*pa_args)}
+    decodes = SPM_PREFIXES * SPM_DECODES
+    rows = (0, decodes - 1, decodes, decodes + SPM_CHUNK // 2, -1)
+    _check(fns[impl](), rows, _want("shared_mixed", pa_args, rows), "float32")
+    benchmark.pedantic(fns[impl], rounds=5, warmup_rounds=1)
+    unique = (SPM_PREFIXES * SP_PREFIX + decodes * SP_OWN + SPM_CHUNK) * HKV * HEAD_DIM * 2 * 4
+    flops = 4 * HQ * HEAD_DIM * (decodes * (SP_PREFIX + SP_OWN) + float(
+        sum(range(SP_PREFIX + 1, SP_PREFIX + SPM_CHUNK + 1))))  # causal chunk
+    record(benchmark, machine_limits, bytes_read=unique, flops=flops, impl=impl,
+           dtype="float32", baseline=impl == "paged_attention",
+           note="bytes = unique KV (each prompt once + own tokens)")
+
+
 #: Layers of a model step in test_cpu_plan_step (each with caches of its own).
 STEP_LAYERS = 16
 

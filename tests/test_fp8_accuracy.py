@@ -155,6 +155,7 @@ def test_torch_cpu_fp8_shared_prefix_within_tolerance(route, decode, dtype, monk
 
     if route == "cascade":
         monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", 1)
+        monkeypatch.setattr(_native, "CASCADE_MIN_SEQS", 1)
         monkeypatch.setattr(_native, "CASCADE_MIN_SCORES", 1)
     else:
         monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", 1 << 30)

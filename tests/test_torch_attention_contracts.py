@@ -136,6 +136,7 @@ def test_shared_prefix_nan_in_own_key_of_a_sequence_with_no_prefix_stays_nan(mon
     from prefixkv.torch_frontend import _native
 
     monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", 0)
+    monkeypatch.setattr(_native, "CASCADE_MIN_SEQS", 1)
     monkeypatch.setattr(_native, "CASCADE_MIN_SCORES", 0)
     calls = _spy(monkeypatch, "_merge_states")
     rng = np.random.default_rng(5)
@@ -158,6 +159,7 @@ def test_cascade_prefix_pass_with_logits_in_the_hundreds(dense_min_rows, monkeyp
     from prefixkv.torch_frontend import _native
 
     monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", 0)
+    monkeypatch.setattr(_native, "CASCADE_MIN_SEQS", 1)
     monkeypatch.setattr(_native, "CASCADE_MIN_SCORES", 0)
     monkeypatch.setattr(_native, "DENSE_MIN_ROWS", dense_min_rows)
     calls = _spy(monkeypatch, "_dense_chunk")

@@ -359,6 +359,7 @@ def cascade_groups(request, monkeypatch):
     from prefixkv.torch_frontend import _native
 
     monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", 0)
+    monkeypatch.setattr(_native, "CASCADE_MIN_SEQS", 1)
     monkeypatch.setattr(_native, "CASCADE_MIN_SCORES", 0 if request.param == "kept" else 10**12)
     return request.param
 
@@ -396,10 +397,10 @@ FUSED_SP_CASES = [
 @pytest.mark.parametrize("decode", [None, False], ids=["cu_none", "cu_given"])
 @pytest.mark.parametrize("dense_min_rows", [1, 10**9], ids=["dense", "fused_kernel"])
 def test_shared_prefix_cpu_chunked_paths(monkeypatch, case, decode, dense_min_rows):
-    """The CPU path with host metadata (_native._attend_host): decode own tokens and prefixes
-    in several row and key chunks merged by LSE, through torch's fused kernel and through the
-    dense per-head path; NaN in padding slots, unused and empty prefixes, no prefix (-1),
-    non-contiguous caches."""
+    """The CPU path with host metadata (_native._attend_host): decode own tokens in several
+    row chunks and prefixes (a tile each) in several key chunks, merged by LSE, through
+    torch's fused kernel and through the dense per-head path; NaN in padding slots, unused
+    and empty prefixes, no prefix (-1), non-contiguous caches."""
     from prefixkv.torch_frontend import _native
 
     pblocks, seqs, bs, hq, hkv, d, dtype = case
@@ -409,6 +410,7 @@ def test_shared_prefix_cpu_chunked_paths(monkeypatch, case, decode, dense_min_ro
     monkeypatch.setattr(_native, "DENSE_MIN_ROWS", dense_min_rows)
     monkeypatch.setattr(_native, "DENSE_SCORES", 20)  # a few rows per dense tile
     monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", 0)  # every group its own pass
+    monkeypatch.setattr(_native, "CASCADE_MIN_SEQS", 1)
     monkeypatch.setattr(_native, "CASCADE_MIN_SCORES", 0)
     # the own tokens through _attend_host here, not the compiled decode kernel (tested below)
     monkeypatch.setattr(_native, "_c_decode", lambda *a, **k: False)
@@ -429,7 +431,9 @@ def test_shared_prefix_cpu_chunked_paths(monkeypatch, case, decode, dense_min_ro
     close(out, want, dtype)
     np.testing.assert_allclose(N(lse), want_lse, atol=1e-4, rtol=1e-4)
     decoding = all(q == 1 for _, q, _ in seqs)
-    assert len(calls) == (2 if decoding else 1)  # own tokens (decode only), then prefixes
+    # own tokens (decode only), then one tile per prefix some token reads (an empty one: none)
+    used = {p for p, q, _ in seqs if p >= 0 and q > 0 and pblocks[p] > 0}
+    assert len(calls) == (1 if decoding else 0) + len(used)
 
 
 @pytest.mark.parametrize("itemsize", [4, 2])
@@ -469,6 +473,7 @@ def test_shared_prefix_cpu_dissolves_small_groups(monkeypatch, decode):
     from prefixkv.torch_frontend import _native
 
     monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", 0)
+    monkeypatch.setattr(_native, "CASCADE_MIN_SEQS", 1)
     monkeypatch.setattr(_native, "CASCADE_MIN_SCORES", 100)
     rng = np.random.default_rng(11)
     seqs = [(0, 1, 9), (1, 1, 5), (2, 1, 12), (0, 1, 1), (-1, 1, 7), (2, 1, 3), (0, 1, 16)]
@@ -1984,6 +1989,7 @@ def test_strided_float32_q_through_the_cpu_flash_paths():
     from prefixkv.torch_frontend import _native
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_native, "CASCADE_MIN_ROWS", 0)  # the prefix group gets its own pass
+        mp.setattr(_native, "CASCADE_MIN_SEQS", 1)
         mp.setattr(_native, "CASCADE_MIN_SCORES", 0)
         got = tf.shared_prefix_attention(buf[..., ::2], *sargs[1:])
     close(got, ref.shared_prefix_attention_reference(*sp.args()), "float32")

@@ -227,6 +227,7 @@ def test_unchecked_prefix_id_past_the_prefixes_without_a_window(monkeypatch, rou
 
     if route == "counted":
         monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", 0)
+        monkeypatch.setattr(_native, "CASCADE_MIN_SEQS", 1)
         monkeypatch.setattr(_native, "CASCADE_MIN_SCORES", 0)
     rng = np.random.default_rng(66)
     b = testing.small_shared_prefix_batch(rng, decode=True)

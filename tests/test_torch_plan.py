@@ -236,6 +236,7 @@ def test_shared_prefix_plan_equals_the_wrapper(monkeypatch, decode, groups):
 
     if groups == "kept":
         monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", 0)
+        monkeypatch.setattr(_native, "CASCADE_MIN_SEQS", 1)
         monkeypatch.setattr(_native, "CASCADE_MIN_SCORES", 0)
     rng = np.random.default_rng(9)
     sp = testing.small_shared_prefix_batch(rng, decode)
@@ -419,6 +420,7 @@ def test_shared_prefix_plan_update(monkeypatch, groups):
 
     if groups == "kept":
         monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", 0)
+        monkeypatch.setattr(_native, "CASCADE_MIN_SEQS", 1)
         monkeypatch.setattr(_native, "CASCADE_MIN_SCORES", 0)
     rng = np.random.default_rng(17)
     s1, s2 = (testing.small_shared_prefix_batch(rng, False) for _ in range(2))
@@ -432,6 +434,7 @@ def test_shared_prefix_plan_update(monkeypatch, groups):
     _same(plan.run(q, k, v), tf.shared_prefix_attention(q, k, v, *meta2))
     if groups == "dissolved":  # a group big enough for a pass of its own: another op
         monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", 0)
+        monkeypatch.setattr(_native, "CASCADE_MIN_SEQS", 1)
         monkeypatch.setattr(_native, "CASCADE_MIN_SCORES", 0)
         with pytest.raises(ValueError, match="prefix_block_tables: this metadata plans "
                                              "shared_prefix_attention"):

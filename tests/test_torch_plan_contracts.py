@@ -386,6 +386,7 @@ def test_shared_prefix_plan_keeps_its_own_metadata(monkeypatch, route):
     on each of the plan's routes."""
     if route == "kept":
         monkeypatch.setattr(_native, "CASCADE_MIN_ROWS", 0)
+        monkeypatch.setattr(_native, "CASCADE_MIN_SEQS", 1)
         monkeypatch.setattr(_native, "CASCADE_MIN_SCORES", 0)
     opts = {"sliding_window": 5} if route == "window" else {}
     _, q, k, v, meta = _shared(19)

@@ -81,6 +81,30 @@ def _on_host(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" for t in tensors)
 
 
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b reach intersecting byte ranges of one device's memory (not while
+    compiling: fake tensors have no memory). By address, not by storage: two storages may
+    hold one memory (``torch.from_numpy`` of two views of one array, DLPack imports)."""
+    if torch.compiler.is_compiling() or not a.numel() or not b.numel():
+        return False
+    (a0, a1), (b0, b1) = _span(a), _span(b)
+    return a0 < b1 and b0 < a1 and a.device == b.device
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, end) byte addresses a tensor reaches."""
+    es = t.element_size()
+    lo = hi = t.data_ptr()
+    if t.is_contiguous():
+        return lo, lo + t.numel() * es
+    for n, st in zip(t.shape, t.stride(), strict=True):
+        if st < 0:
+            lo += (n - 1) * st * es
+        else:
+            hi += (n - 1) * st * es
+    return lo, hi + es
+
+
 def _attend_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    tables: torch.Tensor, kv_lens: torch.Tensor, q_lens: torch.Tensor, *,
                    scale: float, causal: bool, sliding_window: int | None,
@@ -242,6 +266,11 @@ DENSE_CHUNK_BYTES = 16 << 20
 DENSE_MIN_ROWS = 64
 #: Score elements of one dense tile (rows x keys of one head), kept in cache.
 DENSE_SCORES = 1 << 18
+#: Fewest rows per kv head for torch's fused kernel again, over key chunks of
+#: FLASH_PREFILL_CHUNK_BYTES (a cascade's prefix tile of many tokens): interleaved, one thread,
+#: 8 kv heads x 128, float32, 2048 keys, dense / fused: 128 rows (4096 keys) 31 / 35 ms, 256
+#: rows 30 / 25, 512 rows 49 / 44, 1024 rows 95 / 72, 2048 rows 189 / 142 (medians of 7).
+FLASH_MIN_ROWS = 256
 _LN2 = math.log(2.0)
 
 
@@ -301,10 +330,11 @@ def _attend_host(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k_cache:
     f32[n, Hkv, R, D] and lse f32[n, Hkv, R] (out 0 and lse -inf for rows with no key).
     The blocks of a few row blocks at a time are gathered whole into a float32 buffer that
     stays in cache; each kv head is a strided view of it, read by torch's fused CPU kernel
-    (few rows per head: decode) or by _dense_chunk (many rows: a shared prefix). Key chunks
-    of a long sequence are merged by LSE. ``dense``, ``chunk_bytes``: the path and the bytes
-    of K plus V per chunk, when the caller knows better (None: by rows per head; the path's
-    default).
+    (few rows per head: decode), by _dense_chunk (DENSE_MIN_ROWS rows: a shared prefix's
+    decodes) or by the fused kernel over FLASH_PREFILL_CHUNK_BYTES key chunks (FLASH_MIN_ROWS
+    rows: a prefix tile of long chunks). Key chunks of a long sequence are merged by LSE.
+    ``dense``, ``chunk_bytes``: the path and the bytes of K plus V per chunk, when the caller
+    knows better (None: by rows per head; the path's default).
     """
     n, num_kv_heads, rows_per_head, head_dim = q.shape
     if q.stride(-1) != 1:  # torch's fused CPU kernel misreads a q strided along head_dim
@@ -317,7 +347,9 @@ def _attend_host(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k_cache:
         lse.fill_(float("-inf"))
         return
     if dense is None:
-        dense = rows_per_head >= DENSE_MIN_ROWS
+        dense = DENSE_MIN_ROWS <= rows_per_head < FLASH_MIN_ROWS
+        if rows_per_head >= max(FLASH_MIN_ROWS, DENSE_MIN_ROWS) and chunk_bytes is None:
+            chunk_bytes = FLASH_PREFILL_CHUNK_BYTES
     # own buffers per path and chunk size: no reallocation between them (a mixed batch
     # alternates the decodes' small chunks and the prefill tiles' large ones)
     tag = ("dense_" if dense else "flash_") + ("" if chunk_bytes is None else f"{chunk_bytes}_")
@@ -1006,12 +1038,19 @@ def _merge_states(out: torch.Tensor, lse: torch.Tensor, out_a, lse_a, out_b, lse
 CASCADE_MIN_ROWS = 64
 CASCADE_MIN_SCORES = 1 << 17
 CASCADE_16BIT_FACTOR = 8
+#: The CPU cascade also gives a pass of its own only to a prefix that CASCADE_MIN_SEQS sequences
+#: of the batch share: one sequence reads it once either way (one 4096-token chunk over a
+#: 2048-token prefix, 8 q / 2 kv heads, head_dim 128, one thread: 873 ms as a cascade, 663 ms as
+#: paged attention).
+CASCADE_MIN_SEQS = 2
 
 
 def _cascade_groups(group: int, block_size: int, itemsize: int, prefix_block_tables,
                     prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens):
     """The cascade's host metadata with the prefix groups below CASCADE_MIN_ROWS or
-    CASCADE_MIN_SCORES (over a cache of ``itemsize``-byte elements) dissolved: their sequences'
+    CASCADE_MIN_SCORES (over a cache of ``itemsize``-byte elements) or CASCADE_MIN_SEQS
+    sequences dissolved:
+    their sequences'
     tables become the prefix's blocks then their own (prefix lengths are whole blocks), their
     kv_lens grow by the prefix, their prefix id is -1; the kept prefixes are renumbered in
     order. The same attention, exactly: an own token's causal view of its prefix is the whole
@@ -1054,7 +1093,9 @@ def _cascade_groups(group: int, block_size: int, itemsize: int, prefix_block_tab
     tokens = np.bincount(p[has], weights=q_lens[has], minlength=num_prefixes)
     rows = tokens * group
     scores = rows * plens
-    keep = ((scores > 0) & (rows >= CASCADE_MIN_ROWS * more)
+    # a prefix of one sequence is read once either way: its pass and merge would only add
+    seqs = np.bincount(p[has], minlength=num_prefixes)
+    keep = ((scores > 0) & (seqs >= CASCADE_MIN_SEQS) & (rows >= CASCADE_MIN_ROWS * more)
             & (scores >= CASCADE_MIN_SCORES * more))
     dissolve = has & ~keep[p]
     if not dissolve.any():
@@ -1120,9 +1161,10 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
 
     With the metadata on the host and no soft cap (the CPU path): a decode batch's own tokens
     through the compiled decode kernel (_c_decode) when it builds, else _attend_host's fused
-    CPU kernel (the q heads of a kv head are its rows); each prefix through _attend_host's
-    large per-head matmuls over all its queries.
-    Otherwise (a device, a soft cap) the padded online-softmax path of paged_attention.
+    CPU kernel (the q heads of a kv head are its rows); each prefix's tokens in tiles through
+    _attend_host's large per-head matmuls (_host_prefix_pass). With a soft cap, the own part
+    by paged_attention and the prefix tiles by the padded online-softmax path
+    (_attend_padded); with the metadata on a device, that path over all prefixes at once.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = block_tables.shape[0]
@@ -1164,8 +1206,14 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
         k_cache, v_cache, prefix_block_tables, block_tables = _dequantized_blocks(
             q, k_cache, v_cache, None, None, prefix_block_tables, block_tables)
         scale, out_scale = _fp8_scales(scale, k_scale, v_scale)
-    # suffix: the sequences' own tokens (causal; positions shift uniformly by the prefix)
-    own_out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=torch.float32, device=dev)
+    # suffix: the sequences' own tokens (causal; positions shift uniformly by the prefix),
+    # into out itself when it is float32, contiguous and apart from q (the host path's
+    # prefix tiles merge into it in place: one q-sized float32 buffer fewer)
+    if host and out.dtype == torch.float32 and out.is_contiguous() and not _overlaps(out, q):
+        own_out = out
+    else:
+        own_out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=torch.float32,
+                              device=dev)
     own_lse = torch.empty((num_tokens, num_q_heads), dtype=torch.float32, device=dev)
     decode = num_tokens == num_seqs and (cu_q_lens is None or (host and torch.equal(
         cu_q_lens.to(torch.int64), torch.arange(num_seqs + 1))))
@@ -1186,13 +1234,19 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
             paged_attention(own_out, own_lse, q, k_cache, v_cache, block_tables, kv_lens,
                             cu_q_lens, scale=scale, causal=True, sliding_window=None,
                             logits_soft_cap=logits_soft_cap)
-    # prefix part: prefixes as "sequences" whose queries are all tokens of their sequences
-    if cu_q_lens is None:
-        tok_seq = torch.arange(num_seqs, device=dev)
-    else:
-        tok_seq = _token_seqs(cu_q_lens, num_tokens)
+    own = own_out if own_c is None else own_c
+    if host:
+        _host_prefix_pass(out, lse, q, own, own_lse, k_cache, v_cache, prefix_block_tables,
+                          prefix_lens, prefix_ids, cu_q_lens, scale=scale,
+                          logits_soft_cap=logits_soft_cap, fused=fused, out_scale=out_scale)
+        return
+    # metadata on a device: prefixes as "sequences" whose queries are all tokens of their
+    # sequences, each padded to the batch's token count (no sync), unless that passes
+    # PAD_SYNC_BYTES: then its longest token count is read back (a sync)
+    tok_seq = (torch.arange(num_seqs, device=dev) if cu_q_lens is None
+               else _token_seqs(cu_q_lens, num_tokens))
     pid = prefix_ids.to(torch.int64)[tok_seq]  # [T], -1 = none
-    has = (pid >= 0) & (pid < num_prefixes)  # unchecked on a device: past the prefixes = none
+    has = (pid >= 0) & (pid < num_prefixes)  # unchecked: past the prefixes = none
     key = torch.where(has, pid, num_prefixes)  # tokens without a prefix sort last
     order = torch.sort(key, stable=True).indices
     # index_add_, not bincount: bincount on CUDA reads its input's min and max on the host
@@ -1202,60 +1256,134 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
     sorted_key = key[order]
     rank = torch.arange(num_tokens, device=dev) - torch.cat(
         [starts, starts.new_zeros(1)])[sorted_key]
-    # on a device every prefix pads to the batch's token count (no sync), unless that passes
-    # PAD_SYNC_BYTES: then its longest token count is read back (a sync)
-    sync = host or _padding_needs_sync(num_prefixes, q)
-    q_max = int(counts.max()) if (sync and num_prefixes) else num_tokens
+    q_max = int(counts.max()) if _padding_needs_sync(num_prefixes, q) else num_tokens
     q_max = max(q_max, 1)
     live = sorted_key < num_prefixes
     rows_sorted = sorted_key.clamp(max=max(num_prefixes - 1, 0)) * q_max + rank
-    if host:
-        tok_idx, row_idx = order[live], rows_sorted[live]
-    else:  # tokens without a prefix land in a spare padding row per prefix (never read)
-        tok_idx, row_idx = order, torch.where(live, rows_sorted, num_prefixes * q_max)
+    # tokens without a prefix land in a spare padding row per prefix (never read)
+    row_idx = torch.where(live, rows_sorted, num_prefixes * q_max)
     qp = q.new_zeros((num_prefixes * q_max + 1, num_q_heads, head_dim))
-    qp.index_copy_(0, row_idx, q.index_select(0, tok_idx))
+    qp.index_copy_(0, row_idx, q.index_select(0, order))
     qp = qp[:num_prefixes * q_max].view(num_prefixes, q_max, num_q_heads, head_dim)
-    plens = prefix_lens.to(torch.int64)
-    if fused:  # rows (token, q head of the group) per kv head; prefixes no token uses: no key
-        rows = q_max * group
-        p_out = torch.empty((num_prefixes, num_kv_heads, rows, head_dim), dtype=torch.float32,
-                            device=dev)
-        p_lse = torch.empty((num_prefixes, num_kv_heads, rows), dtype=torch.float32, device=dev)
-        q4 = (qp.view(num_prefixes, q_max, num_kv_heads, group, head_dim).transpose(1, 2)
-              .reshape(num_prefixes, num_kv_heads, rows, head_dim).to(torch.float32))
-        del qp  # each q-sized buffer let go once used: long own chunks held about eight
-        _attend_host(p_out, p_lse, q4, k_cache, v_cache, prefix_block_tables,
-                     torch.where(counts > 0, plens, 0).tolist(), scale)
-        del q4
-        p_out = (p_out.view(num_prefixes, num_kv_heads, q_max, group, head_dim).transpose(1, 2)
-                 .reshape(num_prefixes, q_max, num_q_heads, head_dim))
-        p_lse = (p_lse.view(num_prefixes, num_kv_heads, q_max, group).transpose(1, 2)
-                 .reshape(num_prefixes, q_max, num_q_heads))
-    else:
-        max_kv = int(plens.max()) if (host and num_prefixes) else None
-        p_out, p_lse = _attend_padded(
-            qp, k_cache, v_cache, prefix_block_tables, plens, counts, scale=scale,
-            causal=False, sliding_window=None, logits_soft_cap=logits_soft_cap, max_kv=max_kv,
-            min_end=int(plens.min()) if (host and num_prefixes) else None)
-    src = torch.where(live, rows_sorted, 0) if not host else row_idx
+    p_out, p_lse = _attend_padded(
+        qp, k_cache, v_cache, prefix_block_tables, prefix_lens.to(torch.int64), counts,
+        scale=scale, causal=False, sliding_window=None, logits_soft_cap=logits_soft_cap,
+        max_kv=None, min_end=None)
+    del qp
+    src = torch.where(live, rows_sorted, 0)
     got_out = p_out.reshape(-1, num_q_heads, head_dim).index_select(0, src)
     got_lse = p_lse.reshape(-1, num_q_heads).index_select(0, src)
     del p_out, p_lse
-    if not host:
-        got_out = torch.where(live[:, None, None], got_out, 0.0)
-        got_lse = torch.where(live[:, None], got_lse, float("-inf"))
+    got_out = torch.where(live[:, None, None], got_out, 0.0)
+    got_lse = torch.where(live[:, None], got_lse, float("-inf"))
     pre_out = torch.zeros((num_tokens, num_q_heads, head_dim), dtype=torch.float32, device=dev)
     pre_lse = torch.full((num_tokens, num_q_heads), float("-inf"), dtype=torch.float32,
                          device=dev)
-    pre_out.index_copy_(0, tok_idx, got_out)
-    pre_lse.index_copy_(0, tok_idx, got_lse)
+    pre_out.index_copy_(0, order, got_out)
+    pre_lse.index_copy_(0, order, got_lse)
     del got_out, got_lse
     merged_lse = torch.empty_like(own_lse)
-    _merge_states(out, merged_lse, pre_out, pre_lse, own_out if own_c is None else own_c,
-                  own_lse, out_scale=out_scale)
+    _merge_states(out, merged_lse, pre_out, pre_lse, own, own_lse, out_scale=out_scale)
     if lse is not None:
         lse.copy_(merged_lse)
+
+
+#: Float32 bytes of the queries of one tile of the CPU cascade's prefix part at most
+#: (_host_prefix_pass): a longer group of a prefix's tokens runs in several tiles, each
+#: gathering the prefix's KV again (8 MiB: 512 tokens of 32 q heads x 128; their dots over a
+#: 2k-token prefix take ~100x its gather).
+PREFIX_TILE_BYTES = 8 << 20
+
+
+def _host_prefix_pass(out: torch.Tensor, lse: torch.Tensor | None, q, own, own_lse, k_cache,
+                      v_cache, prefix_block_tables, prefix_lens, prefix_ids, cu_q_lens, *,
+                      scale, logits_soft_cap: float | None, fused: bool, out_scale) -> None:
+    """The cascade's prefix part with host metadata, merged with the own part (own, own_lse:
+    every token's; own may be out itself) into out and lse.
+
+    Each prefix's tokens (in token order) run in near-equal tiles of at most
+    PREFIX_TILE_BYTES of float32 queries: exactly its tokens, as the rows of its kv heads
+    (_attend_host; _attend_padded with a soft cap); each tile's result merged with its own rows
+    and written to its rows of out. Before, every prefix was padded to the longest group's
+    token count and the whole batch's prefix results were kept: one 4096-token prefill chunk
+    beside 8 groups of 64 decodes (8 q / 2 kv heads, head_dim 128, one thread) took 5.0 s and
+    +483 MiB, where paged attention over the joined tables takes 1.1 s and +52 MiB. Tokens
+    of no prefix get their own part (merged with an empty state, as a prefix tile's). A token
+    is read (its q row) and written (its out row) by one tile only, q before out: an out that
+    is q itself comes out right."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    num_prefixes = prefix_block_tables.shape[0]
+    num_seqs = prefix_ids.shape[0]
+    dev, f32 = q.device, torch.float32
+    pid = prefix_ids.numpy().astype(np.int64)
+    if cu_q_lens is None:
+        tok_seq = np.arange(num_tokens)
+    else:  # as _token_seqs: whatever an unchecked cu holds, a sequence of the batch
+        tok_seq = np.minimum(np.searchsorted(cu_q_lens.numpy().astype(np.int64)[1:],
+                                             np.arange(num_tokens), side="right"),
+                             max(num_seqs - 1, 0))
+    tok_pid = pid[tok_seq]
+    key = np.where((tok_pid >= 0) & (tok_pid < num_prefixes), tok_pid, num_prefixes)
+    order = np.argsort(key, kind="stable")
+    counts = np.bincount(key, minlength=num_prefixes + 1)
+    ends = np.cumsum(counts)
+    plens = prefix_lens.tolist()
+    tile = max(1, PREFIX_TILE_BYTES // (num_q_heads * head_dim * 4))
+    for p in range(num_prefixes + 1):
+        c = int(counts[p])
+        if not c:
+            continue
+        for part in np.array_split(order[ends[p] - c:ends[p]], -(-c // tile)):
+            n = part.size
+            rows = None  # the tile's tokens as one range of rows: views, not copies
+            if int(part[-1]) - int(part[0]) + 1 == n:
+                rows = slice(int(part[0]), int(part[0]) + n)
+            idx = None if rows is not None else torch.from_numpy(part).to(dev)
+            if p == num_prefixes:  # no prefix: the own part alone
+                p_out = torch.zeros((n, num_q_heads, head_dim), dtype=f32, device=dev)
+                p_lse = torch.full((n, num_q_heads), float("-inf"), dtype=f32, device=dev)
+            else:
+                qt = q[rows] if rows is not None else q.index_select(0, idx)
+                if fused:
+                    rg = n * group
+                    q4 = (qt.view(1, n, num_kv_heads, group, head_dim).transpose(1, 2)
+                          .reshape(1, num_kv_heads, rg, head_dim).to(f32))
+                    po = torch.empty((1, num_kv_heads, rg, head_dim), dtype=f32, device=dev)
+                    pl = torch.empty((1, num_kv_heads, rg), dtype=f32, device=dev)
+                    _attend_host(po, pl, q4, k_cache, v_cache, prefix_block_tables[p:p + 1],
+                                 [plens[p]], scale)
+                    del q4
+                    p_out = (po.view(num_kv_heads, n, group, head_dim).transpose(0, 1)
+                             .reshape(n, num_q_heads, head_dim))
+                    p_lse = pl.view(num_kv_heads, n, group).transpose(0, 1).reshape(
+                        n, num_q_heads)
+                    del po, pl
+                else:
+                    po, pl = _attend_padded(
+                        qt.unsqueeze(0), k_cache, v_cache, prefix_block_tables[p:p + 1],
+                        prefix_lens[p:p + 1].to(torch.int64), torch.tensor([n]), scale=scale,
+                        causal=False, sliding_window=None, logits_soft_cap=logits_soft_cap,
+                        max_kv=max(plens[p], 0), min_end=plens[p])
+                    p_out, p_lse = po[0], pl[0]
+                del qt
+            if rows is not None:
+                o = out[rows]
+                lg = lse[rows] if lse is not None else torch.empty(
+                    (n, num_q_heads), dtype=f32, device=dev)
+                # own first: own may be out itself, merged in place (_merge_states scales
+                # its first state where it stands)
+                _merge_states(o, lg, own[rows], own_lse[rows], p_out, p_lse,
+                              out_scale=out_scale)
+                continue
+            o = torch.empty((n, num_q_heads, head_dim), dtype=out.dtype, device=dev)
+            lg = torch.empty((n, num_q_heads), dtype=f32, device=dev)
+            _merge_states(o, lg, own.index_select(0, idx), own_lse.index_select(0, idx),
+                          p_out, p_lse, out_scale=out_scale)
+            out.index_copy_(0, idx, o)
+            if lse is not None:
+                lse.index_copy_(0, idx, lg)
 
 
 def _plan_groups(num_q_heads: int, k_cache: torch.Tensor, logits_soft_cap: float | None,

@@ -43,7 +43,7 @@ from torch.autograd.graph import increment_version
 from ..kernels.cuda.transfer import upload
 from ..paged import validate
 from ..paged.spec import WORKSPACE_ALIGN, dtype_name, register_dtype_names
-from ._native import _dequantized_blocks, _host_ids
+from ._native import _dequantized_blocks, _host_ids, _overlaps, _span
 from ._registry import platform_of, select
 
 Tensor = torch.Tensor
@@ -292,30 +292,6 @@ def _on_device(device: torch.device, **index) -> None:
                              f"it there; the wrapper of the same name in "
                              f"prefixkv.torch_frontend copies host index tensors over), got "
                              f"{t.device}")
-
-
-def _overlaps(a: Tensor, b: Tensor) -> bool:
-    """Whether a and b reach intersecting byte ranges of one device's memory (not while
-    compiling: fake tensors have no memory). By address, not by storage: two storages may
-    hold one memory (``torch.from_numpy`` of two views of one array, DLPack imports)."""
-    if torch.compiler.is_compiling() or not a.numel() or not b.numel():
-        return False
-    (a0, a1), (b0, b1) = _span(a), _span(b)
-    return a0 < b1 and b0 < a1 and a.device == b.device
-
-
-def _span(t: Tensor) -> tuple[int, int]:
-    """[first, end) byte addresses a tensor reaches."""
-    es = t.element_size()
-    lo = hi = t.data_ptr()
-    if t.is_contiguous():
-        return lo, lo + t.numel() * es
-    for n, st in zip(t.shape, t.stride(), strict=True):
-        if st < 0:
-            lo += (n - 1) * st * es
-        else:
-            hi += (n - 1) * st * es
-    return lo, hi + es
 
 
 def _block_spans(t: Tensor):
