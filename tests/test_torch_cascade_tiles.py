@@ -111,21 +111,6 @@ def test_prefix_tiles_match_the_reference(monkeypatch, dtype, soft_cap, scattere
     assert wide[0].isnan().all() and wide[-1].isnan().all()
 
 
-@pytest.mark.parametrize("scattered", [False, True], ids=["ranges", "scattered"])
-def test_prefix_tiles_out_may_be_q(monkeypatch, scattered):
-    """Each token's q row is read, and its out row written, by one tile only, q first: an
-    out= that is q itself gives the result of a separate out (tiles of 2 tokens)."""
-    _force_cascade(monkeypatch)
-    monkeypatch.setattr(_native, "PREFIX_TILE_BYTES", 2 * HQ * D * 4)
-    b = _skewed(np.random.default_rng(3), scattered)
-    args = _torch(b)
-    want = tf.shared_prefix_attention(*args)
-    q = args[0].clone()
-    got = tf.shared_prefix_attention(q, *args[1:], out=q)
-    assert got.data_ptr() == q.data_ptr()
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
-
-
 def test_a_prefix_of_one_sequence_gets_no_pass():
     """The shipped rule: a prefix that one sequence of the batch uses is read through that
     sequence's table (a 64-token chunk over 512 keys: 128 rows, 2**16 scores, both past the

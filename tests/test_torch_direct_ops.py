@@ -315,3 +315,75 @@ def test_direct_paged_attention_refuses_causal_none():
     with pytest.raises(TypeError, match=r"^causal: expected a bool, got NoneType"):
         OPS.paged_attention(q, k, v, i32([[0, 1], [2, 3]]), i32([5, 6]), None, 0.25, None,
                             None, None, None)
+
+
+def _attention_buffers_case():
+    """(q, k, v, tables, kv_lens): a decode batch over float32 caches of 8 blocks, 4 q and 4
+    kv heads (so q-shaped views of a cache exist)."""
+    g = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(8, 4, 4, 16, generator=g) for _ in range(2))
+    q = torch.randn(2, 4, 16, generator=g)
+    return q, k, v, i32([[0, 1], [2, 3]]), i32([5, 6])
+
+
+@pytest.mark.parametrize("entry", ["wrapper", "op", "plan", "shared"])
+def test_attention_buffers_sharing_memory_with_inputs_are_refused(entry):
+    """out=, lse= and workspace= that share memory with q, a cache, sinks or each other: a
+    ValueError naming both before anything is written (a kernel writing out while another of
+    its programs reads q gave garbage; an out inside a cache overwrote the cache). Each
+    refused again on a repeated call (the kept layouts hold the answer of a passed check
+    only), and a buffer of its own still works after."""
+    q, k, v, tables, kv = _attention_buffers_case()
+    sinks_buf = torch.zeros(8)
+    sinks = sinks_buf[4:]  # one logit per q head, lse's second row
+    before = (q.clone(), k.clone(), v.clone())
+    plan = tf.plan_paged_attention(tables, kv, k_cache=k, num_q_heads=4)
+    empty = i32([[0], [0]])
+
+    def call(**kw):
+        if entry == "wrapper":
+            return tf.paged_attention(q, k, v, tables, kv, **kw)
+        if entry == "plan":
+            return plan.run(q, k, v, **kw)
+        if entry == "shared":
+            return tf.shared_prefix_attention(q, k, v, tables[:1], i32([8]), i32([0, -1]),
+                                              empty, i32([1, 1]), **kw)
+        out = kw.get("out", torch.empty_like(q))
+        lse = kw.get("lse", torch.empty(2, 4))
+        return torch.ops.prefixkv.paged_attention_out(
+            q, k, v, tables, kv, None, 0.25, True, None, None, None, out, lse,
+            kw.get("workspace"), None, None, kw.get("sinks"))
+
+    cache_view = k.view(-1, 4, 16)[:2]  # q's shape, inside k_cache
+    ws = torch.empty(4096, dtype=torch.uint8)
+    cases = [
+        (dict(out=q), r"^out: shares memory with q"),
+        (dict(out=cache_view), r"^out: shares memory with k_cache"),
+        (dict(out=v.view(-1, 4, 16)[6:8]), r"^out: shares memory with v_cache"),
+        (dict(lse=k.view(-1)[:8].view(2, 4), return_lse=True),
+         r"^lse: shares memory with k_cache"),
+        (dict(lse=sinks_buf.view(2, 4), sinks=sinks, return_lse=True),
+         r"^lse: shares memory with sinks"),
+        (dict(workspace=q.view(torch.uint8).view(-1)[:256]),
+         r"^workspace: shares memory with q"),
+    ]
+    out_lse = torch.empty(2 * 4 * 16)
+    cases.append((dict(out=out_lse.view(2, 4, 16), lse=out_lse[:8].view(2, 4),
+                       return_lse=True), r"^lse: shares memory with out"))
+    for kw, match in cases:
+        if entry == "op":
+            kw = {n: x for n, x in kw.items() if n != "return_lse"}
+        for _ in range(2):
+            with pytest.raises(ValueError, match=match):
+                call(**kw)
+        assert torch.equal(q, before[0]) and torch.equal(k, before[1])
+        assert torch.equal(v, before[2])
+    out = torch.empty_like(q)
+    if entry == "op":
+        call(out=out)
+        want = torch.empty_like(q)
+        call(out=want)
+    else:
+        assert call(out=out, workspace=ws).data_ptr() == out.data_ptr()
+        want = call()
+    torch.testing.assert_close(out, want, atol=0, rtol=0)

@@ -231,3 +231,34 @@ def test_compiling_a_wrapper_never_reads_the_kept_layouts(monkeypatch):
 
     none = compile_time({})
     assert compile_time(many) < 3 * none + 4
+
+
+def test_plan_run_checks_its_buffers_once_per_layout(monkeypatch):
+    """plan.run keeps the answer of its layout checks (negative bits, sinks, scales, the
+    out= / lse= buffers) as the wrappers do: a layer's repeated call checks its buffers
+    once; a buffer of another layout (a wrong dtype, one sharing q's memory) is still refused,
+    every time, and the result is the wrapper's."""
+    monkeypatch.setattr(_ops, "_VOUCHED", {})
+    calls = []
+    real = _ops._guard_buffers
+    monkeypatch.setattr(_ops, "_guard_buffers", lambda *a: calls.append(1) or real(*a))
+    from prefixkv.torch_frontend import _plan
+
+    monkeypatch.setattr(_plan, "_guard_buffers", _ops._guard_buffers)
+    b, args = _paged()
+    q, k, v, tables, kv, cu = args
+    plan = tf.plan_paged_attention(tables, kv, cu, k_cache=k, num_q_heads=q.shape[1])
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:2])
+    for _ in range(3):
+        got, got_lse = plan.run(q, k, v, out=out, lse=lse, return_lse=True)
+        assert got.data_ptr() == out.data_ptr() and got_lse.data_ptr() == lse.data_ptr()
+    assert len(calls) == 1
+    want, want_lse = tf.paged_attention(q, k, v, tables, kv, cu, return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    calls.clear()
+    for _ in range(2):
+        with pytest.raises(TypeError, match="lse"):
+            plan.run(q, k, v, out=out, lse=lse.double())
+        with pytest.raises(ValueError, match="out"):
+            plan.run(q, k, v, out=q)
+    assert len(calls) == 4

@@ -211,8 +211,9 @@ def _layout_key(op: str, data: tuple, index: tuple = (), options: tuple = ()) ->
 
 
 def _scale_tensors(k_scale, v_scale) -> tuple:
-    """(k_scale, v_scale), each given as a tensor, else None: _layout_key's index tensors
-    (their checks read their shapes and values, not their memory)."""
+    """(k_scale, v_scale), each given as a tensor, else None: _layout_key's index tensors of
+    write_kv (its checks read their shapes and values, not their memory), data tensors of the
+    attention calls (their buffers must not share the scales' memory)."""
     return tuple(s if isinstance(s, Tensor) else None for s in (k_scale, v_scale))
 
 
@@ -823,14 +824,28 @@ def _guard_paged(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale, c
             sliding_window, logits_soft_cap, backend, k_scale, v_scale, sinks)
 
 
-def _guard_buffers(q, out, lse, workspace) -> None:
-    """The checks of an attention call's out=, lse= and workspace= buffers."""
+def _guard_buffers(q, out, lse, workspace, k_cache, v_cache, sinks=None, k_scale=None,
+                   v_scale=None) -> None:
+    """The checks of an attention call's out=, lse= and workspace= buffers: their layouts,
+    writable, and sharing no memory with what the call reads (q, the caches, sinks, tensor
+    scales) or with each other: a kernel writing one while another of its programs reads it
+    gives garbage (an out that is a view of a cache would also overwrite the cache)."""
     _check_out("out", out, q.shape, q.dtype, q.device)
     _check_out("lse", lse, q.shape[:2], torch.float32, q.device)
     _check_workspace(workspace, q)
     for name, buf in (("out", out), ("lse", lse)):
         if buf is not None:
             _writable(name, buf, "buffer")
+    bufs = [(n, b) for n, b in (("out", out), ("lse", lse), ("workspace", workspace))
+            if b is not None]
+    reads = [(n, t) for n, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
+                                 ("sinks", sinks), ("k_scale", k_scale), ("v_scale", v_scale))
+             if isinstance(t, Tensor)]
+    for i, (name, buf) in enumerate(bufs):
+        for other, t in (*reads, *bufs[:i]):
+            if _overlaps(buf, t):
+                raise ValueError(f"{name}: shares memory with {other}; pass a buffer of its "
+                                 f"own")
 
 
 def _guard_paged_out(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale, causal,
@@ -839,7 +854,7 @@ def _guard_paged_out(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scal
     """paged_attention_out's checks as the op runs them (_op's guard)."""
     args = _guard_paged(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale, causal,
                         sliding_window, logits_soft_cap, backend, k_scale, v_scale, sinks)
-    _guard_buffers(q, out, lse, workspace)
+    _guard_buffers(q, out, lse, workspace, k_cache, v_cache, sinks, k_scale, v_scale)
     return (*args[:11], out, lse, workspace, *args[11:])
 
 
@@ -889,7 +904,7 @@ def _guard_shared_out(q, k_cache, v_cache, prefix_block_tables, prefix_lens, pre
     args = _guard_shared(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
                          block_tables, kv_lens, cu_q_lens, scale, logits_soft_cap, backend,
                          k_scale, v_scale, sinks)
-    _guard_buffers(q, out, lse, workspace)
+    _guard_buffers(q, out, lse, workspace, k_cache, v_cache, sinks, k_scale, v_scale)
     return (*args[:12], out, lse, workspace, *args[12:])
 
 
@@ -1086,31 +1101,34 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens=None, 
     Semantics: docs/ops.md and :func:`prefixkv.paged.reference.paged_attention_reference`.
     """
     layout = _layout_key(
-        "paged_attention", (q, k_cache, v_cache, sinks, out, lse, workspace),
-        (block_tables, kv_lens, cu_q_lens, *_scale_tensors(k_scale, v_scale)),
+        "paged_attention",
+        (q, k_cache, v_cache, sinks, out, lse, workspace, *_scale_tensors(k_scale, v_scale)),
+        (block_tables, kv_lens, cu_q_lens),
         (scale, causal, sliding_window, logits_soft_cap, return_lse,
          *_scale_floats(k_scale, v_scale)))
     dims = _attention_dims(layout, lambda: _paged_layout(
         q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, sinks=sinks, scale=scale,
         causal=causal, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
-        return_lse=return_lse, k_scale=k_scale, v_scale=v_scale), q, out, lse, workspace)
+        return_lse=return_lse, k_scale=k_scale, v_scale=v_scale),
+        q, out, lse, workspace, k_cache, v_cache, sinks, k_scale, v_scale)
     kv_lens = _paged_lens(dims, block_tables, kv_lens, cu_q_lens)
     block_tables, kv_lens, cu_q_lens = _on(q.device, block_tables, kv_lens, cu_q_lens)
     args = (q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, dims.scale, bool(causal),
             None if sliding_window is None else int(sliding_window),
             None if logits_soft_cap is None else float(logits_soft_cap), backend)
     return _run_attention("paged_attention", args, q, out, lse, workspace, return_lse, sinks,
-                          _op_scales(k_scale, v_scale, k_cache, v_cache), buffers_checked=True,
+                          _op_scales(k_scale, v_scale, k_cache, v_cache),
                           direct=layout is not None)
 
 
-def _attention_dims(layout: tuple | None, check, q, out, lse, workspace):
+def _attention_dims(layout: tuple | None, check, q, out, lse, workspace, *reads):
     """The layout checks' answer for an attention call with _layout_key ``layout``: kept, or
-    ``check()`` and the out=/lse=/workspace= checks run now (and the answer kept)."""
+    ``check()`` and the out=/lse=/workspace= checks (_guard_buffers, with ``reads``) run now
+    (and the answer kept)."""
     dims = _vouched(layout)
     if dims is None:
         dims = check()
-        _guard_buffers(q, out, lse, workspace)
+        _guard_buffers(q, out, lse, workspace, *reads)
         _vouch(layout, dims)
     return dims
 
@@ -1126,17 +1144,15 @@ def _op_scales(k_scale, v_scale, k_cache: Tensor, v_cache: Tensor) -> tuple:
 
 
 def _run_attention(op, args, q, out, lse, workspace, return_lse, sinks, scales=(),
-                   buffers_checked=False, direct=False):
-    """The attention op ``op`` (or its ``_out`` form, with caller buffers) on ``args``, its
-    buffers checked first unless ``buffers_checked`` (the wrappers check them with their
-    layout checks). ``direct``: as in :func:`_invoke`."""
+                   direct=False):
+    """The attention op ``op`` (or its ``_out`` form, with caller buffers, which the caller has
+    checked with its layout checks: _guard_buffers) on ``args``. ``direct``: as in
+    :func:`_invoke`."""
     if sinks is not None:  # the op's trailing (k_scale, v_scale, sinks)
         scales = (*(scales or (None, None)), sinks.detach())  # the ops are forward-only
     if out is None and lse is None and workspace is None:
         o, l_ = _invoke(op, (*args, *scales), direct)
     else:
-        if not buffers_checked:
-            _guard_buffers(q, out, lse, workspace)
         o = out if out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
         l_ = lse  # None and not returned: the backend keeps it in the workspace
         if l_ is None and return_lse:
@@ -1172,15 +1188,15 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
     :func:`paged_attention` (float8_e4m3fn caches).
     """
     layout = _layout_key(
-        "shared_prefix_attention", (q, k_cache, v_cache, sinks, out, lse, workspace),
-        (prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens,
-         *_scale_tensors(k_scale, v_scale)),
+        "shared_prefix_attention",
+        (q, k_cache, v_cache, sinks, out, lse, workspace, *_scale_tensors(k_scale, v_scale)),
+        (prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens),
         (scale, logits_soft_cap, return_lse, sliding_window, *_scale_floats(k_scale, v_scale)))
     sdims = _attention_dims(layout, lambda: _shared_layout(
         q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
         kv_lens, cu_q_lens, sinks=sinks, scale=scale, logits_soft_cap=logits_soft_cap,
         return_lse=return_lse, sliding_window=sliding_window, k_scale=k_scale,
-        v_scale=v_scale), q, out, lse, workspace)
+        v_scale=v_scale), q, out, lse, workspace, k_cache, v_cache, sinks, k_scale, v_scale)
     prefix_lens, kv_lens = _shared_lens(sdims, prefix_block_tables, prefix_lens, prefix_ids,
                                         block_tables, kv_lens, cu_q_lens)
     prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens = _on(
@@ -1194,11 +1210,11 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_len
         args = (q, k_cache, v_cache, tables, lens, cu_q_lens, sdims.attention.scale, True,
                 int(sliding_window), soft_cap, backend)
         return _run_attention("paged_attention", args, q, out, lse, workspace, return_lse,
-                              sinks, scales, buffers_checked=True, direct=layout is not None)
+                              sinks, scales, direct=layout is not None)
     args = (q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
             kv_lens, cu_q_lens, sdims.attention.scale, soft_cap, backend)
     return _run_attention("shared_prefix_attention", args, q, out, lse, workspace, return_lse,
-                          sinks, scales, buffers_checked=True, direct=layout is not None)
+                          sinks, scales, direct=layout is not None)
 
 
 def _prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids, block_tables, kv_lens,

@@ -38,14 +38,20 @@ from ..paged import validate
 from ..paged.spec import dtype_name
 from ._ops import (
     _at_most,
+    _guard_buffers,
     _index_tensors,
+    _layout_key,
     _no_neg_bits,
     _on,
     _op_scales,
     _prefix_then_own_tables,
     _run_attention,
+    _scale_floats,
+    _scale_tensors,
     _static_check,
     _tensors,
+    _vouch,
+    _vouched,
     _want_values,
 )
 from ._registry import platform_of, select
@@ -233,14 +239,23 @@ class AttentionPlan:
                 and q.device == self._device and k_cache.device == self._device
                 and v_cache.device == self._device):
             self._check_inputs(q, k_cache, v_cache)
-        _no_neg_bits(q=q, k_cache=k_cache, v_cache=v_cache)  # as the wrapper
-        if not isinstance(return_lse, (bool, np.bool_)):
-            raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
-        if sinks is not None:
-            _tensors(q=q, sinks=sinks, raw=True)
-            validate.check_sinks(sinks, self._q_shape[1])
-        validate.check_kv_scale("k_scale", k_scale, k_cache)  # a scale of a float cache:
-        validate.check_kv_scale("v_scale", v_scale, v_cache)  # refused by name
+        # the rest reads only layouts (q's shape is the planned one now): once per layout in
+        # plain eager mode, as the wrappers (_ops._layout_key)
+        layout = _layout_key("plan.run", (q, k_cache, v_cache, sinks, out, lse, workspace,
+                                          *_scale_tensors(k_scale, v_scale)),
+                             (), (return_lse, *_scale_floats(k_scale, v_scale)))
+        if _vouched(layout) is None:
+            _no_neg_bits(q=q, k_cache=k_cache, v_cache=v_cache)  # as the wrapper
+            if not isinstance(return_lse, (bool, np.bool_)):
+                raise TypeError(f"return_lse: expected a bool, got "
+                                f"{type(return_lse).__name__}")
+            if sinks is not None:
+                _tensors(q=q, sinks=sinks, raw=True)
+                validate.check_sinks(sinks, self._q_shape[1])
+            validate.check_kv_scale("k_scale", k_scale, k_cache)  # a scale of a float cache:
+            validate.check_kv_scale("v_scale", v_scale, v_cache)  # refused by name
+            _guard_buffers(q, out, lse, workspace, k_cache, v_cache, sinks, k_scale, v_scale)
+            _vouch(layout, True)
         return _run_attention(self._op, (q, k_cache, v_cache, *self._meta, *self._options), q,
                               out, lse, workspace, return_lse, sinks,
                               _op_scales(k_scale, v_scale, k_cache, v_cache))
