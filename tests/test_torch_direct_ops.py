@@ -387,3 +387,18 @@ def test_attention_buffers_sharing_memory_with_inputs_are_refused(entry):
         assert call(out=out, workspace=ws).data_ptr() == out.data_ptr()
         want = call()
     torch.testing.assert_close(out, want, atol=0, rtol=0)
+
+
+def test_empty_buffers_with_zero_strides_are_taken():
+    """A batch of no query token whose out= has zero strides (numpy's empty arrays, and
+    empty_like of such a q, come with them) holds no element twice: taken, as a fresh empty
+    tensor is; it had been refused as a stride-0 view (found by a differential fuzz)."""
+    q, k, v, tables, kv = _attention_buffers_case()
+    q0 = torch.from_numpy(np.zeros((0, 4, 16), np.float32))
+    assert q0.stride() == (0, 0, 0)
+    none = i32([0])
+    for out in (torch.empty_like(q0), torch.from_numpy(np.zeros((0, 4, 16), np.float32))):
+        got = tf.paged_attention(q0, k, v, tables[:0], kv[:0], none, out=out)
+        assert got.shape == (0, 4, 16)
+        got = tf.merge_attention_states(q0, torch.zeros(0, 4), q0, torch.zeros(0, 4), out=out)
+        assert got[0].shape == (0, 4, 16)

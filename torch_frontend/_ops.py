@@ -373,12 +373,13 @@ def _writable(name: str, caches, kind: str = "cache") -> None:
     such a destination only after the caches listed before it were written, naming none, and
     write_kv's row writes and the block copies went in unchecked (the last write to each
     location won). While torch.compile traces, stride-0 views only (the op checks the rest
-    when it runs)."""
+    when it runs). A tensor of no element (any strides: numpy's empty arrays come with zeros)
+    holds nothing twice."""
     items = enumerate(caches) if isinstance(caches, (list, tuple)) else [(None, caches)]
     for i, c in items:
         strides = c.stride()
-        if 0 in strides and any(n > 1 and st == 0
-                                for n, st in zip(c.shape, strides, strict=True)):
+        if 0 in strides and 0 not in c.shape and any(
+                n > 1 and st == 0 for n, st in zip(c.shape, strides, strict=True)):
             why = "a stride-0 view, e.g. from expand()"
         elif torch.compiler.is_compiling() or not _self_aliases(c):
             continue
