@@ -182,3 +182,24 @@ def test_attend_host_route_by_rows(monkeypatch, rows):
     want = torch.einsum("hrk,hkd->hrd", torch.softmax(s, -1), vv.double())
     torch.testing.assert_close(out[0].double(), want, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse[0].double(), torch.logsumexp(s, -1), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_own_part_in_q_dtype(monkeypatch, dtype):
+    """A 16-bit mixed batch's own part goes to paged_attention with an out of q's dtype, as a
+    decode batch's does: the compiled kernels write no other, and a float32 out sent the
+    decodes to the padded path (2x paged attention's time over the joined tables)."""
+    _force_cascade(monkeypatch)
+    seen = []
+    real = _native.paged_attention
+
+    def spy(out, *a, **kw):
+        seen.append(out.dtype)
+        return real(out, *a, **kw)
+
+    monkeypatch.setattr(_native, "paged_attention", spy)
+    b = _skewed(np.random.default_rng(5), scattered=True, dtype=dtype)
+    want = ref.shared_prefix_attention_reference(*b.args())
+    got = tf.shared_prefix_attention(*_torch(b))
+    assert seen and all(d == getattr(torch, dtype) for d in seen), seen
+    np.testing.assert_allclose(got.float().numpy(), want, atol=2e-2, rtol=2e-2)

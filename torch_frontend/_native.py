@@ -1231,9 +1231,14 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
                          q.reshape(num_seqs, num_kv_heads, group, head_dim).to(torch.float32),
                          k_cache, v_cache, block_tables, kv_lens.tolist(), scale)
         else:
-            paged_attention(own_out, own_lse, q, k_cache, v_cache, block_tables, kv_lens,
-                            cu_q_lens, scale=scale, causal=True, sliding_window=None,
-                            logits_soft_cap=logits_soft_cap)
+            if host and q.dtype != torch.float32:
+                # in q's dtype, as a decode's: the compiled kernels write no other, and a
+                # float32 out sent a 16-bit batch's decodes to the padded path (a bfloat16
+                # mixed step 2x paged attention's time; found by a differential fuzz)
+                own_c = _workspace("own_c", q.shape, q.dtype, dev)
+            paged_attention(own_out if own_c is None else own_c, own_lse, q, k_cache, v_cache,
+                            block_tables, kv_lens, cu_q_lens, scale=scale, causal=True,
+                            sliding_window=None, logits_soft_cap=logits_soft_cap)
     own = own_out if own_c is None else own_c
     if host:
         _host_prefix_pass(out, lse, q, own, own_lse, k_cache, v_cache, prefix_block_tables,
