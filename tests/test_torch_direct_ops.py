@@ -402,3 +402,18 @@ def test_empty_buffers_with_zero_strides_are_taken():
         assert got.shape == (0, 4, 16)
         got = tf.merge_attention_states(q0, torch.zeros(0, 4), q0, torch.zeros(0, 4), out=out)
         assert got[0].shape == (0, 4, 16)
+
+
+def test_out_interleaved_with_q_in_one_buffer_is_taken():
+    """q and out as the two halves of each row of one buffer reach no common element: taken
+    (a comparison of byte spans had refused them), with the result of a buffer of its own
+    (found by a differential fuzz);
+    the other half of that buffer, q itself, is left as it was."""
+    q, k, v, tables, kv = _attention_buffers_case()
+    both = torch.cat([q, torch.full_like(q, float("nan"))], dim=-1)  # [2, 4, 32]
+    qv, out = both[..., :16], both[..., 16:]
+    got = tf.paged_attention(qv, k, v, tables, kv, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(both[..., :16], q)
+    # a strided q may take another path than a contiguous one: rounding differs
+    torch.testing.assert_close(out, tf.paged_attention(q, k, v, tables, kv))

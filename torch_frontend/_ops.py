@@ -844,7 +844,7 @@ def _guard_buffers(q, out, lse, workspace, k_cache, v_cache, sinks=None, k_scale
              if isinstance(t, Tensor)]
     for i, (name, buf) in enumerate(bufs):
         for other, t in (*reads, *bufs[:i]):
-            if _overlaps(buf, t):
+            if _share_elements(buf, t):  # exact for q and out carved from one buffer
                 raise ValueError(f"{name}: shares memory with {other}; pass a buffer of its "
                                  f"own")
 
