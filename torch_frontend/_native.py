@@ -1047,18 +1047,16 @@ CASCADE_MIN_SEQS = 2
 
 def _cascade_groups(group: int, block_size: int, itemsize: int, prefix_block_tables,
                     prefix_lens, prefix_ids, block_tables, kv_lens, cu_q_lens):
-    """The cascade's host metadata with the prefix groups below CASCADE_MIN_ROWS or
-    CASCADE_MIN_SCORES (over a cache of ``itemsize``-byte elements) or CASCADE_MIN_SEQS
-    sequences dissolved:
-    their sequences'
-    tables become the prefix's blocks then their own (prefix lengths are whole blocks), their
-    kv_lens grow by the prefix, their prefix id is -1; the kept prefixes are renumbered in
-    order. The same attention, exactly: an own token's causal view of its prefix is the whole
-    prefix either way. Returns (prefix tables, prefix lens, prefix ids, tables, kv lens), the
-    inputs themselves when every group stays, else int32 CPU tensors (new ones; empty views of
-    the prefix inputs when none stays). A batch whose rows bound every group below the
-    thresholds dissolves them all without counting (a small call's ~50 us). (numpy: a few us
-    an op here, where torch's small ops cost ~10 us each.)"""
+    """The cascade's host metadata with the prefix groups below CASCADE_MIN_ROWS, CASCADE_MIN_SCORES
+    (over a cache of ``itemsize``-byte elements) or CASCADE_MIN_SEQS sequences dissolved: their
+    sequences' tables become the prefix's blocks then their own (prefix lengths are whole blocks),
+    their kv_lens grow by the prefix, their prefix id is -1; the kept prefixes are renumbered in
+    order. The same attention, exactly: an own token's causal view of its prefix is the whole prefix
+    either way. Returns (prefix tables, prefix lens, prefix ids, tables, kv lens), the inputs
+    themselves when every group stays, else int32 CPU tensors (new ones; empty views of the prefix
+    inputs when none stays). A batch whose rows bound every group below the thresholds dissolves
+    them all without counting (a small call's ~50 us). (numpy: a few us an op here, where torch's
+    small ops cost ~10 us each.)"""
     plens = prefix_lens.numpy().astype(np.int64)
     pid = prefix_ids.numpy().astype(np.int64)
     num_prefixes, num_seqs = plens.shape[0], pid.shape[0]
@@ -1314,8 +1312,9 @@ def _host_prefix_pass(out: torch.Tensor, lse: torch.Tensor | None, q, own, own_l
     beside 8 groups of 64 decodes (8 q / 2 kv heads, head_dim 128, one thread) took 5.0 s and
     +483 MiB, where paged attention over the joined tables takes 1.1 s and +52 MiB. Tokens
     of no prefix get their own part (merged with an empty state, as a prefix tile's). A token
-    is read (its q row) and written (its out row) by one tile only, q before out: an out that
-    is q itself comes out right."""
+    is read (its q row) and written (its out row) by one tile only, q before out (the
+    wrappers refuse an out sharing q's memory; called directly with out=q, this comes out
+    right)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
