@@ -19,7 +19,7 @@ from prefixkv import torch_frontend as tf  # noqa: E402
 
 HQ, HKV, D, BS = 4, 2, 32, 4
 GROUP = HQ // HKV
-#: prefix lengths in blocks: 7 and 5 blocks (28 and 20 keys), lengths no own part uses, so the
+#: prefix lengths in blocks: 7, 5 and 6 (28, 20 and 24 keys), lengths no own part uses, so the
 #: spy below tells the prefix tiles from the own part's calls
 PREFIX_BLOCKS = [7, 5, 6]
 
@@ -52,7 +52,7 @@ def _torch(b):
 def test_prefix_tiles_hold_each_prefix_tokens_only(monkeypatch, scattered, tile_tokens):
     """Every prefix tile hands _attend_host only tokens of its prefix, at most tile_tokens
     of them, all of them once; a prefill chunk beside decodes padded every prefix to the
-    chunk's 37 tokens before (3 prefixes x 38 tokens of rows for 44 tokens with a prefix)."""
+    chunk's 37 tokens before (3 prefixes x 38 tokens of rows for 43 tokens with a prefix)."""
     _force_cascade(monkeypatch)
     monkeypatch.setattr(_native, "PREFIX_TILE_BYTES", tile_tokens * HQ * D * 4)
     b = _skewed(np.random.default_rng(1), scattered)
