@@ -1204,40 +1204,36 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
         k_cache, v_cache, prefix_block_tables, block_tables = _dequantized_blocks(
             q, k_cache, v_cache, None, None, prefix_block_tables, block_tables)
         scale, out_scale = _fp8_scales(scale, k_scale, v_scale)
-    # suffix: the sequences' own tokens (causal; positions shift uniformly by the prefix),
-    # into out itself when it is float32, contiguous and apart from q (the host path's
-    # prefix tiles merge into it in place: one q-sized float32 buffer fewer)
-    if host and out.dtype == torch.float32 and out.is_contiguous() and not _overlaps(out, q):
-        own_out = out
+    # suffix: the sequences' own tokens (causal; positions shift uniformly by the prefix).
+    # With host metadata and a 16-bit q, in q's dtype: the compiled kernels write no other (a
+    # float32 buffer sent a 16-bit mixed batch's decodes to the padded path: 2x paged
+    # attention's time; found by a differential fuzz). Else float32, into out itself when it
+    # is float32, contiguous and apart from q (the host path's prefix tiles merge into it in
+    # place: one q-sized float32 buffer fewer).
+    f32 = torch.float32
+    if host and q.dtype != f32:
+        own = _workspace("own_c", q.shape, q.dtype, dev)
+    elif host and out.dtype == f32 and out.is_contiguous() and not _overlaps(out, q):
+        own = out
     else:
-        own_out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=torch.float32,
-                              device=dev)
-    own_lse = torch.empty((num_tokens, num_q_heads), dtype=torch.float32, device=dev)
+        own = torch.empty((num_tokens, num_q_heads, head_dim), dtype=f32, device=dev)
+    own_lse = torch.empty((num_tokens, num_q_heads), dtype=f32, device=dev)
     decode = num_tokens == num_seqs and (cu_q_lens is None or (host and torch.equal(
         cu_q_lens.to(torch.int64), torch.arange(num_seqs + 1))))
-    own_c = None  # the own part by the compiled decode kernel (in q's dtype), when it runs
-    if decode and host:
-        own_c = own_out if q.dtype == torch.float32 else _workspace("own_c", q.shape, q.dtype,
-                                                                    dev)
-        if not _c_decode(own_c, own_lse, q, k_cache, v_cache, block_tables, kv_lens, scale,
-                         None, logits_soft_cap):
-            own_c = None
-    if own_c is None:
+    # a decode batch by the compiled decode kernel when it runs
+    if not (decode and host and _c_decode(own, own_lse, q, k_cache, v_cache, block_tables,
+                                          kv_lens, scale, None, logits_soft_cap)):
         if fused and decode:  # one query per sequence: its q heads are the rows of its kv heads
-            _attend_host(own_out.view(num_seqs, num_kv_heads, group, head_dim),
+            if own.dtype != f32:  # _attend_host writes float32
+                own = torch.empty((num_tokens, num_q_heads, head_dim), dtype=f32, device=dev)
+            _attend_host(own.view(num_seqs, num_kv_heads, group, head_dim),
                          own_lse.view(num_seqs, num_kv_heads, group),
-                         q.reshape(num_seqs, num_kv_heads, group, head_dim).to(torch.float32),
+                         q.reshape(num_seqs, num_kv_heads, group, head_dim).to(f32),
                          k_cache, v_cache, block_tables, kv_lens.tolist(), scale)
         else:
-            if host and q.dtype != torch.float32:
-                # in q's dtype, as a decode's: the compiled kernels write no other, and a
-                # float32 out sent a 16-bit batch's decodes to the padded path (a bfloat16
-                # mixed step 2x paged attention's time; found by a differential fuzz)
-                own_c = _workspace("own_c", q.shape, q.dtype, dev)
-            paged_attention(own_out if own_c is None else own_c, own_lse, q, k_cache, v_cache,
-                            block_tables, kv_lens, cu_q_lens, scale=scale, causal=True,
-                            sliding_window=None, logits_soft_cap=logits_soft_cap)
-    own = own_out if own_c is None else own_c
+            paged_attention(own, own_lse, q, k_cache, v_cache, block_tables, kv_lens,
+                            cu_q_lens, scale=scale, causal=True, sliding_window=None,
+                            logits_soft_cap=logits_soft_cap)
     if host:
         _host_prefix_pass(out, lse, q, own, own_lse, k_cache, v_cache, prefix_block_tables,
                           prefix_lens, prefix_ids, cu_q_lens, scale=scale,
