@@ -217,11 +217,13 @@ JAX_CASES = [c for c in TORCH_CASES if c[0] in ("mixed", "prefill", "mixed_windo
     ("mixed_long", [(1, 45), (64, 96), (1, 30), (3, 20)], {})]
 
 
-@pytest.mark.parametrize("traced", [True, False], ids=["traced_scales", "float_scales"])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype,traced", [("bfloat16", True), ("float16", False)],
+                         ids=["bfloat16-traced_scales", "float16-float_scales"])
 @pytest.mark.parametrize("name,seqs,opts", JAX_CASES, ids=[c[0] for c in JAX_CASES])
 def test_jax_xla_fp8_attention_within_tolerance(name, seqs, opts, dtype, traced):
-    """The XLA path under jit (reads the fp8 bytes, converted to float32 and scaled there)."""
+    """The XLA path under jit (reads the fp8 bytes, converted to float32 and scaled there).
+    The scales (traced arrays or Python floats) are float32 whatever q's dtype: each dtype
+    runs with one kind of scale."""
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp
 

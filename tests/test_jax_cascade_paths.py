@@ -65,8 +65,12 @@ def _counting(monkeypatch, module, name):
     return calls
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+#: every case in float32 and bfloat16; float16 (the other 16-bit conversion) in two
+OWN_PART_CASES = [(c, d) for c in CASES for d in ("float32", "bfloat16")] + [
+    ("one_prefix_softcap", "float16"), ("several_prefixes", "float16")]
+
+
+@pytest.mark.parametrize("case,dtype", OWN_PART_CASES, ids=[f"{c}-{d}" for c, d in OWN_PART_CASES])
 @pytest.mark.parametrize("path", ["ffi", "xla"])
 def test_decode_cascade_own_part(case, dtype, path, monkeypatch):
     if path == "ffi" and not xla_ffi.available():
