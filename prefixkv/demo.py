@@ -38,7 +38,10 @@ from .models.workload import arrival_times, make_workload, shared_prefix_fractio
 
 
 def _progress(total: int, desc: str):
-    """(update(n_done), close()) of a tqdm bar, or of a plain one-line bar without tqdm."""
+    """(update(n_done), close()) of a tqdm bar, or of a plain one-line bar without tqdm; no
+    bar when stderr is not a terminal (a log or a pipe would keep every redraw)."""
+    if not sys.stderr.isatty():
+        return (lambda n: None), (lambda: None)
     try:
         from tqdm import tqdm
     except ImportError:

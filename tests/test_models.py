@@ -713,3 +713,31 @@ def test_demo_request_rate(capsys):
     assert "--burstiness: shapes the open loop's arrivals; give --request-rate too" \
         in capsys.readouterr().err
     assert demo.parse_args(["--request-rate", "2", "--burstiness", "0.5"]).burstiness == 0.5
+
+
+def test_demo_progress_bar_only_on_a_terminal(monkeypatch, capsys):
+    """The demo's progress bar redraws a terminal line; into a log or a pipe it writes nothing
+    (every redraw would stay there as text)."""
+    from prefixkv import demo
+
+    class Tty:
+        def __init__(self, tty):
+            self.tty, self.text = tty, []
+
+        def isatty(self):
+            return self.tty
+
+        def write(self, s):
+            self.text.append(s)
+
+        def flush(self):
+            pass
+
+    for tty in (False, True):
+        err = Tty(tty)
+        monkeypatch.setattr(demo.sys, "stderr", err)
+        update, close = demo._progress(4, "run")
+        update(2)
+        update(4)
+        close()
+        assert bool("".join(err.text)) == tty
