@@ -119,6 +119,48 @@ def test_compiled_with_a_salt_over_any_number_of_sequences(dynamic):
         assert torch.equal(compiled(tokens, cu), fn(tokens, cu))
 
 
+def test_host_constants_marked_as_torch_marks_them():
+    """_constant_to_compile sets what torch.compiler.assume_constant_result sets (without
+    importing torch._dynamo), and a compiled call with a salt and a host parent (the three
+    functions it marks) gives eager's digests with fullgraph."""
+    import torch._dynamo  # noqa: F401 - the public decorator imports it anyway
+    from prefixkv.torch_frontend import _hashing
+
+    def theirs():
+        pass
+
+    def ours():
+        pass
+
+    torch.compiler.assume_constant_result(theirs)
+    _hashing._constant_to_compile(ours)
+    assert vars(ours) == vars(theirs) and vars(ours)
+    for fn in (_hashing._key_words, _hashing._checked_salt, _hashing._parent_rows):
+        assert vars(fn).items() >= vars(theirs).items(), fn.__name__
+    parent = bytes(range(32))
+
+    def step(tokens):
+        return hash_blocks(tokens, 4, salt="x", parent=parent)
+
+    torch._dynamo.reset()
+    tokens = torch.arange(12, dtype=torch.int32)
+    got = torch.compile(step, fullgraph=True, backend="eager")(tokens)
+    assert torch.equal(got, step(tokens))
+
+
+def test_import_does_not_load_dynamo():
+    """Importing the torch frontend does not import torch._dynamo (as long to import as torch
+    itself): a program that never compiles does not pay for it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, prefixkv.torch_frontend\n"
+            "print('torch._dynamo' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "False", r.stdout
+
+
 GOOD = dict(tokens=torch.arange(32, dtype=torch.int32), block_size=16)
 
 

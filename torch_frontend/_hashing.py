@@ -231,13 +231,24 @@ HASH_BLOCKS_BACKENDS.register(Backend(
     "torch", ("cpu", "cuda"), _run_torch, priority=0,
     doc="vectorized torch ops (int64 lanes), any block size"))
 
+def _constant_to_compile(fn):
+    """``torch.compiler.assume_constant_result(fn)``: dynamo runs ``fn`` on the host while
+    tracing and keeps its result as a constant. That decorator imports torch._dynamo (about
+    as long as importing torch itself) only to set the mark set here, so importing this
+    frontend would pay for dynamo in programs that never compile; the mark is the one torch
+    2.11 to 2.13 set (tests/test_hashing_torch.py checks it against the decorator's, and
+    compiles each function)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def _key_tensor(salt: bytes, extra: bool) -> torch.Tensor:
     """The salt's prefixkv-v1 key (of calls with extra words when ``extra``) as int32[8]
     (uint32 bit patterns, little-endian words)."""
     return torch.tensor(_key_words(salt, extra), dtype=torch.int32)
 
 
-@torch.compiler.assume_constant_result
+@_constant_to_compile
 def _key_words(salt: bytes, extra: bool) -> tuple[int, ...]:
     """The key's 8 words as int32 values (uint32 bit patterns). A constant to torch.compile:
     run on the host when tracing (BLAKE3 in Python is not traceable); a call with another salt
@@ -245,7 +256,7 @@ def _key_words(salt: bytes, extra: bool) -> tuple[int, ...]:
     return struct.unpack("<8i", block_key(salt, extra))
 
 
-@torch.compiler.assume_constant_result
+@_constant_to_compile
 def _checked_salt(salt, parent, num_seqs: int) -> bytes:
     """check_hash_blocks' checks of salt and a host parent (bytes or a list) of a call of
     ``num_seqs`` sequences; returns the salt's bytes. A constant to torch.compile, which
@@ -254,7 +265,7 @@ def _checked_salt(salt, parent, num_seqs: int) -> bytes:
     return check_hash_blocks(cu[:0], 1, cu_lens=cu, salt=salt, parent=parent).salt
 
 
-@torch.compiler.assume_constant_result
+@_constant_to_compile
 def _parent_rows(parent, num_seqs: int) -> tuple[tuple[int, ...], ...]:
     """parent_words of a host parent (bytes or a list; validated) as int32 values, a constant
     to torch.compile as :func:`_key_words` is."""
