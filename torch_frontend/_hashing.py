@@ -231,13 +231,14 @@ HASH_BLOCKS_BACKENDS.register(Backend(
     "torch", ("cpu", "cuda"), _run_torch, priority=0,
     doc="vectorized torch ops (int64 lanes), any block size"))
 
+
 def _constant_to_compile(fn):
     """``torch.compiler.assume_constant_result(fn)``: dynamo runs ``fn`` on the host while
     tracing and keeps its result as a constant. That decorator imports torch._dynamo (about
-    as long as importing torch itself) only to set the mark set here, so importing this
-    frontend would pay for dynamo in programs that never compile; the mark is the one torch
-    2.11 to 2.13 set (tests/test_hashing_torch.py checks it against the decorator's, and
-    compiles each function)."""
+    as long as importing torch itself) only to set one attribute of ``fn``; this sets the
+    same one (as torch 2.11 to 2.13 do: tests/test_hashing_torch.py compares it with the
+    decorator's and compiles each marked function), so a program that imports this frontend
+    and never compiles does not pay for dynamo."""
     fn._dynamo_marked_constant = True
     return fn
 
