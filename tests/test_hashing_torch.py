@@ -4,6 +4,8 @@ the custom op (opcheck, torch.compile), and one pytest.raises per input check.""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -151,9 +153,6 @@ def test_host_constants_marked_as_torch_marks_them():
 def test_import_does_not_load_dynamo():
     """Importing the torch frontend does not import torch._dynamo (as long to import as torch
     itself): a program that never compiles does not pay for it."""
-    import subprocess
-    import sys
-
     code = ("import sys, prefixkv.torch_frontend\n"
             "print('torch._dynamo' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -320,14 +320,17 @@ def cpu_route(request, monkeypatch):
 
 #: (dtype, options): every option in float32; a 16-bit batch changes the rounding, not the
 #: rows or keys each route takes, so bfloat16 runs plain and with window and soft cap together
-MIXED_OPTIONS = [("float32", {}), ("float32", {"sliding_window": 7}),
-                 ("float32", {"logits_soft_cap": 3.0}), ("float32", {"causal": False}),
-                 ("bfloat16", {}), ("bfloat16", {"sliding_window": 7, "logits_soft_cap": 3.0})]
+MIXED_OPTIONS = [
+    pytest.param("float32", {}, id="float32-plain"),
+    pytest.param("float32", {"sliding_window": 7}, id="float32-window"),
+    pytest.param("float32", {"logits_soft_cap": 3.0}, id="float32-cap"),
+    pytest.param("float32", {"causal": False}, id="float32-non_causal"),
+    pytest.param("bfloat16", {}, id="bfloat16-plain"),
+    pytest.param("bfloat16", {"sliding_window": 7, "logits_soft_cap": 3.0},
+                 id="bfloat16-window_cap")]
 
 
-@pytest.mark.parametrize("dtype,opts", MIXED_OPTIONS,
-                         ids=["float32-plain", "float32-window", "float32-cap",
-                              "float32-non_causal", "bfloat16-plain", "bfloat16-window_cap"])
+@pytest.mark.parametrize("dtype,opts", MIXED_OPTIONS)
 @pytest.mark.parametrize("grid", list(MIXED_GRIDS))
 def test_mixed_batch_decodes_run_in_the_kernel(grid, dtype, opts, cpu_route):
     """A ragged batch on the CPU by each route (cpu_route), every row against the reference

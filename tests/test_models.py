@@ -715,7 +715,7 @@ def test_demo_request_rate(capsys):
     assert demo.parse_args(["--request-rate", "2", "--burstiness", "0.5"]).burstiness == 0.5
 
 
-def test_demo_progress_bar_only_on_a_terminal(monkeypatch, capsys):
+def test_demo_progress_bar_only_on_a_terminal(monkeypatch):
     """The demo's progress bar redraws a terminal line; into a log or a pipe it writes nothing
     (every redraw would stay there as text)."""
     from prefixkv import demo
