@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from functools import partial
 from itertools import takewhile
-from operator import is_not
+from operator import index, is_not
 
 from . import validate
 from .events import CLEARED, EVICTED, REMOVED, STORED, EventBus, KVEvent, call_each
@@ -90,7 +90,8 @@ class BlockPool:
         self._prev: list[int] = [num_blocks] * (num_blocks + 1)
         self._next: list[int] = [num_blocks] * (num_blocks + 1)
         self._num_lru = 0
-        # free empty blocks; pop() from the end gives the lowest id first
+        # free empty blocks, taken from the end: the lowest ids first on a fresh pool,
+        # then the most recently emptied first (freed blocks are appended)
         self._empty: list[int] = list(range(num_blocks - 1, 0, -1))
 
     # ------------------------------------------------------------------ queries
@@ -203,7 +204,7 @@ class BlockPool:
                 if n < 0:
                     raise ValueError(f"n: expected >= 0 blocks, got {n}")
                 return []
-            out = empty[:-n - 1:-1]  # lowest ids first
+            out = empty[:-n - 1:-1]  # from the end: most recently emptied first
             del empty[-n:]
             ref = self.ref_counts
             for b in out:
@@ -298,7 +299,7 @@ class BlockPool:
             ref[b] = r + 1
         self._num_lru -= unlinked
 
-    def free(self, blocks: Sequence[int]) -> None:
+    def free(self, blocks: Iterable[int]) -> None:
         """Drop one reference on each block. Blocks reaching 0 become free, appended to the
         LRU queue in reverse order (a sequence's tail is evicted first); uncached ones go to
         the empty list. Give a request's blocks in sequence order.
@@ -306,6 +307,8 @@ class BlockPool:
         All or nothing: a block freed more often than referenced (the null block included)
         raises ValueError with every block unchanged, as does a bad id (IndexError/TypeError).
         """
+        if type(blocks) is not list:  # a numpy array, a tuple, a generator: Python ints
+            blocks = [index(b) for b in blocks]
         if blocks and min(blocks) < 0:  # a list would index it from its end
             raise IndexError(f"blocks: expected block ids >= 0, got {min(blocks)}")
         ref = self.ref_counts

@@ -404,11 +404,20 @@ class PrefixCache:
         """Make room for the next ``num_new_tokens`` tokens (which must be known tokens).
 
         Returns copy-on-write pairs ``[(src, dst)]`` for ``copy_blocks``. Raises
-        NoFreeBlocksError, changing nothing, when the pool is short.
+        NoFreeBlocksError, changing nothing, when the pool is short; an ``"evicted"`` or
+        ``"removed"`` subscriber that raises takes the call back too (as in :meth:`step`).
         """
         req = self._get(request_id)
         self._check_new(req, num_new_tokens)
-        return self._allocate(req, int(num_new_tokens))
+        first = req.num_computed // self.block_size
+        before = [(req, first, len(req.blocks), req.blocks[first:])]
+        copies = req.copies[:]  # pairs of earlier calls this step, not yet planned
+        try:
+            return self._allocate(req, int(num_new_tokens))
+        except BaseException:  # no copy pair queued that the caller never got
+            self._undo_allocate(before)
+            req.copies = copies
+            raise
 
     def _allocate(self, req: _Request, num_new_tokens: int) -> list[tuple[int, int]]:
         """:meth:`allocate` of a checked ``num_new_tokens`` (a Python int)."""

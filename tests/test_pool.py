@@ -59,6 +59,29 @@ def test_free_more_than_referenced():
         pool.free(b)
 
 
+def test_free_takes_any_iterable_of_ids():
+    """free() of a numpy array, a tuple or a generator frees as a list does (the class takes
+    any iterable of ids; an array raised numpy's ambiguous-truth error, a generator was used
+    up by min() and then refused by reversed()); a bad id still raises with nothing freed.
+    Emptied blocks come back most recently emptied first."""
+    for kind in (np.array, tuple, iter):
+        pool = BlockPool(8, 4)
+        a = pool.allocate(3)
+        pool.free(kind(a))
+        assert pool.num_free == 7 and pool.ref_counts[1:4] == [0, 0, 0]
+        pool.check_consistency()
+        b = pool.allocate(2)
+        with pytest.raises(ValueError, match="freed more often"):
+            pool.free(kind([b[0], 5]))
+        assert pool.ref_counts[b[0]] == 1
+        pool.check_consistency()
+    pool = BlockPool(8, 4)
+    a = pool.allocate(3)
+    pool.free([a[0]])
+    pool.free([a[2]])
+    assert pool.allocate(1) == [a[2]]
+
+
 def test_tail_evicted_first_and_empty_before_cached():
     pool = BlockPool(9, 4)
     seq = pool.allocate(4)          # [1, 2, 3, 4]

@@ -245,6 +245,42 @@ def test_allocate_plan_commit_carries_the_copy_on_write_pairs():
     pc.pool.check_consistency()
 
 
+def test_allocate_taken_back_when_an_evicted_subscriber_raises():
+    """allocate() that evicts to grow, with an "evicted" subscriber raising, changes nothing:
+    the copy-on-write swap it made first is undone and no pair stays queued (the caller never
+    got it, and a retry returned none, so the fresh block was read uncopied), while a pair of
+    an earlier call this step stays queued; a retry returns the pair again."""
+    for earlier in (False, True):
+        pc = make(num_blocks=6, block_size=4)         # 5 blocks: a's growth must evict
+        pc.add_request("old", list(range(100, 109)))  # 2 full blocks cached, then freed
+        pc.step([("old", 9)])
+        pc.free("old")
+        pc.add_request("a", [1, 2, 3, 4, 5, 6])
+        pc.step([("a", 6)])
+        pc.fork("a", "b")                             # a's partial block shared
+        pc.append_tokens("a", [7, 8, 9])
+        queued = pc.allocate("a", 1) if earlier else []  # the CoW pair, not planned yet
+        assert len(queued) == int(earlier)
+        before = (pc.blocks("a"), pc.blocks("b"), list(pc.pool.ref_counts),
+                  pc.plan([("a", 1)]).copy_src.tolist())
+
+        def boom(ev):
+            if ev.kind == "evicted":
+                raise RuntimeError("offload failed")
+
+        unsubscribe = pc.events.subscribe(boom)
+        with pytest.raises(RuntimeError, match="offload failed"):
+            pc.allocate("a", 3)
+        assert (pc.blocks("a"), pc.blocks("b"), list(pc.pool.ref_counts),
+                pc.plan([("a", 1)]).copy_src.tolist()) == before
+        pc.pool.check_consistency()
+        unsubscribe()
+        pairs = pc.allocate("a", 3)
+        assert len(queued + pairs) == 1
+        assert pc.plan([("a", 3)]).copy_src.tolist() == [src for src, _ in queued + pairs]
+        pc.pool.check_consistency()
+
+
 def test_forked_writers_of_one_block_need_one_copy():
     """Two forked requests writing their shared partial block take one copy (the second
     writes in place): step fits a pool with exactly one free block, where it used to count
