@@ -21,6 +21,19 @@
    published removals that did not happen, a corrupt record that could not be deleted kept
    being counted by ``batch_exists``, ``clear()`` zeroed ``used_bytes`` while the files stayed
    (and published "cleared"), and a budget eviction reported "evicted" for a file still there.
+8. ``HostTier`` with an allocator of torch-backed arrays (``torch.empty(...).numpy()``, as its
+   docstring suggested for pinned memory) failed every put: it set the writeable flag numpy
+   refuses on such arrays. They are now used, and dropped (not reused) once evicted. An
+   allocator that is not callable is refused when the tier is made; a get of a block held in
+   another layout counts a miss as well as a corrupt read (as the disk tier does).
+9. ``RedisTier.clear()`` published "cleared" before deleting, also when the deletion then
+   failed (every key still there); ``batch_get`` sent the deletes of corrupt records after a
+   failure had marked the server down; ``ttl_s``, the timeouts and ``retry_interval`` were
+   unchecked (``ttl_s=0`` or ``-5`` became a 1 ms expiry, ``"1"`` a 1000-digit one that made
+   every SET fail).
+10. ``BlockOffloader.scatter_rows`` (public: ``fetch`` then it is ``onboard`` split in two)
+    cast its ids unchecked (``[1.9]`` wrote block 1, ``[-1]`` the last block, ``[0]`` the null
+    block) and broadcast a row of another shape into the block.
 
 tmp_path and fakes only: no servers. The read-only directory is simulated by an ``os.unlink``
 that fails with EACCES (the tests may run as root, whom a 0555 directory does not stop).
@@ -493,3 +506,191 @@ def test_disk_eviction_that_cannot_delete_makes_no_room(tmp_path, no_unlink):
     no_unlink["on"] = False
     assert t.batch_put(ks[1:], vs[1:]) == [True]
     assert [e[0] for e in seen] == ["evicted", "stored"] and t.used_bytes == one
+
+
+# -- 8. HostTier: torch-backed allocator arrays, the allocator checked, layout misses -------
+
+
+def test_host_tier_takes_an_allocator_of_torch_backed_arrays():
+    torch = pytest.importorskip("torch")
+
+    made = []
+
+    def alloc(shape, dtype):
+        made.append(torch.empty(shape, dtype=torch.float32).numpy())
+        return made[-1]
+
+    t = HostTier(2 * rows(1)[0].nbytes, allocator=alloc)
+    ks, vs = keys(4), rows(4)
+    for k, v in zip(ks, vs, strict=True):  # the third and fourth puts evict
+        assert t.batch_put([k], [v]) == [True]
+    assert len(made) == 4  # an evicted array numpy cannot make writable is not reused
+    got = t.batch_get(ks, shape=ROW, dtype="float32")
+    assert got[:2] == [None, None] and all(same(a, v) for a, v in zip(got[2:], vs[2:],
+                                                                       strict=True))
+    store = TieredStore([HostTier(1 << 16, allocator=alloc), HostTier(1 << 16)])
+    assert store.batch_put(ks[:1], vs[:1]) == [True]
+    assert [tier.batch_exists(ks[:1]) for tier in store.tiers] == [1, 1]
+
+
+def test_host_tier_still_reuses_numpy_arrays():
+    made = []
+
+    def alloc(shape, dtype):
+        made.append(1)
+        return np.empty(shape, dtype)
+
+    t = HostTier(2 * rows(1)[0].nbytes, allocator=alloc)
+    for k, v in zip(keys(4), rows(4), strict=True):
+        assert t.batch_put([k], [v]) == [True]
+    assert len(made) == 2
+
+
+@pytest.mark.parametrize("bad", [5, "np.empty", object()], ids=["int", "str", "object"])
+def test_host_tier_refuses_an_allocator_that_is_not_callable(bad):
+    with pytest.raises(TypeError, match="allocator: expected None or a callable"):
+        HostTier(1 << 16, allocator=bad)
+
+
+def test_host_tier_allocator_returning_a_non_array_names_it():
+    t = HostTier(1 << 16, allocator=lambda shape, dtype: [0.0] * int(np.prod(shape)))
+    with pytest.raises(ValueError, match="allocator: expected a C-contiguous float32 array of "
+                                         "shape .* got list"):
+        t.reserve(1, ROW, "float32")
+
+
+def test_host_tier_layout_mismatch_counts_a_miss():
+    t = HostTier(1 << 16)
+    ks = keys(1)
+    assert t.batch_put(ks, rows(1)) == [True]
+    assert t.batch_get(ks, shape=(1, *ROW), dtype="float32") == [None]
+    assert (t.stats.hits, t.stats.misses, t.stats.corrupt) == (0, 1, 1)
+
+
+# -- 9. RedisTier: clear, deletes after a failure, durations -------------------------------
+
+
+class _ScanRedis(_SkewedRedis):
+    """A dict-backed client with SCAN and a multi-key DEL; ``fail_scan``: SCAN times out."""
+
+    fail_scan = False
+
+    def scan_iter(self, match=None, count=None):
+        import redis
+
+        if self.fail_scan:
+            raise redis.exceptions.TimeoutError("Timeout reading from socket")
+        prefix = match[:-1].replace("\\", "")
+        return [k for k in list(self.d) if k.startswith(prefix)]
+
+    def delete(self, *ks):
+        return sum(self.d.pop(k, None) is not None for k in ks)
+
+
+def test_redis_clear_that_fails_publishes_nothing():
+    client = _ScanRedis()
+    t = RedisTier(client=client)
+    ks = keys(3)
+    assert t.batch_put(ks, rows(3)) == [True] * 3
+    seen = _events(t)
+    client.fail_scan = True
+    t.clear()
+    assert seen == [] and t.stats.errors == 1 and len(client.d) == 3
+    client.fail_scan = False
+    t._down_until = 0.0  # the back-off over
+    t.clear()
+    assert seen == [("cleared", ())] and client.d == {}
+
+
+class _MgetFailsSecond(_SkewedRedis):
+    """MGET fails on its second call (the connection drops between chunks); counts the
+    pipelines asked for after that."""
+
+    def __init__(self):
+        super().__init__()
+        self.mgets = self.pipes_after = 0
+
+    def mget(self, ks):
+        import redis
+
+        self.mgets += 1
+        if self.mgets == 2:
+            raise redis.exceptions.ConnectionError("connection reset")
+        return super().mget(ks)
+
+    def pipeline(self, transaction=False):
+        if self.mgets >= 2:
+            self.pipes_after += 1
+        return super().pipeline(transaction)
+
+
+def test_redis_get_sends_nothing_after_marking_the_server_down():
+    client = _MgetFailsSecond()
+    t = RedisTier(client=client, max_batch=1, retry_interval=60.0)
+    ks = keys(2)
+    assert t.batch_put(ks, rows(2)) == [True, True]
+    rk = t._rkey(ks[0])
+    client.d[rk] = client.d[rk][:-1] + bytes([client.d[rk][-1] ^ 0xFF])  # corrupt
+    assert t.batch_get(ks, shape=ROW, dtype="float32") == [None, None]
+    assert t.stats.errors == 1 and t.stats.corrupt == 1 and not t.available
+    assert client.pipes_after == 0 and rk in client.d  # dropped by a later get, not now
+
+
+@pytest.mark.parametrize(("arg", "bad", "error"), [
+    ("ttl_s", 0, ValueError), ("ttl_s", -5, ValueError), ("ttl_s", float("nan"), ValueError),
+    ("ttl_s", float("inf"), ValueError), ("ttl_s", 1e12, ValueError), ("ttl_s", "1", TypeError),
+    ("ttl_s", True, TypeError), ("socket_timeout", 0, ValueError),
+    ("socket_timeout", None, TypeError), ("connect_timeout", -1.0, ValueError),
+    ("retry_interval", -1, ValueError), ("retry_interval", "1", TypeError),
+    ("prefix", 5, TypeError)], ids=str)
+def test_redis_durations_are_checked_by_name(arg, bad, error):
+    with pytest.raises(error, match=f"{arg}: expected"):
+        RedisTier(client=_SkewedRedis(), **{arg: bad})
+
+
+def test_redis_durations_that_pass():
+    t = RedisTier(client=_SkewedRedis(), ttl_s=0.5, retry_interval=0, socket_timeout=2)
+    assert t.ttl_ms == 500 and t.retry_interval == 0.0
+    assert RedisTier(client=_SkewedRedis(), ttl_s=np.float32(2)).ttl_ms == 2000
+
+
+# -- 10. BlockOffloader.scatter_rows: onboard's checks -----------------------------------
+
+
+@pytest.mark.parametrize(("ids", "error", "match"), [
+    ([1.9], TypeError, r"block_ids\[0\]: expected an int block id"),
+    ([True], TypeError, r"block_ids\[0\]: expected an int block id"),
+    ([-1], ValueError, r"block_ids: expected values in \[0, 4\)"),
+    ([4], ValueError, r"block_ids: expected values in \[0, 4\)"),
+    ([0], ValueError, "block_ids: block 0 is the null block"),
+    ([2, 2], ValueError, "block_ids: expected distinct")], ids=str)
+def test_scatter_rows_checks_block_ids(ids, error, match):
+    off, caches = _offloader()
+    off.null_block = 0
+    before = [c.copy() for c in caches]
+    row = np.ones((2, 2, 1, 4), np.float32)
+    with pytest.raises(error, match=match):
+        off.scatter_rows(caches, ids, [row] * len(ids))
+    assert all(np.array_equal(c, b) for c, b in zip(caches, before, strict=True))
+
+
+@pytest.mark.parametrize(("row", "match"), [
+    (np.ones((2, 1, 1, 1), np.float32), r"rows\[0\]: expected float32 of shape \(2, 2, 1, 4\)"),
+    (np.ones((2, 2, 1, 4), np.float64), r"rows\[0\]: expected float32 .* got float64"),
+    ([[0.0]], r"rows\[0\]: expected a numpy array")], ids=["shape", "dtype", "list"])
+def test_scatter_rows_checks_rows(row, match):
+    off, caches = _offloader()
+    before = [c.copy() for c in caches]
+    with pytest.raises((TypeError, ValueError), match=match):
+        off.scatter_rows(caches, [2], [row])
+    with pytest.raises(ValueError, match="rows: expected at most 1 rows"):
+        off.scatter_rows(caches, [2], [before[0][0:2].copy()] * 2)
+    assert all(np.array_equal(c, b) for c, b in zip(caches, before, strict=True))
+
+
+def test_scatter_rows_writes_the_leading_ids():
+    off, caches = _offloader()
+    row = np.stack([c[3] for c in caches]) + 1000
+    assert off.scatter_rows(caches, (np.int64(1), 2), [row]) is caches
+    assert all(np.array_equal(c[1], r) for c, r in zip(caches, row, strict=True))
+    assert not any((c[2] >= 1000).any() for c in caches)

@@ -265,6 +265,31 @@ def check_checksum(value) -> str | None:
     return value
 
 
+#: The longest duration a tier takes (seconds; ~31 years): Redis keeps expiries as int64
+#: milliseconds, and a larger ``ttl_s`` made every SET an error (every put ``False``).
+MAX_SECONDS = 1e9
+
+
+def check_seconds(name: str, value, *, zero_ok: bool = False, optional: bool = False
+                  ) -> float | None:
+    """A tier's duration argument (a timeout, a back-off, a TTL), checked when the tier is
+    made: a real number of seconds, finite, > 0 (>= 0 with ``zero_ok``) and at most
+    MAX_SECONDS; None when ``optional``. TypeError / ValueError naming ``name`` otherwise: a
+    string or bool passed through float() or int(), and a zero, negative or NaN TTL silently
+    became a 1 ms expiry."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected {'None or ' if optional else ''}a number of "
+                        f"seconds, got {type(value).__name__} {value!r}")
+    bound = ">= 0" if zero_ok else "> 0"
+    above = value >= 0 if zero_ok else value > 0
+    if not (above and value <= MAX_SECONDS):  # NaN fails both
+        raise ValueError(f"{name}: expected seconds {bound} and at most {MAX_SECONDS:.0e}, "
+                         f"got {value!r}")
+    return float(value)
+
+
 def default_checksum() -> str:
     """"xxh3_128" where the xxhash package is installed (many GB/s), else "crc32" (zlib)."""
     return "xxh3_128" if _xxhash() is not None else "crc32"

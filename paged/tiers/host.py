@@ -2,10 +2,12 @@
 
 Values are copied into memory from ``allocator(shape, dtype) -> np.ndarray`` (default
 ``np.empty``). A frontend running on a GPU passes an allocator that returns pinned memory
-(e.g. ``lambda s, d: torch.empty(s, dtype=..., pin_memory=True).numpy()``) so host <-> device
-copies can run asynchronously. :meth:`HostTier.reserve` hands the arrays of the blocks it
-evicts (when shape and dtype match and no caller can still see their memory) to the new
-blocks, so a full tier allocates (and page-faults) nothing in steady state.
+(``prefixkv.torch_frontend.pinned_host_allocator``) so host <-> device copies can run
+asynchronously. :meth:`HostTier.reserve` hands the arrays of the blocks it evicts (when shape
+and dtype match and no caller can still see their memory) to the new blocks, so a full tier
+allocates (and page-faults) nothing in steady state. Arrays over a torch tensor's memory
+(``torch.empty(s, dtype=..., pin_memory=True).numpy()``) work too but are never reused: a
+stored block is read-only, and numpy cannot make such an array writable again.
 
 When an evicted array may be reused: numpy hangs every view of an array on the array's memory
 owner (it collapses view chains), so a row that :meth:`HostTier.batch_get` returned references
@@ -75,6 +77,27 @@ def _memory_owner(arr: np.ndarray):
     return obj
 
 
+def _writable_again(arr: np.ndarray) -> bool:
+    """Make ``arr`` (a stored block's array, read-only while stored) writable for its next
+    block; False when numpy refuses: an array over memory it cannot write through, such as a
+    torch tensor's (``torch.empty(...).numpy()``, a pinned-memory allocator's arrays), once it
+    was made read-only. Such an evicted array is dropped, not reused."""
+    if arr.flags.writeable:
+        return True
+    try:
+        arr.flags.writeable = True
+    except ValueError:
+        return False
+    return True
+
+
+def _described(arr) -> str:
+    if isinstance(arr, np.ndarray):
+        return f"{arr.dtype} {arr.shape}" + ("" if arr.flags.c_contiguous else
+                                            " (not C-contiguous)")
+    return type(arr).__name__
+
+
 class _Entry:
     __slots__ = ("key", "array", "nbytes")
 
@@ -100,6 +123,9 @@ class HostTier(Tier):
     def __init__(self, budget_bytes: int, *, allocator: Allocator | None = None):
         super().__init__()
         self.budget_bytes = check_int("budget_bytes", budget_bytes, 1, " (a byte count)")
+        if allocator is not None and not callable(allocator):
+            raise TypeError(f"allocator: expected None or a callable (shape, numpy dtype) -> "
+                            f"np.ndarray, got {type(allocator).__name__}")
         self.allocator = allocator or _default_allocator
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self.used_bytes = 0
@@ -159,7 +185,8 @@ class HostTier(Tier):
             if ((want_shape is not None and arr.shape != want_shape)
                     or (want_dtype is not None and dtype_str(arr) != want_dtype)
                     or dtype_str(arr) != k.namespace.dtype):
-                self.stats.corrupt += 1
+                self.stats.corrupt += 1  # and a miss, as the other tiers count it
+                self.stats.misses += 1
                 out.append(None)
                 continue
             self._entries.move_to_end(k.storage_key())
@@ -236,7 +263,8 @@ class HostTier(Tier):
             if (len(out) < n and arr.shape == shape and arr.dtype == dt
                     and _refcount(arr) <= _ONE_LOCAL):
                 owner = _memory_owner(arr)
-                if owner is arr or (arr.base is owner and _refcount(owner) <= _ONE_LOCAL + 1):
+                if ((owner is arr or (arr.base is owner and _refcount(owner) <= _ONE_LOCAL + 1))
+                        and _writable_again(arr)):
                     out.append(arr)
                 del owner
             del arr
@@ -245,12 +273,14 @@ class HostTier(Tier):
         del out[n:]
         while len(out) < n:
             arr = self.allocator(shape, dt)
-            if arr.shape != shape or arr.dtype != dt or not arr.flags.c_contiguous:
+            if (not isinstance(arr, np.ndarray) or arr.shape != shape or arr.dtype != dt
+                    or not arr.flags.c_contiguous):
                 raise ValueError(f"allocator: expected a C-contiguous {dt} array of shape "
-                                 f"{shape}, got {arr.dtype} {arr.shape}")
+                                 f"{shape}, got {_described(arr)}")
+            if not _writable_again(arr):
+                raise ValueError("allocator: returned a read-only array (numpy cannot make "
+                                 "it writable)")
             out.append(arr)
-        for arr in out:
-            arr.flags.writeable = True
         self._flush_evicted()
         return out
 

@@ -57,6 +57,7 @@ from .base import (
     check_get_layout,
     check_keys,
     check_put_values,
+    check_seconds,
     decode_record,
     encode_record,
     first_occurrences,
@@ -127,8 +128,8 @@ class MooncakeTier(Tier):
             raise ValueError(f"staging_bytes: expected a positive int, got {staging_bytes}")
         self.staging = np.zeros(int(staging_bytes), dtype=np.uint8)
         self.prefix = str(prefix)
-        self.retry_interval = float(retry_interval)
-        self.connect_timeout = float(connect_timeout)
+        self.retry_interval = check_seconds("retry_interval", retry_interval, zero_ok=True)
+        self.connect_timeout = check_seconds("connect_timeout", connect_timeout)
         self.overwrite = bool(overwrite)
         self.store = None
         self._down_until = 0.0

@@ -42,6 +42,7 @@ from .base import (
     check_get_layout,
     check_keys,
     check_put_values,
+    check_seconds,
     decode_record,
     encode_record,
     first_occurrences,
@@ -129,7 +130,7 @@ class NixlTier(Tier):
         desc = peer.descriptor() if isinstance(peer, NixlPeer) else dict(peer)
         self.peer_name = desc["name"]
         self.num_slots, self.slot_bytes = int(desc["num_slots"]), int(desc["slot_bytes"])
-        self.timeout_s = float(timeout_s)
+        self.timeout_s = check_seconds("timeout_s", timeout_s)
         self.agent_name, self.agent = _agent("prefixkv-tier", backend)
         self.staging = np.zeros((self.staging_slots, self.slot_bytes), dtype=np.uint8)
         self._reg = self.agent.register_memory(

@@ -440,15 +440,21 @@ class BlockOffloader:
         ns = namespace or self.namespace
         return [BlockKey(h, ns) for h in block_hashes]
 
-    def _check(self, caches, block_ids, block_hashes, ns: Namespace):
+    def _check_ids(self, caches, block_ids, *, distinct: bool = False) -> np.ndarray:
+        """The caches and ``block_ids`` checked (ints in range, not the null block; distinct
+        when asked): the ids as int64."""
         if isinstance(block_ids, (list, tuple)):  # host-side convenience: plain int lists
             block_ids = _id_list(block_ids)
         validate.check_gather_blocks(caches, block_ids)
         ids = validate.check_block_ids_values(int(caches[0].shape[0]), block_ids,
-                                              distinct=False)
+                                              distinct=distinct)
         if self.null_block is not None and (ids == self.null_block).any():
             raise ValueError(f"block_ids: block {self.null_block} is the null block (padding), "
                              f"never offloaded or onboarded; got {ids.tolist()}")
+        return ids
+
+    def _check(self, caches, block_ids, block_hashes, ns: Namespace):
+        ids = self._check_ids(caches, block_ids)
         if len(block_hashes) != len(ids):
             raise ValueError(f"block_hashes: expected {len(ids)} hashes (one per block id), "
                              f"got {len(block_hashes)}")
@@ -710,10 +716,32 @@ class BlockOffloader:
 
     def scatter_rows(self, caches, block_ids, rows: Sequence[np.ndarray]):
         """Write ``rows[i]`` into block ``block_ids[i]`` of every cache; returns the caches
-        (the scatter's result for a functional scatter)."""
+        (the scatter's result for a functional scatter). :meth:`fetch` then this is
+        :meth:`onboard` split in two, with its checks: ``block_ids`` distinct ids in range,
+        not the null block, at least one per row (the rest unused); each row a numpy array of
+        shape ``(len(caches), *block shape)`` in the caches' dtype. A TypeError / ValueError
+        naming the argument otherwise, nothing written (an unchecked float id was truncated,
+        a negative one wrote the last block, a smaller row was broadcast into the block)."""
+        if not isinstance(rows, (list, tuple)):
+            rows = list(rows)
+        ids = self._check_ids(caches, block_ids, distinct=True)
+        if len(rows) > len(ids):
+            raise ValueError(f"rows: expected at most {len(ids)} rows (one per block id), "
+                             f"got {len(rows)}")
+        shape, want = (len(caches), *caches[0].shape[1:]), dtype_str(caches[0])
+        for i, row in enumerate(rows):
+            if not isinstance(row, np.ndarray):
+                raise TypeError(f"rows[{i}]: expected a numpy array, got {type(row).__name__}")
+            if row.shape != shape or dtype_str(row) != want:
+                raise ValueError(f"rows[{i}]: expected {want} of shape {shape} (one block of "
+                                 f"each cache), got {dtype_str(row)} of shape {row.shape}")
+        return self._scatter_rows(caches, ids.astype(np.int32), rows)
+
+    def _scatter_rows(self, caches, ids: np.ndarray, rows: Sequence[np.ndarray]):
+        """:meth:`scatter_rows` of checked int32 ``ids`` and rows."""
         if not rows:
             return caches
-        ids = np.asarray(block_ids, dtype=np.int32)[:len(rows)]
+        ids = ids[:len(rows)]
         if self.scatter is None:
             _numpy_caches(caches)
             for b, row in zip(ids.tolist(), rows, strict=True):
@@ -738,7 +766,7 @@ class BlockOffloader:
             return caches, 0
         rows = self.fetch(block_hashes, (len(caches), *caches[0].shape[1:]), caches[0].dtype,
                           namespace=ns)
-        return self.scatter_rows(caches, ids, rows), len(rows)
+        return self._scatter_rows(caches, ids.astype(np.int32), rows), len(rows)
 
     def onboard_request(self, prefix_cache, request_id, caches):
         """Engine glue, after ``prefix_cache.add_request`` and before the request's first step:
@@ -794,7 +822,7 @@ class BlockOffloader:
         try:
             # onboard takes itself back when it raises (a hash_fn or "stored" subscriber)
             new = pc._onboard(*checked)
-            out = self.scatter_rows(caches, np.asarray(new, dtype=np.int32), rows)
+            out = self._scatter_rows(caches, np.asarray(new, dtype=np.int32), rows)
         except BaseException as e:
             self._undo_onboard(pc, request_id, held, first)
             if isinstance(e, NoFreeBlocksError):

@@ -36,6 +36,7 @@ from .base import (
     check_get_layout,
     check_keys,
     check_put_values,
+    check_seconds,
     decode_record,
     encode_record,
     first_occurrences,
@@ -76,11 +77,17 @@ class RedisTier(Tier):
         super().__init__()
         self.max_batch = check_int("max_batch", max_batch, 1, " (keys per round trip)")
         self.checksum = check_checksum(checksum)
+        socket_timeout = check_seconds("socket_timeout", socket_timeout)
+        connect_timeout = check_seconds("connect_timeout", connect_timeout)
+        retry_interval = check_seconds("retry_interval", retry_interval, zero_ok=True)
+        ttl_s = check_seconds("ttl_s", ttl_s, optional=True)
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix: expected a str, got {type(prefix).__name__}")
         redis, Retry, NoBackoff = _import_redis()
         self._errors = (redis.exceptions.RedisError, OSError)
         self._refused = redis.exceptions.ResponseError  # the server's answer to one command
         self.host, self.port, self.prefix = host, int(port), prefix
-        self.retry_interval = float(retry_interval)
+        self.retry_interval = retry_interval
         self.ttl_ms = None if ttl_s is None else max(1, int(ttl_s * 1000))
         self._down_until = 0.0
         self._closed = False
@@ -181,7 +188,7 @@ class RedisTier(Tier):
                     pos += 1
         except self._errors:
             self._fail()
-        if bad:
+        if bad and self.available:  # not after a failure: the back-off sends nothing
             self._drop_bad(bad)
         hits = sum(a is not None for a in out)
         self.stats.hits += hits
@@ -270,13 +277,13 @@ class RedisTier(Tier):
         return len(gone)
 
     def clear(self):
-        """Delete every key under this tier's prefix. Tried even while the server is marked
-        down (an operator's explicit request: skipped during the back-off, it was silently
-        lost); a server still unreachable is counted in ``errors``, as any failed call. A
-        closed tier does nothing (no reconnect)."""
+        """Delete every key under this tier's prefix, then publish "cleared". Tried even while
+        the server is marked down (an operator's explicit request: skipped during the
+        back-off, it was silently lost); a server still unreachable, or failing part-way, is
+        counted in ``errors`` and publishes nothing (keys may remain, so "cleared" would be
+        untrue). A closed tier does nothing (no reconnect)."""
         if self._closed:
             return
-        self._publish_cleared()
         try:
             batch = []
             # the prefix matched literally: its glob characters (a test name's "[float32]")
@@ -290,7 +297,9 @@ class RedisTier(Tier):
             if batch:
                 self.client.delete(*batch)
         except self._errors:
-            self._fail()
+            self._fail()  # some keys may stay: no "cleared" that would be untrue
+            return
+        self._publish_cleared()
 
     def close(self):
         """Release the connections. Every later call is a miss / ``False`` / 0 (redis-py had
