@@ -79,9 +79,9 @@ def _memory_owner(arr: np.ndarray):
 
 def _writable_again(arr: np.ndarray) -> bool:
     """Make ``arr`` (a stored block's array, read-only while stored) writable for its next
-    block; False when numpy refuses: an array over memory it cannot write through, such as a
-    torch tensor's (``torch.empty(...).numpy()``, a pinned-memory allocator's arrays), once it
-    was made read-only. Such an evicted array is dropped, not reused."""
+    block; False when numpy refuses: an array over memory it did not allocate and cannot
+    write through, such as a torch tensor's (``torch.empty(..., pin_memory=True).numpy()``),
+    once it was made read-only. Such an evicted array is dropped, not reused."""
     if arr.flags.writeable:
         return True
     try:
