@@ -198,7 +198,11 @@ def decode_frames(frames) -> tuple[int, bytes]:
     if len(frames) != 3 or len(frames[1]) != 8:
         raise ValueError(f"frames: expected (topic, 8-byte sequence number, payload), got "
                          f"{len(frames)} frames")
-    return int.from_bytes(bytes(frames[1]), "big", signed=True), bytes(frames[2])
+    seq = int.from_bytes(bytes(frames[1]), "big", signed=True)
+    if seq < 0:  # publishers number batches from 0 up (unsigned on the wire, below 2**63)
+        raise ValueError(f"frames: expected a sequence number in [0, 2**63), got bytes "
+                         f"{bytes(frames[1]).hex()}")
+    return seq, bytes(frames[2])
 
 
 class VllmEventBatch(NamedTuple):

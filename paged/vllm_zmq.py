@@ -53,14 +53,16 @@ def _zmq():
     return zmq
 
 
-def _serve_replay(replay, lock: threading.Lock, buffer: deque, timeout_ms: int) -> int:
+def _serve_replay(replay, lock: threading.Lock, buffer: deque, timeout_ms: int,
+                  stop: threading.Event | None = None) -> int:
     """Answer the replay requests that arrive on ``replay`` within ``timeout_ms``; returns how
     many. A function of the sockets and buffer only, not of the publisher: the replay thread
     runs it, and a thread holding the publisher would keep a dropped one (its thread, sockets
-    and bound ports) alive for good."""
+    and bound ports) alive for good. ``stop`` set: no further request is served (clients
+    asking without pause held ``close()`` for as long as they asked)."""
     zmq = _zmq()
     served = 0
-    while replay.poll(timeout_ms):
+    while (stop is None or not stop.is_set()) and replay.poll(timeout_ms):
         timeout_ms = 0
         frames = replay.recv_multipart()
         if len(frames) != 3 or len(frames[2]) != 8:
@@ -80,7 +82,7 @@ def _serve_replay_forever(replay, lock: threading.Lock, buffer: deque,
                           stop: threading.Event) -> None:
     while not stop.is_set():
         try:
-            _serve_replay(replay, lock, buffer, 50)
+            _serve_replay(replay, lock, buffer, 50, stop)
         except Exception:  # noqa: BLE001 - closed under it, or a client gone: go on
             if stop.is_set():
                 return
@@ -97,6 +99,18 @@ def _shut_down(stop: threading.Event, thread: threading.Thread | None, sockets: 
         if s is not None:
             s.close(linger=0)
     unsubscribe_all(unsubscribe)
+
+
+def _topic_bytes(topic) -> bytes:
+    """A topic's frame: its UTF-8 bytes, or an error naming ``topic`` (a str UTF-8 cannot
+    encode made every publish raise, the batch kept unsent for good)."""
+    if not isinstance(topic, str):
+        raise TypeError(f"topic: expected a str, got {type(topic).__name__} {topic!r}")
+    try:
+        return topic.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"topic: expected a str UTF-8 encodes, got {topic!r} ({e.reason})"
+                         ) from None
 
 
 def _forward_to(ref: weakref.ref) -> Callable[[KVEvent], None]:
@@ -136,8 +150,7 @@ class VllmEventPublisher:
         if isinstance(buffer_steps, bool) or not isinstance(buffer_steps, int) or (
                 buffer_steps < 1):
             raise ValueError(f"buffer_steps: expected an int >= 1, got {buffer_steps!r}")
-        if not isinstance(topic, str):
-            raise TypeError(f"topic: expected a str, got {topic!r}")
+        _topic_bytes(topic)
         if events is not None and not callable(getattr(events, "subscribe", None)):
             raise TypeError(f"events: expected an EventBus (with subscribe) or None, got "
                             f"{type(events).__name__}")
@@ -263,6 +276,7 @@ class _Engine:
     replay_endpoint: str | None
     decoder: VllmEventDecoder
     monitor: object = None  # the PAIR socket of the SUB's monitor (disconnections)
+    topic: bytes = b""  # the frames' topic: ZMQ's filter passes every topic it begins
     dropped: bool = False  # the connection dropped since the last batch
     expected: int | None = None  # the next sequence number to apply; None before the first
     last: tuple[int, bytes] | None = None  # (seq, payload) of the last batch applied
@@ -305,16 +319,22 @@ class VllmEventSubscriber:
 
     def add_engine(self, worker_id: Hashable, endpoint: str, *,
                    replay_endpoint: str | None = None, topic: str = "") -> None:
-        """Subscribe to an engine's PUB ``endpoint`` (connected) under ``topic``."""
+        """Subscribe to an engine's PUB ``endpoint`` (connected) under ``topic`` (its batches
+        alone: not those of another topic that begins with it, which ZMQ's filter passes)."""
         if worker_id in self._engines:
             raise ValueError(f"worker_id: {worker_id!r} is already added")
+        name = _topic_bytes(topic)
         zmq = _zmq()
         sub = self._ctx.socket(zmq.SUB)
-        sub.connect(endpoint)
-        sub.setsockopt(zmq.SUBSCRIBE, topic.encode("utf-8"))
+        try:
+            sub.connect(endpoint)
+            sub.setsockopt(zmq.SUBSCRIBE, name)
+            monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        except BaseException:  # a bad endpoint: no socket left open
+            sub.close(linger=0)
+            raise
         eng = _Engine(worker_id, sub, replay_endpoint,
-                      VllmEventDecoder(**self._decoder_kwargs),
-                      monitor=sub.get_monitor_socket(zmq.EVENT_DISCONNECTED))
+                      VllmEventDecoder(**self._decoder_kwargs), monitor=monitor, topic=name)
         self._engines[worker_id] = eng
         self._by_socket[sub] = eng
         self._poller.register(sub, zmq.POLLIN)
@@ -375,6 +395,8 @@ class VllmEventSubscriber:
             seq, payload = decode_frames(frames)
         except ValueError:
             return 0  # not one of the engine's messages
+        if bytes(frames[0]) != eng.topic:
+            return 0  # another topic that begins with this one: another stream
         check = eng.dropped or (eng.expected is not None and seq != eng.expected)
         have = None
         if check and eng.replay_endpoint is not None:
@@ -405,6 +427,11 @@ class VllmEventSubscriber:
                 if have.get(last_seq) == last_payload:  # the engine followed: fill the gap
                     if seq < eng.expected:
                         return 0  # applied already (a rebuild went past it)
+                    if any(s not in have for s in range(eng.expected, seq)):
+                        # a replay with a hole (its frames are sent without blocking, and
+                        # dropped at the high-water mark): what the hole held is unknown
+                        self._forget(eng)
+                        return self._apply(eng, seq, payload)
                     return self._apply_replayed(eng, have, eng.expected, seq) + self._apply(
                         eng, seq, payload)
                 # another batch where ours was: a restarted engine (or ours past its buffer)

@@ -396,6 +396,11 @@ def test_frames():
         encode_frames(-1, b"")
     with pytest.raises(ValueError, match="frames"):
         decode_frames([b"", b"\0"])
+    # a number with its top bit set (garbage: publishers count from 0 up) is refused, not
+    # read as a negative number (a subscriber asked a replay from it and raised)
+    with pytest.raises(ValueError, match=r"frames: expected a sequence number in \[0, 2\*\*63\)"):
+        decode_frames([b"", b"\xff" * 8, b"payload"])
+    assert decode_frames([b"", (2**63 - 1).to_bytes(8, "big"), b""]) == (2**63 - 1, b"")
 
 
 def _prompt(n, base=0):

@@ -2,6 +2,7 @@
 prefixkv publishing as vLLM does, a Router fed by the subscriber; late joins and lost batches
 filled from the replay endpoint, or the engine's blocks forgotten when they cannot be."""
 
+import threading
 import time
 
 import pytest
@@ -219,6 +220,131 @@ def test_bad_arguments():
         sub.remove_engine("v")
     sub.close()
     assert sub.poll(0) == 0  # closed: nothing left to poll
+
+
+def test_bad_topics_are_refused_by_name_and_leave_no_socket():
+    sub = VllmEventSubscriber(lambda w, e: None)
+    try:
+        with pytest.raises(TypeError, match="topic: expected a str, got bytes"):
+            sub.add_engine("w", "tcp://127.0.0.1:9", topic=b"kv")
+        with pytest.raises(ValueError, match="topic: expected a str UTF-8 encodes"):
+            sub.add_engine("w", "tcp://127.0.0.1:9", topic="kv\ud800")
+        with pytest.raises(zmq.ZMQError):
+            sub.add_engine("w", "not-an-endpoint")
+        assert sub._engines == {} and sub._by_socket == {}
+        sub.add_engine("w", "tcp://127.0.0.1:9")  # the name is free: nothing half-added
+    finally:
+        sub.close()
+    with pytest.raises(ValueError, match="topic: expected a str UTF-8 encodes"):
+        VllmEventPublisher(BS, _endpoint(), topic="kv\ud800")
+
+
+def test_a_sequence_number_with_its_top_bit_set_is_dropped():
+    """Garbage numbered 0xff..ff is no batch: it raised OverflowError out of poll() with a
+    replay endpoint (a replay asked from a negative number), and without one it counted as a
+    restart that forgot the engine's blocks."""
+    pub, router, sub, enc = _following()
+    try:
+        before, stats = router.cached_hashes("w"), sub.stats("w")
+        pub.send_multipart((b"", b"\xff" * 8, enc.encode([_stored(b"\7" * 32)], ts=1.0)))
+        pub.send_multipart(encode_frames(1, enc.encode([_stored(b"\2" * 32)], ts=1.0)))
+        _until(sub, lambda: sub.stats("w")["batches"] == stats["batches"] + 1)
+        assert router.cached_hashes("w") == {b"": before[b""] | {b"\2" * 32}}
+        assert {k: v for k, v in sub.stats("w").items() if k != "batches"} == {
+            k: v for k, v in stats.items() if k != "batches"}
+    finally:
+        sub.close()
+        pub.close(0)
+
+
+def test_only_the_engines_own_topic_is_applied():
+    """ZMQ's SUBSCRIBE filter passes every topic that begins with the one asked: batches of
+    "kv-2" on the same socket were taken for the engine's (its blocks forgotten as a restart,
+    the other stream's credited to it)."""
+    pub, ep = _raw_pub()
+    router = Router(BS)
+    router.add_worker("w")
+    sub = VllmEventSubscriber(router.apply)
+    enc = VllmEventEncoder(BS, int_hashes=False)
+    try:
+        sub.add_engine("w", ep, topic="kv")
+        for _ in range(1000):  # connected once a "kv" batch arrives
+            pub.send_multipart(encode_frames(0, enc.encode([_stored(b"\1" * 32)], ts=0.0),
+                                             "kv"))
+            if sub.poll(20):
+                break
+        pub.send_multipart(encode_frames(0, enc.encode([_stored(b"\2" * 32)], ts=0.0), "kv-2"))
+        pub.send_multipart(encode_frames(1, enc.encode([_stored(b"\3" * 32)], ts=1.0), "kv"))
+        _until(sub, lambda: b"\3" * 32 in router.cached_hashes("w").get(b"", ()))
+        assert router.cached_hashes("w") == {b"": {b"\1" * 32, b"\3" * 32}}
+        assert sub.stats("w")["restarts"] == 0 and sub.stats("w")["cleared"] == 0
+    finally:
+        sub.close()
+        pub.close(0)
+
+
+class _ReplayWithHoles(threading.Thread):
+    """A replay endpoint answering from ``batches`` ({seq: payload}) without ``holes`` (a
+    ROUTER drops the frames it cannot send at its high-water mark: they go NOBLOCK)."""
+
+    def __init__(self, batches: dict, holes=()):
+        super().__init__(daemon=True)
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.endpoint = f"tcp://127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1')}"
+        self.batches, self.holes, self.stop = batches, set(holes), threading.Event()
+
+    def run(self):
+        from prefixkv.paged.vllm_zmq import END_SEQ
+
+        try:
+            while not self.stop.is_set():
+                if not self.sock.poll(20):
+                    continue
+                client, _, start = self.sock.recv_multipart()
+                for s in sorted(self.batches):
+                    if s >= int.from_bytes(start, "big") and s not in self.holes:
+                        self.sock.send_multipart((client, b"", s.to_bytes(8, "big"),
+                                                  self.batches[s]))
+                self.sock.send_multipart((client, b"", END_SEQ, b""))
+        finally:
+            self.sock.close(linger=0)
+
+
+def test_a_replay_with_a_hole_forgets_and_applies_the_batch():
+    """A gap filled from a replay that lacks a batch inside it raised KeyError out of poll()
+    (the batch that asked for it lost); now the engine's blocks are forgotten (what the hole
+    held is unknown) and the batch applied, as without a replay."""
+    pub, ep = _raw_pub()
+    enc = VllmEventEncoder(BS, int_hashes=False)
+    batches = {i: enc.encode([_stored(bytes([i + 1]) * 32)], ts=float(i)) for i in range(6)}
+    replay = _ReplayWithHoles(batches, holes={2})
+    replay.start()
+    router = Router(BS)
+    router.add_worker("w")
+    sub = VllmEventSubscriber(router.apply, replay_timeout=5.0)
+    try:
+        sub.add_engine("w", ep, replay_endpoint=replay.endpoint)
+        for _ in range(1000):
+            pub.send_multipart(encode_frames(0, batches[0]))
+            if sub.poll(20):
+                break
+        pub.send_multipart(encode_frames(5, batches[5]))  # 1..4 lost: a gap
+        _until(sub, lambda: sub.stats("w")["gaps"] == 1)
+        st = sub.stats("w")
+        assert st["cleared"] == 1 and st["replayed"] == 0
+        assert router.cached_hashes("w") == {b"": {b"\6" * 32}}
+        replay.holes.clear()  # the same gap with a whole replay: filled
+        for i in (6, 7, 8, 9):
+            batches[i] = enc.encode([_stored(bytes([i + 1]) * 32)], ts=float(i))
+        pub.send_multipart(encode_frames(9, batches[9]))
+        _until(sub, lambda: sub.stats("w")["gaps"] == 2)
+        assert sub.stats("w")["replayed"] == 3 and sub.stats("w")["cleared"] == 1
+        assert router.cached_hashes("w") == {b"": {bytes([i]) * 32 for i in range(6, 11)}}
+    finally:
+        sub.close()
+        pub.close(0)
+        replay.stop.set()
+        replay.join(5)
 
 
 def test_a_batch_the_decoder_cannot_read_forgets_and_the_stream_goes_on(monkeypatch):

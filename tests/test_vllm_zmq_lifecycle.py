@@ -238,3 +238,38 @@ def test_a_batch_is_replayable_as_soon_as_it_arrives():
     assert seen["asked"] >= 20
     assert not seen["missing"], (f"{len(seen['missing'])} of {seen['asked']} batches not yet "
                                  f"replayable when they arrived")
+
+
+def test_close_returns_while_clients_keep_asking_for_replays():
+    """The replay thread served requests for as long as they kept coming, never looking at
+    the stop event: a client asking without pause held close() (20 s in a 7 s flood)."""
+    pub = VllmEventPublisher(BS, ANY, replay_endpoint=ANY)
+    replay_ep = _eps(pub)[1]
+    for i in range(500):
+        pub(_stored(i.to_bytes(32, "big")))
+        pub.publish(ts=0.0)
+    done = threading.Event()
+    until = time.monotonic() + 6.0  # bounded: held by it, close() returned when it ended
+
+    def flood():
+        c = zmq.Context.instance().socket(zmq.DEALER)
+        c.setsockopt(zmq.LINGER, 0)
+        c.connect(replay_ep)
+        try:
+            while not done.is_set() and time.monotonic() < until:
+                c.send_multipart((b"", (0).to_bytes(8, "big")))
+                time.sleep(0.001)
+        finally:
+            c.close(0)
+
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        pub.close()
+        assert time.monotonic() - t0 < 2.0
+        assert not pub._thread.is_alive()
+    finally:
+        done.set()
+        thread.join(5)
