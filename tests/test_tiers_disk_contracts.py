@@ -326,3 +326,16 @@ def test_disk_shape_disagreeing_with_payload_length_is_a_corrupt_miss(tmp_path, 
     assert got[0] is None and same(got[1], v)
     assert (disk.stats.corrupt, disk.stats.misses, disk.stats.hits) == (1, 1, 1)
     assert not os.path.exists(disk.path(bad))
+
+
+def test_a_bytes_root_works_and_a_bad_root_is_named(tmp_path):
+    """A bytes root was taken as it was: every call then joined it with str names and raised
+    TypeError (a TieredStore passes that on as bad input, so a host + disk chain stopped)."""
+    t = DiskTier(os.fsencode(tmp_path / "b"))
+    assert t.root == str(tmp_path / "b")
+    ks, vs = keys(2), rows(2)
+    assert t.batch_put(ks, vs) == [True, True] and t.batch_exists(ks) == 2
+    assert all(same(g, v) for g, v in zip(t.batch_get(ks, shape=ROW, dtype="float32"), vs,
+                                          strict=True))
+    with pytest.raises(TypeError, match="root: expected a str or os.PathLike directory"):
+        DiskTier(5)

@@ -283,6 +283,95 @@ def test_store_fault_midway_repeats_report_the_stored_result(tier):
     assert tier.batch_exists([a, b, c, d]) == 3
 
 
+class _Stalled:
+    """A Mooncake store whose master stalls: every RPC answers ``code`` (-901, RPC_TIMEOUT,
+    after the client's 30 s wait; here at once), counting the calls."""
+
+    def __init__(self, store, code=-901):
+        self._store, self.code, self.calls = store, code, 0
+
+    def _answer(self, names, *args):
+        self.calls += 1
+        return [self.code] * len(names)
+
+    batch_get_into = batch_upsert_from = batch_put_from = _answer
+
+    def batch_remove(self, names, force):
+        return self._answer(names)
+
+    def remove_by_regex(self, regex, force):
+        self.calls += 1
+        return self.code
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+@pytest.mark.parametrize("code", [-901, -950])
+def test_every_rpc_error_marks_the_store_down(tier, code):
+    """-900 alone marked the store down: a stalled master's -901 (RPC_TIMEOUT) cost every
+    call the client's 30 s wait, and "cleared" went out though nothing was removed."""
+    from prefixkv.paged.events import EventLog
+
+    log = EventLog()
+    tier.events.subscribe(log)
+    ks = _keys(2, start=700)
+    real = tier.store
+    stalled = tier.store = _Stalled(real, code)
+    try:
+        for call in (lambda: tier.batch_get(ks, shape=ROW, dtype="float32"),
+                     lambda: tier.batch_put(ks, _rows(2)),
+                     lambda: tier.batch_remove(ks),
+                     lambda: tier.clear()):
+            tier._down_until, tier._suspect = 0.0, False
+            errors, calls = tier.stats.errors, stalled.calls
+            call()
+            assert tier.stats.errors == errors + 1 and not tier.available
+            call()  # marked down: answered at once, the store not asked
+            assert stalled.calls == calls + 1
+        assert log.events == []
+    finally:
+        tier.store = real
+        tier._down_until, tier._suspect = 0.0, False
+
+
+def test_clear_that_the_store_refuses_publishes_nothing(tier):
+    from prefixkv.paged.events import EventLog
+
+    ks = _keys(2, start=720)
+    assert tier.batch_put(ks, _rows(2)) == [True, True]
+    log = EventLog()
+    tier.events.subscribe(log)
+    real = tier.store
+    tier.store = _Stalled(real, -1)  # an error that is no RPC fault: counted, not down
+    try:
+        errors = tier.stats.errors
+        tier.clear()
+        assert log.events == [] and tier.stats.errors == errors + 1 and tier.available
+    finally:
+        tier.store = real
+    assert tier.batch_exists(ks) == 2
+    tier.clear()
+    assert [e.kind for e in log.events] == ["cleared"] and tier.batch_exists(ks) == 0
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"global_segment_bytes": -1}, ValueError, "global_segment_bytes: expected an int >= 0"),
+    ({"local_buffer_bytes": -5}, ValueError, "local_buffer_bytes: expected an int >= 0"),
+    ({"staging_bytes": 2.5}, TypeError, "staging_bytes: expected an int"),
+    ({"staging_bytes": True}, TypeError, "staging_bytes: expected an int"),
+    ({"staging_bytes": 0}, ValueError, "staging_bytes: expected an int >= 1"),
+    ({"protocol": "bogus"}, ValueError, "protocol: expected one of tcp, rdma"),
+    ({"prefix": 5}, TypeError, "prefix: expected a str"),
+    ({"retry_interval": -1}, ValueError, "retry_interval: expected seconds >= 0"),
+    ({"connect_timeout": "1"}, TypeError, "connect_timeout: expected a number")], ids=str)
+def test_bad_arguments_are_named_at_construction(kwargs, error, match):
+    from prefixkv.paged.tiers import MooncakeTier
+
+    with pytest.raises(error, match=match):
+        MooncakeTier("127.0.0.1:1", **kwargs)
+
+
 def test_import_error_names_the_package(monkeypatch):
     import builtins
 

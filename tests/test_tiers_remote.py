@@ -356,6 +356,42 @@ def test_nixl_corrupt_slot_is_dropped_and_a_reput_rewrites_it(nixl_peer, nixl_ti
     assert all(_same(g, v) for g, v in zip(got, vals, strict=True))
 
 
+@pytest.mark.parametrize("byte", [4, 6], ids=["version", "checksum-algorithm"])
+def test_nixl_slot_with_a_flipped_version_or_algorithm_is_dropped(nixl_peer, nixl_tier, byte):
+    """A flipped byte in a slot's format version or checksum algorithm read as a record of
+    another release, kept: the key stayed indexed, a re-put answered True without writing,
+    and it missed for good. A slot is this tier's own: such a record is corrupt."""
+    ks, vals = _keys(1, start=260 + byte), _rows(1, seed=7)
+    assert nixl_tier.batch_put(ks, vals) == [True]
+    slot = nixl_tier._index[ks[0].storage_key()][1]
+    nixl_peer.slot(slot)[byte] ^= 0xFF
+    corrupt = nixl_tier.stats.corrupt
+    assert nixl_tier.batch_get(ks) == [None]
+    assert nixl_tier.stats.corrupt == corrupt + 1 and nixl_tier.batch_exists(ks) == 0
+    assert nixl_tier.batch_put(ks, vals) == [True]
+    assert _same(nixl_tier.batch_get(ks)[0], vals[0])
+
+
+def test_nixl_bad_peer_arguments_are_named(nixl_peer):
+    from prefixkv.paged.tiers import NixlPeer, NixlTier
+
+    for bad, error, match in [(2.9, TypeError, "num_slots: expected an int"),
+                              (True, TypeError, "num_slots: expected an int"),
+                              ("x", TypeError, "num_slots: expected an int"),
+                              (0, ValueError, "num_slots: expected an int >= 1")]:
+        with pytest.raises(error, match=match):
+            NixlPeer(bad, 4096)
+    with pytest.raises(TypeError, match="slot_bytes: expected an int"):
+        NixlPeer(4, 4096.0)
+    desc = nixl_peer.descriptor()
+    with pytest.raises(TypeError, match="peer: expected a NixlPeer or its descriptor"):
+        NixlTier(5)
+    with pytest.raises(ValueError, match="peer: a descriptor.* missing name, metadata"):
+        NixlTier({})
+    with pytest.raises(ValueError, match=r"peer\['num_slots'\]: expected an int >= 1"):
+        NixlTier({**desc, "num_slots": 0})
+
+
 def test_nixl_closed_tier_answers_miss_false_and_zero(nixl_peer):
     # close() kept the index: batch_exists counted the keys and batch_put reported True
     # without a transfer, while batch_get missed

@@ -89,7 +89,14 @@ class DiskTier(Tier):
         self.budget_bytes = (None if budget_bytes is None else
                              check_int("budget_bytes", budget_bytes, 1, " (a byte count) or None"))
         self.checksum = check_checksum(checksum)
-        self.root = os.fspath(root)
+        try:
+            root = os.fspath(root)
+        except TypeError:
+            raise TypeError(f"root: expected a str or os.PathLike directory, got "
+                            f"{type(root).__name__}") from None
+        # a bytes path decoded as the OS would (os.fsdecode): every call joined it with str
+        # names and raised TypeError
+        self.root = os.fsdecode(root)
         self.fsync = bool(fsync)
         os.makedirs(self.root, exist_ok=True)
         self._sizes: OrderedDict[str, int] = OrderedDict()  # path -> bytes, LRU first

@@ -64,10 +64,20 @@ from .base import (
 )
 from .base import header_size as record_header_size
 
+#: The transfer engine's transports (``protocol``).
+PROTOCOLS = ("tcp", "rdma")
+
 #: Mooncake error codes the tier tells apart (mooncake-store ErrorCode).
 OBJECT_NOT_FOUND = -704
 TRANSFER_FAIL = -800
-RPC_FAIL = -900
+RPC_FAIL = -900  # the RPC errors are -900 .. -999 (RPC_TIMEOUT -901: a master that stalls)
+
+
+def _rpc_fault(r) -> bool:
+    """Whether a Mooncake return code is an RPC error (the master failed or timed out): -900
+    alone was taken as one, so a stalled master's -901 cost each call the client's 30 s wait
+    without marking the store down."""
+    return -1000 < r <= RPC_FAIL
 
 
 def _import_mooncake():
@@ -96,8 +106,9 @@ class MooncakeTier(Tier):
     transfer batch goes through (a record larger than it is refused). local_buffer_bytes: the
     Mooncake client's own buffer (used by gets without an expected shape). prefix: object name
     prefix. retry_interval / connect_timeout: see the module docstring. checksum: "crc32" or
-    "xxh3_128" (default: xxh3_128 when available). max_batch: keys per master RPC (an int >= 1;
-    both checked before the client is imported, a ValueError naming them).
+    "xxh3_128" (default: xxh3_128 when available). max_batch: keys per master RPC (an int
+    >= 1). Every argument is checked before the client is imported (a TypeError / ValueError
+    naming it: a bad size or protocol made a store that was down for good).
     overwrite: a put replaces an existing object (True: per-key ``True`` means this value is
     stored) or keeps it (False: cheaper re-offload of blocks already there; content-addressed
     keys make them equal, and a stale one is still never served, only missed).
@@ -116,21 +127,25 @@ class MooncakeTier(Tier):
         super().__init__()
         self.checksum = check_checksum(checksum)
         self.max_batch = check_int("max_batch", max_batch, 1, " (keys per master RPC)")
-        self._store_cls = _import_mooncake()
         self.master = str(master)
         self._master_addr = _split_addr(self.master)
         self.metadata_server = str(metadata_server)
-        self.local_hostname, self.protocol = str(local_hostname), str(protocol)
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: expected one of {', '.join(PROTOCOLS)}, got "
+                             f"{protocol!r}")
+        self.local_hostname, self.protocol = str(local_hostname), protocol
         self.device_names = str(device_names)
-        self.global_segment_bytes = int(global_segment_bytes)
-        self.local_buffer_bytes = int(local_buffer_bytes)
-        if int(staging_bytes) <= 0:
-            raise ValueError(f"staging_bytes: expected a positive int, got {staging_bytes}")
-        self.staging = np.zeros(int(staging_bytes), dtype=np.uint8)
-        self.prefix = str(prefix)
+        self.global_segment_bytes = check_int("global_segment_bytes", global_segment_bytes, 0)
+        self.local_buffer_bytes = check_int("local_buffer_bytes", local_buffer_bytes, 0)
+        staging_bytes = check_int("staging_bytes", staging_bytes, 1)
+        self.staging = np.zeros(staging_bytes, dtype=np.uint8)
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix: expected a str, got {type(prefix).__name__}")
+        self.prefix = prefix
         self.retry_interval = check_seconds("retry_interval", retry_interval, zero_ok=True)
         self.connect_timeout = check_seconds("connect_timeout", connect_timeout)
         self.overwrite = bool(overwrite)
+        self._store_cls = _import_mooncake()  # the arguments checked first, by name
         self.store = None
         self._down_until = 0.0
         self._suspect = False  # a failure was seen: probe the master before the next call
@@ -280,7 +295,7 @@ class MooncakeTier(Tier):
                     self._verify(keys[i], self.staging[o:o + r], shape, dtype, out, i)
                 elif r == TRANSFER_FAIL:
                     self.stats.errors += 1
-            if any(r == RPC_FAIL for r in res):
+            if any(_rpc_fault(r) for r in res):
                 self._fail()
                 return
 
@@ -371,7 +386,7 @@ class MooncakeTier(Tier):
                     self.stats.bytes_written += n
                 elif r == TRANSFER_FAIL:
                     self.stats.errors += 1
-            if any(r == RPC_FAIL for r in res):
+            if any(_rpc_fault(r) for r in res):
                 self._fail()
                 return
 
@@ -383,23 +398,29 @@ class MooncakeTier(Tier):
             res = self.store.batch_remove([self._name(k) for k in keys], True)
         except Exception:  # noqa: BLE001 - a fault removes nothing
             res = [RPC_FAIL]
-        if any(r == RPC_FAIL for r in res):
+        if any(_rpc_fault(r) for r in res):
             self._fail()
         gone = [k for k, r in zip(keys, res, strict=False) if r == 0]
         self._publish("removed", gone)
         return len(gone)
 
     def clear(self):
-        """Remove every object under this tier's prefix."""
+        """Remove every object under this tier's prefix, then publish "cleared". A store
+        that fails (an error code, an RPC fault) is counted in ``errors`` and publishes
+        nothing (objects may remain, so "cleared" would be untrue)."""
         if not self._usable():
             return
-        self._publish_cleared()
         try:
             rc = self.store.remove_by_regex("^" + re.escape(self.prefix), True)
         except Exception:  # noqa: BLE001 - best effort
             rc = RPC_FAIL
-        if rc == RPC_FAIL:
-            self._fail()
+        if rc < 0:
+            if _rpc_fault(rc):
+                self._fail()
+            else:
+                self.stats.errors += 1
+            return
+        self._publish_cleared()
 
     def close(self):
         store, self.store = self.store, None

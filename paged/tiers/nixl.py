@@ -30,6 +30,7 @@ import os
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -38,6 +39,7 @@ from .base import (
     RecordError,
     Tier,
     UnexpectedLayout,
+    UnreadableHere,
     check_checksum,
     check_get_layout,
     check_keys,
@@ -77,10 +79,8 @@ class NixlPeer:
     """Memory side of the NIXL tier: ``num_slots * slot_bytes`` registered host bytes."""
 
     def __init__(self, num_slots: int, slot_bytes: int, *, backend: str = "UCX"):
-        if int(num_slots) <= 0 or int(slot_bytes) <= 0:
-            raise ValueError(f"num_slots, slot_bytes: expected positive ints, got "
-                             f"{num_slots}, {slot_bytes}")
-        self.num_slots, self.slot_bytes = int(num_slots), int(slot_bytes)
+        self.num_slots = check_int("num_slots", num_slots, 1)
+        self.slot_bytes = check_int("slot_bytes", slot_bytes, 1)
         self.name, self.agent = _agent("prefixkv-peer", backend)
         self.slab = np.zeros(self.num_slots * self.slot_bytes, dtype=np.uint8)
         self._reg = self.agent.register_memory(
@@ -109,6 +109,26 @@ class NixlPeer:
         self.agent = None
 
 
+_DESCRIPTOR_KEYS = ("name", "metadata", "base", "num_slots", "slot_bytes")
+
+
+def _descriptor(peer) -> dict:
+    """A ``NixlPeer.descriptor()`` dict checked: its keys, and ``num_slots`` / ``slot_bytes``
+    ints >= 1 (TypeError / ValueError naming ``peer``; a non-mapping, a missing key or zero
+    slots failed later with errors naming nothing)."""
+    if not isinstance(peer, Mapping):
+        raise TypeError(f"peer: expected a NixlPeer or its descriptor() dict, got "
+                        f"{type(peer).__name__}")
+    missing = [k for k in _DESCRIPTOR_KEYS if k not in peer]
+    if missing:
+        raise ValueError(f"peer: a descriptor() dict has the keys {', '.join(_DESCRIPTOR_KEYS)}; "
+                         f"missing {', '.join(missing)}")
+    desc = dict(peer)
+    for k in ("num_slots", "slot_bytes"):
+        desc[k] = check_int(f"peer[{k!r}]", desc[k], 1)
+    return desc
+
+
 class NixlTier(Tier):
     """Client of a :class:`NixlPeer`'s slab.
 
@@ -127,9 +147,9 @@ class NixlTier(Tier):
         self.staging_slots = check_int("staging_slots", staging_slots, 1,
                                        " (blocks per transfer)")
         self.checksum = check_checksum(checksum)
-        desc = peer.descriptor() if isinstance(peer, NixlPeer) else dict(peer)
+        desc = peer.descriptor() if isinstance(peer, NixlPeer) else _descriptor(peer)
         self.peer_name = desc["name"]
-        self.num_slots, self.slot_bytes = int(desc["num_slots"]), int(desc["slot_bytes"])
+        self.num_slots, self.slot_bytes = desc["num_slots"], desc["slot_bytes"]
         self.timeout_s = check_seconds("timeout_s", timeout_s)
         self.agent_name, self.agent = _agent("prefixkv-tier", backend)
         self.staging = np.zeros((self.staging_slots, self.slot_bytes), dtype=np.uint8)
@@ -203,6 +223,12 @@ class NixlTier(Tier):
             for j, (i, (key, _slot, length)) in enumerate(chunk):
                 try:
                     arr = decode_record(key, self.staging[j, :length], shape=shape, dtype=dtype)
+                except UnreadableHere:
+                    # another version or checksum algorithm in a slot this tier wrote itself:
+                    # its bytes changed (a shared store keeps such records, a slot is ours)
+                    self.stats.corrupt += 1
+                    self._drop(key, (key, _slot, length))
+                    continue
                 except UnexpectedLayout as e:  # a good record the caller did not expect: kept
                     self._layout_miss(e)
                     continue
