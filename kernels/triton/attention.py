@@ -191,9 +191,11 @@ def _paged_attention_kernel(
         # -1: none; past the tokens' tiles: none either (tile * BLOCK_Q stays in int32)
         tile = tl.minimum(tl.maximum(tile, -1), num_tokens // BLOCK_Q + 1).to(tl.int32)
     # at most the table's keys, as the frontends clip unchecked host lengths (a garbage
-    # kv_len near 2**31 looped over ~2**31 keys); valid lengths pass unchanged
+    # kv_len near 2**31 looped over ~2**31 keys); valid lengths pass unchanged. tl.cast, not
+    # .to: the JIT passes an int argument equal to 1 as the constant 1 (a table one block
+    # wide), and a Python int has no .to (every such launch failed to compile on a GPU)
     kv_len = tl.minimum(tl.load(kv_lens_ptr + seq).to(tl.int64),
-                        max_blocks.to(tl.int64) * BLOCK_SIZE).to(tl.int32)
+                        tl.cast(max_blocks, tl.int64) * BLOCK_SIZE).to(tl.int32)
     if (tile >= 0) & (tile * BLOCK_Q < q_len):
         rows = tl.arange(0, BLOCK_M)
         j = tile * BLOCK_Q + rows // GROUP_P2
