@@ -175,6 +175,23 @@ def test_swap_blocks_single_block_single_copy():
     check_swapped(pairs, [0], [0])
 
 
+def test_swap_blocks_past_the_grid_y_bound(monkeypatch):
+    """More caches than a grid's y dimension holds (65535) launched once, which CUDA refuses
+    (the fake too): now one launch per 65535 caches, each reading its caches' table rows. The
+    bound is lowered here to 4 (with 9 caches: 4 + 4 + 1), as 65536 caches would take long."""
+    monkeypatch.setattr(cuda_swap, "MAX_GRID_Y", 4)
+    geometry = [((3,), torch.uint8, 0, (1, 1)), ((2, 5), torch.float16, 0, (1, 1))] * 4 + [
+        ((7,), torch.uint8, 0, (1, 1))]
+    rng, pairs = make_swap(13, geometry, DIRECTIONS["device_to_host"])
+    src_ids, dst_ids = swap_ids(rng, 6, SRC_BLOCKS, DST_BLOCKS, outside=True)
+    n_before = len(LAUNCHES)
+    cuda_swap.swap_blocks([s.cache for s, _ in pairs], [d.cache for _, d in pairs],
+                          ids_tensor(src_ids, "host"), ids_tensor(dst_ids, "host"))
+    assert [launch["grid"] for launch in LAUNCHES[n_before:]] == [(6, 4, 1), (6, 4, 1),
+                                                                   (6, 1, 1)]
+    check_swapped(pairs, src_ids, dst_ids)
+
+
 @pytest.mark.parametrize("empty", ["src", "dst"])
 def test_swap_blocks_zero_block_cache(empty):
     """A cache with 0 blocks (e.g. a host tier not allocated yet): every copy is skipped (the

@@ -3,7 +3,7 @@
 tests/fake_cupy.py in place of CuPy (its kernels are kernels/cuda/*.cu compiled as host C++ by
 test_cuda_on_host.py's ``lib`` fixture) and torch's CUDA calls stubbed. The fake and the stubs
 patch torch for the whole process, so they never enter this one; a kernel's out-of-bounds
-access kills the subprocess and is reported here as a failure. ~20 s (49 cases, ~8 s).
+access kills the subprocess and is reported here as a failure. ~20 s (55 cases, ~8 s).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """swap_blocks with the CUDA C kernel of swap_blocks.cu, loaded with CuPy ``RawModule`` on
 first use (CuPy needs a GPU; nothing here runs at import).
 
-All caches of a swap move in one launch on torch's current CUDA stream; index and pointer
-tables reach CuPy through DLPack (zero-copy). The host side must be pinned memory.
+All caches of a swap move in one launch on torch's current CUDA stream (one per 65535 caches:
+the cache is the grid's y index, which CUDA bounds there); index and pointer tables reach CuPy
+through DLPack (zero-copy). The host side must be pinned memory.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from .transfer import upload
 
 SOURCE = Path(__file__).with_name("swap_blocks.cu")
 THREADS = 256
+#: CUDA's bound on a grid's y dimension: the caches a launch moves.
+MAX_GRID_Y = 65535
 
 
 @functools.cache
@@ -70,7 +73,9 @@ def swap_blocks(src_caches, dst_caches, src_ids, dst_ids) -> None:
     with cupy.cuda.Device(dev), cupy.cuda.ExternalStream(stream.cuda_stream, dev):
         t = cupy.from_dlpack(table)
         idx = cupy.from_dlpack(ids)
-        fn((n, len(src_caches)), (THREADS,), (*t, idx[0], idx[1]))
+        for lo in range(0, len(src_caches), MAX_GRID_Y):  # more caches: launch refused
+            hi = min(lo + MAX_GRID_Y, len(src_caches))
+            fn((n, hi - lo), (THREADS,), (*(row[lo:hi] for row in t), idx[0], idx[1]))
     # keep the tables alive until the copy ran on the stream
     table.record_stream(stream)
     ids.record_stream(stream)
