@@ -69,6 +69,19 @@ def test_paged_attention_gpu(case, backend):
     np.testing.assert_allclose(N(lse), want_lse, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("seqs", [[(1, 9), (1, 16)], [(5, 12), (3, 3)], [(1, 7)]],
+                         ids=["decode", "prefill", "one-sequence"])
+def test_tables_one_block_wide_gpu(seqs):
+    """Every sequence within one block: the JIT passes the table width 1 as a constant, which
+    failed to compile (tests/test_triton_jit_launches.py compiles it without a GPU)."""
+    rng = np.random.default_rng(5)
+    b = testing.make_ragged_batch(rng, seqs, num_q_heads=8, num_kv_heads=2, head_dim=64,
+                                  block_size=16, dtype="bfloat16")
+    assert b.block_tables.shape[1] == 1
+    want = ref.paged_attention_reference(*b.args())
+    close(tf.paged_attention(*(T(a) for a in b.args()), backend="triton"), want, "bfloat16")
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_attention_with_metadata_on_the_host(backend):
     """q and the caches on the GPU, block tables and lengths on the CPU (checked on the host,
