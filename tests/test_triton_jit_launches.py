@@ -58,20 +58,24 @@ def launches(monkeypatch):
     return seen
 
 
-def _attention(seqs, *, block_size=16, window=None, num_blocks=8):
+def _attention(seqs, *, block_size=16, window=None, num_blocks=8, fp8=False, **options):
     """paged_attention of (q_len, kv_len) sequences (decode when every q_len is 1), 8 q / 2 kv
-    heads x 64, float16, the table as wide as the longest sequence needs."""
+    heads x 64, float16 (fp8: float8_e4m3fn caches with scales), the table as wide as the
+    longest sequence needs; ``options``: the backend's soft cap, sinks."""
     g = torch.Generator().manual_seed(0)
     width = max(-(-kv // block_size) for _, kv in seqs)
     q = torch.randn(sum(n for n, _ in seqs), 8, 64, generator=g).half()
     k = torch.randn(num_blocks, block_size, 2, 64, generator=g).half()
+    if fp8:
+        k = k.to(torch.float8_e4m3fn)
+        options.update(k_scale=torch.tensor(0.5), v_scale=torch.tensor(2.0))
     tables = (torch.arange(len(seqs) * width, dtype=torch.int32) % num_blocks).view(-1, width)
     kv_lens = torch.tensor([kv for _, kv in seqs], dtype=torch.int32)
     cu = torch.tensor(np.cumsum([0] + [n for n, _ in seqs]), dtype=torch.int32)
     decode = all(n == 1 for n, _ in seqs)
     tattn.paged_attention(torch.empty_like(q), torch.empty(q.shape[:2]), q, k, k.clone(),
                           tables, kv_lens, None if decode else cu, scale=0.125, causal=True,
-                          sliding_window=window, logits_soft_cap=None)
+                          sliding_window=window, **{"logits_soft_cap": None, **options})
 
 
 def _constant(launches, kernel: str, name: str) -> bool:
@@ -89,6 +93,15 @@ def test_one_sequence_one_block_cache_window_one_compiles(launches):
     _attention([(1, 9)], num_blocks=1, window=1)
     for name in ("num_seqs", "num_blocks", "window", "max_blocks"):
         assert _constant(launches, "_paged_attention_kernel", name), name
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-pass", "split"])
+def test_fp8_sinks_soft_cap_window_compile(launches, split):
+    seqs = [(1, 16 * 64)] if split else [(1, 9), (1, 16)]
+    _attention(seqs, num_blocks=64, window=5, fp8=True, logits_soft_cap=30.0,
+               sinks=torch.zeros(8).half())
+    assert launches[0][0] == "_paged_attention_kernel"
+    assert split == any(k == "_merge_states_kernel" for k, _ in launches)
 
 
 def test_a_split_decode_and_its_merge_compile(launches):
