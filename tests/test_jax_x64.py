@@ -97,11 +97,35 @@ print("x64 prefill")
 for mode, f in (("eager", lambda g: g), ("jit", jax.jit)):
     assert np.array_equal(np.asarray(f(lambda t: jf.hash_blocks(t, bs, salt="s"))(
         jnp.asarray(tokens))), np.asarray(h_want))
+# the TPU kernels lowered for a TPU (jax.export, no TPU here): every Python int indexing a DMA
+# buffer or semaphore was an int64 constant under x64, which Mosaic refuses (none lowered)
+S = jax.ShapeDtypeStruct
+q8 = S((4, 32, 128), jnp.bfloat16)
+nhd, hnd = S((32, 16, 8, 128), jnp.bfloat16), S((32, 8, 16, 128), jnp.bfloat16)
+i32, i64, tab = S((4,), jnp.int32), S((4,), jnp.int64), S((4, 8), jnp.int32)
+fp8 = S((32, 16, 8, 128), jnp.float8_e4m3fn)
+row = S((4, 8, 128), jnp.bfloat16)
+tpu = {
+    "attention NHD": (lambda *a: jf.paged_attention(*a), (q8, nhd, nhd, tab, i32)),
+    "attention HND": (lambda *a: jf.paged_attention(*a, kv_layout="HND"),
+                      (q8, hnd, hnd, tab, i32)),
+    "attention fp8": (lambda *a: jf.paged_attention(*a, k_scale=0.5, v_scale=2.0),
+                      (q8, fp8, fp8, tab, i32)),
+    "write_kv int64 slots": (lambda *a: jf.write_kv(*a), (row, row, nhd, nhd, i64)),
+    "gather_blocks": (lambda a, b, i: jf.gather_blocks([a, b], i), (nhd, nhd, i32)),
+    "scatter_blocks": (lambda a, b, x, i: jf.scatter_blocks([a, b], x, i),
+                       (nhd, nhd, S((4, 2, 16, 8, 128), jnp.bfloat16), i32)),
+    "copy_blocks": (lambda a, b, i, j: jf.copy_blocks([a, b], i, j), (nhd, nhd, i32, i32)),
+}
+for name, (fn, shapes) in tpu.items():
+    text = jax.export.export(jax.jit(fn), platforms=["tpu"])(*shapes).mlir_module()
+    assert "tpu_custom_call" in text, name
+print("tpu lowering")
 print("OK")
 """
 
 
-@pytest.mark.slow(seconds=35)
+@pytest.mark.slow(seconds=40)
 def test_every_op_with_x64_enabled():
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True,
                           timeout=600)

@@ -30,6 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from .._vma import out_struct
+from ._mosaic import ref_index
 
 # Operands left where they are (HBM on a TPU); spelled pl.ANY in jax 0.10, with fallbacks for
 # releases that move it.
@@ -120,7 +121,8 @@ def _gather_blocks_kernel(ids_ref, *refs, num_caches: int, num_blocks: int, n: i
 
     def copies_of(i):
         b = jnp.clip(ids_ref[i], 0, num_blocks - 1)
-        return [pltpu.make_async_copy(caches[c].at[b], buf.at[i, c], sem.at[c])
+        return [pltpu.make_async_copy(caches[c].at[b], buf.at[i, ref_index(c)],
+                                      sem.at[ref_index(c)])
                 for c in range(num_caches)], True
 
     _dma_step(per_step, n, copies_of)
@@ -203,7 +205,8 @@ def _scatter_blocks_kernel(ids_ref, buf, *refs, num_caches: int, num_blocks: int
         b = ids_ref[i]
         live = (b >= 0) & (b < num_blocks)
         b = jnp.clip(b, 0, num_blocks - 1)
-        return [pltpu.make_async_copy(buf.at[i, c], outs[c].at[b], sem.at[c])
+        return [pltpu.make_async_copy(buf.at[i, ref_index(c)], outs[c].at[b],
+                                      sem.at[ref_index(c)])
                 for c in range(num_caches)], live
 
     _dma_step(per_step, n, copies_of)
@@ -307,8 +310,9 @@ def _write_kv_kernel(slots_ref, key, value, k_in, v_in, k_out, v_out, sem, *, nu
         slot = jnp.clip(slot, 0, num_slots - 1)
         bs = jnp.asarray(block_size, slot.dtype)  # a Python int is int64 under x64
         blk, off = jax.lax.div(slot, bs), jax.lax.rem(slot, bs)
-        return [pltpu.make_async_copy(key.at[i], k_out.at[blk, off], sem.at[0]),
-                pltpu.make_async_copy(value.at[i], v_out.at[blk, off], sem.at[1])], live
+        return [pltpu.make_async_copy(key.at[i], k_out.at[blk, off], sem.at[ref_index(0)]),
+                pltpu.make_async_copy(value.at[i], v_out.at[blk, off], sem.at[ref_index(1)])
+                ], live
 
     _dma_step(per_step, n, copies_of)
 

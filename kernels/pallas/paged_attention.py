@@ -52,6 +52,7 @@ from jax.experimental.pallas import tpu as pltpu
 from ...jax_frontend import _xla
 from .._vma import out_struct
 from ._fp8 import as_bytes, fp8_e4m3_to_f32, scale_pair
+from ._mosaic import ref_index
 
 # Operands left where they are (HBM on a TPU); spelled pl.ANY in jax 0.10
 _ANY = getattr(pl, "ANY", None) or getattr(pltpu, "ANY", None) or pltpu.HBM
@@ -153,9 +154,9 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
             col = jnp.minimum(lo + c * pages + p, max_blocks - 1)
             blk = tables_ref[row0 + col]
             for src, buf, k in ((k_hbm, k_buf, 0), (v_hbm, v_buf, 1)):
-                dst = (buf.at[slot, p] if hnd
+                dst = (buf.at[slot, ref_index(p)] if hnd
                        else buf.at[slot, pl.ds(p * block_rows, block_rows)])
-                cp = pltpu.make_async_copy(src.at[blk], dst, sem.at[k, slot])
+                cp = pltpu.make_async_copy(src.at[blk], dst, sem.at[ref_index(k), slot])
                 getattr(cp, action)()
 
         for p in range(pages):
@@ -167,7 +168,7 @@ def _paged_attention_kernel(seq_ref, lo_ref, nblk_ref, hi_ref, pos_ref, tables_r
 
     @pl.when(n > 0)
     def _first():
-        chunk_dmas(0, 0, "start")
+        chunk_dmas(0, ref_index(0), "start")
 
     # bfloat16 runs on the MXU natively (float32 accumulation); float32 asks for HIGHEST
     # (Mosaic's fp32 contraction); float16 is refused by tpu_supports
