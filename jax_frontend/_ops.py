@@ -483,8 +483,12 @@ def _run_shared_prefix_attention(sdims, q, k_cache, v_cache, prefix_block_tables
         return out, lse
     config = dict(scale=dims.scale,
                   logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))
+    # the tables a kernel gets: the own, the prefixes', and with one prefix that one's row
+    # once per chunk of tokens (_xla.shared_prefix_attention); all in a TPU kernel's SMEM
+    prefix_rows = (_xla.one_prefix_chunks(dims.num_tokens) if sdims.num_prefixes == 1
+                   else sdims.num_prefixes)
     entries = max(dims.num_seqs * dims.max_blocks_per_seq,
-                  sdims.num_prefixes * sdims.max_prefix_blocks)
+                  prefix_rows * sdims.max_prefix_blocks)
 
     def heads(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids, block_tables,
               kv_lens, cu_q_lens, k_scale, v_scale):

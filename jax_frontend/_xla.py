@@ -1007,6 +1007,20 @@ def prefix_then_own_tables(prefix_block_tables, prefix_lens, prefix_ids, block_t
             kv + jnp.minimum(plen, jnp.iinfo(i32).max - kv))
 
 
+def prefix_q_tile(num_tokens: int, num_prefixes: int) -> int:
+    """Query tokens a kernel's prefix pass takes per program: the tokens per prefix rounded up
+    to a power of two, at most 2 * MAX_Q_TILE."""
+    avg = -(-num_tokens // max(num_prefixes, 1))
+    return min(MAX_Q_TILE * 2, 1 << (max(avg, 1) - 1).bit_length())
+
+
+def one_prefix_chunks(num_tokens: int) -> int:
+    """Chunks of consecutive tokens a kernel's pass over one prefix runs as "sequences", each
+    with a copy of the prefix's table row: the table it hands the kernel has this many rows
+    (what a TPU kernel's scalar memory must hold)."""
+    return -(-num_tokens // prefix_q_tile(num_tokens, 1))
+
+
 def shared_prefix_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_ids,
                             block_tables, kv_lens, cu_q_lens, *, scale: float,
                             logits_soft_cap: float | None = None, attention_fn=None,
@@ -1119,8 +1133,7 @@ def _cascade_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, pr
             q, k_cache, v_cache, prefix_block_tables, prefix_lens, tok_pid, scale=scale,
             logits_soft_cap=logits_soft_cap, **scales)
         return merge_attention_states(own_out, own_lse, pre_out, pre_lse)
-    avg = -(-num_tokens // num_prefixes)
-    qs_tile = min(MAX_Q_TILE * 2, 1 << (max(avg, 1) - 1).bit_length())
+    qs_tile = prefix_q_tile(num_tokens, num_prefixes)
     if attention_fn is not None and num_prefixes == 1:
         # one prefix (chosen statically), a kernel's attention: the tokens in token order (no
         # sort, gather or scatter around the kernel), as non-causal "sequences" of qs_tile
@@ -1128,7 +1141,7 @@ def _cascade_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, pr
         # (kv_len 0), so a prefill chunk of other requests beside a few decode tokens reads
         # nothing; the results of tokens of no prefix are dropped
         mine = tok_pid == 0
-        chunks = -(-num_tokens // qs_tile)
+        chunks = one_prefix_chunks(num_tokens)
         any_mine = jnp.pad(mine, (0, chunks * qs_tile - num_tokens)).reshape(chunks, qs_tile)
         chunk_kv = jnp.where(any_mine.any(axis=1), prefix_lens[0], 0).astype(jnp.int32)
         chunk_cu = jnp.minimum(jnp.arange(chunks + 1, dtype=jnp.int32) * qs_tile, num_tokens)

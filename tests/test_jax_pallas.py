@@ -1118,6 +1118,32 @@ def test_shared_prefix_backend_sees_the_prefix_table_size():
         jf.shared_prefix_attention(*args, backend="pallas_interpret")
 
 
+def test_one_prefix_cascade_counts_its_prefix_row_per_token_chunk():
+    """With one prefix the kernel's prefix pass runs each chunk of tokens as a sequence with
+    its own copy of the prefix's table row, so the table it prefetches is chunks x width: a
+    128k-token prefix under 8192 prefill tokens made a 1 MiB table (over the 512 KiB SMEM
+    share) while the context counted the width once and took it. Now refused, by name; the
+    same prefix under 256 tokens (one chunk) still runs on the kernel."""
+    from prefixkv.jax_frontend import _xla
+    from prefixkv.paged.registry import BackendError
+
+    S = jax.ShapeDtypeStruct
+    width = 8192  # x 16-token blocks: a 128k-token prefix
+
+    def args(num_tokens):
+        cache = S((20000, 16, 8, 128), jnp.bfloat16)
+        return (S((num_tokens, 32, 128), jnp.bfloat16), cache, cache, S((1, width), jnp.int32),
+                S((1,), jnp.int32), S((4,), jnp.int32), S((4, 64), jnp.int32),
+                S((4,), jnp.int32), S((5,), jnp.int32))
+
+    fn = jax.jit(lambda *a: jf.shared_prefix_attention(*a, backend="pallas_tpu"))
+    with pytest.raises(BackendError, match="a block table of 262144 entries"):
+        jax.export.export(fn, platforms=["tpu"])(*args(8192))
+    text = jax.export.export(fn, platforms=["tpu"])(*args(256)).mlir_module()
+    assert "tpu_custom_call" in text
+    assert (_xla.one_prefix_chunks(8192), _xla.one_prefix_chunks(256)) == (32, 1)
+
+
 def test_tpu_q_tile_cap_applies_just_past_the_row_budget():
     """_q_tile lowers the tile as soon as tile x G passes MAX_HEAD_ROWS / num_kv_heads: 128
     tokens x G 8 = 1024 rows over 512 (mutant t_caprows: the cap only past twice the budget;
