@@ -124,6 +124,7 @@ class Router:
         self._workers: dict[Hashable, int] = {}  # worker -> slot
         self._slot_worker: dict[int, Hashable] = {}
         self._unsubscribe: dict[Hashable, Callable[[], None]] = {}
+        self._registrations: dict[Hashable, object] = {}  # worker -> its add_worker's token
         self._loads: dict[Hashable, float] = {}
         self._free_slots: list[int] = []
         self._next_slot = 0
@@ -139,7 +140,8 @@ class Router:
     def add_worker(self, worker_id: Hashable, events: EventBus | None = None
                    ) -> Callable[[KVEvent], None]:
         """Register a worker; subscribe to its ``events`` bus when given. Returns the callable
-        that applies one of its events (to feed events that arrive by other means)."""
+        that applies one of its events (to feed events that arrive by other means); once the
+        worker is removed it drops them (an event still in flight on the bus's thread)."""
         if worker_id in self._workers:
             raise ValueError(f"worker_id: {worker_id!r} is already added")
         if events is not None and not callable(getattr(events, "subscribe", None)):
@@ -151,9 +153,16 @@ class Router:
         self._workers[worker_id] = slot
         self._slot_worker[slot] = worker_id
         self._loads[worker_id] = 0.0
+        token = self._registrations[worker_id] = object()
 
         def apply(event: KVEvent) -> None:
-            self.apply(worker_id, event)
+            with self._lock:
+                # this registration's events only: the bus may still deliver one after
+                # remove_worker (it publishes to a copy of its subscribers, on another
+                # thread), which raised KeyError into the tier's call, or, the id added
+                # again, reached the new registration
+                if self._registrations.get(worker_id) is token:
+                    self.apply(worker_id, event)
 
         if events is not None:
             try:
@@ -169,6 +178,7 @@ class Router:
         if worker_id not in self._workers:
             raise KeyError(f"worker_id: unknown worker {worker_id!r}; known: {self.workers}")
         slot = self._workers.pop(worker_id)
+        del self._registrations[worker_id]
         del self._slot_worker[slot]
         self._loads.pop(worker_id, None)
         unsub = self._unsubscribe.pop(worker_id, None)

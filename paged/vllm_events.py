@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import operator
 import struct
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
@@ -249,24 +250,34 @@ class VllmEventEncoder:
         self.media = dict(MEDIA if media is None else media)
         self.data_parallel_rank = data_parallel_rank
         self._pending: list = []  # wire events of the current batch
+        # _pending between the threads that publish events (tiers publish from the calling
+        # thread) and the one taking batches: an event appended to the list being encoded,
+        # after its encoding, was in no batch
+        self._lock = threading.Lock()
         self._pack = _pack_function()
 
     def __call__(self, event: KVEvent) -> None:
         """Subscriber: converts ``event`` now (an unencodable one raises here, at its source)
-        and keeps it for the next :meth:`take`."""
+        and keeps it for the next :meth:`take`. Any thread may publish."""
         ev = self._event(event)
         if ev is not None:
-            self._pending.append(ev)
+            with self._lock:
+                self._pending.append(ev)
 
     def take(self, ts: float | None = None) -> bytes | None:
         """The payload of the events received since the last call (None when there were
         none); ``ts``: the batch time (default ``time.time()``; a bad one raises and keeps the
         events)."""
-        if not self._pending:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if not pending:
             return None
-        payload = self._batch(self._pending, ts)
-        self._pending = []
-        return payload
+        try:
+            return self._batch(pending, ts)
+        except BaseException:
+            with self._lock:  # kept, before those that came since
+                self._pending[:0] = pending
+            raise
 
     def encode(self, events: Iterable[KVEvent], ts: float | None = None) -> bytes:
         """One payload of ``events`` (empty: a batch with no events)."""

@@ -353,16 +353,21 @@ class DiskTier(Tier):
         return self.used_bytes + nbytes <= self.budget_bytes
 
     @staticmethod
-    def _mkstemp(d: str) -> tuple[int, str]:
-        """A new temporary file in the namespace directory ``d``, made first if missing. Once
-        more when ``d`` went between ``makedirs`` and ``mkstemp``: another process (or thread)
-        removed it as empty (its last file evicted); the file in it then keeps it."""
-        try:
-            os.makedirs(d, exist_ok=True)
-            return tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=d)
-        except FileNotFoundError:
-            os.makedirs(d, exist_ok=True)
-            return tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=d)
+    def _mkstemp(d: str, tries: int = 8) -> tuple[int, str]:
+        """A new temporary file in the namespace directory ``d``, made first if missing. Again
+        (up to ``tries`` times) while ``d`` goes under it: another process (or thread) removes
+        it as empty (its last file evicted) between ``makedirs`` and ``mkstemp``
+        (FileNotFoundError), or inside ``makedirs``, between its mkdir finding ``d`` and its
+        check that ``d`` is a directory (FileExistsError); the file made in it then keeps it.
+        Once was not enough: two tiers on one root failed a put in a few a second."""
+        for attempt in range(tries):
+            try:
+                os.makedirs(d, exist_ok=True)
+                return tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=d)
+            except (FileNotFoundError, FileExistsError):
+                if attempt == tries - 1:  # a file at d (FileExistsError every time), ...
+                    raise
+        raise AssertionError("unreachable")
 
     def _write(self, path: str, header: bytes, payload: memoryview) -> bool:
         d = os.path.dirname(path)
