@@ -45,3 +45,21 @@ def test_backward_names_the_forward_only_op(op):
         out.sum().backward()
     with torch.no_grad():
         torch.testing.assert_close(calls[op](q.clone().requires_grad_()), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", ["paged_attention", "shared_prefix_attention",
+                                "merge_attention_states", "gather_blocks"])
+def test_compiled_forward_in_grad_mode_runs_and_its_backward_names_the_op(op):
+    """A model run in grad mode without no_grad (eval() alone) with q from a projection:
+    AOTAutograd traces the backward whenever an input requires grad, and the backward formula
+    that raised made torch.compile fail in the forward, while compiling, where eager runs
+    it. The forward now compiles and matches eager; a backward that runs still raises."""
+    calls, q = _calls()
+    # q's tokens as the blocks of one cache (requires_grad_ inside breaks the graph)
+    calls["gather_blocks"] = lambda q: tf.gather_blocks([q], torch.tensor([1, 0]))
+    want = calls[op](q)
+    fn = torch.compile(calls[op], backend="aot_eager", fullgraph=True)
+    out = fn(q.clone().requires_grad_())
+    torch.testing.assert_close(out.detach(), want, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=rf"prefixkv\.{op} is forward-only"):
+        out.sum().backward()

@@ -81,11 +81,23 @@ def _on_host(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" for t in tensors)
 
 
+def traced(*tensors) -> bool:
+    """Whether a call is traced rather than run, so its tensors have no memory or values to
+    check: torch.compile tracing, a dispatch mode on (fake tensors, ``make_fx``, export), or
+    functionalization's wrapped tensors (``torch.func.functionalize``; None and non-tensors
+    skipped). The ops' guards check the real tensors when they run. (Checked only for
+    torch.compile, the wrappers read fake tensors' values and compared wrapped tensors'
+    addresses: they raised under FakeTensorMode where the ops themselves run.)"""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return True
+    return any(isinstance(t, torch.Tensor) and torch._is_functional_tensor(t) for t in tensors)
+
+
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether a and b reach intersecting byte ranges of one device's memory (not while
-    compiling: fake tensors have no memory). By address, not by storage: two storages may
+    traced: fake tensors have no memory). By address, not by storage: two storages may
     hold one memory (``torch.from_numpy`` of two views of one array, DLPack imports)."""
-    if torch.compiler.is_compiling() or not a.numel() or not b.numel():
+    if traced(a, b) or not a.numel() or not b.numel():
         return False
     (a0, a1), (b0, b1) = _span(a), _span(b)
     return a0 < b1 and b0 < a1 and a.device == b.device

@@ -43,16 +43,17 @@ from torch.autograd.graph import increment_version
 from ..kernels.cuda.transfer import upload
 from ..paged import validate
 from ..paged.spec import WORKSPACE_ALIGN, dtype_name, register_dtype_names
-from ._native import _dequantized_blocks, _host_ids, _overlaps, _span
+from ._native import _dequantized_blocks, _host_ids, _overlaps, _span, traced
 from ._registry import platform_of, select
 
 Tensor = torch.Tensor
 _LIB = "prefixkv"
+_is_functional = torch._is_functional_tensor  # torch.func.functionalize's wrapped tensors
 register_dtype_names(d for d in vars(torch).values() if isinstance(d, torch.dtype))
 
 
 def _want_values(*tensors) -> bool:
-    if torch.compiler.is_compiling():
+    if traced(*tensors):
         return False
     live = [t for t in tensors if t is not None]
     return validate.value_checks_enabled(host_inputs=all(t.device.type == "cpu" for t in live))
@@ -180,13 +181,13 @@ def _layout_key(op: str, data: tuple, index: tuple = (), options: tuple = ()) ->
 
     None (the checks run every call) outside plain eager mode (_direct), or when an argument
     is anything else: a list, a numpy value, a tensor subclass, one that requires grad, a
-    sparse or nested tensor (which have no strides)."""
+    sparse or nested tensor (which have no strides), a functionalization-wrapped tensor."""
     if not _direct():
         return None
     key: list = [op, torch.is_inference_mode_enabled()]
     try:
         for a in data:
-            if type(a) is Tensor and not a.requires_grad:
+            if type(a) is Tensor and not a.requires_grad and not _is_functional(a):
                 key.append((a.data_ptr(), a.storage_offset(), a.shape, a.stride(), a.dtype,
                             a.device, a.is_inference(), a.is_neg()))
             elif a is None:  # kept in its place: a tensor in the next slot is another call
@@ -194,7 +195,8 @@ def _layout_key(op: str, data: tuple, index: tuple = (), options: tuple = ()) ->
             else:
                 return None
         for a in index:
-            if type(a) is Tensor and not a.requires_grad and a.layout == torch.strided:
+            if (type(a) is Tensor and not a.requires_grad and a.layout == torch.strided
+                    and not _is_functional(a)):
                 key.append((a.shape, a.dtype, a.device, a.is_neg(), a.is_nested))
             elif a is None:
                 key.append(None)
@@ -314,7 +316,7 @@ def _meeting_pairs(first, second) -> list[tuple[int, int]]:
     intersect, whatever their storages (none while compiling: fake tensors have no memory).
     One sweep over the sorted spans: disjoint caches (a device's and a host's, or layers of
     one buffer) cost what their spans do."""
-    if torch.compiler.is_compiling():
+    if traced(*first, *second):
         return []
     spans = sorted((*_span(t), side, i) for side, group in enumerate((first, second))
                    for i, t in enumerate(group) if t.numel())
@@ -352,7 +354,7 @@ def _distinct(caches) -> list:
     (fake tensors have no memory), by ``is`` (torch 2.11's dynamo refuses id() of a tensor
     made inside the compiled function): the op drops the others when it runs (_copy_blocks)."""
     out: list = []
-    if torch.compiler.is_compiling():
+    if traced(*caches):
         for c in caches:
             if not any(c is o for o in out):
                 out.append(c)
@@ -675,14 +677,58 @@ def _no_grad_writes(name: str, args: tuple) -> None:
                     f"torch.inference_mode(), or pass {pname} detached (.detach())")
 
 
-def _no_context(ctx, inputs, output) -> None:
+def _forward_only(name: str) -> str:
+    return (f"prefixkv.{name} is forward-only (an inference kernel): it has no gradient. Call "
+            f"it under torch.no_grad() or torch.inference_mode(), or pass inputs that need no "
+            f"grad (.detach())")
+
+
+@torch.library.custom_op(f"{_LIB}::_no_gradient", mutates_args=())
+def _no_gradient(op: str, grad: Tensor) -> Tensor:
+    """The backward of the forward-only op ``op``: raises when it runs. An op, not a raise in
+    the backward formula: AOTAutograd traces the backward whenever an input requires grad
+    (backward called or not), so torch.compile of a forward in grad mode failed while
+    compiling, where eager ran it; traced, this is an op like any other (its fake: a 0-d
+    tensor the gradients are made of), and raises only in a backward that runs."""
+    raise RuntimeError(_forward_only(op))
+
+
+@_no_gradient.register_fake
+def _(op, grad):
+    return grad.new_zeros(())
+
+
+def _grad_meta(x):
+    """What a gradient of input ``x`` needs: (shape, dtype, device) of a floating tensor, a
+    list of them for a list of tensors, else None (no gradient)."""
+    if isinstance(x, Tensor):
+        return (x.shape, x.dtype, x.device) if x.dtype.is_floating_point else None
+    if isinstance(x, (list, tuple)):
+        return [_grad_meta(t) for t in x]
     return None
 
 
+def _no_context(ctx, inputs, output) -> None:
+    ctx.inputs = tuple(_grad_meta(x) for x in inputs)
+
+
 def _no_backward(name: str, ctx, *grads):
-    raise RuntimeError(f"prefixkv.{name} is forward-only (an inference kernel): it has no "
-                       f"gradient. Call it under torch.no_grad() or torch.inference_mode(), or "
-                       f"pass inputs that need no grad (.detach())")
+    """Gradients of every input made from _no_gradient's answer: the backward raises when it
+    runs (_no_gradient), and traces (AOTAutograd) as a graph that would."""
+    grad = next((g for g in grads if isinstance(g, Tensor)), None)
+    if grad is None:
+        raise RuntimeError(_forward_only(name))
+    err = torch.ops.prefixkv._no_gradient(name, grad)
+
+    def of(meta):
+        if isinstance(meta, list):
+            return [of(m) for m in meta]
+        if meta is None:
+            return None
+        shape, dtype, device = meta
+        return err.to(device=device, dtype=dtype).expand(shape)
+
+    return tuple(of(m) for m in ctx.inputs)
 
 
 #: Argument types that hold no tensor (skipped by _plain without an isinstance check).
@@ -690,11 +736,13 @@ _SCALAR_TYPES = frozenset({type(None), bool, int, float, str})
 
 
 def _plain(args) -> bool:
-    """Every tensor argument (also inside lists) a plain torch.Tensor needing no grad."""
+    """Every tensor argument (also inside lists) a plain torch.Tensor needing no grad, none
+    wrapped by functionalization (torch.func.functionalize: the op goes through the
+    dispatcher, which unwraps them; run directly, the kernels read wrappers with no memory)."""
     for a in args:
         t = type(a)
         if t is torch.Tensor:
-            if a.requires_grad:
+            if a.requires_grad or _is_functional(a):
                 return False
         elif t in _SCALAR_TYPES:
             continue
@@ -1026,7 +1074,7 @@ def _merge_memory(out_a, lse_a, out_b, lse_b, out, lse) -> None:
     """The merge's given out= and lse= buffers (None skipped) writable here and sharing no
     memory with the inputs or each other (not while torch.compile traces: the op checks the
     tensors it runs on, traced ones have no memory)."""
-    if torch.compiler.is_compiling():
+    if traced(out_a, lse_a, out_b, lse_b, out, lse):
         return
     _not_inference(**{n: b for n, b in (("out", out), ("lse", lse)) if b is not None})
     for name, buf in (("out", out), ("lse", lse)):
@@ -1340,8 +1388,8 @@ def _write_kv_layout(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scal
                   k_scale=k_scale, v_scale=v_scale)
     _writable("k_cache", k_cache)
     _writable("v_cache", v_cache)
-    if torch.compiler.is_compiling():
-        return  # the op checks the memory when the graph runs: traced tensors have none
+    if traced(key, value, k_cache, v_cache):
+        return  # the op checks the memory when it runs: traced tensors have none
     _not_inference(k_cache=k_cache, v_cache=v_cache)
     for name, rows in (("key", key), ("value", value)):
         for cname, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -1624,7 +1672,7 @@ def copy_blocks(caches, src, dst, *, backend=None) -> None:
     """
     num_blocks, checked = _copy_checks(caches, src, dst)
     caches = _distinct(caches)
-    if torch.compiler.is_compiling():  # no memory to compare: the op settles it (_copy_blocks)
+    if traced(*caches):  # no memory to compare: the op settles it (_copy_blocks)
         src, dst = _on(caches[0].device, src, dst)
         _invoke("copy_blocks", (caches, src, dst, backend, False))
         return
@@ -1660,7 +1708,7 @@ def _any_blocks_overlap(caches) -> bool:
     [num_blocks, layers, 2, ...] buffer); any other cluster of spans that meet is checked
     pair by pair (_blocks_overlap). 64 caches in one buffer: 0.1-0.3 ms, where all pairs
     took 13-67 ms; a tensor each: ~25 us."""
-    if torch.compiler.is_compiling():
+    if traced(*caches):
         return False
     devices: dict = {}
     for c in caches:
