@@ -276,7 +276,7 @@ class _Engine:
     replay_endpoint: str | None
     decoder: VllmEventDecoder
     monitor: object = None  # the PAIR socket of the SUB's monitor (disconnections)
-    topic: bytes = b""  # the frames' topic: ZMQ's filter passes every topic it begins
+    topic: bytes = b""  # the frames' topic (ZMQ's filter passes any topic that begins with it)
     dropped: bool = False  # the connection dropped since the last batch
     expected: int | None = None  # the next sequence number to apply; None before the first
     last: tuple[int, bytes] | None = None  # (seq, payload) of the last batch applied
