@@ -4,6 +4,8 @@ non-contiguous caches, out= buffers, backend selection errors and input checks."
 
 from __future__ import annotations
 
+import re
+
 import hypothesis
 import numpy as np
 import pytest
@@ -138,6 +140,36 @@ def test_gpu_workspace_sized_for_the_largest_batch_serves_every_smaller_one(hkv,
         q, tables = meta(n, 32, 128), meta(n, max_kv // 16, dtype=torch.int32)
         assert tattn._plan_bytes(tattn._shared_plan(q, k, pbt, tables, None,
                                                     with_lse=True)) <= sized
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_workspace_size_checks_the_call_it_sizes(device):
+    """attention_workspace_size refuses, naming the argument, the shapes the attention call
+    refuses: it had answered a size (or 0 on the CPU) for a call that cannot run, and raised
+    ZeroDivisionError / IndexError / AttributeError naming nothing on others."""
+    def t(*shape, dtype=torch.float32):
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    q, k, bt, i32 = t(4, 8, 64), t(100, 16, 2, 64), t(4, 10, dtype=torch.int32), torch.int32
+    assert tf.attention_workspace_size(q, k, bt) >= 0
+    bad = [((t(4, 64), k, bt), {}, ValueError, "q: expected 3 dimensions"),
+           ((t(4, 8, 64, dtype=torch.float64), k, bt), {}, TypeError, "q: expected float32"),
+           ((t(4, 3, 64), k, bt), {}, ValueError, "num_q_heads=3 must be divisible"),
+           ((t(4, 0, 64), k, bt), {}, ValueError, "num_q_heads=0 must be divisible"),
+           ((t(4, 8, 32), k, bt), {}, ValueError, "q: expected head_dim 64"),
+           ((q, t(100, 16, 64), bt), {}, ValueError, "k_cache: expected 4 dimensions"),
+           ((q, k, t(4, 10, dtype=torch.int64)), {}, TypeError, "block_tables: expected int32"),
+           ((q, k, t(4, dtype=i32)), {}, ValueError, "block_tables: expected 2 dimensions"),
+           ((q, k, bt, t(4, dtype=i32)), {}, ValueError, "cu_q_lens: expected shape (5,)"),
+           ((None, k, bt), {}, TypeError, "q: expected a torch.Tensor, got NoneType"),
+           ((np.zeros((4, 8, 64), np.float32), k, bt), {}, TypeError, "q: expected a torch"),
+           ((q, k, bt), {"prefix_block_tables": t(3, dtype=i32)}, ValueError,
+            "prefix_block_tables: expected 2 dimensions"),
+           ((q, k, bt), {"prefix_block_tables": [[0]]}, TypeError,
+            "prefix_block_tables: expected a torch.Tensor")]
+    for args, kwargs, error, match in bad:
+        with pytest.raises(error, match=re.escape(match)):
+            tf.attention_workspace_size(*args, **kwargs)
 
 
 @pytest.mark.parametrize("shared", [False, True])

@@ -1319,9 +1319,29 @@ def attention_workspace_size(q, k_cache, block_tables, cu_q_lens=None, *,
     the same heads and block-table width (a smaller decode batch splits long contexts more),
     so size it once for the largest batch (e.g. the largest CUDA-graph batch size) and reuse it
     across layers and steps. With ``prefix_block_tables`` it also covers the calls with a
-    sliding window (paged attention over prefix-then-own tables).
+    sliding window (paged attention over prefix-then-own tables). Shapes and dtypes the call
+    refuses are refused here, with its errors.
     """
     op = "paged_attention" if prefix_block_tables is None else "shared_prefix_attention"
+    # the call's static checks (shapes, dtypes), with kv_lens and prefix metadata of the shapes
+    # the call takes: a size for a call that cannot run would be no answer
+    for name, t in (("q", q), ("k_cache", k_cache), ("block_tables", block_tables),
+                    ("cu_q_lens", cu_q_lens), ("prefix_block_tables", prefix_block_tables)):
+        if name in ("q", "k_cache") or t is not None:  # meta tensors too: shapes only
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+            _dense(name, t)
+    lens = torch.empty(validate.check_index("block_tables", block_tables, ndim=2)[:1],
+                       dtype=torch.int32, device="meta")
+    if prefix_block_tables is None:
+        _static_check(validate.check_paged_attention, q, k_cache, k_cache, block_tables, lens,
+                      cu_q_lens)
+    else:
+        prefixes = validate.check_index("prefix_block_tables", prefix_block_tables, ndim=2)
+        _static_check(validate.check_shared_prefix_attention, q, k_cache, k_cache,
+                      prefix_block_tables,
+                      torch.empty(prefixes[:1], dtype=torch.int32, device="meta"), lens,
+                      block_tables, lens, cu_q_lens)
     platform = platform_of(q)
     fn = select(op, "cuda" if platform == "meta" else platform, backend)
     module = sys.modules[fn.__module__]
