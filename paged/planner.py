@@ -408,11 +408,40 @@ def find_shared_prefixes(block_lists: Sequence[Sequence[int]], context_lens, kv_
 
     table: the batch's block_tables (``_table(block_lists)``) when the caller has it; what
     lies past a row's blocks is not read into the plan.
+    Checked as :func:`plan_batch` checks its lengths: ``0 <= context_lens[s] <= kv_lens[s] <=
+    len(block_lists[s]) * block_size``, else an error naming the argument.
     """
-    return _shared_prefixes(block_lists, context_lens, kv_lens, block_size,
-                            min_prefix_blocks=check_int("min_prefix_blocks", min_prefix_blocks,
-                                                        1),
-                            min_group_size=check_int("min_group_size", min_group_size, 2),
+    min_prefix_blocks = check_int("min_prefix_blocks", min_prefix_blocks, 1)
+    min_group_size = check_int("min_group_size", min_group_size, 2)
+    block_size = check_int("block_size", block_size, 1)
+    n = len(block_lists)
+    for name, lens in (("context_lens", context_lens), ("kv_lens", kv_lens)):
+        if np.shape(lens) != (n,):
+            raise ValueError(f"{name}: expected {n} entries (one per sequence), got shape "
+                             f"{np.shape(lens)}")
+    ctx, kv = _lens("context_lens", context_lens, n), _lens("kv_lens", kv_lens, n)
+    if (kv < ctx).any():
+        s = int(np.argmax(kv < ctx))
+        raise ValueError(f"kv_lens: sequence {s} has kv_len {int(kv[s])} < its context_len "
+                         f"{int(ctx[s])} (kv_lens count the cached tokens and this step's)")
+    nblk = np.fromiter(map(len, block_lists), np.int64, count=n)
+    if (kv > nblk * block_size).any():
+        s = int(np.argmax(kv > nblk * block_size))
+        raise ValueError(f"block_lists: sequence {s} has {int(nblk[s])} blocks, too few for "
+                         f"kv_len {int(kv[s])}")
+    if table is not None:
+        width = int(nblk.max(initial=0))
+        if (not isinstance(table, np.ndarray) or table.ndim != 2 or table.shape[0] < n
+                or table.shape[1] < width or table.dtype.kind not in "iu"):
+            raise ValueError(f"table: expected an integer array of at least {n} rows and "
+                             f"{width} columns (the batch's block_tables), got "
+                             f"{getattr(table, 'dtype', type(table).__name__)} of shape "
+                             f"{np.shape(table)}")
+        if n and width and table[:n, :width].min() < 0:
+            raise ValueError(f"table: expected block ids >= 0, got "
+                             f"{int(table[:n, :width].min())}")
+    return _shared_prefixes(block_lists, ctx, kv, block_size,
+                            min_prefix_blocks=min_prefix_blocks, min_group_size=min_group_size,
                             table=table, zero_padded=False)
 
 

@@ -81,6 +81,36 @@ def test_plan_argument_types(args, exc, match):
         plan_batch(*args)
 
 
+_ROWS = [[3, 4, 5], [3, 4, 6]]
+
+
+@pytest.mark.parametrize("args, kwargs, exc, match", [
+    ((_ROWS, [8, 8], [9], 4), {}, ValueError, r"kv_lens: expected 2 entries .*shape \(1,\)"),
+    ((_ROWS, [8], [9, 9], 4), {}, ValueError, "context_lens: expected 2 entries"),
+    ((_ROWS, [8, 8], [9, 9], 0), {}, ValueError, "block_size: expected an int >= 1, got 0"),
+    ((_ROWS, [8, 8], [9, 9], -4), {}, ValueError, "block_size: expected an int >= 1, got -4"),
+    ((_ROWS, [8, 8], [9, 9], 4.0), {}, TypeError, "block_size: expected an int, got 4.0"),
+    ((_ROWS, [8, 8], [1, 9], 4), {}, ValueError, "kv_lens: sequence 0 has kv_len 1 < its "
+                                                 "context_len 8"),
+    ((_ROWS, [-8, 8], [9, 9], 4), {}, ValueError, "context_lens: expected values >= 0"),
+    ((_ROWS, [8, 8], [9, 400], 4), {}, ValueError, "block_lists: sequence 1 has 3 blocks, too "
+                                                   "few for kv_len 400"),
+    ((_ROWS, [8, 8], [9, 9], 4), {"table": np.array([[3, 4, 5]], np.int32)}, ValueError,
+     "table: expected an integer array of at least 2 rows"),
+    ((_ROWS, [8, 8], [9, 9], 4), {"table": np.array([[-1, 4, 5], [3, 4, 6]], np.int32)},
+     ValueError, "table: expected block ids >= 0, got -1"),
+], ids=["kv-count", "ctx-count", "bs-0", "bs-negative", "bs-float", "kv-under-ctx",
+        "ctx-negative", "kv-past-blocks", "table-rows", "table-negative"])
+def test_find_shared_prefixes_checks_its_arguments(args, kwargs, exc, match):
+    """The public find_shared_prefixes checks its batch as plan_batch does: it had raised a
+    numpy reshape error naming nothing, warned of a division by zero (block_size=0), returned
+    None for block_size=-4, and returned plans with negative own lengths (kv_lens under the
+    context) or own lengths past the rows' blocks."""
+    assert find_shared_prefixes(_ROWS, [8, 8], [9, 9], 4) is not None  # the valid batch
+    with pytest.raises(exc, match=match):
+        find_shared_prefixes(*args, **kwargs)
+
+
 def test_one_group():
     blocks = [[1, 2, 3, 10 + i] for i in range(4)]
     s = find_shared_prefixes(blocks, [12, 13, 14, 15], [13, 14, 15, 16], 4)
@@ -153,17 +183,17 @@ def test_a_row_with_fewer_cached_blocks_never_splits_rows_cached_to_their_end():
 
 def test_prefix_only_over_cached_blocks():
     # same physical blocks, but seq 1 computes its tokens this step: it has no cached block
-    assert find_shared_prefixes([[1, 2], [1, 2]], [8, 0], [9, 8], 4) is None
+    assert find_shared_prefixes([[1, 2, 3], [1, 2, 4]], [8, 0], [9, 8], 4) is None
     # a prefix is cut at the shortest member's cached blocks
-    s = find_shared_prefixes([[1, 2, 3], [1, 2, 3]], [12, 5], [13, 9], 4)
+    s = find_shared_prefixes([[1, 2, 3, 7], [1, 2, 3]], [12, 5], [13, 9], 4)
     assert s.prefix_lens.tolist() == [4] and s.kv_lens.tolist() == [9, 5]
 
 
 def test_same_tokens_other_blocks_no_group_and_thresholds():
-    assert find_shared_prefixes([[1, 2], [3, 4]], [8, 8], [9, 9], 4) is None
-    assert find_shared_prefixes([[1, 2], [1, 4]], [8, 8], [9, 9], 4,
+    assert find_shared_prefixes([[1, 2, 5], [3, 4, 6]], [8, 8], [9, 9], 4) is None
+    assert find_shared_prefixes([[1, 2, 5], [1, 4, 6]], [8, 8], [9, 9], 4,
                                 min_prefix_blocks=2) is None
-    assert find_shared_prefixes([[1, 2], [1, 4]], [8, 8], [9, 9], 4,
+    assert find_shared_prefixes([[1, 2, 5], [1, 4, 6]], [8, 8], [9, 9], 4,
                                 min_group_size=3) is None
 
 
