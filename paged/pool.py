@@ -65,9 +65,12 @@ class BlockPool:
     tier: name put in events ("device").
     events: the :class:`EventBus` to publish on (a new one by default).
 
-    Block ids are Python ints. Methods taking blocks accept any iterable of ints; they do not
-    validate ids on the hot path (the manager only passes ids it got from the pool);
-    :meth:`check_blocks` is the checked entry for external callers.
+    Block ids are Python ints. Methods taking blocks accept any iterable of ints; on the hot
+    path they check only what would change the wrong block or leave the pool inconsistent:
+    ids outside [0, num_blocks) (a negative one would index a list from its end) and blocks
+    in no state for the call (a free, empty block touched or registered) raise before
+    anything changes. :meth:`check_blocks` is the full check (types, the null block,
+    duplicates) for external callers.
     """
 
     def __init__(self, num_blocks: int, block_size: int, *, tier: str = "device",
@@ -132,11 +135,24 @@ class BlockPool:
 
     def block_hash(self, block: int) -> bytes | None:
         """The hash block ``block`` is cached under, or None."""
-        return self._hash[block]
+        return self._hash[self._id(block)]
 
     def block_namespace(self, block: int) -> bytes | None:
         """The namespace block ``block`` is cached under, or None."""
-        return self._ns[block]
+        return self._ns[self._id(block)]
+
+    def _id(self, block: int) -> int:
+        if not 0 <= block < self.num_blocks:  # -1 would answer for the last block
+            raise IndexError(f"block: expected a block id in [0, {self.num_blocks}), got "
+                             f"{block}")
+        return block
+
+    def _in_range(self, blocks: list) -> None:
+        """An IndexError naming ``blocks`` for an id outside [0, num_blocks), before a call
+        changes anything (a negative id would index a list from its end)."""
+        if blocks and (min(blocks) < 0 or max(blocks) >= self.num_blocks):
+            bad = min(blocks) if min(blocks) < 0 else max(blocks)
+            raise IndexError(f"blocks: expected block ids in [0, {self.num_blocks}), got {bad}")
 
     def get(self, block_hash: bytes, namespace: bytes = b"") -> int | None:
         """The block cached under (namespace, block_hash), or None."""
@@ -282,9 +298,13 @@ class BlockPool:
         """
         if type(blocks) is not list:
             blocks = list(blocks)
-        if blocks and min(blocks) < 0:  # a list would index it from its end
-            raise IndexError(f"blocks: expected block ids >= 0, got {min(blocks)}")
+        self._in_range(blocks)
         ref = self.ref_counts
+        hashes = self._hash
+        for b in blocks:  # a free empty block is in no queue: its links are stale
+            if ref[b] == 0 and hashes[b] is None:
+                raise ValueError(f"blocks: block {b} is free and holds nothing cached; touch "
+                                 f"takes blocks in use or cached")
         prev = self._prev
         nxt = self._next
         unlinked = 0
@@ -309,8 +329,7 @@ class BlockPool:
         """
         if type(blocks) is not list:  # a numpy array, a tuple, a generator: Python ints
             blocks = [index(b) for b in blocks]
-        if blocks and min(blocks) < 0:  # a list would index it from its end
-            raise IndexError(f"blocks: expected block ids >= 0, got {min(blocks)}")
+        self._in_range(blocks)
         ref = self.ref_counts
         hashes = self._hash
         empty = self._empty
@@ -360,11 +379,21 @@ class BlockPool:
 
         Blocks that already have a hash and hashes already cached in ``namespace`` (another
         block holds the same tokens) are skipped. Publishes one ``"stored"`` event per run of
-        newly registered blocks. Returns how many were registered.
+        newly registered blocks. Returns how many were registered. The blocks must be in use
+        (a free block may be handed out and overwritten while its hash still hits): a free,
+        uncached one is refused before anything changes.
         """
         if len(blocks) != len(block_hashes):
             raise ValueError(f"block_hashes: expected {len(blocks)} hashes (one per block), "
                              f"got {len(block_hashes)}")
+        if type(blocks) is not list:
+            blocks = list(blocks)
+        self._in_range(blocks)
+        ref = self.ref_counts
+        for b in blocks:
+            if ref[b] == 0 and self._hash[b] is None:
+                raise ValueError(f"blocks: block {b} is free; register caches blocks in use "
+                                 f"(allocated, not yet freed)")
         d = self._index.get(namespace)
         if d is None:
             d = {}  # in the index only once something is registered in it
@@ -419,7 +448,11 @@ class BlockPool:
         """Drop the hash of each cached block (``"removed"`` events); free ones become empty.
 
         Used before a registered block is overwritten in place. Returns how many were cached.
+        Ids outside [0, num_blocks) raise before anything changes.
         """
+        if type(blocks) is not list:
+            blocks = list(blocks)
+        self._in_range(blocks)
         groups: dict[bytes, tuple[list, list]] = {}
         for b in blocks:
             h = self._hash[b]

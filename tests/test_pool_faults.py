@@ -179,9 +179,64 @@ def test_touch_refuses_a_negative_block_and_changes_nothing():
     pool = BlockPool(4, 4)
     a = pool.allocate(3)
     before = _state(pool)
-    with pytest.raises(IndexError, match="blocks: expected block ids >= 0, got -1"):
+    with pytest.raises(IndexError, match=r"blocks: expected block ids in \[0, 4\), got -1"):
         pool.touch([a[0], -1])
     assert _state(pool) == before
+    pool.check_consistency()
+
+
+@pytest.mark.parametrize("call", ["touch", "free", "unregister", "register"])
+@pytest.mark.parametrize("bad", [-6, 8, 100])
+def test_block_ids_out_of_range_change_nothing(call, bad):
+    """A bad id after good ones: unregister had dropped the good block's hash and then raised
+    IndexError naming nothing, before its "removed" event (an EventLog or Router kept a hash
+    the pool had dropped); touch left a reference nobody held; -6 unregistered block 2 of 8
+    (a list indexed from its end)."""
+    pool = BlockPool(8, 4)
+    log = EventLog()
+    pool.events.subscribe(log)
+    a = pool.allocate(3)
+    pool.register(a[:2], [b"a" * 32, b"b" * 32])
+    pool.free([a[1]])  # a[1] free and cached, a[0] in use and cached, a[2] in use
+    before = _state(pool)
+    args = {"register": ([a[2], bad], [b"c" * 32, b"d" * 32])}.get(call, ([a[0], bad],))
+    with pytest.raises(IndexError, match=rf"blocks: expected block ids in \[0, 8\), got {bad}"):
+        getattr(pool, call)(*args)
+    assert _state(pool) == before and log.replay() == pool.cached_hashes()
+    pool.check_consistency()
+
+
+def test_block_hash_and_namespace_refuse_ids_out_of_range():
+    pool = BlockPool(8, 4)
+    a = pool.allocate(3)
+    pool.register([a[1]], [b"h" * 32], b"ns")
+    assert pool.block_hash(a[1]) == b"h" * 32 and pool.block_namespace(a[1]) == b"ns"
+    for bad in (-8 + a[1], 8):  # -6 had answered for block 2
+        with pytest.raises(IndexError, match=rf"block: expected a block id in \[0, 8\), "
+                                             rf"got {bad}"):
+            pool.block_hash(bad)
+        with pytest.raises(IndexError, match="block: expected a block id"):
+            pool.block_namespace(bad)
+
+
+def test_touch_and_register_refuse_a_free_empty_block():
+    """A free block holding nothing is in no queue: touch had unlinked it by stale links (the
+    LRU count went to -1, allocate handed the referenced block out again: two owners), and
+    register had cached it (allocate then handed it out while its hash still hit)."""
+    pool = BlockPool(4, 4)
+    a = pool.allocate(1)
+    pool.register(a, [b"x" * 32])
+    before = _state(pool)
+    with pytest.raises(ValueError, match="blocks: block 2 is free and holds nothing cached"):
+        pool.touch([a[0], 2])
+    with pytest.raises(ValueError, match="blocks: block 3 is free; register caches blocks in "
+                                         "use"):
+        pool.register([3], [b"y" * 32])
+    assert _state(pool) == before
+    pool.check_consistency()
+    pool.free(a)
+    pool.touch(a)  # a free cached block: a hit takes it back
+    assert pool.ref_counts[a[0]] == 1 and pool.num_free == 2
     pool.check_consistency()
 
 
