@@ -243,3 +243,35 @@ def test_an_array_type_in_place_of_an_array_is_named():
         validate.check_write_kv(np.ndarray, np.zeros((1, 2, 8), np.float32),
                                 *([np.zeros((4, 4, 2, 8), np.float32)] * 2),
                                 np.zeros(1, np.int32))
+
+
+def test_torch_host_block_helpers_name_their_arguments():
+    """gather_blocks_to_host / scatter_blocks_from_host (the offloader's torch hooks): string
+    or None ids and a None buffer raised torch's "can't convert np.ndarray of type
+    numpy.object_" naming nothing, and scatter into no caches an IndexError; nothing is
+    written."""
+    torch = pytest.importorskip("torch")
+    from prefixkv import torch_frontend as tf
+
+    caches = [torch.arange(6 * 4, dtype=torch.float32).reshape(6, 4) for _ in range(2)]
+    before = [c.clone() for c in caches]
+    buf = np.ones((2, 2, 4), np.float32)
+    cases = [(lambda: tf.gather_blocks_to_host(caches, ["a"]), TypeError,
+              "^block_ids: expected integer block ids"),
+             (lambda: tf.gather_blocks_to_host(caches, None), TypeError,
+              "^block_ids: expected integer block ids"),
+             (lambda: tf.scatter_blocks_from_host(caches, buf, ["a", "b"]), TypeError,
+              "^block_ids: expected integer block ids"),
+             (lambda: tf.scatter_blocks_from_host([], buf, [0, 1]), ValueError,
+              "^caches: expected at least one cache"),
+             (lambda: tf.scatter_blocks_from_host(caches, None, [0, 1]), TypeError,
+              "^buffer: expected a tensor or numpy array"),
+             (lambda: tf.scatter_blocks_from_host(caches, "ab", [0, 1]), TypeError,
+              "^buffer: expected a tensor or numpy array")]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+    assert all(c.equal(b) for c, b in zip(caches, before, strict=True))
+    tf.scatter_blocks_from_host(caches, buf, [0, 5])  # the valid call writes
+    assert caches[1][5].tolist() == [1.0] * 4
+    assert tf.gather_blocks_to_host(caches, [5]).tolist() == [[[1.0] * 4] * 2]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..paged import validate
 from ..paged.spec import dtype_name, numpy_dtype
 from ._ops import gather_blocks, scatter_blocks
 
@@ -22,6 +23,9 @@ def _ids(block_ids) -> torch.Tensor:
         a = np.asarray(block_ids)
         if a.size == 0 and not isinstance(block_ids, np.ndarray):
             a = a.astype(np.int32)
+        if a.dtype.kind not in "iufb":  # strings, None, objects: torch's error names nothing
+            raise TypeError(f"block_ids: expected integer block ids (a tensor, numpy array or "
+                            f"list), got {type(block_ids).__name__} of {a.dtype} values")
         if a.dtype.kind in "iu":
             if a.size and (int(a.min()) < -2**31 or int(a.max()) >= 2**31):
                 raise ValueError(f"block_ids: values must fit int32, got {a.min()}..{a.max()}")
@@ -67,9 +71,13 @@ def scatter_blocks_from_host(caches, buffer, block_ids) -> None:
     """``scatter_blocks`` of a host array ``[n, len(caches), *block_shape]`` (numpy, bfloat16
     as ml_dtypes) into ``caches`` in place. ``BlockOffloader(...,
     scatter=scatter_blocks_from_host)``."""
-    dev = caches[0].device
+    dev = validate.check_caches(caches)[0].device
     if not isinstance(buffer, torch.Tensor):
-        buffer = from_numpy(np.asarray(buffer), dev)
+        a = np.asarray(buffer)
+        if a.dtype.kind not in "iufb" and dtype_name(a) not in _BITS_BY_NAME:
+            raise TypeError(f"buffer: expected a tensor or numpy array of the caches' blocks, "
+                            f"got {type(buffer).__name__} of {a.dtype} values")
+        buffer = from_numpy(a, dev)
     scatter_blocks(caches, buffer.to(dev), _ids(block_ids))
 
 
