@@ -60,6 +60,21 @@ class KVEvent:
     block_ids: tuple = ()
     token_ids: tuple = ()
 
+    def __post_init__(self) -> None:
+        # what every consumer keys on, checked where the event is made: a str namespace or an
+        # unknown kind had failed far from its publisher (an encoder's AttributeError, a
+        # router that dropped it silently)
+        if self.kind not in KINDS:
+            raise ValueError(f"kind: expected one of {KINDS}, got {self.kind!r}")
+        if not isinstance(self.namespace, bytes):
+            raise TypeError(f"namespace: expected bytes (prefixkv.paged.namespace_of(salt)), "
+                            f"got {type(self.namespace).__name__}")
+        if not isinstance(self.tier, str):
+            raise TypeError(f"tier: expected a str, got {type(self.tier).__name__}")
+        if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, int) \
+                or self.num_tokens < 0:
+            raise ValueError(f"num_tokens: expected an int >= 0, got {self.num_tokens!r}")
+
 
 Subscriber = Callable[[KVEvent], None]
 
@@ -112,6 +127,8 @@ class EventBus:
         """Call every subscriber with ``event``, in subscription order, even when one raises;
         then re-raise the first exception. A subscriber that fails never makes later ones (an
         :class:`EventLog`, a Router) miss the event and drift from the tier's state."""
+        if not isinstance(event, KVEvent):
+            raise TypeError(f"event: expected a KVEvent, got {type(event).__name__}")
         call_each(lambda fn: fn(event), tuple(self._subscribers))
 
     def __bool__(self) -> bool:

@@ -232,6 +232,8 @@ class Router:
     # ------------------------------------------------------------------ events
     def apply(self, worker_id: Hashable, event: KVEvent) -> None:
         """Apply one KV event of ``worker_id`` to the global index."""
+        if not isinstance(event, KVEvent):
+            raise TypeError(f"event: expected a KVEvent, got {type(event).__name__}")
         with self._lock:  # inline, not @locked: the hot path of an event stream
             slot = self._workers.get(worker_id)
             if slot is None:

@@ -105,3 +105,31 @@ def test_a_subscriber_unsubscribing_itself_does_not_hide_the_event_from_the_next
     bus.subscribe(got.append)
     bus.publish(KVEvent(STORED, (b"\x01" * 32,), None, "device", b"", 4))
     assert len(got) == 1
+
+
+def test_events_are_checked_where_they_are_made_and_published():
+    """A str namespace, an unknown kind or a negative token count failed far from the
+    publisher (the vLLM encoder's AttributeError "'str' object has no attribute 'decode'"), and
+    EventBus.publish / Router.apply took any object (Router.apply(w, 5): AttributeError)."""
+    from prefixkv.paged import EventBus, KVEvent, Router
+
+    h = (b"h" * 32,)
+    for args, error, match in [
+            (("moved", h, None, "device", b"", 4), ValueError, "^kind: expected one of"),
+            (("stored", h, None, "device", "ns", 4), TypeError, "^namespace: expected bytes"),
+            (("stored", h, None, 7, b"", 4), TypeError, "^tier: expected a str"),
+            (("stored", h, None, "device", b"", -4), ValueError, "^num_tokens: expected an int"),
+            (("stored", h, None, "device", b"", 4.0), ValueError, "^num_tokens: expected an"),
+            (("stored", h, None, "device", b"", True), ValueError, "^num_tokens: expected")]:
+        with pytest.raises(error, match=match):
+            KVEvent(*args)
+    bus, seen = EventBus(), []
+    bus.subscribe(seen.append)
+    with pytest.raises(TypeError, match="^event: expected a KVEvent, got int"):
+        bus.publish(5)
+    router = Router(4)
+    router.add_worker("w")
+    with pytest.raises(TypeError, match="^event: expected a KVEvent, got dict"):
+        router.apply("w", {"kind": "stored"})
+    bus.publish(KVEvent("stored", h, None, "device", b"", 4))
+    assert len(seen) == 1
