@@ -136,9 +136,10 @@ def _token_array(tokens, name: str = "tokens") -> np.ndarray:
                     raise TypeError(f"{name}[{i}]: expected an int token id, got {t!r}")
         try:
             arr = np.array(out, dtype=np.int64) if out else np.zeros(0, np.int64)
-        except OverflowError:  # a Python int past 64 bits
-            raise ValueError(f"{name}: expected token ids in [0, 2**31), got "
-                             f"{max(out)}") from None
+        except OverflowError:  # a Python int past 64 bits: name it (max() may be a valid one)
+            i = next(i for i, t in enumerate(out) if not 0 <= t <= 0x7FFFFFFF)
+            raise ValueError(f"{name}[{i}]: expected a token id in [0, 2**31), got "
+                             f"{out[i]}") from None
     if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 0x7FFFFFFF):
         raise ValueError(f"{name}: expected token ids in [0, 2**31), got min {int(arr.min())} "
                          f"max {int(arr.max())}")

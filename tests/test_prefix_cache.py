@@ -817,13 +817,17 @@ def test_a_callers_int32_prompt_array_is_copied_not_hashed_later():
     assert pc.match([10, 11, 12, 13, 5])[1] == 4
 
 
-@pytest.mark.parametrize("bad", [2**63, 2**70])
+@pytest.mark.parametrize("bad", [2**63, 2**70, -2**70])
 def test_token_ids_past_64_bits_are_named(bad):
+    """The error names the bad id and its index (it had named max(tokens): for [-2**70, 5],
+    "got 5", a valid id)."""
     pc = PrefixCache(num_blocks=4, block_size=4)
-    with pytest.raises(ValueError, match=r"tokens: expected token ids in \[0, 2\*\*31\)"):
-        pc.add_request("r", [1, bad])
+    with pytest.raises(ValueError, match=rf"^tokens\[1\]: expected a token id in \[0, 2\*\*31\), "
+                                         rf"got {bad}$"):
+        pc.add_request("r", [5, bad, 1])
     pc.add_request("r", [1, 2])
-    with pytest.raises(ValueError, match=r"token_ids: expected token ids in \[0, 2\*\*31\)"):
+    with pytest.raises(ValueError, match=rf"^token_ids\[0\]: expected a token id in "
+                                         rf"\[0, 2\*\*31\), got {bad}$"):
         pc.append_tokens("r", [bad])
 
 
