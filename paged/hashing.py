@@ -671,3 +671,27 @@ def check_prefix_chain(hash_fn, block_size: int, name: str = "hash_fn") -> None:
         raise ValueError(f"{name}: hashing a block with parent=<the previous block's hash> "
                          f"does not give the hash the whole prefix gets, and a PrefixCache "
                          f"hashes blocks as they fill: pass parent on to the chain")
+    # A chain that hashes (previous hash, block hash) as it hashes a block's tokens, with the
+    # same function and key, is ambiguous where the two inputs are as long: dynamo-kvbm at
+    # block_size 4 (xxh3 of 16 bytes either way). A one-block prompt whose token ids are the
+    # words of a prefix's two hashes then has that prefix's second block's hash, and a cache
+    # keyed by it would serve the prompt's KV for the prefix's (or the other way round).
+    # Probed with two blocks whose digests read as token ids < 2**31 (about 1 pair in 16).
+    for k in range(1, 129):
+        x2, y2 = x + np.int32(k * 3 * bs), y + np.int32(k * 3 * bs)
+        digests = (*hash_fn(x2, bs, salt=None, parent=None),
+                   *hash_fn(y2, bs, salt=None, parent=None))
+        if not all(isinstance(h, bytes) for h in digests) or len(b"".join(digests)) != 4 * bs:
+            break  # digests of another length: no block's tokens read as two of them
+        words = np.frombuffer(b"".join(digests), dtype="<u4")
+        if words.max() >= 2**31:
+            continue
+        chained = list(hash_fn(np.concatenate([x2, y2]), bs, salt=None, parent=None))
+        if list(hash_fn(words.astype(np.int32), bs, salt=None, parent=None)) == chained[1:]:
+            raise ValueError(f"{name}: ambiguous at block_size={bs}: a block's hash is the hash "
+                             f"of its parent's and its own digests, {4 * bs} bytes, as a first "
+                             f"block's is of its {bs} tokens (dynamo-kvbm at block_size 4), so "
+                             f"a crafted one-block prompt has another prompt's second block's "
+                             f"hash and a cache keyed by it would serve that block's KV for it; "
+                             f"use another block size or hash")
+        break

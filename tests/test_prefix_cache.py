@@ -587,6 +587,29 @@ def test_hash_fn_must_be_a_prefix_chain():
         assert pc.add_request("cb", c + b + [9]) == 4  # C only
 
 
+def _kvbm(tokens, block_size, *, salt=None, parent=None):
+    return list(hash_blocks(np.asarray(tokens, np.int32), block_size, algo="dynamo-kvbm",
+                            salt=salt, parent=None if parent is None
+                            else int.from_bytes(parent, "little")))
+
+
+def test_an_ambiguous_chain_is_refused():
+    """dynamo-kvbm at block_size 4 hashes a block's (parent, own) digests, 16 bytes, as it
+    hashes a first block's 4 tokens: a one-block prompt whose token ids are those words (a
+    search finds ids < 2**31) had the hash of another prompt's second block, and the cache
+    served the crafted prompt's KV as that block. Refused at block_size 4, taken at others."""
+    pytest.importorskip("xxhash")
+    with pytest.raises(ValueError, match="^hash_fn: ambiguous at block_size=4"):
+        PrefixCache(16, 4, hash_fn=_kvbm)
+    for bs in (2, 8, 16):
+        pc = PrefixCache(16, bs, hash_fn=_kvbm)
+        a, b = list(range(1, bs + 1)), list(range(100, 100 + bs))
+        pc.add_request("ab", a + b + [9])
+        pc.step([("ab", 2 * bs + 1)])
+        pc.free("ab")
+        assert pc.add_request("ab2", a + b + [7]) == 2 * bs
+
+
 def test_a_hash_fn_raising_in_step_changes_nothing():
     """hash_fn failing while step hashes the blocks it fills: step raises, the request is
     where it was (it used to count the tokens computed with no plan returned, so the next
