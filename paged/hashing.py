@@ -578,14 +578,14 @@ def hash_blocks(tokens, block_size: int, *, cu_lens=None, salt=None, extra=None,
     * ``"sglang-sha256"``: SGLang HiCache page hash chain, 32-byte digests; parent = prior
       page digest.
 
-    mm_items (prefixkv-v1 and vllm-sha256-cbor, one sequence): ``[(offset, length,
+    mm_items (prefixkv-v1, vllm-sha256-cbor and vllm-sha256, one sequence): ``[(offset, length,
     identifier)]``, a multimodal item's placeholder tokens ``tokens[offset:offset + length]``
     (offsets from this call's first token: negative for an item before it, when continuing a
     chain with ``parent``) and its content hash (bytes or str; :func:`check_mm_items`).
     prefixkv-v1: blocks before the first block an item overlaps hash as without items, later
     ones with the extra words of :func:`mm_extra_words` (docs/hashing.md, "Multimodal
-    prompts"); vllm-sha256-cbor: vLLM's ``(identifier, offset - block start)`` extra keys on
-    each block an item overlaps.
+    prompts"); vllm-sha256-cbor and vllm-sha256: vLLM's ``(identifier, offset - block
+    start)`` extra keys on each block an item overlaps.
     * ``"dynamo-xxh3"``: Dynamo router local block hash, xxh3_64 with seed (default 1337),
       each block alone; 8-byte little-endian digests (``int.from_bytes(d, "little")`` is
       Dynamo's u64).
