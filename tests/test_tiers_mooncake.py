@@ -310,7 +310,9 @@ class _Stalled:
 @pytest.mark.parametrize("code", [-901, -950])
 def test_every_rpc_error_marks_the_store_down(tier, code):
     """-900 alone marked the store down: a stalled master's -901 (RPC_TIMEOUT) cost every
-    call the client's 30 s wait, and "cleared" went out though nothing was removed."""
+    call the client's 30 s wait, and "cleared" went out though nothing was removed. An
+    explicit clear() is tried even while marked down (it had been dropped silently), and
+    counted again when it fails again."""
     from prefixkv.paged.events import EventLog
 
     log = EventLog()
@@ -319,16 +321,20 @@ def test_every_rpc_error_marks_the_store_down(tier, code):
     real = tier.store
     stalled = tier.store = _Stalled(real, code)
     try:
+        clear = tier.clear
         for call in (lambda: tier.batch_get(ks, shape=ROW, dtype="float32"),
                      lambda: tier.batch_put(ks, _rows(2)),
                      lambda: tier.batch_remove(ks),
-                     lambda: tier.clear()):
+                     clear):
             tier._down_until, tier._suspect = 0.0, False
             errors, calls = tier.stats.errors, stalled.calls
             call()
             assert tier.stats.errors == errors + 1 and not tier.available
-            call()  # marked down: answered at once, the store not asked
-            assert stalled.calls == calls + 1
+            call()  # marked down: answered at once, the store not asked (clear: tried)
+            if call is clear:
+                assert stalled.calls == calls + 2 and tier.stats.errors == errors + 2
+            else:
+                assert stalled.calls == calls + 1
         assert log.events == []
     finally:
         tier.store = real
@@ -582,3 +588,23 @@ def test_offload_drop_onboard_bit_exact(tier, dtype):
     pc3, caches3 = engine()  # another salt: nothing onboarded
     pc3.add_request("r", tokens, salt="tenant-b")
     assert off.onboard_request(pc3, "r", caches3)[1] == 0
+
+
+def test_clear_while_marked_down_is_tried(tier):
+    """clear() during the back-off after a fault, the store back: it removed nothing and
+    published nothing, silently (RedisTier.clear tries); now it clears."""
+    import time
+
+    from prefixkv.paged.events import EventLog
+
+    ks = _keys(2, start=740)
+    assert tier.batch_put(ks, _rows(2)) == [True, True]
+    log = EventLog()
+    tier.events.subscribe(log)
+    tier._down_until, tier._suspect = time.monotonic() + 60, True  # as after a fault
+    try:
+        tier.clear()
+        assert [e.kind for e in log.events] == ["cleared"] and tier.available
+        assert tier.batch_exists(ks) == 0
+    finally:
+        tier._down_until, tier._suspect = 0.0, False

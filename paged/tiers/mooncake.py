@@ -405,10 +405,19 @@ class MooncakeTier(Tier):
         return len(gone)
 
     def clear(self):
-        """Remove every object under this tier's prefix, then publish "cleared". A store
+        """Remove every object under this tier's prefix, then publish "cleared". Tried even
+        while the store is marked down (an operator's explicit request: skipped during the
+        back-off, it was silently lost; RedisTier.clear tries too); a store still down or
         that fails (an error code, an RPC fault) is counted in ``errors`` and publishes
-        nothing (objects may remain, so "cleared" would be untrue)."""
-        if not self._usable():
+        nothing (objects may remain, so "cleared" would be untrue). A closed tier does
+        nothing."""
+        if self._down_until == float("inf"):  # closed
+            return
+        self._down_until = 0.0
+        errors = self.stats.errors
+        if not self._usable():  # the master probed (and a reconnect tried) at once
+            if self.stats.errors == errors:  # a failed probe counts none of its own
+                self.stats.errors += 1
             return
         try:
             rc = self.store.remove_by_regex("^" + re.escape(self.prefix), True)
