@@ -78,6 +78,27 @@ def measure_machine_limits(nbytes: int = 128 << 20) -> dict:
 BENCH_JSONL_ENV = "PREFIXKV_BENCH_JSONL"
 
 
+#: extra_info key set on a benchmark whose test failed (pytest_runtest_makereport below)
+FAILED_KEY = "failed"
+_OUTCOME = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Mark a benchmark whose test failed: many check their result after timing, so a wrong
+    op still has times, and pytest-benchmark's JSON and the stream keep them. The mark goes
+    in extra_info (``failed: true``, which bench/report.py flags and never takes as a
+    baseline) and the test's outcome in the streamed row."""
+    report = yield
+    if report.when == "call" or report.failed:
+        item.stash[_OUTCOME] = report.outcome
+    if report.failed:
+        bench = getattr(item, "funcargs", {}).get("benchmark")
+        if bench is not None:
+            bench.extra_info[FAILED_KEY] = True
+    return report
+
+
 @pytest.fixture(autouse=True)
 def _stream_figures(request):
     path = os.environ.get(BENCH_JSONL_ENV)
@@ -86,7 +107,9 @@ def _stream_figures(request):
         return
     bench = request.getfixturevalue("benchmark")  # set up first: torn down after this one
     yield
+    # the call's report is made before fixtures are torn down: its outcome is known here
     row = {"test": request.node.nodeid, "group": bench.group,
+           "outcome": request.node.stash.get(_OUTCOME, "unknown"),
            "extra_info": dict(bench.extra_info)}
     stats = getattr(bench, "stats", None)
     if stats is not None:
@@ -142,15 +165,22 @@ def cuda_benchmark(benchmark, fn, *, rounds: int = 5, warmup_rounds: int = 1,
     return cuda_seconds(fn, iters=iters, repeat=repeat)
 
 
-#: Datasheet HBM GB/s by device-name substring, most specific first ("TPU v5 lite" is v5e,
-#: "TPU v5" v5p, "TPU v6 lite" v6e; H100 PCIe has HBM2e).
-HBM_GBPS = (("H100 PCIe", 2000.0), ("H100", 3350.0), ("H200", 4800.0), ("A100", 2039.0),
+#: Datasheet HBM GB/s by device-name substring (torch's device name or JAX's device_kind),
+#: searched in order, so every entry comes before the shorter names it contains: "GH200"
+#: before "H200", "H100 NVL" before "H100". One name covers parts with different memory
+#: (A100 40GB: 1555, 80GB: 1935 PCIe / 2039 SXM; GH200 with HBM3 or HBM3e): the variants
+#: are listed and the bare name gives 0, unknown, rather than another part's peak.
+#: "TPU v5 lite" is v5e, "TPU v5" v5p, "TPU v6 lite" v6e; H100 PCIe has HBM2e.
+HBM_GBPS = (("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0),
+            ("GH200 480GB", 4000.0), ("GH200", 0.0), ("H200", 4800.0),
+            ("A100-SXM4-40GB", 1555.0), ("A100-PCIE-40GB", 1555.0),
+            ("A100-SXM4-80GB", 2039.0), ("A100 80GB PCIe", 1935.0), ("A100", 0.0),
             ("TPU v5 lite", 819.0), ("TPU v5", 2765.0), ("TPU v6 lite", 1638.0))
 
 
 def datasheet_hbm_gbps(device_name: str) -> float:
     """The published HBM bandwidth of a device (its torch name or JAX device_kind); 0 when
-    unknown."""
+    unknown or when the name does not say which variant it is."""
     for name, gbps in HBM_GBPS:
         if name.lower() in device_name.lower():
             return gbps
@@ -223,8 +253,9 @@ def record(benchmark, limits: dict, *, bytes_read: float = 0.0, bytes_written: f
     attention read at the measured read bandwidth or a copy at memcpy speed.
 
     ``baseline=True`` marks the benchmark as its group's baseline (what a user would write
-    without prefixkv): bench/report.py's "vs baseline" column divides by its time, and shows
-    n/a in a group with none marked. Empty ``limits`` (a device figure): no fraction.
+    without prefixkv): bench/report.py's "vs baseline" column divides by its time (by the
+    fastest one's where several are marked, never a failed one's), and shows n/a in a group
+    with none marked. Empty ``limits`` (a device figure): no fraction.
     """
     t = seconds(benchmark)
     info = benchmark.extra_info

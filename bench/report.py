@@ -5,19 +5,27 @@
 
 The input may also be the JSON-lines file bench/conftest.py streams when
 ``PREFIXKV_BENCH_JSONL`` is set (bench/run_device.sh's ``bench_figures.jsonl``: one
-``{"test", "group", "extra_info", "mean_s", "min_s", "rounds"}`` object a benchmark, written as
-each finishes); there a test listed twice counts once, its last line, a line without times
-(not timed, or failed before timing) is left out, and the median column shows the min (the
-stream has no median).
+``{"test", "group", "outcome", "extra_info", "mean_s", "min_s", "rounds"}`` object a benchmark,
+written as each finishes); there a test listed twice counts once, its last line, a line
+without times (not timed, or failed before timing) is left out, and the median column shows
+the min (the stream has no median).
+
+Failed tests: bench/conftest.py marks a benchmark whose test failed ``failed: true`` in
+extra_info (the stream also gives its ``outcome``). Many tests check their op's result after
+timing, so a wrong op still has times: its row stays in the table, named FAILED, with no
+speedup, it is never a group's baseline, and the report lists the failed tests at the top.
 
 The table has one row per benchmark, grouped as pytest-benchmark grouped them: mean and median
 time, the speedup over the group's baseline (the benchmark whose ``extra_info`` says
-``baseline: true``, what a user would write without prefixkv; "n/a" in a group with none
-marked: no guessing), GB/s, GFLOP/s and the roofline fraction that ``bench/conftest.py:
-record`` put in ``extra_info``, plus any other scalar extra_info. The speedup compares the
-device clock when every benchmark of the group recorded one (``kernel_s`` or
-``seconds_per_call`` in extra_info: CUDA-event or queued-call seconds per call, the clock the
-GPU groups' GB/s use), else pytest-benchmark's host-timed means; each group names its clock.
+``baseline: true``, what a user would write without prefixkv; where several are marked, e.g.
+two ways a user could write it, the fastest that passed, so no speedup is overstated, the
+others tagged "also a baseline"; "n/a" in a group with none marked: no guessing, and "n/a
+(baseline failed)" where every marked one failed), GB/s, GFLOP/s and the roofline fraction
+that ``bench/conftest.py: record`` put in ``extra_info``, plus any other scalar extra_info.
+The speedup compares the device clock when every benchmark of the group recorded one
+(``kernel_s`` or ``seconds_per_call`` in extra_info: CUDA-event or queued-call seconds per
+call, the clock the GPU groups' GB/s use), else pytest-benchmark's host-timed means; each
+group names its clock.
 
 The plot is a roofline: achieved GB/s (bytes read + written, record's convention) against the
 machine's read and copy bandwidth measured in the same run (``read_gbps``/``copy_gbps`` in
@@ -42,10 +50,14 @@ _BYTE_KEYS = ("bytes", "bytes_read", "bytes_written")
 
 
 def _from_jsonl_row(row: dict) -> dict:
-    """A streamed row (bench/conftest.py:_stream_figures) as a pytest-benchmark entry."""
+    """A streamed row (bench/conftest.py:_stream_figures) as a pytest-benchmark entry; a row
+    whose outcome is "failed" is marked failed in extra_info as in pytest-benchmark's JSON."""
     test = row["test"]
+    info = dict(row.get("extra_info") or {})
+    if row.get("outcome") == "failed":
+        info["failed"] = True
     return {"name": test.rsplit("::", 1)[-1], "fullname": test, "group": row.get("group"),
-            "extra_info": row.get("extra_info") or {},
+            "extra_info": info,
             "stats": {"mean": row["mean_s"], "min": row.get("min_s"),
                       "rounds": row.get("rounds")}}
 
@@ -99,10 +111,20 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _failed(b: dict) -> bool:
+    """Whether the benchmark's test failed (bench/conftest.py's mark)."""
+    return b.get("extra_info", {}).get("failed") is True
+
+
+def _is_baseline(b: dict) -> bool:
+    return b.get("extra_info", {}).get("baseline") is True
+
+
 def _baseline(group: list[dict]) -> dict | None:
-    """The group's benchmark marked ``baseline: true`` in extra_info, or None."""
+    """The first benchmark of ``group`` (sorted fastest first) marked ``baseline: true`` in
+    extra_info whose test passed, or None: a failed one's times measure a wrong result."""
     for b in group:
-        if b.get("extra_info", {}).get("baseline") is True:
+        if _is_baseline(b) and not _failed(b):
             return b
     return None
 
@@ -128,6 +150,10 @@ def markdown(benches: list[dict]) -> str:
     for b in benches:
         groups[b.get("group") or "(no group)"].append(b)
     out = []
+    failed = [b.get("fullname") or b["name"] for b in benches if _failed(b)]
+    if failed:
+        out.append(f"**{len(failed)} benchmark(s) FAILED** (their result checks; times shown, "
+                   "no speedup): " + ", ".join(f"`{n}`" for n in failed) + "\n")
     limits = next((b["extra_info"] for b in benches
                    if all(k in b.get("extra_info", {}) for k in ("read_gbps", "matmul_gflops"))),
                   None)
@@ -145,11 +171,14 @@ def markdown(benches: list[dict]) -> str:
         out.append("| benchmark | mean | median | vs baseline | GB/s | GFLOP/s | roofline "
                    "| details |")
         out.append("|---|---|---|---|---|---|---|---|")
+        base_failed = base is None and any(_is_baseline(b) for b in group)
         for b in group:
             info = b.get("extra_info", {})
             s = b["stats"]
-            if base is None:
-                speed = "n/a"
+            if _failed(b):
+                speed = "FAILED"
+            elif base is None:
+                speed = "n/a (baseline failed)" if base_failed else "n/a"
             else:
                 t = clock[id(b)]
                 speed = f"{clock[id(base)] / t:.2f}x" if t else f"{math.nan}"
@@ -157,7 +186,10 @@ def markdown(benches: list[dict]) -> str:
                                 if k not in _LIMIT_KEYS and k not in _COLUMNS
                                 and k not in _BYTE_KEYS
                                 and isinstance(v, (int, float, str, bool)))
-            tag = " (baseline)" if b is base else ""
+            tag = (" (baseline)" if b is base
+                   else " (also a baseline)" if _is_baseline(b) and not _failed(b) else "")
+            if _failed(b):
+                tag = " **FAILED**" + (" (baseline)" if _is_baseline(b) else "")
             median = (_fmt_time(s["median"]) if s.get("median") is not None
                       else f"min {_fmt_time(s['min'])}" if s.get("min") is not None else "n/a")
             out.append(
@@ -175,6 +207,7 @@ def plot(benches: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    benches = [b for b in benches if not _failed(b)]  # their figures measure a wrong result
     moved = [b for b in benches if b.get("extra_info", {}).get("gbps")]
     computed = [b for b in benches
                 if b.get("extra_info", {}).get("gflops") and b["extra_info"].get("bytes")]
@@ -226,6 +259,10 @@ def main(argv=None) -> str:
     p.add_argument("--plot", default=None, help="write the roofline plot (PNG) here")
     args = p.parse_args(argv)
     benches = load(args.json)
+    for b in benches:
+        if _failed(b):
+            print(f"{args.json}: {b.get('fullname') or b['name']} FAILED: flagged in the "
+                  "table, never a baseline", file=sys.stderr)
     md = markdown(benches)
     if args.markdown:
         with open(args.markdown, "w") as f:
