@@ -99,14 +99,16 @@ def _assert_untouched(caches, other, before) -> None:
         assert np.array_equal(_bits(c[other]), b), f"cache {i}: a block not written changed"
 
 
-def _finish(benchmark, seconds: float, nbytes: int, copy_gbps: float, impl: str,
-            **extra) -> None:
-    """nbytes: read + written, half each."""
+def _finish(benchmark, seconds: float, bytes_read: int, bytes_written: int, copy_gbps: float,
+            impl: str, **extra) -> None:
+    """The figures of one op: bytes it reads and writes (their sum is ``bytes``), GB/s and the
+    fraction of the measured copy."""
+    nbytes = bytes_read + bytes_written
     gbps = nbytes / seconds / 1e9
     if "baseline" in impl:
         benchmark.extra_info["baseline"] = True
     benchmark.extra_info.update(extra, impl=impl, seconds_per_call=seconds,
-                                bytes_read=nbytes // 2, bytes_written=nbytes // 2,
+                                bytes_read=bytes_read, bytes_written=bytes_written,
                                 bytes=nbytes, gbps=round(gbps, 1),
                                 measured_copy_gbps=round(copy_gbps, 1),
                                 copy_fraction=round(gbps / copy_gbps, 3))
@@ -135,7 +137,8 @@ def test_gpu_cache_torch_write_kv(benchmark, impl):
     fn = torch_write_kv_fn(impl == "triton", key, value, k, v, slots, backend="triton")
     _assert_untouched((k, v), other, before)
     t = cuda_benchmark(benchmark, fn, iters=CALLS)
-    _finish(benchmark, t, WRITE_BYTES, cuda_memory_limits()["copy_gbps"], impl=impl)
+    _finish(benchmark, t, WRITE_BYTES // 2, WRITE_BYTES // 2, cuda_memory_limits()["copy_gbps"],
+            impl=impl)
 
 
 @cuda
@@ -183,7 +186,8 @@ def test_gpu_cache_torch_moves(benchmark, impl, op):
             assert torch.equal(c[dst64], w)
     _assert_untouched(caches, other, before)  # the gather too: it must not write the caches
     t = cuda_benchmark(benchmark, fn, iters=CALLS)
-    _finish(benchmark, t, MOVE_BYTES, cuda_memory_limits()["copy_gbps"], impl=impl, op=op)
+    _finish(benchmark, t, MOVE_BYTES // 2, MOVE_BYTES // 2, cuda_memory_limits()["copy_gbps"],
+            impl=impl, op=op)
 
 
 MERGE_TOKENS, MERGE_HEADS = 65536, 32  # two bf16 partial states of 512 MiB each
@@ -221,8 +225,8 @@ def test_gpu_merge_attention_states(benchmark, impl):
     assert torch.allclose(got_o.float(), want_o.float(), atol=2e-2, rtol=2e-2)
     assert torch.allclose(got_l, want_l, atol=1e-5, rtol=1e-5)
     t = cuda_benchmark(benchmark, fn, iters=CALLS)
-    state = MERGE_TOKENS * MERGE_HEADS * (D * 2 + 4)
-    _finish(benchmark, t, 3 * state, cuda_memory_limits()["copy_gbps"], impl=impl)
+    state = MERGE_TOKENS * MERGE_HEADS * (D * 2 + 4)  # one bf16 state and its f32 lse
+    _finish(benchmark, t, 2 * state, state, cuda_memory_limits()["copy_gbps"], impl=impl)
 
 
 # --------------------------------------------------------------------------------- JAX
@@ -295,7 +299,7 @@ def test_device_cache_jax_write_kv(benchmark, impl):
         _assert_untouched(kv, other, before)
 
     t, _ = _jax_time(benchmark, fn, [k, v], key, value, slots, check=check)
-    _finish(benchmark, t, WRITE_BYTES, _jax_copy_gbps(), impl=impl)
+    _finish(benchmark, t, WRITE_BYTES // 2, WRITE_BYTES // 2, _jax_copy_gbps(), impl=impl)
 
 
 @pytest.mark.parametrize("op", ["copy_blocks", "gather_blocks", "scatter_blocks"])
@@ -340,4 +344,4 @@ def test_device_cache_jax_moves(benchmark, impl, op):
                                                  for i, c in enumerate(cs)]),
                          donate_argnums=0)
             t, _ = _jax_time(benchmark, fn, caches, buffer, dst, check=check)
-    _finish(benchmark, t, MOVE_BYTES, _jax_copy_gbps(), impl=impl, op=op)
+    _finish(benchmark, t, MOVE_BYTES // 2, MOVE_BYTES // 2, _jax_copy_gbps(), impl=impl, op=op)

@@ -375,8 +375,39 @@ def test_shared_prefix_sizes(benchmark, machine_limits, impl, shape):
 PF_CACHED, PF_NEW = 4096, 512
 
 
-@pytest.mark.parametrize("impl", ["prefill_512_over_cached_4096", "recompute_4608"])
+def gather_prefill_attention(args, q_len: int, try_cudnn: bool | None = None):
+    """(jitted baseline, the implementation that ran, why cuDNN did not or None): prefill
+    over cached blocks as a user writes it in jnp without a paged kernel (bench_torch_attention's
+    baseline_prefill): gather each sequence's blocks by its block table (jnp.take), then
+    jax.nn.dot_product_attention over them with the causal mask aligned to the end (a
+    sequence's ``q_len`` new tokens are its last). args: paged_attention's (q, k_cache,
+    v_cache, block_tables, kv_lens, cu_q_lens), every sequence with ``q_len`` new tokens; the
+    function takes them and returns q's shape, as the paged call. cuDNN as
+    dense_causal_attention: on a GPU unless it refuses, else XLA."""
+    def make(implementation):
+        def fn(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens):
+            num_seqs, width = block_tables.shape
+            _, bs, hkv, d = k_cache.shape
+            k, v = (jnp.take(c, block_tables, axis=0).reshape(num_seqs, width * bs, hkv, d)
+                    for c in (k_cache, v_cache))
+            # each new token's own position: it sees the keys up to it
+            own = kv_lens[:, None] - q_len + jnp.arange(q_len)[None, :]      # [S, q_len]
+            mask = jnp.arange(width * bs)[None, None, :] <= own[:, :, None]  # [S, q_len, T]
+            out = jax.nn.dot_product_attention(
+                q.reshape(num_seqs, q_len, -1, d), k, v, mask=mask[:, None],
+                implementation=implementation)
+            return out.reshape(q.shape)
+        return jax.jit(fn)
+
+    return _cudnn_else_xla(make, args, try_cudnn)
+
+
+@pytest.mark.parametrize("impl", ["prefill_512_over_cached_4096", "jnp_gather_baseline_512",
+                                  "recompute_4608"])
 def test_prefill_over_cached_prefix(benchmark, machine_limits, impl):
+    """Prefill of 512 new tokens over 4096 cached against the jnp gather + masked attention
+    baseline over the same cache (gather_prefill_attention) and against recomputing all 4608
+    tokens; both baselines marked (bench/report.py takes the faster)."""
     benchmark.group = "jax prefill 512 over 4096 cached vs recompute 4608, f32"
     rng = np.random.default_rng(2)
     total = PF_CACHED + PF_NEW
@@ -384,11 +415,15 @@ def test_prefill_over_cached_prefix(benchmark, machine_limits, impl):
     k, v = _cache(rng, blocks + 1, "float32")
     tables = jnp.asarray(rng.permutation(blocks + 1)[:blocks][None, :].astype(np.int32))
     kv_lens = jnp.asarray([total], jnp.int32)
-    q_len = PF_NEW if impl.startswith("prefill") else total
+    q_len = total if impl == "recompute_4608" else PF_NEW
     q = jnp.asarray(rng.standard_normal((q_len, HQ, D), dtype=np.float32))
     cu = jnp.asarray([0, q_len], jnp.int32)
-    fn = jax.jit(jf.paged_attention)
     args = (q, k, v, tables, kv_lens, cu)
+    if impl == "jnp_gather_baseline_512":
+        fn, ran, _ = gather_prefill_attention(args, q_len, try_cudnn=False)
+        benchmark.extra_info["implementation"] = ran
+    else:
+        fn = jax.jit(jf.paged_attention)
     rows = (0, q_len // 2, -1)  # the first, a middle and the last query token
     _run(benchmark, fn, args, rounds=2,
          check=lambda out: _check(out, rows, _want(args, rows), "float32"))
@@ -396,7 +431,7 @@ def test_prefill_over_cached_prefix(benchmark, machine_limits, impl):
     keys = np.arange(total - q_len, total, dtype=np.float64) + 1
     flops = 4 * HQ * D * float(keys.sum())
     record(benchmark, machine_limits, bytes_read=2 * total * HKV * D * 4, flops=flops,
-           impl=impl, baseline=impl == "recompute_4608", query_tokens=q_len)
+           impl=impl, baseline=impl != "prefill_512_over_cached_4096", query_tokens=q_len)
 
 
 # -------------------------- mixed: decodes and a prefill chunk in one call (chunked prefill)
@@ -776,41 +811,61 @@ def _make_device_prefill_inputs():
             jnp.arange(DPF_SEQS + 1, dtype=jnp.int32) * PF_NEW)
 
 
-def dense_causal_attention(args, try_cudnn: bool | None = None):
-    """(jitted causal jax.nn.dot_product_attention, the implementation that ran, why cuDNN
-    did not or None): on a GPU (or ``try_cudnn``) the cuDNN fused kernel, what a user gets
-    there, with a fallback to the XLA path when cuDNN refuses these arguments (the error is
-    caught at the first call, which also compiles); elsewhere the XLA path."""
+def _cudnn_else_xla(make, args, try_cudnn: bool | None):
+    """(``make("cudnn")``, "cudnn", None) when that call on ``args`` works, else
+    (``make("xla")``, "xla", why cuDNN did not or None). ``make(implementation)``: a jitted
+    function of ``args`` calling jax.nn.dot_product_attention with that implementation. cuDNN
+    is tried on a GPU (or when ``try_cudnn``): the fused kernel a user gets there; the error
+    of arguments it refuses is caught at the first call, which also compiles."""
     reason = None
     if try_cudnn is None:
         try_cudnn = jax.default_backend() == "gpu"
     if try_cudnn:
-        fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, implementation="cudnn"))
+        fn = make("cudnn")
         try:
             jax.block_until_ready(fn(*args))
             return fn, "cudnn", None
         except Exception as e:  # any refusal (at trace, compile or run): the XLA path
             reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
-    fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, implementation="xla"))
-    return fn, "xla", reason
+    return make("xla"), "xla", reason
+
+
+def dense_causal_attention(args, try_cudnn: bool | None = None):
+    """(jitted causal jax.nn.dot_product_attention, the implementation that ran, why cuDNN
+    did not or None): on a GPU (or ``try_cudnn``) the cuDNN fused kernel, what a user gets
+    there, with a fallback to the XLA path when cuDNN refuses these arguments; elsewhere the
+    XLA path (_cudnn_else_xla)."""
+    return _cudnn_else_xla(
+        lambda implementation: jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation=implementation)), args, try_cudnn)
 
 
 @pytest.mark.skipif(jax.default_backend() == "cpu", reason="needs a GPU or TPU")
-@pytest.mark.parametrize("impl", ["prefixkv_512_over_cached_4096", "recompute_4608"])
+@pytest.mark.parametrize("impl", ["prefixkv_512_over_cached_4096", "jnp_gather_baseline_512",
+                                  "recompute_4608"])
 def test_prefill_device_bf16(benchmark, impl):
     """Prefill with a cached prefix on the device: the frontend's kernel over the paged cache
-    (Pallas on a GPU/TPU) against recomputing all 4608 tokens of each sequence with
-    jax.nn.dot_product_attention (causal, dense K/V: what a prefix cache saves; cuDNN on a GPU
-    unless it refuses, then XLA: extra_info ``recompute_implementation``, and
-    ``cudnn_refused`` with the reason). Records the attention's TFLOP/s (causal: each query
-    sees its position + 1 keys) and its fraction of the measured bf16 matmul rate."""
+    (Pallas on a GPU/TPU) against the jnp baseline over the same cache (gather the blocks,
+    then jax.nn.dot_product_attention with the causal mask aligned to the end:
+    gather_prefill_attention) and against recomputing all 4608 tokens of each sequence with
+    jax.nn.dot_product_attention (causal, dense K/V: what a prefix cache saves); both
+    baselines marked (bench/report.py takes the faster). Each baseline runs cuDNN on a GPU
+    unless it refuses, then XLA: extra_info ``recompute_implementation`` or
+    ``implementation``, and ``cudnn_refused`` with the reason. Records the attention's
+    TFLOP/s (causal: each query sees its position + 1 keys) and its fraction of the measured
+    bf16 matmul rate."""
     benchmark.group = "jax prefill 8x(512 over 4096) bf16 on device"
     args = _device_prefill_inputs()
     total = PF_CACHED + PF_NEW
-    if impl.startswith("prefixkv"):
-        fn = jax.jit(lambda *a: jf.paged_attention(*a))
+    if impl != "recompute_4608":
+        if impl.startswith("prefixkv"):
+            fn = jax.jit(lambda *a: jf.paged_attention(*a))
+        else:
+            fn, ran, refused = gather_prefill_attention(args, PF_NEW)
+            benchmark.extra_info["implementation"] = ran
+            if refused:
+                benchmark.extra_info["cudnn_refused"] = refused
+            benchmark.extra_info["baseline"] = True
         q_len = PF_NEW
 
         def check(out):

@@ -118,12 +118,29 @@ def _gathered(k_cache, v_cache, block_tables):
                  for c in (k_cache, v_cache))
 
 
-def baseline_paged_attention(q, k_cache, v_cache, block_tables, kv_lens):
-    """What a user writes without a paged kernel: gather the blocks, then SDPA (decode)."""
+def _repeat_kv(k, v, num_q_heads: int):
+    """Gathered K, V [S, Hkv, T, D] with each kv head repeated for the q heads of its group,
+    [S, Hq, T, D] (q head h reads kv head h // group, as enable_gqa): HF transformers'
+    repeat_kv. torch's SDPA runs enable_gqa only on its flash and math backends and flash
+    takes no mask, so a masked GQA call runs the math path; over repeated K/V the fused
+    memory-efficient kernel can take the mask. K first, then V: one gathered copy at a time
+    lives next to the repeated ones."""
+    group = num_q_heads // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    return k, v.repeat_interleave(group, dim=1)
+
+
+def baseline_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, *,
+                             repeat_kv: bool = False):
+    """What a user writes without a paged kernel: gather the blocks, then SDPA (decode) with
+    enable_gqa, or (``repeat_kv``) over K/V repeated for every q head (_repeat_kv)."""
     k, v = _gathered(k_cache, v_cache, block_tables)
+    if repeat_kv:
+        k, v = _repeat_kv(k, v, q.shape[1])
     pos = torch.arange(k.shape[2], device=q.device)
     mask = (pos[None, :] < kv_lens[:, None].long())[:, None, None, :]
-    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)
+    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask,
+                                         enable_gqa=not repeat_kv)
     return out[:, :, 0]
 
 
@@ -563,8 +580,12 @@ def test_cpu_prefill_fp8(benchmark, machine_limits, impl):
     benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
     total = PF_CACHED + PF_NEW
     flops = 4 * HQ * HEAD_DIM * float(sum(range(total - PF_NEW + 1, total + 1)))
-    record(benchmark, machine_limits, bytes_read=2 * total * HKV * HEAD_DIM, flops=flops,
-           impl=impl, dtype="float8_e4m3fn", q_dtype="bfloat16",
+    # the caches each variant is given: fp8 (the baseline's bf16 copy it makes is not
+    # counted), or the bf16 ones prefixkv_bf16 reads, twice the bytes
+    cache = deq[0] if impl == "prefixkv_bf16" else k8
+    record(benchmark, machine_limits,
+           bytes_read=2 * total * HKV * HEAD_DIM * cache.element_size(), flops=flops,
+           impl=impl, dtype=str(cache.dtype).removeprefix("torch."), q_dtype="bfloat16",
            baseline=impl == "dequantize_baseline")
 
 
@@ -798,16 +819,21 @@ def test_gpu_call_overhead_write_kv(benchmark, impl, monkeypatch):
 @pytest.mark.parametrize("shape", [(8, 4096), (64, 4096), (1, 32768)],
                          ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("impl", ["triton", "torch", "baseline_sdpa"])
+@pytest.mark.parametrize("impl", ["triton", "torch", "baseline_sdpa", "baseline_sdpa_repeat_kv"])
 def test_gpu_decode(benchmark, impl, dtype, shape):
+    """Decode at a fraction of the measured read bandwidth and of the datasheet HBM peak.
+    Two baselines, both marked (bench/report.py takes the faster): SDPA with enable_gqa and
+    the mask, and SDPA over K/V repeated for every q head (_repeat_kv), which the fused
+    memory-efficient kernel can run."""
     num_seqs, context = shape
     benchmark.group = f"gpu-decode-{dtype}-{num_seqs}x{context}"
     q, k, v, tables, kv_lens = decode_batch("cuda", DTYPES[dtype], num_seqs, context)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], device="cuda")
-    if impl == "baseline_sdpa":
+    if impl.startswith("baseline"):
         def fn():
-            return baseline_paged_attention(q, k, v, tables, kv_lens)
+            return baseline_paged_attention(q, k, v, tables, kv_lens,
+                                            repeat_kv=impl == "baseline_sdpa_repeat_kv")
     else:
         ws = torch.empty(tf.attention_workspace_size(q, k, tables, backend=impl),
                          dtype=torch.uint8, device="cuda")
@@ -824,7 +850,7 @@ def test_gpu_decode(benchmark, impl, dtype, shape):
     nbytes = _kv_bytes(k, num_seqs, context)
     measured = cuda_memory_limits()
     gbps = nbytes / t / 1e9
-    if impl == "baseline_sdpa":
+    if impl.startswith("baseline"):
         benchmark.extra_info["baseline"] = True
     benchmark.extra_info.update(
         impl=impl, dtype=dtype, gpu=gpu, kernel_s=t, bytes_read=nbytes, bytes_written=0,
@@ -884,12 +910,14 @@ def _gpu_shared_prefix_batch(dtype):
 
 @cuda
 @pytest.mark.parametrize("impl", ["shared_prefix_attention", "paged_attention",
-                                  "baseline_sdpa"])
+                                  "baseline_sdpa", "baseline_sdpa_repeat_kv"])
 def test_gpu_shared_prefix(benchmark, impl):
     """Cascade decode on the GPU (Triton): the prefix read once for all 64 queries against
-    paged attention reading it once per sequence, and the gather + SDPA baseline. Records the
-    kernel time, the unique KV bytes (prefix once + own tokens) and their fraction of the
-    measured read bandwidth; the ratio to paged_attention is the cascade's speedup."""
+    paged attention reading it once per sequence, and the gather + SDPA baselines (with
+    enable_gqa, and over repeated K/V as test_gpu_decode's: 35 GB of repeated K/V a call,
+    freed after it). Records the kernel time, the unique KV bytes (prefix once + own tokens)
+    and their fraction of the measured read bandwidth; the ratio to paged_attention is the
+    cascade's speedup."""
     benchmark.group = "gpu-shared-prefix-bf16-64x(32768+256)"
     sp_args, pa_args = _gpu_shared_prefix_batch(torch.bfloat16)
     q = sp_args[0]
@@ -909,7 +937,8 @@ def test_gpu_shared_prefix(benchmark, impl):
             return tf.paged_attention(*pa_args, out=out, lse=lse, workspace=ws)
     else:
         def fn():
-            return baseline_paged_attention(*pa_args)
+            return baseline_paged_attention(*pa_args,
+                                            repeat_kv=impl == "baseline_sdpa_repeat_kv")
         benchmark.extra_info["baseline"] = True
     _check(fn(), SHARED_ROWS, _want(("gpu-shared",), pa_args, SHARED_ROWS), "bfloat16")
     t = cuda_benchmark(benchmark, fn, rounds=10, warmup_rounds=2)
@@ -947,13 +976,15 @@ def _gpu_prefill_batch():
 
 @cuda
 @pytest.mark.parametrize("impl", ["triton_512_over_cached_4096", "baseline_sdpa_512",
-                                  "recompute_sdpa_4608"])
+                                  "baseline_sdpa_repeat_kv_512", "recompute_sdpa_4608"])
 def test_gpu_prefill(benchmark, impl):
     """Prefill with a cached prefix on the GPU: the Triton kernel over the paged cache
-    against gather + SDPA with the causal mask aligned to the end, and against recomputing
-    all 4608 tokens of each sequence with causal SDPA over dense K/V (flash attention: what
-    a prefix cache saves). Records TFLOP/s of the attention each does (causal: each query
-    sees its position + 1 keys) and its fraction of the measured bf16 matmul rate."""
+    against gather + SDPA with the causal mask aligned to the end (with enable_gqa, and over
+    K/V repeated for every q head, _repeat_kv: both marked baselines, bench/report.py takes
+    the faster), and against recomputing all 4608 tokens of each sequence with causal SDPA
+    over dense K/V (flash attention: what a prefix cache saves). Records TFLOP/s of the
+    attention each does (causal: each query sees its position + 1 keys) and its fraction of
+    the measured bf16 matmul rate."""
     benchmark.group = "gpu-prefill-8x(512-over-4096)-bf16"
     q, k, v, tables, kv_lens, cu = _gpu_prefill_batch()
     total = PF_CACHED + PF_NEW
@@ -973,10 +1004,14 @@ def test_gpu_prefill(benchmark, impl):
         qd = q.view(GPF_SEQS, PF_NEW, HQ, HEAD_DIM).transpose(1, 2)
         pos = torch.arange(total, device="cuda")
         mask = pos[None, :] <= (PF_CACHED + torch.arange(PF_NEW, device="cuda"))[:, None]
+        repeat = impl == "baseline_sdpa_repeat_kv_512"
 
         def fn():
             k2, v2 = _gathered(k, v, tables)
-            return F.scaled_dot_product_attention(qd, k2, v2, attn_mask=mask, enable_gqa=True)
+            if repeat:
+                k2, v2 = _repeat_kv(k2, v2, HQ)
+            return F.scaled_dot_product_attention(qd, k2, v2, attn_mask=mask,
+                                                  enable_gqa=not repeat)
         # [S, Hq, 512, D] -> the paged call's rows [S * 512, Hq, D]
         _check(fn().transpose(1, 2).reshape(-1, HQ, HEAD_DIM), rows, want, "bfloat16")
         benchmark.extra_info["baseline"] = True
