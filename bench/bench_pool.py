@@ -17,11 +17,21 @@ Pools, same trace, same run:
   (``list.remove`` / ``pop(0)``).
 
 extra_info: requests/s, block-ops/s (touches + allocations + registrations + frees), blocks/s
-(blocks requested), hit rate, and the ratio to vLLM's 7.4k requests/s; ``baseline: true`` on
-``linked-objects`` (the design a serving engine already uses; ``naive`` is an extra row). Each
-pool's operation counts and hits must equal those of one untimed ``linked-objects`` run of the
-trace (checked in the benchmark itself, so also under ``--benchmark-only``), so the timings
-compare the same work.
+(blocks requested), hit rate, and the ratio to vLLM's 7.4k requests/s (``x_vllm_7.4k_req_s``: a
+figure quoted from shared/ANCHORS.md, not measured in this run; ``vllm_figure`` says so in
+each row); ``baseline: true`` on ``linked-objects`` (the design a serving engine already uses;
+``naive`` is an extra row). Each pool's operation counts and hits must equal those of one
+untimed ``linked-objects`` run of the trace (checked in the benchmark itself, so also under
+``--benchmark-only``), so the timings compare the same work.
+
+``manager-trace`` group: the whole manager on the same trace with real tokens (2000 requests,
+3.7 M tokens): per request, hash the prompt's full blocks, take the cached prefix, one prefill
+step (allocate, register, the step's metadata), free when it finishes. ``prefixkv``:
+:class:`PrefixCache` (prefixkv-v1 hashes); ``dict_baseline`` (``baseline: true``): the prefix
+cache a user writes in plain Python (:class:`DictPrefixCache`: sha256 chained block hashes, a
+dict index, an OrderedDict LRU, numpy metadata). Both must give the same hits and the same
+metadata (block tables, kv_lens, cu_q_lens, slot mapping, positions) for every request as one
+untimed ``dict_baseline`` run, checked before timing; the timed rounds' hits again after.
 
 ``decode-step`` group: one decode step of an engine's manager, 512 running requests of 2048
 tokens each (128 blocks): ``append_tokens`` of each sampled token, then ``PrefixCache.step``
@@ -38,7 +48,9 @@ Run: OMP_NUM_THREADS=1 .venv/bin/pytest bench/bench_pool.py --benchmark-only
 from __future__ import annotations
 
 import hashlib
-from collections import deque
+import zlib
+from collections import OrderedDict, deque
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -53,6 +65,9 @@ NUM_BLOCKS = 8192
 BLOCK_SIZE = 16
 MAX_RUNNING = 32
 VLLM_REQ_PER_S = 7.4e3  # vLLM 0.33 BlockPool on this trace, this machine (shared/ANCHORS.md)
+#: put next to x_vllm_7.4k_req_s: that ratio divides by the constant above, not a same-run time
+VLLM_FIGURE = ("quoted: vLLM 0.33 BlockPool, pool alone, 7.4k req/s (shared/ANCHORS.md); "
+               "not measured in this run")
 
 
 def make_trace(seed: int = 0):
@@ -116,22 +131,34 @@ def make_token_trace(seed: int = 0):
     return out
 
 
-def run_manager_trace(pc: PrefixCache, requests) -> dict:
+#: the step metadata compared between the manager-trace implementations
+PLAN_ARRAYS = ("block_tables", "kv_lens", "cu_q_lens", "slot_mapping", "positions")
+
+
+def run_manager_trace(pc, requests, digests: list | None = None) -> dict:
     """An engine's calls per request: add_request (hash + hit), one prefill step (allocate,
-    register, plan), free when it finishes (32 running)."""
+    register, plan), free when it finishes (32 running). ``pc``: a PrefixCache or a
+    DictPrefixCache. ``digests``: a list to append a CRC of each step's metadata to (an
+    untimed check run)."""
     running: deque = deque()
-    hits = tokens = 0
+    hits = []
+    tokens = 0
     for rid, toks in enumerate(requests):
         if len(running) == MAX_RUNNING:
             pc.free(running.popleft())
         cached = pc.add_request(rid, toks)
-        pc.step([(rid, len(toks) - cached)])
+        plan = pc.step([(rid, len(toks) - cached)])
+        if digests is not None:
+            crc = 0
+            for name in PLAN_ARRAYS:
+                crc = zlib.crc32(np.ascontiguousarray(getattr(plan, name)).tobytes(), crc)
+            digests.append(crc)
         running.append(rid)
-        hits += cached
+        hits.append(cached)
         tokens += len(toks)
     while running:
         pc.free(running.popleft())
-    return {"hit_tokens": hits, "tokens": tokens}
+    return {"hit_tokens": sum(hits), "tokens": tokens, "hits": hits}
 
 
 # ---------------------------------------------------------------------- comparison pools
@@ -269,6 +296,97 @@ class NaivePool:
                 self.free_list.append(b)
 
 
+class DictPrefixCache:
+    """The prefix cache a user writes in plain Python, the manager-trace baseline: a request's
+    full blocks hashed with hashlib.sha256 over the parent's digest and the block's int32
+    bytes (raw bytes: cheaper than vLLM's pickled tuples); a dict from hash to block; free
+    cached blocks in an OrderedDict, least recently used first; empty blocks in a list; each
+    step's block tables, kv_lens, cu_q_lens, slot mapping and positions as int32 numpy.
+
+    The same policy as PrefixCache, so hits and block ids agree: hits are full blocks, never
+    the last token; empty blocks go first, lowest ids first on a fresh pool, then the most
+    recently emptied; a finished request's blocks are queued tail first; a hash already
+    cached is not registered again. Only what run_manager_trace calls: add_request, step,
+    free."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.ref = [0] * num_blocks
+        self.hash_of: dict[int, bytes] = {}
+        self.index: dict[bytes, int] = {}
+        self.lru: OrderedDict[int, None] = OrderedDict()
+        self.empty = list(range(num_blocks - 1, 0, -1))  # block 0 is the null block
+        self.requests: dict = {}  # id -> [hashes, blocks, tokens computed]
+
+    def add_request(self, rid, tokens) -> int:
+        tokens = np.asarray(tokens, dtype=np.int32)
+        bs = self.block_size
+        hashes, parent = [], b""
+        for i in range(len(tokens) // bs):
+            parent = hashlib.sha256(parent + tokens[i * bs:(i + 1) * bs].tobytes()).digest()
+            hashes.append(parent)
+        blocks = []
+        for h in hashes[:(len(tokens) - 1) // bs]:
+            b = self.index.get(h)
+            if b is None:
+                break
+            if self.ref[b] == 0:
+                del self.lru[b]
+            self.ref[b] += 1
+            blocks.append(b)
+        self.requests[rid] = [hashes, blocks, len(blocks) * bs]
+        return len(blocks) * bs
+
+    def _allocate(self) -> int:
+        if self.empty:
+            b = self.empty.pop()
+        elif self.lru:
+            b, _ = self.lru.popitem(last=False)
+            del self.index[self.hash_of.pop(b)]
+        else:
+            raise RuntimeError("out of blocks")
+        self.ref[b] = 1
+        return b
+
+    def step(self, batch) -> SimpleNamespace:
+        bs = self.block_size
+        tables, kv_lens, cu, slots, positions = [], [], [0], [], []
+        for rid, n in batch:
+            req = self.requests[rid]
+            hashes, blocks, start = req
+            end = start + n
+            while len(blocks) * bs < end:
+                blocks.append(self._allocate())
+            table = np.asarray(blocks, dtype=np.int32)
+            pos = np.arange(start, end, dtype=np.int32)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            positions.append(pos)
+            tables.append(table)
+            kv_lens.append(end)
+            cu.append(cu[-1] + n)
+            for i in range(start // bs, end // bs):  # the blocks this step filled
+                if hashes[i] not in self.index:
+                    self.index[hashes[i]] = blocks[i]
+                    self.hash_of[blocks[i]] = hashes[i]
+            req[2] = end
+        block_tables = np.zeros((len(tables), max(map(len, tables))), dtype=np.int32)
+        for i, t in enumerate(tables):
+            block_tables[i, :len(t)] = t
+        return SimpleNamespace(block_tables=block_tables, kv_lens=np.asarray(kv_lens, np.int32),
+                               cu_q_lens=np.asarray(cu, np.int32),
+                               slot_mapping=np.concatenate(slots),
+                               positions=np.concatenate(positions))
+
+    def free(self, rid) -> None:
+        for b in reversed(self.requests.pop(rid)[1]):
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                if b in self.hash_of:
+                    self.lru[b] = None
+                else:
+                    self.empty.append(b)
+
+
 POOLS = {
     "prefixkv": BlockPool,
     "linked-objects": LinkedObjectPool,
@@ -311,24 +429,57 @@ def test_pool_trace(benchmark, trace, baseline_counts, name):
     info["blocks_per_s"] = counts["blocks"] / t
     info["hit_rate"] = counts["hit_blocks"] / counts["blocks"]
     info["x_vllm_7.4k_req_s"] = NUM_REQUESTS / t / VLLM_REQ_PER_S
+    info["vllm_figure"] = VLLM_FIGURE
     if name == BASELINE_POOL:
         info["baseline"] = True
 
 
+MANAGERS = {"prefixkv": PrefixCache, "dict_baseline": DictPrefixCache}
+
+
+@pytest.fixture(scope="module")
+def token_trace():
+    return make_token_trace()
+
+
+@pytest.fixture(scope="module")
+def manager_reference(token_trace):
+    """(per-request hits, per-step metadata CRCs) of one untimed dict_baseline run: what
+    every manager must give."""
+    digests: list = []
+    counts = run_manager_trace(DictPrefixCache(NUM_BLOCKS, BLOCK_SIZE), token_trace, digests)
+    assert counts["hit_tokens"] > 0.4 * counts["tokens"], counts
+    return counts["hits"], digests
+
+
 @pytest.mark.benchmark(group="manager-trace")
-def test_prefix_cache_trace(benchmark):
-    """PrefixCache end to end on the token trace: prefixkv-v1 hashing (incremental), hits,
-    allocation, registration and the step's batch metadata, per request."""
-    requests = make_token_trace()
+@pytest.mark.parametrize("name", list(MANAGERS))
+def test_prefix_cache_trace(benchmark, token_trace, manager_reference, name):
+    """The manager end to end on the token trace: hashing, hits, allocation, registration and
+    the step's batch metadata, per request. PrefixCache (prefixkv-v1 hashes, incremental)
+    against DictPrefixCache, the baseline. An untimed run first (the warm-up) must give the
+    reference's hits and metadata, request by request; then the timed rounds' hits."""
+    cls = MANAGERS[name]
+    want_hits, want_digests = manager_reference
+    digests: list = []
+    counts = run_manager_trace(cls(NUM_BLOCKS, BLOCK_SIZE), token_trace, digests)
+    assert counts["hits"] == want_hits, name
+    bad = next((i for i, (a, b) in enumerate(zip(digests, want_digests, strict=True))
+                if a != b), None)
+    assert bad is None, f"{name}: request {bad}'s step metadata differs from the reference's"
     counts = benchmark.pedantic(
-        run_manager_trace, setup=lambda: ((PrefixCache(NUM_BLOCKS, BLOCK_SIZE), requests), {}),
-        rounds=3, warmup_rounds=1)
+        run_manager_trace, setup=lambda: ((cls(NUM_BLOCKS, BLOCK_SIZE), token_trace), {}),
+        rounds=3)
+    assert counts["hits"] == want_hits, name
     t = seconds(benchmark, "min")
     info = benchmark.extra_info
     info["requests_per_s"] = NUM_REQUESTS / t
     info["tokens_per_s"] = counts["tokens"] / t
     info["hit_rate"] = counts["hit_tokens"] / counts["tokens"]
     info["x_vllm_7.4k_req_s"] = NUM_REQUESTS / t / VLLM_REQ_PER_S
+    info["vllm_figure"] = VLLM_FIGURE
+    if name == "dict_baseline":
+        info["baseline"] = True
 
 
 DECODE_REQUESTS = 512
