@@ -26,7 +26,6 @@ from itertools import chain
 
 import numpy as np
 
-from .spec import query_positions
 from .validate import check_int, check_int32
 
 I32 = np.int32
@@ -240,10 +239,26 @@ def _lens(name: str, lens, n: int) -> np.ndarray:
     return a
 
 
+def _query_positions(ctx: np.ndarray, ql: np.ndarray, cu: np.ndarray):
+    """:func:`~prefixkv.paged.spec.query_positions` from the batch's context lengths (int64,
+    kv_lens < 2**31 checked): i32 (sequence index, absolute position) per query token, the
+    one-sequence and decode batches without the general path's gathers."""
+    n, total = len(ql), int(cu[-1])
+    if n == 1:
+        return (np.zeros(total, dtype=I32),
+                np.arange(int(ctx[0]), int(ctx[0]) + total, dtype=I32))
+    if total == n and (ql == 1).all():  # decode: one token each, at its context length
+        return np.arange(n, dtype=I32), ctx.astype(I32)
+    seq = np.repeat(np.arange(n, dtype=I32), ql)
+    # token j of sequence s is at ctx[s] + (j - cu[s]): one repeat of ctx - cu
+    pos = np.arange(total, dtype=I32)
+    pos += np.repeat((ctx - cu[:-1]).astype(I32), ql)
+    return seq, pos
+
+
 def plan_batch(block_lists: Sequence[Sequence[int]], context_lens: Sequence[int],
                q_lens: Sequence[int], block_size: int, *, shared_prefix: bool = True,
-               min_prefix_blocks: int = 1, min_group_size: int = 2,
-               _checked_rows: bool = False) -> BatchPlan:
+               min_prefix_blocks: int = 1, min_group_size: int = 2) -> BatchPlan:
     """Metadata of a step.
 
     block_lists: per sequence, its block ids in order (at least ceil(kv_len / block_size)).
@@ -269,19 +284,51 @@ def plan_batch(block_lists: Sequence[Sequence[int]], context_lens: Sequence[int]
         s = int(np.argmax(nblk < need))
         raise ValueError(f"block_lists: sequence {s} has {int(nblk[s])} blocks, needs "
                          f"{int(need[s])} for kv_len {int(kv[s])}")
-    tables = _table(block_lists, checked_rows=_checked_rows)
-    cu = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(ql, out=cu[1:])
-    seq, pos = query_positions(kv, cu)
-    slots = tables[seq, pos // block_size].astype(np.int64) * block_size + pos % block_size
+    tables = _table(block_lists)
+    return _build_plan(block_lists, tables, ctx, ql, block_size, shared_prefix,
+                       min_prefix_blocks, min_group_size)
+
+
+def plan_checked_rows(rows: Sequence[np.ndarray], context_lens: list[int], q_lens: list[int],
+                      block_size: int, *, shared_prefix: bool, min_prefix_blocks: int,
+                      min_group_size: int) -> BatchPlan:
+    """:func:`plan_batch` for a caller whose batch is valid by construction (PrefixCache):
+    int32 rows of valid ids covering each sequence's kv_len, lengths >= 0, options checked.
+    The checks cost more than the plan for a step of one request."""
+    ctx = np.array(context_lens, dtype=np.int64)
+    ql = np.array(q_lens, dtype=np.int64)
+    return _build_plan(rows, _table(rows, checked_rows=True), ctx, ql, block_size,
+                       shared_prefix, min_prefix_blocks, min_group_size)
+
+
+def _build_plan(block_lists, tables: np.ndarray, ctx: np.ndarray, ql: np.ndarray,
+                block_size: int, shared_prefix: bool, min_prefix_blocks: int,
+                min_group_size: int) -> BatchPlan:
+    """plan_batch's plan of a checked batch: ``tables`` the rows as _table gives them, ctx and
+    ql int64 lengths >= 0."""
+    n = len(ctx)
+    kv = ctx + ql
     if kv.size and kv.max() >= 2**31:
         raise ValueError(f"context_lens/q_lens: a sequence of {int(kv.max())} tokens does not "
                          f"fit int32")
-    if slots.size and slots.max() >= 2**31:
-        raise ValueError(f"block_lists: slot {int(slots.max())} (block id * block_size + "
-                         f"offset) does not fit int32")
+    cu = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(ql, out=cu[1:])
+    seq, pos = _query_positions(ctx, ql, cu)
+    # int32 arithmetic where no slot can pass int32 (the largest id's last slot fits), which
+    # is every real cache; int64 with the check otherwise
+    if tables.size and int(tables.max()) * block_size + block_size - 1 < 2**31:
+        blk, off = np.divmod(pos, np.int32(block_size))
+        slots = tables[seq, blk]
+        slots *= np.int32(block_size)
+        slots += off
+    else:
+        slots = tables[seq, pos // block_size].astype(np.int64) * block_size + pos % block_size
+        if slots.size and slots.max() >= 2**31:
+            raise ValueError(f"block_lists: slot {int(slots.max())} (block id * block_size + "
+                             f"offset) does not fit int32")
+        slots = slots.astype(I32)
     plan = BatchPlan(block_tables=tables, kv_lens=kv.astype(I32), cu_q_lens=cu.astype(I32),
-                     slot_mapping=slots.astype(I32), positions=pos)
+                     slot_mapping=slots, positions=pos)
     if shared_prefix and n >= min_group_size:
         plan.shared = _shared_prefixes(block_lists, ctx, kv, block_size,
                                        min_prefix_blocks=min_prefix_blocks,

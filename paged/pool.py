@@ -301,10 +301,11 @@ class BlockPool:
         self._in_range(blocks)
         ref = self.ref_counts
         hashes = self._hash
-        for b in blocks:  # a free empty block is in no queue: its links are stale
-            if ref[b] == 0 and hashes[b] is None:
-                raise ValueError(f"blocks: block {b} is free and holds nothing cached; touch "
-                                 f"takes blocks in use or cached")
+        if None in map(hashes.__getitem__, blocks):  # hits are cached: looked at in C alone
+            for b in blocks:  # a free empty block is in no queue: its links are stale
+                if ref[b] == 0 and hashes[b] is None:
+                    raise ValueError(f"blocks: block {b} is free and holds nothing cached; "
+                                     f"touch takes blocks in use or cached")
         prev = self._prev
         nxt = self._next
         unlinked = 0
@@ -390,10 +391,11 @@ class BlockPool:
             blocks = list(blocks)
         self._in_range(blocks)
         ref = self.ref_counts
-        for b in blocks:
-            if ref[b] == 0 and self._hash[b] is None:
-                raise ValueError(f"blocks: block {b} is free; register caches blocks in use "
-                                 f"(allocated, not yet freed)")
+        if 0 in map(ref.__getitem__, blocks):  # blocks in use: looked at in C alone
+            for b in blocks:
+                if ref[b] == 0 and self._hash[b] is None:
+                    raise ValueError(f"blocks: block {b} is free; register caches blocks in "
+                                     f"use (allocated, not yet freed)")
         d = self._index.get(namespace)
         if d is None:
             d = {}  # in the index only once something is registered in it

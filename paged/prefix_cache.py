@@ -41,7 +41,8 @@ from collections.abc import Callable, Hashable, Iterable
 import numpy as np
 
 from . import validate
-from .planner import BatchPlan, plan_batch
+from .hashing import v1_hashes_trusted
+from .planner import BatchPlan, plan_checked_rows
 from .pool import BlockPool, NoFreeBlocksError, namespace_of
 
 HashFn = Callable[..., list]
@@ -65,13 +66,13 @@ def _shift_mm(mm: tuple, base: int) -> tuple:
 
 
 class _Request:
-    __slots__ = ("tokens", "array", "salt", "namespace", "mm", "blocks", "num_computed",
+    __slots__ = ("_tokens", "array", "salt", "namespace", "mm", "blocks", "num_computed",
                  "hashes", "num_registered", "_row", "_row_len", "copies")
 
     def __init__(self, tokens: np.ndarray, salt, namespace: bytes,
                  token_list: list[int] | None = None, mm: tuple | None = None) -> None:
         self.array = tokens             # int32; a prefix of self.tokens (hashing reads it)
-        self.tokens = tokens.tolist() if token_list is None else token_list
+        self._tokens = token_list       # None: not made yet, the tokens are self.array
         self.salt = salt
         self.namespace = namespace
         self.mm = mm                    # checked multimodal items (sorted), None = text only
@@ -82,6 +83,26 @@ class _Request:
         self._row = None               # int32 copy of blocks[:_row_len], room to append;
         self._row_len = 0              # None = stale (a block changed in place, or removed)
         self.copies: list[tuple[int, int]] = []  # CoW pairs allocated, not yet committed
+
+    @property
+    def tokens(self) -> list[int]:
+        """Every known token, a list of Python ints (append_tokens extends it), made from the
+        prompt's array when first asked for: a request served from its prompt alone never
+        pays for it (tolist of a 2k-token prompt cost as much as hashing it)."""
+        tokens = self._tokens
+        if tokens is None:
+            tokens = self._tokens = self.array.tolist()
+        return tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.array) if self._tokens is None else len(self._tokens)
+
+    def token_slice(self, lo: int, hi: int) -> list[int]:
+        """tokens[lo:hi], without making the whole list."""
+        if self._tokens is None:
+            return self.array[lo:hi].tolist()
+        return self._tokens[lo:hi]
 
     def row(self) -> np.ndarray:
         """The blocks as int32 (cached between steps: decode steps rarely change them).
@@ -109,7 +130,8 @@ class _Request:
         return row[:n]
 
     def copy(self) -> _Request:
-        r = _Request(self.array, self.salt, self.namespace, list(self.tokens), self.mm)
+        r = _Request(self.array, self.salt, self.namespace,
+                     None if self._tokens is None else list(self._tokens), self.mm)
         r.blocks = list(self.blocks)
         r.num_computed = self.num_computed
         r.hashes = list(self.hashes)
@@ -119,6 +141,14 @@ class _Request:
 
 def _token_array(tokens, name: str = "tokens") -> np.ndarray:
     """tokens (1-D int array or sequence of ints, values in [0, 2**31)) as an int32 array."""
+    return _tokens_checked(tokens, name)[0]
+
+
+def _tokens_checked(tokens, name: str = "tokens") -> tuple[np.ndarray, list[int] | None]:
+    """(:func:`_token_array` of tokens, and, for a sequence of Python ints, the list copy
+    checked on the way: a request keeps its tokens as a list too, and an array's tolist()
+    of a long prompt cost as much again)."""
+    out = ints = None
     if isinstance(tokens, np.ndarray):
         if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
             raise ValueError(f"{name}: expected a 1-D integer array, got "
@@ -126,11 +156,12 @@ def _token_array(tokens, name: str = "tokens") -> np.ndarray:
         arr = tokens
     else:
         try:
-            out = list(tokens)
+            out = ints = list(tokens)
         except TypeError:
             raise TypeError(f"{name}: expected a sequence of int token ids or a 1-D integer "
                             f"array, got {type(tokens).__name__}") from None
-        if not set(map(type, out)) <= {int}:
+        if not set(map(type, out)) <= {int}:  # numpy ints: converted, not kept as the list
+            ints = None
             for i, t in enumerate(out):
                 if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
                     raise TypeError(f"{name}[{i}]: expected an int token id, got {t!r}")
@@ -145,7 +176,7 @@ def _token_array(tokens, name: str = "tokens") -> np.ndarray:
                          f"max {int(arr.max())}")
     # a copy, also of a caller's int32 array: a request keeps it and hashes its blocks from
     # it later, after the caller may have reused the buffer
-    return arr.astype(np.int32, copy=arr is tokens)
+    return arr.astype(np.int32, copy=arr is tokens), ints
 
 
 def _pairs(batch) -> tuple[list, list]:
@@ -230,6 +261,8 @@ class PrefixCache:
         if len(tokens) < self.block_size:
             return []
         if mm is None:
+            if self.hash_fn is default_hash_fn:  # checked tokens: no public checks again
+                return v1_hashes_trusted(tokens, self.block_size, namespace_of(salt), parent)
             return self.hash_fn(tokens, self.block_size, salt=salt, parent=parent)
         return self.hash_fn(tokens, self.block_size, salt=salt, parent=parent,
                             mm_items=_shift_mm(mm, base))
@@ -306,11 +339,11 @@ class PrefixCache:
     def request_hashes(self, request_id, num_blocks: int | None = None) -> list[bytes]:
         """Hash chain of the request's first ``num_blocks`` full blocks (all full by default)."""
         req = self._get(request_id)
-        n = (len(req.tokens) // self.block_size if num_blocks is None
+        n = (req.num_tokens // self.block_size if num_blocks is None
              else validate.check_int("num_blocks", num_blocks))
-        if not 0 <= n <= len(req.tokens) // self.block_size:
+        if not 0 <= n <= req.num_tokens // self.block_size:
             raise ValueError(f"num_blocks: expected 0 <= num_blocks <= "
-                             f"{len(req.tokens) // self.block_size} (the request's full "
+                             f"{req.num_tokens // self.block_size} (the request's full "
                              f"blocks), got {n}")
         self._extend_hashes(req, n)
         return req.hashes[:n]
@@ -334,9 +367,9 @@ class PrefixCache:
         the same positions. Kept for the request's life (forks too)."""
         if request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is already running")
-        toks = _token_array(tokens)
+        toks, token_list = _tokens_checked(tokens)
         mm = None if mm_items is None else self._check_mm(mm_items, len(toks))
-        req = _Request(toks, salt, namespace_of(salt), mm=mm)
+        req = _Request(toks, salt, namespace_of(salt), token_list, mm=mm)
         if self.enable_caching and len(toks) > self.block_size:
             cap = (len(toks) - 1) // self.block_size
             self._extend_hashes(req, len(toks) // self.block_size)
@@ -395,9 +428,9 @@ class PrefixCache:
             raise ValueError("request_id: onboard needs a request whose computed tokens end at "
                              "a block boundary with no block allocated beyond them")
         last = first + num_blocks
-        if num_blocks < 0 or last * bs > len(req.tokens) - 1:
+        if num_blocks < 0 or last * bs > req.num_tokens - 1:
             raise ValueError(f"num_blocks: expected 0 <= num_blocks <= "
-                             f"{max((len(req.tokens) - 1) // bs - first, 0)} (full blocks, not "
+                             f"{max((req.num_tokens - 1) // bs - first, 0)} (full blocks, not "
                              f"the last token), got {num_blocks}")
         return req, first, last
 
@@ -470,9 +503,9 @@ class PrefixCache:
     def _check_new(req: _Request, num_new_tokens: int) -> None:
         num_new_tokens = validate.check_int("num_new_tokens", num_new_tokens)
         if (num_new_tokens < 0 or
-                req.num_computed + num_new_tokens > len(req.tokens)):
+                req.num_computed + num_new_tokens > req.num_tokens):
             raise ValueError(f"num_new_tokens: expected 0 <= num_new_tokens <= "
-                             f"{len(req.tokens) - req.num_computed} (known tokens not computed "
+                             f"{req.num_tokens - req.num_computed} (known tokens not computed "
                              f"yet), got {num_new_tokens!r}")
 
     def blocks_needed(self, request_id, num_new_tokens: int) -> int:
@@ -495,7 +528,7 @@ class PrefixCache:
             req = get(rid)
             if req is None:
                 req = self._get(rid)  # raises the KeyError
-            if type(n) is not int or n < 0 or req.num_computed + n > len(req.tokens):
+            if type(n) is not int or n < 0 or req.num_computed + n > req.num_tokens:
                 self._check_new(req, n)
                 n = int(n)
             out.append((req, n))
@@ -527,7 +560,7 @@ class PrefixCache:
         req = self._get(request_id)
         num_new_tokens = validate.check_int("num_new_tokens", num_new_tokens)
         end = req.num_computed + num_new_tokens
-        limit = min(len(req.blocks) * self.block_size, len(req.tokens))
+        limit = min(len(req.blocks) * self.block_size, req.num_tokens)
         if num_new_tokens < 0 or end > limit:
             raise ValueError(f"num_new_tokens: expected 0 <= num_new_tokens <= "
                              f"{limit - req.num_computed} (allocated, known tokens), "
@@ -551,7 +584,7 @@ class PrefixCache:
         lo = req.num_registered
         parent = req.hashes[lo - 1] if lo else None
         bs = self.block_size
-        tokens = req.tokens[lo * bs:full * bs] if self.pool.events else None  # for the events
+        tokens = req.token_slice(lo * bs, full * bs) if self.pool.events else None  # events
         self.pool.register(req.blocks[lo:full], req.hashes[lo:full], req.namespace, parent,
                            tokens)
         req.num_registered = full
@@ -565,11 +598,10 @@ class PrefixCache:
                           [n for _, n in batch])
 
     def _plan(self, request_ids: list, reqs: list[_Request], q_lens: list[int]) -> BatchPlan:
-        plan = plan_batch([r.row() for r in reqs], [r.num_computed for r in reqs],
-                          q_lens, self.block_size,
-                          shared_prefix=self.shared_prefix,
-                          min_prefix_blocks=self.min_prefix_blocks,
-                          min_group_size=self.min_group_size, _checked_rows=True)
+        plan = plan_checked_rows([r.row() for r in reqs], [r.num_computed for r in reqs],
+                                 q_lens, self.block_size, shared_prefix=self.shared_prefix,
+                                 min_prefix_blocks=self.min_prefix_blocks,
+                                 min_group_size=self.min_group_size)
         plan.request_ids = request_ids
         pairs = [p for r in reqs if r.copies for p in r.copies]
         if pairs:
@@ -727,8 +759,8 @@ class PrefixCache:
         or copied first, never changed under its hash."""
         req = self._get(request_id)
         num_tokens = validate.check_int("num_tokens", num_tokens)
-        if not 0 <= num_tokens <= len(req.tokens):
-            raise ValueError(f"num_tokens: expected 0 <= num_tokens <= {len(req.tokens)}, "
+        if not 0 <= num_tokens <= req.num_tokens:
+            raise ValueError(f"num_tokens: expected 0 <= num_tokens <= {req.num_tokens}, "
                              f"got {num_tokens}")
         bs = self.block_size
         del req.tokens[num_tokens:]

@@ -268,3 +268,19 @@ def test_fallbacks_without_the_extension(monkeypatch):
     # asked for by name without the package: the extra named (was a bare ModuleNotFoundError)
     with pytest.raises(ImportError, match=r"backend: 'blake3' needs .*prefixkv\[hash\]"):
         hash_blocks_words(tokens, 16, cu_lens=cu, salt="f", backend="blake3")
+
+
+def test_the_prefix_caches_unchecked_chain_is_hash_blocks():
+    """v1_hashes_trusted (PrefixCache's calls, with no public checks) gives hash_blocks'
+    digests for every salt, parent, block size and partial tail."""
+    from prefixkv.paged.hashing import v1_hashes_trusted
+    from prefixkv.paged.spec import salt_bytes
+
+    rng = np.random.default_rng(11)
+    for i in range(300):
+        bs, n = int(rng.integers(1, 40)), int(rng.integers(0, 300))
+        toks = rng.integers(0, 2**31, n).astype(np.int32)
+        salt = [None, "a", b"\xff\x00", "tenant"][i % 4]
+        parent = None if i % 3 else bytes(rng.integers(0, 256, 32, dtype=np.uint8))
+        want = list(hash_blocks(toks, bs, salt=salt, parent=parent))
+        assert v1_hashes_trusted(toks, bs, salt_bytes(salt), parent) == want, (bs, n, salt)

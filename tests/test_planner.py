@@ -409,3 +409,29 @@ def test_plan_arguments_are_checked_by_name():
             block_tables_from_csr([0, 1], [3], [1], huge)
         with pytest.raises(ValueError, match=r"block_size: expected at most 2\*\*31 - 1"):
             hash_blocks(np.arange(4, dtype=np.int32), huge)
+
+
+def test_the_prefix_caches_unchecked_plan_is_plan_batch():
+    """plan_checked_rows (PrefixCache's batches, valid by construction) gives plan_batch's
+    plan: decode, one-sequence and ragged batches, shared-prefix groups included."""
+    from prefixkv.paged.planner import plan_checked_rows
+
+    rng = np.random.default_rng(12)
+    for _ in range(400):
+        n, bs = int(rng.integers(0, 7)), int(rng.choice([1, 4, 16]))
+        ctx = rng.integers(0, 50, n)
+        ql = np.ones(n, np.int64) if rng.random() < 0.3 else rng.integers(0, 20, n)
+        common = rng.integers(1, 500, 2).tolist()
+        rows = [np.asarray(common + rng.integers(1, 500, -(-int(c + q) // bs)).tolist(),
+                           np.int32) for c, q in zip(ctx, ql, strict=True)]
+        kw = {"shared_prefix": True, "min_prefix_blocks": 1, "min_group_size": 2}
+        want = plan_batch(rows, ctx.tolist(), ql.tolist(), bs, **kw)
+        got = plan_checked_rows(rows, ctx.tolist(), ql.tolist(), bs, **kw)
+        for f in ("block_tables", "kv_lens", "cu_q_lens", "slot_mapping", "positions"):
+            a, b = getattr(want, f), getattr(got, f)
+            assert a.dtype == b.dtype and a.shape == b.shape and (a == b).all(), f
+        assert (want.shared is None) == (got.shared is None)
+        if want.shared is not None:
+            for f in ("prefix_block_tables", "prefix_lens", "prefix_ids", "block_tables",
+                      "kv_lens"):
+                assert (getattr(want.shared, f) == getattr(got.shared, f)).all(), f

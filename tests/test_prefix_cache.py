@@ -319,7 +319,7 @@ def test_step_that_fails_to_plan_undoes_its_copy_on_write(monkeypatch):
     def fail(*a, **k):
         raise RecursionError("planning failed")
 
-    monkeypatch.setattr(pcm, "plan_batch", fail)
+    monkeypatch.setattr(pcm, "plan_checked_rows", fail)
     with pytest.raises(RecursionError, match="planning failed"):
         pc.step([("c", 4)])
     assert pc.blocks("c") == before and pc.num_computed("c") == 6
@@ -800,9 +800,11 @@ def test_block_row_follows_every_change_and_never_rewrites_a_view():
 def test_decode_step_hashes_the_filled_blocks_in_one_call_per_salt(monkeypatch):
     """Requests of one salt filling a block in the same step are hashed in one hash_blocks
     call (a ragged batch, each continuing its own chain), not one call each (~0.1 ms per
-    call); the hashes are each request's own chain. Salts group by their bytes: str and bytes
-    of the same text are one namespace, and bytearray / memoryview salts (no dict keys) too."""
+    call); a salt's one request in one unchecked call of the chain; the hashes are each
+    request's own chain. Salts group by their bytes: str and bytes of the same text are one
+    namespace, and bytearray / memoryview salts (no dict keys) too."""
     from prefixkv.paged import hashing
+    from prefixkv.paged import prefix_cache as pcm
 
     pc = make(num_blocks=200, block_size=4)
     salts = {"a": None, "b": None, "c": "x", "d": "x", "e": "x", "f": b"x", "g": "y"}
@@ -815,10 +817,14 @@ def test_decode_step_hashes_the_filled_blocks_in_one_call_per_salt(monkeypatch):
     real = hashing.hash_blocks
     monkeypatch.setattr(hashing, "hash_blocks",
                         lambda *a, **k: calls.append(k.get("salt")) or real(*a, **k))
+    one = pcm.v1_hashes_trusted
+    monkeypatch.setattr(pcm, "v1_hashes_trusted",
+                        lambda toks, bs, salt, parent: calls.append(salt) or one(toks, bs, salt,
+                                                                                  parent))
     for rid in salts:
         pc.append_tokens(rid, [ord(rid)])   # fills each request's block 1 (h's block 0)
     pc.step([(rid, 1) for rid in salts])
-    assert sorted(map(repr, calls)) == sorted(map(repr, [b"", b"x", "y", b"z"]))
+    assert sorted(map(repr, calls)) == sorted(map(repr, [b"", b"x", b"y", b"z"]))
     for rid, salt in salts.items():
         toks = np.asarray(pc.tokens(rid), np.int32)
         assert pc.request_hashes(rid) == list(real(toks, 4, salt=salt))
