@@ -302,6 +302,39 @@ def test_plan_run_under_torch_compile():
     _same(got, plan.run(q * 2, k, v) + 1)
 
 
+def test_plan_held_by_the_model_compiles_once_for_every_token_count():
+    """A step's plan held by the model (an attribute, or a global: as engines keep a step's
+    metadata) under torch.compile(fullgraph=True): run compared q's token count with the
+    plan's int, a constant there, so each new count compiled a graph and the 9th raised
+    FailOnRecompileLimitHit. Now automatic dynamic shapes give two graphs, as the wrapper."""
+    from torch._dynamo.utils import counters
+
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(32, 4, 2, 16, generator=g), torch.randn(32, 4, 2, 16, generator=g)
+
+    class Attention(torch.nn.Module):
+        plan = None  # the step's plan, set by the engine before each forward
+
+        def forward(self, x):
+            return self.plan.run(x, k, v)
+
+    model = Attention()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    bt = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]], dtype=torch.int32)
+    kv = torch.tensor([9, 12], dtype=torch.int32)
+    for t in range(2, 13):  # 11 token counts: past the recompile limit of 8
+        cu = torch.tensor([0, 1, t], dtype=torch.int32)
+        model.plan = tf.plan_paged_attention(bt, kv, cu, k_cache=k, num_q_heads=4)
+        q = torch.randn(t, 4, 16, generator=g)
+        with torch.no_grad():
+            _same(compiled(q), tf.paged_attention(q, k, v, bt, kv, cu))
+    assert counters["stats"]["unique_graphs"] <= 2
+    with pytest.raises(Exception, match="q"):  # a q of other heads is still refused
+        compiled(torch.randn(5, 2, 16, generator=g))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_plan_default_dtype_is_the_caches(dtype):
     rng = np.random.default_rng(13)

@@ -202,9 +202,10 @@ class AttentionPlan:
                 f"{dtype_name(self._dtype)}, caches={tuple(self._k_shape)} "
                 f"{dtype_name(self._kv_dtype)} on {self._device})")
 
-    def _check_inputs(self, q, k_cache, v_cache) -> None:
+    def _check_inputs(self, q, k_cache, v_cache, compiling: bool = False) -> None:
         """The errors of a run whose q or caches are not the planned ones, by name (the
-        planned device first: the meta device's error then names a tensor elsewhere)."""
+        planned device first: the meta device's error then names a tensor elsewhere);
+        ``compiling``: q's token count not compared (run)."""
         for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -217,8 +218,12 @@ class AttentionPlan:
             if t.dtype != dtype:
                 raise TypeError(f"{name}: expected the planned {dtype_name(dtype)}, got "
                                 f"{dtype_name(t.dtype)}")
-            if t.shape != shape and (name != "q" or t.shape[1:] != shape[1:]
-                                     or self._tokens_fixed):
+            if name == "q" and compiling:
+                same = t.shape[1:] == shape[1:]
+            else:
+                same = t.shape == shape or (name == "q" and t.shape[1:] == shape[1:]
+                                            and not self._tokens_fixed)
+            if not same:
                 raise ValueError(f"{name}: expected the planned shape {tuple(shape)}, got "
                                  f"{tuple(t.shape)}")
         _tensors(q=q, k_cache=k_cache, v_cache=v_cache)
@@ -232,13 +237,19 @@ class AttentionPlan:
         planned shape and dtype, on the planned device. return_lse, sinks, k_scale, v_scale,
         out, lse, workspace: as in :func:`~prefixkv.torch_frontend.paged_attention` (they may
         differ per layer)."""
+        # While compiling, q's token count is left to the op's checks: compared with the
+        # plan's int (a constant where the plan is a closure's, a global or an attribute, as
+        # an engine keeps a step's metadata), it fixed q's size, and every new token count
+        # compiled a graph (fullgraph: an error at torch's recompile limit)
+        compiling = torch.compiler.is_compiling()
         if not (type(q) is Tensor and type(k_cache) is Tensor and type(v_cache) is Tensor
                 and k_cache.shape == self._k_shape and v_cache.shape == self._k_shape
-                and q.shape == self._q_shape and q.dtype == self._dtype
+                and (q.shape[1:] == self._q_shape[1:] if compiling
+                     else q.shape == self._q_shape) and q.dtype == self._dtype
                 and k_cache.dtype == self._kv_dtype and v_cache.dtype == self._kv_dtype
                 and q.device == self._device and k_cache.device == self._device
                 and v_cache.device == self._device):
-            self._check_inputs(q, k_cache, v_cache)
+            self._check_inputs(q, k_cache, v_cache, compiling)
         # the rest reads only layouts (q's shape is the planned one now): once per layout in
         # plain eager mode, as the wrappers (_ops._layout_key)
         layout = _layout_key("plan.run", (q, k_cache, v_cache, sinks, out, lse, workspace,
