@@ -295,29 +295,42 @@ class BlockPool:
 
     def touch(self, blocks: Iterable[int]) -> None:
         """Take one more reference on each block (a hit): a free cached block leaves the queue.
-        """
+        All or nothing: an id outside [0, num_blocks) (IndexError) or a free block holding
+        nothing (ValueError: it is in no queue) changes no block."""
         if type(blocks) is not list:
             blocks = list(blocks)
-        self._in_range(blocks)
+        if blocks and min(blocks) < 0:  # a list would index it from its end
+            self._in_range(blocks)
         ref = self.ref_counts
         hashes = self._hash
-        if None in map(hashes.__getitem__, blocks):  # hits are cached: looked at in C alone
-            for b in blocks:  # a free empty block is in no queue: its links are stale
-                if ref[b] == 0 and hashes[b] is None:
-                    raise ValueError(f"blocks: block {b} is free and holds nothing cached; "
-                                     f"touch takes blocks in use or cached")
         prev = self._prev
         nxt = self._next
         unlinked = 0
-        for b in blocks:
-            r = ref[b]
-            if r == 0:
-                p = prev[b]
-                q = nxt[b]
-                nxt[p] = q
-                prev[q] = p
-                unlinked += 1
-            ref[b] = r + 1
+        b = None
+        try:
+            for b in blocks:
+                r = ref[b]
+                if r == 0:
+                    if hashes[b] is None:  # a free empty block: its links are stale
+                        raise ValueError(f"blocks: block {b} is free and holds nothing "
+                                         f"cached; touch takes blocks in use or cached")
+                    p = prev[b]
+                    q = nxt[b]
+                    nxt[p] = q
+                    prev[q] = p
+                    unlinked += 1
+                ref[b] = r + 1
+        except (IndexError, ValueError):
+            # undone last first: an unlinked block kept its own links, so putting it back
+            # between them restores the queue as it was. The failing block is its first
+            # occurrence (an earlier one would have failed the same way).
+            for c in reversed(blocks[:blocks.index(b)]):
+                ref[c] -= 1
+                if ref[c] == 0:
+                    nxt[prev[c]] = c
+                    prev[nxt[c]] = c
+            self._in_range(blocks)  # the id's error by name
+            raise
         self._num_lru -= unlinked
 
     def free(self, blocks: Iterable[int]) -> None:
@@ -330,7 +343,8 @@ class BlockPool:
         """
         if type(blocks) is not list:  # a numpy array, a tuple, a generator: Python ints
             blocks = [index(b) for b in blocks]
-        self._in_range(blocks)
+        if blocks and min(blocks) < 0:  # a list would index it from its end
+            self._in_range(blocks)
         ref = self.ref_counts
         hashes = self._hash
         empty = self._empty
@@ -365,6 +379,7 @@ class BlockPool:
             del empty[num_empty:]
             for b in list(reversed(blocks))[:done]:
                 ref[b] += 1
+            self._in_range(blocks)  # an id past the end by name
             raise
         nxt[last] = sentinel
         prev[sentinel] = last
@@ -389,13 +404,9 @@ class BlockPool:
                              f"got {len(block_hashes)}")
         if type(blocks) is not list:
             blocks = list(blocks)
-        self._in_range(blocks)
+        if blocks and min(blocks) < 0:  # a list would index it from its end
+            self._in_range(blocks)
         ref = self.ref_counts
-        if 0 in map(ref.__getitem__, blocks):  # blocks in use: looked at in C alone
-            for b in blocks:
-                if ref[b] == 0 and self._hash[b] is None:
-                    raise ValueError(f"blocks: block {b} is free; register caches blocks in "
-                                     f"use (allocated, not yet freed)")
         d = self._index.get(namespace)
         if d is None:
             d = {}  # in the index only once something is registered in it
@@ -413,21 +424,33 @@ class BlockPool:
         run = None
         prev = parent_hash
         count = 0
-        for i, (b, h) in enumerate(zip(blocks, block_hashes, strict=True)):
-            if hashes[b] is None and h not in d:
-                d[h] = b
-                hashes[b] = h
-                spaces[b] = namespace
-                count += 1
-                if publish:
-                    if run is None:
-                        run = (prev, [], [], i)
-                        runs.append(run)
-                    run[1].append(h)
-                    run[2].append(b)
-            else:
-                run = None
-            prev = h
+        added: list[int] = []  # this call's registrations, for the undo
+        try:
+            for i, (b, h) in enumerate(zip(blocks, block_hashes, strict=True)):
+                if hashes[b] is None and h not in d:
+                    if not ref[b]:  # free: allocate may hand it out while its hash hits
+                        raise ValueError(f"blocks: block {b} is free; register caches "
+                                         f"blocks in use (allocated, not yet freed)")
+                    d[h] = b
+                    hashes[b] = h
+                    spaces[b] = namespace
+                    added.append(b)
+                    if publish:
+                        if run is None:
+                            run = (prev, [], [], i)
+                            runs.append(run)
+                        run[1].append(h)
+                        run[2].append(b)
+                else:
+                    run = None
+                prev = h
+        except (IndexError, ValueError):  # nothing registered: the call's blocks taken back
+            for b in added:
+                del d[hashes[b]]
+                hashes[b] = spaces[b] = None
+            self._in_range(blocks)  # an id past the end by name
+            raise
+        count = len(added)
         if count and namespace not in self._index:
             self._index[namespace] = d
         if publish and runs:

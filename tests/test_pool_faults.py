@@ -240,6 +240,28 @@ def test_touch_and_register_refuse_a_free_empty_block():
     pool.check_consistency()
 
 
+def test_a_failed_touch_or_register_puts_everything_back():
+    """The checks run as the calls go (no pass of their own: the hot path): a bad block
+    after good ones takes the good ones back, free cached blocks to their places in the LRU
+    queue, registrations of the call (not earlier ones) out of the index."""
+    pool = BlockPool(10, 4)
+    a = pool.allocate(6)
+    pool.register(a[:5], [bytes([i]) * 32 for i in range(5)])
+    pool.free(a[:4])  # 4 free cached blocks queued, a[4] in use cached, a[5] in use
+    before = _state(pool)
+    for bad, error in ((9, ValueError), (10, IndexError), (99, IndexError)):
+        with pytest.raises(error, match="blocks: "):
+            pool.touch([a[2], a[0], a[4], a[3], bad])  # 9: free and empty
+        assert _state(pool) == before
+        pool.check_consistency()
+        with pytest.raises(error, match="blocks: "):  # a[4] registered before: it stays
+            pool.register([a[4], a[5], bad], [bytes([4]) * 32, b"n" * 32, b"m" * 32])
+        assert _state(pool) == before and pool.block_hash(a[4]) == bytes([4]) * 32
+        pool.check_consistency()
+    pool.touch([a[2], a[0]])
+    assert pool.free_queue() == [b for b in before[0] if b not in (a[2], a[0])]
+
+
 def test_a_step_whose_stored_subscriber_raises_changes_no_request():
     """The commit's "stored" subscriber raising (the second request's, after the first's
     blocks were registered): the step is taken back whole, its registrations undone (so no
