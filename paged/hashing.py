@@ -134,10 +134,7 @@ def host_supports(**_) -> tuple[bool, str]:
 
 
 @functools.lru_cache(maxsize=256)
-@functools.lru_cache(maxsize=4096)
 def _v1_key(salt: bytes, extra: bool) -> bytes:
-    # a namespace's key is derived once (two BLAKE3 calls a hash_blocks call, before): at most
-    # 4096 salts kept, a tenant's salt being bytes of its own
     from prefixkv.kernels.cpu.hashing import derive_key, load_extension
 
     if load_extension() is not None:

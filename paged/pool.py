@@ -68,8 +68,8 @@ class BlockPool:
     Block ids are Python ints. Methods taking blocks accept any iterable of ints; on the hot
     path they check only what would change the wrong block or leave the pool inconsistent:
     ids outside [0, num_blocks) (a negative one would index a list from its end) and blocks
-    in no state for the call (a free, empty block touched or registered) raise before
-    anything changes. :meth:`check_blocks` is the full check (types, the null block,
+    in no state for the call (a free, empty block touched or registered) raise, the call
+    changing nothing. :meth:`check_blocks` is the full check (types, the null block,
     duplicates) for external callers.
     """
 
@@ -397,7 +397,7 @@ class BlockPool:
         block holds the same tokens) are skipped. Publishes one ``"stored"`` event per run of
         newly registered blocks. Returns how many were registered. The blocks must be in use
         (a free block may be handed out and overwritten while its hash still hits): a free,
-        uncached one is refused before anything changes.
+        uncached one is refused, and the call changes nothing.
         """
         if len(blocks) != len(block_hashes):
             raise ValueError(f"block_hashes: expected {len(blocks)} hashes (one per block), "
@@ -423,7 +423,6 @@ class BlockPool:
         runs: list[tuple[bytes | None, list, list, int]] = []
         run = None
         prev = parent_hash
-        count = 0
         added: list[int] = []  # this call's registrations, for the undo
         try:
             for i, (b, h) in enumerate(zip(blocks, block_hashes, strict=True)):
