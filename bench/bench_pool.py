@@ -36,7 +36,9 @@ untimed ``dict_baseline`` run, checked before timing; the timed rounds' hits aga
 ``decode-step`` group: one decode step of an engine's manager, 512 running requests of 2048
 tokens each (128 blocks): ``append_tokens`` of each sampled token, then ``PrefixCache.step``
 of one token per request (allocate, copy-on-write check, plan, hash the blocks filled,
-register). The host cost per step, with the planner's shared-prefix search off and on.
+register). The host cost per step, with the planner's shared-prefix search off and on,
+against ``dict_baseline`` (``baseline: true``; DictPrefixCache's same steps, which must give
+the same metadata for the first BLOCK_SIZE + 1 steps, checked untimed).
 
 ``planner`` group: ``plan_batch`` of 512 decode sequences of 2048 blocks each (32k tokens),
 with no block shared and with the first 1024 blocks shared by all, the shared-prefix search
@@ -47,6 +49,7 @@ Run: OMP_NUM_THREADS=1 .venv/bin/pytest bench/bench_pool.py --benchmark-only
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import zlib
 from collections import OrderedDict, deque
@@ -306,8 +309,8 @@ class DictPrefixCache:
     The same policy as PrefixCache, so hits and block ids agree: hits are full blocks, never
     the last token; empty blocks go first, lowest ids first on a fresh pool, then the most
     recently emptied; a finished request's blocks are queued tail first; a hash already
-    cached is not registered again. Only what run_manager_trace calls: add_request, step,
-    free."""
+    cached is not registered again. What run_manager_trace and the decode steps call:
+    add_request, append_tokens, step (hashing the blocks a step fills), free."""
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
@@ -316,7 +319,7 @@ class DictPrefixCache:
         self.index: dict[bytes, int] = {}
         self.lru: OrderedDict[int, None] = OrderedDict()
         self.empty = list(range(num_blocks - 1, 0, -1))  # block 0 is the null block
-        self.requests: dict = {}  # id -> [hashes, blocks, tokens computed]
+        self.requests: dict = {}  # id -> [hashes, blocks, tokens computed, tokens appended]
 
     def add_request(self, rid, tokens) -> int:
         tokens = np.asarray(tokens, dtype=np.int32)
@@ -334,8 +337,11 @@ class DictPrefixCache:
                 del self.lru[b]
             self.ref[b] += 1
             blocks.append(b)
-        self.requests[rid] = [hashes, blocks, len(blocks) * bs]
+        self.requests[rid] = [hashes, blocks, len(blocks) * bs, tokens, []]
         return len(blocks) * bs
+
+    def append_tokens(self, rid, tokens) -> None:
+        self.requests[rid][4].extend(tokens)
 
     def _allocate(self) -> int:
         if self.empty:
@@ -353,7 +359,7 @@ class DictPrefixCache:
         tables, kv_lens, cu, slots, positions = [], [], [0], [], []
         for rid, n in batch:
             req = self.requests[rid]
-            hashes, blocks, start = req
+            hashes, blocks, start, prompt, appended = req
             end = start + n
             while len(blocks) * bs < end:
                 blocks.append(self._allocate())
@@ -365,6 +371,12 @@ class DictPrefixCache:
             kv_lens.append(end)
             cu.append(cu[-1] + n)
             for i in range(start // bs, end // bs):  # the blocks this step filled
+                if i == len(hashes):  # a block of decoded tokens: hashed as it fills
+                    lo = i * bs - len(prompt)
+                    toks = np.concatenate([prompt[i * bs:], np.asarray(
+                        appended[max(lo, 0):lo + bs], dtype=np.int32)])
+                    hashes.append(hashlib.sha256((hashes[-1] if i else b"")
+                                                 + toks.tobytes()).digest())
                 if hashes[i] not in self.index:
                     self.index[hashes[i]] = blocks[i]
                     self.hash_of[blocks[i]] = hashes[i]
@@ -486,10 +498,13 @@ DECODE_REQUESTS = 512
 DECODE_CONTEXT = 2048
 
 
-def decode_setup(shared_prefix: bool):
-    """A PrefixCache with DECODE_REQUESTS requests of DECODE_CONTEXT distinct tokens, prefilled."""
+def decode_setup(impl: str):
+    """A manager (``impl``: PrefixCache with the shared-prefix search off or on, or the
+    DictPrefixCache baseline) with DECODE_REQUESTS requests of DECODE_CONTEXT distinct tokens,
+    prefilled."""
     blocks = DECODE_REQUESTS * (DECODE_CONTEXT // BLOCK_SIZE + 8) + 1000
-    pc = PrefixCache(blocks, BLOCK_SIZE, shared_prefix=shared_prefix)
+    pc = (DictPrefixCache(blocks, BLOCK_SIZE) if impl == "dict_baseline"
+          else PrefixCache(blocks, BLOCK_SIZE, shared_prefix=impl == "cascade"))
     rng = np.random.default_rng(0)
     for r in range(DECODE_REQUESTS):
         pc.add_request(r, rng.integers(0, 50000, DECODE_CONTEXT, dtype=np.int32))
@@ -497,12 +512,42 @@ def decode_setup(shared_prefix: bool):
     return pc
 
 
+def _decode_steps(pc, steps: int) -> list:
+    """``steps`` decode steps of every request (token t of step t), each step's metadata."""
+    batch = [(r, 1) for r in range(DECODE_REQUESTS)]
+    plans = []
+    for t in range(steps):
+        for r in range(DECODE_REQUESTS):
+            pc.append_tokens(r, [t])
+        plans.append(pc.step(batch))
+    return plans
+
+
+@functools.cache
+def _decode_reference() -> list:
+    """CRCs of the metadata of the first BLOCK_SIZE + 1 decode steps of the baseline (each
+    request fills a block in them): what every manager's steps must give."""
+    return [_plan_crc(p) for p in _decode_steps(decode_setup("dict_baseline"), BLOCK_SIZE + 1)]
+
+
+def _plan_crc(plan) -> int:
+    crc = 0
+    for name in PLAN_ARRAYS:
+        crc = zlib.crc32(np.ascontiguousarray(getattr(plan, name)).tobytes(), crc)
+    return crc
+
+
 @pytest.mark.benchmark(group="decode-step")
-@pytest.mark.parametrize("shared_prefix", [False, True], ids=["no-cascade", "cascade"])
-def test_prefix_cache_decode_step(benchmark, shared_prefix):
+@pytest.mark.parametrize("impl", ["no-cascade", "cascade", "dict_baseline"])
+def test_prefix_cache_decode_step(benchmark, impl):
     """One decode step: 512 x append_tokens([token]) + step([(rid, 1)] * 512); each round is
-    the next step (a block fills for 1 in BLOCK_SIZE requests each step)."""
-    pc = decode_setup(shared_prefix)
+    the next step (a block fills for 1 in BLOCK_SIZE requests each step). PrefixCache with
+    the shared-prefix search off and on, against the DictPrefixCache baseline (which hashes
+    the blocks its steps fill too); the first BLOCK_SIZE + 1 steps' metadata (untimed, on a
+    manager of their own) must be the baseline's."""
+    got = [_plan_crc(p) for p in _decode_steps(decode_setup(impl), BLOCK_SIZE + 1)]
+    assert got == _decode_reference(), f"{impl}: decode metadata differs from the baseline's"
+    pc = decode_setup(impl)
     batch = [(r, 1) for r in range(DECODE_REQUESTS)]
     token = iter(range(1 << 30))
 
@@ -513,13 +558,15 @@ def test_prefix_cache_decode_step(benchmark, shared_prefix):
         return pc.step(batch)
 
     plan = benchmark.pedantic(decode_step, rounds=48, warmup_rounds=4)
-    assert plan.num_tokens == DECODE_REQUESTS and plan.num_seqs == DECODE_REQUESTS
+    assert plan.kv_lens.shape == (DECODE_REQUESTS,) and int(plan.cu_q_lens[-1]) == DECODE_REQUESTS
     t = seconds(benchmark, "median")
     info = benchmark.extra_info
     info["requests"] = DECODE_REQUESTS
     info["context_tokens"] = DECODE_CONTEXT
     info["ms_per_step"] = t * 1e3
     info["us_per_request"] = t / DECODE_REQUESTS * 1e6
+    if impl == "dict_baseline":
+        info["baseline"] = True
 
 
 PLAN_SEQS, PLAN_BLOCKS = 512, 2048
