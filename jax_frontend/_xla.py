@@ -261,8 +261,9 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
                            logits_soft_cap: float | None = None, q_tile: int | None = None,
                            chunk_tokens: int | None = None,
                            heads_in_sequence: bool | None = None, num_tiles: int | None = None,
-                           k_scale=None, v_scale=None, kv_layout: str = "NHD"):
-    """Paged attention of a ragged batch; returns (out in q's dtype, lse f32).
+                           k_scale=None, v_scale=None, kv_layout: str = "NHD", out_dtype=None):
+    """Paged attention of a ragged batch; returns (out in q's dtype, or ``out_dtype``, lse
+    f32).
 
     float8_e4m3fn caches are read as float32(cache) * k_scale (v_scale): each loop step
     converts the blocks it gathers (no dequantized copy of the cache); scales None (1.0) or
@@ -293,8 +294,9 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
     decode = cu_q_lens is None
     if decode:
         cu_q_lens = jnp.arange(num_seqs + 1, dtype=jnp.int32)
+    out_dtype = q.dtype if out_dtype is None else out_dtype
     if num_tokens == 0 or num_seqs == 0:
-        return (jnp.zeros(q.shape, q.dtype),
+        return (jnp.zeros(q.shape, out_dtype),
                 jnp.full((num_tokens, num_q_heads), -jnp.inf, jnp.float32))
     tq, nt, _ = choose_tiling(num_tokens, num_seqs, decode, block_size, 0, q_tile)
     nt = nt if num_tiles is None else max(1, num_tiles)
@@ -418,7 +420,7 @@ def ragged_paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens
     out = acc / jnp.where(seen, l_sum, 1.0)[..., None]
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l_sum, 1.0)), -jnp.inf)
     out, lse = tiles_to_tokens(out, lse, tok, num_tokens, in_order=decode)
-    return out.astype(q.dtype), lse
+    return out.astype(out_dtype), lse
 
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b):
@@ -660,9 +662,9 @@ SHORT_DECODE_STEP_BYTES = 2 << 20
 
 def short_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, *, scale: float,
                            logits_soft_cap: float | None = None, seqs_per_step: int | None = None,
-                           k_scale=None, v_scale=None, kv_layout: str = "NHD"):
+                           k_scale=None, v_scale=None, kv_layout: str = "NHD", out_dtype=None):
     """Decode attention (one query per sequence, sees its kv_len keys) over short KV; returns
-    (out in q's dtype, lse f32).
+    (out in q's dtype, or ``out_dtype``, lse f32).
 
     q: [num_seqs, num_q_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads,
     head_dim] (``kv_layout`` "HND": [num_blocks, num_kv_heads, block_size, head_dim]);
@@ -730,7 +732,7 @@ def short_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
                               lens.reshape(n_steps, g)))
     out = out.reshape(n_steps * g, num_q_heads, head_dim)[:num_seqs]
     lse = lse.reshape(n_steps * g, num_q_heads)[:num_seqs]
-    return out.astype(q.dtype), lse
+    return out.astype(q.dtype if out_dtype is None else out_dtype), lse
 
 
 
@@ -775,12 +777,13 @@ def _cpu_kernel_takes(q, k_cache, v_cache) -> bool:
 def decode_on_cpu_kernel(xla_fn, q, k_cache, v_cache, block_tables, kv_lens, *, scale: float,
                          sliding_window: int | None = None,
                          logits_soft_cap: float | None = None, k_scale=None, v_scale=None,
-                         kv_layout: str = "NHD"):
-    """Decode attention (one query per sequence, at its kv_len - 1), (out in q's dtype, lse
-    f32): ``xla_fn()``, except on CPU when the compiled FFI kernels build, where the decode
-    handler of ``kernels/cpu`` reads each sequence's blocks once, all kv heads and the group's
-    q heads per K/V row (measured one thread: decode 8 x 4096 f32 ~2x the ragged loop; the
-    cascade's own part, 32 seqs x 128 tokens, f32 4.5 vs 5.0 ms for
+                         kv_layout: str = "NHD", out_dtype=None):
+    """Decode attention (one query per sequence, at its kv_len - 1), (out in q's dtype, or
+    ``out_dtype``: q's or float32, lse f32): ``xla_fn()``, except on CPU when the compiled
+    FFI kernels build, where the decode handler of ``kernels/cpu`` reads each sequence's
+    blocks once, all kv heads and the group's q heads per K/V row (measured one thread:
+    decode 8 x 4096 f32 ~2x the ragged loop; the cascade's own part, 32 seqs x 128 tokens,
+    f32 4.5 vs 5.0 ms for
     :func:`short_decode_attention`, bf16 2.8 vs 4.7 ms). float8_e4m3fn caches: the kernel
     reads their bytes, the scales (None or float32 scalars, may be traced) an operand.
     ``kv_layout`` "HND": the kernel reads HND caches in place (``xla_fn`` reads them as it
@@ -795,7 +798,7 @@ def decode_on_cpu_kernel(xla_fn, q, k_cache, v_cache, block_tables, kv_lens, *, 
                                               scale=scale, sliding_window=sliding_window,
                                               logits_soft_cap=logits_soft_cap,
                                               k_scale=k_scale, v_scale=v_scale,
-                                              kv_layout=kv_layout)
+                                              kv_layout=kv_layout, out_dtype=out_dtype)
 
     return lax.platform_dependent(cpu=cpu_path, default=xla_fn)
 
@@ -1083,6 +1086,9 @@ def _cascade_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, pr
     # this module's parts: the scales and the layout (an attention_fn has its own)
     scales = (dict(k_scale=k_scale, v_scale=v_scale, kv_layout=kv_layout)
               if attention_fn is None else {})
+    # this module's own part in float32, merged before q's dtype (rounded to a 16-bit q's
+    # first, large own and prefix parts that cancel passed the tolerance: 2x)
+    own_kw = dict(scales, out_dtype=jnp.float32) if attention_fn is None else scales
     _, block_size, num_kv_heads, _ = cache_dims(k_cache, kv_layout)
     num_tokens = q.shape[0]
     num_seqs = block_tables.shape[0]
@@ -1094,15 +1100,15 @@ def _cascade_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, pr
         def own_xla():
             return short_decode_attention(q, k_cache, v_cache, block_tables, kv_lens,
                                           scale=scale, logits_soft_cap=logits_soft_cap,
-                                          **scales)
+                                          **own_kw)
     else:
         def own_xla():
             return attn(q, k_cache, v_cache, block_tables, kv_lens, cu_q_lens, scale=scale,
-                        causal=True, logits_soft_cap=logits_soft_cap, **scales)
+                        causal=True, logits_soft_cap=logits_soft_cap, **own_kw)
     if decode and attention_fn is None:  # each decode query sees every own key
         own_out, own_lse = decode_on_cpu_kernel(own_xla, q, k_cache, v_cache, block_tables,
                                                 kv_lens, scale=scale,
-                                                logits_soft_cap=logits_soft_cap, **scales)
+                                                logits_soft_cap=logits_soft_cap, **own_kw)
     else:
         own_out, own_lse = own_xla()
     if num_tokens == 0 or num_prefixes == 0:

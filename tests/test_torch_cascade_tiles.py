@@ -185,21 +185,30 @@ def test_attend_host_route_by_rows(monkeypatch, rows):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_mixed_own_part_in_q_dtype(monkeypatch, dtype):
-    """A 16-bit mixed batch's own part goes to paged_attention with an out of q's dtype, as a
-    decode batch's does: the compiled kernels write no other, and a float32 out sent the
-    decodes to the padded path (2x paged attention's time over the joined tables)."""
+def test_mixed_own_part_in_float32_by_the_kernel(monkeypatch, dtype):
+    """A 16-bit mixed batch's own part goes to paged_attention with a float32 out (unrounded
+    for the merge: tests/test_cascade_accuracy.py), and its decodes still run in the compiled
+    kernel, which writes float32 for it: before it did, a float32 out sent them to the padded
+    path (2x paged attention's time over the joined tables), so the part was in q's dtype."""
     _force_cascade(monkeypatch)
-    seen = []
-    real = _native.paged_attention
+    seen, kernel = [], []
+    real, real_c = _native.paged_attention, _native._c_decode
 
     def spy(out, *a, **kw):
         seen.append(out.dtype)
         return real(out, *a, **kw)
 
+    def spy_c(out, lse, q, *a, **kw):
+        ran = real_c(out, lse, q, *a, **kw)
+        kernel.append((out.dtype, ran))
+        return ran
+
     monkeypatch.setattr(_native, "paged_attention", spy)
+    monkeypatch.setattr(_native, "_c_decode", spy_c)
     b = _skewed(np.random.default_rng(5), scattered=True, dtype=dtype)
     want = ref.shared_prefix_attention_reference(*b.args())
     got = tf.shared_prefix_attention(*_torch(b))
-    assert seen and all(d == getattr(torch, dtype) for d in seen), seen
+    assert seen and all(d == torch.float32 for d in seen), seen
+    if _native._DECODE.get("module") is not None and _native._DECODE["module"].available():
+        assert (torch.float32, True) in kernel, kernel
     np.testing.assert_allclose(got.float().numpy(), want, atol=2e-2, rtol=2e-2)

@@ -552,8 +552,9 @@ def _c_decode(out, lse, q, k_cache, v_cache, block_tables, kv_lens, scale, windo
     head_dim 128, one thread: see bench/bench_torch_attention.py."""
     dtype = _C_DTYPES.get(q.dtype)
     fp8 = k_cache.dtype == torch.float8_e4m3fn
+    # out: q's dtype, or float32 (a 16-bit q's cascade own part, unrounded for its merge)
     if (dtype is None or k_cache.dtype not in (q.dtype, torch.float8_e4m3fn)
-            or v_cache.dtype != k_cache.dtype or out.dtype != q.dtype
+            or v_cache.dtype != k_cache.dtype or out.dtype not in (q.dtype, torch.float32)
             or block_tables.dtype != torch.int32 or kv_lens.dtype != torch.int32
             or (lse is not None and lse.dtype != torch.float32)):
         return False
@@ -583,6 +584,7 @@ def _c_decode(out, lse, q, k_cache, v_cache, block_tables, kv_lens, scale, windo
                             lse.data_ptr(), scale=scale, sliding_window=window,
                             logits_soft_cap=soft_cap, threads=torch.get_num_threads(),
                             kv_dtype="float8_e4m3fn" if fp8 else dtype,
+                            out_f32=out.dtype != q.dtype,
                             k_scale=float(k_scale), v_scale=float(v_scale))
     return True
 
@@ -1216,15 +1218,14 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
         k_cache, v_cache, prefix_block_tables, block_tables = _dequantized_blocks(
             q, k_cache, v_cache, None, None, prefix_block_tables, block_tables)
         scale, out_scale = _fp8_scales(scale, k_scale, v_scale)
-    # suffix: the sequences' own tokens (causal; positions shift uniformly by the prefix).
-    # With host metadata and a 16-bit q, in q's dtype: the compiled kernels write no other (a
-    # float32 buffer sent a 16-bit mixed batch's decodes to the padded path: 2x paged
-    # attention's time; found by a differential fuzz). Else float32, into out itself when it
-    # is float32, contiguous and apart from q (the host path's prefix tiles merge into it in
-    # place: one q-sized float32 buffer fewer).
+    # suffix: the sequences' own tokens (causal; positions shift uniformly by the prefix), in
+    # float32 whatever q's dtype: rounded to a 16-bit q's dtype before the merge, large own
+    # and prefix parts that cancel passed the tolerance (2x; the compiled decode kernel writes
+    # float32 for it). Into out itself when it is float32, contiguous and apart from q (the
+    # host path's prefix tiles merge into it in place: one q-sized float32 buffer fewer).
     f32 = torch.float32
     if host and q.dtype != f32:
-        own = _workspace("own_c", q.shape, q.dtype, dev)
+        own = _workspace("own_c", q.shape, f32, dev)
     elif host and out.dtype == f32 and out.is_contiguous() and not _overlaps(out, q):
         own = out
     else:
@@ -1236,8 +1237,6 @@ def shared_prefix_attention(out: torch.Tensor, lse: torch.Tensor | None, q, k_ca
     if not (decode and host and _c_decode(own, own_lse, q, k_cache, v_cache, block_tables,
                                           kv_lens, scale, None, logits_soft_cap)):
         if fused and decode:  # one query per sequence: its q heads are the rows of its kv heads
-            if own.dtype != f32:  # _attend_host writes float32
-                own = torch.empty((num_tokens, num_q_heads, head_dim), dtype=f32, device=dev)
             _attend_host(own.view(num_seqs, num_kv_heads, group, head_dim),
                          own_lse.view(num_seqs, num_kv_heads, group),
                          q.reshape(num_seqs, num_kv_heads, group, head_dim).to(f32),

@@ -37,7 +37,7 @@ def _bind(lib) -> dict:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64)] + [ctypes.c_void_p] * 7 + [
         ctypes.c_float, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int,
-        ctypes.c_int, ctypes.c_float, ctypes.c_float]
+        ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_int]
     return {"fn": fn}
 
 
@@ -58,15 +58,16 @@ def decode_attention(dtype: str, dims, q: int, k_cache: int, v_cache: int, block
                      kv_lens: int, out: int, lse: int, *, scale: float,
                      sliding_window: int | None = None, logits_soft_cap: float | None = None,
                      portable: bool = False, threads: int = 1, kv_dtype: str | None = None,
-                     k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+                     k_scale: float = 1.0, v_scale: float = 1.0, out_f32: bool = False) -> None:
     """Run the kernel on contiguous buffers given by address.
 
     dims: (num_seqs, num_q_heads, head_dim, num_blocks, block_size, num_kv_heads, max_blocks)
     and optionally block_stride, then token_stride and head_stride (the caches' strides in
     elements from one block to the next, one token of a block to the next, one kv head of a
     token to the next; 0 or absent: dense NHD). q, out: [num_seqs, num_q_heads, head_dim] of
-    ``dtype``; caches [num_blocks, block_size, num_kv_heads, head_dim] by those strides (each
-    head's head_dim elements dense: an HND cache is its NHD view) of ``kv_dtype`` (None:
+    ``dtype`` (``out_f32``: out float32, unrounded, for a merge); caches [num_blocks,
+    block_size, num_kv_heads, head_dim] by those strides (each head's head_dim elements
+    dense: an HND cache is its NHD view) of ``kv_dtype`` (None:
     ``dtype``; or "float8_e4m3fn", read as value * k_scale, value * v_scale); block_tables
     i32[num_seqs, max_blocks]; kv_lens i32[num_seqs]; lse f32[num_seqs, num_q_heads]. The
     caller keeps the buffers alive.
@@ -92,7 +93,7 @@ def decode_attention(dtype: str, dims, q: int, k_cache: int, v_cache: int, block
     rc = fn(DTYPES[dtype], arr, q, k_cache, v_cache, block_tables, kv_lens, out, lse,
                       float(scale), int(sliding_window or 0), float(logits_soft_cap or 0.0),
                       int(bool(portable)), max(1, int(threads)), DTYPES[kv_dtype],
-                      float(k_scale), float(v_scale))
+                      float(k_scale), float(v_scale), int(bool(out_f32)))
     if rc != 0:
         raise ValueError(f"decode_attention: unsupported dtype {dtype!r} (caches {kv_dtype!r}) "
                          f"or shapes {dims}")

@@ -749,6 +749,9 @@ struct Params {
   int64_t window = 0;
   float cap = 0.0f;
   float k_scale = 1.0f, v_scale = 1.0f;
+  // non-null: the output is float32 here, not q's type (a 16-bit q's cascade own part, kept
+  // unrounded for its merge with the prefix part); `out` is then not written
+  float* out32 = nullptr;
 };
 
 // x[16j .. 16j + 15] reordered to its even elements, then its odd ones, for every j (n % 16
@@ -822,11 +825,18 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
   for (int64_t seq = 0; seq < sh.num_seqs; ++seq) {
     const QS* qs = q + seq * hq * d;
     QS* os = out + seq * hq * d;
+    float* os32 = prm.out32 != nullptr ? prm.out32 + seq * hq * d : nullptr;
+    auto put = [&](int64_t i, float x) {
+      if (os32 != nullptr)
+        os32[i] = x;
+      else
+        os[i] = Tag::FromF32(x);
+    };
     float* ls = lse + seq * hq;
     const int64_t kv_len = std::max<int64_t>(kv_lens[seq], 0);
     const int64_t lo = window > 0 ? std::max<int64_t>(kv_len - window, 0) : 0;
     if (kv_len == 0 || sh.max_blocks == 0 || sh.num_blocks == 0) {
-      for (int64_t i = 0; i < static_cast<int64_t>(hq) * d; ++i) os[i] = Tag::FromF32(0.0f);
+      for (int64_t i = 0; i < static_cast<int64_t>(hq) * d; ++i) put(i, 0.0f);
       for (int h = 0; h < hq; ++h) ls[h] = neg_inf;
       continue;
     }
@@ -908,13 +918,13 @@ void DecodeAttention(const Shape& sh, const typename Tag::Storage* q,
       // exp keeps it): NaN too, never an answer that skips that key.
       if (m[h] == -neg_inf || m[h] == neg_inf || std::isnan(m[h]) || std::isnan(l[h])) {
         const float nan = std::numeric_limits<float>::quiet_NaN();
-        for (int i = 0; i < d; ++i) os[h * d + i] = Tag::FromF32(nan);
+        for (int i = 0; i < d; ++i) put(h * d + i, nan);
         ls[h] = nan;
         continue;
       }
       const bool seen = l[h] > 0.0f;
       const float inv = seen ? prm.v_scale / l[h] : 0.0f;
-      for (int i = 0; i < d; ++i) os[h * d + i] = Tag::FromF32(acc[h * d + i] * acc_unit * inv);
+      for (int i = 0; i < d; ++i) put(h * d + i, acc[h * d + i] * acc_unit * inv);
       ls[h] = seen ? m[h] + std::log(l[h]) : neg_inf;
     }
   }
@@ -979,9 +989,11 @@ void DecodeParallel(int64_t threads, Schedule&& schedule, const Shape& sh,
     if (s1 <= s0) return;
     Shape sub = sh;
     sub.num_seqs = s1 - s0;
+    Params part = prm;
+    if (prm.out32 != nullptr) part.out32 = prm.out32 + s0 * qs;
     DecodeAttention<Tag, KvTag, Ops>(sub, q + s0 * qs, kc, vc, tables + s0 * sh.max_blocks,
                                      kv_lens + s0, out + s0 * qs, lse + s0 * sh.num_q_heads,
-                                     prm);
+                                     part);
   };
   ParallelFor(parts, parts - 1, run, schedule);
 }
@@ -1073,10 +1085,12 @@ ffi::Error DecodeImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache, ffi::AnyBuffer v
   const auto dtype = q.element_type();
   const bool fp8 = kv_scales != nullptr;
   const auto kv_dtype = fp8 ? ffi::DataType::F8E4M3FN : dtype;
+  // out: q's dtype, or float32 (a 16-bit q's partial result, unrounded for a merge)
   if (k_cache.element_type() != kv_dtype || v_cache.element_type() != kv_dtype ||
-      out->element_type() != dtype)
+      (out->element_type() != dtype && out->element_type() != ffi::DataType::F32))
     return ffi::Error::InvalidArgument(
-        fp8 ? "paged_attention_decode_fp8: caches must be float8_e4m3fn, out q's dtype"
+        fp8 ? "paged_attention_decode_fp8: caches must be float8_e4m3fn, out q's dtype or "
+              "float32"
             : "paged_attention_decode: dtypes differ");
   // hnd: caches [num_blocks, num_kv_heads, block_size, head_dim]
   Shape sh{qd[0], qd[1], qd[2], kd[0], hnd ? kd[2] : kd[1], hnd ? kd[1] : kd[2], td[1]};
@@ -1106,6 +1120,7 @@ ffi::Error DecodeImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache, ffi::AnyBuffer v
     prm.k_scale = kv_scales[0];
     prm.v_scale = kv_scales[1];
   }
+  if (out->element_type() != dtype) prm.out32 = static_cast<float*>(out->untyped_data());
   switch (dtype) {
     case ffi::DataType::F32:
       Dispatch<F32Tag>(fp8, port, pool, sh, q, k_cache, v_cache, tables, lens, op, lp, prm);
@@ -1162,15 +1177,16 @@ ffi::Error PagedAttentionDecodeFp8Impl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
 // ones; with token_stride and head_stride 0, block_stride is 0 or at least a block's
 // elements; each head's head_dim elements dense); dtype (q's and out's): 0 float32, 1 bfloat16,
 // 2 float16; kv_dtype (the caches'): dtype, or 3 float8_e4m3fn read as value * k_scale
-// (v_scale); threads: the most threads to split the sequences over. Returns 0, or 1 for a bad
-// dtype or shape.
+// (v_scale); threads: the most threads to split the sequences over; out_f32: out is float32
+// whatever q's dtype (a 16-bit q's partial result, unrounded for a merge). Returns 0, or 1
+// for a bad dtype or shape.
 extern "C" int PrefixkvDecodeAttentionRaw(int dtype, const int64_t* dims, const void* q,
                                           const void* k_cache, const void* v_cache,
                                           const int32_t* block_tables, const int32_t* kv_lens,
                                           void* out, float* lse, float scale,
                                           int64_t sliding_window, float logits_soft_cap,
                                           int portable, int threads, int kv_dtype,
-                                          float k_scale, float v_scale) {
+                                          float k_scale, float v_scale, int out_f32) {
   Shape sh{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], dims[8],
            dims[9]};
   if (sh.num_kv_heads < 1 || sh.num_q_heads % sh.num_kv_heads != 0 || sh.head_dim < 1 ||
@@ -1191,6 +1207,7 @@ extern "C" int PrefixkvDecodeAttentionRaw(int dtype, const int64_t* dims, const 
     prm.k_scale = k_scale;
     prm.v_scale = v_scale;
   }
+  if (out_f32 != 0) prm.out32 = static_cast<float*>(out);
   switch (dtype) {
     case 0:
       RunOnThreads<F32Tag>(fp8, port, threads, sh, q, k_cache, v_cache, block_tables, kv_lens,

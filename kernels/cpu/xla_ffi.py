@@ -291,14 +291,15 @@ def use_for_attention_fp8(q, k_cache, v_cache) -> bool:
 def paged_attention_decode(q, k_cache, v_cache, block_tables, kv_lens, *, scale: float,
                            sliding_window: int | None = None,
                            logits_soft_cap: float | None = None, portable: bool = False,
-                           k_scale=None, v_scale=None, kv_layout: str = "NHD"):
+                           k_scale=None, v_scale=None, kv_layout: str = "NHD", out_dtype=None):
     """Decode paged attention by the compiled handler of ``xla_attention.cc``; (out, lse).
 
     q: [num_seqs, num_q_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads,
     head_dim] (``kv_layout`` "HND": [num_blocks, num_kv_heads, block_size, head_dim]), q's
     dtype (float32, bfloat16, float16); block_tables i32[num_seqs, max_blocks];
     kv_lens i32[num_seqs]. One query per sequence at position kv_len - 1 (causal, optional
-    sliding window and soft cap). Returns out in q's dtype and lse f32[num_seqs, num_q_heads]
+    sliding window and soft cap). Returns out in q's dtype (``out_dtype`` float32: unrounded,
+    for a merge) and lse f32[num_seqs, num_q_heads]
     (natural log; -inf and out 0 where no key is seen). ``portable``: the handler's portable
     inner loops instead of the AVX2 ones (tests). float8_e4m3fn caches (vLLM's fp8 KV cache)
     are read as value * k_scale and value * v_scale: scales None (1.0), floats or float32
@@ -318,7 +319,7 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, kv_lens, *, scale:
                          f"caches only, got {np.dtype(k_cache.dtype).name}")
     call = jax.ffi.ffi_call(
         "prefixkv_cpu_paged_attention_decode" + ("_fp8" if fp8 else ""),
-        (jax.ShapeDtypeStruct(q.shape, q.dtype),
+        (jax.ShapeDtypeStruct(q.shape, q.dtype if out_dtype is None else out_dtype),
          jax.ShapeDtypeStruct((num_seqs, num_q_heads), jnp.float32)),
         vmap_method="sequential")
     scales = ()
