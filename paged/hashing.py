@@ -152,21 +152,15 @@ def v1_hashes_trusted(tokens: np.ndarray, block_size: int, salt: bytes,
     array of ids >= 0, ``salt`` the namespace bytes, ``parent`` None or a 32-byte digest.
     The prefix cache's own calls: the public checks took twice the C kernel's time on a
     2k-token prompt. Without the C extension, :func:`hash_blocks`."""
-    from prefixkv.kernels.cpu.hashing import load_extension
+    from prefixkv.kernels.cpu.hashing import chain_digests, load_extension, split_digests
 
-    ext = load_extension()
-    if ext is None:
+    if load_extension() is None:
         return list(hash_blocks(tokens, block_size, salt=salt, parent=parent))
-    n = len(tokens) // block_size
-    if n == 0:
-        return []
-    out = np.empty((n, 32), dtype=np.uint8)
     parents = (_NO_PARENT if parent is None
                else np.frombuffer(parent, dtype="<u4").astype(np.uint32).reshape(1, 8))
-    ext.chain(np.ascontiguousarray(tokens, dtype=np.int32), int(block_size),
-              np.array([0, len(tokens)], dtype=np.int64), _v1_key(salt, False), None, parents,
-              out, True)
-    return ext.split32(out)
+    return split_digests(chain_digests(tokens, block_size, np.array([0, len(tokens)]),
+                                       _v1_key(salt, False), None, parents,
+                                       len(tokens) // block_size))
 
 
 def _v1_digests(tokens, block_size: int, cu: np.ndarray, salt: bytes, extra, parents,

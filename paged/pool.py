@@ -150,9 +150,11 @@ class BlockPool:
     def _in_range(self, blocks: list) -> None:
         """An IndexError naming ``blocks`` for an id outside [0, num_blocks), before a call
         changes anything (a negative id would index a list from its end)."""
-        if blocks and (min(blocks) < 0 or max(blocks) >= self.num_blocks):
-            bad = min(blocks) if min(blocks) < 0 else max(blocks)
-            raise IndexError(f"blocks: expected block ids in [0, {self.num_blocks}), got {bad}")
+        if blocks:
+            lo, hi = min(blocks), max(blocks)
+            if lo < 0 or hi >= self.num_blocks:
+                raise IndexError(f"blocks: expected block ids in [0, {self.num_blocks}), got "
+                                 f"{lo if lo < 0 else hi}")
 
     def get(self, block_hash: bytes, namespace: bytes = b"") -> int | None:
         """The block cached under (namespace, block_hash), or None."""

@@ -349,8 +349,8 @@ def hash_blocks(tokens: torch.Tensor, block_size: int, *, cu_lens: torch.Tensor 
     host_parent = parent is not None and not isinstance(parent, torch.Tensor)
     if not host_parent and parent is not None:
         _has_data("parent", parent)
-    tensors = (tokens, cu_lens, extra, None if host_parent else parent)
-    if traced(*tensors):  # the host arguments' checks as a traced constant
+    is_traced = traced(tokens, cu_lens, extra, None if host_parent else parent)
+    if is_traced:  # the host arguments' checks as a traced constant
         dims = check_hash_blocks(tokens, block_size, cu_lens=cu_lens, extra=extra,
                                  parent=None if host_parent else parent)
         # the salt's checks need no sequence count: 1 unless a host parent is checked against
@@ -364,7 +364,7 @@ def hash_blocks(tokens: torch.Tensor, block_size: int, *, cu_lens: torch.Tensor 
     dev = tokens.device
     # Traced inputs have no values: nothing is value-checked while torch.compile traces (the
     # op checks cu_lens and extra's rows itself when it runs); token ids in checked mode only
-    if not traced(*tensors) and value_checks_enabled(
+    if not is_traced and value_checks_enabled(
             host_inputs=dev.type == "cpu"):
         check_hash_blocks_values(dims, tokens, cu_lens=cu_lens, extra=extra)
     cu = torch.tensor([0, dims.num_tokens], dtype=torch.int32) if cu_lens is None else cu_lens
@@ -372,7 +372,7 @@ def hash_blocks(tokens: torch.Tensor, block_size: int, *, cu_lens: torch.Tensor 
         parents = torch.zeros((dims.num_seqs, 8), dtype=torch.int32)
     elif not host_parent:
         parents = parent.reshape(-1, 8).view(torch.int32).expand(dims.num_seqs, 8)
-    elif traced(*tensors):
+    elif is_traced:
         parents = torch.tensor(_parent_rows(parent, dims.num_seqs), dtype=torch.int32)
     else:
         parents = torch.from_numpy(_u32_to_i32(parent_words(parent, dims.num_seqs)))

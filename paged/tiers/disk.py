@@ -360,14 +360,15 @@ class DiskTier(Tier):
         (FileNotFoundError), or inside ``makedirs``, between its mkdir finding ``d`` and its
         check that ``d`` is a directory (FileExistsError); the file made in it then keeps it.
         Once was not enough: two tiers on one root failed a put in a few a second."""
-        for attempt in range(tries):
+        for _ in range(tries - 1):
             try:
                 os.makedirs(d, exist_ok=True)
                 return tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=d)
             except (FileNotFoundError, FileExistsError):
-                if attempt == tries - 1:  # a file at d (FileExistsError every time), ...
-                    raise
-        raise AssertionError("unreachable")
+                pass
+        # the last try raises what it meets (a file at d: FileExistsError every time)
+        os.makedirs(d, exist_ok=True)
+        return tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=d)
 
     def _write(self, path: str, header: bytes, payload: memoryview) -> bool:
         d = os.path.dirname(path)
